@@ -1,0 +1,52 @@
+#include "tensorreg/memory/byte_source.hpp"
+
+#include <algorithm>
+#include <array>
+#include <cstring>
+#include <string>
+
+namespace tensorreg::memory {
+
+status byte_source::check_range(std::uint64_t offset, std::uint64_t length) const {
+  const std::uint64_t total = size();
+  if (offset > total || length > total - offset) {
+    return fail(errc::out_of_range, "cannot read bytes [" + std::to_string(offset) + ", " +
+                                        std::to_string(offset) + "+" + std::to_string(length) +
+                                        "): source holds " + std::to_string(total) + " bytes");
+  }
+  return {};
+}
+
+status byte_source::read(std::uint64_t offset, std::span<std::byte> out) const {
+  std::size_t written = 0;
+  return visit(offset, out.size(), [&](std::span<const std::byte> piece) -> status {
+    std::memcpy(out.data() + written, piece.data(), piece.size());
+    written += piece.size();
+    return {};
+  });
+}
+
+status host_bytes_view::visit(std::uint64_t offset, std::uint64_t length, piece_sink sink) const {
+  TENSORREG_TRY(check_range(offset, length));
+  if (length == 0) return {};
+  return sink(bytes_.subspan(offset, length));
+}
+
+std::span<const std::byte> zero_block() noexcept {
+  static constexpr std::size_t kZeroBlockBytes = 1 << 20;
+  alignas(64) static const std::array<std::byte, kZeroBlockBytes> zeros{};
+  return zeros;
+}
+
+status zero_source::visit(std::uint64_t offset, std::uint64_t length, piece_sink sink) const {
+  TENSORREG_TRY(check_range(offset, length));
+  const auto zeros = zero_block();
+  while (length > 0) {
+    const auto n = std::min<std::uint64_t>(length, zeros.size());
+    TENSORREG_TRY(sink(zeros.first(n)));
+    length -= n;
+  }
+  return {};
+}
+
+}  // namespace tensorreg::memory
