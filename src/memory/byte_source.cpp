@@ -10,9 +10,8 @@ namespace tensorreg::memory {
 status byte_source::check_range(std::uint64_t offset, std::uint64_t length) const {
   const std::uint64_t total = size();
   if (offset > total || length > total - offset) {
-    return fail(errc::out_of_range, "cannot read bytes [" + std::to_string(offset) + ", " +
-                                        std::to_string(offset) + "+" + std::to_string(length) +
-                                        "): source holds " + std::to_string(total) + " bytes");
+    return fail(errc::out_of_range, "cannot read " + std::to_string(length) + " bytes at offset " +
+                                        std::to_string(offset) + ": source holds " + std::to_string(total) + " bytes");
   }
   return {};
 }
@@ -38,8 +37,7 @@ std::span<const std::byte> zero_block() noexcept {
   return zeros;
 }
 
-status zero_source::visit(std::uint64_t offset, std::uint64_t length, piece_sink sink) const {
-  TENSORREG_TRY(check_range(offset, length));
+status visit_zeros(std::uint64_t length, piece_sink sink) {
   const auto zeros = zero_block();
   while (length > 0) {
     const auto n = std::min<std::uint64_t>(length, zeros.size());
@@ -47,6 +45,11 @@ status zero_source::visit(std::uint64_t offset, std::uint64_t length, piece_sink
     length -= n;
   }
   return {};
+}
+
+status zero_source::visit(std::uint64_t offset, std::uint64_t length, piece_sink sink) const {
+  TENSORREG_TRY(check_range(offset, length));
+  return visit_zeros(length, sink);
 }
 
 }  // namespace tensorreg::memory

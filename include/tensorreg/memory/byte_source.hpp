@@ -77,4 +77,7 @@ class zero_source final : public byte_source {
 /// A shared block of zero bytes (at least 1 MiB) for sources that must hand out zeros.
 [[nodiscard]] std::span<const std::byte> zero_block() noexcept;
 
+/// Hands `length` zero bytes to `sink` in pieces of the shared zero block.
+[[nodiscard]] status visit_zeros(std::uint64_t length, piece_sink sink);
+
 }  // namespace tensorreg::memory

@@ -1,0 +1,51 @@
+// tensorreg/memory/segmented_view.hpp — one canonical buffer assembled from other sources.
+//
+// A `segmented_view` is a byte_source of `total_size` bytes whose segments are read from
+// other byte_sources and whose gaps read as zero. It is how a canonical buffer is seen
+// without building it: safetensors tensors in their files, LIP segments in client memory,
+// DATA ranges of a byte-range map with PAD as zero (DECISIONS §5.1).
+//
+// Thread-safety: immutable after create(); concurrent visits are safe when the underlying
+// sources allow them. Ownership: the view does not own the sources; they must outlive it.
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "tensorreg/memory/byte_source.hpp"
+
+namespace tensorreg::memory {
+
+/// `length` bytes at `offset` in the view come from `source` at `source_offset`.
+struct segment {
+  std::uint64_t offset = 0;
+  std::uint64_t length = 0;
+  const byte_source* source = nullptr;
+  std::uint64_t source_offset = 0;
+};
+
+class segmented_view final : public byte_source {
+ public:
+  /// Builds the view. Segments may come in any order; empty segments are dropped.
+  /// Errors: INVALID_ARGUMENT when a segment has no source, overlaps another segment or
+  /// ends past total_size; OUT_OF_RANGE when it reads past the end of its source.
+  [[nodiscard]] static result<segmented_view> create(std::uint64_t total_size,
+                                                     std::vector<segment> segments);
+
+  [[nodiscard]] std::uint64_t size() const noexcept override { return total_size_; }
+  [[nodiscard]] status visit(std::uint64_t offset, std::uint64_t length,
+                             piece_sink sink) const override;
+
+  /// The segments in offset order.
+  [[nodiscard]] std::span<const segment> segments() const noexcept { return segments_; }
+
+ private:
+  segmented_view(std::uint64_t total_size, std::vector<segment> segments) noexcept
+      : total_size_(total_size), segments_(std::move(segments)) {}
+
+  std::uint64_t total_size_;
+  std::vector<segment> segments_;
+};
+
+}  // namespace tensorreg::memory

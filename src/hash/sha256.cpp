@@ -1,0 +1,126 @@
+#include "tensorreg/hash/sha256.hpp"
+
+#include <openssl/evp.h>
+
+#include <string>
+
+namespace tensorreg::hash {
+namespace {
+
+// Fetched once: EVP_MD_fetch does a provider lookup that costs more than hashing a small
+// input, and the fetched method is immutable and safe to share between threads.
+const EVP_MD* sha256_md() {
+  static EVP_MD* const md = [] {
+    EVP_MD* fetched = EVP_MD_fetch(nullptr, "SHA256", nullptr);
+    TENSORREG_ASSERT(fetched != nullptr);
+    return fetched;
+  }();
+  return md;
+}
+
+// Quotes a caller-supplied value for a message, cut short so a huge input cannot bloat it.
+std::string quoted(std::string_view value) {
+  constexpr std::size_t max_shown = 96;
+  std::string out = "'";
+  out.append(value.substr(0, max_shown));
+  if (value.size() > max_shown) out.append("...");
+  out.push_back('\'');
+  return out;
+}
+
+int hex_value(char c) noexcept {
+  if (c >= '0' && c <= '9') return c - '0';
+  if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+  if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+  return -1;
+}
+
+}  // namespace
+
+digest sha256(std::span<const std::byte> bytes) {
+  digest out{};
+  unsigned int length = 0;
+  const int ok = EVP_Digest(bytes.data(), bytes.size(), reinterpret_cast<unsigned char*>(out.data()),
+                            &length, sha256_md(), nullptr);
+  TENSORREG_ASSERT(ok == 1 && length == out.size());
+  return out;
+}
+
+digest sha256(std::string_view text) {
+  return sha256(std::as_bytes(std::span<const char>(text.data(), text.size())));
+}
+
+struct sha256_hasher::impl {
+  EVP_MD_CTX* ctx = nullptr;
+
+  impl() : ctx(EVP_MD_CTX_new()) {
+    TENSORREG_ASSERT(ctx != nullptr);
+    init();
+  }
+  ~impl() { EVP_MD_CTX_free(ctx); }
+  impl(const impl&) = delete;
+  impl& operator=(const impl&) = delete;
+
+  void init() {
+    const int ok = EVP_DigestInit_ex2(ctx, sha256_md(), nullptr);
+    TENSORREG_ASSERT(ok == 1);
+  }
+};
+
+sha256_hasher::sha256_hasher() : impl_(std::make_unique<impl>()) {}
+sha256_hasher::~sha256_hasher() = default;
+sha256_hasher::sha256_hasher(sha256_hasher&&) noexcept = default;
+sha256_hasher& sha256_hasher::operator=(sha256_hasher&&) noexcept = default;
+
+void sha256_hasher::update(std::span<const std::byte> bytes) {
+  TENSORREG_ASSERT(impl_ != nullptr);
+  if (bytes.empty()) return;
+  const int ok = EVP_DigestUpdate(impl_->ctx, bytes.data(), bytes.size());
+  TENSORREG_ASSERT(ok == 1);
+}
+
+digest sha256_hasher::finish() {
+  TENSORREG_ASSERT(impl_ != nullptr);
+  digest out{};
+  unsigned int length = 0;
+  const int ok =
+      EVP_DigestFinal_ex(impl_->ctx, reinterpret_cast<unsigned char*>(out.data()), &length);
+  TENSORREG_ASSERT(ok == 1 && length == out.size());
+  impl_->init();
+  return out;
+}
+
+void sha256_hasher::reset() {
+  TENSORREG_ASSERT(impl_ != nullptr);
+  impl_->init();
+}
+
+std::string to_hex(const digest& d) {
+  static constexpr char digits[] = "0123456789abcdef";
+  std::string out;
+  out.reserve(2 * d.size());
+  for (const std::byte b : d) {
+    const auto v = std::to_integer<unsigned>(b);
+    out.push_back(digits[v >> 4]);
+    out.push_back(digits[v & 0xFU]);
+  }
+  return out;
+}
+
+result<digest> digest_from_hex(std::string_view hex) {
+  const auto bad = [&] {
+    return fail(errc::invalid_argument,
+                "tensor_index_key must be a 32-byte sha256 hex string, got " + quoted(hex));
+  };
+  digest out{};
+  if (hex.size() != 2 * out.size()) return bad();
+  for (std::size_t i = 0; i < out.size(); ++i) {
+    const int hi = hex_value(hex[2 * i]);
+    const int lo = hex_value(hex[2 * i + 1]);
+    if (hi < 0 || lo < 0) return bad();
+    out[i] = static_cast<std::byte>((hi << 4) | lo);
+  }
+  return out;
+}
+
+}  // namespace tensorreg::hash

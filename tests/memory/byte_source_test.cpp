@@ -1,0 +1,197 @@
+#include "tensorreg/memory/byte_source.hpp"
+
+#include <catch2/catch.hpp>
+
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <memory>
+#include <numeric>
+#include <random>
+#include <vector>
+
+#include "support/temp_dir.hpp"
+#include "tensorreg/memory/mapped_file.hpp"
+#include "tensorreg/memory/segmented_view.hpp"
+
+// The contract suite: every byte_source implementation must pass the same cases, given the
+// bytes it is expected to hold.
+
+namespace {
+
+using tensorreg::errc;
+using namespace tensorreg::memory;
+
+std::vector<std::byte> random_bytes(std::size_t n, unsigned seed) {
+  std::mt19937 rng(seed);
+  std::vector<std::byte> out(n);
+  for (auto& b : out) b = static_cast<std::byte>(rng() & 0xff);
+  return out;
+}
+
+// A fixture: a source under test plus the bytes it must read as. Keeps its backing alive.
+struct subject {
+  std::string name;
+  std::shared_ptr<void> backing;
+  std::shared_ptr<const byte_source> source;
+  std::vector<std::byte> expected;
+};
+
+std::vector<subject> all_sources(const tensorreg::testing::temp_dir& dir) {
+  std::vector<subject> out;
+  {
+    auto bytes = std::make_shared<std::vector<std::byte>>(random_bytes(3 << 20, 1));
+    auto src = std::make_shared<host_bytes_view>(std::span<const std::byte>(*bytes));
+    out.push_back({"host_bytes_view", bytes, src, *bytes});
+  }
+  {
+    auto src = std::make_shared<zero_source>((2 << 20) + 3);
+    out.push_back({"zero_source", nullptr, src, std::vector<std::byte>((2 << 20) + 3)});
+  }
+  {
+    const auto bytes = random_bytes((1 << 20) + 17, 2);
+    const auto path = dir.path() / "contract.bin";
+    std::ofstream(path, std::ios::binary)
+        .write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
+    auto file = std::make_shared<mapped_file>(mapped_file::open(path.string()).value());
+    out.push_back({"mapped_file", nullptr, file, bytes});
+  }
+  {
+    // Two data segments from one host buffer, with a leading gap, a middle gap and a tail.
+    auto bytes = std::make_shared<std::vector<std::byte>>(random_bytes(1 << 20, 3));
+    auto host = std::make_shared<host_bytes_view>(std::span<const std::byte>(*bytes));
+    const std::uint64_t total = (3 << 20) + 5;
+    std::vector<segment> segs{{(2 << 20) + 1, 1000, host.get(), 5000}, {8, 4096, host.get(), 0}};
+    auto view = std::make_shared<segmented_view>(segmented_view::create(total, segs).value());
+    std::vector<std::byte> expected(total);
+    std::copy_n(bytes->begin(), 4096, expected.begin() + 8);
+    std::copy_n(bytes->begin() + 5000, 1000, expected.begin() + (2 << 20) + 1);
+    auto keep = std::make_shared<std::pair<decltype(bytes), decltype(host)>>(bytes, host);
+    out.push_back({"segmented_view", keep, view, expected});
+  }
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("byte_source: every implementation reads back its bytes, whole and in parts", "[memory][byte_source]") {
+  tensorreg::testing::temp_dir dir;
+  for (const auto& s : all_sources(dir)) {
+    INFO(s.name);
+    REQUIRE(s.source->size() == s.expected.size());
+    std::vector<std::byte> whole(s.expected.size());
+    REQUIRE(s.source->read(0, whole));
+    CHECK(whole == s.expected);
+
+    // Ranges that start and end at odd places, cross segment and block borders.
+    std::mt19937_64 rng(7);
+    for (int i = 0; i < 50; ++i) {
+      const std::uint64_t off = rng() % s.expected.size();
+      const std::uint64_t len = rng() % (s.expected.size() - off + 1);
+      std::vector<std::byte> part(len);
+      REQUIRE(s.source->read(off, part));
+      CHECK(std::equal(part.begin(), part.end(), s.expected.begin() + static_cast<std::ptrdiff_t>(off)));
+    }
+  }
+}
+
+TEST_CASE("byte_source: pieces cover the range exactly and in order", "[memory][byte_source]") {
+  tensorreg::testing::temp_dir dir;
+  for (const auto& s : all_sources(dir)) {
+    INFO(s.name);
+    const std::uint64_t off = 3, len = s.expected.size() - 10;
+    std::uint64_t seen = 0;
+    bool match = true;
+    REQUIRE(s.source->visit(off, len, [&](std::span<const std::byte> piece) -> tensorreg::status {
+      REQUIRE_FALSE(piece.empty());
+      match = match && std::equal(piece.begin(), piece.end(),
+                                  s.expected.begin() + static_cast<std::ptrdiff_t>(off + seen));
+      seen += piece.size();
+      return {};
+    }));
+    CHECK(seen == len);
+    CHECK(match);
+    int calls = 0;
+    REQUIRE(s.source->visit(5, 0, [&](std::span<const std::byte>) -> tensorreg::status {
+      ++calls;
+      return {};
+    }));
+    CHECK(calls == 0);
+  }
+}
+
+TEST_CASE("byte_source: ranges outside the source are OUT_OF_RANGE", "[memory][byte_source]") {
+  tensorreg::testing::temp_dir dir;
+  for (const auto& s : all_sources(dir)) {
+    INFO(s.name);
+    const auto n = s.source->size();
+    std::vector<std::byte> one(1);
+    auto r = s.source->read(n, one);
+    REQUIRE_FALSE(r);
+    CHECK(r.error().code == errc::out_of_range);
+    CHECK(r.error().message == "cannot read 1 bytes at offset " + std::to_string(n) + ": source holds " +
+                                   std::to_string(n) + " bytes");
+    // offset + length overflows uint64: still a clean OUT_OF_RANGE.
+    auto overflow = s.source->visit(1, UINT64_MAX, [](std::span<const std::byte>) -> tensorreg::status { return {}; });
+    REQUIRE_FALSE(overflow);
+    CHECK(overflow.error().code == errc::out_of_range);
+  }
+}
+
+TEST_CASE("byte_source: a sink error stops the visit and is returned unchanged", "[memory][byte_source]") {
+  tensorreg::testing::temp_dir dir;
+  for (const auto& s : all_sources(dir)) {
+    INFO(s.name);
+    int calls = 0;
+    auto r = s.source->visit(0, s.source->size(), [&](std::span<const std::byte>) -> tensorreg::status {
+      ++calls;
+      return tensorreg::fail(errc::data_loss, "cannot accept piece: injected");
+    });
+    REQUIRE_FALSE(r);
+    CHECK(calls == 1);
+    CHECK(r.error() == tensorreg::error{errc::data_loss, "cannot accept piece: injected"});
+  }
+}
+
+TEST_CASE("segmented_view: rejects overlapping, out-of-bounds and sourceless segments", "[memory][segmented_view]") {
+  std::vector<std::byte> bytes(100);
+  host_bytes_view host(bytes);
+  auto overlap = segmented_view::create(200, {{0, 50, &host, 0}, {40, 20, &host, 0}});
+  REQUIRE_FALSE(overlap);
+  CHECK(overlap.error().code == errc::invalid_argument);
+  CHECK(overlap.error().message ==
+        "cannot assemble segment [40, +20): it overlaps the previous segment, which ends at 50");
+
+  auto past_end = segmented_view::create(100, {{90, 20, &host, 0}});
+  REQUIRE_FALSE(past_end);
+  CHECK(past_end.error().code == errc::invalid_argument);
+  CHECK(past_end.error().message == "cannot assemble segment [90, +20): it ends past total_size 100");
+
+  auto past_source = segmented_view::create(200, {{0, 50, &host, 60}});
+  REQUIRE_FALSE(past_source);
+  CHECK(past_source.error().code == errc::out_of_range);
+  CHECK(past_source.error().message == "cannot assemble segment [0, +50): it reads [60, +50) of a source of 100 bytes");
+
+  auto no_source = segmented_view::create(200, {{0, 50, nullptr, 0}});
+  REQUIRE_FALSE(no_source);
+  CHECK(no_source.error().message == "cannot assemble segment [0, +50): it has no source");
+}
+
+TEST_CASE("mapped_file: missing files and directories are clear errors", "[memory][mapped_file]") {
+  tensorreg::testing::temp_dir dir;
+  auto missing = mapped_file::open((dir.path() / "nope").string());
+  REQUIRE_FALSE(missing);
+  CHECK(missing.error().code == errc::not_found);
+  CHECK_THAT(missing.error().message, Catch::Matchers::StartsWith("cannot open '") &&
+                                          Catch::Matchers::EndsWith("nope': No such file or directory"));
+  auto directory = mapped_file::open(dir.path().string());
+  REQUIRE_FALSE(directory);
+  CHECK(directory.error().code == errc::invalid_argument);
+  CHECK_THAT(directory.error().message, Catch::Matchers::EndsWith("': not a regular file"));
+
+  std::ofstream(dir.path() / "empty");
+  auto empty = mapped_file::open((dir.path() / "empty").string());
+  REQUIRE(empty);
+  CHECK(empty->size() == 0);
+}
