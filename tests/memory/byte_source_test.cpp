@@ -14,6 +14,7 @@
 #include "support/temp_dir.hpp"
 #include "tensorreg/memory/mapped_file.hpp"
 #include "tensorreg/memory/segmented_view.hpp"
+#include "tensorreg/memory/shared_memory.hpp"
 
 // The contract suite: every byte_source implementation must pass the same cases, given the
 // bytes it is expected to hold.
@@ -56,6 +57,12 @@ std::vector<subject> all_sources(const tensorreg::testing::temp_dir& dir) {
         .write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
     auto file = std::make_shared<mapped_file>(mapped_file::open(path.string()).value());
     out.push_back({"mapped_file", nullptr, file, bytes});
+  }
+  {
+    const auto bytes = random_bytes((1 << 20) + 9, 4);
+    auto mem = std::make_shared<shared_memory>(shared_memory::create(bytes.size(), "tensorreg-contract").value());
+    std::copy(bytes.begin(), bytes.end(), mem->mutable_bytes().begin());
+    out.push_back({"shared_memory", nullptr, mem, bytes});
   }
   {
     // Two data segments from one host buffer, with a leading gap, a middle gap and a tail.
@@ -194,4 +201,30 @@ TEST_CASE("mapped_file: missing files and directories are clear errors", "[memor
   auto empty = mapped_file::open((dir.path() / "empty").string());
   REQUIRE(empty);
   CHECK(empty->size() == 0);
+}
+
+TEST_CASE("shared_memory: an adopted descriptor sees the creator's bytes", "[memory][shared_memory]") {
+  auto owner = shared_memory::create(4096, "tensorreg-test").value();
+  owner.mutable_bytes()[100] = std::byte{42};
+  auto peer = shared_memory::adopt(owner.duplicate_fd().value(), 4096, /*writable=*/false).value();
+  CHECK_FALSE(peer.writable());
+  CHECK(peer.bytes()[100] == std::byte{42});
+  owner.mutable_bytes()[101] = std::byte{7};
+  CHECK(peer.bytes()[101] == std::byte{7});
+}
+
+TEST_CASE("shared_memory: bad sizes and short files are INVALID_ARGUMENT", "[memory][shared_memory]") {
+  auto zero = shared_memory::create(0, "z");
+  REQUIRE_FALSE(zero);
+  CHECK(zero.error() == tensorreg::error{errc::invalid_argument, "cannot create shared memory 'z': size is 0"});
+
+  auto owner = shared_memory::create(4096, "short").value();
+  auto too_long = shared_memory::adopt(owner.duplicate_fd().value(), 8192, false);
+  REQUIRE_FALSE(too_long);
+  CHECK(too_long.error() ==
+        tensorreg::error{errc::invalid_argument, "cannot map shared memory: the file holds 4096 bytes, fewer than 8192"});
+
+  auto no_fd = shared_memory::adopt(tensorreg::unique_fd{}, 10, false);
+  REQUIRE_FALSE(no_fd);
+  CHECK(no_fd.error().message == "cannot map shared memory: no file descriptor");
 }

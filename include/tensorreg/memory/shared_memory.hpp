@@ -1,0 +1,66 @@
+// tensorreg/memory/shared_memory.hpp — host memory that other processes can map: a memfd.
+//
+// `shared_memory` owns a memfd and a MAP_SHARED mapping of it. The engine creates one for a
+// daemon-managed HOST_SHARED region or a stable-DRAM publish buffer (create()), or adopts a
+// client's memfd handed over with SCM_RIGHTS (adopt()). Its fd can be passed to other
+// processes, which then see the same bytes.
+//
+// Thread-safety: the object is immutable after creation; concurrent visits are safe. Writers
+// of mutable_bytes() must coordinate with readers themselves (the engine only reads ranges a
+// client has declared written). Ownership: move-only; the mapping and fd close on destruction.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <string>
+
+#include "tensorreg/common/unique_fd.hpp"
+#include "tensorreg/memory/byte_source.hpp"
+
+namespace tensorreg::memory {
+
+class shared_memory final : public byte_source {
+ public:
+  /// Creates a zero-filled memfd of `size` bytes named `name` (visible in /proc/<pid>/fd),
+  /// mapped read-write.
+  /// Errors: INVALID_ARGUMENT (size 0), RESOURCE_EXHAUSTED (the kernel refused the memory).
+  [[nodiscard]] static result<shared_memory> create(std::uint64_t size, const std::string& name);
+
+  /// Takes ownership of `fd` (a memfd or any mappable file) and maps its first `size` bytes,
+  /// read-only unless `writable`.
+  /// Errors: INVALID_ARGUMENT (bad fd, size 0, or the file is shorter than `size`),
+  /// PERMISSION_DENIED (the fd does not allow the mapping asked for).
+  [[nodiscard]] static result<shared_memory> adopt(unique_fd fd, std::uint64_t size, bool writable);
+
+  shared_memory(shared_memory&& other) noexcept;
+  shared_memory& operator=(shared_memory&& other) noexcept;
+  shared_memory(const shared_memory&) = delete;
+  shared_memory& operator=(const shared_memory&) = delete;
+  ~shared_memory() override;
+
+  [[nodiscard]] std::uint64_t size() const noexcept override { return bytes_.size(); }
+  [[nodiscard]] status visit(std::uint64_t offset, std::uint64_t length,
+                             piece_sink sink) const override;
+
+  [[nodiscard]] int fd() const noexcept { return fd_.get(); }
+  [[nodiscard]] bool writable() const noexcept { return writable_; }
+  [[nodiscard]] std::span<const std::byte> bytes() const noexcept { return bytes_; }
+  /// REQUIRES: writable().
+  [[nodiscard]] std::span<std::byte> mutable_bytes() const noexcept;
+
+  /// A new descriptor for the same memory, to hand to another process.
+  /// Errors: INTERNAL (dup failed).
+  [[nodiscard]] result<unique_fd> duplicate_fd() const;
+
+ private:
+  shared_memory(unique_fd fd, std::span<std::byte> bytes, bool writable) noexcept
+      : fd_(std::move(fd)), bytes_(bytes), writable_(writable) {}
+  void unmap() noexcept;
+
+  unique_fd fd_;
+  std::span<std::byte> bytes_;
+  bool writable_ = false;
+};
+
+}  // namespace tensorreg::memory

@@ -1,0 +1,134 @@
+// tensorreg/regions/region_registry.hpp — long-lived memory regions that registrations borrow.
+//
+// A region is a block of client memory registered once (a VRAM allocation by its CUDA IPC
+// handle, or HOST_SHARED memory: a memfd) from which any number of storages are then taken
+// by offset (registration.md §5.3). The registry holds regions by id, counts references
+// taken by registrations and leases, expires unreferenced regions after their TTL, and drops
+// every region of an owner process that exits.
+//
+// Thread-safety: every member function may be called concurrently (one internal mutex; no
+// callback runs under it). Ownership: the registry owns its regions; the memory of a
+// HOST_SHARED region is a shared_ptr, so a holder that took it keeps it mapped even after the
+// region is removed (force, owner exit). VRAM regions keep only their handle bytes: opening
+// them is the CUDA mapping cache's job.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "tensorreg/common/clock.hpp"
+#include "tensorreg/common/error.hpp"
+#include "tensorreg/common/unique_fd.hpp"
+#include "tensorreg/memory/shared_memory.hpp"
+
+namespace tensorreg::regions {
+
+/// RegionMemoryKind, numbered as on the wire.
+enum class memory_kind : std::int32_t { unspecified = 0, vram = 1, host_shared = 2 };
+/// HostSharedRegionClass, numbered as on the wire.
+enum class host_shared_class : std::int32_t { unspecified = 0, scratch = 1, allocator = 2 };
+
+struct host_shared_spec {
+  std::string attach_token;  ///< required unless daemon_managed
+  bool daemon_managed = false;
+  host_shared_class region_class = host_shared_class::unspecified;
+};
+
+/// RegisterRegionRequest, plus the memfd that travels beside it for a client-provided
+/// HOST_SHARED region.
+struct register_request {
+  memory_kind kind = memory_kind::unspecified;
+  std::int32_t owner_pid = 0;
+  std::uint64_t size_bytes = 0;
+  std::uint32_t ttl_ms = 0;
+  std::string name;
+  std::int32_t device_id = -1;      ///< VRAM only
+  std::string cuda_ipc_handle;      ///< VRAM only
+  std::optional<host_shared_spec> host_shared;
+  unique_fd memfd;                  ///< HOST_SHARED, not daemon-managed
+};
+
+/// What a registration sees of a region.
+struct region_info {
+  std::string id;
+  memory_kind kind = memory_kind::unspecified;
+  std::int32_t device_id = -1;
+  std::uint64_t size_bytes = 0;
+  std::int32_t owner_pid = 0;
+  std::uint32_t ttl_ms = 0;  ///< after clamping; 0 = no expiry
+  std::optional<clock::time_point> expires_at;
+  std::string attach_token;
+  std::string cuda_ipc_handle;
+  /// HOST_SHARED memory (null for VRAM).
+  std::shared_ptr<const memory::shared_memory> memory;
+  std::uint32_t refs = 0;
+};
+
+struct registry_options {
+  std::size_t capacity = 4096;
+  std::chrono::milliseconds max_ttl = std::chrono::minutes(10);
+};
+
+class region_registry {
+ public:
+  explicit region_registry(const clock& clock, registry_options options = {});
+
+  /// Registers a region and returns it (id `region:` + 32 hex digits).
+  /// Errors: INVALID_ARGUMENT (kind unspecified, owner_pid ≤ 0, size 0, VRAM without device ≥ 0
+  /// or handle, HOST_SHARED without spec, daemon-managed with an attach token, client memory
+  /// without token or memfd); RESOURCE_EXHAUSTED (capacity reached, memfd refused);
+  /// whatever adopting the client's memfd returns.
+  [[nodiscard]] result<region_info> register_region(register_request request);
+
+  /// Takes a reference on a region for `owner_pid` (0 = no owner check) and refreshes its
+  /// expiry. Errors: NOT_FOUND, FAILED_PRECONDITION (poisoned; "region is retiring"),
+  /// PERMISSION_DENIED (another owner).
+  [[nodiscard]] result<region_info> acquire(const std::string& region_id, std::int32_t owner_pid);
+
+  /// Drops one reference. A retiring region goes away with its last reference.
+  /// Errors: NOT_FOUND, FAILED_PRECONDITION (no reference held).
+  [[nodiscard]] status release(const std::string& region_id);
+
+  /// Unregisters a region; returns whether it is gone now. With references held it fails
+  /// unless `force`, which retires it: no new references, gone with the last one.
+  /// Errors: NOT_FOUND, PERMISSION_DENIED (another owner), FAILED_PRECONDITION (referenced).
+  [[nodiscard]] result<bool> unregister(const std::string& region_id, std::int32_t owner_pid, bool force);
+
+  /// Marks a region unusable (its memory failed); later acquires fail. Errors: NOT_FOUND.
+  [[nodiscard]] status poison(const std::string& region_id, const std::string& reason);
+
+  /// Looks a region up without taking a reference. Errors: NOT_FOUND.
+  [[nodiscard]] result<region_info> find(const std::string& region_id) const;
+
+  /// Expires unreferenced regions past their deadline and renews referenced ones.
+  /// Returns the ids removed.
+  std::vector<std::string> sweep();
+
+  /// Removes every region of an exited owner process. Returns the ids removed.
+  std::vector<std::string> release_owner(std::int32_t owner_pid);
+
+  [[nodiscard]] std::size_t size() const;
+
+ private:
+  struct entry {
+    region_info info;
+    bool poisoned = false;
+    std::string poison_reason;
+    bool retiring = false;
+  };
+
+  [[nodiscard]] std::optional<clock::time_point> deadline_for(std::uint32_t ttl_ms) const;
+
+  const clock& clock_;
+  registry_options options_;
+  mutable std::mutex mutex_;
+  std::unordered_map<std::string, entry> regions_;
+};
+
+}  // namespace tensorreg::regions

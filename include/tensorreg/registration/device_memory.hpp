@@ -1,0 +1,51 @@
+// tensorreg/registration/device_memory.hpp — how the engine reaches device (GPU) memory.
+//
+// The engine never calls CUDA itself. Everything it needs from a GPU goes through this
+// interface, which tensorreg/cuda/ implements; with no implementation (a machine with no GPU,
+// or a build without CUDA) every CUDA-only request fails FAILED_PRECONDITION with a message
+// that names the missing device, and everything else works.
+//
+// Thread-safety: implementations must allow concurrent calls. Ownership: returned sources
+// keep their mapping open until the last shared_ptr to them is released.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+
+#include "tensorreg/common/error.hpp"
+#include "tensorreg/memory/byte_source.hpp"
+
+namespace tensorreg::registration {
+
+/// A daemon-owned device buffer (coalesced plan) with the IPC handle clients map it by.
+struct device_buffer {
+  std::shared_ptr<const memory::byte_source> bytes;
+  std::string ipc_handle;
+};
+
+class device_memory {
+ public:
+  virtual ~device_memory() = default;
+
+  /// Opens (or finds in its cache) the allocation behind `ipc_handle` of `owner_pid` on
+  /// `device_id`, readable for at least `min_bytes` bytes from its base.
+  /// Errors: FAILED_PRECONDITION (no such device, device mismatch), INVALID_ARGUMENT
+  /// (malformed or stale handle), OUT_OF_RANGE (allocation too small).
+  [[nodiscard]] virtual result<std::shared_ptr<const memory::byte_source>> open_ipc(
+      std::int32_t owner_pid, std::int32_t device_id, std::string_view ipc_handle,
+      std::uint64_t min_bytes) = 0;
+
+  /// Allocates `bytes` on `device_id` and exports it.
+  /// Errors: FAILED_PRECONDITION (no such device), RESOURCE_EXHAUSTED.
+  [[nodiscard]] virtual result<device_buffer> allocate(std::int32_t device_id, std::uint64_t bytes) = 0;
+
+  /// Mappings open right now (for stats).
+  [[nodiscard]] virtual std::size_t open_mappings() const = 0;
+};
+
+/// The implementation for machines without a GPU: every call fails FAILED_PRECONDITION.
+[[nodiscard]] std::shared_ptr<device_memory> no_device_memory();
+
+}  // namespace tensorreg::registration

@@ -1,0 +1,133 @@
+// tensorreg/registration/engine.hpp — the registration engine: the heart of tensorreg.
+//
+// Turns Begin → Feed → Commit conversations into content-addressed artifacts, for the three
+// plans of registration.md §4: lease-in-place (LIP: the bytes stay in client memory and the
+// engine holds a lease on them), stable_dram (the bytes are copied into daemon-owned host
+// memory kept by the stable DRAM cache) and coalesced (a daemon-owned device buffer; needs
+// a GPU). It also holds the catalogue of committed artifacts, the region registry and the
+// index store, and releases everything of an owner process when that process exits.
+//
+// An inference server or test harness links this directly; `tensorregd` only wraps it.
+//
+// Thread-safety: every member function may be called from any number of threads at once.
+// The engine's own lock guards only its tables; hashing and copying run outside it, on the
+// engine's thread pool, so a long commit never blocks other registrations, and one
+// registration's failure never disturbs another's.
+//
+// Ownership: the engine owns pending registrations, leases, replicas and regions. Memory a
+// client hands over (memfds, host_storage_source) is shared: the engine keeps its
+// shared_ptr for as long as a registration or lease needs it.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "tensorreg/common/clock.hpp"
+#include "tensorreg/common/error.hpp"
+#include "tensorreg/index/canonical_index.hpp"
+#include "tensorreg/registration/device_memory.hpp"
+#include "tensorreg/registration/types.hpp"
+
+namespace tensorreg::registration {
+
+struct engine_options {
+  /// Time source for every TTL; must outlive the engine.
+  const clock* time = &system_clock();
+  /// Stable DRAM cache budget in bytes; 0 = unlimited.
+  std::uint64_t stable_bytes = 0;
+  /// Hashing threads; 0 = one per hardware thread.
+  unsigned hash_threads = 0;
+  /// GPU access; null = no GPU (CUDA-only requests fail FAILED_PRECONDITION).
+  std::shared_ptr<device_memory> devices;
+  /// DeregisterArtifact's drain timeout when the request says 0 (DECISIONS §5.16).
+  std::chrono::milliseconds default_drain_timeout{30'000};
+  /// Background sweep period (TTL expiry of leases, joins, regions); 0 = no background thread
+  /// (tests call sweep() themselves).
+  std::chrono::milliseconds sweep_interval{500};
+  /// Watch owner processes with pidfds and release what they held when they exit.
+  bool watch_owners = true;
+  /// Region registry capacity.
+  std::size_t region_capacity = 4096;
+};
+
+class engine {
+ public:
+  /// Errors: INTERNAL when a background thread cannot start.
+  [[nodiscard]] static result<std::unique_ptr<engine>> create(engine_options options);
+
+  engine(const engine&) = delete;
+  engine& operator=(const engine&) = delete;
+  ~engine();
+
+  // ---- the registration conversation (registration.md §4) ----
+
+  /// Opens a pending registration and picks its plan (§4.2).
+  /// Errors: INVALID_ARGUMENT (owner_pid ≤ 0, total_size 0, device_id < 0, bad policy, bad
+  /// cgid, bad schema/encoding, no index, bad index), NOT_FOUND ("unknown tensor_index_key"),
+  /// UNIMPLEMENTED (lease in_place=false, views), FAILED_PRECONDITION (coalesced or
+  /// stage_on_gpu without a GPU), RESOURCE_EXHAUSTED (stable budget).
+  [[nodiscard]] result<begin_response> begin(begin_request request);
+
+  /// Applies one Feed message (§4.3). Every message extends the pending TTL.
+  /// Errors: NOT_FOUND (unknown id), DEADLINE_EXCEEDED (expired: released), INVALID_ARGUMENT,
+  /// FAILED_PRECONDITION, OUT_OF_RANGE, PERMISSION_DENIED (region owner), as §4.3 and §5.1.
+  [[nodiscard]] status feed(feed_request request);
+
+  /// Extends a pending registration or a committed lease (§4.4).
+  /// Errors: NOT_FOUND, PERMISSION_DENIED (owner_pid differs from Begin's).
+  [[nodiscard]] status keep_alive(const keep_alive_request& request);
+
+  /// Finishes a registration: validates, hashes, publishes (§4.5).
+  /// Errors: as §4.5 and §5.1; the registration is gone afterwards unless the error is one
+  /// a client can fix by feeding more (FAILED_PRECONDITION for missing payloads).
+  [[nodiscard]] result<commit_response> commit(const std::string& registration_id);
+
+  /// Cancels a pending registration and releases what it held (§4.6; DECISIONS §5.6).
+  /// Errors: NOT_FOUND.
+  [[nodiscard]] status abort(const std::string& registration_id);
+
+  /// Drops a registration, lease or idempotent join by registration id. Always succeeds.
+  void revoke(const std::string& registration_id, const std::string& reason);
+
+  // ---- regions (§5.3) ----
+
+  [[nodiscard]] result<regions::region_info> register_region(regions::register_request request);
+  [[nodiscard]] result<bool> unregister_region(const std::string& region_id, std::int32_t owner_pid, bool force);
+
+  // ---- catalogue ----
+
+  /// Errors: NOT_FOUND.
+  [[nodiscard]] result<artifact_summary> get(const std::string& artifact_id) const;
+  [[nodiscard]] std::vector<artifact_summary> list() const;
+  /// The canonical index of an artifact. Errors: NOT_FOUND.
+  [[nodiscard]] result<std::shared_ptr<const index::canonical_index>> index_of(const std::string& artifact_id) const;
+  /// The artifact's canonical bytes, from its stable replica or a live lease; holding the
+  /// returned source keeps the artifact from draining. Errors: NOT_FOUND, FAILED_PRECONDITION
+  /// (quiesced, or no host-readable copy).
+  [[nodiscard]] result<std::shared_ptr<const memory::byte_source>> open_bytes(const std::string& artifact_id);
+
+  /// Quiesce, drain (timeout → DEADLINE_EXCEEDED, the artifact stays quiesced), revoke leases,
+  /// drop replicas. Errors: NOT_FOUND, DEADLINE_EXCEEDED.
+  [[nodiscard]] result<deregister_response> deregister(const deregister_request& request);
+
+  [[nodiscard]] engine_stats stats() const;
+
+  // ---- housekeeping ----
+
+  /// Expires leases, joins and regions past their TTL now (the background thread calls this).
+  void sweep();
+
+  /// Releases every pending registration, lease, join and region of a process that exited.
+  void release_owner(std::int32_t owner_pid);
+
+ private:
+  struct state;
+  explicit engine(std::unique_ptr<state> s) noexcept;
+  std::unique_ptr<state> state_;
+};
+
+}  // namespace tensorreg::registration

@@ -1,0 +1,245 @@
+// tensorreg/registration/types.hpp — the requests and answers of the registration engine.
+//
+// Library-side mirrors of the wire messages of registration.md §1 (BeginRegisterArtifact,
+// FeedRegisterArtifactStream, KeepAlive, Commit, Abort, Revoke, regions, Deregister), with
+// the same field meanings and units. The daemon's dispatcher is the only place that converts
+// between these and protobuf. Embedded users build them directly.
+//
+// Thread-safety: plain values. Ownership: values own their strings; `host_storage` and the
+// shared_memory handles are shared_ptrs, so memory handed to the engine stays alive for as
+// long as any registration or lease uses it.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <variant>
+#include <vector>
+
+#include "tensorreg/identity/artifact_id.hpp"
+#include "tensorreg/memory/byte_source.hpp"
+#include "tensorreg/memory/shared_memory.hpp"
+#include "tensorreg/policy/store_policy.hpp"
+#include "tensorreg/regions/region_registry.hpp"
+
+namespace tensorreg::registration {
+
+// ---- Begin -------------------------------------------------------------------------------
+
+struct coalesced_options {
+  std::uint64_t max_inflight_bytes = 0;
+  bool release_on_tensor_commit = false;
+};
+struct lease_options {
+  std::uint64_t min_tensor_bytes = 0;
+  std::uint32_t max_tensor_count = 0;
+  std::uint64_t lease_bytes_limit = 0;
+  bool in_place = true;
+};
+struct stable_dram_options {
+  bool stage_on_gpu = false;
+  bool release_gpu_on_commit = false;
+};
+/// BeginRegisterArtifactRequest.plan; coalesced when unset on the wire.
+using plan_options = std::variant<coalesced_options, lease_options, stable_dram_options>;
+
+enum class plan_kind { coalesced, lease, stable_dram };
+
+/// TensorIndexData.
+struct index_data {
+  std::string bytes;
+  std::string schema_version;  ///< "" or "v3"
+  std::string encoding;        ///< "" or "json" (DECISIONS §5.1)
+};
+
+struct begin_request {
+  std::int32_t device_id = 0;
+  std::uint64_t total_size = 0;
+  std::optional<std::uint32_t> ttl_ms;
+  std::int32_t owner_pid = 0;
+  /// The `index` oneof: a key (hex SHA-256 of canonical index bytes) or inline data.
+  std::optional<std::string> tensor_index_key;
+  std::optional<index_data> tensor_index_data;
+  plan_options plan = coalesced_options{};
+  std::optional<policy::store_policy> policy;
+  /// View registration (registration.md §7) is not implemented yet: UNIMPLEMENTED.
+  bool has_view = false;
+  std::string client_artifact_id;  ///< "" = MI2 artifact, else a cgid
+};
+
+/// The stable-DRAM publish buffer: a memfd the client maps and writes, then reports ranges.
+struct publish_memfd {
+  std::shared_ptr<memory::shared_memory> memory;
+  std::uint64_t size_bytes = 0;
+  std::uint64_t offset_bytes = 0;
+};
+
+struct coalesced_handshake {
+  std::string daemon_ipc_handle;
+};
+struct lease_handshake {};
+struct stable_dram_handshake {
+  std::string staging_cuda_ipc_handle;
+  std::optional<publish_memfd> publish;
+  std::string publish_lease_token;
+};
+
+struct begin_response {
+  std::string registration_id;
+  std::int32_t device_id = 0;
+  std::uint64_t total_size = 0;
+  std::variant<coalesced_handshake, lease_handshake, stable_dram_handshake> handshake;
+};
+
+// ---- Feed --------------------------------------------------------------------------------
+
+/// LeasedSegment: `length` bytes of storage `storage_id` from `storage_offset` go to
+/// `artifact_offset` in the canonical buffer.
+struct leased_segment {
+  std::string storage_id;
+  std::uint64_t storage_offset = 0;
+  std::uint64_t artifact_offset = 0;
+  std::uint64_t length = 0;
+};
+
+struct cuda_ipc_source {
+  std::string handle;  ///< cudaIpcMemHandle_t bytes
+};
+struct vram_region_source {
+  std::string region_id;
+};
+struct region_ref_source {
+  std::string region_id;
+  regions::memory_kind kind = regions::memory_kind::unspecified;
+  std::int32_t device_id = -1;
+  std::uint64_t size_bytes = 0;
+};
+/// Embedded use only: storage bytes the caller already holds in this process.
+struct host_storage_source {
+  std::shared_ptr<const memory::byte_source> bytes;
+};
+/// StorageEntry.storage_source; monostate = none given (INVALID_ARGUMENT).
+using storage_source =
+    std::variant<std::monostate, cuda_ipc_source, vram_region_source, region_ref_source, host_storage_source>;
+
+struct storage_entry {
+  std::string storage_id;
+  std::int32_t device_id = 0;
+  std::uint64_t storage_length = 0;
+  storage_source source;
+  std::uint64_t mapping_base_offset = 0;
+};
+
+/// TensorAlias: storage_offset in elements (DECISIONS §5.2).
+struct tensor_alias {
+  std::string name;
+  std::string storage_id;
+  std::uint64_t storage_offset = 0;
+  std::uint64_t logical_length = 0;
+  std::vector<std::int64_t> shape;
+  std::vector<std::int64_t> stride;
+  std::string dtype;
+};
+
+/// ViewUploadChunk: for a non-view stable_dram registration, `data` lands at canonical_offset.
+struct view_chunk {
+  std::uint64_t canonical_offset = 0;
+  std::uint64_t view_offset = 0;
+  std::string data;
+};
+
+struct written_range {
+  std::uint64_t canonical_offset = 0;
+  std::uint64_t length = 0;
+};
+/// StableDramWriteProgress: ranges the client wrote into the publish memfd.
+struct stable_write_progress {
+  std::vector<written_range> ranges;
+  bool upload_complete = false;
+};
+
+struct lease_segments {
+  std::vector<leased_segment> segments;
+};
+
+struct feed_request {
+  std::string registration_id;
+  std::variant<std::monostate, lease_segments, view_chunk, stable_write_progress> payload;
+  std::vector<storage_entry> storage_entries;
+  std::vector<tensor_alias> tensor_aliases;
+};
+
+// ---- Commit ------------------------------------------------------------------------------
+
+enum class local_stable_status : std::int32_t { unspecified = 0, ready = 1, degraded = 2, skipped = 3 };
+
+struct local_stable_tier_result {
+  local_stable_status status = local_stable_status::unspecified;
+  std::string message;
+};
+
+/// ArtifactDescriptor (common v1).
+struct artifact_descriptor {
+  std::string artifact_id;
+  std::string index_multihash;
+  std::string data_multihash;  ///< empty for a cgid artifact
+  std::string schema_version = "v3";
+  std::string encoding = "json";
+  std::uint64_t total_size = 0;
+  identity::id_kind id_kind = identity::id_kind::unspecified;
+};
+
+struct commit_response {
+  artifact_descriptor descriptor;
+  bool existed = false;
+  std::optional<local_stable_tier_result> local_stable_tier;
+};
+
+// ---- Keep-alive, regions, deregister ------------------------------------------------------
+
+struct keep_alive_request {
+  std::string registration_id;
+  std::uint32_t ttl_ms = 0;
+  std::uint64_t epoch = 0;
+  std::int32_t owner_pid = 0;
+};
+
+struct deregister_request {
+  std::string artifact_id;
+  bool wait_for_drain = true;
+  std::uint32_t drain_timeout_ms = 0;  ///< 0 = the engine's default (DECISIONS §5.16)
+  std::int32_t owner_pid = 0;
+};
+
+struct deregister_response {
+  bool drained = false;
+  bool removed = false;
+  std::vector<std::string> released_region_ids;
+  std::string message;
+};
+
+// ---- Catalogue -------------------------------------------------------------------------------
+
+/// What the engine holds of one artifact.
+struct artifact_summary {
+  artifact_descriptor descriptor;
+  bool stable_replica = false;        ///< a host copy in the stable DRAM cache
+  std::size_t leases = 0;             ///< active LIP leases
+  std::size_t joined_refs = 0;        ///< idempotent joins still held
+  bool quiesced = false;
+};
+
+struct engine_stats {
+  std::size_t artifacts = 0;
+  std::size_t pending_registrations = 0;
+  std::size_t leases = 0;
+  std::size_t regions = 0;
+  std::size_t open_mappings = 0;
+  std::uint64_t stable_bytes = 0;     ///< bytes held in the stable DRAM cache
+  std::uint64_t stable_budget = 0;    ///< 0 = unlimited
+  std::uint64_t leased_bytes = 0;     ///< bytes of artifacts held in place by leases
+  std::uint64_t stable_evictions = 0;
+};
+
+}  // namespace tensorreg::registration

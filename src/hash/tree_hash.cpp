@@ -1,0 +1,163 @@
+#include "tensorreg/hash/tree_hash.hpp"
+
+#include <algorithm>
+#include <mutex>
+#include <string>
+
+#include "tensorreg/common/thread_pool.hpp"
+
+namespace tensorreg::hash {
+namespace {
+
+digest hash_pair(const digest& left, const digest& right) {
+  std::array<std::byte, 2 * sizeof(digest)> joined{};
+  std::copy(left.begin(), left.end(), joined.begin());
+  std::copy(right.begin(), right.end(), joined.begin() + static_cast<std::ptrdiff_t>(left.size()));
+  return sha256(std::span<const std::byte>(joined));
+}
+
+result<digest> hash_leaf_with(const memory::byte_source& source, std::uint64_t leaf_index,
+                              sha256_hasher& hasher) {
+  const std::uint64_t size = source.size();
+  const std::uint64_t leaves = leaf_count(size);
+  if (leaf_index >= leaves) {
+    return fail(errc::out_of_range, "cannot hash leaf " + std::to_string(leaf_index) +
+                                        ": a source of " + std::to_string(size) + " bytes has " +
+                                        std::to_string(leaves) + " leaves");
+  }
+  const std::uint64_t offset = leaf_index * leaf_bytes;
+  const std::uint64_t length = std::min(leaf_bytes, size - offset);
+  hasher.reset();
+  TENSORREG_TRY(source.visit(offset, length, [&](std::span<const std::byte> piece) -> status {
+    hasher.update(piece);
+    return {};
+  }));
+  return hasher.finish();
+}
+
+}  // namespace
+
+digest tree_root(std::span<const digest> leaves) {
+  if (leaves.empty()) return digest{};
+  if (leaves.size() == 1) return leaves.front();
+  std::vector<digest> level(leaves.begin(), leaves.end());
+  while (level.size() > 1) {
+    const std::size_t pairs = level.size() / 2;
+    for (std::size_t i = 0; i < pairs; ++i) level[i] = hash_pair(level[2 * i], level[2 * i + 1]);
+    if (level.size() % 2 != 0) {
+      level[pairs] = level.back();  // odd last node promoted unchanged
+      level.resize(pairs + 1);
+    } else {
+      level.resize(pairs);
+    }
+  }
+  return level.front();
+}
+
+result<digest> hash_leaf(const memory::byte_source& source, std::uint64_t leaf_index) {
+  sha256_hasher hasher;
+  return hash_leaf_with(source, leaf_index, hasher);
+}
+
+result<std::vector<digest>> leaf_digests(const memory::byte_source& source, thread_pool* pool) {
+  const std::uint64_t leaves = leaf_count(source.size());
+  std::vector<digest> out(static_cast<std::size_t>(leaves));
+  const auto one = [&](std::size_t i) -> status {
+    // One context per leaf: its cost is noise next to hashing 4 MiB, and it keeps the
+    // per-thread state out of the pool.
+    sha256_hasher hasher;
+    TENSORREG_TRY_ASSIGN(out[i], hash_leaf_with(source, i, hasher));
+    return {};
+  };
+  if (pool != nullptr) {
+    TENSORREG_TRY(pool->parallel_for(out.size(), one));
+  } else {
+    sha256_hasher hasher;
+    for (std::size_t i = 0; i < out.size(); ++i) {
+      TENSORREG_TRY_ASSIGN(out[i], hash_leaf_with(source, i, hasher));
+    }
+  }
+  return out;
+}
+
+result<digest> tree_hash(const memory::byte_source& source, thread_pool* pool) {
+  TENSORREG_TRY_ASSIGN(const auto leaves, leaf_digests(source, pool));
+  return tree_root(leaves);
+}
+
+struct incremental_tree_hash::state {
+  std::uint64_t total_size = 0;
+  mutable std::mutex mutex;
+  std::vector<digest> leaves;    // guarded by mutex
+  std::vector<bool> present;     // guarded by mutex
+  std::uint64_t added = 0;       // guarded by mutex
+};
+
+incremental_tree_hash::incremental_tree_hash(std::unique_ptr<state> s) noexcept
+    : state_(std::move(s)) {}
+incremental_tree_hash::~incremental_tree_hash() = default;
+incremental_tree_hash::incremental_tree_hash(incremental_tree_hash&&) noexcept = default;
+incremental_tree_hash& incremental_tree_hash::operator=(incremental_tree_hash&&) noexcept = default;
+
+result<incremental_tree_hash> incremental_tree_hash::create(std::uint64_t total_size) {
+  if (total_size == 0) {
+    return fail(errc::invalid_argument, "cannot start a tree hash: total_size is 0");
+  }
+  auto s = std::make_unique<state>();
+  s->total_size = total_size;
+  const auto leaves = static_cast<std::size_t>(hash::leaf_count(total_size));
+  s->leaves.resize(leaves);
+  s->present.resize(leaves, false);
+  return incremental_tree_hash(std::move(s));
+}
+
+std::uint64_t incremental_tree_hash::total_size() const noexcept { return state_->total_size; }
+
+std::uint64_t incremental_tree_hash::leaf_count() const noexcept {
+  return hash::leaf_count(state_->total_size);
+}
+
+std::uint64_t incremental_tree_hash::leaves_added() const {
+  std::lock_guard lock(state_->mutex);
+  return state_->added;
+}
+
+status incremental_tree_hash::add_leaf(std::uint64_t leaf_index, const digest& leaf) {
+  const std::uint64_t leaves = leaf_count();
+  if (leaf_index >= leaves) {
+    return fail(errc::out_of_range, "cannot add leaf " + std::to_string(leaf_index) +
+                                        ": a buffer of " + std::to_string(state_->total_size) +
+                                        " bytes has " + std::to_string(leaves) + " leaves");
+  }
+  std::lock_guard lock(state_->mutex);
+  const auto i = static_cast<std::size_t>(leaf_index);
+  if (state_->present[i]) {
+    return fail(errc::failed_precondition,
+                "cannot add leaf " + std::to_string(leaf_index) + ": it was already added");
+  }
+  state_->leaves[i] = leaf;
+  state_->present[i] = true;
+  ++state_->added;
+  return {};
+}
+
+bool incremental_tree_hash::complete() const {
+  std::lock_guard lock(state_->mutex);
+  return state_->added == state_->leaves.size();
+}
+
+result<digest> incremental_tree_hash::finish() const {
+  std::lock_guard lock(state_->mutex);
+  if (state_->added != state_->leaves.size()) {
+    const auto first = std::find(state_->present.begin(), state_->present.end(), false);
+    const auto missing = state_->leaves.size() - state_->added;
+    return fail(errc::failed_precondition,
+                "cannot finish tree hash: leaf " +
+                    std::to_string(std::distance(state_->present.begin(), first)) +
+                    " is missing (" + std::to_string(missing) + " of " +
+                    std::to_string(state_->leaves.size()) + " leaves missing)");
+  }
+  return tree_root(state_->leaves);
+}
+
+}  // namespace tensorreg::hash

@@ -1,0 +1,216 @@
+#include "tensorreg/regions/region_registry.hpp"
+
+#include <algorithm>
+
+#include "tensorreg/common/random.hpp"
+
+namespace tensorreg::regions {
+namespace {
+
+tl::unexpected<error> not_found(const std::string& id) {
+  return fail(errc::not_found, "cannot find region '" + id + "': no such region");
+}
+
+}  // namespace
+
+region_registry::region_registry(const clock& clock, registry_options options)
+    : clock_(clock), options_(options) {}
+
+std::optional<clock::time_point> region_registry::deadline_for(std::uint32_t ttl_ms) const {
+  if (ttl_ms == 0) return std::nullopt;
+  return saturating_deadline(clock_.now(), std::chrono::milliseconds(ttl_ms));
+}
+
+result<region_info> region_registry::register_region(register_request request) {
+  if (request.kind == memory_kind::unspecified) {
+    return fail(errc::invalid_argument, "cannot register region: memory_kind is unspecified");
+  }
+  if (request.owner_pid <= 0) {
+    return fail(errc::invalid_argument, "cannot register region: owner_pid is required (>0)");
+  }
+  if (request.size_bytes == 0) {
+    return fail(errc::invalid_argument, "cannot register region: size_bytes must be > 0");
+  }
+
+  region_info info;
+  info.kind = request.kind;
+  info.owner_pid = request.owner_pid;
+  info.size_bytes = request.size_bytes;
+  // TTL is clamped, never refused: a client asking for a day gets the maximum.
+  const auto max_ttl = static_cast<std::uint64_t>(options_.max_ttl.count());
+  info.ttl_ms = static_cast<std::uint32_t>(std::min<std::uint64_t>(request.ttl_ms, max_ttl));
+
+  if (request.kind == memory_kind::vram) {
+    if (request.device_id < 0) {
+      return fail(errc::invalid_argument, "cannot register region: VRAM needs device_id >= 0, got " +
+                                              std::to_string(request.device_id));
+    }
+    if (request.cuda_ipc_handle.empty()) {
+      return fail(errc::invalid_argument, "cannot register region: VRAM needs a cuda_ipc_handle");
+    }
+    if (request.host_shared) {
+      return fail(errc::invalid_argument, "cannot register region: VRAM takes no host_shared spec");
+    }
+    info.device_id = request.device_id;
+    info.cuda_ipc_handle = std::move(request.cuda_ipc_handle);
+  } else {
+    if (!request.host_shared) {
+      return fail(errc::invalid_argument, "cannot register region: HOST_SHARED needs a host_shared spec");
+    }
+    if (!request.cuda_ipc_handle.empty()) {
+      return fail(errc::invalid_argument, "cannot register region: HOST_SHARED takes no cuda_ipc_handle");
+    }
+    info.device_id = -1;
+    auto& spec = *request.host_shared;
+    if (spec.daemon_managed) {
+      if (!spec.attach_token.empty()) {
+        return fail(errc::invalid_argument,
+                    "cannot register region: a daemon-managed region takes no attach_token");
+      }
+      if (request.memfd) {
+        return fail(errc::invalid_argument, "cannot register region: a daemon-managed region takes no memfd");
+      }
+      TENSORREG_TRY_ASSIGN(auto slab, memory::shared_memory::create(request.size_bytes, "tensorreg-region"));
+      info.memory = std::make_shared<const memory::shared_memory>(std::move(slab));
+      info.attach_token = "region-attach:" + random_hex(16);
+    } else {
+      if (spec.attach_token.empty()) {
+        return fail(errc::invalid_argument, "cannot register region: HOST_SHARED needs an attach_token "
+                                            "unless daemon_managed");
+      }
+      if (!request.memfd) {
+        return fail(errc::invalid_argument, "cannot register region: HOST_SHARED needs the client's memfd "
+                                            "unless daemon_managed");
+      }
+      auto adopted = memory::shared_memory::adopt(std::move(request.memfd), request.size_bytes, false);
+      if (!adopted) return tl::unexpected(with_context(std::move(adopted).error(), "cannot register region"));
+      info.memory = std::make_shared<const memory::shared_memory>(std::move(*adopted));
+      info.attach_token = std::move(spec.attach_token);
+    }
+  }
+
+  std::lock_guard lock(mutex_);
+  if (regions_.size() >= options_.capacity) {
+    return fail(errc::resource_exhausted, "cannot register region: the registry holds its capacity of " +
+                                              std::to_string(options_.capacity) + " regions");
+  }
+  info.id = "region:" + random_hex(16);
+  info.expires_at = deadline_for(info.ttl_ms);
+  entry e;
+  e.info = info;
+  regions_.emplace(info.id, std::move(e));
+  return info;
+}
+
+result<region_info> region_registry::acquire(const std::string& region_id, std::int32_t owner_pid) {
+  std::lock_guard lock(mutex_);
+  auto it = regions_.find(region_id);
+  if (it == regions_.end()) return not_found(region_id);
+  auto& e = it->second;
+  if (e.poisoned) {
+    return fail(errc::failed_precondition, "cannot acquire region '" + region_id + "': region is poisoned: " +
+                                               e.poison_reason);
+  }
+  if (e.retiring) {
+    return fail(errc::failed_precondition, "cannot acquire region '" + region_id + "': region is retiring");
+  }
+  if (owner_pid != 0 && owner_pid != e.info.owner_pid) {
+    return fail(errc::permission_denied, "cannot acquire region '" + region_id + "': owned by pid " +
+                                             std::to_string(e.info.owner_pid) + ", not " +
+                                             std::to_string(owner_pid));
+  }
+  ++e.info.refs;
+  e.info.expires_at = deadline_for(e.info.ttl_ms);
+  return e.info;
+}
+
+status region_registry::release(const std::string& region_id) {
+  std::lock_guard lock(mutex_);
+  auto it = regions_.find(region_id);
+  if (it == regions_.end()) return not_found(region_id);
+  auto& e = it->second;
+  if (e.info.refs == 0) {
+    return fail(errc::failed_precondition, "cannot release region '" + region_id + "': no reference is held");
+  }
+  --e.info.refs;
+  if (e.info.refs == 0 && e.retiring) regions_.erase(it);
+  return {};
+}
+
+result<bool> region_registry::unregister(const std::string& region_id, std::int32_t owner_pid, bool force) {
+  std::lock_guard lock(mutex_);
+  auto it = regions_.find(region_id);
+  if (it == regions_.end()) return not_found(region_id);
+  auto& e = it->second;
+  if (owner_pid != e.info.owner_pid) {
+    return fail(errc::permission_denied, "cannot unregister region '" + region_id + "': owned by pid " +
+                                             std::to_string(e.info.owner_pid) + ", not " +
+                                             std::to_string(owner_pid));
+  }
+  if (e.info.refs > 0) {
+    if (!force) {
+      return fail(errc::failed_precondition, "cannot unregister region '" + region_id + "': " +
+                                                 std::to_string(e.info.refs) +
+                                                 " references are held (use force)");
+    }
+    e.retiring = true;
+    return false;
+  }
+  regions_.erase(it);
+  return true;
+}
+
+status region_registry::poison(const std::string& region_id, const std::string& reason) {
+  std::lock_guard lock(mutex_);
+  auto it = regions_.find(region_id);
+  if (it == regions_.end()) return not_found(region_id);
+  it->second.poisoned = true;
+  it->second.poison_reason = reason;
+  return {};
+}
+
+result<region_info> region_registry::find(const std::string& region_id) const {
+  std::lock_guard lock(mutex_);
+  auto it = regions_.find(region_id);
+  if (it == regions_.end()) return not_found(region_id);
+  return it->second.info;
+}
+
+std::vector<std::string> region_registry::sweep() {
+  const auto now = clock_.now();
+  std::vector<std::string> removed;
+  std::lock_guard lock(mutex_);
+  for (auto it = regions_.begin(); it != regions_.end();) {
+    auto& info = it->second.info;
+    if (info.expires_at && *info.expires_at <= now) {
+      if (info.refs > 0) {
+        // In use: a region never expires under a registration that borrows it.
+        info.expires_at = deadline_for(info.ttl_ms);
+      } else {
+        removed.push_back(it->first);
+        it = regions_.erase(it);
+        continue;
+      }
+    }
+    ++it;
+  }
+  return removed;
+}
+
+std::vector<std::string> region_registry::release_owner(std::int32_t owner_pid) {
+  std::vector<std::string> removed;
+  std::lock_guard lock(mutex_);
+  std::erase_if(regions_, [&](const auto& kv) {
+    if (kv.second.info.owner_pid != owner_pid) return false;
+    removed.push_back(kv.first);
+    return true;
+  });
+  return removed;
+}
+
+std::size_t region_registry::size() const {
+  std::lock_guard lock(mutex_);
+  return regions_.size();
+}
+
+}  // namespace tensorreg::regions

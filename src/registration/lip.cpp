@@ -1,0 +1,301 @@
+#include "registration/lip.hpp"
+
+#include <algorithm>
+#include <limits>
+#include <map>
+
+#include "tensorreg/index/byte_range_map.hpp"
+#include "tensorreg/index/dtype.hpp"
+
+namespace tensorreg::registration::detail {
+namespace {
+
+std::string_view kind_name(regions::memory_kind kind) {
+  switch (kind) {
+    case regions::memory_kind::vram: return "VRAM";
+    case regions::memory_kind::host_shared: return "HOST_SHARED";
+    case regions::memory_kind::unspecified: break;
+  }
+  return "UNSPECIFIED";
+}
+
+// §4.3.8 and DECISIONS §5.5: a region-backed entry must fit the region it names.
+status check_region_fit(const storage_entry& entry, const regions::region_info& region,
+                        std::optional<regions::memory_kind> claimed_kind) {
+  const std::string what = "cannot use region '" + region.id + "' for storage '" + entry.storage_id + "': ";
+  if (claimed_kind && *claimed_kind != region.kind) {
+    return fail(errc::failed_precondition, what + "region is " + std::string(kind_name(region.kind)) +
+                                               ", not " + std::string(kind_name(*claimed_kind)));
+  }
+  if (region.kind == regions::memory_kind::vram && entry.device_id != region.device_id) {
+    return fail(errc::failed_precondition, what + "region is on device " + std::to_string(region.device_id) +
+                                               ", storage on device " + std::to_string(entry.device_id));
+  }
+  if (entry.storage_length > region.size_bytes ||
+      entry.mapping_base_offset > region.size_bytes - entry.storage_length) {
+    return fail(errc::failed_precondition, what + "bytes [" + std::to_string(entry.mapping_base_offset) + ", +" +
+                                               std::to_string(entry.storage_length) + ") exceed the region's " +
+                                               std::to_string(region.size_bytes) + " bytes");
+  }
+  return {};
+}
+
+const std::string* region_id_of(const storage_entry& e, std::optional<regions::memory_kind>& claimed) {
+  if (const auto* v = std::get_if<vram_region_source>(&e.source)) {
+    claimed = regions::memory_kind::vram;
+    return &v->region_id;
+  }
+  if (const auto* r = std::get_if<region_ref_source>(&e.source)) {
+    if (r->kind != regions::memory_kind::unspecified) claimed = r->kind;
+    return &r->region_id;
+  }
+  return nullptr;
+}
+
+}  // namespace
+
+status lip_tables::add_storages(std::vector<storage_entry> entries, regions::region_registry& registry,
+                                std::int32_t owner_pid) {
+  // Validate the whole message before taking anything, so a bad entry leaves no reference.
+  for (std::size_t i = 0; i < entries.size(); ++i) {
+    const auto& e = entries[i];
+    if (std::holds_alternative<std::monostate>(e.source)) {
+      return fail(errc::invalid_argument, "cannot add storage '" + e.storage_id +
+                                              "': storage entry must specify exactly one source");
+    }
+    if (e.storage_id.empty()) return fail(errc::invalid_argument, "cannot add storage: storage_id is empty");
+    const bool repeated = storage_by_id_.contains(e.storage_id) ||
+                          std::any_of(entries.begin(), entries.begin() + static_cast<std::ptrdiff_t>(i),
+                                      [&](const storage_entry& o) { return o.storage_id == e.storage_id; });
+    if (repeated) {
+      return fail(errc::invalid_argument, "cannot add storage '" + e.storage_id + "': duplicate storage_id");
+    }
+  }
+  std::vector<lip_storage> added;
+  auto give_back = [&] {
+    for (const auto& a : added) {
+      if (a.region) (void)registry.release(a.region->id);
+    }
+  };
+  for (auto& e : entries) {
+    lip_storage s{std::move(e), std::nullopt};
+    std::optional<regions::memory_kind> claimed;
+    if (const std::string* region_id = region_id_of(s.entry, claimed)) {
+      auto found = registry.find(*region_id);
+      status fit = found ? check_region_fit(s.entry, *found, claimed) : status(tl::unexpected(found.error()));
+      auto taken = fit ? registry.acquire(*region_id, owner_pid) : tl::unexpected(fit.error());
+      if (!taken) {
+        give_back();
+        return tl::unexpected(with_context(std::move(taken).error(), "cannot add storage '" + s.entry.storage_id + "'"));
+      }
+      s.region = std::move(*taken);
+    }
+    added.push_back(std::move(s));
+  }
+  for (auto& s : added) {
+    storage_by_id_.emplace(s.entry.storage_id, storages_.size());
+    storages_.push_back(std::move(s));
+  }
+  return {};
+}
+
+void lip_tables::add_aliases(std::vector<tensor_alias> aliases) {
+  std::move(aliases.begin(), aliases.end(), std::back_inserter(aliases_));
+}
+
+status lip_tables::add_segments(std::vector<leased_segment> segments) {
+  for (std::size_t i = 0; i < segments.size(); ++i) {
+    if (segments[i].storage_id.empty()) {
+      return fail(errc::invalid_argument, "cannot add lease segment " + std::to_string(i) + ": storage_id is empty");
+    }
+  }
+  std::move(segments.begin(), segments.end(), std::back_inserter(segments_));
+  return {};
+}
+
+result<index::canonical_index> lip_tables::rebuild_index(std::uint64_t total_size) const {
+  if (segments_.empty()) return fail(errc::failed_precondition, "cannot commit lease: no lease segments fed");
+  if (storages_.empty()) return fail(errc::failed_precondition, "cannot commit lease: no storage entries fed");
+  if (aliases_.empty()) {
+    return fail(errc::failed_precondition, "cannot commit lease: registration missing tensor_aliases payload");
+  }
+
+  // §2.3: a storage's canonical offset is its segment's artifact_offset.
+  std::map<std::string, std::uint64_t, std::less<>> offset_of;
+  for (const auto& seg : segments_) {
+    auto [it, inserted] = offset_of.emplace(seg.storage_id, seg.artifact_offset);
+    if (!inserted && it->second != seg.artifact_offset) {
+      return fail(errc::invalid_argument, "cannot rebuild index: storage_id=" + seg.storage_id +
+                                              " has segments at artifact_offset " + std::to_string(it->second) +
+                                              " and " + std::to_string(seg.artifact_offset));
+    }
+  }
+
+  std::vector<const tensor_alias*> sorted;
+  sorted.reserve(aliases_.size());
+  for (const auto& a : aliases_) sorted.push_back(&a);
+  std::stable_sort(sorted.begin(), sorted.end(), [](auto* a, auto* b) { return a->name < b->name; });
+
+  std::vector<index::entry> entries;
+  entries.reserve(sorted.size());
+  for (std::size_t i = 0; i < sorted.size(); ++i) {
+    const auto& a = *sorted[i];
+    const std::string what = "cannot rebuild index: alias '" + a.name + "'";
+    if (i > 0 && sorted[i - 1]->name == a.name) {
+      return fail(errc::invalid_argument, what + " is duplicated");
+    }
+    auto storage = storage_by_id_.find(a.storage_id);
+    if (storage == storage_by_id_.end()) {
+      return fail(errc::invalid_argument, what + " refers to unknown storage_id=" + a.storage_id);
+    }
+    auto offset = offset_of.find(a.storage_id);
+    if (offset == offset_of.end()) {
+      return fail(errc::invalid_argument, what + ": missing segment entry for storage_id=" + a.storage_id);
+    }
+    const auto storage_length = storages_[storage->second].entry.storage_length;
+    if (a.storage_offset > static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max())) {
+      return fail(errc::invalid_argument, what + ": storage_offset " + std::to_string(a.storage_offset) +
+                                              " does not fit a signed 64-bit integer");
+    }
+    // DECISIONS §5.2: storage_offset is in elements; the bound is checked in bytes.
+    std::uint64_t start_bytes = 0;
+    if (a.storage_offset != 0) {
+      const auto element = index::element_size(a.dtype);
+      if (!element) {
+        return fail(errc::invalid_argument, what + ": cannot bound storage_offset " +
+                                                std::to_string(a.storage_offset) + " of unknown dtype '" +
+                                                a.dtype + "'");
+      }
+      if (a.storage_offset > std::numeric_limits<std::uint64_t>::max() / *element) {
+        return fail(errc::out_of_range, what + ": storage_offset " + std::to_string(a.storage_offset) +
+                                            " elements overflows 64 bits");
+      }
+      start_bytes = a.storage_offset * *element;
+    }
+    if (start_bytes > storage_length || a.logical_length > storage_length - start_bytes) {
+      return fail(errc::out_of_range, what + " ends at byte " +
+                                          (start_bytes > std::numeric_limits<std::uint64_t>::max() - a.logical_length
+                                               ? std::string("2^64+")
+                                               : std::to_string(start_bytes + a.logical_length)) +
+                                          ", past storage_length " + std::to_string(storage_length) +
+                                          " of storage '" + a.storage_id + "'");
+    }
+    entries.push_back(index::entry{a.name, offset->second, storage_length, a.shape, a.stride, a.dtype,
+                                   static_cast<std::int64_t>(a.storage_offset)});
+  }
+  TENSORREG_TRY_ASSIGN(auto rebuilt, index::canonical_index::from_entries(std::move(entries), total_size));
+
+  // Step 6 (DECISIONS §5.14): segments may overlap only where they read the same bytes of
+  // the same storage, and none may end past total_size. Unknown storages get ids of their own
+  // here; step 7 rejects them.
+  std::map<std::string, std::uint32_t, std::less<>> source_ids;
+  std::vector<index::source_range> ranges;
+  ranges.reserve(segments_.size());
+  for (const auto& seg : segments_) {
+    auto [it, inserted] = source_ids.emplace(seg.storage_id, static_cast<std::uint32_t>(source_ids.size()));
+    ranges.push_back({seg.artifact_offset, seg.length, it->second, seg.storage_offset});
+  }
+  auto map = index::byte_range_map::from_sources(ranges, total_size, [&](std::size_t i) {
+    return "segment " + std::to_string(i) + " of storage '" + segments_[i].storage_id + "'";
+  });
+  if (!map) return tl::unexpected(with_context(std::move(map).error(), "cannot commit lease"));
+  return rebuilt;
+}
+
+result<lip_view> lip_tables::open_view(std::uint64_t total_size, std::int32_t owner_pid,
+                                       device_memory* devices) const {
+  for (std::size_t i = 0; i < segments_.size(); ++i) {
+    const auto& seg = segments_[i];
+    const std::string what = "cannot commit lease: segment " + std::to_string(i) + " of storage '" + seg.storage_id + "'";
+    auto it = storage_by_id_.find(seg.storage_id);
+    if (it == storage_by_id_.end()) return fail(errc::invalid_argument, what + " refers to a storage that was not fed");
+    const auto& entry = storages_[it->second].entry;
+    if (seg.length != entry.storage_length) {
+      return fail(errc::invalid_argument, what + " has length " + std::to_string(seg.length) +
+                                              ", not the storage_length " + std::to_string(entry.storage_length));
+    }
+    if (seg.storage_offset != 0) {
+      return fail(errc::invalid_argument, what + " has storage_offset " + std::to_string(seg.storage_offset) +
+                                              ": a segment must cover its whole storage");
+    }
+  }
+
+  lip_view view;
+  // Each distinct handle or region is opened once per commit (registration.md §5.2).
+  std::map<std::string, std::shared_ptr<const memory::byte_source>, std::less<>> opened;
+  auto source_of = [&](const lip_storage& s) -> result<std::shared_ptr<const memory::byte_source>> {
+    const auto& e = s.entry;
+    const std::uint64_t needed = e.mapping_base_offset + e.storage_length;  // bounded by region checks or below
+    if (const auto* host = std::get_if<host_storage_source>(&e.source)) {
+      if (!host->bytes) return fail(errc::invalid_argument, "cannot open storage '" + e.storage_id + "': no host bytes");
+      return host->bytes;
+    }
+    if (s.region && s.region->memory) return std::shared_ptr<const memory::byte_source>(s.region->memory);
+    std::string key;
+    std::string_view handle;
+    std::int32_t device = e.device_id;
+    if (s.region) {
+      key = "r:" + s.region->id;
+      handle = s.region->cuda_ipc_handle;
+      device = s.region->device_id;
+    } else {
+      const auto& ipc = std::get<cuda_ipc_source>(e.source);
+      key = "h:" + ipc.handle;
+      handle = ipc.handle;
+    }
+    if (auto found = opened.find(key); found != opened.end()) return found->second;
+    if (devices == nullptr) {
+      return fail(errc::failed_precondition, "cannot open storage '" + e.storage_id + "' on device " +
+                                                 std::to_string(device) +
+                                                 ": CUDA memory needs a GPU and this engine has none");
+    }
+    auto mapped = devices->open_ipc(owner_pid, device, handle, needed);
+    if (!mapped) return tl::unexpected(with_context(std::move(mapped).error(), "cannot open storage '" + e.storage_id + "'"));
+    opened.emplace(key, *mapped);
+    return *mapped;
+  };
+
+  std::vector<memory::segment> segments;
+  segments.reserve(segments_.size());
+  std::map<std::string, std::shared_ptr<const memory::byte_source>, std::less<>> by_storage;
+  for (const auto& seg : segments_) {
+    const auto& s = storages_[storage_by_id_.at(seg.storage_id)];
+    auto it = by_storage.find(seg.storage_id);
+    if (it == by_storage.end()) {
+      TENSORREG_TRY_ASSIGN(auto src, source_of(s));
+      it = by_storage.emplace(seg.storage_id, std::move(src)).first;
+      view.keep_alive.push_back(it->second);
+    }
+    segments.push_back({seg.artifact_offset, seg.length, it->second.get(),
+                        s.entry.mapping_base_offset + seg.storage_offset});
+  }
+  // Aliased segments (same bytes twice) are one range of the canonical buffer.
+  std::sort(segments.begin(), segments.end(), [](const auto& a, const auto& b) {
+    return a.offset != b.offset ? a.offset < b.offset : a.length > b.length;
+  });
+  std::vector<memory::segment> disjoint;
+  for (const auto& s : segments) {
+    if (!disjoint.empty() && s.offset < disjoint.back().offset + disjoint.back().length) {
+      // Same source and delta (checked in step 6): extend the previous one if needed.
+      auto& prev = disjoint.back();
+      const auto end = std::max(prev.offset + prev.length, s.offset + s.length);
+      prev.length = end - prev.offset;
+      continue;
+    }
+    disjoint.push_back(s);
+  }
+  auto assembled = memory::segmented_view::create(total_size, std::move(disjoint));
+  if (!assembled) return tl::unexpected(with_context(std::move(assembled).error(), "cannot commit lease"));
+  view.bytes = std::make_shared<const memory::segmented_view>(std::move(*assembled));
+  return view;
+}
+
+std::vector<std::string> lip_tables::region_ids() const {
+  std::vector<std::string> ids;
+  for (const auto& s : storages_) {
+    if (s.region) ids.push_back(s.region->id);
+  }
+  return ids;
+}
+
+}  // namespace tensorreg::registration::detail

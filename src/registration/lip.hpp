@@ -1,0 +1,75 @@
+// src/registration/lip.hpp — the lease-in-place tables of one pending registration and the
+// commit-time rules that turn them into a canonical index and a readable canonical buffer
+// (registration.md §2.3, §4.5, §5.1; DECISIONS §5.2–§5.6, §5.14).
+//
+// Private to the engine. Not thread-safe: the engine holds the registration's lock.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "tensorreg/index/canonical_index.hpp"
+#include "tensorreg/memory/segmented_view.hpp"
+#include "tensorreg/registration/device_memory.hpp"
+#include "tensorreg/registration/types.hpp"
+
+namespace tensorreg::registration::detail {
+
+/// A storage entry as fed, plus what the engine resolved for it at Feed time.
+struct lip_storage {
+  storage_entry entry;
+  /// Region-backed entries: the region taken (a reference is held until released).
+  std::optional<regions::region_info> region;
+};
+
+/// Everything a committed lease holds: the canonical buffer as a readable source, and the
+/// sources it reads from (kept alive by their shared_ptrs).
+struct lip_view {
+  std::shared_ptr<const memory::segmented_view> bytes;
+  std::vector<std::shared_ptr<const memory::byte_source>> keep_alive;
+};
+
+class lip_tables {
+ public:
+  /// Records storage entries (§4.3.7–8), taking a reference on the region of each
+  /// region-backed entry for `owner_pid`. All or nothing: on error no reference stays taken.
+  /// Errors: INVALID_ARGUMENT (no source, empty or duplicate storage_id), NOT_FOUND (unknown
+  /// region), FAILED_PRECONDITION (region kind/device mismatch, bounds, poisoned, retiring),
+  /// PERMISSION_DENIED (region owner).
+  [[nodiscard]] status add_storages(std::vector<storage_entry> entries, regions::region_registry& registry,
+                                    std::int32_t owner_pid);
+
+  /// Records aliases; duplicates are found at commit (§2.3).
+  void add_aliases(std::vector<tensor_alias> aliases);
+
+  /// Records segments. Errors: INVALID_ARGUMENT for an empty storage_id.
+  [[nodiscard]] status add_segments(std::vector<leased_segment> segments);
+
+  /// Commit steps 3–6 of §4.5: payload presence, the index rebuild and the segment rules.
+  /// Errors: FAILED_PRECONDITION (nothing fed), INVALID_ARGUMENT, OUT_OF_RANGE.
+  [[nodiscard]] result<index::canonical_index> rebuild_index(std::uint64_t total_size) const;
+
+  /// Commit step 7: per-segment rules, then the readable canonical buffer, opening device
+  /// mappings through `devices` (null: no GPU).
+  /// Errors: INVALID_ARGUMENT; FAILED_PRECONDITION (device memory without a GPU); whatever
+  /// opening a mapping returns.
+  [[nodiscard]] result<lip_view> open_view(std::uint64_t total_size, std::int32_t owner_pid,
+                                           device_memory* devices) const;
+
+  /// Region ids of every reference taken (one per region-backed entry).
+  [[nodiscard]] std::vector<std::string> region_ids() const;
+
+  [[nodiscard]] std::size_t storage_count() const noexcept { return storages_.size(); }
+
+ private:
+  std::vector<lip_storage> storages_;
+  std::unordered_map<std::string, std::size_t> storage_by_id_;
+  std::vector<tensor_alias> aliases_;
+  std::vector<leased_segment> segments_;
+};
+
+}  // namespace tensorreg::registration::detail

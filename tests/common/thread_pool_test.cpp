@@ -1,0 +1,142 @@
+#include "tensorreg/common/thread_pool.hpp"
+
+#include <catch2/catch.hpp>
+
+#include <atomic>
+#include <chrono>
+#include <latch>
+#include <mutex>
+#include <set>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace {
+
+using tensorreg::errc;
+using tensorreg::fail;
+using tensorreg::status;
+using tensorreg::thread_pool;
+
+}  // namespace
+
+TEST_CASE("thread_pool: parallel_for runs every index exactly once", "[common][thread_pool]") {
+  for (const unsigned threads : {0U, 1U, 3U, 8U}) {
+    thread_pool pool(threads);
+    CHECK(pool.size() == threads);
+    for (const std::size_t count : {0UL, 1UL, 2UL, 7UL, 1000UL}) {
+      std::vector<std::atomic<int>> hits(count);
+      const auto st = pool.parallel_for(count, [&](std::size_t i) -> status {
+        ++hits[i];
+        return {};
+      });
+      REQUIRE(st.has_value());
+      for (std::size_t i = 0; i < count; ++i) CHECK(hits[i] == 1);
+    }
+  }
+}
+
+TEST_CASE("thread_pool: work spreads over the workers and the caller", "[common][thread_pool]") {
+  thread_pool pool(3);
+  std::latch all_in(4);  // every index blocks until four threads hold one: needs 3 workers + caller
+  std::mutex mutex;
+  std::set<std::thread::id> seen;
+  const auto st = pool.parallel_for(4, [&](std::size_t) -> status {
+    {
+      std::lock_guard lock(mutex);
+      seen.insert(std::this_thread::get_id());
+    }
+    all_in.arrive_and_wait();
+    return {};
+  });
+  REQUIRE(st.has_value());
+  CHECK(seen.size() == 4);
+  CHECK(seen.count(std::this_thread::get_id()) == 1);
+}
+
+TEST_CASE("thread_pool: the first error stops new indices and is returned", "[common][thread_pool]") {
+  thread_pool pool(4);
+  std::atomic<std::size_t> ran{0};
+  const auto st = pool.parallel_for(100000, [&](std::size_t i) -> status {
+    ++ran;
+    if (i == 10) return fail(errc::data_loss, "cannot hash leaf 10: corrupt");
+    return {};
+  });
+  REQUIRE_FALSE(st.has_value());
+  CHECK(st.error().code == errc::data_loss);
+  CHECK(st.error().message == "cannot hash leaf 10: corrupt");
+  CHECK(ran < 100000);
+
+  // With no workers the caller stops at the error too.
+  thread_pool none(0);
+  std::size_t serial = 0;
+  const auto st0 = none.parallel_for(50, [&](std::size_t i) -> status {
+    ++serial;
+    if (i == 5) return fail(errc::internal, "cannot go on: index 5");
+    return {};
+  });
+  REQUIRE_FALSE(st0.has_value());
+  CHECK(st0.error().message == "cannot go on: index 5");
+  CHECK(serial == 6);
+}
+
+TEST_CASE("thread_pool: an exception is rethrown on the caller after the others finish",
+          "[common][thread_pool]") {
+  thread_pool pool(2);
+  std::atomic<int> in_flight{0};
+  CHECK_THROWS_WITH(pool.parallel_for(64,
+                                      [&](std::size_t i) -> status {
+                                        ++in_flight;
+                                        std::this_thread::sleep_for(std::chrono::microseconds(200));
+                                        --in_flight;
+                                        if (i == 3) throw std::runtime_error("boom at 3");
+                                        return {};
+                                      }),
+                    "boom at 3");
+  CHECK(in_flight == 0);
+}
+
+TEST_CASE("thread_pool: concurrent and nested parallel_for calls complete", "[common][thread_pool]") {
+  thread_pool pool(2);
+  std::atomic<std::size_t> total{0};
+  {
+    std::vector<std::jthread> callers;
+    for (int c = 0; c < 4; ++c) {
+      callers.emplace_back([&] {
+        for (int round = 0; round < 20; ++round) {
+          const auto st = pool.parallel_for(50, [&](std::size_t) -> status {
+            ++total;
+            return {};
+          });
+          if (!st) total += 1000000;
+        }
+      });
+    }
+  }
+  CHECK(total == 4 * 20 * 50);
+
+  // A job on the pool may itself call parallel_for: the caller always makes progress.
+  std::atomic<std::size_t> inner{0};
+  const auto st = pool.parallel_for(8, [&](std::size_t) -> status {
+    return pool.parallel_for(8, [&](std::size_t) -> status {
+      ++inner;
+      return {};
+    });
+  });
+  REQUIRE(st.has_value());
+  CHECK(inner == 64);
+}
+
+TEST_CASE("thread_pool: submitted jobs run before the pool is destroyed", "[common][thread_pool]") {
+  std::atomic<int> ran{0};
+  {
+    thread_pool pool(2);
+    for (int i = 0; i < 100; ++i) pool.submit([&] { ++ran; });
+  }
+  CHECK(ran == 100);
+
+  thread_pool none(0);
+  none.submit([&] { ++ran; });  // no workers: runs on the caller
+  CHECK(ran == 101);
+}

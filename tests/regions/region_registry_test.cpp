@@ -1,0 +1,260 @@
+#include "tensorreg/regions/region_registry.hpp"
+
+#include <catch2/catch.hpp>
+
+#include <thread>
+
+#include "support/fake_clock.hpp"
+
+namespace {
+
+using namespace tensorreg::regions;
+using tensorreg::errc;
+using tensorreg::error;
+using std::chrono::milliseconds;
+
+register_request managed_host(std::int32_t pid, std::uint64_t size = 4096, std::uint32_t ttl_ms = 0) {
+  register_request r;
+  r.kind = memory_kind::host_shared;
+  r.owner_pid = pid;
+  r.size_bytes = size;
+  r.ttl_ms = ttl_ms;
+  r.host_shared = host_shared_spec{"", true, host_shared_class::scratch};
+  return r;
+}
+
+register_request vram(std::int32_t pid, std::int32_t device) {
+  register_request r;
+  r.kind = memory_kind::vram;
+  r.owner_pid = pid;
+  r.size_bytes = 1 << 20;
+  r.device_id = device;
+  r.cuda_ipc_handle = std::string(64, '\x01');
+  return r;
+}
+
+}  // namespace
+
+TEST_CASE("region_registry: a daemon-managed HOST_SHARED region gets an id, a token and zeroed memory", "[regions][region_registry]") {
+  tensorreg::testing::fake_clock clock;
+  region_registry registry(clock);
+  auto info = registry.register_region(managed_host(42)).value();
+  CHECK(info.id.rfind("region:", 0) == 0);
+  CHECK(info.id.size() == 7 + 32);
+  CHECK(info.attach_token.rfind("region-attach:", 0) == 0);
+  CHECK(info.attach_token.size() == 14 + 32);
+  CHECK(info.device_id == -1);
+  REQUIRE(info.memory);
+  CHECK(info.memory->size() == 4096);
+  CHECK(info.memory->bytes()[4095] == std::byte{0});
+  CHECK_FALSE(info.expires_at);  // TTL 0: no expiry, lives until the owner exits
+}
+
+TEST_CASE("region_registry: a client memfd is adopted and its bytes are visible", "[regions][region_registry]") {
+  tensorreg::testing::fake_clock clock;
+  region_registry registry(clock);
+  auto client = tensorreg::memory::shared_memory::create(8192, "client").value();
+  client.mutable_bytes()[10] = std::byte{9};
+  auto r = managed_host(7, 8192);
+  r.host_shared->daemon_managed = false;
+  r.host_shared->attach_token = "client-token";
+  r.memfd = client.duplicate_fd().value();
+  auto info = registry.register_region(std::move(r)).value();
+  CHECK(info.attach_token == "client-token");
+  CHECK(info.memory->bytes()[10] == std::byte{9});
+}
+
+TEST_CASE("region_registry: register rejects each malformed request with its message", "[regions][region_registry]") {
+  tensorreg::testing::fake_clock clock;
+  region_registry registry(clock);
+  auto expect = [&](register_request r, errc code, const std::string& message) {
+    auto got = registry.register_region(std::move(r));
+    REQUIRE_FALSE(got);
+    CHECK(got.error() == error{code, message});
+  };
+  {
+    auto r = managed_host(1);
+    r.kind = memory_kind::unspecified;
+    expect(std::move(r), errc::invalid_argument, "cannot register region: memory_kind is unspecified");
+  }
+  expect(managed_host(0), errc::invalid_argument, "cannot register region: owner_pid is required (>0)");
+  expect(managed_host(1, 0), errc::invalid_argument, "cannot register region: size_bytes must be > 0");
+  expect(vram(1, -1), errc::invalid_argument, "cannot register region: VRAM needs device_id >= 0, got -1");
+  {
+    auto r = vram(1, 0);
+    r.cuda_ipc_handle.clear();
+    expect(std::move(r), errc::invalid_argument, "cannot register region: VRAM needs a cuda_ipc_handle");
+  }
+  {
+    auto r = managed_host(1);
+    r.host_shared->attach_token = "x";
+    expect(std::move(r), errc::invalid_argument, "cannot register region: a daemon-managed region takes no attach_token");
+  }
+  {
+    auto r = managed_host(1);
+    r.host_shared->daemon_managed = false;
+    expect(std::move(r), errc::invalid_argument,
+           "cannot register region: HOST_SHARED needs an attach_token unless daemon_managed");
+  }
+  {
+    auto r = managed_host(1);
+    r.host_shared->daemon_managed = false;
+    r.host_shared->attach_token = "t";
+    expect(std::move(r), errc::invalid_argument,
+           "cannot register region: HOST_SHARED needs the client's memfd unless daemon_managed");
+  }
+  {
+    auto r = managed_host(1);
+    r.host_shared.reset();
+    expect(std::move(r), errc::invalid_argument, "cannot register region: HOST_SHARED needs a host_shared spec");
+  }
+}
+
+TEST_CASE("region_registry: capacity is enforced with RESOURCE_EXHAUSTED", "[regions][region_registry]") {
+  tensorreg::testing::fake_clock clock;
+  region_registry registry(clock, {.capacity = 3});
+  for (int i = 0; i < 3; ++i) REQUIRE(registry.register_region(vram(1, 0)));
+  auto full = registry.register_region(vram(1, 0));
+  REQUIRE_FALSE(full);
+  CHECK(full.error() == error{errc::resource_exhausted, "cannot register region: the registry holds its capacity of 3 regions"});
+}
+
+TEST_CASE("region_registry: TTL is clamped to 10 minutes", "[regions][region_registry]") {
+  tensorreg::testing::fake_clock clock;
+  region_registry registry(clock);
+  auto r = vram(1, 0);
+  r.ttl_ms = 3'600'000;
+  auto info = registry.register_region(std::move(r)).value();
+  CHECK(info.ttl_ms == 600'000);
+  CHECK(*info.expires_at == clock.now() + milliseconds(600'000));
+}
+
+TEST_CASE("region_registry: acquire counts references, checks the owner and refreshes expiry", "[regions][region_registry]") {
+  tensorreg::testing::fake_clock clock;
+  region_registry registry(clock);
+  auto r = vram(5, 0);
+  r.ttl_ms = 1000;
+  const auto id = registry.register_region(std::move(r)).value().id;
+  clock.advance(milliseconds(900));
+  auto got = registry.acquire(id, 5).value();
+  CHECK(got.refs == 1);
+  CHECK(*got.expires_at == clock.now() + milliseconds(1000));
+  CHECK(registry.acquire(id, 0).value().refs == 2);  // 0: the engine acting for nobody in particular
+
+  auto wrong = registry.acquire(id, 6);
+  REQUIRE_FALSE(wrong);
+  CHECK(wrong.error() == error{errc::permission_denied, "cannot acquire region '" + id + "': owned by pid 5, not 6"});
+
+  auto missing = registry.acquire("region:nope", 5);
+  REQUIRE_FALSE(missing);
+  CHECK(missing.error() == error{errc::not_found, "cannot find region 'region:nope': no such region"});
+}
+
+TEST_CASE("region_registry: release below zero is FAILED_PRECONDITION", "[regions][region_registry]") {
+  tensorreg::testing::fake_clock clock;
+  region_registry registry(clock);
+  const auto id = registry.register_region(vram(5, 0)).value().id;
+  REQUIRE(registry.acquire(id, 5));
+  REQUIRE(registry.release(id));
+  auto below = registry.release(id);
+  REQUIRE_FALSE(below);
+  CHECK(below.error() == error{errc::failed_precondition, "cannot release region '" + id + "': no reference is held"});
+}
+
+TEST_CASE("region_registry: a reference blocks unregister unless forced; force retires the region", "[regions][region_registry]") {
+  tensorreg::testing::fake_clock clock;
+  region_registry registry(clock);
+  const auto id = registry.register_region(managed_host(5)).value().id;
+  auto held = registry.acquire(id, 5).value();
+
+  auto blocked = registry.unregister(id, 5, false);
+  REQUIRE_FALSE(blocked);
+  CHECK(blocked.error() ==
+        error{errc::failed_precondition, "cannot unregister region '" + id + "': 1 references are held (use force)"});
+
+  auto wrong_owner = registry.unregister(id, 6, true);
+  REQUIRE_FALSE(wrong_owner);
+  CHECK(wrong_owner.error().code == errc::permission_denied);
+
+  CHECK(registry.unregister(id, 5, true).value() == false);  // retiring, not yet gone
+  auto retiring = registry.acquire(id, 5);
+  REQUIRE_FALSE(retiring);
+  CHECK(retiring.error() == error{errc::failed_precondition, "cannot acquire region '" + id + "': region is retiring"});
+  CHECK(held.memory->size() == 4096);  // the holder's memory stays mapped
+  REQUIRE(registry.release(id));
+  CHECK(registry.find(id).error().code == errc::not_found);
+}
+
+TEST_CASE("region_registry: unregister without references removes the region", "[regions][region_registry]") {
+  tensorreg::testing::fake_clock clock;
+  region_registry registry(clock);
+  const auto id = registry.register_region(vram(5, 0)).value().id;
+  CHECK(registry.unregister(id, 5, false).value() == true);
+  CHECK(registry.unregister(id, 5, false).error().code == errc::not_found);
+}
+
+TEST_CASE("region_registry: poison blocks acquire", "[regions][region_registry]") {
+  tensorreg::testing::fake_clock clock;
+  region_registry registry(clock);
+  const auto id = registry.register_region(vram(5, 0)).value().id;
+  REQUIRE(registry.poison(id, "device lost"));
+  auto got = registry.acquire(id, 5);
+  REQUIRE_FALSE(got);
+  CHECK(got.error() == error{errc::failed_precondition, "cannot acquire region '" + id + "': region is poisoned: device lost"});
+}
+
+TEST_CASE("region_registry: sweep expires idle regions and renews referenced ones", "[regions][region_registry]") {
+  tensorreg::testing::fake_clock clock;
+  region_registry registry(clock);
+  auto idle_req = vram(5, 0);
+  idle_req.ttl_ms = 100;
+  auto used_req = vram(5, 0);
+  used_req.ttl_ms = 100;
+  const auto idle = registry.register_region(std::move(idle_req)).value().id;
+  const auto used = registry.register_region(std::move(used_req)).value().id;
+  const auto forever = registry.register_region(vram(5, 0)).value().id;
+  REQUIRE(registry.acquire(used, 5));
+
+  clock.advance(milliseconds(99));
+  CHECK(registry.sweep().empty());
+  clock.advance(milliseconds(1));
+  CHECK(registry.sweep() == std::vector<std::string>{idle});
+  CHECK(*registry.find(used).value().expires_at == clock.now() + milliseconds(100));
+  clock.advance(std::chrono::hours(24));
+  REQUIRE(registry.release(used));
+  CHECK(registry.sweep() == std::vector<std::string>{used});
+  CHECK(registry.find(forever));
+}
+
+TEST_CASE("region_registry: owner exit removes all of that pid's regions", "[regions][region_registry]") {
+  tensorreg::testing::fake_clock clock;
+  region_registry registry(clock);
+  const auto a = registry.register_region(vram(5, 0)).value().id;
+  const auto b = registry.register_region(managed_host(5)).value().id;
+  const auto other = registry.register_region(vram(6, 0)).value().id;
+  REQUIRE(registry.acquire(a, 5));
+  auto removed = registry.release_owner(5);
+  std::sort(removed.begin(), removed.end());
+  std::vector<std::string> expected{a, b};
+  std::sort(expected.begin(), expected.end());
+  CHECK(removed == expected);
+  CHECK(registry.size() == 1);
+  CHECK(registry.find(other));
+}
+
+TEST_CASE("region_registry: concurrent acquire and release keep the count exact", "[regions][region_registry][concurrency]") {
+  tensorreg::testing::fake_clock clock;
+  region_registry registry(clock);
+  const auto id = registry.register_region(vram(5, 0)).value().id;
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&] {
+      for (int i = 0; i < 500; ++i) {
+        if (registry.acquire(id, 5)) (void)registry.release(id);
+        (void)registry.sweep();
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  CHECK(registry.find(id).value().refs == 0);
+}
