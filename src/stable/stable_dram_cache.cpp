@@ -103,7 +103,8 @@ result<admit_outcome> stable_dram_cache::admit(std::string_view key, std::uint64
   if (!replica) return fail(errc::invalid_argument, prefix + "no replica was given");
   if (size_bytes == 0) return fail(errc::invalid_argument, prefix + "size must be > 0");
   if (replica->size() < size_bytes) {
-    return fail(errc::invalid_argument, prefix + "the replica holds only " + std::to_string(replica->size()) + " bytes");
+    return fail(errc::invalid_argument,
+                prefix + "the replica holds only " + std::to_string(replica->size()) + " bytes");
   }
   if (static_cast<std::int32_t>(policy.retention) < 0 || policy.retention > retention::pinned) {
     return fail(errc::invalid_argument,
@@ -148,8 +149,8 @@ result<admit_outcome> stable_dram_cache::admit(std::string_view key, std::uint64
     const bool spilling = ovf == overflow::spill;
     // 2. Larger than the whole budget.
     if (budget_ > 0 && size_bytes > budget_) {
-      std::string reason = std::to_string(size_bytes) + " bytes exceed the stable budget of " +
-                           std::to_string(budget_) + " bytes";
+      std::string reason =
+          std::to_string(size_bytes) + " bytes exceed the stable budget of " + std::to_string(budget_) + " bytes";
       if (policy.required) return fail(errc::resource_exhausted, prefix + reason);
       outcome.skip_reason = std::move(reason);
       return outcome;
@@ -163,8 +164,9 @@ result<admit_outcome> stable_dram_cache::admit(std::string_view key, std::uint64
       if (ovf != overflow::reject) {
         if (spilling && !hooks_.has_durable_copy) {
           return fail(errc::resource_exhausted,
-                      prefix + "stable cache spill blocked: no durable store is configured, so no entry has a "
-                               "durable copy to fall back on");
+                      prefix +
+                          "stable cache spill blocked: no durable store is configured, so no entry has a "
+                          "durable copy to fall back on");
         }
         const eviction_path path = spilling ? eviction_path::spill : eviction_path::evict;
         std::uint64_t evictable = 0;
@@ -173,9 +175,9 @@ result<admit_outcome> stable_dram_cache::admit(std::string_view key, std::uint64
           evict_locked(*victims, spilling ? eviction_reason::spill : eviction_reason::capacity, report, drop);
           for (const auto& e : report) outcome.evicted.push_back(e.key);
         } else if (spilling) {
-          return fail(errc::resource_exhausted,
-                      prefix + "could not free enough bytes: need " + std::to_string(need) + " more, " +
-                          std::to_string(evictable) + " held by entries with a durable copy that may be spilled");
+          return fail(errc::resource_exhausted, prefix + "could not free enough bytes: need " + std::to_string(need) +
+                                                    " more, " + std::to_string(evictable) +
+                                                    " held by entries with a durable copy that may be spilled");
         }
       }
       // 4. Still short.
@@ -262,10 +264,10 @@ result<std::uint64_t> stable_dram_cache::preempt_for_export(std::uint64_t bytes)
     std::uint64_t evictable = 0;
     const auto victims = plan_victims_locked(need, eviction_path::preempt, clock_.now(), &evictable);
     if (!victims) {
-      return fail(errc::resource_exhausted,
-                  "cannot preempt the stable dram cache for an export of " + std::to_string(bytes) +
-                      " bytes: " + std::to_string(free_bytes) + " of " + std::to_string(budget_) + " free and " +
-                      std::to_string(evictable) + " held by entries that are not required");
+      return fail(errc::resource_exhausted, "cannot preempt the stable dram cache for an export of " +
+                                                std::to_string(bytes) + " bytes: " + std::to_string(free_bytes) +
+                                                " of " + std::to_string(budget_) + " free and " +
+                                                std::to_string(evictable) + " held by entries that are not required");
     }
     evict_locked(*victims, eviction_reason::preempt, report, drop);
     for (const auto& e : report) freed += e.size_bytes;

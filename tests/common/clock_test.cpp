@@ -1,11 +1,10 @@
 #include "tensorreg/common/clock.hpp"
 
 #include <atomic>
+#include <catch2/catch.hpp>
 #include <chrono>
 #include <thread>
 #include <vector>
-
-#include <catch2/catch.hpp>
 
 #include "support/fake_clock.hpp"
 

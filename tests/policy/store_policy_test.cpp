@@ -237,8 +237,7 @@ TEST_CASE("store_policy: levels combine by max and the highest level's retention
   CHECK_FALSE(r->cache->require_shared_disk_for_spill);  // disk is should, not must
 }
 
-TEST_CASE("store_policy: within one level the higher retention rank and the longer ttl win",
-          "[policy][store_policy]") {
+TEST_CASE("store_policy: within one level the higher retention rank and the longer ttl win", "[policy][store_policy]") {
   store_policy p;
   p.should.push_back(spec(tier::stable_dram, scope::local, retention::best_effort));
   p.should.push_back(spec(tier::stable_dram, scope::local, retention::ttl, 1000));

@@ -1,12 +1,11 @@
 #include "tensorreg/stable/stable_dram_cache.hpp"
 
 #include <atomic>
+#include <catch2/catch.hpp>
 #include <chrono>
 #include <string>
 #include <thread>
 #include <vector>
-
-#include <catch2/catch.hpp>
 
 #include "support/fake_clock.hpp"
 
@@ -261,7 +260,8 @@ TEST_CASE("stable_dram_cache: a required entry larger than the budget is resourc
           "[stable][stable_dram_cache]") {
   fake_clock clk;
   stable_dram_cache cache(kChunk, clk);
-  const auto r = cache.admit("big", kChunk + 1, replica(kChunk + 1), make_policy(retention::pinned, overflow::evict, true));
+  const auto r =
+      cache.admit("big", kChunk + 1, replica(kChunk + 1), make_policy(retention::pinned, overflow::evict, true));
   REQUIRE_FALSE(r.has_value());
   CHECK(r.error().code == errc::resource_exhausted);
   CHECK(r.error().message ==
@@ -299,7 +299,8 @@ TEST_CASE("stable_dram_cache: a failed admission evicts nothing", "[stable][stab
   REQUIRE(cache.admit("loose", kChunk, replica(), kBestEffortEvict).has_value());
   REQUIRE(cache.admit("pinned", kChunk, replica(), make_policy(retention::pinned, overflow::evict)).has_value());
   // Needs 128 bytes free; only 64 can be evicted, so nothing is.
-  const auto r = cache.admit("wide", kChunk * 2, replica(kChunk * 2), make_policy(retention::pinned, overflow::evict, true));
+  const auto r =
+      cache.admit("wide", kChunk * 2, replica(kChunk * 2), make_policy(retention::pinned, overflow::evict, true));
   REQUIRE_FALSE(r.has_value());
   CHECK(r.error().code == errc::resource_exhausted);
   CHECK(cache.contains("loose"));
@@ -338,7 +339,8 @@ TEST_CASE("stable_dram_cache: a budget of 0 is unlimited", "[stable][stable_dram
   fake_clock clk;
   stable_dram_cache cache(0, clk);
   for (int i = 0; i < 100; ++i) {
-    const auto r = cache.admit("k" + std::to_string(i), 1 << 20, replica(1 << 20), make_policy(retention::pinned, overflow::reject, true));
+    const auto r = cache.admit("k" + std::to_string(i), 1 << 20, replica(1 << 20),
+                               make_policy(retention::pinned, overflow::reject, true));
     REQUIRE(r.has_value());
     CHECK(r->admitted);
   }
@@ -390,9 +392,11 @@ TEST_CASE("stable_dram_cache: preempt_for_export ignores retention but keeps req
   cache_hooks hooks;
   hooks.on_evict = [&](const evicted_entry& e) { seen.push_back(e); };
   stable_dram_cache cache(kChunk * 4, clk, hooks);
-  REQUIRE(cache.admit("required", kChunk, replica(), make_policy(retention::pinned, overflow::evict, true)).has_value());
+  REQUIRE(
+      cache.admit("required", kChunk, replica(), make_policy(retention::pinned, overflow::evict, true)).has_value());
   REQUIRE(cache.admit("pinned", kChunk, replica(), make_policy(retention::pinned, overflow::evict)).has_value());
-  REQUIRE(cache.admit("ttl", kChunk, replica(), make_policy(retention::ttl, overflow::evict, false, 60'000)).has_value());
+  REQUIRE(
+      cache.admit("ttl", kChunk, replica(), make_policy(retention::ttl, overflow::evict, false, 60'000)).has_value());
 
   CHECK(cache.preempt_for_export(kChunk).value() == 0);  // 64 already free
   const auto freed = cache.preempt_for_export(kChunk * 3);
@@ -410,7 +414,8 @@ TEST_CASE("stable_dram_cache: preempt_for_export fails without evicting when req
           "[stable][stable_dram_cache]") {
   fake_clock clk;
   stable_dram_cache cache(kChunk * 2, clk);
-  REQUIRE(cache.admit("required", kChunk, replica(), make_policy(retention::pinned, overflow::evict, true)).has_value());
+  REQUIRE(
+      cache.admit("required", kChunk, replica(), make_policy(retention::pinned, overflow::evict, true)).has_value());
   REQUIRE(cache.admit("loose", kChunk, replica(), kBestEffortEvict).has_value());
   const auto r = cache.preempt_for_export(kChunk * 2);
   REQUIRE_FALSE(r.has_value());
@@ -479,7 +484,8 @@ TEST_CASE("stable_dram_cache: rejects retention ttl without a ttl", "[stable][st
   const auto r = cache.admit("a", kChunk, replica(), make_policy(retention::ttl, overflow::evict, false, 0));
   REQUIRE_FALSE(r.has_value());
   CHECK(r.error().code == errc::invalid_argument);
-  CHECK(r.error().message == "cannot admit 'a' (64 bytes) to the stable dram cache: retention ttl requires ttl_ms > 0, got 0");
+  CHECK(r.error().message ==
+        "cannot admit 'a' (64 bytes) to the stable dram cache: retention ttl requires ttl_ms > 0, got 0");
 }
 
 TEST_CASE("stable_dram_cache: rejects an unknown overflow value", "[stable][stable_dram_cache]") {

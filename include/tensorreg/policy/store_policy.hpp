@@ -85,9 +85,9 @@ struct cache_policy {
   policy::retention retention = policy::retention::best_effort;  ///< Never unspecified.
   std::optional<std::uint64_t> ttl_ms;                           ///< Set iff retention is ttl; > 0.
   policy::overflow overflow = policy::overflow::evict;           ///< Never unspecified.
-  bool required = false;                         ///< The local stable tier is must.
-  bool require_shared_disk_for_spill = false;    ///< The shared-disk tier is must.
-  bool require_remote_stable_for_spill = false;  ///< The remote stable tier is must.
+  bool required = false;                                         ///< The local stable tier is must.
+  bool require_shared_disk_for_spill = false;                    ///< The shared-disk tier is must.
+  bool require_remote_stable_for_spill = false;                  ///< The remote stable tier is must.
 
   friend bool operator==(const cache_policy&, const cache_policy&) = default;
 };

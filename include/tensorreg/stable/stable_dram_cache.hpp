@@ -58,9 +58,9 @@ struct evicted_entry {
 
 /// The result of an admission that did not fail.
 struct admit_outcome {
-  bool admitted = false;  ///< The key is cached now (true for upgrades too).
-  bool upgraded = false;  ///< The key was already cached; its policy was merged (nothing evicted).
-  std::string skip_reason;  ///< Why the entry was not cached; non-empty iff !admitted.
+  bool admitted = false;             ///< The key is cached now (true for upgrades too).
+  bool upgraded = false;             ///< The key was already cached; its policy was merged (nothing evicted).
+  std::string skip_reason;           ///< Why the entry was not cached; non-empty iff !admitted.
   std::vector<std::string> evicted;  ///< Keys evicted to make room, least recently used first.
 };
 

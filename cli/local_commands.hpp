@@ -1,0 +1,15 @@
+// cli/local_commands.hpp — `tensorreg` commands that need no daemon: digest, index FILES.
+#pragma once
+
+#include <string>
+#include <vector>
+
+namespace tensorreg::cli {
+
+/// `digest --index FILE [--data FILE | --zeros N] [--raw] [--threads N]`. Returns the exit code.
+int run_digest(const std::vector<std::string>& args);
+
+/// `index FILES.safetensors... [--threads N]`. Returns the exit code.
+int run_index_files(const std::vector<std::string>& args);
+
+}  // namespace tensorreg::cli
