@@ -10,7 +10,6 @@
 
 namespace {
 
-using Catch::Matchers::Contains;
 using tensorreg::errc;
 using tensorreg::index::canonical_index;
 using tensorreg::index::entry;

@@ -12,7 +12,6 @@
 
 namespace {
 
-using Catch::Matchers::Contains;
 using tensorreg::errc;
 using tensorreg::index::coalesce;
 using tensorreg::index::parse_safetensors_header;

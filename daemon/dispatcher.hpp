@@ -1,0 +1,84 @@
+// daemon/dispatcher.hpp — one request frame in, zero or one response frame out.
+//
+// The dispatcher is the only part of tensorregd that sees both the wire messages (protobuf,
+// docs/wire-format.md) and the library's types: it parses a Request envelope, applies the
+// owner_pid rule of DECISIONS §4 with the peer's credentials, calls the registration engine,
+// and serialises the Response. It has no asio and no sockets, so it is tested directly.
+//
+// Feed streams: frames of one request_id accumulate in the connection's context; the
+// end-of-stream frame gets the one answer. An error mid-stream is answered at once and later
+// frames of that stream are ignored.
+//
+// Thread-safety: handle() may run concurrently for different connections; one connection's
+// frames must be handled one at a time, in order (the server runs each session's frames on a
+// strand). Ownership: the dispatcher borrows the engine, which must outlive it.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "tensorreg/common/unique_fd.hpp"
+#include "tensorreg/registration/engine.hpp"
+#include "unix_socket.hpp"
+
+namespace tensorreg::daemon {
+
+struct dispatcher_options {
+  /// DECISIONS §4: accept an owner_pid other than the peer's pid from root or the daemon's own
+  /// uid (clients behind a PID-namespace boundary).
+  bool trust_client_pids = false;
+  uid_t daemon_uid = 0;
+  std::string socket_path;             ///< reported by GetServerConfig
+  std::uint32_t max_frame_bytes = 64u << 20;
+};
+
+/// A frame's payload (one serialised envelope) and the fds that arrived with it.
+struct frame_in {
+  std::string payload;
+  std::vector<unique_fd> fds;
+};
+
+/// A serialised Response envelope and the fds to send with it.
+struct frame_out {
+  std::string payload;
+  std::vector<unique_fd> fds;
+};
+
+class dispatcher {
+ public:
+  class connection;  ///< per-connection state (open feed streams); defined in dispatcher.cpp
+  /// Deletes a connection where its type is complete (dispatcher.cpp), so that holders such as
+  /// the server's sessions need not see it.
+  struct connection_deleter {
+    void operator()(connection* c) const noexcept;
+  };
+  using connection_ptr = std::unique_ptr<connection, connection_deleter>;
+
+  dispatcher(registration::engine& engine, dispatcher_options options);
+  ~dispatcher();
+  dispatcher(const dispatcher&) = delete;
+  dispatcher& operator=(const dispatcher&) = delete;
+
+  [[nodiscard]] connection_ptr open_connection(const peer_credentials& peer);
+
+  /// Handles one request frame. Returns no response for a Feed frame that does not end its
+  /// stream (and is not the first error of its stream).
+  [[nodiscard]] std::optional<frame_out> handle(connection& conn, frame_in frame);
+
+  /// A Response with request_id 0 and `e` as its status, for a frame that could not be read at
+  /// all (too long: the session then closes the connection).
+  [[nodiscard]] frame_out reject(const error& e) const;
+
+  /// Tells the dispatcher the connection is gone (open streams are dropped; their
+  /// registrations stay abortable and expire by TTL).
+  void close_connection(connection& conn);
+
+ private:
+  struct impl;
+  std::unique_ptr<impl> impl_;
+};
+
+}  // namespace tensorreg::daemon

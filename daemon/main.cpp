@@ -1,0 +1,131 @@
+// tensorregd — the tensorreg daemon: a thin shell over the registration engine.
+//
+// Parses options, creates the engine, binds the socket (server::create), prints "ready" only
+// once the socket accepts connections, and serves until SIGINT/SIGTERM. Exit codes: 0 after a
+// clean shutdown, 1 when it cannot start (another daemon live on the socket, bad directory),
+// 2 for bad options.
+#include <fmt/core.h>
+#include <unistd.h>
+
+#include <charconv>
+#include <cstdio>
+#include <exception>
+#include <string>
+#include <vector>
+
+#include "dispatcher.hpp"
+#include "server.hpp"
+#include "tensorreg/registration/engine.hpp"
+#include "unix_socket.hpp"
+
+namespace {
+
+constexpr const char* kUsage =
+    "usage: tensorregd [options]\n"
+    "  --socket PATH            listen here (default $XDG_RUNTIME_DIR/tensorreg/tensorregd.sock,\n"
+    "                           else /tmp/tensorreg-$UID/tensorregd.sock)\n"
+    "  --stable-bytes N         stable DRAM cache budget in bytes (0 = unlimited; default 0)\n"
+    "  --persist-dir DIR        where persistence writes artifacts (persistence: not yet)\n"
+    "  --max-frame-bytes N      largest frame accepted (default 67108864)\n"
+    "  --max-sessions N         most concurrent connections (default 1024)\n"
+    "  --workers N              request worker threads (default: one per core)\n"
+    "  --log-level LEVEL        error|warn|info|debug (default info)\n"
+    "  --trust-client-pids      accept owner_pid other than the peer's from root or our uid\n";
+
+struct options {
+  std::string socket;
+  std::uint64_t stable_bytes = 0;
+  std::string persist_dir;
+  std::uint32_t max_frame_bytes = 64u << 20;
+  std::size_t max_sessions = 1024;
+  unsigned workers = 0;
+  std::string log_level = "info";
+  bool trust_client_pids = false;
+};
+
+template <typename T>
+bool parse_number(const std::string& text, T& out) {
+  const auto* end = text.data() + text.size();
+  auto [ptr, ec] = std::from_chars(text.data(), end, out);
+  return ec == std::errc{} && ptr == end && !text.empty();
+}
+
+// Returns the exit code on error (2), or -1 to go on.
+int parse_options(const std::vector<std::string>& args, options& o) {
+  for (std::size_t i = 0; i < args.size(); ++i) {
+    const auto& a = args[i];
+    auto value = [&]() -> const std::string* { return i + 1 < args.size() ? &args[++i] : nullptr; };
+    auto bad = [&](const std::string& why) {
+      fmt::print(stderr, "tensorregd: {}\n{}", why, kUsage);
+      return 2;
+    };
+    if (a == "--help" || a == "-h") {
+      fmt::print("{}", kUsage);
+      return 0;
+    } else if (a == "--trust-client-pids") {
+      o.trust_client_pids = true;
+    } else if (a == "--socket" || a == "--persist-dir" || a == "--log-level") {
+      const auto* v = value();
+      if (v == nullptr) return bad(a + " needs a value");
+      (a == "--socket" ? o.socket : a == "--persist-dir" ? o.persist_dir : o.log_level) = *v;
+      if (a == "--log-level" && *v != "error" && *v != "warn" && *v != "info" && *v != "debug") {
+        return bad("--log-level must be error, warn, info or debug, got '" + *v + "'");
+      }
+    } else if (a == "--stable-bytes" || a == "--max-frame-bytes" || a == "--max-sessions" || a == "--workers") {
+      const auto* v = value();
+      if (v == nullptr) return bad(a + " needs a value");
+      bool ok = a == "--stable-bytes"      ? parse_number(*v, o.stable_bytes)
+                : a == "--max-frame-bytes" ? parse_number(*v, o.max_frame_bytes) && o.max_frame_bytes > 0
+                : a == "--max-sessions"    ? parse_number(*v, o.max_sessions) && o.max_sessions > 0
+                                           : parse_number(*v, o.workers);
+      if (!ok) return bad(a + " needs a positive number, got '" + *v + "'");
+    } else {
+      return bad("unknown option '" + a + "'");
+    }
+  }
+  return -1;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) try {
+  options o;
+  if (int rc = parse_options(std::vector<std::string>(argv + 1, argv + argc), o); rc >= 0) return rc;
+  if (o.socket.empty()) o.socket = tensorreg::daemon::default_socket_path();
+
+  tensorreg::registration::engine_options eo;
+  eo.stable_bytes = o.stable_bytes;
+  auto engine = tensorreg::registration::engine::create(eo);
+  if (!engine) {
+    fmt::print(stderr, "tensorregd: {}\n", engine.error().message);
+    return 1;
+  }
+  tensorreg::daemon::dispatcher_options d;
+  d.trust_client_pids = o.trust_client_pids;
+  d.daemon_uid = ::getuid();
+  d.socket_path = o.socket;
+  d.max_frame_bytes = o.max_frame_bytes;
+  tensorreg::daemon::dispatcher dispatch(**engine, d);
+
+  tensorreg::daemon::server_options so;
+  so.socket_path = o.socket;
+  so.max_frame_bytes = o.max_frame_bytes;
+  so.max_sessions = o.max_sessions;
+  so.workers = o.workers;
+  auto srv = tensorreg::daemon::server::create(so, dispatch);
+  if (!srv) {
+    fmt::print(stderr, "tensorregd: {}\n", srv.error().message);
+    return 1;
+  }
+  // Only now can a client connect: say so (scripts wait for this line).
+  fmt::print("tensorregd: ready on {} (pid {})\n", o.socket, ::getpid());
+  std::fflush(stdout);
+  const auto sessions = (*srv)->run();
+  if (o.log_level != "error" && o.log_level != "warn") {
+    fmt::print(stderr, "tensorregd: stopped after {} sessions\n", sessions);
+  }
+  return 0;
+} catch (const std::exception& e) {
+  fmt::print(stderr, "tensorregd: {}\n", e.what());
+  return 1;
+}

@@ -1,0 +1,228 @@
+#include "server.hpp"
+
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <asio.hpp>
+#include <cerrno>
+#include <csignal>
+#include <cstring>
+#include <filesystem>
+#include <list>
+#include <thread>
+
+#include "framing.hpp"
+#include "unix_socket.hpp"
+
+namespace tensorreg::daemon {
+namespace {
+
+using stream = asio::local::stream_protocol;
+
+// Frames are read in chunks of this size; a frame's payload grows only as its bytes arrive.
+constexpr std::size_t kReadChunk = 64 * 1024;
+
+}  // namespace
+
+// One client connection: reads frames, hands each to the dispatcher on the worker pool, writes
+// the answer. Frames of one connection are handled strictly in order, one at a time.
+class session : public std::enable_shared_from_this<session> {
+ public:
+  session(stream::socket socket, dispatcher& dispatch, asio::thread_pool& workers, std::uint32_t max_frame_bytes)
+      : socket_(std::move(socket)), dispatch_(dispatch), workers_(workers), decoder_(max_frame_bytes) {}
+
+  asio::awaitable<void> run() {
+    auto self = shared_from_this();
+    auto peer = peer_of(socket_.native_handle());
+    if (!peer) co_return;
+    connection_ = dispatch_.open_connection(*peer);
+    socket_.native_non_blocking(true);
+    std::vector<std::byte> buffer(kReadChunk);
+    std::vector<unique_fd> next_frame_fds;  // fds that arrived with the next frame's first byte
+    while (!stopping_) {
+      asio::error_code ec;
+      co_await socket_.async_wait(stream::socket::wait_read, asio::redirect_error(asio::use_awaitable, ec));
+      if (ec || stopping_) break;
+      auto got = receive_some(socket_.native_handle(), buffer);
+      if (!got) break;
+      if (got->would_block) continue;
+      if (got->bytes == 0) break;  // peer closed
+      // SCM_RIGHTS ride on the sendmsg that carries a frame's first byte (DECISIONS §4.1).
+      for (auto& fd : got->fds) next_frame_fds.push_back(std::move(fd));
+      if (!decoder_.feed(std::span<const std::byte>(buffer.data(), got->bytes))) {
+        // Too long or malformed: answer if we can, then close this connection only.
+        co_await write(dispatch_.reject(decoder_.failure()));
+        break;
+      }
+      while (auto frame = decoder_.next()) {
+        frame_in in{std::move(frame->payload), std::move(next_frame_fds)};
+        next_frame_fds.clear();
+        auto out = co_await asio::co_spawn(
+            workers_.get_executor(),
+            [this, in = std::move(in)]() mutable -> asio::awaitable<std::optional<frame_out>> {
+              co_return dispatch_.handle(*connection_, std::move(in));
+            },
+            asio::use_awaitable);
+        if (out && !co_await write(std::move(*out))) {
+          stopping_ = true;
+          break;
+        }
+      }
+    }
+    dispatch_.close_connection(*connection_);
+    asio::error_code ignored;
+    socket_.shutdown(stream::socket::shutdown_both, ignored);
+    socket_.close(ignored);
+  }
+
+  // Stops reading; the request being handled (if any) still gets its answer.
+  void stop() {
+    stopping_ = true;
+    asio::error_code ignored;
+    socket_.cancel(ignored);
+  }
+
+ private:
+  asio::awaitable<bool> write(frame_out out) {
+    auto framed = encode_frame(out.payload, std::numeric_limits<std::uint32_t>::max());
+    if (!framed) co_return false;
+    std::vector<int> fds;
+    for (const auto& fd : out.fds) fds.push_back(fd.get());
+    std::span<const std::byte> bytes(reinterpret_cast<const std::byte*>(framed->data()), framed->size());
+    // send_all polls when the socket is full; answers are small except index bytes, so the
+    // I/O thread is not held long. Large answers wait for writability without blocking.
+    while (!bytes.empty()) {
+      asio::error_code ec;
+      co_await socket_.async_wait(stream::socket::wait_write, asio::redirect_error(asio::use_awaitable, ec));
+      if (ec) co_return false;
+      auto sent = send_all(socket_.native_handle(), bytes, fds);
+      if (!sent) co_return false;
+      bytes = {};
+    }
+    co_return true;
+  }
+
+  stream::socket socket_;
+  dispatcher& dispatch_;
+  asio::thread_pool& workers_;
+  frame_decoder decoder_;
+  dispatcher::connection_ptr connection_;
+  bool stopping_ = false;
+};
+
+struct server::impl {
+  server_options options;
+  dispatcher& dispatch;
+  asio::io_context io{1};
+  stream::acceptor acceptor{io};
+  asio::signal_set signals{io, SIGINT, SIGTERM};
+  asio::thread_pool workers;
+  std::list<std::weak_ptr<session>> sessions;
+  std::size_t served = 0;
+  bool stopping = false;
+
+  impl(server_options o, dispatcher& d)
+      : options(std::move(o)), dispatch(d),
+        workers(options.workers != 0 ? options.workers : std::max(2u, std::thread::hardware_concurrency())) {}
+
+  asio::awaitable<void> accept_loop() {
+    while (!stopping) {
+      asio::error_code ec;
+      stream::socket socket = co_await acceptor.async_accept(asio::redirect_error(asio::use_awaitable, ec));
+      if (ec) {
+        if (stopping || ec == asio::error::operation_aborted) break;
+        continue;
+      }
+      std::erase_if(sessions, [](const auto& w) { return w.expired(); });
+      auto s = std::make_shared<session>(std::move(socket), dispatch, workers, options.max_frame_bytes);
+      if (sessions.size() >= options.max_sessions) {
+        // Over the limit: one RESOURCE_EXHAUSTED answer, then the connection closes.
+        auto out = dispatch.reject(error{errc::resource_exhausted, "cannot accept connection: the daemon serves its "
+                                                                   "maximum of " +
+                                                                       std::to_string(options.max_sessions) + " sessions"});
+        auto framed = encode_frame(out.payload, std::numeric_limits<std::uint32_t>::max());
+        (void)send_all(s_native(*s), std::span<const std::byte>(reinterpret_cast<const std::byte*>(framed->data()),
+                                                                 framed->size()), {});
+        continue;
+      }
+      ++served;
+      sessions.push_back(s);
+      asio::co_spawn(io, s->run(), asio::detached);
+    }
+  }
+
+  static int s_native(session&) { return -1; }
+
+  void shutdown() {
+    if (stopping) return;
+    stopping = true;
+    asio::error_code ignored;
+    acceptor.close(ignored);
+    signals.cancel(ignored);
+    for (auto& w : sessions) {
+      if (auto s = w.lock()) s->stop();
+    }
+    ::unlink(options.socket_path.c_str());
+  }
+};
+
+server::server(std::unique_ptr<impl> i) noexcept : impl_(std::move(i)) {}
+server::~server() {
+  impl_->workers.join();
+}
+
+result<std::unique_ptr<server>> server::create(server_options options, dispatcher& dispatch) {
+  namespace fs = std::filesystem;
+  const fs::path path = options.socket_path;
+  if (path.native().size() >= sizeof(sockaddr_un{}.sun_path)) {
+    return fail(errc::invalid_argument, "cannot listen on '" + options.socket_path + "': the path is too long");
+  }
+  // The socket directory is private to the daemon's user (DECISIONS §4).
+  const auto dir = path.parent_path();
+  std::error_code fs_error;
+  if (!dir.empty() && !fs::exists(dir)) {
+    fs::create_directories(dir, fs_error);
+    if (fs_error) {
+      return fail(errc::unavailable, "cannot create socket directory '" + dir.string() + "': " + fs_error.message());
+    }
+    ::chmod(dir.c_str(), 0700);
+  }
+  // A live daemon answers connect(); a stale file from a crashed one does not.
+  if (fs::exists(path)) {
+    if (connect_unix(options.socket_path)) {
+      return fail(errc::failed_precondition, "cannot listen on '" + options.socket_path +
+                                                 "': another tensorregd is already serving it");
+    }
+    ::unlink(options.socket_path.c_str());
+  }
+  auto i = std::make_unique<impl>(std::move(options), dispatch);
+  asio::error_code ec;
+  i->acceptor.open(stream(), ec);
+  if (!ec) i->acceptor.bind(stream::endpoint(i->options.socket_path), ec);
+  if (!ec) ::chmod(i->options.socket_path.c_str(), 0660);
+  if (!ec) i->acceptor.listen(asio::socket_base::max_listen_connections, ec);
+  if (ec) {
+    const auto code = ec == asio::error::access_denied ? errc::permission_denied : errc::unavailable;
+    return fail(code, "cannot listen on '" + i->options.socket_path + "': " + ec.message());
+  }
+  return std::unique_ptr<server>(new server(std::move(i)));
+}
+
+std::size_t server::run() {
+  auto& i = *impl_;
+  i.signals.async_wait([&i](const asio::error_code& ec, int) {
+    if (!ec) i.shutdown();
+  });
+  asio::co_spawn(i.io, i.accept_loop(), asio::detached);
+  i.io.run();
+  i.workers.join();
+  return i.served;
+}
+
+void server::stop() {
+  asio::post(impl_->io, [i = impl_.get()] { i->shutdown(); });
+}
+
+const std::string& server::socket_path() const noexcept { return impl_->options.socket_path; }
+
+}  // namespace tensorreg::daemon

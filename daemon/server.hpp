@@ -1,0 +1,61 @@
+// daemon/server.hpp — tensorregd's event loop: the listening socket, the sessions, signals.
+//
+// The server owns an io_context (one I/O thread), the Unix socket acceptor, a signal_set for
+// SIGINT/SIGTERM, the registry of live sessions, and a worker pool on which every request is
+// handled (hashing, copying and disk never run on the I/O thread). Each session reads frames,
+// hands them one at a time to the dispatcher on the pool, and writes the answers back.
+//
+// Binding (create()): the socket directory is made 0700 and the socket 0660; a live daemon
+// already answering on the path makes create() fail with a clear message; a stale socket
+// file (nobody listening) is replaced. Callers print "ready" only after create() returns.
+//
+// Shutdown (SIGTERM/SIGINT or stop()): stop accepting, let every session finish the request
+// it is handling and write its answer, close the sessions, remove the socket file; run()
+// then returns.
+//
+// Thread-safety: create() and run() from one thread; stop() from any thread.
+// asio appears only in server.cpp / session.cpp, never in a header.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "dispatcher.hpp"
+#include "tensorreg/common/error.hpp"
+
+namespace tensorreg::daemon {
+
+struct server_options {
+  std::string socket_path;
+  std::uint32_t max_frame_bytes = 64u << 20;
+  std::size_t max_sessions = 1024;
+  unsigned workers = 0;  ///< 0 = one per hardware thread
+};
+
+class server {
+ public:
+  /// Binds and listens. Errors: FAILED_PRECONDITION (another tensorregd is live on the path),
+  /// INVALID_ARGUMENT (path too long), UNAVAILABLE / PERMISSION_DENIED (cannot create the
+  /// directory or bind).
+  [[nodiscard]] static result<std::unique_ptr<server>> create(server_options options, dispatcher& dispatch);
+
+  ~server();
+  server(const server&) = delete;
+  server& operator=(const server&) = delete;
+
+  /// Serves until a signal or stop(). Returns the number of sessions served.
+  std::size_t run();
+
+  /// Asks the server to shut down as on SIGTERM. Safe from any thread.
+  void stop();
+
+  [[nodiscard]] const std::string& socket_path() const noexcept;
+
+ private:
+  struct impl;
+  explicit server(std::unique_ptr<impl> i) noexcept;
+  std::unique_ptr<impl> impl_;
+};
+
+}  // namespace tensorreg::daemon

@@ -1,0 +1,126 @@
+#include "unix_socket.hpp"
+
+#include <poll.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdlib>
+#include <cstring>
+
+namespace tensorreg::daemon {
+namespace {
+
+std::string os_reason(int e) { return std::strerror(e); }
+
+}  // namespace
+
+result<peer_credentials> peer_of(int socket_fd) {
+  ucred cred{};
+  socklen_t len = sizeof cred;
+  if (::getsockopt(socket_fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) {
+    return fail(errc::internal, "cannot read peer credentials: " + os_reason(errno));
+  }
+  return peer_credentials{cred.pid, cred.uid, cred.gid};
+}
+
+result<received> receive_some(int socket_fd, std::span<std::byte> buffer) {
+  alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * max_fds_per_frame)];
+  iovec iov{buffer.data(), buffer.size()};
+  msghdr msg{};
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  msg.msg_control = control;
+  msg.msg_controllen = sizeof control;
+  ssize_t n = 0;
+  do {
+    n = ::recvmsg(socket_fd, &msg, MSG_CMSG_CLOEXEC);
+  } while (n < 0 && errno == EINTR);
+  received out;
+  if (n < 0) {
+    if (errno == EAGAIN || errno == EWOULDBLOCK) {
+      out.would_block = true;
+      return out;
+    }
+    return fail(errc::unavailable, "cannot receive: " + os_reason(errno));
+  }
+  out.bytes = static_cast<std::size_t>(n);
+  for (cmsghdr* c = CMSG_FIRSTHDR(&msg); c != nullptr; c = CMSG_NXTHDR(&msg, c)) {
+    if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
+    const std::size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+    for (std::size_t i = 0; i < count; ++i) {
+      int fd = -1;
+      std::memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof fd);
+      out.fds.emplace_back(fd);
+    }
+  }
+  if (msg.msg_flags & MSG_CTRUNC) {
+    return fail(errc::data_loss, "cannot receive: more than " + std::to_string(max_fds_per_frame) +
+                                     " file descriptors arrived with one frame");
+  }
+  return out;
+}
+
+status send_all(int socket_fd, std::span<const std::byte> bytes, std::span<const int> fds) {
+  if (fds.size() > max_fds_per_frame) {
+    return fail(errc::invalid_argument, "cannot send " + std::to_string(fds.size()) + " file descriptors: at most " +
+                                            std::to_string(max_fds_per_frame) + " per frame");
+  }
+  alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * max_fds_per_frame)];
+  std::size_t sent = 0;
+  bool fds_pending = !fds.empty();
+  while (sent < bytes.size() || fds_pending) {
+    iovec iov{const_cast<std::byte*>(bytes.data() + sent), bytes.size() - sent};
+    msghdr msg{};
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    if (fds_pending) {
+      msg.msg_control = control;
+      msg.msg_controllen = CMSG_SPACE(sizeof(int) * fds.size());
+      cmsghdr* c = CMSG_FIRSTHDR(&msg);
+      c->cmsg_level = SOL_SOCKET;
+      c->cmsg_type = SCM_RIGHTS;
+      c->cmsg_len = CMSG_LEN(sizeof(int) * fds.size());
+      std::memcpy(CMSG_DATA(c), fds.data(), sizeof(int) * fds.size());
+    }
+    const ssize_t n = ::sendmsg(socket_fd, &msg, MSG_NOSIGNAL);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      if (errno == EAGAIN || errno == EWOULDBLOCK) {
+        pollfd p{socket_fd, POLLOUT, 0};
+        (void)::poll(&p, 1, -1);
+        continue;
+      }
+      return fail(errc::unavailable, "cannot send: " + os_reason(errno));
+    }
+    fds_pending = false;
+    sent += static_cast<std::size_t>(n);
+  }
+  return {};
+}
+
+std::string default_socket_path() {
+  if (const char* runtime = std::getenv("XDG_RUNTIME_DIR"); runtime != nullptr && runtime[0] != '\0') {
+    return std::string(runtime) + "/tensorreg/tensorregd.sock";
+  }
+  return "/tmp/tensorreg-" + std::to_string(::getuid()) + "/tensorregd.sock";
+}
+
+result<unique_fd> connect_unix(const std::string& path) {
+  sockaddr_un addr{};
+  if (path.size() >= sizeof addr.sun_path) {
+    return fail(errc::invalid_argument, "cannot connect to '" + path + "': the path is longer than " +
+                                            std::to_string(sizeof addr.sun_path - 1) + " bytes");
+  }
+  addr.sun_family = AF_UNIX;
+  std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
+  unique_fd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  if (!fd) return fail(errc::unavailable, "cannot create a socket: " + os_reason(errno));
+  if (::connect(fd.get(), reinterpret_cast<const sockaddr*>(&addr), sizeof addr) != 0) {
+    return fail(errc::unavailable, "cannot connect to tensorregd at '" + path + "': " + os_reason(errno));
+  }
+  return fd;
+}
+
+}  // namespace tensorreg::daemon

@@ -1,0 +1,60 @@
+// daemon/unix_socket.hpp — Unix domain stream sockets with file descriptors (SCM_RIGHTS).
+//
+// Plain POSIX helpers shared by the daemon's sessions (which wait for readiness with asio and
+// then call these on the native handle) and by the blocking client: send bytes with fds
+// attached to the first byte, receive bytes and whatever fds arrive with them, read the peer's
+// credentials (SO_PEERCRED), and the default socket path of DECISIONS §4.
+//
+// Thread-safety: stateless functions; callers serialise use of one socket.
+#pragma once
+
+#include <sys/types.h>
+
+#include <cstddef>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "tensorreg/common/error.hpp"
+#include "tensorreg/common/unique_fd.hpp"
+
+namespace tensorreg::daemon {
+
+/// At most this many fds travel with one frame (DECISIONS §4.1).
+inline constexpr std::size_t max_fds_per_frame = 4;
+
+struct peer_credentials {
+  pid_t pid = 0;
+  uid_t uid = 0;
+  gid_t gid = 0;
+};
+
+/// SO_PEERCRED of a connected socket. Errors: INTERNAL (getsockopt failed).
+[[nodiscard]] result<peer_credentials> peer_of(int socket_fd);
+
+/// What one recvmsg() returned. `bytes == 0` with `would_block == false` means end of stream.
+struct received {
+  std::size_t bytes = 0;
+  bool would_block = false;
+  std::vector<unique_fd> fds;
+};
+
+/// One recvmsg() into `buffer`, collecting SCM_RIGHTS fds (close-on-exec). Non-blocking sockets
+/// report would_block instead of waiting. Errors: UNAVAILABLE (connection reset and other
+/// socket errors), DATA_LOSS (fds were truncated by the kernel: more than max_fds_per_frame).
+[[nodiscard]] result<received> receive_some(int socket_fd, std::span<std::byte> buffer);
+
+/// Sends all of `bytes`, with `fds` attached to the first sendmsg() (so they arrive with the
+/// frame's first byte). Blocks (or, on a non-blocking socket, polls) until everything is sent.
+/// Errors: UNAVAILABLE (peer gone), INVALID_ARGUMENT (more than max_fds_per_frame fds).
+[[nodiscard]] status send_all(int socket_fd, std::span<const std::byte> bytes, std::span<const int> fds);
+
+/// `$XDG_RUNTIME_DIR/tensorreg/tensorregd.sock`, else `/tmp/tensorreg-$UID/tensorregd.sock`.
+[[nodiscard]] std::string default_socket_path();
+
+/// Connects to the daemon's socket (blocking, close-on-exec).
+/// Errors: UNAVAILABLE naming the path and the OS reason (no daemon listening), INVALID_ARGUMENT
+/// (path too long for a sockaddr_un).
+[[nodiscard]] result<unique_fd> connect_unix(const std::string& path);
+
+}  // namespace tensorreg::daemon

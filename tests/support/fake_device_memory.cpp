@@ -1,0 +1,125 @@
+#include "support/fake_device_memory.hpp"
+
+#include <algorithm>
+#include <cstring>
+
+namespace tensorreg::testing {
+
+struct fake_device_memory::allocation final : memory::byte_source {
+  allocation(std::int32_t dev, std::uint64_t n) : device(dev), bytes(n) {}
+  std::int32_t device;
+  std::vector<std::byte> bytes;
+
+  [[nodiscard]] std::uint64_t size() const noexcept override { return bytes.size(); }
+  [[nodiscard]] status visit(std::uint64_t offset, std::uint64_t length, memory::piece_sink sink) const override {
+    TENSORREG_TRY(check_range(offset, length));
+    if (length == 0) return {};
+    return sink(std::span<const std::byte>(bytes).subspan(offset, length));
+  }
+};
+
+namespace {
+
+// A mapping of an allocation, as cudaIpcOpenMemHandle would give: shares the allocation.
+class mapping final : public memory::byte_source {
+ public:
+  explicit mapping(std::shared_ptr<const memory::byte_source> target) : target_(std::move(target)) {}
+  [[nodiscard]] std::uint64_t size() const noexcept override { return target_->size(); }
+  [[nodiscard]] status visit(std::uint64_t offset, std::uint64_t length, memory::piece_sink sink) const override {
+    return target_->visit(offset, length, sink);
+  }
+
+ private:
+  std::shared_ptr<const memory::byte_source> target_;
+};
+
+}  // namespace
+
+fake_device_memory::fake_device_memory(std::int32_t device_count) : device_count_(device_count) {}
+
+std::string fake_device_memory::new_handle_locked() {
+  std::string handle(64, '\0');
+  const std::uint64_t n = next_handle_++;
+  std::memcpy(handle.data(), "fakeipc:", 8);
+  std::memcpy(handle.data() + 8, &n, sizeof n);
+  return handle;
+}
+
+std::string fake_device_memory::export_allocation(std::int32_t device_id, std::uint64_t bytes) {
+  std::lock_guard lock(mutex_);
+  auto handle = new_handle_locked();
+  allocations_.emplace(handle, std::make_shared<allocation>(device_id, bytes));
+  return handle;
+}
+
+std::span<std::byte> fake_device_memory::memory_of(const std::string& handle) {
+  std::lock_guard lock(mutex_);
+  auto it = allocations_.find(handle);
+  if (it == allocations_.end()) return {};
+  return it->second->bytes;
+}
+
+std::size_t fake_device_memory::opens_of(const std::string& handle) const {
+  std::lock_guard lock(mutex_);
+  auto it = opens_.find(handle);
+  return it == opens_.end() ? 0 : it->second;
+}
+
+std::size_t fake_device_memory::total_opens() const {
+  std::lock_guard lock(mutex_);
+  std::size_t n = 0;
+  for (const auto& [h, count] : opens_) n += count;
+  return n;
+}
+
+std::size_t fake_device_memory::allocations() const {
+  std::lock_guard lock(mutex_);
+  return allocate_calls_;
+}
+
+result<std::shared_ptr<const memory::byte_source>> fake_device_memory::open_ipc(std::int32_t /*owner_pid*/,
+                                                                                std::int32_t device_id,
+                                                                                std::string_view ipc_handle,
+                                                                                std::uint64_t min_bytes) {
+  std::lock_guard lock(mutex_);
+  if (device_id < 0 || device_id >= device_count_) {
+    return fail(errc::failed_precondition, "cannot open CUDA IPC memory: no device " + std::to_string(device_id));
+  }
+  auto it = allocations_.find(ipc_handle);
+  if (it == allocations_.end()) return fail(errc::invalid_argument, "cannot open CUDA IPC memory: unknown handle");
+  if (it->second->device != device_id) {
+    return fail(errc::failed_precondition, "cannot open CUDA IPC memory: the allocation is on device " +
+                                               std::to_string(it->second->device) + ", not " +
+                                               std::to_string(device_id));
+  }
+  if (it->second->size() < min_bytes) {
+    return fail(errc::out_of_range, "cannot open CUDA IPC memory: the allocation has " +
+                                        std::to_string(it->second->size()) + " bytes, " +
+                                        std::to_string(min_bytes) + " needed");
+  }
+  ++opens_[std::string(ipc_handle)];
+  std::shared_ptr<const memory::byte_source> mapped = std::make_shared<mapping>(it->second);
+  std::erase_if(mappings_, [](const auto& w) { return w.expired(); });
+  mappings_.push_back(mapped);
+  return mapped;
+}
+
+result<registration::device_buffer> fake_device_memory::allocate(std::int32_t device_id, std::uint64_t bytes) {
+  std::lock_guard lock(mutex_);
+  if (device_id < 0 || device_id >= device_count_) {
+    return fail(errc::failed_precondition, "cannot allocate device memory: no device " + std::to_string(device_id));
+  }
+  auto handle = new_handle_locked();
+  auto a = std::make_shared<allocation>(device_id, bytes);
+  allocations_.emplace(handle, a);
+  ++allocate_calls_;
+  return registration::device_buffer{a, handle};
+}
+
+std::size_t fake_device_memory::open_mappings() const {
+  std::lock_guard lock(mutex_);
+  return static_cast<std::size_t>(
+      std::count_if(mappings_.begin(), mappings_.end(), [](const auto& w) { return !w.expired(); }));
+}
+
+}  // namespace tensorreg::testing
