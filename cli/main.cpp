@@ -1,7 +1,8 @@
 // tensorreg — the command-line client.
 //
 // Commands that need no daemon: `digest` (ids of an index file and canonical bytes) and
-// `index FILES.safetensors...` (the canonical index, total_size and id of safetensors files).
+// `index FILES.safetensors...` (the canonical index, total_size and id of safetensors files);
+// the others talk to tensorregd (cli/daemon_commands.hpp).
 // Exits non-zero with a one-line error on bad input.
 #include <fmt/core.h>
 
@@ -9,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "daemon_commands.hpp"
 #include "local_commands.hpp"
 
 namespace {
@@ -18,7 +20,19 @@ constexpr const char* kUsage =
     "  digest --index FILE [--data FILE | --zeros N] [--raw] [--threads N]\n"
     "      print the index multihash, the data multihash and the mi2 id\n"
     "  index FILES.safetensors... [--threads N]\n"
-    "      print the canonical index JSON, total_size and the mi2 id of the files\n";
+    "      print the canonical index JSON, total_size and the mi2 id of the files\n"
+    "daemon commands (all take --socket PATH and --json):\n"
+    "  status                          the daemon's configuration\n"
+    "  put FILES.safetensors... [--policy cache|warm|pinned|durable]\n"
+    "                                  store the files in the daemon's stable DRAM\n"
+    "  lease FILES.safetensors... [--ttl-ms N]\n"
+    "                                  lease them in place from shared memory until SIGTERM\n"
+    "  ls                              the artifacts the daemon holds\n"
+    "  show ID                         an artifact's descriptor and tensors\n"
+    "  index ID                        an artifact's canonical index JSON\n"
+    "  revoke REGISTRATION_ID          drop a registration or lease\n"
+    "  deregister ID                   drain and remove an artifact\n"
+    "  stats                           counters\n";
 
 }  // namespace
 
@@ -31,7 +45,11 @@ int main(int argc, char** argv) try {
   const std::string command = args[0];
   args.erase(args.begin());
   if (command == "digest") return tensorreg::cli::run_digest(args);
-  if (command == "index") return tensorreg::cli::run_index_files(args);
+  // `index ID` asks the daemon; `index FILES...` reads safetensors files.
+  const bool index_of_id = command == "index" && !args.empty() &&
+                           (args[0].starts_with("mi2:") || args[0].starts_with("cgid:"));
+  if (command == "index" && !index_of_id) return tensorreg::cli::run_index_files(args);
+  if (tensorreg::cli::is_daemon_command(command)) return tensorreg::cli::run_daemon_command(command, args);
   fmt::print(stderr, "tensorreg: unknown command '{}'\n{}", command, kUsage);
   return 2;
 } catch (const std::exception& e) {

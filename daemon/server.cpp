@@ -57,12 +57,8 @@ class session : public std::enable_shared_from_this<session> {
       while (auto frame = decoder_.next()) {
         frame_in in{std::move(frame->payload), std::move(next_frame_fds)};
         next_frame_fds.clear();
-        auto out = co_await asio::co_spawn(
-            workers_.get_executor(),
-            [this, in = std::move(in)]() mutable -> asio::awaitable<std::optional<frame_out>> {
-              co_return dispatch_.handle(*connection_, std::move(in));
-            },
-            asio::use_awaitable);
+        auto out = co_await asio::co_spawn(workers_.get_executor(), handle_on_worker(dispatch_, *connection_, std::move(in)),
+                                           asio::use_awaitable);
         if (out && !co_await write(std::move(*out))) {
           stopping_ = true;
           break;
@@ -73,6 +69,13 @@ class session : public std::enable_shared_from_this<session> {
     asio::error_code ignored;
     socket_.shutdown(stream::socket::shutdown_both, ignored);
     socket_.close(ignored);
+  }
+
+  // Runs on a worker thread. The arguments are parameters, not lambda captures, so they live in
+  // the coroutine frame and outlive the co_spawn call that starts it.
+  static asio::awaitable<std::optional<frame_out>> handle_on_worker(dispatcher& d, dispatcher::connection& c,
+                                                                    frame_in in) {
+    co_return d.handle(c, std::move(in));
   }
 
   // Stops reading; the request being handled (if any) still gets its answer.

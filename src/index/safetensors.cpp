@@ -195,7 +195,10 @@ result<safetensors_header> parse_header_json(std::string_view json, std::uint64_
   for (std::size_t k = 1; k < by_offset.size(); ++k) {
     const auto& a = *by_offset[k - 1];
     const auto& b = *by_offset[k];
-    if (b.data_begin < a.data_end) {
+    // Identical ranges are two names for one tensor's bytes (a tied weight): an alias, as the
+    // canonical index allows (DECISIONS §5.15). Anything else that overlaps is refused.
+    const bool alias = b.data_begin == a.data_begin && b.data_end == a.data_end;
+    if (b.data_begin < a.data_end && !alias) {
       return ctx.fail("tensors " + detail::quote_name(a.name) + " [" + std::to_string(a.data_begin) +
                       ", " + std::to_string(a.data_end) + ") and " + detail::quote_name(b.name) +
                       " [" + std::to_string(b.data_begin) + ", " + std::to_string(b.data_end) +
@@ -338,8 +341,13 @@ result<coalesced_safetensors> coalesce(std::span<const safetensors_file> files) 
         }
         step = next.value_or(0);
       }
+      // Tensors of one file with identical data ranges share one storage (an alias); every
+      // other tensor is its own storage.
+      std::string storage_key = std::to_string(f) + ":" + std::to_string(t.data_begin) + ":" +
+                                std::to_string(t.data_end);
+      if (t.data_end == t.data_begin) storage_key += ":" + t.name;  // empty tensors never alias
       descs.push_back(tensor_desc{t.name, std::string(t.torch_dtype), t.shape, std::move(stride),
-                                  t.name, t.data_end - t.data_begin, 0});
+                                  std::move(storage_key), t.data_end - t.data_begin, 0});
     }
   }
   if (descs.empty()) return fail_coalesce("empty tensor dict");

@@ -1,5 +1,7 @@
 #include "tensorreg/index/safetensors_bundle.hpp"
 
+#include <algorithm>
+
 namespace tensorreg::index {
 
 result<std::unique_ptr<safetensors_bundle>> safetensors_bundle::open(const std::vector<std::string>& paths) {
@@ -21,6 +23,11 @@ result<std::unique_ptr<safetensors_bundle>> safetensors_bundle::open(const std::
   std::vector<memory::segment> segments;
   segments.reserve(bundle->layout_.placements.size());
   for (const auto& p : bundle->layout_.placements) {
+    // Aliases (tied weights) place the same bytes at the same offset: one segment serves all.
+    const bool alias = std::any_of(segments.begin(), segments.end(), [&](const memory::segment& s) {
+      return s.offset == p.canonical_offset && s.length == p.length;
+    });
+    if (alias) continue;
     segments.push_back({p.canonical_offset, p.length, &bundle->files_[p.file_index], p.file_offset});
   }
   TENSORREG_TRY_ASSIGN(auto view, memory::segmented_view::create(bundle->layout_.index.total_size(), std::move(segments)));

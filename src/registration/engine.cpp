@@ -8,6 +8,7 @@
 #include <mutex>
 #include <thread>
 #include <unordered_map>
+#include <utility>
 
 #include "registration/lip.hpp"
 #include "registration/materialize.hpp"
@@ -18,6 +19,7 @@
 #include "tensorreg/hash/multihash.hpp"
 #include "tensorreg/hash/tree_hash.hpp"
 #include "tensorreg/index/byte_range_map.hpp"
+#include "tensorreg/memory/segmented_view.hpp"
 #include "tensorreg/stable/stable_dram_cache.hpp"
 
 namespace tensorreg::registration {
@@ -72,6 +74,14 @@ struct pending {
   std::condition_variable idle;  // signalled when `feeding` drops to 0
   int feeding = 0;               // Feed calls working outside the lock (chunk copies)
   bool committing = false;
+  // Set by a failed commit whose error the client can still fix by feeding more (missing
+  // payloads, incomplete upload): the registration then stays open.
+  bool commit_retryable = false;
+  // Set once the registration is dropped or committed: Feed and Commit holding a pointer from
+  // before then answer NOT_FOUND instead of touching released tables.
+  bool closed = false;
+  // Revoke, owner death or expiry came while a commit ran: the commit undoes what it made.
+  bool drop_after_commit = false;
   std::optional<time_point> expires;
   std::uint64_t epoch = 0;
   std::shared_ptr<const index::canonical_index> index;  // coalesced / stable_dram
@@ -120,6 +130,32 @@ class tracked_source final : public memory::byte_source {
  private:
   std::shared_ptr<const memory::byte_source> inner_;
   std::shared_ptr<const char> anchor_;
+};
+
+// The normalized canonical buffer of a raw buffer (DECISIONS §5.1): the index's DATA ranges
+// read from `raw`, PAD as zero. Owns the raw buffer it reads.
+class normalized_source final : public memory::byte_source {
+ public:
+  static result<std::shared_ptr<const normalized_source>> create(std::shared_ptr<const memory::byte_source> raw,
+                                                                 const index::canonical_index& idx) {
+    const auto map = index::byte_range_map::from_index(idx);
+    std::vector<memory::segment> data_ranges;
+    for (const auto& range : map.ranges()) {
+      if (range.kind == index::range_kind::data) data_ranges.push_back({range.offset, range.length, raw.get(), range.offset});
+    }
+    TENSORREG_TRY_ASSIGN(auto view, memory::segmented_view::create(idx.total_size(), std::move(data_ranges)));
+    return std::make_shared<const normalized_source>(std::move(raw), std::move(view));
+  }
+  normalized_source(std::shared_ptr<const memory::byte_source> raw, memory::segmented_view view)
+      : raw_(std::move(raw)), view_(std::move(view)) {}
+  [[nodiscard]] std::uint64_t size() const noexcept override { return view_.size(); }
+  [[nodiscard]] status visit(std::uint64_t offset, std::uint64_t length, memory::piece_sink sink) const override {
+    return view_.visit(offset, length, sink);
+  }
+
+ private:
+  std::shared_ptr<const memory::byte_source> raw_;  // what view_ reads
+  memory::segmented_view view_;
 };
 
 class no_device final : public device_memory {
@@ -219,14 +255,26 @@ struct engine::state {
       expired = p->expires && *p->expires <= time.now() && !p->committing;
     }
     if (expired) {
-      drop_pending(p);
+      (void)drop_pending(p);
       return fail(errc::deadline_exceeded, "cannot " + std::string(verb) + " registration '" + id + "': its TTL expired");
     }
     return p;
   }
 
-  // Removes a pending registration and releases what it holds.
-  void drop_pending(const std::shared_ptr<pending>& p) {
+  // Removes a pending registration and releases what it holds; returns whether it did. A
+  // registration being committed is left to its commit, which is told to undo what it makes
+  // (a lease or join) once done: releasing its tables under it raced with the commit reading
+  // them (revoke, owner death and the sweep all came here without that check holding).
+  bool drop_pending(const std::shared_ptr<pending>& p) {
+    {
+      std::lock_guard plock(p->mutex);
+      if (p->closed) return false;
+      if (p->committing) {
+        p->drop_after_commit = true;
+        return false;
+      }
+      p->closed = true;
+    }
     {
       std::lock_guard lock(mutex);
       pending_by_id.erase(p->id);
@@ -234,6 +282,7 @@ struct engine::state {
     std::unique_lock plock(p->mutex);
     p->idle.wait(plock, [&] { return p->feeding == 0; });
     release_pending_resources(*p);
+    return true;
   }
 
   result<std::shared_ptr<const index::canonical_index>> resolve_index(const begin_request& r) {
@@ -425,9 +474,16 @@ result<begin_response> engine::begin(begin_request r) {
       response.handshake = std::move(hs);
     }
   }
-  TENSORREG_TRY(s.watch_owner(r.owner_pid));
-  std::lock_guard lock(s.mutex);
-  s.pending_by_id.emplace(p->id, p);
+  // Insert first, then watch: an owner that dies in between is then released by the watcher
+  // (watching first could run release_owner before the registration was there to release).
+  {
+    std::lock_guard lock(s.mutex);
+    s.pending_by_id.emplace(p->id, p);
+  }
+  if (auto watched = s.watch_owner(r.owner_pid); !watched) {
+    (void)s.drop_pending(p);
+    return tl::unexpected(std::move(watched).error());
+  }
   return response;
 }
 
@@ -443,6 +499,7 @@ status engine::feed(feed_request r) {
   const std::string what = "cannot feed registration '" + p->id + "'";
 
   std::unique_lock plock(p->mutex);
+  if (p->closed) return fail(errc::not_found, what + ": no such registration");
   if (p->committing) return fail(errc::failed_precondition, what + ": it is being committed");
   if (p->ttl_ms != 0) p->expires = deadline(s.time, p->ttl_ms);  // every message is a keep-alive
 
@@ -461,8 +518,12 @@ status engine::feed(feed_request r) {
   }
 
   if (lease_plan) {
+    // Check the segments before taking the storages, so a rejected message records nothing
+    // (a storage kept from a failed message made the client's retry a duplicate storage_id).
+    auto* segs = std::get_if<lease_segments>(&r.payload);
+    if (segs != nullptr) TENSORREG_TRY(detail::lip_tables::check_segments(segs->segments));
     TENSORREG_TRY(p->lip.add_storages(std::move(r.storage_entries), s.regions, p->owner_pid));
-    if (auto* segs = std::get_if<lease_segments>(&r.payload)) TENSORREG_TRY(p->lip.add_segments(std::move(segs->segments)));
+    if (segs != nullptr) TENSORREG_TRY(p->lip.add_segments(std::move(segs->segments)));
     p->lip.add_aliases(std::move(r.tensor_aliases));
     return {};
   }
@@ -538,24 +599,42 @@ result<commit_response> engine::commit(const std::string& registration_id) {
   TENSORREG_TRY_ASSIGN(auto p, s.find_open(registration_id, "commit"));
   {
     std::unique_lock plock(p->mutex);
+    if (p->closed) return fail(errc::not_found, "cannot commit registration '" + p->id + "': no such registration");
     if (p->committing) {
       return fail(errc::failed_precondition, "cannot commit registration '" + p->id + "': a commit is already running");
     }
     p->committing = true;
+    p->commit_retryable = false;
     p->idle.wait(plock, [&] { return p->feeding == 0; });
   }
   result<commit_response> out = p->kind == plan_kind::lease         ? s.commit_lease(p)
                                 : p->kind == plan_kind::stable_dram ? s.commit_stable(p)
                                                                     : s.commit_coalesced(p);
-  if (!out && out.error().code == errc::failed_precondition) {
+  // Only errors the client can fix by feeding more keep the registration open; other
+  // FAILED_PRECONDITIONs (no GPU for a CUDA storage, a quiesced artifact, a "must" stable tier
+  // with nothing to copy) would otherwise leave it, and its region refs, held until its TTL or
+  // forever with TTL 0.
+  if (!out && p->commit_retryable) {
     // Something is missing that the client can still feed: keep the registration open.
-    std::lock_guard plock(p->mutex);
-    p->committing = false;
+    bool drop = false;
+    {
+      std::lock_guard plock(p->mutex);
+      p->committing = false;
+      drop = std::exchange(p->drop_after_commit, false);
+    }
+    if (drop) (void)s.drop_pending(p);  // revoked or its owner died meanwhile
     return out;
+  }
+  bool drop = false;
+  {
+    std::lock_guard plock(p->mutex);
+    p->closed = true;
+    drop = p->drop_after_commit;
   }
   {
     std::lock_guard lock(s.mutex);
     s.pending_by_id.erase(p->id);
+    if (drop) s.revoke_locked(p->id);  // revoked or its owner died meanwhile: undo the lease or join
   }
   if (!out) {
     std::lock_guard plock(p->mutex);
@@ -571,10 +650,31 @@ void engine::state::record_join_locked(artifact& a, const pending& p) {
 
 result<commit_response> engine::state::commit_lease(const std::shared_ptr<pending>& p) {
   // Steps 3–6: payloads, index rebuild, segment rules — all before any mapping is opened.
-  TENSORREG_TRY_ASSIGN(auto rebuilt, p->lip.rebuild_index(p->total_size));
-  auto idx = std::make_shared<const index::canonical_index>(std::move(rebuilt));
+  auto rebuilt = p->lip.rebuild_index(p->total_size);
+  if (!rebuilt) {
+    // rebuild_index answers FAILED_PRECONDITION only for payloads not fed yet (step 3).
+    p->commit_retryable = rebuilt.error().code == errc::failed_precondition;
+    return tl::unexpected(std::move(rebuilt).error());
+  }
+  auto idx = std::make_shared<const index::canonical_index>(std::move(*rebuilt));
   // Step 7: open the storages' memory, once per handle or region.
   TENSORREG_TRY_ASSIGN(auto view, p->lip.open_view(p->total_size, p->owner_pid, devices.get()));
+  {
+    // DECISIONS §5.1: the data hash is over the normalized canonical buffer, DATA ranges of the
+    // rebuilt index as read from the segments and PAD as zero. A segment of a storage that no
+    // alias names is not in the index, so it is PAD: its bytes must reach neither the hash nor
+    // the lease's readers (the local stable tier re-hashes what it copies from the lease).
+    const auto map = index::byte_range_map::from_index(*idx);
+    std::vector<memory::segment> data_ranges;
+    for (const auto& range : map.ranges()) {
+      if (range.kind == index::range_kind::data) {
+        data_ranges.push_back({range.offset, range.length, view.bytes.get(), range.offset});
+      }
+    }
+    TENSORREG_TRY_ASSIGN(auto normalized, memory::segmented_view::create(p->total_size, std::move(data_ranges)));
+    view.keep_alive.push_back(view.bytes);  // the normalized view reads through it
+    view.bytes = std::make_shared<const memory::segmented_view>(std::move(normalized));
+  }
   // Step 8: hash, outside every lock.
   std::optional<hash::digest> data;
   if (p->cgid.empty()) {
@@ -627,7 +727,10 @@ result<commit_response> engine::state::commit_lease(const std::shared_ptr<pendin
 
 result<commit_response> engine::state::commit_stable(const std::shared_ptr<pending>& p) {
   const auto map = index::byte_range_map::from_index(*p->index);
-  TENSORREG_TRY(p->stable->check_covers(map));
+  if (auto covered = p->stable->check_covers(map); !covered) {
+    p->commit_retryable = true;  // the client can still send the missing bytes
+    return tl::unexpected(std::move(covered).error());
+  }
   // The normalized canonical buffer: DATA as uploaded, PAD as zero (DECISIONS §5.1).
   std::vector<memory::segment> data_ranges;
   for (const auto& range : map.ranges()) {
@@ -670,36 +773,50 @@ result<commit_response> engine::state::commit_stable(const std::shared_ptr<pendi
 }
 
 result<commit_response> engine::state::commit_coalesced(const std::shared_ptr<pending>& p) {
-  const auto map = index::byte_range_map::from_index(*p->index);
-  std::vector<memory::segment> data_ranges;
-  for (const auto& range : map.ranges()) {
-    if (range.kind == index::range_kind::data) {
-      data_ranges.push_back({range.offset, range.length, p->coalesced->bytes.get(), range.offset});
-    }
-  }
-  TENSORREG_TRY_ASSIGN(auto normalized, memory::segmented_view::create(p->total_size, std::move(data_ranges)));
+  // Hash, and keep as the replica, the normalized buffer rather than the raw device buffer:
+  // PAD the client left dirty must reach neither the id (DECISIONS §5.1) nor readers, and the
+  // local stable tier re-hashes what it copies from the replica against the id (a raw replica
+  // with dirty PAD failed that check with DATA_LOSS).
+  TENSORREG_TRY_ASSIGN(auto normalized, normalized_source::create(p->coalesced->bytes, *p->index));
   std::optional<hash::digest> data;
   if (p->cgid.empty()) {
-    TENSORREG_TRY_ASSIGN(data, hash::tree_hash(normalized, &pool));
+    TENSORREG_TRY_ASSIGN(data, hash::tree_hash(*normalized, &pool));
   }
   auto descriptor = describe(*p, *p->index, data);
   commit_response response;
   response.descriptor = descriptor;
   {
     std::lock_guard lock(mutex);
+    if (auto existing = artifacts.find(descriptor.artifact_id); existing != artifacts.end() && existing->second.quiesced) {
+      return fail(errc::failed_precondition, "cannot commit " + descriptor.artifact_id + ": the artifact is being deregistered");
+    }
     auto& a = artifact_for_locked(descriptor, p->index);
     if (a.gpu_replicas.contains(p->device_id)) {
       response.existed = true;
       record_join_locked(a, *p);
     } else {
       std::lock_guard plock(p->mutex);
-      a.gpu_replicas.emplace(p->device_id, std::move(*p->coalesced));
+      a.gpu_replicas.emplace(p->device_id, device_buffer{std::move(normalized), p->coalesced->ipc_handle});
       p->coalesced.reset();
     }
   }
   status must_failure;
   response.local_stable_tier = apply_local_stable_tier(descriptor.artifact_id, p->policy, &must_failure);
-  if (!must_failure) return tl::unexpected(must_failure.error());
+  if (!must_failure) {
+    // §6.2: a "must" tier that cannot be satisfied fails the commit and cleans up, so undo what
+    // this commit added (its replica or its join), as commit_lease revokes its lease.
+    std::lock_guard lock(mutex);
+    if (auto it = artifacts.find(descriptor.artifact_id); it != artifacts.end()) {
+      if (response.existed) {
+        it->second.joins.erase(p->id);
+        artifact_of_registration.erase(p->id);
+      } else {
+        it->second.gpu_replicas.erase(p->device_id);
+      }
+      erase_if_empty_locked(descriptor.artifact_id);
+    }
+    return tl::unexpected(must_failure.error());
+  }
   return response;
 }
 
@@ -776,7 +893,7 @@ status engine::abort(const std::string& registration_id) {
       }
     }
   }
-  s.drop_pending(p);
+  (void)s.drop_pending(p);
   return {};
 }
 
@@ -804,21 +921,20 @@ void engine::revoke(const std::string& registration_id, const std::string& /*rea
     if (auto it = s.pending_by_id.find(registration_id); it != s.pending_by_id.end()) p = it->second;
     s.revoke_locked(registration_id);
   }
-  if (p) {
-    bool committing = false;
-    {
-      std::lock_guard plock(p->mutex);
-      committing = p->committing;
-    }
-    if (!committing) s.drop_pending(p);
-  }
+  if (p) (void)s.drop_pending(p);
 }
 
 // ---- Regions -------------------------------------------------------------------------------
 
 result<regions::region_info> engine::register_region(regions::register_request request) {
-  if (request.owner_pid > 0) TENSORREG_TRY(state_->watch_owner(request.owner_pid));
-  return state_->regions.register_region(std::move(request));
+  // Register first, then watch, for the same reason as in begin().
+  const auto owner = request.owner_pid;
+  TENSORREG_TRY_ASSIGN(auto info, state_->regions.register_region(std::move(request)));
+  if (auto watched = state_->watch_owner(owner); !watched) {
+    (void)state_->regions.unregister(info.id, owner, true);
+    return tl::unexpected(std::move(watched).error());
+  }
+  return info;
 }
 
 result<bool> engine::unregister_region(const std::string& region_id, std::int32_t owner_pid, bool force) {
@@ -981,7 +1097,7 @@ void engine::state::sweep() {
     std::erase_if(tombstones, [&](const auto& kv) { return kv.second + kTombstoneLife <= now; });
   }
   for (const auto& p : expired) {
-    drop_pending(p);
+    if (!drop_pending(p)) continue;  // a commit started meanwhile, or someone else dropped it
     std::lock_guard lock(mutex);
     tombstones.emplace(p->id, now);  // Feed/Commit still answer DEADLINE_EXCEEDED
   }
@@ -1006,7 +1122,7 @@ void engine::state::release_owner(std::int32_t pid) {
     }
     for (const auto& rid : registrations) revoke_locked(rid);
   }
-  for (const auto& p : owned) drop_pending(p);
+  for (const auto& p : owned) (void)drop_pending(p);
   (void)regions.release_owner(pid);
 }
 

@@ -103,12 +103,17 @@ void lip_tables::add_aliases(std::vector<tensor_alias> aliases) {
   std::move(aliases.begin(), aliases.end(), std::back_inserter(aliases_));
 }
 
-status lip_tables::add_segments(std::vector<leased_segment> segments) {
+status lip_tables::check_segments(const std::vector<leased_segment>& segments) {
   for (std::size_t i = 0; i < segments.size(); ++i) {
     if (segments[i].storage_id.empty()) {
       return fail(errc::invalid_argument, "cannot add lease segment " + std::to_string(i) + ": storage_id is empty");
     }
   }
+  return {};
+}
+
+status lip_tables::add_segments(std::vector<leased_segment> segments) {
+  TENSORREG_TRY(check_segments(segments));
   std::move(segments.begin(), segments.end(), std::back_inserter(segments_));
   return {};
 }

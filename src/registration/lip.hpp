@@ -49,6 +49,9 @@ class lip_tables {
   /// Records segments. Errors: INVALID_ARGUMENT for an empty storage_id.
   [[nodiscard]] status add_segments(std::vector<leased_segment> segments);
 
+  /// What add_segments() checks, without recording anything. Errors: as add_segments().
+  [[nodiscard]] static status check_segments(const std::vector<leased_segment>& segments);
+
   /// Commit steps 3–6 of §4.5: payload presence, the index rebuild and the segment rules.
   /// Errors: FAILED_PRECONDITION (nothing fed), INVALID_ARGUMENT, OUT_OF_RANGE.
   [[nodiscard]] result<index::canonical_index> rebuild_index(std::uint64_t total_size) const;

@@ -291,8 +291,9 @@ TEST_CASE("safetensors: tensors overlapping in the data section are refused",
                                       tensor_json("b", "U8", "[8]", 4, 12) + "}"),
                          "tensors 'a' [0, 8) and 'b' [4, 12) overlap in the data section");
   require_invalid_header(parse_memory("{" + tensor_json("a", "U8", "[8]", 0, 8) + "," +
-                                      tensor_json("b", "U8", "[8]", 0, 8) + "}"),
-                         "tensors 'a' [0, 8) and 'b' [0, 8) overlap in the data section");
+                                      tensor_json("b", "U8", "[8]", 0, 8) + "," +
+                                      tensor_json("c", "U8", "[4]", 4, 8) + "}"),
+                         "tensors 'b' [0, 8) and 'c' [4, 8) overlap in the data section");
 }
 
 TEST_CASE("safetensors: bad tensor names are refused", "[index][safetensors]") {
@@ -451,4 +452,22 @@ TEST_CASE("safetensors: coalesce refuses files whose tensors are all empty",
   CHECK(c.error().code == errc::invalid_argument);
   CHECK(c.error().message ==
         "cannot coalesce safetensors files: every tensor is empty, so total_size would be 0");
+}
+
+TEST_CASE("safetensors: tensors with identical data ranges are aliases of one storage", "[index][safetensors]") {
+  auto header = parse_memory("{" + tensor_json("embed", "U8", "[8]", 0, 8) + "," +
+                             tensor_json("lm_head", "U8", "[2,4]", 0, 8) + "," +
+                             tensor_json("norm", "U8", "[3]", 8, 11) + "}");
+  REQUIRE(header);
+  std::vector<safetensors_file> files{{"m.safetensors", *header}};
+  auto layout = coalesce(files);
+  REQUIRE(layout);
+  const auto& idx = layout->index;
+  CHECK(idx.json() ==
+        R"({"embed":[0,8,[8],[1],"torch.uint8",0],"lm_head":[0,8,[2,4],[4,1],"torch.uint8",0],)"
+        R"("norm":[8,3,[3],[1],"torch.uint8",0]})");
+  CHECK(idx.total_size() == 11);
+  REQUIRE(layout->placements.size() == 3);
+  CHECK(layout->placements[0].canonical_offset == layout->placements[1].canonical_offset);
+  CHECK(layout->placements[0].file_offset == layout->placements[1].file_offset);
 }

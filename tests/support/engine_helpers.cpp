@@ -102,6 +102,12 @@ std::string expected_mi2(const std::string& index_json, const std::string& canon
   return "mi2:" + index_multihash_of(index_json) + ":" + hash::encode_multihash(*root);
 }
 
+std::string describe(const reg::artifact_descriptor& d) {
+  return d.artifact_id + " index=" + d.index_multihash + " data=" + d.data_multihash + " schema=" + d.schema_version +
+         " encoding=" + d.encoding + " total_size=" + std::to_string(d.total_size) +
+         " kind=" + std::string(identity::id_kind_name(d.id_kind));
+}
+
 reg::begin_request stable_begin(const model& m, std::int32_t owner_pid) {
   reg::begin_request r;
   r.owner_pid = owner_pid;

@@ -123,6 +123,9 @@ inline constexpr const char* small_model_json =
 [[nodiscard]] std::string expected_mi2(const std::string& index_json, const std::string& canonical);
 [[nodiscard]] std::string index_multihash_of(const std::string& index_json);
 
+/// A descriptor as one line of text, for comparing whole descriptors.
+[[nodiscard]] std::string describe(const reg::artifact_descriptor& d);
+
 // ---- requests ----
 
 /// Begin of a stable_dram registration with the model's index inline.

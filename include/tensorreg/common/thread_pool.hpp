@@ -37,8 +37,9 @@ class thread_pool {
 
   /// Runs fn(0) … fn(count - 1), spread over the workers and the calling thread, and returns
   /// when every started call has returned. Indices are handed out in increasing order, one
-  /// at a time; there is no ordering between calls. After the first non-OK status no further
-  /// index is started and that status is returned. An exception thrown by fn stops the loop
+  /// at a time; there is no ordering between calls. Once a call returns a non-OK status the
+  /// loop stops (calls already running finish; a thread racing the stop may start at most one
+  /// more index) and that status is returned. An exception thrown by fn stops the loop
   /// the same way and is rethrown here once the other calls have returned.
   /// `fn` must stay valid until parallel_for returns (it is a function_ref).
   /// Errors: the first error returned by fn.

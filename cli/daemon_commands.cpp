@@ -1,0 +1,341 @@
+#include "daemon_commands.hpp"
+
+#include <fmt/core.h>
+#include <signal.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <nlohmann/json.hpp>
+#include <set>
+
+#include "client.hpp"
+#include "tensorreg/index/safetensors_bundle.hpp"
+
+namespace tensorreg::cli {
+namespace {
+
+using daemon::client;
+using daemon::store;
+using json = nlohmann::ordered_json;
+namespace wire = ::tensorreg::wire::v1;
+
+struct options {
+  std::string socket;
+  bool json = false;
+  std::string policy;
+  std::uint32_t ttl_ms = 600'000;
+  std::vector<std::string> positional;
+};
+
+int fail_with(const error& e) {
+  fmt::print(stderr, "tensorreg: {} ({})\n", e.message, errc_name(e.code));
+  return 1;
+}
+
+int usage(const std::string& message) {
+  fmt::print(stderr, "tensorreg: {}\n", message);
+  return 2;
+}
+
+result<options> parse(const std::vector<std::string>& args) {
+  options o;
+  for (std::size_t i = 0; i < args.size(); ++i) {
+    const auto& a = args[i];
+    auto value = [&]() -> result<std::string> {
+      if (i + 1 >= args.size()) return fail(errc::invalid_argument, a + " needs a value");
+      return args[++i];
+    };
+    if (a == "--json") {
+      o.json = true;
+    } else if (a == "--socket") {
+      TENSORREG_TRY_ASSIGN(o.socket, value());
+    } else if (a == "--policy") {
+      TENSORREG_TRY_ASSIGN(o.policy, value());
+    } else if (a == "--ttl-ms") {
+      TENSORREG_TRY_ASSIGN(auto v, value());
+      try {
+        o.ttl_ms = static_cast<std::uint32_t>(std::stoul(v));
+      } catch (const std::exception&) {
+        return fail(errc::invalid_argument, "--ttl-ms needs a number, got '" + v + "'");
+      }
+    } else if (a.starts_with("--")) {
+      return fail(errc::invalid_argument, "unknown option " + a);
+    } else {
+      o.positional.push_back(a);
+    }
+  }
+  return o;
+}
+
+std::string human_bytes(std::uint64_t n) {
+  const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+  double v = static_cast<double>(n);
+  int u = 0;
+  while (v >= 1024 && u < 4) {
+    v /= 1024;
+    ++u;
+  }
+  return u == 0 ? fmt::format("{} B", n) : fmt::format("{:.1f} {}", v, units[u]);
+}
+
+json descriptor_json(const tensorcast::common::v1::ArtifactDescriptor& d) {
+  return json{{"artifact_id", d.artifact_id()}, {"index_multihash", d.index_multihash()},
+              {"data_multihash", d.data_multihash()}, {"total_size", d.total_size()},
+              {"id_kind", tensorcast::common::v1::ArtifactIdKind_Name(d.id_kind())}};
+}
+
+std::string tier_name(wire::Tier t) {
+  switch (t) {
+    case wire::TIER_VRAM: return "vram";
+    case wire::TIER_VRAM_LEASED: return "leased";
+    case wire::TIER_STABLE_DRAM: return "stable_dram";
+    case wire::TIER_SHARED_DISK: return "shared_disk";
+    default: return "?";
+  }
+}
+
+// A progress bar on a terminal, nothing otherwise.
+struct progress_bar {
+  bool enabled = ::isatty(STDERR_FILENO) != 0;
+  int last = -1;
+  void operator()(std::uint64_t done, std::uint64_t total) {
+    if (!enabled || total == 0) return;
+    const int pct = static_cast<int>(done * 100 / total);
+    if (pct == last) return;
+    last = pct;
+    const int width = 40;
+    const int filled = pct * width / 100;
+    fmt::print(stderr, "\r[{}{}] {:3}% {}", std::string(static_cast<std::size_t>(filled), '#'),
+               std::string(static_cast<std::size_t>(width - filled), ' '), pct, human_bytes(done));
+    if (done == total) fmt::print(stderr, "\n");
+  }
+};
+
+int print_registered(const daemon::registered& r, const options& o, const char* verb) {
+  if (o.json) {
+    json j = descriptor_json(r.descriptor);
+    j["existed"] = r.existed;
+    j["registration_id"] = r.registration_id;
+    j["seconds"] = r.begin_to_commit_seconds;
+    fmt::print("{}\n", j.dump());
+  } else {
+    fmt::print("{} {}\n  total_size {} ({})\n  existed    {}\n  time       {:.3f} s\n", verb,
+               r.descriptor.artifact_id(), r.descriptor.total_size(), human_bytes(r.descriptor.total_size()),
+               r.existed ? "true" : "false", r.begin_to_commit_seconds);
+  }
+  return 0;
+}
+
+std::shared_ptr<client> connect_or_fail(const options& o, int& rc) {
+  auto c = client::connect(o.socket);
+  if (!c) {
+    rc = fail_with(c.error());
+    return nullptr;
+  }
+  return std::shared_ptr<client>(std::move(*c));
+}
+
+result<wire::Response> call(client& c, wire::Request r) {
+  TENSORREG_TRY_ASSIGN(auto reply, c.call(std::move(r)));
+  return std::move(reply.response);
+}
+
+int cmd_status(client& c, const options& o) {
+  wire::Request r;
+  r.mutable_get_server_config();
+  auto got = call(c, std::move(r));
+  if (!got) return fail_with(got.error());
+  const auto& cfg = got->get_server_config();
+  if (o.json) {
+    fmt::print("{}\n", json{{"socket", c.socket_path()},
+                            {"startup_phase", tensorcast::daemon::v2::DaemonStartupPhase_Name(cfg.startup_phase())},
+                            {"artifact_chunk_bytes", cfg.artifact_chunk_bytes()},
+                            {"stable_budget_bytes", cfg.mem_pool_size()}}
+                           .dump());
+  } else {
+    fmt::print("tensorregd at {}: {}\n  artifact_chunk_bytes {}\n  stable budget        {}\n", c.socket_path(),
+               tensorcast::daemon::v2::DaemonStartupPhase_Name(cfg.startup_phase()), cfg.artifact_chunk_bytes(),
+               cfg.mem_pool_size() == 0 ? std::string("unlimited") : human_bytes(static_cast<std::uint64_t>(cfg.mem_pool_size())));
+  }
+  return 0;
+}
+
+int cmd_put(const std::shared_ptr<client>& c, const options& o) {
+  if (o.positional.empty()) return usage("usage: tensorreg put FILES.safetensors... [--policy cache|warm|pinned|durable]");
+  auto bundle = index::safetensors_bundle::open(o.positional);
+  if (!bundle) return fail_with(bundle.error());
+  store s(c);
+  progress_bar bar;
+  auto put = s.put(**bundle, o.policy, [&](std::uint64_t done, std::uint64_t total) { bar(done, total); });
+  if (!put) return fail_with(put.error());
+  return print_registered(*put, o, "put");
+}
+
+volatile sig_atomic_t g_stop = 0;
+
+int cmd_lease(const std::shared_ptr<client>& c, const options& o) {
+  if (o.positional.empty()) return usage("usage: tensorreg lease FILES.safetensors... [--ttl-ms N]");
+  auto bundle = index::safetensors_bundle::open(o.positional);
+  if (!bundle) return fail_with(bundle.error());
+  store s(c);
+  auto held = s.register_lease(**bundle, o.ttl_ms);
+  if (!held) return fail_with(held.error());
+  print_registered((*held)->info(), o, "leased");
+  fmt::print(stderr, "tensorreg: holding the lease until SIGINT/SIGTERM\n");
+  std::fflush(stdout);
+  // Hold until told to stop; the lease's destructor revokes it and frees its region.
+  struct sigaction sa {};
+  sa.sa_handler = [](int) { g_stop = 1; };
+  ::sigaction(SIGINT, &sa, nullptr);
+  ::sigaction(SIGTERM, &sa, nullptr);
+  while (g_stop == 0) ::pause();
+  held->reset();
+  fmt::print(stderr, "tensorreg: lease revoked\n");
+  return 0;
+}
+
+int cmd_ls(client& c, const options& o) {
+  wire::Request r;
+  r.mutable_list_artifacts();
+  auto got = call(c, std::move(r));
+  if (!got) return fail_with(got.error());
+  const auto& list = got->list_artifacts();
+  if (o.json) {
+    json arr = json::array();
+    for (const auto& a : list.artifacts()) {
+      json tiers = json::array();
+      for (auto t : a.tiers()) tiers.push_back(tier_name(static_cast<wire::Tier>(t)));
+      json j = descriptor_json(a.artifact_descriptor());
+      j["tiers"] = tiers;
+      j["lease_count"] = a.lease_count();
+      arr.push_back(j);
+    }
+    fmt::print("{}\n", arr.dump());
+    return 0;
+  }
+  fmt::print("{:<119} {:>12} {:>7}  {}\n", "ARTIFACT", "SIZE", "LEASES", "TIERS");
+  for (const auto& a : list.artifacts()) {
+    std::string tiers;
+    for (auto t : a.tiers()) tiers += (tiers.empty() ? "" : ",") + tier_name(static_cast<wire::Tier>(t));
+    fmt::print("{:<119} {:>12} {:>7}  {}\n", a.artifact_id(), human_bytes(a.total_size()), a.lease_count(), tiers);
+  }
+  fmt::print("{} artifacts\n", list.artifacts_size());
+  return 0;
+}
+
+int cmd_show_or_index(client& c, const options& o, bool index_only) {
+  if (o.positional.size() != 1) return usage(index_only ? "usage: tensorreg index ID" : "usage: tensorreg show ID");
+  wire::Request r;
+  r.mutable_get_artifact_index_by_id()->set_artifact_id(o.positional[0]);
+  auto got = call(c, std::move(r));
+  if (!got) return fail_with(got.error());
+  const auto& idx = got->get_artifact_index_by_id();
+  if (index_only) {
+    fmt::print("{}\n", idx.tensor_index_data());
+    return 0;
+  }
+  auto tensors = json::parse(idx.tensor_index_data(), nullptr, false);
+  if (o.json) {
+    json j = descriptor_json(idx.artifact_descriptor());
+    j["index"] = tensors;
+    fmt::print("{}\n", j.dump());
+    return 0;
+  }
+  const auto& d = idx.artifact_descriptor();
+  fmt::print("artifact   {}\nkind       {}\ntotal_size {} ({})\nindex      {}\ndata       {}\n", d.artifact_id(),
+             tensorcast::common::v1::ArtifactIdKind_Name(d.id_kind()), d.total_size(), human_bytes(d.total_size()),
+             d.index_multihash(), d.data_multihash());
+  if (tensors.is_object()) {
+    fmt::print("\n{:<48} {:>12} {:>12}  {:<20} {}\n", "TENSOR", "OFFSET", "BYTES", "DTYPE", "SHAPE");
+    for (const auto& [name, e] : tensors.items()) {
+      fmt::print("{:<48} {:>12} {:>12}  {:<20} {}\n", name, e[0].get<std::uint64_t>(), e[1].get<std::uint64_t>(),
+                 e[4].get<std::string>(), e[2].dump());
+    }
+  }
+  return 0;
+}
+
+int cmd_revoke(client& c, const options& o) {
+  if (o.positional.size() != 1) return usage("usage: tensorreg revoke REGISTRATION_ID");
+  wire::Request r;
+  r.mutable_revoke_registered_artifact()->set_registration_id(o.positional[0]);
+  r.mutable_revoke_registered_artifact()->set_reason("tensorreg revoke");
+  auto got = call(c, std::move(r));
+  if (!got) return fail_with(got.error());
+  if (o.json) {
+    fmt::print("{}\n", json{{"revoked", o.positional[0]}}.dump());
+  } else {
+    fmt::print("revoked {}\n", o.positional[0]);
+  }
+  return 0;
+}
+
+int cmd_deregister(client& c, const options& o) {
+  if (o.positional.size() != 1) return usage("usage: tensorreg deregister ID");
+  wire::Request r;
+  auto* d = r.mutable_deregister_artifact();
+  d->set_artifact_id(o.positional[0]);
+  d->set_wait_for_drain(true);
+  d->set_owner_pid(::getpid());
+  auto got = call(c, std::move(r));
+  if (!got) return fail_with(got.error());
+  const auto& res = got->deregister_artifact();
+  if (o.json) {
+    fmt::print("{}\n", json{{"drained", res.drained()}, {"removed", res.removed()}}.dump());
+  } else {
+    fmt::print("deregistered {} (drained {}, removed {})\n", o.positional[0], res.drained(), res.removed());
+  }
+  return 0;
+}
+
+int cmd_stats(client& c, const options& o) {
+  wire::Request r;
+  r.mutable_get_stats();
+  auto got = call(c, std::move(r));
+  if (!got) return fail_with(got.error());
+  const auto& s = got->get_stats();
+  if (o.json) {
+    json tiers = json::object();
+    for (const auto& t : s.tiers()) tiers[tier_name(t.tier())] = {{"bytes", t.bytes()}, {"artifacts", t.artifacts()}};
+    fmt::print("{}\n", json{{"artifacts", s.artifacts()}, {"pending_registrations", s.pending_registrations()},
+                            {"leases", s.leases()}, {"regions", s.regions()}, {"open_mappings", s.open_mappings()},
+                            {"connections", s.connections()}, {"tiers", tiers}}
+                           .dump());
+    return 0;
+  }
+  fmt::print("artifacts     {}\npending       {}\nleases        {}\nregions       {}\nopen mappings {}\nconnections   {}\n",
+             s.artifacts(), s.pending_registrations(), s.leases(), s.regions(), s.open_mappings(), s.connections());
+  for (const auto& t : s.tiers()) {
+    fmt::print("tier {:<12} {:>12} in {} artifacts\n", tier_name(t.tier()), human_bytes(t.bytes()), t.artifacts());
+  }
+  return 0;
+}
+
+const std::set<std::string>& daemon_commands() {
+  static const std::set<std::string> names{"status", "put", "lease", "ls", "show", "index", "revoke", "deregister", "stats"};
+  return names;
+}
+
+}  // namespace
+
+bool is_daemon_command(const std::string& command) { return daemon_commands().contains(command); }
+
+int run_daemon_command(const std::string& command, const std::vector<std::string>& args) {
+  auto parsed = parse(args);
+  if (!parsed) return usage(parsed.error().message);
+  const auto& o = *parsed;
+  int rc = 0;
+  auto c = connect_or_fail(o, rc);
+  if (!c) return rc;
+  if (command == "status") return cmd_status(*c, o);
+  if (command == "put") return cmd_put(c, o);
+  if (command == "lease") return cmd_lease(c, o);
+  if (command == "ls") return cmd_ls(*c, o);
+  if (command == "show") return cmd_show_or_index(*c, o, false);
+  if (command == "index") return cmd_show_or_index(*c, o, true);
+  if (command == "revoke") return cmd_revoke(*c, o);
+  if (command == "deregister") return cmd_deregister(*c, o);
+  return cmd_stats(*c, o);
+}
+
+}  // namespace tensorreg::cli

@@ -1,0 +1,18 @@
+// cli/daemon_commands.hpp — `tensorreg` commands that talk to tensorregd.
+//
+// status, put, lease, ls, show, index ID, revoke, deregister, stats. Human-readable tables by
+// default, `--json` for scripts; `--socket PATH` picks the daemon.
+#pragma once
+
+#include <string>
+#include <vector>
+
+namespace tensorreg::cli {
+
+/// Runs `command` with `args` against the daemon. Returns the exit code.
+int run_daemon_command(const std::string& command, const std::vector<std::string>& args);
+
+/// Whether `command` is one of the daemon commands.
+[[nodiscard]] bool is_daemon_command(const std::string& command);
+
+}  // namespace tensorreg::cli
