@@ -141,6 +141,23 @@ TEST_CASE("engine begin: a key from an earlier committed registration works, in 
   }
 }
 
+TEST_CASE("engine begin: the key of an index rebuilt by a LIP commit works for a stable put", "[registration][engine_begin]") {
+  fake_clock clock;
+  auto e = t::make_engine(clock);
+  const auto m = t::small_model();
+  auto leased = t::register_lip(*e, m, me);
+  REQUIRE_OK(leased);
+  auto r = stable_request();
+  r.tensor_index_data.reset();
+  r.tensor_index_key = key_of(t::small_model_json);
+  auto begun = e->begin(r);
+  REQUIRE_OK(begun);
+  REQUIRE_OK(t::feed_chunks(*e, begun->registration_id, m.canonical(), 40));
+  auto put = e->commit(begun->registration_id);
+  REQUIRE_OK(put);
+  CHECK(put->descriptor.artifact_id == leased->descriptor.artifact_id);
+}
+
 TEST_CASE("engine begin: a known key under a total_size too small for its entries is rejected", "[registration][engine_begin]") {
   fake_clock clock;
   auto e = t::make_engine(clock);

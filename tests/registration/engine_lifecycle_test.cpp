@@ -327,6 +327,25 @@ TEST_CASE("engine lifecycle: revoke of an idempotent join drops the join", "[reg
   CHECK(e->get(first->descriptor.artifact_id)->stable_replica);
 }
 
+TEST_CASE("engine lifecycle: keep-alive of an idempotent join sets its TTL", "[registration][engine_lifecycle]") {
+  fake_clock clock;
+  auto e = t::make_engine(clock);
+  const auto m = t::small_model();
+  REQUIRE_OK(t::register_stable(*e, m, me));
+  std::string join_id;
+  auto joined = t::register_stable(*e, m, me, &join_id);  // no TTL: held until revoked
+  REQUIRE_OK(joined);
+  REQUIRE(joined->existed);
+  const auto& artifact = joined->descriptor.artifact_id;
+  CHECK_ERROR(e->keep_alive(keep(join_id, 10, me + 1)), errc::permission_denied,
+              "cannot keep registration '" + join_id + "' alive: owner_pid " + std::to_string(me + 1) +
+                  " is not the lease's owner " + std::to_string(me));
+  REQUIRE_OK(e->keep_alive(keep(join_id, 10)));
+  clock.advance(milliseconds(10));
+  e->sweep();
+  CHECK(e->get(artifact)->joined_refs == 0);
+}
+
 // ---- The TTL sweep -----------------------------------------------------------------------------
 
 TEST_CASE("engine lifecycle: the sweep expires leases and releases their region refs", "[registration][engine_lifecycle]") {

@@ -1,0 +1,99 @@
+#include "support/daemon_process.hpp"
+
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <fstream>
+#include <sstream>
+#include <stdexcept>
+#include <thread>
+
+#ifndef TENSORREG_DAEMON_PATH
+#error "TENSORREG_DAEMON_PATH must name the tensorregd binary"
+#endif
+
+namespace tensorreg::testing {
+
+daemon_process::daemon_process(std::vector<std::string> extra_args)
+    : socket_((dir_.path() / "run" / "tensorregd.sock").string()) {
+  start(std::move(extra_args), true);
+}
+
+daemon_process::daemon_process(std::string socket_path, std::vector<std::string> extra_args, bool expect_ready)
+    : socket_(std::move(socket_path)) {
+  start(std::move(extra_args), expect_ready);
+}
+
+void daemon_process::start(std::vector<std::string> extra_args, bool expect_ready) {
+  log_ = dir_.path() / "daemon.log";
+  std::vector<std::string> args{TENSORREG_DAEMON_PATH, "--socket", socket_};
+  for (auto& a : extra_args) args.push_back(std::move(a));
+  pid_ = ::fork();
+  if (pid_ < 0) throw std::runtime_error("cannot fork the daemon");
+  if (pid_ == 0) {
+    const int fd = ::open(log_.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
+    ::dup2(fd, 1);
+    ::dup2(fd, 2);
+    std::vector<char*> argv;
+    for (auto& a : args) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    ::execv(argv[0], argv.data());
+    ::_exit(127);
+  }
+  if (!expect_ready) return;
+  const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (std::chrono::steady_clock::now() < give_up) {
+    if (output().find("ready") != std::string::npos) return;
+    int status = 0;
+    if (::waitpid(pid_, &status, WNOHANG) == pid_) {
+      pid_ = -1;
+      throw std::runtime_error("tensorregd exited before it was ready: " + output());
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  throw std::runtime_error("tensorregd did not report ready within 10 s: " + output());
+}
+
+std::string daemon_process::output() const {
+  std::ifstream in(log_);
+  std::stringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
+std::optional<int> daemon_process::wait_exit() {
+  if (pid_ < 0) return std::nullopt;
+  const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (std::chrono::steady_clock::now() < give_up) {
+    int status = 0;
+    if (::waitpid(pid_, &status, WNOHANG) == pid_) {
+      pid_ = -1;
+      return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  return std::nullopt;
+}
+
+int daemon_process::stop(int signal) {
+  if (pid_ < 0) return -1;
+  ::kill(pid_, signal);
+  auto code = wait_exit();
+  if (!code) {
+    ::kill(pid_, SIGKILL);
+    int status = 0;
+    ::waitpid(pid_, &status, 0);
+    pid_ = -1;
+    return 137;
+  }
+  return *code;
+}
+
+daemon_process::~daemon_process() {
+  if (pid_ > 0) stop(SIGTERM);
+}
+
+}  // namespace tensorreg::testing

@@ -1,0 +1,49 @@
+// tests/support/daemon_process.hpp — a real tensorregd started on a fresh socket in a temp dir.
+//
+// Starts the built daemon binary (TENSORREG_DAEMON_PATH) as a child process, waits until it
+// prints "ready" (so the socket accepts connections), and stops it with SIGTERM on
+// destruction. stop() reports the exit status so tests can check clean shutdowns.
+#pragma once
+
+#include <sys/types.h>
+
+#include <filesystem>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "support/temp_dir.hpp"
+
+namespace tensorreg::testing {
+
+class daemon_process {
+ public:
+  /// Starts tensorregd with `--socket <dir>/run/tensorregd.sock` and `extra_args`; throws if it
+  /// does not report ready within 10 s.
+  explicit daemon_process(std::vector<std::string> extra_args = {});
+  /// Starts one on an explicit socket path (for second-instance and stale-socket tests).
+  daemon_process(std::string socket_path, std::vector<std::string> extra_args, bool expect_ready);
+  ~daemon_process();
+  daemon_process(const daemon_process&) = delete;
+  daemon_process& operator=(const daemon_process&) = delete;
+
+  [[nodiscard]] const std::string& socket_path() const noexcept { return socket_; }
+  [[nodiscard]] pid_t pid() const noexcept { return pid_; }
+  /// Everything the daemon wrote to stdout and stderr so far.
+  [[nodiscard]] std::string output() const;
+
+  /// Sends `signal` and waits for the exit; returns the exit code (or 128 + signal).
+  int stop(int signal = 15);
+  /// Waits for the process to exit on its own (up to 10 s); returns the exit code or nullopt.
+  std::optional<int> wait_exit();
+
+ private:
+  void start(std::vector<std::string> extra_args, bool expect_ready);
+
+  temp_dir dir_;
+  std::string socket_;
+  std::filesystem::path log_;
+  pid_t pid_ = -1;
+};
+
+}  // namespace tensorreg::testing
