@@ -59,7 +59,9 @@ frame_out error_frame(std::uint64_t request_id, const error& e) {
   wire::Response response;
   response.set_request_id(request_id);
   set_status(response, e);
-  return serialize(response);
+  auto out = serialize(response);
+  out.close_after = request_id == 0;  // docs/wire-format.md §4: id-0 answers end the connection
+  return out;
 }
 
 // The RPC name of a body, for messages about requests that go no further than the envelope.
@@ -353,8 +355,8 @@ void fill_region(v2::RegisterRegionResponse& out, const regions::region_info& in
 reg::deregister_request to_deregister(const v2::DeregisterArtifactRequest& in) {
   reg::deregister_request out;
   out.artifact_id = in.artifact_id();
-  // proto3 cannot tell an unset bool from false; unset means wait (upstream's default).
-  out.wait_for_drain = true;
+  // Unset means wait (upstream's default); an explicit false asks for no waiting.
+  out.wait_for_drain = in.has_wait_for_drain() ? in.wait_for_drain() : true;
   out.drain_timeout_ms = in.drain_timeout_ms();  // 0 or unset: the engine's default (§5.16)
   out.owner_pid = in.owner_pid();
   return out;

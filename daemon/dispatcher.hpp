@@ -45,6 +45,8 @@ struct frame_in {
 struct frame_out {
   std::string payload;
   std::vector<unique_fd> fds;
+  /// A connection-level error (request_id 0): the session closes after sending it.
+  bool close_after = false;
 };
 
 class dispatcher {

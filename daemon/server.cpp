@@ -59,9 +59,12 @@ class session : public std::enable_shared_from_this<session> {
         next_frame_fds.clear();
         auto out = co_await asio::co_spawn(workers_.get_executor(), handle_on_worker(dispatch_, *connection_, std::move(in)),
                                            asio::use_awaitable);
-        if (out && !co_await write(std::move(*out))) {
-          stopping_ = true;
-          break;
+        if (out) {
+          const bool close_after = out->close_after;
+          if (!co_await write(std::move(*out)) || close_after) {
+            stopping_ = true;
+            break;
+          }
         }
       }
     }

@@ -1005,7 +1005,9 @@ result<std::shared_ptr<const memory::byte_source>> engine::open_bytes(const std:
 
 result<deregister_response> engine::deregister(const deregister_request& r) {
   auto& s = *state_;
-  std::shared_ptr<const char> readers;
+  // Watched, not held: a held copy counted as a reader in every other deregister of the same
+  // artifact running at once, so concurrent deregisters never drained and all timed out.
+  std::weak_ptr<const char> readers;
   {
     std::lock_guard lock(s.mutex);
     auto it = s.artifacts.find(r.artifact_id);
@@ -1019,10 +1021,10 @@ result<deregister_response> engine::deregister(const deregister_request& r) {
   const auto timeout = r.drain_timeout_ms != 0 ? milliseconds(r.drain_timeout_ms) : s.options.default_drain_timeout;
   const auto give_up = std::chrono::steady_clock::now() + timeout;
   deregister_response response;
-  while (readers.use_count() > 2) {  // ours plus the artifact's
+  while (readers.use_count() > 1) {  // the artifact's own, plus one per reader
     if (!r.wait_for_drain || std::chrono::steady_clock::now() >= give_up) {
       return fail(errc::deadline_exceeded, "cannot deregister " + r.artifact_id + ": " +
-                                               std::to_string(readers.use_count() - 2) + " readers still hold it after " +
+                                               std::to_string(readers.use_count() - 1) + " readers still hold it after " +
                                                std::to_string(r.wait_for_drain ? timeout.count() : 0) +
                                                " ms; it stays quiesced");
     }

@@ -684,6 +684,35 @@ TEST_CASE("engine lifecycle: deregister waits for a reader released meanwhile", 
   CHECK(out->removed);
 }
 
+TEST_CASE("engine lifecycle: concurrent deregisters of one artifact both drain", "[registration][engine_lifecycle][concurrency]") {
+  fake_clock clock;
+  auto e = t::make_engine(clock);
+  auto put = t::register_stable(*e, t::small_model(), me);
+  REQUIRE_OK(put);
+  const auto artifact = put->descriptor.artifact_id;
+  auto reader = e->open_bytes(artifact);
+  REQUIRE_OK(reader);
+  std::vector<result<deregister_response>> outs(2, tl::unexpected(error{}));
+  std::vector<std::thread> callers;
+  for (std::size_t i = 0; i < outs.size(); ++i) {
+    callers.emplace_back([&, i] { outs[i] = e->deregister({artifact, true, 5000, me}); });
+  }
+  std::this_thread::sleep_for(milliseconds(50));  // both are draining now
+  reader->reset();
+  for (auto& c : callers) c.join();
+  int removed = 0;
+  for (const auto& out : outs) {
+    if (out) {
+      CHECK(out->drained);
+      removed += out->removed ? 1 : 0;
+    } else {
+      CHECK(out.error().code == errc::not_found);  // the other one finished first
+    }
+  }
+  CHECK(removed == 1);
+  CHECK(e->list().empty());
+}
+
 // ---- Catalogue and stats --------------------------------------------------------------------------
 
 TEST_CASE("engine lifecycle: list, get, index_of, open_bytes and stats describe what is held", "[registration][engine_lifecycle]") {

@@ -1,0 +1,144 @@
+// src/cuda/tree_hash.cu — the kernels of the GPU tree hash (registration.md §3.3,
+// DECISIONS §5.1, §6).
+//
+// A 4 MiB leaf is one sequential chain of 65 536 SHA-256 compressions, so the leaf kernel
+// gives each leaf one thread and makes that thread's chain as short as it can: state and
+// message schedule in registers, the rounds unrolled with compile-time indices, rotations as
+// single funnel shifts, Ch/Maj as single LOP3s, and the next 64-byte block loaded (128-bit,
+// read-only path) while the current one is compressed. Blocks are sized so that each warp
+// has a scheduler of its own (tree_hash_kernels.hpp), which is what makes the time of every
+// size up to 4 warps per SM equal to the time of one leaf.
+//
+// The tree is folded on the GPU: a launch per wide level, then one block for the last
+// levels; only the root's 32 bytes go back to the host.
+#include "cuda/tree_hash_kernels.hpp"
+
+#include <algorithm>
+#include <cstdint>
+
+#include "cuda/sha256_device.cuh"
+
+namespace tensorreg::cuda::detail {
+namespace {
+
+constexpr unsigned max_leaf_threads = 128;
+constexpr unsigned tree_threads = 256;
+constexpr std::uint32_t tree_single_block_nodes = 1024;
+
+template <int Align, unroll_mode Mode>
+__global__ void __launch_bounds__(max_leaf_threads)
+    leaf_kernel(const unsigned char* __restrict__ data, std::uint64_t size, std::uint32_t leaves,
+                std::uint32_t* __restrict__ leaf_words) {
+  const std::uint32_t i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= leaves) return;
+  const std::uint64_t offset = static_cast<std::uint64_t>(i) * sha_leaf_bytes;
+  const std::uint64_t remaining = size - offset;
+  const std::uint64_t len = remaining < sha_leaf_bytes ? remaining : sha_leaf_bytes;
+  std::uint32_t s[8];
+  sha256_words<Align, Mode>(data + offset, len, s);
+  uint4* out = reinterpret_cast<uint4*>(leaf_words + 8 * static_cast<std::uint64_t>(i));
+  out[0] = make_uint4(s[0], s[1], s[2], s[3]);
+  out[1] = make_uint4(s[4], s[5], s[6], s[7]);
+}
+
+template <int Align, unroll_mode Mode>
+__global__ void __launch_bounds__(32)
+    single_leaf_kernel(const unsigned char* __restrict__ data, std::uint64_t len,
+                       std::uint32_t* __restrict__ out_words) {
+  if (threadIdx.x != 0) return;
+  std::uint32_t s[8];
+  sha256_words<Align, Mode>(data, len, s);
+  for (int k = 0; k < 8; ++k) out_words[k] = s[k];
+}
+
+// One level of n nodes at `in` → (n+1)/2 nodes at `out`, one thread per node.
+__global__ void __launch_bounds__(tree_threads)
+    tree_level_kernel(const std::uint32_t* __restrict__ in, std::uint32_t n, std::uint32_t* __restrict__ out) {
+  const std::uint32_t j = blockIdx.x * blockDim.x + threadIdx.x;
+  if (j < (n + 1) / 2) tree_level_node(in, n, j, out);
+}
+
+// The remaining levels (n ≤ tree_single_block_nodes) in one block; the buffers alternate,
+// and __syncthreads() makes a level's global writes visible to the block before the next.
+__global__ void __launch_bounds__(tree_threads)
+    tree_tail_kernel(std::uint32_t* in, std::uint32_t* other, std::uint32_t n, std::uint32_t* root_words) {
+  while (n > 1) {
+    const std::uint32_t parents = (n + 1) / 2;
+    for (std::uint32_t j = threadIdx.x; j < parents; j += blockDim.x) tree_level_node(in, n, j, other);
+    __syncthreads();
+    std::uint32_t* t = in;
+    in = other;
+    other = t;
+    n = parents;
+  }
+  if (threadIdx.x < 8) root_words[threadIdx.x] = in[threadIdx.x];
+}
+
+template <unroll_mode Mode>
+void launch_leaf(const void* data, std::uint64_t size, std::uint32_t leaves, std::uint32_t* leaf_words,
+                 unsigned threads, cudaStream_t stream) {
+  const auto address = reinterpret_cast<std::uintptr_t>(data);
+  const auto* bytes = static_cast<const unsigned char*>(data);
+  const unsigned blocks = (leaves + threads - 1) / threads;
+  if (address % 16 == 0) {
+    leaf_kernel<16, Mode><<<blocks, threads, 0, stream>>>(bytes, size, leaves, leaf_words);
+  } else if (address % 4 == 0) {
+    leaf_kernel<4, unroll_mode::rolled><<<blocks, threads, 0, stream>>>(bytes, size, leaves, leaf_words);
+  } else {
+    leaf_kernel<1, unroll_mode::rolled><<<blocks, threads, 0, stream>>>(bytes, size, leaves, leaf_words);
+  }
+}
+
+}  // namespace
+
+unsigned leaf_threads_per_block(std::uint64_t leaves, int sm_count) noexcept {
+  const std::uint64_t warps = (leaves + 31) / 32;
+  const std::uint64_t sms = sm_count > 0 ? static_cast<std::uint64_t>(sm_count) : 1;
+  const std::uint64_t per_block = std::clamp<std::uint64_t>((warps + sms - 1) / sms, 1, max_leaf_threads / 32);
+  return static_cast<unsigned>(32 * per_block);
+}
+
+cudaError_t launch_leaf_kernel(const void* data, std::uint64_t size, std::uint32_t leaves,
+                               std::uint32_t* leaf_words, unsigned threads_per_block,
+                               cudaStream_t stream, leaf_kernel_variant variant) {
+  const unsigned threads = std::clamp(threads_per_block / 32 * 32, 32U, max_leaf_threads);
+  if (variant == leaf_kernel_variant::full_unroll) {
+    launch_leaf<unroll_mode::full>(data, size, leaves, leaf_words, threads, stream);
+  } else {
+    launch_leaf<unroll_mode::rolled>(data, size, leaves, leaf_words, threads, stream);
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t launch_tree_kernels(std::uint32_t* level_a, std::uint32_t* level_b, std::uint32_t leaves,
+                                std::uint32_t* root_words, cudaStream_t stream) {
+  std::uint32_t* in = level_a;
+  std::uint32_t* out = level_b;
+  std::uint32_t n = leaves;
+  while (n > tree_single_block_nodes) {
+    const std::uint32_t parents = (n + 1) / 2;
+    const unsigned blocks = (parents + tree_threads - 1) / tree_threads;
+    tree_level_kernel<<<blocks, tree_threads, 0, stream>>>(in, n, out);
+    const cudaError_t e = cudaGetLastError();
+    if (e != cudaSuccess) return e;
+    std::swap(in, out);
+    n = parents;
+  }
+  tree_tail_kernel<<<1, tree_threads, 0, stream>>>(in, out, n, root_words);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_single_leaf_floor(const void* data, std::uint64_t size, std::uint32_t* out_words,
+                                     cudaStream_t stream, leaf_kernel_variant variant) {
+  const auto* bytes = static_cast<const unsigned char*>(data);
+  const std::uint64_t len = std::min(size, sha_leaf_bytes);
+  if (reinterpret_cast<std::uintptr_t>(data) % 16 != 0) return cudaErrorMisalignedAddress;
+  if (variant == leaf_kernel_variant::full_unroll) {
+    single_leaf_kernel<16, unroll_mode::full><<<1, 1, 0, stream>>>(bytes, len, out_words);
+  } else {
+    single_leaf_kernel<16, unroll_mode::rolled><<<1, 1, 0, stream>>>(bytes, len, out_words);
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace tensorreg::cuda::detail

@@ -1,0 +1,54 @@
+// src/cuda/tree_hash_kernels.hpp — launchers of the tree-hash kernels (private to src/cuda/).
+//
+// tree_hash.cu holds the kernels; this header lets plain C++ (tree_hash.cpp, compiled by the
+// host compiler with the project's warnings) enqueue them. Digests travel in device memory
+// as 8 native 32-bit state words each (see sha256_device.cuh).
+//
+// Thread-safety: the launchers only enqueue work on the given stream; they are reentrant.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace tensorreg::cuda::detail {
+
+/// How the 64 SHA-256 rounds of the leaf kernel are laid out (sha256_device.cuh).
+enum class leaf_kernel_variant : std::uint8_t {
+  full_unroll,  ///< 64 rounds inline, constants as immediates
+  rolled,       ///< rounds 16..63 as a 3-turn loop over a 16-round body
+};
+
+/// The variant tree_hash uses.
+inline constexpr leaf_kernel_variant default_leaf_variant = leaf_kernel_variant::full_unroll;
+
+/// Threads per block of the leaf kernel for `leaves` leaves on a device with `sm_count`
+/// multiprocessors: enough warps per block (1..4) that the blocks need at most one per SM,
+/// so each warp gets a scheduler of its own whenever there are at most 4 warps per SM.
+[[nodiscard]] unsigned leaf_threads_per_block(std::uint64_t leaves, int sm_count) noexcept;
+
+/// Enqueues the leaf kernel: leaf i of the `size` bytes at `data` (bytes [i·4 MiB,
+/// min((i+1)·4 MiB, size))) gets its state words at leaf_words[8i..8i+7], one thread per
+/// leaf. Picks 128-bit, 32-bit or byte loads from the alignment of `data`.
+/// REQUIRES: size > 0; leaves == ceil(size / 4 MiB) < 2^31; threads_per_block in {32,64,96,128}.
+/// Returns the launch error (cudaGetLastError), if any.
+cudaError_t launch_leaf_kernel(const void* data, std::uint64_t size, std::uint32_t leaves,
+                               std::uint32_t* leaf_words, unsigned threads_per_block,
+                               cudaStream_t stream,
+                               leaf_kernel_variant variant = default_leaf_variant);
+
+/// Enqueues the tree fold over `leaves` digests at level_a (overwritten), using level_b
+/// (room for ceil(leaves/2) digests) as the other half of a ping-pong pair; the root's state
+/// words go to root_words[0..7]. Wide levels get one launch each; the last ≤ 1024 nodes are
+/// folded by one block looping over the levels. REQUIRES: leaves ≥ 1.
+cudaError_t launch_tree_kernels(std::uint32_t* level_a, std::uint32_t* level_b, std::uint32_t leaves,
+                                std::uint32_t* root_words, cudaStream_t stream);
+
+/// Enqueues one single-thread kernel that hashes the first min(size, 4 MiB) bytes at `data`
+/// (one leaf, one thread): the latency floor every leaf of the full kernel is measured
+/// against. Writes the state words to out_words[0..7].
+cudaError_t launch_single_leaf_floor(const void* data, std::uint64_t size, std::uint32_t* out_words,
+                                     cudaStream_t stream,
+                                     leaf_kernel_variant variant = default_leaf_variant);
+
+}  // namespace tensorreg::cuda::detail
