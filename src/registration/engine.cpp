@@ -550,13 +550,15 @@ status engine::feed(feed_request r) {
 
 status engine::keep_alive(const keep_alive_request& r) {
   auto& s = *state_;
-  std::shared_ptr<pending> p;
+  bool open = false;
   {
     std::lock_guard lock(s.mutex);
-    if (auto it = s.pending_by_id.find(r.registration_id); it != s.pending_by_id.end()) p = it->second;
+    open = s.pending_by_id.contains(r.registration_id) || s.tombstones.contains(r.registration_id);
   }
   const std::string what = "cannot keep registration '" + r.registration_id + "' alive";
-  if (p) {
+  if (open) {
+    // An expired registration is not revived: DEADLINE_EXCEEDED, as Feed and Commit answer.
+    TENSORREG_TRY_ASSIGN(auto p, s.find_open(r.registration_id, "keep alive"));
     std::lock_guard plock(p->mutex);
     if (r.owner_pid != p->owner_pid) {
       return fail(errc::permission_denied, what + ": owner_pid " + std::to_string(r.owner_pid) +
@@ -1036,7 +1038,13 @@ result<deregister_response> engine::deregister(const deregister_request& r) {
   auto it = s.artifacts.find(r.artifact_id);
   if (it == s.artifacts.end()) return response;
   for (auto& [id, l] : it->second.leases) {
-    for (const auto& region : l.region_ids) response.released_region_ids.push_back(region);
+    for (const auto& region : l.region_ids) {
+      // One lease may hold several references on one region: report each region once.
+      if (std::find(response.released_region_ids.begin(), response.released_region_ids.end(), region) ==
+          response.released_region_ids.end()) {
+        response.released_region_ids.push_back(region);
+      }
+    }
     s.end_lease(l);
     s.artifact_of_registration.erase(id);
   }

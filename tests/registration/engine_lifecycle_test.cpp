@@ -188,6 +188,20 @@ TEST_CASE("engine lifecycle: keep-alive of a pending registration with ttl 0 kee
   CHECK_CODE(e->commit(begun->registration_id), errc::deadline_exceeded);
 }
 
+TEST_CASE("engine lifecycle: keep-alive does not revive an expired registration", "[registration][engine_lifecycle]") {
+  fake_clock clock;
+  auto e = t::make_engine(clock);
+  auto r = t::stable_begin(t::small_model(), me);
+  r.ttl_ms = 100;
+  auto begun = e->begin(r);
+  REQUIRE_OK(begun);
+  const auto& id = begun->registration_id;
+  clock.advance(milliseconds(100));
+  CHECK_ERROR(e->keep_alive(keep(id, 60'000)), errc::deadline_exceeded,
+              "cannot keep alive registration '" + id + "': its TTL expired");
+  CHECK_CODE(e->commit(id), errc::not_found);
+}
+
 TEST_CASE("engine lifecycle: keep-alive of a lease sets its TTL, and ttl 0 clears it", "[registration][engine_lifecycle]") {
   fake_clock clock;
   auto e = t::make_engine(clock);
@@ -626,7 +640,7 @@ TEST_CASE("engine lifecycle: deregister drains, removes, and revokes leases", "[
   REQUIRE_OK(out);
   CHECK(out->drained);
   CHECK(out->removed);
-  CHECK(out->released_region_ids == std::vector<std::string>{region->id, region->id});
+  CHECK(out->released_region_ids == std::vector<std::string>{region->id});  // each region once
   CHECK_CODE(e->get(artifact), errc::not_found);
   CHECK(e->stats().leases == 0);
   CHECK(region_refs(*e, region->id) == 0);

@@ -1,0 +1,89 @@
+# cmake/cuda.cmake — the CUDA data plane: tensorreg::cuda (the GPU tree hash) and, when
+# enabled, its tests and benchmark.
+#
+# Included from the top-level CMakeLists.txt when TENSORREG_HAVE_CUDA is ON, after
+# enable_language(CUDA) + find_package(CUDAToolkit), add_subdirectory(src) (tensorreg,
+# tensorreg_warnings) and the tests block (enable_testing()):
+#
+#   if(TENSORREG_HAVE_CUDA)
+#     include(cmake/cuda.cmake)
+#   endif()
+#
+# Every binary links the CUDA runtime statically (CUDA::cudart_static), so it needs only the
+# driver (libcuda.so) on the GPU machine.
+
+set(TENSORREG_CUDA_ARCHITECTURES "80-real;90" CACHE STRING
+    "CUDA architectures of the kernels (CMake CUDA_ARCHITECTURES syntax): sm_80 code, sm_90 code + PTX")
+option(TENSORREG_CUDA_PTXAS_VERBOSE "Print ptxas register/spill reports (-Xptxas=-v) for the kernels" OFF)
+
+# Options for .cu files: host-compiler warnings without -Werror (nvcc-generated host code trips
+# some of them), optimisation of device code, and line info for profilers.
+add_library(tensorreg_cuda_flags INTERFACE)
+target_compile_options(tensorreg_cuda_flags INTERFACE
+  $<$<COMPILE_LANGUAGE:CUDA>:-Xcompiler=-Wall,-Wextra -lineinfo>
+  $<$<AND:$<COMPILE_LANGUAGE:CUDA>,$<BOOL:${TENSORREG_CUDA_PTXAS_VERBOSE}>>:-Xptxas=-v>)
+
+function(tensorreg_cuda_target target)
+  set_target_properties(${target} PROPERTIES
+    CUDA_ARCHITECTURES "${TENSORREG_CUDA_ARCHITECTURES}"
+    CUDA_STANDARD 20
+    CUDA_STANDARD_REQUIRED ON
+    CUDA_EXTENSIONS OFF
+    CUDA_RUNTIME_LIBRARY Static)
+endfunction()
+
+# --- the library -------------------------------------------------------------------------
+file(GLOB tensorreg_cuda_sources CONFIGURE_DEPENDS
+  ${PROJECT_SOURCE_DIR}/src/cuda/*.cpp ${PROJECT_SOURCE_DIR}/src/cuda/*.cu)
+add_library(tensorreg_cuda STATIC ${tensorreg_cuda_sources})
+add_library(tensorreg::cuda ALIAS tensorreg_cuda)
+tensorreg_cuda_target(tensorreg_cuda)
+set_target_properties(tensorreg_cuda PROPERTIES POSITION_INDEPENDENT_CODE ON)
+target_compile_features(tensorreg_cuda PUBLIC cxx_std_20)
+target_include_directories(tensorreg_cuda
+  PUBLIC $<BUILD_INTERFACE:${PROJECT_SOURCE_DIR}/include> $<INSTALL_INTERFACE:${CMAKE_INSTALL_INCLUDEDIR}>
+  PRIVATE ${PROJECT_SOURCE_DIR}/src)
+target_link_libraries(tensorreg_cuda
+  PUBLIC tensorreg::tensorreg CUDA::cudart_static
+  PRIVATE $<BUILD_INTERFACE:tensorreg_warnings> $<BUILD_INTERFACE:tensorreg_cuda_flags>)
+
+# Test data written on the GPU (shared by the GPU tests and the benchmark).
+if(TENSORREG_BUILD_TESTS OR TENSORREG_BUILD_BENCHMARKS)
+  add_library(tensorreg_gpu_fill STATIC ${PROJECT_SOURCE_DIR}/tests/cuda/gpu_fill.cu)
+  tensorreg_cuda_target(tensorreg_gpu_fill)
+  target_include_directories(tensorreg_gpu_fill PUBLIC ${PROJECT_SOURCE_DIR}/tests/cuda)
+  target_link_libraries(tensorreg_gpu_fill PUBLIC CUDA::cudart_static PRIVATE tensorreg_cuda_flags)
+endif()
+
+# --- tests -------------------------------------------------------------------------------
+if(TENSORREG_BUILD_TESTS)
+  find_package(Catch2 2.13 REQUIRED)
+
+  # The kernels' SHA-256 logic compiled as host code, against OpenSSL: runs without a GPU.
+  add_executable(tensorreg_gpu_host_tests ${PROJECT_SOURCE_DIR}/tests/cuda/sha256_device_host_tests.cu)
+  tensorreg_cuda_target(tensorreg_gpu_host_tests)
+  target_include_directories(tensorreg_gpu_host_tests PRIVATE ${PROJECT_SOURCE_DIR}/src)
+  target_link_libraries(tensorreg_gpu_host_tests PRIVATE tensorreg::tensorreg Catch2::Catch2 tensorreg_cuda_flags)
+  add_test(NAME cuda.host_logic COMMAND tensorreg_gpu_host_tests)
+  set_tests_properties(cuda.host_logic PROPERTIES LABELS "cuda")
+
+  # The GPU suite: exits 77 (skipped) when no CUDA device is present.
+  add_executable(tensorreg_gpu_tests
+    ${PROJECT_SOURCE_DIR}/tests/cuda/gpu_main.cpp
+    ${PROJECT_SOURCE_DIR}/tests/cuda/tree_hash_gpu_tests.cpp)
+  tensorreg_cuda_target(tensorreg_gpu_tests)
+  target_include_directories(tensorreg_gpu_tests PRIVATE ${PROJECT_SOURCE_DIR}/src)
+  target_link_libraries(tensorreg_gpu_tests PRIVATE tensorreg::cuda tensorreg::tensorreg tensorreg_gpu_fill
+                                                    Catch2::Catch2 tensorreg_warnings)
+  add_test(NAME cuda.gpu COMMAND tensorreg_gpu_tests)
+  set_tests_properties(cuda.gpu PROPERTIES SKIP_RETURN_CODE 77 LABELS "cuda;gpu" TIMEOUT 1800)
+endif()
+
+# --- benchmark ---------------------------------------------------------------------------
+if(TENSORREG_BUILD_BENCHMARKS)
+  add_executable(cuda_tree_hash_bench ${PROJECT_SOURCE_DIR}/benchmarks/cuda_tree_hash_bench.cu)
+  tensorreg_cuda_target(cuda_tree_hash_bench)
+  target_include_directories(cuda_tree_hash_bench PRIVATE ${PROJECT_SOURCE_DIR}/src)
+  target_link_libraries(cuda_tree_hash_bench PRIVATE tensorreg::cuda tensorreg::tensorreg tensorreg_gpu_fill
+                                                     tensorreg_cuda_flags)
+endif()
