@@ -23,12 +23,11 @@ target_compile_options(tensorreg_cuda_flags INTERFACE
   $<$<COMPILE_LANGUAGE:CUDA>:-Xcompiler=-Wall,-Wextra -lineinfo>
   $<$<AND:$<COMPILE_LANGUAGE:CUDA>,$<BOOL:${TENSORREG_CUDA_PTXAS_VERBOSE}>>:-Xptxas=-v>)
 
+# C++20 for .cu files as a plain flag: CMake 3.25 knows no CUDA20 dialect flags for nvcc 13.
 function(tensorreg_cuda_target target)
+  target_compile_options(${target} PRIVATE $<$<COMPILE_LANGUAGE:CUDA>:-std=c++20>)
   set_target_properties(${target} PROPERTIES
     CUDA_ARCHITECTURES "${TENSORREG_CUDA_ARCHITECTURES}"
-    CUDA_STANDARD 20
-    CUDA_STANDARD_REQUIRED ON
-    CUDA_EXTENSIONS OFF
     CUDA_RUNTIME_LIBRARY Static)
 endfunction()
 
