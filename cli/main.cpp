@@ -6,6 +6,7 @@
 // Exits non-zero with a one-line error on bad input.
 #include <fmt/core.h>
 
+#include <algorithm>
 #include <exception>
 #include <string>
 #include <vector>
@@ -46,8 +47,9 @@ int main(int argc, char** argv) try {
   args.erase(args.begin());
   if (command == "digest") return tensorreg::cli::run_digest(args);
   // `index ID` asks the daemon; `index FILES...` reads safetensors files.
-  const bool index_of_id = command == "index" && !args.empty() &&
-                           (args[0].starts_with("mi2:") || args[0].starts_with("cgid:"));
+  const bool index_of_id = command == "index" && std::any_of(args.begin(), args.end(), [](const std::string& a) {
+                             return a.starts_with("mi2:") || a.starts_with("cgid:");
+                           });
   if (command == "index" && !index_of_id) return tensorreg::cli::run_index_files(args);
   if (tensorreg::cli::is_daemon_command(command)) return tensorreg::cli::run_daemon_command(command, args);
   fmt::print(stderr, "tensorreg: unknown command '{}'\n{}", command, kUsage);

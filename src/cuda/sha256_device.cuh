@@ -22,6 +22,15 @@
 #define TENSORREG_SHA_HD inline
 #endif
 
+// Loop unrolling hints for the device pass only (the host compiler would warn about them).
+#if defined(__CUDA_ARCH__)
+#define TENSORREG_SHA_UNROLL _Pragma("unroll")
+#define TENSORREG_SHA_NO_UNROLL _Pragma("unroll 1")
+#else
+#define TENSORREG_SHA_UNROLL
+#define TENSORREG_SHA_NO_UNROLL
+#endif
+
 namespace tensorreg::cuda::detail {
 
 /// Leaf size, fixed (hash::leaf_bytes; kept in sync by a static_assert in tree_hash.cpp).
@@ -228,9 +237,7 @@ TENSORREG_SHA_HD void compress(std::uint32_t (&s)[8], std::uint32_t (&w)[16]) {
 #else
     const std::uint32_t* table = sha_k_host;
 #endif
-#if defined(__CUDACC__)
-#pragma unroll 1
-#endif
+    TENSORREG_SHA_NO_UNROLL
     for (int turn = 0; turn < 3; ++turn) {
       const std::uint32_t* k = table + 16 * turn;
     round<16>(a, b, c, d, e, f, g, h, w, k[16]);
@@ -268,7 +275,7 @@ struct block_loader<16> {
   TENSORREG_SHA_HD static void load(const unsigned char* p, std::uint32_t (&raw)[16]) {
 #if defined(__CUDA_ARCH__)
     const uint4* q = reinterpret_cast<const uint4*>(p);
-#pragma unroll
+    TENSORREG_SHA_UNROLL
     for (int i = 0; i < 4; ++i) {
       const uint4 v = __ldg(q + i);
       raw[4 * i + 0] = v.x;
@@ -289,7 +296,7 @@ struct block_loader<4> {
   TENSORREG_SHA_HD static void load(const unsigned char* p, std::uint32_t (&raw)[16]) {
 #if defined(__CUDA_ARCH__)
     const unsigned int* q = reinterpret_cast<const unsigned int*>(p);
-#pragma unroll
+    TENSORREG_SHA_UNROLL
     for (int i = 0; i < 16; ++i) raw[i] = __ldg(q + i);
 #else
     std::memcpy(raw, p, 64);
@@ -303,9 +310,7 @@ struct block_loader<4> {
 template <>
 struct block_loader<1> {
   TENSORREG_SHA_HD static void load(const unsigned char* p, std::uint32_t (&raw)[16]) {
-#if defined(__CUDACC__)
-#pragma unroll
-#endif
+    TENSORREG_SHA_UNROLL
     for (int i = 0; i < 16; ++i) {
       raw[i] = (static_cast<std::uint32_t>(p[4 * i]) << 24) |
                (static_cast<std::uint32_t>(p[4 * i + 1]) << 16) |
@@ -325,14 +330,10 @@ TENSORREG_SHA_HD void finish_message(std::uint32_t (&s)[8], const unsigned char*
   const int blocks = r >= 56 ? 2 : 1;
   for (int q = 0; q < blocks; ++q) {
     std::uint32_t w[16];
-#if defined(__CUDACC__)
-#pragma unroll
-#endif
+    TENSORREG_SHA_UNROLL
     for (int j = 0; j < 16; ++j) {
       std::uint32_t v = 0;
-#if defined(__CUDACC__)
-#pragma unroll
-#endif
+    TENSORREG_SHA_UNROLL
       for (int b = 0; b < 4; ++b) {
         const unsigned idx = static_cast<unsigned>(64 * q + 4 * j + b);
         const std::uint32_t byte = idx < r ? static_cast<std::uint32_t>(tail[idx]) : (idx == r ? 0x80U : 0U);
@@ -360,9 +361,7 @@ TENSORREG_SHA_HD void sha256_words(const unsigned char* p, std::uint64_t len, st
     loader::load(p, raw);
     for (std::uint64_t blk = 0; blk < full; ++blk) {
       std::uint32_t w[16];
-#if defined(__CUDACC__)
-#pragma unroll
-#endif
+    TENSORREG_SHA_UNROLL
       for (int i = 0; i < 16; ++i) w[i] = loader::word(raw[i]);
       // Prefetch the next block (the last block again at the end: branch-free, in bounds).
       const std::uint64_t next = blk + 1 < full ? blk + 1 : blk;

@@ -3,14 +3,18 @@
 
 The reference builds canonical indices and tree hashes from the rules of registration.md
 §2–§3 with hashlib/json/base64 only, so a bug shared by the C++ code and its unit tests
-still shows here. Usage: cli_test.py PATH/TO/tensorreg
+still shows here. Usage: cli_test.py PATH/TO/tensorreg [PATH/TO/tensorregd]
+With the daemon: `put` and `lease` through a real tensorregd give the id that
+`tensorreg digest` computes from the same canonical bytes.
 """
 import base64
 import hashlib
 import json
 import os
+import signal
 import struct
 import subprocess
+import time
 import sys
 import tempfile
 
@@ -87,6 +91,7 @@ def main():
         nonlocal failures
         print(("ok   " if cond else "FAIL ") + what)
         failures += 0 if cond else 1
+        return 0 if cond else 1
 
     rnd = lambda n: os.urandom(n)
     with tempfile.TemporaryDirectory() as d:
@@ -139,7 +144,63 @@ def main():
             check(p.returncode != 0 and len(p.stderr.strip().splitlines()) >= 1 and p.stderr.startswith("tensorreg: "),
                   f"bad input exits non-zero with an error: {what}")
             check(len(p.stderr.strip().splitlines()) == 1 or args == ["frobnicate"], f"the error is one line: {what}")
+        if len(sys.argv) > 2:
+            failures += daemon_checks(tool, sys.argv[2], d, check)
     sys.exit(1 if failures else 0)
+
+
+def daemon_checks(tool, daemon, d, check):
+    """put and lease through a real daemon give the id `tensorreg digest` gives."""
+    sock = os.path.join(d, "run", "tensorregd.sock")
+    log = open(os.path.join(d, "daemon.log"), "w+")
+    proc = subprocess.Popen([daemon, "--socket", sock], stdout=log, stderr=subprocess.STDOUT)
+    lease = None
+    try:
+        for _ in range(200):
+            log.seek(0)
+            if "ready" in log.read():
+                break
+            time.sleep(0.05)
+        tensors = {"w": ("F32", [1025, 1024], os.urandom(1025 * 1024 * 4)), "b": ("BF16", [3], os.urandom(6))}
+        model = os.path.join(d, "daemon-model.safetensors")
+        write_safetensors(model, tensors)
+        text, buf = reference_index(tensors)
+        with open(os.path.join(d, "daemon-index.json"), "w") as f:
+            f.write(text)
+        with open(os.path.join(d, "daemon-canonical.bin"), "wb") as f:
+            f.write(buf)
+        digest = run(tool, "digest", "--index", os.path.join(d, "daemon-index.json"),
+                     "--data", os.path.join(d, "daemon-canonical.bin")).stdout.splitlines()[-1].split()[1]
+        put = json.loads(run(tool, "put", "--socket", sock, "--json", model).stdout)
+        check(put["artifact_id"] == digest and not put["existed"], "put through tensorregd gives the digest id")
+        again = json.loads(run(tool, "put", "--socket", sock, "--json", model).stdout)
+        check(again["existed"], "a second put answers existed=true")
+        lease = subprocess.Popen([tool, "lease", "--socket", sock, "--json", model], stdout=subprocess.PIPE,
+                                 stderr=subprocess.DEVNULL, text=True)
+        leased = json.loads(lease.stdout.readline())
+        check(leased["artifact_id"] == digest, "lease through tensorregd gives the digest id")
+        listed = json.loads(run(tool, "ls", "--socket", sock, "--json").stdout)
+        check(len(listed) == 1 and set(listed[0]["tiers"]) == {"leased", "stable_dram"}, "ls shows both tiers")
+        shown = json.loads(run(tool, "show", "--socket", sock, "--json", digest).stdout)
+        check(shown["index"] == json.loads(text), "show returns the canonical index")
+        check(run(tool, "index", "--socket", sock, digest).stdout.strip() == text, "index ID prints the canonical bytes")
+        lease.send_signal(signal.SIGTERM)
+        lease.wait(timeout=10)
+        stats = json.loads(run(tool, "stats", "--socket", sock, "--json").stdout)
+        # The second put's join went with its process too (owner exit), so nothing is leased.
+        check(stats["leases"] == 0 and stats["regions"] == 0 and stats["artifacts"] == 1,
+              "the lease and its region go when the holder stops; the stable copy stays")
+        gone = run(tool, "show", "--socket", sock, "mi2:nope", expect_ok=False)
+        check(gone.returncode != 0 and "NOT_FOUND" in gone.stderr, "show of an unknown id is NOT_FOUND")
+        dereg = json.loads(run(tool, "deregister", "--socket", sock, "--json", digest).stdout)
+        check(dereg["removed"], "deregister removes the artifact")
+    finally:
+        if lease and lease.poll() is None:
+            lease.kill()
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=10)
+    check(code == 0 and not os.path.exists(sock), "tensorregd stops cleanly on SIGTERM")
+    return 0
 
 
 if __name__ == "__main__":
