@@ -450,3 +450,22 @@ TEST_CASE("tensorregd: a client that disconnects mid-stream leaves an abortable 
   REQUIRE_FALSE(late);
   CHECK(late.error().code == errc::deadline_exceeded);
 }
+
+TEST_CASE("tensorregd: a lease's keep-alive thread keeps it past its TTL; dropping it revokes", "[daemon][e2e]") {
+  daemon_process d;
+  testing::temp_dir dir;
+  auto bundle = index::safetensors_bundle::open({small_model(dir.path(), 77, 4096).string()}).value();
+  auto c = connect(d);
+  store s(c);
+  auto held = s.register_lease(*bundle, 2000);  // keep-alive every ~1 s (max(1 s, ttl/2) ± 10 %)
+  REQUIRE(held);
+  std::this_thread::sleep_for(std::chrono::milliseconds(3300));  // past the TTL; the sweep runs every 500 ms
+  CHECK((*held)->keepalives_sent() >= 2);
+  wire::Request stats;
+  stats.mutable_get_stats();
+  CHECK(c->call(stats).value().response.get_stats().leases() == 1);
+  held->reset();
+  auto after = c->call(stats).value().response.get_stats();
+  CHECK(after.leases() == 0);
+  CHECK(after.regions() == 0);
+}
