@@ -23,6 +23,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <iterator>
 #include <span>
 #include <string>
 #include <string_view>
@@ -77,6 +78,9 @@ void print_json(const row& r, double floor_ms) {
               "\"ms\":%.3f,\"min_ms\":%.3f,\"gb_per_s\":%.2f",
               r.what.c_str(), device_name.c_str(), static_cast<unsigned long long>(r.bytes),
               static_cast<unsigned long long>(r.leaves), r.ms, r.min_ms, gbps);
+  if (r.what == "leaf_kernel" && floor_ms > 0) {
+    std::printf(",\"floor_ms\":%.3f,\"ratio_to_floor\":%.3f", floor_ms, r.ms / floor_ms);
+  }
   if (r.what == "gpu_tree_hash" && floor_ms > 0) {
     const double ratio = r.ms / floor_ms;
     const bool in_goal_range = r.bytes <= goal_max_bytes;
@@ -187,16 +191,17 @@ int main(int argc, char** argv) {
   std::uint32_t* floor_out = nullptr;
   die_on(cudaMalloc(reinterpret_cast<void**>(&floor_out), 32), "allocate");
   double floor_ms = 0;
-  for (auto variant : {detail::leaf_kernel_variant::full_unroll, detail::leaf_kernel_variant::rolled}) {
+  double variant_floor_ms[std::size(detail::all_leaf_variants)] = {};
+  for (auto variant : detail::all_leaf_variants) {
     const bool is_default = variant == detail::default_leaf_variant;
     die_on(detail::launch_single_leaf_floor(buffer, buffer_bytes, floor_out, nullptr, variant), "floor warm-up");
     const auto times = time_events(repeat, [&] {
       die_on(detail::launch_single_leaf_floor(buffer, buffer_bytes, floor_out, nullptr, variant), "floor");
     });
-    row r{is_default ? "floor" : "floor_other_layout", tensorreg::hash::leaf_bytes, 1, median(times),
-          *std::min_element(times.begin(), times.end()),
-          variant == detail::leaf_kernel_variant::full_unroll ? "full_unroll" : "rolled"};
+    row r{is_default ? "floor" : "floor_other_variant", tensorreg::hash::leaf_bytes, 1, median(times),
+          *std::min_element(times.begin(), times.end()), detail::variant_name(variant)};
     if (is_default) floor_ms = r.ms;
+    variant_floor_ms[static_cast<std::size_t>(variant)] = r.ms;
     print_json(r, 0);
     rows.push_back(r);
   }
@@ -249,7 +254,7 @@ int main(int argc, char** argv) {
     for (std::uint64_t leaves : {std::uint64_t{32}, std::uint64_t{256}, std::uint64_t{1024}, std::uint64_t{4096},
                                  std::uint64_t{8192}, std::uint64_t{16384}}) {
       if (leaves > max_leaves) continue;
-      for (auto variant : {detail::leaf_kernel_variant::full_unroll, detail::leaf_kernel_variant::rolled}) {
+      for (auto variant : detail::all_leaf_variants) {
         for (unsigned threads : {32U, 64U, 128U}) {
           const std::uint64_t bytes = leaves * tensorreg::hash::leaf_bytes;
           const auto times = time_events(std::max(1, repeat / 2), [&] {
@@ -259,10 +264,10 @@ int main(int argc, char** argv) {
           });
           char note[96];
           std::snprintf(note, sizeof note, "%s, %u threads per block%s",
-                        variant == detail::leaf_kernel_variant::full_unroll ? "full_unroll" : "rolled", threads,
+                        detail::variant_name(variant), threads,
                         threads == detail::leaf_threads_per_block(leaves, prop.multiProcessorCount) ? " (chosen)" : "");
           row r{"leaf_kernel", bytes, leaves, median(times), *std::min_element(times.begin(), times.end()), note};
-          print_json(r, 0);
+          print_json(r, variant_floor_ms[static_cast<std::size_t>(variant)]);
           rows.push_back(r);
         }
       }

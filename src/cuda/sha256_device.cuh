@@ -124,20 +124,70 @@ TENSORREG_SHA_HD std::uint32_t small_sigma1(std::uint32_t w) { return rotr(w, 17
 TENSORREG_SHA_HD std::uint32_t choose(std::uint32_t e, std::uint32_t f, std::uint32_t g) { return g ^ (e & (f ^ g)); }
 TENSORREG_SHA_HD std::uint32_t majority(std::uint32_t a, std::uint32_t b, std::uint32_t c) { return (a & b) | (c & (a | b)); }
 
+/// Opaque constants that steer work from the integer ALU pipe onto the FMA pipe. On Hopper a
+/// warp instruction of either pipe occupies it for 2 cycles (16 lanes per sub-partition), so
+/// one thread's SHA-256 chain is bound by the ALU pipe (SHF, LOP3, IADD3) while the FMA pipe
+/// idles. With a multiplier the compiler cannot see (a kernel argument that is 1 at run
+/// time), x·one + y must be an IMAD, and umulhi(w, 2^(32-n)) = w >> n an IMAD.HI: both on
+/// the FMA pipe, halving the ALU work of the additions and the σ shifts.
+struct fma_steer {
+  std::uint32_t one = 1;
+  std::uint32_t p29 = std::uint32_t{1} << 29;  // w >> 3  = umulhi(w, p29)
+  std::uint32_t p22 = std::uint32_t{1} << 22;  // w >> 10 = umulhi(w, p22)
+};
+
+/// A steer built from a run-time 1 (REQUIRES: one == 1).
+TENSORREG_SHA_HD fma_steer make_fma_steer(std::uint32_t one) {
+  fma_steer st;
+  st.one = one;
+  st.p29 = one << 29;
+  st.p22 = one << 22;
+  return st;
+}
+
+TENSORREG_SHA_HD std::uint32_t umulhi(std::uint32_t a, std::uint32_t b) {
+#if defined(__CUDA_ARCH__)
+  return __umulhi(a, b);
+#else
+  return static_cast<std::uint32_t>((static_cast<std::uint64_t>(a) * b) >> 32);
+#endif
+}
+
 /// Round I. The eight working variables rotate by renaming (the caller passes them shifted),
 /// so only d and h are written. For I >= 16 the message word W[I mod 16] is extended in place
-/// first. h + k + W does not depend on this round's e or a, so the compiler folds it ahead of
-/// the critical path e -> Σ1/Ch -> d+T1.
-template <int I>
+/// first. The sums are ordered so that what depends on this round's e comes last
+/// (e -> Σ1 -> new e is three dependent instructions); with Steer they are IMADs (fma_steer).
+template <int I, bool Steer>
 TENSORREG_SHA_HD void round(std::uint32_t a, std::uint32_t b, std::uint32_t c, std::uint32_t& d,
                             std::uint32_t e, std::uint32_t f, std::uint32_t g, std::uint32_t& h,
-                            std::uint32_t (&w)[16], std::uint32_t k) {
+                            std::uint32_t (&w)[16], std::uint32_t k, fma_steer st) {
+  const auto add = [st](std::uint32_t x, std::uint32_t y) -> std::uint32_t {
+    if constexpr (Steer) {
+      return x * st.one + y;
+    } else {
+      return x + y;
+    }
+  };
   if constexpr (I >= 16) {
-    w[I & 15] += small_sigma1(w[(I - 2) & 15]) + w[(I - 7) & 15] + small_sigma0(w[(I - 15) & 15]);
+    const std::uint32_t w15 = w[(I - 15) & 15];
+    const std::uint32_t w2 = w[(I - 2) & 15];
+    std::uint32_t s0;
+    std::uint32_t s1;
+    if constexpr (Steer) {
+      s0 = rotr(w15, 7) ^ rotr(w15, 18) ^ umulhi(w15, st.p29);
+      s1 = rotr(w2, 17) ^ rotr(w2, 19) ^ umulhi(w2, st.p22);
+    } else {
+      s0 = small_sigma0(w15);
+      s1 = small_sigma1(w2);
+    }
+    w[I & 15] = add(add(add(w[I & 15], s1), w[(I - 7) & 15]), s0);
   }
-  const std::uint32_t t1 = h + k + w[I & 15] + big_sigma1(e) + choose(e, f, g);
-  d += t1;
-  h = t1 + big_sigma0(a) + majority(a, b, c);
+  const std::uint32_t x = h + k + w[I & 15];           // ready rounds ahead
+  const std::uint32_t y = add(x, choose(e, f, g));
+  const std::uint32_t sigma1 = big_sigma1(e);
+  const std::uint32_t t1 = add(y, sigma1);
+  d = add(add(d, y), sigma1);                          // d + T1
+  h = add(t1, add(big_sigma0(a), majority(a, b, c)));  // T1 + T2
 }
 
 /// How the 64 rounds are laid out in code.
@@ -147,91 +197,91 @@ enum class unroll_mode {
 };
 
 /// One SHA-256 compression: s = s + F(s, w). Clobbers w (message schedule in place).
-template <unroll_mode Mode = unroll_mode::full>
-TENSORREG_SHA_HD void compress(std::uint32_t (&s)[8], std::uint32_t (&w)[16]) {
+template <unroll_mode Mode = unroll_mode::full, bool Steer = false>
+TENSORREG_SHA_HD void compress(std::uint32_t (&s)[8], std::uint32_t (&w)[16], fma_steer st = {}) {
   std::uint32_t a = s[0], b = s[1], c = s[2], d = s[3], e = s[4], f = s[5], g = s[6], h = s[7];
   if constexpr (Mode == unroll_mode::full) {
-    round<0>(a, b, c, d, e, f, g, h, w, 0x428a2f98U);
-    round<1>(h, a, b, c, d, e, f, g, w, 0x71374491U);
-    round<2>(g, h, a, b, c, d, e, f, w, 0xb5c0fbcfU);
-    round<3>(f, g, h, a, b, c, d, e, w, 0xe9b5dba5U);
-    round<4>(e, f, g, h, a, b, c, d, w, 0x3956c25bU);
-    round<5>(d, e, f, g, h, a, b, c, w, 0x59f111f1U);
-    round<6>(c, d, e, f, g, h, a, b, w, 0x923f82a4U);
-    round<7>(b, c, d, e, f, g, h, a, w, 0xab1c5ed5U);
-    round<8>(a, b, c, d, e, f, g, h, w, 0xd807aa98U);
-    round<9>(h, a, b, c, d, e, f, g, w, 0x12835b01U);
-    round<10>(g, h, a, b, c, d, e, f, w, 0x243185beU);
-    round<11>(f, g, h, a, b, c, d, e, w, 0x550c7dc3U);
-    round<12>(e, f, g, h, a, b, c, d, w, 0x72be5d74U);
-    round<13>(d, e, f, g, h, a, b, c, w, 0x80deb1feU);
-    round<14>(c, d, e, f, g, h, a, b, w, 0x9bdc06a7U);
-    round<15>(b, c, d, e, f, g, h, a, w, 0xc19bf174U);
-    round<16>(a, b, c, d, e, f, g, h, w, 0xe49b69c1U);
-    round<17>(h, a, b, c, d, e, f, g, w, 0xefbe4786U);
-    round<18>(g, h, a, b, c, d, e, f, w, 0x0fc19dc6U);
-    round<19>(f, g, h, a, b, c, d, e, w, 0x240ca1ccU);
-    round<20>(e, f, g, h, a, b, c, d, w, 0x2de92c6fU);
-    round<21>(d, e, f, g, h, a, b, c, w, 0x4a7484aaU);
-    round<22>(c, d, e, f, g, h, a, b, w, 0x5cb0a9dcU);
-    round<23>(b, c, d, e, f, g, h, a, w, 0x76f988daU);
-    round<24>(a, b, c, d, e, f, g, h, w, 0x983e5152U);
-    round<25>(h, a, b, c, d, e, f, g, w, 0xa831c66dU);
-    round<26>(g, h, a, b, c, d, e, f, w, 0xb00327c8U);
-    round<27>(f, g, h, a, b, c, d, e, w, 0xbf597fc7U);
-    round<28>(e, f, g, h, a, b, c, d, w, 0xc6e00bf3U);
-    round<29>(d, e, f, g, h, a, b, c, w, 0xd5a79147U);
-    round<30>(c, d, e, f, g, h, a, b, w, 0x06ca6351U);
-    round<31>(b, c, d, e, f, g, h, a, w, 0x14292967U);
-    round<32>(a, b, c, d, e, f, g, h, w, 0x27b70a85U);
-    round<33>(h, a, b, c, d, e, f, g, w, 0x2e1b2138U);
-    round<34>(g, h, a, b, c, d, e, f, w, 0x4d2c6dfcU);
-    round<35>(f, g, h, a, b, c, d, e, w, 0x53380d13U);
-    round<36>(e, f, g, h, a, b, c, d, w, 0x650a7354U);
-    round<37>(d, e, f, g, h, a, b, c, w, 0x766a0abbU);
-    round<38>(c, d, e, f, g, h, a, b, w, 0x81c2c92eU);
-    round<39>(b, c, d, e, f, g, h, a, w, 0x92722c85U);
-    round<40>(a, b, c, d, e, f, g, h, w, 0xa2bfe8a1U);
-    round<41>(h, a, b, c, d, e, f, g, w, 0xa81a664bU);
-    round<42>(g, h, a, b, c, d, e, f, w, 0xc24b8b70U);
-    round<43>(f, g, h, a, b, c, d, e, w, 0xc76c51a3U);
-    round<44>(e, f, g, h, a, b, c, d, w, 0xd192e819U);
-    round<45>(d, e, f, g, h, a, b, c, w, 0xd6990624U);
-    round<46>(c, d, e, f, g, h, a, b, w, 0xf40e3585U);
-    round<47>(b, c, d, e, f, g, h, a, w, 0x106aa070U);
-    round<48>(a, b, c, d, e, f, g, h, w, 0x19a4c116U);
-    round<49>(h, a, b, c, d, e, f, g, w, 0x1e376c08U);
-    round<50>(g, h, a, b, c, d, e, f, w, 0x2748774cU);
-    round<51>(f, g, h, a, b, c, d, e, w, 0x34b0bcb5U);
-    round<52>(e, f, g, h, a, b, c, d, w, 0x391c0cb3U);
-    round<53>(d, e, f, g, h, a, b, c, w, 0x4ed8aa4aU);
-    round<54>(c, d, e, f, g, h, a, b, w, 0x5b9cca4fU);
-    round<55>(b, c, d, e, f, g, h, a, w, 0x682e6ff3U);
-    round<56>(a, b, c, d, e, f, g, h, w, 0x748f82eeU);
-    round<57>(h, a, b, c, d, e, f, g, w, 0x78a5636fU);
-    round<58>(g, h, a, b, c, d, e, f, w, 0x84c87814U);
-    round<59>(f, g, h, a, b, c, d, e, w, 0x8cc70208U);
-    round<60>(e, f, g, h, a, b, c, d, w, 0x90befffaU);
-    round<61>(d, e, f, g, h, a, b, c, w, 0xa4506cebU);
-    round<62>(c, d, e, f, g, h, a, b, w, 0xbef9a3f7U);
-    round<63>(b, c, d, e, f, g, h, a, w, 0xc67178f2U);
+    round<0, Steer>(a, b, c, d, e, f, g, h, w, 0x428a2f98U, st);
+    round<1, Steer>(h, a, b, c, d, e, f, g, w, 0x71374491U, st);
+    round<2, Steer>(g, h, a, b, c, d, e, f, w, 0xb5c0fbcfU, st);
+    round<3, Steer>(f, g, h, a, b, c, d, e, w, 0xe9b5dba5U, st);
+    round<4, Steer>(e, f, g, h, a, b, c, d, w, 0x3956c25bU, st);
+    round<5, Steer>(d, e, f, g, h, a, b, c, w, 0x59f111f1U, st);
+    round<6, Steer>(c, d, e, f, g, h, a, b, w, 0x923f82a4U, st);
+    round<7, Steer>(b, c, d, e, f, g, h, a, w, 0xab1c5ed5U, st);
+    round<8, Steer>(a, b, c, d, e, f, g, h, w, 0xd807aa98U, st);
+    round<9, Steer>(h, a, b, c, d, e, f, g, w, 0x12835b01U, st);
+    round<10, Steer>(g, h, a, b, c, d, e, f, w, 0x243185beU, st);
+    round<11, Steer>(f, g, h, a, b, c, d, e, w, 0x550c7dc3U, st);
+    round<12, Steer>(e, f, g, h, a, b, c, d, w, 0x72be5d74U, st);
+    round<13, Steer>(d, e, f, g, h, a, b, c, w, 0x80deb1feU, st);
+    round<14, Steer>(c, d, e, f, g, h, a, b, w, 0x9bdc06a7U, st);
+    round<15, Steer>(b, c, d, e, f, g, h, a, w, 0xc19bf174U, st);
+    round<16, Steer>(a, b, c, d, e, f, g, h, w, 0xe49b69c1U, st);
+    round<17, Steer>(h, a, b, c, d, e, f, g, w, 0xefbe4786U, st);
+    round<18, Steer>(g, h, a, b, c, d, e, f, w, 0x0fc19dc6U, st);
+    round<19, Steer>(f, g, h, a, b, c, d, e, w, 0x240ca1ccU, st);
+    round<20, Steer>(e, f, g, h, a, b, c, d, w, 0x2de92c6fU, st);
+    round<21, Steer>(d, e, f, g, h, a, b, c, w, 0x4a7484aaU, st);
+    round<22, Steer>(c, d, e, f, g, h, a, b, w, 0x5cb0a9dcU, st);
+    round<23, Steer>(b, c, d, e, f, g, h, a, w, 0x76f988daU, st);
+    round<24, Steer>(a, b, c, d, e, f, g, h, w, 0x983e5152U, st);
+    round<25, Steer>(h, a, b, c, d, e, f, g, w, 0xa831c66dU, st);
+    round<26, Steer>(g, h, a, b, c, d, e, f, w, 0xb00327c8U, st);
+    round<27, Steer>(f, g, h, a, b, c, d, e, w, 0xbf597fc7U, st);
+    round<28, Steer>(e, f, g, h, a, b, c, d, w, 0xc6e00bf3U, st);
+    round<29, Steer>(d, e, f, g, h, a, b, c, w, 0xd5a79147U, st);
+    round<30, Steer>(c, d, e, f, g, h, a, b, w, 0x06ca6351U, st);
+    round<31, Steer>(b, c, d, e, f, g, h, a, w, 0x14292967U, st);
+    round<32, Steer>(a, b, c, d, e, f, g, h, w, 0x27b70a85U, st);
+    round<33, Steer>(h, a, b, c, d, e, f, g, w, 0x2e1b2138U, st);
+    round<34, Steer>(g, h, a, b, c, d, e, f, w, 0x4d2c6dfcU, st);
+    round<35, Steer>(f, g, h, a, b, c, d, e, w, 0x53380d13U, st);
+    round<36, Steer>(e, f, g, h, a, b, c, d, w, 0x650a7354U, st);
+    round<37, Steer>(d, e, f, g, h, a, b, c, w, 0x766a0abbU, st);
+    round<38, Steer>(c, d, e, f, g, h, a, b, w, 0x81c2c92eU, st);
+    round<39, Steer>(b, c, d, e, f, g, h, a, w, 0x92722c85U, st);
+    round<40, Steer>(a, b, c, d, e, f, g, h, w, 0xa2bfe8a1U, st);
+    round<41, Steer>(h, a, b, c, d, e, f, g, w, 0xa81a664bU, st);
+    round<42, Steer>(g, h, a, b, c, d, e, f, w, 0xc24b8b70U, st);
+    round<43, Steer>(f, g, h, a, b, c, d, e, w, 0xc76c51a3U, st);
+    round<44, Steer>(e, f, g, h, a, b, c, d, w, 0xd192e819U, st);
+    round<45, Steer>(d, e, f, g, h, a, b, c, w, 0xd6990624U, st);
+    round<46, Steer>(c, d, e, f, g, h, a, b, w, 0xf40e3585U, st);
+    round<47, Steer>(b, c, d, e, f, g, h, a, w, 0x106aa070U, st);
+    round<48, Steer>(a, b, c, d, e, f, g, h, w, 0x19a4c116U, st);
+    round<49, Steer>(h, a, b, c, d, e, f, g, w, 0x1e376c08U, st);
+    round<50, Steer>(g, h, a, b, c, d, e, f, w, 0x2748774cU, st);
+    round<51, Steer>(f, g, h, a, b, c, d, e, w, 0x34b0bcb5U, st);
+    round<52, Steer>(e, f, g, h, a, b, c, d, w, 0x391c0cb3U, st);
+    round<53, Steer>(d, e, f, g, h, a, b, c, w, 0x4ed8aa4aU, st);
+    round<54, Steer>(c, d, e, f, g, h, a, b, w, 0x5b9cca4fU, st);
+    round<55, Steer>(b, c, d, e, f, g, h, a, w, 0x682e6ff3U, st);
+    round<56, Steer>(a, b, c, d, e, f, g, h, w, 0x748f82eeU, st);
+    round<57, Steer>(h, a, b, c, d, e, f, g, w, 0x78a5636fU, st);
+    round<58, Steer>(g, h, a, b, c, d, e, f, w, 0x84c87814U, st);
+    round<59, Steer>(f, g, h, a, b, c, d, e, w, 0x8cc70208U, st);
+    round<60, Steer>(e, f, g, h, a, b, c, d, w, 0x90befffaU, st);
+    round<61, Steer>(d, e, f, g, h, a, b, c, w, 0xa4506cebU, st);
+    round<62, Steer>(c, d, e, f, g, h, a, b, w, 0xbef9a3f7U, st);
+    round<63, Steer>(b, c, d, e, f, g, h, a, w, 0xc67178f2U, st);
   } else {
-    round<0>(a, b, c, d, e, f, g, h, w, 0x428a2f98U);
-    round<1>(h, a, b, c, d, e, f, g, w, 0x71374491U);
-    round<2>(g, h, a, b, c, d, e, f, w, 0xb5c0fbcfU);
-    round<3>(f, g, h, a, b, c, d, e, w, 0xe9b5dba5U);
-    round<4>(e, f, g, h, a, b, c, d, w, 0x3956c25bU);
-    round<5>(d, e, f, g, h, a, b, c, w, 0x59f111f1U);
-    round<6>(c, d, e, f, g, h, a, b, w, 0x923f82a4U);
-    round<7>(b, c, d, e, f, g, h, a, w, 0xab1c5ed5U);
-    round<8>(a, b, c, d, e, f, g, h, w, 0xd807aa98U);
-    round<9>(h, a, b, c, d, e, f, g, w, 0x12835b01U);
-    round<10>(g, h, a, b, c, d, e, f, w, 0x243185beU);
-    round<11>(f, g, h, a, b, c, d, e, w, 0x550c7dc3U);
-    round<12>(e, f, g, h, a, b, c, d, w, 0x72be5d74U);
-    round<13>(d, e, f, g, h, a, b, c, w, 0x80deb1feU);
-    round<14>(c, d, e, f, g, h, a, b, w, 0x9bdc06a7U);
-    round<15>(b, c, d, e, f, g, h, a, w, 0xc19bf174U);
+    round<0, Steer>(a, b, c, d, e, f, g, h, w, 0x428a2f98U, st);
+    round<1, Steer>(h, a, b, c, d, e, f, g, w, 0x71374491U, st);
+    round<2, Steer>(g, h, a, b, c, d, e, f, w, 0xb5c0fbcfU, st);
+    round<3, Steer>(f, g, h, a, b, c, d, e, w, 0xe9b5dba5U, st);
+    round<4, Steer>(e, f, g, h, a, b, c, d, w, 0x3956c25bU, st);
+    round<5, Steer>(d, e, f, g, h, a, b, c, w, 0x59f111f1U, st);
+    round<6, Steer>(c, d, e, f, g, h, a, b, w, 0x923f82a4U, st);
+    round<7, Steer>(b, c, d, e, f, g, h, a, w, 0xab1c5ed5U, st);
+    round<8, Steer>(a, b, c, d, e, f, g, h, w, 0xd807aa98U, st);
+    round<9, Steer>(h, a, b, c, d, e, f, g, w, 0x12835b01U, st);
+    round<10, Steer>(g, h, a, b, c, d, e, f, w, 0x243185beU, st);
+    round<11, Steer>(f, g, h, a, b, c, d, e, w, 0x550c7dc3U, st);
+    round<12, Steer>(e, f, g, h, a, b, c, d, w, 0x72be5d74U, st);
+    round<13, Steer>(d, e, f, g, h, a, b, c, w, 0x80deb1feU, st);
+    round<14, Steer>(c, d, e, f, g, h, a, b, w, 0x9bdc06a7U, st);
+    round<15, Steer>(b, c, d, e, f, g, h, a, w, 0xc19bf174U, st);
 #if defined(__CUDA_ARCH__)
     const std::uint32_t* table = sha_k_device;
 #else
@@ -240,22 +290,22 @@ TENSORREG_SHA_HD void compress(std::uint32_t (&s)[8], std::uint32_t (&w)[16]) {
     TENSORREG_SHA_NO_UNROLL
     for (int turn = 0; turn < 3; ++turn) {
       const std::uint32_t* k = table + 16 * turn;
-    round<16>(a, b, c, d, e, f, g, h, w, k[16]);
-    round<17>(h, a, b, c, d, e, f, g, w, k[17]);
-    round<18>(g, h, a, b, c, d, e, f, w, k[18]);
-    round<19>(f, g, h, a, b, c, d, e, w, k[19]);
-    round<20>(e, f, g, h, a, b, c, d, w, k[20]);
-    round<21>(d, e, f, g, h, a, b, c, w, k[21]);
-    round<22>(c, d, e, f, g, h, a, b, w, k[22]);
-    round<23>(b, c, d, e, f, g, h, a, w, k[23]);
-    round<24>(a, b, c, d, e, f, g, h, w, k[24]);
-    round<25>(h, a, b, c, d, e, f, g, w, k[25]);
-    round<26>(g, h, a, b, c, d, e, f, w, k[26]);
-    round<27>(f, g, h, a, b, c, d, e, w, k[27]);
-    round<28>(e, f, g, h, a, b, c, d, w, k[28]);
-    round<29>(d, e, f, g, h, a, b, c, w, k[29]);
-    round<30>(c, d, e, f, g, h, a, b, w, k[30]);
-    round<31>(b, c, d, e, f, g, h, a, w, k[31]);
+    round<16, Steer>(a, b, c, d, e, f, g, h, w, k[16], st);
+    round<17, Steer>(h, a, b, c, d, e, f, g, w, k[17], st);
+    round<18, Steer>(g, h, a, b, c, d, e, f, w, k[18], st);
+    round<19, Steer>(f, g, h, a, b, c, d, e, w, k[19], st);
+    round<20, Steer>(e, f, g, h, a, b, c, d, w, k[20], st);
+    round<21, Steer>(d, e, f, g, h, a, b, c, w, k[21], st);
+    round<22, Steer>(c, d, e, f, g, h, a, b, w, k[22], st);
+    round<23, Steer>(b, c, d, e, f, g, h, a, w, k[23], st);
+    round<24, Steer>(a, b, c, d, e, f, g, h, w, k[24], st);
+    round<25, Steer>(h, a, b, c, d, e, f, g, w, k[25], st);
+    round<26, Steer>(g, h, a, b, c, d, e, f, w, k[26], st);
+    round<27, Steer>(f, g, h, a, b, c, d, e, w, k[27], st);
+    round<28, Steer>(e, f, g, h, a, b, c, d, w, k[28], st);
+    round<29, Steer>(d, e, f, g, h, a, b, c, w, k[29], st);
+    round<30, Steer>(c, d, e, f, g, h, a, b, w, k[30], st);
+    round<31, Steer>(b, c, d, e, f, g, h, a, w, k[31], st);
     }
   }
   s[0] += a; s[1] += b; s[2] += c; s[3] += d; s[4] += e; s[5] += f; s[6] += g; s[7] += h;
@@ -323,9 +373,9 @@ struct block_loader<1> {
 /// The last 1 or 2 blocks of a message of `total_len` bytes whose final `r` (< 64) bytes are
 /// at `tail`: those bytes, 0x80, zeros, and the 64-bit big-endian bit length. Fully unrolled
 /// over compile-time indices, so nothing goes to local memory.
-template <unroll_mode Mode = unroll_mode::full>
+template <unroll_mode Mode = unroll_mode::full, bool Steer = false>
 TENSORREG_SHA_HD void finish_message(std::uint32_t (&s)[8], const unsigned char* tail, unsigned r,
-                                     std::uint64_t total_len) {
+                                     std::uint64_t total_len, fma_steer st = {}) {
   const std::uint64_t bits = total_len * 8U;
   const int blocks = r >= 56 ? 2 : 1;
   for (int q = 0; q < blocks; ++q) {
@@ -345,14 +395,15 @@ TENSORREG_SHA_HD void finish_message(std::uint32_t (&s)[8], const unsigned char*
       w[14] = static_cast<std::uint32_t>(bits >> 32);
       w[15] = static_cast<std::uint32_t>(bits);
     }
-    compress<Mode>(s, w);
+    compress<Mode, Steer>(s, w, st);
   }
 }
 
 /// SHA-256 state words of the `len` bytes at `p` (any len, 0 included). Streams the full
 /// blocks with a one-block-ahead prefetch, then pads. `p` must have alignment Align.
-template <int Align, unroll_mode Mode = unroll_mode::full>
-TENSORREG_SHA_HD void sha256_words(const unsigned char* p, std::uint64_t len, std::uint32_t (&s)[8]) {
+template <int Align, unroll_mode Mode = unroll_mode::full, bool Steer = false>
+TENSORREG_SHA_HD void sha256_words(const unsigned char* p, std::uint64_t len, std::uint32_t (&s)[8],
+                                   fma_steer st = {}) {
   using loader = block_loader<Align>;
   init_state(s);
   const std::uint64_t full = len / 64;
@@ -366,10 +417,10 @@ TENSORREG_SHA_HD void sha256_words(const unsigned char* p, std::uint64_t len, st
       // Prefetch the next block (the last block again at the end: branch-free, in bounds).
       const std::uint64_t next = blk + 1 < full ? blk + 1 : blk;
       loader::load(p + next * 64, raw);
-      compress<Mode>(s, w);
+      compress<Mode, Steer>(s, w, st);
     }
   }
-  finish_message<Mode>(s, p + full * 64, static_cast<unsigned>(len % 64), len);
+  finish_message<Mode, Steer>(s, p + full * 64, static_cast<unsigned>(len % 64), len, st);
 }
 
 /// State words of SHA-256(left ‖ right) for two digests in word form: the data block is the

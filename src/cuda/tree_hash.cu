@@ -25,30 +25,21 @@ constexpr unsigned max_leaf_threads = 128;
 constexpr unsigned tree_threads = 256;
 constexpr std::uint32_t tree_single_block_nodes = 1024;
 
-template <int Align, unroll_mode Mode>
+// `one` is 1 at run time; the compiler cannot know it (fma_steer in sha256_device.cuh).
+template <int Align, unroll_mode Mode, bool Steer>
 __global__ void __launch_bounds__(max_leaf_threads)
     leaf_kernel(const unsigned char* __restrict__ data, std::uint64_t size, std::uint32_t leaves,
-                std::uint32_t* __restrict__ leaf_words) {
+                std::uint32_t* __restrict__ leaf_words, std::uint32_t one) {
   const std::uint32_t i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= leaves) return;
   const std::uint64_t offset = static_cast<std::uint64_t>(i) * sha_leaf_bytes;
   const std::uint64_t remaining = size - offset;
   const std::uint64_t len = remaining < sha_leaf_bytes ? remaining : sha_leaf_bytes;
   std::uint32_t s[8];
-  sha256_words<Align, Mode>(data + offset, len, s);
+  sha256_words<Align, Mode, Steer>(data + offset, len, s, make_fma_steer(one));
   uint4* out = reinterpret_cast<uint4*>(leaf_words + 8 * static_cast<std::uint64_t>(i));
   out[0] = make_uint4(s[0], s[1], s[2], s[3]);
   out[1] = make_uint4(s[4], s[5], s[6], s[7]);
-}
-
-template <int Align, unroll_mode Mode>
-__global__ void __launch_bounds__(32)
-    single_leaf_kernel(const unsigned char* __restrict__ data, std::uint64_t len,
-                       std::uint32_t* __restrict__ out_words) {
-  if (threadIdx.x != 0) return;
-  std::uint32_t s[8];
-  sha256_words<Align, Mode>(data, len, s);
-  for (int k = 0; k < 8; ++k) out_words[k] = s[k];
 }
 
 // One level of n nodes at `in` → (n+1)/2 nodes at `out`, one thread per node.
@@ -74,22 +65,54 @@ __global__ void __launch_bounds__(tree_threads)
   if (threadIdx.x < 8) root_words[threadIdx.x] = in[threadIdx.x];
 }
 
-template <unroll_mode Mode>
+template <unroll_mode Mode, bool Steer>
 void launch_leaf(const void* data, std::uint64_t size, std::uint32_t leaves, std::uint32_t* leaf_words,
-                 unsigned threads, cudaStream_t stream) {
+                 unsigned threads, unsigned blocks, cudaStream_t stream) {
   const auto address = reinterpret_cast<std::uintptr_t>(data);
   const auto* bytes = static_cast<const unsigned char*>(data);
-  const unsigned blocks = (leaves + threads - 1) / threads;
+  const std::uint32_t one = 1;
   if (address % 16 == 0) {
-    leaf_kernel<16, Mode><<<blocks, threads, 0, stream>>>(bytes, size, leaves, leaf_words);
+    leaf_kernel<16, Mode, Steer><<<blocks, threads, 0, stream>>>(bytes, size, leaves, leaf_words, one);
   } else if (address % 4 == 0) {
-    leaf_kernel<4, unroll_mode::rolled><<<blocks, threads, 0, stream>>>(bytes, size, leaves, leaf_words);
+    leaf_kernel<4, unroll_mode::rolled, true><<<blocks, threads, 0, stream>>>(bytes, size, leaves, leaf_words, one);
   } else {
-    leaf_kernel<1, unroll_mode::rolled><<<blocks, threads, 0, stream>>>(bytes, size, leaves, leaf_words);
+    leaf_kernel<1, unroll_mode::rolled, true><<<blocks, threads, 0, stream>>>(bytes, size, leaves, leaf_words, one);
+  }
+}
+
+void launch_variant(leaf_kernel_variant variant, const void* data, std::uint64_t size, std::uint32_t leaves,
+                    std::uint32_t* leaf_words, unsigned threads, unsigned blocks, cudaStream_t stream) {
+  switch (variant) {
+    case leaf_kernel_variant::full_unroll:
+      launch_leaf<unroll_mode::full, false>(data, size, leaves, leaf_words, threads, blocks, stream);
+      break;
+    case leaf_kernel_variant::rolled:
+      launch_leaf<unroll_mode::rolled, false>(data, size, leaves, leaf_words, threads, blocks, stream);
+      break;
+    case leaf_kernel_variant::full_unroll_steered:
+      launch_leaf<unroll_mode::full, true>(data, size, leaves, leaf_words, threads, blocks, stream);
+      break;
+    case leaf_kernel_variant::rolled_steered:
+      launch_leaf<unroll_mode::rolled, true>(data, size, leaves, leaf_words, threads, blocks, stream);
+      break;
   }
 }
 
 }  // namespace
+
+const char* variant_name(leaf_kernel_variant v) noexcept {
+  switch (v) {
+    case leaf_kernel_variant::full_unroll:
+      return "full_unroll";
+    case leaf_kernel_variant::rolled:
+      return "rolled";
+    case leaf_kernel_variant::full_unroll_steered:
+      return "full_unroll_steered";
+    case leaf_kernel_variant::rolled_steered:
+      return "rolled_steered";
+  }
+  return "?";
+}
 
 unsigned leaf_threads_per_block(std::uint64_t leaves, int sm_count) noexcept {
   const std::uint64_t warps = (leaves + 31) / 32;
@@ -102,11 +125,7 @@ cudaError_t launch_leaf_kernel(const void* data, std::uint64_t size, std::uint32
                                std::uint32_t* leaf_words, unsigned threads_per_block,
                                cudaStream_t stream, leaf_kernel_variant variant) {
   const unsigned threads = std::clamp(threads_per_block / 32 * 32, 32U, max_leaf_threads);
-  if (variant == leaf_kernel_variant::full_unroll) {
-    launch_leaf<unroll_mode::full>(data, size, leaves, leaf_words, threads, stream);
-  } else {
-    launch_leaf<unroll_mode::rolled>(data, size, leaves, leaf_words, threads, stream);
-  }
+  launch_variant(variant, data, size, leaves, leaf_words, threads, (leaves + threads - 1) / threads, stream);
   return cudaGetLastError();
 }
 
@@ -130,14 +149,9 @@ cudaError_t launch_tree_kernels(std::uint32_t* level_a, std::uint32_t* level_b, 
 
 cudaError_t launch_single_leaf_floor(const void* data, std::uint64_t size, std::uint32_t* out_words,
                                      cudaStream_t stream, leaf_kernel_variant variant) {
-  const auto* bytes = static_cast<const unsigned char*>(data);
   const std::uint64_t len = std::min(size, sha_leaf_bytes);
   if (reinterpret_cast<std::uintptr_t>(data) % 16 != 0) return cudaErrorMisalignedAddress;
-  if (variant == leaf_kernel_variant::full_unroll) {
-    single_leaf_kernel<16, unroll_mode::full><<<1, 1, 0, stream>>>(bytes, len, out_words);
-  } else {
-    single_leaf_kernel<16, unroll_mode::rolled><<<1, 1, 0, stream>>>(bytes, len, out_words);
-  }
+  launch_variant(variant, data, len, 1, out_words, 1, 1, stream);
   return cudaGetLastError();
 }
 

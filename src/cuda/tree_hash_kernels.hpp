@@ -15,12 +15,22 @@ namespace tensorreg::cuda::detail {
 
 /// How the 64 SHA-256 rounds of the leaf kernel are laid out (sha256_device.cuh).
 enum class leaf_kernel_variant : std::uint8_t {
-  full_unroll,  ///< 64 rounds inline, constants as immediates
-  rolled,       ///< rounds 16..63 as a 3-turn loop over a 16-round body
+  full_unroll,         ///< 64 rounds inline, constants as immediates
+  rolled,              ///< rounds 16..63 as a 3-turn loop over a 16-round body
+  full_unroll_steered, ///< full_unroll with additions and σ shifts on the FMA pipe (fma_steer)
+  rolled_steered,      ///< rolled with additions and σ shifts on the FMA pipe (fma_steer)
 };
 
+/// Every variant, for tests and the benchmark.
+inline constexpr leaf_kernel_variant all_leaf_variants[] = {
+    leaf_kernel_variant::full_unroll, leaf_kernel_variant::rolled, leaf_kernel_variant::full_unroll_steered,
+    leaf_kernel_variant::rolled_steered};
+
+/// A short name of a variant ("rolled_steered").
+[[nodiscard]] const char* variant_name(leaf_kernel_variant v) noexcept;
+
 /// The variant tree_hash uses.
-inline constexpr leaf_kernel_variant default_leaf_variant = leaf_kernel_variant::full_unroll;
+inline constexpr leaf_kernel_variant default_leaf_variant = leaf_kernel_variant::rolled_steered;
 
 /// Threads per block of the leaf kernel for `leaves` leaves on a device with `sm_count`
 /// multiprocessors: enough warps per block (1..4) that the blocks need at most one per SM,
@@ -44,9 +54,9 @@ cudaError_t launch_leaf_kernel(const void* data, std::uint64_t size, std::uint32
 cudaError_t launch_tree_kernels(std::uint32_t* level_a, std::uint32_t* level_b, std::uint32_t leaves,
                                 std::uint32_t* root_words, cudaStream_t stream);
 
-/// Enqueues one single-thread kernel that hashes the first min(size, 4 MiB) bytes at `data`
-/// (one leaf, one thread): the latency floor every leaf of the full kernel is measured
-/// against. Writes the state words to out_words[0..7].
+/// Enqueues the leaf kernel as one block of one thread over the first min(size, 4 MiB)
+/// bytes at `data` (one leaf): the latency floor every size is measured against. Writes the
+/// state words to out_words[0..7]. REQUIRES: data 16-byte aligned.
 cudaError_t launch_single_leaf_floor(const void* data, std::uint64_t size, std::uint32_t* out_words,
                                      cudaStream_t stream,
                                      leaf_kernel_variant variant = default_leaf_variant);

@@ -49,10 +49,11 @@ std::vector<std::byte> random_bytes(std::size_t n, std::uint32_t seed) {
 
 // SHA-256 through the kernel code path with the given alignment and round layout; `p` must
 // have that alignment.
-template <int Align, unroll_mode Mode>
+template <int Align, unroll_mode Mode, bool Steer = false>
 digest device_logic_sha256(const std::byte* p, std::uint64_t len) {
   std::uint32_t s[8];
-  detail::sha256_words<Align, Mode>(reinterpret_cast<const unsigned char*>(p), len, s);
+  detail::sha256_words<Align, Mode, Steer>(reinterpret_cast<const unsigned char*>(p), len, s,
+                                           detail::make_fma_steer(1));
   return to_digest(s);
 }
 
@@ -69,13 +70,17 @@ void check_all_paths(std::span<const std::byte> bytes, std::size_t misalign) {
   INFO("length " << len << ", misalignment " << misalign);
   CHECK(device_logic_sha256<1, unroll_mode::full>(p, len) == want);
   CHECK(device_logic_sha256<1, unroll_mode::rolled>(p, len) == want);
+  CHECK(device_logic_sha256<1, unroll_mode::rolled, true>(p, len) == want);
   if (misalign % 4 == 0) {
     CHECK(device_logic_sha256<4, unroll_mode::full>(p, len) == want);
     CHECK(device_logic_sha256<4, unroll_mode::rolled>(p, len) == want);
+    CHECK(device_logic_sha256<4, unroll_mode::rolled, true>(p, len) == want);
   }
   if (misalign % 16 == 0) {
     CHECK(device_logic_sha256<16, unroll_mode::full>(p, len) == want);
     CHECK(device_logic_sha256<16, unroll_mode::rolled>(p, len) == want);
+    CHECK(device_logic_sha256<16, unroll_mode::full, true>(p, len) == want);
+    CHECK(device_logic_sha256<16, unroll_mode::rolled, true>(p, len) == want);
   }
 }
 
@@ -88,6 +93,9 @@ TEST_CASE("sha256_device: intrinsic emulations follow CUDA's documented semantic
   CHECK(detail::rotr(0x00000001U, 1) == 0x80000000U);
   CHECK(detail::rotr(0x12345678U, 16) == 0x56781234U);
   CHECK(detail::bswap32(0x11223344U) == 0x44332211U);
+  const auto st = detail::make_fma_steer(1);
+  CHECK(detail::umulhi(0xdeadbeefU, st.p29) == 0xdeadbeefU >> 3);
+  CHECK(detail::umulhi(0xdeadbeefU, st.p22) == 0xdeadbeefU >> 10);
   CHECK(detail::byte_perm(0x33221100U, 0x77665544U, 0x7531) == 0x77553311U);
   CHECK(detail::byte_perm(0x33221100U, 0x77665544U, 0x3210) == 0x33221100U);
 }

@@ -219,7 +219,7 @@ TEST_CASE("cuda tree_hash: the tree kernels fold any leaf count as hash::tree_ro
     std::vector<std::uint32_t> words(8 * static_cast<std::size_t>(n));
     for (std::uint32_t i = 0; i < n; ++i) {
       for (std::size_t j = 0; j < 8; ++j) {
-        const std::uint32_t w = rng();
+        const auto w = static_cast<std::uint32_t>(rng());
         words[8 * i + j] = w;
         for (std::size_t k = 0; k < 4; ++k) leaves[i][4 * j + k] = static_cast<std::byte>((w >> (24 - 8 * k)) & 0xFFU);
       }
@@ -243,7 +243,7 @@ TEST_CASE("cuda tree_hash: the tree kernels fold any leaf count as hash::tree_ro
   }
 }
 
-TEST_CASE("cuda tree_hash: every threads-per-block and both round layouts give the same leaves",
+TEST_CASE("cuda tree_hash: every threads-per-block and every kernel variant give the same leaves",
           "[cuda][tree_hash]") {
   const std::uint64_t size = 70 * leaf_bytes + 5;  // 71 leaves: three warps, ragged
   device_buffer buffer(size);
@@ -253,8 +253,7 @@ TEST_CASE("cuda tree_hash: every threads-per-block and both round layouts give t
   REQUIRE(want.has_value());
   device_buffer out(32 * 71);
   REQUIRE(out.ptr != nullptr);
-  using tensorreg::cuda::detail::leaf_kernel_variant;
-  for (auto variant : {leaf_kernel_variant::full_unroll, leaf_kernel_variant::rolled}) {
+  for (auto variant : tensorreg::cuda::detail::all_leaf_variants) {
     for (unsigned threads : {32U, 64U, 96U, 128U}) {
       INFO("threads " << threads << ", variant " << static_cast<int>(variant));
       CUDA_REQUIRE(cudaMemset(out.ptr, 0, 32 * 71));
