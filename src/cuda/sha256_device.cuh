@@ -201,22 +201,28 @@ template <unroll_mode Mode = unroll_mode::full, bool Steer = false>
 TENSORREG_SHA_HD void compress(std::uint32_t (&s)[8], std::uint32_t (&w)[16], fma_steer st = {}) {
   std::uint32_t a = s[0], b = s[1], c = s[2], d = s[3], e = s[4], f = s[5], g = s[6], h = s[7];
   if constexpr (Mode == unroll_mode::full) {
-    round<0, Steer>(a, b, c, d, e, f, g, h, w, 0x428a2f98U, st);
-    round<1, Steer>(h, a, b, c, d, e, f, g, w, 0x71374491U, st);
-    round<2, Steer>(g, h, a, b, c, d, e, f, w, 0xb5c0fbcfU, st);
-    round<3, Steer>(f, g, h, a, b, c, d, e, w, 0xe9b5dba5U, st);
-    round<4, Steer>(e, f, g, h, a, b, c, d, w, 0x3956c25bU, st);
-    round<5, Steer>(d, e, f, g, h, a, b, c, w, 0x59f111f1U, st);
-    round<6, Steer>(c, d, e, f, g, h, a, b, w, 0x923f82a4U, st);
-    round<7, Steer>(b, c, d, e, f, g, h, a, w, 0xab1c5ed5U, st);
-    round<8, Steer>(a, b, c, d, e, f, g, h, w, 0xd807aa98U, st);
-    round<9, Steer>(h, a, b, c, d, e, f, g, w, 0x12835b01U, st);
-    round<10, Steer>(g, h, a, b, c, d, e, f, w, 0x243185beU, st);
-    round<11, Steer>(f, g, h, a, b, c, d, e, w, 0x550c7dc3U, st);
-    round<12, Steer>(e, f, g, h, a, b, c, d, w, 0x72be5d74U, st);
-    round<13, Steer>(d, e, f, g, h, a, b, c, w, 0x80deb1feU, st);
-    round<14, Steer>(c, d, e, f, g, h, a, b, w, 0x9bdc06a7U, st);
-    round<15, Steer>(b, c, d, e, f, g, h, a, w, 0xc19bf174U, st);
+    // With Steer, rounds 0..15 sit in a loop that runs `one` (= 1) time. The compiler cannot
+    // see through it, so it cannot sink the caller's prefetch loads of the next block to the
+    // end of the iteration (which it does to a straight-line body, exposing their latency).
+    TENSORREG_SHA_NO_UNROLL
+    for (std::uint32_t once = 0; once < (Steer ? st.one : 1U); ++once) {
+      round<0, Steer>(a, b, c, d, e, f, g, h, w, 0x428a2f98U, st);
+      round<1, Steer>(h, a, b, c, d, e, f, g, w, 0x71374491U, st);
+      round<2, Steer>(g, h, a, b, c, d, e, f, w, 0xb5c0fbcfU, st);
+      round<3, Steer>(f, g, h, a, b, c, d, e, w, 0xe9b5dba5U, st);
+      round<4, Steer>(e, f, g, h, a, b, c, d, w, 0x3956c25bU, st);
+      round<5, Steer>(d, e, f, g, h, a, b, c, w, 0x59f111f1U, st);
+      round<6, Steer>(c, d, e, f, g, h, a, b, w, 0x923f82a4U, st);
+      round<7, Steer>(b, c, d, e, f, g, h, a, w, 0xab1c5ed5U, st);
+      round<8, Steer>(a, b, c, d, e, f, g, h, w, 0xd807aa98U, st);
+      round<9, Steer>(h, a, b, c, d, e, f, g, w, 0x12835b01U, st);
+      round<10, Steer>(g, h, a, b, c, d, e, f, w, 0x243185beU, st);
+      round<11, Steer>(f, g, h, a, b, c, d, e, w, 0x550c7dc3U, st);
+      round<12, Steer>(e, f, g, h, a, b, c, d, w, 0x72be5d74U, st);
+      round<13, Steer>(d, e, f, g, h, a, b, c, w, 0x80deb1feU, st);
+      round<14, Steer>(c, d, e, f, g, h, a, b, w, 0x9bdc06a7U, st);
+      round<15, Steer>(b, c, d, e, f, g, h, a, w, 0xc19bf174U, st);
+    }
     round<16, Steer>(a, b, c, d, e, f, g, h, w, 0xe49b69c1U, st);
     round<17, Steer>(h, a, b, c, d, e, f, g, w, 0xefbe4786U, st);
     round<18, Steer>(g, h, a, b, c, d, e, f, w, 0x0fc19dc6U, st);

@@ -3,11 +3,17 @@
 //
 // A 4 MiB leaf is one sequential chain of 65 536 SHA-256 compressions, so the leaf kernel
 // gives each leaf one thread and makes that thread's chain as short as it can: state and
-// message schedule in registers, the rounds unrolled with compile-time indices, rotations as
-// single funnel shifts, Ch/Maj as single LOP3s, and the next 64-byte block loaded (128-bit,
-// read-only path) while the current one is compressed. Blocks are sized so that each warp
-// has a scheduler of its own (tree_hash_kernels.hpp), which is what makes the time of every
-// size up to 4 warps per SM equal to the time of one leaf.
+// message schedule in registers, no local memory, rotations as single funnel shifts, Ch/Maj
+// as single LOP3s, the next 64-byte block loaded (four 128-bit read-only loads) while the
+// current one is compressed. One warp's instructions are what bounds the chain: on Hopper an
+// ALU or FMA warp instruction occupies its pipe for 2 cycles, so the kernel moves additions
+// and the σ shifts onto the otherwise idle FMA pipe (fma_steer, sha256_device.cuh). The
+// default variant (rolled_steered: rounds 16..63 as a 3-turn loop, constants from constant
+// memory) measured fastest on an H100 (notes in the report of this change):
+//   one leaf, one thread: full_unroll 117 ms, rolled 112 ms, rolled_steered 106.5 ms;
+//   8192 leaves (32 GiB): rolled_steered 106.7 ms, i.e. the single-leaf floor.
+// Blocks are sized so that each warp has a scheduler of its own (tree_hash_kernels.hpp),
+// which is what makes every size up to 4 warps per SM take the time of one leaf.
 //
 // The tree is folded on the GPU: a launch per wide level, then one block for the last
 // levels; only the root's 32 bytes go back to the host.
