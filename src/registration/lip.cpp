@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <limits>
 #include <map>
+#include <unordered_set>
 
 #include "tensorreg/index/byte_range_map.hpp"
 #include "tensorreg/index/dtype.hpp"
@@ -22,18 +23,18 @@ std::string_view kind_name(regions::memory_kind kind) {
 // §4.3.8 and DECISIONS §5.5: a region-backed entry must fit the region it names.
 status check_region_fit(const storage_entry& entry, const regions::region_info& region,
                         std::optional<regions::memory_kind> claimed_kind) {
-  const std::string what = "cannot use region '" + region.id + "' for storage '" + entry.storage_id + "': ";
+  const auto what = [&] { return "cannot use region '" + region.id + "' for storage '" + entry.storage_id + "': "; };
   if (claimed_kind && *claimed_kind != region.kind) {
-    return fail(errc::failed_precondition, what + "region is " + std::string(kind_name(region.kind)) +
+    return fail(errc::failed_precondition, what() + "region is " + std::string(kind_name(region.kind)) +
                                                ", not " + std::string(kind_name(*claimed_kind)));
   }
   if (region.kind == regions::memory_kind::vram && entry.device_id != region.device_id) {
-    return fail(errc::failed_precondition, what + "region is on device " + std::to_string(region.device_id) +
+    return fail(errc::failed_precondition, what() + "region is on device " + std::to_string(region.device_id) +
                                                ", storage on device " + std::to_string(entry.device_id));
   }
   if (entry.storage_length > region.size_bytes ||
       entry.mapping_base_offset > region.size_bytes - entry.storage_length) {
-    return fail(errc::failed_precondition, what + "bytes [" + std::to_string(entry.mapping_base_offset) + ", +" +
+    return fail(errc::failed_precondition, what() + "bytes [" + std::to_string(entry.mapping_base_offset) + ", +" +
                                                std::to_string(entry.storage_length) + ") exceed the region's " +
                                                std::to_string(region.size_bytes) + " bytes");
   }
@@ -57,41 +58,54 @@ const std::string* region_id_of(const storage_entry& e, std::optional<regions::m
 status lip_tables::add_storages(std::vector<storage_entry> entries, regions::region_registry& registry,
                                 std::int32_t owner_pid) {
   // Validate the whole message before taking anything, so a bad entry leaves no reference.
-  for (std::size_t i = 0; i < entries.size(); ++i) {
-    const auto& e = entries[i];
+  std::unordered_set<std::string_view> ids_in_message;
+  ids_in_message.reserve(entries.size());
+  for (const auto& e : entries) {
     if (std::holds_alternative<std::monostate>(e.source)) {
       return fail(errc::invalid_argument, "cannot add storage '" + e.storage_id +
                                               "': storage entry must specify exactly one source");
     }
     if (e.storage_id.empty()) return fail(errc::invalid_argument, "cannot add storage: storage_id is empty");
-    const bool repeated = storage_by_id_.contains(e.storage_id) ||
-                          std::any_of(entries.begin(), entries.begin() + static_cast<std::ptrdiff_t>(i),
-                                      [&](const storage_entry& o) { return o.storage_id == e.storage_id; });
-    if (repeated) {
+    if (storage_by_id_.contains(e.storage_id) || !ids_in_message.insert(e.storage_id).second) {
       return fail(errc::invalid_argument, "cannot add storage '" + e.storage_id + "': duplicate storage_id");
     }
   }
-  std::vector<lip_storage> added;
+  std::vector<std::string> taken_here;  // regions first referenced by this message
   auto give_back = [&] {
-    for (const auto& a : added) {
-      if (a.region) (void)registry.release(a.region->id);
+    for (const auto& id : taken_here) {
+      (void)registry.release(id);
+      regions_.erase(id);
     }
   };
+  std::vector<lip_storage> added;
+  added.reserve(entries.size());
   for (auto& e : entries) {
-    lip_storage s{std::move(e), std::nullopt};
+    lip_storage s{std::move(e), nullptr};
     std::optional<regions::memory_kind> claimed;
     if (const std::string* region_id = region_id_of(s.entry, claimed)) {
-      auto found = registry.find(*region_id);
-      status fit = found ? check_region_fit(s.entry, *found, claimed) : status(tl::unexpected(found.error()));
-      auto taken = fit ? registry.acquire(*region_id, owner_pid) : tl::unexpected(fit.error());
-      if (!taken) {
+      const auto what = [&] { return "cannot add storage '" + s.entry.storage_id + "'"; };
+      auto held = regions_.find(*region_id);
+      if (held == regions_.end()) {
+        // §4.3.8 order: unknown region, then its fit, then the reference (owner, poison, retiring).
+        auto found = registry.find(*region_id);
+        status fit = found ? check_region_fit(s.entry, *found, claimed) : status(tl::unexpected(found.error()));
+        auto taken = fit ? registry.acquire(*region_id, owner_pid) : tl::unexpected(fit.error());
+        if (!taken) {
+          give_back();
+          return tl::unexpected(with_context(std::move(taken).error(), what()));
+        }
+        taken_here.push_back(*region_id);
+        held = regions_.emplace(*region_id, std::move(*taken)).first;
+      } else if (auto fit = check_region_fit(s.entry, held->second, claimed); !fit) {
         give_back();
-        return tl::unexpected(with_context(std::move(taken).error(), "cannot add storage '" + s.entry.storage_id + "'"));
+        return tl::unexpected(with_context(std::move(fit).error(), what()));
       }
-      s.region = std::move(*taken);
+      s.region = &held->second;
     }
     added.push_back(std::move(s));
   }
+  storages_.reserve(storages_.size() + added.size());
+  storage_by_id_.reserve(storages_.size() + added.size());
   for (auto& s : added) {
     storage_by_id_.emplace(s.entry.storage_id, storages_.size());
     storages_.push_back(std::move(s));
@@ -100,6 +114,11 @@ status lip_tables::add_storages(std::vector<storage_entry> entries, regions::reg
 }
 
 void lip_tables::add_aliases(std::vector<tensor_alias> aliases) {
+  if (aliases_.empty()) {
+    aliases_ = std::move(aliases);  // the usual case: one message carries them all
+    return;
+  }
+  aliases_.reserve(aliases_.size() + aliases.size());
   std::move(aliases.begin(), aliases.end(), std::back_inserter(aliases_));
 }
 
@@ -126,7 +145,8 @@ result<index::canonical_index> lip_tables::rebuild_index(std::uint64_t total_siz
   }
 
   // §2.3: a storage's canonical offset is its segment's artifact_offset.
-  std::map<std::string, std::uint64_t, std::less<>> offset_of;
+  std::unordered_map<std::string_view, std::uint64_t> offset_of;
+  offset_of.reserve(segments_.size());
   for (const auto& seg : segments_) {
     auto [it, inserted] = offset_of.emplace(seg.storage_id, seg.artifact_offset);
     if (!inserted && it->second != seg.artifact_offset) {
@@ -145,21 +165,22 @@ result<index::canonical_index> lip_tables::rebuild_index(std::uint64_t total_siz
   entries.reserve(sorted.size());
   for (std::size_t i = 0; i < sorted.size(); ++i) {
     const auto& a = *sorted[i];
-    const std::string what = "cannot rebuild index: alias '" + a.name + "'";
+    // Built only on a failure path: this loop runs once per tensor.
+    const auto what = [&] { return "cannot rebuild index: alias '" + a.name + "'"; };
     if (i > 0 && sorted[i - 1]->name == a.name) {
-      return fail(errc::invalid_argument, what + " is duplicated");
+      return fail(errc::invalid_argument, what() + " is duplicated");
     }
     auto storage = storage_by_id_.find(a.storage_id);
     if (storage == storage_by_id_.end()) {
-      return fail(errc::invalid_argument, what + " refers to unknown storage_id=" + a.storage_id);
+      return fail(errc::invalid_argument, what() + " refers to unknown storage_id=" + a.storage_id);
     }
     auto offset = offset_of.find(a.storage_id);
     if (offset == offset_of.end()) {
-      return fail(errc::invalid_argument, what + ": missing segment entry for storage_id=" + a.storage_id);
+      return fail(errc::invalid_argument, what() + ": missing segment entry for storage_id=" + a.storage_id);
     }
     const auto storage_length = storages_[storage->second].entry.storage_length;
     if (a.storage_offset > static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max())) {
-      return fail(errc::invalid_argument, what + ": storage_offset " + std::to_string(a.storage_offset) +
+      return fail(errc::invalid_argument, what() + ": storage_offset " + std::to_string(a.storage_offset) +
                                               " does not fit a signed 64-bit integer");
     }
     // DECISIONS §5.2: storage_offset is in elements; the bound is checked in bytes.
@@ -167,18 +188,18 @@ result<index::canonical_index> lip_tables::rebuild_index(std::uint64_t total_siz
     if (a.storage_offset != 0) {
       const auto element = index::element_size(a.dtype);
       if (!element) {
-        return fail(errc::invalid_argument, what + ": cannot bound storage_offset " +
+        return fail(errc::invalid_argument, what() + ": cannot bound storage_offset " +
                                                 std::to_string(a.storage_offset) + " of unknown dtype '" +
                                                 a.dtype + "'");
       }
       if (a.storage_offset > std::numeric_limits<std::uint64_t>::max() / *element) {
-        return fail(errc::out_of_range, what + ": storage_offset " + std::to_string(a.storage_offset) +
+        return fail(errc::out_of_range, what() + ": storage_offset " + std::to_string(a.storage_offset) +
                                             " elements overflows 64 bits");
       }
       start_bytes = a.storage_offset * *element;
     }
     if (start_bytes > storage_length || a.logical_length > storage_length - start_bytes) {
-      return fail(errc::out_of_range, what + " ends at byte " +
+      return fail(errc::out_of_range, what() + " ends at byte " +
                                           (start_bytes > std::numeric_limits<std::uint64_t>::max() - a.logical_length
                                                ? std::string("2^64+")
                                                : std::to_string(start_bytes + a.logical_length)) +
@@ -193,7 +214,8 @@ result<index::canonical_index> lip_tables::rebuild_index(std::uint64_t total_siz
   // Step 6 (DECISIONS §5.14): segments may overlap only where they read the same bytes of
   // the same storage, and none may end past total_size. Unknown storages get ids of their own
   // here; step 7 rejects them.
-  std::map<std::string, std::uint32_t, std::less<>> source_ids;
+  std::unordered_map<std::string_view, std::uint32_t> source_ids;
+  source_ids.reserve(storages_.size());
   std::vector<index::source_range> ranges;
   ranges.reserve(segments_.size());
   for (const auto& seg : segments_) {
@@ -211,16 +233,18 @@ result<lip_view> lip_tables::open_view(std::uint64_t total_size, std::int32_t ow
                                        device_memory* devices) const {
   for (std::size_t i = 0; i < segments_.size(); ++i) {
     const auto& seg = segments_[i];
-    const std::string what = "cannot commit lease: segment " + std::to_string(i) + " of storage '" + seg.storage_id + "'";
+    const auto what = [&] {
+      return "cannot commit lease: segment " + std::to_string(i) + " of storage '" + seg.storage_id + "'";
+    };
     auto it = storage_by_id_.find(seg.storage_id);
-    if (it == storage_by_id_.end()) return fail(errc::invalid_argument, what + " refers to a storage that was not fed");
+    if (it == storage_by_id_.end()) return fail(errc::invalid_argument, what() + " refers to a storage that was not fed");
     const auto& entry = storages_[it->second].entry;
     if (seg.length != entry.storage_length) {
-      return fail(errc::invalid_argument, what + " has length " + std::to_string(seg.length) +
+      return fail(errc::invalid_argument, what() + " has length " + std::to_string(seg.length) +
                                               ", not the storage_length " + std::to_string(entry.storage_length));
     }
     if (seg.storage_offset != 0) {
-      return fail(errc::invalid_argument, what + " has storage_offset " + std::to_string(seg.storage_offset) +
+      return fail(errc::invalid_argument, what() + " has storage_offset " + std::to_string(seg.storage_offset) +
                                               ": a segment must cover its whole storage");
     }
   }
@@ -262,16 +286,18 @@ result<lip_view> lip_tables::open_view(std::uint64_t total_size, std::int32_t ow
 
   std::vector<memory::segment> segments;
   segments.reserve(segments_.size());
-  std::map<std::string, std::shared_ptr<const memory::byte_source>, std::less<>> by_storage;
+  // Sources by storage index; keep_alive holds each distinct source once (10 000 storages of
+  // one region share one).
+  std::vector<std::shared_ptr<const memory::byte_source>> by_storage(storages_.size());
+  std::unordered_set<const memory::byte_source*> kept;
   for (const auto& seg : segments_) {
-    const auto& s = storages_[storage_by_id_.at(seg.storage_id)];
-    auto it = by_storage.find(seg.storage_id);
-    if (it == by_storage.end()) {
-      TENSORREG_TRY_ASSIGN(auto src, source_of(s));
-      it = by_storage.emplace(seg.storage_id, std::move(src)).first;
-      view.keep_alive.push_back(it->second);
+    const std::size_t index = storage_by_id_.at(seg.storage_id);
+    const auto& s = storages_[index];
+    if (!by_storage[index]) {
+      TENSORREG_TRY_ASSIGN(by_storage[index], source_of(s));
+      if (kept.insert(by_storage[index].get()).second) view.keep_alive.push_back(by_storage[index]);
     }
-    segments.push_back({seg.artifact_offset, seg.length, it->second.get(),
+    segments.push_back({seg.artifact_offset, seg.length, by_storage[index].get(),
                         s.entry.mapping_base_offset + seg.storage_offset});
   }
   // Aliased segments (same bytes twice) are one range of the canonical buffer.
@@ -297,9 +323,8 @@ result<lip_view> lip_tables::open_view(std::uint64_t total_size, std::int32_t ow
 
 std::vector<std::string> lip_tables::region_ids() const {
   std::vector<std::string> ids;
-  for (const auto& s : storages_) {
-    if (s.region) ids.push_back(s.region->id);
-  }
+  ids.reserve(regions_.size());
+  for (const auto& [id, info] : regions_) ids.push_back(id);
   return ids;
 }
 

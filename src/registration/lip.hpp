@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -22,8 +23,8 @@ namespace tensorreg::registration::detail {
 /// A storage entry as fed, plus what the engine resolved for it at Feed time.
 struct lip_storage {
   storage_entry entry;
-  /// Region-backed entries: the region taken (a reference is held until released).
-  std::optional<regions::region_info> region;
+  /// Region-backed entries: the region, in lip_tables' regions (one reference per region).
+  const regions::region_info* region = nullptr;
 };
 
 /// Everything a committed lease holds: the canonical buffer as a readable source, and the
@@ -35,8 +36,17 @@ struct lip_view {
 
 class lip_tables {
  public:
-  /// Records storage entries (§4.3.7–8), taking a reference on the region of each
-  /// region-backed entry for `owner_pid`. All or nothing: on error no reference stays taken.
+  lip_tables() = default;
+  // Storages point into regions_: moving keeps the map's nodes, copying would not.
+  lip_tables(lip_tables&&) noexcept = default;
+  lip_tables& operator=(lip_tables&&) noexcept = default;
+  lip_tables(const lip_tables&) = delete;
+  lip_tables& operator=(const lip_tables&) = delete;
+
+  /// Records storage entries (§4.3.7–8). The registration takes one reference, for
+  /// `owner_pid`, on each distinct region its entries use (a 10 000-storage state dict in one
+  /// region costs one acquire); every entry is still checked against its region.
+  /// All or nothing: on error no reference taken by this call stays taken.
   /// Errors: INVALID_ARGUMENT (no source, empty or duplicate storage_id), NOT_FOUND (unknown
   /// region), FAILED_PRECONDITION (region kind/device mismatch, bounds, poisoned, retiring),
   /// PERMISSION_DENIED (region owner).
@@ -63,13 +73,14 @@ class lip_tables {
   [[nodiscard]] result<lip_view> open_view(std::uint64_t total_size, std::int32_t owner_pid,
                                            device_memory* devices) const;
 
-  /// Region ids of every reference taken (one per region-backed entry).
+  /// Region ids of every reference taken (one per distinct region).
   [[nodiscard]] std::vector<std::string> region_ids() const;
 
   [[nodiscard]] std::size_t storage_count() const noexcept { return storages_.size(); }
 
  private:
   std::vector<lip_storage> storages_;
+  std::map<std::string, regions::region_info, std::less<>> regions_;  // referenced, by id
   std::unordered_map<std::string, std::size_t> storage_by_id_;
   std::vector<tensor_alias> aliases_;
   std::vector<leased_segment> segments_;
