@@ -9,6 +9,7 @@
 #include <set>
 
 #include "client.hpp"
+#include "local_commands.hpp"
 #include "tensorreg/index/safetensors_bundle.hpp"
 
 namespace tensorreg::cli {
@@ -41,10 +42,7 @@ result<options> parse(const std::vector<std::string>& args) {
   options o;
   for (std::size_t i = 0; i < args.size(); ++i) {
     const auto& a = args[i];
-    auto value = [&]() -> result<std::string> {
-      if (i + 1 >= args.size()) return fail(errc::invalid_argument, a + " needs a value");
-      return args[++i];
-    };
+    auto value = [&] { return option_value(args, i); };
     if (a == "--json") {
       o.json = true;
     } else if (a == "--socket") {

@@ -63,10 +63,7 @@ result<options> parse(const std::vector<std::string>& args, bool digest) {
   options o;
   for (std::size_t i = 0; i < args.size(); ++i) {
     const auto& a = args[i];
-    auto value = [&]() -> result<std::string> {
-      if (i + 1 >= args.size()) return fail(errc::invalid_argument, a + " needs a value");
-      return args[++i];
-    };
+    auto value = [&] { return option_value(args, i); };
     if (a == "--threads") {
       TENSORREG_TRY_ASSIGN(auto v, value());
       auto n = parse_u64(v);
@@ -92,6 +89,11 @@ result<options> parse(const std::vector<std::string>& args, bool digest) {
 }
 
 }  // namespace
+
+result<std::string> option_value(const std::vector<std::string>& args, std::size_t& i) {
+  if (i + 1 >= args.size()) return fail(errc::invalid_argument, args[i] + " needs a value");
+  return args[++i];
+}
 
 int run_digest(const std::vector<std::string>& args) {
   auto parsed = parse(args, /*digest=*/true);

@@ -4,7 +4,12 @@
 #include <string>
 #include <vector>
 
+#include "tensorreg/common/error.hpp"
+
 namespace tensorreg::cli {
+
+/// The value after option args[i] (advancing i), or INVALID_ARGUMENT "<option> needs a value".
+[[nodiscard]] result<std::string> option_value(const std::vector<std::string>& args, std::size_t& i);
 
 /// `digest --index FILE [--data FILE | --zeros N] [--raw] [--threads N]`. Returns the exit code.
 int run_digest(const std::vector<std::string>& args);

@@ -3,6 +3,8 @@
 #include <array>
 #include <cstdint>
 
+#include "hash/quote.hpp"
+
 namespace tensorreg::hash {
 namespace {
 
@@ -19,15 +21,6 @@ int base32_value(char c) noexcept {
   if (c >= 'a' && c <= 'z') return c - 'a';
   if (c >= '2' && c <= '7') return c - '2' + 26;
   return -1;
-}
-
-std::string quoted(std::string_view value) {
-  constexpr std::size_t max_shown = 96;
-  std::string out = "'";
-  out.append(value.substr(0, max_shown));
-  if (value.size() > max_shown) out.append("...");
-  out.push_back('\'');
-  return out;
 }
 
 std::string hex_byte(std::byte b) {
@@ -63,7 +56,7 @@ std::string encode_multihash(const digest& d) {
 
 result<digest> decode_multihash(std::string_view text) {
   const auto bad = [&](const std::string& reason) {
-    return fail(errc::invalid_argument, "cannot decode multihash " + quoted(text) + ": " + reason);
+    return fail(errc::invalid_argument, "cannot decode multihash " + detail::quoted(text) + ": " + reason);
   };
   if (text.empty() || text.front() != 'b') {
     return bad("expected multibase prefix 'b' (base32 lower case)");

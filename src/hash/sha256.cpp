@@ -5,6 +5,8 @@
 #include <algorithm>
 #include <string>
 
+#include "hash/quote.hpp"
+
 namespace tensorreg::hash {
 namespace {
 
@@ -17,16 +19,6 @@ const EVP_MD* sha256_md() {
     return fetched;
   }();
   return md;
-}
-
-// Quotes a caller-supplied value for a message, cut short so a huge input cannot bloat it.
-std::string quoted(std::string_view value) {
-  constexpr std::size_t max_shown = 96;
-  std::string out = "'";
-  out.append(value.substr(0, max_shown));
-  if (value.size() > max_shown) out.append("...");
-  out.push_back('\'');
-  return out;
 }
 
 int hex_value(char c) noexcept {
@@ -130,7 +122,7 @@ std::string to_hex(const digest& d) {
 result<digest> digest_from_hex(std::string_view hex) {
   const auto bad = [&] {
     return fail(errc::invalid_argument,
-                "tensor_index_key must be a 32-byte sha256 hex string, got " + quoted(hex));
+                "tensor_index_key must be a 32-byte sha256 hex string, got " + detail::quoted(hex));
   };
   digest out{};
   if (hex.size() != 2 * out.size()) return bad();
