@@ -67,16 +67,33 @@ if(TENSORREG_BUILD_TESTS)
   set_tests_properties(cuda.host_logic PROPERTIES LABELS "cuda")
 
   # The GPU suite: exits 77 (skipped) when no CUDA device is present.
+  # The device memory tests map memory of a child process (IPC handles cannot be opened by
+  # the process that exported them): tensorreg_gpu_producer, found next to the test binary
+  # (or at $TENSORREG_GPU_PRODUCER). They reuse the engine suite's model helpers.
+  add_executable(tensorreg_gpu_producer ${PROJECT_SOURCE_DIR}/tests/cuda/producer.cpp)
+  tensorreg_cuda_target(tensorreg_gpu_producer)
+  target_link_libraries(tensorreg_gpu_producer PRIVATE tensorreg_gpu_fill CUDA::cudart_static tensorreg_warnings)
+
   add_executable(tensorreg_gpu_tests
     ${PROJECT_SOURCE_DIR}/tests/cuda/gpu_main.cpp
-    ${PROJECT_SOURCE_DIR}/tests/cuda/tree_hash_gpu_tests.cpp)
+    ${PROJECT_SOURCE_DIR}/tests/cuda/tree_hash_gpu_tests.cpp
+    ${PROJECT_SOURCE_DIR}/tests/cuda/device_memory_tests.cpp
+    ${PROJECT_SOURCE_DIR}/tests/support/engine_helpers.cpp)
   tensorreg_cuda_target(tensorreg_gpu_tests)
-  target_include_directories(tensorreg_gpu_tests PRIVATE ${PROJECT_SOURCE_DIR}/src)
+  target_include_directories(tensorreg_gpu_tests PRIVATE ${PROJECT_SOURCE_DIR}/src ${PROJECT_SOURCE_DIR}/tests)
   target_link_libraries(tensorreg_gpu_tests PRIVATE tensorreg::cuda tensorreg::tensorreg tensorreg_gpu_fill
                                                     Catch2::Catch2 tensorreg_warnings)
+  add_dependencies(tensorreg_gpu_tests tensorreg_gpu_producer)
   add_test(NAME cuda.gpu COMMAND tensorreg_gpu_tests)
   set_tests_properties(cuda.gpu PROPERTIES SKIP_RETURN_CODE 77 LABELS "cuda;gpu" TIMEOUT 1800)
 endif()
+
+# --- the daemon ----------------------------------------------------------------------------
+# tensorregd maps client GPU memory when a device is present (daemon/main.cpp, guarded by
+# TENSORREG_HAVE_CUDA); without one it runs with no GPU. The runtime is static and reaches the
+# driver only at run time, so the binary still starts on a machine with no driver.
+target_link_libraries(tensorregd PRIVATE tensorreg_cuda)
+target_compile_definitions(tensorregd PRIVATE TENSORREG_HAVE_CUDA=1)
 
 # --- benchmark ---------------------------------------------------------------------------
 if(TENSORREG_BUILD_BENCHMARKS)
@@ -85,4 +102,11 @@ if(TENSORREG_BUILD_BENCHMARKS)
   target_include_directories(cuda_tree_hash_bench PRIVATE ${PROJECT_SOURCE_DIR}/src)
   target_link_libraries(cuda_tree_hash_bench PRIVATE tensorreg::cuda tensorreg::tensorreg tensorreg_gpu_fill
                                                      tensorreg_cuda_flags)
+
+  # (.cu, like cuda_tree_hash_bench: benchmarks/CMakeLists.txt builds every *_bench.cpp as a CPU
+  # benchmark.) First vs cached IPC open, visit() D2H rate vs a plain pinned cudaMemcpy; the memory comes
+  # from tensorreg_gpu_producer (built with the tests).
+  add_executable(cuda_ipc_bench ${PROJECT_SOURCE_DIR}/benchmarks/cuda_ipc_bench.cu)
+  tensorreg_cuda_target(cuda_ipc_bench)
+  target_link_libraries(cuda_ipc_bench PRIVATE tensorreg::cuda tensorreg::tensorreg tensorreg_cuda_flags)
 endif()

@@ -18,6 +18,10 @@
 #include "tensorreg/registration/engine.hpp"
 #include "unix_socket.hpp"
 
+#if TENSORREG_HAVE_CUDA
+#include "tensorreg/cuda/device_memory.hpp"
+#endif
+
 namespace {
 
 constexpr const char* kUsage =
@@ -95,6 +99,14 @@ int main(int argc, char** argv) try {
 
   tensorreg::registration::engine_options eo;
   eo.stable_bytes = o.stable_bytes;
+#if TENSORREG_HAVE_CUDA
+  // GPU memory when a device is present; otherwise CUDA-only requests fail FAILED_PRECONDITION.
+  if (auto devices = tensorreg::cuda::device_memory_provider::create()) {
+    eo.devices = std::move(*devices);
+  } else {
+    fmt::print(stderr, "tensorregd: running without GPU memory: {}\n", devices.error().message);
+  }
+#endif
   auto engine = tensorreg::registration::engine::create(eo);
   if (!engine) {
     fmt::print(stderr, "tensorregd: {}\n", engine.error().message);

@@ -1,0 +1,440 @@
+#include "tensorreg/cuda/device_memory.hpp"
+
+#include <cuda.h>
+#include <cudaTypedefs.h>
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <condition_variable>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "cuda/cuda_check.hpp"
+
+namespace tensorreg::cuda {
+namespace detail {
+namespace {
+
+constexpr std::size_t ipc_handle_bytes = sizeof(cudaIpcMemHandle_t);
+
+/// Makes `device` current and restores the previous device, for release paths: never fails,
+/// never throws (a failure is reported by check_release and the release goes on).
+class release_device_guard {
+ public:
+  explicit release_device_guard(int device) noexcept {
+    if (cudaGetDevice(&previous_) != cudaSuccess) {
+      static_cast<void>(cudaGetLastError());
+      return;
+    }
+    if (previous_ == device) return;
+    const cudaError_t e = cudaSetDevice(device);
+    check_release(e, "make a CUDA device current to release memory");
+    restore_ = e == cudaSuccess;
+  }
+  ~release_device_guard() {
+    if (restore_) check_release(cudaSetDevice(previous_), "restore the current CUDA device");
+  }
+  release_device_guard(const release_device_guard&) = delete;
+  release_device_guard& operator=(const release_device_guard&) = delete;
+
+ private:
+  int previous_ = 0;
+  bool restore_ = false;
+};
+
+/// One pinned staging buffer of two chunks, a stream and an event per chunk, bound to one
+/// device. Used by one visit at a time.
+struct staging {
+  int device = 0;
+  std::uint64_t chunk = 0;
+  std::byte* host = nullptr;
+  cudaStream_t stream = nullptr;
+  cudaEvent_t done[2] = {nullptr, nullptr};
+
+  staging() = default;
+  staging(const staging&) = delete;
+  staging& operator=(const staging&) = delete;
+  ~staging() {
+    release_device_guard guard(device);
+    for (auto* ev : done) {
+      if (ev != nullptr) check_release(cudaEventDestroy(ev), "destroy a staging event");
+    }
+    if (stream != nullptr) check_release(cudaStreamDestroy(stream), "destroy a staging stream");
+    if (host != nullptr) check_release(cudaFreeHost(host), "free a pinned staging buffer");
+  }
+};
+
+}  // namespace
+
+struct provider_state {
+  device_memory_provider::options opts;
+  int devices = 0;
+  PFN_cuMemGetAddressRange_v3020 get_address_range = nullptr;
+  PFN_cuGetErrorName_v6000 get_error_name = nullptr;
+
+  // Staging buffers kept for reuse, per device.
+  std::mutex pool_mutex;
+  std::vector<std::vector<std::unique_ptr<staging>>> free_staging;
+
+  // cudaIpcOpenMemHandle and cudaIpcCloseMemHandle run under ipc_mutex, so a key being closed
+  // (its last holder just went) is closed before it can be opened again. Lock order:
+  // ipc_mutex, then cache_mutex. No shared_ptr to a mapping may be released while either is
+  // held (its destructor takes both).
+  std::mutex ipc_mutex;
+  std::condition_variable closed;  // a mapping was closed (waited on with ipc_mutex)
+  mutable std::mutex cache_mutex;
+  struct cache_entry {
+    std::weak_ptr<const device_source> mapping;
+    const void* identity = nullptr;  // the mapping object, to tell a reopened key from its predecessor
+  };
+  std::map<std::pair<std::int32_t, std::string>, cache_entry, std::less<>> cache;
+
+  [[nodiscard]] std::string cu_error(CUresult r) const {
+    const char* name = nullptr;
+    if (get_error_name != nullptr && get_error_name(r, &name) == CUDA_SUCCESS && name != nullptr) return name;
+    return "CUresult " + std::to_string(static_cast<int>(r));
+  }
+
+  /// A staging buffer of `device`, from the pool or new.
+  [[nodiscard]] result<std::unique_ptr<staging>> acquire(int device) {
+    {
+      std::lock_guard lock(pool_mutex);
+      auto& pool = free_staging[static_cast<std::size_t>(device)];
+      if (!pool.empty()) {
+        auto s = std::move(pool.back());
+        pool.pop_back();
+        return s;
+      }
+    }
+    auto s = std::make_unique<staging>();
+    s->device = device;
+    s->chunk = opts.staging_chunk_bytes;
+    void* host = nullptr;
+    TENSORREG_CUDA_TRY(cudaHostAlloc(&host, 2 * s->chunk, cudaHostAllocDefault),
+                       "allocate " + std::to_string(2 * s->chunk) + " bytes of pinned staging memory");
+    s->host = static_cast<std::byte*>(host);
+    TENSORREG_CUDA_TRY(cudaStreamCreateWithFlags(&s->stream, cudaStreamNonBlocking), "create a staging stream");
+    for (auto& ev : s->done) {
+      TENSORREG_CUDA_TRY(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming), "create a staging event");
+    }
+    return s;
+  }
+
+  void give_back(std::unique_ptr<staging> s) noexcept {
+    std::unique_ptr<staging> extra;  // freed outside the lock
+    std::lock_guard lock(pool_mutex);
+    auto& pool = free_staging[static_cast<std::size_t>(s->device)];
+    if (pool.size() < opts.staging_buffers_kept) {
+      pool.push_back(std::move(s));
+    } else {
+      extra = std::move(s);
+    }
+  }
+};
+
+namespace {
+
+/// Copies [offset, offset + length) of device memory at `base` on `device` to the host in
+/// chunks, double-buffered: chunk i+1 is copying while the sink reads chunk i.
+status visit_device(provider_state& state, int device, const std::byte* base, std::uint64_t offset,
+                    std::uint64_t length, memory::piece_sink sink) {
+  if (length == 0) return {};
+  TENSORREG_TRY_ASSIGN(auto guard, device_guard::create(device));
+  TENSORREG_TRY_ASSIGN(auto slot, state.acquire(device));
+  const std::uint64_t chunk = slot->chunk;
+  const std::uint64_t chunks = (length + chunk - 1) / chunk;
+  const auto piece_length = [&](std::uint64_t i) { return std::min(chunk, length - i * chunk); };
+  const auto issue = [&](std::uint64_t i) -> status {
+    std::byte* to = slot->host + (i % 2) * chunk;
+    const std::byte* from = base + offset + i * chunk;
+    TENSORREG_CUDA_TRY(cudaMemcpyAsync(to, from, piece_length(i), cudaMemcpyDeviceToHost, slot->stream),
+                       "copy device memory to the host");
+    TENSORREG_CUDA_TRY(cudaEventRecord(slot->done[i % 2], slot->stream), "record a staging event");
+    return {};
+  };
+
+  status out = issue(0);
+  for (std::uint64_t i = 0; out && i < chunks; ++i) {
+    if (i + 1 < chunks) {
+      out = issue(i + 1);  // overwrites the half the sink finished with in step i - 1
+      if (!out) break;
+    }
+    out = check(cudaEventSynchronize(slot->done[i % 2]), "copy device memory to the host");
+    if (!out) break;
+    out = sink(std::span<const std::byte>(slot->host + (i % 2) * chunk, piece_length(i)));
+  }
+  // The buffer may be reused only once no copy into it is in flight.
+  const cudaError_t idle = cudaStreamSynchronize(slot->stream);
+  if (idle == cudaSuccess) {
+    state.give_back(std::move(slot));
+  } else {
+    auto failed = check(idle, "finish copying device memory to the host");
+    if (out) out = std::move(failed);
+  }
+  return out;
+}
+
+class ipc_mapping final : public device_source {
+ public:
+  ipc_mapping(std::shared_ptr<provider_state> state, std::pair<std::int32_t, std::string> key, void* ptr,
+              std::uint64_t size, int device) noexcept
+      : state_(std::move(state)), key_(std::move(key)), ptr_(ptr), size_(size), device_(device) {}
+
+  ipc_mapping(const ipc_mapping&) = delete;
+  ipc_mapping& operator=(const ipc_mapping&) = delete;
+
+  ~ipc_mapping() override {
+    std::lock_guard open_lock(state_->ipc_mutex);
+    {
+      std::lock_guard lock(state_->cache_mutex);
+      auto it = state_->cache.find(key_);
+      if (it != state_->cache.end() && it->second.identity == this) state_->cache.erase(it);
+    }
+    {
+      release_device_guard guard(device_);
+      check_release(cudaIpcCloseMemHandle(ptr_), "close a CUDA IPC mapping");
+    }
+    state_->closed.notify_all();
+  }
+
+  [[nodiscard]] std::uint64_t size() const noexcept override { return size_; }
+  [[nodiscard]] status visit(std::uint64_t offset, std::uint64_t length, memory::piece_sink sink) const override {
+    TENSORREG_TRY(check_range(offset, length));
+    return visit_device(*state_, device_, static_cast<const std::byte*>(ptr_), offset, length, sink);
+  }
+  [[nodiscard]] const void* device_pointer() const noexcept override { return ptr_; }
+  [[nodiscard]] std::int32_t device() const noexcept override { return device_; }
+
+ private:
+  std::shared_ptr<provider_state> state_;
+  std::pair<std::int32_t, std::string> key_;
+  void* ptr_;
+  std::uint64_t size_;
+  int device_;
+};
+
+class owned_device_buffer final : public device_source {
+ public:
+  owned_device_buffer(std::shared_ptr<provider_state> state, void* ptr, std::uint64_t size, int device) noexcept
+      : state_(std::move(state)), ptr_(ptr), size_(size), device_(device) {}
+
+  owned_device_buffer(const owned_device_buffer&) = delete;
+  owned_device_buffer& operator=(const owned_device_buffer&) = delete;
+
+  ~owned_device_buffer() override {
+    release_device_guard guard(device_);
+    check_release(cudaFree(ptr_), "free a device buffer");
+  }
+
+  [[nodiscard]] std::uint64_t size() const noexcept override { return size_; }
+  [[nodiscard]] status visit(std::uint64_t offset, std::uint64_t length, memory::piece_sink sink) const override {
+    TENSORREG_TRY(check_range(offset, length));
+    return visit_device(*state_, device_, static_cast<const std::byte*>(ptr_), offset, length, sink);
+  }
+  [[nodiscard]] const void* device_pointer() const noexcept override { return ptr_; }
+  [[nodiscard]] std::int32_t device() const noexcept override { return device_; }
+
+ private:
+  std::shared_ptr<provider_state> state_;
+  void* ptr_;
+  std::uint64_t size_;
+  int device_;
+};
+
+/// The code for a failed cudaIpcOpenMemHandle: a handle that opens nothing (stale, of a
+/// process that exited, malformed) is the caller's argument; running out of memory or
+/// losing the device is not.
+errc open_error_code(cudaError_t e) noexcept {
+  switch (code_of(e)) {
+    case errc::resource_exhausted: return errc::resource_exhausted;
+    case errc::failed_precondition: return errc::failed_precondition;
+    default: return errc::invalid_argument;
+  }
+}
+
+}  // namespace
+}  // namespace detail
+
+const device_source* as_device_source(const memory::byte_source& source) noexcept {
+  return dynamic_cast<const device_source*>(&source);
+}
+
+result<std::shared_ptr<device_memory_provider>> device_memory_provider::create() { return create(options{}); }
+
+result<std::shared_ptr<device_memory_provider>> device_memory_provider::create(options opts) {
+  if (opts.staging_chunk_bytes == 0) {
+    return fail(errc::invalid_argument, "cannot create the CUDA device memory provider: staging_chunk_bytes is 0");
+  }
+  int count = 0;
+  const cudaError_t e = cudaGetDeviceCount(&count);
+  if (e != cudaSuccess) {
+    static_cast<void>(cudaGetLastError());
+    return fail(errc::failed_precondition, "cannot use CUDA device memory: no CUDA device (" + detail::describe(e) + ")");
+  }
+  if (count <= 0) return fail(errc::failed_precondition, "cannot use CUDA device memory: no CUDA device (0 present)");
+
+  auto state = std::make_shared<detail::provider_state>();
+  state->opts = opts;
+  state->devices = count;
+  state->free_staging.resize(static_cast<std::size_t>(count));
+  // Driver entry points through the runtime, so nothing links libcuda.so: a binary built with
+  // CUDA still starts on a machine without the driver (and then runs with no GPU).
+  void* fn = nullptr;
+  cudaDriverEntryPointQueryResult found{};
+  TENSORREG_CUDA_TRY(cudaGetDriverEntryPointByVersion("cuMemGetAddressRange", &fn, 3020, cudaEnableDefault, &found),
+                     "find the driver's cuMemGetAddressRange");
+  if (found != cudaDriverEntryPointSuccess || fn == nullptr) {
+    return fail(errc::failed_precondition, "cannot use CUDA device memory: the driver has no cuMemGetAddressRange");
+  }
+  state->get_address_range = reinterpret_cast<PFN_cuMemGetAddressRange_v3020>(fn);
+  fn = nullptr;
+  if (cudaGetDriverEntryPointByVersion("cuGetErrorName", &fn, 6000, cudaEnableDefault, &found) == cudaSuccess &&
+      found == cudaDriverEntryPointSuccess) {
+    state->get_error_name = reinterpret_cast<PFN_cuGetErrorName_v6000>(fn);
+  } else {
+    static_cast<void>(cudaGetLastError());
+  }
+  return std::shared_ptr<device_memory_provider>(new device_memory_provider(std::move(state)));
+}
+
+device_memory_provider::device_memory_provider(std::shared_ptr<detail::provider_state> state) noexcept
+    : state_(std::move(state)) {}
+
+device_memory_provider::~device_memory_provider() = default;
+
+std::int32_t device_memory_provider::device_count() const noexcept { return state_->devices; }
+
+result<std::shared_ptr<const memory::byte_source>> device_memory_provider::open_ipc(
+    std::int32_t owner_pid, std::int32_t device_id, std::string_view ipc_handle, std::uint64_t min_bytes) {
+  auto& st = *state_;
+  const auto what = [&] {
+    return "cannot open CUDA IPC handle of process " + std::to_string(owner_pid) + " on device " +
+           std::to_string(device_id);
+  };
+  if (ipc_handle.size() != detail::ipc_handle_bytes) {
+    return fail(errc::invalid_argument, what() + ": a handle has " + std::to_string(detail::ipc_handle_bytes) +
+                                            " bytes, got " + std::to_string(ipc_handle.size()));
+  }
+  if (device_id < 0 || device_id >= st.devices) {
+    return fail(errc::failed_precondition,
+                what() + ": no such CUDA device (" + std::to_string(st.devices) + " present)");
+  }
+  const auto usable = [&](const std::shared_ptr<const device_source>& m)
+      -> result<std::shared_ptr<const memory::byte_source>> {
+    if (m->device() != device_id) {
+      return fail(errc::failed_precondition,
+                  what() + ": the memory is mapped on device " + std::to_string(m->device()));
+    }
+    if (m->size() < min_bytes) {
+      return fail(errc::out_of_range, what() + ": the allocation holds " + std::to_string(m->size()) +
+                                          " bytes, fewer than the " + std::to_string(min_bytes) + " needed");
+    }
+    return std::shared_ptr<const memory::byte_source>(m);
+  };
+  auto key = std::make_pair(owner_pid, std::string(ipc_handle));
+
+  // Declared before the locks, so a mapping found and then dropped is released after them.
+  std::shared_ptr<const device_source> live;
+  {
+    std::lock_guard lock(st.cache_mutex);
+    if (auto it = st.cache.find(key); it != st.cache.end()) live = it->second.mapping.lock();
+  }
+  if (live) return usable(live);
+
+  std::unique_lock open_lock(st.ipc_mutex);
+  for (;;) {
+    bool closing = false;
+    {
+      std::lock_guard lock(st.cache_mutex);
+      if (auto it = st.cache.find(key); it != st.cache.end()) {
+        live = it->second.mapping.lock();
+        closing = !live;
+      }
+    }
+    if (live) {
+      open_lock.unlock();
+      return usable(live);
+    }
+    if (!closing) break;
+    // Its last holder just went and its destructor waits for ipc_mutex to close it: let it,
+    // then open afresh (a handle is never opened while its previous mapping is open).
+    st.closed.wait(open_lock);
+  }
+
+  TENSORREG_TRY_ASSIGN(auto guard, detail::device_guard::create(device_id));
+  cudaIpcMemHandle_t handle{};
+  std::memcpy(&handle, ipc_handle.data(), sizeof handle);
+  void* ptr = nullptr;
+  if (const cudaError_t e = cudaIpcOpenMemHandle(&ptr, handle, cudaIpcMemLazyEnablePeerAccess); e != cudaSuccess) {
+    static_cast<void>(cudaGetLastError());
+    return fail(detail::open_error_code(e), what() + ": " + detail::describe(e));
+  }
+  // Until the mapping object exists, failures close the handle here (never through a
+  // shared_ptr: its destructor takes ipc_mutex, held now).
+  const auto close_and_fail = [&](errc code, std::string message) {
+    detail::check_release(cudaIpcCloseMemHandle(ptr), "close a CUDA IPC mapping");
+    return fail(code, std::move(message));
+  };
+  cudaPointerAttributes attributes{};
+  if (const cudaError_t e = cudaPointerGetAttributes(&attributes, ptr); e != cudaSuccess) {
+    static_cast<void>(cudaGetLastError());
+    return close_and_fail(errc::internal, what() + ": cannot query the mapped pointer: " + detail::describe(e));
+  }
+  if (attributes.type != cudaMemoryTypeDevice || attributes.device != device_id) {
+    return close_and_fail(errc::failed_precondition,
+                          what() + ": the memory lives on device " + std::to_string(attributes.device));
+  }
+  CUdeviceptr base = 0;
+  std::size_t range = 0;
+  const auto at = reinterpret_cast<CUdeviceptr>(ptr);
+  if (const CUresult r = st.get_address_range(&base, &range, at); r != CUDA_SUCCESS) {
+    return close_and_fail(errc::internal, what() + ": cannot query the allocation's size: " + st.cu_error(r));
+  }
+  const std::uint64_t size = static_cast<std::uint64_t>(base + range - at);
+  if (size < min_bytes) {
+    return close_and_fail(errc::out_of_range, what() + ": the allocation holds " + std::to_string(size) +
+                                                  " bytes, fewer than the " + std::to_string(min_bytes) + " needed");
+  }
+  auto mapping = std::make_shared<const detail::ipc_mapping>(state_, key, ptr, size, device_id);
+  {
+    std::lock_guard lock(st.cache_mutex);
+    st.cache[std::move(key)] = {mapping, mapping.get()};
+  }
+  return std::shared_ptr<const memory::byte_source>(std::move(mapping));
+}
+
+result<registration::device_buffer> device_memory_provider::allocate(std::int32_t device_id, std::uint64_t bytes) {
+  const auto what = [&] {
+    return "cannot allocate " + std::to_string(bytes) + " bytes of device memory on device " + std::to_string(device_id);
+  };
+  if (bytes == 0) return fail(errc::invalid_argument, what() + ": the size is 0");
+  if (device_id < 0 || device_id >= state_->devices) {
+    return fail(errc::failed_precondition,
+                what() + ": no such CUDA device (" + std::to_string(state_->devices) + " present)");
+  }
+  TENSORREG_TRY_ASSIGN(auto guard, detail::device_guard::create(device_id));
+  void* ptr = nullptr;
+  TENSORREG_CUDA_TRY(cudaMalloc(&ptr, bytes), what().substr(std::string_view("cannot ").size()));
+  auto owned = std::make_shared<const detail::owned_device_buffer>(state_, ptr, bytes, device_id);
+  // Clients map this buffer: never show them what an earlier allocation left there.
+  TENSORREG_CUDA_TRY(cudaMemsetAsync(ptr, 0, bytes, nullptr), "clear a new device buffer");
+  TENSORREG_CUDA_TRY(cudaStreamSynchronize(nullptr), "clear a new device buffer");
+  cudaIpcMemHandle_t handle{};
+  TENSORREG_CUDA_TRY(cudaIpcGetMemHandle(&handle, ptr), "export a device buffer as a CUDA IPC handle");
+  registration::device_buffer out;
+  out.bytes = std::move(owned);
+  out.ipc_handle.assign(reinterpret_cast<const char*>(&handle), sizeof handle);
+  return out;
+}
+
+std::size_t device_memory_provider::open_mappings() const {
+  std::lock_guard lock(state_->cache_mutex);
+  return static_cast<std::size_t>(std::count_if(state_->cache.begin(), state_->cache.end(),
+                                                [](const auto& kv) { return !kv.second.mapping.expired(); }));
+}
+
+}  // namespace tensorreg::cuda
