@@ -86,6 +86,7 @@ std::string_view rpc_name(wire::Request::BodyCase body) {
     case wire::Request::kActivateStableLocalBacking: return "ActivateStableLocalBacking";
     case wire::Request::kListArtifacts: return "ListArtifacts";
     case wire::Request::kGetStats: return "GetStats";
+    case wire::Request::kGetArtifactMemfd: return "GetArtifactMemfd";
     case wire::Request::BODY_NOT_SET: break;
   }
   return "unknown";
@@ -619,6 +620,25 @@ struct dispatcher::impl {
     return fail(errc::unimplemented, "cannot activate stable local backing: it is not implemented yet");
   }
 
+  // Ours: the stable DRAM replica's memfd, read-only, for zero-copy readers. The bytes of every
+  // artifact held are visible through it, so only the daemon's own uid and root may ask.
+  status get_artifact_memfd(call& c) {
+    const auto& id = c.request.get_artifact_memfd().artifact_id();
+    if (c.peer.uid != 0 && c.peer.uid != options.daemon_uid) {
+      return fail(errc::permission_denied, fmt::format("cannot open the stable replica of {}: uid {} is neither root "
+                                                       "nor the daemon's uid {}",
+                                                       id, c.peer.uid, options.daemon_uid));
+    }
+    TENSORREG_TRY_ASSIGN(auto replica, engine.stable_replica_fd(id));
+    TENSORREG_TRY_ASSIGN(auto summary, engine.get(id));
+    auto* out = c.response.mutable_get_artifact_memfd();
+    fill_descriptor(*out->mutable_artifact_descriptor(), summary.descriptor);
+    out->set_tensor_index_data(replica.first->json());
+    out->set_size_bytes(summary.descriptor.total_size);
+    c.fds_out.push_back(std::move(replica.second));
+    return {};
+  }
+
   status list_artifacts(call& c) {
     fill_list(*c.response.mutable_list_artifacts(), engine.list());
     return {};
@@ -650,6 +670,7 @@ struct dispatcher::impl {
       case R::kActivateStableLocalBacking: return activate_stable_local_backing(c);
       case R::kListArtifacts: return list_artifacts(c);
       case R::kGetStats: return get_stats(c);
+      case R::kGetArtifactMemfd: return get_artifact_memfd(c);
       case R::kFeedRegisterArtifactStream:
       case R::BODY_NOT_SET: break;
     }

@@ -5,6 +5,7 @@
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
+#include <atomic>
 #include <condition_variable>
 #include <cstring>
 #include <map>
@@ -14,6 +15,7 @@
 #include <vector>
 
 #include "cuda/cuda_check.hpp"
+#include "tensorreg/cuda/tree_hash.hpp"
 
 namespace tensorreg::cuda {
 namespace detail {
@@ -73,6 +75,10 @@ struct staging {
 struct provider_state {
   device_memory_provider::options opts;
   int devices = 0;
+  std::atomic<std::uint64_t> device_hashes{0};
+  // One GPU tree hasher per device, reused (its scratch grows once); one hash at a time each.
+  std::mutex hasher_mutex;
+  std::map<int, gpu_tree_hasher> hashers;
   PFN_cuMemGetAddressRange_v3020 get_address_range = nullptr;
   PFN_cuGetErrorName_v6000 get_error_name = nullptr;
 
@@ -435,6 +441,88 @@ std::size_t device_memory_provider::open_mappings() const {
   std::lock_guard lock(state_->cache_mutex);
   return static_cast<std::size_t>(std::count_if(state_->cache.begin(), state_->cache.end(),
                                                 [](const auto& kv) { return !kv.second.mapping.expired(); }));
+}
+
+namespace {
+
+// One run of device bytes that lands at `dst` in the canonical buffer.
+struct device_piece {
+  std::uint64_t dst = 0;
+  const std::byte* src = nullptr;
+  std::uint64_t length = 0;
+};
+
+// Resolves [offset, offset + length) of `source`, placed at `dst`, into device pieces,
+// descending through nested segmented views (gaps stay zero). False when some byte is not
+// device memory of `device` (set by the first device source met).
+bool gather(const memory::byte_source& source, std::uint64_t offset, std::uint64_t length, std::uint64_t dst,
+            int& device, std::vector<device_piece>& out) {
+  if (const auto* dev = as_device_source(source)) {
+    if (device < 0) device = dev->device();
+    if (dev->device() != device) return false;
+    out.push_back({dst, static_cast<const std::byte*>(dev->device_pointer()) + offset, length});
+    return true;
+  }
+  const auto* view = dynamic_cast<const memory::segmented_view*>(&source);
+  if (view == nullptr) return false;
+  const std::uint64_t end = offset + length;
+  for (const auto& seg : view->segments()) {
+    const std::uint64_t lo = std::max(offset, seg.offset);
+    const std::uint64_t hi = std::min(end, seg.offset + seg.length);
+    if (lo >= hi) continue;
+    if (!gather(*seg.source, seg.source_offset + (lo - seg.offset), hi - lo, dst + (lo - offset), device, out)) {
+      return false;
+    }
+  }
+  return true;
+}
+
+}  // namespace
+
+std::optional<result<hash::digest>> device_memory_provider::tree_hash_on_device(
+    const memory::segmented_view& canonical) {
+  const std::uint64_t size = canonical.size();
+  if (size == 0 || size < state_->opts.gpu_hash_min_bytes) return std::nullopt;
+  int device = -1;
+  std::vector<device_piece> pieces;
+  if (!gather(canonical, 0, size, 0, device, pieces) || device < 0) return std::nullopt;
+
+  auto run = [&]() -> result<hash::digest> {
+    TENSORREG_TRY_ASSIGN(auto guard, detail::device_guard::create(device));
+    (void)guard;
+    std::lock_guard lock(state_->hasher_mutex);
+    auto it = state_->hashers.find(device);
+    if (it == state_->hashers.end()) {
+      TENSORREG_TRY_ASSIGN(auto hasher, gpu_tree_hasher::create(device));
+      it = state_->hashers.emplace(device, std::move(hasher)).first;
+    }
+    // One piece that is already the whole buffer: hash it where it lies.
+    if (pieces.size() == 1 && pieces[0].dst == 0 && pieces[0].length == size) {
+      return it->second.tree_hash(pieces[0].src, size);
+    }
+    void* scratch = nullptr;
+    TENSORREG_CUDA_TRY(cudaMalloc(&scratch, size), "allocate a GPU gather buffer for the tree hash");
+    struct freer {
+      void* p;
+      ~freer() { detail::check_release(cudaFree(p), "free a GPU gather buffer"); }
+    } free_scratch{scratch};
+    auto* base = static_cast<std::byte*>(scratch);
+    TENSORREG_CUDA_TRY(cudaMemsetAsync(base, 0, size, nullptr), "zero a GPU gather buffer");
+    for (const auto& piece : pieces) {
+      TENSORREG_CUDA_TRY(cudaMemcpyAsync(base + piece.dst, piece.src, piece.length, cudaMemcpyDeviceToDevice, nullptr),
+                         "gather canonical bytes on the GPU");
+    }
+    TENSORREG_CUDA_TRY(cudaStreamSynchronize(nullptr), "gather canonical bytes on the GPU");
+    return it->second.tree_hash(base, size);
+  };
+  auto digest = run();
+  if (!digest && digest.error().code == errc::resource_exhausted) return std::nullopt;  // host fallback
+  if (digest) state_->device_hashes.fetch_add(1, std::memory_order_relaxed);
+  return digest;
+}
+
+std::uint64_t device_memory_provider::device_hashes() const noexcept {
+  return state_->device_hashes.load(std::memory_order_relaxed);
 }
 
 }  // namespace tensorreg::cuda

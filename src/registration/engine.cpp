@@ -1,9 +1,12 @@
 #include "tensorreg/registration/engine.hpp"
 
+#include <fcntl.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <condition_variable>
+#include <cstring>
 #include <map>
 #include <mutex>
 #include <thread>
@@ -20,6 +23,7 @@
 #include "tensorreg/hash/tree_hash.hpp"
 #include "tensorreg/index/byte_range_map.hpp"
 #include "tensorreg/memory/segmented_view.hpp"
+#include "tensorreg/memory/shared_memory.hpp"
 #include "tensorreg/stable/stable_dram_cache.hpp"
 
 namespace tensorreg::registration {
@@ -152,6 +156,7 @@ class normalized_source final : public memory::byte_source {
   [[nodiscard]] status visit(std::uint64_t offset, std::uint64_t length, memory::piece_sink sink) const override {
     return view_.visit(offset, length, sink);
   }
+  [[nodiscard]] const memory::segmented_view& view() const noexcept { return view_; }
 
  private:
   std::shared_ptr<const memory::byte_source> raw_;  // what view_ reads
@@ -346,12 +351,25 @@ struct engine::state {
       it->second.descriptor = d;
       it->second.index = idx;
     }
-    index_store.try_emplace(hash::to_hex(hash::sha256(idx->json())), std::move(idx));
+    // The key is the index digest describe() already computed: hashing a large index twice
+    // showed in the metadata path's profile.
+    auto digest = hash::decode_multihash(d.index_multihash);
+    TENSORREG_ASSERT(digest.has_value());
+    index_store.try_emplace(hash::to_hex(*digest), std::move(idx));
     return it->second;
   }
 
   static stable::admit_policy admit_policy_of(const policy::resolved_policy& r) {
     return r.cache.value_or(stable::admit_policy{});
+  }
+
+  // The data hash of a canonical buffer: the device provider hashes it on the GPU when its
+  // bytes are device memory and that is faster; otherwise all host cores do (DECISIONS §6).
+  result<hash::digest> hash_canonical(const memory::segmented_view& canonical) {
+    if (devices) {
+      if (auto on_device = devices->tree_hash_on_device(canonical)) return std::move(*on_device);
+    }
+    return hash::tree_hash(canonical, &pool);
   }
 
   result<commit_response> commit_lease(const std::shared_ptr<pending>& p);
@@ -677,10 +695,10 @@ result<commit_response> engine::state::commit_lease(const std::shared_ptr<pendin
     view.keep_alive.push_back(view.bytes);  // the normalized view reads through it
     view.bytes = std::make_shared<const memory::segmented_view>(std::move(normalized));
   }
-  // Step 8: hash, outside every lock.
+  // Step 8: hash, outside every lock: on the GPU when the bytes live there and it is faster.
   std::optional<hash::digest> data;
   if (p->cgid.empty()) {
-    TENSORREG_TRY_ASSIGN(data, hash::tree_hash(*view.bytes, &pool));
+    TENSORREG_TRY_ASSIGN(data, hash_canonical(*view.bytes));
   }
   auto descriptor = describe(*p, *idx, data);
 
@@ -782,7 +800,7 @@ result<commit_response> engine::state::commit_coalesced(const std::shared_ptr<pe
   TENSORREG_TRY_ASSIGN(auto normalized, normalized_source::create(p->coalesced->bytes, *p->index));
   std::optional<hash::digest> data;
   if (p->cgid.empty()) {
-    TENSORREG_TRY_ASSIGN(data, hash::tree_hash(*normalized, &pool));
+    TENSORREG_TRY_ASSIGN(data, hash_canonical(normalized->view()));
   }
   auto descriptor = describe(*p, *p->index, data);
   commit_response response;
@@ -1003,6 +1021,32 @@ result<std::shared_ptr<const memory::byte_source>> engine::open_bytes(const std:
   if (!inner && !a.gpu_replicas.empty()) inner = a.gpu_replicas.begin()->second.bytes;
   if (!inner) return fail(errc::failed_precondition, "cannot open " + artifact_id + ": no readable copy is held");
   return std::shared_ptr<const memory::byte_source>(std::make_shared<tracked_source>(std::move(inner), a.readers));
+}
+
+result<std::pair<std::shared_ptr<const index::canonical_index>, unique_fd>> engine::stable_replica_fd(
+    const std::string& artifact_id) {
+  auto& s = *state_;
+  const std::string verb = "cannot open the stable replica of " + artifact_id;
+  std::shared_ptr<const memory::byte_source> replica;
+  std::shared_ptr<const index::canonical_index> idx;
+  {
+    std::lock_guard lock(s.mutex);
+    auto it = s.artifacts.find(artifact_id);
+    if (it == s.artifacts.end() || s.artifact_is_empty_locked(artifact_id, it->second)) {
+      return fail(errc::not_found, verb + ": not held here");
+    }
+    if (it->second.quiesced) return fail(errc::failed_precondition, verb + ": it is being deregistered");
+    replica = s.cache.lookup(artifact_id);
+    idx = it->second.index;
+  }
+  // Replicas are made by detail::materialize, always in a memfd; anything else has no fd to share.
+  auto memory = std::dynamic_pointer_cast<const memory::shared_memory>(replica);
+  if (!memory) return fail(errc::failed_precondition, verb + ": no stable DRAM replica is held");
+  // A fresh read-only open file description, so the reader can map it but never write to it.
+  const std::string path = "/proc/self/fd/" + std::to_string(memory->fd());
+  unique_fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (!fd) return fail(errc::internal, verb + ": cannot reopen its memfd read-only: " + std::strerror(errno));
+  return std::pair{std::move(idx), std::move(fd)};
 }
 
 result<deregister_response> engine::deregister(const deregister_request& r) {

@@ -214,6 +214,9 @@ class recording_devices final : public reg::device_memory {
     return out;
   }
   [[nodiscard]] std::size_t open_mappings() const override { return real_->open_mappings(); }
+  [[nodiscard]] std::optional<result<hash::digest>> tree_hash_on_device(const memory::segmented_view& canonical) override {
+    return real_->tree_hash_on_device(canonical);
+  }
   std::shared_ptr<const memory::byte_source> last() {
     std::lock_guard lock(mutex_);
     return allocated_.empty() ? nullptr : allocated_.back();
@@ -467,7 +470,12 @@ TEST_CASE("cuda device_memory: allocate gives a zeroed, exported device buffer",
 
 TEST_CASE("cuda device_memory: a LIP registration over producer handles gets the host-computed id", "[cuda][device_memory][engine]") {
   producer p({{slab_bytes, 21}, {other_bytes, 22}});
-  auto provider = make_provider();
+  // Both hashing paths must give the host-computed id: all host cores, and the GPU gather +
+  // tree hash (forced here by a 1-byte threshold).
+  const bool on_gpu = GENERATE(false, true);
+  device_memory_provider::options opts;
+  if (on_gpu) opts.gpu_hash_min_bytes = 1;
+  auto provider = make_provider(opts);
   t::fake_clock clock;
   auto options = t::deterministic_options(clock);
   options.devices = provider;
@@ -480,6 +488,7 @@ TEST_CASE("cuda device_memory: a LIP registration over producer handles gets the
   auto committed = e->commit(begun->registration_id);
   REQUIRE_OK(committed);
   CHECK(committed->descriptor.artifact_id == t::expected_mi2(sm.m.index().json(), sm.m.canonical()));
+  CHECK(provider->device_hashes() == (on_gpu ? 1u : 0u));
   // Four storages, two allocations: two opens, held by the lease.
   CHECK(provider->open_mappings() == 2);
   CHECK(e->stats().open_mappings == 2);
@@ -503,7 +512,12 @@ TEST_CASE("cuda device_memory: a LIP registration over producer handles gets the
 }
 
 TEST_CASE("cuda device_memory: a coalesced registration written through the device pointer gets the host-computed id", "[cuda][device_memory][engine]") {
-  auto provider = make_provider();
+  // Both hashing paths must give the host-computed id: all host cores, and the GPU gather +
+  // tree hash (forced here by a 1-byte threshold).
+  const bool on_gpu = GENERATE(false, true);
+  device_memory_provider::options opts;
+  if (on_gpu) opts.gpu_hash_min_bytes = 1;
+  auto provider = make_provider(opts);
   auto devices = std::make_shared<recording_devices>(provider);
   t::fake_clock clock;
   auto options = t::deterministic_options(clock);
@@ -533,6 +547,7 @@ TEST_CASE("cuda device_memory: a coalesced registration written through the devi
   auto committed = e->commit(begun->registration_id);
   REQUIRE_OK(committed);
   CHECK(committed->descriptor.artifact_id == t::expected_mi2(m.index().json(), m.canonical()));
+  CHECK(provider->device_hashes() == (on_gpu ? 1u : 0u));  // PAD (0xab here) gathered as zero
   auto bytes = e->open_bytes(committed->descriptor.artifact_id);
   REQUIRE_OK(bytes);
   CHECK(read_all(**bytes, 0, (*bytes)->size()) == m.canonical());

@@ -797,6 +797,39 @@ TEST_CASE("dispatcher: GetArtifactIndexById answers the canonical index bytes", 
   check_status(h.call(unknown), errc::not_found, "cannot find the index of mi2:unknown: not held here");
 }
 
+TEST_CASE("dispatcher: GetArtifactMemfd hands over the stable replica read-only as fd 0", "[daemon][dispatcher]") {
+  harness h(trusting(false, getuid()));
+  const auto id = put_chunks(h, 24).artifact_descriptor().artifact_id();
+  auto r = h.request();
+  r.mutable_get_artifact_memfd()->set_artifact_id(id);
+  auto a = h.ok(r);
+  const auto& out = a.response.get_artifact_memfd();
+  CHECK(out.tensor_index_data() == index_json());
+  CHECK(out.artifact_descriptor().artifact_id() == id);
+  CHECK(out.size_bytes() == total);
+  REQUIRE(a.fds.size() == 1);
+  CHECK((::fcntl(a.fds[0].get(), F_GETFL) & O_ACCMODE) == O_RDONLY);
+  // Readers cannot write the replica through a shared mapping; they read the canonical bytes.
+  CHECK(::mmap(nullptr, total, PROT_READ | PROT_WRITE, MAP_SHARED, a.fds[0].get(), 0) == MAP_FAILED);
+  auto mapped = shared_memory::adopt(std::move(a.fds[0]), total, false);
+  REQUIRE(mapped);
+  CHECK(std::string(reinterpret_cast<const char*>(mapped->bytes().data()), total) == artifact_bytes());
+
+  auto unknown = h.request();
+  unknown.mutable_get_artifact_memfd()->set_artifact_id("mi2:unknown");
+  check_status(h.call(unknown), errc::not_found, "cannot open the stable replica of mi2:unknown: not held here");
+}
+
+TEST_CASE("dispatcher: GetArtifactMemfd is only for root and the daemon's uid", "[daemon][dispatcher]") {
+  const uid_t stranger = getuid() + 1;
+  harness h(trusting(false, getuid()), peer_credentials{getpid(), stranger, getgid()});
+  auto r = h.request();
+  r.mutable_get_artifact_memfd()->set_artifact_id("mi2:x");
+  check_status(h.call(r), errc::permission_denied,
+               "cannot open the stable replica of mi2:x: uid " + std::to_string(stranger) +
+                   " is neither root nor the daemon's uid " + std::to_string(getuid()));
+}
+
 TEST_CASE("dispatcher: DeregisterArtifact drains and removes an artifact", "[daemon][dispatcher]") {
   harness h;
   const auto id = put_chunks(h, 24).artifact_descriptor().artifact_id();

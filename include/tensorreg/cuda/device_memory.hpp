@@ -60,6 +60,11 @@ class device_memory_provider final : public registration::device_memory {
     std::uint64_t staging_chunk_bytes = std::uint64_t{4} << 20;
     /// Staging buffers kept per device for reuse; more are made on demand and freed on release.
     std::size_t staging_buffers_kept = 16;
+    /// Canonical buffers at least this large are hashed on the GPU (tree_hash_on_device).
+    /// Measured on an H100 host (benchmarks/RESULTS.md): the GPU hash takes ~107 ms at any
+    /// size, 16 host cores hash 1 GiB in ~86 ms after it was staged to the host; so below
+    /// about 1.5 GB the host is the faster place.
+    std::uint64_t gpu_hash_min_bytes = std::uint64_t{3} << 29;
   };
 
   /// A provider for this process's CUDA devices.
@@ -92,6 +97,18 @@ class device_memory_provider final : public registration::device_memory {
 
   /// IPC mappings open right now (distinct (owner pid, handle) keys with a live holder).
   [[nodiscard]] std::size_t open_mappings() const override;
+
+  /// Hashes `canonical` on its GPU when it is at least gpu_hash_min_bytes and every segment
+  /// (through nested segmented views) reads device memory of one device: the DATA bytes are
+  /// gathered into a zeroed scratch buffer with device-to-device copies (PAD stays zero), then
+  /// the GPU tree hash runs there. nullopt otherwise, or when the scratch does not fit on the
+  /// device (the host then hashes through staging).
+  /// Errors (inside the optional): the GPU hash's, and CUDA errors of the gather.
+  [[nodiscard]] std::optional<result<hash::digest>> tree_hash_on_device(
+      const memory::segmented_view& canonical) override;
+
+  /// How many canonical buffers tree_hash_on_device() has hashed on a GPU.
+  [[nodiscard]] std::uint64_t device_hashes() const noexcept;
 
   /// Number of CUDA devices this provider sees.
   [[nodiscard]] std::int32_t device_count() const noexcept;

@@ -14,8 +14,12 @@
 #include <string>
 #include <string_view>
 
+#include <optional>
+
 #include "tensorreg/common/error.hpp"
+#include "tensorreg/hash/sha256.hpp"
 #include "tensorreg/memory/byte_source.hpp"
+#include "tensorreg/memory/segmented_view.hpp"
 
 namespace tensorreg::registration {
 
@@ -43,6 +47,17 @@ class device_memory {
 
   /// Mappings open right now (for stats).
   [[nodiscard]] virtual std::size_t open_mappings() const = 0;
+
+  /// The data tree hash of `canonical` computed on a GPU, when all its bytes are device memory
+  /// of one device this provider reaches (gaps read as zero) and the GPU is the faster place
+  /// to hash that many bytes. nullopt means "hash it on the host" (the default: no GPU).
+  /// The digest equals hash::tree_hash(canonical) bit for bit.
+  /// Errors (inside the optional): what the GPU hash returns.
+  [[nodiscard]] virtual std::optional<result<hash::digest>> tree_hash_on_device(
+      const memory::segmented_view& canonical) {
+    (void)canonical;
+    return std::nullopt;
+  }
 };
 
 /// The implementation for machines without a GPU: every call fails FAILED_PRECONDITION.

@@ -24,10 +24,12 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "tensorreg/common/clock.hpp"
 #include "tensorreg/common/error.hpp"
+#include "tensorreg/common/unique_fd.hpp"
 #include "tensorreg/index/canonical_index.hpp"
 #include "tensorreg/registration/device_memory.hpp"
 #include "tensorreg/registration/types.hpp"
@@ -109,6 +111,13 @@ class engine {
   /// returned source keeps the artifact from draining. Errors: NOT_FOUND, FAILED_PRECONDITION
   /// (quiesced, or no host-readable copy).
   [[nodiscard]] result<std::shared_ptr<const memory::byte_source>> open_bytes(const std::string& artifact_id);
+  /// The artifact's index and a read-only fd of the memfd holding its stable DRAM replica, for
+  /// zero-copy readers in other processes. The replica stays valid for as long as the fd or a
+  /// mapping of it lives, even after eviction (the engine does not track those readers).
+  /// Errors: NOT_FOUND (unknown artifact), FAILED_PRECONDITION (quiesced, or no stable DRAM
+  /// replica held in shared memory), INTERNAL (the fd cannot be reopened read-only).
+  [[nodiscard]] result<std::pair<std::shared_ptr<const index::canonical_index>, unique_fd>> stable_replica_fd(
+      const std::string& artifact_id);
 
   /// Quiesce, drain (timeout → DEADLINE_EXCEEDED, the artifact stays quiesced), revoke leases,
   /// drop replicas. Errors: NOT_FOUND, DEADLINE_EXCEEDED.

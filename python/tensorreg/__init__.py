@@ -1,0 +1,64 @@
+"""tensorreg: content-addressed registration of PyTorch state dicts through tensorregd.
+
+    import tensorreg
+    with tensorreg.Store() as store:
+        art = store.put(model.state_dict())
+        print(art.artifact_id)                 # mi2:<index multihash>:<data multihash>
+        tensors = store.get(art.artifact_id)   # zero-copy CPU views of the daemon's copy
+
+The client speaks docs/wire-format.md over the daemon's Unix socket: pure Python, no C
+extension; the protobuf message classes are built at run time from a descriptor set, so it
+works with protobuf-python 3.21 through 7.x. Importing the package needs only protobuf; the
+tensor calls import torch (1.13 or 2.x) when first used.
+"""
+
+from ._wire import default_socket_path
+from .errors import (
+    Aborted,
+    AlreadyExists,
+    Cancelled,
+    DataLoss,
+    DeadlineExceeded,
+    Error,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    OutOfRange,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+    Unimplemented,
+    Unknown,
+)
+from ._layout import canonical_json
+from .store import Lease, LocalStableTier, RegisteredArtifact, Store
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Store",
+    "RegisteredArtifact",
+    "Lease",
+    "LocalStableTier",
+    "default_socket_path",
+    "canonical_json",
+    "Error",
+    "Cancelled",
+    "Unknown",
+    "InvalidArgument",
+    "DeadlineExceeded",
+    "NotFound",
+    "AlreadyExists",
+    "PermissionDenied",
+    "ResourceExhausted",
+    "FailedPrecondition",
+    "Aborted",
+    "OutOfRange",
+    "Unimplemented",
+    "Internal",
+    "Unavailable",
+    "DataLoss",
+    "Unauthenticated",
+]

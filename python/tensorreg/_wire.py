@@ -1,0 +1,229 @@
+"""The tensorregd transport (docs/wire-format.md): frames, request ids, fds, Feed streams.
+
+A `Connection` is one Unix stream socket to the daemon. Each call sends one request (or one
+whole Feed stream) and waits for its single answer, under a lock, so a connection may be shared
+by threads (calls are serialised; open several Stores for parallel calls). Frames are a 4-byte
+little-endian length and a serialised tensorreg.wire.v1 Request/Response; file descriptors ride
+as SCM_RIGHTS on the sendmsg that carries a frame's first byte, and those that come back with an
+answer are handed to the caller, who owns (and must close) them.
+
+After a broken connection the next call reconnects; a call that was cut off is not retried and
+raises Unavailable.
+"""
+
+from __future__ import annotations
+
+import array
+import os
+import socket
+import struct
+import threading
+
+from . import _messages
+from .errors import DataLoss, DeadlineExceeded, Error, InvalidArgument, Unavailable, error_for_code
+
+MAX_FDS_PER_FRAME = 4
+# Answers are small except ListArtifacts and index JSON; the daemon's own limit is 64 MiB.
+MAX_ANSWER_BYTES = 1 << 30
+_HEADER = struct.Struct("<I")
+
+
+def default_socket_path() -> str:
+    """The daemon's default socket: $XDG_RUNTIME_DIR/tensorreg/tensorregd.sock when
+    XDG_RUNTIME_DIR is set and non-empty, else /tmp/tensorreg-$UID/tensorregd.sock."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR", "")
+    if runtime:
+        return os.path.join(runtime, "tensorreg", "tensorregd.sock")
+    return f"/tmp/tensorreg-{os.getuid()}/tensorregd.sock"
+
+
+def _close_fds(fds) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+class Connection:
+    """One connection to tensorregd; thread-safe (one call at a time)."""
+
+    def __init__(self, path: str | None = None, timeout: float | None = None) -> None:
+        self.path = path or default_socket_path()
+        self.timeout = timeout
+        # Reentrant so that a finalizer run by garbage collection inside a call cannot deadlock;
+        # held_by_current_thread() lets it defer its own calls instead of interleaving frames.
+        self._lock = threading.RLock()
+        self._owner: int | None = None
+        self._sock: socket.socket | None = None
+        self._next_id = 1
+        self._closed = False
+        with self._lock:
+            self._ensure_connected()
+
+    # ---- connection ----
+
+    def _ensure_connected(self) -> socket.socket:
+        if self._closed:
+            raise Unavailable(f"cannot call tensorregd at {self.path}: the store is closed")
+        if self._sock is not None:
+            return self._sock
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(self.timeout)
+            sock.connect(self.path)
+        except OSError as e:
+            sock.close()
+            raise Unavailable(f"cannot connect to tensorregd at {self.path}: {e.strerror or e}") from None
+        self._sock = sock
+        return sock
+
+    def _drop(self) -> None:
+        if self._sock is not None:
+            try:
+                self._sock.close()
+            except OSError:
+                pass
+            self._sock = None
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._drop()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def held_by_current_thread(self) -> bool:
+        return self._owner == threading.get_ident()
+
+    # ---- frames ----
+
+    def _send(self, sock: socket.socket, request, fds=()) -> None:
+        payload = request.SerializeToString()
+        frame = _HEADER.pack(len(payload)) + payload
+        try:
+            if fds:
+                if len(fds) > MAX_FDS_PER_FRAME:
+                    raise InvalidArgument(f"cannot send request {request.request_id}: {len(fds)} file "
+                                          f"descriptors, more than {MAX_FDS_PER_FRAME} per frame")
+                # The fds ride on the sendmsg that carries the frame's first byte (§7).
+                sent = sock.sendmsg([frame], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+                if sent < len(frame):
+                    sock.sendall(frame[sent:])
+            else:
+                sock.sendall(frame)
+        except socket.timeout:
+            self._drop()
+            raise DeadlineExceeded(f"cannot send request {request.request_id} to tensorregd at {self.path}: "
+                                   f"timed out after {self.timeout} s") from None
+        except OSError as e:
+            self._drop()
+            raise Unavailable(f"cannot send request {request.request_id} to tensorregd at {self.path}: "
+                              f"{e.strerror or e}") from None
+
+    def _receive(self, sock: socket.socket, request_id: int):
+        """Reads one answer frame; returns (Response, fds)."""
+        buf = bytearray()
+        fds: list[int] = []
+        ancillary = socket.CMSG_SPACE(MAX_FDS_PER_FRAME * array.array("i").itemsize)
+        need = None
+        try:
+            while True:
+                if need is None and len(buf) >= 4:
+                    (need,) = _HEADER.unpack_from(buf)
+                    if need == 0 or need > MAX_ANSWER_BYTES:
+                        raise DataLoss(f"cannot read the daemon's answer to request {request_id}: "
+                                       f"frame length {need} is out of range")
+                if need is not None and len(buf) >= 4 + need:
+                    if len(buf) > 4 + need:
+                        raise DataLoss(f"cannot read the daemon's answer to request {request_id}: "
+                                       f"unexpected extra bytes")
+                    break
+                try:
+                    data, anc, flags, _ = sock.recvmsg(1 << 16, ancillary, socket.MSG_CMSG_CLOEXEC)
+                except socket.timeout:
+                    raise DeadlineExceeded(f"cannot read the daemon's answer to request {request_id}: "
+                                           f"timed out after {self.timeout} s") from None
+                except OSError as e:
+                    raise Unavailable(f"cannot read the daemon's answer to request {request_id}: "
+                                      f"{e.strerror or e}") from None
+                for level, kind, raw in anc:
+                    if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                        got = array.array("i")
+                        got.frombytes(raw[: len(raw) - len(raw) % got.itemsize])
+                        fds.extend(got)
+                if flags & socket.MSG_CTRUNC:
+                    raise DataLoss(f"cannot read the daemon's answer to request {request_id}: "
+                                   f"file descriptors were truncated")
+                if not data:
+                    raise Unavailable(f"cannot read the daemon's answer to request {request_id}: "
+                                      f"the daemon closed the connection")
+                buf += data
+            response = _messages.Response()
+            try:
+                response.ParseFromString(bytes(buf[4:]))
+            except Exception:  # DecodeError's module differs between runtimes
+                raise DataLoss(f"cannot parse the daemon's answer to request {request_id}") from None
+            if response.request_id not in (request_id, 0):
+                raise DataLoss(f"cannot match the daemon's answer: request {request_id} got the answer to "
+                               f"{response.request_id}")
+            return response, fds
+        except BaseException:
+            _close_fds(fds)
+            self._drop()
+            raise
+
+    def _finish(self, response, fds):
+        if response.request_id == 0:
+            self._drop()  # a connection-level error: the daemon closes the connection
+        code = response.status.code
+        if code != 0:
+            _close_fds(fds)
+            raise error_for_code(code, response.status.message)
+        return response, fds
+
+    # ---- calls ----
+
+    def call(self, request, fds=()):
+        """Sends `request` (its request_id is set here) with `fds` and waits for its answer.
+        Returns (Response, received fds); the caller owns the fds. A non-OK status raises."""
+        with self._lock:
+            outer, self._owner = self._owner, threading.get_ident()
+            try:
+                sock = self._ensure_connected()
+                request.request_id = self._take_id()
+                self._send(sock, request, fds)
+                return self._finish(*self._receive(sock, request.request_id))
+            finally:
+                self._owner = outer
+
+    def feed(self, frames):
+        """Sends a whole Feed stream (the FeedRegisterArtifactStreamRequest `frames`, then the
+        end-of-stream frame) and waits for its one answer."""
+        with self._lock:
+            outer, self._owner = self._owner, threading.get_ident()
+            try:
+                sock = self._ensure_connected()
+                request_id = self._take_id()
+                for frame in frames:
+                    request = _messages.Request()
+                    request.request_id = request_id
+                    request.feed_register_artifact_stream.CopyFrom(frame)
+                    self._send(sock, request)
+                end = _messages.Request()
+                end.request_id = request_id
+                end.end_of_stream = True
+                self._send(sock, end)
+                return self._finish(*self._receive(sock, request_id))
+            finally:
+                self._owner = outer
+
+    def _take_id(self) -> int:
+        request_id = self._next_id
+        self._next_id += 1
+        return request_id
+
+
+__all__ = ["Connection", "default_socket_path", "Error"]

@@ -1,0 +1,17 @@
+# The Python client (python/tensorreg) against the real daemon and CLI; included from
+# tests/CMakeLists.txt. Debian's /usr/bin/python3 is the interpreter that sees python3-torch and
+# python3-protobuf (scripts/install-deps); a `python3` earlier on the PATH (pyenv) cannot, so
+# it is not searched for. Each test file exits 77 (skipped) when torch or protobuf is missing.
+set(TENSORREG_PYTHON_TEST_INTERPRETER /usr/bin/python3 CACHE FILEPATH
+    "Python with torch and protobuf for the Python client's tests")
+if(EXISTS ${TENSORREG_PYTHON_TEST_INTERPRETER})
+  foreach(suite layout store)
+    add_test(NAME python.${suite}
+             COMMAND ${TENSORREG_PYTHON_TEST_INTERPRETER} ${CMAKE_CURRENT_LIST_DIR}/test_${suite}.py
+                     --daemon $<TARGET_FILE:tensorregd> --cli $<TARGET_FILE:tensorreg_cli>)
+    set_tests_properties(python.${suite} PROPERTIES LABELS "python" SKIP_RETURN_CODE 77 TIMEOUT 300
+                         ENVIRONMENT "PYTHONDONTWRITEBYTECODE=1")
+  endforeach()
+else()
+  message(STATUS "${TENSORREG_PYTHON_TEST_INTERPRETER} not found: the Python client's tests are not registered")
+endif()

@@ -1,0 +1,282 @@
+"""The Python client against a real tensorregd on a temp socket: put/get round trips, idempotent
+puts, register (lease-in-place) with keepalive and revoke, errors, and ids that match the C++
+`tensorreg digest` / `tensorreg index`."""
+
+import gc
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _support  # noqa: E402  (exits 77 without torch / protobuf)
+
+import unittest  # noqa: E402
+
+import torch  # noqa: E402
+
+import tensorreg  # noqa: E402
+from tensorreg import _layout  # noqa: E402
+
+
+def sample_state_dict(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(6, 5, generator=g)
+    base = torch.arange(40, dtype=torch.int64)
+    return {
+        "f32": torch.randn(3, 4, generator=g),
+        "bf16": torch.randn(7, generator=g).to(torch.bfloat16),
+        "f16": torch.randn(2, 3, generator=g).to(torch.float16),
+        "f64": torch.randn(3, generator=g).to(torch.float64),
+        "i64": torch.randint(-2**40, 2**40, (5,), generator=g),
+        "i32": torch.randint(-2**20, 2**20, (3, 3), generator=g, dtype=torch.int32),
+        "i8": torch.randint(-128, 127, (9,), generator=g, dtype=torch.int8),
+        "u8": torch.randint(0, 255, (11,), generator=g, dtype=torch.uint8),
+        "mask": torch.rand(13, generator=g) > 0.5,
+        "embed.weight": w,
+        "lm_head.weight": w,                # tied: one storage, two names
+        "slice": base[10:30].view(4, 5),    # storage_offset 10 of a 320-byte storage
+        "transposed": w.t(),                # non-contiguous view of the tied storage
+        "strided": base[::3],               # stride 3
+        "scalar": torch.tensor(3.5),
+        "empty": torch.zeros(0, 4),
+    }
+
+
+def canonical_bytes(layout):
+    out = bytearray(layout.total_size)
+    for s in layout.storages:
+        if s.nbytes:
+            out[s.offset:s.offset + s.nbytes] = _layout.storage_bytes(torch, s.source).numpy().tobytes()
+    return bytes(out)
+
+
+class StoreTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.daemon = _support.Daemon()
+        cls.store = tensorreg.Store(cls.daemon.socket)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.store.close()
+        cls.daemon.stop()
+
+    def assert_same_tensors(self, got, expected):
+        self.assertEqual(list(got), sorted(expected))
+        for name, t in expected.items():
+            g = got[name]
+            self.assertEqual(g.dtype, t.dtype, name)
+            self.assertEqual(tuple(g.shape), tuple(t.shape), name)
+            self.assertEqual(g.stride(), t.stride(), name)
+            self.assertTrue(torch.equal(g, t), name)
+
+    # ---- put / get ----
+
+    def test_put_then_get_gives_the_same_tensors_as_zero_copy_views(self):
+        sd = sample_state_dict(1)
+        art = self.store.put(sd)
+        self.assertTrue(art.artifact_id.startswith("mi2:"))
+        self.assertFalse(art.existed)
+        self.assertEqual(art.registration_kind, "stable_dram")
+        self.assertEqual(art.total_size, _layout.build(_layout.state_dict_descs(torch, sd, "x")[0]).total_size)
+        self.assertEqual(art.local_stable_tier.status, "skipped")
+        got = self.store.get(art.artifact_id)
+        self.assert_same_tensors(got, sd)
+        # Tied names come back over the same bytes; the slice keeps its offset in the storage.
+        self.assertEqual(got["embed.weight"].data_ptr(), got["lm_head.weight"].data_ptr())
+        self.assertEqual(got["transposed"].data_ptr(), got["embed.weight"].data_ptr())
+        self.assertEqual(got["slice"].data_ptr() - got["strided"].data_ptr(), 10 * 8)
+
+    def test_writes_to_gotten_tensors_stay_in_this_process(self):
+        sd = {"w": torch.arange(16, dtype=torch.float32)}
+        art = self.store.put(sd)
+        first = self.store.get(art.artifact_id)
+        first["w"].fill_(-1)
+        again = self.store.get(art.artifact_id)
+        self.assertTrue(torch.equal(again["w"], sd["w"]))
+
+    def test_a_second_put_of_the_same_tensors_exists_already(self):
+        sd = sample_state_dict(2)
+        first = self.store.put(sd)
+        second = self.store.put({k: v.clone() if k == "f32" else v for k, v in sd.items()})
+        self.assertEqual(second.artifact_id, first.artifact_id)
+        self.assertTrue(second.existed)
+
+    def test_get_of_an_unknown_artifact_is_not_found(self):
+        with self.assertRaises(tensorreg.NotFound) as ctx:
+            self.store.get("mi2:unknown")
+        self.assertEqual(ctx.exception.message, "cannot open the stable replica of mi2:unknown: not held here")
+
+    def test_get_on_cuda_is_pending(self):
+        with self.assertRaises(tensorreg.Unimplemented) as ctx:
+            self.store.get("mi2:x", device="cuda")
+        self.assertIn("CUDA data plane", ctx.exception.message)
+
+    # ---- register ----
+
+    def test_register_gives_the_put_id_and_close_revokes_the_lease(self):
+        sd = sample_state_dict(3)
+        art = self.store.register(sd, ttl_ms=2000)
+        self.assertEqual(art.registration_kind, "lease_in_place")
+        self.assertIsNotNone(art.lease)
+        self.assertEqual(art.artifact_id, self.store.put(sd).artifact_id)
+        self.assertTrue(_support.wait_for(lambda: art.lease.keepalives_sent >= 1, timeout=5))
+        self.assertIn("leased", self.tiers_of(art.artifact_id))
+        art.close()
+        self.assertTrue(art.lease.closed)
+        self.assertNotIn("leased", self.tiers_of(art.artifact_id))
+        art.close()  # idempotent
+
+    def test_a_lease_only_artifact_has_no_replica_to_get(self):
+        art = self.store.register({"only_leased": torch.arange(5, dtype=torch.int16)})
+        try:
+            with self.assertRaises(tensorreg.FailedPrecondition) as ctx:
+                self.store.get(art.artifact_id)
+            self.assertIn("no stable DRAM replica", ctx.exception.message)
+        finally:
+            art.close()
+
+    def test_garbage_collection_of_a_registered_artifact_revokes_its_lease(self):
+        art = self.store.register({"gc": torch.arange(9, dtype=torch.float64)})
+        artifact_id = art.artifact_id
+        del art
+        gc.collect()
+        self.assertTrue(_support.wait_for(lambda: artifact_id not in self.artifact_ids()))
+
+    def test_a_client_artifact_id_makes_a_cgid_artifact(self):
+        with self.store.register({"c": torch.ones(3)}, client_artifact_id="cgid:python-client-test") as art:
+            self.assertEqual(art.artifact_id, "cgid:python-client-test")
+            self.assertEqual(art.descriptor["id_kind"], "ARTIFACT_ID_KIND_CGID")
+
+    # ---- bad input ----
+
+    def test_an_unsupported_dtype_is_invalid_and_nothing_is_sent(self):
+        before = self.store.stats()["pending_registrations"]
+        for call in (self.store.put, self.store.register):
+            with self.assertRaises(tensorreg.InvalidArgument) as ctx:
+                call({"ok": torch.ones(2), "z": torch.zeros(2, dtype=torch.complex64)})
+            self.assertIn("tensor 'z' has unsupported dtype torch.complex64", ctx.exception.message)
+        self.assertEqual(self.store.stats()["pending_registrations"], before)
+
+    def test_an_unknown_policy_is_invalid(self):
+        with self.assertRaises(tensorreg.InvalidArgument) as ctx:
+            self.store.put({"a": torch.ones(1)}, policy="forever")
+        self.assertIn("unknown policy profile 'forever'", ctx.exception.message)
+
+    def test_a_daemon_that_is_gone_is_unavailable(self):
+        other = _support.Daemon()
+        store = tensorreg.Store(other.socket)
+        try:
+            store.put({"a": torch.ones(4)})
+            other.stop()
+            with self.assertRaises(tensorreg.Unavailable):
+                store.put({"a": torch.ones(4)})
+            with self.assertRaises(tensorreg.Unavailable):
+                store.get("mi2:x")
+        finally:
+            store.close()
+            other.stop()
+
+    # ---- identity ----
+
+    def test_ids_match_the_cli_digest_of_the_canonical_bytes(self):
+        cli = self.cli()
+        sd = sample_state_dict(4)
+        sd["naïve ünïcode 名前 😀"] = torch.arange(3, dtype=torch.int32)
+        art = self.store.put(sd)
+        layout = _layout.build(_layout.state_dict_descs(torch, sd, "x")[0])
+        self.assertEqual(art.index_json, json.dumps(art.index, separators=(",", ":"), sort_keys=True,
+                                                    ensure_ascii=True).encode())
+        self.assertIn(b"\\u540d\\u524d \\ud83d\\ude00", art.index_json)
+        with tempfile.TemporaryDirectory() as d:
+            index_path, data_path = os.path.join(d, "index.json"), os.path.join(d, "data.bin")
+            with open(index_path, "wb") as f:
+                f.write(art.index_json)
+            with open(data_path, "wb") as f:
+                f.write(canonical_bytes(layout))
+            out = subprocess.run([cli, "digest", "--index", index_path, "--data", data_path], check=True,
+                                 capture_output=True, text=True)
+        self.assertNotIn("re-emitted", out.stderr)  # our bytes are canonical already
+        self.assertIn(f"id {art.artifact_id}\n", out.stdout)
+        _, served = self.store.index(art.artifact_id)
+        self.assertEqual(tensorreg.canonical_json(served), art.index_json)
+
+    def test_python_m_tensorreg_put_of_a_safetensors_file_has_the_cli_id(self):
+        cli = self.cli()
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "model.safetensors")
+            write_safetensors(path, {"b.weight": ("F32", [2, 3], bytes(range(24))), "tied": ("F32", [6], None),
+                                     "a": ("BOOL", [3], b"\1\0\1"), "é": ("I64", [1], bytes(range(8)))})
+            expected = subprocess.run([cli, "index", path], check=True, capture_output=True, text=True).stdout
+            env = dict(os.environ, PYTHONPATH=os.path.join(_support.REPO, "python"))
+            if os.environ.get("TENSORREG_TEST_INSTALLED") == "1":
+                env.pop("PYTHONPATH")
+            out = subprocess.run([sys.executable, "-m", "tensorreg", "put", path, "--socket", self.daemon.socket,
+                                  "--json"], check=True, capture_output=True, text=True, env=env).stdout
+        artifact_id = json.loads(out)["artifact_id"]
+        self.assertIn(f"id {artifact_id}\n", expected)
+        ls = subprocess.run([sys.executable, "-m", "tensorreg", "ls", "--socket", self.daemon.socket],
+                            check=True, capture_output=True, text=True, env=env).stdout
+        self.assertIn(artifact_id, ls)
+
+    # ---- threads ----
+
+    def test_one_store_serves_several_threads(self):
+        ids, errors = [None] * 6, []
+
+        def work(k):
+            try:
+                sd = {"t": torch.full((1000,), float(k % 3))}
+                ids[k] = self.store.put(sd).artifact_id
+                self.assertTrue(torch.equal(self.store.get(ids[k])["t"], sd["t"]))
+            except Exception as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=work, args=(k,)) for k in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        self.assertEqual(errors, [])
+        self.assertEqual(len(set(ids)), 3)
+
+    # ---- helpers ----
+
+    def cli(self):
+        if not _support.PATHS["cli"]:
+            self.skipTest("no tensorreg CLI given (--cli PATH or TENSORREG_CLI)")
+        return _support.PATHS["cli"]
+
+    def artifact_ids(self):
+        return {a["artifact_id"] for a in self.store.list()}
+
+    def tiers_of(self, artifact_id):
+        for a in self.store.list():
+            if a["artifact_id"] == artifact_id:
+                return a["tiers"]
+        return []
+
+
+def write_safetensors(path, tensors):
+    """name -> (dtype, shape, bytes or None for an alias of the previous tensor's bytes)."""
+    import struct
+    header, data, last = {}, b"", None
+    for name, (dtype, shape, raw) in tensors.items():
+        if raw is None:
+            header[name] = {"dtype": dtype, "shape": shape, "data_offsets": last}
+            continue
+        last = [len(data), len(data) + len(raw)]
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": last}
+        data += raw
+    header["__metadata__"] = {"format": "pt"}
+    h = json.dumps(header).encode()
+    h += b" " * (-len(h) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(h)) + h + data)
+
+
+if __name__ == "__main__":
+    _support.main()
