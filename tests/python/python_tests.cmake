@@ -15,3 +15,8 @@ if(EXISTS ${TENSORREG_PYTHON_TEST_INTERPRETER})
 else()
   message(STATUS "${TENSORREG_PYTHON_TEST_INTERPRETER} not found: the Python client's tests are not registered")
 endif()
+
+# The committed descriptor set must match the .proto files (regenerate with
+# python/tools/regen_descriptors.sh after editing a .proto).
+add_test(NAME python.descriptors_current
+         COMMAND sh -c "${PROJECT_SOURCE_DIR}/python/tools/regen_descriptors.sh --check ${CMAKE_CURRENT_BINARY_DIR}/descriptors.bin >/dev/null && cmp ${CMAKE_CURRENT_BINARY_DIR}/descriptors.bin ${PROJECT_SOURCE_DIR}/python/tensorreg/_descriptors.bin")
