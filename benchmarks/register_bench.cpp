@@ -6,7 +6,7 @@
 // metadata time next to its goal (≤ 1 ms for 1 000 tensors) and the hashing rate next to the
 // tree-hash rate of the same bytes measured in the same run (the goal: the same).
 //
-// Usage: register_bench [--tensor-bytes N] [--repeats N] [--threads N] [--metadata-only]
+// Usage: register_bench [--tensor-bytes N] [--repeats N] [--threads N] [--metadata-only] [--tensors N]
 #include <fmt/core.h>
 #include <unistd.h>
 
@@ -108,6 +108,7 @@ int main(int argc, char** argv) {
   int repeats = 5;
   unsigned threads = std::max(1u, std::thread::hardware_concurrency());
   bool metadata_only = false;  // --metadata-only: skip the hashing runs (for profiling)
+  std::vector<std::size_t> counts{1, 100, 1000, 10000};  // --tensors N: only that count
   for (int i = 1; i < argc; ++i) {
     if (std::string(argv[i]) == "--metadata-only") metadata_only = true;
   }
@@ -116,6 +117,7 @@ int main(int argc, char** argv) {
     if (a == "--tensor-bytes") tensor_bytes = std::stoull(argv[i + 1]);
     if (a == "--repeats") repeats = std::stoi(argv[i + 1]);
     if (a == "--threads") threads = static_cast<unsigned>(std::stoul(argv[i + 1]));
+    if (a == "--tensors") counts = {static_cast<std::size_t>(std::stoul(argv[i + 1]))};
   }
   registration::engine_options o;
   o.hash_threads = threads;
@@ -127,7 +129,7 @@ int main(int argc, char** argv) {
              tensor_bytes, threads, repeats);
   fmt::print("{:>8} {:>12} {:>14} {:>10} {:>12} {:>14} {:>16}\n", "tensors", "bytes", "metadata_ms", "goal_ms",
              "total_ms", "hash_GB/s", "tree_hash_GB/s");
-  for (std::size_t tensors : {1u, 100u, 1000u, 10000u}) {
+  for (std::size_t tensors : counts) {
     auto s = make_setup(*e, tensors, tensor_bytes);
     std::vector<double> meta, full, plain;
     for (int r = 0; r < repeats; ++r) {
