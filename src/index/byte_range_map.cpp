@@ -65,6 +65,7 @@ result<built_ranges> build_ranges(std::vector<item> items, std::uint64_t total_s
     };
 
     std::vector<byte_range> out;
+    out.reserve(2 * items.size() + 1);  // at most a PAD before each DATA run, and a tail
     std::uint64_t cursor = 0;
     std::uint64_t data_bytes = 0;
     std::size_t i = 0;

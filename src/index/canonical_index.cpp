@@ -167,6 +167,7 @@ void append_json_string(std::string& out, std::string_view text) {
 
 std::string emit_canonical_json(std::span<const entry> entries) {
   std::string out;
+  out.reserve(2 + entries.size() * 80);  // a typical entry; growth is rare after this
   out += '{';
   for (std::size_t k = 0; k < entries.size(); ++k) {
     const entry& e = entries[k];

@@ -77,8 +77,13 @@ status lip_tables::add_storages(std::vector<storage_entry> entries, regions::reg
       regions_.erase(id);
     }
   };
-  std::vector<lip_storage> added;
-  added.reserve(entries.size());
+  // Appended straight to storages_ and rolled back on failure: no second copy of each entry.
+  const std::size_t first_new = storages_.size();
+  storages_.reserve(first_new + entries.size());
+  auto roll_back = [&] {
+    give_back();
+    storages_.resize(first_new);
+  };
   for (auto& e : entries) {
     lip_storage s{std::move(e), nullptr};
     std::optional<regions::memory_kind> claimed;
@@ -91,25 +96,21 @@ status lip_tables::add_storages(std::vector<storage_entry> entries, regions::reg
         status fit = found ? check_region_fit(s.entry, *found, claimed) : status(tl::unexpected(found.error()));
         auto taken = fit ? registry.acquire(*region_id, owner_pid) : tl::unexpected(fit.error());
         if (!taken) {
-          give_back();
+          roll_back();
           return tl::unexpected(with_context(std::move(taken).error(), what()));
         }
         taken_here.push_back(*region_id);
         held = regions_.emplace(*region_id, std::move(*taken)).first;
       } else if (auto fit = check_region_fit(s.entry, held->second, claimed); !fit) {
-        give_back();
+        roll_back();
         return tl::unexpected(with_context(std::move(fit).error(), what()));
       }
       s.region = &held->second;
     }
-    added.push_back(std::move(s));
-  }
-  storages_.reserve(storages_.size() + added.size());
-  storage_by_id_.reserve(storages_.size() + added.size());
-  for (auto& s : added) {
-    storage_by_id_.emplace(s.entry.storage_id, storages_.size());
     storages_.push_back(std::move(s));
   }
+  storage_by_id_.reserve(storages_.size());
+  for (std::size_t i = first_new; i < storages_.size(); ++i) storage_by_id_.emplace(storages_[i].entry.storage_id, i);
   return {};
 }
 
