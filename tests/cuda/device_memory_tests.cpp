@@ -603,3 +603,68 @@ TEST_CASE("cuda device_memory: a producer killed while a lease holds its mapping
   CHECK_THAT(output, Catch::Contains("sigkill: lease read after SIGKILL"));
   CHECK_THAT(output, Catch::Contains("sigkill: open mappings after revoke: 0"));
 }
+
+TEST_CASE("cuda device_memory: a VRAM region is opened once for all the storages taken from it", "[cuda][device_memory][engine]") {
+  producer p({{slab_bytes, 31}, {other_bytes, 32}});
+  auto provider = make_provider();
+  t::fake_clock clock;
+  auto options = t::deterministic_options(clock);
+  options.devices = provider;
+  auto e = t::make_engine(options);
+  auto sm = make_slab_model(p);
+
+  regions::register_request r;
+  r.kind = regions::memory_kind::vram;
+  r.owner_pid = p.pid();
+  r.size_bytes = slab_bytes;
+  r.device_id = 0;
+  r.cuda_ipc_handle = p.handle(0);
+  auto region = e->register_region(std::move(r));
+  REQUIRE_OK(region);
+  // The slab's three storages come from the region (by vram_region_id and by region_ref); the
+  // other allocation stays a plain handle.
+  sm.entries.at("slab.a").source = reg::vram_region_source{region->id};
+  sm.entries.at("slab.b").source = reg::vram_region_source{region->id};
+  sm.entries.at("slab.c").source = reg::region_ref_source{region->id, regions::memory_kind::vram, 0, slab_bytes};
+
+  auto begun = e->begin(t::lip_begin(sm.m.total_size(), p.pid()));
+  REQUIRE_OK(begun);
+  REQUIRE_OK(e->feed(t::lip_feed(begun->registration_id, sm.m, sm.entries)));
+  auto committed = e->commit(begun->registration_id);
+  REQUIRE_OK(committed);
+  CHECK(committed->descriptor.artifact_id == t::expected_mi2(sm.m.index().json(), sm.m.canonical()));
+  CHECK(provider->open_mappings() == 2);  // the region once, the other allocation once
+
+  e->revoke(begun->registration_id, "test done");
+  CHECK(provider->open_mappings() == 0);
+  CHECK(e->unregister_region(region->id, p.pid(), false).value());  // no reference left
+}
+
+TEST_CASE("cuda device_memory: when the owner process dies its lease and mappings go within 1 s", "[cuda][device_memory][engine]") {
+  producer p({{slab_bytes, 41}, {other_bytes, 42}});
+  auto provider = make_provider();
+  reg::engine_options options;  // real clock, pidfd owner watch on
+  options.devices = provider;
+  options.sweep_interval = std::chrono::milliseconds(0);
+  auto e = t::make_engine(options);
+  const auto sm = make_slab_model(p);
+  auto begun = e->begin(t::lip_begin(sm.m.total_size(), p.pid(), 600'000));
+  REQUIRE_OK(begun);
+  REQUIRE_OK(e->feed(t::lip_feed(begun->registration_id, sm.m, sm.entries)));
+  REQUIRE_OK(e->commit(begun->registration_id));
+  REQUIRE(provider->open_mappings() == 2);
+  REQUIRE(e->stats().leases == 1);
+
+  const auto killed = std::chrono::steady_clock::now();
+  p.process().kill(SIGKILL);
+  while ((provider->open_mappings() != 0 || e->stats().leases != 0) &&
+         std::chrono::steady_clock::now() - killed < std::chrono::seconds(1)) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  const auto took = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - killed).count();
+  INFO("released after " << took << " ms");
+  CHECK(provider->open_mappings() == 0);
+  CHECK(e->stats().leases == 0);
+  CHECK(e->stats().open_mappings == 0);
+  CHECK(took < 1000.0);
+}
