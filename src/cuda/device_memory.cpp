@@ -184,14 +184,36 @@ status visit_device(provider_state& state, int device, const std::byte* base, st
   return out;
 }
 
-class ipc_mapping final : public device_source {
+// What every device memory source of this provider shares: where the bytes are, and visit()
+// through the provider's pinned staging. Subclasses say how the memory is released.
+class provider_source : public device_source {
+ public:
+  provider_source(std::shared_ptr<provider_state> state, void* ptr, std::uint64_t size, int device) noexcept
+      : state_(std::move(state)), ptr_(ptr), size_(size), device_(device) {}
+  provider_source(const provider_source&) = delete;
+  provider_source& operator=(const provider_source&) = delete;
+
+  [[nodiscard]] std::uint64_t size() const noexcept override { return size_; }
+  [[nodiscard]] status visit(std::uint64_t offset, std::uint64_t length, memory::piece_sink sink) const override {
+    TENSORREG_TRY(check_range(offset, length));
+    return visit_device(*state_, device_, static_cast<const std::byte*>(ptr_), offset, length, sink);
+  }
+  [[nodiscard]] const void* device_pointer() const noexcept override { return ptr_; }
+  [[nodiscard]] std::int32_t device() const noexcept override { return device_; }
+
+ protected:
+  std::shared_ptr<provider_state> state_;
+  void* ptr_;
+  std::uint64_t size_;
+  int device_;
+};
+
+// An IPC mapping: leaves the cache and closes the handle with its last holder.
+class ipc_mapping final : public provider_source {
  public:
   ipc_mapping(std::shared_ptr<provider_state> state, std::pair<std::int32_t, std::string> key, void* ptr,
               std::uint64_t size, int device) noexcept
-      : state_(std::move(state)), key_(std::move(key)), ptr_(ptr), size_(size), device_(device) {}
-
-  ipc_mapping(const ipc_mapping&) = delete;
-  ipc_mapping& operator=(const ipc_mapping&) = delete;
+      : provider_source(std::move(state), ptr, size, device), key_(std::move(key)) {}
 
   ~ipc_mapping() override {
     std::lock_guard open_lock(state_->ipc_mutex);
@@ -207,48 +229,19 @@ class ipc_mapping final : public device_source {
     state_->closed.notify_all();
   }
 
-  [[nodiscard]] std::uint64_t size() const noexcept override { return size_; }
-  [[nodiscard]] status visit(std::uint64_t offset, std::uint64_t length, memory::piece_sink sink) const override {
-    TENSORREG_TRY(check_range(offset, length));
-    return visit_device(*state_, device_, static_cast<const std::byte*>(ptr_), offset, length, sink);
-  }
-  [[nodiscard]] const void* device_pointer() const noexcept override { return ptr_; }
-  [[nodiscard]] std::int32_t device() const noexcept override { return device_; }
-
  private:
-  std::shared_ptr<provider_state> state_;
   std::pair<std::int32_t, std::string> key_;
-  void* ptr_;
-  std::uint64_t size_;
-  int device_;
 };
 
-class owned_device_buffer final : public device_source {
+// A daemon-owned device buffer (coalesced plan): freed with its last holder.
+class owned_device_buffer final : public provider_source {
  public:
-  owned_device_buffer(std::shared_ptr<provider_state> state, void* ptr, std::uint64_t size, int device) noexcept
-      : state_(std::move(state)), ptr_(ptr), size_(size), device_(device) {}
-
-  owned_device_buffer(const owned_device_buffer&) = delete;
-  owned_device_buffer& operator=(const owned_device_buffer&) = delete;
+  using provider_source::provider_source;
 
   ~owned_device_buffer() override {
     release_device_guard guard(device_);
     check_release(cudaFree(ptr_), "free a device buffer");
   }
-
-  [[nodiscard]] std::uint64_t size() const noexcept override { return size_; }
-  [[nodiscard]] status visit(std::uint64_t offset, std::uint64_t length, memory::piece_sink sink) const override {
-    TENSORREG_TRY(check_range(offset, length));
-    return visit_device(*state_, device_, static_cast<const std::byte*>(ptr_), offset, length, sink);
-  }
-  [[nodiscard]] const void* device_pointer() const noexcept override { return ptr_; }
-  [[nodiscard]] std::int32_t device() const noexcept override { return device_; }
-
- private:
-  std::shared_ptr<provider_state> state_;
-  void* ptr_;
-  std::uint64_t size_;
-  int device_;
 };
 
 /// The code for a failed cudaIpcOpenMemHandle: a handle that opens nothing (stale, of a
