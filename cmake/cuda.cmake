@@ -78,11 +78,16 @@ if(TENSORREG_BUILD_TESTS)
     ${PROJECT_SOURCE_DIR}/tests/cuda/gpu_main.cpp
     ${PROJECT_SOURCE_DIR}/tests/cuda/tree_hash_gpu_tests.cpp
     ${PROJECT_SOURCE_DIR}/tests/cuda/device_memory_tests.cpp
-    ${PROJECT_SOURCE_DIR}/tests/support/engine_helpers.cpp)
+    ${PROJECT_SOURCE_DIR}/tests/support/engine_helpers.cpp
+    ${PROJECT_SOURCE_DIR}/tests/support/daemon_process.cpp
+    ${PROJECT_SOURCE_DIR}/tests/support/temp_dir.cpp)
   tensorreg_cuda_target(tensorreg_gpu_tests)
+  # One case drives a real tensorregd (the built one, or $TENSORREGD) through the C++ client.
+  target_compile_definitions(tensorreg_gpu_tests PRIVATE TENSORREG_DAEMON_PATH="$<TARGET_FILE:tensorregd>")
+  add_dependencies(tensorreg_gpu_tests tensorregd)
   target_include_directories(tensorreg_gpu_tests PRIVATE ${PROJECT_SOURCE_DIR}/src ${PROJECT_SOURCE_DIR}/tests)
-  target_link_libraries(tensorreg_gpu_tests PRIVATE tensorreg::cuda tensorreg::tensorreg tensorreg_gpu_fill
-                                                    Catch2::Catch2 tensorreg_warnings)
+  target_link_libraries(tensorreg_gpu_tests PRIVATE tensorreg::cuda tensorreg::tensorreg tensorreg::daemon_core
+                                                    tensorreg_gpu_fill Catch2::Catch2 tensorreg_warnings)
   add_dependencies(tensorreg_gpu_tests tensorreg_gpu_producer)
   add_test(NAME cuda.gpu COMMAND tensorreg_gpu_tests)
   set_tests_properties(cuda.gpu PROPERTIES SKIP_RETURN_CODE 77 LABELS "cuda;gpu" TIMEOUT 1800)

@@ -30,7 +30,10 @@
 #include <thread>
 #include <vector>
 
+#include "daemon/client.hpp"
 #include "gpu_fill.hpp"
+#include "support/daemon_process.hpp"
+#include "tensorreg/identity/content_id.hpp"
 #include "support/engine_helpers.hpp"
 #include "tensorreg/cuda/tree_hash.hpp"
 #include "tensorreg/hash/tree_hash.hpp"
@@ -667,4 +670,97 @@ TEST_CASE("cuda device_memory: when the owner process dies its lease and mapping
   CHECK(e->stats().leases == 0);
   CHECK(e->stats().open_mappings == 0);
   CHECK(took < 1000.0);
+}
+
+TEST_CASE("cuda device_memory: through tensorregd, a producer's handles are leased under the digest id and its SIGKILL closes them within 1 s",
+          "[cuda][device_memory][daemon]") {
+  producer p({{slab_bytes, 61}, {other_bytes, 62}});
+  // The producer owns the lease; this process speaks for it (same uid, trusted).
+  testing::daemon_process d({"--trust-client-pids"});
+  auto connected = tensorreg::daemon::client::connect(d.socket_path());
+  REQUIRE_OK(connected);
+  auto& c = **connected;
+
+  struct piece {
+    std::string name;
+    std::size_t allocation;
+    std::uint64_t base, length;
+  };
+  const std::vector<piece> pieces = {{"a", 0, 0, mib}, {"b", 0, mib + 512, 256 * 1024 + 8}, {"x", 1, 0, other_bytes}};
+  std::vector<index::tensor_desc> descs;
+  for (const auto& pc : pieces) {
+    descs.push_back({pc.name, "torch.uint8", {static_cast<std::int64_t>(pc.length)}, {1}, pc.name, pc.length, 0});
+  }
+  auto idx = index::canonical_index::build(descs);
+  REQUIRE_OK(idx);
+  std::string canonical(idx->total_size(), '\0');
+  for (const auto& pc : pieces) {
+    const auto bytes = p.bytes(pc.allocation, pc.base, pc.length);
+    std::memcpy(canonical.data() + idx->find(pc.name)->offset, bytes.data(), bytes.size());
+  }
+  memory::host_bytes_view canonical_view(std::as_bytes(std::span<const char>(canonical)));
+  auto expected = identity::content_id(idx->json(), canonical_view, nullptr);
+  REQUIRE_OK(expected);
+
+  tensorreg::wire::v1::Request begin;
+  auto* b = begin.mutable_begin_register_artifact();
+  b->set_device_id(0);
+  b->set_total_size(idx->total_size());
+  b->set_ttl_ms(600'000);
+  b->set_owner_pid(p.pid());
+  b->mutable_lease()->set_in_place(true);
+  auto begun = c.call(begin);
+  REQUIRE_OK(begun);
+  const auto reg_id = begun->response.begin_register_artifact().registration_id();
+
+  tensorcast::daemon::v2::FeedRegisterArtifactStreamRequest feed;
+  feed.set_registration_id(reg_id);
+  for (const auto& pc : pieces) {
+    auto* s = feed.add_storage_entries();
+    s->set_storage_id(pc.name);
+    s->set_device_id(0);
+    s->set_storage_length(pc.length);
+    s->set_cuda_ipc_handle(p.handle(pc.allocation));
+    s->set_mapping_base_offset(pc.base);
+    auto* seg = feed.mutable_lease_segments()->add_segments();
+    seg->set_storage_id(pc.name);
+    seg->set_artifact_offset(idx->find(pc.name)->offset);
+    seg->set_length(pc.length);
+    auto* a = feed.add_tensor_aliases();
+    a->set_name(pc.name);
+    a->set_storage_id(pc.name);
+    a->set_logical_length(pc.length);
+    a->add_shape(static_cast<std::int64_t>(pc.length));
+    a->add_stride(1);
+    a->set_dtype("torch.uint8");
+  }
+  REQUIRE_OK(c.feed({feed}));
+  tensorreg::wire::v1::Request commit;
+  commit.mutable_commit_registered_artifact()->set_registration_id(reg_id);
+  auto committed = c.call(commit);
+  REQUIRE_OK(committed);
+  CHECK(committed->response.commit_registered_artifact().artifact_descriptor().artifact_id() == expected->to_string());
+
+  tensorreg::wire::v1::Request stats;
+  stats.mutable_get_stats();
+  auto before = c.call(stats);
+  REQUIRE_OK(before);
+  CHECK(before->response.get_stats().open_mappings() == 2);  // one per allocation, not per storage
+  CHECK(before->response.get_stats().leases() == 1);
+
+  const auto killed = std::chrono::steady_clock::now();
+  p.process().kill(SIGKILL);
+  std::uint64_t mappings = 1, leases = 1;
+  while ((mappings != 0 || leases != 0) && std::chrono::steady_clock::now() - killed < std::chrono::seconds(1)) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    auto now = c.call(stats);
+    REQUIRE_OK(now);
+    mappings = now->response.get_stats().open_mappings();
+    leases = now->response.get_stats().leases();
+  }
+  const double took_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - killed).count();
+  INFO("released after " << took_ms << " ms");
+  CHECK(mappings == 0);
+  CHECK(leases == 0);
+  CHECK(d.stop() == 0);
 }

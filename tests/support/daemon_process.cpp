@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cstdlib>
 #include <fstream>
 #include <sstream>
 #include <stdexcept>
@@ -29,7 +30,10 @@ daemon_process::daemon_process(std::string socket_path, std::vector<std::string>
 
 void daemon_process::start(std::vector<std::string> extra_args, bool expect_ready) {
   log_ = dir_.path() / "daemon.log";
-  std::vector<std::string> args{TENSORREG_DAEMON_PATH, "--socket", socket_};
+  // $TENSORREGD overrides the built path (binaries carried to another machine).
+  const char* override_path = std::getenv("TENSORREGD");
+  std::vector<std::string> args{override_path != nullptr && *override_path != '\0' ? override_path : TENSORREG_DAEMON_PATH,
+                                "--socket", socket_};
   for (auto& a : extra_args) args.push_back(std::move(a));
   pid_ = ::fork();
   if (pid_ < 0) throw std::runtime_error("cannot fork the daemon");
