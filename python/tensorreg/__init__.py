@@ -13,25 +13,8 @@ tensor calls import torch (1.13 or 2.x) when first used.
 """
 
 from ._wire import default_socket_path
-from .errors import (
-    Aborted,
-    AlreadyExists,
-    Cancelled,
-    DataLoss,
-    DeadlineExceeded,
-    Error,
-    FailedPrecondition,
-    Internal,
-    InvalidArgument,
-    NotFound,
-    OutOfRange,
-    PermissionDenied,
-    ResourceExhausted,
-    Unauthenticated,
-    Unavailable,
-    Unimplemented,
-    Unknown,
-)
+from . import errors as _errors
+from .errors import *  # noqa: F401,F403 - Error and one subclass per status code
 from ._layout import canonical_json
 from .store import Lease, LocalStableTier, RegisteredArtifact, Store
 
@@ -44,21 +27,4 @@ __all__ = [
     "LocalStableTier",
     "default_socket_path",
     "canonical_json",
-    "Error",
-    "Cancelled",
-    "Unknown",
-    "InvalidArgument",
-    "DeadlineExceeded",
-    "NotFound",
-    "AlreadyExists",
-    "PermissionDenied",
-    "ResourceExhausted",
-    "FailedPrecondition",
-    "Aborted",
-    "OutOfRange",
-    "Unimplemented",
-    "Internal",
-    "Unavailable",
-    "DataLoss",
-    "Unauthenticated",
-]
+] + [name for name in _errors.__all__ if name != "error_for_code"]
