@@ -473,9 +473,9 @@ result<begin_response> engine::begin(begin_request r) {
       p->coalesced = std::move(buffer);
     } else {
       const auto& opts = std::get<stable_dram_options>(r.plan);
-      if (opts.stage_on_gpu) {
+      if (opts.stage_on_gpu && !s.devices) {
         return fail(errc::failed_precondition, "cannot begin stable_dram registration: stage_on_gpu needs GPU " +
-                                                   std::to_string(r.device_id) + " and this engine has no GPU staging yet");
+                                                   std::to_string(r.device_id) + " and this engine has no GPU");
       }
       const auto budget = s.cache.budget_bytes();
       if (budget != 0 && r.total_size > budget) {
@@ -483,12 +483,20 @@ result<begin_response> engine::begin(begin_request r) {
                                                   std::to_string(r.total_size) + " exceeds the stable budget of " +
                                                   std::to_string(budget) + " bytes");
       }
-      TENSORREG_TRY_ASSIGN(auto staging, memory::shared_memory::create(r.total_size, "tensorreg-publish"));
-      auto shared = std::make_shared<memory::shared_memory>(std::move(staging));
-      p->stable = std::make_shared<detail::stable_upload>(shared);
       stable_dram_handshake hs;
-      hs.publish = publish_memfd{shared, r.total_size, 0};
-      hs.publish_lease_token = "publish:" + random_hex(16);
+      if (opts.stage_on_gpu) {
+        // The client writes its GPU tensors into a daemon-owned device buffer (by its IPC
+        // handle); Commit copies it to host memory while hashing (commit_stable).
+        TENSORREG_TRY_ASSIGN(auto buffer, s.devices->allocate(r.device_id, r.total_size));
+        hs.staging_cuda_ipc_handle = buffer.ipc_handle;
+        p->coalesced = std::move(buffer);
+      } else {
+        TENSORREG_TRY_ASSIGN(auto staging, memory::shared_memory::create(r.total_size, "tensorreg-publish"));
+        auto shared = std::make_shared<memory::shared_memory>(std::move(staging));
+        p->stable = std::make_shared<detail::stable_upload>(shared);
+        hs.publish = publish_memfd{shared, r.total_size, 0};
+        hs.publish_lease_token = "publish:" + random_hex(16);
+      }
       response.handshake = std::move(hs);
     }
   }
@@ -746,21 +754,22 @@ result<commit_response> engine::state::commit_lease(const std::shared_ptr<pendin
 }
 
 result<commit_response> engine::state::commit_stable(const std::shared_ptr<pending>& p) {
-  const auto map = index::byte_range_map::from_index(*p->index);
-  if (auto covered = p->stable->check_covers(map); !covered) {
-    p->commit_retryable = true;  // the client can still send the missing bytes
-    return tl::unexpected(std::move(covered).error());
-  }
   // The normalized canonical buffer: DATA as uploaded, PAD as zero (DECISIONS §5.1).
-  std::vector<memory::segment> data_ranges;
-  for (const auto& range : map.ranges()) {
-    if (range.kind == index::range_kind::data) {
-      data_ranges.push_back({range.offset, range.length, p->stable->staging().get(), range.offset});
+  std::shared_ptr<const memory::byte_source> normalized;
+  if (p->stable) {
+    const auto map = index::byte_range_map::from_index(*p->index);
+    if (auto covered = p->stable->check_covers(map); !covered) {
+      p->commit_retryable = true;  // the client can still send the missing bytes
+      return tl::unexpected(std::move(covered).error());
     }
+    TENSORREG_TRY_ASSIGN(normalized, normalized_source::create(p->stable->staging(), *p->index));
+  } else {
+    // stage_on_gpu: the client wrote the device staging buffer through its own mapping.
+    TENSORREG_TRY_ASSIGN(normalized, normalized_source::create(p->coalesced->bytes, *p->index));
   }
-  TENSORREG_TRY_ASSIGN(auto normalized, memory::segmented_view::create(p->total_size, std::move(data_ranges)));
-  // Keep a private copy: the client still maps the staging memfd and could change it.
-  TENSORREG_TRY_ASSIGN(auto copy, detail::materialize(normalized, p->cgid.empty(), pool));
+  // Keep a private host copy, hashed as it is made: the client still maps the staging memory
+  // and could change it.
+  TENSORREG_TRY_ASSIGN(auto copy, detail::materialize(*normalized, p->cgid.empty(), pool));
   auto descriptor = describe(*p, *p->index, copy.data_digest);
 
   commit_response response;

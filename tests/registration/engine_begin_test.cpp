@@ -282,7 +282,7 @@ TEST_CASE("engine begin: stable_dram stage_on_gpu without a GPU is FAILED_PRECON
   auto r = stable_request();
   r.plan = stable_dram_options{.stage_on_gpu = true};
   CHECK_ERROR(e->begin(r), errc::failed_precondition,
-              "cannot begin stable_dram registration: stage_on_gpu needs GPU 0 and this engine has no GPU staging yet");
+              "cannot begin stable_dram registration: stage_on_gpu needs GPU 0 and this engine has no GPU");
 }
 
 TEST_CASE("engine begin: a stable_dram total_size over the stable budget is RESOURCE_EXHAUSTED", "[registration][engine_begin]") {

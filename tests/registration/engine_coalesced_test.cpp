@@ -203,3 +203,37 @@ TEST_CASE("engine coalesced: a commit of an artifact being deregistered is FAILE
   CHECK(out->removed);
   CHECK(r.e->list().empty());
 }
+
+TEST_CASE("engine coalesced: stable_dram with stage_on_gpu copies the device staging buffer to a host replica", "[registration][engine_coalesced]") {
+  rig r;
+  const auto m = t::small_model();
+  auto req = t::stable_begin(m, me);
+  req.plan = stable_dram_options{.stage_on_gpu = true};
+  auto begun = r.e->begin(req);
+  REQUIRE_OK(begun);
+  const auto& hs = std::get<stable_dram_handshake>(begun->handshake);
+  CHECK_FALSE(hs.publish.has_value());  // the bytes come through the GPU, not a memfd
+  REQUIRE_FALSE(hs.staging_cuda_ipc_handle.empty());
+  auto mem = r.devices->memory_of(hs.staging_cuda_ipc_handle);
+  const auto uploaded = m.canonical_with_pad('\xab');
+  REQUIRE(mem.size() == uploaded.size());
+  std::memcpy(mem.data(), uploaded.data(), uploaded.size());
+
+  // The chunk and memfd paths are for stage_on_gpu=false only (§4.3.4-5).
+  feed_request chunk;
+  chunk.registration_id = begun->registration_id;
+  chunk.payload = view_chunk{0, 0, "x"};
+  CHECK_CODE(r.e->feed(std::move(chunk)), errc::failed_precondition);
+
+  auto committed = r.e->commit(begun->registration_id);
+  REQUIRE_OK(committed);
+  CHECK(committed->descriptor.artifact_id == t::expected_mi2(t::small_model_json, m.canonical()));
+  auto held = r.e->get(committed->descriptor.artifact_id);
+  REQUIRE_OK(held);
+  CHECK(held->stable_replica);  // a host copy, PAD zeroed
+  auto bytes = r.e->open_bytes(committed->descriptor.artifact_id);
+  REQUIRE_OK(bytes);
+  std::string back(m.canonical().size(), '\0');
+  REQUIRE_OK((*bytes)->read(0, std::as_writable_bytes(std::span<char>(back))));
+  CHECK(back == m.canonical());
+}
