@@ -764,3 +764,38 @@ TEST_CASE("cuda device_memory: through tensorregd, a producer's handles are leas
   CHECK(leases == 0);
   CHECK(d.stop() == 0);
 }
+
+TEST_CASE("cuda device_memory: stable_dram staged on the GPU becomes a host replica with the host-computed id", "[cuda][device_memory][engine]") {
+  auto provider = make_provider();
+  auto devices = std::make_shared<recording_devices>(provider);
+  t::fake_clock clock;
+  auto options = t::deterministic_options(clock);
+  options.devices = devices;
+  auto e = t::make_engine(options);
+
+  t::model m = t::small_model();
+  m.storages.push_back({"big", t::pattern(9 * mib + 12, 19)});  // three 4 MiB leaves
+  m.tensors.push_back({"big", "big", {static_cast<std::int64_t>((9 * mib + 12) / 4)}, {1}, "torch.float32", 0,
+                       9 * mib + 12});
+  auto begin = t::stable_begin(m, static_cast<std::int32_t>(::getpid()));
+  begin.plan = reg::stable_dram_options{.stage_on_gpu = true};
+  auto begun = e->begin(begin);
+  REQUIRE_OK(begun);
+  CHECK(std::get<reg::stable_dram_handshake>(begun->handshake).staging_cuda_ipc_handle.size() == 64);
+  auto buffer = devices->last();
+  REQUIRE(buffer != nullptr);
+  const auto* device = cuda::as_device_source(*buffer);
+  REQUIRE(device != nullptr);
+  const std::string uploaded = m.canonical_with_pad('\xcd');
+  REQUIRE(cudaMemcpy(const_cast<void*>(device->device_pointer()), uploaded.data(), uploaded.size(),
+                     cudaMemcpyHostToDevice) == cudaSuccess);
+  buffer.reset();
+
+  auto committed = e->commit(begun->registration_id);
+  REQUIRE_OK(committed);
+  CHECK(committed->descriptor.artifact_id == t::expected_mi2(m.index().json(), m.canonical()));
+  CHECK(e->get(committed->descriptor.artifact_id)->stable_replica);
+  auto bytes = e->open_bytes(committed->descriptor.artifact_id);
+  REQUIRE_OK(bytes);
+  CHECK(read_all(**bytes, 0, (*bytes)->size()) == m.canonical());  // PAD zeroed in the replica
+}
