@@ -95,15 +95,20 @@ class session : public std::enable_shared_from_this<session> {
     std::vector<int> fds;
     for (const auto& fd : out.fds) fds.push_back(fd.get());
     std::span<const std::byte> bytes(reinterpret_cast<const std::byte*>(framed->data()), framed->size());
-    // send_all polls when the socket is full; answers are small except index bytes, so the
-    // I/O thread is not held long. Large answers wait for writability without blocking.
+    // Never block the I/O thread on a slow reader: send what the socket takes, then wait for
+    // writability as a coroutine. The fds ride on the sendmsg that carries the first byte.
+    bool fds_pending = !fds.empty();
     while (!bytes.empty()) {
-      asio::error_code ec;
-      co_await socket_.async_wait(stream::socket::wait_write, asio::redirect_error(asio::use_awaitable, ec));
-      if (ec) co_return false;
-      auto sent = send_all(socket_.native_handle(), bytes, fds);
+      auto sent = send_some(socket_.native_handle(), bytes, fds_pending ? std::span<const int>(fds) : std::span<const int>{});
       if (!sent) co_return false;
-      bytes = {};
+      if (*sent == 0) {
+        asio::error_code ec;
+        co_await socket_.async_wait(stream::socket::wait_write, asio::redirect_error(asio::use_awaitable, ec));
+        if (ec) co_return false;
+        continue;
+      }
+      fds_pending = false;
+      bytes = bytes.subspan(*sent);
     }
     co_return true;
   }
@@ -140,24 +145,27 @@ struct server::impl {
         continue;
       }
       std::erase_if(sessions, [](const auto& w) { return w.expired(); });
-      auto s = std::make_shared<session>(std::move(socket), dispatch, workers, options.max_frame_bytes);
       if (sessions.size() >= options.max_sessions) {
-        // Over the limit: one RESOURCE_EXHAUSTED answer, then the connection closes.
+        // Over the limit: one RESOURCE_EXHAUSTED answer on request 0, then the connection
+        // closes. The frame is small and the socket fresh, so this send does not wait.
         auto out = dispatch.reject(error{errc::resource_exhausted, "cannot accept connection: the daemon serves its "
                                                                    "maximum of " +
                                                                        std::to_string(options.max_sessions) + " sessions"});
-        auto framed = encode_frame(out.payload, std::numeric_limits<std::uint32_t>::max());
-        (void)send_all(s_native(*s), std::span<const std::byte>(reinterpret_cast<const std::byte*>(framed->data()),
-                                                                 framed->size()), {});
+        if (auto framed = encode_frame(out.payload, std::numeric_limits<std::uint32_t>::max())) {
+          (void)send_some(socket.native_handle(),
+                          std::span<const std::byte>(reinterpret_cast<const std::byte*>(framed->data()), framed->size()),
+                          {});
+        }
+        asio::error_code ignored;
+        socket.close(ignored);
         continue;
       }
+      auto s = std::make_shared<session>(std::move(socket), dispatch, workers, options.max_frame_bytes);
       ++served;
       sessions.push_back(s);
       asio::co_spawn(io, s->run(), asio::detached);
     }
   }
-
-  static int s_native(session&) { return -1; }
 
   void shutdown() {
     if (stopping) return;

@@ -62,40 +62,45 @@ result<received> receive_some(int socket_fd, std::span<std::byte> buffer) {
   return out;
 }
 
-status send_all(int socket_fd, std::span<const std::byte> bytes, std::span<const int> fds) {
+result<std::size_t> send_some(int socket_fd, std::span<const std::byte> bytes, std::span<const int> fds) {
   if (fds.size() > max_fds_per_frame) {
     return fail(errc::invalid_argument, "cannot send " + std::to_string(fds.size()) + " file descriptors: at most " +
                                             std::to_string(max_fds_per_frame) + " per frame");
   }
   alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * max_fds_per_frame)];
-  std::size_t sent = 0;
-  bool fds_pending = !fds.empty();
-  while (sent < bytes.size() || fds_pending) {
-    iovec iov{const_cast<std::byte*>(bytes.data() + sent), bytes.size() - sent};
-    msghdr msg{};
-    msg.msg_iov = &iov;
-    msg.msg_iovlen = 1;
-    if (fds_pending) {
-      msg.msg_control = control;
-      msg.msg_controllen = CMSG_SPACE(sizeof(int) * fds.size());
-      cmsghdr* c = CMSG_FIRSTHDR(&msg);
-      c->cmsg_level = SOL_SOCKET;
-      c->cmsg_type = SCM_RIGHTS;
-      c->cmsg_len = CMSG_LEN(sizeof(int) * fds.size());
-      std::memcpy(CMSG_DATA(c), fds.data(), sizeof(int) * fds.size());
-    }
+  iovec iov{const_cast<std::byte*>(bytes.data()), bytes.size()};
+  msghdr msg{};
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  if (!fds.empty()) {
+    msg.msg_control = control;
+    msg.msg_controllen = CMSG_SPACE(sizeof(int) * fds.size());
+    cmsghdr* c = CMSG_FIRSTHDR(&msg);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof(int) * fds.size());
+    std::memcpy(CMSG_DATA(c), fds.data(), sizeof(int) * fds.size());
+  }
+  for (;;) {
     const ssize_t n = ::sendmsg(socket_fd, &msg, MSG_NOSIGNAL);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      if (errno == EAGAIN || errno == EWOULDBLOCK) {
-        pollfd p{socket_fd, POLLOUT, 0};
-        (void)::poll(&p, 1, -1);
-        continue;
-      }
-      return fail(errc::unavailable, "cannot send: " + os_reason(errno));
+    if (n >= 0) return static_cast<std::size_t>(n);
+    if (errno == EINTR) continue;
+    if (errno == EAGAIN || errno == EWOULDBLOCK) return std::size_t{0};
+    return fail(errc::unavailable, "cannot send: " + os_reason(errno));
+  }
+}
+
+status send_all(int socket_fd, std::span<const std::byte> bytes, std::span<const int> fds) {
+  bool fds_pending = !fds.empty();
+  while (!bytes.empty() || fds_pending) {
+    TENSORREG_TRY_ASSIGN(const std::size_t n, send_some(socket_fd, bytes, fds_pending ? fds : std::span<const int>{}));
+    if (n == 0 && !bytes.empty()) {
+      pollfd p{socket_fd, POLLOUT, 0};
+      (void)::poll(&p, 1, -1);
+      continue;
     }
     fds_pending = false;
-    sent += static_cast<std::size_t>(n);
+    bytes = bytes.subspan(n);
   }
   return {};
 }

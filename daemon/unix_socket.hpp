@@ -44,6 +44,12 @@ struct received {
 /// socket errors), DATA_LOSS (fds were truncated by the kernel: more than max_fds_per_frame).
 [[nodiscard]] result<received> receive_some(int socket_fd, std::span<std::byte> buffer);
 
+/// One sendmsg() of as much of `bytes` as the socket takes, with `fds` attached when given.
+/// Returns the bytes sent; 0 with nothing sent means a non-blocking socket is full (then the
+/// fds were not sent either).
+/// Errors: UNAVAILABLE (peer gone), INVALID_ARGUMENT (more than max_fds_per_frame fds).
+[[nodiscard]] result<std::size_t> send_some(int socket_fd, std::span<const std::byte> bytes, std::span<const int> fds);
+
 /// Sends all of `bytes`, with `fds` attached to the first sendmsg() (so they arrive with the
 /// frame's first byte). Blocks (or, on a non-blocking socket, polls) until everything is sent.
 /// Errors: UNAVAILABLE (peer gone), INVALID_ARGUMENT (more than max_fds_per_frame fds).

@@ -469,3 +469,17 @@ TEST_CASE("tensorregd: a lease's keep-alive thread keeps it past its TTL; droppi
   CHECK(after.leases() == 0);
   CHECK(after.regions() == 0);
 }
+
+TEST_CASE("tensorregd: a connection over --max-sessions gets RESOURCE_EXHAUSTED and the others go on", "[daemon][e2e]") {
+  daemon_process d({"--max-sessions", "1"});
+  auto first = connect(d);
+  wire::Request config;
+  config.mutable_get_server_config();
+  REQUIRE(first->call(config));  // the one session is live
+  auto answer = raw_exchange(d.socket_path(), std::string());
+  REQUIRE(answer);
+  CHECK(answer->request_id() == 0);
+  CHECK(answer->status().code() == static_cast<int>(errc::resource_exhausted));
+  CHECK(answer->status().message() == "cannot accept connection: the daemon serves its maximum of 1 sessions");
+  CHECK(first->call(config));
+}
