@@ -118,28 +118,18 @@ namespace {
 // Copies the bundle's canonical bytes into `dst`, leaf by leaf on all cores.
 status copy_canonical(const index::safetensors_bundle& bundle, std::span<std::byte> dst,
                       const std::function<void(std::uint64_t, std::uint64_t)>& progress) {
-  const auto& src = bundle.canonical();
-  const std::uint64_t total = src.size();
-  const std::uint64_t leaves = hash::leaf_count(total);
+  const std::uint64_t total = bundle.canonical().size();
   thread_pool pool(std::max(1u, std::thread::hardware_concurrency()) - 1);
   std::atomic<std::uint64_t> done{0};
   std::mutex progress_mutex;
-  return pool.parallel_for(leaves, [&](std::size_t leaf) -> status {
-    const std::uint64_t begin = leaf * hash::leaf_bytes;
-    const std::uint64_t length = std::min(hash::leaf_bytes, total - begin);
-    std::uint64_t at = begin;
-    TENSORREG_TRY(src.visit(begin, length, [&](std::span<const std::byte> piece) -> status {
-      std::memcpy(dst.data() + at, piece.data(), piece.size());
-      at += piece.size();
-      return {};
-    }));
-    const auto now = done.fetch_add(length) + length;
-    if (progress) {
-      std::lock_guard lock(progress_mutex);
-      progress(now, total);
-    }
-    return {};
-  });
+  return memory::copy_in_chunks(bundle.canonical(), dst, hash::leaf_bytes, pool,
+                                [&](std::size_t, std::uint64_t, std::uint64_t length) {
+                                  const auto now = done.fetch_add(length) + length;
+                                  if (progress) {
+                                    std::lock_guard lock(progress_mutex);
+                                    progress(now, total);
+                                  }
+                                });
 }
 
 result<unique_fd> take_fd(client::reply& r, std::string_view what) {

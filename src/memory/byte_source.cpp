@@ -5,6 +5,8 @@
 #include <cstring>
 #include <string>
 
+#include "tensorreg/common/thread_pool.hpp"
+
 namespace tensorreg::memory {
 
 status byte_source::check_range(std::uint64_t offset, std::uint64_t length) const {
@@ -29,6 +31,25 @@ status host_bytes_view::visit(std::uint64_t offset, std::uint64_t length, piece_
   TENSORREG_TRY(check_range(offset, length));
   if (length == 0) return {};
   return sink(bytes_.subspan(offset, length));
+}
+
+status copy_in_chunks(const byte_source& source, std::span<std::byte> dst, std::uint64_t chunk_bytes,
+                      thread_pool& pool, function_ref<void(std::size_t, std::uint64_t, std::uint64_t)> on_chunk) {
+  const std::uint64_t total = source.size();
+  TENSORREG_ASSERT(dst.size() >= total && chunk_bytes > 0);
+  const std::uint64_t chunks = total / chunk_bytes + (total % chunk_bytes != 0 ? 1 : 0);
+  return pool.parallel_for(chunks, [&](std::size_t chunk) -> status {
+    const std::uint64_t begin = chunk * chunk_bytes;
+    const std::uint64_t length = std::min(chunk_bytes, total - begin);
+    std::uint64_t at = begin;
+    TENSORREG_TRY(source.visit(begin, length, [&](std::span<const std::byte> piece) -> status {
+      std::memcpy(dst.data() + at, piece.data(), piece.size());
+      at += piece.size();
+      return {};
+    }));
+    on_chunk(chunk, begin, length);
+    return {};
+  });
 }
 
 std::span<const std::byte> zero_block() noexcept {

@@ -136,18 +136,23 @@ class tracked_source final : public memory::byte_source {
   std::shared_ptr<const char> anchor_;
 };
 
-// The normalized canonical buffer of a raw buffer (DECISIONS §5.1): the index's DATA ranges
-// read from `raw`, PAD as zero. Owns the raw buffer it reads.
+// The normalized canonical buffer over `raw` (DECISIONS §5.1): the index's DATA ranges read
+// from `raw` at the same offsets, PAD as zero. `raw` must outlive the view.
+result<memory::segmented_view> normalized_view(const memory::byte_source& raw, const index::canonical_index& idx) {
+  const auto map = index::byte_range_map::from_index(idx);
+  std::vector<memory::segment> data_ranges;
+  for (const auto& range : map.ranges()) {
+    if (range.kind == index::range_kind::data) data_ranges.push_back({range.offset, range.length, &raw, range.offset});
+  }
+  return memory::segmented_view::create(idx.total_size(), std::move(data_ranges));
+}
+
+// normalized_view() that owns the raw buffer it reads.
 class normalized_source final : public memory::byte_source {
  public:
   static result<std::shared_ptr<const normalized_source>> create(std::shared_ptr<const memory::byte_source> raw,
                                                                  const index::canonical_index& idx) {
-    const auto map = index::byte_range_map::from_index(idx);
-    std::vector<memory::segment> data_ranges;
-    for (const auto& range : map.ranges()) {
-      if (range.kind == index::range_kind::data) data_ranges.push_back({range.offset, range.length, raw.get(), range.offset});
-    }
-    TENSORREG_TRY_ASSIGN(auto view, memory::segmented_view::create(idx.total_size(), std::move(data_ranges)));
+    TENSORREG_TRY_ASSIGN(auto view, normalized_view(*raw, idx));
     return std::make_shared<const normalized_source>(std::move(raw), std::move(view));
   }
   normalized_source(std::shared_ptr<const memory::byte_source> raw, memory::segmented_view view)
@@ -692,14 +697,7 @@ result<commit_response> engine::state::commit_lease(const std::shared_ptr<pendin
     // rebuilt index as read from the segments and PAD as zero. A segment of a storage that no
     // alias names is not in the index, so it is PAD: its bytes must reach neither the hash nor
     // the lease's readers (the local stable tier re-hashes what it copies from the lease).
-    const auto map = index::byte_range_map::from_index(*idx);
-    std::vector<memory::segment> data_ranges;
-    for (const auto& range : map.ranges()) {
-      if (range.kind == index::range_kind::data) {
-        data_ranges.push_back({range.offset, range.length, view.bytes.get(), range.offset});
-      }
-    }
-    TENSORREG_TRY_ASSIGN(auto normalized, memory::segmented_view::create(p->total_size, std::move(data_ranges)));
+    TENSORREG_TRY_ASSIGN(auto normalized, normalized_view(*view.bytes, *idx));
     view.keep_alive.push_back(view.bytes);  // the normalized view reads through it
     view.bytes = std::make_shared<const memory::segmented_view>(std::move(normalized));
   }

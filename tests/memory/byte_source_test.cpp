@@ -15,6 +15,10 @@
 #include "tensorreg/memory/mapped_file.hpp"
 #include "tensorreg/memory/segmented_view.hpp"
 #include "tensorreg/memory/shared_memory.hpp"
+#include "tensorreg/common/thread_pool.hpp"
+
+#include <algorithm>
+#include <mutex>
 
 // The contract suite: every byte_source implementation must pass the same cases, given the
 // bytes it is expected to hold.
@@ -227,4 +231,28 @@ TEST_CASE("shared_memory: bad sizes and short files are INVALID_ARGUMENT", "[mem
   auto no_fd = shared_memory::adopt(tensorreg::unique_fd{}, 10, false);
   REQUIRE_FALSE(no_fd);
   CHECK(no_fd.error().message == "cannot map shared memory: no file descriptor");
+}
+
+TEST_CASE("copy_in_chunks: every implementation copies whole, each chunk reported once", "[memory][byte_source][concurrency]") {
+  tensorreg::testing::temp_dir dir;
+  tensorreg::thread_pool pool(3);
+  for (const auto& s : all_sources(dir)) {
+    INFO(s.name);
+    const std::uint64_t chunk = (1 << 20) + 1;
+    std::vector<std::byte> copy(s.expected.size());
+    std::mutex m;
+    std::vector<std::pair<std::uint64_t, std::uint64_t>> seen;
+    REQUIRE(copy_in_chunks(*s.source, copy, chunk, pool, [&](std::size_t i, std::uint64_t off, std::uint64_t len) {
+      std::lock_guard lock(m);
+      if (off == i * chunk) seen.emplace_back(off, len);
+    }));
+    CHECK(copy == s.expected);
+    std::sort(seen.begin(), seen.end());
+    std::uint64_t covered = 0;
+    for (const auto& [off, len] : seen) {
+      CHECK(off == covered);
+      covered += len;
+    }
+    CHECK(covered == s.expected.size());
+  }
 }

@@ -20,6 +20,10 @@
 #include "tensorreg/common/error.hpp"
 #include "tensorreg/common/function_ref.hpp"
 
+namespace tensorreg {
+class thread_pool;
+}
+
 namespace tensorreg::memory {
 
 /// Receives one piece of a visited range. A non-OK return stops the visit and is returned.
@@ -73,6 +77,16 @@ class zero_source final : public byte_source {
  private:
   std::uint64_t size_;
 };
+
+/// Copies all of `source` into `dst` in consecutive chunks of `chunk_bytes` (the last may be
+/// short), spread over `pool` and the calling thread. After a chunk is in place,
+/// `on_chunk(chunk_index, offset, length)` runs on the thread that copied it (concurrently
+/// with other chunks': it must synchronise what it shares).
+/// REQUIRES: dst.size() >= source.size(), chunk_bytes > 0.
+/// Errors: the first error of source.visit().
+[[nodiscard]] status copy_in_chunks(const byte_source& source, std::span<std::byte> dst, std::uint64_t chunk_bytes,
+                                    thread_pool& pool,
+                                    function_ref<void(std::size_t, std::uint64_t, std::uint64_t)> on_chunk);
 
 /// A shared block of zero bytes (at least 1 MiB) for sources that must hand out zeros.
 [[nodiscard]] std::span<const std::byte> zero_block() noexcept;
