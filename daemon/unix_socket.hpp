@@ -21,7 +21,7 @@
 namespace tensorreg::daemon {
 
 /// At most this many fds travel with one frame (DECISIONS §4.1).
-inline constexpr std::size_t max_fds_per_frame = 4;
+inline constexpr std::size_t max_fds_per_frame = 250;
 
 struct peer_credentials {
   pid_t pid = 0;

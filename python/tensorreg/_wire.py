@@ -22,7 +22,7 @@ import threading
 from . import _messages
 from .errors import DataLoss, DeadlineExceeded, Error, InvalidArgument, Unavailable, error_for_code
 
-MAX_FDS_PER_FRAME = 4
+MAX_FDS_PER_FRAME = 250
 # Answers are small except ListArtifacts and index JSON; the daemon's own limit is 64 MiB.
 MAX_ANSWER_BYTES = 1 << 30
 _HEADER = struct.Struct("<I")
