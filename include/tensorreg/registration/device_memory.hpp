@@ -15,6 +15,8 @@
 #include <string_view>
 
 #include <optional>
+#include <span>
+#include <vector>
 
 #include "tensorreg/common/error.hpp"
 #include "tensorreg/hash/sha256.hpp"
@@ -47,6 +49,40 @@ class device_memory {
 
   /// Mappings open right now (for stats).
   [[nodiscard]] virtual std::size_t open_mappings() const = 0;
+
+  /// Imports CUDA VMM allocations of `owner_pid` (POSIX fds from cuMemExportToShareableHandle;
+  /// the caller keeps its fds, the import dups what it needs) and maps them back to back on
+  /// `device_id`: chunk i covers chunk_bytes[i] bytes. The returned source reads the whole
+  /// range, sum(chunk_bytes) bytes, and unmaps and releases it with its last holder. Address
+  /// space reserved is exactly that sum rounded up to the device's granularity
+  /// (docs/wire-format.md §12).
+  /// Errors: INVALID_ARGUMENT (no chunks, fds and sizes of different counts, a size of 0 or not
+  /// a multiple of the granularity, an fd that does not import), FAILED_PRECONDITION (no such
+  /// device; the memory lives on another device), RESOURCE_EXHAUSTED (address space).
+  [[nodiscard]] virtual result<std::shared_ptr<const memory::byte_source>> import_vmm(
+      std::int32_t owner_pid, std::int32_t device_id, std::span<const int> fds,
+      std::span<const std::uint64_t> chunk_bytes) {
+    (void)owner_pid, (void)fds, (void)chunk_bytes;
+    return fail(errc::failed_precondition, "cannot import CUDA VMM memory on device " + std::to_string(device_id) +
+                                               ": no GPU is available to this engine");
+  }
+
+  /// This provider's ordinal of the GPU whose UUID is `uuid` ("GPU-" + 36 characters as
+  /// nvidia-smi prints it, or the bare 36; case-insensitive).
+  /// Errors: INVALID_ARGUMENT (not a UUID), FAILED_PRECONDITION (no such device visible here).
+  [[nodiscard]] virtual result<std::int32_t> device_by_uuid(std::string_view uuid) const {
+    return fail(errc::failed_precondition, "cannot find CUDA device " + std::string(uuid) +
+                                               ": no GPU is available to this engine");
+  }
+
+  /// "GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx" of `device_id`, lower case; empty when unknown.
+  [[nodiscard]] virtual std::string uuid_of(std::int32_t device_id) const {
+    (void)device_id;
+    return {};
+  }
+
+  /// Virtual address space reserved for VMM imports now, in bytes (stats and tests).
+  [[nodiscard]] virtual std::uint64_t vmm_reserved_bytes() const { return 0; }
 
   /// The data tree hash of `canonical` computed on a GPU, when all its bytes are device memory
   /// of one device this provider reaches (gaps read as zero) and the GPU is the faster place
