@@ -3,7 +3,11 @@
 #include <fmt/format.h>
 #include <google/protobuf/unknown_field_set.h>
 
+#include <fcntl.h>
+
 #include <algorithm>
+#include <cerrno>
+#include <cstring>
 #include <atomic>
 #include <chrono>
 #include <string>
@@ -87,6 +91,7 @@ std::string_view rpc_name(wire::Request::BodyCase body) {
     case wire::Request::kListArtifacts: return "ListArtifacts";
     case wire::Request::kGetStats: return "GetStats";
     case wire::Request::kGetArtifactMemfd: return "GetArtifactMemfd";
+    case wire::Request::kOpenArtifactDevice: return "OpenArtifactDevice";
     case wire::Request::BODY_NOT_SET: break;
   }
   return "unknown";
@@ -315,8 +320,15 @@ regions::register_request to_region_request(v2::RegisterRegionRequest& in) {
   return out;
 }
 
-// A client-provided HOST_SHARED region brings its memfd as fd #0; nothing else uses fds.
+// At most this many CUDA VMM chunks make one region: one frame's fds (docs/wire-format.md §7).
+constexpr std::size_t max_vmm_chunks = 250;
+
+// A client-provided HOST_SHARED region brings its memfd as fd #0; a VRAM region of CUDA VMM
+// allocations one fd per chunk; nothing else uses fds.
 std::size_t fds_used(const v2::RegisterRegionRequest& in) {
+  if (in.memory_kind() == v2::REGION_MEMORY_KIND_VRAM && in.has_cuda_vmm()) {
+    return static_cast<std::size_t>(in.cuda_vmm().chunk_bytes_size());
+  }
   const bool client_memory = in.memory_kind() == v2::REGION_MEMORY_KIND_HOST_SHARED &&
                              !(in.has_host_shared() && in.host_shared().daemon_managed());
   return client_memory ? 1 : 0;
@@ -488,6 +500,7 @@ struct dispatcher::impl {
   status begin(call& c) {
     auto& in = *c.request.mutable_begin_register_artifact();
     TENSORREG_TRY(check_owner(c.peer, in.owner_pid(), "begin registration"));
+    TENSORREG_TRY(resolve_device(in));
     TENSORREG_TRY_ASSIGN(auto begun, engine.begin(to_begin(in)));
     auto* hs = std::get_if<reg::stable_dram_handshake>(&begun.handshake);
     if (hs != nullptr && hs->publish && hs->publish->memory) {
@@ -536,11 +549,19 @@ struct dispatcher::impl {
     const std::size_t used = fds_used(in);
     if (c.fds_in.size() > used) {
       return fail(errc::invalid_argument, fmt::format("cannot register region: {} arrived with a message that uses {}",
-                                                      fd_count(c.fds_in.size()), used == 0 ? "none" : "one"));
+                                                      fd_count(c.fds_in.size()),
+                                                      used == 0   ? std::string("none")
+                                                      : used == 1 ? std::string("one")
+                                                                  : std::to_string(used)));
     }
+    TENSORREG_TRY(resolve_device(in));
     auto request = to_region_request(in);
     const auto asked = request.host_shared;
-    if (used == 1 && !c.fds_in.empty()) request.memfd = std::move(c.fds_in.front());
+    if (in.has_cuda_vmm()) {
+      TENSORREG_TRY(take_vmm_chunks(in, c.fds_in, request));
+    } else if (used == 1 && !c.fds_in.empty()) {
+      request.memfd = std::move(c.fds_in.front());
+    }
     TENSORREG_TRY_ASSIGN(auto info, engine.register_region(std::move(request)));
     if (asked && asked->daemon_managed && info.memory) {
       // The client maps the daemon's slab through this fd (docs/wire-format.md §7).
@@ -566,6 +587,7 @@ struct dispatcher::impl {
   status register_vram_region(call& c) {
     auto& in = *c.request.mutable_register_vram_region();
     TENSORREG_TRY(check_owner(c.peer, in.owner_pid(), "register VRAM region"));
+    TENSORREG_TRY(resolve_device(in));
     TENSORREG_TRY_ASSIGN(auto info, engine.register_region(to_region_request(in)));
     auto* out = c.response.mutable_register_vram_region();
     out->set_region_id(info.id);
@@ -639,6 +661,92 @@ struct dispatcher::impl {
     return {};
   }
 
+  // Ours: the GPU memory behind an artifact, for a reader in another process to map zero-copy
+  // (docs/wire-format.md §13). The reader can read and write the producer's memory through it,
+  // so only the daemon's own uid and root may ask, as for GetArtifactMemfd.
+  status open_artifact_device(call& c) {
+    const auto& id = c.request.open_artifact_device().artifact_id();
+    if (c.peer.uid != 0 && c.peer.uid != options.daemon_uid) {
+      return fail(errc::permission_denied, fmt::format("cannot open the GPU memory of {}: uid {} is neither root nor "
+                                                       "the daemon's uid {}",
+                                                       id, c.peer.uid, options.daemon_uid));
+    }
+    TENSORREG_TRY_ASSIGN(auto layout, engine.device_layout_of(id));
+    auto* out = c.response.mutable_open_artifact_device();
+    fill_descriptor(*out->mutable_artifact_descriptor(), layout.descriptor);
+    out->set_tensor_index_data(layout.index->json());
+    out->set_total_size(layout.descriptor.total_size);
+    std::size_t fds = 0;
+    for (const auto& a : layout.allocations) fds += a.vmm ? a.vmm->fds.size() : 0;
+    if (fds > max_vmm_chunks) {
+      return fail(errc::unimplemented, fmt::format("cannot open the GPU memory of {}: it spans {} CUDA VMM allocations, "
+                                                   "more than the {} fds one answer carries",
+                                                   id, fds, max_vmm_chunks));
+    }
+    for (const auto& a : layout.allocations) {
+      auto* alloc = out->add_allocations();
+      alloc->set_device_id(a.device_id);
+      alloc->set_device_uuid(engine.device_uuid(a.device_id));
+      alloc->set_size_bytes(a.size_bytes);
+      if (!a.vmm) {
+        alloc->set_cuda_ipc_handle(a.cuda_ipc_handle);
+        continue;
+      }
+      auto* vmm = alloc->mutable_vmm();
+      for (std::size_t i = 0; i < a.vmm->fds.size(); ++i) {
+        unique_fd dup(::fcntl(a.vmm->fds[i].get(), F_DUPFD_CLOEXEC, 0));
+        if (!dup) {
+          return fail(errc::resource_exhausted, fmt::format("cannot open the GPU memory of {}: cannot duplicate a CUDA "
+                                                            "VMM fd: {}",
+                                                            id, std::strerror(errno)));
+        }
+        auto* chunk = vmm->add_chunks();
+        chunk->set_fd_index(static_cast<std::uint32_t>(c.fds_out.size()));
+        chunk->set_size_bytes(a.vmm->chunk_bytes[i]);
+        c.fds_out.push_back(std::move(dup));
+      }
+    }
+    for (const auto& seg : layout.segments) {
+      auto* s = out->add_segments();
+      s->set_artifact_offset(seg.artifact_offset);
+      s->set_length(seg.length);
+      s->set_allocation(seg.allocation);
+      s->set_allocation_offset(seg.allocation_offset);
+    }
+    return {};
+  }
+
+  // device_uuid (ours, docs/wire-format.md §12) names the device when set: the message's
+  // device_id becomes this daemon's ordinal of it.
+  template <class Message>
+  status resolve_device(Message& in) {
+    if (in.device_uuid().empty()) return {};
+    TENSORREG_TRY_ASSIGN(auto device, engine.resolve_device(in.device_id(), in.device_uuid()));
+    in.set_device_id(device);
+    return {};
+  }
+
+  // The fds of a VRAM region of CUDA VMM allocations, one a chunk, in order.
+  static status take_vmm_chunks(const v2::RegisterRegionRequest& in, std::vector<unique_fd>& fds,
+                                regions::register_request& out) {
+    const auto& sizes = in.cuda_vmm().chunk_bytes();
+    if (sizes.empty()) return fail(errc::invalid_argument, "cannot register region: cuda_vmm lists no chunks");
+    if (static_cast<std::size_t>(sizes.size()) > max_vmm_chunks) {
+      return fail(errc::invalid_argument, fmt::format("cannot register region: {} CUDA VMM chunks, more than the {} "
+                                                      "one frame can carry fds for",
+                                                      sizes.size(), max_vmm_chunks));
+    }
+    if (fds.size() != static_cast<std::size_t>(sizes.size())) {
+      return fail(errc::invalid_argument, fmt::format("cannot register region: {} CUDA VMM chunks arrived with {}",
+                                                      sizes.size(), fd_count(fds.size())));
+    }
+    auto chunks = std::make_shared<regions::vmm_chunks>();
+    chunks->fds = std::move(fds);
+    chunks->chunk_bytes.assign(sizes.begin(), sizes.end());
+    out.vmm = std::move(chunks);
+    return {};
+  }
+
   status list_artifacts(call& c) {
     fill_list(*c.response.mutable_list_artifacts(), engine.list());
     return {};
@@ -671,6 +779,7 @@ struct dispatcher::impl {
       case R::kListArtifacts: return list_artifacts(c);
       case R::kGetStats: return get_stats(c);
       case R::kGetArtifactMemfd: return get_artifact_memfd(c);
+      case R::kOpenArtifactDevice: return open_artifact_device(c);
       case R::kFeedRegisterArtifactStream:
       case R::BODY_NOT_SET: break;
     }
@@ -713,6 +822,12 @@ struct dispatcher::impl {
                                                       request.request_id(), stream.registration_id));
     }
     if (fds != 0) return tl::unexpected(fds_unused(verb, fds));
+    for (auto& entry : *in.mutable_storage_entries()) {
+      if (auto resolved = resolve_device(entry); !resolved) {
+        return tl::unexpected(with_context(std::move(resolved).error(),
+                                           fmt::format("cannot {}: storage '{}'", verb, entry.storage_id())));
+      }
+    }
     return engine.feed(to_feed(in));
   }
 

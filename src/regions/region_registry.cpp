@@ -45,9 +45,22 @@ result<region_info> region_registry::register_region(register_request request) {
       return fail(errc::invalid_argument, "cannot register region: VRAM needs device_id >= 0, got " +
                                               std::to_string(request.device_id));
     }
-    if (request.cuda_ipc_handle.empty()) {
-      return fail(errc::invalid_argument, "cannot register region: VRAM needs a cuda_ipc_handle");
+    const bool vmm = request.vmm != nullptr || request.device_mapping != nullptr;
+    if (request.cuda_ipc_handle.empty() == !vmm) {
+      return fail(errc::invalid_argument, vmm ? "cannot register region: VRAM takes a cuda_ipc_handle or CUDA VMM "
+                                                "allocations, not both"
+                                              : "cannot register region: VRAM needs a cuda_ipc_handle");
     }
+    if (vmm && (request.vmm == nullptr || request.device_mapping == nullptr)) {
+      return fail(errc::invalid_argument, "cannot register region: CUDA VMM allocations arrived without their mapping");
+    }
+    if (vmm && request.device_mapping->size() != request.size_bytes) {
+      return fail(errc::invalid_argument, "cannot register region: its CUDA VMM allocations map " +
+                                              std::to_string(request.device_mapping->size()) + " bytes, not size_bytes " +
+                                              std::to_string(request.size_bytes));
+    }
+    info.vmm = std::move(request.vmm);
+    info.device_mapping = std::move(request.device_mapping);
     if (request.host_shared) {
       return fail(errc::invalid_argument, "cannot register region: VRAM takes no host_shared spec");
     }
@@ -59,6 +72,9 @@ result<region_info> region_registry::register_region(register_request request) {
     }
     if (!request.cuda_ipc_handle.empty()) {
       return fail(errc::invalid_argument, "cannot register region: HOST_SHARED takes no cuda_ipc_handle");
+    }
+    if (request.vmm || request.device_mapping) {
+      return fail(errc::invalid_argument, "cannot register region: HOST_SHARED takes no CUDA VMM allocations");
     }
     info.device_id = -1;
     auto& spec = *request.host_shared;

@@ -148,7 +148,7 @@ result<memory::segmented_view> normalized_view(const memory::byte_source& raw, c
 }
 
 // normalized_view() that owns the raw buffer it reads.
-class normalized_source final : public memory::byte_source {
+class normalized_source final : public detail::view_source {
  public:
   static result<std::shared_ptr<const normalized_source>> create(std::shared_ptr<const memory::byte_source> raw,
                                                                  const index::canonical_index& idx) {
@@ -161,7 +161,7 @@ class normalized_source final : public memory::byte_source {
   [[nodiscard]] status visit(std::uint64_t offset, std::uint64_t length, memory::piece_sink sink) const override {
     return view_.visit(offset, length, sink);
   }
-  [[nodiscard]] const memory::segmented_view& view() const noexcept { return view_; }
+  [[nodiscard]] const memory::segmented_view& view() const noexcept override { return view_; }
 
  private:
   std::shared_ptr<const memory::byte_source> raw_;  // what view_ reads
@@ -767,7 +767,7 @@ result<commit_response> engine::state::commit_stable(const std::shared_ptr<pendi
   }
   // Keep a private host copy, hashed as it is made: the client still maps the staging memory
   // and could change it.
-  TENSORREG_TRY_ASSIGN(auto copy, detail::materialize(*normalized, p->cgid.empty(), pool));
+  TENSORREG_TRY_ASSIGN(auto copy, detail::materialize(*normalized, p->cgid.empty(), pool, devices.get()));
   auto descriptor = describe(*p, *p->index, copy.data_digest);
 
   commit_response response;
@@ -879,7 +879,7 @@ local_stable_tier_result engine::state::apply_local_stable_tier(const std::strin
         return fail(errc::failed_precondition, "no replica or lease to copy from");
       }
     }
-    TENSORREG_TRY_ASSIGN(auto copy, detail::materialize(*source, expected.has_value(), pool));
+    TENSORREG_TRY_ASSIGN(auto copy, detail::materialize(*source, expected.has_value(), pool, devices.get()));
     if (expected && hash::encode_multihash(*copy.data_digest) != *expected) {
       return fail(errc::data_loss, "the bytes changed while they were copied (data hash " +
                                        hash::encode_multihash(*copy.data_digest) + ")");
@@ -953,7 +953,49 @@ void engine::revoke(const std::string& registration_id, const std::string& /*rea
 
 // ---- Regions -------------------------------------------------------------------------------
 
+namespace {
+
+// A VRAM region of CUDA VMM allocations: imports and maps them on the region's device, so the
+// registry holds a ready mapping (docs/wire-format.md §12). What the registry checks for every
+// region (owner, size, device ≥ 0) is checked first, so a bad request imports nothing.
+status import_vmm_region(regions::register_request& request, device_memory* devices) {
+  if (!request.vmm || request.device_mapping) return {};
+  const auto& chunks = *request.vmm;
+  if (request.owner_pid <= 0 || request.size_bytes == 0 || request.device_id < 0) return {};  // the registry's errors
+  if (chunks.fds.empty() || chunks.fds.size() != chunks.chunk_bytes.size()) {
+    return fail(errc::invalid_argument, "cannot register region: " + std::to_string(chunks.chunk_bytes.size()) +
+                                            " CUDA VMM chunks arrived with " + std::to_string(chunks.fds.size()) +
+                                            " fds; each chunk needs its fd");
+  }
+  std::uint64_t sum = 0;
+  for (const auto bytes : chunks.chunk_bytes) {
+    if (bytes == 0 || sum + bytes < sum) {
+      return fail(errc::invalid_argument, "cannot register region: a CUDA VMM chunk of " + std::to_string(bytes) +
+                                              " bytes is not allowed");
+    }
+    sum += bytes;
+  }
+  if (sum != request.size_bytes) {
+    return fail(errc::invalid_argument, "cannot register region: its CUDA VMM chunks hold " + std::to_string(sum) +
+                                            " bytes, not size_bytes " + std::to_string(request.size_bytes));
+  }
+  if (devices == nullptr) {
+    return fail(errc::failed_precondition, "cannot register region: CUDA VMM memory on device " +
+                                               std::to_string(request.device_id) + " needs a GPU and this engine has none");
+  }
+  std::vector<int> fds;
+  fds.reserve(chunks.fds.size());
+  for (const auto& fd : chunks.fds) fds.push_back(fd.get());
+  auto mapped = devices->import_vmm(request.owner_pid, request.device_id, fds, chunks.chunk_bytes);
+  if (!mapped) return tl::unexpected(with_context(std::move(mapped).error(), "cannot register region"));
+  request.device_mapping = std::move(*mapped);
+  return {};
+}
+
+}  // namespace
+
 result<regions::region_info> engine::register_region(regions::register_request request) {
+  TENSORREG_TRY(import_vmm_region(request, state_->devices.get()));
   // Register first, then watch, for the same reason as in begin().
   const auto owner = request.owner_pid;
   TENSORREG_TRY_ASSIGN(auto info, state_->regions.register_region(std::move(request)));
@@ -1054,6 +1096,85 @@ result<std::pair<std::shared_ptr<const index::canonical_index>, unique_fd>> engi
   unique_fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
   if (!fd) return fail(errc::internal, verb + ": cannot reopen its memfd read-only: " + std::strerror(errno));
   return std::pair{std::move(idx), std::move(fd)};
+}
+
+namespace {
+
+// Resolves [offset, offset + length) of `source`, placed at canonical `at`, into pieces of the
+// device mappings in `known`, through nested segmented views (gaps are PAD). False when some
+// byte is not such a mapping.
+bool device_pieces(const memory::byte_source& source, std::uint64_t offset, std::uint64_t length, std::uint64_t at,
+                   const std::map<const memory::byte_source*, device_allocation>& known,
+                   std::map<const memory::byte_source*, std::uint32_t>& numbering, device_layout& out) {
+  if (const auto* view = dynamic_cast<const memory::segmented_view*>(&source)) {
+    const std::uint64_t end = offset + length;
+    for (const auto& seg : view->segments()) {
+      const std::uint64_t lo = std::max(offset, seg.offset);
+      const std::uint64_t hi = std::min(end, seg.offset + seg.length);
+      if (lo >= hi) continue;
+      if (!device_pieces(*seg.source, seg.source_offset + (lo - seg.offset), hi - lo, at + (lo - offset), known,
+                         numbering, out)) {
+        return false;
+      }
+    }
+    return true;
+  }
+  auto it = known.find(&source);
+  if (it == known.end()) return false;
+  auto [slot, added] = numbering.emplace(&source, static_cast<std::uint32_t>(out.allocations.size()));
+  if (added) out.allocations.push_back(it->second);
+  out.segments.push_back({at, length, slot->second, offset});
+  return true;
+}
+
+}  // namespace
+
+result<device_layout> engine::device_layout_of(const std::string& artifact_id) const {
+  auto& s = *state_;
+  const std::string verb = "cannot open the GPU memory of " + artifact_id;
+  std::lock_guard lock(s.mutex);
+  auto it = s.artifacts.find(artifact_id);
+  if (it == s.artifacts.end() || s.artifact_is_empty_locked(artifact_id, it->second)) {
+    return fail(errc::not_found, verb + ": not held here");
+  }
+  const auto& a = it->second;
+  if (a.quiesced) return fail(errc::failed_precondition, verb + ": it is being deregistered");
+  device_layout out;
+  out.descriptor = a.descriptor;
+  out.index = a.index;
+  // A live lease first: the producer's memory, opened once per allocation.
+  for (const auto& [id, l] : a.leases) {
+    if (!l.view.bytes || l.view.device_allocations.empty()) continue;
+    std::map<const memory::byte_source*, std::uint32_t> numbering;
+    out.allocations.clear();
+    out.segments.clear();
+    if (device_pieces(*l.view.bytes, 0, l.view.bytes->size(), 0, l.view.device_allocations, numbering, out)) return out;
+  }
+  // Else a daemon-owned GPU copy: its DATA ranges lie at their canonical offsets.
+  for (const auto& [device, replica] : a.gpu_replicas) {
+    out.allocations = {device_allocation{device, replica.bytes->size(), replica.ipc_handle, {}}};
+    out.segments.clear();
+    const auto map = index::byte_range_map::from_index(*a.index);
+    for (const auto& range : map.ranges()) {
+      if (range.kind == index::range_kind::data) out.segments.push_back({range.offset, range.length, 0, range.offset});
+    }
+    return out;
+  }
+  return fail(errc::failed_precondition, verb + ": it has no copy in GPU memory (read its stable DRAM replica with "
+                                                "GetArtifactMemfd)");
+}
+
+result<std::int32_t> engine::resolve_device(std::int32_t device_id, std::string_view device_uuid) const {
+  if (device_uuid.empty()) return device_id;
+  if (!state_->devices) {
+    return fail(errc::failed_precondition, "cannot find CUDA device " + std::string(device_uuid) +
+                                               ": no GPU is available to this engine");
+  }
+  return state_->devices->device_by_uuid(device_uuid);
+}
+
+std::string engine::device_uuid(std::int32_t device_id) const {
+  return state_->devices ? state_->devices->uuid_of(device_id) : std::string();
 }
 
 result<deregister_response> engine::deregister(const deregister_request& r) {

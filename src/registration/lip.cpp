@@ -261,6 +261,12 @@ result<lip_view> lip_tables::open_view(std::uint64_t total_size, std::int32_t ow
       return host->bytes;
     }
     if (s.region && s.region->memory) return std::shared_ptr<const memory::byte_source>(s.region->memory);
+    if (s.region && s.region->device_mapping) {
+      // CUDA VMM memory: imported and mapped when the region was registered.
+      view.device_allocations.emplace(s.region->device_mapping.get(),
+                                      device_allocation{s.region->device_id, s.region->size_bytes, {}, s.region->vmm});
+      return s.region->device_mapping;
+    }
     std::string key;
     std::string_view handle;
     std::int32_t device = e.device_id;
@@ -282,6 +288,7 @@ result<lip_view> lip_tables::open_view(std::uint64_t total_size, std::int32_t ow
     auto mapped = devices->open_ipc(owner_pid, device, handle, needed);
     if (!mapped) return tl::unexpected(with_context(std::move(mapped).error(), "cannot open storage '" + e.storage_id + "'"));
     opened.emplace(key, *mapped);
+    view.device_allocations.emplace(mapped->get(), device_allocation{device, (*mapped)->size(), std::string(handle), {}});
     return *mapped;
   };
 

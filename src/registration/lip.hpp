@@ -32,6 +32,9 @@ struct lip_storage {
 struct lip_view {
   std::shared_ptr<const memory::segmented_view> bytes;
   std::vector<std::shared_ptr<const memory::byte_source>> keep_alive;
+  /// The device mappings among keep_alive, by source, as a reader in another process would
+  /// open the same memory (OpenArtifactDevice).
+  std::map<const memory::byte_source*, device_allocation> device_allocations;
 };
 
 class lip_tables {

@@ -6,7 +6,13 @@
 
 namespace tensorreg::registration::detail {
 
-result<materialized> materialize(const memory::byte_source& source, bool want_digest, thread_pool& pool) {
+result<materialized> materialize(const memory::byte_source& source, bool want_digest, thread_pool& pool,
+                                 device_memory* devices) {
+  if (devices != nullptr) {
+    const auto* wrapper = dynamic_cast<const view_source*>(&source);
+    const memory::byte_source& canonical = wrapper != nullptr ? wrapper->view() : source;
+    if (auto on_device = devices->copy_to_host(canonical, want_digest, pool)) return std::move(*on_device);
+  }
   const std::uint64_t total = source.size();
   TENSORREG_TRY_ASSIGN(auto copy, memory::shared_memory::create(total, "tensorreg-stable"));
   const auto dst = copy.mutable_bytes();

@@ -10,6 +10,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <array>
 #include <atomic>
 #include <cstring>
 #include <thread>
@@ -482,4 +483,60 @@ TEST_CASE("tensorregd: a connection over --max-sessions gets RESOURCE_EXHAUSTED 
   CHECK(answer->status().code() == static_cast<int>(errc::resource_exhausted));
   CHECK(answer->status().message() == "cannot accept connection: the daemon serves its maximum of 1 sessions");
   CHECK(first->call(config));
+}
+
+TEST_CASE("tensorregd: GPU requests on a daemon without a GPU get the wire spec's codes (§12, §13)", "[daemon][e2e]") {
+  daemon_process d;
+  testing::temp_dir dir;
+  auto bundle = index::safetensors_bundle::open({small_model(dir.path(), 7, 4096).string()}).value();
+  store s(connect(d));
+  auto& c = s.connection();
+
+  // A CUDA VMM region: its fds ride with the request, one per chunk.
+  auto chunk = memory::shared_memory::create(4096, "fake-vmm").value();
+  const int fds[2] = {chunk.fd(), chunk.fd()};
+  wire::Request vmm;
+  auto* r = vmm.mutable_register_region();
+  r->set_memory_kind(v2::REGION_MEMORY_KIND_VRAM);
+  r->set_owner_pid(::getpid());
+  r->set_size_bytes(8192);
+  r->mutable_cuda_vmm()->add_chunk_bytes(4096);
+  r->mutable_cuda_vmm()->add_chunk_bytes(4096);
+  auto one_fd = c.call(vmm, std::span<const int>(fds, 1));
+  REQUIRE_FALSE(one_fd);
+  CHECK(one_fd.error() == error{errc::invalid_argument,
+                                "cannot register region: 2 CUDA VMM chunks arrived with 1 file descriptor"});
+  auto no_gpu = c.call(vmm, std::span<const int>(fds, 2));
+  REQUIRE_FALSE(no_gpu);
+  CHECK(no_gpu.error() == error{errc::failed_precondition,
+                                "cannot register region: CUDA VMM memory on device 0 needs a GPU and this engine has none"});
+  auto three = c.call(vmm, std::span<const int>(std::array<int, 3>{chunk.fd(), chunk.fd(), chunk.fd()}));
+  REQUIRE_FALSE(three);
+  CHECK(three.error().code == errc::invalid_argument);  // more fds than the message uses
+
+  // A device named by UUID that this daemon cannot see.
+  wire::Request begin;
+  auto* b = begin.mutable_begin_register_artifact();
+  b->set_owner_pid(::getpid());
+  b->set_total_size(64);
+  b->set_device_uuid("GPU-12345678-1234-1234-1234-123456789abc");
+  b->mutable_coalesced();
+  auto unknown = c.call(begin);
+  REQUIRE_FALSE(unknown);
+  CHECK(unknown.error().code == errc::failed_precondition);
+  CHECK(unknown.error().message.find("GPU-12345678-1234-1234-1234-123456789abc") != std::string::npos);
+
+  // OpenArtifactDevice: unknown id, and an artifact held in host memory only.
+  wire::Request open;
+  open.mutable_open_artifact_device()->set_artifact_id("mi2:none");
+  auto missing = c.call(open);
+  REQUIRE_FALSE(missing);
+  CHECK(missing.error().code == errc::not_found);
+  auto put = s.put(*bundle, "cache");
+  REQUIRE(put);
+  open.mutable_open_artifact_device()->set_artifact_id(put->descriptor.artifact_id());
+  auto host_only = c.call(open);
+  REQUIRE_FALSE(host_only);
+  CHECK(host_only.error().code == errc::failed_precondition);
+  CHECK(host_only.error().message.find("GetArtifactMemfd") != std::string::npos);
 }

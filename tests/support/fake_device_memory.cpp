@@ -1,6 +1,11 @@
 #include "support/fake_device_memory.hpp"
 
+#include <unistd.h>
+
 #include <algorithm>
+#include <cctype>
+#include <cerrno>
+#include <cstdio>
 #include <cstring>
 
 namespace tensorreg::testing {
@@ -120,6 +125,67 @@ std::size_t fake_device_memory::open_mappings() const {
   std::lock_guard lock(mutex_);
   return static_cast<std::size_t>(
       std::count_if(mappings_.begin(), mappings_.end(), [](const auto& w) { return !w.expired(); }));
+}
+
+result<std::shared_ptr<const memory::byte_source>> fake_device_memory::import_vmm(std::int32_t /*owner_pid*/,
+                                                                                  std::int32_t device_id,
+                                                                                  std::span<const int> fds,
+                                                                                  std::span<const std::uint64_t> chunk_bytes) {
+  if (device_id < 0 || device_id >= device_count_) {
+    return fail(errc::failed_precondition, "cannot import CUDA VMM memory: no device " + std::to_string(device_id));
+  }
+  if (fds.empty() || fds.size() != chunk_bytes.size()) {
+    return fail(errc::invalid_argument, "cannot import CUDA VMM memory: fds and chunk sizes differ in number");
+  }
+  std::uint64_t total = 0;
+  for (const auto bytes : chunk_bytes) total += bytes;
+  auto imported = std::make_shared<allocation>(device_id, total);
+  std::uint64_t at = 0;
+  for (std::size_t i = 0; i < fds.size(); ++i) {
+    const auto got = ::pread(fds[i], imported->bytes.data() + at, chunk_bytes[i], 0);
+    if (got != static_cast<ssize_t>(chunk_bytes[i])) {
+      return fail(errc::invalid_argument, "cannot import CUDA VMM memory: chunk " + std::to_string(i) +
+                                              " does not read back (" + (got < 0 ? std::strerror(errno) : "short") + ")");
+    }
+    at += chunk_bytes[i];
+  }
+  std::lock_guard lock(mutex_);
+  std::shared_ptr<const memory::byte_source> mapped = std::make_shared<mapping>(imported);
+  std::erase_if(vmm_imports_, [](const auto& w) { return w.expired(); });
+  vmm_imports_.push_back(mapped);
+  return mapped;
+}
+
+std::string fake_device_memory::uuid_for(std::int32_t device_id) {
+  char text[64];
+  std::snprintf(text, sizeof text, "GPU-00000000-0000-0000-0000-%012d", device_id);
+  return text;
+}
+
+result<std::int32_t> fake_device_memory::device_by_uuid(std::string_view uuid) const {
+  std::string lower(uuid);
+  for (auto& c : lower) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  if (lower.rfind("gpu-", 0) != 0) lower = "gpu-" + lower;
+  for (std::int32_t d = 0; d < device_count_; ++d) {
+    std::string known = uuid_for(d);
+    for (auto& c : known) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+    if (known == lower) return d;
+  }
+  return fail(errc::failed_precondition, "cannot find CUDA device " + std::string(uuid) +
+                                             ": no CUDA device with that UUID is visible to the daemon");
+}
+
+std::string fake_device_memory::uuid_of(std::int32_t device_id) const {
+  return device_id >= 0 && device_id < device_count_ ? uuid_for(device_id) : std::string();
+}
+
+std::uint64_t fake_device_memory::vmm_reserved_bytes() const {
+  std::lock_guard lock(mutex_);
+  std::uint64_t n = 0;
+  for (const auto& w : vmm_imports_) {
+    if (auto live = w.lock()) n += live->size();
+  }
+  return n;
 }
 
 }  // namespace tensorreg::testing

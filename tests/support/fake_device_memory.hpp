@@ -5,6 +5,9 @@
 // (64 bytes, as cudaIpcMemHandle_t); a test exports client memory with `export_allocation()`
 // and writes it through `memory_of()`. Every open_ipc() is counted per handle, so tests can
 // check that each distinct handle is opened once per commit (registration.md §5.2).
+// CUDA VMM "allocations" are memfds: import_vmm() copies each chunk's bytes out of its fd into
+// one contiguous host buffer (as mapping the chunks back to back would show them). Device N
+// has the UUID GPU-00000000-0000-0000-0000-00000000000N (uuid_for(N)).
 //
 // Thread-safety: every member function may be called concurrently (one internal mutex).
 // Ownership: the fake owns its allocations; opened mappings share them, so a mapping stays
@@ -48,6 +51,16 @@ class fake_device_memory final : public registration::device_memory {
   [[nodiscard]] result<registration::device_buffer> allocate(std::int32_t device_id, std::uint64_t bytes) override;
   /// Mappings returned by open_ipc() that are still held by someone.
   [[nodiscard]] std::size_t open_mappings() const override;
+  [[nodiscard]] result<std::shared_ptr<const memory::byte_source>> import_vmm(
+      std::int32_t owner_pid, std::int32_t device_id, std::span<const int> fds,
+      std::span<const std::uint64_t> chunk_bytes) override;
+  [[nodiscard]] result<std::int32_t> device_by_uuid(std::string_view uuid) const override;
+  [[nodiscard]] std::string uuid_of(std::int32_t device_id) const override;
+  /// Bytes of VMM imports still held by someone.
+  [[nodiscard]] std::uint64_t vmm_reserved_bytes() const override;
+
+  /// The UUID of fake device `device_id`.
+  [[nodiscard]] static std::string uuid_for(std::int32_t device_id);
 
  private:
   struct allocation;
@@ -60,6 +73,7 @@ class fake_device_memory final : public registration::device_memory {
   std::map<std::string, std::size_t, std::less<>> opens_;
   std::vector<std::weak_ptr<const memory::byte_source>> mappings_;
   std::size_t allocate_calls_ = 0;
+  std::vector<std::weak_ptr<const memory::byte_source>> vmm_imports_;
 };
 
 }  // namespace tensorreg::testing

@@ -9,8 +9,11 @@
 // Thread-safety: every member function may be called concurrently (one internal mutex; no
 // callback runs under it). Ownership: the registry owns its regions; the memory of a
 // HOST_SHARED region is a shared_ptr, so a holder that took it keeps it mapped even after the
-// region is removed (force, owner exit). VRAM regions keep only their handle bytes: opening
-// them is the CUDA mapping cache's job.
+// region is removed (force, owner exit). VRAM regions by IPC handle keep only their handle
+// bytes: opening them is the CUDA mapping cache's job. VRAM regions of CUDA VMM allocations
+// arrive already imported and mapped (the engine does it through device_memory, since the fds
+// must be imported while the request is handled) and hold that mapping, plus the fds, which
+// OpenArtifactDevice hands on to readers.
 #pragma once
 
 #include <chrono>
@@ -25,6 +28,7 @@
 #include "tensorreg/common/clock.hpp"
 #include "tensorreg/common/error.hpp"
 #include "tensorreg/common/unique_fd.hpp"
+#include "tensorreg/memory/byte_source.hpp"
 #include "tensorreg/memory/shared_memory.hpp"
 
 namespace tensorreg::regions {
@@ -40,8 +44,15 @@ struct host_shared_spec {
   host_shared_class region_class = host_shared_class::unspecified;
 };
 
+/// CUDA VMM allocations of a VRAM region (docs/wire-format.md §12): the fds as received, in
+/// mapping order, and each allocation's size.
+struct vmm_chunks {
+  std::vector<unique_fd> fds;
+  std::vector<std::uint64_t> chunk_bytes;
+};
+
 /// RegisterRegionRequest, plus the memfd that travels beside it for a client-provided
-/// HOST_SHARED region.
+/// HOST_SHARED region, or the VMM allocations of a VRAM region and their mapping.
 struct register_request {
   memory_kind kind = memory_kind::unspecified;
   std::int32_t owner_pid = 0;
@@ -52,6 +63,10 @@ struct register_request {
   std::string cuda_ipc_handle;      ///< VRAM only
   std::optional<host_shared_spec> host_shared;
   unique_fd memfd;                  ///< HOST_SHARED, not daemon-managed
+  /// VRAM from CUDA VMM allocations instead of an IPC handle: the chunks and the device mapping
+  /// the engine made of them (both set, or neither).
+  std::shared_ptr<const vmm_chunks> vmm;
+  std::shared_ptr<const memory::byte_source> device_mapping;
 };
 
 /// What a registration sees of a region.
@@ -67,6 +82,9 @@ struct region_info {
   std::string cuda_ipc_handle;
   /// HOST_SHARED memory (null for VRAM).
   std::shared_ptr<const memory::shared_memory> memory;
+  /// VRAM of CUDA VMM allocations: the mapping of all of them (size_bytes long) and the chunks.
+  std::shared_ptr<const memory::byte_source> device_mapping;
+  std::shared_ptr<const vmm_chunks> vmm;
   std::uint32_t refs = 0;
 };
 
@@ -81,7 +99,7 @@ class region_registry {
 
   /// Registers a region and returns it (id `region:` + 32 hex digits).
   /// Errors: INVALID_ARGUMENT (kind unspecified, owner_pid ≤ 0, size 0, VRAM without device ≥ 0
-  /// or handle, HOST_SHARED without spec, daemon-managed with an attach token, client memory
+  /// or without exactly one of handle and VMM mapping, a VMM mapping of another size, HOST_SHARED without spec, daemon-managed with an attach token, client memory
   /// without token or memfd); RESOURCE_EXHAUSTED (capacity reached, memfd refused);
   /// whatever adopting the client's memfd returns.
   [[nodiscard]] result<region_info> register_region(register_request request);

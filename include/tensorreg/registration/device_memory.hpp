@@ -22,6 +22,7 @@
 #include "tensorreg/hash/sha256.hpp"
 #include "tensorreg/memory/byte_source.hpp"
 #include "tensorreg/memory/segmented_view.hpp"
+#include "tensorreg/memory/shared_memory.hpp"
 
 namespace tensorreg::registration {
 
@@ -29,6 +30,12 @@ namespace tensorreg::registration {
 struct device_buffer {
   std::shared_ptr<const memory::byte_source> bytes;
   std::string ipc_handle;
+};
+
+/// A host copy of device bytes made by copy_to_host().
+struct host_copy {
+  std::shared_ptr<const memory::shared_memory> replica;
+  std::optional<hash::digest> data_digest;  ///< set when asked for
 };
 
 class device_memory {
@@ -92,6 +99,19 @@ class device_memory {
   [[nodiscard]] virtual std::optional<result<hash::digest>> tree_hash_on_device(
       const memory::segmented_view& canonical) {
     (void)canonical;
+    return std::nullopt;
+  }
+
+  /// A daemon-owned host copy (a new memfd) of `source`, read as a canonical buffer, made by
+  /// the GPU when all its bytes are device memory of one device this provider reaches (through
+  /// nested segmented views; gaps read as zero) and that is the faster place to copy and hash
+  /// them. With `want_digest`, data_digest is the tree hash of exactly the bytes of the
+  /// replica, even if the device memory changes during the call. nullopt means "copy it on the
+  /// host" (the default: no GPU); `pool` is the engine's, for host-side parts of the copy.
+  /// Errors (inside the optional): RESOURCE_EXHAUSTED (no host memory), CUDA errors.
+  [[nodiscard]] virtual std::optional<result<host_copy>> copy_to_host(const memory::byte_source& source,
+                                                                      bool want_digest, thread_pool& pool) {
+    (void)source, (void)want_digest, (void)pool;
     return std::nullopt;
   }
 };

@@ -118,6 +118,20 @@ class engine {
   /// replica held in shared memory), INTERNAL (the fd cannot be reopened read-only).
   [[nodiscard]] result<std::pair<std::shared_ptr<const index::canonical_index>, unique_fd>> stable_replica_fd(
       const std::string& artifact_id);
+  /// Where the artifact's bytes lie in GPU memory, for a reader in another process to map them
+  /// (docs/wire-format.md §13): a live lease whose storages are all device memory, else a
+  /// daemon-owned GPU copy (coalesced). Errors: NOT_FOUND, FAILED_PRECONDITION (quiesced, or
+  /// no GPU copy).
+  [[nodiscard]] result<device_layout> device_layout_of(const std::string& artifact_id) const;
+
+  // ---- devices ----
+
+  /// This engine's ordinal of a client's device: `device_uuid` when set (the client's
+  /// CUDA_VISIBLE_DEVICES may differ from ours), else `device_id` as is.
+  /// Errors: INVALID_ARGUMENT (malformed UUID), FAILED_PRECONDITION (no such GPU here).
+  [[nodiscard]] result<std::int32_t> resolve_device(std::int32_t device_id, std::string_view device_uuid) const;
+  /// "GPU-..." of one of this engine's devices; empty without a GPU.
+  [[nodiscard]] std::string device_uuid(std::int32_t device_id) const;
 
   /// Quiesce, drain (timeout → DEADLINE_EXCEEDED, the artifact stays quiesced), revoke leases,
   /// drop replicas. Errors: NOT_FOUND, DEADLINE_EXCEEDED.

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "tensorreg/identity/artifact_id.hpp"
+#include "tensorreg/index/canonical_index.hpp"
 #include "tensorreg/memory/byte_source.hpp"
 #include "tensorreg/memory/shared_memory.hpp"
 #include "tensorreg/policy/store_policy.hpp"
@@ -240,6 +241,32 @@ struct engine_stats {
   std::uint64_t stable_budget = 0;    ///< 0 = unlimited
   std::uint64_t leased_bytes = 0;     ///< bytes of artifacts held in place by leases
   std::uint64_t stable_evictions = 0;
+};
+
+/// One GPU allocation an artifact's bytes live in, as a reader in another process opens it
+/// (OpenArtifactDevice, docs/wire-format.md §13).
+struct device_allocation {
+  std::int32_t device_id = 0;  ///< this engine's ordinal
+  std::uint64_t size_bytes = 0;  ///< bytes readable from the base
+  std::string cuda_ipc_handle;  ///< set for IPC memory; empty for VMM chunks
+  std::shared_ptr<const regions::vmm_chunks> vmm;  ///< set for CUDA VMM memory
+};
+
+/// Canonical [artifact_offset, artifact_offset + length) lies at allocation_offset of
+/// allocations[allocation].
+struct device_segment {
+  std::uint64_t artifact_offset = 0;
+  std::uint64_t length = 0;
+  std::uint32_t allocation = 0;
+  std::uint64_t allocation_offset = 0;
+};
+
+/// Where an artifact's canonical DATA bytes lie in GPU memory; bytes no segment covers are zero.
+struct device_layout {
+  artifact_descriptor descriptor;
+  std::shared_ptr<const index::canonical_index> index;
+  std::vector<device_allocation> allocations;  ///< each distinct handle or region once
+  std::vector<device_segment> segments;        ///< by artifact_offset, disjoint
 };
 
 }  // namespace tensorreg::registration
