@@ -78,6 +78,10 @@ if(TENSORREG_BUILD_TESTS)
     ${PROJECT_SOURCE_DIR}/tests/cuda/gpu_main.cpp
     ${PROJECT_SOURCE_DIR}/tests/cuda/tree_hash_gpu_tests.cpp
     ${PROJECT_SOURCE_DIR}/tests/cuda/device_memory_tests.cpp
+    ${PROJECT_SOURCE_DIR}/tests/cuda/vmm_tests.cpp
+    ${PROJECT_SOURCE_DIR}/tests/cuda/producer_process.cpp
+    ${PROJECT_SOURCE_DIR}/tests/cuda/bulk_copy_tests.cpp
+    ${PROJECT_SOURCE_DIR}/tests/cuda/daemon_devices_tests.cpp
     ${PROJECT_SOURCE_DIR}/tests/support/engine_helpers.cpp
     ${PROJECT_SOURCE_DIR}/tests/support/daemon_process.cpp
     ${PROJECT_SOURCE_DIR}/tests/support/temp_dir.cpp)
@@ -114,4 +118,26 @@ if(TENSORREG_BUILD_BENCHMARKS)
   add_executable(cuda_ipc_bench ${PROJECT_SOURCE_DIR}/benchmarks/cuda_ipc_bench.cu)
   tensorreg_cuda_target(cuda_ipc_bench)
   target_link_libraries(cuda_ipc_bench PRIVATE tensorreg::cuda tensorreg::tensorreg tensorreg_cuda_flags)
+
+  # CUDA VMM imports (fds over SCM_RIGHTS) against IPC opens of the same number of 2 MiB
+  # allocations, sequential and on 8 threads, and the address space they reserve; the memory
+  # comes from tensorreg_gpu_producer (built with the tests).
+  add_executable(cuda_vmm_bench ${PROJECT_SOURCE_DIR}/benchmarks/cuda_vmm_bench.cu
+                                ${PROJECT_SOURCE_DIR}/tests/cuda/producer_process.cpp)
+  tensorreg_cuda_target(cuda_vmm_bench)
+  target_link_libraries(cuda_vmm_bench PRIVATE tensorreg::cuda tensorreg::tensorreg tensorreg_gpu_fill
+                                               tensorreg_cuda_flags)
+
+  # GPU → stable DRAM put through the engine (copy_to_host) next to a plain pinned D2H, and the
+  # two ways of reaching the memfd (src/cuda/bulk_copy.hpp) side by side.
+  add_executable(gpu_stable_put_bench ${PROJECT_SOURCE_DIR}/benchmarks/gpu_stable_put_bench.cu)
+  tensorreg_cuda_target(gpu_stable_put_bench)
+  target_include_directories(gpu_stable_put_bench PRIVATE ${PROJECT_SOURCE_DIR}/src)
+  target_link_libraries(gpu_stable_put_bench PRIVATE tensorreg::cuda tensorreg::tensorreg tensorreg_cuda_flags)
+
+  # LIP registration of a 1 000-tensor state dict: per-storage IPC handles vs one VRAM region
+  # per allocation; the producer is this binary itself in its --producer mode (fork + exec).
+  add_executable(cuda_lip_bench ${PROJECT_SOURCE_DIR}/benchmarks/cuda_lip_bench.cu)
+  tensorreg_cuda_target(cuda_lip_bench)
+  target_link_libraries(cuda_lip_bench PRIVATE tensorreg::cuda tensorreg::tensorreg tensorreg_cuda_flags)
 endif()

@@ -10,6 +10,7 @@
 #include <charconv>
 #include <cstdio>
 #include <exception>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -29,6 +30,8 @@ constexpr const char* kUsage =
     "  --socket PATH            listen here (default $XDG_RUNTIME_DIR/tensorreg/tensorregd.sock,\n"
     "                           else /tmp/tensorreg-$UID/tensorregd.sock)\n"
     "  --stable-bytes N         stable DRAM cache budget in bytes (0 = unlimited; default 0)\n"
+    "  --replica-pool-bytes N   idle page-locked replica memory kept for fast GPU puts, beyond\n"
+    "                           the stable budget (0 = none; default min(16 GiB, RAM / 8))\n"
     "  --persist-dir DIR        where persistence writes artifacts (persistence: not yet)\n"
     "  --max-frame-bytes N      largest frame accepted (default 67108864)\n"
     "  --max-sessions N         most concurrent connections (default 1024)\n"
@@ -39,6 +42,7 @@ constexpr const char* kUsage =
 struct options {
   std::string socket;
   std::uint64_t stable_bytes = 0;
+  std::optional<std::uint64_t> replica_pool_bytes;  // unset: the provider's default
   std::string persist_dir;
   std::uint32_t max_frame_bytes = 64u << 20;
   std::size_t max_sessions = 1024;
@@ -75,6 +79,12 @@ int parse_options(const std::vector<std::string>& args, options& o) {
       if (a == "--log-level" && *v != "error" && *v != "warn" && *v != "info" && *v != "debug") {
         return bad("--log-level must be error, warn, info or debug, got '" + *v + "'");
       }
+    } else if (a == "--replica-pool-bytes") {
+      const auto* v = value();
+      std::uint64_t n = 0;
+      if (v == nullptr) return bad(a + " needs a value");
+      if (!parse_number(*v, n)) return bad(a + " needs a number of bytes, got '" + *v + "'");
+      o.replica_pool_bytes = n;
     } else if (a == "--stable-bytes" || a == "--max-frame-bytes" || a == "--max-sessions" || a == "--workers") {
       const auto* v = value();
       if (v == nullptr) return bad(a + " needs a value");
@@ -101,7 +111,9 @@ int main(int argc, char** argv) try {
   eo.stable_bytes = o.stable_bytes;
 #if TENSORREG_HAVE_CUDA
   // GPU memory when a device is present; otherwise CUDA-only requests fail FAILED_PRECONDITION.
-  if (auto devices = tensorreg::cuda::device_memory_provider::create()) {
+  tensorreg::cuda::device_memory_provider::options device_options;
+  if (o.replica_pool_bytes) device_options.replica_pool_bytes = *o.replica_pool_bytes;
+  if (auto devices = tensorreg::cuda::device_memory_provider::create(device_options)) {
     eo.devices = std::move(*devices);
   } else {
     fmt::print(stderr, "tensorregd: running without GPU memory: {}\n", devices.error().message);

@@ -5,11 +5,13 @@
         art = store.put(model.state_dict())
         print(art.artifact_id)                 # mi2:<index multihash>:<data multihash>
         tensors = store.get(art.artifact_id)   # zero-copy CPU views of the daemon's copy
+        views = store.open(art.artifact_id)    # zero-copy CUDA views of its GPU copy
 
 The client speaks docs/wire-format.md over the daemon's Unix socket: pure Python, no C
 extension; the protobuf message classes are built at run time from a descriptor set, so it
 works with protobuf-python 3.21 through 7.x. Importing the package needs only protobuf; the
-tensor calls import torch (1.13 or 2.x) when first used.
+tensor calls import torch (1.13 or 2.x) when first used, and the CUDA ones load the driver
+(libcuda.so.1, through ctypes) then.
 """
 
 from ._wire import default_socket_path

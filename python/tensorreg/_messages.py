@@ -63,11 +63,19 @@ def message(full_name: str):
     return cls
 
 
+_enum_values: dict = {}
+
+
 def enum_value(full_enum_name: str, value_name: str) -> int:
-    """The number of `value_name` in the enum `full_enum_name`."""
-    with _lock:
-        pool = _load_pool()
-    return pool.FindEnumTypeByName(full_enum_name).values_by_name[value_name].number
+    """The number of `value_name` in the enum `full_enum_name` (cached: registration asks for the
+    same few once per region)."""
+    key = (full_enum_name, value_name)
+    number = _enum_values.get(key)
+    if number is None:
+        with _lock:
+            pool = _load_pool()
+        number = _enum_values[key] = pool.FindEnumTypeByName(full_enum_name).values_by_name[value_name].number
+    return number
 
 
 def enum_name(full_enum_name: str, number: int) -> str:

@@ -2,10 +2,14 @@
 
 A `Connection` is one Unix stream socket to the daemon. Each call sends one request (or one
 whole Feed stream) and waits for its single answer, under a lock, so a connection may be shared
-by threads (calls are serialised; open several Stores for parallel calls). Frames are a 4-byte
+by threads (calls are serialised; open several Stores for parallel calls). call_many()
+pipelines a batch instead: every request is sent before any answer is read, and answers are
+matched by request id (the daemon works on them concurrently, §5). Frames are a 4-byte
 little-endian length and a serialised tensorreg.wire.v1 Request/Response; file descriptors ride
 as SCM_RIGHTS on the sendmsg that carries a frame's first byte, and those that come back with an
-answer are handed to the caller, who owns (and must close) them.
+answer are handed to the caller, who owns (and must close) them. Answers are read through a
+buffer, so several frames in one read (pipelined answers) are split correctly, and the fds of a
+read go to the last frame beginning in it (§7).
 
 After a broken connection the next call reconnects; a call that was cut off is not retried and
 raises Unavailable.
@@ -58,6 +62,8 @@ class Connection:
         self._sock: socket.socket | None = None
         self._next_id = 1
         self._closed = False
+        self._rbuf = bytearray()  # answer bytes read but not yet taken as whole frames
+        self._rfds: dict = {}  # position in _rbuf of a frame's first byte -> the fds it came with
         with self._lock:
             self._ensure_connected()
 
@@ -79,6 +85,10 @@ class Connection:
         return sock
 
     def _drop(self) -> None:
+        self._rbuf = bytearray()
+        for fds in self._rfds.values():
+            _close_fds(fds)
+        self._rfds = {}
         if self._sock is not None:
             try:
                 self._sock.close()
@@ -124,22 +134,14 @@ class Connection:
                               f"{e.strerror or e}") from None
 
     def _receive(self, sock: socket.socket, request_id: int):
-        """Reads one answer frame; returns (Response, fds)."""
-        buf = bytearray()
-        fds: list[int] = []
+        """Reads the next answer frame; returns (Response, fds). Frames already read (several
+        may arrive in one read when requests are pipelined) are taken from the buffer first."""
         ancillary = socket.CMSG_SPACE(MAX_FDS_PER_FRAME * array.array("i").itemsize)
-        need = None
         try:
             while True:
-                if need is None and len(buf) >= 4:
-                    (need,) = _HEADER.unpack_from(buf)
-                    if need == 0 or need > MAX_ANSWER_BYTES:
-                        raise DataLoss(f"cannot read the daemon's answer to request {request_id}: "
-                                       f"frame length {need} is out of range")
-                if need is not None and len(buf) >= 4 + need:
-                    if len(buf) > 4 + need:
-                        raise DataLoss(f"cannot read the daemon's answer to request {request_id}: "
-                                       f"unexpected extra bytes")
+                frame = self._take_frame(request_id)
+                if frame is not None:
+                    payload, fds = frame
                     break
                 try:
                     data, anc, flags, _ = sock.recvmsg(1 << 16, ancillary, socket.MSG_CMSG_CLOEXEC)
@@ -149,31 +151,70 @@ class Connection:
                 except OSError as e:
                     raise Unavailable(f"cannot read the daemon's answer to request {request_id}: "
                                       f"{e.strerror or e}") from None
+                got = array.array("i")
                 for level, kind, raw in anc:
                     if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                        got = array.array("i")
                         got.frombytes(raw[: len(raw) - len(raw) % got.itemsize])
-                        fds.extend(got)
+                begin = len(self._rbuf)
+                self._rbuf += data
+                if got:
+                    self._attach_fds(begin, list(got))
                 if flags & socket.MSG_CTRUNC:
                     raise DataLoss(f"cannot read the daemon's answer to request {request_id}: "
                                    f"file descriptors were truncated")
                 if not data:
                     raise Unavailable(f"cannot read the daemon's answer to request {request_id}: "
                                       f"the daemon closed the connection")
-                buf += data
             response = _messages.Response()
             try:
-                response.ParseFromString(bytes(buf[4:]))
+                response.ParseFromString(payload)
             except Exception:  # DecodeError's module differs between runtimes
+                _close_fds(fds)
                 raise DataLoss(f"cannot parse the daemon's answer to request {request_id}") from None
-            if response.request_id not in (request_id, 0):
-                raise DataLoss(f"cannot match the daemon's answer: request {request_id} got the answer to "
-                               f"{response.request_id}")
             return response, fds
         except BaseException:
-            _close_fds(fds)
             self._drop()
             raise
+
+    def _frame_starts(self, end: int) -> list:
+        """Where the frames in the read buffer begin, below `end` (the buffer always begins at a
+        frame boundary: whole frames are taken off its front)."""
+        starts = []
+        pos = 0
+        while pos < end:
+            starts.append(pos)
+            if pos + 4 > len(self._rbuf):
+                break
+            (n,) = _HEADER.unpack_from(self._rbuf, pos)
+            pos += 4 + n
+        return starts
+
+    def _attach_fds(self, begin: int, fds: list) -> None:
+        # §7: the fds of one recvmsg belong to the last frame that begins within the bytes it
+        # returned ([begin, end of buffer)); Linux never joins them to later data, so when no
+        # frame begins there they belong to the frame those bytes continue.
+        starts = self._frame_starts(len(self._rbuf))
+        inside = [p for p in starts if p >= begin]
+        at = inside[-1] if inside else (starts[-1] if starts else 0)
+        self._rfds.setdefault(at, []).extend(fds)
+
+    def _take_frame(self, request_id: int):
+        """The first whole frame of the read buffer, as (payload bytes, fds), or None."""
+        buf = self._rbuf
+        if len(buf) < 4:
+            return None
+        (n,) = _HEADER.unpack_from(buf)
+        if n == 0 or n > MAX_ANSWER_BYTES:
+            raise DataLoss(f"cannot read the daemon's answer to request {request_id}: frame length {n} is out of "
+                           f"range")
+        if len(buf) < 4 + n:
+            return None
+        payload = bytes(buf[4:4 + n])
+        del buf[:4 + n]
+        fds = self._rfds.pop(0, [])
+        if self._rfds:
+            self._rfds = {at - 4 - n: f for at, f in self._rfds.items()}
+        return payload, fds
 
     def _finish(self, response, fds):
         if response.request_id == 0:
@@ -195,9 +236,59 @@ class Connection:
                 sock = self._ensure_connected()
                 request.request_id = self._take_id()
                 self._send(sock, request, fds)
-                return self._finish(*self._receive(sock, request.request_id))
+                return self._finish(*self._matched(sock, request.request_id))
             finally:
                 self._owner = outer
+
+    def call_many(self, calls):
+        """Pipelines requests: sends every (request, fds) of `calls` (request ids are set here)
+        before reading any answer; the daemon works on them concurrently and may answer in any
+        order (docs/wire-format.md §5). Returns, in the order of `calls`, (Response, fds) for
+        each OK answer and the Error for each other; the caller owns the fds of the OK ones.
+        A broken connection, or a connection-level error from the daemon, raises."""
+        with self._lock:
+            outer, self._owner = self._owner, threading.get_ident()
+            results: dict = {}
+            try:
+                sock = self._ensure_connected()
+                ids = []
+                for request, fds in calls:
+                    request.request_id = self._take_id()
+                    ids.append(request.request_id)
+                    self._send(sock, request, fds)
+                waiting = set(ids)
+                while waiting:
+                    response, fds = self._receive(sock, min(waiting))
+                    rid = response.request_id
+                    if rid == 0:
+                        self._finish(response, fds)  # raises the daemon's error and drops
+                    if rid not in waiting:
+                        _close_fds(fds)
+                        self._drop()
+                        raise DataLoss(f"cannot match the daemon's answer: it answered request {rid}, which is "
+                                       f"not outstanding")
+                    waiting.discard(rid)
+                    try:
+                        results[rid] = self._finish(response, fds)
+                    except Error as e:
+                        results[rid] = e
+                return [results[i] for i in ids]
+            except BaseException:
+                for r in results.values():
+                    if not isinstance(r, Error):
+                        _close_fds(r[1])
+                raise
+            finally:
+                self._owner = outer
+
+    def _matched(self, sock: socket.socket, request_id: int):
+        response, fds = self._receive(sock, request_id)
+        if response.request_id not in (request_id, 0):
+            _close_fds(fds)
+            self._drop()
+            raise DataLoss(f"cannot match the daemon's answer: request {request_id} got the answer to "
+                           f"{response.request_id}")
+        return response, fds
 
     def feed(self, frames):
         """Sends a whole Feed stream (the FeedRegisterArtifactStreamRequest `frames`, then the
@@ -216,7 +307,7 @@ class Connection:
                 end.request_id = request_id
                 end.end_of_stream = True
                 self._send(sock, end)
-                return self._finish(*self._receive(sock, request_id))
+                return self._finish(*self._matched(sock, request_id))
             finally:
                 self._owner = outer
 

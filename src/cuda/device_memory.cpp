@@ -3,19 +3,27 @@
 #include <cuda.h>
 #include <cudaTypedefs.h>
 #include <cuda_runtime_api.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <cstring>
 #include <map>
+#include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
+#include "cuda/bulk_copy.hpp"
 #include "cuda/cuda_check.hpp"
+#include "cuda/hash_placement.hpp"
+#include "cuda/vmm_import.hpp"
 #include "tensorreg/cuda/tree_hash.hpp"
+#include "tensorreg/devices/device_identity.hpp"
 
 namespace tensorreg::cuda {
 namespace detail {
@@ -79,8 +87,32 @@ struct provider_state {
   // One GPU tree hasher per device, reused (its scratch grows once); one hash at a time each.
   std::mutex hasher_mutex;
   std::map<int, gpu_tree_hasher> hashers;
+  bulk_copier bulk;  // copy_to_host(): snapshot + D2H with pinned staging kept for reuse
+  std::shared_ptr<memory::replica_pool> replicas;  // copy_to_host()'s replica pool; null when off
   PFN_cuMemGetAddressRange_v3020 get_address_range = nullptr;
   PFN_cuGetErrorName_v6000 get_error_name = nullptr;
+
+  // CUDA VMM imports (vmm_import.hpp): the driver's entry points, each device's allocation
+  // granularity once asked (0: not yet), and what live imports hold, for stats and tests.
+  vmm_driver vmm;
+  std::unique_ptr<std::atomic<std::uint64_t>[]> granularity;
+  std::atomic<std::uint64_t> vmm_reserved{0};
+  std::atomic<std::size_t> vmm_mappings{0};
+  // Imports and releases run one at a time. The driver serializes them anyway, and measured on
+  // an H100 (benchmarks/RESULTS.md, cuda_vmm_bench) 8 threads contending for it took ~2x longer
+  // per import than one thread alone; in turn this is what open_ipc does (ipc_mutex).
+  std::mutex vmm_mutex;
+  // Each device's UUID, read once at create(): a client names its GPU by UUID because its
+  // ordinals may differ from ours (docs/wire-format.md §12).
+  std::vector<devices::gpu_uuid> uuids;
+
+  [[nodiscard]] result<std::uint64_t> granularity_of(int device) {
+    auto& slot = granularity[static_cast<std::size_t>(device)];
+    if (const std::uint64_t known = slot.load(std::memory_order_relaxed); known != 0) return known;
+    TENSORREG_TRY_ASSIGN(const std::uint64_t g, vmm.device_granularity(device));
+    slot.store(g, std::memory_order_relaxed);
+    return g;
+  }
 
   // Staging buffers kept for reuse, per device.
   std::mutex pool_mutex;
@@ -244,6 +276,37 @@ class owned_device_buffer final : public provider_source {
   }
 };
 
+// A CUDA VMM import: unmapped, its address space freed and its handles released with its last
+// holder. Counted in provider_state::vmm_reserved / vmm_mappings while it lives.
+class vmm_mapping final : public provider_source {
+ public:
+  vmm_mapping(std::shared_ptr<provider_state> state, vmm_import imported, int device) noexcept
+      : provider_source(std::move(state), imported.pointer(), imported.size(), device),
+        reserved_(imported.reserved_bytes()),
+        import_(std::move(imported)) {
+    state_->vmm_reserved.fetch_add(reserved_, std::memory_order_relaxed);
+    state_->vmm_mappings.fetch_add(1, std::memory_order_relaxed);
+  }
+
+  ~vmm_mapping() override {
+    {
+      release_device_guard guard(device_);
+      // The guard sets nothing when device_ is already current, and the driver unmaps in the
+      // primary context, which cudaSetDevice makes current on this thread.
+      check_release(cudaSetDevice(device_), "make a CUDA device current to unmap a VMM import");
+      std::lock_guard lock(state_->vmm_mutex);
+      import_.reset();
+    }
+    // Only once the address space is really free, so a reader that sees 0 may rely on it.
+    state_->vmm_reserved.fetch_sub(reserved_, std::memory_order_relaxed);
+    state_->vmm_mappings.fetch_sub(1, std::memory_order_relaxed);
+  }
+
+ private:
+  std::uint64_t reserved_;
+  std::optional<vmm_import> import_;
+};
+
 /// The code for a failed cudaIpcOpenMemHandle: a handle that opens nothing (stale, of a
 /// process that exited, malformed) is the caller's argument; running out of memory or
 /// losing the device is not.
@@ -278,6 +341,13 @@ result<std::shared_ptr<device_memory_provider>> device_memory_provider::create(o
 
   auto state = std::make_shared<detail::provider_state>();
   state->opts = opts;
+  if (opts.replica_pool_bytes == options::replica_pool_auto) {
+    const long pages = ::sysconf(_SC_PHYS_PAGES);
+    const long page = ::sysconf(_SC_PAGESIZE);
+    const std::uint64_t physical = pages > 0 && page > 0 ? static_cast<std::uint64_t>(pages) * static_cast<std::uint64_t>(page) : 0;
+    state->opts.replica_pool_bytes = std::min(std::uint64_t{16} << 30, physical / 8);
+  }
+  if (state->opts.replica_pool_bytes > 0) state->replicas = memory::replica_pool::create(state->opts.replica_pool_bytes);
   state->devices = count;
   state->free_staging.resize(static_cast<std::size_t>(count));
   // Driver entry points through the runtime, so nothing links libcuda.so: a binary built with
@@ -290,6 +360,17 @@ result<std::shared_ptr<device_memory_provider>> device_memory_provider::create(o
     return fail(errc::failed_precondition, "cannot use CUDA device memory: the driver has no cuMemGetAddressRange");
   }
   state->get_address_range = reinterpret_cast<PFN_cuMemGetAddressRange_v3020>(fn);
+  for (int d = 0; d < count; ++d) {
+    cudaDeviceProp prop{};
+    TENSORREG_CUDA_TRY(cudaGetDeviceProperties(&prop, d), "read the UUID of CUDA device " + std::to_string(d));
+    devices::gpu_uuid uuid;
+    static_assert(sizeof prop.uuid.bytes == sizeof uuid.bytes);
+    std::memcpy(uuid.bytes.data(), prop.uuid.bytes, sizeof uuid.bytes);
+    state->uuids.push_back(uuid);
+  }
+  // A driver without the VMM API still serves CUDA IPC: import_vmm() then says what is missing.
+  state->vmm = detail::vmm_driver::load();
+  state->granularity = std::make_unique<std::atomic<std::uint64_t>[]>(static_cast<std::size_t>(count));
   fn = nullptr;
   if (cudaGetDriverEntryPointByVersion("cuGetErrorName", &fn, 6000, cudaEnableDefault, &found) == cudaSuccess &&
       found == cudaDriverEntryPointSuccess) {
@@ -431,19 +512,54 @@ result<registration::device_buffer> device_memory_provider::allocate(std::int32_
 }
 
 std::size_t device_memory_provider::open_mappings() const {
+  const std::size_t vmm = state_->vmm_mappings.load(std::memory_order_relaxed);
   std::lock_guard lock(state_->cache_mutex);
-  return static_cast<std::size_t>(std::count_if(state_->cache.begin(), state_->cache.end(),
-                                                [](const auto& kv) { return !kv.second.mapping.expired(); }));
+  return vmm + static_cast<std::size_t>(std::count_if(state_->cache.begin(), state_->cache.end(),
+                                                      [](const auto& kv) { return !kv.second.mapping.expired(); }));
+}
+
+result<std::shared_ptr<const memory::byte_source>> device_memory_provider::import_vmm(
+    std::int32_t owner_pid, std::int32_t device_id, std::span<const int> fds,
+    std::span<const std::uint64_t> chunk_bytes) {
+  auto& st = *state_;
+  const std::string what =
+      "cannot import CUDA VMM memory of process " + std::to_string(owner_pid) + " on device " + std::to_string(device_id);
+  if (device_id < 0 || device_id >= st.devices) {
+    return fail(errc::failed_precondition, what + ": no such CUDA device (" + std::to_string(st.devices) + " present)");
+  }
+  if (!st.vmm.missing.empty()) {
+    return fail(errc::failed_precondition, what + ": the CUDA driver has no " + st.vmm.missing);
+  }
+  TENSORREG_TRY_ASSIGN(auto guard, detail::device_guard::create(device_id));
+  // The driver maps in the current context: make the device's primary context current on this
+  // thread even when device_id already was (the guard then sets nothing, and a thread that has
+  // made no runtime call yet has no context bound).
+  TENSORREG_CUDA_TRY(cudaSetDevice(device_id), "make CUDA device " + std::to_string(device_id) + " current");
+  TENSORREG_TRY_ASSIGN(const std::uint64_t granularity, st.granularity_of(device_id));
+  std::unique_lock lock(st.vmm_mutex);
+  TENSORREG_TRY_ASSIGN(auto imported, detail::vmm_import::create(st.vmm, device_id, fds, chunk_bytes, granularity, what));
+  lock.unlock();
+  return std::shared_ptr<const memory::byte_source>(
+      std::make_shared<const detail::vmm_mapping>(state_, std::move(imported), device_id));
+}
+
+result<std::int32_t> device_memory_provider::device_by_uuid(std::string_view uuid) const {
+  return devices::find_device(state_->uuids, uuid);
+}
+
+std::string device_memory_provider::uuid_of(std::int32_t device_id) const {
+  if (device_id < 0 || static_cast<std::size_t>(device_id) >= state_->uuids.size()) return {};
+  return devices::format_gpu_uuid(state_->uuids[static_cast<std::size_t>(device_id)]);
+}
+
+std::uint64_t device_memory_provider::vmm_reserved_bytes() const {
+  return state_->vmm_reserved.load(std::memory_order_relaxed);
 }
 
 namespace {
 
 // One run of device bytes that lands at `dst` in the canonical buffer.
-struct device_piece {
-  std::uint64_t dst = 0;
-  const std::byte* src = nullptr;
-  std::uint64_t length = 0;
-};
+using device_piece = detail::device_range;
 
 // Resolves [offset, offset + length) of `source`, placed at `dst`, into device pieces,
 // descending through nested segmented views (gaps stay zero). False when some byte is not
@@ -470,29 +586,51 @@ bool gather(const memory::byte_source& source, std::uint64_t offset, std::uint64
   return true;
 }
 
+// The GPU tree hash of `size` bytes at `ptr` with the provider's hasher of `device` (made on
+// first use), on `stream`. One hash per device at a time.
+result<hash::digest> hash_on_device(detail::provider_state& st, int device, const void* ptr, std::uint64_t size,
+                                    stream_view stream) {
+  TENSORREG_TRY_ASSIGN(auto guard, detail::device_guard::create(device));
+  (void)guard;
+  std::lock_guard lock(st.hasher_mutex);
+  auto it = st.hashers.find(device);
+  if (it == st.hashers.end()) {
+    TENSORREG_TRY_ASSIGN(auto hasher, gpu_tree_hasher::create(device));
+    it = st.hashers.emplace(device, std::move(hasher)).first;
+  }
+  return it->second.tree_hash(ptr, size, stream);
+}
+
+std::optional<registration::detail::hash_site> forced_site(device_memory_provider::options::hash_placement p) {
+  using placement = device_memory_provider::options::hash_placement;
+  if (p == placement::host) return registration::detail::hash_site::host;
+  if (p == placement::gpu) return registration::detail::hash_site::gpu;
+  return std::nullopt;
+}
+
 }  // namespace
 
 std::optional<result<hash::digest>> device_memory_provider::tree_hash_on_device(
     const memory::segmented_view& canonical) {
   const std::uint64_t size = canonical.size();
-  if (size == 0 || size < state_->opts.gpu_hash_min_bytes) return std::nullopt;
+  if (size == 0) return std::nullopt;
   int device = -1;
   std::vector<device_piece> pieces;
   if (!gather(canonical, 0, size, 0, device, pieces) || device < 0) return std::nullopt;
+  // One piece that is already the whole buffer is hashed where it lies; otherwise gathered.
+  const bool whole = pieces.size() == 1 && pieces[0].dst == 0 && pieces[0].length == size;
+  const unsigned threads = state_->opts.host_hash_threads != 0 ? state_->opts.host_hash_threads
+                                                                : std::max(1u, std::thread::hardware_concurrency());
+  const auto site = detail::choose_site(forced_site(state_->opts.placement), device, threads,
+                                        [&](const registration::detail::hash_speeds& s) {
+                                          return registration::detail::plan_hash(s, size, !whole);
+                                        });
+  if (site != registration::detail::hash_site::gpu) return std::nullopt;
 
   auto run = [&]() -> result<hash::digest> {
+    if (whole) return hash_on_device(*state_, device, pieces[0].src, size, {});
     TENSORREG_TRY_ASSIGN(auto guard, detail::device_guard::create(device));
     (void)guard;
-    std::lock_guard lock(state_->hasher_mutex);
-    auto it = state_->hashers.find(device);
-    if (it == state_->hashers.end()) {
-      TENSORREG_TRY_ASSIGN(auto hasher, gpu_tree_hasher::create(device));
-      it = state_->hashers.emplace(device, std::move(hasher)).first;
-    }
-    // One piece that is already the whole buffer: hash it where it lies.
-    if (pieces.size() == 1 && pieces[0].dst == 0 && pieces[0].length == size) {
-      return it->second.tree_hash(pieces[0].src, size);
-    }
     void* scratch = nullptr;
     TENSORREG_CUDA_TRY(cudaMalloc(&scratch, size), "allocate a GPU gather buffer for the tree hash");
     struct freer {
@@ -506,7 +644,7 @@ std::optional<result<hash::digest>> device_memory_provider::tree_hash_on_device(
                          "gather canonical bytes on the GPU");
     }
     TENSORREG_CUDA_TRY(cudaStreamSynchronize(nullptr), "gather canonical bytes on the GPU");
-    return it->second.tree_hash(base, size);
+    return hash_on_device(*state_, device, base, size, {});
   };
   auto digest = run();
   if (!digest && digest.error().code == errc::resource_exhausted) return std::nullopt;  // host fallback
@@ -514,8 +652,39 @@ std::optional<result<hash::digest>> device_memory_provider::tree_hash_on_device(
   return digest;
 }
 
+std::optional<result<registration::host_copy>> device_memory_provider::copy_to_host(const memory::byte_source& source,
+                                                                                   bool want_digest, thread_pool& pool) {
+  const std::uint64_t size = source.size();
+  if (size == 0) return std::nullopt;
+  int device = -1;
+  std::vector<device_piece> pieces;
+  if (!gather(source, 0, size, 0, device, pieces) || device < 0) return std::nullopt;
+  const auto site = detail::choose_site(forced_site(state_->opts.placement), device, pool.size() + 1,
+                                        [&](const registration::detail::hash_speeds& s) {
+                                          return registration::detail::plan_copy(s, size, want_digest);
+                                        });
+  if (site != registration::detail::hash_site::gpu) return std::nullopt;
+  const detail::snapshot_hasher hasher = [this, device](const void* ptr, std::uint64_t bytes, stream_view stream) {
+    return hash_on_device(*state_, device, ptr, bytes, stream);
+  };
+  detail::bulk_copy_options copy_opts;
+  copy_opts.replicas = state_->replicas.get();
+  auto copy = state_->bulk.copy(device, pieces, size, want_digest ? &hasher : nullptr, pool, copy_opts);
+  if (!copy && copy.error().code == errc::resource_exhausted) return std::nullopt;  // host fallback
+  if (copy && want_digest) state_->device_hashes.fetch_add(1, std::memory_order_relaxed);
+  return copy;
+}
+
 std::uint64_t device_memory_provider::device_hashes() const noexcept {
   return state_->device_hashes.load(std::memory_order_relaxed);
+}
+
+std::uint64_t device_memory_provider::replica_pool_idle_bytes() const {
+  return state_->replicas ? state_->replicas->idle_bytes() : 0;
+}
+
+std::uint64_t device_memory_provider::replica_pool_max_bytes() const noexcept {
+  return state_->replicas ? state_->replicas->max_idle_bytes() : 0;
 }
 
 }  // namespace tensorreg::cuda

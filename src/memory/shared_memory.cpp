@@ -55,7 +55,8 @@ result<shared_memory> shared_memory::adopt(unique_fd fd, std::uint64_t size, boo
 shared_memory::shared_memory(shared_memory&& other) noexcept
     : fd_(std::move(other.fd_)),
       bytes_(std::exchange(other.bytes_, {})),
-      writable_(std::exchange(other.writable_, false)) {}
+      writable_(std::exchange(other.writable_, false)),
+      exported_(other.exported_.load(std::memory_order_acquire)) {}
 
 shared_memory& shared_memory::operator=(shared_memory&& other) noexcept {
   if (this != &other) {
@@ -63,6 +64,7 @@ shared_memory& shared_memory::operator=(shared_memory&& other) noexcept {
     fd_ = std::move(other.fd_);
     bytes_ = std::exchange(other.bytes_, {});
     writable_ = std::exchange(other.writable_, false);
+    exported_.store(other.exported_.load(std::memory_order_acquire), std::memory_order_release);
   }
   return *this;
 }
@@ -86,6 +88,7 @@ status shared_memory::visit(std::uint64_t offset, std::uint64_t length, piece_si
 }
 
 result<unique_fd> shared_memory::duplicate_fd() const {
+  mark_exported();
   unique_fd copy(::fcntl(fd_.get(), F_DUPFD_CLOEXEC, 0));
   if (!copy) return fail(errc::internal, "cannot duplicate shared memory fd: " + os_reason());
   return copy;

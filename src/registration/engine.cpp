@@ -1093,6 +1093,9 @@ result<std::pair<std::shared_ptr<const index::canonical_index>, unique_fd>> engi
   if (!memory) return fail(errc::failed_precondition, verb + ": no stable DRAM replica is held");
   // A fresh read-only open file description, so the reader can map it but never write to it.
   const std::string path = "/proc/self/fd/" + std::to_string(memory->fd());
+  // The reader may map it for as long as it likes: it must never be recycled for other bytes
+  // (the CUDA provider's replica pool checks this mark).
+  memory->mark_exported();
   unique_fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
   if (!fd) return fail(errc::internal, verb + ": cannot reopen its memfd read-only: " + std::strerror(errno));
   return std::pair{std::move(idx), std::move(fd)};

@@ -220,6 +220,10 @@ class recording_devices final : public reg::device_memory {
   [[nodiscard]] std::optional<result<hash::digest>> tree_hash_on_device(const memory::segmented_view& canonical) override {
     return real_->tree_hash_on_device(canonical);
   }
+  [[nodiscard]] std::optional<result<reg::host_copy>> copy_to_host(const memory::byte_source& source, bool want_digest,
+                                                                   thread_pool& pool) override {
+    return real_->copy_to_host(source, want_digest, pool);
+  }
   std::shared_ptr<const memory::byte_source> last() {
     std::lock_guard lock(mutex_);
     return allocated_.empty() ? nullptr : allocated_.back();
@@ -474,10 +478,11 @@ TEST_CASE("cuda device_memory: allocate gives a zeroed, exported device buffer",
 TEST_CASE("cuda device_memory: a LIP registration over producer handles gets the host-computed id", "[cuda][device_memory][engine]") {
   producer p({{slab_bytes, 21}, {other_bytes, 22}});
   // Both hashing paths must give the host-computed id: all host cores, and the GPU gather +
-  // tree hash (forced here by a 1-byte threshold).
+  // tree hash (forced here either way).
   const bool on_gpu = GENERATE(false, true);
   device_memory_provider::options opts;
-  if (on_gpu) opts.gpu_hash_min_bytes = 1;
+  opts.placement = on_gpu ? device_memory_provider::options::hash_placement::gpu
+                          : device_memory_provider::options::hash_placement::host;
   auto provider = make_provider(opts);
   t::fake_clock clock;
   auto options = t::deterministic_options(clock);
@@ -516,10 +521,11 @@ TEST_CASE("cuda device_memory: a LIP registration over producer handles gets the
 
 TEST_CASE("cuda device_memory: a coalesced registration written through the device pointer gets the host-computed id", "[cuda][device_memory][engine]") {
   // Both hashing paths must give the host-computed id: all host cores, and the GPU gather +
-  // tree hash (forced here by a 1-byte threshold).
+  // tree hash (forced here either way).
   const bool on_gpu = GENERATE(false, true);
   device_memory_provider::options opts;
-  if (on_gpu) opts.gpu_hash_min_bytes = 1;
+  opts.placement = on_gpu ? device_memory_provider::options::hash_placement::gpu
+                          : device_memory_provider::options::hash_placement::host;
   auto provider = make_provider(opts);
   auto devices = std::make_shared<recording_devices>(provider);
   t::fake_clock clock;
@@ -766,7 +772,13 @@ TEST_CASE("cuda device_memory: through tensorregd, a producer's handles are leas
 }
 
 TEST_CASE("cuda device_memory: stable_dram staged on the GPU becomes a host replica with the host-computed id", "[cuda][device_memory][engine]") {
-  auto provider = make_provider();
+  // Copied and hashed on the host (staged leaves), or snapshotted on the GPU and hashed there
+  // while the snapshot goes to the host (copy_to_host, src/cuda/bulk_copy.hpp).
+  const bool on_gpu = GENERATE(false, true);
+  device_memory_provider::options opts;
+  opts.placement = on_gpu ? device_memory_provider::options::hash_placement::gpu
+                          : device_memory_provider::options::hash_placement::host;
+  auto provider = make_provider(opts);
   auto devices = std::make_shared<recording_devices>(provider);
   t::fake_clock clock;
   auto options = t::deterministic_options(clock);
@@ -798,4 +810,5 @@ TEST_CASE("cuda device_memory: stable_dram staged on the GPU becomes a host repl
   auto bytes = e->open_bytes(committed->descriptor.artifact_id);
   REQUIRE_OK(bytes);
   CHECK(read_all(**bytes, 0, (*bytes)->size()) == m.canonical());  // PAD zeroed in the replica
+  CHECK(provider->device_hashes() == (on_gpu ? 1u : 0u));
 }

@@ -217,6 +217,24 @@ TEST_CASE("shared_memory: an adopted descriptor sees the creator's bytes", "[mem
   CHECK(peer.bytes()[101] == std::byte{7});
 }
 
+TEST_CASE("shared_memory: handing its fd out marks it exported, and moves keep the mark", "[memory][shared_memory]") {
+  auto kept = shared_memory::create(4096, "tensorreg-test").value();
+  CHECK_FALSE(kept.exported());
+  auto shared = shared_memory::create(4096, "tensorreg-test").value();
+  auto fd = shared.duplicate_fd();
+  REQUIRE(fd);
+  CHECK(shared.exported());
+  const shared_memory moved(std::move(shared));
+  CHECK(moved.exported());
+  // Reopened by its owner (the engine's read-only reopen for GetArtifactMemfd): marked by hand.
+  kept.mark_exported();
+  kept.mark_exported();
+  CHECK(kept.exported());
+  auto assigned = shared_memory::create(4096, "tensorreg-test").value();
+  assigned = std::move(kept);
+  CHECK(assigned.exported());
+}
+
 TEST_CASE("shared_memory: bad sizes and short files are INVALID_ARGUMENT", "[memory][shared_memory]") {
   auto zero = shared_memory::create(0, "z");
   REQUIRE_FALSE(zero);

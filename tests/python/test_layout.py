@@ -100,9 +100,17 @@ class BadInput(unittest.TestCase):
         self.assertIsInstance(e, ValueError)
 
     @unittest.skipUnless(torch.cuda.is_available(), "no CUDA device")
-    def test_cuda_tensors_wait_for_the_cuda_data_plane(self):
-        e = self.check({"b": torch.zeros(1, device="cuda")}, tensorreg.Unimplemented, "CUDA data plane")
-        self.assertIsInstance(e, NotImplementedError)
+    def test_cuda_tensors_lay_out_as_their_cpu_copies_do(self):
+        def sd(device):
+            w = torch.arange(12, dtype=torch.float32, device=device).view(3, 4)
+            return {"b": w, "a_tied": w, "t": w.t(), "s": torch.arange(10, device=device)[3:7]}
+
+        descs, device = _layout.state_dict_descs(torch, sd("cuda"), "put state dict")
+        self.assertEqual(device, "cuda:0")
+        self.assertEqual(_layout.build(descs).json, layout_of(sd("cpu")).json)
+
+    def test_tensors_on_other_devices_are_invalid(self):
+        self.check({"m": torch.zeros(1, device="meta")}, tensorreg.InvalidArgument, "only cpu and cuda tensors")
 
     def test_mixed_devices_are_invalid(self):
         self.check({"a": torch.zeros(1), "m": torch.zeros(1, device="meta")}, tensorreg.InvalidArgument,

@@ -110,10 +110,76 @@ class StoreTest(unittest.TestCase):
             self.store.get("mi2:unknown")
         self.assertEqual(ctx.exception.message, "cannot open the stable replica of mi2:unknown: not held here")
 
-    def test_get_on_cuda_is_pending(self):
-        with self.assertRaises(tensorreg.Unimplemented) as ctx:
-            self.store.get("mi2:x", device="cuda")
-        self.assertIn("CUDA data plane", ctx.exception.message)
+    @unittest.skipIf(torch.cuda.is_available(), "a CUDA device is present")
+    def test_get_on_cuda_without_a_gpu_is_a_failed_precondition_before_any_call(self):
+        with self.assertRaises(tensorreg.FailedPrecondition) as ctx:
+            self.store.get("mi2:unknown", device="cuda")  # not NOT_FOUND: the daemon is not asked
+        self.assertIn("cannot get mi2:unknown on cuda: torch", ctx.exception.message)
+        self.assertIn("sees no CUDA device", ctx.exception.message)
+
+    def test_open_without_a_gpu_or_on_cpu_is_refused_before_any_call(self):
+        with self.assertRaises(tensorreg.InvalidArgument) as ctx:
+            self.store.open("mi2:unknown", device="cpu")
+        self.assertIn("cannot open mi2:unknown on cpu: open() maps GPU memory; use get() for cpu",
+                      ctx.exception.message)
+        if tensorreg._cuda._driver is not None or torch.cuda.is_available():
+            self.skipTest("a CUDA driver is present")
+        old = os.environ.get("TENSORREG_LIBCUDA")
+        os.environ["TENSORREG_LIBCUDA"] = "/nonexistent/libcuda.so.1"
+        try:
+            with self.assertRaises(tensorreg.FailedPrecondition) as ctx:
+                self.store.open("mi2:unknown")
+        finally:
+            if old is None:
+                os.environ.pop("TENSORREG_LIBCUDA")
+            else:
+                os.environ["TENSORREG_LIBCUDA"] = old
+        self.assertIn("cannot use CUDA: cannot load the NVIDIA driver library", ctx.exception.message)
+
+    def test_open_artifact_device_of_an_unknown_artifact_is_answered_by_the_daemon(self):
+        request = tensorreg._messages.Request()
+        request.open_artifact_device.artifact_id = "mi2:unknown"
+        with self.assertRaises(tensorreg.Error) as ctx:
+            self.store._conn.call(request)
+        # NOT_FOUND from a daemon with the RPC; UNIMPLEMENTED from one that predates it.
+        self.assertIn(ctx.exception.code, (5, 12))
+        if ctx.exception.code == 5:
+            self.assertIn("mi2:unknown", ctx.exception.message)
+
+    # ---- pipelining ----
+
+    def test_pipelined_requests_get_their_own_answers_and_fds(self):
+        small = self.store.put({"p": torch.arange(3, dtype=torch.int16)})
+        large = self.store.put({"q": torch.arange(5000, dtype=torch.float64)})
+        calls = []
+        for artifact_id in (small.artifact_id, "mi2:unknown", large.artifact_id, small.artifact_id):
+            request = tensorreg._messages.Request()
+            request.get_artifact_memfd.artifact_id = artifact_id
+            calls.append((request, ()))
+        stats = tensorreg._messages.Request()
+        stats.get_stats.SetInParent()
+        calls.append((stats, ()))
+        answers = self.store._conn.call_many(calls)
+        self.assertIsInstance(answers[1], tensorreg.NotFound)
+        self.assertIn("mi2:unknown", answers[1].message)
+        for k, art in ((0, small), (2, large), (3, small)):
+            response, fds = answers[k]
+            try:
+                self.assertEqual(response.get_artifact_memfd.artifact_descriptor.artifact_id, art.artifact_id)
+                self.assertEqual(len(fds), 1)
+                self.assertEqual(os.fstat(fds[0]).st_size >= art.total_size, True)
+                with open(f"/proc/self/fd/{fds[0]}", "rb") as f:
+                    head = f.read(art.total_size)
+                self.assertEqual(head, canonical_bytes(_layout.build(_layout.state_dict_descs(
+                    torch, {"p": torch.arange(3, dtype=torch.int16)} if art is small else
+                    {"q": torch.arange(5000, dtype=torch.float64)}, "x")[0])))
+            finally:
+                for fd in fds:
+                    os.close(fd)
+        self.assertEqual(answers[4][1], [])
+        self.assertGreaterEqual(answers[4][0].get_stats.artifacts, 2)
+        # The connection is still in step: a plain call after the batch gets its own answer.
+        self.assertIn(small.artifact_id, self.artifact_ids())
 
     # ---- register ----
 

@@ -12,7 +12,13 @@
 // (cudaIpcOpenMemHandle with lazy peer access) and shared by every caller that asks for it
 // while it is open; the cache holds only weak references, so the mapping is closed
 // (cudaIpcCloseMemHandle) when the last returned shared_ptr goes. open_mappings() counts the
-// mappings open now.
+// mappings open now: IPC mappings and CUDA VMM imports together.
+//
+// CUDA VMM imports (import_vmm) are not cached: each call imports its fds afresh and reserves
+// exactly the bytes it maps, rounded up to the allocation granularity (PyTorch reserves about
+// 9/8 of the GPU per import and runs out of address space after a few dozen);
+// vmm_reserved_bytes() is the address space live imports hold. Devices are also known by
+// UUID (device_by_uuid, uuid_of), read once at create().
 //
 // This header needs no CUDA header: device pointers are `const void*`.
 //
@@ -23,11 +29,15 @@
 // Ownership: the provider owns its staging pool and cache; returned sources share both
 // (they stay valid after the provider is destroyed). A mapping source keeps its IPC mapping
 // open; an allocated buffer source owns its device memory (cudaFree when the last shared_ptr
-// goes). Release paths are noexcept and tolerate a CUDA runtime that is already unloading.
+// goes); a VMM import owns its handles, reservation and mappings (released with the last
+// shared_ptr; the caller's fds stay the caller's). Release paths are noexcept and tolerate a
+// CUDA runtime that is already unloading.
 #pragma once
 
 #include <cstdint>
 #include <memory>
+#include <span>
+#include <string>
 #include <string_view>
 
 #include "tensorreg/common/error.hpp"
@@ -60,11 +70,26 @@ class device_memory_provider final : public registration::device_memory {
     std::uint64_t staging_chunk_bytes = std::uint64_t{4} << 20;
     /// Staging buffers kept per device for reuse; more are made on demand and freed on release.
     std::size_t staging_buffers_kept = 16;
-    /// Canonical buffers at least this large are hashed on the GPU (tree_hash_on_device).
-    /// Measured on an H100 host (benchmarks/RESULTS.md): the GPU hash takes ~107 ms at any
-    /// size, 16 host cores hash 1 GiB in ~86 ms after it was staged to the host; so below
-    /// about 1.5 GB the host is the faster place.
-    std::uint64_t gpu_hash_min_bytes = std::uint64_t{3} << 29;
+    /// Where tree_hash_on_device() and copy_to_host() hash device bytes. `measured` picks the
+    /// place with the lower predicted time (src/registration/hash_placement.hpp) from speeds
+    /// measured once per device and process on first use (~0.3 s): the GPU hash is flat
+    /// (~107 ms on an H100), the host's grows with size (16 cores: ~15 GB/s). `host` and
+    /// `gpu` force it (tests).
+    enum class hash_placement { measured, host, gpu };
+    hash_placement placement = hash_placement::measured;
+    /// Threads tree_hash_on_device() predicts the host hashes with (0: one per hardware
+    /// thread, the engine's default); copy_to_host() counts its pool instead.
+    unsigned host_hash_threads = 0;
+    /// Most bytes of idle replica memory copy_to_host() keeps for reuse (src/memory/
+    /// replica_pool.hpp): replicas it made return there, still resident and registered with
+    /// CUDA (page-locked), when their last holder drops them, unless their fd was handed to
+    /// another process; the next copy of the same size then DMAs straight into one (~50 GiB/s
+    /// on an H100 instead of the ~4 GiB/s at which the H100 VM faults in a new memfd). This is
+    /// host memory the process holds beyond the stable cache's budget. 0 turns the pool off
+    /// (new memfds through pinned staging, never registered); replica_pool_auto means
+    /// min(16 GiB, 1/8 of physical memory).
+    static constexpr std::uint64_t replica_pool_auto = ~std::uint64_t{0};
+    std::uint64_t replica_pool_bytes = replica_pool_auto;
   };
 
   /// A provider for this process's CUDA devices.
@@ -95,10 +120,41 @@ class device_memory_provider final : public registration::device_memory {
   /// RESOURCE_EXHAUSTED (out of device memory), INTERNAL for other CUDA failures.
   [[nodiscard]] result<registration::device_buffer> allocate(std::int32_t device_id, std::uint64_t bytes) override;
 
-  /// IPC mappings open right now (distinct (owner pid, handle) keys with a live holder).
+  /// Mappings open right now: IPC mappings (distinct (owner pid, handle) keys with a live
+  /// holder) plus live VMM imports (each import_vmm() result until its last holder goes).
   [[nodiscard]] std::size_t open_mappings() const override;
 
-  /// Hashes `canonical` on its GPU when it is at least gpu_hash_min_bytes and every segment
+  /// Imports the CUDA VMM allocations behind `fds` (POSIX fds of cuMemExportToShareableHandle)
+  /// of `owner_pid` and maps them back to back on `device_id` (chunk i: allocation i, which
+  /// must be chunk_bytes[i] bytes), in a reservation of exactly sum(chunk_bytes) rounded up
+  /// to the device's allocation granularity, readable by `device_id` (read-only where the
+  /// driver grants it, else read-write). The result is a device_source of sum(chunk_bytes)
+  /// bytes. Every call imports afresh (an allocation imported twice is mapped twice); the fds
+  /// are not closed or kept. Imports and releases of one provider run one at a time.
+  /// Errors: INVALID_ARGUMENT (no chunks; fds and chunk sizes of different counts; a size of 0
+  /// or not a multiple of the granularity; an fd that does not import, e.g. not a CUDA
+  /// export; a chunk size other than its allocation's: the driver maps whole allocations
+  /// only), FAILED_PRECONDITION (no device `device_id`;
+  /// memory of another device or of the host; a driver without the VMM API),
+  /// RESOURCE_EXHAUSTED (address space or memory), INTERNAL for other driver failures.
+  [[nodiscard]] result<std::shared_ptr<const memory::byte_source>> import_vmm(
+      std::int32_t owner_pid, std::int32_t device_id, std::span<const int> fds,
+      std::span<const std::uint64_t> chunk_bytes) override;
+
+  /// The ordinal of the device whose UUID is `uuid` ("GPU-" + 36 characters, or the bare 36;
+  /// any case). Errors: INVALID_ARGUMENT (not a UUID), FAILED_PRECONDITION "... no CUDA device
+  /// GPU-... is visible to the daemon".
+  [[nodiscard]] result<std::int32_t> device_by_uuid(std::string_view uuid) const override;
+
+  /// "GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx" (lower case) of `device_id`; empty when there
+  /// is no such device.
+  [[nodiscard]] std::string uuid_of(std::int32_t device_id) const override;
+
+  /// Address space reserved by live VMM imports, in bytes.
+  [[nodiscard]] std::uint64_t vmm_reserved_bytes() const override;
+
+  /// Hashes `canonical` on its GPU when options::placement says the GPU is the faster place for
+  /// its size (or forces it) and every segment
   /// (through nested segmented views) reads device memory of one device: the DATA bytes are
   /// gathered into a zeroed scratch buffer with device-to-device copies (PAD stays zero), then
   /// the GPU tree hash runs there. nullopt otherwise, or when the scratch does not fit on the
@@ -107,8 +163,25 @@ class device_memory_provider final : public registration::device_memory {
   [[nodiscard]] std::optional<result<hash::digest>> tree_hash_on_device(
       const memory::segmented_view& canonical) override;
 
-  /// How many canonical buffers tree_hash_on_device() has hashed on a GPU.
+  /// Copies `source` into a memfd (recycled from the replica pool, see
+  /// options::replica_pool_bytes, else new) on the GPU side (src/cuda/bulk_copy.hpp) when all its
+  /// bytes are device memory of one device and options::placement picks the GPU for that
+  /// size: the bytes are snapshotted device-to-device into scratch, then the snapshot is
+  /// copied to the host while, with `want_digest`, the GPU tree-hashes the same snapshot (so
+  /// the digest is that of the replica whatever the client does meanwhile). nullopt
+  /// otherwise, or when the scratch does not fit on the device (the host path then copies).
+  /// Errors (inside the optional): CUDA errors, RESOURCE_EXHAUSTED (no host memory).
+  [[nodiscard]] std::optional<result<registration::host_copy>> copy_to_host(const memory::byte_source& source,
+                                                                            bool want_digest,
+                                                                            thread_pool& pool) override;
+
+  /// How many canonical buffers tree_hash_on_device() and copy_to_host() have hashed on a GPU.
   [[nodiscard]] std::uint64_t device_hashes() const noexcept;
+
+  /// Idle replica memory kept for reuse now, and its bound (options::replica_pool_bytes
+  /// resolved), in bytes.
+  [[nodiscard]] std::uint64_t replica_pool_idle_bytes() const;
+  [[nodiscard]] std::uint64_t replica_pool_max_bytes() const noexcept;
 
   /// Number of CUDA devices this provider sees.
   [[nodiscard]] std::int32_t device_count() const noexcept;

@@ -5,11 +5,18 @@
 // client's memfd handed over with SCM_RIGHTS (adopt()). Its fd can be passed to other
 // processes, which then see the same bytes.
 //
-// Thread-safety: the object is immutable after creation; concurrent visits are safe. Writers
+// Memory whose fd left the process (duplicate_fd(), or an fd reopened from fd() and handed out
+// by its owner, who then calls mark_exported()) may be mapped by a reader for as long as that
+// reader likes: it is marked exported, and whoever recycles memfds (src/memory/replica_pool.hpp)
+// must never reuse such memory for other bytes.
+//
+// Thread-safety: the object is immutable after creation (but for the exported mark, which is
+// atomic and only ever set); concurrent visits are safe. Writers
 // of mutable_bytes() must coordinate with readers themselves (the engine only reads ranges a
 // client has declared written). Ownership: move-only; the mapping and fd close on destruction.
 #pragma once
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <span>
@@ -49,9 +56,16 @@ class shared_memory final : public byte_source {
   /// REQUIRES: writable().
   [[nodiscard]] std::span<std::byte> mutable_bytes() const noexcept;
 
-  /// A new descriptor for the same memory, to hand to another process.
+  /// A new descriptor for the same memory, to hand to another process. Marks the memory
+  /// exported (even if the dup then fails: the caller meant to share it).
   /// Errors: INTERNAL (dup failed).
   [[nodiscard]] result<unique_fd> duplicate_fd() const;
+
+  /// Records that another process can reach this memory (its fd, or one reopened from fd(),
+  /// left the process): it must never be reused for other bytes. Idempotent.
+  void mark_exported() const noexcept { exported_.store(true, std::memory_order_release); }
+  /// Whether mark_exported() or duplicate_fd() was ever called on this memory.
+  [[nodiscard]] bool exported() const noexcept { return exported_.load(std::memory_order_acquire); }
 
  private:
   shared_memory(unique_fd fd, std::span<std::byte> bytes, bool writable) noexcept
@@ -61,6 +75,7 @@ class shared_memory final : public byte_source {
   unique_fd fd_;
   std::span<std::byte> bytes_;
   bool writable_ = false;
+  mutable std::atomic<bool> exported_{false};
 };
 
 }  // namespace tensorreg::memory

@@ -1,0 +1,53 @@
+// src/registration/hash_placement.hpp — where device bytes are hashed (and copied): on their
+// GPU or on the host, chosen by predicted time from measured speeds.
+//
+// The GPU tree hash runs one leaf per thread, so it takes about the time of one 4 MiB leaf on
+// one GPU thread whatever the size (~107 ms on an H100, flat from 1 to 64 GiB); the host hashes
+// at one core's SHA-256 rate times its threads, after staging the bytes over PCIe. So small
+// buffers hash faster on the host and large ones on the GPU; where the crossover lies depends
+// on the machine, hence a model fed with numbers measured on it (src/cuda/hash_placement.hpp
+// measures them) instead of a size constant. Pure arithmetic: no CUDA, tested on the CPU.
+//
+// Thread-safety: stateless functions. Ownership: plain values.
+#pragma once
+
+#include <cstdint>
+
+namespace tensorreg::registration::detail {
+
+/// Speeds of one GPU and this host, in seconds and bytes per second.
+struct hash_speeds {
+  double gpu_flat_seconds = 0;           ///< one GPU tree hash of up to gpu_parallel_leaves leaves
+  std::uint64_t gpu_parallel_leaves = 0; ///< leaves the GPU hashes at once (one per thread)
+  double host_core_hash_rate = 0;        ///< SHA-256 bytes/s of one host core
+  double host_core_copy_rate = 0;        ///< memcpy bytes/s of one host core (0: not counted)
+  unsigned host_threads = 0;             ///< threads hashing on the host
+  double d2h_rate = 0;                   ///< device → pinned host copy, bytes/s
+  double d2d_rate = 0;                   ///< device → device copy (gather, snapshot), bytes/s
+};
+
+enum class hash_site { host, gpu };
+
+/// The choice and the two predictions it was made from (seconds).
+struct hash_plan {
+  hash_site site = hash_site::host;
+  double host_seconds = 0;
+  double gpu_seconds = 0;
+};
+
+/// Predicted GPU tree hash time of `bytes`: flat per round of gpu_parallel_leaves leaves.
+[[nodiscard]] double gpu_hash_seconds(const hash_speeds& s, std::uint64_t bytes) noexcept;
+
+/// Hashing `bytes` of device memory where they are (tree_hash_on_device):
+///   host = staged D2H overlapped with hashing: bytes / min(d2h, threads × core hash rate);
+///   gpu  = (a gather into one buffer when `gather`) + the GPU hash.
+/// Any speed that is not positive (unmeasured) makes the host the choice.
+[[nodiscard]] hash_plan plan_hash(const hash_speeds& s, std::uint64_t bytes, bool gather) noexcept;
+
+/// Copying `bytes` of device memory into host memory, hashed when `want_digest`
+/// (device_memory::copy_to_host):
+///   host = staged D2H overlapped with each thread's copy + hash of its leaves;
+///   gpu  = a snapshot on the device, then the D2H of the snapshot concurrent with its GPU hash.
+[[nodiscard]] hash_plan plan_copy(const hash_speeds& s, std::uint64_t bytes, bool want_digest) noexcept;
+
+}  // namespace tensorreg::registration::detail
