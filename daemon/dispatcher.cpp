@@ -676,14 +676,27 @@ struct dispatcher::impl {
     fill_descriptor(*out->mutable_artifact_descriptor(), layout.descriptor);
     out->set_tensor_index_data(layout.index->json());
     out->set_total_size(layout.descriptor.total_size);
-    std::size_t fds = 0;
-    for (const auto& a : layout.allocations) fds += a.vmm ? a.vmm->fds.size() : 0;
-    if (fds > max_vmm_chunks) {
-      return fail(errc::unimplemented, fmt::format("cannot open the GPU memory of {}: it spans {} CUDA VMM allocations, "
-                                                   "more than the {} fds one answer carries",
-                                                   id, fds, max_vmm_chunks));
+    // Paging: this answer carries the VMM fds of allocations [first, end), at most
+    // max_vmm_chunks of them (a region never has more, so every page makes progress).
+    const std::size_t first = c.request.open_artifact_device().first_allocation();
+    if (first > 0 && first >= layout.allocations.size()) {
+      return fail(errc::invalid_argument, fmt::format("cannot open the GPU memory of {}: first_allocation {} is past its "
+                                                      "{} allocations",
+                                                      id, first, layout.allocations.size()));
     }
-    for (const auto& a : layout.allocations) {
+    std::size_t end = first, fds = 0;
+    while (end < layout.allocations.size()) {
+      const auto& vmm = layout.allocations[end].vmm;
+      const std::size_t n = vmm ? vmm->fds.size() : 0;
+      if (fds + n > max_vmm_chunks && end > first) break;
+      fds += n;
+      ++end;
+    }
+    out->set_end_allocation(static_cast<std::uint32_t>(end));
+    constexpr std::uint32_t no_fd = 0xFFFFFFFFu;
+    for (std::size_t k = 0; k < layout.allocations.size(); ++k) {
+      const auto& a = layout.allocations[k];
+      const bool carried = k >= first && k < end;
       auto* alloc = out->add_allocations();
       alloc->set_device_id(a.device_id);
       alloc->set_device_uuid(engine.device_uuid(a.device_id));
@@ -694,6 +707,12 @@ struct dispatcher::impl {
       }
       auto* vmm = alloc->mutable_vmm();
       for (std::size_t i = 0; i < a.vmm->fds.size(); ++i) {
+        if (!carried) {
+          auto* chunk = vmm->add_chunks();
+          chunk->set_fd_index(no_fd);
+          chunk->set_size_bytes(a.vmm->chunk_bytes[i]);
+          continue;
+        }
         unique_fd dup(::fcntl(a.vmm->fds[i].get(), F_DUPFD_CLOEXEC, 0));
         if (!dup) {
           return fail(errc::resource_exhausted, fmt::format("cannot open the GPU memory of {}: cannot duplicate a CUDA "

@@ -45,7 +45,7 @@ from typing import Any, NamedTuple
 
 from . import _cuda, _device, _layout, _messages
 from ._wire import Connection, _close_fds
-from .errors import DataLoss, Error, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, Unimplemented
+from .errors import Aborted, DataLoss, Error, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, Unimplemented
 
 __all__ = ["Store", "RegisteredArtifact", "Lease", "LocalStableTier"]
 
@@ -738,10 +738,7 @@ class Store:
         if dev.type != "cuda":
             raise InvalidArgument(f"cannot {what} on {dev}: open() maps GPU memory; use get() for cpu")
         drv = _cuda.driver()  # before the call: no GPU here means nothing to ask the daemon for
-        request = _messages.Request()
-        request.open_artifact_device.artifact_id = artifact_id
-        answer, fds = self._conn.call(request)
-        body = answer.open_artifact_device
+        body, fds, vmm_fds = self._open_pages(artifact_id, what)
         bases = []
         ordinal = dev.index
         try:
@@ -762,10 +759,9 @@ class Store:
                                           f"cuda:{here} here")
                 source = a.WhichOneof("source")
                 if source == "vmm":
-                    bad = [c.fd_index for c in a.vmm.chunks if c.fd_index >= len(fds)]
-                    if bad:
-                        raise DataLoss(f"cannot {what}: allocation {k} names fd #{bad[0]}, but the answer carried "
-                                       f"{len(fds)} fds")
+                    if len(vmm_fds.get(k, ())) != len(a.vmm.chunks):
+                        raise DataLoss(f"cannot {what}: allocation {k} has {len(a.vmm.chunks)} VMM chunks, but the "
+                                       f"daemon's answers carried {len(vmm_fds.get(k, ()))} fds for it")
                 elif source != "cuda_ipc_handle":
                     raise DataLoss(f"cannot {what}: allocation {k} has neither an IPC handle nor VMM chunks")
                 opens.append((k, here))
@@ -778,8 +774,7 @@ class Store:
                 if a.WhichOneof("source") == "cuda_ipc_handle":
                     return _cuda.IpcMapping(drv, here, a.cuda_ipc_handle, a.size_bytes, label)
                 chunks = list(a.vmm.chunks)
-                return _cuda.VmmMapping(drv, here, [fds[c.fd_index] for c in chunks], [c.size_bytes for c in chunks],
-                                        a.size_bytes, label)
+                return _cuda.VmmMapping(drv, here, vmm_fds[k], [c.size_bytes for c in chunks], a.size_bytes, label)
 
             # One after the other: the driver serialises IPC opens (about 80 us each on an H100);
             # from 4 threads the same 525 opens took 66 ms instead of 41.
@@ -802,6 +797,43 @@ class Store:
 
         empty_device = torch.device("cuda", ordinal if ordinal is not None else torch.cuda.current_device())
         return _device.build_views(torch, index, locate, what, empty_device=empty_device)
+
+    def _open_pages(self, artifact_id: str, what: str) -> tuple:
+        """OpenArtifactDevice, page after page (docs/wire-format.md §13): one answer carries at
+        most 250 fds, so the VMM fds of a large expandable-segment model come in several.
+        Returns (the first answer, every fd received, {allocation number: its chunks' fds})."""
+        fds, vmm_fds, first, body = [], {}, 0, None
+        try:
+            while True:
+                request = _messages.Request()
+                request.open_artifact_device.artifact_id = artifact_id
+                request.open_artifact_device.first_allocation = first
+                answer, got = self._conn.call(request)
+                fds.extend(got)
+                page = answer.open_artifact_device
+                if body is None:
+                    body = page
+                elif [(a.device_uuid, a.size_bytes) for a in page.allocations] != \
+                        [(a.device_uuid, a.size_bytes) for a in body.allocations]:
+                    raise Aborted(f"cannot {what}: its GPU memory changed while it was being opened; try again")
+                end = page.end_allocation
+                for k in range(first, min(end, len(page.allocations))):
+                    a = page.allocations[k]
+                    if a.WhichOneof("source") != "vmm":
+                        continue
+                    bad = [c.fd_index for c in a.vmm.chunks if c.fd_index >= len(got)]
+                    if bad:
+                        raise DataLoss(f"cannot {what}: allocation {k} names fd #{bad[0]}, but the answer carried "
+                                       f"{len(got)} fds")
+                    vmm_fds[k] = [got[c.fd_index] for c in a.vmm.chunks]
+                if end >= len(page.allocations):
+                    return body, fds, vmm_fds
+                if end <= first:
+                    raise DataLoss(f"cannot {what}: the daemon's answer for allocations from {first} made no progress")
+                first = end
+        except BaseException:
+            _close_fds(fds)
+            raise
 
     # ---- catalogue ----
 

@@ -214,3 +214,106 @@ TEST_CASE("cuda daemon: a VMM region by fds and an IPC allocation, named by UUID
   CHECK(st->response.get_stats().open_mappings() == 2);
   CHECK(d.stop() == 0);
 }
+
+TEST_CASE("cuda daemon: OpenArtifactDevice pages VMM fds 250 at most an answer, whole allocations each",
+          "[cuda][daemon][vmm]") {
+  constexpr std::uint64_t chunk = 2 * mib;
+  constexpr int per_region = 150;  // two regions: 300 fds, more than one answer carries
+  std::vector<tensorreg::cuda::testing::producer_allocation> asked;
+  for (int i = 0; i < 2 * per_region; ++i) asked.push_back({chunk, static_cast<std::uint64_t>(100 + i), true});
+  producer_process p(asked);
+  testing::daemon_process d;
+  auto connected = tensorreg::daemon::client::connect(d.socket_path());
+  REQUIRE_OK(connected);
+  auto& c = **connected;
+  const auto me = static_cast<std::int32_t>(::getpid());
+
+  std::vector<v2::RegionRef> regions;
+  for (int r = 0; r < 2; ++r) {
+    wv1::Request req;
+    auto* rr = req.mutable_register_region();
+    rr->set_memory_kind(v2::REGION_MEMORY_KIND_VRAM);
+    rr->set_owner_pid(me);
+    rr->set_size_bytes(per_region * chunk);
+    for (int i = 0; i < per_region; ++i) rr->mutable_cuda_vmm()->add_chunk_bytes(chunk);
+    const std::span<const int> fds(p.vmm_fds().data() + r * per_region, per_region);
+    auto made = c.call(req, fds);
+    REQUIRE_OK(made);
+    regions.push_back(made->response.register_region().region());
+  }
+  // One tensor over each whole region.
+  std::vector<index::tensor_desc> descs;
+  for (int r = 0; r < 2; ++r) {
+    const std::string name = "t" + std::to_string(r);
+    descs.push_back({name, "torch.uint8", {static_cast<std::int64_t>(per_region * chunk)}, {1}, name,
+                     per_region * chunk, 0});
+  }
+  auto idx = index::canonical_index::build(descs);
+  REQUIRE_OK(idx);
+  wv1::Request begin;
+  auto* b = begin.mutable_begin_register_artifact();
+  b->set_total_size(idx->total_size());
+  b->set_owner_pid(me);
+  b->mutable_lease()->set_in_place(true);
+  auto begun = c.call(begin);
+  REQUIRE_OK(begun);
+  const auto reg_id = begun->response.begin_register_artifact().registration_id();
+  v2::FeedRegisterArtifactStreamRequest feed;
+  feed.set_registration_id(reg_id);
+  for (int r = 0; r < 2; ++r) {
+    const std::string name = "t" + std::to_string(r);
+    auto* s = feed.add_storage_entries();
+    s->set_storage_id(name);
+    s->set_storage_length(per_region * chunk);
+    *s->mutable_region_ref() = regions[static_cast<std::size_t>(r)];
+    auto* seg = feed.mutable_lease_segments()->add_segments();
+    seg->set_storage_id(name);
+    seg->set_artifact_offset(idx->find(name)->offset);
+    seg->set_length(per_region * chunk);
+    auto* a = feed.add_tensor_aliases();
+    a->set_name(name);
+    a->set_storage_id(name);
+    a->set_logical_length(per_region * chunk);
+    a->add_shape(static_cast<std::int64_t>(per_region * chunk));
+    a->add_stride(1);
+    a->set_dtype("torch.uint8");
+  }
+  REQUIRE_OK(c.feed({feed}));
+  wv1::Request commit;
+  commit.mutable_commit_registered_artifact()->set_registration_id(reg_id);
+  auto committed = c.call(commit);
+  REQUIRE_OK(committed);
+  const auto artifact_id = committed->response.commit_registered_artifact().artifact_descriptor().artifact_id();
+
+  wv1::Request open;
+  open.mutable_open_artifact_device()->set_artifact_id(artifact_id);
+  auto page0 = c.call(open);
+  REQUIRE_OK(page0);
+  const auto& first = page0->response.open_artifact_device();
+  REQUIRE(first.allocations_size() == 2);
+  CHECK(first.end_allocation() == 1);
+  CHECK(page0->fds.size() == per_region);
+  CHECK(first.allocations(1).vmm().chunks(0).fd_index() == 0xFFFFFFFFu);
+  open.mutable_open_artifact_device()->set_first_allocation(1);
+  auto page1 = c.call(open);
+  REQUIRE_OK(page1);
+  CHECK(page1->response.open_artifact_device().end_allocation() == 2);
+  CHECK(page1->fds.size() == per_region);
+  CHECK(page1->response.open_artifact_device().allocations(1).vmm().chunks(per_region - 1).fd_index() ==
+        static_cast<std::uint32_t>(per_region - 1));
+  open.mutable_open_artifact_device()->set_first_allocation(2);
+  auto past = c.call(open);
+  REQUIRE_FALSE(past);
+  CHECK(past.error().code == errc::invalid_argument);
+
+  // The second page's fds are the second region's allocations: import them and read them back.
+  auto provider = cuda::device_memory_provider::create();
+  REQUIRE_OK(provider);
+  std::vector<int> fds;
+  std::vector<std::uint64_t> sizes(per_region, chunk);
+  for (const auto& fd : page1->fds) fds.push_back(fd.get());
+  auto imported = (*provider)->import_vmm(me, 0, fds, sizes);
+  REQUIRE_OK(imported);
+  CHECK(read_all(**imported, (per_region - 1) * chunk + 5, 100) == pattern(100 + 2 * per_region - 1, 5, 100));
+  CHECK(d.stop() == 0);
+}

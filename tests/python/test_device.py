@@ -312,6 +312,63 @@ class Frames(unittest.TestCase):
             theirs.close()
 
 
+class OpenPaging(unittest.TestCase):
+    """OpenArtifactDevice answers carry at most 250 fds: the client asks page after page and
+    gives each VMM allocation the fds of its own page (docs/wire-format.md §13)."""
+
+    class FakeConnection:
+        def __init__(self, pages):
+            self.pages = pages  # first_allocation -> (end_allocation, fds per allocation in the page)
+            self.asked = []
+
+        def call(self, request):
+            first = request.open_artifact_device.first_allocation
+            self.asked.append(first)
+            end, per_allocation = self.pages[first]
+            answer = _messages.Response()
+            body = answer.open_artifact_device
+            body.end_allocation = end
+            fds = []
+            for k in range(3):
+                a = body.allocations.add()
+                a.device_uuid = UUID
+                a.size_bytes = 2 * MiB * (k + 1)
+                for _ in range(k + 1):
+                    chunk = a.vmm.chunks.add()
+                    chunk.size_bytes = 2 * MiB
+                    if first <= k < end:
+                        r, w = os.pipe()
+                        os.close(w)
+                        chunk.fd_index = len(fds)
+                        fds.append(r)
+                    else:
+                        chunk.fd_index = 0xFFFFFFFF
+            return answer, fds
+
+    def test_every_vmm_allocation_gets_its_own_fds_across_pages(self):
+        conn = self.FakeConnection({0: (2, None), 2: (3, None)})
+        store = tensorreg.Store.__new__(tensorreg.Store)
+        store._conn = conn
+        body, fds, vmm_fds = store._open_pages("mi2:x", "open mi2:x")
+        try:
+            self.assertEqual(conn.asked, [0, 2])
+            self.assertEqual(len(fds), 1 + 2 + 3)
+            self.assertEqual(sorted(vmm_fds), [0, 1, 2])
+            self.assertEqual([len(vmm_fds[k]) for k in range(3)], [1, 2, 3])
+            self.assertEqual(len(set(fd for k in vmm_fds for fd in vmm_fds[k])), 6)
+        finally:
+            _wire._close_fds(fds)
+
+    def test_a_page_that_makes_no_progress_is_data_loss_and_closes_what_came(self):
+        conn = self.FakeConnection({0: (1, None), 1: (1, None)})
+        store = tensorreg.Store.__new__(tensorreg.Store)
+        store._conn = conn
+        before = len(os.listdir("/proc/self/fd"))
+        with self.assertRaises(tensorreg.DataLoss):
+            store._open_pages("mi2:x", "open mi2:x")
+        self.assertEqual(len(os.listdir("/proc/self/fd")), before)
+
+
 class NoGpu(unittest.TestCase):
     def setUp(self):
         if _cuda._driver is not None:

@@ -59,7 +59,8 @@ class device_memory {
 
   /// Imports CUDA VMM allocations of `owner_pid` (POSIX fds from cuMemExportToShareableHandle;
   /// the caller keeps its fds, the import dups what it needs) and maps them back to back on
-  /// `device_id`: chunk i covers chunk_bytes[i] bytes. The returned source reads the whole
+  /// `device_id`: chunk i covers chunk_bytes[i] bytes, which must be its whole allocation's size
+  /// (the driver maps whole allocations only: a smaller or larger size fails INVALID_ARGUMENT). The returned source reads the whole
   /// range, sum(chunk_bytes) bytes, and unmaps and releases it with its last holder. Address
   /// space reserved is exactly that sum rounded up to the device's granularity
   /// (docs/wire-format.md §12).
@@ -102,7 +103,8 @@ class device_memory {
     return std::nullopt;
   }
 
-  /// A daemon-owned host copy (a new memfd) of `source`, read as a canonical buffer, made by
+  /// A daemon-owned host copy (a memfd of exactly its size: new, or one the implementation
+  /// recycled, every byte rewritten) of `source`, read as a canonical buffer, made by
   /// the GPU when all its bytes are device memory of one device this provider reaches (through
   /// nested segmented views; gaps read as zero) and that is the faster place to copy and hash
   /// them. With `want_digest`, data_digest is the tree hash of exactly the bytes of the
