@@ -118,6 +118,8 @@ int main(int argc, char** argv) try {
   } else {
     fmt::print(stderr, "tensorregd: running without GPU memory: {}\n", devices.error().message);
   }
+#else
+  fmt::print(stderr, "tensorregd: running without GPU memory: built without CUDA (-DTENSORREG_CUDA=OFF or no nvcc)\n");
 #endif
   auto engine = tensorreg::registration::engine::create(eo);
   if (!engine) {

@@ -32,8 +32,9 @@ class view_source : public memory::byte_source {
   [[nodiscard]] virtual const memory::segmented_view& view() const noexcept = 0;
 };
 
-/// Copies all of `source` into a new memfd and, if `want_digest`, tree-hashes the copy.
-/// `devices` (may be null) gets the first chance (device_memory::copy_to_host).
+/// Copies all of `source` into a memfd of its size and, if `want_digest`, tree-hashes the
+/// copy. `devices` (may be null) gets the first chance (device_memory::copy_to_host, whose
+/// memfd may be recycled from its replica pool); the host path always makes a new one.
 /// Errors: RESOURCE_EXHAUSTED (no memory), whatever reading `source` or the device copy returns.
 [[nodiscard]] result<materialized> materialize(const memory::byte_source& source, bool want_digest,
                                                thread_pool& pool, device_memory* devices);
