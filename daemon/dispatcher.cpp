@@ -642,15 +642,19 @@ struct dispatcher::impl {
     return fail(errc::unimplemented, "cannot activate stable local backing: it is not implemented yet");
   }
 
+  // RPCs that hand another process an artifact's memory (GetArtifactMemfd, OpenArtifactDevice)
+  // answer only peers of the daemon's own uid and root: any artifact held becomes readable.
+  status check_reader(const peer_credentials& peer, const std::string& verb) const {
+    if (peer.uid == 0 || peer.uid == options.daemon_uid) return {};
+    return fail(errc::permission_denied, fmt::format("cannot {}: uid {} is neither root nor the daemon's uid {}", verb,
+                                                     peer.uid, options.daemon_uid));
+  }
+
   // Ours: the stable DRAM replica's memfd, read-only, for zero-copy readers. The bytes of every
   // artifact held are visible through it, so only the daemon's own uid and root may ask.
   status get_artifact_memfd(call& c) {
     const auto& id = c.request.get_artifact_memfd().artifact_id();
-    if (c.peer.uid != 0 && c.peer.uid != options.daemon_uid) {
-      return fail(errc::permission_denied, fmt::format("cannot open the stable replica of {}: uid {} is neither root "
-                                                       "nor the daemon's uid {}",
-                                                       id, c.peer.uid, options.daemon_uid));
-    }
+    TENSORREG_TRY(check_reader(c.peer, "open the stable replica of " + id));
     TENSORREG_TRY_ASSIGN(auto replica, engine.stable_replica_fd(id));
     TENSORREG_TRY_ASSIGN(auto summary, engine.get(id));
     auto* out = c.response.mutable_get_artifact_memfd();
@@ -666,11 +670,7 @@ struct dispatcher::impl {
   // so only the daemon's own uid and root may ask, as for GetArtifactMemfd.
   status open_artifact_device(call& c) {
     const auto& id = c.request.open_artifact_device().artifact_id();
-    if (c.peer.uid != 0 && c.peer.uid != options.daemon_uid) {
-      return fail(errc::permission_denied, fmt::format("cannot open the GPU memory of {}: uid {} is neither root nor "
-                                                       "the daemon's uid {}",
-                                                       id, c.peer.uid, options.daemon_uid));
-    }
+    TENSORREG_TRY(check_reader(c.peer, "open the GPU memory of " + id));
     TENSORREG_TRY_ASSIGN(auto layout, engine.device_layout_of(id));
     auto* out = c.response.mutable_open_artifact_device();
     fill_descriptor(*out->mutable_artifact_descriptor(), layout.descriptor);

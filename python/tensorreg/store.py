@@ -80,6 +80,26 @@ def _policy_profile(policy: str | None, verb: str) -> int | None:
     return _messages.enum_value(_COMMON + ".PolicyProfile", "POLICY_PROFILE_" + policy.upper())
 
 
+def _begin_request(layout, profile, plan: str, device_id: int = 0, device_uuid: str = ""):
+    """BeginRegisterArtifact of a put: the index inline, `plan` ("stable_dram" or "coalesced")
+    with its defaults, the policy profile when one is given, the device by UUID when known."""
+    begin = _messages.Request()
+    b = begin.begin_register_artifact
+    b.device_id = device_id
+    if device_uuid:
+        b.device_uuid = device_uuid
+    b.total_size = layout.total_size
+    b.ttl_ms = DEFAULT_TTL_MS
+    b.owner_pid = os.getpid()
+    b.tensor_index_data.data = layout.json
+    b.tensor_index_data.schema_version = "v3"
+    b.tensor_index_data.encoding = "json"
+    getattr(b, plan).SetInParent()
+    if profile is not None:
+        b.policy.profile = profile
+    return begin
+
+
 def _descriptor_dict(d) -> dict:
     return {
         "artifact_id": d.artifact_id,
@@ -378,18 +398,7 @@ class Store:
         return self._put(layout, profile, write)
 
     def _put(self, layout, profile, write) -> RegisteredArtifact:
-        begin = _messages.Request()
-        b = begin.begin_register_artifact
-        b.device_id = 0
-        b.total_size = layout.total_size
-        b.ttl_ms = DEFAULT_TTL_MS
-        b.owner_pid = os.getpid()
-        b.tensor_index_data.data = layout.json
-        b.tensor_index_data.schema_version = "v3"
-        b.tensor_index_data.encoding = "json"
-        b.stable_dram.SetInParent()
-        if profile is not None:
-            b.policy.profile = profile
+        begin = _begin_request(layout, profile, "stable_dram")
         begun, fds = self._conn.call(begin)
         registration_id = begun.begin_register_artifact.registration_id
         try:
@@ -432,19 +441,7 @@ class Store:
         started = time.perf_counter()
         drv = _cuda.driver()
         ordinal = device.index if device.index is not None else torch.cuda.current_device()
-        begin = _messages.Request()
-        b = begin.begin_register_artifact
-        b.device_id = ordinal
-        b.device_uuid = drv.device_uuid(ordinal)
-        b.total_size = layout.total_size
-        b.ttl_ms = DEFAULT_TTL_MS
-        b.owner_pid = os.getpid()
-        b.tensor_index_data.data = layout.json
-        b.tensor_index_data.schema_version = "v3"
-        b.tensor_index_data.encoding = "json"
-        b.coalesced.SetInParent()
-        if profile is not None:
-            b.policy.profile = profile
+        begin = _begin_request(layout, profile, "coalesced", ordinal, drv.device_uuid(ordinal))
         prepared = time.perf_counter()
         begun, fds = self._conn.call(begin)
         _close_fds(fds)

@@ -84,9 +84,13 @@ struct provider_state {
   device_memory_provider::options opts;
   int devices = 0;
   std::atomic<std::uint64_t> device_hashes{0};
-  // One GPU tree hasher per device, reused (its scratch grows once); one hash at a time each.
-  std::mutex hasher_mutex;
-  std::map<int, gpu_tree_hasher> hashers;
+  // One GPU tree hasher per device, reused (its scratch grows once); one hash at a time on each
+  // device, and devices hash concurrently (a multi-GPU host hashes every GPU's artifacts at once).
+  struct device_hasher {
+    std::mutex mutex;
+    std::optional<gpu_tree_hasher> hasher;  // made on first use
+  };
+  std::vector<std::unique_ptr<device_hasher>> hashers;  // by device, sized at create()
   bulk_copier bulk;  // copy_to_host(): snapshot + D2H with pinned staging kept for reuse
   std::shared_ptr<memory::replica_pool> replicas;  // copy_to_host()'s replica pool; null when off
   PFN_cuMemGetAddressRange_v3020 get_address_range = nullptr;
@@ -350,6 +354,7 @@ result<std::shared_ptr<device_memory_provider>> device_memory_provider::create(o
   if (state->opts.replica_pool_bytes > 0) state->replicas = memory::replica_pool::create(state->opts.replica_pool_bytes);
   state->devices = count;
   state->free_staging.resize(static_cast<std::size_t>(count));
+  for (int d = 0; d < count; ++d) state->hashers.push_back(std::make_unique<detail::provider_state::device_hasher>());
   // Driver entry points through the runtime, so nothing links libcuda.so: a binary built with
   // CUDA still starts on a machine without the driver (and then runs with no GPU).
   void* fn = nullptr;
@@ -592,13 +597,13 @@ result<hash::digest> hash_on_device(detail::provider_state& st, int device, cons
                                     stream_view stream) {
   TENSORREG_TRY_ASSIGN(auto guard, detail::device_guard::create(device));
   (void)guard;
-  std::lock_guard lock(st.hasher_mutex);
-  auto it = st.hashers.find(device);
-  if (it == st.hashers.end()) {
+  auto& slot = *st.hashers.at(static_cast<std::size_t>(device));
+  std::lock_guard lock(slot.mutex);
+  if (!slot.hasher) {
     TENSORREG_TRY_ASSIGN(auto hasher, gpu_tree_hasher::create(device));
-    it = st.hashers.emplace(device, std::move(hasher)).first;
+    slot.hasher.emplace(std::move(hasher));
   }
-  return it->second.tree_hash(ptr, size, stream);
+  return slot.hasher->tree_hash(ptr, size, stream);
 }
 
 std::optional<registration::detail::hash_site> forced_site(device_memory_provider::options::hash_placement p) {

@@ -47,6 +47,23 @@ struct piece {
   std::uint64_t base, length;
 };
 
+// Feeds one uint8 tensor `name` over the whole storage of the same name, `length` bytes, placed at
+// `artifact_offset`: its segment and its alias.
+void add_uint8_tensor(v2::FeedRegisterArtifactStreamRequest& feed, const std::string& name, std::uint64_t length,
+                      std::uint64_t artifact_offset) {
+  auto* seg = feed.mutable_lease_segments()->add_segments();
+  seg->set_storage_id(name);
+  seg->set_artifact_offset(artifact_offset);
+  seg->set_length(length);
+  auto* a = feed.add_tensor_aliases();
+  a->set_name(name);
+  a->set_storage_id(name);
+  a->set_logical_length(length);
+  a->add_shape(static_cast<std::int64_t>(length));
+  a->add_stride(1);
+  a->set_dtype("torch.uint8");
+}
+
 }  // namespace
 
 TEST_CASE("cuda daemon: a VMM region by fds and an IPC allocation, named by UUID, are leased under the digest id and opened by id",
@@ -144,17 +161,7 @@ TEST_CASE("cuda daemon: a VMM region by fds and an IPC allocation, named by UUID
       s->set_cuda_ipc_handle(p.ipc_handles().at(0));
     }
     s->set_mapping_base_offset(pc.base);
-    auto* seg = feed.mutable_lease_segments()->add_segments();
-    seg->set_storage_id(pc.name);
-    seg->set_artifact_offset(idx->find(pc.name)->offset);
-    seg->set_length(pc.length);
-    auto* a = feed.add_tensor_aliases();
-    a->set_name(pc.name);
-    a->set_storage_id(pc.name);
-    a->set_logical_length(pc.length);
-    a->add_shape(static_cast<std::int64_t>(pc.length));
-    a->add_stride(1);
-    a->set_dtype("torch.uint8");
+    add_uint8_tensor(feed, pc.name, pc.length, idx->find(pc.name)->offset);
   }
   REQUIRE_OK(c.feed({feed}));
   wv1::Request commit;
@@ -266,17 +273,7 @@ TEST_CASE("cuda daemon: OpenArtifactDevice pages VMM fds 250 at most an answer, 
     s->set_storage_id(name);
     s->set_storage_length(per_region * chunk);
     *s->mutable_region_ref() = regions[static_cast<std::size_t>(r)];
-    auto* seg = feed.mutable_lease_segments()->add_segments();
-    seg->set_storage_id(name);
-    seg->set_artifact_offset(idx->find(name)->offset);
-    seg->set_length(per_region * chunk);
-    auto* a = feed.add_tensor_aliases();
-    a->set_name(name);
-    a->set_storage_id(name);
-    a->set_logical_length(per_region * chunk);
-    a->add_shape(static_cast<std::int64_t>(per_region * chunk));
-    a->add_stride(1);
-    a->set_dtype("torch.uint8");
+    add_uint8_tensor(feed, name, per_region * chunk, idx->find(name)->offset);
   }
   REQUIRE_OK(c.feed({feed}));
   wv1::Request commit;

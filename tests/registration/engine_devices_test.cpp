@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <cstring>
+#include <set>
 
 #include "support/engine_helpers.hpp"
 #include "support/fake_device_memory.hpp"
@@ -307,4 +308,91 @@ TEST_CASE("engine devices: the layout of an unknown or host-only artifact is ref
   CHECK_ERROR(r.e->device_layout_of(committed->descriptor.artifact_id), errc::failed_precondition,
               "cannot open the GPU memory of " + committed->descriptor.artifact_id +
                   ": it has no copy in GPU memory (read its stable DRAM replica with GetArtifactMemfd)");
+}
+
+// ---- Several GPUs in one registration ----------------------------------------------------------
+
+TEST_CASE("engine devices: a lease whose storages span two devices commits, leases, opens and is materialized to host memory",
+          "[registration][devices][multi_gpu]") {
+  rig r;
+  t::model m;
+  m.storages = {{"s0", t::pattern(32, 21)}, {"s1", t::pattern(48, 22)}};
+  m.tensors = {{"a", "s0", {8}, {1}, "torch.float32", 0, 32}, {"b", "s1", {12}, {1}, "torch.float32", 0, 48}};
+  const auto on0 = r.devices->export_allocation(0, 64);
+  const auto on1 = r.devices->export_allocation(1, 64);
+  std::memcpy(r.devices->memory_of(on0).data(), m.storage("s0").bytes.data(), 32);
+  std::memcpy(r.devices->memory_of(on1).data() + 16, m.storage("s1").bytes.data(), 48);
+
+  auto begun = r.e->begin(t::lip_begin(m.total_size(), me));
+  REQUIRE_OK(begun);
+  std::map<std::string, storage_entry> entries{{"s0", handle_entry("s0", on0, 32, 0, 0)},
+                                               {"s1", handle_entry("s1", on1, 48, 16, 1)}};
+  auto feed = t::lip_feed(begun->registration_id, m, entries);
+  REQUIRE_OK(r.e->feed(std::move(feed)));
+  // PINNED asks for the local stable tier: the engine copies from both devices into one host replica
+  // (upstream answers UNIMPLEMENTED for a multi-device source).
+  auto committed = r.e->commit(begun->registration_id);
+  REQUIRE_OK(committed);
+  const auto& id = committed->descriptor.artifact_id;
+  CHECK(id == t::expected_mi2(m.index().json(), m.canonical()));
+  CHECK(r.devices->opens_of(on0) == 1);
+  CHECK(r.devices->opens_of(on1) == 1);
+
+  // A reader elsewhere gets one allocation per device, each with its own device.
+  auto layout = r.e->device_layout_of(id);
+  REQUIRE_OK(layout);
+  REQUIRE(layout->allocations.size() == 2);
+  std::vector<std::string> memory;
+  std::set<std::int32_t> devices;
+  for (const auto& a : layout->allocations) {
+    devices.insert(a.device_id);
+    auto bytes = r.devices->memory_of(a.cuda_ipc_handle);
+    memory.emplace_back(reinterpret_cast<const char*>(bytes.data()), bytes.size());
+  }
+  CHECK(devices == std::set<std::int32_t>{0, 1});
+  CHECK(read_layout(*layout, memory) == m.canonical());
+
+  // The bytes read back through the engine span both devices.
+  auto bytes = r.e->open_bytes(id);
+  REQUIRE_OK(bytes);
+  std::string read((*bytes)->size(), '\0');
+  REQUIRE_OK((*bytes)->read(0, std::as_writable_bytes(std::span<char>(read))));
+  CHECK(read == m.canonical());
+}
+
+TEST_CASE("engine devices: the local stable tier materializes a two-device lease into host memory",
+          "[registration][devices][multi_gpu]") {
+  rig r;
+  t::model m;
+  m.storages = {{"s0", t::pattern(24, 31)}, {"s1", t::pattern(40, 32)}};
+  m.tensors = {{"a", "s0", {6}, {1}, "torch.float32", 0, 24}, {"b", "s1", {10}, {1}, "torch.float32", 0, 40}};
+  const auto on0 = r.devices->export_allocation(0, 24);
+  const auto on1 = r.devices->export_allocation(1, 40);
+  std::memcpy(r.devices->memory_of(on0).data(), m.storage("s0").bytes.data(), 24);
+  std::memcpy(r.devices->memory_of(on1).data(), m.storage("s1").bytes.data(), 40);
+  auto req = t::lip_begin(m.total_size(), me);
+  policy::store_policy pinned;
+  pinned.profile = policy::profile::pinned;
+  req.policy = pinned;
+  auto begun = r.e->begin(req);
+  REQUIRE_OK(begun);
+  std::map<std::string, storage_entry> entries{{"s0", handle_entry("s0", on0, 24, 0, 0)},
+                                               {"s1", handle_entry("s1", on1, 40, 0, 1)}};
+  REQUIRE_OK(r.e->feed(t::lip_feed(begun->registration_id, m, entries)));
+  auto committed = r.e->commit(begun->registration_id);
+  REQUIRE_OK(committed);
+  REQUIRE(committed->local_stable_tier);
+  CHECK(committed->local_stable_tier->status == local_stable_status::ready);
+  auto got = r.e->get(committed->descriptor.artifact_id);
+  REQUIRE_OK(got);
+  CHECK(got->stable_replica);
+
+  // The replica outlives the producer's memory: scribble on it, revoke the lease, read the replica.
+  std::memset(r.devices->memory_of(on1).data(), 0x5a, 40);
+  r.e->revoke(begun->registration_id, "test");
+  auto replica = r.e->stable_replica_fd(committed->descriptor.artifact_id);
+  REQUIRE_OK(replica);
+  std::string read(m.total_size(), '\0');
+  REQUIRE(::pread(replica->second.get(), read.data(), read.size(), 0) == static_cast<ssize_t>(read.size()));
+  CHECK(read == m.canonical());
 }
