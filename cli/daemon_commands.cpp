@@ -297,12 +297,13 @@ int cmd_stats(client& c, const options& o) {
     for (const auto& t : s.tiers()) tiers[tier_name(t.tier())] = {{"bytes", t.bytes()}, {"artifacts", t.artifacts()}};
     fmt::print("{}\n", json{{"artifacts", s.artifacts()}, {"pending_registrations", s.pending_registrations()},
                             {"leases", s.leases()}, {"regions", s.regions()}, {"open_mappings", s.open_mappings()},
-                            {"connections", s.connections()}, {"tiers", tiers}}
+                            {"vmm_reserved_bytes", s.vmm_reserved_bytes()}, {"connections", s.connections()}, {"tiers", tiers}}
                            .dump());
     return 0;
   }
   fmt::print("artifacts     {}\npending       {}\nleases        {}\nregions       {}\nopen mappings {}\nconnections   {}\n",
              s.artifacts(), s.pending_registrations(), s.leases(), s.regions(), s.open_mappings(), s.connections());
+  if (s.vmm_reserved_bytes() != 0) fmt::print("vmm reserved  {}\n", human_bytes(s.vmm_reserved_bytes()));
   for (const auto& t : s.tiers()) {
     fmt::print("tier {:<12} {:>12} in {} artifacts\n", tier_name(t.tier()), human_bytes(t.bytes()), t.artifacts());
   }

@@ -422,6 +422,7 @@ void fill_stats(wire::GetStatsResponse& out, const reg::engine_stats& in,
   out.set_leases(in.leases + joins);
   out.set_regions(in.regions);
   out.set_open_mappings(in.open_mappings);
+  out.set_vmm_reserved_bytes(in.vmm_reserved_bytes);
   out.set_pending_registrations(in.pending_registrations);
   out.set_connections(connections);
 }

@@ -5,6 +5,7 @@
 // clean shutdown, 1 when it cannot start (another daemon live on the socket, bad directory),
 // 2 for bad options.
 #include <fmt/core.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include <charconv>
@@ -100,12 +101,26 @@ int parse_options(const std::vector<std::string>& args, options& o) {
   return -1;
 }
 
+// Every CUDA VMM allocation a client registers stays open here as an fd (OpenArtifactDevice
+// hands it on to readers), so one large expandable-segments model is hundreds of fds and a few
+// models pass the usual soft limit of 1 024: take the hard limit, as services do.
+void raise_fd_limit() {
+  struct rlimit limit {};
+  if (::getrlimit(RLIMIT_NOFILE, &limit) == 0 && limit.rlim_cur < limit.rlim_max) {
+    limit.rlim_cur = limit.rlim_max;
+    if (::setrlimit(RLIMIT_NOFILE, &limit) != 0) {
+      fmt::print(stderr, "tensorregd: cannot raise the open-file limit to {}; keeping the soft limit\n", limit.rlim_max);
+    }
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) try {
   options o;
   if (int rc = parse_options(std::vector<std::string>(argv + 1, argv + argc), o); rc >= 0) return rc;
   if (o.socket.empty()) o.socket = tensorreg::daemon::default_socket_path();
+  raise_fd_limit();
 
   tensorreg::registration::engine_options eo;
   eo.stable_bytes = o.stable_bytes;

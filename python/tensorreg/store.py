@@ -863,6 +863,7 @@ class Store:
         return {
             "artifacts": s.artifacts, "leases": s.leases, "regions": s.regions, "open_mappings": s.open_mappings,
             "pending_registrations": s.pending_registrations, "connections": s.connections,
+            "vmm_reserved_bytes": s.vmm_reserved_bytes,
             "tiers": {_tier_name(t.tier): {"bytes": t.bytes, "artifacts": t.artifacts} for t in s.tiers},
         }
 

@@ -1243,6 +1243,7 @@ engine_stats engine::stats() const {
   out.pending_registrations = s.pending_by_id.size();
   out.regions = s.regions.size();
   out.open_mappings = s.devices ? s.devices->open_mappings() : 0;
+  out.vmm_reserved_bytes = s.devices ? s.devices->vmm_reserved_bytes() : 0;
   const auto cache_stats = s.cache.stats();
   out.stable_bytes = cache_stats.bytes_used;
   out.stable_budget = cache_stats.budget_bytes;

@@ -314,3 +314,50 @@ TEST_CASE("cuda daemon: OpenArtifactDevice pages VMM fds 250 at most an answer, 
   CHECK(read_all(**imported, (per_region - 1) * chunk + 5, 100) == pattern(100 + 2 * per_region - 1, 5, 100));
   CHECK(d.stop() == 0);
 }
+
+TEST_CASE("cuda daemon: 1 000 VMM allocations imported into one daemon reserve only the imported bytes",
+          "[cuda][daemon][vmm]") {
+  constexpr std::uint64_t chunk = 2 * mib;
+  constexpr int regions = 4, per_region = 250;  // 1 000 allocations, one frame of fds a region
+  std::vector<tensorreg::cuda::testing::producer_allocation> asked;
+  for (int i = 0; i < regions * per_region; ++i) asked.push_back({chunk, static_cast<std::uint64_t>(500 + i), true});
+  producer_process p(asked);
+  REQUIRE(chunk % p.granularity() == 0);
+  testing::daemon_process d;
+  auto connected = tensorreg::daemon::client::connect(d.socket_path());
+  REQUIRE_OK(connected);
+  auto& c = **connected;
+  const auto me = static_cast<std::int32_t>(::getpid());
+  wv1::Request stats;
+  stats.mutable_get_stats();
+
+  std::vector<std::string> ids;
+  for (int r = 0; r < regions; ++r) {
+    wv1::Request req;
+    auto* rr = req.mutable_register_region();
+    rr->set_memory_kind(v2::REGION_MEMORY_KIND_VRAM);
+    rr->set_owner_pid(me);
+    rr->set_size_bytes(per_region * chunk);
+    for (int i = 0; i < per_region; ++i) rr->mutable_cuda_vmm()->add_chunk_bytes(chunk);
+    const std::span<const int> fds(p.vmm_fds().data() + r * per_region, per_region);
+    auto made = c.call(req, fds);
+    REQUIRE_OK(made);
+    ids.push_back(made->response.register_region().region().region_id());
+  }
+  auto held = c.call(stats);
+  REQUIRE_OK(held);
+  // PyTorch's own import reserves ~9/8 of the GPU per handle (1 000 x ~89 GiB); ours, the bytes.
+  CHECK(held->response.get_stats().vmm_reserved_bytes() == std::uint64_t{regions} * per_region * chunk);
+  CHECK(held->response.get_stats().regions() == regions);
+
+  for (const auto& id : ids) {
+    wv1::Request un;
+    un.mutable_unregister_region()->set_region_id(id);
+    un.mutable_unregister_region()->set_owner_pid(me);
+    REQUIRE_OK(c.call(un));
+  }
+  auto after = c.call(stats);
+  REQUIRE_OK(after);
+  CHECK(after->response.get_stats().vmm_reserved_bytes() == 0);
+  CHECK(d.stop() == 0);
+}

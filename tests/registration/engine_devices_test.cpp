@@ -159,6 +159,7 @@ TEST_CASE("engine devices: a VMM region maps its chunks back to back and leases 
     CHECK(region->device_id == 1);
     CHECK(region->size_bytes == 96);
     CHECK(r.devices->vmm_reserved_bytes() == 96);
+    CHECK(r.e->stats().vmm_reserved_bytes == 96);
     region_id = region->id;
     std::map<std::string, storage_entry> entries{{"s0", region_entry("s0", *region, 24, 0)},
                                                  {"s1", region_entry("s1", *region, 40, 32)},
@@ -189,6 +190,7 @@ TEST_CASE("engine devices: a VMM region maps its chunks back to back and leases 
   CHECK(r.devices->vmm_reserved_bytes() == 96);
   REQUIRE_OK(r.e->unregister_region(region_id, me, false));
   CHECK(r.devices->vmm_reserved_bytes() == 0);
+  CHECK(r.e->stats().vmm_reserved_bytes == 0);
 }
 
 TEST_CASE("engine devices: a VMM region's chunks must match their fds and size_bytes", "[registration][devices]") {

@@ -237,6 +237,7 @@ struct engine_stats {
   std::size_t leases = 0;
   std::size_t regions = 0;
   std::size_t open_mappings = 0;
+  std::uint64_t vmm_reserved_bytes = 0;  ///< address space reserved for CUDA VMM imports
   std::uint64_t stable_bytes = 0;     ///< bytes held in the stable DRAM cache
   std::uint64_t stable_budget = 0;    ///< 0 = unlimited
   std::uint64_t leased_bytes = 0;     ///< bytes of artifacts held in place by leases
