@@ -746,19 +746,16 @@ struct dispatcher::impl {
     return {};
   }
 
-  // The fds of a VRAM region of CUDA VMM allocations, one a chunk, in order.
+  // The fds of a VRAM region of CUDA VMM allocations, one a chunk, in order. The chunk list
+  // itself (empty, fewer fds than chunks, sizes) is the engine's to check; only the frame's
+  // limit is the wire's.
   static status take_vmm_chunks(const v2::RegisterRegionRequest& in, std::vector<unique_fd>& fds,
                                 regions::register_request& out) {
     const auto& sizes = in.cuda_vmm().chunk_bytes();
-    if (sizes.empty()) return fail(errc::invalid_argument, "cannot register region: cuda_vmm lists no chunks");
     if (static_cast<std::size_t>(sizes.size()) > max_vmm_chunks) {
       return fail(errc::invalid_argument, fmt::format("cannot register region: {} CUDA VMM chunks, more than the {} "
                                                       "one frame can carry fds for",
                                                       sizes.size(), max_vmm_chunks));
-    }
-    if (fds.size() != static_cast<std::size_t>(sizes.size())) {
-      return fail(errc::invalid_argument, fmt::format("cannot register region: {} CUDA VMM chunks arrived with {}",
-                                                      sizes.size(), fd_count(fds.size())));
     }
     auto chunks = std::make_shared<regions::vmm_chunks>();
     chunks->fds = std::move(fds);

@@ -80,19 +80,15 @@ int parse_options(const std::vector<std::string>& args, options& o) {
       if (a == "--log-level" && *v != "error" && *v != "warn" && *v != "info" && *v != "debug") {
         return bad("--log-level must be error, warn, info or debug, got '" + *v + "'");
       }
-    } else if (a == "--replica-pool-bytes") {
-      const auto* v = value();
-      std::uint64_t n = 0;
-      if (v == nullptr) return bad(a + " needs a value");
-      if (!parse_number(*v, n)) return bad(a + " needs a number of bytes, got '" + *v + "'");
-      o.replica_pool_bytes = n;
-    } else if (a == "--stable-bytes" || a == "--max-frame-bytes" || a == "--max-sessions" || a == "--workers") {
+    } else if (a == "--stable-bytes" || a == "--replica-pool-bytes" || a == "--max-frame-bytes" ||
+               a == "--max-sessions" || a == "--workers") {
       const auto* v = value();
       if (v == nullptr) return bad(a + " needs a value");
-      bool ok = a == "--stable-bytes"      ? parse_number(*v, o.stable_bytes)
-                : a == "--max-frame-bytes" ? parse_number(*v, o.max_frame_bytes) && o.max_frame_bytes > 0
-                : a == "--max-sessions"    ? parse_number(*v, o.max_sessions) && o.max_sessions > 0
-                                           : parse_number(*v, o.workers);
+      bool ok = a == "--stable-bytes"         ? parse_number(*v, o.stable_bytes)
+                : a == "--replica-pool-bytes" ? parse_number(*v, o.replica_pool_bytes.emplace())
+                : a == "--max-frame-bytes"    ? parse_number(*v, o.max_frame_bytes) && o.max_frame_bytes > 0
+                : a == "--max-sessions"       ? parse_number(*v, o.max_sessions) && o.max_sessions > 0
+                                              : parse_number(*v, o.workers);
       if (!ok) return bad(a + " needs a positive number, got '" + *v + "'");
     } else {
       return bad("unknown option '" + a + "'");

@@ -428,14 +428,12 @@ class Store:
             r.length = layout.total_size
             progress.upload_complete = True
             self._conn.feed([feed])
-            commit = _messages.Request()
-            commit.commit_registered_artifact.registration_id = registration_id
-            done, _ = self._conn.call(commit)
+            done = self._commit(registration_id)
         except BaseException:
             _close_fds(fds)
             self._abort(registration_id)
             raise
-        return RegisteredArtifact(done.commit_registered_artifact, layout, registration_id, "stable_dram", None)
+        return RegisteredArtifact(done, layout, registration_id, "stable_dram", None)
 
     def _put_cuda(self, torch, layout, device, profile) -> RegisteredArtifact:
         started = time.perf_counter()
@@ -464,14 +462,12 @@ class Store:
             finally:
                 mapping.close()
             copied = time.perf_counter()
-            commit = _messages.Request()
-            commit.commit_registered_artifact.registration_id = registration_id
-            done, _ = self._conn.call(commit)
+            done = self._commit(registration_id)
         except BaseException:
             self._abort(registration_id)
             raise
         timings = {"metadata": prepared - started, "rpc": copied - prepared, "commit": time.perf_counter() - copied}
-        return RegisteredArtifact(done.commit_registered_artifact, layout, registration_id, "coalesced", None,
+        return RegisteredArtifact(done, layout, registration_id, "coalesced", None,
                                   timings)
 
     def _abort(self, registration_id: str) -> None:
@@ -562,9 +558,7 @@ class Store:
 
             self._conn.feed([_lease_feed(registration_id, layout, source)])
             fed = time.perf_counter()
-            commit = _messages.Request()
-            commit.commit_registered_artifact.registration_id = registration_id
-            done, _ = self._conn.call(commit)
+            done = self._commit(registration_id)
         except BaseException:
             _close_fds(fds)
             _release_now(self._conn, registration_id, [region.region_id])  # revoke, then unregister
@@ -572,7 +566,7 @@ class Store:
         lease = Lease(self._conn, registration_id, [region.region_id], ttl_ms)
         self._leases.add(lease)
         timings = {"metadata": prepared - started, "rpc": fed - prepared, "commit": time.perf_counter() - fed}
-        return RegisteredArtifact(done.commit_registered_artifact, layout, registration_id, "lease_in_place", lease,
+        return RegisteredArtifact(done, layout, registration_id, "lease_in_place", lease,
                                   timings)
 
     def _register_cuda(self, torch, layout, device, begin, ttl_ms: int, started: float) -> RegisteredArtifact:
@@ -638,9 +632,7 @@ class Store:
 
             self._conn.feed([_lease_feed(registration_id, layout, source)])
             fed = time.perf_counter()
-            commit = _messages.Request()
-            commit.commit_registered_artifact.registration_id = registration_id
-            done, _ = self._conn.call(commit)
+            done = self._commit(registration_id)
         except BaseException:
             _close_fds(exported)
             _release_now(self._conn, registration_id, region_ids)
@@ -651,7 +643,7 @@ class Store:
         lease = Lease(self._conn, registration_id, region_ids, ttl_ms, keep=[s.source[0] for s in layout.storages])
         self._leases.add(lease)
         timings = {"metadata": prepared - started, "rpc": fed - prepared, "commit": time.perf_counter() - fed}
-        return RegisteredArtifact(done.commit_registered_artifact, layout, registration_id, "lease_in_place", lease,
+        return RegisteredArtifact(done, layout, registration_id, "lease_in_place", lease,
                                   timings)
 
     # ---- get ----
@@ -831,6 +823,13 @@ class Store:
         except BaseException:
             _close_fds(fds)
             raise
+
+    def _commit(self, registration_id: str):
+        """CommitRegisteredArtifact; the response body. Errors: the daemon's status."""
+        commit = _messages.Request()
+        commit.commit_registered_artifact.registration_id = registration_id
+        answer, _ = self._conn.call(commit)
+        return answer.commit_registered_artifact
 
     # ---- catalogue ----
 

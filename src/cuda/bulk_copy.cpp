@@ -8,6 +8,7 @@
 #include <cstring>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <thread>
 #include <utility>
 
@@ -15,31 +16,6 @@
 #include "tensorreg/memory/shared_memory.hpp"
 
 namespace tensorreg::cuda::detail {
-
-// A worker's pinned double buffer, its stream and an event per half (no buffer: the snapshot's
-// control stream).
-struct bulk_copier::slot {
-  int device = 0;
-  std::uint64_t bytes = 0;  // per half; 0 when there is no buffer
-  std::byte* host = nullptr;
-  cudaStream_t stream = nullptr;
-  cudaEvent_t done[2] = {nullptr, nullptr};
-
-  slot() = default;
-  slot(const slot&) = delete;
-  slot& operator=(const slot&) = delete;
-  ~slot() {
-    int previous = 0;
-    const bool switched = cudaGetDevice(&previous) == cudaSuccess && previous != device &&
-                          cudaSetDevice(device) == cudaSuccess;
-    for (auto* ev : done) {
-      if (ev != nullptr) check_release(cudaEventDestroy(ev), "destroy a bulk copy event");
-    }
-    if (stream != nullptr) check_release(cudaStreamDestroy(stream), "destroy a bulk copy stream");
-    if (host != nullptr) check_release(cudaFreeHost(host), "free a pinned bulk copy buffer");
-    if (switched) check_release(cudaSetDevice(previous), "restore the current CUDA device");
-  }
-};
 
 namespace {
 
@@ -79,11 +55,8 @@ struct scratch_buffer {
   scratch_buffer& operator=(const scratch_buffer&) = delete;
   ~scratch_buffer() {
     if (ptr == nullptr) return;
-    int previous = 0;
-    const bool switched = cudaGetDevice(&previous) == cudaSuccess && previous != device &&
-                          cudaSetDevice(device) == cudaSuccess;
+    release_device_guard guard(device);
     check_release(cudaFree(ptr), "free a snapshot buffer");
-    if (switched) check_release(cudaSetDevice(previous), "restore the current CUDA device");
   }
 };
 
@@ -96,27 +69,14 @@ result<std::unique_ptr<bulk_copier::slot>> bulk_copier::acquire(int device, std:
   {
     std::lock_guard lock(mutex_);
     for (auto it = free_.begin(); it != free_.end(); ++it) {
-      if ((*it)->device == device && (*it)->bytes == bytes) {
+      if ((*it)->device == device && (*it)->half_bytes == bytes) {
         auto s = std::move(*it);
         free_.erase(it);
         return s;
       }
     }
   }
-  auto s = std::make_unique<slot>();
-  s->device = device;
-  s->bytes = bytes;
-  if (bytes > 0) {
-    void* host = nullptr;
-    TENSORREG_CUDA_TRY(cudaHostAlloc(&host, 2 * bytes, cudaHostAllocDefault),
-                       "allocate " + std::to_string(2 * bytes) + " bytes of pinned bulk copy memory");
-    s->host = static_cast<std::byte*>(host);
-  }
-  TENSORREG_CUDA_TRY(cudaStreamCreateWithFlags(&s->stream, cudaStreamNonBlocking), "create a bulk copy stream");
-  for (auto& ev : s->done) {
-    TENSORREG_CUDA_TRY(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming), "create a bulk copy event");
-  }
-  return s;
+  return slot::create(device, bytes);
 }
 
 void bulk_copier::give_back(std::unique_ptr<slot> s) noexcept {
@@ -185,6 +145,16 @@ result<registration::host_copy> bulk_copier::copy(int device, std::span<const de
   const auto workers = static_cast<std::size_t>(
       std::min<std::uint64_t>({opts.workers, std::uint64_t{pool.size()} + 1, chunks}));
   const auto length_of = [&](std::uint64_t i) { return std::min(chunk, size - i * chunk); };
+  // A worker's slot goes back for reuse only once no DMA into it is in flight; `out` is the
+  // worker's result so far, and a failure to go idle is reported when nothing failed before.
+  const auto retire = [&](std::unique_ptr<slot> s, status out, std::string_view what) -> status {
+    if (const cudaError_t idle = cudaStreamSynchronize(s->stream); idle == cudaSuccess) {
+      give_back(std::move(s));
+    } else if (out) {
+      out = check(idle, what);
+    }
+    return out;
+  };
 
   const auto staged_stripe = [&](std::size_t w) -> status {
     TENSORREG_TRY_ASSIGN(auto g, device_guard::create(device));
@@ -209,13 +179,7 @@ result<registration::host_copy> bulk_copier::copy(int device, std::span<const de
       if (!out) break;
       std::memcpy(dst.data() + i * chunk, s->host + half(i) * chunk, length_of(i));
     }
-    // The buffer goes back only once no DMA into it is in flight.
-    if (const cudaError_t idle = cudaStreamSynchronize(s->stream); idle == cudaSuccess) {
-      give_back(std::move(s));
-    } else if (out) {
-      out = check(idle, "finish copying a snapshot to the host");
-    }
-    return out;
+    return retire(std::move(s), std::move(out), "finish copying a snapshot to the host");
   };
 
   // A fresh memfd that will join the pool: each chunk is populated, registered and DMAed into
@@ -245,12 +209,7 @@ result<registration::host_copy> bulk_copier::copy(int device, std::span<const de
       out = check(cudaMemcpyAsync(at, snap + i * chunk, length_of(i), cudaMemcpyDeviceToHost, s->stream),
                   "copy a snapshot into a new replica");
     }
-    if (const cudaError_t idle = cudaStreamSynchronize(s->stream); idle == cudaSuccess) {
-      give_back(std::move(s));
-    } else if (out) {
-      out = check(idle, "finish copying a snapshot into a new replica");
-    }
-    return out;
+    return retire(std::move(s), std::move(out), "finish copying a snapshot into a new replica");
   };
 
   // A recycled arena: DMA straight from the snapshot, all of it (gaps included: the snapshot's
@@ -263,12 +222,7 @@ result<registration::host_copy> bulk_copier::copy(int device, std::span<const de
       out = check(cudaMemcpyAsync(dst.data() + at, snap + at, std::min(unit, size - at), cudaMemcpyDeviceToHost, s->stream),
                   "copy a snapshot into a pooled replica");
     }
-    if (const cudaError_t idle = cudaStreamSynchronize(s->stream); idle == cudaSuccess) {
-      give_back(std::move(s));
-    } else if (out) {
-      out = check(idle, "finish copying a snapshot into a pooled replica");
-    }
-    return out;
+    return retire(std::move(s), std::move(out), "finish copying a snapshot into a pooled replica");
   };
 
   status copied = recycled  ? recycled_copy()

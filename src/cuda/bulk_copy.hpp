@@ -41,6 +41,7 @@
 #include <span>
 #include <vector>
 
+#include "cuda/pinned_double_buffer.hpp"
 #include "tensorreg/common/error.hpp"
 #include "tensorreg/common/thread_pool.hpp"
 #include "tensorreg/cuda/tree_hash.hpp"
@@ -92,7 +93,8 @@ class bulk_copier {
                                                      thread_pool& pool, const bulk_copy_options& opts = {});
 
  private:
-  struct slot;
+  // A worker's pinned double buffer (half_bytes 0: the snapshot's control stream).
+  using slot = pinned_double_buffer;
   [[nodiscard]] result<std::unique_ptr<slot>> acquire(int device, std::uint64_t bytes);
   void give_back(std::unique_ptr<slot> s) noexcept;
 

@@ -54,6 +54,31 @@ class device_guard {
   bool restore_;
 };
 
+/// Makes `device` current and restores the previous device, for release paths: never fails,
+/// never throws (a failure is reported by check_release and the release goes on).
+class release_device_guard {
+ public:
+  explicit release_device_guard(int device) noexcept {
+    if (cudaGetDevice(&previous_) != cudaSuccess) {
+      static_cast<void>(cudaGetLastError());
+      return;
+    }
+    if (previous_ == device) return;
+    const cudaError_t e = cudaSetDevice(device);
+    check_release(e, "make a CUDA device current to release memory");
+    restore_ = e == cudaSuccess;
+  }
+  ~release_device_guard() {
+    if (restore_) check_release(cudaSetDevice(previous_), "restore the current CUDA device");
+  }
+  release_device_guard(const release_device_guard&) = delete;
+  release_device_guard& operator=(const release_device_guard&) = delete;
+
+ private:
+  int previous_ = 0;
+  bool restore_ = false;
+};
+
 }  // namespace tensorreg::cuda::detail
 
 /// Evaluates a CUDA runtime call; on failure returns its error (see check()) from the

@@ -21,6 +21,7 @@
 #include "cuda/bulk_copy.hpp"
 #include "cuda/cuda_check.hpp"
 #include "cuda/hash_placement.hpp"
+#include "cuda/pinned_double_buffer.hpp"
 #include "cuda/vmm_import.hpp"
 #include "tensorreg/cuda/tree_hash.hpp"
 #include "tensorreg/devices/device_identity.hpp"
@@ -31,52 +32,8 @@ namespace {
 
 constexpr std::size_t ipc_handle_bytes = sizeof(cudaIpcMemHandle_t);
 
-/// Makes `device` current and restores the previous device, for release paths: never fails,
-/// never throws (a failure is reported by check_release and the release goes on).
-class release_device_guard {
- public:
-  explicit release_device_guard(int device) noexcept {
-    if (cudaGetDevice(&previous_) != cudaSuccess) {
-      static_cast<void>(cudaGetLastError());
-      return;
-    }
-    if (previous_ == device) return;
-    const cudaError_t e = cudaSetDevice(device);
-    check_release(e, "make a CUDA device current to release memory");
-    restore_ = e == cudaSuccess;
-  }
-  ~release_device_guard() {
-    if (restore_) check_release(cudaSetDevice(previous_), "restore the current CUDA device");
-  }
-  release_device_guard(const release_device_guard&) = delete;
-  release_device_guard& operator=(const release_device_guard&) = delete;
-
- private:
-  int previous_ = 0;
-  bool restore_ = false;
-};
-
-/// One pinned staging buffer of two chunks, a stream and an event per chunk, bound to one
-/// device. Used by one visit at a time.
-struct staging {
-  int device = 0;
-  std::uint64_t chunk = 0;
-  std::byte* host = nullptr;
-  cudaStream_t stream = nullptr;
-  cudaEvent_t done[2] = {nullptr, nullptr};
-
-  staging() = default;
-  staging(const staging&) = delete;
-  staging& operator=(const staging&) = delete;
-  ~staging() {
-    release_device_guard guard(device);
-    for (auto* ev : done) {
-      if (ev != nullptr) check_release(cudaEventDestroy(ev), "destroy a staging event");
-    }
-    if (stream != nullptr) check_release(cudaStreamDestroy(stream), "destroy a staging stream");
-    if (host != nullptr) check_release(cudaFreeHost(host), "free a pinned staging buffer");
-  }
-};
+/// A staging buffer of visit(): two chunks, used by one visit at a time.
+using staging = pinned_double_buffer;
 
 }  // namespace
 
@@ -152,18 +109,7 @@ struct provider_state {
         return s;
       }
     }
-    auto s = std::make_unique<staging>();
-    s->device = device;
-    s->chunk = opts.staging_chunk_bytes;
-    void* host = nullptr;
-    TENSORREG_CUDA_TRY(cudaHostAlloc(&host, 2 * s->chunk, cudaHostAllocDefault),
-                       "allocate " + std::to_string(2 * s->chunk) + " bytes of pinned staging memory");
-    s->host = static_cast<std::byte*>(host);
-    TENSORREG_CUDA_TRY(cudaStreamCreateWithFlags(&s->stream, cudaStreamNonBlocking), "create a staging stream");
-    for (auto& ev : s->done) {
-      TENSORREG_CUDA_TRY(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming), "create a staging event");
-    }
-    return s;
+    return pinned_double_buffer::create(device, opts.staging_chunk_bytes);
   }
 
   void give_back(std::unique_ptr<staging> s) noexcept {
@@ -187,7 +133,7 @@ status visit_device(provider_state& state, int device, const std::byte* base, st
   if (length == 0) return {};
   TENSORREG_TRY_ASSIGN(auto guard, device_guard::create(device));
   TENSORREG_TRY_ASSIGN(auto slot, state.acquire(device));
-  const std::uint64_t chunk = slot->chunk;
+  const std::uint64_t chunk = slot->half_bytes;
   const std::uint64_t chunks = (length + chunk - 1) / chunk;
   const auto piece_length = [&](std::uint64_t i) { return std::min(chunk, length - i * chunk); };
   const auto issue = [&](std::uint64_t i) -> status {
@@ -563,32 +509,28 @@ std::uint64_t device_memory_provider::vmm_reserved_bytes() const {
 
 namespace {
 
-// One run of device bytes that lands at `dst` in the canonical buffer.
-using device_piece = detail::device_range;
-
-// Resolves [offset, offset + length) of `source`, placed at `dst`, into device pieces,
-// descending through nested segmented views (gaps stay zero). False when some byte is not
-// device memory of `device` (set by the first device source met).
-bool gather(const memory::byte_source& source, std::uint64_t offset, std::uint64_t length, std::uint64_t dst,
-            int& device, std::vector<device_piece>& out) {
-  if (const auto* dev = as_device_source(source)) {
-    if (device < 0) device = dev->device();
-    if (dev->device() != device) return false;
-    out.push_back({dst, static_cast<const std::byte*>(dev->device_pointer()) + offset, length});
-    return true;
-  }
-  const auto* view = dynamic_cast<const memory::segmented_view*>(&source);
-  if (view == nullptr) return false;
-  const std::uint64_t end = offset + length;
-  for (const auto& seg : view->segments()) {
-    const std::uint64_t lo = std::max(offset, seg.offset);
-    const std::uint64_t hi = std::min(end, seg.offset + seg.length);
-    if (lo >= hi) continue;
-    if (!gather(*seg.source, seg.source_offset + (lo - seg.offset), hi - lo, dst + (lo - offset), device, out)) {
-      return false;
-    }
-  }
-  return true;
+// The device memory `source` reads, as runs by canonical offset (through nested segmented views;
+// gaps stay zero), when every byte is device memory of one device; nullopt otherwise (and for
+// an empty source).
+struct device_runs {
+  int device = -1;
+  std::vector<detail::device_range> ranges;
+};
+std::optional<device_runs> gather(const memory::byte_source& source) {
+  if (source.size() == 0) return std::nullopt;
+  device_runs out;
+  const bool all_device = memory::for_each_leaf(
+      source, 0, source.size(), 0,
+      [&](const memory::byte_source& leaf, std::uint64_t offset, std::uint64_t length, std::uint64_t at) {
+        const auto* dev = as_device_source(leaf);
+        if (dev == nullptr) return false;
+        if (out.device < 0) out.device = dev->device();
+        if (dev->device() != out.device) return false;
+        out.ranges.push_back({at, static_cast<const std::byte*>(dev->device_pointer()) + offset, length});
+        return true;
+      });
+  if (!all_device || out.device < 0) return std::nullopt;
+  return out;
 }
 
 // The GPU tree hash of `size` bytes at `ptr` with the provider's hasher of `device` (made on
@@ -618,10 +560,10 @@ std::optional<registration::detail::hash_site> forced_site(device_memory_provide
 std::optional<result<hash::digest>> device_memory_provider::tree_hash_on_device(
     const memory::segmented_view& canonical) {
   const std::uint64_t size = canonical.size();
-  if (size == 0) return std::nullopt;
-  int device = -1;
-  std::vector<device_piece> pieces;
-  if (!gather(canonical, 0, size, 0, device, pieces) || device < 0) return std::nullopt;
+  auto runs = gather(canonical);
+  if (!runs) return std::nullopt;
+  const int device = runs->device;
+  const auto& pieces = runs->ranges;
   // One piece that is already the whole buffer is hashed where it lies; otherwise gathered.
   const bool whole = pieces.size() == 1 && pieces[0].dst == 0 && pieces[0].length == size;
   const unsigned threads = state_->opts.host_hash_threads != 0 ? state_->opts.host_hash_threads
@@ -660,10 +602,9 @@ std::optional<result<hash::digest>> device_memory_provider::tree_hash_on_device(
 std::optional<result<registration::host_copy>> device_memory_provider::copy_to_host(const memory::byte_source& source,
                                                                                    bool want_digest, thread_pool& pool) {
   const std::uint64_t size = source.size();
-  if (size == 0) return std::nullopt;
-  int device = -1;
-  std::vector<device_piece> pieces;
-  if (!gather(source, 0, size, 0, device, pieces) || device < 0) return std::nullopt;
+  auto runs = gather(source);
+  if (!runs) return std::nullopt;
+  const int device = runs->device;
   const auto site = detail::choose_site(forced_site(state_->opts.placement), device, pool.size() + 1,
                                         [&](const registration::detail::hash_speeds& s) {
                                           return registration::detail::plan_copy(s, size, want_digest);
@@ -674,7 +615,7 @@ std::optional<result<registration::host_copy>> device_memory_provider::copy_to_h
   };
   detail::bulk_copy_options copy_opts;
   copy_opts.replicas = state_->replicas.get();
-  auto copy = state_->bulk.copy(device, pieces, size, want_digest ? &hasher : nullptr, pool, copy_opts);
+  auto copy = state_->bulk.copy(device, runs->ranges, size, want_digest ? &hasher : nullptr, pool, copy_opts);
   if (!copy && copy.error().code == errc::resource_exhausted) return std::nullopt;  // host fallback
   if (copy && want_digest) state_->device_hashes.fetch_add(1, std::memory_order_relaxed);
   return copy;

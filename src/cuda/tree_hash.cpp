@@ -71,12 +71,9 @@ struct gpu_tree_hasher::impl {
   ~impl() {
     // Best effort: the device may already be gone at process exit (CudartUnloading).
     if (scratch == nullptr && root_host == nullptr) return;
-    int previous = 0;
-    const bool switched = cudaGetDevice(&previous) == cudaSuccess && previous != device &&
-                          cudaSetDevice(device) == cudaSuccess;
+    detail::release_device_guard guard(device);
     if (scratch != nullptr) detail::check_release(cudaFree(scratch), "free gpu tree hash scratch");
     if (root_host != nullptr) detail::check_release(cudaFreeHost(root_host), "free gpu tree hash root slot");
-    if (switched) detail::check_release(cudaSetDevice(previous), "restore the current CUDA device");
   }
 
   std::uint32_t* leaf_words() const noexcept { return scratch; }

@@ -112,28 +112,38 @@ result<std::uint64_t> round_up(std::uint64_t bytes, std::uint64_t granularity) {
   return bytes + add;
 }
 
-result<std::uint64_t> vmm_reservation_bytes(std::size_t fd_count, std::span<const std::uint64_t> chunk_bytes,
-                                            std::uint64_t granularity, std::string_view what) {
+result<std::uint64_t> vmm_chunks_total(std::size_t fd_count, std::span<const std::uint64_t> chunk_bytes,
+                                       std::string_view what) {
   const auto prefix_of = [&] { return std::string(what) + ": "; };
   if (chunk_bytes.empty()) return fail(errc::invalid_argument, prefix_of() + "no chunks");
   if (fd_count != chunk_bytes.size()) {
     return fail(errc::invalid_argument, prefix_of() + std::to_string(fd_count) + " fds for " +
                                             std::to_string(chunk_bytes.size()) + " chunk sizes");
   }
-  if (granularity == 0) return fail(errc::internal, prefix_of() + "the driver reports an allocation granularity of 0");
   std::uint64_t sum = 0;
   for (std::size_t i = 0; i < chunk_bytes.size(); ++i) {
     const std::uint64_t c = chunk_bytes[i];
     if (c == 0) return fail(errc::invalid_argument, prefix_of() + "chunk " + std::to_string(i) + " has 0 bytes");
+    if (sum > std::numeric_limits<std::uint64_t>::max() - c) {
+      return fail(errc::invalid_argument, prefix_of() + "the chunk sizes sum past 2^64 - 1");
+    }
+    sum += c;
+  }
+  return sum;
+}
+
+result<std::uint64_t> vmm_reservation_bytes(std::size_t fd_count, std::span<const std::uint64_t> chunk_bytes,
+                                            std::uint64_t granularity, std::string_view what) {
+  const auto prefix_of = [&] { return std::string(what) + ": "; };
+  TENSORREG_TRY_ASSIGN(const std::uint64_t sum, vmm_chunks_total(fd_count, chunk_bytes, what));
+  if (granularity == 0) return fail(errc::internal, prefix_of() + "the driver reports an allocation granularity of 0");
+  for (std::size_t i = 0; i < chunk_bytes.size(); ++i) {
+    const std::uint64_t c = chunk_bytes[i];
     if (c % granularity != 0) {
       return fail(errc::invalid_argument, prefix_of() + "chunk " + std::to_string(i) + " has " + std::to_string(c) +
                                               " bytes, not a multiple of the device's allocation granularity " +
                                               std::to_string(granularity));
     }
-    if (sum > std::numeric_limits<std::uint64_t>::max() - c) {
-      return fail(errc::invalid_argument, prefix_of() + "the chunk sizes sum past 2^64 - 1");
-    }
-    sum += c;
   }
   // Every chunk is a multiple of the granularity, so this only guards the invariant the
   // reservation relies on (cuMemAddressReserve takes multiples of it).

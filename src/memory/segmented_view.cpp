@@ -62,4 +62,20 @@ status segmented_view::visit(std::uint64_t offset, std::uint64_t length, piece_s
   return {};
 }
 
+bool for_each_leaf(const byte_source& source, std::uint64_t offset, std::uint64_t length, std::uint64_t at,
+                   leaf_visitor leaf) {
+  const auto* view = dynamic_cast<const segmented_view*>(&source);
+  if (view == nullptr) return leaf(source, offset, length, at);
+  const std::uint64_t end = offset + length;
+  for (const auto& seg : view->segments()) {
+    const std::uint64_t lo = std::max(offset, seg.offset);
+    const std::uint64_t hi = std::min(end, seg.offset + seg.length);
+    if (lo >= hi) continue;
+    if (!for_each_leaf(*seg.source, seg.source_offset + (lo - seg.offset), hi - lo, at + (lo - offset), leaf)) {
+      return false;
+    }
+  }
+  return true;
+}
+
 }  // namespace tensorreg::memory

@@ -19,6 +19,7 @@
 #include "registration/stable_upload.hpp"
 #include "tensorreg/common/random.hpp"
 #include "tensorreg/common/thread_pool.hpp"
+#include "tensorreg/devices/device_identity.hpp"
 #include "tensorreg/hash/multihash.hpp"
 #include "tensorreg/hash/tree_hash.hpp"
 #include "tensorreg/index/byte_range_map.hpp"
@@ -962,19 +963,8 @@ status import_vmm_region(regions::register_request& request, device_memory* devi
   if (!request.vmm || request.device_mapping) return {};
   const auto& chunks = *request.vmm;
   if (request.owner_pid <= 0 || request.size_bytes == 0 || request.device_id < 0) return {};  // the registry's errors
-  if (chunks.fds.empty() || chunks.fds.size() != chunks.chunk_bytes.size()) {
-    return fail(errc::invalid_argument, "cannot register region: " + std::to_string(chunks.chunk_bytes.size()) +
-                                            " CUDA VMM chunks arrived with " + std::to_string(chunks.fds.size()) +
-                                            " fds; each chunk needs its fd");
-  }
-  std::uint64_t sum = 0;
-  for (const auto bytes : chunks.chunk_bytes) {
-    if (bytes == 0 || sum + bytes < sum) {
-      return fail(errc::invalid_argument, "cannot register region: a CUDA VMM chunk of " + std::to_string(bytes) +
-                                              " bytes is not allowed");
-    }
-    sum += bytes;
-  }
+  TENSORREG_TRY_ASSIGN(const std::uint64_t sum,
+                       devices::vmm_chunks_total(chunks.fds.size(), chunks.chunk_bytes, "cannot register region"));
   if (sum != request.size_bytes) {
     return fail(errc::invalid_argument, "cannot register region: its CUDA VMM chunks hold " + std::to_string(sum) +
                                             " bytes, not size_bytes " + std::to_string(request.size_bytes));
@@ -1103,31 +1093,24 @@ result<std::pair<std::shared_ptr<const index::canonical_index>, unique_fd>> engi
 
 namespace {
 
-// Resolves [offset, offset + length) of `source`, placed at canonical `at`, into pieces of the
-// device mappings in `known`, through nested segmented views (gaps are PAD). False when some
-// byte is not such a mapping.
-bool device_pieces(const memory::byte_source& source, std::uint64_t offset, std::uint64_t length, std::uint64_t at,
-                   const std::map<const memory::byte_source*, device_allocation>& known,
-                   std::map<const memory::byte_source*, std::uint32_t>& numbering, device_layout& out) {
-  if (const auto* view = dynamic_cast<const memory::segmented_view*>(&source)) {
-    const std::uint64_t end = offset + length;
-    for (const auto& seg : view->segments()) {
-      const std::uint64_t lo = std::max(offset, seg.offset);
-      const std::uint64_t hi = std::min(end, seg.offset + seg.length);
-      if (lo >= hi) continue;
-      if (!device_pieces(*seg.source, seg.source_offset + (lo - seg.offset), hi - lo, at + (lo - offset), known,
-                         numbering, out)) {
-        return false;
-      }
-    }
-    return true;
-  }
-  auto it = known.find(&source);
-  if (it == known.end()) return false;
-  auto [slot, added] = numbering.emplace(&source, static_cast<std::uint32_t>(out.allocations.size()));
-  if (added) out.allocations.push_back(it->second);
-  out.segments.push_back({at, length, slot->second, offset});
-  return true;
+// Fills `out`'s allocations and segments with where `view` (a lease's canonical buffer) lies in
+// the device mappings `known`, each mapping once (gaps are PAD). False when some byte is not
+// such a mapping.
+bool device_pieces(const memory::byte_source& view, const std::map<const memory::byte_source*, device_allocation>& known,
+                   device_layout& out) {
+  std::map<const memory::byte_source*, std::uint32_t> numbering;
+  out.allocations.clear();
+  out.segments.clear();
+  return memory::for_each_leaf(
+      view, 0, view.size(), 0,
+      [&](const memory::byte_source& leaf, std::uint64_t offset, std::uint64_t length, std::uint64_t at) {
+        auto it = known.find(&leaf);
+        if (it == known.end()) return false;
+        auto [slot, added] = numbering.emplace(&leaf, static_cast<std::uint32_t>(out.allocations.size()));
+        if (added) out.allocations.push_back(it->second);
+        out.segments.push_back({at, length, slot->second, offset});
+        return true;
+      });
 }
 
 }  // namespace
@@ -1148,10 +1131,7 @@ result<device_layout> engine::device_layout_of(const std::string& artifact_id) c
   // A live lease first: the producer's memory, opened once per allocation.
   for (const auto& [id, l] : a.leases) {
     if (!l.view.bytes || l.view.device_allocations.empty()) continue;
-    std::map<const memory::byte_source*, std::uint32_t> numbering;
-    out.allocations.clear();
-    out.segments.clear();
-    if (device_pieces(*l.view.bytes, 0, l.view.bytes->size(), 0, l.view.device_allocations, numbering, out)) return out;
+    if (device_pieces(*l.view.bytes, l.view.device_allocations, out)) return out;
   }
   // Else a daemon-owned GPU copy: its DATA ranges lie at their canonical offsets.
   for (const auto& [device, replica] : a.gpu_replicas) {

@@ -124,3 +124,15 @@ TEST_CASE("device_identity: a VMM import reserves the sum of its chunks and reje
               std::string(what) + ": the chunk sizes sum past 2^64 - 1");
   CHECK_CODE(dev::vmm_reservation_bytes(3, chunks, 0, what), errc::internal);
 }
+
+TEST_CASE("device_identity: a chunk list's total, whatever the granularity", "[devices][device_identity]") {
+  constexpr std::string_view what = "cannot register region";
+  const std::vector<std::uint64_t> chunks{4096, 12288, 1};
+  auto total = dev::vmm_chunks_total(3, chunks, what);
+  REQUIRE_OK(total);
+  CHECK(*total == 16385);  // sizes are not checked against a granularity here: the provider does that
+  CHECK_ERROR(dev::vmm_chunks_total(1, chunks, what), errc::invalid_argument,
+              "cannot register region: 1 fds for 3 chunk sizes");
+  const std::vector<std::uint64_t> zero{0};
+  CHECK_ERROR(dev::vmm_chunks_total(1, zero, what), errc::invalid_argument, "cannot register region: chunk 0 has 0 bytes");
+}

@@ -165,6 +165,42 @@ TEST_CASE("byte_source: a sink error stops the visit and is returned unchanged",
   }
 }
 
+TEST_CASE("segmented_view: for_each_leaf resolves nested views into their leaves, skipping gaps", "[memory][segmented_view]") {
+  std::vector<std::byte> a_bytes(100), b_bytes(100);
+  host_bytes_view a(a_bytes), b(b_bytes);
+  // inner: [0, 10) gap, [10, 30) = a[50, 70), [30, 40) = b[0, 10); outer: [5, 25) = inner[15, 35), [40, 60) = a[0, 20).
+  auto inner = segmented_view::create(40, {{10, 20, &a, 50}, {30, 10, &b, 0}}).value();
+  auto outer = segmented_view::create(80, {{5, 20, &inner, 15}, {40, 20, &a, 0}}).value();
+  struct piece {
+    const tensorreg::memory::byte_source* source;
+    std::uint64_t offset, length, at;
+    bool operator==(const piece&) const = default;
+  };
+  std::vector<piece> seen;
+  const auto record = [&](const tensorreg::memory::byte_source& s, std::uint64_t offset, std::uint64_t length,
+                          std::uint64_t at) {
+    seen.push_back({&s, offset, length, at});
+    return true;
+  };
+  CHECK(for_each_leaf(outer, 0, outer.size(), 100, record));
+  CHECK(seen == std::vector<piece>{{&a, 55, 15, 105}, {&b, 0, 5, 120}, {&a, 0, 20, 140}});
+
+  // A part of the view, and a visitor that stops at the first leaf.
+  seen.clear();
+  CHECK(for_each_leaf(outer, 10, 40, 0, record));
+  CHECK(seen == std::vector<piece>{{&a, 60, 10, 0}, {&b, 0, 5, 10}, {&a, 0, 10, 30}});
+  std::size_t calls = 0;
+  CHECK_FALSE(for_each_leaf(outer, 0, outer.size(), 0, [&](const auto&, std::uint64_t, std::uint64_t, std::uint64_t) {
+    ++calls;
+    return false;
+  }));
+  CHECK(calls == 1);
+  // A source that is not a view is its own leaf.
+  seen.clear();
+  CHECK(for_each_leaf(a, 3, 4, 9, record));
+  CHECK(seen == std::vector<piece>{{&a, 3, 4, 9}});
+}
+
 TEST_CASE("segmented_view: rejects overlapping, out-of-bounds and sourceless segments", "[memory][segmented_view]") {
   std::vector<std::byte> bytes(100);
   host_bytes_view host(bytes);

@@ -42,9 +42,16 @@ struct gpu_uuid {
 /// Errors: INVALID_ARGUMENT for granularity 0; OUT_OF_RANGE when the result exceeds 2^64 - 1.
 [[nodiscard]] result<std::uint64_t> round_up(std::uint64_t bytes, std::uint64_t granularity);
 
+/// Checks a list of CUDA VMM chunks arriving with `fd_count` fds and returns the bytes they
+/// hold, sum(chunk_bytes). `what` prefixes every message ("cannot register region").
+/// Errors: INVALID_ARGUMENT (no chunks; fds and chunks of different counts; a chunk of 0 bytes;
+/// a sum past 2^64 - 1).
+[[nodiscard]] result<std::uint64_t> vmm_chunks_total(std::size_t fd_count, std::span<const std::uint64_t> chunk_bytes,
+                                                     std::string_view what);
+
 /// Checks a VMM import of `fd_count` fds with sizes `chunk_bytes` on a device of allocation
-/// granularity `granularity`, and returns the virtual address space to reserve for it:
-/// sum(chunk_bytes) rounded up to the granularity. `what` prefixes every message ("cannot
+/// granularity `granularity` (vmm_chunks_total's checks, then the granularity), and returns the
+/// virtual address space to reserve for it: sum(chunk_bytes) rounded up to the granularity. `what` prefixes every message ("cannot
 /// import CUDA VMM memory of process 7 on device 0").
 /// Errors: INVALID_ARGUMENT (no chunks; fds and chunks of different counts; a chunk of 0 bytes
 /// or not a multiple of the granularity; a sum past 2^64 - 1), INTERNAL for granularity 0 (the

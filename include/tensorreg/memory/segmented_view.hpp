@@ -13,6 +13,7 @@
 #include <span>
 #include <vector>
 
+#include "tensorreg/common/function_ref.hpp"
 #include "tensorreg/memory/byte_source.hpp"
 
 namespace tensorreg::memory {
@@ -47,5 +48,18 @@ class segmented_view final : public byte_source {
   std::uint64_t total_size_;
   std::vector<segment> segments_;
 };
+
+/// A piece of a source that is not a segmented view: `length` bytes of `source` from
+/// `source_offset`, which land at `at` in the outermost view.
+using leaf_visitor =
+    function_ref<bool(const byte_source& source, std::uint64_t source_offset, std::uint64_t length, std::uint64_t at)>;
+
+/// Resolves [offset, offset + length) of `source`, placed at `at`, into its leaves: descends
+/// through nested segmented views (their gaps are skipped: they read as zero) and calls `leaf`
+/// for each piece of any other source, in offset order. Stops and returns false as soon as
+/// `leaf` does. Readers that use the underlying memory in place (device pointers, mappings to
+/// hand to another process) find it this way.
+bool for_each_leaf(const byte_source& source, std::uint64_t offset, std::uint64_t length, std::uint64_t at,
+                   leaf_visitor leaf);
 
 }  // namespace tensorreg::memory
