@@ -251,6 +251,14 @@ class Driver:
             self.check(code, f"export an IPC handle for the allocation at {base:#x}")
         return bytes(h)
 
+    def try_ipc_handle(self, base: int):
+        """ipc_handle(base), or None where the driver refuses (memory that is not cudaMalloc's:
+        VMM pages, pool memory)."""
+        h = CUipcMemHandle()
+        if self.cuIpcGetMemHandle(ctypes.byref(h), base) != CUDA_SUCCESS:
+            return None
+        return bytes(h)
+
     def retain_allocation(self, ptr: int):
         """The VMM allocation handle mapped at `ptr`, or None when `ptr` is not VMM memory
         (cudaMalloc memory: the driver refuses). The caller releases it with release()."""

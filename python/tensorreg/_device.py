@@ -5,17 +5,24 @@ name them to the daemon (register), and how to rebuild tensors from an artifact'
 Pure logic over a *driver* object, so that the CPU-only tests run it against a fake one; the
 real driver is `_cuda.Driver`. A driver provides `address_range(ptr) -> (base, size)` (the
 allocation holding ptr: the cudaMalloc block, or one physical page of VMM memory),
-`retain_allocation(ptr) -> handle | None` (None: not VMM memory), `release(handle)`,
-`handle_types(handle) -> int` and `ipc_handle(base) -> bytes`.
+`try_ipc_handle(base) -> bytes | None` (None: not cudaMalloc memory), `ipc_handle(base)` (the
+same, raising the driver's error), `retain_allocation(ptr) -> handle | None` (None: not VMM
+memory), `release(handle)` and `handle_types(handle) -> int`.
 
 Registration rules (docs/wire-format.md §12, the issue's plan):
-- every non-empty storage is found in its allocation; each allocation is looked up once;
+- every non-empty storage is found in its allocation; each allocation is looked up once, with
+  two driver calls for cudaMalloc memory (its range, its IPC handle) and three for VMM pages
+  (the IPC export fails, the allocation handle is retained);
 - cudaMalloc memory: one IPC handle per allocation; a VRAM region (RegisterRegion with that
   handle, the allocation's size) where the allocation backs several storages, else the handle
   in the storage's own entry; both with mapping_base_offset = storage address - base;
 - VMM memory (PyTorch's expandable_segments): the physical pages covering the storages, each
-  once, merged into runs of address-adjacent pages; each run is one cuda_vmm VRAM region (one
-  fd per page, at most 250 a region: longer runs are cut between pages no storage crosses);
+  looked up once, merged into runs of address-adjacent pages; a run becomes windows of at most
+  250 pages (one fd per page, at most 250 a frame), each one cuda_vmm VRAM region. A window
+  starts at the first page of the first storage no earlier window holds and takes every
+  following storage that ends inside it; so windows overlap only on pages where a storage
+  crosses from one into the next (such a page is sent, and mapped, twice), and each storage lies
+  in exactly one window;
 - empty storages borrow the source of a non-empty one with length 0 (nothing is read).
 
 Thread-safety: pure functions; the plan owns the VMM handles it retained until release().
@@ -43,6 +50,7 @@ class Allocation(NamedTuple):
     base: int
     size: int
     vmm_handle: int | None  # retained VMM handle; None for cudaMalloc memory
+    ipc_handle: bytes | None = None  # cudaMalloc memory: its IPC handle
 
 
 class Region(NamedTuple):
@@ -88,8 +96,20 @@ class _Allocations:
             a = self.by_base[self.bases[k]]
             if ptr < a.base + a.size:
                 return a
-        base, size = self.drv.address_range(ptr)
-        a = Allocation(base, size, self.drv.retain_allocation(base))
+        drv = self.drv
+        base, size = drv.address_range(ptr)
+        # IPC export first: it succeeds for cudaMalloc memory, the common case, which then costs
+        # two driver calls; VMM pages refuse it and are retained instead.
+        handle = drv.try_ipc_handle(base)
+        if handle is not None:
+            a = Allocation(base, size, None, handle)
+        else:
+            vmm = drv.retain_allocation(base)
+            if vmm is None:
+                drv.ipc_handle(base)  # raises the driver's own reason (e.g. cudaMallocAsync pool memory)
+                raise FailedPrecondition(f"cannot export the allocation at {base:#x}: it is neither cudaMalloc nor "
+                                         f"VMM memory")
+            a = Allocation(base, size, vmm)
         bisect.insort(self.bases, base)
         self.by_base[base] = a
         return a
@@ -148,29 +168,25 @@ def _regions(drv, storages, covers, allocations, what):
     for a in allocations:
         if a.vmm_handle is not None or a.base not in users:
             continue
-        handle = drv.ipc_handle(a.base)
         ks = users[a.base]
         if len(ks) > 1:
             for k in ks:
                 sources[k] = Source(len(regions), None, storages[k][0] - a.base)
-            regions.append(Region(a.base, a.size, handle, [], ks))
+            regions.append(Region(a.base, a.size, a.ipc_handle, [], ks))
         else:
-            sources[ks[0]] = Source(None, handle, storages[ks[0]][0] - a.base)
-    # VMM pages: runs of adjacent pages, cut to at most 250 pages where no storage crosses.
+            sources[ks[0]] = Source(None, a.ipc_handle, storages[ks[0]][0] - a.base)
+    # VMM pages: runs of adjacent pages, in windows of at most 250 pages.
     vmm = [a for a in allocations if a.vmm_handle is not None]
     for run in merge_runs(vmm):
-        crossing = set()  # page positions p of the run such that a storage spans p-1 and p
         position = {a.base: p for p, a in enumerate(run)}
-        members = []
+        members = []  # (first page, last page, storage) of the storages in this run
         for k, pages in enumerate(covers):
             if pages is not None and pages[0].vmm_handle is not None and pages[0].base in position:
-                members.append(k)
                 first = position[pages[0].base]
-                crossing.update(range(first + 1, first + len(pages)))
-        for lo, hi in cut_run(len(run), crossing, MAX_CHUNKS_PER_REGION, what):
-            pages = run[lo:hi]
+                members.append((first, first + len(pages) - 1, k))
+        for lo, hi, inside in windows(members, MAX_CHUNKS_PER_REGION, what):
+            pages = run[lo:hi + 1]
             base = pages[0].base
-            inside = [k for k in members if lo <= position[covers[k][0].base] < hi]
             for k in inside:
                 sources[k] = Source(len(regions), None, storages[k][0] - base)
             regions.append(Region(base, sum(p.size for p in pages), None, pages, inside))
@@ -195,22 +211,26 @@ def merge_runs(pages: list) -> list:
     return runs
 
 
-def cut_run(n: int, crossing: set, limit: int, what: str) -> list:
-    """[lo, hi) slices of a run of n pages, each at most `limit` pages, cut only before pages
-    in no `crossing` (a storage spans the boundary there). Greedy: each slice as long as it may be.
-    Errors: Unimplemented when one storage alone needs more than `limit` pages."""
+def windows(members: list, limit: int, what: str) -> list:
+    """The regions of one run of pages: `members` are (first page, last page, storage) of the
+    storages in it; returns (first page, last page, [storage, ...]) windows of at most `limit`
+    pages, each storage in exactly one (see the module's rules). Errors: Unimplemented when one
+    storage alone needs more than `limit` pages."""
+    members = sorted(members)
     out = []
-    lo = 0
-    while n - lo > limit:
-        cut = lo + limit
-        while cut > lo and cut in crossing:
-            cut -= 1
-        if cut == lo:
-            raise Unimplemented(f"cannot {what}: one storage spans more than {limit} VMM pages, more than one "
-                                f"region may hold (at most {limit} fds a frame)")
-        out.append((lo, cut))
-        lo = cut
-    out.append((lo, n))
+    i = 0
+    while i < len(members):
+        lo, last, k = members[i]
+        if last - lo + 1 > limit:
+            raise Unimplemented(f"cannot {what}: storage {k} spans {last - lo + 1} VMM pages, more than one region "
+                                f"may hold (at most {limit} fds a frame)")
+        hi = last
+        j = i + 1
+        while j < len(members) and members[j][1] < lo + limit:
+            hi = max(hi, members[j][1])
+            j += 1
+        out.append((lo, hi, [m[2] for m in members[i:j]]))
+        i = j
     return out
 
 

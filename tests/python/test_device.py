@@ -1,8 +1,9 @@
 """The Python client's GPU logic without a GPU: the registration plan over a fake CUDA driver
-(allocations looked up once, IPC regions vs handles, VMM pages merged into runs and cut at 250
-fds), the wire messages with device_uuid / cuda_vmm / OpenArtifactDevice, rebuilding tensors
-from device segments (on CPU tensors standing in for mappings), the frame reader's fd
-attribution, and the errors when there is no GPU."""
+(allocations looked up once, IPC regions vs handles, VMM pages merged into runs and cut into
+windows of at most 250 pages that overlap where a storage crosses), the wire messages with
+device_uuid / cuda_vmm / OpenArtifactDevice, rebuilding tensors from device segments (on CPU
+tensors standing in for mappings), the frame reader's fd attribution, and the errors when there
+is no GPU."""
 
 import array
 import os
@@ -49,7 +50,7 @@ class FakeDriver:
 
     def retain_allocation(self, ptr):
         base, _, vmm, _ = self._find(ptr)
-        if not vmm:
+        if vmm is not True:  # False: cudaMalloc memory; "pool": neither (cudaMallocAsync)
             return None
         self.retained += 1
         return base  # the handle is the page's base, so tests can read it back
@@ -60,9 +61,18 @@ class FakeDriver:
     def handle_types(self, handle):
         return self._find(handle)[3]
 
-    def ipc_handle(self, base):
+    def try_ipc_handle(self, base):
+        if self._find(base)[2]:
+            return None  # the driver refuses VMM memory
         self.ipc_exports.append(base)
         return base.to_bytes(8, "little") * 8
+
+    def ipc_handle(self, base):
+        handle = self.try_ipc_handle(base)
+        if handle is None:
+            raise tensorreg.FailedPrecondition(f"cannot export an IPC handle for the allocation at {base:#x}: "
+                                               f"CUDA_ERROR_INVALID_VALUE")
+        return handle
 
 
 def vmm_pages(base, count, size=2 * MiB, types=_device.POSIX_FD):
@@ -85,6 +95,7 @@ class Plans(unittest.TestCase):
         # Each allocation was looked up and exported once, whatever the number of storages.
         self.assertEqual(drv.range_queries, 2)
         self.assertEqual(sorted(drv.ipc_exports[:2]), [0x1000000, 0x8000000])
+        self.assertEqual(drv.retained, 0)
         # The empty storage borrows a source: nothing is read from it.
         self.assertIn(plan.sources[3], plan.sources[:3])
 
@@ -126,15 +137,40 @@ class Plans(unittest.TestCase):
         self.assertEqual(plan.sources[-1], _device.Source(1, None, 8))
         self.assertTrue(all(len(r.pages) <= _device.MAX_CHUNKS_PER_REGION for r in plan.regions))
 
-    def test_cut_run_is_greedy_and_refuses_a_storage_over_more_pages_than_a_region_holds(self):
-        self.assertEqual(_device.cut_run(600, set(), 250, "x"), [(0, 250), (250, 500), (500, 600)])
-        self.assertEqual(_device.cut_run(10, {4}, 5, "x"), [(0, 5), (5, 10)])
-        self.assertEqual(_device.cut_run(10, {4, 5}, 5, "x"), [(0, 3), (3, 8), (8, 10)])
-        self.assertEqual(_device.cut_run(10, {5}, 5, "x"), [(0, 4), (4, 9), (9, 10)])
+    def test_windows_start_at_the_first_storage_left_and_take_every_storage_that_ends_inside(self):
+        # (first page, last page, storage)
+        self.assertEqual(_device.windows([(p, p, p) for p in range(600)], 250, "x"),
+                         [(0, 249, list(range(250))), (250, 499, list(range(250, 500))),
+                          (500, 599, list(range(500, 600)))])
+        # Storage 2 crosses from page 4 into page 5: the second window starts at its first page.
+        self.assertEqual(_device.windows([(0, 1, 0), (2, 4, 1), (4, 5, 2), (6, 8, 3), (8, 9, 4)], 5, "x"),
+                         [(0, 4, [0, 1]), (4, 8, [2, 3]), (8, 9, [4])])
+        # A storage that ends inside the window but starts before a longer one is still taken.
+        self.assertEqual(_device.windows([(0, 6, 0), (1, 2, 1)], 8, "x"), [(0, 6, [0, 1])])
         with self.assertRaises(tensorreg.Unimplemented) as ctx:
-            _device.cut_run(10, set(range(1, 10)), 5, "register state dict")
-        self.assertIn("cannot register state dict: one storage spans more than 5 VMM pages",
+            _device.windows([(0, 3, 0), (3, 9, 7)], 5, "register state dict")
+        self.assertIn("cannot register state dict: storage 7 spans 7 VMM pages, more than one region may hold",
                       ctx.exception.message)
+
+    def test_storages_packed_across_every_page_boundary_get_overlapping_windows(self):
+        # PyTorch's expandable segments pack tensors back to back over 20 MiB pages, so nearly
+        # every page boundary is crossed: 1 200 storages of 1.5 pages over 1 800 pages.
+        page = 2 * MiB
+        drv = FakeDriver(vmm_pages(0x300000000, 1800, page))
+        spans = [(0x300000000 + k * 3 * MiB, 3 * MiB) for k in range(1200)]
+        plan = _device.plan(drv, spans, "register state dict")
+        self.assertTrue(all(len(r.pages) <= _device.MAX_CHUNKS_PER_REGION for r in plan.regions))
+        self.assertEqual(sorted(k for r in plan.regions for k in r.storages), list(range(1200)))
+        for k, (ptr, nbytes) in enumerate(spans):
+            r = plan.regions[plan.sources[k].region]
+            self.assertEqual(r.base + plan.sources[k].mapping_base_offset, ptr)
+            self.assertLessEqual(plan.sources[k].mapping_base_offset + nbytes, r.size)
+        # Consecutive windows share at most the one page a storage crosses.
+        for a, b in zip(plan.regions, plan.regions[1:]):
+            self.assertIn(b.base - (a.base + a.size), (0, -page))
+        self.assertEqual(drv.retained, 1800)  # each page looked up once, however many windows hold it
+        plan.release(drv)
+        self.assertEqual(drv.released, drv.retained)
 
     def test_vmm_pages_without_the_posix_fd_handle_type_name_the_fix(self):
         drv = FakeDriver(vmm_pages(0x300000000, 2, types=_cuda.CU_MEM_HANDLE_TYPE_FABRIC))
@@ -145,6 +181,13 @@ class Plans(unittest.TestCase):
                       "fd (its handle types are 0x8)", message)
         self.assertIn("expandable_segments:False", message)
         self.assertEqual(drv.released, drv.retained)  # nothing leaks on the error path
+
+    def test_memory_neither_cudamalloc_nor_vmm_is_refused_with_the_drivers_reason(self):
+        drv = FakeDriver([(0x1000000, 2 * MiB, "pool", 0)])
+        with self.assertRaises(tensorreg.FailedPrecondition) as ctx:
+            _device.plan(drv, [(0x1000000, 8)], "register state dict")
+        self.assertIn("cannot export an IPC handle for the allocation at 0x1000000: CUDA_ERROR_INVALID_VALUE",
+                      ctx.exception.message)
 
     def test_a_cudamalloc_storage_past_its_allocation_is_a_driver_inconsistency(self):
         drv = FakeDriver([(0x1000000, 2 * MiB, False, 0)])
