@@ -91,7 +91,7 @@ def producer(tensors: int, gib: float) -> None:
                 e.cuda_ipc_handle = b"h" * 64
             e.mapping_base_offset = 4096
 
-        return store_module._lease_feed("reg", layout, source)
+        return store_module._lease_feed(layout, source)
 
     for _ in range(2):
         started = time.perf_counter()
@@ -257,10 +257,51 @@ def vmm_split(drv) -> None:
             print(f"VMM {n} chunks of 20 MiB: import {t_import * 1e6 / n:.2f} us, map {t_map * 1e6 / n:.2f} us, "
                   f"access {'per chunk' if per_chunk_access else 'once'} {t_access * 1e6 / n:.2f} us per chunk, "
                   f"unmap {t_unmap * 1e6 / n:.2f} us per chunk", flush=True)
+        # The same on several threads: imports split by chunk, access by sub-range.
+        for k in (2, 4, 8):
+            imported = [None] * n
+
+            def import_part(part):
+                with drv.on(0):
+                    for i in part:
+                        h = C.CUmemGenericAllocationHandle()
+                        assert drv.cuMemImportFromShareableHandle(ctypes.byref(h), ctypes.c_void_p(fds[i]),
+                                                                  C.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR) == 0
+                        imported[i] = h.value
+
+            t_import = on_threads(import_part, [range(i, n, k) for i in range(k)])
+            va = C.CUdeviceptr()
+            assert drv.cuMemAddressReserve(ctypes.byref(va), n * chunk, 0, 0, 0) == 0
+            for i, h in enumerate(imported):
+                assert drv.cuMemMap(va.value + i * chunk, chunk, 0, h, 0) == 0
+
+            def access_part(part):
+                with drv.on(0):
+                    lo, hi = part
+                    assert drv.cuMemSetAccess(va.value + lo * chunk, (hi - lo) * chunk, ctypes.byref(access), 1) == 0
+
+            step = (n + k - 1) // k
+            t_access = on_threads(access_part, [(i, min(n, i + step)) for i in range(0, n, step)])
+            drv.cuMemUnmap(va.value, n * chunk)
+            drv.cuMemAddressFree(va.value, n * chunk)
+            for h in imported:
+                drv.cuMemRelease(h)
+            print(f"VMM {n} chunks on {k} threads: import {t_import * 1e6 / n:.2f} us, access by sub-range "
+                  f"{t_access * 1e6 / n:.2f} us per chunk (wall)", flush=True)
         for fd in fds:
             os.close(fd)
         for h in made:
             drv.cuMemRelease(h)
+
+
+def on_threads(fn, parts) -> float:
+    threads = [threading.Thread(target=fn, args=(p,)) for p in parts]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - started
 
 
 def _c():

@@ -65,6 +65,29 @@ def build_state_dict(torch, tensors: int, gib: float) -> dict:
     return sd
 
 
+def write_layout(path: str, layout, plan) -> None:
+    """The structure of the registered state dict for cuda_client_register_bench (the C++
+    client on the same tensors): allocations by size, storages by allocation and offset, and the
+    tensors on them."""
+    import bisect
+
+    allocations = sorted(plan.allocations, key=lambda a: a.base)
+    bases = [a.base for a in allocations]
+    storages = []
+    for s in layout.storages:
+        ptr = layout.descs[s.first_name].storage_key[0]
+        k = max(0, bisect.bisect_right(bases, ptr) - 1)
+        offset = ptr - bases[k] if s.nbytes else 0
+        storages.append({"allocation": k, "offset": offset, "nbytes": s.nbytes})
+    tensors = []
+    for name in sorted(layout.index):
+        d = layout.descs[name]
+        tensors.append({"name": name, "storage": layout.storage_of[name], "shape": list(d.shape),
+                        "stride": list(d.stride), "dtype": d.dtype, "storage_offset": d.storage_offset})
+    with open(path, "w") as f:
+        json.dump({"allocations": [{"size": a.size} for a in allocations], "storages": storages, "tensors": tensors}, f)
+
+
 def checksum(torch, tensors: dict) -> float:
     return float(sum(float(tensors[name].float().sum()) for name in sorted(tensors)[:50]))
 
@@ -229,7 +252,7 @@ def main() -> int:
             f"{total / (1 << 30):.2f} GiB; expandable_segments {'on' if opts['expandable'] != '0' else 'off'}")
         with tensorreg.Store(socket_path) as store:
             store.register({"warm": torch.ones(4, device="cuda")}).close()  # driver, messages, daemon CUDA
-            parts = {"metadata": [], "rpc": [], "commit": [], "wall": []}
+            parts = {"metadata": [], "rpc": [], "commit": [], "wall": [], "feed_build": [], "answer_wait": []}
             art = None
             for r in range(repeats):
                 if art is not None:
@@ -250,7 +273,7 @@ def main() -> int:
             t_plan = time.perf_counter() - started
             plan.release(drv)
             started = time.perf_counter()
-            feed = store_module._lease_feed("reg", layout, lambda e, k: setattr(e, "mapping_base_offset", k))
+            feed = store_module._lease_feed(layout, lambda e, k: setattr(e, "mapping_base_offset", k))
             feed.SerializeToString()
             t_feed = time.perf_counter() - started
             stats = store.stats()

@@ -148,6 +148,8 @@ class Driver:
         self._contexts: dict = {}
         self._contexts_lock = threading.Lock()
         self._uuids: list | None = None
+        self._ordinals: dict = {}  # UUID as asked -> ordinal or None
+        self._current = threading.local()  # .stack: the ordinals on() made current on this thread
 
     # ---- errors ----
 
@@ -181,6 +183,15 @@ class Driver:
 
     def ordinal_of_uuid(self, uuid: str):
         """This process's ordinal of the device `uuid` (with or without "GPU-", any case), or None."""
+        try:
+            return self._ordinals[uuid]
+        except KeyError:
+            pass
+        found = self._find_uuid(uuid)
+        self._ordinals[uuid] = found  # devices do not change while the process runs
+        return found
+
+    def _find_uuid(self, uuid: str):
         want = uuid.lower()
         if not want.startswith("gpu-"):
             want = "gpu-" + want
@@ -224,12 +235,21 @@ class Driver:
 
     @contextlib.contextmanager
     def on(self, ordinal: int):
-        """Makes the primary context of `ordinal` current on this thread for the block."""
+        """Makes the primary context of `ordinal` current on this thread for the block. Nested
+        blocks of the ordinal already current cost nothing (one push for a batch of opens)."""
+        stack = getattr(self._current, "stack", None)
+        if stack is None:
+            stack = self._current.stack = []
+        if stack and stack[-1] == ordinal:
+            yield
+            return
         self.check(self.cuCtxPushCurrent(self.primary_context(ordinal)),
                    f"make the primary context of CUDA device {ordinal} current")
+        stack.append(ordinal)
         try:
             yield
         finally:
+            stack.pop()
             self.cuCtxPopCurrent(ctypes.byref(ctypes.c_void_p()))
 
     # ---- producer side ----

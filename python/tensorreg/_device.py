@@ -294,9 +294,9 @@ def build_views(torch, index, locate, what: str, empty_device=None) -> dict:
     this torch lacks)."""
     if not isinstance(index, dict):
         raise DataLoss(f"cannot {what}: the daemon's index is not a json object")
-    typed_cache: dict = {}
-    dtypes: dict = {}
-    sizes = _layout.DTYPE_SIZES
+    typed_cache: dict = {}  # (id(base), dtype name) -> (typed view, its storage_offset)
+    dtypes: dict = {}  # dtype name -> (torch dtype, element size)
+    extent = _layout.extent_bytes
     out = {}
     for name, entry in index.items():
         try:
@@ -304,15 +304,15 @@ def build_views(torch, index, locate, what: str, empty_device=None) -> dict:
         except (TypeError, ValueError):
             raise DataLoss(f"cannot {what}: index entry {_layout.quote(name)} is not "
                            f"[offset, size, shape, stride, dtype, storage_offset]") from None
-        dtype = dtypes.get(dtype_name)
-        if dtype is None:
-            dtype = dtypes[dtype_name] = torch_dtype(torch, dtype_name, name, what)
-        element = sizes[dtype_name]
+        known = dtypes.get(dtype_name)
+        if known is None:
+            known = dtypes[dtype_name] = (torch_dtype(torch, dtype_name, name, what), _layout.DTYPE_SIZES[dtype_name])
+        dtype, element = known
         if nbytes % element or offset < 0 or nbytes < 0:
             raise DataLoss(f"cannot {what}: storage of tensor {_layout.quote(name)} [{offset}, {offset + nbytes}) "
                            f"is not a whole number of {dtype_name}s")
-        if storage_offset * element + _layout.extent_bytes(shape, stride, element) > nbytes or \
-                any(s < 0 for s in stride) or storage_offset < 0:
+        if storage_offset < 0 or storage_offset * element + extent(shape, stride, element) > nbytes or \
+                any(s < 0 for s in stride):
             raise DataLoss(f"cannot {what}: tensor {_layout.quote(name)} reaches past its storage of {nbytes} bytes")
         if nbytes == 0:
             out[name] = torch.empty_strided(shape, stride, dtype=dtype, device=empty_device)
@@ -324,9 +324,11 @@ def build_views(torch, index, locate, what: str, empty_device=None) -> dict:
         typed = typed_cache.get(key)
         if typed is None:
             usable = base.numel() - base.numel() % element
-            typed = typed_cache[key] = (base if usable == base.numel() else base[:usable]).view(dtype)
-        if start % element or start + nbytes > typed.numel() * element:
+            view = (base if usable == base.numel() else base[:usable]).view(dtype)
+            typed = typed_cache[key] = (view, view.storage_offset(), view.numel() * element)
+        view, view_offset, view_bytes = typed
+        if start % element or start + nbytes > view_bytes:
             raise DataLoss(f"cannot {what}: the storage of tensor {_layout.quote(name)} lies at byte {start} of its "
                            f"memory, not on a {element}-byte {dtype_name} boundary, or past its end")
-        out[name] = typed.as_strided(shape, stride, typed.storage_offset() + start // element + storage_offset)
+        out[name] = view.as_strided(shape, stride, view_offset + start // element + storage_offset)
     return out

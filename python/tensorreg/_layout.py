@@ -16,6 +16,7 @@ Thread-safety: pure functions over their arguments.
 from __future__ import annotations
 
 import json
+import operator
 import os
 import struct
 from typing import Any, NamedTuple
@@ -78,7 +79,8 @@ def canonical_json(index: dict) -> bytes:
 
 
 class Desc(NamedTuple):
-    """One tensor as the layout sees it."""
+    """One tensor as the layout sees it. shape and stride are lists the layout keeps (the index
+    entries share them)."""
 
     name: str
     storage_key: Any  # equal keys = one storage
@@ -116,12 +118,15 @@ def check_name(name: Any) -> str:
     return name
 
 
+_name_of = operator.itemgetter(0)  # Desc.name
+
+
 def build(descs: list) -> Layout:
     """Lays `descs` out canonically. Errors: InvalidArgument (no tensors, duplicate names, a
     storage with two sizes, total_size 0)."""
     if not descs:
         raise InvalidArgument("cannot build the canonical index: empty tensor dict")
-    ordered = sorted(descs, key=lambda d: d.name)
+    ordered = sorted(descs, key=_name_of)
     placed: dict = {}
     storages: list = []
     storage_of: dict = {}
@@ -129,35 +134,41 @@ def build(descs: list) -> Layout:
     cursor = 0
     total = 0
     previous = None
+    # One pass, tuple-unpacked: this loop runs once per tensor of every register and put.
     for d in ordered:
-        if d.name == previous:
-            raise InvalidArgument(f"cannot build the canonical index: duplicate tensor name {quote(d.name)}")
-        previous = d.name
-        at = placed.get(d.storage_key)
+        name, key, nbytes, shape, stride, dtype, storage_offset, source = d
+        if name == previous:
+            raise InvalidArgument(f"cannot build the canonical index: duplicate tensor name {quote(name)}")
+        previous = name
+        at = placed.get(key)
         if at is None:
             offset = (cursor + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
-            at = len(storages)
-            placed[d.storage_key] = at
-            storages.append(Storage(offset, d.storage_nbytes, d.source, d.name))
-            cursor = offset + d.storage_nbytes
-            total = max(total, cursor)
-        elif storages[at].nbytes != d.storage_nbytes:
-            s = storages[at]
-            raise InvalidArgument(f"cannot build the canonical index: one storage has {d.storage_nbytes} bytes for "
-                                  f"tensor {quote(d.name)} but {s.nbytes} bytes for tensor {quote(s.first_name)}")
-        storage_of[d.name] = at
-        s = storages[at]
-        index[d.name] = [s.offset, s.nbytes, list(d.shape), list(d.stride), d.dtype, d.storage_offset]
+            at = placed[key] = len(storages)
+            storages.append(Storage(offset, nbytes, source, name))
+            cursor = offset + nbytes
+            if cursor > total:
+                total = cursor
+        else:
+            offset = storages[at].offset
+            if storages[at].nbytes != nbytes:
+                s = storages[at]
+                raise InvalidArgument(f"cannot build the canonical index: one storage has {nbytes} bytes for "
+                                      f"tensor {quote(name)} but {s.nbytes} bytes for tensor {quote(s.first_name)}")
+        storage_of[name] = at
+        index[name] = [offset, nbytes, shape, stride, dtype, storage_offset]
     if total == 0:
         raise InvalidArgument("cannot build the canonical index: every tensor is empty, so total_size would be 0")
-    return Layout(index, canonical_json(index), total, storages, storage_of, {d.name: d for d in descs})
+    return Layout(index, canonical_json(index), total, storages, storage_of, {d[0]: d for d in descs})
 
 
 def extent_bytes(shape, stride, element_size: int) -> int:
     """Bytes from a view's first element to the end of its last (0 for an empty view)."""
-    if any(s == 0 for s in shape):
-        return 0
-    return (1 + sum((s - 1) * abs(st) for s, st in zip(shape, stride))) * element_size
+    last = 0  # a plain loop: this runs once per tensor of every register and open
+    for s, st in zip(shape, stride):
+        if s == 0:
+            return 0
+        last += (s - 1) * (st if st >= 0 else -st)
+    return (last + 1) * element_size
 
 
 # ---- state dicts ---------------------------------------------------------------------------

@@ -240,12 +240,14 @@ class Connection:
             finally:
                 self._owner = outer
 
-    def call_many(self, calls):
+    def call_many(self, calls, meanwhile=None):
         """Pipelines requests: sends every (request, fds) of `calls` (request ids are set here)
         before reading any answer; the daemon works on them concurrently and may answer in any
-        order (docs/wire-format.md §5). Returns, in the order of `calls`, (Response, fds) for
-        each OK answer and the Error for each other; the caller owns the fds of the OK ones.
-        A broken connection, or a connection-level error from the daemon, raises."""
+        order (docs/wire-format.md §5). `meanwhile()`, when given, runs once everything is sent
+        and before any answer is read: the caller's own work overlaps the daemon's; it must not
+        raise (its exception would leave the answers unread). Returns, in the order of `calls`,
+        (Response, fds) for each OK answer and the Error for each other; the caller owns the fds
+        of the OK ones. A broken connection, or a connection-level error from the daemon, raises."""
         with self._lock:
             outer, self._owner = self._owner, threading.get_ident()
             results: dict = {}
@@ -256,6 +258,8 @@ class Connection:
                     request.request_id = self._take_id()
                     ids.append(request.request_id)
                     self._send(sock, request, fds)
+                if meanwhile is not None:
+                    meanwhile()
                 waiting = set(ids)
                 while waiting:
                     response, fds = self._receive(sock, min(waiting))
@@ -291,17 +295,16 @@ class Connection:
         return response, fds
 
     def feed(self, frames):
-        """Sends a whole Feed stream (the FeedRegisterArtifactStreamRequest `frames`, then the
-        end-of-stream frame) and waits for its one answer."""
+        """Sends a whole Feed stream (`frames`: Requests whose feed_register_artifact_stream is
+        filled in; their request_id is set here, so a large Feed is never copied), then the
+        end-of-stream frame, and waits for its one answer."""
         with self._lock:
             outer, self._owner = self._owner, threading.get_ident()
             try:
                 sock = self._ensure_connected()
                 request_id = self._take_id()
-                for frame in frames:
-                    request = _messages.Request()
+                for request in frames:
                     request.request_id = request_id
-                    request.feed_register_artifact_stream.CopyFrom(frame)
                     self._send(sock, request)
                 end = _messages.Request()
                 end.request_id = request_id

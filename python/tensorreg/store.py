@@ -34,6 +34,7 @@ the leases it made, then the connection. A RegisteredArtifact from register() ow
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import os
@@ -261,8 +262,10 @@ class RegisteredArtifact:
     tensors, "coalesced" for put of CUDA tensors, "lease_in_place" for register),
     local_stable_tier (LocalStableTier or None), lease (a Lease for register, else None),
     timings (seconds: "metadata" = layout and driver queries in this process, "rpc" = the calls
-    before commit, "commit" = the commit call, where the daemon hashes). close() releases the
-    lease, if any; so does leaving a `with`.
+    before commit, "commit" = the commit call, where the daemon hashes; a register of CUDA
+    tensors adds "feed_build" and "answer_wait", the parts of "rpc" spent building the Feed
+    while the daemon imports the regions and then waiting for it). close() releases the lease,
+    if any; so does leaving a `with`.
     """
 
     def __init__(self, commit, layout, registration_id: str, kind: str, lease: Lease | None,
@@ -420,14 +423,15 @@ class Store:
                 write(mm, start)
             finally:
                 _close_map(mm)
-            feed = _messages.FeedRequest()
+            frame = _messages.Request()
+            feed = frame.feed_register_artifact_stream
             feed.registration_id = registration_id
             progress = feed.stable_dram_write_progress
             r = progress.ranges.add()
             r.canonical_offset = 0
             r.length = layout.total_size
             progress.upload_complete = True
-            self._conn.feed([feed])
+            self._conn.feed([frame])
             done = self._commit(registration_id)
         except BaseException:
             _close_fds(fds)
@@ -556,7 +560,9 @@ class Store:
                 entry.region_ref.CopyFrom(region)
                 entry.mapping_base_offset = layout.storages[k].offset
 
-            self._conn.feed([_lease_feed(registration_id, layout, source)])
+            frame = _lease_feed(layout, source)
+            frame.feed_register_artifact_stream.registration_id = registration_id
+            self._conn.feed([frame])
             fed = time.perf_counter()
             done = self._commit(registration_id)
         except BaseException:
@@ -599,8 +605,29 @@ class Store:
                     exported.append(fds[-1])
                 calls.append((request, fds))
             calls.append((begin, ()))
+
+            # 2. The Feed (each storage from its region or its allocation's handle), built while
+            # the daemon imports the regions: only the region refs wait for its answers.
+            def source(entry, k):
+                src = plan.sources[k]
+                entry.device_id = ordinal
+                entry.device_uuid = uuid
+                if src.region is None:
+                    entry.cuda_ipc_handle = src.ipc_handle
+                entry.mapping_base_offset = src.mapping_base_offset
+
+            built = {}
+
+            def build_feed():
+                try:
+                    built["frame"] = _lease_feed(layout, source)
+                except BaseException as e:  # noqa: BLE001 - raised below, once the answers are read
+                    built["error"] = e
+                built["at"] = time.perf_counter()
+
             prepared = time.perf_counter()
-            answers = self._conn.call_many(calls)
+            answers = self._conn.call_many(calls, meanwhile=build_feed)
+            answered = time.perf_counter()
             _close_fds(exported)
             exported = []
             refs = []
@@ -615,22 +642,19 @@ class Store:
             if not isinstance(answers[-1], Error):
                 _close_fds(answers[-1][1])
                 registration_id = answers[-1][0].begin_register_artifact.registration_id
-            failed = failed or (answers[-1] if isinstance(answers[-1], Error) else None)
+            failed = failed or (answers[-1] if isinstance(answers[-1], Error) else None) or built.get("error")
             if failed is not None:
                 raise failed
 
-            # 2. Feed (each storage from its region or its allocation's handle) → Commit.
-            def source(entry, k):
-                src = plan.sources[k]
-                entry.device_id = ordinal
-                entry.device_uuid = uuid
+            # 3. The region refs, then Feed → Commit.
+            frame = built["frame"]
+            feed = frame.feed_register_artifact_stream
+            feed.registration_id = registration_id
+            entries = feed.storage_entries
+            for k, src in enumerate(plan.sources):
                 if src.region is not None:
-                    entry.region_ref.CopyFrom(refs[src.region])
-                else:
-                    entry.cuda_ipc_handle = src.ipc_handle
-                entry.mapping_base_offset = src.mapping_base_offset
-
-            self._conn.feed([_lease_feed(registration_id, layout, source)])
+                    entries[k].region_ref.CopyFrom(refs[src.region])
+            self._conn.feed([frame])
             fed = time.perf_counter()
             done = self._commit(registration_id)
         except BaseException:
@@ -642,7 +666,10 @@ class Store:
             plan.release(drv)
         lease = Lease(self._conn, registration_id, region_ids, ttl_ms, keep=[s.source[0] for s in layout.storages])
         self._leases.add(lease)
-        timings = {"metadata": prepared - started, "rpc": fed - prepared, "commit": time.perf_counter() - fed}
+        # rpc = feed_build (overlapping the daemon's imports) + answer_wait (the daemon still at
+        # work after it) + the Feed's round trip.
+        timings = {"metadata": prepared - started, "rpc": fed - prepared, "commit": time.perf_counter() - fed,
+                   "feed_build": built["at"] - prepared, "answer_wait": answered - built["at"]}
         return RegisteredArtifact(done, layout, registration_id, "lease_in_place", lease,
                                   timings)
 
@@ -735,8 +762,9 @@ class Store:
                 index = json.loads(body.tensor_index_data)
             except ValueError as e:
                 raise DataLoss(f"cannot {what}: the daemon's index is not json: {e}") from None
-            opens = []  # (allocation number, ordinal) of each allocation, checked before any is mapped
-            for k, a in enumerate(body.allocations):
+            allocations = list(body.allocations)  # each repeated-field access builds a wrapper: once
+            opens = []  # (allocation number, ordinal, allocation, source), checked before any is mapped
+            for k, a in enumerate(allocations):
                 here = drv.ordinal_of_uuid(a.device_uuid) if a.device_uuid else None
                 if here is None:
                     raise FailedPrecondition(
@@ -753,31 +781,33 @@ class Store:
                                        f"daemon's answers carried {len(vmm_fds.get(k, ()))} fds for it")
                 elif source != "cuda_ipc_handle":
                     raise DataLoss(f"cannot {what}: allocation {k} has neither an IPC handle nor VMM chunks")
-                opens.append((k, here))
+                opens.append((k, here, a, source))
                 ordinal = here
 
-            def map_one(job):
-                k, here = job
-                a = body.allocations[k]
+            def map_one(k, here, a, source):
                 label = f"allocation {k} of {artifact_id}"
-                if a.WhichOneof("source") == "cuda_ipc_handle":
+                if source == "cuda_ipc_handle":
                     return _cuda.IpcMapping(drv, here, a.cuda_ipc_handle, a.size_bytes, label)
-                chunks = list(a.vmm.chunks)
-                return _cuda.VmmMapping(drv, here, vmm_fds[k], [c.size_bytes for c in chunks], a.size_bytes, label)
+                return _cuda.VmmMapping(drv, here, vmm_fds[k], [c.size_bytes for c in a.vmm.chunks], a.size_bytes,
+                                        label)
 
-            # One after the other: the driver serialises IPC opens (about 80 us each on an H100);
-            # from 4 threads the same 525 opens took 66 ms instead of 41.
-            mappings = [map_one(job) for job in opens]
-            bases = [_cuda.as_tensor(torch, m, here, body.allocations[k].size_bytes)
-                     for m, (k, here) in zip(mappings, opens)]
+            # One after the other: the driver serialises IPC opens (about 80 us each on an H100;
+            # from 4 threads the same 525 opens took 66 ms instead of 41) and VMM imports (the
+            # same from 2 to 8 threads). The device's context is made current once for the
+            # batch, not once per allocation.
+            with drv.on(opens[0][1]) if opens else contextlib.nullcontext():
+                mappings = [map_one(*job) for job in opens]
+            bases = [_cuda.as_tensor(torch, m, here, a.size_bytes) for m, (_, here, a, _) in zip(mappings, opens)]
         finally:
             _close_fds(fds)  # imported (or failed): the mappings do not need them
+        sizes = [a.size_bytes for a in allocations]
         segments = []
         for s in body.segments:
-            if s.allocation >= len(bases) or s.allocation_offset + s.length > body.allocations[s.allocation].size_bytes:
-                raise DataLoss(f"cannot {what}: segment at artifact offset {s.artifact_offset} of {s.length} bytes "
-                               f"lies outside allocation {s.allocation}")
-            segments.append((s.artifact_offset, s.length, s.allocation, s.allocation_offset))
+            allocation, at, length = s.allocation, s.allocation_offset, s.length
+            if allocation >= len(bases) or at + length > sizes[allocation]:
+                raise DataLoss(f"cannot {what}: segment at artifact offset {s.artifact_offset} of {length} bytes "
+                               f"lies outside allocation {allocation}")
+            segments.append((s.artifact_offset, length, allocation, at))
         found = _device.Segments(segments, what)
 
         def locate(offset, nbytes, name):
@@ -883,11 +913,12 @@ def _tier_name(tier: int) -> str:
             "TIER_SHARED_DISK": "shared_disk"}.get(name, name)
 
 
-def _lease_feed(registration_id: str, layout, source):
-    """The one Feed message of a lease: a storage entry per layout storage (`source(entry, k)`
-    names where its bytes are), one segment each covering it whole, and the tensor aliases."""
-    feed = _messages.FeedRequest()
-    feed.registration_id = registration_id
+def _lease_feed(layout, source):
+    """The one Feed frame of a lease (a Request; the caller sets its registration_id): a storage
+    entry per layout storage (`source(entry, k)` fills in where its bytes are), one segment
+    each covering it whole, and the tensor aliases."""
+    frame = _messages.Request()
+    feed = frame.feed_register_artifact_stream
     ids = []
     entries = feed.storage_entries
     segments = feed.lease_segments.segments
@@ -899,20 +930,20 @@ def _lease_feed(registration_id: str, layout, source):
         e.storage_length = s.nbytes
         source(e, k)
         seg = segments.add()
-        seg.storage_id = sid
-        seg.storage_offset = 0
+        seg.storage_id = sid  # storage_offset 0: the default, not stored
         seg.artifact_offset = s.offset
         seg.length = s.nbytes
     aliases = feed.tensor_aliases
-    sizes = _layout.DTYPE_SIZES
+    sizes, descs, storage_of, extent = _layout.DTYPE_SIZES, layout.descs, layout.storage_of, _layout.extent_bytes
     for name in sorted(layout.index):
-        d = layout.descs[name]
+        d = descs[name]
         a = aliases.add()
         a.name = name
-        a.storage_id = ids[layout.storage_of[name]]
-        a.storage_offset = d.storage_offset
-        a.logical_length = _layout.extent_bytes(d.shape, d.stride, sizes[d.dtype])
+        a.storage_id = ids[storage_of[name]]
+        if d.storage_offset:
+            a.storage_offset = d.storage_offset
+        a.logical_length = extent(d.shape, d.stride, sizes[d.dtype])
         a.shape.extend(d.shape)
         a.stride.extend(d.stride)
         a.dtype = d.dtype
-    return feed
+    return frame

@@ -16,6 +16,8 @@ starts the daemon on a temp socket, then, in one producer process per allocator 
    its tensors are freed;
 4. put()s it (the coalesced plan): the same id; a put-only state dict opened from the daemon's
    VRAM copy reads back equal;
+5. with expandable_segments on, 800 tensors packed across more than 250 VMM pages: register()
+   cuts them into overlapping windows, and its id, a second process's read-back and put() agree;
 and both modes must give the same ids. Last, a Hugging Face LlamaForCausalLM built from a small
 config (random weights, no download) saved with safetensors: the C++ CLI's `put` of the file,
 `python -m tensorreg put` of it and register() of the live model's state dict give one id.
@@ -175,6 +177,36 @@ def reader(socket_path: str, artifact_id: str, expected_path: str, ties_json: st
     print(json.dumps(result))
 
 
+def packed_check(torch, store, c, cli: str, work: str, summary: dict) -> None:
+    """More than 250 expandable-segments pages, tensors packed across every page boundary (800
+    of ~780 KiB in the small pool's 2 MiB pages): register() cuts them into overlapping
+    windows of at most 250 pages, and the id, a second process's read-back and put() agree."""
+    from tensorreg import _layout
+
+    g = torch.Generator(device="cuda").manual_seed(99)
+    packed = {f"packed.{k}": torch.randn(390_000 + 64 * (k % 7), generator=g, device="cuda").to(torch.float16)
+              for k in range(800)}
+    torch.cuda.synchronize()
+    regions_before = store.stats()["regions"]
+    with store.register(packed) as art:
+        regions = store.stats()["regions"] - regions_before
+        c.check(regions > 1, f"{len(packed)} packed tensors over many VMM pages register as {regions} regions")
+        layout = _layout.build(_layout.state_dict_descs(torch, packed, "x")[0])
+        digest = cli_digest(cli, art.index_json, canonical_bytes(torch, layout))
+        c.check(digest == art.artifact_id, f"packed register id {art.artifact_id} == tensorreg digest {digest}")
+        expected_path = os.path.join(work, "expected-packed.pt")
+        torch.save({k: v.cpu() for k, v in packed.items()}, expected_path)
+        got = run_reader(store.socket_path, art.artifact_id, expected_path, [])
+        summary["reader_packed"] = {k: v for k, v in got.items() if k != "mismatched"}
+        if c.check("error" not in got, f"reader opened the packed lease: {got.get('error', '')}"):
+            c.check(got["tensors"] == len(packed) and not got["mismatched"],
+                    f"all {got['tensors']} packed tensors read back equal ({got['vmm_chunks']} VMM chunks in "
+                    f"{got['allocations']} allocations, opened {got['opened']})")
+            c.check(got["kinds"] == ["vmm"] and got["vmm_chunks"] > 250 and got["opened"] == got["allocations"] > 1,
+                    f"they were VMM pages, more than one region holds ({got['kinds']})")
+        c.check(store.put(packed).artifact_id == art.artifact_id, "put() of the packed tensors gives the same id")
+
+
 def producer(socket_path: str, cli: str, work: str, label: str) -> None:
     """One allocator mode: register, read back from another process, put; prints a JSON line."""
     import torch
@@ -241,6 +273,8 @@ def producer(socket_path: str, cli: str, work: str, label: str) -> None:
                 and got_cuda["w"].data_ptr() == got_cuda["w_t"].data_ptr(), "get(device='cuda') of a CPU put")
         art.close()
         c.check(art.lease.closed, "close() revoked the lease")
+        if "expandable_segments:True" in summary["alloc_conf"]:
+            packed_check(torch, store, c, cli, work, summary)
     summary["failed"] = c.failed
     print("SUMMARY " + json.dumps(summary), flush=True)
 
