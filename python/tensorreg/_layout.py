@@ -121,6 +121,19 @@ def check_name(name: Any) -> str:
 _name_of = operator.itemgetter(0)  # Desc.name
 
 
+def check(descs: list) -> None:
+    """Refuses what build() would refuse, without laying anything out: lets a caller send its
+    first requests before build() runs. Errors: InvalidArgument, as build()."""
+    if not descs:
+        raise InvalidArgument("cannot build the canonical index: empty tensor dict")
+    sizes: dict = {}
+    for d in descs:
+        if sizes.setdefault(d.storage_key, d.storage_nbytes) != d.storage_nbytes:
+            build(descs)  # raises, naming both tensors
+    if len({d.name for d in descs}) != len(descs) or not any(sizes.values()):
+        build(descs)  # raises: a duplicate name, or every tensor empty
+
+
 def build(descs: list) -> Layout:
     """Lays `descs` out canonically. Errors: InvalidArgument (no tensors, duplicate names, a
     storage with two sizes, total_size 0)."""

@@ -244,22 +244,27 @@ class Connection:
         """Pipelines requests: sends every (request, fds) of `calls` (request ids are set here)
         before reading any answer; the daemon works on them concurrently and may answer in any
         order (docs/wire-format.md §5). `meanwhile()`, when given, runs once everything is sent
-        and before any answer is read: the caller's own work overlaps the daemon's; it must not
-        raise (its exception would leave the answers unread). Returns, in the order of `calls`,
-        (Response, fds) for each OK answer and the Error for each other; the caller owns the fds
-        of the OK ones. A broken connection, or a connection-level error from the daemon, raises."""
+        and before any answer is read, so that the caller's own work overlaps the daemon's; it
+        returns further calls to send then (or None), and must not raise (its exception would
+        leave the answers unread). Returns, in the order sent, (Response, fds) for each OK
+        answer and the Error for each other; the caller owns the fds of the OK ones. A broken
+        connection, or a connection-level error from the daemon, raises."""
         with self._lock:
             outer, self._owner = self._owner, threading.get_ident()
             results: dict = {}
             try:
                 sock = self._ensure_connected()
                 ids = []
-                for request, fds in calls:
-                    request.request_id = self._take_id()
-                    ids.append(request.request_id)
-                    self._send(sock, request, fds)
+
+                def send(batch):
+                    for request, fds in batch:
+                        request.request_id = self._take_id()
+                        ids.append(request.request_id)
+                        self._send(sock, request, fds)
+
+                send(calls)
                 if meanwhile is not None:
-                    meanwhile()
+                    send(meanwhile() or ())
                 waiting = set(ids)
                 while waiting:
                     response, fds = self._receive(sock, min(waiting))

@@ -498,14 +498,17 @@ class Store:
         started = time.perf_counter()
         torch = _torch()
         descs, device = _layout.state_dict_descs(torch, state_dict, "register state dict")
-        layout = _layout.build(descs)
+        cuda = device.startswith("cuda")
+        if cuda:
+            _layout.check(descs)  # laid out later, while the daemon maps the regions
+        else:
+            layout = _layout.build(descs)
         profile = _policy_profile(policy, "register state dict")
         if not isinstance(ttl_ms, int) or not 0 <= ttl_ms < 2**32:
             raise InvalidArgument(f"cannot register state dict: ttl_ms {ttl_ms!r} is not a uint32")
         begin = _messages.Request()
         b = begin.begin_register_artifact
         b.device_id = -1
-        b.total_size = layout.total_size
         b.ttl_ms = ttl_ms
         b.owner_pid = os.getpid()
         b.lease.in_place = True
@@ -513,8 +516,9 @@ class Store:
             b.client_artifact_id = client_artifact_id
         if profile is not None:
             b.policy.profile = profile
-        if device.startswith("cuda"):
-            return self._register_cuda(torch, layout, torch.device(device), begin, ttl_ms, started)
+        if cuda:
+            return self._register_cuda(torch, descs, torch.device(device), begin, ttl_ms, started)
+        b.total_size = layout.total_size
         return self._register_host(torch, layout, begin, ttl_ms, started)
 
     def _register_host(self, torch, layout, begin, ttl_ms: int, started: float) -> RegisteredArtifact:
@@ -575,7 +579,10 @@ class Store:
         return RegisteredArtifact(done, layout, registration_id, "lease_in_place", lease,
                                   timings)
 
-    def _register_cuda(self, torch, layout, device, begin, ttl_ms: int, started: float) -> RegisteredArtifact:
+    def _register_cuda(self, torch, descs, device, begin, ttl_ms: int, started: float) -> RegisteredArtifact:
+        """LIP of CUDA tensors: the allocations are planned from the storages as found; the
+        canonical layout, the Begin (it needs total_size) and the Feed are made while the daemon
+        imports the regions, so the Python work overlaps the daemon's."""
         what = "register state dict"
         drv = _cuda.driver()
         ordinal = device.index if device.index is not None else torch.cuda.current_device()
@@ -583,8 +590,12 @@ class Store:
         b = begin.begin_register_artifact
         b.device_id = ordinal
         b.device_uuid = uuid
-        descs = layout.descs
-        spans = [(descs[s.first_name].storage_key[0], s.nbytes) for s in layout.storages]  # (data_ptr, nbytes)
+        found: dict = {}  # storage key -> position in spans
+        spans = []  # (data_ptr, nbytes) of each storage, in the order found
+        for d in descs:
+            if d.storage_key not in found:
+                found[d.storage_key] = len(spans)
+                spans.append((d.storage_key[0], d.storage_nbytes))
         with drv.on(ordinal):
             plan = _device.plan(drv, spans, what)
         pid = os.getpid()
@@ -592,7 +603,7 @@ class Store:
         registration_id = None
         exported: list = []
         try:
-            # 1. The regions and Begin, pipelined: the daemon imports the regions concurrently.
+            # 1. The regions, sent at once: the daemon imports them concurrently.
             calls = []
             for r in plan.regions:
                 request = _device.region_request(r, ordinal, uuid, pid)
@@ -604,54 +615,66 @@ class Store:
                         raise FailedPrecondition(f"{e.message}; {_device.FIX_HANDLE_TYPE}") from None
                     exported.append(fds[-1])
                 calls.append((request, fds))
-            calls.append((begin, ()))
 
-            # 2. The Feed (each storage from its region or its allocation's handle), built while
-            # the daemon imports the regions: only the region refs wait for its answers.
+            # 2. Meanwhile: the canonical layout, then Begin; and the Feed (each storage from its
+            # region or its allocation's handle), whose region refs wait for the answers.
+            built: dict = {}
+
+            def source_of(layout, k):  # the plan's source of canonical storage k
+                return plan.sources[found[layout.descs[layout.storages[k].first_name].storage_key]]
+
             def source(entry, k):
-                src = plan.sources[k]
+                src = source_of(built["layout"], k)
                 entry.device_id = ordinal
                 entry.device_uuid = uuid
                 if src.region is None:
                     entry.cuda_ipc_handle = src.ipc_handle
                 entry.mapping_base_offset = src.mapping_base_offset
 
-            built = {}
-
-            def build_feed():
+            def meanwhile():
                 try:
+                    layout = built["layout"] = _layout.build(descs)
+                    b.total_size = layout.total_size
                     built["frame"] = _lease_feed(layout, source)
+                    return [(begin, ())]
                 except BaseException as e:  # noqa: BLE001 - raised below, once the answers are read
-                    built["error"] = e
-                built["at"] = time.perf_counter()
+                    built["error"] = e  # and no Begin: nothing to abort
+                    return []
+                finally:
+                    built["at"] = time.perf_counter()
 
             prepared = time.perf_counter()
-            answers = self._conn.call_many(calls, meanwhile=build_feed)
+            answers = self._conn.call_many(calls, meanwhile=meanwhile)
             answered = time.perf_counter()
             _close_fds(exported)
             exported = []
             refs = []
             failed = None
-            for answer in answers[:-1]:
+            for answer in answers[:len(calls)]:
                 if isinstance(answer, Error):
                     failed = failed or answer
                 else:
                     _close_fds(answer[1])
                     refs.append(answer[0].register_region.region)
                     region_ids.append(refs[-1].region_id)
-            if not isinstance(answers[-1], Error):
-                _close_fds(answers[-1][1])
-                registration_id = answers[-1][0].begin_register_artifact.registration_id
-            failed = failed or (answers[-1] if isinstance(answers[-1], Error) else None) or built.get("error")
+            for answer in answers[len(calls):]:  # Begin, unless the layout failed
+                if isinstance(answer, Error):
+                    failed = failed or answer
+                else:
+                    _close_fds(answer[1])
+                    registration_id = answer[0].begin_register_artifact.registration_id
+            failed = failed or built.get("error")
             if failed is not None:
                 raise failed
 
             # 3. The region refs, then Feed → Commit.
+            layout = built["layout"]
             frame = built["frame"]
             feed = frame.feed_register_artifact_stream
             feed.registration_id = registration_id
             entries = feed.storage_entries
-            for k, src in enumerate(plan.sources):
+            for k in range(len(layout.storages)):
+                src = source_of(layout, k)
                 if src.region is not None:
                     entries[k].region_ref.CopyFrom(refs[src.region])
             self._conn.feed([frame])
@@ -666,8 +689,8 @@ class Store:
             plan.release(drv)
         lease = Lease(self._conn, registration_id, region_ids, ttl_ms, keep=[s.source[0] for s in layout.storages])
         self._leases.add(lease)
-        # rpc = feed_build (overlapping the daemon's imports) + answer_wait (the daemon still at
-        # work after it) + the Feed's round trip.
+        # rpc = feed_build (the layout, Begin and Feed, made while the daemon imports the
+        # regions) + answer_wait (the daemon still at work after it) + the Feed's round trip.
         timings = {"metadata": prepared - started, "rpc": fed - prepared, "commit": time.perf_counter() - fed,
                    "feed_build": built["at"] - prepared, "answer_wait": answered - built["at"]}
         return RegisteredArtifact(done, layout, registration_id, "lease_in_place", lease,

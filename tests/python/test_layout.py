@@ -84,6 +84,24 @@ class BadInput(unittest.TestCase):
     def test_all_empty_tensors_make_total_size_0(self):
         self.check({"a": torch.zeros(0)}, tensorreg.InvalidArgument, "total_size would be 0")
 
+    def test_check_refuses_what_build_refuses_before_anything_is_laid_out(self):
+        def descs(sd):
+            return _layout.state_dict_descs(torch, sd, "register state dict")[0]
+
+        for bad, part in (([], "empty tensor dict"), (descs({"a": torch.zeros(0)}), "total_size would be 0")):
+            with self.assertRaises(tensorreg.InvalidArgument) as ctx:
+                _layout.check(bad)
+            self.assertIn(part, ctx.exception.message)
+        twice = descs({"a": torch.zeros(2)})
+        with self.assertRaises(tensorreg.InvalidArgument) as ctx:
+            _layout.check(twice + twice)
+        self.assertIn("duplicate tensor name 'a'", ctx.exception.message)
+        one, other = descs({"a": torch.zeros(2), "b": torch.zeros(3)})
+        with self.assertRaises(tensorreg.InvalidArgument) as ctx:
+            _layout.check([one, other._replace(storage_key=one.storage_key)])
+        self.assertIn("one storage has 12 bytes for tensor 'b' but 8 bytes for tensor 'a'", ctx.exception.message)
+        _layout.check(descs({"a": torch.zeros(2), "b": torch.zeros(0)}))  # fine: no exception
+
     def test_non_tensor_values_and_non_str_names_are_invalid(self):
         self.check({"a": [1, 2]}, tensorreg.InvalidArgument, "'a'", "not a torch.Tensor")
         self.check({1: torch.zeros(1)}, tensorreg.InvalidArgument, "not a str")

@@ -181,6 +181,29 @@ class StoreTest(unittest.TestCase):
         # The connection is still in step: a plain call after the batch gets its own answer.
         self.assertIn(small.artifact_id, self.artifact_ids())
 
+    def test_work_done_meanwhile_overlaps_the_daemon_and_may_send_more_requests(self):
+        art = self.store.put({"m": torch.arange(7, dtype=torch.int32)})
+        first = tensorreg._messages.Request()
+        first.get_stats.SetInParent()
+        ran = []
+
+        def meanwhile():
+            # Runs after the first batch is sent and before any answer is read.
+            ran.append(self.store._conn._next_id)
+            later = tensorreg._messages.Request()
+            later.get_artifact_index_by_id.artifact_id = art.artifact_id
+            unknown = tensorreg._messages.Request()
+            unknown.get_artifact_index_by_id.artifact_id = "mi2:unknown"
+            return [(later, ()), (unknown, ())]
+
+        answers = self.store._conn.call_many([(first, ())], meanwhile=meanwhile)
+        self.assertEqual(len(ran), 1)
+        self.assertEqual(len(answers), 3)
+        self.assertGreaterEqual(answers[0][0].get_stats.artifacts, 1)
+        self.assertEqual(answers[1][0].get_artifact_index_by_id.artifact_descriptor.artifact_id, art.artifact_id)
+        self.assertIsInstance(answers[2], tensorreg.NotFound)
+        self.assertIn(art.artifact_id, self.artifact_ids())  # still in step
+
     # ---- register ----
 
     def test_register_gives_the_put_id_and_close_revokes_the_lease(self):
