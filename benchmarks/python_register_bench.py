@@ -1,23 +1,27 @@
 """The Python client's CUDA register and open on a 1 000-tensor, >= 8 GiB state dict (GPU
 machine; not built or run by CI).
 
-    python3 benchmarks/python_register_bench.py [--daemon PATH] [--tensors 1000] [--gib 8] [--repeats 5]
-        [--expandable 1]
+    python3 benchmarks/python_register_bench.py [--daemon PATH] [--cpp PATH] [--tensors 1000]
+        [--gib 8] [--repeats 5] [--expandable 1]
 
-(default daemon: .device-daemon/tensorregd, a CUDA build). It starts the daemon on a temp
-socket and, in this process, builds the state dict with the caching allocator
-(expandable_segments off), then:
+(defaults: .device-daemon/tensorregd, a CUDA build, and .device-build/cuda_client_register_bench).
+It starts the daemon on a temp socket and, in this process, builds the state dict with the
+caching allocator (expandable_segments off unless --expandable 1), then:
 
-- register(): wall time split into Python-side metadata (layout, driver queries, messages),
-  the RPCs before commit (RegisterRegion + Begin pipelined, Feed), and commit (where the daemon
-  opens the mappings and hashes on the GPU). There is no C++ client for a Python process's
-  CUDA tensors, so the C++ floor printed is the daemon's commit time: what any client waits
-  for. The Python overhead is the Python-side work (metadata + building the Feed message) less
-  the C++ client's metadata for as many tensors (RESULTS.md); the RPC waits before commit are
-  the daemon's work (it opens each region's IPC handle), which a C++ client would wait for too.
+- register(): wall time split into the metadata (the state dict, the driver queries, the
+  region messages), the RPCs before commit (RegisterRegion pipelined; meanwhile the canonical
+  layout, Begin and the Feed are built; then the Feed) and commit (the daemon opens the
+  mappings and hashes on the GPU). The Python overhead is the Python work on the critical path
+  (the metadata, plus the build made meanwhile if the daemon had nothing left to do by then)
+  less the client-side work of the C++ client on the same allocations and tensors:
+  cuda_client_register_bench (--cpp), given the structure in a JSON file, allocates the same
+  sizes with cudaMalloc in its own process and does the same work (canonical index, one address
+  range and one IPC export per allocation, the same messages) through the C++ client. Without
+  that binary it falls back to the engine's metadata time for 1 000 tensors (RESULTS.md).
 - open() in a second process next to today's practice, one CUDA IPC handle per tensor
   (torch.multiprocessing.reductions.reduce_tensor in the producer, its rebuild function in the
-  reader), on the same 1 000 tensors; and the reader's opens against the allocations.
+  reader), on the same 1 000 tensors; the reader's opens against the allocations; and the time
+  of each step of open().
 
 Goals (issue 8): Python overhead <= 10 ms over the C++ client for 1 000 tensors; open >= 5x
 faster than the per-tensor rebuild; opens = allocations.
@@ -86,6 +90,22 @@ def write_layout(path: str, layout, plan) -> None:
                         "stride": list(d.stride), "dtype": d.dtype, "storage_offset": d.storage_offset})
     with open(path, "w") as f:
         json.dump({"allocations": [{"size": a.size} for a in allocations], "storages": storages, "tensors": tensors}, f)
+
+
+def run_cpp_client(path: str, socket_path: str, layout_path: str, repeats: int):
+    """cuda_client_register_bench on the same structure: its medians (ms), or None without it."""
+    if not path or not os.path.exists(path):
+        return None
+    out = subprocess.run([path, "--socket", socket_path, "--layout", layout_path, "--repeats", str(repeats)],
+                         capture_output=True, text=True, timeout=300)
+    log("  " + "\n  ".join(line for line in out.stdout.strip().splitlines() if not line.startswith("{")))
+    if out.returncode != 0:
+        log(f"  cuda_client_register_bench failed ({out.returncode}): {out.stderr[-2000:]}")
+        return None
+    for line in reversed(out.stdout.strip().splitlines()):
+        if line.startswith("{") and "client_work_ms" in line:
+            return json.loads(line)
+    return None
 
 
 def checksum(torch, tensors: dict) -> float:
@@ -212,7 +232,8 @@ def main() -> int:
         reader(*args[1:4])
         return 0
     opts = {"daemon": os.path.join(REPO, ".device-daemon", "tensorregd"), "tensors": "1000", "gib": "8",
-            "repeats": "5", "expandable": "0"}
+            "repeats": "5", "expandable": "0",
+            "cpp": os.path.join(REPO, ".device-build", "cuda_client_register_bench")}
     while args:
         a = args.pop(0)
         if a.startswith("--") and a[2:] in opts and args:
@@ -262,35 +283,55 @@ def main() -> int:
                 parts["wall"].append(time.perf_counter() - started)
                 for k, v in art.timings.items():
                     parts[k].append(v)
-            # The Python-only pieces, without any RPC, on the same tensors.
-            started = time.perf_counter()
-            layout = _layout.build(_layout.state_dict_descs(torch, sd, "x")[0])
-            t_layout = time.perf_counter() - started
+            # The Python-only pieces, without any RPC, on the same tensors (median of 3).
+            pieces = {"descs": [], "layout": [], "plan": [], "feed": []}
             drv = _cuda.driver()
-            started = time.perf_counter()
-            with drv.on(0):
-                plan = _device.plan(drv, [(s.source[0].data_ptr(), s.nbytes) for s in layout.storages], "x")
-            t_plan = time.perf_counter() - started
-            plan.release(drv)
-            started = time.perf_counter()
-            feed = store_module._lease_feed(layout, lambda e, k: setattr(e, "mapping_base_offset", k))
-            feed.SerializeToString()
-            t_feed = time.perf_counter() - started
+            for _ in range(3):
+                started = time.perf_counter()
+                descs = _layout.state_dict_descs(torch, sd, "x")[0]
+                pieces["descs"].append(time.perf_counter() - started)
+                started = time.perf_counter()
+                layout = _layout.build(descs)
+                pieces["layout"].append(time.perf_counter() - started)
+                started = time.perf_counter()
+                with drv.on(0):
+                    plan = _device.plan(drv, [(s.source[0].data_ptr(), s.nbytes) for s in layout.storages], "x")
+                pieces["plan"].append(time.perf_counter() - started)
+                plan.release(drv)
+                started = time.perf_counter()
+                feed = store_module._lease_feed(layout, lambda e, k: setattr(e, "mapping_base_offset", k))
+                feed.SerializeToString()
+                pieces["feed"].append(time.perf_counter() - started)
+            piece = {k: statistics.median(v) for k, v in pieces.items()}
             stats = store.stats()
             med = {k: statistics.median(v) for k, v in parts.items()}
             log(f"register ({repeats} runs, median): wall {ms(med['wall'])} = metadata {ms(med['metadata'])} + "
                 f"RPCs before commit {ms(med['rpc'])} + commit (daemon: map + GPU hash) {ms(med['commit'])}")
-            log(f"  metadata pieces: layout {ms(t_layout)}, driver plan {ms(t_plan)} "
-                f"({len(plan.regions)} regions, {sum(1 for s in plan.sources if s.region is None)} lone handles), "
-                f"Feed message build+serialize {ms(t_feed)} ({len(feed.SerializeToString())} bytes)")
-            python_side = med["metadata"] + t_feed
-            overhead = python_side - CPP_METADATA_1000
-            log(f"  C++ floor: no C++ client can register another process's CUDA tensors, so the floor printed is "
-                f"the daemon's commit, {ms(med['commit'])}, which every client waits for; the RPCs before it "
-                f"({ms(med['rpc'])}) are mostly the daemon opening the regions' IPC handles, also paid by any client")
-            log(f"  Python-side work (metadata + Feed build): {ms(python_side)}; the C++ client's metadata for 1 000 "
-                f"tensors is {CPP_METADATA_1000 * 1e3:.2f} ms on this host (RESULTS.md, register_bench --metadata-only), "
-                f"so the Python overhead is ~{ms(overhead)} (goal <= 10 ms: {'met' if overhead <= 0.010 else 'NOT met'})")
+            log(f"  first register: wall {ms(parts['wall'][0])}, metadata {ms(parts['metadata'][0])}")
+            log(f"  inside the RPCs: canonical layout + Begin + Feed built in {ms(med['feed_build'])} while the daemon "
+                f"imports the regions; it answered {ms(med['answer_wait'])} after they were built")
+            log(f"  pieces alone: state dict {ms(piece['descs'])}, canonical layout {ms(piece['layout'])}, driver plan "
+                f"{ms(piece['plan'])} ({len(plan.allocations)} allocations, {len(plan.regions)} regions, "
+                f"{sum(1 for s in plan.sources if s.region is None)} lone handles), Feed build+serialize "
+                f"{ms(piece['feed'])} ({len(feed.SerializeToString())} bytes)")
+            # On the critical path: the metadata; the build made meanwhile only when the daemon
+            # was done before it (no wait left).
+            python_side = med["metadata"] + (med["feed_build"] if med["answer_wait"] < 0.5e-3 else 0.0)
+            layout_path = os.path.join(work, "layout.json")
+            write_layout(layout_path, layout, plan)
+            cpp = run_cpp_client(opts["cpp"], socket_path, layout_path, repeats)
+            if cpp is None:
+                cpp_work, cpp_label = CPP_METADATA_1000, ("the engine's metadata for 1 000 tensors, 2.03 ms (RESULTS.md, "
+                                                          "register_bench --metadata-only; no C++ client binary here)")
+            else:
+                cpp_work = cpp["client_work_ms"] / 1e3
+                cpp_label = (f"the C++ client's work on the same allocations and tensors, {cpp['client_work_ms']:.2f} ms "
+                             f"(index {cpp['index_ms']:.2f} + driver {cpp['driver_ms']:.2f} + messages "
+                             f"{cpp['messages_ms']:.2f}; its RPCs {cpp['rpc_ms']:.2f}, commit {cpp['commit_ms']:.2f}; "
+                             f"cuda_client_register_bench, this host)")
+            overhead = python_side - cpp_work
+            log(f"  Python work on the critical path: {ms(python_side)}, against {cpp_label}: the Python overhead is "
+                f"{ms(overhead)} (goal <= 10 ms: {'met' if overhead <= 0.010 else 'NOT met'})")
             log(f"  daemon: {stats['open_mappings']} open mappings, {stats['regions']} regions, "
                 f"{stats['leases']} leases")
 

@@ -140,4 +140,15 @@ if(TENSORREG_BUILD_BENCHMARKS)
   add_executable(cuda_lip_bench ${PROJECT_SOURCE_DIR}/benchmarks/cuda_lip_bench.cu)
   tensorreg_cuda_target(cuda_lip_bench)
   target_link_libraries(cuda_lip_bench PRIVATE tensorreg::cuda tensorreg::tensorreg tensorreg_cuda_flags)
+
+  # The C++ client's CUDA lease-in-place register() (what python/tensorreg/store.py
+  # _register_cuda does) on a tensor structure written by python_register_bench.py, through the
+  # daemon client; client-side work timed apart from the RPCs. The driver's cuMemGetAddressRange
+  # and cuIpcGetMemHandle are reached through cudaGetDriverEntryPointByVersion, as src/cuda
+  # does, so nothing links libcuda.so.
+  add_executable(cuda_client_register_bench ${PROJECT_SOURCE_DIR}/benchmarks/cuda_client_register_bench.cu)
+  tensorreg_cuda_target(cuda_client_register_bench)
+  target_link_libraries(cuda_client_register_bench PRIVATE tensorreg::tensorreg tensorreg_daemon_core
+                                                           CUDA::cudart_static nlohmann_json::nlohmann_json
+                                                           tensorreg_cuda_flags)
 endif()
