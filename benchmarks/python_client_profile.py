@@ -1,6 +1,6 @@
 """Where the Python client's time goes, call by call, on the GPU machine (not run by CI).
 
-    python3 benchmarks/python_client_profile.py [--tensors 1000] [--gib 8]
+    python3 benchmarks/python_client_profile.py [--tensors 1000] [--gib 8] [--quick 1]
 
 Measures, on the same caching-allocator state dict as python_register_bench.py:
 - torch's per-tensor attribute calls (what state_dict_descs pays per tensor);
@@ -45,7 +45,7 @@ def timed(fn, items) -> float:
     return time.perf_counter() - started
 
 
-def producer(tensors: int, gib: float) -> None:
+def producer(tensors: int, gib: float, quick: bool = False) -> None:
     import torch
 
     from tensorreg import _cuda, _layout
@@ -129,6 +129,8 @@ def producer(tensors: int, gib: float) -> None:
         print(f"cuPointerGetAttributes of the first: {attributes(bases[0])}", flush=True)
         per_call("cuPointerGetAttributes (5 attributes)", len(bases), timed(attributes, bases))
 
+    plan_costs(torch, drv, sd, layout, bases)
+
     def ipc_threads(k: int) -> float:
         parts = [bases[i::k] for i in range(k)]
 
@@ -148,6 +150,8 @@ def producer(tensors: int, gib: float) -> None:
     for k in (2, 4, 8):
         per_call(f"cuIpcGetMemHandle on {k} threads (wall per allocation)", len(bases), ipc_threads(k))
 
+    if quick:
+        return
     # The reader side, in a child (a process cannot open its own IPC handles).
     with drv.on(0):
         handles = [drv.ipc_handle(b).hex() for b in bases]
@@ -155,6 +159,85 @@ def producer(tensors: int, gib: float) -> None:
                          text=True, timeout=300)
     print(out.stdout, out.stderr[-3000:], flush=True)
     vmm_split(drv)
+
+
+def median_ms(fn, n: int = 7) -> float:
+    times = []
+    for _ in range(n):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    times.sort()
+    return times[len(times) // 2] * 1e3
+
+
+def plan_costs(torch, drv, sd, layout, bases) -> None:
+    """The register's critical-path pieces, medians of 7: with the cyclic GC on and off, the
+    plan against the real driver and against a dict (its Python cost alone), and the driver
+    calls through the Driver methods and through bare ctypes calls on reused arguments."""
+    import gc
+
+    from tensorreg import _cuda, _device, _layout
+
+    spans = [(s.source[0].data_ptr(), s.nbytes) for s in layout.storages]
+
+    def plan_real():
+        with drv.on(0):
+            _device.plan(drv, spans, "x").release(drv)
+
+    with drv.on(0):
+        ranges = {b: drv.address_range(b) for b in bases}
+        handles = {b: drv.ipc_handle(b) for b in bases}
+    import bisect
+    starts = sorted(ranges)
+
+    class DictDriver:
+        def address_range(self, ptr):
+            return ranges[starts[bisect.bisect_right(starts, ptr) - 1]]
+
+        def try_ipc_handle(self, base):
+            return handles[base]
+
+        def retain_allocation(self, base):
+            return None
+
+        def release(self, handle):
+            pass
+
+    fake = DictDriver()
+    for label, gc_on in (("GC on", True), ("GC off", False)):
+        if not gc_on:
+            gc.disable()
+        try:
+            print(f"[{label}] state_dict_descs {median_ms(lambda: _layout.state_dict_descs(torch, sd, 'x')):.2f} ms, "
+                  f"plan (real driver) {median_ms(plan_real):.2f} ms, plan (dict driver: Python only) "
+                  f"{median_ms(lambda: _device.plan(fake, spans, 'x')):.2f} ms", flush=True)
+        finally:
+            gc.enable()
+
+    def methods():
+        with drv.on(0):
+            for b in bases:
+                drv.address_range(b + 8)
+                drv.try_ipc_handle(b)
+
+    base_out, size_out, handle_out = _cuda.CUdeviceptr(), ctypes.c_size_t(), _cuda.CUipcMemHandle()
+    pb, ps, ph = ctypes.byref(base_out), ctypes.byref(size_out), ctypes.byref(handle_out)
+    get_range, get_handle = drv.cuMemGetAddressRange, drv.cuIpcGetMemHandle
+
+    def bare():
+        with drv.on(0):
+            for b in bases:
+                get_range(pb, ps, b + 8)
+                get_handle(ph, b)
+                bytes(handle_out)
+
+    n = ctypes.c_int()
+    pn = ctypes.byref(n)
+    count = drv.cuDeviceGetCount
+    print(f"driver calls for {len(bases)} allocations: Driver methods {median_ms(methods):.2f} ms, bare ctypes on "
+          f"reused arguments {median_ms(bare):.2f} ms; one trivial ctypes call (cuDeviceGetCount) "
+          f"{median_ms(lambda: [count(pn) for _ in range(10000)]) / 10:.2f} us", flush=True)
 
 
 def reader() -> None:
@@ -314,4 +397,4 @@ if __name__ == "__main__":
         reader()
     else:
         opts = dict(zip(sys.argv[1::2], sys.argv[2::2]))
-        producer(int(opts.get("--tensors", 1000)), float(opts.get("--gib", 8)))
+        producer(int(opts.get("--tensors", 1000)), float(opts.get("--gib", 8)), opts.get("--quick", "0") != "0")

@@ -82,6 +82,9 @@ class Plan(NamedTuple):
                 drv.release(a.vmm_handle)
 
 
+_new = tuple.__new__  # _new(Source, (...)): a NamedTuple without its Python-level __new__ (hot loops)
+
+
 class _Allocations:
     """The allocations looked up so far, by address (each one queried once)."""
 
@@ -102,7 +105,7 @@ class _Allocations:
         # two driver calls; VMM pages refuse it and are retained instead.
         handle = drv.try_ipc_handle(base)
         if handle is not None:
-            a = Allocation(base, size, None, handle)
+            a = _new(Allocation, (base, size, None, handle))
         else:
             vmm = drv.retain_allocation(base)
             if vmm is None:
@@ -121,25 +124,38 @@ def plan(drv, storages: list, what: str) -> Plan:
     storage over more than 250 pages of one run), DataLoss (a cudaMalloc storage that runs past
     its allocation: a driver or allocator inconsistency)."""
     found = _Allocations(drv)
-    covers: list = [None] * len(storages)  # storage -> [Allocation] in address order
+    covers: list = [None] * len(storages)  # VMM storage -> [page] in address order
+    users: dict = {}  # cudaMalloc allocation base -> [storage], in address order
     try:
-        for k, (ptr, nbytes) in sorted(enumerate(storages), key=lambda e: e[1][0]):
+        # In address order, a storage lies in the allocation of the one before it or in one not
+        # seen yet: the common case costs a comparison, not a lookup (this loop is most of the
+        # register's Python time after the driver calls).
+        current, current_end = None, -1
+        for k in sorted(range(len(storages)), key=lambda i: storages[i][0]):
+            ptr, nbytes = storages[k]
             if nbytes == 0:
                 continue
-            first = found.at(ptr)
-            pages = [first]
+            if current is None or not current.base <= ptr < current_end:
+                current = found.at(ptr)
+                current_end = current.base + current.size
             end = ptr + nbytes
-            if first.vmm_handle is None:
-                if end > first.base + first.size:
+            if current.vmm_handle is None:
+                if end > current_end:
                     raise DataLoss(f"cannot {what}: storage {k} at {ptr:#x} of {nbytes} bytes ends past its "
-                                   f"allocation [{first.base:#x}, {first.base + first.size:#x})")
-            else:
-                while pages[-1].base + pages[-1].size < end:
-                    nxt = found.at(pages[-1].base + pages[-1].size)
-                    if nxt.vmm_handle is None:
-                        raise DataLoss(f"cannot {what}: storage {k} at {ptr:#x} of {nbytes} bytes runs from VMM "
-                                       f"memory into a cudaMalloc allocation at {nxt.base:#x}")
-                    pages.append(nxt)
+                                   f"allocation [{current.base:#x}, {current_end:#x})")
+                ks = users.get(current.base)
+                if ks is None:
+                    users[current.base] = [k]
+                else:
+                    ks.append(k)
+                continue
+            pages = [current]
+            while pages[-1].base + pages[-1].size < end:
+                nxt = found.at(pages[-1].base + pages[-1].size)
+                if nxt.vmm_handle is None:
+                    raise DataLoss(f"cannot {what}: storage {k} at {ptr:#x} of {nbytes} bytes runs from VMM "
+                                   f"memory into a cudaMalloc allocation at {nxt.base:#x}")
+                pages.append(nxt)
             covers[k] = pages
         allocations = [found.by_base[b] for b in found.bases]
         for a in allocations:
@@ -147,7 +163,7 @@ def plan(drv, storages: list, what: str) -> Plan:
                 raise FailedPrecondition(f"cannot {what}: the VMM allocation at {a.base:#x} cannot be exported as "
                                          f"a POSIX fd (its handle types are {drv.handle_types(a.vmm_handle):#x}); "
                                          f"{FIX_HANDLE_TYPE}")
-        regions, sources = _regions(drv, storages, covers, allocations, what)
+        regions, sources = _regions(storages, covers, users, found.by_base, allocations, what)
     except BaseException:
         for b in found.bases:
             h = found.by_base[b].vmm_handle
@@ -157,31 +173,28 @@ def plan(drv, storages: list, what: str) -> Plan:
     return Plan(regions, sources, allocations)
 
 
-def _regions(drv, storages, covers, allocations, what):
+
+
+def _regions(storages, covers, users, by_base, allocations, what):
     sources: list = [None] * len(storages)
     regions: list = []
     # cudaMalloc allocations: a region when several storages share one, else a handle each.
-    users: dict = {}
-    for k, pages in enumerate(covers):
-        if pages is not None and pages[0].vmm_handle is None:
-            users.setdefault(pages[0].base, []).append(k)
-    for a in allocations:
-        if a.vmm_handle is not None or a.base not in users:
-            continue
-        ks = users[a.base]
+    for base, ks in users.items():
+        a = by_base[base]
         if len(ks) > 1:
+            r = len(regions)
             for k in ks:
-                sources[k] = Source(len(regions), None, storages[k][0] - a.base)
-            regions.append(Region(a.base, a.size, a.ipc_handle, [], ks))
+                sources[k] = _new(Source, (r, None, storages[k][0] - base))
+            regions.append(Region(base, a.size, a.ipc_handle, [], ks))
         else:
-            sources[ks[0]] = Source(None, a.ipc_handle, storages[ks[0]][0] - a.base)
+            sources[ks[0]] = _new(Source, (None, a.ipc_handle, storages[ks[0]][0] - base))
     # VMM pages: runs of adjacent pages, in windows of at most 250 pages.
     vmm = [a for a in allocations if a.vmm_handle is not None]
     for run in merge_runs(vmm):
         position = {a.base: p for p, a in enumerate(run)}
         members = []  # (first page, last page, storage) of the storages in this run
         for k, pages in enumerate(covers):
-            if pages is not None and pages[0].vmm_handle is not None and pages[0].base in position:
+            if pages is not None and pages[0].base in position:
                 first = position[pages[0].base]
                 members.append((first, first + len(pages) - 1, k))
         for lo, hi, inside in windows(members, MAX_CHUNKS_PER_REGION, what):
@@ -191,12 +204,11 @@ def _regions(drv, storages, covers, allocations, what):
                 sources[k] = Source(len(regions), None, storages[k][0] - base)
             regions.append(Region(base, sum(p.size for p in pages), None, pages, inside))
     # Empty storages borrow a source (length 0 is in bounds anywhere).
-    borrowed = next((s for s in sources if s is not None), None)
-    for k, s in enumerate(sources):
-        if s is None:
-            if borrowed is None:
-                raise DataLoss(f"cannot {what}: every storage is empty")
-            sources[k] = borrowed
+    if None in sources:
+        borrowed = next((s for s in sources if s is not None), None)
+        if borrowed is None:
+            raise DataLoss(f"cannot {what}: every storage is empty")
+        sources = [borrowed if s is None else s for s in sources]
     return regions, sources
 
 

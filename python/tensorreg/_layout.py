@@ -227,8 +227,9 @@ def state_dict_descs(torch, state_dict, verb: str) -> tuple:
     descs = []
     # This loop is the client's metadata cost per tensor (1 000 tensors: a few ms): look-ups
     # are hoisted out of it.
-    storage_of = (lambda t: t.untyped_storage()) if hasattr(tensor_type, "untyped_storage") else untyped_storage
+    storage_of = getattr(tensor_type, "untyped_storage", None) or untyped_storage  # torch 2 / 1.13
     dtype_names: dict = {}
+    new = tuple.__new__  # a Desc without NamedTuple's Python-level __new__
     for name, t in items:
         dtype = dtype_names.get(t.dtype)
         if dtype is None:
@@ -237,8 +238,8 @@ def state_dict_descs(torch, state_dict, verb: str) -> tuple:
             raise InvalidArgument(f"cannot {verb}: tensor {quote(name)} has unsupported dtype {dtype}")
         storage = storage_of(t)
         nbytes = storage.nbytes()
-        descs.append(Desc(name, (storage.data_ptr(), nbytes), nbytes, list(t.shape), list(t.stride()), dtype,
-                          t.storage_offset(), (storage, t)))
+        descs.append(new(Desc, (name, (storage.data_ptr(), nbytes), nbytes, list(t.shape), list(t.stride()), dtype,
+                                t.storage_offset(), (storage, t))))
     return descs, device
 
 
