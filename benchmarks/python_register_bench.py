@@ -319,8 +319,14 @@ def main() -> int:
             python_side = med["metadata"] + (med["feed_build"] if med["answer_wait"] < 0.5e-3 else 0.0)
             layout_path = os.path.join(work, "layout.json")
             write_layout(layout_path, layout, plan)
-            cpp = run_cpp_client(opts["cpp"], socket_path, layout_path, repeats)
-            if cpp is None:
+            expandable = opts["expandable"] != "0"
+            # The C++ counterpart rebuilds the structure with cudaMalloc: cudaMalloc layouts only.
+            cpp = None if expandable else run_cpp_client(opts["cpp"], socket_path, layout_path, repeats)
+            if expandable:
+                log(f"  Python work on the critical path: {ms(python_side)} (VMM pages: {len(plan.allocations)} of "
+                    f"them retained and exported as fds; the goal is measured with expandable_segments off, where "
+                    f"the C++ client can rebuild the same allocations)")
+            elif cpp is None:
                 cpp_work, cpp_label = CPP_METADATA_1000, ("the engine's metadata for 1 000 tensors, 2.03 ms (RESULTS.md, "
                                                           "register_bench --metadata-only; no C++ client binary here)")
             else:
@@ -329,9 +335,10 @@ def main() -> int:
                              f"(index {cpp['index_ms']:.2f} + driver {cpp['driver_ms']:.2f} + messages "
                              f"{cpp['messages_ms']:.2f}; its RPCs {cpp['rpc_ms']:.2f}, commit {cpp['commit_ms']:.2f}; "
                              f"cuda_client_register_bench, this host)")
-            overhead = python_side - cpp_work
-            log(f"  Python work on the critical path: {ms(python_side)}, against {cpp_label}: the Python overhead is "
-                f"{ms(overhead)} (goal <= 10 ms: {'met' if overhead <= 0.010 else 'NOT met'})")
+            if not expandable:
+                overhead = python_side - cpp_work
+                log(f"  Python work on the critical path: {ms(python_side)}, against {cpp_label}: the Python overhead "
+                    f"is {ms(overhead)} (goal <= 10 ms: {'met' if overhead <= 0.010 else 'NOT met'})")
             log(f"  daemon: {stats['open_mappings']} open mappings, {stats['regions']} regions, "
                 f"{stats['leases']} leases")
 

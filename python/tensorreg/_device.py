@@ -10,9 +10,10 @@ same, raising the driver's error), `retain_allocation(ptr) -> handle | None` (No
 memory), `release(handle)` and `handle_types(handle) -> int`.
 
 Registration rules (docs/wire-format.md §12, the issue's plan):
-- every non-empty storage is found in its allocation; each allocation is looked up once, with
-  two driver calls for cudaMalloc memory (its range, its IPC handle) and three for VMM pages
-  (the IPC export fails, the allocation handle is retained);
+- every non-empty storage is found in its allocation; each allocation is looked up once: its
+  range, then its IPC handle (cudaMalloc memory) or its retained allocation handle (VMM pages),
+  asking first for the kind the previous allocation was (the other call fails), so a run of one
+  kind costs two driver calls an allocation;
 - cudaMalloc memory: one IPC handle per allocation; a VRAM region (RegisterRegion with that
   handle, the allocation's size) where the allocation backs several storages, else the handle
   in the storage's own entry; both with mapping_base_offset = storage address - base;
@@ -92,6 +93,7 @@ class _Allocations:
         self.drv = drv
         self.bases: list = []
         self.by_base: dict = {}
+        self.vmm_last = False  # the last allocation found was VMM memory
 
     def at(self, ptr: int) -> Allocation:
         k = bisect.bisect_right(self.bases, ptr) - 1
@@ -101,18 +103,22 @@ class _Allocations:
                 return a
         drv = self.drv
         base, size = drv.address_range(ptr)
-        # IPC export first: it succeeds for cudaMalloc memory, the common case, which then costs
-        # two driver calls; VMM pages refuse it and are retained instead.
-        handle = drv.try_ipc_handle(base)
+        # Each kind of memory refuses the other's export, and allocations of one kind come in
+        # runs (a state dict is all cudaMalloc blocks or all expandable-segments pages): ask
+        # first as the last allocation answered, so that each costs two driver calls.
+        vmm = drv.retain_allocation(base) if self.vmm_last else None
+        handle = drv.try_ipc_handle(base) if vmm is None else None
+        if vmm is None and handle is None and not self.vmm_last:
+            vmm = drv.retain_allocation(base)
         if handle is not None:
             a = _new(Allocation, (base, size, None, handle))
-        else:
-            vmm = drv.retain_allocation(base)
-            if vmm is None:
-                drv.ipc_handle(base)  # raises the driver's own reason (e.g. cudaMallocAsync pool memory)
-                raise FailedPrecondition(f"cannot export the allocation at {base:#x}: it is neither cudaMalloc nor "
-                                         f"VMM memory")
+        elif vmm is not None:
             a = Allocation(base, size, vmm)
+        else:
+            drv.ipc_handle(base)  # raises the driver's own reason (e.g. cudaMallocAsync pool memory)
+            raise FailedPrecondition(f"cannot export the allocation at {base:#x}: it is neither cudaMalloc nor VMM "
+                                     f"memory")
+        self.vmm_last = vmm is not None
         bisect.insort(self.bases, base)
         self.by_base[base] = a
         return a

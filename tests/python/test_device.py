@@ -35,6 +35,8 @@ class FakeDriver:
         self.ipc_exports = []
         self.retained = 0
         self.released = 0
+        self.ipc_refused = 0
+        self.retain_refused = 0
 
     def _find(self, ptr):
         for a in self.allocations:
@@ -51,6 +53,7 @@ class FakeDriver:
     def retain_allocation(self, ptr):
         base, _, vmm, _ = self._find(ptr)
         if vmm is not True:  # False: cudaMalloc memory; "pool": neither (cudaMallocAsync)
+            self.retain_refused += 1
             return None
         self.retained += 1
         return base  # the handle is the page's base, so tests can read it back
@@ -63,6 +66,7 @@ class FakeDriver:
 
     def try_ipc_handle(self, base):
         if self._find(base)[2]:
+            self.ipc_refused += 1
             return None  # the driver refuses VMM memory
         self.ipc_exports.append(base)
         return base.to_bytes(8, "little") * 8
@@ -92,10 +96,11 @@ class Plans(unittest.TestCase):
         self.assertEqual(plan.sources[2], _device.Source(0, None, 2 * MiB))
         # The lone storage of the other allocation names its handle directly.
         self.assertEqual(plan.sources[1], _device.Source(None, drv.ipc_handle(0x8000000), 0))
-        # Each allocation was looked up and exported once, whatever the number of storages.
+        # Each allocation was looked up and exported once, whatever the number of storages, and
+        # cudaMalloc memory was never asked for a VMM handle.
         self.assertEqual(drv.range_queries, 2)
         self.assertEqual(sorted(drv.ipc_exports[:2]), [0x1000000, 0x8000000])
-        self.assertEqual(drv.retained, 0)
+        self.assertEqual((drv.retained, drv.retain_refused), (0, 0))
         # The empty storage borrows a source: nothing is read from it.
         self.assertIn(plan.sources[3], plan.sources[:3])
 
@@ -118,6 +123,8 @@ class Plans(unittest.TestCase):
         # Pages 3-5 of the first reservation back no storage: they are not looked up or sent.
         self.assertEqual(drv.range_queries, 5)
         self.assertEqual(drv.retained, 5)
+        # Only the first page was asked for an IPC handle: after it, VMM is asked first.
+        self.assertEqual((drv.ipc_refused, drv.retain_refused), (1, 0))
         plan.release(drv)
         self.assertEqual(drv.released, drv.retained)
 
@@ -181,6 +188,13 @@ class Plans(unittest.TestCase):
                       "fd (its handle types are 0x8)", message)
         self.assertIn("expandable_segments:False", message)
         self.assertEqual(drv.released, drv.retained)  # nothing leaks on the error path
+
+    def test_cudamalloc_memory_after_vmm_pages_is_found_either_way(self):
+        drv = FakeDriver(vmm_pages(0x300000000, 2) + [(0x400000000, 2 * MiB, False, 0)])
+        plan = _device.plan(drv, [(0x300000000, 3 * MiB), (0x400000000 + 64, 8)], "register state dict")
+        self.assertEqual(plan.sources[1], _device.Source(None, drv.ipc_handle(0x400000000), 64))
+        self.assertEqual([len(r.pages) for r in plan.regions], [2])
+        self.assertEqual((drv.ipc_refused, drv.retain_refused), (1, 1))  # one wrong guess at each switch
 
     def test_memory_neither_cudamalloc_nor_vmm_is_refused_with_the_drivers_reason(self):
         drv = FakeDriver([(0x1000000, 2 * MiB, "pool", 0)])
