@@ -121,17 +121,21 @@ def check_name(name: Any) -> str:
 _name_of = operator.itemgetter(0)  # Desc.name
 
 
-def check(descs: list) -> None:
-    """Refuses what build() would refuse, without laying anything out: lets a caller send its
-    first requests before build() runs. Errors: InvalidArgument, as build()."""
-    if not descs:
+def check(names: list, nbytes: list) -> None:
+    """Refuses what build() would refuse of tensors with these names and storage sizes (their
+    storages keyed by address and size, so one storage cannot have two sizes), without laying
+    anything out: lets a caller send its first requests before build() runs.
+    Errors: InvalidArgument, with build()'s messages."""
+    if not names:
         raise InvalidArgument("cannot build the canonical index: empty tensor dict")
-    sizes: dict = {}
-    for d in descs:
-        if sizes.setdefault(d.storage_key, d.storage_nbytes) != d.storage_nbytes:
-            build(descs)  # raises, naming both tensors
-    if len({d.name for d in descs}) != len(descs) or not any(sizes.values()):
-        build(descs)  # raises: a duplicate name, or every tensor empty
+    if len(set(names)) != len(names):
+        seen: set = set()
+        for name in sorted(names):
+            if name in seen:
+                raise InvalidArgument(f"cannot build the canonical index: duplicate tensor name {quote(name)}")
+            seen.add(name)
+    if not any(nbytes):
+        raise InvalidArgument("cannot build the canonical index: every tensor is empty, so total_size would be 0")
 
 
 def build(descs: list) -> Layout:
@@ -201,6 +205,16 @@ def state_dict_descs(torch, state_dict, verb: str) -> tuple:
     """Validates a state dict and describes its tensors. Returns (descs, device).
     Errors: InvalidArgument (not a mapping of str → tensor, sparse or meta tensors, several
     devices, a dtype outside the table), raised before anything is sent."""
+    items, storages, device = state_dict_storages(torch, state_dict, verb)
+    return describe(items, storages), device
+
+
+def state_dict_storages(torch, state_dict, verb: str) -> tuple:
+    """The first half of state_dict_descs: every check, and each tensor's storage. Returns
+    (items, storages, device): items as (name, tensor), storages as (storage, data_ptr, nbytes,
+    dtype string), one per item. A register of CUDA tensors needs only this much before it can
+    send its first request (describe() can follow while the daemon works).
+    Errors: as state_dict_descs."""
     if not hasattr(state_dict, "items"):
         raise InvalidArgument(f"cannot {verb}: expected a mapping of names to tensors, got {type(state_dict).__name__}")
     items = list(state_dict.items())
@@ -224,12 +238,11 @@ def state_dict_descs(torch, state_dict, verb: str) -> tuple:
     if kind not in ("cpu", "cuda"):
         raise InvalidArgument(f"cannot {verb}: the tensors are on {device}; only cpu and cuda tensors can be "
                               f"registered")
-    descs = []
-    # This loop is the client's metadata cost per tensor (1 000 tensors: a few ms): look-ups
-    # are hoisted out of it.
+    storages = []
+    # This loop and describe()'s are the client's metadata cost per tensor (1 000 tensors: a
+    # few ms): look-ups are hoisted out of them.
     storage_of = getattr(tensor_type, "untyped_storage", None) or untyped_storage  # torch 2 / 1.13
     dtype_names: dict = {}
-    new = tuple.__new__  # a Desc without NamedTuple's Python-level __new__
     for name, t in items:
         dtype = dtype_names.get(t.dtype)
         if dtype is None:
@@ -237,10 +250,16 @@ def state_dict_descs(torch, state_dict, verb: str) -> tuple:
         if dtype not in DTYPE_SIZES:
             raise InvalidArgument(f"cannot {verb}: tensor {quote(name)} has unsupported dtype {dtype}")
         storage = storage_of(t)
-        nbytes = storage.nbytes()
-        descs.append(new(Desc, (name, (storage.data_ptr(), nbytes), nbytes, list(t.shape), list(t.stride()), dtype,
-                                t.storage_offset(), (storage, t))))
-    return descs, device
+        storages.append((storage, storage.data_ptr(), storage.nbytes(), dtype))
+    return items, storages, device
+
+
+def describe(items: list, storages: list) -> list:
+    """The second half of state_dict_descs: a Desc per item."""
+    new = tuple.__new__  # a Desc without NamedTuple's Python-level __new__
+    return [new(Desc, (name, (ptr, nbytes), nbytes, list(t.shape), list(t.stride()), dtype, t.storage_offset(),
+                       (storage, t)))
+            for (name, t), (storage, ptr, nbytes, dtype) in zip(items, storages)]
 
 
 def storage_bytes(torch, source):

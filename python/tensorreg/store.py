@@ -497,12 +497,12 @@ class Store:
         exported as POSIX fds, a daemon that does not see the GPU), the daemon's status."""
         started = time.perf_counter()
         torch = _torch()
-        descs, device = _layout.state_dict_descs(torch, state_dict, "register state dict")
+        items, storages, device = _layout.state_dict_storages(torch, state_dict, "register state dict")
         cuda = device.startswith("cuda")
-        if cuda:
-            _layout.check(descs)  # laid out later, while the daemon maps the regions
+        if cuda:  # described and laid out later, while the daemon maps the regions
+            _layout.check([name for name, _ in items], [s[2] for s in storages])
         else:
-            layout = _layout.build(descs)
+            layout = _layout.build(_layout.describe(items, storages))
         profile = _policy_profile(policy, "register state dict")
         if not isinstance(ttl_ms, int) or not 0 <= ttl_ms < 2**32:
             raise InvalidArgument(f"cannot register state dict: ttl_ms {ttl_ms!r} is not a uint32")
@@ -517,7 +517,7 @@ class Store:
         if profile is not None:
             b.policy.profile = profile
         if cuda:
-            return self._register_cuda(torch, descs, torch.device(device), begin, ttl_ms, started)
+            return self._register_cuda(torch, items, storages, torch.device(device), begin, ttl_ms, started)
         b.total_size = layout.total_size
         return self._register_host(torch, layout, begin, ttl_ms, started)
 
@@ -579,10 +579,11 @@ class Store:
         return RegisteredArtifact(done, layout, registration_id, "lease_in_place", lease,
                                   timings)
 
-    def _register_cuda(self, torch, descs, device, begin, ttl_ms: int, started: float) -> RegisteredArtifact:
+    def _register_cuda(self, torch, items, storages, device, begin, ttl_ms: int, started: float) -> RegisteredArtifact:
         """LIP of CUDA tensors: the allocations are planned from the storages as found; the
-        canonical layout, the Begin (it needs total_size) and the Feed are made while the daemon
-        imports the regions, so the Python work overlaps the daemon's."""
+        tensors' description, the canonical layout, the Begin (it needs total_size) and the Feed
+        are made while the daemon imports the regions, so that Python work overlaps the
+        daemon's."""
         what = "register state dict"
         drv = _cuda.driver()
         ordinal = device.index if device.index is not None else torch.cuda.current_device()
@@ -590,12 +591,12 @@ class Store:
         b = begin.begin_register_artifact
         b.device_id = ordinal
         b.device_uuid = uuid
-        found: dict = {}  # storage key -> position in spans
+        found: dict = {}  # storage key (data_ptr, nbytes), as Desc.storage_key -> position in spans
         spans = []  # (data_ptr, nbytes) of each storage, in the order found
-        for d in descs:
-            if d.storage_key not in found:
-                found[d.storage_key] = len(spans)
-                spans.append((d.storage_key[0], d.storage_nbytes))
+        for _, ptr, nbytes, _ in storages:
+            if (ptr, nbytes) not in found:
+                found[(ptr, nbytes)] = len(spans)
+                spans.append((ptr, nbytes))
         with drv.on(ordinal):
             plan = _device.plan(drv, spans, what)
         pid = os.getpid()
@@ -633,7 +634,7 @@ class Store:
 
             def meanwhile():
                 try:
-                    layout = built["layout"] = _layout.build(descs)
+                    layout = built["layout"] = _layout.build(_layout.describe(items, storages))
                     b.total_size = layout.total_size
                     built["frame"] = _lease_feed(layout, source)
                     return [(begin, ())]

@@ -85,22 +85,28 @@ class BadInput(unittest.TestCase):
         self.check({"a": torch.zeros(0)}, tensorreg.InvalidArgument, "total_size would be 0")
 
     def test_check_refuses_what_build_refuses_before_anything_is_laid_out(self):
-        def descs(sd):
-            return _layout.state_dict_descs(torch, sd, "register state dict")[0]
-
-        for bad, part in (([], "empty tensor dict"), (descs({"a": torch.zeros(0)}), "total_size would be 0")):
+        for names, nbytes, part in (([], [], "empty tensor dict"), (["a", "b"], [0, 0], "total_size would be 0"),
+                                    (["b", "a", "b"], [4, 4, 8], "duplicate tensor name 'b'")):
             with self.assertRaises(tensorreg.InvalidArgument) as ctx:
-                _layout.check(bad)
+                _layout.check(names, nbytes)
             self.assertIn(part, ctx.exception.message)
-        twice = descs({"a": torch.zeros(2)})
-        with self.assertRaises(tensorreg.InvalidArgument) as ctx:
-            _layout.check(twice + twice)
-        self.assertIn("duplicate tensor name 'a'", ctx.exception.message)
-        one, other = descs({"a": torch.zeros(2), "b": torch.zeros(3)})
-        with self.assertRaises(tensorreg.InvalidArgument) as ctx:
-            _layout.check([one, other._replace(storage_key=one.storage_key)])
-        self.assertIn("one storage has 12 bytes for tensor 'b' but 8 bytes for tensor 'a'", ctx.exception.message)
-        _layout.check(descs({"a": torch.zeros(2), "b": torch.zeros(0)}))  # fine: no exception
+            with self.assertRaises(tensorreg.InvalidArgument) as built:
+                _layout.build([_layout.Desc(n, (k, b), b, [b], [1], "torch.uint8", 0, None)
+                               for k, (n, b) in enumerate(zip(names, nbytes))])
+            self.assertEqual(ctx.exception.message, built.exception.message)
+        _layout.check(["a", "b"], [8, 0])  # fine: no exception
+
+    def test_describing_in_two_halves_is_describing_at_once(self):
+        w = torch.randn(6, 5)
+        sd = {"w": w, "t": w.t(), "s": torch.arange(10)[3:7]}
+        items, storages, device = _layout.state_dict_storages(torch, sd, "register state dict")
+        self.assertEqual(device, "cpu")
+        self.assertEqual([(d.name, d.storage_key, d.shape, d.stride, d.dtype, d.storage_offset)
+                          for d in _layout.describe(items, storages)],
+                         [(d.name, d.storage_key, d.shape, d.stride, d.dtype, d.storage_offset)
+                          for d in _layout.state_dict_descs(torch, sd, "x")[0]])
+        self.assertEqual(storages[0][1:], (w.untyped_storage().data_ptr() if hasattr(w, "untyped_storage")
+                                           else w.storage().data_ptr(), 120, "torch.float32"))
 
     def test_non_tensor_values_and_non_str_names_are_invalid(self):
         self.check({"a": [1, 2]}, tensorreg.InvalidArgument, "'a'", "not a torch.Tensor")
