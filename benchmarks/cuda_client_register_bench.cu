@@ -66,6 +66,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "cuda/driver_entry.hpp"
 #include "daemon/client.hpp"
 #include "tensorreg/devices/device_identity.hpp"
 #include "tensorreg/index/canonical_index.hpp"
@@ -282,7 +283,7 @@ layout_spec parse_layout(const std::string& path) {
   return out;
 }
 
-// ---- the driver entry points (as src/cuda: through the runtime, no libcuda.so link) -------
+// ---- the driver entry points (src/cuda/driver_entry.hpp: through the runtime, no libcuda.so) -
 
 struct driver_api {
   PFN_cuMemGetAddressRange_v3020 get_address_range = nullptr;
@@ -291,16 +292,9 @@ struct driver_api {
 
   template <typename Fn>
   static void find(Fn& out, const char* name, int version, bool required) {
-    void* fn = nullptr;
-    cudaDriverEntryPointQueryResult found{};
-    if (cudaGetDriverEntryPointByVersion(name, &fn, static_cast<unsigned>(version), cudaEnableDefault, &found) ==
-            cudaSuccess &&
-        found == cudaDriverEntryPointSuccess && fn != nullptr) {
-      out = reinterpret_cast<Fn>(fn);
-      return;
+    if (!tensorreg::cuda::detail::find_driver_entry(out, name, version) && required) {
+      die(std::string("the CUDA driver has no ") + name);
     }
-    static_cast<void>(cudaGetLastError());
-    if (required) die(std::string("the CUDA driver has no ") + name);
   }
 
   static driver_api load() {

@@ -139,13 +139,7 @@ def producer(tensors: int, gib: float, quick: bool = False) -> None:
                 for b in part:
                     drv.ipc_handle(b)
 
-        threads = [threading.Thread(target=work, args=(p,)) for p in parts]
-        started = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        return time.perf_counter() - started
+        return on_threads(work, parts)
 
     for k in (2, 4, 8):
         per_call(f"cuIpcGetMemHandle on {k} threads (wall per allocation)", len(bases), ipc_threads(k))

@@ -73,6 +73,7 @@ if(TENSORREG_BUILD_TESTS)
   add_executable(tensorreg_gpu_producer ${PROJECT_SOURCE_DIR}/tests/cuda/producer.cpp)
   tensorreg_cuda_target(tensorreg_gpu_producer)
   target_link_libraries(tensorreg_gpu_producer PRIVATE tensorreg_gpu_fill CUDA::cudart_static tensorreg_warnings)
+  target_include_directories(tensorreg_gpu_producer PRIVATE ${PROJECT_SOURCE_DIR}/src)
 
   add_executable(tensorreg_gpu_tests
     ${PROJECT_SOURCE_DIR}/tests/cuda/gpu_main.cpp
@@ -148,6 +149,7 @@ if(TENSORREG_BUILD_BENCHMARKS)
   # does, so nothing links libcuda.so.
   add_executable(cuda_client_register_bench ${PROJECT_SOURCE_DIR}/benchmarks/cuda_client_register_bench.cu)
   tensorreg_cuda_target(cuda_client_register_bench)
+  target_include_directories(cuda_client_register_bench PRIVATE ${PROJECT_SOURCE_DIR}/src)
   target_link_libraries(cuda_client_register_bench PRIVATE tensorreg::tensorreg tensorreg_daemon_core
                                                            CUDA::cudart_static nlohmann_json::nlohmann_json
                                                            tensorreg_cuda_flags)

@@ -20,6 +20,7 @@
 
 #include "cuda/bulk_copy.hpp"
 #include "cuda/cuda_check.hpp"
+#include "cuda/driver_entry.hpp"
 #include "cuda/hash_placement.hpp"
 #include "cuda/pinned_double_buffer.hpp"
 #include "cuda/vmm_import.hpp"
@@ -303,14 +304,9 @@ result<std::shared_ptr<device_memory_provider>> device_memory_provider::create(o
   for (int d = 0; d < count; ++d) state->hashers.push_back(std::make_unique<detail::provider_state::device_hasher>());
   // Driver entry points through the runtime, so nothing links libcuda.so: a binary built with
   // CUDA still starts on a machine without the driver (and then runs with no GPU).
-  void* fn = nullptr;
-  cudaDriverEntryPointQueryResult found{};
-  TENSORREG_CUDA_TRY(cudaGetDriverEntryPointByVersion("cuMemGetAddressRange", &fn, 3020, cudaEnableDefault, &found),
-                     "find the driver's cuMemGetAddressRange");
-  if (found != cudaDriverEntryPointSuccess || fn == nullptr) {
+  if (!detail::find_driver_entry(state->get_address_range, "cuMemGetAddressRange", 3020)) {
     return fail(errc::failed_precondition, "cannot use CUDA device memory: the driver has no cuMemGetAddressRange");
   }
-  state->get_address_range = reinterpret_cast<PFN_cuMemGetAddressRange_v3020>(fn);
   for (int d = 0; d < count; ++d) {
     cudaDeviceProp prop{};
     TENSORREG_CUDA_TRY(cudaGetDeviceProperties(&prop, d), "read the UUID of CUDA device " + std::to_string(d));
@@ -322,13 +318,8 @@ result<std::shared_ptr<device_memory_provider>> device_memory_provider::create(o
   // A driver without the VMM API still serves CUDA IPC: import_vmm() then says what is missing.
   state->vmm = detail::vmm_driver::load();
   state->granularity = std::make_unique<std::atomic<std::uint64_t>[]>(static_cast<std::size_t>(count));
-  fn = nullptr;
-  if (cudaGetDriverEntryPointByVersion("cuGetErrorName", &fn, 6000, cudaEnableDefault, &found) == cudaSuccess &&
-      found == cudaDriverEntryPointSuccess) {
-    state->get_error_name = reinterpret_cast<PFN_cuGetErrorName_v6000>(fn);
-  } else {
-    static_cast<void>(cudaGetLastError());
-  }
+  // Optional: error names in messages.
+  static_cast<void>(detail::find_driver_entry(state->get_error_name, "cuGetErrorName", 6000));
   return std::shared_ptr<device_memory_provider>(new device_memory_provider(std::move(state)));
 }
 

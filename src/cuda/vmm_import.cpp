@@ -1,5 +1,7 @@
 #include "cuda/vmm_import.hpp"
 
+#include "cuda/driver_entry.hpp"
+
 #include <cuda_runtime_api.h>
 
 #include <cstdio>
@@ -12,16 +14,7 @@ namespace {
 
 template <typename Fn>
 void find(Fn& out, const char* name, int version, std::string& missing) {
-  void* fn = nullptr;
-  cudaDriverEntryPointQueryResult found{};
-  if (cudaGetDriverEntryPointByVersion(name, &fn, static_cast<unsigned>(version), cudaEnableDefault, &found) ==
-          cudaSuccess &&
-      found == cudaDriverEntryPointSuccess && fn != nullptr) {
-    out = reinterpret_cast<Fn>(fn);
-    return;
-  }
-  static_cast<void>(cudaGetLastError());
-  if (missing.empty()) missing = name;
+  if (!find_driver_entry(out, name, version) && missing.empty()) missing = name;
 }
 
 /// The code of a failed driver call: running out of memory or address space is

@@ -31,6 +31,7 @@
 #include <string>
 #include <vector>
 
+#include "cuda/driver_entry.hpp"
 #include "gpu_fill.hpp"
 
 namespace {
@@ -55,15 +56,9 @@ struct vmm_api {
 
   template <typename Fn>
   static bool find(Fn& out, const char* name) {
-    void* fn = nullptr;
-    cudaDriverEntryPointQueryResult found{};
-    if (cudaGetDriverEntryPointByVersion(name, &fn, 10020, cudaEnableDefault, &found) != cudaSuccess ||
-        found != cudaDriverEntryPointSuccess || fn == nullptr) {
-      std::fprintf(stderr, "tensorreg_gpu_producer: cannot find the driver's %s\n", name);
-      return false;
-    }
-    out = reinterpret_cast<Fn>(fn);
-    return true;
+    if (tensorreg::cuda::detail::find_driver_entry(out, name, 10020)) return true;
+    std::fprintf(stderr, "tensorreg_gpu_producer: cannot find the driver's %s\n", name);
+    return false;
   }
   bool load() {
     return find(create, "cuMemCreate") && find(granularity, "cuMemGetAllocationGranularity") &&

@@ -26,6 +26,7 @@
 #include <thread>
 #include <vector>
 
+#include "cuda/driver_entry.hpp"
 #include "producer_process.hpp"
 #include "support/engine_helpers.hpp"
 #include "tensorreg/hash/tree_hash.hpp"
@@ -61,17 +62,12 @@ std::string what(const producer_process& p, int device) {
 
 /// The access flags the driver reports for device 0 at `ptr` (cuMemGetAccess), or -1.
 long long access_flags(const void* ptr) {
-  void* fn = nullptr;
-  cudaDriverEntryPointQueryResult found{};
-  if (cudaGetDriverEntryPointByVersion("cuMemGetAccess", &fn, 10020, cudaEnableDefault, &found) != cudaSuccess ||
-      found != cudaDriverEntryPointSuccess) {
-    return -1;
-  }
+  PFN_cuMemGetAccess_v10020 get = nullptr;
+  if (!cuda::detail::find_driver_entry(get, "cuMemGetAccess", 10020)) return -1;
   CUmemLocation location{};
   location.type = CU_MEM_LOCATION_TYPE_DEVICE;
   location.id = 0;
   unsigned long long flags = 0;
-  const auto get = reinterpret_cast<PFN_cuMemGetAccess_v10020>(fn);
   if (get(&flags, &location, reinterpret_cast<CUdeviceptr>(ptr)) != CUDA_SUCCESS) return -1;
   return static_cast<long long>(flags);
 }
