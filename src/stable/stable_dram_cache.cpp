@@ -20,15 +20,7 @@ Enum max_rank(Enum a, Enum b) noexcept {
   return static_cast<std::int32_t>(a) >= static_cast<std::int32_t>(b) ? a : b;
 }
 
-// Appended, not `"'" + std::string(key) + "'"`: that form trips GCC 12's false -Wrestrict at -O3.
-std::string quoted(std::string_view key) {
-  std::string out;
-  out.reserve(key.size() + 2);
-  out += '\'';
-  out += key;
-  out += '\'';
-  return out;
-}
+std::string quoted(std::string_view key) { return "'" + std::string(key) + "'"; }
 
 std::string admit_prefix(std::string_view key, std::uint64_t size_bytes) {
   return "cannot admit " + quoted(key) + " (" + std::to_string(size_bytes) + " bytes) to the stable dram cache: ";
