@@ -64,6 +64,14 @@ def _torch():
     return torch
 
 
+def _torch_device(torch, device, what: str):
+    """torch.device(device). Errors: InvalidArgument naming the bad device."""
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise InvalidArgument(f"cannot {what}: bad device {device!r}: {e}") from None
+
+
 class LocalStableTier(NamedTuple):
     """The local stable tier's outcome at commit: status is "ready", "degraded", "skipped" or
     "unspecified"; message says why when it is not ready."""
@@ -620,16 +628,17 @@ class Store:
             # 2. Meanwhile: the canonical layout, then Begin; and the Feed (each storage from its
             # region or its allocation's handle), whose region refs wait for the answers.
             built: dict = {}
-
-            def source_of(layout, k):  # the plan's source of canonical storage k
-                return plan.sources[found[layout.descs[layout.storages[k].first_name].storage_key]]
+            awaiting_ref: list = []  # (storage entry, region index): filled in from the answers
 
             def source(entry, k):
-                src = source_of(built["layout"], k)
+                layout = built["layout"]
+                src = plan.sources[found[layout.descs[layout.storages[k].first_name].storage_key]]
                 entry.device_id = ordinal
                 entry.device_uuid = uuid
                 if src.region is None:
                     entry.cuda_ipc_handle = src.ipc_handle
+                else:
+                    awaiting_ref.append((entry, src.region))
                 entry.mapping_base_offset = src.mapping_base_offset
 
             def meanwhile():
@@ -673,11 +682,8 @@ class Store:
             frame = built["frame"]
             feed = frame.feed_register_artifact_stream
             feed.registration_id = registration_id
-            entries = feed.storage_entries
-            for k in range(len(layout.storages)):
-                src = source_of(layout, k)
-                if src.region is not None:
-                    entries[k].region_ref.CopyFrom(refs[src.region])
+            for entry, region in awaiting_ref:
+                entry.region_ref.CopyFrom(refs[region])
             self._conn.feed([frame])
             fed = time.perf_counter()
             done = self._commit(registration_id)
@@ -709,10 +715,7 @@ class Store:
         InvalidArgument (devices other than cpu and cuda)."""
         torch = _torch()
         what = f"get {artifact_id}"
-        try:
-            dev = torch.device(device)
-        except (RuntimeError, TypeError) as e:
-            raise InvalidArgument(f"cannot {what}: bad device {device!r}: {e}") from None
+        dev = _torch_device(torch, device, what)
         if dev.type not in ("cpu", "cuda"):
             raise InvalidArgument(f"cannot {what} on {dev}: only cpu and cuda are supported")
         if dev.type == "cuda" and not torch.cuda.is_available():
@@ -771,10 +774,7 @@ class Store:
         (device not cuda, or cuda:N when the artifact is on another GPU)."""
         torch = _torch()
         what = f"open {artifact_id}"
-        try:
-            dev = torch.device(device)
-        except (RuntimeError, TypeError) as e:
-            raise InvalidArgument(f"cannot {what}: bad device {device!r}: {e}") from None
+        dev = _torch_device(torch, device, what)
         if dev.type != "cuda":
             raise InvalidArgument(f"cannot {what} on {dev}: open() maps GPU memory; use get() for cpu")
         drv = _cuda.driver()  # before the call: no GPU here means nothing to ask the daemon for

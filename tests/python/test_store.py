@@ -136,6 +136,12 @@ class StoreTest(unittest.TestCase):
                 os.environ["TENSORREG_LIBCUDA"] = old
         self.assertIn("cannot use CUDA: cannot load the NVIDIA driver library", ctx.exception.message)
 
+    def test_a_device_torch_cannot_parse_is_invalid_for_get_and_open(self):
+        for call, verb in ((self.store.get, "get"), (self.store.open, "open")):
+            with self.assertRaises(tensorreg.InvalidArgument) as ctx:
+                call("mi2:unknown", device="not-a-device")
+            self.assertIn(f"cannot {verb} mi2:unknown: bad device 'not-a-device'", ctx.exception.message)
+
     def test_open_artifact_device_of_an_unknown_artifact_is_answered_by_the_daemon(self):
         request = tensorreg._messages.Request()
         request.open_artifact_device.artifact_id = "mi2:unknown"
