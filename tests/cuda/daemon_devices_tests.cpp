@@ -16,6 +16,7 @@
 
 #include "daemon/client.hpp"
 #include "producer_process.hpp"
+#include "provider_support.hpp"
 #include "support/daemon_process.hpp"
 #include "support/engine_helpers.hpp"
 #include "tensorreg/cuda/device_memory.hpp"
@@ -33,11 +34,7 @@ namespace v2 = tensorcast::daemon::v2;
 
 constexpr std::uint64_t mib = std::uint64_t{1} << 20;
 
-std::string read_all(const memory::byte_source& s, std::uint64_t offset, std::uint64_t length) {
-  std::string out(length, '\0');
-  REQUIRE_OK(s.read(offset, std::as_writable_bytes(std::span<char>(out))));
-  return out;
-}
+using tensorreg::cuda::testing::read_all;
 
 // One storage of the artifact: `length` bytes at `base` of the VMM region, or of IPC
 // allocation 0 when `in_region` is false. Each is one uint8 tensor of the same name.
@@ -62,6 +59,21 @@ void add_uint8_tensor(v2::FeedRegisterArtifactStreamRequest& feed, const std::st
   a->add_shape(static_cast<std::int64_t>(length));
   a->add_stride(1);
   a->set_dtype("torch.uint8");
+}
+
+// Registers a VRAM region of the producer's VMM allocations [first, first + count), each one
+// chunk of `chunk` bytes, with their fds; returns the daemon's ref to it.
+v2::RegionRef register_vmm_region(tensorreg::daemon::client& c, const producer_process& p, int first, int count,
+                                  std::uint64_t chunk) {
+  wv1::Request req;
+  auto* rr = req.mutable_register_region();
+  rr->set_memory_kind(v2::REGION_MEMORY_KIND_VRAM);
+  rr->set_owner_pid(static_cast<std::int32_t>(::getpid()));
+  rr->set_size_bytes(static_cast<std::uint64_t>(count) * chunk);
+  for (int i = 0; i < count; ++i) rr->mutable_cuda_vmm()->add_chunk_bytes(chunk);
+  auto made = c.call(req, std::span<const int>(p.vmm_fds().data() + first, static_cast<std::size_t>(count)));
+  REQUIRE_OK(made);
+  return made->response.register_region().region();
 }
 
 }  // namespace
@@ -236,18 +248,7 @@ TEST_CASE("cuda daemon: OpenArtifactDevice pages VMM fds 250 at most an answer, 
   const auto me = static_cast<std::int32_t>(::getpid());
 
   std::vector<v2::RegionRef> regions;
-  for (int r = 0; r < 2; ++r) {
-    wv1::Request req;
-    auto* rr = req.mutable_register_region();
-    rr->set_memory_kind(v2::REGION_MEMORY_KIND_VRAM);
-    rr->set_owner_pid(me);
-    rr->set_size_bytes(per_region * chunk);
-    for (int i = 0; i < per_region; ++i) rr->mutable_cuda_vmm()->add_chunk_bytes(chunk);
-    const std::span<const int> fds(p.vmm_fds().data() + r * per_region, per_region);
-    auto made = c.call(req, fds);
-    REQUIRE_OK(made);
-    regions.push_back(made->response.register_region().region());
-  }
+  for (int r = 0; r < 2; ++r) regions.push_back(register_vmm_region(c, p, r * per_region, per_region, chunk));
   // One tensor over each whole region.
   std::vector<index::tensor_desc> descs;
   for (int r = 0; r < 2; ++r) {
@@ -332,18 +333,7 @@ TEST_CASE("cuda daemon: 1 000 VMM allocations imported into one daemon reserve o
   stats.mutable_get_stats();
 
   std::vector<std::string> ids;
-  for (int r = 0; r < regions; ++r) {
-    wv1::Request req;
-    auto* rr = req.mutable_register_region();
-    rr->set_memory_kind(v2::REGION_MEMORY_KIND_VRAM);
-    rr->set_owner_pid(me);
-    rr->set_size_bytes(per_region * chunk);
-    for (int i = 0; i < per_region; ++i) rr->mutable_cuda_vmm()->add_chunk_bytes(chunk);
-    const std::span<const int> fds(p.vmm_fds().data() + r * per_region, per_region);
-    auto made = c.call(req, fds);
-    REQUIRE_OK(made);
-    ids.push_back(made->response.register_region().region().region_id());
-  }
+  for (int r = 0; r < regions; ++r) ids.push_back(register_vmm_region(c, p, r * per_region, per_region, chunk).region_id());
   auto held = c.call(stats);
   REQUIRE_OK(held);
   // PyTorch's own import reserves ~9/8 of the GPU per handle (1 000 x ~89 GiB); ours, the bytes.

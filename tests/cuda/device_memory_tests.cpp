@@ -32,6 +32,7 @@
 
 #include "daemon/client.hpp"
 #include "gpu_fill.hpp"
+#include "provider_support.hpp"
 #include "support/daemon_process.hpp"
 #include "tensorreg/identity/content_id.hpp"
 #include "support/engine_helpers.hpp"
@@ -185,18 +186,8 @@ class producer {
   std::vector<std::string> handles_;
 };
 
-std::shared_ptr<device_memory_provider> make_provider(device_memory_provider::options opts = {}) {
-  auto p = device_memory_provider::create(opts);
-  REQUIRE_OK(p);
-  return *p;
-}
-
-std::string read_all(const memory::byte_source& s, std::uint64_t offset, std::uint64_t length) {
-  std::string out(length, '\0');
-  auto done = s.read(offset, std::as_writable_bytes(std::span<char>(out)));
-  REQUIRE_OK(done);
-  return out;
-}
+using tensorreg::cuda::testing::make_provider;
+using tensorreg::cuda::testing::read_all;
 
 /// Forwards to the real provider and remembers the buffers it allocated, so a test can write
 /// a coalesced buffer through its device pointer as a client would through its mapping.

@@ -28,6 +28,7 @@
 
 #include "cuda/driver_entry.hpp"
 #include "producer_process.hpp"
+#include "provider_support.hpp"
 #include "support/engine_helpers.hpp"
 #include "tensorreg/hash/tree_hash.hpp"
 #include "tensorreg/memory/segmented_view.hpp"
@@ -43,18 +44,8 @@ using source_ptr = std::shared_ptr<const memory::byte_source>;
 
 constexpr std::uint64_t mib = std::uint64_t{1} << 20;
 
-std::shared_ptr<device_memory_provider> make_provider(device_memory_provider::options opts = {}) {
-  auto p = device_memory_provider::create(opts);
-  REQUIRE_OK(p);
-  return *p;
-}
-
-std::string read_all(const memory::byte_source& s, std::uint64_t offset, std::uint64_t length) {
-  std::string out(length, '\0');
-  auto done = s.read(offset, std::as_writable_bytes(std::span<char>(out)));
-  REQUIRE_OK(done);
-  return out;
-}
+using tensorreg::cuda::testing::make_provider;
+using tensorreg::cuda::testing::read_all;
 
 std::string what(const producer_process& p, int device) {
   return "cannot import CUDA VMM memory of process " + std::to_string(p.pid()) + " on device " + std::to_string(device);
