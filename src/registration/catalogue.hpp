@@ -7,9 +7,9 @@
 //
 // An artifact's life, `artifact_state`:
 //
-//   held ──quiesce()──▶ quiesced ──drain()──▶ draining ──last reader──▶ (drained) ──remove()──▶ gone
-//                            ▲                    │
-//                            └──── timeout ───────┘  (DEADLINE_EXCEEDED; it stays quiesced)
+//   held ─quiesce()─▶ quiesced ─drain()─▶ draining ─last reader leaves─▶ quiesced ─remove()─▶ gone
+//                          ▲                  │
+//                          └──── timeout ─────┘  (DEADLINE_EXCEEDED; it stays quiesced)
 //
 // An artifact with no lease, join, GPU replica or stable replica left is gone as well (the
 // stable cache may evict its replica at any time); empty entries are pruned lazily.

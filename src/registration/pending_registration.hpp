@@ -116,7 +116,9 @@ class pending_registration {
   const registration_facts facts_;
   const std::unique_ptr<plan> plan_;
 
-  mutable std::mutex mutex_;  // guards everything below and the plan's tables during Feed
+  // Guards everything below and the plan's tables during Feed. Lock order: taken after the
+  // engine mutex, never before it; the region registry's lock may be taken under it.
+  mutable std::mutex mutex_;
   std::condition_variable idle_;  // signalled when state_.feeding drops to 0
   phase_state state_;
   std::uint32_t ttl_ms_ = 0;
