@@ -1,9 +1,9 @@
 // tensorreg/registration/device_memory.hpp — how the engine reaches device (GPU) memory.
 //
 // The engine never calls CUDA itself. Everything it needs from a GPU goes through this
-// interface, which tensorreg/cuda/ implements; with no implementation (a machine with no GPU,
-// or a build without CUDA) every CUDA-only request fails FAILED_PRECONDITION with a message
-// that names the missing device, and everything else works.
+// interface, which tensorreg/cuda/ implements; with no implementation (engine_options::devices
+// null: a machine with no GPU, or a build without CUDA) every CUDA-only request fails
+// FAILED_PRECONDITION with a message that names the missing device, and everything else works.
 //
 // Thread-safety: implementations must allow concurrent calls. Ownership: returned sources
 // keep their mapping open until the last shared_ptr to them is released.
@@ -117,8 +117,5 @@ class device_memory {
     return std::nullopt;
   }
 };
-
-/// The implementation for machines without a GPU: every call fails FAILED_PRECONDITION.
-[[nodiscard]] std::shared_ptr<device_memory> no_device_memory();
 
 }  // namespace tensorreg::registration

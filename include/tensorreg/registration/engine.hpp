@@ -9,6 +9,10 @@
 //
 // An inference server or test harness links this directly; `tensorregd` only wraps it.
 //
+// Logging: every rejected call (with its status code), revoke, expiry, owner death, deregister
+// and stable-cache eviction is one line at info on `engine_options::log`, naming the
+// registration or artifact id and the owner pid; Begin and Commit successes at debug.
+//
 // Thread-safety: every member function may be called from any number of threads at once.
 // The engine's own lock guards only its tables; hashing and copying run outside it, on the
 // engine's thread pool, so a long commit never blocks other registrations, and one
@@ -29,6 +33,7 @@
 
 #include "tensorreg/common/clock.hpp"
 #include "tensorreg/common/error.hpp"
+#include "tensorreg/common/logger.hpp"
 #include "tensorreg/common/unique_fd.hpp"
 #include "tensorreg/index/canonical_index.hpp"
 #include "tensorreg/registration/device_memory.hpp"
@@ -39,6 +44,8 @@ namespace tensorreg::registration {
 struct engine_options {
   /// Time source for every TTL; must outlive the engine.
   const clock* time = &system_clock();
+  /// Where the engine writes its events; must outlive the engine; null = none.
+  logger* log = &null_logger();
   /// Stable DRAM cache budget in bytes; 0 = unlimited.
   std::uint64_t stable_bytes = 0;
   /// Hashing threads; 0 = one per hardware thread.
@@ -97,7 +104,21 @@ class engine {
 
   // ---- regions (§5.3) ----
 
+  /// Registers a region of client (or daemon-managed) memory that Feed's storage entries may
+  /// name (§5.3), and watches its owner process. A VRAM region of CUDA VMM allocations is
+  /// imported and mapped here first (docs/wire-format.md §12).
+  /// Errors: INVALID_ARGUMENT (kind unspecified, owner_pid ≤ 0, size 0, VRAM without device ≥ 0
+  /// or without exactly one of handle and VMM chunks, VMM chunks that do not add up to
+  /// size_bytes or do not import, HOST_SHARED without its spec, client memory without token or
+  /// memfd, an owner process that does not exist), FAILED_PRECONDITION (VMM memory without a
+  /// GPU, or on another device), RESOURCE_EXHAUSTED (capacity reached, memfd refused, address
+  /// space), INTERNAL (the owner cannot be watched).
   [[nodiscard]] result<regions::region_info> register_region(regions::register_request request);
+  /// Unregisters a region; returns whether it is gone now. With references held (pending
+  /// registrations or leases using it) it fails unless `force`, which retires it: no new
+  /// references, gone with the last one.
+  /// Errors: NOT_FOUND, PERMISSION_DENIED (owner_pid is not the region's owner),
+  /// FAILED_PRECONDITION (referenced, without force; the message ends with the reference count).
   [[nodiscard]] result<bool> unregister_region(const std::string& region_id, std::int32_t owner_pid, bool force);
 
   // ---- catalogue ----

@@ -45,8 +45,6 @@ struct stable_dram_options {
 /// BeginRegisterArtifactRequest.plan; coalesced when unset on the wire.
 using plan_options = std::variant<coalesced_options, lease_options, stable_dram_options>;
 
-enum class plan_kind { coalesced, lease, stable_dram };
-
 /// TensorIndexData.
 struct index_data {
   std::string bytes;

@@ -1,8 +1,12 @@
-// src/registration/lip.hpp — the lease-in-place tables of one pending registration and the
-// commit-time rules that turn them into a canonical index and a readable canonical buffer
-// (registration.md §2.3, §4.5, §5.1; DECISIONS §5.2–§5.6, §5.14).
+// src/registration/plans/lease_in_place.hpp — the lease-in-place plan (LIP): the bytes stay in
+// the client's memory and the engine holds a lease on them (registration.md §2.3, §4.5, §5.1;
+// DECISIONS §5.2–§5.6, §5.14).
 //
-// Private to the engine. Not thread-safe: the engine holds the registration's lock.
+// Provides `lip_tables` (the storage, alias and segment tables fed to one pending registration
+// and the commit-time rules that turn them into a canonical index and a readable canonical
+// buffer) and `lease_in_place`, the plan over them.
+//
+// Private to the engine. Not thread-safe: see plan.hpp for when a plan is called.
 #pragma once
 
 #include <cstdint>
@@ -13,6 +17,8 @@
 #include <unordered_map>
 #include <vector>
 
+#include "registration/catalogue.hpp"
+#include "registration/plans/plan.hpp"
 #include "tensorreg/index/canonical_index.hpp"
 #include "tensorreg/memory/segmented_view.hpp"
 #include "tensorreg/registration/device_memory.hpp"
@@ -25,16 +31,6 @@ struct lip_storage {
   storage_entry entry;
   /// Region-backed entries: the region, in lip_tables' regions (one reference per region).
   const regions::region_info* region = nullptr;
-};
-
-/// Everything a committed lease holds: the canonical buffer as a readable source, and the
-/// sources it reads from (kept alive by their shared_ptrs).
-struct lip_view {
-  std::shared_ptr<const memory::segmented_view> bytes;
-  std::vector<std::shared_ptr<const memory::byte_source>> keep_alive;
-  /// The device mappings among keep_alive, by source, as a reader in another process would
-  /// open the same memory (OpenArtifactDevice).
-  std::map<const memory::byte_source*, device_allocation> device_allocations;
 };
 
 class lip_tables {
@@ -87,6 +83,30 @@ class lip_tables {
   std::unordered_map<std::string, std::size_t> storage_by_id_;
   std::vector<tensor_alias> aliases_;
   std::vector<leased_segment> segments_;
+};
+
+/// The lease-in-place plan. Begin checks neither index nor device (§4.2.7): the index is
+/// rebuilt from the fed tables at Commit, and Commit publishes a lease that takes over the
+/// registration's region references and mappings.
+class lease_in_place final : public plan {
+ public:
+  /// Errors: UNIMPLEMENTED (in_place=false).
+  [[nodiscard]] static result<std::unique_ptr<lease_in_place>> begin(const begin_request& request,
+                                                                     const lease_options& options,
+                                                                     begin_response& response);
+
+  [[nodiscard]] std::string_view name() const noexcept override { return "lease-in-place"; }
+  [[nodiscard]] result<feed_work> feed(feed_request& request, const registration_facts& facts,
+                                       regions::region_registry& regions, const std::string& what) override;
+  /// Errors: as §4.5; FAILED_PRECONDITION for payloads not fed yet is retryable.
+  [[nodiscard]] result<commit_response> commit(commit_context& ctx) override;
+  void release(regions::region_registry& regions) noexcept override;
+
+  [[nodiscard]] const lip_tables& tables() const noexcept { return tables_; }
+
+ private:
+  lease_in_place() = default;
+  lip_tables tables_;
 };
 
 }  // namespace tensorreg::registration::detail

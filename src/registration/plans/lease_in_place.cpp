@@ -1,4 +1,4 @@
-#include "registration/lip.hpp"
+#include "registration/plans/lease_in_place.hpp"
 
 #include <algorithm>
 #include <limits>
@@ -334,6 +334,104 @@ std::vector<std::string> lip_tables::region_ids() const {
   ids.reserve(regions_.size());
   for (const auto& [id, info] : regions_) ids.push_back(id);
   return ids;
+}
+
+// ---- the plan ---------------------------------------------------------------------------------
+
+result<std::unique_ptr<lease_in_place>> lease_in_place::begin(const begin_request& /*request*/,
+                                                              const lease_options& options, begin_response& response) {
+  // §4.2.7: the lease plan checks neither index nor device at Begin; the index is rebuilt
+  // from the fed metadata at Commit.
+  if (!options.in_place) {
+    return fail(errc::unimplemented, "vram_leased (in_place=false) is not implemented; set lease_in_place=true");
+  }
+  response.handshake = lease_handshake{};
+  return std::unique_ptr<lease_in_place>(new lease_in_place());
+}
+
+result<feed_work> lease_in_place::feed(feed_request& r, const registration_facts& facts,
+                                       regions::region_registry& regions, const std::string& what) {
+  TENSORREG_TRY(check_feed_shape(r, what, name(), true, false));
+  // Check the segments before taking the storages, so a rejected message records nothing
+  // (a storage kept from a failed message made the client's retry a duplicate storage_id).
+  auto* segs = std::get_if<lease_segments>(&r.payload);
+  if (segs != nullptr) TENSORREG_TRY(lip_tables::check_segments(segs->segments));
+  TENSORREG_TRY(tables_.add_storages(std::move(r.storage_entries), regions, facts.owner_pid));
+  if (segs != nullptr) TENSORREG_TRY(tables_.add_segments(std::move(segs->segments)));
+  tables_.add_aliases(std::move(r.tensor_aliases));
+  return feed_work{};
+}
+
+result<commit_response> lease_in_place::commit(commit_context& ctx) {
+  const auto& p = ctx.facts;
+  // Steps 3–6: payloads, index rebuild, segment rules — all before any mapping is opened.
+  auto rebuilt = tables_.rebuild_index(p.total_size);
+  if (!rebuilt) {
+    // rebuild_index answers FAILED_PRECONDITION only for payloads not fed yet (step 3).
+    ctx.retryable = rebuilt.error().code == errc::failed_precondition;
+    return tl::unexpected(std::move(rebuilt).error());
+  }
+  auto idx = std::make_shared<const index::canonical_index>(std::move(*rebuilt));
+  // Step 7: open the storages' memory, once per handle or region.
+  TENSORREG_TRY_ASSIGN(auto view, tables_.open_view(p.total_size, p.owner_pid, ctx.devices));
+  {
+    // DECISIONS §5.1: the data hash is over the normalized canonical buffer, DATA ranges of the
+    // rebuilt index as read from the segments and PAD as zero. A segment of a storage that no
+    // alias names is not in the index, so it is PAD: its bytes must reach neither the hash nor
+    // the lease's readers (the local stable tier re-hashes what it copies from the lease).
+    TENSORREG_TRY_ASSIGN(auto normalized, normalized_view(*view.bytes, *idx));
+    view.keep_alive.push_back(view.bytes);  // the normalized view reads through it
+    view.bytes = std::make_shared<const memory::segmented_view>(std::move(normalized));
+  }
+  // Step 8: hash, outside every lock: on the GPU when the bytes live there and it is faster.
+  std::optional<hash::digest> data;
+  if (p.cgid.empty()) {
+    TENSORREG_TRY_ASSIGN(data, hash_canonical(*view.bytes, ctx.pool, ctx.devices));
+  }
+  auto descriptor = describe(p, *idx, data);
+
+  TENSORREG_TRY(ctx.with_catalogue([&](catalogue& cat) -> status {
+    if (auto* existing = cat.find(descriptor.artifact_id); existing != nullptr) {
+      if (existing->quiesced) {
+        return fail(errc::failed_precondition, "cannot commit lease of " + descriptor.artifact_id +
+                                                   ": the artifact is being deregistered");
+      }
+      for (const auto& [id, l] : existing->leases) {
+        if (l.device_id == p.device_id) {
+          return fail(errc::already_exists, "cannot commit lease of " + descriptor.artifact_id +
+                                                ": lease already exists for artifact on device " +
+                                                std::to_string(p.device_id));
+        }
+      }
+    }
+    // Step 10: the lease takes over the registration's region references and mappings.
+    auto& a = cat.add(descriptor, idx);
+    lease l;
+    l.registration_id = p.id;
+    l.owner_pid = p.owner_pid;
+    l.device_id = p.device_id;
+    l.expires = ttl_deadline(ctx.time, ctx.ttl_ms());
+    l.view = std::move(view);
+    l.region_ids = tables_.region_ids();
+    cat.add_lease(a, std::move(l));
+    tables_ = lip_tables{};  // references now belong to the lease
+    return {};
+  }));
+
+  commit_response response;
+  response.descriptor = descriptor;
+  status must_failure;
+  response.local_stable_tier = apply_local_stable_tier(ctx, descriptor.artifact_id, &must_failure);
+  if (!must_failure) {
+    ctx.with_catalogue([&](catalogue& cat) { (void)cat.revoke(p.id); });
+    return tl::unexpected(must_failure.error());
+  }
+  return response;
+}
+
+void lease_in_place::release(regions::region_registry& regions) noexcept {
+  for (const auto& id : tables_.region_ids()) (void)regions.release(id);
+  tables_ = lip_tables{};
 }
 
 }  // namespace tensorreg::registration::detail

@@ -1,0 +1,412 @@
+#include "registration/catalogue.hpp"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+
+#include "tensorreg/hash/multihash.hpp"
+#include "tensorreg/index/byte_range_map.hpp"
+#include "tensorreg/memory/shared_memory.hpp"
+
+namespace tensorreg::registration::detail {
+namespace {
+
+// A reader of an artifact's bytes: forwards to the source and holds the artifact's gate.
+class tracked_source final : public memory::byte_source {
+ public:
+  tracked_source(std::shared_ptr<const memory::byte_source> inner, std::shared_ptr<reader_gate> gate)
+      : inner_(std::move(inner)), gate_(std::move(gate)) {
+    gate_->enter();
+  }
+  ~tracked_source() override { gate_->leave(); }
+  tracked_source(const tracked_source&) = delete;
+  tracked_source& operator=(const tracked_source&) = delete;
+
+  [[nodiscard]] std::uint64_t size() const noexcept override { return inner_->size(); }
+  [[nodiscard]] status visit(std::uint64_t offset, std::uint64_t length, memory::piece_sink sink) const override {
+    return inner_->visit(offset, length, sink);
+  }
+
+ private:
+  std::shared_ptr<const memory::byte_source> inner_;
+  std::shared_ptr<reader_gate> gate_;
+};
+
+artifact_summary summarize(const artifact& a, bool stable_replica) {
+  artifact_summary out;
+  out.descriptor = a.descriptor;
+  out.stable_replica = stable_replica;
+  out.leases = a.leases.size();
+  out.joined_refs = a.joins.size();
+  out.quiesced = a.quiesced;
+  return out;
+}
+
+// Fills `out`'s allocations and segments with where `view` (a lease's canonical buffer) lies in
+// the device mappings `known`, each mapping once (gaps are PAD). False when some byte is not
+// such a mapping.
+bool device_pieces(const memory::byte_source& view, const std::map<const memory::byte_source*, device_allocation>& known,
+                   device_layout& out) {
+  std::map<const memory::byte_source*, std::uint32_t> numbering;
+  out.allocations.clear();
+  out.segments.clear();
+  return memory::for_each_leaf(
+      view, 0, view.size(), 0,
+      [&](const memory::byte_source& leaf, std::uint64_t offset, std::uint64_t length, std::uint64_t at) {
+        auto it = known.find(&leaf);
+        if (it == known.end()) return false;
+        auto [slot, added] = numbering.emplace(&leaf, static_cast<std::uint32_t>(out.allocations.size()));
+        if (added) out.allocations.push_back(it->second);
+        out.segments.push_back({at, length, slot->second, offset});
+        return true;
+      });
+}
+
+}  // namespace
+
+std::optional<clock::time_point> ttl_deadline(const clock& time, std::uint32_t ttl_ms) {
+  if (ttl_ms == 0) return std::nullopt;
+  return saturating_deadline(time.now(), std::chrono::milliseconds(ttl_ms));
+}
+
+std::string_view artifact_state_name(artifact_state state) noexcept {
+  switch (state) {
+    case artifact_state::held: return "held";
+    case artifact_state::quiesced: return "quiesced";
+    case artifact_state::draining: return "draining";
+    case artifact_state::gone: break;
+  }
+  return "gone";
+}
+
+// ---- reader_gate -----------------------------------------------------------------------------
+
+void reader_gate::enter() {
+  std::lock_guard lock(mutex_);
+  ++readers_;
+}
+
+void reader_gate::leave() noexcept {
+  std::lock_guard lock(mutex_);
+  TENSORREG_ASSERT(readers_ > 0);
+  // Notify under the lock: a drain that sees 0 may return, and its caller drop the gate's
+  // last owner other than this reader, but never while this reader still uses the gate.
+  if (--readers_ == 0) left_.notify_all();
+}
+
+std::size_t reader_gate::readers() const {
+  std::lock_guard lock(mutex_);
+  return readers_;
+}
+
+bool reader_gate::draining() const {
+  std::lock_guard lock(mutex_);
+  return waiters_ > 0;
+}
+
+std::size_t reader_gate::wait_drained(std::chrono::milliseconds timeout) {
+  std::unique_lock lock(mutex_);
+  if (readers_ == 0 || timeout.count() <= 0) return readers_;
+  ++waiters_;
+  left_.wait_for(lock, timeout, [&] { return readers_ == 0; });
+  --waiters_;
+  return readers_;
+}
+
+// ---- catalogue -------------------------------------------------------------------------------
+
+catalogue::catalogue(regions::region_registry& regions, std::uint64_t stable_bytes, const clock& time,
+                     stable::cache_hooks hooks)
+    : regions_(regions), cache_(stable_bytes, time, std::move(hooks)) {}
+
+bool catalogue::is_empty(const std::string& id, const artifact& a) const {
+  return a.leases.empty() && a.joins.empty() && a.gpu_replicas.empty() && !cache_.contains(id);
+}
+
+const artifact* catalogue::find_held(const std::string& id) const {
+  auto it = artifacts_.find(id);
+  if (it == artifacts_.end() || is_empty(id, it->second)) return nullptr;
+  return &it->second;
+}
+
+artifact* catalogue::find(const std::string& artifact_id) {
+  auto it = artifacts_.find(artifact_id);
+  return it == artifacts_.end() ? nullptr : &it->second;
+}
+
+artifact& catalogue::add(const artifact_descriptor& d, std::shared_ptr<const index::canonical_index> idx) {
+  auto [it, inserted] = artifacts_.try_emplace(d.artifact_id);
+  if (inserted) {
+    it->second.descriptor = d;
+    it->second.index = idx;
+  }
+  // The key is the index digest describe() already computed: hashing a large index twice
+  // showed in the metadata path's profile.
+  auto digest = hash::decode_multihash(d.index_multihash);
+  TENSORREG_ASSERT(digest.has_value());
+  index_store_.try_emplace(hash::to_hex(*digest), std::move(idx));
+  return it->second;
+}
+
+void catalogue::add_lease(artifact& a, lease l) {
+  artifact_of_registration_[l.registration_id] = a.descriptor.artifact_id;
+  auto id = l.registration_id;
+  a.leases.emplace(std::move(id), std::move(l));
+}
+
+void catalogue::add_join(artifact& a, join j) {
+  artifact_of_registration_[j.registration_id] = a.descriptor.artifact_id;
+  auto id = j.registration_id;
+  a.joins[std::move(id)] = std::move(j);
+}
+
+std::shared_ptr<const index::canonical_index> catalogue::find_index(const std::string& hex_key) const {
+  auto it = index_store_.find(hex_key);
+  return it == index_store_.end() ? nullptr : it->second;
+}
+
+void catalogue::erase_if_empty(const std::string& artifact_id) {
+  auto it = artifacts_.find(artifact_id);
+  if (it != artifacts_.end() && is_empty(artifact_id, it->second)) artifacts_.erase(it);
+}
+
+void catalogue::end_lease(lease& l) {
+  for (const auto& id : l.region_ids) (void)regions_.release(id);
+  l.region_ids.clear();
+}
+
+bool catalogue::holds_registration(const std::string& registration_id) const {
+  return artifact_of_registration_.contains(registration_id);
+}
+
+lease* catalogue::find_lease(const std::string& registration_id) {
+  auto owner = artifact_of_registration_.find(registration_id);
+  if (owner == artifact_of_registration_.end()) return nullptr;
+  auto a = artifacts_.find(owner->second);
+  if (a == artifacts_.end()) return nullptr;
+  auto l = a->second.leases.find(registration_id);
+  return l == a->second.leases.end() ? nullptr : &l->second;
+}
+
+join* catalogue::find_join(const std::string& registration_id) {
+  auto owner = artifact_of_registration_.find(registration_id);
+  if (owner == artifact_of_registration_.end()) return nullptr;
+  auto a = artifacts_.find(owner->second);
+  if (a == artifacts_.end()) return nullptr;
+  auto j = a->second.joins.find(registration_id);
+  return j == a->second.joins.end() ? nullptr : &j->second;
+}
+
+std::optional<released_holder> catalogue::revoke(const std::string& registration_id) {
+  auto owner = artifact_of_registration_.find(registration_id);
+  if (owner == artifact_of_registration_.end()) return std::nullopt;
+  released_holder out;
+  out.registration_id = registration_id;
+  out.artifact_id = owner->second;
+  artifact_of_registration_.erase(owner);
+  auto a = artifacts_.find(out.artifact_id);
+  if (a == artifacts_.end()) return out;
+  if (auto l = a->second.leases.find(registration_id); l != a->second.leases.end()) {
+    out.is_lease = true;
+    out.owner_pid = l->second.owner_pid;
+    out.region_ids = l->second.region_ids;
+    end_lease(l->second);
+    a->second.leases.erase(l);
+  }
+  if (auto j = a->second.joins.find(registration_id); j != a->second.joins.end()) {
+    out.owner_pid = j->second.owner_pid;
+    a->second.joins.erase(j);
+  }
+  erase_if_empty(out.artifact_id);
+  return out;
+}
+
+std::vector<released_holder> catalogue::expire(clock::time_point now) {
+  std::vector<released_holder> out;
+  for (auto& [id, a] : artifacts_) {
+    for (auto it = a.leases.begin(); it != a.leases.end();) {
+      auto& l = it->second;
+      if (!l.expires || *l.expires > now) {
+        ++it;
+        continue;
+      }
+      out.push_back({l.registration_id, id, l.owner_pid, true, l.region_ids});
+      end_lease(l);
+      artifact_of_registration_.erase(it->first);
+      it = a.leases.erase(it);
+    }
+    for (auto it = a.joins.begin(); it != a.joins.end();) {
+      if (!it->second.expires || *it->second.expires > now) {
+        ++it;
+        continue;
+      }
+      out.push_back({it->first, id, it->second.owner_pid, false, {}});
+      artifact_of_registration_.erase(it->first);
+      it = a.joins.erase(it);
+    }
+  }
+  std::erase_if(artifacts_, [&](const auto& kv) { return is_empty(kv.first, kv.second); });
+  return out;
+}
+
+std::vector<released_holder> catalogue::release_owner(std::int32_t owner_pid) {
+  std::vector<std::string> registrations;
+  for (const auto& [id, a] : artifacts_) {
+    for (const auto& [rid, l] : a.leases) {
+      if (l.owner_pid == owner_pid) registrations.push_back(rid);
+    }
+    for (const auto& [rid, j] : a.joins) {
+      if (j.owner_pid == owner_pid) registrations.push_back(rid);
+    }
+  }
+  std::vector<released_holder> out;
+  for (const auto& rid : registrations) {
+    if (auto gone = revoke(rid)) out.push_back(std::move(*gone));
+  }
+  return out;
+}
+
+result<std::shared_ptr<reader_gate>> catalogue::quiesce(const std::string& artifact_id) {
+  auto it = artifacts_.find(artifact_id);
+  if (it == artifacts_.end() || is_empty(artifact_id, it->second)) {
+    return fail(errc::not_found, "cannot deregister " + artifact_id + ": not held here");
+  }
+  it->second.quiesced = true;
+  return it->second.gate;
+}
+
+status catalogue::drain(const std::string& artifact_id, reader_gate& gate, bool wait, std::chrono::milliseconds timeout) {
+  const std::size_t left = gate.wait_drained(wait ? timeout : std::chrono::milliseconds(0));
+  if (left == 0) return {};
+  return fail(errc::deadline_exceeded, "cannot deregister " + artifact_id + ": " + std::to_string(left) +
+                                           " readers still hold it after " + std::to_string(wait ? timeout.count() : 0) +
+                                           " ms; it stays quiesced");
+}
+
+std::optional<removed_artifact> catalogue::remove(const std::string& artifact_id) {
+  auto it = artifacts_.find(artifact_id);
+  if (it == artifacts_.end()) return std::nullopt;
+  removed_artifact out;
+  for (auto& [id, l] : it->second.leases) {
+    for (const auto& region : l.region_ids) {
+      // One lease may hold several references on one region: report each region once.
+      if (std::find(out.released_region_ids.begin(), out.released_region_ids.end(), region) ==
+          out.released_region_ids.end()) {
+        out.released_region_ids.push_back(region);
+      }
+    }
+    end_lease(l);
+    artifact_of_registration_.erase(id);
+  }
+  for (const auto& [id, j] : it->second.joins) artifact_of_registration_.erase(id);
+  out.leases = it->second.leases.size();
+  out.joins = it->second.joins.size();
+  cache_.remove(artifact_id);
+  artifacts_.erase(it);
+  return out;
+}
+
+artifact_state catalogue::state_of(const std::string& artifact_id) const {
+  const artifact* a = find_held(artifact_id);
+  if (a == nullptr) return artifact_state::gone;
+  if (!a->quiesced) return artifact_state::held;
+  return a->gate->draining() ? artifact_state::draining : artifact_state::quiesced;
+}
+
+result<artifact_summary> catalogue::get(const std::string& artifact_id) const {
+  const artifact* a = find_held(artifact_id);
+  if (a == nullptr) return fail(errc::not_found, "cannot find artifact " + artifact_id + ": not held here");
+  return summarize(*a, cache_.contains(artifact_id));
+}
+
+std::vector<artifact_summary> catalogue::list() const {
+  std::vector<artifact_summary> out;
+  for (const auto& [id, a] : artifacts_) {
+    if (!is_empty(id, a)) out.push_back(summarize(a, cache_.contains(id)));
+  }
+  return out;
+}
+
+result<std::shared_ptr<const index::canonical_index>> catalogue::index_of(const std::string& artifact_id) const {
+  const artifact* a = find_held(artifact_id);
+  if (a == nullptr) return fail(errc::not_found, "cannot find the index of " + artifact_id + ": not held here");
+  return a->index;
+}
+
+result<std::shared_ptr<const memory::byte_source>> catalogue::open_bytes(const std::string& artifact_id) {
+  const artifact* a = find_held(artifact_id);
+  if (a == nullptr) return fail(errc::not_found, "cannot open " + artifact_id + ": not held here");
+  if (a->quiesced) return fail(errc::failed_precondition, "cannot open " + artifact_id + ": it is being deregistered");
+  std::shared_ptr<const memory::byte_source> inner = cache_.lookup(artifact_id);
+  if (!inner && !a->leases.empty()) inner = a->leases.begin()->second.view.bytes;
+  if (!inner && !a->gpu_replicas.empty()) inner = a->gpu_replicas.begin()->second.bytes;
+  if (!inner) return fail(errc::failed_precondition, "cannot open " + artifact_id + ": no readable copy is held");
+  return std::shared_ptr<const memory::byte_source>(std::make_shared<tracked_source>(std::move(inner), a->gate));
+}
+
+result<std::pair<std::shared_ptr<const memory::byte_source>, std::shared_ptr<const index::canonical_index>>>
+catalogue::stable_replica(const std::string& artifact_id, const std::string& verb) {
+  const artifact* a = find_held(artifact_id);
+  if (a == nullptr) return fail(errc::not_found, verb + ": not held here");
+  if (a->quiesced) return fail(errc::failed_precondition, verb + ": it is being deregistered");
+  return std::pair{cache_.lookup(artifact_id), a->index};
+}
+
+result<device_layout> catalogue::device_layout_of(const std::string& artifact_id) const {
+  const std::string verb = "cannot open the GPU memory of " + artifact_id;
+  const artifact* a = find_held(artifact_id);
+  if (a == nullptr) return fail(errc::not_found, verb + ": not held here");
+  if (a->quiesced) return fail(errc::failed_precondition, verb + ": it is being deregistered");
+  device_layout out;
+  out.descriptor = a->descriptor;
+  out.index = a->index;
+  // A live lease first: the producer's memory, opened once per allocation.
+  for (const auto& [id, l] : a->leases) {
+    if (!l.view.bytes || l.view.device_allocations.empty()) continue;
+    if (device_pieces(*l.view.bytes, l.view.device_allocations, out)) return out;
+  }
+  // Else a daemon-owned GPU copy: its DATA ranges lie at their canonical offsets.
+  for (const auto& [device, replica] : a->gpu_replicas) {
+    out.allocations = {device_allocation{device, replica.bytes->size(), replica.ipc_handle, {}}};
+    out.segments.clear();
+    const auto map = index::byte_range_map::from_index(*a->index);
+    for (const auto& range : map.ranges()) {
+      if (range.kind == index::range_kind::data) out.segments.push_back({range.offset, range.length, 0, range.offset});
+    }
+    return out;
+  }
+  return fail(errc::failed_precondition, verb + ": it has no copy in GPU memory (read its stable DRAM replica with "
+                                                "GetArtifactMemfd)");
+}
+
+void catalogue::add_stats(engine_stats& out) const {
+  for (const auto& [id, a] : artifacts_) {
+    if (is_empty(id, a)) continue;
+    ++out.artifacts;
+    out.leases += a.leases.size();
+    if (!a.leases.empty()) out.leased_bytes += a.descriptor.total_size;
+  }
+  const auto cache_stats = cache_.stats();
+  out.stable_bytes = cache_stats.bytes_used;
+  out.stable_budget = cache_stats.budget_bytes;
+  out.stable_evictions = cache_stats.evictions;
+}
+
+result<unique_fd> export_replica_fd(const std::shared_ptr<const memory::byte_source>& replica, const std::string& verb) {
+  // Replicas are made by detail::materialize, always in a memfd; anything else has no fd to share.
+  auto memory = std::dynamic_pointer_cast<const memory::shared_memory>(replica);
+  if (!memory) return fail(errc::failed_precondition, verb + ": no stable DRAM replica is held");
+  // A fresh read-only open file description, so the reader can map it but never write to it.
+  const std::string path = "/proc/self/fd/" + std::to_string(memory->fd());
+  // The reader may map it for as long as it likes: it must never be recycled for other bytes
+  // (the CUDA provider's replica pool checks this mark).
+  memory->mark_exported();
+  unique_fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (!fd) return fail(errc::internal, verb + ": cannot reopen its memfd read-only: " + std::strerror(errno));
+  return fd;
+}
+
+}  // namespace tensorreg::registration::detail

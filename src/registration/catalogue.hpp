@@ -1,0 +1,224 @@
+// src/registration/catalogue.hpp — the committed artifacts and what holds them.
+//
+// Provides `catalogue`: every committed artifact with its holders (LIP leases, idempotent joins,
+// daemon-owned GPU replicas, and its presence in the stable DRAM cache, which the catalogue
+// owns), the registration → artifact map that Revoke and KeepAlive go through, and the index
+// store that Begin's tensor_index_key looks up (registration.md §4.4–§4.6, §6.3).
+//
+// An artifact's life, `artifact_state`:
+//
+//   held ─quiesce()─▶ quiesced ─drain()─▶ draining ─last reader leaves─▶ quiesced ─remove()─▶ gone
+//                          ▲                  │
+//                          └──── timeout ─────┘  (DEADLINE_EXCEEDED; it stays quiesced)
+//
+// An artifact with no lease, join, GPU replica or stable replica left is gone as well (the
+// stable cache may evict its replica at any time); empty entries are pruned lazily.
+//
+// Thread-safety: `catalogue` is not thread-safe: the engine calls it with the engine mutex held
+// (see the lock order in engine.cpp), except `drain()`, which touches only a `reader_gate` and
+// must be called WITHOUT the engine mutex. `reader_gate` is thread-safe.
+//
+// Ownership: the catalogue owns its artifacts, their leases (and the lease's region
+// references, released when the lease ends) and GPU replicas, and the stable DRAM cache.
+// Readers handed out by open_bytes() share the bytes they read; each holds the artifact's
+// reader_gate, which outlives the catalogue if a reader does.
+#pragma once
+
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include "tensorreg/common/clock.hpp"
+#include "tensorreg/common/error.hpp"
+#include "tensorreg/common/unique_fd.hpp"
+#include "tensorreg/index/canonical_index.hpp"
+#include "tensorreg/memory/segmented_view.hpp"
+#include "tensorreg/regions/region_registry.hpp"
+#include "tensorreg/registration/device_memory.hpp"
+#include "tensorreg/registration/types.hpp"
+#include "tensorreg/stable/stable_dram_cache.hpp"
+
+namespace tensorreg::registration::detail {
+
+/// now + ttl_ms (saturating); nullopt for ttl 0 (no expiry).
+[[nodiscard]] std::optional<clock::time_point> ttl_deadline(const clock& time, std::uint32_t ttl_ms);
+
+/// Everything a committed lease holds: the canonical buffer as a readable source, and the
+/// sources it reads from (kept alive by their shared_ptrs).
+struct lip_view {
+  std::shared_ptr<const memory::segmented_view> bytes;
+  std::vector<std::shared_ptr<const memory::byte_source>> keep_alive;
+  /// The device mappings among keep_alive, by source, as a reader in another process would
+  /// open the same memory (OpenArtifactDevice).
+  std::map<const memory::byte_source*, device_allocation> device_allocations;
+};
+
+/// A LIP lease: the producer's memory, held in place for one registration.
+struct lease {
+  std::string registration_id;
+  std::int32_t owner_pid = 0;
+  std::int32_t device_id = 0;
+  std::optional<clock::time_point> expires;
+  std::uint64_t epoch = 0;
+  lip_view view;
+  std::vector<std::string> region_ids;  ///< references held until the lease ends
+};
+
+/// An idempotent join: a registration whose bytes were already held (§4.5).
+struct join {
+  std::string registration_id;
+  std::int32_t owner_pid = 0;
+  std::optional<clock::time_point> expires;
+};
+
+enum class artifact_state { held, quiesced, draining, gone };
+
+/// "held", "quiesced", "draining" or "gone".
+[[nodiscard]] std::string_view artifact_state_name(artifact_state state) noexcept;
+
+/// Counts the readers of one artifact's bytes and lets deregister wait for the last to leave.
+/// Thread-safety: every member may be called from any thread.
+class reader_gate {
+ public:
+  void enter();
+  void leave() noexcept;
+  [[nodiscard]] std::size_t readers() const;
+  /// Whether a drain is waiting on this gate now.
+  [[nodiscard]] bool draining() const;
+  /// Waits, up to `timeout`, for the last reader to leave; returns the readers still inside
+  /// (0: drained). A zero timeout only looks.
+  [[nodiscard]] std::size_t wait_drained(std::chrono::milliseconds timeout);
+
+ private:
+  mutable std::mutex mutex_;  // a leaf: nothing is locked while holding it
+  std::condition_variable left_;
+  std::size_t readers_ = 0;
+  std::size_t waiters_ = 0;
+};
+
+struct artifact {
+  artifact_descriptor descriptor;
+  std::shared_ptr<const index::canonical_index> index;
+  std::map<std::string, lease> leases;  ///< by registration id
+  std::map<std::string, join> joins;    ///< by registration id
+  std::map<std::int32_t, device_buffer> gpu_replicas;
+  bool quiesced = false;  ///< no new readers, leases, joins or replicas: deregister has begun
+  std::shared_ptr<reader_gate> gate = std::make_shared<reader_gate>();
+};
+
+/// A lease or join that ended (revoked, expired, its owner exited).
+struct released_holder {
+  std::string registration_id;
+  std::string artifact_id;
+  std::int32_t owner_pid = 0;
+  bool is_lease = false;  ///< else a join
+  std::vector<std::string> region_ids;
+};
+
+/// What remove() took away.
+struct removed_artifact {
+  std::vector<std::string> released_region_ids;  ///< each region once
+  std::size_t leases = 0;
+  std::size_t joins = 0;
+};
+
+class catalogue {
+ public:
+  /// REQUIRES: `regions` and `time` outlive the catalogue.
+  catalogue(regions::region_registry& regions, std::uint64_t stable_bytes, const clock& time,
+            stable::cache_hooks hooks = {});
+
+  catalogue(const catalogue&) = delete;
+  catalogue& operator=(const catalogue&) = delete;
+
+  [[nodiscard]] stable::stable_dram_cache& cache() noexcept { return cache_; }
+  [[nodiscard]] const stable::stable_dram_cache& cache() const noexcept { return cache_; }
+
+  // ---- commits ----
+
+  /// The entry of `artifact_id`, held or not (commits check `quiesced` and its holders); null
+  /// when there is none.
+  [[nodiscard]] artifact* find(const std::string& artifact_id);
+  /// The entry for `d`, created if absent; also files `idx` in the index store.
+  artifact& add(const artifact_descriptor& d, std::shared_ptr<const index::canonical_index> idx);
+  void add_lease(artifact& a, lease l);
+  void add_join(artifact& a, join j);
+  /// An index by its hex sha256 key, or null.
+  [[nodiscard]] std::shared_ptr<const index::canonical_index> find_index(const std::string& hex_key) const;
+  /// Drops `artifact_id` if nothing holds it any more.
+  void erase_if_empty(const std::string& artifact_id);
+
+  // ---- holders by registration id ----
+
+  [[nodiscard]] bool holds_registration(const std::string& registration_id) const;
+  [[nodiscard]] lease* find_lease(const std::string& registration_id);
+  [[nodiscard]] join* find_join(const std::string& registration_id);
+  /// Ends the lease or join of `registration_id` (releasing its region references); nullopt when
+  /// there is none.
+  std::optional<released_holder> revoke(const std::string& registration_id);
+  /// Ends every lease and join past its TTL at `now`, and prunes empty artifacts.
+  std::vector<released_holder> expire(clock::time_point now);
+  /// Ends every lease and join of `owner_pid`.
+  std::vector<released_holder> release_owner(std::int32_t owner_pid);
+
+  // ---- deregister: quiesce → drain → remove ----
+
+  /// No new readers, leases, joins or replicas from now on; returns the gate to drain.
+  /// Errors: NOT_FOUND.
+  [[nodiscard]] result<std::shared_ptr<reader_gate>> quiesce(const std::string& artifact_id);
+  /// Waits for the readers of a quiesced artifact to leave. Call WITHOUT the engine mutex.
+  /// `wait` false only looks. Errors: DEADLINE_EXCEEDED naming the readers left (the artifact
+  /// stays quiesced).
+  [[nodiscard]] static status drain(const std::string& artifact_id, reader_gate& gate, bool wait,
+                                    std::chrono::milliseconds timeout);
+  /// Revokes its leases and joins, drops its replicas and removes it; nullopt when it is gone
+  /// already (a concurrent deregister removed it).
+  std::optional<removed_artifact> remove(const std::string& artifact_id);
+  [[nodiscard]] artifact_state state_of(const std::string& artifact_id) const;
+
+  // ---- reads ----
+
+  /// Errors: NOT_FOUND.
+  [[nodiscard]] result<artifact_summary> get(const std::string& artifact_id) const;
+  [[nodiscard]] std::vector<artifact_summary> list() const;
+  /// Errors: NOT_FOUND.
+  [[nodiscard]] result<std::shared_ptr<const index::canonical_index>> index_of(const std::string& artifact_id) const;
+  /// A reader of the artifact's bytes that holds its gate. Errors: NOT_FOUND,
+  /// FAILED_PRECONDITION (quiesced, no readable copy).
+  [[nodiscard]] result<std::shared_ptr<const memory::byte_source>> open_bytes(const std::string& artifact_id);
+  /// The stable replica (null when none) and index. Errors: NOT_FOUND, FAILED_PRECONDITION
+  /// (quiesced); `verb` opens the messages.
+  [[nodiscard]] result<std::pair<std::shared_ptr<const memory::byte_source>, std::shared_ptr<const index::canonical_index>>>
+  stable_replica(const std::string& artifact_id, const std::string& verb);
+  /// Errors: NOT_FOUND, FAILED_PRECONDITION (quiesced, no GPU copy).
+  [[nodiscard]] result<device_layout> device_layout_of(const std::string& artifact_id) const;
+  /// Fills the artifact, lease and stable fields of `out`.
+  void add_stats(engine_stats& out) const;
+
+ private:
+  [[nodiscard]] bool is_empty(const std::string& id, const artifact& a) const;
+  [[nodiscard]] const artifact* find_held(const std::string& id) const;
+  void end_lease(lease& l);
+
+  regions::region_registry& regions_;
+  stable::stable_dram_cache cache_;
+  std::map<std::string, artifact> artifacts_;                                    // by artifact id
+  std::unordered_map<std::string, std::string> artifact_of_registration_;        // leases and joins
+  std::unordered_map<std::string, std::shared_ptr<const index::canonical_index>> index_store_;  // by hex key
+};
+
+/// A read-only fd of the memfd holding `replica`, marked exported (never recycled).
+/// Errors: FAILED_PRECONDITION (not a memfd replica), INTERNAL (cannot reopen it); `verb`
+/// opens the messages.
+[[nodiscard]] result<unique_fd> export_replica_fd(const std::shared_ptr<const memory::byte_source>& replica,
+                                                  const std::string& verb);
+
+}  // namespace tensorreg::registration::detail

@@ -1,0 +1,73 @@
+#include "registration/plans/coalesced.hpp"
+
+namespace tensorreg::registration::detail {
+
+result<std::unique_ptr<coalesced>> coalesced::begin(const begin_request& r, const coalesced_options& /*options*/,
+                                                    const begin_context& ctx, begin_response& response) {
+  TENSORREG_TRY_ASSIGN(auto idx, begin_indexed(r, ctx));
+  if (ctx.devices == nullptr) {
+    return fail(errc::failed_precondition, "cannot begin coalesced registration: the coalesced plan needs GPU " +
+                                               std::to_string(r.device_id) + " and this engine has no GPU");
+  }
+  TENSORREG_TRY_ASSIGN(auto buffer, ctx.devices->allocate(r.device_id, r.total_size));
+  response.handshake = coalesced_handshake{buffer.ipc_handle};
+  return std::unique_ptr<coalesced>(new coalesced(std::move(idx), std::move(buffer)));
+}
+
+result<feed_work> coalesced::feed(feed_request& r, const registration_facts& /*facts*/,
+                                  regions::region_registry& /*regions*/, const std::string& what) {
+  TENSORREG_TRY(check_feed_shape(r, what, name(), false, false));
+  return feed_work{};
+}
+
+result<commit_response> coalesced::commit(commit_context& ctx) {
+  const auto& p = ctx.facts;
+  // Hash, and keep as the replica, the normalized buffer rather than the raw device buffer:
+  // PAD the client left dirty must reach neither the id (DECISIONS §5.1) nor readers, and the
+  // local stable tier re-hashes what it copies from the replica against the id.
+  TENSORREG_TRY_ASSIGN(auto normalized, normalized_source::create(buffer_->bytes, *index_));
+  std::optional<hash::digest> data;
+  if (p.cgid.empty()) {
+    TENSORREG_TRY_ASSIGN(data, hash_canonical(normalized->view(), ctx.pool, ctx.devices));
+  }
+  auto descriptor = describe(p, *index_, data);
+  commit_response response;
+  response.descriptor = descriptor;
+  TENSORREG_TRY(ctx.with_catalogue([&](catalogue& cat) -> status {
+    if (auto* existing = cat.find(descriptor.artifact_id); existing != nullptr && existing->quiesced) {
+      return fail(errc::failed_precondition, "cannot commit " + descriptor.artifact_id +
+                                                 ": the artifact is being deregistered");
+    }
+    auto& a = cat.add(descriptor, index_);
+    if (a.gpu_replicas.contains(p.device_id)) {
+      response.existed = true;
+      cat.add_join(a, join{p.id, p.owner_pid, ttl_deadline(ctx.time, ctx.ttl_ms())});
+    } else {
+      a.gpu_replicas.emplace(p.device_id, device_buffer{std::move(normalized), buffer_->ipc_handle});
+      buffer_.reset();
+    }
+    return {};
+  }));
+  status must_failure;
+  response.local_stable_tier = apply_local_stable_tier(ctx, descriptor.artifact_id, &must_failure);
+  if (!must_failure) {
+    // §6.2: a "must" tier that cannot be satisfied fails the commit and cleans up, so undo what
+    // this commit added (its replica or its join), as the lease plan revokes its lease.
+    ctx.with_catalogue([&](catalogue& cat) {
+      if (auto* a = cat.find(descriptor.artifact_id); a != nullptr) {
+        if (response.existed) {
+          (void)cat.revoke(p.id);
+        } else {
+          a->gpu_replicas.erase(p.device_id);
+        }
+        cat.erase_if_empty(descriptor.artifact_id);
+      }
+    });
+    return tl::unexpected(must_failure.error());
+  }
+  return response;
+}
+
+void coalesced::release(regions::region_registry& /*regions*/) noexcept { buffer_.reset(); }
+
+}  // namespace tensorreg::registration::detail
