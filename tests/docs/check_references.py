@@ -60,9 +60,6 @@ TAIL_RE = re.compile(r"(?:" + DOC_RE.pattern + r"|§\s?" + NUM + r"(?:\s?[–-]\
                      r"[`'\"(,;\s]*$")
 
 
-LIST = False  # --list: print every citation with the section it resolved to
-
-
 def doc_key(name: str) -> str:
     return "DECISIONS" if name.startswith("DECISIONS") else name
 
@@ -169,7 +166,7 @@ def ends(first: str, second: str | None, absolute: bool) -> list[str]:
 
 
 def scan_file(root: pathlib.Path, path: pathlib.Path, sections: dict[str, Sections],
-              problems: list[str]) -> int:
+              problems: list[str], listing: bool) -> int:
     try:
         text = path.read_text(encoding="utf-8")
     except (UnicodeDecodeError, OSError):
@@ -203,13 +200,13 @@ def scan_file(root: pathlib.Path, path: pathlib.Path, sections: dict[str, Sectio
                 doc = bare_doc
                 if doc is None:
                     problems.append(f"{where}: ambiguous: the file's header comment names no document "
-                                    f"(name one: DECISIONS, registration.md, wire-format.md, architecture.md)")
+                                    "(name one of: " + ", ".join(DOCUMENTS) + ")")
                     count += 1
                     continue
             last_doc = doc
             for wanted in ends(cite.group(1), cite.group(3), bool(cite.group(2))):
                 count += 1
-                if LIST:
+                if listing:
                     print(f"{rel}:{number}: {DOCUMENTS[doc]} §{wanted}")
                 if not sections[doc].has(wanted):
                     problems.append(f"{where}: {DOCUMENTS[doc]} has no section {wanted}")
@@ -221,11 +218,18 @@ def scan_file(root: pathlib.Path, path: pathlib.Path, sections: dict[str, Sectio
     return count
 
 
+def files_under(root: pathlib.Path, name: str) -> list[pathlib.Path]:
+    top = root / name
+    if top.is_file():
+        return [top]
+    if not top.is_dir():
+        return []
+    return sorted(p for p in top.rglob("*") if p.is_file())
+
+
 def main(argv: list[str]) -> int:
-    global LIST
-    if "--list" in argv:
-        LIST = True
-        argv = [a for a in argv if a != "--list"]
+    listing = "--list" in argv
+    argv = [a for a in argv if a != "--list"]
     root = pathlib.Path(argv[1]).resolve() if len(argv) > 1 else pathlib.Path(__file__).resolve().parents[2]
     sections = {key: Sections(root / doc) for key, doc in DOCUMENTS.items()}
     for key, doc in DOCUMENTS.items():
@@ -236,15 +240,13 @@ def main(argv: list[str]) -> int:
     checked = 0
     files = 0
     for name in SCANNED:
-        top = root / name
-        paths = [top] if top.is_file() else sorted(p for p in top.rglob("*") if p.is_file()) if top.is_dir() else []
-        for path in paths:
+        for path in files_under(root, name):
             if SKIPPED_DIRS.intersection(path.relative_to(root).parts):
                 continue
             if path.suffix not in TEXT_SUFFIXES or path.resolve() == pathlib.Path(__file__).resolve():
                 continue
             files += 1
-            checked += scan_file(root, path, sections, problems)
+            checked += scan_file(root, path, sections, problems, listing)
     for p in problems:
         print(p)
     print(f"check_references: {checked} citations in {files} files, {len(problems)} unresolved",
