@@ -370,7 +370,7 @@ reg::deregister_request to_deregister(const v2::DeregisterArtifactRequest& in) {
   out.artifact_id = in.artifact_id();
   // Unset means wait (upstream's default); an explicit false asks for no waiting.
   out.wait_for_drain = in.has_wait_for_drain() ? in.wait_for_drain() : true;
-  out.drain_timeout_ms = in.drain_timeout_ms();  // 0 or unset: the engine's default (§5.16)
+  out.drain_timeout_ms = in.drain_timeout_ms();  // 0 or unset: the engine's default (DECISIONS §5.16)
   out.owner_pid = in.owner_pid();
   return out;
 }

@@ -1,4 +1,4 @@
-// End-to-end: the real tensorregd on a fresh socket, driven by the client library and by raw
+// End-to-end (docs/wire-format.md): the real tensorregd on a fresh socket, driven by the client library and by raw
 // frames. First include is the client (the component most of these cases exercise).
 #include "daemon/client.hpp"
 
@@ -198,7 +198,7 @@ TEST_CASE("tensorregd: every RPC answers over the socket", "[daemon][e2e]") {
   auto committed = call(commit);
   REQUIRE(committed);
   const auto id = committed->response.commit_registered_artifact().artifact_descriptor().artifact_id();
-  // The §3.4 index vector: {"weights":[0,16,[2,2],[2,1],"torch.float32",0]}.
+  // The registration.md §3.4 index vector: {"weights":[0,16,[2,2],[2,1],"torch.float32",0]}.
   CHECK(id.rfind("mi2:bciqj5lwemn5gwbuwhk5mgn2iadmjuk3eu4qwaka5dwagpr5obv4kzei:", 0) == 0);
 
   wire::Request stats;
