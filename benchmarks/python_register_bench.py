@@ -114,7 +114,7 @@ def checksum(torch, tensors: dict) -> float:
 
 def profile_open() -> dict:
     """Wraps the steps of Store.open with timers; returns {step: seconds so far}."""
-    from tensorreg import _cuda, _device, store
+    from tensorreg import _cuda, _device, _reads
 
     spent: dict = {}
 
@@ -130,8 +130,8 @@ def profile_open() -> dict:
 
         setattr(owner, name, wrapper)
 
-    timed(store.Store, "_open_pages", "daemon answer (OpenArtifactDevice pages)")
-    timed(store.json, "loads", "index json")
+    timed(_reads, "open_pages", "daemon answer (OpenArtifactDevice pages)")
+    timed(_reads.json, "loads", "index json")
     timed(_cuda.IpcMapping, "__init__", "IPC opens")
     timed(_cuda.VmmMapping, "__init__", "VMM imports + maps")
     timed(_cuda, "as_tensor", "torch.as_tensor per allocation")
@@ -248,7 +248,7 @@ def main() -> int:
     from torch.multiprocessing.reductions import reduce_tensor
 
     import tensorreg
-    from tensorreg import _cuda, _device, _layout, store as store_module
+    from tensorreg import _cuda, _device, _layout, _requests
 
     if not torch.cuda.is_available():
         log("skipped: no CUDA device")
@@ -299,7 +299,7 @@ def main() -> int:
                 pieces["plan"].append(time.perf_counter() - started)
                 plan.release(drv)
                 started = time.perf_counter()
-                feed = store_module._lease_feed(layout, lambda e, k: setattr(e, "mapping_base_offset", k))
+                feed = _requests.lease_feed(layout, lambda e, k: setattr(e, "mapping_base_offset", k))
                 feed.SerializeToString()
                 pieces["feed"].append(time.perf_counter() - started)
             piece = {k: statistics.median(v) for k, v in pieces.items()}
