@@ -210,8 +210,8 @@ def compare_open(torch, reduce_tensor, work: str, socket_path: str, sd: dict, ar
     open_s = statistics.median(got["open_s"])
     log(f"  open() steps of {label}, ms per open: {got['open_parts_ms']}")
     if not reduced:
-        log(f"open of {label} in a second process: {ms(open_s)} for {got['tensors']} tensors; {got['opened']} opens for "
-            f"{got['allocations']} allocations")
+        log(f"open of {label} in a second process: {ms(open_s)} for {got['tensors']} tensors; {got['opened']} opens "
+            f"for {got['allocations']} allocations")
         return 0
     rebuild_s = statistics.median(got["rebuild_s"])
     log(f"open of {label} in a second process: {ms(open_s)} (runs {[round(x * 1e3, 2) for x in got['open_s']]} ms) "
@@ -275,7 +275,7 @@ def main() -> int:
             store.register({"warm": torch.ones(4, device="cuda")}).close()  # driver, messages, daemon CUDA
             parts = {"metadata": [], "rpc": [], "commit": [], "wall": [], "feed_build": [], "answer_wait": []}
             art = None
-            for r in range(repeats):
+            for _ in range(repeats):
                 if art is not None:
                     art.close()
                 started = time.perf_counter()
@@ -327,13 +327,15 @@ def main() -> int:
                     f"them retained and exported as fds; the goal is measured with expandable_segments off, where "
                     f"the C++ client can rebuild the same allocations)")
             elif cpp is None:
-                cpp_work, cpp_label = CPP_METADATA_1000, ("the engine's metadata for 1 000 tensors, 2.03 ms (RESULTS.md, "
-                                                          "register_bench --metadata-only; no C++ client binary here)")
+                cpp_work, cpp_label = CPP_METADATA_1000, ("the engine's metadata for 1 000 tensors, 2.03 ms "
+                                                          "(RESULTS.md, register_bench --metadata-only; no C++ "
+                                                          "client binary here)")
             else:
                 cpp_work = cpp["client_work_ms"] / 1e3
-                cpp_label = (f"the C++ client's work on the same allocations and tensors, {cpp['client_work_ms']:.2f} ms "
-                             f"(index {cpp['index_ms']:.2f} + driver {cpp['driver_ms']:.2f} + messages "
-                             f"{cpp['messages_ms']:.2f}; its RPCs {cpp['rpc_ms']:.2f}, commit {cpp['commit_ms']:.2f}; "
+                cpp_label = (f"the C++ client's work on the same allocations and tensors, "
+                             f"{cpp['client_work_ms']:.2f} ms (index {cpp['index_ms']:.2f} + driver "
+                             f"{cpp['driver_ms']:.2f} + messages {cpp['messages_ms']:.2f}; its RPCs "
+                             f"{cpp['rpc_ms']:.2f}, commit {cpp['commit_ms']:.2f}; "
                              f"cuda_client_register_bench, this host)")
             if not expandable:
                 overhead = python_side - cpp_work
