@@ -76,7 +76,7 @@ def producer(tensors: int, gib: float, quick: bool = False) -> None:
     _layout.canonical_json(layout.index)
     per_call("canonical_json per tensor", len(ts), time.perf_counter() - started)
 
-    from tensorreg import _messages, store as store_module
+    from tensorreg import _messages, _requests
     R = _messages.message(_messages.DAEMON + ".RegionRef")
     ref = R(region_id="region:" + "0" * 32, memory_kind=2, device_id=0, size_bytes=20 << 20)
     uuid = "GPU-02ad0eca-905c-d3d5-53ed-04fc6d6d50d6"
@@ -91,7 +91,7 @@ def producer(tensors: int, gib: float, quick: bool = False) -> None:
                 e.cuda_ipc_handle = b"h" * 64
             e.mapping_base_offset = 4096
 
-        return store_module._lease_feed(layout, source)
+        return _requests.lease_feed(layout, source)
 
     for _ in range(2):
         started = time.perf_counter()

@@ -114,7 +114,7 @@ def checksum(torch, tensors: dict) -> float:
 
 def profile_open() -> dict:
     """Wraps the steps of Store.open with timers; returns {step: seconds so far}."""
-    from tensorreg import _cuda, _device, store
+    from tensorreg import _cuda, _device, _reads
 
     spent: dict = {}
 
@@ -130,8 +130,8 @@ def profile_open() -> dict:
 
         setattr(owner, name, wrapper)
 
-    timed(store.Store, "_open_pages", "daemon answer (OpenArtifactDevice pages)")
-    timed(store.json, "loads", "index json")
+    timed(_reads, "open_pages", "daemon answer (OpenArtifactDevice pages)")
+    timed(_reads.json, "loads", "index json")
     timed(_cuda.IpcMapping, "__init__", "IPC opens")
     timed(_cuda.VmmMapping, "__init__", "VMM imports + maps")
     timed(_cuda, "as_tensor", "torch.as_tensor per allocation")
@@ -210,8 +210,8 @@ def compare_open(torch, reduce_tensor, work: str, socket_path: str, sd: dict, ar
     open_s = statistics.median(got["open_s"])
     log(f"  open() steps of {label}, ms per open: {got['open_parts_ms']}")
     if not reduced:
-        log(f"open of {label} in a second process: {ms(open_s)} for {got['tensors']} tensors; {got['opened']} opens for "
-            f"{got['allocations']} allocations")
+        log(f"open of {label} in a second process: {ms(open_s)} for {got['tensors']} tensors; {got['opened']} opens "
+            f"for {got['allocations']} allocations")
         return 0
     rebuild_s = statistics.median(got["rebuild_s"])
     log(f"open of {label} in a second process: {ms(open_s)} (runs {[round(x * 1e3, 2) for x in got['open_s']]} ms) "
@@ -248,7 +248,7 @@ def main() -> int:
     from torch.multiprocessing.reductions import reduce_tensor
 
     import tensorreg
-    from tensorreg import _cuda, _device, _layout, store as store_module
+    from tensorreg import _cuda, _device, _layout, _requests
 
     if not torch.cuda.is_available():
         log("skipped: no CUDA device")
@@ -275,7 +275,7 @@ def main() -> int:
             store.register({"warm": torch.ones(4, device="cuda")}).close()  # driver, messages, daemon CUDA
             parts = {"metadata": [], "rpc": [], "commit": [], "wall": [], "feed_build": [], "answer_wait": []}
             art = None
-            for r in range(repeats):
+            for _ in range(repeats):
                 if art is not None:
                     art.close()
                 started = time.perf_counter()
@@ -299,7 +299,7 @@ def main() -> int:
                 pieces["plan"].append(time.perf_counter() - started)
                 plan.release(drv)
                 started = time.perf_counter()
-                feed = store_module._lease_feed(layout, lambda e, k: setattr(e, "mapping_base_offset", k))
+                feed = _requests.lease_feed(layout, lambda e, k: setattr(e, "mapping_base_offset", k))
                 feed.SerializeToString()
                 pieces["feed"].append(time.perf_counter() - started)
             piece = {k: statistics.median(v) for k, v in pieces.items()}
@@ -327,13 +327,15 @@ def main() -> int:
                     f"them retained and exported as fds; the goal is measured with expandable_segments off, where "
                     f"the C++ client can rebuild the same allocations)")
             elif cpp is None:
-                cpp_work, cpp_label = CPP_METADATA_1000, ("the engine's metadata for 1 000 tensors, 2.03 ms (RESULTS.md, "
-                                                          "register_bench --metadata-only; no C++ client binary here)")
+                cpp_work, cpp_label = CPP_METADATA_1000, ("the engine's metadata for 1 000 tensors, 2.03 ms "
+                                                          "(RESULTS.md, register_bench --metadata-only; no C++ "
+                                                          "client binary here)")
             else:
                 cpp_work = cpp["client_work_ms"] / 1e3
-                cpp_label = (f"the C++ client's work on the same allocations and tensors, {cpp['client_work_ms']:.2f} ms "
-                             f"(index {cpp['index_ms']:.2f} + driver {cpp['driver_ms']:.2f} + messages "
-                             f"{cpp['messages_ms']:.2f}; its RPCs {cpp['rpc_ms']:.2f}, commit {cpp['commit_ms']:.2f}; "
+                cpp_label = (f"the C++ client's work on the same allocations and tensors, "
+                             f"{cpp['client_work_ms']:.2f} ms (index {cpp['index_ms']:.2f} + driver "
+                             f"{cpp['driver_ms']:.2f} + messages {cpp['messages_ms']:.2f}; its RPCs "
+                             f"{cpp['rpc_ms']:.2f}, commit {cpp['commit_ms']:.2f}; "
                              f"cuda_client_register_bench, this host)")
             if not expandable:
                 overhead = python_side - cpp_work

@@ -14,10 +14,10 @@ tensor calls import torch (1.13 or 2.x) when first used, and the CUDA ones load 
 (libcuda.so.1, through ctypes) then.
 """
 
-from ._wire import default_socket_path
 from . import errors as _errors
-from .errors import *  # noqa: F401,F403 - Error and one subclass per status code
 from ._layout import canonical_json
+from ._wire import default_socket_path
+from .errors import *  # noqa: F401,F403 - Error and one subclass per status code
 from .store import Lease, LocalStableTier, RegisteredArtifact, Store
 
 __version__ = "0.1.0"
@@ -29,4 +29,5 @@ __all__ = [
     "LocalStableTier",
     "default_socket_path",
     "canonical_json",
-] + [name for name in _errors.__all__ if name != "error_for_code"]
+]
+__all__ += [name for name in _errors.__all__ if name != "error_for_code"]

@@ -112,7 +112,7 @@ _SIGNATURES = {
 }
 
 _lock = threading.Lock()
-_driver: "Driver | None" = None
+_driver: Driver | None = None
 _stats_lock = threading.Lock()
 _stats = {"ipc_opened": 0, "ipc_closed": 0, "vmm_mapped": 0, "vmm_unmapped": 0}
 

@@ -179,8 +179,6 @@ def plan(drv, storages: list, what: str) -> Plan:
     return Plan(regions, sources, allocations)
 
 
-
-
 def _regions(storages, covers, users, by_base, allocations, what):
     sources: list = [None] * len(storages)
     regions: list = []

@@ -372,4 +372,3 @@ def safetensors_descs(paths: list) -> list:
             descs.append(Desc(name, key, end - begin, shape, stride, dtype, 0,
                               (paths[f], data_offset + begin, end - begin)))
     return descs
-

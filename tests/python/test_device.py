@@ -14,6 +14,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _support  # noqa: E402  (exits 77 without torch / protobuf)
 
+# isort: split
 import unittest  # noqa: E402
 
 import torch  # noqa: E402

@@ -1,0 +1,163 @@
+"""The put flows: a copy of the tensors made by the daemon's own plans.
+
+- CPU tensors and safetensors files: the stable_dram plan. Begin hands over the publish memfd;
+  the canonical bytes are written into it here (torch copies each storage once, or the files'
+  bytes are copied from read-only mappings), then one Feed says the upload is complete.
+- CUDA tensors: the coalesced plan. Begin hands over the CUDA IPC handle of a zeroed buffer on
+  the GPU; torch copies each storage into it on the device and waits for the copies to land.
+
+Either way Commit follows, where the daemon hashes. A failure after Begin aborts the
+registration (nothing is left behind in the daemon).
+
+Thread-safety: each function runs one put over the given connection (which serialises calls).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import time
+
+from . import _buffers, _cuda, _layout, _requests
+from ._artifact import RegisteredArtifact
+from ._torch import module as _torch
+from ._wire import Connection, _close_fds
+from .errors import DataLoss, Error, InvalidArgument, NotFound, PermissionDenied
+
+
+def put(conn: Connection, state_dict, policy: str | None) -> RegisteredArtifact:
+    """Store.put: CPU tensors through stable_dram, CUDA tensors through coalesced."""
+    torch = _torch()
+    descs, device = _layout.state_dict_descs(torch, state_dict, "put state dict")
+    layout = _layout.build(descs)
+    profile = _requests.policy_profile(policy, "put state dict")
+    if device.startswith("cuda"):
+        return _put_cuda(conn, torch, layout, torch.device(device), profile)
+
+    def write(mm, start):
+        dst = torch.frombuffer(mm, dtype=torch.uint8, count=layout.total_size, offset=start)
+        try:
+            _buffers.write_storages(torch, dst, layout)
+        finally:
+            del dst
+
+    return _put_stable_dram(conn, layout, profile, write)
+
+
+def put_safetensors(conn: Connection, paths, policy: str | None) -> RegisteredArtifact:
+    """Store.put_safetensors: the files' layout (as the C++ client's) through stable_dram."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    paths = [os.fspath(p) for p in paths]
+    if not paths:
+        raise InvalidArgument("cannot put safetensors files: no file given")
+    try:
+        layout = _layout.build(_layout.safetensors_descs(paths))
+    except FileNotFoundError as e:
+        raise NotFound(f"cannot read safetensors file '{e.filename}': no such file") from None
+    except PermissionError as e:
+        raise PermissionDenied(f"cannot read safetensors file '{e.filename}': permission denied") from None
+    profile = _requests.policy_profile(policy, "put safetensors files")
+
+    def write(mm, start):
+        dst = memoryview(mm)
+        maps = {}
+        try:
+            for s in layout.storages:
+                path, at, length = s.source
+                if not length:
+                    continue
+                if path not in maps:
+                    with open(path, "rb") as f:
+                        maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                src = memoryview(maps[path])
+                try:
+                    dst[start + s.offset:start + s.offset + length] = src[at:at + length]
+                finally:
+                    src.release()
+        finally:
+            dst.release()
+            for m in maps.values():
+                m.close()
+
+    return _put_stable_dram(conn, layout, profile, write)
+
+
+def _put_stable_dram(conn: Connection, layout, profile, write) -> RegisteredArtifact:
+    """Begin (stable_dram) → write(mapping, start) into the publish memfd → Feed → Commit."""
+    begun, fds = conn.call(_requests.put_begin(layout, profile, "stable_dram"))
+    registration_id = begun.begin_register_artifact.registration_id
+    try:
+        hs = begun.begin_register_artifact.stable_dram
+        if not fds or not hs.HasField("publish_cpu_memfd"):
+            raise DataLoss(f"cannot put {registration_id}: the daemon sent no publish memfd")
+        handle = hs.publish_cpu_memfd
+        if handle.size_bytes < layout.total_size:
+            raise DataLoss(f"cannot put {registration_id}: the publish memfd holds {handle.size_bytes} bytes, "
+                           f"fewer than total_size {layout.total_size}")
+        try:
+            mm, start = _buffers.map_shared(fds[0], handle.offset_bytes, layout.total_size)
+        except (OSError, ValueError) as e:
+            raise DataLoss(f"cannot put {registration_id}: cannot map the publish memfd: {e}") from None
+        finally:
+            _close_fds(fds)
+            fds = []
+        try:
+            write(mm, start)
+        finally:
+            _buffers.close_map(mm)
+        conn.feed([_requests.stable_dram_feed(registration_id, layout.total_size)])
+        done = commit(conn, registration_id)
+    except BaseException:
+        _close_fds(fds)
+        abort(conn, registration_id)
+        raise
+    return RegisteredArtifact(done, layout, registration_id, "stable_dram", None)
+
+
+def _put_cuda(conn: Connection, torch, layout, device, profile) -> RegisteredArtifact:
+    """Begin (coalesced, on the tensors' GPU by UUID) → copy into the daemon's buffer → Commit."""
+    started = time.perf_counter()
+    drv = _cuda.driver()
+    ordinal = device.index if device.index is not None else torch.cuda.current_device()
+    begin = _requests.put_begin(layout, profile, "coalesced", ordinal, drv.device_uuid(ordinal))
+    prepared = time.perf_counter()
+    begun, fds = conn.call(begin)
+    _close_fds(fds)
+    registration_id = begun.begin_register_artifact.registration_id
+    try:
+        handle = begun.begin_register_artifact.coalesced.daemon_ipc_handle
+        if not handle:
+            raise DataLoss(f"cannot put {registration_id}: the daemon sent no IPC handle for its buffer")
+        mapping = _cuda.IpcMapping(drv, ordinal, handle, layout.total_size,
+                                   f"the daemon's buffer for {registration_id}")
+        try:
+            dst = _cuda.as_tensor(torch, mapping, ordinal, layout.total_size)
+            with torch.cuda.device(ordinal):
+                _buffers.write_storages(torch, dst, layout)
+                # The daemon reads the buffer at commit: every copy must have landed.
+                torch.cuda.synchronize(ordinal)
+            del dst
+        finally:
+            mapping.close()
+        copied = time.perf_counter()
+        done = commit(conn, registration_id)
+    except BaseException:
+        abort(conn, registration_id)
+        raise
+    timings = {"metadata": prepared - started, "rpc": copied - prepared, "commit": time.perf_counter() - copied}
+    return RegisteredArtifact(done, layout, registration_id, "coalesced", None, timings)
+
+
+def commit(conn: Connection, registration_id: str):
+    """CommitRegisteredArtifact; the response body. Errors: the daemon's status."""
+    answer, _ = conn.call(_requests.commit(registration_id))
+    return answer.commit_registered_artifact
+
+
+def abort(conn: Connection, registration_id: str) -> None:
+    """AbortRegisteredArtifact, its errors swallowed: it runs while another error propagates."""
+    try:
+        conn.call(_requests.abort(registration_id))
+    except Error:
+        pass

@@ -1,0 +1,192 @@
+"""Reading an artifact back as tensors: get() from the stable DRAM replica, open() from GPU
+memory.
+
+- get: GetArtifactMemfd hands over the replica's memfd; it is mapped private (copy on write),
+  and every tensor is a view of that mapping. On a CUDA device the whole replica is copied there
+  once, so tied names stay tied and views stay views.
+- open: OpenArtifactDevice, page after page, names the artifact's allocations (a lease's, or the
+  daemon's buffer) with an IPC handle or VMM chunk fds each. Every allocation is checked first
+  (its GPU visible here, on the device asked for, its fds all there), then each is mapped once,
+  and every tensor is a view of its mapping; the mappings close with the last view.
+
+Thread-safety: each function runs one read over the given connection (which serialises calls).
+Ownership: the returned tensors own their mappings; fds received are closed here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from typing import Any
+
+from . import _buffers, _cuda, _device, _layout, _requests
+from ._torch import device as _torch_device
+from ._torch import module as _torch
+from ._wire import Connection, _close_fds
+from .errors import Aborted, DataLoss, FailedPrecondition, InvalidArgument
+
+
+def get_tensors(conn: Connection, artifact_id: str, device: Any) -> dict:
+    """Store.get: the replica mapped private, on cpu or copied once to a CUDA device."""
+    torch = _torch()
+    what = f"get {artifact_id}"
+    dev = _torch_device(torch, device, what)
+    if dev.type not in ("cpu", "cuda"):
+        raise InvalidArgument(f"cannot {what} on {dev}: only cpu and cuda are supported")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise FailedPrecondition(f"cannot {what} on {dev}: torch {torch.__version__} sees no CUDA device")
+    answer, fds = conn.call(_requests.get_artifact_memfd(artifact_id))
+    body = answer.get_artifact_memfd
+    try:
+        if not fds:
+            raise DataLoss(f"cannot {what}: the daemon sent no memfd")
+        size = body.size_bytes
+        try:
+            mm = _buffers.map_private(fds[0], size)
+        except (OSError, ValueError) as e:
+            raise DataLoss(f"cannot {what}: cannot map its replica of {size} bytes: {e}") from None
+    finally:
+        _close_fds(fds)
+    try:
+        index = json.loads(body.tensor_index_data)
+    except ValueError as e:
+        raise DataLoss(f"cannot {what}: the daemon's index is not json: {e}") from None
+    base = torch.frombuffer(mm, dtype=torch.uint8) if size else torch.empty(0, dtype=torch.uint8)
+    if dev.type == "cuda":
+        # One copy of the whole replica keeps tied names tied and views views.
+        try:
+            moved = base.to(dev)
+        except RuntimeError as e:
+            raise FailedPrecondition(f"cannot {what} on {dev}: cannot copy the replica there: {e}") from None
+        finally:
+            del base  # the mapping can close only once no tensor exports it
+            _buffers.close_map(mm)
+        base = moved
+
+    def locate(offset, nbytes, name):
+        if offset + nbytes > size:
+            raise DataLoss(f"cannot {what}: storage of tensor {_layout.quote(name)} [{offset}, "
+                           f"{offset + nbytes}) does not fit the replica of {size} bytes")
+        return base, offset
+
+    return _device.build_views(torch, index, locate, what, empty_device=base.device)
+
+
+def open_tensors(conn: Connection, artifact_id: str, device: Any) -> dict:
+    """Store.open: each allocation mapped once on its GPU (found by UUID), the tensors views."""
+    torch = _torch()
+    what = f"open {artifact_id}"
+    dev = _torch_device(torch, device, what)
+    if dev.type != "cuda":
+        raise InvalidArgument(f"cannot {what} on {dev}: open() maps GPU memory; use get() for cpu")
+    drv = _cuda.driver()  # before the call: no GPU here means nothing to ask the daemon for
+    body, fds, vmm_fds = open_pages(conn, artifact_id, what)
+    bases = []
+    ordinal = dev.index
+    try:
+        try:
+            index = json.loads(body.tensor_index_data)
+        except ValueError as e:
+            raise DataLoss(f"cannot {what}: the daemon's index is not json: {e}") from None
+        allocations = list(body.allocations)  # each repeated-field access builds a wrapper: once
+        opens = _checked_opens(drv, dev, allocations, vmm_fds, what)
+        if opens:
+            ordinal = opens[-1][1]
+
+        def map_one(k, here, a, source):
+            label = f"allocation {k} of {artifact_id}"
+            if source == "cuda_ipc_handle":
+                return _cuda.IpcMapping(drv, here, a.cuda_ipc_handle, a.size_bytes, label)
+            return _cuda.VmmMapping(drv, here, vmm_fds[k], [c.size_bytes for c in a.vmm.chunks], a.size_bytes,
+                                    label)
+
+        # One after the other: the driver serialises IPC opens and VMM imports, so threads would
+        # only add contention. The device's context is made current once for the batch, not
+        # once per allocation.
+        with drv.on(opens[0][1]) if opens else contextlib.nullcontext():
+            mappings = [map_one(*job) for job in opens]
+        bases = [_cuda.as_tensor(torch, m, here, a.size_bytes) for m, (_, here, a, _) in zip(mappings, opens)]
+    finally:
+        _close_fds(fds)  # imported (or failed): the mappings do not need them
+    found = _segments(body, [a.size_bytes for a in allocations], len(bases), what)
+
+    def locate(offset, nbytes, name):
+        allocation, at = found.find(offset, nbytes, name)
+        return bases[allocation], at
+
+    empty_device = torch.device("cuda", ordinal if ordinal is not None else torch.cuda.current_device())
+    return _device.build_views(torch, index, locate, what, empty_device=empty_device)
+
+
+def _checked_opens(drv, dev, allocations: list, vmm_fds: dict, what: str) -> list:
+    """(allocation number, ordinal here, allocation, source) of every allocation, each checked
+    before any is mapped: its GPU visible to this process and the one asked for, its VMM fds all
+    received. Errors: FailedPrecondition, InvalidArgument, DataLoss."""
+    opens = []
+    for k, a in enumerate(allocations):
+        here = drv.ordinal_of_uuid(a.device_uuid) if a.device_uuid else None
+        if here is None:
+            raise FailedPrecondition(
+                f"cannot {what}: allocation {k} lives on {a.device_uuid or 'an unnamed device'} (the daemon's "
+                f"cuda:{a.device_id}), which this process does not see (CUDA_VISIBLE_DEVICES="
+                f"{os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')})")
+        if dev.index is not None and here != dev.index:
+            raise InvalidArgument(f"cannot {what} on {dev}: allocation {k} lives on {a.device_uuid}, which is "
+                                  f"cuda:{here} here")
+        source = a.WhichOneof("source")
+        if source == "vmm":
+            if len(vmm_fds.get(k, ())) != len(a.vmm.chunks):
+                raise DataLoss(f"cannot {what}: allocation {k} has {len(a.vmm.chunks)} VMM chunks, but the "
+                               f"daemon's answers carried {len(vmm_fds.get(k, ()))} fds for it")
+        elif source != "cuda_ipc_handle":
+            raise DataLoss(f"cannot {what}: allocation {k} has neither an IPC handle nor VMM chunks")
+        opens.append((k, here, a, source))
+    return opens
+
+
+def _segments(body, sizes: list, mapped: int, what: str) -> _device.Segments:
+    """The answer's segments, each checked to lie inside one of the `mapped` allocations."""
+    segments = []
+    for s in body.segments:
+        allocation, at, length = s.allocation, s.allocation_offset, s.length
+        if allocation >= mapped or at + length > sizes[allocation]:
+            raise DataLoss(f"cannot {what}: segment at artifact offset {s.artifact_offset} of {length} bytes "
+                           f"lies outside allocation {allocation}")
+        segments.append((s.artifact_offset, length, allocation, at))
+    return _device.Segments(segments, what)
+
+
+def open_pages(conn: Connection, artifact_id: str, what: str) -> tuple:
+    """OpenArtifactDevice, page after page (docs/wire-format.md §13): one answer carries at
+    most 250 fds, so the VMM fds of a large expandable-segment model come in several.
+    Returns (the first answer, every fd received, {allocation number: its chunks' fds})."""
+    fds, vmm_fds, first, body = [], {}, 0, None
+    try:
+        while True:
+            answer, got = conn.call(_requests.open_artifact_device(artifact_id, first))
+            fds.extend(got)
+            page = answer.open_artifact_device
+            if body is None:
+                body = page
+            elif [(a.device_uuid, a.size_bytes) for a in page.allocations] != \
+                    [(a.device_uuid, a.size_bytes) for a in body.allocations]:
+                raise Aborted(f"cannot {what}: its GPU memory changed while it was being opened; try again")
+            end = page.end_allocation
+            for k in range(first, min(end, len(page.allocations))):
+                a = page.allocations[k]
+                if a.WhichOneof("source") != "vmm":
+                    continue
+                bad = [c.fd_index for c in a.vmm.chunks if c.fd_index >= len(got)]
+                if bad:
+                    raise DataLoss(f"cannot {what}: allocation {k} names fd #{bad[0]}, but the answer carried "
+                                   f"{len(got)} fds")
+                vmm_fds[k] = [got[c.fd_index] for c in a.vmm.chunks]
+            if end >= len(page.allocations):
+                return body, fds, vmm_fds
+            if end <= first:
+                raise DataLoss(f"cannot {what}: the daemon's answer for allocations from {first} made no progress")
+            first = end
+    except BaseException:
+        _close_fds(fds)
+        raise

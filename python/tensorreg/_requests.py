@@ -1,0 +1,248 @@
+"""The wire messages of the Store's calls: each request built from plain arguments, and the
+parts of answers that several calls read (descriptors, tier names).
+
+Building a message is the only job here: nothing is sent, nothing is checked that the daemon
+checks itself. The Feed of a lease (lease_feed) is the one per-tensor builder and is kept lean:
+register() of 1 000 CUDA tensors builds it while the daemon imports the regions.
+
+Thread-safety: pure functions; every call returns a new message that the caller owns.
+"""
+
+from __future__ import annotations
+
+import os
+
+from . import _layout, _messages
+from .errors import InvalidArgument
+
+PROFILES = ("cache", "durable", "ha", "cold", "warm", "pinned")
+DEFAULT_TTL_MS = 600_000
+_COMMON = _messages.COMMON
+_DAEMON = _messages.DAEMON
+
+
+def policy_profile(policy: str | None, verb: str) -> int | None:
+    """The PolicyProfile number of a profile name; None for no policy (the daemon's default).
+    Errors: InvalidArgument naming the unknown profile."""
+    if policy is None or policy == "":
+        return None
+    if policy not in PROFILES:
+        raise InvalidArgument(f"cannot {verb}: unknown policy profile {policy!r}: expected one of "
+                              f"{', '.join(PROFILES)}")
+    return _messages.enum_value(_COMMON + ".PolicyProfile", "POLICY_PROFILE_" + policy.upper())
+
+
+# ---- registration ----
+
+
+def put_begin(layout, profile, plan: str, device_id: int = 0, device_uuid: str = ""):
+    """BeginRegisterArtifact of a put: the index inline, `plan` ("stable_dram" or "coalesced")
+    with its defaults, the policy profile when one is given, the device by UUID when known."""
+    begin = _messages.Request()
+    b = begin.begin_register_artifact
+    b.device_id = device_id
+    if device_uuid:
+        b.device_uuid = device_uuid
+    b.total_size = layout.total_size
+    b.ttl_ms = DEFAULT_TTL_MS
+    b.owner_pid = os.getpid()
+    b.tensor_index_data.data = layout.json
+    b.tensor_index_data.schema_version = "v3"
+    b.tensor_index_data.encoding = "json"
+    getattr(b, plan).SetInParent()
+    if profile is not None:
+        b.policy.profile = profile
+    return begin
+
+
+def lease_begin(ttl_ms: int, client_artifact_id: str | None, profile):
+    """BeginRegisterArtifact of a lease in place, on no device yet (-1) and without total_size:
+    the register flow fills in those it knows (the device, the layout's size)."""
+    begin = _messages.Request()
+    b = begin.begin_register_artifact
+    b.device_id = -1
+    b.ttl_ms = ttl_ms
+    b.owner_pid = os.getpid()
+    b.lease.in_place = True
+    if client_artifact_id:
+        b.client_artifact_id = client_artifact_id
+    if profile is not None:
+        b.policy.profile = profile
+    return begin
+
+
+def host_shared_region(size_bytes: int, pid: int):
+    """RegisterRegion of a daemon-managed HOST_SHARED region of `size_bytes` (the daemon answers
+    with its memfd)."""
+    request = _messages.Request()
+    rr = request.register_region
+    rr.memory_kind = _messages.enum_value(_DAEMON + ".RegionMemoryKind", "REGION_MEMORY_KIND_HOST_SHARED")
+    rr.owner_pid = pid
+    rr.size_bytes = size_bytes
+    rr.host_shared.daemon_managed = True
+    return request
+
+
+def stable_dram_feed(registration_id: str, total_size: int):
+    """The one Feed frame of a stable_dram put: every canonical byte written, upload complete."""
+    frame = _messages.Request()
+    feed = frame.feed_register_artifact_stream
+    feed.registration_id = registration_id
+    progress = feed.stable_dram_write_progress
+    r = progress.ranges.add()
+    r.canonical_offset = 0
+    r.length = total_size
+    progress.upload_complete = True
+    return frame
+
+
+def lease_feed(layout, source):
+    """The one Feed frame of a lease (a Request; the caller sets its registration_id): a storage
+    entry per layout storage (`source(entry, k)` fills in where its bytes are), one segment
+    each covering it whole, and the tensor aliases."""
+    frame = _messages.Request()
+    feed = frame.feed_register_artifact_stream
+    ids = []
+    entries = feed.storage_entries
+    segments = feed.lease_segments.segments
+    for k, s in enumerate(layout.storages):
+        sid = f"s{k}"
+        ids.append(sid)
+        e = entries.add()
+        e.storage_id = sid
+        e.storage_length = s.nbytes
+        source(e, k)
+        seg = segments.add()
+        seg.storage_id = sid  # storage_offset 0: the default, not stored
+        seg.artifact_offset = s.offset
+        seg.length = s.nbytes
+    aliases = feed.tensor_aliases
+    sizes, descs, storage_of, extent = _layout.DTYPE_SIZES, layout.descs, layout.storage_of, _layout.extent_bytes
+    for name in sorted(layout.index):
+        d = descs[name]
+        a = aliases.add()
+        a.name = name
+        a.storage_id = ids[storage_of[name]]
+        if d.storage_offset:
+            a.storage_offset = d.storage_offset
+        a.logical_length = extent(d.shape, d.stride, sizes[d.dtype])
+        a.shape.extend(d.shape)
+        a.stride.extend(d.stride)
+        a.dtype = d.dtype
+    return frame
+
+
+def commit(registration_id: str):
+    request = _messages.Request()
+    request.commit_registered_artifact.registration_id = registration_id
+    return request
+
+
+def abort(registration_id: str):
+    request = _messages.Request()
+    request.abort_registered_artifact.registration_id = registration_id
+    return request
+
+
+# ---- leases ----
+
+
+def keep_alive(registration_id: str, ttl_ms: int, epoch: int):
+    request = _messages.Request()
+    k = request.keep_alive_register_artifact
+    k.registration_id = registration_id
+    k.ttl_ms = ttl_ms
+    k.epoch = epoch
+    k.owner_pid = os.getpid()
+    return request
+
+
+def revoke(registration_id: str, reason: str):
+    request = _messages.Request()
+    request.revoke_registered_artifact.registration_id = registration_id
+    request.revoke_registered_artifact.reason = reason
+    return request
+
+
+def unregister_region(region_id: str):
+    """UnregisterRegion, forced: the region goes even while a lease still names it."""
+    request = _messages.Request()
+    u = request.unregister_region
+    u.region_id = region_id
+    u.owner_pid = os.getpid()
+    u.force = True
+    return request
+
+
+# ---- reads and the catalogue ----
+
+
+def get_artifact_memfd(artifact_id: str):
+    request = _messages.Request()
+    request.get_artifact_memfd.artifact_id = artifact_id
+    return request
+
+
+def open_artifact_device(artifact_id: str, first_allocation: int):
+    request = _messages.Request()
+    request.open_artifact_device.artifact_id = artifact_id
+    request.open_artifact_device.first_allocation = first_allocation
+    return request
+
+
+def artifact_index(artifact_id: str):
+    request = _messages.Request()
+    request.get_artifact_index_by_id.artifact_id = artifact_id
+    return request
+
+
+def list_artifacts():
+    request = _messages.Request()
+    request.list_artifacts.SetInParent()
+    return request
+
+
+def stats():
+    request = _messages.Request()
+    request.get_stats.SetInParent()
+    return request
+
+
+def deregister(artifact_id: str, wait_for_drain: bool):
+    request = _messages.Request()
+    d = request.deregister_artifact
+    d.artifact_id = artifact_id
+    d.wait_for_drain = wait_for_drain
+    return request
+
+
+# ---- answers ----
+
+
+def descriptor_dict(d) -> dict:
+    """An ArtifactDescriptor as the dict Store.index(), list() and RegisteredArtifact give."""
+    return {
+        "artifact_id": d.artifact_id,
+        "index_multihash": d.index_multihash,
+        "data_multihash": d.data_multihash,
+        "schema_version": d.schema_version,
+        "encoding": d.encoding,
+        "total_size": d.total_size,
+        "id_kind": _messages.enum_name(_COMMON + ".ArtifactIdKind", d.id_kind),
+    }
+
+
+def tier_name(tier: int) -> str:
+    name = _messages.enum_name(_messages.WIRE + ".Tier", tier)
+    return {"TIER_VRAM": "vram", "TIER_VRAM_LEASED": "leased", "TIER_STABLE_DRAM": "stable_dram",
+            "TIER_SHARED_DISK": "shared_disk"}.get(name, name)
+
+
+def local_stable_tier(commit_answer) -> tuple | None:
+    """(status, message) of a commit answer's local stable tier, status lower case without its
+    prefix ("ready", "degraded", ...); None when the answer has none."""
+    if not commit_answer.HasField("local_stable_tier"):
+        return None
+    t = commit_answer.local_stable_tier
+    name = _messages.enum_name(_DAEMON + ".LocalStableTierStatus", t.status)
+    return name.replace("LOCAL_STABLE_TIER_STATUS_", "").lower(), t.message
