@@ -29,6 +29,7 @@
 
 #include "tensorreg/common/clock.hpp"
 #include "tensorreg/common/error.hpp"
+#include "tensorreg/common/logger.hpp"
 #include "tensorreg/common/unique_fd.hpp"
 #include "tensorreg/index/canonical_index.hpp"
 #include "tensorreg/registration/device_memory.hpp"
@@ -39,6 +40,8 @@ namespace tensorreg::registration {
 struct engine_options {
   /// Time source for every TTL; must outlive the engine.
   const clock* time = &system_clock();
+  /// Where the engine writes its events; must outlive the engine; null = none.
+  logger* log = &null_logger();
   /// Stable DRAM cache budget in bytes; 0 = unlimited.
   std::uint64_t stable_bytes = 0;
   /// Hashing threads; 0 = one per hardware thread.
