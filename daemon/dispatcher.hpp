@@ -1,9 +1,10 @@
 // daemon/dispatcher.hpp — one request frame in, zero or one response frame out.
 //
-// The dispatcher is the only part of tensorregd that sees both the wire messages (protobuf,
-// docs/wire-format.md) and the library's types: it parses a Request envelope, applies the
-// owner_pid rule of DECISIONS §4 with the peer's credentials, calls the registration engine,
-// and serialises the Response. It has no asio and no sockets, so it is tested directly.
+// The dispatcher is tensorregd's routing and policy layer: it parses a Request envelope,
+// applies the owner_pid rule of DECISIONS §4 and the reader rule with the peer's credentials,
+// picks the registration engine call, and maps its result to the answer's status. Every
+// protobuf field it turns into a library value, or fills from one, goes through
+// wire_convert.hpp. It has no asio and no sockets, so it is tested directly.
 //
 // Feed streams: frames of one request_id accumulate in the connection's context; the
 // end-of-stream frame gets the one answer. An error mid-stream is answered at once and later
