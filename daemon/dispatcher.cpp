@@ -6,6 +6,7 @@
 
 #include <atomic>
 #include <cerrno>
+#include <chrono>
 #include <cstring>
 #include <string>
 #include <unordered_map>
@@ -13,10 +14,11 @@
 #include <variant>
 #include <vector>
 
+#include "src/common/log.hpp"
 #include "wire_convert.hpp"
 
 // Layout: the per-connection state; then dispatcher::impl with the policy checks, one short
-// handler per RPC, the unary path and the Feed stream path.
+// handler per RPC, the unary path, the Feed stream path and the log lines of each answer.
 // Every message field the handlers turn into a library value, or fill from one, goes through
 // wire_convert.
 
@@ -36,14 +38,15 @@ error fds_unused(std::string_view verb, std::size_t n) {
                                                    fd_count(n))};
 }
 
-// A response on its way out, serialised once the frame's handling is over.
+// A response on its way out. It stays a message until the RPC's log line has read its status.
 struct answer {
   wire::Response response;
   std::vector<unique_fd> fds;
+  std::string subject;  // for the log line, where the request itself names none (a stream's end)
 };
 
 answer error_answer(std::uint64_t request_id, const error& e) {
-  return answer{convert::error_response(request_id, e), {}};
+  return answer{convert::error_response(request_id, e), {}, {}};
 }
 
 frame_out serialize(answer a) {
@@ -102,9 +105,11 @@ struct call {
 struct dispatcher::impl {
   registration::engine& engine;
   dispatcher_options options;
+  logger& log;
   std::atomic<std::size_t> connections{0};
 
-  impl(registration::engine& e, dispatcher_options o) : engine(e), options(std::move(o)) {}
+  impl(registration::engine& e, dispatcher_options o)
+      : engine(e), options(std::move(o)), log(options.log != nullptr ? *options.log : null_logger()) {}
 
   // DECISIONS §4: owner_pid must be the peer's own pid, unless trusted. owner_pid <= 0 is left
   // to the engine, which rejects it with its own message.
@@ -390,7 +395,7 @@ struct dispatcher::impl {
     } else {
       c.response.mutable_status();
     }
-    return answer{std::move(c.response), std::move(c.fds_out)};
+    return answer{std::move(c.response), std::move(c.fds_out), {}};
   }
 
   // ---- Feed streams ----
@@ -433,6 +438,7 @@ struct dispatcher::impl {
                                                                         id)});
     }
     answer out;
+    out.subject = fmt::format("registration '{}'", it->second.registration_id);
     conn.streams().erase(it);
     out.response.set_request_id(id);
     out.response.mutable_status();
@@ -488,6 +494,40 @@ struct dispatcher::impl {
   static bool is_end_marker(const wire::Request& request) {
     return request.end_of_stream() && request.body_case() == wire::Request::BODY_NOT_SET;
   }
+
+  // Each RPC at debug; each non-OK answer again at info, with its message, for whoever reads
+  // the log to see what a client got wrong. A feed frame that is not answered (the stream goes
+  // on) is a trace line.
+  void log_rpc(const peer_credentials& peer, const wire::Request& request, const std::optional<answer>& out,
+               std::chrono::steady_clock::time_point started) const {
+    const bool rejected = out && out->response.status().code() != 0;
+    const auto level = !out ? log_level::trace : log_level::debug;
+    if (!log.enabled(level) && !(rejected && log.enabled(log_level::info))) return;
+    const auto us =
+        std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - started).count();
+    const auto method = is_end_marker(request) ? std::string_view("FeedRegisterArtifactStream")
+                                               : convert::rpc_name(request.body_case());
+    std::string subject;
+    if (out && !out->subject.empty()) {
+      subject = ", " + out->subject;
+    } else if (auto s = convert::subject_of(request, out ? out->response : wire::Response::default_instance());
+               !s.empty()) {
+      subject = ", " + s;
+    }
+    if (!out) {
+      tensorreg::log(log, log_level::trace, "rpc {} request {} from pid {} uid {}{}: frame taken in {} us", method,
+                     request.request_id(), peer.pid, peer.uid, subject, us);
+      return;
+    }
+    const auto& status = out->response.status();
+    const auto code = errc_name(static_cast<errc>(status.code()));
+    tensorreg::log(log, log_level::debug, "rpc {} request {} from pid {} uid {}{}: {} in {} us", method,
+                   request.request_id(), peer.pid, peer.uid, subject, code, us);
+    if (rejected) {
+      tensorreg::log(log, log_level::info, "rejected {} request {} from pid {} uid {}{}: {}: {}", method,
+                     request.request_id(), peer.pid, peer.uid, subject, code, status.message());
+    }
+  }
 };
 
 // ---- dispatcher ------------------------------------------------------------------------------
@@ -504,8 +544,10 @@ dispatcher::connection_ptr dispatcher::open_connection(const peer_credentials& p
 }
 
 std::optional<frame_out> dispatcher::handle(connection& conn, frame_in frame) {
+  const auto started = std::chrono::steady_clock::now();
   wire::Request request;
   auto out = impl_->dispatch(conn, request, std::move(frame));
+  impl_->log_rpc(conn.peer(), request, out, started);
   if (!out) return std::nullopt;
   return serialize(std::move(*out));
 }
