@@ -39,7 +39,7 @@ constexpr const char* kUsage =
     "  --stable-bytes N         stable DRAM cache budget in bytes (0 = unlimited; default 0)\n"
     "  --replica-pool-bytes N   idle page-locked replica memory kept for fast GPU puts, beyond\n"
     "                           the stable budget (0 = none; default min(16 GiB, RAM / 8))\n"
-    "  --persist-dir DIR        where persistence writes artifacts (persistence: not yet)\n"
+    "  --persist-dir DIR        refused: persistence is not implemented yet\n"
     "  --max-frame-bytes N      largest frame accepted (default 67108864)\n"
     "  --max-sessions N         most concurrent connections (default 1024)\n"
     "  --workers N              request worker threads (default: one per core)\n"
@@ -50,7 +50,6 @@ struct options {
   std::string socket;
   std::uint64_t stable_bytes = 0;
   std::optional<std::uint64_t> replica_pool_bytes;  // unset: the provider's default
-  std::string persist_dir;
   std::uint32_t max_frame_bytes = 64u << 20;
   std::size_t max_sessions = 1024;
   unsigned workers = 0;
@@ -85,7 +84,8 @@ int parse_options(const std::vector<std::string>& args, options& o) {
       if (a == "--socket") {
         o.socket = *v;
       } else if (a == "--persist-dir") {
-        o.persist_dir = *v;
+        // Refused rather than ignored: a caller asking for persistence must not believe it has it.
+        return bad("cannot use --persist-dir '" + *v + "': persistence is not implemented yet");
       } else {
         auto level = tensorreg::parse_log_level(*v);
         if (!level) return bad(level.error().message);

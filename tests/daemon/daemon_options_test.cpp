@@ -1,5 +1,5 @@
-// tensorregd's options, end to end: the real daemon started with them (--log-level),
-// driven by raw frames. First include is the daemon double these cases run.
+// tensorregd's options, end to end: the real daemon started with them (--log-level,
+// --persist-dir), driven by raw frames. First include is the daemon double these cases run.
 #include "support/daemon_process.hpp"
 
 #include <catch2/catch.hpp>
@@ -105,5 +105,17 @@ TEST_CASE("tensorregd: a bad --log-level exits 2 with the parse error", "[daemon
   CHECK(*code == 2);
   CHECK_THAT(d.output(), Catch::Contains("tensorregd: cannot parse log level 'bogus': expected trace, debug, info, "
                                          "warn, error or off"));
+  CHECK_FALSE(std::filesystem::exists(dir.path() / "d.sock"));
+}
+
+TEST_CASE("tensorregd: --persist-dir is refused with exit 2 until persistence exists", "[daemon][e2e]") {
+  tensorreg::testing::temp_dir dir;
+  const auto persist = (dir.path() / "store").string();
+  daemon_process d((dir.path() / "d.sock").string(), {"--persist-dir", persist}, false);
+  const auto code = d.wait_exit();
+  REQUIRE(code);
+  CHECK(*code == 2);
+  CHECK_THAT(d.output(), Catch::Contains("tensorregd: cannot use --persist-dir '" + persist +
+                                         "': persistence is not implemented yet"));
   CHECK_FALSE(std::filesystem::exists(dir.path() / "d.sock"));
 }
