@@ -204,7 +204,7 @@ struct dispatcher::impl {
     const auto& in = c.request.unregister_region();
     TENSORREG_TRY(check_owner(c.peer, in.owner_pid(), fmt::format("unregister region '{}'", in.region_id())));
     TENSORREG_TRY_ASSIGN(bool released, engine.unregister_region(in.region_id(), in.owner_pid(), in.force()));
-    c.response.mutable_unregister_region()->set_released(released);
+    convert::fill_unregister(*c.response.mutable_unregister_region(), released);
     return {};
   }
 
@@ -221,7 +221,7 @@ struct dispatcher::impl {
     const auto& in = c.request.unregister_vram_region();
     TENSORREG_TRY(check_owner(c.peer, in.owner_pid(), fmt::format("unregister VRAM region '{}'", in.region_id())));
     TENSORREG_TRY_ASSIGN(bool released, engine.unregister_region(in.region_id(), in.owner_pid(), in.force()));
-    c.response.mutable_unregister_vram_region()->set_released(released);
+    convert::fill_unregister(*c.response.mutable_unregister_vram_region(), released);
     return {};
   }
 

@@ -439,6 +439,10 @@ void fill_vram_region(v2::RegisterVramRegionResponse& out, const regions::region
   if (in.expires_at) fill_expiry(*out.mutable_expires_at(), in.ttl_ms);
 }
 
+void fill_unregister(v2::UnregisterRegionResponse& out, bool released) { out.set_released(released); }
+
+void fill_unregister(v2::UnregisterVramRegionResponse& out, bool released) { out.set_released(released); }
+
 // ---- Catalogue -----------------------------------------------------------------------------
 
 void fill_index(v2::GetArtifactIndexByIdResponse& out, const index::canonical_index& index,

@@ -6,7 +6,8 @@
 // fields to library types, so a field's meaning (defaults, units, which oneof member) is
 // decided here once; docs/wire-format.md is its specification. The dispatcher decides what to
 // do with a request (owner checks, which engine call, which status); it reads only the
-// envelope and the few scalars its rules need (owner_pid, ids, device ordinals).
+// envelope and the few scalars its rules need (owner_pid, ids), and rewrites a message's
+// device_uuid into this daemon's device ordinal before the message is converted.
 //
 // Thread-safety: every function is pure over its arguments (fill_region and fill_vram_region
 // read the wall clock); calls on distinct messages may run concurrently.
@@ -95,6 +96,10 @@ void fill_region(v2::RegisterRegionResponse& out, const regions::region_info& in
 /// Moves the CUDA IPC handle out of `in`.
 [[nodiscard]] regions::register_request to_region_request(v2::RegisterVramRegionRequest& in);
 void fill_vram_region(v2::RegisterVramRegionResponse& out, const regions::region_info& in);
+
+/// `released`: the registry dropped the region (no artifact still used it).
+void fill_unregister(v2::UnregisterRegionResponse& out, bool released);
+void fill_unregister(v2::UnregisterVramRegionResponse& out, bool released);
 
 // ---- Catalogue -----------------------------------------------------------------------------
 
