@@ -1,9 +1,14 @@
 // daemon/dispatcher.hpp — one request frame in, zero or one response frame out.
 //
-// The dispatcher is the only part of tensorregd that sees both the wire messages (protobuf,
-// docs/wire-format.md) and the library's types: it parses a Request envelope, applies the
-// owner_pid rule of DECISIONS §4 with the peer's credentials, calls the registration engine,
-// and serialises the Response. It has no asio and no sockets, so it is tested directly.
+// The dispatcher is tensorregd's routing and policy layer: it parses a Request envelope,
+// applies the owner_pid rule of DECISIONS §4 and the reader rule with the peer's credentials,
+// picks the registration engine call, and maps its result to the answer's status. Every
+// protobuf field it turns into a library value, or fills from one, goes through
+// wire_convert.hpp. It has no asio and no sockets, so it is tested directly.
+//
+// Logging: each RPC is one debug line (method, peer pid and uid, the registration, artifact or
+// region id, the answer's code, the time taken); each non-OK answer is also an info line with
+// its code name and message.
 //
 // Feed streams: frames of one request_id accumulate in the connection's context; the
 // end-of-stream frame gets the one answer. An error mid-stream is answered at once and later
@@ -11,7 +16,7 @@
 //
 // Thread-safety: handle() may run concurrently for different connections; one connection's
 // frames must be handled one at a time, in order (the server runs each session's frames on a
-// strand). Ownership: the dispatcher borrows the engine, which must outlive it.
+// strand). Ownership: the dispatcher borrows the engine and the logger, which must outlive it.
 #pragma once
 
 #include <cstdint>
@@ -20,6 +25,7 @@
 #include <string>
 #include <vector>
 
+#include "tensorreg/common/logger.hpp"
 #include "tensorreg/common/unique_fd.hpp"
 #include "tensorreg/registration/engine.hpp"
 #include "unix_socket.hpp"
@@ -33,6 +39,8 @@ struct dispatcher_options {
   uid_t daemon_uid = 0;
   std::string socket_path;             ///< reported by GetServerConfig
   std::uint32_t max_frame_bytes = 64u << 20;
+  /// Where each RPC and each reject is logged; must outlive the dispatcher; null = none.
+  logger* log = &null_logger();
 };
 
 /// A frame's payload (one serialised envelope) and the fds that arrived with it.

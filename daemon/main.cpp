@@ -4,6 +4,10 @@
 // once the socket accepts connections, and serves until SIGINT/SIGTERM. Exit codes: 0 after a
 // clean shutdown, 1 when it cannot start (another daemon live on the socket, bad directory),
 // 2 for bad options.
+//
+// Everything after the options goes through one stderr logger (--log-level), shared by the
+// engine, the dispatcher and the server; only the "ready" line is printed to stdout, where
+// scripts and tests wait for it. Usage errors are printed before any logger exists.
 #include <fmt/core.h>
 #include <sys/resource.h>
 #include <unistd.h>
@@ -17,6 +21,8 @@
 
 #include "dispatcher.hpp"
 #include "server.hpp"
+#include "src/common/log.hpp"
+#include "tensorreg/common/logger.hpp"
 #include "tensorreg/registration/engine.hpp"
 #include "unix_socket.hpp"
 
@@ -33,22 +39,21 @@ constexpr const char* kUsage =
     "  --stable-bytes N         stable DRAM cache budget in bytes (0 = unlimited; default 0)\n"
     "  --replica-pool-bytes N   idle page-locked replica memory kept for fast GPU puts, beyond\n"
     "                           the stable budget (0 = none; default min(16 GiB, RAM / 8))\n"
-    "  --persist-dir DIR        where persistence writes artifacts (persistence: not yet)\n"
+    "  --persist-dir DIR        refused: persistence is not implemented yet\n"
     "  --max-frame-bytes N      largest frame accepted (default 67108864)\n"
     "  --max-sessions N         most concurrent connections (default 1024)\n"
     "  --workers N              request worker threads (default: one per core)\n"
-    "  --log-level LEVEL        error|warn|info|debug (default info)\n"
+    "  --log-level LEVEL        trace|debug|info|warn|error|off (default info; debug: each RPC)\n"
     "  --trust-client-pids      accept owner_pid other than the peer's from root or our uid\n";
 
 struct options {
   std::string socket;
   std::uint64_t stable_bytes = 0;
   std::optional<std::uint64_t> replica_pool_bytes;  // unset: the provider's default
-  std::string persist_dir;
   std::uint32_t max_frame_bytes = 64u << 20;
   std::size_t max_sessions = 1024;
   unsigned workers = 0;
-  std::string log_level = "info";
+  tensorreg::log_level log_level = tensorreg::log_level::info;
   bool trust_client_pids = false;
 };
 
@@ -76,9 +81,15 @@ int parse_options(const std::vector<std::string>& args, options& o) {
     } else if (a == "--socket" || a == "--persist-dir" || a == "--log-level") {
       const auto* v = value();
       if (v == nullptr) return bad(a + " needs a value");
-      (a == "--socket" ? o.socket : a == "--persist-dir" ? o.persist_dir : o.log_level) = *v;
-      if (a == "--log-level" && *v != "error" && *v != "warn" && *v != "info" && *v != "debug") {
-        return bad("--log-level must be error, warn, info or debug, got '" + *v + "'");
+      if (a == "--socket") {
+        o.socket = *v;
+      } else if (a == "--persist-dir") {
+        // Refused rather than ignored: a caller asking for persistence must not believe it has it.
+        return bad("cannot use --persist-dir '" + *v + "': persistence is not implemented yet");
+      } else {
+        auto level = tensorreg::parse_log_level(*v);
+        if (!level) return bad(level.error().message);
+        o.log_level = *level;
       }
     } else if (a == "--stable-bytes" || a == "--replica-pool-bytes" || a == "--max-frame-bytes" ||
                a == "--max-sessions" || a == "--workers") {
@@ -100,25 +111,23 @@ int parse_options(const std::vector<std::string>& args, options& o) {
 // Every CUDA VMM allocation a client registers stays open here as an fd (OpenArtifactDevice
 // hands it on to readers), so one large expandable-segments model is hundreds of fds and a few
 // models pass the usual soft limit of 1 024: take the hard limit, as services do.
-void raise_fd_limit() {
+void raise_fd_limit(tensorreg::logger& log) {
   struct rlimit limit {};
   if (::getrlimit(RLIMIT_NOFILE, &limit) == 0 && limit.rlim_cur < limit.rlim_max) {
     limit.rlim_cur = limit.rlim_max;
     if (::setrlimit(RLIMIT_NOFILE, &limit) != 0) {
-      fmt::print(stderr, "tensorregd: cannot raise the open-file limit to {}; keeping the soft limit\n", limit.rlim_max);
+      tensorreg::log(log, tensorreg::log_level::warn, "cannot raise the open-file limit to {}; keeping the soft limit",
+                     limit.rlim_max);
     }
   }
 }
 
-}  // namespace
-
-int main(int argc, char** argv) try {
-  options o;
-  if (int rc = parse_options(std::vector<std::string>(argv + 1, argv + argc), o); rc >= 0) return rc;
-  if (o.socket.empty()) o.socket = tensorreg::daemon::default_socket_path();
-  raise_fd_limit();
+int serve(const options& o, tensorreg::logger& log) {
+  using tensorreg::log_level;
+  raise_fd_limit(log);
 
   tensorreg::registration::engine_options eo;
+  eo.log = &log;
   eo.stable_bytes = o.stable_bytes;
 #if TENSORREG_HAVE_CUDA
   // GPU memory when a device is present; otherwise CUDA-only requests fail FAILED_PRECONDITION.
@@ -127,14 +136,15 @@ int main(int argc, char** argv) try {
   if (auto devices = tensorreg::cuda::device_memory_provider::create(device_options)) {
     eo.devices = std::move(*devices);
   } else {
-    fmt::print(stderr, "tensorregd: running without GPU memory: {}\n", devices.error().message);
+    tensorreg::log(log, log_level::warn, "running without GPU memory: {}", devices.error().message);
   }
 #else
-  fmt::print(stderr, "tensorregd: running without GPU memory: built without CUDA (-DTENSORREG_CUDA=OFF or no nvcc)\n");
+  tensorreg::log(log, log_level::warn,
+                 "running without GPU memory: built without CUDA (-DTENSORREG_CUDA=OFF or no nvcc)");
 #endif
   auto engine = tensorreg::registration::engine::create(eo);
   if (!engine) {
-    fmt::print(stderr, "tensorregd: {}\n", engine.error().message);
+    tensorreg::log(log, log_level::error, "{}", engine.error().message);
     return 1;
   }
   tensorreg::daemon::dispatcher_options d;
@@ -142,6 +152,7 @@ int main(int argc, char** argv) try {
   d.daemon_uid = ::getuid();
   d.socket_path = o.socket;
   d.max_frame_bytes = o.max_frame_bytes;
+  d.log = &log;
   tensorreg::daemon::dispatcher dispatch(**engine, d);
 
   tensorreg::daemon::server_options so;
@@ -149,20 +160,35 @@ int main(int argc, char** argv) try {
   so.max_frame_bytes = o.max_frame_bytes;
   so.max_sessions = o.max_sessions;
   so.workers = o.workers;
+  so.log = &log;
   auto srv = tensorreg::daemon::server::create(so, dispatch);
   if (!srv) {
-    fmt::print(stderr, "tensorregd: {}\n", srv.error().message);
+    tensorreg::log(log, log_level::error, "{}", srv.error().message);
     return 1;
   }
   // Only now can a client connect: say so (scripts wait for this line).
   fmt::print("tensorregd: ready on {} (pid {})\n", o.socket, ::getpid());
   std::fflush(stdout);
   const auto sessions = (*srv)->run();
-  if (o.log_level != "error" && o.log_level != "warn") {
-    fmt::print(stderr, "tensorregd: stopped after {} sessions\n", sessions);
-  }
+  tensorreg::log(log, log_level::info, "stopped after {} sessions", sessions);
   return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) try {
+  options o;
+  if (int rc = parse_options(std::vector<std::string>(argv + 1, argv + argc), o); rc >= 0) return rc;
+  if (o.socket.empty()) o.socket = tensorreg::daemon::default_socket_path();
+  const auto log = tensorreg::stderr_logger(o.log_level);
+  try {
+    return serve(o, *log);
+  } catch (const std::exception& e) {
+    tensorreg::log(*log, tensorreg::log_level::error, "{}", e.what());
+    return 1;
+  }
 } catch (const std::exception& e) {
+  // Before the logger exists (or when it cannot be made): the one place left to say why.
   fmt::print(stderr, "tensorregd: {}\n", e.what());
   return 1;
 }

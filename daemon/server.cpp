@@ -7,11 +7,13 @@
 #include <cerrno>
 #include <csignal>
 #include <cstring>
+#include <exception>
 #include <filesystem>
 #include <list>
 #include <thread>
 
 #include "framing.hpp"
+#include "src/common/log.hpp"
 #include "unix_socket.hpp"
 
 namespace tensorreg::daemon {
@@ -22,19 +24,42 @@ using stream = asio::local::stream_protocol;
 // Frames are read in chunks of this size; a frame's payload grows only as its bytes arrive.
 constexpr std::size_t kReadChunk = 64 * 1024;
 
+// The completion of a detached coroutine: what escaped it is logged, never rethrown into the
+// I/O thread (the daemon serves the other sessions on).
+struct log_exception {
+  logger* log;
+  std::string_view what;
+  void operator()(const std::exception_ptr& e) const noexcept {
+    if (!e) return;
+    try {
+      std::rethrow_exception(e);
+    } catch (const std::exception& x) {
+      tensorreg::log(*log, log_level::error, "{} ended by an exception: {}", what, x.what());
+    } catch (...) {
+      tensorreg::log(*log, log_level::error, "{} ended by an exception of unknown type", what);
+    }
+  }
+};
+
 }  // namespace
 
 // One client connection: reads frames, hands each to the dispatcher on the worker pool, writes
 // the answer. Frames of one connection are handled strictly in order, one at a time.
 class session : public std::enable_shared_from_this<session> {
  public:
-  session(stream::socket socket, dispatcher& dispatch, asio::thread_pool& workers, std::uint32_t max_frame_bytes)
-      : socket_(std::move(socket)), dispatch_(dispatch), workers_(workers), decoder_(max_frame_bytes) {}
+  session(stream::socket socket, dispatcher& dispatch, asio::thread_pool& workers, std::uint32_t max_frame_bytes,
+          logger& log)
+      : socket_(std::move(socket)), dispatch_(dispatch), workers_(workers), decoder_(max_frame_bytes), log_(log) {}
 
   asio::awaitable<void> run() {
     auto self = shared_from_this();
     auto peer = peer_of(socket_.native_handle());
-    if (!peer) co_return;
+    if (!peer) {
+      tensorreg::log(log_, log_level::warn, "closed a connection: {}", peer.error().message);
+      co_return;
+    }
+    peer_ = *peer;
+    tensorreg::log(log_, log_level::debug, "connection accepted from pid {} uid {}", peer_.pid, peer_.uid);
     connection_ = dispatch_.open_connection(*peer);
     socket_.native_non_blocking(true);
     std::vector<std::byte> buffer(kReadChunk);
@@ -51,7 +76,10 @@ class session : public std::enable_shared_from_this<session> {
       for (auto& fd : got->fds) next_frame_fds.push_back(std::move(fd));
       if (!decoder_.feed(std::span<const std::byte>(buffer.data(), got->bytes))) {
         // Too long or malformed: answer if we can, then close this connection only.
-        co_await write(dispatch_.reject(decoder_.failure()));
+        const auto& bad = decoder_.failure();
+        tensorreg::log(log_, log_level::warn, "bad frame from pid {} uid {}, closing its connection: {}: {}", peer_.pid,
+                       peer_.uid, errc_name(bad.code), bad.message);
+        co_await write(dispatch_.reject(bad));
         break;
       }
       while (auto frame = decoder_.next()) {
@@ -72,6 +100,7 @@ class session : public std::enable_shared_from_this<session> {
     asio::error_code ignored;
     socket_.shutdown(stream::socket::shutdown_both, ignored);
     socket_.close(ignored);
+    tensorreg::log(log_, log_level::debug, "connection from pid {} uid {} closed", peer_.pid, peer_.uid);
   }
 
   // Runs on a worker thread. The arguments are parameters, not lambda captures, so they live in
@@ -117,6 +146,8 @@ class session : public std::enable_shared_from_this<session> {
   dispatcher& dispatch_;
   asio::thread_pool& workers_;
   frame_decoder decoder_;
+  logger& log_;
+  peer_credentials peer_;
   dispatcher::connection_ptr connection_;
   bool stopping_ = false;
 };
@@ -124,6 +155,7 @@ class session : public std::enable_shared_from_this<session> {
 struct server::impl {
   server_options options;
   dispatcher& dispatch;
+  logger& log;
   asio::io_context io{1};
   stream::acceptor acceptor{io};
   asio::signal_set signals{io, SIGINT, SIGTERM};
@@ -133,7 +165,7 @@ struct server::impl {
   bool stopping = false;
 
   impl(server_options o, dispatcher& d)
-      : options(std::move(o)), dispatch(d),
+      : options(std::move(o)), dispatch(d), log(options.log != nullptr ? *options.log : null_logger()),
         workers(options.workers != 0 ? options.workers : std::max(2u, std::thread::hardware_concurrency())) {}
 
   asio::awaitable<void> accept_loop() {
@@ -142,15 +174,19 @@ struct server::impl {
       stream::socket socket = co_await acceptor.async_accept(asio::redirect_error(asio::use_awaitable, ec));
       if (ec) {
         if (stopping || ec == asio::error::operation_aborted) break;
+        tensorreg::log(log, log_level::debug, "cannot accept a connection: {}", ec.message());
         continue;
       }
       std::erase_if(sessions, [](const auto& w) { return w.expired(); });
       if (sessions.size() >= options.max_sessions) {
         // Over the limit: one RESOURCE_EXHAUSTED answer on request 0, then the connection
         // closes. The frame is small and the socket fresh, so this send does not wait.
-        auto out = dispatch.reject(error{errc::resource_exhausted, "cannot accept connection: the daemon serves its "
-                                                                   "maximum of " +
-                                                                       std::to_string(options.max_sessions) + " sessions"});
+        const error refused{errc::resource_exhausted, "cannot accept connection: the daemon serves its maximum of " +
+                                                          std::to_string(options.max_sessions) + " sessions"};
+        const auto peer = peer_of(socket.native_handle());
+        tensorreg::log(log, log_level::warn, "refused a connection from pid {} uid {}: {}", peer ? peer->pid : 0,
+                       peer ? peer->uid : 0, refused.message);
+        auto out = dispatch.reject(refused);
         if (auto framed = encode_frame(out.payload, std::numeric_limits<std::uint32_t>::max())) {
           (void)send_some(socket.native_handle(),
                           std::span<const std::byte>(reinterpret_cast<const std::byte*>(framed->data()), framed->size()),
@@ -160,10 +196,10 @@ struct server::impl {
         socket.close(ignored);
         continue;
       }
-      auto s = std::make_shared<session>(std::move(socket), dispatch, workers, options.max_frame_bytes);
+      auto s = std::make_shared<session>(std::move(socket), dispatch, workers, options.max_frame_bytes, log);
       ++served;
       sessions.push_back(s);
-      asio::co_spawn(io, s->run(), asio::detached);
+      asio::co_spawn(io, s->run(), log_exception{&log, "a session"});
     }
   }
 
@@ -227,7 +263,7 @@ std::size_t server::run() {
   i.signals.async_wait([&i](const asio::error_code& ec, int) {
     if (!ec) i.shutdown();
   });
-  asio::co_spawn(i.io, i.accept_loop(), asio::detached);
+  asio::co_spawn(i.io, i.accept_loop(), log_exception{&i.log, "the accept loop"});
   i.io.run();
   i.workers.join();
   return i.served;

@@ -13,8 +13,11 @@
 // it is handling and write its answer, close the sessions, remove the socket file; run()
 // then returns.
 //
+// Logging: connections accepted and closed (peer pid, uid) at debug; connections refused over
+// max_sessions and bad frames at warn; an exception that ends a session at error.
+//
 // Thread-safety: create() and run() from one thread; stop() from any thread.
-// asio appears only in server.cpp / session.cpp, never in a header.
+// asio appears only in server.cpp (which also holds the session class), never in a header.
 #pragma once
 
 #include <cstdint>
@@ -23,6 +26,7 @@
 
 #include "dispatcher.hpp"
 #include "tensorreg/common/error.hpp"
+#include "tensorreg/common/logger.hpp"
 
 namespace tensorreg::daemon {
 
@@ -31,6 +35,8 @@ struct server_options {
   std::uint32_t max_frame_bytes = 64u << 20;
   std::size_t max_sessions = 1024;
   unsigned workers = 0;  ///< 0 = one per hardware thread
+  /// Where connection events are logged; must outlive the server; null = none.
+  logger* log = &null_logger();
 };
 
 class server {

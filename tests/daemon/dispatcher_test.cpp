@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "support/fake_clock.hpp"
+#include "support/recording_logger.hpp"
 #include "tensorcast/common/v1/common.pb.h"
 #include "tensorcast/daemon/v2/store_daemon.pb.h"
 #include "tensorreg/index/canonical_index.hpp"
@@ -896,4 +897,117 @@ TEST_CASE("dispatcher: ActivateStableLocalBacking is UNIMPLEMENTED", "[daemon][d
   r.mutable_activate_stable_local_backing()->set_region_id("region:1");
   r.mutable_activate_stable_local_backing()->set_owner_pid(my_pid());
   check_status(h.call(r), errc::unimplemented, "cannot activate stable local backing: it is not implemented yet");
+}
+
+// ---- logging -------------------------------------------------------------------------------
+
+namespace {
+
+using tensorreg::log_level;
+using tensorreg::testing::recording_logger;
+
+dispatcher_options logging_to(recording_logger& log) {
+  dispatcher_options options;
+  options.log = &log;
+  return options;
+}
+
+}  // namespace
+
+TEST_CASE("dispatcher: a rejected request is logged at info with its code name, peer pid and id",
+          "[daemon][dispatcher]") {
+  recording_logger log;
+  const peer_credentials peer{4242, getuid(), getgid()};
+  harness h(logging_to(log), peer);
+  SECTION("an engine error") {
+    auto a = h.call(commit(h, "reg_missing"));
+    REQUIRE(a.response.status().code() == code(errc::not_found));
+    const auto& message = a.response.status().message();
+    CHECK_THAT(message, Catch::Contains("reg_missing"));
+    CHECK(log.count(log_level::info, "rejected CommitRegisteredArtifact request 1 from pid 4242", "NOT_FOUND",
+                    "registration 'reg_missing'", message) == 1);
+  }
+  SECTION("an owner check") {
+    auto r = h.request();
+    r.mutable_keep_alive_register_artifact()->set_registration_id("reg_x");
+    r.mutable_keep_alive_register_artifact()->set_owner_pid(4243);
+    check_status(h.call(r), errc::permission_denied,
+                 "cannot keep registration 'reg_x' alive: owner_pid 4243 is not the calling process 4242 (start "
+                 "tensorregd with --trust-client-pids to allow it)");
+    CHECK(log.count(log_level::info, "rejected KeepAliveRegisterArtifact request 1 from pid 4242",
+                    "registration 'reg_x'",
+                    "PERMISSION_DENIED: cannot keep registration 'reg_x' alive: owner_pid 4243") == 1);
+  }
+  SECTION("a connection-level error names request 0") {
+    auto out = h.dispatch.handle(*h.conn, frame_in{std::string("\xff\xff\xff", 3), {}});
+    REQUIRE(out);
+    CHECK(log.count(log_level::info, "rejected unknown request 0 from pid 4242",
+                    "INVALID_ARGUMENT: cannot parse request: 3 bytes are not a tensorreg.wire.v1.Request") == 1);
+  }
+  SECTION("an error mid-stream names the stream's registration") {
+    CHECK(h.send(feed_frame(7, "reg_nowhere")));
+    CHECK(log.count(log_level::info, "rejected FeedRegisterArtifactStream request 7 from pid 4242",
+                    "registration 'reg_nowhere'", "NOT_FOUND") == 1);
+  }
+  // The reject is also the RPC's debug line.
+  CHECK(log.count(log_level::debug, "from pid 4242 uid " + std::to_string(getuid())) == 1);
+  CHECK(log.lines().size() == 2);
+}
+
+TEST_CASE("dispatcher: each RPC is logged at debug with its method, peer, id, code and time",
+          "[daemon][dispatcher]") {
+  recording_logger log;
+  harness h(logging_to(log));
+  const auto pid = "from pid " + std::to_string(my_pid()) + " uid " + std::to_string(getuid());
+
+  auto begun = h.ok(begin_stable(h));
+  const auto id = begun.response.begin_register_artifact().registration_id();
+  CHECK(log.count(log_level::debug, "rpc BeginRegisterArtifact request 1 " + pid, "registration '" + id + "'",
+                  ": OK in ", " us") == 1);
+
+  // Feed frames the stream goes on after are trace lines; the stream's one answer is the RPC.
+  auto f = feed_frame(2, id);
+  auto* chunk = f.mutable_feed_register_artifact_stream()->mutable_view_chunk();
+  chunk->set_canonical_offset(0);
+  chunk->set_data(artifact_bytes());
+  CHECK_FALSE(h.send(f));
+  CHECK(log.count(log_level::trace, "rpc FeedRegisterArtifactStream request 2 " + pid, "registration '" + id + "'",
+                  "frame taken in ") == 1);
+  CHECK(h.ok(end_of_stream(2)).response.has_feed_register_artifact_stream());
+  CHECK(log.count(log_level::debug, "rpc FeedRegisterArtifactStream request 2 " + pid, "registration '" + id + "'",
+                  ": OK in ") == 1);
+  h.next_id = 3;
+
+  auto committed = h.ok(commit(h, id));
+  const auto artifact = committed.response.commit_registered_artifact().artifact_descriptor().artifact_id();
+  CHECK(log.count(log_level::debug, "rpc CommitRegisteredArtifact request 3 " + pid,
+                  "registration '" + id + "' -> artifact '" + artifact + "'", ": OK in ") == 1);
+
+  auto config = h.request();
+  config.mutable_get_server_config();
+  h.ok(config);
+  CHECK(log.count(log_level::debug, "rpc GetServerConfig request 4 " + pid + ": OK in ") == 1);
+
+  auto index = h.request();
+  index.mutable_get_artifact_index_by_id()->set_artifact_id(artifact);
+  h.ok(index);
+  CHECK(log.count(log_level::debug, "rpc GetArtifactIndexById request 5 " + pid, "artifact '" + artifact + "'") == 1);
+
+  // OK answers are not rejects.
+  CHECK(log.count(log_level::info, "") == 0);
+  CHECK(log.count(log_level::debug, "rpc ") == 5);
+}
+
+TEST_CASE("dispatcher: at info only rejects are logged", "[daemon][dispatcher]") {
+  recording_logger log(log_level::info);
+  harness h(logging_to(log));
+  auto config = h.request();
+  config.mutable_get_server_config();
+  h.ok(config);
+  auto missing = h.request();
+  missing.mutable_abort_registered_artifact()->set_registration_id("reg_gone");
+  CHECK(h.call(missing).response.status().code() == code(errc::not_found));
+  REQUIRE(log.lines().size() == 1);
+  CHECK(log.count(log_level::info, "rejected AbortRegisteredArtifact request 2", "registration 'reg_gone'",
+                  "NOT_FOUND") == 1);
 }

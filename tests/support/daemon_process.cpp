@@ -28,8 +28,15 @@ daemon_process::daemon_process(std::string socket_path, std::vector<std::string>
   start(std::move(extra_args), expect_ready);
 }
 
+daemon_process::daemon_process(std::vector<std::string> extra_args, stderr_to where)
+    : socket_((dir_.path() / "run" / "tensorregd.sock").string()) {
+  if (where == stderr_to::own_file) err_log_ = dir_.path() / "daemon.err";
+  start(std::move(extra_args), true);
+}
+
 void daemon_process::start(std::vector<std::string> extra_args, bool expect_ready) {
   log_ = dir_.path() / "daemon.log";
+  if (err_log_.empty()) err_log_ = log_;
   // $TENSORREGD overrides the built path (binaries carried to another machine).
   const char* override_path = std::getenv("TENSORREGD");
   std::vector<std::string> args{override_path != nullptr && *override_path != '\0' ? override_path : TENSORREG_DAEMON_PATH,
@@ -40,7 +47,7 @@ void daemon_process::start(std::vector<std::string> extra_args, bool expect_read
   if (pid_ == 0) {
     const int fd = ::open(log_.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
     ::dup2(fd, 1);
-    ::dup2(fd, 2);
+    ::dup2(err_log_ == log_ ? fd : ::open(err_log_.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600), 2);
     std::vector<char*> argv;
     for (auto& a : args) argv.push_back(a.data());
     argv.push_back(nullptr);
@@ -54,19 +61,29 @@ void daemon_process::start(std::vector<std::string> extra_args, bool expect_read
     int status = 0;
     if (::waitpid(pid_, &status, WNOHANG) == pid_) {
       pid_ = -1;
-      throw std::runtime_error("tensorregd exited before it was ready: " + output());
+      throw std::runtime_error("tensorregd exited before it was ready: " + output() +
+                               (err_log_ == log_ ? std::string() : error_output()));
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
-  throw std::runtime_error("tensorregd did not report ready within 10 s: " + output());
+  throw std::runtime_error("tensorregd did not report ready within 10 s: " + output() +
+                           (err_log_ == log_ ? std::string() : error_output()));
 }
 
-std::string daemon_process::output() const {
-  std::ifstream in(log_);
+namespace {
+
+std::string read_all(const std::filesystem::path& path) {
+  std::ifstream in(path);
   std::stringstream s;
   s << in.rdbuf();
   return s.str();
 }
+
+}  // namespace
+
+std::string daemon_process::output() const { return read_all(log_); }
+
+std::string daemon_process::error_output() const { return read_all(err_log_); }
 
 std::optional<int> daemon_process::wait_exit() {
   if (pid_ < 0) return std::nullopt;
