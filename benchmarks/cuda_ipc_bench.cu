@@ -1,5 +1,5 @@
 // cuda_ipc_bench — CUDA IPC mappings of the engine's device memory
-// (tensorreg/cuda/device_memory.hpp), against a client process (tensorreg_gpu_producer):
+// (tensorreg/cuda/device_memory_provider.hpp), against a client process (tensorreg_gpu_producer):
 //
 //   * first open_ipc of a handle (cudaIpcOpenMemHandle + checks) vs a cached open;
 //   * visit() D2H through the pinned double-buffered staging, one thread and several, next to
@@ -25,7 +25,7 @@
 #include <thread>
 #include <vector>
 
-#include "tensorreg/cuda/device_memory.hpp"
+#include "tensorreg/cuda/device_memory_provider.hpp"
 
 extern char** environ;
 

@@ -32,7 +32,7 @@
 #include <string>
 #include <vector>
 
-#include "tensorreg/cuda/device_memory.hpp"
+#include "tensorreg/cuda/device_memory_provider.hpp"
 #include "tensorreg/index/canonical_index.hpp"
 #include "tensorreg/registration/engine.hpp"
 

@@ -1,4 +1,4 @@
-// cuda_tree_hash_bench — the GPU tree hash (tensorreg/cuda/tree_hash.hpp) against its goals.
+// cuda_tree_hash_bench — the GPU tree hash (tensorreg/cuda/gpu_tree_hash.hpp) against its goals.
 //
 // Prints the probe (device name, SMs, clocks, memory), then measures in one run:
 //   * floor: one 4 MiB leaf hashed by a 1-block, 1-thread kernel (the latency of one SHA-256
@@ -33,7 +33,7 @@
 #include "cuda/tree_hash_kernels.hpp"
 #include "gpu_fill.hpp"
 #include "tensorreg/common/thread_pool.hpp"
-#include "tensorreg/cuda/tree_hash.hpp"
+#include "tensorreg/cuda/gpu_tree_hash.hpp"
 #include "tensorreg/hash/tree_hash.hpp"
 #include "tensorreg/memory/byte_source.hpp"
 

@@ -27,7 +27,7 @@
 #include <vector>
 
 #include "producer_process.hpp"
-#include "tensorreg/cuda/device_memory.hpp"
+#include "tensorreg/cuda/device_memory_provider.hpp"
 
 namespace {
 

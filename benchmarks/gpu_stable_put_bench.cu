@@ -9,7 +9,7 @@
 // bulk copy (src/cuda/bulk_copy.hpp) called directly, without the engine; and what the first
 // touch of a fresh memfd costs on this machine (the bound the copy meets there).
 //
-// The provider keeps a replica pool (options::replica_pool_bytes, src/memory/replica_pool.hpp):
+// The provider keeps a replica pool (options::replica_pool_bytes, src/devices/replica_pool.hpp):
 // replicas it made come back resident and registered when dropped. Each size is measured as
 //  * first put: a new artifact while the pool holds nothing of that size (a fresh memfd,
 //    populated and registered chunk by chunk as the DMA fills it);
@@ -49,10 +49,10 @@
 #include <vector>
 
 #include "cuda/bulk_copy.hpp"
-#include "cuda/hash_placement.hpp"
+#include "cuda/speed_probe.hpp"
 #include "tensorreg/common/thread_pool.hpp"
-#include "tensorreg/cuda/device_memory.hpp"
-#include "tensorreg/cuda/tree_hash.hpp"
+#include "tensorreg/cuda/device_memory_provider.hpp"
+#include "tensorreg/cuda/gpu_tree_hash.hpp"
 #include "tensorreg/index/canonical_index.hpp"
 #include "tensorreg/memory/shared_memory.hpp"
 #include "tensorreg/registration/engine.hpp"
@@ -351,7 +351,7 @@ int main(int argc, char** argv) {
       sync.push_back(size / last.seconds);
     }
     drop(*engine, previous);
-    const auto plan = reg::detail::plan_copy(*speeds, bytes, true);
+    const auto plan = tensorreg::devices::plan_copy(*speeds, bytes, true);
 
     // No pool: pinned staging into a new memfd every time (the path before the pool).
     std::vector<double> unpooled;

@@ -9,7 +9,7 @@
 // engine does the D2H, so the whole copy takes about max(D2H, GPU hash).
 //
 // The snapshot reaches the replica one of two ways.
-//  * Through a replica pool (bulk_copy_options::replicas, src/memory/replica_pool.hpp): the
+//  * Through a replica pool (bulk_copy_options::replicas, src/devices/replica_pool.hpp): the
 //    replica is an arena of exactly `size` bytes that is already resident and registered with
 //    CUDA (cudaHostRegister, one registration per chunk), recycled from a replica nobody holds
 //    any more, and the D2H goes by DMA straight into it, at the copy engine's speed (~50 GiB/s
@@ -42,10 +42,10 @@
 #include <vector>
 
 #include "cuda/pinned_double_buffer.hpp"
+#include "devices/replica_pool.hpp"
 #include "tensorreg/common/error.hpp"
 #include "tensorreg/common/thread_pool.hpp"
-#include "tensorreg/cuda/tree_hash.hpp"
-#include "memory/replica_pool.hpp"
+#include "tensorreg/cuda/gpu_tree_hash.hpp"
 #include "tensorreg/registration/device_memory.hpp"
 
 namespace tensorreg::cuda::detail {
@@ -67,7 +67,7 @@ struct bulk_copy_options {
   /// Where replicas come from and return to (must be owned by a shared_ptr, as
   /// replica_pool::create makes it); null: every replica is a fresh memfd filled through
   /// pinned staging and never registered.
-  memory::replica_pool* replicas = nullptr;
+  devices::replica_pool* replicas = nullptr;
 };
 
 /// Hashes `size` bytes of the snapshot at `device_ptr` on `stream` (the copy's device).

@@ -1,4 +1,4 @@
-#include "cuda/hash_placement.hpp"
+#include "cuda/speed_probe.hpp"
 
 #include <cuda_runtime_api.h>
 
@@ -10,14 +10,14 @@
 #include <vector>
 
 #include "cuda/cuda_check.hpp"
-#include "tensorreg/cuda/tree_hash.hpp"
+#include "tensorreg/cuda/gpu_tree_hash.hpp"
 #include "tensorreg/hash/sha256.hpp"
 #include "tensorreg/hash/tree_hash.hpp"
 
 namespace tensorreg::cuda::detail {
 namespace {
 
-using registration::detail::hash_speeds;
+using devices::hash_speeds;
 
 constexpr std::uint64_t device_probe_bytes = std::uint64_t{64} << 20;
 constexpr std::size_t host_probe_bytes = std::size_t{16} << 20;

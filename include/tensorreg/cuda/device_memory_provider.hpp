@@ -1,5 +1,5 @@
-// tensorreg/cuda/device_memory.hpp — the engine's real device memory: CUDA IPC mappings and
-// daemon-owned device buffers (DECISIONS §6; registration.md §5.2).
+// tensorreg/cuda/device_memory_provider.hpp — the engine's real device memory: CUDA IPC
+// mappings and daemon-owned device buffers (DECISIONS §6; registration.md §5.2).
 //
 // Provides `device_memory_provider`, the implementation of registration::device_memory on a
 // machine with CUDA devices, and `device_source`, the byte_source every device mapping or
@@ -47,7 +47,7 @@
 namespace tensorreg::cuda {
 
 namespace detail {
-struct provider_state;  // private to src/cuda/device_memory.cpp
+struct provider_state;  // private to src/cuda/device_memory_provider.cpp
 }  // namespace detail
 
 /// A byte_source whose bytes live in device memory of one CUDA device.
@@ -71,7 +71,7 @@ class device_memory_provider final : public registration::device_memory {
     /// Staging buffers kept per device for reuse; more are made on demand and freed on release.
     std::size_t staging_buffers_kept = 16;
     /// Where tree_hash_on_device() and copy_to_host() hash device bytes. `measured` picks the
-    /// place with the lower predicted time (src/registration/hash_placement.hpp) from speeds
+    /// place with the lower predicted time (src/devices/hash_placement.hpp) from speeds
     /// measured once per device and process on first use (~0.3 s): the GPU hash is flat
     /// (~107 ms on an H100), the host's grows with size (16 cores: ~15 GB/s). `host` and
     /// `gpu` force it (tests).
@@ -80,7 +80,7 @@ class device_memory_provider final : public registration::device_memory {
     /// Threads tree_hash_on_device() predicts the host hashes with (0: one per hardware
     /// thread, the engine's default); copy_to_host() counts its pool instead.
     unsigned host_hash_threads = 0;
-    /// Most bytes of idle replica memory copy_to_host() keeps for reuse (src/memory/
+    /// Most bytes of idle replica memory copy_to_host() keeps for reuse (src/devices/
     /// replica_pool.hpp): replicas it made return there, still resident and registered with
     /// CUDA (page-locked), when their last holder drops them, unless their fd was handed to
     /// another process; the next copy of the same size then DMAs straight into one (~50 GiB/s
