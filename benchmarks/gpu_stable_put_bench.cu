@@ -190,6 +190,12 @@ std::vector<std::uint64_t> parse_list(const std::string& s) {
   return out;
 }
 
+void usage(std::FILE* to) {
+  std::fprintf(to,
+               "usage: gpu_stable_put_bench [--sizes-gib 1,4,8] [--repeat 3] [--bulk 1] [--sweep 0]\n"
+               "                            [--placement measured|gpu] [--no-pool 1] [--host 1] [--cgid 0]\n");
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -200,17 +206,29 @@ int main(int argc, char** argv) {
   bool no_pool = true;
   bool host_path = true;
   std::string placement_flag = "measured";
-  for (int i = 1; i + 1 < argc; i += 2) {
+  for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
-    if (a == "--sizes-gib") sizes_gib = parse_list(argv[i + 1]);
-    else if (a == "--repeat") repeat = std::max(1, std::atoi(argv[i + 1]));
-    else if (a == "--bulk") bulk_alone = std::atoi(argv[i + 1]) != 0;
-    else if (a == "--sweep") sweep = std::atoi(argv[i + 1]) != 0;
-    else if (a == "--no-pool") no_pool = std::atoi(argv[i + 1]) != 0;
-    else if (a == "--host") host_path = std::atoi(argv[i + 1]) != 0;
-    else if (a == "--placement") placement_flag = argv[i + 1];
-    else if (a == "--cgid") use_cgid = std::atoi(argv[i + 1]) != 0;
-    else die("unknown flag " + a);
+    if (a == "--help" || a == "-h") {
+      usage(stdout);
+      return 0;
+    }
+    const bool known = a == "--sizes-gib" || a == "--repeat" || a == "--bulk" || a == "--sweep" || a == "--no-pool" ||
+                       a == "--host" || a == "--placement" || a == "--cgid";
+    if (!known || i + 1 >= argc) {
+      std::fprintf(stderr, "gpu_stable_put_bench: %s %s\n", known ? "missing the value of" : "unknown option",
+                   a.c_str());
+      usage(stderr);
+      return 2;
+    }
+    const char* v = argv[++i];
+    if (a == "--sizes-gib") sizes_gib = parse_list(v);
+    else if (a == "--repeat") repeat = std::max(1, std::atoi(v));
+    else if (a == "--bulk") bulk_alone = std::atoi(v) != 0;
+    else if (a == "--sweep") sweep = std::atoi(v) != 0;
+    else if (a == "--no-pool") no_pool = std::atoi(v) != 0;
+    else if (a == "--host") host_path = std::atoi(v) != 0;
+    else if (a == "--placement") placement_flag = v;
+    else use_cgid = std::atoi(v) != 0;
   }
   cudaDeviceProp prop{};
   if (cudaGetDeviceProperties(&prop, 0) != cudaSuccess) {
