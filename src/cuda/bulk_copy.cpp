@@ -120,7 +120,7 @@ result<registration::host_copy> bulk_copier::copy(int device, std::span<const de
     TENSORREG_TRY_ASSIGN(auto fresh, memory::shared_memory::create(size, "tensorreg-stable"));
     target.emplace(devices::replica_pool::arena{std::move(fresh), nullptr, 0});
     // Huge pages would cut the first-touch cost where the kernel's shmem THP setting allows
-    // them ("advise"); a no-op under "never", as on the H100 VM, where it was measured equal.
+    // them ("advise"); a no-op under "never" (benchmarks/RESULTS.md: no gain measured there).
     static_cast<void>(::madvise(target->memory.mutable_bytes().data(), size, MADV_HUGEPAGE));
   }
   const auto dst = target->memory.mutable_bytes();

@@ -60,9 +60,9 @@ struct provider_state {
   std::unique_ptr<std::atomic<std::uint64_t>[]> granularity;
   std::atomic<std::uint64_t> vmm_reserved{0};
   std::atomic<std::size_t> vmm_mappings{0};
-  // Imports and releases run one at a time. The driver serializes them anyway, and measured on
-  // an H100 (benchmarks/RESULTS.md, cuda_vmm_bench) 8 threads contending for it took ~2x longer
-  // per import than one thread alone; in turn this is what open_ipc does (ipc_mutex).
+  // Imports and releases run one at a time. The driver serializes them anyway, and threads
+  // contending for it made each import slower than one thread alone (cuda_vmm_bench,
+  // benchmarks/RESULTS.md); in turn this is what open_ipc does (ipc_mutex).
   std::mutex vmm_mutex;
   // Each device's UUID, read once at create(): a client names its GPU by UUID because its
   // ordinals may differ from ours (docs/wire-format.md §12).

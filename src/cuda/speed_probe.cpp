@@ -22,8 +22,9 @@ using devices::hash_speeds;
 constexpr std::uint64_t device_probe_bytes = std::uint64_t{64} << 20;
 constexpr std::size_t host_probe_bytes = std::size_t{16} << 20;
 
-// Leaves the GPU hash is known to finish in its flat time, per SM: 16 384 leaves on the H100's
-// 132 SMs took 107 ms as one leaf did (benchmarks/RESULTS.md), i.e. at least 124 per SM.
+// Leaves the GPU hash is known to finish in its flat time, per SM: a lower bound from the
+// measured flat hash of many leaves per SM (benchmarks/RESULTS.md), so the model never counts
+// on more parallelism than was seen.
 constexpr std::uint64_t leaves_per_sm = 124;
 
 double seconds_since(std::chrono::steady_clock::time_point t0) {

@@ -2,11 +2,12 @@
 // GPU or on the host, chosen by predicted time from measured speeds.
 //
 // The GPU tree hash runs one leaf per thread, so it takes about the time of one 4 MiB leaf on
-// one GPU thread whatever the size (~107 ms on an H100, flat from 1 to 64 GiB); the host hashes
-// at one core's SHA-256 rate times its threads, after staging the bytes over PCIe. So small
-// buffers hash faster on the host and large ones on the GPU; where the crossover lies depends
-// on the machine, hence a model fed with numbers measured on it (src/cuda/speed_probe.hpp
-// measures them) instead of a size constant. Pure arithmetic: no CUDA, tested on the CPU.
+// one GPU thread whatever the size, as long as the leaves fit the threads in flight; the host
+// hashes at one core's SHA-256 rate times its threads, after staging the bytes over PCIe. So
+// small buffers hash faster on the host and large ones on the GPU; where the crossover lies
+// depends on the machine, hence a model fed with numbers measured on it
+// (src/cuda/speed_probe.hpp measures them) instead of a size constant. Pure arithmetic: no
+// CUDA, tested on the CPU.
 //
 // Thread-safety: stateless functions. Ownership: plain values.
 #pragma once

@@ -1,11 +1,11 @@
 // src/devices/replica_pool.hpp — host memfds kept resident (and pinned) for reuse as replicas.
 //
-// On a host where the first touch of fresh memfd pages is slow (the H100 VM hands them out at
-// ~4.4 GiB/s over 16 threads, benchmarks/RESULTS.md), a GPU → stable DRAM put can only run at
-// DMA speed into memory that is already faulted in and registered with the GPU. The pool keeps
-// such memory: an `arena` is a memfd mapping plus an opaque `pin` (the CUDA provider's host
-// registration; the pool never looks inside it). A replica made from an arena is handed out
-// with lend(): when its last holder drops it, the arena comes back here, unless
+// On a host where the first touch of fresh memfd pages is slow (a VM can hand them out an
+// order of magnitude below the D2H rate, benchmarks/RESULTS.md), a GPU → stable DRAM put can
+// only run at DMA speed into memory that is already faulted in and registered with the GPU.
+// The pool keeps such memory: an `arena` is a memfd mapping plus an opaque `pin` (the CUDA
+// provider's host registration; the pool never looks inside it). A replica made from an arena
+// is handed out with lend(): when its last holder drops it, the arena comes back here, unless
 //  * its memory was exported (shared_memory::exported(): a reader in another process may map
 //    it forever, so it must never carry other bytes), or
 //  * keeping it would put the idle bytes over the bound (then the oldest idle arenas go).
