@@ -1,5 +1,5 @@
 // cuda_ipc_bench — CUDA IPC mappings of the engine's device memory
-// (tensorreg/cuda/device_memory.hpp), against a client process (tensorreg_gpu_producer):
+// (tensorreg/cuda/device_memory_provider.hpp), against a client process (tensorreg_gpu_producer):
 //
 //   * first open_ipc of a handle (cudaIpcOpenMemHandle + checks) vs a cached open;
 //   * visit() D2H through the pinned double-buffered staging, one thread and several, next to
@@ -25,7 +25,7 @@
 #include <thread>
 #include <vector>
 
-#include "tensorreg/cuda/device_memory.hpp"
+#include "tensorreg/cuda/device_memory_provider.hpp"
 
 extern char** environ;
 
@@ -104,6 +104,10 @@ std::vector<std::uint64_t> parse_list(const std::string& s) {
   return out;
 }
 
+void usage(std::FILE* to) {
+  std::fprintf(to, "usage: cuda_ipc_bench [--producer PATH] [--handles N] [--gib G] [--chunks-mib 4,16] [--repeat R]\n");
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -117,13 +121,24 @@ int main(int argc, char** argv) {
   std::uint64_t gib = 2;
   std::vector<std::uint64_t> chunks_mib{4, 16};
   int repeat = 3;
-  for (int i = 1; i + 1 < argc; i += 2) {
+  for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
-    if (a == "--producer") producer_path = argv[i + 1];
-    else if (a == "--handles") handles = std::atoi(argv[i + 1]);
-    else if (a == "--gib") gib = std::strtoull(argv[i + 1], nullptr, 10);
-    else if (a == "--chunks-mib") chunks_mib = parse_list(argv[i + 1]);
-    else if (a == "--repeat") repeat = std::atoi(argv[i + 1]);
+    if (a == "--help" || a == "-h") {
+      usage(stdout);
+      return 0;
+    }
+    const bool known = a == "--producer" || a == "--handles" || a == "--gib" || a == "--chunks-mib" || a == "--repeat";
+    if (!known || i + 1 >= argc) {
+      std::fprintf(stderr, "cuda_ipc_bench: %s %s\n", known ? "missing the value of" : "unknown option", a.c_str());
+      usage(stderr);
+      return 2;
+    }
+    const char* v = argv[++i];
+    if (a == "--producer") producer_path = v;
+    else if (a == "--handles") handles = std::atoi(v);
+    else if (a == "--gib") gib = std::strtoull(v, nullptr, 10);
+    else if (a == "--chunks-mib") chunks_mib = parse_list(v);
+    else repeat = std::atoi(v);
   }
   cudaDeviceProp prop{};
   if (cudaGetDeviceProperties(&prop, 0) != cudaSuccess) {

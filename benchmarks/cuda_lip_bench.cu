@@ -32,7 +32,7 @@
 #include <string>
 #include <vector>
 
-#include "tensorreg/cuda/device_memory.hpp"
+#include "tensorreg/cuda/device_memory_provider.hpp"
 #include "tensorreg/index/canonical_index.hpp"
 #include "tensorreg/registration/engine.hpp"
 
@@ -172,6 +172,10 @@ layout make_layout(std::size_t tensors, std::size_t blocks) {
   return out;
 }
 
+void usage(std::FILE* to) {
+  std::fprintf(to, "usage: cuda_lip_bench [--tensors 1000] [--allocations 3] [--repeat 5]\n");
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -179,12 +183,22 @@ int main(int argc, char** argv) {
   std::size_t tensors = 1000;
   std::size_t allocations = 3;
   int repeat = 5;
-  for (int i = 1; i + 1 < argc; i += 2) {
+  for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
-    if (a == "--tensors") tensors = std::strtoull(argv[i + 1], nullptr, 10);
-    else if (a == "--allocations") allocations = std::strtoull(argv[i + 1], nullptr, 10);
-    else if (a == "--repeat") repeat = std::max(1, std::atoi(argv[i + 1]));
-    else die("unknown flag " + a);
+    if (a == "--help" || a == "-h") {
+      usage(stdout);
+      return 0;
+    }
+    const bool known = a == "--tensors" || a == "--allocations" || a == "--repeat";
+    if (!known || i + 1 >= argc) {
+      std::fprintf(stderr, "cuda_lip_bench: %s %s\n", known ? "missing the value of" : "unknown option", a.c_str());
+      usage(stderr);
+      return 2;
+    }
+    const char* v = argv[++i];
+    if (a == "--tensors") tensors = std::strtoull(v, nullptr, 10);
+    else if (a == "--allocations") allocations = std::strtoull(v, nullptr, 10);
+    else repeat = std::max(1, std::atoi(v));
   }
   cudaDeviceProp prop{};
   if (cudaGetDeviceProperties(&prop, 0) != cudaSuccess) {

@@ -1,11 +1,12 @@
-// cuda_tree_hash_bench — the GPU tree hash (tensorreg/cuda/tree_hash.hpp) against its goals.
+// cuda_tree_hash_bench — the GPU tree hash (tensorreg/cuda/gpu_tree_hash.hpp) against its goals.
 //
 // Prints the probe (device name, SMs, clocks, memory), then measures in one run:
 //   * floor: one 4 MiB leaf hashed by a 1-block, 1-thread kernel (the latency of one SHA-256
 //     chain of 65 536 compressions, which no size can beat);
 //   * gpu_tree_hash: gpu_tree_hasher::tree_hash over 1, 4, 16, 32 and 64 GiB of random device
-//     bytes (sizes that do not fit in free device memory are skipped and say so), wall time
-//     of the whole call (leaf kernel, tree kernels, root copy, sync), median of --repeat;
+//     bytes (sizes above --max-gib, or that do not fit in free device memory, are skipped and
+//     say which), wall time of the whole call (leaf kernel, tree kernels, root copy, sync),
+//     median of --repeat;
 //   * cpu_tree_hash: hash::tree_hash of a 1 GiB pinned host buffer over a thread_pool with
 //     hardware_concurrency threads in all (hardware_concurrency − 1 workers + the caller).
 // Goals printed next to the numbers: at most 110 ms up to 32 GiB, and within 10% of the
@@ -33,7 +34,7 @@
 #include "cuda/tree_hash_kernels.hpp"
 #include "gpu_fill.hpp"
 #include "tensorreg/common/thread_pool.hpp"
-#include "tensorreg/cuda/tree_hash.hpp"
+#include "tensorreg/cuda/gpu_tree_hash.hpp"
 #include "tensorreg/hash/tree_hash.hpp"
 #include "tensorreg/memory/byte_source.hpp"
 
@@ -124,9 +125,13 @@ int main(int argc, char** argv) {
   double max_gib = 64;
   bool sweep = false;
   bool cpu = true;
+  const char* const usage = "usage: cuda_tree_hash_bench [--repeat N] [--max-gib G] [--sweep] [--no-cpu]\n";
   for (int i = 1; i < argc; ++i) {
     const std::string_view arg = argv[i];
-    if (arg == "--repeat" && i + 1 < argc) {
+    if (arg == "--help" || arg == "-h") {
+      std::fputs(usage, stdout);
+      return 0;
+    } else if (arg == "--repeat" && i + 1 < argc) {
       repeat = std::max(1, std::atoi(argv[++i]));
     } else if (arg == "--max-gib" && i + 1 < argc) {
       max_gib = std::atof(argv[++i]);
@@ -135,7 +140,8 @@ int main(int argc, char** argv) {
     } else if (arg == "--no-cpu") {
       cpu = false;
     } else {
-      std::fprintf(stderr, "usage: cuda_tree_hash_bench [--repeat N] [--max-gib G] [--sweep] [--no-cpu]\n");
+      std::fprintf(stderr, "cuda_tree_hash_bench: unknown option or missing value: %s\n", argv[i]);
+      std::fputs(usage, stderr);
       return 2;
     }
   }
@@ -166,18 +172,26 @@ int main(int argc, char** argv) {
               prop.name, prop.major, prop.minor, prop.multiProcessorCount, clock_khz / 1000, mem_clock_khz / 1000,
               total_bytes, free_bytes, driver, runtime, std::thread::hardware_concurrency());
 
-  // One buffer for every size: the largest that fits (free memory less 2 GiB of headroom for
-  // the scratch and the runtime), filled once with random bytes.
+  // One buffer for every size: the largest within --max-gib that fits (free memory less 2 GiB
+  // of headroom for the scratch and the runtime), filled once with random bytes. The two
+  // bounds are kept apart so that a skipped size says which one it is above.
   const std::uint64_t wanted_sizes[] = {1 * gib, 4 * gib, 16 * gib, 32 * gib, 64 * gib};
   const std::uint64_t headroom = 2 * gib;
-  const std::uint64_t limit = std::min<std::uint64_t>(static_cast<std::uint64_t>(max_gib * static_cast<double>(gib)),
-                                                      free_bytes > headroom ? free_bytes - headroom : 0);
+  const auto max_bytes = static_cast<std::uint64_t>(std::max(0.0, max_gib) * static_cast<double>(gib));
+  const std::uint64_t fit_bytes = free_bytes > headroom ? free_bytes - headroom : 0;
+  const auto skip_reason = [&](std::uint64_t s) -> const char* {
+    if (s > max_bytes) return "above --max-gib";
+    if (s > fit_bytes) return "does not fit in free device memory";
+    return nullptr;
+  };
   std::uint64_t buffer_bytes = 0;
   for (std::uint64_t s : wanted_sizes) {
-    if (s <= limit) buffer_bytes = s;
+    if (skip_reason(s) == nullptr) buffer_bytes = s;
   }
   if (buffer_bytes == 0) {
-    std::fprintf(stderr, "cuda_tree_hash_bench: not even 1 GiB of device memory free\n");
+    std::fprintf(stderr, "cuda_tree_hash_bench: %s\n",
+                 max_bytes < gib ? "--max-gib is below the smallest size, 1 GiB"
+                                 : "not even 1 GiB of device memory free");
     return 1;
   }
   void* buffer = nullptr;
@@ -214,11 +228,11 @@ int main(int argc, char** argv) {
   }
   tensorreg::hash::digest root_1g{};
   for (std::uint64_t s : wanted_sizes) {
-    if (s > buffer_bytes) {
-      row skipped{"gpu_tree_hash", s, tensorreg::hash::leaf_count(s), 0, 0, "skipped: does not fit in free device memory"};
+    if (const char* reason = skip_reason(s)) {
+      row skipped{"gpu_tree_hash", s, tensorreg::hash::leaf_count(s), 0, 0, std::string("skipped: ") + reason};
       std::printf("{\"bench\":\"cuda_tree_hash\",\"what\":\"gpu_tree_hash\",\"bytes\":%llu,\"skipped\":true,"
-                  "\"free_bytes\":%zu}\n",
-                  static_cast<unsigned long long>(s), free_bytes);
+                  "\"reason\":\"%s\",\"free_bytes\":%zu}\n",
+                  static_cast<unsigned long long>(s), reason, free_bytes);
       rows.push_back(skipped);
       continue;
     }

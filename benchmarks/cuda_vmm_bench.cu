@@ -27,7 +27,7 @@
 #include <vector>
 
 #include "producer_process.hpp"
-#include "tensorreg/cuda/device_memory.hpp"
+#include "tensorreg/cuda/device_memory_provider.hpp"
 
 namespace {
 
@@ -79,6 +79,10 @@ double release(std::vector<source_ptr>& held) {
   return micros_since(t0);
 }
 
+void usage(std::FILE* to) {
+  std::fprintf(to, "usage: cuda_vmm_bench [--producer PATH] [--count N] [--threads T] [--mib M] [--rounds R]\n");
+}
+
 }  // namespace
 
 int main(int argc, char** argv) try {
@@ -87,14 +91,24 @@ int main(int argc, char** argv) try {
   unsigned threads = 8;
   std::uint64_t mib = 2;
   int rounds = 3;
-  for (int i = 1; i + 1 < argc; i += 2) {
+  for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
-    if (a == "--producer") producer_path = argv[i + 1];
-    else if (a == "--count") count = std::strtoull(argv[i + 1], nullptr, 10);
-    else if (a == "--threads") threads = static_cast<unsigned>(std::atoi(argv[i + 1]));
-    else if (a == "--mib") mib = std::strtoull(argv[i + 1], nullptr, 10);
-    else if (a == "--rounds") rounds = std::max(1, std::atoi(argv[i + 1]));
-    else die("unknown option " + a);
+    if (a == "--help" || a == "-h") {
+      usage(stdout);
+      return 0;
+    }
+    const bool known = a == "--producer" || a == "--count" || a == "--threads" || a == "--mib" || a == "--rounds";
+    if (!known || i + 1 >= argc) {
+      std::fprintf(stderr, "cuda_vmm_bench: %s %s\n", known ? "missing the value of" : "unknown option", a.c_str());
+      usage(stderr);
+      return 2;
+    }
+    const char* v = argv[++i];
+    if (a == "--producer") producer_path = v;
+    else if (a == "--count") count = std::strtoull(v, nullptr, 10);
+    else if (a == "--threads") threads = static_cast<unsigned>(std::atoi(v));
+    else if (a == "--mib") mib = std::strtoull(v, nullptr, 10);
+    else rounds = std::max(1, std::atoi(v));
   }
   cudaDeviceProp prop{};
   if (cudaGetDeviceProperties(&prop, 0) != cudaSuccess) {

@@ -9,7 +9,7 @@
 // bulk copy (src/cuda/bulk_copy.hpp) called directly, without the engine; and what the first
 // touch of a fresh memfd costs on this machine (the bound the copy meets there).
 //
-// The provider keeps a replica pool (options::replica_pool_bytes, src/memory/replica_pool.hpp):
+// The provider keeps a replica pool (options::replica_pool_bytes, src/devices/replica_pool.hpp):
 // replicas it made come back resident and registered when dropped. Each size is measured as
 //  * first put: a new artifact while the pool holds nothing of that size (a fresh memfd,
 //    populated and registered chunk by chunk as the DMA fills it);
@@ -49,10 +49,10 @@
 #include <vector>
 
 #include "cuda/bulk_copy.hpp"
-#include "cuda/hash_placement.hpp"
+#include "cuda/speed_probe.hpp"
 #include "tensorreg/common/thread_pool.hpp"
-#include "tensorreg/cuda/device_memory.hpp"
-#include "tensorreg/cuda/tree_hash.hpp"
+#include "tensorreg/cuda/device_memory_provider.hpp"
+#include "tensorreg/cuda/gpu_tree_hash.hpp"
 #include "tensorreg/index/canonical_index.hpp"
 #include "tensorreg/memory/shared_memory.hpp"
 #include "tensorreg/registration/engine.hpp"
@@ -190,6 +190,12 @@ std::vector<std::uint64_t> parse_list(const std::string& s) {
   return out;
 }
 
+void usage(std::FILE* to) {
+  std::fprintf(to,
+               "usage: gpu_stable_put_bench [--sizes-gib 1,4,8] [--repeat 3] [--bulk 1] [--sweep 0]\n"
+               "                            [--placement measured|gpu] [--no-pool 1] [--host 1] [--cgid 0]\n");
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -200,17 +206,29 @@ int main(int argc, char** argv) {
   bool no_pool = true;
   bool host_path = true;
   std::string placement_flag = "measured";
-  for (int i = 1; i + 1 < argc; i += 2) {
+  for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
-    if (a == "--sizes-gib") sizes_gib = parse_list(argv[i + 1]);
-    else if (a == "--repeat") repeat = std::max(1, std::atoi(argv[i + 1]));
-    else if (a == "--bulk") bulk_alone = std::atoi(argv[i + 1]) != 0;
-    else if (a == "--sweep") sweep = std::atoi(argv[i + 1]) != 0;
-    else if (a == "--no-pool") no_pool = std::atoi(argv[i + 1]) != 0;
-    else if (a == "--host") host_path = std::atoi(argv[i + 1]) != 0;
-    else if (a == "--placement") placement_flag = argv[i + 1];
-    else if (a == "--cgid") use_cgid = std::atoi(argv[i + 1]) != 0;
-    else die("unknown flag " + a);
+    if (a == "--help" || a == "-h") {
+      usage(stdout);
+      return 0;
+    }
+    const bool known = a == "--sizes-gib" || a == "--repeat" || a == "--bulk" || a == "--sweep" || a == "--no-pool" ||
+                       a == "--host" || a == "--placement" || a == "--cgid";
+    if (!known || i + 1 >= argc) {
+      std::fprintf(stderr, "gpu_stable_put_bench: %s %s\n", known ? "missing the value of" : "unknown option",
+                   a.c_str());
+      usage(stderr);
+      return 2;
+    }
+    const char* v = argv[++i];
+    if (a == "--sizes-gib") sizes_gib = parse_list(v);
+    else if (a == "--repeat") repeat = std::max(1, std::atoi(v));
+    else if (a == "--bulk") bulk_alone = std::atoi(v) != 0;
+    else if (a == "--sweep") sweep = std::atoi(v) != 0;
+    else if (a == "--no-pool") no_pool = std::atoi(v) != 0;
+    else if (a == "--host") host_path = std::atoi(v) != 0;
+    else if (a == "--placement") placement_flag = v;
+    else use_cgid = std::atoi(v) != 0;
   }
   cudaDeviceProp prop{};
   if (cudaGetDeviceProperties(&prop, 0) != cudaSuccess) {
@@ -351,7 +369,7 @@ int main(int argc, char** argv) {
       sync.push_back(size / last.seconds);
     }
     drop(*engine, previous);
-    const auto plan = reg::detail::plan_copy(*speeds, bytes, true);
+    const auto plan = tensorreg::devices::plan_copy(*speeds, bytes, true);
 
     // No pool: pinned staging into a new memfd every time (the path before the pool).
     std::vector<double> unpooled;

@@ -189,8 +189,8 @@ class host_buffer {
   bool huge_ = false;
 };
 
-void usage() {
-  std::fprintf(stderr,
+void usage(std::FILE* to = stderr) {
+  std::fprintf(to,
                "usage: hash_tree_bench [--max-bytes N[K|M|G]] [--threads-list 1,2,4]\n"
                "                       [--sizes 256M,1G,4G] [--repeat R] [--no-huge-pages]\n");
 }
@@ -214,7 +214,10 @@ int main(int argc, char** argv) try {
       }
       return argv[++i];
     };
-    if (arg == "--max-bytes") {
+    if (arg == "--help" || arg == "-h") {
+      usage(stdout);
+      return 0;
+    } else if (arg == "--max-bytes") {
       const auto v = parse_bytes(value());
       if (!v) return usage(), 2;
       max_bytes = *v;

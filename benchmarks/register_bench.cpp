@@ -101,6 +101,10 @@ double register_once(registration::engine& e, const setup& s, bool with_data_has
   return std::chrono::duration<double>(t1 - t0).count();
 }
 
+void usage(std::FILE* to) {
+  std::fprintf(to, "usage: register_bench [--tensor-bytes N] [--repeats N] [--threads N] [--metadata-only] [--tensors N]\n");
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -110,14 +114,26 @@ int main(int argc, char** argv) {
   bool metadata_only = false;  // --metadata-only: skip the hashing runs (for profiling)
   std::vector<std::size_t> counts{1, 100, 1000, 10000};  // --tensors N: only that count
   for (int i = 1; i < argc; ++i) {
-    if (std::string(argv[i]) == "--metadata-only") metadata_only = true;
-  }
-  for (int i = 1; i + 1 < argc; i += 2) {
     const std::string a = argv[i];
-    if (a == "--tensor-bytes") tensor_bytes = std::stoull(argv[i + 1]);
-    if (a == "--repeats") repeats = std::stoi(argv[i + 1]);
-    if (a == "--threads") threads = static_cast<unsigned>(std::stoul(argv[i + 1]));
-    if (a == "--tensors") counts = {static_cast<std::size_t>(std::stoul(argv[i + 1]))};
+    if (a == "--help" || a == "-h") {
+      usage(stdout);
+      return 0;
+    }
+    if (a == "--metadata-only") {
+      metadata_only = true;
+      continue;
+    }
+    const bool known = a == "--tensor-bytes" || a == "--repeats" || a == "--threads" || a == "--tensors";
+    if (!known || i + 1 >= argc) {
+      std::fprintf(stderr, "register_bench: %s %s\n", known ? "missing the value of" : "unknown option", a.c_str());
+      usage(stderr);
+      return 2;
+    }
+    const std::string v = argv[++i];
+    if (a == "--tensor-bytes") tensor_bytes = std::stoull(v);
+    else if (a == "--repeats") repeats = std::stoi(v);
+    else if (a == "--threads") threads = static_cast<unsigned>(std::stoul(v));
+    else counts = {static_cast<std::size_t>(std::stoul(v))};
   }
   registration::engine_options o;
   o.hash_threads = threads;

@@ -1,5 +1,5 @@
-# cmake/cuda.cmake — the CUDA data plane: tensorreg::cuda (the GPU tree hash) and, when
-# enabled, its tests and benchmark.
+# cmake/cuda.cmake — the CUDA data plane: tensorreg::cuda (the CUDA device memory provider and
+# the GPU tree hash) and, when enabled, its tests and benchmarks.
 #
 # Included from the top-level CMakeLists.txt when TENSORREG_HAVE_CUDA is ON, after
 # enable_language(CUDA) + find_package(CUDAToolkit), add_subdirectory(src) (tensorreg,
@@ -37,7 +37,9 @@ file(GLOB tensorreg_cuda_sources CONFIGURE_DEPENDS
 add_library(tensorreg_cuda STATIC ${tensorreg_cuda_sources})
 add_library(tensorreg::cuda ALIAS tensorreg_cuda)
 tensorreg_cuda_target(tensorreg_cuda)
-set_target_properties(tensorreg_cuda PROPERTIES POSITION_INDEPENDENT_CODE ON)
+# Installed and exported with tensorreg (the install block of the top-level CMakeLists.txt) as
+# tensorreg::cuda, the name the build tree gives it too.
+set_target_properties(tensorreg_cuda PROPERTIES POSITION_INDEPENDENT_CODE ON EXPORT_NAME cuda)
 target_compile_features(tensorreg_cuda PUBLIC cxx_std_20)
 target_include_directories(tensorreg_cuda
   PUBLIC $<BUILD_INTERFACE:${PROJECT_SOURCE_DIR}/include> $<INSTALL_INTERFACE:${CMAKE_INSTALL_INCLUDEDIR}>

@@ -27,7 +27,7 @@
 #include "unix_socket.hpp"
 
 #if TENSORREG_HAVE_CUDA
-#include "tensorreg/cuda/device_memory.hpp"
+#include "tensorreg/cuda/device_memory_provider.hpp"
 #endif
 
 namespace {

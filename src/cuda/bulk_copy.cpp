@@ -112,15 +112,15 @@ result<registration::host_copy> bulk_copier::copy(int device, std::span<const de
   }
 
   // The replica: an idle pooled arena of this size (resident, registered), else a new memfd.
-  memory::replica_pool* const replicas = opts.replicas;
-  std::optional<memory::replica_pool::arena> target;
+  devices::replica_pool* const replicas = opts.replicas;
+  std::optional<devices::replica_pool::arena> target;
   if (replicas != nullptr) target = replicas->take(size);
   const bool recycled = target.has_value();
   if (!recycled) {
     TENSORREG_TRY_ASSIGN(auto fresh, memory::shared_memory::create(size, "tensorreg-stable"));
-    target.emplace(memory::replica_pool::arena{std::move(fresh), nullptr, 0});
+    target.emplace(devices::replica_pool::arena{std::move(fresh), nullptr, 0});
     // Huge pages would cut the first-touch cost where the kernel's shmem THP setting allows
-    // them ("advise"); a no-op under "never", as on the H100 VM, where it was measured equal.
+    // them ("advise"); a no-op under "never" (benchmarks/RESULTS.md: no gain measured there).
     static_cast<void>(::madvise(target->memory.mutable_bytes().data(), size, MADV_HUGEPAGE));
   }
   const auto dst = target->memory.mutable_bytes();
@@ -247,7 +247,7 @@ result<registration::host_copy> bulk_copier::copy(int device, std::span<const de
     out.replica = replicas->lend(std::move(*target));
   } else {
     // Not pooled: the replica is freed with its last holder (its registrations undone first).
-    auto holder = std::make_shared<memory::replica_pool::arena>(std::move(*target));
+    auto holder = std::make_shared<devices::replica_pool::arena>(std::move(*target));
     out.replica = std::shared_ptr<const memory::shared_memory>(holder, &holder->memory);
   }
   return out;

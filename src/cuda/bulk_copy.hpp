@@ -5,26 +5,25 @@
 // scratch buffer, then copies the snapshot into a new memfd while the GPU tree-hashes the same
 // snapshot on its own thread. Both read the snapshot, which nobody else can reach, so the
 // digest describes exactly the bytes kept even if a client scribbles on its memory meanwhile;
-// the snapshot costs size / HBM bandwidth (~1–2 TB/s), the hash runs on SMs while the copy
-// engine does the D2H, so the whole copy takes about max(D2H, GPU hash).
+// the snapshot costs size / HBM bandwidth (an order of magnitude above the D2H), the hash runs
+// on SMs while the copy engine does the D2H, so the whole copy takes about max(D2H, GPU hash).
 //
 // The snapshot reaches the replica one of two ways.
-//  * Through a replica pool (bulk_copy_options::replicas, src/memory/replica_pool.hpp): the
+//  * Through a replica pool (bulk_copy_options::replicas, src/devices/replica_pool.hpp): the
 //    replica is an arena of exactly `size` bytes that is already resident and registered with
 //    CUDA (cudaHostRegister, one registration per chunk), recycled from a replica nobody holds
-//    any more, and the D2H goes by DMA straight into it, at the copy engine's speed (~50 GiB/s
-//    on an H100), with no staging memcpy and no page faults. Every byte of it is overwritten
+//    any more, and the D2H goes by DMA straight into it, at the copy engine's speed, with no
+//    staging memcpy and no page faults. Every byte of it is overwritten
 //    from the snapshot, whose gaps are zeroed on the device, so no byte of the arena's old
 //    replica survives. With no idle arena of that size, a fresh memfd is made, and each worker
 //    populates (MADV_POPULATE_WRITE), registers and DMAs its chunks straight into it; the
 //    registrations are kept, so that replica returns to the pool ready when it is dropped.
 //  * Without a pool: pinned staging. Each worker DMAs chunks into its own pinned double
 //    buffer and memcpys them into a fresh memfd, faulting its pages in while its DMA runs.
-// A fresh memfd is bound by the first touch of its pages on the H100 VM (16 threads populate
-// one at ~4.4 GiB/s; shmem THP is off), whichever way it is filled: measured there
-// (2026-11-25, benchmarks/RESULTS.md), snapshot + GPU hash + copy of 1 / 4 / 8 GiB took
-// 3.80 / 3.76 / 3.97 GiB/s through staging and 3.25 / 3.98 / 3.76 GiB/s with per-chunk
-// registration (then undone). Only recycled memory escapes that bound.
+// Where the first touch of fresh memfd pages is slow (a VM, shmem THP off), a fresh memfd is
+// bound by it whichever way it is filled: staging and per-chunk registration (then undone)
+// reach the same rate, the populate rate (benchmarks/RESULTS.md, 2026-11-25). Only recycled
+// memory escapes that bound.
 //
 // Thread-safety: copy() may be called concurrently (each call takes its own staging slots).
 // Ownership: the copier owns pinned staging slots kept for reuse, freed by its destructor;
@@ -42,10 +41,10 @@
 #include <vector>
 
 #include "cuda/pinned_double_buffer.hpp"
+#include "devices/replica_pool.hpp"
 #include "tensorreg/common/error.hpp"
 #include "tensorreg/common/thread_pool.hpp"
-#include "tensorreg/cuda/tree_hash.hpp"
-#include "memory/replica_pool.hpp"
+#include "tensorreg/cuda/gpu_tree_hash.hpp"
 #include "tensorreg/registration/device_memory.hpp"
 
 namespace tensorreg::cuda::detail {
@@ -61,13 +60,13 @@ struct bulk_copy_options {
   /// Bytes per DMA (a multiple of the page size).
   std::uint64_t chunk_bytes = std::uint64_t{32} << 20;
   /// Workers at most (each a pool thread with its own stream and 2 × chunk_bytes of pinned
-  /// memory, kept; fewer when the pool is smaller). On the H100 VM 8 workers did as well as 16
-  /// (3.81 vs 3.54–3.74 GiB/s at 8 GiB, 16 and 64 MiB chunks) and better than 4 (2.79).
+  /// memory, kept; fewer when the pool is smaller). 8 did as well as 16 and better than 4 in
+  /// gpu_stable_put_bench --sweep (benchmarks/RESULTS.md).
   unsigned workers = 8;
   /// Where replicas come from and return to (must be owned by a shared_ptr, as
   /// replica_pool::create makes it); null: every replica is a fresh memfd filled through
   /// pinned staging and never registered.
-  memory::replica_pool* replicas = nullptr;
+  devices::replica_pool* replicas = nullptr;
 };
 
 /// Hashes `size` bytes of the snapshot at `device_ptr` on `stream` (the copy's device).

@@ -2,8 +2,9 @@
 // an event per half, bound to one device (private to src/cuda/).
 //
 // What both D2H paths use to overlap a copy with the work on what it brought: the staged visit()
-// of device sources (device_memory.cpp) and the bulk copier's workers (bulk_copy.cpp) copy chunk
-// i + 1 into one half while the host reads chunk i from the other, waiting on that half's event.
+// of device sources (device_memory_provider.cpp) and the bulk copier's workers (bulk_copy.cpp)
+// copy chunk i + 1 into one half while the host reads chunk i from the other, waiting on that
+// half's event.
 // A buffer of half_bytes 0 has no host memory: a stream with its events only.
 //
 // Thread-safety: one user at a time. Ownership: owns its pinned memory, stream and events,

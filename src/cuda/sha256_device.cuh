@@ -33,7 +33,7 @@
 
 namespace tensorreg::cuda::detail {
 
-/// Leaf size, fixed (hash::leaf_bytes; kept in sync by a static_assert in tree_hash.cpp).
+/// Leaf size, fixed (hash::leaf_bytes; kept in sync by a static_assert in gpu_tree_hash.cpp).
 inline constexpr std::uint64_t sha_leaf_bytes = std::uint64_t{4} << 20;
 
 

@@ -9,9 +9,8 @@
 // ALU or FMA warp instruction occupies its pipe for 2 cycles, so the kernel moves additions
 // and the σ shifts onto the otherwise idle FMA pipe (fma_steer, sha256_device.cuh). The
 // default variant (rolled_steered: rounds 16..63 as a 3-turn loop, constants from constant
-// memory) measured fastest on an H100 (notes in the report of this change):
-//   one leaf, one thread: full_unroll 117 ms, rolled 112 ms, rolled_steered 106.5 ms;
-//   8192 leaves (32 GiB): rolled_steered 106.7 ms, i.e. the single-leaf floor.
+// memory) measured fastest once thousands of leaves share the SMs, where it stays at the
+// single-leaf floor (cuda_tree_hash_bench --sweep; benchmarks/RESULTS.md).
 // Blocks are sized so that each warp has a scheduler of its own (tree_hash_kernels.hpp),
 // which is what makes every size up to 4 warps per SM take the time of one leaf.
 //

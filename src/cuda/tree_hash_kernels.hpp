@@ -1,7 +1,7 @@
 // src/cuda/tree_hash_kernels.hpp — launchers of the tree-hash kernels (private to src/cuda/).
 //
-// tree_hash.cu holds the kernels; this header lets plain C++ (tree_hash.cpp, compiled by the
-// host compiler with the project's warnings) enqueue them. Digests travel in device memory
+// tree_hash.cu holds the kernels; this header lets plain C++ (gpu_tree_hash.cpp, compiled by
+// the host compiler with the project's warnings) enqueue them. Digests travel in device memory
 // as 8 native 32-bit state words each (see sha256_device.cuh).
 //
 // Thread-safety: the launchers only enqueue work on the given stream; they are reentrant.

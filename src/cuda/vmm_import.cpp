@@ -131,9 +131,8 @@ result<vmm_import> vmm_import::create(const vmm_driver& driver, int device, std:
     auto& c = out.chunks_[i];
     if (const CUresult r = driver.map(base + offset, c.bytes, 0, c.handle, 0); r != CUDA_SUCCESS) {
       // The reservation is ours and fits, so a refusal here is about the client's chunk size:
-      // on an H100 (driver of CUDA 13) a chunk larger or smaller than its allocation gives
-      // CUDA_ERROR_NOT_SUPPORTED (the driver maps whole allocations only). Only running out of
-      // memory is not the caller's.
+      // the driver maps whole allocations only and refuses a chunk larger or smaller than its
+      // allocation (CUDA_ERROR_NOT_SUPPORTED). Only running out of memory is not the caller's.
       const errc code = r == CUDA_ERROR_OUT_OF_MEMORY ? errc::resource_exhausted : errc::invalid_argument;
       return fail(code, prefix + "cannot map chunk " + std::to_string(i) + " (" + std::to_string(c.bytes) +
                             " bytes) at offset " + std::to_string(offset) + ": " + driver.describe(r) +

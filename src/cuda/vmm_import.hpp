@@ -3,7 +3,7 @@
 // back to back (docs/wire-format.md §12).
 //
 // The entry points are reached through cudaGetDriverEntryPointByVersion, like
-// cuMemGetAddressRange in device_memory.cpp, so nothing links libcuda.so.
+// cuMemGetAddressRange in device_memory_provider.cpp, so nothing links libcuda.so.
 //
 // Unlike PyTorch's import of an expandable segment, which reserves about 9/8 of the GPU's
 // memory of address space per import (and so runs out of it after some dozens of imports), an

@@ -18,8 +18,8 @@
 
 #include "gpu_fill.hpp"
 #include "support/engine_helpers.hpp"
-#include "memory/replica_pool.hpp"
-#include "tensorreg/cuda/device_memory.hpp"
+#include "devices/replica_pool.hpp"
+#include "tensorreg/cuda/device_memory_provider.hpp"
 #include "tensorreg/hash/tree_hash.hpp"
 #include "tensorreg/registration/engine.hpp"
 
@@ -165,7 +165,7 @@ TEST_CASE("cuda bulk_copy: a recycled arena full of old bytes holds exactly the 
       {6'000'000, src + 100, size - 6'000'000 - 777},
   };
 
-  auto replicas = memory::replica_pool::create(std::uint64_t{64} << 20);
+  auto replicas = devices::replica_pool::create(std::uint64_t{64} << 20);
   cd::bulk_copier copier;
   auto hasher = cuda::gpu_tree_hasher::create(0);
   REQUIRE_OK(hasher);
@@ -206,7 +206,7 @@ TEST_CASE("cuda bulk_copy: a recycled arena full of old bytes holds exactly the 
 TEST_CASE("cuda bulk_copy: a replica whose fd left the process is never recycled", "[cuda][bulk_copy][replica_pool]") {
   constexpr std::uint64_t size = std::uint64_t{2} << 20;
   device_bytes source(size);
-  auto replicas = memory::replica_pool::create(std::uint64_t{64} << 20);
+  auto replicas = devices::replica_pool::create(std::uint64_t{64} << 20);
   cd::bulk_copier copier;
   thread_pool pool(2);
   cd::bulk_copy_options opts;

@@ -19,7 +19,7 @@
 #include "provider_support.hpp"
 #include "support/daemon_process.hpp"
 #include "support/engine_helpers.hpp"
-#include "tensorreg/cuda/device_memory.hpp"
+#include "tensorreg/cuda/device_memory_provider.hpp"
 #include "tensorreg/identity/content_id.hpp"
 #include "tensorreg/index/canonical_index.hpp"
 #include "tensorreg/memory/byte_source.hpp"

@@ -1,11 +1,11 @@
-// tensorreg_gpu_tests: the engine's real device memory (tensorreg/cuda/device_memory.hpp) —
+// tensorreg_gpu_tests: the engine's real device memory (tensorreg/cuda/device_memory_provider.hpp) —
 // CUDA IPC mappings of a producer child process (tensorreg_gpu_producer: handles cannot be
 // opened by the process that exported them), daemon-owned buffers of the coalesced plan, and
 // registrations through the engine whose ids must equal the host computation.
 //
 // Named *_tests.cpp so the CPU suite's glob does not pick it up; runs only where a CUDA
 // device is present (gpu_main.cpp exits 77 otherwise).
-#include "tensorreg/cuda/device_memory.hpp"
+#include "tensorreg/cuda/device_memory_provider.hpp"
 
 #include <catch2/catch.hpp>
 
@@ -36,7 +36,7 @@
 #include "support/daemon_process.hpp"
 #include "tensorreg/identity/content_id.hpp"
 #include "support/engine_helpers.hpp"
-#include "tensorreg/cuda/tree_hash.hpp"
+#include "tensorreg/cuda/gpu_tree_hash.hpp"
 #include "tensorreg/hash/tree_hash.hpp"
 
 extern char** environ;

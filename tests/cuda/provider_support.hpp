@@ -8,7 +8,7 @@
 #include <string>
 
 #include "support/engine_helpers.hpp"
-#include "tensorreg/cuda/device_memory.hpp"
+#include "tensorreg/cuda/device_memory_provider.hpp"
 #include "tensorreg/memory/byte_source.hpp"
 
 namespace tensorreg::cuda::testing {

@@ -1,10 +1,10 @@
-// tensorreg_gpu_tests: the GPU tree hash (tensorreg/cuda/tree_hash.hpp) against the CPU path
+// tensorreg_gpu_tests: the GPU tree hash (tensorreg/cuda/gpu_tree_hash.hpp) against the CPU path
 // (hash::tree_hash, OpenSSL) on random data written on the GPU. Runs only where a CUDA device
 // is present (gpu_main.cpp exits 77 otherwise).
 //
 // Named *_tests.cpp, not *_test.cpp, so the CPU suite's glob (tests/CMakeLists.txt) does not
 // pick it up.
-#include "tensorreg/cuda/tree_hash.hpp"
+#include "tensorreg/cuda/gpu_tree_hash.hpp"
 
 #include <catch2/catch.hpp>
 

@@ -1,12 +1,12 @@
 // tensorreg_gpu_tests: CUDA VMM imports and GPU UUIDs of the engine's real device memory
-// (tensorreg/cuda/device_memory.hpp: import_vmm, device_by_uuid, uuid_of,
+// (tensorreg/cuda/device_memory_provider.hpp: import_vmm, device_by_uuid, uuid_of,
 // vmm_reserved_bytes). The VMM memory is a child's (tensorreg_gpu_producer, through
 // producer_process.hpp), exported as POSIX fds and received over SCM_RIGHTS, as a client
 // hands it to tensorregd.
 //
 // Named *_tests.cpp so the CPU suite's glob does not pick it up; runs only where a CUDA
 // device is present (gpu_main.cpp exits 77 otherwise).
-#include "tensorreg/cuda/device_memory.hpp"
+#include "tensorreg/cuda/device_memory_provider.hpp"
 
 #include <catch2/catch.hpp>
 

@@ -2,7 +2,7 @@
 // CUDA: GPU UUIDs in nvidia-smi's text form, finding a device by UUID, and the checks and
 // address-space size of a CUDA VMM import (docs/wire-format.md §12).
 //
-// The CUDA provider (tensorreg/cuda/device_memory.hpp) reads the UUIDs and the granularity
+// The CUDA provider (tensorreg/cuda/device_memory_provider.hpp) reads the UUIDs and the granularity
 // from the driver and calls these; they live here so the CPU suite tests them without a GPU.
 //
 // Thread-safety: pure functions and plain values. Ownership: nothing is retained.

@@ -7,7 +7,7 @@
 //
 // Memory whose fd left the process (duplicate_fd(), or an fd reopened from fd() and handed out
 // by its owner, who then calls mark_exported()) may be mapped by a reader for as long as that
-// reader likes: it is marked exported, and whoever recycles memfds (src/memory/replica_pool.hpp)
+// reader likes: it is marked exported, and whoever recycles memfds (src/devices/replica_pool.hpp)
 // must never reuse such memory for other bytes.
 //
 // Thread-safety: the object is immutable after creation (but for the exported mark, which is

@@ -1,4 +1,4 @@
-#include "tensorreg/cuda/tree_hash.hpp"
+#include "tensorreg/cuda/gpu_tree_hash.hpp"
 
 #include <cuda_runtime_api.h>
 

@@ -1,10 +1,10 @@
-#include "registration/hash_placement.hpp"
+#include "devices/hash_placement.hpp"
 
 #include <algorithm>
 
 #include "tensorreg/hash/tree_hash.hpp"
 
-namespace tensorreg::registration::detail {
+namespace tensorreg::devices {
 namespace {
 
 bool measured(const hash_speeds& s) noexcept {
@@ -49,4 +49,4 @@ hash_plan plan_copy(const hash_speeds& s, std::uint64_t bytes, bool want_digest)
   return pick(seconds(bytes, host_rate), gpu);
 }
 
-}  // namespace tensorreg::registration::detail
+}  // namespace tensorreg::devices

@@ -1,4 +1,4 @@
-#include "tensorreg/cuda/device_memory.hpp"
+#include "tensorreg/cuda/device_memory_provider.hpp"
 
 #include <cuda.h>
 #include <cudaTypedefs.h>
@@ -21,10 +21,10 @@
 #include "cuda/bulk_copy.hpp"
 #include "cuda/cuda_check.hpp"
 #include "cuda/driver_entry.hpp"
-#include "cuda/hash_placement.hpp"
 #include "cuda/pinned_double_buffer.hpp"
+#include "cuda/speed_probe.hpp"
 #include "cuda/vmm_import.hpp"
-#include "tensorreg/cuda/tree_hash.hpp"
+#include "tensorreg/cuda/gpu_tree_hash.hpp"
 #include "tensorreg/devices/device_identity.hpp"
 
 namespace tensorreg::cuda {
@@ -50,7 +50,7 @@ struct provider_state {
   };
   std::vector<std::unique_ptr<device_hasher>> hashers;  // by device, sized at create()
   bulk_copier bulk;  // copy_to_host(): snapshot + D2H with pinned staging kept for reuse
-  std::shared_ptr<memory::replica_pool> replicas;  // copy_to_host()'s replica pool; null when off
+  std::shared_ptr<devices::replica_pool> replicas;  // copy_to_host()'s replica pool; null when off
   PFN_cuMemGetAddressRange_v3020 get_address_range = nullptr;
   PFN_cuGetErrorName_v6000 get_error_name = nullptr;
 
@@ -60,9 +60,9 @@ struct provider_state {
   std::unique_ptr<std::atomic<std::uint64_t>[]> granularity;
   std::atomic<std::uint64_t> vmm_reserved{0};
   std::atomic<std::size_t> vmm_mappings{0};
-  // Imports and releases run one at a time. The driver serializes them anyway, and measured on
-  // an H100 (benchmarks/RESULTS.md, cuda_vmm_bench) 8 threads contending for it took ~2x longer
-  // per import than one thread alone; in turn this is what open_ipc does (ipc_mutex).
+  // Imports and releases run one at a time. The driver serializes them anyway, and threads
+  // contending for it made each import slower than one thread alone (cuda_vmm_bench,
+  // benchmarks/RESULTS.md); in turn this is what open_ipc does (ipc_mutex).
   std::mutex vmm_mutex;
   // Each device's UUID, read once at create(): a client names its GPU by UUID because its
   // ordinals may differ from ours (docs/wire-format.md §12).
@@ -298,7 +298,7 @@ result<std::shared_ptr<device_memory_provider>> device_memory_provider::create(o
     const std::uint64_t physical = pages > 0 && page > 0 ? static_cast<std::uint64_t>(pages) * static_cast<std::uint64_t>(page) : 0;
     state->opts.replica_pool_bytes = std::min(std::uint64_t{16} << 30, physical / 8);
   }
-  if (state->opts.replica_pool_bytes > 0) state->replicas = memory::replica_pool::create(state->opts.replica_pool_bytes);
+  if (state->opts.replica_pool_bytes > 0) state->replicas = devices::replica_pool::create(state->opts.replica_pool_bytes);
   state->devices = count;
   state->free_staging.resize(static_cast<std::size_t>(count));
   for (int d = 0; d < count; ++d) state->hashers.push_back(std::make_unique<detail::provider_state::device_hasher>());
@@ -539,10 +539,10 @@ result<hash::digest> hash_on_device(detail::provider_state& st, int device, cons
   return slot.hasher->tree_hash(ptr, size, stream);
 }
 
-std::optional<registration::detail::hash_site> forced_site(device_memory_provider::options::hash_placement p) {
+std::optional<devices::hash_site> forced_site(device_memory_provider::options::hash_placement p) {
   using placement = device_memory_provider::options::hash_placement;
-  if (p == placement::host) return registration::detail::hash_site::host;
-  if (p == placement::gpu) return registration::detail::hash_site::gpu;
+  if (p == placement::host) return devices::hash_site::host;
+  if (p == placement::gpu) return devices::hash_site::gpu;
   return std::nullopt;
 }
 
@@ -559,11 +559,10 @@ std::optional<result<hash::digest>> device_memory_provider::tree_hash_on_device(
   const bool whole = pieces.size() == 1 && pieces[0].dst == 0 && pieces[0].length == size;
   const unsigned threads = state_->opts.host_hash_threads != 0 ? state_->opts.host_hash_threads
                                                                 : std::max(1u, std::thread::hardware_concurrency());
-  const auto site = detail::choose_site(forced_site(state_->opts.placement), device, threads,
-                                        [&](const registration::detail::hash_speeds& s) {
-                                          return registration::detail::plan_hash(s, size, !whole);
-                                        });
-  if (site != registration::detail::hash_site::gpu) return std::nullopt;
+  const auto site = devices::choose_site(
+      forced_site(state_->opts.placement), threads, [device] { return detail::measured_speeds(device); },
+      [&](const devices::hash_speeds& s) { return devices::plan_hash(s, size, !whole); });
+  if (site != devices::hash_site::gpu) return std::nullopt;
 
   auto run = [&]() -> result<hash::digest> {
     if (whole) return hash_on_device(*state_, device, pieces[0].src, size, {});
@@ -596,11 +595,10 @@ std::optional<result<registration::host_copy>> device_memory_provider::copy_to_h
   auto runs = gather(source);
   if (!runs) return std::nullopt;
   const int device = runs->device;
-  const auto site = detail::choose_site(forced_site(state_->opts.placement), device, pool.size() + 1,
-                                        [&](const registration::detail::hash_speeds& s) {
-                                          return registration::detail::plan_copy(s, size, want_digest);
-                                        });
-  if (site != registration::detail::hash_site::gpu) return std::nullopt;
+  const auto site = devices::choose_site(
+      forced_site(state_->opts.placement), pool.size() + 1, [device] { return detail::measured_speeds(device); },
+      [&](const devices::hash_speeds& s) { return devices::plan_copy(s, size, want_digest); });
+  if (site != devices::hash_site::gpu) return std::nullopt;
   const detail::snapshot_hasher hasher = [this, device](const void* ptr, std::uint64_t bytes, stream_view stream) {
     return hash_on_device(*state_, device, ptr, bytes, stream);
   };

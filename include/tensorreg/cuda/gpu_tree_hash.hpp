@@ -1,4 +1,4 @@
-// tensorreg/cuda/tree_hash.hpp — the data tree hash (registration.md §3.3) of device memory,
+// tensorreg/cuda/gpu_tree_hash.hpp — the data tree hash (registration.md §3.3) of device memory,
 // computed on the GPU by our own SHA-256 kernel (DECISIONS §5.1, §6).
 //
 // Provides `gpu_tree_hasher`, which owns its device scratch (the leaf digest array and a

@@ -1,13 +1,16 @@
-#include "registration/hash_placement.hpp"
+#include "devices/hash_placement.hpp"
 
 #include <catch2/catch.hpp>
 
+#include <optional>
+
 namespace {
 
-using tensorreg::registration::detail::hash_site;
-using tensorreg::registration::detail::hash_speeds;
-using tensorreg::registration::detail::plan_copy;
-using tensorreg::registration::detail::plan_hash;
+using tensorreg::devices::choose_site;
+using tensorreg::devices::hash_site;
+using tensorreg::devices::hash_speeds;
+using tensorreg::devices::plan_copy;
+using tensorreg::devices::plan_hash;
 
 constexpr std::uint64_t gib = std::uint64_t{1} << 30;
 
@@ -27,7 +30,7 @@ hash_speeds h100() {
 
 }  // namespace
 
-TEST_CASE("hash_placement: small device buffers hash on the host, large ones on the GPU", "[registration][hash_placement]") {
+TEST_CASE("hash_placement: small device buffers hash on the host, large ones on the GPU", "[devices][hash_placement]") {
   const auto s = h100();
   // 19.2 GB/s on the host: 1 GiB takes 56 ms there, 107 ms on the GPU.
   const auto one = plan_hash(s, gib, false);
@@ -41,14 +44,14 @@ TEST_CASE("hash_placement: small device buffers hash on the host, large ones on 
   CHECK(plan_hash(s, 2'200'000'000, false).site == hash_site::gpu);
 }
 
-TEST_CASE("hash_placement: fewer host threads move the crossover down", "[registration][hash_placement]") {
+TEST_CASE("hash_placement: fewer host threads move the crossover down", "[devices][hash_placement]") {
   auto s = h100();
   s.host_threads = 2;  // 2.4 GB/s: 256 MiB takes 112 ms on the host
   CHECK(plan_hash(s, 256ull << 20, false).site == hash_site::gpu);
   CHECK(plan_hash(s, 128ull << 20, false).site == hash_site::host);
 }
 
-TEST_CASE("hash_placement: a slow link makes the host wait for its bytes", "[registration][hash_placement]") {
+TEST_CASE("hash_placement: a slow link makes the host wait for its bytes", "[devices][hash_placement]") {
   auto s = h100();
   s.d2h_rate = 5e9;  // below the cores' 19.2 GB/s: the host is bound by the copy
   const auto plan = plan_hash(s, 500ull << 20, false);
@@ -57,7 +60,7 @@ TEST_CASE("hash_placement: a slow link makes the host wait for its bytes", "[reg
   CHECK(plan_hash(s, 600ull << 20, false).site == hash_site::gpu);
 }
 
-TEST_CASE("hash_placement: the gather and rounds of leaves count on the GPU", "[registration][hash_placement]") {
+TEST_CASE("hash_placement: the gather and rounds of leaves count on the GPU", "[devices][hash_placement]") {
   auto s = h100();
   const auto direct = plan_hash(s, 8 * gib, false);
   const auto gathered = plan_hash(s, 8 * gib, true);
@@ -66,7 +69,7 @@ TEST_CASE("hash_placement: the gather and rounds of leaves count on the GPU", "[
   CHECK(plan_hash(s, 8 * gib, false).gpu_seconds == Approx(3 * 0.107));
 }
 
-TEST_CASE("hash_placement: copy and hash: the GPU hashes while the snapshot goes to the host", "[registration][hash_placement]") {
+TEST_CASE("hash_placement: copy and hash: the GPU hashes while the snapshot goes to the host", "[devices][hash_placement]") {
   const auto s = h100();
   const auto big = plan_copy(s, 8 * gib, true);
   CHECK(big.site == hash_site::gpu);
@@ -80,11 +83,51 @@ TEST_CASE("hash_placement: copy and hash: the GPU hashes while the snapshot goes
   CHECK(plan_copy(s, gib, false).gpu_seconds == Approx(static_cast<double>(gib) / 1.5e12 + 1.0 / 50.0));
 }
 
-TEST_CASE("hash_placement: unmeasured speeds keep the host", "[registration][hash_placement]") {
+TEST_CASE("hash_placement: unmeasured speeds keep the host", "[devices][hash_placement]") {
   auto s = h100();
   s.gpu_flat_seconds = 0;
   CHECK(plan_hash(s, 64 * gib, false).site == hash_site::host);
   CHECK(plan_copy(s, 64 * gib, true).site == hash_site::host);
   CHECK(plan_hash(hash_speeds{}, 64 * gib, true).site == hash_site::host);
   CHECK(plan_hash(h100(), 0, false).site == hash_site::host);
+}
+
+TEST_CASE("hash_placement: choose_site: a forced site wins without measuring", "[devices][hash_placement]") {
+  int measured = 0;
+  const auto measure = [&]() -> tensorreg::result<hash_speeds> {
+    ++measured;
+    return h100();
+  };
+  const auto plan = [](const hash_speeds& s) { return plan_hash(s, 64 * gib, false); };
+  CHECK(choose_site(hash_site::host, 16, measure, plan) == hash_site::host);
+  CHECK(choose_site(hash_site::gpu, 16, measure, plan) == hash_site::gpu);
+  CHECK(measured == 0);
+  CHECK(choose_site(std::nullopt, 16, measure, plan) == hash_site::gpu);
+  CHECK(measured == 1);
+}
+
+TEST_CASE("hash_placement: choose_site: the plan sees the caller's threads, a failed measurement keeps the host",
+          "[devices][hash_placement]") {
+  unsigned seen_threads = 0;
+  const auto plan = [&](const hash_speeds& s) {
+    seen_threads = s.host_threads;
+    return plan_hash(s, 256ull << 20, false);
+  };
+  // The probe leaves host_threads 0; choose_site sets the caller's count before planning.
+  const auto probe = []() -> tensorreg::result<hash_speeds> {
+    auto s = h100();
+    s.host_threads = 0;
+    return s;
+  };
+  CHECK(choose_site(std::nullopt, 2, probe, plan) == hash_site::gpu);
+  CHECK(seen_threads == 2);
+  CHECK(choose_site(std::nullopt, 16, probe, plan) == hash_site::host);
+  CHECK(seen_threads == 16);
+
+  const auto broken = []() -> tensorreg::result<hash_speeds> {
+    return tensorreg::fail(tensorreg::errc::resource_exhausted, "cannot allocate a speed probe buffer: out of memory");
+  };
+  seen_threads = 0;
+  CHECK(choose_site(std::nullopt, 16, broken, plan) == hash_site::host);
+  CHECK(seen_threads == 0);  // nothing to plan with
 }

@@ -1,4 +1,4 @@
-#include "memory/replica_pool.hpp"
+#include "devices/replica_pool.hpp"
 
 #include <catch2/catch.hpp>
 
@@ -9,6 +9,7 @@
 
 namespace {
 
+using namespace tensorreg::devices;
 using namespace tensorreg::memory;
 
 // An arena of `size` bytes whose pin counts its own release in `released`.
@@ -23,7 +24,7 @@ replica_pool::arena make_arena(std::uint64_t size, std::shared_ptr<int> released
 
 }  // namespace
 
-TEST_CASE("replica_pool: a dropped replica comes back with its pin, bytes and exact size", "[memory][replica_pool]") {
+TEST_CASE("replica_pool: a dropped replica comes back with its pin, bytes and exact size", "[devices][replica_pool]") {
   auto pool = replica_pool::create(1 << 20);
   auto released = std::make_shared<int>(0);
   CHECK_FALSE(pool->take(8192));
@@ -50,7 +51,7 @@ TEST_CASE("replica_pool: a dropped replica comes back with its pin, bytes and ex
   CHECK(*released == 1);
 }
 
-TEST_CASE("replica_pool: an exported replica is never taken back", "[memory][replica_pool]") {
+TEST_CASE("replica_pool: an exported replica is never taken back", "[devices][replica_pool]") {
   auto pool = replica_pool::create(1 << 20);
   auto released = std::make_shared<int>(0);
   SECTION("its fd was duplicated") {
@@ -71,7 +72,7 @@ TEST_CASE("replica_pool: an exported replica is never taken back", "[memory][rep
   CHECK(*released == 1);  // unpinned and freed
 }
 
-TEST_CASE("replica_pool: idle bytes stay within the bound, the oldest arenas going first", "[memory][replica_pool]") {
+TEST_CASE("replica_pool: idle bytes stay within the bound, the oldest arenas going first", "[devices][replica_pool]") {
   auto pool = replica_pool::create(3 * 4096);
   auto released = std::make_shared<int>(0);
   std::vector<std::shared_ptr<const shared_memory>> held;
@@ -98,7 +99,7 @@ TEST_CASE("replica_pool: idle bytes stay within the bound, the oldest arenas goi
   CHECK(pool->idle_bytes() == 0);
 }
 
-TEST_CASE("replica_pool: a replica outliving its pool is freed, and a pool of 0 bytes keeps nothing", "[memory][replica_pool]") {
+TEST_CASE("replica_pool: a replica outliving its pool is freed, and a pool of 0 bytes keeps nothing", "[devices][replica_pool]") {
   auto released = std::make_shared<int>(0);
   {
     auto pool = replica_pool::create(1 << 20);
@@ -113,7 +114,7 @@ TEST_CASE("replica_pool: a replica outliving its pool is freed, and a pool of 0 
   CHECK(none->idle_bytes() == 0);
 }
 
-TEST_CASE("replica_pool: replicas dropped on many threads all come back once", "[memory][replica_pool][concurrency]") {
+TEST_CASE("replica_pool: replicas dropped on many threads all come back once", "[devices][replica_pool][concurrency]") {
   auto pool = replica_pool::create(64 * 4096);
   auto released = std::make_shared<int>(0);
   std::vector<std::shared_ptr<const shared_memory>> held;

@@ -1,4 +1,4 @@
-#include "cuda/hash_placement.hpp"
+#include "cuda/speed_probe.hpp"
 
 #include <cuda_runtime_api.h>
 
@@ -10,20 +10,21 @@
 #include <vector>
 
 #include "cuda/cuda_check.hpp"
-#include "tensorreg/cuda/tree_hash.hpp"
+#include "tensorreg/cuda/gpu_tree_hash.hpp"
 #include "tensorreg/hash/sha256.hpp"
 #include "tensorreg/hash/tree_hash.hpp"
 
 namespace tensorreg::cuda::detail {
 namespace {
 
-using registration::detail::hash_speeds;
+using devices::hash_speeds;
 
 constexpr std::uint64_t device_probe_bytes = std::uint64_t{64} << 20;
 constexpr std::size_t host_probe_bytes = std::size_t{16} << 20;
 
-// Leaves the GPU hash is known to finish in its flat time, per SM: 16 384 leaves on the H100's
-// 132 SMs took 107 ms as one leaf did (benchmarks/RESULTS.md), i.e. at least 124 per SM.
+// Leaves the GPU hash is known to finish in its flat time, per SM: a lower bound from the
+// measured flat hash of many leaves per SM (benchmarks/RESULTS.md), so the model never counts
+// on more parallelism than was seen.
 constexpr std::uint64_t leaves_per_sm = 124;
 
 double seconds_since(std::chrono::steady_clock::time_point t0) {

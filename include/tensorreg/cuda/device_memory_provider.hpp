@@ -1,5 +1,5 @@
-// tensorreg/cuda/device_memory.hpp — the engine's real device memory: CUDA IPC mappings and
-// daemon-owned device buffers (DECISIONS §6; registration.md §5.2).
+// tensorreg/cuda/device_memory_provider.hpp — the engine's real device memory: CUDA IPC
+// mappings and daemon-owned device buffers (DECISIONS §6; registration.md §5.2).
 //
 // Provides `device_memory_provider`, the implementation of registration::device_memory on a
 // machine with CUDA devices, and `device_source`, the byte_source every device mapping or
@@ -47,7 +47,7 @@
 namespace tensorreg::cuda {
 
 namespace detail {
-struct provider_state;  // private to src/cuda/device_memory.cpp
+struct provider_state;  // private to src/cuda/device_memory_provider.cpp
 }  // namespace detail
 
 /// A byte_source whose bytes live in device memory of one CUDA device.
@@ -71,20 +71,22 @@ class device_memory_provider final : public registration::device_memory {
     /// Staging buffers kept per device for reuse; more are made on demand and freed on release.
     std::size_t staging_buffers_kept = 16;
     /// Where tree_hash_on_device() and copy_to_host() hash device bytes. `measured` picks the
-    /// place with the lower predicted time (src/registration/hash_placement.hpp) from speeds
-    /// measured once per device and process on first use (~0.3 s): the GPU hash is flat
-    /// (~107 ms on an H100), the host's grows with size (16 cores: ~15 GB/s). `host` and
-    /// `gpu` force it (tests).
+    /// place with the lower predicted time (src/devices/hash_placement.hpp) from speeds
+    /// measured once per device and process on first use: the GPU hash takes about the same
+    /// time whatever the size, the host's grows with it, so large buffers go to the GPU and
+    /// small ones stay on the host (benchmarks/RESULTS.md has the figures). `host` and `gpu`
+    /// force it (tests).
     enum class hash_placement { measured, host, gpu };
     hash_placement placement = hash_placement::measured;
     /// Threads tree_hash_on_device() predicts the host hashes with (0: one per hardware
     /// thread, the engine's default); copy_to_host() counts its pool instead.
     unsigned host_hash_threads = 0;
-    /// Most bytes of idle replica memory copy_to_host() keeps for reuse (src/memory/
+    /// Most bytes of idle replica memory copy_to_host() keeps for reuse (src/devices/
     /// replica_pool.hpp): replicas it made return there, still resident and registered with
     /// CUDA (page-locked), when their last holder drops them, unless their fd was handed to
-    /// another process; the next copy of the same size then DMAs straight into one (~50 GiB/s
-    /// on an H100 instead of the ~4 GiB/s at which the H100 VM faults in a new memfd). This is
+    /// another process; the next copy of the same size then DMAs straight into one at the copy
+    /// engine's speed instead of waiting for a new memfd's pages to fault in, which on hosts
+    /// with slow first touch is the bound (benchmarks/RESULTS.md). This is
     /// host memory the process holds beyond the stable cache's budget. 0 turns the pool off
     /// (new memfds through pinned staging, never registered); replica_pool_auto means
     /// min(16 GiB, 1/8 of physical memory).

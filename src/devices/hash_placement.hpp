@@ -1,19 +1,24 @@
-// src/registration/hash_placement.hpp — where device bytes are hashed (and copied): on their
+// src/devices/hash_placement.hpp — where device bytes are hashed (and copied): on their
 // GPU or on the host, chosen by predicted time from measured speeds.
 //
 // The GPU tree hash runs one leaf per thread, so it takes about the time of one 4 MiB leaf on
-// one GPU thread whatever the size (~107 ms on an H100, flat from 1 to 64 GiB); the host hashes
-// at one core's SHA-256 rate times its threads, after staging the bytes over PCIe. So small
-// buffers hash faster on the host and large ones on the GPU; where the crossover lies depends
-// on the machine, hence a model fed with numbers measured on it (src/cuda/hash_placement.hpp
-// measures them) instead of a size constant. Pure arithmetic: no CUDA, tested on the CPU.
+// one GPU thread whatever the size, as long as the leaves fit the threads in flight; the host
+// hashes at one core's SHA-256 rate times its threads, after staging the bytes over PCIe. So
+// small buffers hash faster on the host and large ones on the GPU; where the crossover lies
+// depends on the machine, hence a model fed with numbers measured on it
+// (src/cuda/speed_probe.hpp measures them) instead of a size constant. Pure arithmetic: no
+// CUDA, tested on the CPU.
 //
 // Thread-safety: stateless functions. Ownership: plain values.
 #pragma once
 
 #include <cstdint>
+#include <optional>
+#include <utility>
 
-namespace tensorreg::registration::detail {
+#include "tensorreg/common/error.hpp"
+
+namespace tensorreg::devices {
 
 /// Speeds of one GPU and this host, in seconds and bytes per second.
 struct hash_speeds {
@@ -50,4 +55,18 @@ struct hash_plan {
 ///   gpu  = a snapshot on the device, then the D2H of the snapshot concurrent with its GPU hash.
 [[nodiscard]] hash_plan plan_copy(const hash_speeds& s, std::uint64_t bytes, bool want_digest) noexcept;
 
-}  // namespace tensorreg::registration::detail
+/// The site forced by `forced`, else the choice of `plan` (plan_hash or plan_copy bound to the
+/// size) on the speeds `measure()` returns (a result<hash_speeds>), with `host_threads` set;
+/// the host when they cannot be measured. `measure` is called only when nothing is forced, so
+/// a forced site never pays for a measurement.
+template <typename Measure, typename Plan>
+[[nodiscard]] hash_site choose_site(std::optional<hash_site> forced, unsigned host_threads, Measure&& measure,
+                                    Plan&& plan) {
+  if (forced) return *forced;
+  result<hash_speeds> speeds = std::forward<Measure>(measure)();
+  if (!speeds) return hash_site::host;
+  speeds->host_threads = host_threads;
+  return std::forward<Plan>(plan)(*speeds).site;
+}
+
+}  // namespace tensorreg::devices

@@ -1,11 +1,11 @@
-// src/memory/replica_pool.hpp — host memfds kept resident (and pinned) for reuse as replicas.
+// src/devices/replica_pool.hpp — host memfds kept resident (and pinned) for reuse as replicas.
 //
-// On a host where the first touch of fresh memfd pages is slow (the H100 VM hands them out at
-// ~4.4 GiB/s over 16 threads, benchmarks/RESULTS.md), a GPU → stable DRAM put can only run at
-// DMA speed into memory that is already faulted in and registered with the GPU. The pool keeps
-// such memory: an `arena` is a memfd mapping plus an opaque `pin` (the CUDA provider's host
-// registration; the pool never looks inside it). A replica made from an arena is handed out
-// with lend(): when its last holder drops it, the arena comes back here, unless
+// On a host where the first touch of fresh memfd pages is slow (a VM can hand them out an
+// order of magnitude below the D2H rate, benchmarks/RESULTS.md), a GPU → stable DRAM put can
+// only run at DMA speed into memory that is already faulted in and registered with the GPU.
+// The pool keeps such memory: an `arena` is a memfd mapping plus an opaque `pin` (the CUDA
+// provider's host registration; the pool never looks inside it). A replica made from an arena
+// is handed out with lend(): when its last holder drops it, the arena comes back here, unless
 //  * its memory was exported (shared_memory::exported(): a reader in another process may map
 //    it forever, so it must never carry other bytes), or
 //  * keeping it would put the idle bytes over the bound (then the oldest idle arenas go).
@@ -29,12 +29,12 @@
 
 #include "tensorreg/memory/shared_memory.hpp"
 
-namespace tensorreg::memory {
+namespace tensorreg::devices {
 
 class replica_pool : public std::enable_shared_from_this<replica_pool> {
  public:
   struct arena {
-    shared_memory memory;
+    memory::shared_memory memory;
     /// What keeps the memory ready (e.g. a CUDA host registration), released first.
     std::shared_ptr<void> pin;
     /// The pin covers [k × pin_unit, (k + 1) × pin_unit) separately: a DMA must not cross a
@@ -63,7 +63,7 @@ class replica_pool : public std::enable_shared_from_this<replica_pool> {
   /// `a` as a replica: the returned pointer is a.memory; when its last holder drops it, the
   /// arena returns to this pool (see above).
   /// REQUIRES: a.memory.writable().
-  [[nodiscard]] std::shared_ptr<const shared_memory> lend(arena a);
+  [[nodiscard]] std::shared_ptr<const memory::shared_memory> lend(arena a);
 
   [[nodiscard]] std::uint64_t max_idle_bytes() const noexcept { return max_idle_bytes_; }
   [[nodiscard]] std::uint64_t idle_bytes() const;
@@ -81,4 +81,4 @@ class replica_pool : public std::enable_shared_from_this<replica_pool> {
   counters counters_;
 };
 
-}  // namespace tensorreg::memory
+}  // namespace tensorreg::devices

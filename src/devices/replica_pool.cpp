@@ -1,9 +1,11 @@
-#include "memory/replica_pool.hpp"
+#include "devices/replica_pool.hpp"
 
 #include <utility>
 #include <vector>
 
-namespace tensorreg::memory {
+namespace tensorreg::devices {
+
+using memory::shared_memory;
 
 std::shared_ptr<replica_pool> replica_pool::create(std::uint64_t max_idle_bytes) {
   return std::shared_ptr<replica_pool>(new replica_pool(max_idle_bytes));
@@ -75,4 +77,4 @@ replica_pool::counters replica_pool::stats() const {
   return counters_;
 }
 
-}  // namespace tensorreg::memory
+}  // namespace tensorreg::devices
