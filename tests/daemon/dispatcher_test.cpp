@@ -71,9 +71,10 @@ std::string index_json() {
 }
 
 unique_fd make_memfd(std::uint64_t size) {
-  unique_fd fd(::memfd_create("dispatcher-test", MFD_CLOEXEC));
+  unique_fd fd(::memfd_create("dispatcher-test", MFD_CLOEXEC | MFD_ALLOW_SEALING));
   REQUIRE(fd);
   REQUIRE(::ftruncate(fd.get(), static_cast<off_t>(size)) == 0);
+  REQUIRE(::fcntl(fd.get(), F_ADD_SEALS, F_SEAL_SHRINK) == 0);  // the daemon maps only sealed memfds
   return fd;
 }
 
@@ -1010,4 +1011,22 @@ TEST_CASE("dispatcher: at info only rejects are logged", "[daemon][dispatcher]")
   REQUIRE(log.lines().size() == 1);
   CHECK(log.count(log_level::info, "rejected AbortRegisteredArtifact request 2", "registration 'reg_gone'",
                   "NOT_FOUND") == 1);
+}
+
+TEST_CASE("dispatcher: a client memfd not sealed against shrinking is FAILED_PRECONDITION", "[daemon][dispatcher]") {
+  harness h;
+  unique_fd fd(::memfd_create("dispatcher-test", MFD_CLOEXEC | MFD_ALLOW_SEALING));
+  REQUIRE(fd);
+  REQUIRE(::ftruncate(fd.get(), 4096) == 0);
+  auto r = h.request();
+  auto* g = r.mutable_register_region();
+  g->set_memory_kind(v2::REGION_MEMORY_KIND_HOST_SHARED);
+  g->set_owner_pid(my_pid());
+  g->set_size_bytes(4096);
+  g->mutable_host_shared()->set_attach_token("client-token");
+  std::vector<unique_fd> fds;
+  fds.push_back(std::move(fd));
+  check_status(h.call(r, std::move(fds)), errc::failed_precondition,
+               "cannot register region: cannot map shared memory: the memfd lacks the seal F_SEAL_SHRINK, so it could "
+               "shrink under the mapping; add it with fcntl(F_ADD_SEALS, F_SEAL_SHRINK) before sending");
 }
