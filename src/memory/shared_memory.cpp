@@ -140,13 +140,14 @@ status shared_memory::visit(std::uint64_t offset, std::uint64_t length, piece_si
   TENSORREG_TRY(check_intact(offset));
   const auto piece = std::span<const std::byte>(bytes_).subspan(offset, length);
   // One guard per visit: the whole piece is read under it (by the sink), so nothing per byte.
-  detail::sigbus_guard guard(piece);
+  detail::sigbus_guard guard(piece, &broken_);
   auto out = sink(piece);
   if (guard.faulted()) {
-    broken_.store(true, std::memory_order_release);
     return fail(errc::data_loss, "cannot read shared memory at offset " + std::to_string(offset + guard.fault_offset()) +
                                      ": its file shrank under the mapping (the page read faulted), so its bytes are lost");
   }
+  // Another reader's fault may have put zero pages under this read without a fault here.
+  TENSORREG_TRY(check_intact(offset));
   return out;
 }
 

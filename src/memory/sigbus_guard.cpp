@@ -27,6 +27,7 @@ struct sigbus_handler {
       const std::uintptr_t page = page_bytes;
       const std::uintptr_t first = address & ~(page - 1);
       const std::uintptr_t last = (g->end_ + page - 1) & ~(page - 1);
+      if (g->broken_ != nullptr) g->broken_->store(true);  // lock-free: safe in a handler
       // Zero pages over what vanished (and the rest of the range): the faulting load resumes.
       void* zeros = ::mmap(reinterpret_cast<void*>(first), last - first, PROT_READ,
                            MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
@@ -69,10 +70,13 @@ struct sigbus_handler {
 
 void ensure_sigbus_handler() noexcept { sigbus_handler::install(); }
 
-sigbus_guard::sigbus_guard(std::span<const std::byte> bytes) noexcept
+static_assert(std::atomic<bool>::is_always_lock_free);
+
+sigbus_guard::sigbus_guard(std::span<const std::byte> bytes, std::atomic<bool>* broken) noexcept
     : begin_(reinterpret_cast<std::uintptr_t>(bytes.data())),
       end_(reinterpret_cast<std::uintptr_t>(bytes.data()) + bytes.size()),
-      outer_(armed) {
+      outer_(armed),
+      broken_(broken) {
   armed = this;
   std::atomic_signal_fence(std::memory_order_seq_cst);
 }

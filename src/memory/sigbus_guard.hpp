@@ -20,6 +20,7 @@
 // Cost: two thread-local stores and a compiler fence per armed range; nothing per byte.
 #pragma once
 
+#include <atomic>
 #include <csignal>
 #include <cstddef>
 #include <cstdint>
@@ -34,8 +35,10 @@ void ensure_sigbus_handler() noexcept;
 
 class sigbus_guard {
  public:
-  /// Arms the guard for `bytes` on this thread until destruction.
-  explicit sigbus_guard(std::span<const std::byte> bytes) noexcept;
+  /// Arms the guard for `bytes` on this thread until destruction. A fault sets `broken` (when
+  /// given) before the zero pages go in, so that another thread reading the same memory, which
+  /// may then read those zeros without faulting, can tell that its read is void too.
+  explicit sigbus_guard(std::span<const std::byte> bytes, std::atomic<bool>* broken = nullptr) noexcept;
   ~sigbus_guard();
   sigbus_guard(const sigbus_guard&) = delete;
   sigbus_guard& operator=(const sigbus_guard&) = delete;
@@ -50,6 +53,7 @@ class sigbus_guard {
   std::uintptr_t begin_;
   std::uintptr_t end_;
   sigbus_guard* outer_;
+  std::atomic<bool>* broken_;
   volatile std::sig_atomic_t faulted_ = 0;
   std::uint64_t fault_offset_ = 0;
 };

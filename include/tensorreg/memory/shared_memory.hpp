@@ -100,7 +100,7 @@ class shared_memory final : public byte_source {
   bool writable_ = false;
   mutable std::atomic<bool> exported_{false};
   // A guarded read faulted: the file shrank under the mapping, whose lost pages now read as
-  // zeros. Never cleared.
+  // zeros. Set by the SIGBUS handler (src/memory/sigbus_guard.hpp); never cleared.
   mutable std::atomic<bool> broken_{false};
 };
 
