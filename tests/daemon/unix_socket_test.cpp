@@ -9,6 +9,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -131,4 +132,14 @@ TEST_CASE("unlink_if_ours: removes our socket but not a newer daemon's on the sa
   CHECK(tensorreg::daemon::connect_unix(path));
   unlink_if_ours(path, *new_daemon);
   CHECK_FALSE(fs::exists(path));
+}
+
+TEST_CASE("default_socket_path: XDG_RUNTIME_DIR is preferred over /tmp", "[daemon][unix_socket]") {
+  const char* saved = std::getenv("XDG_RUNTIME_DIR");
+  const std::string kept = saved != nullptr ? saved : "";
+  ::setenv("XDG_RUNTIME_DIR", "/run/user/4242", 1);
+  CHECK(tensorreg::daemon::default_socket_path() == "/run/user/4242/tensorreg/tensorregd.sock");
+  ::unsetenv("XDG_RUNTIME_DIR");
+  CHECK(tensorreg::daemon::default_socket_path() == "/tmp/tensorreg-" + std::to_string(::getuid()) + "/tensorregd.sock");
+  if (saved != nullptr) ::setenv("XDG_RUNTIME_DIR", kept.c_str(), 1);
 }
