@@ -115,10 +115,25 @@ struct dispatcher::impl {
   // to the engine, which rejects it with its own message.
   status check_owner(const peer_credentials& peer, std::int32_t owner_pid, std::string_view verb) const {
     if (owner_pid <= 0 || owner_pid == peer.pid) return {};
-    if (options.trust_client_pids && (peer.uid == 0 || peer.uid == options.daemon_uid)) return {};
+    if (trusted(peer)) return {};
     return fail(errc::permission_denied, fmt::format("cannot {}: owner_pid {} is not the calling process {} (start "
                                                      "tensorregd with --trust-client-pids to allow it)",
                                                      verb, owner_pid, peer.pid));
+  }
+
+  // A peer that may name an owner_pid other than its own (DECISIONS §4).
+  bool trusted(const peer_credentials& peer) const {
+    return options.trust_client_pids && (peer.uid == 0 || peer.uid == options.daemon_uid);
+  }
+
+  // DECISIONS §8, for the calls that name a registration without an owner_pid (Feed, Commit,
+  // Abort, Revoke): the peer must own it. A trusted peer's pid is not the one it registered
+  // with (another PID namespace), so it is not checked. KeepAlive and UnregisterRegion carry
+  // owner_pid: check_owner pins it to the peer and the engine compares it with the owner.
+  status check_registration_owner(const peer_credentials& peer, const std::string& registration_id,
+                                  std::string_view verb) const {
+    if (trusted(peer)) return {};
+    return engine.check_owner(registration_id, peer.pid, verb);
   }
 
   status begin(call& c) {
@@ -149,19 +164,24 @@ struct dispatcher::impl {
   }
 
   status commit(call& c) {
-    TENSORREG_TRY_ASSIGN(auto done, engine.commit(c.request.commit_registered_artifact().registration_id()));
+    const auto& id = c.request.commit_registered_artifact().registration_id();
+    TENSORREG_TRY(check_registration_owner(c.peer, id, "commit registration"));
+    TENSORREG_TRY_ASSIGN(auto done, engine.commit(id));
     convert::fill_commit(*c.response.mutable_commit_registered_artifact(), done);
     return {};
   }
 
   status abort(call& c) {
-    TENSORREG_TRY(engine.abort(c.request.abort_registered_artifact().registration_id()));
+    const auto& id = c.request.abort_registered_artifact().registration_id();
+    TENSORREG_TRY(check_registration_owner(c.peer, id, "abort registration"));
+    TENSORREG_TRY(engine.abort(id));
     c.response.mutable_abort_registered_artifact();
     return {};
   }
 
   status revoke(call& c) {
     const auto& in = c.request.revoke_registered_artifact();
+    TENSORREG_TRY(check_registration_owner(c.peer, in.registration_id(), "revoke registration"));
     engine.revoke(in.registration_id(), in.reason());
     c.response.mutable_revoke_registered_artifact();
     return {};
@@ -243,7 +263,11 @@ struct dispatcher::impl {
     if (in.has_owner_pid()) {
       TENSORREG_TRY(check_owner(c.peer, in.owner_pid(), fmt::format("deregister {}", in.artifact_id())));
     }
-    TENSORREG_TRY_ASSIGN(auto done, engine.deregister(convert::to_deregister(in)));
+    auto request = convert::to_deregister(in);
+    // DECISIONS §8: the call acts for the peer, which must hold every lease and join. A trusted
+    // peer acts for the owner_pid it names, or, naming none, for the daemon.
+    if (request.owner_pid <= 0) request.owner_pid = trusted(c.peer) ? 0 : c.peer.pid;
+    TENSORREG_TRY_ASSIGN(auto done, engine.deregister(request));
     convert::fill_deregister(*c.response.mutable_deregister_artifact(), done);
     return {};
   }
@@ -401,7 +425,8 @@ struct dispatcher::impl {
   // ---- Feed streams ----
 
   // Applies one feed frame of a stream; any error ends the stream.
-  status feed_frame(feed_stream& stream, bool first, wire::Request& request, std::size_t fds) {
+  status feed_frame(const peer_credentials& peer, feed_stream& stream, bool first, wire::Request& request,
+                    std::size_t fds) {
     auto& in = *request.mutable_feed_register_artifact_stream();
     const std::string verb = fmt::format("feed registration '{}'", in.registration_id());
     if (first) stream.registration_id = in.registration_id();
@@ -410,6 +435,7 @@ struct dispatcher::impl {
                                                       request.request_id(), stream.registration_id));
     }
     if (fds != 0) return tl::unexpected(fds_unused(verb, fds));
+    TENSORREG_TRY(check_registration_owner(peer, in.registration_id(), "feed registration"));
     for (auto& entry : *in.mutable_storage_entries()) {
       if (auto resolved = resolve_device(entry); !resolved) {
         return tl::unexpected(with_context(std::move(resolved).error(),
@@ -423,7 +449,7 @@ struct dispatcher::impl {
     const auto id = request.request_id();
     auto [it, first] = conn.streams().try_emplace(id);
     if (it->second.failed) return std::nullopt;  // answered already
-    auto applied = feed_frame(it->second, first, request, fds);
+    auto applied = feed_frame(conn.peer(), it->second, first, request, fds);
     if (applied) return std::nullopt;
     it->second.failed = true;
     return error_answer(id, applied.error());

@@ -158,6 +158,7 @@ struct server::impl {
   logger& log;
   asio::io_context io{1};
   stream::acceptor acceptor{io};
+  listening_socket bound;  // the socket file's identity: shutdown removes only our own
   asio::signal_set signals{io, SIGINT, SIGTERM};
   asio::thread_pool workers;
   std::list<std::weak_ptr<session>> sessions;
@@ -212,7 +213,7 @@ struct server::impl {
     for (auto& w : sessions) {
       if (auto s = w.lock()) s->stop();
     }
-    ::unlink(options.socket_path.c_str());
+    unlink_if_ours(options.socket_path, bound);
   }
 };
 
@@ -222,39 +223,18 @@ server::~server() {
 }
 
 result<std::unique_ptr<server>> server::create(server_options options, dispatcher& dispatch) {
-  namespace fs = std::filesystem;
-  const fs::path path = options.socket_path;
-  if (path.native().size() >= sizeof(sockaddr_un{}.sun_path)) {
-    return fail(errc::invalid_argument, "cannot listen on '" + options.socket_path + "': the path is too long");
-  }
-  // The socket directory is private to the daemon's user (DECISIONS §4).
-  const auto dir = path.parent_path();
-  std::error_code fs_error;
-  if (!dir.empty() && !fs::exists(dir)) {
-    fs::create_directories(dir, fs_error);
-    if (fs_error) {
-      return fail(errc::unavailable, "cannot create socket directory '" + dir.string() + "': " + fs_error.message());
-    }
-    ::chmod(dir.c_str(), 0700);
-  }
-  // A live daemon answers connect(); a stale file from a crashed one does not.
-  if (fs::exists(path)) {
-    if (connect_unix(options.socket_path)) {
-      return fail(errc::failed_precondition, "cannot listen on '" + options.socket_path +
-                                                 "': another tensorregd is already serving it");
-    }
-    ::unlink(options.socket_path.c_str());
-  }
+  // The directory, the path and the bind are checked and done in unix_socket (DECISIONS §4).
+  TENSORREG_TRY_ASSIGN(auto bound, listen_unix(options.socket_path, asio::socket_base::max_listen_connections));
   auto i = std::make_unique<impl>(std::move(options), dispatch);
   asio::error_code ec;
-  i->acceptor.open(stream(), ec);
-  if (!ec) i->acceptor.bind(stream::endpoint(i->options.socket_path), ec);
-  if (!ec) ::chmod(i->options.socket_path.c_str(), 0660);
-  if (!ec) i->acceptor.listen(asio::socket_base::max_listen_connections, ec);
+  const int fd = bound.fd.get();
+  i->acceptor.assign(stream(), fd, ec);
   if (ec) {
-    const auto code = ec == asio::error::access_denied ? errc::permission_denied : errc::unavailable;
-    return fail(code, "cannot listen on '" + i->options.socket_path + "': " + ec.message());
+    unlink_if_ours(i->options.socket_path, bound);
+    return fail(errc::unavailable, "cannot listen on '" + i->options.socket_path + "': " + ec.message());
   }
+  (void)bound.fd.release();  // the acceptor owns it now
+  i->bound = std::move(bound);
   return std::unique_ptr<server>(new server(std::move(i)));
 }
 

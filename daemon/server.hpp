@@ -5,13 +5,15 @@
 // handled (hashing, copying and disk never run on the I/O thread). Each session reads frames,
 // hands them one at a time to the dispatcher on the pool, and writes the answers back.
 //
-// Binding (create()): the socket directory is made 0700 and the socket 0660; a live daemon
-// already answering on the path makes create() fail with a clear message; a stale socket
-// file (nobody listening) is replaced. Callers print "ready" only after create() returns.
+// Binding (create(), through listen_unix() of unix_socket.hpp): the socket directory must be
+// ours and 0700 (made so when missing), the socket is 0660 from the start; a live daemon
+// already answering on the path, or anything but a socket there, makes create() fail with a
+// clear message; a stale socket file (nobody listening) is replaced. Callers print "ready"
+// only after create() returns.
 //
 // Shutdown (SIGTERM/SIGINT or stop()): stop accepting, let every session finish the request
-// it is handling and write its answer, close the sessions, remove the socket file; run()
-// then returns.
+// it is handling and write its answer, close the sessions, remove the socket file if it is
+// still ours (a newer daemon's on the same path stays); run() then returns.
 //
 // Logging: connections accepted and closed (peer pid, uid) at debug; connections refused over
 // max_sessions and bad frames at warn; an exception that ends a session at error.
@@ -41,7 +43,8 @@ struct server_options {
 
 class server {
  public:
-  /// Binds and listens. Errors: FAILED_PRECONDITION (another tensorregd is live on the path),
+  /// Binds and listens. Errors: FAILED_PRECONDITION (another tensorregd is live on the path,
+  /// an unsafe socket directory, something other than a socket at the path),
   /// INVALID_ARGUMENT (path too long), UNAVAILABLE / PERMISSION_DENIED (cannot create the
   /// directory or bind).
   [[nodiscard]] static result<std::unique_ptr<server>> create(server_options options, dispatcher& dispatch);

@@ -2,17 +2,77 @@
 
 #include <poll.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/un.h>
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
 
 namespace tensorreg::daemon {
 namespace {
 
 std::string os_reason(int e) { return std::strerror(e); }
+
+std::string octal(mode_t mode) {
+  char text[8];
+  std::snprintf(text, sizeof text, "%04o", static_cast<unsigned>(mode & 07777));
+  return text;
+}
+
+// The socket's directory: ours, 0700, a real directory (DECISIONS §4).
+status prepare_directory(const std::filesystem::path& dir) {
+  const std::string name = dir.string();
+  if (::mkdir(name.c_str(), 0700) != 0 && errno != EEXIST) {
+    if (errno != ENOENT) {
+      const auto code = errno == EACCES ? errc::permission_denied : errc::unavailable;
+      return fail(code, "cannot create socket directory '" + name + "': " + os_reason(errno));
+    }
+    // Parents missing: make them as usual, then the directory itself 0700.
+    std::error_code ec;
+    std::filesystem::create_directories(dir.parent_path(), ec);
+    if (ec) return fail(errc::unavailable, "cannot create socket directory '" + name + "': " + ec.message());
+    if (::mkdir(name.c_str(), 0700) != 0 && errno != EEXIST) {
+      return fail(errc::unavailable, "cannot create socket directory '" + name + "': " + os_reason(errno));
+    }
+  }
+  struct stat st {};
+  if (::lstat(name.c_str(), &st) != 0) {
+    return fail(errc::unavailable, "cannot inspect socket directory '" + name + "': " + os_reason(errno));
+  }
+  const auto refuse = [&](const std::string& why) {
+    return fail(errc::failed_precondition, "cannot use socket directory '" + name + "': " + why +
+                                               "; it must be a directory owned by uid " + std::to_string(::geteuid()) +
+                                               " with mode 0700");
+  };
+  if (S_ISLNK(st.st_mode)) return refuse("it is a symbolic link");
+  if (!S_ISDIR(st.st_mode)) return refuse("it is not a directory");
+  if (st.st_uid != ::geteuid()) return refuse("it is owned by uid " + std::to_string(st.st_uid));
+  if ((st.st_mode & 077) != 0) return refuse("its mode is " + octal(st.st_mode));
+  return {};
+}
+
+// Whatever is at `path` already: nothing, a stale socket (removed) or a refusal.
+status clear_path(const std::string& path) {
+  struct stat st {};
+  if (::lstat(path.c_str(), &st) != 0) {
+    if (errno == ENOENT) return {};
+    return fail(errc::unavailable, "cannot listen on '" + path + "': " + os_reason(errno));
+  }
+  if (!S_ISSOCK(st.st_mode)) {
+    return fail(errc::failed_precondition, "cannot listen on '" + path + "': it exists and is not a socket; "
+                                           "refusing to remove it");
+  }
+  // A live daemon answers connect(); a stale file from a crashed one does not.
+  if (connect_unix(path)) {
+    return fail(errc::failed_precondition, "cannot listen on '" + path + "': another tensorregd is already serving it");
+  }
+  ::unlink(path.c_str());
+  return {};
+}
 
 }  // namespace
 
@@ -110,6 +170,45 @@ std::string default_socket_path() {
     return std::string(runtime) + "/tensorreg/tensorregd.sock";
   }
   return "/tmp/tensorreg-" + std::to_string(::getuid()) + "/tensorregd.sock";
+}
+
+result<listening_socket> listen_unix(const std::string& path, int backlog) {
+  sockaddr_un addr{};
+  if (path.size() >= sizeof addr.sun_path) {
+    return fail(errc::invalid_argument, "cannot listen on '" + path + "': the path is too long");
+  }
+  const auto dir = std::filesystem::path(path).parent_path();
+  TENSORREG_TRY(prepare_directory(dir.empty() ? std::filesystem::path(".") : dir));
+  TENSORREG_TRY(clear_path(path));
+  addr.sun_family = AF_UNIX;
+  std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
+  listening_socket out;
+  out.fd = unique_fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  if (!out.fd) return fail(errc::unavailable, "cannot listen on '" + path + "': " + os_reason(errno));
+  // bind() creates the file with 0777 & ~umask: 0660 from the first instant.
+  const mode_t old_mask = ::umask(0117);
+  const int bound = ::bind(out.fd.get(), reinterpret_cast<const sockaddr*>(&addr), sizeof addr);
+  const int bind_errno = errno;
+  ::umask(old_mask);
+  if (bound != 0) {
+    const auto code = bind_errno == EACCES ? errc::permission_denied : errc::unavailable;
+    return fail(code, "cannot listen on '" + path + "': " + os_reason(bind_errno));
+  }
+  struct stat st {};
+  if (::lstat(path.c_str(), &st) != 0 || ::listen(out.fd.get(), backlog) != 0) {
+    const int e = errno;
+    ::unlink(path.c_str());
+    return fail(errc::unavailable, "cannot listen on '" + path + "': " + os_reason(e));
+  }
+  out.device = st.st_dev;
+  out.inode = st.st_ino;
+  return out;
+}
+
+void unlink_if_ours(const std::string& path, const listening_socket& bound) noexcept {
+  struct stat st {};
+  if (::lstat(path.c_str(), &st) != 0) return;
+  if (st.st_dev == bound.device && st.st_ino == bound.inode) ::unlink(path.c_str());
 }
 
 result<unique_fd> connect_unix(const std::string& path) {

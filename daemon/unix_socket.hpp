@@ -8,6 +8,7 @@
 // Thread-safety: stateless functions; callers serialise use of one socket.
 #pragma once
 
+#include <sys/stat.h>
 #include <sys/types.h>
 
 #include <cstddef>
@@ -57,6 +58,30 @@ struct received {
 
 /// `$XDG_RUNTIME_DIR/tensorreg/tensorregd.sock`, else `/tmp/tensorreg-$UID/tensorregd.sock`.
 [[nodiscard]] std::string default_socket_path();
+
+/// A listening socket and the identity of the file it is bound to.
+struct listening_socket {
+  unique_fd fd;
+  dev_t device = 0;
+  ino_t inode = 0;
+};
+
+/// Binds and listens at `path` safely (DECISIONS §4):
+/// - The directory holding the socket is created 0700 when missing (its parents as needed).
+///   It must be a directory (not a symlink), owned by our effective uid, with no permission
+///   bits for group or others; anything else is refused, since whoever can write into it can
+///   replace our socket.
+/// - An existing socket with a live daemon behind it is refused; a stale socket is removed;
+///   anything else at `path` (a regular file, a symlink, a directory) is refused, never removed.
+/// - The socket is created 0660 under a umask, so it is never briefly wider (no chmod race).
+/// Errors: INVALID_ARGUMENT (path too long), FAILED_PRECONDITION (unsafe directory, something
+/// other than a socket at the path, another daemon live), UNAVAILABLE / PERMISSION_DENIED (the
+/// directory cannot be made or the bind fails); each message names the path and the reason.
+[[nodiscard]] result<listening_socket> listen_unix(const std::string& path, int backlog);
+
+/// Removes `path` only if it is still the socket `bound` was bound to (same device and inode):
+/// a newer daemon's socket on the same path is left alone.
+void unlink_if_ours(const std::string& path, const listening_socket& bound) noexcept;
 
 /// Connects to the daemon's socket (blocking, close-on-exec).
 /// Errors: UNAVAILABLE naming the path and the OS reason (no daemon listening), INVALID_ARGUMENT

@@ -8,10 +8,14 @@
 #include <cstring>
 #include <utility>
 
+#include "memory/sigbus_guard.hpp"
+
 namespace tensorreg::memory {
 namespace {
 
 std::string os_reason() { return std::strerror(errno); }
+
+constexpr unsigned final_seals = F_SEAL_WRITE | F_SEAL_GROW | F_SEAL_SHRINK | F_SEAL_SEAL;
 
 }  // namespace
 
@@ -43,6 +47,7 @@ result<shared_memory> shared_memory::adopt(unique_fd fd, std::uint64_t size, boo
                                             std::to_string(st.st_size) + " bytes, fewer than " +
                                             std::to_string(size));
   }
+  detail::ensure_sigbus_handler();  // before any read of the mapping (visit() guards them)
   const int prot = writable ? PROT_READ | PROT_WRITE : PROT_READ;
   void* base = ::mmap(nullptr, size, prot, MAP_SHARED, fd.get(), 0);
   if (base == MAP_FAILED) {
@@ -52,11 +57,52 @@ result<shared_memory> shared_memory::adopt(unique_fd fd, std::uint64_t size, boo
   return shared_memory(std::move(fd), {static_cast<std::byte*>(base), static_cast<std::size_t>(size)}, writable);
 }
 
+result<shared_memory> shared_memory::adopt_sealed(unique_fd fd, std::uint64_t size) {
+  if (!fd) return fail(errc::invalid_argument, "cannot map shared memory: no file descriptor");
+  const int seals = ::fcntl(fd.get(), F_GET_SEALS);
+  if (seals < 0) {
+    return fail(errc::failed_precondition, "cannot map shared memory: fd " + std::to_string(fd.get()) +
+                                               " cannot be sealed (" + os_reason() +
+                                               "); send a memfd made with MFD_ALLOW_SEALING and sealed with "
+                                               "F_SEAL_SHRINK");
+  }
+  if ((seals & F_SEAL_SHRINK) == 0) {
+    return fail(errc::failed_precondition, "cannot map shared memory: the memfd lacks the seal F_SEAL_SHRINK, so "
+                                           "it could shrink under the mapping; add it with "
+                                           "fcntl(F_ADD_SEALS, F_SEAL_SHRINK) before sending");
+  }
+  return adopt(std::move(fd), size, /*writable=*/false);
+}
+
+status shared_memory::seal_read_only() {
+  const auto reason = [&](std::string_view why) {
+    return "cannot seal shared memory of " + std::to_string(bytes_.size()) + " bytes: " + std::string(why);
+  };
+  // A read-only mapping through a read-only open file description: it does not count as a
+  // writable mapping, which F_SEAL_WRITE refuses (EBUSY) while one exists.
+  const std::string path = "/proc/self/fd/" + std::to_string(fd_.get());
+  unique_fd reader(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (!reader) return fail(errc::resource_exhausted, reason("cannot reopen it read-only: " + os_reason()));
+  void* base = ::mmap(nullptr, bytes_.size(), PROT_READ, MAP_SHARED, reader.get(), 0);
+  if (base == MAP_FAILED) return fail(errc::resource_exhausted, reason("cannot map it read-only: " + os_reason()));
+  const std::size_t size = bytes_.size();
+  unmap();
+  bytes_ = {static_cast<std::byte*>(base), size};
+  writable_ = false;
+  if (::fcntl(fd_.get(), F_ADD_SEALS, final_seals) != 0) {
+    const bool busy = errno == EBUSY;
+    return fail(errc::failed_precondition,
+                reason(busy ? "another writable shared mapping of it exists" : "it cannot carry seals: " + os_reason()));
+  }
+  return {};
+}
+
 shared_memory::shared_memory(shared_memory&& other) noexcept
     : fd_(std::move(other.fd_)),
       bytes_(std::exchange(other.bytes_, {})),
       writable_(std::exchange(other.writable_, false)),
-      exported_(other.exported_.load(std::memory_order_acquire)) {}
+      exported_(other.exported_.load(std::memory_order_acquire)),
+      broken_(other.broken_.load(std::memory_order_acquire)) {}
 
 shared_memory& shared_memory::operator=(shared_memory&& other) noexcept {
   if (this != &other) {
@@ -65,6 +111,7 @@ shared_memory& shared_memory::operator=(shared_memory&& other) noexcept {
     bytes_ = std::exchange(other.bytes_, {});
     writable_ = std::exchange(other.writable_, false);
     exported_.store(other.exported_.load(std::memory_order_acquire), std::memory_order_release);
+    broken_.store(other.broken_.load(std::memory_order_acquire), std::memory_order_release);
   }
   return *this;
 }
@@ -81,10 +128,27 @@ std::span<std::byte> shared_memory::mutable_bytes() const noexcept {
   return bytes_;
 }
 
+status shared_memory::check_intact(std::uint64_t offset) const {
+  if (!broken_.load(std::memory_order_acquire)) return {};
+  return fail(errc::data_loss, "cannot read shared memory at offset " + std::to_string(offset) +
+                                   ": its file shrank under the mapping (a page read faulted), so its bytes are lost");
+}
+
 status shared_memory::visit(std::uint64_t offset, std::uint64_t length, piece_sink sink) const {
   TENSORREG_TRY(check_range(offset, length));
   if (length == 0) return {};
-  return sink(std::span<const std::byte>(bytes_).subspan(offset, length));
+  TENSORREG_TRY(check_intact(offset));
+  const auto piece = std::span<const std::byte>(bytes_).subspan(offset, length);
+  // One guard per visit: the whole piece is read under it (by the sink), so nothing per byte.
+  detail::sigbus_guard guard(piece, &broken_);
+  auto out = sink(piece);
+  if (guard.faulted()) {
+    return fail(errc::data_loss, "cannot read shared memory at offset " + std::to_string(offset + guard.fault_offset()) +
+                                     ": its file shrank under the mapping (the page read faulted), so its bytes are lost");
+  }
+  // Another reader's fault may have put zero pages under this read without a fault here.
+  TENSORREG_TRY(check_intact(offset));
+  return out;
 }
 
 result<unique_fd> shared_memory::duplicate_fd() const {

@@ -98,7 +98,8 @@ result<region_info> region_registry::register_region(register_request request) {
         return fail(errc::invalid_argument, "cannot register region: HOST_SHARED needs the client's memfd "
                                             "unless daemon_managed");
       }
-      auto adopted = memory::shared_memory::adopt(std::move(request.memfd), request.size_bytes, false);
+      // Sealed against shrinking, or its owner could take pages away under our reads.
+      auto adopted = memory::shared_memory::adopt_sealed(std::move(request.memfd), request.size_bytes);
       if (!adopted) return tl::unexpected(with_context(std::move(adopted).error(), "cannot register region"));
       info.memory = std::make_shared<const memory::shared_memory>(std::move(*adopted));
       info.attach_token = std::move(spec.attach_token);

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <set>
 
 #include "tensorreg/hash/multihash.hpp"
 #include "tensorreg/index/byte_range_map.hpp"
@@ -267,6 +268,24 @@ std::vector<released_holder> catalogue::release_owner(std::int32_t owner_pid) {
     if (auto gone = revoke(rid)) out.push_back(std::move(*gone));
   }
   return out;
+}
+
+status catalogue::check_sole_holder(const std::string& artifact_id, std::int32_t caller_pid) const {
+  auto it = artifacts_.find(artifact_id);
+  if (it == artifacts_.end()) return {};
+  std::set<std::int32_t> others;
+  for (const auto& [id, l] : it->second.leases) {
+    if (l.owner_pid != caller_pid) others.insert(l.owner_pid);
+  }
+  for (const auto& [id, j] : it->second.joins) {
+    if (j.owner_pid != caller_pid) others.insert(j.owner_pid);
+  }
+  if (others.empty()) return {};
+  std::string pids;
+  for (const auto pid : others) pids += (pids.empty() ? "" : ", ") + std::to_string(pid);
+  return fail(errc::permission_denied, "cannot deregister " + artifact_id + ": it is also held (leases or joins) by " +
+                                           (others.size() == 1 ? "pid " : "pids ") + pids +
+                                           ", not only by the calling process " + std::to_string(caller_pid));
 }
 
 result<std::shared_ptr<reader_gate>> catalogue::quiesce(const std::string& artifact_id) {

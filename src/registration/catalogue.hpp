@@ -171,6 +171,12 @@ class catalogue {
 
   // ---- deregister: quiesce → drain → remove ----
 
+  /// DECISIONS §8: a caller may deregister an artifact only when it holds every lease and join
+  /// of it (none held is fine: the stable copy and GPU replicas are the daemon's). OK for an
+  /// artifact not held here (quiesce answers NOT_FOUND).
+  /// Errors: PERMISSION_DENIED naming the caller and another holder.
+  [[nodiscard]] status check_sole_holder(const std::string& artifact_id, std::int32_t caller_pid) const;
+
   /// No new readers, leases, joins or replicas from now on; returns the gate to drain.
   /// Errors: NOT_FOUND.
   [[nodiscard]] result<std::shared_ptr<reader_gate>> quiesce(const std::string& artifact_id);

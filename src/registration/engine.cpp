@@ -513,6 +513,8 @@ result<deregister_response> engine::state::deregister(const deregister_request& 
   std::shared_ptr<detail::reader_gate> gate;
   {
     std::lock_guard lock(mutex);
+    // 0. DECISIONS §8, under the same lock as quiesce: no other holder slips in between.
+    if (r.owner_pid > 0) TENSORREG_TRY(catalogue.check_sole_holder(r.artifact_id, r.owner_pid));
     TENSORREG_TRY_ASSIGN(gate, catalogue.quiesce(r.artifact_id));  // 1. no new readers, leases or joins
   }
   // 2. drain: wait, with no lock held, for the readers to let go.
@@ -533,6 +535,14 @@ result<deregister_response> engine::state::deregister(const deregister_request& 
                  "deregistered artifact {} (owner_pid {}): revoked {} leases and {} joins; released regions {}",
                  r.artifact_id, r.owner_pid, removed->leases, removed->joins, joined(response.released_region_ids));
   return response;
+}
+
+status engine::check_owner(const std::string& registration_id, std::int32_t caller_pid, std::string_view verb) const {
+  const std::int32_t owner = state_->owner_of(registration_id);
+  if (owner == 0 || owner == caller_pid) return {};
+  return fail(errc::permission_denied, "cannot " + std::string(verb) + " '" + registration_id + "': it belongs to pid " +
+                                           std::to_string(owner) + ", not to the calling process " +
+                                           std::to_string(caller_pid));
 }
 
 engine_stats engine::stats() const {

@@ -22,6 +22,9 @@ result<materialized> materialize(const memory::byte_source& source, bool want_di
                                          // Hash the copy, not the source: the id describes what is kept.
                                          if (want_digest) digests[leaf] = hash::sha256(std::span<const std::byte>(dst.subspan(begin, length)));
                                        }));
+  // The bytes are final: seal them, so that no fd handed out later (GetArtifactMemfd),
+  // reopened read-write through /proc, can change what the id names.
+  TENSORREG_TRY(copy.seal_read_only());
   materialized out;
   if (want_digest) out.data_digest = hash::tree_root(digests);
   out.replica = std::make_shared<const memory::shared_memory>(std::move(copy));

@@ -71,9 +71,10 @@ std::string index_json() {
 }
 
 unique_fd make_memfd(std::uint64_t size) {
-  unique_fd fd(::memfd_create("dispatcher-test", MFD_CLOEXEC));
+  unique_fd fd(::memfd_create("dispatcher-test", MFD_CLOEXEC | MFD_ALLOW_SEALING));
   REQUIRE(fd);
   REQUIRE(::ftruncate(fd.get(), static_cast<off_t>(size)) == 0);
+  REQUIRE(::fcntl(fd.get(), F_ADD_SEALS, F_SEAL_SHRINK) == 0);  // the daemon maps only sealed memfds
   return fd;
 }
 
@@ -1010,4 +1011,104 @@ TEST_CASE("dispatcher: at info only rejects are logged", "[daemon][dispatcher]")
   REQUIRE(log.lines().size() == 1);
   CHECK(log.count(log_level::info, "rejected AbortRegisteredArtifact request 2", "registration 'reg_gone'",
                   "NOT_FOUND") == 1);
+}
+
+// ---- ownership (DECISIONS §8) ----------------------------------------------------------------
+
+namespace {
+
+// A second connection, from another process of the same uid.
+struct stranger {
+  explicit stranger(harness& shared)
+      : daemon(shared), conn(shared.dispatch.open_connection({getpid() + 1, getuid(), getgid()})) {}
+  std::optional<answer> send(const wire::Request& r) {
+    auto out = daemon.dispatch.handle(*conn, frame_in{r.SerializeAsString(), {}});
+    if (!out) return std::nullopt;
+    return parse(*out);
+  }
+  harness& daemon;
+  dispatcher::connection_ptr conn;
+};
+
+}  // namespace
+
+TEST_CASE("dispatcher: Feed, Commit, Abort and Revoke of another process's registration are PERMISSION_DENIED",
+          "[daemon][dispatcher]") {
+  harness h;
+  const auto id = begin_stable_id(h);
+  stranger s(h);
+  const auto denied = [&](const std::string& verb) {
+    return "cannot " + verb + " registration '" + id + "': it belongs to pid " + std::to_string(my_pid()) +
+           ", not to the calling process " + std::to_string(my_pid() + 1);
+  };
+  check_status(*s.send(commit(h, id)), errc::permission_denied, denied("commit"));
+  auto abort = h.request();
+  abort.mutable_abort_registered_artifact()->set_registration_id(id);
+  check_status(*s.send(abort), errc::permission_denied, denied("abort"));
+  auto revoke = h.request();
+  revoke.mutable_revoke_registered_artifact()->set_registration_id(id);
+  check_status(*s.send(revoke), errc::permission_denied, denied("revoke"));
+  auto feed = feed_frame(h.next_id++, id);
+  feed.mutable_feed_register_artifact_stream()->mutable_view_chunk()->set_data("x");
+  auto fed = s.send(feed);
+  REQUIRE(fed);  // answered at once: the stream failed
+  check_status(*fed, errc::permission_denied, denied("feed"));
+
+  // The owner's registration is untouched: it feeds and commits.
+  auto chunk = feed_frame(0, id);
+  chunk.mutable_feed_register_artifact_stream()->mutable_view_chunk()->set_data(artifact_bytes());
+  feed_all(h, {chunk});
+  CHECK(h.ok(commit(h, id)).response.commit_registered_artifact().has_artifact_descriptor());
+}
+
+TEST_CASE("dispatcher: a trusted peer may act on registrations of other pids", "[daemon][dispatcher]") {
+  harness h(trusting(true, getuid()));
+  const auto id = begin_stable_id(h);
+  stranger s(h);
+  auto abort = h.request();
+  abort.mutable_abort_registered_artifact()->set_registration_id(id);
+  auto a = s.send(abort);
+  REQUIRE(a);
+  CHECK(a->response.status().code() == 0);
+}
+
+TEST_CASE("dispatcher: DeregisterArtifact of an artifact another process holds is PERMISSION_DENIED",
+          "[daemon][dispatcher]") {
+  harness h;
+  const auto id = put_chunks(h, 24).artifact_descriptor().artifact_id();
+  REQUIRE(put_chunks(h, 24).existed());  // a join held by this process
+  stranger s(h);
+  auto r = h.request();
+  r.mutable_deregister_artifact()->set_artifact_id(id);
+  check_status(*s.send(r), errc::permission_denied,
+               "cannot deregister " + id + ": it is also held (leases or joins) by pid " + std::to_string(my_pid()) +
+                   ", not only by the calling process " + std::to_string(my_pid() + 1));
+  // An explicit owner_pid 0 does not make the stranger the daemon.
+  r.set_request_id(h.next_id++);
+  r.mutable_deregister_artifact()->set_owner_pid(0);
+  check_status(*s.send(r), errc::permission_denied,
+               "cannot deregister " + id + ": it is also held (leases or joins) by pid " + std::to_string(my_pid()) +
+                   ", not only by the calling process " + std::to_string(my_pid() + 1));
+  // The holder itself may.
+  r.set_request_id(h.next_id++);
+  r.mutable_deregister_artifact()->clear_owner_pid();
+  CHECK(h.ok(r).response.deregister_artifact().removed());
+}
+
+TEST_CASE("dispatcher: a client memfd not sealed against shrinking is FAILED_PRECONDITION", "[daemon][dispatcher]") {
+  harness h;
+  unique_fd fd(::memfd_create("dispatcher-test", MFD_CLOEXEC | MFD_ALLOW_SEALING));
+  REQUIRE(fd);
+  REQUIRE(::ftruncate(fd.get(), 4096) == 0);
+  auto r = h.request();
+  auto* g = r.mutable_register_region();
+  g->set_memory_kind(v2::REGION_MEMORY_KIND_HOST_SHARED);
+  g->set_owner_pid(my_pid());
+  g->set_size_bytes(4096);
+  g->mutable_host_shared()->set_attach_token("client-token");
+  std::vector<unique_fd> fds;
+  fds.push_back(std::move(fd));
+  check_status(h.call(r, std::move(fds)), errc::failed_precondition,
+               "cannot register region: cannot map shared memory: the memfd lacks the seal F_SEAL_SHRINK, so it could "
+               "shrink under the mapping; add it with fcntl(F_ADD_SEALS, F_SEAL_SHRINK) before sending");
 }

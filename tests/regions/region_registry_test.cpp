@@ -2,6 +2,11 @@
 
 #include <catch2/catch.hpp>
 
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <cerrno>
 #include <thread>
 
 #include "support/fake_clock.hpp"
@@ -257,4 +262,35 @@ TEST_CASE("region_registry: concurrent acquire and release keep the count exact"
   }
   for (auto& t : threads) t.join();
   CHECK(registry.find(id).value().refs == 0);
+}
+
+TEST_CASE("region_registry: a client memfd must be sealed against shrinking", "[regions][region_registry]") {
+  tensorreg::testing::fake_clock clock;
+  region_registry registry(clock);
+  auto client_region = [](tensorreg::unique_fd fd) {
+    auto r = managed_host(7, 8192);
+    r.host_shared->daemon_managed = false;
+    r.host_shared->attach_token = "client-token";
+    r.memfd = std::move(fd);
+    return r;
+  };
+  tensorreg::unique_fd unsealed(::memfd_create("client", MFD_CLOEXEC | MFD_ALLOW_SEALING));
+  REQUIRE(::ftruncate(unsealed.get(), 8192) == 0);
+  auto refused = registry.register_region(client_region(std::move(unsealed)));
+  REQUIRE_FALSE(refused);
+  CHECK(refused.error() == error{errc::failed_precondition,
+                                 "cannot register region: cannot map shared memory: the memfd lacks the seal "
+                                 "F_SEAL_SHRINK, so it could shrink under the mapping; add it with "
+                                 "fcntl(F_ADD_SEALS, F_SEAL_SHRINK) before sending"});
+  CHECK(registry.size() == 0);
+
+  // Sealed, it is adopted, and its owner can no longer take pages away under our reads.
+  tensorreg::unique_fd sealed(::memfd_create("client", MFD_CLOEXEC | MFD_ALLOW_SEALING));
+  REQUIRE(::ftruncate(sealed.get(), 8192) == 0);
+  REQUIRE(::fcntl(sealed.get(), F_ADD_SEALS, F_SEAL_SHRINK) == 0);
+  const int owner_fd = ::fcntl(sealed.get(), F_DUPFD_CLOEXEC, 0);
+  tensorreg::unique_fd owner(owner_fd);
+  REQUIRE(registry.register_region(client_region(std::move(sealed))));
+  CHECK(::ftruncate(owner.get(), 0) == -1);
+  CHECK(errno == EPERM);
 }

@@ -5,6 +5,7 @@
 
 #include <catch2/catch.hpp>
 
+#include <fcntl.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -366,4 +367,32 @@ TEST_CASE("engine end to end: LIP over a memfd region, stable chunks and memfd p
   CHECK(got->stable_replica);
   CHECK(got->joined_refs == 1);
   CHECK(e->list().size() == 1);
+}
+
+TEST_CASE("engine stable: the replica fd cannot be reopened to change the bytes", "[registration][engine_stable]") {
+  fake_clock clock;
+  auto e = t::make_engine(clock);
+  const auto m = t::small_model();
+  auto committed = t::register_stable(*e, m, me);
+  REQUIRE_OK(committed);
+  const auto& id = committed->descriptor.artifact_id;
+  auto replica = e->stable_replica_fd(id);
+  REQUIRE_OK(replica);
+  const int fd = replica->second.get();
+  CHECK((::fcntl(fd, F_GETFL) & O_ACCMODE) == O_RDONLY);
+
+  const std::string path = "/proc/self/fd/" + std::to_string(fd);
+  unique_fd rw(::open(path.c_str(), O_RDWR | O_CLOEXEC));
+  REQUIRE(rw);  // the open works; every change through it is refused
+  errno = 0;
+  CHECK(::pwrite(rw.get(), "evil", 4, 0) == -1);
+  CHECK(errno == EPERM);
+  CHECK(::ftruncate(rw.get(), 0) == -1);
+  CHECK(errno == EPERM);
+
+  auto bytes = e->open_bytes(id);
+  REQUIRE_OK(bytes);
+  std::string read((*bytes)->size(), '\0');
+  REQUIRE_OK((*bytes)->read(0, std::as_writable_bytes(std::span<char>(read))));
+  CHECK(read == m.canonical());
 }

@@ -2,8 +2,14 @@
 //
 // `shared_memory` owns a memfd and a MAP_SHARED mapping of it. The engine creates one for a
 // daemon-managed HOST_SHARED region or a stable-DRAM publish buffer (create()), or adopts a
-// client's memfd handed over with SCM_RIGHTS (adopt()). Its fd can be passed to other
+// client's memfd handed over with SCM_RIGHTS (adopt_sealed()). Its fd can be passed to other
 // processes, which then see the same bytes.
+//
+// Memory of another process is mapped only when its memfd is sealed against shrinking
+// (adopt_sealed()): a shrunk file turns reads of the lost pages into SIGBUS. Every visit() is
+// guarded besides (src/memory/sigbus_guard.hpp): a read that faults anyway answers DATA_LOSS,
+// and the memory answers DATA_LOSS from then on. Memory whose bytes are final is sealed
+// read-only for good (seal_read_only()), so no fd of it, reopened or not, can change them.
 //
 // Memory whose fd left the process (duplicate_fd(), or an fd reopened from fd() and handed out
 // by its owner, who then calls mark_exported()) may be mapped by a reader for as long as that
@@ -40,6 +46,22 @@ class shared_memory final : public byte_source {
   /// PERMISSION_DENIED (the fd does not allow the mapping asked for).
   [[nodiscard]] static result<shared_memory> adopt(unique_fd fd, std::uint64_t size, bool writable);
 
+  /// adopt(fd, size, false) for memory another process owns: `fd` must be a memfd sealed
+  /// against shrinking (F_SEAL_SHRINK), so that no page of the mapping can vanish under a reader.
+  /// Errors: FAILED_PRECONDITION (the fd cannot carry seals, e.g. a regular file or a memfd made
+  /// without MFD_ALLOW_SEALING; or F_SEAL_SHRINK is missing; the message names the seal), and
+  /// adopt()'s.
+  [[nodiscard]] static result<shared_memory> adopt_sealed(unique_fd fd, std::uint64_t size);
+
+  /// Makes the bytes final: the writable mapping is replaced by a read-only one and the memfd is
+  /// sealed against writes, growing and shrinking, and against further seals. Afterwards no fd of
+  /// it (duplicated, or reopened through /proc/self/fd) can change the bytes. Spans taken from
+  /// bytes() or mutable_bytes() before the call are invalid after it.
+  /// REQUIRES: no other user of this object while it runs (call it before sharing it).
+  /// Errors: FAILED_PRECONDITION (another writable shared mapping of the memfd exists, or it
+  /// cannot carry seals), RESOURCE_EXHAUSTED (the read-only mapping cannot be made).
+  [[nodiscard]] status seal_read_only();
+
   shared_memory(shared_memory&& other) noexcept;
   shared_memory& operator=(shared_memory&& other) noexcept;
   shared_memory(const shared_memory&) = delete;
@@ -71,11 +93,15 @@ class shared_memory final : public byte_source {
   shared_memory(unique_fd fd, std::span<std::byte> bytes, bool writable) noexcept
       : fd_(std::move(fd)), bytes_(bytes), writable_(writable) {}
   void unmap() noexcept;
+  [[nodiscard]] status check_intact(std::uint64_t offset) const;
 
   unique_fd fd_;
   std::span<std::byte> bytes_;
   bool writable_ = false;
   mutable std::atomic<bool> exported_{false};
+  // A guarded read faulted: the file shrank under the mapping, whose lost pages now read as
+  // zeros. Set by the SIGBUS handler (src/memory/sigbus_guard.hpp); never cleared.
+  mutable std::atomic<bool> broken_{false};
 };
 
 }  // namespace tensorreg::memory

@@ -62,7 +62,7 @@ struct register_request {
   std::int32_t device_id = -1;      ///< VRAM only
   std::string cuda_ipc_handle;      ///< VRAM only
   std::optional<host_shared_spec> host_shared;
-  unique_fd memfd;                  ///< HOST_SHARED, not daemon-managed
+  unique_fd memfd;                  ///< HOST_SHARED, not daemon-managed; sealed with F_SEAL_SHRINK
   /// VRAM from CUDA VMM allocations instead of an IPC handle: the chunks and the device mapping
   /// the engine made of them (both set, or neither).
   std::shared_ptr<const vmm_chunks> vmm;
@@ -101,7 +101,7 @@ class region_registry {
   /// Errors: INVALID_ARGUMENT (kind unspecified, owner_pid ≤ 0, size 0, VRAM without device ≥ 0
   /// or without exactly one of handle and VMM mapping, a VMM mapping of another size, HOST_SHARED without spec, daemon-managed with an attach token, client memory
   /// without token or memfd); RESOURCE_EXHAUSTED (capacity reached, memfd refused);
-  /// whatever adopting the client's memfd returns.
+  /// whatever adopting the client's memfd returns (FAILED_PRECONDITION without F_SEAL_SHRINK).
   [[nodiscard]] result<region_info> register_region(register_request request);
 
   /// Takes a reference on a region for `owner_pid` (0 = no owner check) and refreshes its

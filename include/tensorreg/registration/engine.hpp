@@ -28,6 +28,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -155,10 +156,23 @@ class engine {
   [[nodiscard]] std::string device_uuid(std::int32_t device_id) const;
 
   /// Quiesce, drain (timeout → DEADLINE_EXCEEDED, the artifact stays quiesced), revoke leases,
-  /// drop replicas. Errors: NOT_FOUND, DEADLINE_EXCEEDED.
+  /// drop replicas. With `request.owner_pid` > 0 the call acts for that process, which must hold
+  /// every lease and join of the artifact (DECISIONS §8); 0 acts for the engine's embedder.
+  /// Errors: NOT_FOUND, PERMISSION_DENIED (another process holds a lease or join; the message
+  /// names the caller and the other holders), DEADLINE_EXCEEDED.
   [[nodiscard]] result<deregister_response> deregister(const deregister_request& request);
 
   [[nodiscard]] engine_stats stats() const;
+
+  // ---- ownership (DECISIONS §8) ----
+
+  /// The rule for every call that names a registration (Feed, KeepAlive, Commit, Abort, Revoke):
+  /// it acts only for the process that owns the registration, pending or committed (its lease
+  /// or join). An id the engine does not hold passes, so that the call itself answers NOT_FOUND
+  /// or DEADLINE_EXCEEDED. `verb` opens the message ("commit registration").
+  /// Errors: PERMISSION_DENIED naming the registration, its owner and the caller.
+  [[nodiscard]] status check_owner(const std::string& registration_id, std::int32_t caller_pid,
+                                   std::string_view verb) const;
 
   // ---- housekeeping ----
 
