@@ -215,14 +215,17 @@ TEST_CASE("pending_registration: commit waits for a Feed copy running outside th
     std::lock_guard lock(r.script->mutex);
     r.script->hold_feed = true;
   }
-  std::thread feeder([&] { CHECK(r.feed()); });
+  // Catch's assertions are not thread-safe: the threads keep their results for the main thread.
+  std::atomic<bool> fed{false};
+  std::thread feeder([&] { fed = r.feed().has_value(); });
   {
     std::unique_lock lock(r.script->mutex);
     r.script->changed.wait(lock, [&] { return r.script->feeds_inside == 1; });
   }
   std::atomic<bool> committing{false};
+  std::atomic<bool> commit_admitted{false};
   std::thread committer([&] {
-    CHECK(r.p.begin_commit());
+    commit_admitted = r.p.begin_commit().has_value();
     committing = true;
   });
   std::this_thread::sleep_for(milliseconds(50));
@@ -234,6 +237,8 @@ TEST_CASE("pending_registration: commit waits for a Feed copy running outside th
   r.script->changed.notify_all();
   feeder.join();
   committer.join();
+  CHECK(fed.load());
+  CHECK(commit_admitted.load());
   CHECK(committing.load());
   CHECK(r.script->feeds_done == 1);
   CHECK(r.p.phase() == pending_phase::committing);
@@ -246,12 +251,13 @@ TEST_CASE("pending_registration: release after a drop waits for a Feed copy to f
     std::lock_guard lock(r.script->mutex);
     r.script->hold_feed = true;
   }
-  std::thread feeder([&] { CHECK(r.feed()); });
+  std::atomic<bool> fed{false};  // checked on the main thread: Catch is not thread-safe
+  std::thread feeder([&] { fed = r.feed().has_value(); });
   {
     std::unique_lock lock(r.script->mutex);
     r.script->changed.wait(lock, [&] { return r.script->feeds_inside == 1; });
   }
-  REQUIRE(r.p.request_drop());
+  const bool dropped = r.p.request_drop();
   std::thread releaser([&] { r.p.release(r.regions); });
   std::this_thread::sleep_for(milliseconds(50));
   {
@@ -262,6 +268,8 @@ TEST_CASE("pending_registration: release after a drop waits for a Feed copy to f
   r.script->changed.notify_all();
   feeder.join();
   releaser.join();
+  CHECK(dropped);
+  CHECK(fed.load());
   CHECK(r.script->releases == 1);
 }
 
