@@ -92,7 +92,8 @@ if(TENSORREG_BUILD_TESTS)
   add_dependencies(tensorreg_gpu_tests tensorregd)
   target_include_directories(tensorreg_gpu_tests PRIVATE ${PROJECT_SOURCE_DIR}/src ${PROJECT_SOURCE_DIR}/tests)
   target_link_libraries(tensorreg_gpu_tests PRIVATE tensorreg::cuda tensorreg::tensorreg tensorreg::daemon_core
-                                                    tensorreg_gpu_fill Catch2::Catch2 tensorreg_warnings)
+                                                    tensorreg::client tensorreg_gpu_fill Catch2::Catch2
+                                                    tensorreg_warnings)
   add_dependencies(tensorreg_gpu_tests tensorreg_gpu_producer)
   add_test(NAME cuda.gpu COMMAND tensorreg_gpu_tests)
   set_tests_properties(cuda.gpu PROPERTIES SKIP_RETURN_CODE 77 LABELS "cuda;gpu" TIMEOUT 1800)
