@@ -143,15 +143,12 @@ if(TENSORREG_BUILD_BENCHMARKS)
   tensorreg_cuda_target(cuda_lip_bench)
   target_link_libraries(cuda_lip_bench PRIVATE tensorreg::cuda tensorreg::tensorreg tensorreg_cuda_flags)
 
-  # The C++ client's CUDA lease-in-place register() (what python/tensorreg/store.py
-  # _register_cuda does) on a tensor structure written by python_register_bench.py, through the
-  # daemon client; client-side work timed apart from the RPCs. The driver's cuMemGetAddressRange
-  # and cuIpcGetMemHandle are reached through cudaGetDriverEntryPointByVersion, as src/cuda
-  # does, so nothing links libcuda.so.
+  # tensorreg::client's register_cuda() (what python/tensorreg/store.py _register_cuda does) on a
+  # tensor structure written by python_register_bench.py, its phases timed by the library's
+  # cuda_register_report.
   add_executable(cuda_client_register_bench ${PROJECT_SOURCE_DIR}/benchmarks/cuda_client_register_bench.cu)
   tensorreg_cuda_target(cuda_client_register_bench)
-  target_include_directories(cuda_client_register_bench PRIVATE ${PROJECT_SOURCE_DIR}/src)
-  target_link_libraries(cuda_client_register_bench PRIVATE tensorreg::tensorreg tensorreg_daemon_core
+  target_link_libraries(cuda_client_register_bench PRIVATE tensorreg::client tensorreg::tensorreg
                                                            CUDA::cudart_static nlohmann_json::nlohmann_json
                                                            tensorreg_cuda_flags)
 endif()
