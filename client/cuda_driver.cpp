@@ -5,7 +5,6 @@
 #include <cudaTypedefs.h>
 #include <cuda_runtime_api.h>
 
-#include <cstdio>
 #include <cstring>
 
 #include "client/cuda_register.hpp"
@@ -15,12 +14,6 @@
 namespace tensorreg::client::detail {
 
 namespace {
-
-std::string hex(std::uint64_t v) {
-  char buffer[24];
-  std::snprintf(buffer, sizeof buffer, "%#llx", static_cast<unsigned long long>(v));
-  return buffer;
-}
 
 std::string runtime_reason(cudaError_t e) {
   return std::string(cudaGetErrorName(e)) + " (" + cudaGetErrorString(e) + ")";
@@ -82,7 +75,7 @@ class real_driver final : public cuda_driver {
     std::size_t size = 0;
     if (const CUresult r = get_address_range_(&base, &size, static_cast<CUdeviceptr>(ptr)); r != CUDA_SUCCESS) {
       return fail(errc::failed_precondition, "cannot register CUDA tensors: cannot find the allocation of device "
-                                             "address " + hex(ptr) + ": " + describe(r));
+                                             "address " + hex_address(ptr) + ": " + describe(r));
     }
     return std::pair<std::uint64_t, std::uint64_t>{base, size};
   }

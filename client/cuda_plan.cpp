@@ -9,15 +9,13 @@
 
 namespace tensorreg::client::detail {
 
-namespace {
-
-std::string hex(std::uint64_t v) {
+std::string hex_address(std::uint64_t address) {
   char buffer[24];
-  std::snprintf(buffer, sizeof buffer, "%#llx", static_cast<unsigned long long>(v));
+  std::snprintf(buffer, sizeof buffer, "%#llx", static_cast<unsigned long long>(address));
   return buffer;
 }
 
-std::string quoted(std::string_view name) { return "'" + std::string(name) + "'"; }
+namespace {
 
 // Bytes from a view's first element to the end of its last (0 when it has none); false on
 // overflow. As the Python client's _layout.extent_bytes.
@@ -44,7 +42,7 @@ bool extent_bytes(const std::vector<std::int64_t>& shape, const std::vector<std:
 
 result<lease_layout> plan_layout(std::span<const cuda_tensor> tensors, std::string_view what) {
   const auto bad = [&](const cuda_tensor& t, const std::string& reason) {
-    return fail(errc::invalid_argument, "cannot " + std::string(what) + ": tensor " + quoted(t.name) + " " + reason);
+    return fail(errc::invalid_argument, "cannot " + std::string(what) + ": tensor '" + t.name + "' " + reason);
   };
   std::vector<storage_span> storages;
   std::map<std::pair<std::uint64_t, std::uint64_t>, std::size_t> storage_of_key;
@@ -185,7 +183,7 @@ class allocation_finder {
     if (!vmm && !handle) {
       const error why = driver_.ipc_handle_error(base);
       return fail(errc::failed_precondition, "cannot " + std::string(what_) + ": cannot export the allocation at " +
-                                                 hex(base) + ": it is neither cudaMalloc nor VMM memory (" +
+                                                 hex_address(base) + ": it is neither cudaMalloc nor VMM memory (" +
                                                  why.message + ")");
     }
     vmm_last_ = vmm.has_value();
@@ -231,9 +229,9 @@ result<device_plan> plan_device(cuda_driver& driver, std::span<const storage_spa
     if (!a->vmm_handle) {
       if (end > a->base + a->size) {
         finish_found();
-        return fail(errc::data_loss, verb + ": storage " + std::to_string(k) + " at " + hex(ptr) + " of " +
-                                         std::to_string(nbytes) + " bytes ends past its allocation [" + hex(a->base) +
-                                         ", " + hex(a->base + a->size) + ")");
+        return fail(errc::data_loss, verb + ": storage " + std::to_string(k) + " at " + hex_address(ptr) + " of " +
+                                         std::to_string(nbytes) + " bytes ends past its allocation [" + hex_address(a->base) +
+                                         ", " + hex_address(a->base + a->size) + ")");
       }
       users[a->base].push_back(k);
       continue;
@@ -248,9 +246,9 @@ result<device_plan> plan_device(cuda_driver& driver, std::span<const storage_spa
       }
       if (!(*next)->vmm_handle) {
         finish_found();
-        return fail(errc::data_loss, verb + ": storage " + std::to_string(k) + " at " + hex(ptr) + " of " +
+        return fail(errc::data_loss, verb + ": storage " + std::to_string(k) + " at " + hex_address(ptr) + " of " +
                                          std::to_string(nbytes) + " bytes runs from VMM memory into a cudaMalloc " +
-                                         "allocation at " + hex((*next)->base));
+                                         "allocation at " + hex_address((*next)->base));
       }
       pages.push_back((*next)->base);
       page_end = (*next)->base + (*next)->size;
@@ -261,8 +259,8 @@ result<device_plan> plan_device(cuda_driver& driver, std::span<const storage_spa
   for (const auto& a : plan.allocations) {
     if (a.vmm_handle && (driver.handle_types(*a.vmm_handle) & posix_fd_handle_type) == 0) {
       return fail(errc::failed_precondition,
-                  verb + ": the VMM allocation at " + hex(a.base) + " cannot be exported as a POSIX fd (its handle types are " +
-                      hex(driver.handle_types(*a.vmm_handle)) +
+                  verb + ": the VMM allocation at " + hex_address(a.base) + " cannot be exported as a POSIX fd (its handle types are " +
+                      hex_address(driver.handle_types(*a.vmm_handle)) +
                       "); allocate these tensors with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:False, or put() them instead");
     }
   }

@@ -48,6 +48,9 @@ inline constexpr std::size_t max_pages_per_region = 250;
 /// CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR in handle_types().
 inline constexpr std::uint64_t posix_fd_handle_type = 1;
 
+/// "0x7f0000000000": how messages name a device address.
+[[nodiscard]] std::string hex_address(std::uint64_t address);
+
 /// The driver calls the planner needs; the real one lives in cuda_driver.cpp (CUDA builds).
 class cuda_driver {
  public:

@@ -238,18 +238,6 @@ artifact_descriptor descriptor_of(const common::ArtifactDescriptor& d) {
   return out;
 }
 
-common::ArtifactDescriptor to_wire(const artifact_descriptor& d) {
-  common::ArtifactDescriptor out;
-  out.set_artifact_id(d.artifact_id);
-  out.set_index_multihash(d.index_multihash);
-  out.set_data_multihash(d.data_multihash);
-  out.set_schema_version(d.schema_version);
-  out.set_encoding(d.encoding);
-  out.set_total_size(d.total_size);
-  out.set_id_kind(static_cast<common::ArtifactIdKind>(d.id_kind));
-  return out;
-}
-
 std::string registration_id_of(const wire::Response& begun) {
   return begun.begin_register_artifact().registration_id();
 }

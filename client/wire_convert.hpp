@@ -81,7 +81,6 @@ struct region_args {
 // ---- answers --------------------------------------------------------------------------------
 
 [[nodiscard]] artifact_descriptor descriptor_of(const tensorcast::common::v1::ArtifactDescriptor& d);
-[[nodiscard]] tensorcast::common::v1::ArtifactDescriptor to_wire(const artifact_descriptor& d);
 
 [[nodiscard]] std::string registration_id_of(const wire::Response& begun);
 [[nodiscard]] registration::commit_response commit_of(const wire::Response& committed);

@@ -2,7 +2,8 @@
 //
 // `store` runs tensorreg::client's put and register_lease over a client::raw::connection the
 // test also uses for hand-made requests (they share the socket), and answers with the wire's
-// ArtifactDescriptor so that the tests compare it with what raw answers carry.
+// ArtifactDescriptor, as the daemon's GetArtifactIndexById returns it after the commit, so that
+// the tests compare it with what raw answers carry.
 //
 // Thread-safety: as client::connection. Ownership: a store shares its raw connection; a lease
 // owns the client lease (revoked when destroyed).
