@@ -83,6 +83,7 @@ if(TENSORREG_BUILD_TESTS)
     ${PROJECT_SOURCE_DIR}/tests/cuda/producer_process.cpp
     ${PROJECT_SOURCE_DIR}/tests/cuda/bulk_copy_tests.cpp
     ${PROJECT_SOURCE_DIR}/tests/cuda/daemon_devices_tests.cpp
+    ${PROJECT_SOURCE_DIR}/tests/client/cuda_register_gpu_tests.cpp
     ${PROJECT_SOURCE_DIR}/tests/support/engine_helpers.cpp
     ${PROJECT_SOURCE_DIR}/tests/support/daemon_process.cpp
     ${PROJECT_SOURCE_DIR}/tests/support/temp_dir.cpp)
