@@ -38,7 +38,8 @@ namespace raw {
 class connection;
 }
 
-/// A live lease-in-place registration. Move-only.
+/// A live lease-in-place registration. Move-only; a moved-from lease may only be destroyed,
+/// assigned to or released (REQUIRES for the accessors: not moved from).
 class lease {
  public:
   lease(lease&&) noexcept;
