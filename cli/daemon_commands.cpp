@@ -8,17 +8,15 @@
 #include <nlohmann/json.hpp>
 #include <set>
 
-#include "client.hpp"
 #include "local_commands.hpp"
+#include "tensorreg/client/connection.hpp"
 #include "tensorreg/index/safetensors_bundle.hpp"
 
 namespace tensorreg::cli {
 namespace {
 
-using daemon::client;
-using daemon::store;
+using client::connection;
 using json = nlohmann::ordered_json;
-namespace wire = ::tensorreg::wire::v1;
 
 struct options {
   std::string socket;
@@ -76,21 +74,25 @@ std::string human_bytes(std::uint64_t n) {
   return u == 0 ? fmt::format("{} B", n) : fmt::format("{:.1f} {}", v, units[u]);
 }
 
-json descriptor_json(const tensorcast::common::v1::ArtifactDescriptor& d) {
-  return json{{"artifact_id", d.artifact_id()}, {"index_multihash", d.index_multihash()},
-              {"data_multihash", d.data_multihash()}, {"total_size", d.total_size()},
-              {"id_kind", tensorcast::common::v1::ArtifactIdKind_Name(d.id_kind())}};
+// The wire's enum names, as the CLI has always printed them.
+std::string wire_kind_name(identity::id_kind k) { return "ARTIFACT_ID_KIND_" + std::string(identity::id_kind_name(k)); }
+
+std::string startup_phase_name(client::startup_phase p) {
+  switch (p) {
+    case client::startup_phase::listening: return "DAEMON_STARTUP_PHASE_LISTENING";
+    case client::startup_phase::ready: return "DAEMON_STARTUP_PHASE_READY";
+    case client::startup_phase::failed: return "DAEMON_STARTUP_PHASE_FAILED";
+    case client::startup_phase::unspecified: break;
+  }
+  return "DAEMON_STARTUP_PHASE_UNSPECIFIED";
 }
 
-std::string tier_name(wire::Tier t) {
-  switch (t) {
-    case wire::TIER_VRAM: return "vram";
-    case wire::TIER_VRAM_LEASED: return "leased";
-    case wire::TIER_STABLE_DRAM: return "stable_dram";
-    case wire::TIER_SHARED_DISK: return "shared_disk";
-    default: return "?";
-  }
+json descriptor_json(const client::artifact_descriptor& d) {
+  return json{{"artifact_id", d.artifact_id}, {"index_multihash", d.index_multihash},
+              {"data_multihash", d.data_multihash}, {"total_size", d.total_size},
+              {"id_kind", wire_kind_name(d.id_kind)}};
 }
+
 
 // A progress bar on a terminal, nothing otherwise.
 struct progress_bar {
@@ -109,7 +111,7 @@ struct progress_bar {
   }
 };
 
-int print_registered(const daemon::registered& r, const options& o, const char* verb) {
+int print_registered(const client::registered& r, const options& o, const char* verb) {
   if (o.json) {
     json j = descriptor_json(r.descriptor);
     j["existed"] = r.existed;
@@ -118,67 +120,50 @@ int print_registered(const daemon::registered& r, const options& o, const char* 
     fmt::print("{}\n", j.dump());
   } else {
     fmt::print("{} {}\n  total_size {} ({})\n  existed    {}\n  time       {:.3f} s\n", verb,
-               r.descriptor.artifact_id(), r.descriptor.total_size(), human_bytes(r.descriptor.total_size()),
+               r.descriptor.artifact_id, r.descriptor.total_size, human_bytes(r.descriptor.total_size),
                r.existed ? "true" : "false", r.begin_to_commit_seconds);
   }
   return 0;
 }
 
-std::shared_ptr<client> connect_or_fail(const options& o, int& rc) {
-  auto c = client::connect(o.socket);
-  if (!c) {
-    rc = fail_with(c.error());
-    return nullptr;
-  }
-  return std::shared_ptr<client>(std::move(*c));
-}
-
-result<wire::Response> call(client& c, wire::Request r) {
-  TENSORREG_TRY_ASSIGN(auto reply, c.call(std::move(r)));
-  return std::move(reply.response);
-}
-
-int cmd_status(client& c, const options& o) {
-  wire::Request r;
-  r.mutable_get_server_config();
-  auto got = call(c, std::move(r));
+int cmd_status(connection& c, const options& o) {
+  auto got = c.config();
   if (!got) return fail_with(got.error());
-  const auto& cfg = got->get_server_config();
+  const auto& cfg = *got;
   if (o.json) {
     fmt::print("{}\n", json{{"socket", c.socket_path()},
-                            {"startup_phase", tensorcast::daemon::v2::DaemonStartupPhase_Name(cfg.startup_phase())},
-                            {"artifact_chunk_bytes", cfg.artifact_chunk_bytes()},
-                            {"stable_budget_bytes", cfg.mem_pool_size()}}
+                            {"startup_phase", startup_phase_name(cfg.phase)},
+                            {"artifact_chunk_bytes", cfg.artifact_chunk_bytes},
+                            {"stable_budget_bytes", cfg.stable_budget_bytes}}
                            .dump());
   } else {
     fmt::print("tensorregd at {}: {}\n  artifact_chunk_bytes {}\n  stable budget        {}\n", c.socket_path(),
-               tensorcast::daemon::v2::DaemonStartupPhase_Name(cfg.startup_phase()), cfg.artifact_chunk_bytes(),
-               cfg.mem_pool_size() == 0 ? std::string("unlimited") : human_bytes(static_cast<std::uint64_t>(cfg.mem_pool_size())));
+               startup_phase_name(cfg.phase), cfg.artifact_chunk_bytes,
+               cfg.stable_budget_bytes == 0 ? std::string("unlimited")
+                                            : human_bytes(static_cast<std::uint64_t>(cfg.stable_budget_bytes)));
   }
   return 0;
 }
 
-int cmd_put(const std::shared_ptr<client>& c, const options& o) {
+int cmd_put(connection& c, const options& o) {
   if (o.positional.empty()) return usage("usage: tensorreg put FILES.safetensors... [--policy cache|warm|pinned|durable]");
   auto bundle = index::safetensors_bundle::open(o.positional);
   if (!bundle) return fail_with(bundle.error());
-  store s(c);
   progress_bar bar;
-  auto put = s.put(**bundle, o.policy, [&](std::uint64_t done, std::uint64_t total) { bar(done, total); });
+  auto put = c.put(**bundle, {o.policy, [&](std::uint64_t done, std::uint64_t total) { bar(done, total); }});
   if (!put) return fail_with(put.error());
   return print_registered(*put, o, "put");
 }
 
 volatile sig_atomic_t g_stop = 0;
 
-int cmd_lease(const std::shared_ptr<client>& c, const options& o) {
+int cmd_lease(connection& c, const options& o) {
   if (o.positional.empty()) return usage("usage: tensorreg lease FILES.safetensors... [--ttl-ms N]");
   auto bundle = index::safetensors_bundle::open(o.positional);
   if (!bundle) return fail_with(bundle.error());
-  store s(c);
-  auto held = s.register_lease(**bundle, o.ttl_ms);
+  auto held = c.register_lease(**bundle, o.ttl_ms);
   if (!held) return fail_with(held.error());
-  print_registered((*held)->info(), o, "leased");
+  print_registered(held->info(), o, "leased");
   fmt::print(stderr, "tensorreg: holding the lease until SIGINT/SIGTERM\n");
   std::fflush(stdout);
   // Hold until told to stop; the lease's destructor revokes it and frees its region.
@@ -187,62 +172,58 @@ int cmd_lease(const std::shared_ptr<client>& c, const options& o) {
   ::sigaction(SIGINT, &sa, nullptr);
   ::sigaction(SIGTERM, &sa, nullptr);
   while (g_stop == 0) ::pause();
-  held->reset();
+  static_cast<void>(held->release());
   fmt::print(stderr, "tensorreg: lease revoked\n");
   return 0;
 }
 
-int cmd_ls(client& c, const options& o) {
-  wire::Request r;
-  r.mutable_list_artifacts();
-  auto got = call(c, std::move(r));
+int cmd_ls(connection& c, const options& o) {
+  auto got = c.list();
   if (!got) return fail_with(got.error());
-  const auto& list = got->list_artifacts();
+  const auto& list = *got;
   if (o.json) {
     json arr = json::array();
-    for (const auto& a : list.artifacts()) {
+    for (const auto& a : list) {
       json tiers = json::array();
-      for (auto t : a.tiers()) tiers.push_back(tier_name(static_cast<wire::Tier>(t)));
-      json j = descriptor_json(a.artifact_descriptor());
+      for (auto t : a.tiers) tiers.push_back(std::string(client::tier_name(t)));
+      json j = descriptor_json(a.descriptor);
       j["tiers"] = tiers;
-      j["lease_count"] = a.lease_count();
+      j["lease_count"] = a.lease_count;
       arr.push_back(j);
     }
     fmt::print("{}\n", arr.dump());
     return 0;
   }
   fmt::print("{:<119} {:>12} {:>7}  {}\n", "ARTIFACT", "SIZE", "LEASES", "TIERS");
-  for (const auto& a : list.artifacts()) {
+  for (const auto& a : list) {
     std::string tiers;
-    for (auto t : a.tiers()) tiers += (tiers.empty() ? "" : ",") + tier_name(static_cast<wire::Tier>(t));
-    fmt::print("{:<119} {:>12} {:>7}  {}\n", a.artifact_id(), human_bytes(a.total_size()), a.lease_count(), tiers);
+    for (auto t : a.tiers) tiers += (tiers.empty() ? "" : ",") + std::string(client::tier_name(t));
+    fmt::print("{:<119} {:>12} {:>7}  {}\n", a.descriptor.artifact_id, human_bytes(a.descriptor.total_size),
+               a.lease_count, tiers);
   }
-  fmt::print("{} artifacts\n", list.artifacts_size());
+  fmt::print("{} artifacts\n", list.size());
   return 0;
 }
 
-int cmd_show_or_index(client& c, const options& o, bool index_only) {
+int cmd_show_or_index(connection& c, const options& o, bool index_only) {
   if (o.positional.size() != 1) return usage(index_only ? "usage: tensorreg index ID" : "usage: tensorreg show ID");
-  wire::Request r;
-  r.mutable_get_artifact_index_by_id()->set_artifact_id(o.positional[0]);
-  auto got = call(c, std::move(r));
+  auto got = c.index(o.positional[0]);
   if (!got) return fail_with(got.error());
-  const auto& idx = got->get_artifact_index_by_id();
+  const auto& idx = *got;
   if (index_only) {
-    fmt::print("{}\n", idx.tensor_index_data());
+    fmt::print("{}\n", idx.index_json);
     return 0;
   }
-  auto tensors = json::parse(idx.tensor_index_data(), nullptr, false);
+  auto tensors = json::parse(idx.index_json, nullptr, false);
   if (o.json) {
-    json j = descriptor_json(idx.artifact_descriptor());
+    json j = descriptor_json(idx.descriptor);
     j["index"] = tensors;
     fmt::print("{}\n", j.dump());
     return 0;
   }
-  const auto& d = idx.artifact_descriptor();
-  fmt::print("artifact   {}\nkind       {}\ntotal_size {} ({})\nindex      {}\ndata       {}\n", d.artifact_id(),
-             tensorcast::common::v1::ArtifactIdKind_Name(d.id_kind()), d.total_size(), human_bytes(d.total_size()),
-             d.index_multihash(), d.data_multihash());
+  const auto& d = idx.descriptor;
+  fmt::print("artifact   {}\nkind       {}\ntotal_size {} ({})\nindex      {}\ndata       {}\n", d.artifact_id,
+             wire_kind_name(d.id_kind), d.total_size, human_bytes(d.total_size), d.index_multihash, d.data_multihash);
   if (tensors.is_object()) {
     fmt::print("\n{:<48} {:>12} {:>12}  {:<20} {}\n", "TENSOR", "OFFSET", "BYTES", "DTYPE", "SHAPE");
     for (const auto& [name, e] : tensors.items()) {
@@ -253,12 +234,9 @@ int cmd_show_or_index(client& c, const options& o, bool index_only) {
   return 0;
 }
 
-int cmd_revoke(client& c, const options& o) {
+int cmd_revoke(connection& c, const options& o) {
   if (o.positional.size() != 1) return usage("usage: tensorreg revoke REGISTRATION_ID");
-  wire::Request r;
-  r.mutable_revoke_registered_artifact()->set_registration_id(o.positional[0]);
-  r.mutable_revoke_registered_artifact()->set_reason("tensorreg revoke");
-  auto got = call(c, std::move(r));
+  auto got = c.revoke(o.positional[0], "tensorreg revoke");
   if (!got) return fail_with(got.error());
   if (o.json) {
     fmt::print("{}\n", json{{"revoked", o.positional[0]}}.dump());
@@ -268,44 +246,37 @@ int cmd_revoke(client& c, const options& o) {
   return 0;
 }
 
-int cmd_deregister(client& c, const options& o) {
+int cmd_deregister(connection& c, const options& o) {
   if (o.positional.size() != 1) return usage("usage: tensorreg deregister ID");
-  wire::Request r;
-  auto* d = r.mutable_deregister_artifact();
-  d->set_artifact_id(o.positional[0]);
-  d->set_wait_for_drain(true);
-  d->set_owner_pid(::getpid());
-  auto got = call(c, std::move(r));
+  auto got = c.deregister(o.positional[0], /*wait_for_drain=*/true);
   if (!got) return fail_with(got.error());
-  const auto& res = got->deregister_artifact();
+  const auto& res = *got;
   if (o.json) {
-    fmt::print("{}\n", json{{"drained", res.drained()}, {"removed", res.removed()}}.dump());
+    fmt::print("{}\n", json{{"drained", res.drained}, {"removed", res.removed}}.dump());
   } else {
-    fmt::print("deregistered {} (drained {}, removed {})\n", o.positional[0], res.drained(), res.removed());
+    fmt::print("deregistered {} (drained {}, removed {})\n", o.positional[0], res.drained, res.removed);
   }
   return 0;
 }
 
-int cmd_stats(client& c, const options& o) {
-  wire::Request r;
-  r.mutable_get_stats();
-  auto got = call(c, std::move(r));
+int cmd_stats(connection& c, const options& o) {
+  auto got = c.stats();
   if (!got) return fail_with(got.error());
-  const auto& s = got->get_stats();
+  const auto& s = *got;
   if (o.json) {
     json tiers = json::object();
-    for (const auto& t : s.tiers()) tiers[tier_name(t.tier())] = {{"bytes", t.bytes()}, {"artifacts", t.artifacts()}};
-    fmt::print("{}\n", json{{"artifacts", s.artifacts()}, {"pending_registrations", s.pending_registrations()},
-                            {"leases", s.leases()}, {"regions", s.regions()}, {"open_mappings", s.open_mappings()},
-                            {"vmm_reserved_bytes", s.vmm_reserved_bytes()}, {"connections", s.connections()}, {"tiers", tiers}}
+    for (const auto& t : s.tiers) tiers[std::string(client::tier_name(t.where))] = {{"bytes", t.bytes}, {"artifacts", t.artifacts}};
+    fmt::print("{}\n", json{{"artifacts", s.artifacts}, {"pending_registrations", s.pending_registrations},
+                            {"leases", s.leases}, {"regions", s.regions}, {"open_mappings", s.open_mappings},
+                            {"vmm_reserved_bytes", s.vmm_reserved_bytes}, {"connections", s.connections}, {"tiers", tiers}}
                            .dump());
     return 0;
   }
   fmt::print("artifacts     {}\npending       {}\nleases        {}\nregions       {}\nopen mappings {}\nconnections   {}\n",
-             s.artifacts(), s.pending_registrations(), s.leases(), s.regions(), s.open_mappings(), s.connections());
-  if (s.vmm_reserved_bytes() != 0) fmt::print("vmm reserved  {}\n", human_bytes(s.vmm_reserved_bytes()));
-  for (const auto& t : s.tiers()) {
-    fmt::print("tier {:<12} {:>12} in {} artifacts\n", tier_name(t.tier()), human_bytes(t.bytes()), t.artifacts());
+             s.artifacts, s.pending_registrations, s.leases, s.regions, s.open_mappings, s.connections);
+  if (s.vmm_reserved_bytes != 0) fmt::print("vmm reserved  {}\n", human_bytes(s.vmm_reserved_bytes));
+  for (const auto& t : s.tiers) {
+    fmt::print("tier {:<12} {:>12} in {} artifacts\n", std::string(client::tier_name(t.where)), human_bytes(t.bytes), t.artifacts);
   }
   return 0;
 }
@@ -323,12 +294,11 @@ int run_daemon_command(const std::string& command, const std::vector<std::string
   auto parsed = parse(args);
   if (!parsed) return usage(parsed.error().message);
   const auto& o = *parsed;
-  int rc = 0;
-  auto c = connect_or_fail(o, rc);
-  if (!c) return rc;
+  auto c = connection::connect(o.socket);
+  if (!c) return fail_with(c.error());
   if (command == "status") return cmd_status(*c, o);
-  if (command == "put") return cmd_put(c, o);
-  if (command == "lease") return cmd_lease(c, o);
+  if (command == "put") return cmd_put(*c, o);
+  if (command == "lease") return cmd_lease(*c, o);
   if (command == "ls") return cmd_ls(*c, o);
   if (command == "show") return cmd_show_or_index(*c, o, false);
   if (command == "index") return cmd_show_or_index(*c, o, true);

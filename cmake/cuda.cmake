@@ -85,6 +85,7 @@ if(TENSORREG_BUILD_TESTS)
     ${PROJECT_SOURCE_DIR}/tests/cuda/producer_process.cpp
     ${PROJECT_SOURCE_DIR}/tests/cuda/bulk_copy_tests.cpp
     ${PROJECT_SOURCE_DIR}/tests/cuda/daemon_devices_tests.cpp
+    ${PROJECT_SOURCE_DIR}/tests/client/cuda_register_gpu_tests.cpp
     ${PROJECT_SOURCE_DIR}/tests/support/engine_helpers.cpp
     ${PROJECT_SOURCE_DIR}/tests/support/daemon_process.cpp
     ${PROJECT_SOURCE_DIR}/tests/support/temp_dir.cpp)
@@ -94,7 +95,8 @@ if(TENSORREG_BUILD_TESTS)
   add_dependencies(tensorreg_gpu_tests tensorregd)
   target_include_directories(tensorreg_gpu_tests PRIVATE ${PROJECT_SOURCE_DIR}/src ${PROJECT_SOURCE_DIR}/tests)
   target_link_libraries(tensorreg_gpu_tests PRIVATE tensorreg::cuda tensorreg::tensorreg tensorreg::daemon_core
-                                                    tensorreg_gpu_fill Catch2::Catch2 tensorreg_warnings)
+                                                    tensorreg::client tensorreg_gpu_fill Catch2::Catch2
+                                                    tensorreg_warnings)
   add_dependencies(tensorreg_gpu_tests tensorreg_gpu_producer)
   add_test(NAME cuda.gpu COMMAND tensorreg_gpu_tests)
   set_tests_properties(cuda.gpu PROPERTIES SKIP_RETURN_CODE 77 LABELS "cuda;gpu" TIMEOUT 1800)
@@ -144,15 +146,12 @@ if(TENSORREG_BUILD_BENCHMARKS)
   tensorreg_cuda_target(cuda_lip_bench)
   target_link_libraries(cuda_lip_bench PRIVATE tensorreg::cuda tensorreg::tensorreg tensorreg_cuda_flags)
 
-  # The C++ client's CUDA lease-in-place register() (what python/tensorreg/store.py
-  # _register_cuda does) on a tensor structure written by python_register_bench.py, through the
-  # daemon client; client-side work timed apart from the RPCs. The driver's cuMemGetAddressRange
-  # and cuIpcGetMemHandle are reached through cudaGetDriverEntryPointByVersion, as src/cuda
-  # does, so nothing links libcuda.so.
+  # tensorreg::client's register_cuda() (what python/tensorreg/store.py _register_cuda does) on a
+  # tensor structure written by python_register_bench.py, its phases timed by the library's
+  # cuda_register_report.
   add_executable(cuda_client_register_bench ${PROJECT_SOURCE_DIR}/benchmarks/cuda_client_register_bench.cu)
   tensorreg_cuda_target(cuda_client_register_bench)
-  target_include_directories(cuda_client_register_bench PRIVATE ${PROJECT_SOURCE_DIR}/src)
-  target_link_libraries(cuda_client_register_bench PRIVATE tensorreg::tensorreg tensorreg_daemon_core
+  target_link_libraries(cuda_client_register_bench PRIVATE tensorreg::client tensorreg::tensorreg
                                                            CUDA::cudart_static nlohmann_json::nlohmann_json
                                                            tensorreg_cuda_flags)
 endif()

@@ -14,7 +14,7 @@
 #include <string>
 #include <vector>
 
-#include "daemon/client.hpp"
+#include "client/raw_connection.hpp"
 #include "producer_process.hpp"
 #include "provider_support.hpp"
 #include "support/daemon_process.hpp"
@@ -63,7 +63,7 @@ void add_uint8_tensor(v2::FeedRegisterArtifactStreamRequest& feed, const std::st
 
 // Registers a VRAM region of the producer's VMM allocations [first, first + count), each one
 // chunk of `chunk` bytes, with their fds; returns the daemon's ref to it.
-v2::RegionRef register_vmm_region(tensorreg::daemon::client& c, const producer_process& p, int first, int count,
+v2::RegionRef register_vmm_region(tensorreg::client::raw::connection& c, const producer_process& p, int first, int count,
                                   std::uint64_t chunk) {
   wv1::Request req;
   auto* rr = req.mutable_register_region();
@@ -91,7 +91,7 @@ TEST_CASE("cuda daemon: a VMM region by fds and an IPC allocation, named by UUID
   REQUIRE(uuid.rfind("GPU-", 0) == 0);
 
   testing::daemon_process d;
-  auto connected = tensorreg::daemon::client::connect(d.socket_path());
+  auto connected = tensorreg::client::raw::connection::connect(d.socket_path());
   REQUIRE_OK(connected);
   auto& c = **connected;
   const auto me = static_cast<std::int32_t>(::getpid());
@@ -242,7 +242,7 @@ TEST_CASE("cuda daemon: OpenArtifactDevice pages VMM fds 250 at most an answer, 
   for (int i = 0; i < 2 * per_region; ++i) asked.push_back({chunk, static_cast<std::uint64_t>(100 + i), true});
   producer_process p(asked);
   testing::daemon_process d;
-  auto connected = tensorreg::daemon::client::connect(d.socket_path());
+  auto connected = tensorreg::client::raw::connection::connect(d.socket_path());
   REQUIRE_OK(connected);
   auto& c = **connected;
   const auto me = static_cast<std::int32_t>(::getpid());
@@ -325,7 +325,7 @@ TEST_CASE("cuda daemon: 1 000 VMM allocations imported into one daemon reserve o
   producer_process p(asked);
   REQUIRE(chunk % p.granularity() == 0);
   testing::daemon_process d;
-  auto connected = tensorreg::daemon::client::connect(d.socket_path());
+  auto connected = tensorreg::client::raw::connection::connect(d.socket_path());
   REQUIRE_OK(connected);
   auto& c = **connected;
   const auto me = static_cast<std::int32_t>(::getpid());

@@ -30,7 +30,7 @@
 #include <thread>
 #include <vector>
 
-#include "daemon/client.hpp"
+#include "client/raw_connection.hpp"
 #include "gpu_fill.hpp"
 #include "provider_support.hpp"
 #include "support/daemon_process.hpp"
@@ -674,7 +674,7 @@ TEST_CASE("cuda device_memory: through tensorregd, a producer's handles are leas
   producer p({{slab_bytes, 61}, {other_bytes, 62}});
   // The producer owns the lease; this process speaks for it (same uid, trusted).
   testing::daemon_process d({"--trust-client-pids"});
-  auto connected = tensorreg::daemon::client::connect(d.socket_path());
+  auto connected = tensorreg::client::raw::connection::connect(d.socket_path());
   REQUIRE_OK(connected);
   auto& c = **connected;
 

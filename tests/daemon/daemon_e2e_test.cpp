@@ -1,6 +1,6 @@
 // End-to-end (docs/wire-format.md): the real tensorregd on a fresh socket, driven by the client library and by raw
 // frames. First include is the client (the component most of these cases exercise).
-#include "daemon/client.hpp"
+#include "client/raw_connection.hpp"
 
 #include <catch2/catch.hpp>
 
@@ -18,6 +18,7 @@
 #include "daemon/framing.hpp"
 #include "daemon/unix_socket.hpp"
 #include "support/daemon_process.hpp"
+#include "support/raw_store.hpp"
 #include "support/safetensors_writer.hpp"
 #include "support/temp_dir.hpp"
 #include "tensorreg/common/thread_pool.hpp"
@@ -37,13 +38,13 @@ using tensorreg::error;
 using tensorreg::result;
 using tensorreg::thread_pool;
 using tensorreg::unique_fd;
-using tensorreg::daemon::client;
+using client = tensorreg::client::raw::connection;
 using tensorreg::daemon::connect_unix;
 using tensorreg::daemon::encode_frame;
 using tensorreg::daemon::frame_decoder;
 using tensorreg::daemon::receive_some;
 using tensorreg::daemon::send_all;
-using tensorreg::daemon::store;
+using tensorreg::testing::store;
 using tensorreg::testing::daemon_process;
 using tensorreg::testing::test_tensor;
 
@@ -308,7 +309,7 @@ TEST_CASE("tensorregd: SIGTERM answers the request in flight, removes the socket
   auto bundle = index::safetensors_bundle::open({small_model(dir.path(), 9, 192 << 20).string()}).value();
   store s(connect(d));
   std::atomic<bool> done{false};
-  result<tensorreg::daemon::registered> outcome = tl::unexpected(error{errc::unknown, "not run"});
+  result<tensorreg::testing::registered> outcome = tl::unexpected(error{errc::unknown, "not run"});
   std::thread putter([&] {
     outcome = s.put(*bundle, "");
     done = true;

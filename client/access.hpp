@@ -1,0 +1,35 @@
+// client/access.hpp — how the library's own files (and the daemon's tests) reach the private
+// parts of connection and lease (private).
+//
+// Thread-safety: as connection and lease.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "client/raw_connection.hpp"
+#include "tensorreg/client/connection.hpp"
+
+namespace tensorreg::client {
+
+struct connection_access {
+  /// A library connection over an existing raw one (they then share the socket).
+  [[nodiscard]] static connection wrap(std::shared_ptr<raw::connection> raw) { return connection(std::move(raw)); }
+  [[nodiscard]] static const std::shared_ptr<raw::connection>& raw(const connection& c) noexcept { return c.raw_; }
+};
+
+struct lease_access {
+  /// A live lease: keeps `info.registration_id` alive every max(1 s, ttl/2) ±10 % (none when
+  /// ttl_ms is 0), and on release revokes it, then unregisters `region_ids`. `keep` is held
+  /// until then (the memory the daemon reads).
+  [[nodiscard]] static lease make(std::shared_ptr<raw::connection> raw, registered info,
+                                  std::vector<std::string> region_ids, std::shared_ptr<void> keep,
+                                  std::uint32_t ttl_ms);
+};
+
+/// Unregisters `region_ids` (force), ignoring errors: the cleanup after a failed register.
+void release_regions(raw::connection& raw, const std::vector<std::string>& region_ids) noexcept;
+
+}  // namespace tensorreg::client

@@ -1,0 +1,252 @@
+#include "tensorreg/client/connection.hpp"
+
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <map>
+#include <mutex>
+#include <thread>
+
+#include "client/access.hpp"
+#include "client/wire_convert.hpp"
+#include "tensorreg/common/thread_pool.hpp"
+#include "tensorreg/hash/tree_hash.hpp"
+#include "tensorreg/policy/store_policy.hpp"
+
+namespace tensorreg::client {
+
+namespace {
+
+namespace wc = wire_convert;
+
+std::int32_t own_pid() { return static_cast<std::int32_t>(::getpid()); }
+
+double seconds_since(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+// Copies the bundle's canonical bytes into `dst`, leaf by leaf on all cores.
+status copy_canonical(const index::safetensors_bundle& bundle, std::span<std::byte> dst,
+                      const std::function<void(std::uint64_t, std::uint64_t)>& progress) {
+  const std::uint64_t total = bundle.canonical().size();
+  thread_pool pool(std::max(1u, std::thread::hardware_concurrency()) - 1);
+  std::atomic<std::uint64_t> done{0};
+  std::mutex progress_mutex;
+  return memory::copy_in_chunks(bundle.canonical(), dst, hash::leaf_bytes, pool,
+                                [&](std::size_t, std::uint64_t, std::uint64_t length) {
+                                  const auto now = done.fetch_add(length) + length;
+                                  if (progress) {
+                                    std::lock_guard lock(progress_mutex);
+                                    progress(now, total);
+                                  }
+                                });
+}
+
+result<unique_fd> take_fd(raw::connection::reply& r, std::string_view what) {
+  if (r.fds.empty()) return fail(errc::data_loss, "cannot " + std::string(what) + ": the daemon sent no memfd");
+  return std::move(r.fds.front());
+}
+
+}  // namespace
+
+std::string_view tier_name(tier t) noexcept {
+  switch (t) {
+    case tier::vram: return "vram";
+    case tier::vram_leased: return "leased";
+    case tier::stable_dram: return "stable_dram";
+    case tier::shared_disk: return "shared_disk";
+    case tier::unspecified: break;
+  }
+  return "?";
+}
+
+connection::connection(std::shared_ptr<raw::connection> raw) noexcept : raw_(std::move(raw)) {}
+
+result<connection> connection::connect(std::string socket_path) {
+  TENSORREG_TRY_ASSIGN(auto raw, raw::connection::connect(std::move(socket_path)));
+  return connection(std::shared_ptr<raw::connection>(std::move(raw)));
+}
+
+const std::string& connection::socket_path() const noexcept { return raw_->socket_path(); }
+
+result<server_config> connection::config() {
+  TENSORREG_TRY_ASSIGN(auto r, raw_->call(wc::config_request()));
+  return wc::config_of(r.response);
+}
+
+result<registered> connection::put(const index::safetensors_bundle& bundle, const put_options& options) {
+  const auto started = std::chrono::steady_clock::now();
+  const auto& idx = bundle.index();
+  wc::begin_args begin;
+  begin.plan = wc::begin_plan::stable_dram;
+  begin.device_id = 0;
+  begin.total_size = idx.total_size();
+  begin.ttl_ms = default_ttl_ms;
+  begin.owner_pid = own_pid();
+  begin.index_json = idx.json();
+  if (!options.profile.empty()) {
+    TENSORREG_TRY_ASSIGN(begin.profile, policy::parse_profile(options.profile));
+  }
+  TENSORREG_TRY_ASSIGN(auto begun, raw_->call(wc::begin_request(begin)));
+  const std::string registration_id = wc::registration_id_of(begun.response);
+  auto abort_on_error = [&](error e) -> tl::unexpected<error> {
+    static_cast<void>(raw_->call(wc::abort_request(registration_id)));
+    return tl::unexpected(std::move(e));
+  };
+  TENSORREG_TRY_ASSIGN(auto fd, take_fd(begun, "put"));
+  auto mapped = memory::shared_memory::adopt(std::move(fd), idx.total_size(), /*writable=*/true);
+  if (!mapped) return abort_on_error(mapped.error());
+  if (auto copied = copy_canonical(bundle, mapped->mutable_bytes(), options.progress); !copied) {
+    return abort_on_error(copied.error());
+  }
+  registration::feed_request written;
+  written.registration_id = registration_id;
+  written.payload = registration::stable_write_progress{{{0, idx.total_size()}}, true};
+  std::vector<wc::v2::FeedRegisterArtifactStreamRequest> frames;
+  frames.push_back(wc::feed_frame(written));
+  if (auto fed = raw_->feed(std::move(frames)); !fed) return abort_on_error(fed.error());
+  TENSORREG_TRY_ASSIGN(auto committed, raw_->call(wc::commit_request(registration_id)));
+  const auto commit = wc::commit_of(committed.response);
+  return registered{commit.descriptor, commit.existed, registration_id, seconds_since(started)};
+}
+
+result<lease> connection::register_lease(const index::safetensors_bundle& bundle, std::uint32_t ttl_ms) {
+  const auto& idx = bundle.index();
+  // 1. A daemon-managed HOST_SHARED region that will hold the canonical bytes.
+  wc::region_args region_args;
+  region_args.host_shared = true;
+  region_args.owner_pid = own_pid();
+  region_args.size_bytes = idx.total_size();
+  TENSORREG_TRY_ASSIGN(auto region_reply, raw_->call(wc::register_region_request(region_args)));
+  const auto region = wc::region_of(region_reply.response);
+  TENSORREG_TRY_ASSIGN(auto fd, take_fd(region_reply, "register a region"));
+  TENSORREG_TRY_ASSIGN(auto slab, memory::shared_memory::adopt(std::move(fd), idx.total_size(), /*writable=*/true));
+  auto memory = std::make_shared<memory::shared_memory>(std::move(slab));
+  TENSORREG_TRY(copy_canonical(bundle, memory->mutable_bytes(), {}));
+
+  // 2. Begin → Feed (one storage per distinct (offset, size), aliases, segments) → Commit.
+  const auto started = std::chrono::steady_clock::now();
+  wc::begin_args begin;
+  begin.plan = wc::begin_plan::lease_in_place;
+  begin.device_id = -1;
+  begin.total_size = idx.total_size();
+  begin.ttl_ms = ttl_ms;
+  begin.owner_pid = own_pid();
+  TENSORREG_TRY_ASSIGN(auto begun, raw_->call(wc::begin_request(begin)));
+  const std::string registration_id = wc::registration_id_of(begun.response);
+
+  registration::feed_request feed;
+  feed.registration_id = registration_id;
+  registration::lease_segments segments;
+  std::map<std::pair<std::uint64_t, std::uint64_t>, std::string> storages;
+  for (const auto& e : idx.entries()) {
+    auto [it, inserted] = storages.try_emplace({e.offset, e.size}, "s" + std::to_string(storages.size()));
+    if (inserted) {
+      feed.storage_entries.push_back({it->second, -1, e.size, region, e.offset});
+      segments.segments.push_back({it->second, 0, e.offset, e.size});
+    }
+    feed.tensor_aliases.push_back(
+        {e.name, it->second, static_cast<std::uint64_t>(e.storage_offset), e.size, e.shape, e.stride, e.dtype});
+  }
+  feed.payload = std::move(segments);
+  std::vector<wc::v2::FeedRegisterArtifactStreamRequest> frames;
+  frames.push_back(wc::feed_frame(feed));
+  auto fed = raw_->feed(std::move(frames));
+  auto committed = fed ? raw_->call(wc::commit_request(registration_id)) : tl::unexpected(fed.error());
+  if (!committed) {
+    static_cast<void>(raw_->call(wc::revoke_request(registration_id, {})));
+    return tl::unexpected(committed.error());
+  }
+  const auto commit = wc::commit_of(committed->response);
+  registered info{commit.descriptor, commit.existed, registration_id, seconds_since(started)};
+  return lease_access::make(raw_, std::move(info), {region.region_id}, std::move(memory), ttl_ms);
+}
+
+result<artifact_index> connection::index(std::string_view artifact_id) {
+  TENSORREG_TRY_ASSIGN(auto r, raw_->call(wc::index_request(artifact_id)));
+  return wc::index_of(r.response);
+}
+
+result<stable_replica> connection::get(std::string_view artifact_id) {
+  TENSORREG_TRY_ASSIGN(auto r, raw_->call(wc::memfd_request(artifact_id)));
+  auto answer = wc::memfd_of(r.response);
+  const std::string what = "get " + std::string(artifact_id);
+  TENSORREG_TRY_ASSIGN(auto fd, take_fd(r, what));
+  auto mapped = memory::shared_memory::adopt(std::move(fd), answer.size_bytes, /*writable=*/false);
+  if (!mapped) {
+    return fail(errc::data_loss, "cannot " + what + ": cannot map its replica of " + std::to_string(answer.size_bytes) +
+                                     " bytes: " + mapped.error().message);
+  }
+  return stable_replica{std::move(answer.descriptor), std::move(answer.index_json), std::move(*mapped)};
+}
+
+result<device_layout> connection::open_device(std::string_view artifact_id) {
+  const std::string what = "open " + std::string(artifact_id);
+  std::optional<wc::device_page> body;
+  std::uint32_t first = 0;
+  for (;;) {
+    TENSORREG_TRY_ASSIGN(auto answer, raw_->call(wc::open_device_request(artifact_id, first)));
+    TENSORREG_TRY_ASSIGN(auto page, wc::device_page_of(answer.response, what));
+    if (body) {
+      const auto same = [](const device_allocation& a, const device_allocation& b) {
+        return a.device_uuid == b.device_uuid && a.size_bytes == b.size_bytes;
+      };
+      if (!std::equal(page.layout.allocations.begin(), page.layout.allocations.end(), body->layout.allocations.begin(),
+                      body->layout.allocations.end(), same)) {
+        return fail(errc::aborted, "cannot " + what + ": its GPU memory changed while it was being opened; try again");
+      }
+    }
+    auto& target = body ? body->layout : page.layout;
+    const std::size_t count = target.allocations.size();
+    const std::uint32_t end = page.end_allocation;
+    for (std::size_t k = first; k < std::min<std::size_t>(end, count); ++k) {
+      if (!page.is_vmm[k]) continue;
+      const auto& indices = page.chunk_fd_index[k];
+      auto& chunks = target.allocations[k].vmm_chunks;
+      for (std::size_t c = 0; c < indices.size(); ++c) {
+        if (indices[c] >= answer.fds.size()) {
+          return fail(errc::data_loss, "cannot " + what + ": allocation " + std::to_string(k) + " names fd #" +
+                                           std::to_string(indices[c]) + ", but the answer carried " +
+                                           std::to_string(answer.fds.size()) + " fds");
+        }
+        chunks[c].fd = unique_fd(::dup(answer.fds[indices[c]].get()));
+        if (!chunks[c].fd) return fail(errc::resource_exhausted, "cannot " + what + ": cannot duplicate a VMM fd");
+      }
+    }
+    if (!body) body = std::move(page);
+    if (end >= count) return std::move(body->layout);
+    if (end <= first) {
+      return fail(errc::data_loss, "cannot " + what + ": the daemon's answer for allocations from " +
+                                       std::to_string(first) + " made no progress");
+    }
+    first = end;
+  }
+}
+
+result<std::vector<artifact_info>> connection::list() {
+  TENSORREG_TRY_ASSIGN(auto r, raw_->call(wc::list_request()));
+  return wc::list_of(r.response);
+}
+
+result<daemon_stats> connection::stats() {
+  TENSORREG_TRY_ASSIGN(auto r, raw_->call(wc::stats_request()));
+  return wc::stats_of(r.response);
+}
+
+status connection::revoke(std::string_view registration_id, std::string_view reason) {
+  TENSORREG_TRY(raw_->call(wc::revoke_request(registration_id, reason)));
+  return {};
+}
+
+status connection::abort(std::string_view registration_id) {
+  TENSORREG_TRY(raw_->call(wc::abort_request(registration_id)));
+  return {};
+}
+
+result<deregister_result> connection::deregister(std::string_view artifact_id, bool wait_for_drain) {
+  TENSORREG_TRY_ASSIGN(auto r, raw_->call(wc::deregister_request(artifact_id, wait_for_drain, own_pid())));
+  return wc::deregister_of(r.response);
+}
+
+}  // namespace tensorreg::client

@@ -1,0 +1,146 @@
+// tensorreg/client/connection.hpp — the C++ client of tensorregd, in library types.
+//
+// `connection` talks to the daemon over its Unix socket (docs/wire-format.md) and offers what
+// the Python client does: put (stable DRAM through the memfd publish path: the bytes are
+// written once, straight into the daemon's memory), lease-in-place of a safetensors bundle
+// over a daemon-managed HOST_SHARED region, lease-in-place of CUDA tensors (register_cuda:
+// one IPC handle or VRAM region per cudaMalloc allocation, VMM fds for cuMemCreate /
+// expandable-segments memory), and the reads: index, get (the stable replica's memfd, mapped),
+// open_device (the GPU layout a CUDA reader maps), list, stats; and revoke, abort, deregister.
+// Every daemon error comes back as an `error` carrying the daemon's code and message.
+//
+// A `lease` keeps its registration alive from a thread that sends KeepAlive every
+// max(1 s, ttl/2) ±10 %, and revokes it (and unregisters its regions) when released or
+// destroyed.
+//
+// Thread-safety: a connection may be used from any thread; calls on one connection (and on
+// its copies, and on the leases made through it, which share its socket) are serialised. Open
+// several connections for parallel calls.
+// Ownership: a connection shares its socket with its copies and its leases; the socket
+// closes with the last of them. Memory given to register_cuda stays the caller's: keep it
+// allocated while the lease lives.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "tensorreg/client/types.hpp"
+#include "tensorreg/common/error.hpp"
+#include "tensorreg/index/safetensors_bundle.hpp"
+
+namespace tensorreg::client {
+
+namespace raw {
+class connection;
+}
+
+/// A live lease-in-place registration. Move-only; a moved-from lease may only be destroyed,
+/// assigned to or released (REQUIRES for the accessors: not moved from).
+class lease {
+ public:
+  lease(lease&&) noexcept;
+  lease& operator=(lease&&) noexcept;
+  lease(const lease&) = delete;
+  lease& operator=(const lease&) = delete;
+  /// Releases it (see release()), ignoring errors.
+  ~lease();
+
+  [[nodiscard]] const registered& info() const noexcept;
+  /// KeepAlive calls the daemon answered OK so far.
+  [[nodiscard]] std::uint64_t keepalives_sent() const noexcept;
+  /// The regions registered for it (HOST_SHARED or VRAM), unregistered on release.
+  [[nodiscard]] const std::vector<std::string>& region_ids() const noexcept;
+
+  /// Stops the keep-alive, revokes the registration and unregisters its regions (force).
+  /// Idempotent: a released lease does nothing.
+  /// Errors: the daemon's status of the revoke (the regions are unregistered regardless).
+  [[nodiscard]] status release();
+
+ private:
+  friend struct lease_access;
+  struct state;
+  explicit lease(std::unique_ptr<state> s) noexcept;
+  std::unique_ptr<state> state_;
+};
+
+class connection {
+ public:
+  /// Connects to `socket_path` (empty: $XDG_RUNTIME_DIR/tensorreg/tensorregd.sock, else
+  /// /tmp/tensorreg-$UID/tensorregd.sock).
+  /// Errors: UNAVAILABLE naming the path (no daemon there), INVALID_ARGUMENT (path too long).
+  [[nodiscard]] static result<connection> connect(std::string socket_path = {});
+
+  [[nodiscard]] const std::string& socket_path() const noexcept;
+
+  /// GetServerConfig. Errors: UNAVAILABLE (connection lost).
+  [[nodiscard]] result<server_config> config();
+
+  /// Registers `bundle` as a stable_dram artifact through the memfd publish path; aborts the
+  /// registration on failure.
+  /// Errors: the daemon's (RESOURCE_EXHAUSTED over its budget, ...); INVALID_ARGUMENT (unknown
+  /// profile name); DATA_LOSS (the daemon sent no memfd).
+  [[nodiscard]] result<registered> put(const index::safetensors_bundle& bundle, const put_options& options = {});
+
+  /// Leases `bundle` in place: a daemon-managed HOST_SHARED region of its canonical bytes,
+  /// one storage per distinct (offset, size). ttl_ms 0 means no expiry (no keep-alive).
+  /// Errors: the daemon's; DATA_LOSS (the daemon sent no memfd for the region).
+  [[nodiscard]] result<lease> register_lease(const index::safetensors_bundle& bundle,
+                                             std::uint32_t ttl_ms = default_ttl_ms);
+
+  /// True when this client was built with CUDA (register_cuda can work if a device is there).
+  [[nodiscard]] static bool cuda_supported() noexcept;
+
+  /// Leases CUDA tensors in place (the Python client's register() of a CUDA state dict): the
+  /// canonical layout of `tensors`, each allocation behind them found once, one IPC handle per
+  /// cudaMalloc allocation (a VRAM region where it backs several storages), VMM regions of at
+  /// most 250 pages for cuMemCreate memory; then Begin → Feed → Commit. On failure, whatever
+  /// was registered is released.
+  /// Errors: FAILED_PRECONDITION (no CUDA support in this build, no device, memory that can be
+  /// neither IPC- nor fd-exported); INVALID_ARGUMENT (bad tensor descriptions: the canonical
+  /// index's rules); UNIMPLEMENTED (one storage over more than 250 VMM pages); DATA_LOSS
+  /// (a storage that runs past its allocation); the daemon's.
+  [[nodiscard]] result<lease> register_cuda(std::span<const cuda_tensor> tensors,
+                                            const cuda_register_options& options = {});
+
+  /// GetArtifactIndexById. Errors: NOT_FOUND.
+  [[nodiscard]] result<artifact_index> index(std::string_view artifact_id);
+
+  /// The stable DRAM replica (GetArtifactMemfd), mapped read-only.
+  /// Errors: NOT_FOUND; FAILED_PRECONDITION (no stable replica, e.g. a lease only);
+  /// DATA_LOSS (no memfd in the answer, or one shorter than the artifact).
+  [[nodiscard]] result<stable_replica> get(std::string_view artifact_id);
+
+  /// The artifact's GPU layout for a CUDA reader (OpenArtifactDevice, page after page: an
+  /// answer carries at most 250 fds).
+  /// Errors: NOT_FOUND; FAILED_PRECONDITION (no GPU copy); ABORTED (its memory changed between
+  /// pages); DATA_LOSS (answers that do not add up).
+  [[nodiscard]] result<device_layout> open_device(std::string_view artifact_id);
+
+  /// ListArtifacts, sorted by artifact id.
+  [[nodiscard]] result<std::vector<artifact_info>> list();
+
+  /// GetStats.
+  [[nodiscard]] result<daemon_stats> stats();
+
+  /// RevokeRegisteredArtifact; idempotent (an unknown or revoked registration is OK).
+  /// Errors: UNAVAILABLE (connection lost).
+  [[nodiscard]] status revoke(std::string_view registration_id, std::string_view reason = {});
+
+  /// AbortRegisteredArtifact of a registration not yet committed. Errors: NOT_FOUND.
+  [[nodiscard]] status abort(std::string_view registration_id);
+
+  /// DeregisterArtifact: drains (when asked) and removes it.
+  /// Errors: NOT_FOUND; DEADLINE_EXCEEDED (readers did not drain in time).
+  [[nodiscard]] result<deregister_result> deregister(std::string_view artifact_id, bool wait_for_drain = true);
+
+ private:
+  friend struct connection_access;
+  explicit connection(std::shared_ptr<raw::connection> raw) noexcept;
+  std::shared_ptr<raw::connection> raw_;
+};
+
+}  // namespace tensorreg::client

@@ -1,0 +1,169 @@
+// tensorreg/client/types.hpp — the values tensorreg::client's calls take and return.
+//
+// Library-side views of the daemon's answers (docs/wire-format.md): what a registration gave
+// back, what the daemon lists and counts, an artifact's stable DRAM replica and its device
+// layout for CUDA readers, and the description of CUDA tensors to register in place. Nothing
+// here is a protobuf type; client/wire_convert.cpp is the one place that maps the two.
+//
+// Thread-safety: plain values. Ownership: values own their strings; a `stable_replica` owns
+// its mapping of the daemon's memfd and a `device_chunk` owns its fd (both move-only).
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "tensorreg/common/unique_fd.hpp"
+#include "tensorreg/memory/shared_memory.hpp"
+#include "tensorreg/registration/types.hpp"
+
+namespace tensorreg::client {
+
+using registration::artifact_descriptor;
+
+/// The lease TTL the clients use when none is given (10 minutes, as the Python client).
+inline constexpr std::uint32_t default_ttl_ms = 600'000;
+
+/// What a put or a lease registration gave back.
+struct registered {
+  artifact_descriptor descriptor;
+  bool existed = false;          ///< the daemon held the artifact already (a join)
+  std::string registration_id;   ///< revoke() takes it
+  double begin_to_commit_seconds = 0;
+};
+
+/// Options of connection::put().
+struct put_options {
+  /// Policy profile name ("cache", "warm", "pinned", "durable", ...; empty = the daemon's default).
+  std::string profile;
+  /// Called as bytes are written (done, total), from the writing threads one at a time.
+  std::function<void(std::uint64_t, std::uint64_t)> progress;
+};
+
+/// Where the daemon holds a copy of an artifact.
+enum class tier { unspecified = 0, vram = 1, vram_leased = 2, stable_dram = 3, shared_disk = 4 };
+
+/// "vram", "leased", "stable_dram", "shared_disk", or "?" (the CLI's and Python's names).
+[[nodiscard]] std::string_view tier_name(tier t) noexcept;
+
+/// One artifact of connection::list().
+struct artifact_info {
+  artifact_descriptor descriptor;
+  std::vector<tier> tiers;              ///< each tier holding a copy, once, in enum order
+  std::uint32_t lease_count = 0;        ///< active leases and joined references
+  std::vector<std::int32_t> device_ids;  ///< CUDA devices holding a VRAM or leased copy
+};
+
+struct tier_usage {
+  tier where = tier::unspecified;
+  std::uint64_t bytes = 0;
+  std::uint64_t artifacts = 0;
+};
+
+/// connection::stats().
+struct daemon_stats {
+  std::uint64_t artifacts = 0;
+  std::uint64_t pending_registrations = 0;
+  std::uint64_t leases = 0;
+  std::uint64_t regions = 0;
+  std::uint64_t open_mappings = 0;
+  std::uint64_t connections = 0;
+  std::uint64_t vmm_reserved_bytes = 0;
+  std::vector<tier_usage> tiers;  ///< one per tier in use, in enum order
+};
+
+enum class startup_phase { unspecified = 0, listening = 1, ready = 2, failed = 3 };
+
+/// connection::config().
+struct server_config {
+  startup_phase phase = startup_phase::unspecified;
+  std::uint64_t artifact_chunk_bytes = 0;
+  std::int64_t stable_budget_bytes = 0;  ///< 0 = unlimited
+  std::string socket_path;               ///< where the daemon hands out fds (its own socket)
+};
+
+/// connection::index(): the artifact's descriptor and canonical index JSON, as hashed.
+struct artifact_index {
+  artifact_descriptor descriptor;
+  std::string index_json;
+};
+
+/// connection::deregister().
+struct deregister_result {
+  bool drained = false;
+  bool removed = false;
+};
+
+/// connection::get(): the daemon's stable DRAM replica, mapped read-only in this process.
+/// Canonical byte k of the artifact is memory.bytes()[k].
+struct stable_replica {
+  artifact_descriptor descriptor;
+  std::string index_json;
+  memory::shared_memory memory;
+};
+
+/// One VMM chunk of a device allocation: an exported cuMemCreate handle, mapped in order.
+struct device_chunk {
+  unique_fd fd;
+  std::uint64_t size_bytes = 0;
+};
+
+/// One GPU allocation an artifact's bytes live in, as a reader opens it: an IPC handle
+/// (cudaIpcOpenMemHandle) or VMM chunks (cuMemImportFromShareableHandle + cuMemMap, in order).
+struct device_allocation {
+  std::int32_t device_id = 0;  ///< the daemon's ordinal; find the device by uuid
+  std::string device_uuid;     ///< "GPU-..."
+  std::uint64_t size_bytes = 0;
+  std::string cuda_ipc_handle;  ///< set for IPC memory, empty for VMM
+  std::vector<device_chunk> vmm_chunks;
+};
+
+/// connection::open_device(): where an artifact's canonical bytes lie in GPU memory. Bytes no
+/// segment covers are zero.
+struct device_layout {
+  artifact_descriptor descriptor;
+  std::string index_json;
+  std::uint64_t total_size = 0;
+  std::vector<device_allocation> allocations;
+  std::vector<registration::device_segment> segments;  ///< by artifact_offset, disjoint
+};
+
+/// One named CUDA tensor to register in place (a state dict entry), as torch describes it.
+/// Tensors whose storages have equal (storage_ptr, storage_nbytes) share one storage.
+struct cuda_tensor {
+  std::string name;                  ///< UTF-8, unique in the dict
+  std::uint64_t storage_ptr = 0;     ///< device address of the tensor's storage (its byte 0)
+  std::uint64_t storage_nbytes = 0;  ///< bytes of the whole storage
+  std::string dtype;                 ///< torch dtype string, e.g. "torch.bfloat16"
+  std::vector<std::int64_t> shape;
+  std::vector<std::int64_t> stride;  ///< in elements
+  std::int64_t storage_offset = 0;   ///< in elements, >= 0
+};
+
+/// Where the time of one connection::register_cuda() went (milliseconds), and its shape.
+struct cuda_register_report {
+  double index_ms = 0;     ///< tensor descriptions, canonical layout, storage placement
+  double driver_ms = 0;    ///< allocation lookups and exports, the region plan
+  double messages_ms = 0;  ///< building and serialising the requests
+  double rpc_regions_ms = 0;
+  double rpc_begin_ms = 0;
+  double rpc_feed_ms = 0;
+  double commit_ms = 0;
+  std::size_t storages = 0;     ///< storages registered (each one entry)
+  std::size_t allocations = 0;  ///< allocations looked up
+  std::size_t regions = 0;      ///< RegisterRegion calls
+  std::size_t lone_handles = 0;  ///< storages sent with their allocation's own IPC handle
+  std::size_t request_bytes = 0;  ///< serialised RegisterRegion + Begin requests
+  std::size_t feed_bytes = 0;     ///< the serialised Feed frame
+};
+
+/// Options of connection::register_cuda().
+struct cuda_register_options {
+  std::uint32_t ttl_ms = default_ttl_ms;  ///< 0: no expiry and no keep-alive
+  std::int32_t device = -1;               ///< CUDA ordinal of the tensors; -1 = the current device
+  cuda_register_report* report = nullptr;  ///< filled in when set
+};
+
+}  // namespace tensorreg::client

@@ -1,0 +1,347 @@
+#include "client/wire_convert.hpp"
+
+#include <type_traits>
+#include <variant>
+
+namespace tensorreg::client::wire_convert {
+
+namespace common = ::tensorcast::common::v1;
+
+namespace {
+
+template <typename... Ts>
+struct overloaded : Ts... {
+  using Ts::operator()...;
+};
+template <typename... Ts>
+overloaded(Ts...) -> overloaded<Ts...>;
+
+}  // namespace
+
+std::optional<error> status_error(const wire::Status& s) {
+  if (s.code() == 0) return std::nullopt;
+  const auto code = s.code() > 0 && s.code() <= 16 ? static_cast<errc>(s.code()) : errc::unknown;
+  return error{code, s.message()};
+}
+
+wire::Request begin_request(const begin_args& args) {
+  wire::Request r;
+  auto* b = r.mutable_begin_register_artifact();
+  b->set_device_id(args.device_id);
+  if (!args.device_uuid.empty()) b->set_device_uuid(args.device_uuid);
+  b->set_total_size(args.total_size);
+  b->set_ttl_ms(args.ttl_ms);
+  b->set_owner_pid(args.owner_pid);
+  if (!args.index_json.empty()) {
+    auto* data = b->mutable_tensor_index_data();
+    data->set_data(args.index_json);
+    data->set_schema_version("v3");
+    data->set_encoding("json");
+  }
+  if (args.plan == begin_plan::stable_dram) {
+    b->mutable_stable_dram();
+  } else {
+    b->mutable_lease()->set_in_place(true);
+  }
+  if (args.profile) b->mutable_policy()->set_profile(static_cast<common::PolicyProfile>(*args.profile));
+  return r;
+}
+
+wire::Request register_region_request(const region_args& args) {
+  wire::Request r;
+  auto* rr = r.mutable_register_region();
+  rr->set_owner_pid(args.owner_pid);
+  rr->set_size_bytes(args.size_bytes);
+  if (args.host_shared) {
+    rr->set_memory_kind(v2::REGION_MEMORY_KIND_HOST_SHARED);
+    rr->mutable_host_shared()->set_daemon_managed(true);
+    return r;
+  }
+  rr->set_memory_kind(v2::REGION_MEMORY_KIND_VRAM);
+  rr->set_device_id(args.device_id);
+  rr->set_device_uuid(args.device_uuid);
+  if (!args.cuda_ipc_handle.empty()) {
+    rr->set_cuda_ipc_handle(args.cuda_ipc_handle);
+  } else {
+    rr->mutable_cuda_vmm()->mutable_chunk_bytes()->Add(args.vmm_chunk_bytes.begin(), args.vmm_chunk_bytes.end());
+  }
+  return r;
+}
+
+v2::FeedRegisterArtifactStreamRequest feed_frame(const registration::feed_request& feed, std::string_view device_uuid) {
+  v2::FeedRegisterArtifactStreamRequest f;
+  f.set_registration_id(feed.registration_id);
+  std::visit(overloaded{[](std::monostate) {},
+                        [&](const registration::lease_segments& l) {
+                          auto* segments = f.mutable_lease_segments()->mutable_segments();
+                          segments->Reserve(static_cast<int>(l.segments.size()));
+                          for (const auto& s : l.segments) {
+                            auto* seg = segments->Add();
+                            seg->set_storage_id(s.storage_id);
+                            seg->set_storage_offset(s.storage_offset);
+                            seg->set_artifact_offset(s.artifact_offset);
+                            seg->set_length(s.length);
+                          }
+                        },
+                        [&](const registration::view_chunk& c) {
+                          auto* u = f.mutable_view_chunk();
+                          u->set_canonical_offset(c.canonical_offset);
+                          u->set_view_offset(c.view_offset);
+                          u->set_data(c.data);
+                        },
+                        [&](const registration::stable_write_progress& p) {
+                          auto* w = f.mutable_stable_dram_write_progress();
+                          for (const auto& range : p.ranges) {
+                            auto* out = w->add_ranges();
+                            out->set_canonical_offset(range.canonical_offset);
+                            out->set_length(range.length);
+                          }
+                          w->set_upload_complete(p.upload_complete);
+                        }},
+             feed.payload);
+  auto* entries = f.mutable_storage_entries();
+  entries->Reserve(static_cast<int>(feed.storage_entries.size()));
+  for (const auto& s : feed.storage_entries) {
+    auto* e = entries->Add();
+    e->set_storage_id(s.storage_id);
+    e->set_device_id(s.device_id);
+    if (!device_uuid.empty()) e->set_device_uuid(std::string(device_uuid));
+    e->set_storage_length(s.storage_length);
+    std::visit(overloaded{[](std::monostate) {}, [](const registration::host_storage_source&) {},
+                          [&](const registration::cuda_ipc_source& src) { e->set_cuda_ipc_handle(src.handle); },
+                          [&](const registration::vram_region_source& src) { e->set_vram_region_id(src.region_id); },
+                          [&](const registration::region_ref_source& src) {
+                            auto* ref = e->mutable_region_ref();
+                            ref->set_region_id(src.region_id);
+                            ref->set_memory_kind(static_cast<v2::RegionMemoryKind>(src.kind));
+                            ref->set_device_id(src.device_id);
+                            ref->set_size_bytes(src.size_bytes);
+                          }},
+               s.source);
+    e->set_mapping_base_offset(s.mapping_base_offset);
+  }
+  auto* aliases = f.mutable_tensor_aliases();
+  aliases->Reserve(static_cast<int>(feed.tensor_aliases.size()));
+  for (const auto& t : feed.tensor_aliases) {
+    auto* a = aliases->Add();
+    a->set_name(t.name);
+    a->set_storage_id(t.storage_id);
+    a->set_storage_offset(t.storage_offset);
+    a->set_logical_length(t.logical_length);
+    a->mutable_shape()->Add(t.shape.begin(), t.shape.end());
+    a->mutable_stride()->Add(t.stride.begin(), t.stride.end());
+    a->set_dtype(t.dtype);
+  }
+  return f;
+}
+
+wire::Request commit_request(std::string_view registration_id) {
+  wire::Request r;
+  r.mutable_commit_registered_artifact()->set_registration_id(std::string(registration_id));
+  return r;
+}
+
+wire::Request abort_request(std::string_view registration_id) {
+  wire::Request r;
+  r.mutable_abort_registered_artifact()->set_registration_id(std::string(registration_id));
+  return r;
+}
+
+wire::Request revoke_request(std::string_view registration_id, std::string_view reason) {
+  wire::Request r;
+  auto* v = r.mutable_revoke_registered_artifact();
+  v->set_registration_id(std::string(registration_id));
+  if (!reason.empty()) v->set_reason(std::string(reason));
+  return r;
+}
+
+wire::Request keep_alive_request(const registration::keep_alive_request& k) {
+  wire::Request r;
+  auto* out = r.mutable_keep_alive_register_artifact();
+  out->set_registration_id(k.registration_id);
+  out->set_ttl_ms(k.ttl_ms);
+  out->set_epoch(k.epoch);
+  out->set_owner_pid(k.owner_pid);
+  return r;
+}
+
+wire::Request unregister_region_request(std::string_view region_id, std::int32_t owner_pid) {
+  wire::Request r;
+  auto* u = r.mutable_unregister_region();
+  u->set_region_id(std::string(region_id));
+  u->set_owner_pid(owner_pid);
+  u->set_force(true);
+  return r;
+}
+
+wire::Request deregister_request(std::string_view artifact_id, bool wait_for_drain, std::int32_t owner_pid) {
+  wire::Request r;
+  auto* d = r.mutable_deregister_artifact();
+  d->set_artifact_id(std::string(artifact_id));
+  d->set_wait_for_drain(wait_for_drain);
+  d->set_owner_pid(owner_pid);
+  return r;
+}
+
+wire::Request config_request() {
+  wire::Request r;
+  r.mutable_get_server_config();
+  return r;
+}
+
+wire::Request index_request(std::string_view artifact_id) {
+  wire::Request r;
+  r.mutable_get_artifact_index_by_id()->set_artifact_id(std::string(artifact_id));
+  return r;
+}
+
+wire::Request memfd_request(std::string_view artifact_id) {
+  wire::Request r;
+  r.mutable_get_artifact_memfd()->set_artifact_id(std::string(artifact_id));
+  return r;
+}
+
+wire::Request open_device_request(std::string_view artifact_id, std::uint32_t first_allocation) {
+  wire::Request r;
+  auto* o = r.mutable_open_artifact_device();
+  o->set_artifact_id(std::string(artifact_id));
+  o->set_first_allocation(first_allocation);
+  return r;
+}
+
+wire::Request list_request() {
+  wire::Request r;
+  r.mutable_list_artifacts();
+  return r;
+}
+
+wire::Request stats_request() {
+  wire::Request r;
+  r.mutable_get_stats();
+  return r;
+}
+
+std::size_t wire_size(const wire::Request& r) { return r.ByteSizeLong(); }
+std::size_t wire_size(const v2::FeedRegisterArtifactStreamRequest& f) { return f.ByteSizeLong(); }
+
+// ---- answers --------------------------------------------------------------------------------
+
+artifact_descriptor descriptor_of(const common::ArtifactDescriptor& d) {
+  artifact_descriptor out;
+  out.artifact_id = d.artifact_id();
+  out.index_multihash = d.index_multihash();
+  out.data_multihash = d.data_multihash();
+  out.schema_version = d.schema_version();
+  out.encoding = d.encoding();
+  out.total_size = d.total_size();
+  out.id_kind = static_cast<identity::id_kind>(d.id_kind());
+  return out;
+}
+
+std::string registration_id_of(const wire::Response& begun) {
+  return begun.begin_register_artifact().registration_id();
+}
+
+registration::commit_response commit_of(const wire::Response& committed) {
+  const auto& c = committed.commit_registered_artifact();
+  registration::commit_response out;
+  out.descriptor = descriptor_of(c.artifact_descriptor());
+  out.existed = c.existed();
+  return out;
+}
+
+registration::region_ref_source region_of(const wire::Response& registered_region) {
+  const auto& ref = registered_region.register_region().region();
+  return {ref.region_id(), static_cast<regions::memory_kind>(ref.memory_kind()), ref.device_id(), ref.size_bytes()};
+}
+
+server_config config_of(const wire::Response& r) {
+  const auto& c = r.get_server_config();
+  server_config out;
+  out.phase = static_cast<startup_phase>(c.startup_phase());
+  out.artifact_chunk_bytes = c.artifact_chunk_bytes();
+  out.stable_budget_bytes = c.mem_pool_size();
+  out.socket_path = c.local_handle_socket_path();
+  return out;
+}
+
+artifact_index index_of(const wire::Response& r) {
+  const auto& i = r.get_artifact_index_by_id();
+  return {descriptor_of(i.artifact_descriptor()), i.tensor_index_data()};
+}
+
+std::vector<artifact_info> list_of(const wire::Response& r) {
+  std::vector<artifact_info> out;
+  for (const auto& a : r.list_artifacts().artifacts()) {
+    artifact_info info;
+    info.descriptor = descriptor_of(a.artifact_descriptor());
+    for (const auto t : a.tiers()) info.tiers.push_back(static_cast<tier>(t));
+    info.lease_count = a.lease_count();
+    info.device_ids.assign(a.device_ids().begin(), a.device_ids().end());
+    out.push_back(std::move(info));
+  }
+  return out;
+}
+
+daemon_stats stats_of(const wire::Response& r) {
+  const auto& s = r.get_stats();
+  daemon_stats out;
+  out.artifacts = s.artifacts();
+  out.pending_registrations = s.pending_registrations();
+  out.leases = s.leases();
+  out.regions = s.regions();
+  out.open_mappings = s.open_mappings();
+  out.connections = s.connections();
+  out.vmm_reserved_bytes = s.vmm_reserved_bytes();
+  for (const auto& t : s.tiers()) out.tiers.push_back({static_cast<tier>(t.tier()), t.bytes(), t.artifacts()});
+  return out;
+}
+
+deregister_result deregister_of(const wire::Response& r) {
+  return {r.deregister_artifact().drained(), r.deregister_artifact().removed()};
+}
+
+memfd_answer memfd_of(const wire::Response& r) {
+  const auto& m = r.get_artifact_memfd();
+  return {descriptor_of(m.artifact_descriptor()), m.tensor_index_data(), m.size_bytes()};
+}
+
+result<device_page> device_page_of(const wire::Response& r, std::string_view what) {
+  const auto& o = r.open_artifact_device();
+  device_page page;
+  page.layout.descriptor = descriptor_of(o.artifact_descriptor());
+  page.layout.index_json = o.tensor_index_data();
+  page.layout.total_size = o.total_size();
+  page.end_allocation = o.end_allocation();
+  for (int k = 0; k < o.allocations_size(); ++k) {
+    const auto& a = o.allocations(k);
+    device_allocation out;
+    out.device_id = a.device_id();
+    out.device_uuid = a.device_uuid();
+    out.size_bytes = a.size_bytes();
+    std::vector<std::uint32_t> fd_index;
+    switch (a.source_case()) {
+      case wire::DeviceAllocation::kCudaIpcHandle:
+        out.cuda_ipc_handle = a.cuda_ipc_handle();
+        break;
+      case wire::DeviceAllocation::kVmm:
+        for (const auto& c : a.vmm().chunks()) {
+          out.vmm_chunks.push_back({unique_fd(), c.size_bytes()});
+          fd_index.push_back(c.fd_index());
+        }
+        break;
+      default:
+        return fail(errc::data_loss, "cannot " + std::string(what) + ": allocation " + std::to_string(k) +
+                                         " has neither an IPC handle nor VMM chunks");
+    }
+    page.is_vmm.push_back(a.source_case() == wire::DeviceAllocation::kVmm);
+    page.chunk_fd_index.push_back(std::move(fd_index));
+    page.layout.allocations.push_back(std::move(out));
+  }
+  for (const auto& s : o.segments()) {
+    page.layout.segments.push_back({s.artifact_offset(), s.length(), s.allocation(), s.allocation_offset()});
+  }
+  return page;
+}
+
+}  // namespace tensorreg::client::wire_convert

@@ -1,0 +1,113 @@
+// client/wire_convert.hpp — the client's one mapping between protobuf and library types
+// (private).
+//
+// Every request the client sends is built here from library values, and every answer it reads
+// is turned here into library values; the rest of client/ handles wire::Request / Response
+// only as opaque values passed to raw::connection. Mirrors daemon/'s conversion file, in the
+// other direction.
+//
+// Thread-safety: pure functions.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "tensorreg/client/types.hpp"
+#include "tensorreg/common/error.hpp"
+#include "tensorreg/policy/store_policy.hpp"
+#include "tensorreg/registration/types.hpp"
+#include "tensorreg/wire/v1/frame.pb.h"
+
+namespace tensorreg::client::wire_convert {
+
+namespace wire = ::tensorreg::wire::v1;
+namespace v2 = ::tensorcast::daemon::v2;
+
+/// A daemon status as an error (OK → nullopt); codes outside gRPC's become UNKNOWN.
+[[nodiscard]] std::optional<error> status_error(const wire::Status& s);
+
+enum class begin_plan { lease_in_place, stable_dram };
+
+/// BeginRegisterArtifact.
+struct begin_args {
+  begin_plan plan = begin_plan::lease_in_place;
+  std::int32_t device_id = 0;
+  std::string device_uuid;  ///< empty: none
+  std::uint64_t total_size = 0;
+  std::uint32_t ttl_ms = 0;
+  std::int32_t owner_pid = 0;
+  std::string index_json;   ///< empty: no inline index
+  std::optional<policy::profile> profile;
+};
+[[nodiscard]] wire::Request begin_request(const begin_args& args);
+
+/// RegisterRegion: a daemon-managed HOST_SHARED region (host_shared), or VRAM from an IPC
+/// handle or from VMM chunks (their fds ride with the request).
+struct region_args {
+  bool host_shared = false;
+  std::int32_t owner_pid = 0;
+  std::uint64_t size_bytes = 0;
+  std::int32_t device_id = -1;
+  std::string device_uuid;
+  std::string cuda_ipc_handle;
+  std::vector<std::uint64_t> vmm_chunk_bytes;
+};
+[[nodiscard]] wire::Request register_region_request(const region_args& args);
+
+/// One Feed frame; `device_uuid` (when not empty) goes into every storage entry.
+[[nodiscard]] v2::FeedRegisterArtifactStreamRequest feed_frame(const registration::feed_request& feed,
+                                                               std::string_view device_uuid = {});
+
+[[nodiscard]] wire::Request commit_request(std::string_view registration_id);
+[[nodiscard]] wire::Request abort_request(std::string_view registration_id);
+[[nodiscard]] wire::Request revoke_request(std::string_view registration_id, std::string_view reason);
+[[nodiscard]] wire::Request keep_alive_request(const registration::keep_alive_request& k);
+[[nodiscard]] wire::Request unregister_region_request(std::string_view region_id, std::int32_t owner_pid);
+[[nodiscard]] wire::Request deregister_request(std::string_view artifact_id, bool wait_for_drain, std::int32_t owner_pid);
+[[nodiscard]] wire::Request config_request();
+[[nodiscard]] wire::Request index_request(std::string_view artifact_id);
+[[nodiscard]] wire::Request memfd_request(std::string_view artifact_id);
+[[nodiscard]] wire::Request open_device_request(std::string_view artifact_id, std::uint32_t first_allocation);
+[[nodiscard]] wire::Request list_request();
+[[nodiscard]] wire::Request stats_request();
+
+/// Serialised size of a request (what the benchmark reports as request bytes).
+[[nodiscard]] std::size_t wire_size(const wire::Request& r);
+[[nodiscard]] std::size_t wire_size(const v2::FeedRegisterArtifactStreamRequest& f);
+
+// ---- answers --------------------------------------------------------------------------------
+
+[[nodiscard]] artifact_descriptor descriptor_of(const tensorcast::common::v1::ArtifactDescriptor& d);
+
+[[nodiscard]] std::string registration_id_of(const wire::Response& begun);
+[[nodiscard]] registration::commit_response commit_of(const wire::Response& committed);
+[[nodiscard]] registration::region_ref_source region_of(const wire::Response& registered_region);
+[[nodiscard]] server_config config_of(const wire::Response& r);
+[[nodiscard]] artifact_index index_of(const wire::Response& r);
+[[nodiscard]] std::vector<artifact_info> list_of(const wire::Response& r);
+[[nodiscard]] daemon_stats stats_of(const wire::Response& r);
+[[nodiscard]] deregister_result deregister_of(const wire::Response& r);
+
+/// GetArtifactMemfd's answer without its fd.
+struct memfd_answer {
+  artifact_descriptor descriptor;
+  std::string index_json;
+  std::uint64_t size_bytes = 0;
+};
+[[nodiscard]] memfd_answer memfd_of(const wire::Response& r);
+
+/// One page of OpenArtifactDevice: the layout (without fds) and, for allocations
+/// [first, end_allocation), the fd index of each VMM chunk.
+struct device_page {
+  device_layout layout;  ///< vmm_chunks carry sizes; their fds are still closed
+  std::vector<std::vector<std::uint32_t>> chunk_fd_index;  ///< per allocation; empty for IPC
+  std::vector<bool> is_vmm;                                ///< per allocation
+  std::uint32_t end_allocation = 0;
+};
+/// Errors: DATA_LOSS (an allocation with neither an IPC handle nor VMM chunks).
+[[nodiscard]] result<device_page> device_page_of(const wire::Response& r, std::string_view what);
+
+}  // namespace tensorreg::client::wire_convert

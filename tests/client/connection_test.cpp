@@ -1,0 +1,206 @@
+// tensorreg::client against a real tensorregd on a fresh socket: library types in and out,
+// leases kept alive and released, and the daemon's errors passed through with their code and
+// message.
+#include "tensorreg/client/connection.hpp"
+
+#include <catch2/catch.hpp>
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+#include <thread>
+
+#include "support/daemon_process.hpp"
+#include "support/safetensors_writer.hpp"
+#include "support/temp_dir.hpp"
+#include "tensorreg/common/thread_pool.hpp"
+#include "tensorreg/identity/content_id.hpp"
+
+namespace {
+
+using namespace tensorreg;
+using client::connection;
+using testing::daemon_process;
+
+std::unique_ptr<index::safetensors_bundle> small_bundle(const testing::temp_dir& dir, std::uint32_t seed) {
+  const auto path = dir.path() / ("model-" + std::to_string(seed) + ".safetensors");
+  testing::write_safetensors(path, {{"w", "F32", {1024}, testing::pattern_bytes(4096, seed)},
+                                    {"b", "BF16", {3}, testing::pattern_bytes(6, seed + 1)}});
+  return index::safetensors_bundle::open({path.string()}).value();
+}
+
+std::string offline_id(const index::safetensors_bundle& bundle) {
+  thread_pool pool(1);
+  return identity::content_id(bundle.index().json(), bundle.canonical(), &pool).value().to_string();
+}
+
+connection connect(const daemon_process& d) {
+  auto c = connection::connect(d.socket_path());
+  REQUIRE(c);
+  return std::move(*c);
+}
+
+}  // namespace
+
+TEST_CASE("client connection: put, then get, index, list and stats answer in library types", "[client][connection]") {
+  daemon_process d;
+  testing::temp_dir dir;
+  auto bundle = small_bundle(dir, 1);
+  auto c = connect(d);
+  CHECK(c.socket_path() == d.socket_path());
+
+  std::uint64_t progressed = 0;
+  auto put = c.put(*bundle, {"cache", [&](std::uint64_t done, std::uint64_t) { progressed = done; }});
+  REQUIRE(put);
+  CHECK_FALSE(put->existed);
+  CHECK(put->descriptor.artifact_id == offline_id(*bundle));
+  CHECK(put->descriptor.id_kind == identity::id_kind::mi2);
+  CHECK(put->descriptor.total_size == bundle->index().total_size());
+  CHECK(progressed == bundle->index().total_size());
+  CHECK(put->registration_id.starts_with("reg"));
+
+  auto again = c.put(*bundle);
+  REQUIRE(again);
+  CHECK(again->existed);
+
+  auto replica = c.get(put->descriptor.artifact_id);
+  REQUIRE(replica);
+  CHECK(replica->descriptor.artifact_id == put->descriptor.artifact_id);
+  CHECK(replica->index_json == bundle->index().json());
+  REQUIRE(replica->memory.size() == bundle->index().total_size());
+  std::vector<std::byte> expected(bundle->index().total_size());
+  thread_pool pool(1);
+  REQUIRE(memory::copy_in_chunks(bundle->canonical(), expected, 4096, pool,
+                                 [](std::size_t, std::uint64_t, std::uint64_t) {}));
+  CHECK(std::memcmp(replica->memory.bytes().data(), expected.data(), expected.size()) == 0);
+
+  auto idx = c.index(put->descriptor.artifact_id);
+  REQUIRE(idx);
+  CHECK(idx->descriptor.artifact_id == put->descriptor.artifact_id);
+  CHECK(idx->descriptor.index_multihash == put->descriptor.index_multihash);
+  CHECK(idx->index_json == bundle->index().json());
+
+  auto listed = c.list();
+  REQUIRE(listed);
+  REQUIRE(listed->size() == 1);
+  CHECK((*listed)[0].descriptor.artifact_id == put->descriptor.artifact_id);
+  CHECK((*listed)[0].tiers == std::vector<client::tier>{client::tier::stable_dram});
+  CHECK(client::tier_name((*listed)[0].tiers[0]) == "stable_dram");
+
+  auto stats = c.stats();
+  REQUIRE(stats);
+  CHECK(stats->artifacts == 1);
+  CHECK(stats->pending_registrations == 0);
+  CHECK(stats->connections >= 1);
+  REQUIRE(stats->tiers.size() == 1);
+  CHECK(stats->tiers[0].where == client::tier::stable_dram);
+  CHECK(stats->tiers[0].bytes == bundle->index().total_size());
+
+  auto config = c.config();
+  REQUIRE(config);
+  CHECK(config->phase == client::startup_phase::ready);
+  CHECK(config->artifact_chunk_bytes > 0);
+
+  auto gone = c.deregister(put->descriptor.artifact_id);
+  REQUIRE(gone);
+  CHECK(gone->removed);
+  auto after = c.list();
+  REQUIRE(after);
+  CHECK(after->empty());
+}
+
+TEST_CASE("client connection: a lease keeps itself alive past its TTL; release revokes it and frees its region",
+          "[client][connection]") {
+  daemon_process d;
+  testing::temp_dir dir;
+  auto bundle = small_bundle(dir, 2);
+  auto c = connect(d);
+  auto held = c.register_lease(*bundle, 2000);  // keep-alive every ~1 s
+  REQUIRE(held);
+  CHECK(held->info().descriptor.artifact_id == offline_id(*bundle));
+  CHECK(held->region_ids().size() == 1);
+  std::this_thread::sleep_for(std::chrono::milliseconds(3300));  // past the TTL
+  CHECK(held->keepalives_sent() >= 2);
+  auto during = c.stats();
+  REQUIRE(during);
+  CHECK(during->leases == 1);
+  CHECK(during->regions == 1);
+  auto listed = c.list();
+  REQUIRE(listed);
+  REQUIRE(listed->size() == 1);
+  CHECK((*listed)[0].tiers == std::vector<client::tier>{client::tier::vram_leased});
+  CHECK((*listed)[0].lease_count == 1);
+
+  // A lease only: no stable replica to get.
+  auto get = c.get(held->info().descriptor.artifact_id);
+  REQUIRE_FALSE(get);
+  CHECK(get.error().code == errc::failed_precondition);
+
+  // Moving a lease moves its keep-alive; releasing twice is harmless.
+  client::lease moved = std::move(*held);
+  REQUIRE(moved.release());
+  REQUIRE(moved.release());
+  auto after = c.stats();
+  REQUIRE(after);
+  CHECK(after->leases == 0);
+  CHECK(after->regions == 0);
+}
+
+TEST_CASE("client connection: the daemon's errors come back with its code and message", "[client][connection]") {
+  daemon_process d;
+  auto c = connect(d);
+  auto missing = c.index("mi2:none");
+  REQUIRE_FALSE(missing);
+  CHECK(missing.error().code == errc::not_found);
+  CHECK(missing.error().message.find("mi2:none") != std::string::npos);
+
+  // Revoke is idempotent: an unknown registration is OK; abort is not.
+  CHECK(c.revoke("reg_nope"));
+  auto abort = c.abort("reg_nope");
+  REQUIRE_FALSE(abort);
+  CHECK(abort.error().code == errc::not_found);
+  CHECK(abort.error().message.find("reg_nope") != std::string::npos);
+
+  auto deregister = c.deregister("mi2:none");
+  REQUIRE_FALSE(deregister);
+  CHECK(deregister.error().code == errc::not_found);
+
+  auto open = c.open_device("mi2:none");
+  REQUIRE_FALSE(open);
+  CHECK(open.error().code == errc::not_found);
+
+  testing::temp_dir dir;
+  auto bundle = small_bundle(dir, 3);
+  auto profile = c.put(*bundle, {"no-such-profile", {}});
+  REQUIRE_FALSE(profile);
+  CHECK(profile.error().code == errc::invalid_argument);
+  CHECK(profile.error().message.find("no-such-profile") != std::string::npos);
+}
+
+TEST_CASE("client connection: connecting where no daemon listens is UNAVAILABLE naming the path",
+          "[client][connection]") {
+  testing::temp_dir dir;
+  const auto path = (dir.path() / "nobody.sock").string();
+  auto c = connection::connect(path);
+  REQUIRE_FALSE(c);
+  CHECK(c.error().code == errc::unavailable);
+  CHECK(c.error().message.find(path) != std::string::npos);
+}
+
+TEST_CASE("client connection: register_cuda without CUDA in this build is FAILED_PRECONDITION", "[client][connection]") {
+  if (connection::cuda_supported()) return;  // the GPU suite covers CUDA builds
+  daemon_process d;
+  auto c = connect(d);
+  const std::vector<client::cuda_tensor> tensors = {{"w", 0x1000, 16, "torch.float32", {4}, {1}, 0}};
+  auto held = c.register_cuda(tensors);
+  REQUIRE_FALSE(held);
+  CHECK(held.error() ==
+        error{errc::failed_precondition,
+              "cannot register CUDA tensors: this tensorreg client was built without CUDA (TENSORREG_CUDA=OFF)"});
+  auto stats = c.stats();
+  REQUIRE(stats);
+  CHECK(stats->pending_registrations == 0);
+  CHECK(stats->regions == 0);
+}
