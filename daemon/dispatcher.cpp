@@ -8,6 +8,9 @@
 #include <cerrno>
 #include <chrono>
 #include <cstring>
+#include <exception>
+#include <new>
+#include <optional>
 #include <string>
 #include <unordered_map>
 #include <utility>
@@ -546,7 +549,21 @@ dispatcher::connection_ptr dispatcher::open_connection(const peer_credentials& p
 std::optional<frame_out> dispatcher::handle(connection& conn, frame_in frame) {
   const auto started = std::chrono::steady_clock::now();
   wire::Request request;
-  auto out = impl_->dispatch(conn, request, std::move(frame));
+  std::optional<answer> out;
+  // The session boundary: whatever a handler throws is answered, never lost with the client
+  // left waiting (an id-0 answer when the request could not even be read).
+  try {
+    out = impl_->dispatch(conn, request, std::move(frame));
+  } catch (const std::bad_alloc&) {
+    out = error_answer(request.request_id(), error{errc::resource_exhausted, "cannot handle request: out of memory"});
+  } catch (const std::exception& e) {
+    out = error_answer(request.request_id(),
+                       error{errc::internal, fmt::format("cannot handle request: {}", e.what())});
+  }
+  if (out && out->response.status().code() != 0) {
+    // A stream answered with an error takes no more frames (as a handler's own error does).
+    if (auto it = conn.streams().find(request.request_id()); it != conn.streams().end()) it->second.failed = true;
+  }
   impl_->log_rpc(conn.peer(), request, out, started);
   if (!out) return std::nullopt;
   return serialize(std::move(*out));

@@ -9,7 +9,9 @@
 
 #include <algorithm>
 #include <condition_variable>
+#include <exception>
 #include <mutex>
+#include <new>
 #include <thread>
 #include <tuple>
 #include <utility>
@@ -43,6 +45,24 @@ std::string_view eviction_reason_name(stable::eviction_reason reason) {
     case stable::eviction_reason::preempt: break;
   }
   return "preempt: made room for an export";
+}
+
+// A commit runs foreign code (allocation, the standard library, a provider) that may throw.
+// An exception escaping it would leave the registration committing for ever, holding its
+// regions and memory, and its client without an answer: it ends the commit as failed instead.
+result<commit_response> guarded_commit(detail::plan& p, detail::commit_context& ctx, const std::string& id) {
+  try {
+    return p.commit(ctx);
+  } catch (const std::bad_alloc&) {
+    ctx.retryable = false;
+    return fail(errc::resource_exhausted, "cannot commit registration '" + id + "': out of memory");
+  } catch (const std::exception& e) {
+    ctx.retryable = false;
+    return fail(errc::internal, "cannot commit registration '" + id + "': " + e.what());
+  } catch (...) {
+    ctx.retryable = false;
+    return fail(errc::internal, "cannot commit registration '" + id + "': an exception of unknown type");
+  }
 }
 
 std::string joined(const std::vector<std::string>& ids) {
@@ -221,6 +241,11 @@ result<begin_response> engine::state::begin(begin_request r) {
     return fail(errc::unimplemented, "cannot begin registration: view registration is not implemented yet");
   }
   if (r.total_size == 0) return fail(errc::invalid_argument, "cannot begin registration: total_size must be > 0");
+  if (options.max_total_size != 0 && r.total_size > options.max_total_size) {
+    return fail(errc::resource_exhausted, "cannot begin registration: total_size " + std::to_string(r.total_size) +
+                                              " exceeds this engine's limit of " +
+                                              std::to_string(options.max_total_size) + " bytes");
+  }
 
   detail::registration_facts facts{new_registration_id(), r.owner_pid, r.device_id, r.total_size,
                                    r.client_artifact_id, std::move(*resolved)};
@@ -327,7 +352,7 @@ result<commit_response> engine::state::commit(const std::string& registration_id
   TENSORREG_TRY_ASSIGN(auto p, find_open(registration_id, "commit"));
   TENSORREG_TRY(p->begin_commit());
   detail::commit_context ctx{p->facts(), [&p] { return p->ttl_ms(); }, catalogue, mutex, pool, devices.get(), time};
-  result<commit_response> out = p->committing_plan().commit(ctx);
+  result<commit_response> out = guarded_commit(p->committing_plan(), ctx, registration_id);
   // Only errors the client can fix by feeding more keep the registration open; other
   // FAILED_PRECONDITIONs (no GPU for a CUDA storage, a quiesced artifact, a "must" stable tier
   // with nothing to copy) would otherwise leave it, and its region refs, held until its TTL or

@@ -1,5 +1,7 @@
 #include "registration/pending_registration.hpp"
 
+#include <exception>
+#include <new>
 #include <utility>
 
 namespace tensorreg::registration::detail {
@@ -53,7 +55,15 @@ status pending_registration::feed(feed_request request, const clock& time, regio
   // Outside the lock, counted: Commit and release wait for `feeding` to drop to zero.
   ++state_.feeding;
   lock.unlock();
-  auto done = work();
+  // An exception must not skip the count below: Commit and release would wait for ever.
+  status done;
+  try {
+    done = work();
+  } catch (const std::bad_alloc&) {
+    done = fail(errc::resource_exhausted, what + ": out of memory");
+  } catch (const std::exception& e) {
+    done = fail(errc::internal, what + ": " + e.what());
+  }
   lock.lock();
   if (--state_.feeding == 0) idle_.notify_all();
   return done;

@@ -61,6 +61,10 @@ struct engine_options {
   bool watch_owners = true;
   /// Region registry capacity.
   std::size_t region_capacity = 4096;
+  /// Largest total_size a Begin accepts; 0 = no limit. Every commit holds per-leaf state in
+  /// proportion to its size, so a size no memory could back is refused before anything is
+  /// allocated for it.
+  std::uint64_t max_total_size = std::uint64_t{1} << 40;
 };
 
 class engine {
@@ -78,7 +82,8 @@ class engine {
   /// Errors: INVALID_ARGUMENT (owner_pid ≤ 0, total_size 0, device_id < 0, bad policy, bad
   /// cgid, bad schema/encoding, no index, bad index), NOT_FOUND ("unknown tensor_index_key"),
   /// UNIMPLEMENTED (lease in_place=false, views), FAILED_PRECONDITION (coalesced or
-  /// stage_on_gpu without a GPU), RESOURCE_EXHAUSTED (stable budget).
+  /// stage_on_gpu without a GPU), RESOURCE_EXHAUSTED (total_size above max_total_size, stable
+  /// budget).
   [[nodiscard]] result<begin_response> begin(begin_request request);
 
   /// Applies one Feed message (§4.3). Every message extends the pending TTL.
@@ -91,8 +96,9 @@ class engine {
   [[nodiscard]] status keep_alive(const keep_alive_request& request);
 
   /// Finishes a registration: validates, hashes, publishes (§4.5).
-  /// Errors: as §4.5 and §5.1; the registration is gone afterwards unless the error is one
-  /// a client can fix by feeding more (FAILED_PRECONDITION for missing payloads).
+  /// Errors: as §4.5 and §5.1; RESOURCE_EXHAUSTED (out of memory) and INTERNAL (any other
+  /// exception from the commit's work). The registration is gone afterwards unless the error
+  /// is one a client can fix by feeding more (FAILED_PRECONDITION for missing payloads).
   [[nodiscard]] result<commit_response> commit(const std::string& registration_id);
 
   /// Cancels a pending registration and releases what it held (§4.6; DECISIONS §5.6).

@@ -1,0 +1,105 @@
+// What one client can make the engine hold, and what it gives back when something goes wrong
+// (issue #15): sizes refused before anything is allocated, a commit that throws ends as failed
+// and releases what it held.
+#include "tensorreg/registration/engine.hpp"
+
+#include <catch2/catch.hpp>
+
+#include <unistd.h>
+
+#include <stdexcept>
+
+#include "support/engine_helpers.hpp"
+
+namespace {
+
+using namespace tensorreg;
+using namespace tensorreg::registration;
+using tensorreg::testing::fake_clock;
+namespace t = tensorreg::testing;
+
+const std::int32_t me = static_cast<std::int32_t>(::getpid());
+
+// A storage whose bytes cannot be read: visiting it throws, as foreign code under a commit may.
+class throwing_bytes final : public memory::byte_source {
+ public:
+  explicit throwing_bytes(std::uint64_t size) : size_(size) {}
+  [[nodiscard]] std::uint64_t size() const noexcept override { return size_; }
+  [[nodiscard]] status visit(std::uint64_t, std::uint64_t, memory::piece_sink) const override {
+    throw std::runtime_error("the storage threw while it was read");
+  }
+
+ private:
+  std::uint64_t size_;
+};
+
+regions::register_request host_region(std::uint64_t size) {
+  regions::register_request r;
+  r.kind = regions::memory_kind::host_shared;
+  r.owner_pid = me;
+  r.size_bytes = size;
+  r.host_shared = regions::host_shared_spec{"", true, regions::host_shared_class::scratch};
+  return r;
+}
+
+}  // namespace
+
+TEST_CASE("engine limits: a total_size above max_total_size is RESOURCE_EXHAUSTED at Begin, for every plan",
+          "[registration][engine_limits]") {
+  fake_clock clock;
+  auto e = t::make_engine(clock);
+  constexpr std::uint64_t one_eib = std::uint64_t{1} << 60;
+  const std::string message = "cannot begin registration: total_size 1152921504606846976 exceeds this engine's "
+                              "limit of 1099511627776 bytes";
+  CHECK_ERROR(e->begin(t::lip_begin(one_eib, me)), errc::resource_exhausted, message);
+  auto stable = t::stable_begin(t::small_model(), me);
+  stable.total_size = one_eib;
+  CHECK_ERROR(e->begin(stable), errc::resource_exhausted, message);
+  CHECK(e->stats().pending_registrations == 0);
+  // The limit is an option; 0 lifts it.
+  auto options = t::deterministic_options(clock);
+  options.max_total_size = 40;
+  auto small = t::make_engine(options);
+  CHECK_ERROR(small->begin(t::lip_begin(41, me)), errc::resource_exhausted,
+              "cannot begin registration: total_size 41 exceeds this engine's limit of 40 bytes");
+  CHECK(small->begin(t::lip_begin(40, me)));
+}
+
+TEST_CASE("engine limits: a commit that throws answers INTERNAL and releases the registration and its regions",
+          "[registration][engine_limits]") {
+  fake_clock clock;
+  auto e = t::make_engine(clock);
+  auto region = e->register_region(host_region(4096));
+  REQUIRE_OK(region);
+  const auto m = t::small_model();
+  auto begun = e->begin(t::lip_begin(m.total_size(), me));
+  REQUIRE_OK(begun);
+  const auto id = begun->registration_id;
+  // s1 comes from the region, s0 from a storage that throws when the commit hashes it.
+  std::map<std::string, storage_entry> entries;
+  storage_entry s0;
+  s0.storage_id = "s0";
+  s0.storage_length = m.storage("s0").bytes.size();
+  s0.source = host_storage_source{std::make_shared<throwing_bytes>(s0.storage_length)};
+  entries["s0"] = s0;
+  storage_entry s1;
+  s1.storage_id = "s1";
+  s1.storage_length = m.storage("s1").bytes.size();
+  s1.device_id = region->device_id;
+  s1.source = region_ref_source{region->id, region->kind, region->device_id, region->size_bytes};
+  entries["s1"] = s1;
+  REQUIRE_OK(e->feed(t::lip_feed(id, m, entries)));
+  // Held now: one reference on the region.
+  CHECK_CODE(e->unregister_region(region->id, me, false), errc::failed_precondition);
+
+  CHECK_ERROR(e->commit(id), errc::internal,
+              "cannot commit registration '" + id + "': the storage threw while it was read");
+  CHECK(e->stats().pending_registrations == 0);
+  CHECK_ERROR(e->commit(id), errc::not_found, "cannot commit registration '" + id + "': no such registration");
+  // The region reference went back with the registration: the region unregisters at once.
+  auto gone = e->unregister_region(region->id, me, false);
+  REQUIRE_OK(gone);
+  CHECK(*gone);
+  // The engine still serves.
+  REQUIRE_OK(t::register_lip(*e, m, me));
+}
