@@ -63,18 +63,30 @@ class session : public std::enable_shared_from_this<session> {
     connection_ = dispatch_.open_connection(*peer);
     socket_.native_non_blocking(true);
     std::vector<std::byte> buffer(kReadChunk);
-    std::vector<unique_fd> next_frame_fds;  // fds that arrived with the next frame's first byte
     while (!stopping_) {
       asio::error_code ec;
       co_await socket_.async_wait(stream::socket::wait_read, asio::redirect_error(asio::use_awaitable, ec));
       if (ec || stopping_) break;
       auto got = receive_some(socket_.native_handle(), buffer);
-      if (!got) break;
+      if (!got) {
+        if (got.error().code == errc::data_loss) {
+          // The kernel dropped fds past the cmsg room: the stream cannot be trusted any more,
+          // but the client hears why (docs/wire-format.md §7).
+          const error bad{errc::invalid_argument,
+                          "cannot read frame: more than " + std::to_string(max_fds_per_frame) +
+                              " file descriptors arrived with one message (at most " +
+                              std::to_string(max_fds_per_frame) + " per frame)"};
+          tensorreg::log(log_, log_level::warn, "bad frame from pid {} uid {}, closing its connection: {}: {}",
+                         peer_.pid, peer_.uid, errc_name(bad.code), bad.message);
+          co_await write(dispatch_.reject(bad));
+        }
+        break;
+      }
       if (got->would_block) continue;
       if (got->bytes == 0) break;  // peer closed
-      // SCM_RIGHTS ride on the sendmsg that carries a frame's first byte (DECISIONS §4.1).
-      for (auto& fd : got->fds) next_frame_fds.push_back(std::move(fd));
-      if (!decoder_.feed(std::span<const std::byte>(buffer.data(), got->bytes))) {
+      // SCM_RIGHTS ride on the sendmsg that carries a frame's first byte (DECISIONS §4.1): the
+      // decoder gives them to the frame that began in these bytes.
+      if (!decoder_.feed(std::span<const std::byte>(buffer.data(), got->bytes), std::move(got->fds))) {
         // Too long or malformed: answer if we can, then close this connection only.
         const auto& bad = decoder_.failure();
         tensorreg::log(log_, log_level::warn, "bad frame from pid {} uid {}, closing its connection: {}: {}", peer_.pid,
@@ -83,8 +95,7 @@ class session : public std::enable_shared_from_this<session> {
         break;
       }
       while (auto frame = decoder_.next()) {
-        frame_in in{std::move(frame->payload), std::move(next_frame_fds)};
-        next_frame_fds.clear();
+        frame_in in{std::move(frame->payload), std::move(frame->fds)};
         auto out = co_await asio::co_spawn(workers_.get_executor(), handle_on_worker(dispatch_, *connection_, std::move(in)),
                                            asio::use_awaitable);
         if (out) {

@@ -1,0 +1,108 @@
+// Attacks of one hostile local client on a real tensorregd (issue #15, denial of service): each
+// is answered with its code and message, and the daemon serves on afterwards. Raw frames only,
+// so that every byte and fd the daemon sees is the test's.
+#include "daemon/server.hpp"
+
+#include <catch2/catch.hpp>
+
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "daemon/framing.hpp"
+#include "daemon/unix_socket.hpp"
+#include "support/daemon_process.hpp"
+#include "tensorreg/wire/v1/frame.pb.h"
+
+namespace {
+
+namespace wire = tensorreg::wire::v1;
+using tensorreg::errc;
+using tensorreg::unique_fd;
+using tensorreg::daemon::connect_unix;
+using tensorreg::daemon::encode_frame;
+using tensorreg::daemon::frame_decoder;
+using tensorreg::daemon::receive_some;
+using tensorreg::daemon::send_all;
+using tensorreg::testing::daemon_process;
+
+std::string framed(const wire::Request& r) {
+  std::string payload;
+  r.SerializeToString(&payload);
+  return encode_frame(payload).value();
+}
+
+// The next answer on `fd`, or nullopt when the daemon closed the connection without one.
+std::optional<wire::Response> next_answer(int fd) {
+  frame_decoder decoder(1u << 30);
+  std::vector<std::byte> buffer(4096);
+  for (;;) {
+    if (auto f = decoder.next()) {
+      wire::Response r;
+      REQUIRE(r.ParseFromString(f->payload));
+      return r;
+    }
+    auto got = receive_some(fd, buffer);
+    if (!got || got->bytes == 0) return std::nullopt;
+    REQUIRE(decoder.feed(std::span<const std::byte>(buffer.data(), got->bytes)));
+  }
+}
+
+std::optional<wire::Response> call(int fd, const wire::Request& r) {
+  const auto bytes = framed(r);
+  REQUIRE(send_all(fd, std::as_bytes(std::span(bytes.data(), bytes.size())), {}));
+  return next_answer(fd);
+}
+
+wire::Request stats_request(std::uint64_t id) {
+  wire::Request r;
+  r.set_request_id(id);
+  r.mutable_get_stats();
+  return r;
+}
+
+// The daemon answers GetStats on a fresh connection.
+bool serves(const daemon_process& d) {
+  auto fd = connect_unix(d.socket_path());
+  if (!fd) return false;
+  auto answer = call(fd->get(), stats_request(1));
+  return answer && answer->request_id() == 1 && answer->status().code() == 0;
+}
+
+}  // namespace
+
+TEST_CASE("tensorregd limits: more than 250 fds with one frame are answered INVALID_ARGUMENT before closing",
+          "[daemon][e2e][limits]") {
+  daemon_process d;
+  auto fd = connect_unix(d.socket_path());
+  REQUIRE(fd);
+  // 253 fds (Linux's SCM_MAX_FD) on the sendmsg of one frame; the daemon has room for 250.
+  std::vector<int> fds;
+  for (int i = 0; i < 253; ++i) fds.push_back(STDERR_FILENO);
+  const auto bytes = framed(stats_request(7));
+  std::vector<char> control(CMSG_SPACE(sizeof(int) * fds.size()));
+  iovec iov{const_cast<char*>(bytes.data()), bytes.size()};
+  msghdr msg{};
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  msg.msg_control = control.data();
+  msg.msg_controllen = control.size();
+  cmsghdr* c = CMSG_FIRSTHDR(&msg);
+  c->cmsg_level = SOL_SOCKET;
+  c->cmsg_type = SCM_RIGHTS;
+  c->cmsg_len = CMSG_LEN(sizeof(int) * fds.size());
+  std::memcpy(CMSG_DATA(c), fds.data(), sizeof(int) * fds.size());
+  REQUIRE(::sendmsg(fd->get(), &msg, MSG_NOSIGNAL) == static_cast<ssize_t>(bytes.size()));
+  auto answer = next_answer(fd->get());
+  REQUIRE(answer);
+  CHECK(answer->request_id() == 0);
+  CHECK(answer->status().code() == static_cast<int>(errc::invalid_argument));
+  CHECK(answer->status().message() ==
+        "cannot read frame: more than 250 file descriptors arrived with one message (at most 250 per frame)");
+  CHECK_FALSE(next_answer(fd->get()));  // then the connection closes
+  CHECK(serves(d));
+}
