@@ -256,6 +256,7 @@ result<begin_response> engine::state::begin(begin_request r) {
   detail::begin_context ctx;
   ctx.devices = devices.get();
   ctx.stable_budget = catalogue.cache().budget_bytes();
+  ctx.stable_cache = &catalogue.cache();  // thread-safe on its own: used without the engine mutex
   ctx.resolve_index = [this](const begin_request& request) {
     return detail::resolve_index(request, [this](const std::string& hex_key) {
       std::lock_guard lock(mutex);

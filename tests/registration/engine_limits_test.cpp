@@ -103,3 +103,44 @@ TEST_CASE("engine limits: a commit that throws answers INTERNAL and releases the
   // The engine still serves.
   REQUIRE_OK(t::register_lip(*e, m, me));
 }
+
+TEST_CASE("engine limits: uploads in progress reserve the stable budget at Begin, and give it back when they end",
+          "[registration][engine_limits]") {
+  fake_clock clock;
+  auto options = t::deterministic_options(clock);
+  options.stable_bytes = 100;
+  auto e = t::make_engine(options);
+  const auto m = t::small_model();  // 40 bytes
+  auto first = e->begin(t::stable_begin(m, me));
+  auto second = e->begin(t::stable_begin(m, me));
+  REQUIRE_OK(first);
+  REQUIRE_OK(second);
+  CHECK(e->stats().stable_reserved_bytes == 80);
+  // A third would hold 120 bytes of a 100-byte budget.
+  CHECK_ERROR(e->begin(t::stable_begin(m, me)), errc::resource_exhausted,
+              "cannot begin stable_dram registration: cannot reserve 40 bytes of the stable budget: 20 of 100 bytes "
+              "free (80 reserved by uploads in progress, 0 held by entries that cannot be evicted)");
+  // Abort gives the reservation back.
+  REQUIRE_OK(e->abort(first->registration_id));
+  CHECK(e->stats().stable_reserved_bytes == 40);
+  auto third = e->begin(t::stable_begin(m, me));
+  REQUIRE_OK(third);
+  // Commit turns the reservation into the entry.
+  REQUIRE_OK(t::feed_chunks(*e, second->registration_id, m.canonical_with_pad('\x5a'), 7));
+  auto committed = e->commit(second->registration_id);
+  REQUIRE_OK(committed);
+  CHECK(e->stats().stable_reserved_bytes == 40);
+  CHECK(e->stats().stable_bytes == 40);
+  // Expiry gives it back too; revoke of the TTL-less one as well.
+  e->revoke(third->registration_id, "test");
+  CHECK(e->stats().stable_reserved_bytes == 0);
+  auto timed = t::stable_begin(m, me);
+  timed.ttl_ms = 1000;
+  auto expiring = e->begin(timed);
+  REQUIRE_OK(expiring);
+  CHECK(e->stats().stable_reserved_bytes == 40);
+  clock.advance(std::chrono::seconds(2));
+  e->sweep();
+  CHECK(e->stats().stable_reserved_bytes == 0);
+  CHECK(e->stats().pending_registrations == 0);
+}

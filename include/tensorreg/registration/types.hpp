@@ -240,6 +240,7 @@ struct engine_stats {
   std::uint64_t stable_budget = 0;    ///< 0 = unlimited
   std::uint64_t leased_bytes = 0;     ///< bytes of artifacts held in place by leases
   std::uint64_t stable_evictions = 0;
+  std::uint64_t stable_reserved_bytes = 0;  ///< stable budget held by uploads not committed yet
 };
 
 /// One GPU allocation an artifact's bytes live in, as a reader in another process opens it

@@ -51,6 +51,8 @@ struct registration_facts {
 struct begin_context {
   device_memory* devices = nullptr;  ///< null = no GPU
   std::uint64_t stable_budget = 0;   ///< 0 = unlimited
+  /// The stable DRAM cache, whose budget an upload reserves at Begin; null = none (tests).
+  stable::stable_dram_cache* stable_cache = nullptr;
   /// The request's canonical index (inline or by key). Errors: as engine::begin.
   std::function<result<std::shared_ptr<const index::canonical_index>>(const begin_request&)> resolve_index;
 };

@@ -110,6 +110,13 @@ result<std::unique_ptr<stable_dram>> stable_dram::begin(const begin_request& r, 
                                               std::to_string(ctx.stable_budget) + " bytes");
   }
   std::unique_ptr<stable_dram> p(new stable_dram(std::move(idx)));
+  if (ctx.stable_cache != nullptr) {
+    auto reserved = ctx.stable_cache->reserve(r.total_size);
+    if (!reserved) {
+      return tl::unexpected(with_context(std::move(reserved).error(), "cannot begin stable_dram registration"));
+    }
+    p->reservation_ = std::move(*reserved);
+  }
   stable_dram_handshake hs;
   if (opts.stage_on_gpu) {
     // The client writes its GPU tensors into a daemon-owned device buffer (by its IPC
@@ -178,7 +185,7 @@ result<commit_response> stable_dram::commit(commit_context& ctx) {
     }
     auto& cache = cat.cache();
     const bool had_replica = cache.contains(descriptor.artifact_id);
-    auto admitted = cache.admit(descriptor.artifact_id, p.total_size, copy.replica, admit);
+    auto admitted = cache.admit(descriptor.artifact_id, p.total_size, copy.replica, admit, &reservation_);
     if (!admitted) {
       return tl::unexpected(with_context(std::move(admitted).error(), "cannot commit " + descriptor.artifact_id));
     }
@@ -204,6 +211,7 @@ result<commit_response> stable_dram::commit(commit_context& ctx) {
 void stable_dram::release(regions::region_registry& /*regions*/) noexcept {
   upload_.reset();
   device_staging_.reset();
+  reservation_ = stable::budget_reservation{};
 }
 
 }  // namespace tensorreg::registration::detail
