@@ -138,16 +138,24 @@ artifact* catalogue::find(const std::string& artifact_id) {
 }
 
 artifact& catalogue::add(const artifact_descriptor& d, std::shared_ptr<const index::canonical_index> idx) {
-  auto [it, inserted] = artifacts_.try_emplace(d.artifact_id);
-  if (inserted) {
-    it->second.descriptor = d;
-    it->second.index = idx;
-  }
   // The key is the index digest describe() already computed: hashing a large index twice
   // showed in the metadata path's profile.
   auto digest = hash::decode_multihash(d.index_multihash);
   TENSORREG_ASSERT(digest.has_value());
-  index_store_.try_emplace(hash::to_hex(*digest), std::move(idx));
+  auto& known = index_store_[hash::to_hex(*digest)];
+  auto [it, inserted] = artifacts_.try_emplace(d.artifact_id);
+  if (inserted) {
+    it->second.descriptor = d;
+    // Artifacts with equal indexes share one: the store's entry lives as long as any of them.
+    auto live = known.lock();
+    it->second.index = live ? std::move(live) : std::move(idx);
+  }
+  if (known.expired()) known = it->second.index;
+  if (index_store_.size() >= 2 * index_store_pruned_at_ + 16) {
+    // Amortized: a full pass only after the store doubled since the last one.
+    std::erase_if(index_store_, [](const auto& kv) { return kv.second.expired(); });
+    index_store_pruned_at_ = index_store_.size();
+  }
   return it->second;
 }
 
@@ -165,7 +173,10 @@ void catalogue::add_join(artifact& a, join j) {
 
 std::shared_ptr<const index::canonical_index> catalogue::find_index(const std::string& hex_key) const {
   auto it = index_store_.find(hex_key);
-  return it == index_store_.end() ? nullptr : it->second;
+  if (it == index_store_.end()) return nullptr;
+  auto idx = it->second.lock();
+  if (!idx) index_store_.erase(it);
+  return idx;
 }
 
 void catalogue::erase_if_empty(const std::string& artifact_id) {

@@ -151,7 +151,7 @@ class catalogue {
   artifact& add(const artifact_descriptor& d, std::shared_ptr<const index::canonical_index> idx);
   void add_lease(artifact& a, lease l);
   void add_join(artifact& a, join j);
-  /// An index by its hex sha256 key, or null.
+  /// An index by its hex sha256 key, or null: known for as long as an artifact using it exists.
   [[nodiscard]] std::shared_ptr<const index::canonical_index> find_index(const std::string& hex_key) const;
   /// Drops `artifact_id` if nothing holds it any more.
   void erase_if_empty(const std::string& artifact_id);
@@ -212,7 +212,10 @@ class catalogue {
   stable::stable_dram_cache cache_;
   std::map<std::string, artifact> artifacts_;                                    // by artifact id
   std::unordered_map<std::string, std::string> artifact_of_registration_;        // leases and joins
-  std::unordered_map<std::string, std::shared_ptr<const index::canonical_index>> index_store_;  // by hex key
+  // By hex key. Weak: the artifacts own their indexes, so an index goes with the last artifact
+  // that uses it; expired entries are pruned as the store grows and when looked up.
+  mutable std::unordered_map<std::string, std::weak_ptr<const index::canonical_index>> index_store_;
+  std::size_t index_store_pruned_at_ = 0;  // index_store_'s size after the last prune
 };
 
 /// A read-only fd of the memfd holding `replica`, marked exported (never recycled).

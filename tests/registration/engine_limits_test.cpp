@@ -10,6 +10,7 @@
 #include <stdexcept>
 
 #include "support/engine_helpers.hpp"
+#include "tensorreg/hash/sha256.hpp"
 
 namespace {
 
@@ -143,4 +144,49 @@ TEST_CASE("engine limits: uploads in progress reserve the stable budget at Begin
   e->sweep();
   CHECK(e->stats().stable_reserved_bytes == 0);
   CHECK(e->stats().pending_registrations == 0);
+}
+
+TEST_CASE("engine limits: an index is kept while an artifact uses it and freed with the last one",
+          "[registration][engine_limits]") {
+  fake_clock clock;
+  auto e = t::make_engine(clock);
+  const auto m = t::small_model();
+  auto other_data = m;
+  for (auto& s : other_data.storages) s.bytes = t::pattern(s.bytes.size(), 99);
+  auto first = t::register_stable(*e, m, me);
+  auto second = t::register_stable(*e, other_data, me);
+  REQUIRE_OK(first);
+  REQUIRE_OK(second);
+  REQUIRE(first->descriptor.artifact_id != second->descriptor.artifact_id);
+  REQUIRE(first->descriptor.index_multihash == second->descriptor.index_multihash);
+  const auto key = hash::to_hex(hash::sha256(std::string_view(t::small_model_json)));
+  auto by_key = [&] {
+    auto r = t::stable_begin(m, me);
+    r.tensor_index_data.reset();
+    r.tensor_index_key = key;
+    auto begun = e->begin(r);
+    if (begun) REQUIRE_OK(e->abort(begun->registration_id));
+    return begun;
+  };
+  auto deregister = [&](const std::string& artifact_id) {
+    deregister_request d;
+    d.artifact_id = artifact_id;
+    d.owner_pid = me;
+    auto out = e->deregister(d);
+    REQUIRE_OK(out);
+    CHECK(out->removed);
+  };
+  REQUIRE_OK(by_key());
+  deregister(first->descriptor.artifact_id);
+  REQUIRE_OK(by_key());  // the second artifact still uses it
+  deregister(second->descriptor.artifact_id);
+  CHECK_ERROR(by_key(), errc::not_found, "cannot begin registration: unknown tensor_index_key " + key);
+  // Rounds of put + deregister leave nothing behind: the index is known again after a put.
+  for (int round = 0; round < 3; ++round) {
+    auto again = t::register_stable(*e, m, me);
+    REQUIRE_OK(again);
+    REQUIRE_OK(by_key());
+    deregister(again->descriptor.artifact_id);
+    CHECK_CODE(by_key(), errc::not_found);
+  }
 }
