@@ -120,6 +120,8 @@ class frame_decoder {
   [[nodiscard]] std::size_t partial_bytes() const noexcept {
     return (in_payload_ ? frame_header_bytes : header_filled_) + partial_.payload.size();
   }
+  /// Stream offset of the partial frame's first header byte. REQUIRES: partial_bytes() > 0.
+  [[nodiscard]] std::uint64_t partial_stream_offset() const noexcept { return partial_.stream_offset; }
   /// Bytes allocated for the partial frame's payload: at most the declared length, and
   /// about twice what has arrived (never less than a small first step).
   [[nodiscard]] std::size_t partial_capacity() const noexcept {
