@@ -183,6 +183,7 @@ struct dispatcher::impl {
     }
     TENSORREG_TRY(resolve_device(in));
     auto request = convert::to_region_request(in);
+    request.owner_uid = c.peer.uid;  // the uid's share of the registry
     const auto asked = request.host_shared;
     if (in.has_cuda_vmm()) {
       TENSORREG_TRY(convert::take_vmm_chunks(in, c.fds_in, request));
@@ -215,7 +216,9 @@ struct dispatcher::impl {
     auto& in = *c.request.mutable_register_vram_region();
     TENSORREG_TRY(check_owner(c.peer, in.owner_pid(), "register VRAM region"));
     TENSORREG_TRY(resolve_device(in));
-    TENSORREG_TRY_ASSIGN(auto info, engine.register_region(convert::to_region_request(in)));
+    auto request = convert::to_region_request(in);
+    request.owner_uid = c.peer.uid;
+    TENSORREG_TRY_ASSIGN(auto info, engine.register_region(std::move(request)));
     convert::fill_vram_region(*c.response.mutable_register_vram_region(), info);
     return {};
   }

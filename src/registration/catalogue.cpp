@@ -417,7 +417,10 @@ result<unique_fd> export_replica_fd(const std::shared_ptr<const memory::byte_sou
   // (the CUDA provider's replica pool checks this mark).
   memory->mark_exported();
   unique_fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
-  if (!fd) return fail(errc::internal, verb + ": cannot reopen its memfd read-only: " + std::strerror(errno));
+  if (!fd) {
+    const int e = errno;
+    return fail(errc_of_errno(e, errc::internal), verb + ": cannot reopen its memfd read-only: " + std::strerror(e));
+  }
   return fd;
 }
 

@@ -106,7 +106,8 @@ struct engine::state {
         time(*options.time),
         log(options.log != nullptr ? *options.log : null_logger()),
         pool(options.hash_threads != 0 ? options.hash_threads - 1 : std::max(1u, std::thread::hardware_concurrency()) - 1),
-        regions(time, regions::registry_options{options.region_capacity, std::chrono::minutes(10)}),
+        regions(time, regions::registry_options{options.region_capacity, options.region_capacity_per_uid,
+                                                std::chrono::minutes(10)}),
         devices(options.devices),
         catalogue(regions, options.stable_bytes, time, stable::cache_hooks{{}, [this](const stable::evicted_entry& e) {
                     tensorreg::log(log, log_level::info, "stable DRAM cache evicted artifact {} ({} bytes): {}", e.key,
@@ -173,6 +174,20 @@ struct engine::state {
       return fail(errc::deadline_exceeded, "cannot " + std::string(verb) + " registration '" + id + "': its TTL expired");
     }
     return p;
+  }
+
+  // One owner's pending registrations (each may hold staging memory and fds until its TTL)
+  // stay within max_pending_per_owner. Errors: RESOURCE_EXHAUSTED.
+  status check_pending_share_locked(std::int32_t owner_pid) const {
+    const auto cap = options.max_pending_per_owner;
+    if (cap == 0 || pending.count_of(owner_pid) < cap) return {};
+    return fail(errc::resource_exhausted, "cannot begin registration: owner_pid " + std::to_string(owner_pid) +
+                                              " already has its maximum of " + std::to_string(cap) +
+                                              " pending registrations");
+  }
+  status check_pending_share(std::int32_t owner_pid) const {
+    std::lock_guard lock(mutex);
+    return check_pending_share_locked(owner_pid);
   }
 
   result<begin_response> begin(begin_request r);
@@ -247,6 +262,7 @@ result<begin_response> engine::state::begin(begin_request r) {
                                               std::to_string(options.max_total_size) + " bytes");
   }
 
+  TENSORREG_TRY(check_pending_share(r.owner_pid));  // before anything is allocated
   detail::registration_facts facts{new_registration_id(), r.owner_pid, r.device_id, r.total_size,
                                    r.client_artifact_id, std::move(*resolved)};
   begin_response response;
@@ -271,6 +287,7 @@ result<begin_response> engine::state::begin(begin_request r) {
   // (watching first could run release_owner before the registration was there to release).
   {
     std::lock_guard lock(mutex);
+    TENSORREG_TRY(check_pending_share_locked(r.owner_pid));  // others may have begun meanwhile
     pending.insert(p);
   }
   if (auto watched = watch_owner(r.owner_pid); !watched) {

@@ -141,7 +141,8 @@ void pending_registration::release(regions::region_registry& regions) {
 
 void pending_table::insert(std::shared_ptr<pending_registration> p) {
   auto id = p->id();
-  by_id_.emplace(std::move(id), std::move(p));
+  const auto owner = p->owner_pid();
+  if (by_id_.emplace(std::move(id), std::move(p)).second) ++per_owner_[owner];
 }
 
 std::shared_ptr<pending_registration> pending_table::find(const std::string& id) const {
@@ -149,7 +150,19 @@ std::shared_ptr<pending_registration> pending_table::find(const std::string& id)
   return it == by_id_.end() ? nullptr : it->second;
 }
 
-void pending_table::erase(const std::string& id) { by_id_.erase(id); }
+void pending_table::erase(const std::string& id) {
+  auto it = by_id_.find(id);
+  if (it == by_id_.end()) return;
+  auto count = per_owner_.find(it->second->owner_pid());
+  TENSORREG_ASSERT(count != per_owner_.end() && count->second > 0);
+  if (--count->second == 0) per_owner_.erase(count);
+  by_id_.erase(it);
+}
+
+std::size_t pending_table::count_of(std::int32_t owner_pid) const {
+  auto it = per_owner_.find(owner_pid);
+  return it == per_owner_.end() ? 0 : it->second;
+}
 
 std::vector<std::shared_ptr<pending_registration>> pending_table::all() const {
   std::vector<std::shared_ptr<pending_registration>> out;

@@ -138,6 +138,8 @@ class pending_table {
   void erase(const std::string& id);
   [[nodiscard]] std::vector<std::shared_ptr<pending_registration>> all() const;
   [[nodiscard]] std::size_t size() const noexcept { return by_id_.size(); }
+  /// Pending registrations of `owner_pid`.
+  [[nodiscard]] std::size_t count_of(std::int32_t owner_pid) const;
 
   /// Remembers that `id` expired at `now`.
   void bury(const std::string& id, clock::time_point now);
@@ -149,6 +151,7 @@ class pending_table {
 
  private:
   std::unordered_map<std::string, std::shared_ptr<pending_registration>> by_id_;
+  std::unordered_map<std::int32_t, std::size_t> per_owner_;  // entries of by_id_ by owner_pid
   std::unordered_map<std::string, clock::time_point> tombstones_;
 };
 

@@ -195,3 +195,29 @@ TEST_CASE("tensorregd limits: a lease of 1 EiB is refused at Begin, naming the s
                                       "engine's limit of 1099511627776 bytes");
   CHECK(serves(d));
 }
+
+TEST_CASE("tensorregd limits: one uid's regions stay within --max-regions-per-uid", "[daemon][e2e][limits]") {
+  daemon_process d({"--max-regions-per-uid", "1"});
+  auto fd = connect_unix(d.socket_path());
+  REQUIRE(fd);
+  auto region = [](std::uint64_t id) {
+    wire::Request r;
+    r.set_request_id(id);
+    auto* g = r.mutable_register_region();
+    g->set_memory_kind(tensorcast::daemon::v2::REGION_MEMORY_KIND_HOST_SHARED);
+    g->set_owner_pid(::getpid());
+    g->set_size_bytes(4096);
+    g->mutable_host_shared()->set_daemon_managed(true);
+    g->mutable_host_shared()->set_region_class(tensorcast::daemon::v2::HOST_SHARED_REGION_CLASS_SCRATCH);
+    return r;
+  };
+  auto first = call(fd->get(), region(1));
+  REQUIRE(first);
+  CHECK(first->status().code() == 0);
+  auto second = call(fd->get(), region(2));
+  REQUIRE(second);
+  CHECK(second->status().code() == static_cast<int>(errc::resource_exhausted));
+  CHECK(second->status().message() == "cannot register region: uid " + std::to_string(::getuid()) +
+                                          " holds its share of 1 of the registry's 4096 regions");
+  CHECK(serves(d));
+}

@@ -190,3 +190,52 @@ TEST_CASE("engine limits: an index is kept while an artifact uses it and freed w
     CHECK_CODE(by_key(), errc::not_found);
   }
 }
+
+TEST_CASE("engine limits: one owner's pending registrations stay within max_pending_per_owner",
+          "[registration][engine_limits]") {
+  fake_clock clock;
+  auto options = t::deterministic_options(clock);
+  options.max_pending_per_owner = 2;
+  auto e = t::make_engine(options);
+  auto a = e->begin(t::lip_begin(40, me));
+  auto b = e->begin(t::lip_begin(40, me));
+  REQUIRE_OK(a);
+  REQUIRE_OK(b);
+  const std::string message = "cannot begin registration: owner_pid " + std::to_string(me) +
+                              " already has its maximum of 2 pending registrations";
+  CHECK_ERROR(e->begin(t::lip_begin(40, me)), errc::resource_exhausted, message);
+  CHECK_ERROR(e->begin(t::stable_begin(t::small_model(), me)), errc::resource_exhausted, message);
+  // Another owner is not affected (the engine is told owner pids; this one need not watch them).
+  REQUIRE_OK(e->begin(t::lip_begin(40, me + 1)));
+  // An ended registration gives its place back: abort, commit, revoke.
+  REQUIRE_OK(e->abort(a->registration_id));
+  auto c = e->begin(t::lip_begin(40, me));
+  REQUIRE_OK(c);
+  e->revoke(b->registration_id, "test");
+  REQUIRE_OK(t::register_lip(*e, t::small_model(), me));
+  CHECK(e->stats().pending_registrations == 2);
+}
+
+TEST_CASE("engine limits: one uid's regions stay within its share of the registry", "[registration][engine_limits]") {
+  fake_clock clock;
+  auto options = t::deterministic_options(clock);
+  options.region_capacity = 4;
+  options.region_capacity_per_uid = 2;
+  auto e = t::make_engine(options);
+  auto of_uid = [](std::uint32_t uid) {
+    auto r = host_region(4096);
+    r.owner_uid = uid;
+    return r;
+  };
+  auto first = e->register_region(of_uid(1000));
+  REQUIRE_OK(first);
+  REQUIRE_OK(e->register_region(of_uid(1000)));
+  CHECK_ERROR(e->register_region(of_uid(1000)), errc::resource_exhausted,
+              "cannot register region: uid 1000 holds its share of 2 of the registry's 4 regions");
+  // Root still gets in, and so do callers the engine is not told the uid of.
+  REQUIRE_OK(e->register_region(of_uid(0)));
+  REQUIRE_OK(e->register_region(host_region(4096)));
+  // A region that goes gives its place back.
+  REQUIRE_OK(e->unregister_region(first->id, me, false));
+  REQUIRE_OK(e->register_region(of_uid(1000)));
+}
