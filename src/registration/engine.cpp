@@ -370,7 +370,13 @@ result<commit_response> engine::state::commit(const std::string& registration_id
   TENSORREG_TRY_ASSIGN(auto p, find_open(registration_id, "commit"));
   TENSORREG_TRY(p->begin_commit());
   detail::commit_context ctx{p->facts(), [&p] { return p->ttl_ms(); }, catalogue, mutex, pool, devices.get(), time};
+  ctx.cancelled = p->commit_cancel();  // revoke and owner death stop the hashing and copying
   result<commit_response> out = guarded_commit(p->committing_plan(), ctx, registration_id);
+  if (!out && out.error().code == errc::cancelled) {
+    ctx.retryable = false;
+    out = fail(errc::cancelled, "cannot commit registration '" + registration_id +
+                                    "': cancelled: it was revoked or its owner exited while it was committed");
+  }
   // Only errors the client can fix by feeding more keep the registration open; other
   // FAILED_PRECONDITIONs (no GPU for a CUDA storage, a quiesced artifact, a "must" stable tier
   // with nothing to copy) would otherwise leave it, and its region refs, held until its TTL or

@@ -110,6 +110,7 @@ commit_end pending_registration::finish_commit(commit_outcome outcome) {
   commit_end end;
   if (outcome == commit_outcome::retryable) {
     state_.phase = pending_phase::open;
+    cancel_.store(false);
     end.stays_open = true;
     end.drop = std::exchange(state_.drop_after_commit, false);
     return end;
@@ -123,7 +124,10 @@ bool pending_registration::request_drop() {
   std::lock_guard lock(mutex_);
   switch (state_.phase) {
     case pending_phase::open: state_.phase = pending_phase::dropped; return true;
-    case pending_phase::committing: state_.drop_after_commit = true; return false;
+    case pending_phase::committing:
+      state_.drop_after_commit = true;
+      cancel_.store(true);  // the commit's work is for nobody now: stop it early
+      return false;
     case pending_phase::committed:
     case pending_phase::dropped: break;
   }

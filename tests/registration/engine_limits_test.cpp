@@ -7,7 +7,9 @@
 
 #include <unistd.h>
 
+#include <chrono>
 #include <stdexcept>
+#include <thread>
 
 #include "support/engine_helpers.hpp"
 #include "tensorreg/hash/sha256.hpp"
@@ -32,6 +34,28 @@ class throwing_bytes final : public memory::byte_source {
 
  private:
   std::uint64_t size_;
+};
+
+// Zeros that take `per_read` to read, each time they are visited (a commit hashes one 4 MiB
+// leaf per visit): a commit that takes long enough to be interrupted.
+class slow_zeros final : public memory::byte_source {
+ public:
+  slow_zeros(std::uint64_t size, std::chrono::milliseconds per_read) : size_(size), per_read_(per_read) {}
+  [[nodiscard]] std::uint64_t size() const noexcept override { return size_; }
+  [[nodiscard]] status visit(std::uint64_t, std::uint64_t length, memory::piece_sink sink) const override {
+    std::this_thread::sleep_for(per_read_);
+    static const std::vector<std::byte> zeros(1 << 20);
+    while (length > 0) {
+      const auto n = std::min<std::uint64_t>(length, zeros.size());
+      TENSORREG_TRY(sink(std::span<const std::byte>(zeros.data(), n)));
+      length -= n;
+    }
+    return {};
+  }
+
+ private:
+  std::uint64_t size_;
+  std::chrono::milliseconds per_read_;
 };
 
 regions::register_request host_region(std::uint64_t size) {
@@ -238,4 +262,62 @@ TEST_CASE("engine limits: one uid's regions stay within its share of the registr
   // A region that goes gives its place back.
   REQUIRE_OK(e->unregister_region(first->id, me, false));
   REQUIRE_OK(e->register_region(of_uid(1000)));
+}
+
+TEST_CASE("engine limits: an owner that exits mid-commit is released at once, its commit CANCELLED",
+          "[registration][engine_limits][cancel]") {
+  using std::chrono::milliseconds;
+  using std::chrono::steady_clock;
+  fake_clock clock;
+  auto options = t::deterministic_options(clock);
+  options.hash_threads = 1;  // one leaf at a time: 16 leaves take 16 × 100 ms
+  auto e = t::make_engine(options);
+  constexpr std::uint64_t size = 64 << 20;
+  t::model m;
+  m.storages = {{"s0", std::string(size, '\0')}};
+  m.tensors = {{"w", "s0", {static_cast<std::int64_t>(size / 4)}, {1}, "torch.float32", 0, size}};
+  auto region = e->register_region(host_region(4096));
+  REQUIRE_OK(region);
+  auto begun = e->begin(t::lip_begin(m.total_size(), me));
+  REQUIRE_OK(begun);
+  const auto id = begun->registration_id;
+  storage_entry s0;
+  s0.storage_id = "s0";
+  s0.storage_length = size;
+  s0.source = host_storage_source{std::make_shared<slow_zeros>(size, milliseconds(100))};
+  REQUIRE_OK(e->feed(t::lip_feed(id, m, {{"s0", s0}})));
+
+  SECTION("owner death") {
+    std::optional<result<commit_response>> out;
+    steady_clock::time_point done;
+    std::thread committer([&] {
+      out = e->commit(id);
+      done = steady_clock::now();
+    });
+    std::this_thread::sleep_for(milliseconds(250));  // the commit is hashing now
+    const auto released = steady_clock::now();
+    e->release_owner(me);
+    committer.join();
+    REQUIRE(out);
+    CHECK_ERROR(*out, errc::cancelled,
+                "cannot commit registration '" + id +
+                    "': cancelled: it was revoked or its owner exited while it was committed");
+    // Within one leaf (100 ms) and some slack; the whole hash would take 1.6 s.
+    CHECK(done - released < milliseconds(600));
+    CHECK(e->stats().pending_registrations == 0);
+  }
+  SECTION("revoke") {
+    std::optional<result<commit_response>> out;
+    std::thread committer([&] { out = e->commit(id); });
+    std::this_thread::sleep_for(milliseconds(250));
+    const auto revoked = steady_clock::now();
+    e->revoke(id, "test");
+    committer.join();
+    CHECK(steady_clock::now() - revoked < milliseconds(600));
+    REQUIRE(out);
+    CHECK_CODE(*out, errc::cancelled);
+    CHECK(e->stats().pending_registrations == 0);
+  }
+  // The engine still serves, and a commit that nobody cancels is not cancelled.
+  REQUIRE_OK(t::register_lip(*e, t::small_model(), me));
 }

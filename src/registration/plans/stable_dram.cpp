@@ -171,7 +171,7 @@ result<commit_response> stable_dram::commit(commit_context& ctx) {
   }
   // Keep a private host copy, hashed as it is made: the client still maps the staging memory
   // and could change it.
-  TENSORREG_TRY_ASSIGN(auto copy, materialize(*normalized, p.cgid.empty(), ctx.pool, ctx.devices));
+  TENSORREG_TRY_ASSIGN(auto copy, materialize(*normalized, p.cgid.empty(), ctx.pool, ctx.devices, ctx.cancelled));
   auto descriptor = describe(p, *index_, copy.data_digest);
 
   commit_response response;
