@@ -83,6 +83,7 @@ class session : public std::enable_shared_from_this<session> {
                               std::to_string(max_fds_per_frame) + " per frame)"};
           tensorreg::log(log_, log_level::warn, "bad frame from pid {} uid {}, closing its connection: {}: {}",
                          peer_.pid, peer_.uid, errc_name(bad.code), bad.message);
+          busy_ = true;  // the watchdog must not write into this answer
           co_await write(dispatch_.reject(bad));
         }
         break;
@@ -96,6 +97,7 @@ class session : public std::enable_shared_from_this<session> {
         const auto& bad = decoder_.failure();
         tensorreg::log(log_, log_level::warn, "bad frame from pid {} uid {}, closing its connection: {}: {}", peer_.pid,
                        peer_.uid, errc_name(bad.code), bad.message);
+        busy_ = true;  // the watchdog must not write into this answer
         co_await write(dispatch_.reject(bad));
         break;
       }
