@@ -128,7 +128,9 @@ struct dispatcher::impl {
     auto& in = *c.request.mutable_begin_register_artifact();
     TENSORREG_TRY(check_owner(c.peer, in.owner_pid(), "begin registration"));
     TENSORREG_TRY(resolve_device(in));
-    TENSORREG_TRY_ASSIGN(auto begun, engine.begin(convert::to_begin(in)));
+    auto request = convert::to_begin(in);
+    request.owner_uid = c.peer.uid;  // the uid's share of the stable cache
+    TENSORREG_TRY_ASSIGN(auto begun, engine.begin(std::move(request)));
     auto* hs = std::get_if<reg::stable_dram_handshake>(&begun.handshake);
     if (hs != nullptr && hs->publish && hs->publish->memory) {
       auto fd = hs->publish->memory->duplicate_fd();

@@ -52,6 +52,9 @@ constexpr const char* kUsage =
     "  --max-pending-per-pid N  most registrations one process may have begun and not ended\n"
     "                           (0 = no limit; default 1024)\n"
     "  --max-regions-per-uid N  most regions of one uid (0 = only the registry's 4096; default 1024)\n"
+    "  --max-stable-entries-per-uid N\n"
+    "                           most stable DRAM cache entries one uid's commits create, each an\n"
+    "                           open memfd (0 = no limit; default 4096)\n"
     "  --workers N              request worker threads (default: one per core)\n"
     "  --log-level LEVEL        trace|debug|info|warn|error|off (default info; debug: each RPC)\n"
     "  --trust-client-pids      accept owner_pid other than the peer's from root or our uid\n";
@@ -68,6 +71,7 @@ struct options {
   std::uint64_t max_total_size = std::uint64_t{1} << 40;
   std::size_t max_pending_per_pid = 1024;
   std::size_t max_regions_per_uid = 1024;
+  std::size_t max_stable_entries_per_uid = 4096;
   unsigned workers = 0;
   tensorreg::log_level log_level = tensorreg::log_level::info;
   bool trust_client_pids = false;
@@ -108,7 +112,8 @@ int parse_options(const std::vector<std::string>& args, options& o) {
         o.log_level = *level;
       }
     } else if (a == "--max-sessions-per-uid" || a == "--idle-timeout-ms" || a == "--frame-timeout-ms" ||
-               a == "--max-total-size" || a == "--max-pending-per-pid" || a == "--max-regions-per-uid") {
+               a == "--max-total-size" || a == "--max-pending-per-pid" || a == "--max-regions-per-uid" ||
+               a == "--max-stable-entries-per-uid") {
       const auto* v = value();
       if (v == nullptr) return bad(a + " needs a value");
       bool ok = a == "--max-sessions-per-uid"  ? parse_number(*v, o.max_sessions_per_uid)
@@ -116,6 +121,7 @@ int parse_options(const std::vector<std::string>& args, options& o) {
                 : a == "--frame-timeout-ms"    ? parse_number(*v, o.frame_timeout_ms)
                 : a == "--max-pending-per-pid" ? parse_number(*v, o.max_pending_per_pid)
                 : a == "--max-regions-per-uid" ? parse_number(*v, o.max_regions_per_uid)
+                : a == "--max-stable-entries-per-uid" ? parse_number(*v, o.max_stable_entries_per_uid)
                                                : parse_number(*v, o.max_total_size);
       if (!ok) return bad(a + " needs a number (0 = no limit), got '" + *v + "'");
     } else if (a == "--stable-bytes" || a == "--replica-pool-bytes" || a == "--max-frame-bytes" ||
@@ -159,6 +165,7 @@ int serve(const options& o, tensorreg::logger& log) {
   eo.max_total_size = o.max_total_size;
   eo.max_pending_per_owner = o.max_pending_per_pid;
   eo.region_capacity_per_uid = o.max_regions_per_uid;
+  eo.max_stable_entries_per_uid = o.max_stable_entries_per_uid;
 #if TENSORREG_HAVE_CUDA
   // GPU memory when a device is present; otherwise CUDA-only requests fail FAILED_PRECONDITION.
   tensorreg::cuda::device_memory_provider::options device_options;

@@ -119,8 +119,38 @@ std::size_t reader_gate::wait_drained(std::chrono::milliseconds timeout) {
 // ---- catalogue -------------------------------------------------------------------------------
 
 catalogue::catalogue(regions::region_registry& regions, std::uint64_t stable_bytes, const clock& time,
-                     stable::cache_hooks hooks)
-    : regions_(regions), cache_(stable_bytes, time, std::move(hooks)) {}
+                     stable::cache_hooks hooks, std::size_t stable_entries_per_uid)
+    : regions_(regions), stable_entries_per_uid_(stable_entries_per_uid), cache_(stable_bytes, time, [&] {
+        // An evicted entry no longer counts against the uid that created it.
+        auto on_evict = std::move(hooks.on_evict);
+        hooks.on_evict = [this, on_evict = std::move(on_evict)](const stable::evicted_entry& e) {
+          forget_stable_entry(e.key);
+          if (on_evict) on_evict(e);
+        };
+        return std::move(hooks);
+      }()) {}
+
+status catalogue::check_stable_share(std::optional<std::uint32_t> uid, const std::string& verb) const {
+  if (!uid || stable_entries_per_uid_ == 0) return {};
+  auto it = stable_entries_of_uid_.find(*uid);
+  if (it == stable_entries_of_uid_.end() || it->second < stable_entries_per_uid_) return {};
+  return fail(errc::resource_exhausted, verb + ": uid " + std::to_string(*uid) + " already keeps its maximum of " +
+                                            std::to_string(stable_entries_per_uid_) +
+                                            " artifacts in the stable DRAM cache");
+}
+
+void catalogue::note_stable_entry(const std::string& artifact_id, std::optional<std::uint32_t> uid) {
+  if (!uid) return;
+  if (stable_entry_uid_.emplace(artifact_id, *uid).second) ++stable_entries_of_uid_[*uid];
+}
+
+void catalogue::forget_stable_entry(const std::string& artifact_id) {
+  auto it = stable_entry_uid_.find(artifact_id);
+  if (it == stable_entry_uid_.end()) return;
+  auto count = stable_entries_of_uid_.find(it->second);
+  if (count != stable_entries_of_uid_.end() && --count->second == 0) stable_entries_of_uid_.erase(count);
+  stable_entry_uid_.erase(it);
+}
 
 bool catalogue::is_empty(const std::string& id, const artifact& a) const {
   return a.leases.empty() && a.joins.empty() && a.gpu_replicas.empty() && !cache_.contains(id);
@@ -316,6 +346,7 @@ std::optional<removed_artifact> catalogue::remove(const std::string& artifact_id
   out.leases = it->second.leases.size();
   out.joins = it->second.joins.size();
   cache_.remove(artifact_id);
+  forget_stable_entry(artifact_id);
   artifacts_.erase(it);
   return out;
 }

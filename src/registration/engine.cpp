@@ -109,10 +109,12 @@ struct engine::state {
         regions(time, regions::registry_options{options.region_capacity, options.region_capacity_per_uid,
                                                 std::chrono::minutes(10)}),
         devices(options.devices),
-        catalogue(regions, options.stable_bytes, time, stable::cache_hooks{{}, [this](const stable::evicted_entry& e) {
+        catalogue(regions, options.stable_bytes, time,
+                  stable::cache_hooks{{}, [this](const stable::evicted_entry& e) {
                     tensorreg::log(log, log_level::info, "stable DRAM cache evicted artifact {} ({} bytes): {}", e.key,
                                    e.size_bytes, eviction_reason_name(e.reason));
-                  }}) {}
+                  }},
+                  options.max_stable_entries_per_uid) {}
 
   status watch_owner(std::int32_t pid) {
     if (!owners) return {};
@@ -263,8 +265,13 @@ result<begin_response> engine::state::begin(begin_request r) {
   }
 
   TENSORREG_TRY(check_pending_share(r.owner_pid));  // before anything is allocated
+  if (std::holds_alternative<stable_dram_options>(r.plan)) {
+    // Before the upload: a uid that keeps its share of the cache would only be refused at Commit.
+    std::lock_guard lock(mutex);
+    TENSORREG_TRY(catalogue.check_stable_share(r.owner_uid, "cannot begin stable_dram registration"));
+  }
   detail::registration_facts facts{new_registration_id(), r.owner_pid, r.device_id, r.total_size,
-                                   r.client_artifact_id, std::move(*resolved)};
+                                   r.client_artifact_id, std::move(*resolved), r.owner_uid};
   begin_response response;
   response.registration_id = facts.id;
   response.device_id = r.device_id;

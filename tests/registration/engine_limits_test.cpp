@@ -321,3 +321,37 @@ TEST_CASE("engine limits: an owner that exits mid-commit is released at once, it
   // The engine still serves, and a commit that nobody cancels is not cancelled.
   REQUIRE_OK(t::register_lip(*e, t::small_model(), me));
 }
+
+TEST_CASE("engine limits: one uid's puts keep at most max_stable_entries_per_uid cache entries",
+          "[registration][engine_limits]") {
+  fake_clock clock;
+  auto options = t::deterministic_options(clock);
+  options.max_stable_entries_per_uid = 2;
+  auto e = t::make_engine(options);
+  auto put = [&](std::uint32_t seed, std::optional<std::uint32_t> uid) -> result<commit_response> {
+    auto m = t::small_model();
+    for (auto& s : m.storages) s.bytes = t::pattern(s.bytes.size(), seed);
+    auto r = t::stable_begin(m, me);
+    r.owner_uid = uid;
+    TENSORREG_TRY_ASSIGN(auto begun, e->begin(r));
+    TENSORREG_TRY(t::feed_chunks(*e, begun.registration_id, m.canonical(), 64));
+    return e->commit(begun.registration_id);
+  };
+  auto first = put(1, 1000);
+  REQUIRE_OK(first);
+  REQUIRE_OK(put(2, 1000));
+  CHECK_ERROR(put(3, 1000), errc::resource_exhausted,
+              "cannot begin stable_dram registration: uid 1000 already keeps its maximum of 2 artifacts in the stable "
+              "DRAM cache");
+  // A put that joins an entry creates none, so it is not refused at Commit; other uids, and callers
+  // the engine is not told the uid of, are not counted.
+  REQUIRE_OK(put(3, 0));
+  REQUIRE_OK(put(4, std::nullopt));
+  // A removed entry gives its place back.
+  deregister_request d;
+  d.artifact_id = first->descriptor.artifact_id;
+  d.owner_pid = me;
+  REQUIRE_OK(e->deregister(d));
+  REQUIRE_OK(put(5, 1000));
+  CHECK_CODE(put(6, 1000), errc::resource_exhausted);
+}

@@ -67,6 +67,9 @@ struct engine_options {
   /// Most pending registrations (Begin without Commit or Abort yet) of one owner_pid; 0 = no
   /// limit. Each may hold staging memory and fds until its TTL.
   std::size_t max_pending_per_owner = 1024;
+  /// Most stable DRAM cache entries that the commits of one uid (begin_request::owner_uid)
+  /// created, each a memfd the daemon keeps open; 0 = no limit.
+  std::size_t max_stable_entries_per_uid = 4096;
   /// Largest total_size a Begin accepts; 0 = no limit. Every commit holds per-leaf state in
   /// proportion to its size, so a size no memory could back is refused before anything is
   /// allocated for it.

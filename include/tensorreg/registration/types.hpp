@@ -65,6 +65,9 @@ struct begin_request {
   /// View registration (registration.md §7) is not implemented yet: UNIMPLEMENTED.
   bool has_view = false;
   std::string client_artifact_id;  ///< "" = MI2 artifact, else a cgid
+  /// The uid of the process that asks (the daemon sets its peer's), for the per-uid share of
+  /// the stable DRAM cache; unset = not counted against any uid.
+  std::optional<std::uint32_t> owner_uid;
 };
 
 /// The stable-DRAM publish buffer: a memfd the client maps and writes, then reports ranges.

@@ -177,9 +177,11 @@ local_stable_tier_result apply_local_stable_tier(commit_context& ctx, const std:
                                        hash::encode_multihash(*copy.data_digest) + ")");
     }
     std::lock_guard lock(ctx.catalogue_mutex);
+    TENSORREG_TRY(ctx.cat.check_stable_share(ctx.facts.owner_uid, "cannot admit it"));
     auto admitted = ctx.cat.cache().admit(artifact_id, size, copy.replica, admit);
     if (!admitted) return tl::unexpected(std::move(admitted).error());
     if (!admitted->admitted) return fail(errc::resource_exhausted, admitted->skip_reason);
+    if (!admitted->upgraded) ctx.cat.note_stable_entry(artifact_id, ctx.facts.owner_uid);
     return {};
   };
   auto done = attempt();

@@ -45,6 +45,7 @@ struct registration_facts {
   std::uint64_t total_size = 0;
   std::string cgid;  ///< empty: an mi2 id is computed
   policy::resolved_policy policy;
+  std::optional<std::uint32_t> owner_uid{};  ///< for the per-uid share of the stable cache
 };
 
 /// What a plan's begin may use.

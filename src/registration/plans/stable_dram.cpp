@@ -185,6 +185,7 @@ result<commit_response> stable_dram::commit(commit_context& ctx) {
     }
     auto& cache = cat.cache();
     const bool had_replica = cache.contains(descriptor.artifact_id);
+    if (!had_replica) TENSORREG_TRY(cat.check_stable_share(p.owner_uid, "cannot commit " + descriptor.artifact_id));
     auto admitted = cache.admit(descriptor.artifact_id, p.total_size, copy.replica, admit, &reservation_);
     if (!admitted) {
       return tl::unexpected(with_context(std::move(admitted).error(), "cannot commit " + descriptor.artifact_id));
@@ -193,6 +194,7 @@ result<commit_response> stable_dram::commit(commit_context& ctx) {
       return fail(errc::resource_exhausted, "cannot commit " + descriptor.artifact_id +
                                                 ": the stable cache did not keep it: " + admitted->skip_reason);
     }
+    if (!had_replica) cat.note_stable_entry(descriptor.artifact_id, p.owner_uid);
     auto& a = cat.add(descriptor, index_);
     if (had_replica) {
       // Idempotent join (§4.5): the new copy is dropped; the join is remembered so that Revoke
