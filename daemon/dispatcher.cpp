@@ -8,6 +8,9 @@
 #include <cerrno>
 #include <chrono>
 #include <cstring>
+#include <exception>
+#include <new>
+#include <optional>
 #include <string>
 #include <unordered_map>
 #include <utility>
@@ -140,7 +143,9 @@ struct dispatcher::impl {
     auto& in = *c.request.mutable_begin_register_artifact();
     TENSORREG_TRY(check_owner(c.peer, in.owner_pid(), "begin registration"));
     TENSORREG_TRY(resolve_device(in));
-    TENSORREG_TRY_ASSIGN(auto begun, engine.begin(convert::to_begin(in)));
+    auto request = convert::to_begin(in);
+    request.owner_uid = c.peer.uid;  // the uid's share of the stable cache
+    TENSORREG_TRY_ASSIGN(auto begun, engine.begin(std::move(request)));
     auto* hs = std::get_if<reg::stable_dram_handshake>(&begun.handshake);
     if (hs != nullptr && hs->publish && hs->publish->memory) {
       auto fd = hs->publish->memory->duplicate_fd();
@@ -200,6 +205,7 @@ struct dispatcher::impl {
     }
     TENSORREG_TRY(resolve_device(in));
     auto request = convert::to_region_request(in);
+    request.owner_uid = c.peer.uid;  // the uid's share of the registry
     const auto asked = request.host_shared;
     if (in.has_cuda_vmm()) {
       TENSORREG_TRY(convert::take_vmm_chunks(in, c.fds_in, request));
@@ -232,7 +238,9 @@ struct dispatcher::impl {
     auto& in = *c.request.mutable_register_vram_region();
     TENSORREG_TRY(check_owner(c.peer, in.owner_pid(), "register VRAM region"));
     TENSORREG_TRY(resolve_device(in));
-    TENSORREG_TRY_ASSIGN(auto info, engine.register_region(convert::to_region_request(in)));
+    auto request = convert::to_region_request(in);
+    request.owner_uid = c.peer.uid;
+    TENSORREG_TRY_ASSIGN(auto info, engine.register_region(std::move(request)));
     convert::fill_vram_region(*c.response.mutable_register_vram_region(), info);
     return {};
   }
@@ -572,7 +580,21 @@ dispatcher::connection_ptr dispatcher::open_connection(const peer_credentials& p
 std::optional<frame_out> dispatcher::handle(connection& conn, frame_in frame) {
   const auto started = std::chrono::steady_clock::now();
   wire::Request request;
-  auto out = impl_->dispatch(conn, request, std::move(frame));
+  std::optional<answer> out;
+  // The session boundary: whatever a handler throws is answered, never lost with the client
+  // left waiting (an id-0 answer when the request could not even be read).
+  try {
+    out = impl_->dispatch(conn, request, std::move(frame));
+  } catch (const std::bad_alloc&) {
+    out = error_answer(request.request_id(), error{errc::resource_exhausted, "cannot handle request: out of memory"});
+  } catch (const std::exception& e) {
+    out = error_answer(request.request_id(),
+                       error{errc::internal, fmt::format("cannot handle request: {}", e.what())});
+  }
+  if (out && out->response.status().code() != 0) {
+    // A stream answered with an error takes no more frames (as a handler's own error does).
+    if (auto it = conn.streams().find(request.request_id()); it != conn.streams().end()) it->second.failed = true;
+  }
   impl_->log_rpc(conn.peer(), request, out, started);
   if (!out) return std::nullopt;
   return serialize(std::move(*out));

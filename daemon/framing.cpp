@@ -55,6 +55,25 @@ status frame_decoder::feed(std::string_view bytes) {
   return feed(std::as_bytes(std::span<const char>(bytes.data(), bytes.size())));
 }
 
+status frame_decoder::feed(std::span<const std::byte> bytes, std::vector<unique_fd> fds) {
+  // The frames this call completes are appended to ready_ from `first` on, in stream order.
+  const std::size_t first = ready_.size();
+  const std::uint64_t start = bytes_fed_;
+  TENSORREG_TRY(feed(bytes));
+  if (fds.empty()) return {};
+  decoded_frame* to = nullptr;
+  if (partial_bytes() > 0 && partial_.stream_offset >= start) {
+    to = &partial_;  // the last frame to begin here is still in progress
+  } else {
+    for (std::size_t i = first; i < ready_.size(); ++i) {
+      if (ready_[i].stream_offset >= start) to = &ready_[i];
+    }
+  }
+  if (to == nullptr) to = first < ready_.size() ? &ready_[first] : &partial_;  // no frame begins here
+  for (auto& fd : fds) to->fds.push_back(std::move(fd));
+  return {};
+}
+
 status frame_decoder::feed(std::span<const std::byte> bytes) {
   if (failure_) {
     bytes_fed_ += bytes.size();

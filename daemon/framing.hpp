@@ -14,7 +14,8 @@
 //
 // Thread-safety: `frame_decoder` is a plain value with no internal locking; use one per
 // connection from one thread (or strand) at a time. The free functions are pure.
-// Ownership: the decoder copies what it is fed; returned payloads are owned by the caller.
+// Ownership: the decoder copies what it is fed and owns the fds fed to it until their frame is
+// taken; returned payloads and fds are owned by the caller.
 #pragma once
 
 #include <array>
@@ -25,8 +26,10 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "tensorreg/common/error.hpp"
+#include "tensorreg/common/unique_fd.hpp"
 
 namespace tensorreg::daemon {
 
@@ -57,6 +60,8 @@ struct decoded_frame {
   std::uint64_t stream_offset = 0;
   /// The payload (without the header); never empty.
   std::string payload;
+  /// The fds that arrived with this frame's bytes (feed() with fds), in arrival order.
+  std::vector<unique_fd> fds;
 };
 
 /// Incremental decoder of a stream of frames.
@@ -77,6 +82,13 @@ class frame_decoder {
   /// RESOURCE_EXHAUSTED "cannot read frame: length N exceeds max_frame_bytes M".
   /// Once failed, returns the same error for every later call.
   [[nodiscard]] status feed(std::span<const std::byte> bytes);
+  /// Consumes `bytes`, one read's worth, and `fds`, the SCM_RIGHTS that arrived with it. The
+  /// fds go to the last frame that begins within `bytes` (docs/wire-format.md §7: a sender
+  /// attaches a frame's fds to the sendmsg that starts it and puts no later frame in it; the
+  /// kernel may join earlier fd-less bytes to that read, never later ones), or, when no frame
+  /// begins there, to the frame the first byte continues. Fds fed after a failure are closed.
+  /// Errors: as feed(bytes).
+  [[nodiscard]] status feed(std::span<const std::byte> bytes, std::vector<unique_fd> fds);
   /// Same as the span overload, for bytes held as chars.
   [[nodiscard]] status feed(std::string_view bytes);
 
@@ -108,6 +120,8 @@ class frame_decoder {
   [[nodiscard]] std::size_t partial_bytes() const noexcept {
     return (in_payload_ ? frame_header_bytes : header_filled_) + partial_.payload.size();
   }
+  /// Stream offset of the partial frame's first header byte. REQUIRES: partial_bytes() > 0.
+  [[nodiscard]] std::uint64_t partial_stream_offset() const noexcept { return partial_.stream_offset; }
   /// Bytes allocated for the partial frame's payload: at most the declared length, and
   /// about twice what has arrived (never less than a small first step).
   [[nodiscard]] std::size_t partial_capacity() const noexcept {

@@ -42,6 +42,19 @@ constexpr const char* kUsage =
     "  --persist-dir DIR        refused: persistence is not implemented yet\n"
     "  --max-frame-bytes N      largest frame accepted (default 67108864)\n"
     "  --max-sessions N         most concurrent connections (default 1024)\n"
+    "  --max-sessions-per-uid N most concurrent connections of one uid (0 = no own limit;\n"
+    "                           default 256)\n"
+    "  --idle-timeout-ms N      close a connection idle this long (0 = never; default 60000)\n"
+    "  --frame-timeout-ms N     close a connection whose frame is not whole this long after its\n"
+    "                           first byte (0 = no limit; default 10000)\n"
+    "  --max-total-size N       largest artifact a Begin accepts, in bytes (0 = no limit;\n"
+    "                           default 1099511627776)\n"
+    "  --max-pending-per-pid N  most registrations one process may have begun and not ended\n"
+    "                           (0 = no limit; default 1024)\n"
+    "  --max-regions-per-uid N  most regions of one uid (0 = only the registry's 4096; default 1024)\n"
+    "  --max-stable-entries-per-uid N\n"
+    "                           most stable DRAM cache entries one uid's commits create, each an\n"
+    "                           open memfd (0 = no limit; default 4096)\n"
     "  --workers N              request worker threads (default: one per core)\n"
     "  --log-level LEVEL        trace|debug|info|warn|error|off (default info; debug: each RPC)\n"
     "  --trust-client-pids      accept owner_pid other than the peer's from root or our uid\n";
@@ -52,6 +65,13 @@ struct options {
   std::optional<std::uint64_t> replica_pool_bytes;  // unset: the provider's default
   std::uint32_t max_frame_bytes = 64u << 20;
   std::size_t max_sessions = 1024;
+  std::size_t max_sessions_per_uid = 256;
+  std::uint64_t idle_timeout_ms = 60'000;
+  std::uint64_t frame_timeout_ms = 10'000;
+  std::uint64_t max_total_size = std::uint64_t{1} << 40;
+  std::size_t max_pending_per_pid = 1024;
+  std::size_t max_regions_per_uid = 1024;
+  std::size_t max_stable_entries_per_uid = 4096;
   unsigned workers = 0;
   tensorreg::log_level log_level = tensorreg::log_level::info;
   bool trust_client_pids = false;
@@ -91,6 +111,19 @@ int parse_options(const std::vector<std::string>& args, options& o) {
         if (!level) return bad(level.error().message);
         o.log_level = *level;
       }
+    } else if (a == "--max-sessions-per-uid" || a == "--idle-timeout-ms" || a == "--frame-timeout-ms" ||
+               a == "--max-total-size" || a == "--max-pending-per-pid" || a == "--max-regions-per-uid" ||
+               a == "--max-stable-entries-per-uid") {
+      const auto* v = value();
+      if (v == nullptr) return bad(a + " needs a value");
+      bool ok = a == "--max-sessions-per-uid"  ? parse_number(*v, o.max_sessions_per_uid)
+                : a == "--idle-timeout-ms"     ? parse_number(*v, o.idle_timeout_ms)
+                : a == "--frame-timeout-ms"    ? parse_number(*v, o.frame_timeout_ms)
+                : a == "--max-pending-per-pid" ? parse_number(*v, o.max_pending_per_pid)
+                : a == "--max-regions-per-uid" ? parse_number(*v, o.max_regions_per_uid)
+                : a == "--max-stable-entries-per-uid" ? parse_number(*v, o.max_stable_entries_per_uid)
+                                               : parse_number(*v, o.max_total_size);
+      if (!ok) return bad(a + " needs a number (0 = no limit), got '" + *v + "'");
     } else if (a == "--stable-bytes" || a == "--replica-pool-bytes" || a == "--max-frame-bytes" ||
                a == "--max-sessions" || a == "--workers") {
       const auto* v = value();
@@ -129,6 +162,10 @@ int serve(const options& o, tensorreg::logger& log) {
   tensorreg::registration::engine_options eo;
   eo.log = &log;
   eo.stable_bytes = o.stable_bytes;
+  eo.max_total_size = o.max_total_size;
+  eo.max_pending_per_owner = o.max_pending_per_pid;
+  eo.region_capacity_per_uid = o.max_regions_per_uid;
+  eo.max_stable_entries_per_uid = o.max_stable_entries_per_uid;
 #if TENSORREG_HAVE_CUDA
   // GPU memory when a device is present; otherwise CUDA-only requests fail FAILED_PRECONDITION.
   tensorreg::cuda::device_memory_provider::options device_options;
@@ -159,6 +196,9 @@ int serve(const options& o, tensorreg::logger& log) {
   so.socket_path = o.socket;
   so.max_frame_bytes = o.max_frame_bytes;
   so.max_sessions = o.max_sessions;
+  so.max_sessions_per_uid = o.max_sessions_per_uid;
+  so.idle_timeout = std::chrono::milliseconds(o.idle_timeout_ms);
+  so.frame_timeout = std::chrono::milliseconds(o.frame_timeout_ms);
   so.workers = o.workers;
   so.log = &log;
   auto srv = tensorreg::daemon::server::create(so, dispatch);

@@ -3,13 +3,16 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <asio.hpp>
 #include <cerrno>
+#include <chrono>
 #include <csignal>
 #include <cstring>
 #include <exception>
 #include <filesystem>
 #include <list>
+#include <optional>
 #include <thread>
 
 #include "framing.hpp"
@@ -47,44 +50,61 @@ struct log_exception {
 // the answer. Frames of one connection are handled strictly in order, one at a time.
 class session : public std::enable_shared_from_this<session> {
  public:
-  session(stream::socket socket, dispatcher& dispatch, asio::thread_pool& workers, std::uint32_t max_frame_bytes,
-          logger& log)
-      : socket_(std::move(socket)), dispatch_(dispatch), workers_(workers), decoder_(max_frame_bytes), log_(log) {}
+  session(stream::socket socket, const peer_credentials& peer, dispatcher& dispatch, asio::thread_pool& workers,
+          const server_options& options, logger& log)
+      : socket_(std::move(socket)), watchdog_(socket_.get_executor()), dispatch_(dispatch), workers_(workers),
+        decoder_(options.max_frame_bytes), idle_timeout_(options.idle_timeout), frame_timeout_(options.frame_timeout),
+        log_(log), peer_(peer) {}
+
+  [[nodiscard]] uid_t uid() const noexcept { return peer_.uid; }
 
   asio::awaitable<void> run() {
     auto self = shared_from_this();
-    auto peer = peer_of(socket_.native_handle());
-    if (!peer) {
-      tensorreg::log(log_, log_level::warn, "closed a connection: {}", peer.error().message);
-      co_return;
-    }
-    peer_ = *peer;
     tensorreg::log(log_, log_level::debug, "connection accepted from pid {} uid {}", peer_.pid, peer_.uid);
-    connection_ = dispatch_.open_connection(*peer);
+    connection_ = dispatch_.open_connection(peer_);
     socket_.native_non_blocking(true);
+    last_activity_ = std::chrono::steady_clock::now();
+    if (idle_timeout_.count() > 0 || frame_timeout_.count() > 0) {
+      asio::co_spawn(socket_.get_executor(), watch(), log_exception{&log_, "a session's watchdog"});
+    }
     std::vector<std::byte> buffer(kReadChunk);
-    std::vector<unique_fd> next_frame_fds;  // fds that arrived with the next frame's first byte
     while (!stopping_) {
       asio::error_code ec;
       co_await socket_.async_wait(stream::socket::wait_read, asio::redirect_error(asio::use_awaitable, ec));
       if (ec || stopping_) break;
       auto got = receive_some(socket_.native_handle(), buffer);
-      if (!got) break;
+      if (!got) {
+        if (got.error().code == errc::data_loss) {
+          // The kernel dropped fds past the cmsg room: the stream cannot be trusted any more,
+          // but the client hears why (docs/wire-format.md §7).
+          const error bad{errc::invalid_argument,
+                          "cannot read frame: more than " + std::to_string(max_fds_per_frame) +
+                              " file descriptors arrived with one message (at most " +
+                              std::to_string(max_fds_per_frame) + " per frame)"};
+          tensorreg::log(log_, log_level::warn, "bad frame from pid {} uid {}, closing its connection: {}: {}",
+                         peer_.pid, peer_.uid, errc_name(bad.code), bad.message);
+          busy_ = true;  // the watchdog must not write into this answer
+          co_await write(dispatch_.reject(bad));
+        }
+        break;
+      }
       if (got->would_block) continue;
       if (got->bytes == 0) break;  // peer closed
-      // SCM_RIGHTS ride on the sendmsg that carries a frame's first byte (DECISIONS §4.1).
-      for (auto& fd : got->fds) next_frame_fds.push_back(std::move(fd));
-      if (!decoder_.feed(std::span<const std::byte>(buffer.data(), got->bytes))) {
+      // SCM_RIGHTS ride on the sendmsg that carries a frame's first byte (DECISIONS §4.1): the
+      // decoder gives them to the frame that began in these bytes.
+      if (!decoder_.feed(std::span<const std::byte>(buffer.data(), got->bytes), std::move(got->fds))) {
         // Too long or malformed: answer if we can, then close this connection only.
         const auto& bad = decoder_.failure();
         tensorreg::log(log_, log_level::warn, "bad frame from pid {} uid {}, closing its connection: {}: {}", peer_.pid,
                        peer_.uid, errc_name(bad.code), bad.message);
+        busy_ = true;  // the watchdog must not write into this answer
         co_await write(dispatch_.reject(bad));
         break;
       }
+      last_activity_ = std::chrono::steady_clock::now();
+      busy_ = true;  // the watchdog leaves a connection alone while it is answered
       while (auto frame = decoder_.next()) {
-        frame_in in{std::move(frame->payload), std::move(next_frame_fds)};
-        next_frame_fds.clear();
+        frame_in in{std::move(frame->payload), std::move(frame->fds)};
         auto out = co_await asio::co_spawn(workers_.get_executor(), handle_on_worker(dispatch_, *connection_, std::move(in)),
                                            asio::use_awaitable);
         if (out) {
@@ -95,7 +115,13 @@ class session : public std::enable_shared_from_this<session> {
           }
         }
       }
+      busy_ = false;
+      const auto now = std::chrono::steady_clock::now();
+      last_activity_ = now;
+      note_partial_frame(now);
     }
+    closed_ = true;
+    watchdog_.cancel();
     dispatch_.close_connection(*connection_);
     asio::error_code ignored;
     socket_.shutdown(stream::socket::shutdown_both, ignored);
@@ -110,11 +136,59 @@ class session : public std::enable_shared_from_this<session> {
     co_return d.handle(c, std::move(in));
   }
 
+  // Closes connections that are idle (no request in flight, nothing received for
+  // idle_timeout) or stalled inside a frame (frame_timeout after its first byte), so that
+  // neither held sessions nor half-sent frames' buffers pile up.
+  asio::awaitable<void> watch() {
+    auto self = shared_from_this();
+    using clock = std::chrono::steady_clock;
+    while (!closed_ && !stopping_) {
+      const auto now = clock::now();
+      std::optional<clock::time_point> due;
+      bool stalled = false;
+      if (!busy_) {
+        if (frame_started_ && frame_timeout_.count() > 0) {
+          due = *frame_started_ + frame_timeout_;
+          stalled = true;
+        } else if (!frame_started_ && idle_timeout_.count() > 0) {
+          due = last_activity_ + idle_timeout_;
+        }
+      }
+      if (due && now >= *due) {
+        const auto ms = [](auto d) { return std::chrono::duration_cast<std::chrono::milliseconds>(d).count(); };
+        const error why = stalled ? error{errc::deadline_exceeded,
+                                          "cannot read frame: the frame at stream offset " +
+                                              std::to_string(frame_offset_) + " did not arrive whole within " +
+                                              std::to_string(ms(frame_timeout_)) + " ms of its first byte"}
+                                  : error{errc::deadline_exceeded, "closing the connection: no request for " +
+                                                                       std::to_string(ms(idle_timeout_)) +
+                                                                       " ms (idle timeout)"};
+        tensorreg::log(log_, log_level::info, "closing the connection of pid {} uid {}: {}", peer_.pid, peer_.uid,
+                       why.message);
+        // Best effort, one non-blocking send: a peer that does not read must not hold us.
+        auto out = dispatch_.reject(why);
+        if (auto framed = encode_frame(out.payload, std::numeric_limits<std::uint32_t>::max())) {
+          (void)send_some(socket_.native_handle(),
+                          std::span<const std::byte>(reinterpret_cast<const std::byte*>(framed->data()), framed->size()),
+                          {});
+        }
+        stop();
+        co_return;
+      }
+      // While busy, look again later; otherwise at the deadline (activity may move it on).
+      const auto period = idle_timeout_.count() > 0 ? idle_timeout_ : frame_timeout_;
+      watchdog_.expires_at(due ? *due : now + period);
+      asio::error_code ec;
+      co_await watchdog_.async_wait(asio::redirect_error(asio::use_awaitable, ec));
+    }
+  }
+
   // Stops reading; the request being handled (if any) still gets its answer.
   void stop() {
     stopping_ = true;
     asio::error_code ignored;
     socket_.cancel(ignored);
+    watchdog_.cancel();
   }
 
  private:
@@ -142,14 +216,37 @@ class session : public std::enable_shared_from_this<session> {
     co_return true;
   }
 
+  // A frame's clock starts once its first bytes are read and the frames before it answered
+  // (until then its rest may wait in the socket on us), and runs until it is whole: bytes that
+  // trickle in do not restart it.
+  void note_partial_frame(std::chrono::steady_clock::time_point now) {
+    if (decoder_.partial_bytes() == 0) {
+      frame_started_.reset();
+      return;
+    }
+    if (frame_started_ && frame_offset_ == decoder_.partial_stream_offset()) return;
+    frame_started_ = now;
+    frame_offset_ = decoder_.partial_stream_offset();
+    watchdog_.cancel();  // its deadline moved: let it look again
+  }
+
   stream::socket socket_;
+  asio::steady_timer watchdog_;
   dispatcher& dispatch_;
   asio::thread_pool& workers_;
   frame_decoder decoder_;
+  const std::chrono::milliseconds idle_timeout_;
+  const std::chrono::milliseconds frame_timeout_;
   logger& log_;
   peer_credentials peer_;
   dispatcher::connection_ptr connection_;
   bool stopping_ = false;
+  bool closed_ = false;  // run() has ended
+  // The watchdog's view, all on the I/O thread: answering, last activity, the partial frame.
+  bool busy_ = false;
+  std::chrono::steady_clock::time_point last_activity_;
+  std::optional<std::chrono::steady_clock::time_point> frame_started_;
+  std::uint64_t frame_offset_ = 0;
 };
 
 struct server::impl {
@@ -164,6 +261,9 @@ struct server::impl {
   std::list<std::weak_ptr<session>> sessions;
   std::size_t served = 0;
   bool stopping = false;
+  // Out of fds: how long accepting pauses, and whether it is paused (to log once per episode).
+  static constexpr std::chrono::milliseconds accept_pause{100};
+  bool accept_paused = false;
 
   impl(server_options o, dispatcher& d)
       : options(std::move(o)), dispatch(d), log(options.log != nullptr ? *options.log : null_logger()),
@@ -175,18 +275,50 @@ struct server::impl {
       stream::socket socket = co_await acceptor.async_accept(asio::redirect_error(asio::use_awaitable, ec));
       if (ec) {
         if (stopping || ec == asio::error::operation_aborted) break;
+        if (ec == asio::error::no_descriptors || ec.value() == ENFILE || ec == asio::error::no_buffer_space ||
+            ec == asio::error::no_memory) {
+          // The connection stays in the backlog and would fail again at once: pause instead
+          // of spinning, and let requests in progress give fds back.
+          if (!accept_paused) {
+            tensorreg::log(log, log_level::warn, "cannot accept a connection: {}; pausing accepts for {} ms",
+                           ec.message(), accept_pause.count());
+          }
+          accept_paused = true;
+          asio::steady_timer pause(io, accept_pause);
+          co_await pause.async_wait(asio::redirect_error(asio::use_awaitable, ec));
+          continue;
+        }
         tensorreg::log(log, log_level::debug, "cannot accept a connection: {}", ec.message());
         continue;
       }
+      accept_paused = false;
       std::erase_if(sessions, [](const auto& w) { return w.expired(); });
+      const auto peer = peer_of(socket.native_handle());
+      if (!peer) {
+        tensorreg::log(log, log_level::warn, "closed a connection: {}", peer.error().message);
+        continue;
+      }
+      std::optional<error> over;
       if (sessions.size() >= options.max_sessions) {
-        // Over the limit: one RESOURCE_EXHAUSTED answer on request 0, then the connection
+        over = error{errc::resource_exhausted, "cannot accept connection: the daemon serves its maximum of " +
+                                                   std::to_string(options.max_sessions) + " sessions"};
+      } else if (options.max_sessions_per_uid != 0) {
+        const auto of_uid = static_cast<std::size_t>(std::count_if(sessions.begin(), sessions.end(), [&](const auto& w) {
+          auto s = w.lock();
+          return s && s->uid() == peer->uid;
+        }));
+        if (of_uid >= options.max_sessions_per_uid) {
+          over = error{errc::resource_exhausted, "cannot accept connection: uid " + std::to_string(peer->uid) +
+                                                     " already has its maximum of " +
+                                                     std::to_string(options.max_sessions_per_uid) + " sessions"};
+        }
+      }
+      if (over) {
+        // Over a limit: one RESOURCE_EXHAUSTED answer on request 0, then the connection
         // closes. The frame is small and the socket fresh, so this send does not wait.
-        const error refused{errc::resource_exhausted, "cannot accept connection: the daemon serves its maximum of " +
-                                                          std::to_string(options.max_sessions) + " sessions"};
-        const auto peer = peer_of(socket.native_handle());
-        tensorreg::log(log, log_level::warn, "refused a connection from pid {} uid {}: {}", peer ? peer->pid : 0,
-                       peer ? peer->uid : 0, refused.message);
+        const error& refused = *over;
+        tensorreg::log(log, log_level::warn, "refused a connection from pid {} uid {}: {}", peer->pid, peer->uid,
+                       refused.message);
         auto out = dispatch.reject(refused);
         if (auto framed = encode_frame(out.payload, std::numeric_limits<std::uint32_t>::max())) {
           (void)send_some(socket.native_handle(),
@@ -197,7 +329,7 @@ struct server::impl {
         socket.close(ignored);
         continue;
       }
-      auto s = std::make_shared<session>(std::move(socket), dispatch, workers, options.max_frame_bytes, log);
+      auto s = std::make_shared<session>(std::move(socket), *peer, dispatch, workers, options, log);
       ++served;
       sessions.push_back(s);
       asio::co_spawn(io, s->run(), log_exception{&log, "a session"});

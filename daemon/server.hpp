@@ -15,13 +15,20 @@
 // it is handling and write its answer, close the sessions, remove the socket file if it is
 // still ours (a newer daemon's on the same path stays); run() then returns.
 //
+// Limits: at most max_sessions connections, max_sessions_per_uid of one uid (more are answered
+// RESOURCE_EXHAUSTED and closed); idle connections and frames that stall half-sent are closed
+// (idle_timeout, frame_timeout); when the process runs out of fds, accepting pauses briefly
+// instead of spinning.
+//
 // Logging: connections accepted and closed (peer pid, uid) at debug; connections refused over
-// max_sessions and bad frames at warn; an exception that ends a session at error.
+// max_sessions and bad frames at warn; an exception that ends a session at error; idle and
+// stalled connections closed at info; accepting paused for lack of fds at warn.
 //
 // Thread-safety: create() and run() from one thread; stop() from any thread.
 // asio appears only in server.cpp (which also holds the session class), never in a header.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -36,6 +43,15 @@ struct server_options {
   std::string socket_path;
   std::uint32_t max_frame_bytes = 64u << 20;
   std::size_t max_sessions = 1024;
+  /// Most concurrent connections of one uid, so that one user cannot take every session;
+  /// 0 = only max_sessions.
+  std::size_t max_sessions_per_uid = 256;
+  /// A connection with no request in flight and nothing received for this long is closed
+  /// (after a DEADLINE_EXCEEDED answer on request 0); 0 = never.
+  std::chrono::milliseconds idle_timeout{60'000};
+  /// A frame must arrive whole within this long of its first byte, or its connection is closed
+  /// the same way; 0 = no limit.
+  std::chrono::milliseconds frame_timeout{10'000};
   unsigned workers = 0;  ///< 0 = one per hardware thread
   /// Where connection events are logged; must outlive the server; null = none.
   logger* log = &null_logger();

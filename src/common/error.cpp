@@ -1,9 +1,20 @@
 #include "tensorreg/common/error.hpp"
 
+#include <cerrno>
 #include <cstdio>
 #include <cstdlib>
 
 namespace tensorreg {
+
+errc errc_of_errno(int err, errc otherwise) noexcept {
+  switch (err) {
+    case EMFILE:
+    case ENFILE:
+    case ENOMEM:
+    case ENOSPC: return errc::resource_exhausted;
+    default: return otherwise;
+  }
+}
 
 std::string_view errc_name(errc code) noexcept {
   switch (code) {

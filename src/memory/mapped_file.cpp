@@ -16,7 +16,7 @@ errc errno_code(int e) {
   switch (e) {
     case ENOENT: case ENOTDIR: return errc::not_found;
     case EACCES: case EPERM: return errc::permission_denied;
-    default: return errc::internal;
+    default: return errc_of_errno(e, errc::internal);
   }
 }
 

@@ -154,7 +154,7 @@ status shared_memory::visit(std::uint64_t offset, std::uint64_t length, piece_si
 result<unique_fd> shared_memory::duplicate_fd() const {
   mark_exported();
   unique_fd copy(::fcntl(fd_.get(), F_DUPFD_CLOEXEC, 0));
-  if (!copy) return fail(errc::internal, "cannot duplicate shared memory fd: " + os_reason());
+  if (!copy) return fail(errc_of_errno(errno, errc::internal), "cannot duplicate shared memory fd: " + os_reason());
   return copy;
 }
 

@@ -111,10 +111,20 @@ result<region_info> region_registry::register_region(register_request request) {
     return fail(errc::resource_exhausted, "cannot register region: the registry holds its capacity of " +
                                               std::to_string(options_.capacity) + " regions");
   }
+  if (request.owner_uid && options_.capacity_per_uid != 0) {
+    const auto held = static_cast<std::size_t>(std::count_if(
+        regions_.begin(), regions_.end(), [&](const auto& kv) { return kv.second.owner_uid == request.owner_uid; }));
+    if (held >= options_.capacity_per_uid) {
+      return fail(errc::resource_exhausted, "cannot register region: uid " + std::to_string(*request.owner_uid) +
+                                                " holds its share of " + std::to_string(options_.capacity_per_uid) +
+                                                " of the registry's " + std::to_string(options_.capacity) + " regions");
+    }
+  }
   info.id = "region:" + random_hex(16);
   info.expires_at = deadline_for(info.ttl_ms);
   entry e;
   e.info = info;
+  e.owner_uid = request.owner_uid;
   regions_.emplace(info.id, std::move(e));
   return info;
 }

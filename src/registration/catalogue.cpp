@@ -120,8 +120,38 @@ std::size_t reader_gate::wait_drained(std::chrono::milliseconds timeout) {
 // ---- catalogue -------------------------------------------------------------------------------
 
 catalogue::catalogue(regions::region_registry& regions, std::uint64_t stable_bytes, const clock& time,
-                     stable::cache_hooks hooks)
-    : regions_(regions), cache_(stable_bytes, time, std::move(hooks)) {}
+                     stable::cache_hooks hooks, std::size_t stable_entries_per_uid)
+    : regions_(regions), stable_entries_per_uid_(stable_entries_per_uid), cache_(stable_bytes, time, [&] {
+        // An evicted entry no longer counts against the uid that created it.
+        auto on_evict = std::move(hooks.on_evict);
+        hooks.on_evict = [this, on_evict = std::move(on_evict)](const stable::evicted_entry& e) {
+          forget_stable_entry(e.key);
+          if (on_evict) on_evict(e);
+        };
+        return std::move(hooks);
+      }()) {}
+
+status catalogue::check_stable_share(std::optional<std::uint32_t> uid, const std::string& verb) const {
+  if (!uid || stable_entries_per_uid_ == 0) return {};
+  auto it = stable_entries_of_uid_.find(*uid);
+  if (it == stable_entries_of_uid_.end() || it->second < stable_entries_per_uid_) return {};
+  return fail(errc::resource_exhausted, verb + ": uid " + std::to_string(*uid) + " already keeps its maximum of " +
+                                            std::to_string(stable_entries_per_uid_) +
+                                            " artifacts in the stable DRAM cache");
+}
+
+void catalogue::note_stable_entry(const std::string& artifact_id, std::optional<std::uint32_t> uid) {
+  if (!uid) return;
+  if (stable_entry_uid_.emplace(artifact_id, *uid).second) ++stable_entries_of_uid_[*uid];
+}
+
+void catalogue::forget_stable_entry(const std::string& artifact_id) {
+  auto it = stable_entry_uid_.find(artifact_id);
+  if (it == stable_entry_uid_.end()) return;
+  auto count = stable_entries_of_uid_.find(it->second);
+  if (count != stable_entries_of_uid_.end() && --count->second == 0) stable_entries_of_uid_.erase(count);
+  stable_entry_uid_.erase(it);
+}
 
 bool catalogue::is_empty(const std::string& id, const artifact& a) const {
   return a.leases.empty() && a.joins.empty() && a.gpu_replicas.empty() && !cache_.contains(id);
@@ -139,16 +169,24 @@ artifact* catalogue::find(const std::string& artifact_id) {
 }
 
 artifact& catalogue::add(const artifact_descriptor& d, std::shared_ptr<const index::canonical_index> idx) {
-  auto [it, inserted] = artifacts_.try_emplace(d.artifact_id);
-  if (inserted) {
-    it->second.descriptor = d;
-    it->second.index = idx;
-  }
   // The key is the index digest describe() already computed: hashing a large index twice
   // showed in the metadata path's profile.
   auto digest = hash::decode_multihash(d.index_multihash);
   TENSORREG_ASSERT(digest.has_value());
-  index_store_.try_emplace(hash::to_hex(*digest), std::move(idx));
+  auto& known = index_store_[hash::to_hex(*digest)];
+  auto [it, inserted] = artifacts_.try_emplace(d.artifact_id);
+  if (inserted) {
+    it->second.descriptor = d;
+    // Artifacts with equal indexes share one: the store's entry lives as long as any of them.
+    auto live = known.lock();
+    it->second.index = live ? std::move(live) : std::move(idx);
+  }
+  if (known.expired()) known = it->second.index;
+  if (index_store_.size() >= 2 * index_store_pruned_at_ + 16) {
+    // Amortized: a full pass only after the store doubled since the last one.
+    std::erase_if(index_store_, [](const auto& kv) { return kv.second.expired(); });
+    index_store_pruned_at_ = index_store_.size();
+  }
   return it->second;
 }
 
@@ -166,7 +204,10 @@ void catalogue::add_join(artifact& a, join j) {
 
 std::shared_ptr<const index::canonical_index> catalogue::find_index(const std::string& hex_key) const {
   auto it = index_store_.find(hex_key);
-  return it == index_store_.end() ? nullptr : it->second;
+  if (it == index_store_.end()) return nullptr;
+  auto idx = it->second.lock();
+  if (!idx) index_store_.erase(it);
+  return idx;
 }
 
 void catalogue::erase_if_empty(const std::string& artifact_id) {
@@ -324,6 +365,7 @@ std::optional<removed_artifact> catalogue::remove(const std::string& artifact_id
   out.leases = it->second.leases.size();
   out.joins = it->second.joins.size();
   cache_.remove(artifact_id);
+  forget_stable_entry(artifact_id);
   artifacts_.erase(it);
   return out;
 }
@@ -412,6 +454,7 @@ void catalogue::add_stats(engine_stats& out) const {
   out.stable_bytes = cache_stats.bytes_used;
   out.stable_budget = cache_stats.budget_bytes;
   out.stable_evictions = cache_stats.evictions;
+  out.stable_reserved_bytes = cache_stats.reserved_bytes;
 }
 
 result<unique_fd> export_replica_fd(const std::shared_ptr<const memory::byte_source>& replica, const std::string& verb) {
@@ -424,7 +467,10 @@ result<unique_fd> export_replica_fd(const std::shared_ptr<const memory::byte_sou
   // (the CUDA provider's replica pool checks this mark).
   memory->mark_exported();
   unique_fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
-  if (!fd) return fail(errc::internal, verb + ": cannot reopen its memfd read-only: " + std::strerror(errno));
+  if (!fd) {
+    const int e = errno;
+    return fail(errc_of_errno(e, errc::internal), verb + ": cannot reopen its memfd read-only: " + std::strerror(e));
+  }
   return fd;
 }
 

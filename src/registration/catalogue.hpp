@@ -132,9 +132,10 @@ struct removed_artifact {
 
 class catalogue {
  public:
-  /// REQUIRES: `regions` and `time` outlive the catalogue.
+  /// `stable_entries_per_uid`: most cache entries the commits of one uid may have created
+  /// (0 = no limit). REQUIRES: `regions` and `time` outlive the catalogue.
   catalogue(regions::region_registry& regions, std::uint64_t stable_bytes, const clock& time,
-            stable::cache_hooks hooks = {});
+            stable::cache_hooks hooks = {}, std::size_t stable_entries_per_uid = 0);
 
   catalogue(const catalogue&) = delete;
   catalogue& operator=(const catalogue&) = delete;
@@ -151,10 +152,20 @@ class catalogue {
   artifact& add(const artifact_descriptor& d, std::shared_ptr<const index::canonical_index> idx);
   void add_lease(artifact& a, lease l);
   void add_join(artifact& a, join j);
-  /// An index by its hex sha256 key, or null.
+  /// An index by its hex sha256 key, or null: known for as long as an artifact using it exists.
   [[nodiscard]] std::shared_ptr<const index::canonical_index> find_index(const std::string& hex_key) const;
   /// Drops `artifact_id` if nothing holds it any more.
   void erase_if_empty(const std::string& artifact_id);
+
+  // ---- the per-uid share of the stable cache (each entry keeps a memfd open) ----
+
+  /// Whether `uid` may create another cache entry (always when unset or unlimited).
+  /// Errors: RESOURCE_EXHAUSTED "<verb>: uid U already keeps its maximum of N artifacts in the
+  /// stable DRAM cache".
+  [[nodiscard]] status check_stable_share(std::optional<std::uint32_t> uid, const std::string& verb) const;
+  /// Counts the cache entry just created for `artifact_id` against `uid` (nothing when unset);
+  /// it is uncounted when the entry is evicted or removed.
+  void note_stable_entry(const std::string& artifact_id, std::optional<std::uint32_t> uid);
 
   // ---- holders by registration id ----
 
@@ -213,12 +224,21 @@ class catalogue {
   [[nodiscard]] bool is_empty(const std::string& id, const artifact& a) const;
   [[nodiscard]] const artifact* find_held(const std::string& id) const;
   void end_lease(lease& l);
+  void forget_stable_entry(const std::string& artifact_id);
 
   regions::region_registry& regions_;
+  const std::size_t stable_entries_per_uid_;
+  // Who created each counted cache entry, and how many each uid has. Every cache eviction
+  // happens in an admission, under the engine mutex, as do these updates.
+  std::unordered_map<std::string, std::uint32_t> stable_entry_uid_;
+  std::unordered_map<std::uint32_t, std::size_t> stable_entries_of_uid_;
   stable::stable_dram_cache cache_;
   std::map<std::string, artifact> artifacts_;                                    // by artifact id
   std::unordered_map<std::string, std::string> artifact_of_registration_;        // leases and joins
-  std::unordered_map<std::string, std::shared_ptr<const index::canonical_index>> index_store_;  // by hex key
+  // By hex key. Weak: the artifacts own their indexes, so an index goes with the last artifact
+  // that uses it; expired entries are pruned as the store grows and when looked up.
+  mutable std::unordered_map<std::string, std::weak_ptr<const index::canonical_index>> index_store_;
+  std::size_t index_store_pruned_at_ = 0;  // index_store_'s size after the last prune
 };
 
 /// A read-only fd of the memfd holding `replica`, marked exported (never recycled).

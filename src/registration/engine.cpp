@@ -9,7 +9,9 @@
 
 #include <algorithm>
 #include <condition_variable>
+#include <exception>
 #include <mutex>
+#include <new>
 #include <thread>
 #include <tuple>
 #include <utility>
@@ -43,6 +45,24 @@ std::string_view eviction_reason_name(stable::eviction_reason reason) {
     case stable::eviction_reason::preempt: break;
   }
   return "preempt: made room for an export";
+}
+
+// A commit runs foreign code (allocation, the standard library, a provider) that may throw.
+// An exception escaping it would leave the registration committing for ever, holding its
+// regions and memory, and its client without an answer: it ends the commit as failed instead.
+result<commit_response> guarded_commit(detail::plan& p, detail::commit_context& ctx, const std::string& id) {
+  try {
+    return p.commit(ctx);
+  } catch (const std::bad_alloc&) {
+    ctx.retryable = false;
+    return fail(errc::resource_exhausted, "cannot commit registration '" + id + "': out of memory");
+  } catch (const std::exception& e) {
+    ctx.retryable = false;
+    return fail(errc::internal, "cannot commit registration '" + id + "': " + e.what());
+  } catch (...) {
+    ctx.retryable = false;
+    return fail(errc::internal, "cannot commit registration '" + id + "': an exception of unknown type");
+  }
 }
 
 std::string joined(const std::vector<std::string>& ids) {
@@ -86,12 +106,15 @@ struct engine::state {
         time(*options.time),
         log(options.log != nullptr ? *options.log : null_logger()),
         pool(options.hash_threads != 0 ? options.hash_threads - 1 : std::max(1u, std::thread::hardware_concurrency()) - 1),
-        regions(time, regions::registry_options{options.region_capacity, std::chrono::minutes(10)}),
+        regions(time, regions::registry_options{options.region_capacity, options.region_capacity_per_uid,
+                                                std::chrono::minutes(10)}),
         devices(options.devices),
-        catalogue(regions, options.stable_bytes, time, stable::cache_hooks{{}, [this](const stable::evicted_entry& e) {
+        catalogue(regions, options.stable_bytes, time,
+                  stable::cache_hooks{{}, [this](const stable::evicted_entry& e) {
                     tensorreg::log(log, log_level::info, "stable DRAM cache evicted artifact {} ({} bytes): {}", e.key,
                                    e.size_bytes, eviction_reason_name(e.reason));
-                  }}) {}
+                  }},
+                  options.max_stable_entries_per_uid) {}
 
   status watch_owner(std::int32_t pid) {
     if (!owners) return {};
@@ -153,6 +176,20 @@ struct engine::state {
       return fail(errc::deadline_exceeded, "cannot " + std::string(verb) + " registration '" + id + "': its TTL expired");
     }
     return p;
+  }
+
+  // One owner's pending registrations (each may hold staging memory and fds until its TTL)
+  // stay within max_pending_per_owner. Errors: RESOURCE_EXHAUSTED.
+  status check_pending_share_locked(std::int32_t owner_pid) const {
+    const auto cap = options.max_pending_per_owner;
+    if (cap == 0 || pending.count_of(owner_pid) < cap) return {};
+    return fail(errc::resource_exhausted, "cannot begin registration: owner_pid " + std::to_string(owner_pid) +
+                                              " already has its maximum of " + std::to_string(cap) +
+                                              " pending registrations");
+  }
+  status check_pending_share(std::int32_t owner_pid) const {
+    std::lock_guard lock(mutex);
+    return check_pending_share_locked(owner_pid);
   }
 
   result<begin_response> begin(begin_request r);
@@ -221,9 +258,20 @@ result<begin_response> engine::state::begin(begin_request r) {
     return fail(errc::unimplemented, "cannot begin registration: view registration is not implemented yet");
   }
   if (r.total_size == 0) return fail(errc::invalid_argument, "cannot begin registration: total_size must be > 0");
+  if (options.max_total_size != 0 && r.total_size > options.max_total_size) {
+    return fail(errc::resource_exhausted, "cannot begin registration: total_size " + std::to_string(r.total_size) +
+                                              " exceeds this engine's limit of " +
+                                              std::to_string(options.max_total_size) + " bytes");
+  }
 
+  TENSORREG_TRY(check_pending_share(r.owner_pid));  // before anything is allocated
+  if (std::holds_alternative<stable_dram_options>(r.plan)) {
+    // Before the upload: a uid that keeps its share of the cache would only be refused at Commit.
+    std::lock_guard lock(mutex);
+    TENSORREG_TRY(catalogue.check_stable_share(r.owner_uid, "cannot begin stable_dram registration"));
+  }
   detail::registration_facts facts{new_registration_id(), r.owner_pid, r.device_id, r.total_size,
-                                   r.client_artifact_id, std::move(*resolved)};
+                                   r.client_artifact_id, std::move(*resolved), r.owner_uid};
   begin_response response;
   response.registration_id = facts.id;
   response.device_id = r.device_id;
@@ -231,6 +279,7 @@ result<begin_response> engine::state::begin(begin_request r) {
   detail::begin_context ctx;
   ctx.devices = devices.get();
   ctx.stable_budget = catalogue.cache().budget_bytes();
+  ctx.stable_cache = &catalogue.cache();  // thread-safe on its own: used without the engine mutex
   ctx.resolve_index = [this](const begin_request& request) {
     return detail::resolve_index(request, [this](const std::string& hex_key) {
       std::lock_guard lock(mutex);
@@ -245,6 +294,7 @@ result<begin_response> engine::state::begin(begin_request r) {
   // (watching first could run release_owner before the registration was there to release).
   {
     std::lock_guard lock(mutex);
+    TENSORREG_TRY(check_pending_share_locked(r.owner_pid));  // others may have begun meanwhile
     pending.insert(p);
   }
   if (auto watched = watch_owner(r.owner_pid); !watched) {
@@ -327,7 +377,13 @@ result<commit_response> engine::state::commit(const std::string& registration_id
   TENSORREG_TRY_ASSIGN(auto p, find_open(registration_id, "commit"));
   TENSORREG_TRY(p->begin_commit());
   detail::commit_context ctx{p->facts(), [&p] { return p->ttl_ms(); }, catalogue, mutex, pool, devices.get(), time};
-  result<commit_response> out = p->committing_plan().commit(ctx);
+  ctx.cancelled = p->commit_cancel();  // revoke and owner death stop the hashing and copying
+  result<commit_response> out = guarded_commit(p->committing_plan(), ctx, registration_id);
+  if (!out && out.error().code == errc::cancelled) {
+    ctx.retryable = false;
+    out = fail(errc::cancelled, "cannot commit registration '" + registration_id +
+                                    "': cancelled: it was revoked or its owner exited while it was committed");
+  }
   // Only errors the client can fix by feeding more keep the registration open; other
   // FAILED_PRECONDITIONs (no GPU for a CUDA storage, a quiesced artifact, a "must" stable tier
   // with nothing to copy) would otherwise leave it, and its region refs, held until its TTL or

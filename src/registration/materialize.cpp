@@ -6,13 +6,30 @@
 
 namespace tensorreg::registration::detail {
 
-result<materialized> materialize(const memory::byte_source& source, bool want_digest, thread_pool& pool,
-                                 device_memory* devices) {
-  if (devices != nullptr) {
-    const auto* wrapper = dynamic_cast<const view_source*>(&source);
-    const memory::byte_source& canonical = wrapper != nullptr ? wrapper->view() : source;
-    if (auto on_device = devices->copy_to_host(canonical, want_digest, pool)) return std::move(*on_device);
+status check_cancel(cancel_flag cancel) {
+  if (cancel != nullptr && cancel->load(std::memory_order_relaxed)) {
+    return fail(errc::cancelled, "the commit was cancelled");
   }
+  return {};
+}
+
+status cancellable_source::visit(std::uint64_t offset, std::uint64_t length, memory::piece_sink sink) const {
+  TENSORREG_TRY(check_cancel(cancel_));
+  return inner_.visit(offset, length, sink);
+}
+
+result<materialized> materialize(const memory::byte_source& source_in, bool want_digest, thread_pool& pool,
+                                 device_memory* devices, cancel_flag cancel) {
+  TENSORREG_TRY(check_cancel(cancel));
+  if (devices != nullptr) {
+    const auto* wrapper = dynamic_cast<const view_source*>(&source_in);
+    const memory::byte_source& canonical = wrapper != nullptr ? wrapper->view() : source_in;
+    if (auto on_device = devices->copy_to_host(canonical, want_digest, pool)) {
+      TENSORREG_TRY(check_cancel(cancel));
+      return std::move(*on_device);
+    }
+  }
+  const cancellable_source source(source_in, cancel);
   const std::uint64_t total = source.size();
   TENSORREG_TRY_ASSIGN(auto copy, memory::shared_memory::create(total, "tensorreg-stable"));
   const auto dst = copy.mutable_bytes();

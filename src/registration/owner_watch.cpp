@@ -97,7 +97,8 @@ status owner_watch::watch(std::int32_t pid) {
     if (e == ESRCH) {
       return fail(errc::invalid_argument, "cannot watch owner process " + std::to_string(pid) + ": no such process");
     }
-    return fail(errc::internal, "cannot watch owner process " + std::to_string(pid) + ": pidfd_open: " + std::strerror(e));
+    return fail(errc_of_errno(e, errc::internal),
+                "cannot watch owner process " + std::to_string(pid) + ": pidfd_open: " + std::strerror(e));
   }
   {
     std::lock_guard lock(impl_->mutex);

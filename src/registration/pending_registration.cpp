@@ -1,5 +1,7 @@
 #include "registration/pending_registration.hpp"
 
+#include <exception>
+#include <new>
 #include <utility>
 
 namespace tensorreg::registration::detail {
@@ -53,7 +55,15 @@ status pending_registration::feed(feed_request request, const clock& time, regio
   // Outside the lock, counted: Commit and release wait for `feeding` to drop to zero.
   ++state_.feeding;
   lock.unlock();
-  auto done = work();
+  // An exception must not skip the count below: Commit and release would wait for ever.
+  status done;
+  try {
+    done = work();
+  } catch (const std::bad_alloc&) {
+    done = fail(errc::resource_exhausted, what + ": out of memory");
+  } catch (const std::exception& e) {
+    done = fail(errc::internal, what + ": " + e.what());
+  }
   lock.lock();
   if (--state_.feeding == 0) idle_.notify_all();
   return done;
@@ -100,6 +110,7 @@ commit_end pending_registration::finish_commit(commit_outcome outcome) {
   commit_end end;
   if (outcome == commit_outcome::retryable) {
     state_.phase = pending_phase::open;
+    cancel_.store(false);
     end.stays_open = true;
     end.drop = std::exchange(state_.drop_after_commit, false);
     return end;
@@ -113,7 +124,10 @@ bool pending_registration::request_drop() {
   std::lock_guard lock(mutex_);
   switch (state_.phase) {
     case pending_phase::open: state_.phase = pending_phase::dropped; return true;
-    case pending_phase::committing: state_.drop_after_commit = true; return false;
+    case pending_phase::committing:
+      state_.drop_after_commit = true;
+      cancel_.store(true);  // the commit's work is for nobody now: stop it early
+      return false;
     case pending_phase::committed:
     case pending_phase::dropped: break;
   }
@@ -131,7 +145,8 @@ void pending_registration::release(regions::region_registry& regions) {
 
 void pending_table::insert(std::shared_ptr<pending_registration> p) {
   auto id = p->id();
-  by_id_.emplace(std::move(id), std::move(p));
+  const auto owner = p->owner_pid();
+  if (by_id_.emplace(std::move(id), std::move(p)).second) ++per_owner_[owner];
 }
 
 std::shared_ptr<pending_registration> pending_table::find(const std::string& id) const {
@@ -139,7 +154,19 @@ std::shared_ptr<pending_registration> pending_table::find(const std::string& id)
   return it == by_id_.end() ? nullptr : it->second;
 }
 
-void pending_table::erase(const std::string& id) { by_id_.erase(id); }
+void pending_table::erase(const std::string& id) {
+  auto it = by_id_.find(id);
+  if (it == by_id_.end()) return;
+  auto count = per_owner_.find(it->second->owner_pid());
+  TENSORREG_ASSERT(count != per_owner_.end() && count->second > 0);
+  if (--count->second == 0) per_owner_.erase(count);
+  by_id_.erase(it);
+}
+
+std::size_t pending_table::count_of(std::int32_t owner_pid) const {
+  auto it = per_owner_.find(owner_pid);
+  return it == per_owner_.end() ? 0 : it->second;
+}
 
 std::vector<std::shared_ptr<pending_registration>> pending_table::all() const {
   std::vector<std::shared_ptr<pending_registration>> out;

@@ -25,6 +25,7 @@
 // Commit hands them to the catalogue or release() gives them back.
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
@@ -95,6 +96,8 @@ class pending_registration {
   [[nodiscard]] status begin_commit();
   /// The plan, for the commit that begin_commit() admitted. REQUIRES: phase committing.
   [[nodiscard]] plan& committing_plan();
+  /// Set while committing once a drop is asked for, so that the commit stops early.
+  [[nodiscard]] cancel_flag commit_cancel() const noexcept { return &cancel_; }
   /// committing → open (retryable) or committed. REQUIRES: phase committing.
   [[nodiscard]] commit_end finish_commit(commit_outcome outcome);
 
@@ -121,6 +124,7 @@ class pending_registration {
   mutable std::mutex mutex_;
   std::condition_variable idle_;  // signalled when state_.feeding drops to 0
   phase_state state_;
+  std::atomic<bool> cancel_{false};  // read by the commit's workers without mutex_
   std::uint32_t ttl_ms_ = 0;
   std::optional<clock::time_point> expires_;
   std::uint64_t epoch_ = 0;
@@ -138,6 +142,8 @@ class pending_table {
   void erase(const std::string& id);
   [[nodiscard]] std::vector<std::shared_ptr<pending_registration>> all() const;
   [[nodiscard]] std::size_t size() const noexcept { return by_id_.size(); }
+  /// Pending registrations of `owner_pid`.
+  [[nodiscard]] std::size_t count_of(std::int32_t owner_pid) const;
 
   /// Remembers that `id` expired at `now`.
   void bury(const std::string& id, clock::time_point now);
@@ -149,6 +155,7 @@ class pending_table {
 
  private:
   std::unordered_map<std::string, std::shared_ptr<pending_registration>> by_id_;
+  std::unordered_map<std::int32_t, std::size_t> per_owner_;  // entries of by_id_ by owner_pid
   std::unordered_map<std::string, clock::time_point> tombstones_;
 };
 

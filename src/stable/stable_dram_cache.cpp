@@ -95,7 +95,7 @@ void stable_dram_cache::notify(const std::vector<evicted_entry>& report) const {
 
 result<admit_outcome> stable_dram_cache::admit(std::string_view key, std::uint64_t size_bytes,
                                                std::shared_ptr<const memory::byte_source> replica,
-                                               const admit_policy& policy) {
+                                               const admit_policy& policy, budget_reservation* reservation) {
   if (key.empty()) {
     return fail(errc::invalid_argument, "cannot admit an entry to the stable dram cache: the key is empty");
   }
@@ -127,6 +127,15 @@ result<admit_outcome> stable_dram_cache::admit(std::string_view key, std::uint64
   {
     std::lock_guard lock(mutex_);
     const clock::time_point now = clock_.now();
+    // The entry's own reservation is the room it was promised; everyone else's is taken.
+    const std::uint64_t own = reservation != nullptr && reservation->cache_ == this ? reservation->bytes_ : 0;
+    const auto consume_reservation = [&] {
+      if (own == 0) return;
+      reserved_ -= own;
+      reservation->cache_ = nullptr;
+      reservation->bytes_ = 0;
+    };
+    const auto held = [&] { return bytes_used_ + (reserved_ - own); };
     std::optional<clock::time_point> deadline;
     if (ret == retention::ttl) deadline = saturating_deadline(now, ttl_of(*policy.ttl_ms));
 
@@ -141,6 +150,7 @@ result<admit_outcome> stable_dram_cache::admit(std::string_view key, std::uint64
           info.require_remote_stable_for_spill || policy.require_remote_stable_for_spill;
       if (deadline && (!info.deadline || *deadline > *info.deadline)) info.deadline = deadline;
       lru_.splice(lru_.begin(), lru_, found->second);
+      consume_reservation();  // the new copy is not kept
       outcome.admitted = true;
       outcome.upgraded = true;
       return outcome;
@@ -156,7 +166,7 @@ result<admit_outcome> stable_dram_cache::admit(std::string_view key, std::uint64
       return outcome;
     }
 
-    const std::uint64_t free_bytes = budget_ - bytes_used_;
+    const std::uint64_t free_bytes = held() >= budget_ ? 0 : budget_ - held();
     const bool fits = budget_ == 0 || size_bytes <= free_bytes;
     if (!fits) {
       const std::uint64_t need = size_bytes - free_bytes;
@@ -181,9 +191,14 @@ result<admit_outcome> stable_dram_cache::admit(std::string_view key, std::uint64
         }
       }
       // 4. Still short.
-      if (bytes_used_ + size_bytes > budget_) {
-        std::string reason = "insufficient stable bytes: " + std::to_string(budget_ - bytes_used_) + " of " +
-                             std::to_string(budget_) + " free, overflow " + std::string(policy::to_string(ovf)) +
+      if (held() + size_bytes > budget_) {
+        const std::uint64_t left = held() >= budget_ ? 0 : budget_ - held();
+        std::string reason = "insufficient stable bytes: " + std::to_string(left) + " of " + std::to_string(budget_) +
+                             " free" +
+                             (reserved_ - own > 0 ? " (" + std::to_string(reserved_ - own) +
+                                                        " reserved by uploads in progress)"
+                                                  : std::string()) +
+                             ", overflow " + std::string(policy::to_string(ovf)) +
                              (policy.required ? ", required" : "");
         if (ovf == overflow::reject || policy.required || spilling) {
           return fail(errc::resource_exhausted, prefix + reason);
@@ -206,6 +221,7 @@ result<admit_outcome> stable_dram_cache::admit(std::string_view key, std::uint64
     lru_.push_front(std::move(e));
     index_.emplace(lru_.front().key, lru_.begin());
     bytes_used_ += size_bytes;
+    consume_reservation();
     outcome.admitted = true;
   }
   notify(report);
@@ -276,9 +292,57 @@ result<std::uint64_t> stable_dram_cache::preempt_for_export(std::uint64_t bytes)
   return freed;
 }
 
+result<budget_reservation> stable_dram_cache::reserve(std::uint64_t bytes) {
+  if (budget_ == 0 || bytes == 0) return budget_reservation{};
+  std::lock_guard lock(mutex_);
+  const clock::time_point now = clock_.now();
+  std::uint64_t pinned = 0;
+  for (const auto& e : lru_) {
+    if (!eligible_locked(e, eviction_path::evict, now)) pinned += e.info.size_bytes;
+  }
+  const std::uint64_t taken = reserved_ + pinned;
+  const std::uint64_t free_bytes = taken >= budget_ ? 0 : budget_ - taken;
+  if (bytes > free_bytes) {
+    return fail(errc::resource_exhausted, "cannot reserve " + std::to_string(bytes) + " bytes of the stable budget: " +
+                                              std::to_string(free_bytes) + " of " + std::to_string(budget_) +
+                                              " bytes free (" + std::to_string(reserved_) +
+                                              " reserved by uploads in progress, " + std::to_string(pinned) +
+                                              " held by entries that cannot be evicted)");
+  }
+  reserved_ += bytes;
+  return budget_reservation(this, bytes);
+}
+
+void stable_dram_cache::unreserve(std::uint64_t bytes) noexcept {
+  std::lock_guard lock(mutex_);
+  reserved_ -= bytes;
+}
+
 cache_stats stable_dram_cache::stats() const {
   std::lock_guard lock(mutex_);
-  return cache_stats{index_.size(), bytes_used_, budget_, evictions_, evicted_bytes_};
+  return cache_stats{index_.size(), bytes_used_, budget_, evictions_, evicted_bytes_, reserved_};
+}
+
+// ---- budget_reservation ----------------------------------------------------------------------
+
+budget_reservation::budget_reservation(budget_reservation&& other) noexcept
+    : cache_(std::exchange(other.cache_, nullptr)), bytes_(std::exchange(other.bytes_, 0)) {}
+
+budget_reservation& budget_reservation::operator=(budget_reservation&& other) noexcept {
+  if (this != &other) {
+    release();
+    cache_ = std::exchange(other.cache_, nullptr);
+    bytes_ = std::exchange(other.bytes_, 0);
+  }
+  return *this;
+}
+
+budget_reservation::~budget_reservation() { release(); }
+
+void budget_reservation::release() noexcept {
+  if (cache_ != nullptr && bytes_ != 0) cache_->unreserve(bytes_);
+  cache_ = nullptr;
+  bytes_ = 0;
 }
 
 std::uint64_t stable_dram_cache::bytes_used() const {

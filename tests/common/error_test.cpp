@@ -2,6 +2,8 @@
 
 #include <catch2/catch.hpp>
 
+#include <cerrno>
+
 namespace {
 
 using tensorreg::errc;
@@ -52,4 +54,11 @@ TEST_CASE("error: with_context prefixes the message", "[common][error]") {
   const auto e = tensorreg::with_context({errc::not_found, "no such file"}, "cannot open 'x'");
   CHECK(e.code == errc::not_found);
   CHECK(e.message == "cannot open 'x': no such file");
+}
+
+TEST_CASE("error: running out of fds, memory or space is RESOURCE_EXHAUSTED, anything else as asked",
+          "[common][error]") {
+  for (int e : {EMFILE, ENFILE, ENOMEM, ENOSPC}) CHECK(tensorreg::errc_of_errno(e, errc::internal) == errc::resource_exhausted);
+  CHECK(tensorreg::errc_of_errno(EBADF, errc::internal) == errc::internal);
+  CHECK(tensorreg::errc_of_errno(EACCES, errc::permission_denied) == errc::permission_denied);
 }

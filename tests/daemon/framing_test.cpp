@@ -2,6 +2,8 @@
 
 #include <catch2/catch.hpp>
 
+#include <unistd.h>
+
 #include <cstdint>
 #include <random>
 #include <string>
@@ -18,6 +20,27 @@ using tensorreg::daemon::frame_decoder;
 std::string header_bytes(std::uint32_t length) {
   const auto header = encode_frame_header(length);
   return std::string(reinterpret_cast<const char*>(header.data()), header.size());
+}
+
+// One open fd (a dup of stdin's slot is not guaranteed: a pipe end is).
+tensorreg::unique_fd some_fd() {
+  int ends[2] = {-1, -1};
+  REQUIRE(::pipe(ends) == 0);
+  ::close(ends[1]);
+  return tensorreg::unique_fd(ends[0]);
+}
+
+std::vector<tensorreg::unique_fd> fds_of(std::vector<int>& raw, std::size_t n) {
+  std::vector<tensorreg::unique_fd> out;
+  for (std::size_t i = 0; i < n; ++i) {
+    out.push_back(some_fd());
+    raw.push_back(out.back().get());
+  }
+  return out;
+}
+
+std::span<const std::byte> bytes_of(const std::string& s) {
+  return std::as_bytes(std::span<const char>(s.data(), s.size()));
 }
 
 std::string framed(const std::string& payload) {
@@ -271,4 +294,58 @@ TEST_CASE("framing: garbage is rejected by its length, not trusted", "[daemon][f
   REQUIRE_FALSE(fed);
   CHECK(fed.error().code == errc::resource_exhausted);
   CHECK(fed.error().message == "cannot read frame: length 542393671 exceeds max_frame_bytes 67108864");
+}
+
+TEST_CASE("framing: fds that arrive with the end of frame A and all of frame B belong to B",
+          "[daemon][framing][fds]") {
+  frame_decoder decoder;
+  const auto a = framed("frame A"), b = framed("frame B");
+  std::vector<int> raw;
+  REQUIRE(decoder.feed(bytes_of(a.substr(0, 5)), {}));
+  REQUIRE(decoder.feed(bytes_of(a.substr(5) + b), fds_of(raw, 2)));
+  auto first = decoder.next();
+  auto second = decoder.next();
+  REQUIRE(first);
+  REQUIRE(second);
+  CHECK(first->payload == "frame A");
+  CHECK(first->fds.empty());
+  CHECK(second->payload == "frame B");
+  REQUIRE(second->fds.size() == 2);
+  CHECK(second->fds[0].get() == raw[0]);
+  CHECK(second->fds[1].get() == raw[1]);
+}
+
+TEST_CASE("framing: fds go to the last frame that begins in their read, even one not complete yet",
+          "[daemon][framing][fds]") {
+  frame_decoder decoder;
+  const auto a = framed("frame A"), b = framed("frame B"), c = framed("frame C");
+  std::vector<int> raw;
+  // A whole, B whole, C begun: the fds are C's (a sender starts no later frame in their sendmsg).
+  REQUIRE(decoder.feed(bytes_of(a + b + c.substr(0, 6)), fds_of(raw, 1)));
+  CHECK(decoder.ready_frames() == 2);
+  // The rest of C, and fds that arrive with bytes that only continue it, are C's too.
+  REQUIRE(decoder.feed(bytes_of(c.substr(6)), fds_of(raw, 1)));
+  auto fa = decoder.next(), fb = decoder.next(), fc = decoder.next();
+  REQUIRE((fa && fb && fc));
+  CHECK(fa->fds.empty());
+  CHECK(fb->fds.empty());
+  CHECK(fc->payload == "frame C");
+  REQUIRE(fc->fds.size() == 2);
+  CHECK(fc->fds[0].get() == raw[0]);
+  CHECK(fc->fds[1].get() == raw[1]);
+}
+
+TEST_CASE("framing: fds fed with the first byte of a frame split byte by byte stay with it",
+          "[daemon][framing][fds]") {
+  frame_decoder decoder;
+  const auto a = framed("with fds"), b = framed("without");
+  std::vector<int> raw;
+  const auto stream = a + b;
+  for (std::size_t i = 0; i < stream.size(); ++i) {
+    REQUIRE(decoder.feed(bytes_of(stream.substr(i, 1)), i == 0 ? fds_of(raw, 3) : std::vector<tensorreg::unique_fd>{}));
+  }
+  auto fa = decoder.next(), fb = decoder.next();
+  REQUIRE((fa && fb));
+  CHECK(fa->fds.size() == 3);
+  CHECK(fb->fds.empty());
 }

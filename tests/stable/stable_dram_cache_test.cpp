@@ -569,3 +569,60 @@ TEST_CASE("stable_dram_cache: concurrent admits, lookups and removes keep the ac
   CHECK(s.evictions == listened.load());
   CHECK(s.evicted_bytes == s.evictions * kChunk);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Reservations: uploads in progress hold their bytes of the budget (issue #15).
+
+TEST_CASE("stable_dram_cache: reservations together never exceed the budget, and go back when dropped",
+          "[stable][stable_dram_cache][reserve]") {
+  fake_clock clk;
+  stable_dram_cache cache(2 * kChunk, clk);
+  auto a = cache.reserve(kChunk);
+  REQUIRE(a.has_value());
+  CHECK(a->bytes() == kChunk);
+  auto b = cache.reserve(kChunk);
+  REQUIRE(b.has_value());
+  CHECK(cache.stats().reserved_bytes == 2 * kChunk);
+  const auto refused = cache.reserve(1);
+  REQUIRE_FALSE(refused.has_value());
+  CHECK(refused.error().code == errc::resource_exhausted);
+  CHECK(refused.error().message == "cannot reserve 1 bytes of the stable budget: 0 of 128 bytes free (128 reserved "
+                                   "by uploads in progress, 0 held by entries that cannot be evicted)");
+  // Another admission is refused the reserved room; the reservation's own entry takes it.
+  const auto other = cache.admit("other", kChunk, replica(), make_policy(retention::best_effort, overflow::reject));
+  REQUIRE_FALSE(other.has_value());
+  CHECK(other.error().message == "cannot admit 'other' (64 bytes) to the stable dram cache: insufficient stable "
+                                 "bytes: 0 of 128 free (128 reserved by uploads in progress), overflow reject");
+  const auto own = cache.admit("a", kChunk, replica(), kBestEffortEvict, &*a);
+  REQUIRE(own.has_value());
+  CHECK(own->admitted);
+  CHECK(a->bytes() == 0);
+  CHECK(cache.stats().reserved_bytes == kChunk);
+  CHECK(cache.bytes_used() == kChunk);
+  { auto dropped = std::move(*b); }
+  CHECK(cache.stats().reserved_bytes == 0);
+  // No budget: reservations are empty and always granted.
+  stable_dram_cache unlimited(0, clk);
+  auto free_for_all = unlimited.reserve(1u << 30);
+  REQUIRE(free_for_all.has_value());
+  CHECK(free_for_all->bytes() == 0);
+}
+
+TEST_CASE("stable_dram_cache: a reservation counts pinned entries as taken and evicts best-effort ones at admission",
+          "[stable][stable_dram_cache][reserve]") {
+  fake_clock clk;
+  stable_dram_cache cache(2 * kChunk, clk);
+  REQUIRE(cache.admit("pinned", kChunk, replica(), make_policy(retention::pinned, overflow::evict)).has_value());
+  REQUIRE(cache.admit("loose", kChunk, replica(), kBestEffortEvict).has_value());
+  const auto refused = cache.reserve(2 * kChunk);
+  REQUIRE_FALSE(refused.has_value());
+  CHECK(refused.error().message == "cannot reserve 128 bytes of the stable budget: 64 of 128 bytes free (0 reserved "
+                                   "by uploads in progress, 64 held by entries that cannot be evicted)");
+  auto held = cache.reserve(kChunk);
+  REQUIRE(held.has_value());
+  const auto admitted = cache.admit("upload", kChunk, replica(), kBestEffortEvict, &*held);
+  REQUIRE(admitted.has_value());
+  CHECK(admitted->admitted);
+  CHECK(admitted->evicted == std::vector<std::string>{"loose"});
+  CHECK(cache.contains("pinned"));
+}

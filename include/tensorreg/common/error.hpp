@@ -52,6 +52,11 @@ template <typename T>
 using result = tl::expected<T, error>;
 using status = result<void>;
 
+/// The code of a system call's failure where the process or the system ran out of something
+/// (fds: EMFILE, ENFILE; memory: ENOMEM; space: ENOSPC): RESOURCE_EXHAUSTED, which a client may
+/// retry later; any other errno gives `otherwise`.
+[[nodiscard]] errc errc_of_errno(int err, errc otherwise) noexcept;
+
 /// Builds the unexpected value of a result: `return fail(errc::not_found, "...")`.
 [[nodiscard]] inline tl::unexpected<error> fail(errc code, std::string message) {
   return tl::unexpected<error>(error{code, std::move(message)});

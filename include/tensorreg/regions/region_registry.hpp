@@ -67,6 +67,9 @@ struct register_request {
   /// the engine made of them (both set, or neither).
   std::shared_ptr<const vmm_chunks> vmm;
   std::shared_ptr<const memory::byte_source> device_mapping;
+  /// The uid of the process that asks (the daemon sets its peer's), for the per-uid share of
+  /// the registry; unset = not counted against any uid.
+  std::optional<std::uint32_t> owner_uid;
 };
 
 /// What a registration sees of a region.
@@ -90,6 +93,9 @@ struct region_info {
 
 struct registry_options {
   std::size_t capacity = 4096;
+  /// Most regions of one owner_uid, so that one user cannot take the whole registry; 0 = only
+  /// capacity.
+  std::size_t capacity_per_uid = 0;
   std::chrono::milliseconds max_ttl = std::chrono::minutes(10);
 };
 
@@ -100,8 +106,9 @@ class region_registry {
   /// Registers a region and returns it (id `region:` + 32 hex digits).
   /// Errors: INVALID_ARGUMENT (kind unspecified, owner_pid ≤ 0, size 0, VRAM without device ≥ 0
   /// or without exactly one of handle and VMM mapping, a VMM mapping of another size, HOST_SHARED without spec, daemon-managed with an attach token, client memory
-  /// without token or memfd); RESOURCE_EXHAUSTED (capacity reached, memfd refused);
-  /// whatever adopting the client's memfd returns (FAILED_PRECONDITION without F_SEAL_SHRINK).
+  /// without token or memfd); RESOURCE_EXHAUSTED (capacity reached, or owner_uid's share of it;
+  /// memfd refused); whatever adopting the client's memfd returns (FAILED_PRECONDITION without
+  /// F_SEAL_SHRINK).
   [[nodiscard]] result<region_info> register_region(register_request request);
 
   /// Takes a reference on a region for `owner_pid` (0 = no owner check) and refreshes its
@@ -139,6 +146,7 @@ class region_registry {
     bool poisoned = false;
     std::string poison_reason;
     bool retiring = false;
+    std::optional<std::uint32_t> owner_uid;
   };
 
   [[nodiscard]] std::optional<clock::time_point> deadline_for(std::uint32_t ttl_ms) const;

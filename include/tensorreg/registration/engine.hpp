@@ -62,6 +62,19 @@ struct engine_options {
   bool watch_owners = true;
   /// Region registry capacity.
   std::size_t region_capacity = 4096;
+  /// Most regions of one uid (register_request::owner_uid, which the daemon sets); 0 = only
+  /// region_capacity.
+  std::size_t region_capacity_per_uid = 1024;
+  /// Most pending registrations (Begin without Commit or Abort yet) of one owner_pid; 0 = no
+  /// limit. Each may hold staging memory and fds until its TTL.
+  std::size_t max_pending_per_owner = 1024;
+  /// Most stable DRAM cache entries that the commits of one uid (begin_request::owner_uid)
+  /// created, each a memfd the daemon keeps open; 0 = no limit.
+  std::size_t max_stable_entries_per_uid = 4096;
+  /// Largest total_size a Begin accepts; 0 = no limit. Every commit holds per-leaf state in
+  /// proportion to its size, so a size no memory could back is refused before anything is
+  /// allocated for it.
+  std::uint64_t max_total_size = std::uint64_t{1} << 40;
 };
 
 class engine {
@@ -79,7 +92,8 @@ class engine {
   /// Errors: INVALID_ARGUMENT (owner_pid ≤ 0, total_size 0, device_id < 0, bad policy, bad
   /// cgid, bad schema/encoding, no index, bad index), NOT_FOUND ("unknown tensor_index_key"),
   /// UNIMPLEMENTED (lease in_place=false, views), FAILED_PRECONDITION (coalesced or
-  /// stage_on_gpu without a GPU), RESOURCE_EXHAUSTED (stable budget).
+  /// stage_on_gpu without a GPU), RESOURCE_EXHAUSTED (total_size above max_total_size, the
+  /// owner's max_pending_per_owner reached, stable budget).
   [[nodiscard]] result<begin_response> begin(begin_request request);
 
   /// Applies one Feed message (§4.3). Every message extends the pending TTL.
@@ -92,8 +106,9 @@ class engine {
   [[nodiscard]] status keep_alive(const keep_alive_request& request);
 
   /// Finishes a registration: validates, hashes, publishes (§4.5).
-  /// Errors: as §4.5 and §5.1; the registration is gone afterwards unless the error is one
-  /// a client can fix by feeding more (FAILED_PRECONDITION for missing payloads).
+  /// Errors: as §4.5 and §5.1; RESOURCE_EXHAUSTED (out of memory) and INTERNAL (any other
+  /// exception from the commit's work). The registration is gone afterwards unless the error
+  /// is one a client can fix by feeding more (FAILED_PRECONDITION for missing payloads).
   [[nodiscard]] result<commit_response> commit(const std::string& registration_id);
 
   /// Cancels a pending registration and releases what it held (§4.6; DECISIONS §5.6).
@@ -112,8 +127,9 @@ class engine {
   /// or without exactly one of handle and VMM chunks, VMM chunks that do not add up to
   /// size_bytes or do not import, HOST_SHARED without its spec, client memory without token or
   /// memfd, an owner process that does not exist), FAILED_PRECONDITION (VMM memory without a
-  /// GPU, or on another device), RESOURCE_EXHAUSTED (capacity reached, memfd refused, address
-  /// space), INTERNAL (the owner cannot be watched).
+  /// GPU, or on another device), RESOURCE_EXHAUSTED (capacity reached, or the
+  /// owner_uid's share of it; memfd refused, address space, out of fds), INTERNAL (the owner
+  /// cannot be watched otherwise).
   [[nodiscard]] result<regions::region_info> register_region(regions::register_request request);
   /// Unregisters a region; returns whether it is gone now. With references held (pending
   /// registrations or leases using it) it fails unless `force`, which retires it: no new
@@ -137,7 +153,8 @@ class engine {
   /// zero-copy readers in other processes. The replica stays valid for as long as the fd or a
   /// mapping of it lives, even after eviction (the engine does not track those readers).
   /// Errors: NOT_FOUND (unknown artifact), FAILED_PRECONDITION (quiesced, or no stable DRAM
-  /// replica held in shared memory), INTERNAL (the fd cannot be reopened read-only).
+  /// replica held in shared memory), RESOURCE_EXHAUSTED (out of fds), INTERNAL (the fd
+  /// cannot be reopened read-only otherwise).
   [[nodiscard]] result<std::pair<std::shared_ptr<const index::canonical_index>, unique_fd>> stable_replica_fd(
       const std::string& artifact_id);
   /// Where the artifact's bytes lie in GPU memory, for a reader in another process to map them

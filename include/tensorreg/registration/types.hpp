@@ -65,6 +65,9 @@ struct begin_request {
   /// View registration (registration.md §7) is not implemented yet: UNIMPLEMENTED.
   bool has_view = false;
   std::string client_artifact_id;  ///< "" = MI2 artifact, else a cgid
+  /// The uid of the process that asks (the daemon sets its peer's), for the per-uid share of
+  /// the stable DRAM cache; unset = not counted against any uid.
+  std::optional<std::uint32_t> owner_uid;
 };
 
 /// The stable-DRAM publish buffer: a memfd the client maps and writes, then reports ranges.
@@ -240,6 +243,7 @@ struct engine_stats {
   std::uint64_t stable_budget = 0;    ///< 0 = unlimited
   std::uint64_t leased_bytes = 0;     ///< bytes of artifacts held in place by leases
   std::uint64_t stable_evictions = 0;
+  std::uint64_t stable_reserved_bytes = 0;  ///< stable budget held by uploads not committed yet
 };
 
 /// One GPU allocation an artifact's bytes live in, as a reader in another process opens it

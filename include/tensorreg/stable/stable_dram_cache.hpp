@@ -82,6 +82,7 @@ struct cache_stats {
   std::uint64_t budget_bytes = 0;  ///< 0 = unlimited.
   std::uint64_t evictions = 0;     ///< Entries evicted since construction (remove() not counted).
   std::uint64_t evicted_bytes = 0;
+  std::uint64_t reserved_bytes = 0;  ///< Held by reservations (uploads not admitted yet).
 };
 
 /// Hooks; all optional.
@@ -93,6 +94,31 @@ struct cache_hooks {
   std::function<bool(std::string_view artifact_id)> has_durable_copy;
   /// Called once per evicted entry, after the lock is released, on the evicting thread.
   std::function<void(const evicted_entry&)> on_evict;
+};
+
+class stable_dram_cache;
+
+/// Bytes of a cache's budget held for an upload that is admitted later (reserve()). Gives them
+/// back when destroyed, unless admit() turned them into the upload's entry first. Move-only;
+/// empty (0 bytes) by default and with no budget. REQUIRES: the cache outlives it.
+class budget_reservation {
+ public:
+  budget_reservation() noexcept = default;
+  budget_reservation(budget_reservation&& other) noexcept;
+  budget_reservation& operator=(budget_reservation&& other) noexcept;
+  budget_reservation(const budget_reservation&) = delete;
+  budget_reservation& operator=(const budget_reservation&) = delete;
+  ~budget_reservation();
+
+  [[nodiscard]] std::uint64_t bytes() const noexcept { return bytes_; }
+
+ private:
+  friend class stable_dram_cache;
+  budget_reservation(stable_dram_cache* cache, std::uint64_t bytes) noexcept : cache_(cache), bytes_(bytes) {}
+  void release() noexcept;
+
+  stable_dram_cache* cache_ = nullptr;
+  std::uint64_t bytes_ = 0;
 };
 
 class stable_dram_cache {
@@ -123,9 +149,21 @@ class stable_dram_cache {
   /// `size_bytes`, retention ttl without ttl_ms > 0, or an enum value outside its list;
   /// RESOURCE_EXHAUSTED as above, the message naming the key, the sizes and the rule
   /// ("stable cache spill blocked", "could not free enough bytes", "insufficient stable bytes").
+  /// Reserved bytes (reserve()) count as used, except those of `reservation`, which is the
+  /// admitted entry's own: admitting or upgrading consumes it (its bytes become the entry's, or
+  /// go back when the entry existed); a failed or skipped admission leaves it as it was.
   [[nodiscard]] result<admit_outcome> admit(std::string_view key, std::uint64_t size_bytes,
                                             std::shared_ptr<const memory::byte_source> replica,
-                                            const admit_policy& policy);
+                                            const admit_policy& policy, budget_reservation* reservation = nullptr);
+
+  /// Holds `bytes` of the budget for an upload still in progress, so that the uploads in flight
+  /// never hold more than the budget together. Evicts nothing: it fits when `bytes` is at most
+  /// the budget less what other reservations hold and what entries that cannot be evicted now
+  /// (required, pinned, unexpired ttl) hold; admissions then evict to honour it. With no budget
+  /// the reservation is empty.
+  /// Errors: RESOURCE_EXHAUSTED "cannot reserve N bytes of the stable budget: F of B bytes free
+  /// (R reserved by uploads in progress, P held by entries that cannot be evicted)".
+  [[nodiscard]] result<budget_reservation> reserve(std::uint64_t bytes);
 
   /// The replica cached under `key`, or null; a hit becomes the most recently used entry.
   [[nodiscard]] std::shared_ptr<const memory::byte_source> lookup(std::string_view key);
@@ -180,6 +218,8 @@ class stable_dram_cache {
   void evict_locked(const std::vector<lru_list::iterator>& victims, eviction_reason reason,
                     std::vector<evicted_entry>& report, std::vector<std::shared_ptr<const memory::byte_source>>& drop);
   void notify(const std::vector<evicted_entry>& report) const;
+  friend class budget_reservation;
+  void unreserve(std::uint64_t bytes) noexcept;
 
   const std::uint64_t budget_;
   const clock& clock_;
@@ -189,6 +229,7 @@ class stable_dram_cache {
   lru_list lru_;
   std::unordered_map<std::string, lru_list::iterator, key_hash, std::equal_to<>> index_;
   std::uint64_t bytes_used_ = 0;
+  std::uint64_t reserved_ = 0;  // held by live budget_reservations
   std::uint64_t evictions_ = 0;
   std::uint64_t evicted_bytes_ = 0;
 };

@@ -28,7 +28,7 @@ result<commit_response> coalesced::commit(commit_context& ctx) {
   TENSORREG_TRY_ASSIGN(auto normalized, normalized_source::create(buffer_->bytes, *index_));
   std::optional<hash::digest> data;
   if (p.cgid.empty()) {
-    TENSORREG_TRY_ASSIGN(data, hash_canonical(normalized->view(), ctx.pool, ctx.devices));
+    TENSORREG_TRY_ASSIGN(data, hash_canonical(normalized->view(), ctx.pool, ctx.devices, ctx.cancelled));
   }
   auto descriptor = describe(p, *index_, data);
   commit_response response;

@@ -386,7 +386,7 @@ result<commit_response> lease_in_place::commit(commit_context& ctx) {
   // Step 8: hash, outside every lock: on the GPU when the bytes live there and it is faster.
   std::optional<hash::digest> data;
   if (p.cgid.empty()) {
-    TENSORREG_TRY_ASSIGN(data, hash_canonical(*view.bytes, ctx.pool, ctx.devices));
+    TENSORREG_TRY_ASSIGN(data, hash_canonical(*view.bytes, ctx.pool, ctx.devices, ctx.cancelled));
   }
   auto descriptor = describe(p, *idx, data);
 

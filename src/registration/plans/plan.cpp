@@ -122,11 +122,16 @@ artifact_descriptor describe(const registration_facts& facts, const index::canon
   return d;
 }
 
-result<hash::digest> hash_canonical(const memory::segmented_view& canonical, thread_pool& pool, device_memory* devices) {
+result<hash::digest> hash_canonical(const memory::segmented_view& canonical, thread_pool& pool, device_memory* devices,
+                                    cancel_flag cancel) {
+  TENSORREG_TRY(check_cancel(cancel));
   if (devices != nullptr) {
-    if (auto on_device = devices->tree_hash_on_device(canonical)) return std::move(*on_device);
+    if (auto on_device = devices->tree_hash_on_device(canonical)) {
+      TENSORREG_TRY(check_cancel(cancel));
+      return std::move(*on_device);
+    }
   }
-  return hash::tree_hash(canonical, &pool);
+  return hash::tree_hash(cancellable_source(canonical, cancel), &pool);
 }
 
 stable::admit_policy admit_policy_of(const policy::resolved_policy& r) {
@@ -166,15 +171,17 @@ local_stable_tier_result apply_local_stable_tier(commit_context& ctx, const std:
         return fail(errc::failed_precondition, "no replica or lease to copy from");
       }
     }
-    TENSORREG_TRY_ASSIGN(auto copy, materialize(*source, expected.has_value(), ctx.pool, ctx.devices));
+    TENSORREG_TRY_ASSIGN(auto copy, materialize(*source, expected.has_value(), ctx.pool, ctx.devices, ctx.cancelled));
     if (expected && hash::encode_multihash(*copy.data_digest) != *expected) {
       return fail(errc::data_loss, "the bytes changed while they were copied (data hash " +
                                        hash::encode_multihash(*copy.data_digest) + ")");
     }
     std::lock_guard lock(ctx.catalogue_mutex);
+    TENSORREG_TRY(ctx.cat.check_stable_share(ctx.facts.owner_uid, "cannot admit it"));
     auto admitted = ctx.cat.cache().admit(artifact_id, size, copy.replica, admit);
     if (!admitted) return tl::unexpected(std::move(admitted).error());
     if (!admitted->admitted) return fail(errc::resource_exhausted, admitted->skip_reason);
+    if (!admitted->upgraded) ctx.cat.note_stable_entry(artifact_id, ctx.facts.owner_uid);
     return {};
   };
   auto done = attempt();

@@ -45,12 +45,15 @@ struct registration_facts {
   std::uint64_t total_size = 0;
   std::string cgid;  ///< empty: an mi2 id is computed
   policy::resolved_policy policy;
+  std::optional<std::uint32_t> owner_uid{};  ///< for the per-uid share of the stable cache
 };
 
 /// What a plan's begin may use.
 struct begin_context {
   device_memory* devices = nullptr;  ///< null = no GPU
   std::uint64_t stable_budget = 0;   ///< 0 = unlimited
+  /// The stable DRAM cache, whose budget an upload reserves at Begin; null = none (tests).
+  stable::stable_dram_cache* stable_cache = nullptr;
   /// The request's canonical index (inline or by key). Errors: as engine::begin.
   std::function<result<std::shared_ptr<const index::canonical_index>>(const begin_request&)> resolve_index;
 };
@@ -68,6 +71,9 @@ struct commit_context {
   /// Set by commit() when its error is one the client can fix by feeding more (missing
   /// payloads, incomplete upload): the registration then stays open.
   bool retryable = false;
+  /// Set while the commit runs when the registration is revoked or its owner exits: hashing
+  /// and copying stop (CANCELLED) at the next leaf or chunk. Null = never.
+  cancel_flag cancelled = nullptr;
 
   template <typename F>
   decltype(auto) with_catalogue(F&& f) {
@@ -158,9 +164,10 @@ class normalized_source final : public view_source {
                                            const std::optional<hash::digest>& data);
 
 /// The data hash of a canonical buffer: on the GPU when its bytes are device memory and that is
-/// faster, otherwise on all host cores (DECISIONS §6).
+/// faster, otherwise on all host cores (DECISIONS §6). Errors: CANCELLED (`cancel` set: checked
+/// per leaf on the host, before and after the GPU), the reads'.
 [[nodiscard]] result<hash::digest> hash_canonical(const memory::segmented_view& canonical, thread_pool& pool,
-                                                  device_memory* devices);
+                                                  device_memory* devices, cancel_flag cancel = nullptr);
 
 [[nodiscard]] stable::admit_policy admit_policy_of(const policy::resolved_policy& r);
 

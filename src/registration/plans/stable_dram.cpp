@@ -110,6 +110,13 @@ result<std::unique_ptr<stable_dram>> stable_dram::begin(const begin_request& r, 
                                               std::to_string(ctx.stable_budget) + " bytes");
   }
   std::unique_ptr<stable_dram> p(new stable_dram(std::move(idx)));
+  if (ctx.stable_cache != nullptr) {
+    auto reserved = ctx.stable_cache->reserve(r.total_size);
+    if (!reserved) {
+      return tl::unexpected(with_context(std::move(reserved).error(), "cannot begin stable_dram registration"));
+    }
+    p->reservation_ = std::move(*reserved);
+  }
   stable_dram_handshake hs;
   if (opts.stage_on_gpu) {
     // The client writes its GPU tensors into a daemon-owned device buffer (by its IPC
@@ -164,7 +171,7 @@ result<commit_response> stable_dram::commit(commit_context& ctx) {
   }
   // Keep a private host copy, hashed as it is made: the client still maps the staging memory
   // and could change it.
-  TENSORREG_TRY_ASSIGN(auto copy, materialize(*normalized, p.cgid.empty(), ctx.pool, ctx.devices));
+  TENSORREG_TRY_ASSIGN(auto copy, materialize(*normalized, p.cgid.empty(), ctx.pool, ctx.devices, ctx.cancelled));
   auto descriptor = describe(p, *index_, copy.data_digest);
 
   commit_response response;
@@ -178,7 +185,8 @@ result<commit_response> stable_dram::commit(commit_context& ctx) {
     }
     auto& cache = cat.cache();
     const bool had_replica = cache.contains(descriptor.artifact_id);
-    auto admitted = cache.admit(descriptor.artifact_id, p.total_size, copy.replica, admit);
+    if (!had_replica) TENSORREG_TRY(cat.check_stable_share(p.owner_uid, "cannot commit " + descriptor.artifact_id));
+    auto admitted = cache.admit(descriptor.artifact_id, p.total_size, copy.replica, admit, &reservation_);
     if (!admitted) {
       return tl::unexpected(with_context(std::move(admitted).error(), "cannot commit " + descriptor.artifact_id));
     }
@@ -186,6 +194,7 @@ result<commit_response> stable_dram::commit(commit_context& ctx) {
       return fail(errc::resource_exhausted, "cannot commit " + descriptor.artifact_id +
                                                 ": the stable cache did not keep it: " + admitted->skip_reason);
     }
+    if (!had_replica) cat.note_stable_entry(descriptor.artifact_id, p.owner_uid);
     auto& a = cat.add(descriptor, index_);
     if (had_replica) {
       // Idempotent join (§4.5): the new copy is dropped; the join is remembered so that Revoke
@@ -204,6 +213,7 @@ result<commit_response> stable_dram::commit(commit_context& ctx) {
 void stable_dram::release(regions::region_registry& /*regions*/) noexcept {
   upload_.reset();
   device_staging_.reset();
+  reservation_ = stable::budget_reservation{};
 }
 
 }  // namespace tensorreg::registration::detail

@@ -88,6 +88,9 @@ class stable_dram final : public plan {
   std::shared_ptr<const index::canonical_index> index_;
   std::shared_ptr<stable_upload> upload_;  // memfd staging; null with stage_on_gpu
   std::optional<device_buffer> device_staging_;  // stage_on_gpu
+  // The stable budget held for this upload from Begin until its entry is admitted or it ends,
+  // so that uploads in flight never hold more host memory than the budget.
+  stable::budget_reservation reservation_;
 };
 
 }  // namespace tensorreg::registration::detail
