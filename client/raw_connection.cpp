@@ -1,5 +1,7 @@
 #include "client/raw_connection.hpp"
 
+#include <poll.h>
+
 #include <limits>
 
 #include "daemon/framing.hpp"
@@ -25,6 +27,12 @@ result<std::unique_ptr<connection>> connection::connect(std::string socket_path)
 }
 
 status connection::ensure_connected_locked() {
+  // Between calls nothing may arrive but the daemon's last word on an idle connection (or its
+  // end): that connection is finished, so the call goes out on a new one instead of failing.
+  if (socket_ && inbox_.empty()) {
+    pollfd p{socket_.get(), POLLIN, 0};
+    if (::poll(&p, 1, 0) != 0) socket_.reset();
+  }
   if (socket_) return {};
   TENSORREG_TRY_ASSIGN(socket_, connect_unix(socket_path_));
   inbox_.clear();

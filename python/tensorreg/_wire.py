@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import array
 import os
+import select
 import socket
 import struct
 import threading
@@ -39,6 +40,15 @@ def default_socket_path() -> str:
     if runtime:
         return os.path.join(runtime, "tensorreg", "tensorregd.sock")
     return f"/tmp/tensorreg-{os.getuid()}/tensorregd.sock"
+
+
+def _readable(sock: socket.socket) -> bool:
+    """Whether `sock` has bytes or its end waiting, without waiting."""
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)
 
 
 def _close_fds(fds) -> None:
@@ -72,6 +82,10 @@ class Connection:
     def _ensure_connected(self) -> socket.socket:
         if self._closed:
             raise Unavailable(f"cannot call tensorregd at {self.path}: the store is closed")
+        if self._sock is not None and not self._rbuf and _readable(self._sock):
+            # Between calls nothing may arrive but the daemon's last word on an idle connection
+            # (or its end): this connection is finished, so the call goes out on a new one.
+            self._drop()
         if self._sock is not None:
             return self._sock
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -204,3 +204,15 @@ TEST_CASE("client connection: register_cuda without CUDA in this build is FAILED
   CHECK(stats->pending_registrations == 0);
   CHECK(stats->regions == 0);
 }
+
+TEST_CASE("client connection: a call after the daemon closed an idle connection goes out on a new one",
+          "[client][connection]") {
+  daemon_process d({"--idle-timeout-ms", "200"});
+  auto c = connect(d);
+  REQUIRE(c.stats());
+  // Past the idle timeout the daemon has answered request 0 and closed this connection.
+  std::this_thread::sleep_for(std::chrono::milliseconds(600));
+  auto again = c.stats();
+  INFO((again ? std::string("ok") : again.error().message));
+  CHECK(again.has_value());
+}

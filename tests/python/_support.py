@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import unittest
 
@@ -68,6 +69,8 @@ class Daemon:
             if not line:
                 self.stop()
                 raise RuntimeError(f"tensorregd did not start: {''.join(seen)!r}")
+        # Keep reading what it logs, so that a full pipe never blocks the daemon.
+        threading.Thread(target=self.proc.stdout.read, daemon=True).start()
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _support  # noqa: E402  (exits 77 without torch / protobuf)
@@ -272,6 +273,17 @@ class StoreTest(unittest.TestCase):
                 store.put({"a": torch.ones(4)})
             with self.assertRaises(tensorreg.Unavailable):
                 store.get("mi2:x")
+        finally:
+            store.close()
+            other.stop()
+
+    def test_a_call_after_the_daemon_closed_an_idle_connection_reconnects(self):
+        other = _support.Daemon("--idle-timeout-ms", "200")
+        store = tensorreg.Store(other.socket)
+        try:
+            store.stats()
+            time.sleep(0.6)  # past the idle timeout: the daemon has closed this connection
+            self.assertIn("pending_registrations", store.stats())
         finally:
             store.close()
             other.stop()
