@@ -18,6 +18,7 @@
 #include "daemon/framing.hpp"
 #include "daemon/unix_socket.hpp"
 #include "support/daemon_process.hpp"
+#include "support/raw_wire.hpp"
 #include "support/raw_store.hpp"
 #include "support/safetensors_writer.hpp"
 #include "support/temp_dir.hpp"
@@ -71,26 +72,10 @@ std::shared_ptr<client> connect(const daemon_process& d) {
 // daemon closed the connection without one).
 std::optional<wire::Response> raw_exchange(const std::string& socket, const std::string& bytes) {
   auto fd = connect_unix(socket).value();
-  REQUIRE(send_all(fd.get(), std::as_bytes(std::span(bytes.data(), bytes.size())), {}));
-  frame_decoder decoder(1u << 30);
-  std::vector<std::byte> buffer(4096);
-  for (;;) {
-    if (auto f = decoder.next()) {
-      wire::Response r;
-      REQUIRE(r.ParseFromString(f->payload));
-      return r;
-    }
-    auto got = receive_some(fd.get(), buffer);
-    if (!got || got->bytes == 0) return std::nullopt;
-    REQUIRE(decoder.feed(std::span<const std::byte>(buffer.data(), got->bytes)));
-  }
+  return tensorreg::testing::send_and_answer(fd.get(), bytes);
 }
 
-std::string framed(const wire::Request& r) {
-  std::string payload;
-  r.SerializeToString(&payload);
-  return encode_frame(payload).value();
-}
+using tensorreg::testing::framed;
 
 }  // namespace
 

@@ -16,6 +16,7 @@
 #include "daemon/framing.hpp"
 #include "daemon/unix_socket.hpp"
 #include "support/daemon_process.hpp"
+#include "support/raw_wire.hpp"
 #include "tensorreg/wire/v1/frame.pb.h"
 
 namespace {
@@ -30,27 +31,8 @@ using tensorreg::daemon::receive_some;
 using tensorreg::daemon::send_all;
 using tensorreg::testing::daemon_process;
 
-std::string framed(const wire::Request& r) {
-  std::string payload;
-  r.SerializeToString(&payload);
-  return encode_frame(payload).value();
-}
-
-// The next answer on `fd`, or nullopt when the daemon closed the connection without one.
-std::optional<wire::Response> next_answer(int fd) {
-  frame_decoder decoder(1u << 30);
-  std::vector<std::byte> buffer(4096);
-  for (;;) {
-    if (auto f = decoder.next()) {
-      wire::Response r;
-      REQUIRE(r.ParseFromString(f->payload));
-      return r;
-    }
-    auto got = receive_some(fd, buffer);
-    if (!got || got->bytes == 0) return std::nullopt;
-    REQUIRE(decoder.feed(std::span<const std::byte>(buffer.data(), got->bytes)));
-  }
-}
+using tensorreg::testing::framed;
+using tensorreg::testing::next_answer;
 
 std::optional<wire::Response> call(int fd, const wire::Request& r) {
   const auto bytes = framed(r);

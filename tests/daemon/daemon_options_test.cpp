@@ -1,6 +1,7 @@
 // tensorregd's options, end to end: the real daemon started with them (--log-level,
 // --persist-dir), driven by raw frames. First include is the daemon double these cases run.
 #include "support/daemon_process.hpp"
+#include "support/raw_wire.hpp"
 
 #include <catch2/catch.hpp>
 
@@ -23,21 +24,9 @@ using tensorreg::testing::daemon_process;
 
 // Sends `request` on `fd` and returns the answer.
 wire::Response exchange(int fd, const wire::Request& request) {
-  const auto frame = tensorreg::daemon::encode_frame(request.SerializeAsString()).value();
-  REQUIRE(tensorreg::daemon::send_all(fd, std::as_bytes(std::span(frame.data(), frame.size())), {}));
-  tensorreg::daemon::frame_decoder decoder(1u << 30);
-  std::vector<std::byte> buffer(4096);
-  for (;;) {
-    if (auto f = decoder.next()) {
-      wire::Response r;
-      REQUIRE(r.ParseFromString(f->payload));
-      return r;
-    }
-    auto got = tensorreg::daemon::receive_some(fd, buffer);
-    REQUIRE(got);
-    REQUIRE(got->bytes > 0);
-    REQUIRE(decoder.feed(std::span<const std::byte>(buffer.data(), got->bytes)));
-  }
+  auto answer = tensorreg::testing::send_and_answer(fd, tensorreg::testing::framed(request));
+  REQUIRE(answer);
+  return *answer;
 }
 
 // GetServerConfig (1), a Commit of a registration nobody began (2), ListArtifacts (3).
