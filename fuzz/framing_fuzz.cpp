@@ -87,6 +87,9 @@ struct reference {
   // Index of the frame that owns the fds of the read [begin, end), or nullopt when that frame
   // is never completed.
   [[nodiscard]] std::optional<std::size_t> owner(std::uint64_t begin, std::uint64_t end) const {
+    // The unfinished frame at the end of the stream is the last to begin anywhere.
+    const bool partial = partial_header > 0 || partial_length.has_value();
+    if (partial && partial_offset >= begin && partial_offset < end) return std::nullopt;
     std::optional<std::size_t> found;
     for (std::size_t i = 0; i < frames.size(); ++i) {
       if (frames[i].offset >= begin && frames[i].offset < end) found = i;
