@@ -95,7 +95,7 @@ std::uint64_t pick_total(FuzzedDataProvider& in) {
   switch (in.ConsumeIntegralInRange<int>(0, 5)) {
     case 0: return 0;
     case 1: return in.ConsumeIntegralInRange<std::uint64_t>(1, 4096);
-    case 2: return 1u << 20;
+    case 2: return 1u << 16;
     default: return artifact_size;
   }
 }
@@ -129,7 +129,7 @@ class conversation {
     options.hash_threads = 1;
     options.sweep_interval = 0ms;
     options.watch_owners = false;
-    options.stable_bytes = 1u << 22;
+    options.stable_bytes = 1u << 18;
     options.default_drain_timeout = 1ms;
     options.region_capacity = 8;
     auto e = reg::engine::create(std::move(options));
@@ -509,7 +509,7 @@ class conversation {
     unique_fd fd(::memfd_create("fuzz-region", MFD_CLOEXEC | MFD_ALLOW_SEALING));
     FUZZ_CHECK(fd, "cannot create a memfd");
     const auto bytes = artifact_bytes();
-    const auto length = static_cast<off_t>(std::min<std::uint64_t>(size, 1u << 20));
+    const auto length = static_cast<off_t>(std::min<std::uint64_t>(size, 1u << 16));
     FUZZ_CHECK(::ftruncate(fd.get(), length) == 0, "cannot size a memfd");
     (void)::pwrite(fd.get(), bytes.data(), std::min<std::size_t>(bytes.size(), static_cast<std::size_t>(length)), 0);
     (void)::fcntl(fd.get(), F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW);
