@@ -168,8 +168,8 @@ layout_spec parse_layout(const std::string& path) {
     storage_spec s;
     const std::uint64_t a = unsigned_of(member(storages[i], "allocation", where), where + ".allocation");
     if (a >= out.allocations.size()) {
-      bad(where + ".allocation", std::to_string(a) + " is not one of the " + std::to_string(out.allocations.size()) +
-                                     " allocations");
+      bad(where + ".allocation",
+          std::to_string(a) + " is not one of the " + std::to_string(out.allocations.size()) + " allocations");
     }
     s.allocation = static_cast<std::size_t>(a);
     s.offset = unsigned_of(member(storages[i], "offset", where), where + ".offset");
@@ -200,8 +200,8 @@ layout_spec parse_layout(const std::string& path) {
     if (!names.insert(t.name).second) bad(where + ".name", "\"" + t.name + "\" appears twice");
     const std::uint64_t s = unsigned_of(member(j, "storage", where), where + ".storage");
     if (s >= out.storages.size()) {
-      bad(where + ".storage", std::to_string(s) + " is not one of the " + std::to_string(out.storages.size()) +
-                                  " storages");
+      bad(where + ".storage",
+          std::to_string(s) + " is not one of the " + std::to_string(out.storages.size()) + " storages");
     }
     t.storage = static_cast<std::size_t>(s);
     const json& shape = array_of(member(j, "shape", where), where + ".shape");
@@ -261,7 +261,7 @@ round_result run(client::connection& conn, const std::vector<client::cuda_tensor
   out.artifact_id = held->info().descriptor.artifact_id;
   out.existed = held->info().existed;
   const auto& r = out.report;
-  out.t = {r.index_ms,       r.driver_ms,     r.messages_ms, r.rpc_regions_ms + r.rpc_begin_ms + r.rpc_feed_ms,
+  out.t = {r.index_ms,       r.driver_ms,    r.messages_ms, r.rpc_regions_ms + r.rpc_begin_ms + r.rpc_feed_ms,
            r.rpc_regions_ms, r.rpc_begin_ms, r.rpc_feed_ms, r.commit_ms};
   if (auto released = held->release(); !released) {
     std::fprintf(stderr, "%s: warning: %s\n", program, released.error().message.c_str());
@@ -339,7 +339,8 @@ int main(int argc, char** argv) {
   for (std::size_t a = 0; a < spec.allocations.size(); ++a) {
     void* p = nullptr;
     const auto size = static_cast<std::size_t>(spec.allocations[a].size);
-    check_cuda(cudaMalloc(&p, size), "allocate allocation " + std::to_string(a) + " of " + std::to_string(size) + " bytes");
+    check_cuda(cudaMalloc(&p, size),
+               "allocate allocation " + std::to_string(a) + " of " + std::to_string(size) + " bytes");
     check_cuda(cudaMemset(p, 0, size), "zero allocation " + std::to_string(a));
     blocks.push_back(p);
     allocated += size;
@@ -362,10 +363,11 @@ int main(int argc, char** argv) {
   auto conn = client::connection::connect(socket_path);
   if (!conn) die(conn.error().message);
 
-  std::printf("# device %d: %s (%s); %zu tensors, %zu storages (%zu named by no tensor, not registered), %zu "
-              "allocations, %.1f MiB allocated\n",
-              ordinal, prop.name, uuid.c_str(), tensors.size(), distinct.size(), unnamed, spec.allocations.size(),
-              static_cast<double>(allocated) / (1 << 20));
+  std::printf(
+      "# device %d: %s (%s); %zu tensors, %zu storages (%zu named by no tensor, not registered), %zu "
+      "allocations, %.1f MiB allocated\n",
+      ordinal, prop.name, uuid.c_str(), tensors.size(), distinct.size(), unnamed, spec.allocations.size(),
+      static_cast<double>(allocated) / (1 << 20));
 
   std::vector<round_times> times;
   round_result last;
@@ -377,7 +379,8 @@ int main(int argc, char** argv) {
       std::printf("# artifact %s%s\n", last.artifact_id.c_str(), last.existed ? " (existed)" : "");
     } else {
       times.push_back(last.t);
-      if (last.artifact_id != first_id) die("repeat " + std::to_string(round) + " gave another id: " + last.artifact_id);
+      if (last.artifact_id != first_id)
+        die("repeat " + std::to_string(round) + " gave another id: " + last.artifact_id);
     }
   }
   std::fflush(stdout);
@@ -397,8 +400,9 @@ int main(int argc, char** argv) {
   const double commit_ms = med(&round_times::commit);
 
   const auto& rep = last.report;
-  const std::string shape = "\"tensors\":" + std::to_string(tensors.size()) + ",\"storages\":" +
-                            std::to_string(rep.storages) + ",\"allocations\":" + std::to_string(rep.allocations) +
+  const std::string shape = "\"tensors\":" + std::to_string(tensors.size()) +
+                            ",\"storages\":" + std::to_string(rep.storages) +
+                            ",\"allocations\":" + std::to_string(rep.allocations) +
                             ",\"regions\":" + std::to_string(rep.regions) + ",\"repeats\":" + std::to_string(repeats);
   const auto line = [&](const char* what, double ms, const std::string& extra = {}) {
     std::printf("{\"bench\":\"cuda_client_register\",\"what\":\"%s\",\"ms\":%.4f,%s%s}\n", what, ms, shape.c_str(),
@@ -416,16 +420,18 @@ int main(int argc, char** argv) {
   line("rpc_feed", med(&round_times::rpc_feed));
   line("rpc", rpc_ms);
   line("commit", commit_ms, last.existed ? ",\"existed\":true" : ",\"existed\":false");
-  std::printf("{\"bench\":\"cuda_client_register\",\"what\":\"summary\",%s,\"lone_handles\":%zu,\"index_ms\":%.4f,"
-              "\"driver_ms\":%.4f,\"messages_ms\":%.4f,\"client_work_ms\":%.4f,\"rpc_ms\":%.4f,\"rpc_regions_ms\":%.4f,"
-              "\"rpc_begin_ms\":%.4f,\"rpc_feed_ms\":%.4f,\"commit_ms\":%.4f,\"feed_bytes\":%zu,\"artifact_id\":\"%s\"}\n",
-              shape.c_str(), rep.lone_handles, index_ms, driver_ms, messages_ms, client_ms, rpc_ms,
-              med(&round_times::rpc_regions), med(&round_times::rpc_begin), med(&round_times::rpc_feed), commit_ms,
-              rep.feed_bytes, first_id.c_str());
-  std::printf("C++ client register of %zu tensors (%zu storages, %zu allocations, %zu regions): client work %.3f ms = "
-              "index %.3f + driver %.3f + messages %.3f; rpc %.3f ms; commit %.3f ms (median of %d)\n",
-              tensors.size(), rep.storages, rep.allocations, rep.regions, client_ms, index_ms, driver_ms,
-              messages_ms, rpc_ms, commit_ms, repeats);
+  std::printf(
+      "{\"bench\":\"cuda_client_register\",\"what\":\"summary\",%s,\"lone_handles\":%zu,\"index_ms\":%.4f,"
+      "\"driver_ms\":%.4f,\"messages_ms\":%.4f,\"client_work_ms\":%.4f,\"rpc_ms\":%.4f,\"rpc_regions_ms\":%.4f,"
+      "\"rpc_begin_ms\":%.4f,\"rpc_feed_ms\":%.4f,\"commit_ms\":%.4f,\"feed_bytes\":%zu,\"artifact_id\":\"%s\"}\n",
+      shape.c_str(), rep.lone_handles, index_ms, driver_ms, messages_ms, client_ms, rpc_ms,
+      med(&round_times::rpc_regions), med(&round_times::rpc_begin), med(&round_times::rpc_feed), commit_ms,
+      rep.feed_bytes, first_id.c_str());
+  std::printf(
+      "C++ client register of %zu tensors (%zu storages, %zu allocations, %zu regions): client work %.3f ms = "
+      "index %.3f + driver %.3f + messages %.3f; rpc %.3f ms; commit %.3f ms (median of %d)\n",
+      tensors.size(), rep.storages, rep.allocations, rep.regions, client_ms, index_ms, driver_ms, messages_ms, rpc_ms,
+      commit_ms, repeats);
 
   for (void* p : blocks) static_cast<void>(cudaFree(p));
   return 0;

@@ -105,7 +105,8 @@ std::vector<std::uint64_t> parse_list(const std::string& s) {
 }
 
 void usage(std::FILE* to) {
-  std::fprintf(to, "usage: cuda_ipc_bench [--producer PATH] [--handles N] [--gib G] [--chunks-mib 4,16] [--repeat R]\n");
+  std::fprintf(to,
+               "usage: cuda_ipc_bench [--producer PATH] [--handles N] [--gib G] [--chunks-mib 4,16] [--repeat R]\n");
 }
 
 }  // namespace
@@ -134,11 +135,16 @@ int main(int argc, char** argv) {
       return 2;
     }
     const char* v = argv[++i];
-    if (a == "--producer") producer_path = v;
-    else if (a == "--handles") handles = std::atoi(v);
-    else if (a == "--gib") gib = std::strtoull(v, nullptr, 10);
-    else if (a == "--chunks-mib") chunks_mib = parse_list(v);
-    else repeat = std::atoi(v);
+    if (a == "--producer")
+      producer_path = v;
+    else if (a == "--handles")
+      handles = std::atoi(v);
+    else if (a == "--gib")
+      gib = std::strtoull(v, nullptr, 10);
+    else if (a == "--chunks-mib")
+      chunks_mib = parse_list(v);
+    else
+      repeat = std::atoi(v);
   }
   cudaDeviceProp prop{};
   if (cudaGetDeviceProperties(&prop, 0) != cudaSuccess) {
@@ -205,7 +211,8 @@ int main(int argc, char** argv) {
     producer p(producer_path, {std::to_string(bytes) + ":99"});
     void* pinned = nullptr;
     if (cudaMallocHost(&pinned, bytes) != cudaSuccess) {
-      std::fprintf(stderr, "cuda_ipc_bench: cannot allocate %llu pinned bytes\n", static_cast<unsigned long long>(bytes));
+      std::fprintf(stderr, "cuda_ipc_bench: cannot allocate %llu pinned bytes\n",
+                   static_cast<unsigned long long>(bytes));
       return 1;
     }
     for (const auto chunk : chunks_mib) {

@@ -66,7 +66,8 @@ int run_producer(int argc, char** argv) {
     const std::uint64_t size = std::strtoull(argv[i], nullptr, 10);
     void* p = nullptr;
     if (cudaMalloc(&p, size) != cudaSuccess || cudaMemset(p, 0x40 + i, size) != cudaSuccess) {
-      std::fprintf(stderr, "cuda_lip_bench --producer: cannot allocate %llu bytes\n", static_cast<unsigned long long>(size));
+      std::fprintf(stderr, "cuda_lip_bench --producer: cannot allocate %llu bytes\n",
+                   static_cast<unsigned long long>(size));
       return 1;
     }
     blocks.push_back(p);
@@ -114,7 +115,8 @@ struct producer {
     std::vector<char*> argv;
     for (auto& a : args) argv.push_back(a.data());
     argv.push_back(nullptr);
-    if (::posix_spawn(&pid, self.c_str(), &actions, nullptr, argv.data(), environ) != 0) die("cannot start the producer");
+    if (::posix_spawn(&pid, self.c_str(), &actions, nullptr, argv.data(), environ) != 0)
+      die("cannot start the producer");
     posix_spawn_file_actions_destroy(&actions);
     ::close(in[0]);
     ::close(out[1]);
@@ -196,9 +198,12 @@ int main(int argc, char** argv) {
       return 2;
     }
     const char* v = argv[++i];
-    if (a == "--tensors") tensors = std::strtoull(v, nullptr, 10);
-    else if (a == "--allocations") allocations = std::strtoull(v, nullptr, 10);
-    else repeat = std::max(1, std::atoi(v));
+    if (a == "--tensors")
+      tensors = std::strtoull(v, nullptr, 10);
+    else if (a == "--allocations")
+      allocations = std::strtoull(v, nullptr, 10);
+    else
+      repeat = std::max(1, std::atoi(v));
   }
   cudaDeviceProp prop{};
   if (cudaGetDeviceProperties(&prop, 0) != cudaSuccess) {
@@ -276,8 +281,8 @@ int main(int argc, char** argv) {
         s.mapping_base_offset = t.offset;
         f.storage_entries.push_back(std::move(s));
         segments.segments.push_back({t.name, 0, idx->find(t.name)->offset, t.bytes});
-        f.tensor_aliases.push_back({t.name, t.name, 0, t.bytes, {static_cast<std::int64_t>(t.bytes / 4)}, {1},
-                                    "torch.float32"});
+        f.tensor_aliases.push_back(
+            {t.name, t.name, 0, t.bytes, {static_cast<std::int64_t>(t.bytes / 4)}, {1}, "torch.float32"});
       }
       f.payload = std::move(segments);
 
@@ -306,13 +311,16 @@ int main(int argc, char** argv) {
   std::vector<outcome> rows{run(false), run(true)};
   if (rows[0].id != rows[1].id) die("the two registrations gave different ids: " + rows[0].id + " vs " + rows[1].id);
   for (const auto& o : rows) {
-    std::printf("{\"bench\":\"cuda_lip\",\"what\":\"%s\",\"tensors\":%zu,\"allocations\":%zu,\"opens\":%zu,"
-                "\"begin_commit_ms\":%.3f,\"register_regions_ms\":%.3f,\"goal\":\"one open per allocation (%zu)\","
-                "\"goal_met\":%s}\n",
-                o.what.c_str(), tensors, allocations, o.opens, o.ms, o.region_ms, allocations,
-                o.opens == allocations ? "true" : "false");
+    std::printf(
+        "{\"bench\":\"cuda_lip\",\"what\":\"%s\",\"tensors\":%zu,\"allocations\":%zu,\"opens\":%zu,"
+        "\"begin_commit_ms\":%.3f,\"register_regions_ms\":%.3f,\"goal\":\"one open per allocation (%zu)\","
+        "\"goal_met\":%s}\n",
+        o.what.c_str(), tensors, allocations, o.opens, o.ms, o.region_ms, allocations,
+        o.opens == allocations ? "true" : "false");
   }
-  std::printf("\n| registration | tensors | allocations | opens | Begin→Commit ms | region registration ms | goal: one open per allocation |\n");
+  std::printf(
+      "\n| registration | tensors | allocations | opens | Begin→Commit ms | region registration ms | goal: one open "
+      "per allocation |\n");
   std::printf("|---|---|---|---|---|---|---|\n");
   for (const auto& o : rows) {
     std::printf("| %s | %zu | %zu | %zu | %.3f | %.3f | %s |\n", o.what.c_str(), tensors, allocations, o.opens, o.ms,

@@ -75,10 +75,11 @@ std::string device_name;
 
 void print_json(const row& r, double floor_ms) {
   const double gbps = static_cast<double>(r.bytes) / (r.ms * 1e-3) / 1e9;
-  std::printf("{\"bench\":\"cuda_tree_hash\",\"what\":\"%s\",\"device\":\"%s\",\"bytes\":%llu,\"leaves\":%llu,"
-              "\"ms\":%.3f,\"min_ms\":%.3f,\"gb_per_s\":%.2f",
-              r.what.c_str(), device_name.c_str(), static_cast<unsigned long long>(r.bytes),
-              static_cast<unsigned long long>(r.leaves), r.ms, r.min_ms, gbps);
+  std::printf(
+      "{\"bench\":\"cuda_tree_hash\",\"what\":\"%s\",\"device\":\"%s\",\"bytes\":%llu,\"leaves\":%llu,"
+      "\"ms\":%.3f,\"min_ms\":%.3f,\"gb_per_s\":%.2f",
+      r.what.c_str(), device_name.c_str(), static_cast<unsigned long long>(r.bytes),
+      static_cast<unsigned long long>(r.leaves), r.ms, r.min_ms, gbps);
   if (r.what == "leaf_kernel" && floor_ms > 0) {
     std::printf(",\"floor_ms\":%.3f,\"ratio_to_floor\":%.3f", floor_ms, r.ms / floor_ms);
   }
@@ -166,11 +167,12 @@ int main(int argc, char** argv) {
   std::size_t free_bytes = 0;
   std::size_t total_bytes = 0;
   die_on(cudaMemGetInfo(&free_bytes, &total_bytes), "memory info");
-  std::printf("{\"bench\":\"cuda_tree_hash\",\"what\":\"probe\",\"device\":\"%s\",\"sm\":\"%d%d\",\"sms\":%d,"
-              "\"clock_mhz\":%d,\"mem_clock_mhz\":%d,\"total_bytes\":%zu,\"free_bytes\":%zu,\"driver\":%d,"
-              "\"runtime\":%d,\"host_threads\":%u}\n",
-              prop.name, prop.major, prop.minor, prop.multiProcessorCount, clock_khz / 1000, mem_clock_khz / 1000,
-              total_bytes, free_bytes, driver, runtime, std::thread::hardware_concurrency());
+  std::printf(
+      "{\"bench\":\"cuda_tree_hash\",\"what\":\"probe\",\"device\":\"%s\",\"sm\":\"%d%d\",\"sms\":%d,"
+      "\"clock_mhz\":%d,\"mem_clock_mhz\":%d,\"total_bytes\":%zu,\"free_bytes\":%zu,\"driver\":%d,"
+      "\"runtime\":%d,\"host_threads\":%u}\n",
+      prop.name, prop.major, prop.minor, prop.multiProcessorCount, clock_khz / 1000, mem_clock_khz / 1000, total_bytes,
+      free_bytes, driver, runtime, std::thread::hardware_concurrency());
 
   // One buffer for every size: the largest within --max-gib that fits (free memory less 2 GiB
   // of headroom for the scratch and the runtime), filled once with random bytes. The two
@@ -189,9 +191,9 @@ int main(int argc, char** argv) {
     if (skip_reason(s) == nullptr) buffer_bytes = s;
   }
   if (buffer_bytes == 0) {
-    std::fprintf(stderr, "cuda_tree_hash_bench: %s\n",
-                 max_bytes < gib ? "--max-gib is below the smallest size, 1 GiB"
-                                 : "not even 1 GiB of device memory free");
+    std::fprintf(
+        stderr, "cuda_tree_hash_bench: %s\n",
+        max_bytes < gib ? "--max-gib is below the smallest size, 1 GiB" : "not even 1 GiB of device memory free");
     return 1;
   }
   void* buffer = nullptr;
@@ -212,7 +214,7 @@ int main(int argc, char** argv) {
     const auto times = time_events(repeat, [&] {
       die_on(detail::launch_single_leaf_floor(buffer, buffer_bytes, floor_out, nullptr, variant), "floor");
     });
-    row r{is_default ? "floor" : "floor_other_variant", tensorreg::hash::leaf_bytes, 1, median(times),
+    row r{is_default ? "floor" : "floor_other_variant",  tensorreg::hash::leaf_bytes,  1, median(times),
           *std::min_element(times.begin(), times.end()), detail::variant_name(variant)};
     if (is_default) floor_ms = r.ms;
     variant_floor_ms[static_cast<std::size_t>(variant)] = r.ms;
@@ -230,9 +232,10 @@ int main(int argc, char** argv) {
   for (std::uint64_t s : wanted_sizes) {
     if (const char* reason = skip_reason(s)) {
       row skipped{"gpu_tree_hash", s, tensorreg::hash::leaf_count(s), 0, 0, std::string("skipped: ") + reason};
-      std::printf("{\"bench\":\"cuda_tree_hash\",\"what\":\"gpu_tree_hash\",\"bytes\":%llu,\"skipped\":true,"
-                  "\"reason\":\"%s\",\"free_bytes\":%zu}\n",
-                  static_cast<unsigned long long>(s), reason, free_bytes);
+      std::printf(
+          "{\"bench\":\"cuda_tree_hash\",\"what\":\"gpu_tree_hash\",\"bytes\":%llu,\"skipped\":true,"
+          "\"reason\":\"%s\",\"free_bytes\":%zu}\n",
+          static_cast<unsigned long long>(s), reason, free_bytes);
       rows.push_back(skipped);
       continue;
     }
@@ -254,8 +257,12 @@ int main(int argc, char** argv) {
       }
       times.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
     }
-    row r{"gpu_tree_hash", s, tensorreg::hash::leaf_count(s), median(times),
-          *std::min_element(times.begin(), times.end()), ""};
+    row r{"gpu_tree_hash",
+          s,
+          tensorreg::hash::leaf_count(s),
+          median(times),
+          *std::min_element(times.begin(), times.end()),
+          ""};
     print_json(r, floor_ms);
     rows.push_back(r);
   }
@@ -277,8 +284,7 @@ int main(int argc, char** argv) {
                    "leaf kernel");
           });
           char note[96];
-          std::snprintf(note, sizeof note, "%s, %u threads per block%s",
-                        detail::variant_name(variant), threads,
+          std::snprintf(note, sizeof note, "%s, %u threads per block%s", detail::variant_name(variant), threads,
                         threads == detail::leaf_threads_per_block(leaves, prop.multiProcessorCount) ? " (chosen)" : "");
           row r{"leaf_kernel", bytes, leaves, median(times), *std::min_element(times.begin(), times.end()), note};
           print_json(r, variant_floor_ms[static_cast<std::size_t>(variant)]);
@@ -308,7 +314,10 @@ int main(int argc, char** argv) {
       times.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
     }
     const bool same = cpu_root == root_1g;
-    row r{"cpu_tree_hash", gib, tensorreg::hash::leaf_count(gib), median(times),
+    row r{"cpu_tree_hash",
+          gib,
+          tensorreg::hash::leaf_count(gib),
+          median(times),
           *std::min_element(times.begin(), times.end()),
           std::to_string(threads) + " threads, pinned; gpu root " + (same ? "equal" : "DIFFERENT")};
     print_json(r, 0);

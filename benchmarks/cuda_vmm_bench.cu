@@ -104,11 +104,16 @@ int main(int argc, char** argv) try {
       return 2;
     }
     const char* v = argv[++i];
-    if (a == "--producer") producer_path = v;
-    else if (a == "--count") count = std::strtoull(v, nullptr, 10);
-    else if (a == "--threads") threads = static_cast<unsigned>(std::atoi(v));
-    else if (a == "--mib") mib = std::strtoull(v, nullptr, 10);
-    else rounds = std::max(1, std::atoi(v));
+    if (a == "--producer")
+      producer_path = v;
+    else if (a == "--count")
+      count = std::strtoull(v, nullptr, 10);
+    else if (a == "--threads")
+      threads = static_cast<unsigned>(std::atoi(v));
+    else if (a == "--mib")
+      mib = std::strtoull(v, nullptr, 10);
+    else
+      rounds = std::max(1, std::atoi(v));
   }
   cudaDeviceProp prop{};
   if (cudaGetDeviceProperties(&prop, 0) != cudaSuccess) {
@@ -158,7 +163,10 @@ int main(int argc, char** argv) try {
   };
   // First use of each path (context binding, the granularity query, lazy peer setup) is not
   // what a daemon pays per region: one of each, released, before measuring.
-  { auto warm = import(0); auto warm_ipc = open(0); }
+  {
+    auto warm = import(0);
+    auto warm_ipc = open(0);
+  }
 
   std::vector<source_ptr> held;
   const double n = static_cast<double>(count);
@@ -214,10 +222,11 @@ int main(int argc, char** argv) try {
 
   std::printf("\n| what | value | unit |\n|---|---|---|\n");
   for (const auto& r : rows) std::printf("| %s | %.2f | %s |\n", r.what.c_str(), r.value, r.unit.c_str());
-  std::printf("\ngoal \"within 2x of plain IPC\": %s (sequential %.2fx, %u threads %.2fx); reserved VA %s imported "
-              "bytes\n",
-              ratio <= 2.0 && ratio_par <= 2.0 ? "met" : "NOT met", ratio, threads, ratio_par,
-              reserved == imported ? "==" : "!=");
+  std::printf(
+      "\ngoal \"within 2x of plain IPC\": %s (sequential %.2fx, %u threads %.2fx); reserved VA %s imported "
+      "bytes\n",
+      ratio <= 2.0 && ratio_par <= 2.0 ? "met" : "NOT met", ratio, threads, ratio_par,
+      reserved == imported ? "==" : "!=");
   return 0;
 } catch (const std::exception& e) {
   std::fprintf(stderr, "cuda_vmm_bench: %s\n", e.what());

@@ -64,7 +64,9 @@ namespace reg = tensorreg::registration;
 using clock_type = std::chrono::steady_clock;
 constexpr double gib = 1024.0 * 1024.0 * 1024.0;
 
-double seconds_since(clock_type::time_point t0) { return std::chrono::duration<double>(clock_type::now() - t0).count(); }
+double seconds_since(clock_type::time_point t0) {
+  return std::chrono::duration<double>(clock_type::now() - t0).count();
+}
 
 double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
@@ -123,8 +125,8 @@ index::canonical_index make_index(std::uint64_t size) {
   const std::uint64_t each = size / 8;
   for (int i = 0; i < 8; ++i) {
     const auto elems = static_cast<std::int64_t>(each / 4);
-    descs.push_back({"layer" + std::to_string(i) + ".weight", "torch.float32", {elems}, {1},
-                     "s" + std::to_string(i), each, 0});
+    descs.push_back(
+        {"layer" + std::to_string(i) + ".weight", "torch.float32", {elems}, {1}, "s" + std::to_string(i), each, 0});
   }
   auto built = index::canonical_index::build(descs);
   if (!built) die(built.error().message);
@@ -221,14 +223,22 @@ int main(int argc, char** argv) {
       return 2;
     }
     const char* v = argv[++i];
-    if (a == "--sizes-gib") sizes_gib = parse_list(v);
-    else if (a == "--repeat") repeat = std::max(1, std::atoi(v));
-    else if (a == "--bulk") bulk_alone = std::atoi(v) != 0;
-    else if (a == "--sweep") sweep = std::atoi(v) != 0;
-    else if (a == "--no-pool") no_pool = std::atoi(v) != 0;
-    else if (a == "--host") host_path = std::atoi(v) != 0;
-    else if (a == "--placement") placement_flag = v;
-    else use_cgid = std::atoi(v) != 0;
+    if (a == "--sizes-gib")
+      sizes_gib = parse_list(v);
+    else if (a == "--repeat")
+      repeat = std::max(1, std::atoi(v));
+    else if (a == "--bulk")
+      bulk_alone = std::atoi(v) != 0;
+    else if (a == "--sweep")
+      sweep = std::atoi(v) != 0;
+    else if (a == "--no-pool")
+      no_pool = std::atoi(v) != 0;
+    else if (a == "--host")
+      host_path = std::atoi(v) != 0;
+    else if (a == "--placement")
+      placement_flag = v;
+    else
+      use_cgid = std::atoi(v) != 0;
   }
   cudaDeviceProp prop{};
   if (cudaGetDeviceProperties(&prop, 0) != cudaSuccess) {
@@ -263,11 +273,12 @@ int main(int argc, char** argv) {
   auto speeds = cuda::detail::measured_speeds(0);
   if (!speeds) die(speeds.error().message);
   speeds->host_threads = std::max(1u, std::thread::hardware_concurrency());
-  std::printf("# measured: GPU hash flat %.1f ms (%llu leaves at once), host SHA-256 %.2f GB/s/core, memcpy %.2f GB/s/core, "
-              "D2H %.1f GiB/s, D2D %.0f GiB/s\n",
-              speeds->gpu_flat_seconds * 1e3, static_cast<unsigned long long>(speeds->gpu_parallel_leaves),
-              speeds->host_core_hash_rate / 1e9, speeds->host_core_copy_rate / 1e9, speeds->d2h_rate / gib,
-              speeds->d2d_rate / gib);
+  std::printf(
+      "# measured: GPU hash flat %.1f ms (%llu leaves at once), host SHA-256 %.2f GB/s/core, memcpy %.2f GB/s/core, "
+      "D2H %.1f GiB/s, D2D %.0f GiB/s\n",
+      speeds->gpu_flat_seconds * 1e3, static_cast<unsigned long long>(speeds->gpu_parallel_leaves),
+      speeds->host_core_hash_rate / 1e9, speeds->host_core_copy_rate / 1e9, speeds->d2h_rate / gib,
+      speeds->d2d_rate / gib);
 
   // What a fresh replica's first touch costs here: 2 GiB memfds populated by every thread
   // (MADV_POPULATE_WRITE), with 4 KiB pages and with MADV_HUGEPAGE (shmem THP).
@@ -300,9 +311,10 @@ int main(int argc, char** argv) {
         }));
         rates.push_back(2.0 / seconds_since(t0));
       }
-      std::printf("{\"bench\":\"gpu_stable_put_first_touch\",\"shmem_thp\":\"%s\",\"madv_hugepage\":%s,"
-                  "\"threads\":%u,\"gib_s\":%.2f}\n",
-                  thp.c_str(), huge ? "true" : "false", touch_pool.size() + 1, median(rates));
+      std::printf(
+          "{\"bench\":\"gpu_stable_put_first_touch\",\"shmem_thp\":\"%s\",\"madv_hugepage\":%s,"
+          "\"threads\":%u,\"gib_s\":%.2f}\n",
+          thp.c_str(), huge ? "true" : "false", touch_pool.size() + 1, median(rates));
       std::fflush(stdout);
     }
   }
@@ -310,10 +322,10 @@ int main(int argc, char** argv) {
   struct row {
     double size_gib;
     double plain;
-    double first;        // first put, nothing of that size pooled
-    double identical;    // identical puts (joins), copies recycled
-    double sync;         // new content each round, previous artifact deregistered
-    double no_pool;      // identical puts, pool off
+    double first;      // first put, nothing of that size pooled
+    double identical;  // identical puts (joins), copies recycled
+    double sync;       // new content each round, previous artifact deregistered
+    double no_pool;    // identical puts, pool off
     std::string placement;
     double host_path;
     double bulk;
@@ -417,15 +429,17 @@ int main(int argc, char** argv) {
         {"first", r.first}, {"identical", r.identical}, {"rl_sync", r.sync}, {"no_pool", r.no_pool}};
     for (const auto& [name, put] : cases) {
       if (put == 0) continue;
-      std::printf("{\"bench\":\"gpu_stable_put\",\"case\":\"%s\",\"gib\":%.3f,\"put_gib_s\":%.2f,"
-                  "\"plain_d2h_gib_s\":%.2f,\"ratio\":%.3f,\"placement\":\"%s\",\"predicted_host_ms\":%.1f,"
-                  "\"predicted_gpu_ms\":%.1f,\"model_bound_gib_s\":%.2f,\"goal\":\">= 20 GiB/s and >= 0.80 x plain\","
-                  "\"goal_met\":%s}\n",
-                  name, size, put, r.plain, put / r.plain, chosen.c_str(), plan.host_seconds * 1e3, plan.gpu_seconds * 1e3,
-                  bound, meets(put, r.plain) ? "true" : "false");
+      std::printf(
+          "{\"bench\":\"gpu_stable_put\",\"case\":\"%s\",\"gib\":%.3f,\"put_gib_s\":%.2f,"
+          "\"plain_d2h_gib_s\":%.2f,\"ratio\":%.3f,\"placement\":\"%s\",\"predicted_host_ms\":%.1f,"
+          "\"predicted_gpu_ms\":%.1f,\"model_bound_gib_s\":%.2f,\"goal\":\">= 20 GiB/s and >= 0.80 x plain\","
+          "\"goal_met\":%s}\n",
+          name, size, put, r.plain, put / r.plain, chosen.c_str(), plan.host_seconds * 1e3, plan.gpu_seconds * 1e3,
+          bound, meets(put, r.plain) ? "true" : "false");
     }
-    std::printf("{\"bench\":\"gpu_stable_put_before\",\"gib\":%.3f,\"host_path_gib_s\":%.2f,\"bulk_copy_gib_s\":%.2f}\n",
-                size, r.host_path, bulk);
+    std::printf(
+        "{\"bench\":\"gpu_stable_put_before\",\"gib\":%.3f,\"host_path_gib_s\":%.2f,\"bulk_copy_gib_s\":%.2f}\n", size,
+        r.host_path, bulk);
     std::fflush(stdout);
     rows.push_back(r);
   }
@@ -452,9 +466,10 @@ int main(int argc, char** argv) {
             if (!copy) die(copy.error().message);
             if (i > 0) rates.push_back(size / s);
           }
-          std::printf("{\"bench\":\"gpu_stable_put_sweep\",\"gib\":%.0f,\"workers\":%u,"
-                      "\"chunk_mib\":%llu,\"gib_s\":%.2f,\"plain_d2h_gib_s\":%.2f}\n",
-                      size, workers, static_cast<unsigned long long>(chunk_mib), median(rates), rows.back().plain);
+          std::printf(
+              "{\"bench\":\"gpu_stable_put_sweep\",\"gib\":%.0f,\"workers\":%u,"
+              "\"chunk_mib\":%llu,\"gib_s\":%.2f,\"plain_d2h_gib_s\":%.2f}\n",
+              size, workers, static_cast<unsigned long long>(chunk_mib), median(rates), rows.back().plain);
           std::fflush(stdout);
         }
       }
@@ -464,16 +479,20 @@ int main(int argc, char** argv) {
   cuda_ok(cudaFreeHost(pinned), "free the pinned baseline buffer");
 
   const auto verdict = [&](double put, double plain) { return put == 0 ? "-" : meets(put, plain) ? "ok" : "NOT MET"; };
-  std::printf("\n| GiB | plain D2H GiB/s | first put GiB/s | identical puts GiB/s | RL sync GiB/s | no pool GiB/s | "
-              "placement | host path GiB/s | bulk copy alone (no pool) GiB/s |\n");
+  std::printf(
+      "\n| GiB | plain D2H GiB/s | first put GiB/s | identical puts GiB/s | RL sync GiB/s | no pool GiB/s | "
+      "placement | host path GiB/s | bulk copy alone (no pool) GiB/s |\n");
   std::printf("|---|---|---|---|---|---|---|---|---|\n");
   for (const auto& r : rows) {
     // Cases turned off by a flag print "-", not a rate of 0.
-    const auto rate = [](double v) { return v == 0 ? std::string("-") : std::to_string(v).substr(0, std::to_string(v).find('.') + 3); };
-    std::printf("| %.0f | %.2f | %.2f (%.2f, %s) | %.2f (%.2f, %s) | %.2f (%.2f, %s) | %s | %s | %s | %s |\n", r.size_gib,
-                r.plain, r.first, r.first / r.plain, verdict(r.first, r.plain), r.identical, r.identical / r.plain,
-                verdict(r.identical, r.plain), r.sync, r.sync / r.plain, verdict(r.sync, r.plain), rate(r.no_pool).c_str(),
-                r.placement.c_str(), rate(r.host_path).c_str(), rate(r.bulk).c_str());
+    const auto rate = [](double v) {
+      return v == 0 ? std::string("-") : std::to_string(v).substr(0, std::to_string(v).find('.') + 3);
+    };
+    std::printf("| %.0f | %.2f | %.2f (%.2f, %s) | %.2f (%.2f, %s) | %.2f (%.2f, %s) | %s | %s | %s | %s |\n",
+                r.size_gib, r.plain, r.first, r.first / r.plain, verdict(r.first, r.plain), r.identical,
+                r.identical / r.plain, verdict(r.identical, r.plain), r.sync, r.sync / r.plain,
+                verdict(r.sync, r.plain), rate(r.no_pool).c_str(), r.placement.c_str(), rate(r.host_path).c_str(),
+                rate(r.bulk).c_str());
   }
   std::printf("goal: >= 20 GiB/s and >= 0.80 x plain D2H; (ratio, verdict) per case%s\n",
               use_cgid ? "; cgid puts: no data hash, the copy alone" : "");

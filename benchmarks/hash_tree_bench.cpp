@@ -250,9 +250,10 @@ int main(int argc, char** argv) try {
   }
 
   const single_core_rate single = measure_single_core();
-  fmt::print("{{\"bench\":\"hash_tree\",\"kind\":\"single_core_sha256\",\"gb_per_s\":{:.3f},"
-             "\"source\":\"{}\",\"hardware_threads\":{}}}\n",
-             single.gb_per_s, single.source, hw);
+  fmt::print(
+      "{{\"bench\":\"hash_tree\",\"kind\":\"single_core_sha256\",\"gb_per_s\":{:.3f},"
+      "\"source\":\"{}\",\"hardware_threads\":{}}}\n",
+      single.gb_per_s, single.source, hw);
 
   struct row {
     std::uint64_t bytes;
@@ -267,9 +268,8 @@ int main(int argc, char** argv) try {
     const std::uint64_t available = available_memory();
     // Leave headroom: the buffer plus 25 % of what is available for everything else.
     if ((max_bytes != 0 && size > max_bytes) || size > available / 4 * 3) {
-      fmt::print("{{\"bench\":\"hash_tree\",\"kind\":\"skipped\",\"bytes\":{},\"reason\":\"{}\"}}\n",
-                 size, max_bytes != 0 && size > max_bytes ? "above --max-bytes"
-                                                          : "does not fit in available memory");
+      fmt::print("{{\"bench\":\"hash_tree\",\"kind\":\"skipped\",\"bytes\":{},\"reason\":\"{}\"}}\n", size,
+                 max_bytes != 0 && size > max_bytes ? "above --max-bytes" : "does not fit in available memory");
       continue;
     }
     const host_buffer buffer(size, huge_pages);
@@ -307,26 +307,26 @@ int main(int argc, char** argv) try {
       }
       const double goal = 0.9 * threads * single.gb_per_s;
       rows.push_back({size, threads, best, goal, best_cpu});
-      fmt::print("{{\"bench\":\"hash_tree\",\"kind\":\"tree_hash\",\"bytes\":{},\"threads\":{},"
-                 "\"gb_per_s\":{:.3f},\"single_core_gb_per_s\":{:.3f},\"goal_gb_per_s\":{:.3f},"
-                 "\"ratio_to_goal\":{:.3f},\"cpu_gb_per_s\":{:.3f},\"huge_pages\":{},\"repeat\":{},"
-                 "\"root\":\"{}\"}}\n",
-                 size, threads, best, single.gb_per_s, goal, best / goal, best_cpu,
-                 buffer.huge_pages(), repeat,
-                 tensorreg::hash::encode_multihash(*reference));
+      fmt::print(
+          "{{\"bench\":\"hash_tree\",\"kind\":\"tree_hash\",\"bytes\":{},\"threads\":{},"
+          "\"gb_per_s\":{:.3f},\"single_core_gb_per_s\":{:.3f},\"goal_gb_per_s\":{:.3f},"
+          "\"ratio_to_goal\":{:.3f},\"cpu_gb_per_s\":{:.3f},\"huge_pages\":{},\"repeat\":{},"
+          "\"root\":\"{}\"}}\n",
+          size, threads, best, single.gb_per_s, goal, best / goal, best_cpu, buffer.huge_pages(), repeat,
+          tensorreg::hash::encode_multihash(*reference));
     }
   }
 
-  fmt::print("\nsingle-core SHA-256 ({}): {:.3f} GB/s; hardware threads: {}\n", single.source,
-             single.gb_per_s, hw);
-  fmt::print("{:>10} {:>8} {:>10} {:>10} {:>9} {:>14}\n", "size", "threads", "GB/s", "goal GB/s",
-             "vs goal", "GB/CPU-second");
+  fmt::print("\nsingle-core SHA-256 ({}): {:.3f} GB/s; hardware threads: {}\n", single.source, single.gb_per_s, hw);
+  fmt::print("{:>10} {:>8} {:>10} {:>10} {:>9} {:>14}\n", "size", "threads", "GB/s", "goal GB/s", "vs goal",
+             "GB/CPU-second");
   for (const auto& r : rows) {
-    fmt::print("{:>10} {:>8} {:>10.3f} {:>10.3f} {:>8.0f}% {:>14.3f}\n", human_bytes(r.bytes),
-               r.threads, r.gb_per_s, r.goal, 100.0 * r.gb_per_s / r.goal, r.cpu_gb_per_s);
+    fmt::print("{:>10} {:>8} {:>10.3f} {:>10.3f} {:>8.0f}% {:>14.3f}\n", human_bytes(r.bytes), r.threads, r.gb_per_s,
+               r.goal, 100.0 * r.gb_per_s / r.goal, r.cpu_gb_per_s);
   }
-  fmt::print("GB/CPU-second: bytes per second of process CPU time; near the single-core rate when\n"
-             "hashing is efficient even if other load makes the wall-clock rate lower.\n");
+  fmt::print(
+      "GB/CPU-second: bytes per second of process CPU time; near the single-core rate when\n"
+      "hashing is efficient even if other load makes the wall-clock rate lower.\n");
   return 0;
 } catch (const std::exception& e) {
   std::fprintf(stderr, "hash_tree_bench: %s\n", e.what());

@@ -11,9 +11,9 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
-#include <chrono>
 #include <cstring>
 #include <string>
 #include <thread>
@@ -67,8 +67,13 @@ setup make_setup(registration::engine& e, std::size_t tensors, std::uint64_t ten
     se.source = registration::region_ref_source{s.region.id, regions::memory_kind::host_shared, -1, s.total};
     se.mapping_base_offset = offset;
     s.storages.push_back(std::move(se));
-    s.aliases.push_back({"layers." + std::to_string(t) + ".weight", id, 0, tensor_bytes,
-                         {static_cast<std::int64_t>(tensor_bytes / 4)}, {1}, "torch.float32"});
+    s.aliases.push_back({"layers." + std::to_string(t) + ".weight",
+                         id,
+                         0,
+                         tensor_bytes,
+                         {static_cast<std::int64_t>(tensor_bytes / 4)},
+                         {1},
+                         "torch.float32"});
     s.segments.push_back({id, 0, offset, tensor_bytes});
   }
   return s;
@@ -102,7 +107,8 @@ double register_once(registration::engine& e, const setup& s, bool with_data_has
 }
 
 void usage(std::FILE* to) {
-  std::fprintf(to, "usage: register_bench [--tensor-bytes N] [--repeats N] [--threads N] [--metadata-only] [--tensors N]\n");
+  std::fprintf(
+      to, "usage: register_bench [--tensor-bytes N] [--repeats N] [--threads N] [--metadata-only] [--tensors N]\n");
 }
 
 }  // namespace
@@ -111,7 +117,7 @@ int main(int argc, char** argv) {
   std::uint64_t tensor_bytes = 64 * 1024;
   int repeats = 5;
   unsigned threads = std::max(1u, std::thread::hardware_concurrency());
-  bool metadata_only = false;  // --metadata-only: skip the hashing runs (for profiling)
+  bool metadata_only = false;                            // --metadata-only: skip the hashing runs (for profiling)
   std::vector<std::size_t> counts{1, 100, 1000, 10000};  // --tensors N: only that count
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
@@ -130,10 +136,14 @@ int main(int argc, char** argv) {
       return 2;
     }
     const std::string v = argv[++i];
-    if (a == "--tensor-bytes") tensor_bytes = std::stoull(v);
-    else if (a == "--repeats") repeats = std::stoi(v);
-    else if (a == "--threads") threads = static_cast<unsigned>(std::stoul(v));
-    else counts = {static_cast<std::size_t>(std::stoul(v))};
+    if (a == "--tensor-bytes")
+      tensor_bytes = std::stoull(v);
+    else if (a == "--repeats")
+      repeats = std::stoi(v);
+    else if (a == "--threads")
+      threads = static_cast<unsigned>(std::stoul(v));
+    else
+      counts = {static_cast<std::size_t>(std::stoul(v))};
   }
   registration::engine_options o;
   o.hash_threads = threads;
@@ -171,10 +181,11 @@ int main(int argc, char** argv) {
     const double goal_ms = static_cast<double>(tensors) / 1000.0;  // 1 ms per 1 000 tensors
     fmt::print("{:>8} {:>12} {:>14.3f} {:>10.3f} {:>12.3f} {:>14.2f} {:>16.2f}\n", tensors, s.total, m * 1e3, goal_ms,
                f * 1e3, static_cast<double>(s.total) / hash_seconds / 1e9, static_cast<double>(s.total) / p / 1e9);
-    fmt::print("{{\"bench\":\"register\",\"tensors\":{},\"bytes\":{},\"metadata_ms\":{:.4f},\"goal_metadata_ms\":{:.3f},"
-               "\"total_ms\":{:.4f},\"hash_gbps\":{:.3f},\"tree_hash_gbps\":{:.3f},\"threads\":{}}}\n",
-               tensors, s.total, m * 1e3, goal_ms, f * 1e3, static_cast<double>(s.total) / hash_seconds / 1e9,
-               static_cast<double>(s.total) / p / 1e9, threads);
+    fmt::print(
+        "{{\"bench\":\"register\",\"tensors\":{},\"bytes\":{},\"metadata_ms\":{:.4f},\"goal_metadata_ms\":{:.3f},"
+        "\"total_ms\":{:.4f},\"hash_gbps\":{:.3f},\"tree_hash_gbps\":{:.3f},\"threads\":{}}}\n",
+        tensors, s.total, m * 1e3, goal_ms, f * 1e3, static_cast<double>(s.total) / hash_seconds / 1e9,
+        static_cast<double>(s.total) / p / 1e9, threads);
     (void)e->unregister_region(s.region.id, ::getpid(), true);
   }
   return 0;

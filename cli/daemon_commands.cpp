@@ -88,11 +88,12 @@ std::string startup_phase_name(client::startup_phase p) {
 }
 
 json descriptor_json(const client::artifact_descriptor& d) {
-  return json{{"artifact_id", d.artifact_id}, {"index_multihash", d.index_multihash},
-              {"data_multihash", d.data_multihash}, {"total_size", d.total_size},
+  return json{{"artifact_id", d.artifact_id},
+              {"index_multihash", d.index_multihash},
+              {"data_multihash", d.data_multihash},
+              {"total_size", d.total_size},
               {"id_kind", wire_kind_name(d.id_kind)}};
 }
-
 
 // A progress bar on a terminal, nothing otherwise.
 struct progress_bar {
@@ -119,9 +120,9 @@ int print_registered(const client::registered& r, const options& o, const char* 
     j["seconds"] = r.begin_to_commit_seconds;
     fmt::print("{}\n", j.dump());
   } else {
-    fmt::print("{} {}\n  total_size {} ({})\n  existed    {}\n  time       {:.3f} s\n", verb,
-               r.descriptor.artifact_id, r.descriptor.total_size, human_bytes(r.descriptor.total_size),
-               r.existed ? "true" : "false", r.begin_to_commit_seconds);
+    fmt::print("{} {}\n  total_size {} ({})\n  existed    {}\n  time       {:.3f} s\n", verb, r.descriptor.artifact_id,
+               r.descriptor.total_size, human_bytes(r.descriptor.total_size), r.existed ? "true" : "false",
+               r.begin_to_commit_seconds);
   }
   return 0;
 }
@@ -146,7 +147,8 @@ int cmd_status(connection& c, const options& o) {
 }
 
 int cmd_put(connection& c, const options& o) {
-  if (o.positional.empty()) return usage("usage: tensorreg put FILES.safetensors... [--policy cache|warm|pinned|durable]");
+  if (o.positional.empty())
+    return usage("usage: tensorreg put FILES.safetensors... [--policy cache|warm|pinned|durable]");
   auto bundle = index::safetensors_bundle::open(o.positional);
   if (!bundle) return fail_with(bundle.error());
   progress_bar bar;
@@ -265,24 +267,33 @@ int cmd_stats(connection& c, const options& o) {
   const auto& s = *got;
   if (o.json) {
     json tiers = json::object();
-    for (const auto& t : s.tiers) tiers[std::string(client::tier_name(t.where))] = {{"bytes", t.bytes}, {"artifacts", t.artifacts}};
-    fmt::print("{}\n", json{{"artifacts", s.artifacts}, {"pending_registrations", s.pending_registrations},
-                            {"leases", s.leases}, {"regions", s.regions}, {"open_mappings", s.open_mappings},
-                            {"vmm_reserved_bytes", s.vmm_reserved_bytes}, {"connections", s.connections}, {"tiers", tiers}}
+    for (const auto& t : s.tiers)
+      tiers[std::string(client::tier_name(t.where))] = {{"bytes", t.bytes}, {"artifacts", t.artifacts}};
+    fmt::print("{}\n", json{{"artifacts", s.artifacts},
+                            {"pending_registrations", s.pending_registrations},
+                            {"leases", s.leases},
+                            {"regions", s.regions},
+                            {"open_mappings", s.open_mappings},
+                            {"vmm_reserved_bytes", s.vmm_reserved_bytes},
+                            {"connections", s.connections},
+                            {"tiers", tiers}}
                            .dump());
     return 0;
   }
-  fmt::print("artifacts     {}\npending       {}\nleases        {}\nregions       {}\nopen mappings {}\nconnections   {}\n",
-             s.artifacts, s.pending_registrations, s.leases, s.regions, s.open_mappings, s.connections);
+  fmt::print(
+      "artifacts     {}\npending       {}\nleases        {}\nregions       {}\nopen mappings {}\nconnections   {}\n",
+      s.artifacts, s.pending_registrations, s.leases, s.regions, s.open_mappings, s.connections);
   if (s.vmm_reserved_bytes != 0) fmt::print("vmm reserved  {}\n", human_bytes(s.vmm_reserved_bytes));
   for (const auto& t : s.tiers) {
-    fmt::print("tier {:<12} {:>12} in {} artifacts\n", std::string(client::tier_name(t.where)), human_bytes(t.bytes), t.artifacts);
+    fmt::print("tier {:<12} {:>12} in {} artifacts\n", std::string(client::tier_name(t.where)), human_bytes(t.bytes),
+               t.artifacts);
   }
   return 0;
 }
 
 const std::set<std::string>& daemon_commands() {
-  static const std::set<std::string> names{"status", "put", "lease", "ls", "show", "index", "revoke", "deregister", "stats"};
+  static const std::set<std::string> names{"status", "put",    "lease",      "ls",   "show",
+                                           "index",  "revoke", "deregister", "stats"};
   return names;
 }
 

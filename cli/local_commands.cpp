@@ -112,7 +112,8 @@ int run_digest(const std::vector<std::string>& args) {
   if (!o.raw) {
     auto idx = index::canonical_index::parse(*text, std::nullopt);
     if (!idx) return failed(with_context(idx.error(), "cannot read index '" + *o.index + "'"));
-    if (idx->json() != *text) fmt::print(stderr, "tensorreg: note: '{}' was re-emitted canonically before hashing\n", *o.index);
+    if (idx->json() != *text)
+      fmt::print(stderr, "tensorreg: note: '{}' was re-emitted canonically before hashing\n", *o.index);
     index_bytes = idx->json();
   }
   const auto index_multihash = hash::encode_multihash(hash::sha256(index_bytes));

@@ -31,8 +31,8 @@ class real_driver final : public cuda_driver {
     }
     int previous = 0;
     if (const cudaError_t e = cudaGetDevice(&previous); e != cudaSuccess) {
-      return fail(errc::failed_precondition, "cannot register CUDA tensors: cannot read the current device: " +
-                                                 runtime_reason(e));
+      return fail(errc::failed_precondition,
+                  "cannot register CUDA tensors: cannot read the current device: " + runtime_reason(e));
     }
     const int wanted = ordinal < 0 ? previous : ordinal;
     if (wanted >= count) {
@@ -56,8 +56,9 @@ class real_driver final : public cuda_driver {
     using cuda::detail::find_driver_entry;
     if (!find_driver_entry(d->get_address_range_, "cuMemGetAddressRange", 3020) ||
         !find_driver_entry(d->ipc_get_mem_handle_, "cuIpcGetMemHandle", 4010)) {
-      return fail(errc::failed_precondition, "cannot register CUDA tensors: the CUDA driver lacks "
-                                             "cuMemGetAddressRange or cuIpcGetMemHandle");
+      return fail(errc::failed_precondition,
+                  "cannot register CUDA tensors: the CUDA driver lacks "
+                  "cuMemGetAddressRange or cuIpcGetMemHandle");
     }
     // VMM support is optional: without it, only cudaMalloc memory registers.
     static_cast<void>(find_driver_entry(d->retain_, "cuMemRetainAllocationHandle", 11000));
@@ -74,8 +75,10 @@ class real_driver final : public cuda_driver {
     CUdeviceptr base = 0;
     std::size_t size = 0;
     if (const CUresult r = get_address_range_(&base, &size, static_cast<CUdeviceptr>(ptr)); r != CUDA_SUCCESS) {
-      return fail(errc::failed_precondition, "cannot register CUDA tensors: cannot find the allocation of device "
-                                             "address " + hex_address(ptr) + ": " + describe(r));
+      return fail(errc::failed_precondition,
+                  "cannot register CUDA tensors: cannot find the allocation of device "
+                  "address " +
+                      hex_address(ptr) + ": " + describe(r));
     }
     return std::pair<std::uint64_t, std::uint64_t>{base, size};
   }
@@ -114,8 +117,8 @@ class real_driver final : public cuda_driver {
     if (const CUresult r = export_(&fd, static_cast<CUmemGenericAllocationHandle>(handle),
                                    CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0);
         r != CUDA_SUCCESS) {
-      return fail(errc::failed_precondition, "cannot register CUDA tensors: cannot export a VMM page as a POSIX fd: " +
-                                                 describe(r));
+      return fail(errc::failed_precondition,
+                  "cannot register CUDA tensors: cannot export a VMM page as a POSIX fd: " + describe(r));
     }
     return unique_fd(fd);
   }

@@ -73,8 +73,9 @@ result<lease_layout> plan_layout(std::span<const cuda_tensor> tensors, std::stri
     if (inserted) storages.push_back({t.storage_ptr, t.storage_nbytes});
     storage_of_tensor.push_back(it->second);
     extent_of_tensor.push_back(extent);
-    descs.push_back({t.name, t.dtype, t.shape, t.stride, std::to_string(t.storage_ptr) + ":" + std::to_string(t.storage_nbytes),
-                     t.storage_nbytes, t.storage_offset});
+    descs.push_back({t.name, t.dtype, t.shape, t.stride,
+                     std::to_string(t.storage_ptr) + ":" + std::to_string(t.storage_nbytes), t.storage_nbytes,
+                     t.storage_offset});
   }
   auto built = index::canonical_index::build(descs);
   if (!built) return fail(built.error().code, "cannot " + std::string(what) + ": " + built.error().message);
@@ -98,15 +99,19 @@ result<lease_layout> plan_layout(std::span<const cuda_tensor> tensors, std::stri
     alias_storage[i] = *canonical_of[s];
     logical_lengths[i] = extent_of_tensor[t];
   }
-  return lease_layout{std::move(*built), std::move(storages), std::move(canonical_storages),
-                      std::move(canonical_offsets), std::move(alias_storage), std::move(logical_lengths)};
+  return lease_layout{
+      std::move(*built),        std::move(storages),       std::move(canonical_storages), std::move(canonical_offsets),
+      std::move(alias_storage), std::move(logical_lengths)};
 }
 
 // ---- the device plan ----------------------------------------------------------------------
 
 device_plan::device_plan(device_plan&& other) noexcept
-    : regions(std::move(other.regions)), sources(std::move(other.sources)),
-      allocations(std::move(other.allocations)), lone_handles(other.lone_handles), driver_(other.driver_) {
+    : regions(std::move(other.regions)),
+      sources(std::move(other.sources)),
+      allocations(std::move(other.allocations)),
+      lone_handles(other.lone_handles),
+      driver_(other.driver_) {
   other.allocations.clear();
   other.driver_ = nullptr;
 }
@@ -230,8 +235,8 @@ result<device_plan> plan_device(cuda_driver& driver, std::span<const storage_spa
       if (end > a->base + a->size) {
         finish_found();
         return fail(errc::data_loss, verb + ": storage " + std::to_string(k) + " at " + hex_address(ptr) + " of " +
-                                         std::to_string(nbytes) + " bytes ends past its allocation [" + hex_address(a->base) +
-                                         ", " + hex_address(a->base + a->size) + ")");
+                                         std::to_string(nbytes) + " bytes ends past its allocation [" +
+                                         hex_address(a->base) + ", " + hex_address(a->base + a->size) + ")");
       }
       users[a->base].push_back(k);
       continue;
@@ -259,9 +264,11 @@ result<device_plan> plan_device(cuda_driver& driver, std::span<const storage_spa
   for (const auto& a : plan.allocations) {
     if (a.vmm_handle && (driver.handle_types(*a.vmm_handle) & posix_fd_handle_type) == 0) {
       return fail(errc::failed_precondition,
-                  verb + ": the VMM allocation at " + hex_address(a.base) + " cannot be exported as a POSIX fd (its handle types are " +
+                  verb + ": the VMM allocation at " + hex_address(a.base) +
+                      " cannot be exported as a POSIX fd (its handle types are " +
                       hex_address(driver.handle_types(*a.vmm_handle)) +
-                      "); allocate these tensors with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:False, or put() them instead");
+                      "); allocate these tensors with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:False, or put() them "
+                      "instead");
     }
   }
 

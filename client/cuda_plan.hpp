@@ -97,7 +97,7 @@ struct allocation {
   std::uint64_t base = 0;
   std::uint64_t size = 0;
   std::optional<std::uint64_t> vmm_handle;  ///< retained; set for VMM pages
-  std::string ipc_handle;                    ///< set for cudaMalloc memory
+  std::string ipc_handle;                   ///< set for cudaMalloc memory
 };
 
 /// One RegisterRegion: an IPC allocation (ipc_handle set) or a window of VMM pages.
@@ -105,8 +105,8 @@ struct region {
   std::uint64_t base = 0;
   std::uint64_t size = 0;
   std::string ipc_handle;
-  std::vector<allocation> pages;       ///< VMM, in address order; empty for IPC
-  std::vector<std::size_t> storages;   ///< positions in the planned spans that reference it
+  std::vector<allocation> pages;      ///< VMM, in address order; empty for IPC
+  std::vector<std::size_t> storages;  ///< positions in the planned spans that reference it
 };
 
 /// Where a storage's entry points: a region, or its allocation's own IPC handle.
@@ -125,9 +125,9 @@ class device_plan {
   ~device_plan();
 
   std::vector<region> regions;
-  std::vector<source> sources;           ///< one per planned span
-  std::vector<allocation> allocations;   ///< every allocation looked up, by base
-  std::size_t lone_handles = 0;          ///< storages that carry their allocation's handle
+  std::vector<source> sources;          ///< one per planned span
+  std::vector<allocation> allocations;  ///< every allocation looked up, by base
+  std::size_t lone_handles = 0;         ///< storages that carry their allocation's handle
 
  private:
   friend result<device_plan> plan_device(cuda_driver&, std::span<const storage_span>, std::string_view);

@@ -54,8 +54,8 @@ status lease::release() {
     state_->keeper.request_stop();
     state_->keeper.join();
   }
-  auto revoked = state_->raw->call(
-      wire_convert::revoke_request(state_->info.registration_id, "lease released by its holder"));
+  auto revoked =
+      state_->raw->call(wire_convert::revoke_request(state_->info.registration_id, "lease released by its holder"));
   release_regions(*state_->raw, state_->region_ids);
   state_->keep.reset();
   if (!revoked) return tl::unexpected(revoked.error());

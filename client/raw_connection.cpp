@@ -4,9 +4,9 @@
 
 #include <limits>
 
+#include "client/wire_convert.hpp"
 #include "daemon/framing.hpp"
 #include "daemon/unix_socket.hpp"
-#include "client/wire_convert.hpp"
 
 namespace tensorreg::client::raw {
 
@@ -77,8 +77,9 @@ result<connection::reply> connection::receive_locked(std::uint64_t request_id) {
     auto got = receive_some(socket_.get(), buffer);
     if (!got || got->bytes == 0) {
       socket_.reset();
-      return fail(errc::unavailable, got ? std::string("cannot read the daemon's answer: the daemon closed the connection")
-                                         : got.error().message);
+      return fail(
+          errc::unavailable,
+          got ? std::string("cannot read the daemon's answer: the daemon closed the connection") : got.error().message);
     }
     for (auto& fd : got->fds) fds.push_back(std::move(fd));
     if (auto fed = decoder.feed(std::span<const std::byte>(buffer.data(), got->bytes)); !fed) {

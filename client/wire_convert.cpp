@@ -321,9 +321,7 @@ result<device_page> device_page_of(const wire::Response& r, std::string_view wha
     out.size_bytes = a.size_bytes();
     std::vector<std::uint32_t> fd_index;
     switch (a.source_case()) {
-      case wire::DeviceAllocation::kCudaIpcHandle:
-        out.cuda_ipc_handle = a.cuda_ipc_handle();
-        break;
+      case wire::DeviceAllocation::kCudaIpcHandle: out.cuda_ipc_handle = a.cuda_ipc_handle(); break;
       case wire::DeviceAllocation::kVmm:
         for (const auto& c : a.vmm().chunks()) {
           out.vmm_chunks.push_back({unique_fd(), c.size_bytes()});

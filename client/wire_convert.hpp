@@ -39,7 +39,7 @@ struct begin_args {
   std::uint64_t total_size = 0;
   std::uint32_t ttl_ms = 0;
   std::int32_t owner_pid = 0;
-  std::string index_json;   ///< empty: no inline index
+  std::string index_json;  ///< empty: no inline index
   std::optional<policy::profile> profile;
 };
 [[nodiscard]] wire::Request begin_request(const begin_args& args);
@@ -66,7 +66,8 @@ struct region_args {
 [[nodiscard]] wire::Request revoke_request(std::string_view registration_id, std::string_view reason);
 [[nodiscard]] wire::Request keep_alive_request(const registration::keep_alive_request& k);
 [[nodiscard]] wire::Request unregister_region_request(std::string_view region_id, std::int32_t owner_pid);
-[[nodiscard]] wire::Request deregister_request(std::string_view artifact_id, bool wait_for_drain, std::int32_t owner_pid);
+[[nodiscard]] wire::Request deregister_request(std::string_view artifact_id, bool wait_for_drain,
+                                               std::int32_t owner_pid);
 [[nodiscard]] wire::Request config_request();
 [[nodiscard]] wire::Request index_request(std::string_view artifact_id);
 [[nodiscard]] wire::Request memfd_request(std::string_view artifact_id);
@@ -102,7 +103,7 @@ struct memfd_answer {
 /// One page of OpenArtifactDevice: the layout (without fds) and, for allocations
 /// [first, end_allocation), the fd index of each VMM chunk.
 struct device_page {
-  device_layout layout;  ///< vmm_chunks carry sizes; their fds are still closed
+  device_layout layout;                                    ///< vmm_chunks carry sizes; their fds are still closed
   std::vector<std::vector<std::uint32_t>> chunk_fd_index;  ///< per allocation; empty for IPC
   std::vector<bool> is_vmm;                                ///< per allocation
   std::uint32_t end_allocation = 0;

@@ -32,13 +32,11 @@ namespace wire = convert::wire;
 namespace v2 = convert::v2;
 namespace reg = ::tensorreg::registration;
 
-std::string fd_count(std::size_t n) {
-  return n == 1 ? "1 file descriptor" : std::to_string(n) + " file descriptors";
-}
+std::string fd_count(std::size_t n) { return n == 1 ? "1 file descriptor" : std::to_string(n) + " file descriptors"; }
 
 error fds_unused(std::string_view verb, std::size_t n) {
-  return error{errc::invalid_argument, fmt::format("cannot {}: {} arrived with a message that uses none", verb,
-                                                   fd_count(n))};
+  return error{errc::invalid_argument,
+               fmt::format("cannot {}: {} arrived with a message that uses none", verb, fd_count(n))};
 }
 
 // A response on its way out. It stays a message until the RPC's log line has read its status.
@@ -161,8 +159,8 @@ struct dispatcher::impl {
 
   status keep_alive(call& c) {
     const auto& in = c.request.keep_alive_register_artifact();
-    TENSORREG_TRY(check_owner(c.peer, in.owner_pid(),
-                              fmt::format("keep registration '{}' alive", in.registration_id())));
+    TENSORREG_TRY(
+        check_owner(c.peer, in.owner_pid(), fmt::format("keep registration '{}' alive", in.registration_id())));
     TENSORREG_TRY(engine.keep_alive(convert::to_keep_alive(in)));
     c.response.mutable_keep_alive_register_artifact();
     return {};
@@ -324,9 +322,10 @@ struct dispatcher::impl {
     // max_vmm_chunks of them (a region never has more, so every page makes progress).
     const std::size_t first = c.request.open_artifact_device().first_allocation();
     if (first > 0 && first >= layout.allocations.size()) {
-      return fail(errc::invalid_argument, fmt::format("cannot open the GPU memory of {}: first_allocation {} is past its "
-                                                      "{} allocations",
-                                                      id, first, layout.allocations.size()));
+      return fail(errc::invalid_argument,
+                  fmt::format("cannot open the GPU memory of {}: first_allocation {} is past its "
+                              "{} allocations",
+                              id, first, layout.allocations.size()));
     }
     std::size_t end = first, fds = 0;
     while (end < layout.allocations.size()) {
@@ -416,8 +415,8 @@ struct dispatcher::impl {
                                                       "streams",
                                                       convert::rpc_name(body), request.request_id()));
     } else if (!fds.empty() && body != wire::Request::kRegisterRegion) {
-      done = tl::unexpected(fds_unused(
-          fmt::format("handle {} request {}", convert::rpc_name(body), request.request_id()), fds.size()));
+      done = tl::unexpected(
+          fds_unused(fmt::format("handle {} request {}", convert::rpc_name(body), request.request_id()), fds.size()));
     } else {
       done = route(c);
     }
@@ -588,8 +587,7 @@ std::optional<frame_out> dispatcher::handle(connection& conn, frame_in frame) {
   } catch (const std::bad_alloc&) {
     out = error_answer(request.request_id(), error{errc::resource_exhausted, "cannot handle request: out of memory"});
   } catch (const std::exception& e) {
-    out = error_answer(request.request_id(),
-                       error{errc::internal, fmt::format("cannot handle request: {}", e.what())});
+    out = error_answer(request.request_id(), error{errc::internal, fmt::format("cannot handle request: {}", e.what())});
   }
   if (out && out->response.status().code() != 0) {
     // A stream answered with an error takes no more frames (as a handler's own error does).

@@ -37,7 +37,7 @@ struct dispatcher_options {
   /// uid (clients behind a PID-namespace boundary).
   bool trust_client_pids = false;
   uid_t daemon_uid = 0;
-  std::string socket_path;             ///< reported by GetServerConfig
+  std::string socket_path;  ///< reported by GetServerConfig
   std::uint32_t max_frame_bytes = 64u << 20;
   /// Where each RPC and each reject is logged; must outlive the dispatcher; null = none.
   logger* log = &null_logger();

@@ -14,18 +14,15 @@ constexpr std::size_t initial_payload_capacity = 64 * 1024;
 
 }  // namespace
 
-std::array<std::byte, frame_header_bytes> encode_frame_header(
-    std::uint32_t payload_length) noexcept {
-  return {static_cast<std::byte>(payload_length & 0xffu),
-          static_cast<std::byte>((payload_length >> 8) & 0xffu),
+std::array<std::byte, frame_header_bytes> encode_frame_header(std::uint32_t payload_length) noexcept {
+  return {static_cast<std::byte>(payload_length & 0xffu), static_cast<std::byte>((payload_length >> 8) & 0xffu),
           static_cast<std::byte>((payload_length >> 16) & 0xffu),
           static_cast<std::byte>((payload_length >> 24) & 0xffu)};
 }
 
 std::uint32_t decode_frame_header(std::span<const std::byte, frame_header_bytes> header) noexcept {
   return static_cast<std::uint32_t>(header[0]) | (static_cast<std::uint32_t>(header[1]) << 8) |
-         (static_cast<std::uint32_t>(header[2]) << 16) |
-         (static_cast<std::uint32_t>(header[3]) << 24);
+         (static_cast<std::uint32_t>(header[2]) << 16) | (static_cast<std::uint32_t>(header[3]) << 24);
 }
 
 result<std::string> encode_frame(std::string_view payload, std::uint32_t max_frame_bytes) {
@@ -33,10 +30,8 @@ result<std::string> encode_frame(std::string_view payload, std::uint32_t max_fra
     return fail(errc::invalid_argument, "cannot write frame: payload is empty");
   }
   if (payload.size() > max_frame_bytes) {
-    return fail(errc::resource_exhausted, "cannot write frame: length " +
-                                              std::to_string(payload.size()) +
-                                              " exceeds max_frame_bytes " +
-                                              std::to_string(max_frame_bytes));
+    return fail(errc::resource_exhausted, "cannot write frame: length " + std::to_string(payload.size()) +
+                                              " exceeds max_frame_bytes " + std::to_string(max_frame_bytes));
   }
   const auto header = encode_frame_header(static_cast<std::uint32_t>(payload.size()));
   std::string frame;
@@ -46,8 +41,7 @@ result<std::string> encode_frame(std::string_view payload, std::uint32_t max_fra
   return frame;
 }
 
-frame_decoder::frame_decoder(std::uint32_t max_frame_bytes) noexcept
-    : max_frame_bytes_(max_frame_bytes) {
+frame_decoder::frame_decoder(std::uint32_t max_frame_bytes) noexcept : max_frame_bytes_(max_frame_bytes) {
   TENSORREG_ASSERT(max_frame_bytes > 0);
 }
 
@@ -94,14 +88,11 @@ status frame_decoder::feed(std::span<const std::byte> bytes) {
 
       const std::uint32_t length = decode_frame_header(header_);
       if (length == 0) {
-        failure_ = error{errc::invalid_argument,
-                         "cannot read frame: zero-length frame at stream offset " +
-                             std::to_string(partial_.stream_offset)};
+        failure_ = error{errc::invalid_argument, "cannot read frame: zero-length frame at stream offset " +
+                                                     std::to_string(partial_.stream_offset)};
       } else if (length > max_frame_bytes_) {
-        failure_ = error{errc::resource_exhausted, "cannot read frame: length " +
-                                                       std::to_string(length) +
-                                                       " exceeds max_frame_bytes " +
-                                                       std::to_string(max_frame_bytes_)};
+        failure_ = error{errc::resource_exhausted, "cannot read frame: length " + std::to_string(length) +
+                                                       " exceeds max_frame_bytes " + std::to_string(max_frame_bytes_)};
       }
       if (failure_) {
         header_filled_ = 0;  // nothing is held for a rejected frame
@@ -159,8 +150,8 @@ status frame_decoder::finish() const {
   if (failure_) return tl::unexpected(*failure_);
   if (header_filled_ > 0) {
     return fail(errc::data_loss, "cannot read frame: stream ended inside the frame header (" +
-                                     std::to_string(header_filled_) + " of " +
-                                     std::to_string(frame_header_bytes) + " bytes)");
+                                     std::to_string(header_filled_) + " of " + std::to_string(frame_header_bytes) +
+                                     " bytes)");
   }
   if (in_payload_) {
     return fail(errc::data_loss, "cannot read frame: stream ended inside a frame at stream offset " +

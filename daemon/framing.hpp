@@ -40,18 +40,16 @@ inline constexpr std::size_t frame_header_bytes = 4;
 inline constexpr std::uint32_t default_max_frame_bytes = 64u * 1024u * 1024u;
 
 /// The 4 header bytes for a payload of `payload_length` bytes (little-endian).
-[[nodiscard]] std::array<std::byte, frame_header_bytes> encode_frame_header(
-    std::uint32_t payload_length) noexcept;
+[[nodiscard]] std::array<std::byte, frame_header_bytes> encode_frame_header(std::uint32_t payload_length) noexcept;
 
 /// The payload length a 4-byte header declares.
-[[nodiscard]] std::uint32_t decode_frame_header(
-    std::span<const std::byte, frame_header_bytes> header) noexcept;
+[[nodiscard]] std::uint32_t decode_frame_header(std::span<const std::byte, frame_header_bytes> header) noexcept;
 
 /// Header + payload, ready to write.
 /// Errors: INVALID_ARGUMENT for an empty payload (a zero-length frame is never valid);
 /// RESOURCE_EXHAUSTED when the payload is longer than `max_frame_bytes`.
-[[nodiscard]] result<std::string> encode_frame(
-    std::string_view payload, std::uint32_t max_frame_bytes = default_max_frame_bytes);
+[[nodiscard]] result<std::string> encode_frame(std::string_view payload,
+                                               std::uint32_t max_frame_bytes = default_max_frame_bytes);
 
 /// One decoded frame.
 struct decoded_frame {
@@ -105,9 +103,7 @@ class frame_decoder {
   [[nodiscard]] status finish() const;
 
   /// True when no partial frame (header or payload) is buffered.
-  [[nodiscard]] bool at_frame_boundary() const noexcept {
-    return header_filled_ == 0 && !in_payload_;
-  }
+  [[nodiscard]] bool at_frame_boundary() const noexcept { return header_filled_ == 0 && !in_payload_; }
 
   /// True after a bad header; `failure()` tells which.
   [[nodiscard]] bool failed() const noexcept { return failure_.has_value(); }
@@ -124,9 +120,7 @@ class frame_decoder {
   [[nodiscard]] std::uint64_t partial_stream_offset() const noexcept { return partial_.stream_offset; }
   /// Bytes allocated for the partial frame's payload: at most the declared length, and
   /// about twice what has arrived (never less than a small first step).
-  [[nodiscard]] std::size_t partial_capacity() const noexcept {
-    return partial_.payload.capacity();
-  }
+  [[nodiscard]] std::size_t partial_capacity() const noexcept { return partial_.payload.capacity(); }
   /// The payload cap this decoder enforces.
   [[nodiscard]] std::uint32_t max_frame_bytes() const noexcept { return max_frame_bytes_; }
 
@@ -134,7 +128,7 @@ class frame_decoder {
   void append_payload(const std::byte* data, std::size_t count);
 
   std::uint32_t max_frame_bytes_;
-  std::uint64_t bytes_fed_ = 0;       // stream offset of the next byte fed
+  std::uint64_t bytes_fed_ = 0;  // stream offset of the next byte fed
   std::array<std::byte, frame_header_bytes> header_{};
   std::size_t header_filled_ = 0;     // header bytes of the frame in progress
   bool in_payload_ = false;           // header complete, payload in progress

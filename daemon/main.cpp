@@ -116,13 +116,13 @@ int parse_options(const std::vector<std::string>& args, options& o) {
                a == "--max-stable-entries-per-uid") {
       const auto* v = value();
       if (v == nullptr) return bad(a + " needs a value");
-      bool ok = a == "--max-sessions-per-uid"  ? parse_number(*v, o.max_sessions_per_uid)
-                : a == "--idle-timeout-ms"     ? parse_number(*v, o.idle_timeout_ms)
-                : a == "--frame-timeout-ms"    ? parse_number(*v, o.frame_timeout_ms)
-                : a == "--max-pending-per-pid" ? parse_number(*v, o.max_pending_per_pid)
-                : a == "--max-regions-per-uid" ? parse_number(*v, o.max_regions_per_uid)
+      bool ok = a == "--max-sessions-per-uid"         ? parse_number(*v, o.max_sessions_per_uid)
+                : a == "--idle-timeout-ms"            ? parse_number(*v, o.idle_timeout_ms)
+                : a == "--frame-timeout-ms"           ? parse_number(*v, o.frame_timeout_ms)
+                : a == "--max-pending-per-pid"        ? parse_number(*v, o.max_pending_per_pid)
+                : a == "--max-regions-per-uid"        ? parse_number(*v, o.max_regions_per_uid)
                 : a == "--max-stable-entries-per-uid" ? parse_number(*v, o.max_stable_entries_per_uid)
-                                               : parse_number(*v, o.max_total_size);
+                                                      : parse_number(*v, o.max_total_size);
       if (!ok) return bad(a + " needs a number (0 = no limit), got '" + *v + "'");
     } else if (a == "--stable-bytes" || a == "--replica-pool-bytes" || a == "--max-frame-bytes" ||
                a == "--max-sessions" || a == "--workers") {

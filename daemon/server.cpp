@@ -52,9 +52,15 @@ class session : public std::enable_shared_from_this<session> {
  public:
   session(stream::socket socket, const peer_credentials& peer, dispatcher& dispatch, asio::thread_pool& workers,
           const server_options& options, logger& log)
-      : socket_(std::move(socket)), watchdog_(socket_.get_executor()), dispatch_(dispatch), workers_(workers),
-        decoder_(options.max_frame_bytes), idle_timeout_(options.idle_timeout), frame_timeout_(options.frame_timeout),
-        log_(log), peer_(peer) {}
+      : socket_(std::move(socket)),
+        watchdog_(socket_.get_executor()),
+        dispatch_(dispatch),
+        workers_(workers),
+        decoder_(options.max_frame_bytes),
+        idle_timeout_(options.idle_timeout),
+        frame_timeout_(options.frame_timeout),
+        log_(log),
+        peer_(peer) {}
 
   [[nodiscard]] uid_t uid() const noexcept { return peer_.uid; }
 
@@ -77,10 +83,9 @@ class session : public std::enable_shared_from_this<session> {
         if (got.error().code == errc::data_loss) {
           // The kernel dropped fds past the cmsg room: the stream cannot be trusted any more,
           // but the client hears why (docs/wire-format.md §7).
-          const error bad{errc::invalid_argument,
-                          "cannot read frame: more than " + std::to_string(max_fds_per_frame) +
-                              " file descriptors arrived with one message (at most " +
-                              std::to_string(max_fds_per_frame) + " per frame)"};
+          const error bad{errc::invalid_argument, "cannot read frame: more than " + std::to_string(max_fds_per_frame) +
+                                                      " file descriptors arrived with one message (at most " +
+                                                      std::to_string(max_fds_per_frame) + " per frame)"};
           tensorreg::log(log_, log_level::warn, "bad frame from pid {} uid {}, closing its connection: {}: {}",
                          peer_.pid, peer_.uid, errc_name(bad.code), bad.message);
           busy_ = true;  // the watchdog must not write into this answer
@@ -105,8 +110,8 @@ class session : public std::enable_shared_from_this<session> {
       busy_ = true;  // the watchdog leaves a connection alone while it is answered
       while (auto frame = decoder_.next()) {
         frame_in in{std::move(frame->payload), std::move(frame->fds)};
-        auto out = co_await asio::co_spawn(workers_.get_executor(), handle_on_worker(dispatch_, *connection_, std::move(in)),
-                                           asio::use_awaitable);
+        auto out = co_await asio::co_spawn(
+            workers_.get_executor(), handle_on_worker(dispatch_, *connection_, std::move(in)), asio::use_awaitable);
         if (out) {
           const bool close_after = out->close_after;
           if (!co_await write(std::move(*out)) || close_after) {
@@ -156,21 +161,21 @@ class session : public std::enable_shared_from_this<session> {
       }
       if (due && now >= *due) {
         const auto ms = [](auto d) { return std::chrono::duration_cast<std::chrono::milliseconds>(d).count(); };
-        const error why = stalled ? error{errc::deadline_exceeded,
-                                          "cannot read frame: the frame at stream offset " +
-                                              std::to_string(frame_offset_) + " did not arrive whole within " +
-                                              std::to_string(ms(frame_timeout_)) + " ms of its first byte"}
-                                  : error{errc::deadline_exceeded, "closing the connection: no request for " +
-                                                                       std::to_string(ms(idle_timeout_)) +
-                                                                       " ms (idle timeout)"};
+        const error why =
+            stalled
+                ? error{errc::deadline_exceeded, "cannot read frame: the frame at stream offset " +
+                                                     std::to_string(frame_offset_) + " did not arrive whole within " +
+                                                     std::to_string(ms(frame_timeout_)) + " ms of its first byte"}
+                : error{errc::deadline_exceeded, "closing the connection: no request for " +
+                                                     std::to_string(ms(idle_timeout_)) + " ms (idle timeout)"};
         tensorreg::log(log_, log_level::info, "closing the connection of pid {} uid {}: {}", peer_.pid, peer_.uid,
                        why.message);
         // Best effort, one non-blocking send: a peer that does not read must not hold us.
         auto out = dispatch_.reject(why);
         if (auto framed = encode_frame(out.payload, std::numeric_limits<std::uint32_t>::max())) {
-          (void)send_some(socket_.native_handle(),
-                          std::span<const std::byte>(reinterpret_cast<const std::byte*>(framed->data()), framed->size()),
-                          {});
+          (void)send_some(
+              socket_.native_handle(),
+              std::span<const std::byte>(reinterpret_cast<const std::byte*>(framed->data()), framed->size()), {});
         }
         stop();
         co_return;
@@ -202,7 +207,8 @@ class session : public std::enable_shared_from_this<session> {
     // writability as a coroutine. The fds ride on the sendmsg that carries the first byte.
     bool fds_pending = !fds.empty();
     while (!bytes.empty()) {
-      auto sent = send_some(socket_.native_handle(), bytes, fds_pending ? std::span<const int>(fds) : std::span<const int>{});
+      auto sent =
+          send_some(socket_.native_handle(), bytes, fds_pending ? std::span<const int>(fds) : std::span<const int>{});
       if (!sent) co_return false;
       if (*sent == 0) {
         asio::error_code ec;
@@ -266,7 +272,9 @@ struct server::impl {
   bool accept_paused = false;
 
   impl(server_options o, dispatcher& d)
-      : options(std::move(o)), dispatch(d), log(options.log != nullptr ? *options.log : null_logger()),
+      : options(std::move(o)),
+        dispatch(d),
+        log(options.log != nullptr ? *options.log : null_logger()),
         workers(options.workers != 0 ? options.workers : std::max(2u, std::thread::hardware_concurrency())) {}
 
   asio::awaitable<void> accept_loop() {
@@ -303,10 +311,11 @@ struct server::impl {
         over = error{errc::resource_exhausted, "cannot accept connection: the daemon serves its maximum of " +
                                                    std::to_string(options.max_sessions) + " sessions"};
       } else if (options.max_sessions_per_uid != 0) {
-        const auto of_uid = static_cast<std::size_t>(std::count_if(sessions.begin(), sessions.end(), [&](const auto& w) {
-          auto s = w.lock();
-          return s && s->uid() == peer->uid;
-        }));
+        const auto of_uid =
+            static_cast<std::size_t>(std::count_if(sessions.begin(), sessions.end(), [&](const auto& w) {
+              auto s = w.lock();
+              return s && s->uid() == peer->uid;
+            }));
         if (of_uid >= options.max_sessions_per_uid) {
           over = error{errc::resource_exhausted, "cannot accept connection: uid " + std::to_string(peer->uid) +
                                                      " already has its maximum of " +
@@ -321,9 +330,9 @@ struct server::impl {
                        refused.message);
         auto out = dispatch.reject(refused);
         if (auto framed = encode_frame(out.payload, std::numeric_limits<std::uint32_t>::max())) {
-          (void)send_some(socket.native_handle(),
-                          std::span<const std::byte>(reinterpret_cast<const std::byte*>(framed->data()), framed->size()),
-                          {});
+          (void)send_some(
+              socket.native_handle(),
+              std::span<const std::byte>(reinterpret_cast<const std::byte*>(framed->data()), framed->size()), {});
         }
         asio::error_code ignored;
         socket.close(ignored);
@@ -350,9 +359,7 @@ struct server::impl {
 };
 
 server::server(std::unique_ptr<impl> i) noexcept : impl_(std::move(i)) {}
-server::~server() {
-  impl_->workers.join();
-}
+server::~server() { impl_->workers.join(); }
 
 result<std::unique_ptr<server>> server::create(server_options options, dispatcher& dispatch) {
   // The directory, the path and the bind are checked and done in unix_socket (DECISIONS §4).

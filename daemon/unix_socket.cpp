@@ -63,8 +63,9 @@ status clear_path(const std::string& path) {
     return fail(errc::unavailable, "cannot listen on '" + path + "': " + os_reason(errno));
   }
   if (!S_ISSOCK(st.st_mode)) {
-    return fail(errc::failed_precondition, "cannot listen on '" + path + "': it exists and is not a socket; "
-                                           "refusing to remove it");
+    return fail(errc::failed_precondition, "cannot listen on '" + path +
+                                               "': it exists and is not a socket; "
+                                               "refusing to remove it");
   }
   // A live daemon answers connect(); a stale file from a crashed one does not.
   if (connect_unix(path)) {

@@ -216,8 +216,8 @@ error bodiless(const wire::Request& request) {
                                                     request.request_id(), unknown.field(i).number())};
     }
   }
-  return error{errc::invalid_argument, fmt::format("cannot handle request {}: the request has no body",
-                                                   request.request_id())};
+  return error{errc::invalid_argument,
+               fmt::format("cannot handle request {}: the request has no body", request.request_id())};
 }
 
 void set_status(wire::Response& response, const error& e) {
@@ -250,8 +250,8 @@ std::string subject_of(const wire::Request& request, const wire::Response& respo
     case R::kCommitRegisteredArtifact: {
       auto subject = named("registration", request.commit_registered_artifact().registration_id());
       if (ok && response.has_commit_registered_artifact()) {
-        subject += fmt::format(" -> artifact '{}'",
-                               response.commit_registered_artifact().artifact_descriptor().artifact_id());
+        subject +=
+            fmt::format(" -> artifact '{}'", response.commit_registered_artifact().artifact_descriptor().artifact_id());
       }
       return subject;
     }
@@ -493,9 +493,8 @@ void fill_device_layout(wire::OpenArtifactDeviceResponse& out, const reg::device
   }
 }
 void fill_list(wire::ListArtifactsResponse& out, std::vector<reg::artifact_summary> in) {
-  std::sort(in.begin(), in.end(), [](const auto& a, const auto& b) {
-    return a.descriptor.artifact_id < b.descriptor.artifact_id;
-  });
+  std::sort(in.begin(), in.end(),
+            [](const auto& a, const auto& b) { return a.descriptor.artifact_id < b.descriptor.artifact_id; });
   for (const auto& s : in) fill_summary(*out.add_artifacts(), s);
 }
 

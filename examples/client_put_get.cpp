@@ -20,7 +20,8 @@ namespace {
 using namespace tensorreg;
 
 int failed(const char* what, const error& e) {
-  std::fprintf(stderr, "client_put_get: %s: %s (%s)\n", what, e.message.c_str(), std::string(errc_name(e.code)).c_str());
+  std::fprintf(stderr, "client_put_get: %s: %s (%s)\n", what, e.message.c_str(),
+               std::string(errc_name(e.code)).c_str());
   return 1;
 }
 

@@ -89,7 +89,8 @@ int main(int argc, char** argv) {
   std::string chunk(4 << 20, '\0');
   for (std::uint64_t at = 0; at < canonical.size(); at += chunk.size()) {
     const auto n = std::min<std::uint64_t>(chunk.size(), canonical.size() - at);
-    if (auto r = canonical.read(at, std::as_writable_bytes(std::span(chunk.data(), n))); !r) return fail_with(r.error());
+    if (auto r = canonical.read(at, std::as_writable_bytes(std::span(chunk.data(), n))); !r)
+      return fail_with(r.error());
     registration::feed_request f;
     f.registration_id = begun->registration_id;
     f.payload = registration::view_chunk{at, 0, chunk.substr(0, n)};

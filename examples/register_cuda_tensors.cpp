@@ -93,8 +93,10 @@ int main(int argc, char** argv) {
                     a.cuda_ipc_handle.empty() ? "VMM chunks" : "IPC handle");
       }
     }
-    if (auto released = held->release(); !released) rc = failed("revoke", released.error());
-    else std::printf("revoked\n");
+    if (auto released = held->release(); !released)
+      rc = failed("revoke", released.error());
+    else
+      std::printf("revoked\n");
   }
   static_cast<void>(cudaFree(shared));
   static_cast<void>(cudaFree(head));

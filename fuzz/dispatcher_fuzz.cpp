@@ -157,12 +157,15 @@ class conversation {
  private:
   void one_step() {
     switch (in_.ConsumeIntegralInRange<int>(0, 19)) {
-      case 0: case 1: return begin_stable();
+      case 0:
+      case 1: return begin_stable();
       case 2: return begin_lease();
       case 3: return begin_other();
-      case 4: case 5: return feed();
+      case 4:
+      case 5: return feed();
       case 6: return end_stream();
-      case 7: case 8: return unary_with_registration();
+      case 7:
+      case 8: return unary_with_registration();
       case 9: return register_region();
       case 10: return unregister_region();
       case 11: return deregister();
@@ -213,7 +216,8 @@ class conversation {
     const auto code = response.status().code();
     FUZZ_CHECK(code >= 0 && code <= 16, "a status code outside gRPC's");
     FUZZ_CHECK((code == 0) == response.status().message().empty(), "OK with a message, or an error without one");
-    FUZZ_CHECK((code == 0) == (response.body_case() != wire::Response::BODY_NOT_SET), "a body on an error, or none on OK");
+    FUZZ_CHECK((code == 0) == (response.body_case() != wire::Response::BODY_NOT_SET),
+               "a body on an error, or none on OK");
     FUZZ_CHECK(code == 0 || out->fds.empty(), "fds on an error answer");
     FUZZ_CHECK(out->close_after == (response.request_id() == 0), "close_after is not request_id 0");
     FUZZ_CHECK(response.request_id() == id || (response.request_id() == 0 && code != 0),
@@ -283,7 +287,8 @@ class conversation {
     const auto& b = a->begin_register_artifact();
     keep(registrations_, b.registration_id());
     if (b.has_stable_dram() && !last_fds_.empty() && publish_.size() < 4) {
-      publish_.push_back({b.registration_id(), std::move(last_fds_.front()), b.stable_dram().publish_cpu_memfd().size_bytes()});
+      publish_.push_back(
+          {b.registration_id(), std::move(last_fds_.front()), b.stable_dram().publish_cpu_memfd().size_bytes()});
     }
   }
 
@@ -317,7 +322,8 @@ class conversation {
 
   void fill_feed(v2::FeedRegisterArtifactStreamRequest& f) {
     switch (in_.ConsumeIntegralInRange<int>(0, 4)) {
-      case 0: case 1: {  // a view chunk: the right bytes, or anything anywhere
+      case 0:
+      case 1: {  // a view chunk: the right bytes, or anything anywhere
         auto* c = f.mutable_view_chunk();
         const auto bytes = artifact_bytes();
         if (in_.ConsumeBool()) {
@@ -369,8 +375,9 @@ class conversation {
         default: {
           auto* ref = s->mutable_region_ref();
           ref->set_region_id(pick_id(in_, regions_));
-          ref->set_memory_kind(in_.ConsumeBool() ? v2::REGION_MEMORY_KIND_HOST_SHARED
-                                                 : static_cast<v2::RegionMemoryKind>(in_.ConsumeIntegralInRange<int>(0, 3)));
+          ref->set_memory_kind(in_.ConsumeBool()
+                                   ? v2::REGION_MEMORY_KIND_HOST_SHARED
+                                   : static_cast<v2::RegionMemoryKind>(in_.ConsumeIntegralInRange<int>(0, 3)));
           ref->set_device_id(in_.ConsumeBool() ? -1 : in_.ConsumeIntegralInRange<int>(-2, 2));
           ref->set_size_bytes(in_.ConsumeBool() ? 64 : pick_u64(in_));
         }

@@ -107,7 +107,9 @@ concept feeds_fds = requires(Decoder& d, std::span<const std::byte> b, std::vect
   d.feed(b, std::move(f));
 };
 template <class Frame>
-concept carries_fds = requires(Frame& f) { f.fds.size(); };
+concept carries_fds = requires(Frame& f) {
+  f.fds.size();
+};
 
 struct taken_frame {
   std::uint64_t offset = 0;
@@ -120,7 +122,7 @@ struct harness {
   std::vector<taken_frame> taken;
   std::vector<std::vector<unique_fd>> attached;  // harness-side attachment, by reference frame
   std::vector<std::size_t> expected_fds;         // by reference frame
-  std::vector<unique_fd> unowned;                 // fds of reads whose frame never completes
+  std::vector<unique_fd> unowned;                // fds of reads whose frame never completes
 
   explicit harness(const reference& r) : ref(r), attached(r.frames.size()), expected_fds(r.frames.size(), 0) {}
 
@@ -231,10 +233,10 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
                  finished.error().message.c_str());
     } else if (ref.partial_length) {
       FUZZ_CHECK(!finished && finished.error().code == errc::data_loss, "a partial payload is not DATA_LOSS");
-      FUZZ_CHECK(finished.error().message ==
-                     "cannot read frame: stream ended inside a frame at stream offset " +
-                         std::to_string(ref.partial_offset) + " (" + std::to_string(ref.partial_payload) + " of " +
-                         std::to_string(*ref.partial_length) + " payload bytes)",
+      FUZZ_CHECK(finished.error().message == "cannot read frame: stream ended inside a frame at stream offset " +
+                                                 std::to_string(ref.partial_offset) + " (" +
+                                                 std::to_string(ref.partial_payload) + " of " +
+                                                 std::to_string(*ref.partial_length) + " payload bytes)",
                  finished.error().message.c_str());
     } else {
       FUZZ_CHECK(finished.has_value(), "finish() on a frame boundary failed");

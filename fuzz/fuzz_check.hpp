@@ -8,10 +8,10 @@
 #include <cstdio>
 #include <cstdlib>
 
-#define FUZZ_CHECK(cond, what)                                                                   \
-  do {                                                                                           \
-    if (!(cond)) {                                                                               \
+#define FUZZ_CHECK(cond, what)                                                                    \
+  do {                                                                                            \
+    if (!(cond)) {                                                                                \
       std::fprintf(stderr, "%s:%d: property failed: %s (%s)\n", __FILE__, __LINE__, #cond, what); \
-      std::abort();                                                                              \
-    }                                                                                            \
+      std::abort();                                                                               \
+    }                                                                                             \
   } while (false)

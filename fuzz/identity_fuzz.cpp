@@ -35,8 +35,10 @@ void check_rejected(const tensorreg::error& e) {
 void text_parsers(std::string_view text) {
   const auto kind = id::classify_artifact_id(text);
   auto checked = id::check_artifact_id(text);
-  if (checked) FUZZ_CHECK(*checked == kind && kind != id::id_kind::unspecified, "check and classify disagree");
-  else check_rejected(checked.error());
+  if (checked)
+    FUZZ_CHECK(*checked == kind && kind != id::id_kind::unspecified, "check and classify disagree");
+  else
+    check_rejected(checked.error());
   (void)id::id_kind_name(kind);
 
   if (auto mi2 = id::parse_mi2(text)) {
@@ -103,8 +105,9 @@ id::view_spec read_spec(FuzzedDataProvider& in) {
 
 void view_ids(FuzzedDataProvider& in) {
   const auto spec = read_spec(in);
-  const std::string index_multihash = in.ConsumeBool() ? hash::encode_multihash(hash::sha256(in.ConsumeRandomLengthString(32)))
-                                                       : in.ConsumeRandomLengthString(64);
+  const std::string index_multihash = in.ConsumeBool()
+                                          ? hash::encode_multihash(hash::sha256(in.ConsumeRandomLengthString(32)))
+                                          : in.ConsumeRandomLengthString(64);
   const auto payload = id::view_payload(spec, index_multihash);
   std::size_t expected = 8 + index_multihash.size();
   for (const auto& [name, ops] : spec) {

@@ -81,9 +81,9 @@ struct loop_state {
 
   std::mutex mutex;
   std::condition_variable idle;
-  unsigned active = 0;                        // helpers inside work(); guarded by mutex
-  std::optional<error> first_error;           // guarded by mutex
-  std::exception_ptr first_exception;         // guarded by mutex
+  unsigned active = 0;                 // helpers inside work(); guarded by mutex
+  std::optional<error> first_error;    // guarded by mutex
+  std::exception_ptr first_exception;  // guarded by mutex
 
   void record(error e) {
     std::lock_guard lock(mutex);

@@ -84,8 +84,8 @@ void bulk_copier::give_back(std::unique_ptr<slot> s) noexcept {
   free_.push_back(std::move(s));  // at most `workers` per (device, size) ever exist at once
 }
 
-result<registration::host_copy> bulk_copier::copy(int device, std::span<const device_range> ranges,
-                                                  std::uint64_t size, const snapshot_hasher* hash, thread_pool& pool,
+result<registration::host_copy> bulk_copier::copy(int device, std::span<const device_range> ranges, std::uint64_t size,
+                                                  const snapshot_hasher* hash, thread_pool& pool,
                                                   const bulk_copy_options& opts) {
   TENSORREG_ASSERT(size > 0 && opts.chunk_bytes > 0 && opts.chunk_bytes % 4096 == 0 && opts.workers > 0);
   TENSORREG_TRY_ASSIGN(auto guard, device_guard::create(device));
@@ -94,15 +94,16 @@ result<registration::host_copy> bulk_copier::copy(int device, std::span<const de
   // 1. The snapshot: DATA runs copied on the device, gaps zeroed.
   scratch_buffer scratch;
   scratch.device = device;
-  TENSORREG_CUDA_TRY(cudaMalloc(&scratch.ptr, size),
-                     "allocate a " + std::to_string(size) + "-byte snapshot buffer on device " + std::to_string(device));
+  TENSORREG_CUDA_TRY(cudaMalloc(&scratch.ptr, size), "allocate a " + std::to_string(size) +
+                                                         "-byte snapshot buffer on device " + std::to_string(device));
   auto* snap = static_cast<std::byte*>(scratch.ptr);
   TENSORREG_TRY_ASSIGN(auto control, acquire(device, 0));
   {
     std::uint64_t at = 0;
     for (const auto& r : ranges) {
       TENSORREG_ASSERT(r.dst >= at && r.dst + r.length <= size);
-      if (r.dst > at) TENSORREG_CUDA_TRY(cudaMemsetAsync(snap + at, 0, r.dst - at, control->stream), "zero a snapshot gap");
+      if (r.dst > at)
+        TENSORREG_CUDA_TRY(cudaMemsetAsync(snap + at, 0, r.dst - at, control->stream), "zero a snapshot gap");
       TENSORREG_CUDA_TRY(cudaMemcpyAsync(snap + r.dst, r.src, r.length, cudaMemcpyDeviceToDevice, control->stream),
                          "snapshot device memory");
       at = r.dst + r.length;
@@ -142,8 +143,8 @@ result<registration::host_copy> bulk_copier::copy(int device, std::span<const de
   // 3. The D2H of the snapshot, in stripes of chunks: worker w takes chunks w, w + n, w + 2n...
   const std::uint64_t chunk = opts.chunk_bytes;
   const std::uint64_t chunks = (size + chunk - 1) / chunk;
-  const auto workers = static_cast<std::size_t>(
-      std::min<std::uint64_t>({opts.workers, std::uint64_t{pool.size()} + 1, chunks}));
+  const auto workers =
+      static_cast<std::size_t>(std::min<std::uint64_t>({opts.workers, std::uint64_t{pool.size()} + 1, chunks}));
   const auto length_of = [&](std::uint64_t i) { return std::min(chunk, size - i * chunk); };
   // A worker's slot goes back for reuse only once no DMA into it is in flight; `out` is the
   // worker's result so far, and a failure to go idle is reported when nothing failed before.
@@ -162,9 +163,9 @@ result<registration::host_copy> bulk_copier::copy(int device, std::span<const de
     TENSORREG_TRY_ASSIGN(auto s, acquire(device, chunk));
     const auto half = [&](std::uint64_t i) { return static_cast<std::size_t>((i / workers) % 2); };
     const auto issue = [&](std::uint64_t i) -> status {
-      TENSORREG_CUDA_TRY(cudaMemcpyAsync(s->host + half(i) * chunk, snap + i * chunk, length_of(i),
-                                         cudaMemcpyDeviceToHost, s->stream),
-                         "copy a snapshot to the host");
+      TENSORREG_CUDA_TRY(
+          cudaMemcpyAsync(s->host + half(i) * chunk, snap + i * chunk, length_of(i), cudaMemcpyDeviceToHost, s->stream),
+          "copy a snapshot to the host");
       TENSORREG_CUDA_TRY(cudaEventRecord(s->done[half(i)], s->stream), "record a bulk copy event");
       return {};
     };
@@ -219,15 +220,16 @@ result<registration::host_copy> bulk_copier::copy(int device, std::span<const de
     const std::uint64_t unit = target->pin_unit != 0 ? target->pin_unit : size;
     status out;
     for (std::uint64_t at = 0; out && at < size; at += unit) {
-      out = check(cudaMemcpyAsync(dst.data() + at, snap + at, std::min(unit, size - at), cudaMemcpyDeviceToHost, s->stream),
-                  "copy a snapshot into a pooled replica");
+      out = check(
+          cudaMemcpyAsync(dst.data() + at, snap + at, std::min(unit, size - at), cudaMemcpyDeviceToHost, s->stream),
+          "copy a snapshot into a pooled replica");
     }
     return retire(std::move(s), std::move(out), "finish copying a snapshot into a pooled replica");
   };
 
-  status copied = recycled  ? recycled_copy()
-                  : pin ? pool.parallel_for(workers, registered_stripe)
-                        : pool.parallel_for(workers, staged_stripe);
+  status copied = recycled ? recycled_copy()
+                  : pin    ? pool.parallel_for(workers, registered_stripe)
+                           : pool.parallel_for(workers, staged_stripe);
   if (hasher.joinable()) hasher.join();
   // The hash stream is the snapshot's: idle again once the hasher returned.
   give_back(std::move(control));
@@ -242,7 +244,8 @@ result<registration::host_copy> bulk_copier::copy(int device, std::span<const de
     target->pin = pin;
     target->pin_unit = chunk;
   }
-  const bool poolable = recycled || (pin && std::ranges::none_of(pin->registered, [](void* p) { return p == nullptr; }));
+  const bool poolable =
+      recycled || (pin && std::ranges::none_of(pin->registered, [](void* p) { return p == nullptr; }));
   if (poolable) {
     out.replica = replicas->lend(std::move(*target));
   } else {

@@ -70,8 +70,8 @@ struct bulk_copy_options {
 };
 
 /// Hashes `size` bytes of the snapshot at `device_ptr` on `stream` (the copy's device).
-using snapshot_hasher = std::function<result<hash::digest>(const void* device_ptr, std::uint64_t size,
-                                                          stream_view stream)>;
+using snapshot_hasher =
+    std::function<result<hash::digest>(const void* device_ptr, std::uint64_t size, stream_view stream)>;
 
 class bulk_copier {
  public:
@@ -88,8 +88,8 @@ class bulk_copier {
   /// Errors: RESOURCE_EXHAUSTED when the scratch does not fit on the device (callers then copy
   /// on the host) or the memfd cannot be made; the hasher's errors; CUDA errors.
   [[nodiscard]] result<registration::host_copy> copy(int device, std::span<const device_range> ranges,
-                                                     std::uint64_t size, const snapshot_hasher* hash,
-                                                     thread_pool& pool, const bulk_copy_options& opts = {});
+                                                     std::uint64_t size, const snapshot_hasher* hash, thread_pool& pool,
+                                                     const bulk_copy_options& opts = {});
 
  private:
   // A worker's pinned double buffer (half_bytes 0: the snapshot's control stream).

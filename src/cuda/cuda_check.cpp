@@ -15,12 +15,10 @@ std::string describe(cudaError_t e) {
 
 errc code_of(cudaError_t e) noexcept {
   switch (e) {
-    case cudaSuccess:
-      return errc::ok;
+    case cudaSuccess: return errc::ok;
     case cudaErrorMemoryAllocation:
     case cudaErrorHostMemoryAlreadyRegistered:
-    case cudaErrorLaunchOutOfResources:
-      return errc::resource_exhausted;
+    case cudaErrorLaunchOutOfResources: return errc::resource_exhausted;
     case cudaErrorNoDevice:
     case cudaErrorInvalidDevice:
     case cudaErrorInsufficientDriver:
@@ -30,14 +28,11 @@ errc code_of(cudaError_t e) noexcept {
     case cudaErrorSystemDriverMismatch:
     case cudaErrorCompatNotSupportedOnDevice:
     case cudaErrorStubLibrary:
-    case cudaErrorCudartUnloading:
-      return errc::failed_precondition;
+    case cudaErrorCudartUnloading: return errc::failed_precondition;
     case cudaErrorInvalidValue:
     case cudaErrorInvalidDevicePointer:
-    case cudaErrorInvalidResourceHandle:
-      return errc::invalid_argument;
-    default:
-      return errc::internal;
+    case cudaErrorInvalidResourceHandle: return errc::invalid_argument;
+    default: return errc::internal;
   }
 }
 
@@ -68,8 +63,7 @@ result<device_guard> device_guard::create(std::int32_t device) {
   return device_guard(previous, true);
 }
 
-device_guard::device_guard(device_guard&& other) noexcept
-    : previous_(other.previous_), restore_(other.restore_) {
+device_guard::device_guard(device_guard&& other) noexcept : previous_(other.previous_), restore_(other.restore_) {
   other.restore_ = false;
 }
 

@@ -49,7 +49,7 @@ struct provider_state {
     std::optional<gpu_tree_hasher> hasher;  // made on first use
   };
   std::vector<std::unique_ptr<device_hasher>> hashers;  // by device, sized at create()
-  bulk_copier bulk;  // copy_to_host(): snapshot + D2H with pinned staging kept for reuse
+  bulk_copier bulk;                                 // copy_to_host(): snapshot + D2H with pinned staging kept for reuse
   std::shared_ptr<devices::replica_pool> replicas;  // copy_to_host()'s replica pool; null when off
   PFN_cuMemGetAddressRange_v3020 get_address_range = nullptr;
   PFN_cuGetErrorName_v6000 get_error_name = nullptr;
@@ -286,7 +286,8 @@ result<std::shared_ptr<device_memory_provider>> device_memory_provider::create(o
   const cudaError_t e = cudaGetDeviceCount(&count);
   if (e != cudaSuccess) {
     static_cast<void>(cudaGetLastError());
-    return fail(errc::failed_precondition, "cannot use CUDA device memory: no CUDA device (" + detail::describe(e) + ")");
+    return fail(errc::failed_precondition,
+                "cannot use CUDA device memory: no CUDA device (" + detail::describe(e) + ")");
   }
   if (count <= 0) return fail(errc::failed_precondition, "cannot use CUDA device memory: no CUDA device (0 present)");
 
@@ -295,10 +296,12 @@ result<std::shared_ptr<device_memory_provider>> device_memory_provider::create(o
   if (opts.replica_pool_bytes == options::replica_pool_auto) {
     const long pages = ::sysconf(_SC_PHYS_PAGES);
     const long page = ::sysconf(_SC_PAGESIZE);
-    const std::uint64_t physical = pages > 0 && page > 0 ? static_cast<std::uint64_t>(pages) * static_cast<std::uint64_t>(page) : 0;
+    const std::uint64_t physical =
+        pages > 0 && page > 0 ? static_cast<std::uint64_t>(pages) * static_cast<std::uint64_t>(page) : 0;
     state->opts.replica_pool_bytes = std::min(std::uint64_t{16} << 30, physical / 8);
   }
-  if (state->opts.replica_pool_bytes > 0) state->replicas = devices::replica_pool::create(state->opts.replica_pool_bytes);
+  if (state->opts.replica_pool_bytes > 0)
+    state->replicas = devices::replica_pool::create(state->opts.replica_pool_bytes);
   state->devices = count;
   state->free_staging.resize(static_cast<std::size_t>(count));
   for (int d = 0; d < count; ++d) state->hashers.push_back(std::make_unique<detail::provider_state::device_hasher>());
@@ -330,8 +333,10 @@ device_memory_provider::~device_memory_provider() = default;
 
 std::int32_t device_memory_provider::device_count() const noexcept { return state_->devices; }
 
-result<std::shared_ptr<const memory::byte_source>> device_memory_provider::open_ipc(
-    std::int32_t owner_pid, std::int32_t device_id, std::string_view ipc_handle, std::uint64_t min_bytes) {
+result<std::shared_ptr<const memory::byte_source>> device_memory_provider::open_ipc(std::int32_t owner_pid,
+                                                                                    std::int32_t device_id,
+                                                                                    std::string_view ipc_handle,
+                                                                                    std::uint64_t min_bytes) {
   auto& st = *state_;
   const auto what = [&] {
     return "cannot open CUDA IPC handle of process " + std::to_string(owner_pid) + " on device " +
@@ -345,8 +350,8 @@ result<std::shared_ptr<const memory::byte_source>> device_memory_provider::open_
     return fail(errc::failed_precondition,
                 what() + ": no such CUDA device (" + std::to_string(st.devices) + " present)");
   }
-  const auto usable = [&](const std::shared_ptr<const device_source>& m)
-      -> result<std::shared_ptr<const memory::byte_source>> {
+  const auto usable =
+      [&](const std::shared_ptr<const device_source>& m) -> result<std::shared_ptr<const memory::byte_source>> {
     if (m->device() != device_id) {
       return fail(errc::failed_precondition,
                   what() + ": the memory is mapped on device " + std::to_string(m->device()));
@@ -431,7 +436,8 @@ result<std::shared_ptr<const memory::byte_source>> device_memory_provider::open_
 
 result<registration::device_buffer> device_memory_provider::allocate(std::int32_t device_id, std::uint64_t bytes) {
   const auto what = [&] {
-    return "cannot allocate " + std::to_string(bytes) + " bytes of device memory on device " + std::to_string(device_id);
+    return "cannot allocate " + std::to_string(bytes) + " bytes of device memory on device " +
+           std::to_string(device_id);
   };
   if (bytes == 0) return fail(errc::invalid_argument, what() + ": the size is 0");
   if (device_id < 0 || device_id >= state_->devices) {
@@ -464,8 +470,8 @@ result<std::shared_ptr<const memory::byte_source>> device_memory_provider::impor
     std::int32_t owner_pid, std::int32_t device_id, std::span<const int> fds,
     std::span<const std::uint64_t> chunk_bytes) {
   auto& st = *state_;
-  const std::string what =
-      "cannot import CUDA VMM memory of process " + std::to_string(owner_pid) + " on device " + std::to_string(device_id);
+  const std::string what = "cannot import CUDA VMM memory of process " + std::to_string(owner_pid) + " on device " +
+                           std::to_string(device_id);
   if (device_id < 0 || device_id >= st.devices) {
     return fail(errc::failed_precondition, what + ": no such CUDA device (" + std::to_string(st.devices) + " present)");
   }
@@ -479,7 +485,8 @@ result<std::shared_ptr<const memory::byte_source>> device_memory_provider::impor
   TENSORREG_CUDA_TRY(cudaSetDevice(device_id), "make CUDA device " + std::to_string(device_id) + " current");
   TENSORREG_TRY_ASSIGN(const std::uint64_t granularity, st.granularity_of(device_id));
   std::unique_lock lock(st.vmm_mutex);
-  TENSORREG_TRY_ASSIGN(auto imported, detail::vmm_import::create(st.vmm, device_id, fds, chunk_bytes, granularity, what));
+  TENSORREG_TRY_ASSIGN(auto imported,
+                       detail::vmm_import::create(st.vmm, device_id, fds, chunk_bytes, granularity, what));
   lock.unlock();
   return std::shared_ptr<const memory::byte_source>(
       std::make_shared<const detail::vmm_mapping>(state_, std::move(imported), device_id));
@@ -558,7 +565,7 @@ std::optional<result<hash::digest>> device_memory_provider::tree_hash_on_device(
   // One piece that is already the whole buffer is hashed where it lies; otherwise gathered.
   const bool whole = pieces.size() == 1 && pieces[0].dst == 0 && pieces[0].length == size;
   const unsigned threads = state_->opts.host_hash_threads != 0 ? state_->opts.host_hash_threads
-                                                                : std::max(1u, std::thread::hardware_concurrency());
+                                                               : std::max(1u, std::thread::hardware_concurrency());
   const auto site = devices::choose_site(
       forced_site(state_->opts.placement), threads, [device] { return detail::measured_speeds(device); },
       [&](const devices::hash_speeds& s) { return devices::plan_hash(s, size, !whole); });
@@ -590,7 +597,8 @@ std::optional<result<hash::digest>> device_memory_provider::tree_hash_on_device(
 }
 
 std::optional<result<registration::host_copy>> device_memory_provider::copy_to_host(const memory::byte_source& source,
-                                                                                   bool want_digest, thread_pool& pool) {
+                                                                                    bool want_digest,
+                                                                                    thread_pool& pool) {
   const std::uint64_t size = source.size();
   auto runs = gather(source);
   if (!runs) return std::nullopt;

@@ -49,8 +49,7 @@ status check_device_index(std::int32_t device, std::string_view action) {
   }
   if (device >= count) {
     return fail(errc::failed_precondition, "cannot " + std::string(action) + ": no CUDA device " +
-                                               std::to_string(device) + " (" + std::to_string(count) +
-                                               " present)");
+                                               std::to_string(device) + " (" + std::to_string(count) + " present)");
   }
   return {};
 }
@@ -60,9 +59,9 @@ status check_device_index(std::int32_t device, std::string_view action) {
 struct gpu_tree_hasher::impl {
   std::int32_t device = 0;
   int sm_count = 1;
-  std::uint64_t capacity = 0;             // leaves the scratch holds
-  std::uint32_t* scratch = nullptr;       // [leaf words | level words | root words]
-  std::uint32_t* root_host = nullptr;     // pinned, 8 words
+  std::uint64_t capacity = 0;          // leaves the scratch holds
+  std::uint32_t* scratch = nullptr;    // [leaf words | level words | root words]
+  std::uint32_t* root_host = nullptr;  // pinned, 8 words
 
   impl() = default;
   impl(const impl&) = delete;
@@ -78,9 +77,7 @@ struct gpu_tree_hasher::impl {
 
   std::uint32_t* leaf_words() const noexcept { return scratch; }
   std::uint32_t* level_words() const noexcept { return scratch + words_per_digest * capacity; }
-  std::uint32_t* root_words() const noexcept {
-    return scratch + words_per_digest * (capacity + (capacity + 1) / 2);
-  }
+  std::uint32_t* root_words() const noexcept { return scratch + words_per_digest * (capacity + (capacity + 1) / 2); }
 
   // Grows the scratch to hold `leaves` leaves. The device must be current.
   status reserve(std::uint64_t leaves) {
@@ -109,8 +106,8 @@ struct gpu_tree_hasher::impl {
     }
     const std::uint64_t leaves = hash::leaf_count(size);
     if (leaves >= max_leaves) {
-      return fail(errc::out_of_range, "cannot " + std::string(action) + ": size " + std::to_string(size) +
-                                          " needs " + std::to_string(leaves) + " leaves, more than " +
+      return fail(errc::out_of_range, "cannot " + std::string(action) + ": size " + std::to_string(size) + " needs " +
+                                          std::to_string(leaves) + " leaves, more than " +
                                           std::to_string(max_leaves - 1));
     }
     TENSORREG_TRY_ASSIGN(auto guard, detail::device_guard::create(device));
@@ -122,14 +119,12 @@ struct gpu_tree_hasher::impl {
     switch (attributes.type) {
       case cudaMemoryTypeDevice:
         if (attributes.device != device) {
-          return fail(errc::invalid_argument, "cannot " + std::string(action) + ": pointer " +
-                                                  hex_address(device_ptr) + " is memory of device " +
-                                                  std::to_string(attributes.device) + ", not device " +
-                                                  std::to_string(device));
+          return fail(errc::invalid_argument, "cannot " + std::string(action) + ": pointer " + hex_address(device_ptr) +
+                                                  " is memory of device " + std::to_string(attributes.device) +
+                                                  ", not device " + std::to_string(device));
         }
         break;
-      case cudaMemoryTypeManaged:
-        break;
+      case cudaMemoryTypeManaged: break;
       case cudaMemoryTypeHost:
         readable = attributes.devicePointer;
         if (readable == nullptr) {
@@ -139,16 +134,15 @@ struct gpu_tree_hasher::impl {
         }
         break;
       default:
-        return fail(errc::invalid_argument, "cannot " + std::string(action) + ": pointer " +
-                                                hex_address(device_ptr) + " is not CUDA memory");
+        return fail(errc::invalid_argument,
+                    "cannot " + std::string(action) + ": pointer " + hex_address(device_ptr) + " is not CUDA memory");
     }
 
     TENSORREG_TRY(reserve(leaves));
     const auto n = static_cast<std::uint32_t>(leaves);
-    TENSORREG_TRY(detail::check(
-        detail::launch_leaf_kernel(readable, size, n, leaf_words(), detail::leaf_threads_per_block(leaves, sm_count),
-                                   stream),
-        std::string(action) + ": launch the leaf kernel"));
+    TENSORREG_TRY(detail::check(detail::launch_leaf_kernel(readable, size, n, leaf_words(),
+                                                           detail::leaf_threads_per_block(leaves, sm_count), stream),
+                                std::string(action) + ": launch the leaf kernel"));
     return std::pair<detail::device_guard, std::uint32_t>(std::move(guard), n);
   }
 };
@@ -190,9 +184,9 @@ result<hash::digest> gpu_tree_hasher::tree_hash(const void* device_ptr, std::uin
   auto* s = static_cast<cudaStream_t>(stream.handle);
   TENSORREG_TRY_ASSIGN(auto launched, impl_->hash_leaves(device_ptr, size, s, action));
   const std::uint32_t leaves = launched.second;
-  TENSORREG_CUDA_TRY(detail::launch_tree_kernels(impl_->leaf_words(), impl_->level_words(), leaves,
-                                                 impl_->root_words(), s),
-                     "hash device memory: launch the tree kernels");
+  TENSORREG_CUDA_TRY(
+      detail::launch_tree_kernels(impl_->leaf_words(), impl_->level_words(), leaves, impl_->root_words(), s),
+      "hash device memory: launch the tree kernels");
   TENSORREG_CUDA_TRY(cudaMemcpyAsync(impl_->root_host, impl_->root_words(), words_per_digest * sizeof(std::uint32_t),
                                      cudaMemcpyDeviceToHost, s),
                      "hash device memory: copy the root to the host");
@@ -201,7 +195,7 @@ result<hash::digest> gpu_tree_hasher::tree_hash(const void* device_ptr, std::uin
 }
 
 result<std::vector<hash::digest>> gpu_tree_hasher::leaf_digests(const void* device_ptr, std::uint64_t size,
-                                                                 stream_view stream) {
+                                                                stream_view stream) {
   TENSORREG_ASSERT(impl_ != nullptr);
   constexpr std::string_view action = "hash device memory leaves";
   auto* s = static_cast<cudaStream_t>(stream.handle);
@@ -229,8 +223,8 @@ result<hash::digest> tree_hash_device(const void* device_ptr, std::uint64_t size
   return hasher.tree_hash(device_ptr, size, stream);
 }
 
-result<std::vector<hash::digest>> leaf_digests_device(const void* device_ptr, std::uint64_t size,
-                                                      stream_view stream, std::int32_t device) {
+result<std::vector<hash::digest>> leaf_digests_device(const void* device_ptr, std::uint64_t size, stream_view stream,
+                                                      std::int32_t device) {
   if (size == 0) return fail(errc::invalid_argument, "cannot hash device memory leaves: size is 0");
   TENSORREG_TRY_ASSIGN(auto hasher, gpu_tree_hasher::create(device, size));
   return hasher.leaf_digests(device_ptr, size, stream);

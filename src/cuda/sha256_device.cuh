@@ -36,25 +36,16 @@ namespace tensorreg::cuda::detail {
 /// Leaf size, fixed (hash::leaf_bytes; kept in sync by a static_assert in gpu_tree_hash.cpp).
 inline constexpr std::uint64_t sha_leaf_bytes = std::uint64_t{4} << 20;
 
-
 /// The 64 SHA-256 round constants (FIPS 180-4), listed once for the host and device tables.
-#define TENSORREG_SHA256_ROUND_CONSTANTS \
-    0x428a2f98U, 0x71374491U, 0xb5c0fbcfU, 0xe9b5dba5U, \
-    0x3956c25bU, 0x59f111f1U, 0x923f82a4U, 0xab1c5ed5U, \
-    0xd807aa98U, 0x12835b01U, 0x243185beU, 0x550c7dc3U, \
-    0x72be5d74U, 0x80deb1feU, 0x9bdc06a7U, 0xc19bf174U, \
-    0xe49b69c1U, 0xefbe4786U, 0x0fc19dc6U, 0x240ca1ccU, \
-    0x2de92c6fU, 0x4a7484aaU, 0x5cb0a9dcU, 0x76f988daU, \
-    0x983e5152U, 0xa831c66dU, 0xb00327c8U, 0xbf597fc7U, \
-    0xc6e00bf3U, 0xd5a79147U, 0x06ca6351U, 0x14292967U, \
-    0x27b70a85U, 0x2e1b2138U, 0x4d2c6dfcU, 0x53380d13U, \
-    0x650a7354U, 0x766a0abbU, 0x81c2c92eU, 0x92722c85U, \
-    0xa2bfe8a1U, 0xa81a664bU, 0xc24b8b70U, 0xc76c51a3U, \
-    0xd192e819U, 0xd6990624U, 0xf40e3585U, 0x106aa070U, \
-    0x19a4c116U, 0x1e376c08U, 0x2748774cU, 0x34b0bcb5U, \
-    0x391c0cb3U, 0x4ed8aa4aU, 0x5b9cca4fU, 0x682e6ff3U, \
-    0x748f82eeU, 0x78a5636fU, 0x84c87814U, 0x8cc70208U, \
-    0x90befffaU, 0xa4506cebU, 0xbef9a3f7U, 0xc67178f2U
+#define TENSORREG_SHA256_ROUND_CONSTANTS                                                                               \
+  0x428a2f98U, 0x71374491U, 0xb5c0fbcfU, 0xe9b5dba5U, 0x3956c25bU, 0x59f111f1U, 0x923f82a4U, 0xab1c5ed5U, 0xd807aa98U, \
+      0x12835b01U, 0x243185beU, 0x550c7dc3U, 0x72be5d74U, 0x80deb1feU, 0x9bdc06a7U, 0xc19bf174U, 0xe49b69c1U,          \
+      0xefbe4786U, 0x0fc19dc6U, 0x240ca1ccU, 0x2de92c6fU, 0x4a7484aaU, 0x5cb0a9dcU, 0x76f988daU, 0x983e5152U,          \
+      0xa831c66dU, 0xb00327c8U, 0xbf597fc7U, 0xc6e00bf3U, 0xd5a79147U, 0x06ca6351U, 0x14292967U, 0x27b70a85U,          \
+      0x2e1b2138U, 0x4d2c6dfcU, 0x53380d13U, 0x650a7354U, 0x766a0abbU, 0x81c2c92eU, 0x92722c85U, 0xa2bfe8a1U,          \
+      0xa81a664bU, 0xc24b8b70U, 0xc76c51a3U, 0xd192e819U, 0xd6990624U, 0xf40e3585U, 0x106aa070U, 0x19a4c116U,          \
+      0x1e376c08U, 0x2748774cU, 0x34b0bcb5U, 0x391c0cb3U, 0x4ed8aa4aU, 0x5b9cca4fU, 0x682e6ff3U, 0x748f82eeU,          \
+      0x78a5636fU, 0x84c87814U, 0x8cc70208U, 0x90befffaU, 0xa4506cebU, 0xbef9a3f7U, 0xc67178f2U
 
 /// The round constants, for the host copy of the rolled variant.
 inline constexpr std::uint32_t sha_k_host[64] = {TENSORREG_SHA256_ROUND_CONSTANTS};
@@ -94,8 +85,14 @@ TENSORREG_SHA_HD std::uint32_t byte_perm(std::uint32_t x, std::uint32_t y, unsig
 
 /// Sets s to the SHA-256 initial state H0..H7 (immediates, usable on host and device).
 TENSORREG_SHA_HD void init_state(std::uint32_t (&s)[8]) {
-  s[0] = 0x6a09e667U; s[1] = 0xbb67ae85U; s[2] = 0x3c6ef372U; s[3] = 0xa54ff53aU;
-  s[4] = 0x510e527fU; s[5] = 0x9b05688cU; s[6] = 0x1f83d9abU; s[7] = 0x5be0cd19U;
+  s[0] = 0x6a09e667U;
+  s[1] = 0xbb67ae85U;
+  s[2] = 0x3c6ef372U;
+  s[3] = 0xa54ff53aU;
+  s[4] = 0x510e527fU;
+  s[5] = 0x9b05688cU;
+  s[6] = 0x1f83d9abU;
+  s[7] = 0x5be0cd19U;
 }
 
 TENSORREG_SHA_HD std::uint32_t rotr(std::uint32_t x, unsigned n) { return funnelshift_r(x, x, n); }
@@ -109,7 +106,9 @@ TENSORREG_SHA_HD std::uint32_t small_sigma0(std::uint32_t w) { return rotr(w, 7)
 TENSORREG_SHA_HD std::uint32_t small_sigma1(std::uint32_t w) { return rotr(w, 17) ^ rotr(w, 19) ^ (w >> 10); }
 // One LOP3 each on the GPU.
 TENSORREG_SHA_HD std::uint32_t choose(std::uint32_t e, std::uint32_t f, std::uint32_t g) { return g ^ (e & (f ^ g)); }
-TENSORREG_SHA_HD std::uint32_t majority(std::uint32_t a, std::uint32_t b, std::uint32_t c) { return (a & b) | (c & (a | b)); }
+TENSORREG_SHA_HD std::uint32_t majority(std::uint32_t a, std::uint32_t b, std::uint32_t c) {
+  return (a & b) | (c & (a | b));
+}
 
 /// Opaque constants that steer work from the integer ALU pipe onto the FMA pipe. On Hopper a
 /// warp instruction of either pipe occupies it for 2 cycles (16 lanes per sub-partition), so
@@ -145,9 +144,9 @@ TENSORREG_SHA_HD std::uint32_t umulhi(std::uint32_t a, std::uint32_t b) {
 /// first. The sums are ordered so that what depends on this round's e comes last
 /// (e -> Σ1 -> new e is three dependent instructions); with Steer they are IMADs (fma_steer).
 template <int I, bool Steer>
-TENSORREG_SHA_HD void round(std::uint32_t a, std::uint32_t b, std::uint32_t c, std::uint32_t& d,
-                            std::uint32_t e, std::uint32_t f, std::uint32_t g, std::uint32_t& h,
-                            std::uint32_t (&w)[16], std::uint32_t k, fma_steer st) {
+TENSORREG_SHA_HD void round(std::uint32_t a, std::uint32_t b, std::uint32_t c, std::uint32_t& d, std::uint32_t e,
+                            std::uint32_t f, std::uint32_t g, std::uint32_t& h, std::uint32_t (&w)[16], std::uint32_t k,
+                            fma_steer st) {
   const auto add = [st](std::uint32_t x, std::uint32_t y) -> std::uint32_t {
     if constexpr (Steer) {
       return x * st.one + y;
@@ -169,7 +168,7 @@ TENSORREG_SHA_HD void round(std::uint32_t a, std::uint32_t b, std::uint32_t c, s
     }
     w[I & 15] = add(add(add(w[I & 15], s1), w[(I - 7) & 15]), s0);
   }
-  const std::uint32_t x = h + k + w[I & 15];           // ready rounds ahead
+  const std::uint32_t x = h + k + w[I & 15];  // ready rounds ahead
   const std::uint32_t y = add(x, choose(e, f, g));
   const std::uint32_t sigma1 = big_sigma1(e);
   const std::uint32_t t1 = add(y, sigma1);
@@ -283,25 +282,32 @@ TENSORREG_SHA_HD void compress(std::uint32_t (&s)[8], std::uint32_t (&w)[16], fm
     TENSORREG_SHA_NO_UNROLL
     for (int turn = 0; turn < 3; ++turn) {
       const std::uint32_t* k = table + 16 * turn;
-    round<16, Steer>(a, b, c, d, e, f, g, h, w, k[16], st);
-    round<17, Steer>(h, a, b, c, d, e, f, g, w, k[17], st);
-    round<18, Steer>(g, h, a, b, c, d, e, f, w, k[18], st);
-    round<19, Steer>(f, g, h, a, b, c, d, e, w, k[19], st);
-    round<20, Steer>(e, f, g, h, a, b, c, d, w, k[20], st);
-    round<21, Steer>(d, e, f, g, h, a, b, c, w, k[21], st);
-    round<22, Steer>(c, d, e, f, g, h, a, b, w, k[22], st);
-    round<23, Steer>(b, c, d, e, f, g, h, a, w, k[23], st);
-    round<24, Steer>(a, b, c, d, e, f, g, h, w, k[24], st);
-    round<25, Steer>(h, a, b, c, d, e, f, g, w, k[25], st);
-    round<26, Steer>(g, h, a, b, c, d, e, f, w, k[26], st);
-    round<27, Steer>(f, g, h, a, b, c, d, e, w, k[27], st);
-    round<28, Steer>(e, f, g, h, a, b, c, d, w, k[28], st);
-    round<29, Steer>(d, e, f, g, h, a, b, c, w, k[29], st);
-    round<30, Steer>(c, d, e, f, g, h, a, b, w, k[30], st);
-    round<31, Steer>(b, c, d, e, f, g, h, a, w, k[31], st);
+      round<16, Steer>(a, b, c, d, e, f, g, h, w, k[16], st);
+      round<17, Steer>(h, a, b, c, d, e, f, g, w, k[17], st);
+      round<18, Steer>(g, h, a, b, c, d, e, f, w, k[18], st);
+      round<19, Steer>(f, g, h, a, b, c, d, e, w, k[19], st);
+      round<20, Steer>(e, f, g, h, a, b, c, d, w, k[20], st);
+      round<21, Steer>(d, e, f, g, h, a, b, c, w, k[21], st);
+      round<22, Steer>(c, d, e, f, g, h, a, b, w, k[22], st);
+      round<23, Steer>(b, c, d, e, f, g, h, a, w, k[23], st);
+      round<24, Steer>(a, b, c, d, e, f, g, h, w, k[24], st);
+      round<25, Steer>(h, a, b, c, d, e, f, g, w, k[25], st);
+      round<26, Steer>(g, h, a, b, c, d, e, f, w, k[26], st);
+      round<27, Steer>(f, g, h, a, b, c, d, e, w, k[27], st);
+      round<28, Steer>(e, f, g, h, a, b, c, d, w, k[28], st);
+      round<29, Steer>(d, e, f, g, h, a, b, c, w, k[29], st);
+      round<30, Steer>(c, d, e, f, g, h, a, b, w, k[30], st);
+      round<31, Steer>(b, c, d, e, f, g, h, a, w, k[31], st);
     }
   }
-  s[0] += a; s[1] += b; s[2] += c; s[3] += d; s[4] += e; s[5] += f; s[6] += g; s[7] += h;
+  s[0] += a;
+  s[1] += b;
+  s[2] += c;
+  s[3] += d;
+  s[4] += e;
+  s[5] += f;
+  s[6] += g;
+  s[7] += h;
 }
 
 /// Block loaders by the alignment of the leaf start (leaves start at base + i·4 MiB, so every
@@ -355,8 +361,7 @@ struct block_loader<1> {
   TENSORREG_SHA_HD static void load(const unsigned char* p, std::uint32_t (&raw)[16]) {
     TENSORREG_SHA_UNROLL
     for (int i = 0; i < 16; ++i) {
-      raw[i] = (static_cast<std::uint32_t>(p[4 * i]) << 24) |
-               (static_cast<std::uint32_t>(p[4 * i + 1]) << 16) |
+      raw[i] = (static_cast<std::uint32_t>(p[4 * i]) << 24) | (static_cast<std::uint32_t>(p[4 * i + 1]) << 16) |
                (static_cast<std::uint32_t>(p[4 * i + 2]) << 8) | static_cast<std::uint32_t>(p[4 * i + 3]);
     }
   }
@@ -376,7 +381,7 @@ TENSORREG_SHA_HD void finish_message(std::uint32_t (&s)[8], const unsigned char*
     TENSORREG_SHA_UNROLL
     for (int j = 0; j < 16; ++j) {
       std::uint32_t v = 0;
-    TENSORREG_SHA_UNROLL
+      TENSORREG_SHA_UNROLL
       for (int b = 0; b < 4; ++b) {
         const unsigned idx = static_cast<unsigned>(64 * q + 4 * j + b);
         const std::uint32_t byte = idx < r ? static_cast<std::uint32_t>(tail[idx]) : (idx == r ? 0x80U : 0U);
@@ -405,7 +410,7 @@ TENSORREG_SHA_HD void sha256_words(const unsigned char* p, std::uint64_t len, st
     loader::load(p, raw);
     for (std::uint64_t blk = 0; blk < full; ++blk) {
       std::uint32_t w[16];
-    TENSORREG_SHA_UNROLL
+      TENSORREG_SHA_UNROLL
       for (int i = 0; i < 16; ++i) w[i] = loader::word(raw[i]);
       // Prefetch the next block (the last block again at the end: branch-free, in bounds).
       const std::uint64_t next = blk + 1 < full ? blk + 1 : blk;
@@ -439,8 +444,7 @@ TENSORREG_SHA_HD void hash_pair_words(const std::uint32_t (&left)[8], const std:
 /// One node of a tree level: node j of the level above a level of n nodes (stored as 8 words
 /// each at `in`) is the hash of nodes 2j and 2j+1, or node 2j unchanged when it is the odd
 /// last one. REQUIRES: j < (n + 1) / 2.
-TENSORREG_SHA_HD void tree_level_node(const std::uint32_t* in, std::uint32_t n, std::uint32_t j,
-                                      std::uint32_t* out) {
+TENSORREG_SHA_HD void tree_level_node(const std::uint32_t* in, std::uint32_t n, std::uint32_t j, std::uint32_t* out) {
   std::uint32_t left[8];
   std::uint32_t result[8];
   for (int i = 0; i < 8; ++i) left[i] = in[16 * static_cast<std::uint64_t>(j) + static_cast<unsigned>(i)];

@@ -92,8 +92,8 @@ result<hash_speeds> measure(int device) {
   TENSORREG_CUDA_TRY(cudaHostAlloc(&pinned.ptr, device_probe_bytes, cudaHostAllocDefault),
                      "allocate a pinned speed probe buffer");
   TENSORREG_TRY_ASSIGN(s.d2h_rate, copy_rate(st, pinned.ptr, bytes, device_probe_bytes, cudaMemcpyDeviceToHost));
-  TENSORREG_TRY_ASSIGN(s.d2d_rate, copy_rate(st, bytes + device_probe_bytes, bytes, device_probe_bytes,
-                                             cudaMemcpyDeviceToDevice));
+  TENSORREG_TRY_ASSIGN(s.d2d_rate,
+                       copy_rate(st, bytes + device_probe_bytes, bytes, device_probe_bytes, cudaMemcpyDeviceToDevice));
 
   // One host core: SHA-256 of warm memory, and memcpy into pages touched for the first time
   // (as a new replica's are).

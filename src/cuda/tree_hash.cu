@@ -107,14 +107,10 @@ void launch_variant(leaf_kernel_variant variant, const void* data, std::uint64_t
 
 const char* variant_name(leaf_kernel_variant v) noexcept {
   switch (v) {
-    case leaf_kernel_variant::full_unroll:
-      return "full_unroll";
-    case leaf_kernel_variant::rolled:
-      return "rolled";
-    case leaf_kernel_variant::full_unroll_steered:
-      return "full_unroll_steered";
-    case leaf_kernel_variant::rolled_steered:
-      return "rolled_steered";
+    case leaf_kernel_variant::full_unroll: return "full_unroll";
+    case leaf_kernel_variant::rolled: return "rolled";
+    case leaf_kernel_variant::full_unroll_steered: return "full_unroll_steered";
+    case leaf_kernel_variant::rolled_steered: return "rolled_steered";
   }
   return "?";
 }
@@ -126,9 +122,8 @@ unsigned leaf_threads_per_block(std::uint64_t leaves, int sm_count) noexcept {
   return static_cast<unsigned>(32 * per_block);
 }
 
-cudaError_t launch_leaf_kernel(const void* data, std::uint64_t size, std::uint32_t leaves,
-                               std::uint32_t* leaf_words, unsigned threads_per_block,
-                               cudaStream_t stream, leaf_kernel_variant variant) {
+cudaError_t launch_leaf_kernel(const void* data, std::uint64_t size, std::uint32_t leaves, std::uint32_t* leaf_words,
+                               unsigned threads_per_block, cudaStream_t stream, leaf_kernel_variant variant) {
   const unsigned threads = std::clamp(threads_per_block / 32 * 32, 32U, max_leaf_threads);
   launch_variant(variant, data, size, leaves, leaf_words, threads, (leaves + threads - 1) / threads, stream);
   return cudaGetLastError();

@@ -15,10 +15,10 @@ namespace tensorreg::cuda::detail {
 
 /// How the 64 SHA-256 rounds of the leaf kernel are laid out (sha256_device.cuh).
 enum class leaf_kernel_variant : std::uint8_t {
-  full_unroll,         ///< 64 rounds inline, constants as immediates
-  rolled,              ///< rounds 16..63 as a 3-turn loop over a 16-round body
-  full_unroll_steered, ///< full_unroll with additions and σ shifts on the FMA pipe (fma_steer)
-  rolled_steered,      ///< rolled with additions and σ shifts on the FMA pipe (fma_steer)
+  full_unroll,          ///< 64 rounds inline, constants as immediates
+  rolled,               ///< rounds 16..63 as a 3-turn loop over a 16-round body
+  full_unroll_steered,  ///< full_unroll with additions and σ shifts on the FMA pipe (fma_steer)
+  rolled_steered,       ///< rolled with additions and σ shifts on the FMA pipe (fma_steer)
 };
 
 /// Every variant, for tests and the benchmark.
@@ -42,9 +42,8 @@ inline constexpr leaf_kernel_variant default_leaf_variant = leaf_kernel_variant:
 /// leaf. Picks 128-bit, 32-bit or byte loads from the alignment of `data`.
 /// REQUIRES: size > 0; leaves == ceil(size / 4 MiB) < 2^31; threads_per_block in {32,64,96,128}.
 /// Returns the launch error (cudaGetLastError), if any.
-cudaError_t launch_leaf_kernel(const void* data, std::uint64_t size, std::uint32_t leaves,
-                               std::uint32_t* leaf_words, unsigned threads_per_block,
-                               cudaStream_t stream,
+cudaError_t launch_leaf_kernel(const void* data, std::uint64_t size, std::uint32_t leaves, std::uint32_t* leaf_words,
+                               unsigned threads_per_block, cudaStream_t stream,
                                leaf_kernel_variant variant = default_leaf_variant);
 
 /// Enqueues the tree fold over `leaves` digests at level_a (overwritten), using level_b
@@ -58,7 +57,6 @@ cudaError_t launch_tree_kernels(std::uint32_t* level_a, std::uint32_t* level_b, 
 /// bytes at `data` (one leaf): the latency floor every size is measured against. Writes the
 /// state words to out_words[0..7]. REQUIRES: data 16-byte aligned.
 cudaError_t launch_single_leaf_floor(const void* data, std::uint64_t size, std::uint32_t* out_words,
-                                     cudaStream_t stream,
-                                     leaf_kernel_variant variant = default_leaf_variant);
+                                     cudaStream_t stream, leaf_kernel_variant variant = default_leaf_variant);
 
 }  // namespace tensorreg::cuda::detail

@@ -21,16 +21,13 @@ void find(Fn& out, const char* name, int version, std::string& missing) {
 /// RESOURCE_EXHAUSTED, a driver that cannot do it FAILED_PRECONDITION; `otherwise` for the rest.
 errc code_of(CUresult r, errc otherwise) noexcept {
   switch (r) {
-    case CUDA_ERROR_OUT_OF_MEMORY:
-      return errc::resource_exhausted;
+    case CUDA_ERROR_OUT_OF_MEMORY: return errc::resource_exhausted;
     case CUDA_ERROR_NOT_SUPPORTED:
     case CUDA_ERROR_NOT_INITIALIZED:
     case CUDA_ERROR_DEINITIALIZED:
     case CUDA_ERROR_NO_DEVICE:
-    case CUDA_ERROR_INVALID_DEVICE:
-      return errc::failed_precondition;
-    default:
-      return otherwise;
+    case CUDA_ERROR_INVALID_DEVICE: return errc::failed_precondition;
+    default: return otherwise;
   }
 }
 
@@ -74,9 +71,8 @@ result<std::uint64_t> vmm_driver::device_granularity(int device) const {
   prop.requestedHandleTypes = CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR;
   std::size_t g = 0;
   if (const CUresult r = granularity(&g, &prop, CU_MEM_ALLOC_GRANULARITY_MINIMUM); r != CUDA_SUCCESS) {
-    return fail(code_of(r, errc::internal),
-                "cannot query the VMM allocation granularity of CUDA device " + std::to_string(device) + ": " +
-                    describe(r));
+    return fail(code_of(r, errc::internal), "cannot query the VMM allocation granularity of CUDA device " +
+                                                std::to_string(device) + ": " + describe(r));
   }
   return static_cast<std::uint64_t>(g);
 }
@@ -95,8 +91,9 @@ result<vmm_import> vmm_import::create(const vmm_driver& driver, int device, std:
     const std::string chunk_name = "chunk " + std::to_string(i) + " (fd " + std::to_string(fds[i]) + ")";
     CUmemGenericAllocationHandle handle = 0;
     // The driver reads the fd and keeps its own reference; the caller's fd stays the caller's.
-    const CUresult imported = driver.import_handle(
-        &handle, reinterpret_cast<void*>(static_cast<std::uintptr_t>(fds[i])), CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR);
+    const CUresult imported =
+        driver.import_handle(&handle, reinterpret_cast<void*>(static_cast<std::uintptr_t>(fds[i])),
+                             CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR);
     if (imported != CUDA_SUCCESS) {
       return fail(code_of(imported, errc::invalid_argument),
                   prefix + "cannot import " + chunk_name + ": " + driver.describe(imported));
@@ -113,15 +110,15 @@ result<vmm_import> vmm_import::create(const vmm_driver& driver, int device, std:
                                                  std::to_string(static_cast<int>(prop.location.type)) + ")");
     }
     if (prop.location.id != device) {
-      return fail(errc::failed_precondition, prefix + "the memory of " + chunk_name + " lives on device " +
-                                                 std::to_string(prop.location.id));
+      return fail(errc::failed_precondition,
+                  prefix + "the memory of " + chunk_name + " lives on device " + std::to_string(prop.location.id));
     }
   }
 
   CUdeviceptr base = 0;
   if (const CUresult r = driver.reserve(&base, reserve, 0, 0, 0); r != CUDA_SUCCESS) {
-    return fail(code_of(r, errc::resource_exhausted),
-                prefix + "cannot reserve " + std::to_string(reserve) + " bytes of address space: " + driver.describe(r));
+    return fail(code_of(r, errc::resource_exhausted), prefix + "cannot reserve " + std::to_string(reserve) +
+                                                          " bytes of address space: " + driver.describe(r));
   }
   out.base_ = base;
   out.reserved_ = reserve;
@@ -158,9 +155,8 @@ result<vmm_import> vmm_import::create(const vmm_driver& driver, int device, std:
     granted = driver.set_access(base, offset, &access, 1);
   }
   if (granted != CUDA_SUCCESS) {
-    return fail(code_of(granted, errc::internal),
-                prefix + "cannot grant device " + std::to_string(device) + " access to the mapping: " +
-                    driver.describe(granted));
+    return fail(code_of(granted, errc::internal), prefix + "cannot grant device " + std::to_string(device) +
+                                                      " access to the mapping: " + driver.describe(granted));
   }
   return out;
 }

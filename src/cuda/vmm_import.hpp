@@ -72,8 +72,8 @@ class vmm_import {
   /// does not import; a chunk size other than its allocation's), FAILED_PRECONDITION (memory of
   /// another device or of the host), RESOURCE_EXHAUSTED (address space or memory), INTERNAL.
   [[nodiscard]] static result<vmm_import> create(const vmm_driver& driver, int device, std::span<const int> fds,
-                                                 std::span<const std::uint64_t> chunk_bytes,
-                                                 std::uint64_t granularity, std::string_view what);
+                                                 std::span<const std::uint64_t> chunk_bytes, std::uint64_t granularity,
+                                                 std::string_view what);
 
   /// Unmaps, frees the reservation and releases every handle; failures go to stderr, a driver
   /// that is already shutting down (process exit) is tolerated.

@@ -51,8 +51,10 @@ result<gpu_uuid> parse_gpu_uuid(std::string_view text) {
   std::string_view bare = text;
   if (starts_with_prefix(bare)) bare.remove_prefix(prefix.size());
   if (bare.size() != bare_length) {
-    return fail(errc::invalid_argument, what() + "expected 36 characters (8-4-4-4-12 hex digits) after an optional "
-                                                 "'GPU-', got " + std::to_string(bare.size()));
+    return fail(errc::invalid_argument, what() +
+                                            "expected 36 characters (8-4-4-4-12 hex digits) after an optional "
+                                            "'GPU-', got " +
+                                            std::to_string(bare.size()));
   }
   gpu_uuid out;
   std::size_t nibble = 0;
@@ -66,8 +68,7 @@ result<gpu_uuid> parse_gpu_uuid(std::string_view text) {
     }
     const int v = hex_value(c);
     if (v < 0) {
-      return fail(errc::invalid_argument,
-                  what() + "position " + std::to_string(i) + " of the 36 is not a hex digit");
+      return fail(errc::invalid_argument, what() + "position " + std::to_string(i) + " of the 36 is not a hex digit");
     }
     auto& byte = out.bytes[nibble / 2];
     byte = static_cast<std::uint8_t>(nibble % 2 == 0 ? v << 4 : byte | v);
@@ -93,9 +94,9 @@ result<std::int32_t> find_device(std::span<const gpu_uuid> devices, std::string_
     if (devices[i] == wanted) return static_cast<std::int32_t>(i);
   }
   const std::string name = format_gpu_uuid(wanted);
-  return fail(errc::failed_precondition,
-              "cannot find CUDA device " + name + ": no CUDA device " + name + " is visible to the daemon (" +
-                  std::to_string(devices.size()) + " present)");
+  return fail(errc::failed_precondition, "cannot find CUDA device " + name + ": no CUDA device " + name +
+                                             " is visible to the daemon (" + std::to_string(devices.size()) +
+                                             " present)");
 }
 
 result<std::uint64_t> round_up(std::uint64_t bytes, std::uint64_t granularity) {

@@ -14,9 +14,7 @@ bool measured(const hash_speeds& s) noexcept {
 
 double seconds(std::uint64_t bytes, double rate) noexcept { return static_cast<double>(bytes) / rate; }
 
-hash_plan pick(double host, double gpu) noexcept {
-  return {gpu < host ? hash_site::gpu : hash_site::host, host, gpu};
-}
+hash_plan pick(double host, double gpu) noexcept { return {gpu < host ? hash_site::gpu : hash_site::host, host, gpu}; }
 
 }  // namespace
 
@@ -44,8 +42,8 @@ hash_plan plan_copy(const hash_speeds& s, std::uint64_t bytes, bool want_digest)
   const double host_rate = std::min(s.d2h_rate, thread_rate * s.host_threads);
   // GPU: the snapshot (the id must describe the bytes kept), then the D2H of it while the GPU
   // hashes it: the longer of the two.
-  const double gpu = seconds(bytes, s.d2d_rate) +
-                     std::max(seconds(bytes, s.d2h_rate), want_digest ? gpu_hash_seconds(s, bytes) : 0.0);
+  const double gpu =
+      seconds(bytes, s.d2d_rate) + std::max(seconds(bytes, s.d2h_rate), want_digest ? gpu_hash_seconds(s, bytes) : 0.0);
   return pick(seconds(bytes, host_rate), gpu);
 }
 

@@ -22,13 +22,13 @@ namespace tensorreg::devices {
 
 /// Speeds of one GPU and this host, in seconds and bytes per second.
 struct hash_speeds {
-  double gpu_flat_seconds = 0;           ///< one GPU tree hash of up to gpu_parallel_leaves leaves
-  std::uint64_t gpu_parallel_leaves = 0; ///< leaves the GPU hashes at once (one per thread)
-  double host_core_hash_rate = 0;        ///< SHA-256 bytes/s of one host core
-  double host_core_copy_rate = 0;        ///< memcpy bytes/s of one host core (0: not counted)
-  unsigned host_threads = 0;             ///< threads hashing on the host
-  double d2h_rate = 0;                   ///< device → pinned host copy, bytes/s
-  double d2d_rate = 0;                   ///< device → device copy (gather, snapshot), bytes/s
+  double gpu_flat_seconds = 0;            ///< one GPU tree hash of up to gpu_parallel_leaves leaves
+  std::uint64_t gpu_parallel_leaves = 0;  ///< leaves the GPU hashes at once (one per thread)
+  double host_core_hash_rate = 0;         ///< SHA-256 bytes/s of one host core
+  double host_core_copy_rate = 0;         ///< memcpy bytes/s of one host core (0: not counted)
+  unsigned host_threads = 0;              ///< threads hashing on the host
+  double d2h_rate = 0;                    ///< device → pinned host copy, bytes/s
+  double d2d_rate = 0;                    ///< device → device copy (gather, snapshot), bytes/s
 };
 
 enum class hash_site { host, gpu };

@@ -43,11 +43,11 @@ class replica_pool : public std::enable_shared_from_this<replica_pool> {
   };
 
   struct counters {
-    std::uint64_t hits = 0;               ///< take() found an arena
-    std::uint64_t misses = 0;             ///< take() found none
-    std::uint64_t recycled = 0;           ///< arenas that came back idle
-    std::uint64_t refused_exported = 0;   ///< arenas freed on return because they were exported
-    std::uint64_t dropped_over_bound = 0; ///< arenas freed to keep idle bytes within the bound
+    std::uint64_t hits = 0;                ///< take() found an arena
+    std::uint64_t misses = 0;              ///< take() found none
+    std::uint64_t recycled = 0;            ///< arenas that came back idle
+    std::uint64_t refused_exported = 0;    ///< arenas freed on return because they were exported
+    std::uint64_t dropped_over_bound = 0;  ///< arenas freed to keep idle bytes within the bound
   };
 
   /// A pool that keeps at most `max_idle_bytes` of idle arenas (0: keeps none).

@@ -25,8 +25,8 @@ xxh3_state new_state() {
 fingerprint128 to_fingerprint(XXH128_hash_t h) noexcept { return {h.low64, h.high64}; }
 
 // Streams the range's pieces into `s`: a non-host-contiguous source hands out several pieces.
-result<fingerprint128> fingerprint_range(const memory::byte_source& source, std::uint64_t offset,
-                                         std::uint64_t length, XXH3_state_t* s) {
+result<fingerprint128> fingerprint_range(const memory::byte_source& source, std::uint64_t offset, std::uint64_t length,
+                                         XXH3_state_t* s) {
   const XXH_errorcode reset = XXH3_128bits_reset(s);
   TENSORREG_ASSERT(reset == XXH_OK);
   TENSORREG_TRY(source.visit(offset, length, [&](std::span<const std::byte> piece) -> status {
@@ -43,14 +43,12 @@ fingerprint128 xxh3_128(std::span<const std::byte> bytes) {
   return to_fingerprint(XXH3_128bits(bytes.data(), bytes.size()));
 }
 
-result<fingerprint128> xxh3_128(const memory::byte_source& source, std::uint64_t offset,
-                                std::uint64_t length) {
+result<fingerprint128> xxh3_128(const memory::byte_source& source, std::uint64_t offset, std::uint64_t length) {
   auto s = new_state();
   return fingerprint_range(source, offset, length, s.get());
 }
 
-result<std::vector<fingerprint128>> leaf_fingerprints(const memory::byte_source& source,
-                                                      thread_pool* pool) {
+result<std::vector<fingerprint128>> leaf_fingerprints(const memory::byte_source& source, thread_pool* pool) {
   const std::uint64_t size = source.size();
   std::vector<fingerprint128> out(static_cast<std::size_t>(leaf_count(size)));
   const auto leaf_range = [&](std::size_t i) {

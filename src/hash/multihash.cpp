@@ -62,8 +62,7 @@ result<digest> decode_multihash(std::string_view text) {
     return bad("expected multibase prefix 'b' (base32 lower case)");
   }
   if (text.size() != multihash_chars) {
-    return bad("expected " + std::to_string(multihash_chars) + " characters, got " +
-               std::to_string(text.size()));
+    return bad("expected " + std::to_string(multihash_chars) + " characters, got " + std::to_string(text.size()));
   }
   std::array<std::byte, multihash_bytes> bytes{};
   std::size_t written = 0;
@@ -84,8 +83,7 @@ result<digest> decode_multihash(std::string_view text) {
   TENSORREG_ASSERT(written == multihash_bytes && bits == 3);
   if ((buffer & 0x7U) != 0) return bad("non-zero trailing bits (not the canonical encoding)");
   if (bytes[0] != sha2_256_code || bytes[1] != sha2_256_length) {
-    return bad("header bytes " + hex_byte(bytes[0]) + " " + hex_byte(bytes[1]) +
-               " are not sha2-256 (0x12 0x20)");
+    return bad("header bytes " + hex_byte(bytes[0]) + " " + hex_byte(bytes[1]) + " are not sha2-256 (0x12 0x20)");
   }
   digest out{};
   for (std::size_t i = 0; i < out.size(); ++i) out[i] = bytes[2 + i];

@@ -33,15 +33,13 @@ int hex_value(char c) noexcept {
 digest sha256(std::span<const std::byte> bytes) {
   digest out{};
   unsigned int length = 0;
-  const int ok = EVP_Digest(bytes.data(), bytes.size(), reinterpret_cast<unsigned char*>(out.data()),
-                            &length, sha256_md(), nullptr);
+  const int ok = EVP_Digest(bytes.data(), bytes.size(), reinterpret_cast<unsigned char*>(out.data()), &length,
+                            sha256_md(), nullptr);
   TENSORREG_ASSERT(ok == 1 && length == out.size());
   return out;
 }
 
-digest sha256(std::string_view text) {
-  return sha256(std::as_bytes(std::span<const char>(text.data(), text.size())));
-}
+digest sha256(std::string_view text) { return sha256(std::as_bytes(std::span<const char>(text.data(), text.size()))); }
 
 struct sha256_hasher::impl {
   EVP_MD_CTX* ctx = nullptr;
@@ -95,8 +93,7 @@ digest sha256_hasher::finish() {
   TENSORREG_ASSERT(impl_ != nullptr);
   digest out{};
   unsigned int length = 0;
-  const int ok =
-      EVP_DigestFinal_ex(impl_->ctx, reinterpret_cast<unsigned char*>(out.data()), &length);
+  const int ok = EVP_DigestFinal_ex(impl_->ctx, reinterpret_cast<unsigned char*>(out.data()), &length);
   TENSORREG_ASSERT(ok == 1 && length == out.size());
   impl_->init();
   return out;

@@ -16,14 +16,12 @@ digest hash_pair(const digest& left, const digest& right) {
   return sha256(std::span<const std::byte>(joined));
 }
 
-result<digest> hash_leaf_with(const memory::byte_source& source, std::uint64_t leaf_index,
-                              sha256_hasher& hasher) {
+result<digest> hash_leaf_with(const memory::byte_source& source, std::uint64_t leaf_index, sha256_hasher& hasher) {
   const std::uint64_t size = source.size();
   const std::uint64_t leaves = leaf_count(size);
   if (leaf_index >= leaves) {
-    return fail(errc::out_of_range, "cannot hash leaf " + std::to_string(leaf_index) +
-                                        ": a source of " + std::to_string(size) + " bytes has " +
-                                        std::to_string(leaves) + " leaves");
+    return fail(errc::out_of_range, "cannot hash leaf " + std::to_string(leaf_index) + ": a source of " +
+                                        std::to_string(size) + " bytes has " + std::to_string(leaves) + " leaves");
   }
   const std::uint64_t offset = leaf_index * leaf_bytes;
   const std::uint64_t length = std::min(leaf_bytes, size - offset);
@@ -88,13 +86,12 @@ result<digest> tree_hash(const memory::byte_source& source, thread_pool* pool) {
 struct incremental_tree_hash::state {
   std::uint64_t total_size = 0;
   mutable std::mutex mutex;
-  std::vector<digest> leaves;    // guarded by mutex
-  std::vector<bool> present;     // guarded by mutex
-  std::uint64_t added = 0;       // guarded by mutex
+  std::vector<digest> leaves;  // guarded by mutex
+  std::vector<bool> present;   // guarded by mutex
+  std::uint64_t added = 0;     // guarded by mutex
 };
 
-incremental_tree_hash::incremental_tree_hash(std::unique_ptr<state> s) noexcept
-    : state_(std::move(s)) {}
+incremental_tree_hash::incremental_tree_hash(std::unique_ptr<state> s) noexcept : state_(std::move(s)) {}
 incremental_tree_hash::~incremental_tree_hash() = default;
 incremental_tree_hash::incremental_tree_hash(incremental_tree_hash&&) noexcept = default;
 incremental_tree_hash& incremental_tree_hash::operator=(incremental_tree_hash&&) noexcept = default;
@@ -113,9 +110,7 @@ result<incremental_tree_hash> incremental_tree_hash::create(std::uint64_t total_
 
 std::uint64_t incremental_tree_hash::total_size() const noexcept { return state_->total_size; }
 
-std::uint64_t incremental_tree_hash::leaf_count() const noexcept {
-  return hash::leaf_count(state_->total_size);
-}
+std::uint64_t incremental_tree_hash::leaf_count() const noexcept { return hash::leaf_count(state_->total_size); }
 
 std::uint64_t incremental_tree_hash::leaves_added() const {
   std::lock_guard lock(state_->mutex);
@@ -125,15 +120,14 @@ std::uint64_t incremental_tree_hash::leaves_added() const {
 status incremental_tree_hash::add_leaf(std::uint64_t leaf_index, const digest& leaf) {
   const std::uint64_t leaves = leaf_count();
   if (leaf_index >= leaves) {
-    return fail(errc::out_of_range, "cannot add leaf " + std::to_string(leaf_index) +
-                                        ": a buffer of " + std::to_string(state_->total_size) +
-                                        " bytes has " + std::to_string(leaves) + " leaves");
+    return fail(errc::out_of_range, "cannot add leaf " + std::to_string(leaf_index) + ": a buffer of " +
+                                        std::to_string(state_->total_size) + " bytes has " + std::to_string(leaves) +
+                                        " leaves");
   }
   std::lock_guard lock(state_->mutex);
   const auto i = static_cast<std::size_t>(leaf_index);
   if (state_->present[i]) {
-    return fail(errc::failed_precondition,
-                "cannot add leaf " + std::to_string(leaf_index) + ": it was already added");
+    return fail(errc::failed_precondition, "cannot add leaf " + std::to_string(leaf_index) + ": it was already added");
   }
   state_->leaves[i] = leaf;
   state_->present[i] = true;
@@ -151,11 +145,10 @@ result<digest> incremental_tree_hash::finish() const {
   if (state_->added != state_->leaves.size()) {
     const auto first = std::find(state_->present.begin(), state_->present.end(), false);
     const auto missing = state_->leaves.size() - state_->added;
-    return fail(errc::failed_precondition,
-                "cannot finish tree hash: leaf " +
-                    std::to_string(std::distance(state_->present.begin(), first)) +
-                    " is missing (" + std::to_string(missing) + " of " +
-                    std::to_string(state_->leaves.size()) + " leaves missing)");
+    return fail(errc::failed_precondition, "cannot finish tree hash: leaf " +
+                                               std::to_string(std::distance(state_->present.begin(), first)) +
+                                               " is missing (" + std::to_string(missing) + " of " +
+                                               std::to_string(state_->leaves.size()) + " leaves missing)");
   }
   return tree_root(state_->leaves);
 }

@@ -13,8 +13,7 @@ constexpr std::string_view mi2_prefix = "mi2:";
 constexpr std::string_view cgid_prefix = "cgid:";
 constexpr std::string_view b64u_prefix = "b64u.";
 constexpr std::string_view byte_artifact_tag = "byte_artifact";
-constexpr char base64url_alphabet[] =
-    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+constexpr char base64url_alphabet[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
 
 // Quotes a caller-supplied value for a message: non-printable bytes as \xNN, cut short so a
 // huge input cannot bloat the message.
@@ -38,8 +37,8 @@ std::string quoted(std::string_view value) {
 }
 
 bool is_unreserved(char c) noexcept {
-  return (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '-' ||
-         c == '.' || c == '_' || c == '~';
+  return (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '-' || c == '.' ||
+         c == '_' || c == '~';
 }
 
 int base64url_value(char c) noexcept {
@@ -52,9 +51,7 @@ int base64url_value(char c) noexcept {
 }
 
 // The character of `text` that the profile forbids in a segment or value, if any.
-std::string_view::size_type forbidden_char(std::string_view text) noexcept {
-  return text.find_first_of("|\n\r");
-}
+std::string_view::size_type forbidden_char(std::string_view text) noexcept { return text.find_first_of("|\n\r"); }
 
 std::vector<std::string_view> split(std::string_view text, char separator) {
   std::vector<std::string_view> parts;
@@ -92,9 +89,8 @@ result<mi2_id> parse_mi2(std::string_view text) {
   }
   const auto parts = split(text.substr(mi2_prefix.size()), ':');
   if (parts.size() != 2) {
-    return fail(errc::invalid_argument,
-                context + ": expected 'mi2:<index multihash>:<data multihash>', found " +
-                    std::to_string(parts.size()) + " ':'-separated parts after 'mi2:'");
+    return fail(errc::invalid_argument, context + ": expected 'mi2:<index multihash>:<data multihash>', found " +
+                                            std::to_string(parts.size()) + " ':'-separated parts after 'mi2:'");
   }
   mi2_id id;
   auto index = hash::decode_multihash(parts[0]);
@@ -117,13 +113,12 @@ status validate_cgid(std::string_view text) {
   }
   if (!text.starts_with(cgid_prefix)) return bad("expected prefix 'cgid:'");
   if (text.size() < cgid_min_length || text.size() > cgid_max_length) {
-    return bad("length " + std::to_string(text.size()) + " is outside " +
-               std::to_string(cgid_min_length) + ".." + std::to_string(cgid_max_length));
+    return bad("length " + std::to_string(text.size()) + " is outside " + std::to_string(cgid_min_length) + ".." +
+               std::to_string(cgid_max_length));
   }
   for (std::size_t i = cgid_prefix.size(); i < text.size(); ++i) {
     if (!is_unreserved(text[i])) {
-      return bad("character " + quoted(text.substr(i, 1)) + " at " + std::to_string(i) +
-                 " is not in [A-Za-z0-9-._~]");
+      return bad("character " + quoted(text.substr(i, 1)) + " at " + std::to_string(i) + " is not in [A-Za-z0-9-._~]");
     }
   }
   return {};
@@ -186,9 +181,10 @@ result<byte_artifact_cgid> parse_byte_artifact_cgid(std::string_view text) {
       "tag", "ns", "engine", "model_id_enc", "model_version_enc", "layout_id", "engine_key_enc"};
   const auto segments = split(text.substr(cgid_prefix.size()), '~');
   if (segments.size() != names.size()) {
-    return bad("expected 7 '~'-separated segments (byte_artifact~ns~engine~model_id_enc~"
-               "model_version_enc~layout_id~engine_key_enc), found " +
-               std::to_string(segments.size()));
+    return bad(
+        "expected 7 '~'-separated segments (byte_artifact~ns~engine~model_id_enc~"
+        "model_version_enc~layout_id~engine_key_enc), found " +
+        std::to_string(segments.size()));
   }
   if (segments[0] != byte_artifact_tag) return bad("expected first segment 'byte_artifact'");
   for (std::size_t i = 0; i < segments.size(); ++i) {
@@ -200,9 +196,8 @@ result<byte_artifact_cgid> parse_byte_artifact_cgid(std::string_view text) {
   const auto decode = [&](std::size_t i) -> result<std::string> {
     auto value = decode_cgid_segment(segments[i]);
     if (!value) {
-      return tl::unexpected(with_context(std::move(value).error(),
-                                         "invalid byte_artifact cgid " + quoted(text) +
-                                             ": segment " + std::string(names[i])));
+      return tl::unexpected(with_context(std::move(value).error(), "invalid byte_artifact cgid " + quoted(text) +
+                                                                       ": segment " + std::string(names[i])));
     }
     if (value->empty() || forbidden_char(*value) != std::string_view::npos) {
       return bad("segment " + std::string(names[i]) +
@@ -247,9 +242,8 @@ result<std::string> build_byte_artifact_cgid(const byte_artifact_cgid& fields) {
          encode_cgid_segment(fields.model_version) + '~' + fields.layout_id + '~' +
          encode_cgid_segment(fields.engine_key);
   if (out.size() > cgid_max_length) {
-    return fail(errc::invalid_argument, "cannot build byte_artifact cgid: length " +
-                                            std::to_string(out.size()) + " exceeds " +
-                                            std::to_string(cgid_max_length));
+    return fail(errc::invalid_argument, "cannot build byte_artifact cgid: length " + std::to_string(out.size()) +
+                                            " exceeds " + std::to_string(cgid_max_length));
   }
   return out;
 }
@@ -266,8 +260,7 @@ result<id_kind> check_artifact_id(std::string_view text) {
     case id_kind::cgid: TENSORREG_TRY(validate_cgid(text)); return id_kind::cgid;
     case id_kind::unspecified: break;
   }
-  return fail(errc::invalid_argument,
-              "invalid artifact id " + quoted(text) + ": expected prefix 'mi2:' or 'cgid:'");
+  return fail(errc::invalid_argument, "invalid artifact id " + quoted(text) + ": expected prefix 'mi2:' or 'cgid:'");
 }
 
 }  // namespace tensorreg::identity

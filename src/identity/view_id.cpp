@@ -57,14 +57,14 @@ std::string view_payload(const view_spec& spec, std::string_view index_multihash
 result<std::string> compute_view_id(const view_spec& spec, std::string_view index_multihash) {
   if (spec.empty()) return fail(errc::invalid_argument, "cannot compute view_id: empty view spec");
   if (!fits_u32(spec.size())) {
-    return fail(errc::invalid_argument, "cannot compute view_id: " + std::to_string(spec.size()) +
-                                            " tensors do not fit a u32 count");
+    return fail(errc::invalid_argument,
+                "cannot compute view_id: " + std::to_string(spec.size()) + " tensors do not fit a u32 count");
   }
   for (const auto& [name, ops] : spec) {
     if (!fits_u32(name.size()) || !fits_u32(ops.size())) {
-      return fail(errc::invalid_argument,
-                  "cannot compute view_id: tensor name of " + std::to_string(name.size()) +
-                      " bytes with " + std::to_string(ops.size()) + " ops does not fit u32 fields");
+      return fail(errc::invalid_argument, "cannot compute view_id: tensor name of " + std::to_string(name.size()) +
+                                              " bytes with " + std::to_string(ops.size()) +
+                                              " ops does not fit u32 fields");
     }
   }
   auto index = hash::decode_multihash(index_multihash);
@@ -74,14 +74,13 @@ result<std::string> compute_view_id(const view_spec& spec, std::string_view inde
   return hash::encode_multihash(hash::sha256(view_payload(spec, index_multihash)));
 }
 
-status check_view_id(std::string_view provided, const view_spec& spec,
-                     std::string_view index_multihash) {
+status check_view_id(std::string_view provided, const view_spec& spec, std::string_view index_multihash) {
   TENSORREG_TRY_ASSIGN(const auto computed, compute_view_id(spec, index_multihash));
   if (provided != computed) {
     std::string shown(provided.substr(0, 96));
     if (provided.size() > 96) shown += "...";
-    return fail(errc::invalid_argument, "view_id does not match view spec: provided '" + shown +
-                                            "', computed '" + computed + "'");
+    return fail(errc::invalid_argument,
+                "view_id does not match view spec: provided '" + shown + "', computed '" + computed + "'");
   }
   return {};
 }

@@ -44,18 +44,15 @@ void append_u16_escape(std::string& out, std::uint32_t unit) {
 
 // ---- parse -------------------------------------------------------------------------------
 
-constexpr const char* field_names[6] = {"offset", "size", "shape", "stride", "dtype",
-                                        "storage_offset"};
+constexpr const char* field_names[6] = {"offset", "size", "shape", "stride", "dtype", "storage_offset"};
 
 class entry_reader {
  public:
-  entry_reader(const std::string& name, const nlohmann::json& fields)
-      : name_(name), fields_(fields) {}
+  entry_reader(const std::string& name, const nlohmann::json& fields) : name_(name), fields_(fields) {}
 
   tl::unexpected<error> fail_field(std::size_t field, const std::string& reason) const {
-    return fail(errc::invalid_argument, "cannot parse index entry " + detail::quote_name(name_) +
-                                            ": field " + std::to_string(field) + " (" +
-                                            field_names[field] + ") " + reason);
+    return fail(errc::invalid_argument, "cannot parse index entry " + detail::quote_name(name_) + ": field " +
+                                            std::to_string(field) + " (" + field_names[field] + ") " + reason);
   }
 
   result<std::uint64_t> unsigned_field(std::size_t field) const {
@@ -77,8 +74,8 @@ class entry_reader {
       if (x.is_number_unsigned()) {
         const auto u = x.get<std::uint64_t>();
         if (u > static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max())) {
-          return fail_field(field, "element " + std::to_string(k) + " (" + std::to_string(u) +
-                                       ") does not fit in int64");
+          return fail_field(field,
+                            "element " + std::to_string(k) + " (" + std::to_string(u) + ") does not fit in int64");
         }
         out.push_back(static_cast<std::int64_t>(u));
       } else if (x.is_number_integer()) {
@@ -92,13 +89,12 @@ class entry_reader {
 
   result<entry> read() const {
     if (!fields_.is_array()) {
-      return fail(errc::invalid_argument, "cannot parse index entry " + detail::quote_name(name_) +
-                                              ": must be an array of 6 fields");
+      return fail(errc::invalid_argument,
+                  "cannot parse index entry " + detail::quote_name(name_) + ": must be an array of 6 fields");
     }
     if (fields_.size() != 6) {
-      return fail(errc::invalid_argument, "cannot parse index entry " + detail::quote_name(name_) +
-                                              ": has " + std::to_string(fields_.size()) +
-                                              " fields, expected 6");
+      return fail(errc::invalid_argument, "cannot parse index entry " + detail::quote_name(name_) + ": has " +
+                                              std::to_string(fields_.size()) + " fields, expected 6");
     }
     entry e;
     e.name = name_;
@@ -193,16 +189,15 @@ std::string emit_canonical_json(std::span<const entry> entries) {
 
 // ---- canonical_index -------------------------------------------------------------------------
 
-result<canonical_index> canonical_index::from_entries(std::vector<entry> entries,
-                                                      std::uint64_t total_size) {
+result<canonical_index> canonical_index::from_entries(std::vector<entry> entries, std::uint64_t total_size) {
   if (entries.empty()) return fail_build("empty tensor dict");
   for (const entry& e : entries) {
     if (!is_valid_utf8(e.name)) {
       return fail_build("tensor name " + detail::quote_name(e.name) + " is not valid utf-8");
     }
     if (!is_valid_utf8(e.dtype)) {
-      return fail_build("dtype " + detail::quote_name(e.dtype) + " of tensor " +
-                        detail::quote_name(e.name) + " is not valid utf-8");
+      return fail_build("dtype " + detail::quote_name(e.dtype) + " of tensor " + detail::quote_name(e.name) +
+                        " is not valid utf-8");
     }
     if (e.storage_offset < 0) {
       return fail_build("storage_offset " + std::to_string(e.storage_offset) + " of tensor " +
@@ -211,8 +206,7 @@ result<canonical_index> canonical_index::from_entries(std::vector<entry> entries
   }
   // std::string orders by unsigned bytes (char_traits<char>), which for UTF-8 is code point
   // order: the order of Python's sort_keys.
-  std::sort(entries.begin(), entries.end(),
-            [](const entry& a, const entry& b) { return a.name < b.name; });
+  std::sort(entries.begin(), entries.end(), [](const entry& a, const entry& b) { return a.name < b.name; });
   const auto dup = std::adjacent_find(entries.begin(), entries.end(),
                                       [](const entry& a, const entry& b) { return a.name == b.name; });
   if (dup != entries.end()) return fail_build("duplicate tensor name " + detail::quote_name(dup->name));
@@ -227,8 +221,7 @@ result<canonical_index> canonical_index::build(std::span<const tensor_desc> tens
   std::vector<const tensor_desc*> order;
   order.reserve(tensors.size());
   for (const tensor_desc& t : tensors) order.push_back(&t);
-  std::sort(order.begin(), order.end(),
-            [](const tensor_desc* a, const tensor_desc* b) { return a->name < b->name; });
+  std::sort(order.begin(), order.end(), [](const tensor_desc* a, const tensor_desc* b) { return a->name < b->name; });
 
   struct placed {
     std::uint64_t offset;
@@ -250,27 +243,25 @@ result<canonical_index> canonical_index::build(std::span<const tensor_desc> tens
       const auto offset = detail::align_up(cursor, canonical_alignment);
       const auto end = offset ? detail::checked_add(*offset, t.storage_nbytes) : std::nullopt;
       if (!end) {
-        return fail_build("storage of tensor " + detail::quote_name(t.name) + " (" +
-                          std::to_string(t.storage_nbytes) + " bytes after offset " +
-                          std::to_string(cursor) + ") ends past 2^64");
+        return fail_build("storage of tensor " + detail::quote_name(t.name) + " (" + std::to_string(t.storage_nbytes) +
+                          " bytes after offset " + std::to_string(cursor) + ") ends past 2^64");
       }
       it = storages.emplace(t.storage_key, placed{*offset, t.storage_nbytes, &t}).first;
       cursor = *end;
       total_size = std::max(total_size, *end);
     } else if (it->second.nbytes != t.storage_nbytes) {
-      return fail_build("storage " + detail::quote_name(t.storage_key) + " has " +
-                        std::to_string(t.storage_nbytes) + " bytes for tensor " +
-                        detail::quote_name(t.name) + " but " + std::to_string(it->second.nbytes) +
-                        " bytes for tensor " + detail::quote_name(it->second.first->name));
+      return fail_build("storage " + detail::quote_name(t.storage_key) + " has " + std::to_string(t.storage_nbytes) +
+                        " bytes for tensor " + detail::quote_name(t.name) + " but " +
+                        std::to_string(it->second.nbytes) + " bytes for tensor " +
+                        detail::quote_name(it->second.first->name));
     }
-    entries.push_back(entry{t.name, it->second.offset, it->second.nbytes, t.shape, t.stride,
-                            t.dtype, t.storage_offset});
+    entries.push_back(
+        entry{t.name, it->second.offset, it->second.nbytes, t.shape, t.stride, t.dtype, t.storage_offset});
   }
   return from_entries(std::move(entries), total_size);
 }
 
-result<canonical_index> canonical_index::parse(std::string_view json,
-                                               std::optional<std::uint64_t> total_size) {
+result<canonical_index> canonical_index::parse(std::string_view json, std::optional<std::uint64_t> total_size) {
   TENSORREG_TRY_ASSIGN(const nlohmann::json doc, detail::parse_json_strict(json, "index"));
   if (!doc.is_object()) {
     return fail(errc::invalid_argument, "cannot parse index: top level must be a json object");
@@ -283,8 +274,8 @@ result<canonical_index> canonical_index::parse(std::string_view json,
     TENSORREG_TRY_ASSIGN(entry e, entry_reader(name, fields).read());
     // An overflowing entry pushes the derived total_size to the top, so that from_entries
     // reports the entry itself.
-    largest_end = std::max(largest_end, detail::checked_add(e.offset, e.size)
-                                            .value_or(std::numeric_limits<std::uint64_t>::max()));
+    largest_end = std::max(largest_end,
+                           detail::checked_add(e.offset, e.size).value_or(std::numeric_limits<std::uint64_t>::max()));
     entries.push_back(std::move(e));
   }
   return from_entries(std::move(entries), total_size.value_or(largest_end));

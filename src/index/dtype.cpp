@@ -68,14 +68,12 @@ std::optional<std::uint32_t> element_size(std::string_view dtype) noexcept {
   return std::nullopt;
 }
 
-result<safetensors_dtype> map_safetensors_dtype(std::string_view tensor_name,
-                                                std::string_view dtype) {
+result<safetensors_dtype> map_safetensors_dtype(std::string_view tensor_name, std::string_view dtype) {
   for (const auto& m : safetensors_dtypes) {
     if (m.safetensors_name == dtype) return m.mapped;
   }
-  return fail(errc::invalid_argument, "cannot map dtype of safetensors tensor " +
-                                          detail::quote_name(tensor_name) + ": unsupported dtype " +
-                                          detail::quote_name(dtype));
+  return fail(errc::invalid_argument, "cannot map dtype of safetensors tensor " + detail::quote_name(tensor_name) +
+                                          ": unsupported dtype " + detail::quote_name(dtype));
 }
 
 }  // namespace tensorreg::index

@@ -15,24 +15,19 @@ result<nlohmann::json> parse_json_strict(std::string_view text, std::string_view
   std::vector<std::unordered_set<std::string>> open_objects;
   std::optional<std::string> duplicate;
   bool duplicate_at_top = false;
-  const auto callback = [&](int /*depth*/, nlohmann::json::parse_event_t event,
-                            nlohmann::json& parsed) -> bool {
+  const auto callback = [&](int /*depth*/, nlohmann::json::parse_event_t event, nlohmann::json& parsed) -> bool {
     switch (event) {
-      case nlohmann::json::parse_event_t::object_start:
-        open_objects.emplace_back();
-        break;
+      case nlohmann::json::parse_event_t::object_start: open_objects.emplace_back(); break;
       case nlohmann::json::parse_event_t::object_end:
         if (!open_objects.empty()) open_objects.pop_back();
         break;
       case nlohmann::json::parse_event_t::key:
-        if (!open_objects.empty() && !duplicate &&
-            !open_objects.back().insert(parsed.get<std::string>()).second) {
+        if (!open_objects.empty() && !duplicate && !open_objects.back().insert(parsed.get<std::string>()).second) {
           duplicate = parsed.get<std::string>();
           duplicate_at_top = open_objects.size() == 1;
         }
         break;
-      default:
-        break;
+      default: break;
     }
     return true;
   };
@@ -43,8 +38,7 @@ result<nlohmann::json> parse_json_strict(std::string_view text, std::string_view
   } catch (const nlohmann::json::parse_error& e) {
     const std::string message = e.what();
     if (message.find("UTF-8") != std::string::npos || message.find("surrogate") != std::string::npos) {
-      return fail(errc::invalid_argument,
-                  prefix + "ill-formed utf-8 in a string near byte " + std::to_string(e.byte));
+      return fail(errc::invalid_argument, prefix + "ill-formed utf-8 in a string near byte " + std::to_string(e.byte));
     }
     return fail(errc::invalid_argument, prefix + "invalid json near byte " + std::to_string(e.byte));
   } catch (const nlohmann::json::exception& e) {
@@ -52,8 +46,7 @@ result<nlohmann::json> parse_json_strict(std::string_view text, std::string_view
   }
   if (duplicate) {
     return fail(errc::invalid_argument,
-                prefix + (duplicate_at_top ? "duplicate tensor name " : "duplicate key ") +
-                    quote_name(*duplicate));
+                prefix + (duplicate_at_top ? "duplicate tensor name " : "duplicate key ") + quote_name(*duplicate));
   }
   return value;
 }

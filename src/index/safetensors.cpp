@@ -27,14 +27,12 @@ constexpr std::uint64_t int64_max = static_cast<std::uint64_t>(std::numeric_limi
 class header_context {
  public:
   explicit header_context(std::string_view label)
-      : document_("safetensors header of " + detail::quote_name(label)),
-        prefix_("cannot parse " + document_ + ": ") {}
+      : document_("safetensors header of " + detail::quote_name(label)), prefix_("cannot parse " + document_ + ": ") {}
 
   [[nodiscard]] tl::unexpected<error> fail(const std::string& reason) const {
     return tensorreg::fail(errc::invalid_argument, prefix_ + reason);
   }
-  [[nodiscard]] tl::unexpected<error> fail_tensor(const std::string& name,
-                                                  const std::string& reason) const {
+  [[nodiscard]] tl::unexpected<error> fail_tensor(const std::string& name, const std::string& reason) const {
     return fail("tensor " + detail::quote_name(name) + " " + reason);
   }
   /// "safetensors header of 'x'", for messages made elsewhere.
@@ -65,8 +63,7 @@ std::uint64_t read_le64(std::span<const std::byte> bytes) {
 // Checked before anything the length would size is allocated.
 status check_header_length(std::uint64_t n, std::uint64_t file_size, const header_context& ctx) {
   if (file_size < length_field_bytes) {
-    return ctx.fail("file of " + std::to_string(file_size) +
-                    " bytes is too short for the 8-byte header length");
+    return ctx.fail("file of " + std::to_string(file_size) + " bytes is too short for the 8-byte header length");
   }
   if (n > safetensors_max_header_bytes) {
     return ctx.fail("header length " + std::to_string(n) + " exceeds the limit of " +
@@ -74,8 +71,7 @@ status check_header_length(std::uint64_t n, std::uint64_t file_size, const heade
   }
   if (n > file_size - length_field_bytes) {
     return ctx.fail("header length " + std::to_string(n) + " exceeds the " +
-                    std::to_string(file_size - length_field_bytes) +
-                    " bytes that follow the length field");
+                    std::to_string(file_size - length_field_bytes) + " bytes that follow the length field");
   }
   return {};
 }
@@ -87,8 +83,8 @@ std::optional<std::uint64_t> unsigned_value(const nlohmann::json& v) {
   return std::nullopt;
 }
 
-result<safetensors_tensor> read_tensor(const std::string& name, const nlohmann::json& info,
-                                       std::uint64_t data_size, const header_context& ctx) {
+result<safetensors_tensor> read_tensor(const std::string& name, const nlohmann::json& info, std::uint64_t data_size,
+                                       const header_context& ctx) {
   if (name.empty()) return ctx.fail("tensor name is empty");
   if (name.find_first_of("/\\") != std::string::npos) {
     return ctx.fail("tensor name " + detail::quote_name(name) + " contains a path separator");
@@ -116,8 +112,7 @@ result<safetensors_tensor> read_tensor(const std::string& name, const nlohmann::
     const auto d = unsigned_value(dim);
     if (!d) return ctx.fail_tensor(name, "field 'shape' must be an array of non-negative integers");
     if (*d > int64_max) {
-      return ctx.fail_tensor(name, "field 'shape' dimension " + std::to_string(*d) +
-                                       " does not fit in int64");
+      return ctx.fail_tensor(name, "field 'shape' dimension " + std::to_string(*d) + " does not fit in int64");
     }
     t.shape.push_back(static_cast<std::int64_t>(*d));
   }
@@ -135,8 +130,8 @@ result<safetensors_tensor> read_tensor(const std::string& name, const nlohmann::
       "data_offsets [" + std::to_string(t.data_begin) + ", " + std::to_string(t.data_end) + "]";
   if (t.data_begin > t.data_end) return ctx.fail_tensor(name, offsets_text + " are inverted");
   if (t.data_end > data_size) {
-    return ctx.fail_tensor(name, offsets_text + " end past the data section of " +
-                                     std::to_string(data_size) + " bytes");
+    return ctx.fail_tensor(name,
+                           offsets_text + " end past the data section of " + std::to_string(data_size) + " bytes");
   }
 
   // A zero dimension empties the tensor whatever the others say; otherwise the running product
@@ -147,19 +142,18 @@ result<safetensors_tensor> read_tensor(const std::string& name, const nlohmann::
     nbytes = detail::checked_mul(*nbytes, static_cast<std::uint64_t>(t.shape[k]));
   }
   if (!nbytes) {
-    return ctx.fail_tensor(name, "shape " + shape_text(t.shape) + " of " + t.dtype +
-                                     " holds more than 2^64 bytes");
+    return ctx.fail_tensor(name, "shape " + shape_text(t.shape) + " of " + t.dtype + " holds more than 2^64 bytes");
   }
   if (*nbytes != t.data_end - t.data_begin) {
     return ctx.fail_tensor(name, offsets_text + " span " + std::to_string(t.data_end - t.data_begin) +
-                                     " bytes but shape " + shape_text(t.shape) + " of " + t.dtype +
-                                     " needs " + std::to_string(*nbytes));
+                                     " bytes but shape " + shape_text(t.shape) + " of " + t.dtype + " needs " +
+                                     std::to_string(*nbytes));
   }
   return t;
 }
 
-result<safetensors_header> parse_header_json(std::string_view json, std::uint64_t n,
-                                             std::uint64_t file_size, const header_context& ctx) {
+result<safetensors_header> parse_header_json(std::string_view json, std::uint64_t n, std::uint64_t file_size,
+                                             const header_context& ctx) {
   safetensors_header header;
   header.header_bytes = n;
   header.data_offset = length_field_bytes + n;
@@ -199,9 +193,9 @@ result<safetensors_header> parse_header_json(std::string_view json, std::uint64_
     // canonical index allows (DECISIONS §5.15). Anything else that overlaps is refused.
     const bool alias = b.data_begin == a.data_begin && b.data_end == a.data_end;
     if (b.data_begin < a.data_end && !alias) {
-      return ctx.fail("tensors " + detail::quote_name(a.name) + " [" + std::to_string(a.data_begin) +
-                      ", " + std::to_string(a.data_end) + ") and " + detail::quote_name(b.name) +
-                      " [" + std::to_string(b.data_begin) + ", " + std::to_string(b.data_end) +
+      return ctx.fail("tensors " + detail::quote_name(a.name) + " [" + std::to_string(a.data_begin) + ", " +
+                      std::to_string(a.data_end) + ") and " + detail::quote_name(b.name) + " [" +
+                      std::to_string(b.data_begin) + ", " + std::to_string(b.data_end) +
                       ") overlap in the data section");
     }
   }
@@ -226,8 +220,7 @@ class fd_guard {
 status pread_exact(int fd, std::span<std::byte> out, std::uint64_t offset, const std::string& path) {
   std::size_t done = 0;
   while (done < out.size()) {
-    const ssize_t got = ::pread(fd, out.data() + done, out.size() - done,
-                                static_cast<off_t>(offset + done));
+    const ssize_t got = ::pread(fd, out.data() + done, out.size() - done, static_cast<off_t>(offset + done));
     if (got < 0) {
       if (errno == EINTR) continue;
       return fail(errc::unavailable,
@@ -245,8 +238,7 @@ status pread_exact(int fd, std::span<std::byte> out, std::uint64_t offset, const
 
 }  // namespace
 
-result<safetensors_header> parse_safetensors_header(std::span<const std::byte> prefix,
-                                                    std::uint64_t file_size,
+result<safetensors_header> parse_safetensors_header(std::span<const std::byte> prefix, std::uint64_t file_size,
                                                     std::string_view label) {
   const header_context ctx(label);
   if (prefix.size() < length_field_bytes || file_size < length_field_bytes) {
@@ -256,16 +248,15 @@ result<safetensors_header> parse_safetensors_header(std::span<const std::byte> p
   const std::uint64_t n = read_le64(prefix);
   TENSORREG_TRY(check_header_length(n, file_size, ctx));
   if (prefix.size() - length_field_bytes < n) {
-    return ctx.fail("buffer of " + std::to_string(prefix.size()) + " bytes ends before the " +
-                    std::to_string(n) + "-byte header");
+    return ctx.fail("buffer of " + std::to_string(prefix.size()) + " bytes ends before the " + std::to_string(n) +
+                    "-byte header");
   }
   const std::string_view json(reinterpret_cast<const char*>(prefix.data()) + length_field_bytes,
                               static_cast<std::size_t>(n));
   return parse_header_json(json, n, file_size, ctx);
 }
 
-result<safetensors_header> parse_safetensors_header(std::span<const std::byte> file,
-                                                    std::string_view label) {
+result<safetensors_header> parse_safetensors_header(std::span<const std::byte> file, std::string_view label) {
   return parse_safetensors_header(file, file.size(), label);
 }
 
@@ -274,7 +265,7 @@ result<safetensors_file> read_safetensors_header(const std::string& path) {
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) {
     const int err = errno;
-    const errc code = (err == ENOENT || err == ENOTDIR)  ? errc::not_found
+    const errc code = (err == ENOENT || err == ENOTDIR) ? errc::not_found
                       : (err == EACCES || err == EPERM) ? errc::permission_denied
                                                         : errc::unavailable;
     return fail(code, what + errno_text(err));
@@ -288,8 +279,7 @@ result<safetensors_file> read_safetensors_header(const std::string& path) {
   const header_context ctx(path);
   std::array<std::byte, length_field_bytes> length_bytes{};
   if (file_size < length_field_bytes) {
-    return ctx.fail("file of " + std::to_string(file_size) +
-                    " bytes is too short for the 8-byte header length");
+    return ctx.fail("file of " + std::to_string(file_size) + " bytes is too short for the 8-byte header length");
   }
   TENSORREG_TRY(pread_exact(fd, length_bytes, 0, path));
   const std::uint64_t n = read_le64(length_bytes);
@@ -336,15 +326,15 @@ result<coalesced_safetensors> coalesce(std::span<const safetensors_file> files) 
         stride[d] = static_cast<std::int64_t>(step);
         const auto next = detail::checked_mul(step, static_cast<std::uint64_t>(std::max<std::int64_t>(t.shape[d], 1)));
         if (d > 0 && (!next || *next > int64_max)) {
-          return fail_coalesce("tensor " + detail::quote_name(t.name) + " of shape " +
-                               shape_text(t.shape) + " has a row-major stride past int64");
+          return fail_coalesce("tensor " + detail::quote_name(t.name) + " of shape " + shape_text(t.shape) +
+                               " has a row-major stride past int64");
         }
         step = next.value_or(0);
       }
       // Tensors of one file with identical data ranges share one storage (an alias); every
       // other tensor is its own storage.
-      std::string storage_key = std::to_string(f) + ":" + std::to_string(t.data_begin) + ":" +
-                                std::to_string(t.data_end);
+      std::string storage_key =
+          std::to_string(f) + ":" + std::to_string(t.data_begin) + ":" + std::to_string(t.data_end);
       if (t.data_end == t.data_begin) storage_key += ":" + t.name;  // empty tensors never alias
       descs.push_back(tensor_desc{t.name, std::string(t.torch_dtype), t.shape, std::move(stride),
                                   std::move(storage_key), t.data_end - t.data_begin, 0});
@@ -360,8 +350,7 @@ result<coalesced_safetensors> coalesce(std::span<const safetensors_file> files) 
   placements.reserve(index.entries().size());
   for (const entry& e : index.entries()) {
     const source& s = sources.find(e.name)->second;
-    placements.push_back(tensor_placement{s.file_index,
-                                          files[s.file_index].header.data_offset + s.tensor->data_begin,
+    placements.push_back(tensor_placement{s.file_index, files[s.file_index].header.data_offset + s.tensor->data_begin,
                                           e.size, e.offset});
   }
   return coalesced_safetensors{std::move(index), std::move(placements)};

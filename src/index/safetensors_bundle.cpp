@@ -30,7 +30,8 @@ result<std::unique_ptr<safetensors_bundle>> safetensors_bundle::open(const std::
     if (alias) continue;
     segments.push_back({p.canonical_offset, p.length, &bundle->files_[p.file_index], p.file_offset});
   }
-  TENSORREG_TRY_ASSIGN(auto view, memory::segmented_view::create(bundle->layout_.index.total_size(), std::move(segments)));
+  TENSORREG_TRY_ASSIGN(auto view,
+                       memory::segmented_view::create(bundle->layout_.index.total_size(), std::move(segments)));
   bundle->canonical_ = std::make_unique<memory::segmented_view>(std::move(view));
   return bundle;
 }

@@ -33,8 +33,8 @@ status host_bytes_view::visit(std::uint64_t offset, std::uint64_t length, piece_
   return sink(bytes_.subspan(offset, length));
 }
 
-status copy_in_chunks(const byte_source& source, std::span<std::byte> dst, std::uint64_t chunk_bytes,
-                      thread_pool& pool, function_ref<void(std::size_t, std::uint64_t, std::uint64_t)> on_chunk) {
+status copy_in_chunks(const byte_source& source, std::span<std::byte> dst, std::uint64_t chunk_bytes, thread_pool& pool,
+                      function_ref<void(std::size_t, std::uint64_t, std::uint64_t)> on_chunk) {
   const std::uint64_t total = source.size();
   TENSORREG_ASSERT(dst.size() >= total && chunk_bytes > 0);
   const std::uint64_t chunks = total / chunk_bytes + (total % chunk_bytes != 0 ? 1 : 0);

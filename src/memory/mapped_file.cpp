@@ -14,8 +14,10 @@ namespace {
 
 errc errno_code(int e) {
   switch (e) {
-    case ENOENT: case ENOTDIR: return errc::not_found;
-    case EACCES: case EPERM: return errc::permission_denied;
+    case ENOENT:
+    case ENOTDIR: return errc::not_found;
+    case EACCES:
+    case EPERM: return errc::permission_denied;
     default: return errc_of_errno(e, errc::internal);
   }
 }

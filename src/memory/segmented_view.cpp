@@ -12,19 +12,17 @@ std::string describe(const segment& s) {
 
 }  // namespace
 
-result<segmented_view> segmented_view::create(std::uint64_t total_size,
-                                              std::vector<segment> segments) {
+result<segmented_view> segmented_view::create(std::uint64_t total_size, std::vector<segment> segments) {
   std::erase_if(segments, [](const segment& s) { return s.length == 0; });
-  std::sort(segments.begin(), segments.end(),
-            [](const segment& a, const segment& b) { return a.offset < b.offset; });
+  std::sort(segments.begin(), segments.end(), [](const segment& a, const segment& b) { return a.offset < b.offset; });
   std::uint64_t previous_end = 0;
   for (const auto& s : segments) {
     if (s.source == nullptr) {
       return fail(errc::invalid_argument, "cannot assemble " + describe(s) + ": it has no source");
     }
     if (s.offset > total_size || s.length > total_size - s.offset) {
-      return fail(errc::invalid_argument, "cannot assemble " + describe(s) + ": it ends past total_size " +
-                                              std::to_string(total_size));
+      return fail(errc::invalid_argument,
+                  "cannot assemble " + describe(s) + ": it ends past total_size " + std::to_string(total_size));
     }
     if (s.offset < previous_end) {
       return fail(errc::invalid_argument, "cannot assemble " + describe(s) +

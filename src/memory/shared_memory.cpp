@@ -26,8 +26,8 @@ result<shared_memory> shared_memory::create(std::uint64_t size, const std::strin
     return fail(errc::resource_exhausted, "cannot create shared memory '" + name + "': " + os_reason());
   }
   if (::ftruncate(fd.get(), static_cast<off_t>(size)) != 0) {
-    return fail(errc::resource_exhausted, "cannot size shared memory '" + name + "' to " +
-                                              std::to_string(size) + " bytes: " + os_reason());
+    return fail(errc::resource_exhausted,
+                "cannot size shared memory '" + name + "' to " + std::to_string(size) + " bytes: " + os_reason());
   }
   // Growing or shrinking would invalidate other processes' mappings (SIGBUS): forbid it.
   ::fcntl(fd.get(), F_ADD_SEALS, F_SEAL_GROW | F_SEAL_SHRINK);
@@ -39,13 +39,12 @@ result<shared_memory> shared_memory::adopt(unique_fd fd, std::uint64_t size, boo
   if (size == 0) return fail(errc::invalid_argument, "cannot map shared memory: size is 0");
   struct stat st {};
   if (::fstat(fd.get(), &st) != 0) {
-    return fail(errc::invalid_argument, "cannot map shared memory: fd " + std::to_string(fd.get()) +
-                                            " is not usable: " + os_reason());
+    return fail(errc::invalid_argument,
+                "cannot map shared memory: fd " + std::to_string(fd.get()) + " is not usable: " + os_reason());
   }
   if (static_cast<std::uint64_t>(st.st_size) < size) {
-    return fail(errc::invalid_argument, "cannot map shared memory: the file holds " +
-                                            std::to_string(st.st_size) + " bytes, fewer than " +
-                                            std::to_string(size));
+    return fail(errc::invalid_argument, "cannot map shared memory: the file holds " + std::to_string(st.st_size) +
+                                            " bytes, fewer than " + std::to_string(size));
   }
   detail::ensure_sigbus_handler();  // before any read of the mapping (visit() guards them)
   const int prot = writable ? PROT_READ | PROT_WRITE : PROT_READ;
@@ -67,9 +66,10 @@ result<shared_memory> shared_memory::adopt_sealed(unique_fd fd, std::uint64_t si
                                                "F_SEAL_SHRINK");
   }
   if ((seals & F_SEAL_SHRINK) == 0) {
-    return fail(errc::failed_precondition, "cannot map shared memory: the memfd lacks the seal F_SEAL_SHRINK, so "
-                                           "it could shrink under the mapping; add it with "
-                                           "fcntl(F_ADD_SEALS, F_SEAL_SHRINK) before sending");
+    return fail(errc::failed_precondition,
+                "cannot map shared memory: the memfd lacks the seal F_SEAL_SHRINK, so "
+                "it could shrink under the mapping; add it with "
+                "fcntl(F_ADD_SEALS, F_SEAL_SHRINK) before sending");
   }
   return adopt(std::move(fd), size, /*writable=*/false);
 }
@@ -91,8 +91,8 @@ status shared_memory::seal_read_only() {
   writable_ = false;
   if (::fcntl(fd_.get(), F_ADD_SEALS, final_seals) != 0) {
     const bool busy = errno == EBUSY;
-    return fail(errc::failed_precondition,
-                reason(busy ? "another writable shared mapping of it exists" : "it cannot carry seals: " + os_reason()));
+    return fail(errc::failed_precondition, reason(busy ? "another writable shared mapping of it exists"
+                                                       : "it cannot carry seals: " + os_reason()));
   }
   return {};
 }
@@ -143,8 +143,9 @@ status shared_memory::visit(std::uint64_t offset, std::uint64_t length, piece_si
   detail::sigbus_guard guard(piece, &broken_);
   auto out = sink(piece);
   if (guard.faulted()) {
-    return fail(errc::data_loss, "cannot read shared memory at offset " + std::to_string(offset + guard.fault_offset()) +
-                                     ": its file shrank under the mapping (the page read faulted), so its bytes are lost");
+    return fail(errc::data_loss,
+                "cannot read shared memory at offset " + std::to_string(offset + guard.fault_offset()) +
+                    ": its file shrank under the mapping (the page read faulted), so its bytes are lost");
   }
   // Another reader's fault may have put zero pages under this read without a fault here.
   TENSORREG_TRY(check_intact(offset));

@@ -13,8 +13,7 @@ tl::unexpected<error> not_found(const std::string& id) {
 
 }  // namespace
 
-region_registry::region_registry(const clock& clock, registry_options options)
-    : clock_(clock), options_(options) {}
+region_registry::region_registry(const clock& clock, registry_options options) : clock_(clock), options_(options) {}
 
 std::optional<clock::time_point> region_registry::deadline_for(std::uint32_t ttl_ms) const {
   if (ttl_ms == 0) return std::nullopt;
@@ -42,8 +41,8 @@ result<region_info> region_registry::register_region(register_request request) {
 
   if (request.kind == memory_kind::vram) {
     if (request.device_id < 0) {
-      return fail(errc::invalid_argument, "cannot register region: VRAM needs device_id >= 0, got " +
-                                              std::to_string(request.device_id));
+      return fail(errc::invalid_argument,
+                  "cannot register region: VRAM needs device_id >= 0, got " + std::to_string(request.device_id));
     }
     const bool vmm = request.vmm != nullptr || request.device_mapping != nullptr;
     if (request.cuda_ipc_handle.empty() == !vmm) {
@@ -56,8 +55,8 @@ result<region_info> region_registry::register_region(register_request request) {
     }
     if (vmm && request.device_mapping->size() != request.size_bytes) {
       return fail(errc::invalid_argument, "cannot register region: its CUDA VMM allocations map " +
-                                              std::to_string(request.device_mapping->size()) + " bytes, not size_bytes " +
-                                              std::to_string(request.size_bytes));
+                                              std::to_string(request.device_mapping->size()) +
+                                              " bytes, not size_bytes " + std::to_string(request.size_bytes));
     }
     info.vmm = std::move(request.vmm);
     info.device_mapping = std::move(request.device_mapping);
@@ -80,8 +79,7 @@ result<region_info> region_registry::register_region(register_request request) {
     auto& spec = *request.host_shared;
     if (spec.daemon_managed) {
       if (!spec.attach_token.empty()) {
-        return fail(errc::invalid_argument,
-                    "cannot register region: a daemon-managed region takes no attach_token");
+        return fail(errc::invalid_argument, "cannot register region: a daemon-managed region takes no attach_token");
       }
       if (request.memfd) {
         return fail(errc::invalid_argument, "cannot register region: a daemon-managed region takes no memfd");
@@ -91,12 +89,14 @@ result<region_info> region_registry::register_region(register_request request) {
       info.attach_token = "region-attach:" + random_hex(16);
     } else {
       if (spec.attach_token.empty()) {
-        return fail(errc::invalid_argument, "cannot register region: HOST_SHARED needs an attach_token "
-                                            "unless daemon_managed");
+        return fail(errc::invalid_argument,
+                    "cannot register region: HOST_SHARED needs an attach_token "
+                    "unless daemon_managed");
       }
       if (!request.memfd) {
-        return fail(errc::invalid_argument, "cannot register region: HOST_SHARED needs the client's memfd "
-                                            "unless daemon_managed");
+        return fail(errc::invalid_argument,
+                    "cannot register region: HOST_SHARED needs the client's memfd "
+                    "unless daemon_managed");
       }
       // Sealed against shrinking, or its owner could take pages away under our reads.
       auto adopted = memory::shared_memory::adopt_sealed(std::move(request.memfd), request.size_bytes);
@@ -135,16 +135,15 @@ result<region_info> region_registry::acquire(const std::string& region_id, std::
   if (it == regions_.end()) return not_found(region_id);
   auto& e = it->second;
   if (e.poisoned) {
-    return fail(errc::failed_precondition, "cannot acquire region '" + region_id + "': region is poisoned: " +
-                                               e.poison_reason);
+    return fail(errc::failed_precondition,
+                "cannot acquire region '" + region_id + "': region is poisoned: " + e.poison_reason);
   }
   if (e.retiring) {
     return fail(errc::failed_precondition, "cannot acquire region '" + region_id + "': region is retiring");
   }
   if (owner_pid != 0 && owner_pid != e.info.owner_pid) {
     return fail(errc::permission_denied, "cannot acquire region '" + region_id + "': owned by pid " +
-                                             std::to_string(e.info.owner_pid) + ", not " +
-                                             std::to_string(owner_pid));
+                                             std::to_string(e.info.owner_pid) + ", not " + std::to_string(owner_pid));
   }
   ++e.info.refs;
   e.info.expires_at = deadline_for(e.info.ttl_ms);
@@ -171,14 +170,12 @@ result<bool> region_registry::unregister(const std::string& region_id, std::int3
   auto& e = it->second;
   if (owner_pid != e.info.owner_pid) {
     return fail(errc::permission_denied, "cannot unregister region '" + region_id + "': owned by pid " +
-                                             std::to_string(e.info.owner_pid) + ", not " +
-                                             std::to_string(owner_pid));
+                                             std::to_string(e.info.owner_pid) + ", not " + std::to_string(owner_pid));
   }
   if (e.info.refs > 0) {
     if (!force) {
       return fail(errc::failed_precondition, "cannot unregister region '" + region_id + "': " +
-                                                 std::to_string(e.info.refs) +
-                                                 " references are held (use force)");
+                                                 std::to_string(e.info.refs) + " references are held (use force)");
     }
     e.retiring = true;
     return false;

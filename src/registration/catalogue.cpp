@@ -49,8 +49,8 @@ artifact_summary summarize(const artifact& a, bool stable_replica) {
 // Fills `out`'s allocations and segments with where `view` (a lease's canonical buffer) lies in
 // the device mappings `known`, each mapping once (gaps are PAD). False when some byte is not
 // such a mapping.
-bool device_pieces(const memory::byte_source& view, const std::map<const memory::byte_source*, device_allocation>& known,
-                   device_layout& out) {
+bool device_pieces(const memory::byte_source& view,
+                   const std::map<const memory::byte_source*, device_allocation>& known, device_layout& out) {
   std::map<const memory::byte_source*, std::uint32_t> numbering;
   out.allocations.clear();
   out.segments.clear();
@@ -338,12 +338,13 @@ result<std::shared_ptr<reader_gate>> catalogue::quiesce(const std::string& artif
   return it->second.gate;
 }
 
-status catalogue::drain(const std::string& artifact_id, reader_gate& gate, bool wait, std::chrono::milliseconds timeout) {
+status catalogue::drain(const std::string& artifact_id, reader_gate& gate, bool wait,
+                        std::chrono::milliseconds timeout) {
   const std::size_t left = gate.wait_drained(wait ? timeout : std::chrono::milliseconds(0));
   if (left == 0) return {};
   return fail(errc::deadline_exceeded, "cannot deregister " + artifact_id + ": " + std::to_string(left) +
-                                           " readers still hold it after " + std::to_string(wait ? timeout.count() : 0) +
-                                           " ms; it stays quiesced");
+                                           " readers still hold it after " +
+                                           std::to_string(wait ? timeout.count() : 0) + " ms; it stays quiesced");
 }
 
 std::optional<removed_artifact> catalogue::remove(const std::string& artifact_id) {
@@ -439,8 +440,9 @@ result<device_layout> catalogue::device_layout_of(const std::string& artifact_id
     }
     return out;
   }
-  return fail(errc::failed_precondition, verb + ": it has no copy in GPU memory (read its stable DRAM replica with "
-                                                "GetArtifactMemfd)");
+  return fail(errc::failed_precondition, verb +
+                                             ": it has no copy in GPU memory (read its stable DRAM replica with "
+                                             "GetArtifactMemfd)");
 }
 
 void catalogue::add_stats(engine_stats& out) const {
@@ -457,7 +459,8 @@ void catalogue::add_stats(engine_stats& out) const {
   out.stable_reserved_bytes = cache_stats.reserved_bytes;
 }
 
-result<unique_fd> export_replica_fd(const std::shared_ptr<const memory::byte_source>& replica, const std::string& verb) {
+result<unique_fd> export_replica_fd(const std::shared_ptr<const memory::byte_source>& replica,
+                                    const std::string& verb) {
   // Replicas are made by detail::materialize, always in a memfd; anything else has no fd to share.
   auto memory = std::dynamic_pointer_cast<const memory::shared_memory>(replica);
   if (!memory) return fail(errc::failed_precondition, verb + ": no stable DRAM replica is held");

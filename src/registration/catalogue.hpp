@@ -213,7 +213,8 @@ class catalogue {
   [[nodiscard]] result<std::shared_ptr<const memory::byte_source>> open_bytes(const std::string& artifact_id);
   /// The stable replica (null when none) and index. Errors: NOT_FOUND, FAILED_PRECONDITION
   /// (quiesced); `verb` opens the messages.
-  [[nodiscard]] result<std::pair<std::shared_ptr<const memory::byte_source>, std::shared_ptr<const index::canonical_index>>>
+  [[nodiscard]] result<
+      std::pair<std::shared_ptr<const memory::byte_source>, std::shared_ptr<const index::canonical_index>>>
   stable_replica(const std::string& artifact_id, const std::string& verb);
   /// Errors: NOT_FOUND, FAILED_PRECONDITION (quiesced, no GPU copy).
   [[nodiscard]] result<device_layout> device_layout_of(const std::string& artifact_id) const;
@@ -233,8 +234,8 @@ class catalogue {
   std::unordered_map<std::string, std::uint32_t> stable_entry_uid_;
   std::unordered_map<std::uint32_t, std::size_t> stable_entries_of_uid_;
   stable::stable_dram_cache cache_;
-  std::map<std::string, artifact> artifacts_;                                    // by artifact id
-  std::unordered_map<std::string, std::string> artifact_of_registration_;        // leases and joins
+  std::map<std::string, artifact> artifacts_;                              // by artifact id
+  std::unordered_map<std::string, std::string> artifact_of_registration_;  // leases and joins
   // By hex key. Weak: the artifacts own their indexes, so an index goes with the last artifact
   // that uses it; expired entries are pruned as the store grows and when looked up.
   mutable std::unordered_map<std::string, std::weak_ptr<const index::canonical_index>> index_store_;

@@ -28,13 +28,12 @@
 namespace tensorreg::registration {
 namespace {
 
-using std::chrono::milliseconds;
 using detail::pending_registration;
+using std::chrono::milliseconds;
 
 std::string new_registration_id() {
-  const auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(
-                      std::chrono::system_clock::now().time_since_epoch())
-                      .count();
+  const auto ns =
+      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::system_clock::now().time_since_epoch()).count();
   return "reg_" + std::to_string(ns) + "_" + std::to_string(::getpid()) + "_" + std::to_string(random_u64());
 }
 
@@ -91,9 +90,9 @@ struct engine::state {
   regions::region_registry regions;
   std::shared_ptr<device_memory> devices;  // null = no GPU
 
-  mutable std::mutex mutex;           // 1. guards `catalogue` and `pending`
-  detail::catalogue catalogue;        // committed artifacts and their holders
-  detail::pending_table pending;      // open registrations and tombstones
+  mutable std::mutex mutex;       // 1. guards `catalogue` and `pending`
+  detail::catalogue catalogue;    // committed artifacts and their holders
+  detail::pending_table pending;  // open registrations and tombstones
 
   std::unique_ptr<detail::owner_watch> owners;
   std::mutex sweeper_mutex;
@@ -105,15 +104,18 @@ struct engine::state {
       : options(std::move(o)),
         time(*options.time),
         log(options.log != nullptr ? *options.log : null_logger()),
-        pool(options.hash_threads != 0 ? options.hash_threads - 1 : std::max(1u, std::thread::hardware_concurrency()) - 1),
+        pool(options.hash_threads != 0 ? options.hash_threads - 1
+                                       : std::max(1u, std::thread::hardware_concurrency()) - 1),
         regions(time, regions::registry_options{options.region_capacity, options.region_capacity_per_uid,
                                                 std::chrono::minutes(10)}),
         devices(options.devices),
         catalogue(regions, options.stable_bytes, time,
-                  stable::cache_hooks{{}, [this](const stable::evicted_entry& e) {
-                    tensorreg::log(log, log_level::info, "stable DRAM cache evicted artifact {} ({} bytes): {}", e.key,
-                                   e.size_bytes, eviction_reason_name(e.reason));
-                  }},
+                  stable::cache_hooks{{},
+                                      [this](const stable::evicted_entry& e) {
+                                        tensorreg::log(log, log_level::info,
+                                                       "stable DRAM cache evicted artifact {} ({} bytes): {}", e.key,
+                                                       e.size_bytes, eviction_reason_name(e.reason));
+                                      }},
                   options.max_stable_entries_per_uid) {}
 
   status watch_owner(std::int32_t pid) {
@@ -164,16 +166,21 @@ struct engine::state {
     {
       std::lock_guard lock(mutex);
       if (pending.unbury(id)) {  // the client has been told; the metadata is gone
-        return fail(errc::deadline_exceeded, "cannot " + std::string(verb) + " registration '" + id + "': its TTL expired");
+        return fail(errc::deadline_exceeded,
+                    "cannot " + std::string(verb) + " registration '" + id + "': its TTL expired");
       }
       p = pending.find(id);
-      if (!p) return fail(errc::not_found, "cannot " + std::string(verb) + " registration '" + id + "': no such registration");
+      if (!p)
+        return fail(errc::not_found,
+                    "cannot " + std::string(verb) + " registration '" + id + "': no such registration");
     }
     if (p->expired(time.now())) {
       if (drop_pending(p)) {
-        tensorreg::log(log, log_level::info, "registration {} (owner_pid {}) expired: its TTL passed", id, p->owner_pid());
+        tensorreg::log(log, log_level::info, "registration {} (owner_pid {}) expired: its TTL passed", id,
+                       p->owner_pid());
       }
-      return fail(errc::deadline_exceeded, "cannot " + std::string(verb) + " registration '" + id + "': its TTL expired");
+      return fail(errc::deadline_exceeded,
+                  "cannot " + std::string(verb) + " registration '" + id + "': its TTL expired");
     }
     return p;
   }
@@ -270,8 +277,8 @@ result<begin_response> engine::state::begin(begin_request r) {
     std::lock_guard lock(mutex);
     TENSORREG_TRY(catalogue.check_stable_share(r.owner_uid, "cannot begin stable_dram registration"));
   }
-  detail::registration_facts facts{new_registration_id(), r.owner_pid, r.device_id, r.total_size,
-                                   r.client_artifact_id, std::move(*resolved), r.owner_uid};
+  detail::registration_facts facts{new_registration_id(), r.owner_pid,          r.device_id, r.total_size,
+                                   r.client_artifact_id,  std::move(*resolved), r.owner_uid};
   begin_response response;
   response.registration_id = facts.id;
   response.device_id = r.device_id;
@@ -369,7 +376,9 @@ status engine::state::keep_alive(const keep_alive_request& r) {
 
 result<commit_response> engine::commit(const std::string& registration_id) {
   auto out = state_->commit(registration_id);
-  if (!out) return state_->rejected(std::move(out), "commit", "registration " + registration_id, state_->owner_of(registration_id));
+  if (!out)
+    return state_->rejected(std::move(out), "commit", "registration " + registration_id,
+                            state_->owner_of(registration_id));
   return out;
 }
 
@@ -388,7 +397,7 @@ result<commit_response> engine::state::commit(const std::string& registration_id
   // FAILED_PRECONDITIONs (no GPU for a CUDA storage, a quiesced artifact, a "must" stable tier
   // with nothing to copy) would otherwise leave it, and its region refs, held until its TTL or
   // forever with TTL 0.
-  const auto outcome = out ? detail::commit_outcome::ok
+  const auto outcome = out             ? detail::commit_outcome::ok
                        : ctx.retryable ? detail::commit_outcome::retryable
                                        : detail::commit_outcome::failed;
   const auto end = p->finish_commit(outcome);
@@ -417,7 +426,9 @@ result<commit_response> engine::state::commit(const std::string& registration_id
 
 status engine::abort(const std::string& registration_id) {
   auto out = state_->abort(registration_id);
-  if (!out) return state_->rejected(std::move(out), "abort", "registration " + registration_id, state_->owner_of(registration_id));
+  if (!out)
+    return state_->rejected(std::move(out), "abort", "registration " + registration_id,
+                            state_->owner_of(registration_id));
   return out;
 }
 
@@ -431,7 +442,8 @@ status engine::state::abort(const std::string& registration_id) {
       return fail(errc::not_found, "cannot abort registration '" + registration_id + "': no such registration");
     }
     if (p->phase() == detail::pending_phase::committing) {
-      return fail(errc::failed_precondition, "cannot abort registration '" + registration_id + "': it is being committed");
+      return fail(errc::failed_precondition,
+                  "cannot abort registration '" + registration_id + "': it is being committed");
     }
   }
   (void)drop_pending(p);
@@ -478,7 +490,8 @@ status import_vmm_region(regions::register_request& request, device_memory* devi
   }
   if (devices == nullptr) {
     return fail(errc::failed_precondition, "cannot register region: CUDA VMM memory on device " +
-                                               std::to_string(request.device_id) + " needs a GPU and this engine has none");
+                                               std::to_string(request.device_id) +
+                                               " needs a GPU and this engine has none");
   }
   std::vector<int> fds;
   fds.reserve(chunks.fds.size());
@@ -550,8 +563,8 @@ result<device_layout> engine::device_layout_of(const std::string& artifact_id) c
 result<std::int32_t> engine::resolve_device(std::int32_t device_id, std::string_view device_uuid) const {
   if (device_uuid.empty()) return device_id;
   if (!state_->devices) {
-    return fail(errc::failed_precondition, "cannot find CUDA device " + std::string(device_uuid) +
-                                               ": no GPU is available to this engine");
+    return fail(errc::failed_precondition,
+                "cannot find CUDA device " + std::string(device_uuid) + ": no GPU is available to this engine");
   }
   return state_->devices->device_by_uuid(device_uuid);
 }
@@ -596,9 +609,9 @@ result<deregister_response> engine::state::deregister(const deregister_request& 
 status engine::check_owner(const std::string& registration_id, std::int32_t caller_pid, std::string_view verb) const {
   const std::int32_t owner = state_->owner_of(registration_id);
   if (owner == 0 || owner == caller_pid) return {};
-  return fail(errc::permission_denied, "cannot " + std::string(verb) + " '" + registration_id + "': it belongs to pid " +
-                                           std::to_string(owner) + ", not to the calling process " +
-                                           std::to_string(caller_pid));
+  return fail(errc::permission_denied, "cannot " + std::string(verb) + " '" + registration_id +
+                                           "': it belongs to pid " + std::to_string(owner) +
+                                           ", not to the calling process " + std::to_string(caller_pid));
 }
 
 engine_stats engine::stats() const {

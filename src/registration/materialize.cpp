@@ -34,11 +34,11 @@ result<materialized> materialize(const memory::byte_source& source_in, bool want
   TENSORREG_TRY_ASSIGN(auto copy, memory::shared_memory::create(total, "tensorreg-stable"));
   const auto dst = copy.mutable_bytes();
   std::vector<hash::digest> digests(want_digest ? hash::leaf_count(total) : 0);
-  TENSORREG_TRY(memory::copy_in_chunks(source, dst, hash::leaf_bytes, pool,
-                                       [&](std::size_t leaf, std::uint64_t begin, std::uint64_t length) {
-                                         // Hash the copy, not the source: the id describes what is kept.
-                                         if (want_digest) digests[leaf] = hash::sha256(std::span<const std::byte>(dst.subspan(begin, length)));
-                                       }));
+  TENSORREG_TRY(memory::copy_in_chunks(
+      source, dst, hash::leaf_bytes, pool, [&](std::size_t leaf, std::uint64_t begin, std::uint64_t length) {
+        // Hash the copy, not the source: the id describes what is kept.
+        if (want_digest) digests[leaf] = hash::sha256(std::span<const std::byte>(dst.subspan(begin, length)));
+      }));
   // The bytes are final: seal them, so that no fd handed out later (GetArtifactMemfd),
   // reopened read-write through /proc, can change what the id names.
   TENSORREG_TRY(copy.seal_read_only());

@@ -62,7 +62,7 @@ class cancellable_source final : public memory::byte_source {
 /// Errors: RESOURCE_EXHAUSTED (no memory), CANCELLED (`cancel` set: checked per 4 MiB chunk on
 /// the host path, before and after the device copy), whatever reading `source` or the device
 /// copy returns.
-[[nodiscard]] result<materialized> materialize(const memory::byte_source& source, bool want_digest,
-                                               thread_pool& pool, device_memory* devices, cancel_flag cancel = nullptr);
+[[nodiscard]] result<materialized> materialize(const memory::byte_source& source, bool want_digest, thread_pool& pool,
+                                               device_memory* devices, cancel_flag cancel = nullptr);
 
 }  // namespace tensorreg::registration::detail

@@ -71,7 +71,8 @@ result<std::unique_ptr<owner_watch>> owner_watch::create(std::function<void(std:
   auto i = std::make_unique<impl>();
   i->on_exit = std::move(on_exit);
   i->wake = unique_fd(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
-  if (!i->wake) return fail(errc::internal, std::string("cannot watch owner processes: eventfd: ") + std::strerror(errno));
+  if (!i->wake)
+    return fail(errc::internal, std::string("cannot watch owner processes: eventfd: ") + std::strerror(errno));
   auto* raw = i.get();
   i->thread = std::thread([raw] { raw->run(); });
   return std::unique_ptr<owner_watch>(new owner_watch(std::move(i)));

@@ -48,7 +48,8 @@ status pending_registration::feed(feed_request request, const clock& time, regio
   if (state_.phase == pending_phase::committed || state_.phase == pending_phase::dropped) {
     return fail(errc::not_found, what + ": no such registration");
   }
-  if (state_.phase == pending_phase::committing) return fail(errc::failed_precondition, what + ": it is being committed");
+  if (state_.phase == pending_phase::committing)
+    return fail(errc::failed_precondition, what + ": it is being committed");
   if (ttl_ms_ != 0) expires_ = ttl_deadline(time, ttl_ms_);  // every message is a keep-alive
   TENSORREG_TRY_ASSIGN(auto work, plan_->feed(request, facts_, regions, what));
   if (!work) return {};

@@ -42,13 +42,11 @@ bool stable_dram_cache::eligible_locked(const entry& e, eviction_path path, cloc
   if (e.info.required) return false;
   if (path == eviction_path::preempt) return true;  // preemption ignores retention
   switch (e.info.retention) {
-    case retention::pinned:
-      return false;
+    case retention::pinned: return false;
     case retention::ttl:
       if (!e.info.deadline || now < *e.info.deadline) return false;
       break;
-    default:
-      break;
+    default: break;
   }
   if (path == eviction_path::spill) {
     // No remote stable tier exists in a standalone daemon, so an entry whose policy demands a
@@ -193,13 +191,11 @@ result<admit_outcome> stable_dram_cache::admit(std::string_view key, std::uint64
       // 4. Still short.
       if (held() + size_bytes > budget_) {
         const std::uint64_t left = held() >= budget_ ? 0 : budget_ - held();
-        std::string reason = "insufficient stable bytes: " + std::to_string(left) + " of " + std::to_string(budget_) +
-                             " free" +
-                             (reserved_ - own > 0 ? " (" + std::to_string(reserved_ - own) +
-                                                        " reserved by uploads in progress)"
-                                                  : std::string()) +
-                             ", overflow " + std::string(policy::to_string(ovf)) +
-                             (policy.required ? ", required" : "");
+        std::string reason =
+            "insufficient stable bytes: " + std::to_string(left) + " of " + std::to_string(budget_) + " free" +
+            (reserved_ - own > 0 ? " (" + std::to_string(reserved_ - own) + " reserved by uploads in progress)"
+                                 : std::string()) +
+            ", overflow " + std::string(policy::to_string(ovf)) + (policy.required ? ", required" : "");
         if (ovf == overflow::reject || policy.required || spilling) {
           return fail(errc::resource_exhausted, prefix + reason);
         }
@@ -303,9 +299,9 @@ result<budget_reservation> stable_dram_cache::reserve(std::uint64_t bytes) {
   const std::uint64_t taken = reserved_ + pinned;
   const std::uint64_t free_bytes = taken >= budget_ ? 0 : budget_ - taken;
   if (bytes > free_bytes) {
-    return fail(errc::resource_exhausted, "cannot reserve " + std::to_string(bytes) + " bytes of the stable budget: " +
-                                              std::to_string(free_bytes) + " of " + std::to_string(budget_) +
-                                              " bytes free (" + std::to_string(reserved_) +
+    return fail(errc::resource_exhausted, "cannot reserve " + std::to_string(bytes) +
+                                              " bytes of the stable budget: " + std::to_string(free_bytes) + " of " +
+                                              std::to_string(budget_) + " bytes free (" + std::to_string(reserved_) +
                                               " reserved by uploads in progress, " + std::to_string(pinned) +
                                               " held by entries that cannot be evicted)");
   }

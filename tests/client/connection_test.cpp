@@ -189,7 +189,8 @@ TEST_CASE("client connection: connecting where no daemon listens is UNAVAILABLE 
   CHECK(c.error().message.find(path) != std::string::npos);
 }
 
-TEST_CASE("client connection: register_cuda without CUDA in this build is FAILED_PRECONDITION", "[client][connection]") {
+TEST_CASE("client connection: register_cuda without CUDA in this build is FAILED_PRECONDITION",
+          "[client][connection]") {
   if (connection::cuda_supported()) return;  // the GPU suite covers CUDA builds
   daemon_process d;
   auto c = connect(d);

@@ -65,7 +65,8 @@ class fake_driver final : public cuda_driver {
 constexpr std::uint64_t mib = 1 << 20;
 constexpr std::uint64_t page = 2 * mib;
 
-cuda_tensor f32(std::string name, std::uint64_t ptr, std::uint64_t nbytes, std::int64_t count, std::int64_t offset = 0) {
+cuda_tensor f32(std::string name, std::uint64_t ptr, std::uint64_t nbytes, std::int64_t count,
+                std::int64_t offset = 0) {
   return {std::move(name), ptr, nbytes, "torch.float32", {count}, {1}, offset};
 }
 
@@ -73,8 +74,8 @@ cuda_tensor f32(std::string name, std::uint64_t ptr, std::uint64_t nbytes, std::
 
 TEST_CASE("client cuda_plan: storages are found by address and size, laid out in name order", "[client][cuda_plan]") {
   // "b" and "a" share one storage; "c" is a second storage of 12 bytes, so "z" lands at 16.
-  const std::vector<cuda_tensor> tensors = {f32("b", 0x1000, 16, 2, 2), f32("a", 0x1000, 16, 4), f32("z", 0x9000, 12, 3),
-                                            f32("c", 0x5000, 8, 1)};
+  const std::vector<cuda_tensor> tensors = {f32("b", 0x1000, 16, 2, 2), f32("a", 0x1000, 16, 4),
+                                            f32("z", 0x9000, 12, 3), f32("c", 0x5000, 8, 1)};
   auto layout = plan_layout(tensors, "register");
   REQUIRE(layout);
   CHECK(layout->storages == std::vector<storage_span>{{0x1000, 16}, {0x9000, 12}, {0x5000, 8}});
@@ -165,8 +166,9 @@ TEST_CASE("client cuda_plan: memory the driver cannot place or export is refused
   auto neither = plan_device(drv, std::vector<storage_span>{{0x100000, 16}}, "register");
   REQUIRE_FALSE(neither);
   CHECK(neither.error().code == errc::failed_precondition);
-  CHECK(neither.error().message == "cannot register: cannot export the allocation at 0x100000: it is neither "
-                                   "cudaMalloc nor VMM memory (CUDA_ERROR_INVALID_VALUE)");
+  CHECK(neither.error().message ==
+        "cannot register: cannot export the allocation at 0x100000: it is neither "
+        "cudaMalloc nor VMM memory (CUDA_ERROR_INVALID_VALUE)");
 
   auto nowhere = plan_device(drv, std::vector<storage_span>{{0x900000, 16}}, "register");
   REQUIRE_FALSE(nowhere);
@@ -181,10 +183,10 @@ TEST_CASE("client cuda_plan: VMM pages merge into runs and one region per run, h
   for (std::uint64_t p = 0; p < 4; ++p) drv.add(base + p * page, {page, true});
   drv.add(base + 10 * page, {page, true});  // a second run
   const std::vector<storage_span> spans = {
-      {base + 100, 4096},                      // page 0
-      {base + page - 16, 64},                  // crosses pages 0 → 1
-      {base + 3 * page + 8, 8},                // page 3 (page 2 backs no storage: never looked up)
-      {base + 10 * page, page}};               // the other run
+      {base + 100, 4096},         // page 0
+      {base + page - 16, 64},     // crosses pages 0 → 1
+      {base + 3 * page + 8, 8},   // page 3 (page 2 backs no storage: never looked up)
+      {base + 10 * page, page}};  // the other run
   {
     auto plan = plan_device(drv, spans, "register");
     REQUIRE(plan);
@@ -216,9 +218,10 @@ TEST_CASE("client cuda_plan: VMM pages without the POSIX fd handle type are FAIL
   auto plan = plan_device(drv, std::vector<storage_span>{{0x200000, 16}}, "register");
   REQUIRE_FALSE(plan);
   CHECK(plan.error().code == errc::failed_precondition);
-  CHECK(plan.error().message.starts_with("cannot register: the VMM allocation at 0x200000 cannot be exported as a "
-                                         "POSIX fd (its handle types are 0); allocate these tensors with "
-                                         "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:False"));
+  CHECK(
+      plan.error().message.starts_with("cannot register: the VMM allocation at 0x200000 cannot be exported as a "
+                                       "POSIX fd (its handle types are 0); allocate these tensors with "
+                                       "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:False"));
   CHECK(drv.held.empty());
 }
 

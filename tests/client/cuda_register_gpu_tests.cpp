@@ -35,13 +35,15 @@ struct device_block {
 std::string offline_id(const std::vector<cuda_tensor>& tensors) {
   std::vector<index::tensor_desc> descs;
   for (const auto& t : tensors) {
-    descs.push_back({t.name, t.dtype, t.shape, t.stride, std::to_string(t.storage_ptr) + ":" + std::to_string(t.storage_nbytes),
-                     t.storage_nbytes, t.storage_offset});
+    descs.push_back({t.name, t.dtype, t.shape, t.stride,
+                     std::to_string(t.storage_ptr) + ":" + std::to_string(t.storage_nbytes), t.storage_nbytes,
+                     t.storage_offset});
   }
   const auto idx = index::canonical_index::build(descs).value();
   std::vector<std::byte> canonical(idx.total_size());
   for (const auto& e : idx.entries()) {
-    const auto& t = *std::find_if(tensors.begin(), tensors.end(), [&](const cuda_tensor& c) { return c.name == e.name; });
+    const auto& t =
+        *std::find_if(tensors.begin(), tensors.end(), [&](const cuda_tensor& c) { return c.name == e.name; });
     REQUIRE(cudaMemcpy(canonical.data() + e.offset, reinterpret_cast<const void*>(t.storage_ptr), e.size,
                        cudaMemcpyDeviceToHost) == cudaSuccess);
   }

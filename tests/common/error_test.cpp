@@ -58,7 +58,8 @@ TEST_CASE("error: with_context prefixes the message", "[common][error]") {
 
 TEST_CASE("error: running out of fds, memory or space is RESOURCE_EXHAUSTED, anything else as asked",
           "[common][error]") {
-  for (int e : {EMFILE, ENFILE, ENOMEM, ENOSPC}) CHECK(tensorreg::errc_of_errno(e, errc::internal) == errc::resource_exhausted);
+  for (int e : {EMFILE, ENFILE, ENOMEM, ENOSPC})
+    CHECK(tensorreg::errc_of_errno(e, errc::internal) == errc::resource_exhausted);
   CHECK(tensorreg::errc_of_errno(EBADF, errc::internal) == errc::internal);
   CHECK(tensorreg::errc_of_errno(EACCES, errc::permission_denied) == errc::permission_denied);
 }

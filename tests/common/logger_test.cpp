@@ -9,8 +9,8 @@ using tensorreg::errc;
 using tensorreg::log_level;
 
 TEST_CASE("logger: level names parse back to their level", "[common][logger]") {
-  for (auto level : {log_level::trace, log_level::debug, log_level::info, log_level::warn, log_level::error,
-                     log_level::off}) {
+  for (auto level :
+       {log_level::trace, log_level::debug, log_level::info, log_level::warn, log_level::error, log_level::off}) {
     auto parsed = tensorreg::parse_log_level(tensorreg::log_level_name(level));
     REQUIRE(parsed.has_value());
     CHECK(*parsed == level);
@@ -22,8 +22,7 @@ TEST_CASE("logger: an unknown level name is INVALID_ARGUMENT naming it", "[commo
   auto parsed = tensorreg::parse_log_level("verbose");
   REQUIRE_FALSE(parsed.has_value());
   CHECK(parsed.error().code == errc::invalid_argument);
-  CHECK(parsed.error().message ==
-        "cannot parse log level 'verbose': expected trace, debug, info, warn, error or off");
+  CHECK(parsed.error().message == "cannot parse log level 'verbose': expected trace, debug, info, warn, error or off");
 }
 
 TEST_CASE("logger: the null logger and the stderr logger enable by level", "[common][logger]") {

@@ -81,8 +81,7 @@ TEST_CASE("thread_pool: the first error stops new indices and is returned", "[co
   CHECK(serial == 6);
 }
 
-TEST_CASE("thread_pool: an exception is rethrown on the caller after the others finish",
-          "[common][thread_pool]") {
+TEST_CASE("thread_pool: an exception is rethrown on the caller after the others finish", "[common][thread_pool]") {
   thread_pool pool(2);
   std::atomic<int> in_flight{0};
   CHECK_THROWS_WITH(pool.parallel_for(64,

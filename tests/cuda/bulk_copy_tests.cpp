@@ -16,9 +16,9 @@
 #include <string>
 #include <vector>
 
+#include "devices/replica_pool.hpp"
 #include "gpu_fill.hpp"
 #include "support/engine_helpers.hpp"
-#include "devices/replica_pool.hpp"
 #include "tensorreg/cuda/device_memory_provider.hpp"
 #include "tensorreg/hash/tree_hash.hpp"
 #include "tensorreg/registration/engine.hpp"
@@ -40,7 +40,8 @@ struct device_bytes {
 std::vector<std::byte> expected_bytes(const std::vector<cd::device_range>& ranges, const std::byte* device_base,
                                       const std::vector<std::byte>& host_source, std::uint64_t size) {
   std::vector<std::byte> expected(size, std::byte{0});
-  for (const auto& r : ranges) std::memcpy(expected.data() + r.dst, host_source.data() + (r.src - device_base), r.length);
+  for (const auto& r : ranges)
+    std::memcpy(expected.data() + r.dst, host_source.data() + (r.src - device_base), r.length);
   return expected;
 }
 
@@ -69,7 +70,8 @@ class recording_devices final : public registration::device_memory {
   }
   [[nodiscard]] std::size_t open_mappings() const override { return real_->open_mappings(); }
   [[nodiscard]] std::optional<result<registration::host_copy>> copy_to_host(const memory::byte_source& source,
-                                                                            bool want_digest, thread_pool& pool) override {
+                                                                            bool want_digest,
+                                                                            thread_pool& pool) override {
     return real_->copy_to_host(source, want_digest, pool);
   }
   std::shared_ptr<const memory::byte_source> take_last() {
@@ -85,7 +87,8 @@ class recording_devices final : public registration::device_memory {
 
 }  // namespace
 
-TEST_CASE("cuda bulk_copy: the replica holds the runs with zero gaps and the digest is the host tree hash", "[cuda][bulk_copy]") {
+TEST_CASE("cuda bulk_copy: the replica holds the runs with zero gaps and the digest is the host tree hash",
+          "[cuda][bulk_copy]") {
   const bool want_digest = GENERATE(true, false);
   // Chunks of 64 KiB over 3 workers: many stripes, a short last chunk ending mid-page, and
   // two 4 MiB leaves plus a short one for the tree.
@@ -99,9 +102,9 @@ TEST_CASE("cuda bulk_copy: the replica holds the runs with zero gaps and the dig
 
   const auto* src = static_cast<const std::byte*>(source.ptr);
   const std::vector<cd::device_range> ranges{
-      {100, src + 5, 100'000},                        // a gap before it
-      {300'000, src + 1'000'000, 4'500'000},          // crosses the first leaf boundary
-      {4'800'000, src + 5'000'000, size - 4'800'000}, // runs to the end
+      {100, src + 5, 100'000},                         // a gap before it
+      {300'000, src + 1'000'000, 4'500'000},           // crosses the first leaf boundary
+      {4'800'000, src + 5'000'000, size - 4'800'000},  // runs to the end
   };
   std::vector<std::byte> expected(size, std::byte{0});
   for (const auto& r : ranges) {
@@ -134,7 +137,8 @@ TEST_CASE("cuda bulk_copy: the replica holds the runs with zero gaps and the dig
   }
 }
 
-TEST_CASE("cuda bulk_copy: a snapshot larger than the device is RESOURCE_EXHAUSTED, so the caller copies on the host", "[cuda][bulk_copy]") {
+TEST_CASE("cuda bulk_copy: a snapshot larger than the device is RESOURCE_EXHAUSTED, so the caller copies on the host",
+          "[cuda][bulk_copy]") {
   std::size_t free_bytes = 0;
   std::size_t total_bytes = 0;
   REQUIRE(cudaMemGetInfo(&free_bytes, &total_bytes) == cudaSuccess);
@@ -148,7 +152,8 @@ TEST_CASE("cuda bulk_copy: a snapshot larger than the device is RESOURCE_EXHAUST
              Catch::Contains("cannot allocate a " + std::to_string(size) + "-byte snapshot buffer on device 0"));
 }
 
-TEST_CASE("cuda bulk_copy: a recycled arena full of old bytes holds exactly the new runs, zero gaps and their digest", "[cuda][bulk_copy][replica_pool]") {
+TEST_CASE("cuda bulk_copy: a recycled arena full of old bytes holds exactly the new runs, zero gaps and their digest",
+          "[cuda][bulk_copy][replica_pool]") {
   constexpr std::uint64_t size = (std::uint64_t{8} << 20) + 12345;
   constexpr std::uint64_t source_bytes = std::uint64_t{9} << 20;
   device_bytes source(source_bytes);
@@ -237,7 +242,8 @@ TEST_CASE("cuda bulk_copy: a replica whose fd left the process is never recycled
   ::munmap(mapped, size);
 }
 
-TEST_CASE("cuda bulk_copy: the engine's replicas return to the provider's pool unless GetArtifactMemfd handed them out", "[cuda][bulk_copy][replica_pool][engine]") {
+TEST_CASE("cuda bulk_copy: the engine's replicas return to the provider's pool unless GetArtifactMemfd handed them out",
+          "[cuda][bulk_copy][replica_pool][engine]") {
   namespace t = tensorreg::testing;
   constexpr std::uint64_t mib = 1 << 20;
   cuda::device_memory_provider::options popts;
@@ -256,8 +262,8 @@ TEST_CASE("cuda bulk_copy: the engine's replicas return to the provider's pool u
   const auto model_of = [&](std::uint32_t seed) {
     t::model m = t::small_model();
     m.storages.push_back({"big", t::pattern(9 * mib + 12, seed)});
-    m.tensors.push_back({"big", "big", {static_cast<std::int64_t>((9 * mib + 12) / 4)}, {1}, "torch.float32", 0,
-                         9 * mib + 12});
+    m.tensors.push_back(
+        {"big", "big", {static_cast<std::int64_t>((9 * mib + 12) / 4)}, {1}, "torch.float32", 0, 9 * mib + 12});
     return m;
   };
   // stage_on_gpu: Begin allocates the device staging buffer, we write it (PAD as 0xcd), Commit.

@@ -63,8 +63,8 @@ void add_uint8_tensor(v2::FeedRegisterArtifactStreamRequest& feed, const std::st
 
 // Registers a VRAM region of the producer's VMM allocations [first, first + count), each one
 // chunk of `chunk` bytes, with their fds; returns the daemon's ref to it.
-v2::RegionRef register_vmm_region(tensorreg::client::raw::connection& c, const producer_process& p, int first, int count,
-                                  std::uint64_t chunk) {
+v2::RegionRef register_vmm_region(tensorreg::client::raw::connection& c, const producer_process& p, int first,
+                                  int count, std::uint64_t chunk) {
   wv1::Request req;
   auto* rr = req.mutable_register_region();
   rr->set_memory_kind(v2::REGION_MEMORY_KIND_VRAM);
@@ -78,8 +78,10 @@ v2::RegionRef register_vmm_region(tensorreg::client::raw::connection& c, const p
 
 }  // namespace
 
-TEST_CASE("cuda daemon: a VMM region by fds and an IPC allocation, named by UUID, are leased under the digest id and opened by id",
-          "[cuda][daemon][vmm][uuid]") {
+TEST_CASE(
+    "cuda daemon: a VMM region by fds and an IPC allocation, named by UUID, are leased under the digest id and opened "
+    "by id",
+    "[cuda][daemon][vmm][uuid]") {
   constexpr std::uint64_t chunk = 2 * mib;
   // Three 2 MiB VMM allocations mapped back to back make the region; one cudaMalloc of 4 MiB.
   producer_process p({{chunk, 71, true}, {chunk, 72, true}, {chunk, 73, true}, {4 * mib, 74, false}});
@@ -253,8 +255,8 @@ TEST_CASE("cuda daemon: OpenArtifactDevice pages VMM fds 250 at most an answer, 
   std::vector<index::tensor_desc> descs;
   for (int r = 0; r < 2; ++r) {
     const std::string name = "t" + std::to_string(r);
-    descs.push_back({name, "torch.uint8", {static_cast<std::int64_t>(per_region * chunk)}, {1}, name,
-                     per_region * chunk, 0});
+    descs.push_back(
+        {name, "torch.uint8", {static_cast<std::int64_t>(per_region * chunk)}, {1}, name, per_region * chunk, 0});
   }
   auto idx = index::canonical_index::build(descs);
   REQUIRE_OK(idx);
@@ -333,7 +335,8 @@ TEST_CASE("cuda daemon: 1 000 VMM allocations imported into one daemon reserve o
   stats.mutable_get_stats();
 
   std::vector<std::string> ids;
-  for (int r = 0; r < regions; ++r) ids.push_back(register_vmm_region(c, p, r * per_region, per_region, chunk).region_id());
+  for (int r = 0; r < regions; ++r)
+    ids.push_back(register_vmm_region(c, p, r * per_region, per_region, chunk).region_id());
   auto held = c.call(stats);
   REQUIRE_OK(held);
   // PyTorch's own import reserves ~9/8 of the GPU per handle (1 000 x ~89 GiB); ours, the bytes.

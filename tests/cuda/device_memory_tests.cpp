@@ -34,10 +34,10 @@
 #include "gpu_fill.hpp"
 #include "provider_support.hpp"
 #include "support/daemon_process.hpp"
-#include "tensorreg/identity/content_id.hpp"
 #include "support/engine_helpers.hpp"
 #include "tensorreg/cuda/gpu_tree_hash.hpp"
 #include "tensorreg/hash/tree_hash.hpp"
+#include "tensorreg/identity/content_id.hpp"
 
 extern char** environ;
 
@@ -195,8 +195,8 @@ class recording_devices final : public reg::device_memory {
  public:
   explicit recording_devices(std::shared_ptr<device_memory_provider> real) : real_(std::move(real)) {}
   result<std::shared_ptr<const memory::byte_source>> open_ipc(std::int32_t owner_pid, std::int32_t device_id,
-                                                               std::string_view ipc_handle,
-                                                               std::uint64_t min_bytes) override {
+                                                              std::string_view ipc_handle,
+                                                              std::uint64_t min_bytes) override {
     return real_->open_ipc(owner_pid, device_id, ipc_handle, min_bytes);
   }
   result<reg::device_buffer> allocate(std::int32_t device_id, std::uint64_t bytes) override {
@@ -208,7 +208,8 @@ class recording_devices final : public reg::device_memory {
     return out;
   }
   [[nodiscard]] std::size_t open_mappings() const override { return real_->open_mappings(); }
-  [[nodiscard]] std::optional<result<hash::digest>> tree_hash_on_device(const memory::segmented_view& canonical) override {
+  [[nodiscard]] std::optional<result<hash::digest>> tree_hash_on_device(
+      const memory::segmented_view& canonical) override {
     return real_->tree_hash_on_device(canonical);
   }
   [[nodiscard]] std::optional<result<reg::host_copy>> copy_to_host(const memory::byte_source& source, bool want_digest,
@@ -286,7 +287,8 @@ TEST_CASE("cuda device_memory: create finds this machine's devices", "[cuda][dev
               "cannot create the CUDA device memory provider: staging_chunk_bytes is 0");
 }
 
-TEST_CASE("cuda device_memory: open_ipc maps a producer's allocation and visit reads its bytes", "[cuda][device_memory]") {
+TEST_CASE("cuda device_memory: open_ipc maps a producer's allocation and visit reads its bytes",
+          "[cuda][device_memory]") {
   const std::uint64_t size = 5 * mib + 123;
   producer p({{size, 7}});
   // 1 MiB chunks: the read crosses several double-buffered chunks and ends in a short one.
@@ -351,7 +353,8 @@ TEST_CASE("cuda device_memory: open_ipc maps a producer's allocation and visit r
   CHECK(cuda::as_device_source(host) == nullptr);
 }
 
-TEST_CASE("cuda device_memory: the same handle is mapped once and closed with its last holder", "[cuda][device_memory]") {
+TEST_CASE("cuda device_memory: the same handle is mapped once and closed with its last holder",
+          "[cuda][device_memory]") {
   producer p({{2 * mib, 3}, {mib, 4}});
   auto provider = make_provider();
   auto first = provider->open_ipc(p.pid(), 0, p.handle(0), mib);
@@ -466,7 +469,8 @@ TEST_CASE("cuda device_memory: allocate gives a zeroed, exported device buffer",
              Catch::StartsWith("cannot allocate 1125899906842624 bytes of device memory on device 0: cudaError"));
 }
 
-TEST_CASE("cuda device_memory: a LIP registration over producer handles gets the host-computed id", "[cuda][device_memory][engine]") {
+TEST_CASE("cuda device_memory: a LIP registration over producer handles gets the host-computed id",
+          "[cuda][device_memory][engine]") {
   producer p({{slab_bytes, 21}, {other_bytes, 22}});
   // Both hashing paths must give the host-computed id: all host cores, and the GPU gather +
   // tree hash (forced here either way).
@@ -510,7 +514,8 @@ TEST_CASE("cuda device_memory: a LIP registration over producer handles gets the
   CHECK(e->stats().open_mappings == 0);
 }
 
-TEST_CASE("cuda device_memory: a coalesced registration written through the device pointer gets the host-computed id", "[cuda][device_memory][engine]") {
+TEST_CASE("cuda device_memory: a coalesced registration written through the device pointer gets the host-computed id",
+          "[cuda][device_memory][engine]") {
   // Both hashing paths must give the host-computed id: all host cores, and the GPU gather +
   // tree hash (forced here either way).
   const bool on_gpu = GENERATE(false, true);
@@ -526,8 +531,8 @@ TEST_CASE("cuda device_memory: a coalesced registration written through the devi
 
   t::model m = t::small_model();
   m.storages.push_back({"big", t::pattern(5 * mib + 12, 9)});  // crosses a 4 MiB leaf
-  m.tensors.push_back({"big", "big", {static_cast<std::int64_t>((5 * mib + 12) / 4)}, {1}, "torch.float32", 0,
-                       5 * mib + 12});
+  m.tensors.push_back(
+      {"big", "big", {static_cast<std::int64_t>((5 * mib + 12) / 4)}, {1}, "torch.float32", 0, 5 * mib + 12});
   auto begin = t::stable_begin(m, static_cast<std::int32_t>(::getpid()));
   begin.plan = reg::coalesced_options{};
   auto begun = e->begin(begin);
@@ -582,8 +587,8 @@ TEST_CASE("cuda device_memory: (child) a lease on a SIGKILLed producer's memory"
   if (read) {
     std::printf("sigkill: lease read after SIGKILL: ok, bytes %s\n", seen == sm.m.canonical() ? "intact" : "CHANGED");
   } else {
-    std::printf("sigkill: lease read after SIGKILL failed cleanly: %s: %s\n", std::string(errc_name(read.error().code)).c_str(),
-                read.error().message.c_str());
+    std::printf("sigkill: lease read after SIGKILL failed cleanly: %s: %s\n",
+                std::string(errc_name(read.error().code)).c_str(), read.error().message.c_str());
   }
   bytes->reset();
   e->revoke(begun->registration_id, "producer killed");
@@ -592,7 +597,8 @@ TEST_CASE("cuda device_memory: (child) a lease on a SIGKILLed producer's memory"
   CHECK(provider->open_mappings() == 0);
 }
 
-TEST_CASE("cuda device_memory: a producer killed while a lease holds its mapping crashes nothing", "[cuda][device_memory][engine]") {
+TEST_CASE("cuda device_memory: a producer killed while a lease holds its mapping crashes nothing",
+          "[cuda][device_memory][engine]") {
   child_process self({self_dir() + "/tensorreg_gpu_tests", "[sigkill_child]"});
   self.close_stdin();
   const std::string output = self.read_all();
@@ -604,7 +610,8 @@ TEST_CASE("cuda device_memory: a producer killed while a lease holds its mapping
   CHECK_THAT(output, Catch::Contains("sigkill: open mappings after revoke: 0"));
 }
 
-TEST_CASE("cuda device_memory: a VRAM region is opened once for all the storages taken from it", "[cuda][device_memory][engine]") {
+TEST_CASE("cuda device_memory: a VRAM region is opened once for all the storages taken from it",
+          "[cuda][device_memory][engine]") {
   producer p({{slab_bytes, 31}, {other_bytes, 32}});
   auto provider = make_provider();
   t::fake_clock clock;
@@ -640,7 +647,8 @@ TEST_CASE("cuda device_memory: a VRAM region is opened once for all the storages
   CHECK(e->unregister_region(region->id, p.pid(), false).value());  // no reference left
 }
 
-TEST_CASE("cuda device_memory: when the owner process dies its lease and mappings go within 1 s", "[cuda][device_memory][engine]") {
+TEST_CASE("cuda device_memory: when the owner process dies its lease and mappings go within 1 s",
+          "[cuda][device_memory][engine]") {
   producer p({{slab_bytes, 41}, {other_bytes, 42}});
   auto provider = make_provider();
   reg::engine_options options;  // real clock, pidfd owner watch on
@@ -669,8 +677,10 @@ TEST_CASE("cuda device_memory: when the owner process dies its lease and mapping
   CHECK(took < 1000.0);
 }
 
-TEST_CASE("cuda device_memory: through tensorregd, a producer's handles are leased under the digest id and its SIGKILL closes them within 1 s",
-          "[cuda][device_memory][daemon]") {
+TEST_CASE(
+    "cuda device_memory: through tensorregd, a producer's handles are leased under the digest id and its SIGKILL "
+    "closes them within 1 s",
+    "[cuda][device_memory][daemon]") {
   producer p({{slab_bytes, 61}, {other_bytes, 62}});
   // The producer owns the lease; this process speaks for it (same uid, trusted).
   testing::daemon_process d({"--trust-client-pids"});
@@ -762,7 +772,8 @@ TEST_CASE("cuda device_memory: through tensorregd, a producer's handles are leas
   CHECK(d.stop() == 0);
 }
 
-TEST_CASE("cuda device_memory: stable_dram staged on the GPU becomes a host replica with the host-computed id", "[cuda][device_memory][engine]") {
+TEST_CASE("cuda device_memory: stable_dram staged on the GPU becomes a host replica with the host-computed id",
+          "[cuda][device_memory][engine]") {
   // Copied and hashed on the host (staged leaves), or snapshotted on the GPU and hashed there
   // while the snapshot goes to the host (copy_to_host, src/cuda/bulk_copy.hpp).
   const bool on_gpu = GENERATE(false, true);
@@ -778,8 +789,8 @@ TEST_CASE("cuda device_memory: stable_dram staged on the GPU becomes a host repl
 
   t::model m = t::small_model();
   m.storages.push_back({"big", t::pattern(9 * mib + 12, 19)});  // three 4 MiB leaves
-  m.tensors.push_back({"big", "big", {static_cast<std::int64_t>((9 * mib + 12) / 4)}, {1}, "torch.float32", 0,
-                       9 * mib + 12});
+  m.tensors.push_back(
+      {"big", "big", {static_cast<std::int64_t>((9 * mib + 12) / 4)}, {1}, "torch.float32", 0, 9 * mib + 12});
   auto begin = t::stable_begin(m, static_cast<std::int32_t>(::getpid()));
   begin.plan = reg::stable_dram_options{.stage_on_gpu = true};
   auto begun = e->begin(begin);

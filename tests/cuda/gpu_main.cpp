@@ -19,8 +19,8 @@ int main(int argc, char** argv) {
   for (int d = 0; d < count; ++d) {
     cudaDeviceProp prop{};
     if (cudaGetDeviceProperties(&prop, d) == cudaSuccess) {
-      std::fprintf(stderr, "tensorreg_gpu_probe: device %d: %s, sm_%d%d, %d SMs, %.1f GiB\n", d, prop.name,
-                   prop.major, prop.minor, prop.multiProcessorCount,
+      std::fprintf(stderr, "tensorreg_gpu_probe: device %d: %s, sm_%d%d, %d SMs, %.1f GiB\n", d, prop.name, prop.major,
+                   prop.minor, prop.multiProcessorCount,
                    static_cast<double>(prop.totalGlobalMem) / (1024.0 * 1024.0 * 1024.0));
     }
   }

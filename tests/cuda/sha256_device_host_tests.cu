@@ -112,20 +112,18 @@ TEST_CASE("sha256_device: matches OpenSSL for every length 0..300 and every load
 TEST_CASE("sha256_device: the standard vectors", "[cuda][sha256_device]") {
   std::uint32_t s[8];
   detail::sha256_words<1>(reinterpret_cast<const unsigned char*>(""), 0, s);
-  CHECK(tensorreg::hash::to_hex(to_digest(s)) ==
-        "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+  CHECK(tensorreg::hash::to_hex(to_digest(s)) == "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
   const char* abc = "abc";
   detail::sha256_words<1>(reinterpret_cast<const unsigned char*>(abc), 3, s);
-  CHECK(tensorreg::hash::to_hex(to_digest(s)) ==
-        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+  CHECK(tensorreg::hash::to_hex(to_digest(s)) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
 }
 
 TEST_CASE("sha256_device: matches OpenSSL around leaf and block boundaries", "[cuda][sha256_device]") {
   const std::uint64_t leaf = tensorreg::hash::leaf_bytes;
   STATIC_REQUIRE(detail::sha_leaf_bytes == tensorreg::hash::leaf_bytes);
   const auto bytes = random_bytes(static_cast<std::size_t>(leaf + 200), 2);
-  for (std::uint64_t len : {std::uint64_t{1000}, std::uint64_t{4096} + 55, std::uint64_t{65536} + 56,
-                            leaf - 65, leaf - 64, leaf - 9, leaf - 8, leaf - 1, leaf}) {
+  for (std::uint64_t len : {std::uint64_t{1000}, std::uint64_t{4096} + 55, std::uint64_t{65536} + 56, leaf - 65,
+                            leaf - 64, leaf - 9, leaf - 8, leaf - 1, leaf}) {
     for (std::size_t misalign : {0, 4, 7}) {
       check_all_paths(std::span<const std::byte>(bytes.data(), static_cast<std::size_t>(len)), misalign);
     }

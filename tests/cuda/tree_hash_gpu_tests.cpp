@@ -37,11 +37,11 @@ using tensorreg::hash::leaf_bytes;
 constexpr std::uint64_t mib = std::uint64_t{1} << 20;
 constexpr std::uint64_t gib = std::uint64_t{1} << 30;
 
-#define CUDA_REQUIRE(call)                                                      \
-  do {                                                                          \
-    const cudaError_t cuda_require_e = (call);                                  \
-    INFO(#call << ": " << cudaGetErrorName(cuda_require_e));                    \
-    REQUIRE(cuda_require_e == cudaSuccess);                                     \
+#define CUDA_REQUIRE(call)                                   \
+  do {                                                       \
+    const cudaError_t cuda_require_e = (call);               \
+    INFO(#call << ": " << cudaGetErrorName(cuda_require_e)); \
+    REQUIRE(cuda_require_e == cudaSuccess);                  \
   } while (false)
 
 struct device_buffer {
@@ -143,9 +143,9 @@ TEST_CASE("cuda tree_hash: small sizes and block boundaries equal the CPU path",
 }
 
 TEST_CASE("cuda tree_hash: sizes around one leaf equal the CPU path", "[cuda][tree_hash]") {
-  for (std::uint64_t size : {leaf_bytes - 65, leaf_bytes - 64, leaf_bytes - 9, leaf_bytes - 1, leaf_bytes,
-                             leaf_bytes + 1, leaf_bytes + 55, leaf_bytes + 64, 2 * leaf_bytes,
-                             3 * leaf_bytes, 3 * leaf_bytes - 1, 3 * leaf_bytes + 77}) {
+  for (std::uint64_t size :
+       {leaf_bytes - 65, leaf_bytes - 64, leaf_bytes - 9, leaf_bytes - 1, leaf_bytes, leaf_bytes + 1, leaf_bytes + 55,
+        leaf_bytes + 64, 2 * leaf_bytes, 3 * leaf_bytes, 3 * leaf_bytes - 1, 3 * leaf_bytes + 77}) {
     check_random(size, 1000 + size);
   }
 }
@@ -208,8 +208,8 @@ TEST_CASE("cuda tree_hash: 16 GiB equals the CPU path when the device has the me
 TEST_CASE("cuda tree_hash: the tree kernels fold any leaf count as hash::tree_root", "[cuda][tree_hash]") {
   std::vector<std::uint32_t> counts;
   for (std::uint32_t n = 1; n <= 40; ++n) counts.push_back(n);
-  for (std::uint32_t n : {511U, 512U, 513U, 1023U, 1024U, 1025U, 1026U, 2047U, 2048U, 2049U, 4097U, 16384U, 16385U,
-                          100001U}) {
+  for (std::uint32_t n :
+       {511U, 512U, 513U, 1023U, 1024U, 1025U, 1026U, 2047U, 2048U, 2049U, 4097U, 16384U, 16385U, 100001U}) {
     counts.push_back(n);
   }
   std::mt19937 rng(9);
@@ -257,9 +257,8 @@ TEST_CASE("cuda tree_hash: every threads-per-block and every kernel variant give
     for (unsigned threads : {32U, 64U, 96U, 128U}) {
       INFO("threads " << threads << ", variant " << static_cast<int>(variant));
       CUDA_REQUIRE(cudaMemset(out.ptr, 0, 32 * 71));
-      CUDA_REQUIRE(tensorreg::cuda::detail::launch_leaf_kernel(buffer.ptr, size, 71,
-                                                               static_cast<std::uint32_t*>(out.ptr), threads,
-                                                               nullptr, variant));
+      CUDA_REQUIRE(tensorreg::cuda::detail::launch_leaf_kernel(
+          buffer.ptr, size, 71, static_cast<std::uint32_t*>(out.ptr), threads, nullptr, variant));
       std::vector<std::uint32_t> words(8 * 71);
       CUDA_REQUIRE(cudaMemcpy(words.data(), out.ptr, 32 * 71, cudaMemcpyDeviceToHost));
       for (std::size_t i = 0; i < 71; ++i) {

@@ -240,9 +240,8 @@ TEST_CASE("cuda vmm: bad imports fail with the documented codes and leave nothin
     auto failed = provider->import_vmm(p.pid(), 0, p.vmm_fds(), too_big);
     REQUIRE_FALSE(failed);
     CHECK(failed.error().code == errc::invalid_argument);
-    CHECK_THAT(failed.error().message, Catch::StartsWith(prefix + ": cannot map chunk 1 (" +
-                                                         std::to_string(2 * chunk) + " bytes) at offset " +
-                                                         std::to_string(chunk) + ": "));
+    CHECK_THAT(failed.error().message, Catch::StartsWith(prefix + ": cannot map chunk 1 (" + std::to_string(2 * chunk) +
+                                                         " bytes) at offset " + std::to_string(chunk) + ": "));
   }
   SECTION("a chunk smaller than its allocation: the driver maps whole allocations only") {
     producer_process big({{2 * chunk, 33, true}});
@@ -275,9 +274,9 @@ TEST_CASE("cuda vmm: bad imports fail with the documented codes and leave nothin
     } else {
       producer_process other({{chunk, 41, true}}, 1);
       const std::vector<std::uint64_t> one{chunk};
-      CHECK_ERROR(provider->import_vmm(other.pid(), 0, other.vmm_fds(), one), errc::failed_precondition,
-                  what(other, 0) + ": the memory of chunk 0 (fd " + std::to_string(other.vmm_fds()[0]) +
-                      ") lives on device 1");
+      CHECK_ERROR(
+          provider->import_vmm(other.pid(), 0, other.vmm_fds(), one), errc::failed_precondition,
+          what(other, 0) + ": the memory of chunk 0 (fd " + std::to_string(other.vmm_fds()[0]) + ") lives on device 1");
     }
   }
   // Every failure undid its imports, reservation and mappings; the fds still import.
@@ -313,8 +312,8 @@ TEST_CASE("cuda vmm: devices are found by UUID in nvidia-smi's form and the bare
   CHECK(provider->uuid_of(provider->device_count()).empty());
   const std::string unknown = "GPU-00000000-0000-0000-0000-000000000000";
   CHECK_ERROR(provider->device_by_uuid(unknown), errc::failed_precondition,
-              "cannot find CUDA device " + unknown + ": no CUDA device " + unknown +
-                  " is visible to the daemon (" + std::to_string(provider->device_count()) + " present)");
+              "cannot find CUDA device " + unknown + ": no CUDA device " + unknown + " is visible to the daemon (" +
+                  std::to_string(provider->device_count()) + " present)");
   CHECK_CODE(provider->device_by_uuid("GPU-0"), errc::invalid_argument);
 
   // nvidia-smi, where present, prints the same UUID for some GPU.

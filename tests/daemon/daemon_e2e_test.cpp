@@ -18,8 +18,8 @@
 #include "daemon/framing.hpp"
 #include "daemon/unix_socket.hpp"
 #include "support/daemon_process.hpp"
-#include "support/raw_wire.hpp"
 #include "support/raw_store.hpp"
+#include "support/raw_wire.hpp"
 #include "support/safetensors_writer.hpp"
 #include "support/temp_dir.hpp"
 #include "tensorreg/common/thread_pool.hpp"
@@ -45,15 +45,16 @@ using tensorreg::daemon::encode_frame;
 using tensorreg::daemon::frame_decoder;
 using tensorreg::daemon::receive_some;
 using tensorreg::daemon::send_all;
-using tensorreg::testing::store;
 using tensorreg::testing::daemon_process;
+using tensorreg::testing::store;
 using tensorreg::testing::test_tensor;
 
 std::filesystem::path small_model(const std::filesystem::path& dir, std::uint32_t seed, std::size_t big = 5 << 20) {
   const auto path = dir / ("model-" + std::to_string(seed) + ".safetensors");
-  testing::write_safetensors(path, {{"w", "F32", {static_cast<std::int64_t>(big / 4)}, testing::pattern_bytes(big, seed)},
-                                    {"b", "BF16", {3}, testing::pattern_bytes(6, seed + 1)},
-                                    {"ids", "I64", {2}, testing::pattern_bytes(16, seed + 2)}});
+  testing::write_safetensors(path,
+                             {{"w", "F32", {static_cast<std::int64_t>(big / 4)}, testing::pattern_bytes(big, seed)},
+                              {"b", "BF16", {3}, testing::pattern_bytes(6, seed + 1)},
+                              {"ids", "I64", {2}, testing::pattern_bytes(16, seed + 2)}});
   return path;
 }
 
@@ -81,7 +82,8 @@ using tensorreg::testing::framed;
 
 TEST_CASE("tensorregd: reports ready after bind, with a 0700 directory and a 0660 socket", "[daemon][e2e]") {
   daemon_process d;
-  struct stat sock {}, dir {};
+  struct stat sock {
+  }, dir{};
   REQUIRE(::stat(d.socket_path().c_str(), &sock) == 0);
   REQUIRE(::stat(std::filesystem::path(d.socket_path()).parent_path().c_str(), &dir) == 0);
   CHECK((sock.st_mode & 0777) == 0660);
@@ -457,7 +459,8 @@ TEST_CASE("tensorregd: a lease's keep-alive thread keeps it past its TTL; droppi
   CHECK(after.regions() == 0);
 }
 
-TEST_CASE("tensorregd: a connection over --max-sessions gets RESOURCE_EXHAUSTED and the others go on", "[daemon][e2e]") {
+TEST_CASE("tensorregd: a connection over --max-sessions gets RESOURCE_EXHAUSTED and the others go on",
+          "[daemon][e2e]") {
   daemon_process d({"--max-sessions", "1"});
   auto first = connect(d);
   wire::Request config;
@@ -493,8 +496,9 @@ TEST_CASE("tensorregd: GPU requests on a daemon without a GPU get the wire spec'
   CHECK(one_fd.error() == error{errc::invalid_argument, "cannot register region: 1 fds for 2 chunk sizes"});
   auto no_gpu = c.call(vmm, std::span<const int>(fds, 2));
   REQUIRE_FALSE(no_gpu);
-  CHECK(no_gpu.error() == error{errc::failed_precondition,
-                                "cannot register region: CUDA VMM memory on device 0 needs a GPU and this engine has none"});
+  CHECK(no_gpu.error() ==
+        error{errc::failed_precondition,
+              "cannot register region: CUDA VMM memory on device 0 needs a GPU and this engine has none"});
   auto three = c.call(vmm, std::span<const int>(std::array<int, 3>{chunk.fd(), chunk.fd(), chunk.fd()}));
   REQUIRE_FALSE(three);
   CHECK(three.error().code == errc::invalid_argument);  // more fds than the message uses

@@ -102,8 +102,8 @@ TEST_CASE("tensorregd limits: one uid cannot take more than its share of the ses
   REQUIRE(refused);
   CHECK(refused->request_id() == 0);
   CHECK(refused->status().code() == static_cast<int>(errc::resource_exhausted));
-  CHECK(refused->status().message() == "cannot accept connection: uid " + std::to_string(::getuid()) +
-                                           " already has its maximum of 2 sessions");
+  CHECK(refused->status().message() ==
+        "cannot accept connection: uid " + std::to_string(::getuid()) + " already has its maximum of 2 sessions");
   // A session that ends gives its place back.
   first->reset();
   bool served = false;
@@ -173,8 +173,9 @@ TEST_CASE("tensorregd limits: a lease of 1 EiB is refused at Begin, naming the s
   REQUIRE(answer);
   CHECK(answer->request_id() == 3);
   CHECK(answer->status().code() == static_cast<int>(errc::resource_exhausted));
-  CHECK(answer->status().message() == "cannot begin registration: total_size 1152921504606846976 exceeds this "
-                                      "engine's limit of 1099511627776 bytes");
+  CHECK(answer->status().message() ==
+        "cannot begin registration: total_size 1152921504606846976 exceeds this "
+        "engine's limit of 1099511627776 bytes");
   CHECK(serves(d));
 }
 

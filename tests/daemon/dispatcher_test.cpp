@@ -298,7 +298,8 @@ TEST_CASE("dispatcher: end_of_stream on a request that is not a Feed is INVALID_
 
 TEST_CASE("dispatcher: reject() answers request_id 0 with the error", "[daemon][dispatcher]") {
   harness h;
-  auto a = parse(h.dispatch.reject(error{errc::resource_exhausted, "cannot read frame: length 99 exceeds max_frame_bytes 8"}));
+  auto a = parse(
+      h.dispatch.reject(error{errc::resource_exhausted, "cannot read frame: length 99 exceeds max_frame_bytes 8"}));
   CHECK(a.response.request_id() == 0);
   check_status(a, errc::resource_exhausted, "cannot read frame: length 99 exceeds max_frame_bytes 8");
 }
@@ -465,8 +466,8 @@ TEST_CASE("dispatcher: a LIP registration over a daemon-managed HOST_SHARED regi
   CHECK(region.region().device_id() == -1);
   CHECK(region.region().size_bytes() == 64);
   CHECK(region.ttl_ms() == 60'000);
-  CHECK(region.expires_at().seconds() > std::chrono::duration_cast<std::chrono::seconds>(
-                                             std::chrono::system_clock::now().time_since_epoch()).count());
+  CHECK(region.expires_at().seconds() >
+        std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch()).count());
   CHECK(region.host_shared().daemon_managed());
   CHECK(region.host_shared().region_class() == v2::HOST_SHARED_REGION_CLASS_SCRATCH);
   CHECK_THAT(region.host_shared().attach_token(), Catch::StartsWith("region-attach:"));
@@ -565,12 +566,11 @@ TEST_CASE("dispatcher: an error mid-stream is answered once, at once", "[daemon]
   REQUIRE(early);
   auto a = parse(*early);
   CHECK(a.response.request_id() == stream);
-  check_status(a, errc::invalid_argument,
-               "cannot add storage 's0': storage entry must specify exactly one source");
+  check_status(a, errc::invalid_argument, "cannot add storage 's0': storage entry must specify exactly one source");
 
   auto good = feed_frame(stream, id);
   good.mutable_feed_register_artifact_stream()->add_tensor_aliases()->set_name("a");
-  CHECK_FALSE(h.send(good));              // ignored
+  CHECK_FALSE(h.send(good));                   // ignored
   CHECK_FALSE(h.send(end_of_stream(stream)));  // no second answer
 
   // The id is free again: a new stream with it works.
@@ -634,8 +634,7 @@ TEST_CASE("dispatcher: a request reusing the id of an open stream is a connectio
                "cannot handle GetServerConfig request 12: request_id 12 is in use by an open feed stream");
 }
 
-TEST_CASE("dispatcher: close_connection drops open streams; the registration stays abortable",
-          "[daemon][dispatcher]") {
+TEST_CASE("dispatcher: close_connection drops open streams; the registration stays abortable", "[daemon][dispatcher]") {
   harness h;
   const auto id = h.ok(begin_lease(h)).response.begin_register_artifact().registration_id();
   auto f = feed_frame(13, id);
@@ -690,7 +689,8 @@ TEST_CASE("dispatcher: a client HOST_SHARED region takes its memfd as fd 0", "[d
     CHECK(a.response.register_region().region().size_bytes() == 4096);
   }
   SECTION("without it") {
-    check_status_contains(h.call(r), errc::invalid_argument, "cannot register region: HOST_SHARED needs the client's memfd");
+    check_status_contains(h.call(r), errc::invalid_argument,
+                          "cannot register region: HOST_SHARED needs the client's memfd");
   }
   SECTION("with two") {
     std::vector<unique_fd> fds;
@@ -955,8 +955,7 @@ TEST_CASE("dispatcher: a rejected request is logged at info with its code name, 
   CHECK(log.lines().size() == 2);
 }
 
-TEST_CASE("dispatcher: each RPC is logged at debug with its method, peer, id, code and time",
-          "[daemon][dispatcher]") {
+TEST_CASE("dispatcher: each RPC is logged at debug with its method, peer, id, code and time", "[daemon][dispatcher]") {
   recording_logger log;
   harness h(logging_to(log));
   const auto pid = "from pid " + std::to_string(my_pid()) + " uid " + std::to_string(getuid());

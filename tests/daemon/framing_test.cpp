@@ -112,8 +112,7 @@ TEST_CASE("framing: a frame of exactly max_frame_bytes is accepted", "[daemon][f
   CHECK(decoder.finish());
 }
 
-TEST_CASE("framing: max_frame_bytes + 1 is RESOURCE_EXHAUSTED before any payload arrives",
-          "[daemon][framing]") {
+TEST_CASE("framing: max_frame_bytes + 1 is RESOURCE_EXHAUSTED before any payload arrives", "[daemon][framing]") {
   frame_decoder decoder(16);
   const auto fed = decoder.feed(header_bytes(17));  // the header alone is enough
   REQUIRE_FALSE(fed);
@@ -146,8 +145,7 @@ TEST_CASE("framing: a declared length costs nothing until its bytes arrive", "[d
         "payload bytes)");
 }
 
-TEST_CASE("framing: the payload buffer grows with the bytes received, up to the declared length",
-          "[daemon][framing]") {
+TEST_CASE("framing: the payload buffer grows with the bytes received, up to the declared length", "[daemon][framing]") {
   constexpr std::uint32_t length = 10u * 1024u * 1024u + 7u;
   frame_decoder decoder(length);
   REQUIRE(decoder.feed(header_bytes(length)));
@@ -199,8 +197,7 @@ TEST_CASE("framing: an empty stream and a stream of whole frames finish cleanly"
   CHECK(decoder.finish());
 }
 
-TEST_CASE("framing: many frames in one chunk come out in order with their offsets",
-          "[daemon][framing]") {
+TEST_CASE("framing: many frames in one chunk come out in order with their offsets", "[daemon][framing]") {
   std::string stream;
   std::vector<std::string> payloads;
   for (int i = 1; i <= 100; ++i) {
@@ -250,8 +247,7 @@ TEST_CASE("framing: random chunkings of one stream give the same frames", "[daem
     frame_decoder decoder(300);
     std::size_t pos = 0;
     while (pos < stream.size()) {
-      const std::size_t n =
-          std::min(stream.size() - pos, std::uniform_int_distribution<std::size_t>(1, 700)(rng));
+      const std::size_t n = std::min(stream.size() - pos, std::uniform_int_distribution<std::size_t>(1, 700)(rng));
       REQUIRE(decoder.feed(std::string_view(stream).substr(pos, n)));
       pos += n;
     }
@@ -280,8 +276,8 @@ TEST_CASE("framing: garbage is rejected by its length, not trusted", "[daemon][f
     } else if (declared > 1024) {
       REQUIRE_FALSE(fed);
       CHECK(fed.error().code == errc::resource_exhausted);
-      CHECK(fed.error().message == "cannot read frame: length " + std::to_string(declared) +
-                                       " exceeds max_frame_bytes 1024");
+      CHECK(fed.error().message ==
+            "cannot read frame: length " + std::to_string(declared) + " exceeds max_frame_bytes 1024");
       CHECK(decoder.partial_bytes() == 0);
     } else {
       REQUIRE(fed);  // a plausible length: the decoder waits for the rest
@@ -296,8 +292,7 @@ TEST_CASE("framing: garbage is rejected by its length, not trusted", "[daemon][f
   CHECK(fed.error().message == "cannot read frame: length 542393671 exceeds max_frame_bytes 67108864");
 }
 
-TEST_CASE("framing: fds that arrive with the end of frame A and all of frame B belong to B",
-          "[daemon][framing][fds]") {
+TEST_CASE("framing: fds that arrive with the end of frame A and all of frame B belong to B", "[daemon][framing][fds]") {
   frame_decoder decoder;
   const auto a = framed("frame A"), b = framed("frame B");
   std::vector<int> raw;
@@ -335,8 +330,7 @@ TEST_CASE("framing: fds go to the last frame that begins in their read, even one
   CHECK(fc->fds[1].get() == raw[1]);
 }
 
-TEST_CASE("framing: fds fed with the first byte of a frame split byte by byte stay with it",
-          "[daemon][framing][fds]") {
+TEST_CASE("framing: fds fed with the first byte of a frame split byte by byte stay with it", "[daemon][framing][fds]") {
   frame_decoder decoder;
   const auto a = framed("with fds"), b = framed("without");
   std::vector<int> raw;

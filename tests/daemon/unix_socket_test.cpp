@@ -30,7 +30,9 @@ mode_t mode_of(const fs::path& p) {
   return st.st_mode;
 }
 
-std::string must_be() { return "; it must be a directory owned by uid " + std::to_string(::geteuid()) + " with mode 0700"; }
+std::string must_be() {
+  return "; it must be a directory owned by uid " + std::to_string(::geteuid()) + " with mode 0700";
+}
 
 }  // namespace
 
@@ -68,15 +70,16 @@ TEST_CASE("listen_unix: an unsafe existing directory is refused", "[daemon][unix
     auto bound = listen_unix((link / "d.sock").string(), 4);
     REQUIRE_FALSE(bound);
     CHECK(bound.error().code == errc::failed_precondition);
-    CHECK(bound.error().message == "cannot use socket directory '" + link.string() + "': it is a symbolic link" + must_be());
+    CHECK(bound.error().message ==
+          "cannot use socket directory '" + link.string() + "': it is a symbolic link" + must_be());
   }
   SECTION("a file where the directory should be") {
     std::ofstream(dir.path() / "file") << "x";
     auto bound = listen_unix((dir.path() / "file" / "d.sock").string(), 4);
     REQUIRE_FALSE(bound);
     CHECK(bound.error().code == errc::failed_precondition);
-    CHECK(bound.error().message == "cannot use socket directory '" + (dir.path() / "file").string() +
-                                       "': it is not a directory" + must_be());
+    CHECK(bound.error().message ==
+          "cannot use socket directory '" + (dir.path() / "file").string() + "': it is not a directory" + must_be());
   }
   if (::geteuid() != 0) {
     SECTION("owned by someone else") {
@@ -95,8 +98,9 @@ TEST_CASE("listen_unix: a regular file at the path is refused and kept", "[daemo
   auto bound = listen_unix(path.string(), 4);
   REQUIRE_FALSE(bound);
   CHECK(bound.error().code == errc::failed_precondition);
-  CHECK(bound.error().message == "cannot listen on '" + path.string() + "': it exists and is not a socket; refusing "
-                                                                          "to remove it");
+  CHECK(bound.error().message == "cannot listen on '" + path.string() +
+                                     "': it exists and is not a socket; refusing "
+                                     "to remove it");
   std::ifstream in(path);
   std::string text;
   std::getline(in, text);
@@ -140,6 +144,7 @@ TEST_CASE("default_socket_path: XDG_RUNTIME_DIR is preferred over /tmp", "[daemo
   ::setenv("XDG_RUNTIME_DIR", "/run/user/4242", 1);
   CHECK(tensorreg::daemon::default_socket_path() == "/run/user/4242/tensorreg/tensorregd.sock");
   ::unsetenv("XDG_RUNTIME_DIR");
-  CHECK(tensorreg::daemon::default_socket_path() == "/tmp/tensorreg-" + std::to_string(::getuid()) + "/tensorregd.sock");
+  CHECK(tensorreg::daemon::default_socket_path() ==
+        "/tmp/tensorreg-" + std::to_string(::getuid()) + "/tensorregd.sock");
   if (saved != nullptr) ::setenv("XDG_RUNTIME_DIR", kept.c_str(), 1);
 }

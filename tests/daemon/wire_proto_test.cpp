@@ -24,8 +24,7 @@ TEST_CASE("wire_proto: a Request holding a Begin round-trips", "[daemon][wire_pr
   begin->set_total_size(16);
   begin->set_ttl_ms(60000);
   begin->set_owner_pid(1234);
-  begin->mutable_tensor_index_data()->set_data(
-      R"({"weights":[0,16,[2,2],[2,1],"torch.float32",0]})");
+  begin->mutable_tensor_index_data()->set_data(R"({"weights":[0,16,[2,2],[2,1],"torch.float32",0]})");
   begin->mutable_tensor_index_data()->set_schema_version("v3");
   begin->mutable_tensor_index_data()->set_encoding("json");
   begin->mutable_lease()->set_in_place(true);
@@ -83,8 +82,7 @@ TEST_CASE("wire_proto: field numbers are the fixed ones", "[daemon][wire_proto]"
   CHECK(v2::GetServerConfigResponse::kStartupPhaseFieldNumber == 8);
 }
 
-TEST_CASE("wire_proto: the worked example of docs/wire-format.md encodes as documented",
-          "[daemon][wire_proto]") {
+TEST_CASE("wire_proto: the worked example of docs/wire-format.md encodes as documented", "[daemon][wire_proto]") {
   wire::Request request;
   request.set_request_id(1);
   v2::KeepAliveRegisterArtifactRequest* keep_alive = request.mutable_keep_alive_register_artifact();
@@ -95,13 +93,13 @@ TEST_CASE("wire_proto: the worked example of docs/wire-format.md encodes as docu
   const auto frame = tensorreg::daemon::encode_frame(request.SerializeAsString());
   REQUIRE(frame);
   const std::string expected(
-      "\x14\x00\x00\x00"              // length 20
-      "\x08\x01"                      // request_id = 1
-      "\x62\x10"                      // field 12, 16 bytes
-      "\x0a\x05reg_1"                 // registration_id
-      "\x10\xb0\xea\x01"              // ttl_ms = 30000
-      "\x18\x02"                      // epoch = 2
-      "\x20\x92\x21",                 // owner_pid = 4242
+      "\x14\x00\x00\x00"  // length 20
+      "\x08\x01"          // request_id = 1
+      "\x62\x10"          // field 12, 16 bytes
+      "\x0a\x05reg_1"     // registration_id
+      "\x10\xb0\xea\x01"  // ttl_ms = 30000
+      "\x18\x02"          // epoch = 2
+      "\x20\x92\x21",     // owner_pid = 4242
       24);
   CHECK(*frame == expected);
 

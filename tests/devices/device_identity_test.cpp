@@ -25,10 +25,9 @@ gpu_uuid smi_bytes() {
 
 TEST_CASE("device_identity: nvidia-smi's form, the bare form and any case parse to the same bytes",
           "[devices][device_identity]") {
-  for (const std::string_view text :
-       {smi_form, std::string_view("5c1ab3b4-7f2e-4d3a-9b8c-0123456789ef"),
-        std::string_view("gpu-5C1AB3B4-7F2E-4D3A-9B8C-0123456789EF"),
-        std::string_view("GPU-5c1AB3b4-7f2E-4d3a-9B8c-0123456789eF")}) {
+  for (const std::string_view text : {smi_form, std::string_view("5c1ab3b4-7f2e-4d3a-9b8c-0123456789ef"),
+                                      std::string_view("gpu-5C1AB3B4-7F2E-4D3A-9B8C-0123456789EF"),
+                                      std::string_view("GPU-5c1AB3b4-7f2E-4d3a-9B8c-0123456789eF")}) {
     INFO(text);
     auto parsed = dev::parse_gpu_uuid(text);
     REQUIRE_OK(parsed);
@@ -48,8 +47,9 @@ TEST_CASE("device_identity: formatting gives nvidia-smi's lower-case form and ro
 }
 
 TEST_CASE("device_identity: malformed UUIDs are INVALID_ARGUMENT naming what is wrong", "[devices][device_identity]") {
-  CHECK_ERROR(dev::parse_gpu_uuid(""), errc::invalid_argument,
-              "cannot parse GPU UUID '': expected 36 characters (8-4-4-4-12 hex digits) after an optional 'GPU-', got 0");
+  CHECK_ERROR(
+      dev::parse_gpu_uuid(""), errc::invalid_argument,
+      "cannot parse GPU UUID '': expected 36 characters (8-4-4-4-12 hex digits) after an optional 'GPU-', got 0");
   CHECK_ERROR(dev::parse_gpu_uuid("GPU-5c1ab3b4"), errc::invalid_argument,
               "cannot parse GPU UUID 'GPU-5c1ab3b4': expected 36 characters (8-4-4-4-12 hex digits) after an optional "
               "'GPU-', got 8");
@@ -97,7 +97,8 @@ TEST_CASE("device_identity: round_up to the granularity", "[devices][device_iden
   CHECK(dev::round_up(g + 1, g).value() == 2 * g);
   CHECK_CODE(dev::round_up(5, 0), errc::invalid_argument);
   CHECK_CODE(dev::round_up(std::numeric_limits<std::uint64_t>::max() - 3, g), errc::out_of_range);
-  CHECK(dev::round_up(std::numeric_limits<std::uint64_t>::max(), 1).value() == std::numeric_limits<std::uint64_t>::max());
+  CHECK(dev::round_up(std::numeric_limits<std::uint64_t>::max(), 1).value() ==
+        std::numeric_limits<std::uint64_t>::max());
 }
 
 TEST_CASE("device_identity: a VMM import reserves the sum of its chunks and rejects bad chunk lists",
@@ -117,8 +118,9 @@ TEST_CASE("device_identity: a VMM import reserves the sum of its chunks and reje
               std::string(what) + ": chunk 1 has 0 bytes");
   const std::vector<std::uint64_t> ragged{g, g + 4096};
   CHECK_ERROR(dev::vmm_reservation_bytes(2, ragged, g, what), errc::invalid_argument,
-              std::string(what) + ": chunk 1 has 2101248 bytes, not a multiple of the device's allocation granularity "
-                                  "2097152");
+              std::string(what) +
+                  ": chunk 1 has 2101248 bytes, not a multiple of the device's allocation granularity "
+                  "2097152");
   const std::vector<std::uint64_t> huge{std::numeric_limits<std::uint64_t>::max() / g * g, g};
   CHECK_ERROR(dev::vmm_reservation_bytes(2, huge, g, what), errc::invalid_argument,
               std::string(what) + ": the chunk sizes sum past 2^64 - 1");
@@ -134,5 +136,6 @@ TEST_CASE("device_identity: a chunk list's total, whatever the granularity", "[d
   CHECK_ERROR(dev::vmm_chunks_total(1, chunks, what), errc::invalid_argument,
               "cannot register region: 1 fds for 3 chunk sizes");
   const std::vector<std::uint64_t> zero{0};
-  CHECK_ERROR(dev::vmm_chunks_total(1, zero, what), errc::invalid_argument, "cannot register region: chunk 0 has 0 bytes");
+  CHECK_ERROR(dev::vmm_chunks_total(1, zero, what), errc::invalid_argument,
+              "cannot register region: chunk 0 has 0 bytes");
 }

@@ -69,7 +69,8 @@ TEST_CASE("hash_placement: the gather and rounds of leaves count on the GPU", "[
   CHECK(plan_hash(s, 8 * gib, false).gpu_seconds == Approx(3 * 0.107));
 }
 
-TEST_CASE("hash_placement: copy and hash: the GPU hashes while the snapshot goes to the host", "[devices][hash_placement]") {
+TEST_CASE("hash_placement: copy and hash: the GPU hashes while the snapshot goes to the host",
+          "[devices][hash_placement]") {
   const auto s = h100();
   const auto big = plan_copy(s, 8 * gib, true);
   CHECK(big.site == hash_site::gpu);

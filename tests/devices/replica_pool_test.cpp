@@ -99,7 +99,8 @@ TEST_CASE("replica_pool: idle bytes stay within the bound, the oldest arenas goi
   CHECK(pool->idle_bytes() == 0);
 }
 
-TEST_CASE("replica_pool: a replica outliving its pool is freed, and a pool of 0 bytes keeps nothing", "[devices][replica_pool]") {
+TEST_CASE("replica_pool: a replica outliving its pool is freed, and a pool of 0 bytes keeps nothing",
+          "[devices][replica_pool]") {
   auto released = std::make_shared<int>(0);
   {
     auto pool = replica_pool::create(1 << 20);

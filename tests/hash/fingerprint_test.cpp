@@ -52,8 +52,7 @@ TEST_CASE("fingerprint: XXH3-128 of empty input is libxxhash's value", "[hash][f
   CHECK(xxh3_128({}) == fingerprint128{0x6001C324468D497FULL, 0x99AA06D3014798D8ULL});
 }
 
-TEST_CASE("fingerprint: equal bytes give equal values, a flipped bit changes them",
-          "[hash][fingerprint]") {
+TEST_CASE("fingerprint: equal bytes give equal values, a flipped bit changes them", "[hash][fingerprint]") {
   auto data = pattern(4096);
   const fingerprint128 before = xxh3_128(data);
   CHECK(xxh3_128(pattern(4096)) == before);

@@ -25,18 +25,14 @@ void check_rejected(const std::string& text, const std::string& reason) {
 
 // registration.md §3.4: every index vector is the multihash of SHA-256 of the literal bytes.
 TEST_CASE("multihash: registration.md index vectors", "[hash][multihash]") {
-  CHECK(encode_multihash(sha256(std::string_view("{}"))) ==
-        "bciqeie3punk3gz4kcfdk2fxx5bsj5fh3j7bb7z36qmimayhwdsvp7cq");
-  CHECK(encode_multihash(sha256(std::string_view(
-            R"({"weights":[0,16,[2,2],[2,1],"torch.float32",0]})"))) ==
+  CHECK(encode_multihash(sha256(std::string_view("{}"))) == "bciqeie3punk3gz4kcfdk2fxx5bsj5fh3j7bb7z36qmimayhwdsvp7cq");
+  CHECK(encode_multihash(sha256(std::string_view(R"({"weights":[0,16,[2,2],[2,1],"torch.float32",0]})"))) ==
         "bciqj5lwemn5gwbuwhk5mgn2iadmjuk3eu4qwaka5dwagpr5obv4kzei");
   // One tensor named é, escaped as the SDK and our emitter write it.
-  CHECK(encode_multihash(sha256(std::string_view(
-            R"({"\u00e9":[0,16,[2,2],[2,1],"torch.float32",0]})"))) ==
+  CHECK(encode_multihash(sha256(std::string_view(R"({"\u00e9":[0,16,[2,2],[2,1],"torch.float32",0]})"))) ==
         "bciqehocq7w5cliuf24tdgag26cwzyswfkhaflh42wcy3lpnwlyzbk4y");
   // The same with é as raw UTF-8 (C3 A9): upstream's LIP rebuild only.
-  CHECK(encode_multihash(sha256(std::string_view(
-            "{\"\xC3\xA9\":[0,16,[2,2],[2,1],\"torch.float32\",0]}"))) ==
+  CHECK(encode_multihash(sha256(std::string_view("{\"\xC3\xA9\":[0,16,[2,2],[2,1],\"torch.float32\",0]}"))) ==
         "bciqckmcqgesy5hqmii2vruux2zgkxpl2ftcvlsass4pw3i72omoob6y");
   CHECK(encode_multihash(sha256(std::string_view(
             R"({"a":[0,16,[2,2],[2,1],"torch.float32",0],"b":[16,16,[2,2],[2,1],"torch.float32",0]})"))) ==

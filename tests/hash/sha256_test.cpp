@@ -28,8 +28,7 @@ TEST_CASE("sha256: empty input is the standard digest, not zeros", "[hash][sha25
 }
 
 TEST_CASE("sha256: FIPS 180-2 vectors", "[hash][sha256]") {
-  CHECK(to_hex(sha256(std::string_view("abc"))) ==
-        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+  CHECK(to_hex(sha256(std::string_view("abc"))) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
   CHECK(to_hex(sha256(std::string_view("abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq"))) ==
         "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1");
 }
@@ -83,11 +82,10 @@ TEST_CASE("sha256: hex round trip accepts upper and lower case", "[hash][sha256]
 TEST_CASE("sha256: digest_from_hex rejects wrong length and non-hex characters", "[hash][sha256]") {
   const std::string good = to_hex(sha256(std::string_view("abc")));
   for (const std::string& bad : {std::string(), good.substr(0, 63), good + "0", good.substr(0, 62) + "g0",
-                                "0x" + good.substr(2), good.substr(0, 40)}) {
+                                 "0x" + good.substr(2), good.substr(0, 40)}) {
     const auto parsed = tensorreg::hash::digest_from_hex(bad);
     REQUIRE_FALSE(parsed.has_value());
     CHECK(parsed.error().code == errc::invalid_argument);
-    CHECK(parsed.error().message ==
-          "tensor_index_key must be a 32-byte sha256 hex string, got '" + bad + "'");
+    CHECK(parsed.error().message == "tensor_index_key must be a 32-byte sha256 hex string, got '" + bad + "'");
   }
 }

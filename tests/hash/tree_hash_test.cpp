@@ -150,8 +150,7 @@ TEST_CASE("tree_hash: tree shape is binary with the odd node promoted", "[hash][
   // Five leaves: ((01)(23))4 — the promoted node climbs two levels unchanged.
   std::vector<digest> five;
   for (int i = 0; i < 5; ++i) five.push_back(sha256(std::string_view(std::to_string(i))));
-  CHECK(tensorreg::hash::tree_root(five) ==
-        pair(pair(pair(five[0], five[1]), pair(five[2], five[3])), five[4]));
+  CHECK(tensorreg::hash::tree_root(five) == pair(pair(pair(five[0], five[1]), pair(five[2], five[3])), five[4]));
   // One leaf is its own root.
   CHECK(tensorreg::hash::tree_root(std::span<const digest>(five).first(1)) == five[0]);
 }
@@ -246,8 +245,7 @@ TEST_CASE("tree_hash: incremental leaves from many threads", "[hash][tree_hash]"
   CHECK(*inc->finish() == tensorreg::hash::tree_root(leaves));
 }
 
-TEST_CASE("tree_hash: incremental rejects size 0, bad and duplicate indices, early finish",
-          "[hash][tree_hash]") {
+TEST_CASE("tree_hash: incremental rejects size 0, bad and duplicate indices, early finish", "[hash][tree_hash]") {
   const auto zero = tensorreg::hash::incremental_tree_hash::create(0);
   REQUIRE_FALSE(zero.has_value());
   CHECK(zero.error().code == errc::invalid_argument);

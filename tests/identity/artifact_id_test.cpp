@@ -66,9 +66,9 @@ TEST_CASE("artifact_id: parse_mi2 rejects malformed ids naming them", "[identity
                 "cannot parse artifact id '" + bad_data + "': data multihash: cannot decode multihash 'B" +
                     (data_mh + 1) + "': expected multibase prefix 'b' (base32 lower case)");
   const std::string bad_index = std::string("mi2:") + index_mh + "a:" + data_mh;
-  check_invalid(tensorreg::identity::parse_mi2(bad_index),
-                "cannot parse artifact id '" + bad_index + "': index multihash: cannot decode multihash '" +
-                    index_mh + "a': expected 56 characters, got 57");
+  check_invalid(tensorreg::identity::parse_mi2(bad_index), "cannot parse artifact id '" + bad_index +
+                                                               "': index multihash: cannot decode multihash '" +
+                                                               index_mh + "a': expected 56 characters, got 57");
 }
 
 TEST_CASE("artifact_id: the CGID grammar", "[identity][artifact_id]") {
@@ -79,10 +79,8 @@ TEST_CASE("artifact_id: the CGID grammar", "[identity][artifact_id]") {
   CHECK(tensorreg::identity::classify_artifact_id("cgid:abc") == id_kind::cgid);
   CHECK(tensorreg::identity::check_artifact_id("cgid:abc").value() == id_kind::cgid);
 
-  check_invalid(tensorreg::identity::validate_cgid("cgid:ab"),
-                "invalid cgid 'cgid:ab': length 7 is outside 8..200");
-  check_invalid(tensorreg::identity::validate_cgid("cgid:"),
-                "invalid cgid 'cgid:': length 5 is outside 8..200");
+  check_invalid(tensorreg::identity::validate_cgid("cgid:ab"), "invalid cgid 'cgid:ab': length 7 is outside 8..200");
+  check_invalid(tensorreg::identity::validate_cgid("cgid:"), "invalid cgid 'cgid:': length 5 is outside 8..200");
   const std::string too_long = "cgid:" + std::string(196, 'x');
   check_invalid(tensorreg::identity::validate_cgid(too_long),
                 "invalid cgid '" + too_long + "': length 201 is outside 8..200");
@@ -105,8 +103,7 @@ TEST_CASE("artifact_id: check_artifact_id rejects unknown prefixes and bad ids",
   CHECK(tensorreg::identity::classify_artifact_id("") == id_kind::unspecified);
   check_invalid(tensorreg::identity::check_artifact_id("sha256:abc"),
                 "invalid artifact id 'sha256:abc': expected prefix 'mi2:' or 'cgid:'");
-  check_invalid(tensorreg::identity::check_artifact_id("cgid:a"),
-                "invalid cgid 'cgid:a': length 6 is outside 8..200");
+  check_invalid(tensorreg::identity::check_artifact_id("cgid:a"), "invalid cgid 'cgid:a': length 6 is outside 8..200");
   check_invalid(tensorreg::identity::check_artifact_id("mi2:x:y"),
                 "cannot parse artifact id 'mi2:x:y': index multihash: cannot decode multihash 'x': "
                 "expected multibase prefix 'b' (base32 lower case)");
@@ -170,8 +167,7 @@ TEST_CASE("artifact_id: byte-artifact parser rejects every broken segment", "[id
   const std::string empty_ns = p + "~eng~b64u.bQ~b64u.djE~l~b64u.azE";
   check_invalid(parse(empty_ns), "invalid byte_artifact cgid '" + empty_ns + "': segment ns is empty");
   const std::string empty_key = p + "ns~eng~b64u.bQ~b64u.djE~l~";
-  check_invalid(parse(empty_key),
-                "invalid byte_artifact cgid '" + empty_key + "': segment engine_key_enc is empty");
+  check_invalid(parse(empty_key), "invalid byte_artifact cgid '" + empty_key + "': segment engine_key_enc is empty");
   const std::string raw_model = p + "ns~eng~model~b64u.djE~l~b64u.azE";
   check_invalid(parse(raw_model), "invalid byte_artifact cgid '" + raw_model +
                                       "': segment model_id_enc: cannot decode cgid segment 'model': "
@@ -186,15 +182,15 @@ TEST_CASE("artifact_id: byte-artifact parser rejects every broken segment", "[id
                     "': segment engine_key_enc decodes to a value that is empty or contains '|', '\\n' or '\\r'");
   // The CGID grammar comes first: '|' is not a CGID character at all.
   check_invalid(parse(p + "n|s~eng~b64u.bQ~b64u.djE~l~b64u.azE"),
-                "invalid cgid '" + p + "n|s~eng~b64u.bQ~b64u.djE~l~b64u.azE': character '|' at 20 is not in "
-                "[A-Za-z0-9-._~]");
+                "invalid cgid '" + p +
+                    "n|s~eng~b64u.bQ~b64u.djE~l~b64u.azE': character '|' at 20 is not in "
+                    "[A-Za-z0-9-._~]");
 }
 
 TEST_CASE("artifact_id: build_byte_artifact_cgid rejects bad fields", "[identity][artifact_id]") {
   auto f = sglang_fields();
   f.ns = "";
-  check_invalid(tensorreg::identity::build_byte_artifact_cgid(f),
-                "cannot build byte_artifact cgid: ns '' is empty");
+  check_invalid(tensorreg::identity::build_byte_artifact_cgid(f), "cannot build byte_artifact cgid: ns '' is empty");
   f = sglang_fields();
   f.engine = "sg/lang";
   check_invalid(tensorreg::identity::build_byte_artifact_cgid(f),

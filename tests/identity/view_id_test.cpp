@@ -19,9 +19,7 @@ constexpr std::string_view two_tensor_index =
     R"({"a":[0,16,[2,2],[2,1],"torch.float32",0],"b":[16,16,[2,2],[2,1],"torch.float32",0]})";
 constexpr const char* golden_view_id = "bciqd3js2h75e5gw6cagg5kp3d6xc7laeqca263wrnmirudisjlwuwwa";
 
-std::string index_multihash() {
-  return tensorreg::hash::encode_multihash(tensorreg::hash::sha256(two_tensor_index));
-}
+std::string index_multihash() { return tensorreg::hash::encode_multihash(tensorreg::hash::sha256(two_tensor_index)); }
 
 view_spec golden_spec() {
   // Inserted out of order on purpose: the payload sorts by name.
@@ -70,9 +68,15 @@ TEST_CASE("view_id: signed and wide fields are written little-endian", "[identit
   spec["w"] = {narrow_op{0x01020304, -2, 0x0102030405060708ULL}};
   const std::string payload = tensorreg::identity::view_payload(spec, "");
   CHECK(hex(payload) ==
-        "01000000" "01000000"
-        "01000000" "77" "01000000"
-        "00" "04030201" "feffffffffffffff" "0807060504030201");
+        "01000000"
+        "01000000"
+        "01000000"
+        "77"
+        "01000000"
+        "00"
+        "04030201"
+        "feffffffffffffff"
+        "0807060504030201");
 }
 
 TEST_CASE("view_id: names sort by bytes, not by escaped text", "[identity][view_id]") {

@@ -16,12 +16,11 @@ using tensorreg::index::map_safetensors_dtype;
 
 TEST_CASE("dtype: every known torch dtype has its element size", "[index][dtype]") {
   const std::vector<std::pair<std::string, std::uint32_t>> table = {
-      {"torch.float16", 2},      {"torch.bfloat16", 2},      {"torch.float32", 4},
-      {"torch.float64", 8},      {"torch.int8", 1},          {"torch.uint8", 1},
-      {"torch.int16", 2},        {"torch.int32", 4},         {"torch.int64", 8},
-      {"torch.bool", 1},         {"torch.float", 4},         {"torch.double", 8},
-      {"torch.float8_e4m3fn", 1}, {"torch.float8_e5m2", 1},  {"torch.uint16", 2},
-      {"torch.uint32", 4},       {"torch.uint64", 8},
+      {"torch.float16", 2},       {"torch.bfloat16", 2},    {"torch.float32", 4}, {"torch.float64", 8},
+      {"torch.int8", 1},          {"torch.uint8", 1},       {"torch.int16", 2},   {"torch.int32", 4},
+      {"torch.int64", 8},         {"torch.bool", 1},        {"torch.float", 4},   {"torch.double", 8},
+      {"torch.float8_e4m3fn", 1}, {"torch.float8_e5m2", 1}, {"torch.uint16", 2},  {"torch.uint32", 4},
+      {"torch.uint64", 8},
   };
   for (const auto& [name, size] : table) {
     INFO(name);
@@ -40,13 +39,20 @@ TEST_CASE("dtype: unknown and differently spelled dtypes have no element size", 
 
 TEST_CASE("dtype: safetensors dtypes map to torch dtypes and sizes", "[index][dtype]") {
   const std::vector<std::tuple<std::string, std::string, std::uint32_t>> table = {
-      {"F16", "torch.float16", 2},  {"BF16", "torch.bfloat16", 2},
-      {"F32", "torch.float32", 4},  {"F64", "torch.float64", 8},
-      {"I8", "torch.int8", 1},      {"I16", "torch.int16", 2},
-      {"I32", "torch.int32", 4},    {"I64", "torch.int64", 8},
-      {"U8", "torch.uint8", 1},     {"BOOL", "torch.uint8", 1},
-      {"F8_E4M3", "torch.float8_e4m3fn", 1}, {"F8_E5M2", "torch.float8_e5m2", 1},
-      {"U16", "torch.uint16", 2},   {"U32", "torch.uint32", 4},
+      {"F16", "torch.float16", 2},
+      {"BF16", "torch.bfloat16", 2},
+      {"F32", "torch.float32", 4},
+      {"F64", "torch.float64", 8},
+      {"I8", "torch.int8", 1},
+      {"I16", "torch.int16", 2},
+      {"I32", "torch.int32", 4},
+      {"I64", "torch.int64", 8},
+      {"U8", "torch.uint8", 1},
+      {"BOOL", "torch.uint8", 1},
+      {"F8_E4M3", "torch.float8_e4m3fn", 1},
+      {"F8_E5M2", "torch.float8_e5m2", 1},
+      {"U16", "torch.uint16", 2},
+      {"U32", "torch.uint32", 4},
       {"U64", "torch.uint64", 8},
   };
   for (const auto& [st, torch, size] : table) {
@@ -64,14 +70,14 @@ TEST_CASE("dtype: BOOL maps to torch.uint8 as upstream writes it", "[index][dtyp
   CHECK(map_safetensors_dtype("mask", "BOOL").value().torch_name == "torch.uint8");
 }
 
-TEST_CASE("dtype: an unmapped safetensors dtype is invalid and names tensor and dtype",
-          "[index][dtype]") {
+TEST_CASE("dtype: an unmapped safetensors dtype is invalid and names tensor and dtype", "[index][dtype]") {
   for (const char* bad : {"C64", "F4", "f32", "", "torch.float32", "I4"}) {
     INFO(bad);
     const auto mapped = map_safetensors_dtype("layer.w", bad);
     REQUIRE_FALSE(mapped);
     CHECK(mapped.error().code == errc::invalid_argument);
     CHECK(mapped.error().message == std::string("cannot map dtype of safetensors tensor 'layer.w': "
-                                                "unsupported dtype '") + bad + "'");
+                                                "unsupported dtype '") +
+                                        bad + "'");
   }
 }

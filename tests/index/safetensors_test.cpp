@@ -1,7 +1,7 @@
 #include "tensorreg/index/safetensors.hpp"
 
-#include <catch2/catch.hpp>
 #include <stdlib.h>
+#include <catch2/catch.hpp>
 
 #include <cstdint>
 #include <cstring>
@@ -67,8 +67,8 @@ std::span<const std::byte> as_bytes(const std::string& s) {
 // One tensor's header entry.
 std::string tensor_json(const std::string& name, const std::string& dtype, const std::string& shape,
                         std::uint64_t begin, std::uint64_t end) {
-  return "\"" + name + "\":{\"dtype\":\"" + dtype + "\",\"shape\":" + shape +
-         ",\"data_offsets\":[" + std::to_string(begin) + "," + std::to_string(end) + "]}";
+  return "\"" + name + "\":{\"dtype\":\"" + dtype + "\",\"shape\":" + shape + ",\"data_offsets\":[" +
+         std::to_string(begin) + "," + std::to_string(end) + "]}";
 }
 
 tensorreg::result<safetensors_header> parse_memory(const std::string& header,
@@ -76,8 +76,8 @@ tensorreg::result<safetensors_header> parse_memory(const std::string& header,
   return parse_safetensors_header(as_bytes(safetensors_bytes(header, data)), "mem.safetensors");
 }
 
-void require_invalid_header(const tensorreg::result<safetensors_header>& r,
-                            const std::string& reason, const std::string& label = "mem.safetensors") {
+void require_invalid_header(const tensorreg::result<safetensors_header>& r, const std::string& reason,
+                            const std::string& label = "mem.safetensors") {
   REQUIRE_FALSE(r);
   CHECK(r.error().code == errc::invalid_argument);
   CHECK(r.error().message == "cannot parse safetensors header of '" + label + "': " + reason);
@@ -95,8 +95,7 @@ std::string data_of(std::size_t n, char base) {
 
 TEST_CASE("safetensors: reads a well-formed file's header", "[index][safetensors]") {
   temp_dir dir;
-  const std::string header = "{\"__metadata__\":{\"format\":\"pt\"}," +
-                             tensor_json("w", "F32", "[2,2]", 0, 16) + "," +
+  const std::string header = "{\"__metadata__\":{\"format\":\"pt\"}," + tensor_json("w", "F32", "[2,2]", 0, 16) + "," +
                              tensor_json("b", "BOOL", "[3]", 16, 19) + "}  ";  // padded, as writers do
   const std::string path = dir.file("model.safetensors");
   write_file(path, safetensors_bytes(header, data_of(19, 'a')));
@@ -123,8 +122,7 @@ TEST_CASE("safetensors: reads a well-formed file's header", "[index][safetensors
 
 TEST_CASE("safetensors: parsing from memory agrees with reading the file", "[index][safetensors]") {
   temp_dir dir;
-  const std::string bytes =
-      safetensors_bytes("{" + tensor_json("x", "F16", "[4]", 0, 8) + "}", data_of(8, 'a'));
+  const std::string bytes = safetensors_bytes("{" + tensor_json("x", "F16", "[4]", 0, 8) + "}", data_of(8, 'a'));
   write_file(dir.file("x.safetensors"), bytes);
   const auto from_file = read_safetensors_header(dir.file("x.safetensors"));
   const auto from_memory = parse_safetensors_header(as_bytes(bytes), "x.safetensors");
@@ -136,9 +134,9 @@ TEST_CASE("safetensors: parsing from memory agrees with reading the file", "[ind
 }
 
 TEST_CASE("safetensors: empty tensors and scalars are accepted", "[index][safetensors]") {
-  const auto h = parse_memory("{" + tensor_json("empty", "F32", "[0,3]", 4, 4) + "," +
-                              tensor_json("empty2", "F32", "[0]", 4, 4) + "," +
-                              tensor_json("scalar", "I32", "[]", 0, 4) + "}");
+  const auto h =
+      parse_memory("{" + tensor_json("empty", "F32", "[0,3]", 4, 4) + "," + tensor_json("empty2", "F32", "[0]", 4, 4) +
+                   "," + tensor_json("scalar", "I32", "[]", 0, 4) + "}");
   REQUIRE(h);
   CHECK(h->tensors.size() == 3);
 }
@@ -147,22 +145,20 @@ TEST_CASE("safetensors: a file shorter than the length field is refused", "[inde
   temp_dir dir;
   write_file(dir.file("short.safetensors"), std::string("\x05\x00\x00", 3));
   require_invalid_header(read_safetensors_header(dir.file("short.safetensors")).map([](auto f) { return f.header; }),
-                         "file of 3 bytes is too short for the 8-byte header length",
-                         dir.file("short.safetensors"));
+                         "file of 3 bytes is too short for the 8-byte header length", dir.file("short.safetensors"));
   require_invalid_header(parse_safetensors_header(as_bytes(std::string("\x05\x00\x00", 3)), "mem.safetensors"),
                          "file of 3 bytes is too short for the 8-byte header length");
 }
 
-TEST_CASE("safetensors: a header length of 2^63 is refused before allocating",
-          "[index][safetensors]") {
+TEST_CASE("safetensors: a header length of 2^63 is refused before allocating", "[index][safetensors]") {
   temp_dir dir;
   const std::string path = dir.file("huge.safetensors");
   write_file(path, safetensors_bytes("{}", "", std::uint64_t{1} << 63));
   require_invalid_header(read_safetensors_header(path).map([](auto f) { return f.header; }),
                          "header length 9223372036854775808 exceeds the limit of 104857600 bytes", path);
-  require_invalid_header(parse_safetensors_header(as_bytes(safetensors_bytes("{}", "", ~std::uint64_t{0})),
-                                                  "mem.safetensors"),
-                         "header length 18446744073709551615 exceeds the limit of 104857600 bytes");
+  require_invalid_header(
+      parse_safetensors_header(as_bytes(safetensors_bytes("{}", "", ~std::uint64_t{0})), "mem.safetensors"),
+      "header length 18446744073709551615 exceeds the limit of 104857600 bytes");
 }
 
 TEST_CASE("safetensors: a header length over 100 MiB is refused", "[index][safetensors]") {
@@ -177,8 +173,7 @@ TEST_CASE("safetensors: a header length over 100 MiB is refused", "[index][safet
                          "header length 104857601 exceeds the limit of 104857600 bytes");
 }
 
-TEST_CASE("safetensors: a header length past the end of the file is refused",
-          "[index][safetensors]") {
+TEST_CASE("safetensors: a header length past the end of the file is refused", "[index][safetensors]") {
   temp_dir dir;
   const std::string path = dir.file("cut.safetensors");
   write_file(path, safetensors_bytes("{}", "", 1000));
@@ -186,8 +181,7 @@ TEST_CASE("safetensors: a header length past the end of the file is refused",
                          "header length 1000 exceeds the 2 bytes that follow the length field", path);
 }
 
-TEST_CASE("safetensors: a memory prefix that ends inside the header is refused",
-          "[index][safetensors]") {
+TEST_CASE("safetensors: a memory prefix that ends inside the header is refused", "[index][safetensors]") {
   const std::string bytes = safetensors_bytes("{}", std::string(100, 'd'));
   require_invalid_header(parse_safetensors_header(as_bytes(bytes).first(9), bytes.size(), "mem.safetensors"),
                          "buffer of 9 bytes ends before the 2-byte header");
@@ -216,17 +210,14 @@ TEST_CASE("safetensors: a header that is not an object is refused", "[index][saf
 }
 
 TEST_CASE("safetensors: __metadata__ must map strings to strings", "[index][safetensors]") {
-  require_invalid_header(parse_memory("{\"__metadata__\":[\"x\"]}"),
-                         "__metadata__ must be an object of strings");
-  require_invalid_header(parse_memory("{\"__metadata__\":{\"n\":1}}"),
-                         "__metadata__ value of 'n' must be a string");
+  require_invalid_header(parse_memory("{\"__metadata__\":[\"x\"]}"), "__metadata__ must be an object of strings");
+  require_invalid_header(parse_memory("{\"__metadata__\":{\"n\":1}}"), "__metadata__ value of 'n' must be a string");
   const auto only_metadata = parse_memory("{\"__metadata__\":{}}");
   REQUIRE(only_metadata);
   CHECK(only_metadata->tensors.empty());
 }
 
-TEST_CASE("safetensors: an unsupported dtype is refused naming tensor and dtype",
-          "[index][safetensors]") {
+TEST_CASE("safetensors: an unsupported dtype is refused naming tensor and dtype", "[index][safetensors]") {
   require_invalid_header(parse_memory("{" + tensor_json("w", "C64", "[1]", 0, 8) + "}"),
                          "tensor 'w' has unsupported dtype 'C64'");
   require_invalid_header(parse_memory("{\"w\":{\"dtype\":7,\"shape\":[1],\"data_offsets\":[0,1]}}"),
@@ -235,8 +226,7 @@ TEST_CASE("safetensors: an unsupported dtype is refused naming tensor and dtype"
                          "tensor 'w' field 'dtype' must be a string");
 }
 
-TEST_CASE("safetensors: a shape that is not an array of non-negative integers is refused",
-          "[index][safetensors]") {
+TEST_CASE("safetensors: a shape that is not an array of non-negative integers is refused", "[index][safetensors]") {
   for (const char* shape : {"[-1]", "[1.5]", "2", "[true]", "[\"2\"]", "null", "[[1]]"}) {
     INFO(shape);
     require_invalid_header(parse_memory("{" + tensor_json("w", "U8", shape, 0, 1) + "}"),
@@ -244,15 +234,13 @@ TEST_CASE("safetensors: a shape that is not an array of non-negative integers is
   }
   require_invalid_header(parse_memory("{\"w\":{\"dtype\":\"U8\",\"data_offsets\":[0,1]}}"),
                          "tensor 'w' field 'shape' must be an array of non-negative integers");
-  require_invalid_header(
-      parse_memory("{" + tensor_json("w", "U8", "[9223372036854775808]", 0, 1) + "}"),
-      "tensor 'w' field 'shape' dimension 9223372036854775808 does not fit in int64");
+  require_invalid_header(parse_memory("{" + tensor_json("w", "U8", "[9223372036854775808]", 0, 1) + "}"),
+                         "tensor 'w' field 'shape' dimension 9223372036854775808 does not fit in int64");
 }
 
 TEST_CASE("safetensors: a shape whose byte size overflows is refused", "[index][safetensors]") {
-  require_invalid_header(
-      parse_memory("{" + tensor_json("w", "F64", "[4294967296,4294967296]", 0, 8) + "}"),
-      "tensor 'w' shape [4294967296, 4294967296] of F64 holds more than 2^64 bytes");
+  require_invalid_header(parse_memory("{" + tensor_json("w", "F64", "[4294967296,4294967296]", 0, 8) + "}"),
+                         "tensor 'w' shape [4294967296, 4294967296] of F64 holds more than 2^64 bytes");
 }
 
 TEST_CASE("safetensors: data_offsets must be two non-negative integers", "[index][safetensors]") {
@@ -285,20 +273,18 @@ TEST_CASE("safetensors: data_offsets must span exactly the shape's bytes", "[ind
                          "tensor 'w' data_offsets [0, 4] span 4 bytes but shape [0] of F32 needs 0");
 }
 
-TEST_CASE("safetensors: tensors overlapping in the data section are refused",
-          "[index][safetensors]") {
-  require_invalid_header(parse_memory("{" + tensor_json("a", "U8", "[8]", 0, 8) + "," +
-                                      tensor_json("b", "U8", "[8]", 4, 12) + "}"),
-                         "tensors 'a' [0, 8) and 'b' [4, 12) overlap in the data section");
-  require_invalid_header(parse_memory("{" + tensor_json("a", "U8", "[8]", 0, 8) + "," +
-                                      tensor_json("b", "U8", "[8]", 0, 8) + "," +
-                                      tensor_json("c", "U8", "[4]", 4, 8) + "}"),
-                         "tensors 'b' [0, 8) and 'c' [4, 8) overlap in the data section");
+TEST_CASE("safetensors: tensors overlapping in the data section are refused", "[index][safetensors]") {
+  require_invalid_header(
+      parse_memory("{" + tensor_json("a", "U8", "[8]", 0, 8) + "," + tensor_json("b", "U8", "[8]", 4, 12) + "}"),
+      "tensors 'a' [0, 8) and 'b' [4, 12) overlap in the data section");
+  require_invalid_header(
+      parse_memory("{" + tensor_json("a", "U8", "[8]", 0, 8) + "," + tensor_json("b", "U8", "[8]", 0, 8) + "," +
+                   tensor_json("c", "U8", "[4]", 4, 8) + "}"),
+      "tensors 'b' [0, 8) and 'c' [4, 8) overlap in the data section");
 }
 
 TEST_CASE("safetensors: bad tensor names are refused", "[index][safetensors]") {
-  require_invalid_header(parse_memory("{" + tensor_json("", "U8", "[1]", 0, 1) + "}"),
-                         "tensor name is empty");
+  require_invalid_header(parse_memory("{" + tensor_json("", "U8", "[1]", 0, 1) + "}"), "tensor name is empty");
   require_invalid_header(parse_memory("{" + tensor_json("a/b", "U8", "[1]", 0, 1) + "}"),
                          "tensor name 'a/b' contains a path separator");
   require_invalid_header(parse_memory("{" + tensor_json("a\\\\b", "U8", "[1]", 0, 1) + "}"),
@@ -310,9 +296,9 @@ TEST_CASE("safetensors: bad tensor names are refused", "[index][safetensors]") {
 }
 
 TEST_CASE("safetensors: a duplicate tensor name within a file is refused", "[index][safetensors]") {
-  require_invalid_header(parse_memory("{" + tensor_json("a", "U8", "[1]", 0, 1) + "," +
-                                      tensor_json("a", "U8", "[1]", 1, 2) + "}"),
-                         "duplicate tensor name 'a'");
+  require_invalid_header(
+      parse_memory("{" + tensor_json("a", "U8", "[1]", 0, 1) + "," + tensor_json("a", "U8", "[1]", 1, 2) + "}"),
+      "duplicate tensor name 'a'");
   require_invalid_header(parse_memory("{\"a\":{\"dtype\":\"U8\",\"dtype\":\"U8\",\"shape\":[1],"
                                       "\"data_offsets\":[0,1]}}"),
                          "duplicate key 'dtype'");
@@ -327,8 +313,8 @@ TEST_CASE("safetensors: reading a missing file is not found", "[index][safetenso
   const auto r = read_safetensors_header(dir.file("absent.safetensors"));
   REQUIRE_FALSE(r);
   CHECK(r.error().code == errc::not_found);
-  CHECK(r.error().message == "cannot open safetensors file '" + dir.file("absent.safetensors") +
-                                 "': No such file or directory");
+  CHECK(r.error().message ==
+        "cannot open safetensors file '" + dir.file("absent.safetensors") + "': No such file or directory");
 }
 
 TEST_CASE("safetensors: reading a directory is refused", "[index][safetensors]") {
@@ -337,26 +323,24 @@ TEST_CASE("safetensors: reading a directory is refused", "[index][safetensors]")
   const auto r = read_safetensors_header(dir.file("d.safetensors"));
   REQUIRE_FALSE(r);
   CHECK(r.error().code == errc::invalid_argument);
-  CHECK(r.error().message ==
-        "cannot open safetensors file '" + dir.file("d.safetensors") + "': not a regular file");
+  CHECK(r.error().message == "cannot open safetensors file '" + dir.file("d.safetensors") + "': not a regular file");
 }
 
 // ---- coalesce --------------------------------------------------------------------------------------
 
-TEST_CASE("safetensors: coalesce lays out all files' tensors by name at 8-byte offsets",
-          "[index][safetensors]") {
+TEST_CASE("safetensors: coalesce lays out all files' tensors by name at 8-byte offsets", "[index][safetensors]") {
   temp_dir dir;
   // Shard 2 is listed first: file order must not change the layout.
   const std::string d1 = data_of(16 + 6, 'a');
   const std::string d2 = data_of(3 + 8, 'A');
-  write_file(dir.file("model-00001.safetensors"),
-             safetensors_bytes("{" + tensor_json("w", "F32", "[2,2]", 0, 16) + "," +
-                                   tensor_json("bias", "F16", "[3]", 16, 22) + "}",
-                               d1));
-  write_file(dir.file("model-00002.safetensors"),
-             safetensors_bytes("{" + tensor_json("mask", "BOOL", "[3]", 0, 3) + "," +
-                                   tensor_json("emb", "I64", "[1]", 3, 11) + "}",
-                               d2));
+  write_file(
+      dir.file("model-00001.safetensors"),
+      safetensors_bytes(
+          "{" + tensor_json("w", "F32", "[2,2]", 0, 16) + "," + tensor_json("bias", "F16", "[3]", 16, 22) + "}", d1));
+  write_file(
+      dir.file("model-00002.safetensors"),
+      safetensors_bytes(
+          "{" + tensor_json("mask", "BOOL", "[3]", 0, 3) + "," + tensor_json("emb", "I64", "[1]", 3, 11) + "}", d2));
   std::vector<safetensors_file> files;
   for (const char* name : {"model-00002.safetensors", "model-00001.safetensors"}) {
     auto f = read_safetensors_header(dir.file(name));
@@ -365,16 +349,14 @@ TEST_CASE("safetensors: coalesce lays out all files' tensors by name at 8-byte o
   }
   const auto c = coalesce(files);
   REQUIRE(c);
-  CHECK(c->index.json() ==
-        R"({"bias":[0,6,[3],[1],"torch.float16",0],"emb":[8,8,[1],[1],"torch.int64",0],)"
-        R"("mask":[16,3,[3],[1],"torch.uint8",0],"w":[24,16,[2,2],[2,1],"torch.float32",0]})");
+  CHECK(c->index.json() == R"({"bias":[0,6,[3],[1],"torch.float16",0],"emb":[8,8,[1],[1],"torch.int64",0],)"
+                           R"("mask":[16,3,[3],[1],"torch.uint8",0],"w":[24,16,[2,2],[2,1],"torch.float32",0]})");
   CHECK(c->index.total_size() == 40);
   const std::uint64_t data1 = files[1].header.data_offset;
   const std::uint64_t data2 = files[0].header.data_offset;
-  CHECK(c->placements == std::vector<tensor_placement>{{1, data1 + 16, 6, 0},
-                                                       {0, data2 + 3, 8, 8},
-                                                       {0, data2 + 0, 3, 16},
-                                                       {1, data1 + 0, 16, 24}});
+  CHECK(c->placements ==
+        std::vector<tensor_placement>{
+            {1, data1 + 16, 6, 0}, {0, data2 + 3, 8, 8}, {0, data2 + 0, 3, 16}, {1, data1 + 0, 16, 24}});
 
   // Assembling the canonical buffer from the placements puts each tensor's bytes in place.
   std::string canonical(c->index.total_size(), '\0');
@@ -404,16 +386,16 @@ TEST_CASE("safetensors: coalesce uses torch's contiguous strides", "[index][safe
 }
 
 TEST_CASE("safetensors: coalesce refuses strides past int64", "[index][safetensors]") {
-  const auto h = parse_memory(
-      "{" + tensor_json("z", "U8", "[0,4294967296,4294967296]", 0, 0) + "," +
-      tensor_json("t", "U8", "[1]", 0, 1) + "}");
+  const auto h = parse_memory("{" + tensor_json("z", "U8", "[0,4294967296,4294967296]", 0, 0) + "," +
+                              tensor_json("t", "U8", "[1]", 0, 1) + "}");
   REQUIRE(h);
   const std::vector<safetensors_file> files = {{"one.safetensors", *h}};
   const auto c = coalesce(files);
   REQUIRE_FALSE(c);
   CHECK(c.error().code == errc::invalid_argument);
-  CHECK(c.error().message == "cannot coalesce safetensors files: tensor 'z' of shape [0, "
-                             "4294967296, 4294967296] has a row-major stride past int64");
+  CHECK(c.error().message ==
+        "cannot coalesce safetensors files: tensor 'z' of shape [0, "
+        "4294967296, 4294967296] has a row-major stride past int64");
 }
 
 TEST_CASE("safetensors: coalesce refuses a tensor name found in two files", "[index][safetensors]") {
@@ -427,8 +409,9 @@ TEST_CASE("safetensors: coalesce refuses a tensor name found in two files", "[in
   const auto c = coalesce(files);
   REQUIRE_FALSE(c);
   CHECK(c.error().code == errc::invalid_argument);
-  CHECK(c.error().message == "cannot coalesce safetensors files: tensor 'shared' appears in both "
-                             "'dir/a.safetensors' and 'dir/b.safetensors'");
+  CHECK(c.error().message ==
+        "cannot coalesce safetensors files: tensor 'shared' appears in both "
+        "'dir/a.safetensors' and 'dir/b.safetensors'");
 }
 
 TEST_CASE("safetensors: coalesce of no tensors is an empty tensor dict", "[index][safetensors]") {
@@ -442,30 +425,27 @@ TEST_CASE("safetensors: coalesce of no tensors is an empty tensor dict", "[index
   CHECK(coalesce(files).error().message == "cannot coalesce safetensors files: empty tensor dict");
 }
 
-TEST_CASE("safetensors: coalesce refuses files whose tensors are all empty",
-          "[index][safetensors]") {
+TEST_CASE("safetensors: coalesce refuses files whose tensors are all empty", "[index][safetensors]") {
   const auto h = parse_memory("{" + tensor_json("z", "F32", "[0]", 0, 0) + "}");
   REQUIRE(h);
   const std::vector<safetensors_file> files = {{"z.safetensors", *h}};
   const auto c = coalesce(files);
   REQUIRE_FALSE(c);
   CHECK(c.error().code == errc::invalid_argument);
-  CHECK(c.error().message ==
-        "cannot coalesce safetensors files: every tensor is empty, so total_size would be 0");
+  CHECK(c.error().message == "cannot coalesce safetensors files: every tensor is empty, so total_size would be 0");
 }
 
 TEST_CASE("safetensors: tensors with identical data ranges are aliases of one storage", "[index][safetensors]") {
-  auto header = parse_memory("{" + tensor_json("embed", "U8", "[8]", 0, 8) + "," +
-                             tensor_json("lm_head", "U8", "[2,4]", 0, 8) + "," +
-                             tensor_json("norm", "U8", "[3]", 8, 11) + "}");
+  auto header =
+      parse_memory("{" + tensor_json("embed", "U8", "[8]", 0, 8) + "," + tensor_json("lm_head", "U8", "[2,4]", 0, 8) +
+                   "," + tensor_json("norm", "U8", "[3]", 8, 11) + "}");
   REQUIRE(header);
   std::vector<safetensors_file> files{{"m.safetensors", *header}};
   auto layout = coalesce(files);
   REQUIRE(layout);
   const auto& idx = layout->index;
-  CHECK(idx.json() ==
-        R"({"embed":[0,8,[8],[1],"torch.uint8",0],"lm_head":[0,8,[2,4],[4,1],"torch.uint8",0],)"
-        R"("norm":[8,3,[3],[1],"torch.uint8",0]})");
+  CHECK(idx.json() == R"({"embed":[0,8,[8],[1],"torch.uint8",0],"lm_head":[0,8,[2,4],[4,1],"torch.uint8",0],)"
+                      R"("norm":[8,3,[3],[1],"torch.uint8",0]})");
   CHECK(idx.total_size() == 11);
   REQUIRE(layout->placements.size() == 3);
   CHECK(layout->placements[0].canonical_offset == layout->placements[1].canonical_offset);

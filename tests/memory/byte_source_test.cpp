@@ -12,10 +12,10 @@
 #include <vector>
 
 #include "support/temp_dir.hpp"
+#include "tensorreg/common/thread_pool.hpp"
 #include "tensorreg/memory/mapped_file.hpp"
 #include "tensorreg/memory/segmented_view.hpp"
 #include "tensorreg/memory/shared_memory.hpp"
-#include "tensorreg/common/thread_pool.hpp"
 
 #include <algorithm>
 #include <mutex>
@@ -116,8 +116,8 @@ TEST_CASE("byte_source: pieces cover the range exactly and in order", "[memory][
     bool match = true;
     REQUIRE(s.source->visit(off, len, [&](std::span<const std::byte> piece) -> tensorreg::status {
       REQUIRE_FALSE(piece.empty());
-      match = match && std::equal(piece.begin(), piece.end(),
-                                  s.expected.begin() + static_cast<std::ptrdiff_t>(off + seen));
+      match =
+          match && std::equal(piece.begin(), piece.end(), s.expected.begin() + static_cast<std::ptrdiff_t>(off + seen));
       seen += piece.size();
       return {};
     }));
@@ -141,8 +141,8 @@ TEST_CASE("byte_source: ranges outside the source are OUT_OF_RANGE", "[memory][b
     auto r = s.source->read(n, one);
     REQUIRE_FALSE(r);
     CHECK(r.error().code == errc::out_of_range);
-    CHECK(r.error().message == "cannot read 1 bytes at offset " + std::to_string(n) + ": source holds " +
-                                   std::to_string(n) + " bytes");
+    CHECK(r.error().message ==
+          "cannot read 1 bytes at offset " + std::to_string(n) + ": source holds " + std::to_string(n) + " bytes");
     // offset + length overflows uint64: still a clean OUT_OF_RANGE.
     auto overflow = s.source->visit(1, UINT64_MAX, [](std::span<const std::byte>) -> tensorreg::status { return {}; });
     REQUIRE_FALSE(overflow);
@@ -165,7 +165,8 @@ TEST_CASE("byte_source: a sink error stops the visit and is returned unchanged",
   }
 }
 
-TEST_CASE("segmented_view: for_each_leaf resolves nested views into their leaves, skipping gaps", "[memory][segmented_view]") {
+TEST_CASE("segmented_view: for_each_leaf resolves nested views into their leaves, skipping gaps",
+          "[memory][segmented_view]") {
   std::vector<std::byte> a_bytes(100), b_bytes(100);
   host_bytes_view a(a_bytes), b(b_bytes);
   // inner: [0, 10) gap, [10, 30) = a[50, 70), [30, 40) = b[0, 10); outer: [5, 25) = inner[15, 35), [40, 60) = a[0, 20).
@@ -279,15 +280,16 @@ TEST_CASE("shared_memory: bad sizes and short files are INVALID_ARGUMENT", "[mem
   auto owner = shared_memory::create(4096, "short").value();
   auto too_long = shared_memory::adopt(owner.duplicate_fd().value(), 8192, false);
   REQUIRE_FALSE(too_long);
-  CHECK(too_long.error() ==
-        tensorreg::error{errc::invalid_argument, "cannot map shared memory: the file holds 4096 bytes, fewer than 8192"});
+  CHECK(too_long.error() == tensorreg::error{errc::invalid_argument,
+                                             "cannot map shared memory: the file holds 4096 bytes, fewer than 8192"});
 
   auto no_fd = shared_memory::adopt(tensorreg::unique_fd{}, 10, false);
   REQUIRE_FALSE(no_fd);
   CHECK(no_fd.error().message == "cannot map shared memory: no file descriptor");
 }
 
-TEST_CASE("copy_in_chunks: every implementation copies whole, each chunk reported once", "[memory][byte_source][concurrency]") {
+TEST_CASE("copy_in_chunks: every implementation copies whole, each chunk reported once",
+          "[memory][byte_source][concurrency]") {
   tensorreg::testing::temp_dir dir;
   tensorreg::thread_pool pool(3);
   for (const auto& s : all_sources(dir)) {

@@ -86,7 +86,8 @@ TEST_CASE("shared_memory: adopt_sealed refuses memory that could shrink, naming 
   }
 }
 
-TEST_CASE("shared_memory: a read of pages its file lost answers DATA_LOSS instead of SIGBUS", "[memory][shared_memory]") {
+TEST_CASE("shared_memory: a read of pages its file lost answers DATA_LOSS instead of SIGBUS",
+          "[memory][shared_memory]") {
   // adopt() does not ask for seals: the guard is what stands between a shrink and SIGBUS.
   auto fd = client_memfd(64 << 10, MFD_ALLOW_SEALING, 0);
   auto mapped = shared_memory::adopt(dup_of(fd), 64 << 10, false).value();
@@ -97,8 +98,9 @@ TEST_CASE("shared_memory: a read of pages its file lost answers DATA_LOSS instea
     auto out = touch_all(mapped);
     REQUIRE_FALSE(out);
     CHECK(out.error().code == errc::data_loss);
-    CHECK(out.error().message == "cannot read shared memory at offset 32768: its file shrank under the mapping (the "
-                                 "page read faulted), so its bytes are lost");
+    CHECK(out.error().message ==
+          "cannot read shared memory at offset 32768: its file shrank under the mapping (the "
+          "page read faulted), so its bytes are lost");
   }
   SECTION("shrunk to 0, then read again") {
     REQUIRE(::ftruncate(fd.get(), 0) == 0);
@@ -111,8 +113,9 @@ TEST_CASE("shared_memory: a read of pages its file lost answers DATA_LOSS instea
     auto again = mapped.read(100, std::span<std::byte>(&one, 1));
     REQUIRE_FALSE(again);
     CHECK(again.error().code == errc::data_loss);
-    CHECK(again.error().message == "cannot read shared memory at offset 100: its file shrank under the mapping (a "
-                                   "page read faulted), so its bytes are lost");
+    CHECK(again.error().message ==
+          "cannot read shared memory at offset 100: its file shrank under the mapping (a "
+          "page read faulted), so its bytes are lost");
   }
 }
 

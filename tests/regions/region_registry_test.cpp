@@ -14,9 +14,9 @@
 namespace {
 
 using namespace tensorreg::regions;
+using std::chrono::milliseconds;
 using tensorreg::errc;
 using tensorreg::error;
-using std::chrono::milliseconds;
 
 register_request managed_host(std::int32_t pid, std::uint64_t size = 4096, std::uint32_t ttl_ms = 0) {
   register_request r;
@@ -40,7 +40,8 @@ register_request vram(std::int32_t pid, std::int32_t device) {
 
 }  // namespace
 
-TEST_CASE("region_registry: a daemon-managed HOST_SHARED region gets an id, a token and zeroed memory", "[regions][region_registry]") {
+TEST_CASE("region_registry: a daemon-managed HOST_SHARED region gets an id, a token and zeroed memory",
+          "[regions][region_registry]") {
   tensorreg::testing::fake_clock clock;
   region_registry registry(clock);
   auto info = registry.register_region(managed_host(42)).value();
@@ -93,7 +94,8 @@ TEST_CASE("region_registry: register rejects each malformed request with its mes
   {
     auto r = managed_host(1);
     r.host_shared->attach_token = "x";
-    expect(std::move(r), errc::invalid_argument, "cannot register region: a daemon-managed region takes no attach_token");
+    expect(std::move(r), errc::invalid_argument,
+           "cannot register region: a daemon-managed region takes no attach_token");
   }
   {
     auto r = managed_host(1);
@@ -121,7 +123,8 @@ TEST_CASE("region_registry: capacity is enforced with RESOURCE_EXHAUSTED", "[reg
   for (int i = 0; i < 3; ++i) REQUIRE(registry.register_region(vram(1, 0)));
   auto full = registry.register_region(vram(1, 0));
   REQUIRE_FALSE(full);
-  CHECK(full.error() == error{errc::resource_exhausted, "cannot register region: the registry holds its capacity of 3 regions"});
+  CHECK(full.error() ==
+        error{errc::resource_exhausted, "cannot register region: the registry holds its capacity of 3 regions"});
 }
 
 TEST_CASE("region_registry: TTL is clamped to 10 minutes", "[regions][region_registry]") {
@@ -134,7 +137,8 @@ TEST_CASE("region_registry: TTL is clamped to 10 minutes", "[regions][region_reg
   CHECK(*info.expires_at == clock.now() + milliseconds(600'000));
 }
 
-TEST_CASE("region_registry: acquire counts references, checks the owner and refreshes expiry", "[regions][region_registry]") {
+TEST_CASE("region_registry: acquire counts references, checks the owner and refreshes expiry",
+          "[regions][region_registry]") {
   tensorreg::testing::fake_clock clock;
   region_registry registry(clock);
   auto r = vram(5, 0);
@@ -166,7 +170,8 @@ TEST_CASE("region_registry: release below zero is FAILED_PRECONDITION", "[region
   CHECK(below.error() == error{errc::failed_precondition, "cannot release region '" + id + "': no reference is held"});
 }
 
-TEST_CASE("region_registry: a reference blocks unregister unless forced; force retires the region", "[regions][region_registry]") {
+TEST_CASE("region_registry: a reference blocks unregister unless forced; force retires the region",
+          "[regions][region_registry]") {
   tensorreg::testing::fake_clock clock;
   region_registry registry(clock);
   const auto id = registry.register_region(managed_host(5)).value().id;
@@ -205,7 +210,8 @@ TEST_CASE("region_registry: poison blocks acquire", "[regions][region_registry]"
   REQUIRE(registry.poison(id, "device lost"));
   auto got = registry.acquire(id, 5);
   REQUIRE_FALSE(got);
-  CHECK(got.error() == error{errc::failed_precondition, "cannot acquire region '" + id + "': region is poisoned: device lost"});
+  CHECK(got.error() ==
+        error{errc::failed_precondition, "cannot acquire region '" + id + "': region is poisoned: device lost"});
 }
 
 TEST_CASE("region_registry: sweep expires idle regions and renews referenced ones", "[regions][region_registry]") {
@@ -247,7 +253,8 @@ TEST_CASE("region_registry: owner exit removes all of that pid's regions", "[reg
   CHECK(registry.find(other));
 }
 
-TEST_CASE("region_registry: concurrent acquire and release keep the count exact", "[regions][region_registry][concurrency]") {
+TEST_CASE("region_registry: concurrent acquire and release keep the count exact",
+          "[regions][region_registry][concurrency]") {
   tensorreg::testing::fake_clock clock;
   region_registry registry(clock);
   const auto id = registry.register_region(vram(5, 0)).value().id;

@@ -17,8 +17,8 @@ namespace {
 using namespace tensorreg;
 using namespace tensorreg::registration;
 using namespace tensorreg::registration::detail;
-using tensorreg::testing::fake_clock;
 using std::chrono::milliseconds;
+using tensorreg::testing::fake_clock;
 namespace t = tensorreg::testing;
 
 struct rig {
@@ -56,8 +56,7 @@ regions::register_request host_region(std::int32_t owner) {
 
 }  // namespace
 
-TEST_CASE("catalogue: an artifact is held while something holds it, and gone after",
-          "[registration][catalogue]") {
+TEST_CASE("catalogue: an artifact is held while something holds it, and gone after", "[registration][catalogue]") {
   rig r;
   CHECK(r.cat.state_of("cg:a") == artifact_state::gone);
   r.joined("cg:a", "reg_1", 7);
@@ -94,8 +93,7 @@ TEST_CASE("catalogue: the index store answers by the index digest after the arti
   CHECK(known->json() == t::small_model_json);
 }
 
-TEST_CASE("catalogue: a lease's region references are released when it is revoked",
-          "[registration][catalogue]") {
+TEST_CASE("catalogue: a lease's region references are released when it is revoked", "[registration][catalogue]") {
   rig r;
   auto region = r.regions.register_region(host_region(7));
   REQUIRE_OK(region);

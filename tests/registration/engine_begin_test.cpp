@@ -44,7 +44,8 @@ TEST_CASE("engine begin: total_size 0 is rejected for every plan", "[registratio
   auto r = stable_request();
   r.total_size = 0;
   CHECK_ERROR(e->begin(r), errc::invalid_argument, "cannot begin registration: total_size must be > 0");
-  CHECK_ERROR(e->begin(t::lip_begin(0, me)), errc::invalid_argument, "cannot begin registration: total_size must be > 0");
+  CHECK_ERROR(e->begin(t::lip_begin(0, me)), errc::invalid_argument,
+              "cannot begin registration: total_size must be > 0");
 }
 
 TEST_CASE("engine begin: a negative device_id is rejected outside the lease plan", "[registration][engine_begin]") {
@@ -118,7 +119,8 @@ TEST_CASE("engine begin: a malformed tensor_index_key is INVALID_ARGUMENT", "[re
   }
 }
 
-TEST_CASE("engine begin: a key from an earlier committed registration works, in either case", "[registration][engine_begin]") {
+TEST_CASE("engine begin: a key from an earlier committed registration works, in either case",
+          "[registration][engine_begin]") {
   fake_clock clock;
   auto e = t::make_engine(clock);
   const auto m = t::small_model();
@@ -127,7 +129,8 @@ TEST_CASE("engine begin: a key from an earlier committed registration works, in 
 
   auto key = key_of(t::small_model_json);
   for (bool upper : {false, true}) {
-    if (upper) std::transform(key.begin(), key.end(), key.begin(), [](char c) { return static_cast<char>(std::toupper(c)); });
+    if (upper)
+      std::transform(key.begin(), key.end(), key.begin(), [](char c) { return static_cast<char>(std::toupper(c)); });
     auto r = stable_request();
     r.tensor_index_data.reset();
     r.tensor_index_key = key;
@@ -141,7 +144,8 @@ TEST_CASE("engine begin: a key from an earlier committed registration works, in 
   }
 }
 
-TEST_CASE("engine begin: the key of an index rebuilt by a LIP commit works for a stable put", "[registration][engine_begin]") {
+TEST_CASE("engine begin: the key of an index rebuilt by a LIP commit works for a stable put",
+          "[registration][engine_begin]") {
   fake_clock clock;
   auto e = t::make_engine(clock);
   const auto m = t::small_model();
@@ -158,7 +162,8 @@ TEST_CASE("engine begin: the key of an index rebuilt by a LIP commit works for a
   CHECK(put->descriptor.artifact_id == leased->descriptor.artifact_id);
 }
 
-TEST_CASE("engine begin: a known key under a total_size too small for its entries is rejected", "[registration][engine_begin]") {
+TEST_CASE("engine begin: a known key under a total_size too small for its entries is rejected",
+          "[registration][engine_begin]") {
   fake_clock clock;
   auto e = t::make_engine(clock);
   REQUIRE_OK(t::register_stable(*e, t::small_model(), me));
@@ -210,8 +215,8 @@ TEST_CASE("engine begin: an empty tensor dict is INVALID_ARGUMENT", "[registrati
 TEST_CASE("engine begin: a malformed cgid is INVALID_ARGUMENT", "[registration][engine_begin]") {
   fake_clock clock;
   auto e = t::make_engine(clock);
-  for (const std::string& id : {std::string("cgid:"), std::string("cgid:a:b"), std::string("mi2:whatever"),
-                               "cgid:" + std::string(200, 'x')}) {
+  for (const std::string& id :
+       {std::string("cgid:"), std::string("cgid:a:b"), std::string("mi2:whatever"), "cgid:" + std::string(200, 'x')}) {
     CAPTURE(id);
     auto r = stable_request();
     r.client_artifact_id = id;
@@ -245,7 +250,8 @@ TEST_CASE("engine begin: an invalid policy is INVALID_ARGUMENT", "[registration]
   }
 }
 
-TEST_CASE("engine begin: lease in_place=false is UNIMPLEMENTED with upstream's message", "[registration][engine_begin]") {
+TEST_CASE("engine begin: lease in_place=false is UNIMPLEMENTED with upstream's message",
+          "[registration][engine_begin]") {
   fake_clock clock;
   auto e = t::make_engine(clock);
   auto r = t::lip_begin(40, me);
@@ -262,7 +268,8 @@ TEST_CASE("engine begin: view registration is UNIMPLEMENTED", "[registration][en
   CHECK_ERROR(e->begin(r), errc::unimplemented, "cannot begin registration: view registration is not implemented yet");
 }
 
-TEST_CASE("engine begin: the coalesced plan without a GPU is FAILED_PRECONDITION naming the GPU", "[registration][engine_begin]") {
+TEST_CASE("engine begin: the coalesced plan without a GPU is FAILED_PRECONDITION naming the GPU",
+          "[registration][engine_begin]") {
   fake_clock clock;
   auto e = t::make_engine(clock);
   auto r = stable_request();
@@ -276,7 +283,8 @@ TEST_CASE("engine begin: the coalesced plan without a GPU is FAILED_PRECONDITION
   CHECK_CODE(e->begin(plain), errc::failed_precondition);
 }
 
-TEST_CASE("engine begin: stable_dram stage_on_gpu without a GPU is FAILED_PRECONDITION", "[registration][engine_begin]") {
+TEST_CASE("engine begin: stable_dram stage_on_gpu without a GPU is FAILED_PRECONDITION",
+          "[registration][engine_begin]") {
   fake_clock clock;
   auto e = t::make_engine(clock);
   auto r = stable_request();
@@ -285,7 +293,8 @@ TEST_CASE("engine begin: stable_dram stage_on_gpu without a GPU is FAILED_PRECON
               "cannot begin stable_dram registration: stage_on_gpu needs GPU 0 and this engine has no GPU");
 }
 
-TEST_CASE("engine begin: a stable_dram total_size over the stable budget is RESOURCE_EXHAUSTED", "[registration][engine_begin]") {
+TEST_CASE("engine begin: a stable_dram total_size over the stable budget is RESOURCE_EXHAUSTED",
+          "[registration][engine_begin]") {
   fake_clock clock;
   auto options = t::deterministic_options(clock);
   options.stable_bytes = 32;
@@ -294,7 +303,8 @@ TEST_CASE("engine begin: a stable_dram total_size over the stable budget is RESO
               "cannot begin stable_dram registration: total_size 40 exceeds the stable budget of 32 bytes");
 }
 
-TEST_CASE("engine begin: registration ids look like reg_<ns>_<pid>_<u64> and are unique", "[registration][engine_begin]") {
+TEST_CASE("engine begin: registration ids look like reg_<ns>_<pid>_<u64> and are unique",
+          "[registration][engine_begin]") {
   fake_clock clock;
   auto e = t::make_engine(clock);
   const std::regex shape("reg_([0-9]+)_([0-9]+)_([0-9]+)");

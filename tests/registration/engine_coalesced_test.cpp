@@ -60,7 +60,8 @@ policy::store_policy profile(policy::profile p) {
 
 }  // namespace
 
-TEST_CASE("engine coalesced: begin allocates a device buffer of total_size and hands out its handle", "[registration][engine_coalesced]") {
+TEST_CASE("engine coalesced: begin allocates a device buffer of total_size and hands out its handle",
+          "[registration][engine_coalesced]") {
   rig r;
   const auto m = t::small_model();
   auto begun = r.e->begin(coalesced_begin(m, 1));
@@ -73,7 +74,8 @@ TEST_CASE("engine coalesced: begin allocates a device buffer of total_size and h
   CHECK(r.devices->allocations() == 1);
 }
 
-TEST_CASE("engine coalesced: begin on a device the machine lacks fails as the device says", "[registration][engine_coalesced]") {
+TEST_CASE("engine coalesced: begin on a device the machine lacks fails as the device says",
+          "[registration][engine_coalesced]") {
   rig r;
   CHECK_ERROR(r.e->begin(coalesced_begin(t::small_model(), 5)), errc::failed_precondition,
               "cannot allocate device memory: no device 5");
@@ -102,7 +104,8 @@ TEST_CASE("engine coalesced: commit hashes the normalized buffer, PAD as zero", 
   CHECK(seen == m.canonical());
 }
 
-TEST_CASE("engine coalesced: the same tensors give the same id as the other plans", "[registration][engine_coalesced]") {
+TEST_CASE("engine coalesced: the same tensors give the same id as the other plans",
+          "[registration][engine_coalesced]") {
   rig r;
   const auto m = t::small_model();
   auto coalesced = put(r, m, m.canonical_with_pad('\x01'));
@@ -116,7 +119,8 @@ TEST_CASE("engine coalesced: the same tensors give the same id as the other plan
   CHECK(r.e->list().size() == 1);
 }
 
-TEST_CASE("engine coalesced: a second commit of the same bytes on the same device joins with existed=true", "[registration][engine_coalesced]") {
+TEST_CASE("engine coalesced: a second commit of the same bytes on the same device joins with existed=true",
+          "[registration][engine_coalesced]") {
   rig r;
   const auto m = t::small_model();
   auto first = put(r, m, m.canonical());
@@ -147,7 +151,8 @@ TEST_CASE("engine coalesced: a cgid commit has no data hash", "[registration][en
   CHECK(committed->descriptor.id_kind == identity::id_kind::cgid);
 }
 
-TEST_CASE("engine coalesced: policy PINNED copies the normalized bytes to the stable tier", "[registration][engine_coalesced][policy]") {
+TEST_CASE("engine coalesced: policy PINNED copies the normalized bytes to the stable tier",
+          "[registration][engine_coalesced][policy]") {
   rig r(1 << 20);
   const auto m = t::small_model();
   auto committed = put(r, m, m.canonical_with_pad('\xcd'), 0, profile(policy::profile::pinned));
@@ -161,7 +166,8 @@ TEST_CASE("engine coalesced: policy PINNED copies the normalized bytes to the st
   CHECK(r.e->stats().stable_bytes == 40);
 }
 
-TEST_CASE("engine coalesced: policy PINNED without room fails RESOURCE_EXHAUSTED and keeps nothing", "[registration][engine_coalesced][policy]") {
+TEST_CASE("engine coalesced: policy PINNED without room fails RESOURCE_EXHAUSTED and keeps nothing",
+          "[registration][engine_coalesced][policy]") {
   rig r(1);
   const auto m = t::small_model();
   auto committed = put(r, m, m.canonical(), 0, profile(policy::profile::pinned));
@@ -173,7 +179,8 @@ TEST_CASE("engine coalesced: policy PINNED without room fails RESOURCE_EXHAUSTED
   CHECK(r.e->stats().pending_registrations == 0);
 }
 
-TEST_CASE("engine coalesced: policy WARM without room is DEGRADED and keeps the device replica", "[registration][engine_coalesced][policy]") {
+TEST_CASE("engine coalesced: policy WARM without room is DEGRADED and keeps the device replica",
+          "[registration][engine_coalesced][policy]") {
   rig r(1);
   const auto m = t::small_model();
   auto committed = put(r, m, m.canonical(), 0, profile(policy::profile::warm));
@@ -185,7 +192,8 @@ TEST_CASE("engine coalesced: policy WARM without room is DEGRADED and keeps the 
   CHECK_FALSE(got->stable_replica);
 }
 
-TEST_CASE("engine coalesced: a commit of an artifact being deregistered is FAILED_PRECONDITION", "[registration][engine_coalesced]") {
+TEST_CASE("engine coalesced: a commit of an artifact being deregistered is FAILED_PRECONDITION",
+          "[registration][engine_coalesced]") {
   rig r;
   const auto m = t::small_model();
   auto first = put(r, m, m.canonical());
@@ -204,7 +212,8 @@ TEST_CASE("engine coalesced: a commit of an artifact being deregistered is FAILE
   CHECK(r.e->list().empty());
 }
 
-TEST_CASE("engine coalesced: stable_dram with stage_on_gpu copies the device staging buffer to a host replica", "[registration][engine_coalesced]") {
+TEST_CASE("engine coalesced: stable_dram with stage_on_gpu copies the device staging buffer to a host replica",
+          "[registration][engine_coalesced]") {
   rig r;
   const auto m = t::small_model();
   auto req = t::stable_begin(m, me);

@@ -73,8 +73,8 @@ storage_entry region_entry(const std::string& id, const regions::region_info& re
   return s;
 }
 
-storage_entry handle_entry(const std::string& id, const std::string& handle, std::uint64_t length,
-                           std::uint64_t base, std::int32_t device = 0) {
+storage_entry handle_entry(const std::string& id, const std::string& handle, std::uint64_t length, std::uint64_t base,
+                           std::int32_t device = 0) {
   storage_entry s;
   s.storage_id = id;
   s.device_id = device;
@@ -114,7 +114,8 @@ t::model two_storage_model() {
 
 // ---- Device identity -------------------------------------------------------------------------
 
-TEST_CASE("engine devices: a device UUID resolves to the engine's ordinal, in either form and any case", "[registration][devices]") {
+TEST_CASE("engine devices: a device UUID resolves to the engine's ordinal, in either form and any case",
+          "[registration][devices]") {
   rig r;
   CHECK(r.e->resolve_device(5, "").value() == 5);  // no UUID: the ordinal as given
   const auto uuid = fake_device_memory::uuid_for(1);
@@ -139,7 +140,8 @@ TEST_CASE("engine devices: without a GPU a device UUID is FAILED_PRECONDITION na
 
 // ---- VMM regions -----------------------------------------------------------------------------
 
-TEST_CASE("engine devices: a VMM region maps its chunks back to back and leases storages across them", "[registration][devices]") {
+TEST_CASE("engine devices: a VMM region maps its chunks back to back and leases storages across them",
+          "[registration][devices]") {
   rig r;
   const auto m = two_storage_model();
   // Region bytes: chunk 0 = [s0 (24) | 8 spare], chunk 1 = [s1 (40) | 24 spare]; s1 starts at
@@ -172,17 +174,17 @@ TEST_CASE("engine devices: a VMM region maps its chunks back to back and leases 
 
   // A reader elsewhere gets the region once, with its chunks, and finds every tensor in it.
   {
-  auto layout = r.e->device_layout_of(committed->descriptor.artifact_id);
-  REQUIRE_OK(layout);
-  REQUIRE(layout->allocations.size() == 1);
-  const auto& a = layout->allocations[0];
-  CHECK(a.device_id == 1);
-  CHECK(a.size_bytes == 96);
-  CHECK(a.cuda_ipc_handle.empty());
-  REQUIRE(a.vmm);
-  CHECK(a.vmm->fds.size() == 2);
-  CHECK(a.vmm->chunk_bytes == std::vector<std::uint64_t>{32, 64});
-  CHECK(read_layout(*layout, {chunk0 + chunk1}) == straddling.canonical());
+    auto layout = r.e->device_layout_of(committed->descriptor.artifact_id);
+    REQUIRE_OK(layout);
+    REQUIRE(layout->allocations.size() == 1);
+    const auto& a = layout->allocations[0];
+    CHECK(a.device_id == 1);
+    CHECK(a.size_bytes == 96);
+    CHECK(a.cuda_ipc_handle.empty());
+    REQUIRE(a.vmm);
+    CHECK(a.vmm->fds.size() == 2);
+    CHECK(a.vmm->chunk_bytes == std::vector<std::uint64_t>{32, 64});
+    CHECK(read_layout(*layout, {chunk0 + chunk1}) == straddling.canonical());
   }
 
   // The mapping lives while the lease or the region does.
@@ -279,7 +281,8 @@ TEST_CASE("engine devices: the layout of an IPC lease names each allocation once
   CHECK(layout->index->json() == m.index().json());
 }
 
-TEST_CASE("engine devices: the layout of a coalesced copy is the daemon's buffer, DATA ranges only", "[registration][devices]") {
+TEST_CASE("engine devices: the layout of a coalesced copy is the daemon's buffer, DATA ranges only",
+          "[registration][devices]") {
   rig r;
   const auto m = t::small_model();
   auto req = t::stable_begin(m, me);
@@ -301,7 +304,8 @@ TEST_CASE("engine devices: the layout of a coalesced copy is the daemon's buffer
 
 TEST_CASE("engine devices: the layout of an unknown or host-only artifact is refused", "[registration][devices]") {
   rig r;
-  CHECK_ERROR(r.e->device_layout_of("mi2:none"), errc::not_found, "cannot open the GPU memory of mi2:none: not held here");
+  CHECK_ERROR(r.e->device_layout_of("mi2:none"), errc::not_found,
+              "cannot open the GPU memory of mi2:none: not held here");
   const auto m = t::small_model();
   const auto id = begin_lip(*r.e, m.total_size());
   REQUIRE_OK(r.e->feed(t::lip_feed(id, m)));  // host memory
@@ -314,8 +318,9 @@ TEST_CASE("engine devices: the layout of an unknown or host-only artifact is ref
 
 // ---- Several GPUs in one registration ----------------------------------------------------------
 
-TEST_CASE("engine devices: a lease whose storages span two devices commits, leases, opens and is materialized to host memory",
-          "[registration][devices][multi_gpu]") {
+TEST_CASE(
+    "engine devices: a lease whose storages span two devices commits, leases, opens and is materialized to host memory",
+    "[registration][devices][multi_gpu]") {
   rig r;
   t::model m;
   m.storages = {{"s0", t::pattern(32, 21)}, {"s1", t::pattern(48, 22)}};

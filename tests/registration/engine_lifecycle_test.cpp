@@ -21,8 +21,8 @@ namespace {
 
 using namespace tensorreg;
 using namespace tensorreg::registration;
-using tensorreg::testing::fake_clock;
 using std::chrono::milliseconds;
+using tensorreg::testing::fake_clock;
 namespace t = tensorreg::testing;
 
 const std::int32_t me = static_cast<std::int32_t>(::getpid());
@@ -84,7 +84,8 @@ std::string lip_on_region(engine& e, const regions::region_info& region, std::ui
 
 // ---- Feed: lookup, expiry, implicit keep-alive ------------------------------------------------
 
-TEST_CASE("engine lifecycle: feed, commit and keep-alive of an unknown id are NOT_FOUND", "[registration][engine_lifecycle]") {
+TEST_CASE("engine lifecycle: feed, commit and keep-alive of an unknown id are NOT_FOUND",
+          "[registration][engine_lifecycle]") {
   fake_clock clock;
   auto e = t::make_engine(clock);
   CHECK_ERROR(e->feed(chunk("reg_nope", 0, "x")), errc::not_found,
@@ -94,7 +95,10 @@ TEST_CASE("engine lifecycle: feed, commit and keep-alive of an unknown id are NO
               "cannot keep registration 'reg_nope' alive: no such registration or lease");
 }
 
-TEST_CASE("engine lifecycle: an expired registration answers DEADLINE_EXCEEDED once, then NOT_FOUND, and its region refs are released", "[registration][engine_lifecycle]") {
+TEST_CASE(
+    "engine lifecycle: an expired registration answers DEADLINE_EXCEEDED once, then NOT_FOUND, and its region refs are "
+    "released",
+    "[registration][engine_lifecycle]") {
   fake_clock clock;
   auto e = t::make_engine(clock);
   auto region = e->register_region(host_region());
@@ -140,7 +144,8 @@ TEST_CASE("engine lifecycle: a pending registration without a TTL never expires"
   REQUIRE_OK(e->commit(begun->registration_id));
 }
 
-TEST_CASE("engine lifecycle: a pending registration expired by the sweep answers DEADLINE_EXCEEDED on the next feed", "[registration][engine_lifecycle]") {
+TEST_CASE("engine lifecycle: a pending registration expired by the sweep answers DEADLINE_EXCEEDED on the next feed",
+          "[registration][engine_lifecycle]") {
   fake_clock clock;
   auto e = t::make_engine(clock);
   auto region = e->register_region(host_region());
@@ -150,13 +155,15 @@ TEST_CASE("engine lifecycle: a pending registration expired by the sweep answers
   e->sweep();
   CHECK(e->stats().pending_registrations == 0);
   CHECK(region_refs(*e, region->id) == 0);  // released by the sweep
-  CHECK_ERROR(e->feed(chunk(id, 0, "x")), errc::deadline_exceeded, "cannot feed registration '" + id + "': its TTL expired");
+  CHECK_ERROR(e->feed(chunk(id, 0, "x")), errc::deadline_exceeded,
+              "cannot feed registration '" + id + "': its TTL expired");
   CHECK_ERROR(e->commit(id), errc::not_found, "cannot commit registration '" + id + "': no such registration");
 }
 
 // ---- KeepAlive (§4.4) -------------------------------------------------------------------------
 
-TEST_CASE("engine lifecycle: keep-alive of a pending registration checks the owner and resets the expiry", "[registration][engine_lifecycle]") {
+TEST_CASE("engine lifecycle: keep-alive of a pending registration checks the owner and resets the expiry",
+          "[registration][engine_lifecycle]") {
   fake_clock clock;
   auto e = t::make_engine(clock);
   auto r = t::stable_begin(t::small_model(), me);
@@ -176,7 +183,8 @@ TEST_CASE("engine lifecycle: keep-alive of a pending registration checks the own
   REQUIRE_OK(e->commit(id));
 }
 
-TEST_CASE("engine lifecycle: keep-alive of a pending registration with ttl 0 keeps the old expiry", "[registration][engine_lifecycle]") {
+TEST_CASE("engine lifecycle: keep-alive of a pending registration with ttl 0 keeps the old expiry",
+          "[registration][engine_lifecycle]") {
   fake_clock clock;
   auto e = t::make_engine(clock);
   auto r = t::stable_begin(t::small_model(), me);
@@ -202,7 +210,8 @@ TEST_CASE("engine lifecycle: keep-alive does not revive an expired registration"
   CHECK_CODE(e->commit(id), errc::not_found);
 }
 
-TEST_CASE("engine lifecycle: keep-alive of a lease sets its TTL, and ttl 0 clears it", "[registration][engine_lifecycle]") {
+TEST_CASE("engine lifecycle: keep-alive of a lease sets its TTL, and ttl 0 clears it",
+          "[registration][engine_lifecycle]") {
   fake_clock clock;
   auto e = t::make_engine(clock);
   const auto m = t::small_model();
@@ -249,7 +258,8 @@ TEST_CASE("engine lifecycle: abort of a pending stable registration releases it"
   CHECK_CODE(e->feed(chunk(begun->registration_id, 4, "abcd")), errc::not_found);
 }
 
-TEST_CASE("engine lifecycle: abort of a pending LIP registration is OK and releases its region refs", "[registration][engine_lifecycle]") {
+TEST_CASE("engine lifecycle: abort of a pending LIP registration is OK and releases its region refs",
+          "[registration][engine_lifecycle]") {
   fake_clock clock;
   auto e = t::make_engine(clock);
   auto region = e->register_region(host_region());
@@ -290,7 +300,8 @@ TEST_CASE("engine lifecycle: revoke of a pending registration drops it", "[regis
   CHECK_CODE(e->commit(id), errc::not_found);
 }
 
-TEST_CASE("engine lifecycle: revoke of a lease releases its region refs and removes the artifact held by nothing else", "[registration][engine_lifecycle]") {
+TEST_CASE("engine lifecycle: revoke of a lease releases its region refs and removes the artifact held by nothing else",
+          "[registration][engine_lifecycle]") {
   fake_clock clock;
   auto e = t::make_engine(clock);
   auto region = e->register_region(host_region());
@@ -310,7 +321,8 @@ TEST_CASE("engine lifecycle: revoke of a lease releases its region refs and remo
   CHECK(region_refs(*e, region->id) == 0);
 }
 
-TEST_CASE("engine lifecycle: revoke of a lease keeps an artifact that has a stable replica", "[registration][engine_lifecycle]") {
+TEST_CASE("engine lifecycle: revoke of a lease keeps an artifact that has a stable replica",
+          "[registration][engine_lifecycle]") {
   fake_clock clock;
   auto e = t::make_engine(clock);
   const auto m = t::small_model();
@@ -362,7 +374,8 @@ TEST_CASE("engine lifecycle: keep-alive of an idempotent join sets its TTL", "[r
 
 // ---- The TTL sweep -----------------------------------------------------------------------------
 
-TEST_CASE("engine lifecycle: the sweep expires leases and releases their region refs", "[registration][engine_lifecycle]") {
+TEST_CASE("engine lifecycle: the sweep expires leases and releases their region refs",
+          "[registration][engine_lifecycle]") {
   fake_clock clock;
   auto e = t::make_engine(clock);
   auto region = e->register_region(host_region());
@@ -400,7 +413,8 @@ TEST_CASE("engine lifecycle: the sweep drops joins past their TTL", "[registrati
   CHECK(e->get(artifact)->stable_replica);
 }
 
-TEST_CASE("engine lifecycle: the sweep expires unreferenced regions past their TTL", "[registration][engine_lifecycle]") {
+TEST_CASE("engine lifecycle: the sweep expires unreferenced regions past their TTL",
+          "[registration][engine_lifecycle]") {
   fake_clock clock;
   auto e = t::make_engine(clock);
   auto r = host_region();
@@ -414,7 +428,8 @@ TEST_CASE("engine lifecycle: the sweep expires unreferenced regions past their T
 
 // ---- Owner death -------------------------------------------------------------------------------
 
-TEST_CASE("engine lifecycle: when the owner process dies its registrations, leases and regions go", "[registration][engine_lifecycle][owner]") {
+TEST_CASE("engine lifecycle: when the owner process dies its registrations, leases and regions go",
+          "[registration][engine_lifecycle][owner]") {
   const pid_t child = ::fork();
   REQUIRE(child >= 0);
   if (child == 0) {
@@ -450,8 +465,8 @@ TEST_CASE("engine lifecycle: when the owner process dies its registrations, leas
   auto lip = e->begin(t::lip_begin(m.total_size(), owner));
   REQUIRE_OK(lip);
   REQUIRE_OK(e->feed(t::lip_feed(lip->registration_id, m, region_entries(*region))));  // pending, with refs
-  REQUIRE_OK(t::register_lip(*e, m, owner));                                               // a lease
-  auto mine = t::register_stable(*e, m, me);  // someone else's artifact stays
+  REQUIRE_OK(t::register_lip(*e, m, owner));                                           // a lease
+  auto mine = t::register_stable(*e, m, me);                                           // someone else's artifact stays
   REQUIRE_OK(mine);
   {
     const auto s = e->stats();
@@ -480,7 +495,8 @@ TEST_CASE("engine lifecycle: when the owner process dies its registrations, leas
   CHECK_CODE(e->commit(pending->registration_id), errc::not_found);
 }
 
-TEST_CASE("engine lifecycle: an owner pid that does not exist is refused when watched", "[registration][engine_lifecycle][owner]") {
+TEST_CASE("engine lifecycle: an owner pid that does not exist is refused when watched",
+          "[registration][engine_lifecycle][owner]") {
   const pid_t child = ::fork();
   REQUIRE(child >= 0);
   if (child == 0) ::_exit(0);
@@ -519,12 +535,16 @@ TEST_CASE("engine lifecycle: many threads registering at once", "[registration][
         }
         lip_ids[static_cast<std::size_t>(th * rounds + i)] = leased->descriptor.artifact_id;
         auto put = t::register_stable(*e, shared, me);
-        if (!put) ++failures;
-        else if (put->existed) ++existed;
+        if (!put)
+          ++failures;
+        else if (put->existed)
+          ++existed;
         // A registration that is abandoned half way.
         auto begun = e->begin(t::stable_begin(shared, me));
-        if (!begun) ++failures;
-        else if (!e->abort(begun->registration_id)) ++failures;
+        if (!begun)
+          ++failures;
+        else if (!e->abort(begun->registration_id))
+          ++failures;
       }
     });
   }
@@ -580,7 +600,8 @@ class gated_bytes final : public memory::byte_source {
 
 }  // namespace
 
-TEST_CASE("engine lifecycle: revoke or owner death during a commit undoes the lease the commit makes", "[registration][engine_lifecycle][concurrency]") {
+TEST_CASE("engine lifecycle: revoke or owner death during a commit undoes the lease the commit makes",
+          "[registration][engine_lifecycle][concurrency]") {
   fake_clock clock;
   auto e = t::make_engine(clock);
   const auto m = t::small_model();
@@ -624,7 +645,8 @@ TEST_CASE("engine lifecycle: revoke or owner death during a commit undoes the le
 TEST_CASE("engine lifecycle: deregister of an unknown artifact is NOT_FOUND", "[registration][engine_lifecycle]") {
   fake_clock clock;
   auto e = t::make_engine(clock);
-  CHECK_ERROR(e->deregister({"mi2:nothing", true, 0, me}), errc::not_found, "cannot deregister mi2:nothing: not held here");
+  CHECK_ERROR(e->deregister({"mi2:nothing", true, 0, me}), errc::not_found,
+              "cannot deregister mi2:nothing: not held here");
 }
 
 TEST_CASE("engine lifecycle: deregister drains, removes, and revokes leases", "[registration][engine_lifecycle]") {
@@ -648,7 +670,8 @@ TEST_CASE("engine lifecycle: deregister drains, removes, and revokes leases", "[
   e->revoke(lease_id, "");  // still fine
 }
 
-TEST_CASE("engine lifecycle: deregister times out while a reader holds the bytes, stays quiesced, then succeeds", "[registration][engine_lifecycle]") {
+TEST_CASE("engine lifecycle: deregister times out while a reader holds the bytes, stays quiesced, then succeeds",
+          "[registration][engine_lifecycle]") {
   fake_clock clock;
   auto e = t::make_engine(clock);
   const auto m = t::small_model();
@@ -680,7 +703,8 @@ TEST_CASE("engine lifecycle: deregister times out while a reader holds the bytes
   CHECK(e->stats().artifacts == 0);
 }
 
-TEST_CASE("engine lifecycle: deregister waits for a reader released meanwhile", "[registration][engine_lifecycle][concurrency]") {
+TEST_CASE("engine lifecycle: deregister waits for a reader released meanwhile",
+          "[registration][engine_lifecycle][concurrency]") {
   fake_clock clock;
   auto e = t::make_engine(clock);
   auto put = t::register_stable(*e, t::small_model(), me);
@@ -698,7 +722,8 @@ TEST_CASE("engine lifecycle: deregister waits for a reader released meanwhile", 
   CHECK(out->removed);
 }
 
-TEST_CASE("engine lifecycle: concurrent deregisters of one artifact both drain", "[registration][engine_lifecycle][concurrency]") {
+TEST_CASE("engine lifecycle: concurrent deregisters of one artifact both drain",
+          "[registration][engine_lifecycle][concurrency]") {
   fake_clock clock;
   auto e = t::make_engine(clock);
   auto put = t::register_stable(*e, t::small_model(), me);
@@ -729,7 +754,8 @@ TEST_CASE("engine lifecycle: concurrent deregisters of one artifact both drain",
 
 // ---- Catalogue and stats --------------------------------------------------------------------------
 
-TEST_CASE("engine lifecycle: list, get, index_of, open_bytes and stats describe what is held", "[registration][engine_lifecycle]") {
+TEST_CASE("engine lifecycle: list, get, index_of, open_bytes and stats describe what is held",
+          "[registration][engine_lifecycle]") {
   fake_clock clock;
   auto options = t::deterministic_options(clock);
   options.stable_bytes = 1000;

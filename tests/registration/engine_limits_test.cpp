@@ -74,8 +74,9 @@ TEST_CASE("engine limits: a total_size above max_total_size is RESOURCE_EXHAUSTE
   fake_clock clock;
   auto e = t::make_engine(clock);
   constexpr std::uint64_t one_eib = std::uint64_t{1} << 60;
-  const std::string message = "cannot begin registration: total_size 1152921504606846976 exceeds this engine's "
-                              "limit of 1099511627776 bytes";
+  const std::string message =
+      "cannot begin registration: total_size 1152921504606846976 exceeds this engine's "
+      "limit of 1099511627776 bytes";
   CHECK_ERROR(e->begin(t::lip_begin(one_eib, me)), errc::resource_exhausted, message);
   auto stable = t::stable_begin(t::small_model(), me);
   stable.total_size = one_eib;

@@ -120,7 +120,8 @@ TEST_CASE("engine lip feed: a storage entry needs exactly one source and a stora
   CHECK_ERROR(e->feed(g), errc::invalid_argument, "cannot add storage: storage_id is empty");
 }
 
-TEST_CASE("engine lip feed: a duplicate storage_id is INVALID_ARGUMENT, within and across messages", "[registration][engine_lip]") {
+TEST_CASE("engine lip feed: a duplicate storage_id is INVALID_ARGUMENT, within and across messages",
+          "[registration][engine_lip]") {
   fake_clock clock;
   auto e = t::make_engine(clock);
   const auto id = begin_lip(*e);
@@ -148,13 +149,15 @@ TEST_CASE("engine lip feed: stable payloads are refused on a lease registration"
   auto f = feed_of(id);
   f.payload = view_chunk{0, 0, "abcd"};
   CHECK_ERROR(e->feed(f), errc::failed_precondition,
-              "cannot feed registration '" + id + "': view_chunk and stable_dram_write_progress need a stable_dram "
-              "registration with stage_on_gpu=false, not lease-in-place");
+              "cannot feed registration '" + id +
+                  "': view_chunk and stable_dram_write_progress need a stable_dram "
+                  "registration with stage_on_gpu=false, not lease-in-place");
   f.payload = stable_write_progress{{{0, 4}}, true};
   CHECK_CODE(e->feed(f), errc::failed_precondition);
 }
 
-TEST_CASE("engine lip feed: a region-backed entry naming an unknown region is NOT_FOUND", "[registration][engine_lip]") {
+TEST_CASE("engine lip feed: a region-backed entry naming an unknown region is NOT_FOUND",
+          "[registration][engine_lip]") {
   fake_clock clock;
   auto e = t::make_engine(clock);
   const auto id = begin_lip(*e);
@@ -203,7 +206,8 @@ TEST_CASE("engine lip feed: a region_ref of the wrong kind is FAILED_PRECONDITIO
   std::get<region_ref_source>(entry.source).kind = regions::memory_kind::host_shared;
   f.storage_entries.push_back(entry);
   CHECK_ERROR(e->feed(f), errc::failed_precondition,
-              "cannot add storage 's0': cannot use region '" + vram->id + "' for storage 's0': region is VRAM, not HOST_SHARED");
+              "cannot add storage 's0': cannot use region '" + vram->id +
+                  "' for storage 's0': region is VRAM, not HOST_SHARED");
   // vram_region_id naming a HOST_SHARED region.
   auto g = feed_of(id);
   storage_entry v;
@@ -212,7 +216,8 @@ TEST_CASE("engine lip feed: a region_ref of the wrong kind is FAILED_PRECONDITIO
   v.source = vram_region_source{host->id};
   g.storage_entries.push_back(v);
   CHECK_ERROR(e->feed(g), errc::failed_precondition,
-              "cannot add storage 's1': cannot use region '" + host->id + "' for storage 's1': region is HOST_SHARED, not VRAM");
+              "cannot add storage 's1': cannot use region '" + host->id +
+                  "' for storage 's1': region is HOST_SHARED, not VRAM");
 }
 
 TEST_CASE("engine lip feed: a region-backed entry must lie inside its region", "[registration][engine_lip]") {
@@ -288,7 +293,8 @@ TEST_CASE("engine lip feed: a bad entry in a message leaves no region reference 
   CHECK(region_refs(*e, region->id) == 0);
 }
 
-TEST_CASE("engine lip feed: a message rejected for a bad segment records none of its storages", "[registration][engine_lip]") {
+TEST_CASE("engine lip feed: a message rejected for a bad segment records none of its storages",
+          "[registration][engine_lip]") {
   fake_clock clock;
   auto e = t::make_engine(clock);
   auto region = e->register_region(host_region(4096));
@@ -310,7 +316,9 @@ TEST_CASE("engine lip feed: a message rejected for a bad segment records none of
 
 // ---- Commit: payload presence (step 3), the registration stays open -------------------------
 
-TEST_CASE("engine lip commit: missing segments, storages or aliases are FAILED_PRECONDITION and the registration stays open", "[registration][engine_lip]") {
+TEST_CASE(
+    "engine lip commit: missing segments, storages or aliases are FAILED_PRECONDITION and the registration stays open",
+    "[registration][engine_lip]") {
   fake_clock clock;
   auto e = t::make_engine(clock);
   const auto m = t::small_model();
@@ -337,7 +345,8 @@ TEST_CASE("engine lip commit: missing segments, storages or aliases are FAILED_P
 
 // ---- Commit: the index rebuild (step 4, §2.3) -----------------------------------------------
 
-TEST_CASE("engine lip commit: a duplicate alias name is INVALID_ARGUMENT and ends the registration", "[registration][engine_lip]") {
+TEST_CASE("engine lip commit: a duplicate alias name is INVALID_ARGUMENT and ends the registration",
+          "[registration][engine_lip]") {
   fake_clock clock;
   auto e = t::make_engine(clock);
   const auto m = t::small_model();
@@ -374,7 +383,8 @@ TEST_CASE("engine lip commit: an aliased storage without a segment is INVALID_AR
               "cannot rebuild index: alias 'b': missing segment entry for storage_id=s1");
 }
 
-TEST_CASE("engine lip commit: alias bounds are checked in bytes (storage_offset in elements)", "[registration][engine_lip]") {
+TEST_CASE("engine lip commit: alias bounds are checked in bytes (storage_offset in elements)",
+          "[registration][engine_lip]") {
   fake_clock clock;
   auto e = t::make_engine(clock);
   const auto m = t::small_model();
@@ -399,7 +409,8 @@ TEST_CASE("engine lip commit: alias bounds are checked in bytes (storage_offset 
               "cannot rebuild index: alias 'v' ends at byte 20, past storage_length 16 of storage 's0'");
 }
 
-TEST_CASE("engine lip commit: two segments of one storage at different artifact_offsets are INVALID_ARGUMENT", "[registration][engine_lip]") {
+TEST_CASE("engine lip commit: two segments of one storage at different artifact_offsets are INVALID_ARGUMENT",
+          "[registration][engine_lip]") {
   fake_clock clock;
   auto e = t::make_engine(clock);
   const auto m = t::small_model();
@@ -411,7 +422,8 @@ TEST_CASE("engine lip commit: two segments of one storage at different artifact_
               "cannot rebuild index: storage_id=s0 has segments at artifact_offset 24 and 40");
 }
 
-TEST_CASE("engine lip commit: overlapping segments of different storages are INVALID_ARGUMENT", "[registration][engine_lip]") {
+TEST_CASE("engine lip commit: overlapping segments of different storages are INVALID_ARGUMENT",
+          "[registration][engine_lip]") {
   fake_clock clock;
   auto e = t::make_engine(clock);
   const auto m = t::small_model();
@@ -422,8 +434,9 @@ TEST_CASE("engine lip commit: overlapping segments of different storages are INV
       if (s.storage_id == "s0") s.artifact_offset = 16;  // s1 is [0, 20)
     }
     REQUIRE_OK(e->feed(f));
-    CHECK_ERROR(e->commit(id), errc::invalid_argument,
-                "cannot build byte range map: tensor 'b' [0, 20) and tensor 'v' [16, 32) overlap without being aliases");
+    CHECK_ERROR(
+        e->commit(id), errc::invalid_argument,
+        "cannot build byte range map: tensor 'b' [0, 20) and tensor 'v' [16, 32) overlap without being aliases");
   }
   SECTION("an unaliased storage's segment over an aliased one (DECISIONS §5.14)") {
     const auto id = begin_lip(*e, m.total_size());
@@ -453,8 +466,9 @@ TEST_CASE("engine lip commit: a segment ending past total_size is INVALID_ARGUME
     f.storage_entries.push_back(host_entry("s2", std::string(8, 'z')));
     std::get<lease_segments>(f.payload).segments.push_back({"s2", 0, 40, 8});
     REQUIRE_OK(e->feed(f));
-    CHECK_ERROR(e->commit(id), errc::invalid_argument,
-                "cannot commit lease: cannot build byte range map: segment 2 of storage 's2' ends at 48, past total_size 40");
+    CHECK_ERROR(
+        e->commit(id), errc::invalid_argument,
+        "cannot commit lease: cannot build byte range map: segment 2 of storage 's2' ends at 48, past total_size 40");
   }
 }
 
@@ -479,8 +493,9 @@ TEST_CASE("engine lip commit: a segment must cover its whole storage", "[registr
     f.storage_entries.push_back(host_entry("s2", std::string(8, 'z')));
     std::get<lease_segments>(f.payload).segments.push_back({"s2", 4, 48, 8});
     REQUIRE_OK(e->feed(f));
-    CHECK_ERROR(e->commit(id), errc::invalid_argument,
-                "cannot commit lease: segment 2 of storage 's2' has storage_offset 4: a segment must cover its whole storage");
+    CHECK_ERROR(
+        e->commit(id), errc::invalid_argument,
+        "cannot commit lease: segment 2 of storage 's2' has storage_offset 4: a segment must cover its whole storage");
   }
   SECTION("the storage was never fed") {
     const auto id = begin_lip(*e, 64);
@@ -492,7 +507,8 @@ TEST_CASE("engine lip commit: a segment must cover its whole storage", "[registr
   }
 }
 
-TEST_CASE("engine lip commit: a storage no alias references is not checked, and its segment hashes as zero", "[registration][engine_lip]") {
+TEST_CASE("engine lip commit: a storage no alias references is not checked, and its segment hashes as zero",
+          "[registration][engine_lip]") {
   fake_clock clock;
   auto e = t::make_engine(clock);
   const auto m = t::small_model();
@@ -523,7 +539,8 @@ TEST_CASE("engine lip commit: a storage no alias references is not checked, and 
   }
 }
 
-TEST_CASE("engine lip commit: a CUDA-handle storage without a GPU is FAILED_PRECONDITION", "[registration][engine_lip]") {
+TEST_CASE("engine lip commit: a CUDA-handle storage without a GPU is FAILED_PRECONDITION",
+          "[registration][engine_lip]") {
   fake_clock clock;
   auto e = t::make_engine(clock);
   const auto m = t::small_model();
@@ -538,7 +555,8 @@ TEST_CASE("engine lip commit: a CUDA-handle storage without a GPU is FAILED_PREC
   CHECK_CODE(e->commit(id), errc::not_found);
 }
 
-TEST_CASE("engine lip commit: a VRAM region storage without a GPU is FAILED_PRECONDITION", "[registration][engine_lip]") {
+TEST_CASE("engine lip commit: a VRAM region storage without a GPU is FAILED_PRECONDITION",
+          "[registration][engine_lip]") {
   fake_clock clock;
   auto e = t::make_engine(clock);
   const auto m = t::small_model();
@@ -557,7 +575,8 @@ TEST_CASE("engine lip commit: a VRAM region storage without a GPU is FAILED_PREC
 
 // ---- Commit: hashing, identity ---------------------------------------------------------------
 
-TEST_CASE("engine lip commit: the rebuilt index equals canonical_index::build and the id is computed independently", "[registration][engine_lip]") {
+TEST_CASE("engine lip commit: the rebuilt index equals canonical_index::build and the id is computed independently",
+          "[registration][engine_lip]") {
   fake_clock clock;
   auto e = t::make_engine(clock);
   const auto m = t::small_model();
@@ -582,7 +601,8 @@ TEST_CASE("engine lip commit: gaps between segments and the tail hash as zero", 
   auto e = t::make_engine(clock);
   t::model m;
   m.storages = {{"a", t::pattern(24, 7)}, {"b", t::pattern((5u << 20) + 8, 8)}};
-  m.tensors = {{"x", "a", {6}, {1}, "torch.float32", 0, 24}, {"y", "b", {(5 << 18) + 2}, {1}, "torch.float32", 0, (5u << 20) + 8}};
+  m.tensors = {{"x", "a", {6}, {1}, "torch.float32", 0, 24},
+               {"y", "b", {(5 << 18) + 2}, {1}, "torch.float32", 0, (5u << 20) + 8}};
   const std::uint64_t total = m.total_size() + 4096 + 1000;  // tail PAD past the last storage
   const auto id = begin_lip(*e, total);
   auto f = t::lip_feed(id, m);
@@ -602,7 +622,8 @@ TEST_CASE("engine lip commit: gaps between segments and the tail hash as zero", 
   CHECK(committed->descriptor.artifact_id == t::expected_mi2(json, canonical));
 }
 
-TEST_CASE("engine lip commit: a name with é gives the \\u00e9 index of registration.md §3.4", "[registration][engine_lip]") {
+TEST_CASE("engine lip commit: a name with é gives the \\u00e9 index of registration.md §3.4",
+          "[registration][engine_lip]") {
   fake_clock clock;
   auto e = t::make_engine(clock);
   const auto id = begin_lip(*e, 16);
@@ -619,7 +640,8 @@ TEST_CASE("engine lip commit: a name with é gives the \\u00e9 index of registra
   CHECK((*idx)->json() == R"({"\u00e9":[0,16,[2,2],[2,1],"torch.float32",0]})");
 }
 
-TEST_CASE("engine lip commit: a tensor name that is not valid UTF-8 is INVALID_ARGUMENT", "[registration][engine_lip]") {
+TEST_CASE("engine lip commit: a tensor name that is not valid UTF-8 is INVALID_ARGUMENT",
+          "[registration][engine_lip]") {
   fake_clock clock;
   auto e = t::make_engine(clock);
   const auto id = begin_lip(*e, 16);
@@ -632,7 +654,8 @@ TEST_CASE("engine lip commit: a tensor name that is not valid UTF-8 is INVALID_A
               "cannot build canonical index: tensor name 'bad\\xff' is not valid utf-8");
 }
 
-TEST_CASE("engine lip commit: a cgid registration is identified by its cgid, with no data hash", "[registration][engine_lip]") {
+TEST_CASE("engine lip commit: a cgid registration is identified by its cgid, with no data hash",
+          "[registration][engine_lip]") {
   fake_clock clock;
   auto e = t::make_engine(clock);
   const auto m = t::small_model();
@@ -652,7 +675,8 @@ TEST_CASE("engine lip commit: a cgid registration is identified by its cgid, wit
   CHECK(got->leases == 1);
 }
 
-TEST_CASE("engine lip commit: a second lease of the same artifact on the same device is ALREADY_EXISTS", "[registration][engine_lip]") {
+TEST_CASE("engine lip commit: a second lease of the same artifact on the same device is ALREADY_EXISTS",
+          "[registration][engine_lip]") {
   fake_clock clock;
   auto e = t::make_engine(clock);
   const auto m = t::small_model();
@@ -698,10 +722,15 @@ TEST_CASE("engine lip commit: each distinct CUDA handle is opened once", "[regis
   // Three storages: s0 and s1 in one allocation (different offsets), s2 in another; plus a
   // VRAM region whose two storages share its handle.
   t::model m;
-  m.storages = {{"s0", t::pattern(16, 1)}, {"s1", t::pattern(20, 2)}, {"s2", t::pattern(8, 3)},
-                {"r0", t::pattern(12, 4)}, {"r1", t::pattern(12, 5)}};
-  m.tensors = {{"a", "s0", {4}, {1}, "torch.float32", 0, 16}, {"b", "s1", {5}, {1}, "torch.float32", 0, 20},
-               {"c", "s2", {2}, {1}, "torch.float32", 0, 8},  {"d", "r0", {3}, {1}, "torch.float32", 0, 12},
+  m.storages = {{"s0", t::pattern(16, 1)},
+                {"s1", t::pattern(20, 2)},
+                {"s2", t::pattern(8, 3)},
+                {"r0", t::pattern(12, 4)},
+                {"r1", t::pattern(12, 5)}};
+  m.tensors = {{"a", "s0", {4}, {1}, "torch.float32", 0, 16},
+               {"b", "s1", {5}, {1}, "torch.float32", 0, 20},
+               {"c", "s2", {2}, {1}, "torch.float32", 0, 8},
+               {"d", "r0", {3}, {1}, "torch.float32", 0, 12},
                {"e", "r1", {3}, {1}, "torch.float32", 0, 12}};
   const auto shared = devices->export_allocation(0, 256);
   const auto single = devices->export_allocation(0, 8);
@@ -729,10 +758,8 @@ TEST_CASE("engine lip commit: each distinct CUDA handle is opened once", "[regis
     return s;
   };
   std::map<std::string, storage_entry> entries{
-      {"s0", handle_entry("s0", shared, 16, 0)},
-      {"s1", handle_entry("s1", shared, 20, 100)},
-      {"s2", handle_entry("s2", single, 8, 0)},
-      {"r0", region_entry("r0", *region, 12, 0)},
+      {"s0", handle_entry("s0", shared, 16, 0)},    {"s1", handle_entry("s1", shared, 20, 100)},
+      {"s2", handle_entry("s2", single, 8, 0)},     {"r0", region_entry("r0", *region, 12, 0)},
       {"r1", region_entry("r1", *region, 12, 500)},
   };
   const auto id = begin_lip(*e, m.total_size());
@@ -744,14 +771,15 @@ TEST_CASE("engine lip commit: each distinct CUDA handle is opened once", "[regis
   CHECK(devices->opens_of(single) == 1);
   CHECK(devices->opens_of(region_handle) == 1);
   CHECK(devices->total_opens() == 3);
-  CHECK(e->stats().open_mappings == 3);  // the lease keeps them
+  CHECK(e->stats().open_mappings == 3);     // the lease keeps them
   CHECK(region_refs(*e, region->id) == 1);  // one per registration and region, however many storages
   e->revoke(id, "test");
   CHECK(e->stats().open_mappings == 0);
   CHECK(region_refs(*e, region->id) == 0);
 }
 
-TEST_CASE("engine lip commit: a handle on the wrong device or too small is refused by the device", "[registration][engine_lip]") {
+TEST_CASE("engine lip commit: a handle on the wrong device or too small is refused by the device",
+          "[registration][engine_lip]") {
   fake_clock clock;
   auto devices = std::make_shared<fake_device_memory>(1);
   auto options = t::deterministic_options(clock);
@@ -770,7 +798,8 @@ TEST_CASE("engine lip commit: a handle on the wrong device or too small is refus
 
 // ---- The local stable tier at commit (§6.2, §8) -----------------------------------------------
 
-TEST_CASE("engine lip commit: policy WARM with a tiny stable budget is DEGRADED", "[registration][engine_lip][policy]") {
+TEST_CASE("engine lip commit: policy WARM with a tiny stable budget is DEGRADED",
+          "[registration][engine_lip][policy]") {
   fake_clock clock;
   auto options = t::deterministic_options(clock);
   options.stable_bytes = 1;
@@ -787,7 +816,8 @@ TEST_CASE("engine lip commit: policy WARM with a tiny stable budget is DEGRADED"
   CHECK_FALSE(got->stable_replica);
 }
 
-TEST_CASE("engine lip commit: policy PINNED with a tiny stable budget fails RESOURCE_EXHAUSTED and drops the lease", "[registration][engine_lip][policy]") {
+TEST_CASE("engine lip commit: policy PINNED with a tiny stable budget fails RESOURCE_EXHAUSTED and drops the lease",
+          "[registration][engine_lip][policy]") {
   fake_clock clock;
   auto options = t::deterministic_options(clock);
   options.stable_bytes = 1;
@@ -813,7 +843,8 @@ TEST_CASE("engine lip commit: policy PINNED with a tiny stable budget fails RESO
   CHECK(region_refs(*e, region->id) == 0);
 }
 
-TEST_CASE("engine lip commit: policy PINNED with room is READY and keeps a stable replica", "[registration][engine_lip][policy]") {
+TEST_CASE("engine lip commit: policy PINNED with room is READY and keeps a stable replica",
+          "[registration][engine_lip][policy]") {
   fake_clock clock;
   auto options = t::deterministic_options(clock);
   options.stable_bytes = 1 << 20;
@@ -828,7 +859,8 @@ TEST_CASE("engine lip commit: policy PINNED with room is READY and keeps a stabl
   CHECK(e->stats().stable_bytes == 40);
 }
 
-TEST_CASE("engine lip commit: policy CACHE leaves the local stable tier SKIPPED", "[registration][engine_lip][policy]") {
+TEST_CASE("engine lip commit: policy CACHE leaves the local stable tier SKIPPED",
+          "[registration][engine_lip][policy]") {
   fake_clock clock;
   auto e = t::make_engine(clock);
   for (auto p : {std::optional<policy::store_policy>{}, std::optional(profile(policy::profile::cache))}) {

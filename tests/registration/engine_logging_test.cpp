@@ -15,9 +15,9 @@ namespace {
 
 using namespace tensorreg;
 using namespace tensorreg::registration;
+using std::chrono::milliseconds;
 using tensorreg::testing::fake_clock;
 using tensorreg::testing::recording_logger;
-using std::chrono::milliseconds;
 namespace t = tensorreg::testing;
 
 const std::int32_t me = static_cast<std::int32_t>(::getpid());
@@ -49,7 +49,8 @@ TEST_CASE("engine logging: a rejected call is one info line with its code, messa
   CHECK(r.log.count(log_level::info, "begin", "owner_pid " + std::to_string(me), "rejected", "INVALID_ARGUMENT",
                     "total_size must be > 0") == 1);
   CHECK_CODE(r.e->deregister({"mi2:x", true, 0, me}), errc::not_found);
-  CHECK(r.log.count(log_level::info, "deregister of artifact mi2:x", "owner_pid " + std::to_string(me), "NOT_FOUND") == 1);
+  CHECK(r.log.count(log_level::info, "deregister of artifact mi2:x", "owner_pid " + std::to_string(me), "NOT_FOUND") ==
+        1);
 
   auto begun = r.e->begin(t::lip_begin(40, me));
   REQUIRE_OK(begun);
@@ -70,7 +71,8 @@ TEST_CASE("engine logging: Begin and Commit successes are debug lines", "[regist
   std::string id;
   auto put = t::register_stable(*r.e, t::small_model(), me, &id);
   REQUIRE_OK(put);
-  CHECK(r.log.count(log_level::debug, "began registration " + id, "owner_pid " + std::to_string(me), "stable_dram") == 1);
+  CHECK(r.log.count(log_level::debug, "began registration " + id, "owner_pid " + std::to_string(me), "stable_dram") ==
+        1);
   CHECK(r.log.count(log_level::debug, "committed registration " + id, put->descriptor.artifact_id) == 1);
   CHECK(r.log.count(log_level::info, "rejected") == 0);
 }
@@ -93,7 +95,8 @@ TEST_CASE("engine logging: a revoke names the registration, the pid and the reas
   std::string leased;
   REQUIRE_OK(t::register_lip(*r.e, t::small_model(), me, &leased));
   r.e->revoke(leased, "the client asked");
-  CHECK(r.log.count(log_level::info, "lease " + leased, "owner_pid " + std::to_string(me), "revoked: the client asked") == 1);
+  CHECK(r.log.count(log_level::info, "lease " + leased, "owner_pid " + std::to_string(me),
+                    "revoked: the client asked") == 1);
 
   auto pending = r.e->begin(t::lip_begin(40, me));
   REQUIRE_OK(pending);
@@ -109,7 +112,8 @@ TEST_CASE("engine logging: an owner's death names the pid and what was released"
   auto pending = r.e->begin(t::lip_begin(40, me));
   REQUIRE_OK(pending);
   r.e->release_owner(me);
-  CHECK(r.log.count(log_level::info, "owner_pid " + std::to_string(me) + " exited", pending->registration_id, leased) == 1);
+  CHECK(r.log.count(log_level::info, "owner_pid " + std::to_string(me) + " exited", pending->registration_id, leased) ==
+        1);
   CHECK(r.e->stats().pending_registrations == 0);
   CHECK(r.e->stats().leases == 0);
 }

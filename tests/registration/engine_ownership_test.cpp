@@ -22,7 +22,8 @@ const std::int32_t other = me + 1;
 
 }  // namespace
 
-TEST_CASE("engine ownership: a registration acts only for its owner, pending or committed", "[registration][engine_ownership]") {
+TEST_CASE("engine ownership: a registration acts only for its owner, pending or committed",
+          "[registration][engine_ownership]") {
   fake_clock clock;
   auto e = t::make_engine(clock);
   auto begun = e->begin(t::stable_begin(t::small_model(), me));
@@ -43,15 +44,16 @@ TEST_CASE("engine ownership: a registration acts only for its owner, pending or 
                   ", not to the calling process " + std::to_string(other));
 }
 
-TEST_CASE("engine ownership: deregister needs the caller to hold every lease and join", "[registration][engine_ownership]") {
+TEST_CASE("engine ownership: deregister needs the caller to hold every lease and join",
+          "[registration][engine_ownership]") {
   fake_clock clock;
   auto e = t::make_engine(clock);
   const auto m = t::small_model();
   auto mine = t::register_lip(*e, m, me);  // a lease of this process
   REQUIRE_OK(mine);
   const auto artifact = mine->descriptor.artifact_id;
-  REQUIRE_OK(t::register_stable(*e, m, me));        // the stable copy: the daemon's
-  auto theirs = t::register_stable(*e, m, other);   // a join of another process
+  REQUIRE_OK(t::register_stable(*e, m, me));       // the stable copy: the daemon's
+  auto theirs = t::register_stable(*e, m, other);  // a join of another process
   REQUIRE_OK(theirs);
   REQUIRE(theirs->existed);
 
@@ -84,7 +86,8 @@ TEST_CASE("engine ownership: deregister needs the caller to hold every lease and
   }
 }
 
-TEST_CASE("engine ownership: an artifact only the stable cache holds may be deregistered by anyone", "[registration][engine_ownership]") {
+TEST_CASE("engine ownership: an artifact only the stable cache holds may be deregistered by anyone",
+          "[registration][engine_ownership]") {
   fake_clock clock;
   auto e = t::make_engine(clock);
   auto committed = t::register_stable(*e, t::small_model(), me);

@@ -57,7 +57,8 @@ memory::shared_memory client_mapping(const begin_response& begun) {
 // A model of a few MiB: several leaves, and PAD between storages.
 t::model big_model() {
   t::model m;
-  m.storages = {{"a", t::pattern((3u << 20) + 4, 11)}, {"b", t::pattern((2u << 20) + 2, 12)}, {"c", t::pattern(4u << 20, 13)}};
+  m.storages = {
+      {"a", t::pattern((3u << 20) + 4, 11)}, {"b", t::pattern((2u << 20) + 2, 12)}, {"c", t::pattern(4u << 20, 13)}};
   m.tensors = {{"a", "a", {(3 << 20) + 4}, {1}, "torch.uint8", 0, (3u << 20) + 4},
                {"b", "b", {(1 << 20) + 1}, {1}, "torch.float16", 0, (2u << 20) + 2},
                {"c", "c", {1 << 20}, {1}, "torch.int32", 0, 4u << 20}};
@@ -80,7 +81,8 @@ TEST_CASE("engine stable feed: a chunk or range outside the buffer is OUT_OF_RAN
   const auto id = begin_stable(*e, m).registration_id;
   CHECK_ERROR(e->feed(chunk(id, 36, "12345678")), errc::out_of_range,
               "cannot accept stable bytes [36, +8): past total_size 40");
-  CHECK_ERROR(e->feed(chunk(id, 41, "")), errc::out_of_range, "cannot accept stable bytes [41, +0): past total_size 40");
+  CHECK_ERROR(e->feed(chunk(id, 41, "")), errc::out_of_range,
+              "cannot accept stable bytes [41, +0): past total_size 40");
   const auto other = begin_stable(*e, m).registration_id;
   CHECK_ERROR(e->feed(progress(other, {{0, 41}})), errc::out_of_range,
               "cannot accept stable bytes [0, +41): past total_size 40");
@@ -126,7 +128,8 @@ TEST_CASE("engine stable feed: chunks and memfd ranges do not mix", "[registrati
               "mixed with streamed chunks");
 }
 
-TEST_CASE("engine stable feed: nothing is accepted after the client reported the upload complete", "[registration][engine_stable]") {
+TEST_CASE("engine stable feed: nothing is accepted after the client reported the upload complete",
+          "[registration][engine_stable]") {
   fake_clock clock;
   auto e = t::make_engine(clock);
   const auto id = begin_stable(*e, t::small_model()).registration_id;
@@ -135,13 +138,15 @@ TEST_CASE("engine stable feed: nothing is accepted after the client reported the
               "cannot accept stable bytes [24, +16): the client already reported the upload complete");
 }
 
-TEST_CASE("engine stable feed: lease tables on a stable registration are FAILED_PRECONDITION", "[registration][engine_stable]") {
+TEST_CASE("engine stable feed: lease tables on a stable registration are FAILED_PRECONDITION",
+          "[registration][engine_stable]") {
   fake_clock clock;
   auto e = t::make_engine(clock);
   const auto m = t::small_model();
   const auto id = begin_stable(*e, m).registration_id;
-  const std::string message = "cannot feed registration '" + id +
-                              "': storage tables and lease segments need a lease-in-place registration, not stable_dram";
+  const std::string message =
+      "cannot feed registration '" + id +
+      "': storage tables and lease segments need a lease-in-place registration, not stable_dram";
   auto lip = t::lip_feed(id, m);
   CHECK_ERROR(e->feed(lip), errc::failed_precondition, message);
   feed_request only_aliases;
@@ -154,7 +159,8 @@ TEST_CASE("engine stable feed: lease tables on a stable registration are FAILED_
   CHECK_ERROR(e->feed(only_segments), errc::failed_precondition, message);
 }
 
-TEST_CASE("engine stable commit: an incomplete upload is FAILED_PRECONDITION and the registration stays open", "[registration][engine_stable]") {
+TEST_CASE("engine stable commit: an incomplete upload is FAILED_PRECONDITION and the registration stays open",
+          "[registration][engine_stable]") {
   fake_clock clock;
   auto e = t::make_engine(clock);
   const auto m = t::small_model();
@@ -170,7 +176,8 @@ TEST_CASE("engine stable commit: an incomplete upload is FAILED_PRECONDITION and
   CHECK(committed->descriptor.artifact_id == t::expected_mi2(t::small_model_json, bytes));
 }
 
-TEST_CASE("engine stable commit: chunks in any order give the independently computed id", "[registration][engine_stable]") {
+TEST_CASE("engine stable commit: chunks in any order give the independently computed id",
+          "[registration][engine_stable]") {
   fake_clock clock;
   auto e = t::make_engine(clock);
   const auto m = t::small_model();
@@ -195,7 +202,8 @@ TEST_CASE("engine stable commit: chunks in any order give the independently comp
   CHECK(e->stats().pending_registrations == 0);
 }
 
-TEST_CASE("engine stable commit: garbage in PAD bytes changes neither the id nor the kept bytes", "[registration][engine_stable]") {
+TEST_CASE("engine stable commit: garbage in PAD bytes changes neither the id nor the kept bytes",
+          "[registration][engine_stable]") {
   fake_clock clock;
   auto e = t::make_engine(clock);
   const auto m = t::small_model();
@@ -218,7 +226,8 @@ TEST_CASE("engine stable commit: garbage in PAD bytes changes neither the id nor
   CHECK(read_all(**bytes) == m.canonical());
 }
 
-TEST_CASE("engine stable commit: a second put of the same tensors joins with existed=true", "[registration][engine_stable]") {
+TEST_CASE("engine stable commit: a second put of the same tensors joins with existed=true",
+          "[registration][engine_stable]") {
   fake_clock clock;
   auto e = t::make_engine(clock);
   const auto m = t::small_model();
@@ -274,7 +283,8 @@ TEST_CASE("engine stable commit: memfd publish gives the same id as streamed chu
   CHECK(read_all(**kept) == m.canonical());
 }
 
-TEST_CASE("engine stable commit: concurrent chunks from several threads", "[registration][engine_stable][concurrency]") {
+TEST_CASE("engine stable commit: concurrent chunks from several threads",
+          "[registration][engine_stable][concurrency]") {
   fake_clock clock;
   auto e = t::make_engine(clock);
   const auto m = big_model();
@@ -300,7 +310,8 @@ TEST_CASE("engine stable commit: concurrent chunks from several threads", "[regi
   CHECK(committed->descriptor.artifact_id == t::expected_mi2(m.index().json(), m.canonical()));
 }
 
-TEST_CASE("engine end to end: LIP over a memfd region, stable chunks and memfd publish give one mi2 id", "[registration][engine_stable][end_to_end]") {
+TEST_CASE("engine end to end: LIP over a memfd region, stable chunks and memfd publish give one mi2 id",
+          "[registration][engine_stable][end_to_end]") {
   fake_clock clock;
   auto e = t::make_engine(clock);
   const auto m = big_model();

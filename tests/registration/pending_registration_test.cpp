@@ -18,8 +18,8 @@ namespace {
 using namespace tensorreg;
 using namespace tensorreg::registration;
 using namespace tensorreg::registration::detail;
-using tensorreg::testing::fake_clock;
 using std::chrono::milliseconds;
+using tensorreg::testing::fake_clock;
 
 // A plan whose Feed work can be held open, and that counts what it is asked to do.
 class scripted_plan final : public plan {
@@ -27,8 +27,8 @@ class scripted_plan final : public plan {
   struct script {
     std::mutex mutex;
     std::condition_variable changed;
-    bool hold_feed = false;    // feed work blocks until released
-    int feeds_inside = 0;      // feed work running now
+    bool hold_feed = false;  // feed work blocks until released
+    int feeds_inside = 0;    // feed work running now
     int feeds_done = 0;
     int releases = 0;
   };
@@ -125,7 +125,8 @@ TEST_CASE("pending_registration: feed and commit of a closed registration are NO
   }
 }
 
-TEST_CASE("pending_registration: feed while committing is FAILED_PRECONDITION", "[registration][pending_registration]") {
+TEST_CASE("pending_registration: feed while committing is FAILED_PRECONDITION",
+          "[registration][pending_registration]") {
   rig r;
   REQUIRE_OK(r.p.begin_commit());
   CHECK_ERROR(r.feed(), errc::failed_precondition, "cannot feed registration 'reg_1': it is being committed");
@@ -200,7 +201,8 @@ TEST_CASE("pending_registration: expiry follows the TTL, which Feed and KeepAliv
   CHECK_FALSE(r.p.expired(r.clock.now()));
 }
 
-TEST_CASE("pending_registration: keep-alive from another pid is PERMISSION_DENIED", "[registration][pending_registration]") {
+TEST_CASE("pending_registration: keep-alive from another pid is PERMISSION_DENIED",
+          "[registration][pending_registration]") {
   rig r(1000);
   CHECK_ERROR(r.p.keep_alive(43, 1, 5000, r.clock), errc::permission_denied,
               "cannot keep registration 'reg_1' alive: owner_pid 43 is not the registration's owner 42");
@@ -273,7 +275,8 @@ TEST_CASE("pending_registration: release after a drop waits for a Feed copy to f
   CHECK(r.script->releases == 1);
 }
 
-TEST_CASE("pending_table: a tombstone answers once and is forgotten after its life", "[registration][pending_registration]") {
+TEST_CASE("pending_table: a tombstone answers once and is forgotten after its life",
+          "[registration][pending_registration]") {
   fake_clock clock;
   pending_table table;
   table.bury("reg_a", clock.now());

@@ -129,8 +129,9 @@ TEST_CASE("plans: each plan refuses the Feed payloads of the others", "[registra
   CHECK_ERROR(check_feed_shape(tables, what, "stable_dram", false, true), errc::failed_precondition,
               what + ": storage tables and lease segments need a lease-in-place registration, not stable_dram");
   CHECK_ERROR(check_feed_shape(chunk, what, "lease-in-place", true, false), errc::failed_precondition,
-              what + ": view_chunk and stable_dram_write_progress need a stable_dram registration with "
-                     "stage_on_gpu=false, not lease-in-place");
+              what +
+                  ": view_chunk and stable_dram_write_progress need a stable_dram registration with "
+                  "stage_on_gpu=false, not lease-in-place");
   REQUIRE_OK(check_feed_shape(tables, what, "lease-in-place", true, false));
   REQUIRE_OK(check_feed_shape(chunk, what, "stable_dram", false, true));
 
@@ -140,10 +141,10 @@ TEST_CASE("plans: each plan refuses the Feed payloads of the others", "[registra
   auto lip = begin_plan(t::lip_begin(40, 7), context(), response);
   REQUIRE_OK(lip);
   auto c = chunk;
-  CHECK_ERROR((*lip)->feed(c, registration_facts{"reg_1", 7, 0, 40, "", {}}, regions, what),
-              errc::failed_precondition,
-              what + ": view_chunk and stable_dram_write_progress need a stable_dram registration with "
-                     "stage_on_gpu=false, not lease-in-place");
+  CHECK_ERROR((*lip)->feed(c, registration_facts{"reg_1", 7, 0, 40, "", {}}, regions, what), errc::failed_precondition,
+              what +
+                  ": view_chunk and stable_dram_write_progress need a stable_dram registration with "
+                  "stage_on_gpu=false, not lease-in-place");
 }
 
 TEST_CASE("plans: a stable_dram chunk is copied by the work Feed returns, not under the lock",

@@ -549,9 +549,7 @@ TEST_CASE("stable_dram_cache: concurrent admits, lookups and removes keep the ac
             }
             break;
           }
-          case 4:
-            (void)cache.remove(key);
-            break;
+          case 4: (void)cache.remove(key); break;
           default:
             if (cache.stats().bytes_used > kBudget) over_budget.fetch_add(1);
             if (t == 0) clk.advance(1ms);
@@ -586,13 +584,15 @@ TEST_CASE("stable_dram_cache: reservations together never exceed the budget, and
   const auto refused = cache.reserve(1);
   REQUIRE_FALSE(refused.has_value());
   CHECK(refused.error().code == errc::resource_exhausted);
-  CHECK(refused.error().message == "cannot reserve 1 bytes of the stable budget: 0 of 128 bytes free (128 reserved "
-                                   "by uploads in progress, 0 held by entries that cannot be evicted)");
+  CHECK(refused.error().message ==
+        "cannot reserve 1 bytes of the stable budget: 0 of 128 bytes free (128 reserved "
+        "by uploads in progress, 0 held by entries that cannot be evicted)");
   // Another admission is refused the reserved room; the reservation's own entry takes it.
   const auto other = cache.admit("other", kChunk, replica(), make_policy(retention::best_effort, overflow::reject));
   REQUIRE_FALSE(other.has_value());
-  CHECK(other.error().message == "cannot admit 'other' (64 bytes) to the stable dram cache: insufficient stable "
-                                 "bytes: 0 of 128 free (128 reserved by uploads in progress), overflow reject");
+  CHECK(other.error().message ==
+        "cannot admit 'other' (64 bytes) to the stable dram cache: insufficient stable "
+        "bytes: 0 of 128 free (128 reserved by uploads in progress), overflow reject");
   const auto own = cache.admit("a", kChunk, replica(), kBestEffortEvict, &*a);
   REQUIRE(own.has_value());
   CHECK(own->admitted);
@@ -616,8 +616,9 @@ TEST_CASE("stable_dram_cache: a reservation counts pinned entries as taken and e
   REQUIRE(cache.admit("loose", kChunk, replica(), kBestEffortEvict).has_value());
   const auto refused = cache.reserve(2 * kChunk);
   REQUIRE_FALSE(refused.has_value());
-  CHECK(refused.error().message == "cannot reserve 128 bytes of the stable budget: 64 of 128 bytes free (0 reserved "
-                                   "by uploads in progress, 64 held by entries that cannot be evicted)");
+  CHECK(refused.error().message ==
+        "cannot reserve 128 bytes of the stable budget: 64 of 128 bytes free (0 reserved "
+        "by uploads in progress, 64 held by entries that cannot be evicted)");
   auto held = cache.reserve(kChunk);
   REQUIRE(held.has_value());
   const auto admitted = cache.admit("upload", kChunk, replica(), kBestEffortEvict, &*held);

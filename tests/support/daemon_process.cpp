@@ -39,8 +39,8 @@ void daemon_process::start(std::vector<std::string> extra_args, bool expect_read
   if (err_log_.empty()) err_log_ = log_;
   // $TENSORREGD overrides the built path (binaries carried to another machine).
   const char* override_path = std::getenv("TENSORREGD");
-  std::vector<std::string> args{override_path != nullptr && *override_path != '\0' ? override_path : TENSORREG_DAEMON_PATH,
-                                "--socket", socket_};
+  std::vector<std::string> args{
+      override_path != nullptr && *override_path != '\0' ? override_path : TENSORREG_DAEMON_PATH, "--socket", socket_};
   for (auto& a : extra_args) args.push_back(std::move(a));
   pid_ = ::fork();
   if (pid_ < 0) throw std::runtime_error("cannot fork the daemon");

@@ -48,8 +48,8 @@ std::string pattern(std::size_t n, std::uint32_t seed) {
 index::canonical_index model::index() const {
   std::vector<index::tensor_desc> descs;
   for (const auto& t : tensors) {
-    descs.push_back(index::tensor_desc{t.name, t.dtype, t.shape, t.stride, t.storage,
-                                       storage(t.storage).bytes.size(), t.storage_offset});
+    descs.push_back(index::tensor_desc{t.name, t.dtype, t.shape, t.stride, t.storage, storage(t.storage).bytes.size(),
+                                       t.storage_offset});
   }
   auto built = index::canonical_index::build(descs);
   TENSORREG_ASSERT(built.has_value());  // worker threads too: see storage()
@@ -129,8 +129,8 @@ reg::begin_request lip_begin(std::uint64_t total_size, std::int32_t owner_pid, s
 }
 
 reg::tensor_alias alias_of(const tensor_spec& t) {
-  return reg::tensor_alias{t.name, t.storage, static_cast<std::uint64_t>(t.storage_offset), t.logical_length,
-                           t.shape, t.stride, t.dtype};
+  return reg::tensor_alias{t.name,   t.storage, static_cast<std::uint64_t>(t.storage_offset), t.logical_length, t.shape,
+                           t.stride, t.dtype};
 }
 
 reg::feed_request lip_feed(const std::string& registration_id, const model& m,

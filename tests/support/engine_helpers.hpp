@@ -42,18 +42,19 @@ struct StringMaker<tensorreg::error> {
   } while (false)
 
 /// Asserts that a result failed with this code (for messages checked elsewhere).
-#define CHECK_CODE(expr, code_)                           \
-  do {                                                    \
-    auto&& check_code_result_ = (expr);                   \
-    REQUIRE_FALSE(check_code_result_);                    \
-    CHECK(check_code_result_.error().code == (code_));    \
+#define CHECK_CODE(expr, code_)                        \
+  do {                                                 \
+    auto&& check_code_result_ = (expr);                \
+    REQUIRE_FALSE(check_code_result_);                 \
+    CHECK(check_code_result_.error().code == (code_)); \
   } while (false)
 
 /// Requires success, printing the error otherwise.
 #define REQUIRE_OK(expr)                                                                         \
   do {                                                                                           \
     auto&& require_ok_result_ = (expr);                                                          \
-    if (!require_ok_result_) FAIL_CHECK(::Catch::StringMaker<::tensorreg::error>::convert(require_ok_result_.error())); \
+    if (!require_ok_result_)                                                                     \
+      FAIL_CHECK(::Catch::StringMaker<::tensorreg::error>::convert(require_ok_result_.error())); \
     REQUIRE(require_ok_result_);                                                                 \
   } while (false)
 
@@ -91,8 +92,8 @@ struct tensor_spec {
   std::vector<std::int64_t> shape;
   std::vector<std::int64_t> stride;
   std::string dtype = "torch.float32";
-  std::int64_t storage_offset = 0;  ///< elements
-  std::uint64_t logical_length = 0; ///< bytes of the view (alias logical_length)
+  std::int64_t storage_offset = 0;   ///< elements
+  std::uint64_t logical_length = 0;  ///< bytes of the view (alias logical_length)
 };
 
 /// Tensors over storages, laid out as the SDK does (canonical_index::build).

@@ -99,8 +99,8 @@ result<std::shared_ptr<const memory::byte_source>> fake_device_memory::open_ipc(
   }
   if (it->second->size() < min_bytes) {
     return fail(errc::out_of_range, "cannot open CUDA IPC memory: the allocation has " +
-                                        std::to_string(it->second->size()) + " bytes, " +
-                                        std::to_string(min_bytes) + " needed");
+                                        std::to_string(it->second->size()) + " bytes, " + std::to_string(min_bytes) +
+                                        " needed");
   }
   ++opens_[std::string(ipc_handle)];
   std::shared_ptr<const memory::byte_source> mapped = std::make_shared<mapping>(it->second);
@@ -127,10 +127,9 @@ std::size_t fake_device_memory::open_mappings() const {
       std::count_if(mappings_.begin(), mappings_.end(), [](const auto& w) { return !w.expired(); }));
 }
 
-result<std::shared_ptr<const memory::byte_source>> fake_device_memory::import_vmm(std::int32_t /*owner_pid*/,
-                                                                                  std::int32_t device_id,
-                                                                                  std::span<const int> fds,
-                                                                                  std::span<const std::uint64_t> chunk_bytes) {
+result<std::shared_ptr<const memory::byte_source>> fake_device_memory::import_vmm(
+    std::int32_t /*owner_pid*/, std::int32_t device_id, std::span<const int> fds,
+    std::span<const std::uint64_t> chunk_bytes) {
   if (device_id < 0 || device_id >= device_count_) {
     return fail(errc::failed_precondition, "cannot import CUDA VMM memory: no device " + std::to_string(device_id));
   }
@@ -145,7 +144,8 @@ result<std::shared_ptr<const memory::byte_source>> fake_device_memory::import_vm
     const auto got = ::pread(fds[i], imported->bytes.data() + at, chunk_bytes[i], 0);
     if (got != static_cast<ssize_t>(chunk_bytes[i])) {
       return fail(errc::invalid_argument, "cannot import CUDA VMM memory: chunk " + std::to_string(i) +
-                                              " does not read back (" + (got < 0 ? std::strerror(errno) : "short") + ")");
+                                              " does not read back (" + (got < 0 ? std::strerror(errno) : "short") +
+                                              ")");
     }
     at += chunk_bytes[i];
   }

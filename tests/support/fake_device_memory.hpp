@@ -45,9 +45,10 @@ class fake_device_memory final : public registration::device_memory {
   [[nodiscard]] std::size_t allocations() const;
 
   // device_memory
-  [[nodiscard]] result<std::shared_ptr<const memory::byte_source>> open_ipc(
-      std::int32_t owner_pid, std::int32_t device_id, std::string_view ipc_handle,
-      std::uint64_t min_bytes) override;
+  [[nodiscard]] result<std::shared_ptr<const memory::byte_source>> open_ipc(std::int32_t owner_pid,
+                                                                            std::int32_t device_id,
+                                                                            std::string_view ipc_handle,
+                                                                            std::uint64_t min_bytes) override;
   [[nodiscard]] result<registration::device_buffer> allocate(std::int32_t device_id, std::uint64_t bytes) override;
   /// Mappings returned by open_ipc() that are still held by someone.
   [[nodiscard]] std::size_t open_mappings() const override;

@@ -77,18 +77,18 @@ using status = result<void>;
 
 /// Evaluates a result-returning expression; returns its error from the enclosing function.
 #define TENSORREG_TRY(expr) TENSORREG_DETAIL_TRY(TENSORREG_DETAIL_CONCAT(tensorreg_try_, __COUNTER__), expr)
-#define TENSORREG_DETAIL_TRY(tmp, expr)                                \
-  do {                                                                 \
-    auto&& tmp = (expr);                                               \
-    if (!tmp) return ::tl::unexpected(std::move(tmp).error());         \
+#define TENSORREG_DETAIL_TRY(tmp, expr)                        \
+  do {                                                         \
+    auto&& tmp = (expr);                                       \
+    if (!tmp) return ::tl::unexpected(std::move(tmp).error()); \
   } while (false)
 
 /// `TENSORREG_TRY_ASSIGN(auto x, f());` declares/assigns lhs from the value, or returns the error.
 #define TENSORREG_TRY_ASSIGN(lhs, expr) \
   TENSORREG_DETAIL_TRY_ASSIGN(TENSORREG_DETAIL_CONCAT(tensorreg_try_tmp_, __COUNTER__), lhs, expr)
-#define TENSORREG_DETAIL_TRY_ASSIGN(tmp, lhs, expr)                    \
-  auto tmp = (expr);                                                   \
-  if (!tmp) return ::tl::unexpected(std::move(tmp).error());           \
+#define TENSORREG_DETAIL_TRY_ASSIGN(tmp, lhs, expr)          \
+  auto tmp = (expr);                                         \
+  if (!tmp) return ::tl::unexpected(std::move(tmp).error()); \
   lhs = std::move(tmp).value()
 
 /// Broken internal invariants are bugs: abort with the location.

@@ -112,9 +112,10 @@ class device_memory_provider final : public registration::device_memory {
   /// handle: the message carries the CUDA error), FAILED_PRECONDITION (no device
   /// `device_id`; the memory lives on another device), OUT_OF_RANGE (allocation smaller than
   /// `min_bytes`), RESOURCE_EXHAUSTED / INTERNAL for other CUDA failures.
-  [[nodiscard]] result<std::shared_ptr<const memory::byte_source>> open_ipc(
-      std::int32_t owner_pid, std::int32_t device_id, std::string_view ipc_handle,
-      std::uint64_t min_bytes) override;
+  [[nodiscard]] result<std::shared_ptr<const memory::byte_source>> open_ipc(std::int32_t owner_pid,
+                                                                            std::int32_t device_id,
+                                                                            std::string_view ipc_handle,
+                                                                            std::uint64_t min_bytes) override;
 
   /// cudaMalloc of `bytes` (zero-filled) on `device_id`, exported with cudaIpcGetMemHandle.
   /// `bytes` of the result is a device_source owning the memory.
@@ -187,7 +188,6 @@ class device_memory_provider final : public registration::device_memory {
 
   /// Number of CUDA devices this provider sees.
   [[nodiscard]] std::int32_t device_count() const noexcept;
-
 
  private:
   explicit device_memory_provider(std::shared_ptr<detail::provider_state> state) noexcept;

@@ -68,8 +68,7 @@ class gpu_tree_hasher {
   /// memory of another device; OUT_OF_RANGE for a size of 2^31 leaves or more;
   /// RESOURCE_EXHAUSTED when scratch cannot grow; INTERNAL for a failed kernel or other CUDA
   /// error.
-  [[nodiscard]] result<hash::digest> tree_hash(const void* device_ptr, std::uint64_t size,
-                                               stream_view stream = {});
+  [[nodiscard]] result<hash::digest> tree_hash(const void* device_ptr, std::uint64_t size, stream_view stream = {});
 
   /// Every leaf digest of the `size` bytes at `device_ptr`, in order (as hash::leaf_digests).
   /// REQUIRES and errors: as tree_hash().
@@ -90,14 +89,12 @@ class gpu_tree_hasher {
 
 /// One-shot gpu_tree_hasher::create(device) + tree_hash(): allocates scratch on every call;
 /// keep a hasher for repeated use. Errors: as create() and tree_hash().
-[[nodiscard]] result<hash::digest> tree_hash_device(const void* device_ptr, std::uint64_t size,
-                                                    stream_view stream, std::int32_t device);
+[[nodiscard]] result<hash::digest> tree_hash_device(const void* device_ptr, std::uint64_t size, stream_view stream,
+                                                    std::int32_t device);
 
 /// One-shot gpu_tree_hasher::create(device) + leaf_digests(). Errors: as create() and
 /// leaf_digests().
-[[nodiscard]] result<std::vector<hash::digest>> leaf_digests_device(const void* device_ptr,
-                                                                    std::uint64_t size,
-                                                                    stream_view stream,
-                                                                    std::int32_t device);
+[[nodiscard]] result<std::vector<hash::digest>> leaf_digests_device(const void* device_ptr, std::uint64_t size,
+                                                                    stream_view stream, std::int32_t device);
 
 }  // namespace tensorreg::cuda

@@ -36,13 +36,13 @@ struct fingerprint128 {
 
 /// XXH3-128 of bytes [offset, offset + length) of `source`, streamed over its pieces.
 /// Errors: as source.visit() (OUT_OF_RANGE, …).
-[[nodiscard]] result<fingerprint128> xxh3_128(const memory::byte_source& source,
-                                              std::uint64_t offset, std::uint64_t length);
+[[nodiscard]] result<fingerprint128> xxh3_128(const memory::byte_source& source, std::uint64_t offset,
+                                              std::uint64_t length);
 
 /// XXH3-128 of every 4 MiB leaf of `source` (hash::leaf_bytes; the last may be short), in
 /// order, over `pool` and the calling thread (null pool: calling thread only). Size 0 gives
 /// no fingerprints. Errors: the first error of source.visit().
-[[nodiscard]] result<std::vector<fingerprint128>> leaf_fingerprints(
-    const memory::byte_source& source, thread_pool* pool = nullptr);
+[[nodiscard]] result<std::vector<fingerprint128>> leaf_fingerprints(const memory::byte_source& source,
+                                                                    thread_pool* pool = nullptr);
 
 }  // namespace tensorreg::hash

@@ -50,19 +50,16 @@ inline constexpr std::uint64_t leaf_bytes = std::uint64_t{4} << 20;
 /// SHA-256 of leaf `leaf_index` of `source`: bytes [i·leaf_bytes, min((i+1)·leaf_bytes, size)).
 /// Errors: OUT_OF_RANGE if leaf_index >= leaf_count(source.size()); whatever source.visit()
 /// returns.
-[[nodiscard]] result<digest> hash_leaf(const memory::byte_source& source,
-                                       std::uint64_t leaf_index);
+[[nodiscard]] result<digest> hash_leaf(const memory::byte_source& source, std::uint64_t leaf_index);
 
 /// Every leaf digest of `source`, in order, hashed over `pool` and the calling thread (a null
 /// pool means the calling thread alone). A source of size 0 has no leaves.
 /// Errors: the first error of source.visit() (OUT_OF_RANGE, DATA_LOSS, …).
-[[nodiscard]] result<std::vector<digest>> leaf_digests(const memory::byte_source& source,
-                                                       thread_pool* pool = nullptr);
+[[nodiscard]] result<std::vector<digest>> leaf_digests(const memory::byte_source& source, thread_pool* pool = nullptr);
 
 /// tree_root(leaf_digests(source, pool)): the data hash of `source`. Size 0 gives 32 zero
 /// bytes (see above). Errors: as leaf_digests().
-[[nodiscard]] result<digest> tree_hash(const memory::byte_source& source,
-                                       thread_pool* pool = nullptr);
+[[nodiscard]] result<digest> tree_hash(const memory::byte_source& source, thread_pool* pool = nullptr);
 
 /// Collects the leaf digests of a buffer of known size in any order, from any thread, and
 /// folds them into the root once all are present. Move-only.

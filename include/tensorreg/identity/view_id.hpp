@@ -60,13 +60,11 @@ inline constexpr std::uint32_t view_payload_version = 1;
 /// multihash(SHA-256(view_payload(spec, index_multihash))).
 /// Errors: INVALID_ARGUMENT for an empty spec ("empty view spec"), a count or name length
 /// that does not fit 32 bits, or an index multihash that does not decode (naming it).
-[[nodiscard]] result<std::string> compute_view_id(const view_spec& spec,
-                                                  std::string_view index_multihash);
+[[nodiscard]] result<std::string> compute_view_id(const view_spec& spec, std::string_view index_multihash);
 
 /// Checks a client-provided view_id against the spec.
 /// Errors: as compute_view_id; INVALID_ARGUMENT "view_id does not match view spec" (then the
 /// provided and the computed id) when they differ.
-[[nodiscard]] status check_view_id(std::string_view provided, const view_spec& spec,
-                                   std::string_view index_multihash);
+[[nodiscard]] status check_view_id(std::string_view provided, const view_spec& spec, std::string_view index_multihash);
 
 }  // namespace tensorreg::identity

@@ -61,8 +61,7 @@ class byte_range_map {
   /// Errors: INVALID_ARGUMENT for total_size 0, an entry whose offset + size overflows or ends
   /// past total_size (naming the tensor), or two entries that overlap without identical
   /// (offset, size) (naming both tensors).
-  [[nodiscard]] static result<byte_range_map> from_entries(std::span<const entry> entries,
-                                                           std::uint64_t total_size);
+  [[nodiscard]] static result<byte_range_map> from_entries(std::span<const entry> entries, std::uint64_t total_size);
 
   /// The map of a validated index. Cannot fail: canonical_index guarantees what from_entries
   /// checks. Errors: none.
@@ -76,8 +75,7 @@ class byte_range_map {
   [[nodiscard]] static result<byte_range_map> from_sources(std::span<const source_range> ranges,
                                                            std::uint64_t total_size);
   [[nodiscard]] static result<byte_range_map> from_sources(std::span<const source_range> ranges,
-                                                           std::uint64_t total_size,
-                                                           range_namer namer);
+                                                           std::uint64_t total_size, range_namer namer);
 
   /// DATA and PAD ranges in offset order, covering [0, total_size()) without gaps.
   [[nodiscard]] std::span<const byte_range> ranges() const noexcept { return ranges_; }
@@ -90,8 +88,7 @@ class byte_range_map {
   [[nodiscard]] std::size_t find(std::uint64_t offset) const noexcept;
 
  private:
-  byte_range_map(std::vector<byte_range> ranges, std::uint64_t total_size,
-                 std::uint64_t data_bytes)
+  byte_range_map(std::vector<byte_range> ranges, std::uint64_t total_size, std::uint64_t data_bytes)
       : ranges_(std::move(ranges)), total_size_(total_size), data_bytes_(data_bytes) {}
 
   std::vector<byte_range> ranges_;

@@ -77,8 +77,7 @@ class canonical_index {
   /// that is not valid UTF-8, a negative storage_offset, offset + size overflowing 64 bits or
   /// ending past total_size, total_size 0, or two entries that overlap without being aliases
   /// (DECISIONS §5.15; the message names both tensors).
-  [[nodiscard]] static result<canonical_index> from_entries(std::vector<entry> entries,
-                                                            std::uint64_t total_size);
+  [[nodiscard]] static result<canonical_index> from_entries(std::vector<entry> entries, std::uint64_t total_size);
 
   /// Parses client-supplied index JSON and re-emits it canonically (rebuild_stable,
   /// registration.md §2.4). The top level must be a non-empty object; each value an array of
@@ -90,8 +89,7 @@ class canonical_index {
   /// surrogate escapes), a duplicate key, a top level that is not an object, `{}` ("empty
   /// tensor dict"), an entry of the wrong shape or a field of the wrong type or sign (the
   /// message names the entry and the field), and every rule of from_entries().
-  [[nodiscard]] static result<canonical_index> parse(std::string_view json,
-                                                     std::optional<std::uint64_t> total_size);
+  [[nodiscard]] static result<canonical_index> parse(std::string_view json, std::optional<std::uint64_t> total_size);
 
   /// Entries sorted by the bytes of their names.
   [[nodiscard]] const std::vector<entry>& entries() const noexcept { return entries_; }

@@ -36,7 +36,6 @@ struct safetensors_dtype {
 /// BOOL maps to torch.uint8 as upstream writes it, so content ids match (DECISIONS §5.18).
 /// `tensor_name` is used only to name the tensor in the error message.
 /// Errors: INVALID_ARGUMENT for any dtype outside the map, naming the tensor and the dtype.
-[[nodiscard]] result<safetensors_dtype> map_safetensors_dtype(std::string_view tensor_name,
-                                                              std::string_view dtype);
+[[nodiscard]] result<safetensors_dtype> map_safetensors_dtype(std::string_view tensor_name, std::string_view dtype);
 
 }  // namespace tensorreg::index

@@ -47,10 +47,10 @@ struct safetensors_tensor {
 
 /// A validated safetensors header.
 struct safetensors_header {
-  std::uint64_t header_bytes = 0;  ///< N
-  std::uint64_t data_offset = 0;   ///< 8 + N: where the data section starts in the file
-  std::uint64_t data_size = 0;     ///< file size - data_offset
-  std::vector<safetensors_tensor> tensors;  ///< sorted by the bytes of their names
+  std::uint64_t header_bytes = 0;                             ///< N
+  std::uint64_t data_offset = 0;                              ///< 8 + N: where the data section starts in the file
+  std::uint64_t data_size = 0;                                ///< file size - data_offset
+  std::vector<safetensors_tensor> tensors;                    ///< sorted by the bytes of their names
   std::vector<std::pair<std::string, std::string>> metadata;  ///< "__metadata__", sorted by key
 };
 
@@ -64,12 +64,12 @@ struct safetensors_header {
 /// size; no two tensors share a byte of the data section; no name appears twice. Unknown keys
 /// inside a tensor object are ignored, as the safetensors reference reader does.
 /// Errors: INVALID_ARGUMENT for each rule above, naming the file, the tensor and the field.
-[[nodiscard]] result<safetensors_header> parse_safetensors_header(
-    std::span<const std::byte> prefix, std::uint64_t file_size, std::string_view label);
+[[nodiscard]] result<safetensors_header> parse_safetensors_header(std::span<const std::byte> prefix,
+                                                                  std::uint64_t file_size, std::string_view label);
 
 /// parse_safetensors_header() over a whole file held in memory. Errors: as that one.
-[[nodiscard]] result<safetensors_header> parse_safetensors_header(
-    std::span<const std::byte> file, std::string_view label);
+[[nodiscard]] result<safetensors_header> parse_safetensors_header(std::span<const std::byte> file,
+                                                                  std::string_view label);
 
 /// A file's path and its parsed header.
 struct safetensors_file {

@@ -40,8 +40,7 @@ class byte_source {
   /// Pieces are valid only during the call. `length == 0` calls nothing and succeeds.
   /// Errors: OUT_OF_RANGE if the range is not inside [0, size()); whatever the sink or the
   /// underlying memory returns (DATA_LOSS, UNAVAILABLE, ...).
-  [[nodiscard]] virtual status visit(std::uint64_t offset, std::uint64_t length,
-                                     piece_sink sink) const = 0;
+  [[nodiscard]] virtual status visit(std::uint64_t offset, std::uint64_t length, piece_sink sink) const = 0;
 
   /// Copies [offset, offset + out.size()) into `out`. Errors: as visit().
   [[nodiscard]] status read(std::uint64_t offset, std::span<std::byte> out) const;
@@ -58,8 +57,7 @@ class host_bytes_view final : public byte_source {
   explicit host_bytes_view(std::span<const std::byte> bytes) noexcept : bytes_(bytes) {}
 
   [[nodiscard]] std::uint64_t size() const noexcept override { return bytes_.size(); }
-  [[nodiscard]] status visit(std::uint64_t offset, std::uint64_t length,
-                             piece_sink sink) const override;
+  [[nodiscard]] status visit(std::uint64_t offset, std::uint64_t length, piece_sink sink) const override;
 
  private:
   std::span<const std::byte> bytes_;
@@ -71,8 +69,7 @@ class zero_source final : public byte_source {
   explicit zero_source(std::uint64_t size) noexcept : size_(size) {}
 
   [[nodiscard]] std::uint64_t size() const noexcept override { return size_; }
-  [[nodiscard]] status visit(std::uint64_t offset, std::uint64_t length,
-                             piece_sink sink) const override;
+  [[nodiscard]] status visit(std::uint64_t offset, std::uint64_t length, piece_sink sink) const override;
 
  private:
   std::uint64_t size_;

@@ -30,15 +30,13 @@ class mapped_file final : public byte_source {
   ~mapped_file() override;
 
   [[nodiscard]] std::uint64_t size() const noexcept override { return bytes_.size(); }
-  [[nodiscard]] status visit(std::uint64_t offset, std::uint64_t length,
-                             piece_sink sink) const override;
+  [[nodiscard]] status visit(std::uint64_t offset, std::uint64_t length, piece_sink sink) const override;
 
   [[nodiscard]] std::span<const std::byte> bytes() const noexcept { return bytes_; }
   [[nodiscard]] const std::string& path() const noexcept { return path_; }
 
  private:
-  mapped_file(std::string path, std::span<const std::byte> bytes) noexcept
-      : path_(std::move(path)), bytes_(bytes) {}
+  mapped_file(std::string path, std::span<const std::byte> bytes) noexcept : path_(std::move(path)), bytes_(bytes) {}
   void unmap() noexcept;
 
   std::string path_;

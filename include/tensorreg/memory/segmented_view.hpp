@@ -31,12 +31,10 @@ class segmented_view final : public byte_source {
   /// Builds the view. Segments may come in any order; empty segments are dropped.
   /// Errors: INVALID_ARGUMENT when a segment has no source, overlaps another segment or
   /// ends past total_size; OUT_OF_RANGE when it reads past the end of its source.
-  [[nodiscard]] static result<segmented_view> create(std::uint64_t total_size,
-                                                     std::vector<segment> segments);
+  [[nodiscard]] static result<segmented_view> create(std::uint64_t total_size, std::vector<segment> segments);
 
   [[nodiscard]] std::uint64_t size() const noexcept override { return total_size_; }
-  [[nodiscard]] status visit(std::uint64_t offset, std::uint64_t length,
-                             piece_sink sink) const override;
+  [[nodiscard]] status visit(std::uint64_t offset, std::uint64_t length, piece_sink sink) const override;
 
   /// The segments in offset order.
   [[nodiscard]] std::span<const segment> segments() const noexcept { return segments_; }

@@ -69,8 +69,7 @@ class shared_memory final : public byte_source {
   ~shared_memory() override;
 
   [[nodiscard]] std::uint64_t size() const noexcept override { return bytes_.size(); }
-  [[nodiscard]] status visit(std::uint64_t offset, std::uint64_t length,
-                             piece_sink sink) const override;
+  [[nodiscard]] status visit(std::uint64_t offset, std::uint64_t length, piece_sink sink) const override;
 
   [[nodiscard]] int fd() const noexcept { return fd_.get(); }
   [[nodiscard]] bool writable() const noexcept { return writable_; }

@@ -59,10 +59,10 @@ struct register_request {
   std::uint64_t size_bytes = 0;
   std::uint32_t ttl_ms = 0;
   std::string name;
-  std::int32_t device_id = -1;      ///< VRAM only
-  std::string cuda_ipc_handle;      ///< VRAM only
+  std::int32_t device_id = -1;  ///< VRAM only
+  std::string cuda_ipc_handle;  ///< VRAM only
   std::optional<host_shared_spec> host_shared;
-  unique_fd memfd;                  ///< HOST_SHARED, not daemon-managed; sealed with F_SEAL_SHRINK
+  unique_fd memfd;  ///< HOST_SHARED, not daemon-managed; sealed with F_SEAL_SHRINK
   /// VRAM from CUDA VMM allocations instead of an IPC handle: the chunks and the device mapping
   /// the engine made of them (both set, or neither).
   std::shared_ptr<const vmm_chunks> vmm;

@@ -46,9 +46,10 @@ class device_memory {
   /// `device_id`, readable for at least `min_bytes` bytes from its base.
   /// Errors: FAILED_PRECONDITION (no such device, device mismatch), INVALID_ARGUMENT
   /// (malformed or stale handle), OUT_OF_RANGE (allocation too small).
-  [[nodiscard]] virtual result<std::shared_ptr<const memory::byte_source>> open_ipc(
-      std::int32_t owner_pid, std::int32_t device_id, std::string_view ipc_handle,
-      std::uint64_t min_bytes) = 0;
+  [[nodiscard]] virtual result<std::shared_ptr<const memory::byte_source>> open_ipc(std::int32_t owner_pid,
+                                                                                    std::int32_t device_id,
+                                                                                    std::string_view ipc_handle,
+                                                                                    std::uint64_t min_bytes) = 0;
 
   /// Allocates `bytes` on `device_id` and exports it.
   /// Errors: FAILED_PRECONDITION (no such device), RESOURCE_EXHAUSTED.
@@ -79,8 +80,8 @@ class device_memory {
   /// nvidia-smi prints it, or the bare 36; case-insensitive).
   /// Errors: INVALID_ARGUMENT (not a UUID), FAILED_PRECONDITION (no such device visible here).
   [[nodiscard]] virtual result<std::int32_t> device_by_uuid(std::string_view uuid) const {
-    return fail(errc::failed_precondition, "cannot find CUDA device " + std::string(uuid) +
-                                               ": no GPU is available to this engine");
+    return fail(errc::failed_precondition,
+                "cannot find CUDA device " + std::string(uuid) + ": no GPU is available to this engine");
   }
 
   /// "GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx" of `device_id`, lower case; empty when unknown.

@@ -226,9 +226,9 @@ struct deregister_response {
 /// What the engine holds of one artifact.
 struct artifact_summary {
   artifact_descriptor descriptor;
-  bool stable_replica = false;        ///< a host copy in the stable DRAM cache
-  std::size_t leases = 0;             ///< active LIP leases
-  std::size_t joined_refs = 0;        ///< idempotent joins still held
+  bool stable_replica = false;  ///< a host copy in the stable DRAM cache
+  std::size_t leases = 0;       ///< active LIP leases
+  std::size_t joined_refs = 0;  ///< idempotent joins still held
   bool quiesced = false;
 };
 
@@ -239,9 +239,9 @@ struct engine_stats {
   std::size_t regions = 0;
   std::size_t open_mappings = 0;
   std::uint64_t vmm_reserved_bytes = 0;  ///< address space reserved for CUDA VMM imports
-  std::uint64_t stable_bytes = 0;     ///< bytes held in the stable DRAM cache
-  std::uint64_t stable_budget = 0;    ///< 0 = unlimited
-  std::uint64_t leased_bytes = 0;     ///< bytes of artifacts held in place by leases
+  std::uint64_t stable_bytes = 0;        ///< bytes held in the stable DRAM cache
+  std::uint64_t stable_budget = 0;       ///< 0 = unlimited
+  std::uint64_t leased_bytes = 0;        ///< bytes of artifacts held in place by leases
   std::uint64_t stable_evictions = 0;
   std::uint64_t stable_reserved_bytes = 0;  ///< stable budget held by uploads not committed yet
 };
@@ -249,9 +249,9 @@ struct engine_stats {
 /// One GPU allocation an artifact's bytes live in, as a reader in another process opens it
 /// (OpenArtifactDevice, docs/wire-format.md §13).
 struct device_allocation {
-  std::int32_t device_id = 0;  ///< this engine's ordinal
-  std::uint64_t size_bytes = 0;  ///< bytes readable from the base
-  std::string cuda_ipc_handle;  ///< set for IPC memory; empty for VMM chunks
+  std::int32_t device_id = 0;                      ///< this engine's ordinal
+  std::uint64_t size_bytes = 0;                    ///< bytes readable from the base
+  std::string cuda_ipc_handle;                     ///< set for IPC memory; empty for VMM chunks
   std::shared_ptr<const regions::vmm_chunks> vmm;  ///< set for CUDA VMM memory
 };
 

@@ -35,8 +35,8 @@ result<commit_response> coalesced::commit(commit_context& ctx) {
   response.descriptor = descriptor;
   TENSORREG_TRY(ctx.with_catalogue([&](catalogue& cat) -> status {
     if (auto* existing = cat.find(descriptor.artifact_id); existing != nullptr && existing->quiesced) {
-      return fail(errc::failed_precondition, "cannot commit " + descriptor.artifact_id +
-                                                 ": the artifact is being deregistered");
+      return fail(errc::failed_precondition,
+                  "cannot commit " + descriptor.artifact_id + ": the artifact is being deregistered");
     }
     auto& a = cat.add(descriptor, index_);
     if (a.gpu_replicas.contains(p.device_id)) {

@@ -25,8 +25,8 @@ status check_region_fit(const storage_entry& entry, const regions::region_info& 
                         std::optional<regions::memory_kind> claimed_kind) {
   const auto what = [&] { return "cannot use region '" + region.id + "' for storage '" + entry.storage_id + "': "; };
   if (claimed_kind && *claimed_kind != region.kind) {
-    return fail(errc::failed_precondition, what() + "region is " + std::string(kind_name(region.kind)) +
-                                               ", not " + std::string(kind_name(*claimed_kind)));
+    return fail(errc::failed_precondition, what() + "region is " + std::string(kind_name(region.kind)) + ", not " +
+                                               std::string(kind_name(*claimed_kind)));
   }
   if (region.kind == regions::memory_kind::vram && entry.device_id != region.device_id) {
     return fail(errc::failed_precondition, what() + "region is on device " + std::to_string(region.device_id) +
@@ -62,8 +62,8 @@ status lip_tables::add_storages(std::vector<storage_entry> entries, regions::reg
   ids_in_message.reserve(entries.size());
   for (const auto& e : entries) {
     if (std::holds_alternative<std::monostate>(e.source)) {
-      return fail(errc::invalid_argument, "cannot add storage '" + e.storage_id +
-                                              "': storage entry must specify exactly one source");
+      return fail(errc::invalid_argument,
+                  "cannot add storage '" + e.storage_id + "': storage entry must specify exactly one source");
     }
     if (e.storage_id.empty()) return fail(errc::invalid_argument, "cannot add storage: storage_id is empty");
     if (storage_by_id_.contains(e.storage_id) || !ids_in_message.insert(e.storage_id).second) {
@@ -190,12 +190,12 @@ result<index::canonical_index> lip_tables::rebuild_index(std::uint64_t total_siz
       const auto element = index::element_size(a.dtype);
       if (!element) {
         return fail(errc::invalid_argument, what() + ": cannot bound storage_offset " +
-                                                std::to_string(a.storage_offset) + " of unknown dtype '" +
-                                                a.dtype + "'");
+                                                std::to_string(a.storage_offset) + " of unknown dtype '" + a.dtype +
+                                                "'");
       }
       if (a.storage_offset > std::numeric_limits<std::uint64_t>::max() / *element) {
-        return fail(errc::out_of_range, what() + ": storage_offset " + std::to_string(a.storage_offset) +
-                                            " elements overflows 64 bits");
+        return fail(errc::out_of_range,
+                    what() + ": storage_offset " + std::to_string(a.storage_offset) + " elements overflows 64 bits");
       }
       start_bytes = a.storage_offset * *element;
     }
@@ -204,8 +204,8 @@ result<index::canonical_index> lip_tables::rebuild_index(std::uint64_t total_siz
                                           (start_bytes > std::numeric_limits<std::uint64_t>::max() - a.logical_length
                                                ? std::string("2^64+")
                                                : std::to_string(start_bytes + a.logical_length)) +
-                                          ", past storage_length " + std::to_string(storage_length) +
-                                          " of storage '" + a.storage_id + "'");
+                                          ", past storage_length " + std::to_string(storage_length) + " of storage '" +
+                                          a.storage_id + "'");
     }
     entries.push_back(index::entry{a.name, offset->second, storage_length, a.shape, a.stride, a.dtype,
                                    static_cast<std::int64_t>(a.storage_offset)});
@@ -230,15 +230,15 @@ result<index::canonical_index> lip_tables::rebuild_index(std::uint64_t total_siz
   return rebuilt;
 }
 
-result<lip_view> lip_tables::open_view(std::uint64_t total_size, std::int32_t owner_pid,
-                                       device_memory* devices) const {
+result<lip_view> lip_tables::open_view(std::uint64_t total_size, std::int32_t owner_pid, device_memory* devices) const {
   for (std::size_t i = 0; i < segments_.size(); ++i) {
     const auto& seg = segments_[i];
     const auto what = [&] {
       return "cannot commit lease: segment " + std::to_string(i) + " of storage '" + seg.storage_id + "'";
     };
     auto it = storage_by_id_.find(seg.storage_id);
-    if (it == storage_by_id_.end()) return fail(errc::invalid_argument, what() + " refers to a storage that was not fed");
+    if (it == storage_by_id_.end())
+      return fail(errc::invalid_argument, what() + " refers to a storage that was not fed");
     const auto& entry = storages_[it->second].entry;
     if (seg.length != entry.storage_length) {
       return fail(errc::invalid_argument, what() + " has length " + std::to_string(seg.length) +
@@ -257,7 +257,8 @@ result<lip_view> lip_tables::open_view(std::uint64_t total_size, std::int32_t ow
     const auto& e = s.entry;
     const std::uint64_t needed = e.mapping_base_offset + e.storage_length;  // bounded by region checks or below
     if (const auto* host = std::get_if<host_storage_source>(&e.source)) {
-      if (!host->bytes) return fail(errc::invalid_argument, "cannot open storage '" + e.storage_id + "': no host bytes");
+      if (!host->bytes)
+        return fail(errc::invalid_argument, "cannot open storage '" + e.storage_id + "': no host bytes");
       return host->bytes;
     }
     if (s.region && s.region->memory) return std::shared_ptr<const memory::byte_source>(s.region->memory);
@@ -286,9 +287,11 @@ result<lip_view> lip_tables::open_view(std::uint64_t total_size, std::int32_t ow
                                                  ": CUDA memory needs a GPU and this engine has none");
     }
     auto mapped = devices->open_ipc(owner_pid, device, handle, needed);
-    if (!mapped) return tl::unexpected(with_context(std::move(mapped).error(), "cannot open storage '" + e.storage_id + "'"));
+    if (!mapped)
+      return tl::unexpected(with_context(std::move(mapped).error(), "cannot open storage '" + e.storage_id + "'"));
     opened.emplace(key, *mapped);
-    view.device_allocations.emplace(mapped->get(), device_allocation{device, (*mapped)->size(), std::string(handle), {}});
+    view.device_allocations.emplace(mapped->get(),
+                                    device_allocation{device, (*mapped)->size(), std::string(handle), {}});
     return *mapped;
   };
 
@@ -305,8 +308,8 @@ result<lip_view> lip_tables::open_view(std::uint64_t total_size, std::int32_t ow
       TENSORREG_TRY_ASSIGN(by_storage[index], source_of(s));
       if (kept.insert(by_storage[index].get()).second) view.keep_alive.push_back(by_storage[index]);
     }
-    segments.push_back({seg.artifact_offset, seg.length, by_storage[index].get(),
-                        s.entry.mapping_base_offset + seg.storage_offset});
+    segments.push_back(
+        {seg.artifact_offset, seg.length, by_storage[index].get(), s.entry.mapping_base_offset + seg.storage_offset});
   }
   // Aliased segments (same bytes twice) are one range of the canonical buffer.
   std::sort(segments.begin(), segments.end(), [](const auto& a, const auto& b) {
@@ -393,8 +396,8 @@ result<commit_response> lease_in_place::commit(commit_context& ctx) {
   TENSORREG_TRY(ctx.with_catalogue([&](catalogue& cat) -> status {
     if (auto* existing = cat.find(descriptor.artifact_id); existing != nullptr) {
       if (existing->quiesced) {
-        return fail(errc::failed_precondition, "cannot commit lease of " + descriptor.artifact_id +
-                                                   ": the artifact is being deregistered");
+        return fail(errc::failed_precondition,
+                    "cannot commit lease of " + descriptor.artifact_id + ": the artifact is being deregistered");
       }
       for (const auto& [id, l] : existing->leases) {
         if (l.device_id == p.device_id) {

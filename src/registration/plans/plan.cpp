@@ -33,8 +33,8 @@ result<std::unique_ptr<plan>> begin_plan(const begin_request& request, const beg
 
 result<std::shared_ptr<const index::canonical_index>> begin_indexed(const begin_request& r, const begin_context& ctx) {
   if (r.device_id < 0) {
-    return fail(errc::invalid_argument, "cannot begin registration: device_id must be >= 0, got " +
-                                            std::to_string(r.device_id));
+    return fail(errc::invalid_argument,
+                "cannot begin registration: device_id must be >= 0, got " + std::to_string(r.device_id));
   }
   return ctx.resolve_index(r);
 }
@@ -57,14 +57,16 @@ result<std::shared_ptr<const index::canonical_index>> resolve_index(
                                               "' is not supported (only \"v3\")");
     }
     if (!d.encoding.empty() && d.encoding != "json") {
-      return fail(errc::invalid_argument, "cannot begin registration: index encoding '" + d.encoding +
-                                              "' is not supported (only \"json\")");
+      return fail(errc::invalid_argument,
+                  "cannot begin registration: index encoding '" + d.encoding + "' is not supported (only \"json\")");
     }
     TENSORREG_TRY_ASSIGN(auto parsed, index::canonical_index::parse(d.bytes, r.total_size));
     return std::make_shared<const index::canonical_index>(std::move(parsed));
   }
   auto key = hash::digest_from_hex(*r.tensor_index_key);
-  if (!key) return fail(errc::invalid_argument, "cannot begin registration: tensor_index_key must be a 32-byte sha256 hex string");
+  if (!key)
+    return fail(errc::invalid_argument,
+                "cannot begin registration: tensor_index_key must be a 32-byte sha256 hex string");
   auto known = lookup(hash::to_hex(*key));
   if (!known) {
     return fail(errc::not_found, "cannot begin registration: unknown tensor_index_key " + hash::to_hex(*key));
@@ -79,14 +81,17 @@ status check_feed_shape(const feed_request& r, const std::string& what, std::str
                         bool takes_chunks) {
   if ((!r.storage_entries.empty() || !r.tensor_aliases.empty() || std::holds_alternative<lease_segments>(r.payload)) &&
       !takes_tables) {
-    return fail(errc::failed_precondition, what + ": storage tables and lease segments need a lease-in-place "
-                                                  "registration, not " + std::string(plan_name));
+    return fail(errc::failed_precondition, what +
+                                               ": storage tables and lease segments need a lease-in-place "
+                                               "registration, not " +
+                                               std::string(plan_name));
   }
   if ((std::holds_alternative<view_chunk>(r.payload) || std::holds_alternative<stable_write_progress>(r.payload)) &&
       !takes_chunks) {
-    return fail(errc::failed_precondition, what + ": view_chunk and stable_dram_write_progress need a stable_dram "
-                                                  "registration with stage_on_gpu=false, not " +
-                                                  std::string(plan_name));
+    return fail(errc::failed_precondition, what +
+                                               ": view_chunk and stable_dram_write_progress need a stable_dram "
+                                               "registration with stage_on_gpu=false, not " +
+                                               std::string(plan_name));
   }
   return {};
 }
@@ -100,8 +105,8 @@ result<memory::segmented_view> normalized_view(const memory::byte_source& raw, c
   return memory::segmented_view::create(idx.total_size(), std::move(data_ranges));
 }
 
-result<std::shared_ptr<const normalized_source>> normalized_source::create(std::shared_ptr<const memory::byte_source> raw,
-                                                                           const index::canonical_index& idx) {
+result<std::shared_ptr<const normalized_source>> normalized_source::create(
+    std::shared_ptr<const memory::byte_source> raw, const index::canonical_index& idx) {
   TENSORREG_TRY_ASSIGN(auto view, normalized_view(*raw, idx));
   return std::make_shared<const normalized_source>(std::move(raw), std::move(view));
 }
@@ -154,7 +159,8 @@ local_stable_tier_result apply_local_stable_tier(commit_context& ctx, const std:
       std::lock_guard lock(ctx.catalogue_mutex);
       auto& cache = ctx.cat.cache();
       const auto* a = ctx.cat.find(artifact_id);
-      if (a == nullptr) return fail(errc::failed_precondition, "no replica or lease to copy from");  // revoked meanwhile
+      if (a == nullptr)
+        return fail(errc::failed_precondition, "no replica or lease to copy from");  // revoked meanwhile
       size = a->descriptor.total_size;
       if (!a->descriptor.data_multihash.empty()) expected = a->descriptor.data_multihash;
       if (cache.contains(artifact_id)) {

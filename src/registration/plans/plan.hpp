@@ -120,7 +120,7 @@ class plan {
 /// What the plans that take a canonical index at Begin check first: device_id ≥ 0, then the
 /// index (ctx.resolve_index). Errors: INVALID_ARGUMENT, NOT_FOUND, as engine::begin.
 [[nodiscard]] result<std::shared_ptr<const index::canonical_index>> begin_indexed(const begin_request& request,
-                                                                                const begin_context& ctx);
+                                                                                  const begin_context& ctx);
 
 /// The canonical index of a Begin: parsed from the inline data, or the index store's entry for
 /// the key (`lookup`, by hex key; null when unknown), re-validated for another total_size.

@@ -20,7 +20,8 @@ std::string_view mode_name(stable_upload::mode m) {
 
 status stable_upload::reserve(std::uint64_t offset, std::uint64_t length, mode wanted) {
   const std::uint64_t total = staging_->size();
-  const std::string what = "cannot accept stable bytes [" + std::to_string(offset) + ", +" + std::to_string(length) + ")";
+  const std::string what =
+      "cannot accept stable bytes [" + std::to_string(offset) + ", +" + std::to_string(length) + ")";
   if (offset > total || length > total - offset) {
     return fail(errc::out_of_range, what + ": past total_size " + std::to_string(total));
   }
@@ -180,8 +181,8 @@ result<commit_response> stable_dram::commit(commit_context& ctx) {
   return ctx.with_catalogue([&](catalogue& cat) -> result<commit_response> {
     auto* existing = cat.find(descriptor.artifact_id);
     if (existing != nullptr && existing->quiesced) {
-      return fail(errc::failed_precondition, "cannot commit " + descriptor.artifact_id +
-                                                 ": the artifact is being deregistered");
+      return fail(errc::failed_precondition,
+                  "cannot commit " + descriptor.artifact_id + ": the artifact is being deregistered");
     }
     auto& cache = cat.cache();
     const bool had_replica = cache.contains(descriptor.artifact_id);

@@ -32,8 +32,7 @@ class stable_upload {
  public:
   enum class mode { none, chunks, memfd_ranges };
 
-  explicit stable_upload(std::shared_ptr<memory::shared_memory> staging) noexcept
-      : staging_(std::move(staging)) {}
+  explicit stable_upload(std::shared_ptr<memory::shared_memory> staging) noexcept : staging_(std::move(staging)) {}
 
   /// Copies one streamed chunk to `canonical_offset`.
   /// Errors: OUT_OF_RANGE, FAILED_PRECONDITION (overlap, or the upload is in memfd mode).
@@ -86,7 +85,7 @@ class stable_dram final : public plan {
   explicit stable_dram(std::shared_ptr<const index::canonical_index> idx) noexcept : index_(std::move(idx)) {}
 
   std::shared_ptr<const index::canonical_index> index_;
-  std::shared_ptr<stable_upload> upload_;  // memfd staging; null with stage_on_gpu
+  std::shared_ptr<stable_upload> upload_;        // memfd staging; null with stage_on_gpu
   std::optional<device_buffer> device_staging_;  // stage_on_gpu
   // The stable budget held for this upload from Begin until its entry is admitted or it ends,
   // so that uploads in flight never hold more host memory than the budget.

@@ -29,8 +29,8 @@ inline constexpr std::uint32_t default_ttl_ms = 600'000;
 /// What a put or a lease registration gave back.
 struct registered {
   artifact_descriptor descriptor;
-  bool existed = false;          ///< the daemon held the artifact already (a join)
-  std::string registration_id;   ///< revoke() takes it
+  bool existed = false;         ///< the daemon held the artifact already (a join)
+  std::string registration_id;  ///< revoke() takes it
   double begin_to_commit_seconds = 0;
 };
 
@@ -51,8 +51,8 @@ enum class tier { unspecified = 0, vram = 1, vram_leased = 2, stable_dram = 3, s
 /// One artifact of connection::list().
 struct artifact_info {
   artifact_descriptor descriptor;
-  std::vector<tier> tiers;              ///< each tier holding a copy, once, in enum order
-  std::uint32_t lease_count = 0;        ///< active leases and joined references
+  std::vector<tier> tiers;               ///< each tier holding a copy, once, in enum order
+  std::uint32_t lease_count = 0;         ///< active leases and joined references
   std::vector<std::int32_t> device_ids;  ///< CUDA devices holding a VRAM or leased copy
 };
 
@@ -151,18 +151,18 @@ struct cuda_register_report {
   double rpc_begin_ms = 0;
   double rpc_feed_ms = 0;
   double commit_ms = 0;
-  std::size_t storages = 0;     ///< storages registered (each one entry)
-  std::size_t allocations = 0;  ///< allocations looked up
-  std::size_t regions = 0;      ///< RegisterRegion calls
-  std::size_t lone_handles = 0;  ///< storages sent with their allocation's own IPC handle
+  std::size_t storages = 0;       ///< storages registered (each one entry)
+  std::size_t allocations = 0;    ///< allocations looked up
+  std::size_t regions = 0;        ///< RegisterRegion calls
+  std::size_t lone_handles = 0;   ///< storages sent with their allocation's own IPC handle
   std::size_t request_bytes = 0;  ///< serialised RegisterRegion + Begin requests
   std::size_t feed_bytes = 0;     ///< the serialised Feed frame
 };
 
 /// Options of connection::register_cuda().
 struct cuda_register_options {
-  std::uint32_t ttl_ms = default_ttl_ms;  ///< 0: no expiry and no keep-alive
-  std::int32_t device = -1;               ///< CUDA ordinal of the tensors; -1 = the current device
+  std::uint32_t ttl_ms = default_ttl_ms;   ///< 0: no expiry and no keep-alive
+  std::int32_t device = -1;                ///< CUDA ordinal of the tensors; -1 = the current device
   cuda_register_report* report = nullptr;  ///< filled in when set
 };
 
