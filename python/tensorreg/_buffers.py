@@ -10,6 +10,8 @@ from __future__ import annotations
 import mmap
 
 from . import _layout
+from ._wire import _close_fds
+from .errors import DataLoss
 
 
 def map_shared(fd: int, offset: int, length: int) -> tuple:
@@ -18,6 +20,19 @@ def map_shared(fd: int, offset: int, length: int) -> tuple:
     mm = mmap.mmap(fd, length + (offset - base), flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE,
                    offset=base)
     return mm, offset - base
+
+
+def map_received(fds: list, offset: int, length: int, failure: str) -> tuple:
+    """map_shared() of the first fd a daemon answer carried, then closes them all and empties
+    `fds` (so a caller's cleanup cannot close them twice). A mapping that fails is DataLoss,
+    its message `failure` followed by the reason."""
+    try:
+        return map_shared(fds[0], offset, length)
+    except (OSError, ValueError) as e:
+        raise DataLoss(f"{failure}: {e}") from None
+    finally:
+        _close_fds(fds)
+        fds.clear()
 
 
 def map_private(fd: int, length: int):

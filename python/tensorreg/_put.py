@@ -95,13 +95,8 @@ def _put_stable_dram(conn: Connection, layout, profile, write) -> RegisteredArti
         if handle.size_bytes < layout.total_size:
             raise DataLoss(f"cannot put {registration_id}: the publish memfd holds {handle.size_bytes} bytes, "
                            f"fewer than total_size {layout.total_size}")
-        try:
-            mm, start = _buffers.map_shared(fds[0], handle.offset_bytes, layout.total_size)
-        except (OSError, ValueError) as e:
-            raise DataLoss(f"cannot put {registration_id}: cannot map the publish memfd: {e}") from None
-        finally:
-            _close_fds(fds)
-            fds = []
+        mm, start = _buffers.map_received(fds, handle.offset_bytes, layout.total_size,
+                                          f"cannot put {registration_id}: cannot map the publish memfd")
         try:
             write(mm, start)
         finally:

@@ -67,13 +67,8 @@ def register_host(conn: Connection, torch, layout, begin, ttl_ms: int, started: 
     try:
         if not fds:
             raise DataLoss(f"cannot register region {region.region_id}: the daemon sent no memfd")
-        try:
-            mm, start = _buffers.map_shared(fds[0], 0, layout.total_size)
-        except (OSError, ValueError) as e:
-            raise DataLoss(f"cannot register region {region.region_id}: cannot map its memfd: {e}") from None
-        finally:
-            _close_fds(fds)
-            fds = []
+        mm, start = _buffers.map_received(fds, 0, layout.total_size,
+                                          f"cannot register region {region.region_id}: cannot map its memfd")
         try:
             dst = torch.frombuffer(mm, dtype=torch.uint8, count=layout.total_size, offset=start)
             _buffers.write_storages(torch, dst, layout)
