@@ -64,6 +64,15 @@ status frame_decoder::feed(std::span<const std::byte> bytes, std::vector<unique_
     }
   }
   if (to == nullptr) to = first < ready_.size() ? &ready_[first] : &partial_;  // no frame begins here
+  if (to->fds.size() + fds.size() > max_fds_per_frame) {
+    failure_ = error{errc::invalid_argument, "cannot read frame: more than " + std::to_string(max_fds_per_frame) +
+                                                 " file descriptors arrived for the frame at stream offset " +
+                                                 std::to_string(to->stream_offset)};
+    // The frames this read completed go with it: none of them may be dispatched without the
+    // fds it claims. The fds close with `fds`.
+    ready_.erase(ready_.begin() + static_cast<std::ptrdiff_t>(first), ready_.end());
+    return tl::unexpected(*failure_);
+  }
   for (auto& fd : fds) to->fds.push_back(std::move(fd));
   return {};
 }

@@ -39,6 +39,10 @@ inline constexpr std::size_t frame_header_bytes = 4;
 /// Default cap on a frame's payload length (64 MiB); configurable per connection.
 inline constexpr std::uint32_t default_max_frame_bytes = 64u * 1024u * 1024u;
 
+/// At most this many fds travel with one frame (docs/wire-format.md §7, DECISIONS §4.1), however
+/// many reads they arrive in.
+inline constexpr std::size_t max_fds_per_frame = 250;
+
 /// The 4 header bytes for a payload of `payload_length` bytes (little-endian).
 [[nodiscard]] std::array<std::byte, frame_header_bytes> encode_frame_header(std::uint32_t payload_length) noexcept;
 
@@ -85,7 +89,11 @@ class frame_decoder {
   /// attaches a frame's fds to the sendmsg that starts it and puts no later frame in it; the
   /// kernel may join earlier fd-less bytes to that read, never later ones), or, when no frame
   /// begins there, to the frame the first byte continues. Fds fed after a failure are closed.
-  /// Errors: as feed(bytes).
+  /// Errors: as feed(bytes); INVALID_ARGUMENT "cannot read frame: more than 250 file
+  /// descriptors arrived for the frame at stream offset N" when a frame's fds, summed over
+  /// every read that brought some, pass max_fds_per_frame (a peer must not park fds in us one
+  /// byte at a time), after which the decoder is failed as for a bad header; the frames that
+  /// read completed are dropped with it.
   [[nodiscard]] status feed(std::span<const std::byte> bytes, std::vector<unique_fd> fds);
   /// Same as the span overload, for bytes held as chars.
   [[nodiscard]] status feed(std::string_view bytes);

@@ -16,13 +16,11 @@
 #include <string>
 #include <vector>
 
+#include "framing.hpp"
 #include "tensorreg/common/error.hpp"
 #include "tensorreg/common/unique_fd.hpp"
 
 namespace tensorreg::daemon {
-
-/// At most this many fds travel with one frame (DECISIONS §4.1).
-inline constexpr std::size_t max_fds_per_frame = 250;
 
 struct peer_credentials {
   pid_t pid = 0;

@@ -9,7 +9,8 @@
 // Checked against a one-shot reference decode of the whole stream: the same frames (offsets
 // and payloads) in the same order, the same first error (code and message), the same
 // finish() answer, bytes_fed and buffering within the declared length; and after the decoder
-// and every frame are gone, each fd that was fed is closed again.
+// and every frame are gone, each fd that was fed is closed again. A frame whose fds, over all
+// its reads, pass max_fds_per_frame fails the stream at the read that brought the excess.
 //
 // The fds follow docs/wire-format.md §7: a read's fds belong to the last frame that begins in
 // it, or, when none begins there, to the frame its first byte continues. Where the decoder
@@ -111,10 +112,12 @@ concept carries_fds = requires(Frame& f) {
   f.fds.size();
 };
 
+// Frames are checked and their fds closed as they are taken, so that an input of many reads
+// never holds more fds than one frame may.
 struct taken_frame {
   std::uint64_t offset = 0;
   std::string payload;
-  std::vector<unique_fd> fds;
+  std::size_t fds = 0;
 };
 
 struct harness {
@@ -127,10 +130,10 @@ struct harness {
   explicit harness(const reference& r) : ref(r), attached(r.frames.size()), expected_fds(r.frames.size(), 0) {}
 
   template <class Decoder>
-  tensorreg::status feed(Decoder& d, std::span<const std::byte> bytes, std::uint64_t begin,
-                         std::vector<unique_fd> fds) {
+  tensorreg::status feed(Decoder& d, std::span<const std::byte> bytes, std::uint64_t begin, std::vector<unique_fd> fds,
+                         bool fails) {
     const auto owner = ref.owner(begin, begin + bytes.size());
-    if (owner && !ref.failure) expected_fds[*owner] += fds.size();
+    if (owner && !ref.failure && !fails) expected_fds[*owner] += fds.size();
     if constexpr (feeds_fds<Decoder>) {
       return d.feed(bytes, std::move(fds));
     } else {
@@ -142,8 +145,8 @@ struct harness {
   template <class Decoder>
   void take(Decoder& d) {
     while (auto f = d.next()) {
-      taken_frame t{f->stream_offset, std::move(f->payload), {}};
-      if constexpr (carries_fds<std::remove_cvref_t<decltype(*f)>>) t.fds = std::move(f->fds);
+      taken_frame t{f->stream_offset, std::move(f->payload), 0};
+      if constexpr (carries_fds<std::remove_cvref_t<decltype(*f)>>) t.fds = f->fds.size();
       taken.push_back(std::move(t));
     }
   }
@@ -164,6 +167,58 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   const std::string_view stream(reinterpret_cast<const char*>(data + 2 + plan_len), size - 2 - plan_len);
   const reference ref(stream, max);
 
+  // One socket read of the plan: its length and the fds that arrive with it.
+  const auto read_at = [&](std::uint64_t at, std::size_t step) {
+    std::size_t len = stream.size() - at;
+    std::size_t nfds = 0;
+    if (!plan.empty()) {
+      const auto p = plan[step % plan.size()];
+      len = std::min<std::size_t>(len, (p & 0x3f) == 0 ? 64 : (p & 0x3f));
+      nfds = p >> 6;
+    }
+    return std::pair{len, nfds};
+  };
+
+  // The read at which one frame's fds, summed over its reads, first pass max_fds_per_frame —
+  // unless a bad header fails the stream first. It fails the stream from that read on.
+  struct fd_overflow {
+    std::uint64_t read_begin = 0;
+    std::uint64_t frame_offset = 0;
+  };
+  std::optional<fd_overflow> overflow;
+  {
+    std::vector<std::size_t> per_frame(ref.frames.size() + 1, 0);  // the last: the unfinished frame
+    std::uint64_t at = 0;
+    for (std::size_t step = 0; at < stream.size() && !overflow; ++step) {
+      const auto [len, nfds] = read_at(at, step);
+      if (ref.failure && at + len >= ref.failure_header_end) break;
+      const auto owner = ref.owner(at, at + len).value_or(ref.frames.size());
+      per_frame[owner] += nfds;
+      if (per_frame[owner] > tensorreg::daemon::max_fds_per_frame) {
+        overflow = fd_overflow{at, owner < ref.frames.size() ? ref.frames[owner].offset : ref.partial_offset};
+      }
+      at += len;
+    }
+  }
+  const std::optional<tensorreg::error> failure =
+      overflow ? std::optional(tensorreg::error{tensorreg::errc::invalid_argument,
+                                                "cannot read frame: more than " +
+                                                    std::to_string(tensorreg::daemon::max_fds_per_frame) +
+                                                    " file descriptors arrived for the frame at stream offset " +
+                                                    std::to_string(overflow->frame_offset)})
+               : ref.failure;
+  // The frames a failed stream still hands out: those complete before the read that broke the
+  // fd cap (its own frames go with it), or before the bad header.
+  std::size_t expected_frames = ref.frames.size();
+  if (overflow) {
+    expected_frames = 0;
+    while (expected_frames < ref.frames.size() &&
+           ref.frames[expected_frames].offset + 4 + ref.frames[expected_frames].payload.size() <=
+               overflow->read_begin) {
+      ++expected_frames;
+    }
+  }
+
   static const int dev_null = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
   FUZZ_CHECK(dev_null >= 0, "cannot open /dev/null");
   std::vector<int> fed_fds;
@@ -175,13 +230,11 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     std::size_t step = 0;
     bool saw_error = false;
     while (at < stream.size()) {
-      std::size_t len = stream.size() - at;
-      std::size_t nfds = 0;
-      if (!plan.empty()) {
-        const auto p = plan[step++ % plan.size()];
-        len = std::min<std::size_t>(len, (p & 0x3f) == 0 ? 64 : (p & 0x3f));
-        nfds = p >> 6;
-      }
+      const auto [len, nfds] = read_at(at, step++);
+      // The error shows on the read that completes the bad header or breaks the fd cap, and on
+      // every later one.
+      const bool should_fail =
+          overflow ? at >= overflow->read_begin : (ref.failure && at + len >= ref.failure_header_end);
       std::vector<unique_fd> fds;
       for (std::size_t i = 0; i < nfds; ++i) {
         unique_fd fd(::fcntl(dev_null, F_DUPFD_CLOEXEC, 0));
@@ -190,13 +243,11 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
         fds.push_back(std::move(fd));
       }
       const auto bytes = std::as_bytes(std::span<const char>(stream.data() + at, len));
-      auto fed = h.feed(decoder, bytes, at, std::move(fds));
+      auto fed = h.feed(decoder, bytes, at, std::move(fds), should_fail);
       at += len;
-      // The error shows on the read that completes the bad header, and on every later one.
-      const bool should_fail = ref.failure && at >= ref.failure_header_end;
       FUZZ_CHECK(fed.has_value() != should_fail, "feed() failed at the wrong read");
       if (!fed) {
-        check_same_error(fed.error(), *ref.failure);
+        check_same_error(fed.error(), *failure);
         saw_error = true;
       }
       FUZZ_CHECK(decoder.bytes_fed() == at, "bytes_fed is not the bytes fed");
@@ -209,23 +260,23 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
       h.take(decoder);
     }
     h.take(decoder);
-    FUZZ_CHECK(saw_error == ref.failure.has_value(), "the bad header was never reported");
-    FUZZ_CHECK(decoder.failed() == ref.failure.has_value(), "failed() disagrees with the reference");
-    if (decoder.failed()) check_same_error(decoder.failure(), *ref.failure);
+    FUZZ_CHECK(saw_error == failure.has_value(), "the failure was never reported");
+    FUZZ_CHECK(decoder.failed() == failure.has_value(), "failed() disagrees with the reference");
+    if (decoder.failed()) check_same_error(decoder.failure(), *failure);
 
-    FUZZ_CHECK(h.taken.size() == ref.frames.size(), "a different number of frames");
-    for (std::size_t i = 0; i < ref.frames.size(); ++i) {
+    FUZZ_CHECK(h.taken.size() == expected_frames, "a different number of frames");
+    for (std::size_t i = 0; i < expected_frames; ++i) {
       FUZZ_CHECK(h.taken[i].offset == ref.frames[i].offset, "a frame at a different stream offset");
       FUZZ_CHECK(h.taken[i].payload == ref.frames[i].payload, "a frame with a different payload");
       if constexpr (feeds_fds<frame_decoder>) {
-        if (!ref.failure) FUZZ_CHECK(h.taken[i].fds.size() == h.expected_fds[i], "a frame got another read's fds");
+        if (!ref.failure) FUZZ_CHECK(h.taken[i].fds == h.expected_fds[i], "a frame got another read's fds");
       }
     }
 
     auto finished = decoder.finish();
-    if (ref.failure) {
+    if (failure) {
       FUZZ_CHECK(!finished, "finish() after a failure is OK");
-      check_same_error(finished.error(), *ref.failure);
+      check_same_error(finished.error(), *failure);
     } else if (ref.partial_header > 0) {
       FUZZ_CHECK(!finished && finished.error().code == errc::data_loss, "a partial header is not DATA_LOSS");
       FUZZ_CHECK(finished.error().message == "cannot read frame: stream ended inside the frame header (" +

@@ -2,6 +2,7 @@
 
 #include <catch2/catch.hpp>
 
+#include <fcntl.h>
 #include <unistd.h>
 
 #include <cstdint>
@@ -342,4 +343,41 @@ TEST_CASE("framing: fds fed with the first byte of a frame split byte by byte st
   REQUIRE((fa && fb));
   CHECK(fa->fds.size() == 3);
   CHECK(fb->fds.empty());
+}
+
+TEST_CASE("framing: more than 250 fds for one frame, sent a few per read, fail the stream", "[daemon][framing][fds]") {
+  frame_decoder decoder;
+  const auto big = framed(std::string(300, 'x'));
+  std::vector<int> raw;
+  // 83 reads of one byte with 3 fds each: 249 fds, all the frame's, still allowed.
+  std::size_t at = 0;
+  for (; at < 83; ++at) REQUIRE(decoder.feed(bytes_of(big.substr(at, 1)), fds_of(raw, 3)));
+  // The 84th read brings the frame to 252 fds: refused, and the decoder is failed from then on.
+  const auto over = decoder.feed(bytes_of(big.substr(at, 1)), fds_of(raw, 3));
+  REQUIRE_FALSE(over);
+  CHECK(over.error().code == errc::invalid_argument);
+  CHECK(over.error().message ==
+        "cannot read frame: more than 250 file descriptors arrived for the frame at stream offset 0");
+  CHECK(decoder.failed());
+  const auto later = decoder.feed(bytes_of(big.substr(at + 1)), {});
+  REQUIRE_FALSE(later);
+  CHECK(later.error().message == over.error().message);
+  // The 3 refused fds are closed already; the frame's 249 go with the decoder.
+  for (std::size_t i = 249; i < raw.size(); ++i) CHECK(::fcntl(raw[i], F_GETFD) == -1);
+}
+
+TEST_CASE("framing: a read that breaks the fd cap drops the frames it completed", "[daemon][framing][fds]") {
+  frame_decoder decoder;
+  const auto a = framed("frame A"), c = framed("frame C");
+  std::vector<int> raw;
+  REQUIRE(decoder.feed(bytes_of(c), {}));
+  REQUIRE(decoder.feed(bytes_of(a.substr(0, 5)), fds_of(raw, 200)));
+  // The rest of A completes it and brings it to 260 fds: A goes, C (complete before) stays.
+  const auto over = decoder.feed(bytes_of(a.substr(5)), fds_of(raw, 60));
+  REQUIRE_FALSE(over);
+  CHECK(over.error().message ==
+        "cannot read frame: more than 250 file descriptors arrived for the frame at stream offset " +
+            std::to_string(c.size()));
+  REQUIRE(decoder.ready_frames() == 1);
+  CHECK(decoder.next()->payload == "frame C");
 }
