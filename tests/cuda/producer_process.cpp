@@ -156,6 +156,17 @@ std::string producer_process::read_line() {
 
 producer_process::~producer_process() { release(); }
 
+int producer_process::end(bool kill) {
+  if (kill) ::kill(pid_, SIGKILL);
+  if (stdin_ >= 0) ::close(stdin_);
+  stdin_ = -1;
+  int status = 0;
+  while (::waitpid(pid_, &status, 0) < 0 && errno == EINTR) {
+  }
+  pid_ = -1;
+  return status;
+}
+
 void producer_process::release() noexcept {
   // Also called by a failing constructor; every step leaves its member reset.
   for (const int fd : vmm_fds_) ::close(fd);

@@ -42,6 +42,10 @@ class producer_process {
   /// The cudaIpcMemHandle_t bytes of the cudaMalloc allocations, in the order asked for.
   [[nodiscard]] const std::vector<std::string>& ipc_handles() const noexcept { return ipc_handles_; }
 
+  /// Ends the producer — stdin closed, so it frees its memory and exits, or SIGKILLed when
+  /// `kill` — and reaps it; the VMM fds stay open here. Returns its wait status.
+  int end(bool kill);
+
   /// $TENSORREG_GPU_PRODUCER, else tensorreg_gpu_producer next to this executable.
   [[nodiscard]] static std::string producer_path();
 

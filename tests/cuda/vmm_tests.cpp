@@ -14,7 +14,9 @@
 #include <cudaTypedefs.h>
 #include <cuda_runtime_api.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <sys/mman.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -365,4 +367,26 @@ TEST_CASE("cuda vmm: the GPU tree hash of an imported region equals the host has
   REQUIRE_OK(*piece_gpu);
   CHECK(**piece_gpu == hash::tree_hash(host_piece).value());
   CHECK(provider->device_hashes() == 2);
+}
+
+// Whether GPU replicas can outlive the daemon that made them (restarts that keep resident
+// memory, docs/architecture.md): a VMM allocation stays alive while any process holds its
+// exported fd, even after its exporter freed its handle and exited, or was killed.
+TEST_CASE("cuda vmm: an allocation outlives its exporter while another process holds its fd", "[cuda][vmm]") {
+  auto provider = make_provider();
+  for (const bool killed : {false, true}) {
+    CAPTURE(killed);
+    producer_process p({{chunk, 31, true}});
+    const pid_t exporter = p.pid();
+    const int status = p.end(killed);
+    if (killed) {
+      CHECK((WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL));
+    } else {
+      CHECK((WIFEXITED(status) && WEXITSTATUS(status) == 0));
+    }
+    REQUIRE(::kill(exporter, 0) == -1);  // gone, not a zombie we still hold
+    auto imported = provider->import_vmm(exporter, 0, p.vmm_fds(), std::vector<std::uint64_t>{chunk});
+    REQUIRE_OK(imported);
+    CHECK(read_all(**imported, 0, chunk) == pattern(31, 0, chunk));
+  }
 }
