@@ -2,30 +2,14 @@
 
 #include <limits>
 
+#include "common/text.hpp"
+
 namespace tensorreg::devices {
 namespace {
 
 constexpr std::string_view prefix = "GPU-";
 constexpr std::size_t bare_length = 36;
 constexpr std::size_t dash_at[] = {8, 13, 18, 23};
-
-// Wire text is the client's: quote at most this much of it in a message.
-constexpr std::size_t quoted_max = 64;
-
-std::string quoted(std::string_view text) {
-  std::string out = "'";
-  out += text.substr(0, quoted_max);
-  if (text.size() > quoted_max) out += "...";
-  out += "'";
-  return out;
-}
-
-int hex_value(char c) noexcept {
-  if (c >= '0' && c <= '9') return c - '0';
-  if (c >= 'a' && c <= 'f') return c - 'a' + 10;
-  if (c >= 'A' && c <= 'F') return c - 'A' + 10;
-  return -1;
-}
 
 bool is_dash_position(std::size_t i) noexcept {
   for (const auto d : dash_at) {
@@ -47,7 +31,7 @@ bool starts_with_prefix(std::string_view text) noexcept {
 }  // namespace
 
 result<gpu_uuid> parse_gpu_uuid(std::string_view text) {
-  const auto what = [&] { return "cannot parse GPU UUID " + quoted(text) + ": "; };
+  const auto what = [&] { return "cannot parse GPU UUID " + text::quoted(text, 64) + ": "; };
   std::string_view bare = text;
   if (starts_with_prefix(bare)) bare.remove_prefix(prefix.size());
   if (bare.size() != bare_length) {
@@ -66,7 +50,7 @@ result<gpu_uuid> parse_gpu_uuid(std::string_view text) {
       }
       continue;
     }
-    const int v = hex_value(c);
+    const int v = text::hex_value(c);
     if (v < 0) {
       return fail(errc::invalid_argument, what() + "position " + std::to_string(i) + " of the 36 is not a hex digit");
     }

@@ -3,7 +3,7 @@
 #include <array>
 #include <cstdint>
 
-#include "hash/quote.hpp"
+#include "common/text.hpp"
 
 namespace tensorreg::hash {
 namespace {
@@ -56,7 +56,7 @@ std::string encode_multihash(const digest& d) {
 
 result<digest> decode_multihash(std::string_view text) {
   const auto bad = [&](const std::string& reason) {
-    return fail(errc::invalid_argument, "cannot decode multihash " + detail::quoted(text) + ": " + reason);
+    return fail(errc::invalid_argument, "cannot decode multihash " + text::quoted(text, 96) + ": " + reason);
   };
   if (text.empty() || text.front() != 'b') {
     return bad("expected multibase prefix 'b' (base32 lower case)");

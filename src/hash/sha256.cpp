@@ -5,7 +5,7 @@
 #include <algorithm>
 #include <string>
 
-#include "hash/quote.hpp"
+#include "common/text.hpp"
 
 namespace tensorreg::hash {
 namespace {
@@ -19,13 +19,6 @@ const EVP_MD* sha256_md() {
     return fetched;
   }();
   return md;
-}
-
-int hex_value(char c) noexcept {
-  if (c >= '0' && c <= '9') return c - '0';
-  if (c >= 'a' && c <= 'f') return c - 'a' + 10;
-  if (c >= 'A' && c <= 'F') return c - 'A' + 10;
-  return -1;
 }
 
 }  // namespace
@@ -119,13 +112,13 @@ std::string to_hex(const digest& d) {
 result<digest> digest_from_hex(std::string_view hex) {
   const auto bad = [&] {
     return fail(errc::invalid_argument,
-                "tensor_index_key must be a 32-byte sha256 hex string, got " + detail::quoted(hex));
+                "tensor_index_key must be a 32-byte sha256 hex string, got " + text::quoted(hex, 96));
   };
   digest out{};
   if (hex.size() != 2 * out.size()) return bad();
   for (std::size_t i = 0; i < out.size(); ++i) {
-    const int hi = hex_value(hex[2 * i]);
-    const int lo = hex_value(hex[2 * i + 1]);
+    const int hi = text::hex_value(hex[2 * i]);
+    const int lo = text::hex_value(hex[2 * i + 1]);
     if (hi < 0 || lo < 0) return bad();
     out[i] = static_cast<std::byte>((hi << 4) | lo);
   }

@@ -4,37 +4,19 @@
 #include <cstdint>
 #include <vector>
 
+#include "common/text.hpp"
 #include "tensorreg/hash/multihash.hpp"
 
 namespace tensorreg::identity {
 namespace {
+
+using text::quoted;
 
 constexpr std::string_view mi2_prefix = "mi2:";
 constexpr std::string_view cgid_prefix = "cgid:";
 constexpr std::string_view b64u_prefix = "b64u.";
 constexpr std::string_view byte_artifact_tag = "byte_artifact";
 constexpr char base64url_alphabet[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-
-// Quotes a caller-supplied value for a message: non-printable bytes as \xNN, cut short so a
-// huge input cannot bloat the message.
-std::string quoted(std::string_view value) {
-  constexpr std::size_t max_shown = 220;
-  static constexpr char digits[] = "0123456789abcdef";
-  std::string out = "'";
-  for (std::size_t i = 0; i < value.size() && i < max_shown; ++i) {
-    const auto c = static_cast<unsigned char>(value[i]);
-    if (c < 0x20 || c >= 0x7F) {
-      out += "\\x";
-      out.push_back(digits[c >> 4]);
-      out.push_back(digits[c & 0xFU]);
-    } else {
-      out.push_back(static_cast<char>(c));
-    }
-  }
-  if (value.size() > max_shown) out.append("...");
-  out.push_back('\'');
-  return out;
-}
 
 bool is_unreserved(char c) noexcept {
   return (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '-' || c == '.' ||

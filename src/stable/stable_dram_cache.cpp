@@ -4,6 +4,8 @@
 #include <limits>
 #include <utility>
 
+#include "common/text.hpp"
+
 namespace tensorreg::stable {
 namespace {
 
@@ -20,7 +22,7 @@ Enum max_rank(Enum a, Enum b) noexcept {
   return static_cast<std::int32_t>(a) >= static_cast<std::int32_t>(b) ? a : b;
 }
 
-std::string quoted(std::string_view key) { return "'" + std::string(key) + "'"; }
+using text::quoted;
 
 std::string admit_prefix(std::string_view key, std::uint64_t size_bytes) {
   return "cannot admit " + quoted(key) + " (" + std::to_string(size_bytes) + " bytes) to the stable dram cache: ";
