@@ -300,6 +300,11 @@ struct dispatcher::impl {
       if (committed && !name.empty()) artifact_names.try_emplace(committed->descriptor.artifact_id, std::move(name));
     }
     TENSORREG_TRY_ASSIGN(auto done, std::move(committed));
+    if (!done.evicted.empty()) {
+      // The engine logs each eviction; this line says whose commit caused them.
+      tensorreg::log(log, log_level::info, "commit of registration {} by pid {} as {} evicted {} to make room", id,
+                     c.peer.pid, done.descriptor.artifact_id, fmt::join(done.evicted, ", "));
+    }
     if (done.existed) {
       hits.add();
     } else {
