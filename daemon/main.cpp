@@ -110,6 +110,8 @@ int parse_options(const std::vector<std::string>& args, options& o) {
     } else if (a == "--metrics-addr") {
       const auto* v = value();
       if (v == nullptr) return bad(a + " needs a value");
+      // Checked here, so that a typo is a usage error (2) before anything starts.
+      if (auto parsed = tensorreg::daemon::parse_host_port(*v); !parsed) return bad(parsed.error().message);
       o.metrics_addr = *v;
     } else if (a == "--trust-client-pids") {
       o.trust_client_pids = true;

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import time
@@ -216,6 +217,18 @@ def convention_checks(tool, daemon, check):
         dv = run(daemon, "--version")
         failures += check(dv.returncode == 0 and dv.stdout.split() == ["tensorregd", v.stdout.split()[1]],
                           "tensorregd --version prints the same version")
+        bad_addr = run(daemon, "--metrics-addr", "localhost", expect_ok=False)
+        failures += check(bad_addr.returncode == 2 and "cannot use metrics address 'localhost': expected HOST:PORT"
+                          in bad_addr.stderr, "tensorregd refuses a metrics address without a port")
+        taken = socket.socket()
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with tempfile.TemporaryDirectory() as d:
+            busy = run(daemon, "--socket", os.path.join(d, "s.sock"), "--metrics-addr",
+                       f"127.0.0.1:{taken.getsockname()[1]}", expect_ok=False)
+        taken.close()
+        failures += check(busy.returncode == 1 and "cannot listen for metrics on '127.0.0.1:" in busy.stderr and
+                          "ready" not in busy.stdout, "tensorregd does not start when its metrics port is taken")
     for command in ["put", "lease", "ls", "show", "revoke", "stats", "status", "digest", "index", "rm", "top"]:
         h = run(tool, command, "--help", expect_ok=False)
         failures += check(h.returncode == 0 and h.stdout.startswith(f"usage: tensorreg {command}") and "--help" in h.stdout,
