@@ -14,6 +14,7 @@
 #include <optional>
 #include <string>
 #include <unordered_map>
+#include <unordered_set>
 #include <utility>
 #include <variant>
 #include <vector>
@@ -104,10 +105,13 @@ struct call {
 
 }  // namespace
 
-// Longest display_name a Begin may carry (docs/wire-format.md §14), and the most names of
-// registrations not yet committed that are remembered (names are for people, never worth memory).
+// Longest display_name a Begin may carry (docs/wire-format.md §14), and how many names of each
+// table are kept before it is cleaned: the pending table loses names of registrations that
+// expired (all of them, when full: names are for people, never worth memory); the artifact
+// table keeps those of artifacts still listed.
 constexpr std::size_t kMaxDisplayName = 256;
 constexpr std::size_t kMaxPendingNames = 16384;
+constexpr std::size_t kMaxArtifactNames = 65536;
 
 struct dispatcher::impl {
   registration::engine& engine;
@@ -121,7 +125,9 @@ struct dispatcher::impl {
   // Names given at Begin, by registration id until its commit, then by artifact id.
   std::mutex names_mutex;
   std::unordered_map<std::string, std::string> pending_names;
-  std::unordered_map<std::string, std::string> artifact_names;
+  // By artifact id: the name and the generation it was added in (see prune_names).
+  std::unordered_map<std::string, std::pair<std::string, std::uint64_t>> artifact_names;
+  std::uint64_t names_generation = 0;
 
   impl(registration::engine& e, dispatcher_options o)
       : engine(e), options(std::move(o)), log(options.log != nullptr ? *options.log : null_logger()) {
@@ -218,6 +224,28 @@ struct dispatcher::impl {
     return {};
   }
 
+  std::size_t artifact_names_size() {
+    std::lock_guard lock(names_mutex);
+    return artifact_names.size();
+  }
+
+  // Starts a generation: names added from now on are newer than a list taken after this.
+  std::uint64_t next_names_generation() {
+    std::lock_guard lock(names_mutex);
+    return ++names_generation;
+  }
+
+  // Drops the names of artifacts the engine no longer holds. `listed` was taken after
+  // next_names_generation() returned `generation`, outside the lock (the engine's mutex is never
+  // taken under names_mutex): names added since are of commits it may not show, so they stay.
+  void prune_names(const std::vector<registration::artifact_summary>& listed, std::uint64_t generation) {
+    std::unordered_set<std::string_view> held;
+    for (const auto& a : listed) held.insert(a.descriptor.artifact_id);
+    std::lock_guard lock(names_mutex);
+    std::erase_if(artifact_names,
+                  [&](const auto& entry) { return entry.second.second < generation && !held.contains(entry.first); });
+  }
+
   void forget_pending_name(const std::string& registration_id) {
     std::lock_guard lock(names_mutex);
     pending_names.erase(registration_id);
@@ -268,7 +296,8 @@ struct dispatcher::impl {
     convert::fill_begin(*c.response.mutable_begin_register_artifact(), begun);
     if (!in.display_name().empty()) {
       std::lock_guard lock(names_mutex);
-      if (pending_names.size() < kMaxPendingNames) pending_names.emplace(begun.registration_id, in.display_name());
+      if (pending_names.size() >= kMaxPendingNames) pending_names.clear();
+      pending_names.emplace(begun.registration_id, in.display_name());
     }
     return {};
   }
@@ -297,7 +326,13 @@ struct dispatcher::impl {
         name = std::move(it->second);
         pending_names.erase(it);
       }
-      if (committed && !name.empty()) artifact_names.try_emplace(committed->descriptor.artifact_id, std::move(name));
+      if (committed && !name.empty()) {
+        artifact_names.try_emplace(committed->descriptor.artifact_id, std::move(name), names_generation);
+      }
+    }
+    if (committed && artifact_names_size() > kMaxArtifactNames) {
+      const auto generation = next_names_generation();
+      prune_names(engine.list(), generation);
     }
     TENSORREG_TRY_ASSIGN(auto done, std::move(committed));
     if (!done.evicted.empty()) {
@@ -511,16 +546,14 @@ struct dispatcher::impl {
 
   status list_artifacts(call& c) {
     auto& out = *c.response.mutable_list_artifacts();
-    convert::fill_list(out, engine.list());
+    const auto generation = next_names_generation();
+    auto listed = engine.list();
+    prune_names(listed, generation);
+    convert::fill_list(out, std::move(listed));
     std::lock_guard lock(names_mutex);
-    std::unordered_map<std::string, std::string> kept;  // names of artifacts gone are dropped
     for (auto& a : *out.mutable_artifacts()) {
-      auto it = artifact_names.find(a.artifact_id());
-      if (it == artifact_names.end()) continue;
-      a.set_name(it->second);
-      kept.insert(artifact_names.extract(it));
+      if (auto it = artifact_names.find(a.artifact_id()); it != artifact_names.end()) a.set_name(it->second.first);
     }
-    artifact_names = std::move(kept);
     return {};
   }
 
