@@ -98,10 +98,10 @@ std::string overall_usage() {
   std::string out = "usage: tensorreg <command> [args] (tensorreg <command> --help for its options)\n";
   for (const auto& c : kCommands) {
     const std::string left = fmt::format("{}{}{}", c.name, c.arguments.empty() ? "" : " ", c.arguments);
-    out += fmt::format("  {:<42} {}\n", left, c.summary);
+    out += fmt::format("  {:<46} {}\n", left, c.summary);
   }
   out += "daemon commands take --socket PATH (or $TENSORREG_SOCKET) and --json\n";
-  out += "  --version                                  print the version\n";
+  out += "  --version                                      print the version\n";
   return out;
 }
 
