@@ -4,12 +4,22 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <poll.h>
+#include <termios.h>
+
+#include <algorithm>
 #include <chrono>
+#include <cstdlib>
+#include <ctime>
+#include <filesystem>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <set>
 
 #include "local_commands.hpp"
 #include "tensorreg/client/connection.hpp"
+#include "tensorreg/hash/multihash.hpp"
+#include "tensorreg/hash/sha256.hpp"
 #include "tensorreg/index/safetensors_bundle.hpp"
 
 namespace tensorreg::cli {
@@ -23,6 +33,9 @@ struct options {
   bool json = false;
   std::string policy;
   std::uint32_t ttl_ms = 600'000;
+  std::optional<std::string> name;   // put --name; unset: the file name
+  std::uint32_t interval_ms = 1000;  // top
+  std::uint64_t count = 0;           // top: refreshes, 0 = until stopped
   std::vector<std::string> positional;
 };
 
@@ -47,6 +60,22 @@ result<options> parse(const std::vector<std::string>& args) {
       TENSORREG_TRY_ASSIGN(o.socket, value());
     } else if (a == "--policy") {
       TENSORREG_TRY_ASSIGN(o.policy, value());
+    } else if (a == "--name") {
+      TENSORREG_TRY_ASSIGN(o.name, value());
+    } else if (a == "--interval-ms" || a == "--count") {
+      TENSORREG_TRY_ASSIGN(auto v, value());
+      try {
+        std::size_t used = 0;
+        const auto n = std::stoull(v, &used);
+        if (used != v.size() || (a == "--interval-ms" && (n == 0 || n > 3'600'000))) throw std::invalid_argument(v);
+        if (a == "--count") {
+          o.count = n;
+        } else {
+          o.interval_ms = static_cast<std::uint32_t>(n);
+        }
+      } catch (const std::exception&) {
+        return fail(errc::invalid_argument, a + " needs a positive number, got '" + v + "'");
+      }
     } else if (a == "--ttl-ms") {
       TENSORREG_TRY_ASSIGN(auto v, value());
       try {
@@ -55,7 +84,7 @@ result<options> parse(const std::vector<std::string>& args) {
         return fail(errc::invalid_argument, "--ttl-ms needs a number, got '" + v + "'");
       }
     } else if (a.starts_with("--")) {
-      return fail(errc::invalid_argument, "unknown option " + a);
+      return fail(errc::invalid_argument, "unknown option " + a + " (tensorreg <command> --help lists them)");
     } else {
       o.positional.push_back(a);
     }
@@ -118,42 +147,121 @@ int print_registered(const client::registered& r, const options& o, const char* 
     j["existed"] = r.existed;
     j["registration_id"] = r.registration_id;
     j["seconds"] = r.begin_to_commit_seconds;
+    j["evicted"] = r.evicted;
     fmt::print("{}\n", j.dump());
   } else {
     fmt::print("{} {}\n  total_size {} ({})\n  existed    {}\n  time       {:.3f} s\n", verb, r.descriptor.artifact_id,
                r.descriptor.total_size, human_bytes(r.descriptor.total_size), r.existed ? "true" : "false",
                r.begin_to_commit_seconds);
+    for (const auto& id : r.evicted) fmt::print("  evicted    {} (to make room)\n", id);
   }
   return 0;
+}
+
+std::string budget_text(std::uint64_t budget) { return budget == 0 ? std::string("unlimited") : human_bytes(budget); }
+
+std::string uptime_text(double seconds) {
+  auto s = static_cast<std::uint64_t>(seconds);
+  if (s < 60) return fmt::format("{}s", s);
+  if (s < 3600) return fmt::format("{}m{:02}s", s / 60, s % 60);
+  if (s < 86400) return fmt::format("{}h{:02}m", s / 3600, s / 60 % 60);
+  return fmt::format("{}d{:02}h", s / 86400, s / 3600 % 24);
 }
 
 int cmd_status(connection& c, const options& o) {
   auto got = c.config();
   if (!got) return fail_with(got.error());
+  auto stats = c.stats();
+  if (!stats) return fail_with(stats.error());
   const auto& cfg = *got;
+  const auto& s = *stats;
   if (o.json) {
     fmt::print("{}\n", json{{"socket", c.socket_path()},
                             {"startup_phase", startup_phase_name(cfg.phase)},
                             {"artifact_chunk_bytes", cfg.artifact_chunk_bytes},
-                            {"stable_budget_bytes", cfg.stable_budget_bytes}}
+                            {"stable_budget_bytes", cfg.stable_budget_bytes},
+                            {"stable_free_bytes", s.stable_free_bytes},
+                            {"artifacts", s.artifacts},
+                            {"uptime_seconds", s.uptime_seconds}}
                            .dump());
   } else {
     fmt::print("tensorregd at {}: {}\n  artifact_chunk_bytes {}\n  stable budget        {}\n", c.socket_path(),
                startup_phase_name(cfg.phase), cfg.artifact_chunk_bytes,
                cfg.stable_budget_bytes == 0 ? std::string("unlimited")
                                             : human_bytes(static_cast<std::uint64_t>(cfg.stable_budget_bytes)));
+    if (s.stable_budget_bytes != 0) fmt::print("  stable free          {}\n", human_bytes(s.stable_free_bytes));
+    fmt::print("  artifacts            {}\n  uptime               {}\n", s.artifacts, uptime_text(s.uptime_seconds));
   }
   return 0;
 }
 
+// Policies whose admission never evicts: their overflow is reject (store_policy.cpp).
+bool never_evicts(const std::string& policy) { return policy == "warm" || policy == "pinned"; }
+
+// "not enough room: ..." in the user's words, from the daemon's budget; nullopt when it fits
+// (or when there is no budget, or the daemon cannot say).
+// `index_multihash` set: an artifact with this index and size may be the same content, which
+// the daemon takes without room (a join), so only its own answer can tell.
+std::optional<std::string> room_problem(connection& c, const std::string& policy, std::uint64_t size,
+                                        const std::string& index_multihash = {}) {
+  auto stats = c.stats();
+  if (!stats || stats->stable_budget_bytes == 0) return std::nullopt;
+  if (!index_multihash.empty()) {
+    auto list = c.list();
+    if (!list) return std::nullopt;
+    for (const auto& a : *list) {
+      if (a.descriptor.index_multihash == index_multihash && a.descriptor.total_size == size) return std::nullopt;
+    }
+  }
+  const auto& s = *stats;
+  const std::string shown = policy.empty() ? std::string("cache") : policy;
+  if (size > s.stable_budget_bytes) {
+    return fmt::format(
+        "not enough room: the artifact is {}, more than the daemon's whole stable budget of {}; start "
+        "tensorregd with a larger --stable-bytes",
+        human_bytes(size), human_bytes(s.stable_budget_bytes));
+  }
+  if (size > s.stable_free_bytes && never_evicts(shown)) {
+    return fmt::format(
+        "not enough room: {} free of {}, and '{}' does not evict; free space with `tensorreg rm` or "
+        "use --policy cache",
+        human_bytes(s.stable_free_bytes), human_bytes(s.stable_budget_bytes), shown);
+  }
+  return std::nullopt;
+}
+
+std::string default_name(const std::vector<std::string>& files) {
+  std::string name = std::filesystem::path(files.front()).filename().string();
+  if (files.size() > 1) name += fmt::format(" (+{} files)", files.size() - 1);
+  return name;
+}
+
 int cmd_put(connection& c, const options& o) {
   if (o.positional.empty())
-    return usage("usage: tensorreg put FILES.safetensors... [--policy cache|warm|pinned|durable]");
+    return usage("usage: tensorreg put FILES.safetensors... [--policy cache|warm|pinned|durable] [--name NAME]");
   auto bundle = index::safetensors_bundle::open(o.positional);
   if (!bundle) return fail_with(bundle.error());
+  // Checked before the copy: a put the budget cannot take fails at once, in the user's words.
+  const auto size = (*bundle)->index().total_size();
+  const auto index_multihash = hash::encode_multihash(hash::sha256(std::string_view((*bundle)->index().json())));
+  if (auto problem = room_problem(c, o.policy, size, index_multihash)) {
+    fmt::print(stderr, "tensorreg: {}\n", *problem);
+    return 1;
+  }
   progress_bar bar;
-  auto put = c.put(**bundle, {o.policy, [&](std::uint64_t done, std::uint64_t total) { bar(done, total); }});
-  if (!put) return fail_with(put.error());
+  client::put_options po{o.policy, [&](std::uint64_t done, std::uint64_t total) { bar(done, total); }};
+  po.name = o.name.value_or(default_name(o.positional));
+  auto put = c.put(**bundle, po);
+  if (!put) {
+    // Others' uploads may have taken the room meanwhile: say it in the same words when so.
+    if (put.error().code == errc::resource_exhausted) {
+      if (auto problem = room_problem(c, o.policy, size)) {
+        fmt::print(stderr, "tensorreg: {} ({})\n", *problem, put.error().message);
+        return 1;
+      }
+    }
+    return fail_with(put.error());
+  }
   return print_registered(*put, o, "put");
 }
 
@@ -173,10 +281,49 @@ int cmd_lease(connection& c, const options& o) {
   sa.sa_handler = [](int) { g_stop = 1; };
   ::sigaction(SIGINT, &sa, nullptr);
   ::sigaction(SIGTERM, &sa, nullptr);
-  while (g_stop == 0) ::pause();
+  // Ask the daemon once a second whether it still holds the lease: a revoke from elsewhere, an
+  // expiry or a daemon that died ends this process with a non-zero exit and the reason.
+  while (g_stop == 0) {
+    struct timespec second {
+      1, 0
+    };
+    ::nanosleep(&second, nullptr);  // a signal cuts it short
+    if (g_stop != 0) break;
+    if (auto alive = held->check(); !alive) {
+      const auto& e = alive.error();
+      if (e.code == errc::unavailable) {
+        fmt::print(stderr, "tensorreg: the daemon went away; the lease on {} is gone: {}\n",
+                   held->info().descriptor.artifact_id, e.message);
+      } else {
+        fmt::print(stderr, "tensorreg: the lease {} on {} was revoked or expired: {} ({})\n",
+                   held->info().registration_id, held->info().descriptor.artifact_id, e.message, errc_name(e.code));
+      }
+      static_cast<void>(held->release());
+      return 1;
+    }
+  }
   static_cast<void>(held->release());
   fmt::print(stderr, "tensorreg: lease revoked\n");
   return 0;
+}
+
+// The part of an id that tells artifacts apart: for mi2 ids the data multihash without its
+// common "bciq" header (artifacts of one architecture share the index hash, the first part).
+std::string distinctive_part(const std::string& id) {
+  if (id.starts_with("mi2:")) {
+    const auto colon = id.rfind(':');
+    if (colon != std::string::npos && colon > 4) {
+      std::string data = id.substr(colon + 1);
+      return data.starts_with("bciq") ? data.substr(4) : data;
+    }
+  }
+  return id;
+}
+
+// What ls shows: 12 characters of the distinctive part (`show` takes any unique prefix of it).
+std::string short_id(const std::string& id) {
+  const auto part = distinctive_part(id);
+  return part == id ? (id.size() <= 20 ? id : id.substr(0, 20)) : part.substr(0, 12);
 }
 
 int cmd_ls(connection& c, const options& o) {
@@ -189,6 +336,7 @@ int cmd_ls(connection& c, const options& o) {
       json tiers = json::array();
       for (auto t : a.tiers) tiers.push_back(std::string(client::tier_name(t)));
       json j = descriptor_json(a.descriptor);
+      j["name"] = a.name;
       j["tiers"] = tiers;
       j["lease_count"] = a.lease_count;
       arr.push_back(j);
@@ -196,20 +344,47 @@ int cmd_ls(connection& c, const options& o) {
     fmt::print("{}\n", arr.dump());
     return 0;
   }
-  fmt::print("{:<119} {:>12} {:>7}  {}\n", "ARTIFACT", "SIZE", "LEASES", "TIERS");
+  fmt::print("{:<12}  {:<32} {:>12} {:>7}  {}\n", "ID", "NAME", "SIZE", "LEASES", "TIERS");
   for (const auto& a : list) {
     std::string tiers;
     for (auto t : a.tiers) tiers += (tiers.empty() ? "" : ",") + std::string(client::tier_name(t));
-    fmt::print("{:<119} {:>12} {:>7}  {}\n", a.descriptor.artifact_id, human_bytes(a.descriptor.total_size),
-               a.lease_count, tiers);
+    fmt::print("{:<12}  {:<32} {:>12} {:>7}  {}\n", short_id(a.descriptor.artifact_id), a.name.empty() ? "-" : a.name,
+               human_bytes(a.descriptor.total_size), a.lease_count, tiers);
   }
   fmt::print("{} artifacts\n", list.size());
   return 0;
 }
 
+// The one artifact whose id starts with `text` (a whole id is its own prefix).
+// Errors: NOT_FOUND (none), INVALID_ARGUMENT (several: the message lists them).
+result<std::string> resolve_id(connection& c, const std::string& text, std::string_view verb) {
+  TENSORREG_TRY_ASSIGN(auto list, c.list());
+  std::vector<std::string> matches;
+  for (const auto& a : list) {
+    const auto& id = a.descriptor.artifact_id;
+    if (id == text) return text;
+    if (!text.empty() && (id.starts_with(text) || distinctive_part(id).starts_with(text))) matches.push_back(id);
+  }
+  if (matches.empty()) {
+    return fail(errc::not_found,
+                fmt::format("cannot {} '{}': no artifact id (or short id, as ls shows) starts with it", verb, text));
+  }
+  if (matches.size() > 1) {
+    std::string listed;
+    for (const auto& m : matches) listed += "\n  " + m;
+    return fail(errc::invalid_argument, fmt::format("cannot {} '{}': the prefix is ambiguous, {} artifacts start with "
+                                                    "it (give more characters):{}",
+                                                    verb, text, matches.size(), listed));
+  }
+  return matches.front();
+}
+
 int cmd_show_or_index(connection& c, const options& o, bool index_only) {
-  if (o.positional.size() != 1) return usage(index_only ? "usage: tensorreg index ID" : "usage: tensorreg show ID");
-  auto got = c.index(o.positional[0]);
+  if (o.positional.size() != 1)
+    return usage(index_only ? "usage: tensorreg index ID" : "usage: tensorreg show ID-OR-PREFIX");
+  auto id = resolve_id(c, o.positional[0], index_only ? "find the index of" : "show");
+  if (!id) return fail_with(id.error());
+  auto got = c.index(*id);
   if (!got) return fail_with(got.error());
   const auto& idx = *got;
   if (index_only) {
@@ -238,8 +413,14 @@ int cmd_show_or_index(connection& c, const options& o, bool index_only) {
 
 int cmd_revoke(connection& c, const options& o) {
   if (o.positional.size() != 1) return usage("usage: tensorreg revoke REGISTRATION_ID");
-  auto got = c.revoke(o.positional[0], "tensorreg revoke");
+  auto got = c.revoke_if_held(o.positional[0], "tensorreg revoke");
   if (!got) return fail_with(got.error());
+  if (!*got) {
+    return fail_with(error{errc::not_found, fmt::format("cannot revoke '{}': the daemon holds no registration, lease "
+                                                        "or join with this id (`tensorreg put --json` prints "
+                                                        "registration ids)",
+                                                        o.positional[0])});
+  }
   if (o.json) {
     fmt::print("{}\n", json{{"revoked", o.positional[0]}}.dump());
   } else {
@@ -248,15 +429,17 @@ int cmd_revoke(connection& c, const options& o) {
   return 0;
 }
 
-int cmd_deregister(connection& c, const options& o) {
-  if (o.positional.size() != 1) return usage("usage: tensorreg deregister ID");
-  auto got = c.deregister(o.positional[0], /*wait_for_drain=*/true);
+int cmd_deregister(connection& c, const options& o, std::string_view name) {
+  if (o.positional.size() != 1) return usage(fmt::format("usage: tensorreg {} ID-OR-PREFIX", name));
+  auto id = resolve_id(c, o.positional[0], "remove");
+  if (!id) return fail_with(id.error());
+  auto got = c.deregister(*id, /*wait_for_drain=*/true);
   if (!got) return fail_with(got.error());
   const auto& res = *got;
   if (o.json) {
     fmt::print("{}\n", json{{"drained", res.drained}, {"removed", res.removed}}.dump());
   } else {
-    fmt::print("deregistered {} (drained {}, removed {})\n", o.positional[0], res.drained, res.removed);
+    fmt::print("deregistered {} (drained {}, removed {})\n", *id, res.drained, res.removed);
   }
   return 0;
 }
@@ -276,7 +459,20 @@ int cmd_stats(connection& c, const options& o) {
                             {"open_mappings", s.open_mappings},
                             {"vmm_reserved_bytes", s.vmm_reserved_bytes},
                             {"connections", s.connections},
-                            {"tiers", tiers}}
+                            {"tiers", tiers},
+                            {"stable_budget_bytes", s.stable_budget_bytes},
+                            {"stable_free_bytes", s.stable_free_bytes},
+                            {"stable_reserved_bytes", s.stable_reserved_bytes},
+                            {"hits", s.hits},
+                            {"misses", s.misses},
+                            {"evictions", s.evictions},
+                            {"evicted_bytes", s.evicted_bytes},
+                            {"uptime_seconds", s.uptime_seconds},
+                            {"requests", s.requests},
+                            {"request_errors", s.request_errors},
+                            {"bytes_registered", s.bytes_registered},
+                            {"bytes_hashed", s.bytes_hashed},
+                            {"bytes_copied", s.bytes_copied}}
                            .dump());
     return 0;
   }
@@ -288,12 +484,108 @@ int cmd_stats(connection& c, const options& o) {
     fmt::print("tier {:<12} {:>12} in {} artifacts\n", std::string(client::tier_name(t.where)), human_bytes(t.bytes),
                t.artifacts);
   }
+  fmt::print("budget        {}\n", budget_text(s.stable_budget_bytes));
+  if (s.stable_budget_bytes != 0) {
+    fmt::print("free          {}{}\n", human_bytes(s.stable_free_bytes),
+               s.stable_reserved_bytes != 0
+                   ? fmt::format(" ({} reserved by uploads)", human_bytes(s.stable_reserved_bytes))
+                   : std::string());
+  }
+  fmt::print(
+      "hits          {}\nmisses        {}\nevictions     {} ({})\nuptime        {}\nrequests      {} ({} "
+      "errors)\nregistered    {}\nhashed        {}\ncopied        {}\n",
+      s.hits, s.misses, s.evictions, human_bytes(s.evicted_bytes), uptime_text(s.uptime_seconds), s.requests,
+      s.request_errors, human_bytes(s.bytes_registered), human_bytes(s.bytes_hashed), human_bytes(s.bytes_copied));
   return 0;
 }
 
+// `top`: the daemon's state and rates, redrawn in place on a terminal (plain frames one after
+// another when piped). q or SIGINT stops it.
+int cmd_top(connection& c, const options& o) {
+  struct sigaction sa {};
+  sa.sa_handler = [](int) { g_stop = 1; };
+  ::sigaction(SIGINT, &sa, nullptr);
+  ::sigaction(SIGTERM, &sa, nullptr);
+  const bool tty_out = ::isatty(STDOUT_FILENO) != 0;
+  const bool tty_in = ::isatty(STDIN_FILENO) != 0;
+  // Keys without Enter: the terminal's canonical mode off while top runs, restored after.
+  struct termios saved {};
+  const bool raw_keys = tty_in && ::tcgetattr(STDIN_FILENO, &saved) == 0;
+  if (raw_keys) {
+    auto keys = saved;
+    keys.c_lflag &= ~static_cast<tcflag_t>(ICANON | ECHO);
+    ::tcsetattr(STDIN_FILENO, TCSANOW, &keys);
+    fmt::print("\x1b[?25l");  // hide the cursor
+  }
+  std::optional<client::daemon_stats> last;
+  auto last_time = std::chrono::steady_clock::now();
+  int rc = 0;
+  for (std::uint64_t frame = 0; g_stop == 0 && (o.count == 0 || frame < o.count); ++frame) {
+    auto stats = c.stats();
+    if (!stats) {
+      rc = fail_with(stats.error());
+      break;
+    }
+    auto list = c.list();
+    if (!list) {
+      rc = fail_with(list.error());
+      break;
+    }
+    const auto now = std::chrono::steady_clock::now();
+    const double dt = std::chrono::duration<double>(now - last_time).count();
+    auto rate = [&](std::uint64_t cur, std::uint64_t before) {
+      return last && dt > 0 ? static_cast<double>(cur - std::min(cur, before)) / dt : 0.0;
+    };
+    const auto& s = *stats;
+    std::string out = tty_out ? "\x1b[H\x1b[2J" : "";
+    out += fmt::format("tensorregd at {}  up {}  {} clients  budget {}  free {}\n", c.socket_path(),
+                       uptime_text(s.uptime_seconds), s.connections, budget_text(s.stable_budget_bytes),
+                       s.stable_budget_bytes == 0 ? std::string("-") : human_bytes(s.stable_free_bytes));
+    out += fmt::format(
+        "requests {:.1f}/s  registered {}/s  hashed {}/s  hits {}  misses {}  evictions {}\n",
+        rate(s.requests, last ? last->requests : 0),
+        human_bytes(static_cast<std::uint64_t>(rate(s.bytes_registered, last ? last->bytes_registered : 0))),
+        human_bytes(static_cast<std::uint64_t>(rate(s.bytes_hashed, last ? last->bytes_hashed : 0))), s.hits, s.misses,
+        s.evictions);
+    out += fmt::format("{} artifacts, {} leases, {} regions, {} pending\n\n", s.artifacts, s.leases, s.regions,
+                       s.pending_registrations);
+    auto artifacts = *list;
+    std::sort(artifacts.begin(), artifacts.end(),
+              [](const auto& a, const auto& b) { return a.descriptor.total_size > b.descriptor.total_size; });
+    out += fmt::format("{:<12}  {:<32} {:>12} {:>7}  {}\n", "ID", "NAME", "SIZE", "READERS", "TIERS");
+    for (const auto& a : artifacts) {
+      std::string tiers;
+      for (auto t : a.tiers) tiers += (tiers.empty() ? "" : ",") + std::string(client::tier_name(t));
+      out += fmt::format("{:<12}  {:<32} {:>12} {:>7}  {}\n", short_id(a.descriptor.artifact_id),
+                         a.name.empty() ? "-" : a.name, human_bytes(a.descriptor.total_size), a.lease_count, tiers);
+    }
+    if (!tty_out) out += "\n";
+    fmt::print("{}", out);
+    std::fflush(stdout);
+    last = s;
+    last_time = now;
+    if (o.count != 0 && frame + 1 >= o.count) break;
+    // Wait for the next frame, or a key (q quits), or a signal.
+    struct pollfd in {
+      STDIN_FILENO, POLLIN, 0
+    };
+    const int ready = ::poll(&in, tty_in ? 1 : 0, static_cast<int>(o.interval_ms));
+    if (ready > 0 && (in.revents & POLLIN) != 0) {
+      char key = 0;
+      if (::read(STDIN_FILENO, &key, 1) == 1 && (key == 'q' || key == 'Q')) break;
+    }
+  }
+  if (raw_keys) {
+    ::tcsetattr(STDIN_FILENO, TCSANOW, &saved);
+    fmt::print("\x1b[?25h");
+    std::fflush(stdout);
+  }
+  return rc;
+}
+
 const std::set<std::string>& daemon_commands() {
-  static const std::set<std::string> names{"status", "put",    "lease",      "ls",   "show",
-                                           "index",  "revoke", "deregister", "stats"};
+  static const std::set<std::string> names{"status", "put",        "lease", "ls",    "show", "index",
+                                           "revoke", "deregister", "rm",    "stats", "top"};
   return names;
 }
 
@@ -304,7 +596,11 @@ bool is_daemon_command(const std::string& command) { return daemon_commands().co
 int run_daemon_command(const std::string& command, const std::vector<std::string>& args) {
   auto parsed = parse(args);
   if (!parsed) return usage(parsed.error().message);
-  const auto& o = *parsed;
+  auto o = *parsed;
+  if (o.socket.empty()) {
+    // The CLI's convention for the socket: --socket, then $TENSORREG_SOCKET, then the default.
+    if (const char* env = std::getenv("TENSORREG_SOCKET"); env != nullptr) o.socket = env;
+  }
   auto c = connection::connect(o.socket);
   if (!c) return fail_with(c.error());
   if (command == "status") return cmd_status(*c, o);
@@ -314,7 +610,8 @@ int run_daemon_command(const std::string& command, const std::vector<std::string
   if (command == "show") return cmd_show_or_index(*c, o, false);
   if (command == "index") return cmd_show_or_index(*c, o, true);
   if (command == "revoke") return cmd_revoke(*c, o);
-  if (command == "deregister") return cmd_deregister(*c, o);
+  if (command == "deregister" || command == "rm") return cmd_deregister(*c, o, command);
+  if (command == "top") return cmd_top(*c, o);
   return cmd_stats(*c, o);
 }
 

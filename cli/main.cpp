@@ -2,8 +2,11 @@
 //
 // Commands that need no daemon: `digest` (ids of an index file and canonical bytes) and
 // `index FILES.safetensors...` (the canonical index, total_size and id of safetensors files);
-// the others talk to tensorregd (cli/daemon_commands.hpp).
-// Exits non-zero with a one-line error on bad input.
+// the others talk to tensorregd (cli/daemon_commands.hpp). Every command and option is
+// described in cli/command_table.hpp, which the usage, `<command> --help`, the bash completion
+// (`--completion bash`) and the man page (`--man`) are printed from.
+// Exits 0 on success, 1 with a one-line error when the daemon or the input refuses, 2 for usage
+// errors.
 #include <fmt/core.h>
 
 #include <algorithm>
@@ -11,49 +14,56 @@
 #include <string>
 #include <vector>
 
+#include "command_table.hpp"
 #include "daemon_commands.hpp"
 #include "local_commands.hpp"
 
-namespace {
-
-constexpr const char* kUsage =
-    "usage: tensorreg <command> [args]\n"
-    "  digest --index FILE [--data FILE | --zeros N] [--raw] [--threads N]\n"
-    "      print the index multihash, the data multihash and the mi2 id\n"
-    "  index FILES.safetensors... [--threads N]\n"
-    "      print the canonical index JSON, total_size and the mi2 id of the files\n"
-    "daemon commands (all take --socket PATH and --json):\n"
-    "  status                          the daemon's configuration\n"
-    "  put FILES.safetensors... [--policy cache|warm|pinned|durable]\n"
-    "                                  store the files in the daemon's stable DRAM\n"
-    "  lease FILES.safetensors... [--ttl-ms N]\n"
-    "                                  lease them in place from shared memory until SIGTERM\n"
-    "  ls                              the artifacts the daemon holds\n"
-    "  show ID                         an artifact's descriptor and tensors\n"
-    "  index ID                        an artifact's canonical index JSON\n"
-    "  revoke REGISTRATION_ID          drop a registration or lease\n"
-    "  deregister ID                   drain and remove an artifact\n"
-    "  stats                           counters\n";
-
-}  // namespace
-
 int main(int argc, char** argv) try {
+  namespace cli = tensorreg::cli;
   std::vector<std::string> args(argv + 1, argv + argc);
-  if (args.empty() || args[0] == "--help" || args[0] == "-h" || args[0] == "help") {
-    fmt::print(args.empty() ? stderr : stdout, "{}", kUsage);
-    return args.empty() ? 2 : 0;
+  if (args.empty()) {
+    fmt::print(stderr, "{}", cli::overall_usage());
+    return 2;
   }
   const std::string command = args[0];
   args.erase(args.begin());
-  if (command == "digest") return tensorreg::cli::run_digest(args);
+  if (command == "--help" || command == "-h" || command == "help") {
+    const auto* c = args.empty() ? nullptr : cli::find_command(args[0]);
+    fmt::print("{}", c != nullptr ? cli::command_usage(*c) : cli::overall_usage());
+    return 0;
+  }
+  if (command == "--version" || command == "version") {
+    fmt::print("tensorreg {}\n", TENSORREG_VERSION);
+    return 0;
+  }
+  if (command == "--completion") {
+    if (args.size() != 1 || args[0] != "bash") {
+      fmt::print(stderr, "tensorreg: --completion takes 'bash'\n");
+      return 2;
+    }
+    fmt::print("{}", cli::bash_completion());
+    return 0;
+  }
+  if (command == "--man") {
+    fmt::print("{}", cli::man_page(TENSORREG_VERSION));
+    return 0;
+  }
+  const auto* known = cli::find_command(command);
+  if (known == nullptr) {
+    fmt::print(stderr, "tensorreg: unknown command '{}'\n{}", command, cli::overall_usage());
+    return 2;
+  }
+  if (std::any_of(args.begin(), args.end(), [](const std::string& a) { return a == "--help" || a == "-h"; })) {
+    fmt::print("{}", cli::command_usage(*known));
+    return 0;
+  }
+  if (command == "digest") return cli::run_digest(args);
   // `index ID` asks the daemon; `index FILES...` reads safetensors files.
   const bool index_of_id = command == "index" && std::any_of(args.begin(), args.end(), [](const std::string& a) {
                              return a.starts_with("mi2:") || a.starts_with("cgid:");
                            });
-  if (command == "index" && !index_of_id) return tensorreg::cli::run_index_files(args);
-  if (tensorreg::cli::is_daemon_command(command)) return tensorreg::cli::run_daemon_command(command, args);
-  fmt::print(stderr, "tensorreg: unknown command '{}'\n{}", command, kUsage);
-  return 2;
+  if (command == "index" && !index_of_id) return cli::run_index_files(args);
+  return cli::run_daemon_command(command, args);
 } catch (const std::exception& e) {
   fmt::print(stderr, "tensorreg: {}\n", e.what());
   return 1;

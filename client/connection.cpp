@@ -85,6 +85,7 @@ result<registered> connection::put(const index::safetensors_bundle& bundle, cons
   begin.ttl_ms = default_ttl_ms;
   begin.owner_pid = own_pid();
   begin.index_json = idx.json();
+  begin.display_name = options.name;
   if (!options.profile.empty()) {
     TENSORREG_TRY_ASSIGN(begin.profile, policy::parse_profile(options.profile));
   }
@@ -108,7 +109,7 @@ result<registered> connection::put(const index::safetensors_bundle& bundle, cons
   if (auto fed = raw_->feed(std::move(frames)); !fed) return abort_on_error(fed.error());
   TENSORREG_TRY_ASSIGN(auto committed, raw_->call(wc::commit_request(registration_id)));
   const auto commit = wc::commit_of(committed.response);
-  return registered{commit.descriptor, commit.existed, registration_id, seconds_since(started)};
+  return registered{commit.descriptor, commit.existed, registration_id, seconds_since(started), commit.evicted};
 }
 
 result<lease> connection::register_lease(const index::safetensors_bundle& bundle, std::uint32_t ttl_ms) {
@@ -237,6 +238,11 @@ result<daemon_stats> connection::stats() {
 status connection::revoke(std::string_view registration_id, std::string_view reason) {
   TENSORREG_TRY(raw_->call(wc::revoke_request(registration_id, reason)));
   return {};
+}
+
+result<bool> connection::revoke_if_held(std::string_view registration_id, std::string_view reason) {
+  TENSORREG_TRY_ASSIGN(auto r, raw_->call(wc::revoke_request(registration_id, reason)));
+  return r.response.revoke_registered_artifact().revoked();
 }
 
 status connection::abort(std::string_view registration_id) {

@@ -44,6 +44,7 @@ wire::Request begin_request(const begin_args& args) {
     b->mutable_lease()->set_in_place(true);
   }
   if (args.profile) b->mutable_policy()->set_profile(static_cast<common::PolicyProfile>(*args.profile));
+  if (!args.display_name.empty()) b->set_display_name(args.display_name);
   return r;
 }
 
@@ -247,6 +248,7 @@ registration::commit_response commit_of(const wire::Response& committed) {
   registration::commit_response out;
   out.descriptor = descriptor_of(c.artifact_descriptor());
   out.existed = c.existed();
+  out.evicted.assign(c.evicted_artifact_ids().begin(), c.evicted_artifact_ids().end());
   return out;
 }
 
@@ -278,6 +280,7 @@ std::vector<artifact_info> list_of(const wire::Response& r) {
     for (const auto t : a.tiers()) info.tiers.push_back(static_cast<tier>(t));
     info.lease_count = a.lease_count();
     info.device_ids.assign(a.device_ids().begin(), a.device_ids().end());
+    info.name = a.name();
     out.push_back(std::move(info));
   }
   return out;
@@ -294,6 +297,19 @@ daemon_stats stats_of(const wire::Response& r) {
   out.connections = s.connections();
   out.vmm_reserved_bytes = s.vmm_reserved_bytes();
   for (const auto& t : s.tiers()) out.tiers.push_back({static_cast<tier>(t.tier()), t.bytes(), t.artifacts()});
+  out.stable_budget_bytes = s.stable_budget_bytes();
+  out.stable_free_bytes = s.stable_free_bytes();
+  out.stable_reserved_bytes = s.stable_reserved_bytes();
+  out.hits = s.hits();
+  out.misses = s.misses();
+  out.evictions = s.evictions();
+  out.evicted_bytes = s.evicted_bytes();
+  out.uptime_seconds = s.uptime_seconds();
+  out.requests = s.requests();
+  out.request_errors = s.request_errors();
+  out.bytes_registered = s.bytes_registered();
+  out.bytes_hashed = s.bytes_hashed();
+  out.bytes_copied = s.bytes_copied();
   return out;
 }
 

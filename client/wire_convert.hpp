@@ -41,6 +41,7 @@ struct begin_args {
   std::int32_t owner_pid = 0;
   std::string index_json;  ///< empty: no inline index
   std::optional<policy::profile> profile;
+  std::string display_name{};  ///< empty: none
 };
 [[nodiscard]] wire::Request begin_request(const begin_args& args);
 

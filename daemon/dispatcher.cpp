@@ -9,10 +9,12 @@
 #include <chrono>
 #include <cstring>
 #include <exception>
+#include <mutex>
 #include <new>
 #include <optional>
 #include <string>
 #include <unordered_map>
+#include <unordered_set>
 #include <utility>
 #include <variant>
 #include <vector>
@@ -103,14 +105,151 @@ struct call {
 
 }  // namespace
 
+// Longest display_name a Begin may carry (docs/wire-format.md §14), and how many names of each
+// table are kept before it is cleaned: the pending table loses names of registrations that
+// expired (all of them, when full: names are for people, never worth memory); the artifact
+// table keeps those of artifacts still listed.
+constexpr std::size_t kMaxDisplayName = 256;
+constexpr std::size_t kMaxPendingNames = 16384;
+constexpr std::size_t kMaxArtifactNames = 65536;
+
 struct dispatcher::impl {
   registration::engine& engine;
   dispatcher_options options;
   logger& log;
   std::atomic<std::size_t> connections{0};
+  const std::chrono::steady_clock::time_point daemon_started = std::chrono::steady_clock::now();
+  // What GetStats and the metrics report (docs/wire-format.md §14).
+  metrics::counter requests, request_errors, hits, misses, bytes_registered;
+  registration::engine_stats scraped;  // the engine's tables at the last scrape (the registry's lock)
+  // Names given at Begin, by registration id until its commit, then by artifact id.
+  std::mutex names_mutex;
+  std::unordered_map<std::string, std::string> pending_names;
+  // By artifact id: the name and the generation it was added in (see prune_names).
+  std::unordered_map<std::string, std::pair<std::string, std::uint64_t>> artifact_names;
+  std::uint64_t names_generation = 0;
 
   impl(registration::engine& e, dispatcher_options o)
-      : engine(e), options(std::move(o)), log(options.log != nullptr ? *options.log : null_logger()) {}
+      : engine(e), options(std::move(o)), log(options.log != nullptr ? *options.log : null_logger()) {
+    if (options.metrics != nullptr) register_metrics(*options.metrics);
+  }
+
+  double uptime_seconds() const {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - daemon_started).count();
+  }
+
+  // Conventional names and units (docs/architecture.md, "Metrics"). The engine's tables are
+  // read once per scrape by the collector; the samples then read that snapshot.
+  void register_metrics(metrics::registry& r) {
+    auto count = [&r](std::string_view name, std::string_view help, const metrics::counter& c) {
+      r.counter_function(name, help, [&c] { return static_cast<double>(c.value()); });
+    };
+    count("tensorreg_bytes_registered_total", "Canonical bytes of commits that created an artifact", bytes_registered);
+    count("tensorreg_bytes_hashed_total", "Bytes hashed on the host (SHA-256 leaves)",
+          metrics::process_counters().bytes_hashed);
+    count("tensorreg_bytes_copied_total", "Bytes copied into daemon-owned memory",
+          metrics::process_counters().bytes_copied);
+    count("tensorreg_cache_hits_total", "Requests naming an artifact the daemon held (reads, puts of held content)",
+          hits);
+    count("tensorreg_cache_misses_total", "Reads of an unknown artifact and puts that stored new content", misses);
+    count("tensorreg_requests_total", "RPC answers sent", requests);
+    count("tensorreg_request_errors_total", "RPC answers with a status other than OK", request_errors);
+    r.add_collector([this] { scraped = engine.stats(); });
+    auto snap = [&r, this](std::string_view name, std::string_view help, auto field, bool is_counter = false) {
+      auto read = [this, field] { return static_cast<double>(scraped.*field); };
+      if (is_counter) {
+        r.counter_function(name, help, read);
+      } else {
+        r.gauge_function(name, help, read);
+      }
+    };
+    using es = registration::engine_stats;
+    snap("tensorreg_stable_bytes", "Bytes held in the stable DRAM cache", &es::stable_bytes);
+    snap("tensorreg_stable_budget_bytes", "The stable DRAM cache's budget (0 = unlimited)", &es::stable_budget);
+    snap("tensorreg_stable_reserved_bytes", "Stable budget held by uploads in progress", &es::stable_reserved_bytes);
+    snap("tensorreg_evictions_total", "Stable DRAM cache entries evicted to make room", &es::stable_evictions, true);
+    snap("tensorreg_evicted_bytes_total", "Bytes of stable DRAM cache entries evicted", &es::stable_evicted_bytes,
+         true);
+    snap("tensorreg_artifacts", "Committed artifacts", &es::artifacts);
+    snap("tensorreg_leases", "Active lease-in-place leases", &es::leases);
+    snap("tensorreg_leased_bytes", "Bytes of artifacts held in place by leases", &es::leased_bytes);
+    snap("tensorreg_regions", "Registered VRAM and HOST_SHARED regions", &es::regions);
+    snap("tensorreg_mappings", "Open CUDA IPC and memfd mappings", &es::open_mappings);
+    snap("tensorreg_vmm_reserved_bytes", "Address space reserved for CUDA VMM imports", &es::vmm_reserved_bytes);
+    snap("tensorreg_pending_registrations", "Registrations begun and not yet committed, aborted or expired",
+         &es::pending_registrations);
+    r.gauge_function("tensorreg_clients", "Open client connections (sessions)",
+                     [this] { return static_cast<double>(connections.load()); });
+    r.gauge_function("tensorreg_uptime_seconds", "Seconds since the daemon started",
+                     [this] { return uptime_seconds(); });
+  }
+
+  // Counts one answer: requests, errors, and its time in tensorreg_rpc_duration_seconds.
+  void count_answer(const wire::Request& request, const answer& out, std::chrono::steady_clock::time_point begun) {
+    requests.add();
+    const auto code = static_cast<errc>(out.response.status().code());
+    if (code != errc::ok) request_errors.add();
+    if (options.metrics == nullptr) return;
+    const auto method = is_end_marker(request) ? std::string_view("FeedRegisterArtifactStream")
+                                               : convert::rpc_name(request.body_case());
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - begun).count();
+    options.metrics
+        ->histogram_of("tensorreg_rpc_duration_seconds", "Time from a request frame to its answer, by method and code",
+                       metrics::latency_buckets(),
+                       {{"method", std::string(method)}, {"code", std::string(errc_name(code))}})
+        .observe(seconds);
+  }
+
+  // A request that names an artifact found it (hit) or not (miss).
+  void count_lookup(const status& done) {
+    if (done) {
+      hits.add();
+    } else if (done.error().code == errc::not_found) {
+      misses.add();
+    }
+  }
+
+  status check_display_name(const std::string& name) const {
+    if (name.size() > kMaxDisplayName) {
+      return fail(errc::invalid_argument, fmt::format("cannot begin registration: display_name is {} bytes, more than "
+                                                      "{}",
+                                                      name.size(), kMaxDisplayName));
+    }
+    for (unsigned char ch : name) {
+      if (ch < 0x20 || ch == 0x7f) {
+        return fail(errc::invalid_argument,
+                    fmt::format("cannot begin registration: display_name holds control character 0x{:02x}", ch));
+      }
+    }
+    return {};
+  }
+
+  std::size_t artifact_names_size() {
+    std::lock_guard lock(names_mutex);
+    return artifact_names.size();
+  }
+
+  // Starts a generation: names added from now on are newer than a list taken after this.
+  std::uint64_t next_names_generation() {
+    std::lock_guard lock(names_mutex);
+    return ++names_generation;
+  }
+
+  // Drops the names of artifacts the engine no longer holds. `listed` was taken after
+  // next_names_generation() returned `generation`, outside the lock (the engine's mutex is never
+  // taken under names_mutex): names added since are of commits it may not show, so they stay.
+  void prune_names(const std::vector<registration::artifact_summary>& listed, std::uint64_t generation) {
+    std::unordered_set<std::string_view> held;
+    for (const auto& a : listed) held.insert(a.descriptor.artifact_id);
+    std::lock_guard lock(names_mutex);
+    std::erase_if(artifact_names,
+                  [&](const auto& entry) { return entry.second.second < generation && !held.contains(entry.first); });
+  }
+
+  void forget_pending_name(const std::string& registration_id) {
+    std::lock_guard lock(names_mutex);
+    pending_names.erase(registration_id);
+  }
 
   // DECISIONS §4: owner_pid must be the peer's own pid, unless trusted. owner_pid <= 0 is left
   // to the engine, which rejects it with its own message.
@@ -140,6 +279,7 @@ struct dispatcher::impl {
   status begin(call& c) {
     auto& in = *c.request.mutable_begin_register_artifact();
     TENSORREG_TRY(check_owner(c.peer, in.owner_pid(), "begin registration"));
+    TENSORREG_TRY(check_display_name(in.display_name()));
     TENSORREG_TRY(resolve_device(in));
     auto request = convert::to_begin(in);
     request.owner_uid = c.peer.uid;  // the uid's share of the stable cache
@@ -154,6 +294,11 @@ struct dispatcher::impl {
       c.fds_out.push_back(std::move(*fd));
     }
     convert::fill_begin(*c.response.mutable_begin_register_artifact(), begun);
+    if (!in.display_name().empty()) {
+      std::lock_guard lock(names_mutex);
+      if (pending_names.size() >= kMaxPendingNames) pending_names.clear();
+      pending_names.emplace(begun.registration_id, in.display_name());
+    }
     return {};
   }
 
@@ -169,7 +314,38 @@ struct dispatcher::impl {
   status commit(call& c) {
     const auto& id = c.request.commit_registered_artifact().registration_id();
     TENSORREG_TRY(check_registration_owner(c.peer, id, "commit registration"));
-    TENSORREG_TRY_ASSIGN(auto done, engine.commit(id));
+    auto committed = engine.commit(id);
+    if (!committed && committed.error().code == errc::failed_precondition) {
+      // The registration may stay open (more to feed): keep its name until it ends.
+      return tl::unexpected(std::move(committed).error());
+    }
+    std::string name;
+    {
+      std::lock_guard lock(names_mutex);
+      if (auto it = pending_names.find(id); it != pending_names.end()) {
+        name = std::move(it->second);
+        pending_names.erase(it);
+      }
+      if (committed && !name.empty()) {
+        artifact_names.try_emplace(committed->descriptor.artifact_id, std::move(name), names_generation);
+      }
+    }
+    if (committed && artifact_names_size() > kMaxArtifactNames) {
+      const auto generation = next_names_generation();
+      prune_names(engine.list(), generation);
+    }
+    TENSORREG_TRY_ASSIGN(auto done, std::move(committed));
+    if (!done.evicted.empty()) {
+      // The engine logs each eviction; this line says whose commit caused them.
+      tensorreg::log(log, log_level::info, "commit of registration {} by pid {} as {} evicted {} to make room", id,
+                     c.peer.pid, done.descriptor.artifact_id, fmt::join(done.evicted, ", "));
+    }
+    if (done.existed) {
+      hits.add();
+    } else {
+      misses.add();
+      bytes_registered.add(done.descriptor.total_size);
+    }
     convert::fill_commit(*c.response.mutable_commit_registered_artifact(), done);
     return {};
   }
@@ -178,6 +354,7 @@ struct dispatcher::impl {
     const auto& id = c.request.abort_registered_artifact().registration_id();
     TENSORREG_TRY(check_registration_owner(c.peer, id, "abort registration"));
     TENSORREG_TRY(engine.abort(id));
+    forget_pending_name(id);
     c.response.mutable_abort_registered_artifact();
     return {};
   }
@@ -185,8 +362,9 @@ struct dispatcher::impl {
   status revoke(call& c) {
     const auto& in = c.request.revoke_registered_artifact();
     TENSORREG_TRY(check_registration_owner(c.peer, in.registration_id(), "revoke registration"));
-    engine.revoke(in.registration_id(), in.reason());
-    c.response.mutable_revoke_registered_artifact();
+    const bool revoked = engine.revoke(in.registration_id(), in.reason());
+    forget_pending_name(in.registration_id());
+    c.response.mutable_revoke_registered_artifact()->set_revoked(revoked);
     return {};
   }
 
@@ -367,12 +545,29 @@ struct dispatcher::impl {
   }
 
   status list_artifacts(call& c) {
-    convert::fill_list(*c.response.mutable_list_artifacts(), engine.list());
+    auto& out = *c.response.mutable_list_artifacts();
+    const auto generation = next_names_generation();
+    auto listed = engine.list();
+    prune_names(listed, generation);
+    convert::fill_list(out, std::move(listed));
+    std::lock_guard lock(names_mutex);
+    for (auto& a : *out.mutable_artifacts()) {
+      if (auto it = artifact_names.find(a.artifact_id()); it != artifact_names.end()) a.set_name(it->second.first);
+    }
     return {};
   }
 
   status get_stats(call& c) {
-    convert::fill_stats(*c.response.mutable_get_stats(), engine.stats(), engine.list(), connections.load());
+    auto& out = *c.response.mutable_get_stats();
+    convert::fill_stats(out, engine.stats(), engine.list(), connections.load());
+    out.set_uptime_seconds(uptime_seconds());
+    out.set_hits(hits.value());
+    out.set_misses(misses.value());
+    out.set_requests(requests.value());
+    out.set_request_errors(request_errors.value());
+    out.set_bytes_registered(bytes_registered.value());
+    out.set_bytes_hashed(metrics::process_counters().bytes_hashed.value());
+    out.set_bytes_copied(metrics::process_counters().bytes_copied.value());
     return {};
   }
 
@@ -419,6 +614,10 @@ struct dispatcher::impl {
           fds_unused(fmt::format("handle {} request {}", convert::rpc_name(body), request.request_id()), fds.size()));
     } else {
       done = route(c);
+      if (body == wire::Request::kGetArtifactIndexById || body == wire::Request::kGetArtifactMemfd ||
+          body == wire::Request::kOpenArtifactDevice) {
+        count_lookup(done);
+      }
     }
     if (!done) {
       convert::set_status(c.response, done.error());
@@ -595,6 +794,7 @@ std::optional<frame_out> dispatcher::handle(connection& conn, frame_in frame) {
   }
   impl_->log_rpc(conn.peer(), request, out, started);
   if (!out) return std::nullopt;
+  impl_->count_answer(request, *out, started);
   return serialize(std::move(*out));
 }
 

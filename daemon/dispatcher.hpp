@@ -6,6 +6,10 @@
 // protobuf field it turns into a library value, or fills from one, goes through
 // wire_convert.hpp. It has no asio and no sockets, so it is tested directly.
 //
+// Counting: every answer (requests, errors), hits and misses of the requests that name an
+// artifact, the bytes of commits that created one, and the names given at Begin, shown by
+// ListArtifacts (docs/wire-format.md §14); GetStats reports them with the uptime.
+//
 // Logging: each RPC is one debug line (method, peer pid and uid, the registration, artifact or
 // region id, the answer's code, the time taken); each non-OK answer is also an info line with
 // its code name and message.
@@ -27,6 +31,7 @@
 
 #include "tensorreg/common/logger.hpp"
 #include "tensorreg/common/unique_fd.hpp"
+#include "tensorreg/metrics/registry.hpp"
 #include "tensorreg/registration/engine.hpp"
 #include "unix_socket.hpp"
 
@@ -41,6 +46,10 @@ struct dispatcher_options {
   std::uint32_t max_frame_bytes = 64u << 20;
   /// Where each RPC and each reject is logged; must outlive the dispatcher; null = none.
   logger* log = &null_logger();
+  /// Where the daemon's metrics go (docs/architecture.md, "Metrics"): the dispatcher registers
+  /// its counters and the engine's gauges there and times each RPC into
+  /// tensorreg_rpc_duration_seconds{method,code}; must outlive the dispatcher; null = none.
+  metrics::registry* metrics = nullptr;
 };
 
 /// A frame's payload (one serialised envelope) and the fds that arrived with it.

@@ -14,15 +14,18 @@
 
 #include <charconv>
 #include <cstdio>
+#include <cstdlib>
 #include <exception>
 #include <optional>
 #include <string>
 #include <vector>
 
 #include "dispatcher.hpp"
+#include "metrics_http.hpp"
 #include "server.hpp"
 #include "src/common/log.hpp"
 #include "tensorreg/common/logger.hpp"
+#include "tensorreg/metrics/registry.hpp"
 #include "tensorreg/registration/engine.hpp"
 #include "unix_socket.hpp"
 
@@ -34,8 +37,11 @@ namespace {
 
 constexpr const char* kUsage =
     "usage: tensorregd [options]\n"
-    "  --socket PATH            listen here (default $XDG_RUNTIME_DIR/tensorreg/tensorregd.sock,\n"
-    "                           else /tmp/tensorreg-$UID/tensorregd.sock)\n"
+    "  --socket PATH            listen here (default $TENSORREG_SOCKET, else\n"
+    "                           $XDG_RUNTIME_DIR/tensorreg/tensorregd.sock, else\n"
+    "                           /tmp/tensorreg-$UID/tensorregd.sock)\n"
+    "  --metrics-addr HOST:PORT serve Prometheus metrics at http://HOST:PORT/metrics (off by\n"
+    "                           default; port 0 picks one, printed before the ready line)\n"
     "  --stable-bytes N         stable DRAM cache budget in bytes (0 = unlimited; default 0)\n"
     "  --replica-pool-bytes N   idle page-locked replica memory kept for fast GPU puts, beyond\n"
     "                           the stable budget (0 = none; default min(16 GiB, RAM / 8))\n"
@@ -57,10 +63,12 @@ constexpr const char* kUsage =
     "                           open memfd (0 = no limit; default 4096)\n"
     "  --workers N              request worker threads (default: one per core)\n"
     "  --log-level LEVEL        trace|debug|info|warn|error|off (default info; debug: each RPC)\n"
-    "  --trust-client-pids      accept owner_pid other than the peer's from root or our uid\n";
+    "  --trust-client-pids      accept owner_pid other than the peer's from root or our uid\n"
+    "  --version                print the version and exit\n";
 
 struct options {
   std::string socket;
+  std::string metrics_addr;  // empty: no metrics listener
   std::uint64_t stable_bytes = 0;
   std::optional<std::uint64_t> replica_pool_bytes;  // unset: the provider's default
   std::uint32_t max_frame_bytes = 64u << 20;
@@ -96,6 +104,15 @@ int parse_options(const std::vector<std::string>& args, options& o) {
     if (a == "--help" || a == "-h") {
       fmt::print("{}", kUsage);
       return 0;
+    } else if (a == "--version") {
+      fmt::print("tensorregd {}\n", TENSORREG_VERSION);
+      return 0;
+    } else if (a == "--metrics-addr") {
+      const auto* v = value();
+      if (v == nullptr) return bad(a + " needs a value");
+      // Checked here, so that a typo is a usage error (2) before anything starts.
+      if (auto parsed = tensorreg::daemon::parse_host_port(*v); !parsed) return bad(parsed.error().message);
+      o.metrics_addr = *v;
     } else if (a == "--trust-client-pids") {
       o.trust_client_pids = true;
     } else if (a == "--socket" || a == "--persist-dir" || a == "--log-level") {
@@ -190,7 +207,25 @@ int serve(const options& o, tensorreg::logger& log) {
   d.socket_path = o.socket;
   d.max_frame_bytes = o.max_frame_bytes;
   d.log = &log;
+  tensorreg::metrics::registry metrics;
+  d.metrics = &metrics;
+  metrics.gauge_function("tensorreg_build_info", "The daemon's version (the value is always 1)", [] { return 1.0; },
+                         {{"version", TENSORREG_VERSION}});
   tensorreg::daemon::dispatcher dispatch(**engine, d);
+  std::unique_ptr<tensorreg::daemon::metrics_http> metrics_listener;
+  if (!o.metrics_addr.empty()) {
+    tensorreg::daemon::metrics_http_options mo;
+    mo.address = o.metrics_addr;
+    mo.log = &log;
+    auto listening = tensorreg::daemon::metrics_http::create(mo, [&metrics] { return metrics.render(); });
+    if (!listening) {
+      tensorreg::log(log, log_level::error, "{}", listening.error().message);
+      return 1;
+    }
+    metrics_listener = std::move(*listening);
+    // Before the ready line, so that whoever waits for it knows where to scrape.
+    fmt::print("tensorregd: metrics on {}\n", metrics_listener->url());
+  }
 
   tensorreg::daemon::server_options so;
   so.socket_path = o.socket;
@@ -219,7 +254,10 @@ int serve(const options& o, tensorreg::logger& log) {
 int main(int argc, char** argv) try {
   options o;
   if (int rc = parse_options(std::vector<std::string>(argv + 1, argv + argc), o); rc >= 0) return rc;
-  if (o.socket.empty()) o.socket = tensorreg::daemon::default_socket_path();
+  if (o.socket.empty()) {
+    const char* env = std::getenv("TENSORREG_SOCKET");
+    o.socket = env != nullptr && *env != '\0' ? std::string(env) : tensorreg::daemon::default_socket_path();
+  }
   const auto log = tensorreg::stderr_logger(o.log_level);
   try {
     return serve(o, *log);

@@ -339,6 +339,7 @@ void fill_commit(v2::CommitRegisteredArtifactResponse& out, const reg::commit_re
     tier->set_status(static_cast<v2::LocalStableTierStatus>(in.local_stable_tier->status));
     if (!in.local_stable_tier->message.empty()) tier->set_message(in.local_stable_tier->message);
   }
+  for (const auto& id : in.evicted) out.add_evicted_artifact_ids(id);
 }
 
 reg::deregister_request to_deregister(const v2::DeregisterArtifactRequest& in) {
@@ -515,6 +516,12 @@ void fill_stats(wire::GetStatsResponse& out, const reg::engine_stats& in,
   out.set_vmm_reserved_bytes(in.vmm_reserved_bytes);
   out.set_pending_registrations(in.pending_registrations);
   out.set_connections(connections);
+  out.set_stable_budget_bytes(in.stable_budget);
+  const auto held = in.stable_bytes + in.stable_reserved_bytes;
+  out.set_stable_free_bytes(in.stable_budget > held ? in.stable_budget - held : 0);
+  out.set_stable_reserved_bytes(in.stable_reserved_bytes);
+  out.set_evictions(in.stable_evictions);
+  out.set_evicted_bytes(in.stable_evicted_bytes);
 }
 
 void fill_config(v2::GetServerConfigResponse& out, const std::string& socket_path, const reg::engine_stats& stats) {

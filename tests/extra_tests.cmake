@@ -14,3 +14,12 @@ if(Python3_Interpreter_FOUND)
 else()
   message(STATUS "python3 not found: hash.tree_hash_reference is not registered")
 endif()
+
+# The daemon's metrics listener scraped and read by Prometheus' own text parser (Debian's
+# python3-prometheus-client in /usr/bin/python3; the test exits 77, skipped, without it).
+if(EXISTS /usr/bin/python3)
+  add_test(NAME metrics.scrape
+           COMMAND /usr/bin/python3 ${CMAKE_CURRENT_SOURCE_DIR}/metrics/metrics_scrape_test.py
+                   $<TARGET_FILE:tensorregd> $<TARGET_FILE:tensorreg_cli>)
+  set_tests_properties(metrics.scrape PROPERTIES LABELS "metrics;python" SKIP_RETURN_CODE 77 TIMEOUT 120)
+endif()

@@ -457,6 +457,7 @@ void catalogue::add_stats(engine_stats& out) const {
   out.stable_budget = cache_stats.budget_bytes;
   out.stable_evictions = cache_stats.evictions;
   out.stable_reserved_bytes = cache_stats.reserved_bytes;
+  out.stable_evicted_bytes = cache_stats.evicted_bytes;
 }
 
 result<unique_fd> export_replica_fd(const std::shared_ptr<const memory::byte_source>& replica,

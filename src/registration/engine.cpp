@@ -205,7 +205,7 @@ struct engine::state {
   result<commit_response> commit(const std::string& registration_id);
   status abort(const std::string& registration_id);
   result<deregister_response> deregister(const deregister_request& r);
-  void revoke(const std::string& registration_id, const std::string& reason);
+  bool revoke(const std::string& registration_id, const std::string& reason);
   void sweep();
   void release_owner(std::int32_t pid);
 };
@@ -450,11 +450,11 @@ status engine::state::abort(const std::string& registration_id) {
   return {};
 }
 
-void engine::revoke(const std::string& registration_id, const std::string& reason) {
-  state_->revoke(registration_id, reason);
+bool engine::revoke(const std::string& registration_id, const std::string& reason) {
+  return state_->revoke(registration_id, reason);
 }
 
-void engine::state::revoke(const std::string& registration_id, const std::string& reason) {
+bool engine::state::revoke(const std::string& registration_id, const std::string& reason) {
   std::shared_ptr<pending_registration> p;
   std::optional<detail::released_holder> held;
   {
@@ -469,6 +469,7 @@ void engine::state::revoke(const std::string& registration_id, const std::string
     tensorreg::log(log, log_level::info, "registration {} (owner_pid {}) revoked{}: {}", registration_id,
                    p->owner_pid(), dropped ? "" : " (after its commit)", reason);
   }
+  return held.has_value() || p != nullptr;
 }
 
 // ---- Regions -------------------------------------------------------------------------------

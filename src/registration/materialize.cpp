@@ -3,6 +3,7 @@
 #include <vector>
 
 #include "tensorreg/hash/tree_hash.hpp"
+#include "tensorreg/metrics/registry.hpp"
 
 namespace tensorreg::registration::detail {
 
@@ -42,6 +43,8 @@ result<materialized> materialize(const memory::byte_source& source_in, bool want
   // The bytes are final: seal them, so that no fd handed out later (GetArtifactMemfd),
   // reopened read-write through /proc, can change what the id names.
   TENSORREG_TRY(copy.seal_read_only());
+  metrics::process_counters().bytes_copied.add(total);
+  if (want_digest) metrics::process_counters().bytes_hashed.add(total);
   materialized out;
   if (want_digest) out.data_digest = hash::tree_root(digests);
   out.replica = std::make_shared<const memory::shared_memory>(std::move(copy));

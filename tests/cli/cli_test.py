@@ -11,7 +11,9 @@ import base64
 import hashlib
 import json
 import os
+import shutil
 import signal
+import socket
 import struct
 import subprocess
 import time
@@ -144,8 +146,10 @@ def main():
             check(p.returncode != 0 and len(p.stderr.strip().splitlines()) >= 1 and p.stderr.startswith("tensorreg: "),
                   f"bad input exits non-zero with an error: {what}")
             check(len(p.stderr.strip().splitlines()) == 1 or args == ["frobnicate"], f"the error is one line: {what}")
+        failures += convention_checks(tool, sys.argv[2] if len(sys.argv) > 2 else None, check)
         if len(sys.argv) > 2:
             failures += daemon_checks(tool, sys.argv[2], d, check)
+            failures += daemon_convention_checks(tool, sys.argv[2], d, check)
     sys.exit(1 if failures else 0)
 
 
@@ -201,6 +205,211 @@ def daemon_checks(tool, daemon, d, check):
         code = proc.wait(timeout=10)
     check(code == 0 and not os.path.exists(sock), "tensorregd stops cleanly on SIGTERM")
     return 0
+
+
+def convention_checks(tool, daemon, check):
+    """--version, <command> --help, and the help of every command (issue #20, CLI conventions)."""
+    failures = 0
+    v = run(tool, "--version")
+    failures += check(v.returncode == 0 and v.stdout.startswith("tensorreg ") and v.stdout.strip()[-1].isdigit(),
+                      "tensorreg --version prints its version")
+    if daemon:
+        dv = run(daemon, "--version")
+        failures += check(dv.returncode == 0 and dv.stdout.split() == ["tensorregd", v.stdout.split()[1]],
+                          "tensorregd --version prints the same version")
+        bad_addr = run(daemon, "--metrics-addr", "localhost", expect_ok=False)
+        failures += check(bad_addr.returncode == 2 and "cannot use metrics address 'localhost': expected HOST:PORT"
+                          in bad_addr.stderr, "tensorregd refuses a metrics address without a port")
+        taken = socket.socket()
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with tempfile.TemporaryDirectory() as d:
+            busy = run(daemon, "--socket", os.path.join(d, "s.sock"), "--metrics-addr",
+                       f"127.0.0.1:{taken.getsockname()[1]}", expect_ok=False)
+        taken.close()
+        failures += check(busy.returncode == 1 and "cannot listen for metrics on '127.0.0.1:" in busy.stderr and
+                          "ready" not in busy.stdout, "tensorregd does not start when its metrics port is taken")
+    for command in ["put", "lease", "ls", "show", "revoke", "stats", "status", "digest", "index", "rm", "top"]:
+        h = run(tool, command, "--help", expect_ok=False)
+        failures += check(h.returncode == 0 and h.stdout.startswith(f"usage: tensorreg {command}") and "--help" in h.stdout,
+                          f"tensorreg {command} --help prints that command's usage")
+    h = run(tool, "put", "--help").stdout
+    failures += check("--policy" in h and "--name" in h and "--socket" in h, "put --help lists its options")
+    bad = run(tool, "ls", "--frobnicate", expect_ok=False)
+    failures += check(bad.returncode == 2 and "--help" in bad.stderr, "an unknown option points at --help")
+    comp = run(tool, "--completion", "bash").stdout
+    failures += check("complete -F _tensorreg tensorreg" in comp and "--policy" in comp,
+                      "the bash completion comes from the option table")
+    man = run(tool, "--man").stdout
+    failures += check(man.startswith(".TH TENSORREG 1") and "TENSORREG_SOCKET" in man, "the man page is generated")
+    return failures
+
+
+def start_daemon(daemon, sock, log_path, *extra):
+    log = open(log_path, "w+")
+    proc = subprocess.Popen([daemon, "--socket", sock, *extra], stdout=log, stderr=subprocess.STDOUT)
+    for _ in range(200):
+        log.seek(0)
+        if "ready" in log.read():
+            break
+        time.sleep(0.05)
+    return proc, log
+
+
+def short(artifact_id):
+    """The short id `ls` shows: 12 characters of the data multihash after its "bciq" header."""
+    return artifact_id.rsplit(":", 1)[1][4:16]
+
+
+def top_under_tmux(tool, sock, check):
+    """`tensorreg top` on a real terminal (tmux): drawn in place, q quits. Skipped without tmux."""
+    tmux = shutil.which("tmux")
+    if tmux is None:
+        print("skip top under tmux: no tmux (apt-get install tmux)")
+        return 0
+    server = f"tensorreg-test-{os.getpid()}"
+    base = [tmux, "-L", server, "-f", "/dev/null"]
+    failures = 0
+    try:
+        subprocess.run(base + ["new-session", "-d", "-x", "120", "-y", "30", "-s", "top",
+                               f"TENSORREG_SOCKET={sock} {tool} top --interval-ms 100; sleep 30"], check=True)
+        screen = ""
+        for _ in range(100):
+            time.sleep(0.1)
+            screen = subprocess.run(base + ["capture-pane", "-p", "-t", "top"], capture_output=True,
+                                    text=True).stdout
+            if "my model" in screen:
+                break
+        time.sleep(0.5)  # several refreshes
+
+        def one_view(text):
+            return text.count("tensorregd at") == 1 and text.count("ID ") == 1 and "my model" in text
+
+        for _ in range(10):  # a capture may fall between the clear and the frame
+            screen = subprocess.run(base + ["capture-pane", "-p", "-t", "top"], capture_output=True,
+                                    text=True).stdout
+            if one_view(screen):
+                break
+            time.sleep(0.05)
+        failures += check(one_view(screen), "top redraws one view in place on a terminal")
+        subprocess.run(base + ["send-keys", "-t", "top", "q"], check=True)
+        time.sleep(0.5)
+        after = subprocess.run(base + ["capture-pane", "-p", "-t", "top"], capture_output=True, text=True).stdout
+        shown = subprocess.run(base + ["list-panes", "-t", "top", "-F", "#{pane_current_command}"],
+                               capture_output=True, text=True).stdout.strip()
+        failures += check(shown == "sleep" and "tensorregd at" in after, "q quits top and leaves the last view")
+    finally:
+        subprocess.run(base + ["kill-server"], capture_output=True)
+    return failures
+
+
+def daemon_convention_checks(tool, daemon, d, check):
+    """TENSORREG_SOCKET, ls names and short ids, show by prefix, revoke NOT_FOUND, lease watching
+    its daemon, stats counters, policy errors in user words."""
+    failures = 0
+    sock = os.path.join(d, "run2", "tensorregd.sock")
+    budget = 12 << 20
+    proc, log = start_daemon(daemon, sock, os.path.join(d, "daemon2.log"), "--stable-bytes", str(budget),
+                              "--trust-client-pids")  # so that another process may revoke a lease (DECISIONS §8)
+    env = dict(os.environ, TENSORREG_SOCKET=sock)
+
+    def cli(*args, expect_ok=True):
+        p = subprocess.run([tool, *args], capture_output=True, text=True, env=env)
+        if expect_ok and p.returncode != 0:
+            raise AssertionError(f"{args} failed: {p.stderr}")
+        return p
+
+    lease = None
+    try:
+        first = os.path.join(d, "first.safetensors")
+        second = os.path.join(d, "second.safetensors")
+        big = os.path.join(d, "big.safetensors")
+        write_safetensors(first, {"w": ("U8", [5 << 20], os.urandom(5 << 20))})
+        write_safetensors(second, {"w": ("U8", [5 << 20], os.urandom(5 << 20))})
+        write_safetensors(big, {"w": ("U8", [13 << 20], os.urandom(13 << 20))})
+        a = json.loads(cli("put", "--json", first).stdout)
+        failures += check(not a["existed"] and a["evicted"] == [], "TENSORREG_SOCKET picks the daemon")
+        b = json.loads(cli("put", "--json", "--name", "my model", second).stdout)
+        listed = {x["artifact_id"]: x for x in json.loads(cli("ls", "--json").stdout)}
+        failures += check(listed[a["artifact_id"]]["name"] == "first.safetensors" and
+                          listed[b["artifact_id"]]["name"] == "my model",
+                          "ls names each artifact by its file name or --name")
+        table = cli("ls").stdout.splitlines()
+        failures += check(table[0].split()[:2] == ["ID", "NAME"] and
+                          any(line.startswith(short(a["artifact_id"]) + " ") and "first.safetensors" in line
+                              for line in table), "ls shows a short id and the name")
+        shown = json.loads(cli("show", "--json", short(a["artifact_id"])[:8]).stdout)
+        failures += check(shown["artifact_id"] == a["artifact_id"], "show accepts a unique prefix of the short id")
+        shown = json.loads(cli("show", "--json", b["artifact_id"][:-6]).stdout)
+        failures += check(shown["artifact_id"] == b["artifact_id"], "show accepts a unique prefix of the id")
+        amb = cli("show", "mi2:", expect_ok=False)
+        failures += check(amb.returncode == 1 and "ambiguous" in amb.stderr and a["artifact_id"] in amb.stderr and
+                          b["artifact_id"] in amb.stderr, "an ambiguous prefix is refused, listing the candidates")
+        unknown = cli("revoke", "reg_no_such_registration", expect_ok=False)
+        failures += check(unknown.returncode == 1 and "NOT_FOUND" in unknown.stderr,
+                          "revoke of an unknown id fails with NOT_FOUND")
+
+        # 10 of 12 MiB are held; 'pinned' does not evict: refused before the copy, in user words.
+        third = os.path.join(d, "third.safetensors")
+        write_safetensors(third, {"w": ("U8", [4 << 20], os.urandom(4 << 20))})
+        pinned = cli("put", "--policy", "pinned", third, expect_ok=False)
+        failures += check(pinned.returncode == 1 and "not enough room:" in pinned.stderr and
+                          "MiB free of 12.0 MiB" in pinned.stderr and "'pinned' does not evict" in pinned.stderr and
+                          "tensorreg rm" in pinned.stderr, "a pinned put that cannot fit says so in user words")
+        too_big = cli("put", big, expect_ok=False)
+        failures += check(too_big.returncode == 1 and "more than the daemon's whole stable budget" in too_big.stderr,
+                          "a put larger than the budget says so")
+        # The default policy evicts the least recently used entry, and the client hears which.
+        c = json.loads(cli("put", "--json", third).stdout)
+        failures += check(c["evicted"] == [a["artifact_id"]], "the put that caused an eviction is told what it evicted")
+        log.seek(0)
+        logged = log.read()
+        failures += check(f"evicted artifact {a['artifact_id']}" in logged and
+                          f"as {c['artifact_id']} evicted {a['artifact_id']} to make room" in logged,
+                          "the eviction is logged with what was evicted, why and for whom")
+        held = cli("put", "--json", "--policy", "warm", second, expect_ok=False)
+        failures += check(held.returncode == 0 and json.loads(held.stdout)["existed"],
+                          "content already held needs no room, whatever the policy")
+
+        stats = json.loads(cli("stats", "--json").stdout)
+        failures += check(stats["stable_budget_bytes"] == budget and stats["evictions"] == 1 and
+                          stats["misses"] >= 3 and stats["hits"] >= 2 and stats["requests"] > 5 and
+                          stats["uptime_seconds"] > 0 and stats["bytes_registered"] == 14 << 20 and
+                          stats["stable_free_bytes"] == budget - (9 << 20),
+                          "stats shows budget, free, hits, misses, evictions, uptime, requests")
+        human = cli("stats").stdout
+        failures += check(all(w in human for w in ["budget", "free", "hits", "misses", "evictions", "uptime",
+                                                   "requests"]), "stats prints them for people too")
+        status = cli("status").stdout
+        failures += check("stable free" in status and "uptime" in status, "status shows free space and uptime")
+        top = cli("top", "--count", "2", "--interval-ms", "50").stdout
+        failures += check(top.count("requests") == 2 and "my model" in top, "top prints frames of the live view")
+
+        failures += top_under_tmux(tool, sock, check)
+
+        # A lease notices when it is revoked from elsewhere, and when the daemon dies.
+        lease = subprocess.Popen([tool, "lease", "--json", first], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True, env=env)
+        leased = json.loads(lease.stdout.readline())
+        cli("revoke", leased["registration_id"])
+        code = lease.wait(timeout=10)
+        err = lease.stderr.read()
+        failures += check(code == 1 and "was revoked" in err, "lease exits non-zero when its lease is revoked")
+        lease = subprocess.Popen([tool, "lease", "--json", first], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True, env=env)
+        json.loads(lease.stdout.readline())
+        proc.kill()
+        proc.wait(timeout=10)
+        code = lease.wait(timeout=10)
+        err = lease.stderr.read()
+        failures += check(code == 1 and "daemon went away" in err, "lease exits non-zero when the daemon dies")
+    finally:
+        if lease and lease.poll() is None:
+            lease.kill()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+    return failures
 
 
 if __name__ == "__main__":

@@ -115,8 +115,9 @@ class engine {
   /// Errors: NOT_FOUND.
   [[nodiscard]] status abort(const std::string& registration_id);
 
-  /// Drops a registration, lease or idempotent join by registration id. Always succeeds.
-  void revoke(const std::string& registration_id, const std::string& reason);
+  /// Drops a registration, lease or idempotent join by registration id. Always succeeds;
+  /// returns whether the id named one (false for an unknown or already revoked id).
+  bool revoke(const std::string& registration_id, const std::string& reason);
 
   // ---- regions (§5.3) ----
 

@@ -196,6 +196,8 @@ struct commit_response {
   artifact_descriptor descriptor;
   bool existed = false;
   std::optional<local_stable_tier_result> local_stable_tier;
+  /// Stable DRAM cache entries evicted to make room for this commit, least recently used first.
+  std::vector<std::string> evicted;
 };
 
 // ---- Keep-alive, regions, deregister ------------------------------------------------------
@@ -244,6 +246,7 @@ struct engine_stats {
   std::uint64_t leased_bytes = 0;        ///< bytes of artifacts held in place by leases
   std::uint64_t stable_evictions = 0;
   std::uint64_t stable_reserved_bytes = 0;  ///< stable budget held by uploads not committed yet
+  std::uint64_t stable_evicted_bytes = 0;
 };
 
 /// One GPU allocation an artifact's bytes live in, as a reader in another process opens it

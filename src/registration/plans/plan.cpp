@@ -8,6 +8,7 @@
 #include "tensorreg/hash/multihash.hpp"
 #include "tensorreg/hash/tree_hash.hpp"
 #include "tensorreg/index/byte_range_map.hpp"
+#include "tensorreg/metrics/registry.hpp"
 
 namespace tensorreg::registration::detail {
 
@@ -136,7 +137,9 @@ result<hash::digest> hash_canonical(const memory::segmented_view& canonical, thr
       return std::move(*on_device);
     }
   }
-  return hash::tree_hash(cancellable_source(canonical, cancel), &pool);
+  auto digest = hash::tree_hash(cancellable_source(canonical, cancel), &pool);
+  if (digest) metrics::process_counters().bytes_hashed.add(canonical.size());
+  return digest;
 }
 
 stable::admit_policy admit_policy_of(const policy::resolved_policy& r) {

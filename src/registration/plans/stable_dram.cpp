@@ -196,6 +196,7 @@ result<commit_response> stable_dram::commit(commit_context& ctx) {
                                                 ": the stable cache did not keep it: " + admitted->skip_reason);
     }
     if (!had_replica) cat.note_stable_entry(descriptor.artifact_id, p.owner_uid);
+    response.evicted = admitted->evicted;  // the client hears what made room for it
     auto& a = cat.add(descriptor, index_);
     if (had_replica) {
       // Idempotent join (§4.5): the new copy is dropped; the join is remembered so that Revoke

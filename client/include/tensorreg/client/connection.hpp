@@ -55,6 +55,11 @@ class lease {
   /// The regions registered for it (HOST_SHARED or VRAM), unregistered on release.
   [[nodiscard]] const std::vector<std::string>& region_ids() const noexcept;
 
+  /// Sends a KeepAlive now: whether the daemon still holds the lease.
+  /// Errors: NOT_FOUND (revoked or expired), UNAVAILABLE (the daemon is gone),
+  /// FAILED_PRECONDITION (released by this holder).
+  [[nodiscard]] status check();
+
   /// Stops the keep-alive, revokes the registration and unregisters its regions (force).
   /// Idempotent: a released lease does nothing.
   /// Errors: the daemon's status of the revoke (the regions are unregistered regardless).
@@ -129,6 +134,10 @@ class connection {
   /// RevokeRegisteredArtifact; idempotent (an unknown or revoked registration is OK).
   /// Errors: UNAVAILABLE (connection lost).
   [[nodiscard]] status revoke(std::string_view registration_id, std::string_view reason = {});
+  /// RevokeRegisteredArtifact, reporting whether the id named a pending registration, lease or
+  /// join that the call dropped (false: unknown or already revoked).
+  /// Errors: UNAVAILABLE (connection lost).
+  [[nodiscard]] result<bool> revoke_if_held(std::string_view registration_id, std::string_view reason = {});
 
   /// AbortRegisteredArtifact of a registration not yet committed. Errors: NOT_FOUND.
   [[nodiscard]] status abort(std::string_view registration_id);

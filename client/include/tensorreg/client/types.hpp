@@ -32,6 +32,8 @@ struct registered {
   bool existed = false;         ///< the daemon held the artifact already (a join)
   std::string registration_id;  ///< revoke() takes it
   double begin_to_commit_seconds = 0;
+  /// Artifacts the daemon evicted from its stable DRAM cache to make room for this one.
+  std::vector<std::string> evicted{};
 };
 
 /// Options of connection::put().
@@ -40,6 +42,8 @@ struct put_options {
   std::string profile;
   /// Called as bytes are written (done, total), from the writing threads one at a time.
   std::function<void(std::uint64_t, std::uint64_t)> progress;
+  /// A name for people that `ls` shows (at most 256 bytes, no control characters); empty = none.
+  std::string name{};
 };
 
 /// Where the daemon holds a copy of an artifact.
@@ -54,6 +58,7 @@ struct artifact_info {
   std::vector<tier> tiers;               ///< each tier holding a copy, once, in enum order
   std::uint32_t lease_count = 0;         ///< active leases and joined references
   std::vector<std::int32_t> device_ids;  ///< CUDA devices holding a VRAM or leased copy
+  std::string name{};                    ///< given by the registration that created it; may be empty
 };
 
 struct tier_usage {
@@ -72,6 +77,20 @@ struct daemon_stats {
   std::uint64_t connections = 0;
   std::uint64_t vmm_reserved_bytes = 0;
   std::vector<tier_usage> tiers;  ///< one per tier in use, in enum order
+  // Since the daemon started (docs/wire-format.md §14).
+  std::uint64_t stable_budget_bytes = 0;  ///< 0 = unlimited
+  std::uint64_t stable_free_bytes = 0;    ///< 0 when unlimited
+  std::uint64_t stable_reserved_bytes = 0;
+  std::uint64_t hits = 0;
+  std::uint64_t misses = 0;
+  std::uint64_t evictions = 0;
+  std::uint64_t evicted_bytes = 0;
+  double uptime_seconds = 0;
+  std::uint64_t requests = 0;
+  std::uint64_t request_errors = 0;
+  std::uint64_t bytes_registered = 0;
+  std::uint64_t bytes_hashed = 0;
+  std::uint64_t bytes_copied = 0;
 };
 
 enum class startup_phase { unspecified = 0, listening = 1, ready = 2, failed = 3 };
