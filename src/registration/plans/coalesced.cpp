@@ -1,5 +1,7 @@
 #include "registration/plans/coalesced.hpp"
 
+#include "memory/system_calls.hpp"
+
 namespace tensorreg::registration::detail {
 
 result<std::unique_ptr<coalesced>> coalesced::begin(const begin_request& r, const coalesced_options& /*options*/,
@@ -9,6 +11,7 @@ result<std::unique_ptr<coalesced>> coalesced::begin(const begin_request& r, cons
     return fail(errc::failed_precondition, "cannot begin coalesced registration: the coalesced plan needs GPU " +
                                                std::to_string(r.device_id) + " and this engine has no GPU");
   }
+  TENSORREG_TRY(memory::sys::check_allocation("device memory on device " + std::to_string(r.device_id), r.total_size));
   TENSORREG_TRY_ASSIGN(auto buffer, ctx.devices->allocate(r.device_id, r.total_size));
   response.handshake = coalesced_handshake{buffer.ipc_handle};
   return std::unique_ptr<coalesced>(new coalesced(std::move(idx), std::move(buffer)));
