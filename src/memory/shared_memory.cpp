@@ -110,6 +110,50 @@ status shared_memory::seal_read_only() {
   return {};
 }
 
+status shared_memory::seal_against_writes() {
+  // F_SEAL_FUTURE_WRITE, unlike F_SEAL_WRITE, leaves the mappings that exist writable: this
+  // object's own, through which a pool that recycles the memory refills it (and which a device
+  // may have pinned), keeps working; every fd of it, reopened through /proc or not, is refused
+  // write(), writable shared mappings and hole punching from now on.
+  if (::fcntl(fd_.get(), F_ADD_SEALS, F_SEAL_FUTURE_WRITE | F_SEAL_GROW | F_SEAL_SHRINK) != 0) {
+    const int e = errno;
+    return fail(errc::failed_precondition, "cannot seal shared memory of " + std::to_string(bytes_.size()) +
+                                               " bytes against writes: " + os_reason(e));
+  }
+  return {};
+}
+
+bool shared_memory::sealed_against_writes() const noexcept {
+  const int seals = ::fcntl(fd_.get(), F_GET_SEALS);
+  if (seals < 0) return false;
+  const auto need = static_cast<unsigned>(F_SEAL_GROW | F_SEAL_SHRINK);
+  const auto s = static_cast<unsigned>(seals);
+  return (s & need) == need && (s & static_cast<unsigned>(F_SEAL_WRITE | F_SEAL_FUTURE_WRITE)) != 0;
+}
+
+result<unique_fd> shared_memory::export_read_only() const {
+  const std::string size = std::to_string(bytes_.size());
+  // A reader given an fd can reopen it read-write through /proc/self/fd: only seals, not the
+  // fd's mode, keep it from changing the bytes (or shrinking them under other readers).
+  if (!sealed_against_writes()) {
+    return fail(errc::failed_precondition, "cannot hand out shared memory of " + size +
+                                               " bytes: it is not sealed against writes, growing and shrinking, "
+                                               "so a reader could change it");
+  }
+  // The reader may map it for as long as it likes: it must never be recycled for other bytes
+  // (src/devices/replica_pool.hpp checks this mark).
+  mark_exported();
+  // A fresh read-only open file description, so the reader can map it but never write to it.
+  const std::string path = "/proc/self/fd/" + std::to_string(fd_.get());
+  unique_fd fd(sys::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (!fd) {
+    const int e = errno;
+    return fail(errc_of_errno(e, errc::internal),
+                "cannot reopen shared memory of " + size + " bytes read-only: " + os_reason(e));
+  }
+  return fd;
+}
+
 shared_memory::shared_memory(shared_memory&& other) noexcept
     : fd_(std::move(other.fd_)),
       bytes_(std::exchange(other.bytes_, {})),

@@ -464,16 +464,9 @@ result<unique_fd> export_replica_fd(const std::shared_ptr<const memory::byte_sou
   // Replicas are made by detail::materialize, always in a memfd; anything else has no fd to share.
   auto memory = std::dynamic_pointer_cast<const memory::shared_memory>(replica);
   if (!memory) return fail(errc::failed_precondition, verb + ": no stable DRAM replica is held");
-  // A fresh read-only open file description, so the reader can map it but never write to it.
-  const std::string path = "/proc/self/fd/" + std::to_string(memory->fd());
-  // The reader may map it for as long as it likes: it must never be recycled for other bytes
-  // (the CUDA provider's replica pool checks this mark).
-  memory->mark_exported();
-  unique_fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
-  if (!fd) {
-    const int e = errno;
-    return fail(errc_of_errno(e, errc::internal), verb + ": cannot reopen its memfd read-only: " + std::strerror(e));
-  }
+  // Sealed replicas only (a recycled GPU replica included): marks it exported, never recycled.
+  auto fd = memory->export_read_only();
+  if (!fd) return tl::unexpected(with_context(std::move(fd).error(), verb));
   return fd;
 }
 

@@ -172,6 +172,19 @@ result<std::string> coalesced_put(rig& r, std::optional<policy::store_policy> p)
   return done.descriptor.artifact_id;
 }
 
+// GetArtifactMemfd of the witness: the fd must map its bytes.
+result<std::string> get_memfd(rig& r) {
+  TENSORREG_TRY_ASSIGN(auto opened, r.e->stable_replica_fd(r.witness_id));
+  const auto& fd = opened.second;
+  const auto size = r.witness.canonical().size();
+  void* base = ::mmap(nullptr, size, PROT_READ, MAP_SHARED, fd.get(), 0);
+  REQUIRE(base != MAP_FAILED);
+  const std::string seen(static_cast<const char*>(base), size);
+  ::munmap(base, size);
+  CHECK(seen == r.witness.canonical());
+  return r.witness_id;
+}
+
 struct fault_case {
   std::string operation_name;
   operation run;
@@ -203,6 +216,7 @@ std::vector<fault_case> fault_table() {
   const auto client = operation([](rig& r) { return lease_over_region(r, false); });
   const auto coalesced = operation([](rig& r) { return coalesced_put(r, std::nullopt); });
   const auto coalesced_copy = operation([](rig& r) { return coalesced_put(r, local_stable_must()); });
+  const auto memfd = operation(get_memfd);
   const auto re = errc::resource_exhausted;
   const std::string no_copy = "cannot keep a local stable copy of {id}: ";
   return {
@@ -259,6 +273,11 @@ std::vector<fault_case> fault_table() {
        no_copy + "cannot map shared memory of 40 bytes: " + enomem},
       {"coalesced commit (local stable must)", coalesced_copy, fs::allocate, ENOMEM, 1, re,
        no_copy + "cannot allocate shared memory 'tensorreg-stable' of 40 bytes: " + enomem},
+      // GetArtifactMemfd: a fresh read-only open of the replica
+      {"get memfd", memfd, fs::open, EMFILE, 0, re,
+       "cannot open the stable replica of {id}: cannot reopen shared memory of 40 bytes read-only: " + emfile},
+      {"get memfd", memfd, fs::open, EIO, 0, errc::internal,
+       "cannot open the stable replica of {id}: cannot reopen shared memory of 40 bytes read-only: " + eio},
   };
 }
 
