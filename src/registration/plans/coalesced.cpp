@@ -47,6 +47,7 @@ result<commit_response> coalesced::commit(commit_context& ctx) {
       cat.add_join(a, join{p.id, p.owner_pid, ttl_deadline(ctx.time, ctx.ttl_ms())});
     } else {
       a.gpu_replicas.emplace(p.device_id, device_buffer{std::move(normalized), buffer_->ipc_handle});
+      if (p.owner_uid) a.gpu_replica_uids[p.device_id] = *p.owner_uid;  // DECISIONS §8
       buffer_.reset();
     }
     return {};
@@ -62,6 +63,7 @@ result<commit_response> coalesced::commit(commit_context& ctx) {
           (void)cat.revoke(p.id);
         } else {
           a->gpu_replicas.erase(p.device_id);
+          a->gpu_replica_uids.erase(p.device_id);
         }
         cat.erase_if_empty(descriptor.artifact_id);
       }
