@@ -451,6 +451,8 @@ struct dispatcher::impl {
     // DECISIONS §8: the call acts for the peer, which must hold every lease and join. A trusted
     // peer acts for the owner_pid it names, or, naming none, for the daemon.
     if (request.owner_pid <= 0) request.owner_pid = trusted(c.peer) ? 0 : c.peer.pid;
+    // The copies the daemon keeps belong to the uid that put them (root may remove any).
+    if (request.owner_pid != 0) request.owner_uid = c.peer.uid;
     TENSORREG_TRY_ASSIGN(auto done, engine.deregister(request));
     convert::fill_deregister(*c.response.mutable_deregister_artifact(), done);
     return {};

@@ -3,7 +3,7 @@
 // Parses options, creates the engine, binds the socket (server::create), prints "ready" only
 // once the socket accepts connections, and serves until SIGINT/SIGTERM. Exit codes: 0 after a
 // clean shutdown, 1 when it cannot start (another daemon live on the socket, bad directory),
-// 2 for bad options.
+// 2 for bad options (or a TENSORREG_FAULTS that does not parse).
 //
 // Everything after the options goes through one stderr logger (--log-level), shared by the
 // engine, the dispatcher and the server; only the "ready" line is printed to stdout, where
@@ -24,6 +24,7 @@
 #include "metrics_http.hpp"
 #include "server.hpp"
 #include "src/common/log.hpp"
+#include "tensorreg/common/fault_injection.hpp"
 #include "tensorreg/common/logger.hpp"
 #include "tensorreg/metrics/registry.hpp"
 #include "tensorreg/registration/engine.hpp"
@@ -172,6 +173,22 @@ void raise_fd_limit(tensorreg::logger& log) {
   }
 }
 
+// Tests fail a real daemon's system calls by starting it with TENSORREG_FAULTS set
+// (tensorreg/common/fault_injection.hpp; docs/architecture.md, "Testing"). Not in --help: it is
+// no option for users. Text that does not parse refuses the start (2), as a bad option does.
+// Returns the exit code on error, or -1 to go on.
+int arm_faults_from_env(tensorreg::logger& log) {
+  const char* spec = std::getenv("TENSORREG_FAULTS");
+  if (spec == nullptr || *spec == '\0') return -1;
+  if (auto armed = tensorreg::arm_faults(spec); !armed) {
+    // Printed, not logged: like a usage error, it must show whatever the log level.
+    fmt::print(stderr, "tensorregd: cannot start: TENSORREG_FAULTS: {}\n", armed.error().message);
+    return 2;
+  }
+  tensorreg::log(log, tensorreg::log_level::warn, "fault injection armed from TENSORREG_FAULTS: {}", spec);
+  return -1;
+}
+
 int serve(const options& o, tensorreg::logger& log) {
   using tensorreg::log_level;
   raise_fd_limit(log);
@@ -259,6 +276,7 @@ int main(int argc, char** argv) try {
     o.socket = env != nullptr && *env != '\0' ? std::string(env) : tensorreg::daemon::default_socket_path();
   }
   const auto log = tensorreg::stderr_logger(o.log_level);
+  if (int rc = arm_faults_from_env(*log); rc >= 0) return rc;
   try {
     return serve(o, *log);
   } catch (const std::exception& e) {

@@ -244,6 +244,10 @@ result<registration::host_copy> bulk_copier::copy(int device, std::span<const de
     target->pin = pin;
     target->pin_unit = chunk;
   }
+  // The replica is final: no fd of it that a reader gets (GetArtifactMemfd) may change it. Its
+  // own mapping stays writable (and pinned) for the pool's next taker; sealing it read-only
+  // (shared_memory::seal_read_only) would unmap what CUDA has registered.
+  TENSORREG_TRY(target->memory.seal_against_writes());
   const bool poolable =
       recycled || (pin && std::ranges::none_of(pin->registered, [](void* p) { return p == nullptr; }));
   if (poolable) {

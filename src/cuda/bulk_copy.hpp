@@ -25,6 +25,10 @@
 // reach the same rate, the populate rate (benchmarks/RESULTS.md, 2026-11-25). Only recycled
 // memory escapes that bound.
 //
+// Either way the replica is sealed against writes once its bytes are final
+// (shared_memory::seal_against_writes): the fd a reader gets cannot change it, even reopened
+// read-write, while a pooled replica keeps its own writable, registered mapping for reuse.
+//
 // Thread-safety: copy() may be called concurrently (each call takes its own staging slots).
 // Ownership: the copier owns pinned staging slots kept for reuse, freed by its destructor;
 // a copy's scratch lives for the call; the replica belongs to the returned host_copy (a

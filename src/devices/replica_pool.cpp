@@ -28,6 +28,11 @@ std::optional<replica_pool::arena> replica_pool::take(std::uint64_t size) {
 
 std::shared_ptr<const shared_memory> replica_pool::lend(arena a) {
   TENSORREG_ASSERT(a.memory.writable());
+  // Its bytes are final for as long as it is lent: no fd a reader gets (GetArtifactMemfd), even
+  // reopened read-write through /proc, may change them. The pool's own mapping stays writable
+  // for the next taker. Memory that cannot carry the seals is still lent, but never handed out
+  // (shared_memory::export_read_only refuses it).
+  static_cast<void>(a.memory.seal_against_writes());
   // The holder owns the arena; the deleter gets it back whole (pin included) when the last
   // reference goes, wherever that is.
   auto holder = std::make_unique<arena>(std::move(a));

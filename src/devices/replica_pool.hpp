@@ -15,6 +15,12 @@
 //
 // A recycled arena holds an old replica's bytes: whoever takes one must overwrite every byte.
 //
+// A lent replica is sealed against writes (shared_memory::seal_against_writes): its memfd keeps
+// the pool's writable mapping, through which the next taker refills it, but no fd of it, handed
+// to a reader and reopened read-write through /proc or not, can change its bytes or size. So the
+// fd GetArtifactMemfd hands out is as safe as a fully sealed replica's, and the memory it names
+// is never recycled (it is exported).
+//
 // Thread-safety: all member functions may be called concurrently; lent replicas may be
 // dropped on any thread, after the pool is gone too (their arena is then freed).
 // Ownership: the pool owns idle arenas; a lent replica owns its arena until it returns.
@@ -60,8 +66,8 @@ class replica_pool : public std::enable_shared_from_this<replica_pool> {
   /// an old replica's: the caller overwrites all of them.
   [[nodiscard]] std::optional<arena> take(std::uint64_t size);
 
-  /// `a` as a replica: the returned pointer is a.memory; when its last holder drops it, the
-  /// arena returns to this pool (see above).
+  /// `a` as a replica, sealed against writes through any fd (see above): the returned pointer
+  /// is a.memory; when its last holder drops it, the arena returns to this pool (see above).
   /// REQUIRES: a.memory.writable().
   [[nodiscard]] std::shared_ptr<const memory::shared_memory> lend(arena a);
 

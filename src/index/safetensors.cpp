@@ -15,6 +15,7 @@
 
 #include "index/json_reader.hpp"
 #include "index/text.hpp"
+#include "memory/system_calls.hpp"
 #include "tensorreg/index/dtype.hpp"
 
 namespace tensorreg::index {
@@ -220,11 +221,12 @@ class fd_guard {
 status pread_exact(int fd, std::span<std::byte> out, std::uint64_t offset, const std::string& path) {
   std::size_t done = 0;
   while (done < out.size()) {
-    const ssize_t got = ::pread(fd, out.data() + done, out.size() - done, static_cast<off_t>(offset + done));
+    const ssize_t got = memory::sys::pread(fd, out.data() + done, out.size() - done, offset + done);
     if (got < 0) {
-      if (errno == EINTR) continue;
-      return fail(errc::unavailable,
-                  "cannot read safetensors file " + detail::quote_name(path) + ": " + errno_text(errno));
+      const int err = errno;
+      if (err == EINTR) continue;
+      return fail(errc_of_errno(err, errc::unavailable),
+                  "cannot read safetensors file " + detail::quote_name(path) + ": " + errno_text(err));
     }
     if (got == 0) {
       return fail(errc::data_loss, "cannot read safetensors file " + detail::quote_name(path) +
@@ -262,12 +264,12 @@ result<safetensors_header> parse_safetensors_header(std::span<const std::byte> f
 
 result<safetensors_file> read_safetensors_header(const std::string& path) {
   const std::string what = "cannot open safetensors file " + detail::quote_name(path) + ": ";
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  const int fd = memory::sys::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) {
     const int err = errno;
     const errc code = (err == ENOENT || err == ENOTDIR) ? errc::not_found
                       : (err == EACCES || err == EPERM) ? errc::permission_denied
-                                                        : errc::unavailable;
+                                                        : errc_of_errno(err, errc::unavailable);
     return fail(code, what + errno_text(err));
   }
   const fd_guard guard(fd);

@@ -9,6 +9,8 @@
 #include <cstring>
 #include <utility>
 
+#include "memory/system_calls.hpp"
+
 namespace tensorreg::memory {
 namespace {
 
@@ -25,7 +27,7 @@ errc errno_code(int e) {
 }  // namespace
 
 result<mapped_file> mapped_file::open(const std::string& path) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  const int fd = sys::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) {
     const int e = errno;
     return fail(errno_code(e), "cannot open '" + path + "': " + std::strerror(e));
@@ -45,7 +47,7 @@ result<mapped_file> mapped_file::open(const std::string& path) {
     ::close(fd);
     return mapped_file(path, {});
   }
-  void* base = ::mmap(nullptr, length, PROT_READ, MAP_PRIVATE, fd, 0);
+  void* base = sys::mmap(length, PROT_READ, MAP_PRIVATE, fd);
   const int e = errno;
   ::close(fd);  // the mapping keeps the file alive
   if (base == MAP_FAILED) {

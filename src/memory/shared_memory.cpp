@@ -9,11 +9,13 @@
 #include <utility>
 
 #include "memory/sigbus_guard.hpp"
+#include "memory/system_calls.hpp"
 
 namespace tensorreg::memory {
 namespace {
 
 std::string os_reason() { return std::strerror(errno); }
+std::string os_reason(int e) { return std::strerror(e); }
 
 constexpr unsigned final_seals = F_SEAL_WRITE | F_SEAL_GROW | F_SEAL_SHRINK | F_SEAL_SEAL;
 
@@ -21,13 +23,17 @@ constexpr unsigned final_seals = F_SEAL_WRITE | F_SEAL_GROW | F_SEAL_SHRINK | F_
 
 result<shared_memory> shared_memory::create(std::uint64_t size, const std::string& name) {
   if (size == 0) return fail(errc::invalid_argument, "cannot create shared memory '" + name + "': size is 0");
-  unique_fd fd(::memfd_create(name.c_str(), MFD_CLOEXEC | MFD_ALLOW_SEALING));
+  TENSORREG_TRY(sys::check_allocation("shared memory '" + name + "'", size));
+  unique_fd fd(sys::memfd_create(name.c_str(), MFD_CLOEXEC | MFD_ALLOW_SEALING));
   if (!fd) {
-    return fail(errc::resource_exhausted, "cannot create shared memory '" + name + "': " + os_reason());
+    const int e = errno;
+    return fail(errc_of_errno(e, errc::resource_exhausted),
+                "cannot create shared memory '" + name + "': " + os_reason(e));
   }
-  if (::ftruncate(fd.get(), static_cast<off_t>(size)) != 0) {
-    return fail(errc::resource_exhausted,
-                "cannot size shared memory '" + name + "' to " + std::to_string(size) + " bytes: " + os_reason());
+  if (sys::ftruncate(fd.get(), size) != 0) {
+    const int e = errno;
+    return fail(errc_of_errno(e, errc::resource_exhausted),
+                "cannot size shared memory '" + name + "' to " + std::to_string(size) + " bytes: " + os_reason(e));
   }
   // Growing or shrinking would invalidate other processes' mappings (SIGBUS): forbid it.
   ::fcntl(fd.get(), F_ADD_SEALS, F_SEAL_GROW | F_SEAL_SHRINK);
@@ -48,10 +54,11 @@ result<shared_memory> shared_memory::adopt(unique_fd fd, std::uint64_t size, boo
   }
   detail::ensure_sigbus_handler();  // before any read of the mapping (visit() guards them)
   const int prot = writable ? PROT_READ | PROT_WRITE : PROT_READ;
-  void* base = ::mmap(nullptr, size, prot, MAP_SHARED, fd.get(), 0);
+  void* base = sys::mmap(static_cast<std::size_t>(size), prot, MAP_SHARED, fd.get());
   if (base == MAP_FAILED) {
-    const errc code = (errno == EACCES || errno == EPERM) ? errc::permission_denied : errc::resource_exhausted;
-    return fail(code, "cannot map shared memory of " + std::to_string(size) + " bytes: " + os_reason());
+    const int e = errno;
+    const errc code = (e == EACCES || e == EPERM) ? errc::permission_denied : errc::resource_exhausted;
+    return fail(code, "cannot map shared memory of " + std::to_string(size) + " bytes: " + os_reason(e));
   }
   return shared_memory(std::move(fd), {static_cast<std::byte*>(base), static_cast<std::size_t>(size)}, writable);
 }
@@ -81,10 +88,16 @@ status shared_memory::seal_read_only() {
   // A read-only mapping through a read-only open file description: it does not count as a
   // writable mapping, which F_SEAL_WRITE refuses (EBUSY) while one exists.
   const std::string path = "/proc/self/fd/" + std::to_string(fd_.get());
-  unique_fd reader(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
-  if (!reader) return fail(errc::resource_exhausted, reason("cannot reopen it read-only: " + os_reason()));
-  void* base = ::mmap(nullptr, bytes_.size(), PROT_READ, MAP_SHARED, reader.get(), 0);
-  if (base == MAP_FAILED) return fail(errc::resource_exhausted, reason("cannot map it read-only: " + os_reason()));
+  unique_fd reader(sys::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (!reader) {
+    const int e = errno;
+    return fail(errc_of_errno(e, errc::resource_exhausted), reason("cannot reopen it read-only: " + os_reason(e)));
+  }
+  void* base = sys::mmap(bytes_.size(), PROT_READ, MAP_SHARED, reader.get());
+  if (base == MAP_FAILED) {
+    const int e = errno;
+    return fail(errc_of_errno(e, errc::resource_exhausted), reason("cannot map it read-only: " + os_reason(e)));
+  }
   const std::size_t size = bytes_.size();
   unmap();
   bytes_ = {static_cast<std::byte*>(base), size};
@@ -95,6 +108,50 @@ status shared_memory::seal_read_only() {
                                                        : "it cannot carry seals: " + os_reason()));
   }
   return {};
+}
+
+status shared_memory::seal_against_writes() {
+  // F_SEAL_FUTURE_WRITE, unlike F_SEAL_WRITE, leaves the mappings that exist writable: this
+  // object's own, through which a pool that recycles the memory refills it (and which a device
+  // may have pinned), keeps working; every fd of it, reopened through /proc or not, is refused
+  // write(), writable shared mappings and hole punching from now on.
+  if (::fcntl(fd_.get(), F_ADD_SEALS, F_SEAL_FUTURE_WRITE | F_SEAL_GROW | F_SEAL_SHRINK) != 0) {
+    const int e = errno;
+    return fail(errc::failed_precondition, "cannot seal shared memory of " + std::to_string(bytes_.size()) +
+                                               " bytes against writes: " + os_reason(e));
+  }
+  return {};
+}
+
+bool shared_memory::sealed_against_writes() const noexcept {
+  const int seals = ::fcntl(fd_.get(), F_GET_SEALS);
+  if (seals < 0) return false;
+  const auto need = static_cast<unsigned>(F_SEAL_GROW | F_SEAL_SHRINK);
+  const auto s = static_cast<unsigned>(seals);
+  return (s & need) == need && (s & static_cast<unsigned>(F_SEAL_WRITE | F_SEAL_FUTURE_WRITE)) != 0;
+}
+
+result<unique_fd> shared_memory::export_read_only() const {
+  const std::string size = std::to_string(bytes_.size());
+  // A reader given an fd can reopen it read-write through /proc/self/fd: only seals, not the
+  // fd's mode, keep it from changing the bytes (or shrinking them under other readers).
+  if (!sealed_against_writes()) {
+    return fail(errc::failed_precondition, "cannot hand out shared memory of " + size +
+                                               " bytes: it is not sealed against writes, growing and shrinking, "
+                                               "so a reader could change it");
+  }
+  // The reader may map it for as long as it likes: it must never be recycled for other bytes
+  // (src/devices/replica_pool.hpp checks this mark).
+  mark_exported();
+  // A fresh read-only open file description, so the reader can map it but never write to it.
+  const std::string path = "/proc/self/fd/" + std::to_string(fd_.get());
+  unique_fd fd(sys::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (!fd) {
+    const int e = errno;
+    return fail(errc_of_errno(e, errc::internal),
+                "cannot reopen shared memory of " + size + " bytes read-only: " + os_reason(e));
+  }
+  return fd;
 }
 
 shared_memory::shared_memory(shared_memory&& other) noexcept

@@ -329,6 +329,27 @@ status catalogue::check_sole_holder(const std::string& artifact_id, std::int32_t
                                            ", not only by the calling process " + std::to_string(caller_pid));
 }
 
+status catalogue::check_copy_owner(const std::string& artifact_id, std::optional<std::uint32_t> caller_uid) const {
+  if (!caller_uid || *caller_uid == 0) return {};
+  const auto it = artifacts_.find(artifact_id);
+  if (it == artifacts_.end()) return {};
+  const auto refuse = [&](const std::string& copy, std::uint32_t uid) {
+    return fail(errc::permission_denied, "cannot deregister " + artifact_id + ": its " + copy + " was put by uid " +
+                                             std::to_string(uid) + ", not by the calling uid " +
+                                             std::to_string(*caller_uid) + " (only that uid or root may remove it)");
+  };
+  if (const auto owner = stable_entry_uid_.find(artifact_id);
+      owner != stable_entry_uid_.end() && owner->second != *caller_uid && cache_.contains(artifact_id)) {
+    return refuse("stable DRAM copy", owner->second);
+  }
+  for (const auto& [device, uid] : it->second.gpu_replica_uids) {
+    if (uid != *caller_uid && it->second.gpu_replicas.contains(device)) {
+      return refuse("GPU replica on device " + std::to_string(device), uid);
+    }
+  }
+  return {};
+}
+
 result<std::shared_ptr<reader_gate>> catalogue::quiesce(const std::string& artifact_id) {
   auto it = artifacts_.find(artifact_id);
   if (it == artifacts_.end() || is_empty(artifact_id, it->second)) {
@@ -465,16 +486,9 @@ result<unique_fd> export_replica_fd(const std::shared_ptr<const memory::byte_sou
   // Replicas are made by detail::materialize, always in a memfd; anything else has no fd to share.
   auto memory = std::dynamic_pointer_cast<const memory::shared_memory>(replica);
   if (!memory) return fail(errc::failed_precondition, verb + ": no stable DRAM replica is held");
-  // A fresh read-only open file description, so the reader can map it but never write to it.
-  const std::string path = "/proc/self/fd/" + std::to_string(memory->fd());
-  // The reader may map it for as long as it likes: it must never be recycled for other bytes
-  // (the CUDA provider's replica pool checks this mark).
-  memory->mark_exported();
-  unique_fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
-  if (!fd) {
-    const int e = errno;
-    return fail(errc_of_errno(e, errc::internal), verb + ": cannot reopen its memfd read-only: " + std::strerror(e));
-  }
+  // Sealed replicas only (a recycled GPU replica included): marks it exported, never recycled.
+  auto fd = memory->export_read_only();
+  if (!fd) return tl::unexpected(with_context(std::move(fd).error(), verb));
   return fd;
 }
 

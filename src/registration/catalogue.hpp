@@ -110,6 +110,8 @@ struct artifact {
   std::map<std::string, lease> leases;  ///< by registration id
   std::map<std::string, join> joins;    ///< by registration id
   std::map<std::int32_t, device_buffer> gpu_replicas;
+  /// The uid whose commit made each GPU replica, by device; absent where unknown (DECISIONS §8).
+  std::map<std::int32_t, std::uint32_t> gpu_replica_uids;
   bool quiesced = false;  ///< no new readers, leases, joins or replicas: deregister has begun
   std::shared_ptr<reader_gate> gate = std::make_shared<reader_gate>();
 };
@@ -187,6 +189,12 @@ class catalogue {
   /// artifact not held here (quiesce answers NOT_FOUND).
   /// Errors: PERMISSION_DENIED naming the caller and another holder.
   [[nodiscard]] status check_sole_holder(const std::string& artifact_id, std::int32_t caller_pid) const;
+
+  /// DECISIONS §8: the copies the daemon keeps of an artifact (its stable DRAM entry, its GPU
+  /// replicas) belong to the uid whose commit made them; only that uid or root (0) may remove
+  /// them. OK when `caller_uid` is unset (the embedder), for copies of no known uid, and for an
+  /// artifact not held here. Errors: PERMISSION_DENIED naming the copy, its uid and the caller's.
+  [[nodiscard]] status check_copy_owner(const std::string& artifact_id, std::optional<std::uint32_t> caller_uid) const;
 
   /// No new readers, leases, joins or replicas from now on; returns the gate to drain.
   /// Errors: NOT_FOUND.

@@ -585,7 +585,8 @@ result<deregister_response> engine::state::deregister(const deregister_request& 
     std::lock_guard lock(mutex);
     // 0. DECISIONS §8, under the same lock as quiesce: no other holder slips in between.
     if (r.owner_pid > 0) TENSORREG_TRY(catalogue.check_sole_holder(r.artifact_id, r.owner_pid));
-    TENSORREG_TRY_ASSIGN(gate, catalogue.quiesce(r.artifact_id));  // 1. no new readers, leases or joins
+    TENSORREG_TRY(catalogue.check_copy_owner(r.artifact_id, r.owner_uid));  // the daemon's copies
+    TENSORREG_TRY_ASSIGN(gate, catalogue.quiesce(r.artifact_id));           // 1. no new readers, leases or joins
   }
   // 2. drain: wait, with no lock held, for the readers to let go.
   const auto timeout = r.drain_timeout_ms != 0 ? milliseconds(r.drain_timeout_ms) : options.default_drain_timeout;

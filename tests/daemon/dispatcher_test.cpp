@@ -1111,3 +1111,27 @@ TEST_CASE("dispatcher: a client memfd not sealed against shrinking is FAILED_PRE
                "cannot register region: cannot map shared memory: the memfd lacks the seal F_SEAL_SHRINK, so it could "
                "shrink under the mapping; add it with fcntl(F_ADD_SEALS, F_SEAL_SHRINK) before sending");
 }
+
+TEST_CASE("dispatcher: DeregisterArtifact of a stable copy another uid put is PERMISSION_DENIED",
+          "[daemon][dispatcher]") {
+  // The putter is uid 1000; the tests may run as root, who may remove anything.
+  harness h({}, peer_credentials{getpid(), 1000, getgid()});
+  const auto id = put_chunks(h, 24).artifact_descriptor().artifact_id();
+  auto r = h.request();
+  r.mutable_deregister_artifact()->set_artifact_id(id);
+  auto other_uid = h.dispatch.open_connection({getpid() + 1, 1001, getgid()});
+  const auto refused = h.dispatch.handle(*other_uid, frame_in{r.SerializeAsString(), {}});
+  REQUIRE(refused);
+  check_status(parse(*refused), errc::permission_denied,
+               "cannot deregister " + id +
+                   ": its stable DRAM copy was put by uid 1000, not by the calling uid 1001 (only that uid or root may "
+                   "remove it)");
+  // Another process of the same uid may: the putter may be long gone.
+  auto same_uid = h.dispatch.open_connection({getpid() + 2, 1000, getgid()});
+  r.set_request_id(h.next_id++);
+  const auto done = h.dispatch.handle(*same_uid, frame_in{r.SerializeAsString(), {}});
+  REQUIRE(done);
+  const auto answered = parse(*done);
+  CHECK(answered.response.status().code() == 0);
+  CHECK(answered.response.deregister_artifact().removed());
+}

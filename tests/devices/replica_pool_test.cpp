@@ -2,8 +2,14 @@
 
 #include <catch2/catch.hpp>
 
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <cerrno>
 #include <cstring>
 #include <memory>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -11,6 +17,7 @@ namespace {
 
 using namespace tensorreg::devices;
 using namespace tensorreg::memory;
+using tensorreg::unique_fd;
 
 // An arena of `size` bytes whose pin counts its own release in `released`.
 replica_pool::arena make_arena(std::uint64_t size, std::shared_ptr<int> released) {
@@ -133,4 +140,42 @@ TEST_CASE("replica_pool: replicas dropped on many threads all come back once", "
   while (pool->take(4096)) ++taken;
   CHECK(taken == 32);
   CHECK(*released == 32);
+}
+
+TEST_CASE("replica_pool: a lent replica is sealed, so the fd a reader gets cannot change it, and is never recycled",
+          "[devices][replica_pool]") {
+  auto pool = replica_pool::create(1 << 20);
+  auto released = std::make_shared<int>(0);
+  auto replica = pool->lend(make_arena(8192, released));
+  CHECK(replica->sealed_against_writes());
+  std::memset(replica->mutable_bytes().data(), 0x5a, 8192);  // the taker's fill still works
+  auto fd = replica->export_read_only();
+  REQUIRE(fd);
+  // A reader reopens its fd read-write through /proc: the seals refuse every way to write.
+  unique_fd rw(::open(("/proc/self/fd/" + std::to_string(fd->get())).c_str(), O_RDWR | O_CLOEXEC));
+  REQUIRE(rw);
+  CHECK(::pwrite(rw.get(), "x", 1, 0) == -1);
+  CHECK(errno == EPERM);
+  CHECK(::mmap(nullptr, 8192, PROT_READ | PROT_WRITE, MAP_SHARED, rw.get(), 0) == MAP_FAILED);
+  CHECK(errno == EPERM);
+  CHECK(::ftruncate(rw.get(), 0) == -1);
+  CHECK(replica->bytes()[0] == std::byte{0x5a});
+  replica.reset();
+  CHECK(pool->stats().refused_exported == 1);
+  CHECK_FALSE(pool->take(8192));
+  CHECK(*released == 1);
+}
+
+TEST_CASE("replica_pool: a sealed replica nobody was handed comes back and is refilled through its own mapping",
+          "[devices][replica_pool]") {
+  auto pool = replica_pool::create(1 << 20);
+  auto released = std::make_shared<int>(0);
+  pool->lend(make_arena(4096, released)).reset();
+  auto again = pool->take(4096);
+  REQUIRE(again);
+  CHECK(again->memory.sealed_against_writes());
+  std::memset(again->memory.mutable_bytes().data(), 0x33, 4096);
+  auto replica = pool->lend(std::move(*again));
+  CHECK(replica->bytes()[4095] == std::byte{0x33});
+  CHECK(pool->stats().recycled == 1);
 }

@@ -9,6 +9,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <csignal>
 #include <cstring>
 #include <string>
@@ -193,4 +194,71 @@ TEST_CASE("shared_memory: seal_read_only fails while another writable mapping ex
   REQUIRE_FALSE(out);
   CHECK(out.error().code == errc::failed_precondition);
   CHECK(out.error().message == "cannot seal shared memory of 4096 bytes: another writable shared mapping of it exists");
+}
+
+namespace {
+
+// What a reader with `fd` can do to the memory when it reopens it read-write through /proc.
+struct reopen_attempt {
+  bool opened = false;
+  int write_errno = 0;
+  int map_errno = 0;
+  int truncate_errno = 0;
+};
+
+reopen_attempt try_to_change(int fd, std::size_t size) {
+  reopen_attempt out;
+  unique_fd rw(::open(("/proc/self/fd/" + std::to_string(fd)).c_str(), O_RDWR | O_CLOEXEC));
+  out.opened = static_cast<bool>(rw);
+  if (!rw) return out;
+  if (::pwrite(rw.get(), "x", 1, 0) < 0) out.write_errno = errno;
+  void* w = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, rw.get(), 0);
+  if (w == MAP_FAILED) {
+    out.map_errno = errno;
+  } else {
+    ::munmap(w, size);
+  }
+  if (::ftruncate(rw.get(), 0) != 0) out.truncate_errno = errno;
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("shared_memory: memory sealed against writes keeps its own mapping writable but no fd can change it",
+          "[memory][shared_memory]") {
+  auto m = shared_memory::create(4096, "tensorreg-replica").value();
+  std::memset(m.mutable_bytes().data(), 0x11, 4096);
+  CHECK_FALSE(m.sealed_against_writes());
+  REQUIRE(m.seal_against_writes());
+  REQUIRE(m.seal_against_writes());  // idempotent
+  CHECK(m.sealed_against_writes());
+  auto fd = m.export_read_only();
+  REQUIRE(fd);
+  CHECK(m.exported());
+  const auto attempt = try_to_change(fd->get(), 4096);
+  CHECK(attempt.write_errno == EPERM);
+  CHECK(attempt.map_errno == EPERM);
+  CHECK(attempt.truncate_errno == EPERM);
+  CHECK(m.bytes()[0] == std::byte{0x11});
+  // The owner refills it through the mapping it already has (a pool recycling it would).
+  std::memset(m.mutable_bytes().data(), 0x22, 4096);
+  CHECK(m.bytes()[4095] == std::byte{0x22});
+}
+
+TEST_CASE("shared_memory: only memory sealed against writes is handed out", "[memory][shared_memory]") {
+  auto unsealed = shared_memory::create(4096, "tensorreg-replica").value();
+  auto refused = unsealed.export_read_only();
+  REQUIRE_FALSE(refused);
+  CHECK(refused.error().code == errc::failed_precondition);
+  CHECK(refused.error().message ==
+        "cannot hand out shared memory of 4096 bytes: it is not sealed against writes, growing and shrinking, so a "
+        "reader could change it");
+  CHECK_FALSE(unsealed.exported());
+
+  auto sealed = shared_memory::create(4096, "tensorreg-replica").value();
+  REQUIRE(sealed.seal_read_only());
+  CHECK(sealed.sealed_against_writes());
+  auto fd = sealed.export_read_only();
+  REQUIRE(fd);
+  CHECK((::fcntl(fd->get(), F_GETFL) & O_ACCMODE) == O_RDONLY);
 }

@@ -99,3 +99,78 @@ TEST_CASE("engine ownership: an artifact only the stable cache holds may be dere
   REQUIRE_OK(done);
   CHECK(done->removed);
 }
+
+TEST_CASE("engine ownership: the daemon's copy of an artifact is removed only by the uid that put it, or root",
+          "[registration][engine_ownership]") {
+  fake_clock clock;
+  auto e = t::make_engine(clock);
+  const auto m = t::small_model();
+  auto begun_request = t::stable_begin(m, me);
+  begun_request.owner_uid = 1000;
+  auto begun = e->begin(begun_request);
+  REQUIRE_OK(begun);
+  REQUIRE_OK(t::feed_chunks(*e, begun->registration_id, m.canonical(), 16));
+  auto committed = e->commit(begun->registration_id);
+  REQUIRE_OK(committed);
+  const auto artifact = committed->descriptor.artifact_id;
+
+  deregister_request r;
+  r.artifact_id = artifact;
+  r.owner_pid = other;
+  r.owner_uid = 1001;
+  CHECK_ERROR(e->deregister(r), errc::permission_denied,
+              "cannot deregister " + artifact +
+                  ": its stable DRAM copy was put by uid 1000, not by the calling uid 1001 (only that uid or root "
+                  "may remove it)");
+  auto kept = e->get(artifact);
+  REQUIRE_OK(kept);
+  CHECK(kept->stable_replica);
+  CHECK_FALSE(kept->quiesced);
+  CHECK(e->stats().stable_bytes == 40);
+
+  SECTION("the same uid may, from another process") {
+    r.owner_uid = 1000;
+    auto done = e->deregister(r);
+    REQUIRE_OK(done);
+    CHECK(done->removed);
+  }
+  SECTION("root may") {
+    r.owner_uid = 0;
+    auto done = e->deregister(r);
+    REQUIRE_OK(done);
+    CHECK(done->removed);
+  }
+  SECTION("the embedder (no uid) may") {
+    r.owner_uid.reset();
+    r.owner_pid = 0;
+    auto done = e->deregister(r);
+    REQUIRE_OK(done);
+    CHECK(done->removed);
+  }
+  CHECK_CODE(e->get(artifact), errc::not_found);
+  CHECK(e->stats().stable_bytes == 0);
+}
+
+TEST_CASE("engine ownership: holding a lease does not let another uid remove the daemon's copy",
+          "[registration][engine_ownership]") {
+  fake_clock clock;
+  auto e = t::make_engine(clock);
+  const auto m = t::small_model();
+  auto begun_request = t::stable_begin(m, other);
+  begun_request.owner_uid = 1000;
+  auto begun = e->begin(begun_request);
+  REQUIRE_OK(begun);
+  REQUIRE_OK(t::feed_chunks(*e, begun->registration_id, m.canonical(), 40));
+  REQUIRE_OK(e->commit(begun->registration_id));
+  auto leased = t::register_lip(*e, m, me);  // the caller's own lease of the same bytes
+  REQUIRE_OK(leased);
+  deregister_request r;
+  r.artifact_id = leased->descriptor.artifact_id;
+  r.owner_pid = me;
+  r.owner_uid = 1001;
+  CHECK_CODE(e->deregister(r), errc::permission_denied);
+  auto kept = e->get(r.artifact_id);
+  REQUIRE_OK(kept);
+  CHECK(kept->leases == 1);
+  CHECK(kept->stable_replica);
+}

@@ -62,6 +62,24 @@ class shared_memory final : public byte_source {
   /// cannot carry seals), RESOURCE_EXHAUSTED (the read-only mapping cannot be made).
   [[nodiscard]] status seal_read_only();
 
+  /// Makes the bytes unchangeable through any fd of the memfd (duplicated, or reopened through
+  /// /proc/self/fd), and its size fixed, while this object's own mapping stays writable: for
+  /// memory that is recycled (src/devices/replica_pool.hpp), which seal_read_only() would make
+  /// unusable. Idempotent. Spans stay valid.
+  /// Errors: FAILED_PRECONDITION (the memfd cannot carry these seals).
+  [[nodiscard]] status seal_against_writes();
+
+  /// Whether no fd of the memfd can change its bytes or size: sealed by seal_read_only() or
+  /// seal_against_writes().
+  [[nodiscard]] bool sealed_against_writes() const noexcept;
+
+  /// A new read-only descriptor of the memory (a fresh open file description), for a reader in
+  /// another process; marks the memory exported. Refuses memory not sealed against writes
+  /// (sealed_against_writes()): a reader could reopen the fd read-write.
+  /// Errors: FAILED_PRECONDITION (not sealed), RESOURCE_EXHAUSTED (out of fds), INTERNAL (the
+  /// reopen failed otherwise).
+  [[nodiscard]] result<unique_fd> export_read_only() const;
+
   shared_memory(shared_memory&& other) noexcept;
   shared_memory& operator=(shared_memory&& other) noexcept;
   shared_memory(const shared_memory&) = delete;

@@ -214,6 +214,9 @@ struct deregister_request {
   bool wait_for_drain = true;
   std::uint32_t drain_timeout_ms = 0;  ///< 0 = the engine's default (DECISIONS §5.16)
   std::int32_t owner_pid = 0;
+  /// The caller's uid (the daemon sets the peer's): copies the daemon keeps for another uid's
+  /// commits may not be removed by it (DECISIONS §8). Unset or 0 (root): not checked.
+  std::optional<std::uint32_t> owner_uid{};
 };
 
 struct deregister_response {

@@ -1,5 +1,7 @@
 #include "registration/plans/coalesced.hpp"
 
+#include "memory/system_calls.hpp"
+
 namespace tensorreg::registration::detail {
 
 result<std::unique_ptr<coalesced>> coalesced::begin(const begin_request& r, const coalesced_options& /*options*/,
@@ -9,6 +11,7 @@ result<std::unique_ptr<coalesced>> coalesced::begin(const begin_request& r, cons
     return fail(errc::failed_precondition, "cannot begin coalesced registration: the coalesced plan needs GPU " +
                                                std::to_string(r.device_id) + " and this engine has no GPU");
   }
+  TENSORREG_TRY(memory::sys::check_allocation("device memory on device " + std::to_string(r.device_id), r.total_size));
   TENSORREG_TRY_ASSIGN(auto buffer, ctx.devices->allocate(r.device_id, r.total_size));
   response.handshake = coalesced_handshake{buffer.ipc_handle};
   return std::unique_ptr<coalesced>(new coalesced(std::move(idx), std::move(buffer)));
@@ -44,6 +47,7 @@ result<commit_response> coalesced::commit(commit_context& ctx) {
       cat.add_join(a, join{p.id, p.owner_pid, ttl_deadline(ctx.time, ctx.ttl_ms())});
     } else {
       a.gpu_replicas.emplace(p.device_id, device_buffer{std::move(normalized), buffer_->ipc_handle});
+      if (p.owner_uid) a.gpu_replica_uids[p.device_id] = *p.owner_uid;  // DECISIONS §8
       buffer_.reset();
     }
     return {};
@@ -59,6 +63,7 @@ result<commit_response> coalesced::commit(commit_context& ctx) {
           (void)cat.revoke(p.id);
         } else {
           a->gpu_replicas.erase(p.device_id);
+          a->gpu_replica_uids.erase(p.device_id);
         }
         cat.erase_if_empty(descriptor.artifact_id);
       }

@@ -1,5 +1,6 @@
 #include "registration/plans/plan.hpp"
 
+#include <new>
 #include <variant>
 
 #include "registration/plans/coalesced.hpp"
@@ -12,8 +13,10 @@
 
 namespace tensorreg::registration::detail {
 
-result<std::unique_ptr<plan>> begin_plan(const begin_request& request, const begin_context& ctx,
-                                         begin_response& response) {
+namespace {
+
+result<std::unique_ptr<plan>> begin_plan_unguarded(const begin_request& request, const begin_context& ctx,
+                                                   begin_response& response) {
   return std::visit(
       [&](const auto& options) -> result<std::unique_ptr<plan>> {
         using options_type = std::decay_t<decltype(options)>;
@@ -30,6 +33,19 @@ result<std::unique_ptr<plan>> begin_plan(const begin_request& request, const beg
         }
       },
       request.plan);
+}
+
+}  // namespace
+
+result<std::unique_ptr<plan>> begin_plan(const begin_request& request, const begin_context& ctx,
+                                         begin_response& response) {
+  // Begin allocates what the upload needs (staging memory, device buffers): out of memory is a
+  // clear RESOURCE_EXHAUSTED, and every plan's members release what was made before the throw.
+  try {
+    return begin_plan_unguarded(request, ctx, response);
+  } catch (const std::bad_alloc&) {
+    return fail(errc::resource_exhausted, "cannot begin registration: out of memory");
+  }
 }
 
 result<std::shared_ptr<const index::canonical_index>> begin_indexed(const begin_request& r, const begin_context& ctx) {

@@ -1,5 +1,6 @@
 #include "registration/plans/stable_dram.hpp"
 
+#include "memory/system_calls.hpp"
 #include "tensorreg/common/random.hpp"
 
 #include <cstring>
@@ -122,6 +123,8 @@ result<std::unique_ptr<stable_dram>> stable_dram::begin(const begin_request& r, 
   if (opts.stage_on_gpu) {
     // The client writes its GPU tensors into a daemon-owned device buffer (by its IPC
     // handle); Commit copies it to host memory while hashing.
+    TENSORREG_TRY(
+        memory::sys::check_allocation("device memory on device " + std::to_string(r.device_id), r.total_size));
     TENSORREG_TRY_ASSIGN(auto buffer, ctx.devices->allocate(r.device_id, r.total_size));
     hs.staging_cuda_ipc_handle = buffer.ipc_handle;
     p->device_staging_ = std::move(buffer);

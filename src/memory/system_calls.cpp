@@ -1,0 +1,63 @@
+#include "memory/system_calls.hpp"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <string>
+
+#include "tensorreg/common/fault_injection.hpp"
+
+namespace tensorreg::memory::sys {
+namespace {
+
+// True when a test armed `site` for this call; errno then holds the injected error.
+bool injected(fault_site site) noexcept {
+  const int e = injected_fault(site);
+  if (e == 0) return false;
+  errno = e;
+  return true;
+}
+
+}  // namespace
+
+int memfd_create(const char* name, unsigned flags) noexcept {
+  if (injected(fault_site::memfd_create)) return -1;
+  return ::memfd_create(name, flags);
+}
+
+int ftruncate(int fd, std::uint64_t size) noexcept {
+  if (injected(fault_site::ftruncate)) return -1;
+  return ::ftruncate(fd, static_cast<off_t>(size));
+}
+
+void* mmap(std::size_t length, int prot, int flags, int fd) noexcept {
+  if (injected(fault_site::mmap)) return MAP_FAILED;
+  return ::mmap(nullptr, length, prot, flags, fd, 0);
+}
+
+int open(const char* path, int flags) noexcept {
+  if (injected(fault_site::open)) return -1;
+  return ::open(path, flags);
+}
+
+ssize_t pread(int fd, void* out, std::size_t length, std::uint64_t offset) noexcept {
+  if (injected(fault_site::read)) return -1;
+  return ::pread(fd, out, length, static_cast<off_t>(offset));
+}
+
+error allocation_failed(std::string_view what, std::uint64_t bytes) {
+  return error{errc::resource_exhausted, "cannot allocate " + std::string(what) + " of " + std::to_string(bytes) +
+                                             " bytes: " + std::strerror(ENOMEM)};
+}
+
+status check_allocation(std::string_view what, std::uint64_t bytes) {
+  const int e = injected_fault(fault_site::allocate);
+  if (e == 0) return {};
+  // Whatever errno the test named, a failed allocation is out of memory, as bad_alloc says.
+  return tl::unexpected(allocation_failed(what, bytes));
+}
+
+}  // namespace tensorreg::memory::sys
