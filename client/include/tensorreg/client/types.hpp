@@ -31,6 +31,8 @@ struct registered {
   artifact_descriptor descriptor;
   bool existed = false;         ///< the daemon held the artifact already (a join)
   std::string registration_id;  ///< revoke() takes it
+  /// Seconds the call took, from its start to the commit's answer: the time its caller waited,
+  /// copies of the bytes included.
   double begin_to_commit_seconds = 0;
 };
 
