@@ -19,8 +19,9 @@ kept:
 - Python `Store.put` of a CPU state dict of the same size, new and held, against `tensorreg
   digest` of its canonical bytes (written to a file whose id must match the put's).
 
-Other helpers compile on the same cores: the load average is printed with each repeat, and the
-best repeat of each measurement is kept.
+The CPU seconds of each (client + daemon) are reported too: on a shared machine they say more
+than wall times. The load average is printed with each repeat, and the best repeat of each
+measurement is kept.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import ctypes
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import struct
@@ -162,8 +164,21 @@ class daemon:
         self.log.close()
 
 
+def children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) `pid` has used so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def timed(cmd: list, sampler_args=None) -> tuple:
-    """Runs `cmd`, returns (seconds, stdout, sampler or None)."""
+    """Runs `cmd`, returns (seconds, stdout, sampler or None, CPU seconds of the command)."""
+    cpu_before = children_cpu()
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     sampler = None
@@ -176,7 +191,7 @@ def timed(cmd: list, sampler_args=None) -> tuple:
         sampler.__exit__(None, None, None)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {err.strip()}")
-    return seconds, out, sampler
+    return seconds, out, sampler, children_cpu() - cpu_before
 
 
 def openssl_rate() -> float:
@@ -197,22 +212,27 @@ def cli_round(args, cli: str, daemon_bin: str, path: str, work: str, results: di
     idx_path = os.path.join(work, "index.json")
     rate = openssl_rate()
     best(results, "openssl_bytes_per_s_one_core", rate, lower_is_better=False)
-    s, out, _ = timed([cli, "index", path])
+    s, out, _, cpu = timed([cli, "index", path])
     best(results, "index_s", s)
+    best(results, "index_cpu_s", cpu)
     index_json = out.splitlines()[0]
     with open(idx_path, "w") as f:
         f.write(index_json)
-    s, _, _ = timed([cli, "digest", "--index", idx_path, "--data", path])
+    s, _, _, cpu = timed([cli, "digest", "--index", idx_path, "--data", path])
     best(results, "digest_file_s", s)
+    best(results, "digest_file_cpu_s", cpu)
     d = daemon(daemon_bin, work, 4 * size)
     try:
         d.wait_ready(cli)
         for what in ("put_new", "put_held"):
             base = meminfo_kib("Shmem")  # what the daemon holds already does not count
-            s, out, peak = timed([cli, "put", path, "--json", "--socket", d.socket], (d.proc.pid, base))
+            daemon_cpu = process_cpu(d.proc.pid)
+            s, out, peak, cpu = timed([cli, "put", path, "--json", "--socket", d.socket], (d.proc.pid, base))
+            daemon_cpu = process_cpu(d.proc.pid) - daemon_cpu
             answer = json.loads(out)
             assert answer["existed"] == (what == "put_held"), answer
             best(results, f"{what}_s", s)
+            best(results, f"{what}_cpu_s", cpu + daemon_cpu)
             best(results, f"{what}_shmem_peak_kib", peak.shmem)
             best(results, f"{what}_daemon_rss_peak_kib", peak.daemon)
             best(results, f"{what}_client_rss_peak_kib", peak.client)
@@ -250,22 +270,25 @@ def python_round(args, cli: str, daemon_bin: str, total: int, work: str, results
             ids = []
             for what in ("py_put_new", "py_put_held"):
                 base = meminfo_kib("Shmem")
+                daemon_cpu = process_cpu(d.proc.pid)
                 with peak_sampler(d.proc.pid, os.getpid(), base) as peak:
-                    started = time.perf_counter()
+                    started, cpu = time.perf_counter(), time.thread_time()
                     art = store.put(sd)
-                    s = time.perf_counter() - started
+                    s, cpu = time.perf_counter() - started, time.thread_time() - cpu
+                best(results, f"{what}_cpu_s", cpu + process_cpu(d.proc.pid) - daemon_cpu)
                 ids.append(art.artifact_id)
                 best(results, f"{what}_s", s)
                 best(results, f"{what}_shmem_peak_kib", peak.shmem)
                 best(results, f"{what}_daemon_rss_peak_kib", peak.daemon)
         idx_path = os.path.join(work, "py_index.json")
-        _, out, _ = timed([cli, "index", ids[0], "--socket", d.socket])
+        _, out, _, _ = timed([cli, "index", ids[0], "--socket", d.socket])
         with open(idx_path, "w") as f:
             f.write(out.rstrip("\n"))
     finally:
         d.stop()
-    s, out, _ = timed([cli, "digest", "--index", idx_path, "--data", canonical])
+    s, out, _, cpu = timed([cli, "digest", "--index", idx_path, "--data", canonical])
     best(results, "py_digest_s", s)
+    best(results, "py_digest_cpu_s", cpu)
     digest_id = re.search(r"^id (\S+)$", out, re.M).group(1)
     if digest_id != ids[0]:
         raise RuntimeError(f"tensorreg digest gives {digest_id}, the Python put {ids[0]}")
@@ -314,6 +337,8 @@ def main() -> int:
          f"{results['put_new_s'] / results['index_s']:.2f}x index (goal <= 1.5)"),
         ("tensorreg put FILE (held)", f"{results['put_held_s']:.3f} s",
          f"{results['put_held_s'] / results['index_s']:.2f}x index (goal <= 1.1)"),
+        ("CPU s: index / put new / put held", f"{results['index_cpu_s']:.2f} / {results['put_new_cpu_s']:.2f} / "
+         f"{results['put_held_cpu_s']:.2f}", "client + daemon"),
     ]
     for what in ("put_new", "put_held"):
         rows.append((f"  {what}: shmem / daemon / client peak",
@@ -328,6 +353,9 @@ def main() -> int:
              f"{results['py_put_new_s'] / results['py_digest_s']:.2f}x digest (goal <= 1.5)"),
             ("Python Store.put (held)", f"{results['py_put_held_s']:.3f} s",
              f"{results['py_put_held_s'] / results['py_digest_s']:.2f}x digest (goal <= 1.1)"),
+            ("CPU s: digest / put new / put held",
+             f"{results['py_digest_cpu_s']:.2f} / {results['py_put_new_cpu_s']:.2f} / "
+             f"{results['py_put_held_cpu_s']:.2f}", "client thread + daemon"),
         ]
         for what in ("py_put_new", "py_put_held"):
             rows.append((f"  {what}: shmem / daemon peak",
