@@ -6,6 +6,7 @@
 #include <catch2/catch.hpp>
 
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -354,6 +355,30 @@ TEST_CASE("engine stable commit: a memfd the client still maps writable is copie
   auto kept = e->open_bytes(committed->descriptor.artifact_id);
   REQUIRE_OK(kept);
   CHECK(read_all(**kept) == m.canonical());
+}
+
+TEST_CASE("engine stable commit: a read-only shared mapping of a writable fd also stops the memfd being kept",
+          "[registration][engine_stable]") {
+  fake_clock clock;
+  auto e = t::make_engine(clock);
+  const auto m = t::small_model();
+  auto begun = begin_stable(*e, m);
+  auto client = client_fd_written(begun, m.canonical());
+  // PROT_READ, but through an O_RDWR fd: mprotect could make it writable later, so the kernel
+  // refuses the seal and the engine must copy.
+  void* ro = ::mmap(nullptr, m.canonical().size(), PROT_READ, MAP_SHARED, client.get(), 0);
+  REQUIRE(ro != MAP_FAILED);
+  REQUIRE_OK(e->feed(progress(begun.registration_id, {{0, 20}, {24, 16}}, true)));
+  auto committed = e->commit(begun.registration_id);
+  REQUIRE_OK(committed);
+  CHECK(committed->descriptor.artifact_id == t::expected_mi2(t::small_model_json, m.canonical()));
+  CHECK((::fcntl(client.get(), F_GET_SEALS) & F_SEAL_WRITE) == 0);
+  REQUIRE(::mprotect(ro, m.canonical().size(), PROT_READ | PROT_WRITE) == 0);
+  std::memset(ro, 0x11, m.canonical().size());
+  auto kept = e->open_bytes(committed->descriptor.artifact_id);
+  REQUIRE_OK(kept);
+  CHECK(read_all(**kept) == m.canonical());
+  ::munmap(ro, m.canonical().size());
 }
 
 TEST_CASE("engine stable commit: concurrent chunks from several threads",
