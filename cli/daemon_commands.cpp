@@ -152,7 +152,8 @@ int cmd_put(connection& c, const options& o) {
   auto bundle = index::safetensors_bundle::open(o.positional);
   if (!bundle) return fail_with(bundle.error());
   progress_bar bar;
-  auto put = c.put(**bundle, {o.policy, [&](std::uint64_t done, std::uint64_t total) { bar(done, total); }});
+  // reuse_held: a put of content the daemon holds costs a hash here, not a copy (issue #20).
+  auto put = c.put(**bundle, {o.policy, [&](std::uint64_t done, std::uint64_t total) { bar(done, total); }, true});
   if (!put) return fail_with(put.error());
   return print_registered(*put, o, "put");
 }

@@ -5,6 +5,7 @@
 #include <cerrno>
 #include <cstring>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <map>
@@ -14,7 +15,10 @@
 #include "client/access.hpp"
 #include "client/wire_convert.hpp"
 #include "tensorreg/common/thread_pool.hpp"
+#include "tensorreg/hash/multihash.hpp"
+#include "tensorreg/hash/sha256.hpp"
 #include "tensorreg/hash/tree_hash.hpp"
+#include "tensorreg/identity/content_id.hpp"
 #include "tensorreg/policy/store_policy.hpp"
 
 namespace tensorreg::client {
@@ -68,6 +72,29 @@ status write_canonical(const index::safetensors_bundle& bundle, int fd,
   });
 }
 
+// The descriptor of the daemon's stable replica of `bundle`, if it holds one. The bundle is
+// hashed only when the daemon lists a stable mi2 artifact with the same index multihash.
+result<std::optional<artifact_descriptor>> held_replica(connection& c, const index::safetensors_bundle& bundle) {
+  const auto& idx = bundle.index();
+  const auto index_multihash = hash::encode_multihash(hash::sha256(idx.json()));
+  TENSORREG_TRY_ASSIGN(const auto listed, c.list());
+  const auto stable = [](const artifact_info& a) {
+    return std::find(a.tiers.begin(), a.tiers.end(), tier::stable_dram) != a.tiers.end();
+  };
+  const auto candidate = [&](const artifact_info& a) {
+    return a.descriptor.id_kind == identity::id_kind::mi2 && a.descriptor.index_multihash == index_multihash &&
+           stable(a);
+  };
+  if (std::none_of(listed.begin(), listed.end(), candidate)) return std::nullopt;
+  thread_pool pool(std::max(1u, std::thread::hardware_concurrency()) - 1);
+  TENSORREG_TRY_ASSIGN(const auto id, identity::content_id(idx.json(), bundle.canonical(), &pool));
+  const auto text = id.to_string();
+  for (const auto& a : listed) {
+    if (candidate(a) && a.descriptor.artifact_id == text) return a.descriptor;
+  }
+  return std::nullopt;
+}
+
 result<unique_fd> take_fd(raw::connection::reply& r, std::string_view what) {
   if (r.fds.empty()) return fail(errc::data_loss, "cannot " + std::string(what) + ": the daemon sent no memfd");
   return std::move(r.fds.front());
@@ -103,6 +130,10 @@ result<server_config> connection::config() {
 result<registered> connection::put(const index::safetensors_bundle& bundle, const put_options& options) {
   const auto started = std::chrono::steady_clock::now();
   const auto& idx = bundle.index();
+  if (options.reuse_held && options.profile.empty()) {
+    TENSORREG_TRY_ASSIGN(auto held, held_replica(*this, bundle));
+    if (held) return registered{std::move(*held), true, "", seconds_since(started)};
+  }
   wc::begin_args begin;
   begin.plan = wc::begin_plan::stable_dram;
   begin.device_id = 0;

@@ -42,6 +42,12 @@ struct put_options {
   std::string profile;
   /// Called as bytes are written (done, total), from the writing threads one at a time.
   std::function<void(std::uint64_t, std::uint64_t)> progress;
+  /// When the daemon already holds a stable replica of the bundle's mi2 id, answer with it
+  /// (`existed` true, `registration_id` empty) instead of uploading: the bytes are hashed here
+  /// but never copied. They are hashed only when the daemon holds an artifact of the same index,
+  /// so a put of a new layout costs nothing more. No join is registered (nothing to revoke), so
+  /// only with the default profile, whose join would change nothing the daemon keeps.
+  bool reuse_held = false;
 };
 
 /// Where the daemon holds a copy of an artifact.
