@@ -251,6 +251,8 @@ int cmd_put(connection& c, const options& o) {
   progress_bar bar;
   client::put_options po{o.policy, [&](std::uint64_t done, std::uint64_t total) { bar(done, total); }};
   po.name = o.name.value_or(default_name(o.positional));
+  // reuse_held: a put of content the daemon holds costs a hash here, not a copy (issue #20).
+  po.reuse_held = true;
   auto put = c.put(**bundle, po);
   if (!put) {
     // Others' uploads may have taken the room meanwhile: say it in the same words when so.

@@ -2,6 +2,10 @@
 
 #include <unistd.h>
 
+#include <cerrno>
+#include <cstring>
+
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <map>
@@ -11,7 +15,10 @@
 #include "client/access.hpp"
 #include "client/wire_convert.hpp"
 #include "tensorreg/common/thread_pool.hpp"
+#include "tensorreg/hash/multihash.hpp"
+#include "tensorreg/hash/sha256.hpp"
 #include "tensorreg/hash/tree_hash.hpp"
+#include "tensorreg/identity/content_id.hpp"
 #include "tensorreg/policy/store_policy.hpp"
 
 namespace tensorreg::client {
@@ -26,21 +33,66 @@ double seconds_since(std::chrono::steady_clock::time_point start) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
 
-// Copies the bundle's canonical bytes into `dst`, leaf by leaf on all cores.
-status copy_canonical(const index::safetensors_bundle& bundle, std::span<std::byte> dst,
-                      const std::function<void(std::uint64_t, std::uint64_t)>& progress) {
-  const std::uint64_t total = bundle.canonical().size();
+// Writes the bundle's canonical bytes into the memfd `fd` at [0, size), leaf by leaf on all
+// cores. pwrite() rather than a mapping: stores through a fresh shared mapping fault in and
+// zero every page first, which cost more than the copy itself, and a client that never maps
+// the memfd writable lets the daemon seal and keep it as it is (no second copy at Commit).
+status write_canonical(const index::safetensors_bundle& bundle, int fd,
+                       const std::function<void(std::uint64_t, std::uint64_t)>& progress) {
+  const auto& source = bundle.canonical();
+  const std::uint64_t total = source.size();
+  const std::uint64_t chunks = total / hash::leaf_bytes + (total % hash::leaf_bytes != 0 ? 1 : 0);
   thread_pool pool(std::max(1u, std::thread::hardware_concurrency()) - 1);
   std::atomic<std::uint64_t> done{0};
   std::mutex progress_mutex;
-  return memory::copy_in_chunks(bundle.canonical(), dst, hash::leaf_bytes, pool,
-                                [&](std::size_t, std::uint64_t, std::uint64_t length) {
-                                  const auto now = done.fetch_add(length) + length;
-                                  if (progress) {
-                                    std::lock_guard lock(progress_mutex);
-                                    progress(now, total);
-                                  }
-                                });
+  return pool.parallel_for(chunks, [&](std::size_t chunk) -> status {
+    const std::uint64_t begin = chunk * hash::leaf_bytes;
+    const std::uint64_t length = std::min(hash::leaf_bytes, total - begin);
+    std::uint64_t at = begin;
+    TENSORREG_TRY(source.visit(begin, length, [&](std::span<const std::byte> piece) -> status {
+      while (!piece.empty()) {
+        const ssize_t n = ::pwrite(fd, piece.data(), piece.size(), static_cast<off_t>(at));
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) {
+          return fail(errc_of_errno(errno, errc::resource_exhausted),
+                      "cannot write " + std::to_string(piece.size()) + " bytes at offset " + std::to_string(at) +
+                          " of the daemon's memfd: " + std::strerror(n < 0 ? errno : ENOSPC));
+        }
+        piece = piece.subspan(static_cast<std::size_t>(n));
+        at += static_cast<std::uint64_t>(n);
+      }
+      return {};
+    }));
+    const auto now = done.fetch_add(length) + length;
+    if (progress) {
+      std::lock_guard lock(progress_mutex);
+      progress(now, total);
+    }
+    return {};
+  });
+}
+
+// The descriptor of the daemon's stable replica of `bundle`, if it holds one. The bundle is
+// hashed only when the daemon lists a stable mi2 artifact with the same index multihash.
+result<std::optional<artifact_descriptor>> held_replica(connection& c, const index::safetensors_bundle& bundle) {
+  const auto& idx = bundle.index();
+  const auto index_multihash = hash::encode_multihash(hash::sha256(idx.json()));
+  TENSORREG_TRY_ASSIGN(const auto listed, c.list());
+  const auto stable = [](const artifact_info& a) {
+    return std::find(a.tiers.begin(), a.tiers.end(), tier::stable_dram) != a.tiers.end();
+  };
+  const auto candidate = [&](const artifact_info& a) {
+    return a.descriptor.id_kind == identity::id_kind::mi2 && a.descriptor.index_multihash == index_multihash &&
+           stable(a);
+  };
+  if (std::none_of(listed.begin(), listed.end(), candidate)) return std::nullopt;
+  thread_pool pool(std::max(1u, std::thread::hardware_concurrency()) - 1);
+  TENSORREG_TRY_ASSIGN(const auto id, identity::content_id(idx.json(), bundle.canonical(), &pool));
+  const auto text = id.to_string();
+  for (const auto& a : listed) {
+    if (candidate(a) && a.descriptor.artifact_id == text) return a.descriptor;
+  }
+  return std::nullopt;
 }
 
 result<unique_fd> take_fd(raw::connection::reply& r, std::string_view what) {
@@ -78,6 +130,10 @@ result<server_config> connection::config() {
 result<registered> connection::put(const index::safetensors_bundle& bundle, const put_options& options) {
   const auto started = std::chrono::steady_clock::now();
   const auto& idx = bundle.index();
+  if (options.reuse_held && options.profile.empty()) {
+    TENSORREG_TRY_ASSIGN(auto held, held_replica(*this, bundle));
+    if (held) return registered{std::move(*held), true, "", seconds_since(started)};
+  }
   wc::begin_args begin;
   begin.plan = wc::begin_plan::stable_dram;
   begin.device_id = 0;
@@ -96,11 +152,12 @@ result<registered> connection::put(const index::safetensors_bundle& bundle, cons
     return tl::unexpected(std::move(e));
   };
   TENSORREG_TRY_ASSIGN(auto fd, take_fd(begun, "put"));
-  auto mapped = memory::shared_memory::adopt(std::move(fd), idx.total_size(), /*writable=*/true);
-  if (!mapped) return abort_on_error(mapped.error());
-  if (auto copied = copy_canonical(bundle, mapped->mutable_bytes(), options.progress); !copied) {
-    return abort_on_error(copied.error());
+  // Never mapped here: with no writable mapping left at Commit the daemon keeps the memfd as
+  // its replica instead of copying it (stable_dram.hpp).
+  if (auto written = write_canonical(bundle, fd.get(), options.progress); !written) {
+    return abort_on_error(written.error());
   }
+  fd.reset();
   registration::feed_request written;
   written.registration_id = registration_id;
   written.payload = registration::stable_write_progress{{{0, idx.total_size()}}, true};
@@ -113,6 +170,8 @@ result<registered> connection::put(const index::safetensors_bundle& bundle, cons
 }
 
 result<lease> connection::register_lease(const index::safetensors_bundle& bundle, std::uint32_t ttl_ms) {
+  // The time reported is the time the caller waits, the copy into the region included.
+  const auto started = std::chrono::steady_clock::now();
   const auto& idx = bundle.index();
   // 1. A daemon-managed HOST_SHARED region that will hold the canonical bytes.
   wc::region_args region_args;
@@ -122,12 +181,11 @@ result<lease> connection::register_lease(const index::safetensors_bundle& bundle
   TENSORREG_TRY_ASSIGN(auto region_reply, raw_->call(wc::register_region_request(region_args)));
   const auto region = wc::region_of(region_reply.response);
   TENSORREG_TRY_ASSIGN(auto fd, take_fd(region_reply, "register a region"));
+  TENSORREG_TRY(write_canonical(bundle, fd.get(), {}));
   TENSORREG_TRY_ASSIGN(auto slab, memory::shared_memory::adopt(std::move(fd), idx.total_size(), /*writable=*/true));
   auto memory = std::make_shared<memory::shared_memory>(std::move(slab));
-  TENSORREG_TRY(copy_canonical(bundle, memory->mutable_bytes(), {}));
 
   // 2. Begin → Feed (one storage per distinct (offset, size), aliases, segments) → Commit.
-  const auto started = std::chrono::steady_clock::now();
   wc::begin_args begin;
   begin.plan = wc::begin_plan::lease_in_place;
   begin.device_id = -1;

@@ -1,13 +1,17 @@
 """The canonical bytes in and out of the daemon's memfds: shared mappings to write into (the
-publish memfd of a put, the HOST_SHARED region of a register), a private one to read a replica
-from (get), and the copy of a layout's storages to their canonical offsets.
+HOST_SHARED region of a register), pwrite() into the publish memfd of a put (never mapped, so
+the daemon can seal it and keep it as its replica with no second copy; stores through a fresh
+shared mapping would also fault in and zero every page first), a private mapping to read a
+replica from (get), and the copy of a layout's storages to their canonical offsets.
 
 Thread-safety: pure functions; a mapping belongs to the caller, who closes it with close_map().
 """
 
 from __future__ import annotations
 
+import ctypes
 import mmap
+import os
 
 from . import _layout
 from ._wire import _close_fds
@@ -54,3 +58,52 @@ def write_storages(torch, dst, layout) -> None:
         for s in layout.storages:
             if s.nbytes:
                 dst[s.offset:s.offset + s.nbytes].copy_(_layout.storage_bytes(torch, s.source))
+
+
+# pwrite() moves at most about 2 GiB per call on Linux; a piece of this size keeps each call
+# well under that and still amortises the call.
+_PWRITE_PIECE = 1 << 30
+# Bytes read from a file per pread(): small enough to stay in cache before the pwrite().
+_FILE_PIECE = 1 << 20
+
+
+def pwrite_all(fd: int, data, offset: int) -> None:
+    """Writes every byte of the buffer `data` at `offset` of `fd`."""
+    with memoryview(data) as whole, whole.cast("B") as view:
+        done = 0
+        while done < len(view):
+            with view[done:done + _PWRITE_PIECE] as piece:
+                n = os.pwrite(fd, piece, offset + done)
+            if n <= 0:
+                raise OSError(f"pwrite wrote nothing at offset {offset + done}")
+            done += n
+
+
+def pwrite_storages(torch, fd: int, start: int, layout) -> None:
+    """Writes every non-empty storage of `layout` (CPU tensors) into `fd` at `start` + its
+    canonical offset: one copy, from the tensor's memory straight into the memfd."""
+    for s in layout.storages:
+        if not s.nbytes:
+            continue
+        src = _layout.storage_bytes(torch, s.source)
+        if not src.is_contiguous():
+            src = src.contiguous()
+        # The tensor's own memory, seen as bytes (no numpy needed); `src` keeps it alive.
+        view = (ctypes.c_ubyte * s.nbytes).from_address(src.data_ptr())
+        pwrite_all(fd, view, start + s.offset)
+        del view, src
+
+
+def pwrite_file_range(fd: int, at: int, path_fd: int, offset: int, length: int, buffer: bytearray) -> None:
+    """Copies `length` bytes of the file `path_fd` from `offset` into `fd` at `at`, through
+    `buffer` (pread/pwrite: no mapping of either file)."""
+    with memoryview(buffer) as view:
+        while length > 0:
+            want = min(length, len(buffer))
+            n = os.preadv(path_fd, [view[:want]], offset)
+            if n <= 0:
+                raise OSError(f"the file ended at offset {offset}, {length} bytes short (truncated?)")
+            pwrite_all(fd, view[:n], at)
+            at += n
+            offset += n
+            length -= n

@@ -1,8 +1,10 @@
 """The put flows: a copy of the tensors made by the daemon's own plans.
 
 - CPU tensors and safetensors files: the stable_dram plan. Begin hands over the publish memfd;
-  the canonical bytes are written into it here (torch copies each storage once, or the files'
-  bytes are copied from read-only mappings), then one Feed says the upload is complete.
+  the canonical bytes are written into it here with pwrite (each storage once, from the
+  tensor's memory, or the files' bytes read with pread), never through a mapping, so that the
+  daemon can seal the memfd and keep it as its replica; then one Feed says the upload is
+  complete.
 - CUDA tensors: the coalesced plan. Begin hands over the CUDA IPC handle of a zeroed buffer on
   the GPU; torch copies each storage into it on the device and waits for the copies to land.
 
@@ -14,7 +16,6 @@ Thread-safety: each function runs one put over the given connection (which seria
 
 from __future__ import annotations
 
-import mmap
 import os
 import time
 
@@ -34,12 +35,9 @@ def put(conn: Connection, state_dict, policy: str | None) -> RegisteredArtifact:
     if device.startswith("cuda"):
         return _put_cuda(conn, torch, layout, torch.device(device), profile)
 
-    def write(mm, start):
-        dst = torch.frombuffer(mm, dtype=torch.uint8, count=layout.total_size, offset=start)
-        try:
-            _buffers.write_storages(torch, dst, layout)
-        finally:
-            del dst
+    def write(fd, start):
+        with torch.no_grad():
+            _buffers.pwrite_storages(torch, fd, start, layout)
 
     return _put_stable_dram(conn, layout, profile, write)
 
@@ -59,32 +57,26 @@ def put_safetensors(conn: Connection, paths, policy: str | None) -> RegisteredAr
         raise PermissionDenied(f"cannot read safetensors file '{e.filename}': permission denied") from None
     profile = _requests.policy_profile(policy, "put safetensors files")
 
-    def write(mm, start):
-        dst = memoryview(mm)
-        maps = {}
+    def write(fd, start):
+        files = {}
+        buffer = bytearray(_buffers._FILE_PIECE)
         try:
             for s in layout.storages:
                 path, at, length = s.source
                 if not length:
                     continue
-                if path not in maps:
-                    with open(path, "rb") as f:
-                        maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-                src = memoryview(maps[path])
-                try:
-                    dst[start + s.offset:start + s.offset + length] = src[at:at + length]
-                finally:
-                    src.release()
+                if path not in files:
+                    files[path] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                _buffers.pwrite_file_range(fd, start + s.offset, files[path], at, length, buffer)
         finally:
-            dst.release()
-            for m in maps.values():
-                m.close()
+            for f in files.values():
+                os.close(f)
 
     return _put_stable_dram(conn, layout, profile, write)
 
 
 def _put_stable_dram(conn: Connection, layout, profile, write) -> RegisteredArtifact:
-    """Begin (stable_dram) → write(mapping, start) into the publish memfd → Feed → Commit."""
+    """Begin (stable_dram) → write(fd, start) into the publish memfd → Feed → Commit."""
     begun, fds = conn.call(_requests.put_begin(layout, profile, "stable_dram"))
     registration_id = begun.begin_register_artifact.registration_id
     try:
@@ -95,12 +87,14 @@ def _put_stable_dram(conn: Connection, layout, profile, write) -> RegisteredArti
         if handle.size_bytes < layout.total_size:
             raise DataLoss(f"cannot put {registration_id}: the publish memfd holds {handle.size_bytes} bytes, "
                            f"fewer than total_size {layout.total_size}")
-        mm, start = _buffers.map_received(fds, handle.offset_bytes, layout.total_size,
-                                          f"cannot put {registration_id}: cannot map the publish memfd")
+        # Written, never mapped: the daemon then keeps the memfd as it is (one copy in all).
         try:
-            write(mm, start)
+            write(fds[0], handle.offset_bytes)
+        except OSError as e:
+            raise DataLoss(f"cannot put {registration_id}: cannot write the publish memfd: {e}") from None
         finally:
-            _buffers.close_map(mm)
+            _close_fds(fds)
+            fds.clear()
         conn.feed([_requests.stable_dram_feed(registration_id, layout.total_size)])
         done = commit(conn, registration_id)
     except BaseException:

@@ -5,8 +5,10 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <memory>
 #include <utility>
 
 #include "memory/system_calls.hpp"
@@ -27,7 +29,8 @@ errc errno_code(int e) {
 }  // namespace
 
 result<mapped_file> mapped_file::open(const std::string& path) {
-  const int fd = sys::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  unique_fd owned(sys::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  const int fd = owned.get();
   if (fd < 0) {
     const int e = errno;
     return fail(errno_code(e), "cannot open '" + path + "': " + std::strerror(e));
@@ -35,36 +38,29 @@ result<mapped_file> mapped_file::open(const std::string& path) {
   struct stat st {};
   if (::fstat(fd, &st) != 0) {
     const int e = errno;
-    ::close(fd);
     return fail(errno_code(e), "cannot stat '" + path + "': " + std::strerror(e));
   }
   if (!S_ISREG(st.st_mode)) {
-    ::close(fd);
     return fail(errc::invalid_argument, "cannot map '" + path + "': not a regular file");
   }
   const auto length = static_cast<std::size_t>(st.st_size);
-  if (length == 0) {
-    ::close(fd);
-    return mapped_file(path, {});
-  }
+  if (length == 0) return mapped_file(path, std::move(owned), {});
   void* base = sys::mmap(length, PROT_READ, MAP_PRIVATE, fd);
-  const int e = errno;
-  ::close(fd);  // the mapping keeps the file alive
   if (base == MAP_FAILED) {
+    const int e = errno;
     return fail(errno_code(e), "cannot map '" + path + "': " + std::strerror(e));
   }
-  // Hashing reads each leaf once, front to back.
-  ::madvise(base, length, MADV_SEQUENTIAL);
-  return mapped_file(path, {static_cast<const std::byte*>(base), length});
+  return mapped_file(path, std::move(owned), {static_cast<const std::byte*>(base), length});
 }
 
 mapped_file::mapped_file(mapped_file&& other) noexcept
-    : path_(std::move(other.path_)), bytes_(std::exchange(other.bytes_, {})) {}
+    : path_(std::move(other.path_)), fd_(std::move(other.fd_)), bytes_(std::exchange(other.bytes_, {})) {}
 
 mapped_file& mapped_file::operator=(mapped_file&& other) noexcept {
   if (this != &other) {
     unmap();
     path_ = std::move(other.path_);
+    fd_ = std::move(other.fd_);
     bytes_ = std::exchange(other.bytes_, {});
   }
   return *this;
@@ -82,7 +78,46 @@ void mapped_file::unmap() noexcept {
 status mapped_file::visit(std::uint64_t offset, std::uint64_t length, piece_sink sink) const {
   TENSORREG_TRY(check_range(offset, length));
   if (length == 0) return {};
-  return sink(bytes_.subspan(offset, length));
+  // One buffer per thread, reused by every visit on it (pool threads hash leaves in
+  // parallel); a sink that visits a file again on the same thread gets a buffer of its own.
+  thread_local std::unique_ptr<std::byte[]> reused;
+  thread_local bool reused_busy = false;
+  std::unique_ptr<std::byte[]> own;
+  std::byte* buffer = nullptr;
+  if (!reused_busy) {
+    if (!reused) reused = std::make_unique<std::byte[]>(piece_bytes);
+    buffer = reused.get();
+    reused_busy = true;
+  } else {
+    own = std::make_unique<std::byte[]>(piece_bytes);
+    buffer = own.get();
+  }
+  struct release_reused {
+    bool owned;
+    ~release_reused() {
+      if (owned) reused_busy = false;
+    }
+  } release{!own};
+  while (length > 0) {
+    const auto want = static_cast<std::size_t>(std::min<std::uint64_t>(length, piece_bytes));
+    std::size_t got = 0;
+    while (got < want) {
+      const ssize_t n = sys::pread(fd_.get(), buffer + got, want - got, offset + got);
+      if (n > 0) {
+        got += static_cast<std::size_t>(n);
+        continue;
+      }
+      if (n < 0 && errno == EINTR) continue;
+      const std::string reason =
+          n == 0 ? "the file ends there now (it was truncated after it was opened)" : std::string(std::strerror(errno));
+      return fail(errc::data_loss,
+                  "cannot read '" + path_ + "' at offset " + std::to_string(offset + got) + ": " + reason);
+    }
+    TENSORREG_TRY(sink(std::span<const std::byte>(buffer, want)));
+    offset += want;
+    length -= want;
+  }
+  return {};
 }
 
 }  // namespace tensorreg::memory

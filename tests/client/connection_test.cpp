@@ -111,6 +111,43 @@ TEST_CASE("client connection: put, then get, index, list and stats answer in lib
   CHECK(after->empty());
 }
 
+TEST_CASE("client connection: reuse_held answers a put of held content with nothing uploaded", "[client][connection]") {
+  daemon_process d;
+  testing::temp_dir dir;
+  auto first = small_bundle(dir, 1);
+  auto other = small_bundle(dir, 7);  // the same layout (index), other bytes
+  REQUIRE(first->index().json() == other->index().json());
+  auto c = connect(d);
+  auto put = c.put(*first, {"cache", {}, false});
+  REQUIRE(put);
+
+  client::put_options reuse;
+  reuse.reuse_held = true;
+  std::uint64_t written = 0;
+  reuse.progress = [&](std::uint64_t done, std::uint64_t) { written = done; };
+  auto again = c.put(*first, reuse);
+  REQUIRE(again);
+  CHECK(again->existed);
+  CHECK(again->registration_id.empty());  // no registration: nothing was sent
+  CHECK(written == 0);
+  CHECK(again->descriptor.artifact_id == put->descriptor.artifact_id);
+
+  // Same index, other bytes: hashed here, not held, so uploaded as usual.
+  auto fresh = c.put(*other, reuse);
+  REQUIRE(fresh);
+  CHECK_FALSE(fresh->existed);
+  CHECK(fresh->registration_id.starts_with("reg"));
+  CHECK(written == other->index().total_size());
+  CHECK(fresh->descriptor.artifact_id == offline_id(*other));
+
+  // A policy is a join the daemon must see: then the bytes go up again, as without the option.
+  reuse.profile = "cache";
+  auto with_policy = c.put(*first, reuse);
+  REQUIRE(with_policy);
+  CHECK(with_policy->existed);
+  CHECK(with_policy->registration_id.starts_with("reg"));
+}
+
 TEST_CASE("client connection: a lease keeps itself alive past its TTL; release revokes it and frees its region",
           "[client][connection]") {
   daemon_process d;

@@ -244,6 +244,62 @@ TEST_CASE("mapped_file: missing files and directories are clear errors", "[memor
   CHECK(empty->size() == 0);
 }
 
+TEST_CASE("mapped_file: a file truncated after it was opened reads as DATA_LOSS, not SIGBUS", "[memory][mapped_file]") {
+  tensorreg::testing::temp_dir dir;
+  const auto path = dir.path() / "shrinks.bin";
+  const auto bytes = random_bytes((1 << 20) + 5, 7);
+  std::ofstream(path, std::ios::binary)
+      .write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
+  auto file = mapped_file::open(path.string());
+  REQUIRE(file);
+  std::filesystem::resize_file(path, 1000);
+  std::uint64_t seen = 0;
+  auto read = file->visit(0, file->size(), [&](std::span<const std::byte> piece) -> tensorreg::status {
+    seen += piece.size();
+    return {};
+  });
+  REQUIRE_FALSE(read);
+  CHECK(read.error().code == errc::data_loss);
+  CHECK(read.error().message == "cannot read '" + path.string() +
+                                    "' at offset 1000: the file ends there now (it was truncated after it was opened)");
+  CHECK(seen == 0);  // the short piece was never handed out
+}
+
+TEST_CASE("mapped_file: pieces are at most piece_bytes, and a nested visit on the same thread reads right",
+          "[memory][mapped_file]") {
+  tensorreg::testing::temp_dir dir;
+  const auto a_bytes = random_bytes(3 * mapped_file::piece_bytes + 3, 8);
+  const auto b_bytes = random_bytes(mapped_file::piece_bytes + 1, 9);
+  std::ofstream(dir.path() / "a.bin", std::ios::binary)
+      .write(reinterpret_cast<const char*>(a_bytes.data()), static_cast<std::streamsize>(a_bytes.size()));
+  std::ofstream(dir.path() / "b.bin", std::ios::binary)
+      .write(reinterpret_cast<const char*>(b_bytes.data()), static_cast<std::streamsize>(b_bytes.size()));
+  auto a = mapped_file::open((dir.path() / "a.bin").string());
+  auto b = mapped_file::open((dir.path() / "b.bin").string());
+  REQUIRE(a);
+  REQUIRE(b);
+  std::vector<std::byte> a_read, b_read;
+  std::size_t largest = 0;
+  REQUIRE(a->visit(0, a->size(), [&](std::span<const std::byte> piece) -> tensorreg::status {
+    largest = std::max(largest, piece.size());
+    // Read b inside a's sink: a's piece must survive it unchanged.
+    const std::vector<std::byte> before(piece.begin(), piece.end());
+    b_read.clear();
+    TENSORREG_TRY(b->visit(0, b->size(), [&](std::span<const std::byte> inner) -> tensorreg::status {
+      b_read.insert(b_read.end(), inner.begin(), inner.end());
+      return {};
+    }));
+    if (!std::equal(before.begin(), before.end(), piece.begin())) {
+      return tensorreg::fail(errc::internal, "a nested visit overwrote the outer piece");
+    }
+    a_read.insert(a_read.end(), piece.begin(), piece.end());
+    return {};
+  }));
+  CHECK(largest == mapped_file::piece_bytes);
+  CHECK(a_read == a_bytes);
+  CHECK(b_read == b_bytes);
+}
+
 TEST_CASE("shared_memory: an adopted descriptor sees the creator's bytes", "[memory][shared_memory]") {
   auto owner = shared_memory::create(4096, "tensorreg-test").value();
   owner.mutable_bytes()[100] = std::byte{42};

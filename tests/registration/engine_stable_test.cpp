@@ -6,6 +6,7 @@
 #include <catch2/catch.hpp>
 
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -281,6 +282,103 @@ TEST_CASE("engine stable commit: memfd publish gives the same id as streamed chu
   auto kept = e->open_bytes(committed->descriptor.artifact_id);
   REQUIRE_OK(kept);
   CHECK(read_all(**kept) == m.canonical());
+}
+
+// What the C++ and Python clients do with the publish handle: pwrite into their own duplicate
+// of the memfd, never mapping it.
+unique_fd client_fd_written(const begin_response& begun, const std::string& bytes) {
+  const auto& hs = std::get<stable_dram_handshake>(begun.handshake);
+  REQUIRE(hs.publish);
+  auto fd = hs.publish->memory->duplicate_fd();
+  REQUIRE_OK(fd);
+  REQUIRE(::pwrite(fd->get(), bytes.data(), bytes.size(), 0) == static_cast<ssize_t>(bytes.size()));
+  return std::move(*fd);
+}
+
+TEST_CASE("engine stable commit: a memfd no client maps writable is sealed and kept as the replica",
+          "[registration][engine_stable]") {
+  fake_clock clock;
+  auto e = t::make_engine(clock);
+  const auto m = big_model();
+  auto begun = begin_stable(*e, m);
+  auto client = client_fd_written(begun, m.canonical());
+  REQUIRE_OK(e->feed(progress(begun.registration_id, {{0, m.canonical().size()}}, true)));
+  auto committed = e->commit(begun.registration_id);
+  REQUIRE_OK(committed);
+  CHECK(committed->descriptor.artifact_id == t::expected_mi2(m.index().json(), m.canonical()));
+  // Kept, not copied: the client's own fd now names sealed memory it can no longer change.
+  const int seals = ::fcntl(client.get(), F_GET_SEALS);
+  CHECK((seals & F_SEAL_WRITE) != 0);
+  CHECK((seals & F_SEAL_SHRINK) != 0);
+  errno = 0;
+  CHECK(::pwrite(client.get(), "evil", 4, 0) == -1);
+  CHECK(errno == EPERM);
+  CHECK(::ftruncate(client.get(), 0) == -1);
+  auto kept = e->open_bytes(committed->descriptor.artifact_id);
+  REQUIRE_OK(kept);
+  CHECK(read_all(**kept) == m.canonical());
+  CHECK(e->stats().stable_bytes == m.canonical().size());
+}
+
+TEST_CASE("engine stable commit: an unmapped memfd with garbage in PAD is copied with PAD zeroed",
+          "[registration][engine_stable]") {
+  fake_clock clock;
+  auto e = t::make_engine(clock);
+  const auto m = t::small_model();
+  auto begun = begin_stable(*e, m);
+  auto client = client_fd_written(begun, m.canonical_with_pad('\x77'));
+  REQUIRE_OK(e->feed(progress(begun.registration_id, {{0, 20}, {24, 16}}, true)));
+  auto committed = e->commit(begun.registration_id);
+  REQUIRE_OK(committed);
+  CHECK(committed->descriptor.artifact_id == t::expected_mi2(t::small_model_json, m.canonical()));
+  auto kept = e->open_bytes(committed->descriptor.artifact_id);
+  REQUIRE_OK(kept);
+  CHECK(read_all(**kept) == m.canonical());
+}
+
+TEST_CASE("engine stable commit: a memfd the client still maps writable is copied, not kept",
+          "[registration][engine_stable]") {
+  fake_clock clock;
+  auto e = t::make_engine(clock);
+  const auto m = t::small_model();
+  auto begun = begin_stable(*e, m);
+  auto client = client_mapping(begun);
+  const auto bytes = m.canonical();
+  std::memcpy(client.mutable_bytes().data(), bytes.data(), bytes.size());
+  REQUIRE_OK(e->feed(progress(begun.registration_id, {{0, 20}, {24, 16}}, true)));
+  auto committed = e->commit(begun.registration_id);
+  REQUIRE_OK(committed);
+  CHECK(committed->descriptor.artifact_id == t::expected_mi2(t::small_model_json, m.canonical()));
+  // Not sealed (the kernel refused while the mapping lives), so the daemon kept its own copy.
+  CHECK((::fcntl(client.fd(), F_GET_SEALS) & F_SEAL_WRITE) == 0);
+  std::memset(client.mutable_bytes().data(), 0x11, bytes.size());
+  auto kept = e->open_bytes(committed->descriptor.artifact_id);
+  REQUIRE_OK(kept);
+  CHECK(read_all(**kept) == m.canonical());
+}
+
+TEST_CASE("engine stable commit: a read-only shared mapping of a writable fd also stops the memfd being kept",
+          "[registration][engine_stable]") {
+  fake_clock clock;
+  auto e = t::make_engine(clock);
+  const auto m = t::small_model();
+  auto begun = begin_stable(*e, m);
+  auto client = client_fd_written(begun, m.canonical());
+  // PROT_READ, but through an O_RDWR fd: mprotect could make it writable later, so the kernel
+  // refuses the seal and the engine must copy.
+  void* ro = ::mmap(nullptr, m.canonical().size(), PROT_READ, MAP_SHARED, client.get(), 0);
+  REQUIRE(ro != MAP_FAILED);
+  REQUIRE_OK(e->feed(progress(begun.registration_id, {{0, 20}, {24, 16}}, true)));
+  auto committed = e->commit(begun.registration_id);
+  REQUIRE_OK(committed);
+  CHECK(committed->descriptor.artifact_id == t::expected_mi2(t::small_model_json, m.canonical()));
+  CHECK((::fcntl(client.get(), F_GET_SEALS) & F_SEAL_WRITE) == 0);
+  REQUIRE(::mprotect(ro, m.canonical().size(), PROT_READ | PROT_WRITE) == 0);
+  std::memset(ro, 0x11, m.canonical().size());
+  auto kept = e->open_bytes(committed->descriptor.artifact_id);
+  REQUIRE_OK(kept);
+  CHECK(read_all(**kept) == m.canonical());
+  ::munmap(ro, m.canonical().size());
 }
 
 TEST_CASE("engine stable commit: concurrent chunks from several threads",

@@ -1,10 +1,18 @@
 // tensorreg/memory/mapped_file.hpp — a read-only memory mapping of a whole file.
 //
-// `mapped_file` owns the mapping (move-only; unmapped on destruction) and is a
-// `byte_source`, so files are hashed in place. A zero-length file maps to an empty source.
+// `mapped_file` owns the mapping and an open descriptor of the file (move-only; both released
+// on destruction) and is a `byte_source`. A zero-length file maps to an empty source.
 //
-// Thread-safety: immutable after create(); concurrent visits are safe. The file must not be
-// truncated while mapped (the kernel would then raise SIGBUS on access).
+// visit() does not read through the mapping: it pread()s each piece into a small per-thread
+// buffer and hands that out. Touching a page-cached file through a fresh mapping costs a page
+// fault per few pages, which made hashing a file far slower than hashing memory; a read into a
+// cache-sized buffer costs one copy the cache absorbs. It also makes a file truncated under a
+// visit a DATA_LOSS answer rather than a SIGBUS. bytes() still gives the mapping, for readers
+// that need addresses (a header parse, a region handed to another process).
+//
+// Thread-safety: immutable after create(); concurrent visits are safe (each thread reads into
+// its own buffer). Readers of bytes() must not let the file be truncated while they read
+// (the kernel would then raise SIGBUS).
 #pragma once
 
 #include <cstddef>
@@ -12,6 +20,7 @@
 #include <span>
 #include <string>
 
+#include "tensorreg/common/unique_fd.hpp"
 #include "tensorreg/memory/byte_source.hpp"
 
 namespace tensorreg::memory {
@@ -30,16 +39,25 @@ class mapped_file final : public byte_source {
   ~mapped_file() override;
 
   [[nodiscard]] std::uint64_t size() const noexcept override { return bytes_.size(); }
+  /// Pieces are at most piece_bytes long and valid only during the sink's call.
+  /// Errors: OUT_OF_RANGE (outside the file as opened), DATA_LOSS (the file became shorter or
+  /// unreadable since it was opened; the message names the path, the offset and the reason).
   [[nodiscard]] status visit(std::uint64_t offset, std::uint64_t length, piece_sink sink) const override;
+
+  /// The largest piece visit() hands out: small enough to stay in a core's cache between the
+  /// read and the consumer (a hash, a copy).
+  static constexpr std::size_t piece_bytes = 256 * 1024;
 
   [[nodiscard]] std::span<const std::byte> bytes() const noexcept { return bytes_; }
   [[nodiscard]] const std::string& path() const noexcept { return path_; }
 
  private:
-  mapped_file(std::string path, std::span<const std::byte> bytes) noexcept : path_(std::move(path)), bytes_(bytes) {}
+  mapped_file(std::string path, unique_fd fd, std::span<const std::byte> bytes) noexcept
+      : path_(std::move(path)), fd_(std::move(fd)), bytes_(bytes) {}
   void unmap() noexcept;
 
   std::string path_;
+  unique_fd fd_;  // read by visit(); open for as long as the mapping
   std::span<const std::byte> bytes_;
 };
 

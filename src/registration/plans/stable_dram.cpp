@@ -2,7 +2,9 @@
 
 #include "memory/system_calls.hpp"
 #include "tensorreg/common/random.hpp"
+#include "tensorreg/hash/tree_hash.hpp"
 
+#include <algorithm>
 #include <cstring>
 
 namespace tensorreg::registration::detail {
@@ -15,6 +17,42 @@ std::string_view mode_name(stable_upload::mode m) {
     case stable_upload::mode::none: break;
   }
   return "none";
+}
+
+// Whether every PAD byte of `map` in `bytes` is zero (DECISIONS §5.1: PAD is kept as zero).
+result<bool> pad_is_zero(const memory::byte_source& bytes, const index::byte_range_map& map) {
+  bool zero = true;
+  for (const auto& r : map.ranges()) {
+    if (r.kind != index::range_kind::pad) continue;
+    TENSORREG_TRY(bytes.visit(r.offset, r.length, [&](std::span<const std::byte> piece) -> status {
+      zero = zero && std::all_of(piece.begin(), piece.end(), [](std::byte b) { return b == std::byte{0}; });
+      return {};
+    }));
+    if (!zero) break;
+  }
+  return zero;
+}
+
+// Keeps the client-written staging memfd as the replica when its bytes can no longer change:
+// sealing it against writes fails (EBUSY) while any writable shared mapping exists, in the
+// client or elsewhere, so once sealed the hash taken here describes the kept bytes for good.
+// Empty when it cannot be kept as it is (still mapped writable, or PAD not zero): the caller
+// then copies it.
+result<std::optional<materialized>> adopt_staging(const std::shared_ptr<memory::shared_memory>& staging,
+                                                  const index::byte_range_map& map, bool want_digest, thread_pool& pool,
+                                                  cancel_flag cancel) {
+  if (!staging->seal_read_only()) return std::nullopt;
+  TENSORREG_TRY_ASSIGN(const bool clean, pad_is_zero(*staging, map));
+  if (!clean) return std::nullopt;
+  materialized out;
+  if (want_digest) {
+    const cancellable_source source(*staging, cancel);
+    TENSORREG_TRY_ASSIGN(out.data_digest, hash::tree_hash(source, &pool));
+  }
+  // Its fd went to the client at Begin: never recycle it for other bytes.
+  staging->mark_exported();
+  out.replica = staging;
+  return out;
 }
 
 }  // namespace
@@ -72,6 +110,11 @@ void stable_upload::mark_complete() noexcept {
 std::uint64_t stable_upload::bytes_written() const {
   std::lock_guard lock(mutex_);
   return bytes_written_;
+}
+
+stable_upload::mode stable_upload::filled_by() const {
+  std::lock_guard lock(mutex_);
+  return mode_;
 }
 
 status stable_upload::check_covers(const index::byte_range_map& map) const {
@@ -162,20 +205,29 @@ result<commit_response> stable_dram::commit(commit_context& ctx) {
   const auto& p = ctx.facts;
   // The normalized canonical buffer: DATA as uploaded, PAD as zero (DECISIONS §5.1).
   std::shared_ptr<const memory::byte_source> normalized;
+  std::optional<materialized> adopted;
   if (upload_) {
     const auto map = index::byte_range_map::from_index(*index_);
     if (auto covered = upload_->check_covers(map); !covered) {
       ctx.retryable = true;  // the client can still send the missing bytes
       return tl::unexpected(std::move(covered).error());
     }
-    TENSORREG_TRY_ASSIGN(normalized, normalized_source::create(upload_->staging(), *index_));
+    if (upload_->filled_by() == stable_upload::mode::memfd_ranges) {
+      TENSORREG_TRY_ASSIGN(adopted, adopt_staging(upload_->staging(), map, p.cgid.empty(), ctx.pool, ctx.cancelled));
+    }
+    if (!adopted) {
+      TENSORREG_TRY_ASSIGN(normalized, normalized_source::create(upload_->staging(), *index_));
+    }
   } else {
     // stage_on_gpu: the client wrote the device staging buffer through its own mapping.
     TENSORREG_TRY_ASSIGN(normalized, normalized_source::create(device_staging_->bytes, *index_));
   }
-  // Keep a private host copy, hashed as it is made: the client still maps the staging memory
-  // and could change it.
-  TENSORREG_TRY_ASSIGN(auto copy, materialize(*normalized, p.cgid.empty(), ctx.pool, ctx.devices, ctx.cancelled));
+  // Otherwise keep a private host copy, hashed as it is made: the client still maps the
+  // staging memory and could change it.
+  if (!adopted) {
+    TENSORREG_TRY_ASSIGN(adopted, materialize(*normalized, p.cgid.empty(), ctx.pool, ctx.devices, ctx.cancelled));
+  }
+  auto& copy = *adopted;
   auto descriptor = describe(p, *index_, copy.data_digest);
 
   commit_response response;

@@ -5,6 +5,12 @@
 // written) and `stable_dram`, the plan over it or over a daemon-owned device staging buffer
 // (stage_on_gpu).
 //
+// A memfd-publish upload whose client no longer maps the memfd writable is kept as it is: at
+// Commit the engine seals the memfd against writes (which the kernel refuses while any writable
+// shared mapping of it exists, so a sealed memfd can no longer change under the hash), hashes
+// it in place and admits it as the replica, with no second copy. Otherwise (the client still
+// maps it, streamed chunks, or PAD bytes that are not zero) Commit copies it as before.
+//
 // The engine stages a stable_dram upload in a memfd of total_size bytes. A client fills it
 // either by streamed chunks (the engine copies each chunk in) or by writing the memfd itself
 // and reporting written ranges (memfd publish); the two modes do not mix (§4.3.10). Ranges
@@ -49,6 +55,8 @@ class stable_upload {
 
   [[nodiscard]] const std::shared_ptr<memory::shared_memory>& staging() const noexcept { return staging_; }
   [[nodiscard]] std::uint64_t bytes_written() const;
+  /// How the client filled the upload so far (none before its first chunk or range).
+  [[nodiscard]] mode filled_by() const;
 
  private:
   [[nodiscard]] status reserve(std::uint64_t offset, std::uint64_t length, mode wanted);
@@ -64,7 +72,8 @@ class stable_upload {
 /// The stable_dram plan. Begin checks the index and the budget and stages the upload: a memfd
 /// the client writes (streamed chunks or memfd publish), or with stage_on_gpu a device buffer
 /// it writes through its IPC handle. Commit copies the normalized buffer into a private host
-/// replica, hashing it as it is made, and admits that to the stable DRAM cache.
+/// replica, hashing it as it is made, or adopts the sealed memfd itself (see above), and admits
+/// that to the stable DRAM cache.
 class stable_dram final : public plan {
  public:
   /// Errors: INVALID_ARGUMENT, NOT_FOUND (the index, as engine::begin), FAILED_PRECONDITION

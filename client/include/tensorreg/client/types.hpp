@@ -31,6 +31,8 @@ struct registered {
   artifact_descriptor descriptor;
   bool existed = false;         ///< the daemon held the artifact already (a join)
   std::string registration_id;  ///< revoke() takes it
+  /// Seconds the call took, from its start to the commit's answer: the time its caller waited,
+  /// copies of the bytes included.
   double begin_to_commit_seconds = 0;
   /// Artifacts the daemon evicted from its stable DRAM cache to make room for this one.
   std::vector<std::string> evicted{};
@@ -44,6 +46,12 @@ struct put_options {
   std::function<void(std::uint64_t, std::uint64_t)> progress;
   /// A name for people that `ls` shows (at most 256 bytes, no control characters); empty = none.
   std::string name{};
+  /// When the daemon already holds a stable replica of the bundle's mi2 id, answer with it
+  /// (`existed` true, `registration_id` empty) instead of uploading: the bytes are hashed here
+  /// but never copied. They are hashed only when the daemon holds an artifact of the same index,
+  /// so a put of a new layout costs nothing more. No join is registered (nothing to revoke), so
+  /// only with the default profile, whose join would change nothing the daemon keeps.
+  bool reuse_held = false;
 };
 
 /// Where the daemon holds a copy of an artifact.
