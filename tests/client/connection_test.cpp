@@ -118,7 +118,7 @@ TEST_CASE("client connection: reuse_held answers a put of held content with noth
   auto other = small_bundle(dir, 7);  // the same layout (index), other bytes
   REQUIRE(first->index().json() == other->index().json());
   auto c = connect(d);
-  auto put = c.put(*first, {"cache", {}, false});
+  auto put = c.put(*first, {"cache", {}});
   REQUIRE(put);
 
   client::put_options reuse;
