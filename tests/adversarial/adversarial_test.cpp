@@ -323,10 +323,12 @@ void cross_pid(harness& h) {
   CHECK(lines[2] == "abort " + pd + denied("abort", pending));
   CHECK(lines[3] == "revoke-pending " + pd + denied("revoke", pending));
   CHECK(lines[4] == "revoke-lease " + pd + denied("revoke", lease.info().registration_id));
-  CHECK_THAT(lines[5], Contains("keep-alive " + pd + " "));
+  CHECK(lines[5] == "keep-alive " + pd + " cannot keep registration '" + pending + "' alive: owner_pid " + them +
+                        " is not the registration's owner " + me());
   CHECK_THAT(lines[6], Contains("deregister " + pd + " cannot deregister " + lease.info().descriptor.artifact_id));
   CHECK_THAT(lines[6], Contains("by pid " + me() + ", not only by the calling process " + them));
-  CHECK_THAT(lines[7], Contains("unregister-region " + pd + " "));
+  CHECK(lines[7] == "unregister-region " + pd + " cannot unregister region '" + lease.region_ids()[0] +
+                        "': owned by pid " + me() + ", not " + them);
   REQUIRE(h.raw().call(lip::abort(pending)));
 }
 
@@ -356,6 +358,9 @@ void huge_and_overflowing_sizes(harness& h) {
   auto max = h.raw().call(lip::begin(::getpid(), UINT64_MAX, 0));
   REQUIRE_FALSE(max);
   CHECK(max.error().code == errc::resource_exhausted);
+  CHECK(
+      max.error().message ==
+      "cannot begin registration: total_size 18446744073709551615 exceeds this engine's limit of 1099511627776 bytes");
 
   // A storage window whose end overflows 64 bits, over a real region.
   auto region = h.raw().call(lip::managed_region(::getpid(), 4096));
@@ -369,7 +374,9 @@ void huge_and_overflowing_sizes(harness& h) {
   auto fed = h.raw().feed({wrapping});
   REQUIRE_FALSE(fed);
   CHECK(fed.error().code == errc::failed_precondition);
-  CHECK_THAT(fed.error().message, Contains(region_id));
+  CHECK(fed.error().message ==
+        "cannot add storage 's0': cannot use region '" + region_id +
+            "' for storage 's0': bytes [18446744073709551515, +4096) exceed the region's 4096 bytes");
   // A segment whose end overflows: refused at Commit before any memory is read.
   auto segment = lip::one_storage(reg, region_id, 4096);
   segment.mutable_lease_segments()->mutable_segments(0)->set_artifact_offset(UINT64_MAX - 8);
@@ -377,16 +384,43 @@ void huge_and_overflowing_sizes(harness& h) {
   auto commit = h.raw().call(lip::commit(reg));
   REQUIRE_FALSE(commit);
   CHECK(commit.error().code == errc::invalid_argument);
-  // An alias past its storage: OUT_OF_RANGE (registration.md §5.1), with lengths near 2^64.
-  auto begun2 = h.raw().call(lip::begin(::getpid(), 4096, 60'000));
-  REQUIRE(begun2);
-  const auto reg2 = begun2->response.begin_register_artifact().registration_id();
-  auto alias = lip::one_storage(reg2, region_id, 4096);
-  alias.mutable_tensor_aliases(0)->set_storage_offset(UINT64_MAX / 2);
-  REQUIRE(h.raw().feed({alias}));
-  auto past = h.raw().call(lip::commit(reg2));
-  REQUIRE_FALSE(past);
-  CHECK((past.error().code == errc::out_of_range || past.error().code == errc::invalid_argument));
+  CHECK(commit.error().message ==
+        "cannot build byte range map: tensor 'weights' at offset 18446744073709551607 with size "
+        "4096 ends past 2^64");
+  // Aliases whose end wraps past 2^64: byte offsets near it, and an element offset whose
+  // product with the element size is 2^64 (0 if it wrapped).
+  struct overflowing_alias {
+    std::uint64_t storage_offset;
+    const char* dtype;
+    errc expected;
+    std::string message;
+  };
+  const std::vector<overflowing_alias> aliases = {
+      {UINT64_MAX / 2, "torch.uint8", errc::out_of_range,
+       "cannot rebuild index: alias 'weights' ends at byte 9223372036854779903, past storage_length 4096 of storage "
+       "'s0'"},
+      {UINT64_MAX - 10, "torch.uint8", errc::invalid_argument,
+       "cannot rebuild index: alias 'weights': storage_offset 18446744073709551605 does not fit a signed 64-bit "
+       "integer"},
+      {std::uint64_t{1} << 61, "torch.float64", errc::out_of_range,
+       "cannot rebuild index: alias 'weights': storage_offset 2305843009213693952 elements overflows 64 bits"},
+  };
+  for (const auto& a : aliases) {
+    INFO("alias storage_offset " << a.storage_offset << " of " << a.dtype);
+    auto begun2 = h.raw().call(lip::begin(::getpid(), 4096, 60'000));
+    REQUIRE(begun2);
+    const auto reg2 = begun2->response.begin_register_artifact().registration_id();
+    auto alias = lip::one_storage(reg2, region_id, 4096);
+    alias.mutable_tensor_aliases(0)->set_storage_offset(a.storage_offset);
+    alias.mutable_tensor_aliases(0)->set_dtype(a.dtype);
+    alias.mutable_tensor_aliases(0)->set_shape(0, std::string(a.dtype) == "torch.uint8" ? 4096 : 512);
+    REQUIRE(h.raw().feed({alias}));
+    auto past = h.raw().call(lip::commit(reg2));
+    REQUIRE_FALSE(past);
+    CHECK(past.error().code == a.expected);
+    CHECK(past.error().message == a.message);
+    (void)h.raw().call(lip::abort(reg2));
+  }
   REQUIRE(h.raw().call(lip::unregister_region(::getpid(), region_id)));
 }
 
@@ -520,7 +554,8 @@ void garbage_bodies(harness& h) {
     REQUIRE(answer);
     CHECK(answer->request_id() == 0);
     CHECK(code_of(*answer) == code(errc::invalid_argument));
-    CHECK_THAT(answer->status().message(), Contains("cannot parse request"));
+    CHECK(answer->status().message() ==
+          "cannot parse request: " + std::to_string(garbage.size()) + " bytes are not a tensorreg.wire.v1.Request");
   }
   // A Begin whose body is five bytes of text.
   {
@@ -529,6 +564,8 @@ void garbage_bodies(harness& h) {
     auto answer = testing::send_and_answer(fd->get(), encode_frame(std::string("\x08\x01\x52\x05hello", 9)).value());
     REQUIRE(answer);
     CHECK(code_of(*answer) == code(errc::invalid_argument));
+    CHECK(answer->request_id() == 0);
+    CHECK(answer->status().message() == "cannot parse request: 9 bytes are not a tensorreg.wire.v1.Request");
   }
   // A well-formed request with no body.
   wire::Request empty;
@@ -537,6 +574,8 @@ void garbage_bodies(harness& h) {
   REQUIRE(fd);
   auto answer = testing::send_and_answer(fd->get(), testing::framed(empty));
   REQUIRE(answer);
+  CHECK(answer->request_id() == 5);
+  CHECK(answer->status().message() == "cannot handle request 5: the request has no body");
   CHECK(code_of(*answer) == code(errc::invalid_argument));
 }
 
@@ -640,25 +679,25 @@ void spec_rows(harness& h) {
        [](auto& b) { b.mutable_begin_register_artifact()->mutable_lease()->set_in_place(false); },
        {},
        errc::unimplemented,
-       "",
+       "(in_place=false) is not implemented",
        false},
       {"a view",
        [](auto& b) { b.mutable_begin_register_artifact()->mutable_view(); },
        {},
        errc::unimplemented,
-       "",
+       "cannot begin registration: view registration is not implemented yet",
        false},
       {"a malformed CGID",
        [](auto& b) { b.mutable_begin_register_artifact()->set_client_artifact_id("cgid:not valid"); },
        {},
        errc::invalid_argument,
-       "",
+       "cannot begin registration: invalid cgid 'cgid:not valid'",
        false},
       {"segment storage_id empty",
        {},
        [](auto& f) { f.mutable_lease_segments()->mutable_segments(0)->set_storage_id(""); },
        errc::invalid_argument,
-       "",
+       "cannot add lease segment 0: storage_id is empty",
        false},
       {"storage entry with no source",
        {},
@@ -678,7 +717,7 @@ void spec_rows(harness& h) {
          f.mutable_storage_entries(0)->mutable_region_ref()->set_region_id("region:00000000000000000000000000000000");
        },
        errc::not_found,
-       "",
+       "cannot find region 'region:00000000000000000000000000000000': no such region",
        false},
       {"region kind mismatch",
        {},
@@ -686,13 +725,13 @@ void spec_rows(harness& h) {
          f.mutable_storage_entries(0)->mutable_region_ref()->set_memory_kind(v2::REGION_MEMORY_KIND_VRAM);
        },
        errc::failed_precondition,
-       "",
+       "region is HOST_SHARED, not VRAM",
        false},
       {"region bounds",
        {},
        [](auto& f) { f.mutable_storage_entries(0)->set_mapping_base_offset(8000); },
        errc::failed_precondition,
-       "",
+       "bytes [8000, +4096) exceed the region's 8192 bytes",
        false},
       {"no lease segments",
        {},
@@ -710,25 +749,25 @@ void spec_rows(harness& h) {
        {},
        [](auto& f) { f.mutable_tensor_aliases(0)->set_storage_id("s9"); },
        errc::invalid_argument,
-       "",
+       "alias 'weights' refers to unknown storage_id=s9",
        true},
       {"alias past its storage",
        {},
        [](auto& f) { f.mutable_tensor_aliases(0)->set_storage_offset(1); },
        errc::out_of_range,
-       "",
+       "alias 'weights' ends at byte 4097, past storage_length",
        true},
       {"segment end past total_size",
        {},
        [](auto& f) { f.mutable_lease_segments()->mutable_segments(0)->set_artifact_offset(4096); },
        errc::invalid_argument,
-       "",
+       "tensor 'weights' ends at 8192, past total_size 4096",
        true},
       {"segment length != storage_length",
        {},
        [](auto& f) { f.mutable_lease_segments()->mutable_segments(0)->set_length(100); },
        errc::invalid_argument,
-       "",
+       "segment 0 of storage 's0' has length 100, not the storage_length 4096",
        true},
   };
   for (const auto& r : rows) {
