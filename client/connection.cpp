@@ -180,10 +180,18 @@ result<lease> connection::register_lease(const index::safetensors_bundle& bundle
   region_args.size_bytes = idx.total_size();
   TENSORREG_TRY_ASSIGN(auto region_reply, raw_->call(wc::register_region_request(region_args)));
   const auto region = wc::region_of(region_reply.response);
-  TENSORREG_TRY_ASSIGN(auto fd, take_fd(region_reply, "register a region"));
-  TENSORREG_TRY(write_canonical(bundle, fd.get(), {}));
-  TENSORREG_TRY_ASSIGN(auto slab, memory::shared_memory::adopt(std::move(fd), idx.total_size(), /*writable=*/true));
-  auto memory = std::make_shared<memory::shared_memory>(std::move(slab));
+  // From here on every failure unregisters the region: left registered it would stay, and
+  // count against this uid's share of regions, until this process exits.
+  auto unregister_on_error = [&](error e) -> tl::unexpected<error> {
+    release_regions(*raw_, {region.region_id});
+    return tl::unexpected(std::move(e));
+  };
+  auto fd = take_fd(region_reply, "register a region");
+  if (!fd) return unregister_on_error(fd.error());
+  if (auto written = write_canonical(bundle, fd->get(), {}); !written) return unregister_on_error(written.error());
+  auto slab = memory::shared_memory::adopt(std::move(*fd), idx.total_size(), /*writable=*/true);
+  if (!slab) return unregister_on_error(slab.error());
+  auto memory = std::make_shared<memory::shared_memory>(std::move(*slab));
 
   // 2. Begin → Feed (one storage per distinct (offset, size), aliases, segments) → Commit.
   wc::begin_args begin;
@@ -192,8 +200,9 @@ result<lease> connection::register_lease(const index::safetensors_bundle& bundle
   begin.total_size = idx.total_size();
   begin.ttl_ms = ttl_ms;
   begin.owner_pid = own_pid();
-  TENSORREG_TRY_ASSIGN(auto begun, raw_->call(wc::begin_request(begin)));
-  const std::string registration_id = wc::registration_id_of(begun.response);
+  auto begun = raw_->call(wc::begin_request(begin));
+  if (!begun) return unregister_on_error(begun.error());
+  const std::string registration_id = wc::registration_id_of(begun->response);
 
   registration::feed_request feed;
   feed.registration_id = registration_id;
@@ -215,7 +224,7 @@ result<lease> connection::register_lease(const index::safetensors_bundle& bundle
   auto committed = fed ? raw_->call(wc::commit_request(registration_id)) : tl::unexpected(fed.error());
   if (!committed) {
     static_cast<void>(raw_->call(wc::revoke_request(registration_id, {})));
-    return tl::unexpected(committed.error());
+    return unregister_on_error(committed.error());
   }
   const auto commit = wc::commit_of(committed->response);
   registered info{commit.descriptor, commit.existed, registration_id, seconds_since(started)};

@@ -185,6 +185,27 @@ TEST_CASE("client connection: a lease keeps itself alive past its TTL; release r
   CHECK(after->regions == 0);
 }
 
+TEST_CASE("client connection: a lease the daemon refuses leaves no region behind", "[client][connection]") {
+  daemon_process d;
+  testing::temp_dir dir;
+  auto bundle = small_bundle(dir, 3);
+  auto c = connect(d);
+  auto held = c.register_lease(*bundle, 0);
+  REQUIRE(held);
+  // The same bytes again on the same device: refused at Commit, after the region was made.
+  for (int attempt = 0; attempt < 3; ++attempt) {
+    auto again = c.register_lease(*bundle, 0);
+    REQUIRE_FALSE(again);
+    CHECK(again.error().code == errc::already_exists);
+    CHECK_THAT(again.error().message, Catch::Contains("lease already exists for artifact on device"));
+  }
+  auto stats = c.stats();
+  REQUIRE(stats);
+  CHECK(stats->regions == 1);
+  CHECK(stats->leases == 1);
+  CHECK(stats->pending_registrations == 0);
+}
+
 TEST_CASE("client connection: the daemon's errors come back with its code and message", "[client][connection]") {
   daemon_process d;
   auto c = connect(d);

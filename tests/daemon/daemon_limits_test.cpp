@@ -65,20 +65,7 @@ TEST_CASE("tensorregd limits: more than 250 fds with one frame are answered INVA
   // 253 fds (Linux's SCM_MAX_FD) on the sendmsg of one frame; the daemon has room for 250.
   std::vector<int> fds;
   for (int i = 0; i < 253; ++i) fds.push_back(STDERR_FILENO);
-  const auto bytes = framed(stats_request(7));
-  std::vector<char> control(CMSG_SPACE(sizeof(int) * fds.size()));
-  iovec iov{const_cast<char*>(bytes.data()), bytes.size()};
-  msghdr msg{};
-  msg.msg_iov = &iov;
-  msg.msg_iovlen = 1;
-  msg.msg_control = control.data();
-  msg.msg_controllen = control.size();
-  cmsghdr* c = CMSG_FIRSTHDR(&msg);
-  c->cmsg_level = SOL_SOCKET;
-  c->cmsg_type = SCM_RIGHTS;
-  c->cmsg_len = CMSG_LEN(sizeof(int) * fds.size());
-  std::memcpy(CMSG_DATA(c), fds.data(), sizeof(int) * fds.size());
-  REQUIRE(::sendmsg(fd->get(), &msg, MSG_NOSIGNAL) == static_cast<ssize_t>(bytes.size()));
+  REQUIRE(tensorreg::testing::send_unchecked(fd->get(), framed(stats_request(7)), fds));
   auto answer = next_answer(fd->get());
   REQUIRE(answer);
   CHECK(answer->request_id() == 0);
