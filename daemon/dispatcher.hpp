@@ -14,9 +14,14 @@
 // end-of-stream frame gets the one answer. An error mid-stream is answered at once and later
 // frames of that stream are ignored.
 //
-// Thread-safety: handle() may run concurrently for different connections; one connection's
-// frames must be handled one at a time, in order (the server runs each session's frames on a
-// strand). Ownership: the dispatcher borrows the engine and the logger, which must outlive it.
+// Lanes (docs/wire-format.md §5): lane_of() tells the server where a frame may run. Control
+// requests never hash, copy or wait, so the server answers them at once however busy the
+// workers are; Feed stream frames keep their order; the rest is work.
+//
+// Thread-safety: handle() may run concurrently, also for frames of one connection, except that
+// a connection's `stream` frames must be handled one at a time, in the order received (the
+// server queues them per session). close_connection() only once nothing of that connection is
+// being handled. Ownership: the dispatcher borrows the engine and the logger, which must outlive it.
 #pragma once
 
 #include <cstdint>
@@ -49,6 +54,13 @@ struct frame_in {
   std::vector<unique_fd> fds;
 };
 
+/// Where the server runs a frame (docs/wire-format.md §5).
+enum class request_lane {
+  control,  ///< cheap and never blocking (GetStats, List, index, KeepAlive, Abort, Revoke, config)
+  work,     ///< may hash, copy, map or wait: the worker pool
+  stream,   ///< a Feed stream's frame: in order with the connection's other stream frames
+};
+
 /// A serialised Response envelope and the fds to send with it.
 struct frame_out {
   std::string payload;
@@ -73,6 +85,10 @@ class dispatcher {
   dispatcher& operator=(const dispatcher&) = delete;
 
   [[nodiscard]] connection_ptr open_connection(const peer_credentials& peer);
+
+  /// The lane of a frame, from the envelope's top-level tags only (no copy, no full parse). A
+  /// frame that does not parse is `work`: handle() answers it.
+  [[nodiscard]] static request_lane lane_of(const frame_in& frame) noexcept;
 
   /// Handles one request frame. Returns no response for a Feed frame that does not end its
   /// stream (and is not the first error of its stream).
