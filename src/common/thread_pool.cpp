@@ -1,6 +1,10 @@
 #include "tensorreg/common/thread_pool.hpp"
 
+#include <sys/resource.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <cerrno>
 #include <condition_variable>
 #include <deque>
 #include <exception>
@@ -90,8 +94,14 @@ struct thread_pool::impl {
   std::size_t queued = 0;                                                    // guarded by mutex
   std::vector<std::jthread> workers;
 
-  void run(std::stop_token stop) {
+  void run(std::stop_token stop, int nice) {
     pool_of_thread = this;
+    if (nice != 0) {
+      // Best effort: a worker left at the default priority only shares the cores less kindly.
+      errno = 0;
+      const int now = ::getpriority(PRIO_PROCESS, static_cast<id_t>(::gettid()));
+      if (errno == 0) (void)::setpriority(PRIO_PROCESS, static_cast<id_t>(::gettid()), now + nice);
+    }
     for (;;) {
       owned_job job;
       {
@@ -148,7 +158,8 @@ thread_pool::thread_pool(thread_pool_options options) : impl_(std::make_unique<i
   impl_->callers_help = options.callers_help;
   impl_->workers.reserve(options.threads);
   for (unsigned i = 0; i < options.threads; ++i) {
-    impl_->workers.emplace_back([state = impl_.get()](std::stop_token stop) { state->run(stop); });
+    impl_->workers.emplace_back(
+        [state = impl_.get(), nice = options.nice](std::stop_token stop) { state->run(stop, nice); });
   }
 }
 

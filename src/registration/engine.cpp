@@ -107,8 +107,8 @@ struct engine::state {
         // Commits only wait for their leaves: the workers hash and copy every leaf, taking the
         // owners' queues in turn, so commits share the cores by client (docs/architecture.md §9.1).
         pool(thread_pool_options{
-            options.hash_threads != 0 ? options.hash_threads : std::max(1u, std::thread::hardware_concurrency()),
-            false}),
+            options.hash_threads != 0 ? options.hash_threads : std::max(1u, std::thread::hardware_concurrency()), false,
+            options.hash_nice}),
         regions(time, regions::registry_options{options.region_capacity, options.region_capacity_per_uid,
                                                 std::chrono::minutes(10)}),
         devices(options.devices),

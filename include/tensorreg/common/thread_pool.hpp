@@ -39,6 +39,9 @@ struct thread_pool_options {
   unsigned threads = 0;
   /// Whether the caller of parallel_for runs indices itself (see the header comment).
   bool callers_help = true;
+  /// Added to each worker's nice value (Linux: per thread; raising it needs no privilege), so
+  /// that bulk work yields the cores to latency-sensitive threads; 0 = unchanged.
+  int nice = 0;
 };
 
 class thread_pool {
