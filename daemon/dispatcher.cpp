@@ -566,13 +566,7 @@ struct dispatcher::impl {
 
   // A connection-level error (docs/wire-format.md §4): the id names a request still in flight.
   static answer id_in_use(const wire::Request& request) {
-    const auto id = request.request_id();
-    const auto method = is_end_marker(request) ? std::string_view("FeedRegisterArtifactStream")
-                                               : convert::rpc_name(request.body_case());
-    return error_answer(0, error{errc::invalid_argument,
-                                 fmt::format("cannot handle {} request {}: request_id {} is in use by a request "
-                                             "still in flight",
-                                             method, id, id)});
+    return error_answer(0, dispatcher::id_in_use(request.request_id()));
   }
 
   static bool is_end_marker(const wire::Request& request) {
@@ -650,7 +644,13 @@ std::optional<frame_out> dispatcher::handle(connection& conn, frame_in frame) {
   return serialize(std::move(*out));
 }
 
-request_lane dispatcher::lane_of(const frame_in& frame) noexcept {
+error dispatcher::id_in_use(std::uint64_t request_id) {
+  return error{errc::invalid_argument, fmt::format("cannot handle request {}: request_id {} is in use by a request "
+                                                   "still in flight",
+                                                   request_id, request_id)};
+}
+
+std::pair<request_lane, std::uint64_t> dispatcher::lane_of(const frame_in& frame) noexcept {
   namespace io = google::protobuf::io;
   using wfl = google::protobuf::internal::WireFormatLite;
   using R = wire::Request;
@@ -658,29 +658,34 @@ request_lane dispatcher::lane_of(const frame_in& frame) noexcept {
                           static_cast<int>(std::min<std::size_t>(frame.payload.size(), INT32_MAX)));
   int body = 0;
   bool end_of_stream = false;
+  std::uint64_t id = 0;
   while (const std::uint32_t tag = in.ReadTag()) {
     const int field = wfl::GetTagFieldNumber(tag);
     if (field == R::kEndOfStreamFieldNumber && wfl::GetTagWireType(tag) == wfl::WIRETYPE_VARINT) {
       std::uint64_t v = 0;
-      if (!in.ReadVarint64(&v)) return request_lane::work;
+      if (!in.ReadVarint64(&v)) return {request_lane::work, 0};
       end_of_stream = v != 0;
       continue;
     }
+    if (field == R::kRequestIdFieldNumber && wfl::GetTagWireType(tag) == wfl::WIRETYPE_VARINT) {
+      if (!in.ReadVarint64(&id)) return {request_lane::work, 0};
+      continue;
+    }
     if (field != R::kRequestIdFieldNumber) body = field;  // the last body field wins, as in a parse
-    if (!wfl::SkipField(&in, tag)) return request_lane::work;
+    if (!wfl::SkipField(&in, tag)) return {request_lane::work, 0};
   }
-  if (!in.ConsumedEntireMessage()) return request_lane::work;
+  if (!in.ConsumedEntireMessage()) return {request_lane::work, 0};
   switch (body) {
-    case R::kFeedRegisterArtifactStreamFieldNumber: return request_lane::stream;
-    case 0: return end_of_stream ? request_lane::stream : request_lane::work;
+    case R::kFeedRegisterArtifactStreamFieldNumber: return {request_lane::stream, id};
+    case 0: return {end_of_stream ? request_lane::stream : request_lane::work, id};
     case R::kGetStatsFieldNumber:
     case R::kListArtifactsFieldNumber:
     case R::kGetArtifactIndexByIdFieldNumber:
     case R::kGetServerConfigFieldNumber:
     case R::kKeepAliveRegisterArtifactFieldNumber:
     case R::kAbortRegisteredArtifactFieldNumber:
-    case R::kRevokeRegisteredArtifactFieldNumber: return request_lane::control;
-    default: return request_lane::work;
+    case R::kRevokeRegisteredArtifactFieldNumber: return {request_lane::control, id};
+    default: return {request_lane::work, id};
   }
 }
 

@@ -28,6 +28,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "tensorreg/common/logger.hpp"
@@ -86,9 +87,13 @@ class dispatcher {
 
   [[nodiscard]] connection_ptr open_connection(const peer_credentials& peer);
 
-  /// The lane of a frame, from the envelope's top-level tags only (no copy, no full parse). A
-  /// frame that does not parse is `work`: handle() answers it.
-  [[nodiscard]] static request_lane lane_of(const frame_in& frame) noexcept;
+  /// The lane of a frame and its request_id (0 when absent), from the envelope's top-level tags
+  /// only (no copy, no full parse). A frame that does not parse is `work`: handle() answers it.
+  [[nodiscard]] static std::pair<request_lane, std::uint64_t> lane_of(const frame_in& frame) noexcept;
+
+  /// The connection-level error (request_id 0, docs/wire-format.md §4) for a request whose id
+  /// is still in flight on its connection.
+  [[nodiscard]] static error id_in_use(std::uint64_t request_id);
 
   /// Handles one request frame. Returns no response for a Feed frame that does not end its
   /// stream (and is not the first error of its stream).

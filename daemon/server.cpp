@@ -15,6 +15,7 @@
 #include <list>
 #include <optional>
 #include <thread>
+#include <unordered_set>
 
 #include "framing.hpp"
 #include "src/common/log.hpp"
@@ -142,8 +143,19 @@ class session : public std::enable_shared_from_this<session> {
 
   // Hands one frame to its lane; its answer is written when it is ready.
   void start(frame_in in) {
+    const auto [lane, id] = dispatcher::lane_of(in);
+    if (lane != request_lane::stream && id != 0 && !ids_in_flight_.insert(id).second) {
+      // Checked here, in arrival order, so that the answer does not depend on which request a
+      // worker happens to start first (docs/wire-format.md §4).
+      rejecting_ = true;
+      ++in_flight_;
+      asio::co_spawn(socket_.get_executor(),
+                     answer_ready(shared_from_this(), dispatch_.reject(dispatcher::id_in_use(id))),
+                     log_exception{&log_, "a session's request"});
+      stop();
+      return;
+    }
     ++in_flight_;
-    const auto lane = dispatcher::lane_of(in);
     if (lane == request_lane::stream) {
       // A Feed stream's messages apply in the order sent (§6): one at a time, in arrival order.
       stream_queue_.push_back(std::move(in));
@@ -155,15 +167,21 @@ class session : public std::enable_shared_from_this<session> {
       return;
     }
     asio::thread_pool& pool = lane == request_lane::control ? control_ : workers_;
-    asio::co_spawn(socket_.get_executor(), answer_one(shared_from_this(), pool, std::move(in)),
+    asio::co_spawn(socket_.get_executor(), answer_one(shared_from_this(), pool, std::move(in), id),
                    log_exception{&log_, "a session's request"});
+  }
+
+  asio::awaitable<void> answer_ready([[maybe_unused]] std::shared_ptr<session> alive, frame_out out) {
+    co_await send(std::move(out));
+    finished_one();
   }
 
   // `alive` holds the session until the answer is written (coroutine parameters live in its frame).
   asio::awaitable<void> answer_one([[maybe_unused]] std::shared_ptr<session> alive, asio::thread_pool& pool,
-                                   frame_in in) {
+                                   frame_in in, std::uint64_t id) {
     auto out = co_await asio::co_spawn(pool.get_executor(), handle_on_worker(dispatch_, *connection_, std::move(in)),
                                        asio::use_awaitable);
+    ids_in_flight_.erase(id);
     if (out) co_await send(std::move(*out));
     finished_one();
   }
@@ -338,13 +356,14 @@ class session : public std::enable_shared_from_this<session> {
   dispatcher::connection_ptr connection_;
   // All on the I/O thread.
   bool stopping_ = false;
-  bool closed_ = false;                // run() has ended
-  std::size_t in_flight_ = 0;          // frames read and not yet answered (or dropped)
-  std::deque<frame_in> stream_queue_;  // Feed stream frames waiting for their turn
-  bool stream_running_ = false;        // run_streams() is working through stream_queue_
-  std::deque<frame_out> outbox_;       // answers waiting for the writer
-  bool writing_ = false;               // a send() is writing the outbox
-  bool write_closed_ = false;          // a write failed or an id-0 answer went out
+  bool closed_ = false;                              // run() has ended
+  std::size_t in_flight_ = 0;                        // frames read and not yet answered (or dropped)
+  std::unordered_set<std::uint64_t> ids_in_flight_;  // request_ids of the unary requests in flight
+  std::deque<frame_in> stream_queue_;                // Feed stream frames waiting for their turn
+  bool stream_running_ = false;                      // run_streams() is working through stream_queue_
+  std::deque<frame_out> outbox_;                     // answers waiting for the writer
+  bool writing_ = false;                             // a send() is writing the outbox
+  bool write_closed_ = false;                        // a write failed or an id-0 answer went out
   // The watchdog's view: a reject being written, last activity, the partial frame.
   bool rejecting_ = false;
   std::chrono::steady_clock::time_point last_activity_;

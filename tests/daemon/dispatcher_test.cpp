@@ -1115,7 +1115,11 @@ TEST_CASE("dispatcher: a client memfd not sealed against shrinking is FAILED_PRE
 TEST_CASE("dispatcher: lane_of sends cheap requests to control, Feed frames to stream, the rest to work",
           "[daemon][dispatcher]") {
   using tensorreg::daemon::request_lane;
-  const auto lane = [](const wire::Request& r) { return dispatcher::lane_of(frame_in{r.SerializeAsString(), {}}); };
+  const auto lane = [](const wire::Request& r) {
+    const auto [found, id] = dispatcher::lane_of(frame_in{r.SerializeAsString(), {}});
+    CHECK(id == r.request_id());
+    return found;
+  };
   wire::Request r;
   r.set_request_id(5);
   r.mutable_get_stats();
@@ -1150,8 +1154,8 @@ TEST_CASE("dispatcher: lane_of sends cheap requests to control, Feed frames to s
   CHECK(lane(end) == request_lane::stream);
 
   // Frames the dispatcher will refuse go where handle() answers them.
-  CHECK(dispatcher::lane_of(frame_in{"\xff\xff\xff", {}}) == request_lane::work);
-  CHECK(dispatcher::lane_of(frame_in{"", {}}) == request_lane::work);
+  CHECK(dispatcher::lane_of(frame_in{"\xff\xff\xff", {}}).first == request_lane::work);
+  CHECK(dispatcher::lane_of(frame_in{"", {}}).first == request_lane::work);
   wire::Request bodiless;
   bodiless.set_request_id(5);
   CHECK(lane(bodiless) == request_lane::work);
