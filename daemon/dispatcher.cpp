@@ -679,10 +679,10 @@ std::pair<request_lane, std::uint64_t> dispatcher::lane_of(const frame_in& frame
     case R::kFeedRegisterArtifactStreamFieldNumber: return {request_lane::stream, id};
     case 0: return {end_of_stream ? request_lane::stream : request_lane::work, id};
     case R::kGetStatsFieldNumber:
+    case R::kGetServerConfigFieldNumber:
+    case R::kKeepAliveRegisterArtifactFieldNumber: return {request_lane::immediate, id};
     case R::kListArtifactsFieldNumber:
     case R::kGetArtifactIndexByIdFieldNumber:
-    case R::kGetServerConfigFieldNumber:
-    case R::kKeepAliveRegisterArtifactFieldNumber:
     case R::kAbortRegisteredArtifactFieldNumber:
     case R::kRevokeRegisteredArtifactFieldNumber: return {request_lane::control, id};
     default: return {request_lane::work, id};

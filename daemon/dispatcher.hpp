@@ -14,9 +14,9 @@
 // end-of-stream frame gets the one answer. An error mid-stream is answered at once and later
 // frames of that stream are ignored.
 //
-// Lanes (docs/wire-format.md §5): lane_of() tells the server where a frame may run. Control
-// requests never hash, copy or wait, so the server answers them at once however busy the
-// workers are; Feed stream frames keep their order; the rest is work.
+// Lanes (docs/wire-format.md §5): lane_of() tells the server where a frame may run. Immediate
+// and control requests never hash, copy or wait, so the server answers them at once however
+// busy the workers are; Feed stream frames keep their order; the rest is work.
 //
 // Thread-safety: handle() may run concurrently, also for frames of one connection, except that
 // a connection's `stream` frames must be handled one at a time, in the order received (the
@@ -57,9 +57,10 @@ struct frame_in {
 
 /// Where the server runs a frame (docs/wire-format.md §5).
 enum class request_lane {
-  control,  ///< cheap and never blocking (GetStats, List, index, KeepAlive, Abort, Revoke, config)
-  work,     ///< may hash, copy, map or wait: the worker pool
-  stream,   ///< a Feed stream's frame: in order with the connection's other stream frames
+  immediate,  ///< a few table reads under the engine mutex (GetStats, KeepAlive, GetServerConfig)
+  control,    ///< cheap and never blocking (List, index, Abort, Revoke)
+  work,       ///< may hash, copy, map or wait: the worker pool
+  stream,     ///< a Feed stream's frame: in order with the connection's other stream frames
 };
 
 /// A serialised Response envelope and the fds to send with it.

@@ -49,10 +49,11 @@ struct log_exception {
 }  // namespace
 
 // One client connection: reads frames and hands each to the dispatcher as it arrives, without
-// waiting for the answers of earlier ones (docs/wire-format.md §5). Control requests run on the
-// control pool, Feed stream frames one at a time in arrival order, the rest on the worker pool;
-// answers are written on the I/O thread as they finish, one frame at a time. At most
-// max_in_flight requests are in flight: beyond that the session stops reading (backpressure).
+// waiting for the answers of earlier ones (docs/wire-format.md §5). Immediate requests run on
+// the I/O thread, control requests on the control pool, Feed stream frames one at a time in
+// arrival order, the rest on the worker pool. Answers are written on the I/O thread as they
+// finish, one frame at a time. At most max_in_flight requests are in flight: beyond that the
+// session stops reading (backpressure).
 class session : public std::enable_shared_from_this<session> {
  public:
   session(stream::socket socket, const peer_credentials& peer, dispatcher& dispatch, asio::thread_pool& workers,
@@ -156,6 +157,15 @@ class session : public std::enable_shared_from_this<session> {
       return;
     }
     ++in_flight_;
+    if (lane == request_lane::immediate) {
+      // A few table reads: answered here, on the I/O thread, without the two thread hops of a
+      // pool (each a scheduling delay when the cores are busy).
+      auto out = dispatch_.handle(*connection_, std::move(in));
+      ids_in_flight_.erase(id);
+      asio::co_spawn(socket_.get_executor(), answer_ready(shared_from_this(), std::move(out)),
+                     log_exception{&log_, "a session's request"});
+      return;
+    }
     if (lane == request_lane::stream) {
       // A Feed stream's messages apply in the order sent (§6): one at a time, in arrival order.
       stream_queue_.push_back(std::move(in));
@@ -171,8 +181,8 @@ class session : public std::enable_shared_from_this<session> {
                    log_exception{&log_, "a session's request"});
   }
 
-  asio::awaitable<void> answer_ready([[maybe_unused]] std::shared_ptr<session> alive, frame_out out) {
-    co_await send(std::move(out));
+  asio::awaitable<void> answer_ready([[maybe_unused]] std::shared_ptr<session> alive, std::optional<frame_out> out) {
+    if (out) co_await send(std::move(*out));
     finished_one();
   }
 

@@ -3,8 +3,9 @@
 // The server owns an io_context (one I/O thread), the Unix socket acceptor, a signal_set for
 // SIGINT/SIGTERM, the registry of live sessions, a worker pool on which requests are handled
 // (hashing, copying and disk never run on the I/O thread) and a small control pool for the
-// requests that never block (dispatcher::lane_of), so that GetStats, List, KeepAlive, Abort or
-// Revoke are answered at once however many commits keep the workers busy. Each session keeps
+// requests that never block (dispatcher::lane_of), so that List, Abort or Revoke are answered
+// at once however many commits keep the workers busy; GetStats, GetServerConfig and KeepAlive,
+// a few table reads, are answered on the I/O thread itself. Each session keeps
 // reading frames while earlier ones are in flight (docs/wire-format.md §5): it hands each to
 // its lane as it arrives, keeps a Feed stream's frames in order, and writes each answer when
 // it is ready, one whole frame at a time. Past max_in_flight_per_connection requests in flight

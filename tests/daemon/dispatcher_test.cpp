@@ -1112,7 +1112,7 @@ TEST_CASE("dispatcher: a client memfd not sealed against shrinking is FAILED_PRE
                "shrink under the mapping; add it with fcntl(F_ADD_SEALS, F_SEAL_SHRINK) before sending");
 }
 
-TEST_CASE("dispatcher: lane_of sends cheap requests to control, Feed frames to stream, the rest to work",
+TEST_CASE("dispatcher: lane_of sends cheap requests to immediate or control, Feed frames to stream, the rest to work",
           "[daemon][dispatcher]") {
   using tensorreg::daemon::request_lane;
   const auto lane = [](const wire::Request& r) {
@@ -1123,14 +1123,14 @@ TEST_CASE("dispatcher: lane_of sends cheap requests to control, Feed frames to s
   wire::Request r;
   r.set_request_id(5);
   r.mutable_get_stats();
-  CHECK(lane(r) == request_lane::control);
+  CHECK(lane(r) == request_lane::immediate);
+  r.mutable_get_server_config();
+  CHECK(lane(r) == request_lane::immediate);
+  r.mutable_keep_alive_register_artifact()->set_registration_id("reg_1");
+  CHECK(lane(r) == request_lane::immediate);
   r.mutable_list_artifacts();
   CHECK(lane(r) == request_lane::control);
   r.mutable_get_artifact_index_by_id()->set_artifact_id("mi2:x");
-  CHECK(lane(r) == request_lane::control);
-  r.mutable_get_server_config();
-  CHECK(lane(r) == request_lane::control);
-  r.mutable_keep_alive_register_artifact()->set_registration_id("reg_1");
   CHECK(lane(r) == request_lane::control);
   r.mutable_abort_registered_artifact()->set_registration_id("reg_1");
   CHECK(lane(r) == request_lane::control);
