@@ -175,7 +175,8 @@ class worker_gate {
 
 }  // namespace
 
-TEST_CASE("thread_pool: owners' jobs are served round-robin, each owner's in order", "[common][thread_pool]") {
+TEST_CASE("thread_pool: owners' jobs are served round-robin, each owner's in order",
+          "[common][thread_pool][concurrency]") {
   thread_pool pool(1);
   worker_gate gate(pool);
   std::vector<std::string> ran;  // only the one worker appends
