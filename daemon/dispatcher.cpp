@@ -1,6 +1,8 @@
 #include "dispatcher.hpp"
 
 #include <fmt/format.h>
+#include <google/protobuf/io/coded_stream.h>
+#include <google/protobuf/wire_format_lite.h>
 
 #include <fcntl.h>
 
@@ -76,17 +78,25 @@ class dispatcher::connection {
   connection& operator=(const connection&) = delete;
 
   void close() noexcept {
+    std::lock_guard lock(mutex_);
     streams_.clear();
     if (open_ != nullptr) --*std::exchange(open_, nullptr);
   }
 
   [[nodiscard]] const peer_credentials& peer() const noexcept { return peer_; }
+  // Unary requests of one connection run concurrently with each other and with its stream
+  // frames: the tables below are touched only under mutex(). A feed_stream's fields are used
+  // by the stream frames alone (one at a time), except `failed`, which is set under mutex().
+  [[nodiscard]] std::mutex& mutex() noexcept { return mutex_; }
   [[nodiscard]] std::unordered_map<std::uint64_t, feed_stream>& streams() noexcept { return streams_; }
+  [[nodiscard]] std::unordered_set<std::uint64_t>& unary_in_flight() noexcept { return unary_in_flight_; }
 
  private:
   peer_credentials peer_;
   std::atomic<std::size_t>* open_;
-  std::unordered_map<std::uint64_t, feed_stream> streams_;
+  std::mutex mutex_;
+  std::unordered_map<std::uint64_t, feed_stream> streams_;  // guarded by mutex_
+  std::unordered_set<std::uint64_t> unary_in_flight_;       // guarded by mutex_
 };
 
 // ---- The handlers --------------------------------------------------------------------------
@@ -655,15 +665,24 @@ struct dispatcher::impl {
 
   std::optional<answer> feed(connection& conn, wire::Request& request, std::size_t fds) {
     const auto id = request.request_id();
-    auto [it, first] = conn.streams().try_emplace(id);
-    if (it->second.failed) return std::nullopt;  // answered already
-    auto applied = feed_frame(conn.peer(), it->second, first, request, fds);
+    feed_stream* stream = nullptr;
+    bool first = false;
+    {
+      std::lock_guard lock(conn.mutex());
+      auto [it, inserted] = conn.streams().try_emplace(id);
+      if (it->second.failed) return std::nullopt;  // answered already
+      stream = &it->second;                        // stable: only stream frames erase, one at a time
+      first = inserted;
+    }
+    auto applied = feed_frame(conn.peer(), *stream, first, request, fds);
     if (applied) return std::nullopt;
-    it->second.failed = true;
+    std::lock_guard lock(conn.mutex());
+    stream->failed = true;
     return error_answer(id, applied.error());
   }
 
   answer end_stream(connection& conn, std::uint64_t id) {
+    std::lock_guard lock(conn.mutex());
     auto it = conn.streams().find(id);
     if (it == conn.streams().end()) {
       return error_answer(id, error{errc::invalid_argument, fmt::format("cannot end feed stream {}: missing feed "
@@ -683,15 +702,20 @@ struct dispatcher::impl {
   // A frame of a Feed stream: a feed message, or the end-of-stream marker.
   std::optional<answer> stream_frame(connection& conn, wire::Request& request, std::vector<unique_fd> fds) {
     const auto id = request.request_id();
-    auto it = conn.streams().find(id);
-    if (it != conn.streams().end() && it->second.failed) {
-      if (request.end_of_stream()) conn.streams().erase(it);  // its answer went out with the error
-      return std::nullopt;
+    {
+      std::lock_guard lock(conn.mutex());
+      if (conn.unary_in_flight().contains(id)) return id_in_use(request);
+      auto it = conn.streams().find(id);
+      if (it != conn.streams().end() && it->second.failed) {
+        if (request.end_of_stream()) conn.streams().erase(it);  // its answer went out with the error
+        return std::nullopt;
+      }
     }
     if (!request.end_of_stream()) return feed(conn, request, fds.size());
     const bool has_body = request.has_feed_register_artifact_stream();
     if (has_body || !fds.empty()) {
-      if (it != conn.streams().end()) conn.streams().erase(it);
+      std::lock_guard lock(conn.mutex());
+      conn.streams().erase(id);
       const auto why = has_body ? std::string("the end_of_stream frame carries a body")
                                 : fd_count(fds.size()) + " arrived with the end_of_stream frame";
       return error_answer(id, error{errc::invalid_argument, fmt::format("cannot end feed stream {}: {}", id, why)});
@@ -715,14 +739,33 @@ struct dispatcher::impl {
     if (request.has_feed_register_artifact_stream() || is_end_marker(request)) {
       return stream_frame(conn, request, std::move(frame.fds));
     }
-    if (conn.streams().contains(id)) {
-      // A connection-level error (docs/wire-format.md §4): the id is still outstanding.
-      return error_answer(0, error{errc::invalid_argument,
-                                   fmt::format("cannot handle {} request {}: request_id {} is in use by an open feed "
-                                               "stream",
-                                               convert::rpc_name(request.body_case()), id, id)});
+    {
+      std::lock_guard lock(conn.mutex());
+      if (conn.streams().contains(id)) {
+        // A connection-level error (docs/wire-format.md §4): the id is still outstanding.
+        return error_answer(0, error{errc::invalid_argument,
+                                     fmt::format("cannot handle {} request {}: request_id {} is in use by an open feed "
+                                                 "stream",
+                                                 convert::rpc_name(request.body_case()), id, id)});
+      }
+      if (!conn.unary_in_flight().insert(id).second) return id_in_use(request);
     }
+    // Requests of one connection run concurrently (docs/wire-format.md §5): the id is taken
+    // until this one is answered.
+    struct release_id {
+      connection& conn;
+      std::uint64_t id;
+      ~release_id() {
+        std::lock_guard lock(conn.mutex());
+        conn.unary_in_flight().erase(id);
+      }
+    } const release{conn, id};
     return unary(conn, request, std::move(frame.fds));
+  }
+
+  // A connection-level error (docs/wire-format.md §4): the id names a request still in flight.
+  static answer id_in_use(const wire::Request& request) {
+    return error_answer(0, dispatcher::id_in_use(request.request_id()));
   }
 
   static bool is_end_marker(const wire::Request& request) {
@@ -792,12 +835,58 @@ std::optional<frame_out> dispatcher::handle(connection& conn, frame_in frame) {
   }
   if (out && out->response.status().code() != 0) {
     // A stream answered with an error takes no more frames (as a handler's own error does).
+    std::lock_guard lock(conn.mutex());
     if (auto it = conn.streams().find(request.request_id()); it != conn.streams().end()) it->second.failed = true;
   }
   impl_->log_rpc(conn.peer(), request, out, started);
   if (!out) return std::nullopt;
   impl_->count_answer(request, *out, started);
   return serialize(std::move(*out));
+}
+
+error dispatcher::id_in_use(std::uint64_t request_id) {
+  return error{errc::invalid_argument, fmt::format("cannot handle request {}: request_id {} is in use by a request "
+                                                   "still in flight",
+                                                   request_id, request_id)};
+}
+
+std::pair<request_lane, std::uint64_t> dispatcher::lane_of(const frame_in& frame) noexcept {
+  namespace io = google::protobuf::io;
+  using wfl = google::protobuf::internal::WireFormatLite;
+  using R = wire::Request;
+  io::CodedInputStream in(reinterpret_cast<const std::uint8_t*>(frame.payload.data()),
+                          static_cast<int>(std::min<std::size_t>(frame.payload.size(), INT32_MAX)));
+  int body = 0;
+  bool end_of_stream = false;
+  std::uint64_t id = 0;
+  while (const std::uint32_t tag = in.ReadTag()) {
+    const int field = wfl::GetTagFieldNumber(tag);
+    if (field == R::kEndOfStreamFieldNumber && wfl::GetTagWireType(tag) == wfl::WIRETYPE_VARINT) {
+      std::uint64_t v = 0;
+      if (!in.ReadVarint64(&v)) return {request_lane::work, 0};
+      end_of_stream = v != 0;
+      continue;
+    }
+    if (field == R::kRequestIdFieldNumber && wfl::GetTagWireType(tag) == wfl::WIRETYPE_VARINT) {
+      if (!in.ReadVarint64(&id)) return {request_lane::work, 0};
+      continue;
+    }
+    if (field != R::kRequestIdFieldNumber) body = field;  // the last body field wins, as in a parse
+    if (!wfl::SkipField(&in, tag)) return {request_lane::work, 0};
+  }
+  if (!in.ConsumedEntireMessage()) return {request_lane::work, 0};
+  switch (body) {
+    case R::kFeedRegisterArtifactStreamFieldNumber: return {request_lane::stream, id};
+    case 0: return {end_of_stream ? request_lane::stream : request_lane::work, id};
+    case R::kGetStatsFieldNumber:
+    case R::kGetServerConfigFieldNumber:
+    case R::kKeepAliveRegisterArtifactFieldNumber: return {request_lane::immediate, id};
+    case R::kListArtifactsFieldNumber:
+    case R::kGetArtifactIndexByIdFieldNumber:
+    case R::kAbortRegisteredArtifactFieldNumber:
+    case R::kRevokeRegisteredArtifactFieldNumber: return {request_lane::control, id};
+    default: return {request_lane::work, id};
+  }
 }
 
 frame_out dispatcher::reject(const error& e) const { return serialize(error_answer(0, e)); }

@@ -18,15 +18,21 @@
 // end-of-stream frame gets the one answer. An error mid-stream is answered at once and later
 // frames of that stream are ignored.
 //
-// Thread-safety: handle() may run concurrently for different connections; one connection's
-// frames must be handled one at a time, in order (the server runs each session's frames on a
-// strand). Ownership: the dispatcher borrows the engine and the logger, which must outlive it.
+// Lanes (docs/wire-format.md §5): lane_of() tells the server where a frame may run. Immediate
+// and control requests never hash, copy or wait, so the server answers them at once however
+// busy the workers are; Feed stream frames keep their order; the rest is work.
+//
+// Thread-safety: handle() may run concurrently, also for frames of one connection, except that
+// a connection's `stream` frames must be handled one at a time, in the order received (the
+// server queues them per session). close_connection() only once nothing of that connection is
+// being handled. Ownership: the dispatcher borrows the engine and the logger, which must outlive it.
 #pragma once
 
 #include <cstdint>
 #include <memory>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "tensorreg/common/logger.hpp"
@@ -58,6 +64,14 @@ struct frame_in {
   std::vector<unique_fd> fds;
 };
 
+/// Where the server runs a frame (docs/wire-format.md §5).
+enum class request_lane {
+  immediate,  ///< a few table reads under the engine mutex (GetStats, KeepAlive, GetServerConfig)
+  control,    ///< cheap and never blocking (List, index, Abort, Revoke)
+  work,       ///< may hash, copy, map or wait: the worker pool
+  stream,     ///< a Feed stream's frame: in order with the connection's other stream frames
+};
+
 /// A serialised Response envelope and the fds to send with it.
 struct frame_out {
   std::string payload;
@@ -82,6 +96,14 @@ class dispatcher {
   dispatcher& operator=(const dispatcher&) = delete;
 
   [[nodiscard]] connection_ptr open_connection(const peer_credentials& peer);
+
+  /// The lane of a frame and its request_id (0 when absent), from the envelope's top-level tags
+  /// only (no copy, no full parse). A frame that does not parse is `work`: handle() answers it.
+  [[nodiscard]] static std::pair<request_lane, std::uint64_t> lane_of(const frame_in& frame) noexcept;
+
+  /// The connection-level error (request_id 0, docs/wire-format.md §4) for a request whose id
+  /// is still in flight on its connection.
+  [[nodiscard]] static error id_in_use(std::uint64_t request_id);
 
   /// Handles one request frame. Returns no response for a Feed frame that does not end its
   /// stream (and is not the first error of its stream).

@@ -62,7 +62,9 @@ constexpr const char* kUsage =
     "  --max-stable-entries-per-uid N\n"
     "                           most stable DRAM cache entries one uid's commits create, each an\n"
     "                           open memfd (0 = no limit; default 4096)\n"
-    "  --workers N              request worker threads (default: one per core)\n"
+    "  --workers N              request worker threads (default: 4 per core, at least 16)\n"
+    "  --max-in-flight N        most requests of one connection in flight; past it the daemon\n"
+    "                           reads no more of that connection's frames (default 64)\n"
     "  --log-level LEVEL        trace|debug|info|warn|error|off (default info; debug: each RPC)\n"
     "  --trust-client-pids      accept owner_pid other than the peer's from root or our uid\n"
     "  --version                print the version and exit\n";
@@ -82,6 +84,7 @@ struct options {
   std::size_t max_regions_per_uid = 1024;
   std::size_t max_stable_entries_per_uid = 4096;
   unsigned workers = 0;
+  std::size_t max_in_flight = 64;
   tensorreg::log_level log_level = tensorreg::log_level::info;
   bool trust_client_pids = false;
 };
@@ -143,13 +146,14 @@ int parse_options(const std::vector<std::string>& args, options& o) {
                                                       : parse_number(*v, o.max_total_size);
       if (!ok) return bad(a + " needs a number (0 = no limit), got '" + *v + "'");
     } else if (a == "--stable-bytes" || a == "--replica-pool-bytes" || a == "--max-frame-bytes" ||
-               a == "--max-sessions" || a == "--workers") {
+               a == "--max-sessions" || a == "--workers" || a == "--max-in-flight") {
       const auto* v = value();
       if (v == nullptr) return bad(a + " needs a value");
       bool ok = a == "--stable-bytes"         ? parse_number(*v, o.stable_bytes)
                 : a == "--replica-pool-bytes" ? parse_number(*v, o.replica_pool_bytes.emplace())
                 : a == "--max-frame-bytes"    ? parse_number(*v, o.max_frame_bytes) && o.max_frame_bytes > 0
                 : a == "--max-sessions"       ? parse_number(*v, o.max_sessions) && o.max_sessions > 0
+                : a == "--max-in-flight"      ? parse_number(*v, o.max_in_flight) && o.max_in_flight > 0
                                               : parse_number(*v, o.workers);
       if (!ok) return bad(a + " needs a positive number, got '" + *v + "'");
     } else {
@@ -252,6 +256,7 @@ int serve(const options& o, tensorreg::logger& log) {
   so.idle_timeout = std::chrono::milliseconds(o.idle_timeout_ms);
   so.frame_timeout = std::chrono::milliseconds(o.frame_timeout_ms);
   so.workers = o.workers;
+  so.max_in_flight_per_connection = o.max_in_flight;
   so.log = &log;
   auto srv = tensorreg::daemon::server::create(so, dispatch);
   if (!srv) {

@@ -9,11 +9,13 @@
 #include <chrono>
 #include <csignal>
 #include <cstring>
+#include <deque>
 #include <exception>
 #include <filesystem>
 #include <list>
 #include <optional>
 #include <thread>
+#include <unordered_set>
 
 #include "framing.hpp"
 #include "src/common/log.hpp"
@@ -46,19 +48,26 @@ struct log_exception {
 
 }  // namespace
 
-// One client connection: reads frames, hands each to the dispatcher on the worker pool, writes
-// the answer. Frames of one connection are handled strictly in order, one at a time.
+// One client connection: reads frames and hands each to the dispatcher as it arrives, without
+// waiting for the answers of earlier ones (docs/wire-format.md §5). Immediate requests run on
+// the I/O thread, control requests on the control pool, Feed stream frames one at a time in
+// arrival order, the rest on the worker pool. Answers are written on the I/O thread as they
+// finish, one frame at a time. At most max_in_flight requests are in flight: beyond that the
+// session stops reading (backpressure).
 class session : public std::enable_shared_from_this<session> {
  public:
   session(stream::socket socket, const peer_credentials& peer, dispatcher& dispatch, asio::thread_pool& workers,
-          const server_options& options, logger& log)
+          asio::thread_pool& control, const server_options& options, logger& log)
       : socket_(std::move(socket)),
         watchdog_(socket_.get_executor()),
+        slot_freed_(socket_.get_executor()),
         dispatch_(dispatch),
         workers_(workers),
+        control_(control),
         decoder_(options.max_frame_bytes),
         idle_timeout_(options.idle_timeout),
         frame_timeout_(options.frame_timeout),
+        max_in_flight_(std::max<std::size_t>(1, options.max_in_flight_per_connection)),
         log_(log),
         peer_(peer) {}
 
@@ -88,8 +97,8 @@ class session : public std::enable_shared_from_this<session> {
                                                       std::to_string(max_fds_per_frame) + " per frame)"};
           tensorreg::log(log_, log_level::warn, "bad frame from pid {} uid {}, closing its connection: {}: {}",
                          peer_.pid, peer_.uid, errc_name(bad.code), bad.message);
-          busy_ = true;  // the watchdog must not write into this answer
-          co_await write(dispatch_.reject(bad));
+          rejecting_ = true;  // the watchdog must not write into this answer
+          co_await send(dispatch_.reject(bad));
         }
         break;
       }
@@ -102,29 +111,28 @@ class session : public std::enable_shared_from_this<session> {
         const auto& bad = decoder_.failure();
         tensorreg::log(log_, log_level::warn, "bad frame from pid {} uid {}, closing its connection: {}: {}", peer_.pid,
                        peer_.uid, errc_name(bad.code), bad.message);
-        busy_ = true;  // the watchdog must not write into this answer
-        co_await write(dispatch_.reject(bad));
+        rejecting_ = true;  // the watchdog must not write into this answer
+        co_await send(dispatch_.reject(bad));
         break;
       }
       last_activity_ = std::chrono::steady_clock::now();
-      busy_ = true;  // the watchdog leaves a connection alone while it is answered
-      while (auto frame = decoder_.next()) {
-        frame_in in{std::move(frame->payload), std::move(frame->fds)};
-        auto out = co_await asio::co_spawn(
-            workers_.get_executor(), handle_on_worker(dispatch_, *connection_, std::move(in)), asio::use_awaitable);
-        if (out) {
-          const bool close_after = out->close_after;
-          if (!co_await write(std::move(*out)) || close_after) {
-            stopping_ = true;
-            break;
-          }
+      while (!stopping_) {
+        if (in_flight_ >= max_in_flight_) {
+          // Backpressure, not an error: read no further until a request of ours is answered.
+          co_await wait_for_slot();
+          continue;
         }
+        auto frame = decoder_.next();
+        if (!frame) break;
+        start(frame_in{std::move(frame->payload), std::move(frame->fds)});
       }
-      busy_ = false;
       const auto now = std::chrono::steady_clock::now();
       last_activity_ = now;
       note_partial_frame(now);
     }
+    // Every request already read still gets its answer (or the connection closes first, when a
+    // write fails); then the connection state goes.
+    while (in_flight_ > 0) co_await wait_for_slot();
     closed_ = true;
     watchdog_.cancel();
     dispatch_.close_connection(*connection_);
@@ -132,6 +140,72 @@ class session : public std::enable_shared_from_this<session> {
     socket_.shutdown(stream::socket::shutdown_both, ignored);
     socket_.close(ignored);
     tensorreg::log(log_, log_level::debug, "connection from pid {} uid {} closed", peer_.pid, peer_.uid);
+  }
+
+  // Hands one frame to its lane; its answer is written when it is ready.
+  void start(frame_in in) {
+    const auto [lane, id] = dispatcher::lane_of(in);
+    if (lane != request_lane::stream && id != 0 && !ids_in_flight_.insert(id).second) {
+      // Checked here, in arrival order, so that the answer does not depend on which request a
+      // worker happens to start first (docs/wire-format.md §4).
+      rejecting_ = true;
+      ++in_flight_;
+      asio::co_spawn(socket_.get_executor(),
+                     answer_ready(shared_from_this(), dispatch_.reject(dispatcher::id_in_use(id))),
+                     log_exception{&log_, "a session's request"});
+      stop();
+      return;
+    }
+    ++in_flight_;
+    if (lane == request_lane::immediate) {
+      // A few table reads: answered here, on the I/O thread, without the two thread hops of a
+      // pool (each a scheduling delay when the cores are busy).
+      auto out = dispatch_.handle(*connection_, std::move(in));
+      ids_in_flight_.erase(id);
+      asio::co_spawn(socket_.get_executor(), answer_ready(shared_from_this(), std::move(out)),
+                     log_exception{&log_, "a session's request"});
+      return;
+    }
+    if (lane == request_lane::stream) {
+      // A Feed stream's messages apply in the order sent (§6): one at a time, in arrival order.
+      stream_queue_.push_back(std::move(in));
+      if (!stream_running_) {
+        stream_running_ = true;
+        asio::co_spawn(socket_.get_executor(), run_streams(shared_from_this()),
+                       log_exception{&log_, "a session's feed streams"});
+      }
+      return;
+    }
+    asio::thread_pool& pool = lane == request_lane::control ? control_ : workers_;
+    asio::co_spawn(socket_.get_executor(), answer_one(shared_from_this(), pool, std::move(in), id),
+                   log_exception{&log_, "a session's request"});
+  }
+
+  asio::awaitable<void> answer_ready([[maybe_unused]] std::shared_ptr<session> alive, std::optional<frame_out> out) {
+    if (out) co_await send(std::move(*out));
+    finished_one();
+  }
+
+  // `alive` holds the session until the answer is written (coroutine parameters live in its frame).
+  asio::awaitable<void> answer_one([[maybe_unused]] std::shared_ptr<session> alive, asio::thread_pool& pool,
+                                   frame_in in, std::uint64_t id) {
+    auto out = co_await asio::co_spawn(pool.get_executor(), handle_on_worker(dispatch_, *connection_, std::move(in)),
+                                       asio::use_awaitable);
+    ids_in_flight_.erase(id);
+    if (out) co_await send(std::move(*out));
+    finished_one();
+  }
+
+  asio::awaitable<void> run_streams([[maybe_unused]] std::shared_ptr<session> alive) {
+    while (!stream_queue_.empty()) {
+      frame_in in = std::move(stream_queue_.front());
+      stream_queue_.pop_front();
+      auto out = co_await asio::co_spawn(workers_.get_executor(),
+                                         handle_on_worker(dispatch_, *connection_, std::move(in)), asio::use_awaitable);
+      if (out) co_await send(std::move(*out));
+      finished_one();
+    }
+    stream_running_ = false;
   }
 
   // Runs on a worker thread. The arguments are parameters, not lambda captures, so they live in
@@ -151,7 +225,7 @@ class session : public std::enable_shared_from_this<session> {
       const auto now = clock::now();
       std::optional<clock::time_point> due;
       bool stalled = false;
-      if (!busy_) {
+      if (in_flight_ == 0 && !rejecting_) {
         if (frame_started_ && frame_timeout_.count() > 0) {
           due = *frame_started_ + frame_timeout_;
           stalled = true;
@@ -188,15 +262,56 @@ class session : public std::enable_shared_from_this<session> {
     }
   }
 
-  // Stops reading; the request being handled (if any) still gets its answer.
+  // Stops reading; the requests being handled still get their answers.
   void stop() {
     stopping_ = true;
     asio::error_code ignored;
     socket_.cancel(ignored);
     watchdog_.cancel();
+    slot_freed_.cancel();
   }
 
  private:
+  // Waits until a request of this session is answered (or the session stops).
+  asio::awaitable<void> wait_for_slot() {
+    slot_freed_.expires_at(std::chrono::steady_clock::time_point::max());
+    asio::error_code ec;
+    co_await slot_freed_.async_wait(asio::redirect_error(asio::use_awaitable, ec));
+  }
+
+  void finished_one() {
+    --in_flight_;
+    slot_freed_.cancel();
+    if (in_flight_ == 0) {
+      const auto now = std::chrono::steady_clock::now();
+      last_activity_ = now;
+      // A frame that began while requests were in flight may have waited on our backpressure:
+      // its clock starts now that nothing is.
+      if (frame_started_) frame_started_ = now;
+      watchdog_.cancel();  // idle and stall deadlines moved: let it look again
+    }
+  }
+
+  // Answers leave one whole frame at a time, in the order they are ready. After a write fails or
+  // a connection-level answer (request_id 0) is sent, nothing more is written and reading stops.
+  asio::awaitable<void> send(frame_out out) {
+    if (write_closed_) co_return;
+    outbox_.push_back(std::move(out));
+    if (writing_) co_return;  // the session's writer sends it in turn
+    writing_ = true;
+    while (!outbox_.empty() && !write_closed_) {
+      frame_out next = std::move(outbox_.front());
+      outbox_.pop_front();
+      const bool close_after = next.close_after;
+      if (!co_await write(std::move(next)) || close_after) {
+        write_closed_ = true;
+        outbox_.clear();
+        stop();
+      }
+    }
+    writing_ = false;
+  }
+
   asio::awaitable<bool> write(frame_out out) {
     auto framed = encode_frame(out.payload, std::numeric_limits<std::uint32_t>::max());
     if (!framed) co_return false;
@@ -238,18 +353,29 @@ class session : public std::enable_shared_from_this<session> {
 
   stream::socket socket_;
   asio::steady_timer watchdog_;
+  asio::steady_timer slot_freed_;  // cancelled whenever a request is answered
   dispatcher& dispatch_;
   asio::thread_pool& workers_;
+  asio::thread_pool& control_;
   frame_decoder decoder_;
   const std::chrono::milliseconds idle_timeout_;
   const std::chrono::milliseconds frame_timeout_;
+  const std::size_t max_in_flight_;
   logger& log_;
   peer_credentials peer_;
   dispatcher::connection_ptr connection_;
+  // All on the I/O thread.
   bool stopping_ = false;
-  bool closed_ = false;  // run() has ended
-  // The watchdog's view, all on the I/O thread: answering, last activity, the partial frame.
-  bool busy_ = false;
+  bool closed_ = false;                              // run() has ended
+  std::size_t in_flight_ = 0;                        // frames read and not yet answered (or dropped)
+  std::unordered_set<std::uint64_t> ids_in_flight_;  // request_ids of the unary requests in flight
+  std::deque<frame_in> stream_queue_;                // Feed stream frames waiting for their turn
+  bool stream_running_ = false;                      // run_streams() is working through stream_queue_
+  std::deque<frame_out> outbox_;                     // answers waiting for the writer
+  bool writing_ = false;                             // a send() is writing the outbox
+  bool write_closed_ = false;                        // a write failed or an id-0 answer went out
+  // The watchdog's view: a reject being written, last activity, the partial frame.
+  bool rejecting_ = false;
   std::chrono::steady_clock::time_point last_activity_;
   std::optional<std::chrono::steady_clock::time_point> frame_started_;
   std::uint64_t frame_offset_ = 0;
@@ -264,6 +390,7 @@ struct server::impl {
   listening_socket bound;  // the socket file's identity: shutdown removes only our own
   asio::signal_set signals{io, SIGINT, SIGTERM};
   asio::thread_pool workers;
+  asio::thread_pool control;  // control requests (dispatcher::lane_of): never behind the workers
   std::list<std::weak_ptr<session>> sessions;
   std::size_t served = 0;
   bool stopping = false;
@@ -275,7 +402,10 @@ struct server::impl {
       : options(std::move(o)),
         dispatch(d),
         log(options.log != nullptr ? *options.log : null_logger()),
-        workers(options.workers != 0 ? options.workers : std::max(2u, std::thread::hardware_concurrency())) {}
+        // Requests mostly wait for the engine's hashing pool (fair between clients), so there are
+        // more of them than cores: a small commit must not queue behind big ones for a thread.
+        workers(options.workers != 0 ? options.workers : std::max(16u, 4 * std::thread::hardware_concurrency())),
+        control(std::max(1u, options.control_workers)) {}
 
   asio::awaitable<void> accept_loop() {
     while (!stopping) {
@@ -338,7 +468,7 @@ struct server::impl {
         socket.close(ignored);
         continue;
       }
-      auto s = std::make_shared<session>(std::move(socket), *peer, dispatch, workers, options, log);
+      auto s = std::make_shared<session>(std::move(socket), *peer, dispatch, workers, control, options, log);
       ++served;
       sessions.push_back(s);
       asio::co_spawn(io, s->run(), log_exception{&log, "a session"});
@@ -359,7 +489,10 @@ struct server::impl {
 };
 
 server::server(std::unique_ptr<impl> i) noexcept : impl_(std::move(i)) {}
-server::~server() { impl_->workers.join(); }
+server::~server() {
+  impl_->workers.join();
+  impl_->control.join();
+}
 
 result<std::unique_ptr<server>> server::create(server_options options, dispatcher& dispatch) {
   // The directory, the path and the bind are checked and done in unix_socket (DECISIONS §4).
@@ -385,6 +518,7 @@ std::size_t server::run() {
   asio::co_spawn(i.io, i.accept_loop(), log_exception{&i.log, "the accept loop"});
   i.io.run();
   i.workers.join();
+  i.control.join();
   return i.served;
 }
 

@@ -1,9 +1,15 @@
 // daemon/server.hpp — tensorregd's event loop: the listening socket, the sessions, signals.
 //
 // The server owns an io_context (one I/O thread), the Unix socket acceptor, a signal_set for
-// SIGINT/SIGTERM, the registry of live sessions, and a worker pool on which every request is
-// handled (hashing, copying and disk never run on the I/O thread). Each session reads frames,
-// hands them one at a time to the dispatcher on the pool, and writes the answers back.
+// SIGINT/SIGTERM, the registry of live sessions, a worker pool on which requests are handled
+// (hashing, copying and disk never run on the I/O thread) and a small control pool for the
+// requests that never block (dispatcher::lane_of), so that List, Abort or Revoke are answered
+// at once however many commits keep the workers busy; GetStats, GetServerConfig and KeepAlive,
+// a few table reads, are answered on the I/O thread itself. Each session keeps
+// reading frames while earlier ones are in flight (docs/wire-format.md §5): it hands each to
+// its lane as it arrives, keeps a Feed stream's frames in order, and writes each answer when
+// it is ready, one whole frame at a time. Past max_in_flight_per_connection requests in flight
+// it stops reading until one is answered (backpressure: the client's writes block).
 //
 // Binding (create(), through listen_unix() of unix_socket.hpp): the socket directory must be
 // ours and 0700 (made so when missing), the socket is 0660 from the start; a live daemon
@@ -11,8 +17,8 @@
 // clear message; a stale socket file (nobody listening) is replaced. Callers print "ready"
 // only after create() returns.
 //
-// Shutdown (SIGTERM/SIGINT or stop()): stop accepting, let every session finish the request
-// it is handling and write its answer, close the sessions, remove the socket file if it is
+// Shutdown (SIGTERM/SIGINT or stop()): stop accepting, let every session finish the requests
+// it is handling and write their answers, close the sessions, remove the socket file if it is
 // still ours (a newer daemon's on the same path stays); run() then returns.
 //
 // Limits: at most max_sessions connections, max_sessions_per_uid of one uid (more are answered
@@ -52,7 +58,14 @@ struct server_options {
   /// A frame must arrive whole within this long of its first byte, or its connection is closed
   /// the same way; 0 = no limit.
   std::chrono::milliseconds frame_timeout{10'000};
-  unsigned workers = 0;  ///< 0 = one per hardware thread
+  /// Request worker threads; 0 = four per hardware thread, at least 16. Requests mostly wait
+  /// on the engine's hashing pool, which is what shares the cores between clients.
+  unsigned workers = 0;
+  /// Threads for control requests (GetStats, List, KeepAlive, Abort, Revoke, …); at least 1.
+  unsigned control_workers = 2;
+  /// Most requests of one connection in flight at once; past it the session reads no more
+  /// frames until one is answered (backpressure, not an error). 0 counts as 1.
+  std::size_t max_in_flight_per_connection = 64;
   /// Where connection events are logged; must outlive the server; null = none.
   logger* log = &null_logger();
 };

@@ -104,8 +104,11 @@ struct engine::state {
       : options(std::move(o)),
         time(*options.time),
         log(options.log != nullptr ? *options.log : null_logger()),
-        pool(options.hash_threads != 0 ? options.hash_threads - 1
-                                       : std::max(1u, std::thread::hardware_concurrency()) - 1),
+        // Commits only wait for their leaves: the workers hash and copy every leaf, taking the
+        // owners' queues in turn, so commits share the cores by client (docs/architecture.md §9.1).
+        pool(thread_pool_options{
+            options.hash_threads != 0 ? options.hash_threads : std::max(1u, std::thread::hardware_concurrency()), false,
+            options.hash_nice}),
         regions(time, regions::registry_options{options.region_capacity, options.region_capacity_per_uid,
                                                 std::chrono::minutes(10)}),
         devices(options.devices),
@@ -385,6 +388,8 @@ result<commit_response> engine::commit(const std::string& registration_id) {
 result<commit_response> engine::state::commit(const std::string& registration_id) {
   TENSORREG_TRY_ASSIGN(auto p, find_open(registration_id, "commit"));
   TENSORREG_TRY(p->begin_commit());
+  // The hashing and copying below is this client's share of the pool (fair between owners).
+  const thread_pool::owner_scope share(static_cast<work_owner>(static_cast<std::uint32_t>(p->owner_pid())));
   detail::commit_context ctx{p->facts(), [&p] { return p->ttl_ms(); }, catalogue, mutex, pool, devices.get(), time};
   ctx.cancelled = p->commit_cancel();  // revoke and owner death stop the hashing and copying
   result<commit_response> out = guarded_commit(p->committing_plan(), ctx, registration_id);

@@ -4,8 +4,10 @@
 
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <latch>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <stdexcept>
 #include <string>
@@ -18,6 +20,8 @@ using tensorreg::errc;
 using tensorreg::fail;
 using tensorreg::status;
 using tensorreg::thread_pool;
+using tensorreg::thread_pool_options;
+using tensorreg::work_owner;
 
 }  // namespace
 
@@ -138,4 +142,119 @@ TEST_CASE("thread_pool: submitted jobs run before the pool is destroyed", "[comm
   thread_pool none(0);
   none.submit([&] { ++ran; });  // no workers: runs on the caller
   CHECK(ran == 101);
+}
+
+namespace {
+
+// Blocks a pool's only worker until release(), so that a test can queue work in a known order
+// before any of it runs.
+class worker_gate {
+ public:
+  explicit worker_gate(thread_pool& pool) {
+    pool.submit([this] {
+      std::unique_lock lock(mutex_);
+      entered_ = true;
+      changed_.notify_all();
+      changed_.wait(lock, [&] { return released_; });
+    });
+    std::unique_lock lock(mutex_);
+    changed_.wait(lock, [&] { return entered_; });
+  }
+  void release() {
+    std::lock_guard lock(mutex_);
+    released_ = true;
+    changed_.notify_all();
+  }
+
+ private:
+  std::mutex mutex_;
+  std::condition_variable changed_;
+  bool entered_ = false;
+  bool released_ = false;
+};
+
+}  // namespace
+
+TEST_CASE("thread_pool: owners' jobs are served round-robin, each owner's in order",
+          "[common][thread_pool][concurrency]") {
+  thread_pool pool(1);
+  worker_gate gate(pool);
+  std::vector<std::string> ran;  // only the one worker appends
+  const auto job = [&](std::string name) { return [&ran, name] { ran.push_back(name); }; };
+  {
+    thread_pool::owner_scope a(1);
+    CHECK(thread_pool::current_owner() == 1);
+    for (const char* n : {"a1", "a2", "a3", "a4"}) pool.submit(job(n));
+  }
+  CHECK(thread_pool::current_owner() == 0);
+  {
+    thread_pool::owner_scope b(2);
+    for (const char* n : {"b1", "b2"}) pool.submit(job(n));
+  }
+  gate.release();
+  std::latch drained(1);
+  pool.submit([&] { drained.count_down(); });  // owner 0 queues last: it runs after a4
+  drained.wait();
+  CHECK(ran == std::vector<std::string>{"a1", "b1", "a2", "b2", "a3", "a4"});
+}
+
+TEST_CASE("thread_pool: two owners' parallel_for loops interleave one index at a time",
+          "[common][thread_pool][concurrency]") {
+  thread_pool pool(thread_pool_options{1, false});
+  std::vector<std::string> ran;  // only the one worker appends (callers do not help)
+  std::vector<std::thread::id> threads;
+  std::optional<worker_gate> gate;
+  gate.emplace(pool);
+  // A big loop of owner 1 queues first, then a small one of owner 2; neither runs yet.
+  const auto loop = [&](work_owner owner, std::string prefix, std::size_t count) {
+    return std::thread([&, owner, prefix, count] {
+      thread_pool::owner_scope scope(owner);
+      const auto st = pool.parallel_for(count, [&, prefix](std::size_t i) -> status {
+        ran.push_back(prefix + std::to_string(i));
+        threads.push_back(std::this_thread::get_id());
+        return {};
+      });
+      if (!st) ran.push_back(prefix + " failed");
+    });
+  };
+  std::thread big = loop(1, "a", 8);
+  while (pool.queued() < 1) std::this_thread::yield();  // a's one helper is queued
+  std::thread small = loop(2, "b", 3);
+  while (pool.queued() < 2) std::this_thread::yield();
+  const std::thread::id callers[] = {big.get_id(), small.get_id()};
+  gate->release();
+  big.join();
+  small.join();
+  CHECK(ran == std::vector<std::string>{"a0", "b0", "a1", "b1", "a2", "b2", "a3", "a4", "a5", "a6", "a7"});
+  // Neither caller ran an index: the owners' shares are the workers'.
+  for (const auto& id : threads) {
+    CHECK(id != callers[0]);
+    CHECK(id != callers[1]);
+  }
+}
+
+TEST_CASE("thread_pool: without helping callers, errors stop the loop and nested loops complete",
+          "[common][thread_pool][concurrency]") {
+  thread_pool pool(thread_pool_options{2, false});
+  std::atomic<std::size_t> ran{0};
+  const auto st = pool.parallel_for(100, [&](std::size_t i) -> status {
+    ++ran;
+    if (i == 3) return fail(errc::data_loss, "boom at 3");
+    return {};
+  });
+  REQUIRE_FALSE(st);
+  CHECK(st.error().code == errc::data_loss);
+  CHECK(st.error().message == "boom at 3");
+  CHECK(ran < 100);
+
+  // Every worker blocked in an outer index still finishes its inner loop: it runs it itself.
+  std::atomic<std::size_t> inner{0};
+  const auto nested = pool.parallel_for(4, [&](std::size_t) -> status {
+    return pool.parallel_for(8, [&](std::size_t) -> status {
+      ++inner;
+      return {};
+    });
+  });
+  REQUIRE(nested.has_value());
+  CHECK(inner == 32);
 }

@@ -1135,3 +1135,52 @@ TEST_CASE("dispatcher: DeregisterArtifact of a stable copy another uid put is PE
   CHECK(answered.response.status().code() == 0);
   CHECK(answered.response.deregister_artifact().removed());
 }
+
+TEST_CASE("dispatcher: lane_of sends cheap requests to immediate or control, Feed frames to stream, the rest to work",
+          "[daemon][dispatcher]") {
+  using tensorreg::daemon::request_lane;
+  const auto lane = [](const wire::Request& r) {
+    const auto [found, id] = dispatcher::lane_of(frame_in{r.SerializeAsString(), {}});
+    CHECK(id == r.request_id());
+    return found;
+  };
+  wire::Request r;
+  r.set_request_id(5);
+  r.mutable_get_stats();
+  CHECK(lane(r) == request_lane::immediate);
+  r.mutable_get_server_config();
+  CHECK(lane(r) == request_lane::immediate);
+  r.mutable_keep_alive_register_artifact()->set_registration_id("reg_1");
+  CHECK(lane(r) == request_lane::immediate);
+  r.mutable_list_artifacts();
+  CHECK(lane(r) == request_lane::control);
+  r.mutable_get_artifact_index_by_id()->set_artifact_id("mi2:x");
+  CHECK(lane(r) == request_lane::control);
+  r.mutable_abort_registered_artifact()->set_registration_id("reg_1");
+  CHECK(lane(r) == request_lane::control);
+  r.mutable_revoke_registered_artifact()->set_registration_id("reg_1");
+  CHECK(lane(r) == request_lane::control);
+
+  r.mutable_commit_registered_artifact()->set_registration_id("reg_1");
+  CHECK(lane(r) == request_lane::work);
+  r.mutable_begin_register_artifact()->set_total_size(1);
+  CHECK(lane(r) == request_lane::work);
+  r.mutable_get_artifact_memfd();
+  CHECK(lane(r) == request_lane::work);
+  r.mutable_deregister_artifact();
+  CHECK(lane(r) == request_lane::work);
+
+  r.mutable_feed_register_artifact_stream()->set_registration_id("reg_1");
+  CHECK(lane(r) == request_lane::stream);
+  wire::Request end;
+  end.set_request_id(5);
+  end.set_end_of_stream(true);
+  CHECK(lane(end) == request_lane::stream);
+
+  // Frames the dispatcher will refuse go where handle() answers them.
+  CHECK(dispatcher::lane_of(frame_in{"\xff\xff\xff", {}}).first == request_lane::work);
+  CHECK(dispatcher::lane_of(frame_in{"", {}}).first == request_lane::work);
+  wire::Request bodiless;
+  bodiless.set_request_id(5);
+  CHECK(lane(bodiless) == request_lane::work);
+}

@@ -51,6 +51,9 @@ struct engine_options {
   std::uint64_t stable_bytes = 0;
   /// Hashing threads; 0 = one per hardware thread.
   unsigned hash_threads = 0;
+  /// Added to the hashing threads' nice value, so that bulk hashing and copying yield the cores
+  /// to the threads that answer requests (docs/architecture.md §9.1); 0 = same priority.
+  int hash_nice = 10;
   /// GPU access; null = no GPU (CUDA-only requests fail FAILED_PRECONDITION).
   std::shared_ptr<device_memory> devices;
   /// DeregisterArtifact's drain timeout when the request says 0 (DECISIONS §5.16).
