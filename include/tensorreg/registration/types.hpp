@@ -196,6 +196,9 @@ struct commit_response {
   artifact_descriptor descriptor;
   bool existed = false;
   std::optional<local_stable_tier_result> local_stable_tier;
+  /// The persistence task the policy started (shared_disk asked for, a persist directory
+  /// configured); empty otherwise.
+  std::string persistence_task_id;
 };
 
 // ---- Keep-alive, regions, deregister ------------------------------------------------------
@@ -230,6 +233,7 @@ struct artifact_summary {
   std::size_t leases = 0;       ///< active LIP leases
   std::size_t joined_refs = 0;  ///< idempotent joins still held
   bool quiesced = false;
+  bool shared_disk = false;  ///< a verified-at-open copy in the persist directory
 };
 
 struct engine_stats {
