@@ -11,6 +11,7 @@
 #include "local_commands.hpp"
 #include "tensorreg/client/connection.hpp"
 #include "tensorreg/index/safetensors_bundle.hpp"
+#include "tensorreg/index/safetensors_export.hpp"
 
 namespace tensorreg::cli {
 namespace {
@@ -23,6 +24,7 @@ struct options {
   bool json = false;
   std::string policy;
   std::uint32_t ttl_ms = 600'000;
+  std::string out;  ///< export's --out
   std::vector<std::string> positional;
 };
 
@@ -47,6 +49,8 @@ result<options> parse(const std::vector<std::string>& args) {
       TENSORREG_TRY_ASSIGN(o.socket, value());
     } else if (a == "--policy") {
       TENSORREG_TRY_ASSIGN(o.policy, value());
+    } else if (a == "--out") {
+      TENSORREG_TRY_ASSIGN(o.out, value());
     } else if (a == "--ttl-ms") {
       TENSORREG_TRY_ASSIGN(auto v, value());
       try {
@@ -261,6 +265,24 @@ int cmd_deregister(connection& c, const options& o) {
   return 0;
 }
 
+// The artifact's bytes as the daemon's stable replica (loaded back from --persist-dir when
+// only there), written as a safetensors file through a temporary name.
+int cmd_export(connection& c, const options& o) {
+  if (o.positional.size() != 1 || o.out.empty()) return usage("usage: tensorreg export ID --out FILE.safetensors");
+  const auto& id = o.positional[0];
+  auto got = c.get(id);
+  if (!got) return fail_with(got.error());
+  auto idx = index::canonical_index::parse(got->index_json, got->descriptor.total_size);
+  if (!idx) return fail_with(with_context(std::move(idx).error(), "cannot export " + id));
+  if (auto done = index::export_safetensors(*idx, got->memory, o.out); !done) return fail_with(done.error());
+  if (o.json) {
+    fmt::print("{}\n", json{{"artifact_id", id}, {"out", o.out}, {"total_size", got->descriptor.total_size}}.dump());
+  } else {
+    fmt::print("exported {}\n  to         {}\n", id, o.out);
+  }
+  return 0;
+}
+
 int cmd_stats(connection& c, const options& o) {
   auto got = c.stats();
   if (!got) return fail_with(got.error());
@@ -292,8 +314,8 @@ int cmd_stats(connection& c, const options& o) {
 }
 
 const std::set<std::string>& daemon_commands() {
-  static const std::set<std::string> names{"status", "put",    "lease",      "ls",   "show",
-                                           "index",  "revoke", "deregister", "stats"};
+  static const std::set<std::string> names{"status", "put",    "lease",      "ls",    "show",
+                                           "index",  "revoke", "deregister", "stats", "export"};
   return names;
 }
 
@@ -315,6 +337,7 @@ int run_daemon_command(const std::string& command, const std::vector<std::string
   if (command == "index") return cmd_show_or_index(*c, o, true);
   if (command == "revoke") return cmd_revoke(*c, o);
   if (command == "deregister") return cmd_deregister(*c, o);
+  if (command == "export") return cmd_export(*c, o);
   return cmd_stats(*c, o);
 }
 

@@ -33,6 +33,7 @@ constexpr const char* kUsage =
     "  index ID                        an artifact's canonical index JSON\n"
     "  revoke REGISTRATION_ID          drop a registration or lease\n"
     "  deregister ID                   drain and remove an artifact\n"
+    "  export ID --out FILE            write an artifact as a .safetensors file\n"
     "  stats                           counters\n";
 
 }  // namespace
