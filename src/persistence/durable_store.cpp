@@ -314,7 +314,8 @@ status prepare_root(const std::string& root) {
 // `ready` says how many bytes of the source may be read so far (loads: what has arrived).
 class leaf_hasher {
  public:
-  leaf_hasher(const memory::byte_source& source, thread_pool* pool) : source_(source), pool_(pool) {
+  leaf_hasher(const memory::byte_source& source, thread_pool* pool, bool sha256 = true, bool xxh3 = true)
+      : source_(source), pool_(pool), sha256_(sha256), xxh3_(xxh3) {
     leaves_.resize(hash::leaf_count(source.size()));
     thread_ = std::thread([this] { run(); });
   }
@@ -366,8 +367,12 @@ class leaf_hasher {
         const std::uint64_t i = first + k;
         const std::uint64_t offset = i * hash::leaf_bytes;
         const std::uint64_t length = std::min(hash::leaf_bytes, size - offset);
-        TENSORREG_TRY_ASSIGN(leaves_[i].sha256, hash::hash_leaf(source_, i));
-        TENSORREG_TRY_ASSIGN(leaves_[i].xxh3, hash::xxh3_128(source_, offset, length));
+        if (sha256_) {
+          TENSORREG_TRY_ASSIGN(leaves_[i].sha256, hash::hash_leaf(source_, i));
+        }
+        if (xxh3_) {
+          TENSORREG_TRY_ASSIGN(leaves_[i].xxh3, hash::xxh3_128(source_, offset, length));
+        }
         return {};
       };
       status done = pool_ != nullptr ? pool_->parallel_for(end - first, one) : status{};
@@ -384,6 +389,8 @@ class leaf_hasher {
 
   const memory::byte_source& source_;
   thread_pool* pool_;
+  const bool sha256_;
+  const bool xxh3_;
   std::vector<leaf_check> leaves_;
   status outcome_;
   std::mutex mutex_;
@@ -622,7 +629,9 @@ status durable_store::read_checked(const stored_artifact& a, std::span<std::byte
   std::unique_ptr<leaf_hasher> hasher;
   if (!out.empty()) {
     view = std::make_unique<memory::host_bytes_view>(std::span<const std::byte>(out.data(), out.size()));
-    hasher = std::make_unique<leaf_hasher>(*view, options_.hash_pool);
+    // A load checks what options_.load_check names; verify() always SHA-256.
+    const bool sha = options_.load_check == leaf_check_kind::sha256;
+    hasher = std::make_unique<leaf_hasher>(*view, options_.hash_pool, sha, !sha);
   }
   std::vector<leaf_check> got;
   for (std::uint64_t offset = 0; offset < total;) {
@@ -651,10 +660,14 @@ status durable_store::read_checked(const stored_artifact& a, std::span<std::byte
   if (hasher) {
     TENSORREG_TRY_ASSIGN(got, hasher->finish_and_join());
   }
+  const bool by_xxh3 = !out.empty() && options_.load_check == leaf_check_kind::xxh3;
   for (std::size_t i = 0; i < a.leaves.size(); ++i) {
-    if (i >= got.size() || got[i].sha256 != a.leaves[i].sha256) {
+    const bool matches =
+        i < got.size() && (by_xxh3 ? got[i].xxh3 == a.leaves[i].xxh3 : got[i].sha256 == a.leaves[i].sha256);
+    if (!matches) {
       return fail(errc::data_loss, "bad data '" + path + "': leaf " + std::to_string(i) + " (bytes " +
-                                       std::to_string(i * hash::leaf_bytes) + "..) does not match its SHA-256");
+                                       std::to_string(i * hash::leaf_bytes) + "..) does not match its " +
+                                       (by_xxh3 ? "XXH3-128" : "SHA-256"));
     }
   }
   return {};

@@ -160,7 +160,14 @@ TEST_CASE("durable_store: a flipped byte is DATA_LOSS naming the leaf, and the c
   temp_dir dir;
   auto a = make_artifact(kNine, 5);
   const auto name = durable_store::directory_name(a.record.artifact_id);
-  auto store = durable_store::open(dir.path().string());
+  tensorreg::persistence::store_options options;
+  std::string check = "XXH3-128";
+  SECTION("load, checking XXH3-128") {}
+  SECTION("load, checking SHA-256") {
+    options.load_check = tensorreg::persistence::leaf_check_kind::sha256;
+    check = "SHA-256";
+  }
+  auto store = durable_store::open(dir.path().string(), options);
   REQUIRE(store);
   REQUIRE((*store)->write(a.record, a.index, owned_bytes(a.bytes)));
   {
@@ -174,7 +181,7 @@ TEST_CASE("durable_store: a flipped byte is DATA_LOSS naming the leaf, and the c
   CHECK(loaded.error().code == errc::data_loss);
   CHECK_THAT(loaded.error().message,
              Catch::StartsWith("cannot load " + a.record.artifact_id + " from the persist directory: bad data '") &&
-                 Catch::EndsWith("data.bin': leaf 1 (bytes 4194304..) does not match its SHA-256"));
+                 Catch::EndsWith("data.bin': leaf 1 (bytes 4194304..) does not match its " + check));
   CHECK_FALSE((*store)->contains(a.record.artifact_id));
   CHECK_FALSE(fs::exists(dir.path() / name));
   REQUIRE(names_in(dir.path() / "quarantine").size() == 1);
@@ -186,6 +193,28 @@ TEST_CASE("durable_store: a flipped byte is DATA_LOSS naming the leaf, and the c
   auto reopened = durable_store::open(dir.path().string());
   REQUIRE(reopened);
   CHECK((*reopened)->list().empty());
+}
+
+TEST_CASE("durable_store: verify checks every leaf's SHA-256", "[persistence][durable_store]") {
+  temp_dir dir;
+  auto a = make_artifact(kNine, 6);
+  const auto name = durable_store::directory_name(a.record.artifact_id);
+  auto store = durable_store::open(dir.path().string());
+  REQUIRE(store);
+  REQUIRE((*store)->write(a.record, a.index, owned_bytes(a.bytes)));
+  {
+    std::fstream f(dir.path() / name / "data.bin", std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp((std::int64_t{8} << 20) + 1);  // in leaf 2, the short one
+    f.put(static_cast<char>(a.bytes[(std::size_t{8} << 20) + 1] ^ 0x40));
+  }
+  auto checked = (*store)->verify(a.record.artifact_id);
+  REQUIRE_FALSE(checked);
+  CHECK(checked.error().code == errc::data_loss);
+  CHECK_THAT(checked.error().message,
+             Catch::StartsWith("cannot verify " + a.record.artifact_id + " in the persist directory: bad data '") &&
+                 Catch::EndsWith("data.bin': leaf 2 (bytes 8388608..) does not match its SHA-256"));
+  CHECK_FALSE((*store)->contains(a.record.artifact_id));
+  CHECK(names_in(dir.path() / "quarantine").size() == 1);
 }
 
 TEST_CASE("durable_store: open quarantines truncated data, missing and garbled manifests, removes leftovers",

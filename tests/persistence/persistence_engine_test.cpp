@@ -197,7 +197,7 @@ TEST_CASE("engine: a damaged persisted copy is DATA_LOSS naming the leaf and nev
   auto replica = e->stable_replica_fd(id);
   REQUIRE_FALSE(replica);
   CHECK(replica.error().code == errc::data_loss);
-  CHECK_THAT(replica.error().message, Catch::Contains("leaf 2 (bytes 8388608..) does not match its SHA-256"));
+  CHECK_THAT(replica.error().message, Catch::Contains("leaf 2 (bytes 8388608..) does not match its XXH3-128"));
   CHECK(e->list().empty());
   CHECK(e->get(id).error().code == errc::not_found);
   CHECK(e->open_bytes(id).error().code == errc::not_found);

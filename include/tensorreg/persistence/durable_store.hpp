@@ -15,7 +15,8 @@
 // root, removes leftovers of interrupted writes and checks every manifest against its files'
 // sizes, its index bytes and its id (an mi2 id names the SHA-256 of the index and the tree root
 // of the leaves), quarantining what fails. load() reads an artifact into a caller's buffer and
-// checks every leaf's SHA-256; verify() does the same without a buffer. Every damage found is
+// checks every leaf (its XXH3-128 by default, its SHA-256 if asked); verify() checks every
+// leaf's SHA-256 without a buffer. Every damage found is
 // DATA_LOSS naming the file or the leaf, and the artifact's directory is moved to quarantine/.
 //
 // Every system call that can fail asks the fault seam first (common/fault_injection.hpp: open,
@@ -92,6 +93,15 @@ struct quarantined_artifact {
   std::string reason;
 };
 
+/// What a load compares each leaf with.
+enum class leaf_check_kind {
+  /// XXH3-128 fingerprints: damage (a flipped byte, a torn write) is found at memory speed.
+  /// The SHA-256 leaves, which fold to the id, are checked at open and by verify().
+  xxh3,
+  /// SHA-256: the bytes are proven to be the id's at load, at hashing speed.
+  sha256,
+};
+
 struct store_options {
   /// Bytes per write()/read() call; larger calls keep the disk busy with fewer syscalls.
   std::uint64_t chunk_bytes = std::uint64_t{64} << 20;
@@ -99,6 +109,8 @@ struct store_options {
   std::chrono::microseconds chunk_pause{0};
   /// Threads hashing leaves while a write or load runs (null = one helper thread per call).
   thread_pool* hash_pool = nullptr;
+  /// What load() checks every leaf against.
+  leaf_check_kind load_check = leaf_check_kind::xxh3;
 };
 
 /// Progress of a write or verification: bytes done of total.
@@ -138,12 +150,12 @@ class durable_store {
   [[nodiscard]] std::vector<stored_artifact> list() const;
 
   /// Reads the artifact's canonical bytes into `out` (exactly total_size bytes) and checks
-  /// every leaf's SHA-256 against the manifest. Errors: NOT_FOUND (not published),
+  /// every leaf against the manifest (store_options::load_check) as it arrives. Errors: NOT_FOUND (not published),
   /// INVALID_ARGUMENT (`out` of another size), DATA_LOSS naming the leaf or file (the artifact
   /// is quarantined), UNAVAILABLE (I/O error).
   [[nodiscard]] status load(std::string_view artifact_id, std::span<std::byte> out);
 
-  /// load() without a destination: reads and checks every leaf. Errors: as load().
+  /// Reads and checks every leaf's SHA-256, without a destination. Errors: as load().
   [[nodiscard]] status verify(std::string_view artifact_id, const progress_fn& progress = {});
 
   /// Removes a published artifact (renamed to `.tmp-del-*` first, so no half-removed copy is
