@@ -83,6 +83,8 @@ std::string joined(const std::vector<std::string>& ids) {
 //   2. pending_registration's mutex — one registration's phase, TTL and plan tables.
 //   3. the leaves: region_registry's, stable_dram_cache's, stable_upload's and reader_gate's
 //      own mutexes, and the logger. (The cache's eviction listener logs, under 1.)
+// restore_mutex (persistence) is taken before 1, never under it; the durable store's mutex
+// and the persistence task table's are leaves (the cache's spill guard asks the store under 3).
 // sweeper_mutex only paces the sweep thread; nothing else is taken under it. The owner watch
 // calls release_owner() on its thread with none of these held. A Feed copy runs with none
 // held; drain waits on a reader_gate's condition variable with none held.

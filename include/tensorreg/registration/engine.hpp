@@ -17,6 +17,8 @@
 // The engine's own lock guards only its tables; hashing and copying run outside it, on the
 // engine's thread pool, so a long commit never blocks other registrations, and one
 // registration's failure never disturbs another's.
+// With a persist directory (engine_options::durable), writes, background verification and the
+// tasks' bookkeeping run on persistence threads of the engine's own (docs/architecture.md §12).
 //
 // Ownership: the engine owns pending registrations, leases, replicas and regions. Memory a
 // client hands over (memfds, host_storage_source) is shared: the engine keeps its
