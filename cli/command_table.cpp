@@ -27,12 +27,13 @@ constexpr std::array<option_help, 2> kPut{{
     {"--name", "NAME", "the name `ls` shows (default: the file name)"},
 }};
 constexpr std::array<option_help, 1> kLease{{{"--ttl-ms", "N", "lease TTL, renewed while it runs (default 600000)"}}};
+constexpr std::array<option_help, 1> kExport{{{"--out", "FILE", "the .safetensors file to write (required)"}}};
 constexpr std::array<option_help, 2> kTop{{
     {"--interval-ms", "N", "refresh period (default 1000)"},
     {"--count", "N", "stop after N refreshes (default: until q or SIGINT)"},
 }};
 
-constexpr std::array<command_help, 12> kCommands{{
+constexpr std::array<command_help, 13> kCommands{{
     {"digest", "--index FILE [--data FILE | --zeros N]", "print the index multihash, data multihash and mi2 id",
      kDigest, false},
     {"index", "FILES.safetensors... | ID",
@@ -47,6 +48,7 @@ constexpr std::array<command_help, 12> kCommands{{
     {"rm", "ID-OR-PREFIX", "the same as deregister", {}},
     {"stats", "", "budget, free, hits, misses, evictions, uptime and request counts", {}},
     {"top", "", "a live view of the artifacts and rates, refreshed in place (q quits)", kTop},
+    {"export", "ID-OR-PREFIX", "write an artifact as a .safetensors file", kExport},
 }};
 
 std::string option_line(const option_help& o) {

@@ -21,6 +21,7 @@
 #include "tensorreg/hash/multihash.hpp"
 #include "tensorreg/hash/sha256.hpp"
 #include "tensorreg/index/safetensors_bundle.hpp"
+#include "tensorreg/index/safetensors_export.hpp"
 
 namespace tensorreg::cli {
 namespace {
@@ -36,6 +37,7 @@ struct options {
   std::optional<std::string> name;   // put --name; unset: the file name
   std::uint32_t interval_ms = 1000;  // top
   std::uint64_t count = 0;           // top: refreshes, 0 = until stopped
+  std::string out;  ///< export's --out
   std::vector<std::string> positional;
 };
 
@@ -76,6 +78,8 @@ result<options> parse(const std::vector<std::string>& args) {
       } catch (const std::exception&) {
         return fail(errc::invalid_argument, a + " needs a positive number, got '" + v + "'");
       }
+    } else if (a == "--out") {
+      TENSORREG_TRY_ASSIGN(o.out, value());
     } else if (a == "--ttl-ms") {
       TENSORREG_TRY_ASSIGN(auto v, value());
       try {
@@ -446,6 +450,28 @@ int cmd_deregister(connection& c, const options& o, std::string_view name) {
   return 0;
 }
 
+// The artifact's bytes as the daemon's stable replica (loaded back from --persist-dir when
+// only there), written as a safetensors file through a temporary name.
+int cmd_export(connection& c, const options& o) {
+  if (o.positional.size() != 1 || o.out.empty()) {
+    return usage("usage: tensorreg export ID-OR-PREFIX --out FILE.safetensors");
+  }
+  auto resolved = resolve_id(c, o.positional[0], "export");
+  if (!resolved) return fail_with(resolved.error());
+  const auto& id = *resolved;
+  auto got = c.get(id);
+  if (!got) return fail_with(got.error());
+  auto idx = index::canonical_index::parse(got->index_json, got->descriptor.total_size);
+  if (!idx) return fail_with(with_context(std::move(idx).error(), "cannot export " + id));
+  if (auto done = index::export_safetensors(*idx, got->memory, o.out); !done) return fail_with(done.error());
+  if (o.json) {
+    fmt::print("{}\n", json{{"artifact_id", id}, {"out", o.out}, {"total_size", got->descriptor.total_size}}.dump());
+  } else {
+    fmt::print("exported {}\n  to         {}\n", id, o.out);
+  }
+  return 0;
+}
+
 int cmd_stats(connection& c, const options& o) {
   auto got = c.stats();
   if (!got) return fail_with(got.error());
@@ -586,8 +612,8 @@ int cmd_top(connection& c, const options& o) {
 }
 
 const std::set<std::string>& daemon_commands() {
-  static const std::set<std::string> names{"status", "put",        "lease", "ls",    "show", "index",
-                                           "revoke", "deregister", "rm",    "stats", "top"};
+  static const std::set<std::string> names{"status", "put",        "lease", "ls",    "show",  "index",
+                                           "revoke", "deregister", "rm",    "stats", "top",   "export"};
   return names;
 }
 
@@ -614,6 +640,7 @@ int run_daemon_command(const std::string& command, const std::vector<std::string
   if (command == "revoke") return cmd_revoke(*c, o);
   if (command == "deregister" || command == "rm") return cmd_deregister(*c, o, command);
   if (command == "top") return cmd_top(*c, o);
+  if (command == "export") return cmd_export(*c, o);
   return cmd_stats(*c, o);
 }
 

@@ -468,11 +468,26 @@ struct dispatcher::impl {
     return {};
   }
 
+  // registration.md §1.6, DECISIONS §5.11: one unsharded copy in --persist-dir, written on
+  // the engine's persistence threads; Wait blocks this worker, never the I/O thread.
   status persistence(call& c) {
-    std::string_view verb = "start persistence";
-    if (c.request.has_query_persistence_status()) verb = "query persistence status";
-    if (c.request.has_wait_persistence_status()) verb = "wait for persistence status";
-    return fail(errc::unimplemented, fmt::format("cannot {}: persistence is not implemented yet", verb));
+    if (c.request.has_start_persistence()) {
+      const auto& in = c.request.start_persistence();
+      TENSORREG_TRY_ASSIGN(auto cache, convert::to_persist_cache_policy(in));
+      TENSORREG_TRY_ASSIGN(auto task, engine.start_persistence(in.artifact_id(), std::move(cache)));
+      convert::fill_persistence(*c.response.mutable_start_persistence(), task);
+      return {};
+    }
+    if (c.request.has_query_persistence_status()) {
+      const auto& in = c.request.query_persistence_status();
+      TENSORREG_TRY_ASSIGN(auto task, engine.persistence_status(in.task_id(), in.artifact_id()));
+      convert::fill_persistence(*c.response.mutable_query_persistence_status(), task);
+      return {};
+    }
+    const auto& in = c.request.wait_persistence_status();
+    TENSORREG_TRY_ASSIGN(auto task, engine.wait_persistence(in.task_id(), std::chrono::milliseconds(in.timeout_ms())));
+    convert::fill_persistence(*c.response.mutable_wait_persistence_status()->mutable_status(), task);
+    return {};
   }
 
   status activate_stable_local_backing(call& c) {

@@ -13,9 +13,11 @@
 #include <unistd.h>
 
 #include <charconv>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
@@ -46,7 +48,9 @@ constexpr const char* kUsage =
     "  --stable-bytes N         stable DRAM cache budget in bytes (0 = unlimited; default 0)\n"
     "  --replica-pool-bytes N   idle page-locked replica memory kept for fast GPU puts, beyond\n"
     "                           the stable budget (0 = none; default min(16 GiB, RAM / 8))\n"
-    "  --persist-dir DIR        refused: persistence is not implemented yet\n"
+    "  --persist-dir DIR        keep persisted artifacts here (created 0700; must be ours, 0700, not\n"
+    "                           a symbolic link); without it StartPersistence is refused\n"
+    "  --persist-threads N      persistence writes at once (default 2)\n"
     "  --max-frame-bytes N      largest frame accepted (default 67108864)\n"
     "  --max-sessions N         most concurrent connections (default 1024)\n"
     "  --max-sessions-per-uid N most concurrent connections of one uid (0 = no own limit;\n"
@@ -72,6 +76,8 @@ constexpr const char* kUsage =
 struct options {
   std::string socket;
   std::string metrics_addr;  // empty: no metrics listener
+  std::string persist_dir;  // empty: no persistence
+  unsigned persist_threads = 2;
   std::uint64_t stable_bytes = 0;
   std::optional<std::uint64_t> replica_pool_bytes;  // unset: the provider's default
   std::uint32_t max_frame_bytes = 64u << 20;
@@ -125,8 +131,8 @@ int parse_options(const std::vector<std::string>& args, options& o) {
       if (a == "--socket") {
         o.socket = *v;
       } else if (a == "--persist-dir") {
-        // Refused rather than ignored: a caller asking for persistence must not believe it has it.
-        return bad("cannot use --persist-dir '" + *v + "': persistence is not implemented yet");
+        if (v->empty()) return bad("--persist-dir needs a directory");
+        o.persist_dir = *v;
       } else {
         auto level = tensorreg::parse_log_level(*v);
         if (!level) return bad(level.error().message);
@@ -145,6 +151,12 @@ int parse_options(const std::vector<std::string>& args, options& o) {
                 : a == "--max-stable-entries-per-uid" ? parse_number(*v, o.max_stable_entries_per_uid)
                                                       : parse_number(*v, o.max_total_size);
       if (!ok) return bad(a + " needs a number (0 = no limit), got '" + *v + "'");
+    } else if (a == "--persist-threads") {
+      const auto* v = value();
+      if (v == nullptr) return bad(a + " needs a value");
+      if (!parse_number(*v, o.persist_threads) || o.persist_threads == 0) {
+        return bad(a + " needs a positive number, got '" + *v + "'");
+      }
     } else if (a == "--stable-bytes" || a == "--replica-pool-bytes" || a == "--max-frame-bytes" ||
                a == "--max-sessions" || a == "--workers" || a == "--max-in-flight") {
       const auto* v = value();
@@ -193,6 +205,29 @@ int arm_faults_from_env(tensorreg::logger& log) {
   return -1;
 }
 
+// The persist directory, scanned: manifests checked now (damaged copies quarantined), every
+// leaf later in the background (the engine). TENSORREG_PERSIST_CHUNK_PAUSE_US slows writes down
+// for tests that kill the daemon mid-write.
+tensorreg::result<std::shared_ptr<tensorreg::persistence::durable_store>> open_persist_dir(const std::string& dir,
+                                                                                           tensorreg::logger& log) {
+  using tensorreg::log_level;
+  tensorreg::persistence::store_options so;
+  if (const char* pause = std::getenv("TENSORREG_PERSIST_CHUNK_PAUSE_US"); pause != nullptr) {
+    std::uint64_t us = 0;
+    if (parse_number(std::string(pause), us)) {
+      so.chunk_pause = std::chrono::microseconds(us);
+      so.chunk_bytes = std::uint64_t{1} << 20;
+    }
+  }
+  TENSORREG_TRY_ASSIGN(auto store, tensorreg::persistence::durable_store::open(dir, so));
+  for (const auto& q : store->quarantined()) {
+    tensorreg::log(log, log_level::warn, "quarantined {} in the persist directory: {}", q.name, q.reason);
+  }
+  tensorreg::log(log, log_level::info, "persist directory {}: {} artifacts, {} quarantined", store->root(),
+                 store->list().size(), store->quarantined().size());
+  return std::shared_ptr<tensorreg::persistence::durable_store>(std::move(store));
+}
+
 int serve(const options& o, tensorreg::logger& log) {
   using tensorreg::log_level;
   raise_fd_limit(log);
@@ -204,6 +239,15 @@ int serve(const options& o, tensorreg::logger& log) {
   eo.max_pending_per_owner = o.max_pending_per_pid;
   eo.region_capacity_per_uid = o.max_regions_per_uid;
   eo.max_stable_entries_per_uid = o.max_stable_entries_per_uid;
+  if (!o.persist_dir.empty()) {
+    auto durable = open_persist_dir(o.persist_dir, log);
+    if (!durable) {
+      tensorreg::log(log, log_level::error, "{}", durable.error().message);
+      return 1;
+    }
+    eo.durable = std::move(*durable);
+    eo.persist_threads = o.persist_threads;
+  }
 #if TENSORREG_HAVE_CUDA
   // GPU memory when a device is present; otherwise CUDA-only requests fail FAILED_PRECONDITION.
   tensorreg::cuda::device_memory_provider::options device_options;

@@ -162,6 +162,7 @@ void fill_summary(wire::ArtifactSummary& out, const reg::artifact_summary& in) {
   out.set_total_size(in.descriptor.total_size);
   if (in.leases > 0) out.add_tiers(wire::TIER_VRAM_LEASED);  // enum order
   if (in.stable_replica) out.add_tiers(wire::TIER_STABLE_DRAM);
+  if (in.shared_disk) out.add_tiers(wire::TIER_SHARED_DISK);
   out.set_lease_count(static_cast<std::uint32_t>(in.leases + in.joined_refs));
 }
 
@@ -340,6 +341,7 @@ void fill_commit(v2::CommitRegisteredArtifactResponse& out, const reg::commit_re
     if (!in.local_stable_tier->message.empty()) tier->set_message(in.local_stable_tier->message);
   }
   for (const auto& id : in.evicted) out.add_evicted_artifact_ids(id);
+  if (!in.persistence_task_id.empty()) out.set_persistence_task_id(in.persistence_task_id);
 }
 
 reg::deregister_request to_deregister(const v2::DeregisterArtifactRequest& in) {
@@ -501,15 +503,18 @@ void fill_list(wire::ListArtifactsResponse& out, std::vector<reg::artifact_summa
 
 void fill_stats(wire::GetStatsResponse& out, const reg::engine_stats& in,
                 const std::vector<reg::artifact_summary>& artifacts, std::size_t connections) {
-  std::uint64_t leased = 0, stable = 0, joins = 0;
+  std::uint64_t leased = 0, stable = 0, joins = 0, disk = 0, disk_bytes = 0;
   for (const auto& a : artifacts) {
     leased += a.leases > 0 ? 1 : 0;
     stable += a.stable_replica ? 1 : 0;
     joins += a.joined_refs;
+    disk += a.shared_disk ? 1 : 0;
+    disk_bytes += a.shared_disk ? a.descriptor.total_size : 0;
   }
   out.set_artifacts(in.artifacts);
   add_tier(out, wire::TIER_VRAM_LEASED, in.leased_bytes, leased);  // enum order
   add_tier(out, wire::TIER_STABLE_DRAM, in.stable_bytes, stable);
+  add_tier(out, wire::TIER_SHARED_DISK, disk_bytes, disk);
   out.set_leases(in.leases + joins);
   out.set_regions(in.regions);
   out.set_open_mappings(in.open_mappings);
@@ -522,6 +527,31 @@ void fill_stats(wire::GetStatsResponse& out, const reg::engine_stats& in,
   out.set_stable_reserved_bytes(in.stable_reserved_bytes);
   out.set_evictions(in.stable_evictions);
   out.set_evicted_bytes(in.stable_evicted_bytes);
+}
+
+result<std::optional<policy::cache_policy>> to_persist_cache_policy(const v2::StartPersistenceRequest& in) {
+  if (!in.has_policy()) return std::optional<policy::cache_policy>{};
+  auto resolved = policy::resolve(to_policy(in.policy()));
+  if (!resolved) return tl::unexpected(with_context(std::move(resolved).error(), "cannot start persistence"));
+  return resolved->cache;
+}
+
+void fill_persistence(v2::QueryPersistenceStatusResponse& out, const persistence::task_status& in) {
+  out.set_task_id(in.task_id);
+  out.set_artifact_id(in.artifact_id);
+  out.set_plan_id(in.plan_id);
+  out.set_state(static_cast<common::PersistenceState>(in.state));
+  out.set_progress(in.progress);
+  if (!in.degraded_reason.empty()) out.set_degraded_reason(in.degraded_reason);
+  if (!in.last_error.empty()) out.set_last_error(in.last_error);
+}
+
+void fill_persistence(v2::StartPersistenceResponse& out, const persistence::task_status& in) {
+  out.set_task_id(in.task_id);
+  out.set_plan_id(in.plan_id);
+  out.set_state(static_cast<common::PersistenceState>(in.state));
+  out.set_progress(in.progress);
+  if (!in.degraded_reason.empty()) out.set_degraded_reason(in.degraded_reason);
 }
 
 void fill_config(v2::GetServerConfigResponse& out, const std::string& socket_path, const reg::engine_stats& stats) {

@@ -71,6 +71,15 @@ void fill_begin(v2::BeginRegisterArtifactResponse& out, const registration::begi
 
 void fill_commit(v2::CommitRegisteredArtifactResponse& out, const registration::commit_response& in);
 
+// ---- Persistence (registration.md §1.6) ------------------------------------------------------
+
+/// The stable-cache policy StartPersistence's policy asks for (nullopt when it names none).
+/// Errors: INVALID_ARGUMENT as policy::resolve.
+[[nodiscard]] result<std::optional<policy::cache_policy>> to_persist_cache_policy(
+    const v2::StartPersistenceRequest& in);
+void fill_persistence(v2::QueryPersistenceStatusResponse& out, const persistence::task_status& in);
+void fill_persistence(v2::StartPersistenceResponse& out, const persistence::task_status& in);
+
 [[nodiscard]] registration::deregister_request to_deregister(const v2::DeregisterArtifactRequest& in);
 void fill_deregister(v2::DeregisterArtifactResponse& out, const registration::deregister_response& in);
 

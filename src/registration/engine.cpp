@@ -8,8 +8,11 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <condition_variable>
 #include <exception>
+#include <functional>
+#include <map>
 #include <mutex>
 #include <new>
 #include <thread>
@@ -24,6 +27,7 @@
 #include "tensorreg/common/random.hpp"
 #include "tensorreg/common/thread_pool.hpp"
 #include "tensorreg/devices/device_identity.hpp"
+#include "tensorreg/memory/shared_memory.hpp"
 
 namespace tensorreg::registration {
 namespace {
@@ -79,6 +83,8 @@ std::string joined(const std::vector<std::string>& ids) {
 //   2. pending_registration's mutex — one registration's phase, TTL and plan tables.
 //   3. the leaves: region_registry's, stable_dram_cache's, stable_upload's and reader_gate's
 //      own mutexes, and the logger. (The cache's eviction listener logs, under 1.)
+// restore_mutex (persistence) is taken before 1, never under it; the durable store's mutex
+// and the persistence task table's are leaves (the cache's spill guard asks the store under 3).
 // sweeper_mutex only paces the sweep thread; nothing else is taken under it. The owner watch
 // calls release_owner() on its thread with none of these held. A Feed copy runs with none
 // held; drain waits on a reader_gate's condition variable with none held.
@@ -113,13 +119,37 @@ struct engine::state {
                                                 std::chrono::minutes(10)}),
         devices(options.devices),
         catalogue(regions, options.stable_bytes, time,
-                  stable::cache_hooks{{},
+                  stable::cache_hooks{durable_predicate(options.durable),
                                       [this](const stable::evicted_entry& e) {
                                         tensorreg::log(log, log_level::info,
                                                        "stable DRAM cache evicted artifact {} ({} bytes): {}", e.key,
                                                        e.size_bytes, eviction_reason_name(e.reason));
                                       }},
-                  options.max_stable_entries_per_uid) {}
+                  options.max_stable_entries_per_uid),
+        persist_pool(options.durable ? std::make_unique<thread_pool>(std::max(1u, options.persist_threads)) : nullptr) {
+  }
+
+  // The spill guard of the stable cache (registration.md §6.3): an entry may be spilled when
+  // the persist directory holds it. Unset without one, so that spill stays blocked.
+  static std::function<bool(std::string_view)> durable_predicate(
+      const std::shared_ptr<persistence::durable_store>& durable) {
+    if (!durable) return {};
+    return [d = durable.get()](std::string_view id) { return d->contains(id); };
+  }
+
+  // ---- persistence (docs/architecture.md §14) ----
+  persistence::task_table tasks;
+  std::atomic<bool> persist_cancel{false};  // set when the engine is destroyed
+  std::mutex restore_mutex;                 // one restore at a time: a second waits and finds it
+  // Declared last: destroyed first, while everything its jobs use is still there.
+  std::unique_ptr<thread_pool> persist_pool;
+
+  result<persistence::task_status> start_persistence(const std::string& id, std::optional<policy::cache_policy> cache);
+  void run_persistence(const std::string& task_id, const std::string& id, std::optional<policy::cache_policy> cache);
+  status restore(const std::string& id);
+  void verify_persisted();
+  // A summary of an artifact only the persist directory holds.
+  static artifact_summary summary_of(const persistence::stored_artifact& a);
 
   status watch_owner(std::int32_t pid) {
     if (!owners) return {};
@@ -234,6 +264,9 @@ result<std::unique_ptr<engine>> engine::create(engine_options options) {
       }
     });
   }
+  if (raw->options.durable && raw->options.verify_persisted_at_start) {
+    raw->persist_pool->submit([raw] { raw->verify_persisted(); });
+  }
   return std::unique_ptr<engine>(new engine(std::move(s)));
 }
 
@@ -246,6 +279,8 @@ engine::~engine() {
   }
   state_->sweeper_wake.notify_all();
   if (state_->sweeper.joinable()) state_->sweeper.join();
+  state_->persist_cancel = true;  // writes in flight stop at their next chunk
+  state_->persist_pool.reset();
   state_->owners.reset();  // no owner callback after this point
 }
 
@@ -424,6 +459,18 @@ result<commit_response> engine::state::commit(const std::string& registration_id
   }
   tensorreg::log(log, log_level::debug, "committed registration {} (owner_pid {}) as artifact {}{}", p->id(),
                  p->owner_pid(), out->descriptor.artifact_id, out->existed ? " (joined)" : "");
+  // Policies asking for the shared disk (DURABLE, COLD, HA: registration.md §1.6) are persisted
+  // now, in the background; the commit answers the task's id.
+  const auto& resolved = p->facts().policy;
+  if (options.durable && resolved.shared_disk >= policy::requirement::should) {
+    auto task = start_persistence(out->descriptor.artifact_id, resolved.cache);
+    if (task) {
+      out->persistence_task_id = task->task_id;
+    } else {
+      tensorreg::log(log, log_level::warn, "cannot start persisting artifact {}: {}", out->descriptor.artifact_id,
+                     task.error().message);
+    }
+  }
   return out;
 }
 
@@ -529,23 +576,77 @@ result<bool> engine::unregister_region(const std::string& region_id, std::int32_
 // ---- Catalogue -----------------------------------------------------------------------------
 
 result<artifact_summary> engine::get(const std::string& artifact_id) const {
-  std::lock_guard lock(state_->mutex);
-  return state_->catalogue.get(artifact_id);
+  const auto& durable = state_->options.durable;
+  result<artifact_summary> out;
+  {
+    std::lock_guard lock(state_->mutex);
+    out = state_->catalogue.get(artifact_id);
+  }
+  if (durable) {
+    if (out) {
+      out->shared_disk = durable->contains(artifact_id);
+    } else if (out.error().code == errc::not_found) {
+      if (auto a = durable->find(artifact_id)) return state::summary_of(*a);
+    }
+  }
+  return out;
 }
 
 std::vector<artifact_summary> engine::list() const {
-  std::lock_guard lock(state_->mutex);
-  return state_->catalogue.list();
+  std::vector<artifact_summary> out;
+  {
+    std::lock_guard lock(state_->mutex);
+    out = state_->catalogue.list();
+  }
+  const auto& durable = state_->options.durable;
+  if (!durable) return out;
+  std::map<std::string, std::size_t> held;
+  for (std::size_t i = 0; i < out.size(); ++i) held[out[i].descriptor.artifact_id] = i;
+  for (const auto& a : durable->list()) {
+    auto it = held.find(a.record.artifact_id);
+    if (it != held.end()) {
+      out[it->second].shared_disk = true;
+    } else {
+      out.push_back(state::summary_of(a));
+    }
+  }
+  std::sort(out.begin(), out.end(),
+            [](const auto& x, const auto& y) { return x.descriptor.artifact_id < y.descriptor.artifact_id; });
+  return out;
 }
 
 result<std::shared_ptr<const index::canonical_index>> engine::index_of(const std::string& artifact_id) const {
-  std::lock_guard lock(state_->mutex);
-  return state_->catalogue.index_of(artifact_id);
+  result<std::shared_ptr<const index::canonical_index>> out;
+  {
+    std::lock_guard lock(state_->mutex);
+    out = state_->catalogue.index_of(artifact_id);
+  }
+  if (!out && out.error().code == errc::not_found && state_->options.durable) {
+    if (auto a = state_->options.durable->find(artifact_id)) return a->index;
+  }
+  return out;
 }
 
 result<std::shared_ptr<const memory::byte_source>> engine::open_bytes(const std::string& artifact_id) {
-  std::lock_guard lock(state_->mutex);
-  return state_->catalogue.open_bytes(artifact_id);
+  result<std::shared_ptr<const memory::byte_source>> out;
+  {
+    std::lock_guard lock(state_->mutex);
+    out = state_->catalogue.open_bytes(artifact_id);
+  }
+  // Not held in memory but persisted: load it back into the stable cache and read that.
+  if (!out && state_->options.durable && state_->options.durable->contains(artifact_id)) {
+    bool quiesced = false;
+    {
+      std::lock_guard lock(state_->mutex);
+      const auto st = state_->catalogue.state_of(artifact_id);
+      quiesced = st == detail::artifact_state::quiesced || st == detail::artifact_state::draining;
+    }
+    if (quiesced) return out;
+    TENSORREG_TRY(state_->restore(artifact_id));
+    std::lock_guard lock(state_->mutex);
+    return state_->catalogue.open_bytes(artifact_id);
+  }
+  return out;
 }
 
 result<std::pair<std::shared_ptr<const index::canonical_index>, unique_fd>> engine::stable_replica_fd(
@@ -553,10 +654,20 @@ result<std::pair<std::shared_ptr<const index::canonical_index>, unique_fd>> engi
   const std::string verb = "cannot open the stable replica of " + artifact_id;
   std::shared_ptr<const memory::byte_source> replica;
   std::shared_ptr<const index::canonical_index> idx;
-  {
+  const auto look = [&]() -> status {
     std::lock_guard lock(state_->mutex);
     TENSORREG_TRY_ASSIGN(std::tie(replica, idx), state_->catalogue.stable_replica(artifact_id, verb));
+    return {};
+  };
+  auto found = look();
+  // No stable replica, or no artifact, in memory, but a persisted copy: load it back (docs/architecture.md §14).
+  if ((!found && found.error().code == errc::not_found) || (found && !replica)) {
+    if (state_->options.durable && state_->options.durable->contains(artifact_id)) {
+      TENSORREG_TRY(state_->restore(artifact_id));
+      found = look();
+    }
   }
+  TENSORREG_TRY(std::move(found));
   TENSORREG_TRY_ASSIGN(auto fd, detail::export_replica_fd(replica, verb));
   return std::pair{std::move(idx), std::move(fd)};
 }
@@ -591,7 +702,29 @@ result<deregister_response> engine::state::deregister(const deregister_request& 
     // 0. DECISIONS §8, under the same lock as quiesce: no other holder slips in between.
     if (r.owner_pid > 0) TENSORREG_TRY(catalogue.check_sole_holder(r.artifact_id, r.owner_pid));
     TENSORREG_TRY(catalogue.check_copy_owner(r.artifact_id, r.owner_uid));  // the daemon's copies
-    TENSORREG_TRY_ASSIGN(gate, catalogue.quiesce(r.artifact_id));           // 1. no new readers, leases or joins
+    auto quiesced = catalogue.quiesce(r.artifact_id);  // 1. no new readers, leases or joins
+    if (!quiesced && quiesced.error().code == errc::not_found && options.durable &&
+        options.durable->contains(r.artifact_id)) {
+      // Only the persisted copy is left (DECISIONS §5.11). Its putter is not recorded on disk,
+      // so it is the daemon's own uid's, or root's, to remove (DECISIONS §8).
+      if (r.owner_uid && *r.owner_uid != 0 && *r.owner_uid != ::geteuid()) {
+        return fail(errc::permission_denied, "cannot deregister " + r.artifact_id +
+                                                 ": only its persisted copy is left, which only uid " +
+                                                 std::to_string(::geteuid()) + " (the daemon's) or root may remove");
+      }
+      gate = nullptr;
+    } else {
+      TENSORREG_TRY_ASSIGN(gate, std::move(quiesced));
+    }
+  }
+  if (!gate) {
+    TENSORREG_TRY(options.durable->remove(r.artifact_id));
+    tensorreg::log(log, log_level::info, "deregistered artifact {} (owner_pid {}): removed its persisted copy",
+                   r.artifact_id, r.owner_pid);
+    deregister_response response;
+    response.drained = true;
+    response.removed = true;
+    return response;
   }
   // 2. drain: wait, with no lock held, for the readers to let go.
   const auto timeout = r.drain_timeout_ms != 0 ? milliseconds(r.drain_timeout_ms) : options.default_drain_timeout;
@@ -605,6 +738,12 @@ result<deregister_response> engine::state::deregister(const deregister_request& 
     removed = catalogue.remove(r.artifact_id);
   }
   if (!removed) return response;  // a concurrent deregister removed it
+  if (options.durable && options.durable->contains(r.artifact_id)) {
+    if (auto gone = options.durable->remove(r.artifact_id); !gone) {
+      tensorreg::log(log, log_level::warn, "deregistered artifact {} but kept its persisted copy: {}", r.artifact_id,
+                     gone.error().message);
+    }
+  }
   response.released_region_ids = std::move(removed->released_region_ids);
   response.removed = true;
   tensorreg::log(log, log_level::info,
@@ -685,6 +824,177 @@ void engine::state::release_owner(std::int32_t pid) {
 }
 
 void engine::sweep() { state_->sweep(); }
+
+// ---- Persistence -----------------------------------------------------------------------------
+
+artifact_summary engine::state::summary_of(const persistence::stored_artifact& a) {
+  artifact_summary out;
+  auto& d = out.descriptor;
+  d.artifact_id = a.record.artifact_id;
+  d.index_multihash = a.record.index_multihash;
+  d.data_multihash = a.record.data_multihash;
+  d.schema_version = a.record.schema_version;
+  d.encoding = a.record.encoding;
+  d.total_size = a.record.total_size;
+  d.id_kind = a.record.id_kind == "MI2" ? identity::id_kind::mi2 : identity::id_kind::cgid;
+  out.shared_disk = true;
+  return out;
+}
+
+result<persistence::task_status> engine::start_persistence(const std::string& artifact_id,
+                                                           std::optional<policy::cache_policy> cache) {
+  return state_->start_persistence(artifact_id, std::move(cache));
+}
+
+result<persistence::task_status> engine::state::start_persistence(const std::string& id,
+                                                                  std::optional<policy::cache_policy> cache) {
+  const std::string what = "cannot start persistence of " + id;
+  if (!options.durable) {
+    return fail(errc::failed_precondition, what + ": the daemon has no persist directory (tensorregd --persist-dir)");
+  }
+  {
+    std::lock_guard lock(mutex);
+    const auto st = catalogue.state_of(id);
+    if (st == detail::artifact_state::quiesced || st == detail::artifact_state::draining) {
+      return fail(errc::failed_precondition, what + ": the artifact is being deregistered");
+    }
+    if (st == detail::artifact_state::gone) {
+      if (options.durable->contains(id)) return tasks.record_done(id);
+      return fail(errc::not_found, what + ": no such artifact");
+    }
+  }
+  if (options.durable->contains(id)) return tasks.record_done(id);
+  auto started = tasks.start(id);
+  if (started.created) {
+    const auto task_id = started.status.task_id;
+    persist_pool->submit([this, task_id, id, cache] { run_persistence(task_id, id, cache); });
+    tensorreg::log(log, log_level::info, "persistence task {} of artifact {} queued", task_id, id);
+  }
+  return started.status;
+}
+
+void engine::state::run_persistence(const std::string& task_id, const std::string& id,
+                                    std::optional<policy::cache_policy> cache) {
+  tasks.set_running(task_id);
+  auto run = [&]() -> status {
+    if (persist_cancel) return fail(errc::cancelled, "the daemon is stopping");
+    std::shared_ptr<const memory::byte_source> bytes;
+    std::shared_ptr<const index::canonical_index> idx;
+    persistence::artifact_record record;
+    {
+      std::lock_guard lock(mutex);
+      // The reader holds the artifact's gate: a deregister waits for this write to finish.
+      TENSORREG_TRY_ASSIGN(bytes, catalogue.open_bytes(id));
+      TENSORREG_TRY_ASSIGN(idx, catalogue.index_of(id));
+      TENSORREG_TRY_ASSIGN(auto summary, catalogue.get(id));
+      const auto& d = summary.descriptor;
+      record.artifact_id = d.artifact_id;
+      record.id_kind = std::string(identity::id_kind_name(d.id_kind));
+      record.index_multihash = d.index_multihash;
+      record.data_multihash = d.data_multihash;
+      record.schema_version = d.schema_version;
+      record.encoding = d.encoding;
+      record.total_size = d.total_size;
+      if (cache) {
+        record.cache = *cache;
+      } else if (auto info = catalogue.cache().info(id)) {
+        record.cache.retention = info->retention;
+        record.cache.overflow = info->overflow;
+        record.cache.required = info->required;
+        record.cache.require_shared_disk_for_spill = info->require_shared_disk_for_spill;
+        record.cache.require_remote_stable_for_spill = info->require_remote_stable_for_spill;
+        if (info->retention == policy::retention::ttl) record.cache.retention = policy::retention::best_effort;
+      }
+    }
+    const double total = static_cast<double>(record.total_size);
+    return options.durable->write(
+        record, *idx, *bytes,
+        [&](std::uint64_t done, std::uint64_t) { tasks.set_progress(task_id, static_cast<double>(done) / total); },
+        &persist_cancel);
+  };
+  auto done = run();
+  if (done) {
+    tasks.finish(task_id, persistence::task_state::success);
+    tensorreg::log(log, log_level::info, "persistence task {} of artifact {}: SUCCESS", task_id, id);
+  } else {
+    const auto reason = std::string(errc_name(done.error().code)) + ": " + done.error().message;
+    tasks.finish(task_id, persistence::task_state::failed, reason);
+    tensorreg::log(log, log_level::info, "persistence task {} of artifact {}: FAILED: {}", task_id, id, reason);
+  }
+}
+
+// Loads a persisted artifact back into the stable DRAM cache (subject to its budget).
+status engine::state::restore(const std::string& id) {
+  std::lock_guard restoring(restore_mutex);
+  const std::string what = "cannot load " + id + " back from the persist directory";
+  {
+    std::lock_guard lock(mutex);
+    if (catalogue.cache().contains(id)) return {};  // another restore got there first
+  }
+  auto stored = options.durable->find(id);
+  if (!stored) return fail(errc::not_found, what + ": it is not there");
+  const auto size = stored->record.total_size;
+  TENSORREG_TRY_ASSIGN(auto reservation, catalogue.cache().reserve(size));
+  TENSORREG_TRY_ASSIGN(auto memory, memory::shared_memory::create(size, "tensorreg-restored"));
+  const auto started = std::chrono::steady_clock::now();
+  if (auto loaded = options.durable->load(id, memory.mutable_bytes()); !loaded) {
+    tensorreg::log(log, log_level::warn, "{}", loaded.error().message);
+    return loaded;
+  }
+  TENSORREG_TRY(memory.seal_read_only());
+  auto replica = std::make_shared<const memory::shared_memory>(std::move(memory));
+  auto summary = summary_of(*stored);
+  std::lock_guard lock(mutex);
+  auto admitted = catalogue.cache().admit(id, size, replica, stored->record.cache, &reservation);
+  if (!admitted) return tl::unexpected(with_context(std::move(admitted).error(), what));
+  if (!admitted->admitted) {
+    return fail(errc::resource_exhausted, what + ": the stable cache did not keep it: " + admitted->skip_reason);
+  }
+  catalogue.add(summary.descriptor, stored->index);
+  const auto ms =
+      std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - started).count();
+  tensorreg::log(log, log_level::info, "loaded artifact {} ({} bytes) back from the persist directory in {} ms", id,
+                 size, ms);
+  return {};
+}
+
+void engine::state::verify_persisted() {
+  const auto all = options.durable->list();
+  tensorreg::log(log, log_level::info, "verifying {} persisted artifacts in {}", all.size(), options.durable->root());
+  std::size_t ok = 0, bad = 0;
+  for (std::size_t i = 0; i < all.size(); ++i) {
+    if (persist_cancel) return;
+    const auto& id = all[i].record.artifact_id;
+    if (auto checked = options.durable->verify(id); checked) {
+      ++ok;
+    } else if (checked.error().code != errc::not_found) {
+      ++bad;
+      tensorreg::log(log, log_level::warn, "persisted artifact {} failed verification ({}): {}", id,
+                     errc_name(checked.error().code), checked.error().message);
+    }
+    tensorreg::log(log, log_level::info, "verified {} of {} persisted artifacts ({} damaged)", i + 1, all.size(), bad);
+  }
+  tensorreg::log(log, log_level::info, "verification of the persist directory done: {} good, {} damaged", ok, bad);
+}
+
+result<persistence::task_status> engine::persistence_status(const std::string& task_id,
+                                                            const std::string& artifact_id) const {
+  if (!task_id.empty()) return state_->tasks.find(task_id);
+  if (artifact_id.empty()) {
+    return fail(errc::invalid_argument, "cannot query persistence status: neither task_id nor artifact_id given");
+  }
+  auto newest = state_->tasks.newest_of(artifact_id);
+  // Persisted before this daemon started: a task that is SUCCESS already.
+  if (!newest && state_->options.durable && state_->options.durable->contains(artifact_id)) {
+    return state_->tasks.record_done(artifact_id);
+  }
+  return newest;
+}
+
+result<persistence::task_status> engine::wait_persistence(const std::string& task_id,
+                                                          std::chrono::milliseconds timeout) const {
+  return state_->tasks.wait(task_id, timeout);
+}
 void engine::release_owner(std::int32_t owner_pid) { state_->release_owner(owner_pid); }
 
 }  // namespace tensorreg::registration

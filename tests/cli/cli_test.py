@@ -196,6 +196,10 @@ def daemon_checks(tool, daemon, d, check):
               "the lease and its region go when the holder stops; the stable copy stays")
         gone = run(tool, "show", "--socket", sock, "mi2:nope", expect_ok=False)
         check(gone.returncode != 0 and "NOT_FOUND" in gone.stderr, "show of an unknown id is NOT_FOUND")
+        exported = os.path.join(d, "exported.safetensors")
+        run(tool, "export", "--socket", sock, digest, "--out", exported)
+        again_id = run(tool, "index", exported).stdout.splitlines()[-1].split()[1]
+        check(again_id == digest, "export writes a safetensors file whose index gives the same id")
         dereg = json.loads(run(tool, "deregister", "--socket", sock, "--json", digest).stdout)
         check(dereg["removed"], "deregister removes the artifact")
     finally:

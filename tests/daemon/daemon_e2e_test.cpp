@@ -196,12 +196,12 @@ TEST_CASE("tensorregd: every RPC answers over the socket", "[daemon][e2e]") {
   CHECK(st->response.get_stats().leases() == 1);
   CHECK(st->response.get_stats().regions() == 1);
 
-  // Persistence is a later issue: UNIMPLEMENTED with a message.
+  // Persistence needs --persist-dir (DECISIONS §5.11): FAILED_PRECONDITION without one.
   wire::Request persist;
   persist.mutable_start_persistence()->set_artifact_id(id);
   auto p = call(persist);
   REQUIRE_FALSE(p);
-  CHECK(p.error().code == errc::unimplemented);
+  CHECK(p.error().code == errc::failed_precondition);
 
   // Abort of an unknown id is NOT_FOUND; Revoke always OK.
   wire::Request abort;

@@ -97,14 +97,15 @@ TEST_CASE("tensorregd: a bad --log-level exits 2 with the parse error", "[daemon
   CHECK_FALSE(std::filesystem::exists(dir.path() / "d.sock"));
 }
 
-TEST_CASE("tensorregd: --persist-dir is refused with exit 2 until persistence exists", "[daemon][e2e]") {
+TEST_CASE("tensorregd: --persist-dir that is a symbolic link is refused with exit 1", "[daemon][e2e]") {
   tensorreg::testing::temp_dir dir;
+  std::filesystem::create_directory(dir.path() / "real");
+  std::filesystem::create_directory_symlink(dir.path() / "real", dir.path() / "store");
   const auto persist = (dir.path() / "store").string();
   daemon_process d((dir.path() / "d.sock").string(), {"--persist-dir", persist}, false);
   const auto code = d.wait_exit();
   REQUIRE(code);
-  CHECK(*code == 2);
-  CHECK_THAT(d.output(), Catch::Contains("tensorregd: cannot use --persist-dir '" + persist +
-                                         "': persistence is not implemented yet"));
+  CHECK(*code == 1);
+  CHECK_THAT(d.output(), Catch::Contains("cannot use persist directory '" + persist + "': it is a symbolic link"));
   CHECK_FALSE(std::filesystem::exists(dir.path() / "d.sock"));
 }

@@ -877,19 +877,18 @@ TEST_CASE("dispatcher: ListArtifacts is sorted by id and GetStats counts an empt
   CHECK(listed.artifacts(0).tiers(0) == wire::TIER_STABLE_DRAM);
 }
 
-TEST_CASE("dispatcher: persistence RPCs are UNIMPLEMENTED", "[daemon][dispatcher]") {
+TEST_CASE("dispatcher: persistence RPCs without a persist directory", "[daemon][dispatcher]") {
   harness h;
   auto start = h.request();
   start.mutable_start_persistence()->set_artifact_id("mi2:x");
-  check_status(h.call(start), errc::unimplemented, "cannot start persistence: persistence is not implemented yet");
+  check_status(h.call(start), errc::failed_precondition,
+               "cannot start persistence of mi2:x: the daemon has no persist directory (tensorregd --persist-dir)");
   auto query = h.request();
   query.mutable_query_persistence_status()->set_task_id("t");
-  check_status(h.call(query), errc::unimplemented,
-               "cannot query persistence status: persistence is not implemented yet");
+  check_status(h.call(query), errc::not_found, "cannot find persistence task 't': no such task");
   auto wait = h.request();
   wait.mutable_wait_persistence_status()->set_task_id("t");
-  check_status(h.call(wait), errc::unimplemented,
-               "cannot wait for persistence status: persistence is not implemented yet");
+  check_status(h.call(wait), errc::not_found, "cannot wait for persistence task 't': no such task");
 }
 
 TEST_CASE("dispatcher: ActivateStableLocalBacking is UNIMPLEMENTED", "[daemon][dispatcher]") {

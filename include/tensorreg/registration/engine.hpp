@@ -17,6 +17,8 @@
 // The engine's own lock guards only its tables; hashing and copying run outside it, on the
 // engine's thread pool, so a long commit never blocks other registrations, and one
 // registration's failure never disturbs another's.
+// With a persist directory (engine_options::durable), writes, background verification and the
+// tasks' bookkeeping run on persistence threads of the engine's own (docs/architecture.md §14).
 //
 // Ownership: the engine owns pending registrations, leases, replicas and regions. Memory a
 // client hands over (memfds, host_storage_source) is shared: the engine keeps its
@@ -37,6 +39,8 @@
 #include "tensorreg/common/logger.hpp"
 #include "tensorreg/common/unique_fd.hpp"
 #include "tensorreg/index/canonical_index.hpp"
+#include "tensorreg/persistence/durable_store.hpp"
+#include "tensorreg/persistence/task_table.hpp"
 #include "tensorreg/registration/device_memory.hpp"
 #include "tensorreg/registration/types.hpp"
 
@@ -78,6 +82,13 @@ struct engine_options {
   /// proportion to its size, so a size no memory could back is refused before anything is
   /// allocated for it.
   std::uint64_t max_total_size = std::uint64_t{1} << 40;
+  /// The persist directory (--persist-dir); null = none: StartPersistence answers
+  /// FAILED_PRECONDITION and policies asking for the shared disk start no task (DECISIONS §5.11).
+  std::shared_ptr<persistence::durable_store> durable;
+  /// Persistence writes and verifications run at once, on the engine's own persistence threads.
+  unsigned persist_threads = 2;
+  /// Check every leaf of every persisted artifact in the background after create().
+  bool verify_persisted_at_start = true;
 };
 
 class engine {
@@ -184,6 +195,23 @@ class engine {
   [[nodiscard]] result<deregister_response> deregister(const deregister_request& request);
 
   [[nodiscard]] engine_stats stats() const;
+
+  // ---- persistence (registration.md §1.6, docs/architecture.md §14) ----
+
+  /// Starts writing the artifact to the persist directory on the persistence threads, or
+  /// answers the task already doing it, or a task that is SUCCESS at once when the directory
+  /// holds it already. `cache` is the stable-cache policy a restored copy gets (default: the
+  /// cache entry's, else best_effort/evict).
+  /// Errors: FAILED_PRECONDITION (no persist directory; quiesced), NOT_FOUND (unknown artifact).
+  [[nodiscard]] result<persistence::task_status> start_persistence(
+      const std::string& artifact_id, std::optional<policy::cache_policy> cache = std::nullopt);
+  /// A task by id, else the newest task of `artifact_id`. Errors: NOT_FOUND, INVALID_ARGUMENT
+  /// (neither given).
+  [[nodiscard]] result<persistence::task_status> persistence_status(const std::string& task_id,
+                                                                    const std::string& artifact_id) const;
+  /// Waits for a task to end, up to `timeout` (0 = until it ends). Errors: NOT_FOUND.
+  [[nodiscard]] result<persistence::task_status> wait_persistence(const std::string& task_id,
+                                                                  std::chrono::milliseconds timeout) const;
 
   // ---- ownership (DECISIONS §8) ----
 

@@ -198,6 +198,9 @@ struct commit_response {
   std::optional<local_stable_tier_result> local_stable_tier;
   /// Stable DRAM cache entries evicted to make room for this commit, least recently used first.
   std::vector<std::string> evicted;
+  /// The persistence task the policy started (shared_disk asked for, a persist directory
+  /// configured); empty otherwise.
+  std::string persistence_task_id;
 };
 
 // ---- Keep-alive, regions, deregister ------------------------------------------------------
@@ -235,6 +238,7 @@ struct artifact_summary {
   std::size_t leases = 0;       ///< active LIP leases
   std::size_t joined_refs = 0;  ///< idempotent joins still held
   bool quiesced = false;
+  bool shared_disk = false;  ///< a verified-at-open copy in the persist directory
 };
 
 struct engine_stats {

@@ -1,0 +1,282 @@
+#include "tensorreg/persistence/durable_store.hpp"
+
+#include <sys/stat.h>
+
+#include <catch2/catch.hpp>
+#include <cerrno>
+#include <filesystem>
+#include <fstream>
+
+#include "support/engine_helpers.hpp"
+#include "support/temp_dir.hpp"
+#include "tensorreg/common/fault_injection.hpp"
+#include "tensorreg/hash/tree_hash.hpp"
+
+namespace {
+
+namespace fs = std::filesystem;
+using tensorreg::errc;
+using tensorreg::fault_site;
+using tensorreg::scoped_fault;
+using tensorreg::persistence::artifact_record;
+using tensorreg::persistence::durable_store;
+using tensorreg::testing::owned_bytes;
+using tensorreg::testing::temp_dir;
+
+// One tensor of `n` bytes (n a multiple of 4), its canonical index, bytes and record.
+struct artifact {
+  tensorreg::index::canonical_index index;
+  std::string bytes;
+  artifact_record record;
+};
+
+artifact make_artifact(std::size_t n, std::uint32_t seed) {
+  const std::string json =
+      "{\"w\":[0," + std::to_string(n) + ",[" + std::to_string(n / 4) + "],[1],\"torch.float32\",0]}";
+  auto idx = tensorreg::index::canonical_index::parse(json, n);
+  REQUIRE(idx);
+  artifact a{std::move(*idx), tensorreg::testing::pattern(n, seed), {}};
+  a.record.artifact_id = tensorreg::testing::expected_mi2(a.index.json(), a.bytes);
+  a.record.id_kind = "MI2";
+  a.record.index_multihash = tensorreg::testing::index_multihash_of(a.index.json());
+  a.record.data_multihash = a.record.artifact_id.substr(a.record.artifact_id.rfind(':') + 1);
+  a.record.total_size = n;
+  return a;
+}
+
+std::string read_all(const fs::path& p) {
+  std::ifstream in(p, std::ios::binary);
+  return {std::istreambuf_iterator<char>(in), {}};
+}
+
+std::vector<std::string> names_in(const fs::path& dir) {
+  std::vector<std::string> out;
+  for (const auto& e : fs::directory_iterator(dir)) out.push_back(e.path().filename().string());
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+constexpr std::size_t kNine = std::size_t{9} << 20;  // three leaves, the last short
+
+}  // namespace
+
+TEST_CASE("durable_store: a written artifact survives reopening and loads byte for byte",
+          "[persistence][durable_store]") {
+  temp_dir dir;
+  const auto root = (dir.path() / "persist").string();
+  auto a = make_artifact(kNine + 4, 7);
+  {
+    auto store = durable_store::open(root);
+    REQUIRE(store);
+    CHECK(fs::status(root).permissions() == fs::perms::owner_all);
+    REQUIRE((*store)->write(a.record, a.index, owned_bytes(a.bytes)));
+    CHECK((*store)->contains(a.record.artifact_id));
+  }
+  const auto name = durable_store::directory_name(a.record.artifact_id);
+  CHECK(names_in(root) == std::vector<std::string>{name, "quarantine"});
+  CHECK(names_in(fs::path(root) / name) == std::vector<std::string>{"MANIFEST", "data.bin", "index.json"});
+  CHECK(read_all(fs::path(root) / name / "data.bin") == a.bytes);
+
+  auto store = durable_store::open(root);
+  REQUIRE(store);
+  auto listed = (*store)->list();
+  REQUIRE(listed.size() == 1);
+  CHECK(listed[0].record.artifact_id == a.record.artifact_id);
+  CHECK(listed[0].leaves.size() == 3);
+  CHECK(listed[0].index->json() == a.index.json());
+  std::string back(a.bytes.size(), '\0');
+  REQUIRE((*store)->load(a.record.artifact_id, std::as_writable_bytes(std::span(back.data(), back.size()))));
+  CHECK(back == a.bytes);
+  CHECK((*store)->verify(a.record.artifact_id));
+  // Writing it again is a no-op.
+  CHECK((*store)->write(a.record, a.index, owned_bytes(a.bytes)));
+  // Chunks smaller than a leaf read and check the same.
+  tensorreg::persistence::store_options small;
+  small.chunk_bytes = std::uint64_t{1} << 20;
+  auto chunked = durable_store::open(root, small);
+  REQUIRE(chunked);
+  CHECK((*chunked)->verify(a.record.artifact_id));
+  std::string again(a.bytes.size(), '\0');
+  REQUIRE((*chunked)->load(a.record.artifact_id, std::as_writable_bytes(std::span(again.data(), again.size()))));
+  CHECK(again == a.bytes);
+}
+
+TEST_CASE("durable_store: bytes that do not hash to the id are refused and leave nothing",
+          "[persistence][durable_store]") {
+  temp_dir dir;
+  auto store = durable_store::open(dir.path().string());
+  REQUIRE(store);
+  auto a = make_artifact(4096, 1);
+  auto other = tensorreg::testing::pattern(4096, 2);
+  auto wrote = (*store)->write(a.record, a.index, owned_bytes(other));
+  REQUIRE_FALSE(wrote);
+  CHECK(wrote.error().code == errc::data_loss);
+  CHECK(wrote.error().message ==
+        "cannot persist " + a.record.artifact_id + ": the bytes written do not hash to its data multihash");
+  CHECK(names_in(dir.path()) == std::vector<std::string>{"quarantine"});
+}
+
+TEST_CASE("durable_store: a failing system call ends the write with its reason and leaves nothing visible",
+          "[persistence][durable_store]") {
+  temp_dir dir;
+  auto store = durable_store::open(dir.path().string());
+  REQUIRE(store);
+  auto a = make_artifact(kNine, 3);
+  struct fault_case {
+    fault_site site;
+    int error;
+    std::uint64_t skip;
+    errc code;
+    std::string text;
+  };
+  // skip counts earlier calls of the same site: write 0 is index.json, write 1 the data.
+  const std::vector<fault_case> cases{
+      {fault_site::open, EACCES, 1, errc::unavailable, "cannot open '"},
+      {fault_site::write, ENOSPC, 1, errc::resource_exhausted, "data.bin': No space left on device"},
+      {fault_site::write, ENOSPC, 2, errc::resource_exhausted, "MANIFEST': No space left on device"},
+      {fault_site::fsync, EIO, 1, errc::unavailable, "cannot fsync '"},
+      {fault_site::rename, EIO, 0, errc::unavailable, "cannot rename '"},
+  };
+  for (const auto& c : cases) {
+    DYNAMIC_SECTION("fault at " << tensorreg::to_string(c.site) << " after " << c.skip) {
+      scoped_fault f(c.site, c.error, c.skip, 1);
+      auto wrote = (*store)->write(a.record, a.index, owned_bytes(a.bytes));
+      REQUIRE_FALSE(wrote);
+      CHECK(f.fired() == 1);
+      CHECK(wrote.error().code == c.code);
+      CHECK_THAT(wrote.error().message,
+                 Catch::StartsWith("cannot persist " + a.record.artifact_id + ": ") && Catch::Contains(c.text));
+      CHECK_FALSE((*store)->contains(a.record.artifact_id));
+      CHECK(names_in(dir.path()) == std::vector<std::string>{"quarantine"});
+    }
+  }
+  // And once the disk behaves again, the same write succeeds.
+  REQUIRE((*store)->write(a.record, a.index, owned_bytes(a.bytes)));
+  CHECK((*store)->contains(a.record.artifact_id));
+}
+
+TEST_CASE("durable_store: a flipped byte is DATA_LOSS naming the leaf, and the copy is quarantined",
+          "[persistence][durable_store]") {
+  temp_dir dir;
+  auto a = make_artifact(kNine, 5);
+  const auto name = durable_store::directory_name(a.record.artifact_id);
+  tensorreg::persistence::store_options options;
+  std::string check = "XXH3-128";
+  SECTION("load, checking XXH3-128") {}
+  SECTION("load, checking SHA-256") {
+    options.load_check = tensorreg::persistence::leaf_check_kind::sha256;
+    check = "SHA-256";
+  }
+  auto store = durable_store::open(dir.path().string(), options);
+  REQUIRE(store);
+  REQUIRE((*store)->write(a.record, a.index, owned_bytes(a.bytes)));
+  {
+    std::fstream f(dir.path() / name / "data.bin", std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp((std::int64_t{4} << 20) + 17);  // in leaf 1
+    f.put(static_cast<char>(a.bytes[(std::size_t{4} << 20) + 17] ^ 0x01));
+  }
+  std::string back(a.bytes.size(), '\0');
+  auto loaded = (*store)->load(a.record.artifact_id, std::as_writable_bytes(std::span(back.data(), back.size())));
+  REQUIRE_FALSE(loaded);
+  CHECK(loaded.error().code == errc::data_loss);
+  CHECK_THAT(loaded.error().message,
+             Catch::StartsWith("cannot load " + a.record.artifact_id + " from the persist directory: bad data '") &&
+                 Catch::EndsWith("data.bin': leaf 1 (bytes 4194304..) does not match its " + check));
+  CHECK_FALSE((*store)->contains(a.record.artifact_id));
+  CHECK_FALSE(fs::exists(dir.path() / name));
+  REQUIRE(names_in(dir.path() / "quarantine").size() == 1);
+  CHECK(names_in(dir.path() / "quarantine")[0].starts_with(name + "."));
+  // Never served again, also not after reopening.
+  CHECK(
+      (*store)->load(a.record.artifact_id, std::as_writable_bytes(std::span(back.data(), back.size()))).error().code ==
+      errc::not_found);
+  auto reopened = durable_store::open(dir.path().string());
+  REQUIRE(reopened);
+  CHECK((*reopened)->list().empty());
+}
+
+TEST_CASE("durable_store: verify checks every leaf's SHA-256", "[persistence][durable_store]") {
+  temp_dir dir;
+  auto a = make_artifact(kNine, 6);
+  const auto name = durable_store::directory_name(a.record.artifact_id);
+  auto store = durable_store::open(dir.path().string());
+  REQUIRE(store);
+  REQUIRE((*store)->write(a.record, a.index, owned_bytes(a.bytes)));
+  {
+    std::fstream f(dir.path() / name / "data.bin", std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp((std::int64_t{8} << 20) + 1);  // in leaf 2, the short one
+    f.put(static_cast<char>(a.bytes[(std::size_t{8} << 20) + 1] ^ 0x40));
+  }
+  auto checked = (*store)->verify(a.record.artifact_id);
+  REQUIRE_FALSE(checked);
+  CHECK(checked.error().code == errc::data_loss);
+  CHECK_THAT(checked.error().message,
+             Catch::StartsWith("cannot verify " + a.record.artifact_id + " in the persist directory: bad data '") &&
+                 Catch::EndsWith("data.bin': leaf 2 (bytes 8388608..) does not match its SHA-256"));
+  CHECK_FALSE((*store)->contains(a.record.artifact_id));
+  CHECK(names_in(dir.path() / "quarantine").size() == 1);
+}
+
+TEST_CASE("durable_store: open quarantines truncated data, missing and garbled manifests, removes leftovers",
+          "[persistence][durable_store]") {
+  temp_dir dir;
+  auto t = make_artifact(kNine, 11);
+  auto m = make_artifact(8192, 12);
+  auto g = make_artifact(4096, 13);
+  auto fine = make_artifact(4096, 14);
+  {
+    auto store = durable_store::open(dir.path().string());
+    REQUIRE(store);
+    for (auto* a : {&t, &m, &g, &fine}) REQUIRE((*store)->write(a->record, a->index, owned_bytes(a->bytes)));
+  }
+  fs::resize_file(dir.path() / durable_store::directory_name(t.record.artifact_id) / "data.bin", kNine - 1);
+  fs::remove(dir.path() / durable_store::directory_name(m.record.artifact_id) / "MANIFEST");
+  {
+    std::ofstream out(dir.path() / durable_store::directory_name(g.record.artifact_id) / "MANIFEST",
+                      std::ios::binary | std::ios::trunc);
+    out << "{\"format\":";
+  }
+  fs::create_directory(dir.path() / ".tmp-interrupted");
+  std::ofstream(dir.path() / ".tmp-interrupted" / "data.bin") << "partial";
+
+  auto store = durable_store::open(dir.path().string());
+  REQUIRE(store);
+  auto listed = (*store)->list();
+  REQUIRE(listed.size() == 1);
+  CHECK(listed[0].record.artifact_id == fine.record.artifact_id);
+  CHECK_FALSE(fs::exists(dir.path() / ".tmp-interrupted"));
+  auto q = (*store)->quarantined();
+  REQUIRE(q.size() == 3);
+  std::map<std::string, std::string> why;
+  for (const auto& e : q) why[e.name] = e.reason;
+  CHECK_THAT(why[durable_store::directory_name(t.record.artifact_id)],
+             Catch::EndsWith("data.bin': 9437183 bytes, the manifest says 9437184"));
+  CHECK_THAT(why[durable_store::directory_name(m.record.artifact_id)],
+             Catch::StartsWith("cannot read manifest '") && Catch::EndsWith("MANIFEST': it is missing"));
+  CHECK_THAT(why[durable_store::directory_name(g.record.artifact_id)],
+             Catch::StartsWith("bad manifest '") && Catch::EndsWith("': it is not a JSON object"));
+  CHECK(names_in(dir.path() / "quarantine").size() == 3);
+}
+
+TEST_CASE("durable_store: a root that is a symbolic link or open to others is refused",
+          "[persistence][durable_store]") {
+  temp_dir dir;
+  fs::create_directory(dir.path() / "real");
+  fs::create_directory_symlink(dir.path() / "real", dir.path() / "link");
+  auto linked = durable_store::open((dir.path() / "link").string());
+  REQUIRE_FALSE(linked);
+  CHECK(linked.error().code == errc::failed_precondition);
+  CHECK(linked.error().message == "cannot use persist directory '" + (dir.path() / "link").string() +
+                                      "': it is a symbolic link; it must be a directory owned by uid " +
+                                      std::to_string(::geteuid()) + " with mode 0700");
+  ::chmod((dir.path() / "real").c_str(), 0755);
+  auto open_to_others = durable_store::open((dir.path() / "real").string());
+  REQUIRE_FALSE(open_to_others);
+  CHECK(open_to_others.error().code == errc::failed_precondition);
+  CHECK_THAT(open_to_others.error().message, Catch::Contains("': its mode is 0755; it must be a directory"));
+}
+
+TEST_CASE("durable_store: directory names keep ids readable and safe", "[persistence][durable_store]") {
+  CHECK(durable_store::directory_name("mi2:bciq:bciq") == "mi2%3Abciq%3Abciq");
+  CHECK(durable_store::directory_name("cgid:a/../b") == "cgid%3Aa%2F..%2Fb");
+}
