@@ -37,7 +37,7 @@ struct options {
   std::optional<std::string> name;   // put --name; unset: the file name
   std::uint32_t interval_ms = 1000;  // top
   std::uint64_t count = 0;           // top: refreshes, 0 = until stopped
-  std::string out;  ///< export's --out
+  std::string out;                   ///< export's --out
   std::vector<std::string> positional;
 };
 
@@ -612,8 +612,8 @@ int cmd_top(connection& c, const options& o) {
 }
 
 const std::set<std::string>& daemon_commands() {
-  static const std::set<std::string> names{"status", "put",        "lease", "ls",    "show",  "index",
-                                           "revoke", "deregister", "rm",    "stats", "top",   "export"};
+  static const std::set<std::string> names{"status", "put",        "lease", "ls",    "show", "index",
+                                           "revoke", "deregister", "rm",    "stats", "top",  "export"};
   return names;
 }
 

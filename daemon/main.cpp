@@ -76,7 +76,7 @@ constexpr const char* kUsage =
 struct options {
   std::string socket;
   std::string metrics_addr;  // empty: no metrics listener
-  std::string persist_dir;  // empty: no persistence
+  std::string persist_dir;   // empty: no persistence
   unsigned persist_threads = 2;
   std::uint64_t stable_bytes = 0;
   std::optional<std::uint64_t> replica_pool_bytes;  // unset: the provider's default

@@ -702,7 +702,7 @@ result<deregister_response> engine::state::deregister(const deregister_request& 
     // 0. DECISIONS §8, under the same lock as quiesce: no other holder slips in between.
     if (r.owner_pid > 0) TENSORREG_TRY(catalogue.check_sole_holder(r.artifact_id, r.owner_pid));
     TENSORREG_TRY(catalogue.check_copy_owner(r.artifact_id, r.owner_uid));  // the daemon's copies
-    auto quiesced = catalogue.quiesce(r.artifact_id);  // 1. no new readers, leases or joins
+    auto quiesced = catalogue.quiesce(r.artifact_id);                       // 1. no new readers, leases or joins
     if (!quiesced && quiesced.error().code == errc::not_found && options.durable &&
         options.durable->contains(r.artifact_id)) {
       // Only the persisted copy is left (DECISIONS §5.11). Its putter is not recorded on disk,

@@ -3,6 +3,7 @@
 #include "memory/system_calls.hpp"
 #include "tensorreg/common/random.hpp"
 #include "tensorreg/hash/tree_hash.hpp"
+#include "tensorreg/metrics/registry.hpp"
 
 #include <algorithm>
 #include <cstring>
@@ -48,6 +49,7 @@ result<std::optional<materialized>> adopt_staging(const std::shared_ptr<memory::
   if (want_digest) {
     const cancellable_source source(*staging, cancel);
     TENSORREG_TRY_ASSIGN(out.data_digest, hash::tree_hash(source, &pool));
+    metrics::process_counters().bytes_hashed.add(staging->size());
   }
   // Its fd went to the client at Begin: never recycle it for other bytes.
   staging->mark_exported();
