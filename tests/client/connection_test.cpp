@@ -148,7 +148,7 @@ TEST_CASE("client connection: reuse_held answers a put of held content with noth
   CHECK(with_policy->registration_id.starts_with("reg"));
 }
 
-TEST_CASE("client connection: a lease keeps itself alive past its TTL; release revokes it and frees its region",
+TEST_CASE("client connection: a lease keeps itself alive past its TTL, release revokes it and frees its region",
           "[client][connection]") {
   daemon_process d;
   testing::temp_dir dir;

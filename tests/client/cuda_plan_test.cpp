@@ -138,7 +138,7 @@ TEST_CASE("client cuda_plan: cudaMalloc memory gives a VRAM region when shared, 
   CHECK(drv.retain_calls == 0);
 }
 
-TEST_CASE("client cuda_plan: empty storages borrow a source; all empty is DATA_LOSS", "[client][cuda_plan]") {
+TEST_CASE("client cuda_plan: empty storages borrow a source, all empty is DATA_LOSS", "[client][cuda_plan]") {
   fake_driver drv;
   drv.add(0x100000, {mib});
   auto plan = plan_device(drv, std::vector<storage_span>{{0, 0}, {0x100000 + 8, 8}}, "register");

@@ -91,7 +91,7 @@ TEST_CASE("tensorregd: reports ready after bind, with a 0700 directory and a 066
   CHECK(d.output().find("tensorregd: ready on " + d.socket_path()) != std::string::npos);
 }
 
-TEST_CASE("tensorregd: put, lease and offline index give one id; a second put joins", "[daemon][e2e]") {
+TEST_CASE("tensorregd: put, lease and offline index give one id, a second put joins", "[daemon][e2e]") {
   daemon_process d;
   testing::temp_dir dir;
   auto bundle = index::safetensors_bundle::open({small_model(dir.path(), 1).string()}).value();
@@ -440,7 +440,7 @@ TEST_CASE("tensorregd: a client that disconnects mid-stream leaves an abortable 
   CHECK(late.error().code == errc::deadline_exceeded);
 }
 
-TEST_CASE("tensorregd: a lease's keep-alive thread keeps it past its TTL; dropping it revokes", "[daemon][e2e]") {
+TEST_CASE("tensorregd: a lease's keep-alive thread keeps it past its TTL, dropping it revokes", "[daemon][e2e]") {
   daemon_process d;
   testing::temp_dir dir;
   auto bundle = index::safetensors_bundle::open({small_model(dir.path(), 77, 4096).string()}).value();

@@ -101,7 +101,7 @@ TEST_CASE("tensorregd limits: one uid cannot take more than its share of the ses
   CHECK(served);
 }
 
-TEST_CASE("tensorregd limits: an idle connection is closed with DEADLINE_EXCEEDED; a busy one is not",
+TEST_CASE("tensorregd limits: an idle connection is closed with DEADLINE_EXCEEDED, a busy one is not",
           "[daemon][e2e][limits]") {
   daemon_process d({"--idle-timeout-ms", "300"});
   auto idle = connect_unix(d.socket_path());

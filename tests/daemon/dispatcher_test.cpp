@@ -634,7 +634,7 @@ TEST_CASE("dispatcher: a request reusing the id of an open stream is a connectio
                "cannot handle GetServerConfig request 12: request_id 12 is in use by an open feed stream");
 }
 
-TEST_CASE("dispatcher: close_connection drops open streams; the registration stays abortable", "[daemon][dispatcher]") {
+TEST_CASE("dispatcher: close_connection drops open streams, the registration stays abortable", "[daemon][dispatcher]") {
   harness h;
   const auto id = h.ok(begin_lease(h)).response.begin_register_artifact().registration_id();
   auto f = feed_frame(13, id);

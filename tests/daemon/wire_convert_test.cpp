@@ -34,7 +34,7 @@ std::shared_ptr<const regions::vmm_chunks> chunks(std::vector<std::uint64_t> siz
 
 }  // namespace
 
-TEST_CASE("wire_convert: a Deregister without wait_for_drain waits; an explicit false does not",
+TEST_CASE("wire_convert: a Deregister without wait_for_drain waits, an explicit false does not",
           "[daemon][wire_convert]") {
   v2::DeregisterArtifactRequest in;
   in.set_artifact_id("mi2:x");

@@ -46,7 +46,7 @@ TEST_CASE("sha256: incremental hashing equals one-shot for any split", "[hash][s
   }
 }
 
-TEST_CASE("sha256: finish and reset start a new message; hashers move", "[hash][sha256]") {
+TEST_CASE("sha256: finish and reset start a new message, hashers move", "[hash][sha256]") {
   sha256_hasher hasher;
   hasher.update(bytes_of("abc"));
   const digest first = hasher.finish();

@@ -170,7 +170,7 @@ TEST_CASE("region_registry: release below zero is FAILED_PRECONDITION", "[region
   CHECK(below.error() == error{errc::failed_precondition, "cannot release region '" + id + "': no reference is held"});
 }
 
-TEST_CASE("region_registry: a reference blocks unregister unless forced; force retires the region",
+TEST_CASE("region_registry: a reference blocks unregister unless forced, force retires the region",
           "[regions][region_registry]") {
   tensorreg::testing::fake_clock clock;
   region_registry registry(clock);

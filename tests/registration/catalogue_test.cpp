@@ -145,7 +145,7 @@ TEST_CASE("catalogue: release_owner ends every lease and join of that pid", "[re
   CHECK(r.cat.state_of("cg:b") == artifact_state::held);
 }
 
-TEST_CASE("catalogue: quiesce stops new readers; drain with none returns at once; remove makes it gone",
+TEST_CASE("catalogue: quiesce stops new readers, drain with none returns at once, remove makes it gone",
           "[registration][catalogue]") {
   rig r;
   r.replica("cg:a");
