@@ -622,7 +622,7 @@ TEST_CASE("engine lip commit: gaps between segments and the tail hash as zero", 
   CHECK(committed->descriptor.artifact_id == t::expected_mi2(json, canonical));
 }
 
-TEST_CASE("engine lip commit: a name with é gives the \\u00e9 index of registration.md §3.4",
+TEST_CASE("engine lip commit: a name with é gives the JSON-escaped index of registration.md §3.4",
           "[registration][engine_lip]") {
   fake_clock clock;
   auto e = t::make_engine(clock);
