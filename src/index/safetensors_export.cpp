@@ -10,6 +10,7 @@
 #include <utility>
 #include <vector>
 
+#include "memory/system_calls.hpp"
 #include "tensorreg/common/fault_injection.hpp"
 #include "tensorreg/common/random.hpp"
 #include "tensorreg/common/unique_fd.hpp"
@@ -77,24 +78,6 @@ result<span_of> tensor_bytes(const entry& e) {
   return span_of{begin, length};
 }
 
-error io_error(std::string_view call, const std::string& path, int e) {
-  const auto code = (e == ENOSPC || e == EDQUOT) ? errc::resource_exhausted : errc::unavailable;
-  return error{code, "cannot " + std::string(call) + " '" + path + "': " + std::strerror(e)};
-}
-
-status write_all(int fd, std::span<const std::byte> bytes, const std::string& path) {
-  while (!bytes.empty()) {
-    if (int e = injected_fault(fault_site::write); e != 0) return tl::unexpected(io_error("write", path, e));
-    const auto n = ::write(fd, bytes.data(), bytes.size());
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      return tl::unexpected(io_error("write", path, errno));
-    }
-    bytes = bytes.subspan(static_cast<std::size_t>(n));
-  }
-  return {};
-}
-
 }  // namespace
 
 result<std::string> safetensors_export_header(const canonical_index& index) {
@@ -124,19 +107,23 @@ status export_safetensors(const canonical_index& index, const memory::byte_sourc
   if (!header) return tl::unexpected(with_context(std::move(header).error(), what));
   const std::string tmp = path + ".tmp-" + random_hex(6);
   auto body = [&]() -> status {
-    if (int e = injected_fault(fault_site::open); e != 0) return tl::unexpected(io_error("open", tmp, e));
+    if (int e = injected_fault(fault_site::open); e != 0)
+      return tl::unexpected(memory::sys::file_error("open", tmp, e));
     unique_fd fd(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644));
-    if (!fd) return tl::unexpected(io_error("open", tmp, errno));
-    TENSORREG_TRY(write_all(fd.get(), std::as_bytes(std::span(header->data(), header->size())), tmp));
+    if (!fd) return tl::unexpected(memory::sys::file_error("open", tmp, errno));
+    TENSORREG_TRY(memory::sys::write_all(fd.get(), std::as_bytes(std::span(header->data(), header->size())), tmp));
     for (const auto& e : index.entries()) {
       TENSORREG_TRY_ASSIGN(auto at, tensor_bytes(e));
-      TENSORREG_TRY(bytes.visit(at.begin, at.length,
-                                [&](std::span<const std::byte> piece) { return write_all(fd.get(), piece, tmp); }));
+      TENSORREG_TRY(bytes.visit(at.begin, at.length, [&](std::span<const std::byte> piece) {
+        return memory::sys::write_all(fd.get(), piece, tmp);
+      }));
     }
-    if (int e = injected_fault(fault_site::fsync); e != 0) return tl::unexpected(io_error("fsync", tmp, e));
-    if (::fsync(fd.get()) != 0) return tl::unexpected(io_error("fsync", tmp, errno));
-    if (int e = injected_fault(fault_site::rename); e != 0) return tl::unexpected(io_error("rename", tmp, e));
-    if (::rename(tmp.c_str(), path.c_str()) != 0) return tl::unexpected(io_error("rename", tmp, errno));
+    if (int e = injected_fault(fault_site::fsync); e != 0)
+      return tl::unexpected(memory::sys::file_error("fsync", tmp, e));
+    if (::fsync(fd.get()) != 0) return tl::unexpected(memory::sys::file_error("fsync", tmp, errno));
+    if (int e = injected_fault(fault_site::rename); e != 0)
+      return tl::unexpected(memory::sys::file_error("rename", tmp, e));
+    if (::rename(tmp.c_str(), path.c_str()) != 0) return tl::unexpected(memory::sys::file_error("rename", tmp, errno));
     return {};
   };
   if (auto done = body(); !done) {

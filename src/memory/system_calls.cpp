@@ -48,6 +48,24 @@ ssize_t pread(int fd, void* out, std::size_t length, std::uint64_t offset) noexc
   return ::pread(fd, out, length, static_cast<off_t>(offset));
 }
 
+error file_error(std::string_view call, const std::string& path, int err) {
+  const auto code = (err == ENOSPC || err == EDQUOT) ? errc::resource_exhausted : errc::unavailable;
+  return error{code, "cannot " + std::string(call) + " '" + path + "': " + std::strerror(err)};
+}
+
+status write_all(int fd, std::span<const std::byte> bytes, const std::string& path) {
+  while (!bytes.empty()) {
+    if (int e = injected_fault(fault_site::write); e != 0) return tl::unexpected(file_error("write", path, e));
+    const auto n = ::write(fd, bytes.data(), bytes.size());
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return tl::unexpected(file_error("write", path, errno));
+    }
+    bytes = bytes.subspan(static_cast<std::size_t>(n));
+  }
+  return {};
+}
+
 error allocation_failed(std::string_view what, std::uint64_t bytes) {
   return error{errc::resource_exhausted, "cannot allocate " + std::string(what) + " of " + std::to_string(bytes) +
                                              " bytes: " + std::strerror(ENOMEM)};

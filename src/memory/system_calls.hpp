@@ -13,6 +13,8 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <span>
+#include <string>
 #include <string_view>
 
 #include "tensorreg/common/error.hpp"
@@ -24,6 +26,15 @@ namespace tensorreg::memory::sys {
 [[nodiscard]] void* mmap(std::size_t length, int prot, int flags, int fd) noexcept;
 [[nodiscard]] int open(const char* path, int flags) noexcept;
 [[nodiscard]] ssize_t pread(int fd, void* out, std::size_t length, std::uint64_t offset) noexcept;
+
+/// The error of a failed file call: "cannot <call> '<path>': <strerror>", RESOURCE_EXHAUSTED
+/// when the disk or the quota is full (space can be freed and the call retried), UNAVAILABLE
+/// otherwise.
+[[nodiscard]] error file_error(std::string_view call, const std::string& path, int err);
+
+/// Writes all of `bytes` at the fd's file offset, through short writes and EINTR, each write()
+/// behind fault_site::write. Errors: file_error("write", path, errno).
+[[nodiscard]] status write_all(int fd, std::span<const std::byte> bytes, const std::string& path);
 
 /// Whether a large buffer (`bytes` bytes of `what`) may be allocated: OK, or the
 /// RESOURCE_EXHAUSTED a failed allocation answers ("cannot allocate <what> of N bytes: <reason>")

@@ -18,6 +18,7 @@
 #include <thread>
 #include <utility>
 
+#include "memory/system_calls.hpp"
 #include "tensorreg/common/fault_injection.hpp"
 #include "tensorreg/common/random.hpp"
 #include "tensorreg/common/thread_pool.hpp"
@@ -39,36 +40,17 @@ constexpr const char* kFormat = "tensorreg-persist";
 
 std::string os_reason(int e) { return std::strerror(e); }
 
-// A failed system call: a full disk is RESOURCE_EXHAUSTED (the operator frees space and
-// retries), anything else UNAVAILABLE.
-error io_error(std::string_view call, const std::string& path, int e) {
-  const auto code = (e == ENOSPC || e == EDQUOT) ? errc::resource_exhausted : errc::unavailable;
-  return error{code, "cannot " + std::string(call) + " '" + path + "': " + os_reason(e)};
-}
-
 result<unique_fd> open_file(const std::string& path, int flags, mode_t mode = 0600) {
-  if (int e = injected_fault(fault_site::open); e != 0) return tl::unexpected(io_error("open", path, e));
+  if (int e = injected_fault(fault_site::open); e != 0) return tl::unexpected(memory::sys::file_error("open", path, e));
   unique_fd fd(::open(path.c_str(), flags | O_CLOEXEC, mode));
-  if (!fd) return tl::unexpected(io_error("open", path, errno));
+  if (!fd) return tl::unexpected(memory::sys::file_error("open", path, errno));
   return fd;
 }
 
-status write_all(int fd, std::span<const std::byte> bytes, const std::string& path) {
-  while (!bytes.empty()) {
-    if (int e = injected_fault(fault_site::write); e != 0) return tl::unexpected(io_error("write", path, e));
-    const auto n = ::write(fd, bytes.data(), bytes.size());
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      return tl::unexpected(io_error("write", path, errno));
-    }
-    bytes = bytes.subspan(static_cast<std::size_t>(n));
-  }
-  return {};
-}
-
 status sync_fd(int fd, const std::string& path) {
-  if (int e = injected_fault(fault_site::fsync); e != 0) return tl::unexpected(io_error("fsync", path, e));
-  if (::fsync(fd) != 0) return tl::unexpected(io_error("fsync", path, errno));
+  if (int e = injected_fault(fault_site::fsync); e != 0)
+    return tl::unexpected(memory::sys::file_error("fsync", path, e));
+  if (::fsync(fd) != 0) return tl::unexpected(memory::sys::file_error("fsync", path, errno));
   return {};
 }
 
@@ -78,19 +60,21 @@ status sync_directory(const std::string& path) {
 }
 
 status rename_path(const std::string& from, const std::string& to) {
-  if (int e = injected_fault(fault_site::rename); e != 0) return tl::unexpected(io_error("rename", from, e));
-  if (::rename(from.c_str(), to.c_str()) != 0) return tl::unexpected(io_error("rename", from, errno));
+  if (int e = injected_fault(fault_site::rename); e != 0)
+    return tl::unexpected(memory::sys::file_error("rename", from, e));
+  if (::rename(from.c_str(), to.c_str()) != 0) return tl::unexpected(memory::sys::file_error("rename", from, errno));
   return {};
 }
 
 // Reads exactly out.size() bytes at `offset`; a file that ends first is DATA_LOSS.
 status read_exact(int fd, std::uint64_t offset, std::span<std::byte> out, const std::string& path) {
   while (!out.empty()) {
-    if (int e = injected_fault(fault_site::read); e != 0) return tl::unexpected(io_error("read", path, e));
+    if (int e = injected_fault(fault_site::read); e != 0)
+      return tl::unexpected(memory::sys::file_error("read", path, e));
     const auto n = ::pread(fd, out.data(), out.size(), static_cast<off_t>(offset));
     if (n < 0) {
       if (errno == EINTR) continue;
-      return tl::unexpected(io_error("read", path, errno));
+      return tl::unexpected(memory::sys::file_error("read", path, errno));
     }
     if (n == 0) return fail(errc::data_loss, "cannot read '" + path + "': it ends at " + std::to_string(offset));
     out = out.subspan(static_cast<std::size_t>(n));
@@ -102,7 +86,7 @@ status read_exact(int fd, std::uint64_t offset, std::span<std::byte> out, const 
 result<std::string> read_small_file(const std::string& path) {
   TENSORREG_TRY_ASSIGN(auto fd, open_file(path, O_RDONLY));
   struct stat st {};
-  if (::fstat(fd.get(), &st) != 0) return tl::unexpected(io_error("inspect", path, errno));
+  if (::fstat(fd.get(), &st) != 0) return tl::unexpected(memory::sys::file_error("inspect", path, errno));
   std::string text(static_cast<std::size_t>(st.st_size), '\0');
   TENSORREG_TRY(read_exact(fd.get(), 0, std::as_writable_bytes(std::span(text.data(), text.size())), path));
   return text;
@@ -110,7 +94,7 @@ result<std::string> read_small_file(const std::string& path) {
 
 status write_small_file(const std::string& path, std::string_view text) {
   TENSORREG_TRY_ASSIGN(auto fd, open_file(path, O_WRONLY | O_CREAT | O_EXCL));
-  TENSORREG_TRY(write_all(fd.get(), std::as_bytes(std::span(text.data(), text.size())), path));
+  TENSORREG_TRY(memory::sys::write_all(fd.get(), std::as_bytes(std::span(text.data(), text.size())), path));
   return sync_fd(fd.get(), path);
 }
 
@@ -539,8 +523,9 @@ status durable_store::write(const artifact_record& record, const index::canonica
   if (contains(id)) return {};  // content addressed: the same id is the same bytes
   const std::string tmp = root_ + "/.tmp-" + random_hex(8);
   if (int e = injected_fault(fault_site::open); e != 0)
-    return tl::unexpected(with_context(io_error("create", tmp, e), what));
-  if (::mkdir(tmp.c_str(), 0700) != 0) return tl::unexpected(with_context(io_error("create", tmp, errno), what));
+    return tl::unexpected(with_context(memory::sys::file_error("create", tmp, e), what));
+  if (::mkdir(tmp.c_str(), 0700) != 0)
+    return tl::unexpected(with_context(memory::sys::file_error("create", tmp, errno), what));
   tree_guard guard(tmp);
   auto body = [&]() -> result<std::vector<leaf_check>> {
     TENSORREG_TRY(write_small_file(tmp + "/" + kIndex, idx.json()));
@@ -555,8 +540,9 @@ status durable_store::write(const artifact_record& record, const index::canonica
         return fail(errc::cancelled, "cancelled");
       }
       const std::uint64_t length = std::min(options_.chunk_bytes, total - offset);
-      auto wrote = bytes.visit(offset, length,
-                               [&](std::span<const std::byte> piece) { return write_all(fd.get(), piece, data_path); });
+      auto wrote = bytes.visit(offset, length, [&](std::span<const std::byte> piece) {
+        return memory::sys::write_all(fd.get(), piece, data_path);
+      });
       if (!wrote) {
         hasher.stop();
         return tl::unexpected(std::move(wrote).error());
@@ -586,12 +572,13 @@ status durable_store::write(const artifact_record& record, const index::canonica
     TENSORREG_TRY(write_small_file(tmp + "/" + kManifest, manifest_json(record, idx, *leaves).dump()));
     TENSORREG_TRY(sync_directory(tmp));
     const std::string final_path = root_ + "/" + directory_name(id);
-    if (int e = injected_fault(fault_site::rename); e != 0) return tl::unexpected(io_error("rename", tmp, e));
+    if (int e = injected_fault(fault_site::rename); e != 0)
+      return tl::unexpected(memory::sys::file_error("rename", tmp, e));
     if (::rename(tmp.c_str(), final_path.c_str()) != 0) {
       const int e = errno;
       // Another write published the same id first: its copy is as good as ours.
       if ((e == ENOTEMPTY || e == EEXIST) && ::access((final_path + "/" + kManifest).c_str(), F_OK) == 0) return {};
-      return tl::unexpected(io_error("rename", tmp, e));
+      return tl::unexpected(memory::sys::file_error("rename", tmp, e));
     }
     return sync_directory(root_);
   };
@@ -612,7 +599,7 @@ status durable_store::read_checked(const stored_artifact& a, std::span<std::byte
   TENSORREG_TRY_ASSIGN(auto fd, open_file(path, O_RDONLY));
   (void)::posix_fadvise(fd.get(), 0, 0, POSIX_FADV_SEQUENTIAL);
   struct stat st {};
-  if (::fstat(fd.get(), &st) != 0) return tl::unexpected(io_error("inspect", path, errno));
+  if (::fstat(fd.get(), &st) != 0) return tl::unexpected(memory::sys::file_error("inspect", path, errno));
   if (static_cast<std::uint64_t>(st.st_size) != total) {
     return fail(errc::data_loss, "bad data '" + path + "': " + std::to_string(st.st_size) +
                                      " bytes, the manifest says " + std::to_string(total));
