@@ -179,6 +179,8 @@ work_owner thread_pool::current_owner() noexcept { return current_owner_of_threa
 
 unsigned thread_pool::size() const noexcept { return static_cast<unsigned>(impl_->workers.size()); }
 
+bool thread_pool::callers_help() const noexcept { return impl_->callers_help; }
+
 std::size_t thread_pool::queued() const {
   std::lock_guard lock(impl_->mutex);
   return impl_->queued;

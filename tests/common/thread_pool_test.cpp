@@ -41,6 +41,14 @@ TEST_CASE("thread_pool: parallel_for runs every index exactly once", "[common][t
   }
 }
 
+TEST_CASE("thread_pool: it tells whether callers run indices too", "[common][thread_pool]") {
+  thread_pool helped(2);
+  CHECK(helped.callers_help());
+  thread_pool waiting(thread_pool_options{2, false, 0});
+  CHECK_FALSE(waiting.callers_help());
+  CHECK(waiting.size() == 2);
+}
+
 TEST_CASE("thread_pool: work spreads over the workers and the caller", "[common][thread_pool]") {
   thread_pool pool(3);
   std::latch all_in(4);  // every index blocks until four threads hold one: needs 3 workers + caller

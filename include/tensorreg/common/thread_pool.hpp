@@ -76,6 +76,10 @@ class thread_pool {
   /// Number of worker threads (not counting callers of parallel_for).
   [[nodiscard]] unsigned size() const noexcept;
 
+  /// Whether callers of parallel_for run indices themselves (pool_options::callers_help): how
+  /// many indices can run at once is size() plus one per such caller.
+  [[nodiscard]] bool callers_help() const noexcept;
+
   /// Jobs queued and not yet started, of every owner (each parallel_for queues up to size()
   /// helper turns). A snapshot, for tests and statistics.
   [[nodiscard]] std::size_t queued() const;
