@@ -188,7 +188,13 @@ TEST_CASE("thread_pool: owners' jobs are served round-robin, each owner's in ord
   thread_pool pool(1);
   worker_gate gate(pool);
   std::vector<std::string> ran;  // only the one worker appends
-  const auto job = [&](std::string name) { return [&ran, name] { ran.push_back(name); }; };
+  std::latch all_ran(6);         // read `ran` only once the worker is done with it
+  const auto job = [&](std::string name) {
+    return [&ran, &all_ran, name] {
+      ran.push_back(name);
+      all_ran.count_down();
+    };
+  };
   {
     thread_pool::owner_scope a(1);
     CHECK(thread_pool::current_owner() == 1);
@@ -200,9 +206,7 @@ TEST_CASE("thread_pool: owners' jobs are served round-robin, each owner's in ord
     for (const char* n : {"b1", "b2"}) pool.submit(job(n));
   }
   gate.release();
-  std::latch drained(1);
-  pool.submit([&] { drained.count_down(); });  // owner 0 queues last: it runs after a4
-  drained.wait();
+  all_ran.wait();
   CHECK(ran == std::vector<std::string>{"a1", "b1", "a2", "b2", "a3", "a4"});
 }
 
