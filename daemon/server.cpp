@@ -1,5 +1,6 @@
 #include "server.hpp"
 
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -516,6 +517,11 @@ std::size_t server::run() {
     if (!ec) i.shutdown();
   });
   asio::co_spawn(i.io, i.accept_loop(), log_exception{&i.log, "the accept loop"});
+  // Per thread on Linux: only this thread, the I/O thread, changes; threads made later inherit it.
+  if (i.options.io_nice != 0 && ::setpriority(PRIO_PROCESS, static_cast<id_t>(::gettid()), i.options.io_nice) != 0) {
+    tensorreg::log(i.log, log_level::debug, "the I/O thread keeps its nice value (asked {}): {}", i.options.io_nice,
+                   std::strerror(errno));
+  }
   i.io.run();
   i.workers.join();
   i.control.join();

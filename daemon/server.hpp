@@ -63,6 +63,11 @@ struct server_options {
   unsigned workers = 0;
   /// Threads for control requests (GetStats, List, KeepAlive, Abort, Revoke, …); at least 1.
   unsigned control_workers = 2;
+  /// Nice value asked for the I/O thread, which answers GetStats and KeepAlive itself and reads
+  /// and writes every frame, so that it runs ahead of busy clients and workers on a loaded host.
+  /// Lowering a nice value needs CAP_SYS_NICE (or RLIMIT_NICE): without it the thread keeps its
+  /// nice value and the refusal is logged at debug. 0 = leave it.
+  int io_nice = -10;
   /// Most requests of one connection in flight at once; past it the session reads no more
   /// frames until one is answered (backpressure, not an error). 0 counts as 1.
   std::size_t max_in_flight_per_connection = 64;
