@@ -141,6 +141,14 @@ registry::child* registry::find_child(family& f, const labels& l) {
   return it == f.by_labels.end() ? nullptr : it->second;
 }
 
+registry::child& registry::add_child(family& f, child made) {
+  auto owned = std::make_unique<child>(std::move(made));
+  auto& out = *owned;
+  f.by_labels.emplace(key_of(out.label_pairs), &out);
+  f.children.push_back(std::move(owned));
+  return out;
+}
+
 counter& registry::counter_of(std::string_view name, std::string_view help, const labels& l) {
   std::lock_guard lock(mutex_);
   auto& f = family_of(name, help, kind::counter);
@@ -148,11 +156,7 @@ counter& registry::counter_of(std::string_view name, std::string_view help, cons
     TENSORREG_ASSERT(c->c != nullptr);
     return *c->c;
   }
-  auto made = std::make_unique<child>(child{l, std::make_unique<counter>(), nullptr, nullptr, {}});
-  auto& out = *made->c;
-  f.by_labels.emplace(key_of(l), made.get());
-  f.children.push_back(std::move(made));
-  return out;
+  return *add_child(f, child{l, std::make_unique<counter>(), nullptr, nullptr, {}}).c;
 }
 
 gauge& registry::gauge_of(std::string_view name, std::string_view help, const labels& l) {
@@ -162,11 +166,7 @@ gauge& registry::gauge_of(std::string_view name, std::string_view help, const la
     TENSORREG_ASSERT(c->g != nullptr);
     return *c->g;
   }
-  auto made = std::make_unique<child>(child{l, nullptr, std::make_unique<gauge>(), nullptr, {}});
-  auto& out = *made->g;
-  f.by_labels.emplace(key_of(l), made.get());
-  f.children.push_back(std::move(made));
-  return out;
+  return *add_child(f, child{l, nullptr, std::make_unique<gauge>(), nullptr, {}}).g;
 }
 
 histogram& registry::histogram_of(std::string_view name, std::string_view help, std::span<const double> bounds,
@@ -174,31 +174,25 @@ histogram& registry::histogram_of(std::string_view name, std::string_view help, 
   std::lock_guard lock(mutex_);
   auto& f = family_of(name, help, kind::histogram);
   if (auto* c = find_child(f, l)) return *c->h;
-  auto made = std::make_unique<child>(child{l, nullptr, nullptr, std::make_unique<histogram>(bounds), {}});
-  auto& out = *made->h;
-  f.by_labels.emplace(key_of(l), made.get());
-  f.children.push_back(std::move(made));
-  return out;
+  return *add_child(f, child{l, nullptr, nullptr, std::make_unique<histogram>(bounds), {}}).h;
+}
+
+void registry::add_function(std::string_view name, std::string_view help, kind k, std::function<double()> read,
+                            const labels& l) {
+  std::lock_guard lock(mutex_);
+  auto& f = family_of(name, help, k);
+  TENSORREG_ASSERT(find_child(f, l) == nullptr);
+  add_child(f, child{l, nullptr, nullptr, nullptr, std::move(read)});
 }
 
 void registry::counter_function(std::string_view name, std::string_view help, std::function<double()> read,
                                 const labels& l) {
-  std::lock_guard lock(mutex_);
-  auto& f = family_of(name, help, kind::counter);
-  TENSORREG_ASSERT(find_child(f, l) == nullptr);
-  auto made = std::make_unique<child>(child{l, nullptr, nullptr, nullptr, std::move(read)});
-  f.by_labels.emplace(key_of(l), made.get());
-  f.children.push_back(std::move(made));
+  add_function(name, help, kind::counter, std::move(read), l);
 }
 
 void registry::gauge_function(std::string_view name, std::string_view help, std::function<double()> read,
                               const labels& l) {
-  std::lock_guard lock(mutex_);
-  auto& f = family_of(name, help, kind::gauge);
-  TENSORREG_ASSERT(find_child(f, l) == nullptr);
-  auto made = std::make_unique<child>(child{l, nullptr, nullptr, nullptr, std::move(read)});
-  f.by_labels.emplace(key_of(l), made.get());
-  f.children.push_back(std::move(made));
+  add_function(name, help, kind::gauge, std::move(read), l);
 }
 
 void registry::add_collector(std::function<void()> collect) {

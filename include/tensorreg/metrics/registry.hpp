@@ -121,6 +121,9 @@ class registry {
   struct family;
   family& family_of(std::string_view name, std::string_view help, kind k);
   child* find_child(family& f, const labels& l);
+  child& add_child(family& f, child made);
+  void add_function(std::string_view name, std::string_view help, kind k, std::function<double()> read,
+                    const labels& l);
 
   mutable std::mutex mutex_;
   std::vector<std::unique_ptr<family>> families_;
