@@ -36,6 +36,7 @@
 #include <sys/sysinfo.h>
 #include <time.h>
 
+#include "bench_support.hpp"
 #include "tensorreg/common/thread_pool.hpp"
 #include "tensorreg/hash/multihash.hpp"
 #include "tensorreg/hash/tree_hash.hpp"
@@ -43,33 +44,10 @@
 
 namespace {
 
+using tensorreg::bench::parse_bytes;
+using tensorreg::bench::process_cpu_seconds;
+
 using clock_type = std::chrono::steady_clock;
-
-// CPU seconds used by the whole process: on a shared machine, bytes per CPU second shows what
-// the hashing itself costs, apart from time lost waiting for a core.
-double process_cpu_seconds() {
-  timespec ts{};
-  ::clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
-  return static_cast<double>(ts.tv_sec) + static_cast<double>(ts.tv_nsec) * 1e-9;
-}
-
-std::optional<std::uint64_t> parse_bytes(std::string_view text) {
-  if (text.empty()) return std::nullopt;
-  std::uint64_t mult = 1;
-  const char last = text.back();
-  if (last == 'K' || last == 'k') mult = 1ULL << 10;
-  if (last == 'M' || last == 'm') mult = 1ULL << 20;
-  if (last == 'G' || last == 'g') mult = 1ULL << 30;
-  if (mult != 1) text.remove_suffix(1);
-  try {
-    std::size_t used = 0;
-    const auto v = std::stoull(std::string(text), &used);
-    if (used != text.size()) return std::nullopt;
-    return v * mult;
-  } catch (const std::exception&) {
-    return std::nullopt;
-  }
-}
 
 std::vector<std::string_view> split_commas(std::string_view text) {
   std::vector<std::string_view> out;

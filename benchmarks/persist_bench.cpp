@@ -36,6 +36,7 @@
 #include <thread>
 #include <vector>
 
+#include "bench_support.hpp"
 #include "tensorreg/common/thread_pool.hpp"
 #include "tensorreg/common/unique_fd.hpp"
 #include "tensorreg/hash/multihash.hpp"
@@ -47,24 +48,12 @@
 
 namespace {
 
+using tensorreg::bench::parse_bytes;
+using tensorreg::bench::process_cpu_seconds;
+
 namespace fs = std::filesystem;
 using clock_type = std::chrono::steady_clock;
 constexpr std::size_t kChunk = std::size_t{64} << 20;
-
-std::optional<std::uint64_t> parse_bytes(std::string_view text) {
-  if (text.empty()) return std::nullopt;
-  std::uint64_t mult = 1;
-  const char last = text.back();
-  if (last == 'K' || last == 'k') mult = 1ULL << 10;
-  if (last == 'M' || last == 'm') mult = 1ULL << 20;
-  if (last == 'G' || last == 'g') mult = 1ULL << 30;
-  if (mult != 1) text.remove_suffix(1);
-  try {
-    return std::stoull(std::string(text)) * mult;
-  } catch (...) {
-    return std::nullopt;
-  }
-}
 
 [[noreturn]] void die(const std::string& why) {
   fmt::print(stderr, "persist_bench: {}\n", why);
@@ -99,14 +88,6 @@ bool drop_caches(const std::string& file) {
 }
 
 double seconds_since(clock_type::time_point t) { return std::chrono::duration<double>(clock_type::now() - t).count(); }
-
-// CPU seconds of the whole process: on a shared machine this tells the work done apart from
-// time spent waiting for a core.
-double process_cpu_seconds() {
-  timespec ts{};
-  ::clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
-  return static_cast<double>(ts.tv_sec) + static_cast<double>(ts.tv_nsec) * 1e-9;
-}
 
 double plain_write(const std::string& path, std::span<const std::byte> bytes) {
   const auto t = clock_type::now();
