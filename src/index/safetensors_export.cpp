@@ -11,7 +11,6 @@
 #include <vector>
 
 #include "memory/system_calls.hpp"
-#include "tensorreg/common/fault_injection.hpp"
 #include "tensorreg/common/random.hpp"
 #include "tensorreg/common/unique_fd.hpp"
 #include "tensorreg/index/dtype.hpp"
@@ -107,9 +106,7 @@ status export_safetensors(const canonical_index& index, const memory::byte_sourc
   if (!header) return tl::unexpected(with_context(std::move(header).error(), what));
   const std::string tmp = path + ".tmp-" + random_hex(6);
   auto body = [&]() -> status {
-    if (int e = injected_fault(fault_site::open); e != 0)
-      return tl::unexpected(memory::sys::file_error("open", tmp, e));
-    unique_fd fd(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644));
+    unique_fd fd(memory::sys::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644));
     if (!fd) return tl::unexpected(memory::sys::file_error("open", tmp, errno));
     TENSORREG_TRY(memory::sys::write_all(fd.get(), std::as_bytes(std::span(header->data(), header->size())), tmp));
     for (const auto& e : index.entries()) {
@@ -118,12 +115,9 @@ status export_safetensors(const canonical_index& index, const memory::byte_sourc
         return memory::sys::write_all(fd.get(), piece, tmp);
       }));
     }
-    if (int e = injected_fault(fault_site::fsync); e != 0)
-      return tl::unexpected(memory::sys::file_error("fsync", tmp, e));
-    if (::fsync(fd.get()) != 0) return tl::unexpected(memory::sys::file_error("fsync", tmp, errno));
-    if (int e = injected_fault(fault_site::rename); e != 0)
-      return tl::unexpected(memory::sys::file_error("rename", tmp, e));
-    if (::rename(tmp.c_str(), path.c_str()) != 0) return tl::unexpected(memory::sys::file_error("rename", tmp, errno));
+    if (memory::sys::fsync(fd.get()) != 0) return tl::unexpected(memory::sys::file_error("fsync", tmp, errno));
+    if (memory::sys::rename(tmp.c_str(), path.c_str()) != 0)
+      return tl::unexpected(memory::sys::file_error("rename", tmp, errno));
     return {};
   };
   if (auto done = body(); !done) {

@@ -2,9 +2,11 @@
 
 #include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 #include <string>
 
@@ -38,9 +40,24 @@ void* mmap(std::size_t length, int prot, int flags, int fd) noexcept {
   return ::mmap(nullptr, length, prot, flags, fd, 0);
 }
 
-int open(const char* path, int flags) noexcept {
+int open(const char* path, int flags, mode_t mode) noexcept {
   if (injected(fault_site::open)) return -1;
-  return ::open(path, flags);
+  return ::open(path, flags, mode);
+}
+
+int mkdir(const char* path, mode_t mode) noexcept {
+  if (injected(fault_site::open)) return -1;
+  return ::mkdir(path, mode);
+}
+
+int fsync(int fd) noexcept {
+  if (injected(fault_site::fsync)) return -1;
+  return ::fsync(fd);
+}
+
+int rename(const char* from, const char* to) noexcept {
+  if (injected(fault_site::rename)) return -1;
+  return std::rename(from, to);
 }
 
 ssize_t pread(int fd, void* out, std::size_t length, std::uint64_t offset) noexcept {

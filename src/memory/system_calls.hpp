@@ -24,7 +24,12 @@ namespace tensorreg::memory::sys {
 [[nodiscard]] int memfd_create(const char* name, unsigned flags) noexcept;
 [[nodiscard]] int ftruncate(int fd, std::uint64_t size) noexcept;
 [[nodiscard]] void* mmap(std::size_t length, int prot, int flags, int fd) noexcept;
-[[nodiscard]] int open(const char* path, int flags) noexcept;
+/// `mode` is used when `flags` create the file.
+[[nodiscard]] int open(const char* path, int flags, mode_t mode = 0) noexcept;
+/// Behind the open site too: making a directory is creating a file.
+[[nodiscard]] int mkdir(const char* path, mode_t mode) noexcept;
+[[nodiscard]] int fsync(int fd) noexcept;
+[[nodiscard]] int rename(const char* from, const char* to) noexcept;
 [[nodiscard]] ssize_t pread(int fd, void* out, std::size_t length, std::uint64_t offset) noexcept;
 
 /// The error of a failed file call: "cannot <call> '<path>': <strerror>", RESOURCE_EXHAUSTED

@@ -19,7 +19,6 @@
 #include <utility>
 
 #include "memory/system_calls.hpp"
-#include "tensorreg/common/fault_injection.hpp"
 #include "tensorreg/common/random.hpp"
 #include "tensorreg/common/thread_pool.hpp"
 #include "tensorreg/common/unique_fd.hpp"
@@ -41,16 +40,13 @@ constexpr const char* kFormat = "tensorreg-persist";
 std::string os_reason(int e) { return std::strerror(e); }
 
 result<unique_fd> open_file(const std::string& path, int flags, mode_t mode = 0600) {
-  if (int e = injected_fault(fault_site::open); e != 0) return tl::unexpected(memory::sys::file_error("open", path, e));
-  unique_fd fd(::open(path.c_str(), flags | O_CLOEXEC, mode));
+  unique_fd fd(memory::sys::open(path.c_str(), flags | O_CLOEXEC, mode));
   if (!fd) return tl::unexpected(memory::sys::file_error("open", path, errno));
   return fd;
 }
 
 status sync_fd(int fd, const std::string& path) {
-  if (int e = injected_fault(fault_site::fsync); e != 0)
-    return tl::unexpected(memory::sys::file_error("fsync", path, e));
-  if (::fsync(fd) != 0) return tl::unexpected(memory::sys::file_error("fsync", path, errno));
+  if (memory::sys::fsync(fd) != 0) return tl::unexpected(memory::sys::file_error("fsync", path, errno));
   return {};
 }
 
@@ -60,18 +56,15 @@ status sync_directory(const std::string& path) {
 }
 
 status rename_path(const std::string& from, const std::string& to) {
-  if (int e = injected_fault(fault_site::rename); e != 0)
-    return tl::unexpected(memory::sys::file_error("rename", from, e));
-  if (::rename(from.c_str(), to.c_str()) != 0) return tl::unexpected(memory::sys::file_error("rename", from, errno));
+  if (memory::sys::rename(from.c_str(), to.c_str()) != 0)
+    return tl::unexpected(memory::sys::file_error("rename", from, errno));
   return {};
 }
 
 // Reads exactly out.size() bytes at `offset`; a file that ends first is DATA_LOSS.
 status read_exact(int fd, std::uint64_t offset, std::span<std::byte> out, const std::string& path) {
   while (!out.empty()) {
-    if (int e = injected_fault(fault_site::read); e != 0)
-      return tl::unexpected(memory::sys::file_error("read", path, e));
-    const auto n = ::pread(fd, out.data(), out.size(), static_cast<off_t>(offset));
+    const auto n = memory::sys::pread(fd, out.data(), out.size(), offset);
     if (n < 0) {
       if (errno == EINTR) continue;
       return tl::unexpected(memory::sys::file_error("read", path, errno));
@@ -522,9 +515,7 @@ status durable_store::write(const artifact_record& record, const index::canonica
   }
   if (contains(id)) return {};  // content addressed: the same id is the same bytes
   const std::string tmp = root_ + "/.tmp-" + random_hex(8);
-  if (int e = injected_fault(fault_site::open); e != 0)
-    return tl::unexpected(with_context(memory::sys::file_error("create", tmp, e), what));
-  if (::mkdir(tmp.c_str(), 0700) != 0)
+  if (memory::sys::mkdir(tmp.c_str(), 0700) != 0)
     return tl::unexpected(with_context(memory::sys::file_error("create", tmp, errno), what));
   tree_guard guard(tmp);
   auto body = [&]() -> result<std::vector<leaf_check>> {
@@ -572,9 +563,7 @@ status durable_store::write(const artifact_record& record, const index::canonica
     TENSORREG_TRY(write_small_file(tmp + "/" + kManifest, manifest_json(record, idx, *leaves).dump()));
     TENSORREG_TRY(sync_directory(tmp));
     const std::string final_path = root_ + "/" + directory_name(id);
-    if (int e = injected_fault(fault_site::rename); e != 0)
-      return tl::unexpected(memory::sys::file_error("rename", tmp, e));
-    if (::rename(tmp.c_str(), final_path.c_str()) != 0) {
+    if (memory::sys::rename(tmp.c_str(), final_path.c_str()) != 0) {
       const int e = errno;
       // Another write published the same id first: its copy is as good as ours.
       if ((e == ENOTEMPTY || e == EEXIST) && ::access((final_path + "/" + kManifest).c_str(), F_OK) == 0) return {};
