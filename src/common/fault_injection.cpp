@@ -5,6 +5,7 @@
 #include <cerrno>
 #include <charconv>
 #include <mutex>
+#include <optional>
 #include <string>
 
 namespace tensorreg {
@@ -75,16 +76,11 @@ status arm_one(std::string_view part) {
                   "cannot arm fault '" + std::string(part) + "': expected site:ERRNO[:skip[:times]]");
     }
   }
-  const fault_site* site = nullptr;
-  static constexpr auto all_sites = [] {
-    std::array<fault_site, fault_site_count> sites{};
-    for (std::size_t i = 0; i < sites.size(); ++i) sites[i] = static_cast<fault_site>(i);
-    return sites;
-  }();
-  for (const auto& candidate : all_sites) {
-    if (to_string(candidate) == fields[0]) site = &candidate;
+  std::optional<fault_site> site;
+  for (std::size_t i = 0; i < fault_site_count; ++i) {
+    if (site_names[i] == fields[0]) site = static_cast<fault_site>(i);
   }
-  if (site == nullptr) {
+  if (!site) {
     return fail(errc::invalid_argument,
                 "cannot arm fault '" + std::string(part) + "': unknown site '" + std::string(fields[0]) + "'");
   }
