@@ -80,8 +80,8 @@ t::model three_leaves() {
 
 // Begin (with `cgid`) and feed `m`, every storage read through `gate` when given.
 std::string begin_and_feed(engine& e, const t::model& m, const std::string& cgid,
-                           const std::shared_ptr<gated_bytes>& gate) {
-  auto b = t::lip_begin(m.total_size(), me);
+                           const std::shared_ptr<gated_bytes>& gate, std::uint32_t ttl_ms = 0) {
+  auto b = t::lip_begin(m.total_size(), me, ttl_ms);
   b.client_artifact_id = cgid;
   auto begun = e.begin(std::move(b));
   REQUIRE_OK(begun);
@@ -332,4 +332,48 @@ TEST_CASE("engine: a waiter of a hash in progress is answered when the hash ends
   REQUIRE_OK(waited);
   CHECK(waited->state == hash_state::done);
   CHECK(waited->mi2_id == t::expected_mi2(m.index().json(), m.canonical()));
+}
+
+TEST_CASE("engine: a lease that expires mid-hash fails the hash with the reason",
+          "[registration][engine][background_hash][concurrency]") {
+  fake_clock clock;
+  auto e = t::make_engine(clock);
+  const auto m = three_leaves();
+  auto gate = std::make_shared<gated_bytes>(m.storages[0].bytes);
+  const open_at_exit opener{*gate};
+  const auto id = begin_and_feed(*e, m, "cgid:sync~v6", gate, 1000);
+  REQUIRE_OK(e->commit(id, in_background));
+  gate->wait_entered();
+  clock.advance(std::chrono::milliseconds(1001));
+  std::thread sweeping([&] { e->sweep(); });
+  std::this_thread::sleep_for(milliseconds(10));
+  gate->open();
+  sweeping.join();
+  auto failed = e->wait_artifact_hash("cgid:sync~v6", milliseconds(0));
+  REQUIRE_OK(failed);
+  CHECK(failed->state == hash_state::failed);
+  CHECK(failed->message == "cannot hash cgid:sync~v6: cancelled: lease " + id + " expired: its TTL passed");
+  CHECK_CODE(e->get("cgid:sync~v6"), errc::not_found);
+}
+
+TEST_CASE("engine: a second background-hash commit of the same cgid shares the hash that is done",
+          "[registration][engine][background_hash]") {
+  fake_clock clock;
+  auto e = t::make_engine(clock);
+  const auto m = t::small_model();
+  auto first = begin_and_feed(*e, m, "cgid:shared", nullptr);
+  REQUIRE_OK(e->commit(first, in_background));
+  auto done = e->wait_artifact_hash("cgid:shared", milliseconds(0));
+  REQUIRE_OK(done);
+  REQUIRE(done->state == hash_state::done);
+  // A lease on another device of the same cgid: it joins the artifact and its hash.
+  auto b = t::lip_begin(m.total_size(), me);
+  b.client_artifact_id = "cgid:shared";
+  b.device_id = 1;
+  auto begun = e->begin(std::move(b));
+  REQUIRE_OK(begun);
+  REQUIRE_OK(e->feed(t::lip_feed(begun->registration_id, m)));
+  auto second = e->commit(begun->registration_id, in_background);
+  REQUIRE_OK(second);
+  CHECK(second->hash == hash_state::done);
 }
