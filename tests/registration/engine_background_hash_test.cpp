@@ -10,6 +10,7 @@
 
 #include <atomic>
 #include <condition_variable>
+#include <functional>
 #include <mutex>
 #include <thread>
 
@@ -99,6 +100,15 @@ std::string begin_and_feed(engine& e, const t::model& m, const std::string& cgid
 }
 
 const commit_options in_background{true};
+
+// Polls `done` every millisecond for up to 10 s: for a state another thread reaches.
+bool eventually(const std::function<bool()>& done) {
+  for (int i = 0; i < 10'000; ++i) {
+    if (done()) return true;
+    std::this_thread::sleep_for(milliseconds(1));
+  }
+  return done();
+}
 
 }  // namespace
 
@@ -250,8 +260,10 @@ TEST_CASE("engine: a revoke mid-hash fails the hash and no byte of the lease is 
     reads_at_return = gate->reads();
     returned = true;
   });
-  // The revoke waits for the leaf being read; give it time to be wrongly done.
-  std::this_thread::sleep_for(milliseconds(50));
+  // The lease is gone (and its hash cancelled) first; the revoke then waits for the leaf being
+  // read: give it time to be wrongly done.
+  REQUIRE(eventually([&] { return !e->get("cgid:sync~v2"); }));
+  std::this_thread::sleep_for(milliseconds(20));
   const bool returned_while_reading = returned.load();
   gate->open();
   revoker.join();
@@ -279,7 +291,7 @@ TEST_CASE("engine: the owner's exit mid-hash fails the hash with the reason",
   REQUIRE_OK(e->commit(id, in_background));
   gate->wait_entered();
   std::thread exiting([&] { e->release_owner(me); });
-  std::this_thread::sleep_for(milliseconds(10));
+  REQUIRE(eventually([&] { return !e->get("cgid:sync~v3"); }));  // cancelled with it, before the hash ends
   gate->open();
   exiting.join();
   auto failed = e->wait_artifact_hash("cgid:sync~v3", milliseconds(0));
@@ -305,7 +317,10 @@ TEST_CASE("engine: a deregister mid-hash fails the hash before it drains",
     r.artifact_id = "cgid:sync~v4";
     gone = e->deregister(r);
   });
-  std::this_thread::sleep_for(milliseconds(10));
+  REQUIRE(eventually([&] {
+    auto a = e->get("cgid:sync~v4");
+    return a && a->quiesced;  // quiesce cancels the hash
+  }));
   gate->open();
   deregistering.join();
   REQUIRE_OK(gone);
@@ -346,7 +361,7 @@ TEST_CASE("engine: a lease that expires mid-hash fails the hash with the reason"
   gate->wait_entered();
   clock.advance(std::chrono::milliseconds(1001));
   std::thread sweeping([&] { e->sweep(); });
-  std::this_thread::sleep_for(milliseconds(10));
+  REQUIRE(eventually([&] { return !e->get("cgid:sync~v6"); }));
   gate->open();
   sweeping.join();
   auto failed = e->wait_artifact_hash("cgid:sync~v6", milliseconds(0));
