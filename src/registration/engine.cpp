@@ -27,6 +27,7 @@
 #include "tensorreg/common/random.hpp"
 #include "tensorreg/common/thread_pool.hpp"
 #include "tensorreg/devices/device_identity.hpp"
+#include "tensorreg/hash/multihash.hpp"
 #include "tensorreg/memory/shared_memory.hpp"
 
 namespace tensorreg::registration {
@@ -81,13 +82,15 @@ std::string joined(const std::vector<std::string>& ids) {
 //   1. engine::state::mutex — the pending table and the catalogue (its artifacts, holders,
 //      index store). Never held while hashing or copying, nor while draining.
 //   2. pending_registration's mutex — one registration's phase, TTL and plan tables.
-//   3. the leaves: region_registry's, stable_dram_cache's, stable_upload's and reader_gate's
-//      own mutexes, and the logger. (The cache's eviction listener logs, under 1.)
+//   3. the leaves: region_registry's, stable_dram_cache's, stable_upload's, reader_gate's and
+//      background_hash's own mutexes, and the logger. (The cache's eviction listener logs, under 1.)
 // restore_mutex (persistence) is taken before 1, never under it; the durable store's mutex
 // and the persistence task table's are leaves (the cache's spill guard asks the store under 3).
 // sweeper_mutex only paces the sweep thread; nothing else is taken under it. The owner watch
 // calls release_owner() on its thread with none of these held. A Feed copy runs with none
-// held; drain waits on a reader_gate's condition variable with none held.
+// held; drain waits on a reader_gate's condition variable with none held, and a revoke waits for
+// a background hash to stop reading (background_hash::wait_stopped) with none held.
+// hash_jobs_mutex only counts background hash jobs; nothing else is taken under it.
 struct engine::state {
   engine_options options;
   const clock& time;
@@ -135,6 +138,19 @@ struct engine::state {
       const std::shared_ptr<persistence::durable_store>& durable) {
     if (!durable) return {};
     return [d = durable.get()](std::string_view id) { return d->contains(id); };
+  }
+
+  // ---- background hashes (registration.md §4.8) ----
+  std::mutex hash_jobs_mutex;
+  std::condition_variable hash_jobs_idle;
+  std::size_t hash_jobs = 0;  // queued or running; the engine waits for 0 before it goes
+
+  hash_state start_background_hash(const std::string& artifact_id, std::int32_t owner_pid);
+  void run_background_hash(const std::shared_ptr<detail::background_hash>& task, detail::hash_input input,
+                           std::int32_t owner_pid);
+  // Waits for each hash cancelled under the engine mutex to stop reading; call with no lock held.
+  static void wait_stopped(const std::vector<std::shared_ptr<detail::background_hash>>& cancelled) {
+    for (const auto& h : cancelled) h->wait_stopped();
   }
 
   // ---- persistence (docs/architecture.md §14) ----
@@ -235,7 +251,7 @@ struct engine::state {
   result<begin_response> begin(begin_request r);
   status feed(feed_request r);
   status keep_alive(const keep_alive_request& r);
-  result<commit_response> commit(const std::string& registration_id);
+  result<commit_response> commit(const std::string& registration_id, const commit_options& how);
   status abort(const std::string& registration_id);
   result<deregister_response> deregister(const deregister_request& r);
   bool revoke(const std::string& registration_id, const std::string& reason);
@@ -279,6 +295,17 @@ engine::~engine() {
   }
   state_->sweeper_wake.notify_all();
   if (state_->sweeper.joinable()) state_->sweeper.join();
+  {
+    // Background hashes stop at their next leaf; their jobs end before the catalogue goes.
+    std::vector<std::shared_ptr<detail::background_hash>> cancelled;
+    {
+      std::lock_guard lock(state_->mutex);
+      cancelled = state_->catalogue.cancel_all_hashes("the engine is stopping");
+    }
+    state::wait_stopped(cancelled);
+    std::unique_lock jobs(state_->hash_jobs_mutex);
+    state_->hash_jobs_idle.wait(jobs, [&] { return state_->hash_jobs == 0; });
+  }
   state_->persist_cancel = true;  // writes in flight stop at their next chunk
   state_->persist_pool.reset();
   state_->owners.reset();  // no owner callback after this point
@@ -413,15 +440,25 @@ status engine::state::keep_alive(const keep_alive_request& r) {
 // ---- Commit --------------------------------------------------------------------------------
 
 result<commit_response> engine::commit(const std::string& registration_id) {
-  auto out = state_->commit(registration_id);
+  return commit(registration_id, commit_options{});
+}
+
+result<commit_response> engine::commit(const std::string& registration_id, const commit_options& options) {
+  auto out = state_->commit(registration_id, options);
   if (!out)
     return state_->rejected(std::move(out), "commit", "registration " + registration_id,
                             state_->owner_of(registration_id));
   return out;
 }
 
-result<commit_response> engine::state::commit(const std::string& registration_id) {
+result<commit_response> engine::state::commit(const std::string& registration_id, const commit_options& how) {
   TENSORREG_TRY_ASSIGN(auto p, find_open(registration_id, "commit"));
+  if (how.hash_in_background && p->facts().cgid.empty()) {
+    // Before begin_commit: the registration stays open, to be committed without the option.
+    return fail(errc::invalid_argument, "cannot commit registration '" + registration_id +
+                                            "': hash_in_background needs a client_artifact_id (a cgid): an mi2 "
+                                            "id is the hash itself, so its commit must compute it");
+  }
   TENSORREG_TRY(p->begin_commit());
   // The hashing and copying below is this client's share of the pool (fair between owners).
   const thread_pool::owner_scope share(static_cast<work_owner>(static_cast<std::uint32_t>(p->owner_pid())));
@@ -445,6 +482,7 @@ result<commit_response> engine::state::commit(const std::string& registration_id
     if (end.drop) (void)drop_pending(p);  // revoked or its owner died meanwhile
     return out;
   }
+  std::vector<std::shared_ptr<detail::background_hash>> cancelled;
   {
     std::lock_guard lock(mutex);
     pending.erase(p->id());
@@ -452,13 +490,16 @@ result<commit_response> engine::state::commit(const std::string& registration_id
       // Revoked or its owner died meanwhile: undo the lease or join.
       if (auto undone = catalogue.revoke(p->id())) log_released(*undone, "revoked: dropped while it was committed");
     }
+    cancelled = catalogue.take_cancelled();
   }
+  wait_stopped(cancelled);
   if (!out) {
     p->release(regions);
     return out;
   }
   tensorreg::log(log, log_level::debug, "committed registration {} (owner_pid {}) as artifact {}{}", p->id(),
                  p->owner_pid(), out->descriptor.artifact_id, out->existed ? " (joined)" : "");
+  if (how.hash_in_background) out->hash = start_background_hash(out->descriptor.artifact_id, p->owner_pid());
   // Policies asking for the shared disk (DURABLE, COLD, HA: registration.md §1.6) are persisted
   // now, in the background; the commit answers the task's id.
   const auto& resolved = p->facts().policy;
@@ -470,6 +511,109 @@ result<commit_response> engine::state::commit(const std::string& registration_id
       tensorreg::log(log, log_level::warn, "cannot start persisting artifact {}: {}", out->descriptor.artifact_id,
                      task.error().message);
     }
+  }
+  return out;
+}
+
+// ---- Background hash (registration.md §4.8) -----------------------------------------------------
+
+hash_state engine::state::start_background_hash(const std::string& artifact_id, std::int32_t owner_pid) {
+  std::shared_ptr<detail::background_hash> task;
+  detail::hash_input input;
+  {
+    std::lock_guard lock(mutex);
+    auto* a = catalogue.find(artifact_id);
+    if (a != nullptr && a->hash && a->hash->status().state != hash_state::failed) {
+      return a->hash->status().state;  // a join of an artifact whose hash runs or ran
+    }
+    auto found = catalogue.hash_input_of(artifact_id);
+    if (!found) {
+      // Revoked, or its owner exited, before the hash could start: nothing reads it.
+      tensorreg::log(log, log_level::info, "background hash of {} not started: {}", artifact_id, found.error().message);
+      return hash_state::failed;
+    }
+    input = std::move(*found);
+    task = std::make_shared<detail::background_hash>(artifact_id);
+    a->hash = task;
+    std::lock_guard jobs(hash_jobs_mutex);
+    ++hash_jobs;
+  }
+  // On the hash pool, queued under the committing client's share (the commit's owner_scope).
+  pool.submit([this, task, input = std::move(input), owner_pid]() mutable {
+    run_background_hash(task, std::move(input), owner_pid);
+  });
+  return hash_state::pending;
+}
+
+void engine::state::run_background_hash(const std::shared_ptr<detail::background_hash>& task, detail::hash_input input,
+                                        std::int32_t owner_pid) {
+  const auto& id = task->artifact_id();
+  hash_status outcome;
+  outcome.state = hash_state::failed;
+  if (task->start_reading()) {
+    const auto started = std::chrono::steady_clock::now();
+    result<hash::digest> digest = fail(errc::internal, "no digest");
+    try {
+      digest = detail::hash_canonical(*input.view, pool, devices.get(), task->flag());
+    } catch (const std::bad_alloc&) {
+      digest = fail(errc::resource_exhausted, "out of memory");
+    } catch (const std::exception& e) {
+      digest = fail(errc::internal, e.what());
+    } catch (...) {
+      digest = fail(errc::internal, "an exception of unknown type");
+    }
+    input = {};  // the mappings may go once the lease does
+    task->finish_reading();
+    const auto ms =
+        std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - started).count();
+    if (digest) {
+      outcome.state = hash_state::done;
+      outcome.data_multihash = hash::encode_multihash(*digest);
+      tensorreg::log(log, log_level::debug, "background hash of {} (owner_pid {}) done in {} ms", id, owner_pid, ms);
+    } else {
+      outcome.message =
+          "cannot hash " + id + ": " + std::string(errc_name(digest.error().code)) + ": " + digest.error().message;
+    }
+  }
+  {
+    std::lock_guard lock(mutex);
+    auto* a = catalogue.find(id);
+    const bool current = a != nullptr && a->hash == task;
+    if (outcome.state == hash_state::done) {
+      if (current) {
+        outcome.mi2_id = "mi2:" + a->descriptor.index_multihash + ":" + outcome.data_multihash;
+      } else {
+        outcome = hash_status{hash_state::failed, {}, {}, "cannot hash " + id + ": the artifact is gone"};
+      }
+    }
+    // Settled under the engine mutex with the alias: a waiter told DONE finds the mi2 id.
+    const auto settled = task->settle(outcome);
+    if (settled == hash_state::done) catalogue.add_alias(outcome.mi2_id, id);
+    if (settled == hash_state::failed) {
+      tensorreg::log(log, log_level::info, "background hash of {} (owner_pid {}) failed: {}", id, owner_pid,
+                     task->status().message);
+    }
+  }
+  std::lock_guard jobs(hash_jobs_mutex);
+  --hash_jobs;
+  hash_jobs_idle.notify_all();
+}
+
+result<hash_status> engine::wait_artifact_hash(const std::string& artifact_id,
+                                               std::chrono::milliseconds timeout) const {
+  std::shared_ptr<detail::background_hash> task;
+  artifact_descriptor d;
+  {
+    std::lock_guard lock(state_->mutex);
+    TENSORREG_TRY_ASSIGN(std::tie(task, d), state_->catalogue.hash_of(artifact_id));
+  }
+  if (task) return task->wait(timeout);
+  hash_status out;
+  if (d.id_kind == identity::id_kind::mi2) {
+    // An mi2 artifact was hashed at its commit: its id is the answer (DECISIONS §5.19).
+    out.state = hash_state::done;
+    out.mi2_id = d.artifact_id;
+    out.data_multihash = d.data_multihash;
   }
   return out;
 }
@@ -509,12 +653,16 @@ bool engine::revoke(const std::string& registration_id, const std::string& reaso
 bool engine::state::revoke(const std::string& registration_id, const std::string& reason) {
   std::shared_ptr<pending_registration> p;
   std::optional<detail::released_holder> held;
+  std::vector<std::shared_ptr<detail::background_hash>> cancelled;
   {
     std::lock_guard lock(mutex);
     pending.unbury(registration_id);
     p = pending.find(registration_id);
     held = catalogue.revoke(registration_id);
+    cancelled = catalogue.take_cancelled();
   }
+  // No byte of the lease is read by a background hash once the revoke returns (§4.8).
+  wait_stopped(cancelled);
   if (held) log_released(*held, "revoked: " + reason);
   if (p) {
     const bool dropped = drop_pending(p);
@@ -697,6 +845,7 @@ result<deregister_response> engine::deregister(const deregister_request& request
 
 result<deregister_response> engine::state::deregister(const deregister_request& r) {
   std::shared_ptr<detail::reader_gate> gate;
+  std::vector<std::shared_ptr<detail::background_hash>> cancelled;
   {
     std::lock_guard lock(mutex);
     // 0. DECISIONS §8, under the same lock as quiesce: no other holder slips in between.
@@ -716,7 +865,9 @@ result<deregister_response> engine::state::deregister(const deregister_request& 
     } else {
       TENSORREG_TRY_ASSIGN(gate, std::move(quiesced));
     }
+    cancelled = catalogue.take_cancelled();  // quiesce stops its background hash
   }
+  wait_stopped(cancelled);
   if (!gate) {
     TENSORREG_TRY(options.durable->remove(r.artifact_id));
     tensorreg::log(log, log_level::info, "deregistered artifact {} (owner_pid {}): removed its persisted copy",
@@ -778,6 +929,7 @@ void engine::state::sweep() {
   const auto now = time.now();
   std::vector<std::shared_ptr<pending_registration>> expired;
   std::vector<detail::released_holder> ended;
+  std::vector<std::shared_ptr<detail::background_hash>> cancelled;
   {
     std::lock_guard lock(mutex);
     for (const auto& p : pending.all()) {
@@ -785,7 +937,9 @@ void engine::state::sweep() {
     }
     ended = catalogue.expire(now);
     pending.forget_tombstones(now);
+    cancelled = catalogue.take_cancelled();
   }
+  wait_stopped(cancelled);
   for (const auto& h : ended) log_released(h, "expired: its TTL passed");
   for (const auto& p : expired) {
     if (!drop_pending(p)) continue;  // a commit started meanwhile, or someone else dropped it
@@ -804,13 +958,16 @@ void engine::state::sweep() {
 void engine::state::release_owner(std::int32_t pid) {
   std::vector<std::shared_ptr<pending_registration>> owned;
   std::vector<detail::released_holder> ended;
+  std::vector<std::shared_ptr<detail::background_hash>> cancelled;
   {
     std::lock_guard lock(mutex);
     for (const auto& p : pending.all()) {
       if (p->owner_pid() == pid) owned.push_back(p);
     }
     ended = catalogue.release_owner(pid);
+    cancelled = catalogue.take_cancelled();
   }
+  wait_stopped(cancelled);
   std::vector<std::string> dropped;
   for (const auto& p : owned) {
     if (drop_pending(p)) dropped.push_back(p->id());

@@ -248,6 +248,40 @@ class StoreTest(unittest.TestCase):
             self.assertEqual(art.artifact_id, "cgid:python-client-test")
             self.assertEqual(art.descriptor["id_kind"], "ARTIFACT_ID_KIND_CGID")
 
+    # ---- background hash (docs/registration.md §4.8) ----
+
+    def test_hash_in_background_gives_the_put_mi2_id_later_and_an_alias(self):
+        sd = sample_state_dict(21)
+        with self.store.register(sd, client_artifact_id="cgid:python-bg~1", hash_in_background=True) as art:
+            self.assertEqual(art.artifact_id, "cgid:python-bg~1")
+            # Usable by its cgid whether or not the hash is done.
+            self.assertIn("leased", self.tiers_of("cgid:python-bg~1"))
+            state, mi2_id = self.store.wait_hash("cgid:python-bg~1")
+            self.assertEqual(state, "done")
+            self.assertEqual(mi2_id, self.store.put(sd).artifact_id)
+            listed = [a for a in self.store.list() if a["artifact_id"] == "cgid:python-bg~1"]
+            self.assertEqual(listed[0]["verified_id"], mi2_id)
+            # The mi2 id names the same artifact while it lives, and answers done itself.
+            self.assertEqual(self.store.wait_hash(mi2_id), ("done", mi2_id))
+        with self.assertRaises(tensorreg.NotFound) as ctx:
+            self.store.wait_hash("cgid:python-bg~1", timeout=0.01)
+        self.assertEqual(ctx.exception.message, "cannot wait for the hash of cgid:python-bg~1: no such artifact")
+
+    def test_hash_in_background_needs_a_client_artifact_id(self):
+        before = self.store.stats()["leases"]
+        with self.assertRaises(tensorreg.InvalidArgument) as ctx:
+            self.store.register({"x": torch.ones(4)}, hash_in_background=True)
+        self.assertIn("hash_in_background needs a client_artifact_id (a cgid)", ctx.exception.message)
+        self.assertEqual(self.store.stats()["leases"], before)
+
+    def test_wait_hash_of_a_plain_cgid_is_none_and_a_bad_timeout_is_invalid(self):
+        with self.store.register({"p": torch.ones(2)}, client_artifact_id="cgid:python-bg~plain"):
+            self.assertEqual(self.store.wait_hash("cgid:python-bg~plain", timeout=0), ("none", ""))
+            with self.assertRaises(tensorreg.InvalidArgument) as ctx:
+                self.store.wait_hash("cgid:python-bg~plain", timeout=-1)
+            self.assertEqual(ctx.exception.message, "cannot wait for the hash of cgid:python-bg~plain: timeout -1 is "
+                             "not a number of seconds >= 0")
+
     # ---- bad input ----
 
     def test_an_unsupported_dtype_is_invalid_and_nothing_is_sent(self):

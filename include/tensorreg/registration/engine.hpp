@@ -124,6 +124,22 @@ class engine {
   /// exception from the commit's work). The registration is gone afterwards unless the error
   /// is one a client can fix by feeding more (FAILED_PRECONDITION for missing payloads).
   [[nodiscard]] result<commit_response> commit(const std::string& registration_id);
+  /// commit() with options. `hash_in_background` (registration.md §4.8): the answer comes once
+  /// the artifact is committed and usable, with hash = pending, and its data hash is computed
+  /// afterwards on the hash pool (wait_artifact_hash answers it). The owner must not write the
+  /// leased bytes until the hash is done.
+  /// Errors: as commit(); INVALID_ARGUMENT (hash_in_background for a registration without a
+  /// cgid; the registration stays open).
+  [[nodiscard]] result<commit_response> commit(const std::string& registration_id, const commit_options& options);
+
+  /// Waits up to `timeout` (0 = no limit) for the background hash of a cgid artifact, named by
+  /// its cgid or by the mi2 id the hash found (registration.md §4.8). A timeout answers pending;
+  /// a hash cancelled (lease revoked or expired, owner exited, deregistered, engine stopping)
+  /// answers failed with the reason, also for a while after the artifact is gone. An artifact
+  /// without a background hash answers none (cgid) or done with its own id (mi2).
+  /// Errors: NOT_FOUND (unknown artifact).
+  [[nodiscard]] result<hash_status> wait_artifact_hash(const std::string& artifact_id,
+                                                       std::chrono::milliseconds timeout) const;
 
   /// Cancels a pending registration and releases what it held (§4.6; DECISIONS §5.6).
   /// Errors: NOT_FOUND.
