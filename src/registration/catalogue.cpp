@@ -145,6 +145,12 @@ void catalogue::note_stable_entry(const std::string& artifact_id, std::optional<
   if (stable_entry_uid_.emplace(artifact_id, *uid).second) ++stable_entries_of_uid_[*uid];
 }
 
+std::optional<std::uint32_t> catalogue::stable_entry_uid(const std::string& artifact_id) const {
+  auto it = stable_entry_uid_.find(artifact_id);
+  if (it == stable_entry_uid_.end()) return std::nullopt;
+  return it->second;
+}
+
 void catalogue::forget_stable_entry(const std::string& artifact_id) {
   auto it = stable_entry_uid_.find(artifact_id);
   if (it == stable_entry_uid_.end()) return;

@@ -168,6 +168,8 @@ class catalogue {
   /// Counts the cache entry just created for `artifact_id` against `uid` (nothing when unset);
   /// it is uncounted when the entry is evicted or removed.
   void note_stable_entry(const std::string& artifact_id, std::optional<std::uint32_t> uid);
+  /// The uid counted for the cache entry of `artifact_id`; nullopt when none is.
+  [[nodiscard]] std::optional<std::uint32_t> stable_entry_uid(const std::string& artifact_id) const;
 
   // ---- holders by registration id ----
 
