@@ -236,6 +236,9 @@ TEST_CASE("tensorregd --takeover from another uid is refused and the daemon serv
   const auto out = (out_dir.path() / "forged.log").string();
   const char* daemon_path = std::getenv("TENSORREGD");
   std::string binary = daemon_path != nullptr && *daemon_path != '\0' ? daemon_path : TENSORREG_DAEMON_PATH;
+  // Everything the child needs is made before fork(): after it, only async-signal-safe calls.
+  std::string a0 = binary, a1 = "--takeover", a2 = "--socket", a3 = socket;
+  char* argv[] = {a0.data(), a1.data(), a2.data(), a3.data(), nullptr};
   const pid_t child = ::fork();
   REQUIRE(child >= 0);
   if (child == 0) {
@@ -243,8 +246,6 @@ TEST_CASE("tensorregd --takeover from another uid is refused and the daemon serv
     ::dup2(fd, 1);
     ::dup2(fd, 2);
     if (::setuid(65534) != 0) ::_exit(126);
-    std::string a0 = binary, a1 = "--takeover", a2 = "--socket", a3 = socket;
-    char* argv[] = {a0.data(), a1.data(), a2.data(), a3.data(), nullptr};
     ::execv(argv[0], argv);
     ::_exit(127);
   }
