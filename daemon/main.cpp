@@ -355,9 +355,14 @@ int serve(const options& o, tensorreg::logger& log) {
                                control_path, std::move(handed->control_listener), ::geteuid(), on_takeover, log)
                          : tensorreg::daemon::takeover_listener::create(control_path, ::geteuid(), on_takeover, log);
   if (!takeover) {
-    tensorreg::log(log, log_level::error, "{}", takeover.error().message);
-    if (handed) (void)tensorreg::daemon::acknowledge(handed->connection.get(), tl::unexpected(takeover.error()));
-    return 1;
+    if (handed) {
+      tensorreg::log(log, log_level::error, "{}", takeover.error().message);
+      (void)tensorreg::daemon::acknowledge(handed->connection.get(), tl::unexpected(takeover.error()));
+      return 1;
+    }
+    // A daemon still live on the control socket (its main socket was removed by hand) keeps it:
+    // this one serves, but cannot be taken over.
+    tensorreg::log(log, log_level::warn, "serving without takeover: {}", takeover.error().message);
   }
   if (handed) {
     // From here the old daemon exits: this one serves.
@@ -399,7 +404,7 @@ int serve(const options& o, tensorreg::logger& log) {
   std::size_t sessions = 0;
   for (;;) {
     sessions += (*srv)->run();
-    auto successor = (*takeover)->take_successor();
+    auto successor = takeover ? (*takeover)->take_successor() : tensorreg::unique_fd();
     if (!successor) break;
     // A successor asked: the sessions are closed, nothing is in flight. Hand everything over;
     // keep duplicates of the listening fds to serve on if it does not take them.
