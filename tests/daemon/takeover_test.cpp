@@ -219,6 +219,42 @@ TEST_CASE("tensorregd --takeover: 200 artifacts change daemons while 8 clients r
   CHECK(new_daemon->stop() == 0);
 }
 
+TEST_CASE("tensorregd --takeover: a successor that fails hands nothing over and the old daemon serves on",
+          "[daemon][takeover][e2e]") {
+  temp_dir dir;
+  auto old_daemon = std::make_unique<daemon_process>();
+  const auto socket = old_daemon->socket_path();
+  auto c = tensorreg::client::connection::connect(socket);
+  REQUIRE(c);
+  auto put = c->put(*model(dir.path(), 900, 4096));
+  REQUIRE(put);
+  const auto& id = put->descriptor.artifact_id;
+  {
+    // It is handed everything, then cannot open its persist directory (a regular file): it
+    // exits 1 without acknowledging.
+    std::ofstream(dir.path() / "not-a-directory") << "x";
+    daemon_process failing(socket, {"--takeover", "--persist-dir", (dir.path() / "not-a-directory").string()}, false);
+    const auto code = failing.wait_exit();
+    REQUIRE(code);
+    CHECK(*code == 1);
+  }
+  for (int i = 0; i < 200 && old_daemon->output().find("serving on") == std::string::npos; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  CHECK_THAT(old_daemon->output(), Catch::Contains("the takeover failed (") && Catch::Contains("); serving on"));
+  auto again = c->get(id);  // its connection was closed: the read reconnects to the same daemon
+  REQUIRE(again);
+  CHECK(bytes_of(*again) == expected_bytes(900, 4096));
+  // It can still be taken over, through the control socket it kept.
+  daemon_process successor(socket, {"--takeover"}, true);
+  const auto old_exit = old_daemon->wait_exit();
+  REQUIRE(old_exit);
+  CHECK(*old_exit == 0);
+  auto moved = c->get(id);
+  REQUIRE(moved);
+  CHECK(bytes_of(*moved) == expected_bytes(900, 4096));
+}
+
 TEST_CASE("tensorregd --takeover from another uid is refused and the daemon serves on", "[daemon][takeover][e2e]") {
   if (::geteuid() != 0) {
     WARN("not run: it needs root to start a process of another uid");
