@@ -124,39 +124,110 @@ status check_entry(std::size_t i, const resident_entry& e) {
 
 std::string os_reason() { return std::strerror(errno); }
 
+// One entry's fields (shared by stable entries and leases' artifacts); `i` names it in errors.
+result<resident_entry> decode_entry(reader& in, std::size_t i) {
+  resident_entry e;
+  auto& r = e.record;
+  TENSORREG_TRY_ASSIGN(r.artifact_id, in.get_string("artifact_id", kMaxShortString));
+  TENSORREG_TRY_ASSIGN(r.id_kind, in.get_string("id_kind", kMaxShortString));
+  TENSORREG_TRY_ASSIGN(r.index_multihash, in.get_string("index_multihash", kMaxShortString));
+  TENSORREG_TRY_ASSIGN(r.data_multihash, in.get_string("data_multihash", kMaxShortString));
+  TENSORREG_TRY_ASSIGN(r.schema_version, in.get_string("schema_version", kMaxShortString));
+  TENSORREG_TRY_ASSIGN(r.encoding, in.get_string("encoding", kMaxShortString));
+  TENSORREG_TRY_ASSIGN(r.total_size, in.get<std::uint64_t>("total_size"));
+  TENSORREG_TRY_ASSIGN(const auto retention, in.get<std::uint8_t>("retention"));
+  TENSORREG_TRY_ASSIGN(const auto overflow, in.get<std::uint8_t>("overflow"));
+  TENSORREG_TRY_ASSIGN(const auto flags, in.get<std::uint8_t>("flags"));
+  TENSORREG_TRY_ASSIGN(const auto ttl_ms, in.get<std::uint64_t>("ttl_ms"));
+  TENSORREG_TRY_ASSIGN(const auto uid, in.get<std::uint32_t>("owner_uid"));
+  TENSORREG_TRY_ASSIGN(e.fd_name, in.get_string("fd_name", kMaxShortString));
+  TENSORREG_TRY_ASSIGN(const auto json, in.get_string("index", kMaxIndexBytes));
+  if (retention < 1 || retention > 3) return bad_entry(i, r.artifact_id, "retention " + std::to_string(retention));
+  if (overflow < 1 || overflow > 3) return bad_entry(i, r.artifact_id, "overflow " + std::to_string(overflow));
+  if (flags >= 64) return bad_entry(i, r.artifact_id, "unknown flags " + std::to_string(flags));
+  r.cache.retention = static_cast<policy::retention>(retention);
+  r.cache.overflow = static_cast<policy::overflow>(overflow);
+  r.cache.required = (flags & flag::required) != 0;
+  r.cache.require_shared_disk_for_spill = (flags & flag::shared_disk_for_spill) != 0;
+  r.cache.require_remote_stable_for_spill = (flags & flag::remote_stable_for_spill) != 0;
+  const bool has_ttl = (flags & flag::has_ttl) != 0;
+  if (has_ttl != (r.cache.retention == policy::retention::ttl) || (has_ttl && ttl_ms == 0)) {
+    return bad_entry(i, r.artifact_id, "a ttl is set iff retention is ttl, and is > 0");
+  }
+  if (has_ttl) r.cache.ttl_ms = ttl_ms;
+  e.persisted = (flags & flag::persisted) != 0;
+  if ((flags & flag::has_uid) != 0) e.owner_uid = uid;
+  auto idx = index::canonical_index::parse(json, r.total_size);
+  if (!idx || idx->json() != json) {
+    return bad_entry(i, r.artifact_id,
+                     "its index is not a canonical index of " + std::to_string(r.total_size) + " bytes");
+  }
+  e.index = std::make_shared<const index::canonical_index>(std::move(*idx));
+  TENSORREG_TRY(check_entry(i, e));
+  return e;
+}
+
 }  // namespace
 
 std::string fd_name_of(std::string_view artifact_id) {
   return "m-" + hash::to_hex(hash::sha256(artifact_id)).substr(0, 40);
 }
 
+std::string lease_source_name(std::string_view registration_id, std::size_t index) {
+  return "l-" + hash::to_hex(hash::sha256(registration_id)).substr(0, 32) + "-" + std::to_string(index);
+}
+
+static void encode_entry(std::string& out, const resident_entry& e) {
+  const auto& r = e.record;
+  put_string(out, r.artifact_id);
+  put_string(out, r.id_kind);
+  put_string(out, r.index_multihash);
+  put_string(out, r.data_multihash);
+  put_string(out, r.schema_version);
+  put_string(out, r.encoding);
+  put<std::uint64_t>(out, r.total_size);
+  put<std::uint8_t>(out, static_cast<std::uint8_t>(r.cache.retention));
+  put<std::uint8_t>(out, static_cast<std::uint8_t>(r.cache.overflow));
+  std::uint8_t flags = 0;
+  if (r.cache.required) flags |= flag::required;
+  if (r.cache.require_shared_disk_for_spill) flags |= flag::shared_disk_for_spill;
+  if (r.cache.require_remote_stable_for_spill) flags |= flag::remote_stable_for_spill;
+  if (e.persisted) flags |= flag::persisted;
+  if (e.owner_uid) flags |= flag::has_uid;
+  if (r.cache.ttl_ms) flags |= flag::has_ttl;
+  put<std::uint8_t>(out, flags);
+  put<std::uint64_t>(out, r.cache.ttl_ms.value_or(0));
+  put<std::uint32_t>(out, e.owner_uid.value_or(0));
+  put_string(out, e.fd_name);
+  put_string(out, e.index ? std::string_view(e.index->json()) : std::string_view());
+}
+
 std::string encode_resident_state(const resident_state& state) {
   std::string out(kMagic);
   put<std::uint32_t>(out, resident_state_version);
   put<std::uint32_t>(out, static_cast<std::uint32_t>(state.entries.size()));
-  for (const auto& e : state.entries) {
-    const auto& r = e.record;
-    put_string(out, r.artifact_id);
-    put_string(out, r.id_kind);
-    put_string(out, r.index_multihash);
-    put_string(out, r.data_multihash);
-    put_string(out, r.schema_version);
-    put_string(out, r.encoding);
-    put<std::uint64_t>(out, r.total_size);
-    put<std::uint8_t>(out, static_cast<std::uint8_t>(r.cache.retention));
-    put<std::uint8_t>(out, static_cast<std::uint8_t>(r.cache.overflow));
-    std::uint8_t flags = 0;
-    if (r.cache.required) flags |= flag::required;
-    if (r.cache.require_shared_disk_for_spill) flags |= flag::shared_disk_for_spill;
-    if (r.cache.require_remote_stable_for_spill) flags |= flag::remote_stable_for_spill;
-    if (e.persisted) flags |= flag::persisted;
-    if (e.owner_uid) flags |= flag::has_uid;
-    if (r.cache.ttl_ms) flags |= flag::has_ttl;
-    put<std::uint8_t>(out, flags);
-    put<std::uint64_t>(out, r.cache.ttl_ms.value_or(0));
-    put<std::uint32_t>(out, e.owner_uid.value_or(0));
-    put_string(out, e.fd_name);
-    put_string(out, e.index ? std::string_view(e.index->json()) : std::string_view());
+  for (const auto& e : state.entries) encode_entry(out, e);
+  put<std::uint32_t>(out, static_cast<std::uint32_t>(state.leases.size()));
+  for (const auto& l : state.leases) {
+    encode_entry(out, l.artifact);
+    put_string(out, l.registration_id);
+    put<std::int32_t>(out, l.owner_pid);
+    put<std::int32_t>(out, l.device_id);
+    put<std::uint64_t>(out, l.epoch);
+    put<std::uint8_t>(out, l.ttl_left_ms ? 1 : 0);
+    put<std::uint64_t>(out, l.ttl_left_ms.value_or(0));
+    put<std::uint32_t>(out, static_cast<std::uint32_t>(l.sources.size()));
+    for (const auto& src : l.sources) {
+      put_string(out, src.fd_name);
+      put<std::uint64_t>(out, src.size);
+    }
+    put<std::uint32_t>(out, static_cast<std::uint32_t>(l.segments.size()));
+    for (const auto& seg : l.segments) {
+      put<std::uint64_t>(out, seg.offset);
+      put<std::uint64_t>(out, seg.length);
+      put<std::uint32_t>(out, seg.source);
+      put<std::uint64_t>(out, seg.source_offset);
+    }
   }
   return out;
 }
@@ -185,45 +256,53 @@ result<resident_state> decode_resident_state(std::string_view bytes) {
   resident_state out;
   out.entries.reserve(count);
   for (std::size_t i = 0; i < count; ++i) {
-    resident_entry e;
-    auto& r = e.record;
-    TENSORREG_TRY_ASSIGN(r.artifact_id, in.get_string("artifact_id", kMaxShortString));
-    TENSORREG_TRY_ASSIGN(r.id_kind, in.get_string("id_kind", kMaxShortString));
-    TENSORREG_TRY_ASSIGN(r.index_multihash, in.get_string("index_multihash", kMaxShortString));
-    TENSORREG_TRY_ASSIGN(r.data_multihash, in.get_string("data_multihash", kMaxShortString));
-    TENSORREG_TRY_ASSIGN(r.schema_version, in.get_string("schema_version", kMaxShortString));
-    TENSORREG_TRY_ASSIGN(r.encoding, in.get_string("encoding", kMaxShortString));
-    TENSORREG_TRY_ASSIGN(r.total_size, in.get<std::uint64_t>("total_size"));
-    TENSORREG_TRY_ASSIGN(const auto retention, in.get<std::uint8_t>("retention"));
-    TENSORREG_TRY_ASSIGN(const auto overflow, in.get<std::uint8_t>("overflow"));
-    TENSORREG_TRY_ASSIGN(const auto flags, in.get<std::uint8_t>("flags"));
-    TENSORREG_TRY_ASSIGN(const auto ttl_ms, in.get<std::uint64_t>("ttl_ms"));
-    TENSORREG_TRY_ASSIGN(const auto uid, in.get<std::uint32_t>("owner_uid"));
-    TENSORREG_TRY_ASSIGN(e.fd_name, in.get_string("fd_name", kMaxShortString));
-    TENSORREG_TRY_ASSIGN(const auto json, in.get_string("index", kMaxIndexBytes));
-    if (retention < 1 || retention > 3) return bad_entry(i, r.artifact_id, "retention " + std::to_string(retention));
-    if (overflow < 1 || overflow > 3) return bad_entry(i, r.artifact_id, "overflow " + std::to_string(overflow));
-    if (flags >= 64) return bad_entry(i, r.artifact_id, "unknown flags " + std::to_string(flags));
-    r.cache.retention = static_cast<policy::retention>(retention);
-    r.cache.overflow = static_cast<policy::overflow>(overflow);
-    r.cache.required = (flags & flag::required) != 0;
-    r.cache.require_shared_disk_for_spill = (flags & flag::shared_disk_for_spill) != 0;
-    r.cache.require_remote_stable_for_spill = (flags & flag::remote_stable_for_spill) != 0;
-    const bool has_ttl = (flags & flag::has_ttl) != 0;
-    if (has_ttl != (r.cache.retention == policy::retention::ttl) || (has_ttl && ttl_ms == 0)) {
-      return bad_entry(i, r.artifact_id, "a ttl is set iff retention is ttl, and is > 0");
-    }
-    if (has_ttl) r.cache.ttl_ms = ttl_ms;
-    e.persisted = (flags & flag::persisted) != 0;
-    if ((flags & flag::has_uid) != 0) e.owner_uid = uid;
-    auto idx = index::canonical_index::parse(json, r.total_size);
-    if (!idx || idx->json() != json) {
-      return bad_entry(i, r.artifact_id,
-                       "its index is not a canonical index of " + std::to_string(r.total_size) + " bytes");
-    }
-    e.index = std::make_shared<const index::canonical_index>(std::move(*idx));
-    TENSORREG_TRY(check_entry(i, e));
+    TENSORREG_TRY_ASSIGN(auto e, decode_entry(in, i));
     out.entries.push_back(std::move(e));
+  }
+  TENSORREG_TRY_ASSIGN(const auto leases, in.get<std::uint32_t>("lease count"));
+  if (leases > in.left() / min_entry) {
+    return fail(errc::invalid_argument, "cannot decode resident state: " + std::to_string(leases) +
+                                            " leases cannot fit in " + std::to_string(in.left()) + " bytes");
+  }
+  for (std::size_t i = 0; i < leases; ++i) {
+    resident_lease l;
+    TENSORREG_TRY_ASSIGN(l.artifact, decode_entry(in, count + i));
+    TENSORREG_TRY_ASSIGN(l.registration_id, in.get_string("registration_id", kMaxShortString));
+    TENSORREG_TRY_ASSIGN(l.owner_pid, in.get<std::int32_t>("owner_pid"));
+    TENSORREG_TRY_ASSIGN(l.device_id, in.get<std::int32_t>("device_id"));
+    TENSORREG_TRY_ASSIGN(l.epoch, in.get<std::uint64_t>("epoch"));
+    TENSORREG_TRY_ASSIGN(const auto has_ttl, in.get<std::uint8_t>("has_ttl"));
+    TENSORREG_TRY_ASSIGN(const auto ttl, in.get<std::uint64_t>("ttl_left_ms"));
+    if (has_ttl > 1) return bad_entry(count + i, l.artifact.record.artifact_id, "has_ttl is not 0 or 1");
+    if (has_ttl == 1) l.ttl_left_ms = ttl;
+    if (l.registration_id.empty() || l.owner_pid <= 0) {
+      return bad_entry(count + i, l.artifact.record.artifact_id, "a lease needs a registration id and an owner_pid");
+    }
+    TENSORREG_TRY_ASSIGN(const auto sources, in.get<std::uint32_t>("source count"));
+    if (sources > in.left() / 12) return bad_entry(count + i, l.artifact.record.artifact_id, "too many sources");
+    for (std::uint32_t k = 0; k < sources; ++k) {
+      resident_source src;
+      TENSORREG_TRY_ASSIGN(src.fd_name, in.get_string("source fd_name", kMaxShortString));
+      TENSORREG_TRY_ASSIGN(src.size, in.get<std::uint64_t>("source size"));
+      l.sources.push_back(std::move(src));
+    }
+    TENSORREG_TRY_ASSIGN(const auto segments, in.get<std::uint32_t>("segment count"));
+    if (segments > in.left() / 28) return bad_entry(count + i, l.artifact.record.artifact_id, "too many segments");
+    for (std::uint32_t k = 0; k < segments; ++k) {
+      resident_segment seg;
+      TENSORREG_TRY_ASSIGN(seg.offset, in.get<std::uint64_t>("segment offset"));
+      TENSORREG_TRY_ASSIGN(seg.length, in.get<std::uint64_t>("segment length"));
+      TENSORREG_TRY_ASSIGN(seg.source, in.get<std::uint32_t>("segment source"));
+      TENSORREG_TRY_ASSIGN(seg.source_offset, in.get<std::uint64_t>("segment source_offset"));
+      // Bounds against the artifact and the source are checked when the view is built.
+      if (seg.source >= l.sources.size()) {
+        return bad_entry(count + i, l.artifact.record.artifact_id,
+                         "segment " + std::to_string(k) + " names source " + std::to_string(seg.source) + " of " +
+                             std::to_string(l.sources.size()));
+      }
+      l.segments.push_back(seg);
+    }
+    out.leases.push_back(std::move(l));
   }
   if (in.left() != 0) {
     return fail(errc::invalid_argument,

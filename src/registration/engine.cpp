@@ -1053,6 +1053,7 @@ result<persistence::resident_export> engine::export_resident() const {
   }
   persistence::resident_state resident;
   persistence::resident_export out;
+  TENSORREG_TRY(export_leases(resident, out.fds));
   for (auto& it : items) {
     auto fd = detail::export_replica_fd(it.replica, "cannot hand on " + it.entry.record.artifact_id);
     if (!fd) {
@@ -1122,11 +1123,13 @@ engine::adopt_report engine::adopt_resident(const persistence::resident_state& r
     report.adopted_bytes += d.total_size;
     to_verify.push_back(adopted{*e, std::move(*mapped)});
   }
+  adopt_leases(resident, by_name, report);
   for (const auto& [name, fd] : by_name) {
     tensorreg::log(s.log, log_level::debug, "closed handed-over fd '{}': no entry names it", name);
   }
-  tensorreg::log(s.log, log_level::info, "adopted {} stable DRAM entries ({} bytes) without a copy; refused {}",
-                 report.adopted, report.adopted_bytes, report.refused.size());
+  tensorreg::log(s.log, log_level::info,
+                 "adopted {} stable DRAM entries ({} bytes) and {} leases without a copy; refused {}", report.adopted,
+                 report.adopted_bytes, report.leases, report.refused.size());
   if (to_verify.empty()) return report;
   if (!s.adopt_pool) s.adopt_pool = std::make_unique<thread_pool>(1u);
   s.adopted_unverified += to_verify.size();
@@ -1152,6 +1155,184 @@ engine::adopt_report engine::adopt_resident(const persistence::resident_state& r
     tensorreg::log(s.log, log_level::info, "re-hashed {} adopted artifacts: {} dropped", items.size(), bad);
   });
   return report;
+}
+
+// `seg` as segments whose sources are not segmented_views: a lease's view reads through the
+// view of its storages (normalized: PAD as zero), which reads the memory. Gaps read as zero at
+// every level, so the pieces that cover nothing are simply left out. False when nested deeper
+// than a lease's views ever are.
+static bool flatten_segment(const memory::segment& seg, std::vector<memory::segment>& out, int depth = 0) {
+  const auto* inner = dynamic_cast<const memory::segmented_view*>(seg.source);
+  if (inner == nullptr) {
+    out.push_back(seg);
+    return true;
+  }
+  if (depth > 4) return false;
+  const std::uint64_t begin = seg.source_offset, end = seg.source_offset + seg.length;
+  for (const auto& s : inner->segments()) {
+    const auto lo = std::max(begin, s.offset), hi = std::min(end, s.offset + s.length);
+    if (lo >= hi) continue;
+    const memory::segment part{seg.offset + (lo - begin), hi - lo, s.source, s.source_offset + (lo - s.offset)};
+    if (!flatten_segment(part, out, depth + 1)) return false;
+  }
+  return true;
+}
+
+// Leases of client memfds (HOST_SHARED regions) travel with the stable entries: the lease's
+// segments, and a duplicate fd of each memfd they read. A lease over any other memory (device
+// memory, a client's mapped file) is left out, and its artifact goes with the old daemon.
+status engine::export_leases(persistence::resident_state& resident, std::vector<persistence::named_fd>& fds) const {
+  auto& s = *state_;
+  std::lock_guard lock(s.mutex);
+  const auto now = s.time.now();
+  for (const auto& summary : s.catalogue.list()) {
+    if (summary.leases == 0) continue;
+    const auto& id = summary.descriptor.artifact_id;
+    auto* a = s.catalogue.find(id);
+    if (a == nullptr || a->quiesced) continue;
+    for (const auto& [registration_id, l] : a->leases) {
+      if (!l.view.bytes || !l.view.device_allocations.empty()) continue;
+      if (l.expires && *l.expires <= now) continue;
+      persistence::resident_lease out;
+      std::map<const memory::byte_source*, std::uint32_t> source_index;
+      std::vector<const memory::shared_memory*> memfds;
+      std::vector<memory::segment> flat;
+      bool carried = true;
+      for (const auto& seg : l.view.bytes->segments()) carried = carried && flatten_segment(seg, flat);
+      for (const auto& seg : flat) {
+        if (!carried) break;
+        const auto* memfd = dynamic_cast<const memory::shared_memory*>(seg.source);
+        if (memfd == nullptr) {
+          carried = false;
+          break;
+        }
+        auto [at, added] = source_index.emplace(seg.source, static_cast<std::uint32_t>(memfds.size()));
+        if (added) memfds.push_back(memfd);
+        out.segments.push_back({seg.offset, seg.length, at->second, seg.source_offset});
+      }
+      if (!carried) {
+        tensorreg::log(s.log, log_level::info, "lease {} of artifact {} is not handed on: its memory is not a memfd",
+                       registration_id, id);
+        continue;
+      }
+      std::vector<persistence::named_fd> lease_fds;
+      for (std::size_t k = 0; k < memfds.size(); ++k) {
+        auto fd = memfds[k]->duplicate_fd();
+        if (!fd) return tl::unexpected(std::move(fd).error());
+        const auto name = persistence::lease_source_name(registration_id, k);
+        out.sources.push_back({name, memfds[k]->size()});
+        lease_fds.push_back(persistence::named_fd{name, std::move(*fd)});
+      }
+      auto& r = out.artifact.record;
+      const auto& d = a->descriptor;
+      r.artifact_id = d.artifact_id;
+      r.id_kind = std::string(identity::id_kind_name(d.id_kind));
+      r.index_multihash = d.index_multihash;
+      r.data_multihash = d.data_multihash;
+      r.schema_version = d.schema_version;
+      r.encoding = d.encoding;
+      r.total_size = d.total_size;
+      out.artifact.index = a->index;
+      out.artifact.fd_name = persistence::fd_name_of(id);
+      out.registration_id = registration_id;
+      out.owner_pid = l.owner_pid;
+      out.device_id = l.device_id;
+      out.epoch = l.epoch;
+      if (l.expires) {
+        out.ttl_left_ms = static_cast<std::uint64_t>(
+            std::max<std::int64_t>(1, std::chrono::duration_cast<milliseconds>(*l.expires - now).count()));
+      }
+      resident.leases.push_back(std::move(out));
+      for (auto& f : lease_fds) fds.push_back(std::move(f));
+    }
+  }
+  return {};
+}
+
+void engine::adopt_leases(const persistence::resident_state& resident, std::map<std::string, unique_fd>& by_name,
+                          adopt_report& report) {
+  auto& s = *state_;
+  for (const auto& l : resident.leases) {
+    const auto& id = l.artifact.record.artifact_id;
+    const auto refuse = [&](const std::string& why) {
+      report.refused.push_back("lease " + l.registration_id + " of " + id + ": " + why);
+      tensorreg::log(s.log, log_level::warn, "did not adopt lease {} of artifact {}: {}", l.registration_id, id, why);
+    };
+    std::vector<std::shared_ptr<const memory::byte_source>> sources;
+    std::string problem;
+    for (const auto& src : l.sources) {
+      unique_fd fd;
+      if (auto f = by_name.find(src.fd_name); f != by_name.end()) {
+        fd = std::move(f->second);
+        by_name.erase(f);
+      }
+      if (!fd) {
+        problem = "no fd arrived for its source " + src.fd_name;
+        break;
+      }
+      // Client memory: sealed against shrinking (as a region must be), not against writes.
+      auto mapped = memory::shared_memory::adopt_sealed(std::move(fd), src.size);
+      if (!mapped) {
+        problem = mapped.error().message;
+        break;
+      }
+      sources.push_back(std::make_shared<const memory::shared_memory>(std::move(*mapped)));
+    }
+    if (!problem.empty()) {
+      refuse(problem);
+      continue;
+    }
+    std::vector<memory::segment> segments;
+    for (const auto& seg : l.segments) {
+      segments.push_back({seg.offset, seg.length, sources[seg.source].get(), seg.source_offset});
+    }
+    auto view = memory::segmented_view::create(l.artifact.record.total_size, std::move(segments));
+    if (!view) {
+      refuse(view.error().message);
+      continue;
+    }
+    artifact_descriptor d;
+    d.artifact_id = id;
+    d.index_multihash = l.artifact.record.index_multihash;
+    d.data_multihash = l.artifact.record.data_multihash;
+    d.schema_version = l.artifact.record.schema_version;
+    d.encoding = l.artifact.record.encoding;
+    d.total_size = l.artifact.record.total_size;
+    d.id_kind = l.artifact.record.id_kind == "MI2" ? identity::id_kind::mi2 : identity::id_kind::cgid;
+    {
+      std::lock_guard lock(s.mutex);
+      if (s.catalogue.holds_registration(l.registration_id)) {
+        refuse("this daemon holds that registration already");
+        continue;
+      }
+      auto* held = s.catalogue.find(id);
+      if (held != nullptr && held->quiesced) {
+        refuse("the artifact is being deregistered");
+        continue;
+      }
+      auto& a = held != nullptr ? *held : s.catalogue.add(d, l.artifact.index);
+      detail::lease lease;
+      lease.registration_id = l.registration_id;
+      lease.owner_pid = l.owner_pid;
+      lease.device_id = l.device_id;
+      lease.epoch = l.epoch;
+      if (l.ttl_left_ms) lease.expires = s.time.now() + milliseconds(*l.ttl_left_ms);
+      lease.view.bytes = std::make_shared<const memory::segmented_view>(std::move(*view));
+      lease.view.keep_alive = std::move(sources);
+      s.catalogue.add_lease(a, std::move(lease));
+    }
+    // Its owner's exit releases it here too; an owner already gone is released now.
+    if (auto watched = s.watch_owner(l.owner_pid); !watched) {
+      {
+        std::lock_guard lock(s.mutex);
+        (void)s.catalogue.revoke(l.registration_id);
+        s.catalogue.erase_if_empty(id);
+      }
+      refuse("its owner pid " + std::to_string(l.owner_pid) + " cannot be watched: " + watched.error().message);
+      continue;
+    }
+    ++report.leases;
+  }
 }
 
 std::size_t engine::adopted_unverified() const { return state_->adopted_unverified.load(); }

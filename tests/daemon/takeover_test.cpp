@@ -219,6 +219,52 @@ TEST_CASE("tensorregd --takeover: 200 artifacts change daemons while 8 clients r
   CHECK(new_daemon->stop() == 0);
 }
 
+TEST_CASE("tensorregd --takeover: a lease of client memory is handed on under its registration id",
+          "[daemon][takeover][e2e]") {
+  temp_dir dir;
+  auto old_daemon = std::make_unique<daemon_process>();
+  const auto socket = old_daemon->socket_path();
+  auto c = tensorreg::client::connection::connect(socket);
+  REQUIRE(c);
+  auto bundle = model(dir.path(), 700, (std::size_t{5} << 20) + 16);
+  auto lease = c->register_lease(*bundle, 0);
+  REQUIRE(lease);
+  const auto id = lease->info().descriptor.artifact_id;
+  const auto registration = lease->info().registration_id;
+  // The successor persists what it adopted: the write checks that the leased bytes are the id's.
+  daemon_process successor(socket, {"--takeover", "--persist-dir", (dir.path() / "persist").string()}, true);
+  const auto old_exit = old_daemon->wait_exit();
+  REQUIRE(old_exit);
+  CHECK(*old_exit == 0);
+  CHECK_THAT(successor.output(), Catch::Contains("and 1 leases without a copy; refused 0"));
+  const auto lease_count = [&]() -> std::optional<std::uint32_t> {
+    auto listed = c->list();
+    REQUIRE(listed);
+    for (const auto& a : *listed) {
+      if (a.descriptor.artifact_id == id) return a.lease_count;
+    }
+    return std::nullopt;
+  };
+  CHECK(lease_count() == std::optional<std::uint32_t>(1));
+  auto raw = tensorreg::client::raw::connection::connect(socket);
+  REQUIRE(raw);
+  wire::Request start;
+  start.mutable_start_persistence()->set_artifact_id(id);
+  auto started = (*raw)->call(start);
+  REQUIRE(started);
+  wire::Request wait;
+  wait.mutable_wait_persistence_status()->set_task_id(started->response.start_persistence().task_id());
+  auto waited = (*raw)->call(wait);
+  REQUIRE(waited);
+  CHECK(waited->response.wait_persistence_status().status().state() ==
+        tensorcast::common::v1::PERSISTENCE_STATE_SUCCESS);
+  // Its holder still ends it by its registration id.
+  auto revoked = c->revoke_if_held(registration);
+  REQUIRE(revoked);
+  CHECK(*revoked);
+  CHECK(lease_count() != std::optional<std::uint32_t>(1));
+}
+
 TEST_CASE("tensorregd --takeover: a successor that fails hands nothing over and the old daemon serves on",
           "[daemon][takeover][e2e]") {
   temp_dir dir;

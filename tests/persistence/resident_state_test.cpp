@@ -59,7 +59,7 @@ TEST_CASE("resident state: an encoded state decodes to the same entries", "[pers
   b.record.cache.ttl_ms = 5000;
   b.record.cache.overflow = tensorreg::policy::overflow::spill;
   b.record.cache.required = true;
-  resident_state state{{a, b}};
+  resident_state state{{a, b}, {}};
   auto decoded = decode_resident_state(encode_resident_state(state));
   REQUIRE(decoded);
   REQUIRE(decoded->entries.size() == 2);
@@ -75,10 +75,47 @@ TEST_CASE("resident state: an encoded state decodes to the same entries", "[pers
   CHECK_FALSE(decoded->entries[0].persisted);
 }
 
+TEST_CASE("resident state: a lease decodes with its segments and sources", "[persistence][resident_state]") {
+  auto [a, bytes] = make_entry(8192, 8);
+  tensorreg::persistence::resident_lease l;
+  l.artifact = a;
+  l.registration_id = "reg_1";
+  l.owner_pid = 4321;
+  l.device_id = -1;
+  l.epoch = 7;
+  l.ttl_left_ms = 1500;
+  l.sources = {{tensorreg::persistence::lease_source_name("reg_1", 0), 16384}};
+  l.segments = {{0, 4096, 0, 100}, {4096, 4096, 0, 8192}};
+  resident_state state;
+  state.leases.push_back(l);
+  const auto encoded = encode_resident_state(state);
+  auto decoded = decode_resident_state(encoded);
+  REQUIRE(decoded);
+  REQUIRE(decoded->leases.size() == 1);
+  const auto& got = decoded->leases[0];
+  CHECK(got.artifact.record.artifact_id == a.record.artifact_id);
+  CHECK(got.registration_id == "reg_1");
+  CHECK(got.owner_pid == 4321);
+  CHECK(got.device_id == -1);
+  CHECK(got.epoch == 7);
+  CHECK(got.ttl_left_ms == std::optional<std::uint64_t>(1500));
+  REQUIRE(got.sources.size() == 1);
+  CHECK(got.sources[0].size == 16384);
+  REQUIRE(got.segments.size() == 2);
+  CHECK(got.segments[1].source_offset == 8192);
+  // A segment naming a source that is not there is refused.
+  state.leases[0].segments[1].source = 1;
+  auto bad = decode_resident_state(encode_resident_state(state));
+  REQUIRE_FALSE(bad);
+  CHECK(bad.error().code == errc::invalid_argument);
+  CHECK_THAT(bad.error().message, Catch::Contains("segment 1 names source 1 of 1"));
+  for (std::size_t n = 0; n < encoded.size(); ++n) CHECK_FALSE(decode_resident_state(encoded.substr(0, n)));
+}
+
 TEST_CASE("resident state: every truncation and a wrong version are INVALID_ARGUMENT",
           "[persistence][resident_state]") {
   auto [a, bytes] = make_entry(4096, 3);
-  const auto encoded = encode_resident_state(resident_state{{a}});
+  const auto encoded = encode_resident_state(resident_state{{a}, {}});
   for (std::size_t n = 0; n < encoded.size(); ++n) {
     auto decoded = decode_resident_state(std::string_view(encoded).substr(0, n));
     REQUIRE_FALSE(decoded);
@@ -101,7 +138,7 @@ TEST_CASE("resident state: an entry whose index does not hash to its id is refus
   auto [b, b_bytes] = make_entry(4096 * 2, 5);
   a.index = b.index;  // canonical, but another artifact's
   a.record.total_size = b.record.total_size;
-  auto decoded = decode_resident_state(encode_resident_state(resident_state{{a}}));
+  auto decoded = decode_resident_state(encode_resident_state(resident_state{{a}, {}}));
   REQUIRE_FALSE(decoded);
   CHECK(decoded.error().code == errc::invalid_argument);
   CHECK_THAT(decoded.error().message, Catch::Contains("its index does not hash to its id"));

@@ -54,8 +54,37 @@ struct resident_entry {
   std::string fd_name;
 };
 
+/// `length` bytes at `offset` of a lease's canonical buffer come from its source `source` at
+/// `source_offset`.
+struct resident_segment {
+  std::uint64_t offset = 0;
+  std::uint64_t length = 0;
+  std::uint32_t source = 0;  ///< an index into resident_lease::sources
+  std::uint64_t source_offset = 0;
+};
+
+/// A memfd of client memory a lease reads (a HOST_SHARED region's).
+struct resident_source {
+  std::string fd_name;  ///< lease_source_name()
+  std::uint64_t size = 0;
+};
+
+/// A lease-in-place of live client memory held in memfds (registration.md §4.4).
+struct resident_lease {
+  /// The artifact it holds: record and index (owner_uid, persisted unused).
+  resident_entry artifact;
+  std::string registration_id;
+  std::int32_t owner_pid = 0;
+  std::int32_t device_id = 0;
+  std::uint64_t epoch = 0;
+  std::optional<std::uint64_t> ttl_left_ms;  ///< nullopt: no expiry
+  std::vector<resident_segment> segments;
+  std::vector<resident_source> sources;
+};
+
 struct resident_state {
   std::vector<resident_entry> entries;  ///< most recently used first
+  std::vector<resident_lease> leases;
 };
 
 /// An fd with the name it travels under.
@@ -73,6 +102,10 @@ struct resident_export {
 /// The name an artifact's memfd travels under: "m-" and the first 40 hex digits of the SHA-256
 /// of its id. Stable, unique in practice, and a valid systemd FDNAME (no ':', at most 255).
 [[nodiscard]] std::string fd_name_of(std::string_view artifact_id);
+
+/// The name a lease's source `index` travels under: "l-", 32 hex digits of the SHA-256 of the
+/// registration id, "-" and the index.
+[[nodiscard]] std::string lease_source_name(std::string_view registration_id, std::size_t index);
 
 /// The binary layout of docs/architecture.md §14.3.
 [[nodiscard]] std::string encode_resident_state(const resident_state& state);
