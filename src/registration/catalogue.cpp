@@ -197,6 +197,7 @@ artifact& catalogue::add(const artifact_descriptor& d, std::shared_ptr<const ind
 }
 
 void catalogue::add_lease(artifact& a, lease l) {
+  ++lease_changes_;
   artifact_of_registration_[l.registration_id] = a.descriptor.artifact_id;
   auto id = l.registration_id;
   a.leases.emplace(std::move(id), std::move(l));
@@ -222,6 +223,7 @@ void catalogue::erase_if_empty(const std::string& artifact_id) {
 }
 
 void catalogue::end_lease(lease& l) {
+  ++lease_changes_;
   for (const auto& id : l.region_ids) (void)regions_.release(id);
   l.region_ids.clear();
 }

@@ -168,6 +168,9 @@ class catalogue {
   /// Counts the cache entry just created for `artifact_id` against `uid` (nothing when unset);
   /// it is uncounted when the entry is evicted or removed.
   void note_stable_entry(const std::string& artifact_id, std::optional<std::uint32_t> uid);
+  /// Leases added or ended since construction: with the stable cache's changes, what tells a
+  /// mirror of the resident state (the systemd fd store) to export again.
+  [[nodiscard]] std::uint64_t lease_changes() const noexcept { return lease_changes_; }
   /// The uid counted for the cache entry of `artifact_id`; nullopt when none is.
   [[nodiscard]] std::optional<std::uint32_t> stable_entry_uid(const std::string& artifact_id) const;
 
@@ -250,6 +253,7 @@ class catalogue {
   // that uses it; expired entries are pruned as the store grows and when looked up.
   mutable std::unordered_map<std::string, std::weak_ptr<const index::canonical_index>> index_store_;
   std::size_t index_store_pruned_at_ = 0;  // index_store_'s size after the last prune
+  std::uint64_t lease_changes_ = 0;
 };
 
 /// A read-only fd of the memfd holding `replica`, marked exported (never recycled).

@@ -1337,6 +1337,9 @@ void engine::adopt_leases(const persistence::resident_state& resident, std::map<
 
 std::size_t engine::adopted_unverified() const { return state_->adopted_unverified.load(); }
 
-std::uint64_t engine::resident_generation() const { return state_->catalogue.cache().stats().changes; }
+std::uint64_t engine::resident_generation() const {
+  std::lock_guard lock(state_->mutex);
+  return state_->catalogue.cache().stats().changes + state_->catalogue.lease_changes();
+}
 
 }  // namespace tensorreg::registration

@@ -425,9 +425,13 @@ TEST_CASE("tensorregd under a service manager: memfds in the fd store survive SI
   const auto socket = first->socket_path();
   std::map<std::string, std::pair<std::uint32_t, std::size_t>> held;
   std::string gone;
+  std::optional<tensorreg::client::lease> leased;  // a lease of this process's memfd travels too
   {
     auto c = tensorreg::client::connection::connect(socket);
     REQUIRE(c);
+    auto lease = c->register_lease(*model(dir.path(), 600, 4096), 0);
+    REQUIRE(lease);
+    leased.emplace(std::move(*lease));
     for (std::uint32_t i = 0; i < 4; ++i) {
       const auto size = (std::size_t{1} << 20) + 4 * i;
       auto put = c->put(*model(dir.path(), 500 + i, size));
@@ -447,7 +451,12 @@ TEST_CASE("tensorregd under a service manager: memfds in the fd store survive SI
     }
     return names;
   };
-  for (int i = 0; i < 500 && !(manager.ready && stored_memfds() == want); ++i) {
+  const auto stored_lease_memfds = [&] {
+    std::size_t n = 0;
+    for (const auto& [name, fd] : manager.stored) n += name.rfind("l-", 0) == 0 ? 1 : 0;
+    return n;
+  };
+  for (int i = 0; i < 500 && !(manager.ready && stored_memfds() == want && stored_lease_memfds() == 1); ++i) {
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
     manager.drain();
   }
@@ -468,7 +477,9 @@ TEST_CASE("tensorregd under a service manager: memfds in the fd store survive SI
     passed.names.push_back(name);
   }
   daemon_process second(socket, {}, passed);
-  CHECK_THAT(second.output(), Catch::Contains("adopted 3 stable DRAM entries"));
+  CHECK(stored_lease_memfds() == 1);
+  CHECK_THAT(second.output(), Catch::Contains("adopted 3 stable DRAM entries") &&
+                                  Catch::Contains("and 1 leases without a copy; refused 0"));
   auto c = tensorreg::client::connection::connect(socket);
   REQUIRE(c);
   for (const auto& [id, what] : held) {

@@ -246,8 +246,9 @@ class engine {
   /// How many adopted entries are still waiting for their background re-hash.
   [[nodiscard]] std::size_t adopted_unverified() const;
 
-  /// Changes each time an entry enters or leaves the stable DRAM cache, so that whoever mirrors
-  /// the resident state (the systemd fd store) knows when to export it again.
+  /// Changes each time an entry enters or leaves the stable DRAM cache or a lease begins or
+  /// ends, so that whoever mirrors the resident state (the systemd fd store) knows when to
+  /// export it again.
   [[nodiscard]] std::uint64_t resident_generation() const;
 
   // ---- ownership (DECISIONS §8) ----
