@@ -2,7 +2,8 @@
 //
 // Provides `resident_state`: the catalogue of the stable DRAM entries a daemon holds (each
 // artifact's descriptor, canonical index, cache policy, owner uid, whether the persist directory
-// holds it, and the name of the memfd holding its canonical bytes), its byte encoding (a
+// holds it, and the name of the memfd holding its canonical bytes) and of its leases of client
+// memfds (registration id, owner, segments, the names of the memfds), its byte encoding (a
 // versioned binary layout, docs/architecture.md §14.3), and the checks a receiver makes before
 // it maps a memfd it was handed. Both ways a daemon's memory outlives the daemon use it: the
 // takeover handoff (`tensorregd --takeover`: the catalogue and the memfds travel over
