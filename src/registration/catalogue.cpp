@@ -150,6 +150,12 @@ void catalogue::note_stable_entry(const std::string& artifact_id, std::optional<
   if (stable_entry_uid_.emplace(artifact_id, *uid).second) ++stable_entries_of_uid_[*uid];
 }
 
+std::optional<std::uint32_t> catalogue::stable_entry_uid(const std::string& artifact_id) const {
+  auto it = stable_entry_uid_.find(artifact_id);
+  if (it == stable_entry_uid_.end()) return std::nullopt;
+  return it->second;
+}
+
 void catalogue::forget_stable_entry(const std::string& artifact_id) {
   auto it = stable_entry_uid_.find(artifact_id);
   if (it == stable_entry_uid_.end()) return;
@@ -210,6 +216,7 @@ artifact& catalogue::add(const artifact_descriptor& d, std::shared_ptr<const ind
 }
 
 void catalogue::add_lease(artifact& a, lease l) {
+  ++lease_changes_;
   artifact_of_registration_[l.registration_id] = a.descriptor.artifact_id;
   auto id = l.registration_id;
   a.leases.emplace(std::move(id), std::move(l));
@@ -235,6 +242,7 @@ void catalogue::erase_if_empty(const std::string& artifact_id) {
 }
 
 void catalogue::end_lease(lease& l) {
+  ++lease_changes_;
   for (const auto& id : l.region_ids) (void)regions_.release(id);
   l.region_ids.clear();
 }

@@ -178,6 +178,11 @@ class catalogue {
   /// Counts the cache entry just created for `artifact_id` against `uid` (nothing when unset);
   /// it is uncounted when the entry is evicted or removed.
   void note_stable_entry(const std::string& artifact_id, std::optional<std::uint32_t> uid);
+  /// Leases added or ended since construction: with the stable cache's changes, what tells a
+  /// mirror of the resident state (the systemd fd store) to export again.
+  [[nodiscard]] std::uint64_t lease_changes() const noexcept { return lease_changes_; }
+  /// The uid counted for the cache entry of `artifact_id`; nullopt when none is.
+  [[nodiscard]] std::optional<std::uint32_t> stable_entry_uid(const std::string& artifact_id) const;
 
   // ---- holders by registration id ----
 
@@ -289,6 +294,7 @@ class catalogue {
   static constexpr std::size_t kept_hash_tombstones = 1024;
   std::map<std::string, std::shared_ptr<background_hash>> hash_tombstones_;
   std::vector<std::string> hash_tombstone_order_;
+  std::uint64_t lease_changes_ = 0;
 };
 
 /// A read-only fd of the memfd holding `replica`, marked exported (never recycled).

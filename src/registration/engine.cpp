@@ -29,6 +29,7 @@
 #include "tensorreg/devices/device_identity.hpp"
 #include "tensorreg/hash/multihash.hpp"
 #include "tensorreg/memory/shared_memory.hpp"
+#include "tensorreg/persistence/resident_state.hpp"
 
 namespace tensorreg::registration {
 namespace {
@@ -159,6 +160,9 @@ struct engine::state {
   std::mutex restore_mutex;                 // one restore at a time: a second waits and finds it
   // Declared last: destroyed first, while everything its jobs use is still there.
   std::unique_ptr<thread_pool> persist_pool;
+  // Re-hashes adopted entries (adopt_resident()); made on first use, destroyed before the rest.
+  std::unique_ptr<thread_pool> adopt_pool;
+  std::atomic<std::size_t> adopted_unverified{0};
 
   result<persistence::task_status> start_persistence(const std::string& id, std::optional<policy::cache_policy> cache);
   void run_persistence(const std::string& task_id, const std::string& id, std::optional<policy::cache_policy> cache);
@@ -1153,5 +1157,346 @@ result<persistence::task_status> engine::wait_persistence(const std::string& tas
   return state_->tasks.wait(task_id, timeout);
 }
 void engine::release_owner(std::int32_t owner_pid) { state_->release_owner(owner_pid); }
+
+// ---- Resident memory across restarts (docs/architecture.md §14.2) ----------------------------
+
+result<persistence::resident_export> engine::export_resident() const {
+  auto& s = *state_;
+  struct item {
+    persistence::resident_entry entry;
+    std::shared_ptr<const memory::byte_source> replica;
+  };
+  std::vector<item> items;
+  {
+    std::lock_guard lock(s.mutex);
+    const auto now = s.time.now();
+    for (auto& [id, replica] : s.catalogue.cache().entries()) {
+      // An artifact being deregistered is not handed on: its deregister ends with this daemon.
+      if (s.catalogue.state_of(id) != detail::artifact_state::held) continue;
+      auto summary = s.catalogue.get(id);
+      auto idx = s.catalogue.index_of(id);
+      auto info = s.catalogue.cache().info(id);
+      if (!summary || !idx || !info) continue;
+      item it;
+      auto& r = it.entry.record;
+      const auto& d = summary->descriptor;
+      r.artifact_id = d.artifact_id;
+      r.id_kind = std::string(identity::id_kind_name(d.id_kind));
+      r.index_multihash = d.index_multihash;
+      r.data_multihash = d.data_multihash;
+      r.schema_version = d.schema_version;
+      r.encoding = d.encoding;
+      r.total_size = d.total_size;
+      r.cache.retention = info->retention;
+      r.cache.overflow = info->overflow;
+      r.cache.required = info->required;
+      r.cache.require_shared_disk_for_spill = info->require_shared_disk_for_spill;
+      r.cache.require_remote_stable_for_spill = info->require_remote_stable_for_spill;
+      if (info->retention == policy::retention::ttl) {
+        // What is left of the TTL travels; a TTL already past makes the entry best effort.
+        const auto left = info->deadline ? std::chrono::duration_cast<milliseconds>(*info->deadline - now).count() : 0;
+        if (left > 0) {
+          r.cache.ttl_ms = static_cast<std::uint64_t>(left);
+        } else {
+          r.cache.retention = policy::retention::best_effort;
+        }
+      }
+      it.entry.index = std::move(*idx);
+      it.entry.owner_uid = s.catalogue.stable_entry_uid(id);
+      it.entry.fd_name = persistence::fd_name_of(id);
+      it.replica = std::move(replica);
+      items.push_back(std::move(it));
+    }
+  }
+  persistence::resident_state resident;
+  persistence::resident_export out;
+  TENSORREG_TRY(export_leases(resident, out.fds));
+  for (auto& it : items) {
+    auto fd = detail::export_replica_fd(it.replica, "cannot hand on " + it.entry.record.artifact_id);
+    if (!fd) {
+      if (fd.error().code == errc::resource_exhausted) return tl::unexpected(std::move(fd).error());
+      tensorreg::log(s.log, log_level::warn, "{}", fd.error().message);
+      continue;
+    }
+    it.entry.persisted = s.options.durable && s.options.durable->contains(it.entry.record.artifact_id);
+    out.fds.push_back(persistence::named_fd{it.entry.fd_name, std::move(*fd)});
+    resident.entries.push_back(std::move(it.entry));
+  }
+  out.state = persistence::encode_resident_state(resident);
+  return out;
+}
+
+engine::adopt_report engine::adopt_resident(const persistence::resident_state& resident,
+                                            std::vector<persistence::named_fd> fds) {
+  auto& s = *state_;
+  adopt_report report;
+  std::map<std::string, unique_fd> by_name;
+  for (auto& f : fds) by_name.try_emplace(f.name, std::move(f.fd));  // a second fd of a name is closed
+  struct adopted {
+    persistence::resident_entry entry;
+    std::shared_ptr<const memory::shared_memory> bytes;
+  };
+  std::vector<adopted> to_verify;
+  const auto refuse = [&](const std::string& id, const std::string& why) {
+    report.refused.push_back(id + ": " + why);
+    tensorreg::log(s.log, log_level::warn, "did not adopt artifact {}: {}", id, why);
+  };
+  // Least recently used first, so that the most recently used ends most recently used here too.
+  for (auto e = resident.entries.rbegin(); e != resident.entries.rend(); ++e) {
+    const auto& id = e->record.artifact_id;
+    unique_fd fd;
+    if (auto f = by_name.find(e->fd_name); f != by_name.end()) {
+      fd = std::move(f->second);
+      by_name.erase(f);
+    }
+    auto mapped = persistence::map_handed_memfd(*e, std::move(fd));
+    if (!mapped) {
+      refuse(id, mapped.error().message);
+      continue;
+    }
+    artifact_descriptor d;
+    d.artifact_id = id;
+    d.index_multihash = e->record.index_multihash;
+    d.data_multihash = e->record.data_multihash;
+    d.schema_version = e->record.schema_version;
+    d.encoding = e->record.encoding;
+    d.total_size = e->record.total_size;
+    d.id_kind = e->record.id_kind == "MI2" ? identity::id_kind::mi2 : identity::id_kind::cgid;
+    {
+      std::lock_guard lock(s.mutex);
+      if (s.catalogue.cache().contains(id)) {
+        refuse(id, "this daemon holds it already");
+        continue;
+      }
+      auto admitted = s.catalogue.cache().admit(id, d.total_size, *mapped, e->record.cache);
+      if (!admitted || !admitted->admitted) {
+        refuse(id, admitted ? admitted->skip_reason : admitted.error().message);
+        continue;
+      }
+      s.catalogue.add(d, e->index);
+      s.catalogue.note_stable_entry(id, e->owner_uid);
+    }
+    ++report.adopted;
+    report.adopted_bytes += d.total_size;
+    to_verify.push_back(adopted{*e, std::move(*mapped)});
+  }
+  adopt_leases(resident, by_name, report);
+  for (const auto& [name, fd] : by_name) {
+    tensorreg::log(s.log, log_level::debug, "closed handed-over fd '{}': no entry names it", name);
+  }
+  tensorreg::log(s.log, log_level::info,
+                 "adopted {} stable DRAM entries ({} bytes) and {} leases without a copy; refused {}", report.adopted,
+                 report.adopted_bytes, report.leases, report.refused.size());
+  if (to_verify.empty()) return report;
+  if (!s.adopt_pool) s.adopt_pool = std::make_unique<thread_pool>(1u);
+  s.adopted_unverified += to_verify.size();
+  s.adopt_pool->submit([&s, items = std::move(to_verify)] {
+    std::size_t bad = 0;
+    for (const auto& a : items) {
+      auto checked = persistence::verify_resident_bytes(a.entry, *a.bytes, &s.persist_cancel);
+      --s.adopted_unverified;
+      if (checked || checked.error().code == errc::cancelled) continue;
+      ++bad;
+      const auto& id = a.entry.record.artifact_id;
+      {
+        std::lock_guard lock(s.mutex);
+        // Only the adopted replica goes: a later put of the same id holds bytes checked at commit.
+        if (s.catalogue.cache().lookup(id) == a.bytes) {
+          s.catalogue.cache().remove(id);
+          s.catalogue.erase_if_empty(id);
+        }
+      }
+      tensorreg::log(s.log, log_level::error, "dropped adopted artifact {}: {}: {}", id,
+                     errc_name(checked.error().code), checked.error().message);
+    }
+    tensorreg::log(s.log, log_level::info, "re-hashed {} adopted artifacts: {} dropped", items.size(), bad);
+  });
+  return report;
+}
+
+// `seg` as segments whose sources are not segmented_views: a lease's view reads through the
+// view of its storages (normalized: PAD as zero), which reads the memory. Gaps read as zero at
+// every level, so the pieces that cover nothing are simply left out. False when nested deeper
+// than a lease's views ever are.
+static bool flatten_segment(const memory::segment& seg, std::vector<memory::segment>& out, int depth = 0) {
+  const auto* inner = dynamic_cast<const memory::segmented_view*>(seg.source);
+  if (inner == nullptr) {
+    out.push_back(seg);
+    return true;
+  }
+  if (depth > 4) return false;
+  const std::uint64_t begin = seg.source_offset, end = seg.source_offset + seg.length;
+  for (const auto& s : inner->segments()) {
+    const auto lo = std::max(begin, s.offset), hi = std::min(end, s.offset + s.length);
+    if (lo >= hi) continue;
+    const memory::segment part{seg.offset + (lo - begin), hi - lo, s.source, s.source_offset + (lo - s.offset)};
+    if (!flatten_segment(part, out, depth + 1)) return false;
+  }
+  return true;
+}
+
+// Leases of client memfds (HOST_SHARED regions) travel with the stable entries: the lease's
+// segments, and a duplicate fd of each memfd they read. A lease over any other memory (device
+// memory, a client's mapped file) is left out, and its artifact goes with the old daemon.
+status engine::export_leases(persistence::resident_state& resident, std::vector<persistence::named_fd>& fds) const {
+  auto& s = *state_;
+  std::lock_guard lock(s.mutex);
+  const auto now = s.time.now();
+  for (const auto& summary : s.catalogue.list()) {
+    if (summary.leases == 0) continue;
+    const auto& id = summary.descriptor.artifact_id;
+    auto* a = s.catalogue.find(id);
+    if (a == nullptr || a->quiesced) continue;
+    for (const auto& [registration_id, l] : a->leases) {
+      if (!l.view.bytes || !l.view.device_allocations.empty()) continue;
+      if (l.expires && *l.expires <= now) continue;
+      persistence::resident_lease out;
+      std::map<const memory::byte_source*, std::uint32_t> source_index;
+      std::vector<const memory::shared_memory*> memfds;
+      std::vector<memory::segment> flat;
+      bool carried = true;
+      for (const auto& seg : l.view.bytes->segments()) carried = carried && flatten_segment(seg, flat);
+      for (const auto& seg : flat) {
+        if (!carried) break;
+        const auto* memfd = dynamic_cast<const memory::shared_memory*>(seg.source);
+        if (memfd == nullptr) {
+          carried = false;
+          break;
+        }
+        auto [at, added] = source_index.emplace(seg.source, static_cast<std::uint32_t>(memfds.size()));
+        if (added) memfds.push_back(memfd);
+        out.segments.push_back({seg.offset, seg.length, at->second, seg.source_offset});
+      }
+      if (!carried) {
+        tensorreg::log(s.log, log_level::info, "lease {} of artifact {} is not handed on: its memory is not a memfd",
+                       registration_id, id);
+        continue;
+      }
+      std::vector<persistence::named_fd> lease_fds;
+      for (std::size_t k = 0; k < memfds.size(); ++k) {
+        auto fd = memfds[k]->duplicate_fd();
+        if (!fd) return tl::unexpected(std::move(fd).error());
+        const auto name = persistence::lease_source_name(registration_id, k);
+        out.sources.push_back({name, memfds[k]->size()});
+        lease_fds.push_back(persistence::named_fd{name, std::move(*fd)});
+      }
+      auto& r = out.artifact.record;
+      const auto& d = a->descriptor;
+      r.artifact_id = d.artifact_id;
+      r.id_kind = std::string(identity::id_kind_name(d.id_kind));
+      r.index_multihash = d.index_multihash;
+      r.data_multihash = d.data_multihash;
+      r.schema_version = d.schema_version;
+      r.encoding = d.encoding;
+      r.total_size = d.total_size;
+      out.artifact.index = a->index;
+      out.artifact.fd_name = persistence::fd_name_of(id);
+      out.registration_id = registration_id;
+      out.owner_pid = l.owner_pid;
+      out.device_id = l.device_id;
+      out.epoch = l.epoch;
+      if (l.expires) {
+        out.ttl_left_ms = static_cast<std::uint64_t>(
+            std::max<std::int64_t>(1, std::chrono::duration_cast<milliseconds>(*l.expires - now).count()));
+      }
+      resident.leases.push_back(std::move(out));
+      for (auto& f : lease_fds) fds.push_back(std::move(f));
+    }
+  }
+  return {};
+}
+
+void engine::adopt_leases(const persistence::resident_state& resident, std::map<std::string, unique_fd>& by_name,
+                          adopt_report& report) {
+  auto& s = *state_;
+  for (const auto& l : resident.leases) {
+    const auto& id = l.artifact.record.artifact_id;
+    const auto refuse = [&](const std::string& why) {
+      report.refused.push_back("lease " + l.registration_id + " of " + id + ": " + why);
+      tensorreg::log(s.log, log_level::warn, "did not adopt lease {} of artifact {}: {}", l.registration_id, id, why);
+    };
+    std::vector<std::shared_ptr<const memory::byte_source>> sources;
+    std::string problem;
+    for (const auto& src : l.sources) {
+      unique_fd fd;
+      if (auto f = by_name.find(src.fd_name); f != by_name.end()) {
+        fd = std::move(f->second);
+        by_name.erase(f);
+      }
+      if (!fd) {
+        problem = "no fd arrived for its source " + src.fd_name;
+        break;
+      }
+      // Client memory: sealed against shrinking (as a region must be), not against writes.
+      auto mapped = memory::shared_memory::adopt_sealed(std::move(fd), src.size);
+      if (!mapped) {
+        problem = mapped.error().message;
+        break;
+      }
+      sources.push_back(std::make_shared<const memory::shared_memory>(std::move(*mapped)));
+    }
+    if (!problem.empty()) {
+      refuse(problem);
+      continue;
+    }
+    std::vector<memory::segment> segments;
+    for (const auto& seg : l.segments) {
+      segments.push_back({seg.offset, seg.length, sources[seg.source].get(), seg.source_offset});
+    }
+    auto view = memory::segmented_view::create(l.artifact.record.total_size, std::move(segments));
+    if (!view) {
+      refuse(view.error().message);
+      continue;
+    }
+    artifact_descriptor d;
+    d.artifact_id = id;
+    d.index_multihash = l.artifact.record.index_multihash;
+    d.data_multihash = l.artifact.record.data_multihash;
+    d.schema_version = l.artifact.record.schema_version;
+    d.encoding = l.artifact.record.encoding;
+    d.total_size = l.artifact.record.total_size;
+    d.id_kind = l.artifact.record.id_kind == "MI2" ? identity::id_kind::mi2 : identity::id_kind::cgid;
+    {
+      std::lock_guard lock(s.mutex);
+      if (s.catalogue.holds_registration(l.registration_id)) {
+        refuse("this daemon holds that registration already");
+        continue;
+      }
+      auto* held = s.catalogue.find(id);
+      if (held != nullptr && held->quiesced) {
+        refuse("the artifact is being deregistered");
+        continue;
+      }
+      auto& a = held != nullptr ? *held : s.catalogue.add(d, l.artifact.index);
+      detail::lease lease;
+      lease.registration_id = l.registration_id;
+      lease.owner_pid = l.owner_pid;
+      lease.device_id = l.device_id;
+      lease.epoch = l.epoch;
+      if (l.ttl_left_ms) lease.expires = s.time.now() + milliseconds(*l.ttl_left_ms);
+      lease.view.bytes = std::make_shared<const memory::segmented_view>(std::move(*view));
+      lease.view.keep_alive = std::move(sources);
+      s.catalogue.add_lease(a, std::move(lease));
+    }
+    // Its owner's exit releases it here too; an owner already gone is released now.
+    if (auto watched = s.watch_owner(l.owner_pid); !watched) {
+      {
+        std::lock_guard lock(s.mutex);
+        (void)s.catalogue.revoke(l.registration_id);
+        s.catalogue.erase_if_empty(id);
+      }
+      refuse("its owner pid " + std::to_string(l.owner_pid) + " cannot be watched: " + watched.error().message);
+      continue;
+    }
+    ++report.leases;
+  }
+}
+
+std::size_t engine::adopted_unverified() const { return state_->adopted_unverified.load(); }
+
+std::uint64_t engine::resident_generation() const {
+  std::lock_guard lock(state_->mutex);
+  return state_->catalogue.cache().stats().changes + state_->catalogue.lease_changes();
+}
 
 }  // namespace tensorreg::registration

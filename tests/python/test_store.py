@@ -5,6 +5,7 @@ puts, register (lease-in-place) with keepalive and revoke, errors, and ids that 
 import gc
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -320,6 +321,89 @@ class StoreTest(unittest.TestCase):
             self.assertIn("pending_registrations", store.stats())
         finally:
             store.close()
+            other.stop()
+
+    def test_an_idempotent_call_cut_off_is_retried_once_and_others_are_not(self):
+        import socket
+        import struct
+
+        from tensorreg import _messages, _wire
+        d = tempfile.mkdtemp(prefix="tensorreg-py-fake-")
+        path = os.path.join(d, "fake.sock")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(path)
+        listener.listen(8)
+        seen = []
+
+        def read_request(conn):
+            n = struct.unpack("<I", conn.recv(4, socket.MSG_WAITALL))[0]
+            request = _messages.Request()
+            request.ParseFromString(conn.recv(n, socket.MSG_WAITALL))
+            seen.append(request.WhichOneof("body"))
+            return request
+
+        def serve():
+            first, _ = listener.accept()
+            read_request(first)
+            first.close()  # cut off: no answer (a daemon handing over, or dying)
+            second, _ = listener.accept()
+            request = read_request(second)
+            answer = _messages.Response()
+            answer.request_id = request.request_id
+            answer.get_stats.SetInParent()
+            payload = answer.SerializeToString()
+            second.sendall(struct.pack("<I", len(payload)) + payload)
+            read_request(second)
+            second.close()  # cut off again, under a call that changes things
+
+        server = threading.Thread(target=serve)
+        server.start()
+        conn = _wire.Connection(path)
+        try:
+            stats = _messages.Request()
+            stats.get_stats.SetInParent()
+            response, _ = conn.call(stats)
+            self.assertEqual(response.WhichOneof("body"), "get_stats")
+            begin = _messages.Request()
+            begin.begin_register_artifact.SetInParent()
+            with self.assertRaises(tensorreg.Unavailable) as ctx:
+                conn.call(begin)
+            self.assertIn("begin_register_artifact is not idempotent and was not retried: it may or may not have "
+                          "taken effect", ctx.exception.message)
+        finally:
+            conn.close()
+            server.join()
+            listener.close()
+            shutil.rmtree(d, ignore_errors=True)
+        self.assertEqual(seen, ["get_stats", "get_stats", "begin_register_artifact"])
+
+    def test_a_takeover_keeps_the_artifacts_and_a_get_reconnects(self):
+        other = _support.Daemon()
+        store = tensorreg.Store(other.socket)
+        successor = None
+        try:
+            sd = sample_state_dict(7)
+            art = store.put(sd)
+            successor = subprocess.Popen([_support.PATHS["daemon"], "--socket", other.socket, "--takeover",
+                                          "--log-level", "warn"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                         text=True)
+            seen = []
+            while True:
+                line = successor.stdout.readline()
+                seen.append(line)
+                if "ready" in line or not line:
+                    break
+            self.assertIn("ready", "".join(seen))
+            threading.Thread(target=successor.stdout.read, daemon=True).start()
+            self.assertEqual(other.proc.wait(timeout=10), 0)  # the old daemon handed over and left
+            got = store.get(art.artifact_id)
+            for name, t in sd.items():
+                self.assertTrue(torch.equal(got[name], t), name)
+        finally:
+            store.close()
+            if successor is not None and successor.poll() is None:
+                successor.terminate()
+                successor.wait(timeout=10)
             other.stop()
 
     # ---- identity ----
