@@ -1,5 +1,6 @@
 #include "server.hpp"
 
+#include <sched.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -46,6 +47,27 @@ struct log_exception {
     }
   }
 };
+
+// Gives the calling thread, the I/O thread, its turn ahead of busy threads (server_options::
+// io_rt_priority, io_nice). Both are per thread on Linux: the pools, made earlier, keep theirs.
+void schedule_io_thread(const server_options& o, logger& log) {
+  if (o.io_rt_priority > 0) {
+    sched_param param{};
+    param.sched_priority =
+        std::clamp(o.io_rt_priority, ::sched_get_priority_min(SCHED_FIFO), ::sched_get_priority_max(SCHED_FIFO));
+    // SCHED_RESET_ON_FORK: a thread this one starts later runs fair-share again, at nice 0.
+    if (::sched_setscheduler(0, SCHED_FIFO | SCHED_RESET_ON_FORK, &param) == 0) {
+      tensorreg::log(log, log_level::debug, "the I/O thread runs SCHED_FIFO at priority {}", param.sched_priority);
+      return;
+    }
+    tensorreg::log(log, log_level::debug, "the I/O thread cannot run SCHED_FIFO at priority {}: {}; asking nice {}",
+                   param.sched_priority, std::strerror(errno), o.io_nice);
+  }
+  if (o.io_nice != 0 && ::setpriority(PRIO_PROCESS, static_cast<id_t>(::gettid()), o.io_nice) != 0) {
+    tensorreg::log(log, log_level::debug, "the I/O thread keeps its nice value (asked {}): {}", o.io_nice,
+                   std::strerror(errno));
+  }
+}
 
 }  // namespace
 
@@ -517,11 +539,7 @@ std::size_t server::run() {
     if (!ec) i.shutdown();
   });
   asio::co_spawn(i.io, i.accept_loop(), log_exception{&i.log, "the accept loop"});
-  // Per thread on Linux: only this thread, the I/O thread, changes; threads made later inherit it.
-  if (i.options.io_nice != 0 && ::setpriority(PRIO_PROCESS, static_cast<id_t>(::gettid()), i.options.io_nice) != 0) {
-    tensorreg::log(i.log, log_level::debug, "the I/O thread keeps its nice value (asked {}): {}", i.options.io_nice,
-                   std::strerror(errno));
-  }
+  schedule_io_thread(i.options, i.log);
   i.io.run();
   i.workers.join();
   i.control.join();

@@ -63,8 +63,16 @@ struct server_options {
   unsigned workers = 0;
   /// Threads for control requests (GetStats, List, KeepAlive, Abort, Revoke, …); at least 1.
   unsigned control_workers = 2;
-  /// Nice value asked for the I/O thread, which answers GetStats and KeepAlive itself and reads
-  /// and writes every frame, so that it runs ahead of busy clients and workers on a loaded host.
+  /// Real-time priority (SCHED_FIFO, 1-99) asked for the I/O thread, which answers GetStats and
+  /// KeepAlive itself and reads and writes every frame: a fair-share thread, even at nice -10,
+  /// waits for its turn behind the busy threads of a loaded host each time a frame arrives,
+  /// while a SCHED_FIFO one runs at once. Its work per wake-up is small and bounded (no hashing,
+  /// copying or waiting; DECISIONS §4), so it cannot keep a core from the rest of the host.
+  /// Needs CAP_SYS_NICE (or RLIMIT_RTPRIO): when refused, the thread gets io_nice instead and
+  /// the refusal is logged at debug. Threads the I/O thread starts later do not inherit it.
+  /// 0 = fair-share scheduling only.
+  int io_rt_priority = 1;
+  /// Nice value asked for the I/O thread when it does not run SCHED_FIFO (see io_rt_priority).
   /// Lowering a nice value needs CAP_SYS_NICE (or RLIMIT_NICE): without it the thread keeps its
   /// nice value and the refusal is logged at debug. 0 = leave it.
   int io_nice = -10;
