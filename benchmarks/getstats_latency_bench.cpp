@@ -75,6 +75,7 @@ constexpr const char* kUsage =
     "usage: getstats_latency_bench [TENSORREGD] [--clients N] [--seconds S] [--samples N]\n"
     "                              [--large-mib N] [--release-mib N] [--release-runs N] [--no-release]\n"
     "                              [--load-in-process] [--daemon-cpus L] [--load-cpus L] [--probe-cpus L]\n"
+    "                              [--daemon-args S]\n"
     "  TENSORREGD         the daemon binary (default: env TENSORREGD)\n"
     "  --clients N        loading clients, one connection each (default 64)\n"
     "  --seconds S        how long GetStats is timed under load (default 10)\n"
@@ -88,6 +89,7 @@ constexpr const char* kUsage =
     "  --daemon-cpus L    pin the daemon to CPU list L (e.g. 0-3,8; default: no pinning)\n"
     "  --load-cpus L      pin the loading clients to CPU list L\n"
     "  --probe-cpus L     pin the timing process (and the release runs' child) to CPU list L\n"
+    "  --daemon-args S    more arguments for the daemon, split at spaces (e.g. '--io-rt-priority 0')\n"
     "internal: --load-only --socket PATH --dir DIR [--clients N]: the loading child\n";
 
 struct options {
@@ -101,6 +103,7 @@ struct options {
   bool release = true;
   bool load_in_process = false;
   std::string daemon_cpus, load_cpus, probe_cpus;
+  std::vector<std::string> daemon_args;
   // The loading child (--load-only).
   bool load_only = false;
   std::string socket;
@@ -221,8 +224,14 @@ std::unique_ptr<tensorreg::index::safetensors_bundle> open_bundle(const fs::path
 // The daemon as a child process on a socket of its own, its metrics on a loopback port.
 class daemon_child {
  public:
-  daemon_child(const std::string& binary, const fs::path& dir, const std::string& cpus)
+  daemon_child(const std::string& binary, const fs::path& dir, const std::string& cpus,
+               const std::vector<std::string>& extra_args)
       : socket_((dir / "run" / "tensorregd.sock").string()) {
+    std::vector<std::string> args{binary, "--socket", socket_, "--metrics-addr", "127.0.0.1:0"};
+    args.insert(args.end(), extra_args.begin(), extra_args.end());
+    std::vector<char*> argv;
+    for (auto& a : args) argv.push_back(a.data());
+    argv.push_back(nullptr);
     int out[2];
     if (::pipe(out) != 0) std::exit(1);
     pid_ = ::fork();
@@ -233,8 +242,7 @@ class daemon_child {
       if (log >= 0) ::dup2(log, 2);
       ::dup2(out[1], 1);
       ::close(out[0]);
-      ::execl(binary.c_str(), binary.c_str(), "--socket", socket_.c_str(), "--metrics-addr", "127.0.0.1:0",
-              static_cast<char*>(nullptr));
+      ::execv(binary.c_str(), argv.data());
       std::_Exit(127);
     }
     ::close(out[1]);
@@ -567,6 +575,15 @@ bool parse(int argc, char** argv, options& o) {
       std::exit(0);
     } else if (a == "--no-release") {
       o.release = false;
+    } else if (a == "--daemon-args") {
+      const char* v = next();
+      if (v == nullptr) return false;
+      const std::string text = v;
+      for (std::size_t at = 0; at < text.size();) {
+        const auto space = std::min(text.find(' ', at), text.size());
+        if (space > at) o.daemon_args.push_back(text.substr(at, space - at));
+        at = space + 1;
+      }
     } else if (a == "--load-in-process") {
       o.load_in_process = true;
     } else if (a == "--load-only") {
@@ -646,7 +663,7 @@ int main(int argc, char** argv) {
   load_report counts;
   double load_seconds = 0;
   {
-    daemon_child daemon(o.daemon, dir, o.daemon_cpus);
+    daemon_child daemon(o.daemon, dir, o.daemon_cpus, o.daemon_args);
     pin_to(o.probe_cpus);
     auto probe = connect_or_exit(daemon.socket());
 

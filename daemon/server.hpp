@@ -28,7 +28,8 @@
 //
 // Logging: connections accepted and closed (peer pid, uid) at debug; connections refused over
 // max_sessions and bad frames at warn; an exception that ends a session at error; idle and
-// stalled connections closed at info; accepting paused for lack of fds at warn.
+// stalled connections closed at info; accepting paused for lack of fds at warn; the I/O
+// thread's scheduling (io_rt_priority, or why not) at debug.
 //
 // Thread-safety: create() and run() from one thread; stop() from any thread.
 // asio appears only in server.cpp (which also holds the session class), never in a header.
