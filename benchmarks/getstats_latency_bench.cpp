@@ -75,7 +75,7 @@ constexpr const char* kUsage =
     "usage: getstats_latency_bench [TENSORREGD] [--clients N] [--seconds S] [--samples N]\n"
     "                              [--large-mib N] [--release-mib N] [--release-runs N] [--no-release]\n"
     "                              [--load-in-process] [--daemon-cpus L] [--load-cpus L] [--probe-cpus L]\n"
-    "                              [--daemon-args S]\n"
+    "                              [--daemon-args S] [--own-sessions]\n"
     "  TENSORREGD         the daemon binary (default: env TENSORREGD)\n"
     "  --clients N        loading clients, one connection each (default 64)\n"
     "  --seconds S        how long GetStats is timed under load (default 10)\n"
@@ -89,6 +89,9 @@ constexpr const char* kUsage =
     "  --daemon-cpus L    pin the daemon to CPU list L (e.g. 0-3,8; default: no pinning)\n"
     "  --load-cpus L      pin the loading clients to CPU list L\n"
     "  --probe-cpus L     pin the timing process (and the release runs' child) to CPU list L\n"
+    "  --own-sessions     run the daemon, the loading child and the timing process each in a\n"
+    "                     session of its own (setsid), as a service, jobs and a monitor are:\n"
+    "                     with autogroup scheduling each session shares the CPU as one group\n"
     "  --daemon-args S    more arguments for the daemon, split at spaces (e.g. '--io-rt-priority 0')\n"
     "internal: --load-only --socket PATH --dir DIR [--clients N]: the loading child\n";
 
@@ -102,6 +105,7 @@ struct options {
   unsigned release_runs = 5;
   bool release = true;
   bool load_in_process = false;
+  bool own_sessions = false;
   std::string daemon_cpus, load_cpus, probe_cpus;
   std::vector<std::string> daemon_args;
   // The loading child (--load-only).
@@ -225,7 +229,7 @@ std::unique_ptr<tensorreg::index::safetensors_bundle> open_bundle(const fs::path
 class daemon_child {
  public:
   daemon_child(const std::string& binary, const fs::path& dir, const std::string& cpus,
-               const std::vector<std::string>& extra_args)
+               const std::vector<std::string>& extra_args, bool own_session)
       : socket_((dir / "run" / "tensorregd.sock").string()) {
     std::vector<std::string> args{binary, "--socket", socket_, "--metrics-addr", "127.0.0.1:0"};
     args.insert(args.end(), extra_args.begin(), extra_args.end());
@@ -236,6 +240,7 @@ class daemon_child {
     if (::pipe(out) != 0) std::exit(1);
     pid_ = ::fork();
     if (pid_ == 0) {
+      if (own_session) (void)::setsid();
       pin_to(cpus);
       // Its log goes to a file next to the socket: the bench's output stays the measurements.
       const int log = ::open((dir / "tensorregd.log").c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
@@ -491,6 +496,7 @@ class load_process {
     const std::string clients = std::to_string(o.clients);
     pid_ = ::fork();
     if (pid_ == 0) {
+      if (o.own_sessions) (void)::setsid();
       pin_to(o.load_cpus);
       ::dup2(to_child[0], 0);
       ::dup2(from_child[1], 1);
@@ -584,6 +590,8 @@ bool parse(int argc, char** argv, options& o) {
         if (space > at) o.daemon_args.push_back(text.substr(at, space - at));
         at = space + 1;
       }
+    } else if (a == "--own-sessions") {
+      o.own_sessions = true;
     } else if (a == "--load-in-process") {
       o.load_in_process = true;
     } else if (a == "--load-only") {
@@ -644,6 +652,17 @@ int main(int argc, char** argv) {
   }
   if (o.load_only) return run_load_only(o);
   (void)started_on();
+  if (o.own_sessions) {
+    // A process group leader (as a shell starts us) cannot make a session: a child measures.
+    const pid_t child = ::fork();
+    if (child < 0) return 1;
+    if (child > 0) {
+      int status = 0;
+      ::waitpid(child, &status, 0);
+      return WIFEXITED(status) ? WEXITSTATUS(status) : 1;
+    }
+    (void)::setsid();
+  }
   char tmpl[] = "/tmp/getstats-bench-XXXXXX";
   if (::mkdtemp(tmpl) == nullptr) return 1;
   const fs::path dir = tmpl;
@@ -663,7 +682,7 @@ int main(int argc, char** argv) {
   load_report counts;
   double load_seconds = 0;
   {
-    daemon_child daemon(o.daemon, dir, o.daemon_cpus, o.daemon_args);
+    daemon_child daemon(o.daemon, dir, o.daemon_cpus, o.daemon_args, o.own_sessions);
     pin_to(o.probe_cpus);
     auto probe = connect_or_exit(daemon.socket());
 
@@ -772,7 +791,8 @@ int main(int argc, char** argv) {
   std::error_code ignored;
   fs::remove_all(dir, ignored);
 
-  fmt::print("\nload: {} ({} clients); daemon clock placed to +/- {:.3f} ms by the idle samples\n",
+  fmt::print("\nsessions: {}\n", o.own_sessions ? "daemon, load and timing process each in its own" : "one for all");
+  fmt::print("load: {} ({} clients); daemon clock placed to +/- {:.3f} ms by the idle samples\n",
              o.load_in_process ? "threads of the timing process" : "a separate process", o.clients,
              clock.uncertainty());
   fmt::print("GetStats round trip (ms)         p50      p99      max   samples\n");
