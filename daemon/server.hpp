@@ -8,8 +8,10 @@
 // a few table reads, are answered on the I/O thread itself. Each session keeps
 // reading frames while earlier ones are in flight (docs/wire-format.md §5): it hands each to
 // its lane as it arrives, keeps a Feed stream's frames in order, and writes each answer when
-// it is ready, one whole frame at a time. Past max_in_flight_per_connection requests in flight
-// it stops reading until one is answered (backpressure: the client's writes block).
+// it is ready, one whole frame at a time; answers made on the pools come back to the I/O thread
+// through an eventfd, so that a pool thread never wakes it while holding a lock it needs. Past
+// max_in_flight_per_connection requests in flight it stops reading until one is answered
+// (backpressure: the client's writes block).
 //
 // Binding (create(), through listen_unix() of unix_socket.hpp): the socket directory must be
 // ours and 0700 (made so when missing), the socket is 0660 from the start; a live daemon
@@ -89,7 +91,7 @@ class server {
   /// Binds and listens. Errors: FAILED_PRECONDITION (another tensorregd is live on the path,
   /// an unsafe socket directory, something other than a socket at the path),
   /// INVALID_ARGUMENT (path too long), UNAVAILABLE / PERMISSION_DENIED (cannot create the
-  /// directory or bind).
+  /// directory or bind), RESOURCE_EXHAUSTED (no fd left for its eventfd).
   [[nodiscard]] static result<std::unique_ptr<server>> create(server_options options, dispatcher& dispatch);
 
   ~server();
