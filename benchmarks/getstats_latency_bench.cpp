@@ -52,13 +52,16 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <map>
 #include <mutex>
 #include <optional>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "bench_support.hpp"
 #include "client/raw_connection.hpp"
 #include "client/wire_convert.hpp"
 #include "tensorreg/client/connection.hpp"
@@ -277,6 +280,7 @@ class daemon_child {
   daemon_child& operator=(const daemon_child&) = delete;
   [[nodiscard]] const std::string& socket() const noexcept { return socket_; }
   [[nodiscard]] int metrics_port() const noexcept { return metrics_port_; }
+  [[nodiscard]] pid_t pid() const noexcept { return pid_; }
 
  private:
   std::string socket_;
@@ -284,6 +288,21 @@ class daemon_child {
   int out_ = -1;
   int metrics_port_ = 0;
 };
+
+// CPU seconds (user + system) process `pid` has used so far; 0 when it cannot be read.
+double cpu_seconds_of(pid_t pid) {
+  std::ifstream in(fmt::format("/proc/{}/stat", pid));
+  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  const auto close = text.rfind(')');  // the name may hold spaces; the fields follow it
+  if (close == std::string::npos) return 0;
+  std::istringstream fields(text.substr(close + 2));
+  std::string field;
+  double ticks = 0;
+  for (int i = 3; fields >> field && i <= 15; ++i) {
+    if (i == 14 || i == 15) ticks += std::atof(field.c_str());  // utime, stime
+  }
+  return ticks / static_cast<double>(::sysconf(_SC_CLK_TCK));
+}
 
 // The daemon's GetStats handling times so far: its tensorreg_rpc_duration_seconds buckets
 // (cumulative counts by upper bound) for method GetStats, code OK. Empty when not scraped.
@@ -521,6 +540,8 @@ class load_process {
   load_process(const load_process&) = delete;
   load_process& operator=(const load_process&) = delete;
 
+  [[nodiscard]] pid_t pid() const noexcept { return pid_; }
+
   // Ends the load (stdin closes) and returns what it completed.
   load_report stop() {
     ::close(stop_fd_);
@@ -681,6 +702,7 @@ int main(int argc, char** argv) {
   unsigned finished_before_kill = 0;
   load_report counts;
   double load_seconds = 0;
+  double daemon_cpu = 0, load_cpu = 0;  // CPU seconds used while GetStats was timed under load
   {
     daemon_child daemon(o.daemon, dir, o.daemon_cpus, o.daemon_args, o.own_sessions);
     pin_to(o.probe_cpus);
@@ -706,6 +728,11 @@ int main(int argc, char** argv) {
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(500));  // let every client get going
     const auto buckets_before = scrape_getstats_buckets(daemon.metrics_port());
+    // In-process load: this process's CPU, the timing thread's share included.
+    const auto load_cpu_now = [&] {
+      return child ? cpu_seconds_of(child->pid()) : tensorreg::bench::process_cpu_seconds();
+    };
+    const double daemon_cpu_before = cpu_seconds_of(daemon.pid()), load_cpu_before = load_cpu_now();
     std::vector<sample> samples;
     std::vector<double> late;
     const auto load_start = clock_type::now();
@@ -718,6 +745,8 @@ int main(int argc, char** argv) {
       late.push_back(std::max(0.0, ms_since(slept) - 2.0));
     }
     load_seconds = ms_since(load_start) / 1000;
+    daemon_cpu = cpu_seconds_of(daemon.pid()) - daemon_cpu_before;
+    load_cpu = load_cpu_now() - load_cpu_before;
     const auto buckets_after = scrape_getstats_buckets(daemon.metrics_port());
     if (threads) {
       threads->stop();
@@ -816,6 +845,9 @@ int main(int argc, char** argv) {
              loaded.p99 <= 5.0 ? "met" : "NOT met");
   fmt::print("load in {:.1f} s: {} small puts, {} large puts ({} MiB), {} leases, {} aborts, {} errors\n", load_seconds,
              counts.puts, counts.large_puts, o.large_mib, counts.leases, counts.aborts, counts.errors);
+  const double cpu = daemon_cpu + load_cpu;
+  fmt::print("CPU while timed: daemon {:.2f} s, load {:.2f} s; {:.0f} small puts per CPU second of the two\n",
+             daemon_cpu, load_cpu, cpu > 0 ? static_cast<double>(counts.puts) / cpu : 0.0);
   if (!counts.first_error.empty()) fmt::print("first error: {}\n", counts.first_error);
   if (o.release) {
     const auto r = percentiles_of(releases);
