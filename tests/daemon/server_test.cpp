@@ -15,6 +15,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <filesystem>
@@ -344,5 +345,46 @@ TEST_CASE("server: with --io-rt-priority 0 the I/O thread stays fair-share, at n
   } else {
     CHECK(nice == ::getpriority(PRIO_PROCESS, 0));
     CHECK_THAT(d.output(), Catch::Contains("the I/O thread keeps its nice value (asked -10)"));
+  }
+}
+
+TEST_CASE("server: answers finished on the pools together all reach their connections", "[daemon][server]") {
+  // Work (Commit) and control (List) requests of four connections, pipelined up to the in-flight
+  // limit, finish on the pools at about the same time: each answer must come back to its own
+  // connection once, with its own id and status.
+  daemon_process d;
+  constexpr int kConnections = 4;
+  constexpr std::uint64_t kPerConnection = 64;
+  std::vector<unique_fd> fds;
+  for (int c = 0; c < kConnections; ++c) {
+    auto fd = connect_unix(d.socket_path());
+    REQUIRE(fd);
+    fds.push_back(std::move(*fd));
+  }
+  for (std::uint64_t id = 1; id <= kPerConnection; ++id) {
+    for (auto& fd : fds) {
+      send_request(fd.get(),
+                   id % 2 == 0 ? with_id(wc::commit_request("reg_nobody_began"), id) : with_id(wc::list_request(), id));
+    }
+  }
+  for (auto& fd : fds) {
+    answer_reader answers(fd.get());
+    std::vector<int> seen(kPerConnection + 1, 0);
+    for (std::uint64_t n = 0; n < kPerConnection; ++n) {
+      auto a = answers.next();
+      REQUIRE(a);
+      const auto id = a->request_id();
+      REQUIRE((id >= 1 && id <= kPerConnection));
+      ++seen[id];
+      if (id % 2 == 0) {
+        CHECK(a->status().code() == static_cast<int>(errc::not_found));
+        CHECK_THAT(a->status().message(), Catch::Contains("reg_nobody_began"));
+      } else {
+        CHECK(a->status().code() == 0);
+        CHECK(a->has_list_artifacts());
+      }
+    }
+    CHECK(std::count(seen.begin() + 1, seen.end(), 1) == static_cast<long>(kPerConnection));
+    CHECK_FALSE(readable(fd.get()));  // nothing more: no answer came twice
   }
 }
