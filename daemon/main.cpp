@@ -74,6 +74,8 @@ constexpr const char* kUsage =
     "  --workers N              request worker threads (default: 4 per core, at least 16)\n"
     "  --max-in-flight N        most requests of one connection in flight; past it the daemon\n"
     "                           reads no more of that connection's frames (default 64)\n"
+    "  --io-rt-priority N       SCHED_FIFO priority of the I/O thread (1-99) when the daemon may\n"
+    "                           set one (CAP_SYS_NICE), else nice -10; 0 = fair share (default 1)\n"
     "  --log-level LEVEL        trace|debug|info|warn|error|off (default info; debug: each RPC)\n"
     "  --trust-client-pids      accept owner_pid other than the peer's from root or our uid\n"
     "  --takeover               take over the daemon serving --socket: its stable DRAM cache and\n"
@@ -98,6 +100,7 @@ struct options {
   std::size_t max_stable_entries_per_uid = 4096;
   unsigned workers = 0;
   std::size_t max_in_flight = 64;
+  int io_rt_priority = 1;
   tensorreg::log_level log_level = tensorreg::log_level::info;
   bool trust_client_pids = false;
   bool takeover = false;
@@ -166,6 +169,12 @@ int parse_options(const std::vector<std::string>& args, options& o) {
       if (v == nullptr) return bad(a + " needs a value");
       if (!parse_number(*v, o.persist_threads) || o.persist_threads == 0) {
         return bad(a + " needs a positive number, got '" + *v + "'");
+      }
+    } else if (a == "--io-rt-priority") {
+      const auto* v = value();
+      if (v == nullptr) return bad(a + " needs a value");
+      if (!parse_number(*v, o.io_rt_priority) || o.io_rt_priority < 0 || o.io_rt_priority > 99) {
+        return bad(a + " needs a number from 0 to 99, got '" + *v + "'");
       }
     } else if (a == "--stable-bytes" || a == "--replica-pool-bytes" || a == "--max-frame-bytes" ||
                a == "--max-sessions" || a == "--workers" || a == "--max-in-flight") {
@@ -309,6 +318,7 @@ int serve(const options& o, tensorreg::logger& log) {
   so.frame_timeout = std::chrono::milliseconds(o.frame_timeout_ms);
   so.workers = o.workers;
   so.max_in_flight_per_connection = o.max_in_flight;
+  so.io_rt_priority = o.io_rt_priority;
   so.log = &log;
   // The predecessor's memory (a takeover), else what a service manager kept through a crash.
   auto stored = handed ? tensorreg::daemon::stored_fds{} : tensorreg::daemon::take_stored_fds();
