@@ -75,7 +75,8 @@ void daemon_process::start(std::vector<std::string> extra_args, bool expect_read
   if (!expect_ready) return;
   const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(10);
   while (std::chrono::steady_clock::now() < give_up) {
-    if (output().find("ready") != std::string::npos) return;
+    // The daemon's own line, not any word that contains "ready" ("already …" in an error).
+    if (output().find("tensorregd: ready on ") != std::string::npos) return;
     int status = 0;
     if (::waitpid(pid_, &status, WNOHANG) == pid_) {
       pid_ = -1;
