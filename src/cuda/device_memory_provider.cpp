@@ -605,7 +605,10 @@ std::optional<result<registration::host_copy>> device_memory_provider::copy_to_h
   const int device = runs->device;
   const auto site = devices::choose_site(
       forced_site(state_->opts.placement), pool.size() + 1, [device] { return detail::measured_speeds(device); },
-      [&](const devices::hash_speeds& s) { return devices::plan_copy(s, size, want_digest); });
+      [&](const devices::hash_speeds& s) {
+        const bool ready = state_->replicas && state_->replicas->holds(size);
+        return devices::plan_copy(s, size, want_digest, ready);
+      });
   if (site != devices::hash_site::gpu) return std::nullopt;
   const detail::snapshot_hasher hasher = [this, device](const void* ptr, std::uint64_t bytes, stream_view stream) {
     return hash_on_device(*state_, device, ptr, bytes, stream);
