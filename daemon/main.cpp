@@ -71,6 +71,9 @@ constexpr const char* kUsage =
     "                           reads no more of that connection's frames (default 64)\n"
     "  --log-level LEVEL        trace|debug|info|warn|error|off (default info; debug: each RPC)\n"
     "  --trust-client-pids      accept owner_pid other than the peer's from root or our uid\n"
+    "  --no-warm-start          do not ready the GPUs (context, hash kernels, placement speeds,\n"
+    "                           pinned buffers) before the ready line; the first GPU commit\n"
+    "                           then pays for it\n"
     "  --version                print the version and exit\n";
 
 struct options {
@@ -93,6 +96,7 @@ struct options {
   std::size_t max_in_flight = 64;
   tensorreg::log_level log_level = tensorreg::log_level::info;
   bool trust_client_pids = false;
+  bool warm_start = true;
 };
 
 template <typename T>
@@ -125,6 +129,8 @@ int parse_options(const std::vector<std::string>& args, options& o) {
       o.metrics_addr = *v;
     } else if (a == "--trust-client-pids") {
       o.trust_client_pids = true;
+    } else if (a == "--no-warm-start") {
+      o.warm_start = false;
     } else if (a == "--socket" || a == "--persist-dir" || a == "--log-level") {
       const auto* v = value();
       if (v == nullptr) return bad(a + " needs a value");
@@ -253,6 +259,17 @@ int serve(const options& o, tensorreg::logger& log) {
   tensorreg::cuda::device_memory_provider::options device_options;
   if (o.replica_pool_bytes) device_options.replica_pool_bytes = *o.replica_pool_bytes;
   if (auto devices = tensorreg::cuda::device_memory_provider::create(device_options)) {
+    // Before the ready line, so that the first GPU commit costs what later ones do.
+    if (o.warm_start) {
+      const auto t0 = std::chrono::steady_clock::now();
+      if (auto warm = (*devices)->warm_up(); !warm) {
+        tensorreg::log(log, log_level::warn, "cannot warm up the GPUs (they warm on first use): {}",
+                       warm.error().message);
+      } else {
+        tensorreg::log(log, log_level::info, "warmed up {} GPU(s) in {:.0f} ms", (*devices)->device_count(),
+                       std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+      }
+    }
     eo.devices = std::move(*devices);
   } else {
     tensorreg::log(log, log_level::warn, "running without GPU memory: {}", devices.error().message);

@@ -42,6 +42,19 @@ struct provider_state {
   device_memory_provider::options opts;
   int devices = 0;
   std::atomic<std::uint64_t> device_hashes{0};
+  // Cumulative driver work, for GetStats: a client that keeps its regions makes neither grow.
+  std::atomic<std::uint64_t> ipc_opens{0};
+  std::atomic<std::uint64_t> vmm_imports{0};
+  // Each device's stream for snapshots (snapshot_to_device), made on first use; one snapshot per
+  // device at a time (the copy is bound by the device's memory bandwidth, not by its issue).
+  struct snapshot_lane {
+    std::mutex mutex;
+    cudaStream_t stream = nullptr;
+    ~snapshot_lane() {
+      if (stream != nullptr) check_release(cudaStreamDestroy(stream), "destroy a snapshot stream");
+    }
+  };
+  std::vector<std::unique_ptr<snapshot_lane>> lanes;  // by device, sized at create()
   // One GPU tree hasher per device, reused (its scratch grows once); one hash at a time on each
   // device, and devices hash concurrently (a multi-GPU host hashes every GPU's artifacts at once).
   struct device_hasher {
@@ -304,7 +317,10 @@ result<std::shared_ptr<device_memory_provider>> device_memory_provider::create(o
     state->replicas = devices::replica_pool::create(state->opts.replica_pool_bytes);
   state->devices = count;
   state->free_staging.resize(static_cast<std::size_t>(count));
-  for (int d = 0; d < count; ++d) state->hashers.push_back(std::make_unique<detail::provider_state::device_hasher>());
+  for (int d = 0; d < count; ++d) {
+    state->hashers.push_back(std::make_unique<detail::provider_state::device_hasher>());
+    state->lanes.push_back(std::make_unique<detail::provider_state::snapshot_lane>());
+  }
   // Driver entry points through the runtime, so nothing links libcuda.so: a binary built with
   // CUDA still starts on a machine without the driver (and then runs with no GPU).
   if (!detail::find_driver_entry(state->get_address_range, "cuMemGetAddressRange", 3020)) {
@@ -426,6 +442,7 @@ result<std::shared_ptr<const memory::byte_source>> device_memory_provider::open_
     return close_and_fail(errc::out_of_range, what() + ": the allocation holds " + std::to_string(size) +
                                                   " bytes, fewer than the " + std::to_string(min_bytes) + " needed");
   }
+  st.ipc_opens.fetch_add(1, std::memory_order_relaxed);
   auto mapping = std::make_shared<const detail::ipc_mapping>(state_, key, ptr, size, device_id);
   {
     std::lock_guard lock(st.cache_mutex);
@@ -456,6 +473,7 @@ result<registration::device_buffer> device_memory_provider::allocate(std::int32_
   registration::device_buffer out;
   out.bytes = std::move(owned);
   out.ipc_handle.assign(reinterpret_cast<const char*>(&handle), sizeof handle);
+  out.device_id = device_id;
   return out;
 }
 
@@ -488,6 +506,7 @@ result<std::shared_ptr<const memory::byte_source>> device_memory_provider::impor
   TENSORREG_TRY_ASSIGN(auto imported,
                        detail::vmm_import::create(st.vmm, device_id, fds, chunk_bytes, granularity, what));
   lock.unlock();
+  st.vmm_imports.fetch_add(1, std::memory_order_relaxed);
   return std::shared_ptr<const memory::byte_source>(
       std::make_shared<const detail::vmm_mapping>(state_, std::move(imported), device_id));
 }
@@ -619,6 +638,150 @@ std::optional<result<registration::host_copy>> device_memory_provider::copy_to_h
   if (!copy && copy.error().code == errc::resource_exhausted) return std::nullopt;  // host fallback
   if (copy && want_digest) state_->device_hashes.fetch_add(1, std::memory_order_relaxed);
   return copy;
+}
+
+namespace {
+
+// Runs that continue each other in both the canonical buffer and device memory are one copy: a
+// caching allocator's neighbours often are, and every copy issued costs the driver time.
+std::vector<detail::device_range> merged(std::vector<detail::device_range> runs) {
+  std::vector<detail::device_range> out;
+  out.reserve(runs.size());
+  for (const auto& r : runs) {
+    if (!out.empty() && out.back().dst + out.back().length == r.dst && out.back().src + out.back().length == r.src) {
+      out.back().length += r.length;
+      continue;
+    }
+    out.push_back(r);
+  }
+  return out;
+}
+
+// Issues the copies of `runs` into `to` on `stream`, as one batch where the runtime and driver
+// have cudaMemcpyBatchAsync (CUDA 12.8+), else one cudaMemcpyAsync each; the gaps are zeroed.
+status issue_snapshot(std::byte* to, std::uint64_t size, const std::vector<detail::device_range>& runs, int device,
+                      cudaStream_t stream) {
+  std::uint64_t at = 0;
+  for (const auto& r : runs) {
+    if (r.dst > at) TENSORREG_CUDA_TRY(cudaMemsetAsync(to + at, 0, r.dst - at, stream), "zero a snapshot gap");
+    at = r.dst + r.length;
+  }
+  if (at < size) TENSORREG_CUDA_TRY(cudaMemsetAsync(to + at, 0, size - at, stream), "zero a snapshot gap");
+  if (runs.empty()) return {};
+#if CUDART_VERSION >= 12080
+  if (runs.size() > 1) {
+    std::vector<void*> dsts;
+    std::vector<const void*> srcs;
+    std::vector<std::size_t> sizes;
+    dsts.reserve(runs.size());
+    srcs.reserve(runs.size());
+    sizes.reserve(runs.size());
+    for (const auto& r : runs) {
+      dsts.push_back(to + r.dst);
+      srcs.push_back(r.src);
+      sizes.push_back(static_cast<std::size_t>(r.length));
+    }
+    cudaMemcpyAttributes attrs{};
+    attrs.srcAccessOrder = cudaMemcpySrcAccessOrderStream;
+    attrs.srcLocHint.type = cudaMemLocationTypeDevice;
+    attrs.srcLocHint.id = device;
+    attrs.dstLocHint = attrs.srcLocHint;
+    std::size_t first = 0;
+#if CUDART_VERSION >= 13000
+    const cudaError_t e =
+        cudaMemcpyBatchAsync(dsts.data(), srcs.data(), sizes.data(), runs.size(), &attrs, &first, 1, stream);
+#else
+    std::size_t failed_at = 0;
+    const cudaError_t e = cudaMemcpyBatchAsync(dsts.data(), const_cast<void**>(srcs.data()), sizes.data(), runs.size(),
+                                               &attrs, &first, 1, &failed_at, stream);
+#endif
+    if (e == cudaSuccess) return {};
+    // An older driver: copy one run at a time below. Nothing of the batch was enqueued.
+    static_cast<void>(cudaGetLastError());
+  }
+#else
+  (void)device;
+#endif
+  for (const auto& r : runs) {
+    TENSORREG_CUDA_TRY(cudaMemcpyAsync(to + r.dst, r.src, r.length, cudaMemcpyDeviceToDevice, stream),
+                       "snapshot device memory");
+  }
+  return {};
+}
+
+}  // namespace
+
+std::optional<result<registration::device_buffer>> device_memory_provider::snapshot_to_device(
+    const memory::byte_source& source) {
+  auto runs = gather(source);
+  if (!runs) return std::nullopt;
+  const int device = runs->device;
+  const std::uint64_t size = source.size();
+  auto& st = *state_;
+  auto run = [&]() -> result<registration::device_buffer> {
+    TENSORREG_TRY_ASSIGN(auto guard, detail::device_guard::create(device));
+    (void)guard;
+    void* ptr = nullptr;
+    TENSORREG_CUDA_TRY(cudaMalloc(&ptr, size), "allocate a " + std::to_string(size) +
+                                                   "-byte snapshot buffer on device " + std::to_string(device));
+    // Owned from here: an error below frees it.
+    auto owned = std::make_shared<const detail::owned_device_buffer>(state_, ptr, size, device);
+    {
+      auto& lane = *st.lanes.at(static_cast<std::size_t>(device));
+      std::lock_guard lock(lane.mutex);
+      if (lane.stream == nullptr) {
+        TENSORREG_CUDA_TRY(cudaStreamCreateWithFlags(&lane.stream, cudaStreamNonBlocking), "create a snapshot stream");
+      }
+      TENSORREG_TRY(
+          issue_snapshot(static_cast<std::byte*>(ptr), size, merged(std::move(runs->ranges)), device, lane.stream));
+      TENSORREG_CUDA_TRY(cudaStreamSynchronize(lane.stream), "snapshot device memory");
+    }
+    cudaIpcMemHandle_t handle{};
+    TENSORREG_CUDA_TRY(cudaIpcGetMemHandle(&handle, ptr), "export a snapshot buffer as a CUDA IPC handle");
+    registration::device_buffer out;
+    out.bytes = std::move(owned);
+    out.ipc_handle.assign(reinterpret_cast<const char*>(&handle), sizeof handle);
+    out.device_id = device;
+    return out;
+  };
+  return run();
+}
+
+std::uint64_t device_memory_provider::ipc_opens() const { return state_->ipc_opens.load(std::memory_order_relaxed); }
+
+std::uint64_t device_memory_provider::vmm_imports() const {
+  return state_->vmm_imports.load(std::memory_order_relaxed);
+}
+
+status device_memory_provider::warm_up() {
+  auto& st = *state_;
+  for (int device = 0; device < st.devices; ++device) {
+    TENSORREG_TRY_ASSIGN(auto guard, detail::device_guard::create(device));
+    (void)guard;
+    // The context (cudaFree(0) creates the primary context without allocating).
+    TENSORREG_CUDA_TRY(cudaFree(nullptr), "start CUDA on device " + std::to_string(device));
+    // The placement's speeds, measured now rather than in the first commit that asks.
+    if (!forced_site(st.opts.placement)) TENSORREG_TRY(detail::measured_speeds(device));
+    // The hasher (kernels loaded, first scratch) with a small hash, as a commit would run it.
+    constexpr std::uint64_t probe_bytes = std::uint64_t{1} << 20;
+    void* probe = nullptr;
+    TENSORREG_CUDA_TRY(cudaMalloc(&probe, probe_bytes), "allocate a warm-up buffer");
+    struct freer {
+      void* p;
+      ~freer() { detail::check_release(cudaFree(p), "free a warm-up buffer"); }
+    } free_probe{probe};
+    TENSORREG_CUDA_TRY(cudaMemset(probe, 0, probe_bytes), "clear a warm-up buffer");
+    TENSORREG_TRY(hash_on_device(st, device, probe, probe_bytes, {}));
+    // A pinned staging buffer for visit() (pinned memory is slow to allocate) and the snapshot stream.
+    TENSORREG_TRY_ASSIGN(auto staging, st.acquire(device));
+    st.give_back(std::move(staging));
+    auto& lane = *st.lanes.at(static_cast<std::size_t>(device));
+    std::lock_guard lock(lane.mutex);
+    if (lane.stream == nullptr) {
+      TENSORREG_CUDA_TRY(cudaStreamCreateWithFlags(&lane.stream, cudaStreamNonBlocking), "create a snapshot stream");
+    }
+  }
+  return {};
 }
 
 std::uint64_t device_memory_provider::device_hashes() const noexcept {
