@@ -1,17 +1,17 @@
 #include "registration/plans/snapshot.hpp"
 
-#include <algorithm>
-#include <cstring>
 #include <memory>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "tensorreg/memory/shared_memory.hpp"
+#include "tensorreg/metrics/registry.hpp"
 
 namespace tensorreg::registration::detail {
 namespace {
 
-// Bytes one pool index copies on the host path: large enough that the visit's per-call work is
+// Bytes one pool index copies on the host path: large enough that a visit's per-call work is
 // noise, small enough that every thread gets a share of a few hundred MiB.
 constexpr std::uint64_t host_piece_bytes = std::uint64_t{64} << 20;
 
@@ -28,21 +28,12 @@ result<lip_view> view_over(std::shared_ptr<const memory::byte_source> copy) {
 
 result<lip_view> host_snapshot(const memory::segmented_view& leased, thread_pool& pool) {
   const std::uint64_t size = leased.size();
-  TENSORREG_TRY_ASSIGN(auto memfd,
-                       memory::shared_memory::create(std::max<std::uint64_t>(size, 1), "tensorreg-snapshot"));
-  const auto to = memfd.mutable_bytes();
-  const std::size_t pieces = static_cast<std::size_t>((size + host_piece_bytes - 1) / host_piece_bytes);
-  TENSORREG_TRY(pool.parallel_for(pieces, [&](std::size_t i) -> status {
-    const std::uint64_t at = static_cast<std::uint64_t>(i) * host_piece_bytes;
-    std::uint64_t written = at;
-    return leased.visit(at, std::min(host_piece_bytes, size - at), [&](std::span<const std::byte> piece) -> status {
-      std::memcpy(to.data() + written, piece.data(), piece.size());
-      written += piece.size();
-      return {};
-    });
-  }));
+  TENSORREG_TRY_ASSIGN(auto memfd, memory::shared_memory::create(size, "tensorreg-snapshot"));
+  TENSORREG_TRY(memory::copy_in_chunks(leased, memfd.mutable_bytes(), host_piece_bytes, pool,
+                                       [](std::size_t, std::uint64_t, std::uint64_t) {}));
   // Readers may get its fd (GetArtifactMemfd): nobody may change the bytes the id describes.
-  TENSORREG_TRY(memfd.seal_against_writes());
+  TENSORREG_TRY(memfd.seal_read_only());
+  metrics::process_counters().bytes_copied.add(size);
   return view_over(std::make_shared<const memory::shared_memory>(std::move(memfd)));
 }
 
@@ -53,6 +44,7 @@ result<lip_view> snapshot_view(const memory::segmented_view& leased, device_memo
     if (auto copied = devices->snapshot_to_device(leased)) {
       if (!*copied) return tl::unexpected(with_context(std::move(*copied).error(), "cannot snapshot the lease"));
       auto buffer = std::move(**copied);
+      metrics::process_counters().bytes_copied.add(leased.size());
       const memory::byte_source* key = buffer.bytes.get();
       TENSORREG_TRY_ASSIGN(auto view, view_over(buffer.bytes));
       view.device_allocations.emplace(
