@@ -48,6 +48,8 @@ constexpr const char* kUsage =
     "  --stable-bytes N         stable DRAM cache budget in bytes (0 = unlimited; default 0)\n"
     "  --replica-pool-bytes N   idle page-locked replica memory kept for fast GPU puts, beyond\n"
     "                           the stable budget (0 = none; default min(16 GiB, RAM / 8))\n"
+    "  --snapshot-spare-bytes N largest snapshot lease after which the next one's device buffer\n"
+    "                           is allocated ahead (one spare per GPU; default 0 = none)\n"
     "  --persist-dir DIR        keep persisted artifacts here (created 0700; must be ours, 0700, not\n"
     "                           a symbolic link); without it StartPersistence is refused\n"
     "  --persist-threads N      persistence writes at once (default 2)\n"
@@ -83,6 +85,7 @@ struct options {
   unsigned persist_threads = 2;
   std::uint64_t stable_bytes = 0;
   std::optional<std::uint64_t> replica_pool_bytes;  // unset: the provider's default
+  std::uint64_t snapshot_spare_bytes = 0;
   std::uint32_t max_frame_bytes = 64u << 20;
   std::size_t max_sessions = 1024;
   std::size_t max_sessions_per_uid = 256;
@@ -163,16 +166,17 @@ int parse_options(const std::vector<std::string>& args, options& o) {
       if (!parse_number(*v, o.persist_threads) || o.persist_threads == 0) {
         return bad(a + " needs a positive number, got '" + *v + "'");
       }
-    } else if (a == "--stable-bytes" || a == "--replica-pool-bytes" || a == "--max-frame-bytes" ||
-               a == "--max-sessions" || a == "--workers" || a == "--max-in-flight") {
+    } else if (a == "--stable-bytes" || a == "--replica-pool-bytes" || a == "--snapshot-spare-bytes" ||
+               a == "--max-frame-bytes" || a == "--max-sessions" || a == "--workers" || a == "--max-in-flight") {
       const auto* v = value();
       if (v == nullptr) return bad(a + " needs a value");
-      bool ok = a == "--stable-bytes"         ? parse_number(*v, o.stable_bytes)
-                : a == "--replica-pool-bytes" ? parse_number(*v, o.replica_pool_bytes.emplace())
-                : a == "--max-frame-bytes"    ? parse_number(*v, o.max_frame_bytes) && o.max_frame_bytes > 0
-                : a == "--max-sessions"       ? parse_number(*v, o.max_sessions) && o.max_sessions > 0
-                : a == "--max-in-flight"      ? parse_number(*v, o.max_in_flight) && o.max_in_flight > 0
-                                              : parse_number(*v, o.workers);
+      bool ok = a == "--stable-bytes"           ? parse_number(*v, o.stable_bytes)
+                : a == "--replica-pool-bytes"   ? parse_number(*v, o.replica_pool_bytes.emplace())
+                : a == "--snapshot-spare-bytes" ? parse_number(*v, o.snapshot_spare_bytes)
+                : a == "--max-frame-bytes"      ? parse_number(*v, o.max_frame_bytes) && o.max_frame_bytes > 0
+                : a == "--max-sessions"         ? parse_number(*v, o.max_sessions) && o.max_sessions > 0
+                : a == "--max-in-flight"        ? parse_number(*v, o.max_in_flight) && o.max_in_flight > 0
+                                                : parse_number(*v, o.workers);
       if (!ok) return bad(a + " needs a positive number, got '" + *v + "'");
     } else {
       return bad("unknown option '" + a + "'");
@@ -258,6 +262,7 @@ int serve(const options& o, tensorreg::logger& log) {
   // GPU memory when a device is present; otherwise CUDA-only requests fail FAILED_PRECONDITION.
   tensorreg::cuda::device_memory_provider::options device_options;
   if (o.replica_pool_bytes) device_options.replica_pool_bytes = *o.replica_pool_bytes;
+  device_options.snapshot_spare_bytes = o.snapshot_spare_bytes;
   if (auto devices = tensorreg::cuda::device_memory_provider::create(device_options)) {
     // Before the ready line, so that the first GPU commit costs what later ones do.
     if (o.warm_start) {

@@ -9,6 +9,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstring>
+#include <future>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -50,7 +51,20 @@ struct provider_state {
   struct snapshot_lane {
     std::mutex mutex;
     cudaStream_t stream = nullptr;
+    // The next snapshot's buffer, being allocated on another thread (options::
+    // snapshot_spare_bytes): spare_bytes long, null when its cudaMalloc failed. Never exported
+    // before a snapshot takes it, so no reader can have seen it.
+    std::future<void*> spare;
+    std::uint64_t spare_bytes = 0;
+    int device = 0;
     ~snapshot_lane() {
+      if (spare.valid()) {
+        void* p = spare.get();
+        if (p != nullptr) {
+          release_device_guard guard(device);
+          check_release(cudaFree(p), "free a spare snapshot buffer");
+        }
+      }
       if (stream != nullptr) check_release(cudaStreamDestroy(stream), "destroy a snapshot stream");
     }
   };
@@ -320,6 +334,7 @@ result<std::shared_ptr<device_memory_provider>> device_memory_provider::create(o
   for (int d = 0; d < count; ++d) {
     state->hashers.push_back(std::make_unique<detail::provider_state::device_hasher>());
     state->lanes.push_back(std::make_unique<detail::provider_state::snapshot_lane>());
+    state->lanes.back()->device = d;
   }
   // Driver entry points through the runtime, so nothing links libcuda.so: a binary built with
   // CUDA still starts on a machine without the driver (and then runs with no GPU).
@@ -721,21 +736,44 @@ std::optional<result<registration::device_buffer>> device_memory_provider::snaps
   auto run = [&]() -> result<registration::device_buffer> {
     TENSORREG_TRY_ASSIGN(auto guard, detail::device_guard::create(device));
     (void)guard;
+    auto& lane = *st.lanes.at(static_cast<std::size_t>(device));
+    std::lock_guard lock(lane.mutex);
     void* ptr = nullptr;
-    TENSORREG_CUDA_TRY(cudaMalloc(&ptr, size), "allocate a " + std::to_string(size) +
-                                                   "-byte snapshot buffer on device " + std::to_string(device));
+    if (lane.spare.valid()) {
+      void* spare = lane.spare.get();  // waits for it when it is still being made
+      if (lane.spare_bytes == size) {
+        ptr = spare;
+      } else if (spare != nullptr) {
+        detail::check_release(cudaFree(spare), "free a spare snapshot buffer of another size");
+      }
+    }
+    if (ptr == nullptr) {
+      TENSORREG_CUDA_TRY(cudaMalloc(&ptr, size), "allocate a " + std::to_string(size) +
+                                                     "-byte snapshot buffer on device " + std::to_string(device));
+    }
     // Owned from here: an error below frees it.
     auto owned = std::make_shared<const detail::owned_device_buffer>(state_, ptr, size, device);
-    {
-      auto& lane = *st.lanes.at(static_cast<std::size_t>(device));
-      std::lock_guard lock(lane.mutex);
-      if (lane.stream == nullptr) {
-        TENSORREG_CUDA_TRY(cudaStreamCreateWithFlags(&lane.stream, cudaStreamNonBlocking), "create a snapshot stream");
-      }
-      TENSORREG_TRY(
-          issue_snapshot(static_cast<std::byte*>(ptr), size, merged(std::move(runs->ranges)), device, lane.stream));
-      TENSORREG_CUDA_TRY(cudaStreamSynchronize(lane.stream), "snapshot device memory");
+    if (lane.stream == nullptr) {
+      TENSORREG_CUDA_TRY(cudaStreamCreateWithFlags(&lane.stream, cudaStreamNonBlocking), "create a snapshot stream");
     }
+    TENSORREG_TRY(
+        issue_snapshot(static_cast<std::byte*>(ptr), size, merged(std::move(runs->ranges)), device, lane.stream));
+    // The next snapshot of this size (the next step of a weight-sync loop) should not wait for
+    // cudaMalloc, which for large buffers costs about what the copy does: allocate its buffer
+    // now, on another thread, while this copy runs.
+    if (size <= st.opts.snapshot_spare_bytes) {
+      lane.spare_bytes = size;
+      lane.spare = std::async(std::launch::async, [device, size]() -> void* {
+        if (cudaSetDevice(device) != cudaSuccess) return nullptr;
+        void* p = nullptr;
+        if (cudaMalloc(&p, size) != cudaSuccess) {
+          static_cast<void>(cudaGetLastError());
+          return nullptr;
+        }
+        return p;
+      });
+    }
+    TENSORREG_CUDA_TRY(cudaStreamSynchronize(lane.stream), "snapshot device memory");
     cudaIpcMemHandle_t handle{};
     TENSORREG_CUDA_TRY(cudaIpcGetMemHandle(&handle, ptr), "export a snapshot buffer as a CUDA IPC handle");
     registration::device_buffer out;

@@ -189,7 +189,10 @@ TEST_CASE("cuda weight sync: a snapshot lease keeps the bytes of its commit whil
 
 TEST_CASE("cuda weight sync: snapshot_to_device copies device runs with zero gaps, and refuses host bytes",
           "[cuda][weight_sync][snapshot]") {
-  auto provider = make_provider();
+  // Without and with a spare made ahead for the next snapshot of the same size.
+  device_memory_provider::options opts;
+  opts.snapshot_spare_bytes = GENERATE(std::uint64_t{0}, 64 * mib);
+  auto provider = make_provider(opts);
   // Three device buffers of the daemon's own (allocate: zeroed, exported), filled with patterns.
   std::vector<std::shared_ptr<const memory::byte_source>> buffers;
   for (std::uint64_t seed = 1; seed <= 3; ++seed) {
@@ -239,6 +242,14 @@ TEST_CASE("cuda weight sync: snapshot_to_device copies device runs with zero gap
           cudaSuccess);
   REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
   CHECK(read_all(*buffer.bytes, 0, total) == expected);
+
+  // The next snapshot (into the spare, where there is one) is as right, and its own memory.
+  auto next = provider->snapshot_to_device(*view);
+  REQUIRE(next.has_value());
+  REQUIRE_OK(*next);
+  CHECK(cuda::as_device_source(*(*next)->bytes)->device_pointer() != dev->device_pointer());
+  std::memset(expected.data() + 2 * mib + 100, 0, 2 * mib);  // buffer 1 is zero now
+  CHECK(read_all(*(*next)->bytes, 0, total) == expected);
 
   // Host bytes are not this provider's to snapshot: the engine copies them on the host.
   t::owned_bytes host(std::string(64, 'h'));

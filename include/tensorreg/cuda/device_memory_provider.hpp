@@ -94,6 +94,13 @@ class device_memory_provider final : public registration::device_memory {
     /// min(16 GiB, 1/8 of physical memory).
     static constexpr std::uint64_t replica_pool_auto = ~std::uint64_t{0};
     std::uint64_t replica_pool_bytes = replica_pool_auto;
+    /// Largest snapshot (snapshot_to_device) after which a spare buffer of the same size is
+    /// allocated ahead, on another thread while the copy runs, for the next snapshot of that
+    /// size on that device: a weight-sync loop then never waits for cudaMalloc, which for
+    /// large buffers costs about what the copy does. One spare per device at most, never
+    /// exported before a snapshot takes it; it is device memory held beyond the artifacts.
+    /// 0 (the default): no spares.
+    std::uint64_t snapshot_spare_bytes = 0;
   };
 
   /// A provider for this process's CUDA devices.
@@ -181,7 +188,8 @@ class device_memory_provider final : public registration::device_memory {
                                                                             thread_pool& pool) override;
 
   /// A new device buffer holding `source` (registration::device_memory::snapshot_to_device):
-  /// cudaMalloc of source.size() bytes on the source's device, the device runs copied into it on
+  /// cudaMalloc of source.size() bytes on the source's device (or the spare made ahead, see
+  /// options::snapshot_spare_bytes), the device runs copied into it on
   /// the provider's own stream for that device (one cudaMemcpyBatchAsync where the driver has it,
   /// else one cudaMemcpyAsync per run; runs that continue each other are merged first), gaps
   /// zeroed, then one synchronize; exported with cudaIpcGetMemHandle. Snapshots of one device run
