@@ -13,6 +13,7 @@
 #include <cuda_runtime_api.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstring>
 #include <map>
@@ -20,10 +21,14 @@
 #include <string>
 #include <vector>
 
+#include "client/raw_connection.hpp"
 #include "gpu_fill.hpp"
 #include "producer_process.hpp"
 #include "provider_support.hpp"
+#include "support/daemon_process.hpp"
 #include "support/engine_helpers.hpp"
+#include "tensorreg/identity/content_id.hpp"
+#include "tensorreg/index/canonical_index.hpp"
 #include "tensorreg/memory/segmented_view.hpp"
 
 namespace {
@@ -343,4 +348,132 @@ TEST_CASE("cuda weight sync: a VMM region imported at registration serves every 
   CHECK(e->stats().vmm_imports == 1);
   REQUIRE(e->unregister_region(region->id, p.pid(), false).value());
   CHECK(provider->vmm_reserved_bytes() == 0);
+}
+
+TEST_CASE("cuda weight sync: through tensorregd, re-leases of a kept region open nothing and a snapshot is read back",
+          "[cuda][weight_sync][daemon]") {
+  namespace wv1 = tensorreg::wire::v1;
+  namespace v2 = tensorcast::daemon::v2;
+  producer_process p(std::vector<cuda::testing::producer_allocation>{{4 * mib, 81, false}});
+  testing::daemon_process d({"--snapshot-spare-bytes", "67108864"});
+  CHECK(d.output().find("warmed up ") != std::string::npos);  // before its ready line
+  auto connected = tensorreg::client::raw::connection::connect(d.socket_path());
+  REQUIRE_OK(connected);
+  auto& c = **connected;
+  const auto me = static_cast<std::int32_t>(::getpid());
+  const auto stats = [&] {
+    wv1::Request req;
+    req.mutable_get_stats();
+    auto st = c.call(req);
+    REQUIRE_OK(st);
+    return st->response.get_stats();
+  };
+  const auto opens_before = stats().ipc_opens();
+
+  wv1::Request region_req;
+  auto* r = region_req.mutable_register_region();
+  r->set_memory_kind(v2::REGION_MEMORY_KIND_VRAM);
+  r->set_owner_pid(me);
+  r->set_size_bytes(4 * mib);
+  r->set_device_id(0);
+  r->set_cuda_ipc_handle(p.ipc_handles().at(0));
+  auto region = c.call(region_req);
+  REQUIRE_OK(region);
+  const auto ref = region->response.register_region().region();
+
+  // One uint8 tensor of 1 MiB at 512 KiB into the allocation.
+  constexpr std::uint64_t base = 512 * 1024, length = mib;
+  const std::vector<index::tensor_desc> descs = {
+      {"w", "torch.uint8", {static_cast<std::int64_t>(length)}, {1}, "w", length, 0}};
+  auto idx = index::canonical_index::build(descs);
+  REQUIRE_OK(idx);
+  std::string canonical(idx->total_size(), '\0');
+  const auto bytes = cuda::testing::pattern(81, base, length);
+  std::memcpy(canonical.data() + idx->find("w")->offset, bytes.data(), length);
+  memory::host_bytes_view canonical_view(std::as_bytes(std::span<const char>(canonical)));
+  auto expected = identity::content_id(idx->json(), canonical_view, nullptr);
+  REQUIRE_OK(expected);
+
+  auto provider = make_provider();  // the reader's side
+  for (const bool in_place : {true, true, false}) {
+    INFO("in_place " << in_place);
+    wv1::Request begin;
+    auto* b = begin.mutable_begin_register_artifact();
+    b->set_device_id(0);
+    b->set_total_size(idx->total_size());
+    b->set_ttl_ms(600'000);
+    b->set_owner_pid(me);
+    b->mutable_lease()->set_in_place(in_place);
+    auto begun = c.call(begin);
+    REQUIRE_OK(begun);
+    const auto reg_id = begun->response.begin_register_artifact().registration_id();
+    v2::FeedRegisterArtifactStreamRequest feed;
+    feed.set_registration_id(reg_id);
+    auto* se = feed.add_storage_entries();
+    se->set_storage_id("w");
+    se->set_device_id(0);
+    se->set_storage_length(length);
+    *se->mutable_region_ref() = ref;
+    se->set_mapping_base_offset(base);
+    auto* seg = feed.mutable_lease_segments()->add_segments();
+    seg->set_storage_id("w");
+    seg->set_artifact_offset(idx->find("w")->offset);
+    seg->set_length(length);
+    auto* a = feed.add_tensor_aliases();
+    a->set_name("w");
+    a->set_storage_id("w");
+    a->set_logical_length(length);
+    a->add_shape(static_cast<std::int64_t>(length));
+    a->add_stride(1);
+    a->set_dtype("torch.uint8");
+    REQUIRE_OK(c.feed({feed}));
+    wv1::Request commit;
+    commit.mutable_commit_registered_artifact()->set_registration_id(reg_id);
+    auto committed = c.call(commit);
+    REQUIRE_OK(committed);
+    const auto artifact_id = committed->response.commit_registered_artifact().artifact_descriptor().artifact_id();
+    CHECK(artifact_id == expected->to_string());
+    CHECK(stats().ipc_opens() == opens_before + 1);  // the region, opened by the first lease only
+
+    wv1::Request open;
+    open.mutable_open_artifact_device()->set_artifact_id(artifact_id);
+    auto opened = c.call(open);
+    REQUIRE_OK(opened);
+    const auto& layout = opened->response.open_artifact_device();
+    REQUIRE(layout.allocations_size() == 1);
+    const auto& alloc = layout.allocations(0);
+    if (in_place) {
+      CHECK(alloc.cuda_ipc_handle() == p.ipc_handles().at(0));
+    } else {
+      // The daemon's own buffer, exported by the daemon's process.
+      CHECK(alloc.cuda_ipc_handle() != p.ipc_handles().at(0));
+      CHECK(alloc.size_bytes() == idx->total_size());
+      auto mapped = provider->open_ipc(d.pid(), 0, alloc.cuda_ipc_handle(), alloc.size_bytes());
+      REQUIRE_OK(mapped);
+      std::string read_back(layout.total_size(), '\0');
+      for (const auto& sg : layout.segments()) {
+        const auto got = read_all(**mapped, sg.allocation_offset(), sg.length());
+        std::memcpy(read_back.data() + sg.artifact_offset(), got.data(), got.size());
+      }
+      CHECK(read_back == canonical);
+      wv1::Request list;
+      list.mutable_list_artifacts();
+      auto listed = c.call(list);
+      REQUIRE_OK(listed);
+      REQUIRE(listed->response.list_artifacts().artifacts_size() == 1);
+      const auto& tiers = listed->response.list_artifacts().artifacts(0).tiers();
+      CHECK(std::find(tiers.begin(), tiers.end(), wv1::TIER_VRAM) != tiers.end());
+      CHECK(std::find(tiers.begin(), tiers.end(), wv1::TIER_VRAM_LEASED) == tiers.end());
+    }
+    wv1::Request revoke;
+    revoke.mutable_revoke_registered_artifact()->set_registration_id(reg_id);
+    REQUIRE_OK(c.call(revoke));
+  }
+  CHECK(stats().open_mappings() == 1);  // the region's, kept
+  wv1::Request un;
+  un.mutable_unregister_region()->set_region_id(ref.region_id());
+  un.mutable_unregister_region()->set_owner_pid(me);
+  REQUIRE_OK(c.call(un));
+  CHECK(stats().open_mappings() == 0);
+  CHECK(d.stop() == 0);
 }
