@@ -711,7 +711,8 @@ status issue_snapshot(std::byte* to, std::uint64_t size, const std::vector<detai
                                                &attrs, &first, 1, &failed_at, stream);
 #endif
     if (e == cudaSuccess) return {};
-    // An older driver: copy one run at a time below. Nothing of the batch was enqueued.
+    // A driver without batches: copy one run at a time below. They rewrite every run, in
+    // stream order after whatever part of the batch may have been enqueued.
     static_cast<void>(cudaGetLastError());
   }
 #else
