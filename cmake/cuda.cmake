@@ -92,7 +92,8 @@ if(TENSORREG_BUILD_TESTS)
     ${PROJECT_SOURCE_DIR}/tests/support/temp_dir.cpp)
   tensorreg_cuda_target(tensorreg_gpu_tests)
   # One case drives a real tensorregd (the built one, or $TENSORREGD) through the C++ client.
-  target_compile_definitions(tensorreg_gpu_tests PRIVATE TENSORREG_DAEMON_PATH="$<TARGET_FILE:tensorregd>")
+  target_compile_definitions(tensorreg_gpu_tests PRIVATE TENSORREG_DAEMON_PATH="$<TARGET_FILE:tensorregd>"
+                                                         TENSORREG_TEST_DAEMON_WARM_START=1)
   add_dependencies(tensorreg_gpu_tests tensorregd)
   target_include_directories(tensorreg_gpu_tests PRIVATE ${PROJECT_SOURCE_DIR}/src ${PROJECT_SOURCE_DIR}/tests)
   target_link_libraries(tensorreg_gpu_tests PRIVATE tensorreg::cuda tensorreg::tensorreg tensorreg::daemon_core
