@@ -60,6 +60,10 @@ class snapshotting_device final : public device_memory {
   }
   [[nodiscard]] std::size_t open_mappings() const override { return inner_->open_mappings(); }
   std::optional<result<device_buffer>> snapshot_to_device(const memory::byte_source& source) override {
+    if (out_of_memory) {
+      return fail(errc::resource_exhausted, "cannot allocate a " + std::to_string(source.size()) +
+                                                "-byte snapshot buffer on device 0: out of memory");
+    }
     std::string copy(source.size(), '\0');
     auto read = source.read(0, std::as_writable_bytes(std::span<char>(copy)));
     if (!read) return tl::unexpected(std::move(read).error());
@@ -68,6 +72,7 @@ class snapshotting_device final : public device_memory {
   }
 
   int snapshots = 0;
+  bool out_of_memory = false;
 
  private:
   std::shared_ptr<fake_device_memory> inner_;
@@ -261,4 +266,32 @@ TEST_CASE("engine lip commit: a kept region mapping stays open under a live leas
   f.e->revoke(id, "done");  // the last reference: the region goes, and its mapping
   CHECK(f.e->stats().open_mappings == 0);
   CHECK(f.e->stats().regions == 0);
+}
+
+TEST_CASE("engine snapshot lease: no device memory for the copy fails the commit and holds nothing",
+          "[registration][engine_snapshot]") {
+  auto fake = std::make_shared<fake_device_memory>(1);
+  auto device = std::make_shared<snapshotting_device>(fake);
+  device->out_of_memory = true;
+  fixture f(fake, device);
+  auto r = t::lip_begin(f.m.total_size(), me);
+  r.plan = lease_options{.in_place = false};
+  auto begun = f.e->begin(r);
+  REQUIRE_OK(begun);
+  std::map<std::string, storage_entry> entries{
+      {"s0", region_entry("s0", f.region, f.m.storage("s0").bytes.size(), 0)},
+      {"s1", region_entry("s1", f.region, f.m.storage("s1").bytes.size(), 512)},
+  };
+  REQUIRE_OK(f.e->feed(t::lip_feed(begun->registration_id, f.m, entries)));
+  CHECK_ERROR(f.e->commit(begun->registration_id), errc::resource_exhausted,
+              "cannot snapshot the lease: cannot allocate a " + std::to_string(f.m.total_size()) +
+                  "-byte snapshot buffer on device 0: out of memory");
+  const auto s = f.e->stats();
+  CHECK(s.leases == 0);
+  CHECK(s.artifacts == 0);
+  CHECK(s.pending_registrations == 0);
+  // Its region reference went with it.
+  auto gone = f.e->unregister_region(f.region.id, me, false);
+  REQUIRE_OK(gone);
+  CHECK(*gone);
 }
