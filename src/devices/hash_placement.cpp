@@ -39,10 +39,10 @@ hash_plan plan_copy(const hash_speeds& s, std::uint64_t bytes, bool want_digest,
   double per_byte = want_digest ? 1.0 / s.host_core_hash_rate : 0.0;
   if (s.host_core_copy_rate > 0) per_byte += 1.0 / s.host_core_copy_rate;
   const double thread_rate = per_byte > 0 ? 1.0 / per_byte : s.d2h_rate;
-  // Either side that writes a fresh memfd is bound by its first touch, which does not scale with
-  // the threads: counting one core's rate into fresh pages times the threads once made the
-  // host win 1 GiB on paper at 11 GB/s and run at 3.1–4.5 GiB/s, while the GPU path into a
-  // recycled replica ran at 9.1 (benchmarks/RESULTS.md).
+  // Either side that writes a fresh memfd is bound by its first touch, which need not scale with
+  // the threads: one core's rate into fresh pages times the threads overstates the host wherever
+  // page faults serialize, and made it win puts it then lost to the GPU path into a recycled
+  // replica (DECISIONS §6).
   const double fresh = s.host_fresh_write_rate > 0 ? s.host_fresh_write_rate : s.d2h_rate;
   const double host_rate = std::min({s.d2h_rate, thread_rate * s.host_threads, fresh});
   // GPU: the snapshot (the id must describe the bytes kept), then the D2H of it while the GPU
