@@ -1,5 +1,6 @@
 #include "server.hpp"
 
+#include <fcntl.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -476,16 +477,19 @@ struct server::impl {
     }
   }
 
-  void shutdown() {
+  unique_fd handed_listener;  // hand_over(): the listening fd, kept open for the successor
+
+  void shutdown(bool for_successor = false) {
     if (stopping) return;
     stopping = true;
     asio::error_code ignored;
+    if (for_successor) handed_listener = unique_fd(::fcntl(acceptor.native_handle(), F_DUPFD_CLOEXEC, 0));
     acceptor.close(ignored);
     signals.cancel(ignored);
     for (auto& w : sessions) {
       if (auto s = w.lock()) s->stop();
     }
-    unlink_if_ours(options.socket_path, bound);
+    if (!for_successor) unlink_if_ours(options.socket_path, bound);
   }
 };
 
@@ -498,6 +502,10 @@ server::~server() {
 result<std::unique_ptr<server>> server::create(server_options options, dispatcher& dispatch) {
   // The directory, the path and the bind are checked and done in unix_socket (DECISIONS §4).
   TENSORREG_TRY_ASSIGN(auto bound, listen_unix(options.socket_path, asio::socket_base::max_listen_connections));
+  return adopt(std::move(options), dispatch, std::move(bound));
+}
+
+result<std::unique_ptr<server>> server::adopt(server_options options, dispatcher& dispatch, listening_socket bound) {
   auto i = std::make_unique<impl>(std::move(options), dispatch);
   asio::error_code ec;
   const int fd = bound.fd.get();
@@ -531,6 +539,12 @@ std::size_t server::run() {
 void server::stop() {
   asio::post(impl_->io, [i = impl_.get()] { i->shutdown(); });
 }
+
+void server::hand_over() {
+  asio::post(impl_->io, [i = impl_.get()] { i->shutdown(true); });
+}
+
+unique_fd server::take_listener() { return std::move(impl_->handed_listener); }
 
 const std::string& server::socket_path() const noexcept { return impl_->options.socket_path; }
 

@@ -42,6 +42,7 @@
 #include "dispatcher.hpp"
 #include "tensorreg/common/error.hpp"
 #include "tensorreg/common/logger.hpp"
+#include "unix_socket.hpp"
 
 namespace tensorreg::daemon {
 
@@ -83,6 +84,11 @@ class server {
   /// directory or bind).
   [[nodiscard]] static result<std::unique_ptr<server>> create(server_options options, dispatcher& dispatch);
 
+  /// Serves on a socket already listening at options.socket_path: one a predecessor handed
+  /// over (daemon/takeover.hpp). Errors: UNAVAILABLE (asio cannot take the fd).
+  [[nodiscard]] static result<std::unique_ptr<server>> adopt(server_options options, dispatcher& dispatch,
+                                                             listening_socket listening);
+
   ~server();
   server(const server&) = delete;
   server& operator=(const server&) = delete;
@@ -92,6 +98,12 @@ class server {
 
   /// Asks the server to shut down as on SIGTERM. Safe from any thread.
   void stop();
+
+  /// Shuts down as stop() does, but for a successor: the listening socket stays open (connections
+  /// keep queueing in its backlog) and its file stays. Safe from any thread.
+  void hand_over();
+  /// After run() returned from hand_over(): the listening fd (empty otherwise).
+  [[nodiscard]] unique_fd take_listener();
 
   [[nodiscard]] const std::string& socket_path() const noexcept;
 
