@@ -68,17 +68,24 @@ int run_producer(int argc, char** argv) {
   for (int i = 2; i < argc; ++i) {
     const std::uint64_t size = std::strtoull(argv[i], nullptr, 10);
     void* p = nullptr;
-    if (cudaMalloc(&p, size) != cudaSuccess || cudaMemset(p, 0x40 + i, size) != cudaSuccess) {
-      std::fprintf(stderr, "cuda_lip_bench --producer: cannot allocate %llu bytes\n",
-                   static_cast<unsigned long long>(size));
+    const cudaError_t e = size == 0 ? cudaErrorInvalidValue : cudaMalloc(&p, size);
+    if (e != cudaSuccess || cudaMemset(p, 0x40 + i, size) != cudaSuccess) {
+      std::fprintf(stderr, "cuda_lip_bench --producer: cannot allocate block %d of %llu bytes: %s\n", i - 2,
+                   static_cast<unsigned long long>(size), cudaGetErrorName(e != cudaSuccess ? e : cudaGetLastError()));
       return 1;
     }
     blocks.push_back(p);
   }
-  if (cudaDeviceSynchronize() != cudaSuccess) return 1;
+  if (const cudaError_t e = cudaDeviceSynchronize(); e != cudaSuccess) {
+    std::fprintf(stderr, "cuda_lip_bench --producer: cannot fill the blocks: %s\n", cudaGetErrorName(e));
+    return 1;
+  }
   for (std::size_t i = 0; i < blocks.size(); ++i) {
     cudaIpcMemHandle_t h{};
-    if (cudaIpcGetMemHandle(&h, blocks[i]) != cudaSuccess) return 1;
+    if (const cudaError_t e = cudaIpcGetMemHandle(&h, blocks[i]); e != cudaSuccess) {
+      std::fprintf(stderr, "cuda_lip_bench --producer: cannot export block %zu: %s\n", i, cudaGetErrorName(e));
+      return 1;
+    }
     std::string hex;
     for (std::size_t b = 0; b < sizeof h; ++b) {
       char two[3];
@@ -158,15 +165,16 @@ struct layout {
 };
 
 // The caching allocator's packing: tensors of 4–64 KiB in turn fill `blocks` blocks, each
-// tensor at the next 512-byte boundary, each block rounded up to 2 MiB.
+// tensor at the next 512-byte boundary, each block rounded up to 2 MiB. Every block gets one
+// tensor at least: with ceil(tensors / blocks) per block, 995 tensors in 868 blocks filled only
+// 498 of them and the producer could not allocate the empty rest (REQUIRES blocks <= tensors).
 layout make_layout(std::size_t tensors, std::size_t blocks) {
   layout out;
   out.block_bytes.assign(blocks, 0);
-  const std::size_t per_block = (tensors + blocks - 1) / blocks;
   for (std::size_t i = 0; i < tensors; ++i) {
     placed_tensor t;
     t.name = "layers." + std::to_string(i / 4) + ".w" + std::to_string(i % 4);
-    t.block = i / per_block;
+    t.block = i * blocks / tensors;
     t.bytes = 4096 * (1 + (i * 7919) % 16);
     auto& cursor = out.block_bytes[t.block];
     t.offset = (cursor + 511) / 512 * 512;
@@ -212,6 +220,10 @@ int main(int argc, char** argv) {
   if (cudaGetDeviceProperties(&prop, 0) != cudaSuccess) {
     std::fprintf(stderr, "cuda_lip_bench: no CUDA device\n");
     return 77;
+  }
+  if (allocations == 0 || allocations > tensors) {
+    std::fprintf(stderr, "cuda_lip_bench: --allocations must be 1..--tensors (%zu), not %zu\n", tensors, allocations);
+    return 2;
   }
   const auto lay = make_layout(tensors, allocations);
   producer p(lay.block_bytes);
