@@ -308,9 +308,16 @@ TEST_CASE("cuda weight sync: a VMM region imported at registration serves every 
   r.size_bytes = 2 * chunk;
   r.device_id = 0;
   r.vmm = chunks;
-  auto region = e->register_region(std::move(r));
-  REQUIRE_OK(region);
+  std::string region_id;
+  {
+    // The region_info handed back shares the import's mapping (every copy of it does, as a
+    // lease's does): held to the end, it would keep the 4 MiB mapped after the unregister.
+    auto region = e->register_region(std::move(r));
+    REQUIRE_OK(region);
+    region_id = region->id;
+  }
   CHECK(provider->vmm_imports() == 1);
+  CHECK(provider->vmm_reserved_bytes() == 2 * chunk);
 
   // One tensor across the two allocations' boundary, one inside the second.
   t::model m;
@@ -324,7 +331,7 @@ TEST_CASE("cuda weight sync: a VMM region imported at registration serves every 
     s.storage_id = id;
     s.device_id = 0;
     s.storage_length = 8192;
-    s.source = reg::vram_region_source{region->id};
+    s.source = reg::vram_region_source{region_id};
     s.mapping_base_offset = offset;
     entries.emplace(id, s);
   }
@@ -346,7 +353,8 @@ TEST_CASE("cuda weight sync: a VMM region imported at registration serves every 
   }
   CHECK(provider->vmm_imports() == 1);
   CHECK(e->stats().vmm_imports == 1);
-  REQUIRE(e->unregister_region(region->id, p.pid(), false).value());
+  CHECK(provider->vmm_reserved_bytes() == 2 * chunk);  // the region keeps it between leases
+  REQUIRE(e->unregister_region(region_id, p.pid(), false).value());
   CHECK(provider->vmm_reserved_bytes() == 0);
 }
 
