@@ -672,10 +672,35 @@ std::vector<detail::device_range> merged(std::vector<detail::device_range> runs)
   return out;
 }
 
+// One cudaMemcpyAsync per run; the message names the run that failed.
+status copy_runs_one_by_one(std::byte* to, const std::vector<detail::device_range>& runs, cudaStream_t stream) {
+  for (std::size_t i = 0; i < runs.size(); ++i) {
+    const auto& r = runs[i];
+    TENSORREG_CUDA_TRY(cudaMemcpyAsync(to + r.dst, r.src, r.length, cudaMemcpyDeviceToDevice, stream),
+                       "copy run " + std::to_string(i) + " of a snapshot (" + std::to_string(r.length) +
+                           " bytes to offset " + std::to_string(r.dst) + ")");
+  }
+  return {};
+}
+
+// Whether cudaMemcpyBatchAsync is given these runs: only when every run starts and ends on a
+// 16-byte boundary on both sides, the layout state dicts have. The one layout whose snapshot
+// failed on an H200 (cudaErrorInvalidValue, batch path) had a 3-byte run at an odd address and
+// runs at 4-byte aligned offsets; one cudaMemcpyAsync per run copies any alignment
+// (bulk_copy.cpp does only that, and its test of such runs passes there).
+bool batchable(const std::vector<detail::device_range>& runs) {
+  return runs.size() > 1 && std::all_of(runs.begin(), runs.end(), [](const detail::device_range& r) {
+           return r.dst % 16 == 0 && r.length % 16 == 0 && reinterpret_cast<std::uintptr_t>(r.src) % 16 == 0;
+         });
+}
+
 // Issues the copies of `runs` into `to` on `stream`, as one batch where the runtime and driver
-// have cudaMemcpyBatchAsync (CUDA 12.8+), else one cudaMemcpyAsync each; the gaps are zeroed.
+// have cudaMemcpyBatchAsync (CUDA 12.8+) and the runs are batchable(), else one cudaMemcpyAsync
+// each; the gaps are zeroed. Sets *batched when the batch was enqueued.
 status issue_snapshot(std::byte* to, std::uint64_t size, const std::vector<detail::device_range>& runs, int device,
-                      cudaStream_t stream) {
+                      cudaStream_t stream, bool* batched) {
+  (void)device;
+  *batched = false;
   std::uint64_t at = 0;
   for (const auto& r : runs) {
     if (r.dst > at) TENSORREG_CUDA_TRY(cudaMemsetAsync(to + at, 0, r.dst - at, stream), "zero a snapshot gap");
@@ -684,7 +709,7 @@ status issue_snapshot(std::byte* to, std::uint64_t size, const std::vector<detai
   if (at < size) TENSORREG_CUDA_TRY(cudaMemsetAsync(to + at, 0, size - at, stream), "zero a snapshot gap");
   if (runs.empty()) return {};
 #if CUDART_VERSION >= 12080
-  if (runs.size() > 1) {
+  if (batchable(runs)) {
     std::vector<void*> dsts;
     std::vector<const void*> srcs;
     std::vector<std::size_t> sizes;
@@ -698,9 +723,7 @@ status issue_snapshot(std::byte* to, std::uint64_t size, const std::vector<detai
     }
     cudaMemcpyAttributes attrs{};
     attrs.srcAccessOrder = cudaMemcpySrcAccessOrderStream;
-    attrs.srcLocHint.type = cudaMemLocationTypeDevice;
-    attrs.srcLocHint.id = device;
-    attrs.dstLocHint = attrs.srcLocHint;
+    // No location hints: they are for managed and pageable memory only.
     std::size_t first = 0;
 #if CUDART_VERSION >= 13000
     const cudaError_t e =
@@ -710,19 +733,16 @@ status issue_snapshot(std::byte* to, std::uint64_t size, const std::vector<detai
     const cudaError_t e = cudaMemcpyBatchAsync(dsts.data(), const_cast<void**>(srcs.data()), sizes.data(), runs.size(),
                                                &attrs, &first, 1, &failed_at, stream);
 #endif
-    if (e == cudaSuccess) return {};
+    if (e == cudaSuccess) {
+      *batched = true;
+      return {};
+    }
     // A driver without batches: copy one run at a time below. They rewrite every run, in
     // stream order after whatever part of the batch may have been enqueued.
     static_cast<void>(cudaGetLastError());
   }
-#else
-  (void)device;
 #endif
-  for (const auto& r : runs) {
-    TENSORREG_CUDA_TRY(cudaMemcpyAsync(to + r.dst, r.src, r.length, cudaMemcpyDeviceToDevice, stream),
-                       "snapshot device memory");
-  }
-  return {};
+  return copy_runs_one_by_one(to, runs, stream);
 }
 
 }  // namespace
@@ -757,8 +777,9 @@ std::optional<result<registration::device_buffer>> device_memory_provider::snaps
     if (lane.stream == nullptr) {
       TENSORREG_CUDA_TRY(cudaStreamCreateWithFlags(&lane.stream, cudaStreamNonBlocking), "create a snapshot stream");
     }
-    TENSORREG_TRY(
-        issue_snapshot(static_cast<std::byte*>(ptr), size, merged(std::move(runs->ranges)), device, lane.stream));
+    const auto copies = merged(std::move(runs->ranges));
+    bool batched = false;
+    TENSORREG_TRY(issue_snapshot(static_cast<std::byte*>(ptr), size, copies, device, lane.stream, &batched));
     // The next snapshot of this size (the next step of a weight-sync loop) should not wait for
     // cudaMalloc, which for large buffers costs about what the copy does: allocate its buffer
     // now, on another thread, while this copy runs.
@@ -774,7 +795,15 @@ std::optional<result<registration::device_buffer>> device_memory_provider::snaps
         return p;
       });
     }
-    TENSORREG_CUDA_TRY(cudaStreamSynchronize(lane.stream), "snapshot device memory");
+    if (const cudaError_t e = cudaStreamSynchronize(lane.stream); e == cudaErrorInvalidValue && batched) {
+      // A batch the driver took and then refused: every run again, one copy each (the buffer
+      // is ours alone; the error is not sticky).
+      static_cast<void>(cudaGetLastError());
+      TENSORREG_TRY(copy_runs_one_by_one(static_cast<std::byte*>(ptr), copies, lane.stream));
+      TENSORREG_CUDA_TRY(cudaStreamSynchronize(lane.stream), "wait for the copies of a snapshot");
+    } else {
+      TENSORREG_CUDA_TRY(e, "wait for the copies of a snapshot");
+    }
     cudaIpcMemHandle_t handle{};
     TENSORREG_CUDA_TRY(cudaIpcGetMemHandle(&handle, ptr), "export a snapshot buffer as a CUDA IPC handle");
     registration::device_buffer out;
