@@ -46,6 +46,30 @@ cudaError_t launch_leaf_kernel(const void* data, std::uint64_t size, std::uint32
                                unsigned threads_per_block, cudaStream_t stream,
                                leaf_kernel_variant variant = default_leaf_variant);
 
+/// Enqueues the leaf kernel over a leaf table: leaf i's bytes start at the device address
+/// leaf_ptrs[i] (a device array), its length is that of leaf i of a `size`-byte buffer (4 MiB,
+/// the last one what is left). Otherwise as launch_leaf_kernel with the default variant.
+/// REQUIRES: every leaf_ptrs[i] is 16-byte aligned; size, leaves, threads as there.
+cudaError_t launch_leaf_table_kernel(const std::uint64_t* leaf_ptrs, std::uint64_t size, std::uint32_t leaves,
+                                     std::uint32_t* leaf_words, unsigned threads_per_block, cudaStream_t stream);
+
+/// One block's work in the gather kernel: `length` bytes to `dst_offset` of the gather buffer,
+/// copied from `src`, or zeros when `src` is null.
+struct gather_task {
+  const unsigned char* src;
+  std::uint64_t dst_offset;
+  std::uint64_t length;
+};
+
+/// The most bytes one gather_task may carry (callers split longer runs).
+inline constexpr std::uint64_t gather_task_bytes = std::uint64_t{256} << 10;
+
+/// Enqueues the gather kernel: one block per task of `tasks` (a device array of `count`),
+/// 16-byte stores where the addresses allow, bytes elsewhere. Tasks must not overlap in the
+/// buffer. REQUIRES: count ≥ 1 and < 2^31.
+cudaError_t launch_gather_kernel(const gather_task* tasks, std::uint32_t count, unsigned char* base,
+                                 cudaStream_t stream);
+
 /// Enqueues the tree fold over `leaves` digests at level_a (overwritten), using level_b
 /// (room for ceil(leaves/2) digests) as the other half of a ping-pong pair; the root's state
 /// words go to root_words[0..7]. Wide levels get one launch each; the last ≤ 1024 nodes are
