@@ -565,6 +565,21 @@ std::optional<device_runs> gather(const memory::byte_source& source) {
   return out;
 }
 
+// Runs that continue each other in both the canonical buffer and device memory are one copy: a
+// caching allocator's neighbours often are, and every copy issued costs the driver time.
+std::vector<detail::device_range> merged(std::vector<detail::device_range> runs) {
+  std::vector<detail::device_range> out;
+  out.reserve(runs.size());
+  for (const auto& r : runs) {
+    if (!out.empty() && out.back().dst + out.back().length == r.dst && out.back().src + out.back().length == r.src) {
+      out.back().length += r.length;
+      continue;
+    }
+    out.push_back(r);
+  }
+  return out;
+}
+
 // The GPU tree hash of `size` bytes at `ptr` with the provider's hasher of `device` (made on
 // first use), on `stream`. One hash per device at a time.
 result<hash::digest> hash_on_device(detail::provider_state& st, int device, const void* ptr, std::uint64_t size,
@@ -578,6 +593,21 @@ result<hash::digest> hash_on_device(detail::provider_state& st, int device, cons
     slot.hasher.emplace(std::move(hasher));
   }
   return slot.hasher->tree_hash(ptr, size, stream);
+}
+
+// As hash_on_device, for a canonical buffer of `size` bytes made of `pieces` (gpu_tree_hasher::
+// tree_hash_pieces: no canonical copy is assembled; the hasher keeps its gather scratch).
+result<hash::digest> hash_pieces_on_device(detail::provider_state& st, int device,
+                                           const std::vector<device_piece>& pieces, std::uint64_t size) {
+  TENSORREG_TRY_ASSIGN(auto guard, detail::device_guard::create(device));
+  (void)guard;
+  auto& slot = *st.hashers.at(static_cast<std::size_t>(device));
+  std::lock_guard lock(slot.mutex);
+  if (!slot.hasher) {
+    TENSORREG_TRY_ASSIGN(auto hasher, gpu_tree_hasher::create(device));
+    slot.hasher.emplace(std::move(hasher));
+  }
+  return slot.hasher->tree_hash_pieces(pieces, size, {});
 }
 
 std::optional<devices::hash_site> forced_site(device_memory_provider::options::hash_placement p) {
@@ -595,8 +625,10 @@ std::optional<result<hash::digest>> device_memory_provider::tree_hash_on_device(
   auto runs = gather(canonical);
   if (!runs) return std::nullopt;
   const int device = runs->device;
-  const auto& pieces = runs->ranges;
-  // One piece that is already the whole buffer is hashed where it lies; otherwise gathered.
+  // Neighbours in both the canonical buffer and device memory are one piece, so a leaf across
+  // them is hashed where it lies.
+  const auto pieces = merged(std::move(runs->ranges));
+  // One piece that is already the whole buffer is hashed as one contiguous buffer.
   const bool whole = pieces.size() == 1 && pieces[0].dst == 0 && pieces[0].length == size;
   const unsigned threads = state_->opts.host_hash_threads != 0 ? state_->opts.host_hash_threads
                                                                : std::max(1u, std::thread::hardware_concurrency());
@@ -607,22 +639,13 @@ std::optional<result<hash::digest>> device_memory_provider::tree_hash_on_device(
 
   auto run = [&]() -> result<hash::digest> {
     if (whole) return hash_on_device(*state_, device, pieces[0].src, size, {});
-    TENSORREG_TRY_ASSIGN(auto guard, detail::device_guard::create(device));
-    (void)guard;
-    void* scratch = nullptr;
-    TENSORREG_CUDA_TRY(cudaMalloc(&scratch, size), "allocate a GPU gather buffer for the tree hash");
-    struct freer {
-      void* p;
-      ~freer() { detail::check_release(cudaFree(p), "free a GPU gather buffer"); }
-    } free_scratch{scratch};
-    auto* base = static_cast<std::byte*>(scratch);
-    TENSORREG_CUDA_TRY(cudaMemsetAsync(base, 0, size, nullptr), "zero a GPU gather buffer");
-    for (const auto& piece : pieces) {
-      TENSORREG_CUDA_TRY(cudaMemcpyAsync(base + piece.dst, piece.src, piece.length, cudaMemcpyDeviceToDevice, nullptr),
-                         "gather canonical bytes on the GPU");
-    }
-    TENSORREG_CUDA_TRY(cudaStreamSynchronize(nullptr), "gather canonical bytes on the GPU");
-    return hash_on_device(*state_, device, base, size, {});
+    // Leaves are hashed where they lie in the mapped allocations; only those across runs or
+    // gaps are gathered (no canonical copy: its cudaMalloc, zeroing, copies and cudaFree took
+    // a large share of the kernel's own time for a big dict).
+    std::vector<device_piece> table;
+    table.reserve(pieces.size());
+    for (const auto& piece : pieces) table.push_back({piece.dst, piece.src, piece.length});
+    return hash_pieces_on_device(*state_, device, table, size);
   };
   auto digest = run();
   if (!digest && digest.error().code == errc::resource_exhausted) return std::nullopt;  // host fallback
@@ -656,21 +679,6 @@ std::optional<result<registration::host_copy>> device_memory_provider::copy_to_h
 }
 
 namespace {
-
-// Runs that continue each other in both the canonical buffer and device memory are one copy: a
-// caching allocator's neighbours often are, and every copy issued costs the driver time.
-std::vector<detail::device_range> merged(std::vector<detail::device_range> runs) {
-  std::vector<detail::device_range> out;
-  out.reserve(runs.size());
-  for (const auto& r : runs) {
-    if (!out.empty() && out.back().dst + out.back().length == r.dst && out.back().src + out.back().length == r.src) {
-      out.back().length += r.length;
-      continue;
-    }
-    out.push_back(r);
-  }
-  return out;
-}
 
 // One cudaMemcpyAsync per run; the message names the run that failed.
 status copy_runs_one_by_one(std::byte* to, const std::vector<detail::device_range>& runs, cudaStream_t stream) {
