@@ -220,64 +220,6 @@ result<hash::digest> gpu_tree_hasher::tree_hash(const void* device_ptr, std::uin
   return digest_from_words(impl_->root_host);
 }
 
-namespace {
-
-// What tree_hash_pieces() uploads and gathers: each leaf's address (for a gathered leaf, its
-// offset in the gather buffer until the buffer is known) and the gather tasks.
-struct leaf_plan {
-  std::vector<std::uint64_t> leaf_ptrs;
-  std::vector<std::uint32_t> gathered_leaves;  // indexes into leaf_ptrs holding offsets
-  std::vector<detail::gather_task> tasks;
-  std::uint64_t gather_bytes = 0;
-
-  void add(const unsigned char* src, std::uint64_t dst, std::uint64_t length) {
-    while (length > 0) {
-      const std::uint64_t n = std::min(length, detail::gather_task_bytes);
-      tasks.push_back({src, dst, n});
-      if (src != nullptr) src += n;
-      dst += n;
-      length -= n;
-    }
-  }
-};
-
-// REQUIRES: pieces sorted by `at`, not overlapping, each inside [0, size) and not empty.
-leaf_plan plan_leaves(const std::vector<device_piece>& pieces, std::uint64_t size, std::uint64_t leaves) {
-  constexpr std::uint64_t leaf = hash::leaf_bytes;
-  leaf_plan plan;
-  plan.leaf_ptrs.resize(leaves);
-  std::size_t k = 0;  // the first piece that ends after the current leaf's start
-  for (std::uint64_t i = 0; i < leaves; ++i) {
-    const std::uint64_t lo = i * leaf;
-    const std::uint64_t hi = std::min(lo + leaf, size);
-    while (k < pieces.size() && pieces[k].at + pieces[k].length <= lo) ++k;
-    if (k < pieces.size() && pieces[k].at <= lo && pieces[k].at + pieces[k].length >= hi) {
-      const auto address = reinterpret_cast<std::uintptr_t>(pieces[k].src) + (lo - pieces[k].at);
-      if (address % 16 == 0) {  // the leaf kernel's 128-bit loads
-        plan.leaf_ptrs[i] = address;
-        continue;
-      }
-    }
-    const std::uint64_t slot = plan.gather_bytes;
-    plan.gather_bytes += leaf;
-    plan.leaf_ptrs[i] = slot;
-    plan.gathered_leaves.push_back(static_cast<std::uint32_t>(i));
-    std::uint64_t at = lo;
-    for (std::size_t j = k; j < pieces.size() && pieces[j].at < hi; ++j) {
-      const auto& p = pieces[j];
-      const std::uint64_t from = std::max(lo, p.at);
-      const std::uint64_t to = std::min(hi, p.at + p.length);
-      if (from > at) plan.add(nullptr, slot + (at - lo), from - at);
-      plan.add(static_cast<const unsigned char*>(p.src) + (from - p.at), slot + (from - lo), to - from);
-      at = to;
-    }
-    if (at < hi) plan.add(nullptr, slot + (at - lo), hi - at);
-  }
-  return plan;
-}
-
-}  // namespace
-
 result<hash::digest> gpu_tree_hasher::tree_hash_pieces(const std::vector<device_piece>& pieces, std::uint64_t size,
                                                        stream_view stream) {
   TENSORREG_ASSERT(impl_ != nullptr);
@@ -305,36 +247,41 @@ result<hash::digest> gpu_tree_hasher::tree_hash_pieces(const std::vector<device_
     return fail(errc::out_of_range, what + ": size " + std::to_string(size) + " needs " + std::to_string(leaves) +
                                         " leaves, more than " + std::to_string(max_leaves - 1));
   }
-  auto plan = plan_leaves(pieces, size, leaves);
+  auto plan = detail::plan_leaves(pieces, size, leaves);
+  if (plan.tasks.size() >= max_leaves || plan.segments.size() >= max_leaves) {
+    return fail(errc::out_of_range, what + ": " + std::to_string(plan.segments.size()) + " leaf segments and " +
+                                        std::to_string(plan.tasks.size()) + " gather tasks");
+  }
   TENSORREG_TRY_ASSIGN(auto guard, detail::device_guard::create(impl_->device));
   (void)guard;
   auto* s = static_cast<cudaStream_t>(stream.handle);
   TENSORREG_TRY(impl_->reserve(leaves));
   TENSORREG_TRY(impl::grow(impl_->gather, impl_->gather_bytes, plan.gather_bytes, "gpu tree hash gather buffer"));
-  for (const auto i : plan.gathered_leaves) plan.leaf_ptrs[i] += reinterpret_cast<std::uintptr_t>(impl_->gather);
-  // One upload: the leaf addresses, then the tasks (8-byte aligned after them).
-  const std::uint64_t ptr_bytes = plan.leaf_ptrs.size() * sizeof(std::uint64_t);
+  plan.rebase(reinterpret_cast<std::uintptr_t>(impl_->gather));
+  // One upload: the segments, each leaf's first segment, then the gather tasks.
+  const std::uint64_t segment_bytes = plan.segments.size() * sizeof(detail::leaf_segment);
+  const std::uint64_t first_bytes = plan.first.size() * sizeof(std::uint32_t);
+  const std::uint64_t tasks_at = (segment_bytes + first_bytes + 15) / 16 * 16;
   const std::uint64_t task_bytes = plan.tasks.size() * sizeof(detail::gather_task);
-  std::vector<unsigned char> host(ptr_bytes + task_bytes);
-  std::memcpy(host.data(), plan.leaf_ptrs.data(), ptr_bytes);
-  if (task_bytes > 0) std::memcpy(host.data() + ptr_bytes, plan.tasks.data(), task_bytes);
+  std::vector<unsigned char> host(tasks_at + task_bytes);
+  std::memcpy(host.data(), plan.segments.data(), segment_bytes);
+  std::memcpy(host.data() + segment_bytes, plan.first.data(), first_bytes);
+  if (task_bytes > 0) std::memcpy(host.data() + tasks_at, plan.tasks.data(), task_bytes);
   TENSORREG_TRY(impl::grow(impl_->table, impl_->table_bytes, host.size(), "gpu tree hash leaf table"));
   TENSORREG_CUDA_TRY(cudaMemcpyAsync(impl_->table, host.data(), host.size(), cudaMemcpyHostToDevice, s),
                      "hash device memory pieces: upload the leaf table");
   if (!plan.tasks.empty()) {
-    if (plan.tasks.size() >= max_leaves) {
-      return fail(errc::out_of_range, what + ": " + std::to_string(plan.tasks.size()) + " gather tasks");
-    }
     TENSORREG_CUDA_TRY(
-        detail::launch_gather_kernel(reinterpret_cast<const detail::gather_task*>(impl_->table + ptr_bytes),
+        detail::launch_gather_kernel(reinterpret_cast<const detail::gather_task*>(impl_->table + tasks_at),
                                      static_cast<std::uint32_t>(plan.tasks.size()), impl_->gather, s),
         "hash device memory pieces: launch the gather kernel");
   }
   const auto n = static_cast<std::uint32_t>(leaves);
-  TENSORREG_CUDA_TRY(
-      detail::launch_leaf_table_kernel(reinterpret_cast<const std::uint64_t*>(impl_->table), size, n,
-                                       impl_->leaf_words(), detail::leaf_threads_per_block(leaves, impl_->sm_count), s),
-      "hash device memory pieces: launch the leaf kernel");
+  TENSORREG_CUDA_TRY(detail::launch_leaf_segments_kernel(
+                         reinterpret_cast<const detail::leaf_segment*>(impl_->table),
+                         reinterpret_cast<const std::uint32_t*>(impl_->table + segment_bytes), size, n,
+                         impl_->leaf_words(), detail::leaf_threads_per_block(leaves, impl_->sm_count), s),
+                     "hash device memory pieces: launch the leaf kernel");
   TENSORREG_CUDA_TRY(detail::launch_tree_kernels(impl_->leaf_words(), impl_->level_words(), n, impl_->root_words(), s),
                      "hash device memory pieces: launch the tree kernels");
   TENSORREG_CUDA_TRY(cudaMemcpyAsync(impl_->root_host, impl_->root_words(), words_per_digest * sizeof(std::uint32_t),

@@ -47,20 +47,22 @@ __global__ void __launch_bounds__(max_leaf_threads)
   out[1] = make_uint4(s[4], s[5], s[6], s[7]);
 }
 
-// The leaf kernel over a table of leaf addresses (launch_leaf_table_kernel): every address is
-// 16-byte aligned, so only the 128-bit loader is needed.
+// The leaf kernel over a leaf plan (launch_leaf_segments_kernel): each thread streams its
+// leaf's blocks across its segments (sha256_segment_words); one launch hashes every leaf.
+static_assert(sizeof(leaf_segment) == sizeof(segment_words_input));
 template <unroll_mode Mode, bool Steer>
 __global__ void __launch_bounds__(max_leaf_threads)
-    leaf_table_kernel(const std::uint64_t* __restrict__ leaf_ptrs, std::uint64_t size, std::uint32_t leaves,
-                      std::uint32_t* __restrict__ leaf_words, std::uint32_t one) {
+    leaf_segments_kernel(const segment_words_input* __restrict__ segments, const std::uint32_t* __restrict__ first,
+                         std::uint64_t size, std::uint32_t leaves, std::uint32_t* __restrict__ leaf_words,
+                         std::uint32_t one) {
   const std::uint32_t i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= leaves) return;
   const std::uint64_t offset = static_cast<std::uint64_t>(i) * sha_leaf_bytes;
   const std::uint64_t remaining = size - offset;
   const std::uint64_t len = remaining < sha_leaf_bytes ? remaining : sha_leaf_bytes;
-  const auto* data = reinterpret_cast<const unsigned char*>(leaf_ptrs[i]);
+  const std::uint32_t begin = first[i];
   std::uint32_t s[8];
-  sha256_words<16, Mode, Steer>(data, len, s, make_fma_steer(one));
+  sha256_segment_words<Mode, Steer>(segments + begin, first[i + 1] - begin, len, s, make_fma_steer(one));
   uint4* out = reinterpret_cast<uint4*>(leaf_words + 8 * static_cast<std::uint64_t>(i));
   out[0] = make_uint4(s[0], s[1], s[2], s[3]);
   out[1] = make_uint4(s[4], s[5], s[6], s[7]);
@@ -177,12 +179,13 @@ cudaError_t launch_leaf_kernel(const void* data, std::uint64_t size, std::uint32
   return cudaGetLastError();
 }
 
-cudaError_t launch_leaf_table_kernel(const std::uint64_t* leaf_ptrs, std::uint64_t size, std::uint32_t leaves,
-                                     std::uint32_t* leaf_words, unsigned threads_per_block, cudaStream_t stream) {
+cudaError_t launch_leaf_segments_kernel(const leaf_segment* segments, const std::uint32_t* first, std::uint64_t size,
+                                        std::uint32_t leaves, std::uint32_t* leaf_words, unsigned threads_per_block,
+                                        cudaStream_t stream) {
   const unsigned threads = std::clamp(threads_per_block / 32 * 32, 32U, max_leaf_threads);
   const std::uint32_t one = 1;
-  leaf_table_kernel<unroll_mode::rolled, true>
-      <<<(leaves + threads - 1) / threads, threads, 0, stream>>>(leaf_ptrs, size, leaves, leaf_words, one);
+  leaf_segments_kernel<unroll_mode::rolled, true><<<(leaves + threads - 1) / threads, threads, 0, stream>>>(
+      reinterpret_cast<const segment_words_input*>(segments), first, size, leaves, leaf_words, one);
   return cudaGetLastError();
 }
 

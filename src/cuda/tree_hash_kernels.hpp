@@ -11,6 +11,8 @@
 
 #include <cstdint>
 
+#include "cuda/leaf_plan.hpp"
+
 namespace tensorreg::cuda::detail {
 
 /// How the 64 SHA-256 rounds of the leaf kernel are laid out (sha256_device.cuh).
@@ -46,23 +48,13 @@ cudaError_t launch_leaf_kernel(const void* data, std::uint64_t size, std::uint32
                                unsigned threads_per_block, cudaStream_t stream,
                                leaf_kernel_variant variant = default_leaf_variant);
 
-/// Enqueues the leaf kernel over a leaf table: leaf i's bytes start at the device address
-/// leaf_ptrs[i] (a device array), its length is that of leaf i of a `size`-byte buffer (4 MiB,
-/// the last one what is left). Otherwise as launch_leaf_kernel with the default variant.
-/// REQUIRES: every leaf_ptrs[i] is 16-byte aligned; size, leaves, threads as there.
-cudaError_t launch_leaf_table_kernel(const std::uint64_t* leaf_ptrs, std::uint64_t size, std::uint32_t leaves,
-                                     std::uint32_t* leaf_words, unsigned threads_per_block, cudaStream_t stream);
-
-/// One block's work in the gather kernel: `length` bytes to `dst_offset` of the gather buffer,
-/// copied from `src`, or zeros when `src` is null.
-struct gather_task {
-  const unsigned char* src;
-  std::uint64_t dst_offset;
-  std::uint64_t length;
-};
-
-/// The most bytes one gather_task may carry (callers split longer runs).
-inline constexpr std::uint64_t gather_task_bytes = std::uint64_t{256} << 10;
+/// Enqueues the leaf kernel over a leaf plan (leaf_plan.hpp): leaf i of a `size`-byte buffer
+/// (4 MiB, the last one what is left) is read from segments[first[i] .. first[i + 1]) (device
+/// arrays). Otherwise as launch_leaf_kernel with the default variant.
+/// REQUIRES: the plan's rules (16-byte aligned addresses, tails after the last segment).
+cudaError_t launch_leaf_segments_kernel(const leaf_segment* segments, const std::uint32_t* first, std::uint64_t size,
+                                        std::uint32_t leaves, std::uint32_t* leaf_words, unsigned threads_per_block,
+                                        cudaStream_t stream);
 
 /// Enqueues the gather kernel: one block per task of `tasks` (a device array of `count`),
 /// 16-byte stores where the addresses allow, bytes elsewhere. Tasks must not overlap in the

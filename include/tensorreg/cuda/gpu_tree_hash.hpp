@@ -81,9 +81,11 @@ class gpu_tree_hasher {
 
   /// The data tree hash of a `size`-byte buffer made of `pieces` and zeros wherever no piece
   /// lies, equal to hash::tree_hash of those bytes assembled, without assembling them: a leaf
-  /// inside one piece at a 16-byte aligned address is hashed where it lies; the others (leaves
-  /// across pieces or gaps, unaligned ones) are gathered by one kernel into scratch the hasher
-  /// keeps for its next call. One upload of the leaf table, one synchronization at the end.
+  /// whose piece and gap boundaries fall on its 64-byte blocks, read at 16-byte aligned
+  /// addresses (a state dict's layout: PAD to 64 bytes, allocator blocks of 512), is hashed
+  /// where it lies, its thread streaming blocks across pieces and zero runs; the other leaves
+  /// are gathered by one kernel into scratch the hasher keeps for its next call. One upload of
+  /// the leaf plan, one synchronization at the end.
   /// REQUIRES: as tree_hash() for every piece's bytes.
   /// Errors: INVALID_ARGUMENT for size 0, a piece of length 0 or null `src`, pieces out of
   /// order, overlapping or past `size`; OUT_OF_RANGE, RESOURCE_EXHAUSTED, INTERNAL as
