@@ -848,6 +848,12 @@ status device_memory_provider::warm_up() {
     } free_probe{probe};
     TENSORREG_CUDA_TRY(cudaMemset(probe, 0, probe_bytes), "clear a warm-up buffer");
     TENSORREG_TRY(hash_on_device(st, device, probe, probe_bytes, {}));
+    // And a canonical buffer of pieces, as a leased dict is hashed: a boundary inside a block
+    // gathers its leaf, so the segment and gather kernels are both loaded (lazy module loading
+    // would otherwise charge the first verified commit) and the leaf table is allocated.
+    auto* at = static_cast<const std::byte*>(probe);
+    const std::vector<device_piece> pieces = {{0, at, probe_bytes / 2}, {probe_bytes / 2 + 3, at, 100}};
+    TENSORREG_TRY(hash_pieces_on_device(st, device, pieces, probe_bytes));
     // A pinned staging buffer for visit() (pinned memory is slow to allocate) and the snapshot stream.
     TENSORREG_TRY_ASSIGN(auto staging, st.acquire(device));
     st.give_back(std::move(staging));
