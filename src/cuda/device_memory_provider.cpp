@@ -558,20 +558,23 @@ std::optional<device_runs> gather(const memory::byte_source& source) {
         if (dev == nullptr) return false;
         if (out.device < 0) out.device = dev->device();
         if (dev->device() != out.device) return false;
-        out.ranges.push_back({at, static_cast<const std::byte*>(dev->device_pointer()) + offset, length});
+        out.ranges.push_back({at, static_cast<const std::byte*>(dev->device_pointer()) + offset, length, &leaf});
         return true;
       });
   if (!all_device || out.device < 0) return std::nullopt;
   return out;
 }
 
-// Runs that continue each other in both the canonical buffer and device memory are one copy: a
-// caching allocator's neighbours often are, and every copy issued costs the driver time.
+// Runs that continue each other in both the canonical buffer and device memory of one allocation
+// are one copy: a caching allocator's neighbours often are, and every copy issued costs the
+// driver time. Runs of two allocations stay apart even when the allocations are neighbours in
+// the address space: a copy that spans them is cudaErrorInvalidValue.
 std::vector<detail::device_range> merged(std::vector<detail::device_range> runs) {
   std::vector<detail::device_range> out;
   out.reserve(runs.size());
   for (const auto& r : runs) {
-    if (!out.empty() && out.back().dst + out.back().length == r.dst && out.back().src + out.back().length == r.src) {
+    if (!out.empty() && out.back().allocation == r.allocation && out.back().dst + out.back().length == r.dst &&
+        out.back().src + out.back().length == r.src) {
       out.back().length += r.length;
       continue;
     }
