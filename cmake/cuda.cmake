@@ -85,13 +85,15 @@ if(TENSORREG_BUILD_TESTS)
     ${PROJECT_SOURCE_DIR}/tests/cuda/producer_process.cpp
     ${PROJECT_SOURCE_DIR}/tests/cuda/bulk_copy_tests.cpp
     ${PROJECT_SOURCE_DIR}/tests/cuda/daemon_devices_tests.cpp
+    ${PROJECT_SOURCE_DIR}/tests/cuda/weight_sync_tests.cpp
     ${PROJECT_SOURCE_DIR}/tests/client/cuda_register_gpu_tests.cpp
     ${PROJECT_SOURCE_DIR}/tests/support/engine_helpers.cpp
     ${PROJECT_SOURCE_DIR}/tests/support/daemon_process.cpp
     ${PROJECT_SOURCE_DIR}/tests/support/temp_dir.cpp)
   tensorreg_cuda_target(tensorreg_gpu_tests)
   # One case drives a real tensorregd (the built one, or $TENSORREGD) through the C++ client.
-  target_compile_definitions(tensorreg_gpu_tests PRIVATE TENSORREG_DAEMON_PATH="$<TARGET_FILE:tensorregd>")
+  target_compile_definitions(tensorreg_gpu_tests PRIVATE TENSORREG_DAEMON_PATH="$<TARGET_FILE:tensorregd>"
+                                                         TENSORREG_TEST_DAEMON_WARM_START=1)
   add_dependencies(tensorreg_gpu_tests tensorregd)
   target_include_directories(tensorreg_gpu_tests PRIVATE ${PROJECT_SOURCE_DIR}/src ${PROJECT_SOURCE_DIR}/tests)
   target_link_libraries(tensorreg_gpu_tests PRIVATE tensorreg::cuda tensorreg::tensorreg tensorreg::daemon_core
@@ -145,6 +147,13 @@ if(TENSORREG_BUILD_BENCHMARKS)
   add_executable(cuda_lip_bench ${PROJECT_SOURCE_DIR}/benchmarks/cuda_lip_bench.cu)
   tensorreg_cuda_target(cuda_lip_bench)
   target_link_libraries(cuda_lip_bench PRIVATE tensorreg::cuda tensorreg::tensorreg tensorreg_cuda_flags)
+
+  # The copy of a snapshot lease (device_memory_provider::snapshot_to_device) of a 995-tensor,
+  # 16 GiB dict next to a plain device-to-device copy of the same bytes in the same run.
+  add_executable(cuda_snapshot_bench ${PROJECT_SOURCE_DIR}/benchmarks/cuda_snapshot_bench.cu)
+  tensorreg_cuda_target(cuda_snapshot_bench)
+  target_include_directories(cuda_snapshot_bench PRIVATE ${PROJECT_SOURCE_DIR}/benchmarks)
+  target_link_libraries(cuda_snapshot_bench PRIVATE tensorreg::cuda tensorreg::tensorreg tensorreg_cuda_flags)
 
   # tensorreg::client's register_cuda() (what python/tensorreg/store.py _register_cuda does) on a
   # tensor structure written by python_register_bench.py, its phases timed by the library's

@@ -186,6 +186,8 @@ struct dispatcher::impl {
     snap("tensorreg_regions", "Registered VRAM and HOST_SHARED regions", &es::regions);
     snap("tensorreg_mappings", "Open CUDA IPC and memfd mappings", &es::open_mappings);
     snap("tensorreg_vmm_reserved_bytes", "Address space reserved for CUDA VMM imports", &es::vmm_reserved_bytes);
+    snap("tensorreg_ipc_opens_total", "CUDA IPC handles opened by the driver", &es::ipc_opens, true);
+    snap("tensorreg_vmm_imports_total", "CUDA VMM imports made", &es::vmm_imports, true);
     snap("tensorreg_pending_registrations", "Registrations begun and not yet committed, aborted or expired",
          &es::pending_registrations);
     r.gauge_function("tensorreg_clients", "Open client connections (sessions)",

@@ -53,6 +53,8 @@ constexpr const char* kUsage =
     "  --stable-bytes N         stable DRAM cache budget in bytes (0 = unlimited; default 0)\n"
     "  --replica-pool-bytes N   idle page-locked replica memory kept for fast GPU puts, beyond\n"
     "                           the stable budget (0 = none; default min(16 GiB, RAM / 8))\n"
+    "  --snapshot-spare-bytes N largest snapshot lease after which the next one's device buffer\n"
+    "                           is allocated ahead (one spare per GPU; default 0 = none)\n"
     "  --persist-dir DIR        keep persisted artifacts here (created 0700; must be ours, 0700, not\n"
     "                           a symbolic link); without it StartPersistence is refused\n"
     "  --persist-threads N      persistence writes at once (default 2)\n"
@@ -78,6 +80,9 @@ constexpr const char* kUsage =
     "                           set one (CAP_SYS_NICE), else nice -10; 0 = fair share (default 1)\n"
     "  --log-level LEVEL        trace|debug|info|warn|error|off (default info; debug: each RPC)\n"
     "  --trust-client-pids      accept owner_pid other than the peer's from root or our uid\n"
+    "  --no-warm-start          do not ready the GPUs (context, hash kernels, placement speeds,\n"
+    "                           pinned buffers) before the ready line; the first GPU commit\n"
+    "                           then pays for it\n"
     "  --takeover               take over the daemon serving --socket: its stable DRAM cache and\n"
     "                           its listening socket, without a copy (same uid or root only)\n"
     "  --version                print the version and exit\n";
@@ -89,6 +94,7 @@ struct options {
   unsigned persist_threads = 2;
   std::uint64_t stable_bytes = 0;
   std::optional<std::uint64_t> replica_pool_bytes;  // unset: the provider's default
+  std::uint64_t snapshot_spare_bytes = 0;
   std::uint32_t max_frame_bytes = 64u << 20;
   std::size_t max_sessions = 1024;
   std::size_t max_sessions_per_uid = 256;
@@ -103,6 +109,7 @@ struct options {
   int io_rt_priority = 1;
   tensorreg::log_level log_level = tensorreg::log_level::info;
   bool trust_client_pids = false;
+  bool warm_start = true;
   bool takeover = false;
 };
 
@@ -136,6 +143,8 @@ int parse_options(const std::vector<std::string>& args, options& o) {
       o.metrics_addr = *v;
     } else if (a == "--trust-client-pids") {
       o.trust_client_pids = true;
+    } else if (a == "--no-warm-start") {
+      o.warm_start = false;
     } else if (a == "--takeover") {
       o.takeover = true;
     } else if (a == "--socket" || a == "--persist-dir" || a == "--log-level") {
@@ -176,16 +185,17 @@ int parse_options(const std::vector<std::string>& args, options& o) {
       if (!parse_number(*v, o.io_rt_priority) || o.io_rt_priority < 0 || o.io_rt_priority > 99) {
         return bad(a + " needs a number from 0 to 99, got '" + *v + "'");
       }
-    } else if (a == "--stable-bytes" || a == "--replica-pool-bytes" || a == "--max-frame-bytes" ||
-               a == "--max-sessions" || a == "--workers" || a == "--max-in-flight") {
+    } else if (a == "--stable-bytes" || a == "--replica-pool-bytes" || a == "--snapshot-spare-bytes" ||
+               a == "--max-frame-bytes" || a == "--max-sessions" || a == "--workers" || a == "--max-in-flight") {
       const auto* v = value();
       if (v == nullptr) return bad(a + " needs a value");
-      bool ok = a == "--stable-bytes"         ? parse_number(*v, o.stable_bytes)
-                : a == "--replica-pool-bytes" ? parse_number(*v, o.replica_pool_bytes.emplace())
-                : a == "--max-frame-bytes"    ? parse_number(*v, o.max_frame_bytes) && o.max_frame_bytes > 0
-                : a == "--max-sessions"       ? parse_number(*v, o.max_sessions) && o.max_sessions > 0
-                : a == "--max-in-flight"      ? parse_number(*v, o.max_in_flight) && o.max_in_flight > 0
-                                              : parse_number(*v, o.workers);
+      bool ok = a == "--stable-bytes"           ? parse_number(*v, o.stable_bytes)
+                : a == "--replica-pool-bytes"   ? parse_number(*v, o.replica_pool_bytes.emplace())
+                : a == "--snapshot-spare-bytes" ? parse_number(*v, o.snapshot_spare_bytes)
+                : a == "--max-frame-bytes"      ? parse_number(*v, o.max_frame_bytes) && o.max_frame_bytes > 0
+                : a == "--max-sessions"         ? parse_number(*v, o.max_sessions) && o.max_sessions > 0
+                : a == "--max-in-flight"        ? parse_number(*v, o.max_in_flight) && o.max_in_flight > 0
+                                                : parse_number(*v, o.workers);
       if (!ok) return bad(a + " needs a positive number, got '" + *v + "'");
     } else {
       return bad("unknown option '" + a + "'");
@@ -284,7 +294,19 @@ int serve(const options& o, tensorreg::logger& log) {
   // GPU memory when a device is present; otherwise CUDA-only requests fail FAILED_PRECONDITION.
   tensorreg::cuda::device_memory_provider::options device_options;
   if (o.replica_pool_bytes) device_options.replica_pool_bytes = *o.replica_pool_bytes;
+  device_options.snapshot_spare_bytes = o.snapshot_spare_bytes;
   if (auto devices = tensorreg::cuda::device_memory_provider::create(device_options)) {
+    // Before the ready line, so that the first GPU commit costs what later ones do.
+    if (o.warm_start) {
+      const auto t0 = std::chrono::steady_clock::now();
+      if (auto warm = (*devices)->warm_up(); !warm) {
+        tensorreg::log(log, log_level::warn, "cannot warm up the GPUs (they warm on first use): {}",
+                       warm.error().message);
+      } else {
+        tensorreg::log(log, log_level::info, "warmed up {} GPU(s) in {:.0f} ms", (*devices)->device_count(),
+                       std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+      }
+    }
     eo.devices = std::move(*devices);
   } else {
     tensorreg::log(log, log_level::warn, "running without GPU memory: {}", devices.error().message);

@@ -160,7 +160,8 @@ void fill_summary(wire::ArtifactSummary& out, const reg::artifact_summary& in) {
   out.set_artifact_id(in.descriptor.artifact_id);
   fill_descriptor(*out.mutable_artifact_descriptor(), in.descriptor);
   out.set_total_size(in.descriptor.total_size);
-  if (in.leases > 0) out.add_tiers(wire::TIER_VRAM_LEASED);  // enum order
+  if (in.vram_snapshots > 0) out.add_tiers(wire::TIER_VRAM);  // enum order
+  if (in.leases > in.snapshot_leases) out.add_tiers(wire::TIER_VRAM_LEASED);
   if (in.stable_replica) out.add_tiers(wire::TIER_STABLE_DRAM);
   if (in.shared_disk) out.add_tiers(wire::TIER_SHARED_DISK);
   out.set_lease_count(static_cast<std::uint32_t>(in.leases + in.joined_refs));
@@ -537,6 +538,8 @@ void fill_stats(wire::GetStatsResponse& out, const reg::engine_stats& in,
   out.set_regions(in.regions);
   out.set_open_mappings(in.open_mappings);
   out.set_vmm_reserved_bytes(in.vmm_reserved_bytes);
+  out.set_ipc_opens(in.ipc_opens);
+  out.set_vmm_imports(in.vmm_imports);
   out.set_pending_registrations(in.pending_registrations);
   out.set_connections(connections);
   out.set_stable_budget_bytes(in.stable_budget);

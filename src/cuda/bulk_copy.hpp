@@ -58,6 +58,9 @@ struct device_range {
   std::uint64_t dst = 0;
   const std::byte* src = nullptr;
   std::uint64_t length = 0;
+  /// The allocation `src` lies in (its mapping), when known: two allocations can be neighbours
+  /// in the address space, but no copy may span them.
+  const void* allocation = nullptr;
 };
 
 struct bulk_copy_options {

@@ -9,6 +9,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstring>
+#include <future>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -42,6 +43,32 @@ struct provider_state {
   device_memory_provider::options opts;
   int devices = 0;
   std::atomic<std::uint64_t> device_hashes{0};
+  // Cumulative driver work, for GetStats: a client that keeps its regions makes neither grow.
+  std::atomic<std::uint64_t> ipc_opens{0};
+  std::atomic<std::uint64_t> vmm_imports{0};
+  // Each device's stream for snapshots (snapshot_to_device), made on first use; one snapshot per
+  // device at a time (the copy is bound by the device's memory bandwidth, not by its issue).
+  struct snapshot_lane {
+    std::mutex mutex;
+    cudaStream_t stream = nullptr;
+    // The next snapshot's buffer, being allocated on another thread (options::
+    // snapshot_spare_bytes): spare_bytes long, null when its cudaMalloc failed. Never exported
+    // before a snapshot takes it, so no reader can have seen it.
+    std::future<void*> spare;
+    std::uint64_t spare_bytes = 0;
+    int device = 0;
+    ~snapshot_lane() {
+      if (spare.valid()) {
+        void* p = spare.get();
+        if (p != nullptr) {
+          release_device_guard guard(device);
+          check_release(cudaFree(p), "free a spare snapshot buffer");
+        }
+      }
+      if (stream != nullptr) check_release(cudaStreamDestroy(stream), "destroy a snapshot stream");
+    }
+  };
+  std::vector<std::unique_ptr<snapshot_lane>> lanes;  // by device, sized at create()
   // One GPU tree hasher per device, reused (its scratch grows once); one hash at a time on each
   // device, and devices hash concurrently (a multi-GPU host hashes every GPU's artifacts at once).
   struct device_hasher {
@@ -304,7 +331,11 @@ result<std::shared_ptr<device_memory_provider>> device_memory_provider::create(o
     state->replicas = devices::replica_pool::create(state->opts.replica_pool_bytes);
   state->devices = count;
   state->free_staging.resize(static_cast<std::size_t>(count));
-  for (int d = 0; d < count; ++d) state->hashers.push_back(std::make_unique<detail::provider_state::device_hasher>());
+  for (int d = 0; d < count; ++d) {
+    state->hashers.push_back(std::make_unique<detail::provider_state::device_hasher>());
+    state->lanes.push_back(std::make_unique<detail::provider_state::snapshot_lane>());
+    state->lanes.back()->device = d;
+  }
   // Driver entry points through the runtime, so nothing links libcuda.so: a binary built with
   // CUDA still starts on a machine without the driver (and then runs with no GPU).
   if (!detail::find_driver_entry(state->get_address_range, "cuMemGetAddressRange", 3020)) {
@@ -426,6 +457,7 @@ result<std::shared_ptr<const memory::byte_source>> device_memory_provider::open_
     return close_and_fail(errc::out_of_range, what() + ": the allocation holds " + std::to_string(size) +
                                                   " bytes, fewer than the " + std::to_string(min_bytes) + " needed");
   }
+  st.ipc_opens.fetch_add(1, std::memory_order_relaxed);
   auto mapping = std::make_shared<const detail::ipc_mapping>(state_, key, ptr, size, device_id);
   {
     std::lock_guard lock(st.cache_mutex);
@@ -456,6 +488,7 @@ result<registration::device_buffer> device_memory_provider::allocate(std::int32_
   registration::device_buffer out;
   out.bytes = std::move(owned);
   out.ipc_handle.assign(reinterpret_cast<const char*>(&handle), sizeof handle);
+  out.device_id = device_id;
   return out;
 }
 
@@ -488,6 +521,7 @@ result<std::shared_ptr<const memory::byte_source>> device_memory_provider::impor
   TENSORREG_TRY_ASSIGN(auto imported,
                        detail::vmm_import::create(st.vmm, device_id, fds, chunk_bytes, granularity, what));
   lock.unlock();
+  st.vmm_imports.fetch_add(1, std::memory_order_relaxed);
   return std::shared_ptr<const memory::byte_source>(
       std::make_shared<const detail::vmm_mapping>(state_, std::move(imported), device_id));
 }
@@ -524,10 +558,28 @@ std::optional<device_runs> gather(const memory::byte_source& source) {
         if (dev == nullptr) return false;
         if (out.device < 0) out.device = dev->device();
         if (dev->device() != out.device) return false;
-        out.ranges.push_back({at, static_cast<const std::byte*>(dev->device_pointer()) + offset, length});
+        out.ranges.push_back({at, static_cast<const std::byte*>(dev->device_pointer()) + offset, length, &leaf});
         return true;
       });
   if (!all_device || out.device < 0) return std::nullopt;
+  return out;
+}
+
+// Runs that continue each other in both the canonical buffer and device memory of one allocation
+// are one copy: a caching allocator's neighbours often are, and every copy issued costs the
+// driver time. Runs of two allocations stay apart even when the allocations are neighbours in
+// the address space: a copy that spans them is cudaErrorInvalidValue.
+std::vector<detail::device_range> merged(std::vector<detail::device_range> runs) {
+  std::vector<detail::device_range> out;
+  out.reserve(runs.size());
+  for (const auto& r : runs) {
+    if (!out.empty() && out.back().allocation == r.allocation && out.back().dst + out.back().length == r.dst &&
+        out.back().src + out.back().length == r.src) {
+      out.back().length += r.length;
+      continue;
+    }
+    out.push_back(r);
+  }
   return out;
 }
 
@@ -546,6 +598,21 @@ result<hash::digest> hash_on_device(detail::provider_state& st, int device, cons
   return slot.hasher->tree_hash(ptr, size, stream);
 }
 
+// As hash_on_device, for a canonical buffer of `size` bytes made of `pieces` (gpu_tree_hasher::
+// tree_hash_pieces: no canonical copy is assembled; the hasher keeps its gather scratch).
+result<hash::digest> hash_pieces_on_device(detail::provider_state& st, int device,
+                                           const std::vector<device_piece>& pieces, std::uint64_t size) {
+  TENSORREG_TRY_ASSIGN(auto guard, detail::device_guard::create(device));
+  (void)guard;
+  auto& slot = *st.hashers.at(static_cast<std::size_t>(device));
+  std::lock_guard lock(slot.mutex);
+  if (!slot.hasher) {
+    TENSORREG_TRY_ASSIGN(auto hasher, gpu_tree_hasher::create(device));
+    slot.hasher.emplace(std::move(hasher));
+  }
+  return slot.hasher->tree_hash_pieces(pieces, size, {});
+}
+
 std::optional<devices::hash_site> forced_site(device_memory_provider::options::hash_placement p) {
   using placement = device_memory_provider::options::hash_placement;
   if (p == placement::host) return devices::hash_site::host;
@@ -561,8 +628,10 @@ std::optional<result<hash::digest>> device_memory_provider::tree_hash_on_device(
   auto runs = gather(canonical);
   if (!runs) return std::nullopt;
   const int device = runs->device;
-  const auto& pieces = runs->ranges;
-  // One piece that is already the whole buffer is hashed where it lies; otherwise gathered.
+  // Neighbours in both the canonical buffer and device memory are one piece, so a leaf across
+  // them is hashed where it lies.
+  const auto pieces = merged(std::move(runs->ranges));
+  // One piece that is already the whole buffer is hashed as one contiguous buffer.
   const bool whole = pieces.size() == 1 && pieces[0].dst == 0 && pieces[0].length == size;
   const unsigned threads = state_->opts.host_hash_threads != 0 ? state_->opts.host_hash_threads
                                                                : std::max(1u, std::thread::hardware_concurrency());
@@ -573,22 +642,13 @@ std::optional<result<hash::digest>> device_memory_provider::tree_hash_on_device(
 
   auto run = [&]() -> result<hash::digest> {
     if (whole) return hash_on_device(*state_, device, pieces[0].src, size, {});
-    TENSORREG_TRY_ASSIGN(auto guard, detail::device_guard::create(device));
-    (void)guard;
-    void* scratch = nullptr;
-    TENSORREG_CUDA_TRY(cudaMalloc(&scratch, size), "allocate a GPU gather buffer for the tree hash");
-    struct freer {
-      void* p;
-      ~freer() { detail::check_release(cudaFree(p), "free a GPU gather buffer"); }
-    } free_scratch{scratch};
-    auto* base = static_cast<std::byte*>(scratch);
-    TENSORREG_CUDA_TRY(cudaMemsetAsync(base, 0, size, nullptr), "zero a GPU gather buffer");
-    for (const auto& piece : pieces) {
-      TENSORREG_CUDA_TRY(cudaMemcpyAsync(base + piece.dst, piece.src, piece.length, cudaMemcpyDeviceToDevice, nullptr),
-                         "gather canonical bytes on the GPU");
-    }
-    TENSORREG_CUDA_TRY(cudaStreamSynchronize(nullptr), "gather canonical bytes on the GPU");
-    return hash_on_device(*state_, device, base, size, {});
+    // Leaves are hashed where they lie in the mapped allocations; only those across runs or
+    // gaps are gathered (no canonical copy: its cudaMalloc, zeroing, copies and cudaFree took
+    // a large share of the kernel's own time for a big dict).
+    std::vector<device_piece> table;
+    table.reserve(pieces.size());
+    for (const auto& piece : pieces) table.push_back({piece.dst, piece.src, piece.length});
+    return hash_pieces_on_device(*state_, device, table, size);
   };
   auto digest = run();
   if (!digest && digest.error().code == errc::resource_exhausted) return std::nullopt;  // host fallback
@@ -605,7 +665,10 @@ std::optional<result<registration::host_copy>> device_memory_provider::copy_to_h
   const int device = runs->device;
   const auto site = devices::choose_site(
       forced_site(state_->opts.placement), pool.size() + 1, [device] { return detail::measured_speeds(device); },
-      [&](const devices::hash_speeds& s) { return devices::plan_copy(s, size, want_digest); });
+      [&](const devices::hash_speeds& s) {
+        const bool ready = state_->replicas && state_->replicas->holds(size);
+        return devices::plan_copy(s, size, want_digest, ready);
+      });
   if (site != devices::hash_site::gpu) return std::nullopt;
   const detail::snapshot_hasher hasher = [this, device](const void* ptr, std::uint64_t bytes, stream_view stream) {
     return hash_on_device(*state_, device, ptr, bytes, stream);
@@ -616,6 +679,194 @@ std::optional<result<registration::host_copy>> device_memory_provider::copy_to_h
   if (!copy && copy.error().code == errc::resource_exhausted) return std::nullopt;  // host fallback
   if (copy && want_digest) state_->device_hashes.fetch_add(1, std::memory_order_relaxed);
   return copy;
+}
+
+namespace {
+
+// One cudaMemcpyAsync per run; the message names the run that failed.
+status copy_runs_one_by_one(std::byte* to, const std::vector<detail::device_range>& runs, cudaStream_t stream) {
+  for (std::size_t i = 0; i < runs.size(); ++i) {
+    const auto& r = runs[i];
+    TENSORREG_CUDA_TRY(cudaMemcpyAsync(to + r.dst, r.src, r.length, cudaMemcpyDeviceToDevice, stream),
+                       "copy run " + std::to_string(i) + " of a snapshot (" + std::to_string(r.length) +
+                           " bytes to offset " + std::to_string(r.dst) + ")");
+  }
+  return {};
+}
+
+// Whether cudaMemcpyBatchAsync is given these runs: only when every run starts and ends on a
+// 16-byte boundary on both sides, the layout state dicts have. The one layout whose snapshot
+// failed on an H200 (cudaErrorInvalidValue, batch path) had a 3-byte run at an odd address and
+// runs at 4-byte aligned offsets; one cudaMemcpyAsync per run copies any alignment
+// (bulk_copy.cpp does only that, and its test of such runs passes there).
+bool batchable(const std::vector<detail::device_range>& runs) {
+  return runs.size() > 1 && std::all_of(runs.begin(), runs.end(), [](const detail::device_range& r) {
+           return r.dst % 16 == 0 && r.length % 16 == 0 && reinterpret_cast<std::uintptr_t>(r.src) % 16 == 0;
+         });
+}
+
+// Issues the copies of `runs` into `to` on `stream`, as one batch where the runtime and driver
+// have cudaMemcpyBatchAsync (CUDA 12.8+) and the runs are batchable(), else one cudaMemcpyAsync
+// each; the gaps are zeroed. Sets *batched when the batch was enqueued.
+status issue_snapshot(std::byte* to, std::uint64_t size, const std::vector<detail::device_range>& runs, int device,
+                      cudaStream_t stream, bool* batched) {
+  (void)device;
+  *batched = false;
+  std::uint64_t at = 0;
+  for (const auto& r : runs) {
+    if (r.dst > at) TENSORREG_CUDA_TRY(cudaMemsetAsync(to + at, 0, r.dst - at, stream), "zero a snapshot gap");
+    at = r.dst + r.length;
+  }
+  if (at < size) TENSORREG_CUDA_TRY(cudaMemsetAsync(to + at, 0, size - at, stream), "zero a snapshot gap");
+  if (runs.empty()) return {};
+#if CUDART_VERSION >= 12080
+  if (batchable(runs)) {
+    std::vector<void*> dsts;
+    std::vector<const void*> srcs;
+    std::vector<std::size_t> sizes;
+    dsts.reserve(runs.size());
+    srcs.reserve(runs.size());
+    sizes.reserve(runs.size());
+    for (const auto& r : runs) {
+      dsts.push_back(to + r.dst);
+      srcs.push_back(r.src);
+      sizes.push_back(static_cast<std::size_t>(r.length));
+    }
+    cudaMemcpyAttributes attrs{};
+    attrs.srcAccessOrder = cudaMemcpySrcAccessOrderStream;
+    // No location hints: they are for managed and pageable memory only.
+    std::size_t first = 0;
+#if CUDART_VERSION >= 13000
+    const cudaError_t e =
+        cudaMemcpyBatchAsync(dsts.data(), srcs.data(), sizes.data(), runs.size(), &attrs, &first, 1, stream);
+#else
+    std::size_t failed_at = 0;
+    const cudaError_t e = cudaMemcpyBatchAsync(dsts.data(), const_cast<void**>(srcs.data()), sizes.data(), runs.size(),
+                                               &attrs, &first, 1, &failed_at, stream);
+#endif
+    if (e == cudaSuccess) {
+      *batched = true;
+      return {};
+    }
+    // A driver without batches: copy one run at a time below. They rewrite every run, in
+    // stream order after whatever part of the batch may have been enqueued.
+    static_cast<void>(cudaGetLastError());
+  }
+#endif
+  return copy_runs_one_by_one(to, runs, stream);
+}
+
+}  // namespace
+
+std::optional<result<registration::device_buffer>> device_memory_provider::snapshot_to_device(
+    const memory::byte_source& source) {
+  auto runs = gather(source);
+  if (!runs) return std::nullopt;
+  const int device = runs->device;
+  const std::uint64_t size = source.size();
+  auto& st = *state_;
+  auto run = [&]() -> result<registration::device_buffer> {
+    TENSORREG_TRY_ASSIGN(auto guard, detail::device_guard::create(device));
+    (void)guard;
+    auto& lane = *st.lanes.at(static_cast<std::size_t>(device));
+    std::lock_guard lock(lane.mutex);
+    void* ptr = nullptr;
+    if (lane.spare.valid()) {
+      void* spare = lane.spare.get();  // waits for it when it is still being made
+      if (lane.spare_bytes == size) {
+        ptr = spare;
+      } else if (spare != nullptr) {
+        detail::check_release(cudaFree(spare), "free a spare snapshot buffer of another size");
+      }
+    }
+    if (ptr == nullptr) {
+      TENSORREG_CUDA_TRY(cudaMalloc(&ptr, size), "allocate a " + std::to_string(size) +
+                                                     "-byte snapshot buffer on device " + std::to_string(device));
+    }
+    // Owned from here: an error below frees it.
+    auto owned = std::make_shared<const detail::owned_device_buffer>(state_, ptr, size, device);
+    if (lane.stream == nullptr) {
+      TENSORREG_CUDA_TRY(cudaStreamCreateWithFlags(&lane.stream, cudaStreamNonBlocking), "create a snapshot stream");
+    }
+    const auto copies = merged(std::move(runs->ranges));
+    bool batched = false;
+    TENSORREG_TRY(issue_snapshot(static_cast<std::byte*>(ptr), size, copies, device, lane.stream, &batched));
+    // The next snapshot of this size (the next step of a weight-sync loop) should not wait for
+    // cudaMalloc, which for large buffers costs about what the copy does: allocate its buffer
+    // now, on another thread, while this copy runs.
+    if (size <= st.opts.snapshot_spare_bytes) {
+      lane.spare_bytes = size;
+      lane.spare = std::async(std::launch::async, [device, size]() -> void* {
+        if (cudaSetDevice(device) != cudaSuccess) return nullptr;
+        void* p = nullptr;
+        if (cudaMalloc(&p, size) != cudaSuccess) {
+          static_cast<void>(cudaGetLastError());
+          return nullptr;
+        }
+        return p;
+      });
+    }
+    if (const cudaError_t e = cudaStreamSynchronize(lane.stream); e == cudaErrorInvalidValue && batched) {
+      // A batch the driver took and then refused: every run again, one copy each (the buffer
+      // is ours alone; the error is not sticky).
+      static_cast<void>(cudaGetLastError());
+      TENSORREG_TRY(copy_runs_one_by_one(static_cast<std::byte*>(ptr), copies, lane.stream));
+      TENSORREG_CUDA_TRY(cudaStreamSynchronize(lane.stream), "wait for the copies of a snapshot");
+    } else {
+      TENSORREG_CUDA_TRY(e, "wait for the copies of a snapshot");
+    }
+    cudaIpcMemHandle_t handle{};
+    TENSORREG_CUDA_TRY(cudaIpcGetMemHandle(&handle, ptr), "export a snapshot buffer as a CUDA IPC handle");
+    registration::device_buffer out;
+    out.bytes = std::move(owned);
+    out.ipc_handle.assign(reinterpret_cast<const char*>(&handle), sizeof handle);
+    out.device_id = device;
+    return out;
+  };
+  return run();
+}
+
+std::uint64_t device_memory_provider::ipc_opens() const { return state_->ipc_opens.load(std::memory_order_relaxed); }
+
+std::uint64_t device_memory_provider::vmm_imports() const {
+  return state_->vmm_imports.load(std::memory_order_relaxed);
+}
+
+status device_memory_provider::warm_up() {
+  auto& st = *state_;
+  for (int device = 0; device < st.devices; ++device) {
+    TENSORREG_TRY_ASSIGN(auto guard, detail::device_guard::create(device));
+    (void)guard;
+    // The context (cudaFree(0) creates the primary context without allocating).
+    TENSORREG_CUDA_TRY(cudaFree(nullptr), "start CUDA on device " + std::to_string(device));
+    // The placement's speeds, measured now rather than in the first commit that asks.
+    if (!forced_site(st.opts.placement)) TENSORREG_TRY(detail::measured_speeds(device));
+    // The hasher (kernels loaded, first scratch) with a small hash, as a commit would run it.
+    constexpr std::uint64_t probe_bytes = std::uint64_t{1} << 20;
+    void* probe = nullptr;
+    TENSORREG_CUDA_TRY(cudaMalloc(&probe, probe_bytes), "allocate a warm-up buffer");
+    struct freer {
+      void* p;
+      ~freer() { detail::check_release(cudaFree(p), "free a warm-up buffer"); }
+    } free_probe{probe};
+    TENSORREG_CUDA_TRY(cudaMemset(probe, 0, probe_bytes), "clear a warm-up buffer");
+    TENSORREG_TRY(hash_on_device(st, device, probe, probe_bytes, {}));
+    // And a canonical buffer of pieces, as a leased dict is hashed: a boundary inside a block
+    // gathers its leaf, so the segment and gather kernels are both loaded (lazy module loading
+    // would otherwise charge the first verified commit) and the leaf table is allocated.
+    auto* at = static_cast<const std::byte*>(probe);
+    const std::vector<device_piece> pieces = {{0, at, probe_bytes / 2}, {probe_bytes / 2 + 3, at, 100}};
+    TENSORREG_TRY(hash_pieces_on_device(st, device, pieces, probe_bytes));
+    // A pinned staging buffer for visit() (pinned memory is slow to allocate) and the snapshot stream.
+    TENSORREG_TRY_ASSIGN(auto staging, st.acquire(device));
+    st.give_back(std::move(staging));
+    auto& lane = *st.lanes.at(static_cast<std::size_t>(device));
+    std::lock_guard lock(lane.mutex);
+    if (lane.stream == nullptr) {
+      TENSORREG_CUDA_TRY(cudaStreamCreateWithFlags(&lane.stream, cudaStreamNonBlocking), "create a snapshot stream");
+    }
+  }
+  return {};
 }
 
 std::uint64_t device_memory_provider::device_hashes() const noexcept {

@@ -2,7 +2,9 @@
 
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
 #include <cstdio>
+#include <cstring>
 #include <string>
 #include <utility>
 
@@ -62,6 +64,12 @@ struct gpu_tree_hasher::impl {
   std::uint64_t capacity = 0;          // leaves the scratch holds
   std::uint32_t* scratch = nullptr;    // [leaf words | level words | root words]
   std::uint32_t* root_host = nullptr;  // pinned, 8 words
+  // tree_hash_pieces(): the gathered leaves and the uploaded table (leaf addresses, then the
+  // gather tasks), both kept and grown on demand, so a weight-sync loop allocates once.
+  unsigned char* gather = nullptr;
+  std::uint64_t gather_bytes = 0;
+  unsigned char* table = nullptr;
+  std::uint64_t table_bytes = 0;
 
   impl() = default;
   impl(const impl&) = delete;
@@ -69,9 +77,11 @@ struct gpu_tree_hasher::impl {
 
   ~impl() {
     // Best effort: the device may already be gone at process exit (CudartUnloading).
-    if (scratch == nullptr && root_host == nullptr) return;
+    if (scratch == nullptr && root_host == nullptr && gather == nullptr && table == nullptr) return;
     detail::release_device_guard guard(device);
     if (scratch != nullptr) detail::check_release(cudaFree(scratch), "free gpu tree hash scratch");
+    if (gather != nullptr) detail::check_release(cudaFree(gather), "free gpu tree hash gather buffer");
+    if (table != nullptr) detail::check_release(cudaFree(table), "free gpu tree hash leaf table");
     if (root_host != nullptr) detail::check_release(cudaFreeHost(root_host), "free gpu tree hash root slot");
   }
 
@@ -93,6 +103,22 @@ struct gpu_tree_hasher::impl {
                                 "allocate gpu tree hash scratch for " + std::to_string(leaves) + " leaves"));
     scratch = static_cast<std::uint32_t*>(p);
     capacity = leaves;
+    return {};
+  }
+
+  // Grows the device buffer `p` (holding `have` bytes) to `want` bytes; its contents go. The
+  // device must be current.
+  static status grow(unsigned char*& p, std::uint64_t& have, std::uint64_t want, const char* what) {
+    if (want <= have) return {};
+    if (p != nullptr) {
+      TENSORREG_CUDA_TRY(cudaFree(p), std::string("free the ") + what);
+      p = nullptr;
+      have = 0;
+    }
+    void* fresh = nullptr;
+    TENSORREG_CUDA_TRY(cudaMalloc(&fresh, want), "allocate " + std::to_string(want) + " bytes of " + what);
+    p = static_cast<unsigned char*>(fresh);
+    have = want;
     return {};
   }
 
@@ -192,6 +218,81 @@ result<hash::digest> gpu_tree_hasher::tree_hash(const void* device_ptr, std::uin
                      "hash device memory: copy the root to the host");
   TENSORREG_CUDA_TRY(cudaStreamSynchronize(s), "hash device memory: wait for the tree hash");
   return digest_from_words(impl_->root_host);
+}
+
+result<hash::digest> gpu_tree_hasher::tree_hash_pieces(const std::vector<device_piece>& pieces, std::uint64_t size,
+                                                       stream_view stream) {
+  TENSORREG_ASSERT(impl_ != nullptr);
+  const std::string what = "cannot hash device memory pieces";
+  if (size == 0) return fail(errc::invalid_argument, what + ": size is 0");
+  std::uint64_t end = 0;
+  for (std::size_t i = 0; i < pieces.size(); ++i) {
+    const auto& p = pieces[i];
+    const std::string which = ": piece " + std::to_string(i) + " at " + std::to_string(p.at);
+    if (p.length == 0 || p.src == nullptr) {
+      return fail(errc::invalid_argument, what + which + " is empty or has a null address");
+    }
+    if (p.at < end) {
+      return fail(errc::invalid_argument,
+                  what + which + " starts before the end of the piece before it, " + std::to_string(end));
+    }
+    if (p.at > size || p.length > size - p.at) {
+      return fail(errc::invalid_argument,
+                  what + which + " of " + std::to_string(p.length) + " bytes ends past size " + std::to_string(size));
+    }
+    end = p.at + p.length;
+  }
+  const std::uint64_t leaves = hash::leaf_count(size);
+  if (leaves >= max_leaves) {
+    return fail(errc::out_of_range, what + ": size " + std::to_string(size) + " needs " + std::to_string(leaves) +
+                                        " leaves, more than " + std::to_string(max_leaves - 1));
+  }
+  auto plan = detail::plan_leaves(pieces, size, leaves);
+  if (plan.tasks.size() >= max_leaves || plan.segments.size() >= max_leaves) {
+    return fail(errc::out_of_range, what + ": " + std::to_string(plan.segments.size()) + " leaf segments and " +
+                                        std::to_string(plan.tasks.size()) + " gather tasks");
+  }
+  TENSORREG_TRY_ASSIGN(auto guard, detail::device_guard::create(impl_->device));
+  (void)guard;
+  auto* s = static_cast<cudaStream_t>(stream.handle);
+  TENSORREG_TRY(impl_->reserve(leaves));
+  TENSORREG_TRY(impl::grow(impl_->gather, impl_->gather_bytes, plan.gather_bytes, "gpu tree hash gather buffer"));
+  plan.rebase(reinterpret_cast<std::uintptr_t>(impl_->gather));
+  // One upload: the segments, each leaf's first segment, then the gather tasks.
+  const std::uint64_t segment_bytes = plan.segments.size() * sizeof(detail::leaf_segment);
+  const std::uint64_t first_bytes = plan.first.size() * sizeof(std::uint32_t);
+  const std::uint64_t tasks_at = (segment_bytes + first_bytes + 15) / 16 * 16;
+  const std::uint64_t task_bytes = plan.tasks.size() * sizeof(detail::gather_task);
+  std::vector<unsigned char> host(tasks_at + task_bytes);
+  std::memcpy(host.data(), plan.segments.data(), segment_bytes);
+  std::memcpy(host.data() + segment_bytes, plan.first.data(), first_bytes);
+  if (task_bytes > 0) std::memcpy(host.data() + tasks_at, plan.tasks.data(), task_bytes);
+  TENSORREG_TRY(impl::grow(impl_->table, impl_->table_bytes, host.size(), "gpu tree hash leaf table"));
+  TENSORREG_CUDA_TRY(cudaMemcpyAsync(impl_->table, host.data(), host.size(), cudaMemcpyHostToDevice, s),
+                     "hash device memory pieces: upload the leaf table");
+  if (!plan.tasks.empty()) {
+    TENSORREG_CUDA_TRY(
+        detail::launch_gather_kernel(reinterpret_cast<const detail::gather_task*>(impl_->table + tasks_at),
+                                     static_cast<std::uint32_t>(plan.tasks.size()), impl_->gather, s),
+        "hash device memory pieces: launch the gather kernel");
+  }
+  const auto n = static_cast<std::uint32_t>(leaves);
+  TENSORREG_CUDA_TRY(detail::launch_leaf_segments_kernel(
+                         reinterpret_cast<const detail::leaf_segment*>(impl_->table),
+                         reinterpret_cast<const std::uint32_t*>(impl_->table + segment_bytes), size, n,
+                         impl_->leaf_words(), detail::leaf_threads_per_block(leaves, impl_->sm_count), s),
+                     "hash device memory pieces: launch the leaf kernel");
+  TENSORREG_CUDA_TRY(detail::launch_tree_kernels(impl_->leaf_words(), impl_->level_words(), n, impl_->root_words(), s),
+                     "hash device memory pieces: launch the tree kernels");
+  TENSORREG_CUDA_TRY(cudaMemcpyAsync(impl_->root_host, impl_->root_words(), words_per_digest * sizeof(std::uint32_t),
+                                     cudaMemcpyDeviceToHost, s),
+                     "hash device memory pieces: copy the root to the host");
+  TENSORREG_CUDA_TRY(cudaStreamSynchronize(s), "hash device memory pieces: wait for the tree hash");
+  return digest_from_words(impl_->root_host);
+}
+
+std::uint64_t gpu_tree_hasher::gather_capacity_bytes() const noexcept {
+  return impl_ != nullptr ? impl_->gather_bytes : 0;
 }
 
 result<std::vector<hash::digest>> gpu_tree_hasher::leaf_digests(const void* device_ptr, std::uint64_t size,

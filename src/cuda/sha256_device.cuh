@@ -421,6 +421,61 @@ TENSORREG_SHA_HD void sha256_words(const unsigned char* p, std::uint64_t len, st
   finish_message<Mode, Steer>(s, p + full * 64, static_cast<unsigned>(len % 64), len, st);
 }
 
+/// A run of 64-byte blocks of one leaf (leaf_plan.hpp's leaf_segment, repeated here so this
+/// header stays free of host-only headers): at `address`, or zeros when `address` is 0.
+struct segment_words_input {
+  std::uint64_t address;
+  std::uint64_t blocks;
+};
+
+/// The 64-byte block at `address` (16-byte aligned), or a zero block when `address` is 0.
+TENSORREG_SHA_HD void load_block_or_zero(std::uint64_t address, std::uint32_t (&raw)[16]) {
+  if (address == 0) {
+    TENSORREG_SHA_UNROLL
+    for (int i = 0; i < 16; ++i) raw[i] = 0;
+  } else {
+    block_loader<16>::load(reinterpret_cast<const unsigned char*>(address), raw);
+  }
+}
+
+/// SHA-256 state words of a `len`-byte message whose len / 64 whole blocks are spread over
+/// `count` segments in order, and whose len % 64 tail bytes follow the last segment's blocks
+/// in its memory. Every non-zero address is 16-byte aligned. Only the last segment may have 0
+/// blocks; a zero segment is never followed by a tail. The same prefetch as sha256_words.
+template <unroll_mode Mode = unroll_mode::full, bool Steer = false>
+TENSORREG_SHA_HD void sha256_segment_words(const segment_words_input* segments, std::uint32_t count, std::uint64_t len,
+                                           std::uint32_t (&s)[8], fma_steer st = {}) {
+  using loader = block_loader<16>;
+  init_state(s);
+  const std::uint64_t full = len / 64;
+  const segment_words_input* seg = segments;
+  const segment_words_input* last = segments + (count - 1);
+  std::uint64_t address = seg->address;
+  std::uint64_t left = seg->blocks;
+  if (full > 0) {
+    std::uint32_t raw[16];
+    load_block_or_zero(address, raw);
+    for (std::uint64_t blk = 0; blk < full; ++blk) {
+      std::uint32_t w[16];
+      TENSORREG_SHA_UNROLL
+      for (int i = 0; i < 16; ++i) w[i] = loader::word(raw[i]);
+      // The next block: further in this segment, else the first of the next one (or, past the
+      // last block, the tail right after the last segment's blocks).
+      if (--left == 0 && seg != last) {
+        ++seg;
+        address = seg->address;
+        left = seg->blocks;
+      } else if (address != 0) {
+        address += 64;
+      }
+      if (blk + 1 < full) load_block_or_zero(address, raw);
+      compress<Mode, Steer>(s, w, st);
+    }
+  }
+  finish_message<Mode, Steer>(s, reinterpret_cast<const unsigned char*>(address), static_cast<unsigned>(len % 64), len,
+                              st);
+}
+
 /// State words of SHA-256(left ‖ right) for two digests in word form: the data block is the
 /// 16 words as they are, the padding block is constant (0x80, zeros, bit length 512).
 template <unroll_mode Mode = unroll_mode::full>

@@ -2,17 +2,20 @@
 
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstring>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <thread>
 #include <vector>
 
 #include "cuda/cuda_check.hpp"
 #include "tensorreg/cuda/gpu_tree_hash.hpp"
 #include "tensorreg/hash/sha256.hpp"
 #include "tensorreg/hash/tree_hash.hpp"
+#include "tensorreg/memory/shared_memory.hpp"
 
 namespace tensorreg::cuda::detail {
 namespace {
@@ -21,6 +24,7 @@ using devices::hash_speeds;
 
 constexpr std::uint64_t device_probe_bytes = std::uint64_t{64} << 20;
 constexpr std::size_t host_probe_bytes = std::size_t{16} << 20;
+constexpr std::uint64_t fresh_probe_bytes = std::uint64_t{256} << 20;
 
 // Leaves the GPU hash is known to finish in its flat time, per SM: a lower bound from the
 // measured flat hash of many leaves per SM (benchmarks/RESULTS.md), so the model never counts
@@ -61,6 +65,28 @@ result<double> copy_rate(stream_owner& s, void* to, const void* from, std::uint6
     TENSORREG_CUDA_TRY(cudaEventElapsedTime(&ms, s.start, s.stop), "time a speed probe copy");
   }
   return static_cast<double>(bytes) / (static_cast<double>(ms) / 1e3);
+}
+
+// Every hardware thread writing its stripe of a new memfd, as the host path and a fresh replica
+// do: the aggregate rate of first touches, which one core's rate times the threads overstates
+// wherever page faults serialize (a VM). 0 when no memfd can be made (then not counted).
+double fresh_write_rate() {
+  auto memfd = memory::shared_memory::create(fresh_probe_bytes, "tensorreg-speed-probe");
+  if (!memfd) return 0;
+  auto bytes = memfd->mutable_bytes();
+  const std::uint64_t threads = std::max(1u, std::thread::hardware_concurrency());
+  const std::uint64_t stripe = (fresh_probe_bytes / threads + 4095) / 4096 * 4096;
+  const auto t0 = std::chrono::steady_clock::now();
+  {
+    std::vector<std::jthread> writers;
+    for (std::uint64_t t = 0; t < threads && t * stripe < fresh_probe_bytes; ++t) {
+      writers.emplace_back([&, t] {
+        const std::uint64_t at = t * stripe;
+        std::memset(bytes.data() + at, 0x5a, std::min(stripe, fresh_probe_bytes - at));
+      });
+    }
+  }
+  return static_cast<double>(fresh_probe_bytes) / seconds_since(t0);
 }
 
 result<hash_speeds> measure(int device) {
@@ -110,6 +136,7 @@ result<hash_speeds> measure(int device) {
   const volatile std::byte* check = fresh.get();
   static_cast<void>(check[host_probe_bytes - 1]);
   s.host_core_copy_rate = static_cast<double>(host_probe_bytes) / seconds_since(t1);
+  s.host_fresh_write_rate = fresh_write_rate();
   return s;
 }
 

@@ -4,7 +4,8 @@
 // measured_speeds(device) measures, once per device and process, on first use: the GPU tree
 // hash of one 4 MiB leaf (one GPU thread hashes a leaf, so that is the flat time of any hash up
 // to one leaf per thread in flight), a pinned D2H and a D2D copy of 64 MiB, and one host core's
-// SHA-256 and memcpy (into fresh pages) rates over 16 MiB. Most of the time goes to the leaf
+// SHA-256 and memcpy (into fresh pages) rates over 16 MiB, and the rate at which all hardware
+// threads together write a new 256 MiB memfd (its first touch). Most of the time goes to the leaf
 // hash; later calls return the cached numbers. host_threads is left 0 for the caller
 // (devices::choose_site sets it).
 //

@@ -47,6 +47,56 @@ __global__ void __launch_bounds__(max_leaf_threads)
   out[1] = make_uint4(s[4], s[5], s[6], s[7]);
 }
 
+// The leaf kernel over a leaf plan (launch_leaf_segments_kernel): each thread streams its
+// leaf's blocks across its segments (sha256_segment_words); one launch hashes every leaf.
+static_assert(sizeof(leaf_segment) == sizeof(segment_words_input));
+template <unroll_mode Mode, bool Steer>
+__global__ void __launch_bounds__(max_leaf_threads)
+    leaf_segments_kernel(const segment_words_input* __restrict__ segments, const std::uint32_t* __restrict__ first,
+                         std::uint64_t size, std::uint32_t leaves, std::uint32_t* __restrict__ leaf_words,
+                         std::uint32_t one) {
+  const std::uint32_t i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= leaves) return;
+  const std::uint64_t offset = static_cast<std::uint64_t>(i) * sha_leaf_bytes;
+  const std::uint64_t remaining = size - offset;
+  const std::uint64_t len = remaining < sha_leaf_bytes ? remaining : sha_leaf_bytes;
+  const std::uint32_t begin = first[i];
+  std::uint32_t s[8];
+  sha256_segment_words<Mode, Steer>(segments + begin, first[i + 1] - begin, len, s, make_fma_steer(one));
+  uint4* out = reinterpret_cast<uint4*>(leaf_words + 8 * static_cast<std::uint64_t>(i));
+  out[0] = make_uint4(s[0], s[1], s[2], s[3]);
+  out[1] = make_uint4(s[4], s[5], s[6], s[7]);
+}
+
+constexpr unsigned gather_threads = 256;
+
+// One task per block: bytes up to a 16-byte boundary of the destination, then 16-byte stores
+// (16-byte loads when the source is aligned too, else byte loads), then the tail bytes.
+__global__ void __launch_bounds__(gather_threads)
+    gather_kernel(const gather_task* __restrict__ tasks, unsigned char* __restrict__ base) {
+  const gather_task t = tasks[blockIdx.x];
+  unsigned char* d = base + t.dst_offset;
+  const unsigned char* src = t.src;
+  std::uint64_t n = t.length;
+  const std::uint64_t misaligned = reinterpret_cast<std::uintptr_t>(d) & 15U;
+  const std::uint64_t head = misaligned == 0 ? 0 : (16 - misaligned < n ? 16 - misaligned : n);
+  for (std::uint64_t k = threadIdx.x; k < head; k += blockDim.x) d[k] = src != nullptr ? src[k] : 0;
+  d += head;
+  if (src != nullptr) src += head;
+  n -= head;
+  const std::uint64_t vectors = n / 16;
+  auto* dv = reinterpret_cast<uint4*>(d);
+  if (src == nullptr) {
+    for (std::uint64_t k = threadIdx.x; k < vectors; k += blockDim.x) dv[k] = make_uint4(0, 0, 0, 0);
+  } else if ((reinterpret_cast<std::uintptr_t>(src) & 15U) == 0) {
+    const auto* sv = reinterpret_cast<const uint4*>(src);
+    for (std::uint64_t k = threadIdx.x; k < vectors; k += blockDim.x) dv[k] = sv[k];
+  } else {
+    for (std::uint64_t k = threadIdx.x; k < vectors * 16; k += blockDim.x) d[k] = src[k];
+  }
+  for (std::uint64_t k = vectors * 16 + threadIdx.x; k < n; k += blockDim.x) d[k] = src != nullptr ? src[k] : 0;
+}
+
 // One level of n nodes at `in` → (n+1)/2 nodes at `out`, one thread per node.
 __global__ void __launch_bounds__(tree_threads)
     tree_level_kernel(const std::uint32_t* __restrict__ in, std::uint32_t n, std::uint32_t* __restrict__ out) {
@@ -126,6 +176,22 @@ cudaError_t launch_leaf_kernel(const void* data, std::uint64_t size, std::uint32
                                unsigned threads_per_block, cudaStream_t stream, leaf_kernel_variant variant) {
   const unsigned threads = std::clamp(threads_per_block / 32 * 32, 32U, max_leaf_threads);
   launch_variant(variant, data, size, leaves, leaf_words, threads, (leaves + threads - 1) / threads, stream);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_leaf_segments_kernel(const leaf_segment* segments, const std::uint32_t* first, std::uint64_t size,
+                                        std::uint32_t leaves, std::uint32_t* leaf_words, unsigned threads_per_block,
+                                        cudaStream_t stream) {
+  const unsigned threads = std::clamp(threads_per_block / 32 * 32, 32U, max_leaf_threads);
+  const std::uint32_t one = 1;
+  leaf_segments_kernel<unroll_mode::rolled, true><<<(leaves + threads - 1) / threads, threads, 0, stream>>>(
+      reinterpret_cast<const segment_words_input*>(segments), first, size, leaves, leaf_words, one);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_gather_kernel(const gather_task* tasks, std::uint32_t count, unsigned char* base,
+                                 cudaStream_t stream) {
+  gather_kernel<<<count, gather_threads, 0, stream>>>(tasks, base);
   return cudaGetLastError();
 }
 

@@ -11,6 +11,8 @@
 
 #include <cstdint>
 
+#include "cuda/leaf_plan.hpp"
+
 namespace tensorreg::cuda::detail {
 
 /// How the 64 SHA-256 rounds of the leaf kernel are laid out (sha256_device.cuh).
@@ -45,6 +47,20 @@ inline constexpr leaf_kernel_variant default_leaf_variant = leaf_kernel_variant:
 cudaError_t launch_leaf_kernel(const void* data, std::uint64_t size, std::uint32_t leaves, std::uint32_t* leaf_words,
                                unsigned threads_per_block, cudaStream_t stream,
                                leaf_kernel_variant variant = default_leaf_variant);
+
+/// Enqueues the leaf kernel over a leaf plan (leaf_plan.hpp): leaf i of a `size`-byte buffer
+/// (4 MiB, the last one what is left) is read from segments[first[i] .. first[i + 1]) (device
+/// arrays). Otherwise as launch_leaf_kernel with the default variant.
+/// REQUIRES: the plan's rules (16-byte aligned addresses, tails after the last segment).
+cudaError_t launch_leaf_segments_kernel(const leaf_segment* segments, const std::uint32_t* first, std::uint64_t size,
+                                        std::uint32_t leaves, std::uint32_t* leaf_words, unsigned threads_per_block,
+                                        cudaStream_t stream);
+
+/// Enqueues the gather kernel: one block per task of `tasks` (a device array of `count`),
+/// 16-byte stores where the addresses allow, bytes elsewhere. Tasks must not overlap in the
+/// buffer. REQUIRES: count ≥ 1 and < 2^31.
+cudaError_t launch_gather_kernel(const gather_task* tasks, std::uint32_t count, unsigned char* base,
+                                 cudaStream_t stream);
 
 /// Enqueues the tree fold over `leaves` digests at level_a (overwritten), using level_b
 /// (room for ceil(leaves/2) digests) as the other half of a ping-pong pair; the root's state

@@ -29,6 +29,11 @@ struct hash_speeds {
   unsigned host_threads = 0;              ///< threads hashing on the host
   double d2h_rate = 0;                    ///< device → pinned host copy, bytes/s
   double d2d_rate = 0;                    ///< device → device copy (gather, snapshot), bytes/s
+  /// All host threads together writing memory a new memfd hands out for the first time,
+  /// bytes/s: page faults and zeroing, which need not scale with threads (a VM's do not), so a
+  /// fresh replica is written no faster than this however it is filled. 0: not measured, not
+  /// counted.
+  double host_fresh_write_rate = 0;
 };
 
 enum class hash_site { host, gpu };
@@ -51,9 +56,14 @@ struct hash_plan {
 
 /// Copying `bytes` of device memory into host memory, hashed when `want_digest`
 /// (device_memory::copy_to_host):
-///   host = staged D2H overlapped with each thread's copy + hash of its leaves;
-///   gpu  = a snapshot on the device, then the D2H of the snapshot concurrent with its GPU hash.
-[[nodiscard]] hash_plan plan_copy(const hash_speeds& s, std::uint64_t bytes, bool want_digest) noexcept;
+///   host = staged D2H overlapped with each thread's copy + hash of its leaves, into a fresh
+///          memfd: no faster than host_fresh_write_rate;
+///   gpu  = a snapshot on the device, then the D2H of the snapshot concurrent with its GPU hash;
+///          the D2H lands in a recycled replica at the link's rate when `replica_ready` (an idle
+///          pooled arena of that size exists), else in a fresh memfd, no faster than
+///          host_fresh_write_rate either.
+[[nodiscard]] hash_plan plan_copy(const hash_speeds& s, std::uint64_t bytes, bool want_digest,
+                                  bool replica_ready = false) noexcept;
 
 /// The site forced by `forced`, else the choice of `plan` (plan_hash or plan_copy bound to the
 /// size) on the speeds `measure()` returns (a result<hash_speeds>), with `host_threads` set;

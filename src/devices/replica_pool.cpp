@@ -1,5 +1,6 @@
 #include "devices/replica_pool.hpp"
 
+#include <algorithm>
 #include <utility>
 #include <vector>
 
@@ -24,6 +25,11 @@ std::optional<replica_pool::arena> replica_pool::take(std::uint64_t size) {
   }
   ++counters_.misses;
   return std::nullopt;
+}
+
+bool replica_pool::holds(std::uint64_t size) const {
+  std::lock_guard lock(mutex_);
+  return std::any_of(idle_.begin(), idle_.end(), [&](const arena& a) { return a.memory.size() == size; });
 }
 
 std::shared_ptr<const shared_memory> replica_pool::lend(arena a) {

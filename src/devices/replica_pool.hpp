@@ -66,6 +66,10 @@ class replica_pool : public std::enable_shared_from_this<replica_pool> {
   /// an old replica's: the caller overwrites all of them.
   [[nodiscard]] std::optional<arena> take(std::uint64_t size);
 
+  /// Whether an idle arena of exactly `size` bytes is there now (a later take() may still miss
+  /// it: another caller may take it first). For predictions only.
+  [[nodiscard]] bool holds(std::uint64_t size) const;
+
   /// `a` as a replica, sealed against writes through any fd (see above): the returned pointer
   /// is a.memory; when its last holder drops it, the arena returns to this pool (see above).
   /// REQUIRES: a.memory.writable().

@@ -11,7 +11,35 @@ tl::unexpected<error> not_found(const std::string& id) {
   return fail(errc::not_found, "cannot find region '" + id + "': no such region");
 }
 
+// Mappings of regions that go, released by the caller once the registry's lock is let go:
+// closing a device mapping takes the driver's time, and other registry calls need not wait.
+using released_mappings = std::vector<std::shared_ptr<const memory::byte_source>>;
+
+void let_go(region_info& info, released_mappings& out) {
+  if (info.ipc_mapping) out.push_back(info.ipc_mapping->drop());
+  if (info.device_mapping) out.push_back(std::move(info.device_mapping));
+}
+
 }  // namespace
+
+result<std::shared_ptr<const memory::byte_source>> kept_mapping::get_or_open(opener open) {
+  std::lock_guard lock(mutex_);
+  if (mapping_) return mapping_;
+  TENSORREG_TRY_ASSIGN(auto opened, open());
+  if (!dropped_) mapping_ = opened;
+  return opened;
+}
+
+std::shared_ptr<const memory::byte_source> kept_mapping::drop() noexcept {
+  std::lock_guard lock(mutex_);
+  dropped_ = true;
+  return std::move(mapping_);
+}
+
+bool kept_mapping::is_open() const {
+  std::lock_guard lock(mutex_);
+  return mapping_ != nullptr;
+}
 
 region_registry::region_registry(const clock& clock, registry_options options) : clock_(clock), options_(options) {}
 
@@ -65,6 +93,7 @@ result<region_info> region_registry::register_region(register_request request) {
     }
     info.device_id = request.device_id;
     info.cuda_ipc_handle = std::move(request.cuda_ipc_handle);
+    if (!info.cuda_ipc_handle.empty()) info.ipc_mapping = std::make_shared<kept_mapping>();
   } else {
     if (!request.host_shared) {
       return fail(errc::invalid_argument, "cannot register region: HOST_SHARED needs a host_shared spec");
@@ -151,6 +180,7 @@ result<region_info> region_registry::acquire(const std::string& region_id, std::
 }
 
 status region_registry::release(const std::string& region_id) {
+  released_mappings gone;
   std::lock_guard lock(mutex_);
   auto it = regions_.find(region_id);
   if (it == regions_.end()) return not_found(region_id);
@@ -159,11 +189,15 @@ status region_registry::release(const std::string& region_id) {
     return fail(errc::failed_precondition, "cannot release region '" + region_id + "': no reference is held");
   }
   --e.info.refs;
-  if (e.info.refs == 0 && e.retiring) regions_.erase(it);
+  if (e.info.refs == 0 && e.retiring) {
+    let_go(e.info, gone);
+    regions_.erase(it);
+  }
   return {};
 }
 
 result<bool> region_registry::unregister(const std::string& region_id, std::int32_t owner_pid, bool force) {
+  released_mappings gone;
   std::lock_guard lock(mutex_);
   auto it = regions_.find(region_id);
   if (it == regions_.end()) return not_found(region_id);
@@ -180,6 +214,7 @@ result<bool> region_registry::unregister(const std::string& region_id, std::int3
     e.retiring = true;
     return false;
   }
+  let_go(e.info, gone);
   regions_.erase(it);
   return true;
 }
@@ -203,6 +238,7 @@ result<region_info> region_registry::find(const std::string& region_id) const {
 std::vector<std::string> region_registry::sweep() {
   const auto now = clock_.now();
   std::vector<std::string> removed;
+  released_mappings gone;
   std::lock_guard lock(mutex_);
   for (auto it = regions_.begin(); it != regions_.end();) {
     auto& info = it->second.info;
@@ -212,6 +248,7 @@ std::vector<std::string> region_registry::sweep() {
         info.expires_at = deadline_for(info.ttl_ms);
       } else {
         removed.push_back(it->first);
+        let_go(info, gone);
         it = regions_.erase(it);
         continue;
       }
@@ -223,12 +260,17 @@ std::vector<std::string> region_registry::sweep() {
 
 std::vector<std::string> region_registry::release_owner(std::int32_t owner_pid) {
   std::vector<std::string> removed;
+  released_mappings gone;
   std::lock_guard lock(mutex_);
-  std::erase_if(regions_, [&](const auto& kv) {
-    if (kv.second.info.owner_pid != owner_pid) return false;
-    removed.push_back(kv.first);
-    return true;
-  });
+  for (auto it = regions_.begin(); it != regions_.end();) {
+    if (it->second.info.owner_pid != owner_pid) {
+      ++it;
+      continue;
+    }
+    removed.push_back(it->first);
+    let_go(it->second.info, gone);
+    it = regions_.erase(it);
+  }
   return removed;
 }
 

@@ -41,6 +41,11 @@ artifact_summary summarize(const artifact& a, bool stable_replica) {
   out.descriptor = a.descriptor;
   out.stable_replica = stable_replica;
   out.leases = a.leases.size();
+  for (const auto& [id, l] : a.leases) {
+    if (!l.snapshot) continue;
+    ++out.snapshot_leases;
+    if (!l.view.device_allocations.empty()) ++out.vram_snapshots;
+  }
   out.joined_refs = a.joins.size();
   out.quiesced = a.quiesced;
   if (a.hash) {

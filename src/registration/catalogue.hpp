@@ -71,6 +71,7 @@ struct lease {
   std::uint64_t epoch = 0;
   lip_view view;
   std::vector<std::string> region_ids;  ///< references held until the lease ends
+  bool snapshot = false;                ///< view reads the daemon's copy (registration.md §5.4)
 };
 
 /// An idempotent join: a registration whose bytes were already held (§4.5).

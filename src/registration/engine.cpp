@@ -468,6 +468,7 @@ result<commit_response> engine::state::commit(const std::string& registration_id
   const thread_pool::owner_scope share(static_cast<work_owner>(static_cast<std::uint32_t>(p->owner_pid())));
   detail::commit_context ctx{p->facts(), [&p] { return p->ttl_ms(); }, catalogue, mutex, pool, devices.get(), time};
   ctx.cancelled = p->commit_cancel();  // revoke and owner death stop the hashing and copying
+  ctx.regions = &regions;
   result<commit_response> out = guarded_commit(p->committing_plan(), ctx, registration_id);
   if (!out && out.error().code == errc::cancelled) {
     ctx.retryable = false;
@@ -924,6 +925,8 @@ engine_stats engine::stats() const {
   out.regions = s.regions.size();
   out.open_mappings = s.devices ? s.devices->open_mappings() : 0;
   out.vmm_reserved_bytes = s.devices ? s.devices->vmm_reserved_bytes() : 0;
+  out.ipc_opens = s.devices ? s.devices->ipc_opens() : 0;
+  out.vmm_imports = s.devices ? s.devices->vmm_imports() : 0;
   return out;
 }
 

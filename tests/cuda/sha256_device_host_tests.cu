@@ -5,18 +5,22 @@
 // a machine without a device.
 #include "cuda/sha256_device.cuh"
 
+#include "cuda/leaf_plan.hpp"
+
 #define CATCH_CONFIG_MAIN
 #include <catch2/catch.hpp>
 
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <random>
 #include <span>
 #include <vector>
 
 #include "tensorreg/hash/sha256.hpp"
 #include "tensorreg/hash/tree_hash.hpp"
+#include "tensorreg/memory/byte_source.hpp"
 
 namespace {
 
@@ -185,5 +189,154 @@ TEST_CASE("sha256_device: the level-by-level fold equals hash::tree_root for 1..
     std::memcpy(root, in, sizeof root);
     INFO("leaves " << n);
     CHECK(to_digest(root) == tensorreg::hash::tree_root(leaves));
+  }
+}
+
+// ---- The leaf plan of a canonical buffer made of pieces (leaf_plan.hpp) -------------------------
+
+namespace {
+
+constexpr std::uint64_t mib = std::uint64_t{1} << 20;
+
+// Host memory standing in for device allocations: 64-byte aligned blocks of random bytes.
+struct host_allocations {
+  std::vector<std::unique_ptr<std::uint64_t[]>> blocks;
+  std::vector<tensorreg::cuda::device_piece> pieces;
+  std::uint64_t cursor = 0;
+  std::uint32_t seed = 1;
+
+  // `bytes` bytes read from `skip` bytes into a fresh allocation, after `gap` zero bytes.
+  void add(std::uint64_t bytes, std::uint64_t gap = 0, std::uint64_t skip = 0) {
+    const std::uint64_t words = (bytes + skip + 64) / 8 + 8;
+    blocks.emplace_back(new std::uint64_t[words]);
+    auto* base = reinterpret_cast<unsigned char*>(blocks.back().get());
+    base += (64 - reinterpret_cast<std::uintptr_t>(base) % 64) % 64;
+    const auto fill = random_bytes(bytes + skip, seed++);
+    std::memcpy(base, fill.data(), fill.size());
+    cursor += gap;
+    pieces.push_back({cursor, base + skip, bytes});
+    cursor += bytes;
+  }
+
+  std::vector<std::byte> assembled(std::uint64_t size) const {
+    std::vector<std::byte> out(size, std::byte{0});
+    for (const auto& p : pieces) std::memcpy(out.data() + p.at, p.src, p.length);
+    return out;
+  }
+};
+
+// The root the leaf kernel and the gather kernel compute from the plan, computed here: the
+// gather tasks run as memcpy/memset into a host gather buffer, each leaf through
+// sha256_segment_words, the tree as hash::tree_root.
+digest planned_root(const std::vector<tensorreg::cuda::device_piece>& pieces, std::uint64_t size,
+                    detail::leaf_plan* out_plan = nullptr) {
+  const std::uint64_t leaves = tensorreg::hash::leaf_count(size);
+  auto plan = detail::plan_leaves(pieces, size, leaves);
+  REQUIRE(plan.first.size() == leaves + 1);
+  std::vector<std::uint64_t> gather_words(plan.gather_bytes / 8 + 2);
+  auto* gather = reinterpret_cast<unsigned char*>(gather_words.data());
+  REQUIRE(reinterpret_cast<std::uintptr_t>(gather) % 16 == 0);
+  for (const auto& t : plan.tasks) {
+    REQUIRE(t.length <= detail::gather_task_bytes);
+    REQUIRE(t.dst_offset + t.length <= plan.gather_bytes);
+    if (t.src == nullptr) {
+      std::memset(gather + t.dst_offset, 0, t.length);
+    } else {
+      std::memcpy(gather + t.dst_offset, t.src, t.length);
+    }
+  }
+  plan.rebase(reinterpret_cast<std::uintptr_t>(gather));
+  std::vector<digest> leaf_digests;
+  for (std::uint64_t i = 0; i < leaves; ++i) {
+    const std::uint64_t len = std::min(tensorreg::hash::leaf_bytes, size - i * tensorreg::hash::leaf_bytes);
+    const std::uint32_t count = plan.first[i + 1] - plan.first[i];
+    REQUIRE(count >= 1);
+    std::uint64_t blocks = 0;
+    for (std::uint32_t j = 0; j < count; ++j) {
+      const auto& seg = plan.segments[plan.first[i] + j];
+      INFO("leaf " << i << " segment " << j);
+      REQUIRE(seg.address % 16 == 0);
+      if (j + 1 < count) REQUIRE(seg.blocks > 0);
+      blocks += seg.blocks;
+    }
+    REQUIRE(blocks == len / 64);
+    std::uint32_t s[8];
+    detail::sha256_segment_words<unroll_mode::rolled, true>(
+        reinterpret_cast<const detail::segment_words_input*>(plan.segments.data() + plan.first[i]), count, len, s,
+        detail::make_fma_steer(1));
+    leaf_digests.push_back(to_digest(s));
+  }
+  if (out_plan != nullptr) *out_plan = std::move(plan);
+  return tensorreg::hash::tree_root(leaf_digests);
+}
+
+digest assembled_root(const host_allocations& a, std::uint64_t size) {
+  const auto bytes = a.assembled(size);
+  const tensorreg::memory::host_bytes_view view{std::span<const std::byte>(bytes)};
+  return tensorreg::hash::tree_hash(view).value();
+}
+
+}  // namespace
+
+TEST_CASE("leaf_plan: a state dict's layout is hashed where it lies, across allocations and PAD", "[cuda][leaf_plan]") {
+  // Tensors of 512-byte multiples at 64-byte aligned canonical offsets (PAD between), each in
+  // its own allocation: every boundary falls on a 64-byte block, so nothing is gathered.
+  host_allocations a;
+  std::mt19937_64 rng(5);
+  for (int i = 0; i < 40; ++i) {
+    const std::uint64_t bytes = 512 * (1 + rng() % 4096);
+    a.add(bytes, (64 - a.cursor % 64) % 64 + (rng() % 3 == 0 ? 64 * (rng() % 4) : 0));
+  }
+  const std::uint64_t size = a.cursor + 64 * 5;  // trailing PAD, whole blocks
+  detail::leaf_plan plan;
+  CHECK(planned_root(a.pieces, size, &plan) == assembled_root(a, size));
+  CHECK(plan.gather_bytes == 0);
+  CHECK(plan.tasks.empty());
+  CHECK(plan.segments.size() > tensorreg::hash::leaf_count(size));  // leaves across allocations
+}
+
+TEST_CASE("leaf_plan: tails, odd boundaries, unaligned and tiny pieces are gathered and hash the same",
+          "[cuda][leaf_plan]") {
+  SECTION("a short last leaf whose tail is in a piece: not gathered") {
+    host_allocations a;
+    a.add(5 * mib + 4096);
+    a.add(1000 * 64 + 17, 64);  // the tail: 17 bytes after whole blocks
+    detail::leaf_plan plan;
+    CHECK(planned_root(a.pieces, a.cursor, &plan) == assembled_root(a, a.cursor));
+    CHECK(plan.gather_bytes == 0);
+  }
+  SECTION("a short last leaf whose tail is PAD: that leaf gathered") {
+    host_allocations a;
+    a.add(5 * mib + 4096);
+    const std::uint64_t size = a.cursor + 23;
+    detail::leaf_plan plan;
+    CHECK(planned_root(a.pieces, size, &plan) == assembled_root(a, size));
+    CHECK(plan.gather_bytes == tensorreg::hash::leaf_bytes);
+  }
+  SECTION("awkward: odd gaps, an unaligned piece, hundreds of tiny pieces") {
+    host_allocations a;
+    a.add(9 * mib);
+    a.add(7, 100, 3);
+    a.add(6 * mib + 13, 64, 5);
+    a.add(3 * mib + 512, 7);
+    a.add(2 * mib);
+    std::mt19937_64 rng(17);
+    for (int i = 0; i < 300; ++i) a.add(1 + rng() % 4096, rng() % 3 == 0 ? 1 + rng() % 64 : 0);
+    a.add(12 * mib + 4096, 4096 - a.cursor % 4096);
+    const std::uint64_t size = a.cursor + 17;
+    detail::leaf_plan plan;
+    CHECK(planned_root(a.pieces, size, &plan) == assembled_root(a, size));
+    CHECK(plan.gather_bytes > 0);
+    CHECK(plan.gather_bytes < size);
+  }
+  SECTION("one tiny piece, no whole block") {
+    host_allocations a;
+    a.add(40, 0);
+    CHECK(planned_root(a.pieces, 40) == assembled_root(a, 40));
+  }
+  SECTION("no pieces: zeros, whole blocks and with a tail") {
+    host_allocations a;
+    CHECK(planned_root({}, 4096) == assembled_root(a, 4096));
+    CHECK(planned_root({}, 4096 + 5) == assembled_root(a, 4096 + 5));
   }
 }

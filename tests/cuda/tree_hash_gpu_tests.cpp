@@ -396,3 +396,136 @@ TEST_CASE("cuda tree_hash: the caller's current device is left unchanged", "[cud
   CUDA_REQUIRE(cudaGetDevice(&after));
   CHECK(before == after);
 }
+
+// ---- tree_hash_pieces: a canonical buffer made of many allocations, not assembled ----------------
+
+namespace {
+
+// Device allocations filled on the GPU, and pieces of them placed in a canonical buffer.
+struct piece_layout {
+  std::vector<std::unique_ptr<device_buffer>> allocations;
+  std::vector<tensorreg::cuda::device_piece> pieces;
+  std::uint64_t cursor = 0;  // the canonical end so far
+
+  // A fresh allocation of `bytes` + `skip` bytes (stream `seed`), whose bytes from `skip` on
+  // follow `gap` zero bytes in the canonical buffer.
+  void add(std::uint64_t bytes, std::uint64_t seed, std::uint64_t gap = 0, std::uint64_t skip = 0) {
+    auto a = std::make_unique<device_buffer>(bytes + skip);
+    REQUIRE(a->ptr != nullptr);
+    REQUIRE(tensorreg::cuda::testing::fill_random(a->ptr, bytes + skip, seed) == cudaSuccess);
+    cursor += gap;
+    pieces.push_back({cursor, a->bytes() + skip, bytes});
+    cursor += bytes;
+    allocations.push_back(std::move(a));
+  }
+
+  // The canonical bytes assembled on the host: the pieces, zeros between them and up to size.
+  std::vector<std::byte> assembled(std::uint64_t size) const {
+    REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
+    std::vector<std::byte> out(size, std::byte{0});
+    for (const auto& p : pieces) {
+      REQUIRE(cudaMemcpy(out.data() + p.at, p.src, p.length, cudaMemcpyDeviceToHost) == cudaSuccess);
+    }
+    return out;
+  }
+};
+
+digest host_tree_hash(const std::vector<std::byte>& bytes) {
+  const tensorreg::memory::host_bytes_view view{std::span<const std::byte>(bytes)};
+  auto d = tensorreg::hash::tree_hash(view, &pool());
+  REQUIRE(d.has_value());
+  return *d;
+}
+
+}  // namespace
+
+TEST_CASE("cuda tree_hash: pieces of many allocations hash as their assembled bytes", "[cuda][tree_hash][pieces]") {
+  auto hasher = gpu_tree_hasher::create(0);
+  REQUIRE(hasher.has_value());
+  piece_layout l;
+  // Leaves 0 and 1 inside one allocation (hashed where they lie), leaf 2 across its end.
+  l.add(9 * mib, 1);
+  // A 100-byte gap, then a 7-byte allocation read from an odd offset.
+  l.add(7, 2, 100, 3);
+  // 6 MiB + 13 read from 5 bytes in: every leaf of it is unaligned, so gathered.
+  l.add(6 * mib + 13, 3, 64, 5);
+  // Two pieces back to back in the canonical buffer, from two allocations.
+  l.add(3 * mib + 512, 4, 7);
+  l.add(2 * mib, 5);
+  // 300 tiny allocations (1 to 4 KiB, some gaps of 1 to 64 bytes): one leaf spans many.
+  std::mt19937_64 random(17);
+  for (int i = 0; i < 300; ++i)
+    l.add(1 + random() % 4096, 100 + static_cast<std::uint64_t>(i), random() % 3 == 0 ? 1 + random() % 64 : 0);
+  // A large aligned allocation whose leaves lie inside it, then a short last leaf and a tail gap.
+  l.add(12 * mib + 4096, 6, 4096 - l.cursor % 4096);
+  const std::uint64_t size = l.cursor + 17;
+  INFO(l.pieces.size() << " pieces, " << size << " bytes, " << tensorreg::hash::leaf_count(size) << " leaves");
+
+  const auto expected = host_tree_hash(l.assembled(size));
+  const auto got = hasher->tree_hash_pieces(l.pieces, size);
+  REQUIRE(got.has_value());
+  CHECK(tensorreg::hash::to_hex(*got) == tensorreg::hash::to_hex(expected));
+  // The gather scratch stays for the next hash of the same layout, and gives the same id.
+  const auto kept = hasher->gather_capacity_bytes();
+  CHECK(kept > 0);
+  CHECK(kept % leaf_bytes == 0);
+  CHECK(kept < size);  // not a canonical copy: some leaves were hashed where they lie
+  const auto again = hasher->tree_hash_pieces(l.pieces, size);
+  REQUIRE(again.has_value());
+  CHECK(*again == *got);
+  CHECK(hasher->gather_capacity_bytes() == kept);
+  // The same bytes as one contiguous buffer hash the same through tree_hash.
+  const auto bytes = l.assembled(size);
+  device_buffer whole(size);
+  REQUIRE(whole.ptr != nullptr);
+  CUDA_REQUIRE(cudaMemcpy(whole.ptr, bytes.data(), size, cudaMemcpyHostToDevice));
+  CHECK(hasher->tree_hash(whole.ptr, size).value() == *got);
+}
+
+TEST_CASE("cuda tree_hash: pieces that are aligned leaves gather nothing; no pieces hash zeros",
+          "[cuda][tree_hash][pieces]") {
+  auto hasher = gpu_tree_hasher::create(0);
+  REQUIRE(hasher.has_value());
+  SECTION("one allocation, leaf-aligned pieces, a short last leaf") {
+    const std::uint64_t size = 3 * leaf_bytes + 1000;
+    device_buffer buffer(size);
+    REQUIRE(buffer.ptr != nullptr);
+    CUDA_REQUIRE(tensorreg::cuda::testing::fill_random(buffer.ptr, size, 21));
+    CUDA_REQUIRE(cudaDeviceSynchronize());
+    // Split at leaf boundaries: every leaf lies inside one piece.
+    std::vector<tensorreg::cuda::device_piece> pieces = {{0, buffer.bytes(), 2 * leaf_bytes},
+                                                         {2 * leaf_bytes, buffer.bytes() + 2 * leaf_bytes, leaf_bytes},
+                                                         {3 * leaf_bytes, buffer.bytes() + 3 * leaf_bytes, 1000}};
+    const auto got = hasher->tree_hash_pieces(pieces, size);
+    REQUIRE(got.has_value());
+    CHECK(*got == hasher->tree_hash(buffer.ptr, size).value());
+    CHECK(hasher->gather_capacity_bytes() == 0);
+  }
+  SECTION("no pieces: the hash of zeros") {
+    const std::uint64_t size = leaf_bytes + 5;
+    const auto got = hasher->tree_hash_pieces({}, size);
+    REQUIRE(got.has_value());
+    CHECK(*got == host_tree_hash(std::vector<std::byte>(size, std::byte{0})));
+  }
+}
+
+TEST_CASE("cuda tree_hash: bad piece tables are INVALID_ARGUMENT naming the piece", "[cuda][tree_hash][pieces]") {
+  auto& hasher = shared_hasher();
+  device_buffer buffer(4096);
+  REQUIRE(buffer.ptr != nullptr);
+  const auto* b = buffer.bytes();
+  const auto error_of = [&](const std::vector<tensorreg::cuda::device_piece>& pieces, std::uint64_t size) {
+    auto r = hasher.tree_hash_pieces(pieces, size);
+    REQUIRE_FALSE(r.has_value());
+    CHECK(r.error().code == errc::invalid_argument);
+    return r.error().message;
+  };
+  CHECK(error_of({}, 0) == "cannot hash device memory pieces: size is 0");
+  CHECK(error_of({{0, b, 0}}, 10) == "cannot hash device memory pieces: piece 0 at 0 is empty or has a null address");
+  CHECK(error_of({{0, nullptr, 4}}, 10) ==
+        "cannot hash device memory pieces: piece 0 at 0 is empty or has a null address");
+  CHECK(error_of({{0, b, 8}, {4, b, 4}}, 100) ==
+        "cannot hash device memory pieces: piece 1 at 4 starts before the end of the piece before it, 8");
+  CHECK(error_of({{90, b, 20}}, 100) ==
+        "cannot hash device memory pieces: piece 0 at 90 of 20 bytes ends past size 100");
+}

@@ -132,3 +132,28 @@ TEST_CASE("hash_placement: choose_site: the plan sees the caller's threads, a fa
   CHECK(choose_site(std::nullopt, 16, broken, plan) == hash_site::host);
   CHECK(seen_threads == 0);  // nothing to plan with
 }
+
+TEST_CASE("hash_placement: copy: a fresh memfd's first touch bounds the host, a recycled replica frees the GPU of it",
+          "[devices][hash_placement]") {
+  // The VM of benchmarks/RESULTS.md: one core writes fresh pages at 1.5 GB/s, all 16 together
+  // at only 4.4 GiB/s.
+  auto s = h100();
+  s.host_core_copy_rate = 1.5e9;
+  s.host_fresh_write_rate = 4.4 * static_cast<double>(gib);
+  const auto ready = plan_copy(s, gib, true, true);
+  // Host: 16 × (1.2 ⊕ 1.5 GB/s) = 10.7 GB/s on paper, 4.4 GiB/s in fact: 227 ms.
+  CHECK(ready.host_seconds == Approx(1.0 / 4.4));
+  // GPU into a recycled replica: snapshot + max(D2H 20 ms, hash 107 ms).
+  CHECK(ready.gpu_seconds == Approx(static_cast<double>(gib) / 1.5e12 + 0.107));
+  CHECK(ready.site == hash_site::gpu);
+  // No replica of that size idle: the GPU's D2H lands in fresh pages too, as slow as the host.
+  const auto fresh = plan_copy(s, gib, true, false);
+  CHECK(fresh.gpu_seconds == Approx(static_cast<double>(gib) / 1.5e12 + 1.0 / 4.4));
+  CHECK(fresh.site == hash_site::host);  // the host's 227 ms vs 227.7
+}
+
+TEST_CASE("hash_placement: copy: an unmeasured first-touch rate counts nothing extra", "[devices][hash_placement]") {
+  const auto s = h100();  // host_fresh_write_rate 0
+  CHECK(plan_copy(s, gib, true).host_seconds == Approx(static_cast<double>(gib) / (16.0 / (1 / 1.2e9 + 1 / 8e9))));
+  CHECK(plan_copy(s, gib, true, true).gpu_seconds == plan_copy(s, gib, true, false).gpu_seconds);
+}

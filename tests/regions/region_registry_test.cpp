@@ -301,3 +301,91 @@ TEST_CASE("region_registry: a client memfd must be sealed against shrinking", "[
   CHECK(::ftruncate(owner.get(), 0) == -1);
   CHECK(errno == EPERM);
 }
+
+namespace {
+
+// A stand-in for a device mapping, counting how often the kept_mapping asked for one.
+struct counting_opener {
+  int opens = 0;
+  tensorreg::result<std::shared_ptr<const tensorreg::memory::byte_source>> operator()() {
+    ++opens;
+    return std::shared_ptr<const tensorreg::memory::byte_source>(
+        std::make_shared<tensorreg::memory::shared_memory>(*tensorreg::memory::shared_memory::create(64, "kept")));
+  }
+};
+
+}  // namespace
+
+TEST_CASE("region_registry: a VRAM region by handle keeps the mapping its first user opened",
+          "[regions][region_registry]") {
+  tensorreg::testing::fake_clock clock;
+  region_registry reg(clock);
+  auto r = reg.register_region(vram(100, 0));
+  REQUIRE(r);
+  REQUIRE(r->ipc_mapping);
+  CHECK_FALSE(r->ipc_mapping->is_open());
+  counting_opener open;
+  auto first = r->ipc_mapping->get_or_open(open);
+  REQUIRE(first);
+  // Another copy of the region's info (a later registration's acquire) finds the same mapping.
+  auto again = reg.acquire(r->id, 100);
+  REQUIRE(again);
+  auto second = again->ipc_mapping->get_or_open(open);
+  REQUIRE(second);
+  CHECK(second->get() == first->get());
+  CHECK(open.opens == 1);
+  REQUIRE(reg.release(r->id));
+  // A HOST_SHARED region has its memfd and no IPC mapping.
+  auto host = reg.register_region(managed_host(100));
+  REQUIRE(host);
+  CHECK_FALSE(host->ipc_mapping);
+}
+
+TEST_CASE("region_registry: the kept mapping goes with its region: unregister, sweep, owner exit, retirement",
+          "[regions][region_registry]") {
+  tensorreg::testing::fake_clock clock;
+  region_registry reg(clock);
+  counting_opener open;
+  const auto opened = [&](std::uint32_t ttl_ms = 0) {
+    auto req = vram(100, 0);
+    req.ttl_ms = ttl_ms;
+    auto r = reg.register_region(std::move(req));
+    REQUIRE(r);
+    REQUIRE(r->ipc_mapping->get_or_open(open));
+    CHECK(r->ipc_mapping->is_open());
+    return *r;
+  };
+  SECTION("unregister") {
+    auto r = opened();
+    REQUIRE(reg.unregister(r.id, 100, false));
+    CHECK_FALSE(r.ipc_mapping->is_open());
+  }
+  SECTION("sweep") {
+    auto r = opened(1000);
+    clock.advance(milliseconds(1001));
+    CHECK(reg.sweep() == std::vector<std::string>{r.id});
+    CHECK_FALSE(r.ipc_mapping->is_open());
+  }
+  SECTION("owner exit") {
+    auto r = opened();
+    CHECK(reg.release_owner(100) == std::vector<std::string>{r.id});
+    CHECK_FALSE(r.ipc_mapping->is_open());
+  }
+  SECTION("forced unregister under a reference: kept until the last release") {
+    auto r = opened();
+    REQUIRE(reg.acquire(r.id, 100));
+    auto retired = reg.unregister(r.id, 100, true);
+    REQUIRE(retired);
+    CHECK_FALSE(*retired);
+    CHECK(r.ipc_mapping->is_open());
+    REQUIRE(reg.release(r.id));
+    CHECK_FALSE(r.ipc_mapping->is_open());
+  }
+  // A stale copy of a gone region's info opens without keeping: nothing outlives the region.
+  auto stale = opened();
+  REQUIRE(reg.unregister(stale.id, 100, false));
+  const int before = open.opens;
+  REQUIRE(stale.ipc_mapping->get_or_open(open));
+  CHECK(open.opens == before + 1);
+  CHECK_FALSE(stale.ipc_mapping->is_open());
+}

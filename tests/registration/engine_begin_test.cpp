@@ -250,14 +250,16 @@ TEST_CASE("engine begin: an invalid policy is INVALID_ARGUMENT", "[registration]
   }
 }
 
-TEST_CASE("engine begin: lease in_place=false is UNIMPLEMENTED with upstream's message",
+TEST_CASE("engine begin: lease in_place=false begins a snapshot lease (registration.md §5.4)",
           "[registration][engine_begin]") {
   fake_clock clock;
   auto e = t::make_engine(clock);
   auto r = t::lip_begin(40, me);
   r.plan = lease_options{.in_place = false};
-  CHECK_ERROR(e->begin(r), errc::unimplemented,
-              "vram_leased (in_place=false) is not implemented; set lease_in_place=true");
+  auto begun = e->begin(r);
+  REQUIRE_OK(begun);
+  CHECK(std::holds_alternative<lease_handshake>(begun->handshake));
+  CHECK(e->stats().pending_registrations == 1);
 }
 
 TEST_CASE("engine begin: view registration is UNIMPLEMENTED", "[registration][engine_begin]") {

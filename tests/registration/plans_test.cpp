@@ -63,13 +63,15 @@ TEST_CASE("plans: begin_plan picks the plan the request names", "[registration][
 TEST_CASE("plans: each plan's Begin rules", "[registration][plans]") {
   const auto m = t::small_model();
   begin_response response;
-  SECTION("lease-in-place needs in_place") {
+  SECTION("lease-in-place with in_place = false is a snapshot lease") {
     auto r = t::lip_begin(40, 7);
     lease_options options;
     options.in_place = false;
     r.plan = options;
-    CHECK_ERROR(begin_plan(r, context(), response), errc::unimplemented,
-                "vram_leased (in_place=false) is not implemented; set lease_in_place=true");
+    auto begun = begin_plan(r, context(), response);
+    REQUIRE_OK(begun);
+    CHECK((*begun)->name() == "lease-in-place");
+    CHECK(std::holds_alternative<lease_handshake>(response.handshake));
   }
   SECTION("stable_dram over the budget") {
     CHECK_ERROR(begin_plan(t::stable_begin(m, 7), context(32), response), errc::resource_exhausted,

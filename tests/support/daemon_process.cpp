@@ -46,6 +46,11 @@ void daemon_process::start(std::vector<std::string> extra_args, bool expect_read
   const char* override_path = std::getenv("TENSORREGD");
   std::vector<std::string> args{
       override_path != nullptr && *override_path != '\0' ? override_path : TENSORREG_DAEMON_PATH, "--socket", socket_};
+#ifndef TENSORREG_TEST_DAEMON_WARM_START
+  // The CPU suites use no GPU: on a GPU machine the daemon would ready its GPUs before its ready
+  // line (about half a second a start) and log it. The GPU suite defines the macro.
+  args.emplace_back("--no-warm-start");
+#endif
   for (auto& a : extra_args) args.push_back(std::move(a));
   pid_ = ::fork();
   if (pid_ < 0) throw std::runtime_error("cannot fork the daemon");

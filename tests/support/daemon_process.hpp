@@ -4,7 +4,9 @@
 // prints "ready" (so the socket accepts connections), and stops it with SIGTERM on
 // destruction. stop() reports the exit status so tests can check clean shutdowns. Its stdout
 // and stderr go to one file (output()), or, when asked, stderr to a file of its own
-// (error_output()) for tests of what the daemon logs.
+// (error_output()) for tests of what the daemon logs. It runs with --no-warm-start (no GPU
+// warm-up before the ready line) unless TENSORREG_TEST_DAEMON_WARM_START is defined (the GPU
+// suite).
 #pragma once
 
 #include <sys/types.h>

@@ -11,7 +11,9 @@
 // IPC mappings are cached by (owner pid, handle bytes): each distinct key is opened once
 // (cudaIpcOpenMemHandle with lazy peer access) and shared by every caller that asks for it
 // while it is open; the cache holds only weak references, so the mapping is closed
-// (cudaIpcCloseMemHandle) when the last returned shared_ptr goes. open_mappings() counts the
+// (cudaIpcCloseMemHandle) when the last returned shared_ptr goes. (The engine keeps the mapping
+// of a VRAM region for the region's life, region_registry.hpp, so re-leasing a kept region
+// opens nothing; ipc_opens() counts real opens.) open_mappings() counts the
 // mappings open now: IPC mappings and CUDA VMM imports together.
 //
 // CUDA VMM imports (import_vmm) are not cached: each call imports its fds afresh and reserves
@@ -92,6 +94,13 @@ class device_memory_provider final : public registration::device_memory {
     /// min(16 GiB, 1/8 of physical memory).
     static constexpr std::uint64_t replica_pool_auto = ~std::uint64_t{0};
     std::uint64_t replica_pool_bytes = replica_pool_auto;
+    /// Largest snapshot (snapshot_to_device) after which a spare buffer of the same size is
+    /// allocated ahead, on another thread while the copy runs, for the next snapshot of that
+    /// size on that device: a weight-sync loop then never waits for cudaMalloc, which for
+    /// large buffers costs about what the copy does. One spare per device at most, never
+    /// exported before a snapshot takes it; it is device memory held beyond the artifacts.
+    /// 0 (the default): no spares.
+    std::uint64_t snapshot_spare_bytes = 0;
   };
 
   /// A provider for this process's CUDA devices.
@@ -177,6 +186,30 @@ class device_memory_provider final : public registration::device_memory {
   [[nodiscard]] std::optional<result<registration::host_copy>> copy_to_host(const memory::byte_source& source,
                                                                             bool want_digest,
                                                                             thread_pool& pool) override;
+
+  /// A new device buffer holding `source` (registration::device_memory::snapshot_to_device):
+  /// cudaMalloc of source.size() bytes on the source's device (or the spare made ahead, see
+  /// options::snapshot_spare_bytes), the device runs copied into it on
+  /// the provider's own stream for that device (one cudaMemcpyBatchAsync where the driver has it,
+  /// else one cudaMemcpyAsync per run; runs that continue each other are merged first), gaps
+  /// zeroed, then one synchronize; exported with cudaIpcGetMemHandle. Snapshots of one device run
+  /// one at a time. nullopt when `source` is not all device memory of one device.
+  /// Errors (inside the optional): RESOURCE_EXHAUSTED (out of device memory), INTERNAL and
+  /// others for CUDA failures.
+  [[nodiscard]] std::optional<result<registration::device_buffer>> snapshot_to_device(
+      const memory::byte_source& source) override;
+
+  /// Driver opens of CUDA IPC handles (cache hits not counted) and VMM imports since create().
+  [[nodiscard]] std::uint64_t ipc_opens() const override;
+  [[nodiscard]] std::uint64_t vmm_imports() const override;
+
+  /// Does on every device what a first commit would otherwise pay for, so that it costs what
+  /// later ones do: starts the CUDA context, measures the placement speeds (unless
+  /// options::placement forces a site), loads the GPU tree hash kernels with a 1 MiB hash on the
+  /// device's hasher, allocates a pinned staging buffer and the snapshot stream. Idempotent;
+  /// the daemon calls it before it reports ready (tensorregd --no-warm-start skips it).
+  /// Errors: the first CUDA failure (what it did not reach then happens on first use instead).
+  [[nodiscard]] status warm_up();
 
   /// How many canonical buffers tree_hash_on_device() and copy_to_host() have hashed on a GPU.
   [[nodiscard]] std::uint64_t device_hashes() const noexcept;

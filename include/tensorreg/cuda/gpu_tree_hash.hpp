@@ -2,8 +2,8 @@
 // computed on the GPU by our own SHA-256 kernel (DECISIONS §5.1, §6).
 //
 // Provides `gpu_tree_hasher`, which owns its device scratch (the leaf digest array and a
-// level buffer) and a pinned 32-byte root slot, so repeated hashes of sizes it has seen do not
-// allocate; the one-shot `tree_hash_device` / `leaf_digests_device`; and `device_count`.
+// level buffer, and for tree_hash_pieces a leaf table and gathered leaves) and a pinned 32-byte
+// root slot, so repeated hashes of sizes and layouts it has seen do not allocate; the one-shot `tree_hash_device` / `leaf_digests_device`; and `device_count`.
 // Results are bit-identical to hash::tree_hash / hash::leaf_digests on the same bytes for
 // every size: fixed 4 MiB leaves (the last may be short, any length), parent =
 // SHA-256(left ‖ right), an odd last node promoted unchanged, one leaf = the root. The tree is
@@ -42,6 +42,15 @@ struct stream_view {
 /// runtime cannot start. Never fails.
 [[nodiscard]] std::int32_t device_count() noexcept;
 
+/// `length` bytes at offset `at` of a canonical buffer, read from `src` (device memory of the
+/// hasher's device, or memory it can read): what tree_hash_pieces() hashes instead of a
+/// contiguous buffer.
+struct device_piece {
+  std::uint64_t at = 0;
+  const void* src = nullptr;
+  std::uint64_t length = 0;
+};
+
 /// Hashes device memory with the GPU tree hash. Move-only; one thread at a time.
 class gpu_tree_hasher {
  public:
@@ -69,6 +78,24 @@ class gpu_tree_hasher {
   /// RESOURCE_EXHAUSTED when scratch cannot grow; INTERNAL for a failed kernel or other CUDA
   /// error.
   [[nodiscard]] result<hash::digest> tree_hash(const void* device_ptr, std::uint64_t size, stream_view stream = {});
+
+  /// The data tree hash of a `size`-byte buffer made of `pieces` and zeros wherever no piece
+  /// lies, equal to hash::tree_hash of those bytes assembled, without assembling them: a leaf
+  /// whose piece and gap boundaries fall on its 64-byte blocks, read at 16-byte aligned
+  /// addresses (a state dict's layout: PAD to 64 bytes, allocator blocks of 512), is hashed
+  /// where it lies, its thread streaming blocks across pieces and zero runs; the other leaves
+  /// are gathered by one kernel into scratch the hasher keeps for its next call. One upload of
+  /// the leaf plan, one synchronization at the end.
+  /// REQUIRES: as tree_hash() for every piece's bytes.
+  /// Errors: INVALID_ARGUMENT for size 0, a piece of length 0 or null `src`, pieces out of
+  /// order, overlapping or past `size`; OUT_OF_RANGE, RESOURCE_EXHAUSTED, INTERNAL as
+  /// tree_hash(). The pointers are not checked with the driver (a bad one faults the kernel:
+  /// INTERNAL, and the context is lost).
+  [[nodiscard]] result<hash::digest> tree_hash_pieces(const std::vector<device_piece>& pieces, std::uint64_t size,
+                                                      stream_view stream = {});
+
+  /// Bytes of gather scratch the hasher keeps now (tree_hash_pieces grows it on demand).
+  [[nodiscard]] std::uint64_t gather_capacity_bytes() const noexcept;
 
   /// Every leaf digest of the `size` bytes at `device_ptr`, in order (as hash::leaf_digests).
   /// REQUIRES and errors: as tree_hash().

@@ -9,8 +9,10 @@
 // Thread-safety: every member function may be called concurrently (one internal mutex; no
 // callback runs under it). Ownership: the registry owns its regions; the memory of a
 // HOST_SHARED region is a shared_ptr, so a holder that took it keeps it mapped even after the
-// region is removed (force, owner exit). VRAM regions by IPC handle keep only their handle
-// bytes: opening them is the CUDA mapping cache's job. VRAM regions of CUDA VMM allocations
+// region is removed (force, owner exit). A VRAM region by IPC handle keeps its handle bytes and
+// a kept_mapping: the daemon's mapping of it, opened by the first lease that reads the region and
+// held (strongly) until the region goes, so that a client re-leasing the regions it keeps makes
+// no new driver opens (registration.md §5.3). VRAM regions of CUDA VMM allocations
 // arrive already imported and mapped (the engine does it through device_memory, since the fds
 // must be imported while the request is handled) and hold that mapping, plus the fds, which
 // OpenArtifactDevice hands on to readers.
@@ -27,6 +29,7 @@
 
 #include "tensorreg/common/clock.hpp"
 #include "tensorreg/common/error.hpp"
+#include "tensorreg/common/function_ref.hpp"
 #include "tensorreg/common/unique_fd.hpp"
 #include "tensorreg/memory/byte_source.hpp"
 #include "tensorreg/memory/shared_memory.hpp"
@@ -72,6 +75,40 @@ struct register_request {
   std::optional<std::uint32_t> owner_uid;
 };
 
+/// The daemon's mapping of one VRAM region by CUDA IPC handle, kept from the first lease that
+/// opens it until the region goes: unregistered, expired, its owner exited, or retired and its
+/// last reference dropped (the registry then calls drop()). Every copy of the region's
+/// region_info shares it. A lease that uses the mapping holds its own shared_ptr, so dropping
+/// it never unmaps memory a live lease reads.
+/// Why a kept mapping cannot serve other memory: it belongs to one region, which names one
+/// handle of one owner pid; a block its owner frees and allocates again exports a new handle
+/// (the driver's handle names the allocation, not the address), so it arrives as a new region
+/// and is opened afresh; and every region of an owner is dropped when the owner exits, before a
+/// new process could reuse its pid. Bounded: one mapping per region, and regions are bounded per
+/// uid (registry_options::capacity_per_uid) and in all (capacity).
+/// Thread-safety: every member may be called concurrently; one open at a time.
+class kept_mapping {
+ public:
+  using opener = function_ref<result<std::shared_ptr<const memory::byte_source>>()>;
+
+  /// The kept mapping, opened with `open` when there is none yet (or the last open failed).
+  /// After drop(), `open`'s mapping is returned without being kept.
+  /// Errors: what `open` returns.
+  [[nodiscard]] result<std::shared_ptr<const memory::byte_source>> get_or_open(opener open);
+
+  /// Lets go of the mapping for good and hands it to the caller, who releases it outside its
+  /// own locks (closing a CUDA IPC mapping takes the driver's time).
+  [[nodiscard]] std::shared_ptr<const memory::byte_source> drop() noexcept;
+
+  /// Whether a mapping is kept now.
+  [[nodiscard]] bool is_open() const;
+
+ private:
+  mutable std::mutex mutex_;
+  std::shared_ptr<const memory::byte_source> mapping_;
+  bool dropped_ = false;
+};
+
 /// What a registration sees of a region.
 struct region_info {
   std::string id;
@@ -83,6 +120,8 @@ struct region_info {
   std::optional<clock::time_point> expires_at;
   std::string attach_token;
   std::string cuda_ipc_handle;
+  /// VRAM by cuda_ipc_handle: the daemon's mapping of it, kept while the region lives.
+  std::shared_ptr<kept_mapping> ipc_mapping;
   /// HOST_SHARED memory (null for VRAM).
   std::shared_ptr<const memory::shared_memory> memory;
   /// VRAM of CUDA VMM allocations: the mapping of all of them (size_bytes long) and the chunks.

@@ -30,6 +30,7 @@ namespace tensorreg::registration {
 struct device_buffer {
   std::shared_ptr<const memory::byte_source> bytes;
   std::string ipc_handle;
+  std::int32_t device_id = -1;  ///< the device it is on (-1: not said)
 };
 
 /// A host copy of device bytes made by copy_to_host().
@@ -57,6 +58,24 @@ class device_memory {
 
   /// Mappings open right now (for stats).
   [[nodiscard]] virtual std::size_t open_mappings() const = 0;
+
+  /// CUDA IPC handles opened (driver opens, not cache hits) and CUDA VMM imports made since
+  /// this object was created (GetStats, docs/wire-format.md §14): a client that re-leases the
+  /// regions it keeps makes neither grow.
+  [[nodiscard]] virtual std::uint64_t ipc_opens() const { return 0; }
+  [[nodiscard]] virtual std::uint64_t vmm_imports() const { return 0; }
+
+  /// A daemon-owned device copy of `source` (a snapshot lease, registration.md §5.4) when all
+  /// its bytes are device memory of one device this implementation reaches (through nested
+  /// segmented views; gaps read as zero): a new buffer of exactly source.size() bytes on that
+  /// device, filled device-to-device and exported like allocate()'s. Once this returns, the
+  /// copy no longer reads `source`. nullopt means "not device memory of one device" (the
+  /// default: no GPU); the caller then copies on the host.
+  /// Errors (inside the optional): RESOURCE_EXHAUSTED (no device memory), CUDA errors.
+  [[nodiscard]] virtual std::optional<result<device_buffer>> snapshot_to_device(const memory::byte_source& source) {
+    (void)source;
+    return std::nullopt;
+  }
 
   /// Imports CUDA VMM allocations of `owner_pid` (POSIX fds from cuMemExportToShareableHandle;
   /// the caller keeps its fds, the import dups what it needs) and maps them back to back on

@@ -163,6 +163,8 @@ class engine {
   /// GPU, or on another device), RESOURCE_EXHAUSTED (capacity reached, or the
   /// owner_uid's share of it; memfd refused, address space, out of fds), INTERNAL (the owner
   /// cannot be watched otherwise).
+  /// The region_info handed back shares a VMM region's mapping, as every copy does: a caller
+  /// that keeps it keeps the import mapped after the region goes (let it go once read).
   [[nodiscard]] result<regions::region_info> register_region(regions::register_request request);
   /// Unregisters a region; returns whether it is gone now. With references held (pending
   /// registrations or leases using it) it fails unless `force`, which retires it: no new

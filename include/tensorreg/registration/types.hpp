@@ -256,9 +256,11 @@ struct deregister_response {
 /// What the engine holds of one artifact.
 struct artifact_summary {
   artifact_descriptor descriptor;
-  bool stable_replica = false;  ///< a host copy in the stable DRAM cache
-  std::size_t leases = 0;       ///< active LIP leases
-  std::size_t joined_refs = 0;  ///< idempotent joins still held
+  bool stable_replica = false;      ///< a host copy in the stable DRAM cache
+  std::size_t leases = 0;           ///< active LIP leases
+  std::size_t snapshot_leases = 0;  ///< of them, snapshot leases (the daemon's copy)
+  std::size_t vram_snapshots = 0;   ///< of those, copies in daemon-owned device memory
+  std::size_t joined_refs = 0;      ///< idempotent joins still held
   bool quiesced = false;
   bool shared_disk = false;  ///< a verified-at-open copy in the persist directory
   /// A cgid artifact's mi2 id once its background hash is done (registration.md §4.8), else "".
@@ -279,6 +281,8 @@ struct engine_stats {
   std::uint64_t stable_evictions = 0;
   std::uint64_t stable_reserved_bytes = 0;  ///< stable budget held by uploads not committed yet
   std::uint64_t stable_evicted_bytes = 0;
+  std::uint64_t ipc_opens = 0;    ///< CUDA IPC handles opened by the driver since start (cumulative)
+  std::uint64_t vmm_imports = 0;  ///< CUDA VMM imports since start (cumulative)
 };
 
 /// One GPU allocation an artifact's bytes live in, as a reader in another process opens it

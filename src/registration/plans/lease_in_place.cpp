@@ -5,6 +5,7 @@
 #include <map>
 #include <unordered_set>
 
+#include "registration/plans/snapshot.hpp"
 #include "tensorreg/index/byte_range_map.hpp"
 #include "tensorreg/index/dtype.hpp"
 
@@ -286,7 +287,17 @@ result<lip_view> lip_tables::open_view(std::uint64_t total_size, std::int32_t ow
                                                  std::to_string(device) +
                                                  ": CUDA memory needs a GPU and this engine has none");
     }
-    auto mapped = devices->open_ipc(owner_pid, device, handle, needed);
+    const auto open = [&] { return devices->open_ipc(owner_pid, device, handle, needed); };
+    // A region's mapping is the region's, kept across leases (region_registry.hpp): opened by
+    // the first lease that reads the region, found by every later one.
+    auto mapped = s.region && s.region->ipc_mapping ? s.region->ipc_mapping->get_or_open(open) : open();
+    if (mapped && (*mapped)->size() < needed) {
+      // Kept from a lease that needed fewer bytes of the region.
+      mapped = fail(errc::out_of_range, "cannot open CUDA IPC handle of process " + std::to_string(owner_pid) +
+                                            " on device " + std::to_string(device) + ": the allocation holds " +
+                                            std::to_string((*mapped)->size()) + " bytes, fewer than the " +
+                                            std::to_string(needed) + " needed");
+    }
     if (!mapped)
       return tl::unexpected(with_context(std::move(mapped).error(), "cannot open storage '" + e.storage_id + "'"));
     opened.emplace(key, *mapped);
@@ -345,11 +356,8 @@ result<std::unique_ptr<lease_in_place>> lease_in_place::begin(const begin_reques
                                                               const lease_options& options, begin_response& response) {
   // §4.2.7: the lease plan checks neither index nor device at Begin; the index is rebuilt
   // from the fed metadata at Commit.
-  if (!options.in_place) {
-    return fail(errc::unimplemented, "vram_leased (in_place=false) is not implemented; set lease_in_place=true");
-  }
   response.handshake = lease_handshake{};
-  return std::unique_ptr<lease_in_place>(new lease_in_place());
+  return std::unique_ptr<lease_in_place>(new lease_in_place(!options.in_place));
 }
 
 result<feed_work> lease_in_place::feed(feed_request& r, const registration_facts& facts,
@@ -386,6 +394,13 @@ result<commit_response> lease_in_place::commit(commit_context& ctx) {
     view.keep_alive.push_back(view.bytes);  // the normalized view reads through it
     view.bytes = std::make_shared<const memory::segmented_view>(std::move(normalized));
   }
+  if (snapshot_) {
+    // §5.4: the copy, then the client's memory is the client's again (the trainer may write it
+    // while the hash below reads the copy): its mappings go with the old view, and its region
+    // references now rather than with the lease.
+    TENSORREG_TRY_ASSIGN(view, snapshot_view(*view.bytes, ctx.devices, ctx.pool));
+    if (ctx.regions != nullptr) release(*ctx.regions);
+  }
   // Step 8: hash, outside every lock: on the GPU when the bytes live there and it is faster.
   std::optional<hash::digest> data;
   if (p.cgid.empty()) {
@@ -416,6 +431,7 @@ result<commit_response> lease_in_place::commit(commit_context& ctx) {
     l.expires = ttl_deadline(ctx.time, ctx.ttl_ms());
     l.view = std::move(view);
     l.region_ids = tables_.region_ids();
+    l.snapshot = snapshot_;
     cat.add_lease(a, std::move(l));
     tables_ = lip_tables{};  // references now belong to the lease
     return {};

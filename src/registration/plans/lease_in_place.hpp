@@ -87,10 +87,13 @@ class lip_tables {
 
 /// The lease-in-place plan. Begin checks neither index nor device (§4.2.7): the index is
 /// rebuilt from the fed tables at Commit, and Commit publishes a lease that takes over the
-/// registration's region references and mappings.
+/// registration's region references and mappings. A snapshot lease (in_place = false,
+/// registration.md §5.4) is fed and checked the same way, but its Commit copies the leased bytes
+/// into the daemon's own memory (plans/snapshot.hpp), gives the client's memory back (mappings
+/// and region references) and publishes a lease over the copy, hashed from the copy.
 class lease_in_place final : public plan {
  public:
-  /// Errors: UNIMPLEMENTED (in_place=false).
+  /// Errors: none today (kept for the plans' common shape).
   [[nodiscard]] static result<std::unique_ptr<lease_in_place>> begin(const begin_request& request,
                                                                      const lease_options& options,
                                                                      begin_response& response);
@@ -105,8 +108,9 @@ class lease_in_place final : public plan {
   [[nodiscard]] const lip_tables& tables() const noexcept { return tables_; }
 
  private:
-  lease_in_place() = default;
+  explicit lease_in_place(bool snapshot) noexcept : snapshot_(snapshot) {}
   lip_tables tables_;
+  bool snapshot_ = false;  // in_place = false
 };
 
 }  // namespace tensorreg::registration::detail

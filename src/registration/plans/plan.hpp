@@ -74,6 +74,9 @@ struct commit_context {
   /// Set while the commit runs when the registration is revoked or its owner exits: hashing
   /// and copying stop (CANCELLED) at the next leaf or chunk. Null = never.
   cancel_flag cancelled = nullptr;
+  /// The engine's regions, for a plan that gives its region references back at commit (a
+  /// snapshot lease, once its copy is made). Null: references stay with what commit publishes.
+  regions::region_registry* regions = nullptr;
 
   template <typename F>
   decltype(auto) with_catalogue(F&& f) {
