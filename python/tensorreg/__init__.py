@@ -16,6 +16,7 @@ tensor calls import torch (1.13 or 2.x) when first used, and the CUDA ones load 
 
 from . import errors as _errors
 from ._layout import canonical_json
+from ._registrar import Registrar
 from ._wire import default_socket_path
 from .errors import *  # noqa: F401,F403 - Error and one subclass per status code
 from .store import Lease, LocalStableTier, RegisteredArtifact, Store
@@ -27,6 +28,7 @@ __all__ = [
     "RegisteredArtifact",
     "Lease",
     "LocalStableTier",
+    "Registrar",
     "default_socket_path",
     "canonical_json",
 ]

@@ -45,6 +45,7 @@ from typing import Any
 from . import _put, _reads, _register, _requests
 from ._artifact import LocalStableTier, RegisteredArtifact
 from ._leases import Lease
+from ._registrar import Registrar
 from ._requests import DEFAULT_TTL_MS
 from ._wire import Connection
 
@@ -62,15 +63,19 @@ class Store:
     def __init__(self, socket: str | None = None, *, timeout: float | None = None) -> None:
         self._conn = Connection(socket, timeout)
         self._leases: weakref.WeakSet[Lease] = weakref.WeakSet()
+        self._registrars: weakref.WeakSet[Registrar] = weakref.WeakSet()
 
     @property
     def socket_path(self) -> str:
         return self._conn.path
 
     def close(self) -> None:
-        """Releases the leases this store made, then closes the connection. Idempotent."""
+        """Releases the leases and registrars this store made, then closes the connection.
+        Idempotent."""
         for lease in list(self._leases):
             lease.close()
+        for registrar in list(self._registrars):
+            registrar.close()
         self._conn.close()
 
     def __enter__(self) -> Store:
@@ -113,6 +118,16 @@ class Store:
         art = _register.register(self._conn, state_dict, ttl_ms, client_artifact_id, policy)
         self._leases.add(art.lease)
         return art
+
+    def registrar(self, *, ttl_ms: int = DEFAULT_TTL_MS, policy: str | None = None) -> Registrar:
+        """A Registrar: register() of the same state dict again and again, where a registration
+        whose tensors are in the same memory with the same layout as the last one's only sends
+        Begin, the kept Feed and Commit (the exports, regions, layout and Feed are kept until
+        the registrar's close(), or this Store's). _registrar.py has the rules.
+        Errors: InvalidArgument (ttl_ms, policy)."""
+        registrar = Registrar(self._conn, ttl_ms, policy)
+        self._registrars.add(registrar)
+        return registrar
 
     # ---- get and open (_reads.py) ----
 

@@ -1,0 +1,232 @@
+"""The weight-sync loop's Python side: the Registrar (a registration of the same tensors again
+sends only Begin, the kept Feed and Commit, and keeps its regions until closed), open() with
+kept mappings (the next version over the same allocations maps nothing and gives back the same
+tensors; over a fake driver, CPU tensors standing in for mappings), and WeightPublisher /
+WeightSubscriber against a real daemon with CPU tensors."""
+
+import os
+import sys
+from unittest import mock
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _support  # noqa: E402  (exits 77 without torch / protobuf)
+
+# isort: split
+import unittest  # noqa: E402
+
+import torch  # noqa: E402
+
+import tensorreg  # noqa: E402
+from tensorreg import _cuda, _device, _layout, _messages, _registrar, _requests  # noqa: E402
+
+MiB = 1 << 20
+UUID = "GPU-02ad0eca-905c-d3d5-53ed-04fc6d6d50d6"
+
+
+def model(seed: int = 0, layers: int = 20) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for k in range(layers):
+        sd[f"layers.{k}.w"] = torch.randn(16, 8, generator=g)
+        sd[f"layers.{k}.norm"] = torch.randn(8, generator=g).to(torch.bfloat16)
+    sd["lm_head.weight"] = sd["layers.0.w"]  # tied
+    return sd
+
+
+class Messages(unittest.TestCase):
+    def test_a_feed_sent_from_kept_bytes_is_the_message_built_for_it(self):
+        sd = model()
+        layout = _layout.build(_layout.state_dict_descs(torch, sd, "register")[0])
+
+        def source(entry, k):
+            entry.device_id = -1
+            entry.region_ref.region_id = "region:" + "ab" * 16
+            entry.mapping_base_offset = layout.storages[k].offset
+
+        built = _requests.lease_feed(layout, source)
+        body = built.feed_register_artifact_stream.SerializeToString()
+        for request_id, registration_id in ((1, "reg:1"), (300, "reg:" + "f" * 200), (2**40, "r")):
+            built.request_id = request_id
+            built.feed_register_artifact_stream.registration_id = registration_id
+            raw = _registrar.RawFeed(registration_id, body)
+            raw.request_id = request_id
+            parsed = _messages.Request()
+            parsed.ParseFromString(raw.SerializeToString())
+            self.assertEqual(parsed, built)
+            self.assertEqual(parsed.WhichOneof("body"), "feed_register_artifact_stream")
+
+    def test_every_allocation_becomes_a_region_and_its_key_names_the_memory(self):
+        from test_device import FakeDriver, vmm_pages
+
+        drv = FakeDriver([(0x1000000, 20 * MiB, False, 0), (0x8000000, 4 * MiB, False, 0)]
+                         + vmm_pages(0x300000000, 3))
+        spans = [(0x1000000 + 512, 1000), (0x8000000, 4 * MiB), (0x1000000 + 2 * MiB, 4096),
+                 (0x300000000 + 100, 3 * MiB)]
+        plan = _device.every_storage_in_a_region(_device.plan(drv, spans, "register state dict"))
+        self.assertTrue(all(s.region is not None for s in plan.sources))
+        self.assertEqual(sorted((r.base, r.size) for r in plan.regions),
+                         [(0x1000000, 20 * MiB), (0x8000000, 4 * MiB), (0x300000000, 4 * MiB)])
+        lone = plan.regions[plan.sources[1].region]
+        self.assertEqual((lone.ipc_handle, lone.storages, plan.sources[1].mapping_base_offset),
+                         (drv.ipc_handle(0x8000000), [1], 0))
+        keys = [_device.region_key(r) for r in plan.regions]
+        self.assertIn(("ipc", 0x8000000, 4 * MiB, drv.ipc_handle(0x8000000)), keys)
+        self.assertIn(("vmm", (0x300000000, 2 * MiB), (0x300000000 + 2 * MiB, 2 * MiB)), keys)
+        self.assertEqual(len(set(keys)), 3)
+
+
+class CudaRegistrar(unittest.TestCase):
+    """The CUDA flow of the Registrar over test_client_modules' fake connection and driver:
+    "a" and "b" share a cudaMalloc allocation, "c" is alone in another, "d" in a VMM page."""
+
+    def setUp(self):
+        from test_client_modules import FakeConnection, FakeDriver, cuda_state_dict
+
+        self.conn, self.drv = FakeConnection(), FakeDriver()
+        self.items, self.storages = cuda_state_dict()
+        self.patch = mock.patch.object(_cuda, "driver", lambda: self.drv)
+        self.patch.start()
+        self.reg = _registrar.Registrar(self.conn, 0)
+
+    def tearDown(self):
+        self.patch.stop()
+
+    def full(self, storages=None):
+        return self.reg._full_cuda(torch, self.items, storages or self.storages, torch.device("cuda", 0), [],
+                                   None, False, 0.0)
+
+    def test_every_allocation_is_a_region_kept_across_registrations(self):
+        art = self.full()
+        rest = ["begin_register_artifact", "feed", "commit_registered_artifact"]
+        self.assertEqual(self.conn.bodies(), ["register_region"] * 3 + rest)
+        feed = _messages.Request()
+        feed.ParseFromString(self.conn.sent[4][1].SerializeToString())
+        entries = feed.feed_register_artifact_stream.storage_entries
+        self.assertEqual([e.WhichOneof("storage_source") for e in entries], ["region_ref"] * 4)
+        self.assertEqual(feed.feed_register_artifact_stream.registration_id, "reg:1")
+        self.assertEqual(art.lease.region_ids, [])  # the lease does not unregister them
+        art.close()
+        self.assertEqual(self.conn.bodies()[6:], ["revoke_registered_artifact"])
+        del self.conn.sent[:]
+        again = self.full()  # the same memory: every region is reused
+        self.assertEqual(self.conn.bodies(), ["begin_register_artifact", "feed", "commit_registered_artifact"])
+        self.assertEqual(self.reg.counts["regions_reused"], 3)
+        again.close()
+
+    def test_the_fast_path_sends_begin_by_index_key_the_kept_feed_and_commit(self):
+        self.full().close()
+        del self.conn.sent[:]
+        art = self.reg._fast(None, False, 0.0)
+        self.assertEqual(self.conn.bodies(), ["begin_register_artifact", "feed", "commit_registered_artifact"])
+        b = self.conn.sent[0][1].begin_register_artifact
+        self.assertEqual((b.device_id, b.device_uuid, b.total_size), (0, UUID, 64))
+        self.assertEqual(b.tensor_index_key, __import__("hashlib").sha256(art.index_json).hexdigest())
+        self.assertTrue(art.timings["reused"])
+        self.assertIn("client_work", art.timings)
+        art.close()
+
+    def test_a_storage_in_another_allocation_drops_the_region_it_left(self):
+        self.full().close()
+        del self.conn.sent[:]
+        moved = list(self.storages)
+        s = moved[2]
+        moved[2] = (s[0], 0x1000000 + 1024, s[2], s[3])  # "c" now shares the first allocation
+        self.full(moved).close()
+        self.assertEqual(self.conn.bodies(), ["begin_register_artifact", "feed", "commit_registered_artifact",
+                                              "unregister_region", "revoke_registered_artifact"])
+        # Regions were made in plan order: (a, b)'s allocation, d's page, then c's lone allocation.
+        self.assertEqual(self.conn.sent[3][1].unregister_region.region_id, "region:3")
+        self.assertEqual(self.reg.counts["regions_released"], 1)
+        self.reg.close()
+        self.assertEqual(sorted(r.unregister_region.region_id for name, r, _ in self.conn.sent
+                                if name == "unregister_region")[:2], ["region:1", "region:2"])
+
+
+class WithDaemon(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.daemon = _support.Daemon()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.daemon.stop()
+
+    def setUp(self):
+        self.store = tensorreg.Store(self.daemon.socket, timeout=30)
+
+    def tearDown(self):
+        self.store.close()
+
+
+class RegistrarTest(WithDaemon):
+    def test_the_same_tensors_again_take_the_fast_path_and_keep_one_region(self):
+        sd = model(2)
+        regions = self.store.stats()["regions"]
+        with self.store.registrar(policy="warm") as reg:
+            first = reg.register(sd, client_artifact_id="cgid:reg-test~1")
+            self.assertFalse(first.timings["reused"])
+            for t in sd.values():
+                t.add_(1)
+            second = reg.register(sd, client_artifact_id="cgid:reg-test~2")
+            self.assertTrue(second.timings["reused"])
+            self.assertEqual(reg.counts["full"], 1)
+            self.assertEqual(reg.counts["fast"], 1)
+            self.assertEqual(self.store.stats()["regions"], regions + 1)
+            self.assertEqual(second.index_json, first.index_json)
+            # The second version holds the bytes as they were at its registration.
+            got = self.store.get("cgid:reg-test~2")
+            for name, t in sd.items():
+                self.assertTrue(torch.equal(got[name], t), name)
+            del got
+            # A version's lease ends without unregistering the kept region.
+            first.close()
+            self.assertEqual(self.store.stats()["regions"], regions + 1)
+            self.assertEqual(second.descriptor["id_kind"], "ARTIFACT_ID_KIND_CGID")
+        stats = self.store.stats()
+        self.assertEqual(stats["regions"], regions)  # close() unregistered it
+        self.assertTrue(second.lease.closed)
+
+    def test_a_changed_layout_takes_the_full_path_and_gives_the_new_tensors(self):
+        sd = model(3)
+        with self.store.registrar(policy="warm") as reg:
+            reg.register(sd, client_artifact_id="cgid:reg-change~1")
+            grown = dict(sd, extra=torch.arange(100000, dtype=torch.float32))  # needs a larger region
+            art = reg.register(grown, client_artifact_id="cgid:reg-change~2")
+            self.assertFalse(art.timings["reused"])
+            self.assertEqual(reg.counts["regions_registered"], 2)
+            self.assertEqual(reg.counts["regions_released"], 1)
+            sd["layers.3.w"] = torch.zeros(16, 8)  # another storage, same shape
+            art = reg.register(sd, client_artifact_id="cgid:reg-change~3")
+            self.assertFalse(art.timings["reused"])
+            self.assertEqual(reg.counts["regions_registered"], 2)  # the kept region is large enough
+            got = self.store.get("cgid:reg-change~3")
+            self.assertEqual(sorted(got), sorted(sd))
+            for name, t in sd.items():
+                self.assertTrue(torch.equal(got[name], t), name)
+            self.assertEqual(reg.counts, {"full": 3, "fast": 0, "regions_registered": 2, "regions_reused": 0,
+                                          "regions_released": 1})
+
+    def test_an_unchanged_registration_gives_the_put_id_of_the_same_bytes(self):
+        sd = model(4)
+        with self.store.registrar() as reg:
+            reg.register(sd).close()
+            again = reg.register(sd)
+            self.assertTrue(again.timings["reused"])
+            self.assertEqual(again.artifact_id, self.store.put(sd).artifact_id)
+
+    def test_bad_input_is_refused_before_anything_is_sent_and_a_closed_registrar_refuses(self):
+        reg = self.store.registrar()
+        with self.assertRaises(tensorreg.InvalidArgument) as ctx:
+            reg.register({"a": [1, 2]})
+        self.assertIn("cannot register state dict: 'a' is a list, not a torch.Tensor", ctx.exception.message)
+        with self.assertRaises(tensorreg.InvalidArgument) as ctx:
+            self.store.registrar(ttl_ms=-1)
+        self.assertIn("cannot make a registrar: ttl_ms -1 is not a uint32", ctx.exception.message)
+        reg.close()
+        with self.assertRaises(tensorreg.FailedPrecondition) as ctx:
+            reg.register(model())
+        self.assertEqual(ctx.exception.message, "cannot register state dict: the registrar is closed")
+
+
+if __name__ == "__main__":
+    _support.main()
