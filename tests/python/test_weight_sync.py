@@ -4,6 +4,7 @@ kept mappings (the next version over the same allocations maps nothing and gives
 tensors; over a fake driver, CPU tensors standing in for mappings), and WeightPublisher /
 WeightSubscriber against a real daemon with CPU tensors."""
 
+import contextlib
 import os
 import sys
 from unittest import mock
@@ -17,7 +18,7 @@ import unittest  # noqa: E402
 import torch  # noqa: E402
 
 import tensorreg  # noqa: E402
-from tensorreg import _cuda, _device, _layout, _messages, _registrar, _requests  # noqa: E402
+from tensorreg import _cuda, _device, _layout, _messages, _reads, _registrar, _requests  # noqa: E402
 
 MiB = 1 << 20
 UUID = "GPU-02ad0eca-905c-d3d5-53ed-04fc6d6d50d6"
@@ -140,6 +141,159 @@ class CudaRegistrar(unittest.TestCase):
         self.reg.close()
         self.assertEqual(sorted(r.unregister_region.region_id for name, r, _ in self.conn.sent
                                 if name == "unregister_region")[:2], ["region:1", "region:2"])
+
+
+class FakeMapping:
+    opened = 0
+
+    def __init__(self, drv, ordinal, handle, size, what):
+        FakeMapping.opened += 1
+        self.memory = drv.memory[handle]
+
+
+class FakeReaderDriver:
+    def __init__(self, memory):
+        self.memory = memory  # IPC handle -> uint8 CPU tensor standing in for the allocation
+
+    def ordinal_of_uuid(self, uuid):
+        return 0
+
+    @contextlib.contextmanager
+    def on(self, ordinal):
+        yield
+
+
+class FakeOpenConnection:
+    """Answers OpenArtifactDevice as the daemon would for a lease of `layout` whose storages lie
+    in the allocations `placed` names: storage k -> (IPC handle, offset in that allocation)."""
+
+    def __init__(self):
+        self.answers = {}
+
+    def serve(self, artifact_id, layout, placed, sizes):
+        answer = _messages.Response()
+        body = answer.open_artifact_device
+        body.artifact_descriptor.artifact_id = artifact_id
+        body.tensor_index_data = layout.json
+        body.total_size = layout.total_size
+        handles = []
+        for k, s in enumerate(layout.storages):
+            handle, _ = placed[k]
+            if handle not in handles:
+                handles.append(handle)
+                a = body.allocations.add()
+                a.device_uuid = UUID
+                a.size_bytes = sizes[handle]
+                a.cuda_ipc_handle = handle
+        for k, s in enumerate(layout.storages):
+            handle, at = placed[k]
+            seg = body.segments.add()
+            seg.artifact_offset = s.offset
+            seg.length = s.nbytes
+            seg.allocation = handles.index(handle)
+            seg.allocation_offset = at
+        body.end_allocation = len(handles)
+        self.answers[artifact_id] = answer.SerializeToString()
+
+    def call(self, request):
+        answer = _messages.Response()
+        answer.ParseFromString(self.answers[request.open_artifact_device.artifact_id])
+        return answer, []
+
+
+class KeptMappings(unittest.TestCase):
+    def setUp(self):
+        self.sd = model(1)
+        self.layout = _layout.build(_layout.state_dict_descs(torch, self.sd, "register")[0])
+        # Two "allocations": even storages in A, odd ones in B, at their canonical offsets.
+        self.memory = {b"A" * 64: torch.zeros(self.layout.total_size, dtype=torch.uint8),
+                       b"B" * 64: torch.zeros(self.layout.total_size, dtype=torch.uint8),
+                       b"C" * 64: torch.zeros(self.layout.total_size, dtype=torch.uint8)}
+        self.sizes = {h: m.numel() for h, m in self.memory.items()}
+        self.place(b"A" * 64, b"B" * 64)
+        self.conn = FakeOpenConnection()
+        self.drv = FakeReaderDriver(self.memory)
+        FakeMapping.opened = 0
+        self.patches = [mock.patch.object(_cuda, "driver", lambda: self.drv),
+                        mock.patch.object(_cuda, "IpcMapping", FakeMapping),
+                        mock.patch.object(_cuda, "as_tensor", lambda torch, m, here, size: m.memory)]
+        for p in self.patches:
+            p.start()
+
+    def tearDown(self):
+        for p in self.patches:
+            p.stop()
+
+    def place(self, even, odd):
+        self.placed = {}
+        for k, s in enumerate(self.layout.storages):
+            handle = even if k % 2 == 0 else odd
+            self.placed[k] = (handle, s.offset)
+            self.memory[handle][s.offset:s.offset + s.nbytes] = _layout.storage_bytes(torch, s.source)
+
+    def open(self, kept, artifact_id):
+        return _reads.open_tensors(self.conn, artifact_id, "cuda", kept)
+
+    def test_the_next_version_over_the_same_memory_maps_nothing_and_gives_the_same_tensors(self):
+        kept = _reads.KeptMappings()
+        self.conn.serve("cgid:v~1", self.layout, self.placed, self.sizes)
+        self.conn.serve("cgid:v~2", self.layout, self.placed, self.sizes)
+        first = self.open(kept, "cgid:v~1")
+        self.assertEqual(FakeMapping.opened, 2)
+        for name, t in self.sd.items():
+            self.assertTrue(torch.equal(first[name], t), name)
+        second = self.open(kept, "cgid:v~2")
+        self.assertEqual(FakeMapping.opened, 2)  # no driver open
+        self.assertEqual(kept.reopened, 1)
+        self.assertEqual(sorted(second), sorted(first))
+        self.assertTrue(all(second[n] is first[n] for n in first))
+        # Without kept mappings every open maps again.
+        self.open(None, "cgid:v~2")
+        self.assertEqual(FakeMapping.opened, 4)
+
+    def test_an_allocation_not_seen_before_is_the_only_one_mapped(self):
+        kept = _reads.KeptMappings()
+        self.conn.serve("cgid:v~1", self.layout, self.placed, self.sizes)
+        first = self.open(kept, "cgid:v~1")
+        self.place(b"A" * 64, b"C" * 64)  # the odd storages moved to another allocation
+        self.conn.serve("cgid:v~2", self.layout, self.placed, self.sizes)
+        second = self.open(kept, "cgid:v~2")
+        self.assertEqual(FakeMapping.opened, 3)
+        self.assertEqual(kept.reopened, 0)
+        self.assertEqual(set(kept.ipc), {(0, b"A" * 64, self.sizes[b"A" * 64]), (0, b"C" * 64, self.sizes[b"C" * 64])})
+        for name, t in self.sd.items():
+            self.assertTrue(torch.equal(second[name], t), name)
+        self.assertIsNot(second["layers.0.w"], first["layers.0.w"])
+
+    def test_a_changed_layout_builds_new_views_over_the_kept_mappings(self):
+        kept = _reads.KeptMappings()
+        self.conn.serve("cgid:v~1", self.layout, self.placed, self.sizes)
+        self.open(kept, "cgid:v~1")
+        smaller = dict(list(self.sd.items())[:10])
+        self.layout = _layout.build(_layout.state_dict_descs(torch, smaller, "register")[0])
+        self.place(b"A" * 64, b"B" * 64)
+        self.conn.serve("cgid:v~2", self.layout, self.placed, self.sizes)
+        second = self.open(kept, "cgid:v~2")
+        self.assertEqual(FakeMapping.opened, 2)
+        self.assertEqual(sorted(second), sorted(smaller))
+        for name, t in smaller.items():
+            self.assertTrue(torch.equal(second[name], t), name)
+
+    def test_vmm_fds_are_the_same_allocation_only_when_they_are_the_same_open_file(self):
+        r, w = os.pipe()
+        try:
+            other = os.dup(r)
+            third = os.open(os.devnull, os.O_RDONLY)
+            if _reads.same_open_file(r, other) is None:
+                self.skipTest("kcmp(2) is not available here")
+            self.assertTrue(_reads.same_open_file(r, other))
+            self.assertFalse(_reads.same_open_file(r, w))
+            self.assertFalse(_reads.same_open_file(r, third))
+            os.close(other)
+            os.close(third)
+        finally:
+            os.close(r)
+            os.close(w)
 
 
 class WithDaemon(unittest.TestCase):
