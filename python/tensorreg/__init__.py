@@ -20,6 +20,7 @@ from ._registrar import Registrar
 from ._wire import default_socket_path
 from .errors import *  # noqa: F401,F403 - Error and one subclass per status code
 from .store import Lease, LocalStableTier, RegisteredArtifact, Store
+from .weight_sync import Version, WeightPublisher, WeightSubscriber
 
 __version__ = "0.1.0"
 
@@ -29,6 +30,9 @@ __all__ = [
     "Lease",
     "LocalStableTier",
     "Registrar",
+    "WeightPublisher",
+    "WeightSubscriber",
+    "Version",
     "default_socket_path",
     "canonical_json",
 ]

@@ -382,5 +382,96 @@ class RegistrarTest(WithDaemon):
         self.assertEqual(ctx.exception.message, "cannot register state dict: the registrar is closed")
 
 
+class WeightSyncTest(WithDaemon):
+    def test_versions_are_numbered_the_latest_is_found_and_load_into_copies_it(self):
+        sd = model(5)
+        with tensorreg.WeightPublisher(self.store, "policy-a", policy="warm") as pub:
+            sub = tensorreg.WeightSubscriber(self.store, "policy-a", device="cpu")
+            self.assertIsNone(sub.latest())
+            v1 = pub.publish(sd)
+            self.assertEqual((v1.number, v1.artifact_id), (1, "cgid:wsync~policy-a~1"))
+            self.assertEqual(sub.wait_for(1, timeout=5), 1)
+            mine = {name: torch.zeros_like(t) for name, t in sd.items()}
+            self.assertEqual(sub.load_into(mine), 1)
+            for name, t in sd.items():
+                self.assertTrue(torch.equal(mine[name], t), name)
+            for t in sd.values():
+                t.mul_(2)
+            v2 = pub.publish(sd)
+            self.assertTrue(v2.timings["reused"])
+            self.assertTrue(v1.artifact.lease.closed)  # keep=1: the older version's lease ended
+            self.assertEqual([v.number for v in pub.versions], [2])
+            self.assertEqual(sub.latest(), 2)
+            module = torch.nn.Module()
+            for k, (name, t) in enumerate(sd.items()):
+                module.register_buffer(f"b{k}", torch.zeros_like(t))
+            renamed = {f"b{k}": t for k, t in enumerate(sd.values())}
+            with self.assertRaises(tensorreg.InvalidArgument) as ctx:
+                sub.load_into(module, 2)
+            self.assertIn("cannot load version 2 of 'policy-a': the names differ", ctx.exception.message)
+            self.assertTrue(all(float(b.abs().sum()) == 0 for b in module.buffers()))  # nothing copied
+            self.assertEqual(sorted(renamed), sorted(dict(module.named_buffers())))
+
+    def test_a_new_publisher_goes_on_after_the_versions_held_and_wait_for_times_out(self):
+        sd = model(6)
+        with tensorreg.WeightPublisher(self.store, "policy-b", keep=2, policy="warm") as pub:
+            pub.publish(sd)
+            pub.publish(sd)
+            self.assertEqual([v.number for v in pub.versions], [1, 2])
+            with tensorreg.WeightPublisher(self.store, "policy-b", policy="warm") as again:
+                self.assertEqual(again.publish(model(7)).number, 3)
+            sub = tensorreg.WeightSubscriber(self.store, "policy-b", device="cpu")
+            with self.assertRaises(tensorreg.DeadlineExceeded) as ctx:
+                sub.wait_for(9, timeout=0.05)
+            self.assertIn("cannot wait for version 9 of 'policy-b': after 0.05 s the latest is 3",
+                          ctx.exception.message)
+
+    def test_shapes_that_differ_are_refused_and_names_are_checked(self):
+        sd = model(8)
+        with tensorreg.WeightPublisher(self.store, "policy-c", policy="warm") as pub:
+            pub.publish(sd)
+            sub = tensorreg.WeightSubscriber(self.store, "policy-c", device="cpu")
+            mine = {name: torch.zeros_like(t) for name, t in sd.items()}
+            mine["layers.1.w"] = torch.zeros(8, 16)
+            with self.assertRaises(tensorreg.InvalidArgument) as ctx:
+                sub.load_into(mine)
+            self.assertIn("cannot load version 1 of 'policy-c': tensor 'layers.1.w' is (16, 8) torch.float32 in the "
+                          "version but (8, 16) torch.float32 in the target", ctx.exception.message)
+        for bad in ("", "a~b", "x" * 161, 3):
+            with self.assertRaises(tensorreg.InvalidArgument) as ctx:
+                tensorreg.WeightSubscriber(self.store, bad)
+            self.assertIn("cannot sync weights under name", ctx.exception.message)
+        with self.assertRaises(tensorreg.InvalidArgument) as ctx:
+            tensorreg.WeightPublisher(self.store, "ok", keep=0)
+        self.assertIn("keep must be an int >= 1, got 0", ctx.exception.message)
+        with self.assertRaises(tensorreg.NotFound) as ctx:
+            tensorreg.WeightSubscriber(self.store, "nobody", device="cpu").tensors()
+        self.assertEqual(ctx.exception.message, "cannot read weights of 'nobody': no version is published")
+
+    def test_a_version_published_without_verify_has_no_mi2_to_wait_for(self):
+        with tensorreg.WeightPublisher(self.store, "policy-d", policy="warm") as pub:
+            v = pub.publish(model(9))
+            with self.assertRaises(tensorreg.FailedPrecondition) as ctx:
+                v.mi2()
+            self.assertEqual(ctx.exception.message,
+                             "cannot verify cgid:wsync~policy-d~1: it was published without verify=True")
+
+    def test_the_readme_example_runs(self):
+        with open(os.path.join(_support.REPO, "python", "README.md")) as f:
+            text = f.read()
+        block = text.split("A runnable version on CPU tensors")[1].split("```python\n")[1].split("```")[0]
+        socket = self.daemon.socket
+        real = tensorreg.Store
+
+        def store(path=None, **kwargs):
+            return real(path or socket, **kwargs)
+
+        printed = []
+        with mock.patch.object(tensorreg, "Store", store):
+            exec(block, {"print": lambda *a: printed.append(a)})
+        self.assertEqual(printed, [("cgid:wsync~demo~1", False), ("cgid:wsync~demo~2", True),
+                                   ("cgid:wsync~demo~3", True)])
+
+
 if __name__ == "__main__":
     _support.main()
