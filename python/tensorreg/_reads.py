@@ -91,7 +91,10 @@ def open_tensors(conn: Connection, artifact_id: str, device: Any, kept: KeptMapp
     if dev.type != "cuda":
         raise InvalidArgument(f"cannot {what} on {dev}: open() maps GPU memory; use get() for cpu")
     drv = _cuda.driver()  # before the call: no GPU here means nothing to ask the daemon for
-    body, fds, vmm_fds = open_pages(conn, artifact_id, what)
+    if kept is None:
+        body, fds, vmm_fds = open_pages(conn, artifact_id, what)
+    else:
+        body, fds, vmm_fds, payload = open_pages(conn, artifact_id, what, raw=True)
     bases = []
     ordinal = dev.index
     signature = None
@@ -100,9 +103,8 @@ def open_tensors(conn: Connection, artifact_id: str, device: Any, kept: KeptMapp
             # The descriptor (the id) differs from version to version; everything else equal
             # means the same tensors over the same allocations (the VMM fds checked apart:
             # their numbers differ from answer to answer).
-            body.ClearField("artifact_descriptor")
-            signature = (str(dev), body.SerializeToString())
-            if kept.signature == signature and kept.same_vmm(vmm_fds):
+            signature = (str(dev), answer_signature(payload))
+            if signature[1] is not None and kept.signature == signature and kept.same_vmm(vmm_fds):
                 kept.reopened += 1
                 return dict(kept.tensors)
         try:
@@ -149,9 +151,54 @@ def open_tensors(conn: Connection, artifact_id: str, device: Any, kept: KeptMapp
     return tensors
 
 
-def _file_identity(fd: int) -> tuple:
-    st = os.fstat(fd)
-    return st.st_dev, st.st_ino
+def _varint(data: bytes, at: int) -> tuple:
+    value, shift = 0, 0
+    while True:
+        b = data[at]
+        at += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value, at
+        shift += 7
+
+
+def _fields(data: bytes, start: int, end: int):
+    """(field number, first byte, end) of each field of a message serialised in data[start:end];
+    the value of a length-delimited field lies in [first byte, end)."""
+    at = start
+    while at < end:
+        tag, at = _varint(data, at)
+        number, kind = tag >> 3, tag & 7
+        if kind == 0:
+            _, after = _varint(data, at)
+        elif kind == 2:
+            n, at = _varint(data, at)
+            after = at + n
+        elif kind == 1:
+            after = at + 8
+        elif kind == 5:
+            after = at + 4
+        else:
+            raise ValueError(f"wire type {kind}")
+        yield number, at, after
+        at = after
+
+
+def answer_signature(payload: bytes):
+    """An OpenArtifactDevice answer's bytes without the request id, the status and the
+    artifact's descriptor (Response field 43, its field 1): equal for two versions of the same
+    tensors over the same allocations. None when the bytes cannot be read so."""
+    try:
+        for number, start, end in _fields(payload, 0, len(payload)):
+            if number == 43:
+                for inner, first, after in _fields(payload, start, end):
+                    if inner == 1:  # the descriptor: as serialised, the first field
+                        return payload[after:end]
+                    break
+                return payload[start:end]
+    except (IndexError, ValueError):
+        pass
+    return None
 
 
 _KCMP_FILE = 0
@@ -286,23 +333,31 @@ def _segments(body, sizes: list, mapped: int, what: str) -> _device.Segments:
     return _device.Segments(segments, what)
 
 
-def open_pages(conn: Connection, artifact_id: str, what: str) -> tuple:
+def open_pages(conn: Connection, artifact_id: str, what: str, raw: bool = False) -> tuple:
     """OpenArtifactDevice, page after page (docs/wire-format.md §13): one answer carries at
     most 250 fds, so the VMM fds of a large expandable-segment model come in several.
-    Returns (the first answer, every fd received, {allocation number: its chunks' fds})."""
+    Returns (the first answer, every fd received, {allocation number: its chunks' fds}), and
+    with `raw` the first answer's bytes as received."""
     fds, vmm_fds, first, body = [], {}, 0, None
     try:
         while True:
-            answer, got = conn.call(_requests.open_artifact_device(artifact_id, first))
+            request = _requests.open_artifact_device(artifact_id, first)
+            if raw:
+                answer, got, payload = conn.call(request, raw=True)
+            else:
+                answer, got = conn.call(request)
             fds.extend(got)
             page = answer.open_artifact_device
             if body is None:
                 body = page
+                first_payload = payload if raw else None
             elif [(a.device_uuid, a.size_bytes) for a in page.allocations] != \
                     [(a.device_uuid, a.size_bytes) for a in body.allocations]:
                 raise Aborted(f"cannot {what}: its GPU memory changed while it was being opened; try again")
             end = page.end_allocation
-            for k in range(first, min(end, len(page.allocations))):
+            # A page without fds has no VMM allocation to give them to (one that names chunks
+            # anyway is refused before anything is mapped: _checked_opens).
+            for k in range(first, min(end, len(page.allocations)) if got else first):
                 a = page.allocations[k]
                 if a.WhichOneof("source") != "vmm":
                     continue
@@ -312,7 +367,7 @@ def open_pages(conn: Connection, artifact_id: str, what: str) -> tuple:
                                    f"{len(got)} fds")
                 vmm_fds[k] = [got[c.fd_index] for c in a.vmm.chunks]
             if end >= len(page.allocations):
-                return body, fds, vmm_fds
+                return (body, fds, vmm_fds, first_payload) if raw else (body, fds, vmm_fds)
             if end <= first:
                 raise DataLoss(f"cannot {what}: the daemon's answer for allocations from {first} made no progress")
             first = end

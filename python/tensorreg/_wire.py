@@ -74,6 +74,7 @@ class Connection:
         self._closed = False
         self._rbuf = bytearray()  # answer bytes read but not yet taken as whole frames
         self._rfds: dict = {}  # position in _rbuf of a frame's first byte -> the fds it came with
+        self._payload = b""  # the last answer's bytes, for call(raw=True)
         with self._lock:
             self._ensure_connected()
 
@@ -180,6 +181,7 @@ class Connection:
                     raise Unavailable(f"cannot read the daemon's answer to request {request_id}: "
                                       f"the daemon closed the connection")
             response = _messages.Response()
+            self._payload = payload
             try:
                 response.ParseFromString(payload)
             except Exception:  # DecodeError's module differs between runtimes
@@ -241,16 +243,18 @@ class Connection:
 
     # ---- calls ----
 
-    def call(self, request, fds=()):
+    def call(self, request, fds=(), raw: bool = False):
         """Sends `request` (its request_id is set here) with `fds` and waits for its answer.
-        Returns (Response, received fds); the caller owns the fds. A non-OK status raises."""
+        Returns (Response, received fds); the caller owns the fds. A non-OK status raises.
+        raw=True adds the answer's bytes as received: (Response, fds, bytes)."""
         with self._lock:
             outer, self._owner = self._owner, threading.get_ident()
             try:
                 sock = self._ensure_connected()
                 request.request_id = self._take_id()
                 self._send(sock, request, fds)
-                return self._finish(*self._matched(sock, request.request_id))
+                answer = self._finish(*self._matched(sock, request.request_id))
+                return answer + (self._payload,) if raw else answer
             finally:
                 self._owner = outer
 

@@ -195,10 +195,11 @@ class FakeOpenConnection:
         body.end_allocation = len(handles)
         self.answers[artifact_id] = answer.SerializeToString()
 
-    def call(self, request):
+    def call(self, request, fds=(), raw=False):
+        payload = self.answers[request.open_artifact_device.artifact_id]
         answer = _messages.Response()
-        answer.ParseFromString(self.answers[request.open_artifact_device.artifact_id])
-        return answer, []
+        answer.ParseFromString(payload)
+        return (answer, [], payload) if raw else (answer, [])
 
 
 class KeptMappings(unittest.TestCase):
@@ -278,6 +279,19 @@ class KeptMappings(unittest.TestCase):
         self.assertEqual(sorted(second), sorted(smaller))
         for name, t in smaller.items():
             self.assertTrue(torch.equal(second[name], t), name)
+
+    def test_the_answer_signature_leaves_out_only_the_request_id_and_the_descriptor(self):
+        self.conn.serve("cgid:v~1", self.layout, self.placed, self.sizes)
+        self.conn.serve("cgid:other-name~22", self.layout, self.placed, self.sizes)
+        one, other = self.conn.answers["cgid:v~1"], self.conn.answers["cgid:other-name~22"]
+        answer = _messages.Response()
+        answer.ParseFromString(other)
+        answer.request_id = 77
+        self.assertEqual(_reads.answer_signature(one), _reads.answer_signature(answer.SerializeToString()))
+        self.assertNotIn(b"cgid:v~1", _reads.answer_signature(one))
+        answer.open_artifact_device.segments[3].allocation_offset += 8
+        self.assertNotEqual(_reads.answer_signature(one), _reads.answer_signature(answer.SerializeToString()))
+        self.assertIsNone(_reads.answer_signature(b"\xda\x02\x05\x0a\x80"))  # cut short
 
     def test_vmm_fds_are_the_same_allocation_only_when_they_are_the_same_open_file(self):
         r, w = os.pipe()
