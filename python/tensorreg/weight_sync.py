@@ -208,11 +208,13 @@ class WeightSubscriber:
             return self._store.open(artifact_id, self._device, keep_mappings=True)
         return self._store.get(artifact_id, self._device)
 
-    def load_into(self, target, version: int | None = None, *, synchronize: bool = True) -> int:
+    def load_into(self, target, version: int | None = None, *, synchronize: bool = True,
+                  timings: dict | None = None) -> int:
         """Copies version `version` (default: the latest) into `target`'s own tensors (a
         module's state_dict() or a dict of tensors), in one batched copy pass under no_grad;
         with `synchronize` returns once the copies are done (then the producer may change its
-        tensors). Returns the version copied.
+        tensors). Returns the version copied. `timings`, when given, gets the seconds spent
+        reading the version ("open") and checking and copying it ("copy").
         Errors: InvalidArgument (names, shapes or dtypes that differ; nothing is copied then),
         as tensors()."""
         torch = _torch()
@@ -220,7 +222,9 @@ class WeightSubscriber:
             version = self.latest()
             if version is None:
                 raise NotFound(f"cannot load weights of {self.name!r}: no version is published")
+        started = time.perf_counter()
         src = self.tensors(version)
+        opened = time.perf_counter()
         dst = target.state_dict() if callable(getattr(target, "state_dict", None)) else target
         what = f"load version {version} of {self.name!r}"
         if len(dst) != len(src) or any(name not in src for name in dst):
@@ -247,6 +251,9 @@ class WeightSubscriber:
                       {s.device for s in srcs if s.device.type == "cuda"}
             for device in devices:
                 torch.cuda.synchronize(device)
+        if timings is not None:
+            timings["open"] = opened - started
+            timings["copy"] = time.perf_counter() - opened
         return version
 
     def verified(self, version: int, timeout: float | None = None) -> str:
