@@ -213,8 +213,9 @@ def start_daemon(path: str, work: str):
     socket_path = os.path.join(work, "d.sock")
     # Its output goes to a file: a pipe nobody reads could fill and stall it.
     daemon_log = open(os.path.join(work, "tensorregd.log"), "w+")
-    daemon = subprocess.Popen([path, "--socket", socket_path, "--log-level", "warn"], stdout=daemon_log,
-                              stderr=subprocess.STDOUT)
+    # A Registrar keeps a region per allocation (868 for the MoE dict): room above the default 1 024.
+    daemon = subprocess.Popen([path, "--socket", socket_path, "--log-level", "warn", "--max-regions-per-uid", "4096"],
+                              stdout=daemon_log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120
     while not os.path.exists(socket_path) or "ready" not in open(daemon_log.name).read():
         if daemon.poll() is not None or time.monotonic() > deadline:
