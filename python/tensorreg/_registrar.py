@@ -58,7 +58,7 @@ class RawFeed:
     """A Feed frame whose body was serialised ahead: Connection.feed() sets request_id and calls
     SerializeToString(), which puts the request id and the registration id in front of the kept
     bytes. Protobuf parses fields in any order, so the frame is the same message that building
-    it would give (wire-format.md §5: Request.request_id is field 1, the Feed body field 11, its
+    it would give (wire-format.md §3, §6: Request.request_id is field 1, the Feed body field 11, its
     registration_id field 1)."""
 
     __slots__ = ("request_id", "_inner")

@@ -139,7 +139,8 @@ class WeightPublisher:
 
     def publish(self, state_dict, *, verify: bool = False) -> Version:
         """Leases the tensors as the next version and releases the oldest beyond `keep`.
-        verify=True: the daemon hashes the bytes in the background (Version.mi2()).
+        verify=True: the daemon hashes the bytes in the background (Version.mi2()); the id is
+        of the bytes at hash time, so change the tensors only once mi2() has answered.
         Errors: as Store.register()."""
         number = self._next
         art = self._registrar.register(state_dict, client_artifact_id=version_id(self.name, number),
