@@ -229,7 +229,9 @@ class KeptMappings:
     An IPC allocation is found again by its handle bytes and size (the producer's Registrar
     sends the same export while the allocation lives); a VMM allocation by its chunk fds being
     the same open files as the ones kept (kcmp(2): the daemon hands out duplicates of the fds it
-    holds for the region, so the same pages come as the same files; a dup of each is kept here).
+    holds for the region, so the same pages come as the same files; a dup of each is kept here;
+    where kcmp is refused, as under Docker's default seccomp profile without CAP_SYS_PTRACE,
+    VMM allocations are mapped again each time: an fd's inode cannot tell them apart).
     Only the last answer's allocations are kept: one that is no longer named is dropped here and
     unmapped once the last tensor over it is freed.
 
