@@ -148,16 +148,18 @@ class Registrar:
                 sig = signature(state_dict)
             except (AttributeError, TypeError, RuntimeError):
                 sig = None  # not tensors: the full path names the problem
-            kept = self._kept
-            if sig is not None and sig == kept.signature:
-                try:
+            fast = sig is not None and sig == self._kept.signature
+            try:
+                if fast:
                     art = self._fast(client_artifact_id, hash_in_background, started)
-                except (NotFound, FailedPrecondition):
-                    # A region the daemon no longer has (daemon restarted, region poisoned):
-                    # forget what was kept and register from scratch once.
-                    self._forget()
+                else:
                     art = self._full(state_dict, sig, client_artifact_id, hash_in_background, started)
-            else:
+            except (NotFound, FailedPrecondition) as e:
+                # A kept region the daemon no longer has (it restarted; the region was poisoned
+                # or retired): forget what was kept and register from scratch, once.
+                if not self._kept.regions or not (fast or "region" in e.message):
+                    raise
+                self._forget()
                 art = self._full(state_dict, sig, client_artifact_id, hash_in_background, started)
             self._leases.add(art.lease)
             return art

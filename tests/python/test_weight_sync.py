@@ -382,6 +382,18 @@ class RegistrarTest(WithDaemon):
             self.assertTrue(again.timings["reused"])
             self.assertEqual(again.artifact_id, self.store.put(sd).artifact_id)
 
+    def test_a_kept_region_the_daemon_lost_is_registered_again(self):
+        sd = model(10)
+        with self.store.registrar(policy="warm") as reg:
+            reg.register(sd, client_artifact_id="cgid:reg-lost~1").close()
+            region = reg._kept.regions["host"].region_id
+            self.store._conn.call(_requests.unregister_region(region))  # as if the daemon had restarted
+            art = reg.register(sd, client_artifact_id="cgid:reg-lost~2")
+            self.assertEqual((reg.counts["full"], reg.counts["fast"]), (2, 0))
+            self.assertNotEqual(reg._kept.regions["host"].region_id, region)
+            got = self.store.get(art.artifact_id)
+            self.assertTrue(all(torch.equal(got[n], t) for n, t in sd.items()))
+
     def test_bad_input_is_refused_before_anything_is_sent_and_a_closed_registrar_refuses(self):
         reg = self.store.registrar()
         with self.assertRaises(tensorreg.InvalidArgument) as ctx:
