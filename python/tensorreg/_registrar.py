@@ -437,5 +437,12 @@ def _release_kept(conn: Connection, kept: _Kept) -> None:
         kept.host_map = None
         _buffers.close_map(mm)
     kept.host_size = 0
-    if regions:
-        release_now(conn, None, [r.region_id for r in regions])
+    if not regions:
+        return
+    ids = [r.region_id for r in regions]
+    if conn.held_by_current_thread():
+        # Garbage collection in the middle of a call on this connection: calling now would
+        # interleave frames; release from another thread once the call is done (as a Lease does).
+        threading.Thread(target=release_now, args=(conn, None, ids), name="tensorreg-release", daemon=True).start()
+    else:
+        release_now(conn, None, ids)
