@@ -113,15 +113,19 @@ class Registrar:
     """Registers state dicts in place, keeping what the next registration can reuse.
 
     ttl_ms: each lease's TTL (0 = no expiry and no keepalive thread); policy: a profile name or
-    None. Made by Store.registrar().
+    None; snapshot: ask for snapshot leases (LeaseOptions.in_place = false: the daemon copies the
+    bytes into its own memory at commit, so the producer may change its tensors at once; a
+    daemon without them answers Unimplemented). Made by Store.registrar().
     """
 
-    def __init__(self, conn: Connection, ttl_ms: int = _requests.DEFAULT_TTL_MS, policy: str | None = None) -> None:
+    def __init__(self, conn: Connection, ttl_ms: int = _requests.DEFAULT_TTL_MS, policy: str | None = None,
+                 snapshot: bool = False) -> None:
         if not isinstance(ttl_ms, int) or not 0 <= ttl_ms < 2**32:
             raise InvalidArgument(f"cannot make a registrar: ttl_ms {ttl_ms!r} is not a uint32")
         self._conn = conn
         self._ttl_ms = ttl_ms
         self._profile = _requests.policy_profile(policy, WHAT)
+        self._snapshot = bool(snapshot)
         self._lock = threading.Lock()
         self._kept = _Kept()
         self._leases: weakref.WeakSet = weakref.WeakSet()
@@ -179,11 +183,17 @@ class Registrar:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def _lease_begin(self, client_artifact_id: str | None):
+        begin = _requests.lease_begin(self._ttl_ms, client_artifact_id, self._profile)
+        if self._snapshot:
+            begin.begin_register_artifact.lease.in_place = False
+        return begin
+
     # ---- the fast path ----
 
     def _begin(self, layout_total: int, client_artifact_id: str | None, by_key: bool):
         kept = self._kept
-        begin = _requests.lease_begin(self._ttl_ms, client_artifact_id, self._profile)
+        begin = self._lease_begin(client_artifact_id)
         b = begin.begin_register_artifact
         b.total_size = layout_total
         if kept.ordinal >= 0:
@@ -275,7 +285,7 @@ class Registrar:
         registration_id = None
         try:
             _buffers.write_storages(torch, host_map[1], layout)
-            begin = _requests.lease_begin(self._ttl_ms, client_artifact_id, self._profile)
+            begin = self._lease_begin(client_artifact_id)
             begin.begin_register_artifact.total_size = layout.total_size
             prepared = time.perf_counter()
             answer, extra = conn.call(begin)
@@ -354,7 +364,7 @@ class Registrar:
             if failed is not None:
                 raise failed
             layout = _layout.build(_layout.describe(items, storages))
-            begin = _requests.lease_begin(self._ttl_ms, client_artifact_id, self._profile)
+            begin = self._lease_begin(client_artifact_id)
             b = begin.begin_register_artifact
             b.device_id = ordinal
             b.device_uuid = uuid

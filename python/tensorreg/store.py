@@ -122,13 +122,15 @@ class Store:
         self._leases.add(art.lease)
         return art
 
-    def registrar(self, *, ttl_ms: int = DEFAULT_TTL_MS, policy: str | None = None) -> Registrar:
+    def registrar(self, *, ttl_ms: int = DEFAULT_TTL_MS, policy: str | None = None,
+                  snapshot: bool = False) -> Registrar:
         """A Registrar: register() of the same state dict again and again, where a registration
         whose tensors are in the same memory with the same layout as the last one's only sends
         Begin, the kept Feed and Commit (the exports, regions, layout and Feed are kept until
-        the registrar's close(), or this Store's). _registrar.py has the rules.
+        the registrar's close(), or this Store's). _registrar.py has the rules. snapshot=True
+        asks for snapshot leases (the daemon copies the bytes at commit).
         Errors: InvalidArgument (ttl_ms, policy)."""
-        registrar = Registrar(self._conn, ttl_ms, policy)
+        registrar = Registrar(self._conn, ttl_ms, policy, snapshot)
         self._registrars.add(registrar)
         return registrar
 

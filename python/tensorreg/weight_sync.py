@@ -118,17 +118,19 @@ class Version:
 class WeightPublisher:
     """The producer side: publish(state_dict) each step.
 
-    keep: how many versions stay leased (the newest ones); ttl_ms, policy: as Store.register().
+    keep: how many versions stay leased (the newest ones); ttl_ms, policy: as Store.register();
+    snapshot: each version is a snapshot lease (the daemon copies the bytes at commit, so the
+    trainer may go on at once; needs a daemon with snapshot leases, else Unimplemented).
     Errors: InvalidArgument (name, keep), the daemon's status (listing the versions held)."""
 
     def __init__(self, store, name: str, *, keep: int = 1, ttl_ms: int = DEFAULT_TTL_MS,
-                 policy: str | None = None) -> None:
+                 policy: str | None = None, snapshot: bool = False) -> None:
         self.name = _check_name(name)
         if not isinstance(keep, int) or keep < 1:
             raise InvalidArgument(f"cannot publish weights of {name!r}: keep must be an int >= 1, got {keep!r}")
         self._store = store
         self._keep = keep
-        self._registrar = store.registrar(ttl_ms=ttl_ms, policy=policy)
+        self._registrar = store.registrar(ttl_ms=ttl_ms, policy=policy, snapshot=snapshot)
         held = _versions(store, name)
         self._next = held[-1] + 1 if held else 1
         self.versions: list = []  # the Versions still leased, oldest first

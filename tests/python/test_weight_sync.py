@@ -126,6 +126,14 @@ class CudaRegistrar(unittest.TestCase):
         self.assertIn("client_work", art.timings)
         art.close()
 
+    def test_a_snapshot_registrar_asks_for_snapshot_leases_on_both_paths(self):
+        self.reg = _registrar.Registrar(self.conn, 0, None, snapshot=True)
+        self.full().close()
+        self.reg._fast(None, False, 0.0).close()
+        begins = [r.begin_register_artifact for name, r, _ in self.conn.sent if name == "begin_register_artifact"]
+        self.assertEqual([b.lease.in_place for b in begins], [False, False])
+        self.assertTrue(_registrar.Registrar(self.conn, 0)._lease_begin(None).begin_register_artifact.lease.in_place)
+
     def test_a_storage_in_another_allocation_drops_the_region_it_left(self):
         self.full().close()
         del self.conn.sent[:]
