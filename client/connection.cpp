@@ -170,6 +170,14 @@ result<registered> connection::put(const index::safetensors_bundle& bundle, cons
 }
 
 result<lease> connection::register_lease(const index::safetensors_bundle& bundle, std::uint32_t ttl_ms) {
+  lease_register_options options;
+  options.ttl_ms = ttl_ms;
+  return register_lease(bundle, options);
+}
+
+result<lease> connection::register_lease(const index::safetensors_bundle& bundle,
+                                         const lease_register_options& options) {
+  const std::uint32_t ttl_ms = options.ttl_ms;
   // The time reported is the time the caller waits, the copy into the region included.
   const auto started = std::chrono::steady_clock::now();
   const auto& idx = bundle.index();
@@ -200,6 +208,7 @@ result<lease> connection::register_lease(const index::safetensors_bundle& bundle
   begin.total_size = idx.total_size();
   begin.ttl_ms = ttl_ms;
   begin.owner_pid = own_pid();
+  begin.client_artifact_id = options.client_artifact_id;
   auto begun = raw_->call(wc::begin_request(begin));
   if (!begun) return unregister_on_error(begun.error());
   const std::string registration_id = wc::registration_id_of(begun->response);
@@ -221,14 +230,26 @@ result<lease> connection::register_lease(const index::safetensors_bundle& bundle
   std::vector<wc::v2::FeedRegisterArtifactStreamRequest> frames;
   frames.push_back(wc::feed_frame(feed));
   auto fed = raw_->feed(std::move(frames));
-  auto committed = fed ? raw_->call(wc::commit_request(registration_id)) : tl::unexpected(fed.error());
+  auto committed =
+      fed ? raw_->call(wc::commit_request(registration_id, options.hash_in_background)) : tl::unexpected(fed.error());
   if (!committed) {
     static_cast<void>(raw_->call(wc::revoke_request(registration_id, {})));
     return unregister_on_error(committed.error());
   }
   const auto commit = wc::commit_of(committed->response);
   registered info{commit.descriptor, commit.existed, registration_id, seconds_since(started)};
+  info.hash = commit.hash;
   return lease_access::make(raw_, std::move(info), {region.region_id}, std::move(memory), ttl_ms);
+}
+
+result<hash_status> connection::wait_artifact_hash(std::string_view artifact_id, std::chrono::milliseconds timeout) {
+  // 0 on the wire means no limit; a positive timeout is at least 1 ms and at most the wire's.
+  std::uint32_t ms = 0;
+  if (timeout.count() > 0) {
+    ms = static_cast<std::uint32_t>(std::clamp<std::int64_t>(timeout.count(), 1, 0xffffffffLL));
+  }
+  TENSORREG_TRY_ASSIGN(auto r, raw_->call(wc::wait_hash_request(artifact_id, ms)));
+  return wc::hash_status_of(r.response);
 }
 
 result<artifact_index> connection::index(std::string_view artifact_id) {

@@ -67,6 +67,7 @@ result<lease> register_cuda_tensors(const std::shared_ptr<raw::connection>& raw,
   begin_args.total_size = layout.index.total_size();
   begin_args.ttl_ms = options.ttl_ms;
   begin_args.owner_pid = pid;
+  begin_args.client_artifact_id = options.client_artifact_id;
   auto begin = wc::begin_request(begin_args);
   for (const auto& request : region_requests) report.request_bytes += wc::wire_size(request);
   report.request_bytes += wc::wire_size(begin);
@@ -141,7 +142,7 @@ result<lease> register_cuda_tensors(const std::shared_ptr<raw::connection>& raw,
   const auto t_commit = clock_type::now();
 
   // 5. commit.
-  auto committed = raw->call(wc::commit_request(registration_id));
+  auto committed = raw->call(wc::commit_request(registration_id, options.hash_in_background));
   const auto t_done = clock_type::now();
   if (!committed) return release_all(committed.error());
   const auto commit = wc::commit_of(committed->response);
@@ -155,6 +156,7 @@ result<lease> register_cuda_tensors(const std::shared_ptr<raw::connection>& raw,
   report.commit_ms = ms_between(t_commit, t_done);
   if (options.report != nullptr) *options.report = report;
   registered info{commit.descriptor, commit.existed, registration_id, ms_between(t_begin, t_done) / 1000.0};
+  info.hash = commit.hash;
   return lease_access::make(raw, std::move(info), std::move(region_ids), nullptr, options.ttl_ms);
 }
 

@@ -2,7 +2,9 @@
 
 #include <poll.h>
 
+#include <chrono>
 #include <limits>
+#include <thread>
 
 #include "client/wire_convert.hpp"
 #include "daemon/framing.hpp"
@@ -45,7 +47,10 @@ status connection::send_locked(const wire::Request& request, std::span<const int
   if (!request.SerializeToString(&payload)) return fail(errc::internal, "cannot serialise request");
   TENSORREG_TRY_ASSIGN(auto framed, encode_frame(payload, std::numeric_limits<std::uint32_t>::max()));
   auto sent = send_all(socket_.get(), std::as_bytes(std::span(framed.data(), framed.size())), fds);
-  if (!sent) socket_.reset();  // the next call reconnects
+  if (!sent) {
+    socket_.reset();  // the next call reconnects
+    lost_ = true;
+  }
   return sent;
 }
 
@@ -77,6 +82,7 @@ result<connection::reply> connection::receive_locked(std::uint64_t request_id) {
     auto got = receive_some(socket_.get(), buffer);
     if (!got || got->bytes == 0) {
       socket_.reset();
+      lost_ = true;
       return fail(
           errc::unavailable,
           got ? std::string("cannot read the daemon's answer: the daemon closed the connection") : got.error().message);
@@ -89,12 +95,52 @@ result<connection::reply> connection::receive_locked(std::uint64_t request_id) {
   }
 }
 
-result<connection::reply> connection::call(wire::Request request, std::span<const int> fds) {
-  std::lock_guard lock(mutex_);
+bool connection::is_idempotent(const wire::Request& request) noexcept {
+  switch (request.body_case()) {
+    case wire::Request::kGetServerConfig:
+    case wire::Request::kGetArtifactIndexById:
+    case wire::Request::kQueryPersistenceStatus:
+    case wire::Request::kWaitPersistenceStatus:
+    case wire::Request::kListArtifacts:
+    case wire::Request::kGetStats:
+    case wire::Request::kGetArtifactMemfd:
+    case wire::Request::kOpenArtifactDevice: return true;
+    default: return false;
+  }
+}
+
+result<connection::reply> connection::call_once_locked(wire::Request& request, std::span<const int> fds) {
+  lost_ = false;
   TENSORREG_TRY(ensure_connected_locked());
   request.set_request_id(next_request_id_++);
   TENSORREG_TRY(send_locked(request, fds));
   return receive_locked(request.request_id());
+}
+
+status connection::reconnect_locked() {
+  // A restarting daemon may not accept at once; a successor taking over accepts from the same
+  // listening socket, so connections made meanwhile wait in its backlog.
+  const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+  for (;;) {
+    auto connected = ensure_connected_locked();
+    if (connected || std::chrono::steady_clock::now() >= give_up) return connected;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+}
+
+result<connection::reply> connection::call(wire::Request request, std::span<const int> fds) {
+  std::lock_guard lock(mutex_);
+  auto out = call_once_locked(request, fds);
+  if (out || !lost_) return out;
+  if (!is_idempotent(request)) {
+    return fail(errc::unavailable, out.error().message +
+                                       "; the request is not idempotent and was not retried: it may or may not "
+                                       "have taken effect");
+  }
+  TENSORREG_TRY(reconnect_locked());
+  out = call_once_locked(request, fds);
+  if (!out && lost_) return fail(errc::unavailable, out.error().message + " (after one retry on a new connection)");
+  return out;
 }
 
 result<connection::reply> connection::feed(std::vector<v2::FeedRegisterArtifactStreamRequest> frames) {

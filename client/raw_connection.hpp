@@ -3,7 +3,9 @@
 // `raw::connection` speaks docs/wire-format.md over the daemon's Unix socket: one request, one
 // answer, with file descriptors both ways; Feed streams as one call. A daemon error comes back
 // as an `error` with the daemon's status code and message. After a broken connection, the next
-// call reconnects (a call that was cut off is not retried: it reports UNAVAILABLE).
+// call reconnects. A call that was cut off (the daemon restarted, or handed over to a successor:
+// `tensorregd --takeover`) is retried once on a new connection when it is idempotent
+// (is_idempotent()); any other reports UNAVAILABLE saying it was not retried.
 //
 // The library (`tensorreg/client/connection.hpp`) builds its requests in wire_convert.cpp and
 // sends them through this; the daemon's own tests use it directly to send hand-made (and
@@ -51,7 +53,14 @@ class connection {
 
   [[nodiscard]] const std::string& socket_path() const noexcept { return socket_path_; }
 
+  /// Whether a request changes nothing in the daemon, so that call() may send it again after
+  /// its connection broke: GetServerConfig, GetArtifactIndexById, Query/WaitPersistenceStatus,
+  /// ListArtifacts, GetStats, GetArtifactMemfd, OpenArtifactDevice.
+  [[nodiscard]] static bool is_idempotent(const wire::Request& request) noexcept;
+
  private:
+  [[nodiscard]] result<reply> call_once_locked(wire::Request& request, std::span<const int> fds);
+  [[nodiscard]] status reconnect_locked();
   explicit connection(std::string path) : socket_path_(std::move(path)) {}
   [[nodiscard]] status ensure_connected_locked();
   [[nodiscard]] status send_locked(const wire::Request& request, std::span<const int> fds);
@@ -63,6 +72,7 @@ class connection {
   std::uint64_t next_request_id_ = 1;
   std::string inbox_;  // bytes received past the last answer
   std::vector<unique_fd> inbox_fds_;
+  bool lost_ = false;  // the last send or receive broke the connection (not a daemon answer)
 };
 
 }  // namespace tensorreg::client::raw

@@ -45,6 +45,7 @@ wire::Request begin_request(const begin_args& args) {
   }
   if (args.profile) b->mutable_policy()->set_profile(static_cast<common::PolicyProfile>(*args.profile));
   if (!args.display_name.empty()) b->set_display_name(args.display_name);
+  if (!args.client_artifact_id.empty()) b->set_client_artifact_id(args.client_artifact_id);
   return r;
 }
 
@@ -136,9 +137,18 @@ v2::FeedRegisterArtifactStreamRequest feed_frame(const registration::feed_reques
   return f;
 }
 
-wire::Request commit_request(std::string_view registration_id) {
+wire::Request commit_request(std::string_view registration_id, bool hash_in_background) {
   wire::Request r;
   r.mutable_commit_registered_artifact()->set_registration_id(std::string(registration_id));
+  if (hash_in_background) r.mutable_commit_registered_artifact()->set_hash_in_background(true);
+  return r;
+}
+
+wire::Request wait_hash_request(std::string_view artifact_id, std::uint32_t timeout_ms) {
+  wire::Request r;
+  auto* w = r.mutable_wait_artifact_hash();
+  w->set_artifact_id(std::string(artifact_id));
+  w->set_timeout_ms(timeout_ms);
   return r;
 }
 
@@ -249,6 +259,17 @@ registration::commit_response commit_of(const wire::Response& committed) {
   out.descriptor = descriptor_of(c.artifact_descriptor());
   out.existed = c.existed();
   out.evicted.assign(c.evicted_artifact_ids().begin(), c.evicted_artifact_ids().end());
+  out.hash = static_cast<registration::hash_state>(c.hash_state());
+  return out;
+}
+
+registration::hash_status hash_status_of(const wire::Response& r) {
+  const auto& w = r.wait_artifact_hash();
+  registration::hash_status out;
+  out.state = static_cast<registration::hash_state>(w.hash_state());
+  out.mi2_id = w.mi2_id();
+  out.data_multihash = w.data_multihash();
+  out.message = w.message();
   return out;
 }
 
@@ -281,6 +302,8 @@ std::vector<artifact_info> list_of(const wire::Response& r) {
     info.lease_count = a.lease_count();
     info.device_ids.assign(a.device_ids().begin(), a.device_ids().end());
     info.name = a.name();
+    info.verified_id = a.verified_id();
+    info.hash = static_cast<registration::hash_state>(a.hash_state());
     out.push_back(std::move(info));
   }
   return out;

@@ -41,7 +41,8 @@ struct begin_args {
   std::int32_t owner_pid = 0;
   std::string index_json;  ///< empty: no inline index
   std::optional<policy::profile> profile;
-  std::string display_name{};  ///< empty: none
+  std::string display_name{};        ///< empty: none
+  std::string client_artifact_id{};  ///< a cgid; empty: an mi2 artifact
 };
 [[nodiscard]] wire::Request begin_request(const begin_args& args);
 
@@ -62,7 +63,9 @@ struct region_args {
 [[nodiscard]] v2::FeedRegisterArtifactStreamRequest feed_frame(const registration::feed_request& feed,
                                                                std::string_view device_uuid = {});
 
-[[nodiscard]] wire::Request commit_request(std::string_view registration_id);
+[[nodiscard]] wire::Request commit_request(std::string_view registration_id, bool hash_in_background = false);
+/// WaitArtifactHash (registration.md §4.8); timeout_ms 0 = until the hash ends.
+[[nodiscard]] wire::Request wait_hash_request(std::string_view artifact_id, std::uint32_t timeout_ms);
 [[nodiscard]] wire::Request abort_request(std::string_view registration_id);
 [[nodiscard]] wire::Request revoke_request(std::string_view registration_id, std::string_view reason);
 [[nodiscard]] wire::Request keep_alive_request(const registration::keep_alive_request& k);
@@ -86,6 +89,7 @@ struct region_args {
 
 [[nodiscard]] std::string registration_id_of(const wire::Response& begun);
 [[nodiscard]] registration::commit_response commit_of(const wire::Response& committed);
+[[nodiscard]] registration::hash_status hash_status_of(const wire::Response& r);
 [[nodiscard]] registration::region_ref_source region_of(const wire::Response& registered_region);
 [[nodiscard]] server_config config_of(const wire::Response& r);
 [[nodiscard]] artifact_index index_of(const wire::Response& r);

@@ -324,7 +324,7 @@ struct dispatcher::impl {
   status commit(call& c) {
     const auto& id = c.request.commit_registered_artifact().registration_id();
     TENSORREG_TRY(check_registration_owner(c.peer, id, "commit registration"));
-    auto committed = engine.commit(id);
+    auto committed = engine.commit(id, convert::to_commit_options(c.request.commit_registered_artifact()));
     if (!committed && committed.error().code == errc::failed_precondition) {
       // The registration may stay open (more to feed): keep its name until it ends.
       return tl::unexpected(std::move(committed).error());
@@ -490,6 +490,16 @@ struct dispatcher::impl {
     return {};
   }
 
+  // Ours (registration.md §4.8): waits for a cgid artifact's background hash. It tells only
+  // whether bytes already readable by their id hash to an mi2 id, so it needs no reader check.
+  status wait_artifact_hash(call& c) {
+    const auto& in = c.request.wait_artifact_hash();
+    TENSORREG_TRY_ASSIGN(auto st,
+                         engine.wait_artifact_hash(in.artifact_id(), std::chrono::milliseconds(in.timeout_ms())));
+    convert::fill_hash_status(*c.response.mutable_wait_artifact_hash(), st);
+    return {};
+  }
+
   status activate_stable_local_backing(call& c) {
     const auto& in = c.request.activate_stable_local_backing();
     TENSORREG_TRY(check_owner(c.peer, in.owner_pid(), "activate stable local backing"));
@@ -621,6 +631,7 @@ struct dispatcher::impl {
       case R::kGetStats: return get_stats(c);
       case R::kGetArtifactMemfd: return get_artifact_memfd(c);
       case R::kOpenArtifactDevice: return open_artifact_device(c);
+      case R::kWaitArtifactHash: return wait_artifact_hash(c);
       case R::kFeedRegisterArtifactStream:
       case R::BODY_NOT_SET: break;
     }

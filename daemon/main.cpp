@@ -8,8 +8,10 @@
 // Everything after the options goes through one stderr logger (--log-level), shared by the
 // engine, the dispatcher and the server; only the "ready" line is printed to stdout, where
 // scripts and tests wait for it. Usage errors are printed before any logger exists.
+#include <fcntl.h>
 #include <fmt/core.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <charconv>
@@ -20,12 +22,15 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "dispatcher.hpp"
+#include "fd_store.hpp"
 #include "metrics_http.hpp"
 #include "server.hpp"
 #include "src/common/log.hpp"
+#include "takeover.hpp"
 #include "tensorreg/common/fault_injection.hpp"
 #include "tensorreg/common/logger.hpp"
 #include "tensorreg/metrics/registry.hpp"
@@ -69,8 +74,12 @@ constexpr const char* kUsage =
     "  --workers N              request worker threads (default: 4 per core, at least 16)\n"
     "  --max-in-flight N        most requests of one connection in flight; past it the daemon\n"
     "                           reads no more of that connection's frames (default 64)\n"
+    "  --io-rt-priority N       SCHED_FIFO priority of the I/O thread (1-99) when the daemon may\n"
+    "                           set one (CAP_SYS_NICE), else nice -10; 0 = fair share (default 1)\n"
     "  --log-level LEVEL        trace|debug|info|warn|error|off (default info; debug: each RPC)\n"
     "  --trust-client-pids      accept owner_pid other than the peer's from root or our uid\n"
+    "  --takeover               take over the daemon serving --socket: its stable DRAM cache and\n"
+    "                           its listening socket, without a copy (same uid or root only)\n"
     "  --version                print the version and exit\n";
 
 struct options {
@@ -91,8 +100,10 @@ struct options {
   std::size_t max_stable_entries_per_uid = 4096;
   unsigned workers = 0;
   std::size_t max_in_flight = 64;
+  int io_rt_priority = 1;
   tensorreg::log_level log_level = tensorreg::log_level::info;
   bool trust_client_pids = false;
+  bool takeover = false;
 };
 
 template <typename T>
@@ -125,6 +136,8 @@ int parse_options(const std::vector<std::string>& args, options& o) {
       o.metrics_addr = *v;
     } else if (a == "--trust-client-pids") {
       o.trust_client_pids = true;
+    } else if (a == "--takeover") {
+      o.takeover = true;
     } else if (a == "--socket" || a == "--persist-dir" || a == "--log-level") {
       const auto* v = value();
       if (v == nullptr) return bad(a + " needs a value");
@@ -156,6 +169,12 @@ int parse_options(const std::vector<std::string>& args, options& o) {
       if (v == nullptr) return bad(a + " needs a value");
       if (!parse_number(*v, o.persist_threads) || o.persist_threads == 0) {
         return bad(a + " needs a positive number, got '" + *v + "'");
+      }
+    } else if (a == "--io-rt-priority") {
+      const auto* v = value();
+      if (v == nullptr) return bad(a + " needs a value");
+      if (!parse_number(*v, o.io_rt_priority) || o.io_rt_priority < 0 || o.io_rt_priority > 99) {
+        return bad(a + " needs a number from 0 to 99, got '" + *v + "'");
       }
     } else if (a == "--stable-bytes" || a == "--replica-pool-bytes" || a == "--max-frame-bytes" ||
                a == "--max-sessions" || a == "--workers" || a == "--max-in-flight") {
@@ -231,6 +250,19 @@ tensorreg::result<std::shared_ptr<tensorreg::persistence::durable_store>> open_p
 int serve(const options& o, tensorreg::logger& log) {
   using tensorreg::log_level;
   raise_fd_limit(log);
+  // --takeover: the running daemon stops, finishes what is in flight and hands everything over
+  // before this one opens anything it shares (the persist directory) (docs/architecture.md §14.2).
+  std::optional<tensorreg::daemon::received_handoff> handed;
+  if (o.takeover) {
+    auto got = tensorreg::daemon::request_handoff(o.socket, std::chrono::seconds(120));
+    if (!got) {
+      tensorreg::log(log, log_level::error, "cannot take over the daemon on {}: {}", o.socket, got.error().message);
+      return 1;
+    }
+    handed = std::move(*got);
+    tensorreg::log(log, log_level::info, "pid {} handed over {} memfds and its socket", handed->predecessor,
+                   handed->fds.size());
+  }
 
   tensorreg::registration::engine_options eo;
   eo.log = &log;
@@ -277,21 +309,6 @@ int serve(const options& o, tensorreg::logger& log) {
   metrics.gauge_function("tensorreg_build_info", "The daemon's version (the value is always 1)", [] { return 1.0; },
                          {{"version", TENSORREG_VERSION}});
   tensorreg::daemon::dispatcher dispatch(**engine, d);
-  std::unique_ptr<tensorreg::daemon::metrics_http> metrics_listener;
-  if (!o.metrics_addr.empty()) {
-    tensorreg::daemon::metrics_http_options mo;
-    mo.address = o.metrics_addr;
-    mo.log = &log;
-    auto listening = tensorreg::daemon::metrics_http::create(mo, [&metrics] { return metrics.render(); });
-    if (!listening) {
-      tensorreg::log(log, log_level::error, "{}", listening.error().message);
-      return 1;
-    }
-    metrics_listener = std::move(*listening);
-    // Before the ready line, so that whoever waits for it knows where to scrape.
-    fmt::print("tensorregd: metrics on {}\n", metrics_listener->url());
-  }
-
   tensorreg::daemon::server_options so;
   so.socket_path = o.socket;
   so.max_frame_bytes = o.max_frame_bytes;
@@ -301,16 +318,137 @@ int serve(const options& o, tensorreg::logger& log) {
   so.frame_timeout = std::chrono::milliseconds(o.frame_timeout_ms);
   so.workers = o.workers;
   so.max_in_flight_per_connection = o.max_in_flight;
+  so.io_rt_priority = o.io_rt_priority;
   so.log = &log;
-  auto srv = tensorreg::daemon::server::create(so, dispatch);
+  // The predecessor's memory (a takeover), else what a service manager kept through a crash.
+  auto stored = handed ? tensorreg::daemon::stored_fds{} : tensorreg::daemon::take_stored_fds();
+  for (const auto& problem : stored.problems) {
+    tensorreg::log(log, log_level::warn, "cannot read a catalogue from the systemd fd store: {}", problem);
+  }
+  const std::string* state_bytes = handed ? &handed->state : stored.state ? &*stored.state : nullptr;
+  if (state_bytes != nullptr) {
+    auto state = tensorreg::persistence::decode_resident_state(*state_bytes);
+    if (!state) {
+      tensorreg::log(log, log_level::error, "cannot adopt the handed-over memory: {}", state.error().message);
+      if (handed) {
+        (void)tensorreg::daemon::acknowledge(handed->connection.get(), tl::unexpected(state.error()));
+        return 1;
+      }
+    } else {
+      (void)(*engine)->adopt_resident(*state, handed ? std::move(handed->fds) : std::move(stored.memfds));
+    }
+  }
+  stored.memfds.clear();
+
+  // The listening socket's identity on disk, for unlink_if_ours() at shutdown.
+  const auto adopted_listener = [&o](tensorreg::unique_fd fd) {
+    tensorreg::daemon::listening_socket bound;
+    struct stat st {};
+    if (::lstat(o.socket.c_str(), &st) == 0) {
+      bound.device = st.st_dev;
+      bound.inode = st.st_ino;
+    }
+    bound.fd = std::move(fd);
+    return bound;
+  };
+  auto srv = handed ? tensorreg::daemon::server::adopt(so, dispatch, adopted_listener(std::move(handed->listener)))
+                    : tensorreg::daemon::server::create(so, dispatch);
   if (!srv) {
     tensorreg::log(log, log_level::error, "{}", srv.error().message);
+    if (handed) (void)tensorreg::daemon::acknowledge(handed->connection.get(), tl::unexpected(srv.error()));
     return 1;
   }
+  tensorreg::daemon::server* current = srv->get();
+  const auto on_takeover = [&current] { current->hand_over(); };
+  const auto control_path = tensorreg::daemon::takeover_path(o.socket);
+  auto takeover = handed ? tensorreg::daemon::takeover_listener::adopt(
+                               control_path, std::move(handed->control_listener), ::geteuid(), on_takeover, log)
+                         : tensorreg::daemon::takeover_listener::create(control_path, ::geteuid(), on_takeover, log);
+  if (!takeover) {
+    if (handed) {
+      tensorreg::log(log, log_level::error, "{}", takeover.error().message);
+      (void)tensorreg::daemon::acknowledge(handed->connection.get(), tl::unexpected(takeover.error()));
+      return 1;
+    }
+    // A daemon still live on the control socket (its main socket was removed by hand) keeps it:
+    // this one serves, but cannot be taken over.
+    tensorreg::log(log, log_level::warn, "serving without takeover: {}", takeover.error().message);
+  }
+  if (handed) {
+    // From here the old daemon exits: this one serves.
+    if (auto acked = tensorreg::daemon::acknowledge(handed->connection.get(), {}); !acked) {
+      tensorreg::log(log, log_level::warn, "cannot tell the old daemon the takeover is done: {}",
+                     acked.error().message);
+    }
+    handed->connection.reset();
+  }
+  std::unique_ptr<tensorreg::daemon::metrics_http> metrics_listener;
+  if (!o.metrics_addr.empty()) {
+    tensorreg::daemon::metrics_http_options mo;
+    mo.address = o.metrics_addr;
+    mo.log = &log;
+    auto listening = tensorreg::daemon::metrics_http::create(mo, [&metrics] { return metrics.render(); });
+    for (int tries = 0; !listening && o.takeover && tries < 50; ++tries) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      listening = tensorreg::daemon::metrics_http::create(mo, [&metrics] { return metrics.render(); });
+    }
+    if (!listening) {
+      tensorreg::log(log, log_level::error, "{}", listening.error().message);
+      return 1;
+    }
+    metrics_listener = std::move(*listening);
+    // Before the ready line, so that whoever waits for it knows where to scrape.
+    fmt::print("tensorregd: metrics on {}\n", metrics_listener->url());
+  }
+
   // Only now can a client connect: say so (scripts wait for this line).
   fmt::print("tensorregd: ready on {} (pid {})\n", o.socket, ::getpid());
   std::fflush(stdout);
-  const auto sessions = (*srv)->run();
+  std::unique_ptr<tensorreg::daemon::fd_store_sync> fd_store;
+  if (tensorreg::daemon::under_service_manager()) {
+    fd_store = std::make_unique<tensorreg::daemon::fd_store_sync>(**engine, log, std::chrono::milliseconds(100),
+                                                                  std::move(stored.names), stored.next_state_number);
+    (void)tensorreg::daemon::notify("READY=1\nSTATUS=serving on " + o.socket + ", " +
+                                    std::to_string((*engine)->stats().stable_bytes) + " bytes in stable DRAM");
+  }
+  std::size_t sessions = 0;
+  for (;;) {
+    sessions += (*srv)->run();
+    auto successor = takeover ? (*takeover)->take_successor() : tensorreg::unique_fd();
+    if (!successor) break;
+    // A successor asked: the sessions are closed, nothing is in flight. Hand everything over;
+    // keep duplicates of the listening fds to serve on if it does not take them.
+    auto listener = (*srv)->take_listener();
+    tensorreg::unique_fd main_copy(::fcntl(listener.get(), F_DUPFD_CLOEXEC, 0));
+    tensorreg::daemon::handoff_payload payload;
+    payload.listener = std::move(listener);
+    payload.control_listener = (*takeover)->release_listener();
+    tensorreg::unique_fd control_copy(::fcntl(payload.control_listener.get(), F_DUPFD_CLOEXEC, 0));
+    auto resident = (*engine)->export_resident();
+    tensorreg::status sent = resident ? tensorreg::status{} : tl::unexpected(resident.error());
+    if (resident) {
+      payload.resident = std::move(*resident);
+      const auto fds = payload.resident.fds.size();
+      sent = tensorreg::daemon::hand_over(successor.get(), std::move(payload), std::chrono::seconds(120));
+      if (sent) {
+        tensorreg::log(log, log_level::info, "handed {} stable memfds and the socket to the successor; exiting", fds);
+        return 0;
+      }
+    }
+    tensorreg::log(log, log_level::error, "the takeover failed ({}); serving on", sent.error().message);
+    srv = tensorreg::daemon::server::adopt(so, dispatch, adopted_listener(std::move(main_copy)));
+    if (!srv) {
+      tensorreg::log(log, log_level::error, "{}", srv.error().message);
+      return 1;
+    }
+    current = srv->get();
+    takeover = tensorreg::daemon::takeover_listener::adopt(control_path, std::move(control_copy), ::geteuid(),
+                                                           on_takeover, log);
+    if (!takeover) {
+      tensorreg::log(log, log_level::error, "{}", takeover.error().message);
+      return 1;
+    }
+  }
   tensorreg::log(log, log_level::info, "stopped after {} sessions", sessions);
   return 0;
 }

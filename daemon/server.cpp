@@ -1,5 +1,8 @@
 #include "server.hpp"
 
+#include <fcntl.h>
+#include <sched.h>
+#include <sys/eventfd.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -14,6 +17,7 @@
 #include <exception>
 #include <filesystem>
 #include <list>
+#include <mutex>
 #include <optional>
 #include <thread>
 #include <unordered_set>
@@ -47,6 +51,126 @@ struct log_exception {
   }
 };
 
+// Gives the calling thread, the I/O thread, its turn ahead of busy threads (server_options::
+// io_rt_priority, io_nice). Both are per thread on Linux: the pools, made earlier, keep theirs.
+void schedule_io_thread(const server_options& o, logger& log) {
+  if (o.io_rt_priority > 0) {
+    sched_param param{};
+    param.sched_priority =
+        std::clamp(o.io_rt_priority, ::sched_get_priority_min(SCHED_FIFO), ::sched_get_priority_max(SCHED_FIFO));
+    // SCHED_RESET_ON_FORK: a thread this one starts later runs fair-share again, at nice 0.
+    if (::sched_setscheduler(0, SCHED_FIFO | SCHED_RESET_ON_FORK, &param) == 0) {
+      tensorreg::log(log, log_level::debug, "the I/O thread runs SCHED_FIFO at priority {}", param.sched_priority);
+      return;
+    }
+    tensorreg::log(log, log_level::debug, "the I/O thread cannot run SCHED_FIFO at priority {}: {}; asking nice {}",
+                   param.sched_priority, std::strerror(errno), o.io_nice);
+  }
+  if (o.io_nice != 0 && ::setpriority(PRIO_PROCESS, static_cast<id_t>(::gettid()), o.io_nice) != 0) {
+    tensorreg::log(log, log_level::debug, "the I/O thread keeps its nice value (asked {}): {}", o.io_nice,
+                   std::strerror(errno));
+  }
+}
+
+// Work handed to a pool comes back to the I/O thread through here. A pool thread appends the
+// finished job under a short lock, then writes an eventfd holding no lock. Completing into the
+// io_context instead (what co_spawn onto a pool does) takes the io_context's mutex and wakes
+// the I/O thread while holding it: a SCHED_FIFO I/O thread woken on that core preempts the
+// holder at once, then blocks on the mutex until the holder runs again, behind whatever else
+// the core has queued. Used from the I/O thread, except push(), which any thread may call.
+class return_channel {
+ public:
+  // Takes `eventfd` (non-blocking).
+  return_channel(asio::io_context& io, int eventfd) : efd_(eventfd), wait_(io, eventfd) {}
+
+  // Runs `work()` (returning std::optional<frame_out>) on `pool`; the awaiting coroutine resumes on
+  // the I/O thread with its result, or with the exception it threw.
+  template <typename Work>
+  asio::awaitable<std::optional<frame_out>> run_on(asio::thread_pool& pool, Work work) {
+    return asio::async_initiate<const asio::use_awaitable_t<>, void(std::exception_ptr, std::optional<frame_out>)>(
+        [this, &pool](auto handler, Work w) {
+          ++outstanding_;
+          arm();
+          asio::post(pool, [this, handler = std::move(handler), w = std::move(w)]() mutable {
+            std::exception_ptr failed;
+            std::optional<frame_out> out;
+            try {
+              out = w();
+            } catch (...) {
+              failed = std::current_exception();
+            }
+            push([handler = std::move(handler), failed, out = std::move(out)]() mutable {
+              std::move(handler)(failed, std::move(out));
+            });
+          });
+        },
+        asio::use_awaitable, std::move(work));
+  }
+
+ private:
+  struct job {
+    virtual ~job() = default;
+    virtual void run() = 0;
+  };
+  template <typename F>
+  struct job_of final : job {
+    explicit job_of(F fn) : f(std::move(fn)) {}
+    void run() override { f(); }
+    F f;
+  };
+
+  // On a pool thread.
+  template <typename F>
+  void push(F f) {
+    auto j = std::make_unique<job_of<F>>(std::move(f));
+    bool wake = false;
+    {
+      std::lock_guard lock(mutex_);
+      pending_.push_back(std::move(j));
+      wake = !signalled_;
+      signalled_ = true;
+    }
+    if (wake) {
+      const std::uint64_t one = 1;
+      (void)!::write(efd_, &one, sizeof one);
+    }
+  }
+
+  // Waits for the eventfd while jobs are out, so that io_context::run() ends when nothing is.
+  void arm() {
+    if (armed_) return;
+    armed_ = true;
+    wait_.async_wait(asio::posix::stream_descriptor::wait_read, [this](const asio::error_code& ec) {
+      armed_ = false;
+      if (!ec) drain();
+    });
+  }
+
+  void drain() {
+    std::uint64_t count = 0;
+    (void)!::read(efd_, &count, sizeof count);  // reset before taking the jobs: a later push writes again
+    std::vector<std::unique_ptr<job>> ready;
+    {
+      std::lock_guard lock(mutex_);
+      ready.swap(pending_);
+      signalled_ = false;
+    }
+    for (auto& j : ready) {
+      --outstanding_;
+      j->run();  // resumes a session's coroutine, which may hand out more work
+    }
+    if (outstanding_ > 0) arm();
+  }
+
+  int efd_;
+  asio::posix::stream_descriptor wait_;  // owns efd_
+  bool armed_ = false;
+  std::size_t outstanding_ = 0;  // jobs handed out and not yet finished here
+  std::mutex mutex_;
+  std::vector<std::unique_ptr<job>> pending_;  // guarded by mutex_
+  bool signalled_ = false;                     // guarded by mutex_: the eventfd was written since the last drain
+};
+
 }  // namespace
 
 // One client connection: reads frames and hands each to the dispatcher as it arrives, without
@@ -58,13 +182,14 @@ struct log_exception {
 class session : public std::enable_shared_from_this<session> {
  public:
   session(stream::socket socket, const peer_credentials& peer, dispatcher& dispatch, asio::thread_pool& workers,
-          asio::thread_pool& control, const server_options& options, logger& log)
+          asio::thread_pool& control, return_channel& back, const server_options& options, logger& log)
       : socket_(std::move(socket)),
         watchdog_(socket_.get_executor()),
         slot_freed_(socket_.get_executor()),
         dispatch_(dispatch),
         workers_(workers),
         control_(control),
+        back_(back),
         decoder_(options.max_frame_bytes),
         idle_timeout_(options.idle_timeout),
         frame_timeout_(options.frame_timeout),
@@ -190,8 +315,7 @@ class session : public std::enable_shared_from_this<session> {
   // `alive` holds the session until the answer is written (coroutine parameters live in its frame).
   asio::awaitable<void> answer_one([[maybe_unused]] std::shared_ptr<session> alive, asio::thread_pool& pool,
                                    frame_in in, std::uint64_t id) {
-    auto out = co_await asio::co_spawn(pool.get_executor(), handle_on_worker(dispatch_, *connection_, std::move(in)),
-                                       asio::use_awaitable);
+    auto out = co_await handle_on(pool, std::move(in));
     ids_in_flight_.erase(id);
     if (out) co_await send(std::move(*out));
     finished_one();
@@ -201,19 +325,18 @@ class session : public std::enable_shared_from_this<session> {
     while (!stream_queue_.empty()) {
       frame_in in = std::move(stream_queue_.front());
       stream_queue_.pop_front();
-      auto out = co_await asio::co_spawn(workers_.get_executor(),
-                                         handle_on_worker(dispatch_, *connection_, std::move(in)), asio::use_awaitable);
+      auto out = co_await handle_on(workers_, std::move(in));
       if (out) co_await send(std::move(*out));
       finished_one();
     }
     stream_running_ = false;
   }
 
-  // Runs on a worker thread. The arguments are parameters, not lambda captures, so they live in
-  // the coroutine frame and outlive the co_spawn call that starts it.
-  static asio::awaitable<std::optional<frame_out>> handle_on_worker(dispatcher& d, dispatcher::connection& c,
-                                                                    frame_in in) {
-    co_return d.handle(c, std::move(in));
+  // Handles `in` on a thread of `pool`; the answer comes back through the return channel.
+  asio::awaitable<std::optional<frame_out>> handle_on(asio::thread_pool& pool, frame_in in) {
+    return back_.run_on(pool, [d = &dispatch_, c = connection_.get(), in = std::move(in)]() mutable {
+      return d->handle(*c, std::move(in));
+    });
   }
 
   // Closes connections that are idle (no request in flight, nothing received for
@@ -358,6 +481,7 @@ class session : public std::enable_shared_from_this<session> {
   dispatcher& dispatch_;
   asio::thread_pool& workers_;
   asio::thread_pool& control_;
+  return_channel& back_;
   frame_decoder decoder_;
   const std::chrono::milliseconds idle_timeout_;
   const std::chrono::milliseconds frame_timeout_;
@@ -392,6 +516,7 @@ struct server::impl {
   asio::signal_set signals{io, SIGINT, SIGTERM};
   asio::thread_pool workers;
   asio::thread_pool control;  // control requests (dispatcher::lane_of): never behind the workers
+  return_channel back;        // the pools' answers, back to the I/O thread
   std::list<std::weak_ptr<session>> sessions;
   std::size_t served = 0;
   bool stopping = false;
@@ -399,14 +524,15 @@ struct server::impl {
   static constexpr std::chrono::milliseconds accept_pause{100};
   bool accept_paused = false;
 
-  impl(server_options o, dispatcher& d)
+  impl(server_options o, dispatcher& d, unique_fd eventfd)
       : options(std::move(o)),
         dispatch(d),
         log(options.log != nullptr ? *options.log : null_logger()),
         // Requests mostly wait for the engine's hashing pool (fair between clients), so there are
         // more of them than cores: a small commit must not queue behind big ones for a thread.
         workers(options.workers != 0 ? options.workers : std::max(16u, 4 * std::thread::hardware_concurrency())),
-        control(std::max(1u, options.control_workers)) {}
+        control(std::max(1u, options.control_workers)),
+        back(io, eventfd.release()) {}
 
   asio::awaitable<void> accept_loop() {
     while (!stopping) {
@@ -469,23 +595,26 @@ struct server::impl {
         socket.close(ignored);
         continue;
       }
-      auto s = std::make_shared<session>(std::move(socket), *peer, dispatch, workers, control, options, log);
+      auto s = std::make_shared<session>(std::move(socket), *peer, dispatch, workers, control, back, options, log);
       ++served;
       sessions.push_back(s);
       asio::co_spawn(io, s->run(), log_exception{&log, "a session"});
     }
   }
 
-  void shutdown() {
+  unique_fd handed_listener;  // hand_over(): the listening fd, kept open for the successor
+
+  void shutdown(bool for_successor = false) {
     if (stopping) return;
     stopping = true;
     asio::error_code ignored;
+    if (for_successor) handed_listener = unique_fd(::fcntl(acceptor.native_handle(), F_DUPFD_CLOEXEC, 0));
     acceptor.close(ignored);
     signals.cancel(ignored);
     for (auto& w : sessions) {
       if (auto s = w.lock()) s->stop();
     }
-    unlink_if_ours(options.socket_path, bound);
+    if (!for_successor) unlink_if_ours(options.socket_path, bound);
   }
 };
 
@@ -498,7 +627,14 @@ server::~server() {
 result<std::unique_ptr<server>> server::create(server_options options, dispatcher& dispatch) {
   // The directory, the path and the bind are checked and done in unix_socket (DECISIONS §4).
   TENSORREG_TRY_ASSIGN(auto bound, listen_unix(options.socket_path, asio::socket_base::max_listen_connections));
-  auto i = std::make_unique<impl>(std::move(options), dispatch);
+  return adopt(std::move(options), dispatch, std::move(bound));
+}
+
+result<std::unique_ptr<server>> server::adopt(server_options options, dispatcher& dispatch, listening_socket bound) {
+  unique_fd eventfd(::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC));
+  if (!eventfd)
+    return fail(errc::resource_exhausted, std::string("cannot create the server's eventfd: ") + std::strerror(errno));
+  auto i = std::make_unique<impl>(std::move(options), dispatch, std::move(eventfd));
   asio::error_code ec;
   const int fd = bound.fd.get();
   i->acceptor.assign(stream(), fd, ec);
@@ -517,11 +653,7 @@ std::size_t server::run() {
     if (!ec) i.shutdown();
   });
   asio::co_spawn(i.io, i.accept_loop(), log_exception{&i.log, "the accept loop"});
-  // Per thread on Linux: only this thread, the I/O thread, changes; threads made later inherit it.
-  if (i.options.io_nice != 0 && ::setpriority(PRIO_PROCESS, static_cast<id_t>(::gettid()), i.options.io_nice) != 0) {
-    tensorreg::log(i.log, log_level::debug, "the I/O thread keeps its nice value (asked {}): {}", i.options.io_nice,
-                   std::strerror(errno));
-  }
+  schedule_io_thread(i.options, i.log);
   i.io.run();
   i.workers.join();
   i.control.join();
@@ -531,6 +663,12 @@ std::size_t server::run() {
 void server::stop() {
   asio::post(impl_->io, [i = impl_.get()] { i->shutdown(); });
 }
+
+void server::hand_over() {
+  asio::post(impl_->io, [i = impl_.get()] { i->shutdown(true); });
+}
+
+unique_fd server::take_listener() { return std::move(impl_->handed_listener); }
 
 const std::string& server::socket_path() const noexcept { return impl_->options.socket_path; }
 

@@ -8,8 +8,10 @@
 // a few table reads, are answered on the I/O thread itself. Each session keeps
 // reading frames while earlier ones are in flight (docs/wire-format.md §5): it hands each to
 // its lane as it arrives, keeps a Feed stream's frames in order, and writes each answer when
-// it is ready, one whole frame at a time. Past max_in_flight_per_connection requests in flight
-// it stops reading until one is answered (backpressure: the client's writes block).
+// it is ready, one whole frame at a time; answers made on the pools come back to the I/O thread
+// through an eventfd, so that a pool thread never wakes it while holding a lock it needs. Past
+// max_in_flight_per_connection requests in flight it stops reading until one is answered
+// (backpressure: the client's writes block).
 //
 // Binding (create(), through listen_unix() of unix_socket.hpp): the socket directory must be
 // ours and 0700 (made so when missing), the socket is 0660 from the start; a live daemon
@@ -28,7 +30,8 @@
 //
 // Logging: connections accepted and closed (peer pid, uid) at debug; connections refused over
 // max_sessions and bad frames at warn; an exception that ends a session at error; idle and
-// stalled connections closed at info; accepting paused for lack of fds at warn.
+// stalled connections closed at info; accepting paused for lack of fds at warn; the I/O
+// thread's scheduling (io_rt_priority, or why not) at debug.
 //
 // Thread-safety: create() and run() from one thread; stop() from any thread.
 // asio appears only in server.cpp (which also holds the session class), never in a header.
@@ -42,6 +45,7 @@
 #include "dispatcher.hpp"
 #include "tensorreg/common/error.hpp"
 #include "tensorreg/common/logger.hpp"
+#include "unix_socket.hpp"
 
 namespace tensorreg::daemon {
 
@@ -63,8 +67,16 @@ struct server_options {
   unsigned workers = 0;
   /// Threads for control requests (GetStats, List, KeepAlive, Abort, Revoke, …); at least 1.
   unsigned control_workers = 2;
-  /// Nice value asked for the I/O thread, which answers GetStats and KeepAlive itself and reads
-  /// and writes every frame, so that it runs ahead of busy clients and workers on a loaded host.
+  /// Real-time priority (SCHED_FIFO, 1-99) asked for the I/O thread, which answers GetStats and
+  /// KeepAlive itself and reads and writes every frame: a fair-share thread, even at nice -10,
+  /// waits for its turn behind the busy threads of a loaded host each time a frame arrives,
+  /// while a SCHED_FIFO one runs at once. Its work per wake-up is small and bounded (no hashing,
+  /// copying or waiting; DECISIONS §4), so it cannot keep a core from the rest of the host.
+  /// Needs CAP_SYS_NICE (or RLIMIT_RTPRIO): when refused, the thread gets io_nice instead and
+  /// the refusal is logged at debug. Threads the I/O thread starts later do not inherit it.
+  /// 0 = fair-share scheduling only.
+  int io_rt_priority = 1;
+  /// Nice value asked for the I/O thread when it does not run SCHED_FIFO (see io_rt_priority).
   /// Lowering a nice value needs CAP_SYS_NICE (or RLIMIT_NICE): without it the thread keeps its
   /// nice value and the refusal is logged at debug. 0 = leave it.
   int io_nice = -10;
@@ -80,8 +92,13 @@ class server {
   /// Binds and listens. Errors: FAILED_PRECONDITION (another tensorregd is live on the path,
   /// an unsafe socket directory, something other than a socket at the path),
   /// INVALID_ARGUMENT (path too long), UNAVAILABLE / PERMISSION_DENIED (cannot create the
-  /// directory or bind).
+  /// directory or bind), RESOURCE_EXHAUSTED (no fd left for its eventfd).
   [[nodiscard]] static result<std::unique_ptr<server>> create(server_options options, dispatcher& dispatch);
+
+  /// Serves on a socket already listening at options.socket_path: one a predecessor handed
+  /// over (daemon/takeover.hpp). Errors: UNAVAILABLE (asio cannot take the fd).
+  [[nodiscard]] static result<std::unique_ptr<server>> adopt(server_options options, dispatcher& dispatch,
+                                                             listening_socket listening);
 
   ~server();
   server(const server&) = delete;
@@ -92,6 +109,12 @@ class server {
 
   /// Asks the server to shut down as on SIGTERM. Safe from any thread.
   void stop();
+
+  /// Shuts down as stop() does, but for a successor: the listening socket stays open (connections
+  /// keep queueing in its backlog) and its file stays. Safe from any thread.
+  void hand_over();
+  /// After run() returned from hand_over(): the listening fd (empty otherwise).
+  [[nodiscard]] unique_fd take_listener();
 
   [[nodiscard]] const std::string& socket_path() const noexcept;
 

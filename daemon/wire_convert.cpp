@@ -164,6 +164,8 @@ void fill_summary(wire::ArtifactSummary& out, const reg::artifact_summary& in) {
   if (in.stable_replica) out.add_tiers(wire::TIER_STABLE_DRAM);
   if (in.shared_disk) out.add_tiers(wire::TIER_SHARED_DISK);
   out.set_lease_count(static_cast<std::uint32_t>(in.leases + in.joined_refs));
+  out.set_verified_id(in.verified_id);
+  out.set_hash_state(static_cast<v2::HashState>(in.hash));
 }
 
 void add_tier(wire::GetStatsResponse& out, wire::Tier tier, std::uint64_t bytes, std::uint64_t artifacts) {
@@ -201,6 +203,7 @@ std::string_view rpc_name(wire::Request::BodyCase body) noexcept {
     case wire::Request::kGetStats: return "GetStats";
     case wire::Request::kGetArtifactMemfd: return "GetArtifactMemfd";
     case wire::Request::kOpenArtifactDevice: return "OpenArtifactDevice";
+    case wire::Request::kWaitArtifactHash: return "WaitArtifactHash";
     case wire::Request::BODY_NOT_SET: break;
   }
   return "unknown";
@@ -273,6 +276,7 @@ std::string subject_of(const wire::Request& request, const wire::Response& respo
     case R::kActivateStableLocalBacking: return named("region", request.activate_stable_local_backing().region_id());
     case R::kGetArtifactMemfd: return named("artifact", request.get_artifact_memfd().artifact_id());
     case R::kOpenArtifactDevice: return named("artifact", request.open_artifact_device().artifact_id());
+    case R::kWaitArtifactHash: return named("artifact", request.wait_artifact_hash().artifact_id());
     case R::kWaitPersistenceStatus:
     case R::kGetServerConfig:
     case R::kListArtifacts:
@@ -342,6 +346,20 @@ void fill_commit(v2::CommitRegisteredArtifactResponse& out, const reg::commit_re
   }
   for (const auto& id : in.evicted) out.add_evicted_artifact_ids(id);
   if (!in.persistence_task_id.empty()) out.set_persistence_task_id(in.persistence_task_id);
+  out.set_hash_state(static_cast<v2::HashState>(in.hash));
+}
+
+reg::commit_options to_commit_options(const v2::CommitRegisteredArtifactRequest& in) {
+  reg::commit_options out;
+  out.hash_in_background = in.hash_in_background();
+  return out;
+}
+
+void fill_hash_status(wire::WaitArtifactHashResponse& out, const reg::hash_status& in) {
+  out.set_hash_state(static_cast<v2::HashState>(in.state));
+  out.set_mi2_id(in.mi2_id);
+  out.set_data_multihash(in.data_multihash);
+  out.set_message(in.message);
 }
 
 reg::deregister_request to_deregister(const v2::DeregisterArtifactRequest& in) {

@@ -70,6 +70,9 @@ void fill_begin(v2::BeginRegisterArtifactResponse& out, const registration::begi
 [[nodiscard]] registration::feed_request to_feed(v2::FeedRegisterArtifactStreamRequest& in);
 
 void fill_commit(v2::CommitRegisteredArtifactResponse& out, const registration::commit_response& in);
+[[nodiscard]] registration::commit_options to_commit_options(const v2::CommitRegisteredArtifactRequest& in);
+/// WaitArtifactHash's answer (registration.md §4.8).
+void fill_hash_status(wire::WaitArtifactHashResponse& out, const registration::hash_status& in);
 
 // ---- Persistence (registration.md §1.6) ------------------------------------------------------
 

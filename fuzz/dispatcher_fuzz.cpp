@@ -442,6 +442,8 @@ class conversation {
     switch (in_.ConsumeIntegralInRange<int>(0, 2)) {
       case 0: {
         r.mutable_commit_registered_artifact()->set_registration_id(id);
+        // registration.md §4.8: INVALID_ARGUMENT without a cgid, else a hash after the answer.
+        if (in_.ConsumeBool()) r.mutable_commit_registered_artifact()->set_hash_in_background(true);
         auto a = call(r);
         if (a && a->status().code() == 0) {
           const auto& d = a->commit_registered_artifact().artifact_descriptor();
@@ -563,9 +565,14 @@ class conversation {
   void artifact_reads() {
     auto r = request();
     const auto id = pick_id(in_, artifacts_);
-    switch (in_.ConsumeIntegralInRange<int>(0, 2)) {
+    switch (in_.ConsumeIntegralInRange<int>(0, 3)) {
       case 0: r.mutable_get_artifact_index_by_id()->set_artifact_id(id); break;
       case 1: r.mutable_get_artifact_memfd()->set_artifact_id(id); break;
+      case 2:
+        // A short timeout: a hash in progress answers HASH_PENDING, never blocks the run.
+        r.mutable_wait_artifact_hash()->set_artifact_id(id);
+        r.mutable_wait_artifact_hash()->set_timeout_ms(in_.ConsumeIntegralInRange<std::uint32_t>(1, 5));
+        break;
       default:
         r.mutable_open_artifact_device()->set_artifact_id(id);
         r.mutable_open_artifact_device()->set_first_allocation(in_.ConsumeIntegralInRange<std::uint32_t>(0, 2));

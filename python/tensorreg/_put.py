@@ -138,9 +138,10 @@ def _put_cuda(conn: Connection, torch, layout, device, profile) -> RegisteredArt
     return RegisteredArtifact(done, layout, registration_id, "coalesced", None, timings)
 
 
-def commit(conn: Connection, registration_id: str):
-    """CommitRegisteredArtifact; the response body. Errors: the daemon's status."""
-    answer, _ = conn.call(_requests.commit(registration_id))
+def commit(conn: Connection, registration_id: str, hash_in_background: bool = False):
+    """CommitRegisteredArtifact; the response body. Errors: the daemon's status
+    (InvalidArgument for hash_in_background without a client_artifact_id)."""
+    answer, _ = conn.call(_requests.commit(registration_id, hash_in_background))
     return answer.commit_registered_artifact
 
 

@@ -35,7 +35,7 @@ WHAT = "register state dict"
 
 
 def register(conn: Connection, state_dict, ttl_ms: int, client_artifact_id: str | None,
-             policy: str | None) -> RegisteredArtifact:
+             policy: str | None, hash_in_background: bool = False) -> RegisteredArtifact:
     """Store.register: checks everything it can before any call, then runs the flow of the
     tensors' device. The result's lease is live (and owns the storages)."""
     started = time.perf_counter()
@@ -51,12 +51,14 @@ def register(conn: Connection, state_dict, ttl_ms: int, client_artifact_id: str 
         raise InvalidArgument(f"cannot register state dict: ttl_ms {ttl_ms!r} is not a uint32")
     begin = _requests.lease_begin(ttl_ms, client_artifact_id, profile)
     if cuda:
-        return CudaRegistration(conn, torch, items, storages, torch.device(device), begin).run(ttl_ms, started)
+        return CudaRegistration(conn, torch, items, storages, torch.device(device), begin).run(
+            ttl_ms, started, hash_in_background)
     begin.begin_register_artifact.total_size = layout.total_size
-    return register_host(conn, torch, layout, begin, ttl_ms, started)
+    return register_host(conn, torch, layout, begin, ttl_ms, started, hash_in_background)
 
 
-def register_host(conn: Connection, torch, layout, begin, ttl_ms: int, started: float) -> RegisteredArtifact:
+def register_host(conn: Connection, torch, layout, begin, ttl_ms: int, started: float,
+                  hash_in_background: bool = False) -> RegisteredArtifact:
     """LIP of CPU tensors: RegisterRegion (HOST_SHARED) → copy into its memfd → Begin → Feed →
     Commit."""
     request = _requests.host_shared_region(layout.total_size, os.getpid())
@@ -89,7 +91,7 @@ def register_host(conn: Connection, torch, layout, begin, ttl_ms: int, started: 
         frame.feed_register_artifact_stream.registration_id = registration_id
         conn.feed([frame])
         fed = time.perf_counter()
-        done = commit(conn, registration_id)
+        done = commit(conn, registration_id, hash_in_background)
     except BaseException:
         _close_fds(fds)
         release_now(conn, registration_id, [region.region_id])  # revoke, then unregister
@@ -140,7 +142,7 @@ class CudaRegistration:
         self.region_ids: list = []
         self.registration_id: str | None = None
 
-    def run(self, ttl_ms: int, started: float) -> RegisteredArtifact:
+    def run(self, ttl_ms: int, started: float, hash_in_background: bool = False) -> RegisteredArtifact:
         """Regions (pipelined) with the build meanwhile → region refs → Feed → Commit. Returns
         the artifact with its live lease; the plan's driver references are dropped either way
         (the daemon holds its own now, or nothing)."""
@@ -160,7 +162,7 @@ class CudaRegistration:
                 entry.region_ref.CopyFrom(refs[region])
             conn.feed([self.frame])
             fed = time.perf_counter()
-            done = commit(conn, self.registration_id)
+            done = commit(conn, self.registration_id, hash_in_background)
         except BaseException:
             _close_fds(exported)
             release_now(conn, self.registration_id, self.region_ids)

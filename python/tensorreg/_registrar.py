@@ -40,7 +40,7 @@ from ._artifact import RegisteredArtifact
 from ._leases import Lease, release_now
 from ._torch import module as _torch
 from ._wire import Connection, _close_fds
-from .errors import Error, FailedPrecondition, InvalidArgument, NotFound, Unimplemented
+from .errors import Error, FailedPrecondition, InvalidArgument, NotFound
 
 WHAT = "register state dict"
 
@@ -80,14 +80,7 @@ def signature(state_dict) -> list:
 
 
 def _commit(conn: Connection, registration_id: str, hash_in_background: bool):
-    request = _requests.commit(registration_id)
-    if hash_in_background:
-        try:
-            request.commit_registered_artifact.hash_in_background = True
-        except (AttributeError, ValueError):
-            raise Unimplemented("cannot commit with hash_in_background: this client's messages lack the field") \
-                from None
-    answer, fds = conn.call(request)
+    answer, fds = conn.call(_requests.commit(registration_id, hash_in_background))
     _close_fds(fds)
     return answer.commit_registered_artifact
 
@@ -306,7 +299,9 @@ class Registrar:
             if made is not None:
                 _buffers.close_map(host_map[0])
             raise
-        if made is not None:
+        if made is None:
+            self.counts["regions_reused"] += 1
+        else:
             self.counts["regions_registered"] += 1
             if old.host_map is not None:
                 _buffers.close_map(old.host_map[0])

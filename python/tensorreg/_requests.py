@@ -132,9 +132,25 @@ def lease_feed(layout, source):
     return frame
 
 
-def commit(registration_id: str):
+def commit(registration_id: str, hash_in_background: bool = False):
+    """CommitRegisteredArtifact; with hash_in_background (a cgid registration only) the daemon
+    answers once the artifact is usable and hashes it afterwards (registration.md §4.8)."""
     request = _messages.Request()
     request.commit_registered_artifact.registration_id = registration_id
+    if hash_in_background:
+        request.commit_registered_artifact.hash_in_background = True
+    return request
+
+
+# HashState (store_daemon.proto): where a cgid artifact's background hash stands.
+HASH_STATES = {0: "none", 1: "pending", 2: "done", 3: "failed"}
+
+
+def wait_artifact_hash(artifact_id: str, timeout_ms: int):
+    """WaitArtifactHash: timeout_ms 0 waits until the hash ends."""
+    request = _messages.Request()
+    request.wait_artifact_hash.artifact_id = artifact_id
+    request.wait_artifact_hash.timeout_ms = timeout_ms
     return request
 
 

@@ -11,8 +11,11 @@ answer are handed to the caller, who owns (and must close) them. Answers are rea
 buffer, so several frames in one read (pipelined answers) are split correctly, and the fds of a
 read go to the last frame beginning in it (§7).
 
-After a broken connection the next call reconnects; a call that was cut off is not retried and
-raises Unavailable.
+After a broken connection the next call reconnects. A call that was cut off (the daemon restarted,
+or handed over to a successor with `tensorregd --takeover`) is retried once on a new connection
+when it is idempotent (the reads: GetServerConfig, GetArtifactIndexById, Query/WaitPersistence-
+Status, ListArtifacts, GetStats, GetArtifactMemfd, OpenArtifactDevice); any other raises
+Unavailable saying it was not retried, since it may or may not have taken effect.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import select
 import socket
 import struct
 import threading
+import time
 
 from . import _messages
 from .errors import DataLoss, DeadlineExceeded, Error, InvalidArgument, Unavailable, error_for_code
@@ -31,6 +35,17 @@ MAX_FDS_PER_FRAME = 250
 # Answers are small except ListArtifacts and index JSON; the daemon's own limit is 64 MiB.
 MAX_ANSWER_BYTES = 1 << 30
 _HEADER = struct.Struct("<I")
+# Calls that change nothing in the daemon: retried once when their connection is lost.
+IDEMPOTENT_CALLS = frozenset({
+    "get_server_config", "get_artifact_index_by_id", "query_persistence_status", "wait_persistence_status",
+    "list_artifacts", "get_stats", "get_artifact_memfd", "open_artifact_device",
+})
+# How long a retry waits for the daemon's socket to accept again (a restart, a takeover).
+RECONNECT_SECONDS = 5.0
+
+
+class _ConnectionLost(Unavailable):
+    """The connection broke under a call (not an answer from the daemon)."""
 
 
 def default_socket_path() -> str:
@@ -145,8 +160,8 @@ class Connection:
                                    f"timed out after {self.timeout} s") from None
         except OSError as e:
             self._drop()
-            raise Unavailable(f"cannot send request {request.request_id} to tensorregd at {self.path}: "
-                              f"{e.strerror or e}") from None
+            raise _ConnectionLost(f"cannot send request {request.request_id} to tensorregd at {self.path}: "
+                                  f"{e.strerror or e}") from None
 
     def _receive(self, sock: socket.socket, request_id: int):
         """Reads the next answer frame; returns (Response, fds). Frames already read (several
@@ -164,8 +179,8 @@ class Connection:
                     raise DeadlineExceeded(f"cannot read the daemon's answer to request {request_id}: "
                                            f"timed out after {self.timeout} s") from None
                 except OSError as e:
-                    raise Unavailable(f"cannot read the daemon's answer to request {request_id}: "
-                                      f"{e.strerror or e}") from None
+                    raise _ConnectionLost(f"cannot read the daemon's answer to request {request_id}: "
+                                          f"{e.strerror or e}") from None
                 got = array.array("i")
                 for level, kind, raw in anc:
                     if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -178,8 +193,8 @@ class Connection:
                     raise DataLoss(f"cannot read the daemon's answer to request {request_id}: "
                                    f"file descriptors were truncated")
                 if not data:
-                    raise Unavailable(f"cannot read the daemon's answer to request {request_id}: "
-                                      f"the daemon closed the connection")
+                    raise _ConnectionLost(f"cannot read the daemon's answer to request {request_id}: "
+                                          f"the daemon closed the connection")
             response = _messages.Response()
             self._payload = payload
             try:
@@ -247,16 +262,44 @@ class Connection:
         """Sends `request` (its request_id is set here) with `fds` and waits for its answer.
         Returns (Response, received fds); the caller owns the fds. A non-OK status raises.
         raw=True adds the answer's bytes as received: (Response, fds, bytes)."""
+        idempotent = request.WhichOneof("body") in IDEMPOTENT_CALLS
         with self._lock:
             outer, self._owner = self._owner, threading.get_ident()
             try:
-                sock = self._ensure_connected()
-                request.request_id = self._take_id()
-                self._send(sock, request, fds)
-                answer = self._finish(*self._matched(sock, request.request_id))
-                return answer + (self._payload,) if raw else answer
+                try:
+                    answer = self._call_once(request, fds)
+                    return answer + (self._payload,) if raw else answer
+                except _ConnectionLost as e:
+                    if not idempotent:
+                        raise Unavailable(f"{e}; {request.WhichOneof('body')} is not idempotent and was not "
+                                          f"retried: it may or may not have taken effect") from None
+                # The daemon restarted or handed over: once more, on a new connection.
+                self._reconnect()
+                try:
+                    answer = self._call_once(request, fds)
+                    return answer + (self._payload,) if raw else answer
+                except _ConnectionLost as e:
+                    raise Unavailable(f"{e} (after one retry on a new connection)") from None
             finally:
                 self._owner = outer
+
+    def _call_once(self, request, fds):
+        sock = self._ensure_connected()
+        request.request_id = self._take_id()
+        self._send(sock, request, fds)
+        return self._finish(*self._matched(sock, request.request_id))
+
+    def _reconnect(self) -> None:
+        """Connects again, waiting up to RECONNECT_SECONDS for the socket to accept."""
+        give_up = time.monotonic() + RECONNECT_SECONDS
+        while True:
+            try:
+                self._ensure_connected()
+                return
+            except Unavailable:
+                if time.monotonic() >= give_up:
+                    raise
+                time.sleep(0.05)
 
     def call_many(self, calls, meanwhile=None):
         """Pipelines requests: sends every (request, fds) of `calls` (request ids are set here)

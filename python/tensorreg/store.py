@@ -49,6 +49,7 @@ from ._leases import Lease
 from ._registrar import Registrar
 from ._requests import DEFAULT_TTL_MS
 from ._wire import Connection
+from .errors import InvalidArgument
 
 __all__ = ["Store", "RegisteredArtifact", "Lease", "LocalStableTier"]
 
@@ -108,17 +109,22 @@ class Store:
     # ---- register (_register.py) ----
 
     def register(self, state_dict, *, ttl_ms: int = DEFAULT_TTL_MS, client_artifact_id: str | None = None,
-                 policy: str | None = None) -> RegisteredArtifact:
+                 policy: str | None = None, hash_in_background: bool = False) -> RegisteredArtifact:
         """Leases the tensors in place (LIP). CUDA tensors are leased where they are (the daemon
         maps their allocations; other processes can then open() them); CPU tensors are copied
         once into a daemon-managed HOST_SHARED region and leased from there. The lease lives
         until the artifact's close(), its garbage collection, this Store's close() or
         interpreter exit, and holds the storages until then. ttl_ms 0 = no expiry (and no
         keepalive thread). client_artifact_id makes a `cgid:` artifact.
+        hash_in_background (needs client_artifact_id): the commit answers once the artifact is
+        usable by its cgid and the daemon computes its mi2 id afterwards; wait_hash() answers it.
+        Do not write the tensors until wait_hash() says "done": the id is of the bytes at hash
+        time (docs/registration.md §4.8).
         Errors: InvalidArgument (bad input, mixed devices; before anything is sent),
         FailedPrecondition (CUDA tensors and no usable driver, VMM memory that cannot be
-        exported as POSIX fds, a daemon that does not see the GPU), the daemon's status."""
-        art = _register.register(self._conn, state_dict, ttl_ms, client_artifact_id, policy)
+        exported as POSIX fds, a daemon that does not see the GPU), the daemon's status
+        (InvalidArgument for hash_in_background without client_artifact_id)."""
+        art = _register.register(self._conn, state_dict, ttl_ms, client_artifact_id, policy, hash_in_background)
         self._leases.add(art.lease)
         return art
 
@@ -171,6 +177,25 @@ class Store:
         """_reads.open_pages over this store's connection (the paging, testable alone)."""
         return _reads.open_pages(self._conn, artifact_id, what)
 
+    def wait_hash(self, artifact_id: str, timeout: float | None = None) -> tuple:
+        """(state, mi2_id) of the background hash of a cgid artifact registered with
+        hash_in_background, named by its cgid or its mi2 id: state is "done" (mi2_id set),
+        "failed" (the lease was revoked or expired, its owner exited, it was deregistered),
+        "pending" (`timeout` seconds passed first; None waits until it ends) or "none" (no
+        background hash; an mi2 artifact answers ("done", its own id)).
+        Errors: NotFound (unknown artifact), InvalidArgument (timeout not a number >= 0)."""
+        if timeout is None:
+            timeout_ms = 0
+        else:
+            if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
+                raise InvalidArgument(f"cannot wait for the hash of {artifact_id}: timeout {timeout!r} is not a "
+                                      "number of seconds >= 0")
+            # 0 on the wire means no limit: a zero timeout still waits one millisecond.
+            timeout_ms = min(max(1, round(timeout * 1000)), 2**32 - 1)
+        answer, _ = self._conn.call(_requests.wait_artifact_hash(artifact_id, timeout_ms))
+        body = answer.wait_artifact_hash
+        return _requests.HASH_STATES.get(body.hash_state, "none"), body.mi2_id
+
     # ---- catalogue ----
 
     def index(self, artifact_id: str) -> tuple:
@@ -180,13 +205,15 @@ class Store:
         return _requests.descriptor_dict(body.artifact_descriptor), json.loads(body.tensor_index_data)
 
     def list(self) -> list:
-        """Every artifact the daemon holds: dicts of the descriptor plus tiers and lease_count."""
+        """Every artifact the daemon holds: dicts of the descriptor plus tiers, lease_count and
+        verified_id."""
         answer, _ = self._conn.call(_requests.list_artifacts())
         out = []
         for a in answer.list_artifacts.artifacts:
             d = _requests.descriptor_dict(a.artifact_descriptor)
             d["tiers"] = [_requests.tier_name(t) for t in a.tiers]
             d["lease_count"] = a.lease_count
+            d["verified_id"] = a.verified_id  # the mi2 id a background hash found, else ""
             out.append(d)
         return out
 

@@ -43,6 +43,11 @@ artifact_summary summarize(const artifact& a, bool stable_replica) {
   out.leases = a.leases.size();
   out.joined_refs = a.joins.size();
   out.quiesced = a.quiesced;
+  if (a.hash) {
+    const auto st = a.hash->status();
+    out.hash = st.state;
+    if (st.state == hash_state::done) out.verified_id = st.mi2_id;
+  }
   return out;
 }
 
@@ -145,6 +150,12 @@ void catalogue::note_stable_entry(const std::string& artifact_id, std::optional<
   if (stable_entry_uid_.emplace(artifact_id, *uid).second) ++stable_entries_of_uid_[*uid];
 }
 
+std::optional<std::uint32_t> catalogue::stable_entry_uid(const std::string& artifact_id) const {
+  auto it = stable_entry_uid_.find(artifact_id);
+  if (it == stable_entry_uid_.end()) return std::nullopt;
+  return it->second;
+}
+
 void catalogue::forget_stable_entry(const std::string& artifact_id) {
   auto it = stable_entry_uid_.find(artifact_id);
   if (it == stable_entry_uid_.end()) return;
@@ -159,8 +170,22 @@ bool catalogue::is_empty(const std::string& id, const artifact& a) const {
 
 const artifact* catalogue::find_held(const std::string& id) const {
   auto it = artifacts_.find(id);
-  if (it == artifacts_.end() || is_empty(id, it->second)) return nullptr;
-  return &it->second;
+  if (it != artifacts_.end() && !is_empty(id, it->second)) return &it->second;
+  // An mi2 id that a cgid artifact's background hash found (registration.md §4.8); an artifact
+  // held under that id itself comes first.
+  auto alias = aliases_.find(id);
+  if (alias == aliases_.end()) return nullptr;
+  const artifact* found = nullptr;
+  std::erase_if(alias->second, [&](const std::string& cgid) {
+    auto target = artifacts_.find(cgid);
+    if (target == artifacts_.end() || is_empty(cgid, target->second) || !target->second.hash) return true;
+    const auto st = target->second.hash->status();
+    if (st.state != hash_state::done || st.mi2_id != id) return true;  // a later version's hash
+    if (found == nullptr) found = &target->second;
+    return false;
+  });
+  if (alias->second.empty()) aliases_.erase(alias);
+  return found;
 }
 
 artifact* catalogue::find(const std::string& artifact_id) {
@@ -191,6 +216,7 @@ artifact& catalogue::add(const artifact_descriptor& d, std::shared_ptr<const ind
 }
 
 void catalogue::add_lease(artifact& a, lease l) {
+  ++lease_changes_;
   artifact_of_registration_[l.registration_id] = a.descriptor.artifact_id;
   auto id = l.registration_id;
   a.leases.emplace(std::move(id), std::move(l));
@@ -216,6 +242,7 @@ void catalogue::erase_if_empty(const std::string& artifact_id) {
 }
 
 void catalogue::end_lease(lease& l) {
+  ++lease_changes_;
   for (const auto& id : l.region_ids) (void)regions_.release(id);
   l.region_ids.clear();
 }
@@ -242,7 +269,7 @@ join* catalogue::find_join(const std::string& registration_id) {
   return j == a->second.joins.end() ? nullptr : &j->second;
 }
 
-std::optional<released_holder> catalogue::revoke(const std::string& registration_id) {
+std::optional<released_holder> catalogue::revoke(const std::string& registration_id, const std::string& why) {
   auto owner = artifact_of_registration_.find(registration_id);
   if (owner == artifact_of_registration_.end()) return std::nullopt;
   released_holder out;
@@ -255,6 +282,7 @@ std::optional<released_holder> catalogue::revoke(const std::string& registration
     out.is_lease = true;
     out.owner_pid = l->second.owner_pid;
     out.region_ids = l->second.region_ids;
+    cancel_hash(a->second, "lease " + registration_id + " " + why);
     end_lease(l->second);
     a->second.leases.erase(l);
   }
@@ -276,6 +304,7 @@ std::vector<released_holder> catalogue::expire(clock::time_point now) {
         continue;
       }
       out.push_back({l.registration_id, id, l.owner_pid, true, l.region_ids});
+      cancel_hash(a, "lease " + l.registration_id + " expired: its TTL passed");
       end_lease(l);
       artifact_of_registration_.erase(it->first);
       it = a.leases.erase(it);
@@ -306,7 +335,9 @@ std::vector<released_holder> catalogue::release_owner(std::int32_t owner_pid) {
   }
   std::vector<released_holder> out;
   for (const auto& rid : registrations) {
-    if (auto gone = revoke(rid)) out.push_back(std::move(*gone));
+    if (auto gone = revoke(rid, "ended: its owner (pid " + std::to_string(owner_pid) + ") exited")) {
+      out.push_back(std::move(*gone));
+    }
   }
   return out;
 }
@@ -356,6 +387,8 @@ result<std::shared_ptr<reader_gate>> catalogue::quiesce(const std::string& artif
     return fail(errc::not_found, "cannot deregister " + artifact_id + ": not held here");
   }
   it->second.quiesced = true;
+  // Deregistering: the hash must not read the bytes while they are drained and released.
+  cancel_hash(it->second, artifact_id + " is being deregistered");
   return it->second.gate;
 }
 
@@ -402,7 +435,7 @@ artifact_state catalogue::state_of(const std::string& artifact_id) const {
 result<artifact_summary> catalogue::get(const std::string& artifact_id) const {
   const artifact* a = find_held(artifact_id);
   if (a == nullptr) return fail(errc::not_found, "cannot find artifact " + artifact_id + ": not held here");
-  return summarize(*a, cache_.contains(artifact_id));
+  return summarize(*a, cache_.contains(a->descriptor.artifact_id));
 }
 
 std::vector<artifact_summary> catalogue::list() const {
@@ -423,7 +456,7 @@ result<std::shared_ptr<const memory::byte_source>> catalogue::open_bytes(const s
   const artifact* a = find_held(artifact_id);
   if (a == nullptr) return fail(errc::not_found, "cannot open " + artifact_id + ": not held here");
   if (a->quiesced) return fail(errc::failed_precondition, "cannot open " + artifact_id + ": it is being deregistered");
-  std::shared_ptr<const memory::byte_source> inner = cache_.lookup(artifact_id);
+  std::shared_ptr<const memory::byte_source> inner = cache_.lookup(a->descriptor.artifact_id);
   if (!inner && !a->leases.empty()) inner = a->leases.begin()->second.view.bytes;
   if (!inner && !a->gpu_replicas.empty()) inner = a->gpu_replicas.begin()->second.bytes;
   if (!inner) return fail(errc::failed_precondition, "cannot open " + artifact_id + ": no readable copy is held");
@@ -435,7 +468,7 @@ catalogue::stable_replica(const std::string& artifact_id, const std::string& ver
   const artifact* a = find_held(artifact_id);
   if (a == nullptr) return fail(errc::not_found, verb + ": not held here");
   if (a->quiesced) return fail(errc::failed_precondition, verb + ": it is being deregistered");
-  return std::pair{cache_.lookup(artifact_id), a->index};
+  return std::pair{cache_.lookup(a->descriptor.artifact_id), a->index};
 }
 
 result<device_layout> catalogue::device_layout_of(const std::string& artifact_id) const {
@@ -479,6 +512,70 @@ void catalogue::add_stats(engine_stats& out) const {
   out.stable_evictions = cache_stats.evictions;
   out.stable_reserved_bytes = cache_stats.reserved_bytes;
   out.stable_evicted_bytes = cache_stats.evicted_bytes;
+}
+
+void catalogue::cancel_hash(artifact& a, const std::string& why) {
+  if (!a.hash || a.hash->status().state != hash_state::pending) return;
+  a.hash->request_cancel("cannot hash " + a.descriptor.artifact_id + ": cancelled: " + why);
+  cancelled_.push_back(a.hash);
+  // Kept for waiters that ask after the artifact is gone.
+  if (hash_tombstones_.insert_or_assign(a.descriptor.artifact_id, a.hash).second) {
+    hash_tombstone_order_.push_back(a.descriptor.artifact_id);
+  }
+  if (hash_tombstone_order_.size() > kept_hash_tombstones) {
+    hash_tombstones_.erase(hash_tombstone_order_.front());
+    hash_tombstone_order_.erase(hash_tombstone_order_.begin());
+  }
+}
+
+std::vector<std::shared_ptr<background_hash>> catalogue::take_cancelled() { return std::exchange(cancelled_, {}); }
+
+std::vector<std::shared_ptr<background_hash>> catalogue::cancel_all_hashes(const std::string& why) {
+  for (auto& [id, a] : artifacts_) cancel_hash(a, why);
+  return take_cancelled();
+}
+
+result<hash_input> catalogue::hash_input_of(const std::string& artifact_id) {
+  const std::string verb = "cannot hash " + artifact_id;
+  auto it = artifacts_.find(artifact_id);
+  if (it == artifacts_.end() || is_empty(artifact_id, it->second))
+    return fail(errc::not_found, verb + ": not held here");
+  const artifact& a = it->second;
+  if (a.quiesced) return fail(errc::failed_precondition, verb + ": it is being deregistered");
+  hash_input out;
+  for (const auto& [id, l] : a.leases) {
+    if (!l.view.bytes) continue;
+    out.view = l.view.bytes;
+    out.keep_alive = l.view.keep_alive;
+    return out;
+  }
+  std::shared_ptr<const memory::byte_source> whole;
+  if (!a.gpu_replicas.empty()) whole = a.gpu_replicas.begin()->second.bytes;
+  if (!whole) whole = cache_.lookup(artifact_id);
+  if (!whole) return fail(errc::failed_precondition, verb + ": no readable copy is held");
+  // Replicas hold the normalized canonical buffer already (PAD as zero): one segment over all.
+  auto view = memory::segmented_view::create(whole->size(), {memory::segment{0, whole->size(), whole.get(), 0}});
+  if (!view) return tl::unexpected(with_context(std::move(view).error(), verb));
+  out.view = std::make_shared<const memory::segmented_view>(std::move(*view));
+  out.keep_alive.push_back(std::move(whole));
+  return out;
+}
+
+void catalogue::add_alias(const std::string& mi2, const std::string& cgid) {
+  auto& cgids = aliases_[mi2];
+  if (std::find(cgids.begin(), cgids.end(), cgid) == cgids.end()) cgids.push_back(cgid);
+}
+
+result<std::pair<std::shared_ptr<background_hash>, artifact_descriptor>> catalogue::hash_of(
+    const std::string& artifact_id) const {
+  if (const artifact* a = find_held(artifact_id)) return std::pair{a->hash, a->descriptor};
+  if (auto t = hash_tombstones_.find(artifact_id); t != hash_tombstones_.end()) {
+    artifact_descriptor d;
+    d.artifact_id = artifact_id;
+    d.id_kind = identity::id_kind::cgid;
+    return std::pair{t->second, d};
+  }
+  return fail(errc::not_found, "cannot wait for the hash of " + artifact_id + ": no such artifact");
 }
 
 result<unique_fd> export_replica_fd(const std::shared_ptr<const memory::byte_source>& replica,

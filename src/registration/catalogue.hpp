@@ -36,6 +36,7 @@
 #include <utility>
 #include <vector>
 
+#include "registration/background_hash.hpp"
 #include "tensorreg/common/clock.hpp"
 #include "tensorreg/common/error.hpp"
 #include "tensorreg/common/unique_fd.hpp"
@@ -114,6 +115,15 @@ struct artifact {
   std::map<std::int32_t, std::uint32_t> gpu_replica_uids;
   bool quiesced = false;  ///< no new readers, leases, joins or replicas: deregister has begun
   std::shared_ptr<reader_gate> gate = std::make_shared<reader_gate>();
+  /// The background data hash of a cgid artifact (registration.md §4.8); null when none ran.
+  std::shared_ptr<background_hash> hash;
+};
+
+/// What a background hash reads: the canonical bytes of a held artifact, and what keeps the
+/// memory under them mapped while it reads.
+struct hash_input {
+  std::shared_ptr<const memory::segmented_view> view;
+  std::vector<std::shared_ptr<const memory::byte_source>> keep_alive;
 };
 
 /// A lease or join that ended (revoked, expired, its owner exited).
@@ -168,6 +178,11 @@ class catalogue {
   /// Counts the cache entry just created for `artifact_id` against `uid` (nothing when unset);
   /// it is uncounted when the entry is evicted or removed.
   void note_stable_entry(const std::string& artifact_id, std::optional<std::uint32_t> uid);
+  /// Leases added or ended since construction: with the stable cache's changes, what tells a
+  /// mirror of the resident state (the systemd fd store) to export again.
+  [[nodiscard]] std::uint64_t lease_changes() const noexcept { return lease_changes_; }
+  /// The uid counted for the cache entry of `artifact_id`; nullopt when none is.
+  [[nodiscard]] std::optional<std::uint32_t> stable_entry_uid(const std::string& artifact_id) const;
 
   // ---- holders by registration id ----
 
@@ -175,8 +190,8 @@ class catalogue {
   [[nodiscard]] lease* find_lease(const std::string& registration_id);
   [[nodiscard]] join* find_join(const std::string& registration_id);
   /// Ends the lease or join of `registration_id` (releasing its region references); nullopt when
-  /// there is none.
-  std::optional<released_holder> revoke(const std::string& registration_id);
+  /// there is none. Ending a lease cancels the artifact's background hash with `why`.
+  std::optional<released_holder> revoke(const std::string& registration_id, const std::string& why = "was revoked");
   /// Ends every lease and join past its TTL at `now`, and prunes empty artifacts.
   std::vector<released_holder> expire(clock::time_point now);
   /// Ends every lease and join of `owner_pid`.
@@ -229,10 +244,32 @@ class catalogue {
   /// Fills the artifact, lease and stable fields of `out`.
   void add_stats(engine_stats& out) const;
 
+  // ---- background hashes (registration.md §4.8) ----
+
+  /// The bytes a background hash of `artifact_id` reads: a live lease (the producer's memory,
+  /// what readers map), else a GPU replica, else the stable replica.
+  /// Errors: NOT_FOUND, FAILED_PRECONDITION (quiesced, no readable copy).
+  [[nodiscard]] result<hash_input> hash_input_of(const std::string& artifact_id);
+  /// Records that `cgid`'s background hash found `mi2`: Get and Open by `mi2` reach `cgid` while
+  /// its hash is the one that found it and no artifact of that id is held itself.
+  void add_alias(const std::string& mi2, const std::string& cgid);
+  /// The hash of `artifact_id` (or of the cgid its mi2 alias names), null when it has none, and
+  /// the artifact's descriptor; else a cancelled hash of an artifact that is gone (kept for
+  /// its late waiters), or NOT_FOUND.
+  [[nodiscard]] result<std::pair<std::shared_ptr<background_hash>, artifact_descriptor>> hash_of(
+      const std::string& artifact_id) const;
+  /// The hashes cancelled since the last call; the caller waits for each to stop reading
+  /// (background_hash::wait_stopped) after it lets go of the engine mutex.
+  [[nodiscard]] std::vector<std::shared_ptr<background_hash>> take_cancelled();
+  /// Cancels every background hash (the engine is going away) and returns them.
+  [[nodiscard]] std::vector<std::shared_ptr<background_hash>> cancel_all_hashes(const std::string& why);
+
  private:
   [[nodiscard]] bool is_empty(const std::string& id, const artifact& a) const;
   [[nodiscard]] const artifact* find_held(const std::string& id) const;
   void end_lease(lease& l);
+  // Cancels `a`'s background hash, which may be reading the lease that ends, with `why`.
+  void cancel_hash(artifact& a, const std::string& why);
   void forget_stable_entry(const std::string& artifact_id);
 
   regions::region_registry& regions_;
@@ -248,6 +285,16 @@ class catalogue {
   // that uses it; expired entries are pruned as the store grows and when looked up.
   mutable std::unordered_map<std::string, std::weak_ptr<const index::canonical_index>> index_store_;
   std::size_t index_store_pruned_at_ = 0;  // index_store_'s size after the last prune
+  // mi2 id → the cgids whose background hash found it (registration.md §4.8). An entry counts
+  // only while that cgid is held with that same hash done; stale ones are pruned on lookup.
+  mutable std::unordered_map<std::string, std::vector<std::string>> aliases_;
+  std::vector<std::shared_ptr<background_hash>> cancelled_;  // not yet waited for
+  // Cancelled hashes of artifacts that may be gone, so a late WaitArtifactHash still answers
+  // HASH_FAILED with the reason; the oldest go first past kept_hash_tombstones.
+  static constexpr std::size_t kept_hash_tombstones = 1024;
+  std::map<std::string, std::shared_ptr<background_hash>> hash_tombstones_;
+  std::vector<std::string> hash_tombstone_order_;
+  std::uint64_t lease_changes_ = 0;
 };
 
 /// A read-only fd of the memfd holding `replica`, marked exported (never recycled).

@@ -27,7 +27,9 @@
 #include "tensorreg/common/random.hpp"
 #include "tensorreg/common/thread_pool.hpp"
 #include "tensorreg/devices/device_identity.hpp"
+#include "tensorreg/hash/multihash.hpp"
 #include "tensorreg/memory/shared_memory.hpp"
+#include "tensorreg/persistence/resident_state.hpp"
 
 namespace tensorreg::registration {
 namespace {
@@ -81,13 +83,15 @@ std::string joined(const std::vector<std::string>& ids) {
 //   1. engine::state::mutex — the pending table and the catalogue (its artifacts, holders,
 //      index store). Never held while hashing or copying, nor while draining.
 //   2. pending_registration's mutex — one registration's phase, TTL and plan tables.
-//   3. the leaves: region_registry's, stable_dram_cache's, stable_upload's and reader_gate's
-//      own mutexes, and the logger. (The cache's eviction listener logs, under 1.)
+//   3. the leaves: region_registry's, stable_dram_cache's, stable_upload's, reader_gate's and
+//      background_hash's own mutexes, and the logger. (The cache's eviction listener logs, under 1.)
 // restore_mutex (persistence) is taken before 1, never under it; the durable store's mutex
 // and the persistence task table's are leaves (the cache's spill guard asks the store under 3).
 // sweeper_mutex only paces the sweep thread; nothing else is taken under it. The owner watch
 // calls release_owner() on its thread with none of these held. A Feed copy runs with none
-// held; drain waits on a reader_gate's condition variable with none held.
+// held; drain waits on a reader_gate's condition variable with none held, and a revoke waits for
+// a background hash to stop reading (background_hash::wait_stopped) with none held.
+// hash_jobs_mutex only counts background hash jobs; nothing else is taken under it.
 struct engine::state {
   engine_options options;
   const clock& time;
@@ -137,12 +141,28 @@ struct engine::state {
     return [d = durable.get()](std::string_view id) { return d->contains(id); };
   }
 
+  // ---- background hashes (registration.md §4.8) ----
+  std::mutex hash_jobs_mutex;
+  std::condition_variable hash_jobs_idle;
+  std::size_t hash_jobs = 0;  // queued or running; the engine waits for 0 before it goes
+
+  hash_state start_background_hash(const std::string& artifact_id, std::int32_t owner_pid);
+  void run_background_hash(const std::shared_ptr<detail::background_hash>& task, detail::hash_input input,
+                           std::int32_t owner_pid);
+  // Waits for each hash cancelled under the engine mutex to stop reading; call with no lock held.
+  static void wait_stopped(const std::vector<std::shared_ptr<detail::background_hash>>& cancelled) {
+    for (const auto& h : cancelled) h->wait_stopped();
+  }
+
   // ---- persistence (docs/architecture.md §14) ----
   persistence::task_table tasks;
   std::atomic<bool> persist_cancel{false};  // set when the engine is destroyed
   std::mutex restore_mutex;                 // one restore at a time: a second waits and finds it
   // Declared last: destroyed first, while everything its jobs use is still there.
   std::unique_ptr<thread_pool> persist_pool;
+  // Re-hashes adopted entries (adopt_resident()); made on first use, destroyed before the rest.
+  std::unique_ptr<thread_pool> adopt_pool;
+  std::atomic<std::size_t> adopted_unverified{0};
 
   result<persistence::task_status> start_persistence(const std::string& id, std::optional<policy::cache_policy> cache);
   void run_persistence(const std::string& task_id, const std::string& id, std::optional<policy::cache_policy> cache);
@@ -235,7 +255,7 @@ struct engine::state {
   result<begin_response> begin(begin_request r);
   status feed(feed_request r);
   status keep_alive(const keep_alive_request& r);
-  result<commit_response> commit(const std::string& registration_id);
+  result<commit_response> commit(const std::string& registration_id, const commit_options& how);
   status abort(const std::string& registration_id);
   result<deregister_response> deregister(const deregister_request& r);
   bool revoke(const std::string& registration_id, const std::string& reason);
@@ -279,6 +299,17 @@ engine::~engine() {
   }
   state_->sweeper_wake.notify_all();
   if (state_->sweeper.joinable()) state_->sweeper.join();
+  {
+    // Background hashes stop at their next leaf; their jobs end before the catalogue goes.
+    std::vector<std::shared_ptr<detail::background_hash>> cancelled;
+    {
+      std::lock_guard lock(state_->mutex);
+      cancelled = state_->catalogue.cancel_all_hashes("the engine is stopping");
+    }
+    state::wait_stopped(cancelled);
+    std::unique_lock jobs(state_->hash_jobs_mutex);
+    state_->hash_jobs_idle.wait(jobs, [&] { return state_->hash_jobs == 0; });
+  }
   state_->persist_cancel = true;  // writes in flight stop at their next chunk
   state_->persist_pool.reset();
   state_->owners.reset();  // no owner callback after this point
@@ -413,15 +444,25 @@ status engine::state::keep_alive(const keep_alive_request& r) {
 // ---- Commit --------------------------------------------------------------------------------
 
 result<commit_response> engine::commit(const std::string& registration_id) {
-  auto out = state_->commit(registration_id);
+  return commit(registration_id, commit_options{});
+}
+
+result<commit_response> engine::commit(const std::string& registration_id, const commit_options& options) {
+  auto out = state_->commit(registration_id, options);
   if (!out)
     return state_->rejected(std::move(out), "commit", "registration " + registration_id,
                             state_->owner_of(registration_id));
   return out;
 }
 
-result<commit_response> engine::state::commit(const std::string& registration_id) {
+result<commit_response> engine::state::commit(const std::string& registration_id, const commit_options& how) {
   TENSORREG_TRY_ASSIGN(auto p, find_open(registration_id, "commit"));
+  if (how.hash_in_background && p->facts().cgid.empty()) {
+    // Before begin_commit: the registration stays open, to be committed without the option.
+    return fail(errc::invalid_argument, "cannot commit registration '" + registration_id +
+                                            "': hash_in_background needs a client_artifact_id (a cgid): an mi2 "
+                                            "id is the hash itself, so its commit must compute it");
+  }
   TENSORREG_TRY(p->begin_commit());
   // The hashing and copying below is this client's share of the pool (fair between owners).
   const thread_pool::owner_scope share(static_cast<work_owner>(static_cast<std::uint32_t>(p->owner_pid())));
@@ -445,6 +486,7 @@ result<commit_response> engine::state::commit(const std::string& registration_id
     if (end.drop) (void)drop_pending(p);  // revoked or its owner died meanwhile
     return out;
   }
+  std::vector<std::shared_ptr<detail::background_hash>> cancelled;
   {
     std::lock_guard lock(mutex);
     pending.erase(p->id());
@@ -452,13 +494,16 @@ result<commit_response> engine::state::commit(const std::string& registration_id
       // Revoked or its owner died meanwhile: undo the lease or join.
       if (auto undone = catalogue.revoke(p->id())) log_released(*undone, "revoked: dropped while it was committed");
     }
+    cancelled = catalogue.take_cancelled();
   }
+  wait_stopped(cancelled);
   if (!out) {
     p->release(regions);
     return out;
   }
   tensorreg::log(log, log_level::debug, "committed registration {} (owner_pid {}) as artifact {}{}", p->id(),
                  p->owner_pid(), out->descriptor.artifact_id, out->existed ? " (joined)" : "");
+  if (how.hash_in_background) out->hash = start_background_hash(out->descriptor.artifact_id, p->owner_pid());
   // Policies asking for the shared disk (DURABLE, COLD, HA: registration.md §1.6) are persisted
   // now, in the background; the commit answers the task's id.
   const auto& resolved = p->facts().policy;
@@ -470,6 +515,109 @@ result<commit_response> engine::state::commit(const std::string& registration_id
       tensorreg::log(log, log_level::warn, "cannot start persisting artifact {}: {}", out->descriptor.artifact_id,
                      task.error().message);
     }
+  }
+  return out;
+}
+
+// ---- Background hash (registration.md §4.8) -----------------------------------------------------
+
+hash_state engine::state::start_background_hash(const std::string& artifact_id, std::int32_t owner_pid) {
+  std::shared_ptr<detail::background_hash> task;
+  detail::hash_input input;
+  {
+    std::lock_guard lock(mutex);
+    auto* a = catalogue.find(artifact_id);
+    if (a != nullptr && a->hash && a->hash->status().state != hash_state::failed) {
+      return a->hash->status().state;  // a join of an artifact whose hash runs or ran
+    }
+    auto found = catalogue.hash_input_of(artifact_id);
+    if (!found) {
+      // Revoked, or its owner exited, before the hash could start: nothing reads it.
+      tensorreg::log(log, log_level::info, "background hash of {} not started: {}", artifact_id, found.error().message);
+      return hash_state::failed;
+    }
+    input = std::move(*found);
+    task = std::make_shared<detail::background_hash>(artifact_id);
+    a->hash = task;
+    std::lock_guard jobs(hash_jobs_mutex);
+    ++hash_jobs;
+  }
+  // On the hash pool, queued under the committing client's share (the commit's owner_scope).
+  pool.submit([this, task, input = std::move(input), owner_pid]() mutable {
+    run_background_hash(task, std::move(input), owner_pid);
+  });
+  return hash_state::pending;
+}
+
+void engine::state::run_background_hash(const std::shared_ptr<detail::background_hash>& task, detail::hash_input input,
+                                        std::int32_t owner_pid) {
+  const auto& id = task->artifact_id();
+  hash_status outcome;
+  outcome.state = hash_state::failed;
+  if (task->start_reading()) {
+    const auto started = std::chrono::steady_clock::now();
+    result<hash::digest> digest = fail(errc::internal, "no digest");
+    try {
+      digest = detail::hash_canonical(*input.view, pool, devices.get(), task->flag());
+    } catch (const std::bad_alloc&) {
+      digest = fail(errc::resource_exhausted, "out of memory");
+    } catch (const std::exception& e) {
+      digest = fail(errc::internal, e.what());
+    } catch (...) {
+      digest = fail(errc::internal, "an exception of unknown type");
+    }
+    input = {};  // the mappings may go once the lease does
+    task->finish_reading();
+    const auto ms =
+        std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - started).count();
+    if (digest) {
+      outcome.state = hash_state::done;
+      outcome.data_multihash = hash::encode_multihash(*digest);
+      tensorreg::log(log, log_level::debug, "background hash of {} (owner_pid {}) done in {} ms", id, owner_pid, ms);
+    } else {
+      outcome.message =
+          "cannot hash " + id + ": " + std::string(errc_name(digest.error().code)) + ": " + digest.error().message;
+    }
+  }
+  {
+    std::lock_guard lock(mutex);
+    auto* a = catalogue.find(id);
+    const bool current = a != nullptr && a->hash == task;
+    if (outcome.state == hash_state::done) {
+      if (current) {
+        outcome.mi2_id = "mi2:" + a->descriptor.index_multihash + ":" + outcome.data_multihash;
+      } else {
+        outcome = hash_status{hash_state::failed, {}, {}, "cannot hash " + id + ": the artifact is gone"};
+      }
+    }
+    // Settled under the engine mutex with the alias: a waiter told DONE finds the mi2 id.
+    const auto settled = task->settle(outcome);
+    if (settled == hash_state::done) catalogue.add_alias(outcome.mi2_id, id);
+    if (settled == hash_state::failed) {
+      tensorreg::log(log, log_level::info, "background hash of {} (owner_pid {}) failed: {}", id, owner_pid,
+                     task->status().message);
+    }
+  }
+  std::lock_guard jobs(hash_jobs_mutex);
+  --hash_jobs;
+  hash_jobs_idle.notify_all();
+}
+
+result<hash_status> engine::wait_artifact_hash(const std::string& artifact_id,
+                                               std::chrono::milliseconds timeout) const {
+  std::shared_ptr<detail::background_hash> task;
+  artifact_descriptor d;
+  {
+    std::lock_guard lock(state_->mutex);
+    TENSORREG_TRY_ASSIGN(std::tie(task, d), state_->catalogue.hash_of(artifact_id));
+  }
+  if (task) return task->wait(timeout);
+  hash_status out;
+  if (d.id_kind == identity::id_kind::mi2) {
+    // An mi2 artifact was hashed at its commit: its id is the answer (DECISIONS §5.19).
+    out.state = hash_state::done;
+    out.mi2_id = d.artifact_id;
+    out.data_multihash = d.data_multihash;
   }
   return out;
 }
@@ -509,12 +657,16 @@ bool engine::revoke(const std::string& registration_id, const std::string& reaso
 bool engine::state::revoke(const std::string& registration_id, const std::string& reason) {
   std::shared_ptr<pending_registration> p;
   std::optional<detail::released_holder> held;
+  std::vector<std::shared_ptr<detail::background_hash>> cancelled;
   {
     std::lock_guard lock(mutex);
     pending.unbury(registration_id);
     p = pending.find(registration_id);
     held = catalogue.revoke(registration_id);
+    cancelled = catalogue.take_cancelled();
   }
+  // No byte of the lease is read by a background hash once the revoke returns (§4.8).
+  wait_stopped(cancelled);
   if (held) log_released(*held, "revoked: " + reason);
   if (p) {
     const bool dropped = drop_pending(p);
@@ -697,6 +849,7 @@ result<deregister_response> engine::deregister(const deregister_request& request
 
 result<deregister_response> engine::state::deregister(const deregister_request& r) {
   std::shared_ptr<detail::reader_gate> gate;
+  std::vector<std::shared_ptr<detail::background_hash>> cancelled;
   {
     std::lock_guard lock(mutex);
     // 0. DECISIONS §8, under the same lock as quiesce: no other holder slips in between.
@@ -716,7 +869,9 @@ result<deregister_response> engine::state::deregister(const deregister_request& 
     } else {
       TENSORREG_TRY_ASSIGN(gate, std::move(quiesced));
     }
+    cancelled = catalogue.take_cancelled();  // quiesce stops its background hash
   }
+  wait_stopped(cancelled);
   if (!gate) {
     TENSORREG_TRY(options.durable->remove(r.artifact_id));
     tensorreg::log(log, log_level::info, "deregistered artifact {} (owner_pid {}): removed its persisted copy",
@@ -778,6 +933,7 @@ void engine::state::sweep() {
   const auto now = time.now();
   std::vector<std::shared_ptr<pending_registration>> expired;
   std::vector<detail::released_holder> ended;
+  std::vector<std::shared_ptr<detail::background_hash>> cancelled;
   {
     std::lock_guard lock(mutex);
     for (const auto& p : pending.all()) {
@@ -785,7 +941,9 @@ void engine::state::sweep() {
     }
     ended = catalogue.expire(now);
     pending.forget_tombstones(now);
+    cancelled = catalogue.take_cancelled();
   }
+  wait_stopped(cancelled);
   for (const auto& h : ended) log_released(h, "expired: its TTL passed");
   for (const auto& p : expired) {
     if (!drop_pending(p)) continue;  // a commit started meanwhile, or someone else dropped it
@@ -804,13 +962,16 @@ void engine::state::sweep() {
 void engine::state::release_owner(std::int32_t pid) {
   std::vector<std::shared_ptr<pending_registration>> owned;
   std::vector<detail::released_holder> ended;
+  std::vector<std::shared_ptr<detail::background_hash>> cancelled;
   {
     std::lock_guard lock(mutex);
     for (const auto& p : pending.all()) {
       if (p->owner_pid() == pid) owned.push_back(p);
     }
     ended = catalogue.release_owner(pid);
+    cancelled = catalogue.take_cancelled();
   }
+  wait_stopped(cancelled);
   std::vector<std::string> dropped;
   for (const auto& p : owned) {
     if (drop_pending(p)) dropped.push_back(p->id());
@@ -996,5 +1157,346 @@ result<persistence::task_status> engine::wait_persistence(const std::string& tas
   return state_->tasks.wait(task_id, timeout);
 }
 void engine::release_owner(std::int32_t owner_pid) { state_->release_owner(owner_pid); }
+
+// ---- Resident memory across restarts (docs/architecture.md §14.2) ----------------------------
+
+result<persistence::resident_export> engine::export_resident() const {
+  auto& s = *state_;
+  struct item {
+    persistence::resident_entry entry;
+    std::shared_ptr<const memory::byte_source> replica;
+  };
+  std::vector<item> items;
+  {
+    std::lock_guard lock(s.mutex);
+    const auto now = s.time.now();
+    for (auto& [id, replica] : s.catalogue.cache().entries()) {
+      // An artifact being deregistered is not handed on: its deregister ends with this daemon.
+      if (s.catalogue.state_of(id) != detail::artifact_state::held) continue;
+      auto summary = s.catalogue.get(id);
+      auto idx = s.catalogue.index_of(id);
+      auto info = s.catalogue.cache().info(id);
+      if (!summary || !idx || !info) continue;
+      item it;
+      auto& r = it.entry.record;
+      const auto& d = summary->descriptor;
+      r.artifact_id = d.artifact_id;
+      r.id_kind = std::string(identity::id_kind_name(d.id_kind));
+      r.index_multihash = d.index_multihash;
+      r.data_multihash = d.data_multihash;
+      r.schema_version = d.schema_version;
+      r.encoding = d.encoding;
+      r.total_size = d.total_size;
+      r.cache.retention = info->retention;
+      r.cache.overflow = info->overflow;
+      r.cache.required = info->required;
+      r.cache.require_shared_disk_for_spill = info->require_shared_disk_for_spill;
+      r.cache.require_remote_stable_for_spill = info->require_remote_stable_for_spill;
+      if (info->retention == policy::retention::ttl) {
+        // What is left of the TTL travels; a TTL already past makes the entry best effort.
+        const auto left = info->deadline ? std::chrono::duration_cast<milliseconds>(*info->deadline - now).count() : 0;
+        if (left > 0) {
+          r.cache.ttl_ms = static_cast<std::uint64_t>(left);
+        } else {
+          r.cache.retention = policy::retention::best_effort;
+        }
+      }
+      it.entry.index = std::move(*idx);
+      it.entry.owner_uid = s.catalogue.stable_entry_uid(id);
+      it.entry.fd_name = persistence::fd_name_of(id);
+      it.replica = std::move(replica);
+      items.push_back(std::move(it));
+    }
+  }
+  persistence::resident_state resident;
+  persistence::resident_export out;
+  TENSORREG_TRY(export_leases(resident, out.fds));
+  for (auto& it : items) {
+    auto fd = detail::export_replica_fd(it.replica, "cannot hand on " + it.entry.record.artifact_id);
+    if (!fd) {
+      if (fd.error().code == errc::resource_exhausted) return tl::unexpected(std::move(fd).error());
+      tensorreg::log(s.log, log_level::warn, "{}", fd.error().message);
+      continue;
+    }
+    it.entry.persisted = s.options.durable && s.options.durable->contains(it.entry.record.artifact_id);
+    out.fds.push_back(persistence::named_fd{it.entry.fd_name, std::move(*fd)});
+    resident.entries.push_back(std::move(it.entry));
+  }
+  out.state = persistence::encode_resident_state(resident);
+  return out;
+}
+
+engine::adopt_report engine::adopt_resident(const persistence::resident_state& resident,
+                                            std::vector<persistence::named_fd> fds) {
+  auto& s = *state_;
+  adopt_report report;
+  std::map<std::string, unique_fd> by_name;
+  for (auto& f : fds) by_name.try_emplace(f.name, std::move(f.fd));  // a second fd of a name is closed
+  struct adopted {
+    persistence::resident_entry entry;
+    std::shared_ptr<const memory::shared_memory> bytes;
+  };
+  std::vector<adopted> to_verify;
+  const auto refuse = [&](const std::string& id, const std::string& why) {
+    report.refused.push_back(id + ": " + why);
+    tensorreg::log(s.log, log_level::warn, "did not adopt artifact {}: {}", id, why);
+  };
+  // Least recently used first, so that the most recently used ends most recently used here too.
+  for (auto e = resident.entries.rbegin(); e != resident.entries.rend(); ++e) {
+    const auto& id = e->record.artifact_id;
+    unique_fd fd;
+    if (auto f = by_name.find(e->fd_name); f != by_name.end()) {
+      fd = std::move(f->second);
+      by_name.erase(f);
+    }
+    auto mapped = persistence::map_handed_memfd(*e, std::move(fd));
+    if (!mapped) {
+      refuse(id, mapped.error().message);
+      continue;
+    }
+    artifact_descriptor d;
+    d.artifact_id = id;
+    d.index_multihash = e->record.index_multihash;
+    d.data_multihash = e->record.data_multihash;
+    d.schema_version = e->record.schema_version;
+    d.encoding = e->record.encoding;
+    d.total_size = e->record.total_size;
+    d.id_kind = e->record.id_kind == "MI2" ? identity::id_kind::mi2 : identity::id_kind::cgid;
+    {
+      std::lock_guard lock(s.mutex);
+      if (s.catalogue.cache().contains(id)) {
+        refuse(id, "this daemon holds it already");
+        continue;
+      }
+      auto admitted = s.catalogue.cache().admit(id, d.total_size, *mapped, e->record.cache);
+      if (!admitted || !admitted->admitted) {
+        refuse(id, admitted ? admitted->skip_reason : admitted.error().message);
+        continue;
+      }
+      s.catalogue.add(d, e->index);
+      s.catalogue.note_stable_entry(id, e->owner_uid);
+    }
+    ++report.adopted;
+    report.adopted_bytes += d.total_size;
+    to_verify.push_back(adopted{*e, std::move(*mapped)});
+  }
+  adopt_leases(resident, by_name, report);
+  for (const auto& [name, fd] : by_name) {
+    tensorreg::log(s.log, log_level::debug, "closed handed-over fd '{}': no entry names it", name);
+  }
+  tensorreg::log(s.log, log_level::info,
+                 "adopted {} stable DRAM entries ({} bytes) and {} leases without a copy; refused {}", report.adopted,
+                 report.adopted_bytes, report.leases, report.refused.size());
+  if (to_verify.empty()) return report;
+  if (!s.adopt_pool) s.adopt_pool = std::make_unique<thread_pool>(1u);
+  s.adopted_unverified += to_verify.size();
+  s.adopt_pool->submit([&s, items = std::move(to_verify)] {
+    std::size_t bad = 0;
+    for (const auto& a : items) {
+      auto checked = persistence::verify_resident_bytes(a.entry, *a.bytes, &s.persist_cancel);
+      --s.adopted_unverified;
+      if (checked || checked.error().code == errc::cancelled) continue;
+      ++bad;
+      const auto& id = a.entry.record.artifact_id;
+      {
+        std::lock_guard lock(s.mutex);
+        // Only the adopted replica goes: a later put of the same id holds bytes checked at commit.
+        if (s.catalogue.cache().lookup(id) == a.bytes) {
+          s.catalogue.cache().remove(id);
+          s.catalogue.erase_if_empty(id);
+        }
+      }
+      tensorreg::log(s.log, log_level::error, "dropped adopted artifact {}: {}: {}", id,
+                     errc_name(checked.error().code), checked.error().message);
+    }
+    tensorreg::log(s.log, log_level::info, "re-hashed {} adopted artifacts: {} dropped", items.size(), bad);
+  });
+  return report;
+}
+
+// `seg` as segments whose sources are not segmented_views: a lease's view reads through the
+// view of its storages (normalized: PAD as zero), which reads the memory. Gaps read as zero at
+// every level, so the pieces that cover nothing are simply left out. False when nested deeper
+// than a lease's views ever are.
+static bool flatten_segment(const memory::segment& seg, std::vector<memory::segment>& out, int depth = 0) {
+  const auto* inner = dynamic_cast<const memory::segmented_view*>(seg.source);
+  if (inner == nullptr) {
+    out.push_back(seg);
+    return true;
+  }
+  if (depth > 4) return false;
+  const std::uint64_t begin = seg.source_offset, end = seg.source_offset + seg.length;
+  for (const auto& s : inner->segments()) {
+    const auto lo = std::max(begin, s.offset), hi = std::min(end, s.offset + s.length);
+    if (lo >= hi) continue;
+    const memory::segment part{seg.offset + (lo - begin), hi - lo, s.source, s.source_offset + (lo - s.offset)};
+    if (!flatten_segment(part, out, depth + 1)) return false;
+  }
+  return true;
+}
+
+// Leases of client memfds (HOST_SHARED regions) travel with the stable entries: the lease's
+// segments, and a duplicate fd of each memfd they read. A lease over any other memory (device
+// memory, a client's mapped file) is left out, and its artifact goes with the old daemon.
+status engine::export_leases(persistence::resident_state& resident, std::vector<persistence::named_fd>& fds) const {
+  auto& s = *state_;
+  std::lock_guard lock(s.mutex);
+  const auto now = s.time.now();
+  for (const auto& summary : s.catalogue.list()) {
+    if (summary.leases == 0) continue;
+    const auto& id = summary.descriptor.artifact_id;
+    auto* a = s.catalogue.find(id);
+    if (a == nullptr || a->quiesced) continue;
+    for (const auto& [registration_id, l] : a->leases) {
+      if (!l.view.bytes || !l.view.device_allocations.empty()) continue;
+      if (l.expires && *l.expires <= now) continue;
+      persistence::resident_lease out;
+      std::map<const memory::byte_source*, std::uint32_t> source_index;
+      std::vector<const memory::shared_memory*> memfds;
+      std::vector<memory::segment> flat;
+      bool carried = true;
+      for (const auto& seg : l.view.bytes->segments()) carried = carried && flatten_segment(seg, flat);
+      for (const auto& seg : flat) {
+        if (!carried) break;
+        const auto* memfd = dynamic_cast<const memory::shared_memory*>(seg.source);
+        if (memfd == nullptr) {
+          carried = false;
+          break;
+        }
+        auto [at, added] = source_index.emplace(seg.source, static_cast<std::uint32_t>(memfds.size()));
+        if (added) memfds.push_back(memfd);
+        out.segments.push_back({seg.offset, seg.length, at->second, seg.source_offset});
+      }
+      if (!carried) {
+        tensorreg::log(s.log, log_level::info, "lease {} of artifact {} is not handed on: its memory is not a memfd",
+                       registration_id, id);
+        continue;
+      }
+      std::vector<persistence::named_fd> lease_fds;
+      for (std::size_t k = 0; k < memfds.size(); ++k) {
+        auto fd = memfds[k]->duplicate_fd();
+        if (!fd) return tl::unexpected(std::move(fd).error());
+        const auto name = persistence::lease_source_name(registration_id, k);
+        out.sources.push_back({name, memfds[k]->size()});
+        lease_fds.push_back(persistence::named_fd{name, std::move(*fd)});
+      }
+      auto& r = out.artifact.record;
+      const auto& d = a->descriptor;
+      r.artifact_id = d.artifact_id;
+      r.id_kind = std::string(identity::id_kind_name(d.id_kind));
+      r.index_multihash = d.index_multihash;
+      r.data_multihash = d.data_multihash;
+      r.schema_version = d.schema_version;
+      r.encoding = d.encoding;
+      r.total_size = d.total_size;
+      out.artifact.index = a->index;
+      out.artifact.fd_name = persistence::fd_name_of(id);
+      out.registration_id = registration_id;
+      out.owner_pid = l.owner_pid;
+      out.device_id = l.device_id;
+      out.epoch = l.epoch;
+      if (l.expires) {
+        out.ttl_left_ms = static_cast<std::uint64_t>(
+            std::max<std::int64_t>(1, std::chrono::duration_cast<milliseconds>(*l.expires - now).count()));
+      }
+      resident.leases.push_back(std::move(out));
+      for (auto& f : lease_fds) fds.push_back(std::move(f));
+    }
+  }
+  return {};
+}
+
+void engine::adopt_leases(const persistence::resident_state& resident, std::map<std::string, unique_fd>& by_name,
+                          adopt_report& report) {
+  auto& s = *state_;
+  for (const auto& l : resident.leases) {
+    const auto& id = l.artifact.record.artifact_id;
+    const auto refuse = [&](const std::string& why) {
+      report.refused.push_back("lease " + l.registration_id + " of " + id + ": " + why);
+      tensorreg::log(s.log, log_level::warn, "did not adopt lease {} of artifact {}: {}", l.registration_id, id, why);
+    };
+    std::vector<std::shared_ptr<const memory::byte_source>> sources;
+    std::string problem;
+    for (const auto& src : l.sources) {
+      unique_fd fd;
+      if (auto f = by_name.find(src.fd_name); f != by_name.end()) {
+        fd = std::move(f->second);
+        by_name.erase(f);
+      }
+      if (!fd) {
+        problem = "no fd arrived for its source " + src.fd_name;
+        break;
+      }
+      // Client memory: sealed against shrinking (as a region must be), not against writes.
+      auto mapped = memory::shared_memory::adopt_sealed(std::move(fd), src.size);
+      if (!mapped) {
+        problem = mapped.error().message;
+        break;
+      }
+      sources.push_back(std::make_shared<const memory::shared_memory>(std::move(*mapped)));
+    }
+    if (!problem.empty()) {
+      refuse(problem);
+      continue;
+    }
+    std::vector<memory::segment> segments;
+    for (const auto& seg : l.segments) {
+      segments.push_back({seg.offset, seg.length, sources[seg.source].get(), seg.source_offset});
+    }
+    auto view = memory::segmented_view::create(l.artifact.record.total_size, std::move(segments));
+    if (!view) {
+      refuse(view.error().message);
+      continue;
+    }
+    artifact_descriptor d;
+    d.artifact_id = id;
+    d.index_multihash = l.artifact.record.index_multihash;
+    d.data_multihash = l.artifact.record.data_multihash;
+    d.schema_version = l.artifact.record.schema_version;
+    d.encoding = l.artifact.record.encoding;
+    d.total_size = l.artifact.record.total_size;
+    d.id_kind = l.artifact.record.id_kind == "MI2" ? identity::id_kind::mi2 : identity::id_kind::cgid;
+    {
+      std::lock_guard lock(s.mutex);
+      if (s.catalogue.holds_registration(l.registration_id)) {
+        refuse("this daemon holds that registration already");
+        continue;
+      }
+      auto* held = s.catalogue.find(id);
+      if (held != nullptr && held->quiesced) {
+        refuse("the artifact is being deregistered");
+        continue;
+      }
+      auto& a = held != nullptr ? *held : s.catalogue.add(d, l.artifact.index);
+      detail::lease lease;
+      lease.registration_id = l.registration_id;
+      lease.owner_pid = l.owner_pid;
+      lease.device_id = l.device_id;
+      lease.epoch = l.epoch;
+      if (l.ttl_left_ms) lease.expires = s.time.now() + milliseconds(*l.ttl_left_ms);
+      lease.view.bytes = std::make_shared<const memory::segmented_view>(std::move(*view));
+      lease.view.keep_alive = std::move(sources);
+      s.catalogue.add_lease(a, std::move(lease));
+    }
+    // Its owner's exit releases it here too; an owner already gone is released now.
+    if (auto watched = s.watch_owner(l.owner_pid); !watched) {
+      {
+        std::lock_guard lock(s.mutex);
+        (void)s.catalogue.revoke(l.registration_id);
+        s.catalogue.erase_if_empty(id);
+      }
+      refuse("its owner pid " + std::to_string(l.owner_pid) + " cannot be watched: " + watched.error().message);
+      continue;
+    }
+    ++report.leases;
+  }
+}
+
+std::size_t engine::adopted_unverified() const { return state_->adopted_unverified.load(); }
+
+std::uint64_t engine::resident_generation() const {
+  std::lock_guard lock(state_->mutex);
+  return state_->catalogue.cache().stats().changes + state_->catalogue.lease_changes();
+}
 
 }  // namespace tensorreg::registration

@@ -81,6 +81,7 @@ void stable_dram_cache::evict_locked(const std::vector<lru_list::iterator>& vict
     report.push_back(evicted_entry{it->key, it->info.size_bytes, reason});
     drop.push_back(std::move(it->replica));
     bytes_used_ -= it->info.size_bytes;
+    ++changes_;
     evicted_bytes_ += it->info.size_bytes;
     ++evictions_;
     index_.erase(index_.find(std::string_view(it->key)));
@@ -219,6 +220,7 @@ result<admit_outcome> stable_dram_cache::admit(std::string_view key, std::uint64
     lru_.push_front(std::move(e));
     index_.emplace(lru_.front().key, lru_.begin());
     bytes_used_ += size_bytes;
+    ++changes_;
     consume_reservation();
     outcome.admitted = true;
   }
@@ -232,6 +234,14 @@ std::shared_ptr<const memory::byte_source> stable_dram_cache::lookup(std::string
   if (found == index_.end()) return nullptr;
   lru_.splice(lru_.begin(), lru_, found->second);
   return found->second->replica;
+}
+
+std::vector<std::pair<std::string, std::shared_ptr<const memory::byte_source>>> stable_dram_cache::entries() const {
+  std::lock_guard lock(mutex_);
+  std::vector<std::pair<std::string, std::shared_ptr<const memory::byte_source>>> out;
+  out.reserve(lru_.size());
+  for (const auto& e : lru_) out.emplace_back(e.key, e.replica);
+  return out;
 }
 
 bool stable_dram_cache::contains(std::string_view key) const {
@@ -260,6 +270,7 @@ bool stable_dram_cache::remove(std::string_view key) {
   const auto it = found->second;
   drop = std::move(it->replica);
   bytes_used_ -= it->info.size_bytes;
+  ++changes_;
   index_.erase(found);
   lru_.erase(it);
   return true;
@@ -318,7 +329,7 @@ void stable_dram_cache::unreserve(std::uint64_t bytes) noexcept {
 
 cache_stats stable_dram_cache::stats() const {
   std::lock_guard lock(mutex_);
-  return cache_stats{index_.size(), bytes_used_, budget_, evictions_, evicted_bytes_, reserved_};
+  return cache_stats{index_.size(), bytes_used_, budget_, evictions_, evicted_bytes_, reserved_, changes_};
 }
 
 // ---- budget_reservation ----------------------------------------------------------------------

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "support/daemon_process.hpp"
+#include "tensorreg/client/weight_sync.hpp"
 #include "tensorreg/common/thread_pool.hpp"
 #include "tensorreg/identity/content_id.hpp"
 #include "tensorreg/index/canonical_index.hpp"
@@ -117,4 +118,66 @@ TEST_CASE("client register_cuda: a storage that runs past its allocation is DATA
   REQUIRE(stats);
   CHECK(stats->pending_registrations == 0);
   CHECK(stats->regions == 0);
+}
+
+TEST_CASE("client register_cuda: hash_in_background answers before the hash, the mi2 id follows and is an alias",
+          "[cuda][client][background_hash]") {
+  testing::daemon_process d;
+  auto conn = client::connection::connect(d.socket_path());
+  REQUIRE(conn);
+  device_block weights(8 << 20, 9);  // two 4 MiB leaves
+  const std::vector<cuda_tensor> tensors = {
+      {"w", weights.at(0), 8 << 20, "torch.bfloat16", {4096, 1024}, {1024, 1}, 0},
+  };
+  client::cuda_register_options o;
+  o.client_artifact_id = "cgid:gpu-bg~1";
+  o.hash_in_background = true;
+  auto held = conn->register_cuda(tensors, o);
+  REQUIRE(held);
+  CHECK(held->info().descriptor.artifact_id == "cgid:gpu-bg~1");
+  CHECK(held->info().hash != client::hash_state::none);
+  auto by_cgid = conn->open_device("cgid:gpu-bg~1");  // usable whether or not the hash is done
+  REQUIRE(by_cgid);
+  auto st = conn->wait_artifact_hash("cgid:gpu-bg~1");
+  REQUIRE(st);
+  CHECK(st->state == client::hash_state::done);
+  CHECK(st->mi2_id == offline_id(tensors));  // the GPU or host hash gives the mi2 of a normal commit
+  auto by_mi2 = conn->open_device(st->mi2_id);
+  REQUIRE(by_mi2);
+  CHECK(by_mi2->descriptor.artifact_id == "cgid:gpu-bg~1");
+  REQUIRE(held->release());
+  auto gone = conn->wait_artifact_hash(st->mi2_id);
+  REQUIRE_FALSE(gone);
+  CHECK(gone.error().code == errc::not_found);
+}
+
+TEST_CASE("weight sync on a GPU: in-place versions, each verified before the next write",
+          "[cuda][client][weight_sync]") {
+  testing::daemon_process d;
+  auto producer_conn = client::connection::connect(d.socket_path());
+  auto consumer_conn = client::connection::connect(d.socket_path());
+  REQUIRE(producer_conn);
+  REQUIRE(consumer_conn);
+  device_block weights(4 << 20, 1);
+  const std::vector<cuda_tensor> tensors = {
+      {"w", weights.at(0), 4 << 20, "torch.float32", {1024, 1024}, {1024, 1}, 0},
+  };
+  auto producer = client::weight_sync_producer::create(std::move(*producer_conn), "gpu-test");
+  auto consumer = client::weight_sync_consumer::create(std::move(*consumer_conn), "gpu-test");
+  REQUIRE(producer);
+  REQUIRE(consumer);
+  for (int step = 1; step <= 3; ++step) {
+    auto hashed = step > 1 ? producer->wait_hashed() : result<std::string>(std::string());
+    REQUIRE(hashed);  // the previous version's id is of its bytes: only now write again
+    REQUIRE(cudaMemset(weights.ptr, step, 4 << 20) == cudaSuccess);
+    REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
+    auto v = producer->publish(tensors);
+    REQUIRE(v);
+    CHECK(v->k == static_cast<std::uint64_t>(step));
+    auto seen = consumer->wait_for(v->k, std::chrono::milliseconds(5000));
+    REQUIRE(seen);
+    auto verified = consumer->wait_verified(*seen);
+    REQUIRE(verified);
+    CHECK(*verified == offline_id(tensors));
+  }
 }

@@ -109,3 +109,13 @@ TEST_CASE("tensorregd: --persist-dir that is a symbolic link is refused with exi
   CHECK_THAT(d.output(), Catch::Contains("cannot use persist directory '" + persist + "': it is a symbolic link"));
   CHECK_FALSE(std::filesystem::exists(dir.path() / "d.sock"));
 }
+
+TEST_CASE("tensorregd: an --io-rt-priority past 99 exits 2 naming the value", "[daemon][e2e]") {
+  tensorreg::testing::temp_dir dir;
+  daemon_process d((dir.path() / "d.sock").string(), {"--io-rt-priority", "100"}, false);
+  const auto code = d.wait_exit();
+  REQUIRE(code);
+  CHECK(*code == 2);
+  CHECK_THAT(d.output(), Catch::Contains("tensorregd: --io-rt-priority needs a number from 0 to 99, got '100'"));
+  CHECK_FALSE(std::filesystem::exists(dir.path() / "d.sock"));
+}

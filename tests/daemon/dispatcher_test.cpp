@@ -1183,3 +1183,96 @@ TEST_CASE("dispatcher: lane_of sends cheap requests to immediate or control, Fee
   bodiless.set_request_id(5);
   CHECK(lane(bodiless) == request_lane::work);
 }
+
+// ---- background hash (registration.md §4.8) --------------------------------------------------
+
+namespace {
+
+// A stable_dram put of the artifact under `cgid` in one chunk, committed with
+// hash_in_background; returns the commit answer.
+answer put_cgid_in_background(harness& h, const std::string& cgid) {
+  auto begin = begin_stable(h);
+  begin.mutable_begin_register_artifact()->set_client_artifact_id(cgid);
+  const auto id = h.ok(begin).response.begin_register_artifact().registration_id();
+  auto f = feed_frame(0, id);
+  f.mutable_feed_register_artifact_stream()->mutable_view_chunk()->set_data(artifact_bytes());
+  feed_all(h, {f});
+  auto c = commit(h, id);
+  c.mutable_commit_registered_artifact()->set_hash_in_background(true);
+  return h.call(c);
+}
+
+wire::Request wait_hash(harness& h, const std::string& artifact_id, std::uint32_t timeout_ms) {
+  auto r = h.request();
+  r.mutable_wait_artifact_hash()->set_artifact_id(artifact_id);
+  r.mutable_wait_artifact_hash()->set_timeout_ms(timeout_ms);
+  return r;
+}
+
+}  // namespace
+
+TEST_CASE("dispatcher: a commit with hash_in_background answers HASH_PENDING and WaitArtifactHash the mi2 id",
+          "[daemon][dispatcher][background_hash]") {
+  harness h;
+  auto committed = put_cgid_in_background(h, "cgid:dispatch~1");
+  REQUIRE(committed.response.status().code() == 0);
+  const auto& c = committed.response.commit_registered_artifact();
+  CHECK(c.artifact_descriptor().artifact_id() == "cgid:dispatch~1");
+  CHECK(c.hash_state() == v2::HASH_PENDING);
+
+  auto waited = h.ok(wait_hash(h, "cgid:dispatch~1", 0)).response.wait_artifact_hash();
+  CHECK(waited.hash_state() == v2::HASH_DONE);
+  CHECK(waited.message().empty());
+  // The id a plain put of the same bytes gets.
+  harness plain;
+  const auto mi2 = put_chunks(plain, 24).artifact_descriptor();
+  CHECK(waited.mi2_id() == mi2.artifact_id());
+  CHECK(waited.data_multihash() == mi2.data_multihash());
+
+  // ListArtifacts shows it; GetArtifactIndexById by the mi2 id reaches the cgid artifact.
+  auto listed = h.request();
+  listed.mutable_list_artifacts();
+  auto list = h.ok(listed).response.list_artifacts();
+  REQUIRE(list.artifacts_size() == 1);
+  CHECK(list.artifacts(0).verified_id() == mi2.artifact_id());
+  CHECK(list.artifacts(0).hash_state() == v2::HASH_DONE);
+  auto by_mi2 = h.request();
+  by_mi2.mutable_get_artifact_index_by_id()->set_artifact_id(mi2.artifact_id());
+  auto index = h.ok(by_mi2).response.get_artifact_index_by_id();
+  CHECK(index.artifact_descriptor().artifact_id() == "cgid:dispatch~1");
+  CHECK(index.tensor_index_data() == index_json());
+}
+
+TEST_CASE("dispatcher: hash_in_background without a cgid is INVALID_ARGUMENT",
+          "[daemon][dispatcher][background_hash]") {
+  harness h;
+  const auto id = begin_stable_id(h);
+  auto c = commit(h, id);
+  c.mutable_commit_registered_artifact()->set_hash_in_background(true);
+  check_status(h.call(c), errc::invalid_argument,
+               "cannot commit registration '" + id +
+                   "': hash_in_background needs a client_artifact_id (a cgid): an mi2 id is the hash itself, so its "
+                   "commit must compute it");
+}
+
+TEST_CASE("dispatcher: WaitArtifactHash of an unknown artifact is NOT_FOUND, of a plain cgid HASH_NONE",
+          "[daemon][dispatcher][background_hash]") {
+  harness h;
+  check_status(h.call(wait_hash(h, "cgid:nothing-here", 5)), errc::not_found,
+               "cannot wait for the hash of cgid:nothing-here: no such artifact");
+  auto begin = begin_stable(h);
+  begin.mutable_begin_register_artifact()->set_client_artifact_id("cgid:dispatch~plain");
+  const auto id = h.ok(begin).response.begin_register_artifact().registration_id();
+  auto f = feed_frame(0, id);
+  f.mutable_feed_register_artifact_stream()->mutable_view_chunk()->set_data(artifact_bytes());
+  feed_all(h, {f});
+  CHECK(h.ok(commit(h, id)).response.commit_registered_artifact().hash_state() == v2::HASH_NONE);
+  auto none = h.ok(wait_hash(h, "cgid:dispatch~plain", 5)).response.wait_artifact_hash();
+  CHECK(none.hash_state() == v2::HASH_NONE);
+  CHECK(none.mi2_id().empty());
+
+  using tensorreg::daemon::request_lane;
+  const auto [lane, request_id] = dispatcher::lane_of(frame_in{wait_hash(h, "x", 0).SerializeAsString(), {}});
+  CHECK(lane == request_lane::work);  // it waits
+  CHECK(request_id > 0);
+}

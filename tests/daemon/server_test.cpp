@@ -6,13 +6,20 @@
 
 #include <catch2/catch.hpp>
 
+#include <fmt/core.h>
 #include <poll.h>
+#include <sched.h>
 #include <signal.h>
 #include <spawn.h>
+#include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
+#include <cerrno>
+#include <filesystem>
+#include <map>
 #include <optional>
 #include <string>
 #include <thread>
@@ -261,4 +268,123 @@ TEST_CASE("server: past --max-in-flight a connection is read no further until an
   CHECK(second->request_id() == 2);
   CHECK(second->status().code() == 0);
   CHECK(second->get_stats().pending_registrations() == 0);
+}
+
+namespace {
+
+// Whether this process may make a thread SCHED_FIFO: a daemon started by it may then too (the
+// same credentials and limits). Tried on a thread of its own, which ends at once.
+bool may_run_fifo() {
+  bool allowed = false;
+  std::thread([&] {
+    sched_param param{};
+    param.sched_priority = 1;
+    allowed = ::sched_setscheduler(0, SCHED_FIFO, &param) == 0;
+  }).join();
+  return allowed;
+}
+
+// The scheduling policy of each thread of `pid`, by thread id (SCHED_RESET_ON_FORK included).
+std::map<pid_t, int> policies_of(pid_t pid) {
+  std::map<pid_t, int> out;
+  for (const auto& task : std::filesystem::directory_iterator(fmt::format("/proc/{}/task", pid))) {
+    const auto tid = static_cast<pid_t>(std::stol(task.path().filename().string()));
+    out[tid] = ::sched_getscheduler(tid);
+  }
+  return out;
+}
+
+// One GetStats round trip: once it is answered, the I/O thread has set its own scheduling.
+void one_stats(const daemon_process& d) {
+  auto c = raw_client::connect(d.socket_path());
+  REQUIRE(c);
+  auto stats = (*c)->call(wc::stats_request());
+  REQUIRE(stats);
+  CHECK(stats->response.status().code() == 0);
+}
+
+}  // namespace
+
+TEST_CASE("server: the I/O thread runs SCHED_FIFO when the daemon may set it, its other threads do not",
+          "[daemon][server]") {
+  daemon_process d({"--log-level", "debug"});
+  one_stats(d);
+  const auto policies = policies_of(d.pid());
+  REQUIRE(policies.size() > 2);
+  // The I/O thread is the daemon's main thread: server::run() is called from main().
+  const int io = policies.at(d.pid());
+  if (may_run_fifo()) {
+    CHECK(io == (SCHED_FIFO | SCHED_RESET_ON_FORK));
+    CHECK_THAT(d.output(), Catch::Contains("the I/O thread runs SCHED_FIFO at priority 1"));
+  } else {
+    CHECK(io == SCHED_OTHER);
+    CHECK_THAT(d.output(), Catch::Contains("the I/O thread cannot run SCHED_FIFO at priority 1"));
+  }
+  for (const auto& [tid, policy] : policies) {
+    if (tid == d.pid()) continue;
+    INFO("thread " << tid);
+    CHECK(policy == SCHED_OTHER);
+  }
+}
+
+TEST_CASE("server: with --io-rt-priority 0 the I/O thread stays fair-share, at nice -10 when allowed",
+          "[daemon][server]") {
+  daemon_process d({"--io-rt-priority", "0", "--log-level", "debug"});
+  one_stats(d);
+  const auto policies = policies_of(d.pid());
+  for (const auto& [tid, policy] : policies) {
+    INFO("thread " << tid);
+    CHECK(policy == SCHED_OTHER);
+  }
+  CHECK_THAT(d.output(), !Catch::Contains("SCHED_FIFO"));
+  errno = 0;
+  const int nice = ::getpriority(PRIO_PROCESS, static_cast<id_t>(d.pid()));
+  REQUIRE(errno == 0);
+  if (may_run_fifo()) {  // CAP_SYS_NICE: a lower nice value is allowed too
+    CHECK(nice == -10);
+  } else {
+    CHECK(nice == ::getpriority(PRIO_PROCESS, 0));
+    CHECK_THAT(d.output(), Catch::Contains("the I/O thread keeps its nice value (asked -10)"));
+  }
+}
+
+TEST_CASE("server: answers finished on the pools together all reach their connections", "[daemon][server]") {
+  // Work (Commit) and control (List) requests of four connections, pipelined up to the in-flight
+  // limit, finish on the pools at about the same time: each answer must come back to its own
+  // connection once, with its own id and status.
+  daemon_process d;
+  constexpr int kConnections = 4;
+  constexpr std::uint64_t kPerConnection = 64;
+  std::vector<unique_fd> fds;
+  for (int c = 0; c < kConnections; ++c) {
+    auto fd = connect_unix(d.socket_path());
+    REQUIRE(fd);
+    fds.push_back(std::move(*fd));
+  }
+  for (std::uint64_t id = 1; id <= kPerConnection; ++id) {
+    for (auto& fd : fds) {
+      send_request(fd.get(),
+                   id % 2 == 0 ? with_id(wc::commit_request("reg_nobody_began"), id) : with_id(wc::list_request(), id));
+    }
+  }
+  for (auto& fd : fds) {
+    answer_reader answers(fd.get());
+    std::vector<int> seen(kPerConnection + 1, 0);
+    for (std::uint64_t n = 0; n < kPerConnection; ++n) {
+      auto a = answers.next();
+      REQUIRE(a);
+      const auto id = a->request_id();
+      REQUIRE((id >= 1 && id <= kPerConnection));
+      ++seen[id];
+      if (id % 2 == 0) {
+        CHECK(a->status().code() == static_cast<int>(errc::not_found));
+        CHECK_THAT(a->status().message(), Catch::Contains("reg_nobody_began"));
+      } else {
+        CHECK(a->status().code() == 0);
+        CHECK(a->has_list_artifacts());
+      }
+    }
+    CHECK(std::count(seen.begin() + 1, seen.end(), 1) == static_cast<long>(kPerConnection));
+    CHECK_FALSE(readable(fd.get()));  // nothing more: no answer came twice
+  }
 }

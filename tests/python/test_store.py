@@ -5,6 +5,7 @@ puts, register (lease-in-place) with keepalive and revoke, errors, and ids that 
 import gc
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -248,6 +249,40 @@ class StoreTest(unittest.TestCase):
             self.assertEqual(art.artifact_id, "cgid:python-client-test")
             self.assertEqual(art.descriptor["id_kind"], "ARTIFACT_ID_KIND_CGID")
 
+    # ---- background hash (docs/registration.md §4.8) ----
+
+    def test_hash_in_background_gives_the_put_mi2_id_later_and_an_alias(self):
+        sd = sample_state_dict(21)
+        with self.store.register(sd, client_artifact_id="cgid:python-bg~1", hash_in_background=True) as art:
+            self.assertEqual(art.artifact_id, "cgid:python-bg~1")
+            # Usable by its cgid whether or not the hash is done.
+            self.assertIn("leased", self.tiers_of("cgid:python-bg~1"))
+            state, mi2_id = self.store.wait_hash("cgid:python-bg~1")
+            self.assertEqual(state, "done")
+            self.assertEqual(mi2_id, self.store.put(sd).artifact_id)
+            listed = [a for a in self.store.list() if a["artifact_id"] == "cgid:python-bg~1"]
+            self.assertEqual(listed[0]["verified_id"], mi2_id)
+            # The mi2 id names the same artifact while it lives, and answers done itself.
+            self.assertEqual(self.store.wait_hash(mi2_id), ("done", mi2_id))
+        with self.assertRaises(tensorreg.NotFound) as ctx:
+            self.store.wait_hash("cgid:python-bg~1", timeout=0.01)
+        self.assertEqual(ctx.exception.message, "cannot wait for the hash of cgid:python-bg~1: no such artifact")
+
+    def test_hash_in_background_needs_a_client_artifact_id(self):
+        before = self.store.stats()["leases"]
+        with self.assertRaises(tensorreg.InvalidArgument) as ctx:
+            self.store.register({"x": torch.ones(4)}, hash_in_background=True)
+        self.assertIn("hash_in_background needs a client_artifact_id (a cgid)", ctx.exception.message)
+        self.assertEqual(self.store.stats()["leases"], before)
+
+    def test_wait_hash_of_a_plain_cgid_is_none_and_a_bad_timeout_is_invalid(self):
+        with self.store.register({"p": torch.ones(2)}, client_artifact_id="cgid:python-bg~plain"):
+            self.assertEqual(self.store.wait_hash("cgid:python-bg~plain", timeout=0), ("none", ""))
+            with self.assertRaises(tensorreg.InvalidArgument) as ctx:
+                self.store.wait_hash("cgid:python-bg~plain", timeout=-1)
+            self.assertEqual(ctx.exception.message, "cannot wait for the hash of cgid:python-bg~plain: timeout -1 is "
+                             "not a number of seconds >= 0")
+
     # ---- bad input ----
 
     def test_an_unsupported_dtype_is_invalid_and_nothing_is_sent(self):
@@ -286,6 +321,89 @@ class StoreTest(unittest.TestCase):
             self.assertIn("pending_registrations", store.stats())
         finally:
             store.close()
+            other.stop()
+
+    def test_an_idempotent_call_cut_off_is_retried_once_and_others_are_not(self):
+        import socket
+        import struct
+
+        from tensorreg import _messages, _wire
+        d = tempfile.mkdtemp(prefix="tensorreg-py-fake-")
+        path = os.path.join(d, "fake.sock")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(path)
+        listener.listen(8)
+        seen = []
+
+        def read_request(conn):
+            n = struct.unpack("<I", conn.recv(4, socket.MSG_WAITALL))[0]
+            request = _messages.Request()
+            request.ParseFromString(conn.recv(n, socket.MSG_WAITALL))
+            seen.append(request.WhichOneof("body"))
+            return request
+
+        def serve():
+            first, _ = listener.accept()
+            read_request(first)
+            first.close()  # cut off: no answer (a daemon handing over, or dying)
+            second, _ = listener.accept()
+            request = read_request(second)
+            answer = _messages.Response()
+            answer.request_id = request.request_id
+            answer.get_stats.SetInParent()
+            payload = answer.SerializeToString()
+            second.sendall(struct.pack("<I", len(payload)) + payload)
+            read_request(second)
+            second.close()  # cut off again, under a call that changes things
+
+        server = threading.Thread(target=serve)
+        server.start()
+        conn = _wire.Connection(path)
+        try:
+            stats = _messages.Request()
+            stats.get_stats.SetInParent()
+            response, _ = conn.call(stats)
+            self.assertEqual(response.WhichOneof("body"), "get_stats")
+            begin = _messages.Request()
+            begin.begin_register_artifact.SetInParent()
+            with self.assertRaises(tensorreg.Unavailable) as ctx:
+                conn.call(begin)
+            self.assertIn("begin_register_artifact is not idempotent and was not retried: it may or may not have "
+                          "taken effect", ctx.exception.message)
+        finally:
+            conn.close()
+            server.join()
+            listener.close()
+            shutil.rmtree(d, ignore_errors=True)
+        self.assertEqual(seen, ["get_stats", "get_stats", "begin_register_artifact"])
+
+    def test_a_takeover_keeps_the_artifacts_and_a_get_reconnects(self):
+        other = _support.Daemon()
+        store = tensorreg.Store(other.socket)
+        successor = None
+        try:
+            sd = sample_state_dict(7)
+            art = store.put(sd)
+            successor = subprocess.Popen([_support.PATHS["daemon"], "--socket", other.socket, "--takeover",
+                                          "--log-level", "warn"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                         text=True)
+            seen = []
+            while True:
+                line = successor.stdout.readline()
+                seen.append(line)
+                if "ready" in line or not line:
+                    break
+            self.assertIn("ready", "".join(seen))
+            threading.Thread(target=successor.stdout.read, daemon=True).start()
+            self.assertEqual(other.proc.wait(timeout=10), 0)  # the old daemon handed over and left
+            got = store.get(art.artifact_id)
+            for name, t in sd.items():
+                self.assertTrue(torch.equal(got[name], t), name)
+        finally:
+            store.close()
+            if successor is not None and successor.poll() is None:
+                successor.terminate()
+                successor.wait(timeout=10)
             other.stop()
 
     # ---- identity ----

@@ -379,7 +379,7 @@ class RegistrarTest(WithDaemon):
             self.assertEqual(sorted(got), sorted(sd))
             for name, t in sd.items():
                 self.assertTrue(torch.equal(got[name], t), name)
-            self.assertEqual(reg.counts, {"full": 3, "fast": 0, "regions_registered": 2, "regions_reused": 0,
+            self.assertEqual(reg.counts, {"full": 3, "fast": 0, "regions_registered": 2, "regions_reused": 1,
                                           "regions_released": 1})
 
     def test_an_unchanged_registration_gives_the_put_id_of_the_same_bytes(self):
@@ -481,6 +481,19 @@ class WeightSyncTest(WithDaemon):
         with self.assertRaises(tensorreg.NotFound) as ctx:
             tensorreg.WeightSubscriber(self.store, "nobody", device="cpu").tensors()
         self.assertEqual(ctx.exception.message, "cannot read weights of 'nobody': no version is published")
+
+    def test_a_verified_version_gets_the_mi2_id_of_its_bytes_on_both_sides(self):
+        sd = model(11)
+        with tensorreg.WeightPublisher(self.store, "policy-e", policy="warm") as pub:
+            sub = tensorreg.WeightSubscriber(self.store, "policy-e", device="cpu")
+            for expect_reused in (False, True):
+                for t in sd.values():
+                    t.add_(1)
+                v = pub.publish(sd, verify=True)
+                self.assertEqual(v.timings["reused"], expect_reused)
+                mi2 = v.mi2(timeout=30)
+                self.assertEqual(mi2, self.store.put(sd).artifact_id)
+                self.assertEqual(sub.verified(v.number, timeout=30), mi2)
 
     def test_a_version_published_without_verify_has_no_mi2_to_wait_for(self):
         with tensorreg.WeightPublisher(self.store, "policy-d", policy="warm") as pub:

@@ -34,7 +34,12 @@ daemon_process::daemon_process(std::vector<std::string> extra_args, stderr_to wh
   start(std::move(extra_args), true);
 }
 
-void daemon_process::start(std::vector<std::string> extra_args, bool expect_ready) {
+daemon_process::daemon_process(std::string socket_path, std::vector<std::string> extra_args, listen_fds passed)
+    : socket_(std::move(socket_path)) {
+  start(std::move(extra_args), true, &passed);
+}
+
+void daemon_process::start(std::vector<std::string> extra_args, bool expect_ready, const listen_fds* passed) {
   log_ = dir_.path() / "daemon.log";
   if (err_log_.empty()) err_log_ = log_;
   // $TENSORREGD overrides the built path (binaries carried to another machine).
@@ -48,6 +53,19 @@ void daemon_process::start(std::vector<std::string> extra_args, bool expect_read
     const int fd = ::open(log_.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
     ::dup2(fd, 1);
     ::dup2(err_log_ == log_ ? fd : ::open(err_log_.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600), 2);
+    if (passed != nullptr) {
+      // Out of the way first (a passed fd may sit where another is going), then to 3, 4, ….
+      std::vector<int> high;
+      for (int f : passed->fds) high.push_back(::fcntl(f, F_DUPFD_CLOEXEC, 1000));
+      std::string names;
+      for (std::size_t i = 0; i < high.size(); ++i) {
+        ::dup2(high[i], 3 + static_cast<int>(i));  // dup2 clears close-on-exec
+        names += (i == 0 ? "" : ":") + passed->names[i];
+      }
+      ::setenv("LISTEN_FDS", std::to_string(high.size()).c_str(), 1);
+      ::setenv("LISTEN_FDNAMES", names.c_str(), 1);
+      ::setenv("LISTEN_PID", std::to_string(::getpid()).c_str(), 1);
+    }
     std::vector<char*> argv;
     for (auto& a : args) argv.push_back(a.data());
     argv.push_back(nullptr);
@@ -57,7 +75,8 @@ void daemon_process::start(std::vector<std::string> extra_args, bool expect_read
   if (!expect_ready) return;
   const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(10);
   while (std::chrono::steady_clock::now() < give_up) {
-    if (output().find("ready") != std::string::npos) return;
+    // The daemon's own line, not any word that contains "ready" ("already …" in an error).
+    if (output().find("tensorregd: ready on ") != std::string::npos) return;
     int status = 0;
     if (::waitpid(pid_, &status, WNOHANG) == pid_) {
       pid_ = -1;

@@ -29,6 +29,14 @@ class daemon_process {
   enum class stderr_to { output, own_file };
   /// Starts one like the first constructor, its stderr to `where`.
   daemon_process(std::vector<std::string> extra_args, stderr_to where);
+  /// What a service manager hands a daemon it (re)starts: fds at 3, 4, … with LISTEN_FDS,
+  /// LISTEN_FDNAMES (names joined by ':') and LISTEN_PID set to the child's pid (sd_listen_fds(3)).
+  struct listen_fds {
+    std::vector<int> fds;  ///< the test's; duplicated into the child
+    std::vector<std::string> names;
+  };
+  /// Starts one on `socket_path` with `passed` as a service manager would pass them.
+  daemon_process(std::string socket_path, std::vector<std::string> extra_args, listen_fds passed);
   ~daemon_process();
   daemon_process(const daemon_process&) = delete;
   daemon_process& operator=(const daemon_process&) = delete;
@@ -46,7 +54,7 @@ class daemon_process {
   std::optional<int> wait_exit();
 
  private:
-  void start(std::vector<std::string> extra_args, bool expect_ready);
+  void start(std::vector<std::string> extra_args, bool expect_ready, const listen_fds* passed = nullptr);
 
   temp_dir dir_;
   std::string socket_;

@@ -27,6 +27,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -40,6 +41,7 @@
 #include "tensorreg/common/unique_fd.hpp"
 #include "tensorreg/index/canonical_index.hpp"
 #include "tensorreg/persistence/durable_store.hpp"
+#include "tensorreg/persistence/resident_state.hpp"
 #include "tensorreg/persistence/task_table.hpp"
 #include "tensorreg/registration/device_memory.hpp"
 #include "tensorreg/registration/types.hpp"
@@ -124,6 +126,22 @@ class engine {
   /// exception from the commit's work). The registration is gone afterwards unless the error
   /// is one a client can fix by feeding more (FAILED_PRECONDITION for missing payloads).
   [[nodiscard]] result<commit_response> commit(const std::string& registration_id);
+  /// commit() with options. `hash_in_background` (registration.md §4.8): the answer comes once
+  /// the artifact is committed and usable, with hash = pending, and its data hash is computed
+  /// afterwards on the hash pool (wait_artifact_hash answers it). The owner must not write the
+  /// leased bytes until the hash is done.
+  /// Errors: as commit(); INVALID_ARGUMENT (hash_in_background for a registration without a
+  /// cgid; the registration stays open).
+  [[nodiscard]] result<commit_response> commit(const std::string& registration_id, const commit_options& options);
+
+  /// Waits up to `timeout` (0 = no limit) for the background hash of a cgid artifact, named by
+  /// its cgid or by the mi2 id the hash found (registration.md §4.8). A timeout answers pending;
+  /// a hash cancelled (lease revoked or expired, owner exited, deregistered, engine stopping)
+  /// answers failed with the reason, also for a while after the artifact is gone. An artifact
+  /// without a background hash answers none (cgid) or done with its own id (mi2).
+  /// Errors: NOT_FOUND (unknown artifact).
+  [[nodiscard]] result<hash_status> wait_artifact_hash(const std::string& artifact_id,
+                                                       std::chrono::milliseconds timeout) const;
 
   /// Cancels a pending registration and releases what it held (§4.6; DECISIONS §5.6).
   /// Errors: NOT_FOUND.
@@ -213,6 +231,42 @@ class engine {
   [[nodiscard]] result<persistence::task_status> wait_persistence(const std::string& task_id,
                                                                   std::chrono::milliseconds timeout) const;
 
+  // ---- resident memory across restarts (docs/architecture.md §14.2) ----
+
+  /// The stable DRAM entries, for a successor daemon: the catalogue's bytes and a read-only fd
+  /// of each entry's memfd (persistence/resident_state.hpp); and the leases whose memory is all
+  /// in memfds (HOST_SHARED regions), with a duplicate fd of each. Joins, regions, GPU replicas,
+  /// leases of other memory and pending registrations are not in it. Entries whose replica is
+  /// not a sealed memfd are left out (logged). Errors: RESOURCE_EXHAUSTED / INTERNAL (out of fds).
+  [[nodiscard]] result<persistence::resident_export> export_resident() const;
+
+  /// What adopt_resident() did.
+  struct adopt_report {
+    std::size_t adopted = 0;
+    std::uint64_t adopted_bytes = 0;
+    std::size_t leases = 0;  ///< leases of client memfds re-established
+    /// "<artifact id>: <reason>" for each entry refused (a memfd missing, unsealed or of the
+    /// wrong size; the cache budget).
+    std::vector<std::string> refused;
+  };
+  /// Takes over a predecessor's stable DRAM entries without copying a byte: each named memfd
+  /// is checked (persistence::map_handed_memfd()), mapped and admitted with its entry's policy
+  /// and owner uid. Each lease is re-established over its memfds (sealed against shrinking) with
+  /// its registration id, owner (watched again), epoch and the TTL it had left. The fds no entry
+  /// or lease names are closed. Then, in the background, every mi2
+  /// entry's bytes are hashed again: one that is not its id's is dropped and logged (DATA_LOSS),
+  /// never served again. Call it before serving. Errors: none of its own (refusals are reported).
+  [[nodiscard]] adopt_report adopt_resident(const persistence::resident_state& resident,
+                                            std::vector<persistence::named_fd> fds);
+
+  /// How many adopted entries are still waiting for their background re-hash.
+  [[nodiscard]] std::size_t adopted_unverified() const;
+
+  /// Changes each time an entry enters or leaves the stable DRAM cache or a lease begins or
+  /// ends, so that whoever mirrors the resident state (the systemd fd store) knows when to
+  /// export it again.
+  [[nodiscard]] std::uint64_t resident_generation() const;
+
   // ---- ownership (DECISIONS §8) ----
 
   /// The rule for every call that names a registration (Feed, KeepAlive, Commit, Abort, Revoke):
@@ -234,6 +288,10 @@ class engine {
  private:
   struct state;
   explicit engine(std::unique_ptr<state> s) noexcept;
+  [[nodiscard]] status export_leases(persistence::resident_state& resident,
+                                     std::vector<persistence::named_fd>& fds) const;
+  void adopt_leases(const persistence::resident_state& resident, std::map<std::string, unique_fd>& by_name,
+                    adopt_report& report);
   std::unique_ptr<state> state_;
 };
 

@@ -192,8 +192,30 @@ struct artifact_descriptor {
   identity::id_kind id_kind = identity::id_kind::unspecified;
 };
 
+/// Where the background data hash of a CGID artifact stands (registration.md §4.8); the numbers
+/// are the wire's HashState.
+enum class hash_state : std::int32_t { none = 0, pending = 1, done = 2, failed = 3 };
+
+/// How Commit runs (CommitRegisteredArtifactRequest).
+struct commit_options {
+  /// Answer once the artifact is committed and usable, and compute its data hash afterwards on
+  /// the hash pool (registration.md §4.8). Only for a registration with a cgid.
+  bool hash_in_background = false;
+};
+
+/// What WaitArtifactHash answers.
+struct hash_status {
+  hash_state state = hash_state::none;
+  std::string mi2_id;          ///< set when done: "mi2:<index>:<data>" of the bytes hashed
+  std::string data_multihash;  ///< set when done
+  std::string message;         ///< why, when failed
+};
+
 struct commit_response {
   artifact_descriptor descriptor;
+  /// pending when the commit asked for hash_in_background (done when that artifact's hash was
+  /// already done), else none.
+  hash_state hash = hash_state::none;
   bool existed = false;
   std::optional<local_stable_tier_result> local_stable_tier;
   /// Stable DRAM cache entries evicted to make room for this commit, least recently used first.
@@ -239,6 +261,9 @@ struct artifact_summary {
   std::size_t joined_refs = 0;  ///< idempotent joins still held
   bool quiesced = false;
   bool shared_disk = false;  ///< a verified-at-open copy in the persist directory
+  /// A cgid artifact's mi2 id once its background hash is done (registration.md §4.8), else "".
+  std::string verified_id;
+  hash_state hash = hash_state::none;
 };
 
 struct engine_stats {

@@ -28,6 +28,7 @@
 #include <string>
 #include <string_view>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "tensorreg/common/clock.hpp"
@@ -83,6 +84,7 @@ struct cache_stats {
   std::uint64_t evictions = 0;     ///< Entries evicted since construction (remove() not counted).
   std::uint64_t evicted_bytes = 0;
   std::uint64_t reserved_bytes = 0;  ///< Held by reservations (uploads not admitted yet).
+  std::uint64_t changes = 0;         ///< Entries added, evicted or removed since construction.
 };
 
 /// Hooks; all optional.
@@ -168,6 +170,10 @@ class stable_dram_cache {
   /// The replica cached under `key`, or null; a hit becomes the most recently used entry.
   [[nodiscard]] std::shared_ptr<const memory::byte_source> lookup(std::string_view key);
 
+  /// Every entry's key and replica, most recently used first (does not touch the LRU order):
+  /// what a daemon hands to its successor (persistence/resident_state.hpp).
+  [[nodiscard]] std::vector<std::pair<std::string, std::shared_ptr<const memory::byte_source>>> entries() const;
+
   /// Whether `key` is cached (does not touch the LRU order).
   [[nodiscard]] bool contains(std::string_view key) const;
 
@@ -232,6 +238,7 @@ class stable_dram_cache {
   std::uint64_t reserved_ = 0;  // held by live budget_reservations
   std::uint64_t evictions_ = 0;
   std::uint64_t evicted_bytes_ = 0;
+  std::uint64_t changes_ = 0;
 };
 
 }  // namespace tensorreg::stable

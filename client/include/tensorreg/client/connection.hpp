@@ -21,6 +21,7 @@
 // allocated while the lease lives.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <span>
@@ -97,6 +98,19 @@ class connection {
   /// Errors: the daemon's; DATA_LOSS (the daemon sent no memfd for the region).
   [[nodiscard]] result<lease> register_lease(const index::safetensors_bundle& bundle,
                                              std::uint32_t ttl_ms = default_ttl_ms);
+  /// register_lease() with a cgid and hash_in_background (lease_register_options).
+  /// Errors: as above; INVALID_ARGUMENT (a bad cgid; hash_in_background without one).
+  [[nodiscard]] result<lease> register_lease(const index::safetensors_bundle& bundle,
+                                             const lease_register_options& options);
+
+  /// WaitArtifactHash (docs/registration.md §4.8): where the background hash of a cgid artifact
+  /// (named by its cgid or the mi2 id it found) stands, after waiting up to `timeout` for it to
+  /// end (0 = no limit). pending after a timeout; failed (with the reason) when its lease was
+  /// revoked or expired, its owner exited or it was deregistered; none for a cgid artifact
+  /// without one; done with its own id for an mi2 artifact.
+  /// Errors: NOT_FOUND (unknown artifact), UNAVAILABLE (connection lost).
+  [[nodiscard]] result<hash_status> wait_artifact_hash(std::string_view artifact_id,
+                                                       std::chrono::milliseconds timeout = {});
 
   /// True when this client was built with CUDA (register_cuda can work if a device is there).
   [[nodiscard]] static bool cuda_supported() noexcept;

@@ -22,6 +22,8 @@
 namespace tensorreg::client {
 
 using registration::artifact_descriptor;
+using registration::hash_state;
+using registration::hash_status;
 
 /// The lease TTL the clients use when none is given (10 minutes, as the Python client).
 inline constexpr std::uint32_t default_ttl_ms = 600'000;
@@ -36,6 +38,18 @@ struct registered {
   double begin_to_commit_seconds = 0;
   /// Artifacts the daemon evicted from its stable DRAM cache to make room for this one.
   std::vector<std::string> evicted{};
+  /// pending after a commit with hash_in_background (docs/registration.md §4.8), else none.
+  hash_state hash = hash_state::none;
+};
+
+/// Options of connection::register_lease().
+struct lease_register_options {
+  std::uint32_t ttl_ms = default_ttl_ms;  ///< 0: no expiry and no keep-alive
+  /// A cgid (docs/registration.md §3.5); empty = an mi2 artifact.
+  std::string client_artifact_id{};
+  /// Answer once the artifact is usable by its cgid and hash it afterwards (needs a cgid);
+  /// connection::wait_artifact_hash() then answers its mi2 id.
+  bool hash_in_background = false;
 };
 
 /// Options of connection::put().
@@ -67,6 +81,8 @@ struct artifact_info {
   std::uint32_t lease_count = 0;         ///< active leases and joined references
   std::vector<std::int32_t> device_ids;  ///< CUDA devices holding a VRAM or leased copy
   std::string name{};                    ///< given by the registration that created it; may be empty
+  std::string verified_id{};             ///< the mi2 id a background hash found; empty otherwise
+  hash_state hash = hash_state::none;    ///< where its background hash stands
 };
 
 struct tier_usage {
@@ -191,6 +207,10 @@ struct cuda_register_options {
   std::uint32_t ttl_ms = default_ttl_ms;   ///< 0: no expiry and no keep-alive
   std::int32_t device = -1;                ///< CUDA ordinal of the tensors; -1 = the current device
   cuda_register_report* report = nullptr;  ///< filled in when set
+  /// A cgid (docs/registration.md §3.5); empty = an mi2 artifact.
+  std::string client_artifact_id{};
+  /// Answer once the artifact is usable by its cgid and hash it afterwards (needs a cgid).
+  bool hash_in_background = false;
 };
 
 }  // namespace tensorreg::client

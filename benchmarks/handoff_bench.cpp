@@ -1,0 +1,277 @@
+// handoff_bench — how long `tensorregd --takeover` takes to serve a Get, by bytes held.
+//
+// 1. Yardstick (same run): --runs times, a plain tensorregd is started on a fresh socket and
+//    timed from fork() until its first GetStats is answered; the median is reported.
+// 2. A daemon is started and filled by puts of --chunk bytes each (one safetensors file, one
+//    word changed per put so that every put is a new artifact) until it holds the first of
+//    --sizes; then a successor is started with --takeover on the same socket and timed from
+//    fork() until a Get (GetArtifactMemfd) of the first artifact, on a new connection, is
+//    answered by it. The successor then holds the memory: it is filled up to the next size and
+//    taken over in turn. Goal: ≤ 1 s and independent of the bytes held (nothing is copied;
+//    the successor's RssAnon, printed next to it, stays small).
+//
+// Usage: handoff_bench [TENSORREGD] [--sizes 1G,4G,8G] [--chunk 256M] [--runs 5] [--dir DIR]
+// Output: one JSON line per measurement, then a table.
+#include <fcntl.h>
+#include <fmt/core.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "bench_support.hpp"
+#include "tensorreg/client/connection.hpp"
+#include "tensorreg/index/safetensors_bundle.hpp"
+
+namespace {
+
+namespace fs = std::filesystem;
+using tensorreg::client::connection;
+using clock_type = std::chrono::steady_clock;
+
+constexpr const char* kUsage =
+    "usage: handoff_bench [TENSORREGD] [--sizes 1G,4G,8G] [--chunk 256M] [--runs 5] [--dir DIR]\n"
+    "  TENSORREGD     the daemon binary (default: env TENSORREGD)\n"
+    "  --sizes LIST   bytes held at each takeover, ascending (default 1G,4G,8G)\n"
+    "  --chunk N      bytes per artifact put (default 256M)\n"
+    "  --runs N       plain starts timed for the yardstick (default 5)\n"
+    "  --dir DIR      where the sockets and the model file go (default: a new temp dir)\n";
+
+double ms_since(clock_type::time_point t) {
+  return std::chrono::duration<double, std::milli>(clock_type::now() - t).count();
+}
+
+[[noreturn]] void die(const std::string& why) {
+  fmt::print(stderr, "handoff_bench: {}\n", why);
+  std::exit(1);
+}
+
+// A daemon child; its stdout is read until "ready".
+struct daemon_child {
+  pid_t pid = -1;
+  int out = -1;
+  clock_type::time_point forked;
+
+  daemon_child(const std::string& binary, const std::string& socket, const fs::path& log, bool takeover) {
+    int p[2];
+    if (::pipe(p) != 0) die("pipe failed");
+    forked = clock_type::now();
+    pid = ::fork();
+    if (pid == 0) {
+      const int fd = ::open(log.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
+      if (fd >= 0) ::dup2(fd, 2);
+      ::dup2(p[1], 1);
+      ::close(p[0]);
+      if (takeover) {
+        ::execl(binary.c_str(), binary.c_str(), "--socket", socket.c_str(), "--takeover", static_cast<char*>(nullptr));
+      } else {
+        ::execl(binary.c_str(), binary.c_str(), "--socket", socket.c_str(), static_cast<char*>(nullptr));
+      }
+      std::_Exit(127);
+    }
+    ::close(p[1]);
+    out = p[0];
+  }
+  void wait_ready() {
+    std::string seen;
+    char buf[256];
+    while (seen.find("ready") == std::string::npos) {
+      const auto n = ::read(out, buf, sizeof buf);
+      if (n <= 0) die("tensorregd exited before reporting ready: " + seen);
+      seen.append(buf, static_cast<std::size_t>(n));
+    }
+  }
+  int wait_exit() {
+    int status = 0;
+    ::waitpid(pid, &status, 0);
+    pid = -1;
+    return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  }
+  ~daemon_child() {
+    if (pid > 0) {
+      ::kill(pid, SIGTERM);
+      ::waitpid(pid, nullptr, 0);
+    }
+    if (out >= 0) ::close(out);
+  }
+  daemon_child(const daemon_child&) = delete;
+  daemon_child& operator=(const daemon_child&) = delete;
+};
+
+std::uint64_t status_kb(pid_t pid, const std::string& field) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/status");
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind(field + ":", 0) == 0) return std::stoull(line.substr(field.size() + 1));
+  }
+  return 0;
+}
+
+// A safetensors file of one F32 tensor of `bytes` bytes; returns the offset of its data.
+std::uint64_t write_model(const fs::path& path, std::uint64_t bytes) {
+  std::string header = fmt::format(R"({{"w":{{"dtype":"F32","shape":[{}],"data_offsets":[0,{}]}}}})", bytes / 4, bytes);
+  while (header.size() % 8 != 0) header += ' ';
+  std::ofstream out(path, std::ios::binary);
+  const std::uint64_t n = header.size();
+  out.write(reinterpret_cast<const char*>(&n), 8);
+  out.write(header.data(), static_cast<std::streamsize>(header.size()));
+  std::vector<std::uint32_t> chunk(1 << 18);
+  std::uint64_t written = 0, x = 0x9E3779B97F4A7C15ull;
+  while (written < bytes) {
+    for (auto& v : chunk) {
+      x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+      v = static_cast<std::uint32_t>(x);
+    }
+    const auto take = std::min<std::uint64_t>(bytes - written, chunk.size() * 4);
+    out.write(reinterpret_cast<const char*>(chunk.data()), static_cast<std::streamsize>(take));
+    written += take;
+  }
+  return 8 + n;
+}
+
+// Connects, retrying until the socket accepts (a daemon just started).
+connection connect_retrying(const std::string& socket) {
+  for (;;) {
+    auto c = connection::connect(socket);
+    if (c) return std::move(*c);
+    std::this_thread::sleep_for(std::chrono::microseconds(200));
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string binary = std::getenv("TENSORREGD") != nullptr ? std::getenv("TENSORREGD") : "";
+  std::vector<std::uint64_t> sizes{std::uint64_t{1} << 30, std::uint64_t{4} << 30, std::uint64_t{8} << 30};
+  std::uint64_t chunk = std::uint64_t{256} << 20;
+  unsigned runs = 5;
+  std::string dir_arg;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    const auto value = [&]() -> std::string {
+      if (i + 1 >= argc) die(a + " needs a value\n" + kUsage);
+      return argv[++i];
+    };
+    if (a == "--help" || a == "-h") {
+      fmt::print("{}", kUsage);
+      return 0;
+    } else if (a == "--sizes") {
+      sizes.clear();
+      std::string list = value();
+      for (std::size_t at = 0; at <= list.size();) {
+        const auto end = std::min(list.find(',', at), list.size());
+        auto n = tensorreg::bench::parse_bytes(list.substr(at, end - at));
+        if (!n) die("--sizes needs sizes like 1G,4G");
+        sizes.push_back(*n);
+        at = end + 1;
+      }
+    } else if (a == "--chunk") {
+      auto n = tensorreg::bench::parse_bytes(value());
+      if (!n || *n < 4096 || *n % 4 != 0) die("--chunk needs a size like 256M");
+      chunk = *n;
+    } else if (a == "--runs") {
+      runs = static_cast<unsigned>(std::stoul(value()));
+    } else if (a == "--dir") {
+      dir_arg = value();
+    } else if (!a.empty() && a[0] != '-') {
+      binary = a;
+    } else {
+      die("unknown option " + a + "\n" + kUsage);
+    }
+  }
+  if (binary.empty()) die(std::string("no daemon binary given\n") + kUsage);
+  const fs::path dir =
+      dir_arg.empty() ? fs::temp_directory_path() / ("handoff_bench-" + std::to_string(::getpid())) : fs::path(dir_arg);
+  fs::create_directories(dir);
+  const auto log = dir / "tensorregd.log";
+
+  // 1. The yardstick: a plain start until its first GetStats.
+  std::vector<double> starts;
+  for (unsigned r = 0; r < runs; ++r) {
+    const auto socket = (dir / ("y" + std::to_string(r)) / "tensorregd.sock").string();
+    daemon_child d(binary, socket, log, false);
+    auto c = connect_retrying(socket);
+    if (!c.stats()) die("GetStats failed");
+    starts.push_back(ms_since(d.forked));
+  }
+  std::sort(starts.begin(), starts.end());
+  const double yardstick = starts[starts.size() / 2];
+  fmt::print("{{\"bench\":\"handoff\",\"what\":\"plain_start_to_first_getstats\",\"median_ms\":{:.1f},\"runs\":{}}}\n",
+             yardstick, runs);
+
+  // 2. Fill, take over, fill more, take over again.
+  const auto socket = (dir / "run" / "tensorregd.sock").string();
+  const auto model = dir / "model.safetensors";
+  const auto data_at = write_model(model, chunk);
+  auto current = std::make_unique<daemon_child>(binary, socket, log, false);
+  current->wait_ready();
+  std::uint64_t held = 0, puts = 0;
+  std::string first_id;
+  struct row {
+    std::uint64_t held;
+    double ms, old_exit_ms;
+    std::uint64_t anon_kb, shmem_kb;
+  };
+  std::vector<row> rows;
+  for (const auto target : sizes) {
+    {
+      auto c = connect_retrying(socket);
+      while (held < target) {
+        {
+          // One word of the tensor changes, so that the put is a new artifact.
+          const int fd = ::open(model.c_str(), O_WRONLY);
+          const std::uint64_t word = ++puts;
+          if (fd < 0 || ::pwrite(fd, &word, sizeof word, static_cast<off_t>(data_at)) != sizeof word) die("pwrite");
+          ::close(fd);
+        }
+        auto bundle = tensorreg::index::safetensors_bundle::open({model.string()});
+        if (!bundle) die("cannot open the model: " + bundle.error().message);
+        auto put = c.put(**bundle);
+        if (!put) die("put failed: " + put.error().message);
+        if (first_id.empty()) first_id = put->descriptor.artifact_id;
+        held += chunk;
+      }
+    }
+    auto next = std::make_unique<daemon_child>(binary, socket, log, true);
+    next->wait_ready();
+    auto c = connect_retrying(socket);
+    auto got = c.get(first_id);
+    if (!got) die("Get after the takeover failed: " + got.error().message);
+    const double ms = ms_since(next->forked);
+    const int old_code = current->wait_exit();
+    const double old_exit_ms = ms_since(next->forked);
+    if (old_code != 0) die("the old daemon exited with " + std::to_string(old_code));
+    rows.push_back({held, ms, old_exit_ms, status_kb(next->pid, "RssAnon"), status_kb(next->pid, "RssShmem")});
+    fmt::print(
+        "{{\"bench\":\"handoff\",\"what\":\"takeover_to_first_get\",\"held_bytes\":{},\"ms\":{:.1f},"
+        "\"ratio_to_plain_start\":{:.2f},\"old_exit_ms\":{:.1f},\"successor_rss_anon_kb\":{},"
+        "\"successor_rss_shmem_kb\":{}}}\n",
+        held, ms, ms / yardstick, old_exit_ms, rows.back().anon_kb, rows.back().shmem_kb);
+    std::fflush(stdout);
+    current = std::move(next);
+  }
+  current.reset();
+  fmt::print("\nplain start → first GetStats (yardstick): median {:.1f} ms of {} runs\n", yardstick, runs);
+  fmt::print("{:>10} {:>14} {:>10} {:>14} {:>14} {:>14}\n", "held GiB", "takeover→Get", "× start", "old exited",
+             "RssAnon MiB", "RssShmem MiB");
+  for (const auto& r : rows) {
+    fmt::print("{:>10.2f} {:>11.1f} ms {:>10.2f} {:>11.1f} ms {:>14.1f} {:>14.1f}\n",
+               static_cast<double>(r.held) / (1 << 30), r.ms, r.ms / yardstick, r.old_exit_ms,
+               static_cast<double>(r.anon_kb) / 1024, static_cast<double>(r.shmem_kb) / 1024);
+  }
+  std::error_code ignored;
+  if (dir_arg.empty()) fs::remove_all(dir, ignored);
+  return 0;
+}
