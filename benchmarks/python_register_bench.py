@@ -43,6 +43,9 @@ CPP_METADATA_1000 = 2.03e-3  # RESULTS.md: register_bench --metadata-only, 1 000
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(REPO, "python"))
+sys.path.insert(0, HERE)
+
+from bench_state_dicts import checksum, rebuild_state_dict, reduce_state_dict, varied_state_dict  # noqa: E402
 
 
 def log(*parts) -> None:
@@ -51,22 +54,6 @@ def log(*parts) -> None:
 
 def ms(seconds: float) -> str:
     return f"{seconds * 1e3:.2f} ms"
-
-
-def build_state_dict(torch, tensors: int, gib: float) -> dict:
-    """`tensors` bf16/fp16/fp32 tensors of varied sizes, `gib` GiB in all: sizes cycle over
-    0.25x..1.75x of the mean so that small ones share caching-allocator segments and large ones
-    get their own cudaMalloc (both register paths run)."""
-    mean = int(gib * (1 << 30) / tensors)
-    sd = {}
-    dtypes = (torch.bfloat16, torch.bfloat16, torch.float16, torch.float32)
-    for k in range(tensors):
-        dtype = dtypes[k % len(dtypes)]
-        nbytes = int(mean * (0.25 + 1.5 * ((k * 37) % 100) / 99))
-        n = max(1, nbytes // torch.tensor([], dtype=dtype).element_size())
-        sd[f"layers.{k // 10}.w{k % 10}"] = torch.empty(n, dtype=dtype, device="cuda").normal_()
-    torch.cuda.synchronize()
-    return sd
 
 
 def write_layout(path: str, layout, plan) -> None:
@@ -106,10 +93,6 @@ def run_cpp_client(path: str, socket_path: str, layout_path: str, repeats: int):
         if line.startswith("{") and "client_work_ms" in line:
             return json.loads(line)
     return None
-
-
-def checksum(torch, tensors: dict) -> float:
-    return float(sum(float(tensors[name].float().sum()) for name in sorted(tensors)[:50]))
 
 
 def profile_open() -> dict:
@@ -179,7 +162,7 @@ def reader(socket_path: str, artifact_id: str, reductions_path: str) -> None:
         reduced = pickle.load(f)
     rebuilds = []
     started = time.perf_counter()
-    rebuilt = {name: fn(*args) for name, (fn, args) in reduced.items()}
+    rebuilt = rebuild_state_dict(reduced)
     torch.cuda.synchronize()
     rebuilds.append(time.perf_counter() - started)
     out["checksum_rebuild"] = checksum(torch, rebuilt)
@@ -194,7 +177,7 @@ def compare_open(torch, reduce_tensor, work: str, socket_path: str, sd: dict, ar
     reductions_path = os.path.join(work, "reduced.pkl")
     started = time.perf_counter()
     try:
-        reduced = {name: reduce_tensor(t) for name, t in sd.items()}
+        reduced = reduce_state_dict(reduce_tensor, sd)
     except RuntimeError as e:
         log(f"reduce_tensor refused these tensors ({e}); open() is timed alone")
         reduced = {}
@@ -267,7 +250,7 @@ def main() -> int:
         time.sleep(0.05)
     try:
         n, gib, repeats = int(opts["tensors"]), float(opts["gib"]), int(opts["repeats"])
-        sd = build_state_dict(torch, n, gib)
+        sd = varied_state_dict(torch, n, gib)
         total = sum(t.untyped_storage().nbytes() for t in sd.values())
         log(f"device: {torch.cuda.get_device_name(0)}; torch {torch.__version__}; {n} tensors, "
             f"{total / (1 << 30):.2f} GiB; expandable_segments {'on' if opts['expandable'] != '0' else 'off'}")

@@ -16,9 +16,11 @@ tensor calls import torch (1.13 or 2.x) when first used, and the CUDA ones load 
 
 from . import errors as _errors
 from ._layout import canonical_json
+from ._registrar import Registrar
 from ._wire import default_socket_path
 from .errors import *  # noqa: F401,F403 - Error and one subclass per status code
 from .store import Lease, LocalStableTier, RegisteredArtifact, Store
+from .weight_sync import Version, WeightPublisher, WeightSubscriber
 
 __version__ = "0.1.0"
 
@@ -27,6 +29,10 @@ __all__ = [
     "RegisteredArtifact",
     "Lease",
     "LocalStableTier",
+    "Registrar",
+    "WeightPublisher",
+    "WeightSubscriber",
+    "Version",
     "default_socket_path",
     "canonical_json",
 ]

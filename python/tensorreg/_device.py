@@ -216,6 +216,40 @@ def _regions(storages, covers, users, by_base, allocations, what):
     return regions, sources
 
 
+def every_storage_in_a_region(plan: Plan) -> Plan:
+    """`plan` with no lone handles: the allocation of a storage that names its IPC handle
+    directly becomes a region of its own. A Registrar keeps its regions across versions (the
+    daemon keeps a region's mapping while it lives), so every allocation must be one; a lone
+    handle would be opened again at every commit."""
+    if all(s.region is not None for s in plan.sources):
+        return plan
+    regions = list(plan.regions)
+    by_handle = {a.ipc_handle: a for a in plan.allocations if a.ipc_handle is not None}
+    made: dict = {}  # IPC handle -> its new region
+    sources = []
+    for k, s in enumerate(plan.sources):
+        if s.region is None:
+            r = made.get(s.ipc_handle)
+            if r is None:
+                a = by_handle[s.ipc_handle]
+                r = made[s.ipc_handle] = len(regions)
+                regions.append(Region(a.base, a.size, a.ipc_handle, [], []))
+            regions[r].storages.append(k)
+            s = _new(Source, (r, None, s.mapping_base_offset))
+        sources.append(s)
+    return Plan(regions, sources, plan.allocations)
+
+
+def region_key(region: Region) -> tuple:
+    """What a region is made of, to find it again at the next registration: the allocation and
+    its IPC handle, or the VMM pages (address, size) of the window. Equal keys name the same
+    memory only while the memory stayed allocated in between (the Registrar holds the storages
+    in it until the next registration has committed)."""
+    if region.ipc_handle is not None:
+        return ("ipc", region.base, region.size, region.ipc_handle)
+    return ("vmm",) + tuple((p.base, p.size) for p in region.pages)
+
+
 def merge_runs(pages: list) -> list:
     """Address-adjacent pages merged into runs ([[page, ...], ...], in address order)."""
     runs: list = []

@@ -8,9 +8,15 @@ memory.
   daemon's buffer) with an IPC handle or VMM chunk fds each. Every allocation is checked first
   (its GPU visible here, on the device asked for, its fds all there), then each is mapped once,
   and every tensor is a view of its mapping; the mappings close with the last view.
+- open with KeptMappings (Store.open(keep_mappings=True), a reader of successive versions): the
+  mappings of the last open are kept and used again for the allocations the next answer names
+  again, so a version over the same memory maps nothing; an answer equal to the last one but
+  for the artifact's id gives back the last tensors after one comparison of its bytes.
 
 Thread-safety: each function runs one read over the given connection (which serialises calls).
-Ownership: the returned tensors own their mappings; fds received are closed here.
+Ownership: the returned tensors own their mappings; fds received are closed here. A
+KeptMappings holds the last open's mappings, tensors and a dup of its VMM fds until the next
+open or close().
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import threading
 from typing import Any
 
 from . import _buffers, _cuda, _device, _layout, _requests
@@ -73,18 +80,33 @@ def get_tensors(conn: Connection, artifact_id: str, device: Any) -> dict:
     return _device.build_views(torch, index, locate, what, empty_device=base.device)
 
 
-def open_tensors(conn: Connection, artifact_id: str, device: Any) -> dict:
-    """Store.open: each allocation mapped once on its GPU (found by UUID), the tensors views."""
+def open_tensors(conn: Connection, artifact_id: str, device: Any, kept: KeptMappings | None = None) -> dict:
+    """Store.open: each allocation mapped once on its GPU (found by UUID), the tensors views.
+    With `kept`, the mappings of the last open through it are used again where the daemon names
+    the same allocation, and an answer equal to the last one's (same index, allocations and
+    segments) gives back the last open's tensors."""
     torch = _torch()
     what = f"open {artifact_id}"
     dev = _torch_device(torch, device, what)
     if dev.type != "cuda":
         raise InvalidArgument(f"cannot {what} on {dev}: open() maps GPU memory; use get() for cpu")
     drv = _cuda.driver()  # before the call: no GPU here means nothing to ask the daemon for
-    body, fds, vmm_fds = open_pages(conn, artifact_id, what)
+    if kept is None:
+        body, fds, vmm_fds = open_pages(conn, artifact_id, what)
+    else:
+        body, fds, vmm_fds, payload = open_pages(conn, artifact_id, what, raw=True)
     bases = []
     ordinal = dev.index
+    signature = None
     try:
+        if kept is not None:
+            # The descriptor (the id) differs from version to version; everything else equal
+            # means the same tensors over the same allocations (the VMM fds checked apart:
+            # their numbers differ from answer to answer).
+            signature = (str(dev), answer_signature(payload))
+            if signature[1] is not None and kept.signature == signature and kept.same_vmm(vmm_fds):
+                kept.reopened += 1
+                return dict(kept.tensors)
         try:
             index = json.loads(body.tensor_index_data)
         except ValueError as e:
@@ -101,12 +123,17 @@ def open_tensors(conn: Connection, artifact_id: str, device: Any) -> dict:
             return _cuda.VmmMapping(drv, here, vmm_fds[k], [c.size_bytes for c in a.vmm.chunks], a.size_bytes,
                                     label)
 
+        reused = [kept.find(job, vmm_fds) for job in opens] if kept is not None else [None] * len(opens)
         # One after the other: the driver serialises IPC opens and VMM imports, so threads would
         # only add contention. The device's context is made current once for the batch, not
         # once per allocation.
-        with drv.on(opens[0][1]) if opens else contextlib.nullcontext():
-            mappings = [map_one(*job) for job in opens]
-        bases = [_cuda.as_tensor(torch, m, here, a.size_bytes) for m, (_, here, a, _) in zip(mappings, opens)]
+        fresh = [job for job, r in zip(opens, reused) if r is None]
+        with drv.on(fresh[0][1]) if fresh else contextlib.nullcontext():
+            mapped = iter([map_one(*job) for job in fresh])
+        bases = [r if r is not None else _cuda.as_tensor(torch, next(mapped), here, a.size_bytes)
+                 for r, (_, here, a, _) in zip(reused, opens)]
+        if kept is not None:
+            kept.remember(opens, bases, vmm_fds)
     finally:
         _close_fds(fds)  # imported (or failed): the mappings do not need them
     found = _segments(body, [a.size_bytes for a in allocations], len(bases), what)
@@ -116,7 +143,158 @@ def open_tensors(conn: Connection, artifact_id: str, device: Any) -> dict:
         return bases[allocation], at
 
     empty_device = torch.device("cuda", ordinal if ordinal is not None else torch.cuda.current_device())
-    return _device.build_views(torch, index, locate, what, empty_device=empty_device)
+    tensors = _device.build_views(torch, index, locate, what, empty_device=empty_device)
+    if kept is not None:
+        kept.signature = signature
+        kept.tensors = tensors
+        return dict(tensors)
+    return tensors
+
+
+def _varint(data: bytes, at: int) -> tuple:
+    value, shift = 0, 0
+    while True:
+        b = data[at]
+        at += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value, at
+        shift += 7
+
+
+def _fields(data: bytes, start: int, end: int):
+    """(field number, first byte, end) of each field of a message serialised in data[start:end];
+    the value of a length-delimited field lies in [first byte, end)."""
+    at = start
+    while at < end:
+        tag, at = _varint(data, at)
+        number, kind = tag >> 3, tag & 7
+        if kind == 0:
+            _, after = _varint(data, at)
+        elif kind == 2:
+            n, at = _varint(data, at)
+            after = at + n
+        elif kind == 1:
+            after = at + 8
+        elif kind == 5:
+            after = at + 4
+        else:
+            raise ValueError(f"wire type {kind}")
+        yield number, at, after
+        at = after
+
+
+def answer_signature(payload: bytes):
+    """An OpenArtifactDevice answer's bytes without the request id, the status and the
+    artifact's descriptor (Response field 43, its field 1): equal for two versions of the same
+    tensors over the same allocations. None when the bytes cannot be read so."""
+    try:
+        for number, start, end in _fields(payload, 0, len(payload)):
+            if number == 43:
+                for inner, first, after in _fields(payload, start, end):
+                    if inner == 1:  # the descriptor: as serialised, the first field
+                        return payload[after:end]
+                    break
+                return payload[start:end]
+    except (IndexError, ValueError):
+        pass
+    return None
+
+
+_KCMP_FILE = 0
+_SYS_KCMP = {"x86_64": 312, "aarch64": 272}.get(os.uname().machine)
+_libc = None
+
+
+def same_open_file(fd_a: int, fd_b: int):
+    """Whether two fds of this process share one open file description (kcmp(2)): True, False,
+    or None where the kernel does not say (no kcmp; then nothing is reused)."""
+    global _libc
+    if _SYS_KCMP is None:
+        return None
+    if _libc is None:
+        import ctypes
+        _libc = ctypes.CDLL(None, use_errno=True)
+    pid = os.getpid()
+    r = _libc.syscall(_SYS_KCMP, pid, pid, _KCMP_FILE, fd_a, fd_b)
+    if r < 0:
+        return None
+    return r == 0
+
+
+class KeptMappings:
+    """What open(keep_mappings=True) keeps for the next open of the same Store: the mapping
+    (as its uint8 tensor) of every allocation the last answer named, and that answer's tensors.
+
+    An IPC allocation is found again by its handle bytes and size (the producer's Registrar
+    sends the same export while the allocation lives); a VMM allocation by its chunk fds being
+    the same open files as the ones kept (kcmp(2): the daemon hands out duplicates of the fds it
+    holds for the region, so the same pages come as the same files; a dup of each is kept here;
+    where kcmp is refused, as under Docker's default seccomp profile without CAP_SYS_PTRACE,
+    VMM allocations are mapped again each time: an fd's inode cannot tell them apart).
+    Only the last answer's allocations are kept: one that is no longer named is dropped here and
+    unmapped once the last tensor over it is freed.
+
+    Thread-safety: one open at a time, under `lock` (the Store takes it).
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.signature = None
+        self.tensors: dict = {}
+        self.ipc: dict = {}  # (ordinal, handle bytes, size) -> uint8 tensor over the mapping
+        self.vmm: list = []  # (ordinal, chunk sizes, size, [kept dup fds], uint8 tensor)
+        self.reopened = 0
+
+    def find(self, job, vmm_fds: dict):
+        k, here, a, source = job
+        if source == "cuda_ipc_handle":
+            return self.ipc.get((here, a.cuda_ipc_handle, a.size_bytes))
+        sizes = tuple(c.size_bytes for c in a.vmm.chunks)
+        fds = vmm_fds[k]
+        for ordinal, chunk_sizes, size, kept_fds, base in self.vmm:
+            if (ordinal, chunk_sizes, size) == (here, sizes, a.size_bytes) and \
+                    all(same_open_file(x, y) for x, y in zip(fds, kept_fds)):
+                return base
+        return None
+
+    def same_vmm(self, vmm_fds: dict) -> bool:
+        """The answer's VMM fds are the kept ones, allocation by allocation (answers with
+        equal signatures name the same allocations in the same order)."""
+        if not self.vmm and not vmm_fds:
+            return True
+        kept = [entry[3] for entry in self.vmm]
+        got = [vmm_fds[k] for k in sorted(vmm_fds)]
+        if len(kept) != len(got):
+            return False
+        return all(len(a) == len(b) and all(same_open_file(x, y) for x, y in zip(a, b)) for a, b in zip(got, kept))
+
+    def remember(self, opens: list, bases: list, vmm_fds: dict) -> None:
+        ipc, vmm = {}, []
+        old = self.vmm
+        for (k, here, a, source), base in zip(opens, bases):
+            if source == "cuda_ipc_handle":
+                ipc[(here, a.cuda_ipc_handle, a.size_bytes)] = base
+                continue
+            kept_fds = next((e[3] for e in old if e[4] is base), None)
+            if kept_fds is None:
+                kept_fds = [os.dup(fd) for fd in vmm_fds[k]]
+            vmm.append((here, tuple(c.size_bytes for c in a.vmm.chunks), a.size_bytes, kept_fds, base))
+        still = {id(e[3]) for e in vmm}
+        for e in old:
+            if id(e[3]) not in still:
+                _close_fds(e[3])
+        self.ipc, self.vmm = ipc, vmm
+
+    def close(self) -> None:
+        """Drops everything kept: each mapping closes once no tensor over it is left."""
+        with self.lock:
+            self._drop()
+
+    def _drop(self) -> None:
+        for e in self.vmm:
+            _close_fds(e[3])
+        self.ipc, self.vmm, self.tensors, self.signature = {}, [], {}, None
 
 
 def _checked_opens(drv, dev, allocations: list, vmm_fds: dict, what: str) -> list:
@@ -157,23 +335,31 @@ def _segments(body, sizes: list, mapped: int, what: str) -> _device.Segments:
     return _device.Segments(segments, what)
 
 
-def open_pages(conn: Connection, artifact_id: str, what: str) -> tuple:
+def open_pages(conn: Connection, artifact_id: str, what: str, raw: bool = False) -> tuple:
     """OpenArtifactDevice, page after page (docs/wire-format.md §13): one answer carries at
     most 250 fds, so the VMM fds of a large expandable-segment model come in several.
-    Returns (the first answer, every fd received, {allocation number: its chunks' fds})."""
+    Returns (the first answer, every fd received, {allocation number: its chunks' fds}), and
+    with `raw` the first answer's bytes as received."""
     fds, vmm_fds, first, body = [], {}, 0, None
     try:
         while True:
-            answer, got = conn.call(_requests.open_artifact_device(artifact_id, first))
+            request = _requests.open_artifact_device(artifact_id, first)
+            if raw:
+                answer, got, payload = conn.call(request, raw=True)
+            else:
+                answer, got = conn.call(request)
             fds.extend(got)
             page = answer.open_artifact_device
             if body is None:
                 body = page
+                first_payload = payload if raw else None
             elif [(a.device_uuid, a.size_bytes) for a in page.allocations] != \
                     [(a.device_uuid, a.size_bytes) for a in body.allocations]:
                 raise Aborted(f"cannot {what}: its GPU memory changed while it was being opened; try again")
             end = page.end_allocation
-            for k in range(first, min(end, len(page.allocations))):
+            # A page without fds has no VMM allocation to give them to (one that names chunks
+            # anyway is refused before anything is mapped: _checked_opens).
+            for k in range(first, min(end, len(page.allocations)) if got else first):
                 a = page.allocations[k]
                 if a.WhichOneof("source") != "vmm":
                     continue
@@ -183,7 +369,7 @@ def open_pages(conn: Connection, artifact_id: str, what: str) -> tuple:
                                    f"{len(got)} fds")
                 vmm_fds[k] = [got[c.fd_index] for c in a.vmm.chunks]
             if end >= len(page.allocations):
-                return body, fds, vmm_fds
+                return (body, fds, vmm_fds, first_payload) if raw else (body, fds, vmm_fds)
             if end <= first:
                 raise DataLoss(f"cannot {what}: the daemon's answer for allocations from {first} made no progress")
             first = end

@@ -89,6 +89,7 @@ class Connection:
         self._closed = False
         self._rbuf = bytearray()  # answer bytes read but not yet taken as whole frames
         self._rfds: dict = {}  # position in _rbuf of a frame's first byte -> the fds it came with
+        self._payload = b""  # the last answer's bytes, for call(raw=True)
         with self._lock:
             self._ensure_connected()
 
@@ -195,6 +196,7 @@ class Connection:
                     raise _ConnectionLost(f"cannot read the daemon's answer to request {request_id}: "
                                           f"the daemon closed the connection")
             response = _messages.Response()
+            self._payload = payload
             try:
                 response.ParseFromString(payload)
             except Exception:  # DecodeError's module differs between runtimes
@@ -256,15 +258,17 @@ class Connection:
 
     # ---- calls ----
 
-    def call(self, request, fds=()):
+    def call(self, request, fds=(), raw: bool = False):
         """Sends `request` (its request_id is set here) with `fds` and waits for its answer.
-        Returns (Response, received fds); the caller owns the fds. A non-OK status raises."""
+        Returns (Response, received fds); the caller owns the fds. A non-OK status raises.
+        raw=True adds the answer's bytes as received: (Response, fds, bytes)."""
         idempotent = request.WhichOneof("body") in IDEMPOTENT_CALLS
         with self._lock:
             outer, self._owner = self._owner, threading.get_ident()
             try:
                 try:
-                    return self._call_once(request, fds)
+                    answer = self._call_once(request, fds)
+                    return answer + (self._payload,) if raw else answer
                 except _ConnectionLost as e:
                     if not idempotent:
                         raise Unavailable(f"{e}; {request.WhichOneof('body')} is not idempotent and was not "
@@ -272,7 +276,8 @@ class Connection:
                 # The daemon restarted or handed over: once more, on a new connection.
                 self._reconnect()
                 try:
-                    return self._call_once(request, fds)
+                    answer = self._call_once(request, fds)
+                    return answer + (self._payload,) if raw else answer
                 except _ConnectionLost as e:
                     raise Unavailable(f"{e} (after one retry on a new connection)") from None
             finally:

@@ -32,7 +32,8 @@ Thread-safety: a Store may be shared by threads; its calls go one at a time over
 the leases it made, then the connection. A RegisteredArtifact from register() owns its lease.
 
 This module is the facade; the work is done in: _put (the put flows), _register (the register
-flows: host region, CUDA regions with the Feed built meanwhile), _leases (Lease, keep-alive,
+flows: host region, CUDA regions with the Feed built meanwhile), _registrar (the same tensors
+registered again and again, with what can be reused kept), _leases (Lease, keep-alive,
 release), _reads (get, open), _requests (the wire messages), _artifact (RegisteredArtifact),
 _buffers (memfd mappings, storage copies) and _torch (torch on first use, device parsing).
 """
@@ -45,6 +46,7 @@ from typing import Any
 from . import _put, _reads, _register, _requests
 from ._artifact import LocalStableTier, RegisteredArtifact
 from ._leases import Lease
+from ._registrar import Registrar
 from ._requests import DEFAULT_TTL_MS
 from ._wire import Connection
 from .errors import InvalidArgument
@@ -63,15 +65,21 @@ class Store:
     def __init__(self, socket: str | None = None, *, timeout: float | None = None) -> None:
         self._conn = Connection(socket, timeout)
         self._leases: weakref.WeakSet[Lease] = weakref.WeakSet()
+        self._registrars: weakref.WeakSet[Registrar] = weakref.WeakSet()
+        self._kept_mappings = _reads.KeptMappings()
 
     @property
     def socket_path(self) -> str:
         return self._conn.path
 
     def close(self) -> None:
-        """Releases the leases this store made, then closes the connection. Idempotent."""
+        """Releases the leases and registrars this store made and the mappings open() kept,
+        then closes the connection. Idempotent."""
         for lease in list(self._leases):
             lease.close()
+        for registrar in list(self._registrars):
+            registrar.close()
+        self._kept_mappings.close()
         self._conn.close()
 
     def __enter__(self) -> Store:
@@ -120,6 +128,18 @@ class Store:
         self._leases.add(art.lease)
         return art
 
+    def registrar(self, *, ttl_ms: int = DEFAULT_TTL_MS, policy: str | None = None,
+                  snapshot: bool = False) -> Registrar:
+        """A Registrar: register() of the same state dict again and again, where a registration
+        whose tensors are in the same memory with the same layout as the last one's only sends
+        Begin, the kept Feed and Commit (the exports, regions, layout and Feed are kept until
+        the registrar's close(), or this Store's). _registrar.py has the rules. snapshot=True
+        asks for snapshot leases (the daemon copies the bytes at commit).
+        Errors: InvalidArgument (ttl_ms, policy)."""
+        registrar = Registrar(self._conn, ttl_ms, policy, snapshot)
+        self._registrars.add(registrar)
+        return registrar
+
     # ---- get and open (_reads.py) ----
 
     def get(self, artifact_id: str, device: Any = "cpu") -> dict:
@@ -132,7 +152,7 @@ class Store:
         InvalidArgument (devices other than cpu and cuda)."""
         return _reads.get_tensors(self._conn, artifact_id, device)
 
-    def open(self, artifact_id: str, device: Any = "cuda") -> dict:
+    def open(self, artifact_id: str, device: Any = "cuda", *, keep_mappings: bool = False) -> dict:
         """The artifact's tensors as zero-copy views of its GPU memory: the producer's own
         allocations for a lease (register() of CUDA tensors, in another process), or the
         daemon's buffer for a coalesced put(). Each allocation is mapped once, whatever the
@@ -143,8 +163,15 @@ class Store:
         Errors: FailedPrecondition (no CUDA driver or device here, the GPU is not visible to
         this process, the artifact has no GPU copy), NotFound (unknown artifact),
         PermissionDenied (another uid than the producer's or the daemon's), InvalidArgument
-        (device not cuda, or cuda:N when the artifact is on another GPU)."""
-        return _reads.open_tensors(self._conn, artifact_id, device)
+        (device not cuda, or cuda:N when the artifact is on another GPU).
+        keep_mappings=True: this Store keeps the mappings (and the tensors) of the last such
+        open until the next one or close(); the next open maps only the allocations it does not
+        hold yet, and gives back the same tensor objects when the answer is the last one's but
+        for the id (a producer's next version over the same memory and layout)."""
+        if not keep_mappings:
+            return _reads.open_tensors(self._conn, artifact_id, device)
+        with self._kept_mappings.lock:
+            return _reads.open_tensors(self._conn, artifact_id, device, self._kept_mappings)
 
     def _open_pages(self, artifact_id: str, what: str) -> tuple:
         """_reads.open_pages over this store's connection (the paging, testable alone)."""
