@@ -160,6 +160,8 @@ def trainer(socket_path: str, label: str, device: str) -> int:
                 for t in sd.values():
                     if t.is_floating_point():
                         t.add_(1)
+                    elif t.dtype == torch.bool:
+                        t.logical_not_()
                     else:
                         t.add_(3)
             v2 = pub.publish(sd)
