@@ -583,10 +583,10 @@ std::vector<detail::device_range> merged(std::vector<detail::device_range> runs)
   return out;
 }
 
-// The GPU tree hash of `size` bytes at `ptr` with the provider's hasher of `device` (made on
-// first use), on `stream`. One hash per device at a time.
-result<hash::digest> hash_on_device(detail::provider_state& st, int device, const void* ptr, std::uint64_t size,
-                                    stream_view stream) {
+// Runs `hash` with the provider's GPU tree hasher of `device` (made on first use), the device
+// current. One hash per device at a time.
+template <typename Hash>
+result<hash::digest> with_device_hasher(detail::provider_state& st, int device, Hash&& hash) {
   TENSORREG_TRY_ASSIGN(auto guard, detail::device_guard::create(device));
   (void)guard;
   auto& slot = *st.hashers.at(static_cast<std::size_t>(device));
@@ -595,22 +595,20 @@ result<hash::digest> hash_on_device(detail::provider_state& st, int device, cons
     TENSORREG_TRY_ASSIGN(auto hasher, gpu_tree_hasher::create(device));
     slot.hasher.emplace(std::move(hasher));
   }
-  return slot.hasher->tree_hash(ptr, size, stream);
+  return std::forward<Hash>(hash)(*slot.hasher);
+}
+
+// The GPU tree hash of `size` bytes at `ptr` on `device`, on `stream`.
+result<hash::digest> hash_on_device(detail::provider_state& st, int device, const void* ptr, std::uint64_t size,
+                                    stream_view stream) {
+  return with_device_hasher(st, device, [&](gpu_tree_hasher& h) { return h.tree_hash(ptr, size, stream); });
 }
 
 // As hash_on_device, for a canonical buffer of `size` bytes made of `pieces` (gpu_tree_hasher::
 // tree_hash_pieces: no canonical copy is assembled; the hasher keeps its gather scratch).
 result<hash::digest> hash_pieces_on_device(detail::provider_state& st, int device,
                                            const std::vector<device_piece>& pieces, std::uint64_t size) {
-  TENSORREG_TRY_ASSIGN(auto guard, detail::device_guard::create(device));
-  (void)guard;
-  auto& slot = *st.hashers.at(static_cast<std::size_t>(device));
-  std::lock_guard lock(slot.mutex);
-  if (!slot.hasher) {
-    TENSORREG_TRY_ASSIGN(auto hasher, gpu_tree_hasher::create(device));
-    slot.hasher.emplace(std::move(hasher));
-  }
-  return slot.hasher->tree_hash_pieces(pieces, size, {});
+  return with_device_hasher(st, device, [&](gpu_tree_hasher& h) { return h.tree_hash_pieces(pieces, size, {}); });
 }
 
 std::optional<devices::hash_site> forced_site(device_memory_provider::options::hash_placement p) {

@@ -77,6 +77,20 @@ std::string joined(const std::vector<std::string>& ids) {
   return out;
 }
 
+// What a durable write or a handed-on entry records of an artifact's descriptor (the cache
+// policy is the caller's to add).
+persistence::artifact_record record_of(const artifact_descriptor& d) {
+  persistence::artifact_record r;
+  r.artifact_id = d.artifact_id;
+  r.id_kind = std::string(identity::id_kind_name(d.id_kind));
+  r.index_multihash = d.index_multihash;
+  r.data_multihash = d.data_multihash;
+  r.schema_version = d.schema_version;
+  r.encoding = d.encoding;
+  r.total_size = d.total_size;
+  return r;
+}
+
 }  // namespace
 
 // Lock order. A thread holding one of these may take only those listed after it:
@@ -1052,13 +1066,7 @@ void engine::state::run_persistence(const std::string& task_id, const std::strin
       TENSORREG_TRY_ASSIGN(idx, catalogue.index_of(id));
       TENSORREG_TRY_ASSIGN(auto summary, catalogue.get(id));
       const auto& d = summary.descriptor;
-      record.artifact_id = d.artifact_id;
-      record.id_kind = std::string(identity::id_kind_name(d.id_kind));
-      record.index_multihash = d.index_multihash;
-      record.data_multihash = d.data_multihash;
-      record.schema_version = d.schema_version;
-      record.encoding = d.encoding;
-      record.total_size = d.total_size;
+      record = record_of(d);
       if (cache) {
         record.cache = *cache;
       } else if (auto info = catalogue.cache().info(id)) {
@@ -1183,13 +1191,7 @@ result<persistence::resident_export> engine::export_resident() const {
       item it;
       auto& r = it.entry.record;
       const auto& d = summary->descriptor;
-      r.artifact_id = d.artifact_id;
-      r.id_kind = std::string(identity::id_kind_name(d.id_kind));
-      r.index_multihash = d.index_multihash;
-      r.data_multihash = d.data_multihash;
-      r.schema_version = d.schema_version;
-      r.encoding = d.encoding;
-      r.total_size = d.total_size;
+      r = record_of(d);
       r.cache.retention = info->retention;
       r.cache.overflow = info->overflow;
       r.cache.required = info->required;
@@ -1385,13 +1387,7 @@ status engine::export_leases(persistence::resident_state& resident, std::vector<
       }
       auto& r = out.artifact.record;
       const auto& d = a->descriptor;
-      r.artifact_id = d.artifact_id;
-      r.id_kind = std::string(identity::id_kind_name(d.id_kind));
-      r.index_multihash = d.index_multihash;
-      r.data_multihash = d.data_multihash;
-      r.schema_version = d.schema_version;
-      r.encoding = d.encoding;
-      r.total_size = d.total_size;
+      r = record_of(d);
       out.artifact.index = a->index;
       out.artifact.fd_name = persistence::fd_name_of(id);
       out.registration_id = registration_id;
