@@ -86,6 +86,21 @@ std::uint64_t status_kb(pid_t pid, const std::string& field) {
   return 0;
 }
 
+// ASan's shadow memory and its quarantine of freed blocks are anonymous memory of their own
+// (tens of MiB in a daemon that has served traffic), so a sanitized daemon's RssAnon is compared
+// with a looser bound: still well under a copy of what it holds.
+#if defined(__SANITIZE_ADDRESS__)
+constexpr bool address_sanitized = true;
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+constexpr bool address_sanitized = true;
+#else
+constexpr bool address_sanitized = false;
+#endif
+#else
+constexpr bool address_sanitized = false;
+#endif
+
 }  // namespace
 
 TEST_CASE("takeover: only the daemon's uid or root may take over", "[daemon][takeover]") {
@@ -215,7 +230,8 @@ TEST_CASE("tensorregd --takeover: 200 artifacts change daemons while 8 clients r
   CHECK(memfd_inode(socket, first_id) == inode_before);
   const auto anon_kb = status_kb(new_daemon->pid(), "RssAnon");
   INFO("successor RssAnon " << anon_kb << " kB, RssShmem " << status_kb(new_daemon->pid(), "RssShmem") << " kB");
-  CHECK(anon_kb < (kHeld * kHeldBytes / 1024) / 4);
+  const std::size_t held_kb = kHeld * kHeldBytes / 1024;
+  CHECK(anon_kb < (address_sanitized ? held_kb * 3 / 4 : held_kb / 4));
   CHECK(new_daemon->stop() == 0);
 }
 
