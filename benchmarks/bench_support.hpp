@@ -1,14 +1,16 @@
 // benchmarks/bench_support.hpp — small helpers the CPU benchmarks share: byte counts from the
-// command line and the process's CPU time. Header-only; each bench is one translation unit.
+// command line, the process's CPU time and the median of a run's samples. Header-only; each bench is one translation unit.
 #pragma once
 
 #include <time.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <exception>
 #include <optional>
 #include <string>
 #include <string_view>
+#include <vector>
 
 namespace tensorreg::bench {
 
@@ -37,6 +39,12 @@ inline double process_cpu_seconds() {
   timespec ts{};
   ::clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
   return static_cast<double>(ts.tv_sec) + static_cast<double>(ts.tv_nsec) * 1e-9;
+}
+
+/// The median of `samples` (the upper one of an even count); REQUIRES: not empty.
+inline double median(std::vector<double> samples) {
+  std::sort(samples.begin(), samples.end());
+  return samples[samples.size() / 2];
 }
 
 }  // namespace tensorreg::bench

@@ -19,6 +19,7 @@
 #include <thread>
 #include <vector>
 
+#include "bench_support.hpp"
 #include "tensorreg/common/thread_pool.hpp"
 #include "tensorreg/hash/tree_hash.hpp"
 #include "tensorreg/registration/engine.hpp"
@@ -27,11 +28,6 @@ namespace {
 
 using namespace tensorreg;
 using clock_type = std::chrono::steady_clock;
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
 
 struct setup {
   regions::region_info region;
@@ -170,7 +166,7 @@ int main(int argc, char** argv) {
       (void)hash::tree_hash(*s.region.memory, &pool).value();
       plain.push_back(std::chrono::duration<double>(clock_type::now() - t0).count());
     }
-    const double m = median(meta), f = median(full), p = median(plain);
+    const double m = bench::median(meta), f = bench::median(full), p = bench::median(plain);
     if (metadata_only) {
       fmt::print("{:>8} {:>12} {:>14.3f} {:>10.3f} {:>12} {:>14} {:>16}\n", tensors, s.total, m * 1e3,
                  static_cast<double>(tensors) / 1000.0, "-", "-", "-");

@@ -30,11 +30,6 @@ namespace {
 using namespace tensorreg;
 using clock_type = std::chrono::steady_clock;
 
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
-
 struct setup {
   regions::region_info region;
   registration::feed_request feed;
@@ -173,7 +168,7 @@ int main(int argc, char** argv) {
     usable.push_back(bg.answered);
     verified.push_back(bg.verified);
   }
-  const double m = median(mi2), u = median(usable), v = median(verified);
+  const double m = bench::median(mi2), u = bench::median(usable), v = bench::median(verified);
   fmt::print("# registration_background_hash_bench: {} B in {} tensors, {} hash threads, median of {}\n", s.total,
              tensors, threads, repeats);
   fmt::print("{:>12} {:>12} {:>12} {:>12} {:>16}\n", "mi2_ms", "usable_ms", "verified_ms", "usable/mi2",
