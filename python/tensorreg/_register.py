@@ -82,12 +82,7 @@ def register_host(conn: Connection, torch, layout, begin, ttl_ms: int, started: 
         _close_fds(extra)
         registration_id = begun.begin_register_artifact.registration_id
 
-        def source(entry, k):
-            entry.device_id = -1
-            entry.region_ref.CopyFrom(region)
-            entry.mapping_base_offset = layout.storages[k].offset
-
-        frame = _requests.lease_feed(layout, source)
+        frame = _requests.host_region_feed(layout, region)
         frame.feed_register_artifact_stream.registration_id = registration_id
         conn.feed([frame])
         fed = time.perf_counter()

@@ -285,12 +285,7 @@ class Registrar:
             _close_fds(extra)
             registration_id = answer.begin_register_artifact.registration_id
 
-            def source(entry, k):
-                entry.device_id = -1
-                entry.region_ref.CopyFrom(region)
-                entry.mapping_base_offset = layout.storages[k].offset
-
-            frame = _requests.lease_feed(layout, source)
+            frame = _requests.host_region_feed(layout, region)
             body = frame.feed_register_artifact_stream.SerializeToString()
             timings = {"metadata": prepared - started}
             done = self._finish(registration_id, RawFeed(registration_id, body), hash_in_background, timings)

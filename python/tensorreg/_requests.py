@@ -132,6 +132,18 @@ def lease_feed(layout, source):
     return frame
 
 
+def host_region_feed(layout, region):
+    """lease_feed of a lease whose storages all lie in one HOST_SHARED region (`region`, a
+    RegionRef), each at its canonical offset: the layout was written into the region as is."""
+
+    def source(entry, k):
+        entry.device_id = -1
+        entry.region_ref.CopyFrom(region)
+        entry.mapping_base_offset = layout.storages[k].offset
+
+    return lease_feed(layout, source)
+
+
 def commit(registration_id: str, hash_in_background: bool = False):
     """CommitRegisteredArtifact; with hash_in_background (a cgid registration only) the daemon
     answers once the artifact is usable and hashes it afterwards (registration.md §4.8)."""
