@@ -1,0 +1,32 @@
+// Implements tensorreg/common/priority_inheriting_mutex.hpp.
+#include "tensorreg/common/priority_inheriting_mutex.hpp"
+
+#include <cerrno>
+#include <system_error>
+
+namespace tensorreg {
+
+priority_inheriting_mutex::priority_inheriting_mutex() {
+  pthread_mutexattr_t attributes;
+  pthread_mutexattr_init(&attributes);
+  // ENOTSUP on a libc without PI futexes: the mutex then stays an ordinary one, which is
+  // correct and only loses the priority boost.
+  static_cast<void>(pthread_mutexattr_setprotocol(&attributes, PTHREAD_PRIO_INHERIT));
+  const int e = pthread_mutex_init(&mutex_, &attributes);
+  pthread_mutexattr_destroy(&attributes);
+  if (e != 0) throw std::system_error(e, std::generic_category(), "cannot create a priority-inheriting mutex");
+}
+
+priority_inheriting_mutex::~priority_inheriting_mutex() { pthread_mutex_destroy(&mutex_); }
+
+void priority_inheriting_mutex::lock() {
+  if (const int e = pthread_mutex_lock(&mutex_); e != 0) {
+    throw std::system_error(e, std::generic_category(), "cannot lock a priority-inheriting mutex");
+  }
+}
+
+bool priority_inheriting_mutex::try_lock() noexcept { return pthread_mutex_trylock(&mutex_) == 0; }
+
+void priority_inheriting_mutex::unlock() noexcept { pthread_mutex_unlock(&mutex_); }
+
+}  // namespace tensorreg
