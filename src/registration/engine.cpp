@@ -24,6 +24,7 @@
 #include "registration/owner_watch.hpp"
 #include "registration/pending_registration.hpp"
 #include "registration/plans/plan.hpp"
+#include "tensorreg/common/priority_inheriting_mutex.hpp"
 #include "tensorreg/common/random.hpp"
 #include "tensorreg/common/thread_pool.hpp"
 #include "tensorreg/devices/device_identity.hpp"
@@ -114,7 +115,9 @@ struct engine::state {
   regions::region_registry regions;
   std::shared_ptr<device_memory> devices;  // null = no GPU
 
-  mutable std::mutex mutex;       // 1. guards `catalogue` and `pending`
+  // 1. guards `catalogue` and `pending`. Priority-inheriting: the FIFO I/O thread takes it
+  // for KeepAlive and GetStats, and must not wait for a worker that other threads preempted.
+  mutable priority_inheriting_mutex mutex;
   detail::catalogue catalogue;    // committed artifacts and their holders
   detail::pending_table pending;  // open registrations and tombstones
 
@@ -941,6 +944,11 @@ engine_stats engine::stats() const {
   out.vmm_reserved_bytes = s.devices ? s.devices->vmm_reserved_bytes() : 0;
   out.ipc_opens = s.devices ? s.devices->ipc_opens() : 0;
   out.vmm_imports = s.devices ? s.devices->vmm_imports() : 0;
+  if (s.options.durable) {
+    const auto disk = s.options.durable->totals();
+    out.shared_disk_artifacts = disk.artifacts;
+    out.shared_disk_bytes = disk.bytes;
+  }
   return out;
 }
 

@@ -45,6 +45,7 @@
 #include <vector>
 
 #include "tensorreg/common/error.hpp"
+#include "tensorreg/common/priority_inheriting_mutex.hpp"
 #include "tensorreg/hash/fingerprint.hpp"
 #include "tensorreg/hash/sha256.hpp"
 #include "tensorreg/index/canonical_index.hpp"
@@ -149,6 +150,13 @@ class durable_store {
   /// Every published artifact, by id.
   [[nodiscard]] std::vector<stored_artifact> list() const;
 
+  struct totals_result {
+    std::size_t artifacts = 0;
+    std::uint64_t bytes = 0;  ///< the artifacts' total_size
+  };
+  /// How many artifacts are published and their bytes, without copying their records.
+  [[nodiscard]] totals_result totals() const;
+
   /// Reads the artifact's canonical bytes into `out` (exactly total_size bytes) and checks
   /// every leaf against the manifest (store_options::load_check) as it arrives. Errors: NOT_FOUND (not published),
   /// INVALID_ARGUMENT (`out` of another size), DATA_LOSS naming the leaf or file (the artifact
@@ -176,7 +184,7 @@ class durable_store {
 
   std::string root_;
   store_options options_;
-  mutable std::mutex mutex_;  // a leaf; guards the two tables below
+  mutable priority_inheriting_mutex mutex_;  // a leaf; guards the two tables below (GetStats takes it)
   std::map<std::string, std::shared_ptr<const stored_artifact>, std::less<>> published_;
   std::vector<quarantined_artifact> quarantined_;
 };

@@ -30,6 +30,7 @@
 #include "tensorreg/common/clock.hpp"
 #include "tensorreg/common/error.hpp"
 #include "tensorreg/common/function_ref.hpp"
+#include "tensorreg/common/priority_inheriting_mutex.hpp"
 #include "tensorreg/common/unique_fd.hpp"
 #include "tensorreg/memory/byte_source.hpp"
 #include "tensorreg/memory/shared_memory.hpp"
@@ -192,7 +193,7 @@ class region_registry {
 
   const clock& clock_;
   registry_options options_;
-  mutable std::mutex mutex_;
+  mutable priority_inheriting_mutex mutex_;  // the FIFO I/O thread takes it (GetStats)
   std::unordered_map<std::string, entry> regions_;
 };
 

@@ -33,6 +33,7 @@
 
 #include "tensorreg/common/clock.hpp"
 #include "tensorreg/common/error.hpp"
+#include "tensorreg/common/priority_inheriting_mutex.hpp"
 #include "tensorreg/memory/byte_source.hpp"
 #include "tensorreg/policy/store_policy.hpp"
 
@@ -231,7 +232,7 @@ class stable_dram_cache {
   const clock& clock_;
   const cache_hooks hooks_;
 
-  mutable std::mutex mutex_;  // guards everything below
+  mutable priority_inheriting_mutex mutex_;  // guards everything below; the I/O thread takes it
   lru_list lru_;
   std::unordered_map<std::string, lru_list::iterator, key_hash, std::equal_to<>> index_;
   std::uint64_t bytes_used_ = 0;

@@ -26,6 +26,7 @@
 #include "registration/materialize.hpp"
 #include "tensorreg/common/clock.hpp"
 #include "tensorreg/common/error.hpp"
+#include "tensorreg/common/priority_inheriting_mutex.hpp"
 #include "tensorreg/common/thread_pool.hpp"
 #include "tensorreg/hash/sha256.hpp"
 #include "tensorreg/index/canonical_index.hpp"
@@ -64,7 +65,7 @@ struct commit_context {
   const registration_facts& facts;
   std::function<std::uint32_t()> ttl_ms;  ///< the registration's TTL now (KeepAlive may change it)
   catalogue& cat;
-  std::mutex& catalogue_mutex;  ///< the engine mutex
+  priority_inheriting_mutex& catalogue_mutex;  ///< the engine mutex
   thread_pool& pool;
   device_memory* devices;  ///< null = no GPU
   const clock& time;
