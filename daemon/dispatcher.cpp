@@ -598,7 +598,7 @@ struct dispatcher::impl {
 
   status get_stats(call& c) {
     auto& out = *c.response.mutable_get_stats();
-    convert::fill_stats(out, engine.stats(), engine.list(), connections.load());
+    convert::fill_stats(out, engine.stats(), connections.load());
     out.set_uptime_seconds(uptime_seconds());
     out.set_hits(hits.value());
     out.set_misses(misses.value());

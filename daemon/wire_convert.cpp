@@ -520,21 +520,12 @@ void fill_list(wire::ListArtifactsResponse& out, std::vector<reg::artifact_summa
   for (const auto& s : in) fill_summary(*out.add_artifacts(), s);
 }
 
-void fill_stats(wire::GetStatsResponse& out, const reg::engine_stats& in,
-                const std::vector<reg::artifact_summary>& artifacts, std::size_t connections) {
-  std::uint64_t leased = 0, stable = 0, joins = 0, disk = 0, disk_bytes = 0;
-  for (const auto& a : artifacts) {
-    leased += a.leases > 0 ? 1 : 0;
-    stable += a.stable_replica ? 1 : 0;
-    joins += a.joined_refs;
-    disk += a.shared_disk ? 1 : 0;
-    disk_bytes += a.shared_disk ? a.descriptor.total_size : 0;
-  }
+void fill_stats(wire::GetStatsResponse& out, const reg::engine_stats& in, std::size_t connections) {
   out.set_artifacts(in.artifacts);
-  add_tier(out, wire::TIER_VRAM_LEASED, in.leased_bytes, leased);  // enum order
-  add_tier(out, wire::TIER_STABLE_DRAM, in.stable_bytes, stable);
-  add_tier(out, wire::TIER_SHARED_DISK, disk_bytes, disk);
-  out.set_leases(in.leases + joins);
+  add_tier(out, wire::TIER_VRAM_LEASED, in.leased_bytes, in.leased_artifacts);  // enum order
+  add_tier(out, wire::TIER_STABLE_DRAM, in.stable_bytes, in.stable_artifacts);
+  add_tier(out, wire::TIER_SHARED_DISK, in.shared_disk_bytes, in.shared_disk_artifacts);
+  out.set_leases(in.leases + in.joined_refs);
   out.set_regions(in.regions);
   out.set_open_mappings(in.open_mappings);
   out.set_vmm_reserved_bytes(in.vmm_reserved_bytes);

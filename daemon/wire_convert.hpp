@@ -129,8 +129,7 @@ void fill_device_layout(wire::OpenArtifactDeviceResponse& out, const registratio
 
 void fill_list(wire::ListArtifactsResponse& out, std::vector<registration::artifact_summary> in);
 
-void fill_stats(wire::GetStatsResponse& out, const registration::engine_stats& in,
-                const std::vector<registration::artifact_summary>& artifacts, std::size_t connections);
+void fill_stats(wire::GetStatsResponse& out, const registration::engine_stats& in, std::size_t connections);
 
 void fill_config(v2::GetServerConfigResponse& out, const std::string& socket_path,
                  const registration::engine_stats& stats);

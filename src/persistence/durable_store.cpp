@@ -497,6 +497,14 @@ std::vector<stored_artifact> durable_store::list() const {
   return out;
 }
 
+durable_store::totals_result durable_store::totals() const {
+  std::lock_guard lock(mutex_);
+  totals_result out;
+  out.artifacts = published_.size();
+  for (const auto& [id, a] : published_) out.bytes += a->record.total_size;
+  return out;
+}
+
 std::vector<quarantined_artifact> durable_store::quarantined() const {
   std::lock_guard lock(mutex_);
   return quarantined_;

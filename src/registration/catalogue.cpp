@@ -506,10 +506,16 @@ result<device_layout> catalogue::device_layout_of(const std::string& artifact_id
 
 void catalogue::add_stats(engine_stats& out) const {
   for (const auto& [id, a] : artifacts_) {
-    if (is_empty(id, a)) continue;
+    const bool stable = cache_.contains(id);
+    if (!stable && a.leases.empty() && a.joins.empty() && a.gpu_replicas.empty()) continue;  // is_empty
     ++out.artifacts;
     out.leases += a.leases.size();
-    if (!a.leases.empty()) out.leased_bytes += a.descriptor.total_size;
+    out.joined_refs += a.joins.size();
+    out.stable_artifacts += stable ? 1 : 0;
+    if (!a.leases.empty()) {
+      ++out.leased_artifacts;
+      out.leased_bytes += a.descriptor.total_size;
+    }
   }
   const auto cache_stats = cache_.stats();
   out.stable_bytes = cache_stats.bytes_used;

@@ -283,6 +283,12 @@ struct engine_stats {
   std::uint64_t stable_evicted_bytes = 0;
   std::uint64_t ipc_opens = 0;    ///< CUDA IPC handles opened by the driver since start (cumulative)
   std::uint64_t vmm_imports = 0;  ///< CUDA VMM imports since start (cumulative)
+  // Per-tier counts, so GetStats needs no list of artifacts.
+  std::size_t leased_artifacts = 0;       ///< artifacts with at least one lease
+  std::size_t stable_artifacts = 0;       ///< artifacts with a stable DRAM replica
+  std::size_t joined_refs = 0;            ///< idempotent-join references, over all artifacts
+  std::size_t shared_disk_artifacts = 0;  ///< artifacts persisted under --persist-dir
+  std::uint64_t shared_disk_bytes = 0;
 };
 
 /// One GPU allocation an artifact's bytes live in, as a reader in another process opens it
