@@ -87,6 +87,7 @@ struct provider_state {
   std::unique_ptr<std::atomic<std::uint64_t>[]> granularity;
   std::atomic<std::uint64_t> vmm_reserved{0};
   std::atomic<std::size_t> vmm_mappings{0};
+  std::atomic<std::size_t> ipc_mappings{0};  // live IPC mappings, so stats take no lock
   // Imports and releases run one at a time. The driver serializes them anyway, and threads
   // contending for it made each import slower than one thread alone (cuda_vmm_bench,
   // benchmarks/RESULTS.md); in turn this is what open_ipc does (ipc_mutex).
@@ -223,9 +224,12 @@ class ipc_mapping final : public provider_source {
  public:
   ipc_mapping(std::shared_ptr<provider_state> state, std::pair<std::int32_t, std::string> key, void* ptr,
               std::uint64_t size, int device) noexcept
-      : provider_source(std::move(state), ptr, size, device), key_(std::move(key)) {}
+      : provider_source(std::move(state), ptr, size, device), key_(std::move(key)) {
+    state_->ipc_mappings.fetch_add(1, std::memory_order_relaxed);
+  }
 
   ~ipc_mapping() override {
+    state_->ipc_mappings.fetch_sub(1, std::memory_order_relaxed);
     std::lock_guard open_lock(state_->ipc_mutex);
     {
       std::lock_guard lock(state_->cache_mutex);
@@ -493,10 +497,7 @@ result<registration::device_buffer> device_memory_provider::allocate(std::int32_
 }
 
 std::size_t device_memory_provider::open_mappings() const {
-  const std::size_t vmm = state_->vmm_mappings.load(std::memory_order_relaxed);
-  std::lock_guard lock(state_->cache_mutex);
-  return vmm + static_cast<std::size_t>(std::count_if(state_->cache.begin(), state_->cache.end(),
-                                                      [](const auto& kv) { return !kv.second.mapping.expired(); }));
+  return state_->vmm_mappings.load(std::memory_order_relaxed) + state_->ipc_mappings.load(std::memory_order_relaxed);
 }
 
 result<std::shared_ptr<const memory::byte_source>> device_memory_provider::import_vmm(
