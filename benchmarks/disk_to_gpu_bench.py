@@ -1,0 +1,191 @@
+"""Disk to GPU after a restart (issue #16): a persisted artifact loaded onto the GPU by a fresh
+daemon, against torch loading the same bytes from a safetensors file, side by side in one run.
+
+    python3 benchmarks/disk_to_gpu_bench.py --daemon build/daemon/tensorregd --cli build/cli/tensorreg
+        [--gib 16] [--repeat 3] [--dir DIR] [--device cuda]
+
+It writes a --gib GiB safetensors file of random bf16 tensors (dense, 8B-shaped layers) to
+--dir, puts it with `tensorreg put --policy durable` into a daemon with `--persist-dir`, stops
+that daemon and starts a fresh one on the same directory (a restart: nothing in DRAM). Then,
+each --repeat times and in alternating order, with the page cache dropped before each where
+this process may (else it says so, and both read warm):
+
+- torch: `safetensors.torch.load_file(FILE, device=DEVICE)` and a synchronize;
+- tensorreg: `Store.get(ID, device=DEVICE)` from a daemon that holds the artifact on disk only
+  (each repeat restarts the daemon, so the load comes from disk again), and a synchronize.
+
+The goal is tensorreg >= 2x faster than torch. Both results are checked equal to the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+here = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(here, "..", "python"))
+
+
+def log(*parts) -> None:
+    print(*parts, flush=True)
+
+
+def drop_page_cache() -> bool:
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+class Daemon:
+    def __init__(self, path: str, work: str, persist: str) -> None:
+        sockets = os.path.join(work, "sock")  # the daemon wants its socket's directory ours and 0700
+        os.makedirs(sockets, mode=0o700, exist_ok=True)
+        os.chmod(sockets, 0o700)
+        self.socket = os.path.join(sockets, "d.sock")
+        self.log_path = os.path.join(work, "tensorregd.log")
+        self.log = open(self.log_path, "w+")
+        self.proc = subprocess.Popen([path, "--socket", self.socket, "--persist-dir", persist, "--log-level", "warn"],
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while "ready on" not in open(self.log_path).read():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"tensorregd did not start: {open(self.log_path).read()}")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+def make_file(torch, path: str, gib: float, device: str) -> None:
+    from safetensors.torch import save_file
+    hidden, inter = 4096, 14336
+    per_layer = (4 * hidden * hidden + 3 * hidden * inter) * 2
+    layers = max(1, int(gib * (1 << 30) // per_layer))
+    gen = torch.Generator(device=device).manual_seed(7)
+    sd = {}
+    for i in range(layers):
+        for name, shape in (("q", (hidden, hidden)), ("k", (hidden, hidden)), ("v", (hidden, hidden)),
+                            ("o", (hidden, hidden)), ("gate", (inter, hidden)), ("up", (inter, hidden)),
+                            ("down", (hidden, inter))):
+            t = torch.empty(shape, dtype=torch.bfloat16, device=device)
+            t.normal_(generator=gen)
+            sd[f"layers.{i}.{name}.weight"] = t.cpu()
+    save_file(sd, path)
+
+
+def wait_persisted(cli: str, socket: str, artifact_id: str, timeout: float = 600) -> None:
+    import json
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        out = subprocess.run([cli, "ls", "--socket", socket, "--json"], capture_output=True, text=True, check=True)
+        if any(a["artifact_id"] == artifact_id and "shared_disk" in a["tiers"] for a in json.loads(out.stdout)):
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"{artifact_id} was not persisted in {timeout} s")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--daemon", required=True)
+    ap.add_argument("--cli", required=True)
+    ap.add_argument("--gib", type=float, default=16)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--dir", default=None)
+    ap.add_argument("--device", default="cuda")
+    opts = ap.parse_args()
+
+    import torch
+    from safetensors.torch import load_file
+
+    import tensorreg
+
+    work = opts.dir or tempfile.mkdtemp(prefix="disk2gpu-")
+    os.makedirs(work, exist_ok=True)
+    persist = os.path.join(work, "persist")
+    shutil.rmtree(persist, ignore_errors=True)
+    os.makedirs(persist, mode=0o700)
+    path = os.path.join(work, "model.safetensors")
+    t0 = time.perf_counter()
+    if not os.path.exists(path):  # a --dir of an earlier run keeps its file
+        make_file(torch, path, opts.gib, opts.device if opts.device.startswith("cuda") else "cpu")
+    size = os.path.getsize(path)
+    log(f"file: {size / (1 << 30):.2f} GiB ready in {time.perf_counter() - t0:.1f} s ({path})")
+
+    daemon = Daemon(opts.daemon, work, persist)
+    try:
+        t0 = time.perf_counter()
+        put = subprocess.run([opts.cli, "put", path, "--policy", "durable", "--socket", daemon.socket, "--json"],
+                             capture_output=True, text=True, check=True)
+        import json
+        artifact_id = json.loads(put.stdout)["artifact_id"]
+        wait_persisted(opts.cli, daemon.socket, artifact_id)
+        log(f"put --policy durable and persisted: {time.perf_counter() - t0:.1f} s, {artifact_id}")
+    finally:
+        daemon.stop()
+
+    dropped = drop_page_cache()
+    log("page cache: dropped before each load" if dropped else
+        "page cache: cannot drop it here (not root?): both loads read page-cached files")
+
+    def load_torch():
+        drop_page_cache()
+        t = time.perf_counter()
+        sd = load_file(path, device=opts.device)
+        torch.cuda.synchronize() if opts.device.startswith("cuda") else None
+        return time.perf_counter() - t, sd
+
+    def load_tensorreg():
+        d = Daemon(opts.daemon, work, persist)  # a restart each time: the artifact is on disk only
+        try:
+            drop_page_cache()
+            with tensorreg.Store(d.socket) as store:
+                t = time.perf_counter()
+                sd = store.get(artifact_id, device=opts.device)
+                torch.cuda.synchronize() if opts.device.startswith("cuda") else None
+                return time.perf_counter() - t, sd
+        finally:
+            d.stop()
+
+    torch_times, reg_times = [], []
+    for k in range(opts.repeat):
+        order = (load_torch, load_tensorreg) if k % 2 == 0 else (load_tensorreg, load_torch)
+        results = {}
+        for fn in order:
+            seconds, sd = fn()
+            results[fn] = sd
+            (torch_times if fn is load_torch else reg_times).append(seconds)
+        a, b = results[load_torch], results[load_tensorreg]
+        same = a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+        del results, a, b
+        log(f"repeat {k}: torch {torch_times[-1]:.3f} s, tensorreg {reg_times[-1]:.3f} s, equal: {same}")
+        if not same:
+            log("FAILED: tensorreg's tensors differ from the file's")
+            return 1
+    best_torch, best_reg = min(torch_times), min(reg_times)
+    gib = size / (1 << 30)
+    log(f"torch load_file   best {best_torch:.3f} s ({gib / best_torch:.2f} GiB/s)")
+    log(f"tensorreg get     best {best_reg:.3f} s ({gib / best_reg:.2f} GiB/s)")
+    log(f"speed-up {best_torch / best_reg:.2f}x (goal >= 2x)")
+    if not opts.dir:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
