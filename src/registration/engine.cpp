@@ -15,6 +15,7 @@
 #include <map>
 #include <mutex>
 #include <new>
+#include <set>
 #include <thread>
 #include <tuple>
 #include <utility>
@@ -175,6 +176,10 @@ struct engine::state {
   persistence::task_table tasks;
   std::atomic<bool> persist_cancel{false};  // set when the engine is destroyed
   std::mutex restore_mutex;                 // one restore at a time: a second waits and finds it
+  // A client waits for a restore; the start-up verification only keeps the disk busy, so it
+  // pauses while one runs and skips what a restore has checked leaf by leaf already.
+  std::atomic<int> restores_running{0};
+  std::set<std::string> checked_by_restore;  // guarded by restore_mutex
   // Declared last: destroyed first, while everything its jobs use is still there.
   std::unique_ptr<thread_pool> persist_pool;
   // Re-hashes adopted entries (adopt_resident()); made on first use, destroyed before the rest.
@@ -1105,6 +1110,13 @@ void engine::state::run_persistence(const std::string& task_id, const std::strin
 
 // Loads a persisted artifact back into the stable DRAM cache (subject to its budget).
 status engine::state::restore(const std::string& id) {
+  struct running_restore {
+    std::atomic<int>& count;
+    explicit running_restore(std::atomic<int>& c) : count(c) { count.fetch_add(1); }
+    ~running_restore() { count.fetch_sub(1); }
+    running_restore(const running_restore&) = delete;
+    running_restore& operator=(const running_restore&) = delete;
+  } running(restores_running);
   std::lock_guard restoring(restore_mutex);
   const std::string what = "cannot load " + id + " back from the persist directory";
   {
@@ -1121,6 +1133,7 @@ status engine::state::restore(const std::string& id) {
     tensorreg::log(log, log_level::warn, "{}", loaded.error().message);
     return loaded;
   }
+  checked_by_restore.insert(id);
   TENSORREG_TRY(memory.seal_read_only());
   auto replica = std::make_shared<const memory::shared_memory>(std::move(memory));
   auto summary = summary_of(*stored);
@@ -1145,7 +1158,17 @@ void engine::state::verify_persisted() {
   for (std::size_t i = 0; i < all.size(); ++i) {
     if (persist_cancel) return;
     const auto& id = all[i].record.artifact_id;
-    if (auto checked = options.durable->verify(id); checked) {
+    {
+      std::lock_guard restoring(restore_mutex);
+      if (checked_by_restore.contains(id)) {
+        ++ok;
+        continue;
+      }
+    }
+    const auto yield_to_restores = [this](std::uint64_t, std::uint64_t) {
+      while (restores_running.load() > 0 && !persist_cancel) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    };
+    if (auto checked = options.durable->verify(id, yield_to_restores); checked) {
       ++ok;
     } else if (checked.error().code != errc::not_found) {
       ++bad;

@@ -8,9 +8,12 @@
 #include <cerrno>
 #include <filesystem>
 #include <fstream>
+#include <thread>
+#include <vector>
 
 #include "support/engine_helpers.hpp"
 #include "support/fake_clock.hpp"
+#include "support/recording_logger.hpp"
 #include "support/temp_dir.hpp"
 #include "tensorreg/common/fault_injection.hpp"
 
@@ -64,13 +67,14 @@ struct fixture {
   temp_dir dir;
   std::string root = (dir.path() / "persist").string();
 
-  std::unique_ptr<reg::engine> open(std::uint64_t stable_bytes = 0) {
+  std::unique_ptr<reg::engine> open(std::uint64_t stable_bytes = 0, tensorreg::logger* log = nullptr) {
     auto o = tensorreg::testing::deterministic_options(clock);
     auto store = persistence::durable_store::open(root);
     REQUIRE(store);
     o.durable = std::move(*store);
     o.stable_bytes = stable_bytes;
-    o.verify_persisted_at_start = false;
+    o.verify_persisted_at_start = log != nullptr;  // a test that watches it passes a logger
+    if (log != nullptr) o.log = log;
     return tensorreg::testing::make_engine(std::move(o));
   }
 };
@@ -158,6 +162,36 @@ TEST_CASE("engine: an injected ENOSPC ends the task FAILED with its reason and t
   auto done = e->start_persistence(id);
   REQUIRE(done);
   CHECK(done->state == persistence::task_state::success);
+}
+
+TEST_CASE("engine: the start-up verification and a restore of the same artifacts both finish",
+          "[persistence][engine][concurrency]") {
+  fixture f;
+  std::vector<std::string> ids;
+  std::vector<std::string> canonical;
+  {
+    auto e = f.open();
+    for (int seed = 31; seed < 34; ++seed) {
+      const auto m = one_tensor((std::size_t{9} << 20) + 8, seed);
+      auto done = put(*e, m, profile(tensorreg::policy::profile::durable));
+      REQUIRE(e->wait_persistence(done.persistence_task_id, std::chrono::milliseconds(0)));
+      ids.push_back(done.descriptor.artifact_id);
+      canonical.push_back(m.canonical());
+    }
+  }
+  tensorreg::testing::recording_logger log;
+  auto e = f.open(0, &log);                     // a restart that verifies every persisted leaf in the background
+  for (std::size_t i = ids.size(); i-- > 0;) {  // last first, while the verification starts at the first
+    auto replica = e->stable_replica_fd(ids[i]);
+    REQUIRE(replica);
+    CHECK(read_fd(replica->second.get(), canonical[i].size()) == canonical[i]);
+  }
+  const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  while (log.count(tensorreg::log_level::info, "verification of the persist directory done") == 0 &&
+         std::chrono::steady_clock::now() < until) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  CHECK(log.count(tensorreg::log_level::info, "verification of the persist directory done: 3 good, 0 damaged") == 1);
 }
 
 TEST_CASE("engine: persistence of an unknown artifact is NOT_FOUND", "[persistence][engine]") {
