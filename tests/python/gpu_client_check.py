@@ -271,6 +271,12 @@ def producer(socket_path: str, cli: str, work: str, label: str) -> None:
         got_cuda = store.get(store.put(host).artifact_id, device="cuda")
         c.check(all(got_cuda[k].device.type == "cuda" and torch.equal(got_cuda[k].cpu(), v) for k, v in host.items())
                 and got_cuda["w"].data_ptr() == got_cuda["w_t"].data_ptr(), "get(device='cuda') of a CPU put")
+        # Above the 64 MiB staging buffers: the pipelined copy, with a tail shorter than a buffer.
+        big = {"a": torch.randint(-128, 127, ((150 << 20) + 12,), dtype=torch.int8),
+               "b": torch.randn(3, 5, dtype=torch.float32)}
+        got_big = store.get(store.put(big).artifact_id, device="cuda")
+        c.check(all(torch.equal(got_big[k].cpu(), v) for k, v in big.items()),
+                "get(device='cuda') of 150 MiB through the pinned staging buffers")
         art.close()
         c.check(art.lease.closed, "close() revoked the lease")
         if "expandable_segments:True" in summary["alloc_conf"]:
