@@ -17,9 +17,11 @@
 #include "command_table.hpp"
 #include "daemon_commands.hpp"
 #include "local_commands.hpp"
+#include "progress.hpp"
 
 int main(int argc, char** argv) try {
   namespace cli = tensorreg::cli;
+  cli::mark_command_start();  // the `time` commands print is the wall time from here
   std::vector<std::string> args(argv + 1, argv + argc);
   if (args.empty()) {
     fmt::print(stderr, "{}", cli::overall_usage());
