@@ -62,8 +62,8 @@ result<stable_budget> parse_stable_budget(std::string_view text, std::optional<s
     const auto percent = parse_u64(text.substr(0, text.size() - 1));
     if (!percent || *percent == 0 || *percent > 100) return bad("a percentage of memory must be 1% to 100%");
     if (!memory) return bad("this host's memory size cannot be read; give a number of bytes");
-    // Whole pages of 4 KiB, so the budget does not depend on rounding.
-    out.bytes = *memory / 100 * *percent / 4096 * 4096;
+    // In whole 4 KiB pages: the share of the pages, rounded down.
+    out.bytes = *memory / 4096 * *percent / 100 * 4096;
     return out;
   }
   const auto bytes = parse_u64(text);

@@ -56,7 +56,10 @@ status prepare_directory(const std::filesystem::path& dir, const socket_access& 
   if (S_ISLNK(st.st_mode)) return refuse("it is a symbolic link");
   if (!S_ISDIR(st.st_mode)) return refuse("it is not a directory");
   if (st.st_uid != ::geteuid()) return refuse("it is owned by uid " + std::to_string(st.st_uid));
-  if (access.group && (st.st_mode & 077) == 050 && st.st_gid == *access.group) return {};
+  if (access.group && (st.st_mode & 077) == 050) {
+    if (st.st_gid == *access.group) return {};
+    return refuse("its group is " + std::to_string(st.st_gid));
+  }
   if ((st.st_mode & 077) != 0) return refuse("its mode is " + octal(st.st_mode));
   if (access.group) {
     // Ours and private: open it to the group (read and search, never write). chown first, so

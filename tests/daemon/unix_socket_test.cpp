@@ -179,6 +179,22 @@ TEST_CASE("listen_unix: with a socket group the directory is 0750 with it and th
     REQUIRE(bound);
     CHECK((mode_of(run) & 07777) == 0750);
   }
+  if (::geteuid() == 0) {  // only root may give a directory to a group it is not in
+    SECTION("a 0750 directory of another group is refused") {
+      const auto run = dir.path() / "run";
+      fs::create_directory(run);
+      const gid_t other = group + 1;
+      REQUIRE(::chown(run.c_str(), static_cast<uid_t>(-1), other) == 0);
+      REQUIRE(::chmod(run.c_str(), 0750) == 0);
+      auto bound = listen_unix((run / "d.sock").string(), 4, access);
+      REQUIRE_FALSE(bound);
+      CHECK(bound.error().code == errc::failed_precondition);
+      CHECK(bound.error().message == "cannot use socket directory '" + run.string() + "': its group is " +
+                                         std::to_string(other) + "; it must be a directory owned by uid " +
+                                         std::to_string(::geteuid()) + " with mode 0700, or 0750 with group " +
+                                         std::to_string(group));
+    }
+  }
   SECTION("a directory the group may write into, or others may enter, is refused") {
     for (const mode_t mode : {mode_t{0770}, mode_t{0755}}) {
       const auto run = dir.path() / ("run" + std::to_string(mode));
