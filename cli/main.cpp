@@ -39,11 +39,11 @@ int main(int argc, char** argv) try {
     return 0;
   }
   if (command == "--completion") {
-    if (args.size() != 1 || args[0] != "bash") {
-      fmt::print(stderr, "tensorreg: --completion takes 'bash'\n");
+    if (args.size() != 1 || (args[0] != "bash" && args[0] != "zsh")) {
+      fmt::print(stderr, "tensorreg: --completion takes 'bash' or 'zsh'\n");
       return 2;
     }
-    fmt::print("{}", cli::bash_completion());
+    fmt::print("{}", args[0] == "bash" ? cli::bash_completion() : cli::zsh_completion());
     return 0;
   }
   if (command == "--man") {

@@ -245,6 +245,16 @@ def convention_checks(tool, daemon, check):
     comp = run(tool, "--completion", "bash").stdout
     failures += check("complete -F _tensorreg tensorreg" in comp and "--policy" in comp,
                       "the bash completion comes from the option table")
+    zsh_comp = run(tool, "--completion", "zsh").stdout
+    failures += check(zsh_comp.startswith("#compdef tensorreg") and "--policy[" in zsh_comp and
+                      "(cache warm pinned durable)" in zsh_comp, "the zsh completion comes from the option table")
+    zsh = shutil.which("zsh")
+    if zsh is None:
+        print("skip zsh -n of the completion: no zsh")
+    else:
+        parsed = subprocess.run([zsh, "-n"], input=zsh_comp, capture_output=True, text=True)
+        failures += check(parsed.returncode == 0 and parsed.stderr == "",
+                          f"zsh parses the zsh completion {parsed.stderr.strip()}")
     man = run(tool, "--man").stdout
     failures += check(man.startswith(".TH TENSORREG 1") and "TENSORREG_SOCKET" in man, "the man page is generated")
     return failures

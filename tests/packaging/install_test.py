@@ -41,6 +41,7 @@ def main() -> int:
             "bin/tensorregd", "bin/tensorreg",
             "include/tensorreg/client/connection.hpp", "include/tensorreg/hash/sha256.hpp",
             "share/man/man1/tensorreg.1", "share/bash-completion/completions/tensorreg",
+            "share/zsh/site-functions/_tensorreg",
             "share/doc/tensorreg/README.md", "share/doc/tensorreg/wire-format.md",
             "share/doc/tensorreg/registration.md", "share/doc/tensorreg/python.md",
             "lib/systemd/system/tensorregd.service", "lib/systemd/user/tensorregd.service",
