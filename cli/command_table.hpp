@@ -1,7 +1,7 @@
 // cli/command_table.hpp — every `tensorreg` command and option, described once.
 //
 // The one table the usage text, `tensorreg <command> --help`, the bash completion and the man
-// page are generated from (cli/main.cpp; `tensorreg --completion bash`, `tensorreg --man`), so
+// page are generated from (cli/main.cpp; `tensorreg --completion bash|zsh`, `tensorreg --man`), so
 // that they cannot disagree with each other.
 //
 // Thread-safety: constant data. Ownership: static storage.
@@ -41,6 +41,9 @@ struct command_help {
 
 /// A bash completion script for `tensorreg` (`complete -F`).
 [[nodiscard]] std::string bash_completion();
+
+/// A zsh completion function for `tensorreg` (`#compdef`; install as `_tensorreg` in $fpath).
+[[nodiscard]] std::string zsh_completion();
 
 /// The man page tensorreg(1), in roff.
 [[nodiscard]] std::string man_page(std::string_view version);

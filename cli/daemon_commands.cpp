@@ -17,6 +17,7 @@
 #include <set>
 
 #include "local_commands.hpp"
+#include "progress.hpp"
 #include "tensorreg/client/connection.hpp"
 #include "tensorreg/hash/multihash.hpp"
 #include "tensorreg/hash/sha256.hpp"
@@ -96,17 +97,6 @@ result<options> parse(const std::vector<std::string>& args) {
   return o;
 }
 
-std::string human_bytes(std::uint64_t n) {
-  const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
-  double v = static_cast<double>(n);
-  int u = 0;
-  while (v >= 1024 && u < 4) {
-    v /= 1024;
-    ++u;
-  }
-  return u == 0 ? fmt::format("{} B", n) : fmt::format("{:.1f} {}", v, units[u]);
-}
-
 // The wire's enum names, as the CLI has always printed them.
 std::string wire_kind_name(identity::id_kind k) { return "ARTIFACT_ID_KIND_" + std::string(identity::id_kind_name(k)); }
 
@@ -128,35 +118,20 @@ json descriptor_json(const client::artifact_descriptor& d) {
               {"id_kind", wire_kind_name(d.id_kind)}};
 }
 
-// A progress bar on a terminal, nothing otherwise.
-struct progress_bar {
-  bool enabled = ::isatty(STDERR_FILENO) != 0;
-  int last = -1;
-  void operator()(std::uint64_t done, std::uint64_t total) {
-    if (!enabled || total == 0) return;
-    const int pct = static_cast<int>(done * 100 / total);
-    if (pct == last) return;
-    last = pct;
-    const int width = 40;
-    const int filled = pct * width / 100;
-    fmt::print(stderr, "\r[{}{}] {:3}% {}", std::string(static_cast<std::size_t>(filled), '#'),
-               std::string(static_cast<std::size_t>(width - filled), ' '), pct, human_bytes(done));
-    if (done == total) fmt::print(stderr, "\n");
-  }
-};
-
 int print_registered(const client::registered& r, const options& o, const char* verb) {
   if (o.json) {
     json j = descriptor_json(r.descriptor);
     j["existed"] = r.existed;
     j["registration_id"] = r.registration_id;
     j["seconds"] = r.begin_to_commit_seconds;
+    j["wall_seconds"] = seconds_waited();
     j["evicted"] = r.evicted;
     fmt::print("{}\n", j.dump());
   } else {
+    // The time the user waited for the command: reading, copying, the daemon's hash and commit.
     fmt::print("{} {}\n  total_size {} ({})\n  existed    {}\n  time       {:.3f} s\n", verb, r.descriptor.artifact_id,
                r.descriptor.total_size, human_bytes(r.descriptor.total_size), r.existed ? "true" : "false",
-               r.begin_to_commit_seconds);
+               seconds_waited());
     for (const auto& id : r.evicted) fmt::print("  evicted    {} (to make room)\n", id);
   }
   return 0;
@@ -252,12 +227,19 @@ int cmd_put(connection& c, const options& o) {
     fmt::print(stderr, "tensorreg: {}\n", *problem);
     return 1;
   }
-  progress_bar bar;
-  client::put_options po{o.policy, [&](std::uint64_t done, std::uint64_t total) { bar(done, total); }};
+  const std::string committing = fmt::format("the daemon hashes {} and commits{}", human_bytes(size),
+                                             o.policy == "durable" ? " (and writes its durable copy)" : "");
+  progress shown("put " + o.name.value_or(default_name(o.positional)));
+  shown.phase("looking for the same content in the daemon");
+  client::put_options po{o.policy, [&](std::uint64_t done, std::uint64_t total) {
+                           shown.update(done, total);
+                           if (done == total) shown.phase(committing);
+                         }};
   po.name = o.name.value_or(default_name(o.positional));
   // reuse_held: a put of content the daemon holds costs a hash here, not a copy (issue #20).
   po.reuse_held = true;
   auto put = c.put(**bundle, po);
+  shown.finish();
   if (!put) {
     // Others' uploads may have taken the room meanwhile: say it in the same words when so.
     if (put.error().code == errc::resource_exhausted) {
@@ -277,7 +259,16 @@ int cmd_lease(connection& c, const options& o) {
   if (o.positional.empty()) return usage("usage: tensorreg lease FILES.safetensors... [--ttl-ms N]");
   auto bundle = index::safetensors_bundle::open(o.positional);
   if (!bundle) return fail_with(bundle.error());
-  auto held = c.register_lease(**bundle, o.ttl_ms);
+  const auto size = (*bundle)->index().total_size();
+  progress shown("lease " + default_name(o.positional));
+  client::lease_register_options lo;
+  lo.ttl_ms = o.ttl_ms;
+  lo.progress = [&](std::uint64_t done, std::uint64_t total) {
+    shown.update(done, total);
+    if (done == total) shown.phase(fmt::format("the daemon hashes {} and commits", human_bytes(size)));
+  };
+  auto held = c.register_lease(**bundle, lo);
+  shown.finish();
   if (!held) return fail_with(held.error());
   print_registered(held->info(), o, "leased");
   fmt::print(stderr, "tensorreg: holding the lease until SIGINT/SIGTERM\n");
@@ -459,15 +450,32 @@ int cmd_export(connection& c, const options& o) {
   auto resolved = resolve_id(c, o.positional[0], "export");
   if (!resolved) return fail_with(resolved.error());
   const auto& id = *resolved;
+  progress shown("export " + short_id(id));
+  shown.phase("opening the daemon's copy");
   auto got = c.get(id);
-  if (!got) return fail_with(got.error());
+  if (!got) {
+    shown.finish();
+    return fail_with(got.error());
+  }
   auto idx = index::canonical_index::parse(got->index_json, got->descriptor.total_size);
-  if (!idx) return fail_with(with_context(std::move(idx).error(), "cannot export " + id));
-  if (auto done = index::export_safetensors(*idx, got->memory, o.out); !done) return fail_with(done.error());
+  if (!idx) {
+    shown.finish();
+    return fail_with(with_context(std::move(idx).error(), "cannot export " + id));
+  }
+  auto written = index::export_safetensors(*idx, got->memory, o.out, [&](std::uint64_t done, std::uint64_t total) {
+    shown.update(done, total);
+    if (done == total) shown.phase("flushing " + o.out + " to disk");
+  });
+  shown.finish();
+  if (!written) return fail_with(written.error());
   if (o.json) {
-    fmt::print("{}\n", json{{"artifact_id", id}, {"out", o.out}, {"total_size", got->descriptor.total_size}}.dump());
+    fmt::print("{}\n", json{{"artifact_id", id},
+                            {"out", o.out},
+                            {"total_size", got->descriptor.total_size},
+                            {"wall_seconds", seconds_waited()}}
+                           .dump());
   } else {
-    fmt::print("exported {}\n  to         {}\n", id, o.out);
+    fmt::print("exported {}\n  to         {}\n  time       {:.3f} s\n", id, o.out, seconds_waited());
   }
   return 0;
 }

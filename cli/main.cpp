@@ -17,9 +17,11 @@
 #include "command_table.hpp"
 #include "daemon_commands.hpp"
 #include "local_commands.hpp"
+#include "progress.hpp"
 
 int main(int argc, char** argv) try {
   namespace cli = tensorreg::cli;
+  cli::mark_command_start();  // the `time` commands print is the wall time from here
   std::vector<std::string> args(argv + 1, argv + argc);
   if (args.empty()) {
     fmt::print(stderr, "{}", cli::overall_usage());
@@ -37,11 +39,11 @@ int main(int argc, char** argv) try {
     return 0;
   }
   if (command == "--completion") {
-    if (args.size() != 1 || args[0] != "bash") {
-      fmt::print(stderr, "tensorreg: --completion takes 'bash'\n");
+    if (args.size() != 1 || (args[0] != "bash" && args[0] != "zsh")) {
+      fmt::print(stderr, "tensorreg: --completion takes 'bash' or 'zsh'\n");
       return 2;
     }
-    fmt::print("{}", cli::bash_completion());
+    fmt::print("{}", args[0] == "bash" ? cli::bash_completion() : cli::zsh_completion());
     return 0;
   }
   if (command == "--man") {

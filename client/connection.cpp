@@ -196,7 +196,8 @@ result<lease> connection::register_lease(const index::safetensors_bundle& bundle
   };
   auto fd = take_fd(region_reply, "register a region");
   if (!fd) return unregister_on_error(fd.error());
-  if (auto written = write_canonical(bundle, fd->get(), {}); !written) return unregister_on_error(written.error());
+  if (auto written = write_canonical(bundle, fd->get(), options.progress); !written)
+    return unregister_on_error(written.error());
   auto slab = memory::shared_memory::adopt(std::move(*fd), idx.total_size(), /*writable=*/true);
   if (!slab) return unregister_on_error(slab.error());
   auto memory = std::make_shared<memory::shared_memory>(std::move(*slab));

@@ -27,6 +27,7 @@
 
 #include "dispatcher.hpp"
 #include "fd_store.hpp"
+#include "host_memory.hpp"
 #include "metrics_http.hpp"
 #include "server.hpp"
 #include "src/common/log.hpp"
@@ -50,11 +51,15 @@ constexpr const char* kUsage =
     "                           /tmp/tensorreg-$UID/tensorregd.sock)\n"
     "  --metrics-addr HOST:PORT serve Prometheus metrics at http://HOST:PORT/metrics (off by\n"
     "                           default; port 0 picks one, printed before the ready line)\n"
-    "  --stable-bytes N         stable DRAM cache budget in bytes (0 = unlimited; default 0)\n"
+    "  --stable-bytes N|P%      stable DRAM cache budget in bytes, or P percent of this host's\n"
+    "                           memory (its cgroup's memory.max when lower); never more than that\n"
+    "                           memory (0 = unlimited; default 0)\n"
     "  --replica-pool-bytes N   idle page-locked replica memory kept for fast GPU puts, beyond\n"
     "                           the stable budget (0 = none; default min(16 GiB, RAM / 8))\n"
     "  --snapshot-spare-bytes N largest snapshot lease after which the next one's device buffer\n"
     "                           is allocated ahead (one spare per GPU; default 0 = none)\n"
+    "  --socket-group GROUP     let the members of GROUP connect too: the socket's directory may\n"
+    "                           then be 0750 with that group (a system-wide daemon)\n"
     "  --persist-dir DIR        keep persisted artifacts here (created 0700; must be ours, 0700, not\n"
     "                           a symbolic link); without it StartPersistence is refused\n"
     "  --persist-threads N      persistence writes at once (default 2)\n"
@@ -93,6 +98,8 @@ struct options {
   std::string persist_dir;   // empty: no persistence
   unsigned persist_threads = 2;
   std::uint64_t stable_bytes = 0;
+  std::string stable_bytes_note;  // why stable_bytes is not what was asked (logged at start)
+  std::optional<gid_t> socket_group;
   std::optional<std::uint64_t> replica_pool_bytes;  // unset: the provider's default
   std::uint64_t snapshot_spare_bytes = 0;
   std::uint32_t max_frame_bytes = 64u << 20;
@@ -141,6 +148,19 @@ int parse_options(const std::vector<std::string>& args, options& o) {
       // Checked here, so that a typo is a usage error (2) before anything starts.
       if (auto parsed = tensorreg::daemon::parse_host_port(*v); !parsed) return bad(parsed.error().message);
       o.metrics_addr = *v;
+    } else if (a == "--stable-bytes") {
+      const auto* v = value();
+      if (v == nullptr) return bad(a + " needs a value");
+      auto budget = tensorreg::daemon::parse_stable_budget(*v, tensorreg::daemon::usable_memory_bytes());
+      if (!budget) return bad(budget.error().message);
+      o.stable_bytes = budget->bytes;
+      o.stable_bytes_note = budget->note;
+    } else if (a == "--socket-group") {
+      const auto* v = value();
+      if (v == nullptr) return bad(a + " needs a value");
+      auto gid = tensorreg::daemon::find_group(*v);
+      if (!gid) return bad(gid.error().message);
+      o.socket_group = *gid;
     } else if (a == "--trust-client-pids") {
       o.trust_client_pids = true;
     } else if (a == "--no-warm-start") {
@@ -185,12 +205,11 @@ int parse_options(const std::vector<std::string>& args, options& o) {
       if (!parse_number(*v, o.io_rt_priority) || o.io_rt_priority < 0 || o.io_rt_priority > 99) {
         return bad(a + " needs a number from 0 to 99, got '" + *v + "'");
       }
-    } else if (a == "--stable-bytes" || a == "--replica-pool-bytes" || a == "--snapshot-spare-bytes" ||
-               a == "--max-frame-bytes" || a == "--max-sessions" || a == "--workers" || a == "--max-in-flight") {
+    } else if (a == "--replica-pool-bytes" || a == "--snapshot-spare-bytes" || a == "--max-frame-bytes" ||
+               a == "--max-sessions" || a == "--workers" || a == "--max-in-flight") {
       const auto* v = value();
       if (v == nullptr) return bad(a + " needs a value");
-      bool ok = a == "--stable-bytes"           ? parse_number(*v, o.stable_bytes)
-                : a == "--replica-pool-bytes"   ? parse_number(*v, o.replica_pool_bytes.emplace())
+      bool ok = a == "--replica-pool-bytes"     ? parse_number(*v, o.replica_pool_bytes.emplace())
                 : a == "--snapshot-spare-bytes" ? parse_number(*v, o.snapshot_spare_bytes)
                 : a == "--max-frame-bytes"      ? parse_number(*v, o.max_frame_bytes) && o.max_frame_bytes > 0
                 : a == "--max-sessions"         ? parse_number(*v, o.max_sessions) && o.max_sessions > 0
@@ -260,6 +279,7 @@ tensorreg::result<std::shared_ptr<tensorreg::persistence::durable_store>> open_p
 int serve(const options& o, tensorreg::logger& log) {
   using tensorreg::log_level;
   raise_fd_limit(log);
+  if (!o.stable_bytes_note.empty()) tensorreg::log(log, log_level::warn, "{}", o.stable_bytes_note);
   // --takeover: the running daemon stops, finishes what is in flight and hands everything over
   // before this one opens anything it shares (the persist directory) (docs/architecture.md §14.2).
   std::optional<tensorreg::daemon::received_handoff> handed;
@@ -333,6 +353,7 @@ int serve(const options& o, tensorreg::logger& log) {
   tensorreg::daemon::dispatcher dispatch(**engine, d);
   tensorreg::daemon::server_options so;
   so.socket_path = o.socket;
+  so.access.group = o.socket_group;
   so.max_frame_bytes = o.max_frame_bytes;
   so.max_sessions = o.max_sessions;
   so.max_sessions_per_uid = o.max_sessions_per_uid;
@@ -383,9 +404,10 @@ int serve(const options& o, tensorreg::logger& log) {
   tensorreg::daemon::server* current = srv->get();
   const auto on_takeover = [&current] { current->hand_over(); };
   const auto control_path = tensorreg::daemon::takeover_path(o.socket);
-  auto takeover = handed ? tensorreg::daemon::takeover_listener::adopt(
-                               control_path, std::move(handed->control_listener), ::geteuid(), on_takeover, log)
-                         : tensorreg::daemon::takeover_listener::create(control_path, ::geteuid(), on_takeover, log);
+  auto takeover =
+      handed ? tensorreg::daemon::takeover_listener::adopt(control_path, std::move(handed->control_listener),
+                                                           ::geteuid(), on_takeover, log)
+             : tensorreg::daemon::takeover_listener::create(control_path, ::geteuid(), on_takeover, log, so.access);
   if (!takeover) {
     if (handed) {
       tensorreg::log(log, log_level::error, "{}", takeover.error().message);

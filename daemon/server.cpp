@@ -626,7 +626,8 @@ server::~server() {
 
 result<std::unique_ptr<server>> server::create(server_options options, dispatcher& dispatch) {
   // The directory, the path and the bind are checked and done in unix_socket (DECISIONS §4).
-  TENSORREG_TRY_ASSIGN(auto bound, listen_unix(options.socket_path, asio::socket_base::max_listen_connections));
+  TENSORREG_TRY_ASSIGN(auto bound,
+                       listen_unix(options.socket_path, asio::socket_base::max_listen_connections, options.access));
   return adopt(std::move(options), dispatch, std::move(bound));
 }
 

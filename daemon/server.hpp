@@ -51,6 +51,8 @@ namespace tensorreg::daemon {
 
 struct server_options {
   std::string socket_path;
+  /// Who else may connect (unix_socket.hpp): a group for a system-wide daemon.
+  socket_access access{};
   std::uint32_t max_frame_bytes = 64u << 20;
   std::size_t max_sessions = 1024;
   /// Most concurrent connections of one uid, so that one user cannot take every session;

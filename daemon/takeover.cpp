@@ -184,8 +184,9 @@ takeover_listener::takeover_listener(std::string path, listening_socket bound, u
     : path_(std::move(path)), bound_(std::move(bound)), uid_(uid), on_request_(std::move(on_request)), log_(log) {}
 
 result<std::unique_ptr<takeover_listener>> takeover_listener::create(const std::string& path, uid_t daemon_uid,
-                                                                     std::function<void()> on_request, logger& log) {
-  TENSORREG_TRY_ASSIGN(auto bound, listen_unix(path, 4));
+                                                                     std::function<void()> on_request, logger& log,
+                                                                     const socket_access& access) {
+  TENSORREG_TRY_ASSIGN(auto bound, listen_unix(path, 4, access));
   return adopt(path, std::move(bound.fd), daemon_uid, std::move(on_request), log);
 }
 

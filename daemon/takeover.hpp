@@ -81,10 +81,12 @@ struct received_handoff {
 /// connection, calls `on_request` (on its thread) and accepts nothing more.
 class takeover_listener {
  public:
-  /// Binds `path` (unix_socket.hpp's listen_unix(): same directory rules).
+  /// Binds `path` (unix_socket.hpp's listen_unix(): same directory rules, the same `access`
+  /// as the main socket's, since both live in one directory).
   /// Errors: listen_unix()'s.
   [[nodiscard]] static result<std::unique_ptr<takeover_listener>> create(const std::string& path, uid_t daemon_uid,
-                                                                         std::function<void()> on_request, logger& log);
+                                                                         std::function<void()> on_request, logger& log,
+                                                                         const socket_access& access = {});
   /// Listens on an fd a predecessor handed over, bound to `path`.
   [[nodiscard]] static result<std::unique_ptr<takeover_listener>> adopt(const std::string& path, unique_fd listening,
                                                                         uid_t daemon_uid,

@@ -1,5 +1,6 @@
 #include "unix_socket.hpp"
 
+#include <grp.h>
 #include <poll.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -7,6 +8,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <charconv>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -23,8 +25,9 @@ std::string octal(mode_t mode) {
   return text;
 }
 
-// The socket's directory: ours, 0700, a real directory (DECISIONS §4).
-status prepare_directory(const std::filesystem::path& dir) {
+// The socket's directory: ours, 0700, a real directory (DECISIONS §4); or 0750 with the group
+// of socket_access, which may then connect too.
+status prepare_directory(const std::filesystem::path& dir, const socket_access& access) {
   const std::string name = dir.string();
   if (::mkdir(name.c_str(), 0700) != 0 && errno != EEXIST) {
     if (errno != ENOENT) {
@@ -43,15 +46,30 @@ status prepare_directory(const std::filesystem::path& dir) {
   if (::lstat(name.c_str(), &st) != 0) {
     return fail(errc::unavailable, "cannot inspect socket directory '" + name + "': " + os_reason(errno));
   }
+  const std::string allowed =
+      access.group ? " with mode 0700, or 0750 with group " + std::to_string(*access.group) : " with mode 0700";
   const auto refuse = [&](const std::string& why) {
     return fail(errc::failed_precondition, "cannot use socket directory '" + name + "': " + why +
                                                "; it must be a directory owned by uid " + std::to_string(::geteuid()) +
-                                               " with mode 0700");
+                                               allowed);
   };
   if (S_ISLNK(st.st_mode)) return refuse("it is a symbolic link");
   if (!S_ISDIR(st.st_mode)) return refuse("it is not a directory");
   if (st.st_uid != ::geteuid()) return refuse("it is owned by uid " + std::to_string(st.st_uid));
+  if (access.group && (st.st_mode & 077) == 050) {
+    if (st.st_gid == *access.group) return {};
+    return refuse("its group is " + std::to_string(st.st_gid));
+  }
   if ((st.st_mode & 077) != 0) return refuse("its mode is " + octal(st.st_mode));
+  if (access.group) {
+    // Ours and private: open it to the group (read and search, never write). chown first, so
+    // that the directory is never open to the wrong group.
+    if (::chown(name.c_str(), static_cast<uid_t>(-1), *access.group) != 0 || ::chmod(name.c_str(), 0750) != 0) {
+      const auto code = errno == EPERM ? errc::permission_denied : errc::unavailable;
+      return fail(code, "cannot open socket directory '" + name + "' to group " + std::to_string(*access.group) + ": " +
+                            os_reason(errno));
+    }
+  }
   return {};
 }
 
@@ -173,13 +191,30 @@ std::string default_socket_path() {
   return "/tmp/tensorreg-" + std::to_string(::getuid()) + "/tensorregd.sock";
 }
 
-result<listening_socket> listen_unix(const std::string& path, int backlog) {
+result<gid_t> find_group(std::string_view name) {
+  gid_t number = 0;
+  const auto* end = name.data() + name.size();
+  if (auto [ptr, ec] = std::from_chars(name.data(), end, number); ec == std::errc{} && ptr == end && !name.empty()) {
+    return number;
+  }
+  const std::string text(name);
+  std::vector<char> buffer(16384);
+  struct group entry {};
+  struct group* found = nullptr;
+  const int e = ::getgrnam_r(text.c_str(), &entry, buffer.data(), buffer.size(), &found);
+  if (e != 0 || found == nullptr) {
+    return fail(errc::not_found, "cannot find group '" + text + "'" + (e != 0 ? ": " + os_reason(e) : std::string()));
+  }
+  return found->gr_gid;
+}
+
+result<listening_socket> listen_unix(const std::string& path, int backlog, const socket_access& access) {
   sockaddr_un addr{};
   if (path.size() >= sizeof addr.sun_path) {
     return fail(errc::invalid_argument, "cannot listen on '" + path + "': the path is too long");
   }
   const auto dir = std::filesystem::path(path).parent_path();
-  TENSORREG_TRY(prepare_directory(dir.empty() ? std::filesystem::path(".") : dir));
+  TENSORREG_TRY(prepare_directory(dir.empty() ? std::filesystem::path(".") : dir, access));
   TENSORREG_TRY(clear_path(path));
   addr.sun_family = AF_UNIX;
   std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
@@ -200,6 +235,13 @@ result<listening_socket> listen_unix(const std::string& path, int backlog) {
     const int e = errno;
     ::unlink(path.c_str());
     return fail(errc::unavailable, "cannot listen on '" + path + "': " + os_reason(e));
+  }
+  if (access.group && st.st_gid != *access.group &&
+      ::lchown(path.c_str(), static_cast<uid_t>(-1), *access.group) != 0) {
+    const int e = errno;
+    ::unlink(path.c_str());
+    return fail(e == EPERM ? errc::permission_denied : errc::unavailable,
+                "cannot give socket '" + path + "' to group " + std::to_string(*access.group) + ": " + os_reason(e));
   }
   out.device = st.st_dev;
   out.inode = st.st_ino;

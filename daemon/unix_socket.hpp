@@ -12,8 +12,10 @@
 #include <sys/types.h>
 
 #include <cstddef>
+#include <optional>
 #include <span>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "framing.hpp"
@@ -64,6 +66,19 @@ struct listening_socket {
   ino_t inode = 0;
 };
 
+/// Who besides the daemon's own uid (and root) may connect.
+struct socket_access {
+  /// Unset: nobody else; the directory is 0700. Set: the members of this group too (a
+  /// system-wide daemon under systemd, packaging/systemd/): the directory may be 0750 with this
+  /// group (an existing 0700 one of ours is opened to it), and the socket is 0660 with it. The
+  /// group gets no write bit on the directory, so it cannot replace the socket.
+  std::optional<gid_t> group;
+};
+
+/// The gid of group `name` (a name from the group database, or a number).
+/// Errors: NOT_FOUND naming the group.
+[[nodiscard]] result<gid_t> find_group(std::string_view name);
+
 /// Binds and listens at `path` safely (DECISIONS §4):
 /// - The directory holding the socket is created 0700 when missing (its parents as needed).
 ///   It must be a directory (not a symlink), owned by our effective uid, with no permission
@@ -75,7 +90,10 @@ struct listening_socket {
 /// Errors: INVALID_ARGUMENT (path too long), FAILED_PRECONDITION (unsafe directory, something
 /// other than a socket at the path, another daemon live), UNAVAILABLE / PERMISSION_DENIED (the
 /// directory cannot be made or the bind fails); each message names the path and the reason.
-[[nodiscard]] result<listening_socket> listen_unix(const std::string& path, int backlog);
+/// With `access.group` set, the directory may be 0750 with that group instead (see
+/// socket_access), and the socket's group is that group.
+[[nodiscard]] result<listening_socket> listen_unix(const std::string& path, int backlog,
+                                                   const socket_access& access = {});
 
 /// Removes `path` only if it is still the socket `bound` was bound to (same device and inode):
 /// a newer daemon's socket on the same path is left alone.

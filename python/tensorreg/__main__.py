@@ -7,6 +7,7 @@ exit 1, usage errors exit 2.
     python -m tensorreg show ID
     python -m tensorreg index ID
     python -m tensorreg stats
+    python -m tensorreg --version
 (all take --socket PATH and --json)
 """
 
@@ -16,7 +17,7 @@ import json
 import sys
 import time
 
-from . import Error, Store
+from . import Error, Store, __version__
 
 USAGE = """usage: python -m tensorreg <command> [args]
 daemon commands (all take --socket PATH and --json):
@@ -26,6 +27,7 @@ daemon commands (all take --socket PATH and --json):
   show ID                         an artifact's descriptor and tensors
   index ID                        an artifact's canonical index JSON
   stats                           counters
+  --version                       print the version
 """
 
 
@@ -135,6 +137,9 @@ def main(argv=None) -> int:
     if not args or args[0] in ("-h", "--help", "help"):
         (sys.stdout if args else sys.stderr).write(USAGE)
         return 0 if args else 2
+    if args[0] in ("--version", "version"):
+        print(f"tensorreg {__version__}")
+        return 0
     command, rest = args[0], args[1:]
     commands = {"put", "ls", "show", "index", "stats"}
     if command not in commands:

@@ -96,7 +96,8 @@ result<std::string> safetensors_export_header(const canonical_index& index) {
   return out + text;
 }
 
-status export_safetensors(const canonical_index& index, const memory::byte_source& bytes, const std::string& path) {
+status export_safetensors(const canonical_index& index, const memory::byte_source& bytes, const std::string& path,
+                          const std::function<void(std::uint64_t, std::uint64_t)>& progress) {
   const std::string what = "cannot export to '" + path + "'";
   if (bytes.size() != index.total_size()) {
     return fail(errc::invalid_argument, what + ": " + std::to_string(bytes.size()) + " bytes for an index of " +
@@ -109,10 +110,19 @@ status export_safetensors(const canonical_index& index, const memory::byte_sourc
     unique_fd fd(memory::sys::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644));
     if (!fd) return tl::unexpected(memory::sys::file_error("open", tmp, errno));
     TENSORREG_TRY(memory::sys::write_all(fd.get(), std::as_bytes(std::span(header->data(), header->size())), tmp));
+    std::uint64_t file_size = header->size();
     for (const auto& e : index.entries()) {
       TENSORREG_TRY_ASSIGN(auto at, tensor_bytes(e));
-      TENSORREG_TRY(bytes.visit(at.begin, at.length, [&](std::span<const std::byte> piece) {
-        return memory::sys::write_all(fd.get(), piece, tmp);
+      file_size += at.length;
+    }
+    std::uint64_t written = header->size();
+    for (const auto& e : index.entries()) {
+      TENSORREG_TRY_ASSIGN(auto at, tensor_bytes(e));
+      TENSORREG_TRY(bytes.visit(at.begin, at.length, [&](std::span<const std::byte> piece) -> status {
+        TENSORREG_TRY(memory::sys::write_all(fd.get(), piece, tmp));
+        written += piece.size();
+        if (progress) progress(written, file_size);
+        return {};
       }));
     }
     if (memory::sys::fsync(fd.get()) != 0) return tl::unexpected(memory::sys::file_error("fsync", tmp, errno));

@@ -150,6 +150,7 @@ def main():
         if len(sys.argv) > 2:
             failures += daemon_checks(tool, sys.argv[2], d, check)
             failures += daemon_convention_checks(tool, sys.argv[2], d, check)
+            failures += progress_checks(tool, sys.argv[2], d, check)
     sys.exit(1 if failures else 0)
 
 
@@ -244,6 +245,16 @@ def convention_checks(tool, daemon, check):
     comp = run(tool, "--completion", "bash").stdout
     failures += check("complete -F _tensorreg tensorreg" in comp and "--policy" in comp,
                       "the bash completion comes from the option table")
+    zsh_comp = run(tool, "--completion", "zsh").stdout
+    failures += check(zsh_comp.startswith("#compdef tensorreg") and "--policy[" in zsh_comp and
+                      "(cache warm pinned durable)" in zsh_comp, "the zsh completion comes from the option table")
+    zsh = shutil.which("zsh")
+    if zsh is None:
+        print("skip zsh -n of the completion: no zsh")
+    else:
+        parsed = subprocess.run([zsh, "-n"], input=zsh_comp, capture_output=True, text=True)
+        failures += check(parsed.returncode == 0 and parsed.stderr == "",
+                          f"zsh parses the zsh completion {parsed.stderr.strip()}")
     man = run(tool, "--man").stdout
     failures += check(man.startswith(".TH TENSORREG 1") and "TENSORREG_SOCKET" in man, "the man page is generated")
     return failures
@@ -302,6 +313,83 @@ def top_under_tmux(tool, sock, check):
         shown = subprocess.run(base + ["list-panes", "-t", "top", "-F", "#{pane_current_command}"],
                                capture_output=True, text=True).stdout.strip()
         failures += check(shown == "sleep" and "tensorregd at" in after, "q quits top and leaves the last view")
+    finally:
+        subprocess.run(base + ["kill-server"], capture_output=True)
+    return failures
+
+
+def progress_checks(tool, daemon, d, check):
+    """put, export and lease: progress (bytes, rate, time) on a terminal (tmux), none when piped,
+    and the `time` printed is the wall time the user waited (issue #20)."""
+    failures = 0
+    sock = os.path.join(d, "run3", "tensorregd.sock")
+    proc, log = start_daemon(daemon, sock, os.path.join(d, "daemon3.log"))
+    env = dict(os.environ, TENSORREG_SOCKET=sock)
+    model = os.path.join(d, "progress.safetensors")
+    # Large enough that the bar is drawn more than once on any machine.
+    write_safetensors(model, {"w": ("U8", [256 << 20], os.urandom(256 << 20))})
+    try:
+        # Piped: results only, no progress line, and the time is the whole wait.
+        started = time.monotonic()
+        piped = subprocess.run([tool, "put", model], capture_output=True, text=True, env=env)
+        waited = time.monotonic() - started
+        shown = [line.split()[1] for line in piped.stdout.splitlines() if line.strip().startswith("time")]
+        failures += check(piped.returncode == 0 and piped.stderr == "" and "\r" not in piped.stdout and
+                          "\x1b" not in piped.stdout, "put shows no progress when piped")
+        failures += check(len(shown) == 1 and 0 < float(shown[0]) <= waited,
+                          f"put's time is at most the wall time waited ({shown} <= {waited:.3f} s)")
+        again = subprocess.run([tool, "put", "--json", model], capture_output=True, text=True, env=env)
+        j = json.loads(again.stdout)
+        failures += check(again.stderr == "" and j["existed"] and j["wall_seconds"] >= j["seconds"],
+                          "put --json gives the wall time beside Begin->Commit")
+        out = os.path.join(d, "progress-export.safetensors")
+        exported = subprocess.run([tool, "export", j["artifact_id"], "--out", out], capture_output=True, text=True,
+                                  env=env)
+        failures += check(exported.returncode == 0 and exported.stderr == "" and "time" in exported.stdout,
+                          "export prints its time and no progress when piped")
+        os.unlink(out)
+        failures += progress_under_tmux(tool, sock, model, j["artifact_id"], out, d, check)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=10)
+        os.unlink(model)
+    return failures
+
+
+def progress_under_tmux(tool, sock, model, artifact_id, out, d, check):
+    """On a terminal (tmux; everything written to it logged by pipe-pane): put, export and lease
+    draw a progress line with bytes, the total and the time, redrawn in place, then erase it
+    before the result. Skipped without tmux."""
+    tmux = shutil.which("tmux")
+    if tmux is None:
+        print("skip progress under tmux: no tmux (apt-get install tmux)")
+        return 0
+    server = f"tensorreg-progress-{os.getpid()}"
+    base = [tmux, "-L", server, "-f", "/dev/null"]
+    raw = os.path.join(d, "terminal.log")
+    go = os.path.join(d, "go")
+    failures = 0
+    script = (f"export TENSORREG_SOCKET={sock}; while [ ! -e {go} ]; do sleep 0.05; done; "
+              f"{tool} rm {artifact_id}; {tool} put --name fresh {model}; {tool} export {artifact_id} --out {out}; "
+              f"timeout -s INT 5 {tool} lease {model}; echo all-done; sleep 30")
+    try:
+        subprocess.run(base + ["new-session", "-d", "-x", "160", "-y", "40", "-s", "p", script], check=True)
+        subprocess.run(base + ["pipe-pane", "-t", "p", f"cat >> {raw}"], check=True)
+        open(go, "w").close()
+        text = ""
+        for _ in range(300):
+            time.sleep(0.1)
+            text = open(raw, errors="replace", newline="").read() if os.path.exists(raw) else ""
+            if "all-done" in text:
+                break
+        for label in ["put fresh", "export ", "lease progress.safetensors"]:
+            drawn = [part.replace("\x1b[K", "") for part in text.split("\r") if part.startswith(label) and "%" in part]
+            failures += check(any("100%" in part and "of 256.0 MiB" in part and part.rstrip().endswith(" s")
+                                  for part in drawn),
+                              f"'{label.strip()}' draws bytes of the total and the time on a terminal")
+        failures += check(text.count("\x1b[K") >= 3 and "iB/s" in text, "the line is redrawn in place with a rate")
+        failures += check("put mi2:" in text and "exported " in text and "leased mi2:" in text,
+                          "the results follow the erased progress lines")
     finally:
         subprocess.run(base + ["kill-server"], capture_output=True)
     return failures

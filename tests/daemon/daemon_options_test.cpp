@@ -5,6 +5,7 @@
 
 #include <catch2/catch.hpp>
 
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -118,4 +119,45 @@ TEST_CASE("tensorregd: an --io-rt-priority past 99 exits 2 naming the value", "[
   CHECK(*code == 2);
   CHECK_THAT(d.output(), Catch::Contains("tensorregd: --io-rt-priority needs a number from 0 to 99, got '100'"));
   CHECK_FALSE(std::filesystem::exists(dir.path() / "d.sock"));
+}
+
+TEST_CASE("tensorregd: --stable-bytes as a share of memory, and a bad share exits 2", "[daemon][e2e]") {
+  {
+    daemon_process d({"--stable-bytes", "1%"});
+    auto fd = tensorreg::daemon::connect_unix(d.socket_path()).value();
+    wire::Request config;
+    config.set_request_id(1);
+    config.mutable_get_server_config();
+    const auto answer = exchange(fd.get(), config);
+    CHECK(answer.status().code() == 0);
+    // 1% of any machine this runs on is more than a page and less than 100 GiB.
+    CHECK(answer.get_server_config().mem_pool_size() > 4096);
+    CHECK(answer.get_server_config().mem_pool_size() < (std::int64_t{100} << 30));
+  }
+  tensorreg::testing::temp_dir dir;
+  daemon_process d((dir.path() / "d.sock").string(), {"--stable-bytes", "150%"}, false);
+  const auto code = d.wait_exit();
+  REQUIRE(code);
+  CHECK(*code == 2);
+  CHECK_THAT(
+      d.output(),
+      Catch::Contains("tensorregd: cannot use --stable-bytes '150%': a percentage of memory must be 1% to 100%"));
+}
+
+TEST_CASE("tensorregd: --socket-group opens the socket's directory to that group only", "[daemon][e2e]") {
+  tensorreg::testing::temp_dir dir;
+  const auto sock = dir.path() / "shared" / "d.sock";
+  daemon_process d(sock.string(), {"--socket-group", std::to_string(::getegid())}, true);
+  struct stat st {};
+  REQUIRE(::stat(sock.parent_path().c_str(), &st) == 0);
+  CHECK((st.st_mode & 07777) == 0750);
+  CHECK(st.st_gid == ::getegid());
+  CHECK(tensorreg::daemon::connect_unix(sock.string()));
+  CHECK(d.stop() == 0);
+
+  daemon_process unknown((dir.path() / "x.sock").string(), {"--socket-group", "no-such-group-tensorreg"}, false);
+  const auto code = unknown.wait_exit();
+  REQUIRE(code);
+  CHECK(*code == 2);
+  CHECK_THAT(unknown.output(), Catch::Contains("tensorregd: cannot find group 'no-such-group-tensorreg'"));
 }

@@ -148,3 +148,80 @@ TEST_CASE("default_socket_path: XDG_RUNTIME_DIR is preferred over /tmp", "[daemo
         "/tmp/tensorreg-" + std::to_string(::getuid()) + "/tensorregd.sock");
   if (saved != nullptr) ::setenv("XDG_RUNTIME_DIR", kept.c_str(), 1);
 }
+
+TEST_CASE("listen_unix: with a socket group the directory is 0750 with it and the socket is its",
+          "[daemon][unix_socket]") {
+  tensorreg::testing::temp_dir dir;
+  // Our own group is one we may always give files to; root may give any (gid 1 where it exists).
+  const gid_t group = ::geteuid() == 0 ? 1 : ::getegid();
+  const tensorreg::daemon::socket_access access{group};
+  auto gid_of = [](const fs::path& p) {
+    struct stat st {};
+    REQUIRE(::lstat(p.c_str(), &st) == 0);
+    return st.st_gid;
+  };
+  SECTION("a missing directory is made 0750 with the group") {
+    const auto path = dir.path() / "run" / "d.sock";
+    auto bound = listen_unix(path.string(), 4, access);
+    REQUIRE(bound);
+    CHECK((mode_of(path.parent_path()) & 07777) == 0750);
+    CHECK(gid_of(path.parent_path()) == group);
+    CHECK((mode_of(path) & 0777) == 0660);
+    CHECK(gid_of(path) == group);
+    CHECK(tensorreg::daemon::connect_unix(path.string()));
+  }
+  SECTION("an existing 0750 directory of the group is used as it is") {
+    const auto run = dir.path() / "run";
+    fs::create_directory(run);
+    REQUIRE(::chown(run.c_str(), static_cast<uid_t>(-1), group) == 0);
+    REQUIRE(::chmod(run.c_str(), 0750) == 0);
+    auto bound = listen_unix((run / "d.sock").string(), 4, access);
+    REQUIRE(bound);
+    CHECK((mode_of(run) & 07777) == 0750);
+  }
+  if (::geteuid() == 0) {  // only root may give a directory to a group it is not in
+    SECTION("a 0750 directory of another group is refused") {
+      const auto run = dir.path() / "run";
+      fs::create_directory(run);
+      const gid_t other = group + 1;
+      REQUIRE(::chown(run.c_str(), static_cast<uid_t>(-1), other) == 0);
+      REQUIRE(::chmod(run.c_str(), 0750) == 0);
+      auto bound = listen_unix((run / "d.sock").string(), 4, access);
+      REQUIRE_FALSE(bound);
+      CHECK(bound.error().code == errc::failed_precondition);
+      CHECK(bound.error().message == "cannot use socket directory '" + run.string() + "': its group is " +
+                                         std::to_string(other) + "; it must be a directory owned by uid " +
+                                         std::to_string(::geteuid()) + " with mode 0700, or 0750 with group " +
+                                         std::to_string(group));
+    }
+  }
+  SECTION("a directory the group may write into, or others may enter, is refused") {
+    for (const mode_t mode : {mode_t{0770}, mode_t{0755}}) {
+      const auto run = dir.path() / ("run" + std::to_string(mode));
+      fs::create_directory(run);
+      REQUIRE(::chown(run.c_str(), static_cast<uid_t>(-1), group) == 0);
+      REQUIRE(::chmod(run.c_str(), mode) == 0);
+      auto bound = listen_unix((run / "d.sock").string(), 4, access);
+      REQUIRE_FALSE(bound);
+      CHECK(bound.error().code == errc::failed_precondition);
+      CHECK(bound.error().message == "cannot use socket directory '" + run.string() + "': its mode is " +
+                                         (mode == 0770 ? "0770" : "0755") + "; it must be a directory owned by uid " +
+                                         std::to_string(::geteuid()) + " with mode 0700, or 0750 with group " +
+                                         std::to_string(group));
+      CHECK_FALSE(fs::exists(run / "d.sock"));
+    }
+  }
+}
+
+TEST_CASE("find_group: a name or a number, NOT_FOUND naming what is unknown", "[daemon][unix_socket]") {
+  auto root = tensorreg::daemon::find_group("root");
+  REQUIRE(root);
+  CHECK(*root == 0);
+  auto number = tensorreg::daemon::find_group("4242");
+  REQUIRE(number);
+  CHECK(*number == 4242);
+  auto none = tensorreg::daemon::find_group("no-such-group-tensorreg");
+  REQUIRE_FALSE(none);
+  CHECK(none.error().code == errc::not_found);
+  CHECK(none.error().message == "cannot find group 'no-such-group-tensorreg'");
+}

@@ -12,6 +12,8 @@
 // Thread-safety: the functions share no state. Ownership: nothing is kept after a call.
 #pragma once
 
+#include <cstdint>
+#include <functional>
 #include <string>
 
 #include "tensorreg/common/error.hpp"
@@ -30,7 +32,9 @@ namespace tensorreg::index {
 /// `path` + ".tmp-<random>" and a rename. Errors: as safetensors_export_header(); INVALID_ARGUMENT
 /// (bytes of another size); UNAVAILABLE / RESOURCE_EXHAUSTED (I/O, naming the file); the
 /// source's read errors.
+/// `progress`, when given, is called after each piece is written (bytes written, file size).
 [[nodiscard]] status export_safetensors(const canonical_index& index, const memory::byte_source& bytes,
-                                        const std::string& path);
+                                        const std::string& path,
+                                        const std::function<void(std::uint64_t, std::uint64_t)>& progress = {});
 
 }  // namespace tensorreg::index

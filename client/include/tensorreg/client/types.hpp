@@ -50,6 +50,9 @@ struct lease_register_options {
   /// Answer once the artifact is usable by its cgid and hash it afterwards (needs a cgid);
   /// connection::wait_artifact_hash() then answers its mi2 id.
   bool hash_in_background = false;
+  /// Called as the file's bytes are copied into the shared region (done, total), one call at a
+  /// time; empty = none.
+  std::function<void(std::uint64_t, std::uint64_t)> progress{};
 };
 
 /// Options of connection::put().
