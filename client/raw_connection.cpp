@@ -3,6 +3,7 @@
 #include <poll.h>
 
 #include <chrono>
+#include <cstdlib>
 #include <limits>
 #include <thread>
 
@@ -21,6 +22,9 @@ using daemon::send_all;
 using wire_convert::status_error;
 
 result<std::unique_ptr<connection>> connection::connect(std::string socket_path) {
+  if (const char* env = std::getenv("TENSORREG_SOCKET"); socket_path.empty() && env != nullptr && env[0] != '\0') {
+    socket_path = env;  // as the CLI and the daemon take it (a system-wide daemon's /run/tensorreg)
+  }
   if (socket_path.empty()) socket_path = default_socket_path();
   std::unique_ptr<connection> c(new connection(std::move(socket_path)));
   std::lock_guard lock(c->mutex_);

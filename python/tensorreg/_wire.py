@@ -49,8 +49,12 @@ class _ConnectionLost(Unavailable):
 
 
 def default_socket_path() -> str:
-    """The daemon's default socket: $XDG_RUNTIME_DIR/tensorreg/tensorregd.sock when
-    XDG_RUNTIME_DIR is set and non-empty, else /tmp/tensorreg-$UID/tensorregd.sock."""
+    """The daemon's default socket: $TENSORREG_SOCKET when set and non-empty (as the CLI and
+    the daemon take it), else $XDG_RUNTIME_DIR/tensorreg/tensorregd.sock when XDG_RUNTIME_DIR
+    is set and non-empty, else /tmp/tensorreg-$UID/tensorregd.sock."""
+    named = os.environ.get("TENSORREG_SOCKET", "")
+    if named:
+        return named
     runtime = os.environ.get("XDG_RUNTIME_DIR", "")
     if runtime:
         return os.path.join(runtime, "tensorreg", "tensorregd.sock")

@@ -182,17 +182,23 @@ class Messages(unittest.TestCase):
         self.assertIsInstance(tensorreg.errors.error_for_code(99, "m"), tensorreg.Unknown)
 
     def test_the_default_socket_path_is_the_daemons(self):
-        old = os.environ.get("XDG_RUNTIME_DIR")
+        old = {k: os.environ.get(k) for k in ("XDG_RUNTIME_DIR", "TENSORREG_SOCKET")}
         try:
+            os.environ.pop("TENSORREG_SOCKET", None)
             os.environ["XDG_RUNTIME_DIR"] = "/run/user/7"
             self.assertEqual(tensorreg.default_socket_path(), "/run/user/7/tensorreg/tensorregd.sock")
             os.environ["XDG_RUNTIME_DIR"] = ""
             self.assertEqual(tensorreg.default_socket_path(), f"/tmp/tensorreg-{os.getuid()}/tensorregd.sock")
+            os.environ["TENSORREG_SOCKET"] = "/run/tensorreg/tensorregd.sock"  # the system unit's
+            self.assertEqual(tensorreg.default_socket_path(), "/run/tensorreg/tensorregd.sock")
+            os.environ["TENSORREG_SOCKET"] = ""
+            self.assertEqual(tensorreg.default_socket_path(), f"/tmp/tensorreg-{os.getuid()}/tensorregd.sock")
         finally:
-            if old is None:
-                os.environ.pop("XDG_RUNTIME_DIR", None)
-            else:
-                os.environ["XDG_RUNTIME_DIR"] = old
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
     def test_no_daemon_is_unavailable(self):
         with self.assertRaises(tensorreg.Unavailable) as ctx:
