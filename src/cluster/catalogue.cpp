@@ -72,7 +72,8 @@ struct catalogue::state {
   std::int64_t lease = 0;
   bool registered = false;
   bool unreachable_logged = false;
-  std::map<std::string, std::uint64_t, std::less<>> advertised;  // artifact id → total size
+  std::map<std::string, std::uint64_t, std::less<>> advertised;     // artifact id → total size
+  std::map<std::string, std::string, std::less<>> pending_indexes;  // key → bytes not yet written
 
   std::mutex thread_mutex;
   std::condition_variable wake;
@@ -94,6 +95,16 @@ struct catalogue::state {
     }
     log(*options.log, log_level::info, "cluster: host {} registered at {} (lease {:x}, {} replicas)",
         options.self.host_id, etcd->endpoint(), lease, advertised.size());
+    return {};
+  }
+
+  // Writes the indexes that could not be written while etcd was away. Called with `mutex` held.
+  status flush_indexes_locked() {
+    while (!pending_indexes.empty()) {
+      auto it = pending_indexes.begin();
+      TENSORREG_TRY(etcd->put_if_absent(it->first, it->second));
+      pending_indexes.erase(it);
+    }
     return {};
   }
 };
@@ -162,6 +173,7 @@ status catalogue::refresh() {
   } else {
     outcome = s.register_locked();
   }
+  if (outcome) outcome = s.flush_indexes_locked();
   s.registered = outcome.has_value();
   if (!outcome) {
     if (!s.unreachable_logged) {
@@ -205,7 +217,9 @@ status catalogue::advertise(std::string_view artifact_id, std::uint64_t total_si
                             artifact_id, s.options.self.host_id, s.etcd->endpoint()));
   }
   auto put = s.etcd->put(s.replica_key(artifact_id), json{{"total_size", total_size}}.dump(), s.lease);
-  if (!put && put.error().code == errc::not_found) s.registered = false;  // lease gone: next refresh rewrites
+  // The lease gone or etcd away, maybe only for a moment between two refreshes: the next
+  // refresh writes everything again.
+  if (!put) s.registered = false;
   return put;
 }
 
@@ -220,7 +234,15 @@ status catalogue::withdraw(std::string_view artifact_id) {
 
 result<bool> catalogue::put_index(std::string_view index_hash_hex, std::string_view index_bytes) {
   TENSORREG_TRY(check_index_hash(index_hash_hex));
-  return state_->etcd->put_if_absent(state_->index_prefix + std::string(index_hash_hex), index_bytes);
+  auto key = state_->index_prefix + std::string(index_hash_hex);
+  auto put = state_->etcd->put_if_absent(key, index_bytes);
+  if (!put && put.error().code == errc::unavailable) {
+    // Remembered, and written by the refresh that finds etcd back.
+    std::lock_guard lock(state_->mutex);
+    state_->pending_indexes.insert_or_assign(std::move(key), std::string(index_bytes));
+    state_->registered = false;
+  }
+  return put;
 }
 
 result<std::optional<std::string>> catalogue::get_index(std::string_view index_hash_hex) {

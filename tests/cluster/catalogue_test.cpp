@@ -160,3 +160,33 @@ TEST_CASE("catalogue: etcd down answers UNAVAILABLE; back (even empty), the host
   CHECK((*b)->holders("mi2:late")->hosts.size() == 1);
   CHECK((*a)->registered());
 }
+
+TEST_CASE("catalogue: writes that failed while etcd was away are made by the next refresh", "[cluster][catalogue]") {
+  if (!testing::find_etcd()) {
+    WARN("SKIP: no etcd binary (apt-get install etcd-server)");
+    return;
+  }
+  testing::temp_dir dir;
+  testing::etcd_process etcd(dir.path());
+  auto a = catalogue::create(options_for(etcd.url("c4"), "host-a"));
+  REQUIRE(a);
+  REQUIRE((*a)->refresh());
+  REQUIRE((*a)->advertise(artifact, 7));
+  etcd.kill();
+  // No refresh sees the outage: only the failed writes tell the catalogue.
+  auto late = (*a)->advertise("mi2:late", 9);
+  CHECK_FALSE(late);
+  const std::string hash(64, 'c');
+  auto index = (*a)->put_index(hash, "late index");
+  REQUIRE_FALSE(index);
+  CHECK(index.error().code == errc::unavailable);
+  etcd.restart();
+  auto back = (*a)->refresh();
+  if (!back) FAIL_CHECK(back.error().message);
+  CHECK((*a)->registered());
+  auto b = catalogue::create(options_for(etcd.url("c4"), "host-b"));
+  REQUIRE(b);
+  CHECK((*b)->holders(artifact)->hosts.size() == 1);
+  CHECK((*b)->holders("mi2:late")->hosts.size() == 1);
+  CHECK(**(*b)->get_index(hash) == "late index");
+}

@@ -90,7 +90,8 @@ class catalogue {
   [[nodiscard]] status withdraw(std::string_view artifact_id);
 
   /// Stores an index under its hash unless present; returns whether this call wrote it.
-  /// Errors: INVALID_ARGUMENT (hash not 64 lower-case hex digits), UNAVAILABLE.
+  /// Errors: INVALID_ARGUMENT (hash not 64 lower-case hex digits), UNAVAILABLE (remembered,
+  /// written on the next successful refresh).
   [[nodiscard]] result<bool> put_index(std::string_view index_hash_hex, std::string_view index_bytes);
 
   /// The index stored under `index_hash_hex`, or nullopt. The caller verifies it against the
