@@ -93,6 +93,7 @@ struct node::state {
 result<std::unique_ptr<node>> node::create(registration::engine& engine, node_options options) {
   auto s = std::make_unique<state>(engine);
   s->options = std::move(options);
+  s->options.pull.log = s->options.log;
   transfer_server_options so;
   so.listen_address = s->options.self.transfer_address;
   so.log = s->options.log;
@@ -212,11 +213,16 @@ status node::fetch(const std::string& artifact_id) {
       s.options.pull);
   if (!pulled) return abort(pulled.error());
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  log(*s.options.log, log_level::info, "cluster: pulled {} ({} bytes) in {:.3f} s ({:.2f} GiB/s) from {} source(s){}",
-      artifact_id, pulled->total_size, seconds, static_cast<double>(pulled->total_size) / seconds / (1 << 30),
-      pulled->leaves_by_source.size(),
+  std::vector<std::string> by_source;
+  for (const auto& [name, leaves] : pulled->leaves_by_source) by_source.push_back(fmt::format("{} {}", name, leaves));
+  log(*s.options.log, log_level::info,
+      "cluster: pulled {} ({} bytes) in {:.3f} s ({:.2f} GiB/s), leaves by source: {}{}{}", artifact_id,
+      pulled->total_size, seconds, static_cast<double>(pulled->total_size) / seconds / (1 << 30),
+      fmt::join(by_source, ", "),
       pulled->corrupt_sources.empty() ? std::string()
-                                      : fmt::format("; corrupt: {}", fmt::join(pulled->corrupt_sources, "; ")));
+                                      : fmt::format("; corrupt: {}", fmt::join(pulled->corrupt_sources, "; ")),
+      pulled->failed_sources.empty() ? std::string()
+                                     : fmt::format("; failed: {}", fmt::join(pulled->failed_sources, "; ")));
 
   registration::feed_request feed;
   feed.registration_id = begun.registration_id;
