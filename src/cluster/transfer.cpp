@@ -4,16 +4,18 @@
 
 #include <arpa/inet.h>
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 #include <netinet/in.h>
 #include <poll.h>
 #include <ucp/api/ucp.h>
 
-#include <fmt/ranges.h>
 #include <algorithm>
 #include <atomic>
 #include <charconv>
 #include <cstring>
 #include <deque>
+#include <future>
+#include <list>
 #include <mutex>
 #include <optional>
 #include <set>
@@ -177,9 +179,25 @@ struct queued_request {
   std::string artifact_id;
 };
 
+// A std::vector would zero-fill a 4 MiB leaf before reading it over; this buffer is read into
+// uninitialised.
+class payload_buffer {
+ public:
+  void resize(std::size_t n) {
+    data_.reset(new std::byte[n]);
+    size_ = n;
+  }
+  [[nodiscard]] std::byte* data() const noexcept { return data_.get(); }
+  [[nodiscard]] std::size_t size() const noexcept { return size_; }
+
+ private:
+  std::unique_ptr<std::byte[]> data_;
+  std::size_t size_ = 0;
+};
+
 struct send_context {
   reply_header header;
-  std::vector<std::byte> payload;
+  payload_buffer payload;
   std::size_t* sends_in_flight = nullptr;
 };
 
@@ -335,11 +353,12 @@ struct transfer_server::state {
     // byte_source pieces are valid only during visit(): the leaf is copied into the message.
     const auto length = leaf_length(artifact.total_size, leaf);
     context->payload.resize(length);
-    if (auto read = (*bytes)->read(leaf * hash::leaf_bytes, context->payload); !read) {
+    if (auto read = (*bytes)->read(leaf * hash::leaf_bytes, std::span<std::byte>(context->payload.data(), length));
+        !read) {
       return refuse(request, read.error().code,
                     fmt::format("cannot serve leaf {} of {}: {}", leaf, request.artifact_id, read.error().message));
     }
-    if (options.corrupt_leaves) context->payload[length / 2] ^= std::byte{0x01};
+    if (options.corrupt_leaves) context->payload.data()[length / 2] ^= std::byte{0x01};
     {
       std::lock_guard lock(mutex);
       ++counts.leaves_served;
@@ -361,7 +380,9 @@ struct transfer_server::state {
         if (endpoints.erase(ep) != 0) ucx.close_endpoint(ep);
       }
       failed.clear();
-      if (queue.empty()) ucx.progress_or_wait(std::chrono::milliseconds(200));
+      // While sends are under way, keep progressing: UCX's TCP transport moves a rendezvous
+      // only when progressed, and its event fd does not wake a sleeping worker for all of it.
+      if (queue.empty()) ucx.progress_or_wait(std::chrono::milliseconds(sends_in_flight != 0 ? 1 : 200));
     }
     for (auto* ep : endpoints) ucx.close_endpoint(ep);
     endpoints.clear();
@@ -782,6 +803,12 @@ result<pull_report> pull_artifact(const std::string& artifact_id, std::span<cons
   };
   // When the last source was dropped (time_point{} while one is alive).
   std::chrono::steady_clock::time_point all_dropped_at{};
+  struct verification {
+    std::uint64_t leaf = 0;
+    std::size_t source = 0;
+    std::future<hash::digest> digest;
+  };
+  std::list<verification> verifying;
   while (verified < st.leaves.size()) {
     for (auto& source : st.sources) {
       while (!source.dropped && source.in_flight < per_source && !todo.empty()) {
@@ -794,7 +821,8 @@ result<pull_report> pull_artifact(const std::string& artifact_id, std::span<cons
         todo.pop_front();
       }
     }
-    st.ucx.progress_or_wait(std::chrono::milliseconds(20));
+    // Spin while leaves are under way (see the server's loop); sleep only when nothing is.
+    st.ucx.progress_or_wait(std::chrono::milliseconds(st.in_flight.empty() && verifying.empty() ? 20 : 1));
     st.start_rendezvous();
     for (auto index : std::exchange(st.endpoint_errors, {})) {
       if (!st.sources[index].dropped) {
@@ -823,17 +851,30 @@ result<pull_report> pull_artifact(const std::string& artifact_id, std::span<cons
         requeue_source(entry.source);
         continue;
       }
-      const auto offset = entry.leaf * hash::leaf_bytes;
-      const auto got = hash::sha256(st.destination.subspan(offset, leaf_length(st.total_size, entry.leaf)));
-      if (got != st.leaves[entry.leaf]) {
-        drop(entry.source, fmt::format("leaf {} does not match its digest", entry.leaf), true);
-        todo.push_front(entry.leaf);
+      // Hashed off this thread, so that the next leaves arrive meanwhile; the source's slot is
+      // free already. At most sources × leaves_in_flight_per_source hashes run at once.
+      const auto bytes = st.destination.subspan(entry.leaf * hash::leaf_bytes, leaf_length(st.total_size, entry.leaf));
+      verifying.push_back(
+          {entry.leaf, entry.source, std::async(std::launch::async, [bytes] { return hash::sha256(bytes); })});
+    }
+    for (auto it = verifying.begin(); it != verifying.end();) {
+      if (it->digest.wait_for(std::chrono::seconds(0)) != std::future_status::ready) {
+        ++it;
+        continue;
+      }
+      const auto got = it->digest.get();
+      const auto leaf = it->leaf;
+      const auto from = it->source;
+      it = verifying.erase(it);
+      if (got != st.leaves[leaf]) {
+        drop(from, fmt::format("leaf {} does not match its digest", leaf), true);
+        todo.push_front(leaf);
         ++report.leaves_refetched;
-        requeue_source(entry.source);
+        requeue_source(from);
         continue;
       }
       ++verified;
-      ++report.leaves_by_source[source.source.name];
+      ++report.leaves_by_source[st.sources[from].source.name];
     }
     const auto now = std::chrono::steady_clock::now();
     for (auto& [tag, entry] : st.in_flight) {
@@ -852,7 +893,7 @@ result<pull_report> pull_artifact(const std::string& artifact_id, std::span<cons
       all_dropped_at = {};
     } else if (all_dropped_at == std::chrono::steady_clock::time_point{}) {
       all_dropped_at = now;
-    } else if (st.in_flight.empty() || now - all_dropped_at > options.request_timeout) {
+    } else if ((st.in_flight.empty() && verifying.empty()) || now - all_dropped_at > options.request_timeout) {
       // Nothing left to ask, and what was under way from the dropped sources has settled (or
       // never will).
       return unavailable();

@@ -15,7 +15,8 @@
 //
 // Thread-safety: a transfer_server's member functions may be called from any thread; its UCX
 // worker runs on one thread of its own. pull_artifact may run on many threads at once, each
-// call with its own UCX worker. Ownership: the server owns its listener, worker and thread
+// call with its own UCX worker; it checks leaves on threads of its own (at most sources ×
+// leaves_in_flight_per_source at once), all joined before it returns. Ownership: the server owns its listener, worker and thread
 // (joined by the destructor); it holds an artifact's bytes only while sending a leaf of it.
 #pragma once
 
