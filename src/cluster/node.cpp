@@ -112,8 +112,11 @@ result<std::unique_ptr<node>> node::create(registration::engine& engine, node_op
   s->advertiser = std::thread([raw] { raw->run(); });
   // What this engine already holds (adopted at a takeover, restored from the persist directory)
   // is advertised as well.
-  for (const auto& summary : engine.list()) {
-    if (summary.descriptor.id_kind == identity::id_kind::mi2) raw->queue.push_back(summary.descriptor.artifact_id);
+  {
+    std::lock_guard lock(raw->mutex);
+    for (const auto& summary : engine.list()) {
+      if (summary.descriptor.id_kind == identity::id_kind::mi2) raw->queue.push_back(summary.descriptor.artifact_id);
+    }
   }
   raw->wake.notify_all();
   return std::unique_ptr<node>(new node(std::move(s)));
