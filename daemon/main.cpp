@@ -567,6 +567,12 @@ int serve(const options& o, tensorreg::logger& log) {
 int main(int argc, char** argv) try {
   options o;
   if (int rc = parse_options(std::vector<std::string>(argv + 1, argv + argc), o); rc >= 0) return rc;
+  if (!o.cluster.empty()) {
+    // UCX reads it when the transfer server starts: a daemon restarted at once (after a crash)
+    // gets its transfer port back while the dead one's connections are in TIME_WAIT. Set here,
+    // while this is the only thread; a value in the environment wins.
+    ::setenv("UCX_TCP_CM_REUSEADDR", "y", 0);
+  }
   if (o.socket.empty()) {
     const char* env = std::getenv("TENSORREG_SOCKET");
     o.socket = env != nullptr && *env != '\0' ? std::string(env) : tensorreg::daemon::default_socket_path();
