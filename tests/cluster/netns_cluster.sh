@@ -10,7 +10,8 @@
 # Cases: put on A, get by id on B (same bytes); fan-out to three receivers; the source
 # SIGKILLed mid-transfer (its link limited with tc so that the kill lands mid-pull); etcd
 # stopped (cluster gets UNAVAILABLE, local puts work) and restarted (members register again,
-# what was put during the outage is advertised).
+# what was put during the outage is advertised); a corrupt source (a daemon that flips a byte
+# of every leaf it serves) next to a good one.
 # Exit 0 when every case passes, 1 on a failure, 77 (ctest SKIP) without root, etcd or ip.
 set -euo pipefail
 
@@ -99,13 +100,16 @@ start_etcd() {
   fail "etcd did not start"
 }
 
-# start_daemon N: tensorregd in namespace N, transfers on $subnet.(20+N):7000, host id nodeN.
+# start_daemon N [ARGS...]: tensorregd in namespace N, transfers on $subnet.(20+N):7000, host id
+# nodeN.
 start_daemon() {
   local n=$1
+  shift
+  local extra="$*"
   rm -f "$tmp/d$n.sock" "$tmp/d$n.out"
   ip netns exec "$tag$n" unshare --uts sh -c "hostname node$n-$tag; exec '$daemon' --socket '$tmp/d$n.sock' \
     --no-warm-start --cluster etcd://$etcd_ip:2379/tensorreg --transfer-addr $subnet.$((20 + n)):7000 \
-    --host-id node$n" >"$tmp/d$n.out" 2>"$tmp/d$n.log" &
+    --host-id node$n $extra" >"$tmp/d$n.out" 2>>"$tmp/d$n.log" &
   pid[d$n]=$!
   for _ in $(seq 100); do
     grep -q "ready on" "$tmp/d$n.out" 2>/dev/null && return 0
@@ -199,4 +203,23 @@ got=$(get_when_listed 2 "$id_d") || fail "node2's get of $id_d (put during the o
 got=$(get_when_listed 4 "$id_c") || fail "node4's get of $id_c after etcd returned: $got"
 [ "$got" = "$want" ] || fail "node4 got '$got' for $id_c"
 pass "etcd stopped (UNAVAILABLE, local put ok) and restarted (re-registered)"
+
+# 5. A corrupt source: node1 comes back flipping a byte of every leaf it serves; it and node4
+# hold E. node3's pull catches each bad leaf, fetches it from node4, and names node1.
+start_daemon 1 --transfer-corrupt-for-tests
+"${client[@]}" make "$tmp/e.safetensors" $((32 << 20)) 5
+id_e=$(put 1 "$tmp/e.safetensors")
+[ "$(put 4 "$tmp/e.safetensors")" = "$id_e" ] || fail "node4 put E under another id"
+want=$(digest 4 "$id_e")
+for _ in $(seq 50); do   # both advertisements
+  n=$(ip netns exec "${tag}e" curl -s -X POST "http://$etcd_ip:2379/v3/kv/range" \
+    -d "{\"key\":\"$(printf '/tensorreg/replicas/%s/' "$id_e" | base64 -w0)\",\"range_end\":\"$(printf '/tensorreg/replicas/%s0' "$id_e" | base64 -w0)\",\"count_only\":true}" |
+    /usr/bin/python3 -c 'import json,sys; print(json.load(sys.stdin).get("count", 0))')
+  [ "$n" = 2 ] && break
+  sleep 0.2
+done
+got=$(digest 3 "$id_e") || fail "node3's get of $id_e next to a corrupt source: $got"
+[ "$got" = "$want" ] || fail "node3 got '$got' for $id_e"
+grep -q "pulled $id_e.*corrupt: node1 .*does not match its digest" "$tmp/d3.log" || fail "node3 did not report node1 corrupt"
+pass "corrupt source: every bad leaf caught and fetched from node4, node1 reported"
 echo "netns_cluster: all cases passed in $(($(date +%s) - started)) s"
