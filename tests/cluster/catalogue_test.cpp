@@ -121,7 +121,7 @@ TEST_CASE("catalogue: an expired lease takes the host and its replicas with it",
   CHECK(holders->hosts[0].host_id == "host-a");
 }
 
-TEST_CASE("catalogue: etcd down answers UNAVAILABLE; back (even empty), the host registers again",
+TEST_CASE("catalogue: etcd down answers UNAVAILABLE, and back (even empty) the host registers again",
           "[cluster][catalogue][concurrency]") {
   if (!testing::find_etcd()) {
     WARN("SKIP: no etcd binary (apt-get install etcd-server)");

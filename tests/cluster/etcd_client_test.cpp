@@ -8,7 +8,7 @@
 using namespace tensorreg;
 using namespace tensorreg::cluster;
 
-TEST_CASE("cluster url: etcd://host:port/prefix parses; bad ones are named", "[cluster][etcd_client]") {
+TEST_CASE("cluster url: etcd://host:port/prefix parses and bad ones are named", "[cluster][etcd_client]") {
   auto url = parse_cluster_url("etcd://10.0.0.1:2380/models/prod/");
   REQUIRE(url);
   CHECK(url->host == "10.0.0.1");

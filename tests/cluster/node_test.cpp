@@ -94,7 +94,7 @@ TEST_CASE("cluster node: an artifact committed on one engine is fetched by id in
   CHECK(a->server().stats().manifests_served == 1);
 }
 
-TEST_CASE("cluster node: an id no member holds is NOT_FOUND; etcd down is UNAVAILABLE", "[cluster][node]") {
+TEST_CASE("cluster node: an id no member holds is NOT_FOUND, and etcd down is UNAVAILABLE", "[cluster][node]") {
   if (!t::find_etcd()) {
     WARN("SKIP: no etcd binary (apt-get install etcd-server)");
     return;
