@@ -20,9 +20,14 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 def make(path, size, seed):
     header = json.dumps({"w": {"dtype": "U8", "shape": [size], "data_offsets": [0, size]}}).encode()
     header += b" " * (-len(header) % 8)
-    data = random.Random(seed).randbytes(size)
+    rng = random.Random(seed)
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(header)) + header + data)
+        f.write(struct.pack("<Q", len(header)) + header)
+        left = size
+        while left > 0:  # randbytes takes at most 2^31 bits at once
+            n = min(left, 16 << 20)
+            f.write(rng.randbytes(n))
+            left -= n
 
 
 def digest(socket_path, artifact_id):
