@@ -10,6 +10,8 @@ add_executable(tensorreg_cluster_tests ${tensorreg_cluster_unit_tests}
   ${CMAKE_CURRENT_SOURCE_DIR}/support/child_process.cpp ${CMAKE_CURRENT_SOURCE_DIR}/support/engine_helpers.cpp)
 target_link_libraries(tensorreg_cluster_tests PRIVATE tensorreg_catch_main tensorreg::cluster
   tensorreg::tensorreg Catch2::Catch2 OpenSSL::Crypto fmt::fmt tensorreg_warnings)
+# transfer_server_test speaks raw UCX to the server.
+target_link_libraries(tensorreg_cluster_tests PRIVATE PkgConfig::UCX)
 target_include_directories(tensorreg_cluster_tests PRIVATE ${CMAKE_CURRENT_SOURCE_DIR} ${PROJECT_SOURCE_DIR}/src)
 catch_discover_tests(tensorreg_cluster_tests EXTRA_ARGS --warn NoTests)
 
