@@ -360,7 +360,18 @@ struct dispatcher::impl {
       bytes_registered.add(done.descriptor.total_size);
     }
     convert::fill_commit(*c.response.mutable_commit_registered_artifact(), done);
+    if (options.cluster != nullptr && !done.existed) options.cluster->committed(done.descriptor.artifact_id);
     return {};
+  }
+
+  // docs/cluster.md §5: an id not held here is fetched from the cluster before it is served.
+  // Only a NOT_FOUND from the engine asks the cluster; its answer (NOT_FOUND, UNAVAILABLE)
+  // replaces it.
+  status ensure_local(const std::string& artifact_id) {
+    if (options.cluster == nullptr) return {};
+    auto held = engine.get(artifact_id);
+    if (held || held.error().code != errc::not_found) return {};
+    return options.cluster->fetch(artifact_id);
   }
 
   status abort(call& c) {
@@ -522,6 +533,7 @@ struct dispatcher::impl {
   status get_artifact_memfd(call& c) {
     const auto& id = c.request.get_artifact_memfd().artifact_id();
     TENSORREG_TRY(check_reader(c.peer, "open the stable replica of " + id));
+    TENSORREG_TRY(ensure_local(id));
     TENSORREG_TRY_ASSIGN(auto replica, engine.stable_replica_fd(id));
     TENSORREG_TRY_ASSIGN(auto summary, engine.get(id));
     convert::fill_memfd(*c.response.mutable_get_artifact_memfd(), *replica.first, summary.descriptor);

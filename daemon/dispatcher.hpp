@@ -43,6 +43,18 @@
 
 namespace tensorreg::daemon {
 
+/// The cluster's side of the dispatcher (docs/cluster.md §5), given by tensorregd when it runs
+/// with --cluster, so that the dispatcher itself never sees etcd or UCX.
+class cluster_hooks {
+ public:
+  virtual ~cluster_hooks() = default;
+  /// An artifact was committed here (advertise it). Must not block.
+  virtual void committed(const std::string& artifact_id) = 0;
+  /// Makes an artifact this host does not hold local, from the cluster.
+  /// Errors: NOT_FOUND, UNAVAILABLE (the catalogue or every source), DATA_LOSS.
+  [[nodiscard]] virtual status fetch(const std::string& artifact_id) = 0;
+};
+
 struct dispatcher_options {
   /// DECISIONS §4: accept an owner_pid other than the peer's pid from root or the daemon's own
   /// uid (clients behind a PID-namespace boundary).
@@ -56,6 +68,8 @@ struct dispatcher_options {
   /// its counters and the engine's gauges there and times each RPC into
   /// tensorreg_rpc_duration_seconds{method,code}; must outlive the dispatcher; null = none.
   metrics::registry* metrics = nullptr;
+  /// The cluster, with --cluster; must outlive the dispatcher; null = this host alone.
+  cluster_hooks* cluster = nullptr;
 };
 
 /// A frame's payload (one serialised envelope) and the fds that arrived with it.

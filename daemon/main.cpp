@@ -41,6 +41,9 @@
 #if TENSORREG_HAVE_CUDA
 #include "tensorreg/cuda/device_memory_provider.hpp"
 #endif
+#if TENSORREG_HAVE_CLUSTER
+#include "tensorreg/cluster/node.hpp"
+#endif
 
 namespace {
 
@@ -90,6 +93,12 @@ constexpr const char* kUsage =
     "                           then pays for it\n"
     "  --takeover               take over the daemon serving --socket: its stable DRAM cache and\n"
     "                           its listening socket, without a copy (same uid or root only)\n"
+    "  --cluster etcd://HOST:PORT/PREFIX\n"
+    "                           join the cluster whose catalogue is that etcd (docs/cluster.md):\n"
+    "                           advertise mi2 commits, pull ids not held here from the members\n"
+    "  --transfer-addr IP:PORT  serve artifact leaves to the members here (with --cluster)\n"
+    "  --host-id ID             this host's id in the cluster (default: host name and\n"
+    "                           transfer address)\n"
     "  --version                print the version and exit\n";
 
 struct options {
@@ -118,6 +127,10 @@ struct options {
   bool trust_client_pids = false;
   bool warm_start = true;
   bool takeover = false;
+  std::string cluster;        // empty: this host alone
+  std::string transfer_addr;  // with --cluster
+  std::string host_id;
+  bool transfer_corrupt = false;  // test switch of the netns harness, not in --help
 };
 
 template <typename T>
@@ -125,6 +138,11 @@ bool parse_number(const std::string& text, T& out) {
   const auto* end = text.data() + text.size();
   auto [ptr, ec] = std::from_chars(text.data(), end, out);
   return ec == std::errc{} && ptr == end && !text.empty();
+}
+
+int bad_usage(const std::string& why) {
+  fmt::print(stderr, "tensorregd: {}\n{}", why, kUsage);
+  return 2;
 }
 
 // Returns the exit code on error (2), or -1 to go on.
@@ -167,6 +185,12 @@ int parse_options(const std::vector<std::string>& args, options& o) {
       o.warm_start = false;
     } else if (a == "--takeover") {
       o.takeover = true;
+    } else if (a == "--cluster" || a == "--transfer-addr" || a == "--host-id") {
+      const auto* v = value();
+      if (v == nullptr || v->empty()) return bad(a + " needs a value");
+      (a == "--cluster" ? o.cluster : a == "--transfer-addr" ? o.transfer_addr : o.host_id) = *v;
+    } else if (a == "--transfer-corrupt-for-tests") {
+      o.transfer_corrupt = true;
     } else if (a == "--socket" || a == "--persist-dir" || a == "--log-level") {
       const auto* v = value();
       if (v == nullptr) return bad(a + " needs a value");
@@ -220,6 +244,8 @@ int parse_options(const std::vector<std::string>& args, options& o) {
       return bad("unknown option '" + a + "'");
     }
   }
+  if (!o.cluster.empty() && o.transfer_addr.empty()) return bad_usage("--cluster needs --transfer-addr");
+  if (o.cluster.empty() && !o.transfer_addr.empty()) return bad_usage("--transfer-addr needs --cluster");
   return -1;
 }
 
@@ -275,6 +301,45 @@ tensorreg::result<std::shared_ptr<tensorreg::persistence::durable_store>> open_p
                  store->list().size(), store->quarantined().size());
   return std::shared_ptr<tensorreg::persistence::durable_store>(std::move(store));
 }
+
+#if TENSORREG_HAVE_CLUSTER
+// The dispatcher's view of the cluster node (daemon/dispatcher.hpp keeps etcd and UCX out).
+class cluster_adapter final : public tensorreg::daemon::cluster_hooks {
+ public:
+  explicit cluster_adapter(tensorreg::cluster::node& node) : node_(node) {}
+  void committed(const std::string& artifact_id) override { node_.committed(artifact_id); }
+  tensorreg::status fetch(const std::string& artifact_id) override { return node_.fetch(artifact_id); }
+
+ private:
+  tensorreg::cluster::node& node_;
+};
+
+// --cluster: the node, or the reason it cannot start (exit 1; 2 for a URL that does not parse).
+tensorreg::result<std::unique_ptr<tensorreg::cluster::node>> join_cluster(const options& o,
+                                                                          tensorreg::registration::engine& engine,
+                                                                          tensorreg::logger& log) {
+  TENSORREG_TRY_ASSIGN(auto url, tensorreg::cluster::parse_cluster_url(o.cluster));
+  tensorreg::cluster::node_options no;
+  no.url = std::move(url);
+  no.self.host_id = o.host_id;
+  if (no.self.host_id.empty()) {
+    char name[256] = {};
+    (void)::gethostname(name, sizeof name - 1);
+    no.self.host_id = std::string(name) + "_" + o.transfer_addr;
+    for (auto& ch : no.self.host_id) {
+      if (ch == ':') ch = '_';
+    }
+  }
+  char name[256] = {};
+  (void)::gethostname(name, sizeof name - 1);
+  no.self.host_name = name;
+  no.self.transfer_address = o.transfer_addr;
+  no.self.capacity_bytes = o.stable_bytes;
+  no.corrupt_leaves = o.transfer_corrupt;
+  no.log = &log;
+  return tensorreg::cluster::node::create(engine, std::move(no));
+}
+#endif
 
 int serve(const options& o, tensorreg::logger& log) {
   using tensorreg::log_level;
@@ -341,6 +406,28 @@ int serve(const options& o, tensorreg::logger& log) {
     return 1;
   }
   tensorreg::daemon::dispatcher_options d;
+#if TENSORREG_HAVE_CLUSTER
+  std::unique_ptr<tensorreg::cluster::node> cluster_node;
+  std::unique_ptr<cluster_adapter> cluster_hooks;
+  if (!o.cluster.empty()) {
+    auto joined = join_cluster(o, **engine, log);
+    if (!joined) {
+      tensorreg::log(log, log_level::error, "cannot join the cluster: {}", joined.error().message);
+      return joined.error().code == tensorreg::errc::invalid_argument ? 2 : 1;
+    }
+    cluster_node = std::move(*joined);
+    cluster_hooks = std::make_unique<cluster_adapter>(*cluster_node);
+    d.cluster = cluster_hooks.get();
+    // Before the ready line, so that whoever waits for it knows where members pull from.
+    fmt::print("tensorregd: transfers on {} as {}\n", cluster_node->server().address(),
+               cluster_node->members().self().host_id);
+  }
+#else
+  if (!o.cluster.empty()) {
+    tensorreg::log(log, log_level::error, "cannot join the cluster: tensorregd was built without it (libcurl, UCX)");
+    return 1;
+  }
+#endif
   d.trust_client_pids = o.trust_client_pids;
   d.daemon_uid = ::getuid();
   d.socket_path = o.socket;
@@ -502,6 +589,12 @@ int serve(const options& o, tensorreg::logger& log) {
 int main(int argc, char** argv) try {
   options o;
   if (int rc = parse_options(std::vector<std::string>(argv + 1, argv + argc), o); rc >= 0) return rc;
+  if (!o.cluster.empty()) {
+    // UCX reads it when the transfer server starts: a daemon restarted at once (after a crash)
+    // gets its transfer port back while the dead one's connections are in TIME_WAIT. Set here,
+    // while this is the only thread; a value in the environment wins.
+    ::setenv("UCX_TCP_CM_REUSEADDR", "y", 0);
+  }
   if (o.socket.empty()) {
     const char* env = std::getenv("TENSORREG_SOCKET");
     o.socket = env != nullptr && *env != '\0' ? std::string(env) : tensorreg::daemon::default_socket_path();

@@ -39,6 +39,7 @@ DOCUMENTS = {
     "registration.md": "docs/registration.md",
     "wire-format.md": "docs/wire-format.md",
     "architecture.md": "docs/architecture.md",
+    "cluster.md": "docs/cluster.md",
 }
 
 SCANNED = ["src", "include", "daemon", "cli", "client", "python", "tests", "benchmarks", "docs",
@@ -47,7 +48,7 @@ TEXT_SUFFIXES = {".cpp", ".hpp", ".h", ".cu", ".cuh", ".py", ".md", ".txt", ".cm
                  ".sh", ".in", ".service", ""}
 SKIPPED_DIRS = {"__pycache__", ".git", "build", ".pytest_cache", ".ruff_cache"}
 
-DOC_RE = re.compile(r"\b(DECISIONS(?:\.md)?|registration\.md|wire-format\.md|architecture\.md)(?![\w-])")
+DOC_RE = re.compile(r"\b(DECISIONS(?:\.md)?|registration\.md|wire-format\.md|architecture\.md|cluster\.md)(?![\w-])")
 NUM = r"\d+(?:\.\d+)*"
 CITE_RE = re.compile(r"§\s?(" + NUM + r")(?:\s?[–-]\s?(§\s?)?(" + NUM + r"))?")
 EXTERNAL_RE = re.compile(r"\bRFC\s?\d+\s*$")

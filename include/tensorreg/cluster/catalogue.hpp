@@ -1,0 +1,123 @@
+// tensorreg/cluster/catalogue.hpp — the cluster catalogue on etcd (docs/cluster.md §2).
+//
+// Provides `catalogue`: one daemon's membership of a cluster. Under the URL's prefix:
+//   <prefix>/hosts/<host_id>                    → {"host_name", "transfer_address", "capacity_bytes"}
+//   <prefix>/replicas/<artifact_id>/<host_id>   → {"total_size"}
+//   <prefix>/index/<index hash hex>             → the canonical index bytes, stored once
+// The host key and every replica key hang on one etcd lease that the catalogue keeps alive, so
+// a dead host's replicas vanish with it. When the lease is lost (etcd restarted empty, a pause
+// longer than the TTL) the next refresh grants a new one and writes the host and every replica
+// it still advertises again. Index keys have no lease: they are content-addressed and any
+// holder may need them after their first writer is gone.
+//
+// Every call that needs etcd answers UNAVAILABLE, naming the endpoint, while etcd is
+// unreachable; what the catalogue advertises is remembered locally and written when etcd
+// returns.
+//
+// Thread-safety: every member function may be called from any thread. Ownership: the catalogue
+// owns its etcd client and, after start(), one keep-alive thread, joined by the destructor
+// (which also revokes the lease, best effort, so the host leaves at once).
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "tensorreg/cluster/etcd_client.hpp"
+#include "tensorreg/common/error.hpp"
+#include "tensorreg/common/logger.hpp"
+
+namespace tensorreg::cluster {
+
+struct host_record {
+  /// Unique in the cluster; [A-Za-z0-9-._] only.
+  std::string host_id;
+  std::string host_name;
+  /// "IP:PORT" of its transfer server.
+  std::string transfer_address;
+  /// Bytes of stable DRAM it offers (0 = not said).
+  std::uint64_t capacity_bytes = 0;
+
+  friend bool operator==(const host_record&, const host_record&) = default;
+};
+
+struct catalogue_options {
+  cluster_url url;
+  host_record self;
+  /// The lease's TTL; the keep-alive thread renews it every third of it.
+  std::chrono::seconds lease_ttl{10};
+  std::chrono::milliseconds connect_timeout{1000};
+  std::chrono::milliseconds request_timeout{3000};
+  /// Must outlive the catalogue.
+  logger* log = &null_logger();
+};
+
+class catalogue {
+ public:
+  /// Errors: INVALID_ARGUMENT (a host id outside [A-Za-z0-9-._], empty transfer address,
+  /// lease_ttl below 2 s), as etcd_client::create. Does not contact etcd.
+  [[nodiscard]] static result<std::unique_ptr<catalogue>> create(catalogue_options options);
+
+  ~catalogue();
+  catalogue(const catalogue&) = delete;
+  catalogue& operator=(const catalogue&) = delete;
+
+  [[nodiscard]] const host_record& self() const noexcept;
+  [[nodiscard]] const cluster_url& url() const noexcept;
+
+  /// Renews the lease, or — with none, or one that expired — grants a new one and writes the
+  /// host key and every advertised replica under it (re-registration).
+  /// Errors: UNAVAILABLE (etcd unreachable), INTERNAL.
+  [[nodiscard]] status refresh();
+
+  /// Starts the keep-alive thread (refresh() every lease_ttl / 3; failures are logged once per
+  /// change of state). Idempotent.
+  void start();
+
+  /// Whether the last refresh succeeded (the host is listed).
+  [[nodiscard]] bool registered() const;
+
+  /// Advertises a replica this host holds (remembered; written now when registered).
+  /// Errors: INVALID_ARGUMENT (an id with '/' or empty), UNAVAILABLE (remembered, written on
+  /// the next successful refresh).
+  [[nodiscard]] status advertise(std::string_view artifact_id, std::uint64_t total_size);
+
+  /// Stops advertising a replica. Errors: UNAVAILABLE (forgotten locally all the same).
+  [[nodiscard]] status withdraw(std::string_view artifact_id);
+
+  /// Stores an index under its hash unless present; returns whether this call wrote it.
+  /// Errors: INVALID_ARGUMENT (hash not 64 lower-case hex digits), UNAVAILABLE (remembered,
+  /// written on the next successful refresh).
+  [[nodiscard]] result<bool> put_index(std::string_view index_hash_hex, std::string_view index_bytes);
+
+  /// The index stored under `index_hash_hex`, or nullopt. The caller verifies it against the
+  /// hash: the catalogue is not trusted for content (docs/cluster.md §4).
+  /// Errors: INVALID_ARGUMENT, UNAVAILABLE.
+  [[nodiscard]] result<std::optional<std::string>> get_index(std::string_view index_hash_hex);
+
+  /// Every listed host (self included), by host id.
+  /// Errors: UNAVAILABLE, INTERNAL (a host record that is not ours).
+  [[nodiscard]] result<std::vector<host_record>> hosts();
+
+  /// The hosts other than self that advertise a replica of `artifact_id`, and its total size
+  /// as advertised (0 when none). Errors: INVALID_ARGUMENT, UNAVAILABLE, INTERNAL.
+  struct holders_answer {
+    std::vector<host_record> hosts;
+    std::uint64_t total_size = 0;
+  };
+  [[nodiscard]] result<holders_answer> holders(std::string_view artifact_id);
+
+  /// The artifact ids this host advertises.
+  [[nodiscard]] std::vector<std::string> advertised() const;
+
+ private:
+  struct state;
+  explicit catalogue(std::unique_ptr<state> s) noexcept;
+  std::unique_ptr<state> state_;
+};
+
+}  // namespace tensorreg::cluster

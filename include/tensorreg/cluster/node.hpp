@@ -1,0 +1,76 @@
+// tensorreg/cluster/node.hpp — one daemon's part in the cluster (docs/cluster.md §5): the
+// catalogue membership, the transfer server, and pulls into the local engine.
+//
+// Provides `node`:
+//   * committed(id): an mi2 artifact committed here is published to the transfer server (its
+//     leaf digests hashed once), its index stored in the catalogue once, and its replica
+//     advertised — on the node's own thread, so that a commit's answer never waits for it.
+//   * fetch(id): an mi2 id this host does not hold is looked up in the catalogue; its index is
+//     fetched and checked against the id; its bytes are pulled from the hosts that advertise it
+//     straight into the publish memfd of a stable DRAM registration, which is then committed
+//     (the engine hashes it again: the id is its own proof) and advertised in turn.
+// Without etcd, fetch() answers UNAVAILABLE and local work goes on; the catalogue registers
+// again when etcd returns.
+//
+// Thread-safety: every member function may be called from any thread; fetches of one id are
+// serialised (the second finds the artifact local). Ownership: the node borrows the engine
+// (which must outlive it) and owns its catalogue, transfer server and thread.
+#pragma once
+
+#include <chrono>
+#include <memory>
+#include <string>
+
+#include "tensorreg/cluster/catalogue.hpp"
+#include "tensorreg/cluster/transfer.hpp"
+#include "tensorreg/common/error.hpp"
+#include "tensorreg/common/logger.hpp"
+#include "tensorreg/registration/engine.hpp"
+
+namespace tensorreg::cluster {
+
+struct node_options {
+  /// --cluster etcd://host:port/prefix
+  cluster_url url;
+  /// host_id, host_name, capacity; transfer_address is the address to listen on ("IP:PORT").
+  host_record self;
+  std::chrono::seconds lease_ttl{10};
+  pull_options pull;
+  /// Test switch of the transfer server (netns harness): flip a byte of every leaf served.
+  bool corrupt_leaves = false;
+  /// Must outlive the node.
+  logger* log = &null_logger();
+};
+
+class node {
+ public:
+  /// Starts the transfer server and the catalogue's keep-alive (etcd need not be up).
+  /// Errors: as transfer_server::create and catalogue::create.
+  [[nodiscard]] static result<std::unique_ptr<node>> create(registration::engine& engine, node_options options);
+
+  ~node();
+  node(const node&) = delete;
+  node& operator=(const node&) = delete;
+
+  /// Queues the advertisement of an artifact committed here (mi2 ids only; others ignored).
+  void committed(const std::string& artifact_id);
+
+  /// Makes `artifact_id` local by pulling it from the cluster.
+  /// Errors: NOT_FOUND (not an mi2 id, or no member holds it), UNAVAILABLE (etcd unreachable,
+  /// or every source failed), DATA_LOSS (the catalogue's index is not the id's), and the
+  /// engine's errors (RESOURCE_EXHAUSTED: the stable budget).
+  [[nodiscard]] status fetch(const std::string& artifact_id);
+
+  /// Waits until every queued advertisement is done (tests, the harness).
+  void drain();
+
+  [[nodiscard]] catalogue& members() noexcept;
+  [[nodiscard]] transfer_server& server() noexcept;
+
+ private:
+  struct state;
+  explicit node(std::unique_ptr<state> s) noexcept;
+  std::unique_ptr<state> state_;
+};
+
+}  // namespace tensorreg::cluster

@@ -1,0 +1,291 @@
+// src/cluster/catalogue.cpp — the cluster catalogue's layout on etcd (docs/cluster.md §2).
+#include "tensorreg/cluster/catalogue.hpp"
+
+#include <fmt/format.h>
+
+#include <condition_variable>
+#include <map>
+#include <mutex>
+#include <nlohmann/json.hpp>
+#include <thread>
+
+#include "common/log.hpp"
+
+namespace tensorreg::cluster {
+
+namespace {
+
+using json = nlohmann::json;
+
+bool id_char(char c) noexcept {
+  return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '-' || c == '.' || c == '_';
+}
+
+status check_artifact_key(std::string_view artifact_id) {
+  // The id becomes a key segment: a '/' would let it name another host's replica key.
+  if (artifact_id.empty() || artifact_id.find('/') != std::string_view::npos || artifact_id.size() > 256) {
+    return fail(
+        errc::invalid_argument,
+        fmt::format("cannot use artifact id '{}' in the catalogue: empty, longer than 256 or has '/'", artifact_id));
+  }
+  return {};
+}
+
+status check_index_hash(std::string_view hex) {
+  bool ok = hex.size() == 64;
+  for (char c : hex) ok = ok && ((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f'));
+  if (!ok) {
+    return fail(errc::invalid_argument, fmt::format("cannot use index hash '{}': not 64 lower-case hex digits", hex));
+  }
+  return {};
+}
+
+std::string host_value(const host_record& host) {
+  return json{{"host_name", host.host_name},
+              {"transfer_address", host.transfer_address},
+              {"capacity_bytes", host.capacity_bytes}}
+      .dump();
+}
+
+result<host_record> parse_host(std::string_view host_id, std::string_view value) {
+  auto parsed = json::parse(value, nullptr, false);
+  if (parsed.is_discarded() || !parsed.is_object() || !parsed.contains("transfer_address") ||
+      !parsed["transfer_address"].is_string()) {
+    return fail(errc::internal, fmt::format("cannot read host record of '{}': not a host record", host_id));
+  }
+  host_record host;
+  host.host_id = std::string(host_id);
+  host.host_name = parsed.value("host_name", std::string());
+  host.transfer_address = parsed["transfer_address"].get<std::string>();
+  host.capacity_bytes = parsed.value("capacity_bytes", std::uint64_t{0});
+  return host;
+}
+
+}  // namespace
+
+struct catalogue::state {
+  catalogue_options options;
+  std::unique_ptr<etcd_client> etcd;
+  std::string hosts_prefix, replicas_prefix, index_prefix;
+
+  mutable std::mutex mutex;  // guards what follows
+  std::int64_t lease = 0;
+  bool registered = false;
+  bool unreachable_logged = false;
+  std::map<std::string, std::uint64_t, std::less<>> advertised;     // artifact id → total size
+  std::map<std::string, std::string, std::less<>> pending_indexes;  // key → bytes not yet written
+
+  std::mutex thread_mutex;
+  std::condition_variable wake;
+  bool stopping = false;
+  std::thread keeper;
+
+  std::string replica_key(std::string_view artifact_id) const {
+    return fmt::format("{}{}/{}", replicas_prefix, artifact_id, options.self.host_id);
+  }
+
+  // Grants a lease and writes the host and every advertised replica under it. Called with
+  // `mutex` held, so that an advertise() racing a re-registration is not lost.
+  status register_locked() {
+    TENSORREG_TRY_ASSIGN(auto id, etcd->grant_lease(options.lease_ttl));
+    lease = id;
+    TENSORREG_TRY(etcd->put(hosts_prefix + options.self.host_id, host_value(options.self), lease));
+    for (const auto& [artifact, size] : advertised) {
+      TENSORREG_TRY(etcd->put(replica_key(artifact), json{{"total_size", size}}.dump(), lease));
+    }
+    log(*options.log, log_level::info, "cluster: host {} registered at {} (lease {:x}, {} replicas)",
+        options.self.host_id, etcd->endpoint(), lease, advertised.size());
+    return {};
+  }
+
+  // Writes the indexes that could not be written while etcd was away. Called with `mutex` held.
+  status flush_indexes_locked() {
+    while (!pending_indexes.empty()) {
+      auto it = pending_indexes.begin();
+      TENSORREG_TRY(etcd->put_if_absent(it->first, it->second));
+      pending_indexes.erase(it);
+    }
+    return {};
+  }
+};
+
+result<std::unique_ptr<catalogue>> catalogue::create(catalogue_options options) {
+  if (options.self.host_id.empty() || options.self.host_id.size() > 128 ||
+      !std::all_of(options.self.host_id.begin(), options.self.host_id.end(), id_char)) {
+    return fail(errc::invalid_argument,
+                fmt::format("cannot join cluster: host id '{}' is empty or has characters outside [A-Za-z0-9-._]",
+                            options.self.host_id));
+  }
+  if (options.self.transfer_address.empty()) {
+    return fail(errc::invalid_argument, "cannot join cluster: empty transfer address");
+  }
+  if (options.lease_ttl < std::chrono::seconds(2)) {
+    return fail(errc::invalid_argument,
+                fmt::format("cannot join cluster: lease ttl {} s is below 2 s", options.lease_ttl.count()));
+  }
+  auto s = std::make_unique<state>();
+  TENSORREG_TRY_ASSIGN(s->etcd, etcd_client::create(etcd_options{options.url.endpoint(), options.connect_timeout,
+                                                                 options.request_timeout}));
+  s->hosts_prefix = options.url.prefix + "/hosts/";
+  s->replicas_prefix = options.url.prefix + "/replicas/";
+  s->index_prefix = options.url.prefix + "/index/";
+  s->options = std::move(options);
+  return std::unique_ptr<catalogue>(new catalogue(std::move(s)));
+}
+
+catalogue::catalogue(std::unique_ptr<state> s) noexcept : state_(std::move(s)) {}
+
+catalogue::~catalogue() {
+  {
+    std::lock_guard lock(state_->thread_mutex);
+    state_->stopping = true;
+  }
+  state_->wake.notify_all();
+  if (state_->keeper.joinable()) state_->keeper.join();
+  std::lock_guard lock(state_->mutex);
+  if (state_->lease != 0) (void)state_->etcd->revoke_lease(state_->lease);
+}
+
+const host_record& catalogue::self() const noexcept { return state_->options.self; }
+const cluster_url& catalogue::url() const noexcept { return state_->options.url; }
+
+status catalogue::refresh() {
+  auto& s = *state_;
+  std::lock_guard lock(s.mutex);
+  status outcome;
+  if (s.lease != 0) {
+    auto alive = s.etcd->keep_alive(s.lease);
+    if (alive) {
+      if (!s.registered) {
+        // Back after an outage with the lease intact: etcd may still have lost writes made
+        // before it stopped, so write everything again (idempotent).
+        s.lease = 0;
+        outcome = s.register_locked();
+      }
+    } else if (alive.error().code == errc::not_found) {
+      log(*s.options.log, log_level::warn, "cluster: lease {:x} of host {} lost; registering again", s.lease,
+          s.options.self.host_id);
+      s.lease = 0;
+      outcome = s.register_locked();
+    } else {
+      outcome = tl::unexpected(alive.error());
+    }
+  } else {
+    outcome = s.register_locked();
+  }
+  if (outcome) outcome = s.flush_indexes_locked();
+  s.registered = outcome.has_value();
+  if (!outcome) {
+    if (!s.unreachable_logged) {
+      log(*s.options.log, log_level::warn, "cluster: {}", outcome.error().message);
+      s.unreachable_logged = true;
+    }
+  } else {
+    s.unreachable_logged = false;
+  }
+  return outcome;
+}
+
+void catalogue::start() {
+  std::lock_guard lock(state_->thread_mutex);
+  if (state_->keeper.joinable()) return;
+  state_->keeper = std::thread([s = state_.get(), this] {
+    const auto period = std::chrono::duration_cast<std::chrono::milliseconds>(s->options.lease_ttl) / 3;
+    std::unique_lock guard(s->thread_mutex);
+    while (!s->stopping) {
+      guard.unlock();
+      (void)refresh();
+      guard.lock();
+      s->wake.wait_for(guard, period, [s] { return s->stopping; });
+    }
+  });
+}
+
+bool catalogue::registered() const {
+  std::lock_guard lock(state_->mutex);
+  return state_->registered;
+}
+
+status catalogue::advertise(std::string_view artifact_id, std::uint64_t total_size) {
+  TENSORREG_TRY(check_artifact_key(artifact_id));
+  auto& s = *state_;
+  std::lock_guard lock(s.mutex);
+  s.advertised.insert_or_assign(std::string(artifact_id), total_size);
+  if (!s.registered || s.lease == 0) {
+    return fail(errc::unavailable,
+                fmt::format("cannot advertise {} yet: host {} is not registered at {} (written when it is)",
+                            artifact_id, s.options.self.host_id, s.etcd->endpoint()));
+  }
+  auto put = s.etcd->put(s.replica_key(artifact_id), json{{"total_size", total_size}}.dump(), s.lease);
+  // The lease gone or etcd away, maybe only for a moment between two refreshes: the next
+  // refresh writes everything again.
+  if (!put) s.registered = false;
+  return put;
+}
+
+status catalogue::withdraw(std::string_view artifact_id) {
+  TENSORREG_TRY(check_artifact_key(artifact_id));
+  auto& s = *state_;
+  std::lock_guard lock(s.mutex);
+  s.advertised.erase(std::string(artifact_id));
+  TENSORREG_TRY(s.etcd->delete_key(s.replica_key(artifact_id)));
+  return {};
+}
+
+result<bool> catalogue::put_index(std::string_view index_hash_hex, std::string_view index_bytes) {
+  TENSORREG_TRY(check_index_hash(index_hash_hex));
+  auto key = state_->index_prefix + std::string(index_hash_hex);
+  auto put = state_->etcd->put_if_absent(key, index_bytes);
+  if (!put && put.error().code == errc::unavailable) {
+    // Remembered, and written by the refresh that finds etcd back.
+    std::lock_guard lock(state_->mutex);
+    state_->pending_indexes.insert_or_assign(std::move(key), std::string(index_bytes));
+    state_->registered = false;
+  }
+  return put;
+}
+
+result<std::optional<std::string>> catalogue::get_index(std::string_view index_hash_hex) {
+  TENSORREG_TRY(check_index_hash(index_hash_hex));
+  TENSORREG_TRY_ASSIGN(auto kv, state_->etcd->get(state_->index_prefix + std::string(index_hash_hex)));
+  if (!kv) return std::optional<std::string>{};
+  return std::optional<std::string>{std::move(kv->value)};
+}
+
+result<std::vector<host_record>> catalogue::hosts() {
+  TENSORREG_TRY_ASSIGN(auto kvs, state_->etcd->list(state_->hosts_prefix));
+  std::vector<host_record> out;
+  for (const auto& kv : kvs) {
+    TENSORREG_TRY_ASSIGN(auto host, parse_host(std::string_view(kv.key).substr(state_->hosts_prefix.size()), kv.value));
+    out.push_back(std::move(host));
+  }
+  return out;
+}
+
+result<catalogue::holders_answer> catalogue::holders(std::string_view artifact_id) {
+  TENSORREG_TRY(check_artifact_key(artifact_id));
+  const auto prefix = fmt::format("{}{}/", state_->replicas_prefix, artifact_id);
+  TENSORREG_TRY_ASSIGN(auto replicas, state_->etcd->list(prefix));
+  holders_answer answer;
+  if (replicas.empty()) return answer;
+  TENSORREG_TRY_ASSIGN(auto all, hosts());
+  for (const auto& kv : replicas) {
+    auto host_id = std::string_view(kv.key).substr(prefix.size());
+    if (host_id == state_->options.self.host_id) continue;
+    auto parsed = json::parse(kv.value, nullptr, false);
+    if (parsed.is_object() && answer.total_size == 0) answer.total_size = parsed.value("total_size", std::uint64_t{0});
+    for (const auto& host : all) {
+      if (host.host_id == host_id) answer.hosts.push_back(host);
+    }
+  }
+  return answer;
+}
+
+std::vector<std::string> catalogue::advertised() const {
+  std::lock_guard lock(state_->mutex);
+  std::vector<std::string> out;
+  for (const auto& [id, size] : state_->advertised) out.push_back(id);
+  return out;
+}
+
+}  // namespace tensorreg::cluster

@@ -1,0 +1,245 @@
+// src/cluster/node.cpp — the daemon's cluster member (docs/cluster.md §5).
+#include "tensorreg/cluster/node.hpp"
+
+#include <fmt/format.h>
+#include <unistd.h>
+
+#include <fmt/ranges.h>
+#include <condition_variable>
+#include <cstring>
+#include <deque>
+#include <mutex>
+#include <thread>
+
+#include "common/log.hpp"
+#include "tensorreg/hash/tree_hash.hpp"
+#include "tensorreg/identity/artifact_id.hpp"
+#include "tensorreg/memory/shared_memory.hpp"
+
+namespace tensorreg::cluster {
+
+struct node::state {
+  registration::engine& engine;
+  node_options options;
+  std::unique_ptr<transfer_server> server;
+  std::unique_ptr<catalogue> members;
+
+  std::mutex mutex;  // guards the queue
+  std::condition_variable wake, idle;
+  std::deque<std::string> queue;
+  bool busy = false;
+  bool stopping = false;
+  std::thread advertiser;
+
+  std::mutex fetch_mutex;  // one fetch at a time: a second fetch of an id then finds it local
+
+  explicit state(registration::engine& e) : engine(e) {}
+
+  // Publishes, stores the index, advertises. Errors are logged: the artifact stays local.
+  void advertise(const std::string& id) {
+    auto parsed = identity::parse_mi2(id);
+    if (!parsed) return;
+    if (!server->serves(id)) {
+      auto bytes = engine.open_bytes(id);
+      if (!bytes) {
+        log(*options.log, log_level::info, "cluster: {} is not advertised: {}", id, bytes.error().message);
+        return;
+      }
+      auto leaves = hash::leaf_digests(**bytes);
+      const auto total = (*bytes)->size();
+      bytes->reset();  // holding the source would keep the artifact from draining
+      if (!leaves) {
+        log(*options.log, log_level::warn, "cluster: {} is not advertised: {}", id, leaves.error().message);
+        return;
+      }
+      if (hash::tree_root(*leaves) != parsed->data) {
+        log(*options.log, log_level::error, "cluster: {} is not advertised: its bytes no longer hash to its id", id);
+        return;
+      }
+      if (auto published = server->publish(id, total, std::move(*leaves)); !published) {
+        log(*options.log, log_level::warn, "cluster: {}", published.error().message);
+        return;
+      }
+    }
+    if (auto index = engine.index_of(id); index) {
+      if (auto put = members->put_index(hash::to_hex(parsed->index), (*index)->json()); !put) {
+        log(*options.log, log_level::info, "cluster: index of {} not stored yet: {}", id, put.error().message);
+      }
+    }
+    auto summary = engine.get(id);
+    const auto total = summary ? summary->descriptor.total_size : 0;
+    if (auto advertised = members->advertise(id, total); !advertised) {
+      log(*options.log, log_level::info, "cluster: {}", advertised.error().message);
+    }
+  }
+
+  void run() {
+    std::unique_lock lock(mutex);
+    for (;;) {
+      wake.wait(lock, [this] { return stopping || !queue.empty(); });
+      if (stopping) return;
+      auto id = std::move(queue.front());
+      queue.pop_front();
+      busy = true;
+      lock.unlock();
+      advertise(id);
+      lock.lock();
+      busy = false;
+      if (queue.empty()) idle.notify_all();
+    }
+  }
+};
+
+result<std::unique_ptr<node>> node::create(registration::engine& engine, node_options options) {
+  auto s = std::make_unique<state>(engine);
+  s->options = std::move(options);
+  s->options.pull.log = s->options.log;
+  transfer_server_options so;
+  so.listen_address = s->options.self.transfer_address;
+  so.log = s->options.log;
+  so.corrupt_leaves = s->options.corrupt_leaves;
+  so.open_bytes = [&engine](const std::string& id) { return engine.open_bytes(id); };
+  TENSORREG_TRY_ASSIGN(s->server, transfer_server::create(std::move(so)));
+  catalogue_options co;
+  co.url = s->options.url;
+  co.self = s->options.self;
+  co.self.transfer_address = s->server->address();
+  co.lease_ttl = s->options.lease_ttl;
+  co.log = s->options.log;
+  TENSORREG_TRY_ASSIGN(s->members, catalogue::create(std::move(co)));
+  s->members->start();
+  auto* raw = s.get();
+  s->advertiser = std::thread([raw] { raw->run(); });
+  // What this engine already holds (adopted at a takeover, restored from the persist directory)
+  // is advertised as well.
+  {
+    std::lock_guard lock(raw->mutex);
+    for (const auto& summary : engine.list()) {
+      if (summary.descriptor.id_kind == identity::id_kind::mi2) raw->queue.push_back(summary.descriptor.artifact_id);
+    }
+  }
+  raw->wake.notify_all();
+  return std::unique_ptr<node>(new node(std::move(s)));
+}
+
+node::node(std::unique_ptr<state> s) noexcept : state_(std::move(s)) {}
+
+node::~node() {
+  {
+    std::lock_guard lock(state_->mutex);
+    state_->stopping = true;
+  }
+  state_->wake.notify_all();
+  if (state_->advertiser.joinable()) state_->advertiser.join();
+}
+
+void node::committed(const std::string& artifact_id) {
+  if (identity::classify_artifact_id(artifact_id) != identity::id_kind::mi2) return;
+  {
+    std::lock_guard lock(state_->mutex);
+    state_->queue.push_back(artifact_id);
+  }
+  state_->wake.notify_all();
+}
+
+void node::drain() {
+  std::unique_lock lock(state_->mutex);
+  state_->idle.wait(lock, [this] { return state_->stopping || (state_->queue.empty() && !state_->busy); });
+}
+
+catalogue& node::members() noexcept { return *state_->members; }
+transfer_server& node::server() noexcept { return *state_->server; }
+
+status node::fetch(const std::string& artifact_id) {
+  auto& s = *state_;
+  auto id = identity::parse_mi2(artifact_id);
+  if (!id) {
+    return fail(errc::not_found,
+                fmt::format("artifact {} not found: only mi2 ids can be fetched from the cluster", artifact_id));
+  }
+  std::lock_guard serial(s.fetch_mutex);
+  if (s.engine.get(artifact_id)) return {};  // fetched meanwhile
+
+  auto holders = s.members->holders(artifact_id);
+  if (!holders) {
+    return fail(holders.error().code == errc::unavailable ? errc::unavailable : holders.error().code,
+                fmt::format("cannot fetch {} from the cluster: {}", artifact_id, holders.error().message));
+  }
+  if (holders->hosts.empty() || holders->total_size == 0) {
+    return fail(errc::not_found,
+                fmt::format("artifact {} not found here nor on any member of the cluster", artifact_id));
+  }
+  const auto index_hex = hash::to_hex(id->index);
+  auto index = s.members->get_index(index_hex);
+  if (!index) return fail(index.error().code, fmt::format("cannot fetch {}: {}", artifact_id, index.error().message));
+  if (!index->has_value()) {
+    return fail(errc::unavailable,
+                fmt::format("cannot fetch {}: the catalogue has no index {}", artifact_id, index_hex));
+  }
+  // The catalogue is not trusted for content: the index must hash to the id's index hash.
+  if (hash::sha256(std::string_view(**index)) != id->index) {
+    return fail(errc::data_loss,
+                fmt::format("cannot fetch {}: the catalogue's index {} does not hash to it", artifact_id, index_hex));
+  }
+
+  registration::begin_request begin;
+  begin.owner_pid = static_cast<std::int32_t>(::getpid());
+  begin.total_size = holders->total_size;
+  begin.tensor_index_data = registration::index_data{std::move(**index), "v3", "json"};
+  begin.plan = registration::stable_dram_options{};
+  TENSORREG_TRY_ASSIGN(auto begun, s.engine.begin(std::move(begin)));
+  auto abort = [&](error e) {
+    (void)s.engine.abort(begun.registration_id);
+    return tl::unexpected(std::move(e));
+  };
+  const auto* handshake = std::get_if<registration::stable_dram_handshake>(&begun.handshake);
+  if (handshake == nullptr || !handshake->publish) {
+    return abort(error{errc::internal, fmt::format("cannot fetch {}: no publish buffer for the pull", artifact_id)});
+  }
+  auto fd = handshake->publish->memory->duplicate_fd();
+  if (!fd) return abort(fd.error());
+  auto mapped = memory::shared_memory::adopt(std::move(*fd), handshake->publish->size_bytes, true);
+  if (!mapped) return abort(mapped.error());
+
+  std::vector<pull_source> sources;
+  for (const auto& host : holders->hosts) sources.push_back({host.host_id, host.transfer_address});
+  const auto t0 = std::chrono::steady_clock::now();
+  auto pulled = pull_artifact(
+      artifact_id, sources,
+      [&](std::uint64_t total) -> result<std::span<std::byte>> {
+        if (total != begun.total_size || mapped->mutable_bytes().size() < total) {
+          return fail(errc::unavailable, fmt::format("cannot fetch {}: the sources say {} bytes, the catalogue {}",
+                                                     artifact_id, total, begun.total_size));
+        }
+        return mapped->mutable_bytes().subspan(0, total);
+      },
+      s.options.pull);
+  if (!pulled) return abort(pulled.error());
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  std::vector<std::string> by_source;
+  for (const auto& [name, leaves] : pulled->leaves_by_source) by_source.push_back(fmt::format("{} {}", name, leaves));
+  log(*s.options.log, log_level::info,
+      "cluster: pulled {} ({} bytes) in {:.3f} s ({:.2f} GiB/s), leaves by source: {}{}{}", artifact_id,
+      pulled->total_size, seconds, static_cast<double>(pulled->total_size) / seconds / (1 << 30),
+      fmt::join(by_source, ", "),
+      pulled->corrupt_sources.empty() ? std::string()
+                                      : fmt::format("; corrupt: {}", fmt::join(pulled->corrupt_sources, "; ")),
+      pulled->failed_sources.empty() ? std::string()
+                                     : fmt::format("; failed: {}", fmt::join(pulled->failed_sources, "; ")));
+
+  registration::feed_request feed;
+  feed.registration_id = begun.registration_id;
+  feed.payload = registration::stable_write_progress{{{0, begun.total_size}}, true};
+  if (auto fed = s.engine.feed(std::move(feed)); !fed) return abort(fed.error());
+  auto committed_or = s.engine.commit(begun.registration_id);
+  if (!committed_or) return tl::unexpected(committed_or.error());
+  if (committed_or->descriptor.artifact_id != artifact_id) {
+    // Cannot happen with every leaf verified; never serve it under the asked id.
+    return fail(errc::data_loss, fmt::format("cannot fetch {}: the pulled bytes committed as {}", artifact_id,
+                                             committed_or->descriptor.artifact_id));
+  }
+  committed(artifact_id);
+  return {};
+}
+
+}  // namespace tensorreg::cluster

@@ -1,0 +1,192 @@
+#include "tensorreg/cluster/catalogue.hpp"
+
+#include <catch2/catch.hpp>
+#include <thread>
+
+#include "cluster/etcd_process.hpp"
+#include "support/temp_dir.hpp"
+
+using namespace tensorreg;
+using namespace tensorreg::cluster;
+using namespace std::chrono_literals;
+
+namespace {
+
+catalogue_options options_for(const std::string& url, const std::string& host_id, std::chrono::seconds ttl = 10s) {
+  catalogue_options options;
+  options.url = *parse_cluster_url(url);
+  options.self = host_record{host_id, host_id + ".example", "10.1.0.1:7000", std::uint64_t{1} << 30};
+  options.lease_ttl = ttl;
+  options.connect_timeout = 300ms;
+  options.request_timeout = 1000ms;
+  return options;
+}
+
+const std::string artifact = "mi2:example-artifact";
+
+template <typename Predicate>
+bool eventually(Predicate done, std::chrono::milliseconds within) {
+  const auto give_up = std::chrono::steady_clock::now() + within;
+  while (std::chrono::steady_clock::now() < give_up) {
+    if (done()) return true;
+    std::this_thread::sleep_for(100ms);
+  }
+  return done();
+}
+
+}  // namespace
+
+TEST_CASE("catalogue: refuses a bad host id and a short lease before contacting etcd", "[cluster][catalogue]") {
+  auto bad = catalogue::create(options_for("etcd://127.0.0.1:1/t", "a/b"));
+  REQUIRE_FALSE(bad);
+  CHECK(bad.error().code == errc::invalid_argument);
+  CHECK(bad.error().message == "cannot join cluster: host id 'a/b' is empty or has characters outside [A-Za-z0-9-._]");
+  auto short_lease = catalogue::create(options_for("etcd://127.0.0.1:1/t", "a", 1s));
+  REQUIRE_FALSE(short_lease);
+  CHECK(short_lease.error().message == "cannot join cluster: lease ttl 1 s is below 2 s");
+}
+
+TEST_CASE("catalogue: hosts register, replicas are listed by holder, indexes are stored once", "[cluster][catalogue]") {
+  if (!testing::find_etcd()) {
+    WARN("SKIP: no etcd binary (apt-get install etcd-server)");
+    return;
+  }
+  testing::temp_dir dir;
+  testing::etcd_process etcd(dir.path());
+  auto a = catalogue::create(options_for(etcd.url("c1"), "host-a"));
+  auto b = catalogue::create(options_for(etcd.url("c1"), "host-b"));
+  REQUIRE(a);
+  REQUIRE(b);
+  REQUIRE((*a)->refresh());
+  REQUIRE((*b)->refresh());
+  CHECK((*a)->registered());
+
+  auto hosts = (*b)->hosts();
+  REQUIRE(hosts);
+  REQUIRE(hosts->size() == 2);
+  CHECK((*hosts)[0] == (*a)->self());
+  CHECK((*hosts)[1].host_id == "host-b");
+
+  REQUIRE((*a)->advertise(artifact, 12345));
+  auto holders = (*b)->holders(artifact);
+  REQUIRE(holders);
+  REQUIRE(holders->hosts.size() == 1);
+  CHECK(holders->hosts[0].host_id == "host-a");
+  CHECK(holders->hosts[0].transfer_address == "10.1.0.1:7000");
+  CHECK(holders->total_size == 12345);
+  // A host never lists itself as a source.
+  CHECK((*a)->holders(artifact)->hosts.empty());
+
+  const std::string hash(64, 'a');
+  CHECK(*(*a)->put_index(hash, "index bytes"));
+  CHECK_FALSE(*(*b)->put_index(hash, "other bytes"));
+  CHECK(**(*b)->get_index(hash) == "index bytes");
+  CHECK_FALSE((*b)->get_index(std::string(64, 'b'))->has_value());
+  auto bad_hash = (*b)->put_index("ABC", "x");
+  REQUIRE_FALSE(bad_hash);
+  CHECK(bad_hash.error().message == "cannot use index hash 'ABC': not 64 lower-case hex digits");
+  auto bad_id = (*a)->advertise("mi2:x/../host-b", 1);
+  REQUIRE_FALSE(bad_id);
+  CHECK(bad_id.error().code == errc::invalid_argument);
+
+  REQUIRE((*a)->withdraw(artifact));
+  CHECK((*b)->holders(artifact)->hosts.empty());
+
+  // A catalogue that goes away revokes its lease: the host leaves at once.
+  a->reset();
+  CHECK((*b)->hosts()->size() == 1);
+}
+
+TEST_CASE("catalogue: an expired lease takes the host and its replicas with it", "[cluster][catalogue]") {
+  if (!testing::find_etcd()) {
+    WARN("SKIP: no etcd binary (apt-get install etcd-server)");
+    return;
+  }
+  testing::temp_dir dir;
+  testing::etcd_process etcd(dir.path());
+  auto a = catalogue::create(options_for(etcd.url("c2"), "host-a", 2s));
+  auto b = catalogue::create(options_for(etcd.url("c2"), "host-b"));
+  REQUIRE(a);
+  REQUIRE(b);
+  REQUIRE((*a)->refresh());
+  REQUIRE((*a)->advertise(artifact, 1));
+  REQUIRE((*b)->holders(artifact)->hosts.size() == 1);
+  // host-a stops renewing (no keep-alive thread, no refresh): a hung or dead host.
+  CHECK(eventually([&] { return (*b)->holders(artifact)->hosts.empty() && (*b)->hosts()->empty(); }, 8s));
+  // It comes back: its next refresh finds the lease gone and registers again, replicas included.
+  REQUIRE((*a)->refresh());
+  auto holders = (*b)->holders(artifact);
+  REQUIRE(holders);
+  REQUIRE(holders->hosts.size() == 1);
+  CHECK(holders->hosts[0].host_id == "host-a");
+}
+
+TEST_CASE("catalogue: etcd down answers UNAVAILABLE, and back (even empty) the host registers again",
+          "[cluster][catalogue][concurrency]") {
+  if (!testing::find_etcd()) {
+    WARN("SKIP: no etcd binary (apt-get install etcd-server)");
+    return;
+  }
+  testing::temp_dir dir;
+  auto etcd = std::make_unique<testing::etcd_process>(dir.path() / "one");
+  const auto port = etcd->client_port();
+  auto a = catalogue::create(options_for(etcd->url("c3"), "host-a", 3s));
+  REQUIRE(a);
+  (*a)->start();
+  CHECK(eventually([&] { return (*a)->registered(); }, 5s));
+  REQUIRE((*a)->advertise(artifact, 7));
+
+  etcd->kill();
+  auto refresh = (*a)->refresh();
+  REQUIRE_FALSE(refresh);
+  CHECK(refresh.error().code == errc::unavailable);
+  CHECK(refresh.error().message.starts_with("cluster catalogue at http://127.0.0.1:" + std::to_string(port) +
+                                            " unreachable: "));
+  CHECK_FALSE((*a)->registered());
+  auto hosts = (*a)->hosts();
+  REQUIRE_FALSE(hosts);
+  CHECK(hosts.error().code == errc::unavailable);
+  // Advertised during the outage: remembered, written when etcd returns.
+  auto late = (*a)->advertise("mi2:late", 9);
+  REQUIRE_FALSE(late);
+  CHECK(late.error().code == errc::unavailable);
+
+  // etcd returns on the same port with an empty data directory: every key and lease is gone.
+  etcd.reset();
+  testing::etcd_process fresh(dir.path() / "two", port);
+  auto b = catalogue::create(options_for(fresh.url("c3"), "host-b"));
+  REQUIRE(b);
+  CHECK(eventually([&] { return (*b)->holders(artifact)->hosts.size() == 1; }, 6s));
+  CHECK((*b)->holders("mi2:late")->hosts.size() == 1);
+  CHECK((*a)->registered());
+}
+
+TEST_CASE("catalogue: writes that failed while etcd was away are made by the next refresh", "[cluster][catalogue]") {
+  if (!testing::find_etcd()) {
+    WARN("SKIP: no etcd binary (apt-get install etcd-server)");
+    return;
+  }
+  testing::temp_dir dir;
+  testing::etcd_process etcd(dir.path());
+  auto a = catalogue::create(options_for(etcd.url("c4"), "host-a"));
+  REQUIRE(a);
+  REQUIRE((*a)->refresh());
+  REQUIRE((*a)->advertise(artifact, 7));
+  etcd.kill();
+  // No refresh sees the outage: only the failed writes tell the catalogue.
+  auto late = (*a)->advertise("mi2:late", 9);
+  CHECK_FALSE(late);
+  const std::string hash(64, 'c');
+  auto index = (*a)->put_index(hash, "late index");
+  REQUIRE_FALSE(index);
+  CHECK(index.error().code == errc::unavailable);
+  etcd.restart();
+  auto back = (*a)->refresh();
+  if (!back) FAIL_CHECK(back.error().message);
+  CHECK((*a)->registered());
+  auto b = catalogue::create(options_for(etcd.url("c4"), "host-b"));
+  REQUIRE(b);
+  CHECK((*b)->holders(artifact)->hosts.size() == 1);
+  CHECK((*b)->holders("mi2:late")->hosts.size() == 1);
+  CHECK(**(*b)->get_index(hash) == "late index");
+}

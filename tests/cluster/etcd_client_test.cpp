@@ -1,0 +1,132 @@
+#include "tensorreg/cluster/etcd_client.hpp"
+
+#include <catch2/catch.hpp>
+
+#include "cluster/etcd_process.hpp"
+#include "support/temp_dir.hpp"
+
+using namespace tensorreg;
+using namespace tensorreg::cluster;
+
+TEST_CASE("cluster url: etcd://host:port/prefix parses and bad ones are named", "[cluster][etcd_client]") {
+  auto url = parse_cluster_url("etcd://10.0.0.1:2380/models/prod/");
+  REQUIRE(url);
+  CHECK(url->host == "10.0.0.1");
+  CHECK(url->port == 2380);
+  CHECK(url->prefix == "/models/prod");
+  CHECK(url->endpoint() == "http://10.0.0.1:2380");
+
+  auto bare = parse_cluster_url("etcd://etcd.local");
+  REQUIRE(bare);
+  CHECK(bare->port == 2379);
+  CHECK(bare->prefix == "/tensorreg");
+
+  auto scheme = parse_cluster_url("http://10.0.0.1:2379/x");
+  REQUIRE_FALSE(scheme);
+  CHECK(scheme.error().code == errc::invalid_argument);
+  CHECK(scheme.error().message == "cannot parse cluster url 'http://10.0.0.1:2379/x': it must start with etcd://");
+  auto port = parse_cluster_url("etcd://h:99999/x");
+  REQUIRE_FALSE(port);
+  CHECK(port.error().message == "cannot parse cluster url 'etcd://h:99999/x': port '99999' is not in 1..65535");
+  auto prefix = parse_cluster_url("etcd://h:1/a b");
+  REQUIRE_FALSE(prefix);
+  CHECK(prefix.error().message.find("prefix '/a b' has a character outside") != std::string::npos);
+}
+
+TEST_CASE("etcd client: base64 round-trips every byte and refuses bad text", "[cluster][etcd_client]") {
+  std::string all;
+  for (int i = 0; i < 256; ++i) all += static_cast<char>(i);
+  for (std::size_t n : {0, 1, 2, 3, 4, 255, 256}) {
+    auto text = base64_encode(std::string_view(all).substr(0, n));
+    CHECK(text.size() % 4 == 0);
+    auto back = base64_decode(text);
+    REQUIRE(back);
+    CHECK(*back == all.substr(0, n));
+  }
+  CHECK(base64_encode("foo") == "Zm9v");
+  CHECK(base64_encode("fo") == "Zm8=");
+  auto bad = base64_decode("Zm9");
+  REQUIRE_FALSE(bad);
+  CHECK(bad.error().code == errc::invalid_argument);
+  CHECK(bad.error().message == "cannot decode base64: length 3 is not a multiple of 4");
+  CHECK_FALSE(base64_decode("Zm!v"));
+}
+
+TEST_CASE("etcd client: an endpoint where nothing listens is UNAVAILABLE, naming it", "[cluster][etcd_client]") {
+  const auto port = testing::free_local_port();
+  auto client = etcd_client::create(
+      {"http://127.0.0.1:" + std::to_string(port), std::chrono::milliseconds(300), std::chrono::milliseconds(500)});
+  REQUIRE(client);
+  auto put = (*client)->put("/k", "v");
+  REQUIRE_FALSE(put);
+  CHECK(put.error().code == errc::unavailable);
+  CHECK(put.error().message.starts_with("cluster catalogue at http://127.0.0.1:" + std::to_string(port) +
+                                        " unreachable: "));
+  auto bad = etcd_client::create({"https://x:1", {}, {}});
+  REQUIRE_FALSE(bad);
+  CHECK(bad.error().code == errc::invalid_argument);
+}
+
+TEST_CASE("etcd client: put, get, list by prefix, put_if_absent, delete and leases on a real etcd",
+          "[cluster][etcd_client]") {
+  if (!testing::find_etcd()) {
+    WARN("SKIP: no etcd binary (apt-get install etcd-server)");
+    return;
+  }
+  testing::temp_dir dir;
+  testing::etcd_process etcd(dir.path());
+  auto client_or =
+      etcd_client::create({etcd.endpoint(), std::chrono::milliseconds(500), std::chrono::milliseconds(2000)});
+  REQUIRE(client_or);
+  auto& client = **client_or;
+
+  const std::string binary("v\0\xff", 3);
+  REQUIRE(client.put("/p/a", binary));
+  REQUIRE(client.put("/p/b", "2"));
+  REQUIRE(client.put("/q/c", "3"));
+  auto a = client.get("/p/a");
+  REQUIRE(a);
+  REQUIRE(a->has_value());
+  CHECK((*a)->value == binary);
+  auto missing = client.get("/p/zz");
+  REQUIRE(missing);
+  CHECK_FALSE(missing->has_value());
+
+  auto listed = client.list("/p/");
+  REQUIRE(listed);
+  REQUIRE(listed->size() == 2);
+  CHECK((*listed)[0].key == "/p/a");
+  CHECK((*listed)[1].key == "/p/b");
+
+  auto first = client.put_if_absent("/i/x", "one");
+  REQUIRE(first);
+  CHECK(*first);
+  auto second = client.put_if_absent("/i/x", "two");
+  REQUIRE(second);
+  CHECK_FALSE(*second);
+  CHECK((*client.get("/i/x"))->value == "one");
+
+  auto lease = client.grant_lease(std::chrono::seconds(5));
+  REQUIRE(lease);
+  REQUIRE(client.put("/l/k", "v", *lease));
+  CHECK((*client.get("/l/k"))->lease == *lease);
+  auto ttl = client.keep_alive(*lease);
+  REQUIRE(ttl);
+  CHECK(ttl->count() >= 4);
+  REQUIRE(client.revoke_lease(*lease));
+  CHECK_FALSE((*client.get("/l/k")).has_value());
+  auto gone = client.keep_alive(*lease);
+  REQUIRE_FALSE(gone);
+  CHECK(gone.error().code == errc::not_found);
+  CHECK(gone.error().message.find("expired or was revoked") != std::string::npos);
+  auto orphan = client.put("/l/k2", "v", *lease);
+  REQUIRE_FALSE(orphan);
+  CHECK(orphan.error().code == errc::not_found);
+  CHECK(orphan.error().message.find("lease not found") != std::string::npos);
+
+  auto deleted = client.delete_prefix("/p/");
+  REQUIRE(deleted);
+  CHECK(*deleted == 2);
+  CHECK((*client.list("/p/")).empty());
+  CHECK((*client.list("/q/")).size() == 1);
+}

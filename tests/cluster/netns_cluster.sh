@@ -1,0 +1,225 @@
+#!/usr/bin/env bash
+# tests/cluster/netns_cluster.sh — a small tensorreg cluster in network namespaces (issue #19,
+# docs/cluster.md §6): one etcd and four daemons, each in a namespace of its own with its own
+# host name, joined by veth pairs to a bridge that lives in a further namespace. Nothing is
+# created in the caller's namespace and no address outside the private /24 it picks is touched;
+# everything is torn down on exit, failure included.
+#
+#   netns_cluster.sh BUILD_DIR
+#
+# Cases: put on A, get by id on B (same bytes); fan-out to three receivers; the source
+# SIGKILLed mid-transfer (its link limited with tc so that the kill lands mid-pull); etcd
+# stopped (cluster gets UNAVAILABLE, local puts work) and restarted (members register again,
+# what was put during the outage is advertised); a corrupt source (a daemon that flips a byte
+# of every leaf it serves) next to a good one.
+# Exit 0 when every case passes, 1 on a failure, 77 (ctest SKIP) without root, etcd or ip.
+set -euo pipefail
+
+build=${1:?usage: netns_cluster.sh BUILD_DIR}
+build=$(cd "$build" && pwd)
+here=$(cd "$(dirname "$0")" && pwd)
+daemon=$build/daemon/tensorregd
+cli=$build/cli/tensorreg
+client=(/usr/bin/python3 "$here/netns_client.py")
+
+skip() { echo "SKIP: $*"; exit 77; }
+[ "$(id -u)" -eq 0 ] || skip "needs root (network namespaces)"
+command -v ip >/dev/null || skip "no ip (iproute2)"
+command -v etcd >/dev/null || skip "no etcd (apt-get install etcd-server)"
+command -v unshare >/dev/null || skip "no unshare (util-linux)"
+[ -x "$daemon" ] && [ -x "$cli" ] || { echo "FAIL: build tensorregd and tensorreg in $build first"; exit 1; }
+ip netns add "trprobe$$" 2>/dev/null || skip "cannot create network namespaces here"
+ip netns del "trprobe$$"
+
+# A /24 of 10.0.0.0/8 that no interface or route of this host uses.
+subnet=""
+for second in $(seq 201 250); do
+  for third in 17 71 113; do
+    candidate="10.$second.$third"
+    if ! ip -4 addr show | grep -q "inet $candidate\." && ! ip -4 route show | grep -q "^$candidate\."; then
+      subnet=$candidate
+      break 2
+    fi
+  done
+done
+[ -n "$subnet" ] || skip "no free 10.x.y.0/24 here"
+
+tag="trc$$"
+tmp=$(mktemp -d "/tmp/netns-cluster.XXXXXX")
+bridge_ns="${tag}br"
+namespaces=("$bridge_ns")
+declare -A pid
+started=$(date +%s)
+
+cleanup() {
+  local rc=$?
+  for name in "${!pid[@]}"; do kill -9 "${pid[$name]}" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  for ns in "${namespaces[@]}"; do ip netns del "$ns" 2>/dev/null || true; done
+  if [ "$rc" -ne 0 ] && [ "$rc" -ne 77 ]; then
+    echo "--- logs (failure) in $tmp:"
+    for f in "$tmp"/*.log; do echo "== $f"; tail -n 15 "$f"; done
+  else
+    rm -rf "$tmp"
+  fi
+  exit "$rc"
+}
+trap cleanup EXIT INT TERM
+
+fail() { echo "FAIL: $*"; exit 1; }
+pass() { echo "PASS: $* ($(($(date +%s) - started)) s)"; }
+
+ip netns add "$bridge_ns"
+ip -n "$bridge_ns" link add br0 type bridge
+ip -n "$bridge_ns" link set br0 up
+
+# add_host NAME LAST_OCTET: a namespace with eth0 at $subnet.LAST_OCTET on the bridge.
+add_host() {
+  local ns="$tag$1"
+  namespaces+=("$ns")
+  ip netns add "$ns"
+  ip -n "$bridge_ns" link add "v$1" type veth peer name eth0 netns "$ns"
+  ip -n "$bridge_ns" link set "v$1" master br0 up
+  ip -n "$ns" addr add "$subnet.$2/24" dev eth0
+  ip -n "$ns" link set eth0 up
+  ip -n "$ns" link set lo up
+}
+
+etcd_ip="$subnet.10"
+start_etcd() {
+  ip netns exec "${tag}e" unshare --uts sh -c "hostname etcd-$tag; exec etcd --name e \
+    --data-dir '$tmp/etcd' --listen-client-urls http://$etcd_ip:2379 --advertise-client-urls http://$etcd_ip:2379 \
+    --listen-peer-urls http://127.0.0.1:2380 --initial-advertise-peer-urls http://127.0.0.1:2380 \
+    --initial-cluster e=http://127.0.0.1:2380" >>"$tmp/etcd.log" 2>&1 &
+  pid[etcd]=$!
+  for _ in $(seq 100); do
+    ip netns exec "${tag}e" curl -s -m 1 -X POST "http://$etcd_ip:2379/v3/kv/range" -d '{"key":"eA=="}' \
+      >/dev/null 2>&1 && return 0
+    sleep 0.1
+  done
+  fail "etcd did not start"
+}
+
+# start_daemon N [ARGS...]: tensorregd in namespace N, transfers on $subnet.(20+N):7000, host id
+# nodeN.
+start_daemon() {
+  local n=$1
+  shift
+  local extra="$*"
+  rm -f "$tmp/d$n.sock" "$tmp/d$n.out"
+  ip netns exec "$tag$n" unshare --uts sh -c "hostname node$n-$tag; exec '$daemon' --socket '$tmp/d$n.sock' \
+    --no-warm-start --cluster etcd://$etcd_ip:2379/tensorreg --transfer-addr $subnet.$((20 + n)):7000 \
+    --host-id node$n $extra" >"$tmp/d$n.out" 2>>"$tmp/d$n.log" &
+  pid[d$n]=$!
+  for _ in $(seq 100); do
+    grep -q "ready on" "$tmp/d$n.out" 2>/dev/null && return 0
+    sleep 0.1
+  done
+  fail "daemon $n did not start"
+}
+
+put() {  # put N FILE → the artifact id
+  "$cli" put "$2" --socket "$tmp/d$1.sock" --json | /usr/bin/python3 -c 'import json,sys; print(json.load(sys.stdin)["artifact_id"])'
+}
+digest() { "${client[@]}" digest "$tmp/d$1.sock" "$2"; }
+# get_when_listed N ID: the digest on daemon N once some member advertises ID (advertising runs
+# after the commit's answer).
+get_when_listed() {
+  local out
+  for _ in $(seq 50); do
+    out=$(digest "$1" "$2") && { echo "$out"; return 0; }
+    case "$out" in *NotFound*) sleep 0.2 ;; *) echo "$out"; return 1 ;; esac
+  done
+  echo "$out"
+  return 1
+}
+
+add_host e 10
+for n in 1 2 3 4; do add_host "$n" $((20 + n)); done
+start_etcd
+for n in 1 2 3 4; do start_daemon "$n"; done
+pass "setup: etcd and 4 daemons on $subnet.0/24"
+
+# 1. Put on A, get by id on B: the same bytes.
+"${client[@]}" make "$tmp/a.safetensors" $((24 << 20)) 1
+id_a=$(put 1 "$tmp/a.safetensors")
+want=$(digest 1 "$id_a")
+got=$(get_when_listed 2 "$id_a") || fail "get of $id_a on node2: $got"
+[ "$got" = "$want" ] || fail "node2 got '$got' for $id_a, node1 holds '$want'"
+pass "put on node1, get by id on node2: $id_a"
+
+# 2. Fan-out: three receivers at once.
+"${client[@]}" make "$tmp/b.safetensors" $((40 << 20)) 2
+id_b=$(put 1 "$tmp/b.safetensors")
+want=$(digest 1 "$id_b")
+get_when_listed 2 "$id_b" >"$tmp/fan2" &
+f2=$!
+get_when_listed 3 "$id_b" >"$tmp/fan3" &
+f3=$!
+get_when_listed 4 "$id_b" >"$tmp/fan4" &
+f4=$!
+wait $f2 && wait $f3 && wait $f4 || fail "a fan-out get failed: $(cat "$tmp"/fan?)"
+for n in 2 3 4; do [ "$(cat "$tmp/fan$n")" = "$want" ] || fail "node$n got '$(cat "$tmp/fan$n")' for $id_b"; done
+pass "fan-out of $id_b to 3 receivers"
+
+# 3. The source SIGKILLed mid-transfer: node1 and node2 hold C; their links are slowed to
+# 200 Mbit/s each (96 MiB then takes about 2 s), node3 pulls from both, node1 dies 0.7 s in.
+# node3 must finish from node2.
+"${client[@]}" make "$tmp/c.safetensors" $((96 << 20)) 3
+id_c=$(put 1 "$tmp/c.safetensors")
+want=$(digest 1 "$id_c")
+got=$(get_when_listed 2 "$id_c") || fail "get of $id_c on node2: $got"
+for _ in $(seq 50); do   # node2's own advertisement of C
+  ip netns exec "${tag}e" curl -s -X POST "http://$etcd_ip:2379/v3/kv/range" \
+    -d "{\"key\":\"$(printf '/tensorreg/replicas/%s/node2' "$id_c" | base64 -w0)\"}" | grep -q '"kvs"' && break
+  sleep 0.2
+done
+for n in 1 2; do ip netns exec "$tag$n" tc qdisc add dev eth0 root tbf rate 200mbit burst 256kb latency 100ms; done
+digest 3 "$id_c" >"$tmp/killed" &
+getter=$!
+sleep 0.7
+kill -9 "${pid[d1]}"
+unset 'pid[d1]'
+wait $getter || fail "node3's get of $id_c after node1 died: $(cat "$tmp/killed")"
+[ "$(cat "$tmp/killed")" = "$want" ] || fail "node3 got '$(cat "$tmp/killed")' for $id_c"
+grep -q "source node1 .* dropped: connection failed" "$tmp/d3.log" || fail "node3 did not see node1 die mid-pull"
+ip netns exec "${tag}2" tc qdisc del dev eth0 root
+pass "source SIGKILLed mid-transfer: node3 finished from node2"
+
+# 4. etcd stopped: cluster gets answer UNAVAILABLE, local work goes on; etcd back: members
+# register again and what was put meanwhile is advertised.
+kill -9 "${pid[etcd]}"
+wait "${pid[etcd]}" 2>/dev/null || true
+unset 'pid[etcd]'
+"${client[@]}" make "$tmp/d.safetensors" $((8 << 20)) 4
+out=$(digest 4 "$id_c") && fail "node4 got $id_c with etcd down"
+case "$out" in *Unavailable*"cluster catalogue at http://$etcd_ip:2379 unreachable"*) ;;
+  *) fail "node4 with etcd down answered '$out'" ;; esac
+id_d=$(put 4 "$tmp/d.safetensors") || fail "a local put on node4 with etcd down failed"
+[ "$(digest 4 "$id_d" | cut -d' ' -f1)" = $((8 << 20)) ] || fail "node4 cannot read its own $id_d"
+start_etcd
+got=$(get_when_listed 2 "$id_d") || fail "node2's get of $id_d (put during the outage) after etcd returned: $got"
+[ "$got" = "$(digest 4 "$id_d")" ] || fail "node2 got '$got' for $id_d"
+got=$(get_when_listed 4 "$id_c") || fail "node4's get of $id_c after etcd returned: $got"
+[ "$got" = "$want" ] || fail "node4 got '$got' for $id_c"
+pass "etcd stopped (UNAVAILABLE, local put ok) and restarted (re-registered)"
+
+# 5. A corrupt source: node1 comes back flipping a byte of every leaf it serves; it and node4
+# hold E. node3's pull catches each bad leaf, fetches it from node4, and names node1.
+start_daemon 1 --transfer-corrupt-for-tests
+"${client[@]}" make "$tmp/e.safetensors" $((32 << 20)) 5
+id_e=$(put 1 "$tmp/e.safetensors")
+[ "$(put 4 "$tmp/e.safetensors")" = "$id_e" ] || fail "node4 put E under another id"
+want=$(digest 4 "$id_e")
+for _ in $(seq 50); do   # both advertisements
+  n=$(ip netns exec "${tag}e" curl -s -X POST "http://$etcd_ip:2379/v3/kv/range" \
+    -d "{\"key\":\"$(printf '/tensorreg/replicas/%s/' "$id_e" | base64 -w0)\",\"range_end\":\"$(printf '/tensorreg/replicas/%s0' "$id_e" | base64 -w0)\",\"count_only\":true}" |
+    /usr/bin/python3 -c 'import json,sys; print(json.load(sys.stdin).get("count", 0))')
+  [ "$n" = 2 ] && break
+  sleep 0.2
+done
+got=$(digest 3 "$id_e") || fail "node3's get of $id_e next to a corrupt source: $got"
+[ "$got" = "$want" ] || fail "node3 got '$got' for $id_e"
+grep -q "pulled $id_e.*corrupt: node1 .*does not match its digest" "$tmp/d3.log" || fail "node3 did not report node1 corrupt"
+pass "corrupt source: every bad leaf caught and fetched from node4, node1 reported"
+echo "netns_cluster: all cases passed in $(($(date +%s) - started)) s"

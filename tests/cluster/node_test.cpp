@@ -1,0 +1,121 @@
+#include "tensorreg/cluster/node.hpp"
+
+#include <unistd.h>
+
+#include <catch2/catch.hpp>
+#include <thread>
+
+#include "cluster/etcd_process.hpp"
+#include "support/engine_helpers.hpp"
+#include "support/temp_dir.hpp"
+
+using namespace tensorreg;
+using namespace tensorreg::cluster;
+using namespace std::chrono_literals;
+namespace t = tensorreg::testing;
+
+namespace {
+
+// Three leaves and a bit: a 12 MiB + 8 B float32 tensor.
+t::model leafy_model() {
+  t::model m;
+  const std::size_t n = (12u << 20) + 8;
+  m.storages = {{"a", t::pattern(n, 21)}};
+  m.tensors = {{"w", "a", {static_cast<std::int64_t>(n / 4)}, {1}, "torch.float32", 0, n}};
+  return m;
+}
+
+std::unique_ptr<node> join(registration::engine& e, const std::string& url, const std::string& host_id) {
+  node_options options;
+  options.url = *parse_cluster_url(url);
+  options.self = host_record{host_id, host_id, "127.0.0.1:0", 0};
+  options.lease_ttl = 3s;
+  options.pull.request_timeout = 5s;
+  auto n = node::create(e, std::move(options));
+  REQUIRE_OK(n);
+  return std::move(*n);
+}
+
+std::string read_all(const memory::byte_source& source) {
+  std::string out(source.size(), '\0');
+  REQUIRE(source.read(0, std::as_writable_bytes(std::span<char>(out))));
+  return out;
+}
+
+template <typename Predicate>
+bool eventually(Predicate done, std::chrono::milliseconds within) {
+  const auto give_up = std::chrono::steady_clock::now() + within;
+  while (std::chrono::steady_clock::now() < give_up) {
+    if (done()) return true;
+    std::this_thread::sleep_for(50ms);
+  }
+  return done();
+}
+
+}  // namespace
+
+TEST_CASE("cluster node: an artifact committed on one engine is fetched by id into another",
+          "[cluster][node][concurrency]") {
+  if (!t::find_etcd()) {
+    WARN("SKIP: no etcd binary (apt-get install etcd-server)");
+    return;
+  }
+  t::temp_dir dir;
+  t::etcd_process etcd(dir.path());
+  t::fake_clock clock;
+  auto engine_a = t::make_engine(clock);
+  auto engine_b = t::make_engine(clock);
+  auto a = join(*engine_a, etcd.url("n1"), "a");
+  auto b = join(*engine_b, etcd.url("n1"), "b");
+  REQUIRE(eventually([&] { return a->members().registered() && b->members().registered(); }, 5s));
+
+  const auto m = leafy_model();
+  auto committed = t::register_stable(*engine_a, m, static_cast<std::int32_t>(::getpid()));
+  REQUIRE_OK(committed);
+  const auto id = committed->descriptor.artifact_id;
+  a->committed(id);
+  a->drain();
+  CHECK(a->server().serves(id));
+
+  REQUIRE_OK(b->fetch(id));
+  auto got = engine_b->open_bytes(id);
+  REQUIRE_OK(got);
+  CHECK(read_all(**got) == m.canonical());
+  CHECK((*engine_b->index_of(id))->json() == m.index().json());
+  CHECK(a->server().stats().leaves_served == 4);
+  // b advertises its new replica in turn.
+  b->drain();
+  auto holders = a->members().holders(id);
+  REQUIRE_OK(holders);
+  REQUIRE(holders->hosts.size() == 1);
+  CHECK(holders->hosts[0].host_id == "b");
+  // Fetching what is local does nothing.
+  REQUIRE_OK(b->fetch(id));
+  CHECK(a->server().stats().manifests_served == 1);
+}
+
+TEST_CASE("cluster node: an id no member holds is NOT_FOUND, and etcd down is UNAVAILABLE", "[cluster][node]") {
+  if (!t::find_etcd()) {
+    WARN("SKIP: no etcd binary (apt-get install etcd-server)");
+    return;
+  }
+  t::temp_dir dir;
+  auto etcd = std::make_unique<t::etcd_process>(dir.path());
+  const auto endpoint = etcd->endpoint();
+  t::fake_clock clock;
+  auto engine = t::make_engine(clock);
+  auto n = join(*engine, etcd->url("n2"), "solo");
+  const auto unknown = t::expected_mi2(t::small_model_json, t::small_model().canonical());
+  CHECK_ERROR(n->fetch(unknown), errc::not_found,
+              "artifact " + unknown + " not found here nor on any member of the cluster");
+  CHECK_CODE(n->fetch("cgid:x~y"), errc::not_found);
+
+  etcd.reset();
+  auto down = n->fetch(unknown);
+  REQUIRE_FALSE(down);
+  CHECK(down.error().code == errc::unavailable);
+  CHECK(down.error().message.starts_with("cannot fetch " + unknown + " from the cluster: cluster catalogue at " +
+                                         endpoint + " unreachable: "));
+  // Local work is untouched.
+  REQUIRE_OK(t::register_stable(*engine, t::small_model(), static_cast<std::int32_t>(::getpid())));
+}

@@ -1,0 +1,206 @@
+#include "tensorreg/cluster/transfer.hpp"
+
+#include <catch2/catch.hpp>
+#include <cstring>
+#include <future>
+#include <thread>
+
+#include "cluster/etcd_process.hpp"
+#include "tensorreg/hash/tree_hash.hpp"
+#include "tensorreg/identity/artifact_id.hpp"
+
+using namespace tensorreg;
+using namespace tensorreg::cluster;
+using namespace std::chrono_literals;
+
+namespace {
+
+// An artifact of 10 full leaves and a short one, its bytes, id and leaf digests.
+struct test_artifact {
+  std::vector<std::byte> bytes;
+  std::string id;
+  std::vector<hash::digest> leaves;
+
+  explicit test_artifact(std::uint64_t size = 10 * hash::leaf_bytes + 12345, std::uint32_t seed = 7) : bytes(size) {
+    std::uint32_t x = seed;
+    for (auto& b : bytes) {
+      x = x * 1664525U + 1013904223U;
+      b = static_cast<std::byte>(x >> 24);
+    }
+    memory::host_bytes_view view(bytes);
+    leaves = *hash::leaf_digests(view);
+    identity::mi2_id mi2;
+    mi2.index = hash::sha256(std::string_view("test index"));
+    mi2.data = hash::tree_root(leaves);
+    id = mi2.to_string();
+  }
+};
+
+std::unique_ptr<transfer_server> serve(const test_artifact& artifact, bool corrupt = false, std::uint64_t stall = 0) {
+  transfer_server_options options;
+  options.open_bytes = [&artifact](const std::string& id) -> result<std::shared_ptr<const memory::byte_source>> {
+    if (id != artifact.id) return fail(errc::not_found, "not here");
+    return std::make_shared<memory::host_bytes_view>(artifact.bytes);
+  };
+  options.corrupt_leaves = corrupt;
+  options.stall_after_leaves = stall;
+  auto server = transfer_server::create(std::move(options));
+  REQUIRE(server);
+  REQUIRE((*server)->publish(artifact.id, artifact.bytes.size(), artifact.leaves));
+  return std::move(*server);
+}
+
+struct pulled {
+  result<pull_report> report = fail(errc::unknown, "not run");
+  std::vector<std::byte> bytes;
+};
+
+pulled pull(const std::string& id, const std::vector<pull_source>& sources, pull_options options = {}) {
+  pulled out;
+  out.report = pull_artifact(
+      id, sources,
+      [&](std::uint64_t total) -> result<std::span<std::byte>> {
+        out.bytes.resize(total);
+        return std::span<std::byte>(out.bytes);
+      },
+      options);
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("transfer: a pull from one source gives the artifact's bytes", "[cluster][transfer]") {
+  test_artifact artifact;
+  auto server = serve(artifact);
+  auto got = pull(artifact.id, {{"a", server->address()}});
+  REQUIRE(got.report);
+  CHECK(got.report->total_size == artifact.bytes.size());
+  CHECK(got.bytes == artifact.bytes);
+  CHECK(got.report->leaves_by_source.at("a") == artifact.leaves.size());
+  CHECK(got.report->corrupt_sources.empty());
+  CHECK(server->stats().leaves_served == artifact.leaves.size());
+  CHECK(server->stats().manifests_served == 1);
+}
+
+TEST_CASE("transfer: leaves are striped across every source", "[cluster][transfer]") {
+  test_artifact artifact;
+  auto a = serve(artifact);
+  auto b = serve(artifact);
+  auto c = serve(artifact);
+  pull_options options;
+  options.leaves_in_flight_per_source = 2;
+  auto got = pull(artifact.id, {{"a", a->address()}, {"b", b->address()}, {"c", c->address()}}, options);
+  REQUIRE(got.report);
+  CHECK(got.bytes == artifact.bytes);
+  std::uint64_t total = 0;
+  for (const auto& [name, n] : got.report->leaves_by_source) total += n;
+  CHECK(total == artifact.leaves.size());
+  CHECK(got.report->leaves_by_source.size() == 3);
+}
+
+TEST_CASE("transfer: a flipped byte is caught at its leaf, refetched elsewhere, and its source reported",
+          "[cluster][transfer]") {
+  test_artifact artifact;
+  auto bad = serve(artifact, /*corrupt=*/true);
+  auto good = serve(artifact);
+  auto got = pull(artifact.id, {{"bad", bad->address()}, {"good", good->address()}});
+  REQUIRE(got.report);
+  CHECK(got.bytes == artifact.bytes);
+  REQUIRE(got.report->corrupt_sources.size() == 1);
+  CHECK(got.report->corrupt_sources[0].starts_with("bad (" + bad->address() + "): leaf "));
+  CHECK(got.report->corrupt_sources[0].ends_with(" does not match its digest"));
+  CHECK(got.report->leaves_refetched >= 1);
+  CHECK(got.report->leaves_by_source.count("bad") == 0);
+  CHECK(got.report->leaves_by_source.at("good") == artifact.leaves.size());
+
+  // Alone, a corrupt source fails the pull: nothing unverified is handed over as the artifact.
+  auto alone = pull(artifact.id, {{"bad", bad->address()}});
+  REQUIRE_FALSE(alone.report);
+  CHECK(alone.report.error().code == errc::unavailable);
+  CHECK(alone.report.error().message.starts_with("cannot pull " + artifact.id + ": every source failed (bad ("));
+}
+
+TEST_CASE("transfer: a source that dies mid-pull leaves the rest to the others", "[cluster][transfer][concurrency]") {
+  test_artifact artifact;
+  auto dying = serve(artifact, false, /*stall=*/2);
+  auto good = serve(artifact);
+  const auto dying_address = dying->address();
+  pull_options options;
+  options.request_timeout = 20s;  // the death, not a timeout, must drop it
+  auto pulling = std::async(std::launch::async, [&] {
+    return pull(artifact.id, {{"dying", dying_address}, {"good", good->address()}}, options);
+  });
+  const auto give_up = std::chrono::steady_clock::now() + 10s;
+  while (dying->stats().requests_dropped == 0 && std::chrono::steady_clock::now() < give_up) {
+    std::this_thread::sleep_for(5ms);
+  }
+  const bool stalled = dying->stats().requests_dropped > 0;
+  dying.reset();  // the process of that member ends: its connections close
+  auto got = pulling.get();
+  CHECK(stalled);
+  REQUIRE(got.report);
+  CHECK(got.bytes == artifact.bytes);
+  REQUIRE(got.report->failed_sources.size() == 1);
+  CHECK(got.report->failed_sources[0].starts_with("dying (" + dying_address + "): "));
+  // At most the two leaves it served before it stalled came from it (fewer when it died before
+  // they were through); every other leaf came from the good source.
+  const auto from_dying = got.report->leaves_by_source.count("dying") ? got.report->leaves_by_source.at("dying") : 0;
+  CHECK(from_dying <= 2);
+  CHECK(got.report->leaves_by_source.at("good") == artifact.leaves.size() - from_dying);
+  CHECK(got.report->leaves_refetched >= 2 - from_dying);
+}
+
+TEST_CASE("transfer: a hung source is dropped after the request timeout", "[cluster][transfer]") {
+  // Enough leaves that the hung source is asked again after its one answer.
+  test_artifact artifact(16 * hash::leaf_bytes);
+  auto hung = serve(artifact, false, /*stall=*/1);
+  auto good = serve(artifact);
+  pull_options options;
+  options.request_timeout = 500ms;
+  options.leaves_in_flight_per_source = 1;
+  auto got = pull(artifact.id, {{"hung", hung->address()}, {"good", good->address()}}, options);
+  REQUIRE(got.report);
+  CHECK(got.bytes == artifact.bytes);
+  REQUIRE(got.report->failed_sources.size() == 1);
+  CHECK(got.report->failed_sources[0].find("not answered within 500 ms") != std::string::npos);
+}
+
+TEST_CASE("transfer: an id the source does not hold, a dead address and a bad id are refused", "[cluster][transfer]") {
+  test_artifact artifact(hash::leaf_bytes + 1);
+  test_artifact other(100, 99);
+  auto server = serve(artifact);
+  auto missing = pull(other.id, {{"a", server->address()}});
+  REQUIRE_FALSE(missing.report);
+  CHECK(missing.report.error().code == errc::unavailable);
+  CHECK(missing.report.error().message.find("cannot serve " + other.id + ": this host does not hold it") !=
+        std::string::npos);
+  CHECK(server->stats().requests_refused == 1);
+
+  const auto nobody = "127.0.0.1:" + std::to_string(testing::free_local_port());
+  pull_options options;
+  options.request_timeout = 2s;
+  auto dead = pull(artifact.id, {{"gone", nobody}}, options);
+  REQUIRE_FALSE(dead.report);
+  CHECK(dead.report.error().code == errc::unavailable);
+  CHECK(dead.report.error().message.find("gone (" + nobody + ")") != std::string::npos);
+
+  auto bad_id = pull("cgid:not-content-addressed", {{"a", server->address()}});
+  REQUIRE_FALSE(bad_id.report);
+  CHECK(bad_id.report.error().code == errc::invalid_argument);
+  auto bad_address = pull(artifact.id, {{"a", "localhost:1"}});
+  REQUIRE_FALSE(bad_address.report);
+  CHECK(bad_address.report.error().message == "cannot use transfer address 'localhost:1': not IPv4:PORT");
+  CHECK(missing.bytes.empty());
+}
+
+TEST_CASE("transfer server: refuses to publish leaves that do not match the size", "[cluster][transfer]") {
+  test_artifact artifact(hash::leaf_bytes + 1);
+  auto server = serve(artifact);
+  auto wrong = server->publish("mi2:x", hash::leaf_bytes * 3, artifact.leaves);
+  REQUIRE_FALSE(wrong);
+  CHECK(wrong.error().code == errc::invalid_argument);
+  CHECK(wrong.error().message == "cannot publish mi2:x: 2 leaf digests for total_size 12582912 (expected 3)");
+  CHECK(server->serves(artifact.id));
+  server->withdraw(artifact.id);
+  CHECK_FALSE(server->serves(artifact.id));
+}
