@@ -179,7 +179,7 @@ TEST_CASE("tensorregd views: SERVER transpose commits the whole artifact's id an
   CHECK(listed->response.list_artifacts().artifacts(0).views_size() == 1);
 }
 
-TEST_CASE("tensorregd views: a SERVER narrow is a piece; 4 pieces in random order seal the whole id",
+TEST_CASE("tensorregd views: a SERVER narrow is a piece, and 4 pieces in random order seal the whole id",
           "[views][view_daemon][e2e]") {
   daemon_process d;
   auto c = connect(d);
@@ -232,7 +232,7 @@ TEST_CASE("tensorregd views: a piece whose shared bytes differ is ABORTED", "[vi
                                        "', which wrote it first");
 }
 
-TEST_CASE("tensorregd views: CLIENT placement uploads canonical bytes; a view_chunk is refused",
+TEST_CASE("tensorregd views: CLIENT placement uploads canonical bytes and refuses a view_chunk",
           "[views][view_daemon][e2e]") {
   daemon_process d;
   auto c = connect(d);
