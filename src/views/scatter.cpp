@@ -93,27 +93,33 @@ void walk_elements(const view_tensor& t, std::uint64_t e0, std::uint64_t e1, Vie
     if (e == e1) return;
     c.next_row();
   }
-  // Whole rows, a block of up to T rows (consecutive along the second innermost dim) at a time.
+  // Whole rows: each run of rows consecutive along the second innermost dim (the others fixed)
+  // is copied in T×T tiles, the tiles of one column band (T columns of every row of the run)
+  // one after the other: in the canonical buffer that writes (or reads) T lines of whole-run
+  // length, a few pages, instead of revisiting every page of the run once per row block.
   const std::int64_t p_len = t.walk_shape[rank - 2];
   const std::int64_t sp = t.walk_stride[rank - 2];
   constexpr std::int64_t T = tile<ES>;
   std::uint64_t rows = (e1 - e) / static_cast<std::uint64_t>(q_len);
   while (rows > 0) {
-    const auto block = static_cast<std::int64_t>(std::min<std::uint64_t>(
-        {static_cast<std::uint64_t>(T), static_cast<std::uint64_t>(p_len - c.idx[rank - 2]), rows}));
+    const auto run =
+        static_cast<std::int64_t>(std::min<std::uint64_t>(static_cast<std::uint64_t>(p_len - c.idx[rank - 2]), rows));
     for (std::int64_t jt = 0; jt < q_len; jt += T) {
       const std::int64_t jn = std::min(T, q_len - jt);
-      for (std::int64_t j = jt; j < jt + jn; ++j) {
-        for (std::int64_t k = 0; k < block; ++k) {
-          op(view + static_cast<std::uint64_t>(k * q_len + j) * ES, c.off + k * sp + j * sq, ES);
+      for (std::int64_t kt = 0; kt < run; kt += T) {
+        const std::int64_t kn = std::min(T, run - kt);
+        for (std::int64_t j = jt; j < jt + jn; ++j) {
+          for (std::int64_t k = kt; k < kt + kn; ++k) {
+            op(view + static_cast<std::uint64_t>(k * q_len + j) * ES, c.off + k * sp + j * sq, ES);
+          }
         }
       }
     }
-    const auto done = static_cast<std::uint64_t>(block * q_len);
+    const auto done = static_cast<std::uint64_t>(run * q_len);
     view += done * ES;
     e += done;
-    rows -= static_cast<std::uint64_t>(block);
-    for (std::int64_t k = 0; k < block; ++k) c.next_row();
+    rows -= static_cast<std::uint64_t>(run);
+    for (std::int64_t k = 0; k < run; ++k) c.next_row();
   }
   // Tail: the start of the row the range ends in.
   if (e < e1) one_by_one(e1 - e);
