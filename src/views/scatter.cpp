@@ -55,7 +55,11 @@ struct cursor {
 // op(view_ptr, canonical_element_offset, bytes) once per run that is contiguous in both
 // buffers: a whole row slice when the innermost dim is contiguous in the canonical buffer,
 // else one element at a time, in L1-sized tiles over the two innermost dims.
-template <std::size_t ES, typename View, typename Op>
+// Staged (scatter only): where the canonical side is contiguous along the second innermost dim,
+// a tile is first read row by row from the view into a small transposed buffer, then written to
+// the canonical buffer one contiguous line per column: no strided reads of the view, whose rows
+// are often a power of two apart and would evict each other from the cache within a tile.
+template <std::size_t ES, bool Staged, typename View, typename Op>
 void walk_elements(const view_tensor& t, std::uint64_t e0, std::uint64_t e1, View* view, Op&& op) {
   const std::size_t rank = t.walk_shape.size();
   const std::int64_t q_len = t.walk_shape[rank - 1];
@@ -108,6 +112,22 @@ void walk_elements(const view_tensor& t, std::uint64_t e0, std::uint64_t e1, Vie
       const std::int64_t jn = std::min(T, q_len - jt);
       for (std::int64_t kt = 0; kt < run; kt += T) {
         const std::int64_t kn = std::min(T, run - kt);
+        if constexpr (Staged) {
+          if (sp == 1) {
+            alignas(64) std::byte staged[static_cast<std::size_t>(T * T) * ES];
+            for (std::int64_t k = 0; k < kn; ++k) {
+              const View* row = view + static_cast<std::uint64_t>((kt + k) * q_len + jt) * ES;
+              for (std::int64_t j = 0; j < jn; ++j) {
+                std::memcpy(staged + static_cast<std::size_t>(j * T + k) * ES, row + j * ES, ES);
+              }
+            }
+            for (std::int64_t j = 0; j < jn; ++j) {
+              op(staged + static_cast<std::size_t>(j * T) * ES, c.off + kt + (jt + j) * sq,
+                 static_cast<std::uint64_t>(kn) * ES);
+            }
+            continue;
+          }
+        }
         for (std::int64_t j = jt; j < jt + jn; ++j) {
           for (std::int64_t k = kt; k < kt + kn; ++k) {
             op(view + static_cast<std::uint64_t>(k * q_len + j) * ES, c.off + k * sp + j * sq, ES);
@@ -125,13 +145,13 @@ void walk_elements(const view_tensor& t, std::uint64_t e0, std::uint64_t e1, Vie
   if (e < e1) one_by_one(e1 - e);
 }
 
-template <typename View, typename Op>
+template <bool Staged, typename View, typename Op>
 void walk_dispatch(const view_tensor& t, std::uint64_t e0, std::uint64_t e1, View* view, Op&& op) {
   switch (t.element_size) {
-    case 1: walk_elements<1>(t, e0, e1, view, op); return;
-    case 2: walk_elements<2>(t, e0, e1, view, op); return;
-    case 4: walk_elements<4>(t, e0, e1, view, op); return;
-    case 8: walk_elements<8>(t, e0, e1, view, op); return;
+    case 1: walk_elements<1, Staged>(t, e0, e1, view, op); return;
+    case 2: walk_elements<2, Staged>(t, e0, e1, view, op); return;
+    case 4: walk_elements<4, Staged>(t, e0, e1, view, op); return;
+    case 8: walk_elements<8, Staged>(t, e0, e1, view, op); return;
     default: TENSORREG_ASSERT(false && "element sizes are 1, 2, 4 or 8");
   }
 }
@@ -139,7 +159,7 @@ void walk_dispatch(const view_tensor& t, std::uint64_t e0, std::uint64_t e1, Vie
 // Walks view bytes [a, b) of tensor `t` (offsets inside the tensor), `view` pointing at byte a:
 // partial elements at either end byte by byte, whole ones through walk_dispatch.
 // op(view_ptr, canonical byte offset relative to t.canonical_base, bytes).
-template <typename View, typename Op>
+template <bool Staged = false, typename View, typename Op>
 void walk_bytes(const view_tensor& t, std::uint64_t a, std::uint64_t b, View* view, Op&& op) {
   const std::uint64_t es = t.element_size;
   if (a % es != 0) {
@@ -152,8 +172,9 @@ void walk_bytes(const view_tensor& t, std::uint64_t a, std::uint64_t b, View* vi
   const auto e0 = a / es;
   const auto e1 = b / es;
   if (e1 > e0) {
-    walk_dispatch(t, e0, e1, view,
-                  [&](View* v, std::int64_t off, std::uint64_t n) { op(v, off * static_cast<std::int64_t>(es), n); });
+    walk_dispatch<Staged>(t, e0, e1, view, [&](View* v, std::int64_t off, std::uint64_t n) {
+      op(v, off * static_cast<std::int64_t>(es), n);
+    });
     view += (e1 - e0) * es;
   }
   if (b % es != 0 && e1 * es >= a) op(view, offset_of(t, e1) * static_cast<std::int64_t>(es), b % es);
@@ -205,8 +226,8 @@ status scatter(const view_plan& plan, std::uint64_t view_offset, std::span<const
       plan, view_offset, bytes.size(),
       [&](const view_tensor& t, std::uint64_t a, std::uint64_t b, std::uint64_t pos) {
         std::byte* c0 = canonical.data() + t.canonical_base;
-        walk_bytes(t, a, b, bytes.data() + pos,
-                   [c0](const std::byte* v, std::int64_t off, std::uint64_t n) { std::memcpy(c0 + off, v, n); });
+        walk_bytes<true>(t, a, b, bytes.data() + pos,
+                         [c0](const std::byte* v, std::int64_t off, std::uint64_t n) { std::memcpy(c0 + off, v, n); });
       },
       [](std::uint64_t, std::uint64_t) {});
   return {};
