@@ -293,6 +293,7 @@ struct dispatcher::impl {
     TENSORREG_TRY(check_owner(c.peer, in.owner_pid(), "begin registration"));
     TENSORREG_TRY(check_display_name(in.display_name()));
     TENSORREG_TRY(resolve_device(in));
+    if (auto bad = convert::malformed_view(in)) return tl::unexpected(std::move(*bad));
     auto request = convert::to_begin(in);
     request.owner_uid = c.peer.uid;  // the uid's share of the stable cache
     TENSORREG_TRY_ASSIGN(auto begun, engine.begin(std::move(request)));
@@ -462,6 +463,10 @@ struct dispatcher::impl {
     TENSORREG_TRY_ASSIGN(auto index, engine.index_of(id));
     TENSORREG_TRY_ASSIGN(auto summary, engine.get(id));
     convert::fill_index(*c.response.mutable_get_artifact_index_by_id(), *index, summary.descriptor);
+    if (const auto& view_id = c.request.get_artifact_index_by_id().view_id(); !view_id.empty()) {
+      TENSORREG_TRY_ASSIGN(auto view, engine.view_of(id, view_id));  // registration.md §7
+      convert::fill_view(*c.response.mutable_get_artifact_index_by_id()->mutable_view(), view);
+    }
     return {};
   }
 

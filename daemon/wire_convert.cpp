@@ -154,6 +154,58 @@ reg::stable_write_progress to_progress(const v2::StableDramWriteProgress& in) {
   return out;
 }
 
+// ---- Views (registration.md §7) ----------------------------------------------------------------
+
+views::view_request to_view(const v2::ViewRegistrationOptions& in) {
+  views::view_request out;
+  out.view_id = in.view_id();
+  for (const auto& [name, ops] : in.spec().tensors()) {
+    auto& mine = out.spec[name];
+    for (const auto& op : ops.ops()) {
+      if (op.has_narrow()) {
+        mine.push_back(identity::narrow_op{op.narrow().dim(), op.narrow().start(), op.narrow().length()});
+      } else if (op.has_transpose()) {
+        mine.push_back(identity::transpose_op{op.transpose().dim0(), op.transpose().dim1()});
+      }
+      // An Op with neither is refused by the dispatcher before conversion.
+    }
+  }
+  out.tensor_names.assign(in.tensor_names().begin(), in.tensor_names().end());
+  out.place = static_cast<views::placement>(in.placement());
+  out.canonical_size_bytes = in.canonical_size_bytes();
+  for (const auto& r : in.ranges()) out.ranges.push_back({r.offset(), r.length()});
+  out.kind = static_cast<views::registration_kind>(in.registration_kind());
+  return out;
+}
+
+void fill_spec(tensorcast::common::v1::ViewSpec& out, const identity::view_spec& in) {
+  for (const auto& [name, ops] : in) {
+    auto& mine = (*out.mutable_tensors())[name];
+    for (const auto& op : ops) {
+      auto* o = mine.add_ops();
+      if (const auto* n = std::get_if<identity::narrow_op>(&op)) {
+        o->mutable_narrow()->set_dim(n->dim);
+        o->mutable_narrow()->set_start(n->start);
+        o->mutable_narrow()->set_length(n->length);
+      } else {
+        const auto& t = std::get<identity::transpose_op>(op);
+        o->mutable_transpose()->set_dim0(t.dim0);
+        o->mutable_transpose()->set_dim1(t.dim1);
+      }
+    }
+  }
+}
+
+void fill_ranges(google::protobuf::RepeatedPtrField<v2::CanonicalRange>& out,
+                 const std::vector<views::byte_range>& in) {
+  out.Reserve(static_cast<int>(in.size()));
+  for (const auto& r : in) {
+    auto* c = out.Add();
+    c->set_offset(r.offset);
+    c->set_length(r.length);
+  }
+}
+
 // ---- Catalogue helpers ---------------------------------------------------------------------
 
 void fill_summary(wire::ArtifactSummary& out, const reg::artifact_summary& in) {
@@ -167,6 +219,7 @@ void fill_summary(wire::ArtifactSummary& out, const reg::artifact_summary& in) {
   out.set_lease_count(static_cast<std::uint32_t>(in.leases + in.joined_refs));
   out.set_verified_id(in.verified_id);
   out.set_hash_state(static_cast<v2::HashState>(in.hash));
+  for (const auto& v : in.views) fill_view(*out.add_views(), v);
 }
 
 void add_tier(wire::GetStatsResponse& out, wire::Tier tier, std::uint64_t bytes, std::uint64_t artifacts) {
@@ -302,6 +355,7 @@ reg::begin_request to_begin(v2::BeginRegisterArtifactRequest& in) {
   out.plan = to_plan(in);
   if (in.has_policy()) out.policy = to_policy(in.policy());
   out.has_view = in.has_view();
+  if (in.has_view()) out.view = to_view(in.view());
   out.client_artifact_id = in.client_artifact_id();
   return out;
 }
@@ -348,6 +402,46 @@ void fill_commit(v2::CommitRegisteredArtifactResponse& out, const reg::commit_re
   for (const auto& id : in.evicted) out.add_evicted_artifact_ids(id);
   if (!in.persistence_task_id.empty()) out.set_persistence_task_id(in.persistence_task_id);
   out.set_hash_state(static_cast<v2::HashState>(in.hash));
+  if (in.view) {
+    out.set_view_id(in.view->view_id);
+    out.set_view_index_json(in.view->index_json);
+    out.set_view_data_hash(in.view->data_hash);
+    fill_ranges(*out.mutable_canonical_ranges(), in.view->canonical_ranges);
+    out.set_registration_kind(static_cast<v2::ViewRegistrationKind>(in.view->kind));
+  }
+  if (in.assembly) {
+    auto* a = out.mutable_assembly();
+    a->set_cgid(in.assembly->cgid);
+    a->set_canonical_size_bytes(in.assembly->canonical_size);
+    a->set_covered_bytes(in.assembly->covered_bytes);
+    a->set_pieces(in.assembly->pieces);
+    a->set_sealed(in.assembly->sealed);
+    a->set_artifact_id(in.assembly->artifact_id);
+  }
+}
+
+void fill_view(v2::ArtifactView& out, const reg::view_record& in) {
+  out.set_view_id(in.view_id);
+  out.set_registration_kind(static_cast<v2::ViewRegistrationKind>(in.kind));
+  out.set_placement(static_cast<v2::TransformPlacement>(in.place));
+  fill_spec(*out.mutable_spec(), in.spec);
+  out.set_view_index_json(in.index_json);
+  out.set_view_data_hash(in.data_hash);
+  out.set_view_size(in.view_size);
+  fill_ranges(*out.mutable_canonical_ranges(), in.canonical_ranges);
+}
+
+std::optional<error> malformed_view(const v2::BeginRegisterArtifactRequest& in) {
+  if (!in.has_view()) return std::nullopt;
+  for (const auto& [name, ops] : in.view().spec().tensors()) {
+    for (int i = 0; i < ops.ops_size(); ++i) {
+      if (ops.ops(i).kind_case() == tensorcast::common::v1::Op::KIND_NOT_SET) {
+        return error{errc::invalid_argument, "cannot register view: tensor '" + name + "': op " + std::to_string(i) +
+                                                 " sets neither narrow nor transpose"};
+      }
+    }
+  }
+  return std::nullopt;
 }
 
 reg::commit_options to_commit_options(const v2::CommitRegisteredArtifactRequest& in) {

@@ -70,6 +70,11 @@ void fill_begin(v2::BeginRegisterArtifactResponse& out, const registration::begi
 [[nodiscard]] registration::feed_request to_feed(v2::FeedRegisterArtifactStreamRequest& in);
 
 void fill_commit(v2::CommitRegisteredArtifactResponse& out, const registration::commit_response& in);
+/// A view record as GetArtifactIndexById and ListArtifacts answer it (docs/wire-format.md §16).
+void fill_view(v2::ArtifactView& out, const registration::view_record& in);
+/// INVALID_ARGUMENT for a Begin whose view spec has an Op that sets neither narrow nor
+/// transpose (the library's spec cannot hold one); nullopt otherwise.
+[[nodiscard]] std::optional<error> malformed_view(const v2::BeginRegisterArtifactRequest& in);
 [[nodiscard]] registration::commit_options to_commit_options(const v2::CommitRegisteredArtifactRequest& in);
 /// WaitArtifactHash's answer (registration.md §4.8).
 void fill_hash_status(wire::WaitArtifactHashResponse& out, const registration::hash_status& in);

@@ -53,6 +53,7 @@ artifact_summary summarize(const artifact& a, bool stable_replica) {
     out.hash = st.state;
     if (st.state == hash_state::done) out.verified_id = st.mi2_id;
   }
+  for (const auto& [id, v] : a.views) out.views.push_back(v.first);
   return out;
 }
 
@@ -325,6 +326,19 @@ std::vector<released_holder> catalogue::expire(clock::time_point now) {
     }
   }
   std::erase_if(artifacts_, [&](const auto& kv) { return is_empty(kv.first, kv.second); });
+  return out;
+}
+
+std::vector<std::string> catalogue::expire_assemblies(clock::time_point now) {
+  std::vector<std::string> out;
+  for (auto it = assemblies_.begin(); it != assemblies_.end();) {
+    if (it->second->expired(now)) {
+      out.push_back(it->first);
+      it = assemblies_.erase(it);
+    } else {
+      ++it;
+    }
+  }
   return out;
 }
 

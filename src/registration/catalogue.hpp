@@ -46,6 +46,8 @@
 #include "tensorreg/registration/device_memory.hpp"
 #include "tensorreg/registration/types.hpp"
 #include "tensorreg/stable/stable_dram_cache.hpp"
+#include "tensorreg/views/view_plan.hpp"
+#include "views/assembly.hpp"
 
 namespace tensorreg::registration::detail {
 
@@ -118,6 +120,8 @@ struct artifact {
   std::shared_ptr<reader_gate> gate = std::make_shared<reader_gate>();
   /// The background data hash of a cgid artifact (registration.md §4.8); null when none ran.
   std::shared_ptr<background_hash> hash;
+  /// Views registered on it (registration.md §7), by view_id, with the plan that reads them.
+  std::map<std::string, std::pair<view_record, std::shared_ptr<const views::view_plan>>> views;
 };
 
 /// What a background hash reads: the canonical bytes of a held artifact, and what keeps the
@@ -245,6 +249,14 @@ class catalogue {
   /// Fills the artifact, lease and stable fields of `out`.
   void add_stats(engine_stats& out) const;
 
+  // ---- PIECE assemblies (registration.md §7) ----
+
+  /// The assemblies by cgid, open or sealed, until they expire.
+  [[nodiscard]] std::map<std::string, std::shared_ptr<views::assembly>>& assemblies() noexcept { return assemblies_; }
+  /// Drops the assemblies past their deadline at `now` (their buffers go with the last commit
+  /// that uses them); returns their cgids.
+  std::vector<std::string> expire_assemblies(clock::time_point now);
+
   // ---- background hashes (registration.md §4.8) ----
 
   /// The bytes a background hash of `artifact_id` reads: a live lease (the producer's memory,
@@ -296,6 +308,7 @@ class catalogue {
   std::map<std::string, std::shared_ptr<background_hash>> hash_tombstones_;
   std::vector<std::string> hash_tombstone_order_;
   std::uint64_t lease_changes_ = 0;
+  std::map<std::string, std::shared_ptr<views::assembly>> assemblies_;  // by cgid
 };
 
 /// A read-only fd of the memfd holding `replica`, marked exported (never recycled).

@@ -32,6 +32,7 @@
 #include "tensorreg/hash/multihash.hpp"
 #include "tensorreg/memory/shared_memory.hpp"
 #include "tensorreg/persistence/resident_state.hpp"
+#include "tensorreg/views/scatter.hpp"
 
 namespace tensorreg::registration {
 namespace {
@@ -352,8 +353,23 @@ result<begin_response> engine::state::begin(begin_request r) {
     auto valid = identity::validate_cgid(r.client_artifact_id);
     if (!valid) return tl::unexpected(with_context(std::move(valid).error(), "cannot begin registration"));
   }
-  if (r.has_view) {
-    return fail(errc::unimplemented, "cannot begin registration: view registration is not implemented yet");
+  if (r.has_view && !r.view) r.view = views::view_request{};  // empty options: refused by the view plan
+  if (r.view && r.view->kind == views::registration_kind::piece) {
+    // registration.md §7: a piece of a sealed assembly is refused at Begin (and again at Commit).
+    if (options.max_total_size != 0 && r.view->canonical_size_bytes > options.max_total_size) {
+      return fail(errc::resource_exhausted,
+                  "cannot begin registration: canonical_size_bytes " + std::to_string(r.view->canonical_size_bytes) +
+                      " exceeds this engine's limit of " + std::to_string(options.max_total_size) + " bytes");
+    }
+    std::lock_guard lock(mutex);
+    auto it = catalogue.assemblies().find(r.client_artifact_id);
+    if (it != catalogue.assemblies().end() && it->second->sealed()) {
+      return fail(
+          errc::failed_precondition,
+          "cannot begin registration: assembly " + r.client_artifact_id + " is already sealed" +
+              (it->second->snapshot().artifact_id.empty() ? std::string()
+                                                          : " as artifact " + it->second->snapshot().artifact_id));
+    }
   }
   if (r.total_size == 0) return fail(errc::invalid_argument, "cannot begin registration: total_size must be > 0");
   if (options.max_total_size != 0 && r.total_size > options.max_total_size) {
@@ -970,6 +986,9 @@ void engine::state::sweep() {
       if (p->expired(now)) expired.push_back(p);
     }
     ended = catalogue.expire(now);
+    for (const auto& cgid : catalogue.expire_assemblies(now)) {
+      tensorreg::log(log, log_level::info, "assembly {} expired: no piece came within its TTL", cgid);
+    }
     pending.forget_tombstones(now);
     cancelled = catalogue.take_cancelled();
   }
@@ -1015,6 +1034,63 @@ void engine::state::release_owner(std::int32_t pid) {
 }
 
 void engine::sweep() { state_->sweep(); }
+
+// ---- Views (registration.md §7) ------------------------------------------------------------
+
+result<view_record> engine::view_of(const std::string& artifact_id, const std::string& view_id) const {
+  std::lock_guard lock(state_->mutex);
+  auto* a = state_->catalogue.find(artifact_id);
+  if (a == nullptr || !state_->catalogue.get(artifact_id)) {
+    return fail(errc::not_found, "cannot find view " + view_id + " of " + artifact_id + ": no such artifact");
+  }
+  auto it = a->views.find(view_id);
+  if (it == a->views.end()) {
+    return fail(errc::not_found, "cannot find view " + view_id + " of " + artifact_id + ": no such view");
+  }
+  return it->second.first;
+}
+
+result<std::shared_ptr<const memory::byte_source>> engine::open_view(const std::string& artifact_id,
+                                                                     const std::string& view_id) {
+  std::shared_ptr<const views::view_plan> plan;
+  {
+    std::lock_guard lock(state_->mutex);
+    auto* a = state_->catalogue.find(artifact_id);
+    if (a == nullptr || !state_->catalogue.get(artifact_id)) {
+      return fail(errc::not_found, "cannot open view " + view_id + " of " + artifact_id + ": no such artifact");
+    }
+    auto it = a->views.find(view_id);
+    if (it == a->views.end()) {
+      return fail(errc::not_found, "cannot open view " + view_id + " of " + artifact_id + ": no such view");
+    }
+    plan = it->second.second;
+    auto replica = state_->catalogue.stable_replica(artifact_id, "cannot open view " + view_id + " of " + artifact_id);
+    if (replica && replica->first) {
+      if (const auto* shared = dynamic_cast<const memory::shared_memory*>(replica->first.get())) {
+        return std::shared_ptr<const memory::byte_source>(
+            std::make_shared<views::gathered_view>(plan, shared->bytes(), replica->first));
+      }
+    }
+  }
+  TENSORREG_TRY_ASSIGN(auto bytes, open_bytes(artifact_id));
+  // The view is gathered from host memory: a stable replica (what every SERVER view makes) or
+  // a lease of host memory; other bytes are copied to the host first.
+  std::vector<std::byte> copy(bytes->size());
+  TENSORREG_TRY(bytes->read(0, copy));
+  auto owned = std::make_shared<std::vector<std::byte>>(std::move(copy));
+  return std::shared_ptr<const memory::byte_source>(
+      std::make_shared<views::gathered_view>(plan, std::span<const std::byte>(*owned), owned));
+}
+
+result<assembly_status> engine::assembly_of(const std::string& cgid) const {
+  std::lock_guard lock(state_->mutex);
+  auto it = state_->catalogue.assemblies().find(cgid);
+  if (it == state_->catalogue.assemblies().end()) {
+    return fail(errc::not_found, "cannot find assembly " + cgid + ": no piece of it is held here");
+  }
+  const auto s = it->second->snapshot();
+  return assembly_status{s.cgid, s.canonical_size, s.covered_bytes, s.pieces, s.sealed, s.artifact_id};
+}
 
 // ---- Persistence -----------------------------------------------------------------------------
 

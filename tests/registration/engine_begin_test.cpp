@@ -262,12 +262,14 @@ TEST_CASE("engine begin: lease in_place=false begins a snapshot lease (registrat
   CHECK(e->stats().pending_registrations == 1);
 }
 
-TEST_CASE("engine begin: view registration is UNIMPLEMENTED", "[registration][engine_begin]") {
+TEST_CASE("engine begin: a view without registration_kind is INVALID_ARGUMENT", "[registration][engine_begin]") {
+  // Views are registered since issue #18 (registration.md §7); empty options name no kind.
   fake_clock clock;
   auto e = t::make_engine(clock);
   auto r = stable_request();
   r.has_view = true;
-  CHECK_ERROR(e->begin(r), errc::unimplemented, "cannot begin registration: view registration is not implemented yet");
+  CHECK_ERROR(e->begin(r), errc::invalid_argument,
+              "cannot register view: registration_kind is required (CANONICAL or PIECE), got 0");
 }
 
 TEST_CASE("engine begin: the coalesced plan without a GPU is FAILED_PRECONDITION naming the GPU",

@@ -107,8 +107,8 @@ class engine {
   /// Opens a pending registration and picks its plan (§4.2).
   /// Errors: INVALID_ARGUMENT (owner_pid ≤ 0, total_size 0, device_id < 0, bad policy, bad
   /// cgid, bad schema/encoding, no index, bad index), NOT_FOUND ("unknown tensor_index_key"),
-  /// UNIMPLEMENTED (lease in_place=false, views), FAILED_PRECONDITION (coalesced or
-  /// stage_on_gpu without a GPU), RESOURCE_EXHAUSTED (total_size above max_total_size, the
+  /// UNIMPLEMENTED (a PIECE with placement CLIENT, a view over lease-in-place),
+  /// FAILED_PRECONDITION (coalesced or stage_on_gpu without a GPU; a piece of a sealed assembly), RESOURCE_EXHAUSTED (total_size above max_total_size, the
   /// owner's max_pending_per_owner reached, stable budget).
   [[nodiscard]] result<begin_response> begin(begin_request request);
 
@@ -213,6 +213,19 @@ class engine {
   /// Errors: NOT_FOUND, PERMISSION_DENIED (another process holds a lease or join; the message
   /// names the caller and the other holders), DEADLINE_EXCEEDED.
   [[nodiscard]] result<deregister_response> deregister(const deregister_request& request);
+
+  // ---- views (registration.md §7) ----
+
+  /// A view registered on an artifact. Errors: NOT_FOUND (no such artifact or view).
+  [[nodiscard]] result<view_record> view_of(const std::string& artifact_id, const std::string& view_id) const;
+  /// The bytes of a view, gathered from the artifact's host copy as they are read (the view
+  /// layout of view_record::index_json, PAD as zero). The source keeps that copy alive.
+  /// Errors: NOT_FOUND, FAILED_PRECONDITION (quiesced, no host-readable copy).
+  [[nodiscard]] result<std::shared_ptr<const memory::byte_source>> open_view(const std::string& artifact_id,
+                                                                             const std::string& view_id);
+  /// Where the assembly of the pieces of `cgid` stands; kept until it expires with the TTL of
+  /// its last piece. Errors: NOT_FOUND.
+  [[nodiscard]] result<assembly_status> assembly_of(const std::string& cgid) const;
 
   [[nodiscard]] engine_stats stats() const;
 

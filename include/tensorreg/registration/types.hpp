@@ -23,6 +23,7 @@
 #include "tensorreg/memory/shared_memory.hpp"
 #include "tensorreg/policy/store_policy.hpp"
 #include "tensorreg/regions/region_registry.hpp"
+#include "tensorreg/views/view_plan.hpp"
 
 namespace tensorreg::registration {
 
@@ -62,8 +63,10 @@ struct begin_request {
   std::optional<index_data> tensor_index_data;
   plan_options plan = coalesced_options{};
   std::optional<policy::store_policy> policy;
-  /// View registration (registration.md §7) is not implemented yet: UNIMPLEMENTED.
+  /// View registration (registration.md §7): the ViewRegistrationOptions. `has_view` without
+  /// `view` is an empty ViewRegistrationOptions (refused: no registration_kind).
   bool has_view = false;
+  std::optional<views::view_request> view;
   std::string client_artifact_id;  ///< "" = MI2 artifact, else a cgid
   /// The uid of the process that asks (the daemon sets its peer's), for the per-uid share of
   /// the stable DRAM cache; unset = not counted against any uid.
@@ -144,7 +147,9 @@ struct tensor_alias {
   std::string dtype;
 };
 
-/// ViewUploadChunk: for a non-view stable_dram registration, `data` lands at canonical_offset.
+/// ViewUploadChunk: for a non-view stable_dram registration, `data` lands at canonical_offset;
+/// for a SERVER-placement view registration, at view_offset of the linearized view
+/// (canonical_offset is not used: the daemon knows where each view byte goes).
 struct view_chunk {
   std::uint64_t canonical_offset = 0;
   std::uint64_t view_offset = 0;
@@ -211,8 +216,35 @@ struct hash_status {
   std::string message;         ///< why, when failed
 };
 
+/// A view registered on an artifact (registration.md §7): what a commit answers and what a
+/// reader asks for to read the view back.
+struct view_record {
+  std::string view_id;
+  views::registration_kind kind = views::registration_kind::unspecified;
+  views::placement place = views::placement::unspecified;
+  identity::view_spec spec;  ///< normalized (registration.md §7)
+  std::string index_json;    ///< the view tensors' own v3 index
+  std::string data_hash;     ///< multihash of the view bytes' tree hash (§3.6)
+  std::uint64_t view_size = 0;
+  std::vector<views::byte_range> canonical_ranges;  ///< merged coverage
+};
+
+/// Where a PIECE's assembly stands after its commit (registration.md §7).
+struct assembly_status {
+  std::string cgid;
+  std::uint64_t canonical_size = 0;
+  std::uint64_t covered_bytes = 0;  ///< of the canonical tensors' bytes, by all pieces so far
+  std::uint32_t pieces = 0;
+  bool sealed = false;
+  std::string artifact_id;  ///< the mi2 id once sealed
+};
+
 struct commit_response {
   artifact_descriptor descriptor;
+  /// Set for a view registration.
+  std::optional<view_record> view;
+  /// Set for a PIECE.
+  std::optional<assembly_status> assembly;
   /// pending when the commit asked for hash_in_background (done when that artifact's hash was
   /// already done), else none.
   hash_state hash = hash_state::none;
@@ -266,6 +298,8 @@ struct artifact_summary {
   /// A cgid artifact's mi2 id once its background hash is done (registration.md §4.8), else "".
   std::string verified_id;
   hash_state hash = hash_state::none;
+  /// The views registered on it, by view_id.
+  std::vector<view_record> views;
 };
 
 struct engine_stats {

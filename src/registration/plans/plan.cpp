@@ -6,6 +6,7 @@
 #include "registration/plans/coalesced.hpp"
 #include "registration/plans/lease_in_place.hpp"
 #include "registration/plans/stable_dram.hpp"
+#include "registration/plans/view.hpp"
 #include "tensorreg/hash/multihash.hpp"
 #include "tensorreg/hash/tree_hash.hpp"
 #include "tensorreg/index/byte_range_map.hpp"
@@ -17,6 +18,14 @@ namespace {
 
 result<std::unique_ptr<plan>> begin_plan_unguarded(const begin_request& request, const begin_context& ctx,
                                                    begin_response& response) {
+  if (request.view || request.has_view) return view_registration::begin(request, ctx, response);
+  return begin_ordinary_plan(request, ctx, response);
+}
+
+}  // namespace
+
+result<std::unique_ptr<plan>> begin_ordinary_plan(const begin_request& request, const begin_context& ctx,
+                                                  begin_response& response) {
   return std::visit(
       [&](const auto& options) -> result<std::unique_ptr<plan>> {
         using options_type = std::decay_t<decltype(options)>;
@@ -34,8 +43,6 @@ result<std::unique_ptr<plan>> begin_plan_unguarded(const begin_request& request,
       },
       request.plan);
 }
-
-}  // namespace
 
 result<std::unique_ptr<plan>> begin_plan(const begin_request& request, const begin_context& ctx,
                                          begin_response& response) {

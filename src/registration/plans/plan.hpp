@@ -119,6 +119,11 @@ class plan {
 [[nodiscard]] result<std::unique_ptr<plan>> begin_plan(const begin_request& request, const begin_context& ctx,
                                                        begin_response& response);
 
+/// begin_plan() for the plan the `plan` oneof names, ignoring `view` (a CLIENT-placement view
+/// wraps it). Errors: as engine::begin.
+[[nodiscard]] result<std::unique_ptr<plan>> begin_ordinary_plan(const begin_request& request, const begin_context& ctx,
+                                                                begin_response& response);
+
 // ---- shared by the plans ----
 
 /// What the plans that take a canonical index at Begin check first: device_id ≥ 0, then the

@@ -1,0 +1,346 @@
+#include "registration/plans/view.hpp"
+
+#include <algorithm>
+#include <cstring>
+
+#include "memory/system_calls.hpp"
+#include "tensorreg/hash/multihash.hpp"
+#include "tensorreg/hash/tree_hash.hpp"
+#include "tensorreg/metrics/registry.hpp"
+#include "tensorreg/views/scatter.hpp"
+
+namespace tensorreg::registration::detail {
+namespace {
+
+constexpr const char* tier_skipped = "view registrations do not satisfy the local stable tier";
+
+// The tree hash of linearized view bytes with the view leaf size (registration.md §3.6).
+result<hash::digest> linear_hash(std::span<const std::byte> bytes, thread_pool& pool) {
+  const std::uint64_t leaf = views::view_hash_leaf_bytes;
+  const std::uint64_t leaves = bytes.size() / leaf + (bytes.size() % leaf != 0 ? 1 : 0);
+  std::vector<hash::digest> digests(leaves);
+  TENSORREG_TRY(pool.parallel_for(leaves, [&](std::size_t i) -> status {
+    const auto begin = i * leaf;
+    digests[i] = hash::sha256(bytes.subspan(begin, std::min<std::uint64_t>(leaf, bytes.size() - begin)));
+    return {};
+  }));
+  return hash::tree_root(digests);
+}
+
+view_record record_of(const views::view_plan& v, const hash::digest& data) {
+  view_record r;
+  r.view_id = v.view_id();
+  r.kind = v.kind();
+  r.place = v.place();
+  r.spec = v.spec();
+  r.index_json = v.index_json();
+  r.data_hash = hash::encode_multihash(data);
+  r.view_size = v.view_size();
+  r.canonical_ranges = v.canonical_ranges();
+  return r;
+}
+
+// Admits `replica` to the stable DRAM cache as `d`'s replica (or joins the one there), as a
+// stable_dram commit does (registration.md §4.5), and records `views` on the artifact.
+result<commit_response> publish_stable(
+    commit_context& ctx, const artifact_descriptor& d, std::uint64_t size,
+    std::shared_ptr<const memory::byte_source> replica, const std::shared_ptr<const index::canonical_index>& idx,
+    stable::budget_reservation* reservation,
+    const std::vector<std::pair<view_record, std::shared_ptr<const views::view_plan>>>& views) {
+  const auto& p = ctx.facts;
+  commit_response response;
+  response.descriptor = d;
+  const auto admit = admit_policy_of(p.policy);
+  return ctx.with_catalogue([&](catalogue& cat) -> result<commit_response> {
+    auto* existing = cat.find(d.artifact_id);
+    if (existing != nullptr && existing->quiesced) {
+      return fail(errc::failed_precondition, "cannot commit " + d.artifact_id + ": the artifact is being deregistered");
+    }
+    auto& cache = cat.cache();
+    const bool had_replica = cache.contains(d.artifact_id);
+    if (!had_replica) TENSORREG_TRY(cat.check_stable_share(p.owner_uid, "cannot commit " + d.artifact_id));
+    auto admitted = cache.admit(d.artifact_id, size, std::move(replica), admit, reservation);
+    if (!admitted) return tl::unexpected(with_context(std::move(admitted).error(), "cannot commit " + d.artifact_id));
+    if (!admitted->admitted) {
+      return fail(errc::resource_exhausted,
+                  "cannot commit " + d.artifact_id + ": the stable cache did not keep it: " + admitted->skip_reason);
+    }
+    if (!had_replica) cat.note_stable_entry(d.artifact_id, p.owner_uid);
+    response.evicted = admitted->evicted;
+    auto& a = cat.add(d, idx);
+    if (had_replica) {
+      response.existed = true;
+      cat.add_join(a, join{p.id, p.owner_pid, ttl_deadline(ctx.time, ctx.ttl_ms())});
+    }
+    for (const auto& v : views) a.views[v.first.view_id] = v;
+    response.local_stable_tier = local_stable_tier_result{local_stable_status::skipped, tier_skipped};
+    return response;
+  });
+}
+
+}  // namespace
+
+void written_ranges::add(std::uint64_t offset, std::uint64_t length) {
+  std::lock_guard lock(mutex_);
+  ranges_.push_back({offset, length});
+  ranges_ = views::merge_ranges(std::move(ranges_));
+}
+
+std::optional<views::byte_range> written_ranges::first_missing(std::span<const views::byte_range> required) const {
+  std::lock_guard lock(mutex_);
+  return views::first_gap(required, ranges_);
+}
+
+result<std::unique_ptr<plan>> view_registration::begin(const begin_request& r, const begin_context& ctx,
+                                                       begin_response& response) {
+  const views::view_request request = r.view.value_or(views::view_request{});
+  TENSORREG_TRY(views::view_plan::check_required(request));  // before the index: upstream's order
+  // A piece's index describes the whole artifact, of canonical_size_bytes; Begin's total_size
+  // is the piece's view size (registration.md §7).
+  begin_request indexed = r;
+  if (request.kind == views::registration_kind::piece) {
+    if (request.canonical_size_bytes == 0) {
+      return fail(errc::invalid_argument, "cannot register view: a PIECE needs canonical_size_bytes > 0");
+    }
+    indexed.total_size = request.canonical_size_bytes;
+  }
+  TENSORREG_TRY_ASSIGN(auto idx, begin_indexed(indexed, ctx));
+  TENSORREG_TRY_ASSIGN(
+      auto normalized,
+      views::view_plan::create(request, *idx, views::registration_facts{r.total_size, !r.client_artifact_id.empty()}));
+  std::unique_ptr<view_registration> p(new view_registration());
+  p->index_ = std::move(idx);
+  p->view_ = std::make_shared<const views::view_plan>(std::move(normalized));
+
+  if (p->view_->place() == views::placement::client) {
+    if (p->view_->kind() == views::registration_kind::piece) {
+      return fail(errc::unimplemented,
+                  "cannot register view: a PIECE with placement CLIENT is not implemented; send its view bytes "
+                  "with placement SERVER");
+    }
+    if (std::holds_alternative<lease_options>(r.plan)) {
+      return fail(errc::unimplemented,
+                  "cannot register view: a view over a lease-in-place registration is not implemented; use the "
+                  "coalesced or stable_dram plan");
+    }
+    TENSORREG_TRY_ASSIGN(p->inner_, begin_ordinary_plan(r, ctx, response));
+    return std::unique_ptr<plan>(std::move(p));
+  }
+
+  // SERVER placement: the bytes arrive as view_chunk messages, on the CPU, whatever the plan
+  // oneof says; the handshake names that plan but carries no buffer.
+  const std::uint64_t size = r.total_size;  // CANONICAL: the canonical buffer; PIECE: the view
+  if (p->view_->kind() == views::registration_kind::canonical) {
+    if (ctx.stable_budget != 0 && size > ctx.stable_budget) {
+      return fail(errc::resource_exhausted, "cannot begin view registration: total_size " + std::to_string(size) +
+                                                " exceeds the stable budget of " + std::to_string(ctx.stable_budget) +
+                                                " bytes");
+    }
+    if (ctx.stable_cache != nullptr) {
+      auto reserved = ctx.stable_cache->reserve(size);
+      if (!reserved) {
+        return tl::unexpected(with_context(std::move(reserved).error(), "cannot begin view registration"));
+      }
+      p->reservation_ = std::move(*reserved);
+    }
+  }
+  TENSORREG_TRY_ASSIGN(auto memory, memory::shared_memory::create(size, "tensorreg-view"));
+  p->buffer_ = std::make_shared<memory::shared_memory>(std::move(memory));
+  p->written_ = std::make_shared<written_ranges>();
+  if (std::holds_alternative<stable_dram_options>(r.plan)) {
+    response.handshake = stable_dram_handshake{};
+  } else if (std::holds_alternative<lease_options>(r.plan)) {
+    response.handshake = lease_handshake{};
+  } else {
+    response.handshake = coalesced_handshake{};
+  }
+  return std::unique_ptr<plan>(std::move(p));
+}
+
+result<feed_work> view_registration::feed(feed_request& r, const registration_facts& facts,
+                                          regions::region_registry& regions, const std::string& what) {
+  if (inner_) {
+    if (std::holds_alternative<view_chunk>(r.payload)) {
+      return fail(errc::failed_precondition, what +
+                                                 ": view_chunk needs a view registration with placement SERVER; "
+                                                 "this one has placement CLIENT (upload the canonical tensors)");
+    }
+    return inner_->feed(r, facts, regions, what);
+  }
+  TENSORREG_TRY(check_feed_shape(r, what, name(), false, true));
+  if (std::holds_alternative<stable_write_progress>(r.payload)) {
+    return fail(errc::failed_precondition,
+                what + ": stable_dram_write_progress needs a stable_dram registration, not a view registration");
+  }
+  auto* chunk = std::get_if<view_chunk>(&r.payload);
+  TENSORREG_ASSERT(chunk != nullptr);
+  const auto offset = chunk->view_offset;
+  const auto length = static_cast<std::uint64_t>(chunk->data.size());
+  const auto size = view_->view_size();
+  if (offset > size || length > size - offset) {
+    return fail(errc::out_of_range, what + ": view bytes [" + std::to_string(offset) + ", +" + std::to_string(length) +
+                                        ") run past the view size " + std::to_string(size));
+  }
+  const bool scatters = view_->kind() == views::registration_kind::canonical;
+  return feed_work([view = view_, buffer = buffer_, written = written_, scatters, offset,
+                    data = std::move(chunk->data)]() -> status {
+    const auto bytes = std::as_bytes(std::span(data.data(), data.size()));
+    if (scatters) {
+      TENSORREG_TRY(views::scatter(*view, offset, bytes, buffer->mutable_bytes()));
+    } else {
+      std::memcpy(buffer->mutable_bytes().data() + offset, bytes.data(), bytes.size());
+    }
+    written->add(offset, bytes.size());  // after the copy: Commit checks what has landed
+    return {};
+  });
+}
+
+status view_registration::check_complete(commit_context& ctx) const {
+  std::vector<views::byte_range> required;
+  for (const auto& t : view_->tensors()) required.push_back({t.view_offset, t.nbytes});
+  required = views::merge_ranges(std::move(required));
+  if (auto gap = written_->first_missing(required)) {
+    ctx.retryable = true;  // the client can still send them
+    return fail(errc::failed_precondition, "cannot commit view registration '" + ctx.facts.id +
+                                               "': view bytes incomplete: view bytes [" + std::to_string(gap->offset) +
+                                               ", " + std::to_string(gap->end()) + ") were not written");
+  }
+  return {};
+}
+
+result<view_record> view_registration::record_over(std::span<const std::byte> canonical, thread_pool& pool) const {
+  TENSORREG_TRY_ASSIGN(auto data, views::view_data_hash(*view_, canonical, views::view_hash_leaf_bytes, &pool));
+  return record_of(*view_, data);
+}
+
+result<commit_response> view_registration::commit(commit_context& ctx) {
+  if (inner_) return commit_client(ctx);
+  TENSORREG_TRY(check_complete(ctx));
+  if (view_->kind() == views::registration_kind::canonical) return commit_canonical(ctx);
+  return commit_piece(ctx);
+}
+
+result<commit_response> view_registration::commit_client(commit_context& ctx) {
+  TENSORREG_TRY_ASSIGN(auto response, inner_->commit(ctx));
+  const auto& id = response.descriptor.artifact_id;
+  std::shared_ptr<const memory::byte_source> bytes = ctx.with_catalogue([&](catalogue& cat) {
+    std::shared_ptr<const memory::byte_source> out;
+    if (cat.cache().contains(id)) {
+      out = cat.cache().lookup(id);
+    } else if (auto* a = cat.find(id); a != nullptr && !a->gpu_replicas.empty()) {
+      out = a->gpu_replicas.begin()->second.bytes;
+    }
+    return out;
+  });
+  if (!bytes) return fail(errc::internal, "cannot record view over " + id + ": no replica after its commit");
+  // The view hash reads host memory; a GPU replica is copied to the host first.
+  std::vector<std::byte> copy;
+  std::span<const std::byte> host;
+  if (const auto* shared = dynamic_cast<const memory::shared_memory*>(bytes.get())) {
+    host = shared->bytes();
+  } else {
+    copy.resize(bytes->size());
+    TENSORREG_TRY(bytes->read(0, copy));
+    host = copy;
+  }
+  TENSORREG_TRY_ASSIGN(auto record, record_over(host, ctx.pool));
+  ctx.with_catalogue([&](catalogue& cat) {
+    if (auto* a = cat.find(id)) a->views[record.view_id] = {record, view_};
+  });
+  response.view = std::move(record);
+  return response;
+}
+
+result<commit_response> view_registration::commit_canonical(commit_context& ctx) {
+  const auto& p = ctx.facts;
+  // No Feed writes any more (Commit waited for them), and the memfd never left the daemon.
+  TENSORREG_TRY(buffer_->seal_read_only());
+  std::optional<hash::digest> data;
+  if (p.cgid.empty()) {
+    TENSORREG_TRY_ASSIGN(data, hash::tree_hash(cancellable_source(*buffer_, ctx.cancelled), &ctx.pool));
+    metrics::process_counters().bytes_hashed.add(buffer_->size());
+  }
+  TENSORREG_TRY_ASSIGN(auto record, record_over(buffer_->bytes(), ctx.pool));
+  const auto descriptor = describe(p, *index_, data);
+  TENSORREG_TRY_ASSIGN(
+      auto response, publish_stable(ctx, descriptor, p.total_size, buffer_, index_, &reservation_, {{record, view_}}));
+  response.view = std::move(record);
+  return response;
+}
+
+result<commit_response> view_registration::commit_piece(commit_context& ctx) {
+  const auto& p = ctx.facts;
+  // PAD between view tensors reads as zero in the view hash, whatever the client sent.
+  auto staging = buffer_->mutable_bytes();
+  std::uint64_t cursor = 0;
+  for (const auto& t : view_->tensors()) {
+    if (t.view_offset > cursor) std::memset(staging.data() + cursor, 0, t.view_offset - cursor);
+    cursor = std::max(cursor, t.view_offset + t.nbytes);
+  }
+  TENSORREG_TRY_ASSIGN(auto view_hash, linear_hash(staging, ctx.pool));
+  auto record = record_of(*view_, view_hash);
+
+  // The assembly of this cgid: found, or made by its first piece.
+  const auto deadline = ttl_deadline(ctx.time, ctx.ttl_ms());
+  std::shared_ptr<views::assembly> whole = ctx.with_catalogue([&](catalogue& cat) {
+    auto it = cat.assemblies().find(p.cgid);
+    return it == cat.assemblies().end() ? nullptr : it->second;
+  });
+  if (!whole) {
+    TENSORREG_TRY_ASSIGN(auto made, views::assembly::create(p.cgid, index_, view_->required_ranges()));
+    whole = ctx.with_catalogue([&](catalogue& cat) {
+      auto [it, inserted] = cat.assemblies().emplace(p.cgid, made);
+      return it->second;  // another piece may have made it meanwhile
+    });
+  }
+  whole->touch(deadline);
+  TENSORREG_TRY_ASSIGN(const bool complete, whole->add_piece(p.id, *view_, staging, *index_));
+
+  commit_response response;
+  response.local_stable_tier = local_stable_tier_result{local_stable_status::skipped, tier_skipped};
+  if (complete) {
+    // This piece completed the canonical buffer: it gets the mi2 id a whole registration of
+    // the same tensors gets, and becomes a stable replica.
+    auto sealed = [&]() -> result<commit_response> {
+      TENSORREG_TRY_ASSIGN(auto buffer, whole->seal_buffer());
+      TENSORREG_TRY_ASSIGN(auto data, hash::tree_hash(cancellable_source(*buffer, ctx.cancelled), &ctx.pool));
+      metrics::process_counters().bytes_hashed.add(buffer->size());
+      registration_facts as_whole = p;
+      as_whole.cgid.clear();
+      as_whole.total_size = index_->total_size();
+      const auto descriptor = describe(as_whole, *index_, data);
+      return publish_stable(ctx, descriptor, as_whole.total_size, buffer, index_, nullptr, {{record, view_}});
+    }();
+    if (!sealed) {
+      // The assembly cannot take pieces any more (its buffer is sealed or half published): drop
+      // it, so that its pieces can be registered again.
+      ctx.with_catalogue([&](catalogue& cat) {
+        if (auto it = cat.assemblies().find(p.cgid); it != cat.assemblies().end() && it->second == whole) {
+          cat.assemblies().erase(it);
+        }
+      });
+      return sealed;
+    }
+    whole->mark_sealed(sealed->descriptor.artifact_id);
+    response = std::move(*sealed);
+  } else {
+    auto& d = response.descriptor;
+    d.artifact_id = p.cgid;
+    d.id_kind = identity::id_kind::cgid;
+    d.index_multihash = view_->index_multihash();
+    d.total_size = index_->total_size();
+  }
+  const auto s = whole->snapshot();
+  response.assembly = assembly_status{s.cgid, s.canonical_size, s.covered_bytes, s.pieces, s.sealed, s.artifact_id};
+  response.view = std::move(record);
+  return response;
+}
+
+void view_registration::release(regions::region_registry& regions) noexcept {
+  if (inner_) inner_->release(regions);
+  buffer_.reset();
+  written_.reset();
+  reservation_ = stable::budget_reservation{};
+}
+
+}  // namespace tensorreg::registration::detail

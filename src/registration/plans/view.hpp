@@ -1,0 +1,80 @@
+// src/registration/plans/view.hpp — the view plan: a registration that carries
+// ViewRegistrationOptions (registration.md §7).
+//
+// Begin normalizes the view against the canonical index (every §7 rule, views::view_plan).
+// Then, by placement:
+//   SERVER, CANONICAL: a host canonical buffer (a memfd of total_size bytes) that view_chunk
+//     messages are scattered into, transposing on the CPU (DECISIONS §5.22); Commit checks that
+//     every view byte came, hashes the buffer (the id a whole registration of the same tensors
+//     gets) and keeps it as the artifact's stable DRAM replica.
+//   SERVER, PIECE: a staging buffer of the view's bytes; Commit adds them to the assembly of
+//     the cgid (views::assembly): overlapping bytes must be equal (ABORTED), and the piece that
+//     completes the canonical buffer seals it under its mi2 id as a stable DRAM replica.
+//   CLIENT, CANONICAL: the plan the Begin names (coalesced or stable_dram) takes the client's
+//     canonical tensors as always; Commit records the view over what it published.
+// Every view commit answers the view's id, index, data hash, coverage and kind, and records
+// the view on the artifact.
+//
+// Private to the engine. Not thread-safe: see plan.hpp for when a plan is called; Feed copies
+// run concurrently outside the registration's lock.
+#pragma once
+
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "registration/plans/plan.hpp"
+#include "tensorreg/memory/shared_memory.hpp"
+#include "tensorreg/views/view_plan.hpp"
+
+namespace tensorreg::registration::detail {
+
+/// The view byte ranges a SERVER upload has written. Thread-safe.
+class written_ranges {
+ public:
+  void add(std::uint64_t offset, std::uint64_t length);
+  /// The first byte of `required` not written yet; nullopt when all were.
+  [[nodiscard]] std::optional<views::byte_range> first_missing(std::span<const views::byte_range> required) const;
+
+ private:
+  mutable std::mutex mutex_;
+  std::vector<views::byte_range> ranges_;  // merged
+};
+
+class view_registration final : public plan {
+ public:
+  /// Errors: INVALID_ARGUMENT (every §7 rule, the index, device_id), NOT_FOUND (unknown index
+  /// key), UNIMPLEMENTED (a PIECE with placement CLIENT, a view over lease-in-place),
+  /// RESOURCE_EXHAUSTED (stable budget, memory), and the CLIENT plan's own Begin errors.
+  [[nodiscard]] static result<std::unique_ptr<plan>> begin(const begin_request& request, const begin_context& ctx,
+                                                           begin_response& response);
+
+  [[nodiscard]] std::string_view name() const noexcept override { return "view"; }
+  /// SERVER: view_chunk only (OUT_OF_RANGE past the view size; overlapping chunks are fine).
+  /// CLIENT: the inner plan's rules, and view_chunk is FAILED_PRECONDITION.
+  [[nodiscard]] result<feed_work> feed(feed_request& request, const registration_facts& facts,
+                                       regions::region_registry& regions, const std::string& what) override;
+  /// Errors: FAILED_PRECONDITION ("view bytes incomplete": retryable; a sealed assembly; the
+  /// artifact is being deregistered), ABORTED (a piece conflicting with an earlier one),
+  /// RESOURCE_EXHAUSTED (the stable cache did not keep it), the hash's and the inner plan's.
+  [[nodiscard]] result<commit_response> commit(commit_context& ctx) override;
+  void release(regions::region_registry& regions) noexcept override;
+
+ private:
+  view_registration() = default;
+
+  [[nodiscard]] result<commit_response> commit_client(commit_context& ctx);
+  [[nodiscard]] result<commit_response> commit_canonical(commit_context& ctx);
+  [[nodiscard]] result<commit_response> commit_piece(commit_context& ctx);
+  [[nodiscard]] status check_complete(commit_context& ctx) const;
+  [[nodiscard]] result<view_record> record_over(std::span<const std::byte> canonical, thread_pool& pool) const;
+
+  std::shared_ptr<const index::canonical_index> index_;
+  std::shared_ptr<const views::view_plan> view_;
+  std::unique_ptr<plan> inner_;                    // CLIENT placement
+  std::shared_ptr<memory::shared_memory> buffer_;  // SERVER: canonical (CANONICAL) or view bytes (PIECE)
+  std::shared_ptr<written_ranges> written_;        // SERVER
+  stable::budget_reservation reservation_;         // SERVER CANONICAL
+};
+
+}  // namespace tensorreg::registration::detail

@@ -1,0 +1,99 @@
+// src/views/assembly.hpp — the pieces of one tensor-parallel artifact, assembled into its
+// canonical buffer (registration.md §7, PIECE kind).
+//
+// Provides `assembly`: one canonical buffer per cgid (a memfd of canonical_size bytes, whose
+// pages cost memory only once written), the canonical bytes each piece wrote, and the rule
+// that pieces may overlap only where their bytes are equal. When the pieces together cover
+// every byte of every canonical tensor, the assembly is complete: the engine then hashes the
+// buffer (the mi2 id of the whole artifact), publishes it and marks the assembly sealed; later
+// pieces are refused. An assembly that stops receiving pieces expires with the TTL of its last
+// piece and lets go of its buffer.
+//
+// Private to the library (the engine keeps one per cgid in its catalogue).
+// Thread-safety: every member may be called from any thread; add_piece() serializes the pieces
+// of one assembly (its scatter runs under the assembly's mutex, a leaf lock).
+// Ownership: the assembly owns its buffer until sealed (then the stable cache holds it) or
+// released.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <span>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "tensorreg/common/clock.hpp"
+#include "tensorreg/common/error.hpp"
+#include "tensorreg/index/canonical_index.hpp"
+#include "tensorreg/memory/shared_memory.hpp"
+#include "tensorreg/views/view_plan.hpp"
+
+namespace tensorreg::views {
+
+struct assembly_snapshot {
+  std::string cgid;
+  std::uint64_t canonical_size = 0;
+  std::uint64_t covered_bytes = 0;  ///< of the required bytes
+  std::uint32_t pieces = 0;
+  bool sealed = false;
+  std::string artifact_id;  ///< once sealed
+};
+
+class assembly {
+ public:
+  /// An empty assembly of `idx` (the whole artifact's canonical index); `required` = the bytes
+  /// the pieces must cover together (view_plan::required_ranges()).
+  /// Errors: RESOURCE_EXHAUSTED (the memfd cannot be made).
+  [[nodiscard]] static result<std::shared_ptr<assembly>> create(std::string cgid,
+                                                                std::shared_ptr<const index::canonical_index> idx,
+                                                                std::vector<byte_range> required);
+
+  [[nodiscard]] const std::string& cgid() const noexcept { return cgid_; }
+  [[nodiscard]] const std::shared_ptr<const index::canonical_index>& index() const noexcept { return index_; }
+
+  /// Adds the view bytes of one piece (all of them, linearized as `plan` lays them out).
+  /// Returns whether the assembly is complete now; the caller that got true seals it
+  /// (seal_buffer(), then mark_sealed() or reopen()).
+  /// Errors: INVALID_ARGUMENT (the piece's canonical index is another one), FAILED_PRECONDITION
+  /// ("assembly is already sealed", or being sealed), ABORTED (a byte the piece shares with an
+  /// earlier piece differs: the message names both pieces and the canonical offset).
+  [[nodiscard]] result<bool> add_piece(const std::string& piece_id, const view_plan& plan,
+                                       std::span<const std::byte> view_bytes, const index::canonical_index& idx);
+
+  /// The buffer of a complete assembly, sealed read-only for hashing and publishing.
+  /// Errors: FAILED_PRECONDITION (not complete), the seal's.
+  [[nodiscard]] result<std::shared_ptr<memory::shared_memory>> seal_buffer();
+  /// Records that the buffer was published as `artifact_id`; the assembly lets go of it.
+  void mark_sealed(std::string artifact_id);
+
+  [[nodiscard]] assembly_snapshot snapshot() const;
+  [[nodiscard]] bool sealed() const;
+
+  /// The assembly expires at `deadline` (nullopt: never); each piece's Begin and Commit move it.
+  void touch(std::optional<clock::time_point> deadline);
+  [[nodiscard]] bool expired(clock::time_point now) const;
+
+ private:
+  enum class state { open, sealing, sealed };
+
+  assembly(std::string cgid, std::shared_ptr<const index::canonical_index> idx, std::vector<byte_range> required,
+           std::shared_ptr<memory::shared_memory> buffer) noexcept;
+
+  const std::string cgid_;
+  const std::shared_ptr<const index::canonical_index> index_;
+  const std::vector<byte_range> required_;
+  std::uint64_t required_bytes_ = 0;
+
+  mutable std::mutex mutex_;
+  state state_ = state::open;
+  std::shared_ptr<memory::shared_memory> buffer_;                        // null once sealed
+  std::vector<byte_range> covered_;                                      // merged
+  std::vector<std::pair<std::string, std::vector<byte_range>>> pieces_;  // piece id → its ranges
+  std::string artifact_id_;
+  std::optional<clock::time_point> deadline_;
+};
+
+}  // namespace tensorreg::views

@@ -1,0 +1,299 @@
+#include "tensorreg/views/scatter.hpp"
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+namespace tensorreg::views {
+namespace {
+
+// Rows of a transposed tile: T·ES ≈ 128 bytes, so a tile (T² elements, ≤ 16 KiB) sits in L1
+// and each of its rows in both buffers is one or two cache lines.
+template <std::size_t ES>
+constexpr std::int64_t tile = std::max<std::int64_t>(16, 128 / static_cast<std::int64_t>(ES));
+
+// The canonical element offset (relative to element 0) of view element `e`.
+std::int64_t offset_of(const view_tensor& t, std::uint64_t e) {
+  std::int64_t off = 0;
+  for (std::size_t d = t.walk_shape.size(); d-- > 0;) {
+    const auto n = static_cast<std::uint64_t>(t.walk_shape[d]);
+    off += static_cast<std::int64_t>(e % n) * t.walk_stride[d];
+    e /= n;
+  }
+  return off;
+}
+
+// The odometer over a tensor's walk dims: idx, and `off` = Σ idx_d · stride_d.
+struct cursor {
+  const view_tensor& t;
+  std::vector<std::int64_t> idx;
+  std::int64_t off = 0;
+
+  cursor(const view_tensor& tensor, std::uint64_t e) : t(tensor), idx(tensor.walk_shape.size()) {
+    for (std::size_t d = idx.size(); d-- > 0;) {
+      const auto n = static_cast<std::uint64_t>(t.walk_shape[d]);
+      idx[d] = static_cast<std::int64_t>(e % n);
+      off += idx[d] * t.walk_stride[d];
+      e /= n;
+    }
+  }
+  // From column `idx.back()` of a row to column 0 of the next row.
+  void next_row() {
+    const auto last = idx.size() - 1;
+    off -= idx[last] * t.walk_stride[last];
+    idx[last] = 0;
+    for (std::size_t d = last; d-- > 0;) {
+      off += t.walk_stride[d];
+      if (++idx[d] < t.walk_shape[d]) return;
+      off -= t.walk_shape[d] * t.walk_stride[d];
+      idx[d] = 0;
+    }
+  }
+};
+
+// Walks view elements [e0, e1) of `t`, whose view bytes start at `view`, calling
+// op(view_ptr, canonical_element_offset, bytes) once per run that is contiguous in both
+// buffers: a whole row slice when the innermost dim is contiguous in the canonical buffer,
+// else one element at a time, in L1-sized tiles over the two innermost dims.
+// Staged (scatter only): where the canonical side is contiguous along the second innermost dim,
+// a tile is first read row by row from the view into a small transposed buffer, then written to
+// the canonical buffer one contiguous line per column: no strided reads of the view, whose rows
+// are often a power of two apart and would evict each other from the cache within a tile.
+template <std::size_t ES, bool Staged, typename View, typename Op>
+void walk_elements(const view_tensor& t, std::uint64_t e0, std::uint64_t e1, View* view, Op&& op) {
+  const std::size_t rank = t.walk_shape.size();
+  const std::int64_t q_len = t.walk_shape[rank - 1];
+  const std::int64_t sq = t.walk_stride[rank - 1];
+  cursor c(t, e0);
+  std::uint64_t e = e0;
+  if (sq == 1) {
+    while (e < e1) {
+      const auto j = c.idx[rank - 1];
+      const auto n = std::min<std::uint64_t>(static_cast<std::uint64_t>(q_len - j), e1 - e);
+      op(view, c.off, n * ES);
+      view += n * ES;
+      e += n;
+      if (e < e1) c.next_row();
+    }
+    return;
+  }
+  auto one_by_one = [&](std::uint64_t count) {
+    for (std::uint64_t k = 0; k < count; ++k) {
+      op(view, c.off, ES);
+      view += ES;
+      c.off += sq;
+      ++c.idx[rank - 1];
+    }
+    e += count;
+  };
+  if (rank == 1) {
+    one_by_one(e1 - e);
+    return;
+  }
+  // Head: the rest of the row the range starts in.
+  if (c.idx[rank - 1] != 0) {
+    const auto n = std::min<std::uint64_t>(static_cast<std::uint64_t>(q_len - c.idx[rank - 1]), e1 - e);
+    one_by_one(n);
+    if (e == e1) return;
+    c.next_row();
+  }
+  // Whole rows: each run of rows consecutive along the second innermost dim (the others fixed)
+  // is copied in T×T tiles, the tiles of one column band (T columns of every row of the run)
+  // one after the other: in the canonical buffer that writes (or reads) T lines of whole-run
+  // length, a few pages, instead of revisiting every page of the run once per row block.
+  const std::int64_t p_len = t.walk_shape[rank - 2];
+  const std::int64_t sp = t.walk_stride[rank - 2];
+  constexpr std::int64_t T = tile<ES>;
+  std::uint64_t rows = (e1 - e) / static_cast<std::uint64_t>(q_len);
+  while (rows > 0) {
+    const auto run =
+        static_cast<std::int64_t>(std::min<std::uint64_t>(static_cast<std::uint64_t>(p_len - c.idx[rank - 2]), rows));
+    for (std::int64_t jt = 0; jt < q_len; jt += T) {
+      const std::int64_t jn = std::min(T, q_len - jt);
+      for (std::int64_t kt = 0; kt < run; kt += T) {
+        const std::int64_t kn = std::min(T, run - kt);
+        if constexpr (Staged) {
+          if (sp == 1) {
+            alignas(64) std::byte staged[static_cast<std::size_t>(T * T) * ES];
+            for (std::int64_t k = 0; k < kn; ++k) {
+              const View* row = view + static_cast<std::uint64_t>((kt + k) * q_len + jt) * ES;
+              for (std::int64_t j = 0; j < jn; ++j) {
+                std::memcpy(staged + static_cast<std::size_t>(j * T + k) * ES, row + j * ES, ES);
+              }
+            }
+            for (std::int64_t j = 0; j < jn; ++j) {
+              op(staged + static_cast<std::size_t>(j * T) * ES, c.off + kt + (jt + j) * sq,
+                 static_cast<std::uint64_t>(kn) * ES);
+            }
+            continue;
+          }
+        }
+        for (std::int64_t j = jt; j < jt + jn; ++j) {
+          for (std::int64_t k = kt; k < kt + kn; ++k) {
+            op(view + static_cast<std::uint64_t>(k * q_len + j) * ES, c.off + k * sp + j * sq, ES);
+          }
+        }
+      }
+    }
+    const auto done = static_cast<std::uint64_t>(run * q_len);
+    view += done * ES;
+    e += done;
+    rows -= static_cast<std::uint64_t>(run);
+    for (std::int64_t k = 0; k < run; ++k) c.next_row();
+  }
+  // Tail: the start of the row the range ends in.
+  if (e < e1) one_by_one(e1 - e);
+}
+
+template <bool Staged, typename View, typename Op>
+void walk_dispatch(const view_tensor& t, std::uint64_t e0, std::uint64_t e1, View* view, Op&& op) {
+  switch (t.element_size) {
+    case 1: walk_elements<1, Staged>(t, e0, e1, view, op); return;
+    case 2: walk_elements<2, Staged>(t, e0, e1, view, op); return;
+    case 4: walk_elements<4, Staged>(t, e0, e1, view, op); return;
+    case 8: walk_elements<8, Staged>(t, e0, e1, view, op); return;
+    default: TENSORREG_ASSERT(false && "element sizes are 1, 2, 4 or 8");
+  }
+}
+
+// Walks view bytes [a, b) of tensor `t` (offsets inside the tensor), `view` pointing at byte a:
+// partial elements at either end byte by byte, whole ones through walk_dispatch.
+// op(view_ptr, canonical byte offset relative to t.canonical_base, bytes).
+template <bool Staged = false, typename View, typename Op>
+void walk_bytes(const view_tensor& t, std::uint64_t a, std::uint64_t b, View* view, Op&& op) {
+  const std::uint64_t es = t.element_size;
+  if (a % es != 0) {
+    const auto n = std::min(es - a % es, b - a);
+    op(view, offset_of(t, a / es) * static_cast<std::int64_t>(es) + static_cast<std::int64_t>(a % es), n);
+    view += n;
+    a += n;
+  }
+  if (a >= b) return;
+  const auto e0 = a / es;
+  const auto e1 = b / es;
+  if (e1 > e0) {
+    walk_dispatch<Staged>(t, e0, e1, view, [&](View* v, std::int64_t off, std::uint64_t n) {
+      op(v, off * static_cast<std::int64_t>(es), n);
+    });
+    view += (e1 - e0) * es;
+  }
+  if (b % es != 0 && e1 * es >= a) op(view, offset_of(t, e1) * static_cast<std::int64_t>(es), b % es);
+}
+
+status check(const view_plan& plan, std::uint64_t offset, std::uint64_t length, std::size_t canonical_size) {
+  if (offset > plan.view_size() || length > plan.view_size() - offset) {
+    return fail(errc::out_of_range, "cannot move view bytes [" + std::to_string(offset) + ", +" +
+                                        std::to_string(length) + "): past the view size " +
+                                        std::to_string(plan.view_size()));
+  }
+  if (canonical_size < plan.canonical_size()) {
+    return fail(errc::out_of_range, "cannot move view bytes: the canonical buffer has " +
+                                        std::to_string(canonical_size) + " bytes, not " +
+                                        std::to_string(plan.canonical_size()));
+  }
+  return {};
+}
+
+// Calls f(tensor, a, b, pos) for each tensor slice [a, b) (tensor-relative) of view bytes
+// [offset, offset + length), pos = its position in the range; pad(pos, n) for PAD.
+template <typename F, typename Pad>
+void for_each_slice(const view_plan& plan, std::uint64_t offset, std::uint64_t length, F&& f, Pad&& pad) {
+  const auto end = offset + length;
+  std::uint64_t at = offset;
+  for (auto i = plan.tensor_at(offset); i < plan.tensors().size() && at < end; ++i) {
+    const auto& t = plan.tensors()[i];
+    if (t.view_offset > at) {
+      const auto n = std::min(t.view_offset, end) - at;
+      pad(at - offset, n);
+      at += n;
+      if (at >= end) break;
+    }
+    const auto stop = std::min(end, t.view_offset + t.nbytes);
+    if (stop > at) {
+      f(t, at - t.view_offset, stop - t.view_offset, at - offset);
+      at = stop;
+    }
+  }
+  if (at < end) pad(at - offset, end - at);
+}
+
+}  // namespace
+
+status scatter(const view_plan& plan, std::uint64_t view_offset, std::span<const std::byte> bytes,
+               std::span<std::byte> canonical) {
+  TENSORREG_TRY(check(plan, view_offset, bytes.size(), canonical.size()));
+  for_each_slice(
+      plan, view_offset, bytes.size(),
+      [&](const view_tensor& t, std::uint64_t a, std::uint64_t b, std::uint64_t pos) {
+        std::byte* c0 = canonical.data() + t.canonical_base;
+        walk_bytes<true>(t, a, b, bytes.data() + pos,
+                         [c0](const std::byte* v, std::int64_t off, std::uint64_t n) { std::memcpy(c0 + off, v, n); });
+      },
+      [](std::uint64_t, std::uint64_t) {});
+  return {};
+}
+
+status gather(const view_plan& plan, std::span<const std::byte> canonical, std::uint64_t view_offset,
+              std::span<std::byte> out) {
+  TENSORREG_TRY(check(plan, view_offset, out.size(), canonical.size()));
+  for_each_slice(
+      plan, view_offset, out.size(),
+      [&](const view_tensor& t, std::uint64_t a, std::uint64_t b, std::uint64_t pos) {
+        const std::byte* c0 = canonical.data() + t.canonical_base;
+        walk_bytes(t, a, b, out.data() + pos,
+                   [c0](std::byte* v, std::int64_t off, std::uint64_t n) { std::memcpy(v, c0 + off, n); });
+      },
+      [&](std::uint64_t pos, std::uint64_t n) { std::memset(out.data() + pos, 0, n); });
+  return {};
+}
+
+result<std::optional<byte_pair>> compare(const view_plan& plan, std::uint64_t view_offset,
+                                         std::span<const std::byte> bytes, std::span<const std::byte> canonical,
+                                         std::span<const byte_range> only) {
+  TENSORREG_TRY(check(plan, view_offset, bytes.size(), canonical.size()));
+  std::optional<byte_pair> first;
+  if (only.empty()) return first;
+  for_each_slice(
+      plan, view_offset, bytes.size(),
+      [&](const view_tensor& t, std::uint64_t a, std::uint64_t b, std::uint64_t pos) {
+        if (first) return;
+        walk_bytes(t, a, b, bytes.data() + pos, [&](const std::byte* v, std::int64_t off, std::uint64_t n) {
+          if (first) return;
+          const std::uint64_t c = t.canonical_base + static_cast<std::uint64_t>(off);
+          // The ranges of `only` that touch [c, c + n).
+          auto it = std::upper_bound(only.begin(), only.end(), c,
+                                     [](std::uint64_t x, const byte_range& r) { return x < r.offset; });
+          if (it != only.begin()) --it;
+          for (; it != only.end() && it->offset < c + n; ++it) {
+            const auto lo = std::max(c, it->offset);
+            const auto hi = std::min(c + n, it->end());
+            if (lo >= hi) continue;
+            const std::byte* mine = v + (lo - c);
+            const std::byte* theirs = canonical.data() + lo;
+            if (std::memcmp(mine, theirs, hi - lo) != 0) {
+              std::uint64_t k = 0;
+              while (mine[k] == theirs[k]) ++k;
+              first = byte_pair{view_offset + static_cast<std::uint64_t>(mine + k - bytes.data()), lo + k};
+              return;
+            }
+          }
+        });
+      },
+      [](std::uint64_t, std::uint64_t) {});
+  return first;
+}
+
+status gathered_view::visit(std::uint64_t offset, std::uint64_t length, memory::piece_sink sink) const {
+  TENSORREG_TRY(check_range(offset, length));
+  constexpr std::uint64_t block = std::uint64_t{1} << 20;
+  std::vector<std::byte> buffer(std::min(block, length));
+  for (std::uint64_t at = 0; at < length; at += block) {
+    const auto n = std::min(block, length - at);
+    auto piece = std::span(buffer).first(n);
+    TENSORREG_TRY(gather(*plan_, canonical_, offset + at, piece));
+    TENSORREG_TRY(sink(piece));
+  }
+  return {};
+}
+
+}  // namespace tensorreg::views

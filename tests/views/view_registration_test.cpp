@@ -1,0 +1,430 @@
+// The engine's view plan (registration.md §7): SERVER and CLIENT placement, CANONICAL views and
+// PIECE assembly, through engine::begin / feed / commit with a fake clock.
+#include "tensorreg/registration/engine.hpp"
+
+#include <catch2/catch.hpp>
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstring>
+#include <random>
+#include <thread>
+
+#include "support/engine_helpers.hpp"
+#include "tensorreg/hash/multihash.hpp"
+#include "tensorreg/hash/sha256.hpp"
+#include "tensorreg/identity/view_id.hpp"
+
+namespace {
+
+namespace t = tensorreg::testing;
+using namespace tensorreg::registration;
+using tensorreg::errc;
+using tensorreg::identity::narrow_op;
+using tensorreg::identity::transpose_op;
+using tensorreg::testing::fake_clock;
+namespace views = tensorreg::views;
+
+const std::int32_t me = static_cast<std::int32_t>(::getpid());
+
+// b: float16 [48] at 0; w: float32 [64, 48] at 96 (names in byte order). Total 12384 bytes.
+constexpr std::int64_t rows = 64;
+constexpr std::int64_t cols = 48;
+
+struct fixture {
+  tensorreg::index::canonical_index index;
+  std::string canonical;  // random bytes
+};
+
+fixture make_fixture() {
+  std::vector<tensorreg::index::tensor_desc> tensors{
+      {"w", "torch.float32", {rows, cols}, {cols, 1}, "w", rows * cols * 4, 0},
+      {"b", "torch.float16", {cols}, {1}, "b", cols * 2, 0}};
+  auto idx = tensorreg::index::canonical_index::build(tensors);
+  REQUIRE(idx);
+  return fixture{*idx, t::pattern(idx->total_size(), 7)};
+}
+
+// w^T (float32 [48, 64]) then b, as the client linearizes them; b sorts first: "b" < "w".
+constexpr std::int64_t w_at = cols * 2;
+
+std::string transposed_view(const fixture& f) {
+  std::string out = f.canonical.substr(0, cols * 2);
+  for (std::int64_t j = 0; j < cols; ++j) {
+    for (std::int64_t i = 0; i < rows; ++i) {
+      out += f.canonical.substr(static_cast<std::size_t>(w_at + (i * cols + j) * 4), 4);
+    }
+  }
+  return out;
+}
+
+// b whole, then w[:, c0:c0+n] (float32 [64, n]).
+std::string column_piece(const fixture& f, std::int64_t c0, std::int64_t n) {
+  std::string out = f.canonical.substr(0, cols * 2);
+  for (std::int64_t i = 0; i < rows; ++i) {
+    out += f.canonical.substr(static_cast<std::size_t>(w_at + (i * cols + c0) * 4), static_cast<std::size_t>(n * 4));
+  }
+  return out;
+}
+
+begin_request view_begin(const fixture& f, views::view_request v, std::uint64_t total_size, std::string cgid = "") {
+  begin_request r;
+  r.device_id = 0;
+  r.total_size = total_size;
+  r.owner_pid = me;
+  r.tensor_index_data = index_data{f.index.json(), "v3", "json"};
+  r.plan = coalesced_options{};
+  r.client_artifact_id = std::move(cgid);
+  r.view = std::move(v);
+  r.has_view = true;
+  return r;
+}
+
+views::view_request transpose_request() {
+  views::view_request v;
+  v.spec["w"] = {transpose_op{0, 1}};
+  v.tensor_names = {"b"};
+  v.place = views::placement::server;
+  v.kind = views::registration_kind::canonical;
+  return v;
+}
+
+views::view_request piece_request(std::int64_t c0, std::int64_t n) {
+  views::view_request v;
+  v.spec["w"] = {narrow_op{1, c0, static_cast<std::uint64_t>(n)}};
+  v.tensor_names = {"b"};
+  v.place = views::placement::server;
+  v.kind = views::registration_kind::piece;
+  v.canonical_size_bytes = rows * cols * 4 + cols * 2;
+  return v;
+}
+
+tensorreg::status feed_view(engine& e, const std::string& id, const std::string& bytes, std::uint64_t at,
+                            std::uint64_t n) {
+  feed_request f;
+  f.registration_id = id;
+  f.payload = view_chunk{0, at, bytes.substr(at, n)};
+  return e.feed(std::move(f));
+}
+
+// Begin + chunks of `chunk` bytes (in order) + commit.
+tensorreg::result<commit_response> register_view(engine& e, const begin_request& r, const std::string& bytes,
+                                                 std::size_t chunk, std::string* id_out = nullptr) {
+  auto begun = e.begin(r);
+  if (!begun) return tl::unexpected(begun.error());
+  if (id_out != nullptr) *id_out = begun->registration_id;
+  for (std::uint64_t at = 0; at < bytes.size(); at += chunk) {
+    TENSORREG_TRY(feed_view(e, begun->registration_id, bytes, at, std::min<std::uint64_t>(chunk, bytes.size() - at)));
+  }
+  return e.commit(begun->registration_id);
+}
+
+std::string multihash_of(const std::string& bytes) {
+  return tensorreg::hash::encode_multihash(tensorreg::hash::sha256(std::string_view(bytes)));
+}
+
+}  // namespace
+
+TEST_CASE("view registration: SERVER transpose on the CPU gives the whole artifact's id and the view record",
+          "[views][view_registration]") {
+  fake_clock clock;
+  auto e = t::make_engine(clock);
+  const auto f = make_fixture();
+  const auto view = transposed_view(f);
+  auto begun = e->begin(view_begin(f, transpose_request(), f.index.total_size()));
+  REQUIRE_OK(begun);
+  CHECK(std::holds_alternative<coalesced_handshake>(begun->handshake));
+  // Chunks in random order, cut mid-element, one sent twice (overlapping chunks are fine).
+  std::vector<std::pair<std::uint64_t, std::uint64_t>> chunks{{0, 1001}, {1001, 5003}, {6004, 6000}, {2000, 3}};
+  chunks.emplace_back(12004, view.size() - 12004);
+  std::mt19937 rng(3);
+  std::shuffle(chunks.begin(), chunks.end(), rng);
+  for (const auto& [at, n] : chunks) REQUIRE_OK(feed_view(*e, begun->registration_id, view, at, n));
+  auto done = e->commit(begun->registration_id);
+  REQUIRE_OK(done);
+  CHECK(done->descriptor.artifact_id == t::expected_mi2(f.index.json(), f.canonical));
+  CHECK_FALSE(done->existed);
+  REQUIRE(done->view);
+  CHECK(done->view->view_id ==
+        *tensorreg::identity::compute_view_id(done->view->spec, t::index_multihash_of(f.index.json())));
+  CHECK(done->view->kind == views::registration_kind::canonical);
+  CHECK(done->view->view_size == view.size());
+  CHECK(done->view->data_hash == multihash_of(view));  // one leaf: the view is < 256 MiB
+  CHECK(done->view->index_json ==
+        R"({"b":[0,96,[48],[1],"torch.float16",0],"w":[96,12288,[48,64],[64,1],"torch.float32",0]})");
+  CHECK(done->view->canonical_ranges == std::vector<views::byte_range>{{0, f.index.total_size()}});
+  REQUIRE(done->local_stable_tier);
+  CHECK(done->local_stable_tier->status == local_stable_status::skipped);
+  CHECK(done->local_stable_tier->message == "view registrations do not satisfy the local stable tier");
+
+  // The artifact lists the view, and reads it back.
+  auto summary = e->get(done->descriptor.artifact_id);
+  REQUIRE_OK(summary);
+  CHECK(summary->stable_replica);
+  REQUIRE(summary->views.size() == 1);
+  CHECK(summary->views[0].view_id == done->view->view_id);
+  auto record = e->view_of(done->descriptor.artifact_id, done->view->view_id);
+  REQUIRE_OK(record);
+  CHECK(record->data_hash == done->view->data_hash);
+  auto source = e->open_view(done->descriptor.artifact_id, done->view->view_id);
+  REQUIRE_OK(source);
+  std::string back(view.size(), '\0');
+  REQUIRE_OK((*source)->read(0, std::as_writable_bytes(std::span(back.data(), back.size()))));
+  CHECK(back == view);
+  CHECK_ERROR(e->view_of(done->descriptor.artifact_id, "bciqnope"), errc::not_found,
+              "cannot find view bciqnope of " + done->descriptor.artifact_id + ": no such view");
+}
+
+TEST_CASE("view registration: a commit before every view byte came is retryable", "[views][view_registration]") {
+  fake_clock clock;
+  auto e = t::make_engine(clock);
+  const auto f = make_fixture();
+  const auto view = transposed_view(f);
+  auto begun = e->begin(view_begin(f, transpose_request(), f.index.total_size()));
+  REQUIRE_OK(begun);
+  const auto& id = begun->registration_id;
+  REQUIRE_OK(feed_view(*e, id, view, 0, 5000));
+  CHECK_ERROR(
+      e->commit(id), errc::failed_precondition,
+      "cannot commit view registration '" + id + "': view bytes incomplete: view bytes [5000, 12384) were not written");
+  // Past the view: OUT_OF_RANGE, nothing recorded.
+  feed_request past;
+  past.registration_id = id;
+  past.payload = view_chunk{0, view.size() - 4, std::string(8, 'x')};
+  CHECK_ERROR(e->feed(std::move(past)), errc::out_of_range,
+              "cannot feed registration '" + id + "': view bytes [12380, +8) run past the view size 12384");
+  feed_request huge;
+  huge.registration_id = id;
+  huge.payload = view_chunk{0, ~std::uint64_t{0}, std::string(8, 'x')};
+  CHECK_CODE(e->feed(std::move(huge)), errc::out_of_range);
+  feed_request progress;
+  progress.registration_id = id;
+  progress.payload = stable_write_progress{{{0, 8}}, false};
+  CHECK_ERROR(e->feed(std::move(progress)), errc::failed_precondition,
+              "cannot feed registration '" + id +
+                  "': stable_dram_write_progress needs a stable_dram registration, not a view registration");
+  REQUIRE_OK(feed_view(*e, id, view, 5000, view.size() - 5000));
+  auto done = e->commit(id);
+  REQUIRE_OK(done);
+  CHECK(done->descriptor.artifact_id == t::expected_mi2(f.index.json(), f.canonical));
+}
+
+TEST_CASE("view registration: Begin refuses what §7 refuses, with its code", "[views][view_registration]") {
+  fake_clock clock;
+  auto e = t::make_engine(clock);
+  const auto f = make_fixture();
+  SECTION("an empty ViewRegistrationOptions has no registration_kind") {
+    auto r = view_begin(f, {}, f.index.total_size());
+    r.view.reset();
+    CHECK_ERROR(e->begin(r), errc::invalid_argument,
+                "cannot register view: registration_kind is required (CANONICAL or PIECE), got 0");
+  }
+  SECTION("a narrow that does not cover is not CANONICAL") {
+    auto v = piece_request(0, 12);
+    v.kind = views::registration_kind::canonical;
+    v.canonical_size_bytes = 0;
+    CHECK_CODE(e->begin(view_begin(f, v, f.index.total_size())), errc::invalid_argument);
+  }
+  SECTION("a PIECE needs a cgid") {
+    CHECK_ERROR(e->begin(view_begin(f, piece_request(0, 12), 96 + 64 * 12 * 4)), errc::invalid_argument,
+                "cannot register view: a PIECE needs a client_artifact_id (the cgid of its assembly)");
+  }
+  SECTION("a PIECE with placement CLIENT is not implemented") {
+    auto v = piece_request(0, 12);
+    v.place = views::placement::client;
+    CHECK_ERROR(e->begin(view_begin(f, v, 96 + 64 * 12 * 4, "cgid:model-a")), errc::unimplemented,
+                "cannot register view: a PIECE with placement CLIENT is not implemented; send its view bytes with "
+                "placement SERVER");
+  }
+  SECTION("view_id checked") {
+    auto v = transpose_request();
+    v.view_id = "bciqnotit";
+    auto out = e->begin(view_begin(f, v, f.index.total_size()));
+    REQUIRE_FALSE(out);
+    CHECK(out.error().code == errc::invalid_argument);
+    CHECK_THAT(out.error().message, Catch::StartsWith("cannot register view: view_id does not match view spec"));
+  }
+  CHECK(e->stats().pending_registrations == 0);
+}
+
+TEST_CASE("view registration: CLIENT placement records the view over the uploaded canonical tensors",
+          "[views][view_registration]") {
+  fake_clock clock;
+  auto e = t::make_engine(clock);
+  const auto f = make_fixture();
+  auto v = transpose_request();
+  v.place = views::placement::client;
+  auto r = view_begin(f, v, f.index.total_size());
+  r.plan = stable_dram_options{};
+  auto begun = e->begin(r);
+  REQUIRE_OK(begun);
+  const auto& id = begun->registration_id;
+  auto* hs = std::get_if<stable_dram_handshake>(&begun->handshake);
+  REQUIRE(hs != nullptr);
+  REQUIRE(hs->publish);
+  // view_chunk is for SERVER placement only.
+  CHECK_ERROR(feed_view(*e, id, f.canonical, 0, 8), errc::failed_precondition,
+              "cannot feed registration '" + id +
+                  "': view_chunk needs a view registration with placement SERVER; this one has placement CLIENT "
+                  "(upload the canonical tensors)");
+  std::memcpy(hs->publish->memory->mutable_bytes().data(), f.canonical.data(), f.canonical.size());
+  feed_request progress;
+  progress.registration_id = id;
+  progress.payload = stable_write_progress{{{0, f.canonical.size()}}, true};
+  REQUIRE_OK(e->feed(std::move(progress)));
+  auto done = e->commit(id);
+  REQUIRE_OK(done);
+  CHECK(done->descriptor.artifact_id == t::expected_mi2(f.index.json(), f.canonical));
+  REQUIRE(done->view);
+  CHECK(done->view->data_hash == multihash_of(transposed_view(f)));
+  CHECK(done->view->place == views::placement::client);
+  auto summary = e->get(done->descriptor.artifact_id);
+  REQUIRE_OK(summary);
+  CHECK(summary->views.size() == 1);
+}
+
+TEST_CASE("view registration: 4 pieces in random order assemble the id of the whole artifact",
+          "[views][view_registration]") {
+  fake_clock clock;
+  auto e = t::make_engine(clock);
+  const auto f = make_fixture();
+  const std::string cgid = "cgid:model-a.tp4";
+  std::vector<int> order{0, 1, 2, 3};
+  std::mt19937 rng(11);
+  std::shuffle(order.begin(), order.end(), rng);
+  std::vector<std::string> ids(4);
+  std::vector<begin_response> begun;
+  for (int k = 0; k < 4; ++k) {
+    const auto bytes = column_piece(f, k * 12, 12);
+    auto b = e->begin(view_begin(f, piece_request(k * 12, 12), bytes.size(), cgid));
+    REQUIRE_OK(b);
+    ids[static_cast<std::size_t>(k)] = b->registration_id;
+    for (std::uint64_t at = 0; at < bytes.size(); at += 1000) {
+      REQUIRE_OK(feed_view(*e, b->registration_id, bytes, at, 1000));
+    }
+  }
+  // A fifth piece, begun before the seal, duplicating piece 0.
+  const auto extra_bytes = column_piece(f, 0, 12);
+  auto extra = e->begin(view_begin(f, piece_request(0, 12), extra_bytes.size(), cgid));
+  REQUIRE_OK(extra);
+  REQUIRE_OK(feed_view(*e, extra->registration_id, extra_bytes, 0, extra_bytes.size()));
+
+  for (std::size_t n = 0; n < order.size(); ++n) {
+    auto done = e->commit(ids[static_cast<std::size_t>(order[n])]);
+    REQUIRE_OK(done);
+    REQUIRE(done->assembly);
+    REQUIRE(done->view);
+    CHECK(done->view->kind == views::registration_kind::piece);
+    CHECK(done->assembly->pieces == n + 1);
+    if (n + 1 < order.size()) {
+      CHECK_FALSE(done->assembly->sealed);
+      CHECK(done->descriptor.artifact_id == cgid);
+      CHECK(done->descriptor.id_kind == tensorreg::identity::id_kind::cgid);
+      CHECK_CODE(e->get(cgid), errc::not_found);
+    } else {
+      CHECK(done->assembly->sealed);
+      CHECK(done->assembly->covered_bytes == f.index.total_size());
+      CHECK(done->descriptor.artifact_id == t::expected_mi2(f.index.json(), f.canonical));
+      CHECK(done->assembly->artifact_id == done->descriptor.artifact_id);
+      auto summary = e->get(done->descriptor.artifact_id);
+      REQUIRE_OK(summary);
+      CHECK(summary->stable_replica);
+    }
+  }
+  auto status = e->assembly_of(cgid);
+  REQUIRE_OK(status);
+  CHECK(status->sealed);
+  // Sealed: a new piece is refused at Begin, one begun before at Commit.
+  const auto mi2 = t::expected_mi2(f.index.json(), f.canonical);
+  CHECK_ERROR(e->begin(view_begin(f, piece_request(0, 12), extra_bytes.size(), cgid)), errc::failed_precondition,
+              "cannot begin registration: assembly " + cgid + " is already sealed as artifact " + mi2);
+  CHECK_ERROR(e->commit(extra->registration_id), errc::failed_precondition,
+              "cannot add piece '" + extra->registration_id + "' to assembly " + cgid +
+                  ": assembly is already sealed as artifact " + mi2);
+}
+
+TEST_CASE("view registration: a piece whose shared bytes differ is ABORTED naming both pieces",
+          "[views][view_registration]") {
+  fake_clock clock;
+  auto e = t::make_engine(clock);
+  const auto f = make_fixture();
+  const std::string cgid = "cgid:model-b";
+  std::string first_id;
+  std::string second_id;
+  auto first = register_view(*e, view_begin(f, piece_request(0, 24), 96 + 64 * 24 * 4, cgid), column_piece(f, 0, 24),
+                             4096, &first_id);
+  REQUIRE_OK(first);
+  auto bad = column_piece(f, 24, 24);
+  bad[10] = static_cast<char>(bad[10] ^ 0x11);  // b, shared with the first piece
+  auto second = register_view(*e, view_begin(f, piece_request(24, 24), bad.size(), cgid), bad, 4096, &second_id);
+  CHECK_ERROR(second, errc::aborted,
+              "cannot add piece '" + second_id + "' to assembly " + cgid +
+                  ": its byte at canonical offset 10 (view offset 10) differs from piece '" + first_id +
+                  "', which wrote it first");
+  // The conflicting piece changed nothing: the right one completes the assembly.
+  auto third = register_view(*e, view_begin(f, piece_request(24, 24), bad.size(), cgid), column_piece(f, 24, 24), 4096);
+  REQUIRE_OK(third);
+  CHECK(third->descriptor.artifact_id == t::expected_mi2(f.index.json(), f.canonical));
+}
+
+TEST_CASE("view registration: an assembly whose pieces stop arriving expires with their TTL",
+          "[views][view_registration]") {
+  fake_clock clock;
+  auto e = t::make_engine(clock);
+  const auto f = make_fixture();
+  const std::string cgid = "cgid:model-c";
+  auto r = view_begin(f, piece_request(0, 24), 96 + 64 * 24 * 4, cgid);
+  r.ttl_ms = 1000;
+  REQUIRE_OK(register_view(*e, r, column_piece(f, 0, 24), 4096));
+  REQUIRE_OK(e->assembly_of(cgid));
+  clock.advance(std::chrono::milliseconds(999));
+  e->sweep();
+  REQUIRE_OK(e->assembly_of(cgid));
+  clock.advance(std::chrono::milliseconds(2));
+  e->sweep();
+  CHECK_ERROR(e->assembly_of(cgid), errc::not_found, "cannot find assembly " + cgid + ": no piece of it is held here");
+  // A new assembly starts from nothing: one piece does not seal it.
+  auto again =
+      register_view(*e, view_begin(f, piece_request(24, 24), 96 + 64 * 24 * 4, cgid), column_piece(f, 24, 24), 4096);
+  REQUIRE_OK(again);
+  REQUIRE(again->assembly);
+  CHECK_FALSE(again->assembly->sealed);
+  CHECK(again->assembly->pieces == 1);
+}
+
+TEST_CASE("view registration: 8 pieces committed from 8 threads seal once, with the whole id",
+          "[views][view_registration][concurrency]") {
+  fake_clock clock;
+  auto e = t::make_engine(clock);
+  const auto f = make_fixture();
+  const std::string cgid = "cgid:model-d.tp8";
+  std::vector<tensorreg::result<commit_response>> results(8,
+                                                          tl::unexpected(tensorreg::error{errc::internal, "not run"}));
+  std::vector<std::thread> threads;
+  for (int k = 0; k < 8; ++k) {
+    threads.emplace_back([&, k] {
+      const auto bytes = column_piece(f, k * 6, 6);
+      results[static_cast<std::size_t>(k)] =
+          register_view(*e, view_begin(f, piece_request(k * 6, 6), bytes.size(), cgid), bytes, 777);
+    });
+  }
+  for (auto& th : threads) th.join();
+  // Exactly one commit completed the buffer and answers the mi2 id; the others answer the cgid.
+  int sealed = 0;
+  for (const auto& r : results) {
+    REQUIRE_OK(r);
+    REQUIRE(r->assembly);
+    if (r->descriptor.id_kind == tensorreg::identity::id_kind::mi2) {
+      ++sealed;
+      CHECK(r->descriptor.artifact_id == t::expected_mi2(f.index.json(), f.canonical));
+    } else {
+      CHECK(r->descriptor.artifact_id == cgid);
+    }
+  }
+  CHECK(sealed == 1);
+  auto status = e->assembly_of(cgid);
+  REQUIRE_OK(status);
+  CHECK(status->sealed);
+  CHECK(status->pieces == 8);
+}
