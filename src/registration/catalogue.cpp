@@ -170,8 +170,17 @@ void catalogue::forget_stable_entry(const std::string& artifact_id) {
   stable_entry_uid_.erase(it);
 }
 
+namespace {
+
+// No lease, join or GPU replica holds `a` (a stable replica may still).
+bool no_holder_besides_cache(const artifact& a) {
+  return a.leases.empty() && a.joins.empty() && a.gpu_replicas.empty();
+}
+
+}  // namespace
+
 bool catalogue::is_empty(const std::string& id, const artifact& a) const {
-  return a.leases.empty() && a.joins.empty() && a.gpu_replicas.empty() && !cache_.contains(id);
+  return no_holder_besides_cache(a) && !cache_.contains(id);
 }
 
 const artifact* catalogue::find_held(const std::string& id) const {
@@ -521,7 +530,7 @@ result<device_layout> catalogue::device_layout_of(const std::string& artifact_id
 void catalogue::add_stats(engine_stats& out) const {
   for (const auto& [id, a] : artifacts_) {
     const bool stable = cache_.contains(id);
-    if (!stable && a.leases.empty() && a.joins.empty() && a.gpu_replicas.empty()) continue;  // is_empty
+    if (!stable && no_holder_besides_cache(a)) continue;  // is_empty, asking the cache once
     ++out.artifacts;
     out.leases += a.leases.size();
     out.joined_refs += a.joins.size();
