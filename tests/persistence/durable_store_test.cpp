@@ -101,6 +101,37 @@ TEST_CASE("durable_store: a written artifact survives reopening and loads byte f
   CHECK(again == a.bytes);
 }
 
+TEST_CASE("durable_store: a load reads its chunks in parallel rounds, and a failed read ends it",
+          "[persistence][durable_store][concurrency]") {
+  temp_dir dir;
+  const auto root = dir.path().string();
+  auto a = make_artifact(kNine + 4, 11);  // ten 1 MiB chunks, the last 4 bytes
+  {
+    auto store = durable_store::open(root);
+    REQUIRE(store);
+    REQUIRE((*store)->write(a.record, a.index, owned_bytes(a.bytes)));
+  }
+  for (const unsigned readers : {1u, 3u, 4u, 16u}) {
+    DYNAMIC_SECTION(readers << " readers") {
+      tensorreg::persistence::store_options o;
+      o.chunk_bytes = std::uint64_t{1} << 20;
+      o.load_readers = readers;
+      auto store = durable_store::open(root, o);
+      REQUIRE(store);
+      std::string back(a.bytes.size(), '\0');
+      REQUIRE((*store)->load(a.record.artifact_id, std::as_writable_bytes(std::span(back.data(), back.size()))));
+      CHECK(back == a.bytes);
+      // One read failing, in any round, fails the load with its reason and keeps the copy.
+      scoped_fault f(fault_site::read, EIO, 5, 1);
+      auto failed = (*store)->load(a.record.artifact_id, std::as_writable_bytes(std::span(back.data(), back.size())));
+      REQUIRE_FALSE(failed);
+      CHECK(f.fired() == 1);
+      CHECK_THAT(failed.error().message, Catch::Contains("data.bin': Input/output error"));
+      CHECK((*store)->contains(a.record.artifact_id));
+    }
+  }
+}
+
 TEST_CASE("durable_store: bytes that do not hash to the id are refused and leave nothing",
           "[persistence][durable_store]") {
   temp_dir dir;

@@ -112,6 +112,8 @@ struct store_options {
   thread_pool* hash_pool = nullptr;
   /// What load() checks every leaf against.
   leaf_check_kind load_check = leaf_check_kind::xxh3;
+  /// Chunks a load() reads at once, each on its own thread (1: one sequential reader).
+  unsigned load_readers = 4;
 };
 
 /// Progress of a write or verification: bytes done of total.
