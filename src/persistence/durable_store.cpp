@@ -636,8 +636,8 @@ status durable_store::read_checked(const stored_artifact& a, std::span<std::byte
         threads.emplace_back([&, k] {
           const std::uint64_t at = offset + k * chunk_bytes;
           const std::uint64_t length = std::min(chunk_bytes, total - at);
-          outcomes[k] = read_exact(
-              fd.get(), at, out.subspan(static_cast<std::size_t>(at), static_cast<std::size_t>(length)), path);
+          outcomes[k] = read_exact(fd.get(), at,
+                                   out.subspan(static_cast<std::size_t>(at), static_cast<std::size_t>(length)), path);
         });
       }
     }
