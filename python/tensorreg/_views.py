@@ -201,7 +201,7 @@ def _view_bytes(torch, t):
     return flat.view(torch.uint8) if flat.numel() else torch.empty(0, dtype=torch.uint8, device=t.device)
 
 
-def chunk_frames(torch, tensors: list, registration_id: str, chunk_bytes: int = CHUNK_BYTES):
+def chunk_frames(torch, tensors: list, registration_id: str, chunk_bytes: int):
     """The Feed frames of a SERVER upload: the linearized view (§7.3) in view_chunk messages of
     at most `chunk_bytes`, packed by view offset. A generator: one chunk is in memory at a time."""
     buffer = bytearray()
@@ -280,7 +280,7 @@ def _server_upload(conn: Connection, begin, make_tensors) -> ViewRegistration:
     registration_id = begun.begin_register_artifact.registration_id
     try:
         torch = _torch()
-        conn.feed(chunk_frames(torch, make_tensors(), registration_id))
+        conn.feed(chunk_frames(torch, make_tensors(), registration_id, CHUNK_BYTES))
         done = _put.commit(conn, registration_id)
     except BaseException:
         _put.abort(conn, registration_id)
