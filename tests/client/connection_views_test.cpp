@@ -196,7 +196,7 @@ TEST_CASE("client views: the daemon's refusals come back with their code and mes
   CHECK(stats->pending_registrations == 0);
 }
 
-TEST_CASE("client views: 4 pieces in random order seal the whole artifact's id; differing bytes are ABORTED",
+TEST_CASE("client views: 4 pieces in random order seal the whole artifact's id, differing bytes are ABORTED",
           "[client][connection_views]") {
   daemon_process d;
   testing::temp_dir dir;
