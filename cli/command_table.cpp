@@ -33,7 +33,14 @@ constexpr std::array<option_help, 2> kTop{{
     {"--count", "N", "stop after N refreshes (default: until q or SIGINT)"},
 }};
 
-constexpr std::array<command_help, 13> kCommands{{
+constexpr std::array<option_help, 4> kView{{
+    {"--narrow", "NAME:DIM:START:LEN", "narrow tensor NAME along DIM (START < 0 counts from the end); once per tensor"},
+    {"--transpose", "NAME:D0:D1", "transpose dims D0 and D1 of tensor NAME; repeatable"},
+    {"--placement", "WHERE", "server (send the view bytes; default) or client (send the canonical bytes)"},
+    {"--view-id", "ID", "the view_id the daemon must compute (refused when it differs)"},
+}};
+
+constexpr std::array<command_help, 14> kCommands{{
     {"digest", "--index FILE [--data FILE | --zeros N]", "print the index multihash, data multihash and mi2 id",
      kDigest, false},
     {"index", "FILES.safetensors... | ID",
@@ -42,7 +49,13 @@ constexpr std::array<command_help, 13> kCommands{{
     {"put", "FILES.safetensors...", "store the files in the daemon's stable DRAM", kPut},
     {"lease", "FILES.safetensors...", "lease them in place from shared memory until SIGINT/SIGTERM", kLease},
     {"ls", "", "the artifacts the daemon holds: short id, name, size, leases, tiers", {}},
-    {"show", "ID-OR-PREFIX", "an artifact's descriptor and tensors (a unique prefix of its id or of its short id)", {}},
+    {"show",
+     "ID-OR-PREFIX",
+     "an artifact's descriptor, tensors and views (a unique prefix of its id or of its short id)",
+     {}},
+    {"view", "ID-OR-PREFIX",
+     "register a view of an artifact (every tensor not narrowed or transposed is taken whole); print its view_id",
+     kView},
     {"revoke", "REGISTRATION_ID", "drop a registration or lease (NOT_FOUND when there is none)", {}},
     {"deregister", "ID-OR-PREFIX", "drain and remove an artifact", {}},
     {"rm", "ID-OR-PREFIX", "the same as deregister", {}},

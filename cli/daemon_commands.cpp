@@ -15,6 +15,8 @@
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <set>
+#include <utility>
+#include <variant>
 
 #include "local_commands.hpp"
 #include "progress.hpp"
@@ -35,10 +37,14 @@ struct options {
   bool json = false;
   std::string policy;
   std::uint32_t ttl_ms = 600'000;
-  std::optional<std::string> name;   // put --name; unset: the file name
-  std::uint32_t interval_ms = 1000;  // top
-  std::uint64_t count = 0;           // top: refreshes, 0 = until stopped
-  std::string out;                   ///< export's --out
+  std::optional<std::string> name;      // put --name; unset: the file name
+  std::uint32_t interval_ms = 1000;     // top
+  std::uint64_t count = 0;              // top: refreshes, 0 = until stopped
+  std::string out;                      ///< export's --out
+  std::vector<std::string> narrows;     ///< view --narrow NAME:DIM:START:LEN
+  std::vector<std::string> transposes;  ///< view --transpose NAME:D0:D1
+  std::string placement = "server";     ///< view --placement
+  std::string view_id;                  ///< view --view-id
   std::vector<std::string> positional;
 };
 
@@ -81,6 +87,14 @@ result<options> parse(const std::vector<std::string>& args) {
       }
     } else if (a == "--out") {
       TENSORREG_TRY_ASSIGN(o.out, value());
+    } else if (a == "--narrow") {
+      TENSORREG_TRY_ASSIGN(o.narrows.emplace_back(), value());
+    } else if (a == "--transpose") {
+      TENSORREG_TRY_ASSIGN(o.transposes.emplace_back(), value());
+    } else if (a == "--placement") {
+      TENSORREG_TRY_ASSIGN(o.placement, value());
+    } else if (a == "--view-id") {
+      TENSORREG_TRY_ASSIGN(o.view_id, value());
     } else if (a == "--ttl-ms") {
       TENSORREG_TRY_ASSIGN(auto v, value());
       try {
@@ -376,6 +390,47 @@ result<std::string> resolve_id(connection& c, const std::string& text, std::stri
   return matches.front();
 }
 
+// "w:transpose(0,1) b": each tensor with its ops, a whole tensor by its name alone.
+std::string spec_text(const identity::view_spec& spec) {
+  std::string out;
+  for (const auto& [name, ops] : spec) {
+    out += (out.empty() ? "" : " ") + name;
+    for (const auto& op : ops) {
+      if (const auto* n = std::get_if<identity::narrow_op>(&op)) {
+        out += fmt::format(":narrow({},{},{})", n->dim, n->start, n->length);
+      } else {
+        const auto& t = std::get<identity::transpose_op>(op);
+        out += fmt::format(":transpose({},{})", t.dim0, t.dim1);
+      }
+    }
+  }
+  return out;
+}
+
+json view_json(const client::artifact_view& v) {
+  json ranges = json::array();
+  for (const auto& r : v.canonical_ranges) ranges.push_back(json::array({r.offset, r.length}));
+  return json{{"view_id", v.view_id},
+              {"registration_kind", std::string(views::kind_name(v.kind))},
+              {"placement", std::string(views::placement_name(v.place))},
+              {"spec", spec_text(v.spec)},
+              {"view_size", v.view_size},
+              {"view_data_hash", v.view_data_hash},
+              {"canonical_ranges", ranges}};
+}
+
+// The views registered on an artifact; a PIECE view is the piece that sealed its assembly
+// (registration.md §7.12).
+void print_views(const std::vector<client::artifact_view>& registered) {
+  if (registered.empty()) return;
+  fmt::print("\n{:<60} {:<9} {:>12}  {}\n", "VIEW", "KIND", "BYTES", "SPEC");
+  for (const auto& v : registered) {
+    const bool piece = v.kind == views::registration_kind::piece;
+    fmt::print("{:<60} {:<9} {:>12}  {}\n", v.view_id, piece ? "assembly" : "canonical", v.view_size,
+               spec_text(v.spec));
+  }
+}
+
 int cmd_show_or_index(connection& c, const options& o, bool index_only) {
   if (o.positional.size() != 1)
     return usage(index_only ? "usage: tensorreg index ID" : "usage: tensorreg show ID-OR-PREFIX");
@@ -389,9 +444,17 @@ int cmd_show_or_index(connection& c, const options& o, bool index_only) {
     return 0;
   }
   auto tensors = json::parse(idx.index_json, nullptr, false);
+  auto listed = c.list();
+  if (!listed) return fail_with(listed.error());
+  std::vector<client::artifact_view> registered;
+  for (const auto& a : *listed) {
+    if (a.descriptor.artifact_id == *id) registered = a.views;
+  }
   if (o.json) {
     json j = descriptor_json(idx.descriptor);
     j["index"] = tensors;
+    j["views"] = json::array();
+    for (const auto& v : registered) j["views"].push_back(view_json(v));
     fmt::print("{}\n", j.dump());
     return 0;
   }
@@ -405,6 +468,92 @@ int cmd_show_or_index(connection& c, const options& o, bool index_only) {
                  e[4].get<std::string>(), e[2].dump());
     }
   }
+  print_views(registered);
+  return 0;
+}
+
+// NAME:A:B[:C] split from the right (tensor names may hold ':'): the name and `fields` ints.
+result<std::pair<std::string, std::vector<std::int64_t>>> split_op(const std::string& text, std::size_t fields,
+                                                                   std::string_view option, std::string_view form) {
+  std::vector<std::int64_t> values(fields);
+  std::size_t end = text.size();
+  for (std::size_t k = fields; k-- > 0;) {
+    const auto colon = text.rfind(':', end == 0 ? 0 : end - 1);
+    if (colon == std::string::npos || colon == 0 || end == 0) {
+      return fail(errc::invalid_argument, fmt::format("{} takes {}, got '{}'", option, form, text));
+    }
+    const auto number = text.substr(colon + 1, end - colon - 1);
+    try {
+      std::size_t used = 0;
+      values[k] = std::stoll(number, &used);
+      if (used != number.size()) throw std::invalid_argument(number);
+    } catch (const std::exception&) {
+      return fail(errc::invalid_argument, fmt::format("{} takes {}, got '{}'", option, form, text));
+    }
+    end = colon;
+  }
+  return std::pair{text.substr(0, end), std::move(values)};
+}
+
+result<client::view_options> view_options_of(const options& o) {
+  client::view_options v;
+  for (const auto& n : o.narrows) {
+    TENSORREG_TRY_ASSIGN(auto op, split_op(n, 3, "--narrow", "NAME:DIM:START:LEN"));
+    const auto& f = op.second;
+    if (f[0] < 0 || f[0] > 0xFFFFFFFF || f[2] < 0) {
+      return fail(errc::invalid_argument, "--narrow takes NAME:DIM:START:LEN with DIM and LEN >= 0, got '" + n + "'");
+    }
+    v.spec[op.first].push_back(
+        identity::narrow_op{static_cast<std::uint32_t>(f[0]), f[1], static_cast<std::uint64_t>(f[2])});
+  }
+  for (const auto& t : o.transposes) {
+    TENSORREG_TRY_ASSIGN(auto op, split_op(t, 2, "--transpose", "NAME:D0:D1"));
+    const auto& f = op.second;
+    if (f[0] < 0 || f[1] < 0 || f[0] > 0xFFFFFFFF || f[1] > 0xFFFFFFFF) {
+      return fail(errc::invalid_argument, "--transpose takes NAME:D0:D1 with dims >= 0, got '" + t + "'");
+    }
+    v.spec[op.first].push_back(
+        identity::transpose_op{static_cast<std::uint32_t>(f[0]), static_cast<std::uint32_t>(f[1])});
+  }
+  if (o.placement == "server") {
+    v.place = views::placement::server;
+  } else if (o.placement == "client") {
+    v.place = views::placement::client;
+  } else {
+    return fail(errc::invalid_argument, "--placement takes server or client, got '" + o.placement + "'");
+  }
+  v.view_id = o.view_id;
+  return v;
+}
+
+int cmd_view(connection& c, const options& o) {
+  if (o.positional.size() != 1) {
+    return usage("usage: tensorreg view ID-OR-PREFIX [--narrow NAME:DIM:START:LEN] [--transpose NAME:D0:D1]...");
+  }
+  auto spec = view_options_of(o);
+  if (!spec) return usage(spec.error().message);
+  if (spec->spec.empty()) return usage("tensorreg view needs at least one --narrow or --transpose");
+  auto id = resolve_id(c, o.positional[0], "register a view of");
+  if (!id) return fail_with(id.error());
+  auto v = c.register_view(*id, *spec);
+  if (!v) return fail_with(v.error());
+  std::uint64_t covered = 0;
+  for (const auto& r : v->canonical_ranges) covered += r.length;
+  if (o.json) {
+    json ranges = json::array();
+    for (const auto& r : v->canonical_ranges) ranges.push_back(json::array({r.offset, r.length}));
+    json j{{"view_id", v->view_id},
+           {"artifact_id", v->descriptor.artifact_id},
+           {"registration_kind", std::string(views::kind_name(v->kind))},
+           {"view_data_hash", v->view_data_hash},
+           {"view_index", json::parse(v->view_index_json, nullptr, false)},
+           {"canonical_ranges", ranges},
+           {"existed", v->existed}};
+    fmt::print("{}\n", j.dump());
+    return 0;
+  }
+  fmt::print("{}\n  artifact   {}\n  data_hash  {}\n  covers     {} bytes in {} ranges\n", v->view_id,
+             v->descriptor.artifact_id, v->view_data_hash, covered, v->canonical_ranges.size());
   return 0;
 }
 
@@ -620,8 +769,8 @@ int cmd_top(connection& c, const options& o) {
 }
 
 const std::set<std::string>& daemon_commands() {
-  static const std::set<std::string> names{"status", "put",        "lease", "ls",    "show", "index",
-                                           "revoke", "deregister", "rm",    "stats", "top",  "export"};
+  static const std::set<std::string> names{"status",     "put", "lease", "ls",  "show",   "index", "revoke",
+                                           "deregister", "rm",  "stats", "top", "export", "view"};
   return names;
 }
 
@@ -649,6 +798,7 @@ int run_daemon_command(const std::string& command, const std::vector<std::string
   if (command == "deregister" || command == "rm") return cmd_deregister(*c, o, command);
   if (command == "top") return cmd_top(*c, o);
   if (command == "export") return cmd_export(*c, o);
+  if (command == "view") return cmd_view(*c, o);
   return cmd_stats(*c, o);
 }
 

@@ -1,6 +1,7 @@
 // cli/daemon_commands.hpp — `tensorreg` commands that talk to tensorregd.
 //
-// status, put, lease, ls, show, index ID, revoke, deregister, stats. Human-readable tables by
+// status, put, lease, ls, show, index ID, revoke, deregister, stats, view (a view of an
+// artifact, registration.md §7). Human-readable tables by
 // default, `--json` for scripts; `--socket PATH` picks the daemon.
 #pragma once
 

@@ -16,6 +16,46 @@ struct overloaded : Ts... {
 template <typename... Ts>
 overloaded(Ts...) -> overloaded<Ts...>;
 
+void set_spec(const identity::view_spec& spec, common::ViewSpec& out) {
+  for (const auto& [name, ops] : spec) {
+    auto& entry = (*out.mutable_tensors())[name];
+    for (const auto& op : ops) {
+      auto* o = entry.add_ops();
+      std::visit(overloaded{[&](const identity::narrow_op& n) {
+                              o->mutable_narrow()->set_dim(n.dim);
+                              o->mutable_narrow()->set_start(n.start);
+                              o->mutable_narrow()->set_length(n.length);
+                            },
+                            [&](const identity::transpose_op& t) {
+                              o->mutable_transpose()->set_dim0(t.dim0);
+                              o->mutable_transpose()->set_dim1(t.dim1);
+                            }},
+                 op);
+    }
+  }
+}
+
+void set_view(const views::view_request& v, v2::ViewRegistrationOptions& out) {
+  if (!v.view_id.empty()) out.set_view_id(v.view_id);
+  set_spec(v.spec, *out.mutable_spec());
+  out.set_placement(static_cast<v2::TransformPlacement>(v.place));
+  out.set_canonical_size_bytes(v.canonical_size_bytes);
+  for (const auto& r : v.ranges) {
+    auto* range = out.add_ranges();
+    range->set_offset(r.offset);
+    range->set_length(r.length);
+  }
+  out.set_registration_kind(static_cast<v2::ViewRegistrationKind>(v.kind));
+  for (const auto& name : v.tensor_names) out.add_tensor_names(name);
+}
+
+std::vector<views::byte_range> ranges_of(const google::protobuf::RepeatedPtrField<v2::CanonicalRange>& ranges) {
+  std::vector<views::byte_range> out;
+  out.reserve(static_cast<std::size_t>(ranges.size()));
+  for (const auto& r : ranges) out.push_back({r.offset(), r.length()});
+  return out;
+}
+
 }  // namespace
 
 std::optional<error> status_error(const wire::Status& s) {
@@ -46,6 +86,7 @@ wire::Request begin_request(const begin_args& args) {
   if (args.profile) b->mutable_policy()->set_profile(static_cast<common::PolicyProfile>(*args.profile));
   if (!args.display_name.empty()) b->set_display_name(args.display_name);
   if (!args.client_artifact_id.empty()) b->set_client_artifact_id(args.client_artifact_id);
+  if (args.view != nullptr) set_view(*args.view, *b->mutable_view());
   return r;
 }
 
@@ -206,6 +247,21 @@ wire::Request index_request(std::string_view artifact_id) {
   return r;
 }
 
+wire::Request view_request(std::string_view artifact_id, std::string_view view_id) {
+  auto r = index_request(artifact_id);
+  r.mutable_get_artifact_index_by_id()->set_view_id(std::string(view_id));
+  return r;
+}
+
+v2::FeedRegisterArtifactStreamRequest view_chunk_frame(std::string_view registration_id, std::uint64_t view_offset,
+                                                       std::span<const std::byte> data) {
+  v2::FeedRegisterArtifactStreamRequest f;
+  f.set_registration_id(std::string(registration_id));
+  f.mutable_view_chunk()->set_view_offset(view_offset);
+  f.mutable_view_chunk()->set_data(reinterpret_cast<const char*>(data.data()), data.size());
+  return f;
+}
+
 wire::Request memfd_request(std::string_view artifact_id) {
   wire::Request r;
   r.mutable_get_artifact_memfd()->set_artifact_id(std::string(artifact_id));
@@ -304,7 +360,49 @@ std::vector<artifact_info> list_of(const wire::Response& r) {
     info.name = a.name();
     info.verified_id = a.verified_id();
     info.hash = static_cast<registration::hash_state>(a.hash_state());
+    for (const auto& v : a.views()) info.views.push_back(view_of(v));
     out.push_back(std::move(info));
+  }
+  return out;
+}
+
+artifact_view view_of(const v2::ArtifactView& v) {
+  artifact_view out;
+  out.view_id = v.view_id();
+  out.kind = static_cast<views::registration_kind>(v.registration_kind());
+  out.place = static_cast<views::placement>(v.placement());
+  for (const auto& [name, ops] : v.spec().tensors()) {
+    auto& entry = out.spec[name];
+    for (const auto& op : ops.ops()) {
+      if (op.has_narrow()) {
+        entry.push_back(identity::narrow_op{op.narrow().dim(), op.narrow().start(), op.narrow().length()});
+      } else if (op.has_transpose()) {
+        entry.push_back(identity::transpose_op{op.transpose().dim0(), op.transpose().dim1()});
+      }
+    }
+  }
+  out.view_index_json = v.view_index_json();
+  out.view_data_hash = v.view_data_hash();
+  out.view_size = v.view_size();
+  out.canonical_ranges = ranges_of(v.canonical_ranges());
+  return out;
+}
+
+view_registered view_commit_of(const wire::Response& committed, std::string registration_id) {
+  const auto& c = committed.commit_registered_artifact();
+  view_registered out;
+  out.descriptor = descriptor_of(c.artifact_descriptor());
+  out.existed = c.existed();
+  out.registration_id = std::move(registration_id);
+  out.view_id = c.view_id();
+  out.view_index_json = c.view_index_json();
+  out.view_data_hash = c.view_data_hash();
+  out.canonical_ranges = ranges_of(c.canonical_ranges());
+  out.kind = static_cast<views::registration_kind>(c.registration_kind());
+  if (c.has_assembly()) {
+    const auto& a = c.assembly();
+    out.assembly =
+        assembly_status{a.cgid(), a.canonical_size_bytes(), a.covered_bytes(), a.pieces(), a.sealed(), a.artifact_id()};
   }
   return out;
 }

@@ -11,6 +11,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <span>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -19,6 +20,7 @@
 #include "tensorreg/common/error.hpp"
 #include "tensorreg/policy/store_policy.hpp"
 #include "tensorreg/registration/types.hpp"
+#include "tensorreg/views/view_plan.hpp"
 #include "tensorreg/wire/v1/frame.pb.h"
 
 namespace tensorreg::client::wire_convert {
@@ -41,8 +43,9 @@ struct begin_args {
   std::int32_t owner_pid = 0;
   std::string index_json;  ///< empty: no inline index
   std::optional<policy::profile> profile;
-  std::string display_name{};        ///< empty: none
-  std::string client_artifact_id{};  ///< a cgid; empty: an mi2 artifact
+  std::string display_name{};                 ///< empty: none
+  std::string client_artifact_id{};           ///< a cgid; empty: an mi2 artifact
+  const views::view_request* view = nullptr;  ///< ViewRegistrationOptions; null: none
 };
 [[nodiscard]] wire::Request begin_request(const begin_args& args);
 
@@ -74,6 +77,12 @@ struct region_args {
                                                std::int32_t owner_pid);
 [[nodiscard]] wire::Request config_request();
 [[nodiscard]] wire::Request index_request(std::string_view artifact_id);
+/// GetArtifactIndexById asking for a view too (wire-format.md §16).
+[[nodiscard]] wire::Request view_request(std::string_view artifact_id, std::string_view view_id);
+/// A Feed frame of one view_chunk.
+[[nodiscard]] v2::FeedRegisterArtifactStreamRequest view_chunk_frame(std::string_view registration_id,
+                                                                     std::uint64_t view_offset,
+                                                                     std::span<const std::byte> data);
 [[nodiscard]] wire::Request memfd_request(std::string_view artifact_id);
 [[nodiscard]] wire::Request open_device_request(std::string_view artifact_id, std::uint32_t first_allocation);
 [[nodiscard]] wire::Request list_request();
@@ -94,6 +103,9 @@ struct region_args {
 [[nodiscard]] server_config config_of(const wire::Response& r);
 [[nodiscard]] artifact_index index_of(const wire::Response& r);
 [[nodiscard]] std::vector<artifact_info> list_of(const wire::Response& r);
+[[nodiscard]] artifact_view view_of(const v2::ArtifactView& v);
+/// The view answer of a Commit (registration.md §7.10; `assembly` for a PIECE).
+[[nodiscard]] view_registered view_commit_of(const wire::Response& committed, std::string registration_id);
 [[nodiscard]] daemon_stats stats_of(const wire::Response& r);
 [[nodiscard]] deregister_result deregister_of(const wire::Response& r);
 

@@ -19,7 +19,7 @@ from ._layout import canonical_json
 from ._registrar import Registrar
 from ._wire import default_socket_path
 from .errors import *  # noqa: F401,F403 - Error and one subclass per status code
-from .store import Lease, LocalStableTier, RegisteredArtifact, Store
+from .store import AssemblyStatus, Lease, LocalStableTier, Narrow, RegisteredArtifact, Store, Transpose, ViewRegistration
 from .weight_sync import Version, WeightPublisher, WeightSubscriber
 
 __version__ = "0.1.0"
@@ -30,6 +30,10 @@ __all__ = [
     "Lease",
     "LocalStableTier",
     "Registrar",
+    "ViewRegistration",
+    "AssemblyStatus",
+    "Narrow",
+    "Transpose",
     "WeightPublisher",
     "WeightSubscriber",
     "Version",

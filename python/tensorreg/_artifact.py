@@ -39,6 +39,7 @@ class RegisteredArtifact:
     def __init__(self, commit, layout, registration_id: str, kind: str, lease: Lease | None,
                  timings: dict | None = None) -> None:
         self.timings: dict = timings or {}
+        self.answer = commit  # the CommitRegisteredArtifactResponse (a view's fields, _views.py)
         d = commit.artifact_descriptor
         self.artifact_id: str = d.artifact_id
         self.descriptor: dict = _requests.descriptor_dict(d)

@@ -26,20 +26,21 @@ from ._wire import Connection, _close_fds
 from .errors import DataLoss, Error, InvalidArgument, NotFound, PermissionDenied
 
 
-def put(conn: Connection, state_dict, policy: str | None) -> RegisteredArtifact:
-    """Store.put: CPU tensors through stable_dram, CUDA tensors through coalesced."""
+def put(conn: Connection, state_dict, policy: str | None, view=None) -> RegisteredArtifact:
+    """Store.put: CPU tensors through stable_dram, CUDA tensors through coalesced. `view`: the
+    ViewRegistrationOptions of a CLIENT-placement view (_views.py), put into the Begin."""
     torch = _torch()
     descs, device = _layout.state_dict_descs(torch, state_dict, "put state dict")
     layout = _layout.build(descs)
     profile = _requests.policy_profile(policy, "put state dict")
     if device.startswith("cuda"):
-        return _put_cuda(conn, torch, layout, torch.device(device), profile)
+        return _put_cuda(conn, torch, layout, torch.device(device), profile, view)
 
     def write(fd, start):
         with torch.no_grad():
             _buffers.pwrite_storages(torch, fd, start, layout)
 
-    return _put_stable_dram(conn, layout, profile, write)
+    return _put_stable_dram(conn, layout, profile, write, view)
 
 
 def put_safetensors(conn: Connection, paths, policy: str | None) -> RegisteredArtifact:
@@ -75,9 +76,12 @@ def put_safetensors(conn: Connection, paths, policy: str | None) -> RegisteredAr
     return _put_stable_dram(conn, layout, profile, write)
 
 
-def _put_stable_dram(conn: Connection, layout, profile, write) -> RegisteredArtifact:
+def _put_stable_dram(conn: Connection, layout, profile, write, view=None) -> RegisteredArtifact:
     """Begin (stable_dram) → write(fd, start) into the publish memfd → Feed → Commit."""
-    begun, fds = conn.call(_requests.put_begin(layout, profile, "stable_dram"))
+    begin = _requests.put_begin(layout, profile, "stable_dram")
+    if view is not None:
+        begin.begin_register_artifact.view.CopyFrom(view)
+    begun, fds = conn.call(begin)
     registration_id = begun.begin_register_artifact.registration_id
     try:
         hs = begun.begin_register_artifact.stable_dram
@@ -104,12 +108,14 @@ def _put_stable_dram(conn: Connection, layout, profile, write) -> RegisteredArti
     return RegisteredArtifact(done, layout, registration_id, "stable_dram", None)
 
 
-def _put_cuda(conn: Connection, torch, layout, device, profile) -> RegisteredArtifact:
+def _put_cuda(conn: Connection, torch, layout, device, profile, view=None) -> RegisteredArtifact:
     """Begin (coalesced, on the tensors' GPU by UUID) → copy into the daemon's buffer → Commit."""
     started = time.perf_counter()
     drv = _cuda.driver()
     ordinal = device.index if device.index is not None else torch.cuda.current_device()
     begin = _requests.put_begin(layout, profile, "coalesced", ordinal, drv.device_uuid(ordinal))
+    if view is not None:
+        begin.begin_register_artifact.view.CopyFrom(view)
     prepared = time.perf_counter()
     begun, fds = conn.call(begin)
     _close_fds(fds)

@@ -43,15 +43,17 @@ import json
 import weakref
 from typing import Any
 
-from . import _put, _reads, _register, _requests
+from . import _put, _reads, _register, _requests, _views
 from ._artifact import LocalStableTier, RegisteredArtifact
 from ._leases import Lease
 from ._registrar import Registrar
+from ._views import AssemblyStatus, Narrow, Transpose, ViewRegistration
 from ._requests import DEFAULT_TTL_MS
 from ._wire import Connection
 from .errors import InvalidArgument
 
-__all__ = ["Store", "RegisteredArtifact", "Lease", "LocalStableTier"]
+__all__ = ["Store", "RegisteredArtifact", "Lease", "LocalStableTier", "ViewRegistration", "AssemblyStatus", "Narrow",
+           "Transpose"]
 
 
 class Store:
@@ -142,14 +144,62 @@ class Store:
 
     # ---- get and open (_reads.py) ----
 
-    def get(self, artifact_id: str, device: Any = "cpu") -> dict:
+    # ---- views and pieces (_views.py; registration.md §7) ----
+
+    def register_view(self, artifact_or_tensors, spec=None, placement: str = "server", *, tensor_names=None,
+                      view_id: str = "", policy: str | None = None) -> ViewRegistration:
+        """Registers a CANONICAL view: of an artifact the daemon holds (its id; read from its
+        stable DRAM replica) or of a state dict (CPU or CUDA tensors; registered whole as well).
+        spec: {name: ("narrow", dim, start, length) | ("transpose", d0, d1) | [ops]}.
+        tensor_names: canonical tensors taken whole; None = every tensor the spec does not name
+        (a CANONICAL view must cover every canonical byte). placement "server": the view bytes
+        go up in 4 MiB view_chunk messages and the daemon writes them to canonical offsets;
+        "client": the canonical tensors go up as put() sends them. view_id: checked by the
+        daemon when given. Returns a ViewRegistration (view_id, canonical_ranges,
+        view_index_json, view_data_hash, registration_kind, artifact_id).
+        Errors: the daemon's status for every rule of registration.md §7 (InvalidArgument for a
+        bad spec, bounds, coverage or view_id; NotFound for an unknown artifact, ...);
+        InvalidArgument for a spec that is not ops, before anything is sent."""
+        return _views.register_view(self._conn, artifact_or_tensors, spec, placement, tensor_names, view_id, policy)
+
+    def register_piece(self, cgid: str, tensors, rank_spec=None, *, canonical_index=None,
+                       ttl_ms: int = DEFAULT_TTL_MS, view_id: str = "") -> ViewRegistration:
+        """Registers a tensor-parallel rank's tensors as a PIECE of the artifact `cgid`.
+        rank_spec: {name: (dim, start, canonical_size)}: the local tensor is
+        narrow(dim, start, its size) of a canonical tensor whose dim has canonical_size
+        elements; tensors it does not name are whole. The canonical index is the whole model's
+        (each tensor contiguous in its own storage, as model.state_dict() has them) unless
+        canonical_index (its JSON) is given. When the pieces so far cover every canonical byte,
+        the daemon seals the assembly under the mi2 id of the whole; the answer's `assembly`
+        says where it stands. ttl_ms: the assembly expires this long after its last piece.
+        Errors: the daemon's status (InvalidArgument for the §7 rules, Aborted when bytes this
+        piece shares with an earlier one differ, FailedPrecondition once the assembly is sealed);
+        InvalidArgument for a bad rank_spec, before anything is sent."""
+        return _views.register_piece(self._conn, cgid, tensors, rank_spec, canonical_index, ttl_ms, view_id)
+
+    def view(self, artifact_id: str, view_id: str) -> dict:
+        """The record of a view registered on an artifact: view_id, registration_kind, spec
+        ({name: [Narrow | Transpose]}, normalized), view_index (dict), view_data_hash,
+        view_size, canonical_ranges. Errors: NotFound (no such artifact or view)."""
+        r = _views.view_record(self._conn, artifact_id, view_id)
+        return {"view_id": r.view_id, "registration_kind": _views._kind_name(r.registration_kind),
+                "spec": _views.record_ops(r), "view_index": json.loads(r.view_index_json or b"{}"),
+                "view_data_hash": r.view_data_hash, "view_size": r.view_size,
+                "canonical_ranges": [(c.offset, c.length) for c in r.canonical_ranges]}
+
+    def get(self, artifact_id: str, device: Any = "cpu", *, view: str | None = None) -> dict:
         """The artifact's tensors from the daemon's stable DRAM replica, as zero-copy views of a
         private mapping of its memfd (writes stay in this process). On a CUDA device ("cuda",
         "cuda:N") the replica is copied to that GPU once and the tensors are views of the copy.
         Tied weights come back as views of the same bytes.
         Errors: NotFound (unknown artifact), FailedPrecondition (no stable DRAM replica, e.g. a
         lease only; or being deregistered), PermissionDenied (another uid than the daemon's),
-        InvalidArgument (devices other than cpu and cuda)."""
+        InvalidArgument (devices other than cpu and cuda).
+        view: a view_id registered on the artifact: its tensors instead, with the view's shapes
+        (torch's narrow/transpose of the canonical tensors, zero-copy); NotFound when the
+        artifact has no such view."""
+        if view is not None:
+            return _views.get_view(self._conn, artifact_id, view, device)
         return _reads.get_tensors(self._conn, artifact_id, device)
 
     def open(self, artifact_id: str, device: Any = "cuda", *, keep_mappings: bool = False) -> dict:

@@ -197,6 +197,7 @@ def daemon_checks(tool, daemon, d, check):
               "the lease and its region go when the holder stops; the stable copy stays")
         gone = run(tool, "show", "--socket", sock, "mi2:nope", expect_ok=False)
         check(gone.returncode != 0 and "NOT_FOUND" in gone.stderr, "show of an unknown id is NOT_FOUND")
+        failures = view_checks(tool, sock, digest, tensors, check)
         exported = os.path.join(d, "exported.safetensors")
         run(tool, "export", "--socket", sock, digest, "--out", exported)
         again_id = run(tool, "index", exported).stdout.splitlines()[-1].split()[1]
@@ -209,7 +210,47 @@ def daemon_checks(tool, daemon, d, check):
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=10)
     check(code == 0 and not os.path.exists(sock), "tensorregd stops cleanly on SIGTERM")
-    return 0
+    return failures
+
+
+def view_checks(tool, sock, digest, tensors, check):
+    """tensorreg view registers a view of an artifact from the shell; show lists it (issue #18)."""
+    failures = 0
+    rows, cols = tensors["w"][1]
+    w = memoryview(tensors["w"][2]).cast("I")
+    transposed = b"".join(w[j::cols].tobytes() for j in range(cols))
+    b = tensors["b"][2]
+    expected = b + bytes(-len(b) % 8) + transposed
+    hashed = multihash(hashlib.sha256(expected).digest())
+    out = run(tool, "view", "--socket", sock, digest, "--transpose", "w:0:1").stdout.splitlines()
+    out = [line.strip() for line in out]
+    view_id = out[0]
+    failures += check(view_id.startswith("bciq") and f"artifact   {digest}" in out and f"data_hash  {hashed}" in out,
+                      "view --transpose prints the view_id, the artifact and the view's data hash")
+    again = json.loads(run(tool, "view", "--socket", sock, "--json", digest[:12], "--transpose", "w:0:1",
+                           "--placement", "client").stdout)
+    failures += check(again["view_id"] == view_id and again["view_data_hash"] == hashed and
+                      again["registration_kind"] == "CANONICAL" and again["artifact_id"] == digest and
+                      again["view_index"]["w"][2] == [cols, rows],
+                      "view --json with CLIENT placement answers the same view_id and hash")
+    shown = json.loads(run(tool, "show", "--socket", sock, "--json", digest).stdout)
+    failures += check([(v["view_id"], v["spec"], v["view_size"]) for v in shown["views"]] ==
+                      [(view_id, "b w:transpose(0,1)", len(expected))], "show --json lists the registered view")
+    human = run(tool, "show", "--socket", sock, digest).stdout
+    failures += check("VIEW" in human and view_id in human and "w:transpose(0,1)" in human,
+                      "show lists the artifact's views for people")
+    partial = run(tool, "view", "--socket", sock, digest, "--narrow", "w:0:0:5", expect_ok=False)
+    failures += check(partial.returncode == 1 and "INVALID_ARGUMENT" in partial.stderr and
+                      "a CANONICAL view must cover every byte" in partial.stderr,
+                      "a view that does not cover the artifact is refused with the daemon's message")
+    for args, what in [(["--narrow", "w:0:5"], "a --narrow without its length"),
+                       (["--transpose", "w:a:1"], "a --transpose dim that is not a number"),
+                       (["--transpose", "w:0:1", "--placement", "sideways"], "an unknown --placement"),
+                       ([], "no op at all")]:
+        bad = run(tool, "view", "--socket", sock, digest, *args, expect_ok=False)
+        failures += check(bad.returncode == 2 and bad.stderr.startswith("tensorreg: ") and
+                          len(bad.stderr.strip().splitlines()) == 1, f"view refuses {what} as a usage error")
+    return failures
 
 
 def convention_checks(tool, daemon, check):
@@ -234,7 +275,7 @@ def convention_checks(tool, daemon, check):
         taken.close()
         failures += check(busy.returncode == 1 and "cannot listen for metrics on '127.0.0.1:" in busy.stderr and
                           "ready" not in busy.stdout, "tensorregd does not start when its metrics port is taken")
-    for command in ["put", "lease", "ls", "show", "revoke", "stats", "status", "digest", "index", "rm", "top"]:
+    for command in ["put", "lease", "ls", "show", "revoke", "stats", "status", "digest", "index", "rm", "top", "view"]:
         h = run(tool, command, "--help", expect_ok=False)
         failures += check(h.returncode == 0 and h.stdout.startswith(f"usage: tensorreg {command}") and "--help" in h.stdout,
                           f"tensorreg {command} --help prints that command's usage")

@@ -6,7 +6,8 @@
 // over a daemon-managed HOST_SHARED region, lease-in-place of CUDA tensors (register_cuda:
 // one IPC handle or VRAM region per cudaMalloc allocation, VMM fds for cuMemCreate /
 // expandable-segments memory), and the reads: index, get (the stable replica's memfd, mapped),
-// open_device (the GPU layout a CUDA reader maps), list, stats; and revoke, abort, deregister.
+// open_device (the GPU layout a CUDA reader maps), list, stats; and revoke, abort, deregister;
+// and views (registration.md §7): register_view, register_piece, view, get_view.
 // Every daemon error comes back as an `error` carrying the daemon's code and message.
 //
 // A `lease` keeps its registration alive from a thread that sends KeepAlive every
@@ -157,6 +158,34 @@ class connection {
 
   /// AbortRegisteredArtifact of a registration not yet committed. Errors: NOT_FOUND.
   [[nodiscard]] status abort(std::string_view registration_id);
+
+  /// Registers a CANONICAL view of an artifact the daemon holds, from its stable DRAM replica.
+  /// SERVER placement: Begin (the daemon checks every rule of registration.md §7 there), then
+  /// the view bytes gathered from the replica in 4 MiB view_chunk messages; CLIENT placement:
+  /// the canonical bytes through the stable_dram plan with the view in the Begin. Aborts the
+  /// registration on failure.
+  /// Errors: the daemon's (INVALID_ARGUMENT for the §7 rules, NOT_FOUND for an unknown
+  /// artifact, FAILED_PRECONDITION without a stable replica); DATA_LOSS (no memfd).
+  [[nodiscard]] result<view_registered> register_view(std::string_view artifact_id, const view_options& options);
+
+  /// Registers `view_bytes` (the linearized view of options.spec and tensor_names over
+  /// options.canonical_index_json: tensors in name order at 8-aligned offsets, row-major) as a
+  /// PIECE of the assembly options.cgid (SERVER placement, 4 MiB view_chunk messages). The
+  /// answer's `assembly` says whether it sealed (and the mi2 id then).
+  /// Errors: the daemon's (INVALID_ARGUMENT for the §7 rules, e.g. a view_bytes size that is
+  /// not the view size; ABORTED when bytes shared with an earlier piece differ;
+  /// FAILED_PRECONDITION once sealed); INVALID_ARGUMENT (a canonical index that does not parse).
+  [[nodiscard]] result<view_registered> register_piece(const piece_options& options,
+                                                       std::span<const std::byte> view_bytes);
+
+  /// GetArtifactIndexById with a view_id: the view's record. Errors: NOT_FOUND (no such
+  /// artifact, or no such view on it).
+  [[nodiscard]] result<artifact_view> view(std::string_view artifact_id, std::string_view view_id);
+
+  /// The view's bytes, gathered from the artifact's stable DRAM replica (as torch's
+  /// narrow/transpose of the canonical tensors, linearized).
+  /// Errors: as view() and get(); DATA_LOSS (a record that does not fit the artifact).
+  [[nodiscard]] result<view_bytes> get_view(std::string_view artifact_id, std::string_view view_id);
 
   /// DeregisterArtifact: drains (when asked) and removes it.
   /// Errors: NOT_FOUND; DEADLINE_EXCEEDED (readers did not drain in time).

@@ -2,7 +2,8 @@
 //
 // Library-side views of the daemon's answers (docs/wire-format.md): what a registration gave
 // back, what the daemon lists and counts, an artifact's stable DRAM replica and its device
-// layout for CUDA readers, and the description of CUDA tensors to register in place. Nothing
+// layout for CUDA readers, the description of CUDA tensors to register in place, and views
+// and pieces (registration.md §7): their options, answers and records. Nothing
 // here is a protobuf type; client/wire_convert.cpp is the one place that maps the two.
 //
 // Thread-safety: plain values. Ownership: values own their strings; a `stable_replica` owns
@@ -11,6 +12,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -18,6 +20,7 @@
 #include "tensorreg/common/unique_fd.hpp"
 #include "tensorreg/memory/shared_memory.hpp"
 #include "tensorreg/registration/types.hpp"
+#include "tensorreg/views/view_plan.hpp"
 
 namespace tensorreg::client {
 
@@ -77,6 +80,19 @@ enum class tier { unspecified = 0, vram = 1, vram_leased = 2, stable_dram = 3, s
 /// "vram", "leased", "stable_dram", "shared_disk", or "?" (the CLI's and Python's names).
 [[nodiscard]] std::string_view tier_name(tier t) noexcept;
 
+/// A view registered on an artifact (wire-format.md §16 ArtifactView): connection::view(),
+/// and artifact_info::views.
+struct artifact_view {
+  std::string view_id;
+  views::registration_kind kind = views::registration_kind::unspecified;
+  views::placement place = views::placement::unspecified;
+  identity::view_spec spec;  ///< normalized: negative starts counted from the end, whole tensors with no ops
+  std::string view_index_json;
+  std::string view_data_hash;
+  std::uint64_t view_size = 0;
+  std::vector<views::byte_range> canonical_ranges;
+};
+
 /// One artifact of connection::list().
 struct artifact_info {
   artifact_descriptor descriptor;
@@ -86,6 +102,7 @@ struct artifact_info {
   std::string name{};                    ///< given by the registration that created it; may be empty
   std::string verified_id{};             ///< the mi2 id a background hash found; empty otherwise
   hash_state hash = hash_state::none;    ///< where its background hash stands
+  std::vector<artifact_view> views{};    ///< the views registered on it (registration.md §7)
 };
 
 struct tier_usage {
@@ -214,6 +231,61 @@ struct cuda_register_options {
   std::string client_artifact_id{};
   /// Answer once the artifact is usable by its cgid and hash it afterwards (needs a cgid).
   bool hash_in_background = false;
+};
+
+// ---- views and pieces (registration.md §7) ---------------------------------------------------
+
+/// Options of connection::register_view(): a CANONICAL view of an artifact.
+struct view_options {
+  identity::view_spec spec;  ///< tensor name → its ops (narrow once, or transposes)
+  /// Canonical tensors taken whole. Empty: every tensor `spec` does not name (a CANONICAL
+  /// view must cover every canonical byte).
+  std::vector<std::string> tensor_names{};
+  /// server: the view bytes go up in 4 MiB view_chunk messages; client: the canonical bytes
+  /// go up through the stable_dram plan and the daemon records the view over them.
+  views::placement place = views::placement::server;
+  std::string view_id{};  ///< empty: computed by the daemon; else checked against the spec
+};
+
+/// Options of connection::register_piece(): a tensor-parallel rank's piece of a cgid artifact.
+struct piece_options {
+  std::string cgid;                         ///< the assembly's client artifact id
+  std::string canonical_index_json;         ///< the whole artifact's canonical index
+  identity::view_spec spec;                 ///< the narrow of each tensor this piece holds
+  std::vector<std::string> tensor_names{};  ///< tensors this piece holds whole
+  std::uint32_t ttl_ms = default_ttl_ms;    ///< the assembly expires this long after its last piece
+  std::string view_id{};                    ///< empty: computed by the daemon
+};
+
+/// Where a piece's assembly stands after its commit (wire-format.md §16 AssemblyStatus).
+struct assembly_status {
+  std::string cgid;
+  std::uint64_t canonical_size_bytes = 0;
+  std::uint64_t covered_bytes = 0;
+  std::uint32_t pieces = 0;
+  bool sealed = false;
+  std::string artifact_id;  ///< the mi2 id once sealed, else empty
+};
+
+/// What register_view() and register_piece() gave back (the Commit's view answer).
+struct view_registered {
+  /// The artifact's descriptor; for a piece, the cgid's until the assembly seals, then the
+  /// mi2 artifact's.
+  artifact_descriptor descriptor;
+  bool existed = false;
+  std::string registration_id;  ///< what the daemon's messages name a piece by
+  std::string view_id;
+  std::string view_index_json;
+  std::string view_data_hash;
+  std::vector<views::byte_range> canonical_ranges;
+  views::registration_kind kind = views::registration_kind::unspecified;
+  std::optional<assembly_status> assembly;  ///< a piece's; none for a CANONICAL view
+};
+
+/// connection::get_view(): a view's record and its linearized bytes (PAD as zero).
+struct view_bytes {
+  artifact_view view;
+  std::vector<std::byte> bytes;
 };
 
 }  // namespace tensorreg::client

@@ -1,0 +1,203 @@
+// connection's view calls (registration.md §7): register_view, register_piece, view, get_view.
+//
+// Begin goes first, so that every rule of §7 is the daemon's check with its status; only then
+// are view bytes made (gathered from the replica by a local view_plan of the same request) and
+// sent, as 4 MiB view_chunk frames, a bounded number per Feed stream so that a view of many
+// GiB never sits in memory whole.
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <functional>
+
+#include "client/raw_connection.hpp"
+#include "client/wire_convert.hpp"
+#include "tensorreg/client/connection.hpp"
+#include "tensorreg/index/canonical_index.hpp"
+#include "tensorreg/views/scatter.hpp"
+
+namespace tensorreg::client {
+
+namespace {
+
+namespace wc = wire_convert;
+
+// One view_chunk (registration.md §7.7), as the Python client sends them.
+constexpr std::uint64_t chunk_bytes = std::uint64_t{4} << 20;
+// Frames per Feed stream: 64 MiB of view bytes in memory at a time.
+constexpr std::size_t chunks_per_feed = 16;
+
+using fill_fn = std::function<status(std::uint64_t, std::span<std::byte>)>;
+
+// Sends view bytes [0, size), made by fill(view_offset, out), as view_chunk frames.
+status stream_view(raw::connection& raw, const std::string& registration_id, std::uint64_t size, const fill_fn& fill) {
+  std::vector<std::byte> buffer;
+  std::vector<wc::v2::FeedRegisterArtifactStreamRequest> frames;
+  for (std::uint64_t at = 0; at < size; at += chunk_bytes) {
+    buffer.resize(static_cast<std::size_t>(std::min(chunk_bytes, size - at)));
+    TENSORREG_TRY(fill(at, buffer));
+    frames.push_back(wc::view_chunk_frame(registration_id, at, buffer));
+    if (frames.size() == chunks_per_feed || at + buffer.size() >= size) {
+      TENSORREG_TRY(raw.feed(std::move(frames)));
+      frames.clear();
+    }
+  }
+  return {};
+}
+
+// pwrite() of all of `bytes` at `offset` of `fd`.
+status pwrite_all(int fd, std::span<const std::byte> bytes, std::uint64_t offset) {
+  while (!bytes.empty()) {
+    const ssize_t n = ::pwrite(fd, bytes.data(), std::min<std::size_t>(bytes.size(), std::size_t{1} << 30),
+                               static_cast<off_t>(offset));
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      return fail(errc_of_errno(errno, errc::resource_exhausted),
+                  "cannot write " + std::to_string(bytes.size()) + " bytes at offset " + std::to_string(offset) +
+                      " of the daemon's memfd: " + std::strerror(n < 0 ? errno : ENOSPC));
+    }
+    bytes = bytes.subspan(static_cast<std::size_t>(n));
+    offset += static_cast<std::uint64_t>(n);
+  }
+  return {};
+}
+
+// Begin → (SERVER: view chunks from `fill`; CLIENT: the canonical bytes into the publish memfd)
+// → Commit, aborting on failure.
+// `view_size` runs once the daemon has accepted the Begin (so its status, not a local check's,
+// answers a bad request).
+result<view_registered> run_view(raw::connection& raw, const wc::begin_args& begin,
+                                 const std::function<result<std::uint64_t>()>& view_size, const fill_fn& fill,
+                                 std::span<const std::byte> canonical) {
+  TENSORREG_TRY_ASSIGN(auto begun, raw.call(wc::begin_request(begin)));
+  const std::string registration_id = wc::registration_id_of(begun.response);
+  auto abort_on_error = [&](error e) -> tl::unexpected<error> {
+    static_cast<void>(raw.call(wc::abort_request(registration_id)));
+    return tl::unexpected(std::move(e));
+  };
+  if (begin.view->place == views::placement::client) {
+    if (begun.fds.empty()) {
+      return abort_on_error(error{errc::data_loss, "cannot register view: the daemon sent no memfd"});
+    }
+    if (auto written = pwrite_all(begun.fds.front().get(), canonical, 0); !written) {
+      return abort_on_error(written.error());
+    }
+    begun.fds.clear();
+    registration::feed_request progress;
+    progress.registration_id = registration_id;
+    progress.payload = registration::stable_write_progress{{{0, canonical.size()}}, true};
+    std::vector<wc::v2::FeedRegisterArtifactStreamRequest> frames;
+    frames.push_back(wc::feed_frame(progress));
+    if (auto fed = raw.feed(std::move(frames)); !fed) return abort_on_error(fed.error());
+  } else {
+    auto size = view_size();
+    if (!size) return abort_on_error(size.error());
+    if (auto sent = stream_view(raw, registration_id, *size, fill); !sent) return abort_on_error(sent.error());
+  }
+  auto committed = raw.call(wc::commit_request(registration_id));
+  if (!committed) return abort_on_error(committed.error());
+  return wc::view_commit_of(committed->response, registration_id);
+}
+
+}  // namespace
+
+result<view_registered> connection::register_view(std::string_view artifact_id, const view_options& options) {
+  TENSORREG_TRY_ASSIGN(const auto replica, get(artifact_id));
+  auto parsed = index::canonical_index::parse(replica.index_json, replica.descriptor.total_size);
+  if (!parsed) {
+    return fail(errc::data_loss, "cannot register view of " + std::string(artifact_id) +
+                                     ": its index does not parse: " + parsed.error().message);
+  }
+  const auto& canonical = *parsed;
+  views::view_request request;
+  request.view_id = options.view_id;
+  request.spec = options.spec;
+  request.tensor_names = options.tensor_names;
+  if (request.tensor_names.empty()) {
+    for (const auto& e : canonical.entries()) {
+      if (!request.spec.contains(e.name)) request.tensor_names.push_back(e.name);
+    }
+  }
+  request.place = options.place;
+  request.kind = views::registration_kind::canonical;
+  wc::begin_args begin;
+  begin.plan = wc::begin_plan::stable_dram;
+  begin.total_size = canonical.total_size();
+  begin.ttl_ms = default_ttl_ms;
+  begin.owner_pid = static_cast<std::int32_t>(::getpid());
+  begin.index_json = replica.index_json;
+  begin.view = &request;
+  const auto bytes = replica.memory.bytes().first(static_cast<std::size_t>(canonical.total_size()));
+  std::optional<views::view_plan> plan;
+  const auto view_size = [&]() -> result<std::uint64_t> {
+    TENSORREG_TRY_ASSIGN(plan, views::view_plan::create(request, canonical, {canonical.total_size(), false}));
+    return plan->view_size();
+  };
+  const fill_fn fill = [&](std::uint64_t at, std::span<std::byte> out) -> status {
+    return views::gather(*plan, bytes, at, out);
+  };
+  return run_view(*raw_, begin, view_size, fill, bytes);
+}
+
+result<view_registered> connection::register_piece(const piece_options& options,
+                                                   std::span<const std::byte> view_bytes) {
+  auto parsed = index::canonical_index::parse(options.canonical_index_json, std::nullopt);
+  if (!parsed) {
+    return fail(errc::invalid_argument, "cannot register piece of " + options.cgid +
+                                            ": its canonical index does not parse: " + parsed.error().message);
+  }
+  views::view_request request;
+  request.view_id = options.view_id;
+  request.spec = options.spec;
+  request.tensor_names = options.tensor_names;
+  request.place = views::placement::server;
+  request.kind = views::registration_kind::piece;
+  request.canonical_size_bytes = parsed->total_size();
+  wc::begin_args begin;
+  begin.plan = wc::begin_plan::stable_dram;
+  begin.total_size = view_bytes.size();
+  begin.ttl_ms = options.ttl_ms;
+  begin.owner_pid = static_cast<std::int32_t>(::getpid());
+  begin.index_json = parsed->json();
+  begin.client_artifact_id = options.cgid;
+  begin.view = &request;
+  const fill_fn fill = [&](std::uint64_t at, std::span<std::byte> out) -> status {
+    std::memcpy(out.data(), view_bytes.data() + at, out.size());
+    return {};
+  };
+  const auto view_size = [&]() -> result<std::uint64_t> { return view_bytes.size(); };
+  return run_view(*raw_, begin, view_size, fill, {});
+}
+
+result<artifact_view> connection::view(std::string_view artifact_id, std::string_view view_id) {
+  TENSORREG_TRY_ASSIGN(auto r, raw_->call(wc::view_request(artifact_id, view_id)));
+  return wc::view_of(r.response.get_artifact_index_by_id().view());
+}
+
+result<view_bytes> connection::get_view(std::string_view artifact_id, std::string_view view_id) {
+  TENSORREG_TRY_ASSIGN(auto record, view(artifact_id, view_id));
+  TENSORREG_TRY_ASSIGN(const auto replica, get(artifact_id));
+  const std::string what = "cannot read view " + std::string(view_id) + " of " + std::string(artifact_id) + ": ";
+  auto parsed = index::canonical_index::parse(replica.index_json, replica.descriptor.total_size);
+  if (!parsed) return fail(errc::data_loss, what + "its index does not parse: " + parsed.error().message);
+  views::view_request request;
+  request.spec = record.spec;
+  request.place = record.place;
+  request.kind = record.kind;
+  views::registration_facts facts{parsed->total_size(), false};
+  if (record.kind == views::registration_kind::piece) {
+    request.canonical_size_bytes = parsed->total_size();
+    facts = {record.view_size, true};
+  }
+  auto plan = views::view_plan::create(request, *parsed, facts);
+  if (!plan) return fail(errc::data_loss, what + plan.error().message);
+  view_bytes out{std::move(record), std::vector<std::byte>(static_cast<std::size_t>(plan->view_size()))};
+  const auto canonical = replica.memory.bytes().first(static_cast<std::size_t>(parsed->total_size()));
+  if (auto gathered = views::gather(*plan, canonical, 0, out.bytes); !gathered) {
+    return fail(errc::data_loss, what + gathered.error().message);
+  }
+  return out;
+}
+
+}  // namespace tensorreg::client
