@@ -44,7 +44,7 @@ def _leaf(pieces: list, start: int, end: int) -> bytes:
             h.update(_ZEROS[: offset - at])
             at = offset
         upto = min(last, end)
-        h.update(view[at - offset : upto - offset])
+        h.update(view[at - offset:upto - offset])
         at = upto
     if at < end:
         h.update(_ZEROS[: end - at])
@@ -67,7 +67,10 @@ def data_multihash(pieces: list, total_size: int, threads: int | None = None) ->
     not overlapping, within total_size. REQUIRES: total_size > 0."""
     starts = range(0, total_size, LEAF_BYTES)
     threads = max(1, min(threads or os.cpu_count() or 1, len(starts)))
-    leaf = lambda s: _leaf(pieces, s, min(s + LEAF_BYTES, total_size))  # noqa: E731
+
+    def leaf(start: int) -> bytes:
+        return _leaf(pieces, start, min(start + LEAF_BYTES, total_size))
+
     if threads == 1:
         leaves = [leaf(s) for s in starts]
     else:

@@ -33,7 +33,6 @@ from ._torch import module as _torch
 from ._wire import Connection, _close_fds
 from .errors import DataLoss, Error, InvalidArgument, NotFound, PermissionDenied
 
-
 # The profiles a held replica can answer: none given means cache (registration.md §6.1).
 _REUSE_POLICIES = (None, "", "cache")
 

@@ -21,7 +21,7 @@ import unittest  # noqa: E402
 import torch  # noqa: E402
 
 import tensorreg  # noqa: E402
-from tensorreg import _layout, _requests  # noqa: E402
+from tensorreg import _hash, _layout, _requests  # noqa: E402
 
 
 def sample_state_dict(seed=0):
@@ -609,7 +609,6 @@ class HeldPutTest(unittest.TestCase):
         self.assertTrue(art.existed)
 
     def test_the_client_hash_gives_the_spec_vectors_and_reads_pads_as_zeros(self):
-        from tensorreg import _hash
         # registration.md §3.4
         self.assertEqual(_hash.index_multihash(b'{"weights":[0,16,[2,2],[2,1],"torch.float32",0]}'),
                          "bciqj5lwemn5gwbuwhk5mgn2iadmjuk3eu4qwaka5dwagpr5obv4kzei")
