@@ -359,7 +359,7 @@ def main() -> int:
              f"{results['py_put_held_s'] / results['py_digest_s']:.2f}x digest (goal <= 1.1)"),
             ("CPU s: digest / put new / put held",
              f"{results['py_digest_cpu_s']:.2f} / {results['py_put_new_cpu_s']:.2f} / "
-             f"{results['py_put_held_cpu_s']:.2f}", "client thread + daemon"),
+             f"{results['py_put_held_cpu_s']:.2f}", "client + daemon"),
         ]
         for what in ("py_put_new", "py_put_held"):
             rows.append((f"  {what}: shmem / daemon peak",
