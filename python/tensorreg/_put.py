@@ -11,30 +11,46 @@
 Either way Commit follows, where the daemon hashes. A failure after Begin aborts the
 registration (nothing is left behind in the daemon).
 
+Content the daemon holds already (reuse_held, as the C++ client's put_options::reuse_held): the
+canonical index is built (cheap) and the artifacts listed; only when a stable mi2 replica of
+the same index multihash is listed are the CPU tensors hashed here (_hash.py, on all cores),
+and when the id matches its descriptor is answered with existed and nothing is sent: no
+Begin, no memfd, no copy. Only with the default profile (cache): a put is not a join, so it
+could not carry another profile's demands to the daemon's copy.
+
 Thread-safety: each function runs one put over the given connection (which serialises calls).
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import time
 
-from . import _buffers, _cuda, _layout, _requests
+from . import _buffers, _cuda, _hash, _layout, _messages, _requests
 from ._artifact import RegisteredArtifact
 from ._torch import module as _torch
 from ._wire import Connection, _close_fds
 from .errors import DataLoss, Error, InvalidArgument, NotFound, PermissionDenied
 
+# The profiles a held replica can answer: none given means cache (registration.md §6.1).
+_REUSE_POLICIES = (None, "", "cache")
 
-def put(conn: Connection, state_dict, policy: str | None, view=None) -> RegisteredArtifact:
+
+def put(conn: Connection, state_dict, policy: str | None, view=None, reuse_held: bool = False) -> RegisteredArtifact:
     """Store.put: CPU tensors through stable_dram, CUDA tensors through coalesced. `view`: the
-    ViewRegistrationOptions of a CLIENT-placement view (_views.py), put into the Begin."""
+    ViewRegistrationOptions of a CLIENT-placement view (_views.py), put into the Begin.
+    reuse_held: CPU tensors the daemon holds already are answered from its list (module doc)."""
     torch = _torch()
     descs, device = _layout.state_dict_descs(torch, state_dict, "put state dict")
     layout = _layout.build(descs)
     profile = _requests.policy_profile(policy, "put state dict")
     if device.startswith("cuda"):
         return _put_cuda(conn, torch, layout, torch.device(device), profile, view)
+    if reuse_held and view is None and policy in _REUSE_POLICIES and layout.total_size > 0:
+        held = _held_replica(conn, torch, layout)
+        if held is not None:
+            return held
 
     def write(fd, start):
         with torch.no_grad():
@@ -74,6 +90,42 @@ def put_safetensors(conn: Connection, paths, policy: str | None) -> RegisteredAr
                 os.close(f)
 
     return _put_stable_dram(conn, layout, profile, write)
+
+
+def _held_replica(conn: Connection, torch, layout) -> RegisteredArtifact | None:
+    """The daemon's stable mi2 replica of exactly these CPU tensors, as a put that existed;
+    None when it holds none (then nothing was hashed unless a replica of this index was listed)."""
+    index_multihash = _hash.index_multihash(layout.json)
+    listed, _ = conn.call(_requests.list_artifacts())
+    mi2 = _messages.enum_value(_messages.COMMON + ".ArtifactIdKind", "ARTIFACT_ID_KIND_MI2")
+    stable = _messages.enum_value(_messages.WIRE + ".Tier", "TIER_STABLE_DRAM")
+    candidates = [a.artifact_descriptor for a in listed.list_artifacts.artifacts
+                  if a.artifact_descriptor.id_kind == mi2 and stable in a.tiers
+                  and a.artifact_descriptor.index_multihash == index_multihash]
+    if not candidates:
+        return None
+    started = time.perf_counter()
+    keep, pieces = [], []
+    with torch.no_grad():
+        for s in layout.storages:
+            if not s.nbytes:
+                continue
+            src = _layout.storage_bytes(torch, s.source)
+            if not src.is_contiguous():
+                src = src.contiguous()
+            keep.append(src)  # the bytes stay alive while they are hashed
+            pieces.append((s.offset, memoryview((ctypes.c_ubyte * s.nbytes).from_address(src.data_ptr())).cast("B")))
+        pieces.sort(key=lambda p: p[0])
+        artifact_id = _hash.mi2_id(layout.json, pieces, layout.total_size)
+    del pieces, keep
+    for d in candidates:
+        if d.artifact_id == artifact_id:
+            answer = _messages.Response().commit_registered_artifact
+            answer.artifact_descriptor.CopyFrom(d)
+            answer.existed = True
+            return RegisteredArtifact(answer, layout, "", "stable_dram", None,
+                                      {"hash": time.perf_counter() - started})
+    return None
 
 
 def _put_stable_dram(conn: Connection, layout, profile, write, view=None) -> RegisteredArtifact:

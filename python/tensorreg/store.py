@@ -92,15 +92,19 @@ class Store:
 
     # ---- put (_put.py) ----
 
-    def put(self, state_dict, *, policy: str | None = "cache") -> RegisteredArtifact:
+    def put(self, state_dict, *, policy: str | None = "cache", reuse_held: bool = True) -> RegisteredArtifact:
         """Stores a copy of the tensors in the daemon: CPU tensors in its stable DRAM (the
         stable_dram plan through the publish memfd), CUDA tensors in a daemon-owned buffer on
         their GPU (the coalesced plan). `policy` is a profile name (cache, durable, ha, cold,
         warm, pinned) or None for the daemon's default.
+        reuse_held (CPU tensors, policy cache or None): when the daemon lists a stable replica
+        of the same index, the tensors are hashed here first, and content it holds already is
+        answered with existed=True and registration_id "" without copying anything; False
+        always copies.
         Errors: InvalidArgument (bad input, mixed devices; before anything is sent),
         FailedPrecondition (CUDA tensors and no usable driver, or a daemon without that GPU),
         the daemon's status (ResourceExhausted when its budget or the GPU is full, ...)."""
-        return _put.put(self._conn, state_dict, policy)
+        return _put.put(self._conn, state_dict, policy, reuse_held=reuse_held)
 
     def put_safetensors(self, paths, *, policy: str | None = "cache") -> RegisteredArtifact:
         """Stores safetensors files (one artifact) as `tensorreg put` does: the same layout and

@@ -21,7 +21,7 @@ import unittest  # noqa: E402
 import torch  # noqa: E402
 
 import tensorreg  # noqa: E402
-from tensorreg import _layout  # noqa: E402
+from tensorreg import _hash, _layout, _requests  # noqa: E402
 
 
 def sample_state_dict(seed=0):
@@ -502,6 +502,130 @@ def write_safetensors(path, tensors):
     h += b" " * (-len(h) % 8)
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(h)) + h + data)
+
+
+class HeldPutTest(unittest.TestCase):
+    """Store.put of content the daemon holds already (reuse_held, issue #20): answered from the
+    list after a hash here, with no Begin and nothing copied."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.daemon = _support.Daemon()
+        cls.store = tensorreg.Store(cls.daemon.socket)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.store.close()
+        cls.daemon.stop()
+
+    def big_state_dict(self, seed):
+        # Over two 4 MiB leaves, with pads between storages and leaves that span storages.
+        sd = sample_state_dict(seed)
+        g = torch.Generator().manual_seed(seed)
+        sd["big"] = torch.randn(5 << 20 >> 2, generator=g)
+        sd["big2"] = torch.randn(3, (3 << 20) + 7, generator=g).to(torch.bfloat16)
+        return sd
+
+    def daemon_stats(self):
+        answer, _ = self.store._conn.call(_requests.stats())
+        s = answer.get_stats
+        return {"hashed": s.bytes_hashed, "copied": s.bytes_copied, "pending": s.pending_registrations,
+                "artifacts": s.artifacts}
+
+    def put_recording(self, sd, **kwargs):
+        """(artifact, names of the requests it sent, daemon stats before, after)."""
+        sent, conn = [], self.store._conn
+        plain = conn.call
+
+        def call(request, *args, **kw):
+            sent.extend(f.name for f, _ in request.ListFields() if f.message_type is not None)
+            return plain(request, *args, **kw)
+
+        before = self.daemon_stats()
+        conn.call = call
+        try:
+            art = self.store.put(sd, **kwargs)
+        finally:
+            del conn.call
+        return art, sent, before, self.daemon_stats()
+
+    def test_a_held_put_sends_no_begin_and_answers_the_same_descriptor_existed(self):
+        sd = self.big_state_dict(10)
+        first = self.store.put(sd)
+        self.assertFalse(first.existed)
+        art, sent, before, after = self.put_recording(self.big_state_dict(10))  # other memory, same bytes
+        self.assertEqual(sent, ["list_artifacts"])
+        self.assertTrue(art.existed)
+        self.assertEqual(art.artifact_id, first.artifact_id)
+        self.assertEqual(art.descriptor, first.descriptor)
+        self.assertEqual(art.index_json, first.index_json)
+        self.assertEqual(art.registration_id, "")
+        self.assertEqual(after["hashed"], before["hashed"])  # the daemon hashed nothing
+        self.assertEqual(after["copied"], before["copied"])
+        self.assertEqual(after["artifacts"], before["artifacts"])
+        self.assertEqual(after["pending"], 0)
+        self.assert_gets(art.artifact_id, sd)
+
+    def test_the_same_index_with_other_bytes_is_a_normal_put_with_a_new_id(self):
+        sd = self.big_state_dict(11)
+        first = self.store.put(sd)
+        other = self.big_state_dict(11)  # the same layout (clone() would untie and unslice)
+        other["big"][-1] += 1  # in the last leaf of "big": only the hash tells them apart
+        art, sent, before, after = self.put_recording(other)
+        self.assertEqual(sent, ["list_artifacts", "begin_register_artifact", "commit_registered_artifact"])
+        self.assertFalse(art.existed)
+        self.assertNotEqual(art.artifact_id, first.artifact_id)
+        self.assertEqual(art.descriptor["index_multihash"], first.descriptor["index_multihash"])
+        self.assertEqual(after["hashed"] - before["hashed"], art.total_size)
+        self.assertEqual(after["artifacts"], before["artifacts"] + 1)
+        self.assert_gets(art.artifact_id, other)
+
+    def test_a_new_index_is_put_without_hashing_here(self):
+        sd = {"only": torch.arange(1 << 20, dtype=torch.float32)}
+        art, sent, _, _ = self.put_recording(sd)
+        self.assertEqual(sent, ["list_artifacts", "begin_register_artifact", "commit_registered_artifact"])
+        self.assertFalse(art.existed)
+        self.assertNotIn("hash", art.timings)
+
+    def test_reuse_held_false_copies_held_content(self):
+        sd = self.big_state_dict(12)
+        first = self.store.put(sd)
+        art, sent, before, after = self.put_recording(sd, reuse_held=False)
+        self.assertEqual(sent, ["begin_register_artifact", "commit_registered_artifact"])
+        self.assertTrue(art.existed)  # the daemon's commit found it
+        self.assertEqual(art.artifact_id, first.artifact_id)
+        self.assertNotEqual(art.registration_id, "")
+        self.assertEqual(after["hashed"] - before["hashed"], art.total_size)
+
+    def test_a_policy_other_than_cache_copies_as_the_cpp_client_does(self):
+        sd = self.big_state_dict(13)
+        self.store.put(sd)
+        art, sent, _, _ = self.put_recording(sd, policy="warm")
+        self.assertNotIn("list_artifacts", sent)
+        self.assertIn("begin_register_artifact", sent)
+        self.assertTrue(art.existed)
+        art, sent, _, _ = self.put_recording(sd, policy=None)  # None is the daemon's default: cache
+        self.assertEqual(sent, ["list_artifacts"])
+        self.assertTrue(art.existed)
+
+    def test_the_client_hash_gives_the_spec_vectors_and_reads_pads_as_zeros(self):
+        # registration.md §3.4
+        self.assertEqual(_hash.index_multihash(b'{"weights":[0,16,[2,2],[2,1],"torch.float32",0]}'),
+                         "bciqj5lwemn5gwbuwhk5mgn2iadmjuk3eu4qwaka5dwagpr5obv4kzei")
+        self.assertEqual(_hash.data_multihash([(0, memoryview(bytes(range(32))))], 32),
+                         "bciqggdonfftmim3gsejfisf3wjnu75asusohglnszcv4docydplrbxi")
+        # Pieces with gaps over three leaves = the whole buffer with the gaps zeroed.
+        leaf = _hash.LEAF_BYTES
+        a, b = os.urandom(leaf + 5), os.urandom(leaf)
+        whole = bytes(3) + a + bytes(leaf - 20) + b + bytes(9)
+        pieces = [(3, memoryview(a)), (3 + len(a) + leaf - 20, memoryview(b))]
+        expected = _hash.data_multihash([(0, memoryview(whole))], len(whole), threads=1)
+        self.assertEqual(_hash.data_multihash(pieces, len(whole)), expected)
+
+    def assert_gets(self, artifact_id, sd):
+        got = self.store.get(artifact_id)
+        for name, t in sd.items():
+            self.assertTrue(torch.equal(got[name], t), name)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,84 @@
+"""Content ids computed here, as the daemon computes them (docs/registration.md §3.1–§3.3):
+the mi2 id of a canonical buffer given as pieces at offsets (the gaps read as zero bytes).
+
+The data hash is a tree of SHA-256 over 4 MiB leaves. The leaves are hashed by a pool of
+threads, one per core: hashlib (OpenSSL) releases the GIL while it hashes a buffer of more
+than a few KiB, so the threads run in parallel and the pieces are read where they lie (no
+copy).
+
+Thread-safety: pure functions; the pieces must not change while they are hashed.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+LEAF_BYTES = 4 << 20  # never adaptive (§3.3)
+_ZEROS = bytes(LEAF_BYTES)
+
+
+def multihash(digest: bytes) -> str:
+    """The multibase-b multihash of a SHA-256 digest (§3.1): 'bciq' + 52 more characters."""
+    return "b" + base64.b32encode(b"\x12\x20" + digest).decode().lower().rstrip("=")
+
+
+def index_multihash(index_json: bytes) -> str:
+    """§3.2: the multihash of SHA-256 over the canonical index bytes."""
+    return multihash(hashlib.sha256(index_json).digest())
+
+
+def _leaf(pieces: list, start: int, end: int) -> bytes:
+    """SHA-256 of [start, end) of the buffer; `pieces` sorted by offset, not overlapping."""
+    h = hashlib.sha256()
+    at = start
+    for offset, view in pieces:
+        last = offset + len(view)
+        if last <= at:
+            continue
+        if offset >= end:
+            break
+        if offset > at:
+            h.update(_ZEROS[: offset - at])
+            at = offset
+        upto = min(last, end)
+        h.update(view[at - offset:upto - offset])
+        at = upto
+    if at < end:
+        h.update(_ZEROS[: end - at])
+    return h.digest()
+
+
+def tree_root(leaves: list) -> bytes:
+    """§3.3: parents SHA-256(left ‖ right), an odd last node promoted unchanged."""
+    level = leaves
+    while len(level) > 1:
+        up = [hashlib.sha256(level[i] + level[i + 1]).digest() for i in range(0, len(level) - 1, 2)]
+        if len(level) % 2:
+            up.append(level[-1])
+        level = up
+    return level[0]
+
+
+def data_multihash(pieces: list, total_size: int, threads: int | None = None) -> str:
+    """§3.3 over [0, total_size): `pieces` are (offset, memoryview of bytes), sorted by offset,
+    not overlapping, within total_size. REQUIRES: total_size > 0."""
+    starts = range(0, total_size, LEAF_BYTES)
+    threads = max(1, min(threads or os.cpu_count() or 1, len(starts)))
+
+    def leaf(start: int) -> bytes:
+        return _leaf(pieces, start, min(start + LEAF_BYTES, total_size))
+
+    if threads == 1:
+        leaves = [leaf(s) for s in starts]
+    else:
+        with ThreadPoolExecutor(threads, thread_name_prefix="tensorreg-hash") as pool:
+            leaves = list(pool.map(leaf, starts))
+    return multihash(tree_root(leaves))
+
+
+def mi2_id(index_json: bytes, pieces: list, total_size: int) -> str:
+    """§3.1: 'mi2:' + index multihash + ':' + data multihash."""
+    return f"mi2:{index_multihash(index_json)}:{data_multihash(pieces, total_size)}"
