@@ -1,0 +1,318 @@
+// The layout cache (registration/layout_cache.hpp): what it keeps and finds, the signature of
+// the LIP tables it is keyed on, and, through the engine, that a layout kept from an earlier
+// commit never stands in for the checks of the memory behind it (a region unregistered,
+// re-registered smaller, of an owner that exited) nor for a changed layout.
+#include "registration/layout_cache.hpp"
+
+#include <catch2/catch.hpp>
+
+#include <signal.h>
+#include <sys/prctl.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstring>
+#include <thread>
+
+#include "registration/plans/lease_in_place.hpp"
+#include "support/engine_helpers.hpp"
+#include "tensorreg/hash/multihash.hpp"
+#include "tensorreg/hash/sha256.hpp"
+#include "tensorreg/registration/engine.hpp"
+
+namespace {
+
+using namespace tensorreg;
+using namespace tensorreg::registration;
+using detail::layout_cache;
+using detail::lease_layout;
+using tensorreg::testing::fake_clock;
+namespace t = tensorreg::testing;
+
+const std::int32_t me = static_cast<std::int32_t>(::getpid());
+
+std::shared_ptr<const lease_layout> layout_of(const std::string& json) {
+  auto idx = index::canonical_index::parse(json, std::nullopt);
+  REQUIRE(idx.has_value());
+  return detail::make_lease_layout(std::make_shared<const index::canonical_index>(std::move(*idx)));
+}
+
+// ---- the tables of small_model() over one HOST_SHARED region -----------------------------------
+
+regions::register_request host_region(std::uint64_t size, std::int32_t owner = me) {
+  regions::register_request r;
+  r.kind = regions::memory_kind::host_shared;
+  r.owner_pid = owner;
+  r.size_bytes = size;
+  r.host_shared = regions::host_shared_spec{"", true, regions::host_shared_class::scratch};
+  return r;
+}
+
+// s0 at 0 and s1 at 64 of the region, as a trainer's allocations would lie.
+std::map<std::string, storage_entry> region_entries(const regions::region_info& region) {
+  std::map<std::string, storage_entry> out;
+  for (auto [id, length, at] : {std::tuple{"s0", 16u, 0u}, std::tuple{"s1", 20u, 64u}}) {
+    storage_entry s;
+    s.storage_id = id;
+    s.device_id = -1;
+    s.storage_length = length;
+    s.source = region_ref_source{region.id, regions::memory_kind::host_shared, -1, region.size_bytes};
+    s.mapping_base_offset = at;
+    out.emplace(id, s);
+  }
+  return out;
+}
+
+// Writes the model's storages into the region where region_entries() puts them.
+void fill(const regions::region_info& region, const t::model& m) {
+  auto fd = region.memory->duplicate_fd();
+  REQUIRE(fd.has_value());
+  auto writer = memory::shared_memory::adopt(std::move(*fd), region.size_bytes, true);
+  REQUIRE(writer.has_value());
+  auto bytes = writer->mutable_bytes();
+  const auto& s0 = m.storage("s0").bytes;
+  const auto& s1 = m.storage("s1").bytes;
+  std::memcpy(bytes.data(), s0.data(), s0.size());
+  std::memcpy(bytes.data() + 64, s1.data(), s1.size());
+}
+
+// One version: Begin → Feed → Commit of `m` over `region` by `owner`; an mi2 id unless `cgid`.
+result<commit_response> register_version(engine& e, const t::model& m, const regions::region_info& region,
+                                         std::int32_t owner = me, const std::string& cgid = {}) {
+  auto b = t::lip_begin(m.total_size(), owner);
+  b.client_artifact_id = cgid;
+  TENSORREG_TRY_ASSIGN(auto begun, e.begin(std::move(b)));
+  if (auto fed = e.feed(t::lip_feed(begun.registration_id, m, region_entries(region))); !fed) {
+    (void)e.abort(begun.registration_id);
+    return tl::unexpected(fed.error());
+  }
+  return e.commit(begun.registration_id);
+}
+
+}  // namespace
+
+// ---- the cache itself -----------------------------------------------------------------------------
+
+TEST_CASE("layout cache: finds a layout only under the exact signature it was kept under",
+          "[registration][layout_cache]") {
+  layout_cache cache;
+  const auto layout = layout_of(t::small_model_json);
+  cache.insert("tables", layout);
+  CHECK(cache.find("tables") == layout);
+  CHECK(cache.find("tablez") == nullptr);
+  CHECK(cache.find("table") == nullptr);
+  CHECK(cache.find(std::string("tables\0", 7)) == nullptr);
+  CHECK(cache.hits() == 1);
+  CHECK(cache.misses() == 3);
+  CHECK(cache.size() == 1);
+}
+
+TEST_CASE("layout cache: keeps at most its entries, the least recently used going first",
+          "[registration][layout_cache]") {
+  layout_cache cache(2);
+  const auto layout = layout_of(t::small_model_json);
+  cache.insert("a", layout);
+  cache.insert("b", layout);
+  REQUIRE(cache.find("a") != nullptr);  // now b is the least recently used
+  cache.insert("c", layout);
+  CHECK(cache.size() == 2);
+  CHECK(cache.find("a") != nullptr);
+  CHECK(cache.find("b") == nullptr);
+  CHECK(cache.find("c") != nullptr);
+  cache.insert("c", layout);  // the same signature again replaces, never duplicates
+  CHECK(cache.size() == 2);
+}
+
+TEST_CASE("layout cache: an entry over a quarter of the byte budget, or a cache of 0 entries, keeps nothing",
+          "[registration][layout_cache]") {
+  const auto layout = layout_of(t::small_model_json);
+  layout_cache small(16, 4 * 64);
+  small.insert(std::string(200, 'x'), layout);
+  CHECK(small.size() == 0);
+  layout_cache none(0);
+  none.insert("a", layout);
+  CHECK(none.size() == 0);
+  CHECK(none.find("a") == nullptr);
+}
+
+TEST_CASE("layout cache: a kept layout carries its index's multihash and DATA ranges", "[registration][layout_cache]") {
+  const auto layout = layout_of(t::small_model_json);
+  CHECK(layout->index->json() == t::small_model_json);
+  CHECK(layout->index_multihash == hash::encode_multihash(hash::sha256(t::small_model_json)));
+  // b: [0, 20), PAD [20, 24), v and w: [24, 40).
+  const std::vector<std::pair<std::uint64_t, std::uint64_t>> data{{0, 20}, {24, 16}};
+  CHECK(layout->data_ranges == data);
+}
+
+TEST_CASE("layout cache: the LIP tables' signature changes with what the index rebuild reads, not with memory",
+          "[registration][layout_cache]") {
+  fake_clock clock;
+  regions::region_registry registry(clock);
+  auto r1 = registry.register_region(host_region(4096));
+  auto r2 = registry.register_region(host_region(4096));
+  REQUIRE_OK(r1);
+  REQUIRE_OK(r2);
+  const auto m = t::small_model();
+  auto signature = [&](const regions::region_info& region, auto&& change) {
+    auto f = t::lip_feed("reg", m, region_entries(region));
+    change(f);
+    detail::lip_tables tables;
+    REQUIRE_OK(tables.add_storages(std::move(f.storage_entries), registry, me));
+    REQUIRE_OK(tables.add_segments(std::get<lease_segments>(f.payload).segments));
+    tables.add_aliases(std::move(f.tensor_aliases));
+    auto out = tables.layout_signature(m.total_size());
+    (void)registry.release_all(tables.region_ids());
+    return out;
+  };
+  const auto same = [](feed_request&) {};
+  const auto base = signature(*r1, same);
+  CHECK(signature(*r1, same) == base);
+  // The memory behind the storages is checked on every registration, so it is not in it.
+  CHECK(signature(*r2, same) == base);
+  CHECK(signature(*r1, [](feed_request& f) { f.storage_entries[0].mapping_base_offset = 128; }) == base);
+  // Everything steps 4–6 read is.
+  CHECK(signature(*r1, [](feed_request& f) { f.tensor_aliases[0].shape[0] = 4; }) != base);
+  CHECK(signature(*r1, [](feed_request& f) { f.tensor_aliases[0].stride[0] = 3; }) != base);
+  CHECK(signature(*r1, [](feed_request& f) { f.tensor_aliases[0].name = "c"; }) != base);
+  CHECK(signature(*r1, [](feed_request& f) { f.tensor_aliases[0].dtype = "torch.int32"; }) != base);
+  CHECK(signature(*r1, [](feed_request& f) { f.tensor_aliases[1].storage_offset = 1; }) != base);
+  CHECK(signature(*r1, [](feed_request& f) { f.storage_entries[0].storage_length = 12; }) != base);
+  CHECK(signature(*r1, [](feed_request& f) { std::get<lease_segments>(f.payload).segments[0].artifact_offset += 8; }) !=
+        base);
+  detail::lip_tables empty;
+  CHECK(empty.layout_signature(40) != empty.layout_signature(48));
+}
+
+// ---- through the engine ---------------------------------------------------------------------------
+
+TEST_CASE("layout cache: versions over the same regions share the index, and a changed layout gets its own",
+          "[registration][layout_cache]") {
+  fake_clock clock;
+  auto e = t::make_engine(clock);
+  auto region = e->register_region(host_region(4096));
+  REQUIRE_OK(region);
+  const auto m = t::small_model();
+  fill(*region, m);
+  auto v1 = register_version(*e, m, *region, me, "cgid:wsync~test~1");
+  REQUIRE_OK(v1);
+  auto v2 = register_version(*e, m, *region, me, "cgid:wsync~test~2");
+  REQUIRE_OK(v2);
+  CHECK(v2->descriptor.index_multihash == v1->descriptor.index_multihash);
+  CHECK(v2->descriptor.index_multihash == t::index_multihash_of(t::small_model_json));
+  auto i1 = e->index_of("cgid:wsync~test~1");
+  auto i2 = e->index_of("cgid:wsync~test~2");
+  REQUIRE_OK(i1);
+  REQUIRE_OK(i2);
+  CHECK((*i2)->json() == t::small_model_json);
+  // The bytes read are the region's, PAD as zero: the mi2 id of a version without a cgid.
+  auto hashed = register_version(*e, m, *region);
+  REQUIRE_OK(hashed);
+  CHECK(hashed->descriptor.artifact_id == t::expected_mi2(t::small_model_json, m.canonical()));
+
+  // Another layout over the same memory: b viewed as 4 floats, its index rebuilt.
+  auto changed = m;
+  REQUIRE(changed.tensors[2].name == "b");
+  changed.tensors[2].shape = {4};
+  changed.tensors[2].logical_length = 16;
+  auto v3 = register_version(*e, changed, *region, me, "cgid:wsync~test~3");
+  REQUIRE_OK(v3);
+  CHECK(v3->descriptor.index_multihash == t::index_multihash_of(changed.index().json()));
+  CHECK(v3->descriptor.index_multihash != v1->descriptor.index_multihash);
+  // And a layout the rebuild refuses is refused again, not found in the cache.
+  auto bad = m;
+  bad.tensors[2].logical_length = 400;  // past its storage
+  CHECK_CODE(register_version(*e, bad, *region, me, "cgid:wsync~test~4"), errc::out_of_range);
+  CHECK_CODE(register_version(*e, bad, *region, me, "cgid:wsync~test~4"), errc::out_of_range);
+}
+
+TEST_CASE("layout cache: a kept layout still has its region checked: unregistered, re-registered smaller, elsewhere",
+          "[registration][layout_cache]") {
+  fake_clock clock;
+  auto e = t::make_engine(clock);
+  const auto m = t::small_model();
+  auto first = e->register_region(host_region(4096));
+  REQUIRE_OK(first);
+  fill(*first, m);
+  auto v1 = register_version(*e, m, *first);
+  REQUIRE_OK(v1);
+  deregister_request drop;
+  drop.artifact_id = v1->descriptor.artifact_id;
+  REQUIRE_OK(e->deregister(drop));  // its lease let go of the region
+
+  // Unregistered: the same tables naming it fail at Feed as before.
+  auto gone = e->unregister_region(first->id, me, false);
+  REQUIRE_OK(gone);
+  CHECK(*gone);
+  CHECK_ERROR(register_version(*e, m, *first), errc::not_found,
+              "cannot add storage 's0': cannot find region '" + first->id + "': no such region");
+
+  // Re-registered too small for s1 at 64: refused by the fit check.
+  auto small = e->register_region(host_region(80));
+  REQUIRE_OK(small);
+  CHECK_ERROR(register_version(*e, m, *small), errc::failed_precondition,
+              "cannot add storage 's1': cannot use region '" + small->id +
+                  "' for storage 's1': bytes [64, +20) exceed the region's 80 bytes");
+
+  // Re-registered with other bytes: the version reads those.
+  auto other = e->register_region(host_region(4096));
+  REQUIRE_OK(other);
+  auto changed_bytes = m;
+  for (auto& s : changed_bytes.storages) s.bytes = t::pattern(s.bytes.size(), 99);
+  fill(*other, changed_bytes);
+  auto v2 = register_version(*e, m, *other);
+  REQUIRE_OK(v2);
+  CHECK(v2->descriptor.artifact_id == t::expected_mi2(t::small_model_json, changed_bytes.canonical()));
+  CHECK(v2->descriptor.artifact_id != v1->descriptor.artifact_id);
+}
+
+TEST_CASE("layout cache: a kept layout does not outlive the regions of an owner that exited",
+          "[registration][layout_cache][owner]") {
+  const pid_t child = ::fork();
+  REQUIRE(child >= 0);
+  if (child == 0) {
+    ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+    ::close(STDOUT_FILENO);
+    ::close(STDERR_FILENO);
+    for (;;) ::pause();
+  }
+  struct reaper {
+    pid_t pid;
+    ~reaper() {
+      if (pid <= 0) return;
+      ::kill(pid, SIGKILL);
+      ::waitpid(pid, nullptr, 0);
+    }
+  } reap{child};
+  const auto owner = static_cast<std::int32_t>(child);
+
+  fake_clock clock;
+  auto options = t::deterministic_options(clock);
+  options.watch_owners = true;
+  auto e = t::make_engine(options);
+  const auto m = t::small_model();
+  auto region = e->register_region(host_region(4096, owner));
+  REQUIRE_OK(region);
+  fill(*region, m);
+  REQUIRE_OK(register_version(*e, m, *region, owner, "cgid:wsync~dead~1"));
+
+  REQUIRE(::kill(child, SIGKILL) == 0);
+  REQUIRE(::waitpid(child, nullptr, 0) == child);
+  reap.pid = 0;
+  const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(2);
+  while (e->stats().regions != 0 && std::chrono::steady_clock::now() < give_up) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  REQUIRE(e->stats().regions == 0);
+  CHECK(e->stats().leases == 0);
+
+  // The next version of the same tables, now by this process: the dead owner's region is gone.
+  CHECK_ERROR(register_version(*e, m, *region, me, "cgid:wsync~dead~2"), errc::not_found,
+              "cannot add storage 's0': cannot find region '" + region->id + "': no such region");
+  auto mine = e->register_region(host_region(4096));
+  REQUIRE_OK(mine);
+  fill(*mine, m);
+  auto v3 = register_version(*e, m, *mine);
+  REQUIRE_OK(v3);
+  CHECK(v3->descriptor.artifact_id == t::expected_mi2(t::small_model_json, m.canonical()));
+}
