@@ -316,3 +316,38 @@ TEST_CASE("layout cache: a kept layout does not outlive the regions of an owner 
   REQUIRE_OK(v3);
   CHECK(v3->descriptor.artifact_id == t::expected_mi2(t::small_model_json, m.canonical()));
 }
+
+TEST_CASE("layout cache: versions committed at once from several threads all get the one index",
+          "[registration][layout_cache][concurrency]") {
+  fake_clock clock;
+  auto e = t::make_engine(clock);
+  const auto m = t::small_model();
+  constexpr int threads = 4, each = 8;
+  std::vector<regions::region_info> regions;
+  for (int i = 0; i < threads; ++i) {
+    auto r = e->register_region(host_region(4096));
+    REQUIRE_OK(r);
+    fill(*r, m);
+    regions.push_back(*r);
+  }
+  // Collected per thread, checked here: no Catch assertion runs on a worker.
+  std::vector<std::vector<std::string>> outcomes(threads);
+  std::vector<std::thread> workers;
+  for (int i = 0; i < threads; ++i) {
+    workers.emplace_back([&, i] {
+      for (int k = 0; k < each; ++k) {
+        const auto cgid = "cgid:wsync~t" + std::to_string(i) + "~" + std::to_string(k);
+        auto done = register_version(*e, m, regions[static_cast<std::size_t>(i)], me, cgid);
+        outcomes[static_cast<std::size_t>(i)].push_back(done ? done->descriptor.index_multihash
+                                                             : "error: " + done.error().message);
+      }
+    });
+  }
+  for (auto& w : workers) w.join();
+  const auto expected = t::index_multihash_of(t::small_model_json);
+  for (const auto& per_thread : outcomes) {
+    REQUIRE(per_thread.size() == static_cast<std::size_t>(each));
+    for (const auto& got : per_thread) CHECK(got == expected);
+  }
+  CHECK(e->stats().leases == static_cast<std::size_t>(threads * each));
+}
