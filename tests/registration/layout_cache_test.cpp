@@ -11,9 +11,14 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstring>
+#include <mutex>
+#include <optional>
+#include <string>
 #include <thread>
+#include <vector>
 
 #include "registration/plans/lease_in_place.hpp"
 #include "support/engine_helpers.hpp"
@@ -350,4 +355,163 @@ TEST_CASE("layout cache: versions committed at once from several threads all get
     for (const auto& got : per_thread) CHECK(got == expected);
   }
   CHECK(e->stats().leases == static_cast<std::size_t>(threads * each));
+}
+
+// ---- under concurrent churn -----------------------------------------------------------------------
+
+namespace {
+
+// What one stress worker saw: the calls that succeeded, and each failure's code and message
+// (checked on the main thread: no Catch assertion runs on a worker).
+struct churn_log {
+  std::size_t committed = 0;
+  std::vector<std::string> failures;
+  void failed(const std::string& what, const error& e) {
+    failures.push_back(what + ": " + std::string(errc_name(e.code)) + ": " + e.message);
+  }
+};
+
+// Failures a racing revoke, expiry, abort or forced unregister may cause, and nothing else
+// (ALREADY_EXISTS: versions without a cgid over equal bytes are one mi2 id, leased once).
+bool expected_in_churn(const std::string& failure) {
+  for (const char* code :
+       {": NOT_FOUND: ", ": CANCELLED: ", ": FAILED_PRECONDITION: ", ": DEADLINE_EXCEEDED: ", ": ALREADY_EXISTS: "}) {
+    if (failure.find(code) != std::string::npos) return true;
+  }
+  return false;
+}
+
+}  // namespace
+
+TEST_CASE("layout cache: one layout re-registered while its versions and regions are dropped stays sound",
+          "[registration][layout_cache][concurrency]") {
+  fake_clock clock;
+  auto options = t::deterministic_options(clock);
+  options.hash_threads = 16;  // as many hashing threads as a large host has, whatever runs this
+  auto e = t::make_engine(options);
+  const auto m = t::small_model();
+  constexpr int trainers = 4, versions = 40;
+  // The registration a trainer is feeding or committing now, for the saboteur to revoke.
+  std::mutex current_mutex;
+  std::vector<std::string> current(trainers);
+  std::atomic<bool> done{false};
+  std::vector<churn_log> logs(trainers + 2);
+
+  std::vector<std::thread> workers;
+  for (int i = 0; i < trainers; ++i) {
+    workers.emplace_back([&, i] {
+      auto& log = logs[static_cast<std::size_t>(i)];
+      std::optional<regions::region_info> region;
+      std::string previous;  // the registration of the version before, revoked once the next is in
+      for (int k = 0; k < versions; ++k) {
+        if (!region || k % 7 == 3) {
+          // A fresh region every few versions, the old one unregistered (forced: a version may
+          // still lease it): the same layout over other memory, the kept one over none.
+          if (region) {
+            if (auto gone = e->unregister_region(region->id, me, true); !gone) log.failed("unregister", gone.error());
+          }
+          auto r = e->register_region(host_region(4096));
+          if (!r) {
+            log.failed("register region", r.error());
+            return;
+          }
+          fill(*r, m);
+          region = *r;
+        }
+        auto b = t::lip_begin(m.total_size(), me, k % 5 == 0 ? 1 : 0);
+        const bool in_background = k % 2 == 1;
+        if (in_background || k % 3 == 0)
+          b.client_artifact_id = "cgid:wsync~churn" + std::to_string(i) + "~" + std::to_string(k);
+        auto begun = e->begin(std::move(b));
+        if (!begun) {
+          log.failed("begin", begun.error());
+          continue;
+        }
+        {
+          std::lock_guard lock(current_mutex);
+          current[static_cast<std::size_t>(i)] = begun->registration_id;
+        }
+        if (auto fed = e->feed(t::lip_feed(begun->registration_id, m, region_entries(*region))); !fed) {
+          log.failed("feed", fed.error());
+          continue;
+        }
+        if (k % 11 == 5) {
+          // A client that dies between Begin and Commit: its registration is dropped.
+          if (auto aborted = e->abort(begun->registration_id); !aborted) log.failed("abort", aborted.error());
+          continue;
+        }
+        commit_options how;
+        how.hash_in_background = in_background;
+        auto committed = e->commit(begun->registration_id, how);
+        if (!committed) {
+          log.failed("commit", committed.error());
+          continue;
+        }
+        ++log.committed;
+        if (!previous.empty()) (void)e->revoke(previous, "next version");
+        previous = begun->registration_id;
+      }
+      if (!previous.empty()) (void)e->revoke(previous, "done");
+      if (region) {
+        if (auto gone = e->unregister_region(region->id, me, true); !gone) log.failed("unregister", gone.error());
+      }
+    });
+  }
+  // The saboteur: revokes whatever a trainer is feeding or committing, and lets TTLs run out.
+  workers.emplace_back([&] {
+    auto& log = logs[trainers];
+    for (int n = 0; !done.load(); ++n) {
+      std::string victim;
+      {
+        std::lock_guard lock(current_mutex);
+        victim = current[static_cast<std::size_t>(n % trainers)];
+      }
+      if (!victim.empty() && n % 3 == 0) (void)e->revoke(victim, "saboteur");
+      if (n % 5 == 0) {
+        clock.advance(std::chrono::milliseconds(2));
+        e->sweep();
+      }
+      std::this_thread::yield();
+    }
+    log.committed = 1;
+  });
+  // A reader: lists the versions and reads their indexes and stats while they come and go.
+  workers.emplace_back([&] {
+    auto& log = logs[trainers + 1];
+    while (!done.load()) {
+      for (const auto& a : e->list()) {
+        auto idx = e->index_of(a.descriptor.artifact_id);
+        if (idx && (*idx)->json() != t::small_model_json)
+          log.failures.push_back("index of " + a.descriptor.artifact_id);
+        (void)e->wait_artifact_hash(a.descriptor.artifact_id, std::chrono::milliseconds(1));
+      }
+      (void)e->stats();
+    }
+    log.committed = 1;
+  });
+  for (int i = 0; i < trainers; ++i) workers[static_cast<std::size_t>(i)].join();
+  done.store(true);
+  for (std::size_t i = trainers; i < workers.size(); ++i) workers[i].join();
+
+  std::size_t committed = 0;
+  for (const auto& log : logs) {
+    committed += log.committed;
+    for (const auto& f : log.failures) {
+      INFO(f);
+      CHECK(expected_in_churn(f));
+    }
+  }
+  CHECK(committed > trainers + 2);  // most versions got through
+  // Everything let go: no lease, registration or region is left, and the cache stays usable.
+  e->sweep();
+  const auto s = e->stats();
+  CHECK(s.leases == 0);
+  CHECK(s.pending_registrations == 0);
+  CHECK(s.regions == 0);
+  auto region = e->register_region(host_region(4096));
+  REQUIRE_OK(region);
+  fill(*region, m);
+  auto last = register_version(*e, m, *region);
+  REQUIRE_OK(last);
+  CHECK(last->descriptor.artifact_id == t::expected_mi2(t::small_model_json, m.canonical()));
 }
