@@ -6,6 +6,7 @@
 
 #include <catch2/catch.hpp>
 
+#include <fcntl.h>
 #include <signal.h>
 #include <sys/prctl.h>
 #include <sys/wait.h>
@@ -22,6 +23,7 @@
 
 #include "registration/plans/lease_in_place.hpp"
 #include "support/engine_helpers.hpp"
+#include "support/fake_device_memory.hpp"
 #include "tensorreg/hash/multihash.hpp"
 #include "tensorreg/hash/sha256.hpp"
 #include "tensorreg/registration/engine.hpp"
@@ -514,4 +516,173 @@ TEST_CASE("layout cache: one layout re-registered while its versions and regions
   auto last = register_version(*e, m, *region);
   REQUIRE_OK(last);
   CHECK(last->descriptor.artifact_id == t::expected_mi2(t::small_model_json, m.canonical()));
+}
+
+TEST_CASE("layout cache: one layout over device regions re-registered while readers open its versions",
+          "[registration][layout_cache][devices][concurrency]") {
+  // The CUDA paths of the LIP commit (IPC mappings kept by their regions, VMM mappings, the
+  // device layout a reader opens) on a fake device: VRAM regions by IPC handle and of VMM
+  // chunks, replaced every few versions and unregistered (forced) under the leases reading them.
+  fake_clock clock;
+  auto devices = std::make_shared<t::fake_device_memory>(1);
+  auto options = t::deterministic_options(clock);
+  options.devices = devices;
+  options.hash_threads = 16;
+  auto e = t::make_engine(options);
+  const auto m = t::small_model();
+  constexpr int trainers = 3, versions = 30;
+  auto vram_region = [&](std::uint32_t seed) -> result<regions::region_info> {
+    const auto handle = devices->export_allocation(0, 4096);
+    auto memory = devices->memory_of(handle);
+    const auto& s0 = m.storage("s0").bytes;
+    const auto& s1 = m.storage("s1").bytes;
+    std::memcpy(memory.data(), s0.data(), s0.size());
+    std::memcpy(memory.data() + 64, s1.data(), s1.size());
+    memory[200] = static_cast<std::byte>(seed);  // outside the storages: the same canonical bytes
+    regions::register_request r;
+    r.kind = regions::memory_kind::vram;
+    r.owner_pid = me;
+    r.device_id = 0;
+    r.size_bytes = 4096;
+    if (seed % 2 == 0) {
+      r.cuda_ipc_handle = handle;
+      return e->register_region(std::move(r));
+    }
+    // Odd seeds: CUDA VMM memory (expandable segments), two chunks of the same bytes.
+    auto vmm = std::make_shared<regions::vmm_chunks>();
+    for (std::size_t at = 0; at < 4096; at += 2048) {
+      auto chunk = memory::shared_memory::create(2048, "test-vmm");
+      if (!chunk) return tl::unexpected(chunk.error());
+      std::memcpy(chunk->mutable_bytes().data(), memory.data() + at, 2048);
+      vmm->fds.emplace_back(::fcntl(chunk->fd(), F_DUPFD_CLOEXEC, 0));
+      vmm->chunk_bytes.push_back(2048);
+    }
+    r.vmm = std::move(vmm);
+    return e->register_region(std::move(r));
+  };
+  auto entries_of = [](const regions::region_info& region) {
+    std::map<std::string, storage_entry> out;
+    for (auto [id, length, at] : {std::tuple{"s0", 16u, 0u}, std::tuple{"s1", 20u, 64u}}) {
+      storage_entry s;
+      s.storage_id = id;
+      s.device_id = 0;
+      s.storage_length = length;
+      s.source = region_ref_source{region.id, regions::memory_kind::vram, 0, region.size_bytes};
+      s.mapping_base_offset = at;
+      out.emplace(id, s);
+    }
+    return out;
+  };
+  std::atomic<bool> done{false};
+  std::vector<churn_log> logs(trainers + 1);
+  std::mutex ids_mutex;
+  std::vector<std::string> ids;  // committed versions, for the reader
+  std::vector<std::thread> workers;
+  for (int i = 0; i < trainers; ++i) {
+    workers.emplace_back([&, i] {
+      auto& log = logs[static_cast<std::size_t>(i)];
+      std::optional<regions::region_info> region;
+      std::string previous;
+      for (int k = 0; k < versions; ++k) {
+        if (!region || k % 5 == 2) {
+          if (region) {
+            if (auto gone = e->unregister_region(region->id, me, true); !gone) log.failed("unregister", gone.error());
+          }
+          auto r = vram_region(static_cast<std::uint32_t>(k + i));
+          if (!r) return log.failed("register region", r.error());
+          region = *r;
+        }
+        auto b = t::lip_begin(m.total_size(), me, 0);
+        b.device_id = 0;
+        b.client_artifact_id = "cgid:wsync~gpu" + std::to_string(i) + "~" + std::to_string(k);
+        auto begun = e->begin(std::move(b));
+        if (!begun) {
+          log.failed("begin", begun.error());
+          continue;
+        }
+        if (auto fed = e->feed(t::lip_feed(begun->registration_id, m, entries_of(*region))); !fed) {
+          log.failed("feed", fed.error());
+          continue;
+        }
+        commit_options how;
+        how.hash_in_background = k % 2 == 0;
+        auto committed = e->commit(begun->registration_id, how);
+        if (!committed) {
+          log.failed("commit", committed.error());
+          continue;
+        }
+        ++log.committed;
+        {
+          std::lock_guard lock(ids_mutex);
+          ids.push_back(committed->descriptor.artifact_id);
+        }
+        if (!previous.empty()) (void)e->revoke(previous, "next version");
+        previous = begun->registration_id;
+      }
+      if (!previous.empty()) (void)e->revoke(previous, "done");
+      if (region) {
+        if (auto gone = e->unregister_region(region->id, me, true); !gone) log.failed("unregister", gone.error());
+      }
+    });
+  }
+  // The reader: opens the newest versions' device layouts and reads them back.
+  workers.emplace_back([&] {
+    auto& log = logs[trainers];
+    while (!done.load()) {
+      std::vector<std::string> newest;
+      {
+        std::lock_guard lock(ids_mutex);
+        for (std::size_t n = ids.size() > 3 ? ids.size() - 3 : 0; n < ids.size(); ++n) newest.push_back(ids[n]);
+      }
+      for (const auto& id : newest) {
+        auto layout = e->device_layout_of(id);
+        if (!layout) {
+          if (layout.error().code != errc::not_found) log.failed("device layout of " + id, layout.error());
+          continue;
+        }
+        std::string bytes(layout->descriptor.total_size, '\0');
+        for (const auto& seg : layout->segments) {
+          if (seg.allocation >= layout->allocations.size()) {
+            log.failures.push_back("segment past the allocations of " + id);
+            break;
+          }
+          const auto& allocation = layout->allocations[seg.allocation];
+          if (seg.allocation_offset + seg.length > allocation.size_bytes) {
+            log.failures.push_back("segment past its allocation in " + id);
+            break;
+          }
+          if (allocation.vmm) {
+            bytes = m.canonical();  // VMM chunks are read through their fds, not the fake's handles
+            break;
+          }
+          const auto memory = devices->memory_of(allocation.cuda_ipc_handle);
+          if (seg.allocation_offset + seg.length > memory.size()) {
+            log.failures.push_back("segment past its allocation in " + id);
+            break;
+          }
+          std::memcpy(bytes.data() + seg.artifact_offset, memory.data() + seg.allocation_offset, seg.length);
+        }
+        if (bytes != m.canonical()) log.failures.push_back("the bytes of " + id + " read back differ");
+        (void)e->wait_artifact_hash(id, std::chrono::milliseconds(1));
+      }
+      (void)e->stats();
+    }
+  });
+  for (int i = 0; i < trainers; ++i) workers[static_cast<std::size_t>(i)].join();
+  done.store(true);
+  workers.back().join();
+
+  std::size_t committed = 0;
+  for (const auto& log : logs) {
+    committed += log.committed;
+    for (const auto& f : log.failures) {
+      INFO(f);
+      CHECK(false);  // nothing here races: each trainer revokes only its own versions
+    }
+  }
+  CHECK(committed == static_cast<std::size_t>(trainers * versions));
+  const auto s = e->stats();
+  CHECK(s.leases == 0);
+  CHECK(s.pending_registrations == 0);
+  CHECK(s.regions == 0);
 }
