@@ -1,6 +1,7 @@
 #include "dispatcher.hpp"
 
 #include <fmt/format.h>
+#include <google/protobuf/arena.h>
 #include <google/protobuf/io/coded_stream.h>
 #include <google/protobuf/wire_format_lite.h>
 
@@ -867,7 +868,10 @@ dispatcher::connection_ptr dispatcher::open_connection(const peer_credentials& p
 
 std::optional<frame_out> dispatcher::handle(connection& conn, frame_in frame) {
   const auto started = std::chrono::steady_clock::now();
-  wire::Request request;
+  // On an arena: a Feed of thousands of storages parses into one block instead of an
+  // allocation per message and field, and is freed at once.
+  google::protobuf::Arena arena;
+  auto& request = *google::protobuf::Arena::CreateMessage<wire::Request>(&arena);
   std::optional<answer> out;
   // The session boundary: whatever a handler throws is answered, never lost with the client
   // left waiting (an id-0 answer when the request could not even be read).

@@ -113,28 +113,26 @@ reg::storage_source to_source(v2::StorageEntry& in) {
     case v2::StorageEntry::kCudaIpcHandle: return reg::cuda_ipc_source{std::move(*in.mutable_cuda_ipc_handle())};
     case v2::StorageEntry::kVramRegionId: return reg::vram_region_source{in.vram_region_id()};
     case v2::StorageEntry::kRegionRef: {
-      const auto& r = in.region_ref();
-      return reg::region_ref_source{r.region_id(), static_cast<regions::memory_kind>(r.memory_kind()), r.device_id(),
-                                    r.size_bytes()};
+      auto& r = *in.mutable_region_ref();
+      return reg::region_ref_source{std::move(*r.mutable_region_id()),
+                                    static_cast<regions::memory_kind>(r.memory_kind()), r.device_id(), r.size_bytes()};
     }
     case v2::StorageEntry::STORAGE_SOURCE_NOT_SET: break;
   }
   return std::monostate{};
 }
 
+// The Feed's strings are moved out, not copied: the request is not read again.
 reg::storage_entry to_storage(v2::StorageEntry& in) {
-  return reg::storage_entry{in.storage_id(), in.device_id(), in.storage_length(), to_source(in),
+  return reg::storage_entry{std::move(*in.mutable_storage_id()), in.device_id(), in.storage_length(), to_source(in),
                             in.mapping_base_offset()};
 }
 
-reg::tensor_alias to_alias(const v2::TensorAlias& in) {
-  return reg::tensor_alias{in.name(),
-                           in.storage_id(),
-                           in.storage_offset(),
-                           in.logical_length(),
-                           {in.shape().begin(), in.shape().end()},
-                           {in.stride().begin(), in.stride().end()},
-                           in.dtype()};
+reg::tensor_alias to_alias(v2::TensorAlias& in) {
+  return reg::tensor_alias{
+      std::move(*in.mutable_name()), std::move(*in.mutable_storage_id()),    in.storage_offset(),
+      in.logical_length(),           {in.shape().begin(), in.shape().end()}, {in.stride().begin(), in.stride().end()},
+      std::move(*in.mutable_dtype())};
 }
 
 reg::lease_segments to_segments(const v2::LeaseSegments& in) {
@@ -386,8 +384,10 @@ reg::feed_request to_feed(v2::FeedRegisterArtifactStreamRequest& in) {
       break;
     case v2::FeedRegisterArtifactStreamRequest::FEED_NOT_SET: break;
   }
+  out.storage_entries.reserve(static_cast<std::size_t>(in.storage_entries_size()));
   for (auto& e : *in.mutable_storage_entries()) out.storage_entries.push_back(to_storage(e));
-  for (const auto& a : in.tensor_aliases()) out.tensor_aliases.push_back(to_alias(a));
+  out.tensor_aliases.reserve(static_cast<std::size_t>(in.tensor_aliases_size()));
+  for (auto& a : *in.mutable_tensor_aliases()) out.tensor_aliases.push_back(to_alias(a));
   return out;
 }
 

@@ -162,7 +162,19 @@ result<region_info> region_registry::acquire(const std::string& region_id, std::
   std::lock_guard lock(mutex_);
   auto it = regions_.find(region_id);
   if (it == regions_.end()) return not_found(region_id);
-  auto& e = it->second;
+  return acquire_locked(it->second, region_id, owner_pid);
+}
+
+result<region_info> region_registry::acquire_checked(const std::string& region_id, std::int32_t owner_pid,
+                                                     function_ref<status(const region_info&)> check) {
+  std::lock_guard lock(mutex_);
+  auto it = regions_.find(region_id);
+  if (it == regions_.end()) return not_found(region_id);
+  TENSORREG_TRY(check(it->second.info));
+  return acquire_locked(it->second, region_id, owner_pid);
+}
+
+result<region_info> region_registry::acquire_locked(entry& e, const std::string& region_id, std::int32_t owner_pid) {
   if (e.poisoned) {
     return fail(errc::failed_precondition,
                 "cannot acquire region '" + region_id + "': region is poisoned: " + e.poison_reason);
@@ -179,14 +191,10 @@ result<region_info> region_registry::acquire(const std::string& region_id, std::
   return e.info;
 }
 
-status region_registry::release(const std::string& region_id) {
-  released_mappings gone;
-  std::lock_guard lock(mutex_);
-  auto it = regions_.find(region_id);
-  if (it == regions_.end()) return not_found(region_id);
+status region_registry::release_locked(std::unordered_map<std::string, entry>::iterator it, released_mappings& gone) {
   auto& e = it->second;
   if (e.info.refs == 0) {
-    return fail(errc::failed_precondition, "cannot release region '" + region_id + "': no reference is held");
+    return fail(errc::failed_precondition, "cannot release region '" + it->first + "': no reference is held");
   }
   --e.info.refs;
   if (e.info.refs == 0 && e.retiring) {
@@ -194,6 +202,25 @@ status region_registry::release(const std::string& region_id) {
     regions_.erase(it);
   }
   return {};
+}
+
+status region_registry::release(const std::string& region_id) {
+  released_mappings gone;
+  std::lock_guard lock(mutex_);
+  auto it = regions_.find(region_id);
+  if (it == regions_.end()) return not_found(region_id);
+  return release_locked(it, gone);
+}
+
+std::size_t region_registry::release_all(std::span<const std::string> region_ids) {
+  released_mappings gone;  // declared first: closed after the lock is let go
+  std::size_t failed = 0;
+  std::lock_guard lock(mutex_);
+  for (const auto& id : region_ids) {
+    auto it = regions_.find(id);
+    if (it == regions_.end() || !release_locked(it, gone)) ++failed;
+  }
+  return failed;
 }
 
 result<bool> region_registry::unregister(const std::string& region_id, std::int32_t owner_pid, bool force) {

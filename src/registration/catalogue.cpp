@@ -258,7 +258,7 @@ void catalogue::erase_if_empty(const std::string& artifact_id) {
 
 void catalogue::end_lease(lease& l) {
   ++lease_changes_;
-  for (const auto& id : l.region_ids) (void)regions_.release(id);
+  (void)regions_.release_all(l.region_ids);  // one registry lock for the lease's regions
   l.region_ids.clear();
 }
 

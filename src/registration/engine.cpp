@@ -22,6 +22,7 @@
 
 #include "common/log.hpp"
 #include "registration/catalogue.hpp"
+#include "registration/layout_cache.hpp"
 #include "registration/owner_watch.hpp"
 #include "registration/pending_registration.hpp"
 #include "registration/plans/plan.hpp"
@@ -100,7 +101,7 @@ persistence::artifact_record record_of(const artifact_descriptor& d) {
 //   1. engine::state::mutex — the pending table and the catalogue (its artifacts, holders,
 //      index store). Never held while hashing or copying, nor while draining.
 //   2. pending_registration's mutex — one registration's phase, TTL and plan tables.
-//   3. the leaves: region_registry's, stable_dram_cache's, stable_upload's, reader_gate's and
+//   3. the leaves: region_registry's, stable_dram_cache's, stable_upload's, reader_gate's, layout_cache's and
 //      background_hash's own mutexes, and the logger. (The cache's eviction listener logs, under 1.)
 // restore_mutex (persistence) is taken before 1, never under it; the durable store's mutex
 // and the persistence task table's are leaves (the cache's spill guard asks the store under 3).
@@ -122,6 +123,7 @@ struct engine::state {
   mutable priority_inheriting_mutex mutex;
   detail::catalogue catalogue;    // committed artifacts and their holders
   detail::pending_table pending;  // open registrations and tombstones
+  detail::layout_cache layouts;   // lease layouts committed before (its own leaf mutex)
 
   std::unique_ptr<detail::owner_watch> owners;
   std::mutex sweeper_mutex;
@@ -507,6 +509,7 @@ result<commit_response> engine::state::commit(const std::string& registration_id
   detail::commit_context ctx{p->facts(), [&p] { return p->ttl_ms(); }, catalogue, mutex, pool, devices.get(), time};
   ctx.cancelled = p->commit_cancel();  // revoke and owner death stop the hashing and copying
   ctx.regions = &regions;
+  ctx.layouts = &layouts;
   result<commit_response> out = guarded_commit(p->committing_plan(), ctx, registration_id);
   if (!out && out.error().code == errc::cancelled) {
     ctx.retryable = false;

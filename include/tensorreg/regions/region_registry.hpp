@@ -23,6 +23,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <span>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -156,9 +157,20 @@ class region_registry {
   /// PERMISSION_DENIED (another owner).
   [[nodiscard]] result<region_info> acquire(const std::string& region_id, std::int32_t owner_pid);
 
+  /// find(), then `check` on what it found (its error first), then acquire(), under one lock
+  /// and one lookup: what a registration does for each region its storages name. `check` runs
+  /// under the registry's lock and must not call the registry.
+  /// Errors: NOT_FOUND, `check`'s, then as acquire().
+  [[nodiscard]] result<region_info> acquire_checked(const std::string& region_id, std::int32_t owner_pid,
+                                                    function_ref<status(const region_info&)> check);
+
   /// Drops one reference. A retiring region goes away with its last reference.
   /// Errors: NOT_FOUND, FAILED_PRECONDITION (no reference held).
   [[nodiscard]] status release(const std::string& region_id);
+
+  /// release() of each of `region_ids` under one lock (a lease of many regions ends in one
+  /// step). Returns how many could not be released (unknown, or no reference held).
+  std::size_t release_all(std::span<const std::string> region_ids);
 
   /// Unregisters a region; returns whether it is gone now. With references held it fails
   /// unless `force`, which retires it: no new references, gone with the last one.
@@ -190,6 +202,10 @@ class region_registry {
   };
 
   [[nodiscard]] std::optional<clock::time_point> deadline_for(std::uint32_t ttl_ms) const;
+  [[nodiscard]] result<region_info> acquire_locked(entry& e, const std::string& region_id, std::int32_t owner_pid);
+  // Drops one reference of `it`; a retiring region's mappings go to `gone`, to close unlocked.
+  [[nodiscard]] status release_locked(std::unordered_map<std::string, entry>::iterator it,
+                                      std::vector<std::shared_ptr<const memory::byte_source>>& gone);
 
   const clock& clock_;
   registry_options options_;

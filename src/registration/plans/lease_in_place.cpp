@@ -1,10 +1,14 @@
 #include "registration/plans/lease_in_place.hpp"
 
 #include <algorithm>
+#include <cstring>
 #include <limits>
 #include <map>
+#include <span>
 #include <unordered_set>
+#include <utility>
 
+#include "registration/layout_cache.hpp"
 #include "registration/plans/snapshot.hpp"
 #include "tensorreg/index/byte_range_map.hpp"
 #include "tensorreg/index/dtype.hpp"
@@ -59,59 +63,74 @@ const std::string* region_id_of(const storage_entry& e, std::optional<regions::m
 status lip_tables::add_storages(std::vector<storage_entry> entries, regions::region_registry& registry,
                                 std::int32_t owner_pid) {
   // Validate the whole message before taking anything, so a bad entry leaves no reference.
-  std::unordered_set<std::string_view> ids_in_message;
-  ids_in_message.reserve(entries.size());
+  // The ids go into storage_by_id_ as they are checked (a duplicate is one that is there
+  // already) and come out again if the message is refused.
+  const std::size_t first_new = storages_.size();
+  storage_by_id_.reserve(first_new + entries.size());
+  std::size_t named = 0;  // entries named in storage_by_id_ so far
+  auto unname = [&] {     // a failure path: a pass over the map is fine
+    std::erase_if(storage_by_id_, [&](const auto& kv) { return kv.second >= first_new; });
+  };
   for (const auto& e : entries) {
+    status bad;
     if (std::holds_alternative<std::monostate>(e.source)) {
-      return fail(errc::invalid_argument,
-                  "cannot add storage '" + e.storage_id + "': storage entry must specify exactly one source");
+      bad = fail(errc::invalid_argument,
+                 "cannot add storage '" + e.storage_id + "': storage entry must specify exactly one source");
+    } else if (e.storage_id.empty()) {
+      bad = fail(errc::invalid_argument, "cannot add storage: storage_id is empty");
+    } else if (!storage_by_id_.emplace(e.storage_id, first_new + named).second) {
+      bad = fail(errc::invalid_argument, "cannot add storage '" + e.storage_id + "': duplicate storage_id");
     }
-    if (e.storage_id.empty()) return fail(errc::invalid_argument, "cannot add storage: storage_id is empty");
-    if (storage_by_id_.contains(e.storage_id) || !ids_in_message.insert(e.storage_id).second) {
-      return fail(errc::invalid_argument, "cannot add storage '" + e.storage_id + "': duplicate storage_id");
+    if (!bad) {
+      unname();
+      return bad;
     }
+    ++named;
   }
-  std::vector<std::string> taken_here;  // regions first referenced by this message
+  const std::size_t regions_before = region_order_.size();  // regions first referenced by this message follow
   auto give_back = [&] {
-    for (const auto& id : taken_here) {
-      (void)registry.release(id);
-      regions_.erase(id);
-    }
+    (void)registry.release_all(std::span(region_order_).subspan(regions_before));
+    for (std::size_t i = regions_before; i < region_order_.size(); ++i) regions_.erase(region_order_[i]);
+    region_order_.resize(regions_before);
   };
   // Appended straight to storages_ and rolled back on failure: no second copy of each entry.
-  const std::size_t first_new = storages_.size();
   storages_.reserve(first_new + entries.size());
   auto roll_back = [&] {
     give_back();
+    unname();
     storages_.resize(first_new);
   };
+  regions_.reserve(regions_.size() + entries.size());
+  const regions::region_info* previous = nullptr;  // storages of one region usually come together
   for (auto& e : entries) {
     lip_storage s{std::move(e), nullptr};
     std::optional<regions::memory_kind> claimed;
     if (const std::string* region_id = region_id_of(s.entry, claimed)) {
       const auto what = [&] { return "cannot add storage '" + s.entry.storage_id + "'"; };
-      auto held = regions_.find(*region_id);
-      if (held == regions_.end()) {
+      const regions::region_info* held = previous != nullptr && previous->id == *region_id ? previous : nullptr;
+      if (held == nullptr) {
+        if (auto it = regions_.find(*region_id); it != regions_.end()) held = &it->second;
+      }
+      if (held == nullptr) {
         // §4.3.8 order: unknown region, then its fit, then the reference (owner, poison, retiring).
-        auto found = registry.find(*region_id);
-        status fit = found ? check_region_fit(s.entry, *found, claimed) : status(tl::unexpected(found.error()));
-        auto taken = fit ? registry.acquire(*region_id, owner_pid) : tl::unexpected(fit.error());
+        auto taken = registry.acquire_checked(*region_id, owner_pid, [&](const regions::region_info& found) {
+          return check_region_fit(s.entry, found, claimed);
+        });
         if (!taken) {
           roll_back();
           return tl::unexpected(with_context(std::move(taken).error(), what()));
         }
-        taken_here.push_back(*region_id);
-        held = regions_.emplace(*region_id, std::move(*taken)).first;
-      } else if (auto fit = check_region_fit(s.entry, held->second, claimed); !fit) {
+        region_order_.push_back(*region_id);
+        held = &regions_.emplace(*region_id, std::move(*taken)).first->second;
+      } else if (auto fit = check_region_fit(s.entry, *held, claimed); !fit) {
         roll_back();
         return tl::unexpected(with_context(std::move(fit).error(), what()));
       }
-      s.region = &held->second;
+      s.region = held;
+      previous = held;
     }
     storages_.push_back(std::move(s));
   }
-  storage_by_id_.reserve(storages_.size());
-  for (std::size_t i = first_new; i < storages_.size(); ++i) storage_by_id_.emplace(storages_[i].entry.storage_id, i);
   return {};
 }
 
@@ -139,12 +158,73 @@ status lip_tables::add_segments(std::vector<leased_segment> segments) {
   return {};
 }
 
-result<index::canonical_index> lip_tables::rebuild_index(std::uint64_t total_size) const {
+status lip_tables::check_payloads() const {
   if (segments_.empty()) return fail(errc::failed_precondition, "cannot commit lease: no lease segments fed");
   if (storages_.empty()) return fail(errc::failed_precondition, "cannot commit lease: no storage entries fed");
   if (aliases_.empty()) {
     return fail(errc::failed_precondition, "cannot commit lease: registration missing tensor_aliases payload");
   }
+  return {};
+}
+
+namespace {
+
+// Fixed-width integers and length-prefixed strings: no two different tables encode alike.
+void put_u64(std::string& out, std::uint64_t v) {
+  char bytes[8];
+  std::memcpy(bytes, &v, 8);
+  out.append(bytes, 8);
+}
+void put_string(std::string& out, std::string_view text) {
+  put_u64(out, text.size());
+  out.append(text);
+}
+void put_ints(std::string& out, const std::vector<std::int64_t>& values) {
+  put_u64(out, values.size());
+  const auto at = out.size();
+  out.resize(at + 8 * values.size());
+  if (!values.empty()) std::memcpy(out.data() + at, values.data(), 8 * values.size());
+}
+
+}  // namespace
+
+std::string lip_tables::layout_signature(std::uint64_t total_size) const {
+  std::size_t bytes = 32;
+  for (const auto& s : storages_) bytes += 24 + s.entry.storage_id.size();
+  for (const auto& seg : segments_) bytes += 40 + seg.storage_id.size();
+  for (const auto& a : aliases_) {
+    bytes += 72 + a.name.size() + a.storage_id.size() + a.dtype.size() + 8 * (a.shape.size() + a.stride.size());
+  }
+  std::string out;
+  out.reserve(bytes);
+  put_u64(out, total_size);
+  put_u64(out, storages_.size());
+  for (const auto& s : storages_) {
+    put_string(out, s.entry.storage_id);
+    put_u64(out, s.entry.storage_length);
+  }
+  put_u64(out, segments_.size());
+  for (const auto& seg : segments_) {
+    put_string(out, seg.storage_id);
+    put_u64(out, seg.storage_offset);
+    put_u64(out, seg.artifact_offset);
+    put_u64(out, seg.length);
+  }
+  put_u64(out, aliases_.size());
+  for (const auto& a : aliases_) {
+    put_string(out, a.name);
+    put_string(out, a.storage_id);
+    put_u64(out, a.storage_offset);
+    put_u64(out, a.logical_length);
+    put_ints(out, a.shape);
+    put_ints(out, a.stride);
+    put_string(out, a.dtype);
+  }
+  return out;
+}
+
+result<index::canonical_index> lip_tables::rebuild_index(std::uint64_t total_size) const {
+  TENSORREG_TRY(check_payloads());
 
   // §2.3: a storage's canonical offset is its segment's artifact_offset.
   std::unordered_map<std::string_view, std::uint64_t> offset_of;
@@ -232,6 +312,7 @@ result<index::canonical_index> lip_tables::rebuild_index(std::uint64_t total_siz
 }
 
 result<lip_view> lip_tables::open_view(std::uint64_t total_size, std::int32_t owner_pid, device_memory* devices) const {
+  std::vector<std::size_t> storage_of(segments_.size());  // each segment's storage, looked up once
   for (std::size_t i = 0; i < segments_.size(); ++i) {
     const auto& seg = segments_[i];
     const auto what = [&] {
@@ -240,6 +321,7 @@ result<lip_view> lip_tables::open_view(std::uint64_t total_size, std::int32_t ow
     auto it = storage_by_id_.find(seg.storage_id);
     if (it == storage_by_id_.end())
       return fail(errc::invalid_argument, what() + " refers to a storage that was not fed");
+    storage_of[i] = it->second;
     const auto& entry = storages_[it->second].entry;
     if (seg.length != entry.storage_length) {
       return fail(errc::invalid_argument, what() + " has length " + std::to_string(seg.length) +
@@ -312,12 +394,16 @@ result<lip_view> lip_tables::open_view(std::uint64_t total_size, std::int32_t ow
   // one region share one).
   std::vector<std::shared_ptr<const memory::byte_source>> by_storage(storages_.size());
   std::unordered_set<const memory::byte_source*> kept;
-  for (const auto& seg : segments_) {
-    const std::size_t index = storage_by_id_.at(seg.storage_id);
+  const memory::byte_source* last_kept = nullptr;  // storages of one region come together
+  for (std::size_t i = 0; i < segments_.size(); ++i) {
+    const auto& seg = segments_[i];
+    const std::size_t index = storage_of[i];
     const auto& s = storages_[index];
     if (!by_storage[index]) {
       TENSORREG_TRY_ASSIGN(by_storage[index], source_of(s));
-      if (kept.insert(by_storage[index].get()).second) view.keep_alive.push_back(by_storage[index]);
+      const auto* source = by_storage[index].get();
+      if (source != last_kept && kept.insert(source).second) view.keep_alive.push_back(by_storage[index]);
+      last_kept = source;
     }
     segments.push_back(
         {seg.artifact_offset, seg.length, by_storage[index].get(), s.entry.mapping_base_offset + seg.storage_offset});
@@ -343,12 +429,7 @@ result<lip_view> lip_tables::open_view(std::uint64_t total_size, std::int32_t ow
   return view;
 }
 
-std::vector<std::string> lip_tables::region_ids() const {
-  std::vector<std::string> ids;
-  ids.reserve(regions_.size());
-  for (const auto& [id, info] : regions_) ids.push_back(id);
-  return ids;
-}
+std::vector<std::string> lip_tables::region_ids() const { return region_order_; }
 
 // ---- the plan ---------------------------------------------------------------------------------
 
@@ -376,13 +457,29 @@ result<feed_work> lease_in_place::feed(feed_request& r, const registration_facts
 result<commit_response> lease_in_place::commit(commit_context& ctx) {
   const auto& p = ctx.facts;
   // Steps 3–6: payloads, index rebuild, segment rules — all before any mapping is opened.
-  auto rebuilt = tables_.rebuild_index(p.total_size);
-  if (!rebuilt) {
-    // rebuild_index answers FAILED_PRECONDITION only for payloads not fed yet (step 3).
-    ctx.retryable = rebuilt.error().code == errc::failed_precondition;
-    return tl::unexpected(std::move(rebuilt).error());
+  if (auto fed = tables_.check_payloads(); !fed) {
+    ctx.retryable = true;  // the client may feed what is missing
+    return tl::unexpected(std::move(fed).error());
   }
-  auto idx = std::make_shared<const index::canonical_index>(std::move(*rebuilt));
+  // Steps 4–6 depend on the tables alone: the same tables as a commit before (a trainer
+  // re-registering its weights) find that commit's outcome.
+  std::string signature;
+  std::shared_ptr<const lease_layout> layout;
+  if (ctx.layouts != nullptr) {
+    signature = tables_.layout_signature(p.total_size);
+    layout = ctx.layouts->find(signature);
+  }
+  if (!layout) {
+    auto rebuilt = tables_.rebuild_index(p.total_size);
+    if (!rebuilt) {
+      // rebuild_index answers FAILED_PRECONDITION only for payloads not fed yet (step 3).
+      ctx.retryable = rebuilt.error().code == errc::failed_precondition;
+      return tl::unexpected(std::move(rebuilt).error());
+    }
+    layout = make_lease_layout(std::make_shared<const index::canonical_index>(std::move(*rebuilt)));
+    if (ctx.layouts != nullptr) ctx.layouts->insert(std::move(signature), layout);
+  }
+  const auto& idx = layout->index;
   // Step 7: open the storages' memory, once per handle or region.
   TENSORREG_TRY_ASSIGN(auto view, tables_.open_view(p.total_size, p.owner_pid, ctx.devices));
   {
@@ -390,7 +487,10 @@ result<commit_response> lease_in_place::commit(commit_context& ctx) {
     // rebuilt index as read from the segments and PAD as zero. A segment of a storage that no
     // alias names is not in the index, so it is PAD: its bytes must reach neither the hash nor
     // the lease's readers (the local stable tier re-hashes what it copies from the lease).
-    TENSORREG_TRY_ASSIGN(auto normalized, normalized_view(*view.bytes, *idx));
+    std::vector<memory::segment> data;
+    data.reserve(layout->data_ranges.size());
+    for (const auto& [offset, length] : layout->data_ranges) data.push_back({offset, length, view.bytes.get(), offset});
+    TENSORREG_TRY_ASSIGN(auto normalized, memory::segmented_view::create(idx->total_size(), std::move(data)));
     view.keep_alive.push_back(view.bytes);  // the normalized view reads through it
     view.bytes = std::make_shared<const memory::segmented_view>(std::move(normalized));
   }
@@ -406,8 +506,9 @@ result<commit_response> lease_in_place::commit(commit_context& ctx) {
   if (p.cgid.empty()) {
     TENSORREG_TRY_ASSIGN(data, hash_canonical(*view.bytes, ctx.pool, ctx.devices, ctx.cancelled));
   }
-  auto descriptor = describe(p, *idx, data);
+  auto descriptor = describe(p, *idx, data, &layout->index_multihash);
 
+  lip_tables spent;
   TENSORREG_TRY(ctx.with_catalogue([&](catalogue& cat) -> status {
     if (auto* existing = cat.find(descriptor.artifact_id); existing != nullptr) {
       if (existing->quiesced) {
@@ -433,9 +534,10 @@ result<commit_response> lease_in_place::commit(commit_context& ctx) {
     l.region_ids = tables_.region_ids();
     l.snapshot = snapshot_;
     cat.add_lease(a, std::move(l));
-    tables_ = lip_tables{};  // references now belong to the lease
+    spent = std::exchange(tables_, lip_tables{});  // references now belong to the lease
     return {};
   }));
+  spent = lip_tables{};  // freed here, not under the engine mutex
 
   commit_response response;
   response.descriptor = descriptor;
@@ -449,7 +551,7 @@ result<commit_response> lease_in_place::commit(commit_context& ctx) {
 }
 
 void lease_in_place::release(regions::region_registry& regions) noexcept {
-  for (const auto& id : tables_.region_ids()) (void)regions.release(id);
+  (void)regions.release_all(tables_.region_ids());
   tables_ = lip_tables{};
 }
 

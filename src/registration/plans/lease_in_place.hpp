@@ -61,6 +61,15 @@ class lip_tables {
   /// What add_segments() checks, without recording anything. Errors: as add_segments().
   [[nodiscard]] static status check_segments(const std::vector<leased_segment>& segments);
 
+  /// Commit step 3 of §4.5: segments, storages and aliases were fed.
+  /// Errors: FAILED_PRECONDITION naming what is missing.
+  [[nodiscard]] status check_payloads() const;
+
+  /// The tables that steps 4–6 read (total_size, each storage's id and length, each segment,
+  /// each alias), as bytes in the order fed: equal signatures give equal rebuild_index()
+  /// outcomes (layout_cache.hpp). Regions and mapping offsets are not in it.
+  [[nodiscard]] std::string layout_signature(std::uint64_t total_size) const;
+
   /// Commit steps 3–6 of §4.5: payload presence, the index rebuild and the segment rules.
   /// Errors: FAILED_PRECONDITION (nothing fed), INVALID_ARGUMENT, OUT_OF_RANGE.
   [[nodiscard]] result<index::canonical_index> rebuild_index(std::uint64_t total_size) const;
@@ -72,14 +81,16 @@ class lip_tables {
   [[nodiscard]] result<lip_view> open_view(std::uint64_t total_size, std::int32_t owner_pid,
                                            device_memory* devices) const;
 
-  /// Region ids of every reference taken (one per distinct region).
+  /// Region ids of every reference taken (one per distinct region), in the order first taken.
   [[nodiscard]] std::vector<std::string> region_ids() const;
 
   [[nodiscard]] std::size_t storage_count() const noexcept { return storages_.size(); }
 
  private:
   std::vector<lip_storage> storages_;
-  std::map<std::string, regions::region_info, std::less<>> regions_;  // referenced, by id
+  // Referenced regions by id; storages point at the values (stable: node-based map).
+  std::unordered_map<std::string, regions::region_info> regions_;
+  std::vector<std::string> region_order_;  // their ids, in the order first referenced
   std::unordered_map<std::string, std::size_t> storage_by_id_;
   std::vector<tensor_alias> aliases_;
   std::vector<leased_segment> segments_;

@@ -136,9 +136,9 @@ result<std::shared_ptr<const normalized_source>> normalized_source::create(
 }
 
 artifact_descriptor describe(const registration_facts& facts, const index::canonical_index& idx,
-                             const std::optional<hash::digest>& data) {
+                             const std::optional<hash::digest>& data, const std::string* index_multihash) {
   artifact_descriptor d;
-  d.index_multihash = hash::encode_multihash(hash::sha256(idx.json()));
+  d.index_multihash = index_multihash != nullptr ? *index_multihash : hash::encode_multihash(hash::sha256(idx.json()));
   d.total_size = facts.total_size;
   if (!facts.cgid.empty()) {
     d.artifact_id = facts.cgid;

@@ -23,6 +23,7 @@
 #include <string_view>
 
 #include "registration/catalogue.hpp"
+#include "registration/layout_cache.hpp"
 #include "registration/materialize.hpp"
 #include "tensorreg/common/clock.hpp"
 #include "tensorreg/common/error.hpp"
@@ -78,6 +79,9 @@ struct commit_context {
   /// The engine's regions, for a plan that gives its region references back at commit (a
   /// snapshot lease, once its copy is made). Null: references stay with what commit publishes.
   regions::region_registry* regions = nullptr;
+  /// Layouts committed before (layout_cache.hpp), for a plan that rebuilds an index from fed
+  /// tables. Null: every commit rebuilds.
+  layout_cache* layouts = nullptr;
 
   template <typename F>
   decltype(auto) with_catalogue(F&& f) {
@@ -168,9 +172,10 @@ class normalized_source final : public view_source {
 };
 
 /// The descriptor of freshly hashed bytes: the cgid when the client chose one, else the mi2 id
-/// of the index and `data`.
+/// of the index and `data`. `index_multihash`: the index's, computed before (null: computed here).
 [[nodiscard]] artifact_descriptor describe(const registration_facts& facts, const index::canonical_index& idx,
-                                           const std::optional<hash::digest>& data);
+                                           const std::optional<hash::digest>& data,
+                                           const std::string* index_multihash = nullptr);
 
 /// The data hash of a canonical buffer: on the GPU when its bytes are device memory and that is
 /// faster, otherwise on all host cores (DECISIONS §6). Errors: CANCELLED (`cancel` set: checked
