@@ -6,7 +6,6 @@
 #include <catch2/catch.hpp>
 
 #include <signal.h>
-#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -15,6 +14,7 @@
 #include <mutex>
 #include <thread>
 
+#include "support/child_process.hpp"
 #include "support/engine_helpers.hpp"
 
 namespace {
@@ -430,27 +430,10 @@ TEST_CASE("engine lifecycle: the sweep expires unreferenced regions past their T
 
 TEST_CASE("engine lifecycle: when the owner process dies its registrations, leases and regions go",
           "[registration][engine_lifecycle][owner]") {
-  const pid_t child = ::fork();
-  REQUIRE(child >= 0);
-  if (child == 0) {
-    // Only sleeps until killed; dies with the test process, and holds none of its output.
-    ::prctl(PR_SET_PDEATHSIG, SIGKILL);
-    ::close(STDOUT_FILENO);
-    ::close(STDERR_FILENO);
-    for (;;) ::pause();
-  }
-  // Kills and reaps the child if the test stops early. Never signals a pid <= 0: kill(-1)
-  // would signal every process we may signal.
-  struct reaper {
-    pid_t pid;
-    ~reaper() {
-      if (pid <= 0) return;
-      ::kill(pid, SIGKILL);
-      ::waitpid(pid, nullptr, 0);
-    }
-  } reap{child};
+  // A second process that only sleeps: the owner whose death the engine watches for.
+  tensorreg::testing::child_process child({"/bin/sleep", "1000"});
 
-  const auto owner = static_cast<std::int32_t>(child);
+  const auto owner = static_cast<std::int32_t>(child.pid());
 
   fake_clock clock;
   auto options = t::deterministic_options(clock);
@@ -475,9 +458,8 @@ TEST_CASE("engine lifecycle: when the owner process dies its registrations, leas
     CHECK(s.regions == 1);
   }
 
-  REQUIRE(::kill(child, SIGKILL) == 0);
-  REQUIRE(::waitpid(child, nullptr, 0) == child);
-  reap.pid = 0;  // reaped: nothing left to kill
+  child.kill(SIGKILL);
+  REQUIRE(child.wait() == 128 + SIGKILL);
   engine_stats s;
   const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(1);
   do {

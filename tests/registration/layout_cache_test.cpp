@@ -8,8 +8,6 @@
 
 #include <fcntl.h>
 #include <signal.h>
-#include <sys/prctl.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -22,6 +20,7 @@
 #include <vector>
 
 #include "registration/plans/lease_in_place.hpp"
+#include "support/child_process.hpp"
 #include "support/engine_helpers.hpp"
 #include "support/fake_device_memory.hpp"
 #include "tensorreg/hash/multihash.hpp"
@@ -275,23 +274,9 @@ TEST_CASE("layout cache: a kept layout still has its region checked: unregistere
 
 TEST_CASE("layout cache: a kept layout does not outlive the regions of an owner that exited",
           "[registration][layout_cache][owner]") {
-  const pid_t child = ::fork();
-  REQUIRE(child >= 0);
-  if (child == 0) {
-    ::prctl(PR_SET_PDEATHSIG, SIGKILL);
-    ::close(STDOUT_FILENO);
-    ::close(STDERR_FILENO);
-    for (;;) ::pause();
-  }
-  struct reaper {
-    pid_t pid;
-    ~reaper() {
-      if (pid <= 0) return;
-      ::kill(pid, SIGKILL);
-      ::waitpid(pid, nullptr, 0);
-    }
-  } reap{child};
-  const auto owner = static_cast<std::int32_t>(child);
+  // A second process that only sleeps: the owner whose death the engine watches for.
+  tensorreg::testing::child_process child({"/bin/sleep", "1000"});
+  const auto owner = static_cast<std::int32_t>(child.pid());
 
   fake_clock clock;
   auto options = t::deterministic_options(clock);
@@ -303,9 +288,8 @@ TEST_CASE("layout cache: a kept layout does not outlive the regions of an owner 
   fill(*region, m);
   REQUIRE_OK(register_version(*e, m, *region, owner, "cgid:wsync~dead~1"));
 
-  REQUIRE(::kill(child, SIGKILL) == 0);
-  REQUIRE(::waitpid(child, nullptr, 0) == child);
-  reap.pid = 0;
+  child.kill(SIGKILL);
+  REQUIRE(child.wait() == 128 + SIGKILL);
   const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(2);
   while (e->stats().regions != 0 && std::chrono::steady_clock::now() < give_up) {
     std::this_thread::sleep_for(std::chrono::milliseconds(5));
