@@ -72,7 +72,7 @@ void hang_up_mid_feed(const std::string& socket, const index::safetensors_bundle
   region_args.size_bytes = idx.total_size();
   auto region_request = wc::register_region_request(region_args);
   region_request.set_request_id(1);
-  auto region_answer = testing::send_and_answer(fd->get(), testing::framed(region_request));
+  auto region_answer = testing::exchange(fd->get(), testing::framed(region_request));
   if (!region_answer || region_answer->status().code() != 0) {
     failures.add("raw region", error{errc::internal, region_answer ? region_answer->status().message() : "closed"});
     return;
@@ -87,7 +87,7 @@ void hang_up_mid_feed(const std::string& socket, const index::safetensors_bundle
   begin.owner_pid = pid;
   auto begin_request = wc::begin_request(begin);
   begin_request.set_request_id(2);
-  auto begun = testing::send_and_answer(fd->get(), testing::framed(begin_request));
+  auto begun = testing::exchange(fd->get(), testing::framed(begin_request));
   if (!begun || begun->status().code() != 0) {
     failures.add("raw begin", error{errc::internal, begun ? begun->status().message() : "closed"});
     return;

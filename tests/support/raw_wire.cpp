@@ -67,6 +67,22 @@ std::vector<wire::v1::Response> next_answers(int fd, std::size_t count) {
   return out;
 }
 
+std::optional<wire::v1::Response> exchange(int fd, const std::string& bytes) {
+  if (!daemon::send_all(fd, std::as_bytes(std::span(bytes.data(), bytes.size())), {})) return std::nullopt;
+  daemon::frame_decoder decoder(1u << 30);
+  std::vector<std::byte> buffer(4096);
+  for (;;) {
+    if (auto f = decoder.next()) {
+      wire::v1::Response r;
+      if (!r.ParseFromString(f->payload)) return std::nullopt;
+      return r;
+    }
+    auto got = daemon::receive_some(fd, buffer);
+    if (!got || got->bytes == 0) return std::nullopt;
+    if (!decoder.feed(std::span<const std::byte>(buffer.data(), got->bytes))) return std::nullopt;
+  }
+}
+
 std::optional<wire::v1::Response> send_and_answer(int fd, const std::string& bytes) {
   REQUIRE(daemon::send_all(fd, std::as_bytes(std::span(bytes.data(), bytes.size())), {}));
   return next_answer(fd);

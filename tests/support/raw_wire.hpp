@@ -28,4 +28,8 @@ namespace tensorreg::testing {
 /// Sends `bytes` on `fd`, then returns next_answer(fd).
 [[nodiscard]] std::optional<wire::v1::Response> send_and_answer(int fd, const std::string& bytes);
 
+/// send_and_answer() without Catch assertions, for worker threads (Catch is not thread-safe):
+/// nullopt when the send fails, the daemon closes first or the answer does not parse.
+[[nodiscard]] std::optional<wire::v1::Response> exchange(int fd, const std::string& bytes);
+
 }  // namespace tensorreg::testing
