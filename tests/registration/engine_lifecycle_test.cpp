@@ -27,30 +27,6 @@ namespace t = tensorreg::testing;
 
 const std::int32_t me = static_cast<std::int32_t>(::getpid());
 
-regions::register_request host_region(std::int32_t owner = me, std::uint64_t size = 4096) {
-  regions::register_request r;
-  r.kind = regions::memory_kind::host_shared;
-  r.owner_pid = owner;
-  r.size_bytes = size;
-  r.host_shared = regions::host_shared_spec{"", true, regions::host_shared_class::scratch};
-  return r;
-}
-
-// The small model's storages in a region (s0 at 0, s1 at 64), as region_ref entries.
-std::map<std::string, storage_entry> region_entries(const regions::region_info& region) {
-  std::map<std::string, storage_entry> out;
-  for (auto [id, length, at] : {std::tuple{"s0", 16u, 0u}, std::tuple{"s1", 20u, 64u}}) {
-    storage_entry s;
-    s.storage_id = id;
-    s.device_id = -1;
-    s.storage_length = length;
-    s.source = region_ref_source{region.id, regions::memory_kind::host_shared, -1, region.size_bytes};
-    s.mapping_base_offset = at;
-    out.emplace(id, s);
-  }
-  return out;
-}
-
 std::uint32_t region_refs(engine& e, const std::string& region_id, std::int32_t owner = me) {
   auto r = e.unregister_region(region_id, owner, false);
   if (r) return 0;
@@ -76,7 +52,7 @@ std::string lip_on_region(engine& e, const regions::region_info& region, std::ui
   const auto m = t::small_model();
   auto begun = e.begin(t::lip_begin(m.total_size(), me, ttl_ms));
   REQUIRE_OK(begun);
-  REQUIRE_OK(e.feed(t::lip_feed(begun->registration_id, m, region_entries(region))));
+  REQUIRE_OK(e.feed(t::lip_feed(begun->registration_id, m, t::region_entries(region))));
   return begun->registration_id;
 }
 
@@ -101,7 +77,7 @@ TEST_CASE(
     "[registration][engine_lifecycle]") {
   fake_clock clock;
   auto e = t::make_engine(clock);
-  auto region = e->register_region(host_region());
+  auto region = e->register_region(t::host_region(me));
   REQUIRE_OK(region);
   const auto id = lip_on_region(*e, *region, 100);
   CHECK(region_refs(*e, region->id) == 1);  // one per registration and region
@@ -148,7 +124,7 @@ TEST_CASE("engine lifecycle: a pending registration expired by the sweep answers
           "[registration][engine_lifecycle]") {
   fake_clock clock;
   auto e = t::make_engine(clock);
-  auto region = e->register_region(host_region());
+  auto region = e->register_region(t::host_region(me));
   REQUIRE_OK(region);
   const auto id = lip_on_region(*e, *region, 100);
   clock.advance(milliseconds(101));
@@ -262,7 +238,7 @@ TEST_CASE("engine lifecycle: abort of a pending LIP registration is OK and relea
           "[registration][engine_lifecycle]") {
   fake_clock clock;
   auto e = t::make_engine(clock);
-  auto region = e->register_region(host_region());
+  auto region = e->register_region(t::host_region(me));
   REQUIRE_OK(region);
   const auto id = lip_on_region(*e, *region, 0);
   CHECK(region_refs(*e, region->id) == 1);  // one per registration and region
@@ -291,7 +267,7 @@ TEST_CASE("engine lifecycle: revoke always succeeds, also for unknown ids", "[re
 TEST_CASE("engine lifecycle: revoke of a pending registration drops it", "[registration][engine_lifecycle]") {
   fake_clock clock;
   auto e = t::make_engine(clock);
-  auto region = e->register_region(host_region());
+  auto region = e->register_region(t::host_region(me));
   REQUIRE_OK(region);
   const auto id = lip_on_region(*e, *region, 0);
   e->revoke(id, "client gone");
@@ -304,7 +280,7 @@ TEST_CASE("engine lifecycle: revoke of a lease releases its region refs and remo
           "[registration][engine_lifecycle]") {
   fake_clock clock;
   auto e = t::make_engine(clock);
-  auto region = e->register_region(host_region());
+  auto region = e->register_region(t::host_region(me));
   REQUIRE_OK(region);
   const auto id = lip_on_region(*e, *region, 0);
   auto committed = e->commit(id);
@@ -378,7 +354,7 @@ TEST_CASE("engine lifecycle: the sweep expires leases and releases their region 
           "[registration][engine_lifecycle]") {
   fake_clock clock;
   auto e = t::make_engine(clock);
-  auto region = e->register_region(host_region());
+  auto region = e->register_region(t::host_region(me));
   REQUIRE_OK(region);
   const auto id = lip_on_region(*e, *region, 100);
   REQUIRE_OK(e->commit(id));
@@ -417,7 +393,7 @@ TEST_CASE("engine lifecycle: the sweep expires unreferenced regions past their T
           "[registration][engine_lifecycle]") {
   fake_clock clock;
   auto e = t::make_engine(clock);
-  auto r = host_region();
+  auto r = t::host_region(me);
   r.ttl_ms = 1000;
   auto region = e->register_region(std::move(r));
   REQUIRE_OK(region);
@@ -441,15 +417,15 @@ TEST_CASE("engine lifecycle: when the owner process dies its registrations, leas
   auto e = t::make_engine(options);
   const auto m = t::small_model();
 
-  auto region = e->register_region(host_region(owner));
+  auto region = e->register_region(t::host_region(owner));
   REQUIRE_OK(region);
   auto pending = e->begin(t::stable_begin(m, owner));
   REQUIRE_OK(pending);
   auto lip = e->begin(t::lip_begin(m.total_size(), owner));
   REQUIRE_OK(lip);
-  REQUIRE_OK(e->feed(t::lip_feed(lip->registration_id, m, region_entries(*region))));  // pending, with refs
-  REQUIRE_OK(t::register_lip(*e, m, owner));                                           // a lease
-  auto mine = t::register_stable(*e, m, me);                                           // someone else's artifact stays
+  REQUIRE_OK(e->feed(t::lip_feed(lip->registration_id, m, t::region_entries(*region))));  // pending, with refs
+  REQUIRE_OK(t::register_lip(*e, m, owner));                                              // a lease
+  auto mine = t::register_stable(*e, m, me);  // someone else's artifact stays
   REQUIRE_OK(mine);
   {
     const auto s = e->stats();
@@ -634,7 +610,7 @@ TEST_CASE("engine lifecycle: deregister of an unknown artifact is NOT_FOUND", "[
 TEST_CASE("engine lifecycle: deregister drains, removes, and revokes leases", "[registration][engine_lifecycle]") {
   fake_clock clock;
   auto e = t::make_engine(clock);
-  auto region = e->register_region(host_region());
+  auto region = e->register_region(t::host_region(me));
   REQUIRE_OK(region);
   const auto lease_id = lip_on_region(*e, *region, 0);
   auto leased = e->commit(lease_id);

@@ -46,31 +46,7 @@ std::shared_ptr<const lease_layout> layout_of(const std::string& json) {
 
 // ---- the tables of small_model() over one HOST_SHARED region -----------------------------------
 
-regions::register_request host_region(std::uint64_t size, std::int32_t owner = me) {
-  regions::register_request r;
-  r.kind = regions::memory_kind::host_shared;
-  r.owner_pid = owner;
-  r.size_bytes = size;
-  r.host_shared = regions::host_shared_spec{"", true, regions::host_shared_class::scratch};
-  return r;
-}
-
-// s0 at 0 and s1 at 64 of the region, as a trainer's allocations would lie.
-std::map<std::string, storage_entry> region_entries(const regions::region_info& region) {
-  std::map<std::string, storage_entry> out;
-  for (auto [id, length, at] : {std::tuple{"s0", 16u, 0u}, std::tuple{"s1", 20u, 64u}}) {
-    storage_entry s;
-    s.storage_id = id;
-    s.device_id = -1;
-    s.storage_length = length;
-    s.source = region_ref_source{region.id, regions::memory_kind::host_shared, -1, region.size_bytes};
-    s.mapping_base_offset = at;
-    out.emplace(id, s);
-  }
-  return out;
-}
-
-// Writes the model's storages into the region where region_entries() puts them. Returns
+// Writes the model's storages into the region where t::region_entries() puts them. Returns
 // whether it could (no Catch assertion here: worker threads call it too).
 [[nodiscard]] bool fill(const regions::region_info& region, const t::model& m) {
   auto fd = region.memory->duplicate_fd();
@@ -91,7 +67,7 @@ result<commit_response> register_version(engine& e, const t::model& m, const reg
   auto b = t::lip_begin(m.total_size(), owner);
   b.client_artifact_id = cgid;
   TENSORREG_TRY_ASSIGN(auto begun, e.begin(std::move(b)));
-  if (auto fed = e.feed(t::lip_feed(begun.registration_id, m, region_entries(region))); !fed) {
+  if (auto fed = e.feed(t::lip_feed(begun.registration_id, m, t::region_entries(region))); !fed) {
     (void)e.abort(begun.registration_id);
     return tl::unexpected(fed.error());
   }
@@ -157,13 +133,13 @@ TEST_CASE("layout cache: the LIP tables' signature changes with what the index r
           "[registration][layout_cache]") {
   fake_clock clock;
   regions::region_registry registry(clock);
-  auto r1 = registry.register_region(host_region(4096));
-  auto r2 = registry.register_region(host_region(4096));
+  auto r1 = registry.register_region(t::host_region(me));
+  auto r2 = registry.register_region(t::host_region(me));
   REQUIRE_OK(r1);
   REQUIRE_OK(r2);
   const auto m = t::small_model();
   auto signature = [&](const regions::region_info& region, auto&& change) {
-    auto f = t::lip_feed("reg", m, region_entries(region));
+    auto f = t::lip_feed("reg", m, t::region_entries(region));
     change(f);
     detail::lip_tables tables;
     REQUIRE_OK(tables.add_storages(std::move(f.storage_entries), registry, me));
@@ -198,7 +174,7 @@ TEST_CASE("layout cache: versions over the same regions share the index, and a c
           "[registration][layout_cache]") {
   fake_clock clock;
   auto e = t::make_engine(clock);
-  auto region = e->register_region(host_region(4096));
+  auto region = e->register_region(t::host_region(me));
   REQUIRE_OK(region);
   const auto m = t::small_model();
   REQUIRE(fill(*region, m));
@@ -239,7 +215,7 @@ TEST_CASE("layout cache: a kept layout still has its region checked: unregistere
   fake_clock clock;
   auto e = t::make_engine(clock);
   const auto m = t::small_model();
-  auto first = e->register_region(host_region(4096));
+  auto first = e->register_region(t::host_region(me));
   REQUIRE_OK(first);
   REQUIRE(fill(*first, m));
   auto v1 = register_version(*e, m, *first);
@@ -256,14 +232,14 @@ TEST_CASE("layout cache: a kept layout still has its region checked: unregistere
               "cannot add storage 's0': cannot find region '" + first->id + "': no such region");
 
   // Re-registered too small for s1 at 64: refused by the fit check.
-  auto small = e->register_region(host_region(80));
+  auto small = e->register_region(t::host_region(me, 80));
   REQUIRE_OK(small);
   CHECK_ERROR(register_version(*e, m, *small), errc::failed_precondition,
               "cannot add storage 's1': cannot use region '" + small->id +
                   "' for storage 's1': bytes [64, +20) exceed the region's 80 bytes");
 
   // Re-registered with other bytes: the version reads those.
-  auto other = e->register_region(host_region(4096));
+  auto other = e->register_region(t::host_region(me));
   REQUIRE_OK(other);
   auto changed_bytes = m;
   for (auto& s : changed_bytes.storages) s.bytes = t::pattern(s.bytes.size(), 99);
@@ -285,7 +261,7 @@ TEST_CASE("layout cache: a kept layout does not outlive the regions of an owner 
   options.watch_owners = true;
   auto e = t::make_engine(options);
   const auto m = t::small_model();
-  auto region = e->register_region(host_region(4096, owner));
+  auto region = e->register_region(t::host_region(owner));
   REQUIRE_OK(region);
   REQUIRE(fill(*region, m));
   REQUIRE_OK(register_version(*e, m, *region, owner, "cgid:wsync~dead~1"));
@@ -302,7 +278,7 @@ TEST_CASE("layout cache: a kept layout does not outlive the regions of an owner 
   // The next version of the same tables, now by this process: the dead owner's region is gone.
   CHECK_ERROR(register_version(*e, m, *region, me, "cgid:wsync~dead~2"), errc::not_found,
               "cannot add storage 's0': cannot find region '" + region->id + "': no such region");
-  auto mine = e->register_region(host_region(4096));
+  auto mine = e->register_region(t::host_region(me));
   REQUIRE_OK(mine);
   REQUIRE(fill(*mine, m));
   auto v3 = register_version(*e, m, *mine);
@@ -318,7 +294,7 @@ TEST_CASE("layout cache: versions committed at once from several threads all get
   constexpr int threads = 4, each = 8;
   std::vector<regions::region_info> regions;
   for (int i = 0; i < threads; ++i) {
-    auto r = e->register_region(host_region(4096));
+    auto r = e->register_region(t::host_region(me));
     REQUIRE_OK(r);
     REQUIRE(fill(*r, m));
     regions.push_back(*r);
@@ -398,7 +374,7 @@ TEST_CASE("layout cache: one layout re-registered while its versions and regions
           if (region) {
             if (auto gone = e->unregister_region(region->id, me, true); !gone) log.failed("unregister", gone.error());
           }
-          auto r = e->register_region(host_region(4096));
+          auto r = e->register_region(t::host_region(me));
           if (!r) {
             log.failed("register region", r.error());
             return;
@@ -422,7 +398,7 @@ TEST_CASE("layout cache: one layout re-registered while its versions and regions
           std::lock_guard lock(current_mutex);
           current[static_cast<std::size_t>(i)] = begun->registration_id;
         }
-        if (auto fed = e->feed(t::lip_feed(begun->registration_id, m, region_entries(*region))); !fed) {
+        if (auto fed = e->feed(t::lip_feed(begun->registration_id, m, t::region_entries(*region))); !fed) {
           log.failed("feed", fed.error());
           continue;
         }
@@ -499,7 +475,7 @@ TEST_CASE("layout cache: one layout re-registered while its versions and regions
   CHECK(s.leases == 0);
   CHECK(s.pending_registrations == 0);
   CHECK(s.regions == 0);
-  auto region = e->register_region(host_region(4096));
+  auto region = e->register_region(t::host_region(me));
   REQUIRE_OK(region);
   REQUIRE(fill(*region, m));
   auto last = register_version(*e, m, *region);

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <tuple>
 
 #include "tensorreg/hash/multihash.hpp"
 #include "tensorreg/hash/sha256.hpp"
@@ -147,6 +148,29 @@ reg::feed_request lip_feed(const std::string& registration_id, const model& m,
   f.payload = std::move(segs);
   for (const auto& t : m.tensors) f.tensor_aliases.push_back(alias_of(t));
   return f;
+}
+
+regions::register_request host_region(std::int32_t owner_pid, std::uint64_t size) {
+  regions::register_request r;
+  r.kind = regions::memory_kind::host_shared;
+  r.owner_pid = owner_pid;
+  r.size_bytes = size;
+  r.host_shared = regions::host_shared_spec{"", true, regions::host_shared_class::scratch};
+  return r;
+}
+
+std::map<std::string, reg::storage_entry> region_entries(const regions::region_info& region) {
+  std::map<std::string, reg::storage_entry> out;
+  for (auto [id, length, at] : {std::tuple{"s0", 16u, 0u}, std::tuple{"s1", 20u, 64u}}) {
+    reg::storage_entry s;
+    s.storage_id = id;
+    s.device_id = -1;
+    s.storage_length = length;
+    s.source = reg::region_ref_source{region.id, regions::memory_kind::host_shared, -1, region.size_bytes};
+    s.mapping_base_offset = at;
+    out.emplace(id, s);
+  }
+  return out;
 }
 
 reg::feed_request lip_feed(const std::string& registration_id, const model& m) {

@@ -139,6 +139,11 @@ inline constexpr const char* small_model_json =
 /// The same, with sources chosen by the caller per storage id.
 [[nodiscard]] reg::feed_request lip_feed(const std::string& registration_id, const model& m,
                                          const std::map<std::string, reg::storage_entry>& entries);
+/// A daemon-managed HOST_SHARED scratch region of `size` bytes owned by `owner_pid`.
+[[nodiscard]] regions::register_request host_region(std::int32_t owner_pid, std::uint64_t size = 4096);
+/// The small model's storages as region_ref entries in `region`: s0 at 0 and s1 at 64, as a
+/// trainer's allocations would lie.
+[[nodiscard]] std::map<std::string, reg::storage_entry> region_entries(const regions::region_info& region);
 /// One alias of a tensor of the model.
 [[nodiscard]] reg::tensor_alias alias_of(const tensor_spec& t);
 
