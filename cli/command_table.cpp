@@ -28,6 +28,13 @@ constexpr std::array<option_help, 2> kPut{{
 }};
 constexpr std::array<option_help, 1> kLease{{{"--ttl-ms", "N", "lease TTL, renewed while it runs (default 600000)"}}};
 constexpr std::array<option_help, 1> kExport{{{"--out", "FILE", "the .safetensors file to write (required)"}}};
+constexpr std::array<option_help, 1> kPersist{{
+    {"--no-wait", "", "print the task id and return at once (default: wait for the end, with progress)"},
+}};
+constexpr std::array<option_help, 1> kGet{{{"--out", "FILE", "also write the artifact as a .safetensors file"}}};
+constexpr std::array<option_help, 1> kCluster{{
+    {"--etcd", "URL", "the cluster's catalogue, etcd://HOST:PORT/PREFIX (default: the daemon's --cluster)"},
+}};
 constexpr std::array<option_help, 2> kTop{{
     {"--interval-ms", "N", "refresh period (default 1000)"},
     {"--count", "N", "stop after N refreshes (default: until q or SIGINT)"},
@@ -40,7 +47,7 @@ constexpr std::array<option_help, 4> kView{{
     {"--view-id", "ID", "the view_id the daemon must compute (refused when it differs)"},
 }};
 
-constexpr std::array<command_help, 14> kCommands{{
+constexpr std::array<command_help, 18> kCommands{{
     {"digest", "--index FILE [--data FILE | --zeros N]", "print the index multihash, data multihash and mi2 id",
      kDigest, false},
     {"index", "FILES.safetensors... | ID",
@@ -62,6 +69,12 @@ constexpr std::array<command_help, 14> kCommands{{
     {"stats", "", "budget, free, hits, misses, evictions, uptime and request counts", {}},
     {"top", "", "a live view of the artifacts and rates, refreshed in place (q quits)", kTop},
     {"export", "ID-OR-PREFIX", "write an artifact as a .safetensors file", kExport},
+    {"persist", "ID-OR-PREFIX",
+     "write an artifact to the daemon's --persist-dir and wait for it (progress on a terminal)", kPersist},
+    {"get", "ID", "make an artifact local: restored from the persist dir or pulled from the cluster when not held",
+     kGet},
+    {"pull", "ID", "the same as get", kGet},
+    {"cluster", "ls", "the cluster's hosts: transfer address, capacity, lease health and what each holds", kCluster},
 }};
 
 std::string option_line(const option_help& o) {

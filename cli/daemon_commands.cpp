@@ -18,6 +18,7 @@
 #include <utility>
 #include <variant>
 
+#include "cluster_commands.hpp"
 #include "local_commands.hpp"
 #include "progress.hpp"
 #include "tensorreg/client/connection.hpp"
@@ -45,6 +46,8 @@ struct options {
   std::vector<std::string> transposes;  ///< view --transpose NAME:D0:D1
   std::string placement = "server";     ///< view --placement
   std::string view_id;                  ///< view --view-id
+  bool no_wait = false;                 ///< persist --no-wait
+  std::string etcd;                     ///< cluster ls --etcd
   std::vector<std::string> positional;
 };
 
@@ -87,6 +90,10 @@ result<options> parse(const std::vector<std::string>& args) {
       }
     } else if (a == "--out") {
       TENSORREG_TRY_ASSIGN(o.out, value());
+    } else if (a == "--no-wait") {
+      o.no_wait = true;
+    } else if (a == "--etcd") {
+      TENSORREG_TRY_ASSIGN(o.etcd, value());
     } else if (a == "--narrow") {
       TENSORREG_TRY_ASSIGN(o.narrows.emplace_back(), value());
     } else if (a == "--transpose") {
@@ -590,6 +597,18 @@ int cmd_deregister(connection& c, const options& o, std::string_view name) {
   return 0;
 }
 
+// Writes `got` (a stable replica) as the safetensors file `out` through a temporary name,
+// drawing its bytes on `shown`. Shared by export and get --out.
+status write_safetensors_file(const client::stable_replica& got, const std::string& id, const std::string& out,
+                              progress& shown) {
+  auto idx = index::canonical_index::parse(got.index_json, got.descriptor.total_size);
+  if (!idx) return tl::unexpected(with_context(std::move(idx).error(), "cannot export " + id));
+  return index::export_safetensors(*idx, got.memory, out, [&](std::uint64_t done, std::uint64_t total) {
+    shown.update(done, total);
+    if (done == total) shown.phase("flushing " + out + " to disk");
+  });
+}
+
 // The artifact's bytes as the daemon's stable replica (loaded back from --persist-dir when
 // only there), written as a safetensors file through a temporary name.
 int cmd_export(connection& c, const options& o) {
@@ -606,15 +625,7 @@ int cmd_export(connection& c, const options& o) {
     shown.finish();
     return fail_with(got.error());
   }
-  auto idx = index::canonical_index::parse(got->index_json, got->descriptor.total_size);
-  if (!idx) {
-    shown.finish();
-    return fail_with(with_context(std::move(idx).error(), "cannot export " + id));
-  }
-  auto written = index::export_safetensors(*idx, got->memory, o.out, [&](std::uint64_t done, std::uint64_t total) {
-    shown.update(done, total);
-    if (done == total) shown.phase("flushing " + o.out + " to disk");
-  });
+  auto written = write_safetensors_file(*got, id, o.out, shown);
   shown.finish();
   if (!written) return fail_with(written.error());
   if (o.json) {
@@ -625,6 +636,151 @@ int cmd_export(connection& c, const options& o) {
                            .dump());
   } else {
     fmt::print("exported {}\n  to         {}\n  time       {:.3f} s\n", id, o.out, seconds_waited());
+  }
+  return 0;
+}
+
+// The artifact's entry in the daemon's list, if it has one.
+std::optional<client::artifact_info> listed(connection& c, const std::string& id) {
+  auto list = c.list();
+  if (!list) return std::nullopt;
+  for (auto& a : *list) {
+    if (a.descriptor.artifact_id == id) return std::move(a);
+  }
+  return std::nullopt;
+}
+
+bool has_tier(const client::artifact_info& a, client::tier t) {
+  return std::find(a.tiers.begin(), a.tiers.end(), t) != a.tiers.end();
+}
+
+std::string tiers_text(const client::artifact_info& a) {
+  std::string tiers;
+  for (auto t : a.tiers) tiers += (tiers.empty() ? "" : ",") + std::string(client::tier_name(t));
+  return tiers.empty() ? std::string("-") : tiers;
+}
+
+json tiers_json(const client::artifact_info& a) {
+  json tiers = json::array();
+  for (auto t : a.tiers) tiers.push_back(std::string(client::tier_name(t)));
+  return tiers;
+}
+
+std::string persistence_state_name(persistence::task_state s) { return std::string(persistence::task_state_name(s)); }
+
+// `persist`: StartPersistence, then (unless --no-wait) WaitPersistenceStatus in short slices so
+// that the bytes written so far can be drawn on a terminal; FAILED and DEGRADED exit 1 with the
+// reason (registration.md §1.6, DECISIONS §5.11).
+int cmd_persist(connection& c, const options& o) {
+  if (o.positional.size() != 1) return usage("usage: tensorreg persist ID-OR-PREFIX [--no-wait]");
+  auto resolved = resolve_id(c, o.positional[0], "persist");
+  if (!resolved) return fail_with(resolved.error());
+  const auto& id = *resolved;
+  const auto entry = listed(c, id);
+  const std::uint64_t total = entry ? entry->descriptor.total_size : 0;
+  auto task = c.start_persistence(id);
+  if (!task) return fail_with(task.error());
+  if (!o.no_wait) {
+    progress shown("persist " + short_id(id));
+    shown.phase("queued on the daemon's persistence threads");
+    while (!persistence::is_terminal(task->state)) {
+      auto next = c.wait_persistence(task->task_id, std::chrono::milliseconds(200));
+      if (!next) {
+        shown.finish();
+        return fail_with(with_context(next.error(), "cannot wait for persistence task " + task->task_id));
+      }
+      task = std::move(next);
+      if (task->state == persistence::task_state::running && total != 0) {
+        const auto done = static_cast<std::uint64_t>(std::clamp(task->progress, 0.0, 1.0) * static_cast<double>(total));
+        shown.update(done, total);
+      }
+    }
+    shown.finish();
+  }
+  const auto& t = *task;
+  const auto state = persistence_state_name(t.state);
+  if (o.json) {
+    json j{{"artifact_id", id},      {"task_id", t.task_id}, {"state", state},
+           {"progress", t.progress}, {"total_size", total},  {"wall_seconds", seconds_waited()}};
+    if (!t.degraded_reason.empty()) j["degraded_reason"] = t.degraded_reason;
+    if (!t.last_error.empty()) j["last_error"] = t.last_error;
+    fmt::print("{}\n", j.dump());
+  } else {
+    fmt::print("{} {}\n  task       {}\n  state      {}\n", o.no_wait ? "persisting" : "persisted", id, t.task_id,
+               state);
+    if (total != 0) fmt::print("  total_size {} ({})\n", total, human_bytes(total));
+    if (auto after = listed(c, id); after && !o.no_wait) fmt::print("  tiers      {}\n", tiers_text(*after));
+    fmt::print("  time       {:.3f} s\n", seconds_waited());
+  }
+  if (t.state == persistence::task_state::failed) {
+    fmt::print(stderr, "tensorreg: persistence of {} failed: {}\n", id,
+               t.last_error.empty() ? std::string("the daemon gave no reason") : t.last_error);
+    return 1;
+  }
+  if (t.state == persistence::task_state::degraded) {
+    fmt::print(stderr, "tensorreg: persistence of {} is degraded: {}\n", id,
+               t.degraded_reason.empty() ? std::string("the daemon gave no reason") : t.degraded_reason);
+    return 1;
+  }
+  return 0;
+}
+
+// `get`/`pull`: GetArtifactMemfd makes the artifact local (the daemon restores it from its
+// persist dir, or pulls it from the cluster when no copy is here; docs/cluster.md §5), then
+// --out writes it as export does. A whole id is sent as it is (the daemon may not hold it yet);
+// anything else is a prefix of an id the daemon lists.
+int cmd_get(connection& c, const options& o, std::string_view name) {
+  if (o.positional.size() != 1) return usage(fmt::format("usage: tensorreg {} ID [--out FILE.safetensors]", name));
+  const auto& text = o.positional[0];
+  std::string id = text;
+  if (!text.starts_with("mi2:") && !text.starts_with("cgid:")) {
+    auto resolved = resolve_id(c, text, "get");
+    if (!resolved) return fail_with(resolved.error());
+    id = *resolved;
+  }
+  const auto before = listed(c, id);
+  // Where the bytes come from: the stable replica here, this daemon's persist dir, or (with
+  // --cluster) the hosts that hold it; the daemon reports no bytes while it restores or pulls.
+  std::string source = "stable_dram";
+  std::string waiting = "opening the daemon's copy";
+  if (!before) {
+    source = "cluster";
+    auto cfg = c.config();
+    waiting = cfg && !cfg->cluster_url.empty() ? "the daemon looks for it in the cluster and pulls it"
+                                               : "asking the daemon (it is in no cluster)";
+  } else if (!has_tier(*before, client::tier::stable_dram)) {
+    source = has_tier(*before, client::tier::shared_disk) ? "shared_disk" : tiers_text(*before);
+    waiting = "the daemon restores it from " + source;
+  }
+  progress shown(fmt::format("{} {}", name, short_id(id)));
+  shown.phase(waiting);
+  auto got = c.get(id);
+  if (!got) {
+    shown.finish();
+    return fail_with(got.error());
+  }
+  if (!o.out.empty()) {
+    if (auto written = write_safetensors_file(*got, id, o.out, shown); !written) {
+      shown.finish();
+      return fail_with(written.error());
+    }
+  }
+  shown.finish();
+  const auto after = listed(c, id);
+  const std::uint64_t size = got->descriptor.total_size;
+  if (o.json) {
+    json j{{"artifact_id", id},
+           {"total_size", size},
+           {"source", source},
+           {"tiers", after ? tiers_json(*after) : json::array()},
+           {"wall_seconds", seconds_waited()}};
+    if (!o.out.empty()) j["out"] = o.out;
+    fmt::print("{}\n", j.dump());
+  } else {
+    fmt::print("got {}\n  total_size {} ({})\n  from       {}\n  tiers      {}\n", id, size, human_bytes(size), source,
+               after ? tiers_text(*after) : std::string("-"));
+    if (!o.out.empty()) fmt::print("  to         {}\n", o.out);
+    fmt::print("  time       {:.3f} s\n", seconds_waited());
   }
   return 0;
 }
@@ -768,9 +924,36 @@ int cmd_top(connection& c, const options& o) {
   return rc;
 }
 
+// `cluster ls`: the catalogue named by --etcd, else the one the daemon joined (GetServerConfig).
+int cmd_cluster(const options& o) {
+  if (o.positional.size() != 1 || o.positional[0] != "ls") {
+    return usage("usage: tensorreg cluster ls [--etcd etcd://HOST:PORT/PREFIX]");
+  }
+  std::string url = o.etcd;
+  if (url.empty()) {
+    auto c = connection::connect(o.socket);
+    if (!c) {
+      return fail_with(with_context(c.error(),
+                                    "cannot find the cluster: no daemon to ask (give --etcd "
+                                    "etcd://HOST:PORT/PREFIX)"));
+    }
+    auto cfg = c->config();
+    if (!cfg) return fail_with(cfg.error());
+    if (cfg->cluster_url.empty()) {
+      return fail_with(error{errc::failed_precondition,
+                             fmt::format("cannot list the cluster: the daemon at {} is not in one (tensorregd "
+                                         "--cluster); give --etcd etcd://HOST:PORT/PREFIX",
+                                         c->socket_path())});
+    }
+    url = cfg->cluster_url;
+  }
+  return cluster_ls(url, o.json);
+}
+
 const std::set<std::string>& daemon_commands() {
-  static const std::set<std::string> names{"status",     "put", "lease", "ls",  "show",   "index", "revoke",
-                                           "deregister", "rm",  "stats", "top", "export", "view"};
+  static const std::set<std::string> names{"status", "put",        "lease", "ls",    "show",   "index",
+                                           "revoke", "deregister", "rm",    "stats", "top",    "export",
+                                           "view",   "persist",    "get",   "pull",  "cluster"};
   return names;
 }
 
@@ -786,6 +969,7 @@ int run_daemon_command(const std::string& command, const std::vector<std::string
     // The CLI's convention for the socket: --socket, then $TENSORREG_SOCKET, then the default.
     if (const char* env = std::getenv("TENSORREG_SOCKET"); env != nullptr) o.socket = env;
   }
+  if (command == "cluster") return cmd_cluster(o);
   auto c = connection::connect(o.socket);
   if (!c) return fail_with(c.error());
   if (command == "status") return cmd_status(*c, o);
@@ -799,6 +983,8 @@ int run_daemon_command(const std::string& command, const std::vector<std::string
   if (command == "top") return cmd_top(*c, o);
   if (command == "export") return cmd_export(*c, o);
   if (command == "view") return cmd_view(*c, o);
+  if (command == "persist") return cmd_persist(*c, o);
+  if (command == "get" || command == "pull") return cmd_get(*c, o, command);
   return cmd_stats(*c, o);
 }
 

@@ -1,7 +1,9 @@
 // cli/daemon_commands.hpp — `tensorreg` commands that talk to tensorregd.
 //
 // status, put, lease, ls, show, index ID, revoke, deregister, stats, view (a view of an
-// artifact, registration.md §7). Human-readable tables by
+// artifact, registration.md §7), persist (a copy in --persist-dir, registration.md §1.6), get
+// and pull (make an artifact local: from disk or the cluster), cluster ls
+// (cli/cluster_commands.hpp). Human-readable tables by
 // default, `--json` for scripts; `--socket PATH` picks the daemon.
 #pragma once
 

@@ -96,6 +96,11 @@ void progress::draw_locked() {
   last_draw_ = now;
   std::string line = label_ + "  ";
   if (!phase_.empty() || !have_bytes_) {
+    // A phase reports no bytes (the daemon hashing, restoring or pulling): a spinner shows that
+    // the command is alive, turning with the ticker.
+    static constexpr char spinner[] = {'|', '/', '-', '\\'};
+    line += spinner[spins_++ % sizeof(spinner)];
+    line += ' ';
     line += phase_.empty() ? std::string("starting") : phase_;
   } else {
     const int pct = total_ == 0 ? 100 : static_cast<int>(done_ * 100 / total_);

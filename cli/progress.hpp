@@ -2,8 +2,9 @@
 // the user waited.
 //
 // `progress` draws one status line on stderr, redrawn in place: bytes done of the total, the
-// rate and the time so far while bytes move (put, export, lease), or a phase and the time so
-// far while the daemon works (its hash and commit, a durable copy). Only when stderr is a
+// rate and the time so far while bytes move (put, export, lease, persist, get --out), or a
+// spinner, a phase and the time so far while the daemon works without reporting bytes (its
+// hash and commit, a durable copy, a restore or a pull from the cluster). Only when stderr is a
 // terminal: piped or redirected, it writes nothing, so scripts and logs see only the results.
 // The line is erased when the operation ends, before the result is printed.
 //
@@ -66,6 +67,7 @@ class progress {
   std::uint64_t total_ = 0;
   bool have_bytes_ = false;
   std::string phase_;
+  std::uint64_t spins_ = 0;  // spinner position of a phase line
   std::chrono::steady_clock::time_point first_bytes_{};
   std::chrono::steady_clock::time_point last_draw_{};
   std::thread ticker_;

@@ -339,6 +339,42 @@ status connection::abort(std::string_view registration_id) {
   return {};
 }
 
+result<persistence::task_status> connection::start_persistence(std::string_view artifact_id,
+                                                               const persistence_options& options) {
+  std::optional<policy::profile> profile;
+  if (!options.profile.empty()) {
+    TENSORREG_TRY_ASSIGN(profile, policy::parse_profile(options.profile));
+  }
+  TENSORREG_TRY_ASSIGN(auto r, raw_->call(wc::start_persistence_request(artifact_id, profile, options.key_hint)));
+  return wc::persistence_of(r.response, artifact_id);
+}
+
+result<persistence::task_status> connection::query_persistence(std::string_view task_id) {
+  if (task_id.empty()) return fail(errc::invalid_argument, "cannot query a persistence task: the task id is empty");
+  TENSORREG_TRY_ASSIGN(auto r, raw_->call(wc::query_persistence_request(task_id, {})));
+  return wc::persistence_of(r.response);
+}
+
+result<persistence::task_status> connection::query_persistence_of(std::string_view artifact_id) {
+  if (artifact_id.empty()) {
+    return fail(errc::invalid_argument, "cannot query the persistence of an artifact: the artifact id is empty");
+  }
+  TENSORREG_TRY_ASSIGN(auto r, raw_->call(wc::query_persistence_request({}, artifact_id)));
+  return wc::persistence_of(r.response);
+}
+
+result<persistence::task_status> connection::wait_persistence(std::string_view task_id,
+                                                              std::chrono::milliseconds timeout) {
+  if (task_id.empty()) return fail(errc::invalid_argument, "cannot wait for a persistence task: the task id is empty");
+  // 0 on the wire means no limit; a positive timeout is at least 1 ms and at most the wire's.
+  std::uint32_t ms = 0;
+  if (timeout.count() > 0) {
+    ms = static_cast<std::uint32_t>(std::clamp<std::int64_t>(timeout.count(), 1, 0xffffffffLL));
+  }
+  TENSORREG_TRY_ASSIGN(auto r, raw_->call(wc::wait_persistence_request(task_id, ms)));
+  return wc::persistence_of(r.response);
+}
+
 result<deregister_result> connection::deregister(std::string_view artifact_id, bool wait_for_drain) {
   TENSORREG_TRY_ASSIGN(auto r, raw_->call(wc::deregister_request(artifact_id, wait_for_drain, own_pid())));
   return wc::deregister_of(r.response);

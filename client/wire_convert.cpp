@@ -193,6 +193,35 @@ wire::Request wait_hash_request(std::string_view artifact_id, std::uint32_t time
   return r;
 }
 
+wire::Request start_persistence_request(std::string_view artifact_id, std::optional<policy::profile> profile,
+                                        std::string_view key_hint) {
+  wire::Request r;
+  auto* p = r.mutable_start_persistence();
+  p->set_artifact_id(std::string(artifact_id));
+  if (profile) p->mutable_policy()->set_profile(static_cast<common::PolicyProfile>(*profile));
+  if (!key_hint.empty()) p->set_key_hint(std::string(key_hint));
+  return r;
+}
+
+wire::Request query_persistence_request(std::string_view task_id, std::string_view artifact_id) {
+  wire::Request r;
+  auto* q = r.mutable_query_persistence_status();
+  if (!task_id.empty()) {
+    q->set_task_id(std::string(task_id));
+  } else {
+    q->set_artifact_id(std::string(artifact_id));
+  }
+  return r;
+}
+
+wire::Request wait_persistence_request(std::string_view task_id, std::uint32_t timeout_ms) {
+  wire::Request r;
+  auto* w = r.mutable_wait_persistence_status();
+  w->set_task_id(std::string(task_id));
+  w->set_timeout_ms(timeout_ms);
+  return r;
+}
+
 wire::Request abort_request(std::string_view registration_id) {
   wire::Request r;
   r.mutable_abort_registered_artifact()->set_registration_id(std::string(registration_id));
@@ -334,6 +363,33 @@ registration::region_ref_source region_of(const wire::Response& registered_regio
   return {ref.region_id(), static_cast<regions::memory_kind>(ref.memory_kind()), ref.device_id(), ref.size_bytes()};
 }
 
+persistence::task_status persistence_of(const wire::Response& r, std::string_view artifact_id) {
+  persistence::task_status out;
+  const auto from_status = [&](const v2::QueryPersistenceStatusResponse& q) {
+    out.task_id = q.task_id();
+    out.artifact_id = q.artifact_id();
+    out.plan_id = q.plan_id();
+    out.state = static_cast<persistence::task_state>(q.state());
+    out.progress = q.progress();
+    out.degraded_reason = q.degraded_reason();
+    out.last_error = q.last_error();
+  };
+  if (r.has_start_persistence()) {
+    const auto& s = r.start_persistence();
+    out.task_id = s.task_id();
+    out.artifact_id = std::string(artifact_id);
+    out.plan_id = s.plan_id();
+    out.state = static_cast<persistence::task_state>(s.state());
+    out.progress = s.progress();
+    out.degraded_reason = s.degraded_reason();
+  } else if (r.has_query_persistence_status()) {
+    from_status(r.query_persistence_status());
+  } else {
+    from_status(r.wait_persistence_status().status());
+  }
+  return out;
+}
+
 server_config config_of(const wire::Response& r) {
   const auto& c = r.get_server_config();
   server_config out;
@@ -341,6 +397,7 @@ server_config config_of(const wire::Response& r) {
   out.artifact_chunk_bytes = c.artifact_chunk_bytes();
   out.stable_budget_bytes = c.mem_pool_size();
   out.socket_path = c.local_handle_socket_path();
+  out.cluster_url = c.cluster_url();
   return out;
 }
 

@@ -18,6 +18,7 @@
 
 #include "tensorreg/client/types.hpp"
 #include "tensorreg/common/error.hpp"
+#include "tensorreg/persistence/task_table.hpp"
 #include "tensorreg/policy/store_policy.hpp"
 #include "tensorreg/registration/types.hpp"
 #include "tensorreg/views/view_plan.hpp"
@@ -77,6 +78,14 @@ struct region_args {
                                                std::int32_t owner_pid);
 [[nodiscard]] wire::Request config_request();
 [[nodiscard]] wire::Request index_request(std::string_view artifact_id);
+/// StartPersistence; `profile` unset: no policy (the daemon's default).
+[[nodiscard]] wire::Request start_persistence_request(std::string_view artifact_id,
+                                                      std::optional<policy::profile> profile,
+                                                      std::string_view key_hint);
+/// QueryPersistenceStatus by task id, or (task_id empty) by artifact id.
+[[nodiscard]] wire::Request query_persistence_request(std::string_view task_id, std::string_view artifact_id);
+/// WaitPersistenceStatus; timeout_ms 0 = until the task is terminal.
+[[nodiscard]] wire::Request wait_persistence_request(std::string_view task_id, std::uint32_t timeout_ms);
 /// GetArtifactIndexById asking for a view too (wire-format.md §16).
 [[nodiscard]] wire::Request view_request(std::string_view artifact_id, std::string_view view_id);
 /// A Feed frame of one view_chunk.
@@ -101,6 +110,9 @@ struct region_args {
 [[nodiscard]] registration::hash_status hash_status_of(const wire::Response& r);
 [[nodiscard]] registration::region_ref_source region_of(const wire::Response& registered_region);
 [[nodiscard]] server_config config_of(const wire::Response& r);
+/// The task of a StartPersistence, QueryPersistenceStatus or WaitPersistenceStatus answer
+/// (StartPersistence's carries no artifact id: `artifact_id` fills it).
+[[nodiscard]] persistence::task_status persistence_of(const wire::Response& r, std::string_view artifact_id = {});
 [[nodiscard]] artifact_index index_of(const wire::Response& r);
 [[nodiscard]] std::vector<artifact_info> list_of(const wire::Response& r);
 [[nodiscard]] artifact_view view_of(const v2::ArtifactView& v);

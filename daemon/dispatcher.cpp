@@ -456,6 +456,7 @@ struct dispatcher::impl {
 
   status get_server_config(call& c) {
     convert::fill_config(*c.response.mutable_get_server_config(), options.socket_path, engine.stats());
+    if (!options.cluster_url.empty()) c.response.mutable_get_server_config()->set_cluster_url(options.cluster_url);
     return {};
   }
 

@@ -70,6 +70,9 @@ struct dispatcher_options {
   metrics::registry* metrics = nullptr;
   /// The cluster, with --cluster; must outlive the dispatcher; null = this host alone.
   cluster_hooks* cluster = nullptr;
+  /// The --cluster URL, reported by GetServerConfig (`tensorreg cluster ls` reads that etcd);
+  /// empty = this host alone.
+  std::string cluster_url;
 };
 
 /// A frame's payload (one serialised envelope) and the fds that arrived with it.

@@ -418,6 +418,7 @@ int serve(const options& o, tensorreg::logger& log) {
     cluster_node = std::move(*joined);
     cluster_hooks = std::make_unique<cluster_adapter>(*cluster_node);
     d.cluster = cluster_hooks.get();
+    d.cluster_url = o.cluster;
     // Before the ready line, so that whoever waits for it knows where members pull from.
     fmt::print("tensorregd: transfers on {} as {}\n", cluster_node->server().address(),
                cluster_node->members().self().host_id);

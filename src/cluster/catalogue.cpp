@@ -288,4 +288,48 @@ std::vector<std::string> catalogue::advertised() const {
   return out;
 }
 
+result<std::vector<listed_host>> list_cluster(etcd_client& etcd, const cluster_url& url) {
+  const auto hosts_prefix = url.prefix + "/hosts/";
+  const auto replicas_prefix = url.prefix + "/replicas/";
+  TENSORREG_TRY_ASSIGN(auto host_kvs, etcd.list(hosts_prefix));
+  TENSORREG_TRY_ASSIGN(auto replica_kvs, etcd.list(replicas_prefix));
+  std::map<std::string, listed_host, std::less<>> by_id;
+  for (const auto& kv : host_kvs) {
+    const auto host_id = std::string_view(kv.key).substr(hosts_prefix.size());
+    TENSORREG_TRY_ASSIGN(auto host, parse_host(host_id, kv.value));
+    listed_host listed{std::move(host), kv.lease, std::nullopt, {}};
+    if (kv.lease != 0) {
+      auto left = etcd.lease_time_to_live(kv.lease);
+      if (left) {
+        listed.lease_left = *left;
+      } else if (left.error().code != errc::not_found) {
+        return tl::unexpected(left.error());
+      }
+    }
+    by_id.emplace(listed.host.host_id, std::move(listed));
+  }
+  // <prefix>/replicas/<artifact_id>/<host_id>: artifact ids hold no '/' (check_artifact_key).
+  for (const auto& kv : replica_kvs) {
+    const auto rest = std::string_view(kv.key).substr(replicas_prefix.size());
+    const auto slash = rest.rfind('/');
+    if (slash == std::string_view::npos || slash == 0 || slash + 1 == rest.size()) continue;
+    const auto artifact_id = std::string(rest.substr(0, slash));
+    const auto host_id = std::string(rest.substr(slash + 1));
+    auto parsed = json::parse(kv.value, nullptr, false);
+    const std::uint64_t size = parsed.is_object() ? parsed.value("total_size", std::uint64_t{0}) : 0;
+    auto it = by_id.find(host_id);
+    if (it == by_id.end()) {
+      listed_host orphan;
+      orphan.host.host_id = host_id;
+      orphan.lease = kv.lease;
+      it = by_id.emplace(host_id, std::move(orphan)).first;
+    }
+    it->second.replicas.emplace_back(artifact_id, size);
+  }
+  std::vector<listed_host> out;
+  out.reserve(by_id.size());
+  for (auto& [id, host] : by_id) out.push_back(std::move(host));
+  return out;
+}
+
 }  // namespace tensorreg::cluster

@@ -342,4 +342,14 @@ status etcd_client::revoke_lease(std::int64_t lease) {
   return {};
 }
 
+result<std::chrono::seconds> etcd_client::lease_time_to_live(std::int64_t lease) {
+  TENSORREG_TRY_ASSIGN(auto answer, state_->call("/v3/lease/timetolive", json{{"ID", std::to_string(lease)}}));
+  // etcd answers TTL -1 for a lease that is gone; 0 is one about to expire.
+  auto ttl = json_int(answer, "TTL");
+  if (ttl < 0 || answer.find("TTL") == answer.end()) {
+    return fail(errc::not_found, fmt::format("lease {:x} expired or was revoked", lease));
+  }
+  return std::chrono::seconds(ttl);
+}
+
 }  // namespace tensorreg::cluster

@@ -151,6 +151,7 @@ def main():
             failures += daemon_checks(tool, sys.argv[2], d, check)
             failures += daemon_convention_checks(tool, sys.argv[2], d, check)
             failures += progress_checks(tool, sys.argv[2], d, check)
+            failures += persist_get_checks(tool, sys.argv[2], d, check)
     sys.exit(1 if failures else 0)
 
 
@@ -542,6 +543,173 @@ def daemon_convention_checks(tool, daemon, d, check):
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=10)
+    return failures
+
+
+def read_safetensors(path):
+    """name -> (dtype, shape, bytes), with the `safetensors` package when /usr/bin/python3 has
+    it (an independent reader), else by the format's own rules (8-byte length, JSON header)."""
+    probe = subprocess.run(["/usr/bin/python3", "-c", "import safetensors.numpy"], capture_output=True)
+    if probe.returncode == 0:
+        code = ("import json,sys,safetensors.numpy as s; t=s.load_file(sys.argv[1]); "
+                "print(json.dumps({k: [str(v.dtype), list(v.shape), v.tobytes().hex()] for k, v in t.items()}))")
+        loaded = json.loads(subprocess.run(["/usr/bin/python3", "-c", code, path], capture_output=True, text=True,
+                                           check=True).stdout)
+        return {k: (None, shape, bytes.fromhex(blob)) for k, (_, shape, blob) in loaded.items()}
+    with open(path, "rb") as f:
+        data = f.read()
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + length])
+    body = data[8 + length:]
+    return {name: (e["dtype"], e["shape"], body[e["data_offsets"][0]:e["data_offsets"][1]])
+            for name, e in header.items() if name != "__metadata__"}
+
+
+def persist_get_checks(tool, daemon, d, check):
+    """persist (SUCCESS, the copy on disk, tier shared_disk, no progress when piped, progress on a
+    terminal; FAILED_PRECONDITION without --persist-dir), get/pull (restores a persisted
+    artifact after a restart, --out writes a loadable file, NOT_FOUND for an unknown id), and
+    cluster ls refusing plainly when the daemon is not in a cluster (issues #19, #20)."""
+    failures = 0
+    sock = os.path.join(d, "run4", "tensorregd.sock")
+    persist = os.path.join(d, "persist4")
+    env = dict(os.environ, TENSORREG_SOCKET=sock)
+
+    def cli(*args, expect_ok=True):
+        p = subprocess.run([tool, *args], capture_output=True, text=True, env=env)
+        if expect_ok and p.returncode != 0:
+            raise AssertionError(f"{args} failed: {p.stderr}")
+        return p
+
+    model = os.path.join(d, "persisted.safetensors")
+    tensors = {"w": ("F32", [3, 1 << 20], os.urandom(12 << 20)), "b": ("BF16", [5], os.urandom(10))}
+    write_safetensors(model, tensors)
+    # Without --persist-dir: the daemon's FAILED_PRECONDITION reaches the user in plain words.
+    proc, log = start_daemon(daemon, sock, os.path.join(d, "daemon4a.log"))
+    try:
+        artifact = json.loads(cli("put", "--json", model).stdout)["artifact_id"]
+        refused = cli("persist", artifact, expect_ok=False)
+        failures += check(refused.returncode == 1 and "FAILED_PRECONDITION" in refused.stderr and
+                          "no persist directory" in refused.stderr and "--persist-dir" in refused.stderr and
+                          len(refused.stderr.strip().splitlines()) == 1,
+                          "persist without --persist-dir says the daemon has no persist directory")
+        alone = cli("cluster", "ls", expect_ok=False)
+        failures += check(alone.returncode == 1 and ("is not in one" in alone.stderr or
+                                                     "built without the cluster" in alone.stderr),
+                          "cluster ls against a daemon outside a cluster says so and asks for --etcd")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=10)
+
+    proc, log = start_daemon(daemon, sock, os.path.join(d, "daemon4b.log"), "--persist-dir", persist)
+    try:
+        artifact = json.loads(cli("put", "--json", model).stdout)["artifact_id"]
+        size = os.path.getsize(model)
+        piped = cli("persist", short(artifact))
+        lines = piped.stdout.splitlines()
+        failures += check(piped.stderr == "" and "\r" not in piped.stdout and "\x1b" not in piped.stdout and
+                          lines[0] == f"persisted {artifact}" and
+                          any(line.split() == ["state", "SUCCESS"] for line in lines) and
+                          any(line.split()[:1] == ["task"] and len(line.split()) == 2 for line in lines) and
+                          any(line.split()[:1] == ["time"] for line in lines),
+                          "persist waits, prints task, SUCCESS and the time, and no progress when piped")
+        on_disk = sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(persist) for f in files)
+        listed = {x["artifact_id"]: x for x in json.loads(cli("ls", "--json").stdout)}
+        failures += check(on_disk >= listed[artifact]["total_size"] > 0 and
+                          "shared_disk" in listed[artifact]["tiers"] and "stable_dram" in listed[artifact]["tiers"],
+                          f"the persisted bytes are on disk ({on_disk} B) and ls lists tier shared_disk")
+        again = json.loads(cli("persist", "--json", artifact).stdout)
+        failures += check(again["state"] == "SUCCESS" and again["artifact_id"] == artifact and again["task_id"] and
+                          again["progress"] == 1.0 and again["wall_seconds"] > 0,
+                          "persist --json of a persisted artifact answers SUCCESS")
+        nowait = cli("persist", "--no-wait", artifact)
+        failures += check(nowait.stdout.startswith(f"persisting {artifact}") and "task" in nowait.stdout,
+                          "persist --no-wait prints the task and returns")
+        unknown = cli("persist", "mi2:bciqnothing", expect_ok=False)
+        failures += check(unknown.returncode == 1 and "NOT_FOUND" in unknown.stderr,
+                          "persist of an unknown artifact fails with NOT_FOUND")
+        failures += persist_get_under_tmux(tool, sock, artifact, d, check)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=10)
+
+    # A restarted daemon holds the artifact on disk only; get restores it into stable DRAM.
+    proc, log = start_daemon(daemon, sock, os.path.join(d, "daemon4c.log"), "--persist-dir", persist)
+    try:
+        before = {x["artifact_id"]: x for x in json.loads(cli("ls", "--json").stdout)}
+        failures += check(before[artifact]["tiers"] == ["shared_disk"], "after a restart it is on disk only")
+        out = os.path.join(d, "got.safetensors")
+        got = cli("get", artifact, "--out", out)
+        lines = got.stdout.splitlines()
+        failures += check(got.stderr == "" and lines[0] == f"got {artifact}" and
+                          any(line.split() == ["from", "shared_disk"] for line in lines) and
+                          any(line.split()[:1] == ["tiers"] and "stable_dram" in line for line in lines) and
+                          any(line.split()[:1] == ["time"] for line in lines),
+                          "get restores a persisted artifact after a restart and says from where")
+        back = read_safetensors(out)
+        failures += check(sorted(back) == sorted(tensors) and
+                          all(back[k][2] == tensors[k][2] and list(back[k][1]) == tensors[k][1] for k in tensors),
+                          "get --out writes a safetensors file with the same tensors")
+        pulled = json.loads(cli("pull", "--json", short(artifact)).stdout)
+        failures += check(pulled["artifact_id"] == artifact and pulled["source"] == "stable_dram" and
+                          "stable_dram" in pulled["tiers"] and pulled["total_size"] == before[artifact]["total_size"],
+                          "pull (get's alias) of a held artifact by short id answers from stable DRAM")
+        missing = "mi2:bciqabsentabsentabsentabsentabsentabsentabsentabsent:bciqabsentabsentabsentabsent"
+        nobody = cli("get", missing, expect_ok=False)
+        failures += check(nobody.returncode == 1 and "NOT_FOUND" in nobody.stderr and missing in nobody.stderr,
+                          "get of an id nobody holds fails with NOT_FOUND and the daemon's message")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=10)
+        os.unlink(model)
+    return failures
+
+
+def persist_get_under_tmux(tool, sock, artifact, d, check):
+    """On a terminal (tmux, its output logged by pipe-pane): persist draws the bytes written of
+    the total, or a spinner while queued; get draws a spinner and the time, then the bytes of
+    --out. Skipped without tmux."""
+    tmux = shutil.which("tmux")
+    if tmux is None:
+        print("skip persist/get under tmux: no tmux (apt-get install tmux)")
+        return 0
+    server = f"tensorreg-persist-{os.getpid()}"
+    base = [tmux, "-L", server, "-f", "/dev/null"]
+    raw = os.path.join(d, "terminal4.log")
+    go = os.path.join(d, "go4")
+    big = os.path.join(d, "persist-big.safetensors")
+    write_safetensors(big, {"w": ("U8", [192 << 20], os.urandom(192 << 20))})
+    out = os.path.join(d, "tmux-got.safetensors")
+    failures = 0
+    put = subprocess.run([tool, "put", "--json", "--socket", sock, big], capture_output=True, text=True, check=True)
+    big_id = json.loads(put.stdout)["artifact_id"]
+    script = (f"export TENSORREG_SOCKET={sock}; while [ ! -e {go} ]; do sleep 0.05; done; "
+              f"{tool} persist {big_id}; {tool} get {artifact} --out {out}; echo all-done; sleep 30")
+    try:
+        subprocess.run(base + ["new-session", "-d", "-x", "160", "-y", "40", "-s", "p", script], check=True)
+        subprocess.run(base + ["pipe-pane", "-t", "p", f"cat >> {raw}"], check=True)
+        open(go, "w").close()
+        text = ""
+        for _ in range(600):
+            time.sleep(0.1)
+            text = open(raw, errors="replace", newline="").read() if os.path.exists(raw) else ""
+            if "all-done" in text:
+                break
+        parts = [part.replace("\x1b[K", "") for part in text.split("\r")]
+        persisting = [p for p in parts if p.startswith("persist ")]
+        failures += check(any(p.rstrip().endswith(" s") and ("of 192.0 MiB" in p or "queued" in p) for p in persisting),
+                          "persist draws its progress (bytes of the total, or queued) and the time on a terminal")
+        getting = [p for p in parts if p.startswith("get ")]
+        failures += check(any("%" in p and "of 12.0 MiB" in p for p in getting) and
+                          any(p.rstrip().endswith(" s") for p in getting),
+                          "get draws the bytes of --out and the time on a terminal")
+        failures += check("persisted mi2:" in text and f"got {artifact}" in text,
+                          "the results follow the erased progress lines")
+    finally:
+        subprocess.run(base + ["kill-server"], capture_output=True)
+        os.unlink(big)
+        if os.path.exists(out):
+            os.unlink(out)
     return failures
 
 

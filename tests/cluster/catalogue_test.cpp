@@ -190,3 +190,65 @@ TEST_CASE("catalogue: writes that failed while etcd was away are made by the nex
   CHECK((*b)->holders("mi2:late")->hosts.size() == 1);
   CHECK(**(*b)->get_index(hash) == "late index");
 }
+
+TEST_CASE("catalogue: list_cluster shows every host with its lease health and replicas, writing nothing",
+          "[cluster][catalogue]") {
+  if (!testing::find_etcd()) {
+    WARN("SKIP: no etcd binary (apt-get install etcd-server)");
+    return;
+  }
+  testing::temp_dir dir;
+  testing::etcd_process etcd(dir.path());
+  const auto url = *parse_cluster_url(etcd.url("c5"));
+  auto a = catalogue::create(options_for(etcd.url("c5"), "host-a"));
+  auto b = catalogue::create(options_for(etcd.url("c5"), "host-b"));
+  REQUIRE(a);
+  REQUIRE(b);
+  REQUIRE((*a)->refresh());
+  REQUIRE((*b)->refresh());
+  REQUIRE((*a)->advertise(artifact, 12345));
+  REQUIRE((*a)->advertise("mi2:other", 7));
+  REQUIRE((*b)->advertise(artifact, 12345));
+  auto client = etcd_client::create({url.endpoint()});
+  REQUIRE(client);
+  // A replica key left by a host id with no host record (its record deleted by hand).
+  REQUIRE((*client)->put(url.prefix + "/replicas/mi2:orphan/host-gone", R"({"total_size":3})"));
+  const auto keys_before = (*client)->list(url.prefix + "/");
+  REQUIRE(keys_before);
+
+  auto listed = list_cluster(**client, url);
+  REQUIRE(listed);
+  REQUIRE(listed->size() == 3);
+  const auto& ha = (*listed)[0];
+  CHECK(ha.host == (*a)->self());
+  REQUIRE(ha.lease_left);
+  CHECK(ha.lease_left->count() > 0);
+  CHECK(ha.lease_left->count() <= 10);
+  CHECK(ha.replicas ==
+        std::vector<std::pair<std::string, std::uint64_t>>{{"mi2:example-artifact", 12345}, {"mi2:other", 7}});
+  CHECK((*listed)[1].host.host_id == "host-b");
+  CHECK((*listed)[1].replicas.size() == 1);
+  const auto& gone = (*listed)[2];
+  CHECK(gone.host.host_id == "host-gone");
+  CHECK(gone.host.transfer_address.empty());
+  CHECK_FALSE(gone.lease_left);
+  CHECK(gone.replicas == std::vector<std::pair<std::string, std::uint64_t>>{{"mi2:orphan", 3}});
+  const auto keys_after = (*client)->list(url.prefix + "/");
+  REQUIRE(keys_after);
+  CHECK(keys_after->size() == keys_before->size());
+
+  auto lease_gone = (*client)->lease_time_to_live(0x7777);
+  REQUIRE_FALSE(lease_gone);
+  CHECK(lease_gone.error().code == errc::not_found);
+  CHECK(lease_gone.error().message == "lease 7777 expired or was revoked");
+}
+
+TEST_CASE("catalogue: list_cluster of an unreachable etcd is UNAVAILABLE, naming it", "[cluster][catalogue]") {
+  const auto url = *parse_cluster_url("etcd://127.0.0.1:1/t");
+  auto client = etcd_client::create({url.endpoint(), 300ms, 1000ms});
+  REQUIRE(client);
+  auto listed = list_cluster(**client, url);
+  REQUIRE_FALSE(listed);
+  CHECK(listed.error().code == errc::unavailable);
+  CHECK_THAT(listed.error().message, Catch::Contains("http://127.0.0.1:1"));
+}

@@ -7,7 +7,9 @@
 #
 #   netns_cluster.sh BUILD_DIR
 #
-# Cases: put on A, get by id on B (same bytes); fan-out to three receivers; the source
+# Cases: put on A, get by id on B (same bytes); fan-out to three receivers; `tensorreg cluster
+# ls` lists the four hosts alive and what they hold; `tensorreg get ID --out` on a host without
+# it pulls it (the same file as an export where it was put); the source
 # SIGKILLed mid-transfer (its link limited with tc so that the kill lands mid-pull); etcd
 # stopped (cluster gets UNAVAILABLE, local puts work) and restarted (members register again,
 # what was put during the outage is advertised); a corrupt source (a daemon that flips a byte
@@ -161,6 +163,50 @@ f4=$!
 wait $f2 && wait $f3 && wait $f4 || fail "a fan-out get failed: $(cat "$tmp"/fan?)"
 for n in 2 3 4; do [ "$(cat "$tmp/fan$n")" = "$want" ] || fail "node$n got '$(cat "$tmp/fan$n")' for $id_b"; done
 pass "fan-out of $id_b to 3 receivers"
+
+# 2b. `tensorreg cluster ls` (issue #20): the 4 hosts, alive, with their transfer addresses, and
+# what each holds; the etcd URL from the daemon's GetServerConfig, or --etcd. Run in node2's
+# namespace, where etcd is reachable. Advertising runs after the commit: wait for node1's A.
+ls_json() { ip netns exec "${tag}2" "$cli" cluster ls --json "$@"; }
+for _ in $(seq 50); do
+  ls_json --socket "$tmp/d2.sock" | grep -q "$id_a" && break
+  sleep 0.2
+done
+ls_json --socket "$tmp/d2.sock" >"$tmp/cluster_ls.json" || fail "cluster ls: $(cat "$tmp/cluster_ls.json")"
+/usr/bin/python3 - "$tmp/cluster_ls.json" "$subnet" "$id_a" "$id_b" <<'PY' || fail "cluster ls --json: $(cat "$tmp/cluster_ls.json")"
+import json, sys
+hosts = {h["host_id"]: h for h in json.load(open(sys.argv[1]))}
+subnet, id_a, id_b = sys.argv[2:5]
+assert sorted(hosts) == ["node1", "node2", "node3", "node4"], sorted(hosts)
+for n in range(1, 5):
+    h = hosts[f"node{n}"]
+    assert h["alive"] and h["lease_seconds_left"] > 0, h
+    assert h["transfer_address"] == f"{subnet}.{20 + n}:7000", h
+held = {n: {r["artifact_id"]: r["total_size"] for r in h["replicas"]} for n, h in hosts.items()}
+assert id_a in held["node1"] and id_a in held["node2"] and held["node1"][id_a] == held["node2"][id_a] > 0, held
+for n in ("node2", "node3", "node4"):
+    assert id_b in held[n], (n, held)
+PY
+table=$(ip netns exec "${tag}3" "$cli" cluster ls --etcd "etcd://$etcd_ip:2379/tensorreg") || fail "cluster ls --etcd: $table"
+for n in 1 2 3 4; do
+  echo "$table" | grep -q "^node$n .*$subnet.$((20 + n)):7000 .*alive" || fail "cluster ls does not list node$n alive: $table"
+done
+echo "$table" | grep -q "^  $id_a " || fail "cluster ls does not list $id_a: $table"
+echo "$table" | grep -q "^4 hosts, 4 alive$" || fail "cluster ls summary: $table"
+out=$("$cli" cluster ls --etcd "http://$etcd_ip:2379" 2>&1) && fail "cluster ls took an http:// url: $out"
+case "$out" in *"cannot parse cluster url"*) ;; *) fail "cluster ls with a bad url said '$out'" ;; esac
+pass "cluster ls: 4 hosts alive with their addresses and replicas"
+
+# 2c. `tensorreg get ID` on a host that does not hold it pulls it from the cluster; --out writes
+# the same file as an export on the host it was put on.
+got=$("$cli" get --json --socket "$tmp/d3.sock" "$id_a" --out "$tmp/a3.safetensors") || fail "cli get on node3: $got"
+echo "$got" | /usr/bin/python3 -c 'import json,sys; j=json.load(sys.stdin); assert j["source"] == "cluster" and "stable_dram" in j["tiers"], j' ||
+  fail "cli get on node3 answered $got"
+"$cli" export --socket "$tmp/d1.sock" "$id_a" --out "$tmp/a1.safetensors" >/dev/null || fail "export on node1"
+cmp -s "$tmp/a1.safetensors" "$tmp/a3.safetensors" || fail "get --out on node3 differs from node1's export"
+out=$("$cli" get --socket "$tmp/d3.sock" "mi2:bciqnobodyholdsthis:bciqnobodyholdsthis" 2>&1) && fail "get of an unknown id: $out"
+case "$out" in *NOT_FOUND*) ;; *) fail "get of an id nobody holds said '$out'" ;; esac
+pass "cli get on node3 pulls $id_a from the cluster; --out equals node1's export"
 
 # 3. The source SIGKILLed mid-transfer: node1 and node2 hold C; their links are slowed to
 # 200 Mbit/s each (96 MiB then takes about 2 s), node3 pulls from both, node1 dies 0.7 s in.

@@ -120,4 +120,22 @@ class catalogue {
   std::unique_ptr<state> state_;
 };
 
+/// A host of the cluster as an observer sees it (`tensorreg cluster ls`).
+struct listed_host {
+  host_record host;
+  /// The etcd lease its keys hang on (0: none).
+  std::int64_t lease = 0;
+  /// Seconds its lease has left; nullopt when it expired or was revoked (its keys are about to
+  /// go, or the record was written without a lease).
+  std::optional<std::chrono::seconds> lease_left;
+  /// The replicas it advertises: artifact id and total size, by id.
+  std::vector<std::pair<std::string, std::uint64_t>> replicas;
+};
+
+/// Everything the catalogue under `url` lists, read without joining it: the hosts by host id,
+/// and the replica keys of host ids with no host record (listed under a host of that id with an
+/// empty transfer address and no lease). Reads only: nothing is written, no lease renewed.
+/// Errors: UNAVAILABLE (etcd unreachable), INTERNAL (a host record that is not ours).
+[[nodiscard]] result<std::vector<listed_host>> list_cluster(etcd_client& etcd, const cluster_url& url);
+
 }  // namespace tensorreg::cluster

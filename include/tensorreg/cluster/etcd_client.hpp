@@ -102,6 +102,11 @@ class etcd_client {
   /// Errors: UNAVAILABLE, INTERNAL.
   [[nodiscard]] status revoke_lease(std::int64_t lease);
 
+  /// The seconds a lease has left, without renewing it (an observer's question: `tensorreg
+  /// cluster ls` must not keep a dead host alive).
+  /// Errors: NOT_FOUND (the lease expired or was revoked), UNAVAILABLE, INTERNAL.
+  [[nodiscard]] result<std::chrono::seconds> lease_time_to_live(std::int64_t lease);
+
  private:
   struct state;
   explicit etcd_client(std::unique_ptr<state> s) noexcept;

@@ -7,7 +7,9 @@
 // one IPC handle or VRAM region per cudaMalloc allocation, VMM fds for cuMemCreate /
 // expandable-segments memory), and the reads: index, get (the stable replica's memfd, mapped),
 // open_device (the GPU layout a CUDA reader maps), list, stats; and revoke, abort, deregister;
-// and views (registration.md §7): register_view, register_piece, view, get_view.
+// and views (registration.md §7): register_view, register_piece, view, get_view; and
+// persistence to the daemon's --persist-dir (registration.md §1.6, DECISIONS §5.11):
+// start_persistence, query_persistence, wait_persistence.
 // Every daemon error comes back as an `error` carrying the daemon's code and message.
 //
 // A `lease` keeps its registration alive from a thread that sends KeepAlive every
@@ -33,6 +35,7 @@
 #include "tensorreg/client/types.hpp"
 #include "tensorreg/common/error.hpp"
 #include "tensorreg/index/safetensors_bundle.hpp"
+#include "tensorreg/persistence/task_table.hpp"
 
 namespace tensorreg::client {
 
@@ -186,6 +189,31 @@ class connection {
   /// narrow/transpose of the canonical tensors, linearized).
   /// Errors: as view() and get(); DATA_LOSS (a record that does not fit the artifact).
   [[nodiscard]] result<view_bytes> get_view(std::string_view artifact_id, std::string_view view_id);
+
+  /// StartPersistence (registration.md §1.6): the daemon writes one copy of the artifact to its
+  /// --persist-dir on its persistence threads. Answers the artifact's live task when it has one,
+  /// a task already SUCCESS when the artifact was persisted before, else a new PENDING task.
+  /// options.profile (empty: the daemon's default) names a policy whose cache rules apply to
+  /// the copy.
+  /// Errors: FAILED_PRECONDITION (the daemon has no --persist-dir; the artifact is being
+  /// deregistered), NOT_FOUND (no such artifact), INVALID_ARGUMENT (unknown profile name).
+  [[nodiscard]] result<persistence::task_status> start_persistence(std::string_view artifact_id,
+                                                                   const persistence_options& options = {});
+
+  /// QueryPersistenceStatus of one task, answered at once.
+  /// Errors: NOT_FOUND (no such task: unknown, or forgotten after many newer ones).
+  [[nodiscard]] result<persistence::task_status> query_persistence(std::string_view task_id);
+
+  /// QueryPersistenceStatus by artifact: its newest task.
+  /// Errors: NOT_FOUND (the artifact has had no task).
+  [[nodiscard]] result<persistence::task_status> query_persistence_of(std::string_view artifact_id);
+
+  /// WaitPersistenceStatus: the task's status once it is terminal (SUCCESS, DEGRADED, FAILED),
+  /// or as it stands when `timeout` passes (0 = no limit; the call then blocks until the end).
+  /// A FAILED or DEGRADED task is an answer, not an error: see its state and reasons.
+  /// Errors: NOT_FOUND (no such task), UNAVAILABLE (connection lost).
+  [[nodiscard]] result<persistence::task_status> wait_persistence(std::string_view task_id,
+                                                                  std::chrono::milliseconds timeout = {});
 
   /// DeregisterArtifact: drains (when asked) and removes it.
   /// Errors: NOT_FOUND; DEADLINE_EXCEEDED (readers did not drain in time).

@@ -145,6 +145,17 @@ struct server_config {
   std::uint64_t artifact_chunk_bytes = 0;
   std::int64_t stable_budget_bytes = 0;  ///< 0 = unlimited
   std::string socket_path;               ///< where the daemon hands out fds (its own socket)
+  /// The cluster the daemon joined (`tensorregd --cluster`, "etcd://host:port/prefix");
+  /// empty when it runs alone.
+  std::string cluster_url;
+};
+
+/// connection::start_persistence().
+struct persistence_options {
+  /// Policy profile name ("durable", "cache", ...; empty = the daemon's default).
+  std::string profile;
+  /// Upstream's key hint; tensorregd names its copy by artifact id and ignores it.
+  std::string key_hint;
 };
 
 /// connection::index(): the artifact's descriptor and canonical index JSON, as hashed.

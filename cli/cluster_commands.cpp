@@ -1,0 +1,85 @@
+#include "cluster_commands.hpp"
+
+#include <fmt/core.h>
+
+#include <nlohmann/json.hpp>
+
+#include "progress.hpp"
+#include "tensorreg/common/error.hpp"
+
+#if TENSORREG_HAVE_CLUSTER
+#include "tensorreg/cluster/catalogue.hpp"
+#include "tensorreg/cluster/etcd_client.hpp"
+#endif
+
+namespace tensorreg::cli {
+
+#if TENSORREG_HAVE_CLUSTER
+
+namespace {
+
+using json = nlohmann::ordered_json;
+
+int fail_with(const error& e, int code = 1) {
+  fmt::print(stderr, "tensorreg: {} ({})\n", e.message, errc_name(e.code));
+  return code;
+}
+
+std::string health(const cluster::listed_host& h) {
+  if (h.lease_left) return fmt::format("alive ({} s left)", h.lease_left->count());
+  if (h.host.transfer_address.empty()) return "expired (no host record)";
+  return "expired";
+}
+
+}  // namespace
+
+int cluster_ls(const std::string& text, bool as_json) {
+  auto url = cluster::parse_cluster_url(text);
+  if (!url) return fail_with(url.error(), 2);
+  auto etcd = cluster::etcd_client::create({url->endpoint()});
+  if (!etcd) return fail_with(etcd.error());
+  auto hosts = cluster::list_cluster(**etcd, *url);
+  if (!hosts) return fail_with(with_context(hosts.error(), "cannot list the cluster " + text));
+  if (as_json) {
+    json out = json::array();
+    for (const auto& h : *hosts) {
+      json replicas = json::array();
+      for (const auto& [id, size] : h.replicas) replicas.push_back(json{{"artifact_id", id}, {"total_size", size}});
+      out.push_back(json{{"host_id", h.host.host_id},
+                         {"host_name", h.host.host_name},
+                         {"transfer_address", h.host.transfer_address},
+                         {"capacity_bytes", h.host.capacity_bytes},
+                         {"alive", h.lease_left.has_value()},
+                         {"lease_seconds_left", h.lease_left ? h.lease_left->count() : 0},
+                         {"replicas", replicas}});
+    }
+    fmt::print("{}\n", out.dump());
+    return 0;
+  }
+  fmt::print("cluster {} ({})\n", text, url->endpoint());
+  fmt::print("{:<24} {:<24} {:>12}  {:<20} {:>8}\n", "HOST", "TRANSFER", "CAPACITY", "HEALTH", "REPLICAS");
+  std::uint64_t alive = 0;
+  for (const auto& h : *hosts) {
+    alive += h.lease_left ? 1 : 0;
+    fmt::print("{:<24} {:<24} {:>12}  {:<20} {:>8}\n", h.host.host_id,
+               h.host.transfer_address.empty() ? "-" : h.host.transfer_address,
+               h.host.capacity_bytes == 0 ? std::string("-") : human_bytes(h.host.capacity_bytes), health(h),
+               h.replicas.size());
+    for (const auto& [id, size] : h.replicas) fmt::print("  {}  {}\n", id, human_bytes(size));
+  }
+  fmt::print("{} hosts, {} alive\n", hosts->size(), alive);
+  return 0;
+}
+
+#else
+
+int cluster_ls(const std::string&, bool) {
+  fmt::print(stderr,
+             "tensorreg: cannot list the cluster: this tensorreg was built without the cluster (libcurl and UCX; "
+             "TENSORREG_CLUSTER) (UNIMPLEMENTED)\n");
+  return 1;
+}
+
+#endif
+
+}  // namespace tensorreg::cli
