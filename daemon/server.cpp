@@ -24,6 +24,7 @@
 
 #include "framing.hpp"
 #include "src/common/log.hpp"
+#include "tensorreg/common/priority_inheriting_mutex.hpp"
 #include "unix_socket.hpp"
 
 namespace tensorreg::daemon {
@@ -166,7 +167,9 @@ class return_channel {
   asio::posix::stream_descriptor wait_;  // owns efd_
   bool armed_ = false;
   std::size_t outstanding_ = 0;  // jobs handed out and not yet finished here
-  std::mutex mutex_;
+  // The FIFO I/O thread takes it to drain: a pool thread preempted while holding it runs
+  // again at once, boosted, instead of after what else its core has queued.
+  priority_inheriting_mutex mutex_;
   std::vector<std::unique_ptr<job>> pending_;  // guarded by mutex_
   bool signalled_ = false;                     // guarded by mutex_: the eventfd was written since the last drain
 };

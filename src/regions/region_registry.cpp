@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "tensorreg/common/random.hpp"
+#include "tensorreg/memory/unlocked_release.hpp"
 
 namespace tensorreg::regions {
 namespace {
@@ -11,13 +12,17 @@ tl::unexpected<error> not_found(const std::string& id) {
   return fail(errc::not_found, "cannot find region '" + id + "': no such region");
 }
 
-// Mappings of regions that go, released by the caller once the registry's lock is let go:
-// closing a device mapping takes the driver's time, and other registry calls need not wait.
-using released_mappings = std::vector<std::shared_ptr<const memory::byte_source>>;
+// What regions that go held (their mappings and memory), let go by the caller once the
+// registry's lock is, and past the caller's own locks too (memory/unlocked_release.hpp):
+// closing a device mapping takes the driver's time and unmapping host memory the kernel's
+// mmap lock, and other registry calls need not wait for either.
+using released_mappings = memory::deferred_release;
 
 void let_go(region_info& info, released_mappings& out) {
   if (info.ipc_mapping) out.push_back(info.ipc_mapping->drop());
-  if (info.device_mapping) out.push_back(std::move(info.device_mapping));
+  out.push_back(std::move(info.device_mapping));
+  out.push_back(std::move(info.memory));
+  out.push_back(std::move(info.vmm));
 }
 
 }  // namespace
@@ -155,6 +160,7 @@ result<region_info> region_registry::register_region(register_request request) {
   e.info = info;
   e.owner_uid = request.owner_uid;
   regions_.emplace(info.id, std::move(e));
+  count_.store(regions_.size(), std::memory_order_relaxed);
   return info;
 }
 
@@ -200,6 +206,7 @@ status region_registry::release_locked(std::unordered_map<std::string, entry>::i
   if (e.info.refs == 0 && e.retiring) {
     let_go(e.info, gone);
     regions_.erase(it);
+    count_.store(regions_.size(), std::memory_order_relaxed);
   }
   return {};
 }
@@ -243,6 +250,7 @@ result<bool> region_registry::unregister(const std::string& region_id, std::int3
   }
   let_go(e.info, gone);
   regions_.erase(it);
+  count_.store(regions_.size(), std::memory_order_relaxed);
   return true;
 }
 
@@ -282,6 +290,7 @@ std::vector<std::string> region_registry::sweep() {
     }
     ++it;
   }
+  count_.store(regions_.size(), std::memory_order_relaxed);
   return removed;
 }
 
@@ -298,12 +307,10 @@ std::vector<std::string> region_registry::release_owner(std::int32_t owner_pid) 
     let_go(it->second.info, gone);
     it = regions_.erase(it);
   }
+  count_.store(regions_.size(), std::memory_order_relaxed);
   return removed;
 }
 
-std::size_t region_registry::size() const {
-  std::lock_guard lock(mutex_);
-  return regions_.size();
-}
+std::size_t region_registry::size() const { return count_.load(std::memory_order_relaxed); }
 
 }  // namespace tensorreg::regions

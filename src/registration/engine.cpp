@@ -22,6 +22,7 @@
 
 #include "common/log.hpp"
 #include "registration/catalogue.hpp"
+#include "registration/engine_lock.hpp"
 #include "registration/layout_cache.hpp"
 #include "registration/owner_watch.hpp"
 #include "registration/pending_registration.hpp"
@@ -203,7 +204,7 @@ struct engine::state {
 
   // The owner of a registration, pending or committed, for log lines; 0 when unknown.
   std::int32_t owner_of(const std::string& registration_id) {
-    std::lock_guard lock(mutex);
+    const detail::engine_lock lock(mutex);
     if (auto p = pending.find(registration_id)) return p->owner_pid();
     if (auto* l = catalogue.find_lease(registration_id)) return l->owner_pid;
     if (auto* j = catalogue.find_join(registration_id)) return j->owner_pid;
@@ -231,7 +232,7 @@ struct engine::state {
   bool drop_pending(const std::shared_ptr<pending_registration>& p) {
     if (!p->request_drop()) return false;
     {
-      std::lock_guard lock(mutex);
+      const detail::engine_lock lock(mutex);
       pending.erase(p->id());
     }
     p->release(regions);
@@ -242,7 +243,7 @@ struct engine::state {
   result<std::shared_ptr<pending_registration>> find_open(const std::string& id, std::string_view verb) {
     std::shared_ptr<pending_registration> p;
     {
-      std::lock_guard lock(mutex);
+      const detail::engine_lock lock(mutex);
       if (pending.unbury(id)) {  // the client has been told; the metadata is gone
         return fail(errc::deadline_exceeded,
                     "cannot " + std::string(verb) + " registration '" + id + "': its TTL expired");
@@ -273,7 +274,7 @@ struct engine::state {
                                               " pending registrations");
   }
   status check_pending_share(std::int32_t owner_pid) const {
-    std::lock_guard lock(mutex);
+    const detail::engine_lock lock(mutex);
     return check_pending_share_locked(owner_pid);
   }
 
@@ -328,7 +329,7 @@ engine::~engine() {
     // Background hashes stop at their next leaf; their jobs end before the catalogue goes.
     std::vector<std::shared_ptr<detail::background_hash>> cancelled;
     {
-      std::lock_guard lock(state_->mutex);
+      const detail::engine_lock lock(state_->mutex);
       cancelled = state_->catalogue.cancel_all_hashes("the engine is stopping");
     }
     state::wait_stopped(cancelled);
@@ -363,7 +364,7 @@ result<begin_response> engine::state::begin(begin_request r) {
                   "cannot begin registration: canonical_size_bytes " + std::to_string(r.view->canonical_size_bytes) +
                       " exceeds this engine's limit of " + std::to_string(options.max_total_size) + " bytes");
     }
-    std::lock_guard lock(mutex);
+    const detail::engine_lock lock(mutex);
     auto it = catalogue.assemblies().find(r.client_artifact_id);
     if (it != catalogue.assemblies().end() && it->second->sealed()) {
       return fail(
@@ -383,7 +384,7 @@ result<begin_response> engine::state::begin(begin_request r) {
   TENSORREG_TRY(check_pending_share(r.owner_pid));  // before anything is allocated
   if (std::holds_alternative<stable_dram_options>(r.plan)) {
     // Before the upload: a uid that keeps its share of the cache would only be refused at Commit.
-    std::lock_guard lock(mutex);
+    const detail::engine_lock lock(mutex);
     TENSORREG_TRY(catalogue.check_stable_share(r.owner_uid, "cannot begin stable_dram registration"));
   }
   detail::registration_facts facts{new_registration_id(), r.owner_pid,          r.device_id, r.total_size,
@@ -398,7 +399,7 @@ result<begin_response> engine::state::begin(begin_request r) {
   ctx.stable_cache = &catalogue.cache();  // thread-safe on its own: used without the engine mutex
   ctx.resolve_index = [this](const begin_request& request) {
     return detail::resolve_index(request, [this](const std::string& hex_key) {
-      std::lock_guard lock(mutex);
+      const detail::engine_lock lock(mutex);
       return catalogue.find_index(hex_key);
     });
   };
@@ -409,7 +410,7 @@ result<begin_response> engine::state::begin(begin_request r) {
   // Insert first, then watch: an owner that dies in between is then released by the watcher
   // (watching first could run release_owner before the registration was there to release).
   {
-    std::lock_guard lock(mutex);
+    const detail::engine_lock lock(mutex);
     TENSORREG_TRY(check_pending_share_locked(r.owner_pid));  // others may have begun meanwhile
     pending.insert(p);
   }
@@ -450,7 +451,7 @@ status engine::keep_alive(const keep_alive_request& request) {
 status engine::state::keep_alive(const keep_alive_request& r) {
   bool open = false;
   {
-    std::lock_guard lock(mutex);
+    const detail::engine_lock lock(mutex);
     open = pending.find(r.registration_id) != nullptr || pending.buried(r.registration_id);
   }
   const std::string what = "cannot keep registration '" + r.registration_id + "' alive";
@@ -459,7 +460,7 @@ status engine::state::keep_alive(const keep_alive_request& r) {
     TENSORREG_TRY_ASSIGN(auto p, find_open(r.registration_id, "keep alive"));
     return p->keep_alive(r.owner_pid, r.epoch, r.ttl_ms, time);
   }
-  std::lock_guard lock(mutex);
+  const detail::engine_lock lock(mutex);
   auto check_owner = [&](std::int32_t holder) -> status {
     if (r.owner_pid != holder) {
       return fail(errc::permission_denied, what + ": owner_pid " + std::to_string(r.owner_pid) +
@@ -530,7 +531,7 @@ result<commit_response> engine::state::commit(const std::string& registration_id
   }
   std::vector<std::shared_ptr<detail::background_hash>> cancelled;
   {
-    std::lock_guard lock(mutex);
+    const detail::engine_lock lock(mutex);
     pending.erase(p->id());
     if (end.drop) {
       // Revoked or its owner died meanwhile: undo the lease or join.
@@ -567,7 +568,7 @@ hash_state engine::state::start_background_hash(const std::string& artifact_id, 
   std::shared_ptr<detail::background_hash> task;
   detail::hash_input input;
   {
-    std::lock_guard lock(mutex);
+    const detail::engine_lock lock(mutex);
     auto* a = catalogue.find(artifact_id);
     if (a != nullptr && a->hash && a->hash->status().state != hash_state::failed) {
       return a->hash->status().state;  // a join of an artifact whose hash runs or ran
@@ -622,7 +623,7 @@ void engine::state::run_background_hash(const std::shared_ptr<detail::background
     }
   }
   {
-    std::lock_guard lock(mutex);
+    const detail::engine_lock lock(mutex);
     auto* a = catalogue.find(id);
     const bool current = a != nullptr && a->hash == task;
     if (outcome.state == hash_state::done) {
@@ -650,7 +651,7 @@ result<hash_status> engine::wait_artifact_hash(const std::string& artifact_id,
   std::shared_ptr<detail::background_hash> task;
   artifact_descriptor d;
   {
-    std::lock_guard lock(state_->mutex);
+    const detail::engine_lock lock(state_->mutex);
     TENSORREG_TRY_ASSIGN(std::tie(task, d), state_->catalogue.hash_of(artifact_id));
   }
   if (task) return task->wait(timeout);
@@ -677,7 +678,7 @@ status engine::abort(const std::string& registration_id) {
 status engine::state::abort(const std::string& registration_id) {
   std::shared_ptr<pending_registration> p;
   {
-    std::lock_guard lock(mutex);
+    const detail::engine_lock lock(mutex);
     p = pending.find(registration_id);
     if (!p) {
       if (pending.unbury(registration_id)) return {};  // expired: already released
@@ -701,7 +702,7 @@ bool engine::state::revoke(const std::string& registration_id, const std::string
   std::optional<detail::released_holder> held;
   std::vector<std::shared_ptr<detail::background_hash>> cancelled;
   {
-    std::lock_guard lock(mutex);
+    const detail::engine_lock lock(mutex);
     pending.unbury(registration_id);
     p = pending.find(registration_id);
     held = catalogue.revoke(registration_id);
@@ -773,7 +774,7 @@ result<artifact_summary> engine::get(const std::string& artifact_id) const {
   const auto& durable = state_->options.durable;
   result<artifact_summary> out;
   {
-    std::lock_guard lock(state_->mutex);
+    const detail::engine_lock lock(state_->mutex);
     out = state_->catalogue.get(artifact_id);
   }
   if (durable) {
@@ -789,7 +790,7 @@ result<artifact_summary> engine::get(const std::string& artifact_id) const {
 std::vector<artifact_summary> engine::list() const {
   std::vector<artifact_summary> out;
   {
-    std::lock_guard lock(state_->mutex);
+    const detail::engine_lock lock(state_->mutex);
     out = state_->catalogue.list();
   }
   const auto& durable = state_->options.durable;
@@ -812,7 +813,7 @@ std::vector<artifact_summary> engine::list() const {
 result<std::shared_ptr<const index::canonical_index>> engine::index_of(const std::string& artifact_id) const {
   result<std::shared_ptr<const index::canonical_index>> out;
   {
-    std::lock_guard lock(state_->mutex);
+    const detail::engine_lock lock(state_->mutex);
     out = state_->catalogue.index_of(artifact_id);
   }
   if (!out && out.error().code == errc::not_found && state_->options.durable) {
@@ -824,20 +825,20 @@ result<std::shared_ptr<const index::canonical_index>> engine::index_of(const std
 result<std::shared_ptr<const memory::byte_source>> engine::open_bytes(const std::string& artifact_id) {
   result<std::shared_ptr<const memory::byte_source>> out;
   {
-    std::lock_guard lock(state_->mutex);
+    const detail::engine_lock lock(state_->mutex);
     out = state_->catalogue.open_bytes(artifact_id);
   }
   // Not held in memory but persisted: load it back into the stable cache and read that.
   if (!out && state_->options.durable && state_->options.durable->contains(artifact_id)) {
     bool quiesced = false;
     {
-      std::lock_guard lock(state_->mutex);
+      const detail::engine_lock lock(state_->mutex);
       const auto st = state_->catalogue.state_of(artifact_id);
       quiesced = st == detail::artifact_state::quiesced || st == detail::artifact_state::draining;
     }
     if (quiesced) return out;
     TENSORREG_TRY(state_->restore(artifact_id));
-    std::lock_guard lock(state_->mutex);
+    const detail::engine_lock lock(state_->mutex);
     return state_->catalogue.open_bytes(artifact_id);
   }
   return out;
@@ -849,7 +850,7 @@ result<std::pair<std::shared_ptr<const index::canonical_index>, unique_fd>> engi
   std::shared_ptr<const memory::byte_source> replica;
   std::shared_ptr<const index::canonical_index> idx;
   const auto look = [&]() -> status {
-    std::lock_guard lock(state_->mutex);
+    const detail::engine_lock lock(state_->mutex);
     TENSORREG_TRY_ASSIGN(std::tie(replica, idx), state_->catalogue.stable_replica(artifact_id, verb));
     return {};
   };
@@ -867,7 +868,7 @@ result<std::pair<std::shared_ptr<const index::canonical_index>, unique_fd>> engi
 }
 
 result<device_layout> engine::device_layout_of(const std::string& artifact_id) const {
-  std::lock_guard lock(state_->mutex);
+  const detail::engine_lock lock(state_->mutex);
   return state_->catalogue.device_layout_of(artifact_id);
 }
 
@@ -893,7 +894,7 @@ result<deregister_response> engine::state::deregister(const deregister_request& 
   std::shared_ptr<detail::reader_gate> gate;
   std::vector<std::shared_ptr<detail::background_hash>> cancelled;
   {
-    std::lock_guard lock(mutex);
+    const detail::engine_lock lock(mutex);
     // 0. DECISIONS §8, under the same lock as quiesce: no other holder slips in between.
     if (r.owner_pid > 0) TENSORREG_TRY(catalogue.check_sole_holder(r.artifact_id, r.owner_pid));
     TENSORREG_TRY(catalogue.check_copy_owner(r.artifact_id, r.owner_uid));  // the daemon's copies
@@ -931,7 +932,7 @@ result<deregister_response> engine::state::deregister(const deregister_request& 
   // 3. revoke leases and joins, drop replicas.
   std::optional<detail::removed_artifact> removed;
   {
-    std::lock_guard lock(mutex);
+    const detail::engine_lock lock(mutex);
     removed = catalogue.remove(r.artifact_id);
   }
   if (!removed) return response;  // a concurrent deregister removed it
@@ -960,9 +961,13 @@ status engine::check_owner(const std::string& registration_id, std::int32_t call
 engine_stats engine::stats() const {
   auto& s = *state_;
   engine_stats out;
-  std::lock_guard lock(s.mutex);
-  s.catalogue.add_stats(out);
-  out.pending_registrations = s.pending.size();
+  {
+    // Only the tables the engine mutex guards are read under it; the rest keep their own
+    // counts, so GetStats (on the I/O thread) waits for no other lock while holding this one.
+    const detail::engine_lock lock(s.mutex);
+    s.catalogue.add_stats(out);
+    out.pending_registrations = s.pending.size();
+  }
   out.regions = s.regions.size();
   out.open_mappings = s.devices ? s.devices->open_mappings() : 0;
   out.vmm_reserved_bytes = s.devices ? s.devices->vmm_reserved_bytes() : 0;
@@ -984,7 +989,7 @@ void engine::state::sweep() {
   std::vector<detail::released_holder> ended;
   std::vector<std::shared_ptr<detail::background_hash>> cancelled;
   {
-    std::lock_guard lock(mutex);
+    const detail::engine_lock lock(mutex);
     for (const auto& p : pending.all()) {
       if (p->expired(now)) expired.push_back(p);
     }
@@ -1000,7 +1005,7 @@ void engine::state::sweep() {
   for (const auto& p : expired) {
     if (!drop_pending(p)) continue;  // a commit started meanwhile, or someone else dropped it
     {
-      std::lock_guard lock(mutex);
+      const detail::engine_lock lock(mutex);
       pending.bury(p->id(), now);  // Feed/Commit still answer DEADLINE_EXCEEDED
     }
     tensorreg::log(log, log_level::info, "registration {} (owner_pid {}) expired: its TTL passed", p->id(),
@@ -1016,7 +1021,7 @@ void engine::state::release_owner(std::int32_t pid) {
   std::vector<detail::released_holder> ended;
   std::vector<std::shared_ptr<detail::background_hash>> cancelled;
   {
-    std::lock_guard lock(mutex);
+    const detail::engine_lock lock(mutex);
     for (const auto& p : pending.all()) {
       if (p->owner_pid() == pid) owned.push_back(p);
     }
@@ -1041,7 +1046,7 @@ void engine::sweep() { state_->sweep(); }
 // ---- Views (registration.md §7) ------------------------------------------------------------
 
 result<view_record> engine::view_of(const std::string& artifact_id, const std::string& view_id) const {
-  std::lock_guard lock(state_->mutex);
+  const detail::engine_lock lock(state_->mutex);
   auto* a = state_->catalogue.find(artifact_id);
   if (a == nullptr || !state_->catalogue.get(artifact_id)) {
     return fail(errc::not_found, "cannot find view " + view_id + " of " + artifact_id + ": no such artifact");
@@ -1057,7 +1062,7 @@ result<std::shared_ptr<const memory::byte_source>> engine::open_view(const std::
                                                                      const std::string& view_id) {
   std::shared_ptr<const views::view_plan> plan;
   {
-    std::lock_guard lock(state_->mutex);
+    const detail::engine_lock lock(state_->mutex);
     auto* a = state_->catalogue.find(artifact_id);
     if (a == nullptr || !state_->catalogue.get(artifact_id)) {
       return fail(errc::not_found, "cannot open view " + view_id + " of " + artifact_id + ": no such artifact");
@@ -1086,7 +1091,7 @@ result<std::shared_ptr<const memory::byte_source>> engine::open_view(const std::
 }
 
 result<assembly_status> engine::assembly_of(const std::string& cgid) const {
-  std::lock_guard lock(state_->mutex);
+  const detail::engine_lock lock(state_->mutex);
   auto it = state_->catalogue.assemblies().find(cgid);
   if (it == state_->catalogue.assemblies().end()) {
     return fail(errc::not_found, "cannot find assembly " + cgid + ": no piece of it is held here");
@@ -1123,7 +1128,7 @@ result<persistence::task_status> engine::state::start_persistence(const std::str
     return fail(errc::failed_precondition, what + ": the daemon has no persist directory (tensorregd --persist-dir)");
   }
   {
-    std::lock_guard lock(mutex);
+    const detail::engine_lock lock(mutex);
     const auto st = catalogue.state_of(id);
     if (st == detail::artifact_state::quiesced || st == detail::artifact_state::draining) {
       return fail(errc::failed_precondition, what + ": the artifact is being deregistered");
@@ -1152,7 +1157,7 @@ void engine::state::run_persistence(const std::string& task_id, const std::strin
     std::shared_ptr<const index::canonical_index> idx;
     persistence::artifact_record record;
     {
-      std::lock_guard lock(mutex);
+      const detail::engine_lock lock(mutex);
       // The reader holds the artifact's gate: a deregister waits for this write to finish.
       TENSORREG_TRY_ASSIGN(bytes, catalogue.open_bytes(id));
       TENSORREG_TRY_ASSIGN(idx, catalogue.index_of(id));
@@ -1199,7 +1204,7 @@ status engine::state::restore(const std::string& id) {
   std::lock_guard restoring(restore_mutex);
   const std::string what = "cannot load " + id + " back from the persist directory";
   {
-    std::lock_guard lock(mutex);
+    const detail::engine_lock lock(mutex);
     if (catalogue.cache().contains(id)) return {};  // another restore got there first
   }
   auto stored = options.durable->find(id);
@@ -1216,7 +1221,7 @@ status engine::state::restore(const std::string& id) {
   TENSORREG_TRY(memory.seal_read_only());
   auto replica = std::make_shared<const memory::shared_memory>(std::move(memory));
   auto summary = summary_of(*stored);
-  std::lock_guard lock(mutex);
+  const detail::engine_lock lock(mutex);
   auto admitted = catalogue.cache().admit(id, size, replica, stored->record.cache, &reservation);
   if (!admitted) return tl::unexpected(with_context(std::move(admitted).error(), what));
   if (!admitted->admitted) {
@@ -1289,7 +1294,7 @@ result<persistence::resident_export> engine::export_resident() const {
   };
   std::vector<item> items;
   {
-    std::lock_guard lock(s.mutex);
+    const detail::engine_lock lock(s.mutex);
     const auto now = s.time.now();
     for (auto& [id, replica] : s.catalogue.cache().entries()) {
       // An artifact being deregistered is not handed on: its deregister ends with this daemon.
@@ -1378,7 +1383,7 @@ engine::adopt_report engine::adopt_resident(const persistence::resident_state& r
     d.total_size = e->record.total_size;
     d.id_kind = e->record.id_kind == "MI2" ? identity::id_kind::mi2 : identity::id_kind::cgid;
     {
-      std::lock_guard lock(s.mutex);
+      const detail::engine_lock lock(s.mutex);
       if (s.catalogue.cache().contains(id)) {
         refuse(id, "this daemon holds it already");
         continue;
@@ -1414,7 +1419,7 @@ engine::adopt_report engine::adopt_resident(const persistence::resident_state& r
       ++bad;
       const auto& id = a.entry.record.artifact_id;
       {
-        std::lock_guard lock(s.mutex);
+        const detail::engine_lock lock(s.mutex);
         // Only the adopted replica goes: a later put of the same id holds bytes checked at commit.
         if (s.catalogue.cache().lookup(id) == a.bytes) {
           s.catalogue.cache().remove(id);
@@ -1455,7 +1460,7 @@ static bool flatten_segment(const memory::segment& seg, std::vector<memory::segm
 // memory, a client's mapped file) is left out, and its artifact goes with the old daemon.
 status engine::export_leases(persistence::resident_state& resident, std::vector<persistence::named_fd>& fds) const {
   auto& s = *state_;
-  std::lock_guard lock(s.mutex);
+  const detail::engine_lock lock(s.mutex);
   const auto now = s.time.now();
   for (const auto& summary : s.catalogue.list()) {
     if (summary.leases == 0) continue;
@@ -1566,7 +1571,7 @@ void engine::adopt_leases(const persistence::resident_state& resident, std::map<
     d.total_size = l.artifact.record.total_size;
     d.id_kind = l.artifact.record.id_kind == "MI2" ? identity::id_kind::mi2 : identity::id_kind::cgid;
     {
-      std::lock_guard lock(s.mutex);
+      const detail::engine_lock lock(s.mutex);
       if (s.catalogue.holds_registration(l.registration_id)) {
         refuse("this daemon holds that registration already");
         continue;
@@ -1590,7 +1595,7 @@ void engine::adopt_leases(const persistence::resident_state& resident, std::map<
     // Its owner's exit releases it here too; an owner already gone is released now.
     if (auto watched = s.watch_owner(l.owner_pid); !watched) {
       {
-        std::lock_guard lock(s.mutex);
+        const detail::engine_lock lock(s.mutex);
         (void)s.catalogue.revoke(l.registration_id);
         s.catalogue.erase_if_empty(id);
       }
@@ -1604,7 +1609,7 @@ void engine::adopt_leases(const persistence::resident_state& resident, std::map<
 std::size_t engine::adopted_unverified() const { return state_->adopted_unverified.load(); }
 
 std::uint64_t engine::resident_generation() const {
-  std::lock_guard lock(state_->mutex);
+  const detail::engine_lock lock(state_->mutex);
   return state_->catalogue.cache().stats().changes + state_->catalogue.lease_changes();
 }
 

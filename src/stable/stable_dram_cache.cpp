@@ -75,8 +75,7 @@ std::optional<std::vector<stable_dram_cache::lru_list::iterator>> stable_dram_ca
 }
 
 void stable_dram_cache::evict_locked(const std::vector<lru_list::iterator>& victims, eviction_reason reason,
-                                     std::vector<evicted_entry>& report,
-                                     std::vector<std::shared_ptr<const memory::byte_source>>& drop) {
+                                     std::vector<evicted_entry>& report, memory::deferred_release& drop) {
   for (const auto it : victims) {
     report.push_back(evicted_entry{it->key, it->info.size_bytes, reason});
     drop.push_back(std::move(it->replica));
@@ -123,7 +122,7 @@ result<admit_outcome> stable_dram_cache::admit(std::string_view key, std::uint64
   }
 
   std::vector<evicted_entry> report;
-  std::vector<std::shared_ptr<const memory::byte_source>> drop;  // released after the lock
+  memory::deferred_release drop;  // released after this lock and the caller's
   admit_outcome outcome;
   {
     std::lock_guard lock(mutex_);
@@ -263,12 +262,12 @@ bool stable_dram_cache::is_evictable(std::string_view key) const {
 }
 
 bool stable_dram_cache::remove(std::string_view key) {
-  std::shared_ptr<const memory::byte_source> drop;  // released after the lock
+  memory::deferred_release drop;  // released after this lock and the caller's
   std::lock_guard lock(mutex_);
   const auto found = index_.find(key);
   if (found == index_.end()) return false;
   const auto it = found->second;
-  drop = std::move(it->replica);
+  drop.push_back(std::move(it->replica));
   bytes_used_ -= it->info.size_bytes;
   ++changes_;
   index_.erase(found);
@@ -278,7 +277,7 @@ bool stable_dram_cache::remove(std::string_view key) {
 
 result<std::uint64_t> stable_dram_cache::preempt_for_export(std::uint64_t bytes) {
   std::vector<evicted_entry> report;
-  std::vector<std::shared_ptr<const memory::byte_source>> drop;
+  memory::deferred_release drop;
   std::uint64_t freed = 0;
   {
     std::lock_guard lock(mutex_);

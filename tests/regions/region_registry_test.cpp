@@ -7,9 +7,12 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <memory>
+#include <string>
 #include <thread>
 
 #include "support/fake_clock.hpp"
+#include "tensorreg/memory/unlocked_release.hpp"
 
 namespace {
 
@@ -388,4 +391,23 @@ TEST_CASE("region_registry: the kept mapping goes with its region: unregister, s
   REQUIRE(stale.ipc_mapping->get_or_open(open));
   CHECK(open.opens == before + 1);
   CHECK_FALSE(stale.ipc_mapping->is_open());
+}
+
+TEST_CASE("region_registry: an unregistered region's memory is unmapped after the caller's locks",
+          "[regions][region_registry]") {
+  tensorreg::testing::fake_clock clock;
+  region_registry registry(clock);
+  auto info = registry.register_region(managed_host(42)).value();
+  const std::string id = info.id;
+  std::weak_ptr<const tensorreg::memory::shared_memory> memory = info.memory;
+  info = {};
+  REQUIRE_FALSE(memory.expired());
+  CHECK(registry.size() == 1);
+  {
+    tensorreg::memory::unlocked_release_scope scope;  // as the engine holds its mutex
+    REQUIRE(registry.unregister(id, 42, false).value());
+    CHECK(registry.size() == 0);
+    CHECK_FALSE(memory.expired());  // still mapped while the caller holds its locks
+  }
+  CHECK(memory.expired());
 }

@@ -18,6 +18,7 @@
 // OpenArtifactDevice hands on to readers.
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <memory>
@@ -35,6 +36,7 @@
 #include "tensorreg/common/unique_fd.hpp"
 #include "tensorreg/memory/byte_source.hpp"
 #include "tensorreg/memory/shared_memory.hpp"
+#include "tensorreg/memory/unlocked_release.hpp"
 
 namespace tensorreg::regions {
 
@@ -190,6 +192,7 @@ class region_registry {
   /// Removes every region of an exited owner process. Returns the ids removed.
   std::vector<std::string> release_owner(std::int32_t owner_pid);
 
+  /// Regions registered now; takes no lock (GetStats reads it on the I/O thread).
   [[nodiscard]] std::size_t size() const;
 
  private:
@@ -205,12 +208,13 @@ class region_registry {
   [[nodiscard]] result<region_info> acquire_locked(entry& e, const std::string& region_id, std::int32_t owner_pid);
   // Drops one reference of `it`; a retiring region's mappings go to `gone`, to close unlocked.
   [[nodiscard]] status release_locked(std::unordered_map<std::string, entry>::iterator it,
-                                      std::vector<std::shared_ptr<const memory::byte_source>>& gone);
+                                      memory::deferred_release& gone);
 
   const clock& clock_;
   registry_options options_;
   mutable priority_inheriting_mutex mutex_;  // the FIFO I/O thread takes it (GetStats)
   std::unordered_map<std::string, entry> regions_;
+  std::atomic<std::size_t> count_{0};  // regions_.size(), stored under mutex_ at each change
 };
 
 }  // namespace tensorreg::regions

@@ -35,6 +35,7 @@
 #include "tensorreg/common/error.hpp"
 #include "tensorreg/common/priority_inheriting_mutex.hpp"
 #include "tensorreg/memory/byte_source.hpp"
+#include "tensorreg/memory/unlocked_release.hpp"
 #include "tensorreg/policy/store_policy.hpp"
 
 namespace tensorreg::stable {
@@ -223,7 +224,7 @@ class stable_dram_cache {
                                                                                    clock::time_point now,
                                                                                    std::uint64_t* evictable);
   void evict_locked(const std::vector<lru_list::iterator>& victims, eviction_reason reason,
-                    std::vector<evicted_entry>& report, std::vector<std::shared_ptr<const memory::byte_source>>& drop);
+                    std::vector<evicted_entry>& report, memory::deferred_release& drop);
   void notify(const std::vector<evicted_entry>& report) const;
   friend class budget_reservation;
   void unreserve(std::uint64_t bytes) noexcept;

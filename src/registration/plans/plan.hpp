@@ -23,6 +23,7 @@
 #include <string_view>
 
 #include "registration/catalogue.hpp"
+#include "registration/engine_lock.hpp"
 #include "registration/layout_cache.hpp"
 #include "registration/materialize.hpp"
 #include "tensorreg/common/clock.hpp"
@@ -85,7 +86,7 @@ struct commit_context {
 
   template <typename F>
   decltype(auto) with_catalogue(F&& f) {
-    std::lock_guard lock(catalogue_mutex);
+    const engine_lock lock(catalogue_mutex);
     return std::forward<F>(f)(cat);
   }
 };
