@@ -234,7 +234,9 @@ def get_tensors(conn: Connection, artifact_id: str, dev, torch, threads: int | N
     body, fd = opened
     try:
         size, leaf_bytes = body.size_bytes, body.leaf_bytes
-        if size != body.artifact_descriptor.total_size or leaf_bytes <= 0 or leaf_bytes % 4096:
+        # The leaf size sets the staging buffers' size: a page multiple, and no more than 64 MiB.
+        if size != body.artifact_descriptor.total_size or leaf_bytes <= 0 or leaf_bytes % 4096 or \
+                leaf_bytes > 64 << 20:
             raise DataLoss(f"cannot {what}: the daemon's answer has size {size}, total_size "
                            f"{body.artifact_descriptor.total_size} and leaf_bytes {leaf_bytes}")
         fingerprints = fingerprints_of(body.leaf_xxh3, (size + leaf_bytes - 1) // leaf_bytes, what)

@@ -64,10 +64,11 @@ def _copy_to_device(torch, src, dev):
     return dst
 
 
-def get_tensors(conn: Connection, artifact_id: str, device: Any, load_threads: int | None = None) -> dict:
+def get_tensors(conn: Connection, artifact_id: str, device: Any, load_threads: int | None = None,
+                direct: bool = True) -> dict:
     """Store.get: the replica mapped private, on cpu or copied once to a CUDA device. On a CUDA
     device, an artifact the daemon holds on disk only is read from its persisted file straight
-    to the device instead (_disk_load, with `load_threads` threads)."""
+    to the device instead (_disk_load, with `load_threads` threads), unless `direct` is False."""
     torch = _torch()
     what = f"get {artifact_id}"
     dev = _torch_device(torch, device, what)
@@ -75,10 +76,10 @@ def get_tensors(conn: Connection, artifact_id: str, device: Any, load_threads: i
         raise InvalidArgument(f"cannot {what} on {dev}: only cpu and cuda are supported")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise FailedPrecondition(f"cannot {what} on {dev}: torch {torch.__version__} sees no CUDA device")
-    if dev.type == "cuda":
-        direct = _disk_load.get_tensors(conn, artifact_id, dev, torch, threads=load_threads)
-        if direct is not None:
-            return direct
+    if dev.type == "cuda" and direct:
+        loaded = _disk_load.get_tensors(conn, artifact_id, dev, torch, threads=load_threads)
+        if loaded is not None:
+            return loaded
     answer, fds = conn.call(_requests.get_artifact_memfd(artifact_id))
     body = answer.get_artifact_memfd
     try:
