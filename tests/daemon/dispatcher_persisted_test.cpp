@@ -204,8 +204,11 @@ TEST_CASE("dispatcher: OpenPersistedArtifact hands over a read-only fd of the pe
   CHECK(back == bytes);
   CHECK(::write(fd, "x", 1) == -1);
   CHECK(errno == EBADF);
-  // Nothing was loaded into the daemon's memory.
+  // Nothing was loaded into the daemon's memory; the read counts as a hit.
   CHECK(h.engine->stats().stable_bytes == 0);
+  wire::Request stats;
+  stats.mutable_get_stats();
+  CHECK(h.ok(stats).response.get_stats().hits() == 1);
   // Without unless_in_memory, and after a GetArtifactMemfd restored it, the copy is still handed out.
   wire::Request memfd;
   memfd.mutable_get_artifact_memfd()->set_artifact_id(id);
@@ -226,6 +229,9 @@ TEST_CASE("dispatcher: OpenPersistedArtifact refuses what it cannot hand over, w
     harness h(persist);
     check_status(h.call(open_persisted("mi2:unknown")), errc::not_found,
                  "cannot open the persisted copy of mi2:unknown: not held here");
+    wire::Request stats;
+    stats.mutable_get_stats();
+    CHECK(h.ok(stats).response.get_stats().misses() == 1);
   }
   SECTION("an artifact held in memory only is FAILED_PRECONDITION") {
     harness h(persist);
