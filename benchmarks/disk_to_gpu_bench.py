@@ -3,6 +3,7 @@ daemon, against torch loading the same bytes from a safetensors file, side by si
 
     python3 benchmarks/disk_to_gpu_bench.py --daemon build/daemon/tensorregd --cli build/cli/tensorreg
         [--gib 16] [--repeat 3] [--dir DIR] [--device cuda] [--cache cold|warm]
+        [--threads N] [--paths auto,direct,restore]
 
 It writes a --gib GiB safetensors file of random bf16 tensors (dense, 8B-shaped layers) to
 --dir, puts it with `tensorreg put --policy durable` into a daemon with `--persist-dir`, stops
@@ -13,6 +14,16 @@ this process may (else it says so, and both read warm):
 - torch: `safetensors.torch.load_file(FILE, device=DEVICE)` and a synchronize;
 - tensorreg: `Store.get(ID, device=DEVICE)` from a daemon that holds the artifact on disk only
   (each repeat restarts the daemon, so the load comes from disk again), and a synchronize.
+
+Which tensorreg path each --paths entry takes (each is timed on its own, in the same rounds):
+- auto: `Store.get(ID, device=DEVICE, load_threads=--threads)`, as a user calls it; on CUDA that
+  is the direct path when the daemon answers OpenPersistedArtifact (docs/wire-format.md §17);
+- direct: the direct path forced, also for --device cpu (file → staging buffers → destination
+  on --threads threads, every leaf's XXH3-128 checked; the daemon loads nothing);
+- restore: the daemon's restore path forced (GetArtifactMemfd: disk → the daemon's stable DRAM,
+  then memfd → pinned buffers → GPU), the path before the direct one.
+Each load prints the path it took and the bytes the daemon then held in stable DRAM (0 for the
+direct path).
 
 The goal is tensorreg >= 2x faster than torch. Both results are checked equal to the file.
 
@@ -91,8 +102,48 @@ class Daemon:
         self.log.close()
 
 
+def safetensors_functions():
+    """(save_file, load_file, name) of the safetensors package; where it is not installed (the
+    CPU-only VM), a plain writer and reader of the same format, for a functional run only: its
+    times are not the goal's yardstick, and the output says so."""
+    try:
+        from safetensors.torch import load_file, save_file
+        return save_file, load_file, "safetensors.torch.load_file"
+    except ImportError:
+        pass
+    import json
+    import struct
+
+    import torch
+    names = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
+    dtypes = {v: k for k, v in names.items()}
+
+    def save_file(sd, path):
+        header, at = {}, 0
+        for name, t in sd.items():
+            n = t.numel() * t.element_size()
+            header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [at, at + n]}
+            at += n
+        text = json.dumps(header).encode()
+        with open(path, "wb") as f:
+            f.write(struct.pack("<Q", len(text)) + text)
+            for t in sd.values():
+                f.write(t.contiguous().view(torch.uint8).numpy().tobytes())
+
+    def load_file(path, device="cpu"):
+        with open(path, "rb") as f:
+            n = struct.unpack("<Q", f.read(8))[0]
+            header = json.loads(f.read(n))
+            data = bytearray(f.read())
+        base = torch.frombuffer(data, dtype=torch.uint8)
+        return {name: base[h["data_offsets"][0]:h["data_offsets"][1]].view(dtypes[h["dtype"]]).view(h["shape"])
+                .to(device) for name, h in header.items() if name != "__metadata__"}
+
+    return save_file, load_file, "a plain safetensors reader (safetensors is not installed: not the goal's yardstick)"
+
+
 def make_file(torch, path: str, gib: float, device: str) -> None:
-    from safetensors.torch import save_file
+    save_file = safetensors_functions()[0]
     hidden, inter = 4096, 14336
     per_layer = (4 * hidden * hidden + 3 * hidden * inter) * 2
     layers = max(1, int(gib * (1 << 30) // per_layer))
@@ -119,6 +170,10 @@ def wait_persisted(cli: str, socket: str, artifact_id: str, timeout: float = 600
     raise RuntimeError(f"{artifact_id} was not persisted in {timeout} s")
 
 
+def stable_bytes(store) -> int:
+    return store.stats()["tiers"].get("stable_dram", {}).get("bytes", 0)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--daemon", required=True)
@@ -128,13 +183,21 @@ def main() -> int:
     ap.add_argument("--dir", default=None)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--cache", choices=("cold", "warm"), default="cold")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="threads of the direct path (default: the client's, min(8, cpus))")
+    ap.add_argument("--paths", default="auto", help="comma-separated: auto, direct, restore")
     opts = ap.parse_args()
+    paths = [p for p in opts.paths.split(",") if p]
+    if not paths or any(p not in ("auto", "direct", "restore") for p in paths):
+        ap.error(f"--paths {opts.paths!r}: each of auto, direct, restore")
     warm = opts.cache == "warm"
 
     import torch
-    from safetensors.torch import load_file
+    _, load_file, yardstick = safetensors_functions()
+    log(f"torch: {yardstick}")
 
     import tensorreg
+    from tensorreg import _disk_load, _reads
 
     work = opts.dir or tempfile.mkdtemp(prefix="disk2gpu-")
     os.makedirs(work, exist_ok=True)
@@ -188,41 +251,67 @@ def main() -> int:
         torch.cuda.synchronize() if opts.device.startswith("cuda") else None
         return time.perf_counter() - t, sd
 
-    def load_tensorreg():
-        d = Daemon(opts.daemon, work, persist)  # a restart each time: the artifact is on disk only
-        try:
-            prepare(persisted_files(persist))
-            with tensorreg.Store(d.socket) as store:
-                t = time.perf_counter()
-                sd = store.get(artifact_id, device=opts.device)
-                torch.cuda.synchronize() if opts.device.startswith("cuda") else None
-                return time.perf_counter() - t, sd
-        finally:
-            d.stop()
+    def get(store, path):
+        """(tensors, the path taken) of one tensorreg load."""
+        dev = torch.device(opts.device)
+        if path == "auto":
+            _disk_load.last_path = None
+            sd = store.get(artifact_id, device=opts.device, load_threads=opts.threads)
+            if dev.type != "cuda":
+                return sd, "restore (a cpu get maps the daemon's replica)"
+            taken = _disk_load.last_path
+            return sd, "direct" if taken == "direct" else f"restore ({taken})"
+        if path == "direct":
+            sd = _disk_load.get_tensors(store._conn, artifact_id, dev, torch, threads=opts.threads)
+            if sd is None:
+                raise RuntimeError(f"the direct path is not available: {_disk_load.last_path}")
+            return sd, "direct"
+        return _reads.get_tensors(store._conn, artifact_id, opts.device, direct=False), "restore"
 
-    torch_times, reg_times = [], []
+    def tensorreg_loader(path):
+        def load_tensorreg():
+            d = Daemon(opts.daemon, work, persist)  # a restart each time: the artifact is on disk only
+            try:
+                prepare(persisted_files(persist))
+                with tensorreg.Store(d.socket) as store:
+                    t = time.perf_counter()
+                    sd, taken = get(store, path)
+                    torch.cuda.synchronize() if opts.device.startswith("cuda") else None
+                    seconds = time.perf_counter() - t
+                    log(f"  tensorreg {path}: {seconds:.3f} s, took the {taken} path, daemon's stable DRAM "
+                        f"{stable_bytes(store)} bytes after it")
+                    return seconds, sd
+            finally:
+                d.stop()
+        return load_tensorreg
+
+    loaders = {"torch": load_torch, **{p: tensorreg_loader(p) for p in paths}}
+    times = {name: [] for name in loaders}
     for k in range(opts.repeat):
-        order = (load_torch, load_tensorreg) if k % 2 == 0 else (load_tensorreg, load_torch)
+        order = list(loaders) if k % 2 == 0 else list(reversed(loaders))
         results = {}
-        for fn in order:
-            seconds, sd = fn()
-            results[fn] = sd
-            (torch_times if fn is load_torch else reg_times).append(seconds)
-        a, b = results[load_torch], results[load_tensorreg]
-        same = a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
-        del results, a, b
-        log(f"repeat {k}: torch {torch_times[-1]:.3f} s, tensorreg {reg_times[-1]:.3f} s, equal: {same}")
-        if not same:
+        for name in order:
+            seconds, sd = loaders[name]()
+            times[name].append(seconds)
+            results[name] = sd
+        a = results["torch"]
+        same = {p: a.keys() == results[p].keys() and all(torch.equal(a[n], results[p][n]) for n in a) for p in paths}
+        del results, a
+        log(f"repeat {k}: torch {times['torch'][-1]:.3f} s, " +
+            ", ".join(f"tensorreg {p} {times[p][-1]:.3f} s (equal: {same[p]})" for p in paths))
+        if not all(same.values()):
             log("FAILED: tensorreg's tensors differ from the file's")
             return 1
-    best_torch, best_reg = min(torch_times), min(reg_times)
+    best_torch = min(times["torch"])
     gib = size / (1 << 30)
-    log(f"torch load_file   best {best_torch:.3f} s ({gib / best_torch:.2f} GiB/s)")
-    log(f"tensorreg get     best {best_reg:.3f} s ({gib / best_reg:.2f} GiB/s)")
-    log(f"speed-up {best_torch / best_reg:.2f}x (goal >= 2x), page cache {opts.cache}")
-    if disk_times and not warm:
-        log(f"against the disk's ceiling: torch {min(disk_times) / best_torch:.2f}x, "
-            f"tensorreg {min(disk_times) / best_reg:.2f}x of a plain sequential read")
+    log(f"torch load_file         best {best_torch:.3f} s ({gib / best_torch:.2f} GiB/s)")
+    for p in paths:
+        best = min(times[p])
+        log(f"tensorreg get, {p:<8} best {best:.3f} s ({gib / best:.2f} GiB/s): {best_torch / best:.2f}x torch "
+            f"(goal >= 2x), page cache {opts.cache}")
+        if disk_times and not warm:
+            log(f"  against the disk's ceiling: torch {min(disk_times) / best_torch:.2f}x, tensorreg {p} "
+                f"{min(disk_times) / best:.2f}x of a plain sequential read")
     if not opts.dir:
         shutil.rmtree(work, ignore_errors=True)
     return 0

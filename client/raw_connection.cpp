@@ -108,7 +108,8 @@ bool connection::is_idempotent(const wire::Request& request) noexcept {
     case wire::Request::kListArtifacts:
     case wire::Request::kGetStats:
     case wire::Request::kGetArtifactMemfd:
-    case wire::Request::kOpenArtifactDevice: return true;
+    case wire::Request::kOpenArtifactDevice:
+    case wire::Request::kOpenPersistedArtifact: return true;
     default: return false;
   }
 }

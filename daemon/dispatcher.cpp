@@ -547,6 +547,18 @@ struct dispatcher::impl {
     return {};
   }
 
+  // Ours (docs/wire-format.md §17): a read-only fd of an artifact's persisted bytes file, for a
+  // reader that loads it itself (straight to a GPU). The same reader rule as GetArtifactMemfd:
+  // the bytes of every persisted artifact become readable.
+  status open_persisted_artifact(call& c) {
+    const auto& in = c.request.open_persisted_artifact();
+    TENSORREG_TRY(check_reader(c.peer, "open the persisted copy of " + in.artifact_id()));
+    TENSORREG_TRY_ASSIGN(auto copy, engine.open_persisted(in.artifact_id(), in.unless_in_memory()));
+    convert::fill_persisted(*c.response.mutable_open_persisted_artifact(), *copy.opened.artifact, copy.descriptor);
+    c.fds_out.push_back(std::move(copy.opened.data));
+    return {};
+  }
+
   // Ours: the GPU memory behind an artifact, for a reader in another process to map zero-copy
   // (docs/wire-format.md §13). The reader can read and write the producer's memory through it,
   // so only the daemon's own uid and root may ask, as for GetArtifactMemfd.
@@ -653,6 +665,7 @@ struct dispatcher::impl {
       case R::kGetArtifactMemfd: return get_artifact_memfd(c);
       case R::kOpenArtifactDevice: return open_artifact_device(c);
       case R::kWaitArtifactHash: return wait_artifact_hash(c);
+      case R::kOpenPersistedArtifact: return open_persisted_artifact(c);
       case R::kFeedRegisterArtifactStream:
       case R::BODY_NOT_SET: break;
     }
@@ -674,7 +687,7 @@ struct dispatcher::impl {
     } else {
       done = route(c);
       if (body == wire::Request::kGetArtifactIndexById || body == wire::Request::kGetArtifactMemfd ||
-          body == wire::Request::kOpenArtifactDevice) {
+          body == wire::Request::kOpenArtifactDevice || body == wire::Request::kOpenPersistedArtifact) {
         count_lookup(done);
       }
     }

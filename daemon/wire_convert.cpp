@@ -9,6 +9,8 @@
 #include <utility>
 #include <variant>
 
+#include "tensorreg/hash/tree_hash.hpp"
+
 // Layout: the private helpers (common types, then those of Begin, Feed and the catalogue) in
 // the anonymous namespace; then the public functions in the header's order.
 
@@ -256,6 +258,7 @@ std::string_view rpc_name(wire::Request::BodyCase body) noexcept {
     case wire::Request::kGetArtifactMemfd: return "GetArtifactMemfd";
     case wire::Request::kOpenArtifactDevice: return "OpenArtifactDevice";
     case wire::Request::kWaitArtifactHash: return "WaitArtifactHash";
+    case wire::Request::kOpenPersistedArtifact: return "OpenPersistedArtifact";
     case wire::Request::BODY_NOT_SET: break;
   }
   return "unknown";
@@ -329,6 +332,7 @@ std::string subject_of(const wire::Request& request, const wire::Response& respo
     case R::kGetArtifactMemfd: return named("artifact", request.get_artifact_memfd().artifact_id());
     case R::kOpenArtifactDevice: return named("artifact", request.open_artifact_device().artifact_id());
     case R::kWaitArtifactHash: return named("artifact", request.wait_artifact_hash().artifact_id());
+    case R::kOpenPersistedArtifact: return named("artifact", request.open_persisted_artifact().artifact_id());
     case R::kWaitPersistenceStatus:
     case R::kGetServerConfig:
     case R::kListArtifacts:
@@ -572,6 +576,24 @@ void fill_memfd(wire::GetArtifactMemfdResponse& out, const index::canonical_inde
   fill_descriptor(*out.mutable_artifact_descriptor(), descriptor);
   out.set_tensor_index_data(index.json());
   out.set_size_bytes(descriptor.total_size);
+}
+
+void fill_persisted(wire::OpenPersistedArtifactResponse& out, const persistence::stored_artifact& stored,
+                    const reg::artifact_descriptor& descriptor) {
+  fill_descriptor(*out.mutable_artifact_descriptor(), descriptor);
+  out.set_tensor_index_data(stored.index->json());
+  out.set_size_bytes(stored.record.total_size);
+  out.set_leaf_bytes(hash::leaf_bytes);
+  // XXH3's canonical form: high64 then low64, each big-endian (the MANIFEST's hex, as bytes).
+  std::string& leaves = *out.mutable_leaf_xxh3();
+  leaves.resize(stored.leaves.size() * 16);
+  for (std::size_t i = 0; i < stored.leaves.size(); ++i) {
+    const auto& f = stored.leaves[i].xxh3;
+    for (int b = 0; b < 8; ++b) {
+      leaves[i * 16 + static_cast<std::size_t>(b)] = static_cast<char>(f.high >> (56 - 8 * b));
+      leaves[i * 16 + 8 + static_cast<std::size_t>(b)] = static_cast<char>(f.low >> (56 - 8 * b));
+    }
+  }
 }
 
 void fill_device_layout(wire::OpenArtifactDeviceResponse& out, const reg::device_layout& layout, std::size_t first,

@@ -126,6 +126,10 @@ void fill_index(v2::GetArtifactIndexByIdResponse& out, const index::canonical_in
 void fill_memfd(wire::GetArtifactMemfdResponse& out, const index::canonical_index& index,
                 const registration::artifact_descriptor& descriptor);
 
+/// The persisted copy's index, size and per-leaf XXH3-128 (canonical form, 16 bytes a leaf).
+void fill_persisted(wire::OpenPersistedArtifactResponse& out, const persistence::stored_artifact& stored,
+                    const registration::artifact_descriptor& descriptor);
+
 /// Describes every allocation of `layout`; those in [first, end) carry their VMM chunks' fds,
 /// numbered from 0 in allocation then chunk order (the order the caller sends them in), the
 /// others mark each chunk "no fd". `device_uuids` holds each allocation's device UUID.

@@ -3,7 +3,8 @@ memory.
 
 - get: GetArtifactMemfd hands over the replica's memfd; it is mapped private (copy on write),
   and every tensor is a view of that mapping. On a CUDA device the whole replica is copied there
-  once, so tied names stay tied and views stay views.
+  once, so tied names stay tied and views stay views. A CUDA get of an artifact the daemon holds
+  on disk only reads the persisted file straight to the device instead (_disk_load.py).
 - open: OpenArtifactDevice, page after page, names the artifact's allocations (a lease's, or the
   daemon's buffer) with an IPC handle or VMM chunk fds each. Every allocation is checked first
   (its GPU visible here, on the device asked for, its fds all there), then each is mapped once,
@@ -27,7 +28,7 @@ import os
 import threading
 from typing import Any
 
-from . import _buffers, _cuda, _device, _layout, _requests
+from . import _buffers, _cuda, _device, _disk_load, _layout, _requests
 from ._torch import device as _torch_device
 from ._torch import module as _torch
 from ._wire import Connection, _close_fds
@@ -63,8 +64,11 @@ def _copy_to_device(torch, src, dev):
     return dst
 
 
-def get_tensors(conn: Connection, artifact_id: str, device: Any) -> dict:
-    """Store.get: the replica mapped private, on cpu or copied once to a CUDA device."""
+def get_tensors(conn: Connection, artifact_id: str, device: Any, load_threads: int | None = None,
+                direct: bool = True) -> dict:
+    """Store.get: the replica mapped private, on cpu or copied once to a CUDA device. On a CUDA
+    device, an artifact the daemon holds on disk only is read from its persisted file straight
+    to the device instead (_disk_load, with `load_threads` threads), unless `direct` is False."""
     torch = _torch()
     what = f"get {artifact_id}"
     dev = _torch_device(torch, device, what)
@@ -72,6 +76,10 @@ def get_tensors(conn: Connection, artifact_id: str, device: Any) -> dict:
         raise InvalidArgument(f"cannot {what} on {dev}: only cpu and cuda are supported")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise FailedPrecondition(f"cannot {what} on {dev}: torch {torch.__version__} sees no CUDA device")
+    if dev.type == "cuda" and direct:
+        loaded = _disk_load.get_tensors(conn, artifact_id, dev, torch, threads=load_threads)
+        if loaded is not None:
+            return loaded
     answer, fds = conn.call(_requests.get_artifact_memfd(artifact_id))
     body = answer.get_artifact_memfd
     try:

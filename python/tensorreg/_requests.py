@@ -211,6 +211,14 @@ def get_artifact_memfd(artifact_id: str):
     return request
 
 
+def open_persisted_artifact(artifact_id: str, unless_in_memory: bool):
+    """OpenPersistedArtifact (docs/wire-format.md §17): a read-only fd of the persisted copy."""
+    request = _messages.Request()
+    request.open_persisted_artifact.artifact_id = artifact_id
+    request.open_persisted_artifact.unless_in_memory = unless_in_memory
+    return request
+
+
 def open_artifact_device(artifact_id: str, first_allocation: int):
     request = _messages.Request()
     request.open_artifact_device.artifact_id = artifact_id

@@ -14,8 +14,8 @@ read go to the last frame beginning in it (§7).
 After a broken connection the next call reconnects. A call that was cut off (the daemon restarted,
 or handed over to a successor with `tensorregd --takeover`) is retried once on a new connection
 when it is idempotent (the reads: GetServerConfig, GetArtifactIndexById, Query/WaitPersistence-
-Status, ListArtifacts, GetStats, GetArtifactMemfd, OpenArtifactDevice); any other raises
-Unavailable saying it was not retried, since it may or may not have taken effect.
+Status, ListArtifacts, GetStats, GetArtifactMemfd, OpenArtifactDevice, OpenPersistedArtifact);
+any other raises Unavailable saying it was not retried, since it may or may not have taken effect.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ _HEADER = struct.Struct("<I")
 # Calls that change nothing in the daemon: retried once when their connection is lost.
 IDEMPOTENT_CALLS = frozenset({
     "get_server_config", "get_artifact_index_by_id", "query_persistence_status", "wait_persistence_status",
-    "list_artifacts", "get_stats", "get_artifact_memfd", "open_artifact_device",
+    "list_artifacts", "get_stats", "get_artifact_memfd", "open_artifact_device", "open_persisted_artifact",
 })
 # How long a retry waits for the daemon's socket to accept again (a restart, a takeover).
 RECONNECT_SECONDS = 5.0

@@ -191,7 +191,8 @@ class Store:
                 "view_data_hash": r.view_data_hash, "view_size": r.view_size,
                 "canonical_ranges": [(c.offset, c.length) for c in r.canonical_ranges]}
 
-    def get(self, artifact_id: str, device: Any = "cpu", *, view: str | None = None) -> dict:
+    def get(self, artifact_id: str, device: Any = "cpu", *, view: str | None = None,
+            load_threads: int | None = None) -> dict:
         """The artifact's tensors from the daemon's stable DRAM replica, as zero-copy views of a
         private mapping of its memfd (writes stay in this process). On a CUDA device ("cuda",
         "cuda:N") the replica is copied to that GPU once and the tensors are views of the copy.
@@ -201,10 +202,14 @@ class Store:
         InvalidArgument (devices other than cpu and cuda).
         view: a view_id registered on the artifact: its tensors instead, with the view's shapes
         (torch's narrow/transpose of the canonical tensors, zero-copy); NotFound when the
-        artifact has no such view."""
+        artifact has no such view.
+        On a CUDA device, an artifact the daemon holds on disk only (--persist-dir, after a
+        restart) is read from its persisted file straight to the GPU, every 4 MiB leaf checked
+        against its XXH3-128 (DataLoss naming a leaf that does not match), by `load_threads`
+        threads (default min(8, cpus)); the daemon then loads nothing into its own memory."""
         if view is not None:
             return _views.get_view(self._conn, artifact_id, view, device)
-        return _reads.get_tensors(self._conn, artifact_id, device)
+        return _reads.get_tensors(self._conn, artifact_id, device, load_threads=load_threads)
 
     def open(self, artifact_id: str, device: Any = "cuda", *, keep_mappings: bool = False) -> dict:
         """The artifact's tensors as zero-copy views of its GPU memory: the producer's own

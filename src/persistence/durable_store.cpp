@@ -719,6 +719,39 @@ status durable_store::load(std::string_view artifact_id, std::span<std::byte> ou
   return {};
 }
 
+result<durable_store::opened_data> durable_store::open_data(std::string_view artifact_id) {
+  const std::string what = "cannot open " + std::string(artifact_id) + " in the persist directory";
+  const std::string name = directory_name(artifact_id);
+  std::shared_ptr<const stored_artifact> a;
+  {
+    std::lock_guard lock(mutex_);
+    if (auto it = published_.find(artifact_id); it != published_.end()) {
+      a = it->second;
+    } else {
+      // Newest first: the reason the copy was last moved aside.
+      for (auto q = quarantined_.rbegin(); q != quarantined_.rend(); ++q) {
+        if (q->name == name) return fail(errc::data_loss, what + ": it was quarantined: " + q->reason);
+      }
+    }
+  }
+  if (!a) return fail(errc::not_found, what + ": it is not there");
+  const std::string path = a->directory + "/" + kData;
+  auto fd = open_file(path, O_RDONLY);
+  if (!fd) return tl::unexpected(with_context(std::move(fd).error(), what));
+  struct stat st {};
+  if (::fstat(fd->get(), &st) != 0) {
+    return tl::unexpected(with_context(memory::sys::file_error("inspect", path, errno), what));
+  }
+  // A file cut short after open() would make the reader's reads end early: found here instead.
+  if (static_cast<std::uint64_t>(st.st_size) != a->record.total_size) {
+    const std::string reason = "bad data '" + path + "': " + std::to_string(st.st_size) + " bytes, the manifest says " +
+                               std::to_string(a->record.total_size);
+    quarantine(a->record.artifact_id, name, reason);
+    return fail(errc::data_loss, what + ": " + reason);
+  }
+  return opened_data{std::move(a), std::move(*fd)};
+}
+
 status durable_store::verify(std::string_view artifact_id, const progress_fn& progress) {
   std::shared_ptr<const stored_artifact> a;
   {

@@ -1235,6 +1235,44 @@ status engine::state::restore(const std::string& id) {
   return {};
 }
 
+result<engine::persisted_copy> engine::open_persisted(const std::string& artifact_id, bool unless_in_memory) const {
+  const std::string what = "cannot open the persisted copy of " + artifact_id;
+  bool held = false, resident = false, quiesced = false;
+  {
+    std::lock_guard lock(state_->mutex);
+    const auto st = state_->catalogue.state_of(artifact_id);
+    held = st != detail::artifact_state::gone;
+    quiesced = st == detail::artifact_state::quiesced || st == detail::artifact_state::draining;
+    resident = state_->catalogue.cache().contains(artifact_id);
+  }
+  const auto& durable = state_->options.durable;
+  if (quiesced) return fail(errc::failed_precondition, what + ": it is being deregistered");
+  if (resident && unless_in_memory) {
+    return fail(errc::failed_precondition, what + ": it has a stable DRAM replica (read it with GetArtifactMemfd)");
+  }
+  if (!durable) {
+    if (held)
+      return fail(errc::failed_precondition, what + ": the daemon has no persist directory (tensorregd --persist-dir)");
+    return fail(errc::not_found, what + ": not held here");
+  }
+  auto opened = durable->open_data(artifact_id);
+  if (!opened) {
+    // The store's message names the copy already (quarantined: why; an I/O error: the file).
+    if (opened.error().code != errc::not_found) return tl::unexpected(std::move(opened).error());
+    if (held) {
+      return fail(errc::failed_precondition,
+                  what +
+                      ": it is not on the shared disk (held in memory only: read it with GetArtifactMemfd or "
+                      "OpenArtifactDevice)");
+    }
+    return fail(errc::not_found, what + ": not held here");
+  }
+  persisted_copy out;
+  out.descriptor = state::summary_of(*opened->artifact).descriptor;
+  out.opened = std::move(*opened);
+  return out;
+}
+
 void engine::state::verify_persisted() {
   const auto all = options.durable->list();
   tensorreg::log(log, log_level::info, "verifying {} persisted artifacts in {}", all.size(), options.durable->root());

@@ -1,6 +1,8 @@
 #include "tensorreg/persistence/durable_store.hpp"
 
+#include <fcntl.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <catch2/catch.hpp>
 #include <cerrno>
@@ -10,6 +12,7 @@
 #include "support/engine_helpers.hpp"
 #include "support/temp_dir.hpp"
 #include "tensorreg/common/fault_injection.hpp"
+#include "tensorreg/hash/fingerprint.hpp"
 #include "tensorreg/hash/tree_hash.hpp"
 
 namespace {
@@ -310,4 +313,78 @@ TEST_CASE("durable_store: a root that is a symbolic link or open to others is re
 TEST_CASE("durable_store: directory names keep ids readable and safe", "[persistence][durable_store]") {
   CHECK(durable_store::directory_name("mi2:bciq:bciq") == "mi2%3Abciq%3Abciq");
   CHECK(durable_store::directory_name("cgid:a/../b") == "cgid%3Aa%2F..%2Fb");
+}
+
+TEST_CASE("durable_store: open_data hands a read-only fd of the data file and the manifest's leaf checks",
+          "[persistence][durable_store]") {
+  temp_dir dir;
+  auto a = make_artifact(kNine + 4, 21);
+  {
+    auto store = durable_store::open(dir.path().string());
+    REQUIRE(store);
+    REQUIRE((*store)->write(a.record, a.index, owned_bytes(a.bytes)));
+  }
+  auto store = durable_store::open(dir.path().string());
+  REQUIRE(store);
+  auto opened = (*store)->open_data(a.record.artifact_id);
+  REQUIRE(opened);
+  CHECK((::fcntl(opened->data.get(), F_GETFL) & O_ACCMODE) == O_RDONLY);
+  CHECK((::fcntl(opened->data.get(), F_GETFD) & FD_CLOEXEC) != 0);
+  std::string back(a.bytes.size(), '\0');
+  CHECK(::pread(opened->data.get(), back.data(), back.size(), 0) == static_cast<ssize_t>(back.size()));
+  CHECK(back == a.bytes);
+  CHECK(::write(opened->data.get(), "x", 1) == -1);
+  CHECK(errno == EBADF);
+  // The checks are the ones open() read from the MANIFEST: what a load compares with.
+  REQUIRE(opened->artifact->leaves.size() == 3);
+  for (std::size_t i = 0; i < 3; ++i) {
+    const auto from = i * tensorreg::hash::leaf_bytes;
+    const auto n = std::min<std::size_t>(tensorreg::hash::leaf_bytes, a.bytes.size() - from);
+    CHECK(opened->artifact->leaves[i].xxh3 ==
+          tensorreg::hash::xxh3_128(std::as_bytes(std::span(a.bytes.data() + from, n))));
+  }
+  CHECK(opened->artifact->index->json() == a.index.json());
+  CHECK(opened->artifact->record.total_size == a.bytes.size());
+  // The data file is the owner's alone: others can reopen neither it nor its directory.
+  const auto data = dir.path() / durable_store::directory_name(a.record.artifact_id) / "data.bin";
+  CHECK(fs::status(data).permissions() == (fs::perms::owner_read | fs::perms::owner_write));
+  CHECK(fs::status(data.parent_path()).permissions() == fs::perms::owner_all);
+
+  auto unknown = (*store)->open_data("mi2:unknown");
+  REQUIRE_FALSE(unknown);
+  CHECK(unknown.error().code == errc::not_found);
+  CHECK(unknown.error().message == "cannot open mi2:unknown in the persist directory: it is not there");
+
+  scoped_fault refused(fault_site::open, EACCES);
+  auto failed = (*store)->open_data(a.record.artifact_id);
+  REQUIRE_FALSE(failed);
+  CHECK(failed.error().code == errc::unavailable);
+  CHECK(failed.error().message == "cannot open " + a.record.artifact_id + " in the persist directory: cannot open '" +
+                                      data.string() + "': Permission denied");
+  CHECK((*store)->contains(a.record.artifact_id));  // an I/O error is no damage
+}
+
+TEST_CASE("durable_store: open_data of a cut-short data file is DATA_LOSS, then quarantined",
+          "[persistence][durable_store]") {
+  temp_dir dir;
+  auto a = make_artifact(kNine, 22);
+  auto store = durable_store::open(dir.path().string());
+  REQUIRE(store);
+  REQUIRE((*store)->write(a.record, a.index, owned_bytes(a.bytes)));
+  const auto name = durable_store::directory_name(a.record.artifact_id);
+  const auto data = (dir.path() / name / "data.bin").string();
+  fs::resize_file(data, 4096);
+  const std::string reason = "bad data '" + data + "': 4096 bytes, the manifest says " + std::to_string(kNine);
+  auto cut = (*store)->open_data(a.record.artifact_id);
+  REQUIRE_FALSE(cut);
+  CHECK(cut.error().code == errc::data_loss);
+  CHECK(cut.error().message == "cannot open " + a.record.artifact_id + " in the persist directory: " + reason);
+  CHECK_FALSE((*store)->contains(a.record.artifact_id));
+  CHECK_FALSE(fs::exists(dir.path() / name));
+  // Asked again: still DATA_LOSS (not NOT_FOUND), with the reason it was moved aside.
+  auto again = (*store)->open_data(a.record.artifact_id);
+  REQUIRE_FALSE(again);
+  CHECK(again.error().code == errc::data_loss);
+  CHECK(again.error().message ==
+        "cannot open " + a.record.artifact_id + " in the persist directory: it was quarantined: " + reason);
 }

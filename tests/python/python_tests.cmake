@@ -5,7 +5,7 @@
 set(TENSORREG_PYTHON_TEST_INTERPRETER /usr/bin/python3 CACHE FILEPATH
     "Python with torch and protobuf for the Python client's tests")
 if(EXISTS ${TENSORREG_PYTHON_TEST_INTERPRETER})
-  foreach(suite layout store device client_modules weight_sync views)
+  foreach(suite layout store device client_modules weight_sync views disk_load)
     add_test(NAME python.${suite}
              COMMAND ${TENSORREG_PYTHON_TEST_INTERPRETER} ${CMAKE_CURRENT_LIST_DIR}/test_${suite}.py
                      --daemon $<TARGET_FILE:tensorregd> --cli $<TARGET_FILE:tensorreg_cli>)

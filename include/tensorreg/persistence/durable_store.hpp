@@ -16,7 +16,9 @@
 // sizes, its index bytes and its id (an mi2 id names the SHA-256 of the index and the tree root
 // of the leaves), quarantining what fails. load() reads an artifact into a caller's buffer and
 // checks every leaf (its XXH3-128 by default, its SHA-256 if asked); verify() checks every
-// leaf's SHA-256 without a buffer. Every damage found is
+// leaf's SHA-256 without a buffer. open_data() hands a reader that loads the bytes itself a
+// read-only fd of the data file and the manifest's leaf checks, as open() found them. Every
+// damage found is
 // DATA_LOSS naming the file or the leaf, and the artifact's directory is moved to quarantine/.
 //
 // Every system call that can fail asks the fault seam first (common/fault_injection.hpp: open,
@@ -28,7 +30,7 @@
 // leaf: contains() may be called with other locks held (the stable cache's spill predicate).
 //
 // Ownership: the store owns nothing but its table and the root's path; loads write into memory
-// the caller owns. Nothing is left open between calls.
+// the caller owns. Nothing is left open between calls but the fds open_data() hands its caller.
 #pragma once
 
 #include <atomic>
@@ -46,6 +48,7 @@
 
 #include "tensorreg/common/error.hpp"
 #include "tensorreg/common/priority_inheriting_mutex.hpp"
+#include "tensorreg/common/unique_fd.hpp"
 #include "tensorreg/hash/fingerprint.hpp"
 #include "tensorreg/hash/sha256.hpp"
 #include "tensorreg/index/canonical_index.hpp"
@@ -164,6 +167,19 @@ class durable_store {
   /// INVALID_ARGUMENT (`out` of another size), DATA_LOSS naming the leaf or file (the artifact
   /// is quarantined), UNAVAILABLE (I/O error).
   [[nodiscard]] status load(std::string_view artifact_id, std::span<std::byte> out);
+
+  /// A published artifact's data file, opened for reading, and its record, index and leaf
+  /// checks as open() or write() found them (no file but data.bin is read again).
+  struct opened_data {
+    std::shared_ptr<const stored_artifact> artifact;
+    unique_fd data;  ///< data.bin, O_RDONLY | O_CLOEXEC, artifact->record.total_size bytes
+  };
+  /// Opens the artifact's data file read-only for a reader that loads and checks the bytes
+  /// itself (docs/architecture.md §14). Only its size is checked here.
+  /// Errors: NOT_FOUND (not published), DATA_LOSS (quarantined since the store was opened,
+  /// with the reason; or data.bin is no longer total_size bytes: quarantined now),
+  /// UNAVAILABLE / PERMISSION_DENIED (cannot open it).
+  [[nodiscard]] result<opened_data> open_data(std::string_view artifact_id);
 
   /// Reads and checks every leaf's SHA-256, without a destination. Errors: as load().
   [[nodiscard]] status verify(std::string_view artifact_id, const progress_fn& progress = {});

@@ -246,6 +246,21 @@ class engine {
   [[nodiscard]] result<persistence::task_status> wait_persistence(const std::string& task_id,
                                                                   std::chrono::milliseconds timeout) const;
 
+  /// The persisted copy of an artifact, opened for a reader that loads it itself.
+  struct persisted_copy {
+    artifact_descriptor descriptor;
+    /// The data file's read-only fd, and the index and leaf checks as the store found them.
+    persistence::durable_store::opened_data opened;
+  };
+  /// Opens the persisted copy of an artifact held on the shared disk, for a reader in another
+  /// process that reads and checks it itself (docs/architecture.md §14): nothing is loaded into
+  /// memory. With `unless_in_memory`, an artifact that has a stable DRAM replica too is refused
+  /// (that copy is cheaper to read). Errors: NOT_FOUND (unknown artifact), FAILED_PRECONDITION
+  /// (no persist directory, no copy on the disk, a stable DRAM replica with `unless_in_memory`,
+  /// being deregistered), DATA_LOSS (quarantined, or its data file no longer whole),
+  /// UNAVAILABLE (cannot open the file).
+  [[nodiscard]] result<persisted_copy> open_persisted(const std::string& artifact_id, bool unless_in_memory) const;
+
   // ---- resident memory across restarts (docs/architecture.md §14.2) ----
 
   /// The stable DRAM entries, for a successor daemon: the catalogue's bytes and a read-only fd
