@@ -1,6 +1,8 @@
 // Implements tensorreg/common/priority_inheriting_mutex.hpp.
 #include "tensorreg/common/priority_inheriting_mutex.hpp"
 
+#include <time.h>
+
 #include <cerrno>
 #include <system_error>
 
@@ -26,6 +28,19 @@ void priority_inheriting_mutex::lock() {
 }
 
 bool priority_inheriting_mutex::try_lock() noexcept { return pthread_mutex_trylock(&mutex_) == 0; }
+
+bool priority_inheriting_mutex::try_lock_for(std::chrono::nanoseconds patience) noexcept {
+  if (pthread_mutex_trylock(&mutex_) == 0) return true;
+  // CLOCK_REALTIME: what pthread_mutex_timedlock takes for every mutex protocol (the
+  // monotonic pthread_mutex_clocklock is refused for PI mutexes where the kernel lacks
+  // FUTEX_LOCK_PI2). A clock step during the wait only lengthens or shortens one wait.
+  timespec deadline{};
+  clock_gettime(CLOCK_REALTIME, &deadline);
+  const auto total = std::chrono::nanoseconds(deadline.tv_nsec) + patience;
+  deadline.tv_sec += static_cast<time_t>(std::chrono::duration_cast<std::chrono::seconds>(total).count());
+  deadline.tv_nsec = static_cast<long>((total % std::chrono::seconds(1)).count());
+  return pthread_mutex_timedlock(&mutex_, &deadline) == 0;
+}
 
 void priority_inheriting_mutex::unlock() noexcept { pthread_mutex_unlock(&mutex_); }
 

@@ -42,6 +42,10 @@ namespace {
 using detail::pending_registration;
 using std::chrono::milliseconds;
 
+// How long stats() waits for the engine mutex before it answers the tables it read last: a
+// fifth of GetStats' 1 ms budget (docs/architecture.md §8).
+constexpr std::chrono::microseconds stats_patience{200};
+
 std::string new_registration_id() {
   const auto ns =
       std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::system_clock::now().time_since_epoch()).count();
@@ -122,6 +126,12 @@ struct engine::state {
   // 1. guards `catalogue` and `pending`. Priority-inheriting: the FIFO I/O thread takes it
   // for KeepAlive and GetStats, and must not wait for a worker that other threads preempted.
   mutable priority_inheriting_mutex mutex;
+  // What stats() read under `mutex` last (the catalogue's counts and the pending table's
+  // size), answered while a worker holds `mutex` longer than stats_patience. Its own lock is
+  // only ever held to copy it.
+  mutable priority_inheriting_mutex last_tables_mutex;
+  mutable engine_stats last_tables;  // guarded by last_tables_mutex
+  mutable std::atomic<bool> tables_read{false};
   detail::catalogue catalogue;    // committed artifacts and their holders
   detail::pending_table pending;  // open registrations and tombstones
   detail::layout_cache layouts;   // lease layouts committed before (its own leaf mutex)
@@ -962,11 +972,23 @@ engine_stats engine::stats() const {
   auto& s = *state_;
   engine_stats out;
   {
-    // Only the tables the engine mutex guards are read under it; the rest keep their own
-    // counts, so GetStats (on the I/O thread) waits for no other lock while holding this one.
-    const detail::engine_lock lock(s.mutex);
-    s.catalogue.add_stats(out);
-    out.pending_registrations = s.pending.size();
+    // The engine's own tables, read under its mutex when it comes free within stats_patience;
+    // a worker holding it longer (a commit's bookkeeping, an owner's release) leaves this call
+    // the tables the last one read, so GetStats on the I/O thread never waits behind it. The
+    // first call waits: there is nothing earlier to answer.
+    std::unique_lock tables(s.mutex, std::defer_lock);
+    const bool read_before = s.tables_read.load(std::memory_order_acquire);
+    if (read_before ? tables.try_lock_for(stats_patience) : (tables.lock(), true)) {
+      s.catalogue.add_stats(out);
+      out.pending_registrations = s.pending.size();
+      tables.unlock();
+      std::lock_guard last(s.last_tables_mutex);
+      s.last_tables = out;
+      s.tables_read.store(true, std::memory_order_release);
+    } else {
+      std::lock_guard last(s.last_tables_mutex);
+      out = s.last_tables;
+    }
   }
   out.regions = s.regions.size();
   out.open_mappings = s.devices ? s.devices->open_mappings() : 0;

@@ -140,3 +140,25 @@ TEST_CASE("priority_inheriting_mutex: the holder runs at the priority of a FIFO 
   REQUIRE(inheriting.has_value());
   CHECK(*inheriting == -3);
 }
+
+TEST_CASE("priority_inheriting_mutex: try_lock_for gives up on a held mutex and takes a free one",
+          "[common][priority_mutex][concurrency]") {
+  priority_inheriting_mutex m;
+  std::atomic<bool> held{false};
+  std::atomic<bool> done{false};
+  std::thread holder([&] {
+    std::lock_guard lock(m);
+    held = true;
+    while (!done) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  });
+  while (!held) std::this_thread::yield();
+  const auto asked = std::chrono::steady_clock::now();
+  const bool got = m.try_lock_for(std::chrono::milliseconds(20));
+  const auto waited = std::chrono::steady_clock::now() - asked;
+  done = true;
+  holder.join();
+  CHECK_FALSE(got);
+  CHECK(waited >= std::chrono::milliseconds(19));  // it waited its patience, then gave up
+  REQUIRE(m.try_lock_for(std::chrono::milliseconds(20)));
+  m.unlock();
+}

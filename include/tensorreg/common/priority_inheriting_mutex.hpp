@@ -15,6 +15,8 @@
 
 #include <pthread.h>
 
+#include <chrono>
+
 namespace tensorreg {
 
 class priority_inheriting_mutex {
@@ -27,6 +29,8 @@ class priority_inheriting_mutex {
   /// Throws std::system_error where std::mutex::lock would (EDEADLK: the caller holds it).
   void lock();
   [[nodiscard]] bool try_lock() noexcept;
+  /// Waits at most `patience` (TimedLockable, for std::unique_lock::try_lock_for).
+  [[nodiscard]] bool try_lock_for(std::chrono::nanoseconds patience) noexcept;
   void unlock() noexcept;
 
  private:

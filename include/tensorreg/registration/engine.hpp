@@ -227,6 +227,10 @@ class engine {
   /// its last piece. Errors: NOT_FOUND.
   [[nodiscard]] result<assembly_status> assembly_of(const std::string& cgid) const;
 
+  /// Counts of the engine's tables and components. The tables guarded by the engine mutex
+  /// (artifacts, leases, joins, pending registrations) are read as of this call, or, when a
+  /// worker holds them for more than 0.2 ms, as the last call read them: a monitor is never
+  /// held up by a commit.
   [[nodiscard]] engine_stats stats() const;
 
   // ---- persistence (registration.md §1.6, docs/architecture.md §14) ----
