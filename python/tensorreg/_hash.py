@@ -3,8 +3,10 @@ the mi2 id of a canonical buffer given as pieces at offsets (the gaps read as ze
 
 The data hash is a tree of SHA-256 over 4 MiB leaves. The leaves are hashed by a pool of
 threads, one per core: hashlib (OpenSSL) releases the GIL while it hashes a buffer of more
-than a few KiB, so the threads run in parallel and the pieces are read where they lie (no
-copy).
+than a few KiB, so the threads run in parallel. Each thread copies the bytes into a small
+buffer of its own and hashes them there: SHA-256 reading memory far larger than the cache
+stalls on it (it costs a quarter more CPU than the copy and the hash of cache-hot bytes
+together), as the C++ client's file reads hash from a pread() buffer too.
 
 Thread-safety: pure functions; the pieces must not change while they are hashed.
 """
@@ -14,10 +16,14 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 LEAF_BYTES = 4 << 20  # never adaptive (§3.3)
-_ZEROS = bytes(LEAF_BYTES)
+# Bytes hashed per update: small enough to stay in a core's cache between copy and hash.
+_PIECE = 256 << 10
+_ZEROS = memoryview(bytes(_PIECE))
+_staging = threading.local()  # each thread's _PIECE-byte buffer
 
 
 def multihash(digest: bytes) -> str:
@@ -28,6 +34,26 @@ def multihash(digest: bytes) -> str:
 def index_multihash(index_json: bytes) -> str:
     """§3.2: the multihash of SHA-256 over the canonical index bytes."""
     return multihash(hashlib.sha256(index_json).digest())
+
+
+def _update_zeros(h, length: int) -> None:
+    while length > 0:
+        n = min(length, _PIECE)
+        h.update(_ZEROS[:n])
+        length -= n
+
+
+def _update_staged(h, view) -> None:
+    """h.update(view), through this thread's cache-sized buffer (module doc)."""
+    if view.format != "B" or view.ndim != 1:
+        view = view.cast("B")
+    stage = getattr(_staging, "buffer", None)
+    if stage is None:
+        stage = _staging.buffer = memoryview(bytearray(_PIECE))
+    for at in range(0, len(view), _PIECE):
+        n = min(_PIECE, len(view) - at)
+        stage[:n] = view[at:at + n]
+        h.update(stage[:n])
 
 
 def _leaf(pieces: list, start: int, end: int) -> bytes:
@@ -41,13 +67,13 @@ def _leaf(pieces: list, start: int, end: int) -> bytes:
         if offset >= end:
             break
         if offset > at:
-            h.update(_ZEROS[: offset - at])
+            _update_zeros(h, offset - at)
             at = offset
         upto = min(last, end)
-        h.update(view[at - offset:upto - offset])
+        _update_staged(h, view[at - offset:upto - offset])
         at = upto
     if at < end:
-        h.update(_ZEROS[: end - at])
+        _update_zeros(h, end - at)
     return h.digest()
 
 

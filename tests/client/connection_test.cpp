@@ -5,11 +5,15 @@
 
 #include <catch2/catch.hpp>
 
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
 #include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <optional>
 #include <thread>
 
 #include "support/daemon_process.hpp"
@@ -42,7 +46,78 @@ connection connect(const daemon_process& d) {
   return std::move(*c);
 }
 
+// The inode of the daemon's publish memfd while this process holds an fd of it (during a put).
+std::optional<ino_t> publish_memfd_inode() {
+  for (const auto& entry : std::filesystem::directory_iterator("/proc/self/fd")) {
+    std::error_code ec;
+    const auto target = std::filesystem::read_symlink(entry.path(), ec);
+    if (ec || !target.string().starts_with("/memfd:tensorreg-publish")) continue;
+    struct stat st {};
+    if (::stat(entry.path().c_str(), &st) == 0) return st.st_ino;
+  }
+  return std::nullopt;
+}
+
+// The lines of /proc/self/maps that map a daemon's publish memfd.
+std::vector<std::string> publish_mappings() {
+  std::ifstream maps("/proc/self/maps");
+  std::vector<std::string> found;
+  for (std::string line; std::getline(maps, line);) {
+    if (line.find("memfd:tensorreg-publish") != std::string::npos) found.push_back(line);
+  }
+  return found;
+}
+
 }  // namespace
+
+TEST_CASE("client connection: a put's memfd is kept as the replica with no copy and no mapping left here",
+          "[client][connection][concurrency]") {
+  daemon_process d;
+  testing::temp_dir dir;
+  // Several 4 MiB leaves (written on all cores) and PAD
+  // between tensors of odd sizes.
+  const auto path = dir.path() / "model.safetensors";
+  testing::write_safetensors(path, {{"a", "BF16", {3}, testing::pattern_bytes(6, 1)},
+                                    {"big", "F32", {(9 << 20) / 4 + 3}, testing::pattern_bytes((9 << 20) + 12, 2)},
+                                    {"b", "U8", {5}, testing::pattern_bytes(5, 3)},
+                                    {"big2", "F32", {(5 << 20) / 4}, testing::pattern_bytes(5 << 20, 4)}});
+  auto bundle = index::safetensors_bundle::open({path.string()}).value();
+  auto c = connect(d);
+  const auto before = c.stats();
+  REQUIRE(before);
+
+  std::optional<ino_t> publish;
+  std::uint64_t progressed = 0;
+  auto put = c.put(*bundle, {"cache", [&](std::uint64_t done, std::uint64_t) {
+                               progressed = done;
+                               if (!publish) publish = publish_memfd_inode();
+                             }});
+  REQUIRE(put);
+  CHECK_FALSE(put->existed);
+  CHECK(progressed == bundle->index().total_size());
+  CHECK(put->descriptor.artifact_id == offline_id(*bundle));
+  // Nothing of the memfd is left here: no fd, no mapping (a writable one would have kept the
+  // daemon from sealing it).
+  CHECK_FALSE(publish_memfd_inode());
+  CHECK(publish_mappings().empty());
+
+  // Kept, not copied: the replica is the very memfd the client wrote, and the daemon copied
+  // no byte (it hashed each once).
+  const auto after = c.stats();
+  REQUIRE(after);
+  CHECK(after->bytes_copied == before->bytes_copied);
+  CHECK(after->bytes_hashed - before->bytes_hashed == bundle->index().total_size());
+  auto replica = c.get(put->descriptor.artifact_id);
+  REQUIRE(replica);
+  struct stat st {};
+  REQUIRE(::fstat(replica->memory.fd(), &st) == 0);
+  REQUIRE(publish);
+  CHECK(st.st_ino == *publish);
+  std::vector<std::byte> expected(bundle->index().total_size());
+  REQUIRE(bundle->canonical().read(0, expected));
+  REQUIRE(replica->memory.size() == expected.size());
+  CHECK(std::memcmp(replica->memory.bytes().data(), expected.data(), expected.size()) == 0);
+}
 
 TEST_CASE("client connection: put, then get, index, list and stats answer in library types", "[client][connection]") {
   daemon_process d;

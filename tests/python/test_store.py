@@ -566,6 +566,19 @@ class HeldPutTest(unittest.TestCase):
         self.assertEqual(after["pending"], 0)
         self.assert_gets(art.artifact_id, sd)
 
+    def test_a_new_put_is_kept_without_a_copy_and_leaves_nothing_of_the_memfd_here(self):
+        sd = self.big_state_dict(14)
+        art, _, before, after = self.put_recording(sd)
+        self.assertFalse(art.existed)
+        self.assertEqual(after["copied"], before["copied"])  # the publish memfd became the replica
+        self.assertEqual(after["hashed"] - before["hashed"], art.total_size)
+        with open("/proc/self/maps") as f:
+            self.assertEqual([line for line in f if "memfd:tensorreg-publish" in line], [])
+        fds = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+               if os.path.exists(f"/proc/self/fd/{fd}")]
+        self.assertEqual([t for t in fds if t.startswith("/memfd:tensorreg-publish")], [])
+        self.assert_gets(art.artifact_id, sd)
+
     def test_the_same_index_with_other_bytes_is_a_normal_put_with_a_new_id(self):
         sd = self.big_state_dict(11)
         first = self.store.put(sd)
