@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "support/fake_clock.hpp"
+#include "support/two_tensor_artifact.hpp"
 #include "tensorcast/daemon/v2/store_daemon.pb.h"
 #include "tensorreg/index/canonical_index.hpp"
 #include "tensorreg/metrics/registry.hpp"
@@ -26,15 +27,10 @@ using tensorreg::daemon::dispatcher_options;
 using tensorreg::daemon::frame_in;
 using namespace std::chrono_literals;
 
-constexpr std::uint64_t total = 24;
-
-std::string index_json() {
-  std::vector<tensorreg::index::entry> entries{{"a", 0, 16, {4}, {1}, "torch.float32", 0},
-                                               {"b", 16, 8, {2}, {1}, "torch.float32", 0}};
-  auto index = tensorreg::index::canonical_index::from_entries(std::move(entries), total);
-  REQUIRE(index);
-  return index->json();
-}
+// The artifact every registration here uses.
+namespace two_tensors = tensorreg::testing::two_tensors;
+using tensorreg::testing::two_tensors::index_json;
+using tensorreg::testing::two_tensors::total;
 
 struct put_result {
   tensorcast::daemon::v2::CommitRegisteredArtifactResponse commit;

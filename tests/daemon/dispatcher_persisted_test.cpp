@@ -17,6 +17,7 @@
 
 #include "support/fake_clock.hpp"
 #include "support/temp_dir.hpp"
+#include "support/two_tensor_artifact.hpp"
 #include "tensorreg/hash/fingerprint.hpp"
 #include "tensorreg/hash/tree_hash.hpp"
 #include "tensorreg/index/canonical_index.hpp"
@@ -39,23 +40,12 @@ using tensorreg::daemon::request_lane;
 using tensorreg::testing::temp_dir;
 using namespace std::chrono_literals;
 
-constexpr std::uint64_t total = 24;
+// The artifact every registration here uses.
+namespace two_tensors = tensorreg::testing::two_tensors;
+using tensorreg::testing::two_tensors::index_json;
+using tensorreg::testing::two_tensors::total;
 
 peer_credentials self() { return {getpid(), getuid(), getgid()}; }
-
-std::string artifact_bytes(char salt) {
-  std::string bytes(total, '\0');
-  for (std::size_t i = 0; i < bytes.size(); ++i) bytes[i] = static_cast<char>(i * 7 + salt);
-  return bytes;
-}
-
-std::string index_json() {
-  std::vector<tensorreg::index::entry> entries{{"a", 0, 16, {4}, {1}, "torch.float32", 0},
-                                               {"b", 16, 8, {2}, {1}, "torch.float32", 0}};
-  auto index = tensorreg::index::canonical_index::from_entries(std::move(entries), total);
-  REQUIRE(index);
-  return index->json();
-}
 
 struct answer {
   wire::Response response;
@@ -120,7 +110,7 @@ struct harness {
     wire::Request feed;
     feed.set_request_id(stream);
     feed.mutable_feed_register_artifact_stream()->set_registration_id(reg);
-    feed.mutable_feed_register_artifact_stream()->mutable_view_chunk()->set_data(artifact_bytes(salt));
+    feed.mutable_feed_register_artifact_stream()->mutable_view_chunk()->set_data(two_tensors::bytes(salt));
     REQUIRE_FALSE(dispatch->handle(*conn, frame_in{feed.SerializeAsString(), {}}));
     wire::Request end;
     end.set_request_id(stream);
@@ -194,7 +184,7 @@ TEST_CASE("dispatcher: OpenPersistedArtifact hands over a read-only fd of the pe
   CHECK(out.size_bytes() == total);
   CHECK(out.leaf_bytes() == tensorreg::hash::leaf_bytes);
   CHECK(out.tensor_index_data() == index_json());
-  const auto bytes = artifact_bytes(3);
+  const auto bytes = two_tensors::bytes(3);
   CHECK(out.leaf_xxh3() == canonical(tensorreg::hash::xxh3_128(std::as_bytes(std::span(bytes.data(), bytes.size())))));
   REQUIRE(a.fds.size() == 1);
   const int fd = a.fds[0].get();

@@ -16,6 +16,7 @@
 
 #include "support/fake_clock.hpp"
 #include "support/recording_logger.hpp"
+#include "support/two_tensor_artifact.hpp"
 #include "tensorcast/common/v1/common.pb.h"
 #include "tensorcast/daemon/v2/store_daemon.pb.h"
 #include "tensorreg/index/canonical_index.hpp"
@@ -40,7 +41,10 @@ using tensorreg::daemon::peer_credentials;
 using tensorreg::memory::shared_memory;
 using namespace std::chrono_literals;
 
-constexpr std::uint64_t total = 24;  // tensor "a": 16 bytes at 0; tensor "b": 8 bytes at 16
+// The artifact every registration here uses.
+namespace two_tensors = tensorreg::testing::two_tensors;
+using tensorreg::testing::two_tensors::index_json;
+using tensorreg::testing::two_tensors::total;
 
 peer_credentials self() { return {getpid(), getuid(), getgid()}; }
 
@@ -53,21 +57,6 @@ dispatcher_options trusting(bool trust, uid_t daemon_uid) {
   options.trust_client_pids = trust;
   options.daemon_uid = daemon_uid;
   return options;
-}
-
-// The canonical bytes of the two-tensor artifact every registration here uses.
-std::string artifact_bytes() {
-  std::string bytes(total, '\0');
-  for (std::size_t i = 0; i < bytes.size(); ++i) bytes[i] = static_cast<char>(i * 7 + 3);
-  return bytes;
-}
-
-std::string index_json() {
-  std::vector<tensorreg::index::entry> entries{{"a", 0, 16, {4}, {1}, "torch.float32", 0},
-                                               {"b", 16, 8, {2}, {1}, "torch.float32", 0}};
-  auto index = tensorreg::index::canonical_index::from_entries(std::move(entries), total);
-  REQUIRE(index);
-  return index->json();
 }
 
 unique_fd make_memfd(std::uint64_t size) {
@@ -236,7 +225,7 @@ std::string begin_stable_id(harness& h) {
 // A stable_dram put of the artifact in `chunk` bytes view chunks; returns the commit answer.
 v2::CommitRegisteredArtifactResponse put_chunks(harness& h, std::size_t chunk) {
   const auto id = begin_stable_id(h);
-  const auto bytes = artifact_bytes();
+  const auto bytes = two_tensors::bytes();
   std::vector<wire::Request> frames;
   for (std::size_t at = 0; at < bytes.size(); at += chunk) {
     auto f = feed_frame(0, id);
@@ -439,7 +428,7 @@ TEST_CASE("dispatcher: a stable_dram put through the publish memfd commits", "[d
   REQUIRE(begun.fds.size() == 1);
   auto mapped = shared_memory::adopt(std::move(begun.fds[0]), total, true);
   REQUIRE(mapped);
-  const auto bytes = artifact_bytes();
+  const auto bytes = two_tensors::bytes();
   std::memcpy(mapped->mutable_bytes().data(), bytes.data(), bytes.size());
 
   auto f = feed_frame(0, id);
@@ -476,7 +465,7 @@ TEST_CASE("dispatcher: a LIP registration over a daemon-managed HOST_SHARED regi
   REQUIRE(mapped);
 
   // 2. Write the two storages into the slab: "a" at 8, "b" at 40.
-  const auto bytes = artifact_bytes();
+  const auto bytes = two_tensors::bytes();
   std::memcpy(mapped->mutable_bytes().data() + 8, bytes.data(), 16);
   std::memcpy(mapped->mutable_bytes().data() + 40, bytes.data() + 16, 8);
 
@@ -815,7 +804,7 @@ TEST_CASE("dispatcher: GetArtifactMemfd hands over the stable replica read-only 
   CHECK(::mmap(nullptr, total, PROT_READ | PROT_WRITE, MAP_SHARED, a.fds[0].get(), 0) == MAP_FAILED);
   auto mapped = shared_memory::adopt(std::move(a.fds[0]), total, false);
   REQUIRE(mapped);
-  CHECK(std::string(reinterpret_cast<const char*>(mapped->bytes().data()), total) == artifact_bytes());
+  CHECK(std::string(reinterpret_cast<const char*>(mapped->bytes().data()), total) == two_tensors::bytes());
 
   auto unknown = h.request();
   unknown.mutable_get_artifact_memfd()->set_artifact_id("mi2:unknown");
@@ -866,7 +855,7 @@ TEST_CASE("dispatcher: ListArtifacts is sorted by id and GetStats counts an empt
   data->set_data(R"({"z":[0,24,[6],[1],"torch.float32",0]})");
   const auto id = h.ok(r).response.begin_register_artifact().registration_id();
   auto f = feed_frame(0, id);
-  f.mutable_feed_register_artifact_stream()->mutable_view_chunk()->set_data(artifact_bytes());
+  f.mutable_feed_register_artifact_stream()->mutable_view_chunk()->set_data(two_tensors::bytes());
   feed_all(h, {f});
   h.ok(commit(h, id));
   list.set_request_id(h.next_id++);
@@ -968,7 +957,7 @@ TEST_CASE("dispatcher: each RPC is logged at debug with its method, peer, id, co
   auto f = feed_frame(2, id);
   auto* chunk = f.mutable_feed_register_artifact_stream()->mutable_view_chunk();
   chunk->set_canonical_offset(0);
-  chunk->set_data(artifact_bytes());
+  chunk->set_data(two_tensors::bytes());
   CHECK_FALSE(h.send(f));
   CHECK(log.count(log_level::trace, "rpc FeedRegisterArtifactStream request 2 " + pid, "registration '" + id + "'",
                   "frame taken in ") == 1);
@@ -1054,7 +1043,7 @@ TEST_CASE("dispatcher: Feed, Commit, Abort and Revoke of another process's regis
 
   // The owner's registration is untouched: it feeds and commits.
   auto chunk = feed_frame(0, id);
-  chunk.mutable_feed_register_artifact_stream()->mutable_view_chunk()->set_data(artifact_bytes());
+  chunk.mutable_feed_register_artifact_stream()->mutable_view_chunk()->set_data(two_tensors::bytes());
   feed_all(h, {chunk});
   CHECK(h.ok(commit(h, id)).response.commit_registered_artifact().has_artifact_descriptor());
 }
@@ -1195,7 +1184,7 @@ answer put_cgid_in_background(harness& h, const std::string& cgid) {
   begin.mutable_begin_register_artifact()->set_client_artifact_id(cgid);
   const auto id = h.ok(begin).response.begin_register_artifact().registration_id();
   auto f = feed_frame(0, id);
-  f.mutable_feed_register_artifact_stream()->mutable_view_chunk()->set_data(artifact_bytes());
+  f.mutable_feed_register_artifact_stream()->mutable_view_chunk()->set_data(two_tensors::bytes());
   feed_all(h, {f});
   auto c = commit(h, id);
   c.mutable_commit_registered_artifact()->set_hash_in_background(true);
@@ -1264,7 +1253,7 @@ TEST_CASE("dispatcher: WaitArtifactHash of an unknown artifact is NOT_FOUND, of 
   begin.mutable_begin_register_artifact()->set_client_artifact_id("cgid:dispatch~plain");
   const auto id = h.ok(begin).response.begin_register_artifact().registration_id();
   auto f = feed_frame(0, id);
-  f.mutable_feed_register_artifact_stream()->mutable_view_chunk()->set_data(artifact_bytes());
+  f.mutable_feed_register_artifact_stream()->mutable_view_chunk()->set_data(two_tensors::bytes());
   feed_all(h, {f});
   CHECK(h.ok(commit(h, id)).response.commit_registered_artifact().hash_state() == v2::HASH_NONE);
   auto none = h.ok(wait_hash(h, "cgid:dispatch~plain", 5)).response.wait_artifact_hash();
