@@ -1,5 +1,7 @@
 #include "tensorreg/client/connection.hpp"
 
+#include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -19,6 +21,8 @@
 #include "tensorreg/hash/sha256.hpp"
 #include "tensorreg/hash/tree_hash.hpp"
 #include "tensorreg/identity/content_id.hpp"
+#include "tensorreg/memory/mapped_file.hpp"
+#include "tensorreg/memory/segmented_view.hpp"
 #include "tensorreg/policy/store_policy.hpp"
 
 namespace tensorreg::client {
@@ -33,36 +37,115 @@ double seconds_since(std::chrono::steady_clock::time_point start) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
 
+// A writable shared mapping of the daemon's memfd, unmapped when it goes out of scope: before
+// Commit, so that the daemon can seal the memfd and keep it as its replica (stable_dram.hpp).
+class memfd_mapping {
+ public:
+  memfd_mapping(std::byte* base, std::size_t size) noexcept : base_(base), size_(size) {}
+  memfd_mapping(const memfd_mapping&) = delete;
+  memfd_mapping& operator=(const memfd_mapping&) = delete;
+  ~memfd_mapping() { ::munmap(base_, size_); }
+  [[nodiscard]] std::byte* data() const noexcept { return base_; }
+
+ private:
+  std::byte* base_;
+  std::size_t size_;
+};
+
+status pwrite_all(int fd, std::span<const std::byte> piece, std::uint64_t at) {
+  while (!piece.empty()) {
+    const ssize_t n = ::pwrite(fd, piece.data(), piece.size(), static_cast<off_t>(at));
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      const int e = n < 0 ? errno : ENOSPC;
+      return fail(errc_of_errno(e, errc::resource_exhausted), "cannot write " + std::to_string(piece.size()) +
+                                                                  " bytes at offset " + std::to_string(at) + ": " +
+                                                                  std::strerror(e));
+    }
+    piece = piece.subspan(static_cast<std::size_t>(n));
+    at += static_cast<std::uint64_t>(n);
+  }
+  return {};
+}
+
 // Writes the bundle's canonical bytes into the memfd `fd` at [0, size), leaf by leaf on all
-// cores. pwrite() rather than a mapping: stores through a fresh shared mapping fault in and
-// zero every page first, which cost more than the copy itself, and a client that never maps
-// the memfd writable lets the daemon seal and keep it as it is (no second copy at Commit).
+// cores, two ways at once. pwrite() (the file read into a small buffer, then written) costs the
+// least CPU, but it takes the memfd's inode lock: writers on several cores serialise and spin.
+// So one thread at a time writes with pwrite(), and a thread that finds it busy pread()s its
+// leaf from the file straight into a shared mapping of the memfd instead, whose page faults run
+// in parallel. Only the kernel writes the mapping, so a memfd that shrank under it fails the
+// read (EFAULT) rather than raising SIGBUS here. The mapping is gone when this returns: the
+// daemon keeps a memfd no one maps writable as its replica, with no second copy.
 status write_canonical(const index::safetensors_bundle& bundle, int fd,
                        const std::function<void(std::uint64_t, std::uint64_t)>& progress) {
   const auto& source = bundle.canonical();
   const std::uint64_t total = source.size();
+  if (total == 0) return {};
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) {
+    const int e = errno;
+    return fail(errc::data_loss, "cannot write the daemon's memfd: cannot stat it: " + std::string(std::strerror(e)));
+  }
+  // The daemon sized the memfd; a shorter one would fault under the mapping.
+  if (static_cast<std::uint64_t>(st.st_size) < total) {
+    return fail(errc::data_loss, "cannot write the daemon's memfd: it holds " + std::to_string(st.st_size) +
+                                     " bytes, fewer than the artifact's " + std::to_string(total));
+  }
+  // A memfd with no pages reads as zeros: the canonical buffer's gaps (PAD) need no writing.
+  const bool zeroed = st.st_blocks == 0;
+  void* base = ::mmap(nullptr, static_cast<std::size_t>(total), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  if (base == MAP_FAILED) {
+    const int e = errno;
+    return fail(errc_of_errno(e, errc::resource_exhausted),
+                "cannot map the daemon's memfd of " + std::to_string(total) + " bytes: " + std::strerror(e));
+  }
+  const memfd_mapping mapping(static_cast<std::byte*>(base), static_cast<std::size_t>(total));
+  const auto write_at = [&](std::uint64_t at) {
+    return [fd, at](std::span<const std::byte> piece) mutable -> status {
+      TENSORREG_TRY(pwrite_all(fd, piece, at));
+      at += piece.size();
+      return {};
+    };
+  };
+  // [begin, begin + length) through the mapping: file bytes pread() into place, other sources
+  // (none in a safetensors bundle) written with pwrite(), gaps left as they are when zeroed.
+  const auto map_leaves = [&](std::uint64_t begin, std::uint64_t length) -> status {
+    std::uint64_t cursor = begin;
+    status copied;
+    const auto gap = [&](std::uint64_t to) -> status {
+      if (zeroed || cursor >= to) return {};
+      return memory::visit_zeros(to - cursor, write_at(cursor));
+    };
+    memory::for_each_leaf(
+        source, begin, length, begin,
+        [&](const memory::byte_source& leaf, std::uint64_t offset, std::uint64_t size, std::uint64_t at) {
+          copied = gap(at);
+          if (!copied) return false;
+          if (const auto* file = dynamic_cast<const memory::mapped_file*>(&leaf)) {
+            copied = file->read_into(offset, {mapping.data() + at, static_cast<std::size_t>(size)});
+          } else {
+            copied = leaf.visit(offset, size, write_at(at));
+          }
+          cursor = at + size;
+          return copied.has_value();
+        });
+    TENSORREG_TRY(std::move(copied));
+    return gap(begin + length);
+  };
   const std::uint64_t chunks = total / hash::leaf_bytes + (total % hash::leaf_bytes != 0 ? 1 : 0);
   thread_pool pool(std::max(1u, std::thread::hardware_concurrency()) - 1);
+  std::mutex writer;
   std::atomic<std::uint64_t> done{0};
   std::mutex progress_mutex;
   return pool.parallel_for(chunks, [&](std::size_t chunk) -> status {
     const std::uint64_t begin = chunk * hash::leaf_bytes;
     const std::uint64_t length = std::min(hash::leaf_bytes, total - begin);
-    std::uint64_t at = begin;
-    TENSORREG_TRY(source.visit(begin, length, [&](std::span<const std::byte> piece) -> status {
-      while (!piece.empty()) {
-        const ssize_t n = ::pwrite(fd, piece.data(), piece.size(), static_cast<off_t>(at));
-        if (n < 0 && errno == EINTR) continue;
-        if (n <= 0) {
-          return fail(errc_of_errno(errno, errc::resource_exhausted),
-                      "cannot write " + std::to_string(piece.size()) + " bytes at offset " + std::to_string(at) +
-                          " of the daemon's memfd: " + std::strerror(n < 0 ? errno : ENOSPC));
-        }
-        piece = piece.subspan(static_cast<std::size_t>(n));
-        at += static_cast<std::uint64_t>(n);
-      }
-      return {};
-    }));
+    std::unique_lock writing(writer, std::try_to_lock);
+    auto copied = writing.owns_lock() ? source.visit(begin, length, write_at(begin)) : map_leaves(begin, length);
+    if (writing.owns_lock()) writing.unlock();
+    if (!copied) {
+      return fail(copied.error().code, "cannot copy the artifact into the daemon's memfd: " + copied.error().message);
+    }
     const auto now = done.fetch_add(length) + length;
     if (progress) {
       std::lock_guard lock(progress_mutex);
@@ -152,7 +235,7 @@ result<registered> connection::put(const index::safetensors_bundle& bundle, cons
     return tl::unexpected(std::move(e));
   };
   TENSORREG_TRY_ASSIGN(auto fd, take_fd(begun, "put"));
-  // Never mapped here: with no writable mapping left at Commit the daemon keeps the memfd as
+  // Unmapped again before Commit: with no writable mapping left the daemon keeps the memfd as
   // its replica instead of copying it (stable_dram.hpp).
   if (auto written = write_canonical(bundle, fd.get(), options.progress); !written) {
     return abort_on_error(written.error());

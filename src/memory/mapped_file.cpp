@@ -100,22 +100,38 @@ status mapped_file::visit(std::uint64_t offset, std::uint64_t length, piece_sink
   } release{!own};
   while (length > 0) {
     const auto want = static_cast<std::size_t>(std::min<std::uint64_t>(length, piece_bytes));
-    std::size_t got = 0;
-    while (got < want) {
-      const ssize_t n = sys::pread(fd_.get(), buffer + got, want - got, offset + got);
-      if (n > 0) {
-        got += static_cast<std::size_t>(n);
-        continue;
-      }
-      if (n < 0 && errno == EINTR) continue;
-      const std::string reason =
-          n == 0 ? "the file ends there now (it was truncated after it was opened)" : std::string(std::strerror(errno));
-      return fail(errc::data_loss,
-                  "cannot read '" + path_ + "' at offset " + std::to_string(offset + got) + ": " + reason);
-    }
+    TENSORREG_TRY(read_fully(offset, {buffer, want}));
     TENSORREG_TRY(sink(std::span<const std::byte>(buffer, want)));
     offset += want;
     length -= want;
+  }
+  return {};
+}
+
+status mapped_file::read_into(std::uint64_t offset, std::span<std::byte> out) const {
+  TENSORREG_TRY(check_range(offset, out.size()));
+  return read_fully(offset, out);
+}
+
+status mapped_file::read_fully(std::uint64_t offset, std::span<std::byte> out) const {
+  std::size_t got = 0;
+  while (got < out.size()) {
+    const ssize_t n = sys::pread(fd_.get(), out.data() + got, out.size() - got, offset + got);
+    if (n > 0) {
+      got += static_cast<std::size_t>(n);
+      continue;
+    }
+    if (n < 0 && errno == EINTR) continue;
+    std::string reason;
+    if (n == 0) {
+      reason = "the file ends there now (it was truncated after it was opened)";
+    } else if (errno == EFAULT) {
+      reason = "the memory to read into cannot be written (" + std::string(std::strerror(errno)) + ")";
+    } else {
+      reason = std::strerror(errno);
+    }
+    return fail(errc::data_loss,
+                "cannot read '" + path_ + "' at offset " + std::to_string(offset + got) + ": " + reason);
   }
   return {};
 }

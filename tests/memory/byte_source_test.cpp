@@ -2,6 +2,8 @@
 
 #include <catch2/catch.hpp>
 
+#include <sys/mman.h>
+
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -263,6 +265,43 @@ TEST_CASE("mapped_file: a file truncated after it was opened reads as DATA_LOSS,
   CHECK(read.error().message == "cannot read '" + path.string() +
                                     "' at offset 1000: the file ends there now (it was truncated after it was opened)");
   CHECK(seen == 0);  // the short piece was never handed out
+}
+
+TEST_CASE("mapped_file: read_into reads in place, and a range, a shrunk file or memory it cannot write fails",
+          "[memory][mapped_file]") {
+  tensorreg::testing::temp_dir dir;
+  const auto path = dir.path() / "direct.bin";
+  const auto bytes = random_bytes(3 * mapped_file::piece_bytes + 7, 11);
+  std::ofstream(path, std::ios::binary)
+      .write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
+  auto file = mapped_file::open(path.string());
+  REQUIRE(file);
+  std::vector<std::byte> out(bytes.size() - 10);
+  REQUIRE(file->read_into(10, out));
+  CHECK(std::equal(out.begin(), out.end(), bytes.begin() + 10));
+
+  auto past = file->read_into(20, out);
+  REQUIRE_FALSE(past);
+  CHECK(past.error().code == errc::out_of_range);
+
+  // Memory the kernel cannot write (here read-only; a shared mapping whose file shrank alike):
+  // the read fails instead of raising a signal.
+  void* ro = ::mmap(nullptr, 4096, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  REQUIRE(ro != MAP_FAILED);
+  auto faulted = file->read_into(0, {static_cast<std::byte*>(ro), 4096});
+  ::munmap(ro, 4096);
+  REQUIRE_FALSE(faulted);
+  CHECK(faulted.error().code == errc::data_loss);
+  CHECK(faulted.error().message ==
+        "cannot read '" + path.string() + "' at offset 0: the memory to read into cannot be written (Bad address)");
+
+  std::filesystem::resize_file(path, 1000);
+  auto shrunk = file->read_into(0, out);
+  REQUIRE_FALSE(shrunk);
+  CHECK(shrunk.error().code == errc::data_loss);
+  CHECK(shrunk.error().message ==
+        "cannot read '" + path.string() +
+            "' at offset 1000: the file ends there now (it was truncated after it was opened)");
 }
 
 TEST_CASE("mapped_file: pieces are at most piece_bytes, and a nested visit on the same thread reads right",

@@ -44,6 +44,16 @@ class mapped_file final : public byte_source {
   /// unreadable since it was opened; the message names the path, the offset and the reason).
   [[nodiscard]] status visit(std::uint64_t offset, std::uint64_t length, piece_sink sink) const override;
 
+  /// Reads [offset, offset + out.size()) of the file straight into `out` with pread(), no
+  /// staging buffer: for a copy whose destination is memory the kernel may have to fault in (a
+  /// fresh shared mapping), which then costs one copy and no cache round trip. The kernel writes
+  /// `out`, so destination memory that cannot be faulted in (a mapping whose file shrank) fails
+  /// the read (EFAULT) instead of raising SIGBUS in the caller.
+  /// Errors: OUT_OF_RANGE (outside the file as opened), DATA_LOSS (the file became shorter or
+  /// unreadable since it was opened, or `out` could not be written; the message names the path,
+  /// the offset and the reason).
+  [[nodiscard]] status read_into(std::uint64_t offset, std::span<std::byte> out) const;
+
   /// The largest piece visit() hands out: small enough to stay in a core's cache between the
   /// read and the consumer (a hash, a copy).
   static constexpr std::size_t piece_bytes = 256 * 1024;
@@ -55,6 +65,8 @@ class mapped_file final : public byte_source {
   mapped_file(std::string path, unique_fd fd, std::span<const std::byte> bytes) noexcept
       : path_(std::move(path)), fd_(std::move(fd)), bytes_(bytes) {}
   void unmap() noexcept;
+  // pread()s all of `out` from `offset`, retrying short reads and EINTR.
+  [[nodiscard]] status read_fully(std::uint64_t offset, std::span<std::byte> out) const;
 
   std::string path_;
   unique_fd fd_;  // read by visit(); open for as long as the mapping

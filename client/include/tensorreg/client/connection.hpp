@@ -90,11 +90,13 @@ class connection {
   [[nodiscard]] result<server_config> config();
 
   /// Registers `bundle` as a stable_dram artifact through the memfd publish path (written with
-  /// pwrite, never mapped, so the daemon keeps it without a second copy); aborts the
-  /// registration on failure. With options.reuse_held, content the daemon holds already is
-  /// answered from its list and a local hash, with nothing sent (put_options).
+  /// pwrite and through a shared mapping, unmapped before Commit, so the daemon keeps it
+  /// without a second copy); aborts the registration on failure. With options.reuse_held,
+  /// content the daemon holds already is answered from its list and a local hash, with nothing
+  /// sent (put_options).
   /// Errors: the daemon's (RESOURCE_EXHAUSTED over its budget, ...); INVALID_ARGUMENT (unknown
-  /// profile name); DATA_LOSS (the daemon sent no memfd).
+  /// profile name); DATA_LOSS (the daemon sent no memfd, or one shorter than the artifact; a
+  /// file that became shorter or unreadable).
   [[nodiscard]] result<registered> put(const index::safetensors_bundle& bundle, const put_options& options = {});
 
   /// Leases `bundle` in place: a daemon-managed HOST_SHARED region of its canonical bytes,
