@@ -32,7 +32,7 @@ bool send_unchecked(int fd, const std::string& bytes, std::span<const int> fds) 
   c->cmsg_level = SOL_SOCKET;
   c->cmsg_type = SCM_RIGHTS;
   c->cmsg_len = CMSG_LEN(sizeof(int) * fds.size());
-  std::memcpy(CMSG_DATA(c), fds.data(), sizeof(int) * fds.size());
+  if (!fds.empty()) std::memcpy(CMSG_DATA(c), fds.data(), sizeof(int) * fds.size());
   return ::sendmsg(fd, &msg, MSG_NOSIGNAL) == static_cast<ssize_t>(bytes.size());
 }
 
