@@ -10,7 +10,6 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
-#include <map>
 #include <mutex>
 #include <thread>
 
@@ -297,20 +296,7 @@ result<lease> connection::register_lease(const index::safetensors_bundle& bundle
   if (!begun) return unregister_on_error(begun.error());
   const std::string registration_id = wc::registration_id_of(begun->response);
 
-  registration::feed_request feed;
-  feed.registration_id = registration_id;
-  registration::lease_segments segments;
-  std::map<std::pair<std::uint64_t, std::uint64_t>, std::string> storages;
-  for (const auto& e : idx.entries()) {
-    auto [it, inserted] = storages.try_emplace({e.offset, e.size}, "s" + std::to_string(storages.size()));
-    if (inserted) {
-      feed.storage_entries.push_back({it->second, -1, e.size, region, e.offset});
-      segments.segments.push_back({it->second, 0, e.offset, e.size});
-    }
-    feed.tensor_aliases.push_back(
-        {e.name, it->second, static_cast<std::uint64_t>(e.storage_offset), e.size, e.shape, e.stride, e.dtype});
-  }
-  feed.payload = std::move(segments);
+  const auto feed = wc::whole_region_lease_feed(registration_id, idx, region);
   std::vector<wc::v2::FeedRegisterArtifactStreamRequest> frames;
   frames.push_back(wc::feed_frame(feed));
   auto fed = raw_->feed(std::move(frames));

@@ -1,6 +1,9 @@
 #include "client/wire_convert.hpp"
 
+#include <map>
+#include <string>
 #include <type_traits>
+#include <utility>
 #include <variant>
 
 namespace tensorreg::client::wire_convert {
@@ -109,6 +112,25 @@ wire::Request register_region_request(const region_args& args) {
     rr->mutable_cuda_vmm()->mutable_chunk_bytes()->Add(args.vmm_chunk_bytes.begin(), args.vmm_chunk_bytes.end());
   }
   return r;
+}
+
+registration::feed_request whole_region_lease_feed(std::string registration_id, const index::canonical_index& idx,
+                                                   const registration::region_ref_source& region) {
+  registration::feed_request feed;
+  feed.registration_id = std::move(registration_id);
+  registration::lease_segments segments;
+  std::map<std::pair<std::uint64_t, std::uint64_t>, std::string> storages;
+  for (const auto& e : idx.entries()) {
+    auto [it, inserted] = storages.try_emplace({e.offset, e.size}, "s" + std::to_string(storages.size()));
+    if (inserted) {
+      feed.storage_entries.push_back({it->second, -1, e.size, region, e.offset});
+      segments.segments.push_back({it->second, 0, e.offset, e.size});
+    }
+    feed.tensor_aliases.push_back(
+        {e.name, it->second, static_cast<std::uint64_t>(e.storage_offset), e.size, e.shape, e.stride, e.dtype});
+  }
+  feed.payload = std::move(segments);
+  return feed;
 }
 
 v2::FeedRegisterArtifactStreamRequest feed_frame(const registration::feed_request& feed, std::string_view device_uuid) {

@@ -18,6 +18,7 @@
 
 #include "tensorreg/client/types.hpp"
 #include "tensorreg/common/error.hpp"
+#include "tensorreg/index/canonical_index.hpp"
 #include "tensorreg/persistence/task_table.hpp"
 #include "tensorreg/policy/store_policy.hpp"
 #include "tensorreg/registration/types.hpp"
@@ -62,6 +63,13 @@ struct region_args {
   std::vector<std::uint64_t> vmm_chunk_bytes;
 };
 [[nodiscard]] wire::Request register_region_request(const region_args& args);
+
+/// The Feed of a lease of `idx`'s canonical buffer written whole into `region` (each byte at its
+/// canonical offset): one storage per distinct (offset, size), every tensor an alias of its
+/// storage, and the segments that place the storages.
+[[nodiscard]] registration::feed_request whole_region_lease_feed(std::string registration_id,
+                                                                 const index::canonical_index& idx,
+                                                                 const registration::region_ref_source& region);
 
 /// One Feed frame; `device_uuid` (when not empty) goes into every storage entry.
 [[nodiscard]] v2::FeedRegisterArtifactStreamRequest feed_frame(const registration::feed_request& feed,

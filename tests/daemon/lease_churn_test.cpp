@@ -14,7 +14,6 @@
 
 #include <atomic>
 #include <chrono>
-#include <map>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -92,20 +91,7 @@ void hang_up_mid_feed(const std::string& socket, const index::safetensors_bundle
     failures.add("raw begin", error{errc::internal, begun ? begun->status().message() : "closed"});
     return;
   }
-  registration::feed_request feed;
-  feed.registration_id = wc::registration_id_of(*begun);
-  registration::lease_segments segments;
-  std::map<std::pair<std::uint64_t, std::uint64_t>, std::string> storages;
-  for (const auto& e : idx.entries()) {
-    auto [it, inserted] = storages.try_emplace({e.offset, e.size}, "s" + std::to_string(storages.size()));
-    if (inserted) {
-      feed.storage_entries.push_back({it->second, -1, e.size, region, e.offset});
-      segments.segments.push_back({it->second, 0, e.offset, e.size});
-    }
-    feed.tensor_aliases.push_back(
-        {e.name, it->second, static_cast<std::uint64_t>(e.storage_offset), e.size, e.shape, e.stride, e.dtype});
-  }
-  feed.payload = std::move(segments);
+  const auto feed = wc::whole_region_lease_feed(wc::registration_id_of(*begun), idx, region);
   wc::wire::Request frame;
   frame.set_request_id(3);
   *frame.mutable_feed_register_artifact_stream() = wc::feed_frame(feed);
