@@ -345,6 +345,19 @@ bool expected_in_churn(const std::string& failure) {
   return false;
 }
 
+// Unregisters a trainer's region, if it has one (forced: a version may still lease it).
+void drop_region(engine& e, const std::optional<regions::region_info>& region, churn_log& log) {
+  if (!region) return;
+  if (auto gone = e.unregister_region(region->id, me, true); !gone) log.failed("unregister", gone.error());
+}
+
+// A trainer's last steps: its last version revoked, its region unregistered.
+void finish_trainer(engine& e, const std::string& previous, const std::optional<regions::region_info>& region,
+                    churn_log& log) {
+  if (!previous.empty()) (void)e.revoke(previous, "done");
+  drop_region(e, region, log);
+}
+
 }  // namespace
 
 TEST_CASE("layout cache: one layout re-registered while its versions and regions are dropped stays sound",
@@ -371,9 +384,7 @@ TEST_CASE("layout cache: one layout re-registered while its versions and regions
         if (!region || k % 7 == 3) {
           // A fresh region every few versions, the old one unregistered (forced: a version may
           // still lease it): the same layout over other memory, the kept one over none.
-          if (region) {
-            if (auto gone = e->unregister_region(region->id, me, true); !gone) log.failed("unregister", gone.error());
-          }
+          drop_region(*e, region, log);
           auto r = e->register_region(t::host_region(me));
           if (!r) {
             log.failed("register region", r.error());
@@ -418,10 +429,7 @@ TEST_CASE("layout cache: one layout re-registered while its versions and regions
         if (!previous.empty()) (void)e->revoke(previous, "next version");
         previous = begun->registration_id;
       }
-      if (!previous.empty()) (void)e->revoke(previous, "done");
-      if (region) {
-        if (auto gone = e->unregister_region(region->id, me, true); !gone) log.failed("unregister", gone.error());
-      }
+      finish_trainer(*e, previous, region, log);
     });
   }
   // The saboteur: revokes whatever a trainer is feeding or committing, and lets TTLs run out.
@@ -550,9 +558,7 @@ TEST_CASE("layout cache: one layout over device regions re-registered while read
       std::string previous;
       for (int k = 0; k < versions; ++k) {
         if (!region || k % 5 == 2) {
-          if (region) {
-            if (auto gone = e->unregister_region(region->id, me, true); !gone) log.failed("unregister", gone.error());
-          }
+          drop_region(*e, region, log);
           auto r = vram_region(static_cast<std::uint32_t>(k + i));
           if (!r) return log.failed("register region", r.error());
           region = *r;
@@ -584,10 +590,7 @@ TEST_CASE("layout cache: one layout over device regions re-registered while read
         if (!previous.empty()) (void)e->revoke(previous, "next version");
         previous = begun->registration_id;
       }
-      if (!previous.empty()) (void)e->revoke(previous, "done");
-      if (region) {
-        if (auto gone = e->unregister_region(region->id, me, true); !gone) log.failed("unregister", gone.error());
-      }
+      finish_trainer(*e, previous, region, log);
     });
   }
   // The reader: opens the newest versions' device layouts and reads them back.
