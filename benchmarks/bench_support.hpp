@@ -1,12 +1,21 @@
 // benchmarks/bench_support.hpp — small helpers the CPU benchmarks share: byte counts from the
-// command line, the process's CPU time and the median of a run's samples. Header-only; each bench is one translation unit.
+// command line, the process's CPU time, the median of a run's samples and a tensorregd child.
+// Header-only; each bench is one translation unit.
 #pragma once
 
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/wait.h>
 #include <time.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <exception>
+#include <filesystem>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -46,5 +55,71 @@ inline double median(std::vector<double> samples) {
   std::sort(samples.begin(), samples.end());
   return samples[samples.size() / 2];
 }
+
+/// A tensorregd started as `binary args...`, its stderr appended to `log`. wait_ready() reads
+/// its stdout until "ready" (and exits the bench if it ended first). The destructor stops it
+/// with SIGTERM and waits.
+class daemon_child {
+ public:
+  daemon_child(const std::string& binary, const std::vector<std::string>& args, const std::filesystem::path& log) {
+    int p[2];
+    if (::pipe(p) != 0) fail("pipe failed");
+    std::vector<std::string> argv_text{binary};
+    argv_text.insert(argv_text.end(), args.begin(), args.end());
+    std::vector<char*> argv;
+    for (auto& a : argv_text) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    forked = std::chrono::steady_clock::now();
+    pid = ::fork();
+    if (pid == 0) {
+      const int fd = ::open(log.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
+      if (fd >= 0) ::dup2(fd, 2);
+      ::dup2(p[1], 1);
+      ::close(p[0]);
+      ::execv(binary.c_str(), argv.data());
+      std::_Exit(127);
+    }
+    ::close(p[1]);
+    out_ = p[0];
+  }
+  ~daemon_child() {
+    if (pid > 0) {
+      ::kill(pid, SIGTERM);
+      ::waitpid(pid, nullptr, 0);
+    }
+    if (out_ >= 0) ::close(out_);
+  }
+  daemon_child(const daemon_child&) = delete;
+  daemon_child& operator=(const daemon_child&) = delete;
+
+  void wait_ready() {
+    std::string seen;
+    char buf[256];
+    while (seen.find("ready") == std::string::npos) {
+      const auto n = ::read(out_, buf, sizeof buf);
+      if (n <= 0) fail("tensorregd exited before reporting ready: " + seen);
+      seen.append(buf, static_cast<std::size_t>(n));
+    }
+  }
+
+  /// Waits for it to end by itself; its exit code, or 128 + the signal that ended it.
+  int wait_exit() {
+    int status = 0;
+    ::waitpid(pid, &status, 0);
+    pid = -1;
+    return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  }
+
+  pid_t pid = -1;
+  std::chrono::steady_clock::time_point forked;  ///< just before the fork
+
+ private:
+  [[noreturn]] static void fail(const std::string& why) {
+    std::fprintf(stderr, "bench: %s\n", why.c_str());
+    std::exit(1);
+  }
+
+  int out_ = -1;
+};
 
 }  // namespace tensorreg::bench

@@ -58,58 +58,6 @@ double ms_since(clock_type::time_point t) {
   std::exit(1);
 }
 
-// A daemon child; its stdout is read until "ready".
-struct daemon_child {
-  pid_t pid = -1;
-  int out = -1;
-  clock_type::time_point forked;
-
-  daemon_child(const std::string& binary, const std::string& socket, const fs::path& log, bool takeover) {
-    int p[2];
-    if (::pipe(p) != 0) die("pipe failed");
-    forked = clock_type::now();
-    pid = ::fork();
-    if (pid == 0) {
-      const int fd = ::open(log.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
-      if (fd >= 0) ::dup2(fd, 2);
-      ::dup2(p[1], 1);
-      ::close(p[0]);
-      if (takeover) {
-        ::execl(binary.c_str(), binary.c_str(), "--socket", socket.c_str(), "--takeover", static_cast<char*>(nullptr));
-      } else {
-        ::execl(binary.c_str(), binary.c_str(), "--socket", socket.c_str(), static_cast<char*>(nullptr));
-      }
-      std::_Exit(127);
-    }
-    ::close(p[1]);
-    out = p[0];
-  }
-  void wait_ready() {
-    std::string seen;
-    char buf[256];
-    while (seen.find("ready") == std::string::npos) {
-      const auto n = ::read(out, buf, sizeof buf);
-      if (n <= 0) die("tensorregd exited before reporting ready: " + seen);
-      seen.append(buf, static_cast<std::size_t>(n));
-    }
-  }
-  int wait_exit() {
-    int status = 0;
-    ::waitpid(pid, &status, 0);
-    pid = -1;
-    return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-  }
-  ~daemon_child() {
-    if (pid > 0) {
-      ::kill(pid, SIGTERM);
-      ::waitpid(pid, nullptr, 0);
-    }
-    if (out >= 0) ::close(out);
-  }
-  daemon_child(const daemon_child&) = delete;
-  daemon_child& operator=(const daemon_child&) = delete;
-};
-
 std::uint64_t status_kb(pid_t pid, const std::string& field) {
   std::ifstream in("/proc/" + std::to_string(pid) + "/status");
   std::string line;
@@ -201,7 +149,7 @@ int main(int argc, char** argv) {
   std::vector<double> starts;
   for (unsigned r = 0; r < runs; ++r) {
     const auto socket = (dir / ("y" + std::to_string(r)) / "tensorregd.sock").string();
-    daemon_child d(binary, socket, log, false);
+    tensorreg::bench::daemon_child d(binary, {"--socket", socket}, log);
     auto c = connect_retrying(socket);
     if (!c.stats()) die("GetStats failed");
     starts.push_back(ms_since(d.forked));
@@ -215,7 +163,8 @@ int main(int argc, char** argv) {
   const auto socket = (dir / "run" / "tensorregd.sock").string();
   const auto model = dir / "model.safetensors";
   const auto data_at = write_model(model, chunk);
-  auto current = std::make_unique<daemon_child>(binary, socket, log, false);
+  auto current =
+      std::make_unique<tensorreg::bench::daemon_child>(binary, std::vector<std::string>{"--socket", socket}, log);
   current->wait_ready();
   std::uint64_t held = 0, puts = 0;
   std::string first_id;
@@ -244,7 +193,8 @@ int main(int argc, char** argv) {
         held += chunk;
       }
     }
-    auto next = std::make_unique<daemon_child>(binary, socket, log, true);
+    auto next = std::make_unique<tensorreg::bench::daemon_child>(
+        binary, std::vector<std::string>{"--socket", socket, "--takeover"}, log);
     next->wait_ready();
     auto c = connect_retrying(socket);
     auto got = c.get(first_id);

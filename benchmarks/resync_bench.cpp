@@ -299,42 +299,6 @@ samples run_engine(const std::vector<tensor_spec>& specs, const std::vector<plac
 
 // ---- 2. a real tensorregd ------------------------------------------------------------------------
 
-struct daemon_child {
-  pid_t pid = -1;
-  int out = -1;
-  daemon_child(const std::string& binary, const std::string& socket, const fs::path& log) {
-    int p[2];
-    if (::pipe(p) != 0) die("pipe failed");
-    pid = ::fork();
-    if (pid == 0) {
-      const int fd = ::open(log.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
-      if (fd >= 0) ::dup2(fd, 2);
-      ::dup2(p[1], 1);
-      ::close(p[0]);
-      ::execl(binary.c_str(), binary.c_str(), "--socket", socket.c_str(), static_cast<char*>(nullptr));
-      std::_Exit(127);
-    }
-    ::close(p[1]);
-    out = p[0];
-    std::string seen;
-    char buf[256];
-    while (seen.find("ready") == std::string::npos) {
-      const auto n = ::read(out, buf, sizeof buf);
-      if (n <= 0) die("tensorregd exited before reporting ready: " + seen);
-      seen.append(buf, static_cast<std::size_t>(n));
-    }
-  }
-  ~daemon_child() {
-    if (pid > 0) {
-      ::kill(pid, SIGTERM);
-      ::waitpid(pid, nullptr, 0);
-    }
-    if (out >= 0) ::close(out);
-  }
-  daemon_child(const daemon_child&) = delete;
-  daemon_child& operator=(const daemon_child&) = delete;
-};
-
 v2::FeedRegisterArtifactStreamRequest feed_frame(const layout& l, const std::vector<v2::RegionRef>& refs,
                                                  const std::vector<placed>& where) {
   v2::FeedRegisterArtifactStreamRequest f;
@@ -377,7 +341,8 @@ daemon_result run_daemon(const std::string& binary, const std::vector<tensor_spe
   const auto socket = (dir / "tensorregd.sock").string();
   daemon_result out;
   {
-    daemon_child d(binary, socket, dir / "tensorregd.log");
+    bench::daemon_child d(binary, {"--socket", socket}, dir / "tensorregd.log");
+    d.wait_ready();
     auto conn = must(client::raw::connection::connect(socket), "cannot connect");
     const std::int32_t pid = ::getpid();
     std::vector<v2::RegionRef> refs;
