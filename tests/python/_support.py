@@ -84,6 +84,22 @@ class Daemon:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+class StoreTestCase(unittest.TestCase):
+    """Tests that share one daemon, and one tensorreg.Store on it, for the whole class."""
+
+    @classmethod
+    def setUpClass(cls):
+        import tensorreg  # importable once main() has put the repository's package first
+
+        cls.daemon = Daemon()
+        cls.store = tensorreg.Store(cls.daemon.socket)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.store.close()
+        cls.daemon.stop()
+
+
 def wait_for(predicate, timeout: float = 10.0, step: float = 0.05) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -56,17 +56,7 @@ def canonical_bytes(layout):
     return bytes(out)
 
 
-class StoreTest(unittest.TestCase):
-    @classmethod
-    def setUpClass(cls):
-        cls.daemon = _support.Daemon()
-        cls.store = tensorreg.Store(cls.daemon.socket)
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.store.close()
-        cls.daemon.stop()
-
+class StoreTest(_support.StoreTestCase):
     def assert_same_tensors(self, got, expected):
         self.assertEqual(list(got), sorted(expected))
         for name, t in expected.items():
@@ -504,19 +494,9 @@ def write_safetensors(path, tensors):
         f.write(struct.pack("<Q", len(h)) + h + data)
 
 
-class HeldPutTest(unittest.TestCase):
+class HeldPutTest(_support.StoreTestCase):
     """Store.put of content the daemon holds already (reuse_held, issue #20): answered from the
     list after a hash here, with no Begin and nothing copied."""
-
-    @classmethod
-    def setUpClass(cls):
-        cls.daemon = _support.Daemon()
-        cls.store = tensorreg.Store(cls.daemon.socket)
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.store.close()
-        cls.daemon.stop()
 
     def big_state_dict(self, seed):
         # Over two 4 MiB leaves, with pads between storages and leaves that span storages.

@@ -111,18 +111,12 @@ def _rank_main(socket, path, cgid, rank, world, delay, out):
         out.put((rank, "", False, "", 0, 0, 0, (e.code, e.message)))
 
 
-class ViewsTest(unittest.TestCase):
+class ViewsTest(_support.StoreTestCase):
     @classmethod
     def setUpClass(cls):
-        cls.daemon = _support.Daemon()
-        cls.store = tensorreg.Store(cls.daemon.socket)
+        super().setUpClass()
         cls.model = small_model()
         cls.whole = cls.store.put(cls.model)
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.store.close()
-        cls.daemon.stop()
 
     def assert_fails(self, call, cls, code, message):
         with self.assertRaises(cls) as caught:
