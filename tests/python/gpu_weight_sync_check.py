@@ -206,6 +206,37 @@ def trainer(socket_path: str, label: str, device: str) -> int:
     return c.failed
 
 
+def check_batched_copy(torch) -> int:
+    """load_into()'s batched copy kernel against torch's copy: aligned and unaligned pointers,
+    sizes that are no multiple of 16 or span many chunks, empty and non-contiguous tensors
+    (left to torch); a plan is reused for the same pointers and rebuilt for others."""
+    from tensorreg import _batched_copy
+
+    c = Checks("batched copy")
+    g = torch.Generator(device="cuda").manual_seed(7)
+    pool = torch.randint(0, 256, (3 << 20,), dtype=torch.uint8, device="cuda", generator=g)
+    big = torch.randn(1 << 20, device="cuda", generator=g).to(torch.bfloat16)  # 2 MiB: 8 chunks
+    srcs = [big, pool[1:1 + 999], pool[3:3 + 4097], pool[16:16 + 4096].view(torch.int32), pool[:0],
+            torch.randn(64, 48, device="cuda", generator=g).t(), pool[2:2 + 600].view(torch.int16)]
+    dsts = [torch.empty_like(s, memory_format=torch.contiguous_format) for s in srcs]
+    dsts[1] = torch.empty(1000, dtype=torch.uint8, device="cuda")[1:]  # unaligned destination
+    plan, rest = _batched_copy.plan(torch, dsts, srcs)
+    if not c.check(plan is not None, "the driver loaded the kernel's PTX"):
+        return c.failed
+    c.check(rest == [5], f"only the transposed (non-contiguous) pair is left to torch, got {rest}")
+    plan.launch()
+    for k in rest:
+        dsts[k].copy_(srcs[k])
+    torch.cuda.synchronize()
+    c.check(all(torch.equal(d, s) for d, s in zip(dsts, srcs)), "every copy is bit-equal to its source")
+    again, _ = _batched_copy.plan(torch, dsts, srcs, plan)
+    c.check(again is plan, "the same pointers reuse the plan")
+    other = [torch.empty_like(d) for d in dsts]
+    moved, _ = _batched_copy.plan(torch, other, srcs, plan)
+    c.check(moved is not plan and moved is not None, "other pointers make a new plan")
+    return c.failed
+
+
 def main() -> int:
     args = sys.argv[1:]
     daemon = os.path.join(REPO, ".device-build", "tensorregd")
@@ -241,6 +272,8 @@ def main() -> int:
                 log(f"tensorregd did not start: {open(out.name).read()}")
                 return 1
             time.sleep(0.05)
+        if device == "cuda":
+            failed += check_batched_copy(torch)
         modes = [("caching", ""), ("expandable", "expandable_segments:True")] if device == "cuda" else [("cpu", "")]
         for label, conf in modes:
             env = dict(os.environ)

@@ -20,3 +20,11 @@ endif()
 # python/tools/regen_descriptors.sh after editing a .proto).
 add_test(NAME python.descriptors_current
          COMMAND sh -c "${PROJECT_SOURCE_DIR}/python/tools/regen_descriptors.sh --check ${CMAKE_CURRENT_BINARY_DIR}/descriptors.bin >/dev/null && cmp ${CMAKE_CURRENT_BINARY_DIR}/descriptors.bin ${PROJECT_SOURCE_DIR}/python/tensorreg/_descriptors.bin")
+
+# The committed PTX of the batched copy kernel must match its source (regenerate with
+# python/tools/regen_batched_copy_ptx.sh).
+find_program(TENSORREG_NVCC nvcc HINTS /usr/local/cuda/bin)
+if(TENSORREG_NVCC)
+  add_test(NAME python.batched_copy_ptx_current
+           COMMAND sh -c "NVCC=${TENSORREG_NVCC} ${PROJECT_SOURCE_DIR}/python/tools/regen_batched_copy_ptx.sh --check ${CMAKE_CURRENT_BINARY_DIR}/batched_copy.ptx >/dev/null && cmp ${CMAKE_CURRENT_BINARY_DIR}/batched_copy.ptx ${PROJECT_SOURCE_DIR}/python/tensorreg/_batched_copy.ptx")
+endif()

@@ -446,6 +446,31 @@ class WeightSyncTest(WithDaemon):
             self.assertTrue(all(float(b.abs().sum()) == 0 for b in module.buffers()))  # nothing copied
             self.assertEqual(sorted(renamed), sorted(dict(module.named_buffers())))
 
+    def test_load_into_checks_again_whenever_the_tensors_or_their_memory_change(self):
+        # A reader with kept mappings gets the same source tensors for each version: the check of
+        # the last load then stands, but only while the target holds the same tensors at the
+        # same addresses.
+        sd = model(12)
+        with tensorreg.WeightPublisher(self.store, "policy-f", policy="warm") as pub:
+            pub.publish(sd)
+            sub = tensorreg.WeightSubscriber(self.store, "policy-f", device="cpu")
+            src = sub.tensors(1)
+            mine = {name: torch.zeros_like(t) for name, t in sd.items()}
+            with mock.patch.object(sub, "tensors", lambda version=None: src):
+                sub.load_into(mine, 1)
+                for t in src.values():
+                    t.add_(3)
+                sub.load_into(mine, 1)
+                self.assertTrue(all(torch.equal(mine[n], t) for n, t in src.items()))
+                name = next(iter(mine))
+                mine[name].data = torch.zeros_like(mine[name])  # same tensor object, new memory
+                sub.load_into(mine, 1)
+                self.assertTrue(torch.equal(mine[name], src[name]))
+                mine[name] = torch.zeros(3, 3)
+                with self.assertRaises(tensorreg.InvalidArgument) as ctx:
+                    sub.load_into(mine, 1)
+                self.assertIn(f"tensor '{name}' is", ctx.exception.message)
+
     def test_a_new_publisher_goes_on_after_the_versions_held_and_wait_for_times_out(self):
         sd = model(6)
         with tensorreg.WeightPublisher(self.store, "policy-b", keep=2, policy="warm") as pub:
