@@ -4,6 +4,7 @@ run by CI (the --device cpu and --device fake modes run anywhere).
 
     python3 benchmarks/weight_sync_bench.py [--shape moe|dense] [--gib G] [--steps 12]
         [--warmup 3] [--expandable 0|1] [--daemon PATH] [--device cuda|cpu|fake] [--paths 1,2,3,4]
+        [--trace 0|1]
 
 The trainer (this process) holds the state dict (bench_state_dicts.model_state_dict: "moe" is
 995 bf16 tensors, 16.1 GiB, 868 caching-allocator allocations; "dense" 291 tensors, 15.0 GiB;
@@ -27,7 +28,10 @@ On the first and last measured step the consumer's parameters are compared with 
 tensors (exact per-tensor sums of the bits), and in (4) the consumer's verified() id with the
 trainer's. A path that fails prints its error in its row and the run goes on. Printed: a
 markdown table, (3) against the better of (1) and (2) (goal >= 2x), (4)'s time to mi2 (goal
-<= 125 ms), (3)'s per-step breakdown, and the driver opens on both sides.
+<= 125 ms), (3)'s per-step breakdown, the driver opens on both sides, and for (3) on a GPU the
+consumer's copy alone three ways (load_into's batched kernel, torch._foreach_copy_, one plain
+device copy of the same bytes). --trace 1 adds, for (3) and (4), every RPC's wall time in
+both processes and the daemon's own time per method (its Prometheus histogram).
 
 --device cpu: paths 3 and 4 on CPU tensors (the consumer reads a stable DRAM copy: the
 publisher uses policy "warm"), a smoke test of the loop. --device fake: no daemon and no GPU:
@@ -77,7 +81,7 @@ def parse(argv: list) -> dict:
     if not os.path.exists(default_daemon):
         default_daemon = os.path.join(REPO, ".device-daemon", "tensorregd")
     opts = {"shape": "moe", "gib": None, "steps": "12", "warmup": "3", "expandable": "0", "daemon": default_daemon,
-            "device": "cuda", "paths": None}
+            "device": "cuda", "paths": None, "trace": "0"}
     while argv:
         a = argv.pop(0)
         if a.startswith("--") and a[2:] in opts and argv:
@@ -107,6 +111,7 @@ def consumer_main(conn, socket_path: str, device: str) -> None:
         torch.zeros(1, device=device)  # context start-up is no path's cost
     store = tensorreg.Store(socket_path, timeout=120)
     sub = tensorreg.WeightSubscriber(store, NAME, device=device)
+    rpcs: dict = {}
     params: dict = {}
     views: list = []
     params_in_order: list = []
@@ -162,6 +167,15 @@ def consumer_main(conn, socket_path: str, device: str) -> None:
                 timings["opens"] = (after["ipc_opened"] + after["vmm_mapped"]
                                     - before["ipc_opened"] - before["vmm_mapped"])
                 conn.send(timings)
+            elif op == "trace":
+                if not rpcs:
+                    trace_rpcs(rpcs)
+                rpcs.clear()
+                conn.send({})
+            elif op == "rpcs":
+                conn.send({"rpcs": {k: list(v) for k, v in rpcs.items()}})
+            elif op == "copy_rates":
+                conn.send(copy_rates(torch, sub, params, msg["version"]))
             elif op == "verified":
                 conn.send({"mi2": sub.verified(msg["version"], timeout=60)})
             elif op == "checksum":
@@ -178,6 +192,40 @@ def consumer_main(conn, socket_path: str, device: str) -> None:
         except Exception as e:  # noqa: BLE001 - the row shows it, the run goes on
             conn.send({"error": f"{type(e).__name__}: {e}"})
     store.close()
+
+
+def copy_rates(torch, sub, params: dict, version: int) -> dict:
+    """Seconds (median of 5) to copy version `version` into `params` three ways: load_into's
+    batched kernel, torch._foreach_copy_ of the same pairs, and one plain device copy of a
+    buffer of the same bytes (the copy's floor)."""
+    from tensorreg import _batched_copy
+
+    src = sub.tensors(version)
+    dsts, srcs = list(params.values()), [src[n] for n in params]
+    total = sum(t.numel() * t.element_size() for t in dsts)
+
+    def timed(fn) -> float:
+        fn()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(5):
+            started = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - started)
+        return statistics.median(times)
+
+    plan, rest = _batched_copy.plan(torch, dsts, srcs)
+    out = {"bytes": total, "foreach": timed(lambda: torch._foreach_copy_(dsts, srcs))}
+    if plan is not None and not rest:
+        out["kernel"] = timed(plan.launch)
+    chunk = 4 << 30
+    a = torch.empty(min(total, chunk), dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    out["plain"] = timed(lambda: b.copy_(a)) * total / a.numel()
+    del a, b
+    torch.cuda.empty_cache()
+    return out
 
 
 # ---- the trainer --------------------------------------------------------------------------
@@ -214,14 +262,72 @@ def start_daemon(path: str, work: str):
     # Its output goes to a file: a pipe nobody reads could fill and stall it.
     daemon_log = open(os.path.join(work, "tensorregd.log"), "w+")
     # A Registrar keeps a region per allocation (868 for the MoE dict): room above the default 1 024.
-    daemon = subprocess.Popen([path, "--socket", socket_path, "--log-level", "warn", "--max-regions-per-uid", "4096"],
-                              stdout=daemon_log, stderr=subprocess.STDOUT)
+    daemon = subprocess.Popen([path, "--socket", socket_path, "--log-level", "warn", "--max-regions-per-uid", "4096",
+                               "--metrics-addr", "127.0.0.1:0"], stdout=daemon_log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120
     while not os.path.exists(socket_path) or "ready" not in open(daemon_log.name).read():
         if daemon.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError(f"tensorregd did not start: {open(daemon_log.name).read()}")
         time.sleep(0.05)
     return daemon, socket_path, daemon_log
+
+
+def metrics_url(daemon_log) -> str | None:
+    for line in open(daemon_log.name):
+        if "metrics on " in line:
+            return line.split("metrics on ", 1)[1].strip()
+    return None
+
+
+def rpc_seconds(url: str | None) -> dict:
+    """{method: (count, seconds)} from the daemon's tensorreg_rpc_duration_seconds histogram
+    (its _count and _sum, every code together): the daemon's time from a request frame to its
+    answer."""
+    import urllib.request
+
+    out: dict = {}
+    if not url:
+        return out
+    with urllib.request.urlopen(url, timeout=10) as r:
+        text = r.read().decode()
+    for line in text.splitlines():
+        for suffix, slot in (("_count{", 0), ("_sum{", 1)):
+            head = "tensorreg_rpc_duration_seconds" + suffix
+            if line.startswith(head):
+                labels, value = line[len(head):].rsplit("} ", 1)
+                method = dict(kv.split("=", 1) for kv in labels.split(",")).get("method", "?").strip('"')
+                entry = out.setdefault(method, [0.0, 0.0])
+                entry[slot] += float(value)
+    return out
+
+
+def trace_rpcs(totals: dict) -> None:
+    """Times every Connection.call / call_many / feed of this process into `totals`
+    ({what: [calls, seconds]}): the client's wall time per RPC, wait for the answer included."""
+    from tensorreg import _wire
+
+    def wrap(name, key_of):
+        original = getattr(_wire.Connection, name)
+
+        def timed(self, first, *args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return original(self, first, *args, **kwargs)
+            finally:
+                entry = totals.setdefault(key_of(first), [0, 0.0])
+                entry[0] += 1
+                entry[1] += time.perf_counter() - started
+
+        setattr(_wire.Connection, name, timed)
+
+    wrap("call", lambda r: r.WhichOneof("body") if hasattr(r, "WhichOneof") else type(r).__name__)
+    wrap("call_many", lambda calls: "call_many")
+    wrap("feed", lambda frames: "feed")
+
+
+def per_call(totals: dict, steps: int) -> str:
+    return ", ".join(f"{k} {n / steps:.1f}x {ms(t / n)}" for k, (n, t) in sorted(totals.items(), key=lambda e: -e[1][1])
+                     if n)
 
 
 def daemon_counters(store) -> dict:
@@ -333,7 +439,17 @@ def path_buckets(run: Run) -> dict:
         torch.cuda.empty_cache()
 
 
-def path_tensorreg(run: Run, pub, verify: bool) -> dict:
+def path_tensorreg(run: Run, pub, verify: bool, url: str | None = None) -> dict:
+    trace = run.opts["trace"] != "0"
+    rpcs: dict = {}
+    if trace:
+        if not run.opts.get("traced"):
+            trace_rpcs(run.opts.setdefault("rpcs", {}))
+            run.opts["traced"] = True
+        run.opts["rpcs"].clear()
+        run.consumer.ask(op="trace")
+        daemon_before = rpc_seconds(url)
+
     def step(k):
         started = time.perf_counter()
         v = pub.publish(run.sd, verify=verify)
@@ -355,7 +471,17 @@ def path_tensorreg(run: Run, pub, verify: bool) -> dict:
             extra["mi2_equal"] = run.consumer.ask(op="verified", version=v.number)["mi2"] == mi2
         return extra
 
-    return run.steps(step)
+    out = run.steps(step)
+    if trace:
+        daemon_after = rpc_seconds(url)
+        n = run.opts["warmup"] + run.opts["steps"]
+        daemon = {m: [c - daemon_before.get(m, [0, 0])[0], t - daemon_before.get(m, [0, 0])[1]]
+                  for m, (c, t) in daemon_after.items()}
+        out["trace"] = {"steps": n, "trainer": dict(run.opts["rpcs"]),
+                        "consumer": run.consumer.ask(op="rpcs")["rpcs"], "daemon": daemon}
+    if run.cuda and not verify:
+        out["copy_rates"] = run.consumer.ask(op="copy_rates", version=pub.versions[-1].number)
+    return out
 
 
 def fake_client_work(opts: dict) -> int:
@@ -534,7 +660,7 @@ def main() -> int:
                     elif p == 2:
                         rows[p] = path_buckets(run)
                     else:
-                        rows[p] = path_tensorreg(run, pub, verify=p == 4)
+                        rows[p] = path_tensorreg(run, pub, verify=p == 4, url=metrics_url(daemon_log))
                     after = daemon_counters(store)
                     counters[p] = {k: after[k] - before.get(k, 0) for k in after}
                 except Exception as e:  # noqa: BLE001 - its row says so; the others still run
@@ -594,6 +720,17 @@ def report(rows: dict, counters: dict, opts: dict) -> None:
                 f"work {m('client_work')}; consumer open {m('open')}, copy {m('copy')}; consumer driver opens over "
                 f"the measured steps {sum(e.get('opens', 0) for e in x)}; fast path taken "
                 f"{sum(1 for e in x if e.get('reused'))} of {len(x)}; daemon counters {counters.get(p, 'n/a')}")
+        if p in rows and "trace" in rows[p]:
+            t = rows[p]["trace"]
+            n = t["steps"]
+            log(f"{LABELS[p][:3]} RPCs per step (calls per step x mean wall): trainer {per_call(t['trainer'], n)}; "
+                f"consumer {per_call(t['consumer'], n)}; daemon's own time {per_call(t['daemon'], n)}")
+        if p in rows and "copy_rates" in rows[p]:
+            c = rows[p]["copy_rates"]
+            gb = c["bytes"] / 1e9
+            parts = [f"{k} {ms(c[k])} ({gb / c[k]:.0f} GB/s, {c['plain'] / c[k]:.2f}x plain)"
+                     for k in ("kernel", "foreach", "plain") if k in c]
+            log(f"{LABELS[p][:3]} the consumer's copy of {gb:.2f} GB alone: " + "; ".join(parts))
     if 1 in rows and "extras" in rows[1]:
         x = rows[1]["extras"]
         log(f"(1) per step: consumer rebuild {ms(statistics.median(e['rebuild'] for e in x))}, copy "
