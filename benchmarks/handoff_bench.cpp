@@ -10,7 +10,15 @@
 //    taken over in turn. Goal: ≤ 1 s and independent of the bytes held (nothing is copied;
 //    the successor's RssAnon, printed next to it, stays small).
 //
+// --under-load N: instead, issue #16's handoff test at any scale. A daemon holds N artifacts of
+// --chunk bytes each; 4 clients keep getting random ones (every byte compared with what was
+// put) and 4 keep putting new ones while a successor takes over; then every artifact committed
+// before or during the handoff must be listed by the successor with the same bytes, and the
+// successor's RssAnon must stay under a quarter of the bytes held (nothing copied). Exits 1 when
+// any check fails.
+//
 // Usage: handoff_bench [TENSORREGD] [--sizes 1G,4G,8G] [--chunk 256M] [--runs 5] [--dir DIR]
+//                      [--under-load N]
 // Output: one JSON line per measurement, then a table.
 #include <fcntl.h>
 #include <fmt/core.h>
@@ -20,13 +28,18 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <map>
+#include <mutex>
 #include <optional>
+#include <random>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -47,7 +60,8 @@ constexpr const char* kUsage =
     "  --sizes LIST   bytes held at each takeover, ascending (default 1G,4G,8G)\n"
     "  --chunk N      bytes per artifact put (default 256M)\n"
     "  --runs N       plain starts timed for the yardstick (default 5)\n"
-    "  --dir DIR      where the sockets and the model file go (default: a new temp dir)\n";
+    "  --dir DIR      where the sockets and the model file go (default: a new temp dir)\n"
+    "  --under-load N hand over N artifacts of --chunk bytes while 8 clients read and put\n";
 
 double ms_since(clock_type::time_point t) {
   return std::chrono::duration<double, std::milli>(clock_type::now() - t).count();
@@ -89,6 +103,37 @@ std::uint64_t write_model(const fs::path& path, std::uint64_t bytes) {
   return 8 + n;
 }
 
+// One artifact per word: the model file with `word` as its first 8 data bytes.
+struct model_file {
+  fs::path path;
+  std::uint64_t data_at = 0;
+  std::string base;  // the tensor's bytes; the first 8 are the word
+
+  model_file(const fs::path& p, std::uint64_t bytes) : path(p), data_at(write_model(p, bytes)) {
+    std::ifstream in(path, std::ios::binary);
+    in.seekg(static_cast<std::streamoff>(data_at));
+    base.resize(bytes);
+    in.read(base.data(), static_cast<std::streamsize>(bytes));
+  }
+
+  std::unique_ptr<tensorreg::index::safetensors_bundle> with_word(std::uint64_t word) const {
+    const int fd = ::open(path.c_str(), O_WRONLY);
+    if (fd < 0 || ::pwrite(fd, &word, sizeof word, static_cast<off_t>(data_at)) != sizeof word) die("pwrite");
+    ::close(fd);
+    auto bundle = tensorreg::index::safetensors_bundle::open({path.string()});
+    if (!bundle) die("cannot open the model: " + bundle.error().message);
+    return std::move(*bundle);
+  }
+
+  // The artifact's canonical bytes (one tensor at offset 0) are the tensor's.
+  bool same(const tensorreg::client::stable_replica& r, std::uint64_t word) const {
+    const auto b = r.memory.bytes();
+    if (r.descriptor.total_size != base.size() || b.size() < base.size()) return false;
+    return std::memcmp(b.data(), &word, sizeof word) == 0 &&
+           std::memcmp(b.data() + sizeof word, base.data() + sizeof word, base.size() - sizeof word) == 0;
+  }
+};
+
 // Connects, retrying until the socket accepts (a daemon just started).
 connection connect_retrying(const std::string& socket) {
   for (;;) {
@@ -98,6 +143,107 @@ connection connect_retrying(const std::string& socket) {
   }
 }
 
+int handoff_under_load(const std::string& binary, const fs::path& dir, std::uint64_t artifacts, std::uint64_t chunk) {
+  const auto log = dir / "tensorregd.log";
+  const auto socket = (dir / "load" / "tensorregd.sock").string();
+  const model_file held_model(dir / "held.safetensors", chunk);
+  auto old_daemon =
+      std::make_unique<tensorreg::bench::daemon_child>(binary, std::vector<std::string>{"--socket", socket}, log);
+  old_daemon->wait_ready();
+  std::mutex mutex;
+  std::map<std::string, std::pair<int, std::uint64_t>> committed;  // id -> (model: -1 held, k putter k; word)
+  {
+    auto c = connect_retrying(socket);
+    for (std::uint64_t i = 0; i < artifacts; ++i) {
+      auto put = c.put(*held_model.with_word(i + 1));
+      if (!put) die("put failed: " + put.error().message);
+      committed[put->descriptor.artifact_id] = {-1, i + 1};
+    }
+  }
+  constexpr int kReaders = 4, kPutters = 4;
+  std::vector<std::unique_ptr<model_file>> put_models;
+  for (int k = 0; k < kPutters; ++k) {
+    put_models.push_back(std::make_unique<model_file>(dir / fmt::format("put-{}.safetensors", k), chunk));
+  }
+  const auto model_of = [&](int m) -> const model_file& { return m < 0 ? held_model : *put_models[m]; };
+  std::atomic<bool> stop{false};
+  std::atomic<std::uint64_t> reads{0}, puts{0}, wrong{0}, lost{0}, failed_reads{0}, failed_puts{0};
+  std::vector<std::thread> clients;
+  for (int k = 0; k < kReaders; ++k) {
+    clients.emplace_back([&, k] {
+      std::mt19937_64 rng(static_cast<unsigned>(k));
+      auto c = connect_retrying(socket);
+      while (!stop) {
+        std::pair<std::string, std::pair<int, std::uint64_t>> pick;
+        {
+          std::lock_guard lock(mutex);
+          auto it = committed.begin();
+          std::advance(it, static_cast<long>(rng() % committed.size()));
+          pick = *it;
+        }
+        auto got = c.get(pick.first);
+        if (!got) {
+          ++(got.error().code == tensorreg::errc::not_found ? lost : failed_reads);
+          continue;
+        }
+        ++(model_of(pick.second.first).same(*got, pick.second.second) ? reads : wrong);
+      }
+    });
+  }
+  for (int k = 0; k < kPutters; ++k) {
+    clients.emplace_back([&, k] {
+      auto c = connect_retrying(socket);
+      // Words of their own (every model file has the same pattern): each put is a new artifact.
+      for (std::uint64_t word = (static_cast<std::uint64_t>(k) + 1) << 40; !stop; ++word) {
+        auto put = c.put(*put_models[static_cast<std::size_t>(k)]->with_word(word));
+        if (!put) {
+          ++failed_puts;  // cut off by the handoff: a put is not idempotent, so not retried for us
+          continue;
+        }
+        std::lock_guard lock(mutex);
+        committed[put->descriptor.artifact_id] = {k, word};
+        ++puts;
+      }
+    });
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  auto successor = std::make_unique<tensorreg::bench::daemon_child>(
+      binary, std::vector<std::string>{"--socket", socket, "--takeover"}, log);
+  successor->wait_ready();
+  const double ready_ms = ms_since(successor->forked);
+  const int old_code = old_daemon->wait_exit();
+  const double old_exit_ms = ms_since(successor->forked);
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  stop = true;
+  for (auto& t : clients) t.join();
+
+  auto c = connect_retrying(socket);
+  auto listed = c.list();
+  if (!listed) die("ListArtifacts after the handoff failed: " + listed.error().message);
+  std::set<std::string> ids;
+  for (const auto& a : *listed) ids.insert(a.descriptor.artifact_id);
+  std::uint64_t missing = 0, differ = 0;
+  for (const auto& [id, what] : committed) {
+    if (ids.count(id) == 0) ++missing;
+    auto got = c.get(id);
+    if (!got || !model_of(what.first).same(*got, what.second)) ++differ;
+  }
+  const std::uint64_t held_kb = artifacts * chunk / 1024;
+  const auto anon_kb = status_kb(successor->pid, "RssAnon");
+  const auto shmem_kb = status_kb(successor->pid, "RssShmem");
+  const bool ok = old_code == 0 && wrong == 0 && lost == 0 && failed_reads == 0 && reads > 0 && puts > 0 &&
+                  missing == 0 && differ == 0 && anon_kb < held_kb / 4;
+  fmt::print(
+      "{{\"bench\":\"handoff\",\"what\":\"under_load\",\"artifacts\":{},\"held_bytes\":{},\"successor_ready_ms\":{:.1f}"
+      ","
+      "\"old_exit_ms\":{:.1f},\"old_exit_code\":{},\"reads\":{},\"puts\":{},\"wrong_bytes\":{},\"lost\":{},"
+      "\"failed_reads\":{},\"puts_cut_off\":{},\"committed\":{},\"missing_after\":{},\"differ_after\":{},"
+      "\"successor_rss_anon_kb\":{},\"successor_rss_shmem_kb\":{},\"ok\":{}}}\n",
+      artifacts, artifacts * chunk, ready_ms, old_exit_ms, old_code, reads.load(), puts.load(), wrong.load(),
+      lost.load(), failed_reads.load(), failed_puts.load(), committed.size(), missing, differ, anon_kb, shmem_kb, ok);
+  return ok ? 0 : 1;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -105,6 +251,7 @@ int main(int argc, char** argv) {
   std::vector<std::uint64_t> sizes{std::uint64_t{1} << 30, std::uint64_t{4} << 30, std::uint64_t{8} << 30};
   std::uint64_t chunk = std::uint64_t{256} << 20;
   unsigned runs = 5;
+  std::uint64_t under_load = 0;
   std::string dir_arg;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
@@ -133,6 +280,9 @@ int main(int argc, char** argv) {
       runs = static_cast<unsigned>(std::stoul(value()));
     } else if (a == "--dir") {
       dir_arg = value();
+    } else if (a == "--under-load") {
+      under_load = std::stoull(value());
+      if (under_load == 0) die("--under-load needs a number of artifacts > 0");
     } else if (!a.empty() && a[0] != '-') {
       binary = a;
     } else {
@@ -144,6 +294,12 @@ int main(int argc, char** argv) {
       dir_arg.empty() ? fs::temp_directory_path() / ("handoff_bench-" + std::to_string(::getpid())) : fs::path(dir_arg);
   fs::create_directories(dir);
   const auto log = dir / "tensorregd.log";
+  if (under_load != 0) {
+    const int code = handoff_under_load(binary, dir, under_load, chunk);
+    std::error_code ignored;
+    if (dir_arg.empty()) fs::remove_all(dir, ignored);
+    return code;
+  }
 
   // 1. The yardstick: a plain start until its first GetStats.
   std::vector<double> starts;
