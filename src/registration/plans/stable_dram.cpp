@@ -303,13 +303,6 @@ result<commit_response> stable_dram::commit_from_files(commit_context& ctx) {
   const std::uint64_t total = p.total_size;
   const std::uint64_t leaves = hash::leaf_count(total);
   const auto dst = staging->mutable_bytes();
-  // Fresh memfd pages read as zero: only the segments are written, the PAD left as it is.
-  const auto copy_leaf = [&](std::uint64_t leaf) -> status {
-    TENSORREG_TRY(check_cancel(ctx.cancelled));
-    const std::uint64_t begin = leaf * hash::leaf_bytes;
-    const std::uint64_t length = std::min(hash::leaf_bytes, total - begin);
-    return files_->read(begin, dst.subspan(begin, length), false);
-  };
   std::vector<hash::digest> digests(want_digest ? leaves : 0);
   // Likely held: some artifact in the catalogue has this very index. Then hash first, from a
   // small buffer per thread, and copy nothing when the id is known.
@@ -345,13 +338,14 @@ result<commit_response> stable_dram::commit_from_files(commit_context& ctx) {
     // from the copy, since the file may have changed in place since it was hashed.
   }
   TENSORREG_TRY(ctx.pool.parallel_for(leaves, [&](std::size_t leaf) -> status {
-    TENSORREG_TRY(copy_leaf(leaf));
-    if (want_digest) {
-      // Hash the copy, not the file: the id describes what is kept, and the leaf is hot.
-      const std::uint64_t begin = leaf * hash::leaf_bytes;
-      const std::uint64_t length = std::min(hash::leaf_bytes, total - begin);
-      digests[leaf] = hash::sha256(std::span<const std::byte>(dst.subspan(begin, length)));
-    }
+    TENSORREG_TRY(check_cancel(ctx.cancelled));
+    const std::uint64_t begin = leaf * hash::leaf_bytes;
+    const auto bytes = dst.subspan(begin, std::min(hash::leaf_bytes, total - begin));
+    // pread() straight into the mapping: one copy, and the kernel faults the fresh pages in.
+    // Fresh memfd pages read as zero, so only the segments are written, the PAD left as it is.
+    TENSORREG_TRY(files_->read(begin, bytes, false));
+    // Hash the copy, not the file: the id describes what is kept, and the leaf is hot.
+    if (want_digest) digests[leaf] = hash::sha256(std::span<const std::byte>(bytes));
     return {};
   }));
   if (want_digest) metrics::process_counters().bytes_hashed.add(total);
