@@ -12,7 +12,9 @@ kept:
 - `tensorreg digest --data FILE` and `tensorreg index FILE`: the file read and hashed on all
   cores, as GB/s against openssl x cores (goal >= 0.8);
 - `tensorreg put FILE` of new content (a fresh daemon each repeat) and again (content held,
-  `existed: true`), against `tensorreg index` (goals <= 1.5 and <= 1.1);
+  `existed: true`), against `tensorreg index` (goals <= 1.5 and <= 1.1): the daemon reads the
+  file it is handed (docs/wire-format.md §18); and the same with `put --copy` (the client
+  copies into the daemon's memfd, and hashes held content itself), on a daemon of its own;
 - the peak of shared memory during each put (/proc/meminfo Shmem above its value when the put
   started, so a replica already held does not count) and of the daemon's and the client's RSS
   (anonymous + shared), against the artifact (goal <= 1.1);
@@ -223,23 +225,27 @@ def cli_round(args, cli: str, daemon_bin: str, path: str, work: str, results: di
     s, _, _, cpu = timed([cli, "digest", "--index", idx_path, "--data", path])
     best(results, "digest_file_s", s)
     best(results, "digest_file_cpu_s", cpu)
-    d = daemon(daemon_bin, work, 4 * size)
-    try:
-        d.wait_ready(cli)
-        for what in ("put_new", "put_held"):
-            base = meminfo_kib("Shmem")  # what the daemon holds already does not count
-            daemon_cpu = process_cpu(d.proc.pid)
-            s, out, peak, cpu = timed([cli, "put", path, "--json", "--socket", d.socket], (d.proc.pid, base))
-            daemon_cpu = process_cpu(d.proc.pid) - daemon_cpu
-            answer = json.loads(out)
-            assert answer["existed"] == (what == "put_held"), answer
-            best(results, f"{what}_s", s)
-            best(results, f"{what}_cpu_s", cpu + daemon_cpu)
-            best(results, f"{what}_shmem_peak_kib", peak.shmem)
-            best(results, f"{what}_daemon_rss_peak_kib", peak.daemon)
-            best(results, f"{what}_client_rss_peak_kib", peak.client)
-    finally:
-        d.stop()
+    # "": the daemon reads the file it was handed; "copy_": `put --copy`, the client copies.
+    for mode in ("", "copy_"):
+        d = daemon(daemon_bin, work, 4 * size)
+        try:
+            d.wait_ready(cli)
+            for what in ("put_new", "put_held"):
+                base = meminfo_kib("Shmem")  # what the daemon holds already does not count
+                daemon_cpu = process_cpu(d.proc.pid)
+                cmd = [cli, "put", path, "--json", "--socket", d.socket] + (["--copy"] if mode else [])
+                s, out, peak, cpu = timed(cmd, (d.proc.pid, base))
+                daemon_cpu = process_cpu(d.proc.pid) - daemon_cpu
+                answer = json.loads(out)
+                assert answer["existed"] == (what == "put_held"), answer
+                key = mode + what
+                best(results, f"{key}_s", s)
+                best(results, f"{key}_cpu_s", cpu + daemon_cpu)
+                best(results, f"{key}_shmem_peak_kib", peak.shmem)
+                best(results, f"{key}_daemon_rss_peak_kib", peak.daemon)
+                best(results, f"{key}_client_rss_peak_kib", peak.client)
+        finally:
+            d.stop()
 
 
 def python_round(args, cli: str, daemon_bin: str, total: int, work: str, results: dict) -> None:
@@ -343,8 +349,14 @@ def main() -> int:
          f"{results['put_held_s'] / results['index_s']:.2f}x index (goal <= 1.1)"),
         ("CPU s: index / put new / put held", f"{results['index_cpu_s']:.2f} / {results['put_new_cpu_s']:.2f} / "
          f"{results['put_held_cpu_s']:.2f}", "client + daemon"),
+        ("tensorreg put --copy FILE (new)", f"{results['copy_put_new_s']:.3f} s",
+         f"{results['copy_put_new_s'] / results['index_s']:.2f}x index"),
+        ("tensorreg put --copy FILE (held)", f"{results['copy_put_held_s']:.3f} s",
+         f"{results['copy_put_held_s'] / results['index_s']:.2f}x index"),
+        ("CPU s: put --copy new / held", f"{results['copy_put_new_cpu_s']:.2f} / "
+         f"{results['copy_put_held_cpu_s']:.2f}", "client + daemon"),
     ]
-    for what in ("put_new", "put_held"):
+    for what in ("put_new", "put_held", "copy_put_new", "copy_put_held"):
         rows.append((f"  {what}: shmem / daemon / client peak",
                      f"{results[f'{what}_shmem_peak_kib'] / art_kib:.2f} / "
                      f"{results[f'{what}_daemon_rss_peak_kib'] / art_kib:.2f} / "

@@ -22,9 +22,10 @@ constexpr std::array<option_help, 5> kDigest{{
     {"--threads", "N", "hashing threads"},
 }};
 constexpr std::array<option_help, 1> kIndex{{{"--threads", "N", "hashing threads"}}};
-constexpr std::array<option_help, 2> kPut{{
+constexpr std::array<option_help, 3> kPut{{
     {"--policy", "PROFILE", "cache (evicts to make room; default), warm, pinned or durable"},
     {"--name", "NAME", "the name `ls` shows (default: the file name)"},
+    {"--copy", "", "copy the files into the daemon's memory from here instead of handing them to the daemon"},
 }};
 constexpr std::array<option_help, 1> kLease{{{"--ttl-ms", "N", "lease TTL, renewed while it runs (default 600000)"}}};
 constexpr std::array<option_help, 1> kExport{{{"--out", "FILE", "the .safetensors file to write (required)"}}};

@@ -39,6 +39,7 @@ struct options {
   std::string policy;
   std::uint32_t ttl_ms = 600'000;
   std::optional<std::string> name;      // put --name; unset: the file name
+  bool copy = false;                    ///< put --copy: the client copies, no files handed over
   std::uint32_t interval_ms = 1000;     // top
   std::uint64_t count = 0;              // top: refreshes, 0 = until stopped
   std::string out;                      ///< export's --out
@@ -90,6 +91,8 @@ result<options> parse(const std::vector<std::string>& args) {
       }
     } else if (a == "--out") {
       TENSORREG_TRY_ASSIGN(o.out, value());
+    } else if (a == "--copy") {
+      o.copy = true;
     } else if (a == "--no-wait") {
       o.no_wait = true;
     } else if (a == "--etcd") {
@@ -238,7 +241,8 @@ std::string default_name(const std::vector<std::string>& files) {
 
 int cmd_put(connection& c, const options& o) {
   if (o.positional.empty())
-    return usage("usage: tensorreg put FILES.safetensors... [--policy cache|warm|pinned|durable] [--name NAME]");
+    return usage(
+        "usage: tensorreg put FILES.safetensors... [--policy cache|warm|pinned|durable] [--name NAME] [--copy]");
   auto bundle = index::safetensors_bundle::open(o.positional);
   if (!bundle) return fail_with(bundle.error());
   // Checked before the copy: a put the budget cannot take fails at once, in the user's words.
@@ -248,16 +252,19 @@ int cmd_put(connection& c, const options& o) {
     fmt::print(stderr, "tensorreg: {}\n", *problem);
     return 1;
   }
-  const std::string committing = fmt::format("the daemon hashes {} and commits{}", human_bytes(size),
-                                             o.policy == "durable" ? " (and writes its durable copy)" : "");
+  const std::string committing =
+      fmt::format("the daemon {} {} and commits{}", o.copy ? "hashes" : "reads, copies and hashes", human_bytes(size),
+                  o.policy == "durable" ? " (and writes its durable copy)" : "");
   progress shown("put " + o.name.value_or(default_name(o.positional)));
-  shown.phase("looking for the same content in the daemon");
+  shown.phase(o.copy ? "looking for the same content in the daemon" : "handing the files to the daemon");
   client::put_options po{o.policy, [&](std::uint64_t done, std::uint64_t total) {
                            shown.update(done, total);
                            if (done == total) shown.phase(committing);
                          }};
   po.name = o.name.value_or(default_name(o.positional));
-  // reuse_held: a put of content the daemon holds costs a hash here, not a copy (issue #20).
+  // The daemon reads the files itself, copying and hashing them in one pass and copying nothing
+  // it holds (issue #20). With --copy, reuse_held makes a put of held content cost a hash here.
+  po.hand_over_files = !o.copy;
   po.reuse_held = true;
   auto put = c.put(**bundle, po);
   shown.finish();

@@ -10,7 +10,9 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <map>
 #include <mutex>
+#include <optional>
 #include <thread>
 
 #include "client/access.hpp"
@@ -177,6 +179,48 @@ result<std::optional<artifact_descriptor>> held_replica(connection& c, const ind
   return std::nullopt;
 }
 
+// The bundle's canonical bytes as ranges of its files, for a put whose files the daemon reads
+// itself (wire-format.md §18); nullopt when some bytes come from elsewhere or there are more
+// files than one frame carries fds for: the client then copies them.
+struct file_plan {
+  std::vector<int> fds;  // the bundle's own descriptors, open as long as the bundle
+  std::vector<registration::file_segment> segments;
+};
+
+constexpr std::size_t max_frame_fds = 250;  // wire-format.md §7
+
+std::optional<file_plan> files_of(const index::safetensors_bundle& bundle) {
+  file_plan plan;
+  std::map<const memory::mapped_file*, std::uint32_t> numbers;
+  const auto& source = bundle.canonical();
+  bool whole = true;
+  memory::for_each_leaf(
+      source, 0, source.size(), 0,
+      [&](const memory::byte_source& leaf, std::uint64_t offset, std::uint64_t size, std::uint64_t at) {
+        const auto* file = dynamic_cast<const memory::mapped_file*>(&leaf);
+        if (file == nullptr) return whole = false;
+        auto [it, added] = numbers.emplace(file, static_cast<std::uint32_t>(plan.fds.size()));
+        if (added) plan.fds.push_back(file->fd());
+        auto& segments = plan.segments;
+        if (!segments.empty() && segments.back().file == it->second &&
+            segments.back().canonical_offset + segments.back().length == at &&
+            segments.back().file_offset + segments.back().length == offset) {
+          segments.back().length += size;
+        } else {
+          segments.push_back({it->second, offset, at, size});
+        }
+        return true;
+      });
+  if (!whole || plan.segments.empty() || plan.fds.size() > max_frame_fds) return std::nullopt;
+  return plan;
+}
+
+// A daemon from before puts from files refuses fds on a Begin (wire-format.md §7).
+bool refuses_files(const error& e) {
+  return e.code == errc::invalid_argument &&
+         e.message.find("arrived with a message that uses none") != std::string::npos;
+}
+
 result<unique_fd> take_fd(raw::connection::reply& r, std::string_view what) {
   if (r.fds.empty()) return fail(errc::data_loss, "cannot " + std::string(what) + ": the daemon sent no memfd");
   return std::move(r.fds.front());
@@ -212,7 +256,10 @@ result<server_config> connection::config() {
 result<registered> connection::put(const index::safetensors_bundle& bundle, const put_options& options) {
   const auto started = std::chrono::steady_clock::now();
   const auto& idx = bundle.index();
-  if (options.reuse_held && options.profile.empty()) {
+  const auto files = options.hand_over_files ? files_of(bundle) : std::nullopt;
+  // With its files handed over the daemon hashes them before it copies when it knows the
+  // layout already, so a client-side hash would only repeat that.
+  if (options.reuse_held && options.profile.empty() && !files) {
     TENSORREG_TRY_ASSIGN(auto held, held_replica(*this, bundle));
     if (held) return registered{std::move(*held), true, "", seconds_since(started)};
   }
@@ -226,6 +273,27 @@ result<registered> connection::put(const index::safetensors_bundle& bundle, cons
   begin.display_name = options.name;
   if (!options.profile.empty()) {
     TENSORREG_TRY_ASSIGN(begin.profile, policy::parse_profile(options.profile));
+  }
+  if (files) {
+    begin.file_segments = files->segments;
+    auto begun = raw_->call(wc::begin_request(begin), files->fds);
+    if (begun || !refuses_files(begun.error())) {
+      TENSORREG_TRY(begun);
+      const std::string registration_id = wc::registration_id_of(begun->response);
+      // The daemon reads, copies and hashes at Commit: nothing is left to write here.
+      if (options.progress) options.progress(idx.total_size(), idx.total_size());
+      auto committed = raw_->call(wc::commit_request(registration_id));
+      if (!committed) {
+        static_cast<void>(raw_->call(wc::abort_request(registration_id)));
+        return tl::unexpected(std::move(committed).error());
+      }
+      const auto commit = wc::commit_of(committed->response);
+      return registered{commit.descriptor, commit.existed, registration_id, seconds_since(started), commit.evicted};
+    }
+    begin.file_segments.clear();
+    put_options copying = options;
+    copying.hand_over_files = false;
+    return put(bundle, copying);
   }
   TENSORREG_TRY_ASSIGN(auto begun, raw_->call(wc::begin_request(begin)));
   const std::string registration_id = wc::registration_id_of(begun.response);

@@ -82,7 +82,14 @@ wire::Request begin_request(const begin_args& args) {
     data->set_encoding("json");
   }
   if (args.plan == begin_plan::stable_dram) {
-    b->mutable_stable_dram();
+    auto* s = b->mutable_stable_dram();
+    for (const auto& f : args.file_segments) {
+      auto* out = s->add_file_segments();
+      out->set_fd_index(f.file);
+      out->set_file_offset(f.file_offset);
+      out->set_canonical_offset(f.canonical_offset);
+      out->set_length(f.length);
+    }
   } else {
     b->mutable_lease()->set_in_place(true);
   }

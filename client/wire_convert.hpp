@@ -48,6 +48,8 @@ struct begin_args {
   std::string display_name{};                 ///< empty: none
   std::string client_artifact_id{};           ///< a cgid; empty: an mi2 artifact
   const views::view_request* view = nullptr;  ///< ViewRegistrationOptions; null: none
+  /// stable_dram from files (wire-format.md §18); their fds ride with the request.
+  std::vector<registration::file_segment> file_segments{};
 };
 [[nodiscard]] wire::Request begin_request(const begin_args& args);
 

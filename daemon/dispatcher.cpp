@@ -296,6 +296,7 @@ struct dispatcher::impl {
     TENSORREG_TRY(resolve_device(in));
     if (auto bad = convert::malformed_view(in)) return tl::unexpected(std::move(*bad));
     auto request = convert::to_begin(in);
+    TENSORREG_TRY(convert::take_begin_files(in, c.fds_in, request));
     request.owner_uid = c.peer.uid;  // the uid's share of the stable cache
     TENSORREG_TRY_ASSIGN(auto begun, engine.begin(std::move(request)));
     auto* hs = std::get_if<reg::stable_dram_handshake>(&begun.handshake);
@@ -681,7 +682,8 @@ struct dispatcher::impl {
       done = fail(errc::invalid_argument, fmt::format("cannot handle {} request {}: end_of_stream is only for Feed "
                                                       "streams",
                                                       convert::rpc_name(body), request.request_id()));
-    } else if (!fds.empty() && body != wire::Request::kRegisterRegion) {
+    } else if (!fds.empty() && body != wire::Request::kRegisterRegion &&
+               body != wire::Request::kBeginRegisterArtifact) {
       done = tl::unexpected(
           fds_unused(fmt::format("handle {} request {}", convert::rpc_name(body), request.request_id()), fds.size()));
     } else {

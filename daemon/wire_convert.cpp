@@ -82,8 +82,15 @@ reg::plan_options to_plan(const v2::BeginRegisterArtifactRequest& in) {
       const auto& l = in.lease();
       return reg::lease_options{l.min_tensor_bytes(), l.max_tensor_count(), l.lease_bytes_limit(), l.in_place()};
     }
-    case v2::BeginRegisterArtifactRequest::kStableDram:
-      return reg::stable_dram_options{in.stable_dram().stage_on_gpu(), in.stable_dram().release_gpu_on_commit()};
+    case v2::BeginRegisterArtifactRequest::kStableDram: {
+      const auto& s = in.stable_dram();
+      reg::stable_dram_options out{s.stage_on_gpu(), s.release_gpu_on_commit()};
+      out.file_segments.reserve(static_cast<std::size_t>(s.file_segments_size()));
+      for (const auto& f : s.file_segments()) {
+        out.file_segments.push_back({f.fd_index(), f.file_offset(), f.canonical_offset(), f.length()});
+      }
+      return out;
+    }
     case v2::BeginRegisterArtifactRequest::kCoalesced:
       return reg::coalesced_options{in.coalesced().max_inflight_bytes(), in.coalesced().release_on_tensor_commit()};
     case v2::BeginRegisterArtifactRequest::PLAN_NOT_SET: break;
@@ -476,6 +483,33 @@ void fill_deregister(v2::DeregisterArtifactResponse& out, const reg::deregister_
   out.set_removed(in.removed);
   for (const auto& id : in.released_region_ids) out.add_released_region_ids(id);
   if (!in.message.empty()) out.set_message(in.message);
+}
+
+// A put from files names its fds by fd_index (§18); the highest one sets how many it uses.
+std::size_t fds_used(const v2::BeginRegisterArtifactRequest& in) {
+  if (!in.has_stable_dram()) return 0;
+  std::size_t used = 0;
+  for (const auto& f : in.stable_dram().file_segments())
+    used = std::max<std::size_t>(used, f.fd_index() + std::size_t{1});
+  return used;
+}
+
+status take_begin_files(const v2::BeginRegisterArtifactRequest& in, std::vector<unique_fd>& fds,
+                        reg::begin_request& out) {
+  const std::size_t used = fds_used(in);
+  if (fds.size() != used) {
+    return fail(errc::invalid_argument, fmt::format("cannot begin registration: {} arrived with a message that uses {}",
+                                                    fds.size() == 1 ? std::string("1 file descriptor")
+                                                                    : fmt::format("{} file descriptors", fds.size()),
+                                                    used == 0 ? std::string("none") : std::to_string(used)));
+  }
+  if (used == 0) return {};
+  auto* options = std::get_if<reg::stable_dram_options>(&out.plan);
+  TENSORREG_ASSERT(options != nullptr);
+  options->files.reserve(used);
+  for (auto& fd : fds) options->files.push_back(std::make_shared<const unique_fd>(std::move(fd)));
+  fds.clear();
+  return {};
 }
 
 // ---- Regions -------------------------------------------------------------------------------

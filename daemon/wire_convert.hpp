@@ -91,6 +91,16 @@ void fill_persistence(v2::StartPersistenceResponse& out, const persistence::task
 [[nodiscard]] registration::deregister_request to_deregister(const v2::DeregisterArtifactRequest& in);
 void fill_deregister(v2::DeregisterArtifactResponse& out, const registration::deregister_response& in);
 
+/// How many fds a Begin uses: one per file a put from files names (wire-format.md §18), else
+/// none.
+[[nodiscard]] std::size_t fds_used(const v2::BeginRegisterArtifactRequest& in);
+
+/// Hands the Begin frame's `fds` to `out`'s stable_dram options as the files its segments name.
+/// Errors: INVALID_ARGUMENT when the frame carries another number of fds than the message uses.
+/// REQUIRES: `out` = to_begin(in).
+[[nodiscard]] status take_begin_files(const v2::BeginRegisterArtifactRequest& in, std::vector<unique_fd>& fds,
+                                      registration::begin_request& out);
+
 // ---- Regions -------------------------------------------------------------------------------
 
 /// How many fds a RegisterRegion message uses: its memfd (a client-provided HOST_SHARED region)

@@ -1,5 +1,8 @@
 """The put flows: a copy of the tensors made by the daemon's own plans.
 
+- Safetensors files: the stable_dram plan with the files' read-only fds on the Begin; the
+  daemon reads, copies and hashes them itself at Commit (docs/wire-format.md §18). Where it
+  cannot (more files than a frame's fds, an older daemon), as CPU tensors:
 - CPU tensors and safetensors files: the stable_dram plan. Begin hands over the publish memfd;
   the canonical bytes are written into it here with pwrite (each storage once, from the
   tensor's memory, or the files' bytes read with pread), never through a mapping, so that the
@@ -30,7 +33,7 @@ import time
 from . import _buffers, _cuda, _hash, _layout, _messages, _requests
 from ._artifact import RegisteredArtifact
 from ._torch import module as _torch
-from ._wire import Connection, _close_fds
+from ._wire import MAX_FDS_PER_FRAME, Connection, _close_fds
 from .errors import DataLoss, Error, InvalidArgument, NotFound, PermissionDenied
 
 # The profiles a held replica can answer: none given means cache (registration.md §6.1).
@@ -73,6 +76,9 @@ def put_safetensors(conn: Connection, paths, policy: str | None) -> RegisteredAr
     except PermissionError as e:
         raise PermissionDenied(f"cannot read safetensors file '{e.filename}': permission denied") from None
     profile = _requests.policy_profile(policy, "put safetensors files")
+    handed = _put_from_files(conn, layout, profile)
+    if handed is not None:
+        return handed
 
     def write(fd, start):
         files = {}
@@ -90,6 +96,43 @@ def put_safetensors(conn: Connection, paths, policy: str | None) -> RegisteredAr
                 os.close(f)
 
     return _put_stable_dram(conn, layout, profile, write)
+
+
+def _put_from_files(conn: Connection, layout, profile) -> RegisteredArtifact | None:
+    """Begin (stable_dram) with the files' read-only fds and where their bytes go → Commit: the
+    daemon reads, copies and hashes them itself (docs/wire-format.md §18). None when there are
+    more files than one frame carries fds for, or the daemon takes no files: then the caller
+    copies them into the publish memfd."""
+    stored = sorted((s for s in layout.storages if s.source[2]), key=lambda s: s.offset)
+    paths = list(dict.fromkeys(s.source[0] for s in stored))
+    if not stored or len(paths) > MAX_FDS_PER_FRAME:
+        return None
+    begin = _requests.put_begin(layout, profile, "stable_dram")
+    number = {path: k for k, path in enumerate(paths)}
+    for s in stored:
+        path, at, length = s.source
+        segment = begin.begin_register_artifact.stable_dram.file_segments.add()
+        segment.fd_index, segment.file_offset = number[path], at
+        segment.canonical_offset, segment.length = s.offset, length
+    fds = []
+    try:
+        for path in paths:
+            fds.append(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+        try:
+            begun, _ = conn.call(begin, fds=fds)
+        except InvalidArgument as e:
+            if "arrived with a message that uses none" in str(e):
+                return None  # a daemon from before puts from files
+            raise
+    finally:
+        _close_fds(fds)
+    registration_id = begun.begin_register_artifact.registration_id
+    try:
+        done = commit(conn, registration_id)
+    except BaseException:
+        abort(conn, registration_id)
+        raise
+    return RegisteredArtifact(done, layout, registration_id, "stable_dram", None)
 
 
 def _held_replica(conn: Connection, torch, layout) -> RegisteredArtifact | None:

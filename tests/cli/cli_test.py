@@ -181,6 +181,8 @@ def daemon_checks(tool, daemon, d, check):
         check(put["artifact_id"] == digest and not put["existed"], "put through tensorregd gives the digest id")
         again = json.loads(run(tool, "put", "--socket", sock, "--json", model).stdout)
         check(again["existed"], "a second put answers existed=true")
+        copied = json.loads(run(tool, "put", "--copy", "--socket", sock, "--json", model).stdout)
+        check(copied["existed"] and copied["artifact_id"] == digest, "put --copy (the client copies) gives the same id")
         lease = subprocess.Popen([tool, "lease", "--socket", sock, "--json", model], stdout=subprocess.PIPE,
                                  stderr=subprocess.DEVNULL, text=True)
         leased = json.loads(lease.stdout.readline())

@@ -88,10 +88,12 @@ TEST_CASE("client connection: a put's memfd is kept as the replica with no copy 
 
   std::optional<ino_t> publish;
   std::uint64_t progressed = 0;
-  auto put = c.put(*bundle, {"cache", [&](std::uint64_t done, std::uint64_t) {
-                               progressed = done;
-                               if (!publish) publish = publish_memfd_inode();
-                             }});
+  client::put_options options{"cache", [&](std::uint64_t done, std::uint64_t) {
+                                progressed = done;
+                                if (!publish) publish = publish_memfd_inode();
+                              }};
+  options.hand_over_files = false;  // the memfd path (a put from files has its own tests)
+  auto put = c.put(*bundle, options);
   REQUIRE(put);
   CHECK_FALSE(put->existed);
   CHECK(progressed == bundle->index().total_size());
@@ -198,6 +200,7 @@ TEST_CASE("client connection: reuse_held answers a put of held content with noth
 
   client::put_options reuse;
   reuse.reuse_held = true;
+  reuse.hand_over_files = false;  // with files handed over the daemon does this instead
   std::uint64_t written = 0;
   reuse.progress = [&](std::uint64_t done, std::uint64_t) { written = done; };
   auto again = c.put(*first, reuse);

@@ -654,6 +654,10 @@ TEST_CASE("dispatcher: fds on a message that uses none are closed and the reques
     check_status(h.call(register_slab(h, 64), std::move(fds)), errc::invalid_argument,
                  "cannot register region: 1 file descriptor arrived with a message that uses none");
   }
+  SECTION("a stable_dram Begin without file segments") {
+    check_status(h.call(begin_stable(h), std::move(fds)), errc::invalid_argument,
+                 "cannot begin registration: 1 file descriptor arrived with a message that uses none");
+  }
   SECTION("a Feed frame") {
     auto f = feed_frame(5, "reg_x");
     f.mutable_feed_register_artifact_stream()->add_tensor_aliases()->set_name("a");

@@ -498,6 +498,32 @@ class HeldPutTest(_support.StoreTestCase):
     """Store.put of content the daemon holds already (reuse_held, issue #20): answered from the
     list after a hash here, with no Begin and nothing copied."""
 
+    def test_put_safetensors_hands_the_daemon_its_file(self):
+        # docs/wire-format.md §18: the daemon reads the file; nothing is copied by this process.
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "model.safetensors")
+            big = bytes(range(256)) * ((9 << 20) // 256)
+            write_safetensors(path, {"big": ("U8", [len(big)], big), "a": ("BF16", [3], bytes(range(6))),
+                                     "tied": ("BF16", [3], None)})
+            before = self.daemon_stats()
+            art = self.store.put_safetensors(path)
+            after = self.daemon_stats()
+            self.assertFalse(art.existed)
+            self.assertTrue(art.registration_id.startswith("reg"))
+            data = len(big) + 6  # "tied" shares the bytes of "a"
+            self.assertEqual(after["copied"] - before["copied"], data)
+            self.assertEqual(after["hashed"] - before["hashed"], art.total_size)
+            self.assertEqual(after["pending"], 0)
+            again = self.store.put_safetensors(path)
+            held = self.daemon_stats()
+            self.assertTrue(again.existed)
+            self.assertEqual(again.artifact_id, art.artifact_id)
+            self.assertEqual(held["copied"], after["copied"])  # held: hashed, not copied
+            if _support.PATHS["cli"]:
+                expected = subprocess.run([_support.PATHS["cli"], "index", path], check=True, capture_output=True,
+                                          text=True).stdout
+                self.assertIn(f"id {art.artifact_id}\n", expected)
+
     def big_state_dict(self, seed):
         # Over two 4 MiB leaves, with pads between storages and leaves that span storages.
         sd = sample_state_dict(seed)

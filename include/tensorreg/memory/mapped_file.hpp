@@ -60,6 +60,9 @@ class mapped_file final : public byte_source {
 
   [[nodiscard]] std::span<const std::byte> bytes() const noexcept { return bytes_; }
   [[nodiscard]] const std::string& path() const noexcept { return path_; }
+  /// The file's descriptor, open read-only for as long as this object lives (to hand the very
+  /// file opened to another process, e.g. with SCM_RIGHTS).
+  [[nodiscard]] int fd() const noexcept { return fd_.get(); }
 
  private:
   mapped_file(std::string path, unique_fd fd, std::span<const std::byte> bytes) noexcept

@@ -17,6 +17,7 @@
 #include <variant>
 #include <vector>
 
+#include "tensorreg/common/unique_fd.hpp"
 #include "tensorreg/identity/artifact_id.hpp"
 #include "tensorreg/index/canonical_index.hpp"
 #include "tensorreg/memory/byte_source.hpp"
@@ -39,9 +40,24 @@ struct lease_options {
   std::uint64_t lease_bytes_limit = 0;
   bool in_place = true;
 };
+/// Canonical bytes [canonical_offset, +length) are bytes [file_offset, +length) of
+/// stable_dram_options::files[file] (StableDramFileSegment).
+struct file_segment {
+  std::uint32_t file = 0;
+  std::uint64_t file_offset = 0;
+  std::uint64_t canonical_offset = 0;
+  std::uint64_t length = 0;
+};
 struct stable_dram_options {
   bool stage_on_gpu = false;
   bool release_gpu_on_commit = false;
+  /// A put from files (wire-format.md §18): the engine reads the canonical bytes from `files`
+  /// (read-only regular files a client handed over) by `file_segments`, sorted by
+  /// canonical_offset, instead of handing out a publish memfd; bytes no segment covers are
+  /// zero. Empty = the client writes the publish memfd. Shared so that options stay copyable;
+  /// the plan keeps them until the registration ends.
+  std::vector<file_segment> file_segments{};
+  std::vector<std::shared_ptr<const unique_fd>> files{};
 };
 /// BeginRegisterArtifactRequest.plan; coalesced when unset on the wire.
 using plan_options = std::variant<coalesced_options, lease_options, stable_dram_options>;

@@ -2,6 +2,7 @@
 
 #include "memory/system_calls.hpp"
 #include "tensorreg/common/random.hpp"
+#include "tensorreg/hash/multihash.hpp"
 #include "tensorreg/hash/tree_hash.hpp"
 #include "tensorreg/metrics/registry.hpp"
 
@@ -156,7 +157,18 @@ result<std::unique_ptr<stable_dram>> stable_dram::begin(const begin_request& r, 
                                               std::to_string(r.total_size) + " exceeds the stable budget of " +
                                               std::to_string(ctx.stable_budget) + " bytes");
   }
+  const bool from_files = !opts.file_segments.empty() || !opts.files.empty();
+  if (from_files && opts.stage_on_gpu) {
+    return fail(errc::invalid_argument,
+                "cannot begin stable_dram registration: stage_on_gpu cannot be combined with file segments");
+  }
+  std::optional<source_files> files;
+  if (from_files) {
+    TENSORREG_TRY_ASSIGN(files,
+                         source_files::check(opts.files, opts.file_segments, index::byte_range_map::from_index(*idx)));
+  }
   std::unique_ptr<stable_dram> p(new stable_dram(std::move(idx)));
+  p->files_ = std::move(files);
   if (ctx.stable_cache != nullptr) {
     auto reserved = ctx.stable_cache->reserve(r.total_size);
     if (!reserved) {
@@ -177,8 +189,13 @@ result<std::unique_ptr<stable_dram>> stable_dram::begin(const begin_request& r, 
     TENSORREG_TRY_ASSIGN(auto staging, memory::shared_memory::create(r.total_size, "tensorreg-publish"));
     auto shared = std::make_shared<memory::shared_memory>(std::move(staging));
     p->upload_ = std::make_shared<stable_upload>(shared);
-    hs.publish = publish_memfd{shared, r.total_size, 0};
-    hs.publish_lease_token = "publish:" + random_hex(16);
+    if (p->files_) {
+      // Nothing for the client to write: Feed is refused and Commit reads the files.
+      p->upload_->mark_complete();
+    } else {
+      hs.publish = publish_memfd{shared, r.total_size, 0};
+      hs.publish_lease_token = "publish:" + random_hex(16);
+    }
   }
   response.handshake = std::move(hs);
   return p;
@@ -204,6 +221,7 @@ result<feed_work> stable_dram::feed(feed_request& r, const registration_facts& /
 }
 
 result<commit_response> stable_dram::commit(commit_context& ctx) {
+  if (files_) return commit_from_files(ctx);
   const auto& p = ctx.facts;
   // The normalized canonical buffer: DATA as uploaded, PAD as zero (DECISIONS §5.1).
   std::shared_ptr<const memory::byte_source> normalized;
@@ -229,13 +247,20 @@ result<commit_response> stable_dram::commit(commit_context& ctx) {
   if (!adopted) {
     TENSORREG_TRY_ASSIGN(adopted, materialize(*normalized, p.cgid.empty(), ctx.pool, ctx.devices, ctx.cancelled));
   }
-  auto& copy = *adopted;
+  TENSORREG_TRY_ASSIGN(auto published, publish(ctx, *adopted, false));
+  TENSORREG_ASSERT(published.has_value());
+  return std::move(*published);
+}
+
+result<std::optional<commit_response>> stable_dram::publish(commit_context& ctx, const materialized& copy,
+                                                            bool nothing_copied) {
+  const auto& p = ctx.facts;
   auto descriptor = describe(p, *index_, copy.data_digest);
 
   commit_response response;
   response.descriptor = descriptor;
   const auto admit = admit_policy_of(p.policy);
-  return ctx.with_catalogue([&](catalogue& cat) -> result<commit_response> {
+  return ctx.with_catalogue([&](catalogue& cat) -> result<std::optional<commit_response>> {
     auto* existing = cat.find(descriptor.artifact_id);
     if (existing != nullptr && existing->quiesced) {
       return fail(errc::failed_precondition,
@@ -243,6 +268,8 @@ result<commit_response> stable_dram::commit(commit_context& ctx) {
     }
     auto& cache = cat.cache();
     const bool had_replica = cache.contains(descriptor.artifact_id);
+    // The replica of a join is dropped; an unwritten one must never be admitted.
+    if (nothing_copied && !had_replica) return std::nullopt;
     if (!had_replica) TENSORREG_TRY(cat.check_stable_share(p.owner_uid, "cannot commit " + descriptor.artifact_id));
     auto admitted = cache.admit(descriptor.artifact_id, p.total_size, copy.replica, admit, &reservation_);
     if (!admitted) {
@@ -265,8 +292,74 @@ result<commit_response> stable_dram::commit(commit_context& ctx) {
     response.local_stable_tier = asked ? local_stable_tier_result{local_stable_status::ready, ""}
                                        : local_stable_tier_result{local_stable_status::skipped,
                                                                   "the policy does not ask for the local stable tier"};
-    return response;
+    return std::optional<commit_response>(std::move(response));
   });
+}
+
+result<commit_response> stable_dram::commit_from_files(commit_context& ctx) {
+  const auto& p = ctx.facts;
+  const bool want_digest = p.cgid.empty();
+  const auto& staging = upload_->staging();
+  const std::uint64_t total = p.total_size;
+  const std::uint64_t leaves = hash::leaf_count(total);
+  const auto dst = staging->mutable_bytes();
+  std::vector<hash::digest> digests(want_digest ? leaves : 0);
+  // Likely held: some artifact in the catalogue has this very index. Then hash first, from a
+  // small buffer per thread, and copy nothing when the id is known.
+  bool hash_first = false;
+  if (want_digest) {
+    const auto key = hash::to_hex(hash::sha256(index_->json()));
+    hash_first = ctx.with_catalogue([&](catalogue& cat) { return cat.find_index(key) != nullptr; });
+  }
+  if (hash_first) {
+    TENSORREG_TRY(ctx.pool.parallel_for(leaves, [&](std::size_t leaf) -> status {
+      TENSORREG_TRY(check_cancel(ctx.cancelled));
+      // Small enough to stay in a core's cache between the read and the hash.
+      constexpr std::size_t piece_bytes = std::size_t{256} << 10;
+      thread_local std::vector<std::byte> buffer(piece_bytes);
+      const std::uint64_t begin = leaf * hash::leaf_bytes;
+      const std::uint64_t end = std::min(begin + hash::leaf_bytes, total);
+      hash::sha256_hasher hasher;
+      for (std::uint64_t at = begin; at < end; at += piece_bytes) {
+        const auto n = static_cast<std::size_t>(std::min<std::uint64_t>(piece_bytes, end - at));
+        const std::span<std::byte> piece(buffer.data(), n);
+        TENSORREG_TRY(files_->read(at, piece, true));
+        hasher.update(piece);
+      }
+      digests[leaf] = hasher.finish();
+      return {};
+    }));
+    TENSORREG_TRY(files_->check_unchanged());
+    metrics::process_counters().bytes_hashed.add(total);
+    const materialized hashed{staging, hash::tree_root(digests)};
+    TENSORREG_TRY_ASSIGN(auto joined, publish(ctx, hashed, true));
+    if (joined) return std::move(*joined);
+    // New content after all (another version of a known layout): copy it and hash it again
+    // from the copy, since the file may have changed in place since it was hashed.
+  }
+  TENSORREG_TRY(ctx.pool.parallel_for(leaves, [&](std::size_t leaf) -> status {
+    TENSORREG_TRY(check_cancel(ctx.cancelled));
+    const std::uint64_t begin = leaf * hash::leaf_bytes;
+    const auto bytes = dst.subspan(begin, std::min(hash::leaf_bytes, total - begin));
+    // pread() straight into the mapping: one copy, and the kernel faults the fresh pages in.
+    // Fresh memfd pages read as zero, so only the segments are written, the PAD left as it is.
+    TENSORREG_TRY(files_->read(begin, bytes, false));
+    // Hash the copy, not the file: the id describes what is kept, and the leaf is hot.
+    if (want_digest) digests[leaf] = hash::sha256(std::span<const std::byte>(bytes));
+    return {};
+  }));
+  if (want_digest) metrics::process_counters().bytes_hashed.add(total);
+  TENSORREG_TRY(files_->check_unchanged());
+  metrics::process_counters().bytes_copied.add(files_->data_bytes());
+  // The bytes are final: no fd of the memfd left the daemon, so sealing cannot fail for a
+  // mapping elsewhere, and no fd handed out later (GetArtifactMemfd) can change them.
+  TENSORREG_TRY(staging->seal_read_only());
+  materialized copy;
+  copy.replica = staging;
+  if (want_digest) copy.data_digest = hash::tree_root(digests);
+  TENSORREG_TRY_ASSIGN(auto published, publish(ctx, copy, false));
+  TENSORREG_ASSERT(published.has_value());
+  return std::move(*published);
 }
 
 void stable_dram::release(regions::region_registry& /*regions*/) noexcept {

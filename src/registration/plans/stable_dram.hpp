@@ -5,6 +5,9 @@
 // written) and `stable_dram`, the plan over it or over a daemon-owned device staging buffer
 // (stage_on_gpu).
 //
+// A put from files (wire-format.md §18) hands no memfd out: the engine reads the client's files
+// into its staging memfd at Commit, hashing each leaf as it lands, and keeps that memfd.
+//
 // A memfd-publish upload whose client no longer maps the memfd writable is kept as it is: at
 // Commit the engine seals the memfd against writes (which the kernel refuses while any writable
 // shared mapping of it exists, so a sealed memfd can no longer change under the hash), hashes
@@ -29,6 +32,7 @@
 #include <string>
 
 #include "registration/plans/plan.hpp"
+#include "registration/source_files.hpp"
 #include "tensorreg/index/byte_range_map.hpp"
 #include "tensorreg/memory/shared_memory.hpp"
 
@@ -93,7 +97,19 @@ class stable_dram final : public plan {
  private:
   explicit stable_dram(std::shared_ptr<const index::canonical_index> idx) noexcept : index_(std::move(idx)) {}
 
+  /// Commit of a put from files: reads them into the staging memfd and hashes each leaf from
+  /// there while it is still in cache (one read, one copy). When the catalogue knows the index
+  /// already, the content is likely held: the files are hashed first through a small buffer and
+  /// copied only if the id turns out new.
+  [[nodiscard]] result<commit_response> commit_from_files(commit_context& ctx);
+  /// Publishes `copy` (its replica and digest) under the catalogue lock, or joins the artifact
+  /// already held. With `nothing_copied` (the replica is the unwritten staging memfd) it only
+  /// joins: nullopt when the artifact is no longer held, so the caller must copy first.
+  [[nodiscard]] result<std::optional<commit_response>> publish(commit_context& ctx, const materialized& copy,
+                                                               bool nothing_copied);
+
   std::shared_ptr<const index::canonical_index> index_;
+  std::optional<source_files> files_;            // a put from files (wire-format.md §18)
   std::shared_ptr<stable_upload> upload_;        // memfd staging; null with stage_on_gpu
   std::optional<device_buffer> device_staging_;  // stage_on_gpu
   // The stable budget held for this upload from Begin until its entry is admitted or it ends,

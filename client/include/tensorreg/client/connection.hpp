@@ -89,14 +89,18 @@ class connection {
   /// GetServerConfig. Errors: UNAVAILABLE (connection lost).
   [[nodiscard]] result<server_config> config();
 
-  /// Registers `bundle` as a stable_dram artifact through the memfd publish path (written with
-  /// pwrite and through a shared mapping, unmapped before Commit, so the daemon keeps it
-  /// without a second copy); aborts the registration on failure. With options.reuse_held,
+  /// Registers `bundle` as a stable_dram artifact. By default its files' read-only fds go to
+  /// the daemon with the Begin and the daemon reads, copies and hashes them itself in one pass
+  /// (wire-format.md §18). Otherwise (options.hand_over_files false, bytes not all in files, or
+  /// a daemon that takes no files) through the memfd publish path (written with pwrite and
+  /// through a shared mapping, unmapped before Commit, so the daemon keeps it without a second
+  /// copy). Aborts the registration on failure. With options.reuse_held on the memfd path,
   /// content the daemon holds already is answered from its list and a local hash, with nothing
   /// sent (put_options).
-  /// Errors: the daemon's (RESOURCE_EXHAUSTED over its budget, ...); INVALID_ARGUMENT (unknown
-  /// profile name); DATA_LOSS (the daemon sent no memfd, or one shorter than the artifact; a
-  /// file that became shorter or unreadable).
+  /// Errors: the daemon's (RESOURCE_EXHAUSTED over its budget; FAILED_PRECONDITION for a file
+  /// that changed size or was cut short during the put, ...); INVALID_ARGUMENT (unknown profile
+  /// name); DATA_LOSS (the daemon sent no memfd, or one shorter than the artifact; a file that
+  /// became shorter or unreadable while the client copied it).
   [[nodiscard]] result<registered> put(const index::safetensors_bundle& bundle, const put_options& options = {});
 
   /// Leases `bundle` in place: a daemon-managed HOST_SHARED region of its canonical bytes,

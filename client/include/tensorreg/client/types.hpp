@@ -72,6 +72,10 @@ struct put_options {
   /// so a put of a new layout costs nothing more. No join is registered (nothing to revoke), so
   /// only with the default profile, whose join would change nothing the daemon keeps.
   bool reuse_held = false;
+  /// Hand the bundle's files to the daemon (read-only fds), which reads, copies and hashes them
+  /// itself in one pass (wire-format.md §18); reuse_held is then the daemon's to do. False, or
+  /// a bundle whose bytes are not all in files: the client copies into the daemon's memfd.
+  bool hand_over_files = true;
 };
 
 /// Where the daemon holds a copy of an artifact.
