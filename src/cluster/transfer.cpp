@@ -17,7 +17,9 @@
 #include <future>
 #include <list>
 #include <mutex>
+#include <numeric>
 #include <optional>
+#include <random>
 #include <set>
 #include <thread>
 
@@ -54,8 +56,12 @@ struct reply_header {
   std::uint64_t leaf_index = 0;
   std::uint64_t total_size = 0;
   std::int32_t code = 0;  // errc; 0 = the payload is the answer, else an error message
-  std::uint32_t reserved = 0;
+  std::uint32_t flags = 0;
 };
+
+// With code UNAVAILABLE: the leaf is not verified at this (partial) source yet; the payload is
+// its verified-leaf bitmap instead of a message.
+constexpr std::uint32_t reply_flag_not_yet = 1;
 
 std::string ucx_reason(ucs_status_t status) { return ucs_status_string(status); }
 
@@ -164,13 +170,52 @@ std::uint64_t leaf_length(std::uint64_t total_size, std::uint64_t leaf) {
 }  // namespace
 
 // ------------------------------------------------------------------------------------------
+// partial_artifact
+
+partial_artifact::partial_artifact(std::vector<hash::digest> leaves, std::span<const std::byte> bytes,
+                                   std::shared_ptr<const void> keep_alive)
+    : leaves_(std::move(leaves)),
+      bytes_(bytes),
+      keep_alive_(std::move(keep_alive)),
+      verified_(new std::atomic<bool>[leaves_.size()]) {
+  TENSORREG_ASSERT(!bytes_.empty() && leaves_.size() == hash::leaf_count(bytes_.size()));
+  for (std::size_t i = 0; i < leaves_.size(); ++i) verified_[i].store(false, std::memory_order_relaxed);
+}
+
+void partial_artifact::mark_verified(std::uint64_t leaf) noexcept {
+  if (leaf >= leaves_.size()) return;
+  // Release: a reader that sees the mark sees the leaf's bytes as they were verified.
+  if (!verified_[leaf].exchange(true, std::memory_order_acq_rel)) verified_count_.fetch_add(1);
+}
+
+bool partial_artifact::verified(std::uint64_t leaf) const noexcept {
+  return leaf < leaves_.size() && verified_[leaf].load(std::memory_order_acquire);
+}
+
+std::uint64_t partial_artifact::verified_count() const noexcept { return verified_count_.load(); }
+
+std::vector<std::byte> partial_artifact::verified_bitmap() const {
+  std::vector<std::byte> bitmap((leaves_.size() + 7) / 8);
+  for (std::size_t i = 0; i < leaves_.size(); ++i) {
+    if (verified(i)) bitmap[i / 8] |= std::byte{1} << (i % 8);
+  }
+  return bitmap;
+}
+
+std::span<const std::byte> partial_artifact::leaf_bytes(std::uint64_t leaf) const noexcept {
+  TENSORREG_ASSERT(verified(leaf));
+  return bytes_.subspan(leaf * hash::leaf_bytes, leaf_length(bytes_.size(), leaf));
+}
+
+// ------------------------------------------------------------------------------------------
 // transfer_server
 
 namespace {
 
 struct published_artifact {
   std::uint64_t total_size = 0;
-  std::shared_ptr<const std::vector<hash::digest>> leaves;
+  std::shared_ptr<const std::vector<hash::digest>> leaves;  // null for a partial artifact
+  std::shared_ptr<const partial_artifact> partial;
 };
 
 struct queued_request {
@@ -218,6 +263,9 @@ struct transfer_server::state {
   std::thread thread;
   std::atomic<bool> stopping{false};
 
+  // Held by the worker while it looks up and copies a leaf of a partial artifact, so that
+  // withdraw() can wait until nothing reads one it took away.
+  std::mutex reading_mutex;
   mutable std::mutex mutex;  // guards `published` and `counts`
   std::map<std::string, published_artifact, std::less<>> published;
   counters counts;
@@ -302,7 +350,43 @@ struct transfer_server::state {
     reply(request.reply_ep, std::move(context));
   }
 
+  // A leaf of an artifact still being pulled here: its bytes if verified, else "not yet" and
+  // what is verified, so that the puller asks for those.
+  void serve_partial(const queued_request& request, const partial_artifact& partial) {
+    auto context = std::make_unique<send_context>();
+    context->header.kind = request.header.kind;
+    context->header.tag = request.header.tag;
+    context->header.leaf_index = request.header.leaf_index;
+    context->header.total_size = partial.total_size();
+    const auto leaf = request.header.leaf_index;
+    if (!partial.verified(leaf)) {
+      const auto bitmap = partial.verified_bitmap();
+      context->header.code = static_cast<std::int32_t>(errc::unavailable);
+      context->header.flags = reply_flag_not_yet;
+      context->payload.resize(bitmap.size());
+      std::memcpy(context->payload.data(), bitmap.data(), bitmap.size());
+      {
+        std::lock_guard lock(mutex);
+        ++counts.not_yet_answers;
+      }
+      return reply(request.reply_ep, std::move(context));
+    }
+    const auto bytes = partial.leaf_bytes(leaf);
+    context->payload.resize(bytes.size());
+    std::memcpy(context->payload.data(), bytes.data(), bytes.size());
+    if (options.corrupt_leaves) context->payload.data()[bytes.size() / 2] ^= std::byte{0x01};
+    partial.count_served();
+    {
+      std::lock_guard lock(mutex);
+      ++counts.leaves_served;
+      ++counts.partial_leaves_served;
+      counts.bytes_served += bytes.size();
+    }
+    reply(request.reply_ep, std::move(context));
+  }
+
   void serve(const queued_request& request) {
+    std::lock_guard reading(reading_mutex);
     published_artifact artifact;
     {
       std::lock_guard lock(mutex);
@@ -313,17 +397,18 @@ struct transfer_server::state {
         return;
       }
     }
-    if (!artifact.leaves) {
+    if (!artifact.leaves && !artifact.partial) {
       return refuse(request, errc::not_found,
                     fmt::format("cannot serve {}: this host does not hold it", request.artifact_id));
     }
+    const auto& digests = artifact.partial ? artifact.partial->leaves() : *artifact.leaves;
     auto context = std::make_unique<send_context>();
     context->header.kind = request.header.kind;
     context->header.tag = request.header.tag;
     context->header.leaf_index = request.header.leaf_index;
     context->header.total_size = artifact.total_size;
     if (request.header.kind == static_cast<std::uint32_t>(message_kind::manifest)) {
-      const auto& leaves = *artifact.leaves;
+      const auto& leaves = digests;
       context->payload.resize(leaves.size() * sizeof(hash::digest));
       for (std::size_t i = 0; i < leaves.size(); ++i) {
         std::memcpy(context->payload.data() + i * sizeof(hash::digest), leaves[i].data(), sizeof(hash::digest));
@@ -339,11 +424,12 @@ struct transfer_server::state {
                     fmt::format("cannot serve {}: unknown request kind {}", request.artifact_id, request.header.kind));
     }
     const auto leaf = request.header.leaf_index;
-    if (leaf >= artifact.leaves->size()) {
-      return refuse(request, errc::out_of_range,
-                    fmt::format("cannot serve leaf {} of {}: it has {} leaves", leaf, request.artifact_id,
-                                artifact.leaves->size()));
+    if (leaf >= digests.size()) {
+      return refuse(
+          request, errc::out_of_range,
+          fmt::format("cannot serve leaf {} of {}: it has {} leaves", leaf, request.artifact_id, digests.size()));
     }
+    if (artifact.partial) return serve_partial(request, *artifact.partial);
     auto bytes = options.open_bytes(request.artifact_id);
     if (!bytes || (*bytes)->size() != artifact.total_size) {
       return refuse(request, errc::unavailable,
@@ -444,16 +530,38 @@ status transfer_server::publish(const std::string& artifact_id, std::uint64_t to
                 fmt::format("cannot publish {}: {} leaf digests for total_size {} (expected {})", artifact_id,
                             leaves.size(), total_size, hash::leaf_count(total_size)));
   }
-  std::lock_guard lock(state_->mutex);
-  state_->published.insert_or_assign(
-      artifact_id,
-      published_artifact{total_size, std::make_shared<const std::vector<hash::digest>>(std::move(leaves))});
+  published_artifact complete{total_size, std::make_shared<const std::vector<hash::digest>>(std::move(leaves)), {}};
+  std::shared_ptr<const partial_artifact> replaced;  // released outside the lock
+  {
+    std::lock_guard lock(state_->mutex);
+    auto& entry = state_->published[artifact_id];
+    replaced = std::move(entry.partial);
+    entry = std::move(complete);
+  }
   return {};
 }
 
-void transfer_server::withdraw(const std::string& artifact_id) {
+void transfer_server::publish_partial(const std::string& artifact_id, std::shared_ptr<const partial_artifact> partial) {
+  TENSORREG_ASSERT(partial != nullptr);
   std::lock_guard lock(state_->mutex);
-  state_->published.erase(artifact_id);
+  auto& entry = state_->published[artifact_id];
+  if (entry.leaves) return;  // complete here already
+  entry.total_size = partial->total_size();
+  entry.partial = std::move(partial);
+}
+
+void transfer_server::withdraw(const std::string& artifact_id) {
+  std::shared_ptr<const partial_artifact> dropped;  // released after the wait below
+  {
+    std::lock_guard lock(state_->mutex);
+    auto it = state_->published.find(artifact_id);
+    if (it == state_->published.end()) return;
+    dropped = std::move(it->second.partial);
+    state_->published.erase(it);
+  }
+  // The worker reads a partial leaf only while it holds reading_mutex and found the entry;
+  // once it is free, nothing reads this one any more.
+  std::lock_guard reading(state_->reading_mutex);
 }
 
 bool transfer_server::serves(const std::string& artifact_id) const {
@@ -480,6 +588,12 @@ struct source_state {
   ucp_ep_h ep = nullptr;
   bool dropped = false;
   unsigned in_flight = 0;
+  // Said "not yet" once: a host still pulling. Asked for the leaves `has` says it holds, and
+  // for one other leaf (a probe, whose answer refreshes `has`) no sooner than `probe_after`.
+  bool partial = false;
+  std::vector<bool> has;
+  bool probing = false;
+  std::chrono::steady_clock::time_point probe_after{};
 };
 
 struct outstanding {
@@ -490,6 +604,7 @@ struct outstanding {
   std::vector<std::byte> header;  // kept until the request is answered
   bool receiving = false;         // a rendezvous receive into the destination is under way
   bool abandoned = false;         // its source was dropped while receiving
+  bool probe = false;             // asked of a partial source outside what it said it has
 };
 
 // What the message handler saw, for the pull loop to act on outside UCX's callbacks.
@@ -498,6 +613,7 @@ struct arrival {
   std::int32_t code = 0;
   bool ok = false;
   bool corrupt = false;            // the answer itself proves the source wrong
+  bool not_yet = false;            // a partial source lacks the leaf; payload: its bitmap
   std::string detail;              // error message from the source, or what was wrong
   std::vector<std::byte> payload;  // manifest bytes
 };
@@ -516,7 +632,7 @@ struct recv_context {
 struct pull_state {
   std::string artifact_id;
   ucx_worker ucx;
-  std::vector<source_state> sources;
+  std::deque<source_state> sources;  // a deque: UCX holds pointers to its elements
   std::map<std::uint64_t, outstanding> in_flight;
   std::uint64_t next_tag = 1;
   std::uint64_t total_size = 0;
@@ -568,7 +684,9 @@ struct pull_state {
         got.ok = true;
         got.payload.resize(length);
         if (length != 0) std::memcpy(got.payload.data(), data, length);
-        if (reply.code != 0) got.detail.assign(static_cast<const char*>(data), length);
+        got.not_yet = reply.code == static_cast<std::int32_t>(errc::unavailable) &&
+                      (reply.flags & reply_flag_not_yet) != 0 && it->second.kind == message_kind::leaf;
+        if (reply.code != 0 && !got.not_yet) got.detail.assign(static_cast<const char*>(data), length);
         self->total_size = it->second.kind == message_kind::manifest ? reply.total_size : self->total_size;
       }
       self->arrivals.push_back(std::move(got));
@@ -649,11 +767,12 @@ struct pull_state {
   }
 
   // Sends a request; false when the source cannot take it (dropped by the caller).
-  bool send_request(source_state& source, message_kind kind, std::uint64_t leaf) {
+  bool send_request(source_state& source, message_kind kind, std::uint64_t leaf, bool probe = false) {
     outstanding entry;
     entry.source = source.index;
     entry.kind = kind;
     entry.leaf = leaf;
+    entry.probe = probe;
     entry.sent = std::chrono::steady_clock::now();
     request_header header;
     header.kind = static_cast<std::uint32_t>(kind);
@@ -692,19 +811,30 @@ result<pull_report> pull_artifact(const std::string& artifact_id, std::span<cons
   st.artifact_id = artifact_id;
   if (auto started = st.ucx.start("a pull"); !started) return fail(errc::internal, started.error().message);
   TENSORREG_TRY(st.ucx.set_handler(am_reply, &pull_state::on_reply, &st));
-  st.sources.resize(sources.size());
   pull_report report;
   std::vector<std::string> reasons;
 
-  for (std::size_t i = 0; i < sources.size(); ++i) {
-    st.sources[i].source = sources[i];
-    st.sources[i].owner = &st;
-    st.sources[i].index = i;
-  }
+  auto add_source = [&](const pull_source& from) -> source_state& {
+    auto& added = st.sources.emplace_back();
+    added.source = from;
+    added.owner = &st;
+    added.index = st.sources.size() - 1;
+    return added;
+  };
+  for (const auto& from : sources) add_source(from);
+  // How many partial sources say they hold each leaf (filled once the manifest is known).
+  std::vector<std::uint32_t> peers_holding;
+  auto forget_holdings = [&](source_state& source) {
+    for (std::size_t leaf = 0; leaf < source.has.size(); ++leaf) {
+      if (source.has[leaf]) --peers_holding[leaf];
+    }
+    source.has.clear();
+  };
   auto drop = [&](std::size_t index, std::string why, bool corrupt) {
     auto& source = st.sources[index];
     if (source.dropped) return;
     source.dropped = true;
+    forget_holdings(source);
     log(*options.log, log_level::warn, "pull {}: source {} ({}) dropped: {}", artifact_id, source.source.name,
         source.source.address, why);
     auto line = fmt::format("{} ({}): {}", source.source.name, source.source.address, why);
@@ -783,47 +913,123 @@ result<pull_report> pull_artifact(const std::string& artifact_id, std::span<cons
     return fail(errc::internal, fmt::format("cannot pull {}: destination of {} bytes for total_size {}", artifact_id,
                                             st.destination.size(), st.total_size));
   }
+  if (options.manifest_verified) options.manifest_verified(st.leaves);
 
-  // 2. The leaves, striped over the sources; each verified as it lands.
-  std::deque<std::uint64_t> todo;
-  for (std::uint64_t i = 0; i < st.leaves.size(); ++i) todo.push_back(i);
+  // 2. The leaves, in an order of this pull's own (pullers that start together then ask the
+  // origin for different leaves, and take from each other what one of them has), each verified
+  // as it lands.
+  const std::uint64_t count = st.leaves.size();
+  std::vector<std::uint64_t> order(count);
+  std::iota(order.begin(), order.end(), std::uint64_t{0});
+  std::mt19937_64 shuffle_bits(options.order_seed != 0 ? options.order_seed : std::random_device{}());
+  std::shuffle(order.begin(), order.end(), shuffle_bits);
+  enum class leaf_phase : std::uint8_t { wanted, asked, verified };  // asked: in flight or being hashed
+  std::vector<leaf_phase> phase(count, leaf_phase::wanted);
+  peers_holding.assign(count, 0);
   std::uint64_t verified = 0;
   const auto per_source = std::max(1U, options.leaves_in_flight_per_source);
+  auto want_again = [&](std::uint64_t leaf) {
+    phase[leaf] = leaf_phase::wanted;
+    ++report.leaves_refetched;
+  };
   auto requeue_source = [&](std::size_t index) {
     for (auto it = st.in_flight.begin(); it != st.in_flight.end();) {
       if (it->second.source == index && !it->second.receiving) {
-        todo.push_front(it->second.leaf);
-        ++report.leaves_refetched;
+        want_again(it->second.leaf);
         it = st.in_flight.erase(it);
       } else {
         if (it->second.source == index) it->second.abandoned = true;
         ++it;
       }
     }
+    st.sources[index].probing = false;
   };
-  // When the last source was dropped (time_point{} while one is alive).
+  auto note_has = [&](source_state& source, std::uint64_t leaf, bool has) {
+    if (source.has.empty()) source.has.assign(count, false);
+    if (source.has[leaf] == has) return;
+    source.has[leaf] = has;
+    if (has) {
+      ++peers_holding[leaf];
+    } else {
+      --peers_holding[leaf];
+    }
+  };
+  // The next leaf to ask of `source`, and whether it is a probe (a leaf a partial source did
+  // not say it has). A source not known to be partial gets only leaves no partial source
+  // holds: the origin's link is what every puller shares, so it sends what nobody else has.
+  auto pick = [&](const source_state& source,
+                  std::chrono::steady_clock::time_point now) -> std::optional<std::pair<std::uint64_t, bool>> {
+    if (source.partial) {
+      for (auto leaf : order) {
+        if (phase[leaf] == leaf_phase::wanted && source.has[leaf]) return std::pair{leaf, false};
+      }
+      if (source.probing || now < source.probe_after) return std::nullopt;
+      for (auto leaf : order) {
+        if (phase[leaf] == leaf_phase::wanted) return std::pair{leaf, true};
+      }
+      return std::nullopt;
+    }
+    for (auto leaf : order) {
+      if (phase[leaf] == leaf_phase::wanted && peers_holding[leaf] == 0) return std::pair{leaf, false};
+    }
+    return std::nullopt;
+  };
+  const auto per_complete_source_with_peers =
+      std::clamp(options.complete_source_leaves_in_flight_with_peers, 1U, per_source);
+  bool peers_known = false;  // some source is known to be partial
+  auto ask = [&](source_state& source, std::chrono::steady_clock::time_point now) {
+    const auto most = !source.partial && peers_known ? per_complete_source_with_peers : per_source;
+    while (!source.dropped && source.in_flight < most) {
+      auto next = pick(source, now);
+      if (!next) return;
+      if (!st.send_request(source, message_kind::leaf, next->first, next->second)) {
+        drop(source.index, "cannot send a request", false);
+        requeue_source(source.index);
+        return;
+      }
+      phase[next->first] = leaf_phase::asked;
+      if (next->second) source.probing = true;
+    }
+  };
+
+  std::future<result<std::vector<pull_source>>> finding;
+  auto next_find = std::chrono::steady_clock::now() + options.find_sources_every;
+  auto add_found = [&](const std::vector<pull_source>& found) {
+    for (const auto& from : found) {
+      const bool known = std::any_of(st.sources.begin(), st.sources.end(), [&](const source_state& s) {
+        return s.source.name == from.name || s.source.address == from.address;
+      });
+      if (known || !parse_ipv4_address(from.address)) continue;
+      auto& added = add_source(from);
+      report.sources_added.push_back(from.name);
+      log(*options.log, log_level::info, "pull {}: source {} ({}) added", artifact_id, from.name, from.address);
+      if (auto connected = st.connect(added); !connected) drop(added.index, connected.error().message, false);
+    }
+  };
+
+  // When the last source was dropped (time_point{} while one is alive), and since when nothing
+  // but probes of partial sources was under way (none of them has a missing leaf yet).
   std::chrono::steady_clock::time_point all_dropped_at{};
+  std::chrono::steady_clock::time_point waiting_since{};
   struct verification {
     std::uint64_t leaf = 0;
     std::size_t source = 0;
     std::future<hash::digest> digest;
   };
   std::list<verification> verifying;
-  while (verified < st.leaves.size()) {
+  while (verified < count) {
+    auto now = std::chrono::steady_clock::now();
+    // Partial sources first: what they hold is taken from them, the rest from the others.
     for (auto& source : st.sources) {
-      while (!source.dropped && source.in_flight < per_source && !todo.empty()) {
-        const auto leaf = todo.front();
-        if (!st.send_request(source, message_kind::leaf, leaf)) {
-          drop(source.index, "cannot send a request", false);
-          requeue_source(source.index);
-          break;
-        }
-        todo.pop_front();
-      }
+      if (source.partial) ask(source, now);
+    }
+    for (auto& source : st.sources) {
+      if (!source.partial) ask(source, now);
     }
     // Spin while leaves are under way (see the server's loop); sleep only when nothing is.
     st.ucx.progress_or_wait(std::chrono::milliseconds(st.in_flight.empty() && verifying.empty() ? 20 : 1));
     st.start_rendezvous();
+    now = std::chrono::steady_clock::now();
     for (auto index : std::exchange(st.endpoint_errors, {})) {
       if (!st.sources[index].dropped) {
         drop(index, "connection failed: " + st.endpoint_error_reasons[index], false);
@@ -839,18 +1045,38 @@ result<pull_report> pull_artifact(const std::string& artifact_id, std::span<cons
       st.in_flight.erase(it);
       auto& source = st.sources[entry.source];
       if (source.in_flight > 0) --source.in_flight;
+      if (entry.probe) source.probing = false;
       if (entry.abandoned || source.dropped) {
-        todo.push_front(entry.leaf);
-        ++report.leaves_refetched;
+        want_again(entry.leaf);
+        continue;
+      }
+      if (a.ok && a.not_yet) {
+        phase[entry.leaf] = leaf_phase::wanted;
+        ++report.leaves_not_yet;
+        if (a.payload.size() != (count + 7) / 8) {
+          drop(entry.source,
+               fmt::format("answered not yet with a bitmap of {} bytes for {} leaves", a.payload.size(), count), true);
+          requeue_source(entry.source);
+          continue;
+        }
+        // A host still pulling: from now on asked for what it has (verified leaves stay verified,
+        // so its bitmaps only grow), and probed for more every not_yet_retry.
+        source.partial = true;
+        peers_known = true;
+        for (std::uint64_t leaf = 0; leaf < count; ++leaf) {
+          if ((a.payload[leaf / 8] & (std::byte{1} << (leaf % 8))) != std::byte{0}) note_has(source, leaf, true);
+        }
+        note_has(source, entry.leaf, false);  // whatever its bitmap says, it did not have this one
+        source.probe_after = now + options.not_yet_retry;
         continue;
       }
       if (!a.ok || a.code != 0) {
         drop(entry.source, a.detail.empty() ? fmt::format("failed leaf {}", entry.leaf) : a.detail, a.corrupt);
-        todo.push_front(entry.leaf);
-        ++report.leaves_refetched;
+        want_again(entry.leaf);
         requeue_source(entry.source);
         continue;
       }
+      if (source.partial) note_has(source, entry.leaf, true);
       // Hashed off this thread, so that the next leaves arrive meanwhile; the source's slot is
       // free already. At most sources × leaves_in_flight_per_source hashes run at once.
       const auto bytes = st.destination.subspan(entry.leaf * hash::leaf_bytes, leaf_length(st.total_size, entry.leaf));
@@ -868,15 +1094,15 @@ result<pull_report> pull_artifact(const std::string& artifact_id, std::span<cons
       it = verifying.erase(it);
       if (got != st.leaves[leaf]) {
         drop(from, fmt::format("leaf {} does not match its digest", leaf), true);
-        todo.push_front(leaf);
-        ++report.leaves_refetched;
+        want_again(leaf);
         requeue_source(from);
         continue;
       }
+      phase[leaf] = leaf_phase::verified;
       ++verified;
       ++report.leaves_by_source[st.sources[from].source.name];
+      if (options.leaf_verified) options.leaf_verified(leaf);
     }
-    const auto now = std::chrono::steady_clock::now();
     for (auto& [tag, entry] : st.in_flight) {
       if (!st.sources[entry.source].dropped && !entry.receiving && now - entry.sent > options.request_timeout) {
         drop(entry.source,
@@ -889,6 +1115,19 @@ result<pull_report> pull_artifact(const std::string& artifact_id, std::span<cons
         source.in_flight = 0;
       }
     }
+    if (options.find_sources) {
+      if (finding.valid() && finding.wait_for(std::chrono::seconds(0)) == std::future_status::ready) {
+        if (auto found = finding.get(); found) {
+          add_found(*found);
+        } else {
+          log(*options.log, log_level::debug, "pull {}: cannot look for more sources: {}", artifact_id,
+              found.error().message);
+        }
+        next_find = now + options.find_sources_every;
+      } else if (!finding.valid() && now >= next_find) {
+        finding = std::async(std::launch::async, options.find_sources);
+      }
+    }
     if (alive()) {
       all_dropped_at = {};
     } else if (all_dropped_at == std::chrono::steady_clock::time_point{}) {
@@ -897,6 +1136,25 @@ result<pull_report> pull_artifact(const std::string& artifact_id, std::span<cons
       // Nothing left to ask, and what was under way from the dropped sources has settled (or
       // never will).
       return unavailable();
+    }
+    const bool only_probes = verifying.empty() && std::all_of(st.in_flight.begin(), st.in_flight.end(),
+                                                              [](const auto& kv) { return kv.second.probe; });
+    if (!only_probes) {
+      waiting_since = {};
+    } else if (waiting_since == std::chrono::steady_clock::time_point{}) {
+      waiting_since = now;
+    } else if (alive() && now - waiting_since > options.request_timeout) {
+      std::vector<std::string> live;
+      for (const auto& source : st.sources) {
+        if (!source.dropped) live.push_back(source.source.name);
+      }
+      const auto missing = std::find(phase.begin(), phase.end(), leaf_phase::wanted) - phase.begin();
+      return fail(
+          errc::unavailable,
+          fmt::format("cannot pull {}: for {} ms no source had leaf {} (live sources, all still pulling it: "
+                      "{}){}",
+                      artifact_id, options.request_timeout.count(), missing, fmt::join(live, ", "),
+                      reasons.empty() ? std::string() : fmt::format("; dropped: {}", fmt::join(reasons, "; "))));
     }
   }
 
