@@ -99,11 +99,12 @@ start_daemon() {
 }
 for n in $(seq 0 7); do start_daemon "$n"; done
 
-seed=10
-# new_artifact HOST...: puts a fresh artifact of $mib MiB on each HOST, waits until each
-# advertises it, prints its id.
+# new_artifact SEED HOST...: puts an artifact of $mib MiB made from SEED on each HOST, waits
+# until each advertises it, prints its id. Every case has an artifact of its own: a removed one
+# may still be listed for its former holders (docs/cluster.md §7).
 new_artifact() {
-  seed=$((seed + 1))
+  local seed=$1
+  shift
   "${client[@]}" make "$tmp/a.safetensors" $((mib << 20)) "$seed"
   local id="" n
   for n in "$@"; do
@@ -152,7 +153,7 @@ printf '%-10s %10s %12s\n' receivers "last (s)" "x single"
 single=""
 for receivers in 1 3 7; do
   rm -f "$tmp"/done* "$tmp"/fetch*
-  id=$(new_artifact 0)
+  id=$(new_artifact "$receivers" 0)
   want=$("${client[@]}" digest "$tmp/d0.sock" "$id")
   hosts=$(seq 1 "$receivers")
   # shellcheck disable=SC2086
@@ -167,13 +168,13 @@ done
 
 echo "# pull of $mib MiB from two sources (fan0, fan1) into fan2; fan0 SIGKILLed at 50 % of the undisturbed time"
 rm -f "$tmp"/done* "$tmp"/fetch*
-id=$(new_artifact 0 1)
+id=$(new_artifact 20 0 1)
 want=$("${client[@]}" digest "$tmp/d0.sock" "$id")
 undisturbed=$(fetch_all "$id" 2)
 echo "    undisturbed: $(printf '%.2f' "$undisturbed") s; fan2: $(pull_line 2 "$id")"
 check_and_remove "$id" "$want" 2
 rm -f "$tmp"/done* "$tmp"/fetch*
-id=$(new_artifact 0 1)
+id=$(new_artifact 21 0 1)
 want=$("${client[@]}" digest "$tmp/d0.sock" "$id")
 (sleep "$(echo "$undisturbed / 2" | bc -l)" && kill -9 "${pid[d0]}") &
 killer=$!

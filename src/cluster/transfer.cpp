@@ -38,7 +38,8 @@ constexpr unsigned am_reply = 0x55;
 constexpr std::uint32_t wire_magic = 0x31475254;  // "TRG1"
 constexpr std::uint32_t max_id_length = 512;
 
-enum class message_kind : std::uint32_t { manifest = 1, leaf = 2 };
+// `holdings`: which leaves the source has, as a bitmap (all of them for a complete artifact).
+enum class message_kind : std::uint32_t { manifest = 1, leaf = 2, holdings = 3 };
 
 struct request_header {
   std::uint32_t magic = wire_magic;
@@ -419,6 +420,17 @@ struct transfer_server::state {
       }
       return reply(request.reply_ep, std::move(context));
     }
+    if (request.header.kind == static_cast<std::uint32_t>(message_kind::holdings)) {
+      std::vector<std::byte> bitmap;
+      if (artifact.partial) {
+        bitmap = artifact.partial->verified_bitmap();
+      } else {
+        bitmap.assign((digests.size() + 7) / 8, std::byte{0xff});
+      }
+      context->payload.resize(bitmap.size());
+      std::memcpy(context->payload.data(), bitmap.data(), bitmap.size());
+      return reply(request.reply_ep, std::move(context));
+    }
     if (request.header.kind != static_cast<std::uint32_t>(message_kind::leaf)) {
       return refuse(request, errc::invalid_argument,
                     fmt::format("cannot serve {}: unknown request kind {}", request.artifact_id, request.header.kind));
@@ -543,11 +555,14 @@ status transfer_server::publish(const std::string& artifact_id, std::uint64_t to
 
 void transfer_server::publish_partial(const std::string& artifact_id, std::shared_ptr<const partial_artifact> partial) {
   TENSORREG_ASSERT(partial != nullptr);
-  std::lock_guard lock(state_->mutex);
-  auto& entry = state_->published[artifact_id];
-  if (entry.leaves) return;  // complete here already
-  entry.total_size = partial->total_size();
-  entry.partial = std::move(partial);
+  published_artifact pulling{partial->total_size(), nullptr, std::move(partial)};
+  published_artifact replaced;  // released outside the lock
+  {
+    std::lock_guard lock(state_->mutex);
+    auto& entry = state_->published[artifact_id];
+    replaced = std::move(entry);
+    entry = std::move(pulling);
+  }
 }
 
 void transfer_server::withdraw(const std::string& artifact_id) {
@@ -588,12 +603,12 @@ struct source_state {
   ucp_ep_h ep = nullptr;
   bool dropped = false;
   unsigned in_flight = 0;
-  // Said "not yet" once: a host still pulling. Asked for the leaves `has` says it holds, and
-  // for one other leaf (a probe, whose answer refreshes `has`) no sooner than `probe_after`.
+  // Said "not yet" once: a host still pulling. Asked only for the leaves `has` says it holds,
+  // and every partial_refresh_every which those are (a holdings request).
   bool partial = false;
   std::vector<bool> has;
-  bool probing = false;
-  std::chrono::steady_clock::time_point probe_after{};
+  bool holdings_asked = false;
+  std::chrono::steady_clock::time_point next_holdings{};
 };
 
 struct outstanding {
@@ -604,7 +619,6 @@ struct outstanding {
   std::vector<std::byte> header;  // kept until the request is answered
   bool receiving = false;         // a rendezvous receive into the destination is under way
   bool abandoned = false;         // its source was dropped while receiving
-  bool probe = false;             // asked of a partial source outside what it said it has
 };
 
 // What the message handler saw, for the pull loop to act on outside UCX's callbacks.
@@ -672,12 +686,13 @@ struct pull_state {
     arrival got;
     got.tag = reply.tag;
     got.code = reply.code;
-    if (reply.code != 0 || it->second.kind == message_kind::manifest) {
+    if (reply.code != 0 || it->second.kind != message_kind::leaf) {
       // An error message or a manifest: small, bounded, copied out. A manifest never exceeds
       // 32 bytes per leaf of the largest artifact a Begin accepts (2^40 B → 8 MiB).
       constexpr std::size_t most = std::size_t{8} << 20;
       if (length > most) {
-        got.detail = fmt::format("answered {} bytes for a {}", length, reply.code != 0 ? "message" : "manifest");
+        got.detail =
+            fmt::format("answered {} bytes for a {}", length, reply.code != 0 ? "message" : "manifest or bitmap");
       } else if (rndv) {
         got.detail = "sent its manifest by rendezvous";  // sent eagerly by our servers
       } else {
@@ -767,12 +782,11 @@ struct pull_state {
   }
 
   // Sends a request; false when the source cannot take it (dropped by the caller).
-  bool send_request(source_state& source, message_kind kind, std::uint64_t leaf, bool probe = false) {
+  bool send_request(source_state& source, message_kind kind, std::uint64_t leaf) {
     outstanding entry;
     entry.source = source.index;
     entry.kind = kind;
     entry.leaf = leaf;
-    entry.probe = probe;
     entry.sent = std::chrono::steady_clock::now();
     request_header header;
     header.kind = static_cast<std::uint32_t>(kind);
@@ -935,14 +949,14 @@ result<pull_report> pull_artifact(const std::string& artifact_id, std::span<cons
   auto requeue_source = [&](std::size_t index) {
     for (auto it = st.in_flight.begin(); it != st.in_flight.end();) {
       if (it->second.source == index && !it->second.receiving) {
-        want_again(it->second.leaf);
+        if (it->second.kind == message_kind::leaf) want_again(it->second.leaf);
         it = st.in_flight.erase(it);
       } else {
         if (it->second.source == index) it->second.abandoned = true;
         ++it;
       }
     }
-    st.sources[index].probing = false;
+    st.sources[index].holdings_asked = false;
   };
   auto note_has = [&](source_state& source, std::uint64_t leaf, bool has) {
     if (source.has.empty()) source.has.assign(count, false);
@@ -954,23 +968,13 @@ result<pull_report> pull_artifact(const std::string& artifact_id, std::span<cons
       --peers_holding[leaf];
     }
   };
-  // The next leaf to ask of `source`, and whether it is a probe (a leaf a partial source did
-  // not say it has). A source not known to be partial gets only leaves no partial source
-  // holds: the origin's link is what every puller shares, so it sends what nobody else has.
-  auto pick = [&](const source_state& source,
-                  std::chrono::steady_clock::time_point now) -> std::optional<std::pair<std::uint64_t, bool>> {
-    if (source.partial) {
-      for (auto leaf : order) {
-        if (phase[leaf] == leaf_phase::wanted && source.has[leaf]) return std::pair{leaf, false};
-      }
-      if (source.probing || now < source.probe_after) return std::nullopt;
-      for (auto leaf : order) {
-        if (phase[leaf] == leaf_phase::wanted) return std::pair{leaf, true};
-      }
-      return std::nullopt;
-    }
+  // The next leaf to ask of `source`. A partial source is asked for what it has. A source not
+  // known to be partial gets only leaves no partial source holds: the origin's link is what
+  // every puller shares, so it sends what nobody else has.
+  auto pick = [&](const source_state& source) -> std::optional<std::uint64_t> {
     for (auto leaf : order) {
-      if (phase[leaf] == leaf_phase::wanted && peers_holding[leaf] == 0) return std::pair{leaf, false};
+      if (phase[leaf] != leaf_phase::wanted) continue;
+      if (source.partial ? source.has[leaf] : peers_holding[leaf] == 0) return leaf;
     }
     return std::nullopt;
   };
@@ -978,18 +982,38 @@ result<pull_report> pull_artifact(const std::string& artifact_id, std::span<cons
       std::clamp(options.complete_source_leaves_in_flight_with_peers, 1U, per_source);
   bool peers_known = false;  // some source is known to be partial
   auto ask = [&](source_state& source, std::chrono::steady_clock::time_point now) {
-    const auto most = !source.partial && peers_known ? per_complete_source_with_peers : per_source;
-    while (!source.dropped && source.in_flight < most) {
-      auto next = pick(source, now);
-      if (!next) return;
-      if (!st.send_request(source, message_kind::leaf, next->first, next->second)) {
+    if (source.dropped) return;
+    // A partial source's holdings grow while it pulls: asked again every partial_refresh_every,
+    // so that this pull takes new leaves from it rather than from the origin. Not a leaf slot.
+    if (source.partial && !source.holdings_asked && now >= source.next_holdings) {
+      if (!st.send_request(source, message_kind::holdings, 0)) {
         drop(source.index, "cannot send a request", false);
         requeue_source(source.index);
         return;
       }
-      phase[next->first] = leaf_phase::asked;
-      if (next->second) source.probing = true;
+      --source.in_flight;
+      source.holdings_asked = true;
     }
+    const auto most = !source.partial && peers_known ? per_complete_source_with_peers : per_source;
+    while (!source.dropped && source.in_flight < most) {
+      auto next = pick(source);
+      if (!next) return;
+      if (!st.send_request(source, message_kind::leaf, *next)) {
+        drop(source.index, "cannot send a request", false);
+        requeue_source(source.index);
+        return;
+      }
+      phase[*next] = leaf_phase::asked;
+    }
+  };
+  // Merges a bitmap of `source`'s verified leaves; false when it has the wrong length.
+  auto merge_holdings = [&](source_state& source, std::span<const std::byte> bitmap) {
+    if (bitmap.size() != (count + 7) / 8) return false;
+    if (source.has.empty()) source.has.assign(count, false);
+    for (std::uint64_t leaf = 0; leaf < count; ++leaf) {
+      if ((bitmap[leaf / 8] & (std::byte{1} << (leaf % 8))) != std::byte{0}) note_has(source, leaf, true);
+    }
+    return true;
   };
 
   std::future<result<std::vector<pull_source>>> finding;
@@ -1008,7 +1032,7 @@ result<pull_report> pull_artifact(const std::string& artifact_id, std::span<cons
   };
 
   // When the last source was dropped (time_point{} while one is alive), and since when nothing
-  // but probes of partial sources was under way (none of them has a missing leaf yet).
+  // but holdings requests to partial sources was under way (none of them has a missing leaf).
   std::chrono::steady_clock::time_point all_dropped_at{};
   std::chrono::steady_clock::time_point waiting_since{};
   struct verification {
@@ -1044,8 +1068,20 @@ result<pull_report> pull_artifact(const std::string& artifact_id, std::span<cons
       const auto entry = std::move(it->second);
       st.in_flight.erase(it);
       auto& source = st.sources[entry.source];
+      if (entry.kind == message_kind::holdings) {
+        source.holdings_asked = false;
+        source.next_holdings = now + options.partial_refresh_every;
+        if (source.dropped || entry.abandoned) continue;
+        if (!a.ok || a.code != 0) {
+          drop(entry.source, a.detail.empty() ? "refused to say which leaves it has" : a.detail, a.corrupt);
+          requeue_source(entry.source);
+        } else if (!merge_holdings(source, a.payload)) {
+          drop(entry.source, fmt::format("sent a bitmap of {} bytes for {} leaves", a.payload.size(), count), true);
+          requeue_source(entry.source);
+        }
+        continue;
+      }
       if (source.in_flight > 0) --source.in_flight;
-      if (entry.probe) source.probing = false;
       if (entry.abandoned || source.dropped) {
         want_again(entry.leaf);
         continue;
@@ -1053,21 +1089,18 @@ result<pull_report> pull_artifact(const std::string& artifact_id, std::span<cons
       if (a.ok && a.not_yet) {
         phase[entry.leaf] = leaf_phase::wanted;
         ++report.leaves_not_yet;
-        if (a.payload.size() != (count + 7) / 8) {
+        // A host still pulling: from now on asked for what it has (verified leaves stay
+        // verified, so its bitmaps only grow) and, every partial_refresh_every, which that is.
+        if (!merge_holdings(source, a.payload)) {
           drop(entry.source,
                fmt::format("answered not yet with a bitmap of {} bytes for {} leaves", a.payload.size(), count), true);
           requeue_source(entry.source);
           continue;
         }
-        // A host still pulling: from now on asked for what it has (verified leaves stay verified,
-        // so its bitmaps only grow), and probed for more every not_yet_retry.
+        if (!source.partial) source.next_holdings = now + options.partial_refresh_every;
         source.partial = true;
         peers_known = true;
-        for (std::uint64_t leaf = 0; leaf < count; ++leaf) {
-          if ((a.payload[leaf / 8] & (std::byte{1} << (leaf % 8))) != std::byte{0}) note_has(source, leaf, true);
-        }
         note_has(source, entry.leaf, false);  // whatever its bitmap says, it did not have this one
-        source.probe_after = now + options.not_yet_retry;
         continue;
       }
       if (!a.ok || a.code != 0) {
@@ -1137,9 +1170,10 @@ result<pull_report> pull_artifact(const std::string& artifact_id, std::span<cons
       // never will).
       return unavailable();
     }
-    const bool only_probes = verifying.empty() && std::all_of(st.in_flight.begin(), st.in_flight.end(),
-                                                              [](const auto& kv) { return kv.second.probe; });
-    if (!only_probes) {
+    const bool only_holdings =
+        verifying.empty() && std::all_of(st.in_flight.begin(), st.in_flight.end(),
+                                         [](const auto& kv) { return kv.second.kind == message_kind::holdings; });
+    if (!only_holdings) {
       waiting_since = {};
     } else if (waiting_since == std::chrono::steady_clock::time_point{}) {
       waiting_since = now;

@@ -233,7 +233,7 @@ TEST_CASE("transfer: a partial source serves leaves as they are verified and say
   partial_server source(artifact);
   CHECK(source.server->serves(artifact.id));
   pull_options options;
-  options.not_yet_retry = 20ms;
+  options.partial_refresh_every = 20ms;
   std::atomic<bool> manifest_seen{false};
   options.manifest_verified = [&](std::span<const hash::digest> leaves) {
     manifest_seen = leaves.size() == artifact.leaves.size();
@@ -295,7 +295,7 @@ TEST_CASE("transfer: sources found during a pull are added, and a leaf nobody ha
   auto origin = serve(artifact);
   pull_options options;
   options.find_sources_every = 50ms;
-  options.not_yet_retry = 20ms;
+  options.partial_refresh_every = 20ms;
   int asked = 0;
   options.find_sources = [&]() -> result<std::vector<pull_source>> {
     ++asked;
@@ -317,7 +317,7 @@ TEST_CASE("transfer: sources found during a pull are added, and a leaf nobody ha
   }
   pull_options short_wait;
   short_wait.request_timeout = 500ms;
-  short_wait.not_yet_retry = 20ms;
+  short_wait.partial_refresh_every = 20ms;
   auto never = pull(artifact.id, {{"stuck", stuck.server->address()}}, short_wait);
   REQUIRE_FALSE(never.report);
   CHECK(never.report.error().code == errc::unavailable);
@@ -341,15 +341,14 @@ TEST_CASE("transfer server: a partial artifact is replaced by publish and gone a
   CHECK(bitmap[1] == std::byte{0x00});
   CHECK(source.partial->leaf_bytes(1).size() == hash::leaf_bytes);
 
-  // A complete artifact is not replaced by a partial one; a partial one is by publish.
+  // publish() replaces a partial artifact, and a partial one what was published before.
+  CHECK(source.partial.use_count() == 2);
   REQUIRE(source.server->publish(artifact.id, artifact.bytes.size(), artifact.leaves));
-  source.server->publish_partial(artifact.id, source.partial);
-  CHECK(source.partial.use_count() == 1);  // the server did not keep it
-  source.server->withdraw(artifact.id);
-  CHECK_FALSE(source.server->serves(artifact.id));
+  CHECK(source.partial.use_count() == 1);  // the server let go of it
   source.server->publish_partial(artifact.id, source.partial);
   CHECK(source.partial.use_count() == 2);
   source.server->withdraw(artifact.id);
+  CHECK_FALSE(source.server->serves(artifact.id));
   CHECK(source.partial.use_count() == 1);  // withdraw let go of it
   auto gone = pull(artifact.id, {{"p", source.server->address()}});
   REQUIRE_FALSE(gone.report);

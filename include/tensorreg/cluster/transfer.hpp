@@ -120,8 +120,8 @@ class transfer_server {
   [[nodiscard]] status publish(const std::string& artifact_id, std::uint64_t total_size,
                                std::vector<hash::digest> leaves);
   /// Serves the verified leaves of an artifact still being pulled (and its manifest); other
-  /// leaves are answered "not yet" with the verified-leaf bitmap. A later publish() of the id
-  /// replaces it; it does not replace a complete artifact already published.
+  /// leaves are answered "not yet" with the verified-leaf bitmap. It replaces what was published
+  /// under the id (a host pulls only what it does not hold); a later publish() replaces it.
   void publish_partial(const std::string& artifact_id, std::shared_ptr<const partial_artifact> partial);
   /// Stops serving it (requests then answer NOT_FOUND). Once it returns, no leaf of it is
   /// being read and the server holds no reference to a partial of it.
@@ -162,9 +162,9 @@ struct pull_options {
   /// yet": pullers sharing an origin then ask it for fewer leaves ahead, so fewer of their
   /// requests to it are for a leaf another puller is being sent at the same time.
   unsigned complete_source_leaves_in_flight_with_peers = 1;
-  /// After a "not yet", a source is asked for a leaf outside what it said it has no sooner than
-  /// this (it is asked for leaves it has at once).
-  std::chrono::milliseconds not_yet_retry{100};
+  /// A source that said "not yet" (a partial source) is asked for the leaves it says it has
+  /// only, and this often which leaves those are.
+  std::chrono::milliseconds partial_refresh_every{100};
   /// Seeds the order in which this pull asks for leaves (a permutation of them); 0 = random.
   std::uint64_t order_seed = 0;
   /// Called once the manifest is verified and the destination handed out, before any leaf is
