@@ -238,6 +238,9 @@ status node::fetch(const std::string& artifact_id) {
   options.leaf_verified = [&](std::uint64_t leaf) {
     if (partial) partial->mark_verified(leaf);
   };
+  options.leaf_asked = [&](std::uint64_t leaf, bool asked) {
+    if (partial) partial->mark_asked(leaf, asked);
+  };
   // Hosts that start pulling it after this pull began are partial sources too.
   options.find_sources = [&s, &artifact_id]() -> result<std::vector<pull_source>> {
     TENSORREG_TRY_ASSIGN(auto now_holding, s.members->holders(artifact_id));

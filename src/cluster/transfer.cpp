@@ -178,9 +178,30 @@ partial_artifact::partial_artifact(std::vector<hash::digest> leaves, std::span<c
     : leaves_(std::move(leaves)),
       bytes_(bytes),
       keep_alive_(std::move(keep_alive)),
-      verified_(new std::atomic<bool>[leaves_.size()]) {
+      verified_(new std::atomic<bool>[leaves_.size()]),
+      asked_(new std::atomic<bool>[leaves_.size()]) {
   TENSORREG_ASSERT(!bytes_.empty() && leaves_.size() == hash::leaf_count(bytes_.size()));
-  for (std::size_t i = 0; i < leaves_.size(); ++i) verified_[i].store(false, std::memory_order_relaxed);
+  for (std::size_t i = 0; i < leaves_.size(); ++i) {
+    verified_[i].store(false, std::memory_order_relaxed);
+    asked_[i].store(false, std::memory_order_relaxed);
+  }
+}
+
+void partial_artifact::mark_asked(std::uint64_t leaf, bool asked) noexcept {
+  if (leaf < leaves_.size()) asked_[leaf].store(asked, std::memory_order_relaxed);
+}
+
+std::vector<std::byte> partial_artifact::holdings() const {
+  const std::size_t half = (leaves_.size() + 7) / 8;
+  std::vector<std::byte> bitmaps(2 * half);
+  for (std::size_t i = 0; i < leaves_.size(); ++i) {
+    if (verified(i)) {
+      bitmaps[i / 8] |= std::byte{1} << (i % 8);
+    } else if (asked_[i].load(std::memory_order_relaxed)) {
+      bitmaps[half + i / 8] |= std::byte{1} << (i % 8);
+    }
+  }
+  return bitmaps;
 }
 
 void partial_artifact::mark_verified(std::uint64_t leaf) noexcept {
@@ -361,7 +382,7 @@ struct transfer_server::state {
     context->header.total_size = partial.total_size();
     const auto leaf = request.header.leaf_index;
     if (!partial.verified(leaf)) {
-      const auto bitmap = partial.verified_bitmap();
+      const auto bitmap = partial.holdings();
       context->header.code = static_cast<std::int32_t>(errc::unavailable);
       context->header.flags = reply_flag_not_yet;
       context->payload.resize(bitmap.size());
@@ -423,9 +444,10 @@ struct transfer_server::state {
     if (request.header.kind == static_cast<std::uint32_t>(message_kind::holdings)) {
       std::vector<std::byte> bitmap;
       if (artifact.partial) {
-        bitmap = artifact.partial->verified_bitmap();
+        bitmap = artifact.partial->holdings();
       } else {
-        bitmap.assign((digests.size() + 7) / 8, std::byte{0xff});
+        bitmap.assign((digests.size() + 7) / 8, std::byte{0xff});  // every leaf verified
+        bitmap.resize(2 * bitmap.size(), std::byte{0});            // none on its way
       }
       context->payload.resize(bitmap.size());
       std::memcpy(context->payload.data(), bitmap.data(), bitmap.size());
@@ -607,6 +629,7 @@ struct source_state {
   // and every partial_refresh_every which those are (a holdings request).
   bool partial = false;
   std::vector<bool> has;
+  std::vector<bool> pending;  // what it has asked for and not verified yet
   bool holdings_asked = false;
   std::chrono::steady_clock::time_point next_holdings{};
 };
@@ -836,13 +859,16 @@ result<pull_report> pull_artifact(const std::string& artifact_id, std::span<cons
     return added;
   };
   for (const auto& from : sources) add_source(from);
-  // How many partial sources say they hold each leaf (filled once the manifest is known).
-  std::vector<std::uint32_t> peers_holding;
+  // How many partial sources say they hold each leaf, and how many that they are fetching it
+  // (filled once the manifest is known).
+  std::vector<std::uint32_t> peers_holding, peers_pending;
   auto forget_holdings = [&](source_state& source) {
     for (std::size_t leaf = 0; leaf < source.has.size(); ++leaf) {
       if (source.has[leaf]) --peers_holding[leaf];
+      if (source.pending[leaf]) --peers_pending[leaf];
     }
     source.has.clear();
+    source.pending.clear();
   };
   auto drop = [&](std::size_t index, std::string why, bool corrupt) {
     auto& source = st.sources[index];
@@ -940,10 +966,15 @@ result<pull_report> pull_artifact(const std::string& artifact_id, std::span<cons
   enum class leaf_phase : std::uint8_t { wanted, asked, verified };  // asked: in flight or being hashed
   std::vector<leaf_phase> phase(count, leaf_phase::wanted);
   peers_holding.assign(count, 0);
+  peers_pending.assign(count, 0);
   std::uint64_t verified = 0;
   const auto per_source = std::max(1U, options.leaves_in_flight_per_source);
-  auto want_again = [&](std::uint64_t leaf) {
+  auto set_wanted = [&](std::uint64_t leaf) {
     phase[leaf] = leaf_phase::wanted;
+    if (options.leaf_asked) options.leaf_asked(leaf, false);
+  };
+  auto want_again = [&](std::uint64_t leaf) {
+    set_wanted(leaf);
     ++report.leaves_refetched;
   };
   auto requeue_source = [&](std::size_t index) {
@@ -958,8 +989,16 @@ result<pull_report> pull_artifact(const std::string& artifact_id, std::span<cons
     }
     st.sources[index].holdings_asked = false;
   };
+  auto note_pending = [&](source_state& source, std::uint64_t leaf, bool pending) {
+    if (source.pending[leaf] == pending) return;
+    source.pending[leaf] = pending;
+    if (pending) {
+      ++peers_pending[leaf];
+    } else {
+      --peers_pending[leaf];
+    }
+  };
   auto note_has = [&](source_state& source, std::uint64_t leaf, bool has) {
-    if (source.has.empty()) source.has.assign(count, false);
     if (source.has[leaf] == has) return;
     source.has[leaf] = has;
     if (has) {
@@ -969,12 +1008,12 @@ result<pull_report> pull_artifact(const std::string& artifact_id, std::span<cons
     }
   };
   // The next leaf to ask of `source`. A partial source is asked for what it has. A source not
-  // known to be partial gets only leaves no partial source holds: the origin's link is what
-  // every puller shares, so it sends what nobody else has.
+  // known to be partial gets only leaves no partial source holds or is fetching: the origin's
+  // link is what every puller shares, so it sends what nobody else has or will have soon.
   auto pick = [&](const source_state& source) -> std::optional<std::uint64_t> {
     for (auto leaf : order) {
       if (phase[leaf] != leaf_phase::wanted) continue;
-      if (source.partial ? source.has[leaf] : peers_holding[leaf] == 0) return leaf;
+      if (source.partial ? source.has[leaf] : peers_holding[leaf] == 0 && peers_pending[leaf] == 0) return leaf;
     }
     return std::nullopt;
   };
@@ -1004,14 +1043,22 @@ result<pull_report> pull_artifact(const std::string& artifact_id, std::span<cons
         return;
       }
       phase[*next] = leaf_phase::asked;
+      if (options.leaf_asked) options.leaf_asked(*next, true);
     }
   };
-  // Merges a bitmap of `source`'s verified leaves; false when it has the wrong length.
-  auto merge_holdings = [&](source_state& source, std::span<const std::byte> bitmap) {
-    if (bitmap.size() != (count + 7) / 8) return false;
+  // Merges `source`'s holdings (its verified leaves, then those it is fetching); false when
+  // they have the wrong length.
+  auto merge_holdings = [&](source_state& source, std::span<const std::byte> bitmaps) {
+    const std::size_t half = (count + 7) / 8;
+    if (bitmaps.size() != 2 * half) return false;
     if (source.has.empty()) source.has.assign(count, false);
+    if (source.pending.empty()) source.pending.assign(count, false);
+    const auto bit = [&](std::size_t at, std::uint64_t leaf) {
+      return (bitmaps[at + leaf / 8] & (std::byte{1} << (leaf % 8))) != std::byte{0};
+    };
     for (std::uint64_t leaf = 0; leaf < count; ++leaf) {
-      if ((bitmap[leaf / 8] & (std::byte{1} << (leaf % 8))) != std::byte{0}) note_has(source, leaf, true);
+      if (bit(0, leaf)) note_has(source, leaf, true);
+      note_pending(source, leaf, !source.has[leaf] && bit(half, leaf));
     }
     return true;
   };
@@ -1087,7 +1134,7 @@ result<pull_report> pull_artifact(const std::string& artifact_id, std::span<cons
         continue;
       }
       if (a.ok && a.not_yet) {
-        phase[entry.leaf] = leaf_phase::wanted;
+        set_wanted(entry.leaf);
         ++report.leaves_not_yet;
         // A host still pulling: from now on asked for what it has (verified leaves stay
         // verified, so its bitmaps only grow) and, every partial_refresh_every, which that is.
@@ -1101,6 +1148,7 @@ result<pull_report> pull_artifact(const std::string& artifact_id, std::span<cons
         source.partial = true;
         peers_known = true;
         note_has(source, entry.leaf, false);  // whatever its bitmap says, it did not have this one
+        note_pending(source, entry.leaf, false);
         continue;
       }
       if (!a.ok || a.code != 0) {
@@ -1109,7 +1157,10 @@ result<pull_report> pull_artifact(const std::string& artifact_id, std::span<cons
         requeue_source(entry.source);
         continue;
       }
-      if (source.partial) note_has(source, entry.leaf, true);
+      if (source.partial) {
+        note_has(source, entry.leaf, true);
+        note_pending(source, entry.leaf, false);
+      }
       // Hashed off this thread, so that the next leaves arrive meanwhile; the source's slot is
       // free already. At most sources × leaves_in_flight_per_source hashes run at once.
       const auto bytes = st.destination.subspan(entry.leaf * hash::leaf_bytes, leaf_length(st.total_size, entry.leaf));

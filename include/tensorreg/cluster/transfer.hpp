@@ -68,6 +68,11 @@ class partial_artifact {
   [[nodiscard]] std::uint64_t verified_count() const noexcept;
   /// Which leaves are verified: bit (i % 8) of byte i / 8 is leaf i.
   [[nodiscard]] std::vector<std::byte> verified_bitmap() const;
+  /// Marks a leaf as asked for by the pull (on its way here) or no longer.
+  void mark_asked(std::uint64_t leaf, bool asked) noexcept;
+  /// What a holdings answer carries (docs/cluster.md §3.2): verified_bitmap(), then the bitmap
+  /// of leaves asked for and not verified yet.
+  [[nodiscard]] std::vector<std::byte> holdings() const;
   /// The bytes of leaf `leaf`. REQUIRES: verified(leaf).
   [[nodiscard]] std::span<const std::byte> leaf_bytes(std::uint64_t leaf) const noexcept;
 
@@ -80,6 +85,7 @@ class partial_artifact {
   std::span<const std::byte> bytes_;
   std::shared_ptr<const void> keep_alive_;
   std::unique_ptr<std::atomic<bool>[]> verified_;
+  std::unique_ptr<std::atomic<bool>[]> asked_;
   std::atomic<std::uint64_t> verified_count_{0};
   mutable std::atomic<std::uint64_t> served_{0};
 };
@@ -173,6 +179,9 @@ struct pull_options {
   /// Called for each leaf once its bytes in the destination match its digest; they are not
   /// written again by this pull.
   std::function<void(std::uint64_t leaf)> leaf_verified;
+  /// Called when a leaf is asked of a source (true) and when it is wanted again after a failed
+  /// or "not yet" answer (false).
+  std::function<void(std::uint64_t leaf, bool asked)> leaf_asked;
   /// Asked every `find_sources_every` (on a thread of its own) for the sources that hold the
   /// artifact now; those not known to the pull yet are added (a source dropped stays dropped).
   std::function<result<std::vector<pull_source>>()> find_sources;
