@@ -9,8 +9,8 @@
 # bridge's end of its veth): a NIC of that speed, full duplex.
 #
 # (a) Fan-out: the origin holds the artifact; 1, 3 and 7 receivers ask for it at the same time
-#     (GetArtifactMemfd: pull, verify, commit). The number is the time until the LAST receiver
-#     has it. The yardstick is the single-receiver time of the same run. Goal: 7 receivers
+#     (`tensorreg get ID`: the daemon pulls, verifies and commits it). The number is the time
+#     until the LAST receiver has it. The yardstick is the single-receiver time of the same run. Goal: 7 receivers
 #     <= 1.25x the single receiver.
 # (b) Kill at 50 %: two hosts hold the artifact, a third pulls it; undisturbed, then again
 #     (another artifact of the same size) with one source SIGKILLed when half the undisturbed
@@ -127,7 +127,7 @@ fetch_all() {
   shift
   t0=$(date +%s.%N)
   for n in "$@"; do
-    ("${client[@]}" fetch "$tmp/d$n.sock" "$id" >"$tmp/fetch$n" && date +%s.%N >"$tmp/done$n") &
+    ("$cli" get --json --socket "$tmp/d$n.sock" "$id" >"$tmp/fetch$n" 2>&1 && date +%s.%N >"$tmp/done$n") &
     fetchers+=($!)
   done
   for p in "${fetchers[@]}"; do wait "$p" || true; done

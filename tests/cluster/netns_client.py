@@ -6,8 +6,6 @@ the repository's python/ package only.
   netns_client.py digest SOCKET ID      get ID (GetArtifactMemfd: a daemon of a cluster pulls an
                                         id it does not hold) and print "<size> <sha256>"; on a
                                         refusal print "ERROR <code name>: <message>", exit 1
-  netns_client.py fetch SOCKET ID       get ID as digest does, without reading it: print its size
-                                        (benchmarks time the pull, not this client's hashing)
 """
 import hashlib
 import json
@@ -30,21 +28,6 @@ def make(path, size, seed):
             n = min(left, 16 << 20)
             f.write(rng.randbytes(n))
             left -= n
-
-
-def fetch(socket_path, artifact_id):
-    from tensorreg import _requests
-    from tensorreg._wire import Connection, _close_fds
-    from tensorreg.errors import Error
-
-    try:
-        answer, fds = Connection(socket_path, timeout=300).call(_requests.get_artifact_memfd(artifact_id))
-    except Error as e:
-        print(f"ERROR {type(e).__name__}: {e}")
-        return 1
-    _close_fds(fds)
-    print(answer.get_artifact_memfd.size_bytes)
-    return 0
 
 
 def digest(socket_path, artifact_id):
@@ -79,7 +62,5 @@ if __name__ == "__main__":
         sys.exit(0)
     if len(sys.argv) == 4 and sys.argv[1] == "digest":
         sys.exit(digest(sys.argv[2], sys.argv[3]))
-    if len(sys.argv) == 4 and sys.argv[1] == "fetch":
-        sys.exit(fetch(sys.argv[2], sys.argv[3]))
     print(__doc__, file=sys.stderr)
     sys.exit(2)
