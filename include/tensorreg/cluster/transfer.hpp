@@ -23,7 +23,7 @@
 // worker runs on one thread of its own. pull_artifact may run on many threads at once, each
 // call with its own UCX worker; it checks leaves on threads of its own (at most sources ×
 // leaves_in_flight_per_source at once), all joined before it returns; its callbacks run on the
-// calling thread. A partial_artifact may be read from any thread while its pull marks leaves.
+// calling thread, except find_sources, which runs on a thread of its own (one call at a time). A partial_artifact may be read from any thread while its pull marks leaves.
 // Ownership: the server owns its listener, worker and thread (joined by the destructor); it
 // holds an artifact's bytes only while copying a leaf of it, and a partial_artifact (and so
 // the memory its keep-alive holds) while it is published.
