@@ -623,6 +623,9 @@ struct source_state {
   pull_state* owner = nullptr;
   std::size_t index = 0;
   ucp_ep_h ep = nullptr;
+  // A second connection for holdings requests of a partial source: their answers would
+  // otherwise wait behind the leaves queued on `ep` and tell of holdings long gone stale.
+  ucp_ep_h control_ep = nullptr;
   bool dropped = false;
   unsigned in_flight = 0;
   // Said "not yet" once: a host still pulling. Asked only for the leaves `has` says it holds,
@@ -686,6 +689,7 @@ struct pull_state {
   ~pull_state() {
     for (auto& source : sources) {
       if (source.ep != nullptr) ucx.close_endpoint(source.ep);
+      if (source.control_ep != nullptr) ucx.close_endpoint(source.control_ep);
     }
   }
 
@@ -786,7 +790,9 @@ struct pull_state {
     }
   }
 
-  status connect(source_state& source) {
+  status connect(source_state& source) { return open_endpoint(source, source.ep); }
+
+  status open_endpoint(source_state& source, ucp_ep_h& ep) {
     TENSORREG_TRY_ASSIGN(auto addr, parse_ipv4_address(source.source.address));
     ucp_ep_params_t params{};
     params.field_mask = UCP_EP_PARAM_FIELD_FLAGS | UCP_EP_PARAM_FIELD_SOCK_ADDR | UCP_EP_PARAM_FIELD_ERR_HANDLER |
@@ -797,8 +803,8 @@ struct pull_state {
     params.err_mode = UCP_ERR_HANDLING_MODE_PEER;
     params.err_handler.cb = &pull_state::on_endpoint_error;
     params.err_handler.arg = &source;
-    if (auto st = ucp_ep_create(ucx.worker, &params, &source.ep); st != UCS_OK) {
-      source.ep = nullptr;
+    if (auto st = ucp_ep_create(ucx.worker, &params, &ep); st != UCS_OK) {
+      ep = nullptr;
       return fail(errc::unavailable, fmt::format("cannot connect to {}: {}", source.source.address, ucx_reason(st)));
     }
     return {};
@@ -824,7 +830,8 @@ struct pull_state {
     param.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
     param.flags = UCP_AM_SEND_FLAG_REPLY;
     auto request =
-        ucp_am_send_nbx(source.ep, am_request, it->second.header.data(), it->second.header.size(), nullptr, 0, &param);
+        ucp_am_send_nbx(kind == message_kind::holdings && source.control_ep != nullptr ? source.control_ep : source.ep,
+                        am_request, it->second.header.data(), it->second.header.size(), nullptr, 0, &param);
     if (UCS_PTR_IS_ERR(request)) {
       in_flight.erase(it);
       return false;
@@ -880,9 +887,9 @@ result<pull_report> pull_artifact(const std::string& artifact_id, std::span<cons
     auto line = fmt::format("{} ({}): {}", source.source.name, source.source.address, why);
     (corrupt ? report.corrupt_sources : report.failed_sources).push_back(line);
     reasons.push_back(std::move(line));
-    if (source.ep != nullptr) {
-      st.ucx.close_endpoint(source.ep);
-      source.ep = nullptr;
+    for (auto* ep : {&source.ep, &source.control_ep}) {
+      if (*ep != nullptr) st.ucx.close_endpoint(*ep);
+      *ep = nullptr;
     }
   };
   for (auto& source : st.sources) {
@@ -1025,6 +1032,13 @@ result<pull_report> pull_artifact(const std::string& artifact_id, std::span<cons
     // A partial source's holdings grow while it pulls: asked again every partial_refresh_every,
     // so that this pull takes new leaves from it rather than from the origin. Not a leaf slot.
     if (source.partial && !source.holdings_asked && now >= source.next_holdings) {
+      if (source.control_ep == nullptr) {
+        if (auto opened = st.open_endpoint(source, source.control_ep); !opened) {
+          drop(source.index, opened.error().message, false);
+          requeue_source(source.index);
+          return;
+        }
+      }
       if (!st.send_request(source, message_kind::holdings, 0)) {
         drop(source.index, "cannot send a request", false);
         requeue_source(source.index);
@@ -1248,8 +1262,10 @@ result<pull_report> pull_artifact(const std::string& artifact_id, std::span<cons
     return fail(errc::data_loss, fmt::format("cannot pull {}: leaves do not fold to its data hash", artifact_id));
   }
   for (auto& source : st.sources) {
-    if (source.ep != nullptr) st.ucx.close_endpoint(source.ep);
-    source.ep = nullptr;
+    for (auto* ep : {&source.ep, &source.control_ep}) {
+      if (*ep != nullptr) st.ucx.close_endpoint(*ep);
+      *ep = nullptr;
+    }
   }
   return report;
 }
