@@ -97,7 +97,9 @@ times register_once(registration::engine& e, const setup& s, bool background, in
     std::fprintf(stderr, "registration_background_hash_bench: %s\n", fed.error().message.c_str());
     std::exit(1);
   }
-  auto committed = e.commit(begun.registration_id, registration::commit_options{background}).value();
+  registration::commit_options how;
+  how.hash_in_background = background;
+  auto committed = e.commit(begun.registration_id, how).value();
   const auto t1 = clock_type::now();
   times out;
   out.answered = std::chrono::duration<double>(t1 - t0).count();

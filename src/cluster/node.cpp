@@ -1,6 +1,7 @@
 // src/cluster/node.cpp — the daemon's cluster member (docs/cluster.md §5).
 #include "tensorreg/cluster/node.hpp"
 
+#include <fcntl.h>
 #include <fmt/format.h>
 #include <unistd.h>
 
@@ -9,6 +10,7 @@
 #include <cstring>
 #include <deque>
 #include <mutex>
+#include <optional>
 #include <thread>
 
 #include "common/log.hpp"
@@ -196,10 +198,56 @@ status node::fetch(const std::string& artifact_id) {
   if (handshake == nullptr || !handshake->publish) {
     return abort(error{errc::internal, fmt::format("cannot fetch {}: no publish buffer for the pull", artifact_id)});
   }
-  auto fd = handshake->publish->memory->duplicate_fd();
+  const auto& staging = *handshake->publish->memory;
+  auto fd = staging.duplicate_fd();
   if (!fd) return abort(fd.error());
-  auto mapped = memory::shared_memory::adopt(std::move(*fd), handshake->publish->size_bytes, true);
-  if (!mapped) return abort(mapped.error());
+  auto adopted = memory::shared_memory::adopt(std::move(*fd), handshake->publish->size_bytes, true);
+  if (!adopted) return abort(adopted.error());
+  std::optional<memory::shared_memory> writable(std::move(*adopted));
+  // Leaves verified so far are served to other hosts from a read-only mapping, through a
+  // read-only open of the memfd: unlike the writable one it does not keep the commit from
+  // sealing the memfd and keeping it as the replica.
+  unique_fd reader_fd(::open(fmt::format("/proc/self/fd/{}", staging.fd()).c_str(), O_RDONLY | O_CLOEXEC));
+  if (!reader_fd) {
+    return abort(error{errc::internal, fmt::format("cannot fetch {}: cannot reopen its buffer read-only: {}",
+                                                   artifact_id, std::strerror(errno))});
+  }
+  auto reader_or = memory::shared_memory::adopt(std::move(reader_fd), handshake->publish->size_bytes, false);
+  if (!reader_or) return abort(reader_or.error());
+  auto reader = std::make_shared<const memory::shared_memory>(std::move(*reader_or));
+
+  // While it pulls, this host is a source of what it has verified (fan-out as a pipeline,
+  // docs/cluster.md §3.3): listed in the catalogue as soon as the manifest is verified, under
+  // its lease, and served from the pull's buffer.
+  std::shared_ptr<partial_artifact> partial;
+  bool listed = false;
+  auto unlist = [&] {
+    s.server->withdraw(artifact_id);
+    if (listed) (void)s.members->withdraw(artifact_id);
+  };
+  pull_options options = s.options.pull;
+  options.manifest_verified = [&](std::span<const hash::digest> leaves) {
+    partial = std::make_shared<partial_artifact>(std::vector<hash::digest>(leaves.begin(), leaves.end()),
+                                                 reader->bytes().subspan(0, begun.total_size), reader);
+    s.server->publish_partial(artifact_id, partial);
+    listed = true;
+    if (auto advertised = s.members->advertise(artifact_id, begun.total_size); !advertised) {
+      log(*s.options.log, log_level::info, "cluster: {}", advertised.error().message);
+    }
+  };
+  options.leaf_verified = [&](std::uint64_t leaf) {
+    if (partial) partial->mark_verified(leaf);
+  };
+  options.leaf_asked = [&](std::uint64_t leaf, bool asked) {
+    if (partial) partial->mark_asked(leaf, asked);
+  };
+  // Hosts that start pulling it after this pull began are partial sources too.
+  options.find_sources = [&s, &artifact_id]() -> result<std::vector<pull_source>> {
+    TENSORREG_TRY_ASSIGN(auto now_holding, s.members->holders(artifact_id));
+    std::vector<pull_source> found;
+    for (const auto& host : now_holding.hosts) found.push_back({host.host_id, host.transfer_address});
+    return found;
+  };
 
   std::vector<pull_source> sources;
   for (const auto& host : holders->hosts) sources.push_back({host.host_id, host.transfer_address});
@@ -207,21 +255,28 @@ status node::fetch(const std::string& artifact_id) {
   auto pulled = pull_artifact(
       artifact_id, sources,
       [&](std::uint64_t total) -> result<std::span<std::byte>> {
-        if (total != begun.total_size || mapped->mutable_bytes().size() < total) {
+        if (total != begun.total_size || writable->mutable_bytes().size() < total) {
           return fail(errc::unavailable, fmt::format("cannot fetch {}: the sources say {} bytes, the catalogue {}",
                                                      artifact_id, total, begun.total_size));
         }
-        return mapped->mutable_bytes().subspan(0, total);
+        return writable->mutable_bytes().subspan(0, total);
       },
-      s.options.pull);
-  if (!pulled) return abort(pulled.error());
+      options);
+  if (!pulled) {
+    unlist();
+    return abort(pulled.error());
+  }
+  writable.reset();  // the commit seals the memfd: no writable mapping of it may remain
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   std::vector<std::string> by_source;
   for (const auto& [name, leaves] : pulled->leaves_by_source) by_source.push_back(fmt::format("{} {}", name, leaves));
   log(*s.options.log, log_level::info,
-      "cluster: pulled {} ({} bytes) in {:.3f} s ({:.2f} GiB/s), leaves by source: {}{}{}", artifact_id,
-      pulled->total_size, seconds, static_cast<double>(pulled->total_size) / seconds / (1 << 30),
-      fmt::join(by_source, ", "),
+      "cluster: pulled {} ({} bytes) in {:.3f} s ({:.2f} GiB/s), leaves by source: {}; served {} leaves to "
+      "other hosts while pulling; {} not-yet answers{}{}{}",
+      artifact_id, pulled->total_size, seconds, static_cast<double>(pulled->total_size) / seconds / (1 << 30),
+      fmt::join(by_source, ", "), partial ? partial->leaves_served() : 0, pulled->leaves_not_yet,
+      pulled->sources_added.empty() ? std::string()
+                                    : fmt::format("; sources added: {}", fmt::join(pulled->sources_added, ", ")),
       pulled->corrupt_sources.empty() ? std::string()
                                       : fmt::format("; corrupt: {}", fmt::join(pulled->corrupt_sources, "; ")),
       pulled->failed_sources.empty() ? std::string()
@@ -230,13 +285,29 @@ status node::fetch(const std::string& artifact_id) {
   registration::feed_request feed;
   feed.registration_id = begun.registration_id;
   feed.payload = registration::stable_write_progress{{{0, begun.total_size}}, true};
-  if (auto fed = s.engine.feed(std::move(feed)); !fed) return abort(fed.error());
-  auto committed_or = s.engine.commit(begun.registration_id);
-  if (!committed_or) return tl::unexpected(committed_or.error());
+  if (auto fed = s.engine.feed(std::move(feed)); !fed) {
+    unlist();
+    return abort(fed.error());
+  }
+  // Every leaf in the buffer matched the manifest, which folds to the id: the engine need not
+  // hash it again (it still checks that the commit gives the asked id).
+  registration::commit_options commit_how;
+  commit_how.verified_leaf_digests = std::make_shared<const std::vector<hash::digest>>(partial->leaves());
+  auto committed_or = s.engine.commit(begun.registration_id, commit_how);
+  if (!committed_or) {
+    unlist();
+    return tl::unexpected(committed_or.error());
+  }
   if (committed_or->descriptor.artifact_id != artifact_id) {
     // Cannot happen with every leaf verified; never serve it under the asked id.
+    unlist();
     return fail(errc::data_loss, fmt::format("cannot fetch {}: the pulled bytes committed as {}", artifact_id,
                                              committed_or->descriptor.artifact_id));
+  }
+  // From now on served from the engine's replica, with the digests the pull verified (no
+  // second hash), and advertised as a replica like any other.
+  if (auto published = s.server->publish(artifact_id, begun.total_size, partial->leaves()); !published) {
+    log(*s.options.log, log_level::warn, "cluster: {}", published.error().message);
   }
   committed(artifact_id);
   return {};

@@ -17,7 +17,9 @@
 #include <future>
 #include <list>
 #include <mutex>
+#include <numeric>
 #include <optional>
+#include <random>
 #include <set>
 #include <thread>
 
@@ -36,7 +38,8 @@ constexpr unsigned am_reply = 0x55;
 constexpr std::uint32_t wire_magic = 0x31475254;  // "TRG1"
 constexpr std::uint32_t max_id_length = 512;
 
-enum class message_kind : std::uint32_t { manifest = 1, leaf = 2 };
+// `holdings`: which leaves the source has, as a bitmap (all of them for a complete artifact).
+enum class message_kind : std::uint32_t { manifest = 1, leaf = 2, holdings = 3 };
 
 struct request_header {
   std::uint32_t magic = wire_magic;
@@ -54,8 +57,12 @@ struct reply_header {
   std::uint64_t leaf_index = 0;
   std::uint64_t total_size = 0;
   std::int32_t code = 0;  // errc; 0 = the payload is the answer, else an error message
-  std::uint32_t reserved = 0;
+  std::uint32_t flags = 0;
 };
+
+// With code UNAVAILABLE: the leaf is not verified at this (partial) source yet; the payload is
+// its verified-leaf bitmap instead of a message.
+constexpr std::uint32_t reply_flag_not_yet = 1;
 
 std::string ucx_reason(ucs_status_t status) { return ucs_status_string(status); }
 
@@ -164,13 +171,73 @@ std::uint64_t leaf_length(std::uint64_t total_size, std::uint64_t leaf) {
 }  // namespace
 
 // ------------------------------------------------------------------------------------------
+// partial_artifact
+
+partial_artifact::partial_artifact(std::vector<hash::digest> leaves, std::span<const std::byte> bytes,
+                                   std::shared_ptr<const void> keep_alive)
+    : leaves_(std::move(leaves)),
+      bytes_(bytes),
+      keep_alive_(std::move(keep_alive)),
+      verified_(new std::atomic<bool>[leaves_.size()]),
+      asked_(new std::atomic<bool>[leaves_.size()]) {
+  TENSORREG_ASSERT(!bytes_.empty() && leaves_.size() == hash::leaf_count(bytes_.size()));
+  for (std::size_t i = 0; i < leaves_.size(); ++i) {
+    verified_[i].store(false, std::memory_order_relaxed);
+    asked_[i].store(false, std::memory_order_relaxed);
+  }
+}
+
+void partial_artifact::mark_asked(std::uint64_t leaf, bool asked) noexcept {
+  if (leaf < leaves_.size()) asked_[leaf].store(asked, std::memory_order_relaxed);
+}
+
+std::vector<std::byte> partial_artifact::holdings() const {
+  const std::size_t half = (leaves_.size() + 7) / 8;
+  std::vector<std::byte> bitmaps(2 * half);
+  for (std::size_t i = 0; i < leaves_.size(); ++i) {
+    if (verified(i)) {
+      bitmaps[i / 8] |= std::byte{1} << (i % 8);
+    } else if (asked_[i].load(std::memory_order_relaxed)) {
+      bitmaps[half + i / 8] |= std::byte{1} << (i % 8);
+    }
+  }
+  return bitmaps;
+}
+
+void partial_artifact::mark_verified(std::uint64_t leaf) noexcept {
+  if (leaf >= leaves_.size()) return;
+  // Release: a reader that sees the mark sees the leaf's bytes as they were verified.
+  if (!verified_[leaf].exchange(true, std::memory_order_acq_rel)) verified_count_.fetch_add(1);
+}
+
+bool partial_artifact::verified(std::uint64_t leaf) const noexcept {
+  return leaf < leaves_.size() && verified_[leaf].load(std::memory_order_acquire);
+}
+
+std::uint64_t partial_artifact::verified_count() const noexcept { return verified_count_.load(); }
+
+std::vector<std::byte> partial_artifact::verified_bitmap() const {
+  std::vector<std::byte> bitmap((leaves_.size() + 7) / 8);
+  for (std::size_t i = 0; i < leaves_.size(); ++i) {
+    if (verified(i)) bitmap[i / 8] |= std::byte{1} << (i % 8);
+  }
+  return bitmap;
+}
+
+std::span<const std::byte> partial_artifact::leaf_bytes(std::uint64_t leaf) const noexcept {
+  TENSORREG_ASSERT(verified(leaf));
+  return bytes_.subspan(leaf * hash::leaf_bytes, leaf_length(bytes_.size(), leaf));
+}
+
+// ------------------------------------------------------------------------------------------
 // transfer_server
 
 namespace {
 
 struct published_artifact {
   std::uint64_t total_size = 0;
-  std::shared_ptr<const std::vector<hash::digest>> leaves;
+  std::shared_ptr<const std::vector<hash::digest>> leaves;  // null for a partial artifact
+  std::shared_ptr<const partial_artifact> partial;
 };
 
 struct queued_request {
@@ -218,6 +285,9 @@ struct transfer_server::state {
   std::thread thread;
   std::atomic<bool> stopping{false};
 
+  // Held by the worker while it looks up and copies a leaf of a partial artifact, so that
+  // withdraw() can wait until nothing reads one it took away.
+  std::mutex reading_mutex;
   mutable std::mutex mutex;  // guards `published` and `counts`
   std::map<std::string, published_artifact, std::less<>> published;
   counters counts;
@@ -302,7 +372,43 @@ struct transfer_server::state {
     reply(request.reply_ep, std::move(context));
   }
 
+  // A leaf of an artifact still being pulled here: its bytes if verified, else "not yet" and
+  // what is verified, so that the puller asks for those.
+  void serve_partial(const queued_request& request, const partial_artifact& partial) {
+    auto context = std::make_unique<send_context>();
+    context->header.kind = request.header.kind;
+    context->header.tag = request.header.tag;
+    context->header.leaf_index = request.header.leaf_index;
+    context->header.total_size = partial.total_size();
+    const auto leaf = request.header.leaf_index;
+    if (!partial.verified(leaf)) {
+      const auto bitmap = partial.holdings();
+      context->header.code = static_cast<std::int32_t>(errc::unavailable);
+      context->header.flags = reply_flag_not_yet;
+      context->payload.resize(bitmap.size());
+      std::memcpy(context->payload.data(), bitmap.data(), bitmap.size());
+      {
+        std::lock_guard lock(mutex);
+        ++counts.not_yet_answers;
+      }
+      return reply(request.reply_ep, std::move(context));
+    }
+    const auto bytes = partial.leaf_bytes(leaf);
+    context->payload.resize(bytes.size());
+    std::memcpy(context->payload.data(), bytes.data(), bytes.size());
+    if (options.corrupt_leaves) context->payload.data()[bytes.size() / 2] ^= std::byte{0x01};
+    partial.count_served();
+    {
+      std::lock_guard lock(mutex);
+      ++counts.leaves_served;
+      ++counts.partial_leaves_served;
+      counts.bytes_served += bytes.size();
+    }
+    reply(request.reply_ep, std::move(context));
+  }
+
   void serve(const queued_request& request) {
+    std::lock_guard reading(reading_mutex);
     published_artifact artifact;
     {
       std::lock_guard lock(mutex);
@@ -313,17 +419,18 @@ struct transfer_server::state {
         return;
       }
     }
-    if (!artifact.leaves) {
+    if (!artifact.leaves && !artifact.partial) {
       return refuse(request, errc::not_found,
                     fmt::format("cannot serve {}: this host does not hold it", request.artifact_id));
     }
+    const auto& digests = artifact.partial ? artifact.partial->leaves() : *artifact.leaves;
     auto context = std::make_unique<send_context>();
     context->header.kind = request.header.kind;
     context->header.tag = request.header.tag;
     context->header.leaf_index = request.header.leaf_index;
     context->header.total_size = artifact.total_size;
     if (request.header.kind == static_cast<std::uint32_t>(message_kind::manifest)) {
-      const auto& leaves = *artifact.leaves;
+      const auto& leaves = digests;
       context->payload.resize(leaves.size() * sizeof(hash::digest));
       for (std::size_t i = 0; i < leaves.size(); ++i) {
         std::memcpy(context->payload.data() + i * sizeof(hash::digest), leaves[i].data(), sizeof(hash::digest));
@@ -334,16 +441,29 @@ struct transfer_server::state {
       }
       return reply(request.reply_ep, std::move(context));
     }
+    if (request.header.kind == static_cast<std::uint32_t>(message_kind::holdings)) {
+      std::vector<std::byte> bitmap;
+      if (artifact.partial) {
+        bitmap = artifact.partial->holdings();
+      } else {
+        bitmap.assign((digests.size() + 7) / 8, std::byte{0xff});  // every leaf verified
+        bitmap.resize(2 * bitmap.size(), std::byte{0});            // none on its way
+      }
+      context->payload.resize(bitmap.size());
+      std::memcpy(context->payload.data(), bitmap.data(), bitmap.size());
+      return reply(request.reply_ep, std::move(context));
+    }
     if (request.header.kind != static_cast<std::uint32_t>(message_kind::leaf)) {
       return refuse(request, errc::invalid_argument,
                     fmt::format("cannot serve {}: unknown request kind {}", request.artifact_id, request.header.kind));
     }
     const auto leaf = request.header.leaf_index;
-    if (leaf >= artifact.leaves->size()) {
-      return refuse(request, errc::out_of_range,
-                    fmt::format("cannot serve leaf {} of {}: it has {} leaves", leaf, request.artifact_id,
-                                artifact.leaves->size()));
+    if (leaf >= digests.size()) {
+      return refuse(
+          request, errc::out_of_range,
+          fmt::format("cannot serve leaf {} of {}: it has {} leaves", leaf, request.artifact_id, digests.size()));
     }
+    if (artifact.partial) return serve_partial(request, *artifact.partial);
     auto bytes = options.open_bytes(request.artifact_id);
     if (!bytes || (*bytes)->size() != artifact.total_size) {
       return refuse(request, errc::unavailable,
@@ -444,16 +564,41 @@ status transfer_server::publish(const std::string& artifact_id, std::uint64_t to
                 fmt::format("cannot publish {}: {} leaf digests for total_size {} (expected {})", artifact_id,
                             leaves.size(), total_size, hash::leaf_count(total_size)));
   }
-  std::lock_guard lock(state_->mutex);
-  state_->published.insert_or_assign(
-      artifact_id,
-      published_artifact{total_size, std::make_shared<const std::vector<hash::digest>>(std::move(leaves))});
+  published_artifact complete{total_size, std::make_shared<const std::vector<hash::digest>>(std::move(leaves)), {}};
+  std::shared_ptr<const partial_artifact> replaced;  // released outside the lock
+  {
+    std::lock_guard lock(state_->mutex);
+    auto& entry = state_->published[artifact_id];
+    replaced = std::move(entry.partial);
+    entry = std::move(complete);
+  }
   return {};
 }
 
+void transfer_server::publish_partial(const std::string& artifact_id, std::shared_ptr<const partial_artifact> partial) {
+  TENSORREG_ASSERT(partial != nullptr);
+  published_artifact pulling{partial->total_size(), nullptr, std::move(partial)};
+  published_artifact replaced;  // released outside the lock
+  {
+    std::lock_guard lock(state_->mutex);
+    auto& entry = state_->published[artifact_id];
+    replaced = std::move(entry);
+    entry = std::move(pulling);
+  }
+}
+
 void transfer_server::withdraw(const std::string& artifact_id) {
-  std::lock_guard lock(state_->mutex);
-  state_->published.erase(artifact_id);
+  std::shared_ptr<const partial_artifact> dropped;  // released after the wait below
+  {
+    std::lock_guard lock(state_->mutex);
+    auto it = state_->published.find(artifact_id);
+    if (it == state_->published.end()) return;
+    dropped = std::move(it->second.partial);
+    state_->published.erase(it);
+  }
+  // The worker reads a partial leaf only while it holds reading_mutex and found the entry;
+  // once it is free, nothing reads this one any more.
+  std::lock_guard reading(state_->reading_mutex);
 }
 
 bool transfer_server::serves(const std::string& artifact_id) const {
@@ -478,8 +623,18 @@ struct source_state {
   pull_state* owner = nullptr;
   std::size_t index = 0;
   ucp_ep_h ep = nullptr;
+  // A second connection for holdings requests of a partial source: their answers would
+  // otherwise wait behind the leaves queued on `ep` and tell of holdings long gone stale.
+  ucp_ep_h control_ep = nullptr;
   bool dropped = false;
   unsigned in_flight = 0;
+  // Said "not yet" once: a host still pulling. Asked only for the leaves `has` says it holds,
+  // and every partial_refresh_every which those are (a holdings request).
+  bool partial = false;
+  std::vector<bool> has;
+  std::vector<bool> pending;  // what it has asked for and not verified yet
+  bool holdings_asked = false;
+  std::chrono::steady_clock::time_point next_holdings{};
 };
 
 struct outstanding {
@@ -498,6 +653,7 @@ struct arrival {
   std::int32_t code = 0;
   bool ok = false;
   bool corrupt = false;            // the answer itself proves the source wrong
+  bool not_yet = false;            // a partial source lacks the leaf; payload: its bitmap
   std::string detail;              // error message from the source, or what was wrong
   std::vector<std::byte> payload;  // manifest bytes
 };
@@ -516,7 +672,7 @@ struct recv_context {
 struct pull_state {
   std::string artifact_id;
   ucx_worker ucx;
-  std::vector<source_state> sources;
+  std::deque<source_state> sources;  // a deque: UCX holds pointers to its elements
   std::map<std::uint64_t, outstanding> in_flight;
   std::uint64_t next_tag = 1;
   std::uint64_t total_size = 0;
@@ -533,6 +689,7 @@ struct pull_state {
   ~pull_state() {
     for (auto& source : sources) {
       if (source.ep != nullptr) ucx.close_endpoint(source.ep);
+      if (source.control_ep != nullptr) ucx.close_endpoint(source.control_ep);
     }
   }
 
@@ -556,19 +713,22 @@ struct pull_state {
     arrival got;
     got.tag = reply.tag;
     got.code = reply.code;
-    if (reply.code != 0 || it->second.kind == message_kind::manifest) {
+    if (reply.code != 0 || it->second.kind != message_kind::leaf) {
       // An error message or a manifest: small, bounded, copied out. A manifest never exceeds
       // 32 bytes per leaf of the largest artifact a Begin accepts (2^40 B → 8 MiB).
       constexpr std::size_t most = std::size_t{8} << 20;
       if (length > most) {
-        got.detail = fmt::format("answered {} bytes for a {}", length, reply.code != 0 ? "message" : "manifest");
+        got.detail =
+            fmt::format("answered {} bytes for a {}", length, reply.code != 0 ? "message" : "manifest or bitmap");
       } else if (rndv) {
         got.detail = "sent its manifest by rendezvous";  // sent eagerly by our servers
       } else {
         got.ok = true;
         got.payload.resize(length);
         if (length != 0) std::memcpy(got.payload.data(), data, length);
-        if (reply.code != 0) got.detail.assign(static_cast<const char*>(data), length);
+        got.not_yet = reply.code == static_cast<std::int32_t>(errc::unavailable) &&
+                      (reply.flags & reply_flag_not_yet) != 0 && it->second.kind == message_kind::leaf;
+        if (reply.code != 0 && !got.not_yet) got.detail.assign(static_cast<const char*>(data), length);
         self->total_size = it->second.kind == message_kind::manifest ? reply.total_size : self->total_size;
       }
       self->arrivals.push_back(std::move(got));
@@ -630,7 +790,9 @@ struct pull_state {
     }
   }
 
-  status connect(source_state& source) {
+  status connect(source_state& source) { return open_endpoint(source, source.ep); }
+
+  status open_endpoint(source_state& source, ucp_ep_h& ep) {
     TENSORREG_TRY_ASSIGN(auto addr, parse_ipv4_address(source.source.address));
     ucp_ep_params_t params{};
     params.field_mask = UCP_EP_PARAM_FIELD_FLAGS | UCP_EP_PARAM_FIELD_SOCK_ADDR | UCP_EP_PARAM_FIELD_ERR_HANDLER |
@@ -641,8 +803,8 @@ struct pull_state {
     params.err_mode = UCP_ERR_HANDLING_MODE_PEER;
     params.err_handler.cb = &pull_state::on_endpoint_error;
     params.err_handler.arg = &source;
-    if (auto st = ucp_ep_create(ucx.worker, &params, &source.ep); st != UCS_OK) {
-      source.ep = nullptr;
+    if (auto st = ucp_ep_create(ucx.worker, &params, &ep); st != UCS_OK) {
+      ep = nullptr;
       return fail(errc::unavailable, fmt::format("cannot connect to {}: {}", source.source.address, ucx_reason(st)));
     }
     return {};
@@ -668,7 +830,8 @@ struct pull_state {
     param.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
     param.flags = UCP_AM_SEND_FLAG_REPLY;
     auto request =
-        ucp_am_send_nbx(source.ep, am_request, it->second.header.data(), it->second.header.size(), nullptr, 0, &param);
+        ucp_am_send_nbx(kind == message_kind::holdings && source.control_ep != nullptr ? source.control_ep : source.ep,
+                        am_request, it->second.header.data(), it->second.header.size(), nullptr, 0, &param);
     if (UCS_PTR_IS_ERR(request)) {
       in_flight.erase(it);
       return false;
@@ -692,27 +855,41 @@ result<pull_report> pull_artifact(const std::string& artifact_id, std::span<cons
   st.artifact_id = artifact_id;
   if (auto started = st.ucx.start("a pull"); !started) return fail(errc::internal, started.error().message);
   TENSORREG_TRY(st.ucx.set_handler(am_reply, &pull_state::on_reply, &st));
-  st.sources.resize(sources.size());
   pull_report report;
   std::vector<std::string> reasons;
 
-  for (std::size_t i = 0; i < sources.size(); ++i) {
-    st.sources[i].source = sources[i];
-    st.sources[i].owner = &st;
-    st.sources[i].index = i;
-  }
+  auto add_source = [&](const pull_source& from) -> source_state& {
+    auto& added = st.sources.emplace_back();
+    added.source = from;
+    added.owner = &st;
+    added.index = st.sources.size() - 1;
+    return added;
+  };
+  for (const auto& from : sources) add_source(from);
+  // How many partial sources say they hold each leaf, and how many that they are fetching it
+  // (filled once the manifest is known).
+  std::vector<std::uint32_t> peers_holding, peers_pending;
+  auto forget_holdings = [&](source_state& source) {
+    for (std::size_t leaf = 0; leaf < source.has.size(); ++leaf) {
+      if (source.has[leaf]) --peers_holding[leaf];
+      if (source.pending[leaf]) --peers_pending[leaf];
+    }
+    source.has.clear();
+    source.pending.clear();
+  };
   auto drop = [&](std::size_t index, std::string why, bool corrupt) {
     auto& source = st.sources[index];
     if (source.dropped) return;
     source.dropped = true;
+    forget_holdings(source);
     log(*options.log, log_level::warn, "pull {}: source {} ({}) dropped: {}", artifact_id, source.source.name,
         source.source.address, why);
     auto line = fmt::format("{} ({}): {}", source.source.name, source.source.address, why);
     (corrupt ? report.corrupt_sources : report.failed_sources).push_back(line);
     reasons.push_back(std::move(line));
-    if (source.ep != nullptr) {
-      st.ucx.close_endpoint(source.ep);
-      source.ep = nullptr;
+    for (auto* ep : {&source.ep, &source.control_ep}) {
+      if (*ep != nullptr) st.ucx.close_endpoint(*ep);
+      *ep = nullptr;
     }
   };
   for (auto& source : st.sources) {
@@ -783,47 +960,161 @@ result<pull_report> pull_artifact(const std::string& artifact_id, std::span<cons
     return fail(errc::internal, fmt::format("cannot pull {}: destination of {} bytes for total_size {}", artifact_id,
                                             st.destination.size(), st.total_size));
   }
+  if (options.manifest_verified) options.manifest_verified(st.leaves);
 
-  // 2. The leaves, striped over the sources; each verified as it lands.
-  std::deque<std::uint64_t> todo;
-  for (std::uint64_t i = 0; i < st.leaves.size(); ++i) todo.push_back(i);
+  // 2. The leaves, in an order of this pull's own (pullers that start together then ask the
+  // origin for different leaves, and take from each other what one of them has), each verified
+  // as it lands.
+  const std::uint64_t count = st.leaves.size();
+  std::vector<std::uint64_t> order(count);
+  std::iota(order.begin(), order.end(), std::uint64_t{0});
+  std::mt19937_64 shuffle_bits(options.order_seed != 0 ? options.order_seed : std::random_device{}());
+  std::shuffle(order.begin(), order.end(), shuffle_bits);
+  enum class leaf_phase : std::uint8_t { wanted, asked, verified };  // asked: in flight or being hashed
+  std::vector<leaf_phase> phase(count, leaf_phase::wanted);
+  peers_holding.assign(count, 0);
+  peers_pending.assign(count, 0);
   std::uint64_t verified = 0;
   const auto per_source = std::max(1U, options.leaves_in_flight_per_source);
+  auto set_wanted = [&](std::uint64_t leaf) {
+    phase[leaf] = leaf_phase::wanted;
+    if (options.leaf_asked) options.leaf_asked(leaf, false);
+  };
+  auto want_again = [&](std::uint64_t leaf) {
+    set_wanted(leaf);
+    ++report.leaves_refetched;
+  };
   auto requeue_source = [&](std::size_t index) {
     for (auto it = st.in_flight.begin(); it != st.in_flight.end();) {
       if (it->second.source == index && !it->second.receiving) {
-        todo.push_front(it->second.leaf);
-        ++report.leaves_refetched;
+        if (it->second.kind == message_kind::leaf) want_again(it->second.leaf);
         it = st.in_flight.erase(it);
       } else {
         if (it->second.source == index) it->second.abandoned = true;
         ++it;
       }
     }
+    st.sources[index].holdings_asked = false;
   };
-  // When the last source was dropped (time_point{} while one is alive).
+  auto note_pending = [&](source_state& source, std::uint64_t leaf, bool pending) {
+    if (source.pending[leaf] == pending) return;
+    source.pending[leaf] = pending;
+    if (pending) {
+      ++peers_pending[leaf];
+    } else {
+      --peers_pending[leaf];
+    }
+  };
+  auto note_has = [&](source_state& source, std::uint64_t leaf, bool has) {
+    if (source.has[leaf] == has) return;
+    source.has[leaf] = has;
+    if (has) {
+      ++peers_holding[leaf];
+    } else {
+      --peers_holding[leaf];
+    }
+  };
+  // The next leaf to ask of `source`. A partial source is asked for what it has. A source not
+  // known to be partial gets only leaves no partial source holds or is fetching: the origin's
+  // link is what every puller shares, so it sends what nobody else has or will have soon.
+  auto pick = [&](const source_state& source) -> std::optional<std::uint64_t> {
+    for (auto leaf : order) {
+      if (phase[leaf] != leaf_phase::wanted) continue;
+      if (source.partial ? source.has[leaf] : peers_holding[leaf] == 0 && peers_pending[leaf] == 0) return leaf;
+    }
+    return std::nullopt;
+  };
+  const auto per_complete_source_with_peers =
+      std::clamp(options.complete_source_leaves_in_flight_with_peers, 1U, per_source);
+  bool peers_known = false;  // some source is known to be partial
+  auto ask = [&](source_state& source, std::chrono::steady_clock::time_point now) {
+    if (source.dropped) return;
+    // A partial source's holdings grow while it pulls: asked again every partial_refresh_every,
+    // so that this pull takes new leaves from it rather than from the origin. Not a leaf slot.
+    if (source.partial && !source.holdings_asked && now >= source.next_holdings) {
+      if (source.control_ep == nullptr) {
+        if (auto opened = st.open_endpoint(source, source.control_ep); !opened) {
+          drop(source.index, opened.error().message, false);
+          requeue_source(source.index);
+          return;
+        }
+      }
+      if (!st.send_request(source, message_kind::holdings, 0)) {
+        drop(source.index, "cannot send a request", false);
+        requeue_source(source.index);
+        return;
+      }
+      --source.in_flight;
+      source.holdings_asked = true;
+    }
+    const auto most = !source.partial && peers_known ? per_complete_source_with_peers : per_source;
+    while (!source.dropped && source.in_flight < most) {
+      auto next = pick(source);
+      if (!next) return;
+      if (!st.send_request(source, message_kind::leaf, *next)) {
+        drop(source.index, "cannot send a request", false);
+        requeue_source(source.index);
+        return;
+      }
+      phase[*next] = leaf_phase::asked;
+      if (options.leaf_asked) options.leaf_asked(*next, true);
+    }
+  };
+  // Merges `source`'s holdings (its verified leaves, then those it is fetching); false when
+  // they have the wrong length.
+  auto merge_holdings = [&](source_state& source, std::span<const std::byte> bitmaps) {
+    const std::size_t half = (count + 7) / 8;
+    if (bitmaps.size() != 2 * half) return false;
+    if (source.has.empty()) source.has.assign(count, false);
+    if (source.pending.empty()) source.pending.assign(count, false);
+    const auto bit = [&](std::size_t at, std::uint64_t leaf) {
+      return (bitmaps[at + leaf / 8] & (std::byte{1} << (leaf % 8))) != std::byte{0};
+    };
+    for (std::uint64_t leaf = 0; leaf < count; ++leaf) {
+      if (bit(0, leaf)) note_has(source, leaf, true);
+      note_pending(source, leaf, !source.has[leaf] && bit(half, leaf));
+    }
+    return true;
+  };
+
+  std::future<result<std::vector<pull_source>>> finding;
+  auto next_find = std::chrono::steady_clock::now() + options.find_sources_every;
+  auto add_found = [&](const std::vector<pull_source>& found) {
+    for (const auto& from : found) {
+      const bool known = std::any_of(st.sources.begin(), st.sources.end(), [&](const source_state& s) {
+        return s.source.name == from.name || s.source.address == from.address;
+      });
+      if (known || !parse_ipv4_address(from.address)) continue;
+      auto& added = add_source(from);
+      report.sources_added.push_back(from.name);
+      log(*options.log, log_level::info, "pull {}: source {} ({}) added", artifact_id, from.name, from.address);
+      if (auto connected = st.connect(added); !connected) drop(added.index, connected.error().message, false);
+    }
+  };
+
+  // When the last source was dropped (time_point{} while one is alive), and since when nothing
+  // but holdings requests to partial sources was under way (none of them has a missing leaf).
   std::chrono::steady_clock::time_point all_dropped_at{};
+  std::chrono::steady_clock::time_point waiting_since{};
   struct verification {
     std::uint64_t leaf = 0;
     std::size_t source = 0;
     std::future<hash::digest> digest;
   };
   std::list<verification> verifying;
-  while (verified < st.leaves.size()) {
+  while (verified < count) {
+    auto now = std::chrono::steady_clock::now();
+    // Partial sources first: what they hold is taken from them, the rest from the others.
     for (auto& source : st.sources) {
-      while (!source.dropped && source.in_flight < per_source && !todo.empty()) {
-        const auto leaf = todo.front();
-        if (!st.send_request(source, message_kind::leaf, leaf)) {
-          drop(source.index, "cannot send a request", false);
-          requeue_source(source.index);
-          break;
-        }
-        todo.pop_front();
-      }
+      if (source.partial) ask(source, now);
+    }
+    for (auto& source : st.sources) {
+      if (!source.partial) ask(source, now);
     }
     // Spin while leaves are under way (see the server's loop); sleep only when nothing is.
     st.ucx.progress_or_wait(std::chrono::milliseconds(st.in_flight.empty() && verifying.empty() ? 20 : 1));
     st.start_rendezvous();
+    now = std::chrono::steady_clock::now();
     for (auto index : std::exchange(st.endpoint_errors, {})) {
       if (!st.sources[index].dropped) {
         drop(index, "connection failed: " + st.endpoint_error_reasons[index], false);
@@ -838,18 +1129,51 @@ result<pull_report> pull_artifact(const std::string& artifact_id, std::span<cons
       const auto entry = std::move(it->second);
       st.in_flight.erase(it);
       auto& source = st.sources[entry.source];
+      if (entry.kind == message_kind::holdings) {
+        source.holdings_asked = false;
+        source.next_holdings = now + options.partial_refresh_every;
+        if (source.dropped || entry.abandoned) continue;
+        if (!a.ok || a.code != 0) {
+          drop(entry.source, a.detail.empty() ? "refused to say which leaves it has" : a.detail, a.corrupt);
+          requeue_source(entry.source);
+        } else if (!merge_holdings(source, a.payload)) {
+          drop(entry.source, fmt::format("sent a bitmap of {} bytes for {} leaves", a.payload.size(), count), true);
+          requeue_source(entry.source);
+        }
+        continue;
+      }
       if (source.in_flight > 0) --source.in_flight;
       if (entry.abandoned || source.dropped) {
-        todo.push_front(entry.leaf);
-        ++report.leaves_refetched;
+        want_again(entry.leaf);
+        continue;
+      }
+      if (a.ok && a.not_yet) {
+        set_wanted(entry.leaf);
+        ++report.leaves_not_yet;
+        // A host still pulling: from now on asked for what it has (verified leaves stay
+        // verified, so its bitmaps only grow) and, every partial_refresh_every, which that is.
+        if (!merge_holdings(source, a.payload)) {
+          drop(entry.source,
+               fmt::format("answered not yet with a bitmap of {} bytes for {} leaves", a.payload.size(), count), true);
+          requeue_source(entry.source);
+          continue;
+        }
+        if (!source.partial) source.next_holdings = now + options.partial_refresh_every;
+        source.partial = true;
+        peers_known = true;
+        note_has(source, entry.leaf, false);  // whatever its bitmap says, it did not have this one
+        note_pending(source, entry.leaf, false);
         continue;
       }
       if (!a.ok || a.code != 0) {
         drop(entry.source, a.detail.empty() ? fmt::format("failed leaf {}", entry.leaf) : a.detail, a.corrupt);
-        todo.push_front(entry.leaf);
-        ++report.leaves_refetched;
+        want_again(entry.leaf);
         requeue_source(entry.source);
         continue;
+      }
+      if (source.partial) {
+        note_has(source, entry.leaf, true);
+        note_pending(source, entry.leaf, false);
       }
       // Hashed off this thread, so that the next leaves arrive meanwhile; the source's slot is
       // free already. At most sources × leaves_in_flight_per_source hashes run at once.
@@ -868,15 +1192,15 @@ result<pull_report> pull_artifact(const std::string& artifact_id, std::span<cons
       it = verifying.erase(it);
       if (got != st.leaves[leaf]) {
         drop(from, fmt::format("leaf {} does not match its digest", leaf), true);
-        todo.push_front(leaf);
-        ++report.leaves_refetched;
+        want_again(leaf);
         requeue_source(from);
         continue;
       }
+      phase[leaf] = leaf_phase::verified;
       ++verified;
       ++report.leaves_by_source[st.sources[from].source.name];
+      if (options.leaf_verified) options.leaf_verified(leaf);
     }
-    const auto now = std::chrono::steady_clock::now();
     for (auto& [tag, entry] : st.in_flight) {
       if (!st.sources[entry.source].dropped && !entry.receiving && now - entry.sent > options.request_timeout) {
         drop(entry.source,
@@ -889,6 +1213,19 @@ result<pull_report> pull_artifact(const std::string& artifact_id, std::span<cons
         source.in_flight = 0;
       }
     }
+    if (options.find_sources) {
+      if (finding.valid() && finding.wait_for(std::chrono::seconds(0)) == std::future_status::ready) {
+        if (auto found = finding.get(); found) {
+          add_found(*found);
+        } else {
+          log(*options.log, log_level::debug, "pull {}: cannot look for more sources: {}", artifact_id,
+              found.error().message);
+        }
+        next_find = now + options.find_sources_every;
+      } else if (!finding.valid() && now >= next_find) {
+        finding = std::async(std::launch::async, options.find_sources);
+      }
+    }
     if (alive()) {
       all_dropped_at = {};
     } else if (all_dropped_at == std::chrono::steady_clock::time_point{}) {
@@ -898,6 +1235,26 @@ result<pull_report> pull_artifact(const std::string& artifact_id, std::span<cons
       // never will).
       return unavailable();
     }
+    const bool only_holdings =
+        verifying.empty() && std::all_of(st.in_flight.begin(), st.in_flight.end(),
+                                         [](const auto& kv) { return kv.second.kind == message_kind::holdings; });
+    if (!only_holdings) {
+      waiting_since = {};
+    } else if (waiting_since == std::chrono::steady_clock::time_point{}) {
+      waiting_since = now;
+    } else if (alive() && now - waiting_since > options.request_timeout) {
+      std::vector<std::string> live;
+      for (const auto& source : st.sources) {
+        if (!source.dropped) live.push_back(source.source.name);
+      }
+      const auto missing = std::find(phase.begin(), phase.end(), leaf_phase::wanted) - phase.begin();
+      return fail(
+          errc::unavailable,
+          fmt::format("cannot pull {}: for {} ms no source had leaf {} (live sources, all still pulling it: "
+                      "{}){}",
+                      artifact_id, options.request_timeout.count(), missing, fmt::join(live, ", "),
+                      reasons.empty() ? std::string() : fmt::format("; dropped: {}", fmt::join(reasons, "; "))));
+    }
   }
 
   // Each leaf matched its digest and the digests fold to the id: the bytes are the id's.
@@ -905,8 +1262,10 @@ result<pull_report> pull_artifact(const std::string& artifact_id, std::span<cons
     return fail(errc::data_loss, fmt::format("cannot pull {}: leaves do not fold to its data hash", artifact_id));
   }
   for (auto& source : st.sources) {
-    if (source.ep != nullptr) st.ucx.close_endpoint(source.ep);
-    source.ep = nullptr;
+    for (auto* ep : {&source.ep, &source.control_ep}) {
+      if (*ep != nullptr) st.ucx.close_endpoint(*ep);
+      *ep = nullptr;
+    }
   }
   return report;
 }

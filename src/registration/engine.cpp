@@ -521,6 +521,7 @@ result<commit_response> engine::state::commit(const std::string& registration_id
   ctx.cancelled = p->commit_cancel();  // revoke and owner death stop the hashing and copying
   ctx.regions = &regions;
   ctx.layouts = &layouts;
+  ctx.verified_leaf_digests = how.verified_leaf_digests.get();
   result<commit_response> out = guarded_commit(p->committing_plan(), ctx, registration_id);
   if (!out && out.error().code == errc::cancelled) {
     ctx.retryable = false;

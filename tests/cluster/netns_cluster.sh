@@ -9,7 +9,8 @@
 #
 # Cases: put on A, get by id on B (same bytes); fan-out to three receivers; `tensorreg cluster
 # ls` lists the four hosts alive and what they hold; `tensorreg get ID --out` on a host without
-# it pulls it (the same file as an export where it was put); the source
+# it pulls it (the same file as an export where it was put); fan-out as a pipeline (a receiver
+# serves leaves it has verified to another while it still pulls); the source
 # SIGKILLed mid-transfer (its link limited with tc so that the kill lands mid-pull); etcd
 # stopped (cluster gets UNAVAILABLE, local puts work) and restarted (members register again,
 # what was put during the outage is advertised); a corrupt source (a daemon that flips a byte
@@ -207,6 +208,33 @@ cmp -s "$tmp/a1.safetensors" "$tmp/a3.safetensors" || fail "get --out on node3 d
 out=$("$cli" get --socket "$tmp/d3.sock" "mi2:bciqnobodyholdsthis:bciqnobodyholdsthis" 2>&1) && fail "get of an unknown id: $out"
 case "$out" in *NOT_FOUND*) ;; *) fail "get of an id nobody holds said '$out'" ;; esac
 pass "cli get on node3 pulls $id_a from the cluster; --out equals node1's export"
+
+# 2d. Fan-out as a pipeline (docs/cluster.md §3.3): with node1's link limited to 80 Mbit/s
+# (24 MiB then takes about 2.5 s), node2 starts pulling P and node3 half a second later. node2
+# lists itself once it has the manifest and serves the leaves it has verified: node3 takes
+# some of P from node2 while node2 is still pulling, and both end with P's bytes.
+"${client[@]}" make "$tmp/p.safetensors" $((24 << 20)) 6
+id_p=$(put 1 "$tmp/p.safetensors")
+want=$(digest 1 "$id_p")
+for _ in $(seq 50); do   # node1's advertisement of P
+  ip netns exec "${tag}e" curl -s -X POST "http://$etcd_ip:2379/v3/kv/range" \
+    -d "{\"key\":\"$(printf '/tensorreg/replicas/%s/node1' "$id_p" | base64 -w0)\"}" | grep -q '"kvs"' && break
+  sleep 0.2
+done
+ip netns exec "${tag}1" tc qdisc add dev eth0 root tbf rate 80mbit burst 256kb latency 100ms
+digest 2 "$id_p" >"$tmp/pipe2" &
+p2=$!
+sleep 0.5
+digest 3 "$id_p" >"$tmp/pipe3" &
+p3=$!
+wait $p2 && wait $p3 || fail "a pipelined get failed: $(cat "$tmp/pipe2" "$tmp/pipe3")"
+ip netns exec "${tag}1" tc qdisc del dev eth0 root
+for n in 2 3; do [ "$(cat "$tmp/pipe$n")" = "$want" ] || fail "node$n got '$(cat "$tmp/pipe$n")' for $id_p"; done
+served=$(grep "pulled $id_p" "$tmp/d2.log" | sed -nE 's/.*; served ([0-9]+) leaves to other hosts while pulling.*/\1/p')
+[ "${served:-0}" -ge 1 ] || fail "node2 served no leaf of $id_p while pulling it: $(grep "pulled $id_p" "$tmp/d2.log")"
+grep -q "pulled $id_p .*leaves by source: .*node2 [1-9]" "$tmp/d3.log" ||
+  fail "node3 took no leaf of $id_p from node2: $(grep "pulled $id_p" "$tmp/d3.log")"
+pass "pipeline: node3 took leaves of $id_p from node2 while node2 pulled it ($served served)"
 
 # 3. The source SIGKILLed mid-transfer: node1 and node2 hold C; their links are slowed to
 # 200 Mbit/s each (96 MiB then takes about 2 s), node3 pulls from both, node1 dies 0.7 s in.

@@ -204,3 +204,154 @@ TEST_CASE("transfer server: refuses to publish leaves that do not match the size
   server->withdraw(artifact.id);
   CHECK_FALSE(server->serves(artifact.id));
 }
+
+namespace {
+
+// A partial_artifact of `artifact` on a server of its own: the leaves marked so far are served.
+struct partial_server {
+  std::shared_ptr<partial_artifact> partial;
+  std::unique_ptr<transfer_server> server;
+
+  explicit partial_server(const test_artifact& artifact) {
+    partial = std::make_shared<partial_artifact>(artifact.leaves, artifact.bytes, nullptr);
+    transfer_server_options options;
+    options.open_bytes = [](const std::string&) -> result<std::shared_ptr<const memory::byte_source>> {
+      return fail(errc::not_found, "only the partial artifact is served here");
+    };
+    auto created = transfer_server::create(std::move(options));
+    REQUIRE(created);
+    server = std::move(*created);
+    server->publish_partial(artifact.id, partial);
+  }
+};
+
+}  // namespace
+
+TEST_CASE("transfer: a partial source serves leaves as they are verified and says not yet before",
+          "[cluster][transfer][partial]") {
+  test_artifact artifact;
+  partial_server source(artifact);
+  CHECK(source.server->serves(artifact.id));
+  pull_options options;
+  options.partial_refresh_every = 20ms;
+  std::atomic<bool> manifest_seen{false};
+  options.manifest_verified = [&](std::span<const hash::digest> leaves) {
+    manifest_seen = leaves.size() == artifact.leaves.size();
+  };
+  std::vector<std::uint64_t> verified_leaves;
+  options.leaf_verified = [&](std::uint64_t leaf) { verified_leaves.push_back(leaf); };
+  auto pulling = std::async(std::launch::async, [&] {
+    return pull(artifact.id, {{"p", source.server->address()}}, options);
+  });
+  // Nothing is verified at the source yet: the first requests are answered "not yet". Then its
+  // own pull verifies one leaf after the other.
+  const auto give_up = std::chrono::steady_clock::now() + 10s;
+  while (source.server->stats().not_yet_answers == 0 && std::chrono::steady_clock::now() < give_up) {
+    std::this_thread::sleep_for(2ms);
+  }
+  for (std::uint64_t leaf = 0; leaf < artifact.leaves.size(); ++leaf) {
+    source.partial->mark_verified(leaf);
+    std::this_thread::sleep_for(5ms);
+  }
+  auto got = pulling.get();
+  REQUIRE(got.report);
+  CHECK(got.bytes == artifact.bytes);
+  CHECK(manifest_seen);
+  CHECK(verified_leaves.size() == artifact.leaves.size());
+  CHECK(got.report->leaves_not_yet >= 1);
+  CHECK(got.report->failed_sources.empty());
+  CHECK(got.report->corrupt_sources.empty());
+  CHECK(got.report->leaves_by_source.at("p") == artifact.leaves.size());
+  const auto stats = source.server->stats();
+  CHECK(stats.not_yet_answers == got.report->leaves_not_yet);
+  CHECK(stats.partial_leaves_served == artifact.leaves.size());
+  CHECK(source.partial->leaves_served() == artifact.leaves.size());
+}
+
+TEST_CASE("transfer: leaves a partial source has are taken from it, the rest from the origin",
+          "[cluster][transfer][partial]") {
+  test_artifact artifact;
+  partial_server peer(artifact);
+  for (std::uint64_t leaf = 0; leaf < 6; ++leaf) peer.partial->mark_verified(leaf);
+  auto origin = serve(artifact);
+  pull_options options;
+  options.order_seed = 42;
+  auto got = pull(artifact.id, {{"peer", peer.server->address()}, {"origin", origin->address()}}, options);
+  REQUIRE(got.report);
+  CHECK(got.bytes == artifact.bytes);
+  CHECK(got.report->failed_sources.empty());
+  // The peer serves only what it has; what it lacks is asked of the origin.
+  const auto from_peer = got.report->leaves_by_source.count("peer") ? got.report->leaves_by_source.at("peer") : 0;
+  CHECK(from_peer <= 6);
+  CHECK(got.report->leaves_by_source.at("origin") == artifact.leaves.size() - from_peer);
+  CHECK(peer.server->stats().partial_leaves_served == from_peer);
+  CHECK(peer.server->stats().leaves_served == from_peer);
+}
+
+TEST_CASE("transfer: sources found during a pull are added, and a leaf nobody has fails it in time",
+          "[cluster][transfer][partial]") {
+  test_artifact artifact;
+  partial_server empty(artifact);  // still pulling, has nothing yet
+  auto origin = serve(artifact);
+  pull_options options;
+  options.find_sources_every = 50ms;
+  options.partial_refresh_every = 20ms;
+  int asked = 0;
+  options.find_sources = [&]() -> result<std::vector<pull_source>> {
+    ++asked;
+    return std::vector<pull_source>{{"empty", empty.server->address()}, {"origin", origin->address()}};
+  };
+  auto got = pull(artifact.id, {{"empty", empty.server->address()}}, options);
+  REQUIRE(got.report);
+  CHECK(got.bytes == artifact.bytes);
+  CHECK(asked >= 1);
+  CHECK(got.report->sources_added == std::vector<std::string>{"origin"});
+  CHECK(got.report->leaves_by_source.at("origin") == artifact.leaves.size());
+  CHECK(got.report->leaves_not_yet >= 1);
+
+  // Alone, a partial source that never gets leaf 3 fails the pull after request_timeout: it is
+  // kept (not dropped), but nobody has that leaf.
+  partial_server stuck(artifact);
+  for (std::uint64_t leaf = 0; leaf < artifact.leaves.size(); ++leaf) {
+    if (leaf != 3) stuck.partial->mark_verified(leaf);
+  }
+  pull_options short_wait;
+  short_wait.request_timeout = 500ms;
+  short_wait.partial_refresh_every = 20ms;
+  auto never = pull(artifact.id, {{"stuck", stuck.server->address()}}, short_wait);
+  REQUIRE_FALSE(never.report);
+  CHECK(never.report.error().code == errc::unavailable);
+  CHECK(never.report.error().message == "cannot pull " + artifact.id +
+                                            ": for 500 ms no source had leaf 3 (live sources, all still pulling it: "
+                                            "stuck)");
+}
+
+TEST_CASE("transfer server: a partial artifact is replaced by publish and gone after withdraw",
+          "[cluster][transfer][partial]") {
+  test_artifact artifact;
+  partial_server source(artifact);
+  CHECK(source.partial->verified_count() == 0);
+  source.partial->mark_verified(1);
+  source.partial->mark_verified(1);
+  source.partial->mark_verified(999);  // ignored
+  CHECK(source.partial->verified_count() == 1);
+  const auto bitmap = source.partial->verified_bitmap();
+  REQUIRE(bitmap.size() == 2);
+  CHECK(bitmap[0] == std::byte{0x02});
+  CHECK(bitmap[1] == std::byte{0x00});
+  CHECK(source.partial->leaf_bytes(1).size() == hash::leaf_bytes);
+
+  // publish() replaces a partial artifact, and a partial one what was published before.
+  CHECK(source.partial.use_count() == 2);
+  REQUIRE(source.server->publish(artifact.id, artifact.bytes.size(), artifact.leaves));
+  CHECK(source.partial.use_count() == 1);  // the server let go of it
+  source.server->publish_partial(artifact.id, source.partial);
+  CHECK(source.partial.use_count() == 2);
+  source.server->withdraw(artifact.id);
+  CHECK_FALSE(source.server->serves(artifact.id));
+  CHECK(source.partial.use_count() == 1);  // withdraw let go of it
+  auto gone = pull(artifact.id, {{"p", source.server->address()}});
+  REQUIRE_FALSE(gone.report);
+  CHECK(gone.report.error().message.find("cannot serve " + artifact.id + ": this host does not hold it") !=
+        std::string::npos);
+}

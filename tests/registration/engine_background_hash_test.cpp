@@ -99,7 +99,11 @@ std::string begin_and_feed(engine& e, const t::model& m, const std::string& cgid
   return begun->registration_id;
 }
 
-const commit_options in_background{true};
+const commit_options in_background = [] {
+  commit_options how;
+  how.hash_in_background = true;
+  return how;
+}();
 
 // Polls `done` every millisecond for up to 10 s: for a state another thread reaches.
 bool eventually(const std::function<bool()>& done) {

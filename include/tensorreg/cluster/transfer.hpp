@@ -4,22 +4,32 @@
 // Provides:
 //   * `transfer_server`: listens on "IP:PORT" and serves the manifest (total size and leaf
 //     digests) and the 4 MiB leaves (hash/tree_hash.hpp) of the artifacts published to it, and
-//     nothing else. Every request is bounds-checked (id length, leaf index) before use.
+//     nothing else. Every request is bounds-checked (id length, leaf index) before use. An
+//     artifact this host is still pulling can be published as a `partial_artifact`: its
+//     verified leaves are served while the rest arrive, and a leaf not verified yet is answered
+//     "not yet" with the leaves it has (fan-out as a pipeline, docs/cluster.md §3.3).
 //   * `pull_artifact`: fetches an mi2 artifact's canonical bytes from one or more servers. The
 //     manifest is accepted only if its leaves fold to the id's data hash; leaves are then
-//     striped across the sources, land straight in the caller's buffer and are checked against
-//     their digest on arrival. A wrong leaf is fetched again from another source and its source
-//     is reported and dropped; a source that fails or stops answering is dropped and its leaves
-//     go to the others.
+//     requested from the sources in an order of the puller's own (so that pullers starting
+//     together do not all ask the origin for the same leaves), land straight in the caller's
+//     buffer and are checked against their digest on arrival, whoever served them. A wrong
+//     leaf is fetched again from another source and its source is reported and dropped; a
+//     source that fails or stops answering is dropped and its leaves go to the others; a
+//     source that answers "not yet" is kept and asked for leaves it has. Sources that appear
+//     during the pull (pull_options::find_sources) are added.
 // UCX picks the transports (UCX_TLS as the environment says): TCP, shared memory, RDMA.
 //
 // Thread-safety: a transfer_server's member functions may be called from any thread; its UCX
 // worker runs on one thread of its own. pull_artifact may run on many threads at once, each
 // call with its own UCX worker; it checks leaves on threads of its own (at most sources ×
-// leaves_in_flight_per_source at once), all joined before it returns. Ownership: the server owns its listener, worker and thread
-// (joined by the destructor); it holds an artifact's bytes only while sending a leaf of it.
+// leaves_in_flight_per_source at once), all joined before it returns; its callbacks run on the
+// calling thread, except find_sources, which runs on a thread of its own (one call at a time). A partial_artifact may be read from any thread while its pull marks leaves.
+// Ownership: the server owns its listener, worker and thread (joined by the destructor); it
+// holds an artifact's bytes only while copying a leaf of it, and a partial_artifact (and so
+// the memory its keep-alive holds) while it is published.
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
@@ -37,6 +47,48 @@
 #include "tensorreg/memory/byte_source.hpp"
 
 namespace tensorreg::cluster {
+
+/// An artifact this host is still pulling, served while it arrives: its verified manifest, a
+/// read-only view of the pull's destination and which of its leaves are verified there. A leaf
+/// is marked only once its bytes matched their digest, and the pull never writes a verified
+/// leaf again, so a marked leaf can be copied out at any time.
+class partial_artifact {
+ public:
+  /// REQUIRES: bytes.size() > 0, leaves.size() == hash::leaf_count(bytes.size()), and `bytes`
+  /// stays valid while `keep_alive` lives (the partial holds it).
+  partial_artifact(std::vector<hash::digest> leaves, std::span<const std::byte> bytes,
+                   std::shared_ptr<const void> keep_alive);
+
+  [[nodiscard]] std::uint64_t total_size() const noexcept { return bytes_.size(); }
+  [[nodiscard]] const std::vector<hash::digest>& leaves() const noexcept { return leaves_; }
+
+  /// Marks a leaf verified: its bytes are final. Out-of-range leaves are ignored.
+  void mark_verified(std::uint64_t leaf) noexcept;
+  [[nodiscard]] bool verified(std::uint64_t leaf) const noexcept;
+  [[nodiscard]] std::uint64_t verified_count() const noexcept;
+  /// Which leaves are verified: bit (i % 8) of byte i / 8 is leaf i.
+  [[nodiscard]] std::vector<std::byte> verified_bitmap() const;
+  /// Marks a leaf as asked for by the pull (on its way here) or no longer.
+  void mark_asked(std::uint64_t leaf, bool asked) noexcept;
+  /// What a holdings answer carries (docs/cluster.md §3.2): verified_bitmap(), then the bitmap
+  /// of leaves asked for and not verified yet.
+  [[nodiscard]] std::vector<std::byte> holdings() const;
+  /// The bytes of leaf `leaf`. REQUIRES: verified(leaf).
+  [[nodiscard]] std::span<const std::byte> leaf_bytes(std::uint64_t leaf) const noexcept;
+
+  /// Leaves served to other hosts from this partial (the transfer server counts them).
+  void count_served() const noexcept { served_.fetch_add(1, std::memory_order_relaxed); }
+  [[nodiscard]] std::uint64_t leaves_served() const noexcept { return served_.load(std::memory_order_relaxed); }
+
+ private:
+  std::vector<hash::digest> leaves_;
+  std::span<const std::byte> bytes_;
+  std::shared_ptr<const void> keep_alive_;
+  std::unique_ptr<std::atomic<bool>[]> verified_;
+  std::unique_ptr<std::atomic<bool>[]> asked_;
+  std::atomic<std::uint64_t> verified_count_{0};
+  mutable std::atomic<std::uint64_t> served_{0};
+};
 
 struct transfer_server_options {
   /// "IPv4:PORT" to listen on; port 0 picks one (address() tells which).
@@ -73,7 +125,12 @@ class transfer_server {
   /// Errors: INVALID_ARGUMENT (leaves.size() != leaf_count(total_size), total_size 0).
   [[nodiscard]] status publish(const std::string& artifact_id, std::uint64_t total_size,
                                std::vector<hash::digest> leaves);
-  /// Stops serving it (requests then answer NOT_FOUND).
+  /// Serves the verified leaves of an artifact still being pulled (and its manifest); other
+  /// leaves are answered "not yet" with the verified-leaf bitmap. It replaces what was published
+  /// under the id (a host pulls only what it does not hold); a later publish() replaces it.
+  void publish_partial(const std::string& artifact_id, std::shared_ptr<const partial_artifact> partial);
+  /// Stops serving it (requests then answer NOT_FOUND). Once it returns, no leaf of it is
+  /// being read and the server holds no reference to a partial of it.
   void withdraw(const std::string& artifact_id);
   [[nodiscard]] bool serves(const std::string& artifact_id) const;
 
@@ -82,7 +139,9 @@ class transfer_server {
     std::uint64_t bytes_served = 0;
     std::uint64_t manifests_served = 0;
     std::uint64_t requests_refused = 0;
-    std::uint64_t requests_dropped = 0;  ///< by stall_after_leaves
+    std::uint64_t requests_dropped = 0;       ///< by stall_after_leaves
+    std::uint64_t partial_leaves_served = 0;  ///< of those in leaves_served, from a partial artifact
+    std::uint64_t not_yet_answers = 0;        ///< leaves asked of a partial artifact before it had them
   };
   [[nodiscard]] counters stats() const;
 
@@ -105,6 +164,28 @@ struct pull_options {
   std::chrono::milliseconds request_timeout{30'000};
   /// Leaf requests outstanding at once per source.
   unsigned leaves_in_flight_per_source = 4;
+  /// The same for a source not known to be partial (the origin) once some source said "not
+  /// yet": pullers sharing an origin then ask it for fewer leaves ahead, so fewer of their
+  /// requests to it are for a leaf another puller is being sent at the same time.
+  unsigned complete_source_leaves_in_flight_with_peers = 1;
+  /// A source that said "not yet" (a partial source) is asked for the leaves it says it has
+  /// only, and this often which leaves those are.
+  std::chrono::milliseconds partial_refresh_every{100};
+  /// Seeds the order in which this pull asks for leaves (a permutation of them); 0 = random.
+  std::uint64_t order_seed = 0;
+  /// Called once the manifest is verified and the destination handed out, before any leaf is
+  /// asked for: the pulling host may publish a partial_artifact of it from then on.
+  std::function<void(std::span<const hash::digest> leaves)> manifest_verified;
+  /// Called for each leaf once its bytes in the destination match its digest; they are not
+  /// written again by this pull.
+  std::function<void(std::uint64_t leaf)> leaf_verified;
+  /// Called when a leaf is asked of a source (true) and when it is wanted again after a failed
+  /// or "not yet" answer (false).
+  std::function<void(std::uint64_t leaf, bool asked)> leaf_asked;
+  /// Asked every `find_sources_every` (on a thread of its own) for the sources that hold the
+  /// artifact now; those not known to the pull yet are added (a source dropped stays dropped).
+  std::function<result<std::vector<pull_source>>()> find_sources;
+  std::chrono::milliseconds find_sources_every{500};
   /// Must outlive the call.
   logger* log = &null_logger();
 };
@@ -119,6 +200,10 @@ struct pull_report {
   std::vector<std::string> failed_sources;
   /// Leaves requested again after a corrupt answer or a dropped source.
   std::uint64_t leaves_refetched = 0;
+  /// "Not yet" answers (a partial source asked for a leaf it did not have yet).
+  std::uint64_t leaves_not_yet = 0;
+  /// Sources that find_sources added during the pull, by name.
+  std::vector<std::string> sources_added;
 };
 
 /// Where the bytes go, asked once the manifest is verified: a writable buffer of exactly
@@ -129,8 +214,9 @@ using pull_destination = function_ref<result<std::span<std::byte>>(std::uint64_t
 /// `destination` hands out. On success every leaf in it is verified and its tree hash is the
 /// id's data hash. On failure the buffer holds unverified bytes and must not be used.
 /// Errors: INVALID_ARGUMENT (not an mi2 id, no sources, a source address not IPv4:PORT);
-/// UNAVAILABLE (every source failed or was corrupt before all leaves arrived; the message
-/// names each source and why); whatever `destination` returns; INTERNAL (UCX cannot start).
+/// UNAVAILABLE (every source failed or was corrupt before all leaves arrived, or for
+/// request_timeout no live source had a leaf still missing; the message names each source and
+/// why); whatever `destination` returns; INTERNAL (UCX cannot start).
 [[nodiscard]] result<pull_report> pull_artifact(const std::string& artifact_id, std::span<const pull_source> sources,
                                                 pull_destination destination, const pull_options& options = {});
 

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "tensorreg/common/unique_fd.hpp"
+#include "tensorreg/hash/sha256.hpp"
 #include "tensorreg/identity/artifact_id.hpp"
 #include "tensorreg/index/canonical_index.hpp"
 #include "tensorreg/memory/byte_source.hpp"
@@ -222,6 +223,13 @@ struct commit_options {
   /// Answer once the artifact is committed and usable, and compute its data hash afterwards on
   /// the hash pool (registration.md §4.8). Only for a registration with a cgid.
   bool hash_in_background = false;
+  /// The leaf digests (hash/tree_hash.hpp) the staged bytes were checked against by the caller.
+  /// A stable_dram commit that keeps its memfd as the replica (sealed: the bytes cannot change
+  /// any more) then folds them into the data hash instead of hashing the bytes again; other
+  /// plans, a copied upload and a count that does not match total_size hash as usual. Not on
+  /// the wire. REQUIRES: every leaf of the memfd, as it is when the commit starts, matches its
+  /// digest (the cluster's pulls verify each leaf as it lands: docs/cluster.md §3.1).
+  std::shared_ptr<const std::vector<hash::digest>> verified_leaf_digests;
 };
 
 /// What WaitArtifactHash answers.

@@ -83,6 +83,8 @@ struct commit_context {
   /// Layouts committed before (layout_cache.hpp), for a plan that rebuilds an index from fed
   /// tables. Null: every commit rebuilds.
   layout_cache* layouts = nullptr;
+  /// commit_options::verified_leaf_digests. Null: hash the bytes.
+  const std::vector<hash::digest>* verified_leaf_digests = nullptr;
 
   template <typename F>
   decltype(auto) with_catalogue(F&& f) {

@@ -40,14 +40,18 @@ result<bool> pad_is_zero(const memory::byte_source& bytes, const index::byte_ran
 // client or elsewhere, so once sealed the hash taken here describes the kept bytes for good.
 // Empty when it cannot be kept as it is (still mapped writable, or PAD not zero): the caller
 // then copies it.
+// `verified`: leaf digests the caller checked these bytes against (commit_options): sealed, they
+// describe the kept bytes for good, so they stand in for hashing them again.
 result<std::optional<materialized>> adopt_staging(const std::shared_ptr<memory::shared_memory>& staging,
                                                   const index::byte_range_map& map, bool want_digest, thread_pool& pool,
-                                                  cancel_flag cancel) {
+                                                  cancel_flag cancel, const std::vector<hash::digest>* verified) {
   if (!staging->seal_read_only()) return std::nullopt;
   TENSORREG_TRY_ASSIGN(const bool clean, pad_is_zero(*staging, map));
   if (!clean) return std::nullopt;
   materialized out;
-  if (want_digest) {
+  if (want_digest && verified != nullptr && verified->size() == hash::leaf_count(staging->size())) {
+    out.data_digest = hash::tree_root(*verified);
+  } else if (want_digest) {
     const cancellable_source source(*staging, cancel);
     TENSORREG_TRY_ASSIGN(out.data_digest, hash::tree_hash(source, &pool));
     metrics::process_counters().bytes_hashed.add(staging->size());
@@ -233,7 +237,8 @@ result<commit_response> stable_dram::commit(commit_context& ctx) {
       return tl::unexpected(std::move(covered).error());
     }
     if (upload_->filled_by() == stable_upload::mode::memfd_ranges) {
-      TENSORREG_TRY_ASSIGN(adopted, adopt_staging(upload_->staging(), map, p.cgid.empty(), ctx.pool, ctx.cancelled));
+      TENSORREG_TRY_ASSIGN(adopted, adopt_staging(upload_->staging(), map, p.cgid.empty(), ctx.pool, ctx.cancelled,
+                                                  ctx.verified_leaf_digests));
     }
     if (!adopted) {
       TENSORREG_TRY_ASSIGN(normalized, normalized_source::create(upload_->staging(), *index_));
