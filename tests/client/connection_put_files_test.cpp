@@ -17,17 +17,18 @@
 
 #include "client/raw_connection.hpp"
 #include "client/wire_convert.hpp"
+#include "support/client_helpers.hpp"
 #include "support/daemon_process.hpp"
 #include "support/safetensors_writer.hpp"
 #include "support/temp_dir.hpp"
-#include "tensorreg/common/thread_pool.hpp"
-#include "tensorreg/identity/content_id.hpp"
 
 namespace {
 
 using namespace tensorreg;
 using client::connection;
+using testing::connect;
 using testing::daemon_process;
+using testing::offline_id;
 namespace wc = client::wire_convert;
 
 // Several 4 MiB leaves and PAD between tensors of odd sizes.
@@ -43,17 +44,6 @@ std::filesystem::path leafy_model(const testing::temp_dir& dir, std::uint32_t se
 
 std::unique_ptr<index::safetensors_bundle> open_bundle(const std::filesystem::path& path) {
   return index::safetensors_bundle::open({path.string()}).value();
-}
-
-std::string offline_id(const index::safetensors_bundle& bundle) {
-  thread_pool pool(1);
-  return identity::content_id(bundle.index().json(), bundle.canonical(), &pool).value().to_string();
-}
-
-connection connect(const daemon_process& d) {
-  auto c = connection::connect(d.socket_path());
-  REQUIRE(c);
-  return std::move(*c);
 }
 
 std::uint64_t tensor_bytes(const index::safetensors_bundle& bundle) {

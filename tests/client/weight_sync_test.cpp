@@ -7,35 +7,25 @@
 
 #include <algorithm>
 
+#include "support/client_helpers.hpp"
 #include "support/daemon_process.hpp"
 #include "support/safetensors_writer.hpp"
 #include "support/temp_dir.hpp"
-#include "tensorreg/common/thread_pool.hpp"
-#include "tensorreg/identity/content_id.hpp"
 
 namespace {
 
 using namespace tensorreg;
 using client::connection;
 using std::chrono::milliseconds;
+using testing::connect;
 using testing::daemon_process;
+using testing::offline_id;
 
 std::unique_ptr<index::safetensors_bundle> bundle_of(const testing::temp_dir& dir, std::uint32_t seed) {
   const auto path = dir.path() / ("step-" + std::to_string(seed) + ".safetensors");
   testing::write_safetensors(path, {{"w", "F32", {4096}, testing::pattern_bytes(16384, seed)},
                                     {"b", "BF16", {3}, testing::pattern_bytes(6, seed + 1)}});
   return index::safetensors_bundle::open({path.string()}).value();
-}
-
-std::string offline_id(const index::safetensors_bundle& bundle) {
-  thread_pool pool(1);
-  return identity::content_id(bundle.index().json(), bundle.canonical(), &pool).value().to_string();
-}
-
-connection connect(const daemon_process& d) {
-  auto c = connection::connect(d.socket_path());
-  REQUIRE(c);
-  return std::move(*c);
 }
 
 }  // namespace
