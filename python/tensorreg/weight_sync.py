@@ -283,8 +283,6 @@ class WeightSubscriber:
             self._copy_plan = (dsts, plan, rest)
         if plan is not None:
             plan.launch()
-        else:
-            rest = range(len(dsts))
         if rest:
             d, s = [dsts[k] for k in rest], [srcs[k] for k in rest]
             if hasattr(torch, "_foreach_copy_"):
