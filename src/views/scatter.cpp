@@ -4,6 +4,10 @@
 #include <cstring>
 #include <vector>
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 namespace tensorreg::views {
 namespace {
 
@@ -11,6 +15,43 @@ namespace {
 // and each of its rows in both buffers is one or two cache lines.
 template <std::size_t ES>
 constexpr std::int64_t tile = std::max<std::int64_t>(16, 128 / static_cast<std::int64_t>(ES));
+
+// Transposes a B×B block of ES-byte elements, B = 16 / ES (one 16-byte register per row):
+// dst row j = src column j. log2(B) rounds of interleaving row i with row i + B/2 at the
+// element's own width turn rows into columns (a perfect shuffle per round).
+template <std::size_t ES>
+void transpose_block(const std::byte* src, std::size_t src_stride, std::byte* dst, std::size_t dst_stride) {
+  constexpr std::size_t B = 16 / ES;
+#if defined(__SSE2__)
+  auto lo = [](__m128i a, __m128i b) {
+    if constexpr (ES == 1) return _mm_unpacklo_epi8(a, b);
+    if constexpr (ES == 2) return _mm_unpacklo_epi16(a, b);
+    if constexpr (ES == 4) return _mm_unpacklo_epi32(a, b);
+    if constexpr (ES == 8) return _mm_unpacklo_epi64(a, b);
+  };
+  auto hi = [](__m128i a, __m128i b) {
+    if constexpr (ES == 1) return _mm_unpackhi_epi8(a, b);
+    if constexpr (ES == 2) return _mm_unpackhi_epi16(a, b);
+    if constexpr (ES == 4) return _mm_unpackhi_epi32(a, b);
+    if constexpr (ES == 8) return _mm_unpackhi_epi64(a, b);
+  };
+  __m128i r[B];
+  for (std::size_t i = 0; i < B; ++i) r[i] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i * src_stride));
+  for (std::size_t round = 1; round < B; round *= 2) {
+    __m128i o[B];
+    for (std::size_t i = 0; i < B / 2; ++i) {
+      o[2 * i] = lo(r[i], r[i + B / 2]);
+      o[2 * i + 1] = hi(r[i], r[i + B / 2]);
+    }
+    std::copy(o, o + B, r);
+  }
+  for (std::size_t i = 0; i < B; ++i) _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i * dst_stride), r[i]);
+#else
+  for (std::size_t i = 0; i < B; ++i) {
+    for (std::size_t j = 0; j < B; ++j) std::memcpy(dst + j * dst_stride + i * ES, src + i * src_stride + j * ES, ES);
+  }
+#endif
+}
 
 // The canonical element offset (relative to element 0) of view element `e`.
 std::int64_t offset_of(const view_tensor& t, std::uint64_t e) {
@@ -56,9 +97,10 @@ struct cursor {
 // buffers: a whole row slice when the innermost dim is contiguous in the canonical buffer,
 // else one element at a time, in L1-sized tiles over the two innermost dims.
 // Staged (scatter only): where the canonical side is contiguous along the second innermost dim,
-// a tile is first read row by row from the view into a small transposed buffer, then written to
-// the canonical buffer one contiguous line per column: no strided reads of the view, whose rows
-// are often a power of two apart and would evict each other from the cache within a tile.
+// a tile is first transposed from the view into a small buffer (whole tiles in register-sized
+// blocks, see transpose_block), then written to the canonical buffer one contiguous line per
+// column: no strided reads of the view, whose rows are often a power of two apart and would
+// evict each other from the cache within a tile.
 template <std::size_t ES, bool Staged, typename View, typename Op>
 void walk_elements(const view_tensor& t, std::uint64_t e0, std::uint64_t e1, View* view, Op&& op) {
   const std::size_t rank = t.walk_shape.size();
@@ -115,10 +157,23 @@ void walk_elements(const view_tensor& t, std::uint64_t e0, std::uint64_t e1, Vie
         if constexpr (Staged) {
           if (sp == 1) {
             alignas(64) std::byte staged[static_cast<std::size_t>(T * T) * ES];
-            for (std::int64_t k = 0; k < kn; ++k) {
-              const View* row = view + static_cast<std::uint64_t>((kt + k) * q_len + jt) * ES;
-              for (std::int64_t j = 0; j < jn; ++j) {
-                std::memcpy(staged + static_cast<std::size_t>(j * T + k) * ES, row + j * ES, ES);
+            const View* corner = view + static_cast<std::uint64_t>(kt * q_len + jt) * ES;
+            const auto row_bytes = static_cast<std::size_t>(q_len) * ES;
+            if (kn == T && jn == T) {
+              constexpr std::int64_t B = 16 / ES;
+              for (std::int64_t k = 0; k < T; k += B) {
+                for (std::int64_t j = 0; j < T; j += B) {
+                  transpose_block<ES>(
+                      corner + static_cast<std::size_t>(k) * row_bytes + static_cast<std::size_t>(j) * ES, row_bytes,
+                      staged + static_cast<std::size_t>(j * T + k) * ES, T * ES);
+                }
+              }
+            } else {
+              for (std::int64_t k = 0; k < kn; ++k) {
+                for (std::int64_t j = 0; j < jn; ++j) {
+                  std::memcpy(staged + static_cast<std::size_t>(j * T + k) * ES,
+                              corner + static_cast<std::size_t>(k) * row_bytes + static_cast<std::size_t>(j) * ES, ES);
+                }
               }
             }
             for (std::int64_t j = 0; j < jn; ++j) {

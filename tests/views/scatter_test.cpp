@@ -222,28 +222,36 @@ TEST_CASE("scatter: random views gather as the element-by-element reference and 
 }
 
 TEST_CASE("scatter: a 2-D transpose larger than a tile lands element by element", "[views][scatter]") {
-  // 300 × 170 float32 (not multiples of the tile), transposed.
-  std::vector<tensorreg::index::tensor_desc> tensors{
-      {"w", "torch.float32", {300, 170}, {170, 1}, "w", 300 * 170 * 4, 0}};
-  auto idx = canonical_index::build(tensors);
-  REQUIRE(idx);
-  view_request r;
-  r.spec["w"] = {transpose_op{0, 1}};
-  r.place = placement::server;
-  r.kind = registration_kind::canonical;
-  auto plan = view_plan::create(r, *idx, registration_facts{idx->total_size(), false});
-  REQUIRE(plan);
-  std::vector<float> view(300 * 170);
-  for (std::size_t i = 0; i < view.size(); ++i) view[i] = static_cast<float>(i);
-  std::vector<std::byte> canonical(idx->total_size());
-  REQUIRE(scatter(*plan, 0, std::as_bytes(std::span(view)), canonical));
-  std::vector<float> c(300 * 170);
-  std::memcpy(c.data(), canonical.data(), canonical.size());
-  bool ok = true;
-  for (std::size_t i = 0; i < 300; ++i) {
-    for (std::size_t j = 0; j < 170; ++j) ok = ok && c[i * 170 + j] == view[j * 300 + i];
+  // 300 × 170 (not multiples of any tile: whole tiles, then ragged edges), transposed, for every
+  // element size: the whole tiles go through the block transpose of that size.
+  const std::int64_t rows = 300, cols = 170;
+  for (const std::string dtype : {"torch.uint8", "torch.bfloat16", "torch.float32", "torch.int64"}) {
+    CAPTURE(dtype);
+    const auto es = static_cast<std::size_t>(*tensorreg::index::element_size(dtype));
+    const auto nbytes = static_cast<std::uint64_t>(rows * cols) * es;
+    std::vector<tensorreg::index::tensor_desc> tensors{{"w", dtype, {rows, cols}, {cols, 1}, "w", nbytes, 0}};
+    auto idx = canonical_index::build(tensors);
+    REQUIRE(idx);
+    view_request r;
+    r.spec["w"] = {transpose_op{0, 1}};
+    r.place = placement::server;
+    r.kind = registration_kind::canonical;
+    auto plan = view_plan::create(r, *idx, registration_facts{idx->total_size(), false});
+    REQUIRE(plan);
+    std::mt19937_64 rng(es);
+    const auto view = random_bytes(rng, nbytes);
+    std::vector<std::byte> canonical(idx->total_size());
+    REQUIRE(scatter(*plan, 0, view, canonical));
+    std::size_t wrong = 0;
+    for (std::size_t i = 0; i < static_cast<std::size_t>(rows); ++i) {
+      for (std::size_t j = 0; j < static_cast<std::size_t>(cols); ++j) {
+        const auto c = (i * static_cast<std::size_t>(cols) + j) * es;
+        const auto v = (j * static_cast<std::size_t>(rows) + i) * es;
+        wrong += std::memcmp(canonical.data() + c, view.data() + v, es) != 0 ? 1 : 0;
+      }
+    }
+    CHECK(wrong == 0);
   }
-  CHECK(ok);
 }
 
 TEST_CASE("scatter: ranges outside the view or a short canonical buffer are OUT_OF_RANGE", "[views][scatter]") {
