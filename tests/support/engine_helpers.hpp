@@ -155,7 +155,7 @@ inline constexpr const char* small_model_json =
 [[nodiscard]] result<reg::commit_response> register_lip(reg::engine& e, const model& m, std::int32_t owner_pid,
                                                         std::string* registration_id = nullptr,
                                                         std::optional<policy::store_policy> policy = std::nullopt);
-/// Begin + chunks + commit of a stable_dram registration of `m`.
+/// Begin + odd-sized chunks + commit of a stable_dram registration of `m`.
 [[nodiscard]] result<reg::commit_response> register_stable(reg::engine& e, const model& m, std::int32_t owner_pid,
                                                            std::string* registration_id = nullptr);
 
