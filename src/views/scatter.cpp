@@ -16,6 +16,17 @@ namespace {
 template <std::size_t ES>
 constexpr std::int64_t tile = std::max<std::int64_t>(16, 128 / static_cast<std::int64_t>(ES));
 
+// Transposes `rows` × `cols` ES-byte elements one at a time: dst row j = src column j.
+template <std::size_t ES>
+void transpose_elements(const std::byte* src, std::size_t src_stride, std::byte* dst, std::size_t dst_stride,
+                        std::size_t rows, std::size_t cols) {
+  for (std::size_t i = 0; i < rows; ++i) {
+    for (std::size_t j = 0; j < cols; ++j) {
+      std::memcpy(dst + j * dst_stride + i * ES, src + i * src_stride + j * ES, ES);
+    }
+  }
+}
+
 // Transposes a B×B block of ES-byte elements, B = 16 / ES (one 16-byte register per row):
 // dst row j = src column j. log2(B) rounds of interleaving row i with row i + B/2 at the
 // element's own width turn rows into columns (a perfect shuffle per round).
@@ -47,9 +58,7 @@ void transpose_block(const std::byte* src, std::size_t src_stride, std::byte* ds
   }
   for (std::size_t i = 0; i < B; ++i) _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i * dst_stride), r[i]);
 #else
-  for (std::size_t i = 0; i < B; ++i) {
-    for (std::size_t j = 0; j < B; ++j) std::memcpy(dst + j * dst_stride + i * ES, src + i * src_stride + j * ES, ES);
-  }
+  transpose_elements<ES>(src, src_stride, dst, dst_stride, B, B);
 #endif
 }
 
@@ -169,12 +178,8 @@ void walk_elements(const view_tensor& t, std::uint64_t e0, std::uint64_t e1, Vie
                 }
               }
             } else {
-              for (std::int64_t k = 0; k < kn; ++k) {
-                for (std::int64_t j = 0; j < jn; ++j) {
-                  std::memcpy(staged + static_cast<std::size_t>(j * T + k) * ES,
-                              corner + static_cast<std::size_t>(k) * row_bytes + static_cast<std::size_t>(j) * ES, ES);
-                }
-              }
+              transpose_elements<ES>(corner, row_bytes, staged, T * ES, static_cast<std::size_t>(kn),
+                                     static_cast<std::size_t>(jn));
             }
             for (std::int64_t j = 0; j < jn; ++j) {
               op(staged + static_cast<std::size_t>(j * T) * ES, c.off + kt + (jt + j) * sq,
