@@ -24,8 +24,9 @@ result<std::shared_ptr<assembly>> assembly::create(std::string cgid, std::shared
       new assembly(std::move(cgid), std::move(idx), std::move(required), std::move(buffer)));
 }
 
-result<bool> assembly::add_piece(const std::string& piece_id, const view_plan& plan,
-                                 std::span<const std::byte> view_bytes, const index::canonical_index& idx) {
+result<assembly_snapshot> assembly::add_piece(const std::string& piece_id, const view_plan& plan,
+                                              std::span<const std::byte> view_bytes,
+                                              const index::canonical_index& idx) {
   const std::string what = "cannot add piece '" + piece_id + "' to assembly " + cgid_;
   if (!(idx == *index_)) {
     return fail(errc::invalid_argument, what + ": its canonical index (" + std::to_string(idx.total_size()) +
@@ -62,9 +63,8 @@ result<bool> assembly::add_piece(const std::string& piece_id, const view_plan& p
   all.insert(all.end(), plan.canonical_ranges().begin(), plan.canonical_ranges().end());
   covered_ = merge_ranges(std::move(all));
   pieces_.emplace_back(piece_id, plan.canonical_ranges());
-  const bool complete = !first_gap(required_, covered_).has_value();
-  if (complete) state_ = state::sealing;
-  return complete;
+  if (!first_gap(required_, covered_).has_value()) state_ = state::sealing;
+  return snapshot_locked();
 }
 
 result<std::shared_ptr<memory::shared_memory>> assembly::seal_buffer() {
@@ -90,11 +90,16 @@ void assembly::mark_sealed(std::string artifact_id) {
 
 assembly_snapshot assembly::snapshot() const {
   std::lock_guard lock(mutex_);
+  return snapshot_locked();
+}
+
+assembly_snapshot assembly::snapshot_locked() const {
   assembly_snapshot s;
   s.cgid = cgid_;
   s.canonical_size = index_->total_size();
   for (const auto& r : intersect_ranges(required_, covered_)) s.covered_bytes += r.length;
   s.pieces = static_cast<std::uint32_t>(pieces_.size());
+  s.complete = state_ != state::open;
   s.sealed = state_ == state::sealed;
   s.artifact_id = artifact_id_;
   return s;

@@ -38,6 +38,7 @@ struct assembly_snapshot {
   std::uint64_t canonical_size = 0;
   std::uint64_t covered_bytes = 0;  ///< of the required bytes
   std::uint32_t pieces = 0;
+  bool complete = false;  ///< every required byte is covered: being sealed, or sealed
   bool sealed = false;
   std::string artifact_id;  ///< once sealed
 };
@@ -55,13 +56,15 @@ class assembly {
   [[nodiscard]] const std::shared_ptr<const index::canonical_index>& index() const noexcept { return index_; }
 
   /// Adds the view bytes of one piece (all of them, linearized as `plan` lays them out).
-  /// Returns whether the assembly is complete now; the caller that got true seals it
-  /// (seal_buffer(), then mark_sealed() or reopen()).
+  /// Returns the assembly as this piece left it, which is what its commit answers: another
+  /// piece added meanwhile is not counted. The one caller that gets `complete` seals it
+  /// (seal_buffer(), then mark_sealed()).
   /// Errors: INVALID_ARGUMENT (the piece's canonical index is another one), FAILED_PRECONDITION
   /// ("assembly is already sealed", or being sealed), ABORTED (a byte the piece shares with an
   /// earlier piece differs: the message names both pieces and the canonical offset).
-  [[nodiscard]] result<bool> add_piece(const std::string& piece_id, const view_plan& plan,
-                                       std::span<const std::byte> view_bytes, const index::canonical_index& idx);
+  [[nodiscard]] result<assembly_snapshot> add_piece(const std::string& piece_id, const view_plan& plan,
+                                                    std::span<const std::byte> view_bytes,
+                                                    const index::canonical_index& idx);
 
   /// The buffer of a complete assembly, sealed read-only for hashing and publishing.
   /// Errors: FAILED_PRECONDITION (not complete), the seal's.
@@ -81,6 +84,7 @@ class assembly {
 
   assembly(std::string cgid, std::shared_ptr<const index::canonical_index> idx, std::vector<byte_range> required,
            std::shared_ptr<memory::shared_memory> buffer) noexcept;
+  [[nodiscard]] assembly_snapshot snapshot_locked() const;
 
   const std::string cgid_;
   const std::shared_ptr<const index::canonical_index> index_;

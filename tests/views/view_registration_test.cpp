@@ -411,10 +411,14 @@ TEST_CASE("view registration: 8 pieces committed from 8 threads seal once, with 
   }
   for (auto& th : threads) th.join();
   // Exactly one commit completed the buffer and answers the mi2 id; the others answer the cgid.
+  // Each answers the assembly as its own piece left it: the counts are 1..8, the 8th sealed.
   int sealed = 0;
+  std::vector<std::uint32_t> counts;
   for (const auto& r : results) {
     REQUIRE_OK(r);
     REQUIRE(r->assembly);
+    counts.push_back(r->assembly->pieces);
+    CHECK(r->assembly->sealed == (r->assembly->pieces == 8));
     if (r->descriptor.id_kind == tensorreg::identity::id_kind::mi2) {
       ++sealed;
       CHECK(r->descriptor.artifact_id == t::expected_mi2(f.index.json(), f.canonical));
@@ -423,6 +427,8 @@ TEST_CASE("view registration: 8 pieces committed from 8 threads seal once, with 
     }
   }
   CHECK(sealed == 1);
+  std::sort(counts.begin(), counts.end());
+  CHECK(counts == std::vector<std::uint32_t>{1, 2, 3, 4, 5, 6, 7, 8});
   auto status = e->assembly_of(cgid);
   REQUIRE_OK(status);
   CHECK(status->sealed);

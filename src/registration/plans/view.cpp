@@ -294,11 +294,11 @@ result<commit_response> view_registration::commit_piece(commit_context& ctx) {
     });
   }
   whole->touch(deadline);
-  TENSORREG_TRY_ASSIGN(const bool complete, whole->add_piece(p.id, *view_, staging, *index_));
+  TENSORREG_TRY_ASSIGN(auto after, whole->add_piece(p.id, *view_, staging, *index_));
 
   commit_response response;
   response.local_stable_tier = local_stable_tier_result{local_stable_status::skipped, tier_skipped};
-  if (complete) {
+  if (after.complete) {
     // This piece completed the canonical buffer: it gets the mi2 id a whole registration of
     // the same tensors gets, and becomes a stable replica.
     auto sealed = [&]() -> result<commit_response> {
@@ -322,6 +322,7 @@ result<commit_response> view_registration::commit_piece(commit_context& ctx) {
       return sealed;
     }
     whole->mark_sealed(sealed->descriptor.artifact_id);
+    after = whole->snapshot();  // no piece is added once complete: only the seal changed
     response = std::move(*sealed);
   } else {
     auto& d = response.descriptor;
@@ -330,8 +331,8 @@ result<commit_response> view_registration::commit_piece(commit_context& ctx) {
     d.index_multihash = view_->index_multihash();
     d.total_size = index_->total_size();
   }
-  const auto s = whole->snapshot();
-  response.assembly = assembly_status{s.cgid, s.canonical_size, s.covered_bytes, s.pieces, s.sealed, s.artifact_id};
+  response.assembly = assembly_status{after.cgid,   after.canonical_size, after.covered_bytes,
+                                      after.pieces, after.sealed,         after.artifact_id};
   response.view = std::move(record);
   return response;
 }
