@@ -13,7 +13,7 @@ target_link_libraries(tensorreg_cluster_tests PRIVATE tensorreg_catch_main tenso
 # transfer_server_test speaks raw UCX to the server.
 target_link_libraries(tensorreg_cluster_tests PRIVATE PkgConfig::UCX)
 target_include_directories(tensorreg_cluster_tests PRIVATE ${CMAKE_CURRENT_SOURCE_DIR} ${PROJECT_SOURCE_DIR}/src)
-catch_discover_tests(tensorreg_cluster_tests EXTRA_ARGS --warn NoTests)
+tensorreg_add_test_files(tensorreg_cluster_tests ${tensorreg_cluster_unit_tests})
 
 # The netns harness (tests/cluster/netns_cluster.sh): root only, SKIP (77) otherwise; label
 # `cluster` so that a CI step runs it on its own.
