@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -31,5 +32,10 @@ struct lease_access {
 
 /// Unregisters `region_ids` (force), ignoring errors: the cleanup after a failed register.
 void release_regions(raw::connection& raw, const std::vector<std::string>& region_ids) noexcept;
+
+/// pwrite()s all of `bytes` at `offset` of the daemon's memfd `fd`, through short writes and
+/// EINTR. Errors: RESOURCE_EXHAUSTED (ENOSPC, ENOMEM, or a write of 0 bytes), or the code of
+/// the errno, with "cannot write N bytes at offset X of the daemon's memfd: <reason>".
+[[nodiscard]] status write_to_memfd(int fd, std::span<const std::byte> bytes, std::uint64_t offset);
 
 }  // namespace tensorreg::client

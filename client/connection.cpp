@@ -53,22 +53,6 @@ class memfd_mapping {
   std::size_t size_;
 };
 
-status pwrite_all(int fd, std::span<const std::byte> piece, std::uint64_t at) {
-  while (!piece.empty()) {
-    const ssize_t n = ::pwrite(fd, piece.data(), piece.size(), static_cast<off_t>(at));
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) {
-      const int e = n < 0 ? errno : ENOSPC;
-      return fail(errc_of_errno(e, errc::resource_exhausted), "cannot write " + std::to_string(piece.size()) +
-                                                                  " bytes at offset " + std::to_string(at) + ": " +
-                                                                  std::strerror(e));
-    }
-    piece = piece.subspan(static_cast<std::size_t>(n));
-    at += static_cast<std::uint64_t>(n);
-  }
-  return {};
-}
-
 // Writes the bundle's canonical bytes into the memfd `fd` at [0, size), leaf by leaf on all
 // cores, two ways at once. pwrite() (the file read into a small buffer, then written) costs the
 // least CPU, but it takes the memfd's inode lock: writers on several cores serialise and spin.
@@ -103,7 +87,7 @@ status write_canonical(const index::safetensors_bundle& bundle, int fd,
   const memfd_mapping mapping(static_cast<std::byte*>(base), static_cast<std::size_t>(total));
   const auto write_at = [&](std::uint64_t at) {
     return [fd, at](std::span<const std::byte> piece) mutable -> status {
-      TENSORREG_TRY(pwrite_all(fd, piece, at));
+      TENSORREG_TRY(write_to_memfd(fd, piece, at));
       at += piece.size();
       return {};
     };
@@ -515,6 +499,22 @@ result<persistence::task_status> connection::wait_persistence(std::string_view t
 result<deregister_result> connection::deregister(std::string_view artifact_id, bool wait_for_drain) {
   TENSORREG_TRY_ASSIGN(auto r, raw_->call(wc::deregister_request(artifact_id, wait_for_drain, own_pid())));
   return wc::deregister_of(r.response);
+}
+
+status write_to_memfd(int fd, std::span<const std::byte> bytes, std::uint64_t offset) {
+  while (!bytes.empty()) {
+    const ssize_t n = ::pwrite(fd, bytes.data(), bytes.size(), static_cast<off_t>(offset));
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      const int e = n < 0 ? errno : ENOSPC;
+      return fail(errc_of_errno(e, errc::resource_exhausted), "cannot write " + std::to_string(bytes.size()) +
+                                                                  " bytes at offset " + std::to_string(offset) +
+                                                                  " of the daemon's memfd: " + std::strerror(e));
+    }
+    bytes = bytes.subspan(static_cast<std::size_t>(n));
+    offset += static_cast<std::uint64_t>(n);
+  }
+  return {};
 }
 
 }  // namespace tensorreg::client

@@ -7,10 +7,9 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <cerrno>
-#include <cstring>
 #include <functional>
 
+#include "client/access.hpp"
 #include "client/raw_connection.hpp"
 #include "client/wire_convert.hpp"
 #include "tensorreg/client/connection.hpp"
@@ -46,23 +45,6 @@ status stream_view(raw::connection& raw, const std::string& registration_id, std
   return {};
 }
 
-// pwrite() of all of `bytes` at `offset` of `fd`.
-status pwrite_all(int fd, std::span<const std::byte> bytes, std::uint64_t offset) {
-  while (!bytes.empty()) {
-    const ssize_t n = ::pwrite(fd, bytes.data(), std::min<std::size_t>(bytes.size(), std::size_t{1} << 30),
-                               static_cast<off_t>(offset));
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) {
-      return fail(errc_of_errno(errno, errc::resource_exhausted),
-                  "cannot write " + std::to_string(bytes.size()) + " bytes at offset " + std::to_string(offset) +
-                      " of the daemon's memfd: " + std::strerror(n < 0 ? errno : ENOSPC));
-    }
-    bytes = bytes.subspan(static_cast<std::size_t>(n));
-    offset += static_cast<std::uint64_t>(n);
-  }
-  return {};
-}
-
 // Begin → (SERVER: view chunks from `fill`; CLIENT: the canonical bytes into the publish memfd)
 // → Commit, aborting on failure.
 // `view_size` runs once the daemon has accepted the Begin (so its status, not a local check's,
@@ -80,7 +62,7 @@ result<view_registered> run_view(raw::connection& raw, const wc::begin_args& beg
     if (begun.fds.empty()) {
       return abort_on_error(error{errc::data_loss, "cannot register view: the daemon sent no memfd"});
     }
-    if (auto written = pwrite_all(begun.fds.front().get(), canonical, 0); !written) {
+    if (auto written = write_to_memfd(begun.fds.front().get(), canonical, 0); !written) {
       return abort_on_error(written.error());
     }
     begun.fds.clear();
