@@ -23,10 +23,14 @@ target_compile_options(tensorreg_cuda_flags INTERFACE
   $<$<COMPILE_LANGUAGE:CUDA>:-Xcompiler=-Wall,-Wextra -lineinfo>
   $<$<AND:$<COMPILE_LANGUAGE:CUDA>,$<BOOL:${TENSORREG_CUDA_PTXAS_VERBOSE}>>:-Xptxas=-v>)
 
-# C++20 for .cu files as a plain flag: CMake 3.25 knows no CUDA20 dialect flags for nvcc 13.
+# C++20 for .cu files. CMake 3.25 knows nvcc's dialect flags only up to C++17, and when the C++
+# compiler is clang it puts nvcc's default (-std=c++14) after a target's own options, where
+# nvcc takes the last -std: so it is taught the C++20 flag and asked for it as a standard.
+set(CMAKE_CUDA20_STANDARD_COMPILE_OPTION "-std=c++20")
+set(CMAKE_CUDA20_EXTENSION_COMPILE_OPTION "-std=c++20")
 function(tensorreg_cuda_target target)
-  target_compile_options(${target} PRIVATE $<$<COMPILE_LANGUAGE:CUDA>:-std=c++20>)
   set_target_properties(${target} PROPERTIES
+    CUDA_STANDARD 20 CUDA_STANDARD_REQUIRED ON CUDA_EXTENSIONS OFF
     CUDA_ARCHITECTURES "${TENSORREG_CUDA_ARCHITECTURES}"
     CUDA_RUNTIME_LIBRARY Static)
 endfunction()
