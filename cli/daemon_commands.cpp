@@ -351,6 +351,62 @@ std::string short_id(const std::string& id) {
   return part == id ? (id.size() <= 20 ? id : id.substr(0, 20)) : part.substr(0, 12);
 }
 
+std::string expiry_text(const client::assembly_status& a) {
+  if (!a.expires_in) return "never";
+  return fmt::format("in {:.1f} s", std::chrono::duration<double>(*a.expires_in).count());
+}
+
+std::string coverage_text(const client::assembly_status& a) {
+  const double percent = a.canonical_size_bytes == 0 ? 100.0
+                                                     : 100.0 * static_cast<double>(a.covered_bytes) /
+                                                           static_cast<double>(a.canonical_size_bytes);
+  return fmt::format("{:.1f} % of {}", percent, human_bytes(a.canonical_size_bytes));
+}
+
+// The assemblies still waiting for pieces (a sealed one is listed as its artifact).
+int print_open_assemblies(connection& c) {
+  auto got = c.assemblies();
+  if (!got) return fail_with(got.error());
+  std::size_t open = 0;
+  for (const auto& a : *got) {
+    if (a.sealed) continue;
+    if (open++ == 0) fmt::print("\n{:<60} {:>6}  {:<24} {}\n", "ASSEMBLY", "PIECES", "COVERED", "EXPIRES");
+    fmt::print("{:<60} {:>6}  {:<24} {}\n", a.cgid, a.pieces, coverage_text(a), expiry_text(a));
+  }
+  if (open > 0) fmt::print("{} {} waiting for pieces\n", open, open == 1 ? "assembly" : "assemblies");
+  return 0;
+}
+
+json assembly_json(const client::assembly_status& a) {
+  json j = {{"cgid", a.cgid},
+            {"canonical_size_bytes", a.canonical_size_bytes},
+            {"covered_bytes", a.covered_bytes},
+            {"pieces", a.pieces},
+            {"sealed", a.sealed},
+            {"artifact_id", a.artifact_id}};
+  j["expires_in_ms"] = a.expires_in ? json(a.expires_in->count()) : json(nullptr);
+  return j;
+}
+
+// `show cgid:…` of an assembly that has no artifact of that id: where it stands.
+std::optional<int> show_assembly(connection& c, const options& o) {
+  auto got = c.assemblies();
+  if (!got) return fail_with(got.error());
+  for (const auto& a : *got) {
+    if (a.cgid != o.positional[0]) continue;
+    if (o.json) {
+      fmt::print("{}\n", assembly_json(a).dump());
+      return 0;
+    }
+    fmt::print("assembly   {}\npieces     {}\ncovered    {} ({} of {} bytes)\n", a.cgid, a.pieces, coverage_text(a),
+               a.covered_bytes, a.canonical_size_bytes);
+    fmt::print("state      {}\nexpires    {}\n", a.sealed ? "sealed as " + a.artifact_id : "open, waiting for pieces",
+               expiry_text(a));
+    return 0;
+  }
+  return std::nullopt;
+}
+
 int cmd_ls(connection& c, const options& o) {
   auto got = c.list();
   if (!got) return fail_with(got.error());
@@ -377,7 +433,7 @@ int cmd_ls(connection& c, const options& o) {
                human_bytes(a.descriptor.total_size), a.lease_count, tiers);
   }
   fmt::print("{} artifacts\n", list.size());
-  return 0;
+  return print_open_assemblies(c);
 }
 
 // The one artifact whose id starts with `text` (a whole id is its own prefix).
@@ -449,6 +505,9 @@ int cmd_show_or_index(connection& c, const options& o, bool index_only) {
   if (o.positional.size() != 1)
     return usage(index_only ? "usage: tensorreg index ID" : "usage: tensorreg show ID-OR-PREFIX");
   auto id = resolve_id(c, o.positional[0], index_only ? "find the index of" : "show");
+  if (!id && id.error().code == errc::not_found && !index_only) {
+    if (auto shown = show_assembly(c, o)) return *shown;
+  }
   if (!id) return fail_with(id.error());
   auto got = c.index(*id);
   if (!got) return fail_with(got.error());

@@ -440,6 +440,11 @@ result<std::vector<artifact_info>> connection::list() {
   return wc::list_of(r.response);
 }
 
+result<std::vector<assembly_status>> connection::assemblies() {
+  TENSORREG_TRY_ASSIGN(auto r, raw_->call(wc::list_request()));
+  return wc::assemblies_of(r.response);
+}
+
 result<daemon_stats> connection::stats() {
   TENSORREG_TRY_ASSIGN(auto r, raw_->call(wc::stats_request()));
   return wc::stats_of(r.response);

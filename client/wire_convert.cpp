@@ -1,5 +1,7 @@
 #include "client/wire_convert.hpp"
 
+#include <algorithm>
+#include <limits>
 #include <map>
 #include <string>
 #include <type_traits>
@@ -435,6 +437,21 @@ artifact_index index_of(const wire::Response& r) {
   return {descriptor_of(i.artifact_descriptor()), i.tensor_index_data()};
 }
 
+assembly_status assembly_of(const v2::AssemblyStatus& a) {
+  assembly_status out{a.cgid(), a.canonical_size_bytes(), a.covered_bytes(), a.pieces(), a.sealed(), a.artifact_id()};
+  if (a.has_expires_in_ms()) {
+    out.expires_in = std::chrono::milliseconds(static_cast<std::int64_t>(
+        std::min<std::uint64_t>(a.expires_in_ms(), std::numeric_limits<std::int64_t>::max())));
+  }
+  return out;
+}
+
+std::vector<assembly_status> assemblies_of(const wire::Response& r) {
+  std::vector<assembly_status> out;
+  for (const auto& a : r.list_artifacts().assemblies()) out.push_back(assembly_of(a));
+  return out;
+}
+
 std::vector<artifact_info> list_of(const wire::Response& r) {
   std::vector<artifact_info> out;
   for (const auto& a : r.list_artifacts().artifacts()) {
@@ -485,11 +502,7 @@ view_registered view_commit_of(const wire::Response& committed, std::string regi
   out.view_data_hash = c.view_data_hash();
   out.canonical_ranges = ranges_of(c.canonical_ranges());
   out.kind = static_cast<views::registration_kind>(c.registration_kind());
-  if (c.has_assembly()) {
-    const auto& a = c.assembly();
-    out.assembly =
-        assembly_status{a.cgid(), a.canonical_size_bytes(), a.covered_bytes(), a.pieces(), a.sealed(), a.artifact_id()};
-  }
+  if (c.has_assembly()) out.assembly = assembly_of(c.assembly());
   return out;
 }
 

@@ -125,6 +125,8 @@ struct region_args {
 [[nodiscard]] persistence::task_status persistence_of(const wire::Response& r, std::string_view artifact_id = {});
 [[nodiscard]] artifact_index index_of(const wire::Response& r);
 [[nodiscard]] std::vector<artifact_info> list_of(const wire::Response& r);
+[[nodiscard]] std::vector<assembly_status> assemblies_of(const wire::Response& r);
+[[nodiscard]] assembly_status assembly_of(const v2::AssemblyStatus& a);
 [[nodiscard]] artifact_view view_of(const v2::ArtifactView& v);
 /// The view answer of a Commit (registration.md §7.10; `assembly` for a PIECE).
 [[nodiscard]] view_registered view_commit_of(const wire::Response& committed, std::string registration_id);

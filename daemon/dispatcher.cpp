@@ -620,7 +620,7 @@ struct dispatcher::impl {
     const auto generation = next_names_generation();
     auto listed = engine.list();
     prune_names(listed, generation);
-    convert::fill_list(out, std::move(listed));
+    convert::fill_list(out, std::move(listed), engine.assemblies());
     std::lock_guard lock(names_mutex);
     for (auto& a : *out.mutable_artifacts()) {
       if (auto it = artifact_names.find(a.artifact_id()); it != artifact_names.end()) a.set_name(it->second.first);

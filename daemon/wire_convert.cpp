@@ -420,15 +420,17 @@ void fill_commit(v2::CommitRegisteredArtifactResponse& out, const reg::commit_re
     fill_ranges(*out.mutable_canonical_ranges(), in.view->canonical_ranges);
     out.set_registration_kind(static_cast<v2::ViewRegistrationKind>(in.view->kind));
   }
-  if (in.assembly) {
-    auto* a = out.mutable_assembly();
-    a->set_cgid(in.assembly->cgid);
-    a->set_canonical_size_bytes(in.assembly->canonical_size);
-    a->set_covered_bytes(in.assembly->covered_bytes);
-    a->set_pieces(in.assembly->pieces);
-    a->set_sealed(in.assembly->sealed);
-    a->set_artifact_id(in.assembly->artifact_id);
-  }
+  if (in.assembly) fill_assembly(*out.mutable_assembly(), *in.assembly);
+}
+
+void fill_assembly(v2::AssemblyStatus& out, const reg::assembly_status& in) {
+  out.set_cgid(in.cgid);
+  out.set_canonical_size_bytes(in.canonical_size);
+  out.set_covered_bytes(in.covered_bytes);
+  out.set_pieces(in.pieces);
+  out.set_sealed(in.sealed);
+  out.set_artifact_id(in.artifact_id);
+  if (in.expires_in) out.set_expires_in_ms(static_cast<std::uint64_t>(in.expires_in->count()));
 }
 
 void fill_view(v2::ArtifactView& out, const reg::view_record& in) {
@@ -664,10 +666,12 @@ void fill_device_layout(wire::OpenArtifactDeviceResponse& out, const reg::device
     s->set_allocation_offset(seg.allocation_offset);
   }
 }
-void fill_list(wire::ListArtifactsResponse& out, std::vector<reg::artifact_summary> in) {
+void fill_list(wire::ListArtifactsResponse& out, std::vector<reg::artifact_summary> in,
+               const std::vector<reg::assembly_status>& assemblies) {
   std::sort(in.begin(), in.end(),
             [](const auto& a, const auto& b) { return a.descriptor.artifact_id < b.descriptor.artifact_id; });
   for (const auto& s : in) fill_summary(*out.add_artifacts(), s);
+  for (const auto& a : assemblies) fill_assembly(*out.add_assemblies(), a);
 }
 
 void fill_stats(wire::GetStatsResponse& out, const reg::engine_stats& in, std::size_t connections) {

@@ -146,7 +146,10 @@ void fill_persisted(wire::OpenPersistedArtifactResponse& out, const persistence:
 void fill_device_layout(wire::OpenArtifactDeviceResponse& out, const registration::device_layout& layout,
                         std::size_t first, std::size_t end, const std::vector<std::string>& device_uuids);
 
-void fill_list(wire::ListArtifactsResponse& out, std::vector<registration::artifact_summary> in);
+/// `assemblies` as engine::assemblies() gives them (by cgid).
+void fill_list(wire::ListArtifactsResponse& out, std::vector<registration::artifact_summary> in,
+               const std::vector<registration::assembly_status>& assemblies);
+void fill_assembly(v2::AssemblyStatus& out, const registration::assembly_status& in);
 
 void fill_stats(wire::GetStatsResponse& out, const registration::engine_stats& in, std::size_t connections);
 

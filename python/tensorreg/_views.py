@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 from . import _buffers, _layout, _messages, _put, _reads, _requests
 from ._torch import module as _torch
@@ -54,7 +54,8 @@ class Transpose(NamedTuple):
 
 
 class AssemblyStatus(NamedTuple):
-    """Where a piece's assembly stands after its commit (wire-format.md §16)."""
+    """Where a piece's assembly stands: after its commit, and in Store.assemblies()
+    (wire-format.md §16)."""
 
     cgid: str
     canonical_size_bytes: int
@@ -62,6 +63,12 @@ class AssemblyStatus(NamedTuple):
     pieces: int
     sealed: bool
     artifact_id: str  # the mi2 id once sealed, else ""
+    expires_in_ms: Optional[int] = None  # until the daemon drops it, sealed or not; None: no TTL
+
+    @classmethod
+    def from_message(cls, a) -> "AssemblyStatus":
+        return cls(a.cgid, a.canonical_size_bytes, a.covered_bytes, a.pieces, a.sealed, a.artifact_id,
+                   a.expires_in_ms if a.HasField("expires_in_ms") else None)
 
 
 class ViewRegistration:
@@ -89,9 +96,7 @@ class ViewRegistration:
         self.local_stable_tier = _requests.local_stable_tier(answer)
         self.assembly = None
         if answer.HasField("assembly"):
-            a = answer.assembly
-            self.assembly = AssemblyStatus(a.cgid, a.canonical_size_bytes, a.covered_bytes, a.pieces, a.sealed,
-                                           a.artifact_id)
+            self.assembly = AssemblyStatus.from_message(answer.assembly)
 
     @property
     def sealed(self) -> bool:

@@ -276,6 +276,12 @@ class Store:
             out.append(d)
         return out
 
+    def assemblies(self) -> list:
+        """The piece assemblies the daemon holds, open or sealed until they expire, by cgid
+        (AssemblyStatus each): an open one has no artifact yet, so list() cannot show it."""
+        answer, _ = self._conn.call(_requests.list_artifacts())
+        return [AssemblyStatus.from_message(a) for a in answer.list_artifacts.assemblies]
+
     def stats(self) -> dict:
         answer, _ = self._conn.call(_requests.stats())
         s = answer.get_stats

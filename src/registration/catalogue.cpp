@@ -351,6 +351,21 @@ std::vector<std::string> catalogue::expire_assemblies(clock::time_point now) {
   return out;
 }
 
+assembly_status status_of(const views::assembly_snapshot& s, clock::time_point now) {
+  assembly_status out{s.cgid, s.canonical_size, s.covered_bytes, s.pieces, s.sealed, s.artifact_id, std::nullopt};
+  if (s.deadline) {
+    out.expires_in =
+        std::max(std::chrono::milliseconds(0), std::chrono::ceil<std::chrono::milliseconds>(*s.deadline - now));
+  }
+  return out;
+}
+
+std::vector<assembly_status> catalogue::assembly_statuses(clock::time_point now) const {
+  std::vector<assembly_status> out;
+  for (const auto& [cgid, a] : assemblies_) out.push_back(status_of(a->snapshot(), now));
+  return out;
+}
+
 std::vector<released_holder> catalogue::release_owner(std::int32_t owner_pid) {
   std::vector<std::string> registrations;
   for (const auto& [id, a] : artifacts_) {

@@ -147,6 +147,9 @@ struct removed_artifact {
   std::size_t joins = 0;
 };
 
+/// What a commit and the list answer of an assembly seen as `s` at `now`.
+[[nodiscard]] assembly_status status_of(const views::assembly_snapshot& s, clock::time_point now);
+
 class catalogue {
  public:
   /// `stable_entries_per_uid`: most cache entries the commits of one uid may have created
@@ -256,6 +259,8 @@ class catalogue {
   /// Drops the assemblies past their deadline at `now` (their buffers go with the last commit
   /// that uses them); returns their cgids.
   std::vector<std::string> expire_assemblies(clock::time_point now);
+  /// Where each assembly stands at `now`, by cgid.
+  [[nodiscard]] std::vector<assembly_status> assembly_statuses(clock::time_point now) const;
 
   // ---- background hashes (registration.md §4.8) ----
 

@@ -1119,8 +1119,12 @@ result<assembly_status> engine::assembly_of(const std::string& cgid) const {
   if (it == state_->catalogue.assemblies().end()) {
     return fail(errc::not_found, "cannot find assembly " + cgid + ": no piece of it is held here");
   }
-  const auto s = it->second->snapshot();
-  return assembly_status{s.cgid, s.canonical_size, s.covered_bytes, s.pieces, s.sealed, s.artifact_id};
+  return detail::status_of(it->second->snapshot(), state_->time.now());
+}
+
+std::vector<assembly_status> engine::assemblies() const {
+  const detail::engine_lock lock(state_->mutex);
+  return state_->catalogue.assembly_statuses(state_->time.now());
 }
 
 // ---- Persistence -----------------------------------------------------------------------------

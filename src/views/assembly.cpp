@@ -102,6 +102,7 @@ assembly_snapshot assembly::snapshot_locked() const {
   s.complete = state_ != state::open;
   s.sealed = state_ == state::sealed;
   s.artifact_id = artifact_id_;
+  s.deadline = deadline_;
   return s;
 }
 

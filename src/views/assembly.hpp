@@ -40,7 +40,8 @@ struct assembly_snapshot {
   std::uint32_t pieces = 0;
   bool complete = false;  ///< every required byte is covered: being sealed, or sealed
   bool sealed = false;
-  std::string artifact_id;  ///< once sealed
+  std::string artifact_id;                    ///< once sealed
+  std::optional<clock::time_point> deadline;  ///< when it expires (touch()); nullopt: never
 };
 
 class assembly {

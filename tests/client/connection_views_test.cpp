@@ -215,6 +215,18 @@ TEST_CASE("client views: 4 pieces in random order seal the whole artifact's id, 
   REQUIRE(first->assembly);
   CHECK(first->assembly->pieces == 1);
   CHECK_FALSE(first->assembly->sealed);
+  REQUIRE(first->assembly->expires_in);
+  // Open, it has no artifact: the daemon lists it among its assemblies.
+  auto open = c.assemblies();
+  REQUIRE(open);
+  REQUIRE(open->size() == 1);
+  CHECK((*open)[0].cgid == cgid);
+  CHECK((*open)[0].pieces == 1);
+  CHECK_FALSE((*open)[0].sealed);
+  CHECK((*open)[0].covered_bytes == first->assembly->covered_bytes);
+  REQUIRE((*open)[0].expires_in);
+  CHECK(*(*open)[0].expires_in <= *first->assembly->expires_in);
+  CHECK(*(*open)[0].expires_in > std::chrono::milliseconds(0));
   auto bad = columns(m, order[1] * 10, 10);
   bad[5] = static_cast<char>(bad[5] ^ 1);
   auto refused = c.register_piece(piece(m, cgid, order[1] * 10, 10), as_bytes(bad));
@@ -241,6 +253,11 @@ TEST_CASE("client views: 4 pieces in random order seal the whole artifact's id, 
       CHECK(done->descriptor.artifact_id == whole->descriptor.artifact_id);
       CHECK(done->assembly->artifact_id == whole->descriptor.artifact_id);
       CHECK(done->assembly->covered_bytes == m.canonical.size());
+      auto listed = c.assemblies();
+      REQUIRE(listed);
+      REQUIRE(listed->size() == 1);
+      CHECK((*listed)[0].sealed);
+      CHECK((*listed)[0].artifact_id == whole->descriptor.artifact_id);
       // The sealing piece's view is recorded on the artifact and reads back as its columns.
       auto got = c.get_view(whole->descriptor.artifact_id, done->view_id);
       REQUIRE(got);

@@ -5,10 +5,12 @@ concurrently in random order."""
 
 import base64
 import hashlib
+import json
 import multiprocessing
 import os
 import random
 import re
+import subprocess
 import sys
 import tempfile
 
@@ -424,6 +426,29 @@ class ViewsTest(_support.StoreTestCase):
         self.assertEqual(last[4], 3)
         self.assertLess(last[5], last[6])  # covered < canonical
         self.assertEqual(last[3], "cgid:llama-missing")
+        # No artifact yet, so the daemon lists it among its assemblies, open and expiring.
+        listed = [a for a in self.store.assemblies() if a.cgid == "cgid:llama-missing"]
+        self.assertEqual(len(listed), 1)
+        a = listed[0]
+        self.assertEqual((a.pieces, a.sealed, a.artifact_id), (3, False, ""))
+        self.assertEqual((a.covered_bytes, a.canonical_size_bytes), (last[5], last[6]))
+        self.assertIsNotNone(a.expires_in_ms)
+        self.assertTrue(0 < a.expires_in_ms <= 600_000)
+        self.assertNotIn("cgid:llama-missing", [d["artifact_id"] for d in self.store.list()])
+        if _support.PATHS["cli"]:
+            ls = subprocess.run([_support.PATHS["cli"], "ls", "--socket", self.daemon.socket], check=True,
+                                capture_output=True, text=True).stdout
+            row = [line.split() for line in ls.splitlines() if line.startswith("cgid:llama-missing")]
+            self.assertEqual(len(row), 1)
+            self.assertEqual(row[0][1], "3")  # PIECES
+            self.assertIn("1 assembly waiting for pieces", ls)
+            shown = json.loads(subprocess.run([_support.PATHS["cli"], "show", "--socket", self.daemon.socket, "--json",
+                                               "cgid:llama-missing"], check=True, capture_output=True,
+                                              text=True).stdout)
+            self.assertEqual((shown["pieces"], shown["sealed"], shown["covered_bytes"]), (3, False, last[5]))
+            human = subprocess.run([_support.PATHS["cli"], "show", "--socket", self.daemon.socket,
+                                    "cgid:llama-missing"], check=True, capture_output=True, text=True).stdout
+            self.assertIn("open, waiting for pieces", human)
 
     def test_overlapping_bytes_that_differ_are_aborted_naming_both_pieces(self):
         s = self.store

@@ -376,14 +376,27 @@ TEST_CASE("view registration: an assembly whose pieces stop arriving expires wit
   const std::string cgid = "cgid:model-c";
   auto r = view_begin(f, piece_request(0, 24), 96 + 64 * 24 * 4, cgid);
   r.ttl_ms = 1000;
-  REQUIRE_OK(register_view(*e, r, column_piece(f, 0, 24), 4096));
+  auto first = register_view(*e, r, column_piece(f, 0, 24), 4096);
+  REQUIRE_OK(first);
+  REQUIRE(first->assembly);
+  CHECK(first->assembly->expires_in == std::chrono::milliseconds(1000));
   REQUIRE_OK(e->assembly_of(cgid));
   clock.advance(std::chrono::milliseconds(999));
   e->sweep();
-  REQUIRE_OK(e->assembly_of(cgid));
+  // Listed while open (it has no artifact yet), with what is left of its TTL.
+  const auto listed = e->assemblies();
+  REQUIRE(listed.size() == 1);
+  CHECK(listed[0].cgid == cgid);
+  CHECK(listed[0].pieces == 1);
+  CHECK_FALSE(listed[0].sealed);
+  CHECK(listed[0].artifact_id.empty());
+  CHECK(listed[0].covered_bytes == 96 + 64 * 24 * 4);  // b whole, half of w
+  CHECK(listed[0].canonical_size == f.index.total_size());
+  CHECK(listed[0].expires_in == std::chrono::milliseconds(1));
   clock.advance(std::chrono::milliseconds(2));
   e->sweep();
   CHECK_ERROR(e->assembly_of(cgid), errc::not_found, "cannot find assembly " + cgid + ": no piece of it is held here");
+  CHECK(e->assemblies().empty());
   // A new assembly starts from nothing: one piece does not seal it.
   auto again =
       register_view(*e, view_begin(f, piece_request(24, 24), 96 + 64 * 24 * 4, cgid), column_piece(f, 24, 24), 4096);

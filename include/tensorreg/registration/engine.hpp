@@ -226,6 +226,8 @@ class engine {
   /// Where the assembly of the pieces of `cgid` stands; kept until it expires with the TTL of
   /// its last piece. Errors: NOT_FOUND.
   [[nodiscard]] result<assembly_status> assembly_of(const std::string& cgid) const;
+  /// Every assembly held here, open or sealed, by cgid (ListArtifacts answers them).
+  [[nodiscard]] std::vector<assembly_status> assemblies() const;
 
   /// Counts of the engine's tables and components. The tables guarded by the engine mutex
   /// (artifacts, leases, joins, pending registrations) are read as of this call, or, when a

@@ -10,6 +10,7 @@
 // long as any registration or lease uses it.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <optional>
@@ -261,6 +262,9 @@ struct assembly_status {
   std::uint32_t pieces = 0;
   bool sealed = false;
   std::string artifact_id;  ///< the mi2 id once sealed
+  /// Until the daemon drops it, sealed or not (the TTL of its pieces' Begin and Commit, §7);
+  /// nullopt when it has no TTL.
+  std::optional<std::chrono::milliseconds> expires_in;
 };
 
 struct commit_response {

@@ -331,8 +331,7 @@ result<commit_response> view_registration::commit_piece(commit_context& ctx) {
     d.index_multihash = view_->index_multihash();
     d.total_size = index_->total_size();
   }
-  response.assembly = assembly_status{after.cgid,   after.canonical_size, after.covered_bytes,
-                                      after.pieces, after.sealed,         after.artifact_id};
+  response.assembly = status_of(after, ctx.time.now());
   response.view = std::move(record);
   return response;
 }

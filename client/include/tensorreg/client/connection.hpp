@@ -153,6 +153,9 @@ class connection {
 
   /// ListArtifacts, sorted by artifact id.
   [[nodiscard]] result<std::vector<artifact_info>> list();
+  /// The PIECE assemblies the daemon holds, open or sealed until they expire, by cgid (an open
+  /// one has no artifact yet, so list() cannot show it).
+  [[nodiscard]] result<std::vector<assembly_status>> assemblies();
 
   /// GetStats.
   [[nodiscard]] result<daemon_stats> stats();

@@ -10,6 +10,7 @@
 // its mapping of the daemon's memfd and a `device_chunk` owns its fd (both move-only).
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <optional>
@@ -272,7 +273,8 @@ struct piece_options {
   std::string view_id{};                    ///< empty: computed by the daemon
 };
 
-/// Where a piece's assembly stands after its commit (wire-format.md §16 AssemblyStatus).
+/// Where a piece's assembly stands: after its commit, and as connection::assemblies() lists it
+/// (wire-format.md §16 AssemblyStatus).
 struct assembly_status {
   std::string cgid;
   std::uint64_t canonical_size_bytes = 0;
@@ -280,6 +282,8 @@ struct assembly_status {
   std::uint32_t pieces = 0;
   bool sealed = false;
   std::string artifact_id;  ///< the mi2 id once sealed, else empty
+  /// Until the daemon drops it, sealed or not; nullopt when it has no TTL.
+  std::optional<std::chrono::milliseconds> expires_in{};
 };
 
 /// What register_view() and register_piece() gave back (the Commit's view answer).
