@@ -28,7 +28,9 @@ target_compile_options(tensorreg_cuda_flags INTERFACE
 # nvcc takes the last -std: so it is taught the C++20 flag and asked for it as a standard.
 set(CMAKE_CUDA20_STANDARD_COMPILE_OPTION "-std=c++20")
 set(CMAKE_CUDA20_EXTENSION_COMPILE_OPTION "-std=c++20")
+# The C++ files of these targets get C++20 as well: clang 14 defaults to C++14.
 function(tensorreg_cuda_target target)
+  target_compile_features(${target} PRIVATE cxx_std_20)
   set_target_properties(${target} PROPERTIES
     CUDA_STANDARD 20 CUDA_STANDARD_REQUIRED ON CUDA_EXTENSIONS OFF
     CUDA_ARCHITECTURES "${TENSORREG_CUDA_ARCHITECTURES}"
