@@ -364,17 +364,14 @@ std::string coverage_text(const client::assembly_status& a) {
 }
 
 // The assemblies still waiting for pieces (a sealed one is listed as its artifact).
-int print_open_assemblies(connection& c) {
-  auto got = c.assemblies();
-  if (!got) return fail_with(got.error());
+void print_open_assemblies(const std::vector<client::assembly_status>& assemblies) {
   std::size_t open = 0;
-  for (const auto& a : *got) {
+  for (const auto& a : assemblies) {
     if (a.sealed) continue;
     if (open++ == 0) fmt::print("\n{:<60} {:>6}  {:<24} {}\n", "ASSEMBLY", "PIECES", "COVERED", "EXPIRES");
     fmt::print("{:<60} {:>6}  {:<24} {}\n", a.cgid, a.pieces, coverage_text(a), expiry_text(a));
   }
   if (open > 0) fmt::print("{} {} waiting for pieces\n", open, open == 1 ? "assembly" : "assemblies");
-  return 0;
 }
 
 json assembly_json(const client::assembly_status& a) {
@@ -408,9 +405,9 @@ std::optional<int> show_assembly(connection& c, const options& o) {
 }
 
 int cmd_ls(connection& c, const options& o) {
-  auto got = c.list();
+  auto got = c.listing();
   if (!got) return fail_with(got.error());
-  const auto& list = *got;
+  const auto& list = got->artifacts;
   if (o.json) {
     json arr = json::array();
     for (const auto& a : list) {
@@ -433,7 +430,8 @@ int cmd_ls(connection& c, const options& o) {
                human_bytes(a.descriptor.total_size), a.lease_count, tiers);
   }
   fmt::print("{} artifacts\n", list.size());
-  return print_open_assemblies(c);
+  print_open_assemblies(got->assemblies);
+  return 0;
 }
 
 // The one artifact whose id starts with `text` (a whole id is its own prefix).

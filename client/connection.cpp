@@ -445,6 +445,11 @@ result<std::vector<assembly_status>> connection::assemblies() {
   return wc::assemblies_of(r.response);
 }
 
+result<daemon_listing> connection::listing() {
+  TENSORREG_TRY_ASSIGN(auto r, raw_->call(wc::list_request()));
+  return daemon_listing{wc::list_of(r.response), wc::assemblies_of(r.response)};
+}
+
 result<daemon_stats> connection::stats() {
   TENSORREG_TRY_ASSIGN(auto r, raw_->call(wc::stats_request()));
   return wc::stats_of(r.response);

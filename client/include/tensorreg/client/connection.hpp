@@ -156,6 +156,8 @@ class connection {
   /// The PIECE assemblies the daemon holds, open or sealed until they expire, by cgid (an open
   /// one has no artifact yet, so list() cannot show it).
   [[nodiscard]] result<std::vector<assembly_status>> assemblies();
+  /// Both of the above from one ListArtifacts call.
+  [[nodiscard]] result<daemon_listing> listing();
 
   /// GetStats.
   [[nodiscard]] result<daemon_stats> stats();

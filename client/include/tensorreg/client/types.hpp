@@ -286,6 +286,12 @@ struct assembly_status {
   std::optional<std::chrono::milliseconds> expires_in{};
 };
 
+/// One ListArtifacts answer whole: what list() and assemblies() each give half of.
+struct daemon_listing {
+  std::vector<artifact_info> artifacts;     ///< sorted by artifact id
+  std::vector<assembly_status> assemblies;  ///< by cgid
+};
+
 /// What register_view() and register_piece() gave back (the Commit's view answer).
 struct view_registered {
   /// The artifact's descriptor; for a piece, the cgid's until the assembly seals, then the
