@@ -631,6 +631,8 @@ struct source_state {
   // Said "not yet" once: a host still pulling. Asked only for the leaves `has` says it holds,
   // and every partial_refresh_every which those are (a holdings request).
   bool partial = false;
+  // Served a leaf without saying "not yet" first: it holds the whole artifact.
+  bool complete = false;
   std::vector<bool> has;
   std::vector<bool> pending;  // what it has asked for and not verified yet
   bool holdings_asked = false;
@@ -1014,19 +1016,48 @@ result<pull_report> pull_artifact(const std::string& artifact_id, std::span<cons
       --peers_holding[leaf];
     }
   };
-  // The next leaf to ask of `source`. A partial source is asked for what it has. A source not
-  // known to be partial gets only leaves no partial source holds or is fetching: the origin's
-  // link is what every puller shares, so it sends what nobody else has or will have soon.
+  // The next leaf to ask of `source`. A partial source is asked for the rarest of what it has
+  // (held by the fewest partial sources; this pull's order among equals): a leaf only it holds
+  // can come from nowhere else, and once copied here it has one more source for the others. A
+  // source not known to be partial gets only leaves no partial source holds or is fetching: the
+  // origin's link is what every puller shares, so it sends what nobody else has or will have
+  // soon.
   auto pick = [&](const source_state& source) -> std::optional<std::uint64_t> {
+    std::optional<std::uint64_t> rarest;
     for (auto leaf : order) {
       if (phase[leaf] != leaf_phase::wanted) continue;
-      if (source.partial ? source.has[leaf] : peers_holding[leaf] == 0 && peers_pending[leaf] == 0) return leaf;
+      if (!source.partial) {
+        if (peers_holding[leaf] == 0 && peers_pending[leaf] == 0) return leaf;
+      } else if (source.has[leaf] && (!rarest || peers_holding[leaf] < peers_holding[*rarest])) {
+        rarest = leaf;
+        if (peers_holding[leaf] <= 1) break;
+      }
     }
-    return std::nullopt;
+    return rarest;
   };
   const auto per_complete_source_with_peers =
       std::clamp(options.complete_source_leaves_in_flight_with_peers, 1U, per_source);
   bool peers_known = false;  // some source is known to be partial
+  bool first_look_done = !options.find_sources;
+  // Whether `source`, not known to be partial, may be an origin that other pullers share: until
+  // the first look for sources has answered, while a source has not yet shown whether it is
+  // partial, and once one is. Pullers that start together otherwise queue leaves_in_flight_per_source
+  // requests each at the origin before they learn of each other, and the origin's link then
+  // spends seconds on leaves its pullers cannot pass on to each other until they all land.
+  auto origin_may_be_shared = [&](const source_state& source) {
+    return !first_look_done || peers_known ||
+           std::any_of(st.sources.begin(), st.sources.end(), [&](const source_state& other) {
+             return &other != &source && !other.dropped && !other.partial && !other.complete;
+           });
+  };
+  // Partial sources share leaves_in_flight_per_source between them, at least one each: a leaf
+  // asked of a partial source waits behind every request other pullers queued there, and the
+  // leaves queued deepest are the ones the others wait for at the end of a fan-out.
+  auto per_partial_source = [&] {
+    const auto partial = std::count_if(st.sources.begin(), st.sources.end(),
+                                       [](const source_state& s) { return s.partial && !s.dropped; });
+    return std::max(1U, per_source / static_cast<unsigned>(std::max<std::ptrdiff_t>(1, partial)));
+  };
   auto ask = [&](source_state& source, std::chrono::steady_clock::time_point now) {
     if (source.dropped) return;
     // A partial source's holdings grow while it pulls: asked again every partial_refresh_every,
@@ -1047,7 +1078,9 @@ result<pull_report> pull_artifact(const std::string& artifact_id, std::span<cons
       --source.in_flight;
       source.holdings_asked = true;
     }
-    const auto most = !source.partial && peers_known ? per_complete_source_with_peers : per_source;
+    const auto most = source.partial                 ? per_partial_source()
+                      : origin_may_be_shared(source) ? per_complete_source_with_peers
+                                                     : per_source;
     while (!source.dropped && source.in_flight < most) {
       auto next = pick(source);
       if (!next) return;
@@ -1174,6 +1207,8 @@ result<pull_report> pull_artifact(const std::string& artifact_id, std::span<cons
       if (source.partial) {
         note_has(source, entry.leaf, true);
         note_pending(source, entry.leaf, false);
+      } else {
+        source.complete = true;
       }
       // Hashed off this thread, so that the next leaves arrive meanwhile; the source's slot is
       // free already. At most sources × leaves_in_flight_per_source hashes run at once.
@@ -1215,6 +1250,7 @@ result<pull_report> pull_artifact(const std::string& artifact_id, std::span<cons
     }
     if (options.find_sources) {
       if (finding.valid() && finding.wait_for(std::chrono::seconds(0)) == std::future_status::ready) {
+        first_look_done = true;
         if (auto found = finding.get(); found) {
           add_found(*found);
         } else {

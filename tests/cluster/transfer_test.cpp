@@ -3,6 +3,7 @@
 #include <catch2/catch.hpp>
 #include <cstring>
 #include <future>
+#include <optional>
 #include <thread>
 
 #include "cluster/etcd_process.hpp"
@@ -163,6 +164,30 @@ TEST_CASE("transfer: a hung source is dropped after the request timeout", "[clus
   CHECK(got.bytes == artifact.bytes);
   REQUIRE(got.report->failed_sources.size() == 1);
   CHECK(got.report->failed_sources[0].find("not answered within 500 ms") != std::string::npos);
+}
+
+TEST_CASE("transfer: an origin is asked one leaf at a time until the first look for sources answers",
+          "[cluster][transfer][partial]") {
+  // The origin answers one leaf and then nothing, so every request it got is counted: served or
+  // dropped. Before the look there may be other pullers sharing it: one request at a time, so
+  // the second waits there. After a look that finds nobody else, four at once.
+  test_artifact artifact(16 * hash::leaf_bytes);
+  auto origin = serve(artifact, false, /*stall=*/1);
+  pull_options options;
+  options.request_timeout = 1500ms;
+  options.find_sources_every = 300ms;
+  std::optional<std::uint64_t> requests_before_look;  // set by the first look (one at a time)
+  options.find_sources = [&]() -> result<std::vector<pull_source>> {
+    const auto stats = origin->stats();
+    if (!requests_before_look) requests_before_look = stats.leaves_served + stats.requests_dropped;
+    return std::vector<pull_source>{{"origin", origin->address()}};
+  };
+  auto got = pull(artifact.id, {{"origin", origin->address()}}, options);
+  REQUIRE_FALSE(got.report);
+  CHECK(got.report.error().code == errc::unavailable);
+  CHECK(requests_before_look == std::optional<std::uint64_t>(2));
+  CHECK(origin->stats().leaves_served == 1);
+  CHECK(origin->stats().requests_dropped == 4);  // the one before the look and three more
 }
 
 TEST_CASE("transfer: an id the source does not hold, a dead address and a bad id are refused", "[cluster][transfer]") {

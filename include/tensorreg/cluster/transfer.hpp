@@ -162,11 +162,14 @@ struct pull_source {
 struct pull_options {
   /// A request (manifest or leaf) not answered within this drops its source.
   std::chrono::milliseconds request_timeout{30'000};
-  /// Leaf requests outstanding at once per source.
+  /// Leaf requests outstanding at once per source; partial sources share this many between
+  /// them, at least one each (docs/cluster.md §3.3).
   unsigned leaves_in_flight_per_source = 4;
-  /// The same for a source not known to be partial (the origin) once some source said "not
-  /// yet": pullers sharing an origin then ask it for fewer leaves ahead, so fewer of their
-  /// requests to it are for a leaf another puller is being sent at the same time.
+  /// The same for a source not known to be partial (the origin) while other pullers may share
+  /// it: until the first find_sources answer, while a source has not shown whether it is
+  /// partial, and once one said "not yet". Pullers sharing an origin then ask it for fewer
+  /// leaves ahead, so fewer of their requests to it are for a leaf another puller is being
+  /// sent at the same time.
   unsigned complete_source_leaves_in_flight_with_peers = 1;
   /// A source that said "not yet" (a partial source) is asked for the leaves it says it has
   /// only, and this often which leaves those are.
