@@ -48,6 +48,7 @@ cleanup() {
     echo "--- failed; daemon logs:"
     for f in "$tmp"/*.log; do echo "== $f"; tail -n 5 "$f"; done
   fi
+  [ -z "${FANOUT_KEEP_LOGS:-}" ] || cp "$tmp"/*.log "$FANOUT_KEEP_LOGS"/ 2>/dev/null || true
   rm -rf "$tmp"
   exit "$rc"
 }
@@ -151,7 +152,7 @@ pull_line() { grep "pulled $2" "$tmp/d$1.log" | tail -1 | sed -E 's/.*cluster: p
 echo "# fan-out of $mib MiB from one origin, every link $rate both ways ($(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg))"
 printf '%-10s %10s %12s\n' receivers "last (s)" "x single"
 single=""
-for receivers in 1 3 7; do
+for receivers in ${FANOUT_RECEIVERS:-1 3 7}; do
   rm -f "$tmp"/done* "$tmp"/fetch*
   id=$(new_artifact "$receivers" 0)
   want=$("${client[@]}" digest "$tmp/d0.sock" "$id")
@@ -166,6 +167,7 @@ for receivers in 1 3 7; do
   "$cli" rm "$id" --socket "$tmp/d0.sock" >/dev/null
 done
 
+[ "${FANOUT_KILL:-1}" = 1 ] || exit 0
 echo "# pull of $mib MiB from two sources (fan0, fan1) into fan2; fan0 SIGKILLed at 50 % of the undisturbed time"
 rm -f "$tmp"/done* "$tmp"/fetch*
 id=$(new_artifact 20 0 1)
