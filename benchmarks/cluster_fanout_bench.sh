@@ -5,6 +5,10 @@
 #
 #   cluster_fanout_bench.sh BUILD_DIR [SIZE_MIB (default 512)] [RATE (default 200mbit)]
 #
+# Environment: FANOUT_RECEIVERS (default "1 3 7": the fan-outs to time, the first is the
+# yardstick), FANOUT_KILL=0 (skip the kill at 50 %), FANOUT_KEEP_LOGS=DIR (copy the daemons'
+# and etcd's logs there before the namespaces go).
+#
 # Every host's link is limited to RATE in both directions (tc tbf on its eth0 and on the
 # bridge's end of its veth): a NIC of that speed, full duplex.
 #
