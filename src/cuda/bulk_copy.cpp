@@ -13,21 +13,17 @@
 #include <utility>
 
 #include "cuda/cuda_check.hpp"
+#include "memory/page_populator.hpp"
 #include "tensorreg/memory/shared_memory.hpp"
 
 namespace tensorreg::cuda::detail {
 
 namespace {
 
-// Faults the memfd's pages in ahead of the write (Linux 5.14+; older kernels say EINVAL and the
-// write then faults them itself). Done by the worker while its DMA is in flight: a fresh memfd
-// page costs a fault and a zeroing, which in a memcpy would stall that worker's copy.
-void populate(std::byte* p, std::uint64_t length) noexcept {
-  constexpr int populate_write = 23;  // MADV_POPULATE_WRITE, missing from older headers
-  static std::atomic<bool> unsupported{false};
-  if (unsupported.load(std::memory_order_relaxed)) return;
-  if (::madvise(p, length, populate_write) != 0 && errno == EINVAL) unsupported.store(true, std::memory_order_relaxed);
-}
+// Faults the memfd's pages in ahead of the write. Done by the worker while its DMA is in flight:
+// a fresh memfd page costs a fault and a zeroing, which in a memcpy would stall that worker's
+// copy. Where the kernel cannot, the write faults them itself.
+void populate(std::byte* p, std::uint64_t length) noexcept { (void)memory::populate_for_write(p, length); }
 
 // The CUDA host registrations of a pooled arena, one per chunk (null where registering failed),
 // undone when the arena is freed: before its memory is unmapped (replica_pool::arena releases

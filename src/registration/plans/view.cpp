@@ -147,6 +147,9 @@ result<std::unique_ptr<plan>> view_registration::begin(const begin_request& r, c
   TENSORREG_TRY_ASSIGN(auto memory, memory::shared_memory::create(size, "tensorreg-view"));
   p->buffer_ = std::make_shared<memory::shared_memory>(std::move(memory));
   p->written_ = std::make_shared<written_ranges>();
+  if (p->view_->kind() == views::registration_kind::canonical) {
+    p->populator_ = std::make_shared<memory::page_populator>(p->buffer_->mutable_bytes());
+  }
   if (std::holds_alternative<stable_dram_options>(r.plan)) {
     response.handshake = stable_dram_handshake{};
   } else if (std::holds_alternative<lease_options>(r.plan)) {
@@ -182,10 +185,11 @@ result<feed_work> view_registration::feed(feed_request& r, const registration_fa
                                         ") run past the view size " + std::to_string(size));
   }
   const bool scatters = view_->kind() == views::registration_kind::canonical;
-  return feed_work([view = view_, buffer = buffer_, written = written_, scatters, offset,
+  return feed_work([view = view_, buffer = buffer_, written = written_, populator = populator_, scatters, offset,
                     data = std::move(chunk->data)]() -> status {
     const auto bytes = std::as_bytes(std::span(data.data(), data.size()));
     if (scatters) {
+      populator->run();
       TENSORREG_TRY(views::scatter(*view, offset, bytes, buffer->mutable_bytes()));
     } else {
       std::memcpy(buffer->mutable_bytes().data() + offset, bytes.data(), bytes.size());

@@ -4,7 +4,8 @@
 // Begin normalizes the view against the canonical index (every §7 rule, views::view_plan).
 // Then, by placement:
 //   SERVER, CANONICAL: a host canonical buffer (a memfd of total_size bytes) that view_chunk
-//     messages are scattered into, transposing on the CPU (DECISIONS §5.22); Commit checks that
+//     messages are scattered into, transposing on the CPU (DECISIONS §5.22); the first feeds
+//     fault the buffer in together before they scatter (page_populator); Commit checks that
 //     every view byte came, hashes the buffer (the id a whole registration of the same tensors
 //     gets) and keeps it as the artifact's stable DRAM replica.
 //   SERVER, PIECE: a staging buffer of the view's bytes; Commit adds them to the assembly of
@@ -23,6 +24,7 @@
 #include <mutex>
 #include <vector>
 
+#include "memory/page_populator.hpp"
 #include "registration/plans/plan.hpp"
 #include "tensorreg/memory/shared_memory.hpp"
 #include "tensorreg/views/view_plan.hpp"
@@ -74,7 +76,10 @@ class view_registration final : public plan {
   std::unique_ptr<plan> inner_;                    // CLIENT placement
   std::shared_ptr<memory::shared_memory> buffer_;  // SERVER: canonical (CANONICAL) or view bytes (PIECE)
   std::shared_ptr<written_ranges> written_;        // SERVER
-  stable::budget_reservation reservation_;         // SERVER CANONICAL
+  // SERVER, CANONICAL: the first feeds fault the canonical buffer in, in slices, before they
+  // scatter into it (memory/page_populator.hpp).
+  std::shared_ptr<memory::page_populator> populator_;
+  stable::budget_reservation reservation_;  // SERVER CANONICAL
 };
 
 }  // namespace tensorreg::registration::detail
