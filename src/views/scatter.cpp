@@ -240,6 +240,25 @@ void walk_bytes(const view_tensor& t, std::uint64_t a, std::uint64_t b, View* vi
   if (b % es != 0 && e1 * es >= a) op(view, offset_of(t, e1) * static_cast<std::int64_t>(es), b % es);
 }
 
+// A scatter's canonical lines are written whole and not read before the Commit hashes the
+// buffer: non-temporal stores skip reading each destination line in before it is overwritten.
+// scatter() fences them before it returns.
+void stream_copy(std::byte* dst, const std::byte* src, std::uint64_t n) {
+#if defined(__SSE2__)
+  if (n >= 64) {
+    const auto head = (16 - reinterpret_cast<std::uintptr_t>(dst) % 16) % 16;
+    std::memcpy(dst, src, head);
+    dst += head;
+    src += head;
+    n -= head;
+    for (; n >= 16; n -= 16, dst += 16, src += 16) {
+      _mm_stream_si128(reinterpret_cast<__m128i*>(dst), _mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+    }
+  }
+#endif
+  std::memcpy(dst, src, n);
+}
+
 status check(const view_plan& plan, std::uint64_t offset, std::uint64_t length, std::size_t canonical_size) {
   if (offset > plan.view_size() || length > plan.view_size() - offset) {
     return fail(errc::out_of_range, "cannot move view bytes [" + std::to_string(offset) + ", +" +
@@ -287,9 +306,12 @@ status scatter(const view_plan& plan, std::uint64_t view_offset, std::span<const
       [&](const view_tensor& t, std::uint64_t a, std::uint64_t b, std::uint64_t pos) {
         std::byte* c0 = canonical.data() + t.canonical_base;
         walk_bytes<true>(t, a, b, bytes.data() + pos,
-                         [c0](const std::byte* v, std::int64_t off, std::uint64_t n) { std::memcpy(c0 + off, v, n); });
+                         [c0](const std::byte* v, std::int64_t off, std::uint64_t n) { stream_copy(c0 + off, v, n); });
       },
       [](std::uint64_t, std::uint64_t) {});
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
   return {};
 }
 
