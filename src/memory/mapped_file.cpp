@@ -9,8 +9,10 @@
 #include <cerrno>
 #include <cstring>
 #include <memory>
+#include <optional>
 #include <utility>
 
+#include "memory/page_aligned_buffer.hpp"
 #include "memory/system_calls.hpp"
 
 namespace tensorreg::memory {
@@ -80,17 +82,17 @@ status mapped_file::visit(std::uint64_t offset, std::uint64_t length, piece_sink
   if (length == 0) return {};
   // One buffer per thread, reused by every visit on it (pool threads hash leaves in
   // parallel); a sink that visits a file again on the same thread gets a buffer of its own.
-  thread_local std::unique_ptr<std::byte[]> reused;
+  thread_local std::optional<page_aligned_buffer> reused;
   thread_local bool reused_busy = false;
-  std::unique_ptr<std::byte[]> own;
+  std::optional<page_aligned_buffer> own;
   std::byte* buffer = nullptr;
   if (!reused_busy) {
-    if (!reused) reused = std::make_unique<std::byte[]>(piece_bytes);
-    buffer = reused.get();
+    if (!reused) reused.emplace(piece_bytes);
+    buffer = reused->data();
     reused_busy = true;
   } else {
-    own = std::make_unique<std::byte[]>(piece_bytes);
-    buffer = own.get();
+    own.emplace(piece_bytes);
+    buffer = own->data();
   }
   struct release_reused {
     bool owned;

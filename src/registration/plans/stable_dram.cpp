@@ -1,5 +1,6 @@
 #include "registration/plans/stable_dram.hpp"
 
+#include "memory/page_aligned_buffer.hpp"
 #include "memory/system_calls.hpp"
 #include "tensorreg/common/random.hpp"
 #include "tensorreg/hash/multihash.hpp"
@@ -321,7 +322,7 @@ result<commit_response> stable_dram::commit_from_files(commit_context& ctx) {
       TENSORREG_TRY(check_cancel(ctx.cancelled));
       // Small enough to stay in a core's cache between the read and the hash.
       constexpr std::size_t piece_bytes = std::size_t{256} << 10;
-      thread_local std::vector<std::byte> buffer(piece_bytes);
+      thread_local memory::page_aligned_buffer buffer(piece_bytes);
       const std::uint64_t begin = leaf * hash::leaf_bytes;
       const std::uint64_t end = std::min(begin + hash::leaf_bytes, total);
       hash::sha256_hasher hasher;
