@@ -11,6 +11,7 @@
 #include <deque>
 #include <mutex>
 #include <optional>
+#include <set>
 #include <thread>
 
 #include "common/log.hpp"
@@ -33,7 +34,8 @@ struct node::state {
   bool stopping = false;
   std::thread advertiser;
 
-  std::mutex fetch_mutex;  // one fetch at a time: a second fetch of an id then finds it local
+  std::mutex fetch_mutex;         // one fetch at a time: a second fetch of an id then finds it local
+  std::set<std::string> pulling;  // ids being fetched (guarded by `mutex`): advertised, not held yet
 
   explicit state(registration::engine& e) : engine(e) {}
 
@@ -75,11 +77,40 @@ struct node::state {
     }
   }
 
+  // Withdraws what this host advertises but no longer holds: an artifact removed, evicted or
+  // expired here. Otherwise pullers would keep asking this host for it in vain.
+  void withdraw_gone() {
+    for (const auto& id : members->advertised()) {
+      {
+        std::lock_guard lock(mutex);
+        if (pulling.contains(id)) continue;
+      }
+      if (engine.get(id)) continue;
+      server->withdraw(id);
+      if (auto withdrawn = members->withdraw(id); !withdrawn) {
+        log(*options.log, log_level::info, "cluster: {} not withdrawn yet: {}", id, withdrawn.error().message);
+        continue;
+      }
+      log(*options.log, log_level::info, "cluster: {} withdrawn: no longer held here", id);
+    }
+  }
+
   void run() {
     std::unique_lock lock(mutex);
+    auto next_check = std::chrono::steady_clock::now() + options.withdraw_check_every;
     for (;;) {
-      wake.wait(lock, [this] { return stopping || !queue.empty(); });
+      wake.wait_until(lock, next_check, [this] { return stopping || !queue.empty(); });
       if (stopping) return;
+      if (queue.empty()) {
+        busy = true;
+        lock.unlock();
+        withdraw_gone();
+        lock.lock();
+        busy = false;
+        next_check = std::chrono::steady_clock::now() + options.withdraw_check_every;
+        idle.notify_all();
+        continue;
+      }
       auto id = std::move(queue.front());
       queue.pop_front();
       busy = true;
@@ -161,6 +192,18 @@ status node::fetch(const std::string& artifact_id) {
   }
   std::lock_guard serial(s.fetch_mutex);
   if (s.engine.get(artifact_id)) return {};  // fetched meanwhile
+  {
+    std::lock_guard lock(s.mutex);
+    s.pulling.insert(artifact_id);
+  }
+  struct done_pulling {
+    state& s;
+    const std::string& id;
+    ~done_pulling() {
+      std::lock_guard lock(s.mutex);
+      s.pulling.erase(id);
+    }
+  } done{s, artifact_id};
 
   auto holders = s.members->holders(artifact_id);
   if (!holders) {

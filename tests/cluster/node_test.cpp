@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <catch2/catch.hpp>
 #include <thread>
 
@@ -31,6 +32,7 @@ std::unique_ptr<node> join(registration::engine& e, const std::string& url, cons
   options.url = *parse_cluster_url(url);
   options.self = host_record{host_id, host_id, "127.0.0.1:0", 0};
   options.lease_ttl = 3s;
+  options.withdraw_check_every = 50ms;
   options.pull.request_timeout = 5s;
   auto n = node::create(e, std::move(options));
   REQUIRE_OK(n);
@@ -98,6 +100,51 @@ TEST_CASE("cluster node: an artifact committed on one engine is fetched by id in
   // Fetching what is local does nothing.
   REQUIRE_OK(b->fetch(id));
   CHECK(a->server().stats().manifests_served == 1);
+}
+
+TEST_CASE("cluster node: an artifact removed here is withdrawn from the catalogue and the server", "[cluster][node]") {
+  if (!t::find_etcd()) {
+    WARN("SKIP: no etcd binary (apt-get install etcd-server)");
+    return;
+  }
+  t::temp_dir dir;
+  t::etcd_process etcd(dir.path());
+  t::fake_clock clock;
+  auto engine = t::make_engine(clock);
+  auto other_engine = t::make_engine(clock);
+  auto n = join(*engine, etcd.url("n3"), "holder");
+  auto other = join(*other_engine, etcd.url("n3"), "other");
+  REQUIRE(eventually([&] { return n->members().registered() && other->members().registered(); }, 5s));
+  const auto pid = static_cast<std::int32_t>(::getpid());
+  auto kept = t::register_stable(*engine, t::small_model(), pid);
+  auto removed = t::register_stable(*engine, leafy_model(), pid);
+  REQUIRE_OK(kept);
+  REQUIRE_OK(removed);
+  const auto kept_id = kept->descriptor.artifact_id;
+  const auto removed_id = removed->descriptor.artifact_id;
+  n->committed(kept_id);
+  n->committed(removed_id);
+  n->drain();
+  auto advertises = [&](const std::string& id) {
+    const auto ids = n->members().advertised();
+    return std::find(ids.begin(), ids.end(), id) != ids.end();
+  };
+  REQUIRE(advertises(removed_id));
+  REQUIRE(n->server().serves(removed_id));
+  auto holders_seen = [&](const std::string& id) {
+    auto holders = other->members().holders(id);
+    REQUIRE_OK(holders);
+    return holders->hosts.size();
+  };
+  REQUIRE(holders_seen(removed_id) == 1);
+
+  REQUIRE_OK(engine->deregister(registration::deregister_request{removed_id}));
+  CHECK(eventually([&] { return !advertises(removed_id) && !n->server().serves(removed_id); }, 5s));
+  CHECK(holders_seen(removed_id) == 0);  // the other member no longer finds it here
+  // What is still held stays advertised and served.
+  CHECK(advertises(kept_id));
+  CHECK(n->server().serves(kept_id));
+  CHECK(holders_seen(kept_id) == 1);
 }
 
 TEST_CASE("cluster node: an id no member holds is NOT_FOUND, and etcd down is UNAVAILABLE", "[cluster][node]") {

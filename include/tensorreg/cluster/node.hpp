@@ -9,6 +9,8 @@
 //     fetched and checked against the id; its bytes are pulled from the hosts that advertise it
 //     straight into the publish memfd of a stable DRAM registration, which is then committed
 //     (the engine hashes it again: the id is its own proof) and advertised in turn.
+//   * every withdraw_check_every, what it advertises but the engine no longer lists (removed,
+//     evicted or expired) is withdrawn from the catalogue and the transfer server.
 // Without etcd, fetch() answers UNAVAILABLE and local work goes on; the catalogue registers
 // again when etcd returns.
 //
@@ -35,6 +37,9 @@ struct node_options {
   /// host_id, host_name, capacity; transfer_address is the address to listen on ("IP:PORT").
   host_record self;
   std::chrono::seconds lease_ttl{10};
+  /// How often the node withdraws what it advertises but no longer holds (removed, evicted or
+  /// expired here).
+  std::chrono::milliseconds withdraw_check_every{1000};
   pull_options pull;
   /// Test switch of the transfer server (netns harness): flip a byte of every leaf served.
   bool corrupt_leaves = false;
