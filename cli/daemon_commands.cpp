@@ -1,6 +1,7 @@
 #include "daemon_commands.hpp"
 
 #include <fmt/core.h>
+#include <fmt/ranges.h>
 #include <signal.h>
 #include <unistd.h>
 
@@ -9,12 +10,15 @@
 
 #include <algorithm>
 #include <chrono>
+#include <condition_variable>
 #include <cstdlib>
 #include <ctime>
 #include <filesystem>
+#include <mutex>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <set>
+#include <thread>
 #include <utility>
 #include <variant>
 
@@ -789,6 +793,19 @@ int cmd_persist(connection& c, const options& o) {
   return 0;
 }
 
+// The progress line of a pull of `id` the daemon reports: its hosts until the manifest is in,
+// then bytes verified of the total.
+void show_pull(progress& shown, const client::daemon_stats& stats, const std::string& id) {
+  for (const auto& p : stats.pulls) {
+    if (p.artifact_id != id) continue;
+    if (p.total_bytes == 0) {
+      shown.phase(fmt::format("the daemon pulls it from {}", fmt::join(p.sources, ", ")));
+    } else {
+      shown.update(p.verified_bytes, p.total_bytes);
+    }
+  }
+}
+
 // `get`/`pull`: GetArtifactMemfd makes the artifact local (the daemon restores it from its
 // persist dir, or pulls it from the cluster when no copy is here; docs/cluster.md §5), then
 // --out writes it as export does. A whole id is sent as it is (the daemon may not hold it yet);
@@ -804,7 +821,7 @@ int cmd_get(connection& c, const options& o, std::string_view name) {
   }
   const auto before = listed(c, id);
   // Where the bytes come from: the stable replica here, this daemon's persist dir, or (with
-  // --cluster) the hosts that hold it; the daemon reports no bytes while it restores or pulls.
+  // --cluster) the hosts that hold it; the daemon reports a pull's bytes, not a restore's.
   std::string source = "stable_dram";
   std::string waiting = "opening the daemon's copy";
   if (!before) {
@@ -818,7 +835,33 @@ int cmd_get(connection& c, const options& o, std::string_view name) {
   }
   progress shown(fmt::format("{} {}", name, short_id(id)));
   shown.phase(waiting);
+  // A pull reports its bytes in GetStats (wire-format.md §14), asked on a second connection
+  // while this one waits for the answer.
+  std::mutex watch_mutex;
+  std::condition_variable watch_stop;
+  bool got_answer = false;
+  std::thread watcher;
+  if (source == "cluster" && shown.enabled()) {
+    watcher = std::thread([&] {
+      auto side = connection::connect(c.socket_path());
+      if (!side) return;
+      std::unique_lock lock(watch_mutex);
+      while (!watch_stop.wait_for(lock, std::chrono::milliseconds(200), [&] { return got_answer; })) {
+        lock.unlock();
+        if (auto stats = side->stats()) show_pull(shown, *stats, id);
+        lock.lock();
+      }
+    });
+  }
   auto got = c.get(id);
+  if (watcher.joinable()) {
+    {
+      std::lock_guard lock(watch_mutex);
+      got_answer = true;
+    }
+    watch_stop.notify_all();
+    watcher.join();
+  }
   if (!got) {
     shown.finish();
     return fail_with(got.error());
@@ -857,6 +900,14 @@ int cmd_stats(connection& c, const options& o) {
     json tiers = json::object();
     for (const auto& t : s.tiers)
       tiers[std::string(client::tier_name(t.where))] = {{"bytes", t.bytes}, {"artifacts", t.artifacts}};
+    json pulls = json::array();
+    for (const auto& p : s.pulls) {
+      pulls.push_back({{"artifact_id", p.artifact_id},
+                       {"total_bytes", p.total_bytes},
+                       {"verified_bytes", p.verified_bytes},
+                       {"sources", p.sources},
+                       {"seconds", p.seconds}});
+    }
     fmt::print("{}\n", json{{"artifacts", s.artifacts},
                             {"pending_registrations", s.pending_registrations},
                             {"leases", s.leases},
@@ -877,7 +928,8 @@ int cmd_stats(connection& c, const options& o) {
                             {"request_errors", s.request_errors},
                             {"bytes_registered", s.bytes_registered},
                             {"bytes_hashed", s.bytes_hashed},
-                            {"bytes_copied", s.bytes_copied}}
+                            {"bytes_copied", s.bytes_copied},
+                            {"pulls", pulls}}
                            .dump());
     return 0;
   }
@@ -885,6 +937,11 @@ int cmd_stats(connection& c, const options& o) {
       "artifacts     {}\npending       {}\nleases        {}\nregions       {}\nopen mappings {}\nconnections   {}\n",
       s.artifacts, s.pending_registrations, s.leases, s.regions, s.open_mappings, s.connections);
   if (s.vmm_reserved_bytes != 0) fmt::print("vmm reserved  {}\n", human_bytes(s.vmm_reserved_bytes));
+  for (const auto& p : s.pulls) {
+    fmt::print("pulling       {}: {} of {} in {:.1f} s from {}\n", p.artifact_id, human_bytes(p.verified_bytes),
+               p.total_bytes != 0 ? human_bytes(p.total_bytes) : std::string("?"), p.seconds,
+               fmt::join(p.sources, ", "));
+  }
   for (const auto& t : s.tiers) {
     fmt::print("tier {:<12} {:>12} in {} artifacts\n", std::string(client::tier_name(t.where)), human_bytes(t.bytes),
                t.artifacts);

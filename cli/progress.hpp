@@ -2,10 +2,11 @@
 // the user waited.
 //
 // `progress` draws one status line on stderr, redrawn in place: bytes done of the total, the
-// rate and the time so far while bytes move (put, export, lease, persist, get --out), or a
-// spinner, a phase and the time so far while the daemon works without reporting bytes (its
-// hash and commit, a durable copy, a restore or a pull from the cluster). Only when stderr is a
-// terminal: piped or redirected, it writes nothing, so scripts and logs see only the results.
+// rate and the time so far while bytes move (put, export, lease, persist, get --out, a pull),
+// or a spinner, a phase and the time so far while the daemon works without reporting bytes (its
+// hash and commit, a durable copy, a restore, a pull before its manifest is in). Only when
+// stderr is a terminal: piped or redirected, it writes nothing, so scripts and logs see only
+// the results.
 // The line is erased when the operation ends, before the result is printed.
 //
 // `seconds_waited()` is the wall time since the command started (main()), which is what the

@@ -530,6 +530,10 @@ daemon_stats stats_of(const wire::Response& r) {
   out.bytes_registered = s.bytes_registered();
   out.bytes_hashed = s.bytes_hashed();
   out.bytes_copied = s.bytes_copied();
+  for (const auto& p : s.pulls()) {
+    out.pulls.push_back({p.artifact_id(), p.total_bytes(), p.verified_bytes(),
+                         std::vector<std::string>(p.sources().begin(), p.sources().end()), p.seconds()});
+  }
   return out;
 }
 

@@ -638,6 +638,16 @@ struct dispatcher::impl {
     out.set_request_errors(request_errors.value());
     out.set_bytes_registered(bytes_registered.value());
     out.set_bytes_hashed(metrics::process_counters().bytes_hashed.value());
+    if (options.cluster != nullptr) {
+      for (const auto& p : options.cluster->pulls()) {
+        auto& pull = *out.add_pulls();
+        pull.set_artifact_id(p.artifact_id);
+        pull.set_total_bytes(p.total_bytes);
+        pull.set_verified_bytes(p.verified_bytes);
+        for (const auto& source : p.sources) pull.add_sources(source);
+        pull.set_seconds(p.seconds);
+      }
+    }
     out.set_bytes_copied(metrics::process_counters().bytes_copied.value());
     return {};
   }

@@ -291,6 +291,10 @@ class Store:
             "pending_registrations": s.pending_registrations, "connections": s.connections,
             "vmm_reserved_bytes": s.vmm_reserved_bytes,
             "tiers": {tier_name(t.tier): {"bytes": t.bytes, "artifacts": t.artifacts} for t in s.tiers},
+            # Pulls from the cluster under way (docs/wire-format.md §14).
+            "pulls": [{"artifact_id": p.artifact_id, "total_bytes": p.total_bytes,
+                       "verified_bytes": p.verified_bytes, "sources": list(p.sources), "seconds": p.seconds}
+                      for p in s.pulls],
         }
 
     def deregister(self, artifact_id: str, *, wait_for_drain: bool = True) -> dict:

@@ -9,6 +9,7 @@
 #include <condition_variable>
 #include <cstring>
 #include <deque>
+#include <map>
 #include <mutex>
 #include <optional>
 #include <set>
@@ -34,8 +35,15 @@ struct node::state {
   bool stopping = false;
   std::thread advertiser;
 
-  std::mutex fetch_mutex;         // one fetch at a time: a second fetch of an id then finds it local
-  std::set<std::string> pulling;  // ids being fetched (guarded by `mutex`): advertised, not held yet
+  std::mutex fetch_mutex;  // one fetch at a time: a second fetch of an id then finds it local
+  // Pulls under way (guarded by `mutex`): advertised as partial sources, not held yet.
+  struct active_pull {
+    std::uint64_t total_bytes = 0;
+    std::uint64_t verified_bytes = 0;
+    std::set<std::string> sources;
+    std::chrono::steady_clock::time_point started = std::chrono::steady_clock::now();
+  };
+  std::map<std::string, active_pull> pulling;
 
   explicit state(registration::engine& e) : engine(e) {}
 
@@ -157,6 +165,20 @@ result<std::unique_ptr<node>> node::create(registration::engine& engine, node_op
 
 node::node(std::unique_ptr<state> s) noexcept : state_(std::move(s)) {}
 
+std::vector<pull_status> node::pulls() const {
+  std::vector<pull_status> out;
+  std::lock_guard lock(state_->mutex);
+  const auto now = std::chrono::steady_clock::now();
+  for (const auto& [id, p] : state_->pulling) {
+    out.push_back({id,
+                   p.total_bytes,
+                   p.verified_bytes,
+                   {p.sources.begin(), p.sources.end()},
+                   std::chrono::duration<double>(now - p.started).count()});
+  }
+  return out;
+}
+
 node::~node() {
   {
     std::lock_guard lock(state_->mutex);
@@ -194,8 +216,12 @@ status node::fetch(const std::string& artifact_id) {
   if (s.engine.get(artifact_id)) return {};  // fetched meanwhile
   {
     std::lock_guard lock(s.mutex);
-    s.pulling.insert(artifact_id);
+    s.pulling[artifact_id] = {};
   }
+  auto noted = [&s, &artifact_id](auto&& change) {
+    std::lock_guard lock(s.mutex);
+    change(s.pulling.at(artifact_id));
+  };
   struct done_pulling {
     state& s;
     const std::string& id;
@@ -273,6 +299,7 @@ status node::fetch(const std::string& artifact_id) {
     partial = std::make_shared<partial_artifact>(std::vector<hash::digest>(leaves.begin(), leaves.end()),
                                                  reader->bytes().subspan(0, begun.total_size), reader);
     s.server->publish_partial(artifact_id, partial);
+    noted([&](state::active_pull& p) { p.total_bytes = begun.total_size; });
     listed = true;
     if (auto advertised = s.members->advertise(artifact_id, begun.total_size); !advertised) {
       log(*s.options.log, log_level::info, "cluster: {}", advertised.error().message);
@@ -280,20 +307,28 @@ status node::fetch(const std::string& artifact_id) {
   };
   options.leaf_verified = [&](std::uint64_t leaf) {
     if (partial) partial->mark_verified(leaf);
+    const auto at = leaf * hash::leaf_bytes;
+    noted([&](state::active_pull& p) { p.verified_bytes += std::min(hash::leaf_bytes, begun.total_size - at); });
   };
   options.leaf_asked = [&](std::uint64_t leaf, bool asked) {
     if (partial) partial->mark_asked(leaf, asked);
   };
   // Hosts that start pulling it after this pull began are partial sources too.
-  options.find_sources = [&s, &artifact_id]() -> result<std::vector<pull_source>> {
+  options.find_sources = [&s, &artifact_id, noted]() -> result<std::vector<pull_source>> {
     TENSORREG_TRY_ASSIGN(auto now_holding, s.members->holders(artifact_id));
     std::vector<pull_source> found;
     for (const auto& host : now_holding.hosts) found.push_back({host.host_id, host.transfer_address});
+    noted([&](state::active_pull& p) {
+      for (const auto& f : found) p.sources.insert(f.name);
+    });
     return found;
   };
 
   std::vector<pull_source> sources;
   for (const auto& host : holders->hosts) sources.push_back({host.host_id, host.transfer_address});
+  noted([&](state::active_pull& p) {
+    for (const auto& from : sources) p.sources.insert(from.name);
+  });
   const auto t0 = std::chrono::steady_clock::now();
   auto pulled = pull_artifact(
       artifact_id, sources,

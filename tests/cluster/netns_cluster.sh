@@ -227,14 +227,31 @@ p2=$!
 sleep 0.5
 digest 3 "$id_p" >"$tmp/pipe3" &
 p3=$!
+# While node2 pulls, its GetStats lists the pull (wire-format.md §14): node1 among its sources,
+# the artifact's size, and bytes verified so far, seen at least once strictly between 0 and all.
+seen_midway=""
+while kill -0 $p2 2>/dev/null; do
+  "$cli" stats --json --socket "$tmp/d2.sock" >"$tmp/stats2" 2>/dev/null || break
+  /usr/bin/python3 - "$tmp/stats2" "$id_p" $((24 << 20)) <<'PY' && seen_midway=yes
+import json, sys
+pulls = [p for p in json.load(open(sys.argv[1]))["pulls"] if p["artifact_id"] == sys.argv[2]]
+ok = pulls and "node1" in pulls[0]["sources"] and pulls[0]["total_bytes"] == int(sys.argv[3]) \
+    and 0 < pulls[0]["verified_bytes"] < pulls[0]["total_bytes"]
+sys.exit(0 if ok else 1)
+PY
+  sleep 0.1
+done
 wait $p2 && wait $p3 || fail "a pipelined get failed: $(cat "$tmp/pipe2" "$tmp/pipe3")"
+[ -n "$seen_midway" ] || fail "node2's stats never showed its pull of $id_p part way: $(cat "$tmp/stats2")"
+"$cli" stats --json --socket "$tmp/d2.sock" | grep -q '"pulls":\[\]' ||
+  fail "node2 still lists a pull after it ended: $("$cli" stats --json --socket "$tmp/d2.sock")"
 ip netns exec "${tag}1" tc qdisc del dev eth0 root
 for n in 2 3; do [ "$(cat "$tmp/pipe$n")" = "$want" ] || fail "node$n got '$(cat "$tmp/pipe$n")' for $id_p"; done
 served=$(grep "pulled $id_p" "$tmp/d2.log" | sed -nE 's/.*; served ([0-9]+) leaves to other hosts while pulling.*/\1/p')
 [ "${served:-0}" -ge 1 ] || fail "node2 served no leaf of $id_p while pulling it: $(grep "pulled $id_p" "$tmp/d2.log")"
 grep -q "pulled $id_p .*leaves by source: .*node2 [1-9]" "$tmp/d3.log" ||
   fail "node3 took no leaf of $id_p from node2: $(grep "pulled $id_p" "$tmp/d3.log")"
-pass "pipeline: node3 took leaves of $id_p from node2 while node2 pulled it ($served served)"
+pass "pipeline: node3 took leaves of $id_p from node2 while node2 pulled it ($served served); stats showed the pull"
 
 # 3. The source SIGKILLed mid-transfer: node1 and node2 hold C; their links are slowed to
 # 200 Mbit/s each (96 MiB then takes about 2 s), node3 pulls from both, node1 dies 0.7 s in.

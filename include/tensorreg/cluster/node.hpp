@@ -22,6 +22,7 @@
 #include <chrono>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "tensorreg/cluster/catalogue.hpp"
 #include "tensorreg/cluster/transfer.hpp"
@@ -47,6 +48,15 @@ struct node_options {
   logger* log = &null_logger();
 };
 
+/// A pull under way (node::pulls()).
+struct pull_status {
+  std::string artifact_id;
+  std::uint64_t total_bytes = 0;  ///< 0 until the manifest is verified
+  std::uint64_t verified_bytes = 0;
+  std::vector<std::string> sources;  ///< host ids, partial sources included
+  double seconds = 0;                ///< since the pull began
+};
+
 class node {
  public:
   /// Starts the transfer server and the catalogue's keep-alive (etcd need not be up).
@@ -68,6 +78,9 @@ class node {
 
   /// Waits until every queued advertisement is done (tests, the harness).
   void drain();
+
+  /// The pulls under way here (fetch() calls that have not returned).
+  [[nodiscard]] std::vector<pull_status> pulls() const;
 
   [[nodiscard]] catalogue& members() noexcept;
   [[nodiscard]] transfer_server& server() noexcept;

@@ -117,6 +117,15 @@ struct tier_usage {
 };
 
 /// connection::stats().
+/// A pull from the cluster under way on the daemon (docs/wire-format.md §14).
+struct cluster_pull {
+  std::string artifact_id;
+  std::uint64_t total_bytes = 0;  ///< 0 until the manifest is verified
+  std::uint64_t verified_bytes = 0;
+  std::vector<std::string> sources;  ///< host ids it pulls from
+  double seconds = 0;                ///< since the pull began
+};
+
 struct daemon_stats {
   std::uint64_t artifacts = 0;
   std::uint64_t pending_registrations = 0;
@@ -140,6 +149,7 @@ struct daemon_stats {
   std::uint64_t bytes_registered = 0;
   std::uint64_t bytes_hashed = 0;
   std::uint64_t bytes_copied = 0;
+  std::vector<cluster_pull> pulls;
 };
 
 enum class startup_phase { unspecified = 0, listening = 1, ready = 2, failed = 3 };
