@@ -55,6 +55,22 @@ bool eventually(Predicate done, std::chrono::milliseconds within) {
   return done();
 }
 
+// etcd and two members of one cluster, each with an engine of its own, both registered.
+struct two_members {
+  t::temp_dir dir;
+  t::etcd_process etcd{dir.path()};
+  t::fake_clock clock;
+  std::unique_ptr<registration::engine> engine_a = t::make_engine(clock);
+  std::unique_ptr<registration::engine> engine_b = t::make_engine(clock);
+  std::unique_ptr<node> a;
+  std::unique_ptr<node> b;
+
+  two_members(const std::string& cluster, const std::string& name_a, const std::string& name_b)
+      : a(join(*engine_a, etcd.url(cluster), name_a)), b(join(*engine_b, etcd.url(cluster), name_b)) {
+    REQUIRE(eventually([&] { return a->members().registered() && b->members().registered(); }, 5s));
+  }
+};
+
 }  // namespace
 
 TEST_CASE("cluster node: an artifact committed on one engine is fetched by id into another",
@@ -63,14 +79,11 @@ TEST_CASE("cluster node: an artifact committed on one engine is fetched by id in
     WARN("SKIP: no etcd binary (apt-get install etcd-server)");
     return;
   }
-  t::temp_dir dir;
-  t::etcd_process etcd(dir.path());
-  t::fake_clock clock;
-  auto engine_a = t::make_engine(clock);
-  auto engine_b = t::make_engine(clock);
-  auto a = join(*engine_a, etcd.url("n1"), "a");
-  auto b = join(*engine_b, etcd.url("n1"), "b");
-  REQUIRE(eventually([&] { return a->members().registered() && b->members().registered(); }, 5s));
+  two_members cluster("n1", "a", "b");
+  auto& engine_a = cluster.engine_a;
+  auto& engine_b = cluster.engine_b;
+  auto& a = cluster.a;
+  auto& b = cluster.b;
 
   const auto m = leafy_model();
   auto committed = t::register_stable(*engine_a, m, static_cast<std::int32_t>(::getpid()));
@@ -107,14 +120,10 @@ TEST_CASE("cluster node: an artifact removed here is withdrawn from the catalogu
     WARN("SKIP: no etcd binary (apt-get install etcd-server)");
     return;
   }
-  t::temp_dir dir;
-  t::etcd_process etcd(dir.path());
-  t::fake_clock clock;
-  auto engine = t::make_engine(clock);
-  auto other_engine = t::make_engine(clock);
-  auto n = join(*engine, etcd.url("n3"), "holder");
-  auto other = join(*other_engine, etcd.url("n3"), "other");
-  REQUIRE(eventually([&] { return n->members().registered() && other->members().registered(); }, 5s));
+  two_members cluster("n3", "holder", "other");
+  auto& engine = cluster.engine_a;
+  auto& n = cluster.a;
+  auto& other = cluster.b;
   const auto pid = static_cast<std::int32_t>(::getpid());
   auto kept = t::register_stable(*engine, t::small_model(), pid);
   auto removed = t::register_stable(*engine, leafy_model(), pid);
