@@ -17,9 +17,9 @@ bool populate_for_write(std::byte* p, std::uint64_t length) noexcept {
   return false;
 }
 
-void page_populator::run() noexcept {
+void page_populator::run(std::uint64_t allowance) noexcept {
   const std::uint64_t size = mapping_.size();
-  for (;;) {
+  for (std::uint64_t done = 0; done == 0 || done < allowance; done += slice_bytes) {
     const auto at = next_.fetch_add(slice_bytes, std::memory_order_relaxed);
     if (at >= size) return;
     if (!populate_for_write(mapping_.data() + at, std::min(slice_bytes, size - at))) {

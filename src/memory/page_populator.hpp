@@ -5,8 +5,11 @@
 // buffer (a transposed view's chunk writes a few hundred bytes on each of thousands of pages)
 // pay that fault on every page, from every writer at once, in the same page tables; faulting
 // the buffer in first, contiguous slices on separate threads, costs a fraction of it
-// (benchmarks/RESULTS.md, view upload). Each run() claims slices until none is left, so the
-// first writers populate the whole buffer together and later ones find it done.
+// (benchmarks/RESULTS.md, view upload). Each run(allowance) claims slices until it has
+// populated `allowance` bytes or none is left, so the first writers populate the buffer
+// together and later ones find it done. The allowance keeps what a writer makes resident in
+// proportion to what it writes: a client that sends one chunk of a huge buffer must not make
+// the daemon commit all of it.
 //
 // Populating never changes bytes: a page already there (written or not) is left as it is, so
 // run() may overlap writes to the same buffer. Where the kernel lacks MADV_POPULATE_WRITE
@@ -35,9 +38,10 @@ class page_populator {
   page_populator(const page_populator&) = delete;
   page_populator& operator=(const page_populator&) = delete;
 
-  /// Populates slices no other run() has claimed, until none is left (or a populate fails:
-  /// then the rest is left to the writes' own faults).
-  void run() noexcept;
+  /// Populates slices no other run() has claimed, about `allowance` bytes of them (at least one
+  /// slice when any is left), fewer when none is left or a populate fails (then the rest is left
+  /// to the writes' own faults).
+  void run(std::uint64_t allowance) noexcept;
 
   /// Whether every slice has been claimed (some may still be being populated).
   [[nodiscard]] bool claimed_all() const noexcept { return next_.load(std::memory_order_relaxed) >= mapping_.size(); }

@@ -43,15 +43,20 @@ TEST_CASE("page populator: threads fault a fresh buffer in together and change n
   if (!tensorreg::memory::populate_for_write(memory.mutable_bytes().data(), 0)) FAIL("a zero-length populate fails");
   page_populator populator(memory.mutable_bytes());
   CHECK_FALSE(populator.claimed_all());
+  const bool supported = tensorreg::memory::populate_for_write(memory.mutable_bytes().data(), page);
+  // A run populates about its allowance, at least one slice: not the whole buffer.
+  populator.run(1);
+  CHECK_FALSE(populator.claimed_all());
+  if (supported) CHECK(resident_pages(memory.bytes()) <= page_populator::slice_bytes / page + 3);
   std::vector<std::thread> helpers;
-  for (int t = 0; t < 3; ++t) helpers.emplace_back([&] { populator.run(); });
+  for (int t = 0; t < 3; ++t) helpers.emplace_back([&] { populator.run(size); });
   for (auto& h : helpers) h.join();
   CHECK(populator.claimed_all());
-  populator.run();  // nothing left: returns at once
+  populator.run(size);  // nothing left: returns at once
 
   // The kernel may lack MADV_POPULATE_WRITE (before 5.14): then nothing is faulted in, and the
   // writes fault their pages themselves.
-  if (tensorreg::memory::populate_for_write(memory.mutable_bytes().data(), page)) {
+  if (supported) {
     CHECK(resident_pages(memory.bytes()) == pages);
   } else {
     WARN("MADV_POPULATE_WRITE is not supported here: nothing to check but the bytes");
