@@ -35,6 +35,7 @@
 #include <utility>
 #include <vector>
 
+#include "tensorreg/cluster/pull_status.hpp"
 #include "tensorreg/common/logger.hpp"
 #include "tensorreg/common/unique_fd.hpp"
 #include "tensorreg/metrics/registry.hpp"
@@ -45,15 +46,6 @@ namespace tensorreg::daemon {
 
 /// The cluster's side of the dispatcher (docs/cluster.md §5), given by tensorregd when it runs
 /// with --cluster, so that the dispatcher itself never sees etcd or UCX.
-/// A pull from the cluster under way (GetStatsResponse.pulls, docs/wire-format.md §14).
-struct cluster_pull {
-  std::string artifact_id;
-  std::uint64_t total_bytes = 0;  ///< 0 until the manifest is verified
-  std::uint64_t verified_bytes = 0;
-  std::vector<std::string> sources;
-  double seconds = 0;
-};
-
 class cluster_hooks {
  public:
   virtual ~cluster_hooks() = default;
@@ -63,7 +55,7 @@ class cluster_hooks {
   /// Errors: NOT_FOUND, UNAVAILABLE (the catalogue or every source), DATA_LOSS.
   [[nodiscard]] virtual status fetch(const std::string& artifact_id) = 0;
   /// The pulls under way. Must not block for long (GetStats answers it on the control lane).
-  [[nodiscard]] virtual std::vector<cluster_pull> pulls() const = 0;
+  [[nodiscard]] virtual std::vector<cluster::pull_status> pulls() const = 0;
 };
 
 struct dispatcher_options {

@@ -309,13 +309,7 @@ class cluster_adapter final : public tensorreg::daemon::cluster_hooks {
   explicit cluster_adapter(tensorreg::cluster::node& node) : node_(node) {}
   void committed(const std::string& artifact_id) override { node_.committed(artifact_id); }
   tensorreg::status fetch(const std::string& artifact_id) override { return node_.fetch(artifact_id); }
-  std::vector<tensorreg::daemon::cluster_pull> pulls() const override {
-    std::vector<tensorreg::daemon::cluster_pull> out;
-    for (auto& p : node_.pulls()) {
-      out.push_back({std::move(p.artifact_id), p.total_bytes, p.verified_bytes, std::move(p.sources), p.seconds});
-    }
-    return out;
-  }
+  std::vector<tensorreg::cluster::pull_status> pulls() const override { return node_.pulls(); }
 
  private:
   tensorreg::cluster::node& node_;

@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "tensorreg/cluster/catalogue.hpp"
+#include "tensorreg/cluster/pull_status.hpp"
 #include "tensorreg/cluster/transfer.hpp"
 #include "tensorreg/common/error.hpp"
 #include "tensorreg/common/logger.hpp"
@@ -46,15 +47,6 @@ struct node_options {
   bool corrupt_leaves = false;
   /// Must outlive the node.
   logger* log = &null_logger();
-};
-
-/// A pull under way (node::pulls()).
-struct pull_status {
-  std::string artifact_id;
-  std::uint64_t total_bytes = 0;  ///< 0 until the manifest is verified
-  std::uint64_t verified_bytes = 0;
-  std::vector<std::string> sources;  ///< host ids, partial sources included
-  double seconds = 0;                ///< since the pull began
 };
 
 class node {
