@@ -23,6 +23,7 @@
 #include <unordered_set>
 
 #include "framing.hpp"
+#include "request_pool.hpp"
 #include "src/common/log.hpp"
 #include "tensorreg/common/priority_inheriting_mutex.hpp"
 #include "unix_socket.hpp"
@@ -87,12 +88,12 @@ class return_channel {
   // Runs `work()` (returning std::optional<frame_out>) on `pool`; the awaiting coroutine resumes on
   // the I/O thread with its result, or with the exception it threw.
   template <typename Work>
-  asio::awaitable<std::optional<frame_out>> run_on(asio::thread_pool& pool, Work work) {
+  asio::awaitable<std::optional<frame_out>> run_on(request_pool& pool, Work work) {
     return asio::async_initiate<const asio::use_awaitable_t<>, void(std::exception_ptr, std::optional<frame_out>)>(
         [this, &pool](auto handler, Work w) {
           ++outstanding_;
           arm();
-          asio::post(pool, [this, handler = std::move(handler), w = std::move(w)]() mutable {
+          pool.post([this, handler = std::move(handler), w = std::move(w)]() mutable {
             std::exception_ptr failed;
             std::optional<frame_out> out;
             try {
@@ -184,8 +185,8 @@ class return_channel {
 // session stops reading (backpressure).
 class session : public std::enable_shared_from_this<session> {
  public:
-  session(stream::socket socket, const peer_credentials& peer, dispatcher& dispatch, asio::thread_pool& workers,
-          asio::thread_pool& control, return_channel& back, const server_options& options, logger& log)
+  session(stream::socket socket, const peer_credentials& peer, dispatcher& dispatch, request_pool& workers,
+          request_pool& control, return_channel& back, const server_options& options, logger& log)
       : socket_(std::move(socket)),
         watchdog_(socket_.get_executor()),
         slot_freed_(socket_.get_executor()),
@@ -305,7 +306,7 @@ class session : public std::enable_shared_from_this<session> {
       }
       return;
     }
-    asio::thread_pool& pool = lane == request_lane::control ? control_ : workers_;
+    request_pool& pool = lane == request_lane::control ? control_ : workers_;
     asio::co_spawn(socket_.get_executor(), answer_one(shared_from_this(), pool, std::move(in), id),
                    log_exception{&log_, "a session's request"});
   }
@@ -316,8 +317,8 @@ class session : public std::enable_shared_from_this<session> {
   }
 
   // `alive` holds the session until the answer is written (coroutine parameters live in its frame).
-  asio::awaitable<void> answer_one([[maybe_unused]] std::shared_ptr<session> alive, asio::thread_pool& pool,
-                                   frame_in in, std::uint64_t id) {
+  asio::awaitable<void> answer_one([[maybe_unused]] std::shared_ptr<session> alive, request_pool& pool, frame_in in,
+                                   std::uint64_t id) {
     auto out = co_await handle_on(pool, std::move(in));
     ids_in_flight_.erase(id);
     if (out) co_await send(std::move(*out));
@@ -336,7 +337,7 @@ class session : public std::enable_shared_from_this<session> {
   }
 
   // Handles `in` on a thread of `pool`; the answer comes back through the return channel.
-  asio::awaitable<std::optional<frame_out>> handle_on(asio::thread_pool& pool, frame_in in) {
+  asio::awaitable<std::optional<frame_out>> handle_on(request_pool& pool, frame_in in) {
     return back_.run_on(pool, [d = &dispatch_, c = connection_.get(), in = std::move(in)]() mutable {
       return d->handle(*c, std::move(in));
     });
@@ -482,8 +483,8 @@ class session : public std::enable_shared_from_this<session> {
   asio::steady_timer watchdog_;
   asio::steady_timer slot_freed_;  // cancelled whenever a request is answered
   dispatcher& dispatch_;
-  asio::thread_pool& workers_;
-  asio::thread_pool& control_;
+  request_pool& workers_;
+  request_pool& control_;
   return_channel& back_;
   frame_decoder decoder_;
   const std::chrono::milliseconds idle_timeout_;
@@ -517,9 +518,9 @@ struct server::impl {
   stream::acceptor acceptor{io};
   listening_socket bound;  // the socket file's identity: shutdown removes only our own
   asio::signal_set signals{io, SIGINT, SIGTERM};
-  asio::thread_pool workers;
-  asio::thread_pool control;  // control requests (dispatcher::lane_of): never behind the workers
-  return_channel back;        // the pools' answers, back to the I/O thread
+  request_pool workers;
+  request_pool control;  // control requests (dispatcher::lane_of): never behind the workers
+  return_channel back;   // the pools' answers, back to the I/O thread
   std::list<std::weak_ptr<session>> sessions;
   std::size_t served = 0;
   bool stopping = false;
