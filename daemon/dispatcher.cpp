@@ -7,6 +7,8 @@
 
 #include <fcntl.h>
 
+#include <algorithm>
+#include <array>
 #include <atomic>
 #include <cerrno>
 #include <chrono>
@@ -132,6 +134,12 @@ struct dispatcher::impl {
   const std::chrono::steady_clock::time_point daemon_started = std::chrono::steady_clock::now();
   // What GetStats and the metrics report (docs/wire-format.md §14).
   metrics::counter requests, request_errors, hits, misses, bytes_registered;
+  // tensorreg_rpc_duration_seconds by method (the request's body field number) and code, each
+  // looked up in the registry once. The lookup takes the registry's lock, and immediate
+  // requests are counted on the I/O thread, which must never wait for a worker holding it.
+  static constexpr std::size_t kMethodSlots = 64;
+  static constexpr std::size_t kCodeSlots = 18;  // 0..16, then every other value ("UNKNOWN")
+  std::array<std::array<std::atomic<metrics::histogram*>, kCodeSlots>, kMethodSlots> rpc_durations{};
   registration::engine_stats scraped;  // the engine's tables at the last scrape (the registry's lock)
   // Names given at Begin, by registration id until its commit, then by artifact id.
   std::mutex names_mutex;
@@ -203,14 +211,26 @@ struct dispatcher::impl {
     const auto code = static_cast<errc>(out.response.status().code());
     if (code != errc::ok) request_errors.add();
     if (options.metrics == nullptr) return;
-    const auto method = is_end_marker(request) ? std::string_view("FeedRegisterArtifactStream")
-                                               : convert::rpc_name(request.body_case());
+    const auto body = is_end_marker(request) ? wire::Request::kFeedRegisterArtifactStream : request.body_case();
     const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - begun).count();
-    options.metrics
-        ->histogram_of("tensorreg_rpc_duration_seconds", "Time from a request frame to its answer, by method and code",
-                       metrics::latency_buckets(),
-                       {{"method", std::string(method)}, {"code", std::string(errc_name(code))}})
-        .observe(seconds);
+    const auto lookup = [&] {
+      return &options.metrics->histogram_of(
+          "tensorreg_rpc_duration_seconds", "Time from a request frame to its answer, by method and code",
+          metrics::latency_buckets(),
+          {{"method", std::string(convert::rpc_name(body))}, {"code", std::string(errc_name(code))}});
+    };
+    const auto method_slot = static_cast<std::size_t>(body);
+    if (method_slot >= kMethodSlots) {
+      lookup()->observe(seconds);
+      return;
+    }
+    auto& slot = rpc_durations[method_slot][std::min(static_cast<std::size_t>(code), kCodeSlots - 1)];
+    metrics::histogram* h = slot.load(std::memory_order_acquire);
+    if (h == nullptr) {
+      h = lookup();  // two threads may both look up: the registry returns the same histogram
+      slot.store(h, std::memory_order_release);
+    }
+    h->observe(seconds);
   }
 
   // A request that names an artifact found it (hit) or not (miss).
