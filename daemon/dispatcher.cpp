@@ -974,8 +974,10 @@ std::pair<request_lane, std::uint64_t> dispatcher::lane_of(const frame_in& frame
     case R::kFeedRegisterArtifactStreamFieldNumber: return {request_lane::stream, id};
     case 0: return {end_of_stream ? request_lane::stream : request_lane::work, id};
     case R::kGetStatsFieldNumber:
-    case R::kGetServerConfigFieldNumber:
-    case R::kKeepAliveRegisterArtifactFieldNumber: return {request_lane::immediate, id};
+    case R::kGetServerConfigFieldNumber: return {request_lane::immediate, id};
+    // A KeepAlive takes the engine mutex, which a worker's bookkeeping may hold for a while:
+    // never on the I/O thread. Its TTL is seconds; a pool's thread hop is microseconds.
+    case R::kKeepAliveRegisterArtifactFieldNumber:
     case R::kListArtifactsFieldNumber:
     case R::kGetArtifactIndexByIdFieldNumber:
     case R::kAbortRegisteredArtifactFieldNumber:

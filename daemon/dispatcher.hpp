@@ -86,8 +86,8 @@ struct frame_in {
 
 /// Where the server runs a frame (docs/wire-format.md §5).
 enum class request_lane {
-  immediate,  ///< a few table reads under the engine mutex (GetStats, KeepAlive, GetServerConfig)
-  control,    ///< cheap and never blocking (List, index, Abort, Revoke)
+  immediate,  ///< a few table reads that never wait for a worker's lock (GetStats, GetServerConfig)
+  control,    ///< cheap and never blocking (KeepAlive, List, index, Abort, Revoke)
   work,       ///< may hash, copy, map or wait: the worker pool
   stream,     ///< a Feed stream's frame: in order with the connection's other stream frames
 };
