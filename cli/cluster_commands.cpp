@@ -25,6 +25,11 @@ int fail_with(const error& e, int code = 1) {
   return code;
 }
 
+// A replica's STATE: a host that still pulls it serves only the leaves it has verified.
+const char* state_name(cluster::replica_state state) {
+  return state == cluster::replica_state::pulling ? "pulling" : "replica";
+}
+
 std::string health(const cluster::listed_host& h) {
   if (h.lease_left) return fmt::format("alive ({} s left)", h.lease_left->count());
   if (h.host.transfer_address.empty()) return "expired (no host record)";
@@ -44,7 +49,10 @@ int cluster_ls(const std::string& text, bool as_json) {
     json out = json::array();
     for (const auto& h : *hosts) {
       json replicas = json::array();
-      for (const auto& [id, size] : h.replicas) replicas.push_back(json{{"artifact_id", id}, {"total_size", size}});
+      for (const auto& r : h.replicas) {
+        replicas.push_back(
+            json{{"artifact_id", r.artifact_id}, {"total_size", r.total_size}, {"state", state_name(r.state)}});
+      }
       out.push_back(json{{"host_id", h.host.host_id},
                          {"host_name", h.host.host_name},
                          {"transfer_address", h.host.transfer_address},
@@ -65,7 +73,9 @@ int cluster_ls(const std::string& text, bool as_json) {
                h.host.transfer_address.empty() ? "-" : h.host.transfer_address,
                h.host.capacity_bytes == 0 ? std::string("-") : human_bytes(h.host.capacity_bytes), health(h),
                h.replicas.size());
-    for (const auto& [id, size] : h.replicas) fmt::print("  {}  {}\n", id, human_bytes(size));
+    for (const auto& r : h.replicas) {
+      fmt::print("  {}  {:>10}  {}\n", r.artifact_id, human_bytes(r.total_size), state_name(r.state));
+    }
   }
   fmt::print("{} hosts, {} alive\n", hosts->size(), alive);
   return 0;

@@ -13,8 +13,10 @@ namespace tensorreg::cli {
 
 /// Prints the hosts of the cluster whose catalogue is `url` ("etcd://host:port/prefix"): host
 /// id and name, transfer address, capacity, lease health (alive with the seconds left, or
-/// expired) and the artifacts each holds; a JSON array with `json`. Returns the exit code
-/// (2 for a URL that does not parse, 1 when etcd cannot be read).
+/// expired) and the artifacts each advertises with their size and state: "replica" (held
+/// whole) or "pulling" (a pull under way that serves its verified leaves, docs/cluster.md
+/// §3.3); a JSON array with `json`. Returns the exit code (2 for a URL that does not parse, 1
+/// when etcd cannot be read).
 int cluster_ls(const std::string& url, bool json);
 
 }  // namespace tensorreg::cli

@@ -49,8 +49,11 @@ std::string host_value(const host_record& host) {
 
 result<host_record> parse_host(std::string_view host_id, std::string_view value) {
   auto parsed = json::parse(value, nullptr, false);
+  // A member's word: every field's type is checked before it is read (json::value throws on a
+  // host_name that is a number).
   if (parsed.is_discarded() || !parsed.is_object() || !parsed.contains("transfer_address") ||
-      !parsed["transfer_address"].is_string()) {
+      !parsed["transfer_address"].is_string() || (parsed.contains("host_name") && !parsed["host_name"].is_string()) ||
+      (parsed.contains("capacity_bytes") && !parsed["capacity_bytes"].is_number_unsigned())) {
     return fail(errc::internal, fmt::format("cannot read host record of '{}': not a host record", host_id));
   }
   host_record host;
@@ -59,6 +62,35 @@ result<host_record> parse_host(std::string_view host_id, std::string_view value)
   host.transfer_address = parsed["transfer_address"].get<std::string>();
   host.capacity_bytes = parsed.value("capacity_bytes", std::uint64_t{0});
   return host;
+}
+
+// <prefix>/replicas/<id>/<host_id> → {"total_size": N}, plus "partial": true while the host is
+// still pulling (docs/cluster.md §2). Values written before the flag existed have no "partial".
+std::string replica_value(std::uint64_t total_size, replica_state progress) {
+  json value{{"total_size", total_size}};
+  if (progress == replica_state::pulling) value["partial"] = true;
+  return value.dump();
+}
+
+struct replica_reading {
+  std::uint64_t total_size = 0;
+  replica_state state = replica_state::complete;
+};
+
+// Never throws, whatever a member wrote: a total_size that is not an unsigned integer reads as 0
+// (not a usable source of a size), and only the literal `true` reads as pulling. The flag informs
+// observers only; a puller learns that a source is partial from the source itself (§3.3).
+replica_reading parse_replica(std::string_view value) {
+  replica_reading out;
+  auto parsed = json::parse(value, nullptr, false);
+  if (parsed.is_discarded() || !parsed.is_object()) return out;
+  if (auto it = parsed.find("total_size"); it != parsed.end() && it->is_number_unsigned()) {
+    out.total_size = it->get<std::uint64_t>();
+  }
+  if (auto it = parsed.find("partial"); it != parsed.end() && it->is_boolean() && it->get<bool>()) {
+    out.state = replica_state::pulling;
+  }
+  return out;
 }
 
 }  // namespace
@@ -72,7 +104,7 @@ struct catalogue::state {
   std::int64_t lease = 0;
   bool registered = false;
   bool unreachable_logged = false;
-  std::map<std::string, std::uint64_t, std::less<>> advertised;     // artifact id → total size
+  std::map<std::string, replica_reading, std::less<>> advertised;   // artifact id → what it says
   std::map<std::string, std::string, std::less<>> pending_indexes;  // key → bytes not yet written
 
   std::mutex thread_mutex;
@@ -90,8 +122,8 @@ struct catalogue::state {
     TENSORREG_TRY_ASSIGN(auto id, etcd->grant_lease(options.lease_ttl));
     lease = id;
     TENSORREG_TRY(etcd->put(hosts_prefix + options.self.host_id, host_value(options.self), lease));
-    for (const auto& [artifact, size] : advertised) {
-      TENSORREG_TRY(etcd->put(replica_key(artifact), json{{"total_size", size}}.dump(), lease));
+    for (const auto& [artifact, replica] : advertised) {
+      TENSORREG_TRY(etcd->put(replica_key(artifact), replica_value(replica.total_size, replica.state), lease));
     }
     log(*options.log, log_level::info, "cluster: host {} registered at {} (lease {:x}, {} replicas)",
         options.self.host_id, etcd->endpoint(), lease, advertised.size());
@@ -206,17 +238,17 @@ bool catalogue::registered() const {
   return state_->registered;
 }
 
-status catalogue::advertise(std::string_view artifact_id, std::uint64_t total_size) {
+status catalogue::advertise(std::string_view artifact_id, std::uint64_t total_size, replica_state progress) {
   TENSORREG_TRY(check_artifact_key(artifact_id));
   auto& s = *state_;
   std::lock_guard lock(s.mutex);
-  s.advertised.insert_or_assign(std::string(artifact_id), total_size);
+  s.advertised.insert_or_assign(std::string(artifact_id), replica_reading{total_size, progress});
   if (!s.registered || s.lease == 0) {
     return fail(errc::unavailable,
                 fmt::format("cannot advertise {} yet: host {} is not registered at {} (written when it is)",
                             artifact_id, s.options.self.host_id, s.etcd->endpoint()));
   }
-  auto put = s.etcd->put(s.replica_key(artifact_id), json{{"total_size", total_size}}.dump(), s.lease);
+  auto put = s.etcd->put(s.replica_key(artifact_id), replica_value(total_size, progress), s.lease);
   // The lease gone or etcd away, maybe only for a moment between two refreshes: the next
   // refresh writes everything again.
   if (!put) s.registered = false;
@@ -272,8 +304,7 @@ result<catalogue::holders_answer> catalogue::holders(std::string_view artifact_i
   for (const auto& kv : replicas) {
     auto host_id = std::string_view(kv.key).substr(prefix.size());
     if (host_id == state_->options.self.host_id) continue;
-    auto parsed = json::parse(kv.value, nullptr, false);
-    if (parsed.is_object() && answer.total_size == 0) answer.total_size = parsed.value("total_size", std::uint64_t{0});
+    if (answer.total_size == 0) answer.total_size = parse_replica(kv.value).total_size;
     for (const auto& host : all) {
       if (host.host_id == host_id) answer.hosts.push_back(host);
     }
@@ -284,7 +315,7 @@ result<catalogue::holders_answer> catalogue::holders(std::string_view artifact_i
 std::vector<std::string> catalogue::advertised() const {
   std::lock_guard lock(state_->mutex);
   std::vector<std::string> out;
-  for (const auto& [id, size] : state_->advertised) out.push_back(id);
+  for (const auto& [id, replica] : state_->advertised) out.push_back(id);
   return out;
 }
 
@@ -315,8 +346,7 @@ result<std::vector<listed_host>> list_cluster(etcd_client& etcd, const cluster_u
     if (slash == std::string_view::npos || slash == 0 || slash + 1 == rest.size()) continue;
     const auto artifact_id = std::string(rest.substr(0, slash));
     const auto host_id = std::string(rest.substr(slash + 1));
-    auto parsed = json::parse(kv.value, nullptr, false);
-    const std::uint64_t size = parsed.is_object() ? parsed.value("total_size", std::uint64_t{0}) : 0;
+    const auto replica = parse_replica(kv.value);
     auto it = by_id.find(host_id);
     if (it == by_id.end()) {
       listed_host orphan;
@@ -324,7 +354,7 @@ result<std::vector<listed_host>> list_cluster(etcd_client& etcd, const cluster_u
       orphan.lease = kv.lease;
       it = by_id.emplace(host_id, std::move(orphan)).first;
     }
-    it->second.replicas.emplace_back(artifact_id, size);
+    it->second.replicas.push_back(listed_replica{artifact_id, replica.total_size, replica.state});
   }
   std::vector<listed_host> out;
   out.reserve(by_id.size());

@@ -301,7 +301,8 @@ status node::fetch(const std::string& artifact_id) {
     s.server->publish_partial(artifact_id, partial);
     noted([&](state::active_pull& p) { p.total_bytes = begun.total_size; });
     listed = true;
-    if (auto advertised = s.members->advertise(artifact_id, begun.total_size); !advertised) {
+    // Listed as pulling; the commit's advertisement (committed() below) rewrites it complete.
+    if (auto advertised = s.members->advertise(artifact_id, begun.total_size, replica_state::pulling); !advertised) {
       log(*s.options.log, log_level::info, "cluster: {}", advertised.error().message);
     }
   };

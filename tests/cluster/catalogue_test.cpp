@@ -224,15 +224,15 @@ TEST_CASE("catalogue: list_cluster shows every host with its lease health and re
   REQUIRE(ha.lease_left);
   CHECK(ha.lease_left->count() > 0);
   CHECK(ha.lease_left->count() <= 10);
-  CHECK(ha.replicas ==
-        std::vector<std::pair<std::string, std::uint64_t>>{{"mi2:example-artifact", 12345}, {"mi2:other", 7}});
+  CHECK(ha.replicas == std::vector<listed_replica>{{"mi2:example-artifact", 12345, replica_state::complete},
+                                                   {"mi2:other", 7, replica_state::complete}});
   CHECK((*listed)[1].host.host_id == "host-b");
   CHECK((*listed)[1].replicas.size() == 1);
   const auto& gone = (*listed)[2];
   CHECK(gone.host.host_id == "host-gone");
   CHECK(gone.host.transfer_address.empty());
   CHECK_FALSE(gone.lease_left);
-  CHECK(gone.replicas == std::vector<std::pair<std::string, std::uint64_t>>{{"mi2:orphan", 3}});
+  CHECK(gone.replicas == std::vector<listed_replica>{{"mi2:orphan", 3, replica_state::complete}});
   const auto keys_after = (*client)->list(url.prefix + "/");
   REQUIRE(keys_after);
   CHECK(keys_after->size() == keys_before->size());
@@ -241,6 +241,104 @@ TEST_CASE("catalogue: list_cluster shows every host with its lease health and re
   REQUIRE_FALSE(lease_gone);
   CHECK(lease_gone.error().code == errc::not_found);
   CHECK(lease_gone.error().message == "lease 7777 expired or was revoked");
+}
+
+TEST_CASE("catalogue: a replica advertised while pulling is listed as pulling until advertised whole",
+          "[cluster][catalogue]") {
+  if (!testing::find_etcd()) {
+    WARN("SKIP: no etcd binary (apt-get install etcd-server)");
+    return;
+  }
+  testing::temp_dir dir;
+  testing::etcd_process etcd(dir.path());
+  const auto url = *parse_cluster_url(etcd.url("c6"));
+  auto a = catalogue::create(options_for(etcd.url("c6"), "host-a"));
+  auto b = catalogue::create(options_for(etcd.url("c6"), "host-b"));
+  REQUIRE(a);
+  REQUIRE(b);
+  REQUIRE((*a)->refresh());
+  REQUIRE((*b)->refresh());
+  auto client = etcd_client::create({url.endpoint()});
+  REQUIRE(client);
+  const auto key = url.prefix + "/replicas/" + artifact + "/host-a";
+  auto value_of = [&]() -> std::string {
+    auto kv = (*client)->get(key);
+    REQUIRE(kv);
+    return kv->has_value() ? (*kv)->value : "(none)";
+  };
+  auto replicas_of_a = [&] {
+    auto listed = list_cluster(**client, url);
+    REQUIRE(listed);
+    REQUIRE(listed->size() == 2);
+    CHECK((*listed)[0].host.host_id == "host-a");
+    return (*listed)[0].replicas;
+  };
+
+  // The manifest is verified: the pull lists itself, flagged.
+  REQUIRE((*a)->advertise(artifact, 12345, replica_state::pulling));
+  CHECK(value_of() == R"({"partial":true,"total_size":12345})");
+  CHECK(replicas_of_a() == std::vector<listed_replica>{{artifact, 12345, replica_state::pulling}});
+  // A partial source is a source all the same (§3.3).
+  auto holders = (*b)->holders(artifact);
+  REQUIRE(holders);
+  REQUIRE(holders->hosts.size() == 1);
+  CHECK(holders->total_size == 12345);
+
+  // A re-registration (the lease lost) writes the flag again.
+  auto kv = (*client)->get(key);
+  REQUIRE(kv);
+  REQUIRE(kv->has_value());
+  REQUIRE((*client)->revoke_lease((*kv)->lease));
+  CHECK(value_of() == "(none)");
+  REQUIRE((*a)->refresh());
+  CHECK(value_of() == R"({"partial":true,"total_size":12345})");
+
+  // The pull commits: the same key, rewritten without the flag.
+  REQUIRE((*a)->advertise(artifact, 12345));
+  CHECK(value_of() == R"({"total_size":12345})");
+  CHECK(replicas_of_a() == std::vector<listed_replica>{{artifact, 12345, replica_state::complete}});
+}
+
+TEST_CASE("catalogue: list_cluster reads replica values defensively, a host record strictly", "[cluster][catalogue]") {
+  if (!testing::find_etcd()) {
+    WARN("SKIP: no etcd binary (apt-get install etcd-server)");
+    return;
+  }
+  testing::temp_dir dir;
+  testing::etcd_process etcd(dir.path());
+  const auto url = *parse_cluster_url(etcd.url("c7"));
+  auto client = etcd_client::create({url.endpoint()});
+  REQUIRE(client);
+  // What a hostile or older member may have written under host id "m" (no host record).
+  const std::vector<std::pair<std::string, std::string>> written{
+      {"mi2:r1", R"({"total_size":3})"},                   // before the flag: complete
+      {"mi2:r2", R"({"total_size":3,"partial":false})"},   // complete
+      {"mi2:r3", R"({"total_size":3,"partial":"true"})"},  // not the literal true: complete
+      {"mi2:r4", R"({"total_size":3,"partial":1})"},       // complete
+      {"mi2:r5", R"({"total_size":"3","partial":true})"},  // a size that is not a number: 0
+      {"mi2:r6", R"({"total_size":-3})"},                  // negative: 0
+      {"mi2:r7", R"([{"total_size":3,"partial":true}])"},  // not an object: 0, complete
+      {"mi2:r8", "not json"},                              // 0, complete
+  };
+  for (const auto& [id, value] : written) REQUIRE((*client)->put(url.prefix + "/replicas/" + id + "/m", value));
+  auto listed = list_cluster(**client, url);
+  REQUIRE(listed);
+  REQUIRE(listed->size() == 1);
+  CHECK((*listed)[0].replicas == std::vector<listed_replica>{{"mi2:r1", 3, replica_state::complete},
+                                                             {"mi2:r2", 3, replica_state::complete},
+                                                             {"mi2:r3", 3, replica_state::complete},
+                                                             {"mi2:r4", 3, replica_state::complete},
+                                                             {"mi2:r5", 0, replica_state::pulling},
+                                                             {"mi2:r6", 0, replica_state::complete},
+                                                             {"mi2:r7", 0, replica_state::complete},
+                                                             {"mi2:r8", 0, replica_state::complete}});
+
+  // A host record whose name is not a string is refused, not thrown on.
+  REQUIRE((*client)->put(url.prefix + "/hosts/h", R"({"transfer_address":"10.1.0.9:7000","host_name":7})"));
+  auto refused = list_cluster(**client, url);
+  REQUIRE_FALSE(refused);
+  CHECK(refused.error().code == errc::internal);
+  CHECK(refused.error().message == "cannot read host record of 'h': not a host record");
 }
 
 TEST_CASE("catalogue: list_cluster of an unreachable etcd is UNAVAILABLE, naming it", "[cluster][catalogue]") {

@@ -10,7 +10,8 @@
 # Cases: put on A, get by id on B (same bytes); fan-out to three receivers; `tensorreg cluster
 # ls` lists the four hosts alive and what they hold; `tensorreg get ID --out` on a host without
 # it pulls it (the same file as an export where it was put); fan-out as a pipeline (a receiver
-# serves leaves it has verified to another while it still pulls); the source
+# serves leaves it has verified to another while it still pulls, and `cluster ls` lists it as
+# pulling meanwhile); the source
 # SIGKILLed mid-transfer (its link limited with tc so that the kill lands mid-pull); etcd
 # stopped (cluster gets UNAVAILABLE, local puts work) and restarted (members register again,
 # what was put during the outage is advertised); a corrupt source (a daemon that flips a byte
@@ -187,12 +188,15 @@ held = {n: {r["artifact_id"]: r["total_size"] for r in h["replicas"]} for n, h i
 assert id_a in held["node1"] and id_a in held["node2"] and held["node1"][id_a] == held["node2"][id_a] > 0, held
 for n in ("node2", "node3", "node4"):
     assert id_b in held[n], (n, held)
+# Every pull has ended: each replica is whole.
+states = {r["state"] for h in hosts.values() for r in h["replicas"]}
+assert states == {"replica"}, states
 PY
 table=$(ip netns exec "${tag}3" "$cli" cluster ls --etcd "etcd://$etcd_ip:2379/tensorreg") || fail "cluster ls --etcd: $table"
 for n in 1 2 3 4; do
   echo "$table" | grep -q "^node$n .*$subnet.$((20 + n)):7000 .*alive" || fail "cluster ls does not list node$n alive: $table"
 done
-echo "$table" | grep -q "^  $id_a " || fail "cluster ls does not list $id_a: $table"
+echo "$table" | grep -q "^  $id_a .* replica$" || fail "cluster ls does not list $id_a as a replica: $table"
 echo "$table" | grep -q "^4 hosts, 4 alive$" || fail "cluster ls summary: $table"
 out=$("$cli" cluster ls --etcd "http://$etcd_ip:2379" 2>&1) && fail "cluster ls took an http:// url: $out"
 case "$out" in *"cannot parse cluster url"*) ;; *) fail "cluster ls with a bad url said '$out'" ;; esac
@@ -212,7 +216,8 @@ pass "cli get on node3 pulls $id_a from the cluster; --out equals node1's export
 # 2d. Fan-out as a pipeline (docs/cluster.md §3.3): with node1's link limited to 80 Mbit/s
 # (24 MiB then takes about 2.5 s), node2 starts pulling P and node3 half a second later. node2
 # lists itself once it has the manifest and serves the leaves it has verified: node3 takes
-# some of P from node2 while node2 is still pulling, and both end with P's bytes.
+# some of P from node2 while node2 is still pulling, and both end with P's bytes. `cluster ls`
+# shows node2's P as pulling while it pulls, as a replica once it has committed it.
 "${client[@]}" make "$tmp/p.safetensors" $((24 << 20)) 6
 id_p=$(put 1 "$tmp/p.safetensors")
 want=$(digest 1 "$id_p")
@@ -229,8 +234,20 @@ digest 3 "$id_p" >"$tmp/pipe3" &
 p3=$!
 # While node2 pulls, its GetStats lists the pull (wire-format.md §14): node1 among its sources,
 # the artifact's size, and bytes verified so far, seen at least once strictly between 0 and all.
+# `cluster ls --json` lists node2's P as "pulling" at least once meanwhile.
 seen_midway=""
+seen_pulling=""
+# ls_state N ID: the state `cluster ls` gives nodeN's replica of ID ("none" when not listed).
+ls_state() {
+  ip netns exec "${tag}2" "$cli" cluster ls --json --etcd "etcd://$etcd_ip:2379/tensorreg" |
+    /usr/bin/python3 -c '
+import json, sys
+states = [r["state"] for h in json.load(sys.stdin) if h["host_id"] == sys.argv[1]
+          for r in h["replicas"] if r["artifact_id"] == sys.argv[2]]
+print(states[0] if states else "none")' "node$1" "$2"
+}
 while kill -0 $p2 2>/dev/null; do
+  [ "$(ls_state 2 "$id_p")" = pulling ] && seen_pulling=yes
   "$cli" stats --json --socket "$tmp/d2.sock" >"$tmp/stats2" 2>/dev/null || break
   /usr/bin/python3 - "$tmp/stats2" "$id_p" $((24 << 20)) <<'PY' && seen_midway=yes
 import json, sys
@@ -243,6 +260,12 @@ PY
 done
 wait $p2 && wait $p3 || fail "a pipelined get failed: $(cat "$tmp/pipe2" "$tmp/pipe3")"
 [ -n "$seen_midway" ] || fail "node2's stats never showed its pull of $id_p part way: $(cat "$tmp/stats2")"
+[ -n "$seen_pulling" ] || fail "cluster ls never listed node2's $id_p as pulling while it pulled"
+for _ in $(seq 50); do   # the commit's advertisement rewrites the key (the node's thread)
+  [ "$(ls_state 2 "$id_p")" = replica ] && break
+  sleep 0.2
+done
+[ "$(ls_state 2 "$id_p")" = replica ] || fail "cluster ls lists node2's $id_p as '$(ls_state 2 "$id_p")' after its pull"
 "$cli" stats --json --socket "$tmp/d2.sock" | grep -q '"pulls":\[\]' ||
   fail "node2 still lists a pull after it ended: $("$cli" stats --json --socket "$tmp/d2.sock")"
 ip netns exec "${tag}1" tc qdisc del dev eth0 root
@@ -251,7 +274,7 @@ served=$(grep "pulled $id_p" "$tmp/d2.log" | sed -nE 's/.*; served ([0-9]+) leav
 [ "${served:-0}" -ge 1 ] || fail "node2 served no leaf of $id_p while pulling it: $(grep "pulled $id_p" "$tmp/d2.log")"
 grep -q "pulled $id_p .*leaves by source: .*node2 [1-9]" "$tmp/d3.log" ||
   fail "node3 took no leaf of $id_p from node2: $(grep "pulled $id_p" "$tmp/d3.log")"
-pass "pipeline: node3 took leaves of $id_p from node2 while node2 pulled it ($served served); stats showed the pull"
+pass "pipeline: node3 took leaves of $id_p from node2 while node2 pulled it ($served served); stats and cluster ls showed the pull"
 
 # 3. The source SIGKILLed mid-transfer: node1 and node2 hold C; their links are slowed to
 # 200 Mbit/s each (96 MiB then takes about 2 s), node3 pulls from both, node1 dies 0.7 s in.

@@ -2,7 +2,8 @@
 //
 // Provides `catalogue`: one daemon's membership of a cluster. Under the URL's prefix:
 //   <prefix>/hosts/<host_id>                    → {"host_name", "transfer_address", "capacity_bytes"}
-//   <prefix>/replicas/<artifact_id>/<host_id>   → {"total_size"}
+//   <prefix>/replicas/<artifact_id>/<host_id>   → {"total_size"}, and "partial": true while the
+//                                                 host is still pulling it (a partial source)
 //   <prefix>/index/<index hash hex>             → the canonical index bytes, stored once
 // The host key and every replica key hang on one etcd lease that the catalogue keeps alive, so
 // a dead host's replicas vanish with it. When the lease is lost (etcd restarted empty, a pause
@@ -45,6 +46,14 @@ struct host_record {
   friend bool operator==(const host_record&, const host_record&) = default;
 };
 
+/// What a replica key says of its host's copy.
+enum class replica_state {
+  /// The host holds the whole artifact.
+  complete,
+  /// The host is pulling it and serves the leaves it has verified (docs/cluster.md §3.3).
+  pulling,
+};
+
 struct catalogue_options {
   cluster_url url;
   host_record self;
@@ -81,10 +90,14 @@ class catalogue {
   /// Whether the last refresh succeeded (the host is listed).
   [[nodiscard]] bool registered() const;
 
-  /// Advertises a replica this host holds (remembered; written now when registered).
+  /// Advertises a replica this host holds (`progress` complete), or one it is still pulling
+  /// (`progress` pulling: a partial source, docs/cluster.md §3.3; the value gains "partial":
+  /// true). Advertising an id again rewrites its value: a pull that commits advertises it
+  /// complete. Remembered; written now when registered.
   /// Errors: INVALID_ARGUMENT (an id with '/' or empty), UNAVAILABLE (remembered, written on
   /// the next successful refresh).
-  [[nodiscard]] status advertise(std::string_view artifact_id, std::uint64_t total_size);
+  [[nodiscard]] status advertise(std::string_view artifact_id, std::uint64_t total_size,
+                                 replica_state progress = replica_state::complete);
 
   /// Stops advertising a replica. Errors: UNAVAILABLE (forgotten locally all the same).
   [[nodiscard]] status withdraw(std::string_view artifact_id);
@@ -120,6 +133,17 @@ class catalogue {
   std::unique_ptr<state> state_;
 };
 
+/// A replica key as an observer reads it. The value is a member's word, read defensively: a
+/// total_size that is not an unsigned integer reads as 0, and only "partial": true (the JSON
+/// literal) reads as pulling; no "partial", or one of any other value, reads as complete.
+struct listed_replica {
+  std::string artifact_id;
+  std::uint64_t total_size = 0;
+  replica_state state = replica_state::complete;
+
+  friend bool operator==(const listed_replica&, const listed_replica&) = default;
+};
+
 /// A host of the cluster as an observer sees it (`tensorreg cluster ls`).
 struct listed_host {
   host_record host;
@@ -128,8 +152,8 @@ struct listed_host {
   /// Seconds its lease has left; nullopt when it expired or was revoked (its keys are about to
   /// go, or the record was written without a lease).
   std::optional<std::chrono::seconds> lease_left;
-  /// The replicas it advertises: artifact id and total size, by id.
-  std::vector<std::pair<std::string, std::uint64_t>> replicas;
+  /// The replicas it advertises, by id.
+  std::vector<listed_replica> replicas;
 };
 
 /// Everything the catalogue under `url` lists, read without joining it: the hosts by host id,
