@@ -15,7 +15,8 @@
 # SIGKILLed mid-transfer (its link limited with tc so that the kill lands mid-pull); etcd
 # stopped (cluster gets UNAVAILABLE, local puts work) and restarted (members register again,
 # what was put during the outage is advertised); a corrupt source (a daemon that flips a byte
-# of every leaf it serves) next to a good one.
+# of every leaf it serves) next to a good one; a daemon restarted with --persist-dir advertises
+# what it persisted again and serves it, the only source.
 # Exit 0 when every case passes, 1 on a failure, 77 (ctest SKIP) without root, etcd or ip.
 set -euo pipefail
 
@@ -336,4 +337,39 @@ got=$(digest 3 "$id_e") || fail "node3's get of $id_e next to a corrupt source: 
 [ "$got" = "$want" ] || fail "node3 got '$got' for $id_e"
 grep -q "pulled $id_e.*corrupt: node1 .*does not match its digest" "$tmp/d3.log" || fail "node3 did not report node1 corrupt"
 pass "corrupt source: every bad leaf caught and fetched from node4, node1 reported"
+
+# 6. A daemon restarted with --persist-dir: node4 comes back with a persist directory and puts
+# F durable (its copy on disk waited for); stopped with SIGTERM (its keys go with its lease) and
+# started again on the same directory, it advertises F again as a replica, and node2 pulls F
+# from it, the only host that ever held F: the same bytes.
+kill -TERM "${pid[d4]}"
+wait "${pid[d4]}" || fail "node4 did not stop cleanly on SIGTERM"
+unset 'pid[d4]'
+start_daemon 4 --persist-dir "$tmp/persist4"
+"${client[@]}" make "$tmp/f.safetensors" $((20 << 20)) 7
+id_f=$("$cli" put "$tmp/f.safetensors" --policy durable --socket "$tmp/d4.sock" --json |
+  /usr/bin/python3 -c 'import json,sys; print(json.load(sys.stdin)["artifact_id"])') || fail "durable put on node4"
+persisted=$("$cli" persist "$id_f" --socket "$tmp/d4.sock" --json) || fail "persist $id_f on node4: $persisted"
+echo "$persisted" | grep -q '"state":"SUCCESS"' || fail "persist $id_f on node4 answered $persisted"
+want=$(digest 4 "$id_f")
+for _ in $(seq 50); do
+  [ "$(ls_state 4 "$id_f")" = replica ] && break
+  sleep 0.2
+done
+[ "$(ls_state 4 "$id_f")" = replica ] || fail "node4 does not advertise $id_f: '$(ls_state 4 "$id_f")'"
+kill -TERM "${pid[d4]}"
+wait "${pid[d4]}" || fail "node4 did not stop cleanly on SIGTERM"
+unset 'pid[d4]'
+[ "$(ls_state 4 "$id_f")" = none ] || fail "node4's $id_f is still listed after it stopped"
+start_daemon 4 --persist-dir "$tmp/persist4"
+for _ in $(seq 50); do   # what the engine restored at start is advertised by the node's thread
+  [ "$(ls_state 4 "$id_f")" = replica ] && break
+  sleep 0.2
+done
+[ "$(ls_state 4 "$id_f")" = replica ] || fail "node4 restarted does not advertise $id_f again"
+got=$(digest 2 "$id_f") || fail "node2's get of $id_f from the restarted node4: $got"
+[ "$got" = "$want" ] || fail "node2 got '$got' for $id_f, node4 held '$want' before its restart"
+grep -q "pulled $id_f .*leaves by source: node4 [1-9]" "$tmp/d2.log" ||
+  fail "node2 did not pull $id_f from node4: $(grep "pulled $id_f" "$tmp/d2.log")"
+pass "daemon restarted with --persist-dir: node4 advertises $id_f again, node2 pulled it from node4"
 echo "netns_cluster: all cases passed in $(($(date +%s) - started)) s"
