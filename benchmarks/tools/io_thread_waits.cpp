@@ -1,14 +1,14 @@
 // io_thread_waits — where a running tensorregd's I/O thread waits, seen from outside.
 //
-// The I/O thread is the daemon's one SCHED_FIFO thread. For SECONDS this samples its
-// /proc/PID/task/TID/{stat,syscall,wchan} as fast as it can (one core) and sorts every sample
-// into running, idle in epoll_wait, or waiting somewhere else: the syscall, the kernel function
+// The I/O thread is the daemon's one SCHED_FIFO thread, or its main thread where it may not
+// raise its priority. For SECONDS this samples its /proc/PID/task/TID/{stat,syscall,wchan} as
+// fast as it can (one core) and sorts every sample into running, idle in epoll_wait, or waiting somewhere else: the syscall, the kernel function
 // it sleeps in, and for futexes the lock word's address. A wait longer than --long-ms is listed
 // with the return addresses found on its user stack at its start (read through /proc/PID/mem),
 // each as module+address, which `addr2line -f -C -i -e MODULE ADDRESS` resolves against the
 // unstripped binary. A wait whose samples are far apart was (partly) this process's own delay.
-// Needs root (or ptrace rights over the daemon). A poor man's off-CPU
-// profile, for hosts that have no perf or eBPF.
+// Needs root (or ptrace rights over the daemon). A poor man's off-CPU profile, for hosts that
+// have no perf or eBPF.
 //
 // Usage: io_thread_waits PID SECONDS [--long-ms MS]
 #include <elf.h>
@@ -149,15 +149,14 @@ int main(int argc, char** argv) {
   double long_ms = 0.5;
   if (argc > 4 && std::string(argv[3]) == "--long-ms") long_ms = std::atof(argv[4]);
 
+  // tensorregd runs its I/O loop on its main thread, SCHED_FIFO where it may (CAP_SYS_NICE).
   std::optional<std::string> tid;
-  for (int tries = 0; tries < 100 && !tid; ++tries) {
+  for (int tries = 0; tries < 40 && !tid; ++tries) {
     tid = fifo_thread(pid);
     if (!tid) ::usleep(50'000);
   }
-  if (!tid) {
-    fmt::print(stderr, "io_thread_waits: no SCHED_FIFO thread in pid {}\n", pid);
-    return 1;
-  }
+  const bool fifo = tid.has_value();
+  if (!fifo) tid = pid;
   const std::string task = "/proc/" + pid + "/task/" + *tid + "/";
   const int stat_fd = ::open((task + "stat").c_str(), O_RDONLY | O_CLOEXEC);
   const int syscall_fd = ::open((task + "syscall").c_str(), O_RDONLY | O_CLOEXEC);
@@ -257,7 +256,8 @@ int main(int argc, char** argv) {
     }
   }
 
-  fmt::print("io_thread_waits: pid {} tid {}, {} samples in {:.1f} s\n", pid, *tid, samples, seconds);
+  fmt::print("io_thread_waits: pid {} tid {} ({}), {} samples in {:.1f} s\n", pid, *tid,
+             fifo ? "its SCHED_FIFO thread" : "no SCHED_FIFO thread: its main thread", samples, seconds);
   fmt::print("{:>10} {:>8} {:>10} {:>12} {:>11}  where\n", "samples", "share", "waits>long", "ms in them",
              "longest ms");
   for (const auto& [where, p] : places) {
