@@ -314,6 +314,12 @@ status node::fetch(const std::string& artifact_id) {
   options.leaf_asked = [&](std::uint64_t leaf, bool asked) {
     if (partial) partial->mark_asked(leaf, asked);
   };
+  // Leaves of artifacts this host serves already (another version sharing most of its bytes)
+  // are copied from there, not fetched.
+  options.holds_local_leaf = [&s](const hash::digest& leaf) { return s.server->holds_leaf(leaf); };
+  options.copy_local_leaf = [&s](const hash::digest& leaf, std::span<std::byte> into) {
+    return s.server->copy_leaf(leaf, into);
+  };
   // Hosts that start pulling it after this pull began are partial sources too.
   options.find_sources = [&s, &artifact_id, noted]() -> result<std::vector<pull_source>> {
     TENSORREG_TRY_ASSIGN(auto now_holding, s.members->holders(artifact_id));
@@ -351,9 +357,9 @@ status node::fetch(const std::string& artifact_id) {
   for (const auto& [name, leaves] : pulled->leaves_by_source) by_source.push_back(fmt::format("{} {}", name, leaves));
   log(*s.options.log, log_level::info,
       "cluster: pulled {} ({} bytes) in {:.3f} s ({:.2f} GiB/s), leaves by source: {}; served {} leaves to "
-      "other hosts while pulling; {} not-yet answers{}{}{}",
+      "other hosts while pulling; {} not-yet answers; {} leaves copied from artifacts held here{}{}{}",
       artifact_id, pulled->total_size, seconds, static_cast<double>(pulled->total_size) / seconds / (1 << 30),
-      fmt::join(by_source, ", "), partial ? partial->leaves_served() : 0, pulled->leaves_not_yet,
+      fmt::join(by_source, ", "), partial ? partial->leaves_served() : 0, pulled->leaves_not_yet, pulled->leaves_local,
       pulled->sources_added.empty() ? std::string()
                                     : fmt::format("; sources added: {}", fmt::join(pulled->sources_added, ", ")),
       pulled->corrupt_sources.empty() ? std::string()

@@ -288,9 +288,27 @@ struct transfer_server::state {
   // Held by the worker while it looks up and copies a leaf of a partial artifact, so that
   // withdraw() can wait until nothing reads one it took away.
   std::mutex reading_mutex;
-  mutable std::mutex mutex;  // guards `published` and `counts`
+  mutable std::mutex mutex;  // guards `published`, `leaf_index` and `counts`
   std::map<std::string, published_artifact, std::less<>> published;
+  // The leaves of the artifacts published whole, by digest: where a pull finds what this host
+  // holds already (holds_leaf, copy_leaf).
+  std::multimap<hash::digest, std::pair<std::string, std::uint64_t>> leaf_index;
   counters counts;
+
+  // With `mutex` held: `entry`, published under `id`, enters or leaves the leaf index.
+  void index_leaves(const std::string& id, const published_artifact& entry) {
+    if (!entry.leaves) return;
+    for (std::uint64_t leaf = 0; leaf < entry.leaves->size(); ++leaf) {
+      leaf_index.emplace((*entry.leaves)[leaf], std::pair{id, leaf});
+    }
+  }
+  void unindex_leaves(const std::string& id, const published_artifact& entry) {
+    if (!entry.leaves) return;
+    for (const auto& digest : *entry.leaves) {
+      auto [first, last] = leaf_index.equal_range(digest);
+      while (first != last) first = first->second.first == id ? leaf_index.erase(first) : std::next(first);
+    }
+  }
 
   // Worker thread only.
   std::set<ucp_ep_h> endpoints;
@@ -569,8 +587,10 @@ status transfer_server::publish(const std::string& artifact_id, std::uint64_t to
   {
     std::lock_guard lock(state_->mutex);
     auto& entry = state_->published[artifact_id];
+    state_->unindex_leaves(artifact_id, entry);
     replaced = std::move(entry.partial);
     entry = std::move(complete);
+    state_->index_leaves(artifact_id, entry);
   }
   return {};
 }
@@ -582,6 +602,7 @@ void transfer_server::publish_partial(const std::string& artifact_id, std::share
   {
     std::lock_guard lock(state_->mutex);
     auto& entry = state_->published[artifact_id];
+    state_->unindex_leaves(artifact_id, entry);
     replaced = std::move(entry);
     entry = std::move(pulling);
   }
@@ -593,6 +614,7 @@ void transfer_server::withdraw(const std::string& artifact_id) {
     std::lock_guard lock(state_->mutex);
     auto it = state_->published.find(artifact_id);
     if (it == state_->published.end()) return;
+    state_->unindex_leaves(artifact_id, it->second);
     dropped = std::move(it->second.partial);
     state_->published.erase(it);
   }
@@ -604,6 +626,30 @@ void transfer_server::withdraw(const std::string& artifact_id) {
 bool transfer_server::serves(const std::string& artifact_id) const {
   std::lock_guard lock(state_->mutex);
   return state_->published.contains(artifact_id);
+}
+
+bool transfer_server::holds_leaf(const hash::digest& leaf) const {
+  std::lock_guard lock(state_->mutex);
+  return state_->leaf_index.contains(leaf);
+}
+
+bool transfer_server::copy_leaf(const hash::digest& leaf, std::span<std::byte> into) const {
+  std::vector<std::pair<std::string, std::uint64_t>> where;
+  {
+    std::lock_guard lock(state_->mutex);
+    auto [first, last] = state_->leaf_index.equal_range(leaf);
+    for (; first != last; ++first) where.push_back(first->second);
+  }
+  // Read outside the lock; an artifact withdrawn meanwhile fails to open or read, and the next
+  // holder of the digest is tried.
+  for (const auto& [id, index] : where) {
+    auto bytes = state_->options.open_bytes(id);
+    if (!bytes || *bytes == nullptr) continue;
+    const auto offset = index * hash::leaf_bytes;
+    if (offset >= (*bytes)->size() || leaf_length((*bytes)->size(), index) != into.size()) continue;
+    if ((*bytes)->read(offset, into)) return true;
+  }
+  return false;
 }
 
 transfer_server::counters transfer_server::stats() const {
@@ -1135,7 +1181,34 @@ result<pull_report> pull_artifact(const std::string& artifact_id, std::span<cons
     std::future<hash::digest> digest;
   };
   std::list<verification> verifying;
+  // Leaves this host holds under other artifacts are copied here rather than fetched, a few at
+  // a time on threads of their own, and checked against their digest like the others. Until
+  // its copy is checked a leaf counts as asked, so no source is asked for it; one that cannot
+  // be copied or does not match is wanted from the sources again.
+  constexpr std::size_t local_copies_at_once = 4;
+  std::deque<std::uint64_t> local_queue;
+  struct local_copy {
+    std::uint64_t leaf = 0;
+    std::future<bool> matched;
+  };
+  std::list<local_copy> local_copies;
+  if (options.holds_local_leaf && options.copy_local_leaf) {
+    for (auto leaf : order) {
+      if (!options.holds_local_leaf(st.leaves[leaf])) continue;
+      phase[leaf] = leaf_phase::asked;
+      local_queue.push_back(leaf);
+    }
+  }
   while (verified < count) {
+    while (!local_queue.empty() && local_copies.size() < local_copies_at_once) {
+      const auto leaf = local_queue.front();
+      local_queue.pop_front();
+      const auto bytes = st.destination.subspan(leaf * hash::leaf_bytes, leaf_length(st.total_size, leaf));
+      local_copies.push_back(
+          {leaf, std::async(std::launch::async, [&copy = options.copy_local_leaf, bytes, want = st.leaves[leaf]] {
+             return copy(want, bytes) && hash::sha256(bytes) == want;
+           })});
+    }
     auto now = std::chrono::steady_clock::now();
     // Partial sources first: what they hold is taken from them, the rest from the others.
     for (auto& source : st.sources) {
@@ -1145,7 +1218,8 @@ result<pull_report> pull_artifact(const std::string& artifact_id, std::span<cons
       if (!source.partial) ask(source, now);
     }
     // Spin while leaves are under way (see the server's loop); sleep only when nothing is.
-    st.ucx.progress_or_wait(std::chrono::milliseconds(st.in_flight.empty() && verifying.empty() ? 20 : 1));
+    st.ucx.progress_or_wait(
+        std::chrono::milliseconds(st.in_flight.empty() && verifying.empty() && local_copies.empty() ? 20 : 1));
     st.start_rendezvous();
     now = std::chrono::steady_clock::now();
     for (auto index : std::exchange(st.endpoint_errors, {})) {
@@ -1236,6 +1310,24 @@ result<pull_report> pull_artifact(const std::string& artifact_id, std::span<cons
       ++report.leaves_by_source[st.sources[from].source.name];
       if (options.leaf_verified) options.leaf_verified(leaf);
     }
+    for (auto it = local_copies.begin(); it != local_copies.end();) {
+      if (it->matched.wait_for(std::chrono::seconds(0)) != std::future_status::ready) {
+        ++it;
+        continue;
+      }
+      const auto leaf = it->leaf;
+      const bool matched = it->matched.get();
+      it = local_copies.erase(it);
+      if (!matched) {
+        ++report.leaves_local_failed;
+        set_wanted(leaf);
+        continue;
+      }
+      phase[leaf] = leaf_phase::verified;
+      ++verified;
+      ++report.leaves_local;
+      if (options.leaf_verified) options.leaf_verified(leaf);
+    }
     for (auto& [tag, entry] : st.in_flight) {
       if (!st.sources[entry.source].dropped && !entry.receiving && now - entry.sent > options.request_timeout) {
         drop(entry.source,
@@ -1266,14 +1358,15 @@ result<pull_report> pull_artifact(const std::string& artifact_id, std::span<cons
       all_dropped_at = {};
     } else if (all_dropped_at == std::chrono::steady_clock::time_point{}) {
       all_dropped_at = now;
-    } else if ((st.in_flight.empty() && verifying.empty()) || now - all_dropped_at > options.request_timeout) {
+    } else if ((st.in_flight.empty() && verifying.empty() && local_copies.empty() && local_queue.empty()) ||
+               now - all_dropped_at > options.request_timeout) {
       // Nothing left to ask, and what was under way from the dropped sources has settled (or
       // never will).
       return unavailable();
     }
-    const bool only_holdings =
-        verifying.empty() && std::all_of(st.in_flight.begin(), st.in_flight.end(),
-                                         [](const auto& kv) { return kv.second.kind == message_kind::holdings; });
+    const bool only_holdings = verifying.empty() && local_copies.empty() && local_queue.empty() &&
+                               std::all_of(st.in_flight.begin(), st.in_flight.end(),
+                                           [](const auto& kv) { return kv.second.kind == message_kind::holdings; });
     if (!only_holdings) {
       waiting_since = {};
     } else if (waiting_since == std::chrono::steady_clock::time_point{}) {

@@ -7,7 +7,8 @@
 #
 #   netns_cluster.sh BUILD_DIR
 #
-# Cases: put on A, get by id on B (same bytes); fan-out to three receivers; `tensorreg cluster
+# Cases: put on A, get by id on B (same bytes); a second version of A on B takes the leaves the
+# two share from A; fan-out to three receivers; `tensorreg cluster
 # ls` lists the four hosts alive and what they hold; `tensorreg get ID --out` on a host without
 # it pulls it (the same file as an export where it was put); fan-out as a pipeline (a receiver
 # serves leaves it has verified to another while it still pulls, and `cluster ls` lists it as
@@ -152,6 +153,22 @@ want=$(digest 1 "$id_a")
 got=$(get_when_listed 2 "$id_a") || fail "get of $id_a on node2: $got"
 [ "$got" = "$want" ] || fail "node2 got '$got' for $id_a, node1 holds '$want'"
 pass "put on node1, get by id on node2: $id_a"
+
+# 1b. A second version: A with one byte changed (one leaf of six). node2, which holds A, copies
+# the five leaves the two share from A and pulls one from node1.
+cp "$tmp/a.safetensors" "$tmp/a2.safetensors"
+printf '\377' | dd of="$tmp/a2.safetensors" bs=1 seek=$((20 << 20)) conv=notrunc status=none
+id_a2=$(put 1 "$tmp/a2.safetensors")
+[ "$id_a2" != "$id_a" ] || fail "the changed file has A's id"
+want=$(digest 1 "$id_a2")
+got=$(get_when_listed 2 "$id_a2") || fail "get of $id_a2 on node2: $got"
+[ "$got" = "$want" ] || fail "node2 got '$got' for $id_a2, node1 holds '$want'"
+line=$(grep "pulled $id_a2" "$tmp/d2.log") || fail "node2 logged no pull of $id_a2"
+case "$line" in
+  *"node1 1;"*"; 5 leaves copied from artifacts held here"*) ;;
+  *) fail "node2 pulled $id_a2 as: $line" ;;
+esac
+pass "a second version on node2: 5 of its 6 leaves copied from A, 1 pulled"
 
 # 2. Fan-out: three receivers at once.
 "${client[@]}" make "$tmp/b.safetensors" $((40 << 20)) 2

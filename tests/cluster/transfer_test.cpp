@@ -1,5 +1,7 @@
 #include "tensorreg/cluster/transfer.hpp"
 
+#include <algorithm>
+#include <atomic>
 #include <catch2/catch.hpp>
 #include <cstring>
 #include <future>
@@ -28,6 +30,11 @@ struct test_artifact {
       x = x * 1664525U + 1013904223U;
       b = static_cast<std::byte>(x >> 24);
     }
+    rehash();
+  }
+
+  // After its bytes changed: its leaves and id again.
+  void rehash() {
     memory::host_bytes_view view(bytes);
     leaves = *hash::leaf_digests(view);
     identity::mi2_id mi2;
@@ -379,4 +386,59 @@ TEST_CASE("transfer server: a partial artifact is replaced by publish and gone a
   REQUIRE_FALSE(gone.report);
   CHECK(gone.report.error().message.find("cannot serve " + artifact.id + ": this host does not hold it") !=
         std::string::npos);
+}
+
+TEST_CASE("transfer: leaves held under another artifact here are copied, not fetched", "[cluster][transfer]") {
+  // Version 2 differs from version 1 in two leaves; this host serves version 1.
+  test_artifact v1;
+  test_artifact v2 = v1;
+  v2.bytes[3 * hash::leaf_bytes + 17] ^= std::byte{0x5a};
+  v2.bytes[7 * hash::leaf_bytes + 99] ^= std::byte{0xa5};
+  v2.rehash();
+  REQUIRE(v2.id != v1.id);
+  auto here = serve(v1);
+  auto remote = serve(v2);
+  CHECK(here->holds_leaf(v1.leaves[0]));
+  CHECK_FALSE(here->holds_leaf(v2.leaves[3]));
+
+  pull_options options;
+  options.holds_local_leaf = [&](const hash::digest& d) { return here->holds_leaf(d); };
+  options.copy_local_leaf = [&](const hash::digest& d, std::span<std::byte> into) { return here->copy_leaf(d, into); };
+  std::vector<std::uint64_t> verified;
+  options.leaf_verified = [&](std::uint64_t leaf) { verified.push_back(leaf); };
+  auto got = pull(v2.id, {{"remote", remote->address()}}, options);
+  REQUIRE(got.report);
+  CHECK(got.bytes == v2.bytes);
+  CHECK(got.report->leaves_local == v2.leaves.size() - 2);
+  CHECK(got.report->leaves_local_failed == 0);
+  CHECK(got.report->leaves_by_source.at("remote") == 2);
+  CHECK(remote->stats().leaves_served == 2);
+  CHECK(here->stats().leaves_served == 0);  // copied in-process, not served over the network
+  CHECK(verified.size() == v2.leaves.size());
+
+  // Withdrawn, its leaves are no longer found.
+  here->withdraw(v1.id);
+  CHECK_FALSE(here->holds_leaf(v1.leaves[0]));
+  std::vector<std::byte> leaf(hash::leaf_bytes);
+  CHECK_FALSE(here->copy_leaf(v1.leaves[0], leaf));
+}
+
+TEST_CASE("transfer: a local copy that does not match its digest is fetched instead", "[cluster][transfer]") {
+  test_artifact artifact;
+  auto remote = serve(artifact);
+  pull_options options;
+  options.holds_local_leaf = [](const hash::digest&) { return true; };
+  std::atomic<int> copies{0};
+  options.copy_local_leaf = [&](const hash::digest&, std::span<std::byte> into) {
+    // Every other copy fails outright; the rest write bytes that are not the leaf.
+    if (copies.fetch_add(1) % 2 == 0) return false;
+    std::fill(into.begin(), into.end(), std::byte{0x42});
+    return true;
+  };
+  auto got = pull(artifact.id, {{"remote", remote->address()}}, options);
+  REQUIRE(got.report);
+  CHECK(got.bytes == artifact.bytes);
+  CHECK(got.report->leaves_local == 0);
+  CHECK(got.report->leaves_local_failed == artifact.leaves.size());
+  CHECK(got.report->leaves_by_source.at("remote") == artifact.leaves.size());
 }

@@ -94,7 +94,7 @@ struct transfer_server_options {
   /// "IPv4:PORT" to listen on; port 0 picks one (address() tells which).
   std::string listen_address = "127.0.0.1:0";
   /// The bytes of a published artifact, opened for one leaf at a time (the daemon's
-  /// engine::open_bytes). Must be callable from the server's thread.
+  /// engine::open_bytes). Must be callable from any thread (copy_leaf runs on the caller's).
   std::function<result<std::shared_ptr<const memory::byte_source>>(const std::string& artifact_id)> open_bytes;
   /// Must outlive the server.
   logger* log = &null_logger();
@@ -133,6 +133,13 @@ class transfer_server {
   /// being read and the server holds no reference to a partial of it.
   void withdraw(const std::string& artifact_id);
   [[nodiscard]] bool serves(const std::string& artifact_id) const;
+
+  /// Whether an artifact published here whole (not a partial) has a leaf with digest `leaf`.
+  [[nodiscard]] bool holds_leaf(const hash::digest& leaf) const;
+  /// Copies such a leaf into `into` (its exact length) and returns true; false when no published
+  /// artifact has it, or it could not be read. The bytes are what the artifact holds: the
+  /// caller checks them against the digest (pull_artifact does).
+  [[nodiscard]] bool copy_leaf(const hash::digest& leaf, std::span<std::byte> into) const;
 
   struct counters {
     std::uint64_t leaves_served = 0;
@@ -189,6 +196,12 @@ struct pull_options {
   /// artifact now; those not known to the pull yet are added (a source dropped stays dropped).
   std::function<result<std::vector<pull_source>>()> find_sources;
   std::chrono::milliseconds find_sources_every{500};
+  /// Leaves this host already holds under other artifacts (transfer_server::holds_leaf and
+  /// copy_leaf): each leaf for which holds_local_leaf says yes is copied with copy_local_leaf
+  /// (on threads of the pull's own, a few at once) instead of fetched, and checked against its
+  /// digest like any other; a leaf that cannot be copied or does not match is fetched.
+  std::function<bool(const hash::digest& leaf)> holds_local_leaf;
+  std::function<bool(const hash::digest& leaf, std::span<std::byte> into)> copy_local_leaf;
   /// Must outlive the call.
   logger* log = &null_logger();
 };
@@ -207,6 +220,10 @@ struct pull_report {
   std::uint64_t leaves_not_yet = 0;
   /// Sources that find_sources added during the pull, by name.
   std::vector<std::string> sources_added;
+  /// Leaves copied from this host's own artifacts (pull_options::copy_local_leaf) and verified.
+  std::uint64_t leaves_local = 0;
+  /// Local copies that failed or did not match their digest (then fetched from a source).
+  std::uint64_t leaves_local_failed = 0;
 };
 
 /// Where the bytes go, asked once the manifest is verified: a writable buffer of exactly
