@@ -3,6 +3,7 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <condition_variable>
 #include <map>
 #include <mutex>
@@ -93,12 +94,30 @@ replica_reading parse_replica(std::string_view value) {
   return out;
 }
 
+// <prefix>/wanted/<host_id>/<artifact_id> → {"total_size": N, "by": "<asking host id>"}.
+std::string wanted_value(std::uint64_t total_size, std::string_view by) {
+  return json{{"total_size", total_size}, {"by", by}}.dump();
+}
+
+// A member's word, read like a replica value: never throws; a mistyped field reads as unset.
+wanted_replica parse_wanted(std::string_view artifact_id, std::string_view value) {
+  wanted_replica out;
+  out.artifact_id = std::string(artifact_id);
+  auto parsed = json::parse(value, nullptr, false);
+  if (parsed.is_discarded() || !parsed.is_object()) return out;
+  if (auto it = parsed.find("total_size"); it != parsed.end() && it->is_number_unsigned()) {
+    out.total_size = it->get<std::uint64_t>();
+  }
+  if (auto it = parsed.find("by"); it != parsed.end() && it->is_string()) out.by = it->get<std::string>();
+  return out;
+}
+
 }  // namespace
 
 struct catalogue::state {
   catalogue_options options;
   std::unique_ptr<etcd_client> etcd;
-  std::string hosts_prefix, replicas_prefix, index_prefix;
+  std::string hosts_prefix, replicas_prefix, index_prefix, wanted_prefix;
 
   mutable std::mutex mutex;  // guards what follows
   std::int64_t lease = 0;
@@ -161,6 +180,7 @@ result<std::unique_ptr<catalogue>> catalogue::create(catalogue_options options) 
   s->hosts_prefix = options.url.prefix + "/hosts/";
   s->replicas_prefix = options.url.prefix + "/replicas/";
   s->index_prefix = options.url.prefix + "/index/";
+  s->wanted_prefix = options.url.prefix + "/wanted/";
   s->options = std::move(options);
   return std::unique_ptr<catalogue>(new catalogue(std::move(s)));
 }
@@ -317,6 +337,59 @@ std::vector<std::string> catalogue::advertised() const {
   std::vector<std::string> out;
   for (const auto& [id, replica] : state_->advertised) out.push_back(id);
   return out;
+}
+
+result<std::vector<replica_holder>> catalogue::replicas_of(std::string_view artifact_id) {
+  TENSORREG_TRY(check_artifact_key(artifact_id));
+  const auto prefix = fmt::format("{}{}/", state_->replicas_prefix, artifact_id);
+  TENSORREG_TRY_ASSIGN(auto kvs, state_->etcd->list(prefix));
+  std::vector<replica_holder> out;
+  for (const auto& kv : kvs) {
+    const auto host_id = std::string_view(kv.key).substr(prefix.size());
+    if (host_id.empty() || host_id.find('/') != std::string_view::npos) continue;
+    const auto replica = parse_replica(kv.value);
+    out.push_back(replica_holder{std::string(host_id), replica.total_size, replica.state});
+  }
+  std::sort(out.begin(), out.end(), [](const auto& x, const auto& y) { return x.host_id < y.host_id; });
+  return out;
+}
+
+status catalogue::ask(std::string_view host_id, std::string_view artifact_id, std::uint64_t total_size) {
+  TENSORREG_TRY(check_artifact_key(artifact_id));
+  // The host id becomes a key segment too: one with '/' would address another key.
+  if (host_id.empty() || host_id.size() > 128 || !std::all_of(host_id.begin(), host_id.end(), id_char)) {
+    return fail(errc::invalid_argument,
+                fmt::format("cannot ask host '{}' for {}: a host id is [A-Za-z0-9-._], 1 to 128 characters", host_id,
+                            artifact_id));
+  }
+  auto& s = *state_;
+  std::lock_guard lock(s.mutex);
+  if (!s.registered || s.lease == 0) {
+    return fail(errc::unavailable, fmt::format("cannot ask host {} for {}: host {} is not registered at {}", host_id,
+                                               artifact_id, s.options.self.host_id, s.etcd->endpoint()));
+  }
+  auto put = s.etcd->put(fmt::format("{}{}/{}", s.wanted_prefix, host_id, artifact_id),
+                         wanted_value(total_size, s.options.self.host_id), s.lease);
+  if (!put) s.registered = false;  // the next refresh registers again
+  return put;
+}
+
+result<std::vector<wanted_replica>> catalogue::wanted() {
+  const auto prefix = state_->wanted_prefix + state_->options.self.host_id + "/";
+  TENSORREG_TRY_ASSIGN(auto kvs, state_->etcd->list(prefix));
+  std::vector<wanted_replica> out;
+  for (const auto& kv : kvs) {
+    const auto artifact_id = std::string_view(kv.key).substr(prefix.size());
+    if (!check_artifact_key(artifact_id)) continue;  // no one of ours wrote it
+    out.push_back(parse_wanted(artifact_id, kv.value));
+  }
+  return out;
+}
+
+result<bool> catalogue::drop_wanted(std::string_view artifact_id) {
+  TENSORREG_TRY(check_artifact_key(artifact_id));
+  return state_->etcd->delete_key(
+      fmt::format("{}{}/{}", state_->wanted_prefix, state_->options.self.host_id, artifact_id));
 }
 
 result<std::vector<listed_host>> list_cluster(etcd_client& etcd, const cluster_url& url) {

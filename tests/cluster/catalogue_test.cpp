@@ -350,3 +350,95 @@ TEST_CASE("catalogue: list_cluster of an unreachable etcd is UNAVAILABLE, naming
   CHECK(listed.error().code == errc::unavailable);
   CHECK_THAT(listed.error().message, Catch::Contains("http://127.0.0.1:1"));
 }
+
+TEST_CASE("catalogue: an ask for a replica is listed by the host asked, deleted by it, and bound to the asker's lease",
+          "[cluster][catalogue]") {
+  if (!testing::find_etcd()) {
+    WARN("SKIP: no etcd binary (apt-get install etcd-server)");
+    return;
+  }
+  testing::temp_dir dir;
+  testing::etcd_process etcd(dir.path());
+  const auto url = *parse_cluster_url(etcd.url("c8"));
+  auto a = catalogue::create(options_for(etcd.url("c8"), "host-a", 2s));
+  auto b = catalogue::create(options_for(etcd.url("c8"), "host-b"));
+  REQUIRE(a);
+  REQUIRE(b);
+  auto client = etcd_client::create({url.endpoint()});
+  REQUIRE(client);
+
+  // No lease to write it under: refused before etcd is asked.
+  auto unregistered = (*a)->ask("host-b", artifact, 12345);
+  REQUIRE_FALSE(unregistered);
+  CHECK(unregistered.error().code == errc::unavailable);
+  CHECK(unregistered.error().message ==
+        "cannot ask host host-b for " + artifact + ": host host-a is not registered at " + url.endpoint());
+  REQUIRE((*a)->refresh());
+  REQUIRE((*b)->refresh());
+  auto bad_host = (*a)->ask("host-b/../x", artifact, 1);
+  REQUIRE_FALSE(bad_host);
+  CHECK(bad_host.error().code == errc::invalid_argument);
+  CHECK(bad_host.error().message ==
+        "cannot ask host 'host-b/../x' for " + artifact + ": a host id is [A-Za-z0-9-._], 1 to 128 characters");
+  CHECK((*a)->ask("host-b", "a/b", 1).error().code == errc::invalid_argument);
+
+  REQUIRE((*a)->ask("host-b", artifact, 12345));
+  const auto key = url.prefix + "/wanted/host-b/" + artifact;
+  auto kv = (*client)->get(key);
+  REQUIRE(kv);
+  REQUIRE(kv->has_value());
+  CHECK((*kv)->value == R"({"by":"host-a","total_size":12345})");
+  CHECK((*kv)->lease != 0);
+  // Only the host asked lists it.
+  auto for_b = (*b)->wanted();
+  REQUIRE(for_b);
+  CHECK(*for_b == std::vector<wanted_replica>{{artifact, 12345, "host-a"}});
+  auto for_a = (*a)->wanted();
+  REQUIRE(for_a);
+  CHECK(for_a->empty());
+
+  // Values a hostile or older member wrote are read defensively; a key that is not one id
+  // segment is skipped.
+  REQUIRE((*client)->put(url.prefix + "/wanted/host-b/mi2:w1", R"({"total_size":"3","by":7})"));
+  REQUIRE((*client)->put(url.prefix + "/wanted/host-b/mi2:w2", "not json"));
+  REQUIRE((*client)->put(url.prefix + "/wanted/host-b/mi2:w3/x", R"({"total_size":3,"by":"m"})"));
+  for_b = (*b)->wanted();
+  REQUIRE(for_b);
+  CHECK(*for_b == std::vector<wanted_replica>{{artifact, 12345, "host-a"}, {"mi2:w1", 0, ""}, {"mi2:w2", 0, ""}});
+
+  // The host asked deletes its ask once it holds the replica.
+  auto dropped = (*b)->drop_wanted(artifact);
+  REQUIRE(dropped);
+  CHECK(*dropped);
+  CHECK_FALSE(*(*b)->drop_wanted(artifact));
+  for_b = (*b)->wanted();
+  REQUIRE(for_b);
+  CHECK(*for_b == std::vector<wanted_replica>{{"mi2:w1", 0, ""}, {"mi2:w2", 0, ""}});
+
+  // An asker that dies takes its asks with it: host-a stops renewing its lease.
+  REQUIRE((*a)->ask("host-b", artifact, 12345));
+  REQUIRE((*b)->wanted()->size() == 3);
+  CHECK(eventually([&] { return (*b)->wanted()->size() == 2; }, 8s));
+}
+
+TEST_CASE("catalogue: replicas_of lists every holder of an id with its state", "[cluster][catalogue]") {
+  if (!testing::find_etcd()) {
+    WARN("SKIP: no etcd binary (apt-get install etcd-server)");
+    return;
+  }
+  testing::temp_dir dir;
+  testing::etcd_process etcd(dir.path());
+  auto a = catalogue::create(options_for(etcd.url("c9"), "host-a"));
+  auto b = catalogue::create(options_for(etcd.url("c9"), "host-b"));
+  REQUIRE(a);
+  REQUIRE(b);
+  REQUIRE((*a)->refresh());
+  REQUIRE((*b)->refresh());
+  REQUIRE((*a)->advertise(artifact, 7));
+  REQUIRE((*b)->advertise(artifact, 7, replica_state::pulling));
+  auto listed = (*a)->replicas_of(artifact);
+  REQUIRE(listed);
+  CHECK(*listed ==
+        std::vector<replica_holder>{{"host-a", 7, replica_state::complete}, {"host-b", 7, replica_state::pulling}});
+  CHECK((*a)->replicas_of("a/b").error().code == errc::invalid_argument);
+}

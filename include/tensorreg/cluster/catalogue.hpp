@@ -5,6 +5,8 @@
 //   <prefix>/replicas/<artifact_id>/<host_id>   → {"total_size"}, and "partial": true while the
 //                                                 host is still pulling it (a partial source)
 //   <prefix>/index/<index hash hex>             → the canonical index bytes, stored once
+//   <prefix>/wanted/<host_id>/<artifact_id>     → {"total_size", "by"}: a publish asks that host
+//                                                 to hold a replica (under the asker's lease)
 // The host key and every replica key hang on one etcd lease that the catalogue keeps alive, so
 // a dead host's replicas vanish with it. When the lease is lost (etcd restarted empty, a pause
 // longer than the TTL) the next refresh grants a new one and writes the host and every replica
@@ -52,6 +54,27 @@ enum class replica_state {
   complete,
   /// The host is pulling it and serves the leaves it has verified (docs/cluster.md §3.3).
   pulling,
+};
+
+/// A replica key of one artifact, as read: whose, and what it says.
+struct replica_holder {
+  std::string host_id;
+  std::uint64_t total_size = 0;
+  replica_state state = replica_state::complete;
+
+  friend bool operator==(const replica_holder&, const replica_holder&) = default;
+};
+
+/// An ask addressed to this host (a wanted key): hold a replica of `artifact_id`. The value is
+/// a member's word, read as replica values are (docs/cluster.md §2.5): a total_size that is not
+/// an unsigned integer reads as 0, a "by" that is not a string as "".
+struct wanted_replica {
+  std::string artifact_id;
+  std::uint64_t total_size = 0;
+  /// The host id of the asker.
+  std::string by;
+
+  friend bool operator==(const wanted_replica&, const wanted_replica&) = default;
 };
 
 struct catalogue_options {
@@ -126,6 +149,26 @@ class catalogue {
 
   /// The artifact ids this host advertises.
   [[nodiscard]] std::vector<std::string> advertised() const;
+
+  /// Every replica key of `artifact_id` (self included), by host id, complete and pulling.
+  /// Host ids without a host record are listed too: the caller matches them against hosts().
+  /// Errors: INVALID_ARGUMENT (a bad id), UNAVAILABLE.
+  [[nodiscard]] result<std::vector<replica_holder>> replicas_of(std::string_view artifact_id);
+
+  /// Asks `host_id` to hold a replica of `artifact_id` (docs/cluster.md §5, publish): writes
+  /// <prefix>/wanted/<host_id>/<artifact_id> = {"total_size", "by": self} under this host's
+  /// lease, so that the ask goes when this host does. Not remembered: an ask lost with the lease
+  /// is not written again. Errors: INVALID_ARGUMENT (a bad host or artifact id), UNAVAILABLE
+  /// (etcd unreachable, or not registered: no lease to write it under).
+  [[nodiscard]] status ask(std::string_view host_id, std::string_view artifact_id, std::uint64_t total_size);
+
+  /// The asks addressed to this host, by artifact id. Keys whose artifact id is not one key
+  /// segment are skipped; values are read defensively (wanted_replica). Errors: UNAVAILABLE.
+  [[nodiscard]] result<std::vector<wanted_replica>> wanted();
+
+  /// Deletes the ask addressed to this host for `artifact_id` (it holds the replica now);
+  /// returns whether there was one. Errors: INVALID_ARGUMENT, UNAVAILABLE.
+  [[nodiscard]] result<bool> drop_wanted(std::string_view artifact_id);
 
  private:
   struct state;
