@@ -6,6 +6,8 @@
 #include <unistd.h>
 
 #include <fmt/ranges.h>
+#include <algorithm>
+#include <atomic>
 #include <condition_variable>
 #include <cstring>
 #include <deque>
@@ -45,7 +47,78 @@ struct node::state {
   };
   std::map<std::string, active_pull> pulling;
 
+  // Asks addressed to this host (docs/cluster.md §5): one pull at a time, on a thread of its
+  // own so that the node's thread goes on advertising and withdrawing meanwhile. `owner` is set
+  // once the node exists (the pull goes through node::fetch); `wanted_busy` and `wanted_retry`
+  // are guarded by `mutex`.
+  std::atomic<node*> owner{nullptr};
+  std::thread wanted_puller;
+  bool wanted_busy = false;
+  struct retry {
+    std::chrono::steady_clock::time_point after;
+    std::chrono::milliseconds wait{0};
+  };
+  std::map<std::string, retry> wanted_retry;
+
   explicit state(registration::engine& e) : engine(e) {}
+
+  // Serves the asks addressed to this host: an id held here has its ask deleted; the first one
+  // neither held, nor being pulled, nor waiting out a backoff is pulled on `wanted_puller`.
+  void serve_wanted() {
+    node* self = owner.load();
+    if (self == nullptr) return;
+    {
+      std::lock_guard lock(mutex);
+      if (wanted_busy) return;
+    }
+    auto asks = members->wanted();
+    if (!asks) return;  // etcd away: the catalogue's keep-alive logs it
+    const auto now = std::chrono::steady_clock::now();
+    for (const auto& ask : *asks) {
+      if (engine.get(ask.artifact_id)) {
+        // Held: pulled for this ask, or put here meanwhile. The ask is answered.
+        if (auto dropped = members->drop_wanted(ask.artifact_id); !dropped) {
+          log(*options.log, log_level::info, "cluster: ask for {} not deleted yet: {}", ask.artifact_id,
+              dropped.error().message);
+        }
+        std::lock_guard lock(mutex);
+        wanted_retry.erase(ask.artifact_id);
+        continue;
+      }
+      {
+        std::lock_guard lock(mutex);
+        if (pulling.contains(ask.artifact_id)) continue;  // a GetArtifactMemfd pulls it already
+        if (auto it = wanted_retry.find(ask.artifact_id); it != wanted_retry.end() && now < it->second.after) continue;
+        wanted_busy = true;
+      }
+      if (wanted_puller.joinable()) wanted_puller.join();  // done: it cleared wanted_busy
+      log(*options.log, log_level::info, "cluster: pulling {} ({} bytes): {} asked this host to hold it",
+          ask.artifact_id, ask.total_size, ask.by.empty() ? std::string("a member") : ask.by);
+      wanted_puller = std::thread([this, self, ask] {
+        auto fetched = self->fetch(ask.artifact_id);
+        if (fetched) {
+          if (auto dropped = members->drop_wanted(ask.artifact_id); !dropped) {
+            log(*options.log, log_level::info, "cluster: ask for {} not deleted yet: {}", ask.artifact_id,
+                dropped.error().message);
+          }
+        }
+        std::lock_guard lock(mutex);
+        if (fetched) {
+          wanted_retry.erase(ask.artifact_id);
+        } else {
+          auto& r = wanted_retry[ask.artifact_id];
+          r.wait =
+              r.wait.count() == 0 ? options.wanted_retry_after : std::min(r.wait * 2, options.wanted_retry_after * 32);
+          r.after = std::chrono::steady_clock::now() + r.wait;
+          log(*options.log, log_level::warn, "cluster: cannot pull {} that {} asked for: {}; trying again in {} ms",
+              ask.artifact_id, ask.by.empty() ? std::string("a member") : ask.by, fetched.error().message,
+              r.wait.count());
+        }
+        wanted_busy = false;
+      });
+      return;  // one ask at a time
+    }
+  }
 
   // Publishes, stores the index, advertises. Errors are logged: the artifact stays local.
   void advertise(const std::string& id) {
@@ -113,6 +186,7 @@ struct node::state {
         busy = true;
         lock.unlock();
         withdraw_gone();
+        serve_wanted();
         lock.lock();
         busy = false;
         next_check = std::chrono::steady_clock::now() + options.withdraw_check_every;
@@ -160,7 +234,9 @@ result<std::unique_ptr<node>> node::create(registration::engine& engine, node_op
     }
   }
   raw->wake.notify_all();
-  return std::unique_ptr<node>(new node(std::move(s)));
+  auto made = std::unique_ptr<node>(new node(std::move(s)));
+  raw->owner.store(made.get());
+  return made;
 }
 
 node::node(std::unique_ptr<state> s) noexcept : state_(std::move(s)) {}
@@ -186,6 +262,8 @@ node::~node() {
   }
   state_->wake.notify_all();
   if (state_->advertiser.joinable()) state_->advertiser.join();
+  // The advertiser starts no pull any more; one under way ends by its own timeouts.
+  if (state_->wanted_puller.joinable()) state_->wanted_puller.join();
 }
 
 void node::committed(const std::string& artifact_id) {
@@ -396,6 +474,107 @@ status node::fetch(const std::string& artifact_id) {
   }
   committed(artifact_id);
   return {};
+}
+
+result<publish_status> node::publish(const std::string& artifact_id, std::uint32_t replicas, bool all,
+                                     std::chrono::milliseconds timeout) {
+  auto& s = *state_;
+  if (identity::classify_artifact_id(artifact_id) != identity::id_kind::mi2) {
+    return fail(errc::invalid_argument,
+                fmt::format("cannot publish {}: only mi2 ids are pulled by members (a cgid names no content they "
+                            "can check)",
+                            artifact_id));
+  }
+  if (!all && replicas == 0) {
+    return fail(errc::invalid_argument,
+                fmt::format("cannot publish {}: replicas is 0 (give 1 or more, or all)", artifact_id));
+  }
+  auto held = s.engine.get(artifact_id);
+  if (!held) {
+    if (held.error().code == errc::not_found) {
+      return fail(errc::not_found, fmt::format("cannot publish {}: not held here", artifact_id));
+    }
+    return tl::unexpected(held.error());
+  }
+  const auto total_size = held->descriptor.total_size;
+  auto failed = [&artifact_id](const error& e) {
+    return tl::unexpected(error{e.code, fmt::format("cannot publish {}: {}", artifact_id, e.message)});
+  };
+  auto complete_holders = [&s, &artifact_id]() -> result<std::set<std::string>> {
+    TENSORREG_TRY_ASSIGN(auto listed, s.members->replicas_of(artifact_id));
+    std::set<std::string> out;
+    for (const auto& r : listed) {
+      if (r.state == replica_state::complete) out.insert(r.host_id);
+    }
+    return out;
+  };
+
+  // The members pull from this host: it must advertise a complete replica first (one committed
+  // a moment ago may still wait in the node's queue).
+  auto holding = complete_holders();
+  if (!holding) return failed(holding.error());
+  if (!holding->contains(s.options.self.host_id)) {
+    committed(artifact_id);
+    drain();
+    holding = complete_holders();
+    if (!holding) return failed(holding.error());
+    if (!holding->contains(s.options.self.host_id)) {
+      return fail(errc::unavailable,
+                  fmt::format("cannot publish {}: this host does not advertise it in the catalogue yet (the "
+                              "daemon's log says why)",
+                              artifact_id));
+    }
+  }
+  auto hosts = s.members->hosts();
+  if (!hosts) return failed(hosts.error());
+  std::set<std::string> members;
+  for (const auto& h : *hosts) members.insert(h.host_id);
+
+  publish_status out;
+  out.target = all ? static_cast<std::uint32_t>(hosts->size()) : replicas;
+  auto count_holders = [&] {
+    out.holders.clear();
+    for (const auto& id : *holding) {
+      if (members.contains(id)) out.holders.push_back(id);
+    }
+  };
+  count_holders();
+  // Larger offers first: they are likelier to keep it.
+  std::vector<host_record> candidates;
+  for (const auto& h : *hosts) {
+    if (!holding->contains(h.host_id)) candidates.push_back(h);
+  }
+  std::stable_sort(candidates.begin(), candidates.end(), [](const host_record& x, const host_record& y) {
+    return x.capacity_bytes != y.capacity_bytes ? x.capacity_bytes > y.capacity_bytes : x.host_id < y.host_id;
+  });
+  for (const auto& h : candidates) {
+    if (out.holders.size() + out.asked.size() >= out.target) break;
+    if (auto asked = s.members->ask(h.host_id, artifact_id, total_size); !asked) return failed(asked.error());
+    out.asked.push_back(h.host_id);
+  }
+  if (!out.asked.empty()) {
+    log(*s.options.log, log_level::info, "cluster: publishing {}: asked {} to hold it ({} of {} hold it)", artifact_id,
+        fmt::join(out.asked, ", "), out.holders.size(), out.target);
+  }
+
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  while (out.holders.size() < out.target) {
+    const auto now = std::chrono::steady_clock::now();
+    if (now >= deadline) break;
+    {
+      std::lock_guard lock(s.mutex);
+      if (s.stopping) break;
+    }
+    std::this_thread::sleep_for(
+        std::min<std::chrono::steady_clock::duration>(s.options.publish_poll_every, deadline - now));
+    // A read that fails (etcd away for a moment) keeps what the last one said.
+    if (auto now_holding = complete_holders(); now_holding) {
+      holding = std::move(now_holding);
+      count_holders();
+    }
+  }
+  out.reached = out.holders.size() >= out.target;
+  return out;
 }
 
 }  // namespace tensorreg::cluster

@@ -181,3 +181,84 @@ TEST_CASE("cluster node: an id no member holds is NOT_FOUND, and etcd down is UN
   // Local work is untouched.
   REQUIRE_OK(t::register_stable(*engine, t::small_model(), static_cast<std::int32_t>(::getpid())));
 }
+
+TEST_CASE("cluster node: publish asks another member to pull an artifact held here and waits until it holds it",
+          "[cluster][node][concurrency]") {
+  if (!t::find_etcd()) {
+    WARN("SKIP: no etcd binary (apt-get install etcd-server)");
+    return;
+  }
+  two_members cluster("n4", "a", "b");
+  const auto m = leafy_model();
+  auto committed = t::register_stable(*cluster.engine_a, m, static_cast<std::int32_t>(::getpid()));
+  REQUIRE_OK(committed);
+  const auto id = committed->descriptor.artifact_id;
+  cluster.a->committed(id);  // queued: publish waits for its own advertisement first
+
+  auto published = cluster.a->publish(id, 2, false, 20s);
+  REQUIRE_OK(published);
+  CHECK(published->holders == std::vector<std::string>{"a", "b"});
+  CHECK(published->asked == std::vector<std::string>{"b"});
+  CHECK(published->target == 2);
+  CHECK(published->reached);
+  // b pulled it (verified, committed) and deleted the ask once it held it.
+  auto got = cluster.engine_b->open_bytes(id);
+  REQUIRE_OK(got);
+  CHECK(read_all(**got) == m.canonical());
+  CHECK(eventually([&] { return cluster.b->members().wanted()->empty(); }, 5s));
+
+  // Published again: both hold it, nobody is asked.
+  auto again = cluster.a->publish(id, 0, true, 1s);
+  REQUIRE_OK(again);
+  CHECK(again->holders == std::vector<std::string>{"a", "b"});
+  CHECK(again->asked.empty());
+  CHECK(again->target == 2);
+  CHECK(again->reached);
+
+  // More replicas than members: every member asked, not reached when the time is up.
+  const auto t0 = std::chrono::steady_clock::now();
+  auto too_many = cluster.a->publish(id, 5, false, 500ms);
+  REQUIRE_OK(too_many);
+  CHECK(std::chrono::steady_clock::now() - t0 >= 500ms);
+  CHECK(too_many->holders == std::vector<std::string>{"a", "b"});
+  CHECK(too_many->target == 5);
+  CHECK_FALSE(too_many->reached);
+}
+
+TEST_CASE("cluster node: publish refuses an id not held here, a cgid, and answers UNAVAILABLE without etcd",
+          "[cluster][node]") {
+  if (!t::find_etcd()) {
+    WARN("SKIP: no etcd binary (apt-get install etcd-server)");
+    return;
+  }
+  t::temp_dir dir;
+  auto etcd = std::make_unique<t::etcd_process>(dir.path());
+  const auto endpoint = etcd->endpoint();
+  t::fake_clock clock;
+  auto engine = t::make_engine(clock);
+  auto n = join(*engine, etcd->url("n5"), "solo");
+  REQUIRE(eventually([&] { return n->members().registered(); }, 5s));
+  const auto unknown = t::expected_mi2(t::small_model_json, t::small_model().canonical());
+  CHECK_ERROR(n->publish(unknown, 2, false, 1s), errc::not_found, "cannot publish " + unknown + ": not held here");
+  CHECK_ERROR(n->publish("cgid:x~y", 2, false, 1s), errc::invalid_argument,
+              "cannot publish cgid:x~y: only mi2 ids are pulled by members (a cgid names no content they can check)");
+  auto held = t::register_stable(*engine, t::small_model(), static_cast<std::int32_t>(::getpid()));
+  REQUIRE_OK(held);
+  const auto id = held->descriptor.artifact_id;
+  CHECK_ERROR(n->publish(id, 0, false, 1s), errc::invalid_argument,
+              "cannot publish " + id + ": replicas is 0 (give 1 or more, or all)");
+  n->committed(id);
+  n->drain();
+  // Alone in the cluster: all is this host, reached at once.
+  auto alone = n->publish(id, 0, true, 1s);
+  REQUIRE_OK(alone);
+  CHECK(alone->holders == std::vector<std::string>{"solo"});
+  CHECK(alone->reached);
+
+  etcd.reset();
+  auto down = n->publish(id, 2, false, 1s);
+  REQUIRE_FALSE(down);
+  CHECK(down.error().code == errc::unavailable);
+  CHECK(down.error().message.starts_with("cannot publish " + id + ": cluster catalogue at " + endpoint +
+                                         " unreachable: "));
+}

@@ -10,7 +10,12 @@
 //     straight into the publish memfd of a stable DRAM registration, which is then committed
 //     (the engine hashes it again: the id is its own proof) and advertised in turn.
 //   * every withdraw_check_every, what it advertises but the engine no longer lists (removed,
-//     evicted or expired) is withdrawn from the catalogue and the transfer server.
+//     evicted or expired) is withdrawn from the catalogue and the transfer server; and the asks
+//     addressed to this host (catalogue wanted keys) are served: an id not held here and not
+//     being pulled is fetched, on a thread of its own, one ask at a time; the ask is deleted once
+//     the replica is held; a failed pull is logged and tried again after a backoff.
+//   * publish(id): asks other members to hold replicas of an artifact held here, and waits
+//     until they do (or a timeout).
 // Without etcd, fetch() answers UNAVAILABLE and local work goes on; the catalogue registers
 // again when etcd returns.
 //
@@ -25,6 +30,7 @@
 #include <vector>
 
 #include "tensorreg/cluster/catalogue.hpp"
+#include "tensorreg/cluster/publish_status.hpp"
 #include "tensorreg/cluster/pull_status.hpp"
 #include "tensorreg/cluster/transfer.hpp"
 #include "tensorreg/common/error.hpp"
@@ -43,6 +49,11 @@ struct node_options {
   /// expired here).
   std::chrono::milliseconds withdraw_check_every{1000};
   pull_options pull;
+  /// The first wait before a failed pull that an ask started is tried again; it doubles with
+  /// each failure of that id, up to 32 times this.
+  std::chrono::milliseconds wanted_retry_after{2000};
+  /// How often publish() reads which members hold the artifact while it waits.
+  std::chrono::milliseconds publish_poll_every{200};
   /// Test switch of the transfer server (netns harness): flip a byte of every leaf served.
   bool corrupt_leaves = false;
   /// Must outlive the node.
@@ -67,6 +78,18 @@ class node {
   /// or every source failed), DATA_LOSS (the catalogue's index is not the id's), and the
   /// engine's errors (RESOURCE_EXHAUSTED: the stable budget).
   [[nodiscard]] status fetch(const std::string& artifact_id);
+
+  /// Places replicas of `artifact_id`, held here, on other members (docs/cluster.md §5): with
+  /// `all`, on every member; otherwise until `replicas` members (this one counted) hold it.
+  /// Members that hold no complete replica are asked (a wanted key under this host's lease),
+  /// larger capacity_bytes first, then by host id, until the asked and the holders make the
+  /// target; then the catalogue is read every publish_poll_every until that many members hold
+  /// a complete replica, or `timeout` passed. A target above the members asks them all and is
+  /// not reached. Asks stay (and their pulls go on) after a timeout, until this host leaves.
+  /// Errors: INVALID_ARGUMENT (a cgid: only mi2 ids are pulled; replicas 0 without `all`),
+  /// NOT_FOUND (not held here), UNAVAILABLE (etcd unreachable, with the catalogue's message).
+  [[nodiscard]] result<publish_status> publish(const std::string& artifact_id, std::uint32_t replicas, bool all,
+                                               std::chrono::milliseconds timeout);
 
   /// Waits until every queued advertisement is done (tests, the harness).
   void drain();

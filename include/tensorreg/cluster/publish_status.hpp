@@ -1,0 +1,26 @@
+// tensorreg/cluster/publish_status.hpp — what a publish (node::publish, PublishArtifact,
+// docs/cluster.md §5) answers: who holds the artifact now, whom it asked, whether the target
+// was reached.
+//
+// A header of its own, with no etcd or UCX behind it, so that the daemon's dispatcher can name
+// it in a build without the cluster.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace tensorreg::cluster {
+
+struct publish_status {
+  /// Host ids with a complete replica when the publish ended (this host included), by host id.
+  std::vector<std::string> holders;
+  /// Host ids this publish asked to pull it, in the order asked.
+  std::vector<std::string> asked;
+  /// Complete replicas wanted, this host counted: `replicas`, or every member with `all`.
+  std::uint32_t target = 0;
+  /// Whether `holders` reached `target` before the timeout.
+  bool reached = false;
+};
+
+}  // namespace tensorreg::cluster
