@@ -36,6 +36,11 @@ constexpr std::array<option_help, 1> kGet{{{"--out", "FILE", "also write the art
 constexpr std::array<option_help, 1> kCluster{{
     {"--etcd", "URL", "the cluster's catalogue, etcd://HOST:PORT/PREFIX (default: the daemon's --cluster)"},
 }};
+constexpr std::array<option_help, 3> kPublish{{
+    {"--replicas", "N", "until N members hold it, this daemon counted"},
+    {"--all", "", "until every member of the cluster holds it"},
+    {"--timeout", "SECONDS", "how long to wait for them (default 60); exit 1 when not reached"},
+}};
 constexpr std::array<option_help, 2> kTop{{
     {"--interval-ms", "N", "refresh period (default 1000)"},
     {"--count", "N", "stop after N refreshes (default: until q or SIGINT)"},
@@ -48,7 +53,7 @@ constexpr std::array<option_help, 4> kView{{
     {"--view-id", "ID", "the view_id the daemon must compute (refused when it differs)"},
 }};
 
-constexpr std::array<command_help, 18> kCommands{{
+constexpr std::array<command_help, 19> kCommands{{
     {"digest", "--index FILE [--data FILE | --zeros N]", "print the index multihash, data multihash and mi2 id",
      kDigest, false},
     {"index", "FILES.safetensors... | ID",
@@ -79,6 +84,8 @@ constexpr std::array<command_help, 18> kCommands{{
     {"get", "ID", "make an artifact local: restored from the persist dir or pulled from the cluster when not held",
      kGet},
     {"pull", "ID", "the same as get", kGet},
+    {"publish", "ID", "ask members of the daemon's cluster to hold replicas of an artifact it holds, and wait",
+     kPublish},
     {"cluster", "ls", "the cluster's hosts: transfer address, capacity, lease health and what each holds", kCluster},
 }};
 

@@ -53,6 +53,9 @@ struct options {
   std::string view_id;                  ///< view --view-id
   bool no_wait = false;                 ///< persist --no-wait
   std::string etcd;                     ///< cluster ls --etcd
+  std::uint32_t replicas = 0;           ///< publish --replicas
+  bool all = false;                     ///< publish --all
+  double timeout_seconds = 60;          ///< publish --timeout
   std::vector<std::string> positional;
 };
 
@@ -101,6 +104,28 @@ result<options> parse(const std::vector<std::string>& args) {
       o.no_wait = true;
     } else if (a == "--etcd") {
       TENSORREG_TRY_ASSIGN(o.etcd, value());
+    } else if (a == "--all") {
+      o.all = true;
+    } else if (a == "--replicas") {
+      TENSORREG_TRY_ASSIGN(auto v, value());
+      try {
+        std::size_t used = 0;
+        const auto n = std::stoul(v, &used);
+        if (used != v.size() || n == 0 || n > 65536) throw std::invalid_argument(v);
+        o.replicas = static_cast<std::uint32_t>(n);
+      } catch (const std::exception&) {
+        return fail(errc::invalid_argument, "--replicas needs a number from 1 to 65536, got '" + v + "'");
+      }
+    } else if (a == "--timeout") {
+      TENSORREG_TRY_ASSIGN(auto v, value());
+      try {
+        std::size_t used = 0;
+        const auto t = std::stod(v, &used);
+        if (used != v.size() || !(t > 0) || t > 86400) throw std::invalid_argument(v);
+        o.timeout_seconds = t;
+      } catch (const std::exception&) {
+        return fail(errc::invalid_argument, "--timeout needs seconds, more than 0 and at most 86400, got '" + v + "'");
+      }
     } else if (a == "--narrow") {
       TENSORREG_TRY_ASSIGN(o.narrows.emplace_back(), value());
     } else if (a == "--transpose") {
@@ -1045,6 +1070,49 @@ int cmd_top(connection& c, const options& o) {
   return rc;
 }
 
+// `publish`: the daemon asks members of its cluster to hold replicas of an artifact it holds,
+// and waits until they do (PublishArtifact, docs/cluster.md §5). Not reached in time: the
+// answer is printed all the same, and the exit code is 1.
+int cmd_publish(connection& c, const options& o) {
+  if (o.positional.size() != 1 || (o.replicas == 0) == !o.all) {
+    return usage("usage: tensorreg publish ID (--replicas N | --all) [--timeout SECONDS]");
+  }
+  const auto& text = o.positional[0];
+  std::string id = text;
+  if (!text.starts_with("mi2:") && !text.starts_with("cgid:")) {
+    auto resolved = resolve_id(c, text, "publish");
+    if (!resolved) return fail_with(resolved.error());
+    id = *resolved;
+  }
+  progress shown(fmt::format("publish {}", short_id(id)));
+  shown.phase(o.all ? std::string("the daemon asks every member to hold it")
+                    : fmt::format("the daemon asks members until {} hold it", o.replicas));
+  const auto timeout = std::chrono::milliseconds(static_cast<std::int64_t>(o.timeout_seconds * 1000 + 0.5));
+  auto done = c.publish(id, o.replicas, o.all, std::max(timeout, std::chrono::milliseconds(1)));
+  shown.finish();
+  if (!done) return fail_with(done.error());
+  if (o.json) {
+    fmt::print("{}\n", json{{"artifact_id", id},
+                            {"holders", done->holders},
+                            {"asked", done->asked},
+                            {"target", done->target},
+                            {"reached", done->reached},
+                            {"wall_seconds", seconds_waited()}}
+                           .dump());
+  } else {
+    fmt::print("{} {}\n  holders  {} ({} of {})\n  asked    {}\n  time     {:.3f} s\n",
+               done->reached ? "published" : "not published", id, fmt::join(done->holders, ", "), done->holders.size(),
+               done->target, done->asked.empty() ? "-" : fmt::format("{}", fmt::join(done->asked, ", ")),
+               seconds_waited());
+  }
+  if (!done->reached) {
+    fmt::print(stderr, "tensorreg: cannot publish {}: {} of {} hosts hold it after {} s (DEADLINE_EXCEEDED)\n", id,
+               done->holders.size(), done->target, o.timeout_seconds);
+    return 1;
+  }
+  return 0;
+}
+
 // `cluster ls`: the catalogue named by --etcd, else the one the daemon joined (GetServerConfig).
 int cmd_cluster(const options& o) {
   if (o.positional.size() != 1 || o.positional[0] != "ls") {
@@ -1072,9 +1140,9 @@ int cmd_cluster(const options& o) {
 }
 
 const std::set<std::string>& daemon_commands() {
-  static const std::set<std::string> names{"status", "put",        "lease", "ls",    "show",   "index",
-                                           "revoke", "deregister", "rm",    "stats", "top",    "export",
-                                           "view",   "persist",    "get",   "pull",  "cluster"};
+  static const std::set<std::string> names{"status", "put",        "lease", "ls",    "show",    "index",
+                                           "revoke", "deregister", "rm",    "stats", "top",     "export",
+                                           "view",   "persist",    "get",   "pull",  "cluster", "publish"};
   return names;
 }
 
@@ -1106,6 +1174,7 @@ int run_daemon_command(const std::string& command, const std::vector<std::string
   if (command == "view") return cmd_view(*c, o);
   if (command == "persist") return cmd_persist(*c, o);
   if (command == "get" || command == "pull") return cmd_get(*c, o, command);
+  if (command == "publish") return cmd_publish(*c, o);
   return cmd_stats(*c, o);
 }
 

@@ -2,7 +2,8 @@
 //
 // status, put, lease, ls, show, index ID, revoke, deregister, stats, view (a view of an
 // artifact, registration.md §7), persist (a copy in --persist-dir, registration.md §1.6), get
-// and pull (make an artifact local: from disk or the cluster), cluster ls
+// and pull (make an artifact local: from disk or the cluster), publish (replicas on the
+// members of the daemon's cluster, docs/cluster.md §5), cluster ls
 // (cli/cluster_commands.hpp). Human-readable tables by
 // default, `--json` for scripts; `--socket PATH` picks the daemon.
 #pragma once

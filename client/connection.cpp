@@ -450,6 +450,16 @@ result<daemon_listing> connection::listing() {
   return daemon_listing{wc::list_of(r.response), wc::assemblies_of(r.response)};
 }
 
+result<publish_result> connection::publish(std::string_view artifact_id, std::uint32_t replicas, bool all,
+                                           std::chrono::milliseconds timeout) {
+  std::uint32_t ms = 0;  // the daemon's default
+  if (timeout.count() > 0) {
+    ms = static_cast<std::uint32_t>(std::clamp<std::int64_t>(timeout.count(), 1, 0xffffffffLL));
+  }
+  TENSORREG_TRY_ASSIGN(auto r, raw_->call(wc::publish_request(artifact_id, replicas, all, ms)));
+  return wc::publish_of(r.response);
+}
+
 result<daemon_stats> connection::stats() {
   TENSORREG_TRY_ASSIGN(auto r, raw_->call(wc::stats_request()));
   return wc::stats_of(r.response);

@@ -506,6 +506,27 @@ view_registered view_commit_of(const wire::Response& committed, std::string regi
   return out;
 }
 
+wire::Request publish_request(std::string_view artifact_id, std::uint32_t replicas, bool all,
+                              std::uint32_t timeout_ms) {
+  wire::Request r;
+  auto* p = r.mutable_publish_artifact();
+  p->set_artifact_id(std::string(artifact_id));
+  p->set_replicas(replicas);
+  p->set_all(all);
+  p->set_timeout_ms(timeout_ms);
+  return r;
+}
+
+publish_result publish_of(const wire::Response& r) {
+  const auto& p = r.publish_artifact();
+  publish_result out;
+  out.holders.assign(p.holders().begin(), p.holders().end());
+  out.asked.assign(p.asked().begin(), p.asked().end());
+  out.target = p.target();
+  out.reached = p.reached();
+  return out;
+}
+
 daemon_stats stats_of(const wire::Response& r) {
   const auto& s = r.get_stats();
   daemon_stats out;

@@ -106,6 +106,8 @@ struct region_args {
 [[nodiscard]] wire::Request open_device_request(std::string_view artifact_id, std::uint32_t first_allocation);
 [[nodiscard]] wire::Request list_request();
 [[nodiscard]] wire::Request stats_request();
+[[nodiscard]] wire::Request publish_request(std::string_view artifact_id, std::uint32_t replicas, bool all,
+                                            std::uint32_t timeout_ms);
 
 /// Serialised size of a request (what the benchmark reports as request bytes).
 [[nodiscard]] std::size_t wire_size(const wire::Request& r);
@@ -131,6 +133,7 @@ struct region_args {
 /// The view answer of a Commit (registration.md §7.10; `assembly` for a PIECE).
 [[nodiscard]] view_registered view_commit_of(const wire::Response& committed, std::string registration_id);
 [[nodiscard]] daemon_stats stats_of(const wire::Response& r);
+[[nodiscard]] publish_result publish_of(const wire::Response& r);
 [[nodiscard]] deregister_result deregister_of(const wire::Response& r);
 
 /// GetArtifactMemfd's answer without its fd.

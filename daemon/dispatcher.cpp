@@ -672,6 +672,24 @@ struct dispatcher::impl {
     return {};
   }
 
+  // Ours (docs/wire-format.md §19, docs/cluster.md §5): ask the cluster's members to hold
+  // replicas of an artifact held here and wait until they do. On the worker pool: it waits.
+  status publish_artifact(call& c) {
+    const auto& in = c.request.publish_artifact();
+    if (options.cluster == nullptr) {
+      return fail(errc::failed_precondition,
+                  fmt::format("cannot publish {}: the daemon runs without --cluster", in.artifact_id()));
+    }
+    const std::chrono::milliseconds timeout(in.timeout_ms() == 0 ? 60'000 : in.timeout_ms());
+    TENSORREG_TRY_ASSIGN(auto done, options.cluster->publish(in.artifact_id(), in.replicas(), in.all(), timeout));
+    auto& out = *c.response.mutable_publish_artifact();
+    for (const auto& h : done.holders) out.add_holders(h);
+    for (const auto& h : done.asked) out.add_asked(h);
+    out.set_reached(done.reached);
+    out.set_target(done.target);
+    return {};
+  }
+
   status route(call& c) {
     using R = wire::Request;
     switch (c.request.body_case()) {
@@ -697,6 +715,7 @@ struct dispatcher::impl {
       case R::kOpenArtifactDevice: return open_artifact_device(c);
       case R::kWaitArtifactHash: return wait_artifact_hash(c);
       case R::kOpenPersistedArtifact: return open_persisted_artifact(c);
+      case R::kPublishArtifact: return publish_artifact(c);
       case R::kFeedRegisterArtifactStream:
       case R::BODY_NOT_SET: break;
     }

@@ -28,6 +28,7 @@
 // being handled. Ownership: the dispatcher borrows the engine and the logger, which must outlive it.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <optional>
@@ -35,6 +36,7 @@
 #include <utility>
 #include <vector>
 
+#include "tensorreg/cluster/publish_status.hpp"
 #include "tensorreg/cluster/pull_status.hpp"
 #include "tensorreg/common/logger.hpp"
 #include "tensorreg/common/unique_fd.hpp"
@@ -56,6 +58,11 @@ class cluster_hooks {
   [[nodiscard]] virtual status fetch(const std::string& artifact_id) = 0;
   /// The pulls under way. Must not block for long (GetStats answers it on the control lane).
   [[nodiscard]] virtual std::vector<cluster::pull_status> pulls() const = 0;
+  /// Places replicas of an artifact held here on other members and waits for them, up to
+  /// `timeout` (PublishArtifact, docs/cluster.md §5; cluster::node::publish).
+  /// Errors: INVALID_ARGUMENT, NOT_FOUND, UNAVAILABLE.
+  [[nodiscard]] virtual result<cluster::publish_status> publish(const std::string& artifact_id, std::uint32_t replicas,
+                                                                bool all, std::chrono::milliseconds timeout) = 0;
 };
 
 struct dispatcher_options {

@@ -310,6 +310,10 @@ class cluster_adapter final : public tensorreg::daemon::cluster_hooks {
   void committed(const std::string& artifact_id) override { node_.committed(artifact_id); }
   tensorreg::status fetch(const std::string& artifact_id) override { return node_.fetch(artifact_id); }
   std::vector<tensorreg::cluster::pull_status> pulls() const override { return node_.pulls(); }
+  tensorreg::result<tensorreg::cluster::publish_status> publish(const std::string& artifact_id, std::uint32_t replicas,
+                                                                bool all, std::chrono::milliseconds timeout) override {
+    return node_.publish(artifact_id, replicas, all, timeout);
+  }
 
  private:
   tensorreg::cluster::node& node_;

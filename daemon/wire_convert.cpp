@@ -266,6 +266,7 @@ std::string_view rpc_name(wire::Request::BodyCase body) noexcept {
     case wire::Request::kOpenArtifactDevice: return "OpenArtifactDevice";
     case wire::Request::kWaitArtifactHash: return "WaitArtifactHash";
     case wire::Request::kOpenPersistedArtifact: return "OpenPersistedArtifact";
+    case wire::Request::kPublishArtifact: return "PublishArtifact";
     case wire::Request::BODY_NOT_SET: break;
   }
   return "unknown";
@@ -340,6 +341,7 @@ std::string subject_of(const wire::Request& request, const wire::Response& respo
     case R::kOpenArtifactDevice: return named("artifact", request.open_artifact_device().artifact_id());
     case R::kWaitArtifactHash: return named("artifact", request.wait_artifact_hash().artifact_id());
     case R::kOpenPersistedArtifact: return named("artifact", request.open_persisted_artifact().artifact_id());
+    case R::kPublishArtifact: return named("artifact", request.publish_artifact().artifact_id());
     case R::kWaitPersistenceStatus:
     case R::kGetServerConfig:
     case R::kListArtifacts:

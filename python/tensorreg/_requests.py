@@ -244,6 +244,17 @@ def stats():
     return request
 
 
+def publish_artifact(artifact_id: str, replicas: int, all_members: bool, timeout_ms: int):
+    """PublishArtifact (docs/wire-format.md §19): timeout_ms 0 is the daemon's 60 s."""
+    request = _messages.Request()
+    p = request.publish_artifact
+    p.artifact_id = artifact_id
+    p.replicas = replicas
+    p.all = all_members
+    p.timeout_ms = timeout_ms
+    return request
+
+
 def deregister(artifact_id: str, wait_for_drain: bool):
     request = _messages.Request()
     d = request.deregister_artifact

@@ -297,6 +297,30 @@ class Store:
                       for p in s.pulls],
         }
 
+    def publish(self, artifact_id: str, replicas: int | None = None, all: bool = False,
+                timeout: float = 60.0) -> dict:
+        """Asks the members of the daemon's cluster to hold replicas of `artifact_id`, which the
+        daemon holds, until `replicas` of them (the daemon counted) do, or every member with
+        `all`, and waits for them up to `timeout` seconds (docs/cluster.md §5). Returns
+        {"holders": [host ids with a complete replica], "asked": [host ids asked], "target": n,
+        "reached": bool}; not reached in time is no error. A Store opened with a socket timeout
+        shorter than `timeout` gives up first.
+        Errors: InvalidArgument (neither or both of replicas and all, replicas < 1, a timeout
+        that is not a number > 0, a cgid), NotFound (not held by the daemon),
+        FailedPrecondition (the daemon runs without --cluster), Unavailable (etcd unreachable)."""
+        if (replicas is None) == (not all):
+            raise InvalidArgument(f"cannot publish {artifact_id}: give replicas or all=True, not both or neither")
+        if replicas is not None and (isinstance(replicas, bool) or not isinstance(replicas, int) or
+                                     not 1 <= replicas < 2**32):
+            raise InvalidArgument(f"cannot publish {artifact_id}: replicas {replicas!r} is not a number >= 1")
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise InvalidArgument(f"cannot publish {artifact_id}: timeout {timeout!r} is not a number of "
+                                  "seconds > 0")
+        timeout_ms = min(max(1, round(timeout * 1000)), 2**32 - 1)
+        answer, _ = self._conn.call(_requests.publish_artifact(artifact_id, replicas or 0, bool(all), timeout_ms))
+        p = answer.publish_artifact
+        return {"holders": list(p.holders), "asked": list(p.asked), "target": p.target, "reached": p.reached}
+
     def deregister(self, artifact_id: str, *, wait_for_drain: bool = True) -> dict:
         """Drains and removes an artifact. Errors: NotFound, DeadlineExceeded."""
         answer, _ = self._conn.call(_requests.deregister(artifact_id, wait_for_drain))

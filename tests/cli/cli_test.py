@@ -278,10 +278,14 @@ def convention_checks(tool, daemon, check):
         taken.close()
         failures += check(busy.returncode == 1 and "cannot listen for metrics on '127.0.0.1:" in busy.stderr and
                           "ready" not in busy.stdout, "tensorregd does not start when its metrics port is taken")
-    for command in ["put", "lease", "ls", "show", "revoke", "stats", "status", "digest", "index", "rm", "top", "view"]:
+    for command in ["put", "lease", "ls", "show", "revoke", "stats", "status", "digest", "index", "rm", "top", "view",
+                    "publish"]:
         h = run(tool, command, "--help", expect_ok=False)
         failures += check(h.returncode == 0 and h.stdout.startswith(f"usage: tensorreg {command}") and "--help" in h.stdout,
                           f"tensorreg {command} --help prints that command's usage")
+    h = run(tool, "publish", "--help").stdout
+    failures += check("--replicas" in h and "--all" in h and "--timeout" in h and "--json" in h,
+                      "publish --help lists its options")
     h = run(tool, "put", "--help").stdout
     failures += check("--policy" in h and "--name" in h and "--socket" in h, "put --help lists its options")
     bad = run(tool, "ls", "--frobnicate", expect_ok=False)
@@ -599,6 +603,14 @@ def persist_get_checks(tool, daemon, d, check):
         failures += check(alone.returncode == 1 and ("is not in one" in alone.stderr or
                                                      "built without the cluster" in alone.stderr),
                           "cluster ls against a daemon outside a cluster says so and asks for --etcd")
+        lone = cli("publish", artifact, "--replicas", "2", expect_ok=False)
+        failures += check(lone.returncode == 1 and "FAILED_PRECONDITION" in lone.stderr and
+                          f"cannot publish {artifact}: the daemon runs without --cluster" in lone.stderr,
+                          "publish against a daemon outside a cluster is FAILED_PRECONDITION, saying why")
+        neither = cli("publish", artifact, expect_ok=False)
+        both = cli("publish", artifact, "--replicas", "2", "--all", expect_ok=False)
+        failures += check(neither.returncode == 2 and both.returncode == 2 and "--replicas N | --all" in neither.stderr,
+                          "publish needs exactly one of --replicas N and --all")
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=10)

@@ -298,6 +298,12 @@ TEST_CASE("client connection: the daemon's errors come back with its code and me
   REQUIRE_FALSE(open);
   CHECK(open.error().code == errc::not_found);
 
+  // A daemon without --cluster cannot publish (docs/cluster.md §5).
+  auto publish = c.publish("mi2:none", 2);
+  REQUIRE_FALSE(publish);
+  CHECK(publish.error().code == errc::failed_precondition);
+  CHECK(publish.error().message == "cannot publish mi2:none: the daemon runs without --cluster");
+
   testing::temp_dir dir;
   auto bundle = small_bundle(dir, 3);
   auto profile = c.put(*bundle, {"no-such-profile", {}});

@@ -10,7 +10,8 @@
 # Cases: put on A, get by id on B (same bytes); a second version of A on B takes the leaves the
 # two share from A; fan-out to three receivers; `tensorreg cluster
 # ls` lists the four hosts alive and what they hold; `tensorreg get ID --out` on a host without
-# it pulls it (the same file as an export where it was put); fan-out as a pipeline (a receiver
+# it pulls it (the same file as an export where it was put); `tensorreg publish ID --replicas 3`
+# places two more replicas and waits for them; fan-out as a pipeline (a receiver
 # serves leaves it has verified to another while it still pulls, and `cluster ls` lists it as
 # pulling meanwhile); the source
 # SIGKILLed mid-transfer (its link limited with tc so that the kill lands mid-pull); etcd
@@ -230,6 +231,36 @@ cmp -s "$tmp/a1.safetensors" "$tmp/a3.safetensors" || fail "get --out on node3 d
 out=$("$cli" get --socket "$tmp/d3.sock" "mi2:bciqnobodyholdsthis:bciqnobodyholdsthis" 2>&1) && fail "get of an unknown id: $out"
 case "$out" in *NOT_FOUND*) ;; *) fail "get of an id nobody holds said '$out'" ;; esac
 pass "cli get on node3 pulls $id_a from the cluster; --out equals node1's export"
+
+# 2c'. `tensorreg publish ID --replicas 3` (docs/cluster.md §5): a fresh file put on node3;
+# node3 asks two other members, which pull it; the answer lists 3 holders, reached; `cluster
+# ls` lists 3 complete replicas; each holder has node3's bytes. More replicas than members
+# asks them all and fails (exit 1) when the time is up, saying how many hold it.
+"${client[@]}" make "$tmp/g.safetensors" $((16 << 20)) 8
+id_g=$(put 3 "$tmp/g.safetensors")
+want=$(digest 3 "$id_g")
+published=$("$cli" publish "$id_g" --replicas 3 --timeout 30 --json --socket "$tmp/d3.sock" 2>"$tmp/publish.err") ||
+  fail "publish $id_g --replicas 3 on node3: $published $(cat "$tmp/publish.err")"
+holders=$(echo "$published" | /usr/bin/python3 -c '
+import json, sys
+j = json.load(sys.stdin)
+assert j["reached"] and j["target"] == 3 and len(j["holders"]) == 3 and "node3" in j["holders"], j
+assert len(j["asked"]) == 2 and "node3" not in j["asked"], j
+print(" ".join(h[len("node"):] for h in j["holders"]))') || fail "publish $id_g answered $published"
+ls_json --etcd "etcd://$etcd_ip:2379/tensorreg" >"$tmp/cluster_ls_g.json" || fail "cluster ls after publish"
+/usr/bin/python3 - "$tmp/cluster_ls_g.json" "$id_g" $holders <<'PY' || fail "cluster ls after publish: $(cat "$tmp/cluster_ls_g.json")"
+import json, sys
+hosts = json.load(open(sys.argv[1]))
+id_g, holders = sys.argv[2], {f"node{n}" for n in sys.argv[3:]}
+listed = {h["host_id"]: r["state"] for h in hosts for r in h["replicas"] if r["artifact_id"] == id_g}
+assert listed == {h: "replica" for h in holders}, listed
+PY
+for n in $holders; do
+  [ "$(digest "$n" "$id_g")" = "$want" ] || fail "node$n holds '$(digest "$n" "$id_g")' for $id_g, node3 '$want'"
+done
+out=$("$cli" publish "$id_g" --replicas 5 --timeout 1 --socket "$tmp/d3.sock" 2>&1) && fail "publish to 5 of 4 hosts: $out"
+case "$out" in *"cannot publish $id_g: "[34]" of 5 hosts hold it after 1 s"*) ;; *) fail "publish to 5 of 4 said '$out'" ;; esac
+pass "publish $id_g --replicas 3 on node3: nodes $holders hold it, node3's bytes; 5 of 4 not reached"
 
 # 2d. Fan-out as a pipeline (docs/cluster.md §3.3): with node1's link limited to 80 Mbit/s
 # (24 MiB then takes about 2.5 s), node2 starts pulling P and node3 half a second later. node2

@@ -892,6 +892,16 @@ TEST_CASE("dispatcher: ActivateStableLocalBacking is UNIMPLEMENTED", "[daemon][d
   check_status(h.call(r), errc::unimplemented, "cannot activate stable local backing: it is not implemented yet");
 }
 
+TEST_CASE("dispatcher: PublishArtifact without --cluster is FAILED_PRECONDITION", "[daemon][dispatcher]") {
+  harness h;
+  auto r = h.request();
+  r.mutable_publish_artifact()->set_artifact_id("mi2:x");
+  r.mutable_publish_artifact()->set_replicas(3);
+  auto a = h.call(r);
+  check_status(a, errc::failed_precondition, "cannot publish mi2:x: the daemon runs without --cluster");
+  CHECK_FALSE(a.response.has_publish_artifact());
+}
+
 // ---- logging -------------------------------------------------------------------------------
 
 namespace {
@@ -1161,6 +1171,8 @@ TEST_CASE("dispatcher: lane_of sends cheap requests to immediate or control, Fee
   CHECK(lane(r) == request_lane::work);
   r.mutable_deregister_artifact();
   CHECK(lane(r) == request_lane::work);
+  r.mutable_publish_artifact()->set_artifact_id("mi2:x");
+  CHECK(lane(r) == request_lane::work);  // it waits for the members to pull
 
   r.mutable_feed_register_artifact_stream()->set_registration_id("reg_1");
   CHECK(lane(r) == request_lane::stream);

@@ -145,6 +145,18 @@ class StoreTest(_support.StoreTestCase):
         if ctx.exception.code == 5:
             self.assertIn("mi2:unknown", ctx.exception.message)
 
+    def test_publish_without_cluster_is_failed_precondition_and_arguments_are_checked(self):
+        art = self.store.put({"p": torch.arange(3, dtype=torch.int16)})
+        with self.assertRaises(tensorreg.FailedPrecondition) as ctx:
+            self.store.publish(art.artifact_id, replicas=2, timeout=1.0)
+        self.assertEqual(ctx.exception.message,
+                         f"cannot publish {art.artifact_id}: the daemon runs without --cluster")
+        for kwargs in ({}, {"replicas": 2, "all": True}, {"replicas": 0}, {"replicas": True},
+                       {"replicas": 2, "timeout": 0}):
+            with self.assertRaises(tensorreg.InvalidArgument, msg=repr(kwargs)) as ctx:
+                self.store.publish(art.artifact_id, **kwargs)
+            self.assertIn(f"cannot publish {art.artifact_id}: ", ctx.exception.message)
+
     # ---- pipelining ----
 
     def test_pipelined_requests_get_their_own_answers_and_fds(self):

@@ -9,7 +9,8 @@
 // open_device (the GPU layout a CUDA reader maps), list, stats; and revoke, abort, deregister;
 // and views (registration.md §7): register_view, register_piece, view, get_view; and
 // persistence to the daemon's --persist-dir (registration.md §1.6, DECISIONS §5.11):
-// start_persistence, query_persistence, wait_persistence.
+// start_persistence, query_persistence, wait_persistence; and publish (replicas on the
+// members of the daemon's cluster, docs/cluster.md §5).
 // Every daemon error comes back as an `error` carrying the daemon's code and message.
 //
 // A `lease` keeps its registration alive from a thread that sends KeepAlive every
@@ -161,6 +162,15 @@ class connection {
 
   /// GetStats.
   [[nodiscard]] result<daemon_stats> stats();
+
+  /// PublishArtifact (docs/cluster.md §5): the daemon asks members of its cluster to hold
+  /// replicas of `artifact_id`, which it holds, until `replicas` of them (itself counted) do, or
+  /// every member with `all`, and waits for them up to `timeout` (0: the daemon's 60 s).
+  /// Not reached in time is no error: `reached` says it.
+  /// Errors: FAILED_PRECONDITION (the daemon runs without --cluster), NOT_FOUND (not held there),
+  /// INVALID_ARGUMENT (a cgid; replicas 0 without all), UNAVAILABLE (etcd unreachable).
+  [[nodiscard]] result<publish_result> publish(std::string_view artifact_id, std::uint32_t replicas, bool all = false,
+                                               std::chrono::milliseconds timeout = std::chrono::milliseconds(0));
 
   /// RevokeRegisteredArtifact; idempotent (an unknown or revoked registration is OK).
   /// Errors: UNAVAILABLE (connection lost).

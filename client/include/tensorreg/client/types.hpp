@@ -126,6 +126,14 @@ struct cluster_pull {
   double seconds = 0;                ///< since the pull began
 };
 
+/// What a publish answered (PublishArtifact, docs/wire-format.md §19).
+struct publish_result {
+  std::vector<std::string> holders;  ///< host ids with a complete replica, the daemon's included
+  std::vector<std::string> asked;    ///< host ids asked to pull it, in the order asked
+  std::uint32_t target = 0;          ///< the replicas wanted (all: the members)
+  bool reached = false;              ///< holders reached target before the timeout
+};
+
 struct daemon_stats {
   std::uint64_t artifacts = 0;
   std::uint64_t pending_registrations = 0;
