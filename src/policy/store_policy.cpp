@@ -1,6 +1,8 @@
 #include "tensorreg/policy/store_policy.hpp"
 
+#include <algorithm>
 #include <array>
+#include <charconv>
 #include <string>
 #include <utility>
 
@@ -100,8 +102,8 @@ status apply_tier(const tier_spec& spec, std::string_view list, std::size_t inde
   }
 
   // stable_dram
-  if (replicas != 1) {
-    return invalid(tier_where + ": min_replicas must be 1, got " + std::to_string(spec.min_replicas));
+  if (sc == scope::local && replicas != 1) {
+    return invalid(tier_where + ": min_replicas must be 1 with scope local, got " + std::to_string(spec.min_replicas));
   }
   if (spec.retention == retention::ttl) {
     if (!spec.retention_ttl_ms || *spec.retention_ttl_ms == 0) {
@@ -124,6 +126,13 @@ status apply_tier(const tier_spec& spec, std::string_view list, std::size_t inde
     merge_local(level, r, r == retention::ttl ? spec.retention_ttl_ms : std::nullopt, out);
   }
   if (sc == scope::remote || sc == scope::any) out.remote_stable = max_level(out.remote_stable, level);
+  // Hosts that hold a stable copy, this one counted (docs/cluster.md §5): remote N is N others.
+  const std::uint32_t hosts = sc == scope::remote ? replicas + 1 : sc == scope::any ? replicas : 1U;
+  if (hosts > 1) {
+    out.replica_level = max_level(out.replica_level, level);
+    out.replica_hosts = std::max(out.replica_hosts, hosts);
+    if (level == requirement::must) out.replica_hosts_must = std::max(out.replica_hosts_must, hosts);
+  }
   return {};
 }
 
@@ -138,6 +147,8 @@ resolved_policy expand_profile(profile p) {
     case profile::ha:
       out.shared_disk = requirement::must;
       out.remote_stable = requirement::should;
+      out.replica_level = requirement::should;
+      out.replica_hosts = 2;
       out.local_stable = requirement::should;
       break;
     case profile::cold:
@@ -271,6 +282,69 @@ result<profile> parse_profile(std::string_view text) {
   }
   return fail(errc::invalid_argument, "cannot parse policy profile '" + std::string(text) +
                                           "': expected one of cache, durable, ha, cold, warm, pinned");
+}
+
+result<store_policy> parse_policy(std::string_view text) {
+  store_policy out;
+  if (text.find(':') == std::string_view::npos) {
+    TENSORREG_TRY_ASSIGN(out.profile, parse_profile(text));
+    return out;
+  }
+  auto bad = [&text](const std::string& why) {
+    return fail(errc::invalid_argument, "cannot parse policy '" + std::string(text) + "': " + why +
+                                            " (a profile, or tiers LEVEL:TIER[:SCOPE[:N]] separated by commas, "
+                                            "e.g. should:stable_dram:remote:2)");
+  };
+  std::string_view rest = text;
+  while (true) {
+    const auto comma = rest.find(',');
+    const std::string_view item = rest.substr(0, comma);
+    std::vector<std::string_view> parts;
+    for (std::size_t at = 0;;) {
+      const auto colon = item.find(':', at);
+      parts.push_back(item.substr(at, colon == std::string_view::npos ? std::string_view::npos : colon - at));
+      if (colon == std::string_view::npos) break;
+      at = colon + 1;
+    }
+    if (parts.size() < 2 || parts.size() > 4) return bad("'" + std::string(item) + "' is not LEVEL:TIER[:SCOPE[:N]]");
+    std::vector<tier_spec>* list = parts[0] == "must"     ? &out.must
+                                   : parts[0] == "should" ? &out.should
+                                   : parts[0] == "may"    ? &out.may
+                                                          : nullptr;
+    if (list == nullptr) return bad("unknown level '" + std::string(parts[0]) + "' (must, should, may)");
+    tier_spec t;
+    if (parts[1] == "stable_dram") {
+      t.tier = tier::stable_dram;
+    } else if (parts[1] == "shared_disk") {
+      t.tier = tier::shared_disk;
+    } else {
+      return bad("unknown tier '" + std::string(parts[1]) + "' (stable_dram, shared_disk)");
+    }
+    if (parts.size() > 2) {
+      if (parts[2] == "local") {
+        t.scope = scope::local;
+      } else if (parts[2] == "remote") {
+        t.scope = scope::remote;
+      } else if (parts[2] == "any") {
+        t.scope = scope::any;
+      } else {
+        return bad("unknown scope '" + std::string(parts[2]) + "' (local, remote, any)");
+      }
+    }
+    if (parts.size() > 3) {
+      std::uint32_t n = 0;
+      const auto* end = parts[3].data() + parts[3].size();
+      const auto [ptr, ec] = std::from_chars(parts[3].data(), end, n);
+      if (parts[3].empty() || ec != std::errc() || ptr != end) {
+        return bad("min_replicas '" + std::string(parts[3]) + "' is not a number");
+      }
+      t.min_replicas = n;
+    }
+    list->push_back(t);
+    if (comma == std::string_view::npos) break;
+    rest = rest.substr(comma + 1);
+  }
+  return out;
 }
 
 }  // namespace tensorreg::policy

@@ -121,6 +121,8 @@ TEST_CASE("store_policy: the ha profile expands to disk must, remote should, loc
   CHECK(r->profile == profile::ha);
   CHECK(r->shared_disk == requirement::must);
   CHECK(r->remote_stable == requirement::should);
+  CHECK(r->replica_level == requirement::should);
+  CHECK(r->replica_hosts == 2);
   CHECK(r->local_stable == requirement::should);
   CHECK(r->local_retention == retention::best_effort);
   CHECK(r->layout == layout::automatic);
@@ -362,11 +364,48 @@ TEST_CASE("store_policy: rejects shared_disk with min_replicas other than 1", "[
   CHECK(rejection(p) == "cannot resolve store policy: must[0] (shared_disk): min_replicas must be 1, got 3");
 }
 
-// upstream: "StorePolicyResolver rejects stable_dram min_replicas != 1"
-TEST_CASE("store_policy: rejects stable_dram with min_replicas other than 1", "[policy][store_policy]") {
+// upstream: "StorePolicyResolver rejects stable_dram min_replicas != 1"; we take it with scope
+// remote or any (DECISIONS §5.21), and reject it with scope local.
+TEST_CASE("store_policy: rejects stable_dram local with min_replicas other than 1", "[policy][store_policy]") {
   store_policy p;
   p.should.push_back(spec(tier::stable_dram, scope::local, retention::unspecified, std::nullopt, 2));
-  CHECK(rejection(p) == "cannot resolve store policy: should[0] (stable_dram): min_replicas must be 1, got 2");
+  CHECK(rejection(p) ==
+        "cannot resolve store policy: should[0] (stable_dram): min_replicas must be 1 with scope local, got 2");
+}
+
+TEST_CASE("store_policy: stable_dram remote N asks N + 1 hosts, any N asks N", "[policy][store_policy]") {
+  store_policy remote;
+  remote.should.push_back(spec(tier::stable_dram, scope::remote, retention::unspecified, std::nullopt, 2));
+  const auto r = resolve(remote);
+  REQUIRE(r.has_value());
+  CHECK(r->remote_stable == requirement::should);
+  CHECK(r->local_stable == requirement::none);
+  CHECK(r->replica_level == requirement::should);
+  CHECK(r->replica_hosts == 3);
+  CHECK(r->replica_hosts_must == 1);
+
+  store_policy any;
+  any.may.push_back(spec(tier::stable_dram, scope::any, retention::unspecified, std::nullopt, 3));
+  const auto a = resolve(any);
+  REQUIRE(a.has_value());
+  CHECK(a->replica_level == requirement::may);
+  CHECK(a->replica_hosts == 3);
+
+  store_policy one;  // any 1 (and 0) is this host: nothing to place elsewhere
+  one.should.push_back(spec(tier::stable_dram, scope::any));
+  const auto o = resolve(one);
+  REQUIRE(o.has_value());
+  CHECK(o->replica_level == requirement::none);
+  CHECK(o->replica_hosts == 1);
+
+  store_policy both;  // levels keep their own counts: must 2 hosts, should 4
+  both.must.push_back(spec(tier::stable_dram, scope::remote, retention::unspecified, std::nullopt, 1));
+  both.should.push_back(spec(tier::stable_dram, scope::remote, retention::unspecified, std::nullopt, 3));
+  const auto b = resolve(both);
+  REQUIRE(b.has_value());
+  CHECK(b->replica_level == requirement::must);
+  CHECK(b->replica_hosts == 4);
+  CHECK(b->replica_hosts_must == 2);
 }
 
 TEST_CASE("store_policy: rejects retention ttl without a ttl", "[policy][store_policy]") {
@@ -464,4 +503,30 @@ TEST_CASE("store_policy: rejects an unknown profile name", "[policy][store_polic
   CHECK(r.error().code == errc::invalid_argument);
   CHECK(r.error().message ==
         "cannot parse policy profile 'Cache ': expected one of cache, durable, ha, cold, warm, pinned");
+}
+
+TEST_CASE("store_policy: parse_policy takes a profile or explicit tiers", "[policy][store_policy]") {
+  const auto ha = parse_policy("ha");
+  REQUIRE(ha.has_value());
+  CHECK(ha->profile == profile::ha);
+  CHECK(ha->must.empty());
+
+  const auto tiers = parse_policy("should:stable_dram:local,must:stable_dram:remote:2,may:shared_disk");
+  REQUIRE(tiers.has_value());
+  CHECK(tiers->profile == profile::unspecified);
+  REQUIRE(tiers->should.size() == 1);
+  CHECK(tiers->should[0] == spec(tier::stable_dram, scope::local));
+  REQUIRE(tiers->must.size() == 1);
+  CHECK(tiers->must[0] == spec(tier::stable_dram, scope::remote, retention::unspecified, std::nullopt, 2));
+  REQUIRE(tiers->may.size() == 1);
+  CHECK(tiers->may[0] == spec(tier::shared_disk));
+
+  for (const char* bad : {"should:stable_dram:remote:x", "often:stable_dram", "should:vram", "should:stable_dram:far",
+                          "should", "should:stable_dram:remote:2:3", "should:stable_dram:remote:"}) {
+    INFO(bad);
+    const auto r = parse_policy(bad);
+    REQUIRE_FALSE(r.has_value());
+    CHECK(r.error().code == errc::invalid_argument);
+    CHECK_THAT(r.error().message, Catch::StartsWith("cannot parse "));
+  }
 }

@@ -60,7 +60,9 @@ enum class requirement : std::int32_t { none = 0, may = 1, should = 2, must = 3 
 struct tier_spec {
   policy::tier tier = policy::tier::unspecified;
   policy::scope scope = policy::scope::unspecified;
-  std::uint32_t min_replicas = 0;  ///< 0 means 1; anything else but 1 is rejected.
+  /// 0 means 1. Scope remote: hosts other than this one; any: hosts in all, this one counted;
+  /// local and shared_disk: only 1.
+  std::uint32_t min_replicas = 0;
   policy::retention retention = policy::retention::unspecified;
   std::optional<std::uint64_t> retention_ttl_ms;  ///< Only with retention ttl, and then > 0.
 
@@ -100,6 +102,12 @@ struct resolved_policy {
   requirement local_stable = requirement::none;   ///< stable_dram with scope local or any.
   requirement remote_stable = requirement::none;  ///< stable_dram with scope remote or any.
   requirement shared_disk = requirement::none;
+  /// Stable copies on several hosts (docs/cluster.md §5): the highest level of a stable_dram
+  /// tier asking for more than this host (remote N: N + 1 hosts; any N: N), the most hosts any
+  /// tier asks for, and the most a must tier asks for; 1 = this host alone.
+  requirement replica_level = requirement::none;
+  std::uint32_t replica_hosts = 1;
+  std::uint32_t replica_hosts_must = 1;
   /// Retention of the local stable copy: the retention of the highest level that names the
   /// local tier; within one level the highest rank, and for ttl the longest ttl.
   policy::retention local_retention = policy::retention::best_effort;
@@ -117,13 +125,14 @@ struct resolved_policy {
 /// Profiles expand as: cache → local may best_effort; durable → shared_disk must, local should
 /// best_effort; ha → shared_disk must, remote should, local should best_effort; cold →
 /// shared_disk must, local should ttl 60000 ms; warm → local should best_effort, overflow
-/// reject; pinned → local must pinned, overflow reject. An explicit `overflow` overrides the
+/// reject; pinned → local must pinned, overflow reject. ha asks for 2 hosts at should
+/// (replica_hosts). An explicit `overflow` overrides the
 /// profile's. Explicit tiers default to overflow evict.
 ///
 /// Errors: INVALID_ARGUMENT, naming the list and index of the offending tier and its value,
 /// for: a profile together with explicit tiers; tier unspecified; shared_disk with a scope
-/// other than any, with retention fields, or min_replicas other than 1; stable_dram with
-/// min_replicas other than 1; retention ttl without retention_ttl_ms > 0; retention_ttl_ms
+/// other than any, with retention fields, or min_replicas other than 1; stable_dram with scope
+/// local and min_replicas other than 1; retention ttl without retention_ttl_ms > 0; retention_ttl_ms
 /// without retention ttl; scope remote with retention fields; must with scope local or any
 /// whose retention is not pinned; overflow spill without a shared_disk tier at must or should;
 /// any enum value outside its list.
@@ -138,5 +147,13 @@ struct resolved_policy {
 /// "cold", "warm", "pinned" (lower case).
 /// Errors: INVALID_ARGUMENT naming the text and the accepted names.
 [[nodiscard]] result<profile> parse_profile(std::string_view text);
+
+/// Parses a policy as typed on a command line: a profile name (parse_profile), or explicit
+/// tiers `LEVEL:TIER[:SCOPE[:N]]` separated by commas, LEVEL must|should|may, TIER
+/// stable_dram|shared_disk, SCOPE local|remote|any, N min_replicas (e.g.
+/// "should:stable_dram:local,should:stable_dram:remote:2"). Only the syntax is checked here;
+/// resolve() judges the policy.
+/// Errors: INVALID_ARGUMENT naming the text and what is wrong with it.
+[[nodiscard]] result<store_policy> parse_policy(std::string_view text);
 
 }  // namespace tensorreg::policy
