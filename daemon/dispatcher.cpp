@@ -316,6 +316,7 @@ struct dispatcher::impl {
     TENSORREG_TRY(resolve_device(in));
     if (auto bad = convert::malformed_view(in)) return tl::unexpected(std::move(*bad));
     auto request = convert::to_begin(in);
+    TENSORREG_TRY(check_replica_policy(request));
     TENSORREG_TRY(convert::take_begin_files(in, c.fds_in, request));
     request.owner_uid = c.peer.uid;  // the uid's share of the stable cache
     TENSORREG_TRY_ASSIGN(auto begun, engine.begin(std::move(request)));
@@ -381,8 +382,79 @@ struct dispatcher::impl {
       misses.add();
       bytes_registered.add(done.descriptor.total_size);
     }
-    convert::fill_commit(*c.response.mutable_commit_registered_artifact(), done);
     if (options.cluster != nullptr && !done.existed) options.cluster->committed(done.descriptor.artifact_id);
+    TENSORREG_TRY(place_replicas(done));
+    convert::fill_commit(*c.response.mutable_commit_registered_artifact(), done);
+    return {};
+  }
+
+  // docs/cluster.md §5 (Policies): a must tier that asks for stable copies on other hosts is
+  // refused at Begin when it cannot be honoured at all: without --cluster, or for a cgid
+  // (only mi2 ids are replicated). A policy that does not resolve is the engine's to refuse.
+  status check_replica_policy(const reg::begin_request& request) const {
+    const auto resolved = policy::resolve(request.policy);
+    if (!resolved || resolved->replica_hosts_must <= 1) return {};
+    if (options.cluster == nullptr) {
+      return fail(errc::failed_precondition,
+                  fmt::format("cannot begin registration: its policy must keep stable copies on {} hosts and the "
+                              "daemon runs without --cluster",
+                              resolved->replica_hosts_must));
+    }
+    if (!request.client_artifact_id.empty()) {
+      return fail(errc::invalid_argument,
+                  fmt::format("cannot begin registration: its policy must keep stable copies on {} hosts and "
+                              "{} is a cgid: only mi2 artifacts are replicated",
+                              resolved->replica_hosts_must, request.client_artifact_id));
+    }
+    return {};
+  }
+
+  // docs/cluster.md §5 (Policies): after the local commit, the stable copies the policy asks
+  // for on other hosts are placed through the cluster (node::publish) and waited for up to
+  // --replica-timeout-ms (a may tier: asked, not waited for); the result is the commit's
+  // remote_stable_tier. A must tier not met fails the commit (the artifact stays committed
+  // here and the asks stay: DECISIONS §5.21).
+  status place_replicas(reg::commit_response& done) {
+    if (done.replica_hosts <= 1 || done.replica_level == policy::requirement::none) return {};
+    const auto& id = done.descriptor.artifact_id;
+    const bool must = done.replica_hosts_must > 1;
+    auto degraded = [&](std::string why) -> status {
+      if (must) return fail(errc::failed_precondition, fmt::format("cannot keep stable copies of {}: {}", id, why));
+      done.remote_stable_tier = reg::local_stable_tier_result{reg::local_stable_status::degraded, std::move(why)};
+      return {};
+    };
+    if (options.cluster == nullptr) {
+      return degraded(
+          fmt::format("the policy asks for {} hosts and the daemon runs without --cluster", done.replica_hosts));
+    }
+    if (done.descriptor.id_kind != identity::id_kind::mi2) {
+      return degraded(
+          fmt::format("the policy asks for {} hosts and only mi2 artifacts are replicated", done.replica_hosts));
+    }
+    const bool wait = done.replica_level != policy::requirement::may;
+    const auto timeout = wait ? options.replica_timeout : std::chrono::milliseconds(0);
+    auto placed = options.cluster->publish(id, done.replica_hosts, false, timeout);
+    if (!placed) {
+      if (must) return tl::unexpected(std::move(placed).error());
+      return degraded(std::move(placed).error().message);
+    }
+    const auto held = static_cast<std::uint32_t>(placed->holders.size());
+    if (placed->reached) {
+      done.remote_stable_tier = reg::local_stable_tier_result{
+          reg::local_stable_status::ready, fmt::format("{} of {} hosts hold it", held, done.replica_hosts)};
+      return {};
+    }
+    if (must && held < done.replica_hosts_must) {
+      return fail(errc::deadline_exceeded,
+                  fmt::format("cannot keep stable copies of {} on {} hosts: {} hold it after {} ms (it stays "
+                              "committed here; the hosts asked may still pull it)",
+                              id, done.replica_hosts_must, held, timeout.count()));
+    }
+    done.remote_stable_tier = reg::local_stable_tier_result{
+        reg::local_stable_status::degraded,
+        wait ? fmt::format("{} of {} hosts hold it after {} ms", held, done.replica_hosts, timeout.count())
+             : fmt::format("{} of {} hosts hold it; the others were asked (a may tier is not waited for)", held,
+                           done.replica_hosts)};
     return {};
   }
 

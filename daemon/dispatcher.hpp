@@ -83,6 +83,10 @@ struct dispatcher_options {
   /// The --cluster URL, reported by GetServerConfig (`tensorreg cluster ls` reads that etcd);
   /// empty = this host alone.
   std::string cluster_url;
+  /// How long a commit waits for the stable copies on other hosts its policy asks for (scope
+  /// REMOTE or ANY with min_replicas, the HA profile: docs/cluster.md §5); tensorregd
+  /// --replica-timeout-ms.
+  std::chrono::milliseconds replica_timeout{60'000};
 };
 
 /// A frame's payload (one serialised envelope) and the fds that arrived with it.

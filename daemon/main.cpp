@@ -99,6 +99,8 @@ constexpr const char* kUsage =
     "  --transfer-addr IP:PORT  serve artifact leaves to the members here (with --cluster)\n"
     "  --host-id ID             this host's id in the cluster (default: host name and\n"
     "                           transfer address)\n"
+    "  --replica-timeout-ms N   how long a commit waits for the copies on other hosts its\n"
+    "                           policy asks for (remote/any min_replicas, ha; default 60000)\n"
     "  --version                print the version and exit\n";
 
 struct options {
@@ -130,6 +132,7 @@ struct options {
   std::string cluster;        // empty: this host alone
   std::string transfer_addr;  // with --cluster
   std::string host_id;
+  std::uint32_t replica_timeout_ms = 60'000;
   bool transfer_corrupt = false;  // test switch of the netns harness, not in --help
 };
 
@@ -217,6 +220,10 @@ int parse_options(const std::vector<std::string>& args, options& o) {
                 : a == "--max-stable-entries-per-uid" ? parse_number(*v, o.max_stable_entries_per_uid)
                                                       : parse_number(*v, o.max_total_size);
       if (!ok) return bad(a + " needs a number (0 = no limit), got '" + *v + "'");
+    } else if (a == "--replica-timeout-ms") {
+      const auto* v = value();
+      if (v == nullptr) return bad(a + " needs a value");
+      if (!parse_number(*v, o.replica_timeout_ms)) return bad(a + " needs a number, got '" + *v + "'");
     } else if (a == "--persist-threads") {
       const auto* v = value();
       if (v == nullptr) return bad(a + " needs a value");
@@ -424,6 +431,7 @@ int serve(const options& o, tensorreg::logger& log) {
     cluster_hooks = std::make_unique<cluster_adapter>(*cluster_node);
     d.cluster = cluster_hooks.get();
     d.cluster_url = o.cluster;
+    d.replica_timeout = std::chrono::milliseconds(o.replica_timeout_ms);
     // Before the ready line, so that whoever waits for it knows where members pull from.
     fmt::print("tensorregd: transfers on {} as {}\n", cluster_node->server().address(),
                cluster_node->members().self().host_id);

@@ -412,6 +412,11 @@ void fill_commit(v2::CommitRegisteredArtifactResponse& out, const reg::commit_re
     tier->set_status(static_cast<v2::LocalStableTierStatus>(in.local_stable_tier->status));
     if (!in.local_stable_tier->message.empty()) tier->set_message(in.local_stable_tier->message);
   }
+  if (in.remote_stable_tier) {
+    auto* tier = out.mutable_remote_stable_tier();
+    tier->set_status(static_cast<v2::LocalStableTierStatus>(in.remote_stable_tier->status));
+    if (!in.remote_stable_tier->message.empty()) tier->set_message(in.remote_stable_tier->message);
+  }
   for (const auto& id : in.evicted) out.add_evicted_artifact_ids(id);
   if (!in.persistence_task_id.empty()) out.set_persistence_task_id(in.persistence_task_id);
   out.set_hash_state(static_cast<v2::HashState>(in.hash));

@@ -561,6 +561,9 @@ result<commit_response> engine::state::commit(const std::string& registration_id
   // Policies asking for the shared disk (DURABLE, COLD, HA: registration.md §1.6) are persisted
   // now, in the background; the commit answers the task's id.
   const auto& resolved = p->facts().policy;
+  out->replica_level = resolved.replica_level;
+  out->replica_hosts = resolved.replica_hosts;
+  out->replica_hosts_must = resolved.replica_hosts_must;
   if (options.durable && resolved.shared_disk >= policy::requirement::should) {
     auto task = start_persistence(out->descriptor.artifact_id, resolved.cache);
     if (task) {

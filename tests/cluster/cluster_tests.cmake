@@ -7,9 +7,11 @@ endif()
 file(GLOB tensorreg_cluster_unit_tests CONFIGURE_DEPENDS ${CMAKE_CURRENT_LIST_DIR}/*_test.cpp)
 add_executable(tensorreg_cluster_tests ${tensorreg_cluster_unit_tests}
   ${CMAKE_CURRENT_LIST_DIR}/etcd_process.cpp ${CMAKE_CURRENT_SOURCE_DIR}/support/temp_dir.cpp
-  ${CMAKE_CURRENT_SOURCE_DIR}/support/child_process.cpp ${CMAKE_CURRENT_SOURCE_DIR}/support/engine_helpers.cpp)
+  ${CMAKE_CURRENT_SOURCE_DIR}/support/child_process.cpp ${CMAKE_CURRENT_SOURCE_DIR}/support/engine_helpers.cpp
+  ${CMAKE_CURRENT_SOURCE_DIR}/support/two_tensor_artifact.cpp)
+# policy_test drives a daemon's dispatcher over a node.
 target_link_libraries(tensorreg_cluster_tests PRIVATE tensorreg_catch_main tensorreg::cluster
-  tensorreg::tensorreg Catch2::Catch2 OpenSSL::Crypto fmt::fmt tensorreg_warnings)
+  tensorreg::daemon_core tensorreg::tensorreg Catch2::Catch2 OpenSSL::Crypto fmt::fmt tensorreg_warnings)
 # transfer_server_test speaks raw UCX to the server.
 target_link_libraries(tensorreg_cluster_tests PRIVATE PkgConfig::UCX)
 target_include_directories(tensorreg_cluster_tests PRIVATE ${CMAKE_CURRENT_SOURCE_DIR} ${PROJECT_SOURCE_DIR}/src)

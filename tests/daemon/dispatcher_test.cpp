@@ -1281,3 +1281,141 @@ TEST_CASE("dispatcher: WaitArtifactHash of an unknown artifact is NOT_FOUND, of 
   CHECK(lane == request_lane::work);  // it waits
   CHECK(request_id > 0);
 }
+
+// ---- policies that ask for stable copies on other hosts (docs/cluster.md §5) -----------------
+
+namespace {
+
+// A cluster that answers publish() as told and records what it was asked.
+struct fake_cluster final : tensorreg::daemon::cluster_hooks {
+  void committed(const std::string&) override {}
+  tensorreg::status fetch(const std::string&) override { return {}; }
+  std::vector<tensorreg::cluster::pull_status> pulls() const override { return {}; }
+  tensorreg::result<tensorreg::cluster::publish_status> publish(const std::string& artifact_id, std::uint32_t replicas,
+                                                                bool all, std::chrono::milliseconds timeout) override {
+    asked.push_back({artifact_id, replicas, all, timeout});
+    auto out = answer;
+    out.target = replicas;
+    return out;
+  }
+  struct ask {
+    std::string artifact_id;
+    std::uint32_t replicas;
+    bool all;
+    std::chrono::milliseconds timeout;
+  };
+  std::vector<ask> asked;
+  tensorreg::cluster::publish_status answer;
+};
+
+// A stable_dram tier with `scope` and `min_replicas` in the list `level` of a stable_dram Begin.
+wire::Request begin_with_tier(harness& h, const std::string& level, common::PolicyScope scope,
+                              std::uint32_t min_replicas) {
+  auto r = begin_stable(h);
+  auto* p = r.mutable_begin_register_artifact()->mutable_policy();
+  auto* t = level == "must" ? p->add_must() : level == "should" ? p->add_should() : p->add_may();
+  t->set_tier(common::POLICY_TIER_STABLE_DRAM);
+  t->set_scope(scope);
+  t->set_min_replicas(min_replicas);
+  return r;
+}
+
+// Puts the artifact through `begin` in one chunk and answers the commit.
+answer put_with(harness& h, wire::Request begin) {
+  const auto id = h.ok(begin).response.begin_register_artifact().registration_id();
+  auto f = feed_frame(0, id);
+  auto* c = f.mutable_feed_register_artifact_stream()->mutable_view_chunk();
+  c->set_canonical_offset(0);
+  c->set_data(two_tensors::bytes());
+  feed_all(h, {f});
+  return h.call(commit(h, id));
+}
+
+}  // namespace
+
+TEST_CASE("dispatcher: remote replicas without --cluster: should is DEGRADED, must refused at Begin",
+          "[daemon][dispatcher][policy]") {
+  harness h;
+  auto a = put_with(h, begin_with_tier(h, "should", common::POLICY_SCOPE_REMOTE, 2));
+  REQUIRE(a.response.status().code() == 0);
+  const auto& done = a.response.commit_registered_artifact();
+  REQUIRE(done.has_remote_stable_tier());
+  CHECK(done.remote_stable_tier().status() == v2::LOCAL_STABLE_TIER_STATUS_DEGRADED);
+  CHECK(done.remote_stable_tier().message() == "the policy asks for 3 hosts and the daemon runs without --cluster");
+
+  check_status(h.call(begin_with_tier(h, "must", common::POLICY_SCOPE_REMOTE, 1)), errc::failed_precondition,
+               "cannot begin registration: its policy must keep stable copies on 2 hosts and the daemon runs "
+               "without --cluster");
+
+  // any 1 is this host: no remote tier, nothing asked.
+  auto local = put_with(h, begin_with_tier(h, "should", common::POLICY_SCOPE_ANY, 1));
+  REQUIRE(local.response.status().code() == 0);
+  CHECK_FALSE(local.response.commit_registered_artifact().has_remote_stable_tier());
+}
+
+TEST_CASE("dispatcher: remote replicas are placed through the cluster and reported", "[daemon][dispatcher][policy]") {
+  fake_cluster cluster;
+  dispatcher_options options;
+  options.cluster = &cluster;
+  options.replica_timeout = 1500ms;
+  harness h(std::move(options));
+
+  SECTION("reached: READY") {
+    cluster.answer.holders = {"a", "b", "c"};
+    cluster.answer.reached = true;
+    auto a = put_with(h, begin_with_tier(h, "should", common::POLICY_SCOPE_REMOTE, 2));
+    REQUIRE(a.response.status().code() == 0);
+    const auto& done = a.response.commit_registered_artifact();
+    REQUIRE(cluster.asked.size() == 1);
+    CHECK(cluster.asked[0].artifact_id == done.artifact_descriptor().artifact_id());
+    CHECK(cluster.asked[0].replicas == 3);  // remote 2: two others and this host
+    CHECK_FALSE(cluster.asked[0].all);
+    CHECK(cluster.asked[0].timeout == 1500ms);
+    REQUIRE(done.has_remote_stable_tier());
+    CHECK(done.remote_stable_tier().status() == v2::LOCAL_STABLE_TIER_STATUS_READY);
+    CHECK(done.remote_stable_tier().message() == "3 of 3 hosts hold it");
+  }
+  SECTION("not reached, should: DEGRADED") {
+    cluster.answer.holders = {"a"};
+    auto a = put_with(h, begin_with_tier(h, "should", common::POLICY_SCOPE_ANY, 3));
+    REQUIRE(a.response.status().code() == 0);
+    REQUIRE(cluster.asked.size() == 1);
+    CHECK(cluster.asked[0].replicas == 3);  // any 3: this host counted
+    const auto& done = a.response.commit_registered_artifact();
+    CHECK(done.remote_stable_tier().status() == v2::LOCAL_STABLE_TIER_STATUS_DEGRADED);
+    CHECK(done.remote_stable_tier().message() == "1 of 3 hosts hold it after 1500 ms");
+  }
+  SECTION("may: asked, not waited for") {
+    cluster.answer.holders = {"a"};
+    auto a = put_with(h, begin_with_tier(h, "may", common::POLICY_SCOPE_REMOTE, 1));
+    REQUIRE(a.response.status().code() == 0);
+    REQUIRE(cluster.asked.size() == 1);
+    CHECK(cluster.asked[0].timeout == 0ms);
+    CHECK(a.response.commit_registered_artifact().remote_stable_tier().status() ==
+          v2::LOCAL_STABLE_TIER_STATUS_DEGRADED);
+  }
+  SECTION("not reached, must: the commit fails DEADLINE_EXCEEDED, the artifact stays") {
+    cluster.answer.holders = {"a"};
+    auto a = put_with(h, begin_with_tier(h, "must", common::POLICY_SCOPE_REMOTE, 1));
+    CHECK(a.response.status().code() == code(errc::deadline_exceeded));
+    CHECK_THAT(a.response.status().message(),
+               Catch::Contains("on 2 hosts: 1 hold it after 1500 ms (it stays committed here"));
+    auto list = h.request();
+    list.mutable_list_artifacts();
+    CHECK(h.ok(list).response.list_artifacts().artifacts_size() == 1);
+  }
+  SECTION("a cgid: must refused at Begin, should DEGRADED, nothing asked") {
+    auto must = begin_with_tier(h, "must", common::POLICY_SCOPE_REMOTE, 1);
+    must.mutable_begin_register_artifact()->set_client_artifact_id("cgid:remote~1");
+    check_status(h.call(must), errc::invalid_argument,
+                 "cannot begin registration: its policy must keep stable copies on 2 hosts and cgid:remote~1 "
+                 "is a cgid: only mi2 artifacts are replicated");
+    auto should = begin_with_tier(h, "should", common::POLICY_SCOPE_REMOTE, 1);
+    should.mutable_begin_register_artifact()->set_client_artifact_id("cgid:remote~1");
+    auto a = put_with(h, should);
+    REQUIRE(a.response.status().code() == 0);
+    CHECK(a.response.commit_registered_artifact().remote_stable_tier().message() ==
+          "the policy asks for 2 hosts and only mi2 artifacts are replicated");
+    CHECK(cluster.asked.empty());
+  }
+}

@@ -283,6 +283,13 @@ struct commit_response {
   /// The persistence task the policy started (shared_disk asked for, a persist directory
   /// configured); empty otherwise.
   std::string persistence_task_id;
+  /// Stable copies on other hosts the registration's policy asks for (policy::resolved_policy's
+  /// replica_level, replica_hosts, replica_hosts_must; docs/cluster.md §5): the engine only
+  /// says so, the daemon places them through its cluster and fills remote_stable_tier.
+  policy::requirement replica_level = policy::requirement::none;
+  std::uint32_t replica_hosts = 1;
+  std::uint32_t replica_hosts_must = 1;
+  std::optional<local_stable_tier_result> remote_stable_tier;
 };
 
 // ---- Keep-alive, regions, deregister ------------------------------------------------------
