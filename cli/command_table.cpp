@@ -23,7 +23,9 @@ constexpr std::array<option_help, 5> kDigest{{
 }};
 constexpr std::array<option_help, 1> kIndex{{{"--threads", "N", "hashing threads"}}};
 constexpr std::array<option_help, 3> kPut{{
-    {"--policy", "PROFILE", "cache (evicts to make room; default), warm, pinned or durable"},
+    {"--policy", "PROFILE",
+     "cache (evicts to make room; default), warm, pinned, durable, ha, or tiers LEVEL:TIER[:SCOPE[:N]],... "
+     "(should:stable_dram:remote:2: two other hosts hold it)"},
     {"--name", "NAME", "the name `ls` shows (default: the file name)"},
     {"--copy", "", "copy the files into the daemon's memory from here instead of handing them to the daemon"},
 }};

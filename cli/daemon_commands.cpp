@@ -171,6 +171,17 @@ json descriptor_json(const client::artifact_descriptor& d) {
               {"id_kind", wire_kind_name(d.id_kind)}};
 }
 
+// A tier result's status as the commit answer names it, lower case.
+std::string_view tier_status_name(registration::local_stable_status s) {
+  switch (s) {
+    case registration::local_stable_status::ready: return "ready";
+    case registration::local_stable_status::degraded: return "degraded";
+    case registration::local_stable_status::skipped: return "skipped";
+    case registration::local_stable_status::unspecified: break;
+  }
+  return "unspecified";
+}
+
 int print_registered(const client::registered& r, const options& o, const char* verb) {
   if (o.json) {
     json j = descriptor_json(r.descriptor);
@@ -179,6 +190,10 @@ int print_registered(const client::registered& r, const options& o, const char* 
     j["seconds"] = r.begin_to_commit_seconds;
     j["wall_seconds"] = seconds_waited();
     j["evicted"] = r.evicted;
+    if (r.remote_stable_tier) {
+      j["remote_stable_tier"] = {{"status", std::string(tier_status_name(r.remote_stable_tier->status))},
+                                 {"message", r.remote_stable_tier->message}};
+    }
     fmt::print("{}\n", j.dump());
   } else {
     // The time the user waited for the command: reading, copying, the daemon's hash and commit.
@@ -186,6 +201,10 @@ int print_registered(const client::registered& r, const options& o, const char* 
                r.descriptor.total_size, human_bytes(r.descriptor.total_size), r.existed ? "true" : "false",
                seconds_waited());
     for (const auto& id : r.evicted) fmt::print("  evicted    {} (to make room)\n", id);
+    if (r.remote_stable_tier) {
+      fmt::print("  replicas   {} ({})\n", tier_status_name(r.remote_stable_tier->status),
+                 r.remote_stable_tier->message);
+    }
   }
   return 0;
 }
@@ -271,7 +290,8 @@ std::string default_name(const std::vector<std::string>& files) {
 int cmd_put(connection& c, const options& o) {
   if (o.positional.empty())
     return usage(
-        "usage: tensorreg put FILES.safetensors... [--policy cache|warm|pinned|durable] [--name NAME] [--copy]");
+        "usage: tensorreg put FILES.safetensors... [--policy PROFILE|LEVEL:TIER[:SCOPE[:N]],...] [--name NAME] "
+        "[--copy]");
   auto bundle = index::safetensors_bundle::open(o.positional);
   if (!bundle) return fail_with(bundle.error());
   // Checked before the copy: a put the budget cannot take fails at once, in the user's words.

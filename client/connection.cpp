@@ -256,7 +256,7 @@ result<registered> connection::put(const index::safetensors_bundle& bundle, cons
   begin.index_json = idx.json();
   begin.display_name = options.name;
   if (!options.profile.empty()) {
-    TENSORREG_TRY_ASSIGN(begin.profile, policy::parse_profile(options.profile));
+    TENSORREG_TRY_ASSIGN(begin.policy, policy::parse_policy(options.profile));
   }
   if (files) {
     begin.file_segments = files->segments;
@@ -272,7 +272,9 @@ result<registered> connection::put(const index::safetensors_bundle& bundle, cons
         return tl::unexpected(std::move(committed).error());
       }
       const auto commit = wc::commit_of(committed->response);
-      return registered{commit.descriptor, commit.existed, registration_id, seconds_since(started), commit.evicted};
+      registered out{commit.descriptor, commit.existed, registration_id, seconds_since(started), commit.evicted};
+      out.remote_stable_tier = commit.remote_stable_tier;
+      return out;
     }
     begin.file_segments.clear();
     put_options copying = options;
@@ -300,7 +302,9 @@ result<registered> connection::put(const index::safetensors_bundle& bundle, cons
   if (auto fed = raw_->feed(std::move(frames)); !fed) return abort_on_error(fed.error());
   TENSORREG_TRY_ASSIGN(auto committed, raw_->call(wc::commit_request(registration_id)));
   const auto commit = wc::commit_of(committed.response);
-  return registered{commit.descriptor, commit.existed, registration_id, seconds_since(started), commit.evicted};
+  registered out{commit.descriptor, commit.existed, registration_id, seconds_since(started), commit.evicted};
+  out.remote_stable_tier = commit.remote_stable_tier;
+  return out;
 }
 
 result<lease> connection::register_lease(const index::safetensors_bundle& bundle, std::uint32_t ttl_ms) {

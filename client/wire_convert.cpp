@@ -95,7 +95,24 @@ wire::Request begin_request(const begin_args& args) {
   } else {
     b->mutable_lease()->set_in_place(true);
   }
-  if (args.profile) b->mutable_policy()->set_profile(static_cast<common::PolicyProfile>(*args.profile));
+  if (args.policy) {
+    auto* p = b->mutable_policy();
+    if (args.policy->profile != policy::profile::unspecified) {
+      p->set_profile(static_cast<common::PolicyProfile>(args.policy->profile));
+    }
+    const std::pair<const std::vector<policy::tier_spec>*, google::protobuf::RepeatedPtrField<common::TierSpec>*>
+        lists[] = {{&args.policy->must, p->mutable_must()},
+                   {&args.policy->should, p->mutable_should()},
+                   {&args.policy->may, p->mutable_may()}};
+    for (const auto& [from, to] : lists) {
+      for (const auto& t : *from) {
+        auto* out = to->Add();
+        out->set_tier(static_cast<common::PolicyTier>(t.tier));
+        out->set_scope(static_cast<common::PolicyScope>(t.scope));
+        out->set_min_replicas(t.min_replicas);
+      }
+    }
+  }
   if (!args.display_name.empty()) b->set_display_name(args.display_name);
   if (!args.client_artifact_id.empty()) b->set_client_artifact_id(args.client_artifact_id);
   if (args.view != nullptr) set_view(*args.view, *b->mutable_view());
@@ -376,6 +393,11 @@ registration::commit_response commit_of(const wire::Response& committed) {
   out.existed = c.existed();
   out.evicted.assign(c.evicted_artifact_ids().begin(), c.evicted_artifact_ids().end());
   out.hash = static_cast<registration::hash_state>(c.hash_state());
+  if (c.has_remote_stable_tier()) {
+    out.remote_stable_tier = registration::local_stable_tier_result{
+        static_cast<registration::local_stable_status>(c.remote_stable_tier().status()),
+        c.remote_stable_tier().message()};
+  }
   return out;
 }
 

@@ -43,11 +43,11 @@ struct begin_args {
   std::uint64_t total_size = 0;
   std::uint32_t ttl_ms = 0;
   std::int32_t owner_pid = 0;
-  std::string index_json;  ///< empty: no inline index
-  std::optional<policy::profile> profile;
-  std::string display_name{};                 ///< empty: none
-  std::string client_artifact_id{};           ///< a cgid; empty: an mi2 artifact
-  const views::view_request* view = nullptr;  ///< ViewRegistrationOptions; null: none
+  std::string index_json;                      ///< empty: no inline index
+  std::optional<policy::store_policy> policy;  ///< unset: none (the daemon's default)
+  std::string display_name{};                  ///< empty: none
+  std::string client_artifact_id{};            ///< a cgid; empty: an mi2 artifact
+  const views::view_request* view = nullptr;   ///< ViewRegistrationOptions; null: none
   /// stable_dram from files (wire-format.md §18); their fds ride with the request.
   std::vector<registration::file_segment> file_segments{};
 };

@@ -28,7 +28,9 @@ class RegisteredArtifact:
     index_json (the canonical bytes), total_size, existed (the daemon held it already),
     descriptor (dict), registration_id, registration_kind ("stable_dram" for put of CPU
     tensors, "coalesced" for put of CUDA tensors, "lease_in_place" for register),
-    local_stable_tier (LocalStableTier or None), lease (a Lease for register, else None),
+    local_stable_tier (LocalStableTier or None), remote_stable_tier (LocalStableTier: the copies
+    on other hosts a policy such as "should:stable_dram:remote:2" asks for; None when it asks for
+    none), lease (a Lease for register, else None),
     timings (seconds: "metadata" = layout and driver queries in this process, "rpc" = the calls
     before commit, "commit" = the commit call, where the daemon hashes; a register of CUDA
     tensors adds "feed_build" and "answer_wait", the parts of "rpc" spent building the Feed
@@ -52,6 +54,8 @@ class RegisteredArtifact:
         self.lease = lease
         tier = _requests.local_stable_tier(commit)
         self.local_stable_tier = LocalStableTier(*tier) if tier is not None else None
+        remote = _requests.remote_stable_tier(commit)
+        self.remote_stable_tier = LocalStableTier(*remote) if remote is not None else None
 
     def close(self) -> None:
         if self.lease is not None:

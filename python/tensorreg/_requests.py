@@ -21,15 +21,65 @@ _COMMON = _messages.COMMON
 _DAEMON = _messages.DAEMON
 
 
-def policy_profile(policy: str | None, verb: str) -> int | None:
-    """The PolicyProfile number of a profile name; None for no policy (the daemon's default).
-    Errors: InvalidArgument naming the unknown profile."""
+_LEVELS = ("must", "should", "may")
+_TIERS = ("stable_dram", "shared_disk")
+_SCOPES = ("local", "remote", "any")
+
+
+def policy_profile(policy: str | None, verb: str):
+    """The PolicyProfile number of a profile name, or for explicit tiers
+    "LEVEL:TIER[:SCOPE[:N]],..." (e.g. "should:stable_dram:remote:2", docs/cluster.md §5) a
+    list of (level, tier, scope, min_replicas); None for no policy (the daemon's default).
+    apply_policy() puts either into a StorePolicy. Errors: InvalidArgument naming what is
+    wrong."""
     if policy is None or policy == "":
         return None
+    if ":" in policy:
+        return _parse_tiers(policy, verb)
     if policy not in PROFILES:
         raise InvalidArgument(f"cannot {verb}: unknown policy profile {policy!r}: expected one of "
                               f"{', '.join(PROFILES)}")
     return _messages.enum_value(_COMMON + ".PolicyProfile", "POLICY_PROFILE_" + policy.upper())
+
+
+def _parse_tiers(policy: str, verb: str) -> list:
+    def bad(why: str):
+        return InvalidArgument(f"cannot {verb}: cannot parse policy {policy!r}: {why} (a profile, or tiers "
+                               "LEVEL:TIER[:SCOPE[:N]] separated by commas, e.g. should:stable_dram:remote:2)")
+    tiers = []
+    for item in policy.split(","):
+        parts = item.split(":")
+        if not 2 <= len(parts) <= 4:
+            raise bad(f"{item!r} is not LEVEL:TIER[:SCOPE[:N]]")
+        if parts[0] not in _LEVELS:
+            raise bad(f"unknown level {parts[0]!r} (must, should, may)")
+        if parts[1] not in _TIERS:
+            raise bad(f"unknown tier {parts[1]!r} (stable_dram, shared_disk)")
+        scope = parts[2] if len(parts) > 2 else None
+        if scope is not None and scope not in _SCOPES:
+            raise bad(f"unknown scope {scope!r} (local, remote, any)")
+        n = 0
+        if len(parts) > 3:
+            if not parts[3].isdigit():
+                raise bad(f"min_replicas {parts[3]!r} is not a number")
+            n = int(parts[3])
+        tiers.append((parts[0], parts[1], scope, n))
+    return tiers
+
+
+def apply_policy(message, policy) -> None:
+    """Puts what policy_profile() answered into the StorePolicy `message` (None: nothing)."""
+    if policy is None:
+        return
+    if isinstance(policy, int):
+        message.profile = policy
+        return
+    for level, tier, scope, n in policy:
+        t = getattr(message, level).add()
+        t.tier = _messages.enum_value(_COMMON + ".PolicyTier", "POLICY_TIER_" + tier.upper())
+        if scope is not None:
+            t.scope = _messages.enum_value(_COMMON + ".PolicyScope", "POLICY_SCOPE_" + scope.upper())
+        t.min_replicas = n
 
 
 # ---- registration ----
@@ -50,8 +100,7 @@ def put_begin(layout, profile, plan: str, device_id: int = 0, device_uuid: str =
     b.tensor_index_data.schema_version = "v3"
     b.tensor_index_data.encoding = "json"
     getattr(b, plan).SetInParent()
-    if profile is not None:
-        b.policy.profile = profile
+    apply_policy(b.policy, profile)
     return begin
 
 
@@ -66,8 +115,7 @@ def lease_begin(ttl_ms: int, client_artifact_id: str | None, profile):
     b.lease.in_place = True
     if client_artifact_id:
         b.client_artifact_id = client_artifact_id
-    if profile is not None:
-        b.policy.profile = profile
+    apply_policy(b.policy, profile)
     return begin
 
 
@@ -283,6 +331,16 @@ def tier_name(tier: int) -> str:
     name = _messages.enum_name(_messages.WIRE + ".Tier", tier)
     return {"TIER_VRAM": "vram", "TIER_VRAM_LEASED": "leased", "TIER_STABLE_DRAM": "stable_dram",
             "TIER_SHARED_DISK": "shared_disk"}.get(name, name)
+
+
+def remote_stable_tier(commit_answer) -> tuple | None:
+    """(status, message) of a commit answer's remote stable tier (the copies on other hosts a
+    policy asks for, docs/cluster.md §5), as local_stable_tier; None when it asked for none."""
+    if not commit_answer.HasField("remote_stable_tier"):
+        return None
+    t = commit_answer.remote_stable_tier
+    name = _messages.enum_name(_DAEMON + ".LocalStableTierStatus", t.status)
+    return name.replace("LOCAL_STABLE_TIER_STATUS_", "").lower(), t.message
 
 
 def local_stable_tier(commit_answer) -> tuple | None:

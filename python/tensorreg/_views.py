@@ -321,7 +321,7 @@ def register_view(conn: Connection, source, spec, placement: str, tensor_names, 
             return _client_upload_replica(conn, source, replica, options, profile)
         begin = _begin(replica.index_json, _index_total(index), options)
         if profile is not None:
-            begin.begin_register_artifact.policy.profile = profile
+            _requests.apply_policy(begin.begin_register_artifact.policy, profile)
         return _server_upload(conn, begin, lambda: view_tensors(replica.tensors, ops, tensor_names))
 
     torch = _torch()
@@ -335,7 +335,7 @@ def register_view(conn: Connection, source, spec, placement: str, tensor_names, 
         return ViewRegistration(art.answer, art.registration_id)
     begin = _begin(layout.json, layout.total_size, options)
     if profile is not None:
-        begin.begin_register_artifact.policy.profile = profile
+        _requests.apply_policy(begin.begin_register_artifact.policy, profile)
     return _server_upload(conn, begin, lambda: view_tensors(dict(source.items()), ops, tensor_names))
 
 

@@ -96,7 +96,9 @@ class Store:
         """Stores a copy of the tensors in the daemon: CPU tensors in its stable DRAM (the
         stable_dram plan through the publish memfd), CUDA tensors in a daemon-owned buffer on
         their GPU (the coalesced plan). `policy` is a profile name (cache, durable, ha, cold,
-        warm, pinned) or None for the daemon's default.
+        warm, pinned), explicit tiers "LEVEL:TIER[:SCOPE[:N]],..." (e.g.
+        "should:stable_dram:remote:2": two other hosts hold it, docs/cluster.md §5; the answer's
+        remote_stable_tier says whether they do), or None for the daemon's default.
         reuse_held (CPU tensors, policy cache or None): when the daemon lists a stable replica
         of the same index, the tensors are hashed here first, and content it holds already is
         answered with existed=True and registration_id "" without copying anything; False

@@ -611,6 +611,23 @@ def persist_get_checks(tool, daemon, d, check):
         both = cli("publish", artifact, "--replicas", "2", "--all", expect_ok=False)
         failures += check(neither.returncode == 2 and both.returncode == 2 and "--replicas N | --all" in neither.stderr,
                           "publish needs exactly one of --replicas N and --all")
+        # docs/cluster.md §5, Policies: copies on other hosts without --cluster.
+        remote_file = os.path.join(d, "remote.safetensors")
+        write_safetensors(remote_file, {"r": ("U8", [4096], os.urandom(4096))})
+        remote = cli("put", "--json", "--policy", "should:stable_dram:remote:2", remote_file, expect_ok=False)
+        failures += check(remote.returncode == 0 and json.loads(remote.stdout)["remote_stable_tier"] ==
+                          {"status": "degraded",
+                           "message": "the policy asks for 3 hosts and the daemon runs without --cluster"},
+                          "put --policy should:stable_dram:remote:2 without --cluster answers the tier DEGRADED")
+        shown = cli("put", "--policy", "should:stable_dram:remote:2", remote_file, expect_ok=False)
+        failures += check(shown.returncode == 0 and "replicas   degraded (the policy asks for 3 hosts" in shown.stdout,
+                          "put prints the remote tier's result")
+        must = cli("put", "--policy", "must:stable_dram:remote:1", remote_file, expect_ok=False)
+        failures += check(must.returncode == 1 and "FAILED_PRECONDITION" in must.stderr and
+                          "--cluster" in must.stderr, "a must remote tier without --cluster is refused")
+        typo = cli("put", "--policy", "should:stable_dram:remote:x", remote_file, expect_ok=False)
+        failures += check(typo.returncode == 1 and "cannot parse policy" in typo.stderr,
+                          "a policy that does not parse says so")
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=10)

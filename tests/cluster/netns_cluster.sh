@@ -11,7 +11,9 @@
 # two share from A; fan-out to three receivers; `tensorreg cluster
 # ls` lists the four hosts alive and what they hold; `tensorreg get ID --out` on a host without
 # it pulls it (the same file as an export where it was put); `tensorreg publish ID --replicas 3`
-# places two more replicas and waits for them; fan-out as a pipeline (a receiver
+# places two more replicas and waits for them; `tensorreg put --policy
+# should:stable_dram:remote:2` answers READY once two other hosts hold it, and DEGRADED within
+# --replica-timeout-ms for more hosts than members; fan-out as a pipeline (a receiver
 # serves leaves it has verified to another while it still pulls, and `cluster ls` lists it as
 # pulling meanwhile); the source
 # SIGKILLed mid-transfer (its link limited with tc so that the kill lands mid-pull); etcd
@@ -116,7 +118,7 @@ start_daemon() {
   rm -f "$tmp/d$n.sock" "$tmp/d$n.out"
   ip netns exec "$tag$n" unshare --uts sh -c "hostname node$n-$tag; exec '$daemon' --socket '$tmp/d$n.sock' \
     --no-warm-start --cluster etcd://$etcd_ip:2379/tensorreg --transfer-addr $subnet.$((20 + n)):7000 \
-    --host-id node$n $extra" >"$tmp/d$n.out" 2>>"$tmp/d$n.log" &
+    --host-id node$n --replica-timeout-ms 5000 $extra" >"$tmp/d$n.out" 2>>"$tmp/d$n.log" &
   pid[d$n]=$!
   for _ in $(seq 100); do
     grep -q "ready on" "$tmp/d$n.out" 2>/dev/null && return 0
@@ -261,6 +263,44 @@ done
 out=$("$cli" publish "$id_g" --replicas 5 --timeout 1 --socket "$tmp/d3.sock" 2>&1) && fail "publish to 5 of 4 hosts: $out"
 case "$out" in *"cannot publish $id_g: "[34]" of 5 hosts hold it after 1 s"*) ;; *) fail "publish to 5 of 4 said '$out'" ;; esac
 pass "publish $id_g --replicas 3 on node3: nodes $holders hold it, node3's bytes; 5 of 4 not reached"
+
+# 2c''. A put whose policy asks for stable copies on two other hosts (docs/cluster.md §5,
+# Policies): node2 commits, asks two members through the catalogue and answers READY once they
+# hold it; `cluster ls` lists three complete replicas, each with node2's bytes. Copies on five
+# other hosts of four members: DEGRADED within the daemons' --replica-timeout-ms (5 s).
+"${client[@]}" make "$tmp/h.safetensors" $((8 << 20)) 11
+put_h=$("$cli" put "$tmp/h.safetensors" --policy should:stable_dram:remote:2 --json --socket "$tmp/d2.sock") ||
+  fail "put --policy should:stable_dram:remote:2 on node2: $put_h"
+id_h=$(echo "$put_h" | /usr/bin/python3 -c '
+import json, sys
+j = json.load(sys.stdin)
+assert j["remote_stable_tier"] == {"status": "ready", "message": "3 of 3 hosts hold it"}, j
+print(j["artifact_id"])') || fail "put --policy should:stable_dram:remote:2 answered $put_h"
+want=$(digest 2 "$id_h")
+ls_json --etcd "etcd://$etcd_ip:2379/tensorreg" >"$tmp/cluster_ls_h.json" || fail "cluster ls after the remote put"
+holders=$(/usr/bin/python3 - "$tmp/cluster_ls_h.json" "$id_h" <<'PY'
+import json, sys
+hosts = json.load(open(sys.argv[1]))
+listed = {h["host_id"]: r["state"] for h in hosts for r in h["replicas"] if r["artifact_id"] == sys.argv[2]}
+assert len(listed) == 3 and listed.get("node2") == "replica" and set(listed.values()) == {"replica"}, listed
+print(" ".join(h[len("node"):] for h in sorted(listed) if h != "node2"))
+PY
+) || fail "cluster ls after the remote put: $(cat "$tmp/cluster_ls_h.json")"
+for n in $holders; do
+  [ "$(digest "$n" "$id_h")" = "$want" ] || fail "node$n holds '$(digest "$n" "$id_h")' for $id_h, node2 '$want'"
+done
+"${client[@]}" make "$tmp/i.safetensors" $((4 << 20)) 12
+started=$(date +%s)
+put_i=$("$cli" put "$tmp/i.safetensors" --policy should:stable_dram:remote:5 --json --socket "$tmp/d2.sock") ||
+  fail "put --policy should:stable_dram:remote:5 on node2: $put_i"
+took=$(($(date +%s) - started))
+echo "$put_i" | /usr/bin/python3 -c '
+import json, re, sys
+t = json.load(sys.stdin)["remote_stable_tier"]
+assert t["status"] == "degraded" and re.fullmatch(r"[1-4] of 6 hosts hold it after 5000 ms", t["message"]), t' ||
+  fail "put --policy should:stable_dram:remote:5 answered $put_i"
+[ "$took" -le 12 ] || fail "put --policy should:stable_dram:remote:5 took $took s (timeout 5 s)"
+pass "put --policy should:stable_dram:remote:2 on node2: READY, nodes $holders hold node2's bytes; remote:5 of 4 DEGRADED in $took s"
 
 # 2d. Fan-out as a pipeline (docs/cluster.md §3.3): with node1's link limited to 80 Mbit/s
 # (24 MiB then takes about 2.5 s), node2 starts pulling P and node3 half a second later. node2

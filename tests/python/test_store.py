@@ -157,6 +157,23 @@ class StoreTest(_support.StoreTestCase):
                 self.store.publish(art.artifact_id, **kwargs)
             self.assertIn(f"cannot publish {art.artifact_id}: ", ctx.exception.message)
 
+    def test_remote_replicas_without_cluster_are_degraded_and_must_is_refused(self):
+        # docs/cluster.md §5: a policy asking for copies on other hosts, on a daemon without --cluster.
+        art = self.store.put({"r": torch.arange(5, dtype=torch.int16)}, policy="should:stable_dram:remote:2")
+        self.assertIsNotNone(art.remote_stable_tier)
+        self.assertEqual(art.remote_stable_tier.status, "degraded")
+        self.assertEqual(art.remote_stable_tier.message,
+                         "the policy asks for 3 hosts and the daemon runs without --cluster")
+        plain = self.store.put({"r": torch.arange(6, dtype=torch.int16)})
+        self.assertIsNone(plain.remote_stable_tier)
+        with self.assertRaises(tensorreg.FailedPrecondition) as ctx:
+            self.store.put({"r": torch.arange(7, dtype=torch.int16)}, policy="must:stable_dram:remote:1")
+        self.assertIn("runs without --cluster", ctx.exception.message)
+        for bad in ("should:stable_dram:remote:x", "often:stable_dram", "should:vram:any"):
+            with self.assertRaises(tensorreg.InvalidArgument, msg=bad) as ctx:
+                self.store.put({"r": torch.arange(3, dtype=torch.int16)}, policy=bad)
+            self.assertIn("cannot parse policy", ctx.exception.message)
+
     # ---- pipelining ----
 
     def test_pipelined_requests_get_their_own_answers_and_fds(self):

@@ -44,6 +44,9 @@ struct registered {
   std::vector<std::string> evicted{};
   /// pending after a commit with hash_in_background (docs/registration.md §4.8), else none.
   hash_state hash = hash_state::none;
+  /// The stable copies on other hosts the policy asked for (ready or degraded, with why);
+  /// unset when it asked for none (docs/cluster.md §5).
+  std::optional<registration::local_stable_tier_result> remote_stable_tier{};
 };
 
 /// Options of connection::register_lease().
@@ -61,7 +64,8 @@ struct lease_register_options {
 
 /// Options of connection::put().
 struct put_options {
-  /// Policy profile name ("cache", "warm", "pinned", "durable", ...; empty = the daemon's default).
+  /// Policy: a profile name ("cache", "warm", "pinned", "durable", ...) or explicit tiers
+  /// (policy::parse_policy, e.g. "should:stable_dram:remote:2"); empty = the daemon's default.
   std::string profile;
   /// Called as bytes are written (done, total), from the writing threads one at a time.
   std::function<void(std::uint64_t, std::uint64_t)> progress;
