@@ -1117,6 +1117,7 @@ int cmd_publish(connection& c, const options& o) {
                             {"asked", done->asked},
                             {"target", done->target},
                             {"reached", done->reached},
+                            {"members", done->members},
                             {"wall_seconds", seconds_waited()}}
                            .dump());
   } else {
@@ -1126,8 +1127,10 @@ int cmd_publish(connection& c, const options& o) {
                seconds_waited());
   }
   if (!done->reached) {
-    fmt::print(stderr, "tensorreg: cannot publish {}: {} of {} hosts hold it after {} s (DEADLINE_EXCEEDED)\n", id,
-               done->holders.size(), done->target, o.timeout_seconds);
+    const auto when = done->holders.size() >= done->members ? fmt::format("; the cluster has {} members", done->members)
+                                                            : fmt::format(" after {} s", o.timeout_seconds);
+    fmt::print(stderr, "tensorreg: cannot publish {}: {} of {} hosts hold it{} (DEADLINE_EXCEEDED)\n", id,
+               done->holders.size(), done->target, when);
     return 1;
   }
   return 0;

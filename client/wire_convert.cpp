@@ -546,6 +546,7 @@ publish_result publish_of(const wire::Response& r) {
   out.asked.assign(p.asked().begin(), p.asked().end());
   out.target = p.target();
   out.reached = p.reached();
+  out.members = p.members();
   return out;
 }
 

@@ -444,15 +444,18 @@ struct dispatcher::impl {
           reg::local_stable_status::ready, fmt::format("{} of {} hosts hold it", held, done.replica_hosts)};
       return {};
     }
+    // Why it stopped short: every member holds it, or the time was up.
+    const auto when = held >= placed->members ? fmt::format("; the cluster has {} members", placed->members)
+                                              : fmt::format(" after {} ms", timeout.count());
     if (must && held < done.replica_hosts_must) {
       return fail(errc::deadline_exceeded,
-                  fmt::format("cannot keep stable copies of {} on {} hosts: {} hold it after {} ms (it stays "
-                              "committed here; the hosts asked may still pull it)",
-                              id, done.replica_hosts_must, held, timeout.count()));
+                  fmt::format("cannot keep stable copies of {} on {} hosts: {} hold it{} (it stays committed here; "
+                              "the hosts asked may still pull it)",
+                              id, done.replica_hosts_must, held, when));
     }
     done.remote_stable_tier = reg::local_stable_tier_result{
         reg::local_stable_status::degraded,
-        wait ? fmt::format("{} of {} hosts hold it after {} ms", held, done.replica_hosts, timeout.count())
+        wait ? fmt::format("{} of {} hosts hold it{}", held, done.replica_hosts, when)
              : fmt::format("{} of {} hosts hold it; the others were asked (a may tier is not waited for)", held,
                            done.replica_hosts)};
     return {};
@@ -759,6 +762,7 @@ struct dispatcher::impl {
     for (const auto& h : done.asked) out.add_asked(h);
     out.set_reached(done.reached);
     out.set_target(done.target);
+    out.set_members(done.members);
     return {};
   }
 

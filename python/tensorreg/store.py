@@ -305,7 +305,7 @@ class Store:
         daemon holds, until `replicas` of them (the daemon counted) do, or every member with
         `all`, and waits for them up to `timeout` seconds (docs/cluster.md §5). Returns
         {"holders": [host ids with a complete replica], "asked": [host ids asked], "target": n,
-        "reached": bool}; not reached in time is no error. A Store opened with a socket timeout
+        "reached": bool, "members": n (it ends once they all hold it)}; not reached in time is no error. A Store opened with a socket timeout
         shorter than `timeout` gives up first.
         Errors: InvalidArgument (neither or both of replicas and all, replicas < 1, a timeout
         that is not a number > 0, a cgid), NotFound (not held by the daemon),
@@ -321,7 +321,8 @@ class Store:
         timeout_ms = min(max(1, round(timeout * 1000)), 2**32 - 1)
         answer, _ = self._conn.call(_requests.publish_artifact(artifact_id, replicas or 0, bool(all), timeout_ms))
         p = answer.publish_artifact
-        return {"holders": list(p.holders), "asked": list(p.asked), "target": p.target, "reached": p.reached}
+        return {"holders": list(p.holders), "asked": list(p.asked), "target": p.target, "reached": p.reached,
+                "members": p.members}
 
     def deregister(self, artifact_id: str, *, wait_for_drain: bool = True) -> dict:
         """Drains and removes an artifact. Errors: NotFound, DeadlineExceeded."""

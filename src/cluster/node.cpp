@@ -557,8 +557,11 @@ result<publish_status> node::publish(const std::string& artifact_id, std::uint32
         fmt::join(out.asked, ", "), out.holders.size(), out.target);
   }
 
+  out.members = static_cast<std::uint32_t>(members.size());
   const auto deadline = std::chrono::steady_clock::now() + timeout;
-  while (out.holders.size() < out.target) {
+  // Until the target, or until every member holds it (a target beyond the members is not
+  // waited for: a commit of a should tier then answers DEGRADED at once).
+  while (out.holders.size() < out.target && out.holders.size() < members.size()) {
     const auto now = std::chrono::steady_clock::now();
     if (now >= deadline) break;
     {

@@ -158,7 +158,8 @@ TEST_CASE("cluster policy: remote 1 is READY once the other member holds it, rem
   REQUIRE_OK(replicas);
   CHECK(replicas->size() == 2);
 
-  // Three hosts other than this one, of two members: DEGRADED after the 2 s timeout.
+  // Three hosts other than this one, of two members: DEGRADED once both hold it, without
+  // waiting out the 2 s timeout.
   const auto started = std::chrono::steady_clock::now();
   auto short_of = d.put(common::POLICY_SCOPE_REMOTE, 3, 6);
   const auto took = std::chrono::steady_clock::now() - started;
@@ -167,7 +168,6 @@ TEST_CASE("cluster policy: remote 1 is READY once the other member holds it, rem
   const auto& s = short_of.commit_registered_artifact();
   REQUIRE(s.has_remote_stable_tier());
   CHECK(s.remote_stable_tier().status() == v2::LOCAL_STABLE_TIER_STATUS_DEGRADED);
-  CHECK_THAT(s.remote_stable_tier().message(), Catch::Matches("[12] of 4 hosts hold it after 2000 ms"));
-  CHECK(took >= 2s);
-  CHECK(took < 10s);
+  CHECK(s.remote_stable_tier().message() == "2 of 4 hosts hold it; the cluster has 2 members");
+  CHECK(took < 2s);
 }

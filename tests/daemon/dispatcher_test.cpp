@@ -1305,7 +1305,11 @@ struct fake_cluster final : tensorreg::daemon::cluster_hooks {
     std::chrono::milliseconds timeout;
   };
   std::vector<ask> asked;
-  tensorreg::cluster::publish_status answer;
+  tensorreg::cluster::publish_status answer = [] {
+    tensorreg::cluster::publish_status a;
+    a.members = 8;  // more than any test asks for: "not reached" is the timeout's
+    return a;
+  }();
 };
 
 // A stable_dram tier with `scope` and `min_replicas` in the list `level` of a stable_dram Begin.

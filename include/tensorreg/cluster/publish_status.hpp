@@ -21,6 +21,9 @@ struct publish_status {
   std::uint32_t target = 0;
   /// Whether `holders` reached `target` before the timeout.
   bool reached = false;
+  /// The members when the publish began. Once they all hold it the publish ends, reached or
+  /// not: no host is left to ask.
+  std::uint32_t members = 0;
 };
 
 }  // namespace tensorreg::cluster
