@@ -34,6 +34,34 @@ bool eventually(Predicate done, std::chrono::milliseconds within) {
   return done();
 }
 
+// An etcd of its own and two catalogues on it, host-a (lease `ttl_a`) and host-b, registered
+// unless told not to, and a plain client of the same etcd. The caller checks
+// testing::find_etcd() first.
+struct two_hosts {
+  testing::temp_dir dir;
+  testing::etcd_process etcd{dir.path()};
+  cluster_url url;
+  std::unique_ptr<catalogue> a, b;
+  std::unique_ptr<etcd_client> client;
+
+  explicit two_hosts(const std::string& prefix, bool registered = true, std::chrono::seconds ttl_a = 10s)
+      : url(*parse_cluster_url(etcd.url(prefix))) {
+    auto made_a = catalogue::create(options_for(etcd.url(prefix), "host-a", ttl_a));
+    auto made_b = catalogue::create(options_for(etcd.url(prefix), "host-b"));
+    REQUIRE(made_a);
+    REQUIRE(made_b);
+    a = std::move(*made_a);
+    b = std::move(*made_b);
+    if (registered) {
+      REQUIRE(a->refresh());
+      REQUIRE(b->refresh());
+    }
+    auto made_client = etcd_client::create({url.endpoint()});
+    REQUIRE(made_client);
+    client = std::move(*made_client);
+  }
+};
+
 }  // namespace
 
 TEST_CASE("catalogue: refuses a bad host id and a short lease before contacting etcd", "[cluster][catalogue]") {
@@ -197,30 +225,22 @@ TEST_CASE("catalogue: list_cluster shows every host with its lease health and re
     WARN("SKIP: no etcd binary (apt-get install etcd-server)");
     return;
   }
-  testing::temp_dir dir;
-  testing::etcd_process etcd(dir.path());
-  const auto url = *parse_cluster_url(etcd.url("c5"));
-  auto a = catalogue::create(options_for(etcd.url("c5"), "host-a"));
-  auto b = catalogue::create(options_for(etcd.url("c5"), "host-b"));
-  REQUIRE(a);
-  REQUIRE(b);
-  REQUIRE((*a)->refresh());
-  REQUIRE((*b)->refresh());
-  REQUIRE((*a)->advertise(artifact, 12345));
-  REQUIRE((*a)->advertise("mi2:other", 7));
-  REQUIRE((*b)->advertise(artifact, 12345));
-  auto client = etcd_client::create({url.endpoint()});
+  two_hosts h("c5");
+  REQUIRE(h.a->advertise(artifact, 12345));
+  REQUIRE(h.a->advertise("mi2:other", 7));
+  REQUIRE(h.b->advertise(artifact, 12345));
+  auto client = etcd_client::create({h.url.endpoint()});
   REQUIRE(client);
   // A replica key left by a host id with no host record (its record deleted by hand).
-  REQUIRE((*client)->put(url.prefix + "/replicas/mi2:orphan/host-gone", R"({"total_size":3})"));
-  const auto keys_before = (*client)->list(url.prefix + "/");
+  REQUIRE(h.client->put(h.url.prefix + "/replicas/mi2:orphan/host-gone", R"({"total_size":3})"));
+  const auto keys_before = h.client->list(h.url.prefix + "/");
   REQUIRE(keys_before);
 
-  auto listed = list_cluster(**client, url);
+  auto listed = list_cluster(*h.client, h.url);
   REQUIRE(listed);
   REQUIRE(listed->size() == 3);
   const auto& ha = (*listed)[0];
-  CHECK(ha.host == (*a)->self());
+  CHECK(ha.host == h.a->self());
   REQUIRE(ha.lease_left);
   CHECK(ha.lease_left->count() > 0);
   CHECK(ha.lease_left->count() <= 10);
@@ -233,11 +253,11 @@ TEST_CASE("catalogue: list_cluster shows every host with its lease health and re
   CHECK(gone.host.transfer_address.empty());
   CHECK_FALSE(gone.lease_left);
   CHECK(gone.replicas == std::vector<listed_replica>{{"mi2:orphan", 3, replica_state::complete}});
-  const auto keys_after = (*client)->list(url.prefix + "/");
+  const auto keys_after = h.client->list(h.url.prefix + "/");
   REQUIRE(keys_after);
   CHECK(keys_after->size() == keys_before->size());
 
-  auto lease_gone = (*client)->lease_time_to_live(0x7777);
+  auto lease_gone = h.client->lease_time_to_live(0x7777);
   REQUIRE_FALSE(lease_gone);
   CHECK(lease_gone.error().code == errc::not_found);
   CHECK(lease_gone.error().message == "lease 7777 expired or was revoked");
@@ -249,25 +269,15 @@ TEST_CASE("catalogue: a replica advertised while pulling is listed as pulling un
     WARN("SKIP: no etcd binary (apt-get install etcd-server)");
     return;
   }
-  testing::temp_dir dir;
-  testing::etcd_process etcd(dir.path());
-  const auto url = *parse_cluster_url(etcd.url("c6"));
-  auto a = catalogue::create(options_for(etcd.url("c6"), "host-a"));
-  auto b = catalogue::create(options_for(etcd.url("c6"), "host-b"));
-  REQUIRE(a);
-  REQUIRE(b);
-  REQUIRE((*a)->refresh());
-  REQUIRE((*b)->refresh());
-  auto client = etcd_client::create({url.endpoint()});
-  REQUIRE(client);
-  const auto key = url.prefix + "/replicas/" + artifact + "/host-a";
+  two_hosts h("c6");
+  const auto key = h.url.prefix + "/replicas/" + artifact + "/host-a";
   auto value_of = [&]() -> std::string {
-    auto kv = (*client)->get(key);
+    auto kv = h.client->get(key);
     REQUIRE(kv);
     return kv->has_value() ? (*kv)->value : "(none)";
   };
   auto replicas_of_a = [&] {
-    auto listed = list_cluster(**client, url);
+    auto listed = list_cluster(*h.client, h.url);
     REQUIRE(listed);
     REQUIRE(listed->size() == 2);
     CHECK((*listed)[0].host.host_id == "host-a");
@@ -275,26 +285,26 @@ TEST_CASE("catalogue: a replica advertised while pulling is listed as pulling un
   };
 
   // The manifest is verified: the pull lists itself, flagged.
-  REQUIRE((*a)->advertise(artifact, 12345, replica_state::pulling));
+  REQUIRE(h.a->advertise(artifact, 12345, replica_state::pulling));
   CHECK(value_of() == R"({"partial":true,"total_size":12345})");
   CHECK(replicas_of_a() == std::vector<listed_replica>{{artifact, 12345, replica_state::pulling}});
   // A partial source is a source all the same (§3.3).
-  auto holders = (*b)->holders(artifact);
+  auto holders = h.b->holders(artifact);
   REQUIRE(holders);
   REQUIRE(holders->hosts.size() == 1);
   CHECK(holders->total_size == 12345);
 
   // A re-registration (the lease lost) writes the flag again.
-  auto kv = (*client)->get(key);
+  auto kv = h.client->get(key);
   REQUIRE(kv);
   REQUIRE(kv->has_value());
-  REQUIRE((*client)->revoke_lease((*kv)->lease));
+  REQUIRE(h.client->revoke_lease((*kv)->lease));
   CHECK(value_of() == "(none)");
-  REQUIRE((*a)->refresh());
+  REQUIRE(h.a->refresh());
   CHECK(value_of() == R"({"partial":true,"total_size":12345})");
 
   // The pull commits: the same key, rewritten without the flag.
-  REQUIRE((*a)->advertise(artifact, 12345));
+  REQUIRE(h.a->advertise(artifact, 12345));
   CHECK(value_of() == R"({"total_size":12345})");
   CHECK(replicas_of_a() == std::vector<listed_replica>{{artifact, 12345, replica_state::complete}});
 }
@@ -357,68 +367,60 @@ TEST_CASE("catalogue: an ask for a replica is listed by the host asked, deleted 
     WARN("SKIP: no etcd binary (apt-get install etcd-server)");
     return;
   }
-  testing::temp_dir dir;
-  testing::etcd_process etcd(dir.path());
-  const auto url = *parse_cluster_url(etcd.url("c8"));
-  auto a = catalogue::create(options_for(etcd.url("c8"), "host-a", 2s));
-  auto b = catalogue::create(options_for(etcd.url("c8"), "host-b"));
-  REQUIRE(a);
-  REQUIRE(b);
-  auto client = etcd_client::create({url.endpoint()});
-  REQUIRE(client);
+  two_hosts h("c8", false, 2s);
 
   // No lease to write it under: refused before etcd is asked.
-  auto unregistered = (*a)->ask("host-b", artifact, 12345);
+  auto unregistered = h.a->ask("host-b", artifact, 12345);
   REQUIRE_FALSE(unregistered);
   CHECK(unregistered.error().code == errc::unavailable);
   CHECK(unregistered.error().message ==
-        "cannot ask host host-b for " + artifact + ": host host-a is not registered at " + url.endpoint());
-  REQUIRE((*a)->refresh());
-  REQUIRE((*b)->refresh());
-  auto bad_host = (*a)->ask("host-b/../x", artifact, 1);
+        "cannot ask host host-b for " + artifact + ": host host-a is not registered at " + h.url.endpoint());
+  REQUIRE(h.a->refresh());
+  REQUIRE(h.b->refresh());
+  auto bad_host = h.a->ask("host-b/../x", artifact, 1);
   REQUIRE_FALSE(bad_host);
   CHECK(bad_host.error().code == errc::invalid_argument);
   CHECK(bad_host.error().message ==
         "cannot ask host 'host-b/../x' for " + artifact + ": a host id is [A-Za-z0-9-._], 1 to 128 characters");
-  CHECK((*a)->ask("host-b", "a/b", 1).error().code == errc::invalid_argument);
+  CHECK(h.a->ask("host-b", "a/b", 1).error().code == errc::invalid_argument);
 
-  REQUIRE((*a)->ask("host-b", artifact, 12345));
-  const auto key = url.prefix + "/wanted/host-b/" + artifact;
-  auto kv = (*client)->get(key);
+  REQUIRE(h.a->ask("host-b", artifact, 12345));
+  const auto key = h.url.prefix + "/wanted/host-b/" + artifact;
+  auto kv = h.client->get(key);
   REQUIRE(kv);
   REQUIRE(kv->has_value());
   CHECK((*kv)->value == R"({"by":"host-a","total_size":12345})");
   CHECK((*kv)->lease != 0);
   // Only the host asked lists it.
-  auto for_b = (*b)->wanted();
+  auto for_b = h.b->wanted();
   REQUIRE(for_b);
   CHECK(*for_b == std::vector<wanted_replica>{{artifact, 12345, "host-a"}});
-  auto for_a = (*a)->wanted();
+  auto for_a = h.a->wanted();
   REQUIRE(for_a);
   CHECK(for_a->empty());
 
   // Values a hostile or older member wrote are read defensively; a key that is not one id
   // segment is skipped.
-  REQUIRE((*client)->put(url.prefix + "/wanted/host-b/mi2:w1", R"({"total_size":"3","by":7})"));
-  REQUIRE((*client)->put(url.prefix + "/wanted/host-b/mi2:w2", "not json"));
-  REQUIRE((*client)->put(url.prefix + "/wanted/host-b/mi2:w3/x", R"({"total_size":3,"by":"m"})"));
-  for_b = (*b)->wanted();
+  REQUIRE(h.client->put(h.url.prefix + "/wanted/host-b/mi2:w1", R"({"total_size":"3","by":7})"));
+  REQUIRE(h.client->put(h.url.prefix + "/wanted/host-b/mi2:w2", "not json"));
+  REQUIRE(h.client->put(h.url.prefix + "/wanted/host-b/mi2:w3/x", R"({"total_size":3,"by":"m"})"));
+  for_b = h.b->wanted();
   REQUIRE(for_b);
   CHECK(*for_b == std::vector<wanted_replica>{{artifact, 12345, "host-a"}, {"mi2:w1", 0, ""}, {"mi2:w2", 0, ""}});
 
   // The host asked deletes its ask once it holds the replica.
-  auto dropped = (*b)->drop_wanted(artifact);
+  auto dropped = h.b->drop_wanted(artifact);
   REQUIRE(dropped);
   CHECK(*dropped);
-  CHECK_FALSE(*(*b)->drop_wanted(artifact));
-  for_b = (*b)->wanted();
+  CHECK_FALSE(*h.b->drop_wanted(artifact));
+  for_b = h.b->wanted();
   REQUIRE(for_b);
   CHECK(*for_b == std::vector<wanted_replica>{{"mi2:w1", 0, ""}, {"mi2:w2", 0, ""}});
 
   // An asker that dies takes its asks with it: host-a stops renewing its lease.
-  REQUIRE((*a)->ask("host-b", artifact, 12345));
-  REQUIRE((*b)->wanted()->size() == 3);
-  CHECK(eventually([&] { return (*b)->wanted()->size() == 2; }, 8s));
+  REQUIRE(h.a->ask("host-b", artifact, 12345));
+  REQUIRE(h.b->wanted()->size() == 3);
+  CHECK(eventually([&] { return h.b->wanted()->size() == 2; }, 8s));
 }
 
 TEST_CASE("catalogue: replicas_of lists every holder of an id with its state", "[cluster][catalogue]") {
@@ -426,19 +428,12 @@ TEST_CASE("catalogue: replicas_of lists every holder of an id with its state", "
     WARN("SKIP: no etcd binary (apt-get install etcd-server)");
     return;
   }
-  testing::temp_dir dir;
-  testing::etcd_process etcd(dir.path());
-  auto a = catalogue::create(options_for(etcd.url("c9"), "host-a"));
-  auto b = catalogue::create(options_for(etcd.url("c9"), "host-b"));
-  REQUIRE(a);
-  REQUIRE(b);
-  REQUIRE((*a)->refresh());
-  REQUIRE((*b)->refresh());
-  REQUIRE((*a)->advertise(artifact, 7));
-  REQUIRE((*b)->advertise(artifact, 7, replica_state::pulling));
-  auto listed = (*a)->replicas_of(artifact);
+  two_hosts h("c9");
+  REQUIRE(h.a->advertise(artifact, 7));
+  REQUIRE(h.b->advertise(artifact, 7, replica_state::pulling));
+  auto listed = h.a->replicas_of(artifact);
   REQUIRE(listed);
   CHECK(*listed ==
         std::vector<replica_holder>{{"host-a", 7, replica_state::complete}, {"host-b", 7, replica_state::pulling}});
-  CHECK((*a)->replicas_of("a/b").error().code == errc::invalid_argument);
+  CHECK(h.a->replicas_of("a/b").error().code == errc::invalid_argument);
 }
