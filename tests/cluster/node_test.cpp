@@ -71,6 +71,18 @@ struct two_members {
   }
 };
 
+// One member alone on an etcd of its own, which a case may stop (etcd.reset()).
+struct solo_member {
+  t::temp_dir dir;
+  std::unique_ptr<t::etcd_process> etcd = std::make_unique<t::etcd_process>(dir.path());
+  const std::string endpoint = etcd->endpoint();
+  t::fake_clock clock;
+  std::unique_ptr<registration::engine> engine = t::make_engine(clock);
+  std::unique_ptr<node> n;
+
+  explicit solo_member(const std::string& cluster) : n(join(*engine, etcd->url(cluster), "solo")) {}
+};
+
 }  // namespace
 
 TEST_CASE("cluster node: an artifact committed on one engine is fetched by id into another",
@@ -161,12 +173,8 @@ TEST_CASE("cluster node: an id no member holds is NOT_FOUND, and etcd down is UN
     WARN("SKIP: no etcd binary (apt-get install etcd-server)");
     return;
   }
-  t::temp_dir dir;
-  auto etcd = std::make_unique<t::etcd_process>(dir.path());
-  const auto endpoint = etcd->endpoint();
-  t::fake_clock clock;
-  auto engine = t::make_engine(clock);
-  auto n = join(*engine, etcd->url("n2"), "solo");
+  solo_member solo("n2");
+  auto& [dir, etcd, endpoint, clock, engine, n] = solo;
   const auto unknown = t::expected_mi2(t::small_model_json, t::small_model().canonical());
   CHECK_ERROR(n->fetch(unknown), errc::not_found,
               "artifact " + unknown + " not found here nor on any member of the cluster");
@@ -233,12 +241,8 @@ TEST_CASE("cluster node: publish refuses an id not held here, a cgid, and answer
     WARN("SKIP: no etcd binary (apt-get install etcd-server)");
     return;
   }
-  t::temp_dir dir;
-  auto etcd = std::make_unique<t::etcd_process>(dir.path());
-  const auto endpoint = etcd->endpoint();
-  t::fake_clock clock;
-  auto engine = t::make_engine(clock);
-  auto n = join(*engine, etcd->url("n5"), "solo");
+  solo_member solo("n5");
+  auto& [dir, etcd, endpoint, clock, engine, n] = solo;
   REQUIRE(eventually([&] { return n->members().registered(); }, 5s));
   const auto unknown = t::expected_mi2(t::small_model_json, t::small_model().canonical());
   CHECK_ERROR(n->publish(unknown, 2, false, 1s), errc::not_found, "cannot publish " + unknown + ": not held here");
