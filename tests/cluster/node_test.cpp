@@ -174,7 +174,11 @@ TEST_CASE("cluster node: an id no member holds is NOT_FOUND, and etcd down is UN
     return;
   }
   solo_member solo("n2");
-  auto& [dir, etcd, endpoint, clock, engine, n] = solo;
+  // References, not a structured binding: clang 14 cannot capture a binding in a lambda.
+  auto& etcd = solo.etcd;
+  const auto& endpoint = solo.endpoint;
+  auto& engine = solo.engine;
+  auto& n = solo.n;
   const auto unknown = t::expected_mi2(t::small_model_json, t::small_model().canonical());
   CHECK_ERROR(n->fetch(unknown), errc::not_found,
               "artifact " + unknown + " not found here nor on any member of the cluster");
@@ -242,7 +246,11 @@ TEST_CASE("cluster node: publish refuses an id not held here, a cgid, and answer
     return;
   }
   solo_member solo("n5");
-  auto& [dir, etcd, endpoint, clock, engine, n] = solo;
+  // References, not a structured binding: clang 14 cannot capture a binding in a lambda.
+  auto& etcd = solo.etcd;
+  const auto& endpoint = solo.endpoint;
+  auto& engine = solo.engine;
+  auto& n = solo.n;
   REQUIRE(eventually([&] { return n->members().registered(); }, 5s));
   const auto unknown = t::expected_mi2(t::small_model_json, t::small_model().canonical());
   CHECK_ERROR(n->publish(unknown, 2, false, 1s), errc::not_found, "cannot publish " + unknown + ": not held here");
