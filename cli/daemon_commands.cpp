@@ -507,6 +507,13 @@ result<std::string> resolve_id(connection& c, const std::string& text, std::stri
   return matches.front();
 }
 
+// A whole id as it is (the daemon may not hold it yet: a cluster get or publish), anything else
+// as a prefix of an id the daemon lists.
+result<std::string> whole_or_resolved_id(connection& c, const std::string& text, std::string_view verb) {
+  if (text.starts_with("mi2:") || text.starts_with("cgid:")) return text;
+  return resolve_id(c, text, verb);
+}
+
 // "w:transpose(0,1) b": each tensor with its ops, a whole tensor by its name alone.
 std::string spec_text(const identity::view_spec& spec) {
   std::string out;
@@ -857,13 +864,9 @@ void show_pull(progress& shown, const client::daemon_stats& stats, const std::st
 // anything else is a prefix of an id the daemon lists.
 int cmd_get(connection& c, const options& o, std::string_view name) {
   if (o.positional.size() != 1) return usage(fmt::format("usage: tensorreg {} ID [--out FILE.safetensors]", name));
-  const auto& text = o.positional[0];
-  std::string id = text;
-  if (!text.starts_with("mi2:") && !text.starts_with("cgid:")) {
-    auto resolved = resolve_id(c, text, "get");
-    if (!resolved) return fail_with(resolved.error());
-    id = *resolved;
-  }
+  auto whole = whole_or_resolved_id(c, o.positional[0], "get");
+  if (!whole) return fail_with(whole.error());
+  const std::string id = std::move(*whole);
   const auto before = listed(c, id);
   // Where the bytes come from: the stable replica here, this daemon's persist dir, or (with
   // --cluster) the hosts that hold it; the daemon reports a pull's bytes, not a restore's.
@@ -1097,13 +1100,9 @@ int cmd_publish(connection& c, const options& o) {
   if (o.positional.size() != 1 || (o.replicas == 0) == !o.all) {
     return usage("usage: tensorreg publish ID (--replicas N | --all) [--timeout SECONDS]");
   }
-  const auto& text = o.positional[0];
-  std::string id = text;
-  if (!text.starts_with("mi2:") && !text.starts_with("cgid:")) {
-    auto resolved = resolve_id(c, text, "publish");
-    if (!resolved) return fail_with(resolved.error());
-    id = *resolved;
-  }
+  auto whole = whole_or_resolved_id(c, o.positional[0], "publish");
+  if (!whole) return fail_with(whole.error());
+  const std::string id = std::move(*whole);
   progress shown(fmt::format("publish {}", short_id(id)));
   shown.phase(o.all ? std::string("the daemon asks every member to hold it")
                     : fmt::format("the daemon asks members until {} hold it", o.replicas));
