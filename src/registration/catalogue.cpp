@@ -275,6 +275,13 @@ lease* catalogue::find_lease(const std::string& registration_id) {
   return l == a->second.leases.end() ? nullptr : &l->second;
 }
 
+const artifact* catalogue::artifact_of(const std::string& registration_id) const {
+  auto owner = artifact_of_registration_.find(registration_id);
+  if (owner == artifact_of_registration_.end()) return nullptr;
+  auto a = artifacts_.find(owner->second);
+  return a == artifacts_.end() ? nullptr : &a->second;
+}
+
 join* catalogue::find_join(const std::string& registration_id) {
   auto owner = artifact_of_registration_.find(registration_id);
   if (owner == artifact_of_registration_.end()) return nullptr;
@@ -514,7 +521,7 @@ catalogue::stable_replica(const std::string& artifact_id, const std::string& ver
   return std::pair{cache_.lookup(a->descriptor.artifact_id), a->index};
 }
 
-result<device_layout> catalogue::device_layout_of(const std::string& artifact_id) const {
+result<device_layout> catalogue::device_layout_of(const std::string& artifact_id, std::uint64_t known_layout) const {
   const std::string verb = "cannot open the GPU memory of " + artifact_id;
   const artifact* a = find_held(artifact_id);
   if (a == nullptr) return fail(errc::not_found, verb + ": not held here");
@@ -525,7 +532,18 @@ result<device_layout> catalogue::device_layout_of(const std::string& artifact_id
   // A live lease first: the producer's memory, opened once per allocation.
   for (const auto& [id, l] : a->leases) {
     if (!l.view.bytes || l.view.device_allocations.empty()) continue;
-    if (device_pieces(*l.view.bytes, l.view.device_allocations, out)) return out;
+    if (known_layout != 0 && l.layout_token == known_layout) {
+      out.layout_token = known_layout;
+      out.unchanged = true;
+      return out;
+    }
+  }
+  for (const auto& [id, l] : a->leases) {
+    if (!l.view.bytes || l.view.device_allocations.empty()) continue;
+    if (device_pieces(*l.view.bytes, l.view.device_allocations, out)) {
+      out.layout_token = l.layout_token;
+      return out;
+    }
   }
   // Else a daemon-owned GPU copy: its DATA ranges lie at their canonical offsets.
   for (const auto& [device, replica] : a->gpu_replicas) {

@@ -39,6 +39,7 @@
 #include "registration/background_hash.hpp"
 #include "tensorreg/common/clock.hpp"
 #include "tensorreg/common/error.hpp"
+#include "tensorreg/common/random.hpp"
 #include "tensorreg/common/unique_fd.hpp"
 #include "tensorreg/index/canonical_index.hpp"
 #include "tensorreg/memory/segmented_view.hpp"
@@ -74,6 +75,8 @@ struct lease {
   lip_view view;
   std::vector<std::string> region_ids;  ///< references held until the lease ends
   bool snapshot = false;                ///< view reads the daemon's copy (registration.md §5.4)
+  /// Names `view`'s device layout for readers (device_layout::layout_token); 0: none.
+  std::uint64_t layout_token = 0;
 };
 
 /// An idempotent join: a registration whose bytes were already held (§4.5).
@@ -196,6 +199,10 @@ class catalogue {
 
   [[nodiscard]] bool holds_registration(const std::string& registration_id) const;
   [[nodiscard]] lease* find_lease(const std::string& registration_id);
+  /// The artifact a lease or join of `registration_id` holds, or null.
+  [[nodiscard]] const artifact* artifact_of(const std::string& registration_id) const;
+  /// A token no lease committed before has had (lease::layout_token).
+  [[nodiscard]] std::uint64_t new_layout_token() noexcept { return ++last_layout_token_; }
   [[nodiscard]] join* find_join(const std::string& registration_id);
   /// Ends the lease or join of `registration_id` (releasing its region references); nullopt when
   /// there is none. Ending a lease cancels the artifact's background hash with `why`.
@@ -248,7 +255,8 @@ class catalogue {
       std::pair<std::shared_ptr<const memory::byte_source>, std::shared_ptr<const index::canonical_index>>>
   stable_replica(const std::string& artifact_id, const std::string& verb);
   /// Errors: NOT_FOUND, FAILED_PRECONDITION (quiesced, no GPU copy).
-  [[nodiscard]] result<device_layout> device_layout_of(const std::string& artifact_id) const;
+  [[nodiscard]] result<device_layout> device_layout_of(const std::string& artifact_id,
+                                                       std::uint64_t known_layout = 0) const;
   /// Fills the artifact, lease and stable fields of `out`.
   void add_stats(engine_stats& out) const;
 
@@ -314,6 +322,8 @@ class catalogue {
   std::vector<std::string> hash_tombstone_order_;
   std::uint64_t lease_changes_ = 0;
   std::map<std::string, std::shared_ptr<views::assembly>> assemblies_;  // by cgid
+  // Random start: a reader's token from a daemon before a restart names nothing here.
+  std::uint64_t last_layout_token_ = random_u64() >> 1;
 };
 
 /// A read-only fd of the memfd holding `replica`, marked exported (never recycled).

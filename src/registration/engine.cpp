@@ -79,10 +79,14 @@ result<commit_response> guarded_commit(detail::plan& p, detail::commit_context& 
   }
 }
 
+// The first few ids: a trainer's lease holds hundreds of regions, and a line each step naming
+// them all would be most of the log.
 std::string joined(const std::vector<std::string>& ids) {
   if (ids.empty()) return "none";
+  constexpr std::size_t shown = 8;
   std::string out;
-  for (const auto& id : ids) out += (out.empty() ? "" : ",") + id;
+  for (std::size_t i = 0; i < ids.size() && i < shown; ++i) out += (out.empty() ? "" : ",") + ids[i];
+  if (ids.size() > shown) out += " and " + std::to_string(ids.size() - shown) + " more";
   return out;
 }
 
@@ -295,6 +299,7 @@ struct engine::state {
   status abort(const std::string& registration_id);
   result<deregister_response> deregister(const deregister_request& r);
   bool revoke(const std::string& registration_id, const std::string& reason);
+  result<republish_response> republish(const republish_request& r);
   void sweep();
   void release_owner(std::int32_t pid);
 };
@@ -572,6 +577,55 @@ result<commit_response> engine::state::commit(const std::string& registration_id
       tensorreg::log(log, log_level::warn, "cannot start persisting artifact {}: {}", out->descriptor.artifact_id,
                      task.error().message);
     }
+  }
+  return out;
+}
+
+// ---- Republish -----------------------------------------------------------------------------
+
+result<republish_response> engine::republish(const republish_request& request) {
+  return state_->rejected(state_->republish(request), "republish", "lease " + request.previous_registration_id,
+                          request.owner_pid);
+}
+
+result<republish_response> engine::state::republish(const republish_request& r) {
+  const std::string what = "cannot republish lease '" + r.previous_registration_id + "'";
+  begin_request b;
+  {
+    const detail::engine_lock lock(mutex);
+    const auto* l = catalogue.find_lease(r.previous_registration_id);
+    const auto* a = catalogue.artifact_of(r.previous_registration_id);
+    if (l == nullptr || a == nullptr) {
+      return fail(errc::not_found, what + ": no such lease (never committed, revoked, expired, or its owner exited)");
+    }
+    if (l->owner_pid != r.owner_pid) {
+      return fail(errc::permission_denied, what + ": owner_pid " + std::to_string(r.owner_pid) +
+                                               " is not the lease's owner " + std::to_string(l->owner_pid));
+    }
+    b.device_id = l->device_id;
+    b.total_size = a->descriptor.total_size;
+  }
+  b.ttl_ms = r.ttl_ms;
+  b.owner_pid = r.owner_pid;
+  lease_options repeat;
+  repeat.repeat_of = r.previous_registration_id;
+  b.plan = std::move(repeat);
+  b.policy = r.policy;
+  b.client_artifact_id = r.client_artifact_id;
+  b.owner_uid = r.owner_uid;
+  TENSORREG_TRY_ASSIGN(auto begun, begin(std::move(b)));
+  commit_options how;
+  how.hash_in_background = r.hash_in_background;
+  auto committed = commit(begun.registration_id, how);
+  if (!committed) {
+    (void)abort(begun.registration_id);  // one left open (INVALID_ARGUMENT, retryable): nothing stays pending
+    return tl::unexpected(std::move(committed).error());
+  }
+  republish_response out;
+  out.registration_id = begun.registration_id;
+  out.commit = std::move(*committed);
+  if (r.revoke_previous) {
+    out.revoked_previous = revoke(r.previous_registration_id, "replaced by lease " + begun.registration_id);
   }
   return out;
 }
@@ -881,9 +935,9 @@ result<std::pair<std::shared_ptr<const index::canonical_index>, unique_fd>> engi
   return std::pair{std::move(idx), std::move(fd)};
 }
 
-result<device_layout> engine::device_layout_of(const std::string& artifact_id) const {
+result<device_layout> engine::device_layout_of(const std::string& artifact_id, std::uint64_t known_layout) const {
   const detail::engine_lock lock(state_->mutex);
-  return state_->catalogue.device_layout_of(artifact_id);
+  return state_->catalogue.device_layout_of(artifact_id, known_layout);
 }
 
 result<std::int32_t> engine::resolve_device(std::int32_t device_id, std::string_view device_uuid) const {

@@ -134,6 +134,16 @@ class engine {
   /// cgid; the registration stays open).
   [[nodiscard]] result<commit_response> commit(const std::string& registration_id, const commit_options& options);
 
+  /// A new lease over the memory and layout of `previous_registration_id`, a committed
+  /// lease-in-place registration of the same owner: Begin, Commit with the previous lease's
+  /// tables (their index, segments and mappings reused, not rebuilt), and with
+  /// `revoke_previous` the previous lease's end, in one step. The new lease takes its own
+  /// reference on each of the previous lease's regions and keeps its layout_token.
+  /// Errors: NOT_FOUND (no such lease), PERMISSION_DENIED (another owner's lease),
+  /// FAILED_PRECONDITION (a snapshot lease; a region poisoned or retiring since), as begin() and
+  /// commit(); nothing is left pending on error.
+  [[nodiscard]] result<republish_response> republish(const republish_request& request);
+
   /// Waits up to `timeout` (0 = no limit) for the background hash of a cgid artifact, named by
   /// its cgid or by the mi2 id the hash found (registration.md §4.8). A timeout answers pending;
   /// a hash cancelled (lease revoked or expired, owner exited, deregistered, engine stopping)
@@ -196,7 +206,10 @@ class engine {
   /// (docs/wire-format.md §13): a live lease whose storages are all device memory, else a
   /// daemon-owned GPU copy (coalesced). Errors: NOT_FOUND, FAILED_PRECONDITION (quiesced, or
   /// no GPU copy).
-  [[nodiscard]] result<device_layout> device_layout_of(const std::string& artifact_id) const;
+  /// `known_layout`: the layout_token of an answer the caller holds; when the lease's layout is
+  /// that one, the answer has `unchanged` set and no allocations or segments.
+  [[nodiscard]] result<device_layout> device_layout_of(const std::string& artifact_id,
+                                                       std::uint64_t known_layout = 0) const;
 
   // ---- devices ----
 

@@ -41,6 +41,10 @@ struct lease_options {
   std::uint32_t max_tensor_count = 0;
   std::uint64_t lease_bytes_limit = 0;
   bool in_place = true;
+  /// Not on the wire's LeaseOptions: set by engine::republish(). The registration id of a
+  /// committed lease of the same owner whose memory and layout this lease takes at Commit; it
+  /// takes no Feed.
+  std::string repeat_of{};
 };
 /// Canonical bytes [canonical_offset, +length) are bytes [file_offset, +length) of
 /// stable_dram_options::files[file] (StableDramFileSegment).
@@ -292,6 +296,25 @@ struct commit_response {
   std::optional<local_stable_tier_result> remote_stable_tier;
 };
 
+/// A new lease over the memory and layout of a committed lease (RepublishLease): Begin, the
+/// same tables and Commit in one step, the tables not sent or checked again.
+struct republish_request {
+  std::string previous_registration_id;
+  std::string client_artifact_id;  ///< "" = MI2 artifact (hashed at commit), else a cgid
+  std::int32_t owner_pid = 0;
+  std::optional<std::uint32_t> ttl_ms;
+  std::optional<policy::store_policy> policy;
+  bool hash_in_background = false;
+  bool revoke_previous = false;  ///< end the previous lease once the new one is committed
+  std::optional<std::uint32_t> owner_uid;
+};
+
+struct republish_response {
+  std::string registration_id;  ///< of the new lease
+  commit_response commit;
+  bool revoked_previous = false;
+};
+
 // ---- Keep-alive, regions, deregister ------------------------------------------------------
 
 struct keep_alive_request {
@@ -384,6 +407,11 @@ struct device_layout {
   std::shared_ptr<const index::canonical_index> index;
   std::vector<device_allocation> allocations;  ///< each distinct handle or region once
   std::vector<device_segment> segments;        ///< by artifact_offset, disjoint
+  /// Equal tokens describe the same allocations, segments and index (a lease and the leases
+  /// republished from it); 0: never reused.
+  std::uint64_t layout_token = 0;
+  /// The token asked about is this layout's: allocations and segments are left empty.
+  bool unchanged = false;
 };
 
 }  // namespace tensorreg::registration

@@ -431,6 +431,52 @@ result<lip_view> lip_tables::open_view(std::uint64_t total_size, std::int32_t ow
 
 std::vector<std::string> lip_tables::region_ids() const { return region_order_; }
 
+result<commit_response> publish_lease(commit_context& ctx, const artifact_descriptor& descriptor,
+                                      std::shared_ptr<const index::canonical_index> idx, lip_view view,
+                                      std::vector<std::string> region_ids, bool snapshot, std::uint64_t layout_token,
+                                      function_ref<void()> handed_over) {
+  const auto& p = ctx.facts;
+  TENSORREG_TRY(ctx.with_catalogue([&](catalogue& cat) -> status {
+    if (auto* existing = cat.find(descriptor.artifact_id); existing != nullptr) {
+      if (existing->quiesced) {
+        return fail(errc::failed_precondition,
+                    "cannot commit lease of " + descriptor.artifact_id + ": the artifact is being deregistered");
+      }
+      for (const auto& [id, l] : existing->leases) {
+        if (l.device_id == p.device_id) {
+          return fail(errc::already_exists, "cannot commit lease of " + descriptor.artifact_id +
+                                                ": lease already exists for artifact on device " +
+                                                std::to_string(p.device_id));
+        }
+      }
+    }
+    // Step 10: the lease takes over the registration's region references and mappings.
+    auto& a = cat.add(descriptor, std::move(idx));
+    lease l;
+    l.registration_id = p.id;
+    l.owner_pid = p.owner_pid;
+    l.device_id = p.device_id;
+    l.expires = ttl_deadline(ctx.time, ctx.ttl_ms());
+    l.view = std::move(view);
+    l.region_ids = std::move(region_ids);
+    l.snapshot = snapshot;
+    l.layout_token = layout_token != 0 ? layout_token : cat.new_layout_token();
+    cat.add_lease(a, std::move(l));
+    handed_over();
+    return {};
+  }));
+
+  commit_response response;
+  response.descriptor = descriptor;
+  status must_failure;
+  response.local_stable_tier = apply_local_stable_tier(ctx, descriptor.artifact_id, &must_failure);
+  if (!must_failure) {
+    ctx.with_catalogue([&](catalogue& cat) { (void)cat.revoke(p.id); });
+    return tl::unexpected(must_failure.error());
+  }
+  return response;
+}
+
 // ---- the plan ---------------------------------------------------------------------------------
 
 result<std::unique_ptr<lease_in_place>> lease_in_place::begin(const begin_request& /*request*/,
@@ -507,47 +553,10 @@ result<commit_response> lease_in_place::commit(commit_context& ctx) {
     TENSORREG_TRY_ASSIGN(data, hash_canonical(*view.bytes, ctx.pool, ctx.devices, ctx.cancelled));
   }
   auto descriptor = describe(p, *idx, data, &layout->index_multihash);
-
-  lip_tables spent;
-  TENSORREG_TRY(ctx.with_catalogue([&](catalogue& cat) -> status {
-    if (auto* existing = cat.find(descriptor.artifact_id); existing != nullptr) {
-      if (existing->quiesced) {
-        return fail(errc::failed_precondition,
-                    "cannot commit lease of " + descriptor.artifact_id + ": the artifact is being deregistered");
-      }
-      for (const auto& [id, l] : existing->leases) {
-        if (l.device_id == p.device_id) {
-          return fail(errc::already_exists, "cannot commit lease of " + descriptor.artifact_id +
-                                                ": lease already exists for artifact on device " +
-                                                std::to_string(p.device_id));
-        }
-      }
-    }
-    // Step 10: the lease takes over the registration's region references and mappings.
-    auto& a = cat.add(descriptor, idx);
-    lease l;
-    l.registration_id = p.id;
-    l.owner_pid = p.owner_pid;
-    l.device_id = p.device_id;
-    l.expires = ttl_deadline(ctx.time, ctx.ttl_ms());
-    l.view = std::move(view);
-    l.region_ids = tables_.region_ids();
-    l.snapshot = snapshot_;
-    cat.add_lease(a, std::move(l));
+  lip_tables spent;  // freed when commit returns, not under the engine mutex
+  return publish_lease(ctx, descriptor, idx, std::move(view), tables_.region_ids(), snapshot_, 0, [&] {
     spent = std::exchange(tables_, lip_tables{});  // references now belong to the lease
-    return {};
-  }));
-  spent = lip_tables{};  // freed here, not under the engine mutex
-
-  commit_response response;
-  response.descriptor = descriptor;
-  status must_failure;
-  response.local_stable_tier = apply_local_stable_tier(ctx, descriptor.artifact_id, &must_failure);
-  if (!must_failure) {
-    ctx.with_catalogue([&](catalogue& cat) { (void)cat.revoke(p.id); });
-    return tl::unexpected(must_failure.error());
-  }
-  return response;
+  });
 }
 
 void lease_in_place::release(regions::region_registry& regions) noexcept {

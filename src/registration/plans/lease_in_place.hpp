@@ -19,6 +19,7 @@
 
 #include "registration/catalogue.hpp"
 #include "registration/plans/plan.hpp"
+#include "tensorreg/common/function_ref.hpp"
 #include "tensorreg/index/canonical_index.hpp"
 #include "tensorreg/memory/segmented_view.hpp"
 #include "tensorreg/registration/device_memory.hpp"
@@ -95,6 +96,17 @@ class lip_tables {
   std::vector<tensor_alias> aliases_;
   std::vector<leased_segment> segments_;
 };
+
+/// Commit steps 9–10 of a lease, shared by the lease plans: files `descriptor` with `idx`, adds
+/// a lease over `view` for ctx.facts' registration that holds the references of `region_ids`
+/// (`handed_over` runs under the engine mutex once the lease owns them), with `layout_token`
+/// (0: a new one), then applies the local stable tier (§6.2).
+/// Errors: FAILED_PRECONDITION (the artifact is being deregistered), ALREADY_EXISTS (a lease of
+/// it on the same device), a "must" stable tier's failure (the lease is revoked again).
+[[nodiscard]] result<commit_response> publish_lease(commit_context& ctx, const artifact_descriptor& descriptor,
+                                                    std::shared_ptr<const index::canonical_index> idx, lip_view view,
+                                                    std::vector<std::string> region_ids, bool snapshot,
+                                                    std::uint64_t layout_token, function_ref<void()> handed_over);
 
 /// The lease-in-place plan. Begin checks neither index nor device (§4.2.7): the index is
 /// rebuilt from the fed tables at Commit, and Commit publishes a lease that takes over the

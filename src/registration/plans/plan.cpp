@@ -5,6 +5,7 @@
 
 #include "registration/plans/coalesced.hpp"
 #include "registration/plans/lease_in_place.hpp"
+#include "registration/plans/lease_repeat.hpp"
 #include "registration/plans/stable_dram.hpp"
 #include "registration/plans/view.hpp"
 #include "tensorreg/hash/multihash.hpp"
@@ -30,6 +31,10 @@ result<std::unique_ptr<plan>> begin_ordinary_plan(const begin_request& request, 
       [&](const auto& options) -> result<std::unique_ptr<plan>> {
         using options_type = std::decay_t<decltype(options)>;
         if constexpr (std::is_same_v<options_type, lease_options>) {
+          if (!options.repeat_of.empty()) {
+            TENSORREG_TRY_ASSIGN(auto p, lease_repeat::begin(options, response));
+            return std::unique_ptr<plan>(std::move(p));
+          }
           TENSORREG_TRY_ASSIGN(auto p, lease_in_place::begin(request, options, response));
           return std::unique_ptr<plan>(std::move(p));
         } else if constexpr (std::is_same_v<options_type, stable_dram_options>) {
