@@ -371,10 +371,17 @@ struct dispatcher::impl {
       prune_names(engine.list(), generation);
     }
     TENSORREG_TRY_ASSIGN(auto done, std::move(committed));
+    TENSORREG_TRY(committed_by(c.peer, id, done));
+    convert::fill_commit(*c.response.mutable_commit_registered_artifact(), done);
+    return {};
+  }
+
+  // What follows every commit: counters, the eviction line, the cluster's advert and replicas.
+  status committed_by(const peer_credentials& peer, const std::string& id, reg::commit_response& done) {
     if (!done.evicted.empty()) {
       // The engine logs each eviction; this line says whose commit caused them.
       tensorreg::log(log, log_level::info, "commit of registration {} by pid {} as {} evicted {} to make room", id,
-                     c.peer.pid, done.descriptor.artifact_id, fmt::join(done.evicted, ", "));
+                     peer.pid, done.descriptor.artifact_id, fmt::join(done.evicted, ", "));
     }
     if (done.existed) {
       hits.add();
@@ -383,8 +390,28 @@ struct dispatcher::impl {
       bytes_registered.add(done.descriptor.total_size);
     }
     if (options.cluster != nullptr && !done.existed) options.cluster->committed(done.descriptor.artifact_id);
-    TENSORREG_TRY(place_replicas(done));
-    convert::fill_commit(*c.response.mutable_commit_registered_artifact(), done);
+    return place_replicas(done);
+  }
+
+  // Ours: a new version over a lease's memory and layout (docs/wire-format.md §20).
+  status republish_lease(call& c) {
+    const auto& in = c.request.republish_lease();
+    TENSORREG_TRY(check_owner(c.peer, in.owner_pid(), fmt::format("republish lease '{}'", in.registration_id())));
+    auto request = convert::to_republish(in);
+    request.owner_uid = c.peer.uid;
+    {
+      reg::begin_request as_begin;
+      as_begin.policy = request.policy;
+      as_begin.client_artifact_id = request.client_artifact_id;
+      TENSORREG_TRY(check_replica_policy(as_begin));
+    }
+    TENSORREG_TRY_ASSIGN(auto done, engine.republish(request));
+    if (done.revoked_previous) forget_pending_name(request.previous_registration_id);
+    TENSORREG_TRY(committed_by(c.peer, done.registration_id, done.commit));
+    auto& out = *c.response.mutable_republish_lease();
+    out.set_registration_id(done.registration_id);
+    out.set_revoked_previous(done.revoked_previous);
+    convert::fill_commit(*out.mutable_commit(), done.commit);
     return {};
   }
 
@@ -661,7 +688,7 @@ struct dispatcher::impl {
   status open_artifact_device(call& c) {
     const auto& id = c.request.open_artifact_device().artifact_id();
     TENSORREG_TRY(check_reader(c.peer, "open the GPU memory of " + id));
-    TENSORREG_TRY_ASSIGN(auto layout, engine.device_layout_of(id));
+    TENSORREG_TRY_ASSIGN(auto layout, engine.device_layout_of(id, c.request.open_artifact_device().known_layout()));
     // Paging: this answer carries the VMM fds of allocations [first, end), at most
     // max_vmm_chunks of them (a region never has more, so every page makes progress).
     const std::size_t first = c.request.open_artifact_device().first_allocation();
@@ -792,6 +819,7 @@ struct dispatcher::impl {
       case R::kWaitArtifactHash: return wait_artifact_hash(c);
       case R::kOpenPersistedArtifact: return open_persisted_artifact(c);
       case R::kPublishArtifact: return publish_artifact(c);
+      case R::kRepublishLease: return republish_lease(c);
       case R::kFeedRegisterArtifactStream:
       case R::BODY_NOT_SET: break;
     }

@@ -267,6 +267,7 @@ std::string_view rpc_name(wire::Request::BodyCase body) noexcept {
     case wire::Request::kWaitArtifactHash: return "WaitArtifactHash";
     case wire::Request::kOpenPersistedArtifact: return "OpenPersistedArtifact";
     case wire::Request::kPublishArtifact: return "PublishArtifact";
+    case wire::Request::kRepublishLease: return "RepublishLease";
     case wire::Request::BODY_NOT_SET: break;
   }
   return "unknown";
@@ -342,6 +343,14 @@ std::string subject_of(const wire::Request& request, const wire::Response& respo
     case R::kWaitArtifactHash: return named("artifact", request.wait_artifact_hash().artifact_id());
     case R::kOpenPersistedArtifact: return named("artifact", request.open_persisted_artifact().artifact_id());
     case R::kPublishArtifact: return named("artifact", request.publish_artifact().artifact_id());
+    case R::kRepublishLease: {
+      auto subject = named("lease", request.republish_lease().registration_id());
+      if (ok && response.has_republish_lease()) {
+        subject += fmt::format(" -> lease '{}', artifact '{}'", response.republish_lease().registration_id(),
+                               response.republish_lease().commit().artifact_descriptor().artifact_id());
+      }
+      return subject;
+    }
     case R::kWaitPersistenceStatus:
     case R::kGetServerConfig:
     case R::kListArtifacts:
@@ -368,6 +377,18 @@ reg::begin_request to_begin(v2::BeginRegisterArtifactRequest& in) {
   out.has_view = in.has_view();
   if (in.has_view()) out.view = to_view(in.view());
   out.client_artifact_id = in.client_artifact_id();
+  return out;
+}
+
+reg::republish_request to_republish(const wire::RepublishLeaseRequest& in) {
+  reg::republish_request out;
+  out.previous_registration_id = in.registration_id();
+  out.client_artifact_id = in.client_artifact_id();
+  out.owner_pid = in.owner_pid();
+  if (in.has_ttl_ms()) out.ttl_ms = in.ttl_ms();
+  if (in.has_policy()) out.policy = to_policy(in.policy());
+  out.hash_in_background = in.hash_in_background();
+  out.revoke_previous = in.revoke_previous();
   return out;
 }
 
@@ -642,6 +663,11 @@ void fill_persisted(wire::OpenPersistedArtifactResponse& out, const persistence:
 void fill_device_layout(wire::OpenArtifactDeviceResponse& out, const reg::device_layout& layout, std::size_t first,
                         std::size_t end, const std::vector<std::string>& device_uuids) {
   fill_descriptor(*out.mutable_artifact_descriptor(), layout.descriptor);
+  out.set_layout_token(layout.layout_token);
+  if (layout.unchanged) {
+    out.set_layout_unchanged(true);
+    return;
+  }
   out.set_tensor_index_data(layout.index->json());
   out.set_total_size(layout.descriptor.total_size);
   out.set_end_allocation(static_cast<std::uint32_t>(end));

@@ -70,6 +70,7 @@ void fill_begin(v2::BeginRegisterArtifactResponse& out, const registration::begi
 [[nodiscard]] registration::feed_request to_feed(v2::FeedRegisterArtifactStreamRequest& in);
 
 void fill_commit(v2::CommitRegisteredArtifactResponse& out, const registration::commit_response& in);
+[[nodiscard]] registration::republish_request to_republish(const wire::RepublishLeaseRequest& in);
 /// A view record as GetArtifactIndexById and ListArtifacts answer it (docs/wire-format.md §16).
 void fill_view(v2::ArtifactView& out, const registration::view_record& in);
 /// INVALID_ARGUMENT for a Begin whose view spec has an Op that sets neither narrow nor
