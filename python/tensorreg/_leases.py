@@ -60,6 +60,13 @@ class Lease:
         self._finalizer()
         self._keep = None
 
+    def ended_by_daemon(self) -> None:
+        """Marks the lease ended without a call: the daemon ended it already (a RepublishLease
+        with revoke_previous replaced it). Stops the keep-alive; the regions stay registered."""
+        if self._finalizer.detach() is not None:
+            self._state.stop.set()
+        self._keep = None
+
     def __repr__(self) -> str:
         return f"Lease({self.registration_id!r}, closed={self.closed})"
 

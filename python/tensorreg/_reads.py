@@ -12,7 +12,10 @@ memory.
 - open with KeptMappings (Store.open(keep_mappings=True), a reader of successive versions): the
   mappings of the last open are kept and used again for the allocations the next answer names
   again, so a version over the same memory maps nothing; an answer equal to the last one but
-  for the artifact's id gives back the last tensors after one comparison of its bytes.
+  for the artifact's id gives back the last tensors after one comparison of its bytes; and when
+  the daemon says the artifact's layout is the one the last answer named (its layout_token, a
+  version republished over the same lease: docs/wire-format.md §20), the answer is a few bytes
+  and the last tensors come back with no comparison at all.
 
 Thread-safety: each function runs one read over the given connection (which serialises calls).
 Ownership: the returned tensors own their mappings; fds received are closed here. A
@@ -31,6 +34,7 @@ from typing import Any
 from . import _buffers, _cuda, _device, _disk_load, _layout, _requests
 from ._torch import device as _torch_device
 from ._torch import module as _torch
+from . import _wire
 from ._wire import Connection, _close_fds
 from .errors import Aborted, DataLoss, FailedPrecondition, InvalidArgument
 
@@ -131,7 +135,12 @@ def open_tensors(conn: Connection, artifact_id: str, device: Any, kept: KeptMapp
     if kept is None:
         body, fds, vmm_fds = open_pages(conn, artifact_id, what)
     else:
-        body, fds, vmm_fds, payload = open_pages(conn, artifact_id, what, raw=True)
+        known = kept.layout[1] if kept.layout[0] == str(dev) else 0
+        body, fds, vmm_fds, payload = open_pages(conn, artifact_id, what, raw=True, known_layout=known)
+        if known and body.layout_unchanged and body.layout_token == known:
+            _close_fds(fds)
+            kept.reopened += 1
+            return dict(kept.tensors)
     bases = []
     ordinal = dev.index
     signature = None
@@ -140,9 +149,10 @@ def open_tensors(conn: Connection, artifact_id: str, device: Any, kept: KeptMapp
             # The descriptor (the id) differs from version to version; everything else equal
             # means the same tensors over the same allocations (the VMM fds checked apart:
             # their numbers differ from answer to answer).
-            signature = (str(dev), answer_signature(payload))
+            signature = (str(dev), answer_signature(payload, body.layout_token))
             if signature[1] is not None and kept.signature == signature and kept.same_vmm(vmm_fds):
                 kept.reopened += 1
+                kept.layout = (str(dev), body.layout_token)
                 return dict(kept.tensors)
         try:
             index = json.loads(body.tensor_index_data)
@@ -184,6 +194,7 @@ def open_tensors(conn: Connection, artifact_id: str, device: Any, kept: KeptMapp
     if kept is not None:
         kept.signature = signature
         kept.tensors = tensors
+        kept.layout = (str(dev), body.layout_token)
         return dict(tensors)
     return tensors
 
@@ -221,21 +232,28 @@ def _fields(data: bytes, start: int, end: int):
         at = after
 
 
-def answer_signature(payload: bytes):
-    """An OpenArtifactDevice answer's bytes without the request id, the status and the
-    artifact's descriptor (Response field 43, its field 1): equal for two versions of the same
-    tensors over the same allocations. None when the bytes cannot be read so."""
+def answer_signature(payload: bytes, layout_token: int = 0):
+    """An OpenArtifactDevice answer's bytes without the request id, the status, the artifact's
+    descriptor (Response field 43, its field 1) and its layout_token (field 7, serialised last):
+    equal for two versions of the same tensors over the same allocations, registered apart or
+    republished. None when the bytes cannot be read so."""
     try:
         for number, start, end in _fields(payload, 0, len(payload)):
             if number == 43:
+                out = payload[start:end]
                 for inner, first, after in _fields(payload, start, end):
                     if inner == 1:  # the descriptor: as serialised, the first field
-                        return payload[after:end]
+                        out = payload[after:end]
                     break
-                return payload[start:end]
+                if layout_token:
+                    tail = b"\x38" + _wire.encode_varint(layout_token)
+                    if out.endswith(tail):
+                        out = out[:-len(tail)]
+                return out
     except (IndexError, ValueError):
         pass
     return None
+
 
 
 _KCMP_FILE = 0
@@ -279,6 +297,7 @@ class KeptMappings:
         self.lock = threading.Lock()
         self.signature = None
         self.tensors: dict = {}
+        self.layout = (None, 0)  # (device, layout_token) of the answer the tensors were built from
         self.ipc: dict = {}  # (ordinal, handle bytes, size) -> uint8 tensor over the mapping
         self.vmm: list = []  # (ordinal, chunk sizes, size, [kept dup fds], uint8 tensor)
         self.reopened = 0
@@ -331,7 +350,7 @@ class KeptMappings:
     def _drop(self) -> None:
         for e in self.vmm:
             _close_fds(e[3])
-        self.ipc, self.vmm, self.tensors, self.signature = {}, [], {}, None
+        self.ipc, self.vmm, self.tensors, self.signature, self.layout = {}, [], {}, None, (None, 0)
 
 
 def _checked_opens(drv, dev, allocations: list, vmm_fds: dict, what: str) -> list:
@@ -372,7 +391,7 @@ def _segments(body, sizes: list, mapped: int, what: str) -> _device.Segments:
     return _device.Segments(segments, what)
 
 
-def open_pages(conn: Connection, artifact_id: str, what: str, raw: bool = False) -> tuple:
+def open_pages(conn: Connection, artifact_id: str, what: str, raw: bool = False, known_layout: int = 0) -> tuple:
     """OpenArtifactDevice, page after page (docs/wire-format.md §13): one answer carries at
     most 250 fds, so the VMM fds of a large expandable-segment model come in several.
     Returns (the first answer, every fd received, {allocation number: its chunks' fds}), and
@@ -380,7 +399,7 @@ def open_pages(conn: Connection, artifact_id: str, what: str, raw: bool = False)
     fds, vmm_fds, first, body = [], {}, 0, None
     try:
         while True:
-            request = _requests.open_artifact_device(artifact_id, first)
+            request = _requests.open_artifact_device(artifact_id, first, known_layout)
             if raw:
                 answer, got, payload = conn.call(request, raw=True)
             else:

@@ -17,8 +17,9 @@ for the life of the producer (until close()):
   handed to other tensors: a storage at the same address is then the same memory.
 
 Each register() first compares, in one pass, every tensor's (name, data_ptr, shape, stride,
-dtype) with the last registration's. Equal: Begin (the index by key), the kept Feed, Commit.
-Different: the full flow again, reusing the regions whose memory is unchanged (same allocation
+dtype) with the last registration's. Equal: one RepublishLease of the last registration's lease
+(the daemon reuses its tables, mappings and layout; docs/wire-format.md §20), or, when that lease
+has ended, Begin (the index by key), the kept Feed, Commit. Different: the full flow again, reusing the regions whose memory is unchanged (same allocation
 and IPC handle, or the same VMM pages, all held since) and unregistering, once the new version
 is committed, those no longer used (a lease still reading them keeps them until it ends).
 
@@ -39,19 +40,11 @@ from . import _buffers, _cuda, _device, _layout, _requests
 from ._artifact import RegisteredArtifact
 from ._leases import Lease, release_now
 from ._torch import module as _torch
+from . import _wire
 from ._wire import Connection, _close_fds
 from .errors import Error, FailedPrecondition, InvalidArgument, NotFound
 
 WHAT = "register state dict"
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
 
 
 class RawFeed:
@@ -66,10 +59,10 @@ class RawFeed:
     def __init__(self, registration_id: str, body: bytes) -> None:
         self.request_id = 0
         rid = registration_id.encode()
-        self._inner = b"\x0a" + _varint(len(rid)) + rid + body
+        self._inner = b"\x0a" + _wire.encode_varint(len(rid)) + rid + body
 
     def SerializeToString(self) -> bytes:  # noqa: N802 - the protobuf name Connection calls
-        return b"\x08" + _varint(self.request_id) + b"\x5a" + _varint(len(self._inner)) + self._inner
+        return b"\x08" + _wire.encode_varint(self.request_id) + b"\x5a" + _wire.encode_varint(len(self._inner)) + self._inner
 
 
 def signature(state_dict) -> list:
@@ -97,6 +90,7 @@ class _Kept:
         self.ordinal = -1
         self.uuid = ""
         self.storages: list = []  # held: their allocations stay allocated
+        self.lease = None  # weakref to the last registration's Lease: RepublishLease names it
         self.regions: dict = {}  # region key -> RegionRef (CUDA); {"host": RegionRef} (CPU)
         self.host_map = None  # (mmap, uint8 tensor over the region's bytes), CPU only
         self.host_size = 0
@@ -123,7 +117,8 @@ class Registrar:
         self._kept = _Kept()
         self._leases: weakref.WeakSet = weakref.WeakSet()
         self._closed = False
-        self.counts = {"full": 0, "fast": 0, "regions_registered": 0, "regions_reused": 0, "regions_released": 0}
+        self.counts = {"full": 0, "fast": 0, "republished": 0, "regions_registered": 0, "regions_reused": 0,
+                       "regions_released": 0}
         # Unregisters the regions at garbage collection or interpreter exit, as a Lease does.
         self._finalizer = weakref.finalize(self, _release_kept, conn, self._kept)
 
@@ -131,35 +126,45 @@ class Registrar:
     def closed(self) -> bool:
         return self._closed
 
-    def register(self, state_dict, *, client_artifact_id: str | None = None,
-                 hash_in_background: bool = False) -> RegisteredArtifact:
+    def register(self, state_dict, *, client_artifact_id: str | None = None, hash_in_background: bool = False,
+                 replaces: RegisteredArtifact | None = None) -> RegisteredArtifact:
         """Leases the tensors in place, as Store.register(); fast when the layout and the
         tensors' memory are the last registration's. The lease's close() revokes it without
-        unregistering the regions (the Registrar's close() does).
+        unregistering the regions (the Registrar's close() does). `replaces`: an artifact this
+        registrar returned whose lease ends once the new one is committed (in the same call when
+        it is the last registration's).
         Errors: as Store.register(); FailedPrecondition after close()."""
         with self._lock:
-            if self._closed:
-                raise FailedPrecondition(f"cannot {WHAT}: the registrar is closed")
-            started = time.perf_counter()
-            try:
-                sig = signature(state_dict)
-            except (AttributeError, TypeError, RuntimeError):
-                sig = None  # not tensors: the full path names the problem
-            fast = sig is not None and sig == self._kept.signature
-            try:
-                if fast:
-                    art = self._fast(client_artifact_id, hash_in_background, started)
-                else:
-                    art = self._full(state_dict, sig, client_artifact_id, hash_in_background, started)
-            except (NotFound, FailedPrecondition) as e:
-                # A kept region the daemon no longer has (it restarted; the region was poisoned
-                # or retired): forget what was kept and register from scratch, once.
-                if not self._kept.regions or not (fast or "region" in e.message):
-                    raise
-                self._forget()
+            art = self._register(state_dict, client_artifact_id, hash_in_background,
+                                 replaces.lease if replaces is not None else None)
+        if replaces is not None:
+            replaces.close()  # a no-op when the daemon ended it already
+        return art
+
+    def _register(self, state_dict, client_artifact_id, hash_in_background: bool, replaces) -> RegisteredArtifact:
+        if self._closed:
+            raise FailedPrecondition(f"cannot {WHAT}: the registrar is closed")
+        started = time.perf_counter()
+        try:
+            sig = signature(state_dict)
+        except (AttributeError, TypeError, RuntimeError):
+            sig = None  # not tensors: the full path names the problem
+        fast = sig is not None and sig == self._kept.signature
+        try:
+            if fast:
+                art = self._fast(client_artifact_id, hash_in_background, started, replaces)
+            else:
                 art = self._full(state_dict, sig, client_artifact_id, hash_in_background, started)
-            self._leases.add(art.lease)
-            return art
+        except (NotFound, FailedPrecondition) as e:
+            # A kept region the daemon no longer has (it restarted; the region was poisoned
+            # or retired): forget what was kept and register from scratch, once.
+            if not self._kept.regions or not (fast or "region" in e.message):
+                raise
+            self._forget()
+            art = self._full(state_dict, sig, client_artifact_id, hash_in_background, started)
+        self._leases.add(art.lease)
+        self._kept.lease = weakref.ref(art.lease)
+        return art
 
     def close(self) -> None:
         """Closes the leases it made that are still open, then unregisters its regions and
@@ -196,12 +201,41 @@ class Registrar:
             b.tensor_index_key = kept.index_key  # the daemon holds it from the last commit
         return begin
 
-    def _fast(self, client_artifact_id, hash_in_background: bool, started: float) -> RegisteredArtifact:
+    def _republish(self, client_artifact_id, hash_in_background: bool, started: float, replaces):
+        """RepublishLease of the last registration's lease (one call); None when that lease has
+        ended, here or in the daemon (the caller then registers again)."""
+        previous = self._kept.lease() if self._kept.lease is not None else None
+        if previous is None or previous.closed or self._snapshot:
+            return None
+        revoke = replaces is previous
+        prepared = time.perf_counter()
+        try:
+            answer, fds = self._conn.call(_requests.republish_lease(
+                previous.registration_id, client_artifact_id, self._ttl_ms, self._profile, hash_in_background, revoke))
+        except (NotFound, FailedPrecondition):
+            return None  # ended meanwhile (expired, revoked), or a region changed: the Feed path checks
+        _close_fds(fds)
+        done = answer.republish_lease
+        committed = time.perf_counter()
+        if done.revoked_previous:
+            previous.ended_by_daemon()
+        lease = Lease(self._conn, done.registration_id, [], self._ttl_ms, keep=self._kept.storages)
+        art = RegisteredArtifact(done.commit, self._kept.layout, done.registration_id, "lease_in_place", lease)
+        self.counts["fast"] += 1
+        self.counts["republished"] += 1
+        art.timings = {"metadata": prepared - started, "rpc": 0.0, "commit": committed - prepared,
+                       "client_work": (prepared - started) + (time.perf_counter() - committed), "reused": True}
+        return art
+
+    def _fast(self, client_artifact_id, hash_in_background: bool, started: float, replaces=None) -> RegisteredArtifact:
         kept = self._kept
         conn = self._conn
         layout = kept.layout
         if kept.host_map is not None:  # CPU: the bytes go into the kept region again
             _buffers.write_storages(_torch(), kept.host_map[1], layout)
+        art = self._republish(client_artifact_id, hash_in_background, started, replaces)
+        if art is not None:
+            return art
         begin = self._begin(layout.total_size, client_artifact_id, True)
         prepared = time.perf_counter()
         try:
@@ -430,6 +464,7 @@ def _release_kept(conn: Connection, kept: _Kept) -> None:
     regions = list(kept.regions.values())
     kept.regions = {}
     kept.signature = None
+    kept.lease = None
     kept.layout = None
     kept.storages = []
     if kept.host_map is not None:

@@ -202,6 +202,23 @@ def commit(registration_id: str, hash_in_background: bool = False):
     return request
 
 
+def republish_lease(registration_id: str, client_artifact_id: str | None, ttl_ms: int, profile,
+                    hash_in_background: bool, revoke_previous: bool):
+    """RepublishLease: a new version over the memory and layout of the lease `registration_id`
+    (docs/wire-format.md §20)."""
+    request = _messages.Request()
+    r = request.republish_lease
+    r.registration_id = registration_id
+    if client_artifact_id:
+        r.client_artifact_id = client_artifact_id
+    r.owner_pid = os.getpid()
+    r.ttl_ms = ttl_ms
+    apply_policy(r.policy, profile)
+    r.hash_in_background = hash_in_background
+    r.revoke_previous = revoke_previous
+    return request
+
+
 # HashState (store_daemon.proto): where a cgid artifact's background hash stands.
 HASH_STATES = {0: "none", 1: "pending", 2: "done", 3: "failed"}
 
@@ -267,10 +284,12 @@ def open_persisted_artifact(artifact_id: str, unless_in_memory: bool):
     return request
 
 
-def open_artifact_device(artifact_id: str, first_allocation: int):
+def open_artifact_device(artifact_id: str, first_allocation: int, known_layout: int = 0):
     request = _messages.Request()
     request.open_artifact_device.artifact_id = artifact_id
     request.open_artifact_device.first_allocation = first_allocation
+    if known_layout:
+        request.open_artifact_device.known_layout = known_layout
     return request
 
 

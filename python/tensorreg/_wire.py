@@ -61,6 +61,16 @@ def default_socket_path() -> str:
     return f"/tmp/tensorreg-{os.getuid()}/tensorregd.sock"
 
 
+def encode_varint(n: int) -> bytes:
+    """A protobuf varint: 7 bits a byte, low first, the high bit set on all but the last."""
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
 def _readable(sock: socket.socket) -> bool:
     """Whether `sock` has bytes or its end waiting, without waiting."""
     try:

@@ -146,9 +146,15 @@ class WeightPublisher:
         of the bytes at hash time, so change the tensors only once mi2() has answered.
         Errors: as Store.register()."""
         number = self._next
+        # The oldest version goes when this one is in: in the same call when it is the last one
+        # (keep=1, the same memory: one RepublishLease makes the new version and ends the old).
+        oldest = self.versions[0] if len(self.versions) >= self._keep else None
         art = self._registrar.register(state_dict, client_artifact_id=version_id(self.name, number),
-                                       hash_in_background=verify)
+                                       hash_in_background=verify,
+                                       replaces=oldest.artifact if oldest is not None else None)
         self._next = number + 1
+        if oldest is not None:
+            self.versions.remove(oldest)
         version = Version(self._store, number, art, verify)
         self.versions.append(version)
         while len(self.versions) > self._keep:

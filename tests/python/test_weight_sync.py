@@ -177,11 +177,13 @@ class FakeOpenConnection:
 
     def __init__(self):
         self.answers = {}
+        self.known = []  # each request's known_layout
 
-    def serve(self, artifact_id, layout, placed, sizes):
+    def serve(self, artifact_id, layout, placed, sizes, token=0):
         answer = _messages.Response()
         body = answer.open_artifact_device
         body.artifact_descriptor.artifact_id = artifact_id
+        body.layout_token = token
         body.tensor_index_data = layout.json
         body.total_size = layout.total_size
         handles = []
@@ -207,6 +209,14 @@ class FakeOpenConnection:
         payload = self.answers[request.open_artifact_device.artifact_id]
         answer = _messages.Response()
         answer.ParseFromString(payload)
+        known = request.open_artifact_device.known_layout
+        self.known.append(known)
+        if known and known == answer.open_artifact_device.layout_token:  # the daemon's short answer
+            short = _messages.Response()
+            body = short.open_artifact_device
+            body.artifact_descriptor.CopyFrom(answer.open_artifact_device.artifact_descriptor)
+            body.layout_token, body.layout_unchanged = known, True
+            answer, payload = short, short.SerializeToString()
         return (answer, [], payload) if raw else (answer, [])
 
 
@@ -259,6 +269,27 @@ class KeptMappings(unittest.TestCase):
         # Without kept mappings every open maps again.
         self.open(None, "cgid:v~2")
         self.assertEqual(FakeMapping.opened, 4)
+
+    def test_a_layout_the_daemon_says_is_unchanged_gives_the_same_tensors_from_a_short_answer(self):
+        kept = _reads.KeptMappings()
+        for v in (1, 2):
+            self.conn.serve(f"cgid:v~{v}", self.layout, self.placed, self.sizes, token=41)
+        self.conn.serve("cgid:v~3", self.layout, self.placed, self.sizes, token=42)  # registered apart
+        first = self.open(kept, "cgid:v~1")
+        second = self.open(kept, "cgid:v~2")
+        self.assertEqual(self.conn.known, [0, 41])
+        self.assertEqual((FakeMapping.opened, kept.reopened), (2, 1))
+        self.assertTrue(all(second[n] is first[n] for n in first))
+        # Another token: the full answer, whose bytes but the token equal the last one's.
+        third = self.open(kept, "cgid:v~3")
+        self.assertEqual(self.conn.known, [0, 41, 41])
+        self.assertEqual((FakeMapping.opened, kept.reopened), (2, 2))
+        self.assertTrue(all(third[n] is first[n] for n in first))
+        self.assertEqual(kept.layout, ("cuda", 42))
+        # Asked on another device, the token is not offered.
+        kept.layout = ("cuda:1", 42)
+        self.open(kept, "cgid:v~3")
+        self.assertEqual(self.conn.known[-1], 0)
 
     def test_an_allocation_not_seen_before_is_the_only_one_mapped(self):
         kept = _reads.KeptMappings()
@@ -379,8 +410,41 @@ class RegistrarTest(WithDaemon):
             self.assertEqual(sorted(got), sorted(sd))
             for name, t in sd.items():
                 self.assertTrue(torch.equal(got[name], t), name)
-            self.assertEqual(reg.counts, {"full": 3, "fast": 0, "regions_registered": 2, "regions_reused": 1,
-                                          "regions_released": 1})
+            self.assertEqual(reg.counts, {"full": 3, "fast": 0, "republished": 0, "regions_registered": 2,
+                                          "regions_reused": 1, "regions_released": 1})
+
+    def test_a_version_over_the_live_last_lease_is_one_republish_call(self):
+        sd = model(11)
+        with self.store.registrar(policy="warm") as reg:
+            first = reg.register(sd, client_artifact_id="cgid:reg-re~1")
+            leases = self.store.stats()["leases"]
+            for t in sd.values():
+                t.add_(3)
+            calls = []
+            real = self.store._conn.call
+            with mock.patch.object(self.store._conn, "call", lambda r, *a, **k: calls.append(r.WhichOneof("body"))
+                                   or real(r, *a, **k)):
+                second = reg.register(sd, client_artifact_id="cgid:reg-re~2")
+            self.assertEqual(calls, ["republish_lease"])
+            self.assertEqual((reg.counts["republished"], second.timings["reused"]), (1, True))
+            self.assertNotEqual(second.registration_id, first.registration_id)
+            self.assertEqual(second.index_json, first.index_json)
+            self.assertEqual(self.store.stats()["leases"], leases + 1)  # both versions held
+            got = self.store.get("cgid:reg-re~2")  # its stable replica: the bytes at republish
+            self.assertTrue(all(torch.equal(got[n], t) for n, t in sd.items()))
+            # replaces=: the daemon ends the old lease in the same call, and the client knows.
+            third = reg.register(sd, client_artifact_id="cgid:reg-re~3", replaces=second)
+            self.assertTrue(second.lease.closed)
+            self.assertEqual(reg.counts["republished"], 2)
+            held = {a["artifact_id"]: a["lease_count"] for a in self.store.list()}
+            self.assertEqual((held.get("cgid:reg-re~2", 0), held["cgid:reg-re~3"]), (0, 1))
+            # The last lease ended (by its holder): the next version takes the Feed path again.
+            third.close()
+            fourth = reg.register(sd, client_artifact_id="cgid:reg-re~4")
+            self.assertEqual((reg.counts["republished"], reg.counts["fast"]), (2, 3))
+            self.assertTrue(fourth.timings["reused"])
+            first.close()
+        self.assertEqual(self.store.stats()["leases"], leases - 1)
 
     def test_an_unchanged_registration_gives_the_put_id_of_the_same_bytes(self):
         sd = model(4)
@@ -431,9 +495,14 @@ class WeightSyncTest(WithDaemon):
                 self.assertTrue(torch.equal(mine[name], t), name)
             for t in sd.values():
                 t.mul_(2)
+            leases = self.store.stats()["leases"]
             v2 = pub.publish(sd)
             self.assertTrue(v2.timings["reused"])
             self.assertTrue(v1.artifact.lease.closed)  # keep=1: the older version's lease ended
+            self.assertEqual(pub.registrar.counts["republished"], 1)  # in the call that made v2
+            self.assertEqual(self.store.stats()["leases"], leases)
+            held = {a["artifact_id"]: a["lease_count"] for a in self.store.list()}
+            self.assertEqual(held.get(v1.artifact_id, 0), 0)  # its warm stable copy may stay; no lease
             self.assertEqual([v.number for v in pub.versions], [2])
             self.assertEqual(sub.latest(), 2)
             module = torch.nn.Module()
