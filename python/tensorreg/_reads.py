@@ -140,6 +140,7 @@ def open_tensors(conn: Connection, artifact_id: str, device: Any, kept: KeptMapp
         if known and body.layout_unchanged and body.layout_token == known:
             _close_fds(fds)
             kept.reopened += 1
+            kept.by_token += 1
             return dict(kept.tensors)
     bases = []
     ordinal = dev.index
@@ -301,6 +302,7 @@ class KeptMappings:
         self.ipc: dict = {}  # (ordinal, handle bytes, size) -> uint8 tensor over the mapping
         self.vmm: list = []  # (ordinal, chunk sizes, size, [kept dup fds], uint8 tensor)
         self.reopened = 0
+        self.by_token = 0  # of those, the opens the daemon answered "layout unchanged"
 
     def find(self, job, vmm_fds: dict):
         k, here, a, source = job

@@ -10,9 +10,10 @@ state dict (gpu_client_check.realistic_state_dict: ties, a slice, a transposed v
 dtypes) to a consumer process, which copies them into its own tensors:
 
 1. version 1: the consumer's copy equals the trainer's tensors;
-2. version 2, every tensor changed in place: the publisher's fast path (Begin, kept Feed,
-   Commit; no region registered, the daemon's region count unchanged), the consumer maps
-   nothing (0 IPC opens / VMM imports) and gets the same tensor objects back, values equal;
+2. version 2, every tensor changed in place: the publisher's fast path (one RepublishLease
+   that also ends version 1's lease; no region registered, the daemon's region count
+   unchanged), the consumer maps nothing (0 IPC opens / VMM imports), the daemon answers its
+   open "layout unchanged", and it gets the same tensor objects back, values equal;
 3. version 3 with verify=True: Version.mi2() equals put()'s id of the same bytes, and the
    consumer's verified(3) equals it;
 4. version 4 with one tensor replaced by a new allocation: the full path again, regions made
@@ -106,7 +107,7 @@ def consumer(conn, socket_path: str, device: str) -> None:
             opens = (after["ipc_opened"] + after["vmm_mapped"] - before["ipc_opened"] - before["vmm_mapped"]) \
                 if cuda else None
             answer = {"sums": exact_sums(torch, mine), "equal_views": all(torch.equal(mine[n], got[n]) for n in got),
-                      "opens": opens, "same_objects": same}
+                      "opens": opens, "same_objects": same, "by_token": store._kept_mappings.by_token}
             if msg.get("verify"):
                 answer["mi2"] = sub.verified(version, timeout=60)
             last = got
@@ -168,11 +169,15 @@ def trainer(socket_path: str, label: str, device: str) -> int:
             c.check(v2.timings["reused"] and pub.registrar.counts["fast"] == 1,
                     f"version 2 took the fast path (client work {v2.timings.get('client_work', 0) * 1e3:.2f} ms)")
             c.check(store.stats()["regions"] == regions, f"no region made for version 2 ({regions} held)")
+            c.check(pub.registrar.counts["republished"] == 1 and v1.artifact.lease.closed,
+                    "version 2 was one RepublishLease, which ended version 1's lease")
             got = hand_over(2)
             c.check(equal(got), "version 2: the consumer's copy has the changed values")
             if cuda:
                 c.check(got["opens"] == 0, f"version 2: the consumer mapped nothing ({got['opens']} opens)")
                 c.check(got["same_objects"], "version 2: the consumer got the same tensor objects back")
+                c.check(got["by_token"] == 1, f"version 2: the daemon answered 'layout unchanged' "
+                        f"({got['by_token']} such answers)")
             v3 = pub.publish(sd, verify=True)
             mi2 = v3.mi2(timeout=60)
             got = hand_over(3, verify=True)
@@ -196,6 +201,8 @@ def trainer(socket_path: str, label: str, device: str) -> int:
             if cuda:
                 c.check(got["opens"] == new, f"version 4: the consumer mapped only the new memory ({got['opens']} "
                         f"opens for {new} new regions)")
+                c.check(got["by_token"] == 2, f"version 3 (republished) was a 'layout unchanged' answer and "
+                        f"version 4 (a new layout) was not ({got['by_token']} such answers)")
             pub.close()
             c.check(store.stats()["regions"] == 0, "close() unregistered the publisher's regions")
     except Exception as e:  # noqa: BLE001 - reported as a failed check

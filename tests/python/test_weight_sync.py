@@ -278,12 +278,12 @@ class KeptMappings(unittest.TestCase):
         first = self.open(kept, "cgid:v~1")
         second = self.open(kept, "cgid:v~2")
         self.assertEqual(self.conn.known, [0, 41])
-        self.assertEqual((FakeMapping.opened, kept.reopened), (2, 1))
+        self.assertEqual((FakeMapping.opened, kept.reopened, kept.by_token), (2, 1, 1))
         self.assertTrue(all(second[n] is first[n] for n in first))
         # Another token: the full answer, whose bytes but the token equal the last one's.
         third = self.open(kept, "cgid:v~3")
         self.assertEqual(self.conn.known, [0, 41, 41])
-        self.assertEqual((FakeMapping.opened, kept.reopened), (2, 2))
+        self.assertEqual((FakeMapping.opened, kept.reopened, kept.by_token), (2, 2, 1))
         self.assertTrue(all(third[n] is first[n] for n in first))
         self.assertEqual(kept.layout, ("cuda", 42))
         # Asked on another device, the token is not offered.
