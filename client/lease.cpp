@@ -11,19 +11,32 @@
 
 #include "client/access.hpp"
 #include "client/wire_convert.hpp"
+#include "tensorreg/policy/store_policy.hpp"
 
 namespace tensorreg::client {
+
+held_regions::held_regions(std::shared_ptr<raw::connection> r, std::vector<std::string> i) noexcept
+    : raw(std::move(r)), ids(std::move(i)) {}
+
+held_regions::~held_regions() { release_regions(*raw, ids); }
 
 struct lease::state {
   std::shared_ptr<raw::connection> raw;
   registered info;
-  std::vector<std::string> region_ids;
+  std::shared_ptr<const held_regions> regions;  // shared with the leases republished from this one
   std::shared_ptr<void> keep;
   std::atomic<std::uint64_t> keepalives{0};
   std::atomic<std::uint64_t> epoch{0};  // KeepAlive epochs, shared by the keeper and check()
   std::uint32_t ttl_ms = 0;
   bool released = false;
   std::jthread keeper;  // last: stopped and joined before the rest goes
+
+  void stop_keeper() noexcept {
+    if (keeper.joinable()) {
+      keeper.request_stop();
+      keeper.join();
+    }
+  }
 };
 
 lease::lease(std::unique_ptr<state> s) noexcept : state_(std::move(s)) {}
@@ -41,7 +54,10 @@ lease::~lease() { static_cast<void>(release()); }
 
 const registered& lease::info() const noexcept { return state_->info; }
 std::uint64_t lease::keepalives_sent() const noexcept { return state_->keepalives.load(); }
-const std::vector<std::string>& lease::region_ids() const noexcept { return state_->region_ids; }
+const std::vector<std::string>& lease::region_ids() const noexcept {
+  static const std::vector<std::string> none;
+  return state_->regions ? state_->regions->ids : none;
+}
 
 status lease::check() {
   if (!state_ || state_->released) {
@@ -62,13 +78,10 @@ void release_regions(raw::connection& raw, const std::vector<std::string>& regio
 status lease::release() {
   if (!state_ || state_->released) return {};
   state_->released = true;
-  if (state_->keeper.joinable()) {
-    state_->keeper.request_stop();
-    state_->keeper.join();
-  }
+  state_->stop_keeper();
   auto revoked =
       state_->raw->call(wire_convert::revoke_request(state_->info.registration_id, "lease released by its holder"));
-  release_regions(*state_->raw, state_->region_ids);
+  state_->regions.reset();  // unregistered here unless a lease republished from this one reads them
   state_->keep.reset();
   if (!revoked) return tl::unexpected(revoked.error());
   return {};
@@ -76,10 +89,17 @@ status lease::release() {
 
 lease lease_access::make(std::shared_ptr<raw::connection> raw, registered info, std::vector<std::string> region_ids,
                          std::shared_ptr<void> keep, std::uint32_t ttl_ms) {
+  auto regions = std::make_shared<const held_regions>(raw, std::move(region_ids));
+  return make(std::move(raw), std::move(info), std::move(regions), std::move(keep), ttl_ms);
+}
+
+lease lease_access::make(std::shared_ptr<raw::connection> raw, registered info,
+                         std::shared_ptr<const held_regions> regions, std::shared_ptr<void> keep,
+                         std::uint32_t ttl_ms) {
   auto s = std::make_unique<lease::state>();
   s->raw = std::move(raw);
   s->info = std::move(info);
-  s->region_ids = std::move(region_ids);
+  s->regions = std::move(regions);
   s->keep = std::move(keep);
   s->ttl_ms = ttl_ms;
   if (ttl_ms != 0) {
@@ -103,6 +123,47 @@ lease lease_access::make(std::shared_ptr<raw::connection> raw, registered info, 
     });
   }
   return lease(std::move(s));
+}
+
+// ---- republish ---------------------------------------------------------------------------------
+
+void lease_access::ended_by_daemon(lease& l) noexcept {
+  if (!l.state_ || l.state_->released) return;
+  l.state_->released = true;
+  l.state_->stop_keeper();
+  l.state_->regions.reset();
+  l.state_->keep.reset();
+}
+
+result<lease> connection::republish(lease& previous, const republish_options& options) {
+  const auto* s = lease_access::state_of(previous);
+  if (s == nullptr || s->released) {
+    return fail(errc::failed_precondition, "cannot republish lease" +
+                                               (s == nullptr ? std::string() : " '" + s->info.registration_id + "'") +
+                                               ": it was released by its holder");
+  }
+  const auto started = std::chrono::steady_clock::now();
+  wire_convert::republish_args args;
+  args.previous_registration_id = s->info.registration_id;
+  args.client_artifact_id = options.client_artifact_id;
+  args.owner_pid = static_cast<std::int32_t>(::getpid());
+  args.ttl_ms = options.ttl_ms;
+  if (!options.profile.empty()) {
+    TENSORREG_TRY_ASSIGN(args.policy, policy::parse_policy(options.profile));
+  }
+  args.hash_in_background = options.hash_in_background;
+  args.revoke_previous = options.revoke_previous;
+  TENSORREG_TRY_ASSIGN(auto reply, raw_->call(wire_convert::republish_request(args)));
+  auto answer = wire_convert::republish_of(reply.response);
+  registered info{answer.commit.descriptor, answer.commit.existed, answer.registration_id,
+                  std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count(),
+                  answer.commit.evicted};
+  info.hash = answer.commit.hash;
+  info.remote_stable_tier = answer.commit.remote_stable_tier;
+  // The new lease reads the previous one's memory: it shares its regions and what it keeps.
+  auto next = lease_access::make(raw_, std::move(info), s->regions, s->keep, options.ttl_ms);
+  if (answer.revoked_previous) lease_access::ended_by_daemon(previous);  // no Revoke of its own
+  return next;
 }
 
 }  // namespace tensorreg::client

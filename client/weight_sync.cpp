@@ -84,6 +84,22 @@ result<weight_version> weight_sync_producer::publish(const index::safetensors_bu
   return keep(conn_.register_lease(bundle, o), k);
 }
 
+result<weight_version> weight_sync_producer::publish_again() {
+  if (leases_.empty()) {
+    return fail(errc::failed_precondition,
+                "cannot publish '" + name_ + "' again: nothing published yet (publish the tensors first)");
+  }
+  const auto k = next_k_;
+  republish_options o;
+  o.ttl_ms = options_.ttl_ms;
+  TENSORREG_TRY_ASSIGN(o.client_artifact_id, weight_version_id(name_, k));
+  o.hash_in_background = true;
+  // One version kept: the daemon ends the one before in the same call, and keep() finds it
+  // released already. More: keep() revokes the oldest as after publish().
+  o.revoke_previous = options_.keep_versions == 1;
+  return keep(conn_.republish(leases_.back(), o), k);
+}
+
 result<std::string> weight_sync_producer::wait_hashed() {
   if (!last_) return fail(errc::failed_precondition, "cannot wait for the hash of '" + name_ + "': nothing published");
   TENSORREG_TRY_ASSIGN(auto st, conn_.wait_artifact_hash(last_->cgid));

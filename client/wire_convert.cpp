@@ -54,6 +54,20 @@ void set_view(const views::view_request& v, v2::ViewRegistrationOptions& out) {
   for (const auto& name : v.tensor_names) out.add_tensor_names(name);
 }
 
+void set_policy(const policy::store_policy& in, common::StorePolicy& out) {
+  if (in.profile != policy::profile::unspecified) out.set_profile(static_cast<common::PolicyProfile>(in.profile));
+  const std::pair<const std::vector<policy::tier_spec>*, google::protobuf::RepeatedPtrField<common::TierSpec>*>
+      lists[] = {{&in.must, out.mutable_must()}, {&in.should, out.mutable_should()}, {&in.may, out.mutable_may()}};
+  for (const auto& [from, to] : lists) {
+    for (const auto& t : *from) {
+      auto* spec = to->Add();
+      spec->set_tier(static_cast<common::PolicyTier>(t.tier));
+      spec->set_scope(static_cast<common::PolicyScope>(t.scope));
+      spec->set_min_replicas(t.min_replicas);
+    }
+  }
+}
+
 std::vector<views::byte_range> ranges_of(const google::protobuf::RepeatedPtrField<v2::CanonicalRange>& ranges) {
   std::vector<views::byte_range> out;
   out.reserve(static_cast<std::size_t>(ranges.size()));
@@ -95,24 +109,7 @@ wire::Request begin_request(const begin_args& args) {
   } else {
     b->mutable_lease()->set_in_place(true);
   }
-  if (args.policy) {
-    auto* p = b->mutable_policy();
-    if (args.policy->profile != policy::profile::unspecified) {
-      p->set_profile(static_cast<common::PolicyProfile>(args.policy->profile));
-    }
-    const std::pair<const std::vector<policy::tier_spec>*, google::protobuf::RepeatedPtrField<common::TierSpec>*>
-        lists[] = {{&args.policy->must, p->mutable_must()},
-                   {&args.policy->should, p->mutable_should()},
-                   {&args.policy->may, p->mutable_may()}};
-    for (const auto& [from, to] : lists) {
-      for (const auto& t : *from) {
-        auto* out = to->Add();
-        out->set_tier(static_cast<common::PolicyTier>(t.tier));
-        out->set_scope(static_cast<common::PolicyScope>(t.scope));
-        out->set_min_replicas(t.min_replicas);
-      }
-    }
-  }
+  if (args.policy) set_policy(*args.policy, *b->mutable_policy());
   if (!args.display_name.empty()) b->set_display_name(args.display_name);
   if (!args.client_artifact_id.empty()) b->set_client_artifact_id(args.client_artifact_id);
   if (args.view != nullptr) set_view(*args.view, *b->mutable_view());
@@ -230,6 +227,19 @@ wire::Request commit_request(std::string_view registration_id, bool hash_in_back
   wire::Request r;
   r.mutable_commit_registered_artifact()->set_registration_id(std::string(registration_id));
   if (hash_in_background) r.mutable_commit_registered_artifact()->set_hash_in_background(true);
+  return r;
+}
+
+wire::Request republish_request(const republish_args& args) {
+  wire::Request r;
+  auto* q = r.mutable_republish_lease();
+  q->set_registration_id(args.previous_registration_id);
+  if (!args.client_artifact_id.empty()) q->set_client_artifact_id(args.client_artifact_id);
+  q->set_owner_pid(args.owner_pid);
+  q->set_ttl_ms(args.ttl_ms);
+  if (args.policy) set_policy(*args.policy, *q->mutable_policy());
+  q->set_hash_in_background(args.hash_in_background);
+  q->set_revoke_previous(args.revoke_previous);
   return r;
 }
 
@@ -387,7 +397,10 @@ std::string registration_id_of(const wire::Response& begun) {
 }
 
 registration::commit_response commit_of(const wire::Response& committed) {
-  const auto& c = committed.commit_registered_artifact();
+  return commit_of(committed.commit_registered_artifact());
+}
+
+registration::commit_response commit_of(const v2::CommitRegisteredArtifactResponse& c) {
   registration::commit_response out;
   out.descriptor = descriptor_of(c.artifact_descriptor());
   out.existed = c.existed();
@@ -398,6 +411,15 @@ registration::commit_response commit_of(const wire::Response& committed) {
         static_cast<registration::local_stable_status>(c.remote_stable_tier().status()),
         c.remote_stable_tier().message()};
   }
+  return out;
+}
+
+registration::republish_response republish_of(const wire::Response& r) {
+  const auto& a = r.republish_lease();
+  registration::republish_response out;
+  out.registration_id = a.registration_id();
+  out.commit = commit_of(a.commit());
+  out.revoked_previous = a.revoked_previous();
   return out;
 }
 

@@ -78,6 +78,17 @@ struct region_args {
                                                                std::string_view device_uuid = {});
 
 [[nodiscard]] wire::Request commit_request(std::string_view registration_id, bool hash_in_background = false);
+/// RepublishLease (wire-format.md §20): a new lease over the memory and layout of a lease.
+struct republish_args {
+  std::string previous_registration_id;
+  std::string client_artifact_id;  ///< a cgid; empty: an mi2 artifact
+  std::int32_t owner_pid = 0;
+  std::uint32_t ttl_ms = 0;                    ///< 0: no expiry
+  std::optional<policy::store_policy> policy;  ///< unset: none (the daemon's default)
+  bool hash_in_background = false;
+  bool revoke_previous = false;
+};
+[[nodiscard]] wire::Request republish_request(const republish_args& args);
 /// WaitArtifactHash (registration.md §4.8); timeout_ms 0 = until the hash ends.
 [[nodiscard]] wire::Request wait_hash_request(std::string_view artifact_id, std::uint32_t timeout_ms);
 [[nodiscard]] wire::Request abort_request(std::string_view registration_id);
@@ -119,6 +130,8 @@ struct region_args {
 
 [[nodiscard]] std::string registration_id_of(const wire::Response& begun);
 [[nodiscard]] registration::commit_response commit_of(const wire::Response& committed);
+[[nodiscard]] registration::commit_response commit_of(const v2::CommitRegisteredArtifactResponse& c);
+[[nodiscard]] registration::republish_response republish_of(const wire::Response& r);
 [[nodiscard]] registration::hash_status hash_status_of(const wire::Response& r);
 [[nodiscard]] registration::region_ref_source region_of(const wire::Response& registered_region);
 [[nodiscard]] server_config config_of(const wire::Response& r);

@@ -6,6 +6,9 @@
 #include <catch2/catch.hpp>
 
 #include <algorithm>
+#include <cstring>
+#include <string>
+#include <vector>
 
 #include "support/client_helpers.hpp"
 #include "support/daemon_process.hpp"
@@ -123,4 +126,219 @@ TEST_CASE("weight sync: a stream name outside the cgid alphabet is INVALID_ARGUM
   auto good = client::weight_version_id("run-7.policy", 42);
   REQUIRE(good);
   CHECK(*good == "cgid:weight-sync~run-7.policy~42");
+}
+
+// ---- the next version over the same memory (RepublishLease, wire-format.md §20) ----------------
+
+namespace {
+
+// The daemon's counts, read over their own connection.
+client::daemon_stats stats_of(connection& c) {
+  auto s = c.stats();
+  REQUIRE(s);
+  return *s;
+}
+
+std::vector<std::string> ids_listed(connection& c) {
+  auto listed = c.list();
+  REQUIRE(listed);
+  std::vector<std::string> out;
+  for (const auto& a : *listed) out.push_back(a.descriptor.artifact_id);
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("weight sync: publish_again republishes the newest lease in place, and with one version kept ends the old",
+          "[client][weight_sync][republish]") {
+  daemon_process d;
+  testing::temp_dir dir;
+  auto step = bundle_of(dir, 21);
+  auto observer = connect(d);
+
+  client::weight_sync_options o;
+  o.keep_versions = 1;
+  auto producer = client::weight_sync_producer::create(connect(d), "again", o);
+  REQUIRE(producer);
+  auto v1 = producer->publish(*step);
+  REQUIRE(v1);
+  auto h1 = producer->wait_hashed();
+  REQUIRE(h1);
+  CHECK(*h1 == offline_id(*step));
+
+  for (std::uint64_t k = 2; k <= 4; ++k) {
+    INFO("version " << k);
+    auto v = producer->publish_again();
+    REQUIRE(v);
+    CHECK(v->k == k);
+    CHECK(v->cgid == "cgid:weight-sync~again~" + std::to_string(k));
+    // The daemon hashed the region's bytes for it: the bundle's, read back in place.
+    auto hashed = producer->wait_hashed();
+    REQUIRE(hashed);
+    CHECK(*hashed == offline_id(*step));
+    auto idx = observer.index(v->cgid);
+    REQUIRE(idx);
+    CHECK(idx->index_json == step->index().json());
+    // The version before went in the same call; the region stays, registered once.
+    CHECK(ids_listed(observer) == std::vector<std::string>{v->cgid});
+    auto before = observer.index("cgid:weight-sync~again~" + std::to_string(k - 1));
+    REQUIRE_FALSE(before);
+    CHECK(before.error().code == errc::not_found);
+    const auto s = stats_of(observer);
+    CHECK(s.leases == 1);
+    CHECK(s.regions == 1);
+    CHECK(s.pending_registrations == 0);
+  }
+  // The producer's end releases the last lease and, with it, the region.
+  producer = fail(errc::cancelled, "done");
+  const auto s = stats_of(observer);
+  CHECK(s.leases == 0);
+  CHECK(s.regions == 0);
+}
+
+TEST_CASE("weight sync: publish_again with several versions kept shares the region until the last goes",
+          "[client][weight_sync][republish]") {
+  daemon_process d;
+  testing::temp_dir dir;
+  auto step = bundle_of(dir, 22);
+  auto observer = connect(d);
+
+  client::weight_sync_options o;
+  o.keep_versions = 2;
+  auto producer = client::weight_sync_producer::create(connect(d), "kept", o);
+  REQUIRE(producer);
+  REQUIRE(producer->publish(*step));
+  REQUIRE(producer->publish_again());
+  auto v3 = producer->publish_again();
+  REQUIRE(v3);
+  CHECK(v3->k == 3);
+  // Version 1 was revoked as keep() does; its region is still read by 2 and 3.
+  CHECK(ids_listed(observer) == std::vector<std::string>{"cgid:weight-sync~kept~2", "cgid:weight-sync~kept~3"});
+  auto s = stats_of(observer);
+  CHECK(s.leases == 2);
+  CHECK(s.regions == 1);
+  auto consumer = client::weight_sync_consumer::create(connect(d), "kept");
+  REQUIRE(consumer);
+  auto verified = consumer->wait_verified(*v3, milliseconds(10000));
+  REQUIRE(verified);
+  CHECK(*verified == offline_id(*step));
+  producer = fail(errc::cancelled, "done");
+  s = stats_of(observer);
+  CHECK(s.leases == 0);
+  CHECK(s.regions == 0);
+}
+
+TEST_CASE("weight sync: publish_again with nothing to republish says so, and publish registers afresh",
+          "[client][weight_sync][republish]") {
+  daemon_process d;
+  testing::temp_dir dir;
+  auto step = bundle_of(dir, 23);
+  auto observer = connect(d);
+  client::weight_sync_options o;
+  o.keep_versions = 1;
+  auto producer = client::weight_sync_producer::create(connect(d), "lost", o);
+  REQUIRE(producer);
+
+  auto early = producer->publish_again();
+  REQUIRE_FALSE(early);
+  CHECK(early.error().code == errc::failed_precondition);
+  CHECK(early.error().message == "cannot publish 'lost' again: nothing published yet (publish the tensors first)");
+
+  auto v1 = producer->publish(*step);
+  REQUIRE(v1);
+  // The lease ends behind the producer's back (as by an expiry or a deregister).
+  REQUIRE(observer.deregister(v1->cgid));
+  auto lost = producer->publish_again();
+  REQUIRE_FALSE(lost);
+  CHECK(lost.error().code == errc::not_found);
+  CHECK_THAT(lost.error().message, Catch::StartsWith("cannot republish lease '") &&
+                                       Catch::EndsWith("': no such lease (never committed, revoked, expired, or "
+                                                       "its owner exited)"));
+  auto s = stats_of(observer);
+  CHECK(s.leases == 0);
+  CHECK(s.pending_registrations == 0);
+  // Registered afresh: the number the failed call would have had, over a region of its own
+  // (the first one goes with the dead lease).
+  auto v2 = producer->publish(*step);
+  REQUIRE(v2);
+  CHECK(v2->k == 2);
+  CHECK(ids_listed(observer) == std::vector<std::string>{"cgid:weight-sync~lost~2"});
+  s = stats_of(observer);
+  CHECK(s.leases == 1);
+  CHECK(s.regions == 1);
+  auto v3 = producer->publish_again();
+  REQUIRE(v3);
+  CHECK(v3->k == 3);
+}
+
+TEST_CASE("client connection: republish reads the lease's memory again, shares its region, ends it when asked",
+          "[client][connection][republish]") {
+  daemon_process d;
+  testing::temp_dir dir;
+  auto bundle = bundle_of(dir, 24);
+  auto c = connect(d);
+  client::lease_register_options first;
+  first.client_artifact_id = "cgid:client-test~1";
+  auto v1 = c.register_lease(*bundle, first);
+  REQUIRE(v1);
+
+  // A new cgid; "warm" also copies the bytes into the stable cache, where get() reads them.
+  client::republish_options o;
+  o.client_artifact_id = "cgid:client-test~2";
+  o.profile = "warm";
+  auto v2 = c.republish(*v1, o);
+  REQUIRE(v2);
+  CHECK(v2->info().descriptor.artifact_id == "cgid:client-test~2");
+  CHECK(v2->info().registration_id != v1->info().registration_id);
+  CHECK(v2->region_ids() == v1->region_ids());
+  auto replica = c.get("cgid:client-test~2");
+  REQUIRE(replica);
+  std::vector<std::byte> expected(bundle->index().total_size());
+  REQUIRE(bundle->canonical().read(0, expected));
+  REQUIRE(replica->memory.size() == expected.size());
+  CHECK(std::memcmp(replica->memory.bytes().data(), expected.data(), expected.size()) == 0);
+  CHECK(replica->index_json == bundle->index().json());
+  auto s = stats_of(c);
+  CHECK(s.leases == 2);
+  CHECK(s.regions == 1);
+
+  // No cgid: the mi2 id of the bytes, ending v2 in the same call.
+  client::republish_options mi2;
+  mi2.revoke_previous = true;
+  auto v3 = c.republish(*v2, mi2);
+  REQUIRE(v3);
+  CHECK(v3->info().descriptor.artifact_id == offline_id(*bundle));
+  auto ended = v2->check();
+  REQUIRE_FALSE(ended);
+  CHECK(ended.error().code == errc::failed_precondition);
+  REQUIRE(v2->release());  // nothing left to send
+  auto again = c.republish(*v2, o);
+  REQUIRE_FALSE(again);
+  CHECK(again.error().code == errc::failed_precondition);
+  CHECK(again.error().message ==
+        "cannot republish lease '" + v2->info().registration_id + "': it was released by its holder");
+  s = stats_of(c);
+  CHECK(s.leases == 2);  // v1 and v3
+  CHECK(s.regions == 1);
+
+  // The daemon's refusals come back as they are, and the lease stays as it was.
+  client::republish_options taken;
+  taken.client_artifact_id = "cgid:client-test~1";  // v1's, leased on that device
+  auto refused = c.republish(*v3, taken);
+  REQUIRE_FALSE(refused);
+  CHECK(refused.error().code == errc::already_exists);
+  client::republish_options bad_profile;
+  bad_profile.profile = "hot";
+  auto unparsed = c.republish(*v3, bad_profile);
+  REQUIRE_FALSE(unparsed);
+  CHECK(unparsed.error().code == errc::invalid_argument);
+  REQUIRE(v3->check());
+
+  // Released in any order, the region goes with the last lease that reads it.
+  REQUIRE(v1->release());
+  CHECK(stats_of(c).regions == 1);
+  REQUIRE(v3->release());
+  s = stats_of(c);
+  CHECK(s.leases == 0);
+  CHECK(s.regions == 0);
 }

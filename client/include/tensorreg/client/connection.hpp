@@ -5,8 +5,9 @@
 // written once, straight into the daemon's memory), lease-in-place of a safetensors bundle
 // over a daemon-managed HOST_SHARED region, lease-in-place of CUDA tensors (register_cuda:
 // one IPC handle or VRAM region per cudaMalloc allocation, VMM fds for cuMemCreate /
-// expandable-segments memory), and the reads: index, get (the stable replica's memfd, mapped),
-// open_device (the GPU layout a CUDA reader maps), list, stats; and revoke, abort, deregister;
+// expandable-segments memory), the next version over a lease's memory (republish), and the
+// reads: index, get (the stable replica's memfd, mapped), open_device (the GPU layout a CUDA
+// reader maps), list, stats; and revoke, abort, deregister;
 // and views (registration.md §7): register_view, register_piece, view, get_view; and
 // persistence to the daemon's --persist-dir (registration.md §1.6, DECISIONS §5.11):
 // start_persistence, query_persistence, wait_persistence; and publish (replicas on the
@@ -14,8 +15,8 @@
 // Every daemon error comes back as an `error` carrying the daemon's code and message.
 //
 // A `lease` keeps its registration alive from a thread that sends KeepAlive every
-// max(1 s, ttl/2) ±10 %, and revokes it (and unregisters its regions) when released or
-// destroyed.
+// max(1 s, ttl/2) ±10 %, and revokes it (and unregisters its regions, once no lease
+// republished from it reads them) when released or destroyed.
 //
 // Thread-safety: a connection may be used from any thread; calls on one connection (and on
 // its copies, and on the leases made through it, which share its socket) are serialised. Open
@@ -66,8 +67,9 @@ class lease {
   /// FAILED_PRECONDITION (released by this holder).
   [[nodiscard]] status check();
 
-  /// Stops the keep-alive, revokes the registration and unregisters its regions (force).
-  /// Idempotent: a released lease does nothing.
+  /// Stops the keep-alive, revokes the registration and unregisters its regions (force) unless
+  /// a lease republished from it still reads them (then the last of those does). Idempotent: a
+  /// released lease does nothing, and neither does one a republish ended (revoke_previous).
   /// Errors: the daemon's status of the revoke (the regions are unregistered regardless).
   [[nodiscard]] status release();
 
@@ -113,6 +115,21 @@ class connection {
   /// Errors: as above; INVALID_ARGUMENT (a bad cgid; hash_in_background without one).
   [[nodiscard]] result<lease> register_lease(const index::safetensors_bundle& bundle,
                                              const lease_register_options& options);
+
+  /// RepublishLease (docs/wire-format.md §20): the next version over the memory and layout of
+  /// `previous`, a lease-in-place lease this process holds (register_lease, register_cuda or an
+  /// earlier republish), in one call: the daemon takes the previous lease's tables and
+  /// mappings as they are, so the caller must have written the new bytes where the old ones
+  /// were and changed no tensor's place, shape or dtype. The new lease shares `previous`'s
+  /// regions (they are unregistered when the last lease reading them is released). With
+  /// options.revoke_previous the daemon ends `previous` in the same call; `previous` is then
+  /// released here too, with no Revoke of its own.
+  /// Errors: NOT_FOUND (previous revoked or expired: register again), FAILED_PRECONDITION
+  /// (`previous` released by this holder; a snapshot lease; a region of it poisoned or
+  /// force-unregistered), ALREADY_EXISTS (the cgid, or for an mi2 id the same bytes, already
+  /// leased on that device), INVALID_ARGUMENT (a bad cgid or profile; hash_in_background
+  /// without a cgid), the daemon's others. `previous` is as it was after any error.
+  [[nodiscard]] result<lease> republish(lease& previous, const republish_options& options = {});
 
   /// WaitArtifactHash (docs/registration.md §4.8): where the background hash of a cgid artifact
   /// (named by its cgid or the mi2 id it found) stands, after waiting up to `timeout` for it to

@@ -62,6 +62,20 @@ struct lease_register_options {
   std::function<void(std::uint64_t, std::uint64_t)> progress{};
 };
 
+/// Options of connection::republish(): the next version over a lease's memory and layout.
+struct republish_options {
+  std::uint32_t ttl_ms = default_ttl_ms;  ///< the new lease's; 0: no expiry and no keep-alive
+  /// A cgid (docs/registration.md §3.5); empty = an mi2 artifact (the daemon hashes the bytes).
+  std::string client_artifact_id{};
+  /// Answer once the artifact is usable by its cgid and hash it afterwards (needs a cgid).
+  bool hash_in_background = false;
+  /// End the previous lease once the new one is committed, in the same call.
+  bool revoke_previous = false;
+  /// Policy, as put_options::profile (e.g. "warm" also copies the bytes into the daemon's
+  /// stable DRAM cache); empty = the daemon's default.
+  std::string profile{};
+};
+
 /// Options of connection::put().
 struct put_options {
   /// Policy: a profile name ("cache", "warm", "pinned", "durable", ...) or explicit tiers

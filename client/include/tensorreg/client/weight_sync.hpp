@@ -7,7 +7,8 @@
 //
 //   producer: publish(tensors) → version {cgid, k}; wait_hashed() before writing the weights
 //             again (the mi2 id is of the bytes at hash time); keeps the newest `keep_versions`
-//             leases and revokes older ones.
+//             leases and revokes older ones. publish_again() → the next version over the same
+//             tensors, written in place: one RepublishLease instead of registering them again.
 //   consumer: latest() / wait_for(k) → version, then connection::open_device(version.cgid);
 //             wait_verified(version) → its mi2 id.
 //
@@ -61,6 +62,17 @@ class weight_sync_producer {
   [[nodiscard]] result<weight_version> publish(std::span<const cuda_tensor> tensors);
   /// The same for host bytes (a HOST_SHARED copy of `bundle`, connection::register_lease).
   [[nodiscard]] result<weight_version> publish(const index::safetensors_bundle& bundle);
+
+  /// Publishes the next version over the tensors of the newest kept version, their new bytes
+  /// written in place: one RepublishLease of its lease (docs/wire-format.md §20), the tensors
+  /// neither sent nor checked again. With keep_versions 1 the daemon revokes the version before
+  /// in the same call; otherwise the versions beyond keep_versions are revoked as by publish().
+  /// REQUIRES: every tensor is where that version's publish found it (the same memory, shape,
+  /// stride and dtype), and its hash is done (wait_hashed()) if the weights were written since.
+  /// Errors: FAILED_PRECONDITION (nothing published yet; a region of the newest version's
+  /// lease was unregistered or failed), NOT_FOUND (that lease was revoked or expired, or its
+  /// owner exited): in either case publish(tensors) registers them afresh; the daemon's others.
+  [[nodiscard]] result<weight_version> publish_again();
 
   /// Waits until the newest version's background hash ended; call it before writing the
   /// weights in place again. Returns its mi2 id. Errors: ABORTED (the hash failed: its message),
