@@ -590,6 +590,11 @@ result<republish_response> engine::republish(const republish_request& request) {
 
 result<republish_response> engine::state::republish(const republish_request& r) {
   const std::string what = "cannot republish lease '" + r.previous_registration_id + "'";
+  if (r.hash_in_background && r.client_artifact_id.empty()) {
+    return fail(errc::invalid_argument, what +
+                                            ": hash_in_background needs a client_artifact_id (a cgid): an mi2 id "
+                                            "is the hash itself, so its commit must compute it");
+  }
   begin_request b;
   {
     const detail::engine_lock lock(mutex);

@@ -237,7 +237,8 @@ TEST_CASE("engine republish: each refusal has its code and message, leaves nothi
     auto refused = f.e->republish(r);
     REQUIRE_FALSE(refused);
     CHECK(refused.error().code == errc::invalid_argument);
-    CHECK_THAT(refused.error().message, Catch::Contains("hash_in_background needs a client_artifact_id"));
+    CHECK_THAT(refused.error().message, Catch::StartsWith("cannot republish lease '" + f.first +
+                                                          "': hash_in_background needs a client_artifact_id"));
     unchanged();
   }
   SECTION("a malformed cgid is INVALID_ARGUMENT, as at Begin") {

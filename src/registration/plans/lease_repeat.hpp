@@ -23,7 +23,7 @@ class lease_repeat final : public plan {
   [[nodiscard]] static result<std::unique_ptr<lease_repeat>> begin(const lease_options& options,
                                                                    begin_response& response);
 
-  [[nodiscard]] std::string_view name() const noexcept override { return "lease-in-place"; }
+  [[nodiscard]] std::string_view name() const noexcept override { return "lease-in-place, republished"; }
   /// Errors: FAILED_PRECONDITION: a republished lease takes no Feed.
   [[nodiscard]] result<feed_work> feed(feed_request& request, const registration_facts& facts,
                                        regions::region_registry& regions, const std::string& what) override;

@@ -103,7 +103,7 @@ class plan {
   plan(const plan&) = delete;
   plan& operator=(const plan&) = delete;
 
-  /// "lease-in-place", "stable_dram", "coalesced".
+  /// "lease-in-place" (", republished"), "stable_dram", "coalesced".
   [[nodiscard]] virtual std::string_view name() const noexcept = 0;
 
   /// Applies one Feed message (§4.3) under the registration's lock; `what` opens error messages
