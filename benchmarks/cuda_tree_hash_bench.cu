@@ -369,6 +369,50 @@ int main(int argc, char** argv) {
             "the same dict copied into one cudaMalloc'd buffer, hashed, freed (the old path)"};
       print_json(a, floor_ms);
       rows.push_back(a);
+
+      // The leaf kernel alone over this dict's leaf plan, one row per segment walk (CUDA
+      // events), the leaf digests of both compared.
+      auto plan = detail::plan_leaves(pieces, total, tensorreg::hash::leaf_count(total));
+      if (plan.tasks.empty()) {
+        const auto leaves = static_cast<std::uint32_t>(tensorreg::hash::leaf_count(total));
+        const std::size_t segment_bytes = plan.segments.size() * sizeof(detail::leaf_segment);
+        const std::size_t first_bytes = plan.first.size() * sizeof(std::uint32_t);
+        unsigned char* table = nullptr;
+        std::uint32_t* words[2] = {nullptr, nullptr};
+        die_on(cudaMalloc(reinterpret_cast<void**>(&table), segment_bytes + first_bytes), "allocate the leaf table");
+        die_on(cudaMemcpy(table, plan.segments.data(), segment_bytes, cudaMemcpyHostToDevice), "upload the segments");
+        die_on(cudaMemcpy(table + segment_bytes, plan.first.data(), first_bytes, cudaMemcpyHostToDevice),
+               "upload the leaf starts");
+        std::vector<std::uint32_t> host[2];
+        const detail::segment_walk walks[2] = {detail::segment_walk::branching, detail::segment_walk::flat};
+        for (int k = 0; k < 2; ++k) {
+          die_on(cudaMalloc(reinterpret_cast<void**>(&words[k]), 32 * std::size_t{leaves}), "allocate leaf words");
+          const auto times = time_events(repeat, [&] {
+            die_on(detail::launch_leaf_segments_kernel(
+                       reinterpret_cast<const detail::leaf_segment*>(table),
+                       reinterpret_cast<const std::uint32_t*>(table + segment_bytes), total, leaves, words[k],
+                       detail::leaf_threads_per_block(leaves, prop.multiProcessorCount), nullptr, walks[k]),
+                   "segment leaf kernel");
+          });
+          host[k].resize(8 * std::size_t{leaves});
+          die_on(cudaMemcpy(host[k].data(), words[k], 32 * std::size_t{leaves}, cudaMemcpyDeviceToHost),
+                 "copy leaf words");
+          char note[128];
+          std::snprintf(note, sizeof note, "leaf kernel alone, %s walk, %zu segments%s",
+                        walks[k] == detail::segment_walk::flat ? "flat" : "branching", plan.segments.size(),
+                        walks[k] == detail::default_segment_walk ? " (default)" : "");
+          row w{
+              "segment_leaf_kernel", total, leaves, median(times), *std::min_element(times.begin(), times.end()), note};
+          print_json(w, floor_ms);
+          rows.push_back(w);
+        }
+        if (host[0] != host[1]) {
+          std::fprintf(stderr, "cuda_tree_hash_bench: the two segment walks give different leaf digests\n");
+          return 1;
+        }
+        for (auto* w : words) die_on(cudaFree(w), "free leaf words");
+        die_on(cudaFree(table), "free the leaf table");
+      }
     }
   }
 

@@ -476,6 +476,46 @@ TENSORREG_SHA_HD void sha256_segment_words(const segment_words_input* segments, 
                               st);
 }
 
+/// sha256_segment_words() without a branch per block: zero segments read the 64 zero bytes at
+/// `zero_block` (16-byte aligned) with a step of 0, so every block is one unconditional load
+/// (the next block's, or the current one's again after the last) and one address step; only
+/// a segment's end branches.
+template <unroll_mode Mode = unroll_mode::full, bool Steer = false>
+TENSORREG_SHA_HD void sha256_segment_words_flat(const segment_words_input* segments, std::uint32_t count,
+                                                std::uint64_t len, std::uint64_t zero_block, std::uint32_t (&s)[8],
+                                                fma_steer st = {}) {
+  using loader = block_loader<16>;
+  init_state(s);
+  const std::uint64_t full = len / 64;
+  const segment_words_input* seg = segments;
+  const segment_words_input* last = segments + (count - 1);
+  std::uint64_t address = seg->address != 0 ? seg->address : zero_block;
+  std::uint64_t step = seg->address != 0 ? 64 : 0;
+  std::uint64_t left = seg->blocks;
+  if (full > 0) {
+    std::uint32_t raw[16];
+    loader::load(reinterpret_cast<const unsigned char*>(address), raw);
+    for (std::uint64_t blk = 0; blk < full; ++blk) {
+      std::uint32_t w[16];
+      TENSORREG_SHA_UNROLL
+      for (int i = 0; i < 16; ++i) w[i] = loader::word(raw[i]);
+      const std::uint64_t current = address;
+      if (--left == 0 && seg != last) {
+        ++seg;
+        address = seg->address != 0 ? seg->address : zero_block;
+        step = seg->address != 0 ? 64 : 0;
+        left = seg->blocks;
+      } else {
+        address += step;
+      }
+      loader::load(reinterpret_cast<const unsigned char*>(blk + 1 < full ? address : current), raw);
+      compress<Mode, Steer>(s, w, st);
+    }
+  }
+  finish_message<Mode, Steer>(s, reinterpret_cast<const unsigned char*>(address), static_cast<unsigned>(len % 64), len,
+                              st);
+}
+
 /// State words of SHA-256(left ‖ right) for two digests in word form: the data block is the
 /// 16 words as they are, the padding block is constant (0x80, zeros, bit length 512).
 template <unroll_mode Mode = unroll_mode::full>

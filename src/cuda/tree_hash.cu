@@ -47,10 +47,15 @@ __global__ void __launch_bounds__(max_leaf_threads)
   out[1] = make_uint4(s[4], s[5], s[6], s[7]);
 }
 
+// What zero segments read in the flat walk (sha256_segment_words_flat): static device memory
+// is zero-initialised.
+__device__ __align__(16) std::uint32_t zero_block_words[16];
+
 // The leaf kernel over a leaf plan (launch_leaf_segments_kernel): each thread streams its
-// leaf's blocks across its segments (sha256_segment_words); one launch hashes every leaf.
+// leaf's blocks across its segments (sha256_segment_words, or its flat walk); one launch
+// hashes every leaf.
 static_assert(sizeof(leaf_segment) == sizeof(segment_words_input));
-template <unroll_mode Mode, bool Steer>
+template <unroll_mode Mode, bool Steer, bool Flat>
 __global__ void __launch_bounds__(max_leaf_threads)
     leaf_segments_kernel(const segment_words_input* __restrict__ segments, const std::uint32_t* __restrict__ first,
                          std::uint64_t size, std::uint32_t leaves, std::uint32_t* __restrict__ leaf_words,
@@ -62,7 +67,12 @@ __global__ void __launch_bounds__(max_leaf_threads)
   const std::uint64_t len = remaining < sha_leaf_bytes ? remaining : sha_leaf_bytes;
   const std::uint32_t begin = first[i];
   std::uint32_t s[8];
-  sha256_segment_words<Mode, Steer>(segments + begin, first[i + 1] - begin, len, s, make_fma_steer(one));
+  if constexpr (Flat) {
+    sha256_segment_words_flat<Mode, Steer>(segments + begin, first[i + 1] - begin, len,
+                                           reinterpret_cast<std::uint64_t>(zero_block_words), s, make_fma_steer(one));
+  } else {
+    sha256_segment_words<Mode, Steer>(segments + begin, first[i + 1] - begin, len, s, make_fma_steer(one));
+  }
   uint4* out = reinterpret_cast<uint4*>(leaf_words + 8 * static_cast<std::uint64_t>(i));
   out[0] = make_uint4(s[0], s[1], s[2], s[3]);
   out[1] = make_uint4(s[4], s[5], s[6], s[7]);
@@ -181,11 +191,18 @@ cudaError_t launch_leaf_kernel(const void* data, std::uint64_t size, std::uint32
 
 cudaError_t launch_leaf_segments_kernel(const leaf_segment* segments, const std::uint32_t* first, std::uint64_t size,
                                         std::uint32_t leaves, std::uint32_t* leaf_words, unsigned threads_per_block,
-                                        cudaStream_t stream) {
+                                        cudaStream_t stream, segment_walk walk) {
   const unsigned threads = std::clamp(threads_per_block / 32 * 32, 32U, max_leaf_threads);
   const std::uint32_t one = 1;
-  leaf_segments_kernel<unroll_mode::rolled, true><<<(leaves + threads - 1) / threads, threads, 0, stream>>>(
-      reinterpret_cast<const segment_words_input*>(segments), first, size, leaves, leaf_words, one);
+  const unsigned blocks = (leaves + threads - 1) / threads;
+  const auto* table = reinterpret_cast<const segment_words_input*>(segments);
+  if (walk == segment_walk::flat) {
+    leaf_segments_kernel<unroll_mode::rolled, true, true>
+        <<<blocks, threads, 0, stream>>>(table, first, size, leaves, leaf_words, one);
+  } else {
+    leaf_segments_kernel<unroll_mode::rolled, true, false>
+        <<<blocks, threads, 0, stream>>>(table, first, size, leaves, leaf_words, one);
+  }
   return cudaGetLastError();
 }
 

@@ -48,13 +48,21 @@ cudaError_t launch_leaf_kernel(const void* data, std::uint64_t size, std::uint32
                                unsigned threads_per_block, cudaStream_t stream,
                                leaf_kernel_variant variant = default_leaf_variant);
 
+/// How the leaf kernel over a leaf plan steps from block to block (sha256_device.cuh):
+/// `branching` tests for zero blocks and the last block each time, `flat` reads zero blocks
+/// from device memory and loads every block unconditionally.
+enum class segment_walk : std::uint8_t { branching, flat };
+
+/// The walk tree_hash_pieces uses.
+inline constexpr segment_walk default_segment_walk = segment_walk::branching;
+
 /// Enqueues the leaf kernel over a leaf plan (leaf_plan.hpp): leaf i of a `size`-byte buffer
 /// (4 MiB, the last one what is left) is read from segments[first[i] .. first[i + 1]) (device
 /// arrays). Otherwise as launch_leaf_kernel with the default variant.
 /// REQUIRES: the plan's rules (16-byte aligned addresses, tails after the last segment).
 cudaError_t launch_leaf_segments_kernel(const leaf_segment* segments, const std::uint32_t* first, std::uint64_t size,
                                         std::uint32_t leaves, std::uint32_t* leaf_words, unsigned threads_per_block,
-                                        cudaStream_t stream);
+                                        cudaStream_t stream, segment_walk walk = default_segment_walk);
 
 /// Enqueues the gather kernel: one block per task of `tasks` (a device array of `count`),
 /// 16-byte stores where the addresses allow, bytes elsewhere. Tasks must not overlap in the

@@ -227,7 +227,7 @@ struct host_allocations {
 
 // The root the leaf kernel and the gather kernel compute from the plan, computed here: the
 // gather tasks run as memcpy/memset into a host gather buffer, each leaf through
-// sha256_segment_words, the tree as hash::tree_root.
+// sha256_segment_words (and its flat walk, which must agree), the tree as hash::tree_root.
 digest planned_root(const std::vector<tensorreg::cuda::device_piece>& pieces, std::uint64_t size,
                     detail::leaf_plan* out_plan = nullptr) {
   const std::uint64_t leaves = tensorreg::hash::leaf_count(size);
@@ -264,6 +264,13 @@ digest planned_root(const std::vector<tensorreg::cuda::device_piece>& pieces, st
     detail::sha256_segment_words<unroll_mode::rolled, true>(
         reinterpret_cast<const detail::segment_words_input*>(plan.segments.data() + plan.first[i]), count, len, s,
         detail::make_fma_steer(1));
+    // The flat walk (zero blocks read from memory, no branch per block) gives the same words.
+    alignas(16) static const unsigned char zeros[64] = {};
+    std::uint32_t flat[8];
+    detail::sha256_segment_words_flat<unroll_mode::rolled, true>(
+        reinterpret_cast<const detail::segment_words_input*>(plan.segments.data() + plan.first[i]), count, len,
+        reinterpret_cast<std::uint64_t>(zeros), flat, detail::make_fma_steer(1));
+    REQUIRE(std::equal(s, s + 8, flat));
     leaf_digests.push_back(to_digest(s));
   }
   if (out_plan != nullptr) *out_plan = std::move(plan);
