@@ -405,9 +405,20 @@ struct dispatcher::impl {
       as_begin.client_artifact_id = request.client_artifact_id;
       TENSORREG_TRY(check_replica_policy(as_begin));
     }
+    // The previous lease ends only once the new one has passed everything after its commit
+    // (the replicas a policy must have): a refused republish changes nothing, and the new
+    // lease, whose id the error does not carry, is revoked again.
+    const bool revoke_previous = std::exchange(request.revoke_previous, false);
     TENSORREG_TRY_ASSIGN(auto done, engine.republish(request));
-    if (done.revoked_previous) forget_pending_name(request.previous_registration_id);
-    TENSORREG_TRY(committed_by(c.peer, done.registration_id, done.commit));
+    if (auto placed = committed_by(c.peer, done.registration_id, done.commit); !placed) {
+      (void)engine.revoke(done.registration_id, "its republish failed: " + placed.error().message);
+      return placed;
+    }
+    if (revoke_previous) {
+      done.revoked_previous =
+          engine.revoke(request.previous_registration_id, "replaced by lease " + done.registration_id);
+      forget_pending_name(request.previous_registration_id);
+    }
     auto& out = *c.response.mutable_republish_lease();
     out.set_registration_id(done.registration_id);
     out.set_revoked_previous(done.revoked_previous);
