@@ -66,8 +66,10 @@ endif()
 if(TENSORREG_BUILD_TESTS)
   find_package(Catch2 2.13 REQUIRED)
 
-  # The kernels' SHA-256 logic compiled as host code, against OpenSSL: runs without a GPU.
-  add_executable(tensorreg_gpu_host_tests ${PROJECT_SOURCE_DIR}/tests/cuda/sha256_device_host_tests.cu)
+  # The kernels' SHA-256 logic compiled as host code, against OpenSSL, and the batched copy's
+  # plan and per-chunk code run on host memory: runs without a GPU.
+  add_executable(tensorreg_gpu_host_tests ${PROJECT_SOURCE_DIR}/tests/cuda/sha256_device_host_tests.cu
+                                          ${PROJECT_SOURCE_DIR}/tests/cuda/batched_copy_host_tests.cu)
   tensorreg_cuda_target(tensorreg_gpu_host_tests)
   target_include_directories(tensorreg_gpu_host_tests PRIVATE ${PROJECT_SOURCE_DIR}/src)
   target_link_libraries(tensorreg_gpu_host_tests PRIVATE tensorreg::tensorreg Catch2::Catch2 tensorreg_cuda_flags)
@@ -155,10 +157,11 @@ if(TENSORREG_BUILD_BENCHMARKS)
   target_link_libraries(cuda_lip_bench PRIVATE tensorreg::cuda tensorreg::tensorreg tensorreg_cuda_flags)
 
   # The copy of a snapshot lease (device_memory_provider::snapshot_to_device) of a 995-tensor,
-  # 16 GiB dict next to a plain device-to-device copy of the same bytes in the same run.
+  # 16 GiB dict next to a plain device-to-device copy of the same bytes in the same run, and the
+  # snapshot's batched copy kernel alone (src/cuda/batched_copier.hpp).
   add_executable(cuda_snapshot_bench ${PROJECT_SOURCE_DIR}/benchmarks/cuda_snapshot_bench.cu)
   tensorreg_cuda_target(cuda_snapshot_bench)
-  target_include_directories(cuda_snapshot_bench PRIVATE ${PROJECT_SOURCE_DIR}/benchmarks)
+  target_include_directories(cuda_snapshot_bench PRIVATE ${PROJECT_SOURCE_DIR}/benchmarks ${PROJECT_SOURCE_DIR}/src)
   target_link_libraries(cuda_snapshot_bench PRIVATE tensorreg::cuda tensorreg::tensorreg tensorreg_cuda_flags)
 
   # tensorreg::client's register_cuda() (what python/tensorreg/store.py _register_cuda does) on a
