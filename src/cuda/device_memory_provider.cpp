@@ -19,6 +19,7 @@
 #include <utility>
 #include <vector>
 
+#include "cuda/batched_copier.hpp"
 #include "cuda/bulk_copy.hpp"
 #include "cuda/cuda_check.hpp"
 #include "cuda/driver_entry.hpp"
@@ -43,6 +44,7 @@ struct provider_state {
   device_memory_provider::options opts;
   int devices = 0;
   std::atomic<std::uint64_t> device_hashes{0};
+  std::atomic<std::uint64_t> snapshot_kernel_copies{0};
   // Cumulative driver work, for GetStats: a client that keeps its regions makes neither grow.
   std::atomic<std::uint64_t> ipc_opens{0};
   std::atomic<std::uint64_t> vmm_imports{0};
@@ -57,7 +59,11 @@ struct provider_state {
     std::future<void*> spare;
     std::uint64_t spare_bytes = 0;
     int device = 0;
+    // Writes a whole snapshot in one kernel launch, its chunk tables kept for the next one;
+    // made on first use (empty where it could not be made: the runs are then copied one by one).
+    std::optional<batched_copier> copier;
     ~snapshot_lane() {
+      copier.reset();  // waits for its last copy, which may be on `stream`
       if (spare.valid()) {
         void* p = spare.get();
         if (p != nullptr) {
@@ -704,9 +710,10 @@ bool batchable(const std::vector<detail::device_range>& runs) {
          });
 }
 
-// Issues the copies of `runs` into `to` on `stream`, as one batch where the runtime and driver
-// have cudaMemcpyBatchAsync (CUDA 12.8+) and the runs are batchable(), else one cudaMemcpyAsync
-// each; the gaps are zeroed. Sets *batched when the batch was enqueued.
+// Where the batched copy kernel cannot be launched (enqueue_in_one_launch): issues the copies of
+// `runs` into `to` on `stream`, as one batch where the runtime and driver have cudaMemcpyBatchAsync
+// (CUDA 12.8+) and the runs are batchable(), else one cudaMemcpyAsync each; the gaps are zeroed.
+// Sets *batched when the batch was enqueued.
 status issue_snapshot(std::byte* to, std::uint64_t size, const std::vector<detail::device_range>& runs, int device,
                       cudaStream_t stream, bool* batched) {
   (void)device;
@@ -755,6 +762,24 @@ status issue_snapshot(std::byte* to, std::uint64_t size, const std::vector<detai
   return copy_runs_one_by_one(to, runs, stream);
 }
 
+// Enqueues all of a snapshot, runs and gaps, as one launch of the lane's batched copier (made on
+// first use): a launch per run left the GPU idle between launches for a third of the copy's
+// time (issue #17). False where that cannot be done (no memory for its tables, no code for the
+// kernel on this device); the caller then issues the snapshot another way on the same stream,
+// which writes every byte again.
+bool enqueue_in_one_launch(detail::provider_state::snapshot_lane& lane, void* to, std::uint64_t size,
+                           const std::vector<detail::device_range>& runs) {
+  if (!lane.copier) {
+    auto made = detail::batched_copier::create(lane.device);
+    if (!made) return false;
+    lane.copier.emplace(std::move(*made));
+  }
+  std::vector<device_piece> pieces;
+  pieces.reserve(runs.size());
+  for (const auto& r : runs) pieces.push_back({r.dst, r.src, r.length});
+  return lane.copier->enqueue(to, size, pieces, lane.stream).has_value();
+}
+
 }  // namespace
 
 std::optional<result<registration::device_buffer>> device_memory_provider::snapshot_to_device(
@@ -789,7 +814,10 @@ std::optional<result<registration::device_buffer>> device_memory_provider::snaps
     }
     const auto copies = merged(std::move(runs->ranges));
     bool batched = false;
-    TENSORREG_TRY(issue_snapshot(static_cast<std::byte*>(ptr), size, copies, device, lane.stream, &batched));
+    const bool one_launch = enqueue_in_one_launch(lane, ptr, size, copies);
+    if (!one_launch) {
+      TENSORREG_TRY(issue_snapshot(static_cast<std::byte*>(ptr), size, copies, device, lane.stream, &batched));
+    }
     // The next snapshot of this size (the next step of a weight-sync loop) should not wait for
     // cudaMalloc, which for large buffers costs about what the copy does: allocate its buffer
     // now, on another thread, while this copy runs.
@@ -813,6 +841,7 @@ std::optional<result<registration::device_buffer>> device_memory_provider::snaps
       TENSORREG_CUDA_TRY(cudaStreamSynchronize(lane.stream), "wait for the copies of a snapshot");
     } else {
       TENSORREG_CUDA_TRY(e, "wait for the copies of a snapshot");
+      if (one_launch) st.snapshot_kernel_copies.fetch_add(1, std::memory_order_relaxed);
     }
     cudaIpcMemHandle_t handle{};
     TENSORREG_CUDA_TRY(cudaIpcGetMemHandle(&handle, ptr), "export a snapshot buffer as a CUDA IPC handle");
@@ -864,12 +893,22 @@ status device_memory_provider::warm_up() {
     if (lane.stream == nullptr) {
       TENSORREG_CUDA_TRY(cudaStreamCreateWithFlags(&lane.stream, cudaStreamNonBlocking), "create a snapshot stream");
     }
+    // And the batched copy kernel, with a small snapshot of the probe into its second half, run
+    // and zero gap both: lazy module loading would otherwise charge the first snapshot lease.
+    const std::vector<detail::device_range> probe_runs = {{64, at, 4096, probe}};
+    if (enqueue_in_one_launch(lane, static_cast<std::byte*>(probe) + probe_bytes / 2, 8192, probe_runs)) {
+      TENSORREG_CUDA_TRY(cudaStreamSynchronize(lane.stream), "warm up the batched copy of snapshots");
+    }
   }
   return {};
 }
 
 std::uint64_t device_memory_provider::device_hashes() const noexcept {
   return state_->device_hashes.load(std::memory_order_relaxed);
+}
+
+std::uint64_t device_memory_provider::snapshot_kernel_copies() const noexcept {
+  return state_->snapshot_kernel_copies.load(std::memory_order_relaxed);
 }
 
 std::uint64_t device_memory_provider::replica_pool_idle_bytes() const {

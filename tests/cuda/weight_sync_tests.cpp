@@ -16,12 +16,14 @@
 #include <algorithm>
 #include <chrono>
 #include <cstring>
+#include <iterator>
 #include <map>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "client/raw_connection.hpp"
+#include "cuda/batched_copier.hpp"
 #include "gpu_fill.hpp"
 #include "producer_process.hpp"
 #include "provider_support.hpp"
@@ -255,10 +257,151 @@ TEST_CASE("cuda weight sync: snapshot_to_device copies device runs with zero gap
   CHECK(cuda::as_device_source(*(*next)->bytes)->device_pointer() != dev->device_pointer());
   std::memset(expected.data() + 2 * mib + 100, 0, 2 * mib);  // buffer 1 is zero now
   CHECK(read_all(*(*next)->bytes, 0, total) == expected);
+  CHECK(provider->snapshot_kernel_copies() == 2);  // each in one launch of the batched copy
 
   // Host bytes are not this provider's to snapshot: the engine copies them on the host.
   t::owned_bytes host(std::string(64, 'h'));
   CHECK_FALSE(provider->snapshot_to_device(host).has_value());
+}
+
+TEST_CASE("cuda weight sync: a snapshot of many runs of odd sizes and alignments holds their bytes, in one launch",
+          "[cuda][weight_sync][snapshot]") {
+  device_memory_provider::options opts;
+  opts.snapshot_spare_bytes = GENERATE(std::uint64_t{0}, 64 * mib);
+  auto provider = make_provider(opts);
+  constexpr std::uint64_t source_bytes = 8 * mib;
+  std::vector<std::shared_ptr<const memory::byte_source>> buffers;
+  for (std::uint64_t seed = 11; seed <= 13; ++seed) {
+    auto b = provider->allocate(0, source_bytes);
+    REQUIRE_OK(b);
+    const auto* dev = cuda::as_device_source(*b->bytes);
+    REQUIRE(dev != nullptr);
+    REQUIRE(cuda::testing::fill_random(const_cast<void*>(dev->device_pointer()), source_bytes, seed) == cudaSuccess);
+    buffers.push_back(b->bytes);
+  }
+  REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
+  // 150 runs over the three buffers: sizes of 1, 3, 17 and 4096 + 5 bytes among 16-aligned large
+  // ones, source offsets at every alignment (a run whose source and destination disagree modulo
+  // 16 is copied in narrower units), gaps of 0 to 100 bytes between them and a tail gap.
+  const std::uint64_t sizes[] = {1, 3, 17, 4096 + 5, 64 * 1024, mib + 16, 2, 4096, 3 * mib / 2, 100, 48};
+  const std::uint64_t misalignments[] = {0, 1, 3, 7, 8, 12, 15, 4, 0};
+  const std::uint64_t gaps[] = {0, 1, 5, 16, 100, 0, 3, 0};
+  std::vector<memory::segment> segments;
+  struct expected_run {
+    std::uint64_t at, seed, from, length;
+  };
+  std::vector<expected_run> runs;
+  std::uint64_t at = 0;
+  for (std::uint64_t i = 0; i < 150; ++i) {
+    const std::uint64_t length = sizes[i % std::size(sizes)];
+    const std::size_t b = i % buffers.size();
+    const std::uint64_t from =
+        (i * 65537) % (source_bytes - 2 * mib) / 16 * 16 + misalignments[i % std::size(misalignments)];
+    at += gaps[i % std::size(gaps)];
+    segments.push_back({at, length, buffers[b].get(), from});
+    runs.push_back({at, 11 + b, from, length});
+    at += length;
+  }
+  const std::uint64_t total = at + 7;
+  auto view = memory::segmented_view::create(total, segments);
+  REQUIRE_OK(view);
+  std::string expected(total, '\0');
+  for (const auto& r : runs) {
+    const auto bytes = cuda::testing::pattern(r.seed, r.from, r.length);
+    std::memcpy(expected.data() + r.at, bytes.data(), r.length);
+  }
+
+  // A snapshot of the same size whose bytes are all nonzero goes first, so that the buffer the
+  // gapped one gets (cudaMalloc's reuse, or the spare) is unlikely to be zero where its gaps are.
+  {
+    std::vector<memory::segment> whole;
+    for (std::uint64_t a = 0; a < total; a += source_bytes) {
+      whole.push_back({a, std::min(source_bytes, total - a), buffers[0].get(), 0});
+    }
+    auto full = memory::segmented_view::create(total, whole);
+    REQUIRE_OK(full);
+    auto filled = provider->snapshot_to_device(*full);
+    REQUIRE(filled.has_value());
+    REQUIRE_OK(*filled);
+  }
+  for (int round = 0; round < 2; ++round) {
+    INFO("snapshot " << round);
+    auto copy = provider->snapshot_to_device(*view);
+    REQUIRE(copy.has_value());
+    REQUIRE_OK(*copy);
+    REQUIRE((*copy)->bytes->size() == total);
+    const std::string got = read_all(*(*copy)->bytes, 0, total);
+    for (std::size_t k = 0; k < runs.size() && got != expected; ++k) {
+      const auto& r = runs[k];
+      INFO("run " << k << ": " << r.length << " bytes at " << r.at << " from offset " << r.from);
+      CHECK(got.compare(r.at, r.length, expected, r.at, r.length) == 0);
+    }
+    CHECK(got == expected);
+  }
+  CHECK(provider->snapshot_kernel_copies() == 3);
+}
+
+TEST_CASE("cuda weight sync: the batched copier writes runs and zero gaps over old bytes, its tables grown on demand",
+          "[cuda][weight_sync][snapshot]") {
+  namespace cd = tensorreg::cuda::detail;
+  REQUIRE(cudaSetDevice(0) == cudaSuccess);
+  const std::uint64_t chunk_bytes = GENERATE(std::uint64_t{256} << 10, std::uint64_t{16}, std::uint64_t{4096});
+  INFO("chunks of " << chunk_bytes << " bytes");
+  auto copier = cd::batched_copier::create(0, {.chunk_bytes = chunk_bytes, .blocks_per_sm = 8});
+  REQUIRE_OK(copier);
+  constexpr std::uint64_t source_bytes = 4 * mib;
+  void* source = nullptr;
+  void* out = nullptr;
+  REQUIRE(cudaMalloc(&source, source_bytes) == cudaSuccess);
+  REQUIRE(cudaMalloc(&out, 2 * source_bytes) == cudaSuccess);
+  struct freer {
+    void* a;
+    void* b;
+    ~freer() {
+      static_cast<void>(cudaFree(a));
+      static_cast<void>(cudaFree(b));
+    }
+  } free_both{source, out};
+  REQUIRE(cuda::testing::fill_random(source, source_bytes, 7) == cudaSuccess);
+  // Old bytes where the snapshots go, so that a gap left unwritten shows.
+  REQUIRE(cudaMemset(out, 0xAB, 2 * source_bytes) == cudaSuccess);
+  REQUIRE(cudaDeviceSynchronize() == cudaSuccess);  // the copier's stream does not wait for the null stream
+  cudaStream_t stream = nullptr;
+  REQUIRE(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking) == cudaSuccess);
+  const auto* s = static_cast<const unsigned char*>(source);
+
+  // A small layout, then a larger one enqueued right behind it with no synchronize between
+  // them: its tables grow while the first copy may still read them (the copier waits for it).
+  const std::vector<std::vector<cuda::device_piece>> layouts = {
+      {{3, s + 7, 1}, {5, s + 1001, 3}, {8, s + 8, 17}, {25, s + 3000, 4096 + 5}},
+      {{0, s + 16, 16},
+       {16, s + 4096 + 1, 17},
+       {100, s + 12, 4096 + 5},
+       {8192, s + 65536, 2 * mib},
+       {8192 + 2 * mib, s + 3 * mib + 3, 4096 + 5},
+       {3 * mib, s + 5, 1}}};
+  const std::uint64_t sizes[] = {8192, 3 * mib + 77};
+  auto* to = static_cast<unsigned char*>(out);
+  for (std::size_t l = 0; l < layouts.size(); ++l) {
+    INFO("layout " << l);
+    REQUIRE_OK(copier->enqueue(to + l * source_bytes, sizes[l], layouts[l], stream));
+    CHECK(copier->last_chunks() == cd::count_copy_chunks(layouts[l], sizes[l], chunk_bytes));
+    CHECK(copier->table_capacity_bytes() >= copier->last_chunks() * sizeof(cd::copy_chunk));
+  }
+  REQUIRE(cudaStreamSynchronize(stream) == cudaSuccess);
+  for (std::size_t l = 0; l < layouts.size(); ++l) {
+    INFO("layout " << l);
+    std::string got(sizes[l], '\0');
+    REQUIRE(cudaMemcpy(got.data(), to + l * source_bytes, sizes[l], cudaMemcpyDeviceToHost) == cudaSuccess);
+    std::string expected(sizes[l], '\0');
+    for (const auto& r : layouts[l]) {
+      const auto from = static_cast<std::uint64_t>(static_cast<const unsigned char*>(r.src) - s);
+      const auto bytes = cuda::testing::pattern(7, from, r.length);
+      std::memcpy(expected.data() + r.at, bytes.data(), r.length);
+    }
+    CHECK(got == expected);
+  }
+  REQUIRE(cudaStreamDestroy(stream) == cudaSuccess);
 }
 
 TEST_CASE("cuda weight sync: after warm_up the first small GPU hash costs about what the second does",

@@ -189,11 +189,13 @@ class device_memory_provider final : public registration::device_memory {
 
   /// A new device buffer holding `source` (registration::device_memory::snapshot_to_device):
   /// cudaMalloc of source.size() bytes on the source's device (or the spare made ahead, see
-  /// options::snapshot_spare_bytes), the device runs copied into it on
-  /// the provider's own stream for that device (one cudaMemcpyBatchAsync where the driver has it,
-  /// else one cudaMemcpyAsync per run; runs that continue each other are merged first), gaps
-  /// zeroed, then one synchronize; exported with cudaIpcGetMemHandle. Snapshots of one device run
-  /// one at a time. nullopt when `source` is not all device memory of one device.
+  /// options::snapshot_spare_bytes), the device runs copied into it and the gaps zeroed on the
+  /// provider's own stream for that device by one launch of a batched copy kernel over a table
+  /// of chunks (its tables kept for the next snapshot; runs that continue each other are merged
+  /// first), then one synchronize; exported with cudaIpcGetMemHandle. Where that launch cannot
+  /// be made, the runs are copied by one cudaMemcpyBatchAsync where the driver has it, else one
+  /// cudaMemcpyAsync each, and the gaps zeroed by memsets. Snapshots of one device run one at a
+  /// time. nullopt when `source` is not all device memory of one device.
   /// Errors (inside the optional): RESOURCE_EXHAUSTED (out of device memory), INTERNAL and
   /// others for CUDA failures.
   [[nodiscard]] std::optional<result<registration::device_buffer>> snapshot_to_device(
@@ -206,13 +208,18 @@ class device_memory_provider final : public registration::device_memory {
   /// Does on every device what a first commit would otherwise pay for, so that it costs what
   /// later ones do: starts the CUDA context, measures the placement speeds (unless
   /// options::placement forces a site), loads the GPU tree hash kernels with a 1 MiB hash on the
-  /// device's hasher, allocates a pinned staging buffer and the snapshot stream. Idempotent;
-  /// the daemon calls it before it reports ready (tensorregd --no-warm-start skips it).
+  /// device's hasher, allocates a pinned staging buffer and the snapshot stream, and loads the
+  /// snapshot's batched copy kernel with a small copy. Idempotent; the daemon calls it before
+  /// it reports ready (tensorregd --no-warm-start skips it).
   /// Errors: the first CUDA failure (what it did not reach then happens on first use instead).
   [[nodiscard]] status warm_up();
 
   /// How many canonical buffers tree_hash_on_device() and copy_to_host() have hashed on a GPU.
   [[nodiscard]] std::uint64_t device_hashes() const noexcept;
+
+  /// How many snapshots snapshot_to_device() has written with one launch of the batched copy
+  /// kernel (the others went through per-run copies).
+  [[nodiscard]] std::uint64_t snapshot_kernel_copies() const noexcept;
 
   /// Idle replica memory kept for reuse now, and its bound (options::replica_pool_bytes
   /// resolved), in bytes.
