@@ -3,11 +3,13 @@
 // issue #17 (995 bf16 tensors, 16 GiB, in 868 allocations as a caching allocator leaves them),
 // and, in the same run, one plain cudaMemcpyAsync device-to-device of the same number of bytes
 // between two preallocated buffers (the yardstick), plus one cudaMemcpyAsync per tensor into a
-// preallocated buffer (what a client copying tensor by tensor gets).
+// preallocated buffer (what a client copying tensor by tensor gets), and the snapshot's batched
+// copy kernel alone (src/cuda/batched_copier.hpp: table upload + one launch, into a preallocated
+// buffer) with its default chunks and blocks and a few others.
 //
-// The snapshot is timed whole, as the commit pays it: cudaMalloc of the copy, the batched copy
-// (cudaMemcpyBatchAsync where the driver has it) on the provider's stream, the synchronize and
-// the IPC export; the release of the copy (cudaFree) is timed apart. Twice: with a fresh
+// The snapshot is timed whole, as the commit pays it: cudaMalloc of the copy, the copy (one
+// launch of the batched copy kernel; per-run copies where it cannot launch) on the provider's
+// stream, the synchronize and the IPC export; the release of the copy (cudaFree) is timed apart. Twice: with a fresh
 // cudaMalloc per snapshot (the default), and with options::snapshot_spare_bytes, where each
 // snapshot allocates the next one's buffer on another thread while it copies (a second provider
 // over the same tensors). 100 ms pass between snapshots, as a training step would. The tensors lie in the
@@ -33,6 +35,7 @@
 #include <vector>
 
 #include "bench_support.hpp"
+#include "cuda/batched_copier.hpp"
 #include "tensorreg/cuda/device_memory_provider.hpp"
 #include "tensorreg/memory/segmented_view.hpp"
 
@@ -182,6 +185,21 @@ int main(int argc, char** argv) {
   cudaStream_t stream = nullptr;
   check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "create a stream");
   std::vector<double> plain, per_tensor;
+  // The batched copy kernel alone, with the provider's settings first.
+  struct kernel_setting {
+    std::uint64_t chunk_bytes;
+    unsigned blocks_per_sm;
+    std::vector<double> took;
+    std::uint64_t chunks = 0;
+  };
+  std::vector<kernel_setting> kernel = {
+      {cuda::detail::default_copy_chunk_bytes, 8, {}}, {64 << 10, 8, {}}, {1 << 20, 8, {}}, {256 << 10, 4, {}}};
+  std::vector<cuda::device_piece> pieces;
+  for (std::size_t t = 0; t < o.tensors; ++t) {
+    const auto* src = cuda::as_device_source(*segments[t].source);
+    pieces.push_back(
+        {canonical[t], static_cast<const std::byte*>(src->device_pointer()) + segments[t].source_offset, sizes[t]});
+  }
   {
     device_buffer from(total);
     device_buffer to(total);
@@ -206,6 +224,23 @@ int main(int argc, char** argv) {
         plain.push_back(p);
         per_tensor.push_back(q);
       }
+    }
+    for (auto& k : kernel) {
+      auto copier = cuda::detail::batched_copier::create(o.device, {k.chunk_bytes, k.blocks_per_sm});
+      if (!copier) {
+        std::fprintf(stderr, "cuda_snapshot_bench: %s\n", copier.error().message.c_str());
+        return 1;
+      }
+      for (int r = -1; r < o.repeat; ++r) {  // r = -1: warm-up (kernel load, tables)
+        const auto t0 = clock_type::now();
+        if (auto e = copier->enqueue(to.ptr, total, pieces, stream); !e) {
+          std::fprintf(stderr, "cuda_snapshot_bench: %s\n", e.error().message.c_str());
+          return 1;
+        }
+        check(cudaStreamSynchronize(stream), "run the batched copy");
+        if (r >= 0) k.took.push_back(seconds_since(t0));
+      }
+      k.chunks = copier->last_chunks();
     }
   }
   cuda::device_memory_provider::options spare_options;
@@ -246,22 +281,35 @@ int main(int argc, char** argv) {
   const double per_tensor_rate = gib / median(per_tensor);
   const double snapshot_rate = gib / median(snapshot);
   const double ratio = snapshot_rate / plain_rate;
+  // Snapshots written by one launch of the batched copy kernel, of all taken (warm-ups included).
+  const std::uint64_t one_launch = provider->snapshot_kernel_copies() + (*with_spares)->snapshot_kernel_copies();
+  const int taken = 2 * (o.repeat + 1);
   std::printf(
       "{\"bench\":\"cuda_snapshot\",\"bytes\":%llu,\"tensors\":%zu,\"allocations\":%zu,\"repeat\":%d,"
-      "\"plain_ms\":%.3f,\"per_tensor_ms\":%.3f,\"snapshot_ms\":%.3f,\"release_ms\":%.3f,\"ratio\":%.3f,"
-      "\"spare_snapshot_ms\":%.3f,\"spare_ratio\":%.3f}\n",
+      "\"plain_ms\":%.3f,\"per_tensor_ms\":%.3f,\"kernel_ms\":%.3f,\"kernel_ratio\":%.3f,\"kernel_chunks\":%llu,"
+      "\"snapshot_ms\":%.3f,\"release_ms\":%.3f,\"ratio\":%.3f,"
+      "\"spare_snapshot_ms\":%.3f,\"spare_ratio\":%.3f,\"one_launch_snapshots\":%llu,\"snapshots\":%d}\n",
       static_cast<unsigned long long>(total), o.tensors, o.allocations, o.repeat, median(plain) * 1e3,
-      median(per_tensor) * 1e3, median(snapshot) * 1e3, median(release) * 1e3, ratio, median(spared) * 1e3,
-      median(plain) / median(spared));
+      median(per_tensor) * 1e3, median(kernel[0].took) * 1e3, median(plain) / median(kernel[0].took),
+      static_cast<unsigned long long>(kernel[0].chunks), median(snapshot) * 1e3, median(release) * 1e3, ratio,
+      median(spared) * 1e3, median(plain) / median(spared), static_cast<unsigned long long>(one_launch), taken);
   std::printf("\n| what | ms (median of %d) | GiB/s | vs plain D2D |\n|---|---|---|---|\n", o.repeat);
   std::printf("| plain cudaMemcpyAsync D2D, %.2f GiB | %.2f | %.1f | 1.00 |\n", gib, median(plain) * 1e3, plain_rate);
   std::printf("| one cudaMemcpyAsync per tensor (%zu) | %.2f | %.1f | %.2f |\n", o.tensors, median(per_tensor) * 1e3,
               per_tensor_rate, per_tensor_rate / plain_rate);
-  std::printf("| snapshot_to_device (alloc + batched copy + export) | %.2f | %.1f | %.2f (goal 0.80: %s) |\n",
+  for (const auto& k : kernel) {
+    std::printf("| batched copy kernel alone, %llu KiB chunks (%llu), %u blocks/SM%s | %.2f | %.1f | %.2f |\n",
+                static_cast<unsigned long long>(k.chunk_bytes >> 10), static_cast<unsigned long long>(k.chunks),
+                k.blocks_per_sm, &k == &kernel[0] ? " (the snapshot's)" : "", median(k.took) * 1e3,
+                gib / median(k.took), median(plain) / median(k.took));
+  }
+  std::printf("| snapshot_to_device (alloc + one-launch copy + export) | %.2f | %.1f | %.2f (goal 0.80: %s) |\n",
               median(snapshot) * 1e3, snapshot_rate, ratio, ratio >= 0.8 ? "ok" : "**not met**");
   const double spare_ratio = median(plain) / median(spared);
   std::printf("| snapshot_to_device with a spare made ahead | %.2f | %.1f | %.2f (goal 0.80: %s) |\n",
               median(spared) * 1e3, gib / median(spared), spare_ratio, spare_ratio >= 0.8 ? "ok" : "**not met**");
   std::printf("| release of the copy (cudaFree) | %.2f | | |\n", median(release) * 1e3);
+  std::printf("\nsnapshots written by one kernel launch: %llu of %d%s\n", static_cast<unsigned long long>(one_launch),
+              taken, static_cast<int>(one_launch) == taken ? "" : " (the others fell back to per-run copies)");
   return 0;
 }
