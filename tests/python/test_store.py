@@ -247,6 +247,23 @@ class StoreTest(_support.StoreTestCase):
         self.assertNotIn("leased", self.tiers_of(art.artifact_id))
         art.close()  # idempotent
 
+    def test_the_leases_of_a_connection_share_one_keepalive_thread(self):
+        arts = [self.store.register(sample_state_dict(40 + k), ttl_ms=2000) for k in range(3)]
+        threads = {a.lease._state.thread for a in arts}
+        self.assertEqual(len(threads), 1)
+        self.assertTrue(_support.wait_for(lambda: all(a.lease.keepalives_sent >= 1 for a in arts), timeout=5))
+        arts[0].close()
+        stopped = arts[0].lease.keepalives_sent
+        others = [a.lease.keepalives_sent for a in arts[1:]]
+        self.assertTrue(_support.wait_for(
+            lambda: all(a.lease.keepalives_sent > n for a, n in zip(arts[1:], others)), timeout=5))
+        self.assertEqual(arts[0].lease.keepalives_sent, stopped)  # a closed lease gets none more
+        self.assertIsNone(arts[1].lease.last_keepalive_error)
+        for a in arts[1:]:
+            a.close()
+        (thread,) = {a.lease._state.thread for a in arts}
+        self.assertTrue(_support.wait_for(lambda: not thread.is_alive(), timeout=5))  # none left: it ends
+
     def test_a_lease_only_artifact_has_no_replica_to_get(self):
         art = self.store.register({"only_leased": torch.arange(5, dtype=torch.int16)})
         try:
