@@ -25,7 +25,7 @@
 // ≤ 2 ms of daemon time per version for 995 storages.
 //
 // Usage: resync_bench [TENSORREGD] [--mib N] [--versions N] [--warmup N] [--engine-only]
-//                     [--daemon-only] [--hash-in-background]
+//                     [--daemon-only] [--hash-in-background] [--republish]
 // Output: one JSON line per run, then a table.
 #include <fcntl.h>
 #include <fmt/core.h>
@@ -59,7 +59,7 @@ namespace wire = ::tensorreg::wire::v1;
 
 constexpr const char* kUsage =
     "usage: resync_bench [TENSORREGD] [--mib N] [--versions N] [--warmup N] [--engine-only] [--daemon-only]\n"
-    "                    [--hash-in-background]\n"
+    "                    [--hash-in-background] [--republish]\n"
     "  TENSORREGD            the daemon binary (default: env TENSORREGD)\n"
     "  --mib N               host bytes of the dict in MiB (default 1024)\n"
     "  --versions N          versions timed per run (default 60)\n"
@@ -67,6 +67,7 @@ constexpr const char* kUsage =
     "  --engine-only         only the in-process engine run\n"
     "  --daemon-only         only the tensorregd run\n"
     "  --hash-in-background  commit each version with hash_in_background and wait for the hash\n"
+    "  --republish           versions after the first: one RepublishLease that also ends the previous\n"
     "                        (outside the timed steps) before the next\n";
 
 [[noreturn]] void die(const std::string& why) {
@@ -241,7 +242,7 @@ void print_row(std::string_view run, std::string_view step, const std::vector<do
 // ---- 1. the engine in this process -------------------------------------------------------------
 
 samples run_engine(const std::vector<tensor_spec>& specs, const std::vector<placed>& where,
-                   const std::vector<std::uint64_t>& sizes, int warmup, int versions, bool background) {
+                   const std::vector<std::uint64_t>& sizes, int warmup, int versions, bool background, bool republish) {
   registration::engine_options o;
   o.sweep_interval = std::chrono::milliseconds(0);
   auto e = must(registration::engine::create(o), "cannot create the engine");
@@ -273,12 +274,27 @@ samples run_engine(const std::vector<tensor_spec>& specs, const std::vector<plac
     f.tensor_aliases = l.aliases;
     f.payload = registration::lease_segments{l.segments};
     const auto t0 = clock_type::now();
-    auto begun = must(e->begin(std::move(b)), "cannot begin");
-    f.registration_id = begun.registration_id;
-    must(e->feed(std::move(f)), "cannot feed");
-    registration::commit_options how;
-    how.hash_in_background = background;
-    (void)must(e->commit(begun.registration_id, how), "cannot commit");
+    std::string registration_id;
+    if (republish && !previous.empty()) {
+      // One step: the new lease from the previous one's tables, the previous one ended.
+      registration::republish_request r;
+      r.previous_registration_id = previous;
+      r.client_artifact_id = cgid;
+      r.owner_pid = ::getpid();
+      r.ttl_ms = 60'000;
+      r.hash_in_background = background;
+      r.revoke_previous = true;
+      registration_id = must(e->republish(r), "cannot republish").registration_id;
+      previous.clear();
+    } else {
+      auto begun = must(e->begin(std::move(b)), "cannot begin");
+      registration_id = begun.registration_id;
+      f.registration_id = registration_id;
+      must(e->feed(std::move(f)), "cannot feed");
+      registration::commit_options how;
+      how.hash_in_background = background;
+      (void)must(e->commit(registration_id, how), "cannot commit");
+    }
     const auto t1 = clock_type::now();
     if (!previous.empty()) e->revoke(previous, "a newer version");
     const auto t2 = clock_type::now();
@@ -286,7 +302,7 @@ samples run_engine(const std::vector<tensor_spec>& specs, const std::vector<plac
     (void)must(e->index_of(cgid), "cannot read the index");
     const auto t3 = clock_type::now();
     if (background) (void)must(e->wait_artifact_hash(cgid, std::chrono::milliseconds(0)), "cannot wait");
-    previous = begun.registration_id;
+    previous = registration_id;
     if (n <= warmup) continue;
     out.publish.push_back(ms_between(t0, t1));
     out.release.push_back(ms_between(t1, t2));
@@ -334,7 +350,7 @@ struct daemon_result {
 
 daemon_result run_daemon(const std::string& binary, const std::vector<tensor_spec>& specs,
                          const std::vector<placed>& where, const std::vector<std::uint64_t>& sizes, int warmup,
-                         int versions, bool background) {
+                         int versions, bool background, bool republish) {
   const auto dir = fs::temp_directory_path() / fmt::format("resync_bench.{}", ::getpid());
   fs::create_directories(dir);
   fs::permissions(dir, fs::perms::owner_all);  // the daemon wants its socket's folder private
@@ -395,16 +411,33 @@ daemon_result run_daemon(const std::string& binary, const std::vector<tensor_spe
 
       const double cpu0 = cpu_ms_of(d.pid);  // read outside the timed steps: this process's time
       const auto t0 = clock_type::now();
-      auto begun = must(conn->call(std::move(begin)), "cannot begin");
-      const auto& rid = begun.response.begin_register_artifact().registration_id();
-      frames[0].set_registration_id(rid);
-      const auto s0 = clock_type::now();
-      std::string serialised;
-      (void)frames[0].SerializeToString(&serialised);  // what feed() does once more: the client's share
-      const auto s1 = clock_type::now();
-      (void)must(conn->feed(std::move(frames)), "cannot feed");
-      commit.mutable_commit_registered_artifact()->set_registration_id(rid);
-      (void)must(conn->call(std::move(commit)), "cannot commit");
+      auto s0 = t0, s1 = t0;
+      std::string rid;
+      if (republish && !previous.empty()) {
+        // One RepublishLease: the new lease from the previous one's tables, the previous one ended.
+        wire::Request again;
+        auto* r = again.mutable_republish_lease();
+        r->set_registration_id(previous);
+        r->set_client_artifact_id(cgid);
+        r->set_owner_pid(pid);
+        r->set_ttl_ms(60'000);
+        r->set_hash_in_background(background);
+        r->set_revoke_previous(true);
+        auto done = must(conn->call(std::move(again)), "cannot republish");
+        rid = done.response.republish_lease().registration_id();
+        previous.clear();
+      } else {
+        auto begun = must(conn->call(std::move(begin)), "cannot begin");
+        rid = begun.response.begin_register_artifact().registration_id();
+        frames[0].set_registration_id(rid);
+        s0 = clock_type::now();
+        std::string serialised;
+        (void)frames[0].SerializeToString(&serialised);  // what feed() does once more: the client's share
+        s1 = clock_type::now();
+        (void)must(conn->feed(std::move(frames)), "cannot feed");
+        commit.mutable_commit_registered_artifact()->set_registration_id(rid);
+        (void)must(conn->call(std::move(commit)), "cannot commit");
+      }
       const auto t1 = clock_type::now();
       const double cpu1 = cpu_ms_of(d.pid);
       if (!previous.empty()) {
@@ -450,14 +483,15 @@ int main(int argc, char** argv) {
   std::string binary = std::getenv("TENSORREGD") != nullptr ? std::getenv("TENSORREGD") : "";
   std::uint64_t mib = 1024;
   int versions = 60, warmup = 3;
-  bool engine_run = true, daemon_run = true, background = false;
+  bool engine_run = true, daemon_run = true, background = false, republish = false;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--help" || a == "-h") {
       fmt::print("{}", kUsage);
       return 0;
     }
-    if (a == "--engine-only" || a == "--daemon-only" || a == "--hash-in-background") {
+    if (a == "--engine-only" || a == "--daemon-only" || a == "--hash-in-background" || a == "--republish") {
+      if (a == "--republish") republish = true;
       if (a == "--engine-only") daemon_run = false;
       if (a == "--daemon-only") engine_run = false;
       if (a == "--hash-in-background") background = true;
@@ -495,8 +529,8 @@ int main(int argc, char** argv) {
 
   std::optional<samples> eng;
   std::optional<daemon_result> dmn;
-  if (engine_run) eng = run_engine(specs, where, sizes, warmup, versions, background);
-  if (daemon_run) dmn = run_daemon(binary, specs, where, sizes, warmup, versions, background);
+  if (engine_run) eng = run_engine(specs, where, sizes, warmup, versions, background, republish);
+  if (daemon_run) dmn = run_daemon(binary, specs, where, sizes, warmup, versions, background, republish);
 
   if (eng) {
     fmt::print(
