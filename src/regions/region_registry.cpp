@@ -180,7 +180,7 @@ result<region_info> region_registry::acquire_checked(const std::string& region_i
   return acquire_locked(it->second, region_id, owner_pid);
 }
 
-result<region_info> region_registry::acquire_locked(entry& e, const std::string& region_id, std::int32_t owner_pid) {
+status region_registry::check_acquire_locked(const entry& e, const std::string& region_id, std::int32_t owner_pid) {
   if (e.poisoned) {
     return fail(errc::failed_precondition,
                 "cannot acquire region '" + region_id + "': region is poisoned: " + e.poison_reason);
@@ -192,9 +192,31 @@ result<region_info> region_registry::acquire_locked(entry& e, const std::string&
     return fail(errc::permission_denied, "cannot acquire region '" + region_id + "': owned by pid " +
                                              std::to_string(e.info.owner_pid) + ", not " + std::to_string(owner_pid));
   }
+  return {};
+}
+
+result<region_info> region_registry::acquire_locked(entry& e, const std::string& region_id, std::int32_t owner_pid) {
+  TENSORREG_TRY(check_acquire_locked(e, region_id, owner_pid));
   ++e.info.refs;
   e.info.expires_at = deadline_for(e.info.ttl_ms);
   return e.info;
+}
+
+status region_registry::acquire_all(std::span<const std::string> region_ids, std::int32_t owner_pid) {
+  std::vector<entry*> found;
+  found.reserve(region_ids.size());
+  std::lock_guard lock(mutex_);
+  for (const auto& id : region_ids) {
+    auto it = regions_.find(id);
+    if (it == regions_.end()) return not_found(id);
+    TENSORREG_TRY(check_acquire_locked(it->second, id, owner_pid));
+    found.push_back(&it->second);
+  }
+  for (auto* e : found) {
+    ++e->info.refs;
+    e->info.expires_at = deadline_for(e->info.ttl_ms);
+  }
+  return {};
 }
 
 status region_registry::release_locked(std::unordered_map<std::string, entry>::iterator it, released_mappings& gone) {

@@ -44,7 +44,7 @@ artifact_summary summarize(const artifact& a, bool stable_replica) {
   for (const auto& [id, l] : a.leases) {
     if (!l.snapshot) continue;
     ++out.snapshot_leases;
-    if (!l.view.device_allocations.empty()) ++out.vram_snapshots;
+    if (l.view.on_device()) ++out.vram_snapshots;
   }
   out.joined_refs = a.joins.size();
   out.quiesced = a.quiesced;
@@ -60,8 +60,7 @@ artifact_summary summarize(const artifact& a, bool stable_replica) {
 // Fills `out`'s allocations and segments with where `view` (a lease's canonical buffer) lies in
 // the device mappings `known`, each mapping once (gaps are PAD). False when some byte is not
 // such a mapping.
-bool device_pieces(const memory::byte_source& view,
-                   const std::map<const memory::byte_source*, device_allocation>& known, device_layout& out) {
+bool device_pieces(const memory::byte_source& view, const device_allocation_map& known, device_layout& out) {
   std::map<const memory::byte_source*, std::uint32_t> numbering;
   out.allocations.clear();
   out.segments.clear();
@@ -531,7 +530,7 @@ result<device_layout> catalogue::device_layout_of(const std::string& artifact_id
   out.index = a->index;
   // A live lease first: the producer's memory, opened once per allocation.
   for (const auto& [id, l] : a->leases) {
-    if (!l.view.bytes || l.view.device_allocations.empty()) continue;
+    if (!l.view.bytes || !l.view.on_device()) continue;
     if (known_layout != 0 && l.layout_token == known_layout) {
       out.layout_token = known_layout;
       out.unchanged = true;
@@ -539,8 +538,8 @@ result<device_layout> catalogue::device_layout_of(const std::string& artifact_id
     }
   }
   for (const auto& [id, l] : a->leases) {
-    if (!l.view.bytes || l.view.device_allocations.empty()) continue;
-    if (device_pieces(*l.view.bytes, l.view.device_allocations, out)) {
+    if (!l.view.bytes || !l.view.on_device()) continue;
+    if (device_pieces(*l.view.bytes, *l.view.device_allocations, out)) {
       out.layout_token = l.layout_token;
       return out;
     }

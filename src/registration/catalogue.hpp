@@ -55,14 +55,19 @@ namespace tensorreg::registration::detail {
 /// now + ttl_ms (saturating); nullopt for ttl 0 (no expiry).
 [[nodiscard]] std::optional<clock::time_point> ttl_deadline(const clock& time, std::uint32_t ttl_ms);
 
+using device_allocation_map = std::map<const memory::byte_source*, device_allocation>;
+
 /// Everything a committed lease holds: the canonical buffer as a readable source, and the
 /// sources it reads from (kept alive by their shared_ptrs).
 struct lip_view {
   std::shared_ptr<const memory::segmented_view> bytes;
   std::vector<std::shared_ptr<const memory::byte_source>> keep_alive;
   /// The device mappings among keep_alive, by source, as a reader in another process would
-  /// open the same memory (OpenArtifactDevice).
-  std::map<const memory::byte_source*, device_allocation> device_allocations;
+  /// open the same memory (OpenArtifactDevice); null when there are none. Shared, and so never
+  /// changed once made: a republished lease has its predecessor's, without a copy of hundreds.
+  std::shared_ptr<const device_allocation_map> device_allocations;
+
+  [[nodiscard]] bool on_device() const noexcept { return device_allocations && !device_allocations->empty(); }
 };
 
 /// A LIP lease: the producer's memory, held in place for one registration.

@@ -1595,7 +1595,7 @@ status engine::export_leases(persistence::resident_state& resident, std::vector<
     auto* a = s.catalogue.find(id);
     if (a == nullptr || a->quiesced) continue;
     for (const auto& [registration_id, l] : a->leases) {
-      if (!l.view.bytes || !l.view.device_allocations.empty()) continue;
+      if (!l.view.bytes || l.view.on_device()) continue;
       if (l.expires && *l.expires <= now) continue;
       persistence::resident_lease out;
       std::map<const memory::byte_source*, std::uint32_t> source_index;

@@ -162,6 +162,34 @@ TEST_CASE("region_registry: acquire counts references, checks the owner and refr
   CHECK(missing.error() == error{errc::not_found, "cannot find region 'region:nope': no such region"});
 }
 
+TEST_CASE("region_registry: acquire_all takes every reference or none", "[regions][region_registry]") {
+  tensorreg::testing::fake_clock clock;
+  region_registry registry(clock);
+  std::vector<std::string> ids;
+  for (int i = 0; i < 3; ++i) ids.push_back(registry.register_region(vram(5, 0)).value().id);
+  const auto refs = [&] {
+    std::vector<std::uint32_t> out;
+    for (const auto& id : ids) out.push_back(registry.find(id).value().refs);
+    return out;
+  };
+  REQUIRE(registry.acquire_all(ids, 5));
+  CHECK(refs() == std::vector<std::uint32_t>{1, 1, 1});
+
+  // Each refusal is acquire()'s, and leaves every count as it was.
+  CHECK(registry.acquire_all(ids, 6).error() ==
+        error{errc::permission_denied, "cannot acquire region '" + ids[0] + "': owned by pid 5, not 6"});
+  auto with_unknown = ids;
+  with_unknown.push_back("region:nope");
+  CHECK(registry.acquire_all(with_unknown, 5).error() ==
+        error{errc::not_found, "cannot find region 'region:nope': no such region"});
+  REQUIRE(registry.poison(ids[2], "device lost"));
+  CHECK(registry.acquire_all(ids, 5).error() ==
+        error{errc::failed_precondition, "cannot acquire region '" + ids[2] + "': region is poisoned: device lost"});
+  CHECK(refs() == std::vector<std::uint32_t>{1, 1, 1});
+  CHECK(registry.release_all(ids) == 0);
+  CHECK(refs() == std::vector<std::uint32_t>{0, 0, 0});
+}
+
 TEST_CASE("region_registry: release below zero is FAILED_PRECONDITION", "[regions][region_registry]") {
   tensorreg::testing::fake_clock clock;
   region_registry registry(clock);

@@ -166,6 +166,11 @@ class region_registry {
   [[nodiscard]] result<region_info> acquire_checked(const std::string& region_id, std::int32_t owner_pid,
                                                     function_ref<status(const region_info&)> check);
 
+  /// acquire() of each of `region_ids` under one lock, all or nothing, without copying what it
+  /// finds: a lease republished over its predecessor's regions takes them in one step.
+  /// Errors: as acquire(), for the first that fails; then no reference is taken.
+  [[nodiscard]] status acquire_all(std::span<const std::string> region_ids, std::int32_t owner_pid);
+
   /// Drops one reference. A retiring region goes away with its last reference.
   /// Errors: NOT_FOUND, FAILED_PRECONDITION (no reference held).
   [[nodiscard]] status release(const std::string& region_id);
@@ -205,6 +210,8 @@ class region_registry {
   };
 
   [[nodiscard]] std::optional<clock::time_point> deadline_for(std::uint32_t ttl_ms) const;
+  [[nodiscard]] static status check_acquire_locked(const entry& e, const std::string& region_id,
+                                                   std::int32_t owner_pid);
   [[nodiscard]] result<region_info> acquire_locked(entry& e, const std::string& region_id, std::int32_t owner_pid);
   // Drops one reference of `it`; a retiring region's mappings go to `gone`, to close unlocked.
   [[nodiscard]] status release_locked(std::unordered_map<std::string, entry>::iterator it,

@@ -334,6 +334,7 @@ result<lip_view> lip_tables::open_view(std::uint64_t total_size, std::int32_t ow
   }
 
   lip_view view;
+  device_allocation_map allocations;
   // Each distinct handle or region is opened once per commit (registration.md §5.2).
   std::map<std::string, std::shared_ptr<const memory::byte_source>, std::less<>> opened;
   auto source_of = [&](const lip_storage& s) -> result<std::shared_ptr<const memory::byte_source>> {
@@ -347,8 +348,8 @@ result<lip_view> lip_tables::open_view(std::uint64_t total_size, std::int32_t ow
     if (s.region && s.region->memory) return std::shared_ptr<const memory::byte_source>(s.region->memory);
     if (s.region && s.region->device_mapping) {
       // CUDA VMM memory: imported and mapped when the region was registered.
-      view.device_allocations.emplace(s.region->device_mapping.get(),
-                                      device_allocation{s.region->device_id, s.region->size_bytes, {}, s.region->vmm});
+      allocations.emplace(s.region->device_mapping.get(),
+                          device_allocation{s.region->device_id, s.region->size_bytes, {}, s.region->vmm});
       return s.region->device_mapping;
     }
     std::string key;
@@ -383,8 +384,7 @@ result<lip_view> lip_tables::open_view(std::uint64_t total_size, std::int32_t ow
     if (!mapped)
       return tl::unexpected(with_context(std::move(mapped).error(), "cannot open storage '" + e.storage_id + "'"));
     opened.emplace(key, *mapped);
-    view.device_allocations.emplace(mapped->get(),
-                                    device_allocation{device, (*mapped)->size(), std::string(handle), {}});
+    allocations.emplace(mapped->get(), device_allocation{device, (*mapped)->size(), std::string(handle), {}});
     return *mapped;
   };
 
@@ -426,6 +426,8 @@ result<lip_view> lip_tables::open_view(std::uint64_t total_size, std::int32_t ow
   auto assembled = memory::segmented_view::create(total_size, std::move(disjoint));
   if (!assembled) return tl::unexpected(with_context(std::move(assembled).error(), "cannot commit lease"));
   view.bytes = std::make_shared<const memory::segmented_view>(std::move(*assembled));
+  if (!allocations.empty())
+    view.device_allocations = std::make_shared<const device_allocation_map>(std::move(allocations));
   return view;
 }
 

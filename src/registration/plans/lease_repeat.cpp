@@ -1,7 +1,6 @@
 #include "registration/plans/lease_repeat.hpp"
 
 #include <optional>
-#include <span>
 #include <utility>
 
 #include "registration/plans/lease_in_place.hpp"
@@ -55,11 +54,8 @@ result<commit_response> lease_repeat::commit(commit_context& ctx) {
   }));
   // The new lease's own references, checked as a Feed checks them: a region poisoned, retiring
   // (force-unregistered) or gone since refuses, and the client registers from scratch.
-  for (std::size_t i = 0; i < region_ids.size(); ++i) {
-    if (auto taken = ctx.regions->acquire(region_ids[i], p.owner_pid); !taken) {
-      (void)ctx.regions->release_all(std::span(region_ids).first(i));
-      return tl::unexpected(with_context(std::move(taken).error(), what));
-    }
+  if (auto taken = ctx.regions->acquire_all(region_ids, p.owner_pid); !taken) {
+    return tl::unexpected(with_context(std::move(taken).error(), what));
   }
   held_ = region_ids;
   std::optional<hash::digest> data;

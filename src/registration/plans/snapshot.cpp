@@ -47,8 +47,8 @@ result<lip_view> snapshot_view(const memory::segmented_view& leased, device_memo
       metrics::process_counters().bytes_copied.add(leased.size());
       const memory::byte_source* key = buffer.bytes.get();
       TENSORREG_TRY_ASSIGN(auto view, view_over(buffer.bytes));
-      view.device_allocations.emplace(
-          key, device_allocation{buffer.device_id, buffer.bytes->size(), std::move(buffer.ipc_handle), {}});
+      view.device_allocations = std::make_shared<const device_allocation_map>(device_allocation_map{
+          {key, device_allocation{buffer.device_id, buffer.bytes->size(), std::move(buffer.ipc_handle), {}}}});
       return view;
     }
   }
