@@ -38,6 +38,7 @@ shared). Ownership: a WeightPublisher owns its Registrar and the versions it kee
 
 from __future__ import annotations
 
+import operator
 import re
 import time
 from typing import Any
@@ -238,7 +239,7 @@ class WeightSubscriber:
         src = self.tensors(version)
         opened = time.perf_counter()
         dst = target.state_dict() if callable(getattr(target, "state_dict", None)) else target
-        dsts, srcs, devices = self._pairs(dst, src, f"load version {version} of {self.name!r}")
+        dsts, srcs, devices = self._pairs(torch, dst, src, f"load version {version} of {self.name!r}")
         with torch.no_grad():
             self._copy(torch, dsts, srcs)
         if synchronize:
@@ -249,7 +250,7 @@ class WeightSubscriber:
             timings["copy"] = time.perf_counter() - opened
         return version
 
-    def _pairs(self, dst: dict, src: dict, what: str) -> tuple:
+    def _pairs(self, torch, dst: dict, src: dict, what: str) -> tuple:
         """([dst tensors], [src tensors], {their CUDA devices}) in dst's order, checked: the
         same names, and each pair of one shape and dtype. The last call's check stands when `src` and `dst` hold the
         same tensor objects (kept mappings give back the same tensors for an unchanged layout)
@@ -258,8 +259,9 @@ class WeightSubscriber:
         last = self._last_pairs
         if last is not None and len(dst) == len(last[0]) and len(src) == len(last[1]):
             dsts, srcs, devices, ptrs = last
-            if all(a is b for a, b in zip(dst.values(), dsts)) and all(src.get(n) is s for n, s in zip(dst, srcs)) \
-                    and [d.data_ptr() for d in dsts] == ptrs:
+            # map() over C functions, not generator expressions: this runs for every version.
+            if all(map(operator.is_, dst.values(), dsts)) and all(map(operator.is_, map(src.get, dst), srcs)) \
+                    and list(map(torch.Tensor.data_ptr, dsts)) == ptrs:
                 return dsts, srcs, devices
         if len(dst) != len(src) or any(name not in src for name in dst):
             missing = sorted(set(src) - set(dst))[:3]
@@ -275,7 +277,7 @@ class WeightSubscriber:
             dsts.append(d)
             srcs.append(s)
         devices = {t.device for t in dsts + srcs if t.device.type == "cuda"}
-        self._last_pairs = (dsts, srcs, devices, [d.data_ptr() for d in dsts])
+        self._last_pairs = (dsts, srcs, devices, list(map(torch.Tensor.data_ptr, dsts)))
         return dsts, srcs, devices
 
     def _copy(self, torch, dsts: list, srcs: list) -> None:
