@@ -54,7 +54,7 @@ cudaError_t launch_leaf_kernel(const void* data, std::uint64_t size, std::uint32
 enum class segment_walk : std::uint8_t { branching, flat };
 
 /// The walk tree_hash_pieces uses.
-inline constexpr segment_walk default_segment_walk = segment_walk::branching;
+inline constexpr segment_walk default_segment_walk = segment_walk::flat;
 
 /// Enqueues the leaf kernel over a leaf plan (leaf_plan.hpp): leaf i of a `size`-byte buffer
 /// (4 MiB, the last one what is left) is read from segments[first[i] .. first[i + 1]) (device
