@@ -193,7 +193,7 @@ int main(int argc, char** argv) {
     std::uint64_t chunks = 0;
   };
   std::vector<kernel_setting> kernel = {
-      {cuda::detail::default_copy_chunk_bytes, 8, {}}, {64 << 10, 8, {}}, {1 << 20, 8, {}}, {256 << 10, 4, {}}};
+      {cuda::detail::default_copy_chunk_bytes, 8, {}}, {256 << 10, 8, {}}, {4 << 20, 8, {}}, {1 << 20, 4, {}}};
   std::vector<cuda::device_piece> pieces;
   for (std::size_t t = 0; t < o.tensors; ++t) {
     const auto* src = cuda::as_device_source(*segments[t].source);

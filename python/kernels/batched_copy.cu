@@ -3,7 +3,7 @@
 // python/tools/regen_batched_copy_ptx.sh; the driver JIT-compiles that PTX for the GPU at hand,
 // so the Python client ships no binary and needs no compiler.
 //
-// The host cuts every (src, dst, bytes) pair into chunks of at most a few hundred KiB and
+// The host cuts every (src, dst, bytes) pair into chunks of at most 1 MiB and
 // uploads the table once per layout; each block walks the chunks grid-stride. One launch for a
 // thousand tensors keeps the GPU busy from the first byte to the last: a launch per tensor (or
 // torch's multi-tensor copy, a launch per few hundred blocks) leaves gaps between launches that

@@ -24,7 +24,7 @@ import threading
 
 from . import _cuda
 
-CHUNK_BYTES = 256 << 10
+CHUNK_BYTES = 1 << 20
 THREADS_PER_BLOCK = 256
 BLOCKS_PER_SM = 8
 _ENTRY = struct.Struct("<QQQQ")  # copy_chunk: src, dst, bytes, unit

@@ -6,7 +6,7 @@
 // `src`) with zeros everywhere else. The plan cuts [0, size) into chunks so that every byte is in
 // exactly one: bytes of a run are copied from device memory, bytes no run covers (PAD, holes
 // between tensors) are written as zeros by the same launch, so a snapshot needs no memsets of
-// its own. A chunk holds at most `chunk_bytes` (256 KiB by default): the kernel's blocks walk
+// its own. A chunk holds at most `chunk_bytes` (1 MiB by default): the kernel's blocks walk
 // the table grid-stride, and with chunks that small every block gets about the same work however
 // the runs' sizes vary (the Python client's kernel, with the same chunks, copied at 0.90× of a
 // plain device copy, benchmarks/RESULTS.md "batched copy kernel").
@@ -43,7 +43,7 @@ struct copy_chunk {
 static_assert(sizeof(copy_chunk) == 24, "the table's layout is shared with device code");
 
 /// The most bytes of a chunk by default.
-inline constexpr std::uint64_t default_copy_chunk_bytes = std::uint64_t{256} << 10;
+inline constexpr std::uint64_t default_copy_chunk_bytes = std::uint64_t{1} << 20;
 
 /// The widest unit (16, 8, 4, 2, 1) dividing all three.
 [[nodiscard]] constexpr std::uint32_t copy_unit(std::uint64_t src, std::uint64_t dst, std::uint64_t bytes) noexcept {
