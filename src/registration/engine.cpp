@@ -26,6 +26,7 @@
 #include "registration/layout_cache.hpp"
 #include "registration/owner_watch.hpp"
 #include "registration/pending_registration.hpp"
+#include "registration/plans/lease_repeat.hpp"
 #include "registration/plans/plan.hpp"
 #include "tensorreg/common/priority_inheriting_mutex.hpp"
 #include "tensorreg/common/random.hpp"
@@ -598,15 +599,8 @@ result<republish_response> engine::state::republish(const republish_request& r) 
   begin_request b;
   {
     const detail::engine_lock lock(mutex);
-    const auto* l = catalogue.find_lease(r.previous_registration_id);
-    const auto* a = catalogue.artifact_of(r.previous_registration_id);
-    if (l == nullptr || a == nullptr) {
-      return fail(errc::not_found, what + ": no such lease (never committed, revoked, expired, or its owner exited)");
-    }
-    if (l->owner_pid != r.owner_pid) {
-      return fail(errc::permission_denied, what + ": owner_pid " + std::to_string(r.owner_pid) +
-                                               " is not the lease's owner " + std::to_string(l->owner_pid));
-    }
+    TENSORREG_TRY_ASSIGN(auto found, detail::republishable(catalogue, r.previous_registration_id, r.owner_pid));
+    const auto [l, a] = found;
     b.device_id = l->device_id;
     b.total_size = a->descriptor.total_size;
   }

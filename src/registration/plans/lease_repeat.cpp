@@ -7,6 +7,26 @@
 
 namespace tensorreg::registration::detail {
 
+result<std::pair<const lease*, const artifact*>> republishable(catalogue& cat, const std::string& registration_id,
+                                                               std::int32_t owner_pid) {
+  const std::string what = "cannot republish lease '" + registration_id + "'";
+  const lease* l = cat.find_lease(registration_id);
+  const artifact* a = cat.artifact_of(registration_id);
+  if (l == nullptr || a == nullptr) {
+    return fail(errc::not_found, what + ": no such lease (never committed, revoked, expired, or its owner exited)");
+  }
+  if (l->owner_pid != owner_pid) {
+    return fail(errc::permission_denied, what + ": owner_pid " + std::to_string(owner_pid) +
+                                             " is not the lease's owner " + std::to_string(l->owner_pid));
+  }
+  if (l->snapshot) {
+    return fail(errc::failed_precondition,
+                what + ": it is a snapshot lease, whose bytes are a copy made at its commit: register again");
+  }
+  if (a->quiesced) return fail(errc::failed_precondition, what + ": its artifact is being deregistered");
+  return std::pair{l, a};
+}
+
 result<std::unique_ptr<lease_repeat>> lease_repeat::begin(const lease_options& options, begin_response& response) {
   response.handshake = lease_handshake{};
   return std::unique_ptr<lease_repeat>(new lease_repeat(options.repeat_of));
@@ -28,20 +48,8 @@ result<commit_response> lease_repeat::commit(commit_context& ctx) {
   std::string index_multihash;
   std::uint64_t token = 0;
   TENSORREG_TRY(ctx.with_catalogue([&](catalogue& cat) -> status {
-    const lease* l = cat.find_lease(previous_);
-    const artifact* a = cat.artifact_of(previous_);
-    if (l == nullptr || a == nullptr) {
-      return fail(errc::not_found, what + ": no such lease (never committed, revoked, expired, or its owner exited)");
-    }
-    if (l->owner_pid != p.owner_pid) {
-      return fail(errc::permission_denied, what + ": owner_pid " + std::to_string(p.owner_pid) +
-                                               " is not the lease's owner " + std::to_string(l->owner_pid));
-    }
-    if (l->snapshot) {
-      return fail(errc::failed_precondition,
-                  what + ": it is a snapshot lease, whose bytes are a copy made at its commit: register again");
-    }
-    if (a->quiesced) return fail(errc::failed_precondition, what + ": its artifact is being deregistered");
+    TENSORREG_TRY_ASSIGN(auto found, republishable(cat, previous_, p.owner_pid));
+    const auto [l, a] = found;
     if (l->device_id != p.device_id || a->descriptor.total_size != p.total_size) {
       return fail(errc::failed_precondition, what + ": it changed since this registration began");
     }

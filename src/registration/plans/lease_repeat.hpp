@@ -11,11 +11,21 @@
 
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "registration/plans/plan.hpp"
 
 namespace tensorreg::registration::detail {
+
+/// The committed lease `registration_id` and its artifact, when `owner_pid` may republish it:
+/// engine::republish() asks before it begins, the plan again at Commit (the lease may have gone
+/// in between). Call under the engine mutex.
+/// Errors: NOT_FOUND, PERMISSION_DENIED, FAILED_PRECONDITION (a snapshot lease; its artifact
+/// being deregistered).
+[[nodiscard]] result<std::pair<const lease*, const artifact*>> republishable(catalogue& cat,
+                                                                             const std::string& registration_id,
+                                                                             std::int32_t owner_pid);
 
 class lease_repeat final : public plan {
  public:
