@@ -316,7 +316,7 @@ struct dispatcher::impl {
     TENSORREG_TRY(resolve_device(in));
     if (auto bad = convert::malformed_view(in)) return tl::unexpected(std::move(*bad));
     auto request = convert::to_begin(in);
-    TENSORREG_TRY(check_replica_policy(request));
+    TENSORREG_TRY(check_replica_policy(request.policy, request.client_artifact_id));
     TENSORREG_TRY(convert::take_begin_files(in, c.fds_in, request));
     request.owner_uid = c.peer.uid;  // the uid's share of the stable cache
     TENSORREG_TRY_ASSIGN(auto begun, engine.begin(std::move(request)));
@@ -399,12 +399,7 @@ struct dispatcher::impl {
     TENSORREG_TRY(check_owner(c.peer, in.owner_pid(), fmt::format("republish lease '{}'", in.registration_id())));
     auto request = convert::to_republish(in);
     request.owner_uid = c.peer.uid;
-    {
-      reg::begin_request as_begin;
-      as_begin.policy = request.policy;
-      as_begin.client_artifact_id = request.client_artifact_id;
-      TENSORREG_TRY(check_replica_policy(as_begin));
-    }
+    TENSORREG_TRY(check_replica_policy(request.policy, request.client_artifact_id));
     // The previous lease ends only once the new one has passed everything after its commit
     // (the replicas a policy must have): a refused republish changes nothing, and the new
     // lease, whose id the error does not carry, is revoked again.
@@ -429,8 +424,8 @@ struct dispatcher::impl {
   // docs/cluster.md §5 (Policies): a must tier that asks for stable copies on other hosts is
   // refused at Begin when it cannot be honoured at all: without --cluster, or for a cgid
   // (only mi2 ids are replicated). A policy that does not resolve is the engine's to refuse.
-  status check_replica_policy(const reg::begin_request& request) const {
-    const auto resolved = policy::resolve(request.policy);
+  status check_replica_policy(const std::optional<policy::store_policy>& wanted, const std::string& cgid) const {
+    const auto resolved = policy::resolve(wanted);
     if (!resolved || resolved->replica_hosts_must <= 1) return {};
     if (options.cluster == nullptr) {
       return fail(errc::failed_precondition,
@@ -438,11 +433,11 @@ struct dispatcher::impl {
                               "daemon runs without --cluster",
                               resolved->replica_hosts_must));
     }
-    if (!request.client_artifact_id.empty()) {
+    if (!cgid.empty()) {
       return fail(errc::invalid_argument,
                   fmt::format("cannot begin registration: its policy must keep stable copies on {} hosts and "
                               "{} is a cgid: only mi2 artifacts are replicated",
-                              resolved->replica_hosts_must, request.client_artifact_id));
+                              resolved->replica_hosts_must, cgid));
     }
     return {};
   }
