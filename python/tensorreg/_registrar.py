@@ -228,8 +228,7 @@ class Registrar:
         committed = time.perf_counter()
         if done.revoked_previous:
             previous.ended_by_daemon()
-        lease = Lease(self._conn, done.registration_id, [], self._ttl_ms, keep=self._kept.storages)
-        art = RegisteredArtifact(done.commit, self._kept.layout, done.registration_id, "lease_in_place", lease)
+        art = self._leased(done.commit, done.registration_id)
         self.counts["fast"] += 1
         self.counts["republished"] += 1
         art.timings = {"metadata": prepared - started, "rpc": 0.0, "commit": committed - prepared,
@@ -265,8 +264,7 @@ class Registrar:
             release_now(conn, registration_id, [])
             raise
         committed = time.perf_counter()
-        lease = Lease(conn, registration_id, [], self._ttl_ms, keep=kept.storages)
-        art = RegisteredArtifact(done, layout, registration_id, "lease_in_place", lease)
+        art = self._leased(done, registration_id)
         self.counts["fast"] += 1
         art.timings = {"metadata": prepared - started, "rpc": fed - prepared, "commit": committed - fed,
                        "client_work": (prepared - started) + client + (time.perf_counter() - committed),
@@ -346,7 +344,7 @@ class Registrar:
             old.host_map, old.host_size = host_map, layout.total_size
         self._replace_regions({"host": region})
         self._keep(sig, layout, body, "cpu", -1, "", storages)
-        return self._artifact(done, layout, registration_id, timings, started)
+        return self._artifact(done, registration_id, timings, started)
 
     def _full_cuda(self, torch, items, storages, device, sig, client_artifact_id, hash_in_background,
                    started: float) -> RegisteredArtifact:
@@ -431,7 +429,7 @@ class Registrar:
             old.host_map, old.host_size = None, 0
         self._replace_regions(dict(zip(keys, refs)))
         self._keep(sig, layout, body, str(device), ordinal, uuid, storages)
-        return self._artifact(done, layout, registration_id, timings, started)
+        return self._artifact(done, registration_id, timings, started)
 
     # ---- what is kept ----
 
@@ -446,9 +444,14 @@ class Registrar:
         kept.uuid = uuid
         kept.storages = [s[0] for s in storages]
 
-    def _artifact(self, done, layout, registration_id: str, timings: dict, started: float) -> RegisteredArtifact:
+    def _leased(self, done, registration_id: str) -> RegisteredArtifact:
+        """The artifact of a commit answer over the kept layout, owning its lease (which holds
+        the kept storages). The regions are the Registrar's: the lease does not unregister them."""
         lease = Lease(self._conn, registration_id, [], self._ttl_ms, keep=self._kept.storages)
-        art = RegisteredArtifact(done, layout, registration_id, "lease_in_place", lease)
+        return RegisteredArtifact(done, self._kept.layout, registration_id, "lease_in_place", lease)
+
+    def _artifact(self, done, registration_id: str, timings: dict, started: float) -> RegisteredArtifact:
+        art = self._leased(done, registration_id)
         timings["rpc"] = time.perf_counter() - started - timings["metadata"] - timings["commit"]
         timings["reused"] = False
         art.timings = timings
