@@ -4,7 +4,7 @@
 // A snapshot is a thousand runs of device memory, one per tensor or allocation; one copy
 // launch each leaves the GPU idle between launches for about a third of the time
 // (cuda_snapshot_bench: 0.6× of one plain copy of the same bytes). Here a fixed grid of
-// resident blocks walks a table of chunks of at most a few hundred KiB (copy_plan.hpp)
+// resident blocks walks a table of chunks of at most 1 MiB by default (copy_plan.hpp)
 // grid-stride, one chunk per block at a time, so the GPU streams from the first byte to the
 // last. Bytes no run covers are chunks of zeros in the same table.
 #include "cuda/batched_copy_kernel.hpp"

@@ -1,7 +1,7 @@
 // src/cuda/batched_copy_kernel.hpp — the launcher of the batched copy kernel (private to
 // src/cuda/).
 //
-// batched_copy.cu holds the kernel; this header lets plain C++ (batched_copy.cpp, compiled by
+// batched_copy.cu holds the kernel; this header lets plain C++ (batched_copier.cpp, compiled by
 // the host compiler with the project's warnings) enqueue it. One launch writes a whole snapshot
 // from a device table of chunks (copy_plan.hpp).
 //
