@@ -72,7 +72,10 @@ if(TENSORREG_BUILD_TESTS)
                                           ${PROJECT_SOURCE_DIR}/tests/cuda/batched_copy_host_tests.cu)
   tensorreg_cuda_target(tensorreg_gpu_host_tests)
   target_include_directories(tensorreg_gpu_host_tests PRIVATE ${PROJECT_SOURCE_DIR}/src)
-  target_link_libraries(tensorreg_gpu_host_tests PRIVATE tensorreg::tensorreg Catch2::Catch2 tensorreg_cuda_flags)
+  target_link_libraries(tensorreg_gpu_host_tests PRIVATE tensorreg_catch_main tensorreg::tensorreg Catch2::Catch2
+                                                         tensorreg_cuda_flags)
+  # Host code only: nvcc still parses every file once per architecture, and one is enough here.
+  set_target_properties(tensorreg_gpu_host_tests PROPERTIES CUDA_ARCHITECTURES 80-real)
   add_test(NAME cuda.host_logic COMMAND tensorreg_gpu_host_tests)
   set_tests_properties(cuda.host_logic PROPERTIES LABELS "cuda")
 
@@ -99,6 +102,9 @@ if(TENSORREG_BUILD_TESTS)
     ${PROJECT_SOURCE_DIR}/tests/support/daemon_process.cpp
     ${PROJECT_SOURCE_DIR}/tests/support/temp_dir.cpp)
   tensorreg_cuda_target(tensorreg_gpu_tests)
+  # gpu_main.cpp holds Catch's implementation (its own main skips without a device): like
+  # tensorreg_catch_main, unoptimised and without debug info.
+  set_source_files_properties(${PROJECT_SOURCE_DIR}/tests/cuda/gpu_main.cpp PROPERTIES COMPILE_OPTIONS "-O0;-g0")
   # One case drives a real tensorregd (the built one, or $TENSORREGD) through the C++ client.
   target_compile_definitions(tensorreg_gpu_tests PRIVATE TENSORREG_DAEMON_PATH="$<TARGET_FILE:tensorregd>"
                                                          TENSORREG_TEST_DAEMON_WARM_START=1)

@@ -7,7 +7,6 @@
 
 #include "cuda/leaf_plan.hpp"
 
-#define CATCH_CONFIG_MAIN
 #include <catch2/catch.hpp>
 
 #include <cstddef>
