@@ -141,7 +141,7 @@ result<resident_entry> decode_entry(reader& in, std::size_t i) {
   TENSORREG_TRY_ASSIGN(const auto ttl_ms, in.get<std::uint64_t>("ttl_ms"));
   TENSORREG_TRY_ASSIGN(const auto uid, in.get<std::uint32_t>("owner_uid"));
   TENSORREG_TRY_ASSIGN(e.fd_name, in.get_string("fd_name", kMaxShortString));
-  TENSORREG_TRY_ASSIGN(const auto json, in.get_string("index", kMaxIndexBytes));
+  TENSORREG_TRY_ASSIGN(const auto index_json, in.get_string("index", kMaxIndexBytes));
   if (retention < 1 || retention > 3) return bad_entry(i, r.artifact_id, "retention " + std::to_string(retention));
   if (overflow < 1 || overflow > 3) return bad_entry(i, r.artifact_id, "overflow " + std::to_string(overflow));
   if (flags >= 64) return bad_entry(i, r.artifact_id, "unknown flags " + std::to_string(flags));
@@ -157,8 +157,8 @@ result<resident_entry> decode_entry(reader& in, std::size_t i) {
   if (has_ttl) r.cache.ttl_ms = ttl_ms;
   e.persisted = (flags & flag::persisted) != 0;
   if ((flags & flag::has_uid) != 0) e.owner_uid = uid;
-  auto idx = index::canonical_index::parse(json, r.total_size);
-  if (!idx || idx->json() != json) {
+  auto idx = index::canonical_index::parse(index_json, r.total_size);
+  if (!idx || idx->json() != index_json) {
     return bad_entry(i, r.artifact_id,
                      "its index is not a canonical index of " + std::to_string(r.total_size) + " bytes");
   }
