@@ -379,9 +379,11 @@ class ViewsTest(_support.StoreTestCase):
     # ---- tensor-parallel assembly ----
 
     def run_ranks(self, sd, cgid, world, ranks, seed):
-        """Ranks `ranks` of `world` register their pieces from spawned processes, each after a
-        random delay; their results (in arrival order)."""
-        ctx = multiprocessing.get_context("spawn")
+        """Ranks `ranks` of `world` register their pieces from processes of their own, each after
+        a random delay; their results (in arrival order). The processes fork from a server that
+        imported torch once: a spawned one each imported it again, most of the test's CPU time."""
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["torch"])
         out = ctx.Queue()
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "model.pt")
