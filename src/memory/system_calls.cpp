@@ -65,6 +65,11 @@ ssize_t pread(int fd, void* out, std::size_t length, std::uint64_t offset) noexc
   return ::pread(fd, out, length, static_cast<off_t>(offset));
 }
 
+ssize_t pwrite(int fd, const void* bytes, std::size_t length, std::uint64_t offset) noexcept {
+  if (injected(fault_site::write)) return -1;
+  return ::pwrite(fd, bytes, length, static_cast<off_t>(offset));
+}
+
 error file_error(std::string_view call, const std::string& path, int err) {
   const auto code = (err == ENOSPC || err == EDQUOT) ? errc::resource_exhausted : errc::unavailable;
   return error{code, "cannot " + std::string(call) + " '" + path + "': " + std::strerror(err)};

@@ -31,6 +31,8 @@ namespace tensorreg::memory::sys {
 [[nodiscard]] int fsync(int fd) noexcept;
 [[nodiscard]] int rename(const char* from, const char* to) noexcept;
 [[nodiscard]] ssize_t pread(int fd, void* out, std::size_t length, std::uint64_t offset) noexcept;
+/// Behind the write site.
+[[nodiscard]] ssize_t pwrite(int fd, const void* bytes, std::size_t length, std::uint64_t offset) noexcept;
 
 /// The error of a failed file call: "cannot <call> '<path>': <strerror>", RESOURCE_EXHAUSTED
 /// when the disk or the quota is full (space can be freed and the call retried), UNAVAILABLE

@@ -84,3 +84,38 @@ TEST_CASE("tensorregd faults: a TENSORREG_FAULTS that does not parse refuses the
   CHECK_THAT(d->output(), Catch::Matchers::Contains("tensorregd: cannot start: TENSORREG_FAULTS: cannot arm fault "
                                                     "'bogus:EIO': unknown site 'bogus'"));
 }
+
+TEST_CASE("tensorregd faults: a put from files whose copy into the daemon's memory fails keeps nothing",
+          "[faults][daemon_faults][daemon]") {
+  std::optional<daemon_process> d;
+  {
+    scoped_faults_env env("write:ENOSPC:0:1");
+    d.emplace(std::vector<std::string>{}, daemon_process::stderr_to::own_file);
+  }
+  t::temp_dir dir;
+  const auto path = (dir.path() / "model.safetensors").string();
+  t::write_safetensors(
+      path, {{"w", "F32", {(5 << 20) / 4}, t::pattern_bytes(5 << 20, 5)}, {"b", "F32", {3}, t::pattern_bytes(12, 6)}});
+  auto bundle = tensorreg::index::safetensors_bundle::open({path}).value();
+  auto c = connection::connect(d->socket_path());
+  REQUIRE(c);
+
+  auto first = c->put(*bundle);  // the daemon reads the file it is handed (wire-format.md §18)
+  REQUIRE_FALSE(first);
+  CHECK(first.error().code == errc::resource_exhausted);
+  CHECK_THAT(first.error().message, Catch::Matchers::Contains("cannot copy the put's bytes into the daemon's memory") &&
+                                        Catch::Matchers::Contains(std::strerror(ENOSPC)));
+  auto stats = c->stats();
+  REQUIRE(stats);
+  CHECK(stats->pending_registrations == 0);
+  CHECK(stats->artifacts == 0);
+  CHECK(stats->stable_reserved_bytes == 0);
+
+  auto second = c->put(*bundle);
+  REQUIRE(second);
+  CHECK_FALSE(second->existed);
+  tensorreg::thread_pool pool(1);
+  CHECK(second->descriptor.artifact_id ==
+        tensorreg::identity::content_id(bundle->index().json(), bundle->canonical(), &pool).value().to_string());
+  CHECK(d->stop() == 0);
+}

@@ -8,6 +8,7 @@
 #include "tensorreg/metrics/registry.hpp"
 
 #include <algorithm>
+#include <cerrno>
 #include <cstring>
 
 namespace tensorreg::registration::detail {
@@ -20,6 +21,26 @@ std::string_view mode_name(stable_upload::mode m) {
     case stable_upload::mode::none: break;
   }
   return "none";
+}
+
+// Writes `bytes` at `offset` of the staging memfd of a put from files, through short writes.
+// Errors: RESOURCE_EXHAUSTED when the kernel has no memory for the pages (ENOSPC, ENOMEM: the
+// memory limit of the daemon's cgroup), INTERNAL otherwise.
+status write_staging(const memory::shared_memory& staging, std::span<const std::byte> bytes, std::uint64_t offset) {
+  while (!bytes.empty()) {
+    const ssize_t n = memory::sys::pwrite(staging.fd(), bytes.data(), bytes.size(), offset);
+    if (n > 0) {
+      bytes = bytes.subspan(static_cast<std::size_t>(n));
+      offset += static_cast<std::uint64_t>(n);
+      continue;
+    }
+    if (n < 0 && errno == EINTR) continue;
+    const int e = n < 0 ? errno : ENOSPC;
+    const auto code = (e == ENOSPC || e == ENOMEM || e == EDQUOT) ? errc::resource_exhausted : errc::internal;
+    return fail(code, "cannot copy the put's bytes into the daemon's memory at offset " + std::to_string(offset) +
+                          ": " + std::strerror(e));
+  }
+  return {};
 }
 
 // Whether every PAD byte of `map` in `bytes` is zero (DECISIONS §5.1: PAD is kept as zero).
@@ -308,7 +329,6 @@ result<commit_response> stable_dram::commit_from_files(commit_context& ctx) {
   const auto& staging = upload_->staging();
   const std::uint64_t total = p.total_size;
   const std::uint64_t leaves = hash::leaf_count(total);
-  const auto dst = staging->mutable_bytes();
   std::vector<hash::digest> digests(want_digest ? leaves : 0);
   // Likely held: some artifact in the catalogue has this very index. Then hash first, from a
   // small buffer per thread, and copy nothing when the id is known.
@@ -317,24 +337,30 @@ result<commit_response> stable_dram::commit_from_files(commit_context& ctx) {
     const auto key = hash::to_hex(hash::sha256(index_->json()));
     hash_first = ctx.with_catalogue([&](catalogue& cat) { return cat.find_index(key) != nullptr; });
   }
+  // Reads one leaf from the files a piece at a time into this worker's buffer, hashes it there
+  // and, when `into` is given, pwrite()s it into that memfd: the id then describes exactly the
+  // bytes kept, and the kernel fills the memfd's pages without a page fault in the daemon (a
+  // fault per 4 KiB page of a fresh mapping is costly on some VMs, benchmarks/RESULTS.md).
+  const auto hash_leaf = [&](std::size_t leaf, const memory::shared_memory* into) -> status {
+    TENSORREG_TRY(check_cancel(ctx.cancelled));
+    // Small enough to stay in a core's cache between the read, the hash and the write.
+    constexpr std::size_t piece_bytes = std::size_t{256} << 10;
+    thread_local memory::page_aligned_buffer buffer(piece_bytes);
+    const std::uint64_t begin = leaf * hash::leaf_bytes;
+    const std::uint64_t end = std::min(begin + hash::leaf_bytes, total);
+    hash::sha256_hasher hasher;
+    for (std::uint64_t at = begin; at < end; at += piece_bytes) {
+      const auto n = static_cast<std::size_t>(std::min<std::uint64_t>(piece_bytes, end - at));
+      const std::span<std::byte> piece(buffer.data(), n);
+      TENSORREG_TRY(files_->read(at, piece, true));
+      if (want_digest) hasher.update(piece);
+      if (into != nullptr) TENSORREG_TRY(write_staging(*into, piece, at));
+    }
+    if (want_digest) digests[leaf] = hasher.finish();
+    return {};
+  };
   if (hash_first) {
-    TENSORREG_TRY(ctx.pool.parallel_for(leaves, [&](std::size_t leaf) -> status {
-      TENSORREG_TRY(check_cancel(ctx.cancelled));
-      // Small enough to stay in a core's cache between the read and the hash.
-      constexpr std::size_t piece_bytes = std::size_t{256} << 10;
-      thread_local memory::page_aligned_buffer buffer(piece_bytes);
-      const std::uint64_t begin = leaf * hash::leaf_bytes;
-      const std::uint64_t end = std::min(begin + hash::leaf_bytes, total);
-      hash::sha256_hasher hasher;
-      for (std::uint64_t at = begin; at < end; at += piece_bytes) {
-        const auto n = static_cast<std::size_t>(std::min<std::uint64_t>(piece_bytes, end - at));
-        const std::span<std::byte> piece(buffer.data(), n);
-        TENSORREG_TRY(files_->read(at, piece, true));
-        hasher.update(piece);
-      }
-      digests[leaf] = hasher.finish();
-      return {};
-    }));
+    TENSORREG_TRY(ctx.pool.parallel_for(leaves, [&](std::size_t leaf) { return hash_leaf(leaf, nullptr); }));
     TENSORREG_TRY(files_->check_unchanged());
     metrics::process_counters().bytes_hashed.add(total);
     const materialized hashed{staging, hash::tree_root(digests)};
@@ -343,17 +369,7 @@ result<commit_response> stable_dram::commit_from_files(commit_context& ctx) {
     // New content after all (another version of a known layout): copy it and hash it again
     // from the copy, since the file may have changed in place since it was hashed.
   }
-  TENSORREG_TRY(ctx.pool.parallel_for(leaves, [&](std::size_t leaf) -> status {
-    TENSORREG_TRY(check_cancel(ctx.cancelled));
-    const std::uint64_t begin = leaf * hash::leaf_bytes;
-    const auto bytes = dst.subspan(begin, std::min(hash::leaf_bytes, total - begin));
-    // pread() straight into the mapping: one copy, and the kernel faults the fresh pages in.
-    // Fresh memfd pages read as zero, so only the segments are written, the PAD left as it is.
-    TENSORREG_TRY(files_->read(begin, bytes, false));
-    // Hash the copy, not the file: the id describes what is kept, and the leaf is hot.
-    if (want_digest) digests[leaf] = hash::sha256(std::span<const std::byte>(bytes));
-    return {};
-  }));
+  TENSORREG_TRY(ctx.pool.parallel_for(leaves, [&](std::size_t leaf) { return hash_leaf(leaf, staging.get()); }));
   if (want_digest) metrics::process_counters().bytes_hashed.add(total);
   TENSORREG_TRY(files_->check_unchanged());
   metrics::process_counters().bytes_copied.add(files_->data_bytes());
