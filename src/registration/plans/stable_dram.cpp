@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <mutex>
 
 namespace tensorreg::registration::detail {
 namespace {
@@ -22,6 +23,10 @@ std::string_view mode_name(stable_upload::mode m) {
   }
   return "none";
 }
+
+// The most hashing workers (the pool's, and the caller when it helps) for which a put from files copies with
+// pwrite() rather than through a mapping.
+constexpr unsigned max_pwrite_workers = 4;
 
 // Writes `bytes` at `offset` of the staging memfd of a put from files, through short writes.
 // Errors: RESOURCE_EXHAUSTED when the kernel has no memory for the pages (ENOSPC, ENOMEM: the
@@ -337,10 +342,12 @@ result<commit_response> stable_dram::commit_from_files(commit_context& ctx) {
     const auto key = hash::to_hex(hash::sha256(index_->json()));
     hash_first = ctx.with_catalogue([&](catalogue& cat) { return cat.find_index(key) != nullptr; });
   }
-  // Reads one leaf from the files a piece at a time into this worker's buffer, hashes it there
-  // and, when `into` is given, pwrite()s it into that memfd: the id then describes exactly the
-  // bytes kept, and the kernel fills the memfd's pages without a page fault in the daemon (a
-  // fault per 4 KiB page of a fresh mapping is costly on some VMs, benchmarks/RESULTS.md).
+  // Reads one leaf from the files a piece at a time into this worker's buffer, hashes the
+  // piece there and, with `into`, pwrite()s the same piece into that memfd: the id describes
+  // exactly the bytes kept, and the kernel fills the memfd's pages without a page fault in the
+  // daemon. The memfd's inode lock admits one writer at a time and its waiters spin, so the
+  // workers take turns on `writer`, where a waiter sleeps.
+  std::mutex writer;
   const auto hash_leaf = [&](std::size_t leaf, const memory::shared_memory* into) -> status {
     TENSORREG_TRY(check_cancel(ctx.cancelled));
     // Small enough to stay in a core's cache between the read, the hash and the write.
@@ -354,7 +361,10 @@ result<commit_response> stable_dram::commit_from_files(commit_context& ctx) {
       const std::span<std::byte> piece(buffer.data(), n);
       TENSORREG_TRY(files_->read(at, piece, true));
       if (want_digest) hasher.update(piece);
-      if (into != nullptr) TENSORREG_TRY(write_staging(*into, piece, at));
+      if (into != nullptr) {
+        const std::lock_guard turn(writer);
+        TENSORREG_TRY(write_staging(*into, piece, at));
+      }
     }
     if (want_digest) digests[leaf] = hasher.finish();
     return {};
@@ -369,7 +379,23 @@ result<commit_response> stable_dram::commit_from_files(commit_context& ctx) {
     // New content after all (another version of a known layout): copy it and hash it again
     // from the copy, since the file may have changed in place since it was hashed.
   }
-  TENSORREG_TRY(ctx.pool.parallel_for(leaves, [&](std::size_t leaf) { return hash_leaf(leaf, staging.get()); }));
+  // The other way to fill the memfd: pread() the leaf straight into its mapping, where the
+  // kernel faults each fresh page in, then hash it there while it is hot.
+  const auto map_leaf = [&](std::size_t leaf) -> status {
+    TENSORREG_TRY(check_cancel(ctx.cancelled));
+    const std::uint64_t begin = leaf * hash::leaf_bytes;
+    const auto bytes = staging->mutable_bytes().subspan(begin, std::min(hash::leaf_bytes, total - begin));
+    // Fresh memfd pages read as zero, so only the segments are written, the PAD left as it is.
+    TENSORREG_TRY(files_->read(begin, bytes, false));
+    if (want_digest) digests[leaf] = hash::sha256(std::span<const std::byte>(bytes));
+    return {};
+  };
+  // pwrite() makes no page fault, which some VMs charge dearly for, but the memfd's inode lock
+  // lets one writer in at a time; faults through the mapping run on every worker at once. So
+  // few workers write, many map (benchmarks/RESULTS.md, "a put from files on 2 and 16 cores").
+  const bool through_pwrite = ctx.pool.size() + (ctx.pool.callers_help() ? 1 : 0) <= max_pwrite_workers;
+  TENSORREG_TRY(ctx.pool.parallel_for(
+      leaves, [&](std::size_t leaf) { return through_pwrite ? hash_leaf(leaf, staging.get()) : map_leaf(leaf); }));
   if (want_digest) metrics::process_counters().bytes_hashed.add(total);
   TENSORREG_TRY(files_->check_unchanged());
   metrics::process_counters().bytes_copied.add(files_->data_bytes());
