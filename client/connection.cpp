@@ -56,9 +56,9 @@ class memfd_mapping {
 // Writes the bundle's canonical bytes into the memfd `fd` at [0, size), leaf by leaf on all
 // cores, two ways at once. pwrite() (the file read into a small buffer, then written) costs the
 // least CPU, but it takes the memfd's inode lock: writers on several cores serialise and spin.
-// So one thread at a time writes with pwrite(), and a thread that finds it busy pread()s its
-// leaf from the file straight into a shared mapping of the memfd instead, whose page faults run
-// in parallel. Only the kernel writes the mapping, so a memfd that shrank under it fails the
+// So one thread at a time writes with pwrite(), and on more than 4 cores a thread that finds it
+// busy pread()s its leaf from the file straight into a shared mapping of the memfd instead,
+// whose page faults run in parallel. Only the kernel writes the mapping, so a memfd that shrank under it fails the
 // read (EFAULT) rather than raising SIGBUS here. The mapping is gone when this returns: the
 // daemon keeps a memfd no one maps writable as its replica, with no second copy.
 status write_canonical(const index::safetensors_bundle& bundle, int fd,
@@ -120,12 +120,20 @@ status write_canonical(const index::safetensors_bundle& bundle, int fd,
   const std::uint64_t chunks = total / hash::leaf_bytes + (total % hash::leaf_bytes != 0 ? 1 : 0);
   thread_pool pool(std::max(1u, std::thread::hardware_concurrency()) - 1);
   std::mutex writer;
+  // With few cores the lock is no bottleneck, and a page fault may cost more than the write
+  // (on some VMs ten times more): every leaf waits for its turn to pwrite().
+  const bool map_when_busy = pool.size() + 1 > 4;
   std::atomic<std::uint64_t> done{0};
   std::mutex progress_mutex;
   return pool.parallel_for(chunks, [&](std::size_t chunk) -> status {
     const std::uint64_t begin = chunk * hash::leaf_bytes;
     const std::uint64_t length = std::min(hash::leaf_bytes, total - begin);
-    std::unique_lock writing(writer, std::try_to_lock);
+    std::unique_lock writing(writer, std::defer_lock);
+    if (map_when_busy) {
+      (void)writing.try_lock();
+    } else {
+      writing.lock();
+    }
     auto copied = writing.owns_lock() ? source.visit(begin, length, write_at(begin)) : map_leaves(begin, length);
     if (writing.owns_lock()) writing.unlock();
     if (!copied) {
