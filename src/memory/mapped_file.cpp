@@ -12,7 +12,7 @@
 #include <optional>
 #include <utility>
 
-#include "memory/page_aligned_buffer.hpp"
+#include "memory/buffered_reads.hpp"
 #include "memory/system_calls.hpp"
 
 namespace tensorreg::memory {
@@ -77,37 +77,12 @@ void mapped_file::unmap() noexcept {
   }
 }
 
+static_assert(mapped_file::piece_bytes == buffered_piece_bytes);
+
 status mapped_file::visit(std::uint64_t offset, std::uint64_t length, piece_sink sink) const {
   TENSORREG_TRY(check_range(offset, length));
-  if (length == 0) return {};
-  // One buffer per thread, reused by every visit on it (pool threads hash leaves in
-  // parallel); a sink that visits a file again on the same thread gets a buffer of its own.
-  thread_local std::optional<page_aligned_buffer> reused;
-  thread_local bool reused_busy = false;
-  std::optional<page_aligned_buffer> own;
-  std::byte* buffer = nullptr;
-  if (!reused_busy) {
-    if (!reused) reused.emplace(piece_bytes);
-    buffer = reused->data();
-    reused_busy = true;
-  } else {
-    own.emplace(piece_bytes);
-    buffer = own->data();
-  }
-  struct release_reused {
-    bool owned;
-    ~release_reused() {
-      if (owned) reused_busy = false;
-    }
-  } release{!own};
-  while (length > 0) {
-    const auto want = static_cast<std::size_t>(std::min<std::uint64_t>(length, piece_bytes));
-    TENSORREG_TRY(read_fully(offset, {buffer, want}));
-    TENSORREG_TRY(sink(std::span<const std::byte>(buffer, want)));
-    offset += want;
-    length -= want;
-  }
-  return {};
+  return visit_through_buffer(
+      offset, length, [this](std::uint64_t at, std::span<std::byte> out) { return read_fully(at, out); }, sink);
 }
 
 status mapped_file::read_into(std::uint64_t offset, std::span<std::byte> out) const {

@@ -1,5 +1,6 @@
 #include "registration/plans/stable_dram.hpp"
 
+#include "memory/buffered_reads.hpp"
 #include "memory/page_aligned_buffer.hpp"
 #include "memory/system_calls.hpp"
 #include "tensorreg/common/random.hpp"
@@ -79,7 +80,10 @@ result<std::optional<materialized>> adopt_staging(const std::shared_ptr<memory::
   if (want_digest && verified != nullptr && verified->size() == hash::leaf_count(staging->size())) {
     out.data_digest = hash::tree_root(*verified);
   } else if (want_digest) {
-    const cancellable_source source(*staging, cancel);
+    // Read, not mapped: the client wrote these pages, and the daemon's mapping has never
+    // touched them (memory/buffered_reads.hpp).
+    const memory::memfd_reads reads(staging->fd(), staging->size(), "the put's memfd");
+    const cancellable_source source(reads, cancel);
     TENSORREG_TRY_ASSIGN(out.data_digest, hash::tree_hash(source, &pool));
     metrics::process_counters().bytes_hashed.add(staging->size());
   }
