@@ -14,6 +14,7 @@ Thread-safety: pure functions; the pieces must not change while they are hashed.
 from __future__ import annotations
 
 import base64
+import ctypes
 import hashlib
 import os
 import threading
@@ -43,16 +44,32 @@ def _update_zeros(h, length: int) -> None:
         length -= n
 
 
+def _address(view) -> int | None:
+    """The address of a writable view's first byte (tensor memory is), else None."""
+    try:
+        return ctypes.addressof(ctypes.c_char.from_buffer(view))
+    except (TypeError, ValueError):
+        return None
+
+
 def _update_staged(h, view) -> None:
-    """h.update(view), through this thread's cache-sized buffer (module doc)."""
+    """h.update(view), through this thread's cache-sized buffer (module doc). The copy into it is
+    a ctypes call, which releases the GIL: a memoryview slice assignment holds it, and then the
+    threads' copies run one at a time."""
     if view.format != "B" or view.ndim != 1:
         view = view.cast("B")
     stage = getattr(_staging, "buffer", None)
     if stage is None:
-        stage = _staging.buffer = memoryview(bytearray(_PIECE))
+        raw = bytearray(_PIECE)
+        stage = _staging.buffer = memoryview(raw)
+        _staging.address = ctypes.addressof(ctypes.c_char.from_buffer(raw))
+    source = _address(view) if len(view) else None
     for at in range(0, len(view), _PIECE):
         n = min(_PIECE, len(view) - at)
-        stage[:n] = view[at:at + n]
+        if source is not None:
+            ctypes.memmove(_staging.address, source + at, n)
+        else:
+            stage[:n] = view[at:at + n]
         h.update(stage[:n])
 
 

@@ -686,6 +686,11 @@ class HeldPutTest(_support.StoreTestCase):
         pieces = [(3, memoryview(a)), (3 + len(a) + leaf - 20, memoryview(b))]
         expected = _hash.data_multihash([(0, memoryview(whole))], len(whole), threads=1)
         self.assertEqual(_hash.data_multihash(pieces, len(whole)), expected)
+        # Writable pieces (tensor memory) are copied by address, read-only ones through slices.
+        writable = [(3, memoryview(bytearray(a))), (3 + len(a) + leaf - 20, memoryview(bytearray(b))[:])]
+        self.assertIsNotNone(_hash._address(writable[0][1]))
+        self.assertIsNone(_hash._address(pieces[0][1]))
+        self.assertEqual(_hash.data_multihash(writable, len(whole)), expected)
 
     def assert_gets(self, artifact_id, sd):
         got = self.store.get(artifact_id)
