@@ -24,6 +24,7 @@
 #include "tensorreg/identity/content_id.hpp"
 #include "tensorreg/memory/mapped_file.hpp"
 #include "tensorreg/memory/segmented_view.hpp"
+#include "tensorreg/memory/shared_memory.hpp"
 #include "tensorreg/policy/store_policy.hpp"
 
 namespace tensorreg::client {
@@ -56,11 +57,12 @@ class memfd_mapping {
 // Writes the bundle's canonical bytes into the memfd `fd` at [0, size), leaf by leaf on all
 // cores, two ways at once. pwrite() (the file read into a small buffer, then written) costs the
 // least CPU, but it takes the memfd's inode lock: writers on several cores serialise and spin.
-// So one thread at a time writes with pwrite(), and on more than 4 cores a thread that finds it
-// busy pread()s its leaf from the file straight into a shared mapping of the memfd instead,
-// whose page faults run in parallel. Only the kernel writes the mapping, so a memfd that shrank under it fails the
-// read (EFAULT) rather than raising SIGBUS here. The mapping is gone when this returns: the
-// daemon keeps a memfd no one maps writable as its replica, with no second copy.
+// So one thread at a time writes with pwrite(), and on more cores than
+// memory::max_pwrite_fill_threads a thread that finds it busy pread()s its leaf from the file
+// straight into a shared mapping of the memfd instead, whose page faults run in parallel. Only
+// the kernel writes the mapping, so a memfd that shrank under it fails the read (EFAULT) rather
+// than raising SIGBUS here. The mapping is gone when this returns: the daemon keeps a memfd no
+// one maps writable as its replica, with no second copy.
 status write_canonical(const index::safetensors_bundle& bundle, int fd,
                        const std::function<void(std::uint64_t, std::uint64_t)>& progress) {
   const auto& source = bundle.canonical();
@@ -120,9 +122,8 @@ status write_canonical(const index::safetensors_bundle& bundle, int fd,
   const std::uint64_t chunks = total / hash::leaf_bytes + (total % hash::leaf_bytes != 0 ? 1 : 0);
   thread_pool pool(std::max(1u, std::thread::hardware_concurrency()) - 1);
   std::mutex writer;
-  // With few cores the lock is no bottleneck, and a page fault may cost more than the write
-  // (on some VMs ten times more): every leaf waits for its turn to pwrite().
-  const bool map_when_busy = pool.size() + 1 > 4;
+  // With few cores every leaf waits for its turn to pwrite() (memory::max_pwrite_fill_threads).
+  const bool map_when_busy = pool.size() + 1 > memory::max_pwrite_fill_threads;
   std::atomic<std::uint64_t> done{0};
   std::mutex progress_mutex;
   return pool.parallel_for(chunks, [&](std::size_t chunk) -> status {

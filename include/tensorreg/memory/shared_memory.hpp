@@ -33,6 +33,12 @@
 
 namespace tensorreg::memory {
 
+/// The most threads for which a memfd's fresh pages are best filled by pwrite(), one thread at
+/// a time (the memfd's inode lock admits one writer), rather than through a mapping whose page
+/// faults run on every thread at once. Faults cost more than the copy on some VMs; beyond this
+/// many threads the parallel faults win anyway (benchmarks/RESULTS.md, session 18).
+inline constexpr unsigned max_pwrite_fill_threads = 4;
+
 class shared_memory final : public byte_source {
  public:
   /// Creates a zero-filled memfd of `size` bytes named `name` (visible in /proc/<pid>/fd),

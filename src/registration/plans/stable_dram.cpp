@@ -25,10 +25,6 @@ std::string_view mode_name(stable_upload::mode m) {
   return "none";
 }
 
-// The most hashing workers (the pool's, and the caller when it helps) for which a put from files copies with
-// pwrite() rather than through a mapping.
-constexpr unsigned max_pwrite_workers = 4;
-
 // Writes `bytes` at `offset` of the staging memfd of a put from files, through short writes.
 // Errors: RESOURCE_EXHAUSTED when the kernel has no memory for the pages (ENOSPC, ENOMEM: the
 // memory limit of the daemon's cgroup), INTERNAL otherwise.
@@ -394,10 +390,8 @@ result<commit_response> stable_dram::commit_from_files(commit_context& ctx) {
     if (want_digest) digests[leaf] = hash::sha256(std::span<const std::byte>(bytes));
     return {};
   };
-  // pwrite() makes no page fault, which some VMs charge dearly for, but the memfd's inode lock
-  // lets one writer in at a time; faults through the mapping run on every worker at once. So
-  // few workers write, many map (benchmarks/RESULTS.md, "a put from files on 2 and 16 cores").
-  const bool through_pwrite = ctx.pool.size() + (ctx.pool.callers_help() ? 1 : 0) <= max_pwrite_workers;
+  // Few workers write, many map (memory::max_pwrite_fill_threads says why).
+  const bool through_pwrite = ctx.pool.size() + (ctx.pool.callers_help() ? 1 : 0) <= memory::max_pwrite_fill_threads;
   TENSORREG_TRY(ctx.pool.parallel_for(
       leaves, [&](std::size_t leaf) { return through_pwrite ? hash_leaf(leaf, staging.get()) : map_leaf(leaf); }));
   if (want_digest) metrics::process_counters().bytes_hashed.add(total);
