@@ -8,7 +8,6 @@
 #include <cstring>
 
 #include <algorithm>
-#include <atomic>
 #include <chrono>
 #include <map>
 #include <mutex>
@@ -124,7 +123,7 @@ status write_canonical(const index::safetensors_bundle& bundle, int fd,
   std::mutex writer;
   // With few cores every leaf waits for its turn to pwrite() (memory::max_pwrite_fill_threads).
   const bool map_when_busy = pool.size() + 1 > memory::max_pwrite_fill_threads;
-  std::atomic<std::uint64_t> done{0};
+  std::uint64_t done = 0;  // guarded by progress_mutex
   std::mutex progress_mutex;
   return pool.parallel_for(chunks, [&](std::size_t chunk) -> status {
     const std::uint64_t begin = chunk * hash::leaf_bytes;
@@ -140,11 +139,11 @@ status write_canonical(const index::safetensors_bundle& bundle, int fd,
     if (!copied) {
       return fail(copied.error().code, "cannot copy the artifact into the daemon's memfd: " + copied.error().message);
     }
-    const auto now = done.fetch_add(length) + length;
-    if (progress) {
-      std::lock_guard lock(progress_mutex);
-      progress(now, total);
-    }
+    // Counted under the lock that reports it, so that the reports never go backwards: a
+    // thread that added first may otherwise report after one that added later.
+    std::lock_guard lock(progress_mutex);
+    done += length;
+    if (progress) progress(done, total);
     return {};
   });
 }
