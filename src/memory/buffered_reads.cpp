@@ -10,6 +10,20 @@
 
 namespace tensorreg::memory {
 
+std::optional<short_read> pread_fully(int fd, std::span<std::byte> out, std::uint64_t offset) noexcept {
+  std::size_t got = 0;
+  while (got < out.size()) {
+    const ssize_t n = sys::pread(fd, out.data() + got, out.size() - got, offset + got);
+    if (n > 0) {
+      got += static_cast<std::size_t>(n);
+      continue;
+    }
+    if (n < 0 && errno == EINTR) continue;
+    return short_read{got, n < 0 ? errno : 0};
+  }
+  return std::nullopt;
+}
+
 status visit_through_buffer(std::uint64_t offset, std::uint64_t length,
                             function_ref<status(std::uint64_t, std::span<std::byte>)> fill, piece_sink sink) {
   if (length == 0) return {};
@@ -45,18 +59,11 @@ status visit_through_buffer(std::uint64_t offset, std::uint64_t length,
 status memfd_reads::visit(std::uint64_t offset, std::uint64_t length, piece_sink sink) const {
   TENSORREG_TRY(check_range(offset, length));
   const auto fill = [this](std::uint64_t at, std::span<std::byte> out) -> status {
-    std::size_t got = 0;
-    while (got < out.size()) {
-      const ssize_t n = sys::pread(fd_, out.data() + got, out.size() - got, at + got);
-      if (n > 0) {
-        got += static_cast<std::size_t>(n);
-        continue;
-      }
-      if (n < 0 && errno == EINTR) continue;
-      const std::string reason = n == 0 ? "it ends there now (it shrank)" : std::strerror(errno);
-      return fail(errc::data_loss, "cannot read " + what_ + " at offset " + std::to_string(at + got) + ": " + reason);
-    }
-    return {};
+    const auto short_of = pread_fully(fd_, out, at);
+    if (!short_of) return {};
+    const std::string reason = short_of->error == 0 ? "it ends there now (it shrank)" : std::strerror(short_of->error);
+    return fail(errc::data_loss,
+                "cannot read " + what_ + " at offset " + std::to_string(at + short_of->got) + ": " + reason);
   };
   return visit_through_buffer(offset, length, fill, sink);
 }

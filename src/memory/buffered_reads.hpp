@@ -1,7 +1,8 @@
 // src/memory/buffered_reads.hpp — reading a file or memfd through a small buffer of the
 // calling thread's instead of through a mapping.
 //
-// Provides visit_through_buffer(), the piece loop of mapped_file::visit, and `memfd_reads`, a
+// Provides pread_fully(), visit_through_buffer() (the piece loop of mapped_file::visit), and
+// `memfd_reads`, a
 // byte_source over a memfd (or any file) that pread()s it. Memory this process never mapped
 // costs a page fault per 4 KiB page when read through a fresh mapping, which some VMs charge
 // dearly for; pread() copies from the page cache with none, into a buffer that stays in a
@@ -14,6 +15,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <optional>
 #include <span>
 #include <string>
 
@@ -22,6 +24,17 @@
 #include "tensorreg/memory/byte_source.hpp"
 
 namespace tensorreg::memory {
+
+/// How a pread_fully() fell short: `got` bytes were read, then the file ended (`error` 0) or a
+/// read failed (`error`: its errno).
+struct short_read {
+  std::size_t got = 0;
+  int error = 0;
+};
+
+/// pread()s all of `out` from `fd` at `offset`, through short reads and EINTR (each call behind
+/// the read fault site). nullopt when every byte was read.
+[[nodiscard]] std::optional<short_read> pread_fully(int fd, std::span<std::byte> out, std::uint64_t offset) noexcept;
 
 /// The largest piece the buffered visits hand out.
 inline constexpr std::size_t buffered_piece_bytes = 256 * 1024;

@@ -91,26 +91,18 @@ status mapped_file::read_into(std::uint64_t offset, std::span<std::byte> out) co
 }
 
 status mapped_file::read_fully(std::uint64_t offset, std::span<std::byte> out) const {
-  std::size_t got = 0;
-  while (got < out.size()) {
-    const ssize_t n = sys::pread(fd_.get(), out.data() + got, out.size() - got, offset + got);
-    if (n > 0) {
-      got += static_cast<std::size_t>(n);
-      continue;
-    }
-    if (n < 0 && errno == EINTR) continue;
-    std::string reason;
-    if (n == 0) {
-      reason = "the file ends there now (it was truncated after it was opened)";
-    } else if (errno == EFAULT) {
-      reason = "the memory to read into cannot be written (" + std::string(std::strerror(errno)) + ")";
-    } else {
-      reason = std::strerror(errno);
-    }
-    return fail(errc::data_loss,
-                "cannot read '" + path_ + "' at offset " + std::to_string(offset + got) + ": " + reason);
+  const auto short_of = pread_fully(fd_.get(), out, offset);
+  if (!short_of) return {};
+  std::string reason;
+  if (short_of->error == 0) {
+    reason = "the file ends there now (it was truncated after it was opened)";
+  } else if (short_of->error == EFAULT) {
+    reason = "the memory to read into cannot be written (" + std::string(std::strerror(EFAULT)) + ")";
+  } else {
+    reason = std::strerror(short_of->error);
   }
-  return {};
+  return fail(errc::data_loss,
+              "cannot read '" + path_ + "' at offset " + std::to_string(offset + short_of->got) + ": " + reason);
 }
 
 }  // namespace tensorreg::memory

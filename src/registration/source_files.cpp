@@ -8,7 +8,7 @@
 #include <cstring>
 #include <string>
 
-#include "memory/system_calls.hpp"
+#include "memory/buffered_reads.hpp"
 
 namespace tensorreg::registration::detail {
 namespace {
@@ -127,19 +127,14 @@ status source_files::read(std::uint64_t offset, std::span<std::byte> out, bool z
     const std::uint64_t from = std::max(cursor, it->canonical_offset);
     gap(from);
     const std::uint64_t to = std::min(end, it->canonical_offset + it->length);
-    std::uint64_t at = from;
-    while (at < to) {
-      const std::uint64_t file_at = it->file_offset + (at - it->canonical_offset);
-      const ssize_t n = memory::sys::pread(files_[it->file]->get(), out.data() + (at - offset), to - at, file_at);
-      if (n > 0) {
-        at += static_cast<std::uint64_t>(n);
-        continue;
-      }
-      if (n < 0 && errno == EINTR) continue;
-      const std::string reason =
-          n == 0 ? "the file ends there now (it was truncated after the put began)" : std::strerror(errno);
+    const std::uint64_t file_at = it->file_offset + (from - it->canonical_offset);
+    if (const auto short_of = memory::pread_fully(
+            files_[it->file]->get(), out.subspan(from - offset, static_cast<std::size_t>(to - from)), file_at)) {
+      const std::string reason = short_of->error == 0 ? "the file ends there now (it was truncated after the put began)"
+                                                      : std::strerror(short_of->error);
       return fail(errc::failed_precondition, "cannot read the put's fd #" + std::to_string(it->file) +
-                                                 " at file offset " + std::to_string(file_at) + ": " + reason);
+                                                 " at file offset " + std::to_string(file_at + short_of->got) + ": " +
+                                                 reason);
     }
     cursor = to;
   }

@@ -1,7 +1,6 @@
 #include "registration/plans/stable_dram.hpp"
 
 #include "memory/buffered_reads.hpp"
-#include "memory/page_aligned_buffer.hpp"
 #include "memory/system_calls.hpp"
 #include "tensorreg/common/random.hpp"
 #include "tensorreg/hash/multihash.hpp"
@@ -342,30 +341,29 @@ result<commit_response> stable_dram::commit_from_files(commit_context& ctx) {
     const auto key = hash::to_hex(hash::sha256(index_->json()));
     hash_first = ctx.with_catalogue([&](catalogue& cat) { return cat.find_index(key) != nullptr; });
   }
-  // Reads one leaf from the files a piece at a time into this worker's buffer, hashes the
-  // piece there and, with `into`, pwrite()s the same piece into that memfd: the id describes
-  // exactly the bytes kept, and the kernel fills the memfd's pages without a page fault in the
-  // daemon. The memfd's inode lock admits one writer at a time and its waiters spin, so the
-  // workers take turns on `writer`, where a waiter sleeps.
+  // Reads one leaf from the files a piece at a time into this worker's buffer (small enough to
+  // stay in a core's cache), hashes the piece there and, with `into`, pwrite()s the same piece
+  // into that memfd: the id describes exactly the bytes kept, and the kernel fills the memfd's
+  // pages without a page fault in the daemon. The memfd's inode lock admits one writer at a
+  // time and its waiters spin, so the workers take turns on `writer`, where a waiter sleeps.
   std::mutex writer;
   const auto hash_leaf = [&](std::size_t leaf, const memory::shared_memory* into) -> status {
     TENSORREG_TRY(check_cancel(ctx.cancelled));
-    // Small enough to stay in a core's cache between the read, the hash and the write.
-    constexpr std::size_t piece_bytes = std::size_t{256} << 10;
-    thread_local memory::page_aligned_buffer buffer(piece_bytes);
     const std::uint64_t begin = leaf * hash::leaf_bytes;
-    const std::uint64_t end = std::min(begin + hash::leaf_bytes, total);
     hash::sha256_hasher hasher;
-    for (std::uint64_t at = begin; at < end; at += piece_bytes) {
-      const auto n = static_cast<std::size_t>(std::min<std::uint64_t>(piece_bytes, end - at));
-      const std::span<std::byte> piece(buffer.data(), n);
-      TENSORREG_TRY(files_->read(at, piece, true));
-      if (want_digest) hasher.update(piece);
-      if (into != nullptr) {
-        const std::lock_guard turn(writer);
-        TENSORREG_TRY(write_staging(*into, piece, at));
-      }
-    }
+    std::uint64_t at = begin;
+    TENSORREG_TRY(memory::visit_through_buffer(
+        begin, std::min(hash::leaf_bytes, total - begin),
+        [&](std::uint64_t offset, std::span<std::byte> piece) { return files_->read(offset, piece, true); },
+        [&](std::span<const std::byte> piece) -> status {
+          if (want_digest) hasher.update(piece);
+          if (into != nullptr) {
+            const std::lock_guard turn(writer);
+            TENSORREG_TRY(write_staging(*into, piece, at));
+          }
+          at += piece.size();
+          return {};
+        }));
     if (want_digest) digests[leaf] = hasher.finish();
     return {};
   };
