@@ -2,14 +2,103 @@
 
 #include <algorithm>
 
+#include "memory/page_populator.hpp"
+#include "tensorreg/common/thread_pool.hpp"
+#include "tensorreg/hash/tree_hash.hpp"
 #include "tensorreg/views/scatter.hpp"
 
 namespace tensorreg::views {
+
+namespace {
+
+constexpr std::uint64_t page_bytes = 4096;
+// The unit of the parallel scatter and of faulting pages in.
+constexpr std::uint64_t slice_bytes = std::uint64_t{4} << 20;
+
+// The ranges of `a` that `b` does not cover (both merged).
+std::vector<byte_range> subtract_ranges(std::span<const byte_range> a, std::span<const byte_range> b) {
+  std::vector<byte_range> out;
+  std::size_t j = 0;
+  for (const auto& r : a) {
+    std::uint64_t at = r.offset;
+    while (j < b.size() && b[j].end() <= at) ++j;
+    for (std::size_t k = j; k < b.size() && b[k].offset < r.end(); ++k) {
+      if (b[k].offset > at) out.push_back({at, b[k].offset - at});
+      at = std::max(at, b[k].end());
+    }
+    if (at < r.end()) out.push_back({at, r.end() - at});
+  }
+  return out;
+}
+
+// Calls fn(leaf, bytes) for the part of each range that lies in each leaf.
+template <typename F>
+void for_each_leaf_part(std::span<const byte_range> ranges, F&& fn) {
+  for (const auto& r : ranges) {
+    for (std::uint64_t at = r.offset; at < r.end();) {
+      const std::uint64_t leaf = at / hash::leaf_bytes;
+      const std::uint64_t end = std::min(r.end(), (leaf + 1) * hash::leaf_bytes);
+      fn(leaf, end - at);
+      at = end;
+    }
+  }
+}
+
+status check_cancelled(const std::atomic<bool>* cancelled) {
+  if (cancelled != nullptr && cancelled->load(std::memory_order_relaxed)) {
+    return fail(errc::cancelled, "the commit was cancelled");
+  }
+  return {};
+}
+
+// Faults in, for writing, the pages under `ranges` of `canonical`, a slice per pool index: a
+// fresh memfd page costs a fault on its first write, and one populate call per slice costs far
+// less than a fault per page from the scatter.
+void populate(std::span<std::byte> canonical, std::span<const byte_range> ranges, thread_pool* pool) {
+  std::vector<byte_range> pages;
+  for (const auto& r : ranges) {
+    const std::uint64_t begin = r.offset / page_bytes * page_bytes;
+    const std::uint64_t end =
+        std::min<std::uint64_t>(canonical.size(), (r.end() + page_bytes - 1) / page_bytes * page_bytes);
+    if (!pages.empty() && begin <= pages.back().end()) {
+      pages.back().length = std::max(pages.back().end(), end) - pages.back().offset;
+    } else {
+      pages.push_back({begin, end - begin});
+    }
+  }
+  std::vector<byte_range> slices;
+  for (const auto& p : pages) {
+    for (std::uint64_t at = p.offset; at < p.end(); at += slice_bytes) {
+      slices.push_back({at, std::min(slice_bytes, p.end() - at)});
+    }
+  }
+  const auto one = [&](std::size_t i) -> status {
+    // A page that cannot be had now is left to the scatter's own fault (and its error).
+    static_cast<void>(memory::populate_for_write(canonical.data() + slices[i].offset, slices[i].length));
+    return {};
+  };
+  if (pool != nullptr) {
+    static_cast<void>(pool->parallel_for(slices.size(), one));
+  } else {
+    for (std::size_t i = 0; i < slices.size(); ++i) static_cast<void>(one(i));
+  }
+}
+
+}  // namespace
 
 assembly::assembly(std::string cgid, std::shared_ptr<const index::canonical_index> idx,
                    std::vector<byte_range> required, std::shared_ptr<memory::shared_memory> buffer) noexcept
     : cgid_(std::move(cgid)), index_(std::move(idx)), required_(std::move(required)), buffer_(std::move(buffer)) {
   for (const auto& r : required_) required_bytes_ += r.length;
+  const auto leaves = hash::leaf_count(index_->total_size());
+  missing_.assign(leaves, 0);
+  digests_.resize(leaves);
+  hashed_.assign(leaves, 0);
+  for_each_leaf_part(required_, [&](std::uint64_t leaf, std::uint64_t n) { missing_[leaf] += n; });
+  // A leaf of PAD alone is complete from the start (it reads as zeros).
+  for (std::uint64_t leaf = 0; leaf < leaves; ++leaf) {
+    if (missing_[leaf] == 0) complete_.push_back(leaf);
+  }
 }
 
 result<std::shared_ptr<assembly>> assembly::create(std::string cgid, std::shared_ptr<const index::canonical_index> idx,
@@ -25,8 +114,8 @@ result<std::shared_ptr<assembly>> assembly::create(std::string cgid, std::shared
 }
 
 result<assembly_snapshot> assembly::add_piece(const std::string& piece_id, const view_plan& plan,
-                                              std::span<const std::byte> view_bytes,
-                                              const index::canonical_index& idx) {
+                                              std::span<const std::byte> view_bytes, const index::canonical_index& idx,
+                                              thread_pool* pool) {
   const std::string what = "cannot add piece '" + piece_id + "' to assembly " + cgid_;
   if (!(idx == *index_)) {
     return fail(errc::invalid_argument, what + ": its canonical index (" + std::to_string(idx.total_size()) +
@@ -58,7 +147,18 @@ result<assembly_snapshot> assembly::add_piece(const std::string& piece_id, const
                                      other + ", which wrote it first");
     }
   }
-  TENSORREG_TRY(scatter(plan, 0, view_bytes, canonical));
+  populate(canonical, plan.canonical_ranges(), pool);
+  const std::uint64_t slices = (view_bytes.size() + slice_bytes - 1) / slice_bytes;
+  const auto scatter_slice = [&](std::size_t i) -> status {
+    const std::uint64_t at = i * slice_bytes;
+    return scatter(plan, at, view_bytes.subspan(at, std::min(slice_bytes, view_bytes.size() - at)), canonical);
+  };
+  if (pool != nullptr) {
+    TENSORREG_TRY(pool->parallel_for(slices, scatter_slice));
+  } else {
+    for (std::size_t i = 0; i < slices; ++i) TENSORREG_TRY(scatter_slice(i));
+  }
+  cover_leaves_locked(subtract_ranges(intersect_ranges(plan.canonical_ranges(), required_), covered_));
   std::vector<byte_range> all = covered_;
   all.insert(all.end(), plan.canonical_ranges().begin(), plan.canonical_ranges().end());
   covered_ = merge_ranges(std::move(all));
@@ -67,10 +167,90 @@ result<assembly_snapshot> assembly::add_piece(const std::string& piece_id, const
   return snapshot_locked();
 }
 
-result<std::shared_ptr<memory::shared_memory>> assembly::seal_buffer() {
+void assembly::cover_leaves_locked(std::span<const byte_range> ranges) {
+  for_each_leaf_part(ranges, [&](std::uint64_t leaf, std::uint64_t n) {
+    missing_[leaf] -= n;
+    if (missing_[leaf] == 0) complete_.push_back(leaf);
+  });
+}
+
+result<std::uint64_t> assembly::hash_leaves(const memory::shared_memory& buffer, std::span<const std::uint64_t> leaves,
+                                            thread_pool* pool, const std::atomic<bool>* cancelled) {
+  std::vector<hash::digest> out(leaves.size());
+  std::vector<char> done(leaves.size(), 0);
+  const auto one = [&](std::size_t i) -> status {
+    TENSORREG_TRY(check_cancelled(cancelled));
+    TENSORREG_TRY_ASSIGN(out[i], hash::hash_leaf(buffer, leaves[i]));
+    done[i] = 1;
+    return {};
+  };
+  status result;
+  if (pool != nullptr) {
+    result = pool->parallel_for(leaves.size(), one);
+  } else {
+    for (std::size_t i = 0; i < leaves.size() && result; ++i) result = one(i);
+  }
+  // What was hashed is kept even after an error: the bytes of a complete leaf never change.
+  std::uint64_t bytes = 0;
+  std::lock_guard lock(mutex_);
+  for (std::size_t i = 0; i < leaves.size(); ++i) {
+    if (done[i] != 0) {
+      digests_[leaves[i]] = out[i];
+      hashed_[leaves[i]] = 1;
+      bytes += std::min(hash::leaf_bytes, buffer.size() - leaves[i] * hash::leaf_bytes);
+    }
+  }
+  if (!result) return tl::unexpected(result.error());
+  return bytes;
+}
+
+result<std::uint64_t> assembly::hash_complete_leaves(thread_pool* pool, const std::atomic<bool>* cancelled) {
+  std::vector<std::uint64_t> leaves;
   std::shared_ptr<memory::shared_memory> buffer;
   {
     std::lock_guard lock(mutex_);
+    // Complete: the sealing commit hashes what is left, and seal_buffer() must not remap the
+    // buffer under a reader.
+    if (state_ != state::open) return std::uint64_t{0};
+    leaves.swap(complete_);
+    buffer = buffer_;
+    ++hashing_;
+  }
+  const auto hashed = hash_leaves(*buffer, leaves, pool, cancelled);
+  {
+    std::lock_guard lock(mutex_);
+    --hashing_;
+  }
+  idle_.notify_all();
+  return hashed;
+}
+
+result<assembly_leaves> assembly::leaf_digests(thread_pool* pool, const std::atomic<bool>* cancelled) {
+  std::vector<std::uint64_t> left;
+  std::shared_ptr<memory::shared_memory> buffer;
+  {
+    std::lock_guard lock(mutex_);
+    if (state_ != state::sealing || !buffer_) {
+      return fail(errc::failed_precondition, "cannot hash assembly " + cgid_ + ": it is not complete");
+    }
+    buffer = buffer_;
+    for (std::uint64_t leaf = 0; leaf < hashed_.size(); ++leaf) {
+      if (hashed_[leaf] == 0) left.push_back(leaf);
+    }
+  }
+  // A leaf another piece's commit is hashing right now is hashed here too: the same bytes give
+  // the same digest, and waiting for that commit could wait on a client.
+  TENSORREG_TRY_ASSIGN(const auto bytes, hash_leaves(*buffer, left, pool, cancelled));
+  std::lock_guard lock(mutex_);
+  return assembly_leaves{digests_, bytes};
+}
+
+result<std::shared_ptr<memory::shared_memory>> assembly::seal_buffer() {
+  std::shared_ptr<memory::shared_memory> buffer;
+  {
+    std::unique_lock lock(mutex_);
+    // Sealing maps the buffer anew: no other commit may be reading it then.
+    idle_.wait(lock, [&] { return hashing_ == 0; });
     if (state_ != state::sealing || !buffer_) {
       return fail(errc::failed_precondition, "cannot seal assembly " + cgid_ + ": it is not complete");
     }
@@ -86,6 +266,7 @@ void assembly::mark_sealed(std::string artifact_id) {
   state_ = state::sealed;
   artifact_id_ = std::move(artifact_id);
   buffer_.reset();  // the stable cache holds it now
+  complete_.clear();
 }
 
 assembly_snapshot assembly::snapshot() const {

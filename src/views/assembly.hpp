@@ -4,18 +4,26 @@
 // Provides `assembly`: one canonical buffer per cgid (a memfd of canonical_size bytes, whose
 // pages cost memory only once written), the canonical bytes each piece wrote, and the rule
 // that pieces may overlap only where their bytes are equal. When the pieces together cover
-// every byte of every canonical tensor, the assembly is complete: the engine then hashes the
-// buffer (the mi2 id of the whole artifact), publishes it and marks the assembly sealed; later
-// pieces are refused. An assembly that stops receiving pieces expires with the TTL of its last
-// piece and lets go of its buffer.
+// every byte of every canonical tensor, the assembly is complete: the engine then takes the
+// buffer's leaf digests (the mi2 id of the whole artifact), publishes it and marks the assembly
+// sealed; later pieces are refused. An assembly that stops receiving pieces expires with the
+// TTL of its last piece and lets go of its buffer.
+//
+// The 4 MiB leaves of the data hash (hash/tree_hash.hpp) are hashed as pieces complete them: a
+// leaf whose required bytes are all covered never changes again (an overlapping piece must
+// bring equal bytes), so each piece's commit hashes the leaves it completed and the seal hashes
+// only those of the last piece, not the whole buffer.
 //
 // Private to the library (the engine keeps one per cgid in its catalogue).
 // Thread-safety: every member may be called from any thread; add_piece() serializes the pieces
-// of one assembly (its scatter runs under the assembly's mutex, a leaf lock).
+// of one assembly (its scatter runs under the assembly's mutex, a leaf lock; its workers take
+// no lock); hashing runs outside the mutex, over leaves no piece writes any more.
 // Ownership: the assembly owns its buffer until sealed (then the stable cache holds it) or
 // released.
 #pragma once
 
+#include <atomic>
+#include <condition_variable>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -27,9 +35,14 @@
 
 #include "tensorreg/common/clock.hpp"
 #include "tensorreg/common/error.hpp"
+#include "tensorreg/hash/sha256.hpp"
 #include "tensorreg/index/canonical_index.hpp"
 #include "tensorreg/memory/shared_memory.hpp"
 #include "tensorreg/views/view_plan.hpp"
+
+namespace tensorreg {
+class thread_pool;
+}
 
 namespace tensorreg::views {
 
@@ -42,6 +55,12 @@ struct assembly_snapshot {
   bool sealed = false;
   std::string artifact_id;                    ///< once sealed
   std::optional<clock::time_point> deadline;  ///< when it expires (touch()); nullopt: never
+};
+
+/// An assembly's leaf digests at its seal.
+struct assembly_leaves {
+  std::vector<hash::digest> digests;  ///< every leaf's, in order
+  std::uint64_t bytes_hashed = 0;     ///< of them, the bytes hashed by this call
 };
 
 class assembly {
@@ -63,13 +82,28 @@ class assembly {
   /// Errors: INVALID_ARGUMENT (the piece's canonical index is another one), FAILED_PRECONDITION
   /// ("assembly is already sealed", or being sealed), ABORTED (a byte the piece shares with an
   /// earlier piece differs: the message names both pieces and the canonical offset).
+  /// The scatter, and the faulting in of the pages it writes, run on `pool` (null: the calling
+  /// thread alone).
   [[nodiscard]] result<assembly_snapshot> add_piece(const std::string& piece_id, const view_plan& plan,
                                                     std::span<const std::byte> view_bytes,
-                                                    const index::canonical_index& idx);
+                                                    const index::canonical_index& idx, thread_pool* pool = nullptr);
 
-  /// The buffer of a complete assembly, sealed read-only for hashing and publishing.
-  /// Errors: FAILED_PRECONDITION (not complete), the seal's.
+  /// Hashes the leaves that pieces have completed and nobody has hashed yet, on `pool` (null:
+  /// the calling thread), checking `cancelled` (null: never) before each leaf. A leaf left
+  /// unhashed by an error is hashed by leaf_digests(). Returns the bytes it hashed (none once
+  /// the assembly is complete: the sealing commit hashes what is left).
+  /// Errors: CANCELLED, or reading the buffer's (none for a memfd).
+  [[nodiscard]] result<std::uint64_t> hash_complete_leaves(thread_pool* pool, const std::atomic<bool>* cancelled);
+
+  /// The buffer of a complete assembly, sealed read-only for publishing, once no
+  /// hash_complete_leaves() reads it. Errors: FAILED_PRECONDITION (not complete), the seal's.
   [[nodiscard]] result<std::shared_ptr<memory::shared_memory>> seal_buffer();
+
+  /// Every leaf digest of a complete assembly's buffer, in order (hash::tree_root of them is its
+  /// data hash): those hashed as pieces came, the rest hashed now as hash_complete_leaves()
+  /// does. Call it before seal_buffer(), which maps the buffer anew.
+  /// Errors: FAILED_PRECONDITION (not complete, or sealed already), CANCELLED.
+  [[nodiscard]] result<assembly_leaves> leaf_digests(thread_pool* pool, const std::atomic<bool>* cancelled);
   /// Records that the buffer was published as `artifact_id`; the assembly lets go of it.
   void mark_sealed(std::string artifact_id);
 
@@ -86,6 +120,13 @@ class assembly {
   assembly(std::string cgid, std::shared_ptr<const index::canonical_index> idx, std::vector<byte_range> required,
            std::shared_ptr<memory::shared_memory> buffer) noexcept;
   [[nodiscard]] assembly_snapshot snapshot_locked() const;
+  // Counts `ranges` (covered for the first time) against their leaves; queues the leaves left
+  // with nothing missing.
+  void cover_leaves_locked(std::span<const byte_range> ranges);
+  // Hashes `leaves` of `buffer` and records their digests; returns the bytes hashed.
+  [[nodiscard]] result<std::uint64_t> hash_leaves(const memory::shared_memory& buffer,
+                                                  std::span<const std::uint64_t> leaves, thread_pool* pool,
+                                                  const std::atomic<bool>* cancelled);
 
   const std::string cgid_;
   const std::shared_ptr<const index::canonical_index> index_;
@@ -99,6 +140,12 @@ class assembly {
   std::vector<std::pair<std::string, std::vector<byte_range>>> pieces_;  // piece id → its ranges
   std::string artifact_id_;
   std::optional<clock::time_point> deadline_;
+  std::vector<std::uint64_t> missing_;   // per leaf: required bytes no piece has covered yet
+  std::vector<std::uint64_t> complete_;  // leaves with nothing missing, not yet handed to a hasher
+  std::vector<hash::digest> digests_;    // per leaf, valid where hashed_
+  std::vector<char> hashed_;
+  int hashing_ = 0;  // hash_complete_leaves() calls reading the buffer
+  std::condition_variable idle_;
 };
 
 }  // namespace tensorreg::views

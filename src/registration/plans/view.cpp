@@ -300,7 +300,12 @@ result<commit_response> view_registration::commit_piece(commit_context& ctx) {
     });
   }
   whole->touch(deadline);
-  TENSORREG_TRY_ASSIGN(auto after, whole->add_piece(p.id, *view_, staging, *index_));
+  TENSORREG_TRY_ASSIGN(auto after, whole->add_piece(p.id, *view_, staging, *index_, &ctx.pool));
+  if (!after.complete) {
+    // The leaves this piece completed, hashed now so that the seal hashes only the last piece's.
+    TENSORREG_TRY_ASSIGN(const auto hashed, whole->hash_complete_leaves(&ctx.pool, ctx.cancelled));
+    metrics::process_counters().bytes_hashed.add(hashed);
+  }
 
   commit_response response;
   response.local_stable_tier = local_stable_tier_result{local_stable_status::skipped, tier_skipped};
@@ -308,9 +313,10 @@ result<commit_response> view_registration::commit_piece(commit_context& ctx) {
     // This piece completed the canonical buffer: it gets the mi2 id a whole registration of
     // the same tensors gets, and becomes a stable replica.
     auto sealed = [&]() -> result<commit_response> {
+      TENSORREG_TRY_ASSIGN(const auto leaves, whole->leaf_digests(&ctx.pool, ctx.cancelled));
+      metrics::process_counters().bytes_hashed.add(leaves.bytes_hashed);
       TENSORREG_TRY_ASSIGN(auto buffer, whole->seal_buffer());
-      TENSORREG_TRY_ASSIGN(auto data, hash::tree_hash(cancellable_source(*buffer, ctx.cancelled), &ctx.pool));
-      metrics::process_counters().bytes_hashed.add(buffer->size());
+      const std::optional<hash::digest> data = hash::tree_root(leaves.digests);
       registration_facts as_whole = p;
       as_whole.cgid.clear();
       as_whole.total_size = index_->total_size();
