@@ -209,20 +209,12 @@ result<std::uint64_t> assembly::hash_complete_leaves(thread_pool* pool, const st
   std::shared_ptr<memory::shared_memory> buffer;
   {
     std::lock_guard lock(mutex_);
-    // Complete: the sealing commit hashes what is left, and seal_buffer() must not remap the
-    // buffer under a reader.
+    // Complete: the sealing commit hashes what is left.
     if (state_ != state::open) return std::uint64_t{0};
     leaves.swap(complete_);
     buffer = buffer_;
-    ++hashing_;
   }
-  const auto hashed = hash_leaves(*buffer, leaves, pool, cancelled);
-  {
-    std::lock_guard lock(mutex_);
-    --hashing_;
-  }
-  idle_.notify_all();
-  return hashed;
+  return hash_leaves(*buffer, leaves, pool, cancelled);
 }
 
 result<assembly_leaves> assembly::leaf_digests(thread_pool* pool, const std::atomic<bool>* cancelled) {
@@ -248,16 +240,16 @@ result<assembly_leaves> assembly::leaf_digests(thread_pool* pool, const std::ato
 result<std::shared_ptr<memory::shared_memory>> assembly::seal_buffer() {
   std::shared_ptr<memory::shared_memory> buffer;
   {
-    std::unique_lock lock(mutex_);
-    // Sealing maps the buffer anew: no other commit may be reading it then.
-    idle_.wait(lock, [&] { return hashing_ == 0; });
+    std::lock_guard lock(mutex_);
     if (state_ != state::sealing || !buffer_) {
       return fail(errc::failed_precondition, "cannot seal assembly " + cgid_ + ": it is not complete");
     }
     buffer = buffer_;
   }
-  // Only this assembly ever mapped the memfd writable, and no piece writes any more.
-  TENSORREG_TRY(buffer->seal_read_only());
+  // No fd of it can change it from now on. Only this assembly maps it writable, and no piece
+  // writes any more; its mapping stays (seal_read_only() would map it anew, under other
+  // commits still hashing, and unmapping a whole model's pages costs a tenth of a second).
+  TENSORREG_TRY(buffer->seal_against_writes());
   return buffer;
 }
 

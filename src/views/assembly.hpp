@@ -23,7 +23,6 @@
 #pragma once
 
 #include <atomic>
-#include <condition_variable>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -95,13 +94,13 @@ class assembly {
   /// Errors: CANCELLED, or reading the buffer's (none for a memfd).
   [[nodiscard]] result<std::uint64_t> hash_complete_leaves(thread_pool* pool, const std::atomic<bool>* cancelled);
 
-  /// The buffer of a complete assembly, sealed read-only for publishing, once no
-  /// hash_complete_leaves() reads it. Errors: FAILED_PRECONDITION (not complete), the seal's.
+  /// The buffer of a complete assembly, sealed against writes through any fd for publishing.
+  /// Errors: FAILED_PRECONDITION (not complete), the seal's.
   [[nodiscard]] result<std::shared_ptr<memory::shared_memory>> seal_buffer();
 
   /// Every leaf digest of a complete assembly's buffer, in order (hash::tree_root of them is its
   /// data hash): those hashed as pieces came, the rest hashed now as hash_complete_leaves()
-  /// does. Call it before seal_buffer(), which maps the buffer anew.
+  /// does.
   /// Errors: FAILED_PRECONDITION (not complete, or sealed already), CANCELLED.
   [[nodiscard]] result<assembly_leaves> leaf_digests(thread_pool* pool, const std::atomic<bool>* cancelled);
   /// Records that the buffer was published as `artifact_id`; the assembly lets go of it.
@@ -144,8 +143,6 @@ class assembly {
   std::vector<std::uint64_t> complete_;  // leaves with nothing missing, not yet handed to a hasher
   std::vector<hash::digest> digests_;    // per leaf, valid where hashed_
   std::vector<char> hashed_;
-  int hashing_ = 0;  // hash_complete_leaves() calls reading the buffer
-  std::condition_variable idle_;
 };
 
 }  // namespace tensorreg::views
