@@ -14,6 +14,8 @@ namespace {
 constexpr std::uint64_t page_bytes = 4096;
 // The unit of the parallel scatter and of faulting pages in.
 constexpr std::uint64_t slice_bytes = std::uint64_t{4} << 20;
+// Canonical ranges shorter than this are not faulted in ahead of the scatter.
+constexpr std::uint64_t min_populated_range = std::uint64_t{64} << 10;
 
 // The ranges of `a` that `b` does not cover (both merged).
 std::vector<byte_range> subtract_ranges(std::span<const byte_range> a, std::span<const byte_range> b) {
@@ -51,26 +53,19 @@ status check_cancelled(const std::atomic<bool>* cancelled) {
   return {};
 }
 
-// Faults in, for writing, the pages under `ranges` of `canonical`, a slice per pool index: a
-// fresh memfd page costs a fault on its first write, and one populate call per slice costs far
-// less than a fault per page from the scatter.
+// Faults in, for writing, the pages under the large ones of `ranges` in `canonical`, a slice per
+// pool index: a fresh memfd page costs a fault on its first write, and one populate call per
+// 4 MiB costs far less than a fault per page from the scatter. Small ranges (a narrow along the
+// last dim writes a few KiB of every row) are left to the scatter's faults: a call per range
+// would cost more than the faults it saves.
 void populate(std::span<std::byte> canonical, std::span<const byte_range> ranges, thread_pool* pool) {
-  std::vector<byte_range> pages;
+  std::vector<byte_range> slices;
   for (const auto& r : ranges) {
+    if (r.length < min_populated_range) continue;
     const std::uint64_t begin = r.offset / page_bytes * page_bytes;
     const std::uint64_t end =
         std::min<std::uint64_t>(canonical.size(), (r.end() + page_bytes - 1) / page_bytes * page_bytes);
-    if (!pages.empty() && begin <= pages.back().end()) {
-      pages.back().length = std::max(pages.back().end(), end) - pages.back().offset;
-    } else {
-      pages.push_back({begin, end - begin});
-    }
-  }
-  std::vector<byte_range> slices;
-  for (const auto& p : pages) {
-    for (std::uint64_t at = p.offset; at < p.end(); at += slice_bytes) {
-      slices.push_back({at, std::min(slice_bytes, p.end() - at)});
-    }
+    for (std::uint64_t at = begin; at < end; at += slice_bytes) slices.push_back({at, std::min(slice_bytes, end - at)});
   }
   const auto one = [&](std::size_t i) -> status {
     // A page that cannot be had now is left to the scatter's own fault (and its error).
