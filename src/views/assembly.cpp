@@ -1,6 +1,7 @@
 #include "views/assembly.hpp"
 
 #include <algorithm>
+#include <limits>
 
 #include "memory/page_populator.hpp"
 #include "tensorreg/common/thread_pool.hpp"
@@ -14,7 +15,9 @@ namespace {
 constexpr std::uint64_t page_bytes = 4096;
 // The unit of the parallel scatter and of faulting pages in.
 constexpr std::uint64_t slice_bytes = std::uint64_t{4} << 20;
-// Canonical ranges shorter than this are not faulted in ahead of the scatter.
+// A piece's canonical ranges shorter than this are not faulted in by its own scatter: a narrow
+// along the last dim writes a few KiB of every row, and a populate call per row costs more
+// than the faults it saves.
 constexpr std::uint64_t min_populated_range = std::uint64_t{64} << 10;
 
 // The ranges of `a` that `b` does not cover (both merged).
@@ -53,23 +56,15 @@ status check_cancelled(const std::atomic<bool>* cancelled) {
   return {};
 }
 
-// Faults in, for writing, the pages under the large ones of `ranges` in `canonical`, a slice per
-// pool index: a fresh memfd page costs a fault on its first write, and one populate call per
-// 4 MiB costs far less than a fault per page from the scatter. Small ranges (a narrow along the
-// last dim writes a few KiB of every row) are left to the scatter's faults: a call per range
-// would cost more than the faults it saves.
-void populate(std::span<std::byte> canonical, std::span<const byte_range> ranges, thread_pool* pool) {
-  std::vector<byte_range> slices;
-  for (const auto& r : ranges) {
-    if (r.length < min_populated_range) continue;
-    const std::uint64_t begin = r.offset / page_bytes * page_bytes;
-    const std::uint64_t end =
-        std::min<std::uint64_t>(canonical.size(), (r.end() + page_bytes - 1) / page_bytes * page_bytes);
-    for (std::uint64_t at = begin; at < end; at += slice_bytes) slices.push_back({at, std::min(slice_bytes, end - at)});
-  }
+// Faults in, for writing, the 4 MiB slices `slices` of `canonical`, one pool index each: a
+// fresh memfd page costs a fault on its first write, and one populate call per slice costs far
+// less than a fault per page from the scatter. Populating never changes a byte, so it may run
+// beside writes and reads of the same pages.
+void populate(std::span<std::byte> canonical, std::span<const std::uint64_t> slices, thread_pool* pool) {
   const auto one = [&](std::size_t i) -> status {
+    const std::uint64_t at = slices[i] * slice_bytes;
     // A page that cannot be had now is left to the scatter's own fault (and its error).
-    static_cast<void>(memory::populate_for_write(canonical.data() + slices[i].offset, slices[i].length));
+    static_cast<void>(memory::populate_for_write(canonical.data() + at, std::min(slice_bytes, canonical.size() - at)));
     return {};
   };
   if (pool != nullptr) {
@@ -89,6 +84,7 @@ assembly::assembly(std::string cgid, std::shared_ptr<const index::canonical_inde
   missing_.assign(leaves, 0);
   digests_.resize(leaves);
   hashed_.assign(leaves, 0);
+  faulted_.assign((index_->total_size() + slice_bytes - 1) / slice_bytes, 0);
   for_each_leaf_part(required_, [&](std::uint64_t leaf, std::uint64_t n) { missing_[leaf] += n; });
   // A leaf of PAD alone is complete from the start (it reads as zeros).
   for (std::uint64_t leaf = 0; leaf < leaves; ++leaf) {
@@ -142,7 +138,9 @@ result<assembly_snapshot> assembly::add_piece(const std::string& piece_id, const
                                      other + ", which wrote it first");
     }
   }
-  populate(canonical, plan.canonical_ranges(), pool);
+  populate(canonical,
+           claim_slices_locked(plan.canonical_ranges(), min_populated_range, std::numeric_limits<std::uint64_t>::max()),
+           pool);
   const std::uint64_t slices = (view_bytes.size() + slice_bytes - 1) / slice_bytes;
   const auto scatter_slice = [&](std::size_t i) -> status {
     const std::uint64_t at = i * slice_bytes;
@@ -153,13 +151,46 @@ result<assembly_snapshot> assembly::add_piece(const std::string& piece_id, const
   } else {
     for (std::size_t i = 0; i < slices; ++i) TENSORREG_TRY(scatter_slice(i));
   }
-  cover_leaves_locked(subtract_ranges(intersect_ranges(plan.canonical_ranges(), required_), covered_));
+  const auto fresh = subtract_ranges(intersect_ranges(plan.canonical_ranges(), required_), covered_);
+  for (const auto& r : fresh) prefault_allowance_ += r.length;
+  cover_leaves_locked(fresh);
   std::vector<byte_range> all = covered_;
   all.insert(all.end(), plan.canonical_ranges().begin(), plan.canonical_ranges().end());
   covered_ = merge_ranges(std::move(all));
   pieces_.emplace_back(piece_id, plan.canonical_ranges());
   if (!first_gap(required_, covered_).has_value()) state_ = state::sealing;
   return snapshot_locked();
+}
+
+std::vector<std::uint64_t> assembly::claim_slices_locked(std::span<const byte_range> ranges, std::uint64_t min_length,
+                                                         std::uint64_t budget) {
+  std::vector<std::uint64_t> out;
+  for (const auto& r : ranges) {
+    if (r.length < min_length) continue;
+    for (std::uint64_t slice = r.offset / slice_bytes; slice * slice_bytes < r.end(); ++slice) {
+      if (faulted_[slice] != 0) continue;
+      if (budget < slice_bytes) return out;
+      budget -= slice_bytes;
+      faulted_[slice] = 1;
+      out.push_back(slice);
+    }
+  }
+  return out;
+}
+
+void assembly::prefault_uncovered(thread_pool& pool) {
+  std::vector<std::uint64_t> slices;
+  std::shared_ptr<memory::shared_memory> buffer;
+  {
+    std::lock_guard lock(mutex_);
+    if (state_ != state::open) return;
+    slices = claim_slices_locked(subtract_ranges(required_, covered_), 0, prefault_allowance_);
+    prefault_allowance_ -= std::min(prefault_allowance_, slices.size() * slice_bytes);
+    buffer = buffer_;
+  }
+  if (slices.empty()) return;
+  pool.submit(
+      [buffer = std::move(buffer), slices = std::move(slices)] { populate(buffer->mutable_bytes(), slices, nullptr); });
 }
 
 void assembly::cover_leaves_locked(std::span<const byte_range> ranges) {

@@ -2,7 +2,8 @@
 // canonical buffer (registration.md §7, PIECE kind).
 //
 // Provides `assembly`: one canonical buffer per cgid (a memfd of canonical_size bytes, whose
-// pages cost memory only once written), the canonical bytes each piece wrote, and the rule
+// pages cost memory only once written or faulted in ahead of a piece, never more than the
+// pieces have brought), the canonical bytes each piece wrote, and the rule
 // that pieces may overlap only where their bytes are equal. When the pieces together cover
 // every byte of every canonical tensor, the assembly is complete: the engine then takes the
 // buffer's leaf digests (the mi2 id of the whole artifact), publishes it and marks the assembly
@@ -87,6 +88,12 @@ class assembly {
                                                     std::span<const std::byte> view_bytes,
                                                     const index::canonical_index& idx, thread_pool* pool = nullptr);
 
+  /// Faults in, on a job of `pool`, pages of the buffer that no piece has written yet, as many
+  /// as the pieces have written and not had faulted in this way: the pages a later piece
+  /// writes are then there before its Commit, and what a piece makes resident stays in
+  /// proportion to the bytes it brought. Returns at once.
+  void prefault_uncovered(thread_pool& pool);
+
   /// Hashes the leaves that pieces have completed and nobody has hashed yet, on `pool` (null:
   /// the calling thread), checking `cancelled` (null: never) before each leaf. A leaf left
   /// unhashed by an error is hashed by leaf_digests(). Returns the bytes it hashed (none once
@@ -122,6 +129,10 @@ class assembly {
   // Counts `ranges` (covered for the first time) against their leaves; queues the leaves left
   // with nothing missing.
   void cover_leaves_locked(std::span<const byte_range> ranges);
+  // The 4 MiB slices under `ranges` of at least `min_length` bytes not faulted in yet, at most
+  // `budget` bytes of them, marked as faulted in.
+  [[nodiscard]] std::vector<std::uint64_t> claim_slices_locked(std::span<const byte_range> ranges,
+                                                               std::uint64_t min_length, std::uint64_t budget);
   // Hashes `leaves` of `buffer` and records their digests; returns the bytes hashed.
   [[nodiscard]] result<std::uint64_t> hash_leaves(const memory::shared_memory& buffer,
                                                   std::span<const std::uint64_t> leaves, thread_pool* pool,
@@ -143,6 +154,8 @@ class assembly {
   std::vector<std::uint64_t> complete_;  // leaves with nothing missing, not yet handed to a hasher
   std::vector<hash::digest> digests_;    // per leaf, valid where hashed_
   std::vector<char> hashed_;
+  std::vector<char> faulted_;             // per 4 MiB slice of the buffer: faulted in, or being
+  std::uint64_t prefault_allowance_ = 0;  // bytes pieces brought, not yet faulted in ahead
 };
 
 }  // namespace tensorreg::views

@@ -82,7 +82,10 @@ std::shared_ptr<views::assembly> make_assembly(const model& m) {
 
 }  // namespace
 
-TEST_CASE("assembly: pieces hash the leaves they complete; the seal hashes the rest, once", "[views][assembly]") {
+TEST_CASE(
+    "assembly: pieces hash the leaves they complete; the seal hashes the rest, once; faulting pages in "
+    "ahead changes no byte",
+    "[views][assembly]") {
   const auto m = make_model();
   REQUIRE(tensorreg::hash::leaf_count(m.index->total_size()) == 4);
   tensorreg::thread_pool pool(2);
@@ -102,6 +105,7 @@ TEST_CASE("assembly: pieces hash the leaves they complete; the seal hashes the r
       auto now = whole->hash_complete_leaves(&pool, nullptr);
       REQUIRE_OK(now);
       hashed += *now;
+      whole->prefault_uncovered(pool);  // in the background, beside the next piece's scatter
     } else {
       auto none = whole->hash_complete_leaves(&pool, nullptr);
       REQUIRE_OK(none);
@@ -188,6 +192,7 @@ TEST_CASE("assembly: pieces added and hashed on many threads seal with the whole
         if (!after) return;
         if (!after->complete) {
           static_cast<void>(whole->hash_complete_leaves(&pool, nullptr));
+          whole->prefault_uncovered(pool);
           return;
         }
         // The completing piece seals while the others may still be hashing.

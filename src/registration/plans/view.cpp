@@ -305,6 +305,9 @@ result<commit_response> view_registration::commit_piece(commit_context& ctx) {
     // The leaves this piece completed, hashed now so that the seal hashes only the last piece's.
     TENSORREG_TRY_ASSIGN(const auto hashed, whole->hash_complete_leaves(&ctx.pool, ctx.cancelled));
     metrics::process_counters().bytes_hashed.add(hashed);
+    // And the pages the next pieces will write, in the background, so that their commits find
+    // them there.
+    whole->prefault_uncovered(ctx.pool);
   }
 
   commit_response response;
