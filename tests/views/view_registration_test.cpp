@@ -447,3 +447,27 @@ TEST_CASE("view registration: 8 pieces committed from 8 threads seal once, with 
   CHECK(status->sealed);
   CHECK(status->pieces == 8);
 }
+
+TEST_CASE("view registration: a piece's PAD reads as zero in its view hash, whatever the client sent",
+          "[views][view_registration]") {
+  fake_clock clock;
+  auto e = t::make_engine(clock);
+  const auto f = make_fixture();
+  // b[0:47] (94 bytes), 2 bytes of PAD, then w[:, 0:12] at view offset 96.
+  views::view_request v = piece_request(0, 12);
+  v.tensor_names.clear();
+  v.spec["b"] = {narrow_op{0, 0, 47}};
+  std::string zeroed = f.canonical.substr(0, 94) + std::string(2, '\0') + column_piece(f, 0, 12).substr(cols * 2);
+  std::string sent = zeroed;
+  sent[94] = '\xFF';
+  sent[95] = '\x7F';
+  // In two chunks, the PAD at the end of the first, the second first.
+  auto begun = e->begin(view_begin(f, v, sent.size(), "cgid:model-pad.tp"));
+  REQUIRE_OK(begun);
+  REQUIRE_OK(feed_view(*e, begun->registration_id, sent, 96, sent.size() - 96));
+  REQUIRE_OK(feed_view(*e, begun->registration_id, sent, 0, 96));
+  auto done = e->commit(begun->registration_id);
+  REQUIRE_OK(done);
+  REQUIRE(done->view);
+  CHECK(done->view->data_hash == multihash_of(zeroed));
+}

@@ -27,6 +27,18 @@ result<hash::digest> linear_hash(std::span<const std::byte> bytes, thread_pool& 
   return hash::tree_root(digests);
 }
 
+// Zeroes the PAD between view tensors within view bytes [offset, offset + length) of `staging`.
+void zero_pad(const views::view_plan& v, std::span<std::byte> staging, std::uint64_t offset, std::uint64_t length) {
+  const auto& tensors = v.tensors();
+  const std::uint64_t end = offset + length;
+  std::uint64_t cursor = offset;
+  for (std::size_t i = v.tensor_at(offset); i < tensors.size() && tensors[i].view_offset < end; ++i) {
+    if (tensors[i].view_offset > cursor) std::memset(staging.data() + cursor, 0, tensors[i].view_offset - cursor);
+    cursor = std::max(cursor, tensors[i].view_offset + tensors[i].nbytes);
+  }
+  if (cursor < end) std::memset(staging.data() + cursor, 0, end - cursor);
+}
+
 view_record record_of(const views::view_plan& v, const hash::digest& data) {
   view_record r;
   r.view_id = v.view_id();
@@ -80,10 +92,74 @@ result<commit_response> publish_stable(
 
 }  // namespace
 
-void written_ranges::add(std::uint64_t offset, std::uint64_t length) {
+bool written_ranges::add(std::uint64_t offset, std::uint64_t length) {
   std::lock_guard lock(mutex_);
-  ranges_.push_back({offset, length});
+  const views::byte_range added{offset, length};
+  const bool again = !views::intersect_ranges(ranges_, std::span(&added, 1)).empty();
+  ranges_.push_back(added);
   ranges_ = views::merge_ranges(std::move(ranges_));
+  return again;
+}
+
+std::uint64_t written_ranges::written_through(std::uint64_t offset) const {
+  std::lock_guard lock(mutex_);
+  auto it = std::upper_bound(ranges_.begin(), ranges_.end(), offset,
+                             [](std::uint64_t at, const views::byte_range& r) { return at < r.offset; });
+  if (it == ranges_.begin()) return offset;
+  --it;
+  return it->end() > offset ? it->end() : offset;
+}
+
+streamed_view_hash::streamed_view_hash(std::uint64_t view_size, std::uint64_t leaf_bytes)
+    : size_(view_size), leaf_bytes_(leaf_bytes) {
+  for (std::uint64_t at = 0; at < view_size; at += leaf_bytes) {
+    leaves_.push_back(std::make_unique<leaf>());
+  }
+}
+
+void streamed_view_hash::advance(std::span<const std::byte> staging, const written_ranges& written,
+                                 std::uint64_t offset, std::uint64_t length) {
+  if (spoiled_ || length == 0) return;
+  const std::uint64_t leaf_bytes = leaf_bytes_;
+  for (std::uint64_t i = offset / leaf_bytes; i * leaf_bytes < offset + length && i < leaves_.size(); ++i) {
+    auto& l = *leaves_[i];
+    const std::uint64_t begin = i * leaf_bytes;
+    const std::uint64_t end = std::min(size_, begin + leaf_bytes);
+    // Whoever holds the lock carries the hash on; a feed that finds it taken leaves its bytes to
+    // the holder, which looks again before it lets go (`wanted`).
+    l.wanted.fetch_add(1);
+    while (l.mutex.try_lock()) {
+      l.wanted.store(0);
+      for (;;) {
+        const std::uint64_t from = begin + l.hashed;
+        const std::uint64_t to = std::min(end, written.written_through(from));
+        if (to <= from) break;
+        l.hasher.update(staging.subspan(from, to - from));
+        l.hashed = to - begin;
+      }
+      l.mutex.unlock();
+      if (l.wanted.load() == 0) break;
+    }
+  }
+}
+
+std::optional<hash::digest> streamed_view_hash::finish(std::span<const std::byte> staging, thread_pool& pool) {
+  if (spoiled_) return std::nullopt;
+  const std::uint64_t leaf_bytes = leaf_bytes_;
+  std::vector<hash::digest> digests(leaves_.size());
+  const auto done = pool.parallel_for(leaves_.size(), [&](std::size_t i) -> status {
+    auto& l = *leaves_[i];
+    std::lock_guard lock(l.mutex);
+    const std::uint64_t begin = i * leaf_bytes;
+    const std::uint64_t end = std::min(size_, begin + leaf_bytes);
+    l.hasher.update(staging.subspan(begin + l.hashed, end - begin - l.hashed));
+    l.hashed = end - begin;
+    digests[i] = l.hasher.finish();
+    return {};
+  });
+  if (!done) return std::nullopt;
+  spoiled_ = true;  // the hashers are spent
+  return hash::tree_root(digests);
 }
 
 std::optional<views::byte_range> written_ranges::first_missing(std::span<const views::byte_range> required) const {
@@ -149,6 +225,8 @@ result<std::unique_ptr<plan>> view_registration::begin(const begin_request& r, c
   p->written_ = std::make_shared<written_ranges>();
   if (p->view_->kind() == views::registration_kind::canonical) {
     p->populator_ = std::make_shared<memory::page_populator>(p->buffer_->mutable_bytes());
+  } else {
+    p->streamed_ = std::make_shared<streamed_view_hash>(size);
   }
   if (std::holds_alternative<stable_dram_options>(r.plan)) {
     response.handshake = stable_dram_handshake{};
@@ -185,18 +263,25 @@ result<feed_work> view_registration::feed(feed_request& r, const registration_fa
                                         ") run past the view size " + std::to_string(size));
   }
   const bool scatters = view_->kind() == views::registration_kind::canonical;
-  return feed_work([view = view_, buffer = buffer_, written = written_, populator = populator_, scatters, offset,
-                    data = std::move(chunk->data)]() -> status {
+  return feed_work([view = view_, buffer = buffer_, written = written_, populator = populator_, streamed = streamed_,
+                    scatters, offset, data = std::move(chunk->data)]() -> status {
     const auto bytes = std::as_bytes(std::span(data.data(), data.size()));
     if (scatters) {
       // Four times the chunk's size: what one client's bytes make resident stays in proportion
       // to them, and the buffer is still faulted in over the first quarter of the upload.
       populator->run(4 * bytes.size());
       TENSORREG_TRY(views::scatter(*view, offset, bytes, buffer->mutable_bytes()));
-    } else {
-      std::memcpy(buffer->mutable_bytes().data() + offset, bytes.data(), bytes.size());
+      written->add(offset, bytes.size());  // after the copy: Commit checks what has landed
+      return {};
     }
-    written->add(offset, bytes.size());  // after the copy: Commit checks what has landed
+    const auto staging = buffer->mutable_bytes();
+    std::memcpy(staging.data() + offset, bytes.data(), bytes.size());
+    zero_pad(*view, staging, offset, bytes.size());  // PAD reads as zero in the view hash
+    if (written->add(offset, bytes.size())) {
+      streamed->spoil();  // bytes hashed already may have changed
+    } else {
+      streamed->advance(staging, *written, offset, bytes.size());
+    }
     return {};
   });
 }
@@ -283,8 +368,11 @@ result<commit_response> view_registration::commit_piece(commit_context& ctx) {
     if (t.view_offset > cursor) std::memset(staging.data() + cursor, 0, t.view_offset - cursor);
     cursor = std::max(cursor, t.view_offset + t.nbytes);
   }
-  TENSORREG_TRY_ASSIGN(auto view_hash, linear_hash(staging, ctx.pool));
-  auto record = record_of(*view_, view_hash);
+  auto view_hash = streamed_->finish(staging, ctx.pool);
+  if (!view_hash) {
+    TENSORREG_TRY_ASSIGN(view_hash, linear_hash(staging, ctx.pool));
+  }
+  auto record = record_of(*view_, *view_hash);
 
   // The assembly of this cgid: found, or made by its first piece.
   const auto deadline = ttl_deadline(ctx.time, ctx.ttl_ms());

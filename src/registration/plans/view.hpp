@@ -8,7 +8,8 @@
 //     fault the buffer in together before they scatter (page_populator); Commit checks that
 //     every view byte came, hashes the buffer (the id a whole registration of the same tensors
 //     gets) and keeps it as the artifact's stable DRAM replica.
-//   SERVER, PIECE: a staging buffer of the view's bytes; Commit adds them to the assembly of
+//   SERVER, PIECE: a staging buffer of the view's bytes, hashed as they land (the view hash,
+//     streamed_view_hash); Commit adds them to the assembly of
 //     the cgid (views::assembly): overlapping bytes must be equal (ABORTED), and the piece that
 //     completes the canonical buffer seals it under its mi2 id as a stable DRAM replica.
 //   CLIENT, CANONICAL: the plan the Begin names (coalesced or stable_dram) takes the client's
@@ -20,12 +21,14 @@
 // run concurrently outside the registration's lock.
 #pragma once
 
+#include <atomic>
 #include <memory>
 #include <mutex>
 #include <vector>
 
 #include "memory/page_populator.hpp"
 #include "registration/plans/plan.hpp"
+#include "tensorreg/hash/sha256.hpp"
 #include "tensorreg/memory/shared_memory.hpp"
 #include "tensorreg/views/view_plan.hpp"
 
@@ -34,13 +37,48 @@ namespace tensorreg::registration::detail {
 /// The view byte ranges a SERVER upload has written. Thread-safe.
 class written_ranges {
  public:
-  void add(std::uint64_t offset, std::uint64_t length);
+  /// Records [offset, offset + length); returns whether any of it had been written before.
+  bool add(std::uint64_t offset, std::uint64_t length);
   /// The first byte of `required` not written yet; nullopt when all were.
   [[nodiscard]] std::optional<views::byte_range> first_missing(std::span<const views::byte_range> required) const;
+  /// The end of the written bytes that run on without a gap from `offset`; `offset` when that
+  /// byte was not written.
+  [[nodiscard]] std::uint64_t written_through(std::uint64_t offset) const;
 
  private:
   mutable std::mutex mutex_;
   std::vector<views::byte_range> ranges_;  // merged
+};
+
+/// A PIECE's view hash (views::view_data_hash: SHA-256 leaves of view_hash_leaf_bytes, then
+/// their tree), taken as its bytes land: each leaf's SHA-256 is carried over the leaf's
+/// written prefix whenever a chunk extends it, by whichever feed gets the leaf's lock first
+/// (the others go on copying), so that Commit finishes only the leaves' tails. A chunk that
+/// rewrites bytes written before spoils it, and Commit hashes the staging whole.
+/// Thread-safe.
+class streamed_view_hash {
+ public:
+  explicit streamed_view_hash(std::uint64_t view_size, std::uint64_t leaf_bytes = views::view_hash_leaf_bytes);
+
+  /// After bytes [offset, offset + length) of `staging` landed and `written` recorded them.
+  void advance(std::span<const std::byte> staging, const written_ranges& written, std::uint64_t offset,
+               std::uint64_t length);
+  void spoil() noexcept { spoiled_ = true; }
+  /// The view hash of `staging`, once no feed writes any more, each leaf finished over `pool`;
+  /// nullopt when spoiled.
+  [[nodiscard]] std::optional<hash::digest> finish(std::span<const std::byte> staging, thread_pool& pool);
+
+ private:
+  struct leaf {
+    std::mutex mutex;
+    std::atomic<int> wanted{0};  // feeds that extended the leaf since its hasher last looked
+    hash::sha256_hasher hasher;
+    std::uint64_t hashed = 0;  // bytes of the leaf in `hasher`
+  };
+  std::uint64_t size_;
+  std::uint64_t leaf_bytes_;
+  std::vector<std::unique_ptr<leaf>> leaves_;
+  std::atomic<bool> spoiled_{false};
 };
 
 class view_registration final : public plan {
@@ -76,6 +114,7 @@ class view_registration final : public plan {
   std::unique_ptr<plan> inner_;                    // CLIENT placement
   std::shared_ptr<memory::shared_memory> buffer_;  // SERVER: canonical (CANONICAL) or view bytes (PIECE)
   std::shared_ptr<written_ranges> written_;        // SERVER
+  std::shared_ptr<streamed_view_hash> streamed_;   // SERVER, PIECE
   // SERVER, CANONICAL: the first feeds fault the canonical buffer in, in slices, before they
   // scatter into it (memory/page_populator.hpp).
   std::shared_ptr<memory::page_populator> populator_;
