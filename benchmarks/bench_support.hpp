@@ -1,5 +1,6 @@
 // benchmarks/bench_support.hpp — small helpers the CPU benchmarks share: byte counts from the
-// command line, the process's CPU time, the median of a run's samples and a tensorregd child.
+// command line, the process's CPU time, wall seconds, the median of a run's samples, a clock an
+// in-process engine can be moved forward by, and a tensorregd child.
 // Header-only; each bench is one translation unit.
 #pragma once
 
@@ -10,6 +11,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
@@ -20,6 +22,8 @@
 #include <string>
 #include <string_view>
 #include <vector>
+
+#include "tensorreg/common/clock.hpp"
 
 namespace tensorreg::bench {
 
@@ -55,6 +59,22 @@ inline double median(std::vector<double> samples) {
   std::sort(samples.begin(), samples.end());
   return samples[samples.size() / 2];
 }
+
+/// Wall seconds since `t0`.
+inline double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+/// Real time that a bench can move forward, so that what an in-process engine holds for a TTL
+/// (a piece's assembly, and its buffer) expires right after a run.
+class jump_clock final : public tensorreg::clock {
+ public:
+  [[nodiscard]] time_point now() const noexcept override { return std::chrono::steady_clock::now() + skipped_.load(); }
+  void skip(duration d) noexcept { skipped_.store(skipped_.load() + d); }
+
+ private:
+  std::atomic<duration> skipped_{duration::zero()};
+};
 
 /// A tensorregd started as `binary args...`, its stderr appended to `log`. wait_ready() reads
 /// its stdout until "ready" (and exits the bench if it ended first). The destructor stops it

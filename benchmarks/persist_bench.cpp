@@ -87,8 +87,6 @@ bool drop_caches(const std::string& file) {
   return global;
 }
 
-double seconds_since(clock_type::time_point t) { return std::chrono::duration<double>(clock_type::now() - t).count(); }
-
 double plain_write(const std::string& path, std::span<const std::byte> bytes) {
   const auto t = clock_type::now();
   tensorreg::unique_fd fd(::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600));
@@ -103,7 +101,7 @@ double plain_write(const std::string& path, std::span<const std::byte> bytes) {
     }
   }
   if (::fsync(fd.get()) != 0) die("cannot fsync " + path);
-  return seconds_since(t);
+  return tensorreg::bench::seconds_since(t);
 }
 
 double plain_read(const std::string& path, std::uint64_t size) {
@@ -118,7 +116,7 @@ double plain_read(const std::string& path, std::uint64_t size) {
     if (r <= 0) die("cannot read " + path);
     off += static_cast<std::size_t>(r);
   }
-  return seconds_since(t);
+  return tensorreg::bench::seconds_since(t);
 }
 
 }  // namespace
@@ -206,7 +204,7 @@ int main(int argc, char** argv) {
     auto t = clock_type::now();
     cpu = process_cpu_seconds();
     must(store->write(record, idx, source), "persist");
-    best_persist = std::min(best_persist, seconds_since(t));
+    best_persist = std::min(best_persist, tensorreg::bench::seconds_since(t));
     cpu_of(cpu_persist, cpu);
     // Reads, each from a cold page cache.
     global_drop = drop_caches(plain);
@@ -218,7 +216,7 @@ int main(int argc, char** argv) {
     cpu = process_cpu_seconds();
     auto target = must(tensorreg::memory::shared_memory::create(size, "bench-restore"), "memfd");
     must(store->load(record.artifact_id, target.mutable_bytes()), "restore");
-    best_restore = std::min(best_restore, seconds_since(t));
+    best_restore = std::min(best_restore, tensorreg::bench::seconds_since(t));
     cpu_of(cpu_restore, cpu);
     {
       auto sha_options = so;
@@ -230,7 +228,7 @@ int main(int argc, char** argv) {
       cpu = process_cpu_seconds();
       auto sha_target = must(tensorreg::memory::shared_memory::create(size, "bench-restore"), "memfd");
       must(sha_store->load(record.artifact_id, sha_target.mutable_bytes()), "restore (SHA-256)");
-      best_restore_sha = std::min(best_restore_sha, seconds_since(t));
+      best_restore_sha = std::min(best_restore_sha, tensorreg::bench::seconds_since(t));
       cpu_of(cpu_restore_sha, cpu);
     }
   }

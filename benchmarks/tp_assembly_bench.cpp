@@ -46,20 +46,6 @@ using namespace tensorreg;
 using clock_type = std::chrono::steady_clock;
 constexpr std::uint64_t chunk_bytes = std::uint64_t{4} << 20;
 
-// Real time the bench moves forward, so that an assembly's leftovers expire between repeats.
-class jump_clock final : public tensorreg::clock {
- public:
-  [[nodiscard]] time_point now() const noexcept override { return std::chrono::steady_clock::now() + skipped_.load(); }
-  void skip(duration d) noexcept { skipped_.store(skipped_.load() + d); }
-
- private:
-  std::atomic<duration> skipped_{duration::zero()};
-};
-
-double seconds_since(clock_type::time_point t0) {
-  return std::chrono::duration<double>(clock_type::now() - t0).count();
-}
-
 struct shape_2d {
   std::string name;
   std::vector<std::int64_t> shape;
@@ -210,7 +196,7 @@ int main(int argc, char** argv) {
     });
   }
 
-  jump_clock time;
+  bench::jump_clock time;
   registration::engine_options options;
   options.time = &time;
   options.sweep_interval = std::chrono::milliseconds(0);
@@ -231,7 +217,7 @@ int main(int argc, char** argv) {
     for (int r = 0; r < repeats; ++r) {
       const auto t0 = clock_type::now();
       whole_id = identity::content_id(idx.json(), bytes, &pool).value().to_string();
-      hash_s.push_back(seconds_since(t0));
+      hash_s.push_back(bench::seconds_since(t0));
     }
   }
   std::mt19937 rng(7);
@@ -252,11 +238,11 @@ int main(int argc, char** argv) {
     const auto t1 = clock_type::now();
     const auto last =
         begin_and_feed(*engine, idx, pieces, piece_request(idx, pieces, order.back(), dim), cgid, canonical, threads);
-    feed_s.push_back(seconds_since(t1));
+    feed_s.push_back(bench::seconds_since(t1));
     const auto t2 = clock_type::now();
     auto done = engine->commit(last);
-    commit_s.push_back(seconds_since(t2));
-    whole_s.push_back(seconds_since(t0));
+    commit_s.push_back(bench::seconds_since(t2));
+    whole_s.push_back(bench::seconds_since(t0));
     if (!done || !done->assembly || !done->assembly->sealed || done->descriptor.artifact_id != whole_id) {
       fmt::print(stderr, "the last piece did not seal the assembly as {}: {}\n", whole_id,
                  done ? done->descriptor.artifact_id : done.error().message);

@@ -41,21 +41,6 @@ constexpr std::uint64_t chunk_bytes = std::uint64_t{4} << 20;
 constexpr std::int64_t rows = 4096;
 constexpr int weights = 8;
 
-// Real time that the bench can move forward, so that a piece's assembly expires (and frees its
-// buffer) right after each run instead of holding memory for its TTL.
-class jump_clock final : public tensorreg::clock {
- public:
-  [[nodiscard]] time_point now() const noexcept override { return std::chrono::steady_clock::now() + skipped_.load(); }
-  void skip(duration d) noexcept { skipped_.store(skipped_.load() + d); }
-
- private:
-  std::atomic<duration> skipped_{duration::zero()};
-};
-
-double seconds_since(clock_type::time_point t0) {
-  return std::chrono::duration<double>(clock_type::now() - t0).count();
-}
-
 // Runs fn(offset, length) over 4 MiB chunks of [0, size), `threads` threads taking chunks in turn.
 template <typename F>
 void chunked(std::uint64_t size, unsigned threads, F&& fn) {
@@ -124,7 +109,7 @@ int main(int argc, char** argv) {
     if (flag == "--threads") threads = static_cast<unsigned>(std::stoul(argv[i + 1]));
     if (flag == "--repeats") repeats = std::stoi(argv[i + 1]);
   }
-  jump_clock time;
+  bench::jump_clock time;
   registration::engine_options options;
   options.time = &time;
   options.sweep_interval = std::chrono::milliseconds(0);
@@ -162,7 +147,7 @@ int main(int argc, char** argv) {
         chunked(view.size(), threads, [&](std::uint64_t at, std::uint64_t n) {
           std::memcpy(dst.mutable_bytes().data() + at, view.data() + at, n);
         });
-        copy.gibs.push_back(gib / seconds_since(t0));
+        copy.gibs.push_back(gib / bench::seconds_since(t0));
       }
       {
         auto dst = memory::shared_memory::create(set.index.total_size(), "bench-scatter").value();
@@ -170,13 +155,13 @@ int main(int argc, char** argv) {
         chunked(view.size(), threads, [&](std::uint64_t at, std::uint64_t n) {
           (void)views::scatter(plan, at, std::span(view).subspan(at, n), dst.mutable_bytes());
         });
-        scatter_row.gibs.push_back(gib / seconds_since(t0));
+        scatter_row.gibs.push_back(gib / bench::seconds_since(t0));
         // Again into the same, now resident, pages: the scatter without first-touch faults.
         const auto t1 = clock_type::now();
         chunked(view.size(), threads, [&](std::uint64_t at, std::uint64_t n) {
           (void)views::scatter(plan, at, std::span(view).subspan(at, n), dst.mutable_bytes());
         });
-        touched_row.gibs.push_back(gib / seconds_since(t1));
+        touched_row.gibs.push_back(gib / bench::seconds_since(t1));
       }
       {
         registration::begin_request b;
@@ -200,10 +185,10 @@ int main(int argc, char** argv) {
           f.payload = registration::view_chunk{0, at, std::move(chunks[at / chunk_bytes])};
           if (!engine->feed(std::move(f))) failed = true;
         });
-        feed_row.gibs.push_back(gib / seconds_since(t0));
+        feed_row.gibs.push_back(gib / bench::seconds_since(t0));
         const auto t1 = clock_type::now();
         auto done = engine->commit(begun.registration_id);
-        feed_row.commit_s.push_back(seconds_since(t1));
+        feed_row.commit_s.push_back(bench::seconds_since(t1));
         if (failed || !done) {
           fmt::print(stderr, "engine path failed: {}\n", done ? "a feed" : done.error().message);
           return 1;
