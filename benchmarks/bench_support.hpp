@@ -1,6 +1,6 @@
 // benchmarks/bench_support.hpp — small helpers the CPU benchmarks share: byte counts from the
 // command line, the process's CPU time, wall seconds, the median of a run's samples, a clock an
-// in-process engine can be moved forward by, and a tensorregd child.
+// in-process engine can be moved forward by (and such an engine), and a tensorregd child.
 // Header-only; each bench is one translation unit.
 #pragma once
 
@@ -21,9 +21,11 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <thread>
 #include <vector>
 
 #include "tensorreg/common/clock.hpp"
+#include "tensorreg/registration/engine.hpp"
 
 namespace tensorreg::bench {
 
@@ -65,6 +67,24 @@ inline double seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
+/// Runs fn(offset, length) over `chunk`-byte pieces of [0, size) on `threads` threads, each taking
+/// the next piece in turn.
+template <typename F>
+void chunked(std::uint64_t size, std::uint64_t chunk, unsigned threads, F&& fn) {
+  std::atomic<std::uint64_t> next{0};
+  std::vector<std::thread> workers;
+  for (unsigned t = 0; t < threads; ++t) {
+    workers.emplace_back([&] {
+      for (;;) {
+        const auto at = next.fetch_add(chunk);
+        if (at >= size) return;
+        fn(at, std::min(chunk, size - at));
+      }
+    });
+  }
+  for (auto& w : workers) w.join();
+}
+
 /// Real time that a bench can move forward, so that what an in-process engine holds for a TTL
 /// (a piece's assembly, and its buffer) expires right after a run.
 class jump_clock final : public tensorreg::clock {
@@ -75,6 +95,16 @@ class jump_clock final : public tensorreg::clock {
  private:
   std::atomic<duration> skipped_{duration::zero()};
 };
+
+/// An engine in this process on `time` that sweeps only when the bench calls sweep() and watches
+/// no owner process.
+inline auto swept_by_hand_engine(jump_clock& time) {
+  registration::engine_options options;
+  options.time = &time;
+  options.sweep_interval = std::chrono::milliseconds(0);
+  options.watch_owners = false;
+  return registration::engine::create(options).value();
+}
 
 /// A tensorregd started as `binary args...`, its stderr appended to `log`. wait_ready() reads
 /// its stdout until "ready" (and exits the bench if it ended first). The destructor stops it

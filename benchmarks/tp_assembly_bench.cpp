@@ -136,26 +136,17 @@ std::string begin_and_feed(registration::engine& engine, const index::canonical_
     std::exit(1);
   }
   const auto size = plan->view_size();
-  std::atomic<std::uint64_t> next{0};
   std::atomic<bool> failed{false};
-  std::vector<std::thread> feeders;
-  for (unsigned t = 0; t < threads; ++t) {
-    feeders.emplace_back([&] {
-      for (;;) {
-        const auto at = next.fetch_add(chunk_bytes);
-        if (at >= size) return;
-        std::string chunk(std::min(chunk_bytes, size - at), '\0');
-        if (!views::gather(*plan, canonical, at, std::as_writable_bytes(std::span(chunk.data(), chunk.size())))) {
-          failed = true;
-        }
-        registration::feed_request f;
-        f.registration_id = begun->registration_id;
-        f.payload = registration::view_chunk{0, at, std::move(chunk)};
-        if (!engine.feed(std::move(f))) failed = true;
-      }
-    });
-  }
-  for (auto& th : feeders) th.join();
+  bench::chunked(size, chunk_bytes, threads, [&](std::uint64_t at, std::uint64_t n) {
+    std::string chunk(n, '\0');
+    if (!views::gather(*plan, canonical, at, std::as_writable_bytes(std::span(chunk.data(), chunk.size())))) {
+      failed = true;
+    }
+    registration::feed_request f;
+    f.registration_id = begun->registration_id;
+    f.payload = registration::view_chunk{0, at, std::move(chunk)};
+    if (!engine.feed(std::move(f))) failed = true;
+  });
   if (failed) {
     fmt::print(stderr, "a feed failed\n");
     std::exit(1);
@@ -197,11 +188,7 @@ int main(int argc, char** argv) {
   }
 
   bench::jump_clock time;
-  registration::engine_options options;
-  options.time = &time;
-  options.sweep_interval = std::chrono::milliseconds(0);
-  options.watch_owners = false;
-  auto engine = registration::engine::create(options).value();
+  auto engine = bench::swept_by_hand_engine(time);
 
   fmt::print(
       "tp_assembly_bench: {} tensors, {:.2f} GiB, {} pieces narrowed along dim {}, {} feeding threads, {} "

@@ -41,23 +41,6 @@ constexpr std::uint64_t chunk_bytes = std::uint64_t{4} << 20;
 constexpr std::int64_t rows = 4096;
 constexpr int weights = 8;
 
-// Runs fn(offset, length) over 4 MiB chunks of [0, size), `threads` threads taking chunks in turn.
-template <typename F>
-void chunked(std::uint64_t size, unsigned threads, F&& fn) {
-  std::atomic<std::uint64_t> next{0};
-  std::vector<std::thread> pool;
-  for (unsigned t = 0; t < threads; ++t) {
-    pool.emplace_back([&] {
-      for (;;) {
-        const auto at = next.fetch_add(chunk_bytes);
-        if (at >= size) return;
-        fn(at, std::min(chunk_bytes, size - at));
-      }
-    });
-  }
-  for (auto& th : pool) th.join();
-}
-
 struct tensor_set {
   index::canonical_index index;
   views::view_request view;
@@ -110,11 +93,7 @@ int main(int argc, char** argv) {
     if (flag == "--repeats") repeats = std::stoi(argv[i + 1]);
   }
   bench::jump_clock time;
-  registration::engine_options options;
-  options.time = &time;
-  options.sweep_interval = std::chrono::milliseconds(0);
-  options.watch_owners = false;
-  auto engine = registration::engine::create(options).value();
+  auto engine = bench::swept_by_hand_engine(time);
 
   fmt::print("view_upload_bench: {} GiB of view bytes, {} feeding threads, 4 MiB chunks, {} repeats, {} cores\n",
              static_cast<double>(bytes) / (1 << 30), threads, repeats, std::thread::hardware_concurrency());
@@ -144,7 +123,7 @@ int main(int argc, char** argv) {
       {
         auto dst = memory::shared_memory::create(view.size(), "bench-memcpy").value();
         const auto t0 = clock_type::now();
-        chunked(view.size(), threads, [&](std::uint64_t at, std::uint64_t n) {
+        bench::chunked(view.size(), chunk_bytes, threads, [&](std::uint64_t at, std::uint64_t n) {
           std::memcpy(dst.mutable_bytes().data() + at, view.data() + at, n);
         });
         copy.gibs.push_back(gib / bench::seconds_since(t0));
@@ -152,13 +131,13 @@ int main(int argc, char** argv) {
       {
         auto dst = memory::shared_memory::create(set.index.total_size(), "bench-scatter").value();
         const auto t0 = clock_type::now();
-        chunked(view.size(), threads, [&](std::uint64_t at, std::uint64_t n) {
+        bench::chunked(view.size(), chunk_bytes, threads, [&](std::uint64_t at, std::uint64_t n) {
           (void)views::scatter(plan, at, std::span(view).subspan(at, n), dst.mutable_bytes());
         });
         scatter_row.gibs.push_back(gib / bench::seconds_since(t0));
         // Again into the same, now resident, pages: the scatter without first-touch faults.
         const auto t1 = clock_type::now();
-        chunked(view.size(), threads, [&](std::uint64_t at, std::uint64_t n) {
+        bench::chunked(view.size(), chunk_bytes, threads, [&](std::uint64_t at, std::uint64_t n) {
           (void)views::scatter(plan, at, std::span(view).subspan(at, n), dst.mutable_bytes());
         });
         touched_row.gibs.push_back(gib / bench::seconds_since(t1));
@@ -179,7 +158,7 @@ int main(int argc, char** argv) {
         const auto t0 = clock_type::now();
         auto begun = engine->begin(b).value();
         std::atomic<bool> failed{false};
-        chunked(view.size(), threads, [&](std::uint64_t at, std::uint64_t) {
+        bench::chunked(view.size(), chunk_bytes, threads, [&](std::uint64_t at, std::uint64_t) {
           registration::feed_request f;
           f.registration_id = begun.registration_id;
           f.payload = registration::view_chunk{0, at, std::move(chunks[at / chunk_bytes])};
