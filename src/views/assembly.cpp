@@ -49,6 +49,14 @@ void for_each_leaf_part(std::span<const byte_range> ranges, F&& fn) {
   }
 }
 
+// fn(0) … fn(count - 1) on `pool`, or on the calling thread in order when it is null; the first
+// error, as thread_pool::parallel_for answers it.
+status for_each_index(thread_pool* pool, std::size_t count, function_ref<status(std::size_t)> fn) {
+  if (pool != nullptr) return pool->parallel_for(count, fn);
+  for (std::size_t i = 0; i < count; ++i) TENSORREG_TRY(fn(i));
+  return {};
+}
+
 status check_cancelled(const std::atomic<bool>* cancelled) {
   if (cancelled != nullptr && cancelled->load(std::memory_order_relaxed)) {
     return fail(errc::cancelled, "the commit was cancelled");
@@ -67,11 +75,7 @@ void populate(std::span<std::byte> canonical, std::span<const std::uint64_t> sli
     static_cast<void>(memory::populate_for_write(canonical.data() + at, std::min(slice_bytes, canonical.size() - at)));
     return {};
   };
-  if (pool != nullptr) {
-    static_cast<void>(pool->parallel_for(slices.size(), one));
-  } else {
-    for (std::size_t i = 0; i < slices.size(); ++i) static_cast<void>(one(i));
-  }
+  static_cast<void>(for_each_index(pool, slices.size(), one));
 }
 
 }  // namespace
@@ -146,11 +150,7 @@ result<assembly_snapshot> assembly::add_piece(const std::string& piece_id, const
     const std::uint64_t at = i * slice_bytes;
     return scatter(plan, at, view_bytes.subspan(at, std::min(slice_bytes, view_bytes.size() - at)), canonical);
   };
-  if (pool != nullptr) {
-    TENSORREG_TRY(pool->parallel_for(slices, scatter_slice));
-  } else {
-    for (std::size_t i = 0; i < slices; ++i) TENSORREG_TRY(scatter_slice(i));
-  }
+  TENSORREG_TRY(for_each_index(pool, slices, scatter_slice));
   const auto fresh = subtract_ranges(intersect_ranges(plan.canonical_ranges(), required_), covered_);
   for (const auto& r : fresh) prefault_allowance_ += r.length;
   cover_leaves_locked(fresh);
@@ -210,12 +210,7 @@ result<std::uint64_t> assembly::hash_leaves(const memory::shared_memory& buffer,
     done[i] = 1;
     return {};
   };
-  status result;
-  if (pool != nullptr) {
-    result = pool->parallel_for(leaves.size(), one);
-  } else {
-    for (std::size_t i = 0; i < leaves.size() && result; ++i) result = one(i);
-  }
+  const status result = for_each_index(pool, leaves.size(), one);
   // What was hashed is kept even after an error: the bytes of a complete leaf never change.
   std::uint64_t bytes = 0;
   std::lock_guard lock(mutex_);

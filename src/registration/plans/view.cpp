@@ -363,11 +363,7 @@ result<commit_response> view_registration::commit_piece(commit_context& ctx) {
   const auto& p = ctx.facts;
   // PAD between view tensors reads as zero in the view hash, whatever the client sent.
   auto staging = buffer_->mutable_bytes();
-  std::uint64_t cursor = 0;
-  for (const auto& t : view_->tensors()) {
-    if (t.view_offset > cursor) std::memset(staging.data() + cursor, 0, t.view_offset - cursor);
-    cursor = std::max(cursor, t.view_offset + t.nbytes);
-  }
+  zero_pad(*view_, staging, 0, staging.size());
   auto view_hash = streamed_->finish(staging, ctx.pool);
   if (!view_hash) {
     TENSORREG_TRY_ASSIGN(view_hash, linear_hash(staging, ctx.pool));
