@@ -25,11 +25,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, os.path.join(REPO, "python"))
+sys.path.insert(0, HERE)
+
+from gpu_client_check import start_daemon  # noqa: E402 - the same daemon start-up
 
 SKIP = 77
 
@@ -160,25 +162,13 @@ def main() -> int:
         log("skipped: no CUDA device")
         return SKIP
     work = tempfile.mkdtemp(prefix="tensorreg-gpu-views-")
-    socket_path = os.path.join(work, "d.sock")
-    proc = subprocess.Popen([daemon, "--socket", socket_path, "--log-level", "warn"], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    lines: list = []
-    ready = threading.Event()
-
-    def drain():
-        for line in proc.stdout:
-            lines.append(line)
-            if "ready" in line:
-                ready.set()
-        ready.set()
-
-    threading.Thread(target=drain, daemon=True).start()
     try:
-        ready.wait(60)
-        if proc.poll() is not None or not any("ready" in line for line in lines):
-            log(f"tensorregd did not start: {''.join(lines)!r}")
-            return 1
+        proc, socket_path, lines = start_daemon(daemon, work)
+    except RuntimeError as e:
+        shutil.rmtree(work, ignore_errors=True)
+        log(str(e))
+        return 1
+    try:
         return run(socket_path)
     finally:
         proc.terminate()
@@ -189,7 +179,6 @@ def main() -> int:
         if len(lines) > 1:
             log("tensorregd said:\n" + "".join(lines[-20:]))
         shutil.rmtree(work, ignore_errors=True)
-
 
 if __name__ == "__main__":
     sys.exit(main())
