@@ -14,6 +14,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cctype>
 #include <charconv>
 #include <chrono>
 #include <cstdio>
@@ -34,6 +36,7 @@
 #include "takeover.hpp"
 #include "tensorreg/common/fault_injection.hpp"
 #include "tensorreg/common/logger.hpp"
+#include "tensorreg/hash/sha256.hpp"
 #include "tensorreg/metrics/registry.hpp"
 #include "tensorreg/registration/engine.hpp"
 #include "unix_socket.hpp"
@@ -66,6 +69,10 @@ constexpr const char* kUsage =
     "  --persist-dir DIR        keep persisted artifacts here (created 0700; must be ours, 0700, not\n"
     "                           a symbolic link); without it StartPersistence is refused\n"
     "  --persist-threads N      persistence writes at once (default 2)\n"
+    "  --persist-volume NAME    the persist directory is a shared filesystem that the other daemons\n"
+    "                           started with NAME also use (docs/cluster.md §8): each finds\n"
+    "                           the copies the others persisted; with --cluster the catalogue\n"
+    "                           lists them under NAME\n"
     "  --max-frame-bytes N      largest frame accepted (default 67108864)\n"
     "  --max-sessions N         most concurrent connections (default 1024)\n"
     "  --max-sessions-per-uid N most concurrent connections of one uid (0 = no own limit;\n"
@@ -105,8 +112,9 @@ constexpr const char* kUsage =
 
 struct options {
   std::string socket;
-  std::string metrics_addr;  // empty: no metrics listener
-  std::string persist_dir;   // empty: no persistence
+  std::string metrics_addr;    // empty: no metrics listener
+  std::string persist_dir;     // empty: no persistence
+  std::string persist_volume;  // empty: the persist directory is this daemon's alone
   unsigned persist_threads = 2;
   std::uint64_t stable_bytes = 0;
   std::string stable_bytes_note;  // why stable_bytes is not what was asked (logged at start)
@@ -194,6 +202,14 @@ int parse_options(const std::vector<std::string>& args, options& o) {
       (a == "--cluster" ? o.cluster : a == "--transfer-addr" ? o.transfer_addr : o.host_id) = *v;
     } else if (a == "--transfer-corrupt-for-tests") {
       o.transfer_corrupt = true;
+    } else if (a == "--persist-volume") {
+      const auto* v = value();
+      if (v == nullptr) return bad(a + " needs a value");
+      const bool plain = !v->empty() && v->size() <= 64 && std::all_of(v->begin(), v->end(), [](char ch) {
+        return std::isalnum(static_cast<unsigned char>(ch)) != 0 || ch == '-' || ch == '.' || ch == '_';
+      });
+      if (!plain) return bad(a + " needs a name of 1 to 64 characters from [A-Za-z0-9._-], got '" + *v + "'");
+      o.persist_volume = *v;
     } else if (a == "--socket" || a == "--persist-dir" || a == "--log-level") {
       const auto* v = value();
       if (v == nullptr) return bad(a + " needs a value");
@@ -253,6 +269,7 @@ int parse_options(const std::vector<std::string>& args, options& o) {
   }
   if (!o.cluster.empty() && o.transfer_addr.empty()) return bad_usage("--cluster needs --transfer-addr");
   if (o.cluster.empty() && !o.transfer_addr.empty()) return bad_usage("--transfer-addr needs --cluster");
+  if (!o.persist_volume.empty() && o.persist_dir.empty()) return bad_usage("--persist-volume needs --persist-dir");
   return -1;
 }
 
@@ -289,10 +306,22 @@ int arm_faults_from_env(tensorreg::logger& log) {
 // The persist directory, scanned: manifests checked now (damaged copies quarantined), every
 // leaf later in the background (the engine). TENSORREG_PERSIST_CHUNK_PAUSE_US slows writes down
 // for tests that kill the daemon mid-write.
-tensorreg::result<std::shared_ptr<tensorreg::persistence::durable_store>> open_persist_dir(const std::string& dir,
+tensorreg::result<std::shared_ptr<tensorreg::persistence::durable_store>> open_persist_dir(const options& o,
                                                                                            tensorreg::logger& log) {
   using tensorreg::log_level;
   tensorreg::persistence::store_options so;
+  if (!o.persist_volume.empty()) {
+    // Shared with other daemons: this one's temporary directories carry a tag of its own that
+    // it keeps across restarts (the host id, or the host name and its socket's path).
+    so.shared = true;
+    so.writer_tag = o.host_id;
+    if (so.writer_tag.empty()) {
+      char name[256] = {};
+      (void)::gethostname(name, sizeof name - 1);
+      so.writer_tag =
+          std::string(name) + "-" + tensorreg::hash::to_hex(tensorreg::hash::sha256(o.socket)).substr(0, 16);
+    }
+  }
   if (const char* pause = std::getenv("TENSORREG_PERSIST_CHUNK_PAUSE_US"); pause != nullptr) {
     std::uint64_t us = 0;
     if (parse_number(std::string(pause), us)) {
@@ -300,11 +329,12 @@ tensorreg::result<std::shared_ptr<tensorreg::persistence::durable_store>> open_p
       so.chunk_bytes = std::uint64_t{1} << 20;
     }
   }
-  TENSORREG_TRY_ASSIGN(auto store, tensorreg::persistence::durable_store::open(dir, so));
+  TENSORREG_TRY_ASSIGN(auto store, tensorreg::persistence::durable_store::open(o.persist_dir, so));
   for (const auto& q : store->quarantined()) {
     tensorreg::log(log, log_level::warn, "quarantined {} in the persist directory: {}", q.name, q.reason);
   }
-  tensorreg::log(log, log_level::info, "persist directory {}: {} artifacts, {} quarantined", store->root(),
+  tensorreg::log(log, log_level::info, "persist directory {}{}: {} artifacts, {} quarantined", store->root(),
+                 o.persist_volume.empty() ? std::string() : ", shared as volume " + o.persist_volume,
                  store->list().size(), store->quarantined().size());
   return std::shared_ptr<tensorreg::persistence::durable_store>(std::move(store));
 }
@@ -379,7 +409,7 @@ int serve(const options& o, tensorreg::logger& log) {
   eo.region_capacity_per_uid = o.max_regions_per_uid;
   eo.max_stable_entries_per_uid = o.max_stable_entries_per_uid;
   if (!o.persist_dir.empty()) {
-    auto durable = open_persist_dir(o.persist_dir, log);
+    auto durable = open_persist_dir(o, log);
     if (!durable) {
       tensorreg::log(log, log_level::error, "{}", durable.error().message);
       return 1;

@@ -55,12 +55,6 @@ status sync_directory(const std::string& path) {
   return sync_fd(fd.get(), path);
 }
 
-status rename_path(const std::string& from, const std::string& to) {
-  if (memory::sys::rename(from.c_str(), to.c_str()) != 0)
-    return tl::unexpected(memory::sys::file_error("rename", from, errno));
-  return {};
-}
-
 // Reads exactly out.size() bytes at `offset`; a file that ends first is DATA_LOSS.
 status read_exact(int fd, std::uint64_t offset, std::span<std::byte> out, const std::string& path) {
   while (!out.empty()) {
@@ -440,7 +434,7 @@ status durable_store::scan() {
     const std::string path = root_ + "/" + name;
     if (name == kQuarantine) continue;
     if (name.starts_with(".tmp-")) {  // an interrupted write or removal: never published
-      remove_tree(path);
+      if (leftover(name, path)) remove_tree(path);
       continue;
     }
     struct stat st {};
@@ -459,6 +453,62 @@ status durable_store::scan() {
     published_[id] = std::make_shared<const stored_artifact>(std::move(*found));
   }
   return sync_directory(root_);
+}
+
+std::string durable_store::temporary_prefix() const {
+  if (!options_.shared) return ".tmp-";
+  // '_' is never part of a directory_name(): no writer's prefix is another's.
+  return ".tmp-" + directory_name(options_.writer_tag) + "_";
+}
+
+bool durable_store::leftover(const std::string& name, const std::string& path) const {
+  if (!options_.shared || name.starts_with(temporary_prefix())) return true;
+  // Another daemon's: a write under way, unless nothing has touched it for a long time (its
+  // writer died and never came back).
+  struct stat st {};
+  if (::lstat(path.c_str(), &st) != 0) return false;
+  const auto touched = std::chrono::system_clock::from_time_t(st.st_mtime);
+  return std::chrono::system_clock::now() - touched > options_.stale_leftovers_after;
+}
+
+std::optional<error> durable_store::removed_by_another(const stored_artifact& a, const std::string& what) {
+  if (!options_.shared) return std::nullopt;
+  struct stat st {};
+  if (::lstat(a.directory.c_str(), &st) == 0 || errno != ENOENT) return std::nullopt;
+  {
+    std::lock_guard lock(mutex_);
+    if (auto it = published_.find(a.record.artifact_id);
+        it != published_.end() && it->second->directory == a.directory) {
+      published_.erase(it);
+    }
+  }
+  return error{errc::not_found, what + ": another daemon sharing the persist directory removed it"};
+}
+
+result<bool> durable_store::discover(std::string_view artifact_id) {
+  if (contains(artifact_id)) return true;
+  if (!options_.shared || artifact_id.empty()) return false;
+  const std::string name = directory_name(artifact_id);
+  const std::string path = root_ + "/" + name;
+  struct stat st {};
+  if (::lstat(path.c_str(), &st) != 0) {
+    if (errno == ENOENT) return false;
+    return tl::unexpected(memory::sys::file_error("inspect", path, errno));
+  }
+  const std::string what = "cannot open " + std::string(artifact_id) + " in the shared persist directory";
+  auto found = S_ISDIR(st.st_mode) ? read_manifest(path)
+                                   : result<stored_artifact>(fail(errc::data_loss, "it is not an artifact directory"));
+  if (!found) {
+    // Removed meanwhile by the daemon that published it: not there, not damaged.
+    if (::lstat(path.c_str(), &st) != 0 && errno == ENOENT) return false;
+    if (found.error().code == errc::data_loss) quarantine("", name, found.error().message);
+    return tl::unexpected(with_context(std::move(found).error(), what));
+  }
+  if (found->record.artifact_id != artifact_id) return false;
+  std::string id = found->record.artifact_id;  // before the move below
+  std::lock_guard lock(mutex_);
+  published_.emplace(std::move(id), std::make_shared<const stored_artifact>(std::move(*found)));
+  return true;
 }
 
 void durable_store::quarantine(const std::string& artifact_id, const std::string& name, const std::string& reason) {
@@ -521,8 +571,9 @@ status durable_store::write(const artifact_record& record, const index::canonica
                                             std::to_string(idx.total_size()) + " and bytes " +
                                             std::to_string(bytes.size()) + " disagree");
   }
-  if (contains(id)) return {};  // content addressed: the same id is the same bytes
-  const std::string tmp = root_ + "/.tmp-" + random_hex(8);
+  // Content addressed: the same id is the same bytes, whichever daemon wrote them.
+  if (auto there = discover(id); there && *there) return {};
+  const std::string tmp = root_ + "/" + temporary_prefix() + random_hex(8);
   if (memory::sys::mkdir(tmp.c_str(), 0700) != 0)
     return tl::unexpected(with_context(memory::sys::file_error("create", tmp, errno), what));
   tree_guard guard(tmp);
@@ -712,6 +763,9 @@ status durable_store::load(std::string_view artifact_id, std::span<std::byte> ou
                                             std::to_string(a->record.total_size));
   }
   auto read = read_checked(*a, out, {});
+  if (!read) {
+    if (auto gone = removed_by_another(*a, what)) return tl::unexpected(std::move(*gone));
+  }
   if (!read && read.error().code == errc::data_loss) {
     quarantine(a->record.artifact_id, directory_name(a->record.artifact_id), read.error().message);
   }
@@ -737,7 +791,10 @@ result<durable_store::opened_data> durable_store::open_data(std::string_view art
   if (!a) return fail(errc::not_found, what + ": it is not there");
   const std::string path = a->directory + "/" + kData;
   auto fd = open_file(path, O_RDONLY);
-  if (!fd) return tl::unexpected(with_context(std::move(fd).error(), what));
+  if (!fd) {
+    if (auto gone = removed_by_another(*a, what)) return tl::unexpected(std::move(*gone));
+    return tl::unexpected(with_context(std::move(fd).error(), what));
+  }
   struct stat st {};
   if (::fstat(fd->get(), &st) != 0) {
     return tl::unexpected(with_context(memory::sys::file_error("inspect", path, errno), what));
@@ -762,6 +819,9 @@ status durable_store::verify(std::string_view artifact_id, const progress_fn& pr
   const std::string what = "cannot verify " + std::string(artifact_id) + " in the persist directory";
   if (!a) return fail(errc::not_found, what + ": it is not there");
   auto read = read_checked(*a, {}, progress);
+  if (!read) {
+    if (auto gone = removed_by_another(*a, what)) return tl::unexpected(std::move(*gone));
+  }
   if (!read && read.error().code == errc::data_loss) {
     quarantine(a->record.artifact_id, directory_name(a->record.artifact_id), read.error().message);
   }
@@ -772,15 +832,21 @@ status durable_store::verify(std::string_view artifact_id, const progress_fn& pr
 status durable_store::remove(std::string_view artifact_id) {
   const std::string name = directory_name(artifact_id);
   const std::string what = "cannot remove " + std::string(artifact_id) + " from the persist directory";
+  if (auto there = discover(artifact_id); !there || !*there) {
+    return fail(errc::not_found, what + ": it is not there");
+  }
   {
     std::lock_guard lock(mutex_);
     auto it = published_.find(artifact_id);
     if (it == published_.end()) return fail(errc::not_found, what + ": it is not there");
     published_.erase(it);
   }
-  const std::string doomed = root_ + "/.tmp-del-" + random_hex(8);
-  if (auto renamed = rename_path(root_ + "/" + name, doomed); !renamed) {
-    return tl::unexpected(with_context(std::move(renamed).error(), what));
+  const std::string doomed = root_ + "/" + temporary_prefix() + "del-" + random_hex(8);
+  if (memory::sys::rename((root_ + "/" + name).c_str(), doomed.c_str()) != 0) {
+    const int e = errno;
+    // Another daemon sharing the root removed it first.
+    if (options_.shared && e == ENOENT) return {};
+    return tl::unexpected(with_context(memory::sys::file_error("rename", root_ + "/" + name, e), what));
   }
   (void)sync_directory(root_);
   remove_tree(doomed);

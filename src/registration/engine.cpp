@@ -209,6 +209,15 @@ struct engine::state {
   void run_persistence(const std::string& task_id, const std::string& id, std::optional<policy::cache_policy> cache);
   status restore(const std::string& id);
   void verify_persisted();
+  // In a persist directory shared with other daemons (docs/cluster.md §8), lists a copy of
+  // `id` another one published since this engine opened it, so that the lookups after it find
+  // it; nothing in a private one. Call with no engine lock held.
+  void discover_persisted(const std::string& id) const {
+    if (!options.durable) return;
+    if (auto found = options.durable->discover(id); !found) {
+      tensorreg::log(log, log_level::warn, "{}", found.error().message);
+    }
+  }
   // A summary of an artifact only the persist directory holds.
   static artifact_summary summary_of(const persistence::stored_artifact& a);
 
@@ -848,6 +857,7 @@ result<artifact_summary> engine::get(const std::string& artifact_id) const {
     if (out) {
       out->shared_disk = durable->contains(artifact_id);
     } else if (out.error().code == errc::not_found) {
+      state_->discover_persisted(artifact_id);
       if (auto a = durable->find(artifact_id)) return state::summary_of(*a);
     }
   }
@@ -884,6 +894,7 @@ result<std::shared_ptr<const index::canonical_index>> engine::index_of(const std
     out = state_->catalogue.index_of(artifact_id);
   }
   if (!out && out.error().code == errc::not_found && state_->options.durable) {
+    state_->discover_persisted(artifact_id);
     if (auto a = state_->options.durable->find(artifact_id)) return a->index;
   }
   return out;
@@ -896,6 +907,7 @@ result<std::shared_ptr<const memory::byte_source>> engine::open_bytes(const std:
     out = state_->catalogue.open_bytes(artifact_id);
   }
   // Not held in memory but persisted: load it back into the stable cache and read that.
+  if (!out) state_->discover_persisted(artifact_id);
   if (!out && state_->options.durable && state_->options.durable->contains(artifact_id)) {
     bool quiesced = false;
     {
@@ -924,6 +936,7 @@ result<std::pair<std::shared_ptr<const index::canonical_index>, unique_fd>> engi
   auto found = look();
   // No stable replica, or no artifact, in memory, but a persisted copy: load it back (docs/architecture.md §14).
   if ((!found && found.error().code == errc::not_found) || (found && !replica)) {
+    state_->discover_persisted(artifact_id);
     if (state_->options.durable && state_->options.durable->contains(artifact_id)) {
       TENSORREG_TRY(state_->restore(artifact_id));
       found = look();
@@ -960,6 +973,7 @@ result<deregister_response> engine::deregister(const deregister_request& request
 result<deregister_response> engine::state::deregister(const deregister_request& r) {
   std::shared_ptr<detail::reader_gate> gate;
   std::vector<std::shared_ptr<detail::background_hash>> cancelled;
+  discover_persisted(r.artifact_id);  // a shared directory's copy is removed as well
   {
     const detail::engine_lock lock(mutex);
     // 0. DECISIONS §8, under the same lock as quiesce: no other holder slips in between.
@@ -1210,6 +1224,7 @@ result<persistence::task_status> engine::state::start_persistence(const std::str
   if (!options.durable) {
     return fail(errc::failed_precondition, what + ": the daemon has no persist directory (tensorregd --persist-dir)");
   }
+  discover_persisted(id);  // persisted by another daemon sharing the directory: done already
   {
     const detail::engine_lock lock(mutex);
     const auto st = catalogue.state_of(id);
@@ -1338,6 +1353,7 @@ result<engine::persisted_copy> engine::open_persisted(const std::string& artifac
       return fail(errc::failed_precondition, what + ": the daemon has no persist directory (tensorregd --persist-dir)");
     return fail(errc::not_found, what + ": not held here");
   }
+  state_->discover_persisted(artifact_id);
   auto opened = durable->open_data(artifact_id);
   if (!opened) {
     // The store's message names the copy already (quarantined: why; an I/O error: the file).
@@ -1392,6 +1408,7 @@ result<persistence::task_status> engine::persistence_status(const std::string& t
     return fail(errc::invalid_argument, "cannot query persistence status: neither task_id nor artifact_id given");
   }
   auto newest = state_->tasks.newest_of(artifact_id);
+  if (!newest) state_->discover_persisted(artifact_id);
   // Persisted before this daemon started: a task that is SUCCESS already.
   if (!newest && state_->options.durable && state_->options.durable->contains(artifact_id)) {
     return state_->tasks.record_done(artifact_id);

@@ -388,3 +388,117 @@ TEST_CASE("durable_store: open_data of a cut-short data file is DATA_LOSS, then 
   CHECK(again.error().message ==
         "cannot open " + a.record.artifact_id + " in the persist directory: it was quarantined: " + reason);
 }
+
+namespace {
+
+tensorreg::persistence::store_options shared_as(const std::string& tag) {
+  tensorreg::persistence::store_options o;
+  o.shared = true;
+  o.writer_tag = tag;
+  return o;
+}
+
+std::string load_all(durable_store& store, const artifact& a) {
+  std::string back(a.bytes.size(), '\0');
+  auto loaded = store.load(a.record.artifact_id, std::as_writable_bytes(std::span(back.data(), back.size())));
+  REQUIRE(loaded);
+  return back;
+}
+
+}  // namespace
+
+TEST_CASE("durable_store: daemons sharing a root find each other's copies and keep each other's writes",
+          "[persistence][durable_store][shared]") {
+  temp_dir dir;
+  const auto root = dir.path().string();
+  auto a = make_artifact(kNine, 21);
+  auto b = make_artifact(4096, 22);
+  auto host_a = durable_store::open(root, shared_as("host-a"));
+  auto host_b = durable_store::open(root, shared_as("host-b"));
+  REQUIRE(host_a);
+  REQUIRE(host_b);
+
+  // A copy published after B opened the root: B does not list it until it looks.
+  REQUIRE((*host_a)->write(a.record, a.index, owned_bytes(a.bytes)));
+  CHECK_FALSE((*host_b)->contains(a.record.artifact_id));
+  auto found = (*host_b)->discover(a.record.artifact_id);
+  REQUIRE(found);
+  CHECK(*found);
+  CHECK((*host_b)->contains(a.record.artifact_id));
+  CHECK(load_all(**host_b, a) == a.bytes);
+  auto absent = (*host_b)->discover(b.record.artifact_id);
+  REQUIRE(absent);
+  CHECK_FALSE(*absent);
+  // Writing what another daemon published writes nothing.
+  const auto before = fs::last_write_time(fs::path(root) / durable_store::directory_name(a.record.artifact_id));
+  REQUIRE((*host_b)->write(a.record, a.index, owned_bytes(a.bytes)));
+  CHECK(fs::last_write_time(fs::path(root) / durable_store::directory_name(a.record.artifact_id)) == before);
+
+  // Each daemon's temporary directories carry its tag; opening the root removes only its own
+  // leftovers and those nobody touched for a day.
+  fs::create_directory(fs::path(root) / ".tmp-host-a_0123");
+  fs::create_directory(fs::path(root) / ".tmp-host-b_4567");
+  fs::create_directory(fs::path(root) / ".tmp-host-c_89ab");
+  fs::last_write_time(fs::path(root) / ".tmp-host-c_89ab", fs::file_time_type::clock::now() - std::chrono::hours(25));
+  auto reopened_b = durable_store::open(root, shared_as("host-b"));
+  REQUIRE(reopened_b);
+  CHECK(fs::exists(fs::path(root) / ".tmp-host-a_0123"));
+  CHECK_FALSE(fs::exists(fs::path(root) / ".tmp-host-b_4567"));
+  CHECK_FALSE(fs::exists(fs::path(root) / ".tmp-host-c_89ab"));
+  // A tag that is another's prefix names none of its directories.
+  auto host_h = durable_store::open(root, shared_as("host"));
+  REQUIRE(host_h);
+  CHECK(fs::exists(fs::path(root) / ".tmp-host-a_0123"));
+  // A private root removes every leftover, as before.
+  auto private_root = durable_store::open(root);
+  REQUIRE(private_root);
+  CHECK_FALSE(fs::exists(fs::path(root) / ".tmp-host-a_0123"));
+
+  // A copy one daemon removes is gone for the other, not damaged: NOT_FOUND, nothing quarantined.
+  REQUIRE((*host_a)->remove(a.record.artifact_id));
+  std::string back(a.bytes.size(), '\0');
+  auto gone = (*host_b)->load(a.record.artifact_id, std::as_writable_bytes(std::span(back.data(), back.size())));
+  REQUIRE_FALSE(gone);
+  CHECK(gone.error().code == errc::not_found);
+  CHECK_THAT(gone.error().message, Catch::EndsWith("another daemon sharing the persist directory removed it"));
+  CHECK_FALSE((*host_b)->contains(a.record.artifact_id));
+  CHECK((*host_b)->quarantined().empty());
+  CHECK(names_in(fs::path(root) / "quarantine").empty());
+  // Removing what another daemon removed first succeeds: it is gone either way. Once it is not
+  // listed, NOT_FOUND.
+  REQUIRE((*host_a)->write(a.record, a.index, owned_bytes(a.bytes)));
+  REQUIRE((*host_b)->discover(a.record.artifact_id).value());
+  REQUIRE((*host_a)->remove(a.record.artifact_id));
+  CHECK((*host_b)->remove(a.record.artifact_id));
+  CHECK_FALSE((*host_b)->contains(a.record.artifact_id));
+  auto again = (*host_b)->remove(a.record.artifact_id);
+  REQUIRE_FALSE(again);
+  CHECK(again.error().code == errc::not_found);
+}
+
+TEST_CASE("durable_store: a damaged copy another daemon published is DATA_LOSS when found",
+          "[persistence][durable_store][shared]") {
+  temp_dir dir;
+  const auto root = dir.path().string();
+  auto a = make_artifact(kNine, 23);
+  auto host_a = durable_store::open(root, shared_as("host-a"));
+  auto host_b = durable_store::open(root, shared_as("host-b"));
+  REQUIRE(host_a);
+  REQUIRE(host_b);
+  REQUIRE((*host_a)->write(a.record, a.index, owned_bytes(a.bytes)));
+  fs::resize_file(fs::path(root) / durable_store::directory_name(a.record.artifact_id) / "data.bin", kNine - 1);
+  auto found = (*host_b)->discover(a.record.artifact_id);
+  REQUIRE_FALSE(found);
+  CHECK(found.error().code == errc::data_loss);
+  CHECK_THAT(found.error().message, Catch::EndsWith("9437183 bytes, the manifest says 9437184"));
+  CHECK_FALSE((*host_b)->contains(a.record.artifact_id));
+  CHECK(names_in(fs::path(root) / "quarantine").size() == 1);
+  // A private store never looks beyond what it listed at open().
+  auto b = make_artifact(4096, 24);
+  auto private_root = durable_store::open(root);
+  REQUIRE(private_root);
+  REQUIRE((*host_a)->write(b.record, b.index, owned_bytes(b.bytes)));
+  auto unseen = (*private_root)->discover(b.record.artifact_id);
+  REQUIRE(unseen);
+  CHECK_FALSE(*unseen);
+}

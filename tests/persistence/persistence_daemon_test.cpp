@@ -158,3 +158,50 @@ TEST_CASE("tensorregd: SIGKILL in the middle of persistence never leaves a parti
   CHECK(fs::is_empty(fs::path(persist) / "quarantine"));
   CHECK_THAT(d.output(), Catch::Contains("artifacts, 0 quarantined") && !Catch::Contains("failed verification"));
 }
+
+TEST_CASE("tensorregd: daemons sharing a persist volume read each other's copies and removals",
+          "[persistence][daemon][e2e][shared]") {
+  temp_dir dir;
+  const auto persist = (dir.path() / "persist").string();
+  auto bundle = bundle_of(model_file(dir.path(), 71, (std::size_t{5} << 20) + 8));
+  // Both started before anything is persisted: the reader's start-up scan cannot have seen it.
+  daemon_process writer({"--persist-dir", persist, "--persist-volume", "models"});
+  daemon_process reader({"--persist-dir", persist, "--persist-volume", "models"});
+  daemon_process alone({"--persist-dir", (dir.path() / "private").string()});
+  auto w = tensorreg::client::connection::connect(writer.socket_path());
+  auto r = tensorreg::client::connection::connect(reader.socket_path());
+  REQUIRE(w);
+  REQUIRE(r);
+  tensorreg::client::put_options o;
+  o.profile = "durable";
+  auto put = w->put(*bundle, o);
+  REQUIRE(put);
+  const auto id = put->descriptor.artifact_id;
+  REQUIRE(wait_persisted(writer.socket_path(), id) == common::PERSISTENCE_STATE_SUCCESS);
+
+  // The reader never held it: it finds the copy on the shared volume and loads it from there.
+  using tensorreg::client::tier;
+  CHECK(wait_persisted(reader.socket_path(), id) == common::PERSISTENCE_STATE_SUCCESS);
+  auto index = r->index(id);
+  REQUIRE(index);
+  CHECK(index->index_json == bundle->index().json());
+  CHECK(persisted_bytes(*r, id) == canonical_bytes(*bundle));
+  CHECK(tiers_of(*r, id) == std::vector<tier>{tier::stable_dram, tier::shared_disk});
+  // A daemon with a persist directory of its own does not see it.
+  auto a = tensorreg::client::connection::connect(alone.socket_path());
+  REQUIRE(a);
+  auto missing = a->get(id);
+  REQUIRE_FALSE(missing);
+  CHECK(missing.error().code == tensorreg::errc::not_found);
+
+  // Deregistered on the writer, the copy is gone from the volume; the reader keeps the replica
+  // it loaded, and its own deregister finds the disk copy gone, not damaged.
+  REQUIRE(w->deregister(id));
+  CHECK_FALSE(fs::exists(fs::path(persist) / tensorreg::persistence::durable_store::directory_name(id)));
+  CHECK(persisted_bytes(*r, id) == canonical_bytes(*bundle));
+  REQUIRE(r->deregister(id));
+  auto after = r->get(id);
+  REQUIRE_FALSE(after);
+  CHECK(after.error().code == tensorreg::errc::not_found);
+  CHECK(fs::is_empty(fs::path(persist) / "quarantine"));
+}

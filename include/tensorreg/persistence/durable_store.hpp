@@ -21,6 +21,10 @@
 // damage found is
 // DATA_LOSS naming the file or the leaf, and the artifact's directory is moved to quarantine/.
 //
+// A root may be shared with other daemons (store_options::shared): each names its temporary
+// directories with a tag of its own, finds the others' copies when it looks for one it does
+// not list (discover()), and takes a copy they removed as gone, not damaged.
+//
 // Every system call that can fail asks the fault seam first (common/fault_injection.hpp: open,
 // write, fsync, rename, read), so tests can make a disk full or failing at any step.
 //
@@ -117,6 +121,14 @@ struct store_options {
   leaf_check_kind load_check = leaf_check_kind::xxh3;
   /// Chunks a load() reads at once, each on its own thread (1: one sequential reader).
   unsigned load_readers = 4;
+  /// The root is shared with other daemons (a filesystem several hosts mount: docs/cluster.md
+  /// §8): discover() finds what they published after open(), a copy they removed is gone
+  /// (NOT_FOUND) rather than damaged, and open() removes only this writer's leftovers and
+  /// those older than `stale_leftovers_after`.
+  bool shared = false;
+  /// Names this daemon's temporary directories in a shared root (its host id); any string.
+  std::string writer_tag;
+  std::chrono::seconds stale_leftovers_after{24 * 3600};
 };
 
 /// Progress of a write or verification: bytes done of total.
@@ -150,6 +162,12 @@ class durable_store {
 
   /// Whether `artifact_id` is published (and not quarantined). Quick; a leaf lock.
   [[nodiscard]] bool contains(std::string_view artifact_id) const;
+  /// Whether `artifact_id` is published, looking in a shared root for a copy another daemon
+  /// published since open() (its manifest checked as open() checks one) when this store does
+  /// not list it. A private root answers what contains() does, without I/O. Call it with no
+  /// lock held.
+  /// Errors: DATA_LOSS (a damaged copy: quarantined), UNAVAILABLE (cannot read it).
+  [[nodiscard]] result<bool> discover(std::string_view artifact_id);
   /// The published artifact, or nullopt.
   [[nodiscard]] std::optional<stored_artifact> find(std::string_view artifact_id) const;
   /// Every published artifact, by id.
@@ -197,6 +215,14 @@ class durable_store {
  private:
   durable_store(std::string root, store_options options);
   [[nodiscard]] status scan();
+  // The prefix of this store's temporary directories (`.tmp-`, or `.tmp-<tag>_` when shared).
+  [[nodiscard]] std::string temporary_prefix() const;
+  // Whether a temporary directory found by open() is a leftover to remove: every one in a
+  // private root; in a shared root this writer's and those not touched for a long time.
+  [[nodiscard]] bool leftover(const std::string& name, const std::string& path) const;
+  // After a read of `a` failed: in a shared root, when another daemon removed its directory,
+  // forgets it and answers NOT_FOUND; nullopt otherwise.
+  [[nodiscard]] std::optional<error> removed_by_another(const stored_artifact& a, const std::string& what);
   [[nodiscard]] status read_checked(const stored_artifact& a, std::span<std::byte> out, const progress_fn& progress);
   void quarantine(const std::string& artifact_id, const std::string& name, const std::string& reason);
 
