@@ -45,6 +45,8 @@ int cluster_ls(const std::string& text, bool as_json) {
   if (!etcd) return fail_with(etcd.error());
   auto hosts = cluster::list_cluster(**etcd, *url);
   if (!hosts) return fail_with(with_context(hosts.error(), "cannot list the cluster " + text));
+  auto disk = cluster::list_disk_copies(**etcd, *url);
+  if (!disk) return fail_with(with_context(disk.error(), "cannot list the cluster " + text));
   if (as_json) {
     json out = json::array();
     for (const auto& h : *hosts) {
@@ -53,13 +55,21 @@ int cluster_ls(const std::string& text, bool as_json) {
         replicas.push_back(
             json{{"artifact_id", r.artifact_id}, {"total_size", r.total_size}, {"state", state_name(r.state)}});
       }
+      // What the host reads from its shared persist volume (docs/cluster.md §8).
+      json on_volume = json::array();
+      for (const auto& d : *disk) {
+        if (h.host.persist_volume.empty() || d.copy.volume != h.host.persist_volume) continue;
+        on_volume.push_back(json{{"artifact_id", d.artifact_id}, {"total_size", d.copy.total_size}, {"by", d.copy.by}});
+      }
       out.push_back(json{{"host_id", h.host.host_id},
                          {"host_name", h.host.host_name},
                          {"transfer_address", h.host.transfer_address},
                          {"capacity_bytes", h.host.capacity_bytes},
                          {"alive", h.lease_left.has_value()},
                          {"lease_seconds_left", h.lease_left ? h.lease_left->count() : 0},
-                         {"replicas", replicas}});
+                         {"replicas", replicas},
+                         {"persist_volume", h.host.persist_volume},
+                         {"volume_copies", on_volume}});
     }
     fmt::print("{}\n", out.dump());
     return 0;
@@ -76,6 +86,12 @@ int cluster_ls(const std::string& text, bool as_json) {
     for (const auto& r : h.replicas) {
       fmt::print("  {}  {:>10}  {}\n", r.artifact_id, human_bytes(r.total_size), state_name(r.state));
     }
+    if (!h.host.persist_volume.empty()) fmt::print("  persist volume {}\n", h.host.persist_volume);
+  }
+  if (!disk->empty()) fmt::print("persisted on shared volumes:\n");
+  for (const auto& d : *disk) {
+    fmt::print("  {}  {:>10}  volume {} (listed by {})\n", d.artifact_id, human_bytes(d.copy.total_size), d.copy.volume,
+               d.copy.by.empty() ? "-" : d.copy.by);
   }
   fmt::print("{} hosts, {} alive\n", hosts->size(), alive);
   return 0;

@@ -377,6 +377,7 @@ tensorreg::result<std::unique_ptr<tensorreg::cluster::node>> join_cluster(const 
   no.self.host_name = name;
   no.self.transfer_address = o.transfer_addr;
   no.self.capacity_bytes = o.stable_bytes;
+  no.self.persist_volume = o.persist_volume;
   no.corrupt_leaves = o.transfer_corrupt;
   no.log = &log;
   return tensorreg::cluster::node::create(engine, std::move(no));

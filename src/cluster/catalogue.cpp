@@ -9,6 +9,7 @@
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <thread>
+#include <tuple>
 
 #include "common/log.hpp"
 
@@ -41,11 +42,16 @@ status check_index_hash(std::string_view hex) {
   return {};
 }
 
+bool key_segment(std::string_view text, std::size_t max) {
+  return !text.empty() && text.size() <= max && std::all_of(text.begin(), text.end(), id_char);
+}
+
 std::string host_value(const host_record& host) {
-  return json{{"host_name", host.host_name},
-              {"transfer_address", host.transfer_address},
-              {"capacity_bytes", host.capacity_bytes}}
-      .dump();
+  json value{{"host_name", host.host_name},
+             {"transfer_address", host.transfer_address},
+             {"capacity_bytes", host.capacity_bytes}};
+  if (!host.persist_volume.empty()) value["persist_volume"] = host.persist_volume;
+  return value.dump();
 }
 
 result<host_record> parse_host(std::string_view host_id, std::string_view value) {
@@ -54,7 +60,8 @@ result<host_record> parse_host(std::string_view host_id, std::string_view value)
   // host_name that is a number).
   if (parsed.is_discarded() || !parsed.is_object() || !parsed.contains("transfer_address") ||
       !parsed["transfer_address"].is_string() || (parsed.contains("host_name") && !parsed["host_name"].is_string()) ||
-      (parsed.contains("capacity_bytes") && !parsed["capacity_bytes"].is_number_unsigned())) {
+      (parsed.contains("capacity_bytes") && !parsed["capacity_bytes"].is_number_unsigned()) ||
+      (parsed.contains("persist_volume") && !parsed["persist_volume"].is_string())) {
     return fail(errc::internal, fmt::format("cannot read host record of '{}': not a host record", host_id));
   }
   host_record host;
@@ -62,6 +69,7 @@ result<host_record> parse_host(std::string_view host_id, std::string_view value)
   host.host_name = parsed.value("host_name", std::string());
   host.transfer_address = parsed["transfer_address"].get<std::string>();
   host.capacity_bytes = parsed.value("capacity_bytes", std::uint64_t{0});
+  host.persist_volume = parsed.value("persist_volume", std::string());
   return host;
 }
 
@@ -112,12 +120,18 @@ wanted_replica parse_wanted(std::string_view artifact_id, std::string_view value
   return out;
 }
 
+// <prefix>/disk/<artifact_id>/<volume> → {"total_size": N, "by": "<host id>"}; read like an ask.
+disk_copy parse_disk_copy(std::string_view volume, std::string_view value) {
+  const auto read = parse_wanted("", value);
+  return disk_copy{std::string(volume), read.total_size, read.by};
+}
+
 }  // namespace
 
 struct catalogue::state {
   catalogue_options options;
   std::unique_ptr<etcd_client> etcd;
-  std::string hosts_prefix, replicas_prefix, index_prefix, wanted_prefix;
+  std::string hosts_prefix, replicas_prefix, index_prefix, wanted_prefix, disk_prefix;
 
   mutable std::mutex mutex;  // guards what follows
   std::int64_t lease = 0;
@@ -170,6 +184,12 @@ result<std::unique_ptr<catalogue>> catalogue::create(catalogue_options options) 
   if (options.self.transfer_address.empty()) {
     return fail(errc::invalid_argument, "cannot join cluster: empty transfer address");
   }
+  if (!options.self.persist_volume.empty() && !key_segment(options.self.persist_volume, 64)) {
+    return fail(errc::invalid_argument,
+                fmt::format("cannot join cluster: persist volume '{}' is longer than 64 or has characters outside "
+                            "[A-Za-z0-9-._]",
+                            options.self.persist_volume));
+  }
   if (options.lease_ttl < std::chrono::seconds(2)) {
     return fail(errc::invalid_argument,
                 fmt::format("cannot join cluster: lease ttl {} s is below 2 s", options.lease_ttl.count()));
@@ -181,6 +201,7 @@ result<std::unique_ptr<catalogue>> catalogue::create(catalogue_options options) 
   s->replicas_prefix = options.url.prefix + "/replicas/";
   s->index_prefix = options.url.prefix + "/index/";
   s->wanted_prefix = options.url.prefix + "/wanted/";
+  s->disk_prefix = options.url.prefix + "/disk/";
   s->options = std::move(options);
   return std::unique_ptr<catalogue>(new catalogue(std::move(s)));
 }
@@ -392,6 +413,38 @@ result<bool> catalogue::drop_wanted(std::string_view artifact_id) {
       fmt::format("{}{}/{}", state_->wanted_prefix, state_->options.self.host_id, artifact_id));
 }
 
+status catalogue::list_disk_copy(std::string_view artifact_id, std::uint64_t total_size) {
+  TENSORREG_TRY(check_artifact_key(artifact_id));
+  const auto& self = state_->options.self;
+  if (self.persist_volume.empty()) {
+    return fail(
+        errc::invalid_argument,
+        fmt::format("cannot list the persisted copy of {}: host {} has no persist volume", artifact_id, self.host_id));
+  }
+  return state_->etcd->put(fmt::format("{}{}/{}", state_->disk_prefix, artifact_id, self.persist_volume),
+                           wanted_value(total_size, self.host_id), 0);
+}
+
+result<bool> catalogue::unlist_disk_copy(std::string_view artifact_id) {
+  TENSORREG_TRY(check_artifact_key(artifact_id));
+  const auto& self = state_->options.self;
+  if (self.persist_volume.empty()) return false;
+  return state_->etcd->delete_key(fmt::format("{}{}/{}", state_->disk_prefix, artifact_id, self.persist_volume));
+}
+
+result<std::vector<disk_copy>> catalogue::disk_copies(std::string_view artifact_id) {
+  TENSORREG_TRY(check_artifact_key(artifact_id));
+  const auto prefix = fmt::format("{}{}/", state_->disk_prefix, artifact_id);
+  TENSORREG_TRY_ASSIGN(auto kvs, state_->etcd->list(prefix));
+  std::vector<disk_copy> out;
+  for (const auto& kv : kvs) {
+    const auto volume = std::string_view(kv.key).substr(prefix.size());
+    if (!key_segment(volume, 64)) continue;  // no one of ours wrote it
+    out.push_back(parse_disk_copy(volume, kv.value));
+  }
+  return out;
+}
+
 result<std::vector<listed_host>> list_cluster(etcd_client& etcd, const cluster_url& url) {
   const auto hosts_prefix = url.prefix + "/hosts/";
   const auto replicas_prefix = url.prefix + "/replicas/";
@@ -432,6 +485,24 @@ result<std::vector<listed_host>> list_cluster(etcd_client& etcd, const cluster_u
   std::vector<listed_host> out;
   out.reserve(by_id.size());
   for (auto& [id, host] : by_id) out.push_back(std::move(host));
+  return out;
+}
+
+result<std::vector<listed_disk_copy>> list_disk_copies(etcd_client& etcd, const cluster_url& url) {
+  const auto prefix = url.prefix + "/disk/";
+  TENSORREG_TRY_ASSIGN(auto kvs, etcd.list(prefix));
+  std::vector<listed_disk_copy> out;
+  // <prefix>/disk/<artifact_id>/<volume>: artifact ids hold no '/' (check_artifact_key).
+  for (const auto& kv : kvs) {
+    const auto rest = std::string_view(kv.key).substr(prefix.size());
+    const auto slash = rest.rfind('/');
+    if (slash == std::string_view::npos || slash == 0 || !key_segment(rest.substr(slash + 1), 64)) continue;
+    out.push_back(
+        listed_disk_copy{std::string(rest.substr(0, slash)), parse_disk_copy(rest.substr(slash + 1), kv.value)});
+  }
+  std::sort(out.begin(), out.end(), [](const auto& x, const auto& y) {
+    return std::tie(x.artifact_id, x.copy.volume) < std::tie(y.artifact_id, y.copy.volume);
+  });
   return out;
 }
 

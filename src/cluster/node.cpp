@@ -60,7 +60,64 @@ struct node::state {
   };
   std::map<std::string, retry> wanted_retry;
 
+  // The copies on the shared persist volume this host has listed in the catalogue (node
+  // thread only), and whether the catalogue was registered at the last look: keys written
+  // before an outage may be gone with an etcd that restarted empty.
+  std::set<std::string> disk_listed;
+  bool was_registered = false;
+
   explicit state(registration::engine& e) : engine(e) {}
+
+  [[nodiscard]] bool on_volume() const { return !options.self.persist_volume.empty(); }
+
+  // Queues an advertisement unless one is queued already.
+  void queue_advertise(const std::string& id) {
+    {
+      std::lock_guard lock(mutex);
+      if (std::find(queue.begin(), queue.end(), id) != queue.end()) return;
+      queue.push_back(id);
+    }
+    wake.notify_all();
+  }
+
+  // Lists in the catalogue the copies on the shared volume that the engine knows of, and
+  // unlists those it no longer has (removed here, or found gone). A copy is listed once; all
+  // of them again after the catalogue registers anew.
+  void list_disk_copies() {
+    if (!on_volume()) return;
+    const bool registered = members->registered();
+    if (registered && !was_registered) disk_listed.clear();
+    was_registered = registered;
+    if (!registered) return;
+    std::map<std::string, std::uint64_t> persisted;
+    for (const auto& summary : engine.list()) {
+      if (summary.shared_disk && summary.descriptor.id_kind == identity::id_kind::mi2) {
+        persisted.emplace(summary.descriptor.artifact_id, summary.descriptor.total_size);
+      }
+    }
+    for (const auto& [id, size] : persisted) {
+      if (disk_listed.contains(id)) continue;
+      if (auto listed = members->list_disk_copy(id, size); !listed) {
+        log(*options.log, log_level::info, "cluster: persisted copy of {} not listed yet: {}", id,
+            listed.error().message);
+        continue;
+      }
+      disk_listed.insert(id);
+    }
+    for (auto it = disk_listed.begin(); it != disk_listed.end();) {
+      if (persisted.contains(*it)) {
+        ++it;
+        continue;
+      }
+      if (auto unlisted = members->unlist_disk_copy(*it); !unlisted) {
+        log(*options.log, log_level::info, "cluster: persisted copy of {} not unlisted yet: {}", *it,
+            unlisted.error().message);
+        ++it;
+        continue;
+      }
+      it = disk_listed.erase(it);
+    }
+  }
 
   // Serves the asks addressed to this host: an id held here has its ask deleted; the first one
   // neither held, nor being pulled, nor waiting out a backoff is pulled on `wanted_puller`.
@@ -74,7 +131,18 @@ struct node::state {
     auto asks = members->wanted();
     if (!asks) return;  // etcd away: the catalogue's keep-alive logs it
     const auto now = std::chrono::steady_clock::now();
+    const auto advertising = members->advertised();
     for (const auto& ask : *asks) {
+      if (auto held = engine.get(ask.artifact_id);
+          held && !held->stable_replica && held->shared_disk &&
+          std::find(advertising.begin(), advertising.end(), ask.artifact_id) == advertising.end()) {
+        // On disk only (a shared volume's copy): the asker pulls it once this host has loaded
+        // and advertised it, which the node's thread does next.
+        queue_advertise(ask.artifact_id);
+        continue;
+      } else if (!held && held.error().code == errc::not_found && on_volume()) {
+        unlist_stale(ask.artifact_id);
+      }
       if (engine.get(ask.artifact_id)) {
         // Held: pulled for this ask, or put here meanwhile. The ask is answered.
         if (auto dropped = members->drop_wanted(ask.artifact_id); !dropped) {
@@ -117,6 +185,81 @@ struct node::state {
         wanted_busy = false;
       });
       return;  // one ask at a time
+    }
+  }
+
+  // A disk key of this host's volume for an id the engine did not find there (it looked on the
+  // volume when get() missed): the copy was removed by a member that had not listed it.
+  void unlist_stale(const std::string& id) {
+    auto copies = members->disk_copies(id);
+    if (!copies) return;
+    const bool listed = std::any_of(copies->begin(), copies->end(),
+                                    [&](const disk_copy& c) { return c.volume == options.self.persist_volume; });
+    if (!listed) return;
+    if (auto unlisted = members->unlist_disk_copy(id); unlisted) {
+      disk_listed.erase(id);
+      log(*options.log, log_level::info, "cluster: {} is no longer on persist volume {}: unlisted", id,
+          options.self.persist_volume);
+    }
+  }
+
+  // The members to pull `id` from when no member holds it in memory but a shared persist
+  // volume lists it: a member on that volume is asked to hold it (it loads the volume's copy
+  // and advertises it), and the catalogue is read until it does. This host is not asked: had
+  // its volume the copy, the engine would have found it there before the cluster was asked.
+  result<catalogue::holders_answer> from_volume(const std::string& id) {
+    TENSORREG_TRY_ASSIGN(auto copies, members->disk_copies(id));
+    if (copies.empty()) {
+      return fail(errc::not_found, fmt::format("artifact {} not found here nor on any member of the cluster", id));
+    }
+    TENSORREG_TRY_ASSIGN(auto hosts, members->hosts());
+    std::vector<host_record> candidates;
+    std::vector<std::string> volumes;
+    std::uint64_t total_size = 0;
+    for (const auto& copy : copies) {
+      volumes.push_back(copy.volume);
+      total_size = std::max(total_size, copy.total_size);
+    }
+    for (const auto& h : hosts) {
+      if (h.host_id == options.self.host_id || h.persist_volume.empty()) continue;
+      if (std::find(volumes.begin(), volumes.end(), h.persist_volume) != volumes.end()) candidates.push_back(h);
+    }
+    if (candidates.empty()) {
+      return fail(errc::unavailable,
+                  fmt::format("cannot fetch {}: only persist volume {} holds it, and no member using it is up", id,
+                              fmt::join(volumes, ", ")));
+    }
+    // Larger offers first, as a publish asks: the copy must fit in its stable memory.
+    std::stable_sort(candidates.begin(), candidates.end(), [](const host_record& x, const host_record& y) {
+      return x.capacity_bytes != y.capacity_bytes ? x.capacity_bytes > y.capacity_bytes : x.host_id < y.host_id;
+    });
+    const auto& asked = candidates.front();
+    TENSORREG_TRY(members->ask(asked.host_id, id, total_size));
+    log(*options.log, log_level::info, "cluster: {} is on persist volume {} only: asked {} to load it", id,
+        asked.persist_volume, asked.host_id);
+    const auto deadline = std::chrono::steady_clock::now() + options.disk_load_wait;
+    for (;;) {
+      TENSORREG_TRY_ASSIGN(auto holding, members->holders(id));
+      if (!holding.hosts.empty() && holding.total_size != 0) return holding;
+      // The member asked found the listing stale (the copy was removed) and unlisted it.
+      TENSORREG_TRY_ASSIGN(auto still, members->disk_copies(id));
+      if (still.empty()) {
+        return fail(errc::not_found, fmt::format("artifact {} not found: the copy on persist volume {} was removed", id,
+                                                 asked.persist_volume));
+      }
+      const auto now = std::chrono::steady_clock::now();
+      bool stopped = false;
+      {
+        std::lock_guard lock(mutex);
+        stopped = stopping;
+      }
+      if (stopped || now >= deadline) {
+        return fail(errc::unavailable,
+                    fmt::format("cannot fetch {}: {} did not load it from persist volume {} within {} ms", id,
+                                asked.host_id, asked.persist_volume, options.disk_load_wait.count()));
+      }
+      std::this_thread::sleep_for(
+          std::min<std::chrono::steady_clock::duration>(options.publish_poll_every, deadline - now));
     }
   }
 
@@ -186,6 +329,7 @@ struct node::state {
         busy = true;
         lock.unlock();
         withdraw_gone();
+        list_disk_copies();
         serve_wanted();
         lock.lock();
         busy = false;
@@ -230,7 +374,10 @@ result<std::unique_ptr<node>> node::create(registration::engine& engine, node_op
   {
     std::lock_guard lock(raw->mutex);
     for (const auto& summary : engine.list()) {
-      if (summary.descriptor.id_kind == identity::id_kind::mi2) raw->queue.push_back(summary.descriptor.artifact_id);
+      if (summary.descriptor.id_kind != identity::id_kind::mi2) continue;
+      // A shared volume's copies are listed as such, not each loaded into this host's memory.
+      if (raw->on_volume() && !summary.stable_replica && summary.leases == 0) continue;
+      raw->queue.push_back(summary.descriptor.artifact_id);
     }
   }
   raw->wake.notify_all();
@@ -315,8 +462,8 @@ status node::fetch(const std::string& artifact_id) {
                 fmt::format("cannot fetch {} from the cluster: {}", artifact_id, holders.error().message));
   }
   if (holders->hosts.empty() || holders->total_size == 0) {
-    return fail(errc::not_found,
-                fmt::format("artifact {} not found here nor on any member of the cluster", artifact_id));
+    // Held by no member's memory: a member on a shared volume that lists it may load it.
+    TENSORREG_TRY_ASSIGN(holders, s.from_volume(artifact_id));
   }
   const auto index_hex = hash::to_hex(id->index);
   auto index = s.members->get_index(index_hex);

@@ -15,7 +15,7 @@ namespace {
 catalogue_options options_for(const std::string& url, const std::string& host_id, std::chrono::seconds ttl = 10s) {
   catalogue_options options;
   options.url = *parse_cluster_url(url);
-  options.self = host_record{host_id, host_id + ".example", "10.1.0.1:7000", std::uint64_t{1} << 30};
+  options.self = host_record{host_id, host_id + ".example", "10.1.0.1:7000", std::uint64_t{1} << 30, ""};
   options.lease_ttl = ttl;
   options.connect_timeout = 300ms;
   options.request_timeout = 1000ms;

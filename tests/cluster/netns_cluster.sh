@@ -20,7 +20,8 @@
 # stopped (cluster gets UNAVAILABLE, local puts work) and restarted (members register again,
 # what was put during the outage is advertised); a corrupt source (a daemon that flips a byte
 # of every leaf it serves) next to a good one; a daemon restarted with --persist-dir advertises
-# what it persisted again and serves it, the only source.
+# what it persisted again and serves it, the only source; two daemons on a shared persist
+# volume, one of them gone: a host off the volume gets the copy through the other.
 # Exit 0 when every case passes, 1 on a failure, 77 (ctest SKIP) without root, etcd or ip.
 set -euo pipefail
 
@@ -460,4 +461,51 @@ got=$(digest 2 "$id_f") || fail "node2's get of $id_f from the restarted node4: 
 grep -q "pulled $id_f .*leaves by source: node4 [1-9]" "$tmp/d2.log" ||
   fail "node2 did not pull $id_f from node4: $(grep "pulled $id_f" "$tmp/d2.log")"
 pass "daemon restarted with --persist-dir: node4 advertises $id_f again, node2 pulled it from node4"
+
+# 7. A shared persist volume (docs/cluster.md §8): node1 and node3 come back on one persist
+# directory, volume "models". node1 puts G durable; `cluster ls` lists the copy on the volume
+# for both; node1 stops (SIGTERM: its replica key goes with its lease, the disk key stays).
+# node2, off the volume and the only one asked, gets G: it asks node3, which loads the
+# volume's copy and serves it.
+for n in 1 3; do
+  kill -TERM "${pid[d$n]}"
+  wait "${pid[d$n]}" || fail "node$n did not stop cleanly on SIGTERM"
+  unset "pid[d$n]"
+  start_daemon "$n" --persist-dir "$tmp/volume" --persist-volume models
+done
+"${client[@]}" make "$tmp/g.safetensors" $((20 << 20)) 8
+id_g=$("$cli" put "$tmp/g.safetensors" --policy durable --socket "$tmp/d1.sock" --json |
+  /usr/bin/python3 -c 'import json,sys; print(json.load(sys.stdin)["artifact_id"])') || fail "durable put on node1"
+persisted=$("$cli" persist "$id_g" --socket "$tmp/d1.sock" --json) || fail "persist $id_g on node1: $persisted"
+echo "$persisted" | grep -q '"state":"SUCCESS"' || fail "persist $id_g on node1 answered $persisted"
+want=$(digest 1 "$id_g")
+for _ in $(seq 50); do
+  ls_json --socket "$tmp/d2.sock" | grep -q "\"volume_copies\":\[{\"artifact_id\":\"$id_g\"" && break
+  sleep 0.2
+done
+ls_json --socket "$tmp/d2.sock" >"$tmp/cluster_ls_volume.json" || fail "cluster ls: $(cat "$tmp/cluster_ls_volume.json")"
+/usr/bin/python3 - "$tmp/cluster_ls_volume.json" "$id_g" <<'PY' || fail "cluster ls --json with a volume: $(cat "$tmp/cluster_ls_volume.json")"
+import json, sys
+hosts = {h["host_id"]: h for h in json.load(open(sys.argv[1]))}
+id_g = sys.argv[2]
+for n in ("node1", "node3"):
+    assert hosts[n]["persist_volume"] == "models", hosts[n]
+    assert [c["artifact_id"] for c in hosts[n]["volume_copies"]] == [id_g], hosts[n]
+for n in ("node2", "node4"):
+    assert hosts[n]["persist_volume"] == "" and hosts[n]["volume_copies"] == [], hosts[n]
+PY
+table=$(ip netns exec "${tag}2" "$cli" cluster ls --etcd "etcd://$etcd_ip:2379/tensorreg") || fail "cluster ls: $table"
+echo "$table" | grep -q "^  $id_g .* volume models (listed by node1)$" || fail "cluster ls does not list $id_g on the volume: $table"
+kill -TERM "${pid[d1]}"
+wait "${pid[d1]}" || fail "node1 did not stop cleanly on SIGTERM"
+unset 'pid[d1]'
+got=$(digest 2 "$id_g") || fail "node2's get of $id_g, held on the volume only: $got"
+[ "$got" = "$want" ] || fail "node2 got '$got' for $id_g, node1 held '$want'"
+grep -q "cluster: $id_g is on persist volume models only: asked node3 to load it" "$tmp/d2.log" ||
+  fail "node2 did not ask node3 for $id_g: $(grep "$id_g" "$tmp/d2.log")"
+grep -q "pulled $id_g .*leaves by source: node3 [1-9]" "$tmp/d2.log" ||
+  fail "node2 did not pull $id_g from node3: $(grep "pulled $id_g" "$tmp/d2.log")"
+grep -q "loaded artifact $id_g .* back from the persist directory" "$tmp/d3.log" ||
+  fail "node3 did not load $id_g from the volume: $(grep "$id_g" "$tmp/d3.log")"
+pass "shared persist volume: node2 got $id_g through node3, which loaded node1's copy from the volume"
 echo "netns_cluster: all cases passed in $(($(date +%s) - started)) s"

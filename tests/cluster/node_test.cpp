@@ -10,6 +10,7 @@
 #include "support/engine_helpers.hpp"
 #include "support/temp_dir.hpp"
 #include "tensorreg/metrics/registry.hpp"
+#include "tensorreg/persistence/durable_store.hpp"
 
 using namespace tensorreg;
 using namespace tensorreg::cluster;
@@ -30,7 +31,7 @@ t::model leafy_model() {
 std::unique_ptr<node> join(registration::engine& e, const std::string& url, const std::string& host_id) {
   node_options options;
   options.url = *parse_cluster_url(url);
-  options.self = host_record{host_id, host_id, "127.0.0.1:0", 0};
+  options.self = host_record{host_id, host_id, "127.0.0.1:0", 0, ""};
   options.lease_ttl = 3s;
   options.withdraw_check_every = 50ms;
   options.pull.request_timeout = 5s;
@@ -275,4 +276,121 @@ TEST_CASE("cluster node: publish refuses an id not held here, a cgid, and answer
   CHECK(down.error().code == errc::unavailable);
   CHECK(down.error().message.starts_with("cannot publish " + id + ": cluster catalogue at " + endpoint +
                                          " unreachable: "));
+}
+
+namespace {
+
+// An engine whose persist directory is `root`, shared as a volume with the other engines on it.
+std::unique_ptr<registration::engine> engine_on_volume(const t::fake_clock& clock, const std::string& root,
+                                                       const std::string& tag) {
+  auto o = t::deterministic_options(clock);
+  persistence::store_options so;
+  so.shared = true;
+  so.writer_tag = tag;
+  auto store = persistence::durable_store::open(root, so);
+  REQUIRE_OK(store);
+  o.durable = std::move(*store);
+  o.verify_persisted_at_start = false;
+  return t::make_engine(std::move(o));
+}
+
+std::unique_ptr<node> join_volume(registration::engine& e, const std::string& url, const std::string& host_id,
+                                  const std::string& volume) {
+  node_options options;
+  options.url = *parse_cluster_url(url);
+  options.self = host_record{host_id, host_id, "127.0.0.1:0", 0, volume};
+  options.lease_ttl = 3s;
+  options.withdraw_check_every = 50ms;
+  options.publish_poll_every = 50ms;
+  options.disk_load_wait = 20s;
+  options.pull.request_timeout = 5s;
+  auto n = node::create(e, std::move(options));
+  REQUIRE_OK(n);
+  return std::move(*n);
+}
+
+}  // namespace
+
+TEST_CASE("cluster node: a copy on a shared persist volume is listed, and pulled by a host off the volume",
+          "[cluster][node][shared]") {
+  if (!t::find_etcd()) {
+    WARN("SKIP: no etcd binary (apt-get install etcd-server)");
+    return;
+  }
+  t::temp_dir dir;
+  t::etcd_process etcd{dir.path()};
+  t::fake_clock clock;
+  const auto volume_root = (dir.path() / "volume").string();
+  auto engine_w = engine_on_volume(clock, volume_root, "w");
+  auto engine_r = engine_on_volume(clock, volume_root, "r");
+  auto engine_off = t::make_engine(clock);
+  const auto url = etcd.url("vol");
+  auto w = join_volume(*engine_w, url, "w", "models");
+  auto r = join_volume(*engine_r, url, "r", "models");
+  auto off = join(*engine_off, url, "off");
+  REQUIRE(eventually([&] { return w->members().registered() && off->members().registered(); }, 5s));
+
+  // Committed and persisted on w, then gone from w's memory: the volume's copy is all there is.
+  const auto m = leafy_model();
+  auto committed = t::register_stable(*engine_w, m, static_cast<std::int32_t>(::getpid()));
+  REQUIRE_OK(committed);
+  const auto id = committed->descriptor.artifact_id;
+  auto task = engine_w->start_persistence(id);
+  REQUIRE_OK(task);
+  auto persisted = engine_w->wait_persistence(task->task_id, 0ms);
+  REQUIRE_OK(persisted);
+  REQUIRE(persisted->state == persistence::task_state::success);
+  // w lists the copy under the volume's name, with no lease: it outlives w.
+  REQUIRE(eventually(
+      [&] {
+        auto copies = off->members().disk_copies(id);
+        return copies && copies->size() == 1;
+      },
+      5s));
+  auto copies = off->members().disk_copies(id);
+  REQUIRE_OK(copies);
+  CHECK((*copies)[0] == disk_copy{"models", m.canonical().size(), "w"});
+  w.reset();  // w leaves the cluster; its replica key goes with its lease, the disk key stays
+  REQUIRE(eventually([&] { return off->members().holders(id)->hosts.empty(); }, 5s));
+  CHECK(off->members().disk_copies(id)->size() == 1);
+
+  // off is not on the volume: it asks r, which loads the volume's copy and advertises it, and
+  // pulls it from r.
+  REQUIRE_OK(off->fetch(id));
+  auto got = engine_off->open_bytes(id);
+  REQUIRE_OK(got);
+  CHECK(read_all(**got) == m.canonical());
+  got->reset();  // a reader would keep a deregister below waiting
+  CHECK(r->server().serves(id));
+  auto r_holds = engine_r->get(id);
+  REQUIRE_OK(r_holds);
+  CHECK(r_holds->stable_replica);
+  // The ask was answered: r deleted it.
+  REQUIRE(eventually([&] { return r->members().wanted()->empty(); }, 5s));
+
+  // r lists the copy too, once it knows of it.
+  REQUIRE(eventually([&] { return off->members().disk_copies(id)->at(0).by == "r"; }, 5s));
+
+  // An id no volume lists and no member holds is NOT_FOUND, as before.
+  const auto other = t::expected_mi2(m.index().json(), std::string(m.canonical().size(), 'x'));
+  auto nowhere = off->fetch(other);
+  REQUIRE_FALSE(nowhere);
+  CHECK(nowhere.error().code == errc::not_found);
+
+  // Removed from the volume (deregistered on r), the copy is unlisted.
+  registration::deregister_request gone;
+  gone.artifact_id = id;
+  REQUIRE_OK(engine_r->deregister(gone));
+  REQUIRE(eventually([&] { return off->members().disk_copies(id)->empty(); }, 5s));
+
+  // A listing left behind by a member that removed the copy before it listed it: the member
+  // asked finds nothing on the volume, unlists it, and the fetch is NOT_FOUND, not a timeout.
+  REQUIRE_OK(engine_off->deregister(gone));
+  REQUIRE_OK(etcd_client::create({parse_cluster_url(url)->endpoint()})
+                 .value()
+                 ->put(parse_cluster_url(url)->prefix + "/disk/" + id + "/models", R"({"total_size":1,"by":"w"})"));
+  auto stale = off->fetch(id);
+  REQUIRE_FALSE(stale);
+  CHECK(stale.error().code == errc::not_found);
+  CHECK_THAT(stale.error().message, Catch::EndsWith("the copy on persist volume models was removed"));
 }

@@ -7,6 +7,8 @@
 //   <prefix>/index/<index hash hex>             → the canonical index bytes, stored once
 //   <prefix>/wanted/<host_id>/<artifact_id>     → {"total_size", "by"}: a publish asks that host
 //                                                 to hold a replica (under the asker's lease)
+//   <prefix>/disk/<artifact_id>/<volume>        → {"total_size", "by"}: a persisted copy on a shared
+//                                                 persist volume (docs/cluster.md §8; no lease)
 // The host key and every replica key hang on one etcd lease that the catalogue keeps alive, so
 // a dead host's replicas vanish with it. When the lease is lost (etcd restarted empty, a pause
 // longer than the TTL) the next refresh grants a new one and writes the host and every replica
@@ -44,6 +46,9 @@ struct host_record {
   std::string transfer_address;
   /// Bytes of stable DRAM it offers (0 = not said).
   std::uint64_t capacity_bytes = 0;
+  /// The shared persist volume it reads and writes (tensorregd --persist-volume); "" = none.
+  /// [A-Za-z0-9-._] only.
+  std::string persist_volume;
 
   friend bool operator==(const host_record&, const host_record&) = default;
 };
@@ -77,6 +82,18 @@ struct wanted_replica {
   friend bool operator==(const wanted_replica&, const wanted_replica&) = default;
 };
 
+/// A persisted copy on a shared persist volume, as its key says (docs/cluster.md §8). A
+/// member's word, read as replica values are: a total_size that is not an unsigned integer reads
+/// as 0, a "by" that is not a string as "".
+struct disk_copy {
+  std::string volume;
+  std::uint64_t total_size = 0;
+  /// The host id of the member that listed it.
+  std::string by;
+
+  friend bool operator==(const disk_copy&, const disk_copy&) = default;
+};
+
 struct catalogue_options {
   cluster_url url;
   host_record self;
@@ -90,8 +107,8 @@ struct catalogue_options {
 
 class catalogue {
  public:
-  /// Errors: INVALID_ARGUMENT (a host id outside [A-Za-z0-9-._], empty transfer address,
-  /// lease_ttl below 2 s), as etcd_client::create. Does not contact etcd.
+  /// Errors: INVALID_ARGUMENT (a host id or persist volume outside [A-Za-z0-9-._], empty
+  /// transfer address, lease_ttl below 2 s), as etcd_client::create. Does not contact etcd.
   [[nodiscard]] static result<std::unique_ptr<catalogue>> create(catalogue_options options);
 
   ~catalogue();
@@ -170,6 +187,18 @@ class catalogue {
   /// returns whether there was one. Errors: INVALID_ARGUMENT, UNAVAILABLE.
   [[nodiscard]] result<bool> drop_wanted(std::string_view artifact_id);
 
+  /// Lists a copy of `artifact_id` persisted on this host's persist volume: writes
+  /// <prefix>/disk/<artifact_id>/<volume> = {"total_size", "by": self} with no lease, for the
+  /// copy outlives the host. Not remembered: the caller writes it again after a failure.
+  /// Errors: INVALID_ARGUMENT (no persist volume, a bad id), UNAVAILABLE.
+  [[nodiscard]] status list_disk_copy(std::string_view artifact_id, std::uint64_t total_size);
+  /// Deletes that key (the copy was removed); returns whether there was one.
+  /// Errors: INVALID_ARGUMENT, UNAVAILABLE.
+  [[nodiscard]] result<bool> unlist_disk_copy(std::string_view artifact_id);
+  /// The persisted copies of `artifact_id` on every volume, by volume.
+  /// Errors: INVALID_ARGUMENT (a bad id), UNAVAILABLE.
+  [[nodiscard]] result<std::vector<disk_copy>> disk_copies(std::string_view artifact_id);
+
  private:
   struct state;
   explicit catalogue(std::unique_ptr<state> s) noexcept;
@@ -204,5 +233,17 @@ struct listed_host {
 /// empty transfer address and no lease). Reads only: nothing is written, no lease renewed.
 /// Errors: UNAVAILABLE (etcd unreachable), INTERNAL (a host record that is not ours).
 [[nodiscard]] result<std::vector<listed_host>> list_cluster(etcd_client& etcd, const cluster_url& url);
+
+/// A persisted copy on a shared volume, as an observer reads it.
+struct listed_disk_copy {
+  std::string artifact_id;
+  disk_copy copy;
+
+  friend bool operator==(const listed_disk_copy&, const listed_disk_copy&) = default;
+};
+
+/// Every persisted copy the catalogue under `url` lists, by artifact id then volume. Reads only.
+/// Errors: UNAVAILABLE (etcd unreachable).
+[[nodiscard]] result<std::vector<listed_disk_copy>> list_disk_copies(etcd_client& etcd, const cluster_url& url);
 
 }  // namespace tensorreg::cluster

@@ -16,6 +16,11 @@
 //     the replica is held; a failed pull is logged and tried again after a backoff.
 //   * publish(id): asks other members to hold replicas of an artifact held here, and waits
 //     until they do (or a timeout).
+//   * with a shared persist volume (docs/cluster.md §8): every copy persisted on it that this
+//     host knows of is listed in the catalogue (a disk key, no lease), and one it no longer
+//     holds is unlisted; an ask for an id held here on disk only loads it and advertises it.
+//     A fetch of an id no member holds in memory but some volume lists asks a member on that
+//     volume to load it, then pulls it from that member.
 // Without etcd, fetch() answers UNAVAILABLE and local work goes on; the catalogue registers
 // again when etcd returns.
 //
@@ -54,6 +59,9 @@ struct node_options {
   std::chrono::milliseconds wanted_retry_after{2000};
   /// How often publish() reads which members hold the artifact while it waits.
   std::chrono::milliseconds publish_poll_every{200};
+  /// How long fetch() waits for a member on a shared persist volume to load an artifact that
+  /// only the volume holds and advertise it.
+  std::chrono::milliseconds disk_load_wait{60000};
   /// Test switch of the transfer server (netns harness): flip a byte of every leaf served.
   bool corrupt_leaves = false;
   /// Must outlive the node.
@@ -73,10 +81,13 @@ class node {
   /// Queues the advertisement of an artifact committed here (mi2 ids only; others ignored).
   void committed(const std::string& artifact_id);
 
-  /// Makes `artifact_id` local by pulling it from the cluster.
+  /// Makes `artifact_id` local by pulling it from the cluster: from the members that hold it,
+  /// or, when none does but a shared persist volume lists it, from a member on that volume
+  /// asked to load it (waiting up to disk_load_wait).
   /// Errors: NOT_FOUND (not an mi2 id, or no member holds it), UNAVAILABLE (etcd unreachable,
-  /// or every source failed), DATA_LOSS (the catalogue's index is not the id's), and the
-  /// engine's errors (RESOURCE_EXHAUSTED: the stable budget).
+  /// every source failed, no member of a listing volume is up or loaded it in time), DATA_LOSS
+  /// (the catalogue's index is not the id's), and the engine's errors (RESOURCE_EXHAUSTED: the
+  /// stable budget).
   [[nodiscard]] status fetch(const std::string& artifact_id);
 
   /// Places replicas of `artifact_id`, held here, on other members (docs/cluster.md §5): with
