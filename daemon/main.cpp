@@ -417,6 +417,9 @@ int serve(const options& o, tensorreg::logger& log) {
     }
     eo.durable = std::move(*durable);
     eo.persist_threads = o.persist_threads;
+    // A shared volume's copies are checked leaf by leaf wherever they are loaded; every member
+    // re-reading the whole volume at each start would multiply its reads by the members.
+    eo.verify_persisted_at_start = o.persist_volume.empty();
   }
 #if TENSORREG_HAVE_CUDA
   // GPU memory when a device is present; otherwise CUDA-only requests fail FAILED_PRECONDITION.

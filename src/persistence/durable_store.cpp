@@ -15,6 +15,7 @@
 #include <cstring>
 #include <filesystem>
 #include <nlohmann/json.hpp>
+#include <set>
 #include <thread>
 #include <utility>
 
@@ -509,6 +510,48 @@ result<bool> durable_store::discover(std::string_view artifact_id) {
   std::lock_guard lock(mutex_);
   published_.emplace(std::move(id), std::make_shared<const stored_artifact>(std::move(*found)));
   return true;
+}
+
+status durable_store::rescan() {
+  if (!options_.shared) return {};
+  std::error_code ec;
+  std::set<std::string> present;
+  for (const auto& entry : fs::directory_iterator(root_, ec)) {
+    auto name = entry.path().filename().string();
+    if (name == kQuarantine || name.starts_with(".tmp-")) continue;
+    present.insert(std::move(name));
+  }
+  if (ec) return fail(errc::unavailable, "cannot read persist directory '" + root_ + "': " + ec.message());
+  std::set<std::string> listed;
+  {
+    std::lock_guard lock(mutex_);
+    for (auto it = published_.begin(); it != published_.end();) {
+      const auto name = fs::path(it->second->directory).filename().string();
+      if (!present.contains(name)) {
+        it = published_.erase(it);  // another daemon removed it
+        continue;
+      }
+      listed.insert(name);
+      ++it;
+    }
+  }
+  for (const auto& name : present) {
+    if (listed.contains(name)) continue;
+    const std::string path = root_ + "/" + name;
+    struct stat st {};
+    if (::lstat(path.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) continue;
+    auto found = read_manifest(path);
+    if (!found) {
+      if (found.error().code == errc::data_loss && ::lstat(path.c_str(), &st) == 0) {
+        quarantine("", name, found.error().message);
+      }
+      continue;
+    }
+    std::string id = found->record.artifact_id;  // before the move below
+    std::lock_guard lock(mutex_);
+    published_.emplace(std::move(id), std::make_shared<const stored_artifact>(std::move(*found)));
+  }
+  return {};
 }
 
 void durable_store::quarantine(const std::string& artifact_id, const std::string& name, const std::string& reason) {

@@ -872,6 +872,10 @@ std::vector<artifact_summary> engine::list() const {
   }
   const auto& durable = state_->options.durable;
   if (!durable) return out;
+  // A shared directory: what the other daemons persisted or removed since.
+  if (auto rescanned = durable->rescan(); !rescanned) {
+    tensorreg::log(state_->log, log_level::warn, "{}", rescanned.error().message);
+  }
   std::map<std::string, std::size_t> held;
   for (std::size_t i = 0; i < out.size(); ++i) held[out[i].descriptor.artifact_id] = i;
   for (const auto& a : durable->list()) {

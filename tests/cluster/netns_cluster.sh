@@ -495,7 +495,7 @@ for n in ("node2", "node4"):
     assert hosts[n]["persist_volume"] == "" and hosts[n]["volume_copies"] == [], hosts[n]
 PY
 table=$(ip netns exec "${tag}2" "$cli" cluster ls --etcd "etcd://$etcd_ip:2379/tensorreg") || fail "cluster ls: $table"
-echo "$table" | grep -q "^  $id_g .* volume models (listed by node1)$" || fail "cluster ls does not list $id_g on the volume: $table"
+echo "$table" | grep -q "^  $id_g .* volume models (listed by node[13])$" || fail "cluster ls does not list $id_g on the volume: $table"
 kill -TERM "${pid[d1]}"
 wait "${pid[d1]}" || fail "node1 did not stop cleanly on SIGTERM"
 unset 'pid[d1]'

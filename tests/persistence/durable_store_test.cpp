@@ -426,6 +426,17 @@ TEST_CASE("durable_store: daemons sharing a root find each other's copies and ke
   CHECK(*found);
   CHECK((*host_b)->contains(a.record.artifact_id));
   CHECK(load_all(**host_b, a) == a.bytes);
+  // A rescan lists what was published and forgets what was removed since.
+  auto host_c = durable_store::open(root, shared_as("host-c"));
+  REQUIRE(host_c);
+  REQUIRE((*host_a)->write(b.record, b.index, owned_bytes(b.bytes)));
+  CHECK((*host_c)->list().size() == 1);
+  REQUIRE((*host_c)->rescan());
+  CHECK((*host_c)->list().size() == 2);
+  REQUIRE((*host_a)->remove(b.record.artifact_id));
+  REQUIRE((*host_c)->rescan());
+  REQUIRE((*host_c)->list().size() == 1);
+  CHECK((*host_c)->list()[0].record.artifact_id == a.record.artifact_id);
   auto absent = (*host_b)->discover(b.record.artifact_id);
   REQUIRE(absent);
   CHECK_FALSE(*absent);

@@ -179,8 +179,9 @@ TEST_CASE("tensorregd: daemons sharing a persist volume read each other's copies
   const auto id = put->descriptor.artifact_id;
   REQUIRE(wait_persisted(writer.socket_path(), id) == common::PERSISTENCE_STATE_SUCCESS);
 
-  // The reader never held it: it finds the copy on the shared volume and loads it from there.
+  // The reader never held it: it lists the copy on the shared volume, and loads it from there.
   using tensorreg::client::tier;
+  CHECK(tiers_of(*r, id) == std::vector<tier>{tier::shared_disk});
   CHECK(wait_persisted(reader.socket_path(), id) == common::PERSISTENCE_STATE_SUCCESS);
   auto index = r->index(id);
   REQUIRE(index);

@@ -168,6 +168,11 @@ class durable_store {
   /// lock held.
   /// Errors: DATA_LOSS (a damaged copy: quarantined), UNAVAILABLE (cannot read it).
   [[nodiscard]] result<bool> discover(std::string_view artifact_id);
+  /// In a shared root, brings the list up to date with the directory: lists the copies other
+  /// daemons published since (manifests checked; damaged ones quarantined) and forgets those
+  /// they removed. Nothing in a private root. Call it with no lock held.
+  /// Errors: UNAVAILABLE (cannot read the root).
+  [[nodiscard]] status rescan();
   /// The published artifact, or nullopt.
   [[nodiscard]] std::optional<stored_artifact> find(std::string_view artifact_id) const;
   /// Every published artifact, by id.
