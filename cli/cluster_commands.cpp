@@ -65,6 +65,7 @@ int cluster_ls(const std::string& text, bool as_json) {
                          {"host_name", h.host.host_name},
                          {"transfer_address", h.host.transfer_address},
                          {"capacity_bytes", h.host.capacity_bytes},
+                         {"free_bytes", h.host.free_bytes ? json(*h.host.free_bytes) : json(nullptr)},
                          {"alive", h.lease_left.has_value()},
                          {"lease_seconds_left", h.lease_left ? h.lease_left->count() : 0},
                          {"replicas", replicas},
@@ -75,14 +76,15 @@ int cluster_ls(const std::string& text, bool as_json) {
     return 0;
   }
   fmt::print("cluster {} ({})\n", text, url->endpoint());
-  fmt::print("{:<24} {:<24} {:>12}  {:<20} {:>8}\n", "HOST", "TRANSFER", "CAPACITY", "HEALTH", "REPLICAS");
+  fmt::print("{:<24} {:<24} {:>12} {:>10}  {:<20} {:>8}\n", "HOST", "TRANSFER", "CAPACITY", "FREE", "HEALTH",
+             "REPLICAS");
   std::uint64_t alive = 0;
   for (const auto& h : *hosts) {
     alive += h.lease_left ? 1 : 0;
-    fmt::print("{:<24} {:<24} {:>12}  {:<20} {:>8}\n", h.host.host_id,
+    fmt::print("{:<24} {:<24} {:>12} {:>10}  {:<20} {:>8}\n", h.host.host_id,
                h.host.transfer_address.empty() ? "-" : h.host.transfer_address,
-               h.host.capacity_bytes == 0 ? std::string("-") : human_bytes(h.host.capacity_bytes), health(h),
-               h.replicas.size());
+               h.host.capacity_bytes == 0 ? std::string("-") : human_bytes(h.host.capacity_bytes),
+               h.host.free_bytes ? human_bytes(*h.host.free_bytes) : std::string("-"), health(h), h.replicas.size());
     for (const auto& r : h.replicas) {
       fmt::print("  {}  {:>10}  {}\n", r.artifact_id, human_bytes(r.total_size), state_name(r.state));
     }

@@ -51,6 +51,7 @@ std::string host_value(const host_record& host) {
              {"transfer_address", host.transfer_address},
              {"capacity_bytes", host.capacity_bytes}};
   if (!host.persist_volume.empty()) value["persist_volume"] = host.persist_volume;
+  if (host.free_bytes) value["free_bytes"] = *host.free_bytes;
   return value.dump();
 }
 
@@ -61,7 +62,8 @@ result<host_record> parse_host(std::string_view host_id, std::string_view value)
   if (parsed.is_discarded() || !parsed.is_object() || !parsed.contains("transfer_address") ||
       !parsed["transfer_address"].is_string() || (parsed.contains("host_name") && !parsed["host_name"].is_string()) ||
       (parsed.contains("capacity_bytes") && !parsed["capacity_bytes"].is_number_unsigned()) ||
-      (parsed.contains("persist_volume") && !parsed["persist_volume"].is_string())) {
+      (parsed.contains("persist_volume") && !parsed["persist_volume"].is_string()) ||
+      (parsed.contains("free_bytes") && !parsed["free_bytes"].is_number_unsigned())) {
     return fail(errc::internal, fmt::format("cannot read host record of '{}': not a host record", host_id));
   }
   host_record host;
@@ -70,6 +72,7 @@ result<host_record> parse_host(std::string_view host_id, std::string_view value)
   host.transfer_address = parsed["transfer_address"].get<std::string>();
   host.capacity_bytes = parsed.value("capacity_bytes", std::uint64_t{0});
   host.persist_volume = parsed.value("persist_volume", std::string());
+  if (parsed.contains("free_bytes")) host.free_bytes = parsed["free_bytes"].get<std::uint64_t>();
   return host;
 }
 
@@ -139,6 +142,7 @@ struct catalogue::state {
   bool unreachable_logged = false;
   std::map<std::string, replica_reading, std::less<>> advertised;   // artifact id → what it says
   std::map<std::string, std::string, std::less<>> pending_indexes;  // key → bytes not yet written
+  std::optional<std::uint64_t> written_free;                        // free_bytes last written
 
   std::mutex thread_mutex;
   std::condition_variable wake;
@@ -149,12 +153,36 @@ struct catalogue::state {
     return fmt::format("{}{}/{}", replicas_prefix, artifact_id, options.self.host_id);
   }
 
+  // The host record as it is now: its free bytes asked again. Called with `mutex` held.
+  host_record current_self_locked() {
+    host_record out = options.self;
+    if (options.free_bytes) out.free_bytes = options.free_bytes();
+    written_free = out.free_bytes;
+    return out;
+  }
+
+  // Writes the host record again when its free bytes moved by more than the step since it was
+  // last written. Called with `mutex` held and a lease.
+  status rewrite_host_if_moved_locked() {
+    if (!options.free_bytes) return {};
+    const auto before = written_free;
+    const auto now = options.free_bytes();
+    const auto moved = before.has_value() != now.has_value() ||
+                       (now && (*now > *before ? *now - *before : *before - *now) > options.free_bytes_step);
+    if (!moved) return {};
+    host_record record = options.self;
+    record.free_bytes = now;
+    TENSORREG_TRY(etcd->put(hosts_prefix + options.self.host_id, host_value(record), lease));
+    written_free = now;
+    return {};
+  }
+
   // Grants a lease and writes the host and every advertised replica under it. Called with
   // `mutex` held, so that an advertise() racing a re-registration is not lost.
   status register_locked() {
     TENSORREG_TRY_ASSIGN(auto id, etcd->grant_lease(options.lease_ttl));
     lease = id;
-    TENSORREG_TRY(etcd->put(hosts_prefix + options.self.host_id, host_value(options.self), lease));
+    TENSORREG_TRY(etcd->put(hosts_prefix + options.self.host_id, host_value(current_self_locked()), lease));
     for (const auto& [artifact, replica] : advertised) {
       TENSORREG_TRY(etcd->put(replica_key(artifact), replica_value(replica.total_size, replica.state), lease));
     }
@@ -234,6 +262,8 @@ status catalogue::refresh() {
         // before it stopped, so write everything again (idempotent).
         s.lease = 0;
         outcome = s.register_locked();
+      } else {
+        outcome = s.rewrite_host_if_moved_locked();
       }
     } else if (alive.error().code == errc::not_found) {
       log(*s.options.log, log_level::warn, "cluster: lease {:x} of host {} lost; registering again", s.lease,

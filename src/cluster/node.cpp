@@ -24,6 +24,25 @@
 
 namespace tensorreg::cluster {
 
+namespace {
+
+// The hosts to ask to hold `size` bytes, best first (docs/cluster.md §5): those that said they
+// have room for it, then those that did not say, then those that said they have not (an
+// eviction may still make room); within each, more free bytes, then larger capacity, then host
+// id.
+void order_for_placement(std::vector<host_record>& hosts, std::uint64_t size) {
+  const auto rank = [size](const host_record& h) { return !h.free_bytes ? 1 : *h.free_bytes >= size ? 0 : 2; };
+  std::stable_sort(hosts.begin(), hosts.end(), [&](const host_record& x, const host_record& y) {
+    if (rank(x) != rank(y)) return rank(x) < rank(y);
+    if (x.free_bytes.value_or(0) != y.free_bytes.value_or(0))
+      return x.free_bytes.value_or(0) > y.free_bytes.value_or(0);
+    if (x.capacity_bytes != y.capacity_bytes) return x.capacity_bytes > y.capacity_bytes;
+    return x.host_id < y.host_id;
+  });
+}
+
+}  // namespace
+
 struct node::state {
   registration::engine& engine;
   node_options options;
@@ -229,10 +248,8 @@ struct node::state {
                   fmt::format("cannot fetch {}: only persist volume {} holds it, and no member using it is up", id,
                               fmt::join(volumes, ", ")));
     }
-    // Larger offers first, as a publish asks: the copy must fit in its stable memory.
-    std::stable_sort(candidates.begin(), candidates.end(), [](const host_record& x, const host_record& y) {
-      return x.capacity_bytes != y.capacity_bytes ? x.capacity_bytes > y.capacity_bytes : x.host_id < y.host_id;
-    });
+    // As a publish asks: the copy must fit in its stable memory.
+    order_for_placement(candidates, total_size);
     const auto& asked = candidates.front();
     TENSORREG_TRY(members->ask(asked.host_id, id, total_size));
     log(*options.log, log_level::info, "cluster: {} is on persist volume {} only: asked {} to load it", id,
@@ -365,6 +382,14 @@ result<std::unique_ptr<node>> node::create(registration::engine& engine, node_op
   co.self.transfer_address = s->server->address();
   co.lease_ttl = s->options.lease_ttl;
   co.log = s->options.log;
+  // What the stable budget has left, for the members that place replicas (none said without a
+  // budget: room is then only the host's memory).
+  co.free_bytes = [&engine]() -> std::optional<std::uint64_t> {
+    const auto st = engine.stats();
+    if (st.stable_budget == 0) return std::nullopt;
+    const auto used = st.stable_bytes + st.stable_reserved_bytes;
+    return st.stable_budget > used ? st.stable_budget - used : 0;
+  };
   TENSORREG_TRY_ASSIGN(s->members, catalogue::create(std::move(co)));
   s->members->start();
   auto* raw = s.get();
@@ -686,14 +711,12 @@ result<publish_status> node::publish(const std::string& artifact_id, std::uint32
     }
   };
   count_holders();
-  // Larger offers first: they are likelier to keep it.
+  // Hosts with room first: they are likelier to keep it.
   std::vector<host_record> candidates;
   for (const auto& h : *hosts) {
     if (!holding->contains(h.host_id)) candidates.push_back(h);
   }
-  std::stable_sort(candidates.begin(), candidates.end(), [](const host_record& x, const host_record& y) {
-    return x.capacity_bytes != y.capacity_bytes ? x.capacity_bytes > y.capacity_bytes : x.host_id < y.host_id;
-  });
+  order_for_placement(candidates, total_size);
   for (const auto& h : candidates) {
     if (out.holders.size() + out.asked.size() >= out.target) break;
     if (auto asked = s.members->ask(h.host_id, artifact_id, total_size); !asked) return failed(asked.error());

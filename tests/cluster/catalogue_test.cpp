@@ -15,7 +15,7 @@ namespace {
 catalogue_options options_for(const std::string& url, const std::string& host_id, std::chrono::seconds ttl = 10s) {
   catalogue_options options;
   options.url = *parse_cluster_url(url);
-  options.self = host_record{host_id, host_id + ".example", "10.1.0.1:7000", std::uint64_t{1} << 30, ""};
+  options.self = host_record{host_id, host_id + ".example", "10.1.0.1:7000", std::uint64_t{1} << 30, "", std::nullopt};
   options.lease_ttl = ttl;
   options.connect_timeout = 300ms;
   options.request_timeout = 1000ms;
@@ -452,4 +452,50 @@ TEST_CASE("catalogue: replicas_of lists every holder of an id with its state", "
   CHECK(*listed ==
         std::vector<replica_holder>{{"host-a", 7, replica_state::complete}, {"host-b", 7, replica_state::pulling}});
   CHECK(h.a->replicas_of("a/b").error().code == errc::invalid_argument);
+}
+
+TEST_CASE("catalogue: a host's free bytes are in its record, written again when they move by a step",
+          "[cluster][catalogue]") {
+  if (!testing::find_etcd()) {
+    WARN("SKIP: no etcd binary (apt-get install etcd-server)");
+    return;
+  }
+  testing::temp_dir dir;
+  testing::etcd_process etcd(dir.path());
+  std::atomic<std::uint64_t> free{std::uint64_t{1} << 30};
+  auto o = options_for(etcd.url("free"), "host-a");
+  o.free_bytes = [&free]() -> std::optional<std::uint64_t> { return free.load(); };
+  o.free_bytes_step = 1 << 20;
+  o.self.persist_volume = "models";
+  auto a = catalogue::create(o);
+  REQUIRE(a);
+  REQUIRE((*a)->refresh());
+  auto client = etcd_client::create({parse_cluster_url(etcd.url("free"))->endpoint()});
+  REQUIRE(client);
+  const auto key = parse_cluster_url(etcd.url("free"))->prefix + "/hosts/host-a";
+  CHECK((*(*client)->get(key))->value ==
+        R"({"capacity_bytes":1073741824,"free_bytes":1073741824,"host_name":"host-a.example",)"
+        R"("persist_volume":"models","transfer_address":"10.1.0.1:7000"})");
+  const auto free_listed = [&] { return (*a)->hosts()->at(0).free_bytes; };
+  CHECK(free_listed() == std::uint64_t{1} << 30);
+  // Less than a step: the record stays; more: the next refresh writes it.
+  free = (std::uint64_t{1} << 30) - 1000;
+  REQUIRE((*a)->refresh());
+  CHECK(free_listed() == std::uint64_t{1} << 30);
+  free = std::uint64_t{100} << 20;
+  REQUIRE((*a)->refresh());
+  CHECK(free_listed() == std::uint64_t{100} << 20);
+  CHECK((*a)->hosts()->at(0).persist_volume == "models");
+  // self() is the host as configured.
+  CHECK_FALSE((*a)->self().free_bytes.has_value());
+
+  // A record whose free_bytes or persist_volume is of another type is not a host record.
+  REQUIRE((*client)->put(parse_cluster_url(etcd.url("free"))->prefix + "/hosts/host-x",
+                         R"({"transfer_address":"10.1.0.9:7000","free_bytes":"lots"})"));
+  auto refused = (*a)->hosts();
+  REQUIRE_FALSE(refused);
+  CHECK(refused.error().message == "cannot read host record of 'host-x': not a host record");
+  REQUIRE((*client)->put(parse_cluster_url(etcd.url("free"))->prefix + "/hosts/host-x",
+                         R"({"transfer_address":"10.1.0.9:7000","persist_volume":7})"));
+  CHECK_FALSE((*a)->hosts());
 }

@@ -31,7 +31,7 @@ t::model leafy_model() {
 std::unique_ptr<node> join(registration::engine& e, const std::string& url, const std::string& host_id) {
   node_options options;
   options.url = *parse_cluster_url(url);
-  options.self = host_record{host_id, host_id, "127.0.0.1:0", 0, ""};
+  options.self = host_record{host_id, host_id, "127.0.0.1:0", 0, "", std::nullopt};
   options.lease_ttl = 3s;
   options.withdraw_check_every = 50ms;
   options.pull.request_timeout = 5s;
@@ -298,7 +298,7 @@ std::unique_ptr<node> join_volume(registration::engine& e, const std::string& ur
                                   const std::string& volume) {
   node_options options;
   options.url = *parse_cluster_url(url);
-  options.self = host_record{host_id, host_id, "127.0.0.1:0", 0, volume};
+  options.self = host_record{host_id, host_id, "127.0.0.1:0", 0, volume, std::nullopt};
   options.lease_ttl = 3s;
   options.withdraw_check_every = 50ms;
   options.publish_poll_every = 50ms;
@@ -393,4 +393,49 @@ TEST_CASE("cluster node: a copy on a shared persist volume is listed, and pulled
   REQUIRE_FALSE(stale);
   CHECK(stale.error().code == errc::not_found);
   CHECK_THAT(stale.error().message, Catch::EndsWith("the copy on persist volume models was removed"));
+}
+
+TEST_CASE("cluster node: publish asks a member with room before one whose budget is full", "[cluster][node]") {
+  if (!t::find_etcd()) {
+    WARN("SKIP: no etcd binary (apt-get install etcd-server)");
+    return;
+  }
+  t::temp_dir dir;
+  t::etcd_process etcd{dir.path()};
+  t::fake_clock clock;
+  const auto with_budget = [&](std::uint64_t bytes) {
+    auto o = t::deterministic_options(clock);
+    o.stable_bytes = bytes;
+    return t::make_engine(std::move(o));
+  };
+  auto engine_a = t::make_engine(clock);
+  auto engine_b = with_budget(std::uint64_t{4} << 20);  // "b" sorts first by id, and has no room
+  auto engine_c = with_budget(std::uint64_t{64} << 20);
+  const auto url = etcd.url("room");
+  auto a = join(*engine_a, url, "a");
+  auto b = join(*engine_b, url, "b");
+  auto c = join(*engine_c, url, "c");
+  REQUIRE(eventually(
+      [&] {
+        auto hosts = a->members().hosts();
+        return hosts && hosts->size() == 3;
+      },
+      5s));
+  auto hosts = a->members().hosts();
+  REQUIRE_OK(hosts);
+  CHECK_FALSE((*hosts)[0].free_bytes.has_value());  // a: no budget, nothing said
+  CHECK((*hosts)[1].free_bytes == std::uint64_t{4} << 20);
+  CHECK((*hosts)[2].free_bytes == std::uint64_t{64} << 20);
+
+  const auto m = leafy_model();  // 12 MiB: fits c, not b
+  auto committed = t::register_stable(*engine_a, m, static_cast<std::int32_t>(::getpid()));
+  REQUIRE_OK(committed);
+  const auto id = committed->descriptor.artifact_id;
+  a->committed(id);
+  auto published = a->publish(id, 2, false, 20s);
+  REQUIRE_OK(published);
+  CHECK(published->asked == std::vector<std::string>{"c"});
+  CHECK(published->reached);
+  CHECK(engine_c->get(id));
+  CHECK_FALSE(engine_b->get(id));
 }

@@ -30,7 +30,7 @@ namespace {
 std::unique_ptr<cluster::node> join(registration::engine& e, const std::string& url, const std::string& host_id) {
   cluster::node_options options;
   options.url = *cluster::parse_cluster_url(url);
-  options.self = cluster::host_record{host_id, host_id, "127.0.0.1:0", 0, ""};
+  options.self = cluster::host_record{host_id, host_id, "127.0.0.1:0", 0, "", std::nullopt};
   options.lease_ttl = 3s;
   options.withdraw_check_every = 50ms;
   options.pull.request_timeout = 5s;

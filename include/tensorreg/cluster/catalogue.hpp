@@ -26,6 +26,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -49,6 +50,9 @@ struct host_record {
   /// The shared persist volume it reads and writes (tensorregd --persist-volume); "" = none.
   /// [A-Za-z0-9-._] only.
   std::string persist_volume;
+  /// Bytes of its stable DRAM budget not in use when it last said (nullopt = not said: no
+  /// budget, or an older member). Placement asks hosts with room first (docs/cluster.md §5).
+  std::optional<std::uint64_t> free_bytes;
 
   friend bool operator==(const host_record&, const host_record&) = default;
 };
@@ -99,6 +103,10 @@ struct catalogue_options {
   host_record self;
   /// The lease's TTL; the keep-alive thread renews it every third of it.
   std::chrono::seconds lease_ttl{10};
+  /// The host's free stable bytes now (host_record::free_bytes); each refresh writes the host
+  /// record again when the answer moved by more than free_bytes_step. Empty: never said.
+  std::function<std::optional<std::uint64_t>()> free_bytes;
+  std::uint64_t free_bytes_step = std::uint64_t{64} << 20;
   std::chrono::milliseconds connect_timeout{1000};
   std::chrono::milliseconds request_timeout{3000};
   /// Must outlive the catalogue.
@@ -115,11 +123,13 @@ class catalogue {
   catalogue(const catalogue&) = delete;
   catalogue& operator=(const catalogue&) = delete;
 
+  /// The host as configured (free_bytes is left unset: it is asked at each write).
   [[nodiscard]] const host_record& self() const noexcept;
   [[nodiscard]] const cluster_url& url() const noexcept;
 
   /// Renews the lease, or — with none, or one that expired — grants a new one and writes the
-  /// host key and every advertised replica under it (re-registration).
+  /// host key and every advertised replica under it (re-registration). Writes the host key
+  /// again when its free bytes moved (catalogue_options::free_bytes).
   /// Errors: UNAVAILABLE (etcd unreachable), INTERNAL.
   [[nodiscard]] status refresh();
 

@@ -93,8 +93,9 @@ class node {
   /// Places replicas of `artifact_id`, held here, on other members (docs/cluster.md §5): with
   /// `all`, on every member; otherwise until `replicas` members (this one counted) hold it.
   /// Members that hold no complete replica are asked (a wanted key under this host's lease),
-  /// larger capacity_bytes first, then by host id, until the asked and the holders make the
-  /// target; then the catalogue is read every publish_poll_every until that many members hold
+  /// those whose free_bytes has room first, then those that did not say, then the others (more
+  /// free bytes, larger capacity_bytes, then host id within each), until the asked and the
+  /// holders make the target; then the catalogue is read every publish_poll_every until that many members hold
   /// a complete replica, or `timeout` passed. A target above the members asks them all and is
   /// not reached. Asks stay (and their pulls go on) after a timeout, until this host leaves.
   /// Errors: INVALID_ARGUMENT (a cgid: only mi2 ids are pulled; replicas 0 without `all`),
