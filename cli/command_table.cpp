@@ -22,12 +22,15 @@ constexpr std::array<option_help, 5> kDigest{{
     {"--threads", "N", "hashing threads"},
 }};
 constexpr std::array<option_help, 1> kIndex{{{"--threads", "N", "hashing threads"}}};
-constexpr std::array<option_help, 3> kPut{{
+constexpr std::array<option_help, 4> kPut{{
     {"--policy", "PROFILE",
      "cache (evicts to make room; default), warm, pinned, durable, ha, or tiers LEVEL:TIER[:SCOPE[:N]],... "
      "(should:stable_dram:remote:2: two other hosts hold it)"},
     {"--name", "NAME", "the name `ls` shows (default: the file name)"},
     {"--copy", "", "copy the files into the daemon's memory from here instead of handing them to the daemon"},
+    {"--timeout", "SECONDS",
+     "how long the commit waits for the copies on other hosts that the policy asks for (default and most: the "
+     "daemon's --replica-timeout-ms)"},
 }};
 constexpr std::array<option_help, 1> kLease{{{"--ttl-ms", "N", "lease TTL, renewed while it runs (default 600000)"}}};
 constexpr std::array<option_help, 1> kExport{{{"--out", "FILE", "the .safetensors file to write (required)"}}};

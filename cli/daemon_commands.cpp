@@ -55,7 +55,8 @@ struct options {
   std::string etcd;                     ///< cluster ls --etcd
   std::uint32_t replicas = 0;           ///< publish --replicas
   bool all = false;                     ///< publish --all
-  double timeout_seconds = 60;          ///< publish --timeout
+  double timeout_seconds = 60;          ///< publish --timeout, put --timeout
+  bool timeout_given = false;
   std::vector<std::string> positional;
 };
 
@@ -123,6 +124,7 @@ result<options> parse(const std::vector<std::string>& args) {
         const auto t = std::stod(v, &used);
         if (used != v.size() || !(t > 0) || t > 86400) throw std::invalid_argument(v);
         o.timeout_seconds = t;
+        o.timeout_given = true;
       } catch (const std::exception&) {
         return fail(errc::invalid_argument, "--timeout needs seconds, more than 0 and at most 86400, got '" + v + "'");
       }
@@ -291,7 +293,7 @@ int cmd_put(connection& c, const options& o) {
   if (o.positional.empty())
     return usage(
         "usage: tensorreg put FILES.safetensors... [--policy PROFILE|LEVEL:TIER[:SCOPE[:N]],...] [--name NAME] "
-        "[--copy]");
+        "[--copy] [--timeout SECONDS]");
   auto bundle = index::safetensors_bundle::open(o.positional);
   if (!bundle) return fail_with(bundle.error());
   // Checked before the copy: a put the budget cannot take fails at once, in the user's words.
@@ -315,6 +317,8 @@ int cmd_put(connection& c, const options& o) {
   // it holds (issue #20). With --copy, reuse_held makes a put of held content cost a hash here.
   po.hand_over_files = !o.copy;
   po.reuse_held = true;
+  // At least a millisecond: 0 would mean the daemon's default.
+  if (o.timeout_given) po.replica_timeout_ms = static_cast<std::uint32_t>(std::max(1.0, o.timeout_seconds * 1000));
   auto put = c.put(**bundle, po);
   shown.finish();
   if (!put) {

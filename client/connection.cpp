@@ -274,7 +274,7 @@ result<registered> connection::put(const index::safetensors_bundle& bundle, cons
       const std::string registration_id = wc::registration_id_of(begun->response);
       // The daemon reads, copies and hashes at Commit: nothing is left to write here.
       if (options.progress) options.progress(idx.total_size(), idx.total_size());
-      auto committed = raw_->call(wc::commit_request(registration_id));
+      auto committed = raw_->call(wc::commit_request(registration_id, false, options.replica_timeout_ms));
       if (!committed) {
         static_cast<void>(raw_->call(wc::abort_request(registration_id)));
         return tl::unexpected(std::move(committed).error());
@@ -308,7 +308,8 @@ result<registered> connection::put(const index::safetensors_bundle& bundle, cons
   std::vector<wc::v2::FeedRegisterArtifactStreamRequest> frames;
   frames.push_back(wc::feed_frame(written));
   if (auto fed = raw_->feed(std::move(frames)); !fed) return abort_on_error(fed.error());
-  TENSORREG_TRY_ASSIGN(auto committed, raw_->call(wc::commit_request(registration_id)));
+  TENSORREG_TRY_ASSIGN(auto committed,
+                       raw_->call(wc::commit_request(registration_id, false, options.replica_timeout_ms)));
   const auto commit = wc::commit_of(committed.response);
   registered out{commit.descriptor, commit.existed, registration_id, seconds_since(started), commit.evicted};
   out.remote_stable_tier = commit.remote_stable_tier;

@@ -223,10 +223,12 @@ v2::FeedRegisterArtifactStreamRequest feed_frame(const registration::feed_reques
   return f;
 }
 
-wire::Request commit_request(std::string_view registration_id, bool hash_in_background) {
+wire::Request commit_request(std::string_view registration_id, bool hash_in_background,
+                             std::uint32_t replica_timeout_ms) {
   wire::Request r;
   r.mutable_commit_registered_artifact()->set_registration_id(std::string(registration_id));
   if (hash_in_background) r.mutable_commit_registered_artifact()->set_hash_in_background(true);
+  if (replica_timeout_ms != 0) r.mutable_commit_registered_artifact()->set_replica_timeout_ms(replica_timeout_ms);
   return r;
 }
 

@@ -77,7 +77,8 @@ struct region_args {
 [[nodiscard]] v2::FeedRegisterArtifactStreamRequest feed_frame(const registration::feed_request& feed,
                                                                std::string_view device_uuid = {});
 
-[[nodiscard]] wire::Request commit_request(std::string_view registration_id, bool hash_in_background = false);
+[[nodiscard]] wire::Request commit_request(std::string_view registration_id, bool hash_in_background = false,
+                                           std::uint32_t replica_timeout_ms = 0);
 /// RepublishLease (wire-format.md §20): a new lease over the memory and layout of a lease.
 struct republish_args {
   std::string previous_registration_id;

@@ -371,13 +371,15 @@ struct dispatcher::impl {
       prune_names(engine.list(), generation);
     }
     TENSORREG_TRY_ASSIGN(auto done, std::move(committed));
-    TENSORREG_TRY(committed_by(c.peer, id, done));
+    TENSORREG_TRY(committed_by(c.peer, id, done, c.request.commit_registered_artifact().replica_timeout_ms()));
     convert::fill_commit(*c.response.mutable_commit_registered_artifact(), done);
     return {};
   }
 
-  // What follows every commit: counters, the eviction line, the cluster's advert and replicas.
-  status committed_by(const peer_credentials& peer, const std::string& id, reg::commit_response& done) {
+  // What follows every commit: counters, the eviction line, the cluster's advert and replicas
+  // (waited for up to `replica_timeout_ms`, the request's: 0 = the daemon's).
+  status committed_by(const peer_credentials& peer, const std::string& id, reg::commit_response& done,
+                      std::uint32_t replica_timeout_ms) {
     if (!done.evicted.empty()) {
       // The engine logs each eviction; this line says whose commit caused them.
       tensorreg::log(log, log_level::info, "commit of registration {} by pid {} as {} evicted {} to make room", id,
@@ -390,7 +392,7 @@ struct dispatcher::impl {
       bytes_registered.add(done.descriptor.total_size);
     }
     if (options.cluster != nullptr && !done.existed) options.cluster->committed(done.descriptor.artifact_id);
-    return place_replicas(done);
+    return place_replicas(done, replica_timeout_ms);
   }
 
   // Ours: a new version over a lease's memory and layout (docs/wire-format.md §20).
@@ -405,7 +407,7 @@ struct dispatcher::impl {
     // lease, whose id the error does not carry, is revoked again.
     const bool revoke_previous = std::exchange(request.revoke_previous, false);
     TENSORREG_TRY_ASSIGN(auto done, engine.republish(request));
-    if (auto placed = committed_by(c.peer, done.registration_id, done.commit); !placed) {
+    if (auto placed = committed_by(c.peer, done.registration_id, done.commit, in.replica_timeout_ms()); !placed) {
       (void)engine.revoke(done.registration_id, "its republish failed: " + placed.error().message);
       return placed;
     }
@@ -444,10 +446,10 @@ struct dispatcher::impl {
 
   // docs/cluster.md §5 (Policies): after the local commit, the stable copies the policy asks
   // for on other hosts are placed through the cluster (node::publish) and waited for up to
-  // --replica-timeout-ms (a may tier: asked, not waited for); the result is the commit's
-  // remote_stable_tier. A must tier not met fails the commit (the artifact stays committed
-  // here and the asks stay: DECISIONS §5.21).
-  status place_replicas(reg::commit_response& done) {
+  // --replica-timeout-ms, or the commit's own shorter replica_timeout_ms (a may tier: asked,
+  // not waited for); the result is the commit's remote_stable_tier. A must tier not met fails
+  // the commit (the artifact stays committed here and the asks stay: DECISIONS §5.21).
+  status place_replicas(reg::commit_response& done, std::uint32_t replica_timeout_ms) {
     if (done.replica_hosts <= 1 || done.replica_level == policy::requirement::none) return {};
     const auto& id = done.descriptor.artifact_id;
     const bool must = done.replica_hosts_must > 1;
@@ -465,7 +467,10 @@ struct dispatcher::impl {
           fmt::format("the policy asks for {} hosts and only mi2 artifacts are replicated", done.replica_hosts));
     }
     const bool wait = done.replica_level != policy::requirement::may;
-    const auto timeout = wait ? options.replica_timeout : std::chrono::milliseconds(0);
+    // A client may wait less than the daemon allows, never more: a request worker waits.
+    auto timeout = options.replica_timeout;
+    if (replica_timeout_ms != 0) timeout = std::min(timeout, std::chrono::milliseconds(replica_timeout_ms));
+    if (!wait) timeout = std::chrono::milliseconds(0);
     auto placed = options.cluster->publish(id, done.replica_hosts, false, timeout);
     if (!placed) {
       if (must) return tl::unexpected(std::move(placed).error());

@@ -40,16 +40,18 @@ from .errors import DataLoss, Error, InvalidArgument, NotFound, PermissionDenied
 _REUSE_POLICIES = (None, "", "cache")
 
 
-def put(conn: Connection, state_dict, policy: str | None, view=None, reuse_held: bool = False) -> RegisteredArtifact:
+def put(conn: Connection, state_dict, policy: str | None, view=None, reuse_held: bool = False,
+        replica_timeout_ms: int = 0) -> RegisteredArtifact:
     """Store.put: CPU tensors through stable_dram, CUDA tensors through coalesced. `view`: the
     ViewRegistrationOptions of a CLIENT-placement view (_views.py), put into the Begin.
-    reuse_held: CPU tensors the daemon holds already are answered from its list (module doc)."""
+    reuse_held: CPU tensors the daemon holds already are answered from its list (module doc).
+    replica_timeout_ms: the commit's wait for copies on other hosts (0: the daemon's)."""
     torch = _torch()
     descs, device = _layout.state_dict_descs(torch, state_dict, "put state dict")
     layout = _layout.build(descs)
     profile = _requests.policy_profile(policy, "put state dict")
     if device.startswith("cuda"):
-        return _put_cuda(conn, torch, layout, torch.device(device), profile, view)
+        return _put_cuda(conn, torch, layout, torch.device(device), profile, view, replica_timeout_ms)
     if reuse_held and view is None and policy in _REUSE_POLICIES and layout.total_size > 0:
         held = _held_replica(conn, torch, layout)
         if held is not None:
@@ -59,10 +61,10 @@ def put(conn: Connection, state_dict, policy: str | None, view=None, reuse_held:
         with torch.no_grad():
             _buffers.pwrite_storages(torch, fd, start, layout)
 
-    return _put_stable_dram(conn, layout, profile, write, view)
+    return _put_stable_dram(conn, layout, profile, write, view, replica_timeout_ms)
 
 
-def put_safetensors(conn: Connection, paths, policy: str | None) -> RegisteredArtifact:
+def put_safetensors(conn: Connection, paths, policy: str | None, replica_timeout_ms: int = 0) -> RegisteredArtifact:
     """Store.put_safetensors: the files' layout (as the C++ client's) through stable_dram."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
@@ -76,7 +78,7 @@ def put_safetensors(conn: Connection, paths, policy: str | None) -> RegisteredAr
     except PermissionError as e:
         raise PermissionDenied(f"cannot read safetensors file '{e.filename}': permission denied") from None
     profile = _requests.policy_profile(policy, "put safetensors files")
-    handed = _put_from_files(conn, layout, profile)
+    handed = _put_from_files(conn, layout, profile, replica_timeout_ms)
     if handed is not None:
         return handed
 
@@ -95,10 +97,10 @@ def put_safetensors(conn: Connection, paths, policy: str | None) -> RegisteredAr
             for f in files.values():
                 os.close(f)
 
-    return _put_stable_dram(conn, layout, profile, write)
+    return _put_stable_dram(conn, layout, profile, write, None, replica_timeout_ms)
 
 
-def _put_from_files(conn: Connection, layout, profile) -> RegisteredArtifact | None:
+def _put_from_files(conn: Connection, layout, profile, replica_timeout_ms: int = 0) -> RegisteredArtifact | None:
     """Begin (stable_dram) with the files' read-only fds and where their bytes go → Commit: the
     daemon reads, copies and hashes them itself (docs/wire-format.md §18). None when there are
     more files than one frame carries fds for, or the daemon takes no files: then the caller
@@ -128,7 +130,7 @@ def _put_from_files(conn: Connection, layout, profile) -> RegisteredArtifact | N
         _close_fds(fds)
     registration_id = begun.begin_register_artifact.registration_id
     try:
-        done = commit(conn, registration_id)
+        done = commit(conn, registration_id, replica_timeout_ms=replica_timeout_ms)
     except BaseException:
         abort(conn, registration_id)
         raise
@@ -171,7 +173,8 @@ def _held_replica(conn: Connection, torch, layout) -> RegisteredArtifact | None:
     return None
 
 
-def _put_stable_dram(conn: Connection, layout, profile, write, view=None) -> RegisteredArtifact:
+def _put_stable_dram(conn: Connection, layout, profile, write, view=None,
+                     replica_timeout_ms: int = 0) -> RegisteredArtifact:
     """Begin (stable_dram) → write(fd, start) into the publish memfd → Feed → Commit."""
     begin = _requests.put_begin(layout, profile, "stable_dram")
     if view is not None:
@@ -195,7 +198,7 @@ def _put_stable_dram(conn: Connection, layout, profile, write, view=None) -> Reg
             _close_fds(fds)
             fds.clear()
         conn.feed([_requests.stable_dram_feed(registration_id, layout.total_size)])
-        done = commit(conn, registration_id)
+        done = commit(conn, registration_id, replica_timeout_ms=replica_timeout_ms)
     except BaseException:
         _close_fds(fds)
         abort(conn, registration_id)
@@ -203,7 +206,8 @@ def _put_stable_dram(conn: Connection, layout, profile, write, view=None) -> Reg
     return RegisteredArtifact(done, layout, registration_id, "stable_dram", None)
 
 
-def _put_cuda(conn: Connection, torch, layout, device, profile, view=None) -> RegisteredArtifact:
+def _put_cuda(conn: Connection, torch, layout, device, profile, view=None,
+              replica_timeout_ms: int = 0) -> RegisteredArtifact:
     """Begin (coalesced, on the tensors' GPU by UUID) → copy into the daemon's buffer → Commit."""
     started = time.perf_counter()
     drv = _cuda.driver()
@@ -231,7 +235,7 @@ def _put_cuda(conn: Connection, torch, layout, device, profile, view=None) -> Re
         finally:
             mapping.close()
         copied = time.perf_counter()
-        done = commit(conn, registration_id)
+        done = commit(conn, registration_id, replica_timeout_ms=replica_timeout_ms)
     except BaseException:
         abort(conn, registration_id)
         raise
@@ -239,10 +243,10 @@ def _put_cuda(conn: Connection, torch, layout, device, profile, view=None) -> Re
     return RegisteredArtifact(done, layout, registration_id, "coalesced", None, timings)
 
 
-def commit(conn: Connection, registration_id: str, hash_in_background: bool = False):
+def commit(conn: Connection, registration_id: str, hash_in_background: bool = False, replica_timeout_ms: int = 0):
     """CommitRegisteredArtifact; the response body. Errors: the daemon's status
     (InvalidArgument for hash_in_background without a client_artifact_id)."""
-    answer, _ = conn.call(_requests.commit(registration_id, hash_in_background))
+    answer, _ = conn.call(_requests.commit(registration_id, hash_in_background, replica_timeout_ms))
     return answer.commit_registered_artifact
 
 

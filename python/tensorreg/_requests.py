@@ -192,13 +192,16 @@ def host_region_feed(layout, region):
     return lease_feed(layout, source)
 
 
-def commit(registration_id: str, hash_in_background: bool = False):
+def commit(registration_id: str, hash_in_background: bool = False, replica_timeout_ms: int = 0):
     """CommitRegisteredArtifact; with hash_in_background (a cgid registration only) the daemon
-    answers once the artifact is usable and hashes it afterwards (registration.md §4.8)."""
+    answers once the artifact is usable and hashes it afterwards (registration.md §4.8);
+    replica_timeout_ms: how long it waits for copies on other hosts (0: the daemon's)."""
     request = _messages.Request()
     request.commit_registered_artifact.registration_id = registration_id
     if hash_in_background:
         request.commit_registered_artifact.hash_in_background = True
+    if replica_timeout_ms:
+        request.commit_registered_artifact.replica_timeout_ms = replica_timeout_ms
     return request
 
 

@@ -56,6 +56,15 @@ __all__ = ["Store", "RegisteredArtifact", "Lease", "LocalStableTier", "ViewRegis
            "Transpose"]
 
 
+def _replica_timeout_ms(seconds, what: str) -> int:
+    """A commit's wait for copies on other hosts, in ms for the wire (0: the daemon's own)."""
+    if seconds is None:
+        return 0
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
+        raise InvalidArgument(f"cannot {what}: replica_timeout {seconds!r} is not a number of seconds > 0")
+    return min(max(1, round(seconds * 1000)), 2**32 - 1)
+
+
 class Store:
     """A connection to tensorregd and the registration calls over it.
 
@@ -92,7 +101,8 @@ class Store:
 
     # ---- put (_put.py) ----
 
-    def put(self, state_dict, *, policy: str | None = "cache", reuse_held: bool = True) -> RegisteredArtifact:
+    def put(self, state_dict, *, policy: str | None = "cache", reuse_held: bool = True,
+            replica_timeout: float | None = None) -> RegisteredArtifact:
         """Stores a copy of the tensors in the daemon: CPU tensors in its stable DRAM (the
         stable_dram plan through the publish memfd), CUDA tensors in a daemon-owned buffer on
         their GPU (the coalesced plan). `policy` is a profile name (cache, durable, ha, cold,
@@ -102,17 +112,23 @@ class Store:
         reuse_held (CPU tensors, policy cache or None): when the daemon lists a stable replica
         of the same index, the tensors are hashed here first, and content it holds already is
         answered with existed=True and registration_id "" without copying anything; False
-        always copies.
-        Errors: InvalidArgument (bad input, mixed devices; before anything is sent),
-        FailedPrecondition (CUDA tensors and no usable driver, or a daemon without that GPU),
-        the daemon's status (ResourceExhausted when its budget or the GPU is full, ...)."""
-        return _put.put(self._conn, state_dict, policy, reuse_held=reuse_held)
+        always copies. replica_timeout: seconds the commit waits for the copies on other hosts
+        that the policy asks for (None: the daemon's --replica-timeout-ms, which also caps it).
+        Errors: InvalidArgument (bad input, mixed devices, a replica_timeout not > 0; before
+        anything is sent), FailedPrecondition (CUDA tensors and no usable driver, or a daemon
+        without that GPU), the daemon's status (ResourceExhausted when its budget or the GPU is
+        full, ...)."""
+        wait_ms = _replica_timeout_ms(replica_timeout, "put state dict")
+        return _put.put(self._conn, state_dict, policy, reuse_held=reuse_held, replica_timeout_ms=wait_ms)
 
-    def put_safetensors(self, paths, *, policy: str | None = "cache") -> RegisteredArtifact:
+    def put_safetensors(self, paths, *, policy: str | None = "cache",
+                        replica_timeout: float | None = None) -> RegisteredArtifact:
         """Stores safetensors files (one artifact) as `tensorreg put` does: the same layout and
-        id as the C++ client. Needs no torch.
-        Errors: InvalidArgument (bad files), NotFound (no such file), the daemon's status."""
-        return _put.put_safetensors(self._conn, paths, policy)
+        id as the C++ client. Needs no torch. replica_timeout: as put()'s.
+        Errors: InvalidArgument (bad files, a replica_timeout not > 0), NotFound (no such file),
+        the daemon's status."""
+        wait_ms = _replica_timeout_ms(replica_timeout, "put safetensors files")
+        return _put.put_safetensors(self._conn, paths, policy, replica_timeout_ms=wait_ms)
 
     # ---- register (_register.py) ----
 
@@ -318,7 +334,7 @@ class Store:
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
             raise InvalidArgument(f"cannot publish {artifact_id}: timeout {timeout!r} is not a number of "
                                   "seconds > 0")
-        timeout_ms = min(max(1, round(timeout * 1000)), 2**32 - 1)
+        timeout_ms = _replica_timeout_ms(timeout, f"publish {artifact_id}")
         answer, _ = self._conn.call(_requests.publish_artifact(artifact_id, replicas or 0, bool(all), timeout_ms))
         p = answer.publish_artifact
         return {"holders": list(p.holders), "asked": list(p.asked), "target": p.target, "reached": p.reached,

@@ -1389,6 +1389,38 @@ TEST_CASE("dispatcher: remote replicas are placed through the cluster and report
     CHECK(done.remote_stable_tier().status() == v2::LOCAL_STABLE_TIER_STATUS_DEGRADED);
     CHECK(done.remote_stable_tier().message() == "1 of 3 hosts hold it after 1500 ms");
   }
+  SECTION("a commit's own replica_timeout_ms: shorter is taken, longer is capped at the daemon's") {
+    cluster.answer.holders = {"a"};
+    const auto begin = begin_with_tier(h, "should", common::POLICY_SCOPE_ANY, 3);
+    const auto id = h.ok(begin).response.begin_register_artifact().registration_id();
+    auto f = feed_frame(0, id);
+    auto* c = f.mutable_feed_register_artifact_stream()->mutable_view_chunk();
+    c->set_canonical_offset(0);
+    c->set_data(two_tensors::bytes());
+    feed_all(h, {f});
+    auto short_wait = commit(h, id);
+    short_wait.mutable_commit_registered_artifact()->set_replica_timeout_ms(200);
+    auto a = h.call(short_wait);
+    REQUIRE(a.response.status().code() == 0);
+    REQUIRE(cluster.asked.size() == 1);
+    CHECK(cluster.asked[0].timeout == 200ms);
+    CHECK(a.response.commit_registered_artifact().remote_stable_tier().message() ==
+          "1 of 3 hosts hold it after 200 ms");
+
+    const auto again = h.ok(begin_with_tier(h, "should", common::POLICY_SCOPE_ANY, 3))
+                           .response.begin_register_artifact()
+                           .registration_id();
+    auto g = feed_frame(0, again);
+    auto* d = g.mutable_feed_register_artifact_stream()->mutable_view_chunk();
+    d->set_canonical_offset(0);
+    d->set_data(two_tensors::bytes());
+    feed_all(h, {g});
+    auto long_wait = commit(h, again);
+    long_wait.mutable_commit_registered_artifact()->set_replica_timeout_ms(3'600'000);
+    REQUIRE(h.call(long_wait).response.status().code() == 0);
+    REQUIRE(cluster.asked.size() == 2);
+    CHECK(cluster.asked[1].timeout == 1500ms);
+  }
   SECTION("may: asked, not waited for") {
     cluster.answer.holders = {"a"};
     auto a = put_with(h, begin_with_tier(h, "may", common::POLICY_SCOPE_REMOTE, 1));

@@ -173,6 +173,17 @@ class StoreTest(_support.StoreTestCase):
             with self.assertRaises(tensorreg.InvalidArgument, msg=bad) as ctx:
                 self.store.put({"r": torch.arange(3, dtype=torch.int16)}, policy=bad)
             self.assertIn("cannot parse policy", ctx.exception.message)
+        # A commit's own wait for the copies on other hosts: carried on the wire, checked here.
+        waited = self.store.put({"r": torch.arange(8, dtype=torch.int16)}, policy="should:stable_dram:remote:2",
+                                replica_timeout=0.25)
+        self.assertEqual(waited.remote_stable_tier.status, "degraded")
+        request = tensorreg._requests.commit("reg-1", replica_timeout_ms=250)
+        self.assertEqual(request.commit_registered_artifact.replica_timeout_ms, 250)
+        self.assertFalse(tensorreg._requests.commit("reg-1").commit_registered_artifact.replica_timeout_ms)
+        for bad in (0, -1, True, "1"):
+            with self.assertRaises(tensorreg.InvalidArgument, msg=repr(bad)) as ctx:
+                self.store.put({"r": torch.arange(3, dtype=torch.int16)}, replica_timeout=bad)
+            self.assertIn("cannot put state dict: replica_timeout", ctx.exception.message)
 
     # ---- pipelining ----
 

@@ -95,6 +95,9 @@ struct put_options {
   /// itself in one pass (wire-format.md §18); reuse_held is then the daemon's to do. False, or
   /// a bundle whose bytes are not all in files: the client copies into the daemon's memfd.
   bool hand_over_files = true;
+  /// How long the commit waits for the stable copies on other hosts that the policy asks for
+  /// (docs/cluster.md §5); 0 = the daemon's --replica-timeout-ms, which also caps it.
+  std::uint32_t replica_timeout_ms = 0;
 };
 
 /// Where the daemon holds a copy of an artifact.
