@@ -149,6 +149,23 @@ struct catalogue::state {
   bool stopping = false;
   std::thread keeper;
 
+  // The keys under <kind_prefix><artifact_id>/, as (their last segment, their value): what each
+  // host (replicas) or volume (disk copies) says of the artifact. A segment `keep` refuses is
+  // skipped: no member of ours wrote it.
+  result<std::vector<std::pair<std::string, std::string>>> under_artifact(std::string_view kind_prefix,
+                                                                          std::string_view artifact_id,
+                                                                          bool (*keep)(std::string_view)) const {
+    TENSORREG_TRY(check_artifact_key(artifact_id));
+    const auto prefix = fmt::format("{}{}/", kind_prefix, artifact_id);
+    TENSORREG_TRY_ASSIGN(auto kvs, etcd->list(prefix));
+    std::vector<std::pair<std::string, std::string>> out;
+    for (auto& kv : kvs) {
+      const auto segment = std::string_view(kv.key).substr(prefix.size());
+      if (keep(segment)) out.emplace_back(std::string(segment), std::move(kv.value));
+    }
+    return out;
+  }
+
   std::string replica_key(std::string_view artifact_id) const {
     return fmt::format("{}{}/{}", replicas_prefix, artifact_id, options.self.host_id);
   }
@@ -391,15 +408,13 @@ std::vector<std::string> catalogue::advertised() const {
 }
 
 result<std::vector<replica_holder>> catalogue::replicas_of(std::string_view artifact_id) {
-  TENSORREG_TRY(check_artifact_key(artifact_id));
-  const auto prefix = fmt::format("{}{}/", state_->replicas_prefix, artifact_id);
-  TENSORREG_TRY_ASSIGN(auto kvs, state_->etcd->list(prefix));
+  TENSORREG_TRY_ASSIGN(auto kvs, state_->under_artifact(state_->replicas_prefix, artifact_id, [](std::string_view h) {
+    return !h.empty() && h.find('/') == std::string_view::npos;
+  }));
   std::vector<replica_holder> out;
-  for (const auto& kv : kvs) {
-    const auto host_id = std::string_view(kv.key).substr(prefix.size());
-    if (host_id.empty() || host_id.find('/') != std::string_view::npos) continue;
-    const auto replica = parse_replica(kv.value);
-    out.push_back(replica_holder{std::string(host_id), replica.total_size, replica.state});
+  for (const auto& [host_id, value] : kvs) {
+    const auto replica = parse_replica(value);
+    out.push_back(replica_holder{host_id, replica.total_size, replica.state});
   }
   std::sort(out.begin(), out.end(), [](const auto& x, const auto& y) { return x.host_id < y.host_id; });
   return out;
@@ -463,15 +478,10 @@ result<bool> catalogue::unlist_disk_copy(std::string_view artifact_id) {
 }
 
 result<std::vector<disk_copy>> catalogue::disk_copies(std::string_view artifact_id) {
-  TENSORREG_TRY(check_artifact_key(artifact_id));
-  const auto prefix = fmt::format("{}{}/", state_->disk_prefix, artifact_id);
-  TENSORREG_TRY_ASSIGN(auto kvs, state_->etcd->list(prefix));
+  TENSORREG_TRY_ASSIGN(auto kvs, state_->under_artifact(state_->disk_prefix, artifact_id,
+                                                        [](std::string_view v) { return key_segment(v, 64); }));
   std::vector<disk_copy> out;
-  for (const auto& kv : kvs) {
-    const auto volume = std::string_view(kv.key).substr(prefix.size());
-    if (!key_segment(volume, 64)) continue;  // no one of ours wrote it
-    out.push_back(parse_disk_copy(volume, kv.value));
-  }
+  for (const auto& [volume, value] : kvs) out.push_back(parse_disk_copy(volume, value));
   return out;
 }
 

@@ -128,6 +128,13 @@ start_daemon() {
   fail "daemon $n did not start"
 }
 
+# stop_daemon N: SIGTERM to daemon N, which must exit cleanly (its keys leave with its lease).
+stop_daemon() {
+  kill -TERM "${pid[d$1]}"
+  wait "${pid[d$1]}" || fail "node$1 did not stop cleanly on SIGTERM"
+  unset "pid[d$1]"
+}
+
 put() {  # put N FILE → the artifact id
   "$cli" put "$2" --socket "$tmp/d$1.sock" --json | /usr/bin/python3 -c 'import json,sys; print(json.load(sys.stdin)["artifact_id"])'
 }
@@ -431,9 +438,7 @@ pass "corrupt source: every bad leaf caught and fetched from node4, node1 report
 # F durable (its copy on disk waited for); stopped with SIGTERM (its keys go with its lease) and
 # started again on the same directory, it advertises F again as a replica, and node2 pulls F
 # from it, the only host that ever held F: the same bytes.
-kill -TERM "${pid[d4]}"
-wait "${pid[d4]}" || fail "node4 did not stop cleanly on SIGTERM"
-unset 'pid[d4]'
+stop_daemon 4
 start_daemon 4 --persist-dir "$tmp/persist4"
 "${client[@]}" make "$tmp/f.safetensors" $((20 << 20)) 7
 id_f=$("$cli" put "$tmp/f.safetensors" --policy durable --socket "$tmp/d4.sock" --json |
@@ -446,9 +451,7 @@ for _ in $(seq 50); do
   sleep 0.2
 done
 [ "$(ls_state 4 "$id_f")" = replica ] || fail "node4 does not advertise $id_f: '$(ls_state 4 "$id_f")'"
-kill -TERM "${pid[d4]}"
-wait "${pid[d4]}" || fail "node4 did not stop cleanly on SIGTERM"
-unset 'pid[d4]'
+stop_daemon 4
 [ "$(ls_state 4 "$id_f")" = none ] || fail "node4's $id_f is still listed after it stopped"
 start_daemon 4 --persist-dir "$tmp/persist4"
 for _ in $(seq 50); do   # what the engine restored at start is advertised by the node's thread
@@ -468,9 +471,7 @@ pass "daemon restarted with --persist-dir: node4 advertises $id_f again, node2 p
 # node2, off the volume and the only one asked, gets G: it asks node3, which loads the
 # volume's copy and serves it.
 for n in 1 3; do
-  kill -TERM "${pid[d$n]}"
-  wait "${pid[d$n]}" || fail "node$n did not stop cleanly on SIGTERM"
-  unset "pid[d$n]"
+  stop_daemon "$n"
   start_daemon "$n" --persist-dir "$tmp/volume" --persist-volume models
 done
 "${client[@]}" make "$tmp/g.safetensors" $((20 << 20)) 8
@@ -496,9 +497,7 @@ for n in ("node2", "node4"):
 PY
 table=$(ip netns exec "${tag}2" "$cli" cluster ls --etcd "etcd://$etcd_ip:2379/tensorreg") || fail "cluster ls: $table"
 echo "$table" | grep -q "^  $id_g .* volume models (listed by node[13])$" || fail "cluster ls does not list $id_g on the volume: $table"
-kill -TERM "${pid[d1]}"
-wait "${pid[d1]}" || fail "node1 did not stop cleanly on SIGTERM"
-unset 'pid[d1]'
+stop_daemon 1
 got=$(digest 2 "$id_g") || fail "node2's get of $id_g, held on the volume only: $got"
 [ "$got" = "$want" ] || fail "node2 got '$got' for $id_g, node1 held '$want'"
 grep -q "cluster: $id_g is on persist volume models only: asked node3 to load it" "$tmp/d2.log" ||

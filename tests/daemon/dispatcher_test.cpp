@@ -1324,16 +1324,19 @@ wire::Request begin_with_tier(harness& h, const std::string& level, common::Poli
   return r;
 }
 
-// Puts the artifact through `begin` in one chunk and answers the commit.
-answer put_with(harness& h, wire::Request begin) {
+// Begins the artifact with `begin` and feeds it in one chunk; the registration id.
+std::string fed_registration(harness& h, const wire::Request& begin) {
   const auto id = h.ok(begin).response.begin_register_artifact().registration_id();
   auto f = feed_frame(0, id);
   auto* c = f.mutable_feed_register_artifact_stream()->mutable_view_chunk();
   c->set_canonical_offset(0);
   c->set_data(two_tensors::bytes());
   feed_all(h, {f});
-  return h.call(commit(h, id));
+  return id;
 }
+
+// Puts the artifact through `begin` in one chunk and answers the commit.
+answer put_with(harness& h, const wire::Request& begin) { return h.call(commit(h, fed_registration(h, begin))); }
 
 }  // namespace
 
@@ -1391,14 +1394,7 @@ TEST_CASE("dispatcher: remote replicas are placed through the cluster and report
   }
   SECTION("a commit's own replica_timeout_ms: shorter is taken, longer is capped at the daemon's") {
     cluster.answer.holders = {"a"};
-    const auto begin = begin_with_tier(h, "should", common::POLICY_SCOPE_ANY, 3);
-    const auto id = h.ok(begin).response.begin_register_artifact().registration_id();
-    auto f = feed_frame(0, id);
-    auto* c = f.mutable_feed_register_artifact_stream()->mutable_view_chunk();
-    c->set_canonical_offset(0);
-    c->set_data(two_tensors::bytes());
-    feed_all(h, {f});
-    auto short_wait = commit(h, id);
+    auto short_wait = commit(h, fed_registration(h, begin_with_tier(h, "should", common::POLICY_SCOPE_ANY, 3)));
     short_wait.mutable_commit_registered_artifact()->set_replica_timeout_ms(200);
     auto a = h.call(short_wait);
     REQUIRE(a.response.status().code() == 0);
@@ -1407,15 +1403,7 @@ TEST_CASE("dispatcher: remote replicas are placed through the cluster and report
     CHECK(a.response.commit_registered_artifact().remote_stable_tier().message() ==
           "1 of 3 hosts hold it after 200 ms");
 
-    const auto again = h.ok(begin_with_tier(h, "should", common::POLICY_SCOPE_ANY, 3))
-                           .response.begin_register_artifact()
-                           .registration_id();
-    auto g = feed_frame(0, again);
-    auto* d = g.mutable_feed_register_artifact_stream()->mutable_view_chunk();
-    d->set_canonical_offset(0);
-    d->set_data(two_tensors::bytes());
-    feed_all(h, {g});
-    auto long_wait = commit(h, again);
+    auto long_wait = commit(h, fed_registration(h, begin_with_tier(h, "should", common::POLICY_SCOPE_ANY, 3)));
     long_wait.mutable_commit_registered_artifact()->set_replica_timeout_ms(3'600'000);
     REQUIRE(h.call(long_wait).response.status().code() == 0);
     REQUIRE(cluster.asked.size() == 2);
