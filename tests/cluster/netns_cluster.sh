@@ -135,6 +135,17 @@ stop_daemon() {
   unset "pid[d$1]"
 }
 
+# put_durable N FILE: FILE put on daemon N with the durable policy, its copy on disk waited
+# for; the artifact id.
+put_durable() {
+  local id persisted
+  id=$("$cli" put "$2" --policy durable --socket "$tmp/d$1.sock" --json |
+    /usr/bin/python3 -c 'import json,sys; print(json.load(sys.stdin)["artifact_id"])') || fail "durable put on node$1"
+  persisted=$("$cli" persist "$id" --socket "$tmp/d$1.sock" --json) || fail "persist $id on node$1: $persisted"
+  echo "$persisted" | grep -q '"state":"SUCCESS"' || fail "persist $id on node$1 answered $persisted"
+  echo "$id"
+}
+
 put() {  # put N FILE → the artifact id
   "$cli" put "$2" --socket "$tmp/d$1.sock" --json | /usr/bin/python3 -c 'import json,sys; print(json.load(sys.stdin)["artifact_id"])'
 }
@@ -441,10 +452,7 @@ pass "corrupt source: every bad leaf caught and fetched from node4, node1 report
 stop_daemon 4
 start_daemon 4 --persist-dir "$tmp/persist4"
 "${client[@]}" make "$tmp/f.safetensors" $((20 << 20)) 7
-id_f=$("$cli" put "$tmp/f.safetensors" --policy durable --socket "$tmp/d4.sock" --json |
-  /usr/bin/python3 -c 'import json,sys; print(json.load(sys.stdin)["artifact_id"])') || fail "durable put on node4"
-persisted=$("$cli" persist "$id_f" --socket "$tmp/d4.sock" --json) || fail "persist $id_f on node4: $persisted"
-echo "$persisted" | grep -q '"state":"SUCCESS"' || fail "persist $id_f on node4 answered $persisted"
+id_f=$(put_durable 4 "$tmp/f.safetensors") || fail "durable put on node4: $id_f"
 want=$(digest 4 "$id_f")
 for _ in $(seq 50); do
   [ "$(ls_state 4 "$id_f")" = replica ] && break
@@ -475,10 +483,7 @@ for n in 1 3; do
   start_daemon "$n" --persist-dir "$tmp/volume" --persist-volume models
 done
 "${client[@]}" make "$tmp/g.safetensors" $((20 << 20)) 8
-id_g=$("$cli" put "$tmp/g.safetensors" --policy durable --socket "$tmp/d1.sock" --json |
-  /usr/bin/python3 -c 'import json,sys; print(json.load(sys.stdin)["artifact_id"])') || fail "durable put on node1"
-persisted=$("$cli" persist "$id_g" --socket "$tmp/d1.sock" --json) || fail "persist $id_g on node1: $persisted"
-echo "$persisted" | grep -q '"state":"SUCCESS"' || fail "persist $id_g on node1 answered $persisted"
+id_g=$(put_durable 1 "$tmp/g.safetensors") || fail "durable put on node1: $id_g"
 want=$(digest 1 "$id_g")
 for _ in $(seq 50); do
   ls_json --socket "$tmp/d2.sock" | grep -q "\"volume_copies\":\[{\"artifact_id\":\"$id_g\"" && break
