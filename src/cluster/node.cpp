@@ -382,14 +382,9 @@ result<std::unique_ptr<node>> node::create(registration::engine& engine, node_op
   co.self.transfer_address = s->server->address();
   co.lease_ttl = s->options.lease_ttl;
   co.log = s->options.log;
-  // What the stable budget has left, for the members that place replicas (none said without a
-  // budget: room is then only the host's memory).
-  co.free_bytes = [&engine]() -> std::optional<std::uint64_t> {
-    const auto st = engine.stats();
-    if (st.stable_budget == 0) return std::nullopt;
-    const auto used = st.stable_bytes + st.stable_reserved_bytes;
-    return st.stable_budget > used ? st.stable_budget - used : 0;
-  };
+  // The room the stable budget has, evictions counted, for the members that place replicas
+  // (none said without a budget: room is then only the host's memory).
+  co.free_bytes = [&engine] { return engine.stable_room(); };
   TENSORREG_TRY_ASSIGN(s->members, catalogue::create(std::move(co)));
   s->members->start();
   auto* raw = s.get();

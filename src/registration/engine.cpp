@@ -1043,6 +1043,16 @@ status engine::check_owner(const std::string& registration_id, std::int32_t call
                                            ", not to the calling process " + std::to_string(caller_pid));
 }
 
+std::optional<std::uint64_t> engine::stable_room() const {
+  const detail::engine_lock lock(state_->mutex);
+  const auto& cache = state_->catalogue.cache();
+  const auto st = cache.stats();
+  if (st.budget_bytes == 0) return std::nullopt;
+  const auto used = st.bytes_used + st.reserved_bytes;
+  const auto free = st.budget_bytes > used ? st.budget_bytes - used : 0;
+  return std::min(st.budget_bytes, free + cache.evictable_bytes());
+}
+
 engine_stats engine::stats() const {
   auto& s = *state_;
   engine_stats out;

@@ -326,6 +326,16 @@ void stable_dram_cache::unreserve(std::uint64_t bytes) noexcept {
   reserved_ -= bytes;
 }
 
+std::uint64_t stable_dram_cache::evictable_bytes() const {
+  std::lock_guard lock(mutex_);
+  const auto now = clock_.now();
+  std::uint64_t out = 0;
+  for (const auto& e : lru_) {
+    if (eligible_locked(e, eviction_path::evict, now)) out += e.info.size_bytes;
+  }
+  return out;
+}
+
 cache_stats stable_dram_cache::stats() const {
   std::lock_guard lock(mutex_);
   return cache_stats{index_.size(), bytes_used_, budget_, evictions_, evicted_bytes_, reserved_, changes_};

@@ -438,4 +438,7 @@ TEST_CASE("cluster node: publish asks a member with room before one whose budget
   CHECK(published->reached);
   CHECK(engine_c->get(id));
   CHECK_FALSE(engine_b->get(id));
+  // c's room counts what it could evict: the replica it pulled (cache policy) is room still.
+  CHECK(engine_c->stable_room() == std::uint64_t{64} << 20);
+  CHECK_FALSE(engine_a->stable_room().has_value());
 }

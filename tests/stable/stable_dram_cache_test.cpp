@@ -119,6 +119,12 @@ TEST_CASE("stable_dram_cache: honours ttl and pinned retention", "[stable][stabl
   clk.advance(1h);
   CHECK_FALSE(cache.is_evictable("artifact-pinned"));
   CHECK_FALSE(cache.is_evictable("absent"));
+  // The room an eviction could make: the expired ttl entry's, not the pinned one's.
+  CHECK(cache.evictable_bytes() == kChunk);
+  REQUIRE(cache.admit("artifact-evict", kChunk, replica(), make_policy(retention::best_effort, overflow::evict))
+              .value()
+              .admitted);
+  CHECK(cache.evictable_bytes() == 2 * kChunk);
 }
 
 TEST_CASE("stable_dram_cache: upgrades retention on re-admit", "[stable][stable_dram_cache]") {

@@ -247,6 +247,10 @@ class engine {
   /// worker holds them for more than 0.2 ms, as the last call read them: a monitor is never
   /// held up by a commit.
   [[nodiscard]] engine_stats stats() const;
+  /// The stable DRAM budget's room for a new entry now: what is free (budget minus held and
+  /// reserved bytes) plus what an eviction could free; nullopt without a budget. Walks the
+  /// cache's entries under the engine's mutex (a cluster member says it every few seconds).
+  [[nodiscard]] std::optional<std::uint64_t> stable_room() const;
 
   // ---- persistence (registration.md §1.6, docs/architecture.md §14) ----
 

@@ -198,6 +198,9 @@ class stable_dram_cache {
   [[nodiscard]] result<std::uint64_t> preempt_for_export(std::uint64_t bytes);
 
   [[nodiscard]] cache_stats stats() const;
+  /// The bytes of the entries an evict-policy admission could evict now (is_evictable()): the
+  /// room the cache can make beyond its free bytes. Walks every entry.
+  [[nodiscard]] std::uint64_t evictable_bytes() const;
   [[nodiscard]] std::uint64_t bytes_used() const;
   [[nodiscard]] std::uint64_t budget_bytes() const noexcept { return budget_; }
 
