@@ -694,35 +694,46 @@ result<publish_status> node::publish(const std::string& artifact_id, std::uint32
   }
   auto hosts = s.members->hosts();
   if (!hosts) return failed(hosts.error());
-  std::set<std::string> members;
-  for (const auto& h : *hosts) members.insert(h.host_id);
 
+  // The members are read again at every poll: with `all` a member that joins is asked too and
+  // one that leaves is no longer waited for, and an asked member that leaves before it holds a
+  // replica is replaced by another.
   publish_status out;
-  out.target = all ? static_cast<std::uint32_t>(hosts->size()) : replicas;
-  auto count_holders = [&] {
+  std::set<std::string> members;
+  std::set<std::string> asked;
+  auto follow_members = [&](const std::vector<host_record>& now_listed) -> status {
+    members.clear();
+    for (const auto& h : now_listed) members.insert(h.host_id);
+    out.members = static_cast<std::uint32_t>(members.size());
+    out.target = all ? out.members : replicas;
     out.holders.clear();
     for (const auto& id : *holding) {
       if (members.contains(id)) out.holders.push_back(id);
     }
+    const auto still_asked = static_cast<std::size_t>(std::count_if(
+        asked.begin(), asked.end(), [&](const auto& id) { return members.contains(id) && !holding->contains(id); }));
+    // Hosts with room first: they are likelier to keep it.
+    std::vector<host_record> candidates;
+    for (const auto& h : now_listed) {
+      if (!holding->contains(h.host_id) && !asked.contains(h.host_id)) candidates.push_back(h);
+    }
+    order_for_placement(candidates, total_size);
+    std::vector<std::string> now_asked;
+    for (const auto& h : candidates) {
+      if (out.holders.size() + still_asked + now_asked.size() >= out.target) break;
+      TENSORREG_TRY(s.members->ask(h.host_id, artifact_id, total_size));
+      asked.insert(h.host_id);
+      now_asked.push_back(h.host_id);
+      out.asked.push_back(h.host_id);
+    }
+    if (!now_asked.empty()) {
+      log(*s.options.log, log_level::info, "cluster: publishing {}: asked {} to hold it ({} of {} hold it)",
+          artifact_id, fmt::join(now_asked, ", "), out.holders.size(), out.target);
+    }
+    return {};
   };
-  count_holders();
-  // Hosts with room first: they are likelier to keep it.
-  std::vector<host_record> candidates;
-  for (const auto& h : *hosts) {
-    if (!holding->contains(h.host_id)) candidates.push_back(h);
-  }
-  order_for_placement(candidates, total_size);
-  for (const auto& h : candidates) {
-    if (out.holders.size() + out.asked.size() >= out.target) break;
-    if (auto asked = s.members->ask(h.host_id, artifact_id, total_size); !asked) return failed(asked.error());
-    out.asked.push_back(h.host_id);
-  }
-  if (!out.asked.empty()) {
-    log(*s.options.log, log_level::info, "cluster: publishing {}: asked {} to hold it ({} of {} hold it)", artifact_id,
-        fmt::join(out.asked, ", "), out.holders.size(), out.target);
-  }
+  if (auto followed = follow_members(*hosts); !followed) return failed(followed.error());
 
-  out.members = static_cast<std::uint32_t>(members.size());
   const auto deadline = std::chrono::steady_clock::now() + timeout;
   // Until the target, or until every member holds it (a target beyond the members is not
   // waited for: a commit of a should tier then answers DEGRADED at once).
@@ -736,9 +747,10 @@ result<publish_status> node::publish(const std::string& artifact_id, std::uint32
     std::this_thread::sleep_for(
         std::min<std::chrono::steady_clock::duration>(s.options.publish_poll_every, deadline - now));
     // A read that fails (etcd away for a moment) keeps what the last one said.
-    if (auto now_holding = complete_holders(); now_holding) {
-      holding = std::move(now_holding);
-      count_holders();
+    if (auto now_holding = complete_holders(); now_holding) holding = std::move(now_holding);
+    if (auto now_listed = s.members->hosts(); now_listed) hosts = std::move(now_listed);
+    if (auto followed = follow_members(*hosts); !followed) {
+      log(*s.options.log, log_level::info, "cluster: publishing {}: {}", artifact_id, followed.error().message);
     }
   }
   out.reached = out.holders.size() >= out.target;

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <catch2/catch.hpp>
+#include <future>
 #include <thread>
 
 #include "cluster/etcd_process.hpp"
@@ -441,4 +442,97 @@ TEST_CASE("cluster node: publish asks a member with room before one whose budget
   // c's room counts what it could evict: the replica it pulled (cache policy) is room still.
   CHECK(engine_c->stable_room() == std::uint64_t{64} << 20);
   CHECK_FALSE(engine_a->stable_room().has_value());
+}
+
+TEST_CASE("cluster node: publish follows the members while it waits", "[cluster][node]") {
+  if (!t::find_etcd()) {
+    WARN("SKIP: no etcd binary (apt-get install etcd-server)");
+    return;
+  }
+  t::temp_dir dir;
+  t::etcd_process etcd{dir.path()};
+  t::fake_clock clock;
+  const auto with_budget = [&](std::uint64_t bytes) {
+    auto o = t::deterministic_options(clock);
+    o.stable_bytes = bytes;
+    return t::make_engine(std::move(o));
+  };
+  const auto m = leafy_model();  // 12 MiB: fits c, never b
+  // a holds the artifact; b is a member that cannot hold it (its pulls fail, it stays asked).
+  const auto start = [&](const std::string& cluster, registration::engine& engine_a, registration::engine& engine_b) {
+    auto a = join(engine_a, etcd.url(cluster), "a");
+    auto b = join(engine_b, etcd.url(cluster), "b");
+    REQUIRE(eventually(
+        [&] {
+          auto hosts = a->members().hosts();
+          return hosts && hosts->size() == 2;
+        },
+        5s));
+    auto committed = t::register_stable(engine_a, m, static_cast<std::int32_t>(::getpid()));
+    REQUIRE_OK(committed);
+    a->committed(committed->descriptor.artifact_id);
+    return std::tuple{std::move(a), std::move(b), committed->descriptor.artifact_id};
+  };
+
+  SECTION("with all, a member that joins is asked and one that leaves is not waited for") {
+    auto engine_a = t::make_engine(clock);
+    auto engine_b = with_budget(std::uint64_t{4} << 20);
+    auto engine_c = with_budget(std::uint64_t{64} << 20);
+    auto [a, b, id] = start("follow-all", *engine_a, *engine_b);
+    auto publishing = std::async(std::launch::async, [&, &a = a, &id = id] { return a->publish(id, 0, true, 30s); });
+    // c joins once b is asked: the publish has read the members without c.
+    REQUIRE(eventually(
+        [&, &b = b] {
+          auto asks = b->members().wanted();
+          return asks && !asks->empty();
+        },
+        10s));
+    auto c = join(*engine_c, etcd.url("follow-all"), "c");
+    CHECK(eventually([&] { return engine_c->get(id).has_value(); }, 15s));  // asked once it joined
+    CHECK(publishing.wait_for(500ms) == std::future_status::timeout);       // b has no replica yet
+    b.reset();                                                              // b leaves: its lease goes
+    REQUIRE(publishing.wait_for(15s) == std::future_status::ready);
+    auto published = publishing.get();
+    REQUIRE_OK(published);
+    CHECK(published->holders == std::vector<std::string>{"a", "c"});
+    CHECK(published->asked == std::vector<std::string>{"b", "c"});
+    CHECK(published->target == 2);
+    CHECK(published->members == 2);
+    CHECK(published->reached);
+    CHECK_FALSE(engine_b->get(id));
+  }
+
+  SECTION("an asked member that leaves is replaced by one that has joined") {
+    auto engine_a = t::make_engine(clock);
+    auto engine_b = with_budget(std::uint64_t{4} << 20);
+    auto engine_c = with_budget(std::uint64_t{64} << 20);
+    auto [a, b, id] = start("follow-replicas", *engine_a, *engine_b);
+    auto publishing = std::async(std::launch::async, [&, &a = a, &id = id] { return a->publish(id, 2, false, 30s); });
+    // c joins once b is asked: the publish has read the members without c.
+    REQUIRE(eventually(
+        [&, &b = b] {
+          auto asks = b->members().wanted();
+          return asks && !asks->empty();
+        },
+        10s));
+    auto c = join(*engine_c, etcd.url("follow-replicas"), "c");
+    REQUIRE(eventually(
+        [&] {
+          auto hosts = c->members().hosts();
+          return hosts && hosts->size() == 3;
+        },
+        5s));
+    // b is still asked: c is not, the asked and the holders make the target.
+    CHECK(publishing.wait_for(1s) == std::future_status::timeout);
+    CHECK_FALSE(engine_c->get(id));
+    b.reset();
+    REQUIRE(publishing.wait_for(20s) == std::future_status::ready);
+    auto published = publishing.get();
+    REQUIRE_OK(published);
+    CHECK(published->holders == std::vector<std::string>{"a", "c"});
+    CHECK(published->asked == std::vector<std::string>{"b", "c"});
+    CHECK(published->target == 2);
+    CHECK(published->reached);
+    CHECK(engine_c->get(id));
+  }
 }

@@ -97,7 +97,10 @@ class node {
   /// free bytes, larger capacity_bytes, then host id within each), until the asked and the
   /// holders make the target; then the catalogue is read every publish_poll_every until that many members hold
   /// a complete replica, or `timeout` passed. A target above the members asks them all and is
-  /// not reached. Asks stay (and their pulls go on) after a timeout, until this host leaves.
+  /// not reached. The members are read again at each poll: with `all` a member that joins is
+  /// asked and one that leaves is not waited for; an asked member that leaves before it holds
+  /// a replica is replaced by another. Asks stay (and their pulls go on) after a timeout, until
+  /// this host leaves.
   /// Errors: INVALID_ARGUMENT (a cgid: only mi2 ids are pulled; replicas 0 without `all`),
   /// NOT_FOUND (not held here), UNAVAILABLE (etcd unreachable, with the catalogue's message).
   [[nodiscard]] result<publish_status> publish(const std::string& artifact_id, std::uint32_t replicas, bool all,

@@ -17,12 +17,13 @@ struct publish_status {
   std::vector<std::string> holders;
   /// Host ids this publish asked to pull it, in the order asked.
   std::vector<std::string> asked;
-  /// Complete replicas wanted, this host counted: `replicas`, or every member with `all`.
+  /// Complete replicas wanted, this host counted: `replicas`, or every member with `all` (the
+  /// members when the publish ended).
   std::uint32_t target = 0;
   /// Whether `holders` reached `target` before the timeout.
   bool reached = false;
-  /// The members when the publish began. Once they all hold it the publish ends, reached or
-  /// not: no host is left to ask.
+  /// The members when the publish ended (they are read again while it waits). Once they all
+  /// hold it the publish ends, reached or not: no host is left to ask.
   std::uint32_t members = 0;
 };
 

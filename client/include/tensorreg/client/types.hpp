@@ -153,7 +153,7 @@ struct publish_result {
   std::vector<std::string> asked;    ///< host ids asked to pull it, in the order asked
   std::uint32_t target = 0;          ///< the replicas wanted (all: the members)
   bool reached = false;              ///< holders reached target before the timeout
-  std::uint32_t members = 0;         ///< members when it began; it ends once they all hold it
+  std::uint32_t members = 0;         ///< members at the end; it ends once they all hold it
 };
 
 struct daemon_stats {
