@@ -536,3 +536,36 @@ TEST_CASE("cluster node: publish follows the members while it waits", "[cluster]
     CHECK(engine_c->get(id));
   }
 }
+
+TEST_CASE("cluster node: a pull copies the leaves a lease here holds instead of fetching them", "[cluster][node]") {
+  if (!t::find_etcd()) {
+    WARN("SKIP: no etcd binary (apt-get install etcd-server)");
+    return;
+  }
+  two_members cluster("lease-leaves", "a", "b");
+  // b's process leases version 1 in place (its own memory, no stable replica); a holds version
+  // 2, whose first two leaves are version 1's.
+  const auto v1 = leafy_model();
+  auto v2 = v1;
+  auto& bytes = v2.storages[0].bytes;
+  for (std::size_t i = std::size_t{8} << 20; i < bytes.size(); ++i) bytes[i] = static_cast<char>(~bytes[i]);
+  auto leased = t::register_lip(*cluster.engine_b, v1, static_cast<std::int32_t>(::getpid()));
+  REQUIRE_OK(leased);
+  const auto id1 = leased->descriptor.artifact_id;
+  CHECK_FALSE(cluster.engine_b->stable_replica_fd(id1));  // a lease only
+  cluster.b->committed(id1);
+  cluster.b->drain();
+  CHECK(cluster.b->server().serves(id1));
+
+  auto committed = t::register_stable(*cluster.engine_a, v2, static_cast<std::int32_t>(::getpid()));
+  REQUIRE_OK(committed);
+  const auto id2 = committed->descriptor.artifact_id;
+  REQUIRE(id2 != id1);
+  cluster.a->committed(id2);
+  cluster.a->drain();
+  REQUIRE_OK(cluster.b->fetch(id2));
+  auto got = cluster.engine_b->open_bytes(id2);
+  REQUIRE_OK(got);
+  CHECK(read_all(**got) == v2.canonical());
+  CHECK(cluster.a->server().stats().leaves_served == 2);  // the two that differ; two copied here
+}
