@@ -452,6 +452,11 @@ result<std::vector<wanted_replica>> catalogue::wanted() {
   return out;
 }
 
+result<std::unique_ptr<etcd_watch>> catalogue::watch_wanted() const {
+  return etcd_watch::create(state_->options.url.endpoint(), state_->wanted_prefix + state_->options.self.host_id + "/",
+                            state_->options.connect_timeout);
+}
+
 result<bool> catalogue::drop_wanted(std::string_view artifact_id) {
   TENSORREG_TRY(check_artifact_key(artifact_id));
   return state_->etcd->delete_key(

@@ -5,6 +5,7 @@
 #include <fmt/format.h>
 
 #include <array>
+#include <atomic>
 #include <charconv>
 #include <mutex>
 #include <nlohmann/json.hpp>
@@ -350,6 +351,137 @@ result<std::chrono::seconds> etcd_client::lease_time_to_live(std::int64_t lease)
     return fail(errc::not_found, fmt::format("lease {:x} expired or was revoked", lease));
   }
   return std::chrono::seconds(ttl);
+}
+
+}  // namespace tensorreg::cluster
+
+// ------------------------------------------------------------------------------------------
+// etcd_watch
+
+namespace tensorreg::cluster {
+
+struct etcd_watch::state {
+  std::string endpoint;
+  std::string request;  // the create_request, built once
+  std::chrono::milliseconds connect_timeout{1000};
+  CURLM* multi = nullptr;
+  curl_slist* headers = nullptr;
+  std::atomic<bool> stopped{false};
+
+  // The stream while run() reads it: lines of JSON, one message each.
+  struct reading {
+    const std::function<void()>* changed = nullptr;
+    std::string pending;
+    std::string failure;  // an error message from etcd, or a line that is not a watch message
+    bool created = false;
+  };
+
+  ~state() {
+    if (headers != nullptr) curl_slist_free_all(headers);
+    if (multi != nullptr) curl_multi_cleanup(multi);
+  }
+
+  static std::size_t on_data(char* data, std::size_t size, std::size_t count, void* user) {
+    auto& r = *static_cast<reading*>(user);
+    r.pending.append(data, size * count);
+    for (auto end = r.pending.find('\n'); end != std::string::npos; end = r.pending.find('\n')) {
+      const auto line = r.pending.substr(0, end);
+      r.pending.erase(0, end + 1);
+      if (line.find_first_not_of(" \r\t") == std::string::npos) continue;
+      const json message = json::parse(line, nullptr, /*allow_exceptions=*/false);
+      const json* result = nullptr;
+      if (message.is_object()) {
+        if (auto it = message.find("result"); it != message.end() && it->is_object()) result = &*it;
+      }
+      if (result == nullptr || result->value("canceled", false)) {
+        r.failure = message.is_object() && message.contains("error") ? message["error"].dump() : line.substr(0, 200);
+        return 0;  // ends the transfer: run() answers UNAVAILABLE and the caller opens it again
+      }
+      if (result->value("created", false)) r.created = true;
+      if (result->value("created", false) || result->contains("events")) (*r.changed)();
+    }
+    return size * count;
+  }
+};
+
+result<std::unique_ptr<etcd_watch>> etcd_watch::create(std::string endpoint, std::string prefix,
+                                                       std::chrono::milliseconds connect_timeout) {
+  if (!endpoint.starts_with("http://")) {
+    return fail(errc::invalid_argument,
+                fmt::format("cannot watch etcd: endpoint '{}' is not http://host:port", endpoint));
+  }
+  std::call_once(curl_global_once, [] { curl_global_result = curl_global_init(CURL_GLOBAL_DEFAULT); });
+  if (curl_global_result != CURLE_OK) {
+    return fail(errc::internal, fmt::format("cannot watch etcd: libcurl: {}", curl_easy_strerror(curl_global_result)));
+  }
+  auto s = std::make_unique<state>();
+  s->endpoint = std::move(endpoint);
+  s->connect_timeout = connect_timeout;
+  s->request =
+      json{{"create_request", {{"key", base64_encode(prefix)}, {"range_end", base64_encode(prefix_end(prefix))}}}}
+          .dump();
+  s->multi = curl_multi_init();
+  if (s->multi == nullptr) return fail(errc::internal, "cannot watch etcd: curl_multi_init failed");
+  s->headers = curl_slist_append(nullptr, "Content-Type: application/json");
+  return std::unique_ptr<etcd_watch>(new etcd_watch(std::move(s)));
+}
+
+etcd_watch::etcd_watch(std::unique_ptr<state> s) noexcept : state_(std::move(s)) {}
+etcd_watch::~etcd_watch() = default;
+
+void etcd_watch::stop() noexcept {
+  state_->stopped.store(true);
+  curl_multi_wakeup(state_->multi);
+}
+
+status etcd_watch::run(const std::function<void()>& changed) {
+  auto& s = *state_;
+  if (s.stopped.load()) return {};
+  CURL* curl = curl_easy_init();
+  if (curl == nullptr) return fail(errc::internal, "cannot watch etcd: curl_easy_init failed");
+  const std::string url = s.endpoint + "/v3/watch";
+  state::reading reading;
+  reading.changed = &changed;
+  std::array<char, CURL_ERROR_SIZE> error_text{};
+  curl_easy_setopt(curl, CURLOPT_URL, url.c_str());
+  curl_easy_setopt(curl, CURLOPT_HTTPHEADER, s.headers);
+  curl_easy_setopt(curl, CURLOPT_POST, 1L);
+  curl_easy_setopt(curl, CURLOPT_POSTFIELDS, s.request.c_str());
+  curl_easy_setopt(curl, CURLOPT_POSTFIELDSIZE, static_cast<long>(s.request.size()));
+  curl_easy_setopt(curl, CURLOPT_WRITEFUNCTION, &state::on_data);
+  curl_easy_setopt(curl, CURLOPT_WRITEDATA, &reading);
+  curl_easy_setopt(curl, CURLOPT_ERRORBUFFER, error_text.data());
+  curl_easy_setopt(curl, CURLOPT_CONNECTTIMEOUT_MS, static_cast<long>(s.connect_timeout.count()));
+  curl_easy_setopt(curl, CURLOPT_NOSIGNAL, 1L);
+  curl_easy_setopt(curl, CURLOPT_PROXY, "");
+  // A host whose etcd vanished without closing the connection is noticed by TCP keep-alive.
+  curl_easy_setopt(curl, CURLOPT_TCP_KEEPALIVE, 1L);
+  curl_easy_setopt(curl, CURLOPT_TCP_KEEPIDLE, 5L);
+  curl_easy_setopt(curl, CURLOPT_TCP_KEEPINTVL, 5L);
+  curl_multi_add_handle(s.multi, curl);
+  CURLcode done = CURLE_OK;
+  bool ended = false;
+  while (!s.stopped.load() && !ended) {
+    int running = 0;
+    if (curl_multi_perform(s.multi, &running) != CURLM_OK) break;
+    int left = 0;
+    while (CURLMsg* m = curl_multi_info_read(s.multi, &left)) {
+      if (m->msg == CURLMSG_DONE) {
+        done = m->data.result;
+        ended = true;
+      }
+    }
+    if (running == 0) ended = true;
+    if (!ended) curl_multi_poll(s.multi, nullptr, 0, 1000, nullptr);
+  }
+  curl_multi_remove_handle(s.multi, curl);
+  curl_easy_cleanup(curl);
+  if (s.stopped.load()) return {};
+  std::string reason = !reading.failure.empty() ? "etcd ended the watch: " + reading.failure
+                       : done != CURLE_OK
+                           ? std::string(error_text[0] != '\0' ? error_text.data() : curl_easy_strerror(done))
+                           : std::string("the stream ended");
+  return fail(errc::unavailable, fmt::format("cluster catalogue at {} unreachable: watch: {}", s.endpoint, reason));
 }
 
 }  // namespace tensorreg::cluster

@@ -78,6 +78,12 @@ struct node::state {
     std::chrono::milliseconds wait{0};
   };
   std::map<std::string, retry> wanted_retry;
+  // An etcd watch of those asks wakes the node's thread when one is written (`asks_changed`,
+  // guarded by `mutex`), rather than at its next look; and so does the end of an ask's pull,
+  // for the next ask. The looks every withdraw_check_every stay: the watch only hastens them.
+  std::unique_ptr<etcd_watch> asks_watch;
+  std::thread asks_watcher;
+  bool asks_changed = false;
 
   // The copies on the shared persist volume this host has listed in the catalogue (node
   // thread only), and whether the catalogue was registered at the last look: keys written
@@ -202,6 +208,8 @@ struct node::state {
               r.wait.count());
         }
         wanted_busy = false;
+        asks_changed = true;  // the next ask, if any, without waiting for the next look
+        wake.notify_all();
       });
       return;  // one ask at a time
     }
@@ -336,13 +344,45 @@ struct node::state {
     }
   }
 
+  // The watch of this host's asks, opened again a second after it fails (etcd away).
+  void watch_asks() {
+    const std::function<void()> changed = [this] {
+      {
+        std::lock_guard lock(mutex);
+        asks_changed = true;
+      }
+      wake.notify_all();
+    };
+    for (;;) {
+      auto watched = asks_watch->run(changed);
+      std::unique_lock lock(mutex);
+      if (stopping) return;
+      if (!watched) {
+        log(*options.log, log_level::debug, "cluster: {}", watched.error().message);
+        wake.wait_for(lock, std::chrono::seconds(1), [this] { return stopping; });
+        if (stopping) return;
+      }
+    }
+  }
+
   void run() {
     std::unique_lock lock(mutex);
     auto next_check = std::chrono::steady_clock::now() + options.withdraw_check_every;
     for (;;) {
-      wake.wait_until(lock, next_check, [this] { return stopping || !queue.empty(); });
+      wake.wait_until(lock, next_check, [this] { return stopping || !queue.empty() || asks_changed; });
       if (stopping) return;
+      if (queue.empty() && asks_changed && std::chrono::steady_clock::now() < next_check) {
+        asks_changed = false;
+        busy = true;
+        lock.unlock();
+        serve_wanted();
+        lock.lock();
+        busy = false;
+        idle.notify_all();
+        continue;
+      }
       if (queue.empty()) {
+        asks_changed = false;
         busy = true;
         lock.unlock();
         withdraw_gone();
@@ -386,9 +426,11 @@ result<std::unique_ptr<node>> node::create(registration::engine& engine, node_op
   // (none said without a budget: room is then only the host's memory).
   co.free_bytes = [&engine] { return engine.stable_room(); };
   TENSORREG_TRY_ASSIGN(s->members, catalogue::create(std::move(co)));
+  TENSORREG_TRY_ASSIGN(s->asks_watch, s->members->watch_wanted());
   s->members->start();
   auto* raw = s.get();
   s->advertiser = std::thread([raw] { raw->run(); });
+  s->asks_watcher = std::thread([raw] { raw->watch_asks(); });
   // What this engine already holds (adopted at a takeover, restored from the persist directory)
   // is advertised as well.
   {
@@ -428,6 +470,8 @@ node::~node() {
     state_->stopping = true;
   }
   state_->wake.notify_all();
+  state_->asks_watch->stop();
+  if (state_->asks_watcher.joinable()) state_->asks_watcher.join();
   if (state_->advertiser.joinable()) state_->advertiser.join();
   // The advertiser starts no pull any more; one under way ends by its own timeouts.
   if (state_->wanted_puller.joinable()) state_->wanted_puller.join();

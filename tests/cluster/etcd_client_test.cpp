@@ -1,6 +1,10 @@
 #include "tensorreg/cluster/etcd_client.hpp"
 
 #include <catch2/catch.hpp>
+#include <condition_variable>
+#include <future>
+#include <mutex>
+#include <thread>
 
 #include "cluster/etcd_process.hpp"
 #include "support/temp_dir.hpp"
@@ -129,4 +133,62 @@ TEST_CASE("etcd client: put, get, list by prefix, put_if_absent, delete and leas
   CHECK(*deleted == 2);
   CHECK((*client.list("/p/")).empty());
   CHECK((*client.list("/q/")).size() == 1);
+}
+
+TEST_CASE("etcd watch: a put under the prefix is seen at once, stop ends it, no etcd is UNAVAILABLE",
+          "[cluster][etcd_client]") {
+  using namespace std::chrono_literals;
+  const auto port = testing::free_local_port();
+  auto nowhere = etcd_watch::create("http://127.0.0.1:" + std::to_string(port), "/w/", 300ms);
+  REQUIRE(nowhere);
+  auto refused = (*nowhere)->run([] {});
+  REQUIRE_FALSE(refused);
+  CHECK(refused.error().code == errc::unavailable);
+  CHECK(refused.error().message.starts_with("cluster catalogue at http://127.0.0.1:" + std::to_string(port) +
+                                            " unreachable: watch: "));
+  CHECK_FALSE(etcd_watch::create("https://x:1", "/w/", 300ms));
+
+  if (!testing::find_etcd()) {
+    WARN("SKIP: no etcd binary (apt-get install etcd-server)");
+    return;
+  }
+  testing::temp_dir dir;
+  testing::etcd_process etcd(dir.path());
+  auto client = etcd_client::create({etcd.endpoint(), 500ms, 2000ms});
+  REQUIRE(client);
+  auto watch = etcd_watch::create(etcd.endpoint(), "/w/", 500ms);
+  REQUIRE(watch);
+  std::mutex mutex;
+  std::condition_variable seen;
+  int calls = 0;
+  std::promise<status> ended;
+  auto ending = ended.get_future();
+  std::thread watcher([&] {
+    ended.set_value((*watch)->run([&] {
+      {
+        std::lock_guard lock(mutex);
+        ++calls;
+      }
+      seen.notify_all();
+    }));
+  });
+  const auto wait_for_calls = [&](int n) {
+    std::unique_lock lock(mutex);
+    return seen.wait_for(lock, 5s, [&] { return calls >= n; });
+  };
+  CHECK(wait_for_calls(1));  // the watch is in place
+  REQUIRE((*client)->put("/x/elsewhere", "1"));
+  REQUIRE((*client)->put("/w/a", "1"));
+  CHECK(wait_for_calls(2));
+  {
+    std::lock_guard lock(mutex);
+    CHECK(calls == 2);  // the key outside the prefix woke nobody
+  }
+  REQUIRE((*client)->delete_key("/w/a"));
+  CHECK(wait_for_calls(3));
+  (*watch)->stop();
+  REQUIRE(ending.wait_for(3s) == std::future_status::ready);
+  CHECK(ending.get());  // stopped: OK
+  watcher.join();
+  CHECK((*watch)->run([] {}));  // after stop(): at once
 }

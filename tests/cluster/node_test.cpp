@@ -6,6 +6,7 @@
 #include <catch2/catch.hpp>
 #include <future>
 #include <thread>
+#include <tuple>
 
 #include "cluster/etcd_process.hpp"
 #include "support/engine_helpers.hpp"
@@ -478,11 +479,14 @@ TEST_CASE("cluster node: publish follows the members while it waits", "[cluster]
     auto engine_a = t::make_engine(clock);
     auto engine_b = with_budget(std::uint64_t{4} << 20);
     auto engine_c = with_budget(std::uint64_t{64} << 20);
-    auto [a, b, id] = start("follow-all", *engine_a, *engine_b);
-    auto publishing = std::async(std::launch::async, [&, &a = a, &id = id] { return a->publish(id, 0, true, 30s); });
+    auto started = start("follow-all", *engine_a, *engine_b);
+    auto& a = std::get<0>(started);
+    auto& b = std::get<1>(started);
+    const auto id = std::get<2>(started);
+    auto publishing = std::async(std::launch::async, [&] { return a->publish(id, 0, true, 30s); });
     // c joins once b is asked: the publish has read the members without c.
     REQUIRE(eventually(
-        [&, &b = b] {
+        [&] {
           auto asks = b->members().wanted();
           return asks && !asks->empty();
         },
@@ -506,11 +510,14 @@ TEST_CASE("cluster node: publish follows the members while it waits", "[cluster]
     auto engine_a = t::make_engine(clock);
     auto engine_b = with_budget(std::uint64_t{4} << 20);
     auto engine_c = with_budget(std::uint64_t{64} << 20);
-    auto [a, b, id] = start("follow-replicas", *engine_a, *engine_b);
-    auto publishing = std::async(std::launch::async, [&, &a = a, &id = id] { return a->publish(id, 2, false, 30s); });
+    auto started = start("follow-replicas", *engine_a, *engine_b);
+    auto& a = std::get<0>(started);
+    auto& b = std::get<1>(started);
+    const auto id = std::get<2>(started);
+    auto publishing = std::async(std::launch::async, [&] { return a->publish(id, 2, false, 30s); });
     // c joins once b is asked: the publish has read the members without c.
     REQUIRE(eventually(
-        [&, &b = b] {
+        [&] {
           auto asks = b->members().wanted();
           return asks && !asks->empty();
         },
@@ -568,4 +575,45 @@ TEST_CASE("cluster node: a pull copies the leaves a lease here holds instead of 
   REQUIRE_OK(got);
   CHECK(read_all(**got) == v2.canonical());
   CHECK(cluster.a->server().stats().leaves_served == 2);  // the two that differ; two copied here
+}
+
+TEST_CASE("cluster node: an ask is served when it is written, not at the member's next look", "[cluster][node]") {
+  if (!t::find_etcd()) {
+    WARN("SKIP: no etcd binary (apt-get install etcd-server)");
+    return;
+  }
+  t::temp_dir dir;
+  t::etcd_process etcd{dir.path()};
+  t::fake_clock clock;
+  auto engine_a = t::make_engine(clock);
+  auto engine_b = t::make_engine(clock);
+  // Looks a minute apart: only the watch of b's asks can make b pull within the publish's 20 s.
+  const auto slow_join = [&](registration::engine& e, const std::string& host_id) {
+    node_options options;
+    options.url = *parse_cluster_url(etcd.url("watched"));
+    options.self = host_record{host_id, host_id, "127.0.0.1:0", 0, "", std::nullopt};
+    options.lease_ttl = 3s;
+    options.withdraw_check_every = 60s;
+    options.pull.request_timeout = 5s;
+    auto n = node::create(e, std::move(options));
+    REQUIRE_OK(n);
+    return std::move(*n);
+  };
+  auto a = slow_join(*engine_a, "a");
+  auto b = slow_join(*engine_b, "b");
+  REQUIRE(eventually(
+      [&] {
+        auto hosts = a->members().hosts();
+        return hosts && hosts->size() == 2;
+      },
+      5s));
+  auto committed = t::register_stable(*engine_a, leafy_model(), static_cast<std::int32_t>(::getpid()));
+  REQUIRE_OK(committed);
+  const auto id = committed->descriptor.artifact_id;
+  a->committed(id);
+  auto published = a->publish(id, 2, false, 20s);
+  REQUIRE_OK(published);
+  CHECK(published->reached);
+  CHECK(published->holders == std::vector<std::string>{"a", "b"});
+  CHECK(engine_b->get(id));
 }

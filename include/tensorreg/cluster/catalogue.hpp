@@ -193,6 +193,10 @@ class catalogue {
   /// segment are skipped; values are read defensively (wanted_replica). Errors: UNAVAILABLE.
   [[nodiscard]] result<std::vector<wanted_replica>> wanted();
 
+  /// A watch of the asks addressed to this host (the keys wanted() lists), on a connection of
+  /// its own. Errors: INTERNAL (libcurl).
+  [[nodiscard]] result<std::unique_ptr<etcd_watch>> watch_wanted() const;
+
   /// Deletes the ask addressed to this host for `artifact_id` (it holds the replica now);
   /// returns whether there was one. Errors: INVALID_ARGUMENT, UNAVAILABLE.
   [[nodiscard]] result<bool> drop_wanted(std::string_view artifact_id);

@@ -14,6 +14,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -110,6 +111,33 @@ class etcd_client {
  private:
   struct state;
   explicit etcd_client(std::unique_ptr<state> s) noexcept;
+  std::unique_ptr<state> state_;
+};
+
+/// A watch of every key under a prefix (POST /v3/watch, a stream that stays open, on a
+/// connection of its own). A node watches the asks addressed to it, so that it serves one when
+/// it is written rather than at its next look (docs/cluster.md §5).
+class etcd_watch {
+ public:
+  /// Errors: INVALID_ARGUMENT (endpoint not http://), INTERNAL (libcurl).
+  [[nodiscard]] static result<std::unique_ptr<etcd_watch>> create(std::string endpoint, std::string prefix,
+                                                                  std::chrono::milliseconds connect_timeout);
+  ~etcd_watch();
+  etcd_watch(const etcd_watch&) = delete;
+  etcd_watch& operator=(const etcd_watch&) = delete;
+
+  /// Opens the stream and calls `changed` once the watch is in place (what changed before it
+  /// was may need a look) and after each batch of events, on the caller's thread, until stop().
+  /// Returns OK once stopped; UNAVAILABLE when etcd cannot be reached or the stream ends or
+  /// fails (the caller opens it again). May be called again after it returned.
+  [[nodiscard]] status run(const std::function<void()>& changed);
+
+  /// Ends run() within moments, from any thread; run() called after stop() returns at once.
+  void stop() noexcept;
+
+ private:
+  struct state;
+  explicit etcd_watch(std::unique_ptr<state> s) noexcept;
   std::unique_ptr<state> state_;
 };
 
