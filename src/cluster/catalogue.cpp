@@ -457,6 +457,12 @@ result<std::unique_ptr<etcd_watch>> catalogue::watch_wanted() const {
                             state_->options.connect_timeout);
 }
 
+result<std::unique_ptr<etcd_watch>> catalogue::watch_replicas(std::string_view artifact_id) const {
+  TENSORREG_TRY(check_artifact_key(artifact_id));
+  return etcd_watch::create(state_->options.url.endpoint(), fmt::format("{}{}/", state_->replicas_prefix, artifact_id),
+                            state_->options.connect_timeout);
+}
+
 result<bool> catalogue::drop_wanted(std::string_view artifact_id) {
   TENSORREG_TRY(check_artifact_key(artifact_id));
   return state_->etcd->delete_key(

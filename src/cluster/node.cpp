@@ -687,6 +687,50 @@ status node::fetch(const std::string& artifact_id) {
   return {};
 }
 
+namespace {
+
+// A publish's watch of its artifact's replica keys, on a thread of its own: wait() returns
+// when a key changed since the last wait, or after `at_most`.
+class replica_watch {
+ public:
+  replica_watch() = default;
+  replica_watch(const replica_watch&) = delete;
+  replica_watch& operator=(const replica_watch&) = delete;
+  ~replica_watch() {
+    if (watch_) watch_->stop();
+    if (thread_.joinable()) thread_.join();
+  }
+
+  void start(result<std::unique_ptr<etcd_watch>> created) {
+    if (!created) return;
+    watch_ = std::move(*created);
+    thread_ = std::thread([this] {
+      (void)watch_->run([this] {
+        {
+          std::lock_guard lock(mutex_);
+          changed_ = true;
+        }
+        wake_.notify_all();
+      });
+    });
+  }
+
+  void wait(std::chrono::steady_clock::duration at_most) {
+    std::unique_lock lock(mutex_);
+    wake_.wait_for(lock, at_most, [this] { return changed_; });
+    changed_ = false;
+  }
+
+ private:
+  std::unique_ptr<etcd_watch> watch_;
+  std::thread thread_;
+  std::mutex mutex_;
+  std::condition_variable wake_;
+  bool changed_ = false;
+};
+
+}  // namespace
+
 result<publish_status> node::publish(const std::string& artifact_id, std::uint32_t replicas, bool all,
                                      std::chrono::milliseconds timeout) {
   auto& s = *state_;
@@ -779,17 +823,22 @@ result<publish_status> node::publish(const std::string& artifact_id, std::uint32
   if (auto followed = follow_members(*hosts); !followed) return failed(followed.error());
 
   const auto deadline = std::chrono::steady_clock::now() + timeout;
+  // The catalogue is read when a replica key of the artifact changes (a watch), and every
+  // publish_poll_every in any case: the members are followed at that pace, and a watch that
+  // cannot be opened costs only the wait for the next read.
+  replica_watch watched;
+  auto ready = [&] { return out.holders.size() >= out.target || out.holders.size() >= members.size(); };
+  if (!ready()) watched.start(s.members->watch_replicas(artifact_id));
   // Until the target, or until every member holds it (a target beyond the members is not
   // waited for: a commit of a should tier then answers DEGRADED at once).
-  while (out.holders.size() < out.target && out.holders.size() < members.size()) {
+  while (!ready()) {
     const auto now = std::chrono::steady_clock::now();
     if (now >= deadline) break;
     {
       std::lock_guard lock(s.mutex);
       if (s.stopping) break;
     }
-    std::this_thread::sleep_for(
-        std::min<std::chrono::steady_clock::duration>(s.options.publish_poll_every, deadline - now));
+    watched.wait(std::min<std::chrono::steady_clock::duration>(s.options.publish_poll_every, deadline - now));
     // A read that fails (etcd away for a moment) keeps what the last one said.
     if (auto now_holding = complete_holders(); now_holding) holding = std::move(now_holding);
     if (auto now_listed = s.members->hosts(); now_listed) hosts = std::move(now_listed);

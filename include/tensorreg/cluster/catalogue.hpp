@@ -197,6 +197,10 @@ class catalogue {
   /// its own. Errors: INTERNAL (libcurl).
   [[nodiscard]] result<std::unique_ptr<etcd_watch>> watch_wanted() const;
 
+  /// A watch of the replica keys of `artifact_id` (what replicas_of() lists), on a connection
+  /// of its own. Errors: INVALID_ARGUMENT (an id that is not one key segment), INTERNAL.
+  [[nodiscard]] result<std::unique_ptr<etcd_watch>> watch_replicas(std::string_view artifact_id) const;
+
   /// Deletes the ask addressed to this host for `artifact_id` (it holds the replica now);
   /// returns whether there was one. Errors: INVALID_ARGUMENT, UNAVAILABLE.
   [[nodiscard]] result<bool> drop_wanted(std::string_view artifact_id);

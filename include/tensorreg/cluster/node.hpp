@@ -95,7 +95,8 @@ class node {
   /// Members that hold no complete replica are asked (a wanted key under this host's lease),
   /// those whose free_bytes has room first, then those that did not say, then the others (more
   /// free bytes, larger capacity_bytes, then host id within each), until the asked and the
-  /// holders make the target; then the catalogue is read every publish_poll_every until that many members hold
+  /// holders make the target; then the catalogue is read when a replica key of the artifact
+  /// changes (an etcd watch) and every publish_poll_every until that many members hold
   /// a complete replica, or `timeout` passed. A target above the members asks them all and is
   /// not reached. The members are read again at each poll: with `all` a member that joins is
   /// asked and one that leaves is not waited for; an asked member that leaves before it holds
