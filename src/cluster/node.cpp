@@ -41,6 +41,47 @@ void order_for_placement(std::vector<host_record>& hosts, std::uint64_t size) {
   });
 }
 
+// A watch of an artifact's replica keys (a publish's, a fetch's from a volume), on a thread of
+// its own: wait() returns when a key changed since the last wait, or after `at_most`. A watch
+// that cannot be opened leaves only the timeout.
+class replica_watch {
+ public:
+  replica_watch() = default;
+  replica_watch(const replica_watch&) = delete;
+  replica_watch& operator=(const replica_watch&) = delete;
+  ~replica_watch() {
+    if (watch_) watch_->stop();
+    if (thread_.joinable()) thread_.join();
+  }
+
+  void start(result<std::unique_ptr<etcd_watch>> created) {
+    if (!created) return;
+    watch_ = std::move(*created);
+    thread_ = std::thread([this] {
+      (void)watch_->run([this] {
+        {
+          std::lock_guard lock(mutex_);
+          changed_ = true;
+        }
+        wake_.notify_all();
+      });
+    });
+  }
+
+  void wait(std::chrono::steady_clock::duration at_most) {
+    std::unique_lock lock(mutex_);
+    wake_.wait_for(lock, at_most, [this] { return changed_; });
+    changed_ = false;
+  }
+
+ private:
+  std::unique_ptr<etcd_watch> watch_;
+  std::thread thread_;
+  std::mutex mutex_;
+  std::condition_variable wake_;
+  bool changed_ = false;
+};
+
 }  // namespace
 
 struct node::state {
@@ -263,6 +304,8 @@ struct node::state {
     log(*options.log, log_level::info, "cluster: {} is on persist volume {} only: asked {} to load it", id,
         asked.persist_volume, asked.host_id);
     const auto deadline = std::chrono::steady_clock::now() + options.disk_load_wait;
+    replica_watch watched;
+    watched.start(members->watch_replicas(id));
     for (;;) {
       TENSORREG_TRY_ASSIGN(auto holding, members->holders(id));
       if (!holding.hosts.empty() && holding.total_size != 0) return holding;
@@ -283,8 +326,7 @@ struct node::state {
                     fmt::format("cannot fetch {}: {} did not load it from persist volume {} within {} ms", id,
                                 asked.host_id, asked.persist_volume, options.disk_load_wait.count()));
       }
-      std::this_thread::sleep_for(
-          std::min<std::chrono::steady_clock::duration>(options.publish_poll_every, deadline - now));
+      watched.wait(std::min<std::chrono::steady_clock::duration>(options.publish_poll_every, deadline - now));
     }
   }
 
@@ -686,50 +728,6 @@ status node::fetch(const std::string& artifact_id) {
   committed(artifact_id);
   return {};
 }
-
-namespace {
-
-// A publish's watch of its artifact's replica keys, on a thread of its own: wait() returns
-// when a key changed since the last wait, or after `at_most`.
-class replica_watch {
- public:
-  replica_watch() = default;
-  replica_watch(const replica_watch&) = delete;
-  replica_watch& operator=(const replica_watch&) = delete;
-  ~replica_watch() {
-    if (watch_) watch_->stop();
-    if (thread_.joinable()) thread_.join();
-  }
-
-  void start(result<std::unique_ptr<etcd_watch>> created) {
-    if (!created) return;
-    watch_ = std::move(*created);
-    thread_ = std::thread([this] {
-      (void)watch_->run([this] {
-        {
-          std::lock_guard lock(mutex_);
-          changed_ = true;
-        }
-        wake_.notify_all();
-      });
-    });
-  }
-
-  void wait(std::chrono::steady_clock::duration at_most) {
-    std::unique_lock lock(mutex_);
-    wake_.wait_for(lock, at_most, [this] { return changed_; });
-    changed_ = false;
-  }
-
- private:
-  std::unique_ptr<etcd_watch> watch_;
-  std::thread thread_;
-  std::mutex mutex_;
-  std::condition_variable wake_;
-  bool changed_ = false;
-};
-
-}  // namespace
 
 result<publish_status> node::publish(const std::string& artifact_id, std::uint32_t replicas, bool all,
                                      std::chrono::milliseconds timeout) {
