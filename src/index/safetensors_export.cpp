@@ -1,6 +1,7 @@
 #include "tensorreg/index/safetensors_export.hpp"
 
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -105,9 +106,15 @@ status export_safetensors(const canonical_index& index, const memory::byte_sourc
   }
   auto header = safetensors_export_header(index);
   if (!header) return tl::unexpected(with_context(std::move(header).error(), what));
-  const std::string tmp = path + ".tmp-" + random_hex(6);
+  // A path that exists and is no regular file (/dev/null, a FIFO, a terminal) is written into
+  // as it is: a rename would replace the device node or the FIFO with a file.
+  struct stat existing {};
+  const bool in_place = ::stat(path.c_str(), &existing) == 0 && !S_ISREG(existing.st_mode);
+  if (in_place && S_ISDIR(existing.st_mode)) return fail(errc::invalid_argument, what + ": it is a directory");
+  const std::string tmp = in_place ? path : path + ".tmp-" + random_hex(6);
   auto body = [&]() -> status {
-    unique_fd fd(memory::sys::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644));
+    unique_fd fd(memory::sys::open(tmp.c_str(),
+                                   in_place ? O_WRONLY | O_CLOEXEC : O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644));
     if (!fd) return tl::unexpected(memory::sys::file_error("open", tmp, errno));
     TENSORREG_TRY(memory::sys::write_all(fd.get(), std::as_bytes(std::span(header->data(), header->size())), tmp));
     std::uint64_t file_size = header->size();
@@ -125,13 +132,14 @@ status export_safetensors(const canonical_index& index, const memory::byte_sourc
         return {};
       }));
     }
+    if (in_place) return {};
     if (memory::sys::fsync(fd.get()) != 0) return tl::unexpected(memory::sys::file_error("fsync", tmp, errno));
     if (memory::sys::rename(tmp.c_str(), path.c_str()) != 0)
       return tl::unexpected(memory::sys::file_error("rename", tmp, errno));
     return {};
   };
   if (auto done = body(); !done) {
-    ::unlink(tmp.c_str());
+    if (!in_place) ::unlink(tmp.c_str());
     return tl::unexpected(with_context(std::move(done).error(), what));
   }
   return {};

@@ -1,7 +1,13 @@
 #include "tensorreg/index/safetensors_export.hpp"
 
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
+
 #include <catch2/catch.hpp>
 #include <filesystem>
+#include <fstream>
+#include <future>
+#include <iterator>
 
 #include "support/engine_helpers.hpp"
 #include "support/safetensors_writer.hpp"
@@ -91,4 +97,42 @@ TEST_CASE("safetensors_export: an alias and a storage_offset view export as thei
   std::string got(8, '\0');
   REQUIRE((*back)->canonical().read(v->offset, std::as_writable_bytes(std::span(got.data(), got.size()))));
   CHECK(got == canonical.substr(24 + 8, 8));
+}
+
+TEST_CASE("safetensors_export: /dev/null and a FIFO are written into, not replaced; a directory is refused",
+          "[index][safetensors_export]") {
+  temp_dir dir;
+  const auto in = dir.path() / "in.safetensors";
+  tensorreg::testing::write_safetensors(in, {{"w", "F32", {1024}, tensorreg::testing::pattern_bytes(4096, 7)}});
+  auto original = index::safetensors_bundle::open({in.string()});
+  REQUIRE(original);
+  const auto& idx = (*original)->index();
+  const auto& bytes = (*original)->canonical();
+
+  // A null device of the test's own (a regression must not replace the machine's /dev/null).
+  const auto null_device = dir.path() / "null";
+  if (::mknod(null_device.c_str(), S_IFCHR | 0666, makedev(1, 3)) == 0) {
+    REQUIRE(index::export_safetensors(idx, bytes, null_device.string()));
+    CHECK(fs::is_character_file(null_device));
+  } else {
+    WARN("no null device of the test's own (mknod needs root): that part skipped");
+  }
+
+  const auto file = (dir.path() / "as_file.safetensors").string();
+  REQUIRE(index::export_safetensors(idx, bytes, file));
+  const auto fifo = dir.path() / "pipe";
+  REQUIRE(::mkfifo(fifo.c_str(), 0600) == 0);
+  auto reading = std::async(std::launch::async, [&] {
+    std::ifstream pipe(fifo, std::ios::binary);
+    return std::string(std::istreambuf_iterator<char>(pipe), {});
+  });
+  REQUIRE(index::export_safetensors(idx, bytes, fifo.string()));
+  CHECK(fs::is_fifo(fifo));
+  std::ifstream written(file, std::ios::binary);
+  CHECK(reading.get() == std::string(std::istreambuf_iterator<char>(written), {}));
+
+  auto to_dir = index::export_safetensors(idx, bytes, dir.path().string());
+  REQUIRE_FALSE(to_dir);
+  CHECK(to_dir.error().code == errc::invalid_argument);
+  CHECK(to_dir.error().message == "cannot export to '" + dir.path().string() + "': it is a directory");
 }

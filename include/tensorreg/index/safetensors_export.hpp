@@ -29,9 +29,10 @@ namespace tensorreg::index {
 [[nodiscard]] result<std::string> safetensors_export_header(const canonical_index& index);
 
 /// Writes `bytes` (the canonical buffer of `index`) as a safetensors file at `path`, through
-/// `path` + ".tmp-<random>" and a rename. Errors: as safetensors_export_header(); INVALID_ARGUMENT
-/// (bytes of another size); UNAVAILABLE / RESOURCE_EXHAUSTED (I/O, naming the file); the
-/// source's read errors.
+/// `path` + ".tmp-<random>" and a rename; a `path` that exists and is no regular file
+/// (/dev/null, a FIFO) is written into directly instead. Errors: as safetensors_export_header();
+/// INVALID_ARGUMENT (bytes of another size; a directory); UNAVAILABLE / RESOURCE_EXHAUSTED (I/O,
+/// naming the file); the source's read errors.
 /// `progress`, when given, is called after each piece is written (bytes written, file size).
 [[nodiscard]] status export_safetensors(const canonical_index& index, const memory::byte_source& bytes,
                                         const std::string& path,
