@@ -1121,6 +1121,7 @@ int cmd_publish(connection& c, const options& o) {
                             {"target", done->target},
                             {"reached", done->reached},
                             {"members", done->members},
+                            {"declined", done->declined},
                             {"wall_seconds", seconds_waited()}}
                            .dump());
   } else {
@@ -1128,6 +1129,7 @@ int cmd_publish(connection& c, const options& o) {
                done->reached ? "published" : "not published", id, fmt::join(done->holders, ", "), done->holders.size(),
                done->target, done->asked.empty() ? "-" : fmt::format("{}", fmt::join(done->asked, ", ")),
                seconds_waited());
+    for (const auto& d : done->declined) fmt::print("  declined {}\n", d);
   }
   if (!done->reached) {
     const auto when = done->holders.size() >= done->members ? fmt::format("; the cluster has {} members", done->members)

@@ -571,6 +571,7 @@ publish_result publish_of(const wire::Response& r) {
   out.target = p.target();
   out.reached = p.reached();
   out.members = p.members();
+  out.declined.assign(p.declined().begin(), p.declined().end());
   return out;
 }
 

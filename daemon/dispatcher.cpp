@@ -801,6 +801,7 @@ struct dispatcher::impl {
     out.set_reached(done.reached);
     out.set_target(done.target);
     out.set_members(done.members);
+    for (const auto& d : done.declined) out.add_declined(fmt::format("{}: {}", d.host_id, d.reason));
     return {};
   }
 

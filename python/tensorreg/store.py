@@ -321,7 +321,8 @@ class Store:
         daemon holds, until `replicas` of them (the daemon counted) do, or every member with
         `all`, and waits for them up to `timeout` seconds (docs/cluster.md §5). Returns
         {"holders": [host ids with a complete replica], "asked": [host ids asked], "target": n,
-        "reached": bool, "members": n (it ends once they all hold it)}; not reached in time is no error. A Store opened with a socket timeout
+        "reached": bool, "members": n (it ends once they all hold it), "declined": ["HOST: reason"
+        of asked members whose pull failed, each replaced by another]}; not reached in time is no error. A Store opened with a socket timeout
         shorter than `timeout` gives up first.
         Errors: InvalidArgument (neither or both of replicas and all, replicas < 1, a timeout
         that is not a number > 0, a cgid), NotFound (not held by the daemon),
@@ -338,7 +339,7 @@ class Store:
         answer, _ = self._conn.call(_requests.publish_artifact(artifact_id, replicas or 0, bool(all), timeout_ms))
         p = answer.publish_artifact
         return {"holders": list(p.holders), "asked": list(p.asked), "target": p.target, "reached": p.reached,
-                "members": p.members}
+                "members": p.members, "declined": list(p.declined)}
 
     def deregister(self, artifact_id: str, *, wait_for_drain: bool = True) -> dict:
         """Drains and removes an artifact. Errors: NotFound, DeadlineExceeded."""

@@ -120,6 +120,9 @@ wanted_replica parse_wanted(std::string_view artifact_id, std::string_view value
     out.total_size = it->get<std::uint64_t>();
   }
   if (auto it = parsed.find("by"); it != parsed.end() && it->is_string()) out.by = it->get<std::string>();
+  if (auto it = parsed.find("declined"); it != parsed.end() && it->is_string()) {
+    out.declined = it->get<std::string>();
+  }
   return out;
 }
 
@@ -461,6 +464,35 @@ result<std::unique_ptr<etcd_watch>> catalogue::watch_replicas(std::string_view a
   TENSORREG_TRY(check_artifact_key(artifact_id));
   return etcd_watch::create(state_->options.url.endpoint(), fmt::format("{}{}/", state_->replicas_prefix, artifact_id),
                             state_->options.connect_timeout);
+}
+
+result<bool> catalogue::decline_wanted(std::string_view artifact_id, std::string_view reason) {
+  TENSORREG_TRY(check_artifact_key(artifact_id));
+  const auto key = fmt::format("{}{}/{}", state_->wanted_prefix, state_->options.self.host_id, artifact_id);
+  TENSORREG_TRY_ASSIGN(auto current, state_->etcd->get(key));
+  if (!current || current->lease == 0) return false;
+  auto ask = parse_wanted(artifact_id, current->value);
+  if (ask.declined == reason) return true;
+  auto value = json{{"total_size", ask.total_size}, {"by", ask.by}, {"declined", std::string(reason)}}.dump();
+  // Under the asker's lease, which this host did not grant: the ask still goes with its asker.
+  auto put = state_->etcd->put(key, value, current->lease);
+  if (!put && put.error().code == errc::not_found) return false;  // that lease is gone
+  TENSORREG_TRY(put);
+  return true;
+}
+
+result<std::optional<wanted_replica>> catalogue::ask_of(std::string_view host_id, std::string_view artifact_id) {
+  TENSORREG_TRY(check_artifact_key(artifact_id));
+  if (host_id.empty() || host_id.size() > 128 || !std::all_of(host_id.begin(), host_id.end(), id_char)) {
+    return fail(errc::invalid_argument,
+                fmt::format("cannot read the ask of host '{}' for {}: a host id is [A-Za-z0-9-._], 1 to 128 "
+                            "characters",
+                            host_id, artifact_id));
+  }
+  TENSORREG_TRY_ASSIGN(auto current,
+                       state_->etcd->get(fmt::format("{}{}/{}", state_->wanted_prefix, host_id, artifact_id)));
+  if (!current) return std::optional<wanted_replica>{};
+  return std::optional<wanted_replica>{parse_wanted(artifact_id, current->value)};
 }
 
 result<bool> catalogue::drop_wanted(std::string_view artifact_id) {

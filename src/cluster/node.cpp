@@ -235,6 +235,10 @@ struct node::state {
             log(*options.log, log_level::info, "cluster: ask for {} not deleted yet: {}", ask.artifact_id,
                 dropped.error().message);
           }
+        } else if (auto declined = members->decline_wanted(ask.artifact_id, fetched.error().message); !declined) {
+          // The asker learns it at its next look instead: it waits for this host meanwhile.
+          log(*options.log, log_level::info, "cluster: ask for {} not marked declined: {}", ask.artifact_id,
+              declined.error().message);
         }
         std::lock_guard lock(mutex);
         if (fetched) {
@@ -787,6 +791,7 @@ result<publish_status> node::publish(const std::string& artifact_id, std::uint32
   publish_status out;
   std::set<std::string> members;
   std::set<std::string> asked;
+  std::set<std::string> declined;
   auto follow_members = [&](const std::vector<host_record>& now_listed) -> status {
     members.clear();
     for (const auto& h : now_listed) members.insert(h.host_id);
@@ -796,8 +801,20 @@ result<publish_status> node::publish(const std::string& artifact_id, std::uint32
     for (const auto& id : *holding) {
       if (members.contains(id)) out.holders.push_back(id);
     }
-    const auto still_asked = static_cast<std::size_t>(std::count_if(
-        asked.begin(), asked.end(), [&](const auto& id) { return members.contains(id) && !holding->contains(id); }));
+    // An asked member whose pull failed marks its ask declined: it no longer counts toward the
+    // target, and the next candidate is asked (it goes on trying, and may still hold it).
+    for (const auto& id : asked) {
+      if (!members.contains(id) || holding->contains(id) || declined.contains(id)) continue;
+      auto ask = s.members->ask_of(id, artifact_id);
+      if (!ask || !*ask || (*ask)->declined.empty()) continue;
+      declined.insert(id);
+      out.declined.push_back({id, (*ask)->declined});
+      log(*s.options.log, log_level::info, "cluster: publishing {}: {} cannot hold it: {}", artifact_id, id,
+          (*ask)->declined);
+    }
+    const auto still_asked = static_cast<std::size_t>(std::count_if(asked.begin(), asked.end(), [&](const auto& id) {
+      return members.contains(id) && !holding->contains(id) && !declined.contains(id);
+    }));
     // Hosts with room first: they are likelier to keep it.
     std::vector<host_record> candidates;
     for (const auto& h : now_listed) {

@@ -405,7 +405,7 @@ TEST_CASE("catalogue: an ask for a replica is listed by the host asked, deleted 
   // Only the host asked lists it.
   auto for_b = h.b->wanted();
   REQUIRE(for_b);
-  CHECK(*for_b == std::vector<wanted_replica>{{artifact, 12345, "host-a"}});
+  CHECK(*for_b == std::vector<wanted_replica>{{artifact, 12345, "host-a", ""}});
   auto for_a = h.a->wanted();
   REQUIRE(for_a);
   CHECK(for_a->empty());
@@ -417,7 +417,29 @@ TEST_CASE("catalogue: an ask for a replica is listed by the host asked, deleted 
   REQUIRE(h.client->put(h.url.prefix + "/wanted/host-b/mi2:w3/x", R"({"total_size":3,"by":"m"})"));
   for_b = h.b->wanted();
   REQUIRE(for_b);
-  CHECK(*for_b == std::vector<wanted_replica>{{artifact, 12345, "host-a"}, {"mi2:w1", 0, ""}, {"mi2:w2", 0, ""}});
+  CHECK(*for_b ==
+        std::vector<wanted_replica>{{artifact, 12345, "host-a", ""}, {"mi2:w1", 0, "", ""}, {"mi2:w2", 0, "", ""}});
+
+  // A host whose pull failed marks the ask declined, under the asker's lease still; the asker
+  // reads it back. A second decline with the same reason writes nothing.
+  auto declined = h.b->decline_wanted(artifact, "not enough room");
+  REQUIRE(declined);
+  CHECK(*declined);
+  kv = h.client->get(key);
+  REQUIRE(kv);
+  REQUIRE(kv->has_value());
+  CHECK((*kv)->value == R"({"by":"host-a","declined":"not enough room","total_size":12345})");
+  const auto revision = (*kv)->mod_revision;
+  CHECK((*kv)->lease != 0);
+  REQUIRE(h.b->decline_wanted(artifact, "not enough room"));
+  CHECK((*h.client->get(key))->mod_revision == revision);
+  auto read_back = h.a->ask_of("host-b", artifact);
+  REQUIRE(read_back);
+  REQUIRE(read_back->has_value());
+  CHECK(**read_back == wanted_replica{artifact, 12345, "host-a", "not enough room"});
+  CHECK_FALSE(*h.a->ask_of("host-c", artifact));
+  CHECK(h.a->ask_of("host-b/x", artifact).error().code == errc::invalid_argument);
+  CHECK_FALSE(*h.a->decline_wanted(artifact, "x"));  // nothing asked of host-a
 
   // The host asked deletes its ask once it holds the replica.
   auto dropped = h.b->drop_wanted(artifact);
@@ -426,7 +448,7 @@ TEST_CASE("catalogue: an ask for a replica is listed by the host asked, deleted 
   CHECK_FALSE(*h.b->drop_wanted(artifact));
   for_b = h.b->wanted();
   REQUIRE(for_b);
-  CHECK(*for_b == std::vector<wanted_replica>{{"mi2:w1", 0, ""}, {"mi2:w2", 0, ""}});
+  CHECK(*for_b == std::vector<wanted_replica>{{"mi2:w1", 0, "", ""}, {"mi2:w2", 0, "", ""}});
 
   // An asker that dies takes its asks with it: host-a stops renewing its lease.
   REQUIRE(h.a->ask("host-b", artifact, 12345));

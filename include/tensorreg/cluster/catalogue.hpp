@@ -82,6 +82,9 @@ struct wanted_replica {
   std::uint64_t total_size = 0;
   /// The host id of the asker.
   std::string by;
+  /// Set by the host asked when its pull failed: why (it goes on trying; the asker may ask
+  /// another host meanwhile).
+  std::string declined;
 
   friend bool operator==(const wanted_replica&, const wanted_replica&) = default;
 };
@@ -200,6 +203,15 @@ class catalogue {
   /// A watch of the replica keys of `artifact_id` (what replicas_of() lists), on a connection
   /// of its own. Errors: INVALID_ARGUMENT (an id that is not one key segment), INTERNAL.
   [[nodiscard]] result<std::unique_ptr<etcd_watch>> watch_replicas(std::string_view artifact_id) const;
+
+  /// Marks the ask addressed to this host for `artifact_id` as declined, with `reason` (its
+  /// pull failed), under the asker's lease as before; returns whether there was one (an ask
+  /// whose asker's lease went meanwhile is gone). Errors: INVALID_ARGUMENT, UNAVAILABLE.
+  [[nodiscard]] result<bool> decline_wanted(std::string_view artifact_id, std::string_view reason);
+
+  /// The ask addressed to `host_id` for `artifact_id`, as the asker reads it back (whether that
+  /// host declined it); nullopt when there is none. Errors: INVALID_ARGUMENT, UNAVAILABLE.
+  [[nodiscard]] result<std::optional<wanted_replica>> ask_of(std::string_view host_id, std::string_view artifact_id);
 
   /// Deletes the ask addressed to this host for `artifact_id` (it holds the replica now);
   /// returns whether there was one. Errors: INVALID_ARGUMENT, UNAVAILABLE.

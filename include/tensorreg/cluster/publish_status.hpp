@@ -17,6 +17,14 @@ struct publish_status {
   std::vector<std::string> holders;
   /// Host ids this publish asked to pull it, in the order asked.
   std::vector<std::string> asked;
+  /// Asked members whose pull failed (they marked their ask declined), with their reason, in
+  /// the order seen: each was replaced by the next candidate. They go on trying.
+  struct declined_ask {
+    std::string host_id;
+    std::string reason;
+    friend bool operator==(const declined_ask&, const declined_ask&) = default;
+  };
+  std::vector<declined_ask> declined;
   /// Complete replicas wanted, this host counted: `replicas`, or every member with `all` (the
   /// members when the publish ended).
   std::uint32_t target = 0;

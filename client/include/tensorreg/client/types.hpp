@@ -149,11 +149,12 @@ struct cluster_pull {
 
 /// What a publish answered (PublishArtifact, docs/wire-format.md §19).
 struct publish_result {
-  std::vector<std::string> holders;  ///< host ids with a complete replica, the daemon's included
-  std::vector<std::string> asked;    ///< host ids asked to pull it, in the order asked
-  std::uint32_t target = 0;          ///< the replicas wanted (all: the members)
-  bool reached = false;              ///< holders reached target before the timeout
-  std::uint32_t members = 0;         ///< members at the end; it ends once they all hold it
+  std::vector<std::string> holders;   ///< host ids with a complete replica, the daemon's included
+  std::vector<std::string> asked;     ///< host ids asked to pull it, in the order asked
+  std::uint32_t target = 0;           ///< the replicas wanted (all: the members)
+  bool reached = false;               ///< holders reached target before the timeout
+  std::uint32_t members = 0;          ///< members at the end; it ends once they all hold it
+  std::vector<std::string> declined;  ///< "HOST: reason" of asked members whose pull failed
 };
 
 struct daemon_stats {
