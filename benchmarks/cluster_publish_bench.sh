@@ -7,7 +7,7 @@
 #   cluster_publish_bench.sh BUILD_DIR [SIZE_MIB (default 16)] [REPEATS (default 7)]
 #
 # Per repeat, two fresh artifacts of SIZE_MIB are put on node1, then:
-# - yardstick: `tensorreg get ID --out /dev/null` on node2 of the first (node2 pulls it: the
+# - yardstick: `tensorreg get ID` on node2 of the first (node2 pulls it: the
 #   catalogue's lookup, the pull, the commit);
 # - `tensorreg publish ID --replicas 2` on node1 of the second (node1 writes an ask; node2
 #   sees it, pulls, commits and advertises; node1 reads the catalogue until it does).
@@ -82,7 +82,7 @@ for r in $(seq "$repeats"); do
   listed "$id_a"
   listed "$id_b"
   t0=$(seconds)
-  "$cli" get "$id_a" --out /dev/null --socket "$tmp/d2.sock" >/dev/null
+  "$cli" get "$id_a" --socket "$tmp/d2.sock" >/dev/null
   t1=$(seconds)
   "$cli" publish "$id_b" --replicas 2 --socket "$tmp/d1.sock" >/dev/null
   t2=$(seconds)
