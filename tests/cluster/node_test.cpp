@@ -30,12 +30,13 @@ t::model leafy_model() {
   return m;
 }
 
-std::unique_ptr<node> join(registration::engine& e, const std::string& url, const std::string& host_id) {
+std::unique_ptr<node> join(registration::engine& e, const std::string& url, const std::string& host_id,
+                           std::chrono::milliseconds withdraw_check_every = 50ms) {
   node_options options;
   options.url = *parse_cluster_url(url);
   options.self = host_record{host_id, host_id, "127.0.0.1:0", 0, "", std::nullopt};
   options.lease_ttl = 3s;
-  options.withdraw_check_every = 50ms;
+  options.withdraw_check_every = withdraw_check_every;
   options.pull.request_timeout = 5s;
   auto n = node::create(e, std::move(options));
   REQUIRE_OK(n);
@@ -58,6 +59,23 @@ bool eventually(Predicate done, std::chrono::milliseconds within) {
   return done();
 }
 
+// Whether `n` lists `count` members within 5 s.
+bool sees_members(node& n, std::size_t count) {
+  return eventually(
+      [&] {
+        auto hosts = n.members().hosts();
+        return hosts && hosts->size() == count;
+      },
+      5s);
+}
+
+// An engine whose stable budget is `bytes`.
+std::unique_ptr<registration::engine> engine_with_budget(t::fake_clock& clock, std::uint64_t bytes) {
+  auto o = t::deterministic_options(clock);
+  o.stable_bytes = bytes;
+  return t::make_engine(std::move(o));
+}
+
 // etcd and two members of one cluster, each with an engine of its own, both registered.
 struct two_members {
   t::temp_dir dir;
@@ -68,8 +86,10 @@ struct two_members {
   std::unique_ptr<node> a;
   std::unique_ptr<node> b;
 
-  two_members(const std::string& cluster, const std::string& name_a, const std::string& name_b)
-      : a(join(*engine_a, etcd.url(cluster), name_a)), b(join(*engine_b, etcd.url(cluster), name_b)) {
+  two_members(const std::string& cluster, const std::string& name_a, const std::string& name_b,
+              std::chrono::milliseconds withdraw_check_every = 50ms)
+      : a(join(*engine_a, etcd.url(cluster), name_a, withdraw_check_every)),
+        b(join(*engine_b, etcd.url(cluster), name_b, withdraw_check_every)) {
     REQUIRE(eventually([&] { return a->members().registered() && b->members().registered(); }, 5s));
   }
 };
@@ -405,24 +425,14 @@ TEST_CASE("cluster node: publish asks a member with room before one whose budget
   t::temp_dir dir;
   t::etcd_process etcd{dir.path()};
   t::fake_clock clock;
-  const auto with_budget = [&](std::uint64_t bytes) {
-    auto o = t::deterministic_options(clock);
-    o.stable_bytes = bytes;
-    return t::make_engine(std::move(o));
-  };
   auto engine_a = t::make_engine(clock);
-  auto engine_b = with_budget(std::uint64_t{4} << 20);  // "b" sorts first by id, and has no room
-  auto engine_c = with_budget(std::uint64_t{64} << 20);
+  auto engine_b = engine_with_budget(clock, std::uint64_t{4} << 20);  // "b" sorts first by id, and has no room
+  auto engine_c = engine_with_budget(clock, std::uint64_t{64} << 20);
   const auto url = etcd.url("room");
   auto a = join(*engine_a, url, "a");
   auto b = join(*engine_b, url, "b");
   auto c = join(*engine_c, url, "c");
-  REQUIRE(eventually(
-      [&] {
-        auto hosts = a->members().hosts();
-        return hosts && hosts->size() == 3;
-      },
-      5s));
+  REQUIRE(sees_members(*a, 3));
   auto hosts = a->members().hosts();
   REQUIRE_OK(hosts);
   CHECK_FALSE((*hosts)[0].free_bytes.has_value());  // a: no budget, nothing said
@@ -453,48 +463,45 @@ TEST_CASE("cluster node: publish follows the members while it waits", "[cluster]
   t::temp_dir dir;
   t::etcd_process etcd{dir.path()};
   t::fake_clock clock;
-  const auto with_budget = [&](std::uint64_t bytes) {
-    auto o = t::deterministic_options(clock);
-    o.stable_bytes = bytes;
-    return t::make_engine(std::move(o));
+  // a holds the artifact (12 MiB); b is a member whose 4 MiB budget cannot hold it (its pulls
+  // fail); c has room, and joins when the section says.
+  struct members_abc {
+    std::unique_ptr<registration::engine> engine_a, engine_b, engine_c;
+    std::unique_ptr<node> a, b, c;
+    std::string id;
   };
-  const auto m = leafy_model();  // 12 MiB: fits c, never b
-  // a holds the artifact; b is a member that cannot hold it (its pulls fail, it stays asked).
-  const auto start = [&](const std::string& cluster, registration::engine& engine_a, registration::engine& engine_b) {
-    auto a = join(engine_a, etcd.url(cluster), "a");
-    auto b = join(engine_b, etcd.url(cluster), "b");
-    REQUIRE(eventually(
-        [&] {
-          auto hosts = a->members().hosts();
-          return hosts && hosts->size() == 2;
-        },
-        5s));
-    auto committed = t::register_stable(engine_a, m, static_cast<std::int32_t>(::getpid()));
+  const auto start = [&](const std::string& cluster) {
+    members_abc m{t::make_engine(clock),
+                  engine_with_budget(clock, std::uint64_t{4} << 20),
+                  engine_with_budget(clock, std::uint64_t{64} << 20),
+                  nullptr,
+                  nullptr,
+                  nullptr,
+                  ""};
+    m.a = join(*m.engine_a, etcd.url(cluster), "a");
+    m.b = join(*m.engine_b, etcd.url(cluster), "b");
+    REQUIRE(sees_members(*m.a, 2));
+    auto committed = t::register_stable(*m.engine_a, leafy_model(), static_cast<std::int32_t>(::getpid()));
     REQUIRE_OK(committed);
-    a->committed(committed->descriptor.artifact_id);
-    return std::tuple{std::move(a), std::move(b), committed->descriptor.artifact_id};
+    m.id = committed->descriptor.artifact_id;
+    m.a->committed(m.id);
+    return m;
   };
 
   SECTION("with all, a member that joins is asked and one that leaves is not waited for") {
-    auto engine_a = t::make_engine(clock);
-    auto engine_b = with_budget(std::uint64_t{4} << 20);
-    auto engine_c = with_budget(std::uint64_t{64} << 20);
-    auto started = start("follow-all", *engine_a, *engine_b);
-    auto& a = std::get<0>(started);
-    auto& b = std::get<1>(started);
-    const auto id = std::get<2>(started);
-    auto publishing = std::async(std::launch::async, [&] { return a->publish(id, 0, true, 30s); });
+    auto m = start("follow-all");
+    auto publishing = std::async(std::launch::async, [&] { return m.a->publish(m.id, 0, true, 30s); });
     // c joins once b is asked: the publish has read the members without c.
     REQUIRE(eventually(
         [&] {
-          auto asks = b->members().wanted();
+          auto asks = m.b->members().wanted();
           return asks && !asks->empty();
         },
         10s));
-    auto c = join(*engine_c, etcd.url("follow-all"), "c");
-    CHECK(eventually([&] { return engine_c->get(id).has_value(); }, 15s));  // asked once it joined
-    CHECK(publishing.wait_for(500ms) == std::future_status::timeout);       // b has no replica yet
-    b.reset();                                                              // b leaves: its lease goes
+    m.c = join(*m.engine_c, etcd.url("follow-all"), "c");
+    CHECK(eventually([&] { return m.engine_c->get(m.id).has_value(); }, 15s));  // asked once it joined
+    CHECK(publishing.wait_for(500ms) == std::future_status::timeout);           // b has no replica yet
+    m.b.reset();                                                                // b leaves: its lease goes
     REQUIRE(publishing.wait_for(15s) == std::future_status::ready);
     auto published = publishing.get();
     REQUIRE_OK(published);
@@ -503,27 +510,21 @@ TEST_CASE("cluster node: publish follows the members while it waits", "[cluster]
     CHECK(published->target == 2);
     CHECK(published->members == 2);
     CHECK(published->reached);
-    CHECK_FALSE(engine_b->get(id));
+    CHECK_FALSE(m.engine_b->get(m.id));
   }
 
   SECTION("an asked member whose pull fails declines, and one that has joined is asked instead") {
-    auto engine_a = t::make_engine(clock);
-    auto engine_b = with_budget(std::uint64_t{4} << 20);
-    auto engine_c = with_budget(std::uint64_t{64} << 20);
-    auto started = start("follow-replicas", *engine_a, *engine_b);
-    auto& a = std::get<0>(started);
-    auto& b = std::get<1>(started);
-    const auto id = std::get<2>(started);
-    auto publishing = std::async(std::launch::async, [&] { return a->publish(id, 2, false, 30s); });
+    auto m = start("follow-replicas");
+    auto publishing = std::async(std::launch::async, [&] { return m.a->publish(m.id, 2, false, 30s); });
     // b, the only member to ask, cannot hold 12 MiB in its 4 MiB: its pull fails and it marks
     // the ask declined. c joins after that; the publish asks it.
     REQUIRE(eventually(
         [&] {
-          auto ask = a->members().ask_of("b", id);
+          auto ask = m.a->members().ask_of("b", m.id);
           return ask && *ask && !(*ask)->declined.empty();
         },
         10s));
-    auto c = join(*engine_c, etcd.url("follow-replicas"), "c");
+    m.c = join(*m.engine_c, etcd.url("follow-replicas"), "c");
     REQUIRE(publishing.wait_for(20s) == std::future_status::ready);
     auto published = publishing.get();
     REQUIRE_OK(published);
@@ -536,9 +537,9 @@ TEST_CASE("cluster node: publish follows the members while it waits", "[cluster]
     CHECK(published->target == 2);
     CHECK(published->members == 3);
     CHECK(published->reached);
-    CHECK(engine_c->get(id));
-    CHECK_FALSE(engine_b->get(id));
-    CHECK(b->members().registered());  // b stayed: it was replaced for its decline alone
+    CHECK(m.engine_c->get(m.id));
+    CHECK_FALSE(m.engine_b->get(m.id));
+    CHECK(m.b->members().registered());  // b stayed: it was replaced for its decline alone
   }
 }
 
@@ -580,31 +581,11 @@ TEST_CASE("cluster node: an ask is served when it is written, not at the member'
     WARN("SKIP: no etcd binary (apt-get install etcd-server)");
     return;
   }
-  t::temp_dir dir;
-  t::etcd_process etcd{dir.path()};
-  t::fake_clock clock;
-  auto engine_a = t::make_engine(clock);
-  auto engine_b = t::make_engine(clock);
   // Looks a minute apart: only the watch of b's asks can make b pull within the publish's 20 s.
-  const auto slow_join = [&](registration::engine& e, const std::string& host_id) {
-    node_options options;
-    options.url = *parse_cluster_url(etcd.url("watched"));
-    options.self = host_record{host_id, host_id, "127.0.0.1:0", 0, "", std::nullopt};
-    options.lease_ttl = 3s;
-    options.withdraw_check_every = 60s;
-    options.pull.request_timeout = 5s;
-    auto n = node::create(e, std::move(options));
-    REQUIRE_OK(n);
-    return std::move(*n);
-  };
-  auto a = slow_join(*engine_a, "a");
-  auto b = slow_join(*engine_b, "b");
-  REQUIRE(eventually(
-      [&] {
-        auto hosts = a->members().hosts();
-        return hosts && hosts->size() == 2;
-      },
-      5s));
+  two_members cluster("watched", "a", "b", 60s);
+  auto& engine_a = cluster.engine_a;
+  auto& engine_b = cluster.engine_b;
+  auto& a = cluster.a;
   auto committed = t::register_stable(*engine_a, leafy_model(), static_cast<std::int32_t>(::getpid()));
   REQUIRE_OK(committed);
   const auto id = committed->descriptor.artifact_id;
