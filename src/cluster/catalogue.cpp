@@ -481,18 +481,25 @@ result<bool> catalogue::decline_wanted(std::string_view artifact_id, std::string
   return true;
 }
 
-result<std::optional<wanted_replica>> catalogue::ask_of(std::string_view host_id, std::string_view artifact_id) {
+result<std::vector<std::optional<wanted_replica>>> catalogue::asks_of(std::span<const std::string> host_ids,
+                                                                      std::string_view artifact_id) {
   TENSORREG_TRY(check_artifact_key(artifact_id));
-  if (host_id.empty() || host_id.size() > 128 || !std::all_of(host_id.begin(), host_id.end(), id_char)) {
-    return fail(errc::invalid_argument,
-                fmt::format("cannot read the ask of host '{}' for {}: a host id is [A-Za-z0-9-._], 1 to 128 "
-                            "characters",
-                            host_id, artifact_id));
+  std::vector<std::string> keys;
+  for (const auto& host_id : host_ids) {
+    if (host_id.empty() || host_id.size() > 128 || !std::all_of(host_id.begin(), host_id.end(), id_char)) {
+      return fail(errc::invalid_argument,
+                  fmt::format("cannot read the ask of host '{}' for {}: a host id is [A-Za-z0-9-._], 1 to 128 "
+                              "characters",
+                              host_id, artifact_id));
+    }
+    keys.push_back(fmt::format("{}{}/{}", state_->wanted_prefix, host_id, artifact_id));
   }
-  TENSORREG_TRY_ASSIGN(auto current,
-                       state_->etcd->get(fmt::format("{}{}/{}", state_->wanted_prefix, host_id, artifact_id)));
-  if (!current) return std::optional<wanted_replica>{};
-  return std::optional<wanted_replica>{parse_wanted(artifact_id, current->value)};
+  TENSORREG_TRY_ASSIGN(auto kvs, state_->etcd->get_many(keys));
+  std::vector<std::optional<wanted_replica>> out;
+  for (const auto& kv : kvs) {
+    out.push_back(kv ? std::optional<wanted_replica>{parse_wanted(artifact_id, kv->value)} : std::nullopt);
+  }
+  return out;
 }
 
 result<bool> catalogue::drop_wanted(std::string_view artifact_id) {

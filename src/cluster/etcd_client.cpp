@@ -301,6 +301,36 @@ result<std::optional<key_value>> etcd_client::get(std::string_view key) {
   return std::optional<key_value>{std::move(kvs.front())};
 }
 
+result<std::vector<std::optional<key_value>>> etcd_client::get_many(std::span<const std::string> keys) {
+  constexpr std::size_t ops_per_txn = 128;
+  std::vector<std::optional<key_value>> out;
+  out.reserve(keys.size());
+  for (std::size_t first = 0; first < keys.size(); first += ops_per_txn) {
+    const auto batch = keys.subspan(first, std::min(ops_per_txn, keys.size() - first));
+    json ranges = json::array();
+    for (const auto& key : batch) ranges.push_back({{"request_range", {{"key", base64_encode(key)}}}});
+    TENSORREG_TRY_ASSIGN(auto answer,
+                         state_->call("/v3/kv/txn", json{{"compare", json::array()}, {"success", std::move(ranges)}}));
+    auto responses = answer.find("responses");
+    if (responses == answer.end() || !responses->is_array() || responses->size() != batch.size()) {
+      return fail(
+          errc::internal,
+          fmt::format("cannot read the txn answer of {}: {} ranges asked, {} answered", state_->options.endpoint,
+                      batch.size(), responses != answer.end() && responses->is_array() ? responses->size() : 0));
+    }
+    for (const auto& response : *responses) {
+      const auto range = response.find("response_range");
+      if (range == response.end() || !range->is_object()) {
+        return fail(errc::internal, fmt::format("cannot read the txn answer of {}: a response is not a range",
+                                                state_->options.endpoint));
+      }
+      TENSORREG_TRY_ASSIGN(auto kvs, read_kvs(*range, state_->options.endpoint));
+      out.push_back(kvs.empty() ? std::nullopt : std::optional<key_value>{std::move(kvs.front())});
+    }
+  }
+  return out;
+}
+
 result<std::vector<key_value>> etcd_client::list(std::string_view prefix) {
   json body = {{"key", base64_encode(prefix)}, {"range_end", base64_encode(prefix_end(prefix))}};
   TENSORREG_TRY_ASSIGN(auto answer, state_->call("/v3/kv/range", body));

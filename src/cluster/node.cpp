@@ -803,14 +803,22 @@ result<publish_status> node::publish(const std::string& artifact_id, std::uint32
     }
     // An asked member whose pull failed marks its ask declined: it no longer counts toward the
     // target, and the next candidate is asked (it goes on trying, and may still hold it).
+    std::vector<std::string> pending;
     for (const auto& id : asked) {
-      if (!members.contains(id) || holding->contains(id) || declined.contains(id)) continue;
-      auto ask = s.members->ask_of(id, artifact_id);
-      if (!ask || !*ask || (*ask)->declined.empty()) continue;
-      declined.insert(id);
-      out.declined.push_back({id, (*ask)->declined});
-      log(*s.options.log, log_level::info, "cluster: publishing {}: {} cannot hold it: {}", artifact_id, id,
-          (*ask)->declined);
+      if (members.contains(id) && !holding->contains(id) && !declined.contains(id)) pending.push_back(id);
+    }
+    // One request for all of them; a read that fails is tried again at the next poll.
+    auto asks = pending.empty() ? result<std::vector<std::optional<wanted_replica>>>{}
+                                : s.members->asks_of(pending, artifact_id);
+    if (asks) {
+      for (std::size_t i = 0; i < asks->size(); ++i) {
+        const auto& ask = (*asks)[i];
+        if (!ask || ask->declined.empty()) continue;
+        declined.insert(pending[i]);
+        out.declined.push_back({pending[i], ask->declined});
+        log(*s.options.log, log_level::info, "cluster: publishing {}: {} cannot hold it: {}", artifact_id, pending[i],
+            ask->declined);
+      }
     }
     const auto still_asked = static_cast<std::size_t>(std::count_if(asked.begin(), asked.end(), [&](const auto& id) {
       return members.contains(id) && !holding->contains(id) && !declined.contains(id);

@@ -433,12 +433,15 @@ TEST_CASE("catalogue: an ask for a replica is listed by the host asked, deleted 
   CHECK((*kv)->lease != 0);
   REQUIRE(h.b->decline_wanted(artifact, "not enough room"));
   CHECK((*h.client->get(key))->mod_revision == revision);
-  auto read_back = h.a->ask_of("host-b", artifact);
+  const std::vector<std::string> hosts{"host-c", "host-b"};
+  auto read_back = h.a->asks_of(hosts, artifact);
   REQUIRE(read_back);
-  REQUIRE(read_back->has_value());
-  CHECK(**read_back == wanted_replica{artifact, 12345, "host-a", "not enough room"});
-  CHECK_FALSE(*h.a->ask_of("host-c", artifact));
-  CHECK(h.a->ask_of("host-b/x", artifact).error().code == errc::invalid_argument);
+  REQUIRE(read_back->size() == 2);
+  CHECK_FALSE((*read_back)[0]);  // nothing asked of host-c
+  REQUIRE((*read_back)[1]);
+  CHECK(*(*read_back)[1] == wanted_replica{artifact, 12345, "host-a", "not enough room"});
+  const std::vector<std::string> bad{"host-b/x"};
+  CHECK(h.a->asks_of(bad, artifact).error().code == errc::invalid_argument);
   CHECK_FALSE(*h.a->decline_wanted(artifact, "x"));  // nothing asked of host-a
 
   // The host asked deletes its ask once it holds the replica.

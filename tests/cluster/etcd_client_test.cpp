@@ -1,5 +1,6 @@
 #include "tensorreg/cluster/etcd_client.hpp"
 
+#include <algorithm>
 #include <catch2/catch.hpp>
 #include <condition_variable>
 #include <future>
@@ -101,6 +102,27 @@ TEST_CASE("etcd client: put, get, list by prefix, put_if_absent, delete and leas
   REQUIRE(listed->size() == 2);
   CHECK((*listed)[0].key == "/p/a");
   CHECK((*listed)[1].key == "/p/b");
+
+  // Several keys in one request, in the order asked; more than one txn's 128 ranges.
+  std::vector<std::string> keys{"/p/b", "/nope", "/p/a"};
+  for (int i = 0; i < 200; ++i) keys.push_back("/many/" + std::to_string(i));
+  auto many = client.get_many(keys);
+  REQUIRE(many);
+  REQUIRE(many->size() == keys.size());
+  REQUIRE((*many)[0]);
+  CHECK((*many)[0]->value == "2");
+  CHECK_FALSE((*many)[1]);
+  REQUIRE((*many)[2]);
+  CHECK((*many)[2]->value == binary);
+  CHECK(std::none_of(many->begin() + 3, many->end(), [](const auto& kv) { return kv.has_value(); }));
+  REQUIRE(client.put("/many/150", "x"));
+  many = client.get_many(keys);
+  REQUIRE(many);
+  REQUIRE((*many)[3 + 150]);
+  CHECK((*many)[3 + 150]->key == "/many/150");
+  auto none = client.get_many({});
+  REQUIRE(none);
+  CHECK(none->empty());
 
   auto first = client.put_if_absent("/i/x", "one");
   REQUIRE(first);

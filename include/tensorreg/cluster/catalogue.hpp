@@ -209,9 +209,11 @@ class catalogue {
   /// whose asker's lease went meanwhile is gone). Errors: INVALID_ARGUMENT, UNAVAILABLE.
   [[nodiscard]] result<bool> decline_wanted(std::string_view artifact_id, std::string_view reason);
 
-  /// The ask addressed to `host_id` for `artifact_id`, as the asker reads it back (whether that
-  /// host declined it); nullopt when there is none. Errors: INVALID_ARGUMENT, UNAVAILABLE.
-  [[nodiscard]] result<std::optional<wanted_replica>> ask_of(std::string_view host_id, std::string_view artifact_id);
+  /// The asks addressed to `host_ids` for `artifact_id`, as the asker reads them back (whether
+  /// each host declined), in one request per 128 hosts: one answer per host, in order, nullopt
+  /// where there is none. Errors: INVALID_ARGUMENT (a bad host or artifact id), UNAVAILABLE.
+  [[nodiscard]] result<std::vector<std::optional<wanted_replica>>> asks_of(std::span<const std::string> host_ids,
+                                                                           std::string_view artifact_id);
 
   /// Deletes the ask addressed to this host for `artifact_id` (it holds the replica now);
   /// returns whether there was one. Errors: INVALID_ARGUMENT, UNAVAILABLE.

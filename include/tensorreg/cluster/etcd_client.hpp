@@ -17,6 +17,7 @@
 #include <functional>
 #include <memory>
 #include <optional>
+#include <span>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -83,6 +84,11 @@ class etcd_client {
 
   /// Every key starting with `prefix`, in key order. Errors: UNAVAILABLE, INTERNAL.
   [[nodiscard]] result<std::vector<key_value>> list(std::string_view prefix);
+
+  /// Several keys in one request (a txn of ranges, 128 keys a request: etcd's default
+  /// --max-txn-ops): one answer per key, in order, nullopt where the key is absent.
+  /// Errors: UNAVAILABLE, INTERNAL.
+  [[nodiscard]] result<std::vector<std::optional<key_value>>> get_many(std::span<const std::string> keys);
 
   /// Deletes every key starting with `prefix`; returns how many. Errors: UNAVAILABLE, INTERNAL.
   [[nodiscard]] result<std::int64_t> delete_prefix(std::string_view prefix);
