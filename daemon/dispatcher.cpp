@@ -699,7 +699,23 @@ struct dispatcher::impl {
   status open_artifact_device(call& c) {
     const auto& id = c.request.open_artifact_device().artifact_id();
     TENSORREG_TRY(check_reader(c.peer, "open the GPU memory of " + id));
-    TENSORREG_TRY_ASSIGN(auto layout, engine.device_layout_of(id, c.request.open_artifact_device().known_layout()));
+    const auto& place_uuid = c.request.open_artifact_device().place_on_device_uuid();
+    if (!place_uuid.empty()) TENSORREG_TRY(ensure_local(id));
+    auto found = engine.device_layout_of(id, c.request.open_artifact_device().known_layout());
+    // No GPU memory behind it, and the reader asks for a copy on its GPU (wire-format.md §13).
+    if (!found && found.error().code == errc::failed_precondition && !place_uuid.empty() &&
+        c.request.open_artifact_device().first_allocation() == 0) {
+      TENSORREG_TRY_ASSIGN(auto device, engine.resolve_device(0, place_uuid));
+      auto placed = engine.place_on_device(id, device, c.peer.uid);
+      if (!placed)
+        return tl::unexpected(with_context(std::move(placed).error(), "cannot open the GPU memory of " + id));
+      if (*placed) {
+        tensorreg::log(log, log_level::info, "copied {} to GPU {} for pid {} (OpenArtifactDevice)", id, place_uuid,
+                       c.peer.pid);
+      }
+      found = engine.device_layout_of(id, c.request.open_artifact_device().known_layout());
+    }
+    TENSORREG_TRY_ASSIGN(auto layout, std::move(found));
     // Paging: this answer carries the VMM fds of allocations [first, end), at most
     // max_vmm_chunks of them (a region never has more, so every page makes progress).
     const std::size_t first = c.request.open_artifact_device().first_allocation();

@@ -121,7 +121,8 @@ def get_tensors(conn: Connection, artifact_id: str, device: Any, load_threads: i
     return _device.build_views(torch, index, locate, what, empty_device=base.device)
 
 
-def open_tensors(conn: Connection, artifact_id: str, device: Any, kept: KeptMappings | None = None) -> dict:
+def open_tensors(conn: Connection, artifact_id: str, device: Any, kept: KeptMappings | None = None,
+                 place: bool = False) -> dict:
     """Store.open: each allocation mapped once on its GPU (found by UUID), the tensors views.
     With `kept`, the mappings of the last open through it are used again where the daemon names
     the same allocation, and an answer equal to the last one's (same index, allocations and
@@ -132,11 +133,14 @@ def open_tensors(conn: Connection, artifact_id: str, device: Any, kept: KeptMapp
     if dev.type != "cuda":
         raise InvalidArgument(f"cannot {what} on {dev}: open() maps GPU memory; use get() for cpu")
     drv = _cuda.driver()  # before the call: no GPU here means nothing to ask the daemon for
+    # The GPU the daemon copies it to when it has no GPU memory: `device`'s, or the current one.
+    place_on = drv.device_uuid(dev.index if dev.index is not None else torch.cuda.current_device()) if place else ""
     if kept is None:
-        body, fds, vmm_fds = open_pages(conn, artifact_id, what)
+        body, fds, vmm_fds = open_pages(conn, artifact_id, what, place_on=place_on)
     else:
         known = kept.layout[1] if kept.layout[0] == str(dev) else 0
-        body, fds, vmm_fds, payload = open_pages(conn, artifact_id, what, raw=True, known_layout=known)
+        body, fds, vmm_fds, payload = open_pages(conn, artifact_id, what, raw=True, known_layout=known,
+                                                 place_on=place_on)
         if known and body.layout_unchanged and body.layout_token == known:
             _close_fds(fds)
             kept.reopened += 1
@@ -393,15 +397,17 @@ def _segments(body, sizes: list, mapped: int, what: str) -> _device.Segments:
     return _device.Segments(segments, what)
 
 
-def open_pages(conn: Connection, artifact_id: str, what: str, raw: bool = False, known_layout: int = 0) -> tuple:
+def open_pages(conn: Connection, artifact_id: str, what: str, raw: bool = False, known_layout: int = 0,
+               place_on: str = "") -> tuple:
     """OpenArtifactDevice, page after page (docs/wire-format.md §13): one answer carries at
     most 250 fds, so the VMM fds of a large expandable-segment model come in several.
     Returns (the first answer, every fd received, {allocation number: its chunks' fds}), and
-    with `raw` the first answer's bytes as received."""
+    with `raw` the first answer's bytes as received. `place_on`: the UUID of the GPU the daemon
+    copies the artifact to when it has no GPU memory (asked with the first page only)."""
     fds, vmm_fds, first, body = [], {}, 0, None
     try:
         while True:
-            request = _requests.open_artifact_device(artifact_id, first, known_layout)
+            request = _requests.open_artifact_device(artifact_id, first, known_layout, place_on if first == 0 else "")
             if raw:
                 answer, got, payload = conn.call(request, raw=True)
             else:

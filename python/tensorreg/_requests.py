@@ -287,12 +287,14 @@ def open_persisted_artifact(artifact_id: str, unless_in_memory: bool):
     return request
 
 
-def open_artifact_device(artifact_id: str, first_allocation: int, known_layout: int = 0):
+def open_artifact_device(artifact_id: str, first_allocation: int, known_layout: int = 0, place_on: str = ""):
     request = _messages.Request()
     request.open_artifact_device.artifact_id = artifact_id
     request.open_artifact_device.first_allocation = first_allocation
     if known_layout:
         request.open_artifact_device.known_layout = known_layout
+    if place_on:
+        request.open_artifact_device.place_on_device_uuid = place_on
     return request
 
 

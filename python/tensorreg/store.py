@@ -229,7 +229,8 @@ class Store:
             return _views.get_view(self._conn, artifact_id, view, device)
         return _reads.get_tensors(self._conn, artifact_id, device, load_threads=load_threads)
 
-    def open(self, artifact_id: str, device: Any = "cuda", *, keep_mappings: bool = False) -> dict:
+    def open(self, artifact_id: str, device: Any = "cuda", *, keep_mappings: bool = False,
+             place: bool = False) -> dict:
         """The artifact's tensors as zero-copy views of its GPU memory: the producer's own
         allocations for a lease (register() of CUDA tensors, in another process), or the
         daemon's buffer for a coalesced put(). Each allocation is mapped once, whatever the
@@ -244,11 +245,16 @@ class Store:
         keep_mappings=True: this Store keeps the mappings (and the tensors) of the last such
         open until the next one or close(); the next open maps only the allocations it does not
         hold yet, and gives back the same tensor objects when the answer is the last one's but
-        for the id (a producer's next version over the same memory and layout)."""
+        for the id (a producer's next version over the same memory and layout).
+        place=True: an artifact with no GPU memory (a stable DRAM replica only: put from files,
+        on disk only, or held by another host of the daemon's cluster, which the daemon pulls
+        first) is copied by the daemon to a buffer of its own on `device` (the current GPU for
+        "cuda"), and the tensors map that copy; other processes that open it map the same copy.
+        It lives as long as the artifact. Without place, such an artifact is FailedPrecondition."""
         if not keep_mappings:
-            return _reads.open_tensors(self._conn, artifact_id, device)
+            return _reads.open_tensors(self._conn, artifact_id, device, place=place)
         with self._kept_mappings.lock:
-            return _reads.open_tensors(self._conn, artifact_id, device, self._kept_mappings)
+            return _reads.open_tensors(self._conn, artifact_id, device, self._kept_mappings, place=place)
 
     def _open_pages(self, artifact_id: str, what: str) -> tuple:
         """_reads.open_pages over this store's connection (the paging, testable alone)."""

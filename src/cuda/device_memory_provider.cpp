@@ -502,6 +502,23 @@ result<registration::device_buffer> device_memory_provider::allocate(std::int32_
   return out;
 }
 
+result<registration::device_buffer> device_memory_provider::copy_from_host(std::int32_t device_id,
+                                                                           const memory::byte_source& host) {
+  TENSORREG_TRY_ASSIGN(auto buffer, allocate(device_id, host.size()));
+  const auto* device_bytes = dynamic_cast<const device_source*>(buffer.bytes.get());
+  if (device_bytes == nullptr) return fail(errc::internal, "cannot copy to device: the new buffer is not ours");
+  auto* base = static_cast<std::byte*>(const_cast<void*>(device_bytes->device_pointer()));
+  TENSORREG_TRY_ASSIGN(auto guard, detail::device_guard::create(device_id));
+  std::uint64_t at = 0;
+  TENSORREG_TRY(host.visit(0, host.size(), [&](std::span<const std::byte> piece) -> status {
+    TENSORREG_CUDA_TRY(cudaMemcpy(base + at, piece.data(), piece.size(), cudaMemcpyHostToDevice),
+                       "copy an artifact's bytes to device " + std::to_string(device_id));
+    at += piece.size();
+    return {};
+  }));
+  return buffer;
+}
+
 std::size_t device_memory_provider::open_mappings() const {
   return state_->vmm_mappings.load(std::memory_order_relaxed) + state_->ipc_mappings.load(std::memory_order_relaxed);
 }

@@ -951,6 +951,32 @@ result<std::pair<std::shared_ptr<const index::canonical_index>, unique_fd>> engi
   return std::pair{std::move(idx), std::move(fd)};
 }
 
+result<bool> engine::place_on_device(const std::string& artifact_id, std::int32_t device_id,
+                                     std::optional<std::uint32_t> owner_uid) {
+  const std::string verb = "cannot copy " + artifact_id + " to CUDA device " + std::to_string(device_id);
+  if (!state_->devices) return fail(errc::failed_precondition, verb + ": no GPU is available to this engine");
+  {
+    const detail::engine_lock lock(state_->mutex);
+    const auto* a = state_->catalogue.find(artifact_id);
+    if (a != nullptr && a->gpu_replicas.contains(device_id)) return false;
+  }
+  // Its host bytes (the stable replica, loaded back from disk when only there; or a host
+  // lease's): the source holds them, and a deregister waits for it, while the copy reads.
+  auto bytes = open_bytes(artifact_id);
+  if (!bytes) return tl::unexpected(with_context(std::move(bytes).error(), verb));
+  TENSORREG_TRY_ASSIGN(auto copy, state_->devices->copy_from_host(device_id, **bytes));
+  bytes->reset();
+  const detail::engine_lock lock(state_->mutex);
+  auto* a = state_->catalogue.find(artifact_id);
+  if (a == nullptr) return fail(errc::not_found, verb + ": it was removed during the copy");
+  if (a->quiesced) return fail(errc::failed_precondition, verb + ": it is being deregistered");
+  if (a->gpu_replicas.contains(device_id)) return false;  // another copy landed first
+  copy.device_id = device_id;
+  a->gpu_replicas.emplace(device_id, std::move(copy));
+  if (owner_uid) a->gpu_replica_uids[device_id] = *owner_uid;
+  return true;
+}
+
 result<device_layout> engine::device_layout_of(const std::string& artifact_id, std::uint64_t known_layout) const {
   const detail::engine_lock lock(state_->mutex);
   return state_->catalogue.device_layout_of(artifact_id, known_layout);

@@ -528,4 +528,11 @@ TEST_CASE("tensorregd: GPU requests on a daemon without a GPU get the wire spec'
   REQUIRE_FALSE(host_only);
   CHECK(host_only.error().code == errc::failed_precondition);
   CHECK(host_only.error().message.find("GetArtifactMemfd") != std::string::npos);
+  // Asked to copy it to a GPU this daemon cannot see: refused, naming the device.
+  open.mutable_open_artifact_device()->set_place_on_device_uuid("GPU-12345678-1234-1234-1234-123456789abc");
+  auto no_such_gpu = c.call(open);
+  REQUIRE_FALSE(no_such_gpu);
+  CHECK(no_such_gpu.error().code == errc::failed_precondition);
+  CHECK(no_such_gpu.error().message.find("cannot find CUDA device GPU-12345678-1234-1234-1234-123456789abc") !=
+        std::string::npos);
 }

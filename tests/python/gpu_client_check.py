@@ -20,7 +20,9 @@ starts the daemon on a temp socket, then, in one producer process per allocator 
    cuts them into overlapping windows, and its id, a second process's read-back and put() agree;
 and both modes must give the same ids. Last, a Hugging Face LlamaForCausalLM built from a small
 config (random weights, no download) saved with safetensors: the C++ CLI's `put` of the file,
-`python -m tensorreg put` of it and register() of the live model's state dict give one id.
+`python -m tensorreg put` of it and register() of the live model's state dict give one id;
+open() of that file's artifact is refused (host memory only), open(place=True) maps a copy the
+daemon makes on the GPU, and another process then opens that copy.
 """
 
 from __future__ import annotations
@@ -285,6 +287,48 @@ def producer(socket_path: str, cli: str, work: str, label: str) -> None:
     print("SUMMARY " + json.dumps(summary), flush=True)
 
 
+def place_check(torch, store, c, socket_path: str, cli: str, expected: dict, work: str) -> None:
+    """An artifact in host memory only (the CLI's put of a file): open() refuses it, open(place=True)
+    makes the daemon copy it to this GPU and maps that copy, and another process then opens the
+    same copy without asking."""
+    from safetensors.torch import save_file
+
+    import tensorreg
+
+    path = os.path.join(work, "next.safetensors")
+    save_file(expected, path)
+    out = subprocess.run([cli, "put", path, "--socket", socket_path, "--json"], capture_output=True, text=True)
+    if not c.check(out.returncode == 0, f"CLI put of a second file: {out.stderr.strip()}"):
+        return
+    artifact_id = json.loads(out.stdout)["artifact_id"]
+    try:
+        store.open(artifact_id)
+        c.check(False, "open() of a host-only artifact is refused")
+    except tensorreg.errors.FailedPrecondition as e:
+        c.check("no copy in GPU memory" in str(e), f"open() of a host-only artifact is refused: {e}")
+    started = time.perf_counter()
+    opened = store.open(artifact_id, place=True)
+    torch.cuda.synchronize()
+    took = time.perf_counter() - started
+    bad = [k for k, v in expected.items() if k not in opened or not torch.equal(opened[k].cpu(), v)]
+    size = sum(v.numel() * v.element_size() for v in expected.values())
+    c.check(not bad and len(opened) == len(expected), f"open(place=True) maps the daemon's GPU copy: "
+            f"{len(opened)} tensors equal ({size / 2**20:.0f} MiB in {took * 1e3:.0f} ms), mismatched {bad[:3]}")
+    again = store.open(artifact_id, place=True)
+    c.check(all(again[k].data_ptr() - again[next(iter(again))].data_ptr() ==
+                opened[k].data_ptr() - opened[next(iter(opened))].data_ptr() for k in expected),
+            "a second open(place=True) maps the same copy's layout")
+    del opened, again
+    expected_path = os.path.join(work, "placed.pt")
+    torch.save(expected, expected_path)
+    got = run_reader(socket_path, artifact_id, expected_path, [])
+    if c.check("error" not in got, f"another process opened the placed copy: {got.get('error', '')}"):
+        c.check(got["tensors"] == len(expected) and not got["mismatched"],
+                f"its tensors equal the file's ({got['tensors']})")
+        c.check(got["opened"] == got["allocations"] == 1 and got["kinds"] == ["cuda_ipc_handle"],
+                f"one IPC mapping of the daemon's buffer ({got['opened']} opened, kinds {got['kinds']})")
+
+
 def hf_check(socket_path: str, cli: str, work: str) -> None:
     import torch
     from safetensors.torch import save_file
@@ -314,6 +358,8 @@ def hf_check(socket_path: str, cli: str, work: str) -> None:
         put = store.put(sd)
         c.check(put.artifact_id == art.artifact_id, "put() of the live model has the same id")
         art.close()
+        place_check(torch, store, c, socket_path, cli, {f"{k}.next": (v.float() + 1).to(v.dtype).contiguous().cpu()
+                                                        for k, v in sd.items()}, work)
     print("SUMMARY " + json.dumps({"label": "hf", "failed": c.failed, "id": cli_id}), flush=True)
 
 

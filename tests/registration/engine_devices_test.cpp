@@ -316,6 +316,51 @@ TEST_CASE("engine devices: the layout of an unknown or host-only artifact is ref
                   ": it has no copy in GPU memory (read its stable DRAM replica with GetArtifactMemfd)");
 }
 
+TEST_CASE("engine devices: place_on_device copies a stable replica to a daemon buffer that the layout names",
+          "[registration][devices]") {
+  rig r;
+  const auto m = t::small_model();
+  auto committed = t::register_stable(*r.e, m, me);
+  REQUIRE_OK(committed);
+  const auto id = committed->descriptor.artifact_id;
+  REQUIRE_FALSE(r.e->device_layout_of(id));  // host memory only
+  const auto before = r.devices->allocations();
+
+  auto placed = r.e->place_on_device(id, 1, 1000);
+  REQUIRE_OK(placed);
+  CHECK(*placed);
+  CHECK(r.devices->allocations() == before + 1);
+  auto layout = r.e->device_layout_of(id);
+  REQUIRE_OK(layout);
+  REQUIRE(layout->allocations.size() == 1);
+  CHECK(layout->allocations[0].device_id == 1);
+  const auto& handle = layout->allocations[0].cuda_ipc_handle;
+  const auto on_device = r.devices->memory_of(handle);
+  CHECK(std::string(reinterpret_cast<const char*>(on_device.data()), on_device.size()) == m.canonical());
+  CHECK(read_layout(*layout, {m.canonical()}) == m.canonical());
+
+  // Once there, no second copy; an unknown id and a GPU-less engine are refused.
+  auto again = r.e->place_on_device(id, 1);
+  REQUIRE_OK(again);
+  CHECK_FALSE(*again);
+  CHECK(r.devices->allocations() == before + 1);
+  CHECK_ERROR(r.e->place_on_device("mi2:none", 0), errc::not_found,
+              "cannot copy mi2:none to CUDA device 0: cannot open mi2:none: not held here");
+  CHECK_ERROR(r.e->place_on_device(id, 7), errc::failed_precondition, "cannot allocate device memory: no device 7");
+  fake_clock clock;
+  auto plain = t::make_engine(clock);
+  auto held = t::register_stable(*plain, m, me);
+  REQUIRE_OK(held);
+  CHECK_ERROR(plain->place_on_device(id, 0), errc::failed_precondition,
+              "cannot copy " + id + " to CUDA device 0: no GPU is available to this engine");
+
+  // The copy goes with the artifact.
+  deregister_request gone;
+  gone.artifact_id = id;
+  REQUIRE_OK(r.e->deregister(gone));
+  CHECK_FALSE(r.e->device_layout_of(id));
+}
+
 // ---- Several GPUs in one registration ----------------------------------------------------------
 
 TEST_CASE(

@@ -121,6 +121,13 @@ result<registration::device_buffer> fake_device_memory::allocate(std::int32_t de
   return registration::device_buffer{a, handle};
 }
 
+result<registration::device_buffer> fake_device_memory::copy_from_host(std::int32_t device_id,
+                                                                       const memory::byte_source& host) {
+  TENSORREG_TRY_ASSIGN(auto buffer, allocate(device_id, host.size()));
+  TENSORREG_TRY(host.read(0, memory_of(buffer.ipc_handle)));
+  return buffer;
+}
+
 std::size_t fake_device_memory::open_mappings() const {
   std::lock_guard lock(mutex_);
   return static_cast<std::size_t>(

@@ -50,6 +50,8 @@ class fake_device_memory final : public registration::device_memory {
                                                                             std::string_view ipc_handle,
                                                                             std::uint64_t min_bytes) override;
   [[nodiscard]] result<registration::device_buffer> allocate(std::int32_t device_id, std::uint64_t bytes) override;
+  [[nodiscard]] result<registration::device_buffer> copy_from_host(std::int32_t device_id,
+                                                                   const memory::byte_source& host) override;
   /// Mappings returned by open_ipc() that are still held by someone.
   [[nodiscard]] std::size_t open_mappings() const override;
   [[nodiscard]] result<std::shared_ptr<const memory::byte_source>> import_vmm(

@@ -131,6 +131,8 @@ class device_memory_provider final : public registration::device_memory {
   /// Errors: INVALID_ARGUMENT (bytes 0), FAILED_PRECONDITION (no device `device_id`),
   /// RESOURCE_EXHAUSTED (out of device memory), INTERNAL for other CUDA failures.
   [[nodiscard]] result<registration::device_buffer> allocate(std::int32_t device_id, std::uint64_t bytes) override;
+  [[nodiscard]] result<registration::device_buffer> copy_from_host(std::int32_t device_id,
+                                                                   const memory::byte_source& host) override;
 
   /// Mappings open right now: IPC mappings (distinct (owner pid, handle) keys with a live
   /// holder) plus live VMM imports (each import_vmm() result until its last holder goes).

@@ -56,6 +56,16 @@ class device_memory {
   /// Errors: FAILED_PRECONDITION (no such device), RESOURCE_EXHAUSTED.
   [[nodiscard]] virtual result<device_buffer> allocate(std::int32_t device_id, std::uint64_t bytes) = 0;
 
+  /// A new buffer on `device_id` holding a copy of `host` (host memory: an artifact's stable
+  /// DRAM replica), exported like allocate()'s. The copy no longer reads `host` once this
+  /// returns. Errors: FAILED_PRECONDITION (no such device; no GPU: the default),
+  /// RESOURCE_EXHAUSTED, INVALID_ARGUMENT (0 bytes), CUDA errors, `host`'s read errors.
+  [[nodiscard]] virtual result<device_buffer> copy_from_host(std::int32_t device_id, const memory::byte_source& host) {
+    (void)host;
+    return fail(errc::failed_precondition, "cannot copy an artifact to CUDA device " + std::to_string(device_id) +
+                                               ": no GPU is available to this engine");
+  }
+
   /// Mappings open right now (for stats).
   [[nodiscard]] virtual std::size_t open_mappings() const = 0;
 
