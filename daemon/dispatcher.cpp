@@ -706,7 +706,7 @@ struct dispatcher::impl {
     if (!found && found.error().code == errc::failed_precondition && !place_uuid.empty() &&
         c.request.open_artifact_device().first_allocation() == 0) {
       TENSORREG_TRY_ASSIGN(auto device, engine.resolve_device(0, place_uuid));
-      auto placed = engine.place_on_device(id, device, c.peer.uid);
+      auto placed = engine.place_on_device(id, device);
       if (!placed)
         return tl::unexpected(with_context(std::move(placed).error(), "cannot open the GPU memory of " + id));
       if (*placed) {

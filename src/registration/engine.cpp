@@ -951,8 +951,7 @@ result<std::pair<std::shared_ptr<const index::canonical_index>, unique_fd>> engi
   return std::pair{std::move(idx), std::move(fd)};
 }
 
-result<bool> engine::place_on_device(const std::string& artifact_id, std::int32_t device_id,
-                                     std::optional<std::uint32_t> owner_uid) {
+result<bool> engine::place_on_device(const std::string& artifact_id, std::int32_t device_id) {
   const std::string verb = "cannot copy " + artifact_id + " to CUDA device " + std::to_string(device_id);
   if (!state_->devices) return fail(errc::failed_precondition, verb + ": no GPU is available to this engine");
   {
@@ -973,7 +972,6 @@ result<bool> engine::place_on_device(const std::string& artifact_id, std::int32_
   if (a->gpu_replicas.contains(device_id)) return false;  // another copy landed first
   copy.device_id = device_id;
   a->gpu_replicas.emplace(device_id, std::move(copy));
-  if (owner_uid) a->gpu_replica_uids[device_id] = *owner_uid;
   return true;
 }
 

@@ -326,7 +326,7 @@ TEST_CASE("engine devices: place_on_device copies a stable replica to a daemon b
   REQUIRE_FALSE(r.e->device_layout_of(id));  // host memory only
   const auto before = r.devices->allocations();
 
-  auto placed = r.e->place_on_device(id, 1, 1000);
+  auto placed = r.e->place_on_device(id, 1);
   REQUIRE_OK(placed);
   CHECK(*placed);
   CHECK(r.devices->allocations() == before + 1);
@@ -354,9 +354,11 @@ TEST_CASE("engine devices: place_on_device copies a stable replica to a daemon b
   CHECK_ERROR(plain->place_on_device(id, 0), errc::failed_precondition,
               "cannot copy " + id + " to CUDA device 0: no GPU is available to this engine");
 
-  // The copy goes with the artifact.
+  // The copy goes with the artifact, removed by any uid that may remove it: the copy is
+  // nobody's put.
   deregister_request gone;
   gone.artifact_id = id;
+  gone.owner_uid = 1234;
   REQUIRE_OK(r.e->deregister(gone));
   CHECK_FALSE(r.e->device_layout_of(id));
 }

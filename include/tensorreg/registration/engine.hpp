@@ -214,12 +214,12 @@ class engine {
   /// (loaded back from a persisted copy when only there), as a coalesced put leaves one, so
   /// that device_layout_of() answers with it: an artifact pulled from the cluster or put from
   /// files becomes mappable by GPU readers. It lives as long as the artifact (until it is
-  /// removed), like a coalesced put's, counted for `owner_uid` where given (DECISIONS §8).
+  /// removed), like a coalesced put's, but is nobody's put: whoever may remove the artifact
+  /// removes it with it (DECISIONS §8 records no uid for it).
   /// Returns whether a copy was made (false: one was there already).
   /// Errors: NOT_FOUND, FAILED_PRECONDITION (no GPU; quiesced; no stable DRAM replica to copy
   /// from), RESOURCE_EXHAUSTED (device memory), the copy's errors.
-  [[nodiscard]] result<bool> place_on_device(const std::string& artifact_id, std::int32_t device_id,
-                                             std::optional<std::uint32_t> owner_uid = std::nullopt);
+  [[nodiscard]] result<bool> place_on_device(const std::string& artifact_id, std::int32_t device_id);
 
   // ---- devices ----
 
