@@ -301,18 +301,38 @@ struct node::state {
                   fmt::format("cannot fetch {}: only persist volume {} holds it, and no member using it is up", id,
                               fmt::join(volumes, ", ")));
     }
-    // As a publish asks: the copy must fit in its stable memory.
+    // As a publish asks: the copy must fit in its stable memory. A member that cannot load it
+    // declines its ask (its error), and the next one is asked.
     order_for_placement(candidates, total_size);
-    const auto& asked = candidates.front();
-    TENSORREG_TRY(members->ask(asked.host_id, id, total_size));
-    log(*options.log, log_level::info, "cluster: {} is on persist volume {} only: asked {} to load it", id,
-        asked.persist_volume, asked.host_id);
+    std::size_t asking = 0;
+    std::vector<std::string> declines;
+    const auto ask_next = [&]() -> status {
+      const auto& next = candidates[asking];
+      TENSORREG_TRY(members->ask(next.host_id, id, total_size));
+      log(*options.log, log_level::info, "cluster: {} is on persist volume {} only: asked {} to load it", id,
+          next.persist_volume, next.host_id);
+      return {};
+    };
+    TENSORREG_TRY(ask_next());
     const auto deadline = std::chrono::steady_clock::now() + options.disk_load_wait;
     replica_watch watched;
     watched.start(members->watch_replicas(id));
     for (;;) {
+      const auto& asked = candidates[asking];
       TENSORREG_TRY_ASSIGN(auto holding, members->holders(id));
       if (!holding.hosts.empty() && holding.total_size != 0) return holding;
+      const std::vector<std::string> asked_host{asked.host_id};
+      if (auto asks = members->asks_of(asked_host, id);
+          asks && asks->size() == 1 && (*asks)[0] && !(*asks)[0]->declined.empty()) {
+        declines.push_back(fmt::format("{}: {}", asked.host_id, (*asks)[0]->declined));
+        if (++asking == candidates.size()) {
+          return fail(errc::unavailable, fmt::format("cannot fetch {}: no member on persist volume {} could load it "
+                                                     "({})",
+                                                     id, fmt::join(volumes, ", "), fmt::join(declines, "; ")));
+        }
+        TENSORREG_TRY(ask_next());
+        continue;
+      }
       // The member asked found the listing stale (the copy was removed) and unlisted it.
       TENSORREG_TRY_ASSIGN(auto still, members->disk_copies(id));
       if (still.empty()) {
@@ -342,6 +362,8 @@ struct node::state {
       auto bytes = engine.open_bytes(id);
       if (!bytes) {
         log(*options.log, log_level::info, "cluster: {} is not advertised: {}", id, bytes.error().message);
+        // A member asked to load it from a shared volume says why it cannot (a no-op unasked).
+        if (on_volume()) (void)members->decline_wanted(id, bytes.error().message);
         return;
       }
       auto leaves = hash::leaf_digests(**bytes);

@@ -304,8 +304,9 @@ namespace {
 
 // An engine whose persist directory is `root`, shared as a volume with the other engines on it.
 std::unique_ptr<registration::engine> engine_on_volume(const t::fake_clock& clock, const std::string& root,
-                                                       const std::string& tag) {
+                                                       const std::string& tag, std::uint64_t stable_bytes = 0) {
   auto o = t::deterministic_options(clock);
+  if (stable_bytes != 0) o.stable_bytes = stable_bytes;
   persistence::store_options so;
   so.shared = true;
   so.writer_tag = tag;
@@ -415,6 +416,56 @@ TEST_CASE("cluster node: a copy on a shared persist volume is listed, and pulled
   REQUIRE_FALSE(stale);
   CHECK(stale.error().code == errc::not_found);
   CHECK_THAT(stale.error().message, Catch::EndsWith("the copy on persist volume models was removed"));
+}
+
+TEST_CASE("cluster node: a volume member that cannot load the copy declines, and the fetch says why",
+          "[cluster][node][shared]") {
+  if (!t::find_etcd()) {
+    WARN("SKIP: no etcd binary (apt-get install etcd-server)");
+    return;
+  }
+  t::temp_dir dir;
+  t::etcd_process etcd{dir.path()};
+  t::fake_clock clock;
+  const auto volume_root = (dir.path() / "volume").string();
+  auto engine_w = engine_on_volume(clock, volume_root, "w");
+  auto engine_small = engine_on_volume(clock, volume_root, "small", std::uint64_t{4} << 20);
+  auto engine_off = t::make_engine(clock);
+  const auto url = etcd.url("vol-decline");
+  auto w = join_volume(*engine_w, url, "w", "models");
+  auto small = join_volume(*engine_small, url, "small", "models");
+  auto off = join(*engine_off, url, "off");
+  REQUIRE(sees_members(*off, 3));
+
+  // w persists a 12 MiB artifact on the volume and leaves: only small, whose 4 MiB budget
+  // cannot take it, is on the volume still.
+  auto committed = t::register_stable(*engine_w, leafy_model(), static_cast<std::int32_t>(::getpid()));
+  REQUIRE_OK(committed);
+  const auto id = committed->descriptor.artifact_id;
+  auto task = engine_w->start_persistence(id);
+  REQUIRE_OK(task);
+  auto persisted = engine_w->wait_persistence(task->task_id, 0ms);
+  REQUIRE_OK(persisted);
+  REQUIRE(persisted->state == persistence::task_state::success);
+  REQUIRE(eventually(
+      [&] {
+        auto copies = off->members().disk_copies(id);
+        return copies && copies->size() == 1;
+      },
+      5s));
+  w.reset();
+  REQUIRE(eventually([&] { return off->members().holders(id)->hosts.empty(); }, 5s));
+
+  // off asks small, small declines with its load error, and the fetch answers that at once
+  // rather than after disk_load_wait (60 s: "did not load it within").
+  auto fetched = off->fetch(id);
+  REQUIRE_FALSE(fetched);
+  CHECK(fetched.error().code == errc::unavailable);
+  INFO(fetched.error().message);
+  CHECK(fetched.error().message.starts_with("cannot fetch " + id +
+                                            ": no member on persist volume models could load it (small: "));
+  CHECK(fetched.error().message.find("4194304") != std::string::npos);  // small's budget, in its error
+  CHECK_FALSE(engine_off->get(id));
 }
 
 TEST_CASE("cluster node: publish asks a member with room before one whose budget is full", "[cluster][node]") {
