@@ -120,7 +120,13 @@ def load_into(torch, fd: int, size: int, leaf_bytes: int, fingerprints: list, ds
                 raise Unavailable(f"cannot {what}: cannot read the persisted file at byte {offset + got}: "
                                   f"{e.strerror or e}") from None
             if n == 0:
-                raise DataLoss(f"cannot {what}: the persisted file ends at byte {offset + got}, before its "
+                # Where the file ends, not where this read stopped: threads read different
+                # chunks, and one past the end stops at its own offset.
+                try:
+                    ends = min(offset + got, os.fstat(fd).st_size)
+                except OSError:
+                    ends = offset + got
+                raise DataLoss(f"cannot {what}: the persisted file ends at byte {ends}, before its "
                                f"{size} bytes")
             got += n
 
