@@ -215,7 +215,7 @@ class engine {
   /// that device_layout_of() answers with it: an artifact pulled from the cluster or put from
   /// files becomes mappable by GPU readers. It lives as long as the artifact (until it is
   /// removed), like a coalesced put's, but is nobody's put: whoever may remove the artifact
-  /// removes it with it (DECISIONS §8 records no uid for it).
+  /// removes it with it (no uid is recorded for it: DECISIONS §8).
   /// Returns whether a copy was made (false: one was there already).
   /// Errors: NOT_FOUND, FAILED_PRECONDITION (no GPU; quiesced; no stable DRAM replica to copy
   /// from), RESOURCE_EXHAUSTED (device memory), the copy's errors.
