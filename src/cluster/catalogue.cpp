@@ -106,8 +106,11 @@ replica_reading parse_replica(std::string_view value) {
 }
 
 // <prefix>/wanted/<host_id>/<artifact_id> → {"total_size": N, "by": "<asking host id>"}.
-std::string wanted_value(std::uint64_t total_size, std::string_view by) {
-  return json{{"total_size", total_size}, {"by", by}}.dump();
+// `declined`: set by the host asked when its pull failed (docs/cluster.md §2.6).
+std::string wanted_value(std::uint64_t total_size, std::string_view by, std::string_view declined = {}) {
+  json value{{"total_size", total_size}, {"by", by}};
+  if (!declined.empty()) value["declined"] = declined;
+  return value.dump();
 }
 
 // A member's word, read like a replica value: never throws; a mistyped field reads as unset.
@@ -223,8 +226,7 @@ struct catalogue::state {
 };
 
 result<std::unique_ptr<catalogue>> catalogue::create(catalogue_options options) {
-  if (options.self.host_id.empty() || options.self.host_id.size() > 128 ||
-      !std::all_of(options.self.host_id.begin(), options.self.host_id.end(), id_char)) {
+  if (!key_segment(options.self.host_id, 128)) {
     return fail(errc::invalid_argument,
                 fmt::format("cannot join cluster: host id '{}' is empty or has characters outside [A-Za-z0-9-._]",
                             options.self.host_id));
@@ -426,7 +428,7 @@ result<std::vector<replica_holder>> catalogue::replicas_of(std::string_view arti
 status catalogue::ask(std::string_view host_id, std::string_view artifact_id, std::uint64_t total_size) {
   TENSORREG_TRY(check_artifact_key(artifact_id));
   // The host id becomes a key segment too: one with '/' would address another key.
-  if (host_id.empty() || host_id.size() > 128 || !std::all_of(host_id.begin(), host_id.end(), id_char)) {
+  if (!key_segment(host_id, 128)) {
     return fail(errc::invalid_argument,
                 fmt::format("cannot ask host '{}' for {}: a host id is [A-Za-z0-9-._], 1 to 128 characters", host_id,
                             artifact_id));
@@ -473,9 +475,8 @@ result<bool> catalogue::decline_wanted(std::string_view artifact_id, std::string
   if (!current || current->lease == 0) return false;
   auto ask = parse_wanted(artifact_id, current->value);
   if (ask.declined == reason) return true;
-  auto value = json{{"total_size", ask.total_size}, {"by", ask.by}, {"declined", std::string(reason)}}.dump();
   // Under the asker's lease, which this host did not grant: the ask still goes with its asker.
-  auto put = state_->etcd->put(key, value, current->lease);
+  auto put = state_->etcd->put(key, wanted_value(ask.total_size, ask.by, reason), current->lease);
   if (!put && put.error().code == errc::not_found) return false;  // that lease is gone
   TENSORREG_TRY(put);
   return true;
@@ -486,7 +487,7 @@ result<std::vector<std::optional<wanted_replica>>> catalogue::asks_of(std::span<
   TENSORREG_TRY(check_artifact_key(artifact_id));
   std::vector<std::string> keys;
   for (const auto& host_id : host_ids) {
-    if (host_id.empty() || host_id.size() > 128 || !std::all_of(host_id.begin(), host_id.end(), id_char)) {
+    if (!key_segment(host_id, 128)) {
       return fail(errc::invalid_argument,
                   fmt::format("cannot read the ask of host '{}' for {}: a host id is [A-Za-z0-9-._], 1 to 128 "
                               "characters",

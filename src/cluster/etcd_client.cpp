@@ -57,6 +57,19 @@ std::size_t collect_body(char* data, std::size_t size, std::size_t count, void* 
   return size * count;
 }
 
+// The request both a call and a watch make: `body` POSTed to `url`, the answer's bytes handed
+// to `sink` with `sink_data`, libcurl's error text in `error_text`.
+void set_post(CURL* curl, const std::string& url, const std::string& body, curl_write_callback sink, void* sink_data,
+              char* error_text) {
+  curl_easy_setopt(curl, CURLOPT_URL, url.c_str());
+  curl_easy_setopt(curl, CURLOPT_POST, 1L);
+  curl_easy_setopt(curl, CURLOPT_POSTFIELDS, body.c_str());
+  curl_easy_setopt(curl, CURLOPT_POSTFIELDSIZE, static_cast<long>(body.size()));
+  curl_easy_setopt(curl, CURLOPT_WRITEFUNCTION, sink);
+  curl_easy_setopt(curl, CURLOPT_WRITEDATA, sink_data);
+  curl_easy_setopt(curl, CURLOPT_ERRORBUFFER, error_text);
+}
+
 std::once_flag curl_global_once;
 CURLcode curl_global_result = CURLE_OK;
 
@@ -186,13 +199,7 @@ struct etcd_client::state {
     const std::string request = body.dump();
     std::string answer;
     std::array<char, CURL_ERROR_SIZE> error_text{};
-    curl_easy_setopt(curl, CURLOPT_URL, url.c_str());
-    curl_easy_setopt(curl, CURLOPT_POST, 1L);
-    curl_easy_setopt(curl, CURLOPT_POSTFIELDS, request.c_str());
-    curl_easy_setopt(curl, CURLOPT_POSTFIELDSIZE, static_cast<long>(request.size()));
-    curl_easy_setopt(curl, CURLOPT_WRITEFUNCTION, &collect_body);
-    curl_easy_setopt(curl, CURLOPT_WRITEDATA, &answer);
-    curl_easy_setopt(curl, CURLOPT_ERRORBUFFER, error_text.data());
+    set_post(curl, url, request, &collect_body, &answer, error_text.data());
     auto code = curl_easy_perform(curl);
     if (code != CURLE_OK) {
       return unreachable(error_text[0] != '\0' ? std::string_view(error_text.data()) : curl_easy_strerror(code));
@@ -403,7 +410,6 @@ struct etcd_watch::state {
     const std::function<void()>* changed = nullptr;
     std::string pending;
     std::string failure;  // an error message from etcd, or a line that is not a watch message
-    bool created = false;
   };
 
   ~state() {
@@ -427,7 +433,6 @@ struct etcd_watch::state {
         r.failure = message.is_object() && message.contains("error") ? message["error"].dump() : line.substr(0, 200);
         return 0;  // ends the transfer: run() answers UNAVAILABLE and the caller opens it again
       }
-      if (result->value("created", false)) r.created = true;
       if (result->value("created", false) || result->contains("events")) (*r.changed)();
     }
     return size * count;
@@ -473,14 +478,8 @@ status etcd_watch::run(const std::function<void()>& changed) {
   state::reading reading;
   reading.changed = &changed;
   std::array<char, CURL_ERROR_SIZE> error_text{};
-  curl_easy_setopt(curl, CURLOPT_URL, url.c_str());
+  set_post(curl, url, s.request, &state::on_data, &reading, error_text.data());
   curl_easy_setopt(curl, CURLOPT_HTTPHEADER, s.headers);
-  curl_easy_setopt(curl, CURLOPT_POST, 1L);
-  curl_easy_setopt(curl, CURLOPT_POSTFIELDS, s.request.c_str());
-  curl_easy_setopt(curl, CURLOPT_POSTFIELDSIZE, static_cast<long>(s.request.size()));
-  curl_easy_setopt(curl, CURLOPT_WRITEFUNCTION, &state::on_data);
-  curl_easy_setopt(curl, CURLOPT_WRITEDATA, &reading);
-  curl_easy_setopt(curl, CURLOPT_ERRORBUFFER, error_text.data());
   curl_easy_setopt(curl, CURLOPT_CONNECTTIMEOUT_MS, static_cast<long>(s.connect_timeout.count()));
   curl_easy_setopt(curl, CURLOPT_NOSIGNAL, 1L);
   curl_easy_setopt(curl, CURLOPT_PROXY, "");
