@@ -15,7 +15,7 @@
 // stable cache may evict its replica at any time); empty entries are pruned lazily.
 //
 // Thread-safety: `catalogue` is not thread-safe: the engine calls it with the engine mutex held
-// (see the lock order in engine.cpp), except `drain()`, which touches only a `reader_gate` and
+// (see the lock order in engine_state.hpp), except `drain()`, which touches only a `reader_gate` and
 // must be called WITHOUT the engine mutex. `reader_gate` is thread-safe.
 //
 // Ownership: the catalogue owns its artifacts, their leases (and the lease's region

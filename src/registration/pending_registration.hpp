@@ -17,7 +17,7 @@
 // ones (an expired id answers DEADLINE_EXCEEDED once, then NOT_FOUND).
 //
 // Thread-safety: pending_registration's members may be called from any thread; each takes the
-// registration's own mutex (lock order: the engine mutex, then this one; see engine.cpp). Plan
+// registration's own mutex (lock order: the engine mutex, then this one; see engine_state.hpp). Plan
 // work a Feed returns runs outside it. pending_table is not thread-safe: the engine mutex
 // guards it.
 //
