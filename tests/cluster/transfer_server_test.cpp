@@ -11,6 +11,7 @@
 #include <string>
 #include <thread>
 
+#include "cluster/ucx_wire.hpp"
 #include "tensorreg/hash/tree_hash.hpp"
 
 using namespace tensorreg;
@@ -19,24 +20,9 @@ using namespace std::chrono_literals;
 
 namespace {
 
-// The wire's two headers (docs/cluster.md §3.2), as a peer would write them.
-struct request_header {
-  std::uint32_t magic = 0x31475254;
-  std::uint32_t kind = 0;
-  std::uint64_t tag = 0;
-  std::uint64_t leaf_index = 0;
-  std::uint32_t id_length = 0;
-  std::uint32_t reserved = 0;
-};
-struct reply_header {
-  std::uint32_t magic = 0;
-  std::uint32_t kind = 0;
-  std::uint64_t tag = 0;
-  std::uint64_t leaf_index = 0;
-  std::uint64_t total_size = 0;
-  std::int32_t code = 0;
-  std::uint32_t reserved = 0;
-};
+// The wire's two headers (docs/cluster.md §3.2), written by hand as a hostile peer would.
+using wire::reply_header;
+using wire::request_header;
 
 struct reply {
   reply_header header;
@@ -58,7 +44,7 @@ class raw_peer {
     REQUIRE(ucp_worker_create(context_, &wp, &worker_) == UCS_OK);
     ucp_am_handler_param_t hp{};
     hp.field_mask = UCP_AM_HANDLER_PARAM_FIELD_ID | UCP_AM_HANDLER_PARAM_FIELD_CB | UCP_AM_HANDLER_PARAM_FIELD_ARG;
-    hp.id = 0x55;
+    hp.id = wire::am_reply;
     hp.cb = &raw_peer::on_reply;
     hp.arg = this;
     REQUIRE(ucp_worker_set_am_recv_handler(worker_, &hp) == UCS_OK);
@@ -94,7 +80,7 @@ class raw_peer {
     ucp_request_param_t p{};
     p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
     p.flags = ask_reply ? UCP_AM_SEND_FLAG_REPLY : 0;
-    auto r = ucp_am_send_nbx(ep_, 0x54, header_bytes.data(), header_bytes.size(), nullptr, 0, &p);
+    auto r = ucp_am_send_nbx(ep_, wire::am_request, header_bytes.data(), header_bytes.size(), nullptr, 0, &p);
     INFO("ucp_am_send_nbx: " << (UCS_PTR_IS_ERR(r) ? ucs_status_string(UCS_PTR_STATUS(r)) : "ok"));
     REQUIRE_FALSE(UCS_PTR_IS_ERR(r));
     if (r != nullptr) {
