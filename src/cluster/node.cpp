@@ -433,42 +433,40 @@ struct node::state {
     }
   }
 
+  // Runs `work` with the lock released, marked busy so that drain() waits for it.
+  template <typename Work>
+  void while_busy(std::unique_lock<std::mutex>& lock, Work&& work) {
+    busy = true;
+    lock.unlock();
+    work();
+    lock.lock();
+    busy = false;
+  }
+
   void run() {
     std::unique_lock lock(mutex);
     auto next_check = std::chrono::steady_clock::now() + options.withdraw_check_every;
     for (;;) {
       wake.wait_until(lock, next_check, [this] { return stopping || !queue.empty() || asks_changed; });
       if (stopping) return;
-      if (queue.empty() && asks_changed && std::chrono::steady_clock::now() < next_check) {
-        asks_changed = false;
-        busy = true;
-        lock.unlock();
-        serve_wanted();
-        lock.lock();
-        busy = false;
-        idle.notify_all();
-        continue;
-      }
       if (queue.empty()) {
+        // A watched ask between two looks is served at once; the look itself comes on time.
+        const bool look = !asks_changed || std::chrono::steady_clock::now() >= next_check;
         asks_changed = false;
-        busy = true;
-        lock.unlock();
-        withdraw_gone();
-        list_disk_copies();
-        serve_wanted();
-        lock.lock();
-        busy = false;
-        next_check = std::chrono::steady_clock::now() + options.withdraw_check_every;
+        while_busy(lock, [this, look] {
+          if (look) {
+            withdraw_gone();
+            list_disk_copies();
+          }
+          serve_wanted();
+        });
+        if (look) next_check = std::chrono::steady_clock::now() + options.withdraw_check_every;
         idle.notify_all();
         continue;
       }
       auto id = std::move(queue.front());
       queue.pop_front();
-      busy = true;
-      lock.unlock();
-      advertise(id);
-      lock.lock();
-      busy = false;
+      while_busy(lock, [this, &id] { advertise(id); });
       if (queue.empty()) idle.notify_all();
     }
   }
