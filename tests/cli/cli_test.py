@@ -419,13 +419,14 @@ def progress_under_tmux(tool, sock, model, artifact_id, out, d, check):
     failures = 0
     script = (f"export TENSORREG_SOCKET={sock}; while [ ! -e {go} ]; do sleep 0.05; done; "
               f"{tool} rm {artifact_id}; {tool} put --name fresh {model}; {tool} export {artifact_id} --out {out}; "
-              f"timeout -s INT 5 {tool} lease {model}; echo all-done; sleep 30")
+              f"timeout -s INT 10 {tool} lease {model}; echo all-done; sleep 30")
     try:
         subprocess.run(base + ["new-session", "-d", "-x", "160", "-y", "40", "-s", "p", script], check=True)
         subprocess.run(base + ["pipe-pane", "-t", "p", f"cat >> {raw}"], check=True)
         open(go, "w").close()
         text = ""
-        for _ in range(300):
+        # Up to a minute: on a loaded 2-core runner the three 256 MiB commands took over 30 s.
+        for _ in range(600):
             time.sleep(0.1)
             text = open(raw, errors="replace", newline="").read() if os.path.exists(raw) else ""
             if "all-done" in text:
