@@ -31,23 +31,17 @@ cli=$build/cli/tensorreg
 [ "$(id -u)" -eq 0 ] || { echo "needs root"; exit 77; }
 [ -x "$daemon" ] && [ -x "$cli" ] || { echo "build tensorregd and tensorreg in $build first"; exit 1; }
 
-subnet=""
-for second in $(seq 201 250); do
-  if ! ip -4 addr show | grep -q "inet 10.$second.93\." && ! ip -4 route show | grep -q "^10.$second.93\."; then
-    subnet="10.$second.93"
-    break
-  fi
-done
-[ -n "$subnet" ] || { echo "no free 10.x.93.0/24"; exit 1; }
+# shellcheck source=scripts/lib/netns.sh
+. "$here/../scripts/lib/netns.sh"
+subnet=$(netns_free_subnet 93) || { echo "no free 10.x.93.0/24"; exit 1; }
 tag="trf$$"
 tmp=$(mktemp -d /tmp/cluster-fanout.XXXXXX)
-namespaces=("${tag}br")
 declare -A pid
 cleanup() {
   local rc=$?
   for name in "${!pid[@]}"; do kill -9 "${pid[$name]}" 2>/dev/null || true; done
   wait 2>/dev/null || true
-  for ns in "${namespaces[@]}"; do ip netns del "$ns" 2>/dev/null || true; done
+  netns_remove_all
   if [ "$rc" -ne 0 ]; then
     echo "--- failed; daemon logs:"
     for f in "$tmp"/*.log; do echo "== $f"; tail -n 5 "$f"; done
@@ -59,36 +53,21 @@ cleanup() {
 trap cleanup EXIT INT TERM
 die() { echo "FAIL: $*" >&2; exit 1; }
 
-ip netns add "${tag}br"
-ip -n "${tag}br" link add br0 type bridge
-ip -n "${tag}br" link set br0 up
+netns_bridge "${tag}br"
 # add_host NAME OCTET: a namespace on the bridge, its link limited to $rate both ways.
 add_host() {
-  local ns="$tag$1"
-  namespaces+=("$ns")
-  ip netns add "$ns"
-  ip -n "${tag}br" link add "v$1" type veth peer name eth0 netns "$ns"
-  ip -n "${tag}br" link set "v$1" master br0 up
-  ip -n "$ns" addr add "$subnet.$2/24" dev eth0
-  ip -n "$ns" link set eth0 up
-  ip -n "$ns" link set lo up
+  netns_host "${tag}br" "$tag$1" "v$1" "$subnet.$2"
   if [ "$1" != e ]; then
-    ip -n "$ns" link set eth0 txqueuelen 1000
-    tc -n "$ns" qdisc add dev eth0 root tbf rate "$rate" burst 256kb latency 100ms
+    ip -n "$tag$1" link set eth0 txqueuelen 1000
+    tc -n "$tag$1" qdisc add dev eth0 root tbf rate "$rate" burst 256kb latency 100ms
     tc -n "${tag}br" qdisc add dev "v$1" root tbf rate "$rate" burst 256kb latency 100ms
   fi
 }
 add_host e 10
 for n in $(seq 0 7); do add_host "$n" $((20 + n)); done
-ip netns exec "${tag}e" etcd --name e --data-dir "$tmp/etcd" --listen-client-urls "http://$subnet.10:2379" \
-  --advertise-client-urls "http://$subnet.10:2379" --listen-peer-urls http://127.0.0.1:2380 \
-  --initial-advertise-peer-urls http://127.0.0.1:2380 --initial-cluster e=http://127.0.0.1:2380 >"$tmp/etcd.log" 2>&1 &
+netns_etcd "${tag}e" "$subnet.10" "$tmp/etcd" >"$tmp/etcd.log" 2>&1 &
 pid[etcd]=$!
-for _ in $(seq 100); do
-  ip netns exec "${tag}e" curl -s -m 1 -X POST "http://$subnet.10:2379/v3/kv/range" -d '{"key":"eA=="}' \
-    >/dev/null 2>&1 && break
-  sleep 0.1
-done
+netns_wait_etcd "${tag}e" "$subnet.10" || die "etcd did not start"
 start_daemon() {
   local n=$1
   rm -f "$tmp/d$n.sock" "$tmp/d$n.out"

@@ -19,44 +19,27 @@ here=$(cd "$(dirname "$0")" && pwd)
 client=(/usr/bin/python3 "$here/../tests/cluster/netns_client.py")
 [ "$(id -u)" -eq 0 ] || { echo "needs root"; exit 77; }
 
-subnet=""
-for second in $(seq 201 250); do
-  if ! ip -4 addr show | grep -q "inet 10.$second.91\." && ! ip -4 route show | grep -q "^10.$second.91\."; then
-    subnet="10.$second.91"
-    break
-  fi
-done
-[ -n "$subnet" ] || { echo "no free 10.x.91.0/24"; exit 1; }
+# shellcheck source=scripts/lib/netns.sh
+. "$here/../scripts/lib/netns.sh"
+subnet=$(netns_free_subnet 91) || { echo "no free 10.x.91.0/24"; exit 1; }
 tag="trb$$"
 tmp=$(mktemp -d /tmp/cluster-bench.XXXXXX)
-namespaces=("${tag}br")
 pids=()
 cleanup() {
   for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
-  for ns in "${namespaces[@]}"; do ip netns del "$ns" 2>/dev/null || true; done
+  netns_remove_all
   rm -rf "$tmp"
 }
 trap cleanup EXIT INT TERM
 
-ip netns add "${tag}br"
-ip -n "${tag}br" link add br0 type bridge
-ip -n "${tag}br" link set br0 up
+netns_bridge "${tag}br"
 for host in e:10 1:21 2:22; do
-  name=${host%%:*} octet=${host##*:}
-  namespaces+=("$tag$name")
-  ip netns add "$tag$name"
-  ip -n "${tag}br" link add "v$name" type veth peer name eth0 netns "$tag$name"
-  ip -n "${tag}br" link set "v$name" master br0 up
-  ip -n "$tag$name" addr add "$subnet.$octet/24" dev eth0
-  ip -n "$tag$name" link set eth0 up
-  ip -n "$tag$name" link set lo up
+  netns_host "${tag}br" "$tag${host%%:*}" "v${host%%:*}" "$subnet.${host##*:}"
 done
-ip netns exec "${tag}e" etcd --name e --data-dir "$tmp/etcd" --listen-client-urls "http://$subnet.10:2379" \
-  --advertise-client-urls "http://$subnet.10:2379" --listen-peer-urls http://127.0.0.1:2380 \
-  --initial-advertise-peer-urls http://127.0.0.1:2380 --initial-cluster e=http://127.0.0.1:2380 >"$tmp/etcd.log" 2>&1 &
+netns_etcd "${tag}e" "$subnet.10" "$tmp/etcd" >"$tmp/etcd.log" 2>&1 &
 pids+=($!)
-sleep 2
+netns_wait_etcd "${tag}e" "$subnet.10" || { echo "etcd did not start"; exit 1; }
 for n in 1 2; do
   ip netns exec "$tag$n" unshare --uts sh -c "hostname bench$n-$tag; exec '$build/daemon/tensorregd' \
     --socket '$tmp/d$n.sock' --no-warm-start --cluster etcd://$subnet.10:2379/bench \

@@ -38,26 +38,14 @@ command -v ip >/dev/null || skip "no ip (iproute2)"
 command -v etcd >/dev/null || skip "no etcd (apt-get install etcd-server)"
 command -v unshare >/dev/null || skip "no unshare (util-linux)"
 [ -x "$daemon" ] && [ -x "$cli" ] || { echo "FAIL: build tensorregd and tensorreg in $build first"; exit 1; }
-ip netns add "trprobe$$" 2>/dev/null || skip "cannot create network namespaces here"
-ip netns del "trprobe$$"
-
-# A /24 of 10.0.0.0/8 that no interface or route of this host uses.
-subnet=""
-for second in $(seq 201 250); do
-  for third in 17 71 113; do
-    candidate="10.$second.$third"
-    if ! ip -4 addr show | grep -q "inet $candidate\." && ! ip -4 route show | grep -q "^$candidate\."; then
-      subnet=$candidate
-      break 2
-    fi
-  done
-done
-[ -n "$subnet" ] || skip "no free 10.x.y.0/24 here"
+# shellcheck source=scripts/lib/netns.sh
+. "$here/../../scripts/lib/netns.sh"
+netns_can_create || skip "cannot create network namespaces here"
+subnet=$(netns_free_subnet 17 71 113) || skip "no free 10.x.y.0/24 here"
 
 tag="trc$$"
 tmp=$(mktemp -d "/tmp/netns-cluster.XXXXXX")
 bridge_ns="${tag}br"
-namespaces=("$bridge_ns")
 declare -A pid
 started=$(date +%s)
 
@@ -65,7 +53,7 @@ cleanup() {
   local rc=$?
   for name in "${!pid[@]}"; do kill -9 "${pid[$name]}" 2>/dev/null || true; done
   wait 2>/dev/null || true
-  for ns in "${namespaces[@]}"; do ip netns del "$ns" 2>/dev/null || true; done
+  netns_remove_all
   if [ "$rc" -ne 0 ] && [ "$rc" -ne 77 ]; then
     echo "--- logs (failure) in $tmp:"
     for f in "$tmp"/*.log; do echo "== $f"; tail -n 15 "$f"; done
@@ -79,35 +67,15 @@ trap cleanup EXIT INT TERM
 fail() { echo "FAIL: $*"; exit 1; }
 pass() { echo "PASS: $* ($(($(date +%s) - started)) s)"; }
 
-ip netns add "$bridge_ns"
-ip -n "$bridge_ns" link add br0 type bridge
-ip -n "$bridge_ns" link set br0 up
-
-# add_host NAME LAST_OCTET: a namespace with eth0 at $subnet.LAST_OCTET on the bridge.
-add_host() {
-  local ns="$tag$1"
-  namespaces+=("$ns")
-  ip netns add "$ns"
-  ip -n "$bridge_ns" link add "v$1" type veth peer name eth0 netns "$ns"
-  ip -n "$bridge_ns" link set "v$1" master br0 up
-  ip -n "$ns" addr add "$subnet.$2/24" dev eth0
-  ip -n "$ns" link set eth0 up
-  ip -n "$ns" link set lo up
-}
+netns_bridge "$bridge_ns"
+# add_host NAME LAST_OCTET: namespace $tag$NAME with eth0 at $subnet.LAST_OCTET on the bridge.
+add_host() { netns_host "$bridge_ns" "$tag$1" "v$1" "$subnet.$2"; }
 
 etcd_ip="$subnet.10"
 start_etcd() {
-  ip netns exec "${tag}e" unshare --uts sh -c "hostname etcd-$tag; exec etcd --name e \
-    --data-dir '$tmp/etcd' --listen-client-urls http://$etcd_ip:2379 --advertise-client-urls http://$etcd_ip:2379 \
-    --listen-peer-urls http://127.0.0.1:2380 --initial-advertise-peer-urls http://127.0.0.1:2380 \
-    --initial-cluster e=http://127.0.0.1:2380" >>"$tmp/etcd.log" 2>&1 &
+  netns_etcd "${tag}e" "$etcd_ip" "$tmp/etcd" >>"$tmp/etcd.log" 2>&1 &
   pid[etcd]=$!
-  for _ in $(seq 100); do
-    ip netns exec "${tag}e" curl -s -m 1 -X POST "http://$etcd_ip:2379/v3/kv/range" -d '{"key":"eA=="}' \
-      >/dev/null 2>&1 && return 0
-    sleep 0.1
-  done
-  fail "etcd did not start"
+  netns_wait_etcd "${tag}e" "$etcd_ip" || fail "etcd did not start"
 }
 
 # start_daemon N [ARGS...]: tensorregd in namespace N, transfers on $subnet.(20+N):7000, host id
