@@ -315,6 +315,43 @@ status scatter(const view_plan& plan, std::uint64_t view_offset, std::span<const
   return {};
 }
 
+status scatter_within(const view_plan& plan, std::uint64_t view_offset, std::span<const std::byte> bytes,
+                      std::span<std::byte> canonical, std::span<const byte_range> only,
+                      function_ref<void(std::uint64_t, std::uint64_t)> written) {
+  TENSORREG_TRY(check(plan, view_offset, bytes.size(), canonical.size()));
+  if (only.empty()) return {};
+  std::vector<byte_range> runs;  // told once they are fenced
+  for_each_slice(
+      plan, view_offset, bytes.size(),
+      [&](const view_tensor& t, std::uint64_t a, std::uint64_t b, std::uint64_t pos) {
+        std::byte* c0 = canonical.data() + t.canonical_base;
+        walk_bytes<true>(t, a, b, bytes.data() + pos, [&](const std::byte* v, std::int64_t off, std::uint64_t n) {
+          const std::uint64_t c = t.canonical_base + static_cast<std::uint64_t>(off);
+          // The ranges of `only` that touch [c, c + n), as compare() finds them.
+          auto it = std::upper_bound(only.begin(), only.end(), c,
+                                     [](std::uint64_t x, const byte_range& r) { return x < r.offset; });
+          if (it != only.begin()) --it;
+          for (; it != only.end() && it->offset < c + n; ++it) {
+            const auto lo = std::max(c, it->offset);
+            const auto hi = std::min(c + n, it->end());
+            if (lo >= hi) continue;
+            stream_copy(c0 + off + static_cast<std::int64_t>(lo - c), v + (lo - c), hi - lo);
+            if (!runs.empty() && runs.back().end() == lo) {
+              runs.back().length += hi - lo;
+            } else {
+              runs.push_back({lo, hi - lo});
+            }
+          }
+        });
+      },
+      [](std::uint64_t, std::uint64_t) {});
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
+  for (const auto& r : runs) written(r.offset, r.length);
+  return {};
+}
+
 status gather(const view_plan& plan, std::span<const std::byte> canonical, std::uint64_t view_offset,
               std::span<std::byte> out) {
   TENSORREG_TRY(check(plan, view_offset, out.size(), canonical.size()));

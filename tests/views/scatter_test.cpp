@@ -316,3 +316,70 @@ TEST_CASE("view_data_hash: the tree hash of the gathered view bytes, with its ow
   REQUIRE(source.read(0, read));
   CHECK(read == want);
 }
+
+TEST_CASE("scatter_within: random views write the reference's bytes inside `only`, none outside, and say which",
+          "[views][scatter]") {
+  std::mt19937_64 rng(20261204);
+  for (int round = 0; round < 200; ++round) {
+    auto c = make_case(rng);
+    const auto map = reference_map(c.index, c.request.spec);
+    if (map.empty()) continue;
+    const auto plan = plan_of(c, map.size());
+    INFO("round " << round << ", view index " << plan.index_json());
+    // `only`: random ranges of the canonical buffer, merged.
+    std::vector<byte_range> only;
+    const auto total = c.index.total_size();
+    for (int k = 0; k < 4; ++k) {
+      const auto offset = rng() % total;
+      only.push_back({offset, 1 + rng() % (total - offset)});
+    }
+    only = merge_ranges(std::move(only));
+    const auto inside = [&](std::uint64_t b) {
+      return std::any_of(only.begin(), only.end(), [b](const byte_range& r) { return r.offset <= b && b < r.end(); });
+    };
+
+    const auto x = random_bytes(rng, plan.view_size());
+    const std::byte untouched{0xA5};
+    std::vector<std::byte> scattered(total, untouched);
+    std::vector<std::byte> expected(total, untouched);
+    std::vector<char> expected_written(total, 0);
+    for (std::size_t i = 0; i < map.size(); ++i) {
+      const auto b = map[i];
+      if (b < 0 || !inside(static_cast<std::uint64_t>(b))) continue;
+      expected[static_cast<std::size_t>(b)] = x[i];
+      expected_written[static_cast<std::size_t>(b)] = 1;
+    }
+    std::vector<char> written(total, 0);
+    bool each_once = true;
+    std::uint64_t at = 0;
+    while (at < x.size()) {
+      const auto n = std::min<std::uint64_t>(x.size() - at, 1 + rng() % 97);
+      REQUIRE(scatter_within(plan, at, std::span(x).subspan(at, n), scattered, only,
+                             [&](std::uint64_t offset, std::uint64_t length) {
+                               for (auto b = offset; b < offset + length; ++b) {
+                                 each_once = each_once && written[b] == 0;
+                                 written[b] = 1;
+                               }
+                             }));
+      at += n;
+    }
+    CHECK(scattered == expected);
+    CHECK(written == expected_written);
+    CHECK(each_once);
+  }
+  // Nothing to write: no call, no byte.
+  std::mt19937_64 one(7);
+  auto c = make_case(one);
+  const auto map = reference_map(c.index, c.request.spec);
+  const auto plan = plan_of(c, map.size());
+  std::vector<std::byte> canonical(c.index.total_size(), std::byte{1});
+  const auto x = random_bytes(one, plan.view_size());
+  int calls = 0;
+  REQUIRE(scatter_within(plan, 0, x, canonical, {}, [&](std::uint64_t, std::uint64_t) { ++calls; }));
+  CHECK(calls == 0);
+  CHECK(std::all_of(canonical.begin(), canonical.end(), [](std::byte b) { return b == std::byte{1}; }));
+  CHECK(
+      scatter_within(plan, plan.view_size(), std::span(x).first(1), canonical, {}, [](std::uint64_t, std::uint64_t) {})
+          .error()
+          .code == errc::out_of_range);
+}

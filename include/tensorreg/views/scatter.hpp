@@ -22,6 +22,7 @@
 #include <span>
 
 #include "tensorreg/common/error.hpp"
+#include "tensorreg/common/function_ref.hpp"
 #include "tensorreg/memory/byte_source.hpp"
 #include "tensorreg/views/view_plan.hpp"
 
@@ -33,6 +34,14 @@ namespace tensorreg::views {
 /// is shorter than plan.canonical_size().
 [[nodiscard]] status scatter(const view_plan& plan, std::uint64_t view_offset, std::span<const std::byte> bytes,
                              std::span<std::byte> canonical);
+
+/// scatter() of only the canonical bytes that lie in `only` (merged ranges; the rest of the
+/// view bytes are dropped), calling `written(canonical_offset, length)` for each run it wrote,
+/// once the run is in `canonical`. A piece of an assembly writes what it alone owns this way.
+/// Errors: OUT_OF_RANGE as scatter().
+[[nodiscard]] status scatter_within(const view_plan& plan, std::uint64_t view_offset, std::span<const std::byte> bytes,
+                                    std::span<std::byte> canonical, std::span<const byte_range> only,
+                                    function_ref<void(std::uint64_t, std::uint64_t)> written);
 
 /// Reads view bytes [view_offset, view_offset + out.size()) from `canonical` into `out`; PAD
 /// between view tensors reads as zero. Errors: OUT_OF_RANGE as scatter().
