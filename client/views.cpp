@@ -7,7 +7,9 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <functional>
+#include <thread>
 
 #include "client/access.hpp"
 #include "client/raw_connection.hpp"
@@ -45,6 +47,25 @@ status stream_view(raw::connection& raw, const std::string& registration_id, std
   return {};
 }
 
+// Commit; again, backing off, while the daemon answers that bytes of this piece lie in the claim
+// of a piece that has not committed yet (docs/registration.md §7.11): until that one has
+// committed or ended, for at most the registration's TTL (600 s when it has none).
+result<raw::connection::reply> commit_when_free(raw::connection& raw, const std::string& registration_id,
+                                                std::uint32_t ttl_ms) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(ttl_ms != 0 ? ttl_ms : 600'000);
+  auto pause = std::chrono::milliseconds(1);
+  for (;;) {
+    auto committed = raw.call(wc::commit_request(registration_id));
+    if (committed || committed.error().code != errc::failed_precondition ||
+        committed.error().message.find("which has not committed yet") == std::string::npos ||
+        std::chrono::steady_clock::now() + pause > deadline) {
+      return committed;
+    }
+    std::this_thread::sleep_for(pause);
+    pause = std::min(pause * 2, std::chrono::milliseconds(50));
+  }
+}
+
 // Begin → (SERVER: view chunks from `fill`; CLIENT: the canonical bytes into the publish memfd)
 // → Commit, aborting on failure.
 // `view_size` runs once the daemon has accepted the Begin (so its status, not a local check's,
@@ -77,7 +98,7 @@ result<view_registered> run_view(raw::connection& raw, const wc::begin_args& beg
     if (!size) return abort_on_error(size.error());
     if (auto sent = stream_view(raw, registration_id, *size, fill); !sent) return abort_on_error(sent.error());
   }
-  auto committed = raw.call(wc::commit_request(registration_id));
+  auto committed = commit_when_free(raw, registration_id, begin.ttl_ms);
   if (!committed) return abort_on_error(committed.error());
   return wc::view_commit_of(committed->response, registration_id);
 }

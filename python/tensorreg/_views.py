@@ -30,12 +30,13 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import NamedTuple, Optional
 
 from . import _buffers, _layout, _messages, _put, _reads, _requests
 from ._torch import module as _torch
 from ._wire import Connection, _close_fds
-from .errors import DataLoss, InvalidArgument
+from .errors import DataLoss, FailedPrecondition, InvalidArgument
 
 CHUNK_BYTES = 4 << 20  # one view_chunk (registration.md §7.7; DECISIONS §5.22)
 _DAEMON = _messages.DAEMON
@@ -277,6 +278,22 @@ def _begin(layout_json, total_size: int, options, device_id: int = 0, ttl_ms: in
     return begin
 
 
+def _commit_when_free(conn: Connection, registration_id: str, ttl_ms: int):
+    """Commit; again, backing off, while the daemon answers that bytes of this piece lie in the
+    claim of a piece that has not committed yet (docs/registration.md §7.11): until that one has
+    committed or ended, for at most the registration's TTL (600 s when it has none)."""
+    deadline = time.monotonic() + (ttl_ms or 600_000) / 1000
+    pause = 0.001
+    while True:
+        try:
+            return _put.commit(conn, registration_id)
+        except FailedPrecondition as e:
+            if "which has not committed yet" not in e.message or time.monotonic() + pause > deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.05)
+
+
 def _server_upload(conn: Connection, begin, make_tensors) -> ViewRegistration:
     """Begin → view_chunks (built by make_tensors() once Begin has passed) → Commit; aborts on
     failure."""
@@ -286,7 +303,7 @@ def _server_upload(conn: Connection, begin, make_tensors) -> ViewRegistration:
     try:
         torch = _torch()
         conn.feed(chunk_frames(torch, make_tensors(), registration_id, CHUNK_BYTES))
-        done = _put.commit(conn, registration_id)
+        done = _commit_when_free(conn, registration_id, begin.begin_register_artifact.ttl_ms)
     except BaseException:
         _put.abort(conn, registration_id)
         raise

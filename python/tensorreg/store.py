@@ -194,6 +194,9 @@ class Store:
         canonical_index (its JSON) is given. When the pieces so far cover every canonical byte,
         the daemon seals the assembly under the mi2 id of the whole; the answer's `assembly`
         says where it stands. ttl_ms: the assembly expires this long after its last piece.
+        A piece whose bytes another rank is still sending (the tensors every rank holds whole,
+        claimed by the rank that began first) commits once that rank has: the call waits, up
+        to ttl_ms, and compares them then.
         Errors: the daemon's status (InvalidArgument for the §7 rules, Aborted when bytes this
         piece shares with an earlier one differ, FailedPrecondition once the assembly is sealed);
         InvalidArgument for a bad rank_spec, before anything is sent."""

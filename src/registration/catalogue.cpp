@@ -344,6 +344,15 @@ std::vector<released_holder> catalogue::expire(clock::time_point now) {
   return out;
 }
 
+result<std::shared_ptr<views::assembly>> catalogue::assembly_for(const std::string& cgid,
+                                                                 std::shared_ptr<const index::canonical_index> idx,
+                                                                 std::vector<views::byte_range> required) {
+  if (auto it = assemblies_.find(cgid); it != assemblies_.end()) return it->second;
+  TENSORREG_TRY_ASSIGN(auto made, views::assembly::create(cgid, std::move(idx), std::move(required)));
+  assemblies_.emplace(cgid, made);
+  return made;
+}
+
 std::vector<std::string> catalogue::expire_assemblies(clock::time_point now) {
   std::vector<std::string> out;
   for (auto it = assemblies_.begin(); it != assemblies_.end();) {

@@ -269,6 +269,11 @@ class catalogue {
 
   /// The assemblies by cgid, open or sealed, until they expire.
   [[nodiscard]] std::map<std::string, std::shared_ptr<views::assembly>>& assemblies() noexcept { return assemblies_; }
+  /// The assembly of `cgid`, made empty (over `idx`, to cover `required`) when there is none.
+  /// Errors: RESOURCE_EXHAUSTED (its buffer cannot be made).
+  [[nodiscard]] result<std::shared_ptr<views::assembly>> assembly_for(const std::string& cgid,
+                                                                      std::shared_ptr<const index::canonical_index> idx,
+                                                                      std::vector<views::byte_range> required);
   /// Drops the assemblies past their deadline at `now` (their buffers go with the last commit
   /// that uses them); returns their cgids.
   std::vector<std::string> expire_assemblies(clock::time_point now);

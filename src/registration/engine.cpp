@@ -155,7 +155,9 @@ result<begin_response> engine::state::begin(begin_request r) {
   response.device_id = r.device_id;
   response.total_size = r.total_size;
   detail::begin_context ctx;
+  ctx.registration_id = facts.id;
   ctx.devices = devices.get();
+  ctx.pool = &pool;
   ctx.stable_budget = catalogue.cache().budget_bytes();
   ctx.stable_cache = &catalogue.cache();  // thread-safe on its own: used without the engine mutex
   ctx.resolve_index = [this](const begin_request& request) {
@@ -163,6 +165,16 @@ result<begin_response> engine::state::begin(begin_request r) {
       const detail::engine_lock lock(mutex);
       return catalogue.find_index(hex_key);
     });
+  };
+  // A piece's Begin moves its assembly's deadline, as its Commit does: one made here by a Begin
+  // that then fails still expires.
+  ctx.assembly_for = [this, deadline = detail::ttl_deadline(time, r.ttl_ms.value_or(0))](
+                         const std::string& cgid, std::shared_ptr<const index::canonical_index> idx,
+                         std::vector<views::byte_range> required) {
+    const detail::engine_lock lock(mutex);
+    auto found = catalogue.assembly_for(cgid, std::move(idx), std::move(required));
+    if (found) (*found)->touch(deadline);
+    return found;
   };
   TENSORREG_TRY_ASSIGN(auto plan, detail::begin_plan(r, ctx, response));
   const std::uint32_t ttl_ms = r.ttl_ms.value_or(0);

@@ -110,21 +110,36 @@ result<std::shared_ptr<assembly>> assembly::create(std::string cgid, std::shared
 
 result<assembly_snapshot> assembly::add_piece(const std::string& piece_id, const view_plan& plan,
                                               std::span<const std::byte> view_bytes, const index::canonical_index& idx,
-                                              thread_pool* pool) {
+                                              thread_pool* pool, assembly_stream* stream, bool* retry_later) {
   const std::string what = "cannot add piece '" + piece_id + "' to assembly " + cgid_;
   if (!(idx == *index_)) {
     return fail(errc::invalid_argument, what + ": its canonical index (" + std::to_string(idx.total_size()) +
                                             " bytes) is not the one the assembly's first piece named (" +
                                             std::to_string(index_->total_size()) + " bytes)");
   }
+  if (stream != nullptr) stream->wait_for_hashes();  // they take the mutex
   std::lock_guard lock(mutex_);
   if (state_ != state::open) {
     return fail(errc::failed_precondition,
                 what + ": assembly is already sealed" +
                     (artifact_id_.empty() ? std::string(" (being sealed)") : " as artifact " + artifact_id_));
   }
+  // The bytes the piece's stream wrote at Feed (only into this assembly's buffer: one made
+  // again after an expiry has none of them) need no compare and no copy.
+  const bool streamed = stream != nullptr && stream->of(*this) && !stream->claimed().empty();
+  const auto rest = streamed ? subtract_ranges(plan.canonical_ranges(), stream->claimed()) : plan.canonical_ranges();
+  for (const auto& [id, ranges] : claims_) {
+    if (id == piece_id) continue;
+    if (const auto shared = intersect_ranges(rest, ranges); !shared.empty()) {
+      if (retry_later != nullptr) *retry_later = true;
+      return fail(errc::failed_precondition, what + ": its canonical bytes [" + std::to_string(shared.front().offset) +
+                                                 ", " + std::to_string(shared.front().end()) +
+                                                 ") are being written by piece '" + id +
+                                                 "', which has not committed yet: commit again once it has");
+    }
+  }
   const auto canonical = buffer_->mutable_bytes();
-  const auto overlap = intersect_ranges(plan.canonical_ranges(), covered_);
+  const auto overlap = intersect_ranges(rest, covered_);
   if (!overlap.empty()) {
     TENSORREG_TRY_ASSIGN(const auto differs, compare(plan, 0, view_bytes, canonical, overlap));
     if (differs) {
@@ -142,15 +157,38 @@ result<assembly_snapshot> assembly::add_piece(const std::string& piece_id, const
                                      other + ", which wrote it first");
     }
   }
-  populate(canonical,
-           claim_slices_locked(plan.canonical_ranges(), min_populated_range, std::numeric_limits<std::uint64_t>::max()),
-           pool);
   const std::uint64_t slices = (view_bytes.size() + slice_bytes - 1) / slice_bytes;
-  const auto scatter_slice = [&](std::size_t i) -> status {
-    const std::uint64_t at = i * slice_bytes;
-    return scatter(plan, at, view_bytes.subspan(at, std::min(slice_bytes, view_bytes.size() - at)), canonical);
-  };
-  TENSORREG_TRY(for_each_index(pool, slices, scatter_slice));
+  if (streamed) {
+    const auto left = subtract_ranges(rest, covered_);  // claimed by a piece that ended since
+    if (!left.empty()) {
+      populate(canonical, claim_slices_locked(left, min_populated_range, std::numeric_limits<std::uint64_t>::max()),
+               pool);
+      const auto scatter_slice = [&](std::size_t i) -> status {
+        const std::uint64_t at = i * slice_bytes;
+        return scatter_within(plan, at, view_bytes.subspan(at, std::min(slice_bytes, view_bytes.size() - at)),
+                              canonical, left, [](std::uint64_t, std::uint64_t) {});
+      };
+      TENSORREG_TRY(for_each_index(pool, slices, scatter_slice));
+    }
+  } else {
+    populate(
+        canonical,
+        claim_slices_locked(plan.canonical_ranges(), min_populated_range, std::numeric_limits<std::uint64_t>::max()),
+        pool);
+    const auto scatter_slice = [&](std::size_t i) -> status {
+      const std::uint64_t at = i * slice_bytes;
+      return scatter(plan, at, view_bytes.subspan(at, std::min(slice_bytes, view_bytes.size() - at)), canonical);
+    };
+    TENSORREG_TRY(for_each_index(pool, slices, scatter_slice));
+  }
+  if (streamed && !stream->spoiled_) {
+    // Leaves the stream's writes completed: hashed then, over bytes that no longer change.
+    for (std::size_t leaf = 0; leaf < stream->hashed_.size(); ++leaf) {
+      if (stream->hashed_[leaf] == 0) continue;
+      digests_[leaf] = stream->digests_[leaf];
+      hashed_[leaf] = 1;
+    }
+  }
   const auto fresh = subtract_ranges(intersect_ranges(plan.canonical_ranges(), required_), covered_);
   for (const auto& r : fresh) prefault_allowance_ += r.length;
   cover_leaves_locked(fresh);
@@ -158,8 +196,43 @@ result<assembly_snapshot> assembly::add_piece(const std::string& piece_id, const
   all.insert(all.end(), plan.canonical_ranges().begin(), plan.canonical_ranges().end());
   covered_ = merge_ranges(std::move(all));
   pieces_.emplace_back(piece_id, plan.canonical_ranges());
+  if (streamed) {
+    std::erase_if(claims_, [&](const auto& c) { return c.first == piece_id; });
+  }
   if (!first_gap(required_, covered_).has_value()) state_ = state::sealing;
   return snapshot_locked();
+}
+
+std::shared_ptr<assembly_stream> assembly::claim(const std::string& piece_id, std::shared_ptr<const view_plan> plan,
+                                                 const index::canonical_index& idx, thread_pool* pool) {
+  std::vector<byte_range> claimed;
+  std::vector<std::uint64_t> slices;
+  std::shared_ptr<memory::shared_memory> buffer;
+  {
+    std::lock_guard lock(mutex_);
+    if (state_ == state::open && idx == *index_) {
+      std::vector<byte_range> taken = covered_;
+      for (const auto& [id, ranges] : claims_) taken.insert(taken.end(), ranges.begin(), ranges.end());
+      claimed = subtract_ranges(intersect_ranges(plan->canonical_ranges(), required_), merge_ranges(std::move(taken)));
+      if (!claimed.empty()) {
+        claims_.emplace_back(piece_id, claimed);
+        slices = claim_slices_locked(claimed, min_populated_range, std::numeric_limits<std::uint64_t>::max());
+      }
+    }
+    buffer = buffer_;
+  }
+  return std::make_shared<assembly_stream>(shared_from_this(), std::move(buffer), piece_id, std::move(plan),
+                                           std::move(claimed), std::move(slices), pool);
+}
+
+void assembly::release_claim(const std::string& piece_id) {
+  std::lock_guard lock(mutex_);
+  std::erase_if(claims_, [&](const auto& c) { return c.first == piece_id; });
+}
+
+bool assembly::complete_but(std::uint64_t leaf, std::uint64_t pending) const {
+  std::lock_guard lock(mutex_);
+  return state_ == state::open && missing_[leaf] == pending;
 }
 
 std::vector<std::uint64_t> assembly::claim_slices_locked(std::span<const byte_range> ranges, std::uint64_t min_length,
@@ -196,7 +269,7 @@ void assembly::prefault_uncovered(thread_pool& pool) {
 void assembly::cover_leaves_locked(std::span<const byte_range> ranges) {
   for_each_leaf_part(ranges, [&](std::uint64_t leaf, std::uint64_t n) {
     missing_[leaf] -= n;
-    if (missing_[leaf] == 0) complete_.push_back(leaf);
+    if (missing_[leaf] == 0 && hashed_[leaf] == 0) complete_.push_back(leaf);
   });
 }
 
@@ -313,7 +386,101 @@ void assembly::touch(std::optional<clock::time_point> deadline) {
 bool assembly::expired(clock::time_point now) const {
   std::lock_guard lock(mutex_);
   // One that is being sealed belongs to the commit that seals it until it is done.
-  return state_ != state::sealing && deadline_ && *deadline_ <= now;
+  return state_ != state::sealing && claims_.empty() && deadline_ && *deadline_ <= now;
+}
+
+// ---- assembly_stream ---------------------------------------------------------------------------
+
+assembly_stream::assembly_stream(std::shared_ptr<assembly> whole, std::shared_ptr<memory::shared_memory> buffer,
+                                 std::string piece_id, std::shared_ptr<const view_plan> plan,
+                                 std::vector<byte_range> claimed, std::vector<std::uint64_t> slices, thread_pool* pool)
+    : whole_(std::move(whole)),
+      buffer_(std::move(buffer)),
+      piece_id_(std::move(piece_id)),
+      plan_(std::move(plan)),
+      claimed_(std::move(claimed)),
+      slices_(std::move(slices)),
+      pool_(pool) {
+  if (claimed_.empty()) return;
+  const auto leaves = hash::leaf_count(whole_->index_->total_size());
+  need_.assign(leaves, 0);
+  for_each_leaf_part(claimed_, [&](std::uint64_t leaf, std::uint64_t n) { need_[leaf] += n; });
+  written_ = std::make_unique<std::atomic<std::uint64_t>[]>(leaves);
+  digests_.resize(leaves);
+  hashed_.assign(leaves, 0);
+}
+
+assembly_stream::~assembly_stream() {
+  if (!claimed_.empty()) whole_->release_claim(piece_id_);  // none left once the piece is added
+}
+
+status assembly_stream::write(std::uint64_t view_offset, std::span<const std::byte> bytes) {
+  if (claimed_.empty()) return {};
+  const auto canonical = buffer_->mutable_bytes();
+  // Four times the chunk's size, as the canonical upload's populator: what one client's bytes
+  // make resident stays in proportion to them.
+  for (std::uint64_t done = 0; done < 4 * bytes.size();) {
+    const auto k = next_slice_.fetch_add(1, std::memory_order_relaxed);
+    if (k >= slices_.size()) break;
+    const std::uint64_t at = slices_[k] * slice_bytes;
+    const std::uint64_t n = std::min(slice_bytes, canonical.size() - at);
+    static_cast<void>(memory::populate_for_write(canonical.data() + at, n));
+    done += n;
+  }
+  std::vector<std::uint64_t> ready;
+  std::uint64_t leaf = 0;
+  std::uint64_t run = 0;  // bytes of `leaf` written by this call, not yet counted
+  TENSORREG_TRY(
+      scatter_within(*plan_, view_offset, bytes, canonical, claimed_, [&](std::uint64_t offset, std::uint64_t length) {
+        const byte_range r{offset, length};
+        for_each_leaf_part(std::span(&r, 1), [&](std::uint64_t l, std::uint64_t n) {
+          if (l != leaf && run != 0) {
+            leaf_written(leaf, run, ready);
+            run = 0;
+          }
+          leaf = l;
+          run += n;
+        });
+      }));
+  if (run != 0) leaf_written(leaf, run, ready);
+  for (const auto l : ready) {
+    if (pool_ == nullptr) {
+      hash_if_complete(l);
+      continue;
+    }
+    // On the pool: the Feed goes on copying while its completed leaves are hashed (a Feed
+    // stream's chunks are applied one at a time).
+    {
+      std::lock_guard lock(hashing_mutex_);
+      ++hashing_;
+    }
+    pool_->submit([self = shared_from_this(), l] {
+      self->hash_if_complete(l);
+      std::lock_guard lock(self->hashing_mutex_);
+      if (--self->hashing_ == 0) self->hashing_done_.notify_all();
+    });
+  }
+  return {};
+}
+
+void assembly_stream::hash_if_complete(std::uint64_t leaf) {
+  if (spoiled_) return;
+  if (!whole_->complete_but(leaf, need_[leaf])) return;  // bytes of other pieces still to come
+  auto digest = hash::hash_leaf(*buffer_, leaf);
+  if (!digest) return;  // the commit hashes it
+  digests_[leaf] = *digest;
+  hashed_[leaf] = 1;
+}
+
+void assembly_stream::wait_for_hashes() {
+  std::unique_lock lock(hashing_mutex_);
+  hashing_done_.wait(lock, [&] { return hashing_ == 0; });
+}
+
+void assembly_stream::leaf_written(std::uint64_t leaf, std::uint64_t bytes, std::vector<std::uint64_t>& ready) {
+  // acq_rel: the write that completes the leaf sees every other writer's bytes of it.
+  const auto before = written_[leaf].fetch_add(bytes, std::memory_order_acq_rel);
+  if (before < need_[leaf] && before + bytes >= need_[leaf]) ready.push_back(leaf);
 }
 
 }  // namespace tensorreg::views

@@ -15,15 +15,26 @@
 // bring equal bytes), so each piece's commit hashes the leaves it completed and the seal hashes
 // only those of the last piece, not the whole buffer.
 //
+// A piece streams (assembly_stream): at its Begin it claims the canonical bytes that no piece
+// has covered or claimed, and its Feed writes those straight into the buffer as its chunks
+// arrive, hashing each leaf the moment the piece's writes complete it. Its Commit then has
+// little left: its other bytes (shared with earlier pieces) are compared or written as any
+// piece's are, and the leaves it hashed count once it is added. What it claimed goes back when
+// it ends without a commit; a piece whose bytes lie in another's open claim is told to commit
+// again once that one has committed or ended (its bytes can only be compared then).
+//
 // Private to the library (the engine keeps one per cgid in its catalogue).
 // Thread-safety: every member may be called from any thread; add_piece() serializes the pieces
 // of one assembly (its scatter runs under the assembly's mutex, a leaf lock; its workers take
-// no lock); hashing runs outside the mutex, over leaves no piece writes any more.
+// no lock); hashing runs outside the mutex, over leaves no piece writes any more. A stream's
+// write() runs on any number of threads at once, outside the mutex, into bytes only its piece
+// writes.
 // Ownership: the assembly owns its buffer until sealed (then the stable cache holds it) or
 // released.
 #pragma once
 
 #include <atomic>
+#include <condition_variable>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -63,7 +74,9 @@ struct assembly_leaves {
   std::uint64_t bytes_hashed = 0;     ///< of them, the bytes hashed by this call
 };
 
-class assembly {
+class assembly_stream;
+
+class assembly : public std::enable_shared_from_this<assembly> {
  public:
   /// An empty assembly of `idx` (the whole artifact's canonical index); `required` = the bytes
   /// the pieces must cover together (view_plan::required_ranges()).
@@ -75,18 +88,31 @@ class assembly {
   [[nodiscard]] const std::string& cgid() const noexcept { return cgid_; }
   [[nodiscard]] const std::shared_ptr<const index::canonical_index>& index() const noexcept { return index_; }
 
+  /// Claims for piece `piece_id` (its Begin) the canonical bytes of `plan` that no piece has
+  /// covered or claimed; its Feed writes them through the stream. Claims nothing once the
+  /// assembly is complete or when `idx` is not its index (the Commit then says why).
+  /// The leaves its writes complete are hashed on `pool` (null: by the writing thread).
+  [[nodiscard]] std::shared_ptr<assembly_stream> claim(const std::string& piece_id,
+                                                       std::shared_ptr<const view_plan> plan,
+                                                       const index::canonical_index& idx, thread_pool* pool = nullptr);
+
   /// Adds the view bytes of one piece (all of them, linearized as `plan` lays them out).
+  /// `stream`: the piece's claim on this assembly (null: none), whose bytes are in the buffer
+  /// already; the rest of the piece's bytes are compared or written here.
   /// Returns the assembly as this piece left it, which is what its commit answers: another
   /// piece added meanwhile is not counted. The one caller that gets `complete` seals it
   /// (seal_buffer(), then mark_sealed()).
   /// Errors: INVALID_ARGUMENT (the piece's canonical index is another one), FAILED_PRECONDITION
-  /// ("assembly is already sealed", or being sealed), ABORTED (a byte the piece shares with an
-  /// earlier piece differs: the message names both pieces and the canonical offset).
+  /// ("assembly is already sealed", or being sealed; or "has not committed yet": bytes of the
+  /// piece lie in another piece's open claim, and `*retry_later` is set: nothing changed, commit
+  /// again), ABORTED (a byte the piece shares with an earlier piece differs: the message names
+  /// both pieces and the canonical offset).
   /// The scatter, and the faulting in of the pages it writes, run on `pool` (null: the calling
   /// thread alone).
   [[nodiscard]] result<assembly_snapshot> add_piece(const std::string& piece_id, const view_plan& plan,
                                                     std::span<const std::byte> view_bytes,
-                                                    const index::canonical_index& idx, thread_pool* pool = nullptr);
+                                                    const index::canonical_index& idx, thread_pool* pool = nullptr,
+                                                    assembly_stream* stream = nullptr, bool* retry_later = nullptr);
 
   /// Faults in, on a job of `pool`, pages of the buffer that no piece has written yet, as many
   /// as the pieces have written and not had faulted in this way: the pages a later piece
@@ -118,9 +144,12 @@ class assembly {
 
   /// The assembly expires at `deadline` (nullopt: never); each piece's Begin and Commit move it.
   void touch(std::optional<clock::time_point> deadline);
+  /// Past its deadline, and no piece holds a claim on it (an open piece keeps it).
   [[nodiscard]] bool expired(clock::time_point now) const;
 
  private:
+  friend class assembly_stream;
+
   enum class state { open, sealing, sealed };
 
   assembly(std::string cgid, std::shared_ptr<const index::canonical_index> idx, std::vector<byte_range> required,
@@ -133,6 +162,9 @@ class assembly {
   // `budget` bytes of them, marked as faulted in.
   [[nodiscard]] std::vector<std::uint64_t> claim_slices_locked(std::span<const byte_range> ranges,
                                                                std::uint64_t min_length, std::uint64_t budget);
+  // Whether every required byte of `leaf` but `pending` of them is covered (the assembly open).
+  [[nodiscard]] bool complete_but(std::uint64_t leaf, std::uint64_t pending) const;
+  void release_claim(const std::string& piece_id);
   // Hashes `leaves` of `buffer` and records their digests; returns the bytes hashed.
   [[nodiscard]] result<std::uint64_t> hash_leaves(const memory::shared_memory& buffer,
                                                   std::span<const std::uint64_t> leaves, thread_pool* pool,
@@ -156,6 +188,58 @@ class assembly {
   std::vector<char> hashed_;
   std::vector<char> faulted_;             // per 4 MiB slice of the buffer: faulted in, or being
   std::uint64_t prefault_allowance_ = 0;  // bytes pieces brought, not yet faulted in ahead
+  std::vector<std::pair<std::string, std::vector<byte_range>>> claims_;  // open streams: piece id → its claim
+};
+
+/// One piece's claim on an assembly (assembly::claim()): the canonical bytes it alone writes,
+/// as its chunks arrive. Dropping the last reference before the piece's commit gives the claim
+/// back (its bytes in the buffer are then no piece's, and the next writer overwrites them).
+class assembly_stream : public std::enable_shared_from_this<assembly_stream> {
+ public:
+  assembly_stream(std::shared_ptr<assembly> whole, std::shared_ptr<memory::shared_memory> buffer, std::string piece_id,
+                  std::shared_ptr<const view_plan> plan, std::vector<byte_range> claimed,
+                  std::vector<std::uint64_t> slices, thread_pool* pool);
+  ~assembly_stream();
+  assembly_stream(const assembly_stream&) = delete;
+  assembly_stream& operator=(const assembly_stream&) = delete;
+
+  [[nodiscard]] const std::vector<byte_range>& claimed() const noexcept { return claimed_; }
+  [[nodiscard]] bool of(const assembly& a) const noexcept { return whole_.get() == &a; }
+
+  /// Writes the claimed canonical bytes of view bytes [view_offset, +bytes.size()), first
+  /// faulting in up to four times as many bytes of the claim's pages; each leaf these writes
+  /// complete (every other required byte of it covered by committed pieces) is hashed on the
+  /// pool. Errors: OUT_OF_RANGE as views::scatter().
+  [[nodiscard]] status write(std::uint64_t view_offset, std::span<const std::byte> bytes);
+  /// Returns once the leaves write() handed to the pool are hashed.
+  void wait_for_hashes();
+  /// Some view bytes were written twice: what was hashed may not be what stays, so nothing
+  /// hashed here is used (the commit and the seal hash those leaves).
+  void spoil() noexcept { spoiled_ = true; }
+
+ private:
+  friend class assembly;
+  void leaf_written(std::uint64_t leaf, std::uint64_t bytes, std::vector<std::uint64_t>& ready);
+  void hash_if_complete(std::uint64_t leaf);
+
+  const std::shared_ptr<assembly> whole_;
+  const std::shared_ptr<memory::shared_memory> buffer_;
+  const std::string piece_id_;
+  const std::shared_ptr<const view_plan> plan_;
+  const std::vector<byte_range> claimed_;    // merged
+  const std::vector<std::uint64_t> slices_;  // 4 MiB slices of the claim to fault in ahead
+  std::atomic<std::size_t> next_slice_{0};
+  std::vector<std::uint64_t> need_;                        // per leaf: required bytes of the claim
+  std::unique_ptr<std::atomic<std::uint64_t>[]> written_;  // per leaf: of those, written
+  // Per leaf: its digest, when a write completed it; each set by the one write that completed
+  // the leaf, read by the commit once every Feed is done.
+  std::vector<hash::digest> digests_;
+  std::vector<char> hashed_;
+  std::atomic<bool> spoiled_{false};
+  thread_pool* const pool_;
+  std::mutex hashing_mutex_;
+  std::condition_variable hashing_done_;
+  std::size_t hashing_ = 0;  // leaves handed to the pool, not hashed yet
 };
 
 }  // namespace tensorreg::views

@@ -7,7 +7,9 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstring>
+#include <deque>
 #include <random>
 #include <thread>
 
@@ -108,6 +110,22 @@ tensorreg::status feed_view(engine& e, const std::string& id, const std::string&
   return e.feed(std::move(f));
 }
 
+// Whether a piece's commit was answered "commit again": bytes of it lie in the claim of a piece
+// that has not committed yet.
+bool waits_for_other_piece(const tensorreg::result<commit_response>& r) {
+  return !r && r.error().code == errc::failed_precondition &&
+         r.error().message.find("which has not committed yet: commit again once it has") != std::string::npos;
+}
+
+// Commit, again while another piece holds bytes of this one (as the clients do), for up to 10 s.
+tensorreg::result<commit_response> commit_piece(engine& e, const std::string& id) {
+  for (int attempt = 0;; ++attempt) {
+    auto done = e.commit(id);
+    if (!waits_for_other_piece(done) || attempt == 10000) return done;
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+}
+
 // Begin + chunks of `chunk` bytes (in order) + commit.
 tensorreg::result<commit_response> register_view(engine& e, const begin_request& r, const std::string& bytes,
                                                  std::size_t chunk, std::string* id_out = nullptr) {
@@ -117,7 +135,7 @@ tensorreg::result<commit_response> register_view(engine& e, const begin_request&
   for (std::uint64_t at = 0; at < bytes.size(); at += chunk) {
     TENSORREG_TRY(feed_view(e, begun->registration_id, bytes, at, std::min<std::uint64_t>(chunk, bytes.size() - at)));
   }
-  return e.commit(begun->registration_id);
+  return commit_piece(e, begun->registration_id);
 }
 
 std::string multihash_of(const std::string& bytes) {
@@ -310,8 +328,20 @@ TEST_CASE("view registration: 4 pieces in random order assemble the id of the wh
   REQUIRE_OK(extra);
   REQUIRE_OK(feed_view(*e, extra->registration_id, extra_bytes, 0, extra_bytes.size()));
 
-  for (std::size_t n = 0; n < order.size(); ++n) {
-    auto done = e->commit(ids[static_cast<std::size_t>(order[n])]);
+  // Piece 0 began first and claimed b, which every piece holds: a piece that commits before it
+  // is told to commit again once piece 0 has, and stays open meanwhile.
+  std::deque<int> queue(order.begin(), order.end());
+  int waited = 0;
+  for (std::size_t n = 0; n < order.size();) {
+    const int k = queue.front();
+    queue.pop_front();
+    auto done = e->commit(ids[static_cast<std::size_t>(k)]);
+    if (k != 0 && waits_for_other_piece(done)) {
+      CHECK_THAT(done.error().message, Catch::Contains("being written by piece '" + ids[0] + "'"));
+      queue.push_back(k);
+      ++waited;
+      continue;
+    }
     REQUIRE_OK(done);
     REQUIRE(done->assembly);
     REQUIRE(done->view);
@@ -331,7 +361,9 @@ TEST_CASE("view registration: 4 pieces in random order assemble the id of the wh
       REQUIRE_OK(summary);
       CHECK(summary->stable_replica);
     }
+    ++n;
   }
+  CHECK(waited == std::find(order.begin(), order.end(), 0) - order.begin());
   auto status = e->assembly_of(cgid);
   REQUIRE_OK(status);
   CHECK(status->sealed);
@@ -342,6 +374,34 @@ TEST_CASE("view registration: 4 pieces in random order assemble the id of the wh
   CHECK_ERROR(e->commit(extra->registration_id), errc::failed_precondition,
               "cannot add piece '" + extra->registration_id + "' to assembly " + cgid +
                   ": assembly is already sealed as artifact " + mi2);
+}
+
+TEST_CASE("view registration: a piece that ends without a commit gives its claim back", "[views][view_registration]") {
+  fake_clock clock;
+  auto e = t::make_engine(clock);
+  const auto f = make_fixture();
+  const std::string cgid = "cgid:model-f.tp2";
+  const auto first_bytes = column_piece(f, 0, 24);
+  auto first = e->begin(view_begin(f, piece_request(0, 24), first_bytes.size(), cgid));
+  REQUIRE_OK(first);
+  // Other bytes than the model's, half of them, then the abort: none of it may stay.
+  const std::string garbage(first_bytes.size(), '\x3c');
+  REQUIRE_OK(feed_view(*e, first->registration_id, garbage, 0, garbage.size() / 2));
+  const auto second_bytes = column_piece(f, 24, 24);
+  auto second = e->begin(view_begin(f, piece_request(24, 24), second_bytes.size(), cgid));
+  REQUIRE_OK(second);
+  REQUIRE_OK(feed_view(*e, second->registration_id, second_bytes, 0, second_bytes.size()));
+  // b is in the first piece's claim.
+  auto early = e->commit(second->registration_id);
+  CHECK(waits_for_other_piece(early));
+  REQUIRE_OK(e->abort(first->registration_id));
+  auto added = e->commit(second->registration_id);  // the same registration: it stayed open
+  REQUIRE_OK(added);
+  CHECK_FALSE(added->assembly->sealed);
+  auto last = register_view(*e, view_begin(f, piece_request(0, 24), first_bytes.size(), cgid), first_bytes, 1000);
+  REQUIRE_OK(last);
+  CHECK(last->assembly->sealed);
+  CHECK(last->descriptor.artifact_id == t::expected_mi2(f.index.json(), f.canonical));
 }
 
 TEST_CASE("view registration: a piece whose shared bytes differ is ABORTED naming both pieces",

@@ -53,12 +53,18 @@ struct registration_facts {
 
 /// What a plan's begin may use.
 struct begin_context {
+  std::string registration_id;       ///< the id the registration gets
   device_memory* devices = nullptr;  ///< null = no GPU
+  thread_pool* pool = nullptr;       ///< the hashing threads; null = the feeding thread hashes
   std::uint64_t stable_budget = 0;   ///< 0 = unlimited
   /// The stable DRAM cache, whose budget an upload reserves at Begin; null = none (tests).
   stable::stable_dram_cache* stable_cache = nullptr;
   /// The request's canonical index (inline or by key). Errors: as engine::begin.
   std::function<result<std::shared_ptr<const index::canonical_index>>(const begin_request&)> resolve_index;
+  /// catalogue::assembly_for() under the engine mutex; empty = pieces stream nothing at Feed.
+  std::function<result<std::shared_ptr<views::assembly>>(
+      const std::string& cgid, std::shared_ptr<const index::canonical_index>, std::vector<views::byte_range> required)>
+      assembly_for;
 };
 
 /// What a plan's commit may use. Commits hash and copy outside every lock and publish through

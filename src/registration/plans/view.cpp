@@ -227,6 +227,10 @@ result<std::unique_ptr<plan>> view_registration::begin(const begin_request& r, c
     p->populator_ = std::make_shared<memory::page_populator>(p->buffer_->mutable_bytes());
   } else {
     p->streamed_ = std::make_shared<streamed_view_hash>(size);
+    if (ctx.assembly_for) {
+      TENSORREG_TRY_ASSIGN(auto whole, ctx.assembly_for(r.client_artifact_id, p->index_, p->view_->required_ranges()));
+      p->stream_ = whole->claim(ctx.registration_id, p->view_, *p->index_, ctx.pool);
+    }
   }
   if (std::holds_alternative<stable_dram_options>(r.plan)) {
     response.handshake = stable_dram_handshake{};
@@ -264,7 +268,7 @@ result<feed_work> view_registration::feed(feed_request& r, const registration_fa
   }
   const bool scatters = view_->kind() == views::registration_kind::canonical;
   return feed_work([view = view_, buffer = buffer_, written = written_, populator = populator_, streamed = streamed_,
-                    scatters, offset, data = std::move(chunk->data)]() -> status {
+                    stream = stream_, scatters, offset, data = std::move(chunk->data)]() -> status {
     const auto bytes = std::as_bytes(std::span(data.data(), data.size()));
     if (scatters) {
       // Four times the chunk's size: what one client's bytes make resident stays in proportion
@@ -279,10 +283,11 @@ result<feed_work> view_registration::feed(feed_request& r, const registration_fa
     zero_pad(*view, staging, offset, bytes.size());  // PAD reads as zero in the view hash
     if (written->add(offset, bytes.size())) {
       streamed->spoil();  // bytes hashed already may have changed
+      if (stream) stream->spoil();
     } else {
       streamed->advance(staging, *written, offset, bytes.size());
     }
-    return {};
+    return stream ? stream->write(offset, bytes) : status{};
   });
 }
 
@@ -370,21 +375,20 @@ result<commit_response> view_registration::commit_piece(commit_context& ctx) {
   }
   auto record = record_of(*view_, *view_hash);
 
-  // The assembly of this cgid: found, or made by its first piece.
+  // The assembly of this cgid: the one Begin claimed bytes in, or one made again since it
+  // expired or failed to seal (the stream's bytes are not in that one: they are copied here).
   const auto deadline = ttl_deadline(ctx.time, ctx.ttl_ms());
-  std::shared_ptr<views::assembly> whole = ctx.with_catalogue([&](catalogue& cat) {
-    auto it = cat.assemblies().find(p.cgid);
-    return it == cat.assemblies().end() ? nullptr : it->second;
-  });
-  if (!whole) {
-    TENSORREG_TRY_ASSIGN(auto made, views::assembly::create(p.cgid, index_, view_->required_ranges()));
-    whole = ctx.with_catalogue([&](catalogue& cat) {
-      auto [it, inserted] = cat.assemblies().emplace(p.cgid, made);
-      return it->second;  // another piece may have made it meanwhile
-    });
-  }
+  TENSORREG_TRY_ASSIGN(auto whole, ctx.with_catalogue([&](catalogue& cat) {
+    return cat.assembly_for(p.cgid, index_, view_->required_ranges());
+  }));
   whole->touch(deadline);
-  TENSORREG_TRY_ASSIGN(auto after, whole->add_piece(p.id, *view_, staging, *index_, &ctx.pool));
+  bool retry_later = false;
+  auto added = whole->add_piece(p.id, *view_, staging, *index_, &ctx.pool, stream_.get(), &retry_later);
+  if (!added) {
+    ctx.retryable = retry_later;  // another piece's claim: this one stays open to commit again
+    return tl::unexpected(std::move(added).error());
+  }
+  auto after = std::move(*added);
   if (!after.complete) {
     // The leaves this piece completed, hashed now so that the seal hashes only the last piece's.
     TENSORREG_TRY_ASSIGN(const auto hashed, whole->hash_complete_leaves(&ctx.pool, ctx.cancelled));
@@ -439,6 +443,7 @@ void view_registration::release(regions::region_registry& regions) noexcept {
   if (inner_) inner_->release(regions);
   buffer_.reset();
   written_.reset();
+  stream_.reset();  // its claim goes back unless the piece was added
   reservation_ = stable::budget_reservation{};
 }
 

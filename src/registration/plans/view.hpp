@@ -9,9 +9,12 @@
 //     every view byte came, hashes the buffer (the id a whole registration of the same tensors
 //     gets) and keeps it as the artifact's stable DRAM replica.
 //   SERVER, PIECE: a staging buffer of the view's bytes, hashed as they land (the view hash,
-//     streamed_view_hash); Commit adds them to the assembly of
-//     the cgid (views::assembly): overlapping bytes must be equal (ABORTED), and the piece that
-//     completes the canonical buffer seals it under its mi2 id as a stable DRAM replica.
+//     streamed_view_hash). Begin claims in the assembly of the cgid (views::assembly) the
+//     canonical bytes no other piece covers or claims, and each Feed writes its share of them
+//     into the assembly's buffer at once (views::assembly_stream). Commit adds the piece:
+//     overlapping bytes must be equal (ABORTED), bytes in another piece's open claim wait for
+//     that one (FAILED_PRECONDITION, retryable), and the piece that completes the canonical
+//     buffer seals it under its mi2 id as a stable DRAM replica.
 //   CLIENT, CANONICAL: the plan the Begin names (coalesced or stable_dram) takes the client's
 //     canonical tensors as always; Commit records the view over what it published.
 // Every view commit answers the view's id, index, data hash, coverage and kind, and records
@@ -31,6 +34,7 @@
 #include "tensorreg/hash/sha256.hpp"
 #include "tensorreg/memory/shared_memory.hpp"
 #include "tensorreg/views/view_plan.hpp"
+#include "views/assembly.hpp"
 
 namespace tensorreg::registration::detail {
 
@@ -94,8 +98,9 @@ class view_registration final : public plan {
   /// CLIENT: the inner plan's rules, and view_chunk is FAILED_PRECONDITION.
   [[nodiscard]] result<feed_work> feed(feed_request& request, const registration_facts& facts,
                                        regions::region_registry& regions, const std::string& what) override;
-  /// Errors: FAILED_PRECONDITION ("view bytes incomplete": retryable; a sealed assembly; the
-  /// artifact is being deregistered), ABORTED (a piece conflicting with an earlier one),
+  /// Errors: FAILED_PRECONDITION ("view bytes incomplete", or a piece's bytes that another
+  /// piece still writes: both retryable; a sealed assembly; the artifact is being
+  /// deregistered), ABORTED (a piece conflicting with an earlier one),
   /// RESOURCE_EXHAUSTED (the stable cache did not keep it), the hash's and the inner plan's.
   [[nodiscard]] result<commit_response> commit(commit_context& ctx) override;
   void release(regions::region_registry& regions) noexcept override;
@@ -111,10 +116,11 @@ class view_registration final : public plan {
 
   std::shared_ptr<const index::canonical_index> index_;
   std::shared_ptr<const views::view_plan> view_;
-  std::unique_ptr<plan> inner_;                    // CLIENT placement
-  std::shared_ptr<memory::shared_memory> buffer_;  // SERVER: canonical (CANONICAL) or view bytes (PIECE)
-  std::shared_ptr<written_ranges> written_;        // SERVER
-  std::shared_ptr<streamed_view_hash> streamed_;   // SERVER, PIECE
+  std::unique_ptr<plan> inner_;                     // CLIENT placement
+  std::shared_ptr<memory::shared_memory> buffer_;   // SERVER: canonical (CANONICAL) or view bytes (PIECE)
+  std::shared_ptr<written_ranges> written_;         // SERVER
+  std::shared_ptr<streamed_view_hash> streamed_;    // SERVER, PIECE
+  std::shared_ptr<views::assembly_stream> stream_;  // SERVER, PIECE: its claim on the assembly
   // SERVER, CANONICAL: the first feeds fault the canonical buffer in, in slices, before they
   // scatter into it (memory/page_populator.hpp).
   std::shared_ptr<memory::page_populator> populator_;

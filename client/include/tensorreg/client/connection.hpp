@@ -212,7 +212,9 @@ class connection {
   /// Registers `view_bytes` (the linearized view of options.spec and tensor_names over
   /// options.canonical_index_json: tensors in name order at 8-aligned offsets, row-major) as a
   /// PIECE of the assembly options.cgid (SERVER placement, 4 MiB view_chunk messages). The
-  /// answer's `assembly` says whether it sealed (and the mi2 id then).
+  /// answer's `assembly` says whether it sealed (and the mi2 id then). A piece whose bytes
+  /// another piece is still sending (registration.md §7.11) commits once that one has: the
+  /// call waits for it, up to the registration's TTL.
   /// Errors: the daemon's (INVALID_ARGUMENT for the §7 rules, e.g. a view_bytes size that is
   /// not the view size; ABORTED when bytes shared with an earlier piece differ;
   /// FAILED_PRECONDITION once sealed); INVALID_ARGUMENT (a canonical index that does not parse).
