@@ -192,9 +192,7 @@ result<assembly_snapshot> assembly::add_piece(const std::string& piece_id, const
   const auto fresh = subtract_ranges(intersect_ranges(plan.canonical_ranges(), required_), covered_);
   for (const auto& r : fresh) prefault_allowance_ += r.length;
   cover_leaves_locked(fresh);
-  std::vector<byte_range> all = covered_;
-  all.insert(all.end(), plan.canonical_ranges().begin(), plan.canonical_ranges().end());
-  covered_ = merge_ranges(std::move(all));
+  covered_ = union_ranges(covered_, plan.canonical_ranges());
   pieces_.emplace_back(piece_id, plan.canonical_ranges());
   if (streamed) {
     std::erase_if(claims_, [&](const auto& c) { return c.first == piece_id; });
@@ -212,8 +210,8 @@ std::shared_ptr<assembly_stream> assembly::claim(const std::string& piece_id, st
     std::lock_guard lock(mutex_);
     if (state_ == state::open && idx == *index_) {
       std::vector<byte_range> taken = covered_;
-      for (const auto& [id, ranges] : claims_) taken.insert(taken.end(), ranges.begin(), ranges.end());
-      claimed = subtract_ranges(intersect_ranges(plan->canonical_ranges(), required_), merge_ranges(std::move(taken)));
+      for (const auto& [id, ranges] : claims_) taken = union_ranges(taken, ranges);
+      claimed = subtract_ranges(intersect_ranges(plan->canonical_ranges(), required_), taken);
       if (!claimed.empty()) {
         claims_.emplace_back(piece_id, claimed);
         slices = claim_slices_locked(claimed, min_populated_range, std::numeric_limits<std::uint64_t>::max());

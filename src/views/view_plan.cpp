@@ -279,6 +279,24 @@ std::vector<byte_range> intersect_ranges(std::span<const byte_range> a, std::spa
   return out;
 }
 
+std::vector<byte_range> union_ranges(std::span<const byte_range> a, std::span<const byte_range> b) {
+  std::vector<byte_range> out;
+  out.reserve(a.size() + b.size());
+  std::size_t i = 0;
+  std::size_t j = 0;
+  while (i < a.size() || j < b.size()) {
+    const bool from_a = j == b.size() || (i < a.size() && a[i].offset <= b[j].offset);
+    const auto& r = from_a ? a[i++] : b[j++];
+    if (r.length == 0) continue;
+    if (!out.empty() && r.offset <= out.back().end()) {
+      out.back().length = std::max(out.back().end(), r.end()) - out.back().offset;
+    } else {
+      out.push_back(r);
+    }
+  }
+  return out;
+}
+
 status view_plan::check_required(const view_request& r) {
   if (r.kind != registration_kind::canonical && r.kind != registration_kind::piece) {
     return tl::unexpected(invalid("registration_kind is required (CANONICAL or PIECE), got " +

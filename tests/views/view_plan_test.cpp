@@ -2,6 +2,7 @@
 
 #include <catch2/catch.hpp>
 
+#include <random>
 #include <string>
 #include <vector>
 
@@ -287,4 +288,23 @@ TEST_CASE("view_plan: range helpers merge, find gaps and intersect", "[views][vi
   CHECK(first_gap(need, std::vector<byte_range>{{0, 10}}) == byte_range{20, 10});
   CHECK(intersect_ranges(std::vector<byte_range>{{0, 10}, {20, 10}}, std::vector<byte_range>{{5, 20}}) ==
         std::vector<byte_range>{{5, 5}, {20, 5}});
+}
+
+TEST_CASE("view_plan: union_ranges is merge_ranges of both, for random merged lists", "[views][view_plan]") {
+  std::mt19937_64 rng(42);
+  const auto random_merged = [&] {
+    std::vector<byte_range> out;
+    for (std::uint64_t k = rng() % 12; k > 0; --k) out.push_back({rng() % 200, rng() % 20});
+    return merge_ranges(std::move(out));
+  };
+  for (int round = 0; round < 2000; ++round) {
+    const auto a = random_merged();
+    const auto b = random_merged();
+    std::vector<byte_range> both = a;
+    both.insert(both.end(), b.begin(), b.end());
+    CHECK(union_ranges(a, b) == merge_ranges(both));
+  }
+  CHECK(union_ranges({}, std::vector<byte_range>{{3, 4}}) == std::vector<byte_range>{{3, 4}});
+  CHECK(union_ranges(std::vector<byte_range>{{0, 4}}, std::vector<byte_range>{{4, 4}}) ==
+        std::vector<byte_range>{{0, 8}});  // touching ranges become one, as merge_ranges makes them
 }

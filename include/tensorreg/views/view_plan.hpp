@@ -181,6 +181,10 @@ class view_plan {
 /// The ranges of `a` that `b` also covers (both merged). Errors: none.
 [[nodiscard]] std::vector<byte_range> intersect_ranges(std::span<const byte_range> a, std::span<const byte_range> b);
 
+/// The bytes `a` or `b` covers (both merged), merged: merge_ranges of both, in one linear pass
+/// instead of a sort. Errors: none.
+[[nodiscard]] std::vector<byte_range> union_ranges(std::span<const byte_range> a, std::span<const byte_range> b);
+
 /// The tree hash of the view bytes (PAD between tensors as zero) read from `canonical`:
 /// SHA-256 leaves of `leaf_bytes` (the last may be short), a binary tree whose odd last node
 /// is promoted, as registration.md §3.3 but with its own leaf size (§3.6). Leaves are hashed

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <utility>
 
 #include "memory/system_calls.hpp"
 #include "tensorreg/hash/multihash.hpp"
@@ -436,6 +437,9 @@ result<commit_response> view_registration::commit_piece(commit_context& ctx) {
   }
   response.assembly = status_of(after, ctx.time.now());
   response.view = std::move(record);
+  // The staging copy of the piece's view bytes is done with. Unmapping its pages (gigabytes for
+  // a rank's share of a model) is left to a hashing thread rather than made part of the answer.
+  ctx.pool.submit([staging = std::exchange(buffer_, nullptr)] {});
   return response;
 }
 
