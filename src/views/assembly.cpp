@@ -214,7 +214,7 @@ std::shared_ptr<assembly_stream> assembly::claim(const std::string& piece_id, st
       claimed = subtract_ranges(intersect_ranges(plan->canonical_ranges(), required_), taken);
       if (!claimed.empty()) {
         claims_.emplace_back(piece_id, claimed);
-        slices = claim_slices_locked(claimed, min_populated_range, std::numeric_limits<std::uint64_t>::max());
+        slices = claim_written_slices_locked(claimed);
       }
     }
     buffer = buffer_;
@@ -245,6 +245,30 @@ std::vector<std::uint64_t> assembly::claim_slices_locked(std::span<const byte_ra
       faulted_[slice] = 1;
       out.push_back(slice);
     }
+  }
+  return out;
+}
+
+std::vector<std::uint64_t> assembly::claim_written_slices_locked(std::span<const byte_range> ranges) {
+  // Pages of each slice that `ranges` touch. Short ranges close together (half of every row)
+  // touch every page: the slice is then faulted in whole, one call, rather than page by page
+  // by the writes. Sparse ones (a few KiB of long rows) are left to the writes' own faults.
+  std::vector<std::uint64_t> touched(faulted_.size(), 0);
+  std::uint64_t last_page = std::numeric_limits<std::uint64_t>::max();
+  for (const auto& r : ranges) {
+    for (std::uint64_t page = r.offset / page_bytes; page * page_bytes < r.end(); ++page) {
+      if (page == last_page) continue;
+      last_page = page;
+      ++touched[page * page_bytes / slice_bytes];
+    }
+  }
+  std::vector<std::uint64_t> out;
+  const std::uint64_t size = index_->total_size();
+  for (std::uint64_t slice = 0; slice < touched.size(); ++slice) {
+    const std::uint64_t pages = (std::min(slice_bytes, size - slice * slice_bytes) + page_bytes - 1) / page_bytes;
+    if (faulted_[slice] != 0 || touched[slice] * 4 < pages * 3) continue;
+    faulted_[slice] = 1;
+    out.push_back(slice);
   }
   return out;
 }
@@ -459,6 +483,10 @@ status assembly_stream::write(std::uint64_t view_offset, std::span<const std::by
     });
   }
   return {};
+}
+
+status assembly_stream::read_view(std::uint64_t view_offset, std::span<std::byte> out) const {
+  return gather(*plan_, buffer_->bytes(), view_offset, out);
 }
 
 void assembly_stream::hash_if_complete(std::uint64_t leaf) {

@@ -162,6 +162,9 @@ class assembly : public std::enable_shared_from_this<assembly> {
   // `budget` bytes of them, marked as faulted in.
   [[nodiscard]] std::vector<std::uint64_t> claim_slices_locked(std::span<const byte_range> ranges,
                                                                std::uint64_t min_length, std::uint64_t budget);
+  // The 4 MiB slices not faulted in yet of which `ranges` touch at least three pages in four,
+  // marked as faulted in: a stream's claim, whose writes would fault those pages anyway.
+  [[nodiscard]] std::vector<std::uint64_t> claim_written_slices_locked(std::span<const byte_range> ranges);
   // Whether every required byte of `leaf` but `pending` of them is covered (the assembly open).
   [[nodiscard]] bool complete_but(std::uint64_t leaf, std::uint64_t pending) const;
   void release_claim(const std::string& piece_id);
@@ -204,6 +207,13 @@ class assembly_stream : public std::enable_shared_from_this<assembly_stream> {
   assembly_stream& operator=(const assembly_stream&) = delete;
 
   [[nodiscard]] const std::vector<byte_range>& claimed() const noexcept { return claimed_; }
+  /// Whether the claim holds every canonical byte of the piece (nothing of it is left to compare).
+  [[nodiscard]] bool claims_all() const noexcept { return !claimed_.empty() && claimed_ == plan_->canonical_ranges(); }
+  /// View bytes [view_offset, +out.size()) read back from the canonical buffer (PAD as zero).
+  /// REQUIRES: claims_all(), and those bytes written. Errors: OUT_OF_RANGE as views::gather().
+  [[nodiscard]] status read_view(std::uint64_t view_offset, std::span<std::byte> out) const;
+  /// The canonical buffer's bytes (those of the claim are the piece's once written).
+  [[nodiscard]] std::span<const std::byte> canonical() const noexcept { return buffer_->bytes(); }
   [[nodiscard]] bool of(const assembly& a) const noexcept { return whole_.get() == &a; }
 
   /// Writes the claimed canonical bytes of view bytes [view_offset, +bytes.size()), first

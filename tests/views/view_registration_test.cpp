@@ -404,6 +404,36 @@ TEST_CASE("view registration: a piece that ends without a commit gives its claim
   CHECK(last->descriptor.artifact_id == t::expected_mi2(f.index.json(), f.canonical));
 }
 
+TEST_CASE("view registration: a piece that streams all its bytes hashes its view from the assembly",
+          "[views][view_registration]") {
+  fake_clock clock;
+  auto e = t::make_engine(clock);
+  const auto f = make_fixture();
+  const std::string cgid = "cgid:model-g.tp2";
+  // The first piece claims every byte it has (nothing else is there): it keeps no staging copy.
+  // Its chunks overlap (the view hash then starts again from the bytes in the assembly).
+  const auto first_bytes = column_piece(f, 0, 24);
+  auto first = e->begin(view_begin(f, piece_request(0, 24), first_bytes.size(), cgid));
+  REQUIRE_OK(first);
+  REQUIRE_OK(feed_view(*e, first->registration_id, first_bytes, 0, 3000));
+  REQUIRE_OK(feed_view(*e, first->registration_id, first_bytes, 2000, first_bytes.size() - 2000));
+  auto one = e->commit(first->registration_id);
+  REQUIRE_OK(one);
+  CHECK(one->view->data_hash == multihash_of(first_bytes));
+  CHECK_FALSE(one->assembly->sealed);
+  const auto second_bytes = column_piece(f, 24, 24);
+  auto two = register_view(*e, view_begin(f, piece_request(24, 24), second_bytes.size(), cgid), second_bytes, 1000);
+  REQUIRE_OK(two);
+  CHECK(two->view->data_hash == multihash_of(second_bytes));
+  CHECK(two->assembly->sealed);
+  CHECK(two->descriptor.artifact_id == t::expected_mi2(f.index.json(), f.canonical));
+  // In order, without overlaps: the same view hash, carried as the chunks land.
+  auto again = register_view(*e, view_begin(f, piece_request(0, 24), first_bytes.size(), "cgid:model-g.again"),
+                             first_bytes, 1000);
+  REQUIRE_OK(again);
+  CHECK(again->view->data_hash == multihash_of(first_bytes));
+}
+
 TEST_CASE("view registration: a piece whose shared bytes differ is ABORTED naming both pieces",
           "[views][view_registration]") {
   fake_clock clock;

@@ -40,6 +40,30 @@ void zero_pad(const views::view_plan& v, std::span<std::byte> staging, std::uint
   if (cursor < end) std::memset(staging.data() + cursor, 0, end - cursor);
 }
 
+// streamed_view_hash's reads: view bytes of the staging buffer, or read back from a stream's
+// canonical bytes a block at a time.
+auto from_staging(std::span<const std::byte> staging) {
+  return [staging](hash::sha256_hasher& h, std::uint64_t from, std::uint64_t to) {
+    h.update(staging.subspan(from, to - from));
+  };
+}
+
+auto from_stream(const views::assembly_stream& stream) {
+  return [&stream](hash::sha256_hasher& h, std::uint64_t from, std::uint64_t to) {
+    constexpr std::uint64_t block = std::uint64_t{256} << 10;  // stays in cache until hashed
+    // One per thread, kept: a block this size is malloc'd by mmap, and freeing it unmaps pages
+    // under every feeding thread's feet.
+    thread_local std::vector<std::byte> buffer(block);
+    for (std::uint64_t at = from; at < to; at += block) {
+      const auto piece = std::span(buffer).first(std::min(block, to - at));
+      // In range by construction: [from, to) lies in the view, whose bytes are written.
+      const auto read = stream.read_view(at, piece);
+      TENSORREG_ASSERT(read.has_value());
+      h.update(piece);
+    }
+  };
+}
+
 view_record record_of(const views::view_plan& v, const hash::digest& data) {
   view_record r;
   r.view_id = v.view_id();
@@ -118,8 +142,8 @@ streamed_view_hash::streamed_view_hash(std::uint64_t view_size, std::uint64_t le
   }
 }
 
-void streamed_view_hash::advance(std::span<const std::byte> staging, const written_ranges& written,
-                                 std::uint64_t offset, std::uint64_t length) {
+void streamed_view_hash::advance(bytes_into read, const written_ranges& written, std::uint64_t offset,
+                                 std::uint64_t length) {
   if (spoiled_ || length == 0) return;
   const std::uint64_t leaf_bytes = leaf_bytes_;
   for (std::uint64_t i = offset / leaf_bytes; i * leaf_bytes < offset + length && i < leaves_.size(); ++i) {
@@ -135,7 +159,7 @@ void streamed_view_hash::advance(std::span<const std::byte> staging, const writt
         const std::uint64_t from = begin + l.hashed;
         const std::uint64_t to = std::min(end, written.written_through(from));
         if (to <= from) break;
-        l.hasher.update(staging.subspan(from, to - from));
+        read(l.hasher, from, to);
         l.hashed = to - begin;
       }
       l.mutex.unlock();
@@ -144,7 +168,7 @@ void streamed_view_hash::advance(std::span<const std::byte> staging, const writt
   }
 }
 
-std::optional<hash::digest> streamed_view_hash::finish(std::span<const std::byte> staging, thread_pool& pool) {
+std::optional<hash::digest> streamed_view_hash::finish(bytes_into read, thread_pool& pool) {
   if (spoiled_) return std::nullopt;
   const std::uint64_t leaf_bytes = leaf_bytes_;
   std::vector<hash::digest> digests(leaves_.size());
@@ -153,7 +177,7 @@ std::optional<hash::digest> streamed_view_hash::finish(std::span<const std::byte
     std::lock_guard lock(l.mutex);
     const std::uint64_t begin = i * leaf_bytes;
     const std::uint64_t end = std::min(size_, begin + leaf_bytes);
-    l.hasher.update(staging.subspan(begin + l.hashed, end - begin - l.hashed));
+    read(l.hasher, begin + l.hashed, end);
     l.hashed = end - begin;
     digests[i] = l.hasher.finish();
     return {};
@@ -221,17 +245,22 @@ result<std::unique_ptr<plan>> view_registration::begin(const begin_request& r, c
       p->reservation_ = std::move(*reserved);
     }
   }
-  TENSORREG_TRY_ASSIGN(auto memory, memory::shared_memory::create(size, "tensorreg-view"));
-  p->buffer_ = std::make_shared<memory::shared_memory>(std::move(memory));
   p->written_ = std::make_shared<written_ranges>();
-  if (p->view_->kind() == views::registration_kind::canonical) {
-    p->populator_ = std::make_shared<memory::page_populator>(p->buffer_->mutable_bytes());
-  } else {
+  if (p->view_->kind() == views::registration_kind::piece) {
     p->streamed_ = std::make_shared<streamed_view_hash>(size);
     if (ctx.assembly_for) {
       TENSORREG_TRY_ASSIGN(auto whole, ctx.assembly_for(r.client_artifact_id, p->index_, p->view_->required_ranges()));
       p->stream_ = whole->claim(ctx.registration_id, p->view_, *p->index_, ctx.pool);
     }
+  }
+  // A piece whose stream claims all of its bytes keeps no copy of them: they are in the
+  // assembly's buffer, and its view hash reads them back from there.
+  if (!p->stream_ || !p->stream_->claims_all()) {
+    TENSORREG_TRY_ASSIGN(auto memory, memory::shared_memory::create(size, "tensorreg-view"));
+    p->buffer_ = std::make_shared<memory::shared_memory>(std::move(memory));
+  }
+  if (p->view_->kind() == views::registration_kind::canonical) {
+    p->populator_ = std::make_shared<memory::page_populator>(p->buffer_->mutable_bytes());
   }
   if (std::holds_alternative<stable_dram_options>(r.plan)) {
     response.handshake = stable_dram_handshake{};
@@ -279,6 +308,17 @@ result<feed_work> view_registration::feed(feed_request& r, const registration_fa
       written->add(offset, bytes.size());  // after the copy: Commit checks what has landed
       return {};
     }
+    if (!buffer) {
+      // The stream holds every byte: written there first, then the view hash reads them back.
+      TENSORREG_TRY(stream->write(offset, bytes));
+      if (written->add(offset, bytes.size())) {
+        streamed->spoil();  // bytes hashed already may have changed
+        stream->spoil();
+      } else {
+        streamed->advance(from_stream(*stream), *written, offset, bytes.size());
+      }
+      return {};
+    }
     const auto staging = buffer->mutable_bytes();
     std::memcpy(staging.data() + offset, bytes.data(), bytes.size());
     zero_pad(*view, staging, offset, bytes.size());  // PAD reads as zero in the view hash
@@ -286,7 +326,7 @@ result<feed_work> view_registration::feed(feed_request& r, const registration_fa
       streamed->spoil();  // bytes hashed already may have changed
       if (stream) stream->spoil();
     } else {
-      streamed->advance(staging, *written, offset, bytes.size());
+      streamed->advance(from_staging(staging), *written, offset, bytes.size());
     }
     return stream ? stream->write(offset, bytes) : status{};
   });
@@ -367,12 +407,22 @@ result<commit_response> view_registration::commit_canonical(commit_context& ctx)
 
 result<commit_response> view_registration::commit_piece(commit_context& ctx) {
   const auto& p = ctx.facts;
-  // PAD between view tensors reads as zero in the view hash, whatever the client sent.
-  auto staging = buffer_->mutable_bytes();
-  zero_pad(*view_, staging, 0, staging.size());
-  auto view_hash = streamed_->finish(staging, ctx.pool);
-  if (!view_hash) {
-    TENSORREG_TRY_ASSIGN(view_hash, linear_hash(staging, ctx.pool));
+  std::span<std::byte> staging;
+  std::optional<hash::digest> view_hash;
+  if (buffer_) {
+    // PAD between view tensors reads as zero in the view hash, whatever the client sent.
+    staging = buffer_->mutable_bytes();
+    zero_pad(*view_, staging, 0, staging.size());
+    view_hash = streamed_->finish(from_staging(staging), ctx.pool);
+    if (!view_hash) {
+      TENSORREG_TRY_ASSIGN(view_hash, linear_hash(staging, ctx.pool));
+    }
+  } else {
+    view_hash = streamed_->finish(from_stream(*stream_), ctx.pool);
+    if (!view_hash) {
+      TENSORREG_TRY_ASSIGN(view_hash,
+                           views::view_data_hash(*view_, stream_->canonical(), views::view_hash_leaf_bytes, &ctx.pool));
+    }
   }
   auto record = record_of(*view_, *view_hash);
 
@@ -383,6 +433,14 @@ result<commit_response> view_registration::commit_piece(commit_context& ctx) {
     return cat.assembly_for(p.cgid, index_, view_->required_ranges());
   }));
   whole->touch(deadline);
+  std::vector<std::byte> gathered;
+  if (!buffer_ && !stream_->of(*whole)) {
+    // Its bytes are in the buffer of an assembly that was dropped since (its seal failed):
+    // this one needs them all.
+    gathered.resize(view_->view_size());
+    TENSORREG_TRY(stream_->read_view(0, gathered));
+    staging = gathered;
+  }
   bool retry_later = false;
   auto added = whole->add_piece(p.id, *view_, staging, *index_, &ctx.pool, stream_.get(), &retry_later);
   if (!added) {
@@ -439,7 +497,7 @@ result<commit_response> view_registration::commit_piece(commit_context& ctx) {
   response.view = std::move(record);
   // The staging copy of the piece's view bytes is done with. Unmapping its pages (gigabytes for
   // a rank's share of a model) is left to a hashing thread rather than made part of the answer.
-  ctx.pool.submit([staging = std::exchange(buffer_, nullptr)] {});
+  if (buffer_) ctx.pool.submit([staging = std::exchange(buffer_, nullptr)] {});
   return response;
 }
 

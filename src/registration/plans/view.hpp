@@ -31,6 +31,7 @@
 
 #include "memory/page_populator.hpp"
 #include "registration/plans/plan.hpp"
+#include "tensorreg/common/function_ref.hpp"
 #include "tensorreg/hash/sha256.hpp"
 #include "tensorreg/memory/shared_memory.hpp"
 #include "tensorreg/views/view_plan.hpp"
@@ -64,13 +65,16 @@ class streamed_view_hash {
  public:
   explicit streamed_view_hash(std::uint64_t view_size, std::uint64_t leaf_bytes = views::view_hash_leaf_bytes);
 
-  /// After bytes [offset, offset + length) of `staging` landed and `written` recorded them.
-  void advance(std::span<const std::byte> staging, const written_ranges& written, std::uint64_t offset,
-               std::uint64_t length);
+  /// Hashes view bytes [from, to) into a hasher: from the staging buffer, or read back from the
+  /// canonical bytes they were scattered into.
+  using bytes_into = function_ref<void(hash::sha256_hasher&, std::uint64_t from, std::uint64_t to)>;
+
+  /// After view bytes [offset, offset + length) landed and `written` recorded them.
+  void advance(bytes_into read, const written_ranges& written, std::uint64_t offset, std::uint64_t length);
   void spoil() noexcept { spoiled_ = true; }
-  /// The view hash of `staging`, once no feed writes any more, each leaf finished over `pool`;
-  /// nullopt when spoiled.
-  [[nodiscard]] std::optional<hash::digest> finish(std::span<const std::byte> staging, thread_pool& pool);
+  /// The view hash, once no feed writes any more, each leaf finished over `pool`; nullopt when
+  /// spoiled.
+  [[nodiscard]] std::optional<hash::digest> finish(bytes_into read, thread_pool& pool);
 
  private:
   struct leaf {
@@ -116,8 +120,10 @@ class view_registration final : public plan {
 
   std::shared_ptr<const index::canonical_index> index_;
   std::shared_ptr<const views::view_plan> view_;
-  std::unique_ptr<plan> inner_;                     // CLIENT placement
-  std::shared_ptr<memory::shared_memory> buffer_;   // SERVER: canonical (CANONICAL) or view bytes (PIECE)
+  std::unique_ptr<plan> inner_;  // CLIENT placement
+  // SERVER: canonical (CANONICAL) or view bytes (PIECE; none when the piece's stream claims all
+  // of its bytes: they are read back from the assembly's buffer)
+  std::shared_ptr<memory::shared_memory> buffer_;
   std::shared_ptr<written_ranges> written_;         // SERVER
   std::shared_ptr<streamed_view_hash> streamed_;    // SERVER, PIECE
   std::shared_ptr<views::assembly_stream> stream_;  // SERVER, PIECE: its claim on the assembly
