@@ -8,10 +8,11 @@
 //     fault the buffer in together before they scatter (page_populator); Commit checks that
 //     every view byte came, hashes the buffer (the id a whole registration of the same tensors
 //     gets) and keeps it as the artifact's stable DRAM replica.
-//   SERVER, PIECE: a staging buffer of the view's bytes, hashed as they land (the view hash,
-//     streamed_view_hash). Begin claims in the assembly of the cgid (views::assembly) the
-//     canonical bytes no other piece covers or claims, and each Feed writes its share of them
-//     into the assembly's buffer at once (views::assembly_stream). Commit adds the piece:
+//   SERVER, PIECE: Begin claims in the assembly of the cgid (views::assembly) the canonical
+//     bytes no other piece covers or claims, and each Feed writes its share of them into the
+//     assembly's buffer at once (views::assembly_stream). The view hash is taken as the bytes
+//     land (streamed_view_hash), read back from there; only a piece that shares bytes with
+//     earlier ones also keeps a staging copy of its view, for its Commit to compare. Commit adds the piece:
 //     overlapping bytes must be equal (ABORTED), bytes in another piece's open claim wait for
 //     that one (FAILED_PRECONDITION, retryable), and the piece that completes the canonical
 //     buffer seals it under its mi2 id as a stable DRAM replica.
