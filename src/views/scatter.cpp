@@ -296,6 +296,20 @@ void for_each_slice(const view_plan& plan, std::uint64_t offset, std::uint64_t l
   if (at < end) pad(at - offset, end - at);
 }
 
+// Calls fn(lo, hi) for each part [lo, hi) of [c, c + n) that lies in `only` (merged ranges), in
+// order, until fn returns false.
+template <typename F>
+void for_each_part_within(std::span<const byte_range> only, std::uint64_t c, std::uint64_t n, F&& fn) {
+  auto it =
+      std::upper_bound(only.begin(), only.end(), c, [](std::uint64_t x, const byte_range& r) { return x < r.offset; });
+  if (it != only.begin()) --it;
+  for (; it != only.end() && it->offset < c + n; ++it) {
+    const auto lo = std::max(c, it->offset);
+    const auto hi = std::min(c + n, it->end());
+    if (lo < hi && !fn(lo, hi)) return;
+  }
+}
+
 }  // namespace
 
 status scatter(const view_plan& plan, std::uint64_t view_offset, std::span<const std::byte> bytes,
@@ -327,21 +341,15 @@ status scatter_within(const view_plan& plan, std::uint64_t view_offset, std::spa
         std::byte* c0 = canonical.data() + t.canonical_base;
         walk_bytes<true>(t, a, b, bytes.data() + pos, [&](const std::byte* v, std::int64_t off, std::uint64_t n) {
           const std::uint64_t c = t.canonical_base + static_cast<std::uint64_t>(off);
-          // The ranges of `only` that touch [c, c + n), as compare() finds them.
-          auto it = std::upper_bound(only.begin(), only.end(), c,
-                                     [](std::uint64_t x, const byte_range& r) { return x < r.offset; });
-          if (it != only.begin()) --it;
-          for (; it != only.end() && it->offset < c + n; ++it) {
-            const auto lo = std::max(c, it->offset);
-            const auto hi = std::min(c + n, it->end());
-            if (lo >= hi) continue;
+          for_each_part_within(only, c, n, [&](std::uint64_t lo, std::uint64_t hi) {
             stream_copy(c0 + off + static_cast<std::int64_t>(lo - c), v + (lo - c), hi - lo);
             if (!runs.empty() && runs.back().end() == lo) {
               runs.back().length += hi - lo;
             } else {
               runs.push_back({lo, hi - lo});
             }
-          }
+            return true;
+          });
         });
       },
       [](std::uint64_t, std::uint64_t) {});
@@ -379,23 +387,15 @@ result<std::optional<byte_pair>> compare(const view_plan& plan, std::uint64_t vi
         walk_bytes(t, a, b, bytes.data() + pos, [&](const std::byte* v, std::int64_t off, std::uint64_t n) {
           if (first) return;
           const std::uint64_t c = t.canonical_base + static_cast<std::uint64_t>(off);
-          // The ranges of `only` that touch [c, c + n).
-          auto it = std::upper_bound(only.begin(), only.end(), c,
-                                     [](std::uint64_t x, const byte_range& r) { return x < r.offset; });
-          if (it != only.begin()) --it;
-          for (; it != only.end() && it->offset < c + n; ++it) {
-            const auto lo = std::max(c, it->offset);
-            const auto hi = std::min(c + n, it->end());
-            if (lo >= hi) continue;
+          for_each_part_within(only, c, n, [&](std::uint64_t lo, std::uint64_t hi) {
             const std::byte* mine = v + (lo - c);
             const std::byte* theirs = canonical.data() + lo;
-            if (std::memcmp(mine, theirs, hi - lo) != 0) {
-              std::uint64_t k = 0;
-              while (mine[k] == theirs[k]) ++k;
-              first = byte_pair{view_offset + static_cast<std::uint64_t>(mine + k - bytes.data()), lo + k};
-              return;
-            }
-          }
+            if (std::memcmp(mine, theirs, hi - lo) == 0) return true;
+            std::uint64_t k = 0;
+            while (mine[k] == theirs[k]) ++k;
+            first = byte_pair{view_offset + static_cast<std::uint64_t>(mine + k - bytes.data()), lo + k};
+            return false;
+          });
         });
       },
       [](std::uint64_t, std::uint64_t) {});

@@ -80,6 +80,21 @@ std::shared_ptr<views::assembly> make_assembly(const model& m) {
   return *a;
 }
 
+// Adds rank `rank`'s piece (staged, no stream) as "piece-<rank>"; the leaves it completed hashed.
+void add_staged(views::assembly& whole, const model& m, int rank) {
+  const auto plan = piece_plan(m, rank);
+  const auto bytes = view_bytes(m, plan);
+  REQUIRE_OK(whole.add_piece("piece-" + std::to_string(rank), plan, as_bytes(bytes), *m.index));
+  REQUIRE_OK(whole.hash_complete_leaves(nullptr, nullptr));
+}
+
+// The leaf digests of a complete assembly give the data hash of the whole buffer.
+void check_whole_hash(views::assembly& whole, const model& m) {
+  auto leaves = whole.leaf_digests(nullptr, nullptr);
+  REQUIRE_OK(leaves);
+  CHECK(tensorreg::hash::tree_root(leaves->digests) == whole_hash(m));
+}
+
 }  // namespace
 
 TEST_CASE(
@@ -145,9 +160,7 @@ TEST_CASE("assembly: a piece that overlaps an earlier one adds nothing to the le
   auto after = whole->add_piece("piece-3", last, as_bytes(last_bytes), *m.index);
   REQUIRE_OK(after);
   CHECK(after->complete);
-  auto leaves = whole->leaf_digests(nullptr, nullptr);
-  REQUIRE_OK(leaves);
-  CHECK(tensorreg::hash::tree_root(leaves->digests) == whole_hash(m));
+  check_whole_hash(*whole, m);
 }
 
 TEST_CASE("assembly: a cancelled hash leaves its leaves to the seal", "[views][assembly]") {
@@ -308,11 +321,7 @@ TEST_CASE("assembly: bytes in another piece's open claim wait for it; then they 
 TEST_CASE("assembly: a claim given back unadded leaves its bytes to the next piece", "[views][assembly]") {
   const auto m = make_model();
   auto whole = make_assembly(m);
-  for (int rank : {0, 2, 3}) {
-    const auto plan = piece_plan(m, rank);
-    const auto bytes = view_bytes(m, plan);
-    REQUIRE_OK(whole->add_piece("piece-" + std::to_string(rank), plan, as_bytes(bytes), *m.index));
-  }
+  for (int rank : {0, 2, 3}) add_staged(*whole, m, rank);
   const auto plan = shared_plan(m, 1);
   const auto bytes = view_bytes(m, *plan);
   {
@@ -336,20 +345,13 @@ TEST_CASE("assembly: a claim given back unadded leaves its bytes to the next pie
     REQUIRE_OK(after);
     CHECK(after->complete);
   }
-  auto leaves = whole->leaf_digests(nullptr, nullptr);
-  REQUIRE_OK(leaves);
-  CHECK(tensorreg::hash::tree_root(leaves->digests) == whole_hash(m));
+  check_whole_hash(*whole, m);
 }
 
 TEST_CASE("assembly: a stream that wrote some bytes twice leaves its leaves to the seal", "[views][assembly]") {
   const auto m = make_model();
   auto whole = make_assembly(m);
-  for (int rank : {0, 1, 2}) {
-    const auto plan = piece_plan(m, rank);
-    const auto bytes = view_bytes(m, plan);
-    REQUIRE_OK(whole->add_piece("piece-" + std::to_string(rank), plan, as_bytes(bytes), *m.index));
-    REQUIRE_OK(whole->hash_complete_leaves(nullptr, nullptr));
-  }
+  for (int rank : {0, 1, 2}) add_staged(*whole, m, rank);
   const auto plan = shared_plan(m, 3);
   const auto bytes = view_bytes(m, *plan);
   auto stream = whole->claim("piece-3", plan, *m.index);
