@@ -157,27 +157,23 @@ result<assembly_snapshot> assembly::add_piece(const std::string& piece_id, const
                                      other + ", which wrote it first");
     }
   }
-  const std::uint64_t slices = (view_bytes.size() + slice_bytes - 1) / slice_bytes;
+  // What the piece writes now: all its bytes (those shared with earlier pieces are equal), or,
+  // for a stream, those of the rest that nobody covers (claimed by a piece that ended since).
+  std::span<const byte_range> to_write = plan.canonical_ranges();
+  std::vector<byte_range> left;
   if (streamed) {
-    const auto left = subtract_ranges(rest, covered_);  // claimed by a piece that ended since
-    if (!left.empty()) {
-      populate(canonical, claim_slices_locked(left, min_populated_range, std::numeric_limits<std::uint64_t>::max()),
-               pool);
-      const auto scatter_slice = [&](std::size_t i) -> status {
-        const std::uint64_t at = i * slice_bytes;
-        return scatter_within(plan, at, view_bytes.subspan(at, std::min(slice_bytes, view_bytes.size() - at)),
-                              canonical, left, [](std::uint64_t, std::uint64_t) {});
-      };
-      TENSORREG_TRY(for_each_index(pool, slices, scatter_slice));
-    }
-  } else {
-    populate(
-        canonical,
-        claim_slices_locked(plan.canonical_ranges(), min_populated_range, std::numeric_limits<std::uint64_t>::max()),
-        pool);
+    left = subtract_ranges(rest, covered_);
+    to_write = left;
+  }
+  if (!to_write.empty()) {
+    populate(canonical, claim_slices_locked(to_write, min_populated_range, std::numeric_limits<std::uint64_t>::max()),
+             pool);
+    const std::uint64_t slices = (view_bytes.size() + slice_bytes - 1) / slice_bytes;
     const auto scatter_slice = [&](std::size_t i) -> status {
       const std::uint64_t at = i * slice_bytes;
-      return scatter(plan, at, view_bytes.subspan(at, std::min(slice_bytes, view_bytes.size() - at)), canonical);
+      const auto chunk = view_bytes.subspan(at, std::min(slice_bytes, view_bytes.size() - at));
+      return streamed ? scatter_within(plan, at, chunk, canonical, to_write, [](std::uint64_t, std::uint64_t) {})
+                      : scatter(plan, at, chunk, canonical);
     };
     TENSORREG_TRY(for_each_index(pool, slices, scatter_slice));
   }
