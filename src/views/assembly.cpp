@@ -461,24 +461,41 @@ status assembly_stream::write(std::uint64_t view_offset, std::span<const std::by
         });
       }));
   if (run != 0) leaf_written(leaf, run, ready);
-  for (const auto l : ready) {
-    if (pool_ == nullptr) {
-      hash_if_complete(l);
-      continue;
-    }
-    // On the pool: the Feed goes on copying while its completed leaves are hashed (a Feed
-    // stream's chunks are applied one at a time).
-    {
-      std::lock_guard lock(hashing_mutex_);
-      ++hashing_;
-    }
-    pool_->submit([self = shared_from_this(), l] {
-      self->hash_if_complete(l);
-      std::lock_guard lock(self->hashing_mutex_);
-      if (--self->hashing_ == 0) self->hashing_done_.notify_all();
-    });
+  if (ready.empty()) return {};
+  if (pool_ == nullptr) {
+    for (const auto l : ready) hash_if_complete(l);
+    return {};
+  }
+  // On the pool: the Feed goes on copying while its completed leaves are hashed (a Feed
+  // stream's chunks are applied one at a time).
+  {
+    std::lock_guard lock(hashing_mutex_);
+    queued_.insert(queued_.end(), ready.begin(), ready.end());
+    hashing_ += ready.size();
+  }
+  for (std::size_t i = 0; i < ready.size(); ++i) {
+    pool_->submit([self = shared_from_this()] { static_cast<void>(self->hash_one_queued(0)); });
+  }
+  // A feed that outruns the hashing threads hashes its own backlog down to a bound: what its
+  // Commit waits for stays short, and one client's leaves cannot fill the shared pool's queue.
+  const std::size_t keep = 2 * std::max<std::size_t>(pool_->size(), 1);
+  while (hash_one_queued(keep)) {
   }
   return {};
+}
+
+bool assembly_stream::hash_one_queued(std::size_t keep) {
+  std::uint64_t leaf = 0;
+  {
+    std::lock_guard lock(hashing_mutex_);
+    if (queued_.size() <= keep) return false;
+    leaf = queued_.front();
+    queued_.pop_front();
+  }
+  hash_if_complete(leaf);
+  std::lock_guard lock(hashing_mutex_);
+  if (--hashing_ == 0) hashing_done_.notify_all();
+  return true;
 }
 
 status assembly_stream::read_view(std::uint64_t view_offset, std::span<std::byte> out) const {
@@ -494,7 +511,14 @@ void assembly_stream::hash_if_complete(std::uint64_t leaf) {
   hashed_[leaf] = 1;
 }
 
+std::size_t assembly_stream::leaves_queued() const {
+  std::lock_guard lock(hashing_mutex_);
+  return queued_.size();
+}
+
 void assembly_stream::wait_for_hashes() {
+  while (hash_one_queued(0)) {  // the waiting thread helps
+  }
   std::unique_lock lock(hashing_mutex_);
   hashing_done_.wait(lock, [&] { return hashing_ == 0; });
 }

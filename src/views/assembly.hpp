@@ -36,6 +36,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <deque>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -219,9 +220,13 @@ class assembly_stream : public std::enable_shared_from_this<assembly_stream> {
   /// Writes the claimed canonical bytes of view bytes [view_offset, +bytes.size()), first
   /// faulting in up to four times as many bytes of the claim's pages; each leaf these writes
   /// complete (every other required byte of it covered by committed pieces) is hashed on the
-  /// pool. Errors: OUT_OF_RANGE as views::scatter().
+  /// pool; while more than twice the pool's threads of them wait, the writing thread hashes
+  /// them itself. Errors: OUT_OF_RANGE as views::scatter().
   [[nodiscard]] status write(std::uint64_t view_offset, std::span<const std::byte> bytes);
-  /// Returns once the leaves write() handed to the pool are hashed.
+  /// Completed leaves waiting for a hashing thread.
+  [[nodiscard]] std::size_t leaves_queued() const;
+  /// Returns once the leaves write() handed to the pool are hashed, hashing those still
+  /// queued on the calling thread.
   void wait_for_hashes();
   /// Some view bytes were written twice: what was hashed may not be what stays, so nothing
   /// hashed here is used (the commit and the seal hash those leaves).
@@ -231,6 +236,8 @@ class assembly_stream : public std::enable_shared_from_this<assembly_stream> {
   friend class assembly;
   void leaf_written(std::uint64_t leaf, std::uint64_t bytes, std::vector<std::uint64_t>& ready);
   void hash_if_complete(std::uint64_t leaf);
+  // Hashes the oldest queued leaf if more than `keep` are queued; returns whether it did.
+  [[nodiscard]] bool hash_one_queued(std::size_t keep);
 
   const std::shared_ptr<assembly> whole_;
   const std::shared_ptr<memory::shared_memory> buffer_;
@@ -247,9 +254,10 @@ class assembly_stream : public std::enable_shared_from_this<assembly_stream> {
   std::vector<char> hashed_;
   std::atomic<bool> spoiled_{false};
   thread_pool* const pool_;
-  std::mutex hashing_mutex_;
+  mutable std::mutex hashing_mutex_;
   std::condition_variable hashing_done_;
-  std::size_t hashing_ = 0;  // leaves handed to the pool, not hashed yet
+  std::deque<std::uint64_t> queued_;  // completed leaves no thread has taken yet
+  std::size_t hashing_ = 0;           // leaves queued or being hashed
 };
 
 }  // namespace tensorreg::views

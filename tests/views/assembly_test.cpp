@@ -5,6 +5,7 @@
 #include <catch2/catch.hpp>
 
 #include <algorithm>
+#include <future>
 #include <random>
 #include <thread>
 
@@ -281,6 +282,32 @@ TEST_CASE("assembly: pieces that stream their bytes in leave the seal nothing to
   auto buffer = whole->seal_buffer();
   REQUIRE_OK(buffer);
   CHECK(std::equal((*buffer)->bytes().begin(), (*buffer)->bytes().end(), as_bytes(m.canonical).begin()));
+}
+
+TEST_CASE("assembly: a stream whose leaves outrun the hashing threads hashes them itself", "[views][assembly]") {
+  const auto m = make_model();
+  auto whole = make_assembly(m);
+  for (int rank : {0, 1, 2}) add_staged(*whole, m, rank);
+  // Rank 3's bytes complete all four leaves; the pool's one thread is held busy meanwhile.
+  tensorreg::thread_pool pool(1);
+  std::promise<void> go;
+  pool.submit([held = go.get_future().share()] { held.wait(); });
+  const auto plan = shared_plan(m, 3);
+  const auto bytes = view_bytes(m, *plan);
+  auto stream = whole->claim("piece-3", plan, *m.index, &pool);
+  REQUIRE(stream->claims_all());
+  REQUIRE_OK(stream->write(0, as_bytes(bytes)));
+  // The writer hashed the backlog down to twice the pool's threads.
+  CHECK(stream->leaves_queued() == 2);
+  // The commit's wait hashes the rest itself: the pool is still held.
+  stream->wait_for_hashes();
+  CHECK(stream->leaves_queued() == 0);
+  go.set_value();
+  REQUIRE_OK(whole->add_piece("piece-3", *plan, as_bytes(bytes), *m.index, &pool, stream.get()));
+  auto leaves = whole->leaf_digests(&pool, nullptr);
+  REQUIRE_OK(leaves);
+  CHECK(leaves->bytes_hashed == 0);
+  CHECK(tensorreg::hash::tree_root(leaves->digests) == whole_hash(m));
 }
 
 TEST_CASE("assembly: bytes in another piece's open claim wait for it; then they are compared", "[views][assembly]") {
