@@ -127,9 +127,15 @@ result<assembly_snapshot> assembly::add_piece(const std::string& piece_id, const
   // The bytes the piece's stream wrote at Feed (only into this assembly's buffer: one made
   // again after an expiry has none of them) need no compare and no copy.
   const bool streamed = stream != nullptr && stream->of(*this) && !stream->claimed().empty();
-  const auto rest = streamed ? subtract_ranges(plan.canonical_ranges(), stream->claimed()) : plan.canonical_ranges();
+  // A model's split columns are millions of ranges a piece: a stream that claimed all of its
+  // bytes (the usual case) skips every pass over them that would find nothing.
+  const bool all_streamed = streamed && stream->claims_all();
+  std::vector<byte_range> rest_of_stream;
+  if (streamed && !all_streamed) rest_of_stream = subtract_ranges(plan.canonical_ranges(), stream->claimed());
+  const std::span<const byte_range> rest =
+      !streamed ? std::span<const byte_range>(plan.canonical_ranges()) : std::span<const byte_range>(rest_of_stream);
   for (const auto& [id, ranges] : claims_) {
-    if (id == piece_id) continue;
+    if (id == piece_id || rest.empty()) continue;
     if (const auto shared = intersect_ranges(rest, ranges); !shared.empty()) {
       if (retry_later != nullptr) *retry_later = true;
       return fail(errc::failed_precondition, what + ": its canonical bytes [" + std::to_string(shared.front().offset) +
@@ -139,14 +145,14 @@ result<assembly_snapshot> assembly::add_piece(const std::string& piece_id, const
     }
   }
   const auto canonical = buffer_->mutable_bytes();
-  const auto overlap = intersect_ranges(rest, covered_);
+  const auto overlap = rest.empty() ? std::vector<byte_range>{} : intersect_ranges(rest, covered_);
   if (!overlap.empty()) {
     TENSORREG_TRY_ASSIGN(const auto differs, compare(plan, 0, view_bytes, canonical, overlap));
     if (differs) {
       std::string other = "an earlier piece";
       for (const auto& [id, ranges] : pieces_) {
         const auto c = differs->canonical_offset;
-        if (std::any_of(ranges.begin(), ranges.end(),
+        if (std::any_of(ranges->begin(), ranges->end(),
                         [c](const byte_range& r) { return r.offset <= c && c < r.end(); })) {
           other = "piece '" + id + "'";
           break;
@@ -162,7 +168,7 @@ result<assembly_snapshot> assembly::add_piece(const std::string& piece_id, const
   std::span<const byte_range> to_write = plan.canonical_ranges();
   std::vector<byte_range> left;
   if (streamed) {
-    left = subtract_ranges(rest, covered_);
+    if (!rest.empty()) left = subtract_ranges(rest, covered_);
     to_write = left;
   }
   if (!to_write.empty()) {
@@ -185,15 +191,27 @@ result<assembly_snapshot> assembly::add_piece(const std::string& piece_id, const
       hashed_[leaf] = 1;
     }
   }
-  const auto fresh = subtract_ranges(intersect_ranges(plan.canonical_ranges(), required_), covered_);
-  for (const auto& r : fresh) prefault_allowance_ += r.length;
+  // The required bytes covered for the first time. A stream's claim is among them whole: while
+  // it is open, no other piece covers a byte of it (such a piece is told to commit again), and
+  // the stream counted its bytes per leaf as it wrote them.
+  const auto fresh = subtract_ranges(
+      intersect_ranges(streamed ? rest : std::span<const byte_range>(plan.canonical_ranges()), required_), covered_);
   cover_leaves_locked(fresh);
+  if (streamed) cover_leaf_counts_locked(stream->need_);
   covered_ = union_ranges(covered_, plan.canonical_ranges());
-  pieces_.emplace_back(piece_id, plan.canonical_ranges());
+  // The piece's ranges name it in a later conflict: shared with its plan where the stream
+  // holds that, not copied.
+  std::shared_ptr<const std::vector<byte_range>> ranges;
+  if (streamed && stream->plan_.get() == &plan) {
+    ranges = std::shared_ptr<const std::vector<byte_range>>(stream->plan_, &plan.canonical_ranges());
+  } else {
+    ranges = std::make_shared<const std::vector<byte_range>>(plan.canonical_ranges());
+  }
+  pieces_.emplace_back(piece_id, std::move(ranges));
   if (streamed) {
     std::erase_if(claims_, [&](const auto& c) { return c.first == piece_id; });
   }
-  if (!first_gap(required_, covered_).has_value()) state_ = state::sealing;
+  if (covered_required_ == required_bytes_) state_ = state::sealing;
   return snapshot_locked();
 }
 
@@ -285,10 +303,20 @@ void assembly::prefault_uncovered(thread_pool& pool) {
 }
 
 void assembly::cover_leaves_locked(std::span<const byte_range> ranges) {
-  for_each_leaf_part(ranges, [&](std::uint64_t leaf, std::uint64_t n) {
-    missing_[leaf] -= n;
-    if (missing_[leaf] == 0 && hashed_[leaf] == 0) complete_.push_back(leaf);
-  });
+  for_each_leaf_part(ranges, [&](std::uint64_t leaf, std::uint64_t n) { cover_leaf_locked(leaf, n); });
+}
+
+void assembly::cover_leaf_counts_locked(std::span<const std::uint64_t> per_leaf) {
+  for (std::uint64_t leaf = 0; leaf < per_leaf.size(); ++leaf) {
+    if (per_leaf[leaf] != 0) cover_leaf_locked(leaf, per_leaf[leaf]);
+  }
+}
+
+void assembly::cover_leaf_locked(std::uint64_t leaf, std::uint64_t bytes) {
+  missing_[leaf] -= bytes;
+  covered_required_ += bytes;
+  prefault_allowance_ += bytes;
+  if (missing_[leaf] == 0 && hashed_[leaf] == 0) complete_.push_back(leaf);
 }
 
 result<std::uint64_t> assembly::hash_leaves(const memory::shared_memory& buffer, std::span<const std::uint64_t> leaves,
@@ -382,7 +410,7 @@ assembly_snapshot assembly::snapshot_locked() const {
   assembly_snapshot s;
   s.cgid = cgid_;
   s.canonical_size = index_->total_size();
-  for (const auto& r : intersect_ranges(required_, covered_)) s.covered_bytes += r.length;
+  s.covered_bytes = covered_required_;
   s.pieces = static_cast<std::uint32_t>(pieces_.size());
   s.complete = state_ != state::open;
   s.sealed = state_ == state::sealed;

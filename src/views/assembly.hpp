@@ -156,9 +156,12 @@ class assembly : public std::enable_shared_from_this<assembly> {
   assembly(std::string cgid, std::shared_ptr<const index::canonical_index> idx, std::vector<byte_range> required,
            std::shared_ptr<memory::shared_memory> buffer) noexcept;
   [[nodiscard]] assembly_snapshot snapshot_locked() const;
-  // Counts `ranges` (covered for the first time) against their leaves; queues the leaves left
-  // with nothing missing.
+  // Counts `ranges` (required bytes covered for the first time) against their leaves; queues
+  // the leaves left with nothing missing.
   void cover_leaves_locked(std::span<const byte_range> ranges);
+  // The same for bytes given as a count per leaf.
+  void cover_leaf_counts_locked(std::span<const std::uint64_t> per_leaf);
+  void cover_leaf_locked(std::uint64_t leaf, std::uint64_t bytes);
   // The 4 MiB slices under `ranges` of at least `min_length` bytes not faulted in yet, at most
   // `budget` bytes of them, marked as faulted in.
   [[nodiscard]] std::vector<std::uint64_t> claim_slices_locked(std::span<const byte_range> ranges,
@@ -181,9 +184,11 @@ class assembly : public std::enable_shared_from_this<assembly> {
 
   mutable std::mutex mutex_;
   state state_ = state::open;
-  std::shared_ptr<memory::shared_memory> buffer_;                        // null once sealed
-  std::vector<byte_range> covered_;                                      // merged
-  std::vector<std::pair<std::string, std::vector<byte_range>>> pieces_;  // piece id → its ranges
+  std::shared_ptr<memory::shared_memory> buffer_;  // null once sealed
+  std::vector<byte_range> covered_;                // merged
+  std::uint64_t covered_required_ = 0;             // of required_bytes_
+  // piece id → its canonical ranges
+  std::vector<std::pair<std::string, std::shared_ptr<const std::vector<byte_range>>>> pieces_;
   std::string artifact_id_;
   std::optional<clock::time_point> deadline_;
   std::vector<std::uint64_t> missing_;   // per leaf: required bytes no piece has covered yet

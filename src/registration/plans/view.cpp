@@ -77,13 +77,21 @@ view_record record_of(const views::view_plan& v, const hash::digest& data) {
   return r;
 }
 
+using recorded_views = std::vector<std::pair<view_record, std::shared_ptr<const views::view_plan>>>;
+
+// One view to record, its record copied once: a piece's ranges may be millions.
+recorded_views one_view(const view_record& record, std::shared_ptr<const views::view_plan> plan) {
+  recorded_views out;
+  out.emplace_back(record, std::move(plan));
+  return out;
+}
+
 // Admits `replica` to the stable DRAM cache as `d`'s replica (or joins the one there), as a
 // stable_dram commit does (registration.md §4.5), and records `views` on the artifact.
-result<commit_response> publish_stable(
-    commit_context& ctx, const artifact_descriptor& d, std::uint64_t size,
-    std::shared_ptr<const memory::byte_source> replica, const std::shared_ptr<const index::canonical_index>& idx,
-    stable::budget_reservation* reservation,
-    const std::vector<std::pair<view_record, std::shared_ptr<const views::view_plan>>>& views) {
+result<commit_response> publish_stable(commit_context& ctx, const artifact_descriptor& d, std::uint64_t size,
+                                       std::shared_ptr<const memory::byte_source> replica,
+                                       const std::shared_ptr<const index::canonical_index>& idx,
+                                       stable::budget_reservation* reservation, recorded_views views) {
   const auto& p = ctx.facts;
   commit_response response;
   response.descriptor = d;
@@ -109,7 +117,7 @@ result<commit_response> publish_stable(
       response.existed = true;
       cat.add_join(a, join{p.id, p.owner_pid, ttl_deadline(ctx.time, ctx.ttl_ms())});
     }
-    for (const auto& v : views) a.views[v.first.view_id] = v;
+    for (auto& v : views) a.views[v.first.view_id] = std::move(v);
     response.local_stable_tier = local_stable_tier_result{local_stable_status::skipped, tier_skipped};
     return response;
   });
@@ -399,8 +407,8 @@ result<commit_response> view_registration::commit_canonical(commit_context& ctx)
   }
   TENSORREG_TRY_ASSIGN(auto record, record_over(buffer_->bytes(), ctx.pool));
   const auto descriptor = describe(p, *index_, data);
-  TENSORREG_TRY_ASSIGN(
-      auto response, publish_stable(ctx, descriptor, p.total_size, buffer_, index_, &reservation_, {{record, view_}}));
+  TENSORREG_TRY_ASSIGN(auto response, publish_stable(ctx, descriptor, p.total_size, buffer_, index_, &reservation_,
+                                                     one_view(record, view_)));
   response.view = std::move(record);
   return response;
 }
@@ -471,7 +479,7 @@ result<commit_response> view_registration::commit_piece(commit_context& ctx) {
       as_whole.cgid.clear();
       as_whole.total_size = index_->total_size();
       const auto descriptor = describe(as_whole, *index_, data);
-      return publish_stable(ctx, descriptor, as_whole.total_size, buffer, index_, nullptr, {{record, view_}});
+      return publish_stable(ctx, descriptor, as_whole.total_size, buffer, index_, nullptr, one_view(record, view_));
     }();
     if (!sealed) {
       // The assembly cannot take pieces any more (its buffer is sealed or half published): drop
