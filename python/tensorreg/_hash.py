@@ -3,10 +3,11 @@ the mi2 id of a canonical buffer given as pieces at offsets (the gaps read as ze
 
 The data hash is a tree of SHA-256 over 4 MiB leaves. The leaves are hashed by a pool of
 threads, one per core: hashlib (OpenSSL) releases the GIL while it hashes a buffer of more
-than a few KiB, so the threads run in parallel. Each thread copies the bytes into a small
-buffer of its own and hashes them there: SHA-256 reading memory far larger than the cache
-stalls on it (it costs a quarter more CPU than the copy and the hash of cache-hot bytes
-together), as the C++ client's file reads hash from a pread() buffer too.
+than a few KiB, so the threads run in parallel. Every call into hashlib or ctypes takes the GIL
+back, so many threads hash each leaf where it lies, one call a leaf. One or two threads copy
+the bytes into a small buffer of their own and hash them there instead: on a VM whose memory
+stalls SHA-256 that costs a fifth less CPU, and with so few threads the GIL is not the
+bottleneck (benchmarks/RESULTS.md has both measurements).
 
 Thread-safety: pure functions; the pieces must not change while they are hashed.
 """
@@ -25,6 +26,8 @@ LEAF_BYTES = 4 << 20  # never adaptive (§3.3)
 _PIECE = 256 << 10
 _ZEROS = memoryview(bytes(_PIECE))
 _staging = threading.local()  # each thread's _PIECE-byte buffer
+# The most hashing threads that stage their bytes (module doc).
+_STAGED_UP_TO_THREADS = 2
 
 
 def multihash(digest: bytes) -> str:
@@ -73,8 +76,13 @@ def _update_staged(h, view) -> None:
         h.update(stage[:n])
 
 
-def _leaf(pieces: list, start: int, end: int) -> bytes:
-    """SHA-256 of [start, end) of the buffer; `pieces` sorted by offset, not overlapping."""
+def _update_in_place(h, view) -> None:
+    h.update(view)
+
+
+def _leaf(pieces: list, start: int, end: int, update=_update_staged) -> bytes:
+    """SHA-256 of [start, end) of the buffer; `pieces` sorted by offset, not overlapping; each
+    piece's bytes hashed by update(h, view)."""
     h = hashlib.sha256()
     at = start
     for offset, view in pieces:
@@ -87,7 +95,7 @@ def _leaf(pieces: list, start: int, end: int) -> bytes:
             _update_zeros(h, offset - at)
             at = offset
         upto = min(last, end)
-        _update_staged(h, view[at - offset:upto - offset])
+        update(h, view[at - offset:upto - offset])
         at = upto
     if at < end:
         _update_zeros(h, end - at)
@@ -110,9 +118,10 @@ def data_multihash(pieces: list, total_size: int, threads: int | None = None) ->
     not overlapping, within total_size. REQUIRES: total_size > 0."""
     starts = range(0, total_size, LEAF_BYTES)
     threads = max(1, min(threads or os.cpu_count() or 1, len(starts)))
+    update = _update_staged if threads <= _STAGED_UP_TO_THREADS else _update_in_place
 
     def leaf(start: int) -> bytes:
-        return _leaf(pieces, start, min(start + LEAF_BYTES, total_size))
+        return _leaf(pieces, start, min(start + LEAF_BYTES, total_size), update)
 
     if threads == 1:
         leaves = [leaf(s) for s in starts]

@@ -696,12 +696,16 @@ class HeldPutTest(_support.StoreTestCase):
         whole = bytes(3) + a + bytes(leaf - 20) + b + bytes(9)
         pieces = [(3, memoryview(a)), (3 + len(a) + leaf - 20, memoryview(b))]
         expected = _hash.data_multihash([(0, memoryview(whole))], len(whole), threads=1)
-        self.assertEqual(_hash.data_multihash(pieces, len(whole)), expected)
-        # Writable pieces (tensor memory) are copied by address, read-only ones through slices.
+        # Up to _STAGED_UP_TO_THREADS threads stage the bytes, more hash them in place.
+        in_place = _hash._STAGED_UP_TO_THREADS + 1
+        for threads in (1, in_place):
+            self.assertEqual(_hash.data_multihash(pieces, len(whole), threads), expected)
+        # Writable pieces (tensor memory) are staged by address, read-only ones through slices.
         writable = [(3, memoryview(bytearray(a))), (3 + len(a) + leaf - 20, memoryview(bytearray(b))[:])]
         self.assertIsNotNone(_hash._address(writable[0][1]))
         self.assertIsNone(_hash._address(pieces[0][1]))
-        self.assertEqual(_hash.data_multihash(writable, len(whole)), expected)
+        for threads in (1, in_place):
+            self.assertEqual(_hash.data_multihash(writable, len(whole), threads), expected)
 
     def assert_gets(self, artifact_id, sd):
         got = self.store.get(artifact_id)
