@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
 import time
 
 from . import _buffers, _cuda, _hash, _layout, _messages, _requests
@@ -219,27 +220,44 @@ def _put_cuda(conn: Connection, torch, layout, device, profile, view=None,
     begun, fds = conn.call(begin)
     _close_fds(fds)
     registration_id = begun.begin_register_artifact.registration_id
+    split = {"begin": time.perf_counter() - prepared}
     try:
         handle = begun.begin_register_artifact.coalesced.daemon_ipc_handle
         if not handle:
             raise DataLoss(f"cannot put {registration_id}: the daemon sent no IPC handle for its buffer")
+        at = time.perf_counter()
         mapping = _cuda.IpcMapping(drv, ordinal, handle, layout.total_size,
                                    f"the daemon's buffer for {registration_id}")
+        split["map"] = time.perf_counter() - at
         try:
+            at = time.perf_counter()
             dst = _cuda.as_tensor(torch, mapping, ordinal, layout.total_size)
             with torch.cuda.device(ordinal):
                 _buffers.write_storages(torch, dst, layout)
                 # The daemon reads the buffer at commit: every copy must have landed.
                 torch.cuda.synchronize(ordinal)
             del dst
-        finally:
+            split["copy"] = time.perf_counter() - at
+        except BaseException:
             mapping.close()
+            raise
+        # Unmapping a model-sized buffer takes tens of ms: it runs beside the Commit's hash.
+        unmapping = threading.Thread(target=mapping.close, name="tensorreg-unmap")
+        unmapping.start()
         copied = time.perf_counter()
-        done = commit(conn, registration_id, replica_timeout_ms=replica_timeout_ms)
+        try:
+            done = commit(conn, registration_id, replica_timeout_ms=replica_timeout_ms)
+        finally:
+            at = time.perf_counter()
+            unmapping.join()
+            split["unmap_wait"] = time.perf_counter() - at
     except BaseException:
         abort(conn, registration_id)
         raise
-    timings = {"metadata": prepared - started, "rpc": copied - prepared, "commit": time.perf_counter() - copied}
+    # "rpc" is everything between the metadata and the Commit, begin, map and copy its parts;
+    # unmap_wait is what the unmapping added after the Commit.
+    timings = {"metadata": prepared - started, "rpc": copied - prepared, "commit": time.perf_counter() - copied,
+               **split}
     return RegisteredArtifact(done, layout, registration_id, "coalesced", None, timings)
 
 
