@@ -80,7 +80,8 @@ reg::plan_options to_plan(const v2::BeginRegisterArtifactRequest& in) {
   switch (in.plan_case()) {
     case v2::BeginRegisterArtifactRequest::kLease: {
       const auto& l = in.lease();
-      return reg::lease_options{l.min_tensor_bytes(), l.max_tensor_count(), l.lease_bytes_limit(), l.in_place()};
+      return reg::lease_options{l.min_tensor_bytes(), l.max_tensor_count(), l.lease_bytes_limit(), l.in_place(),
+                                l.publish_copy()};
     }
     case v2::BeginRegisterArtifactRequest::kStableDram: {
       const auto& s = in.stable_dram();

@@ -106,10 +106,10 @@ struct fixture {
     std::memcpy(mem.data() + at, bytes.data(), bytes.size());
   }
 
-  // Begin, feed (both storages from the region) and commit; returns the registration id.
-  std::string lease(bool in_place, result<commit_response>* out = nullptr) {
+  // Begin and feed (both storages from the region); returns the registration id.
+  std::string begin_and_feed(bool in_place, bool publish_copy = false) {
     auto r = t::lip_begin(m.total_size(), me);
-    r.plan = lease_options{.in_place = in_place};
+    r.plan = lease_options{.in_place = in_place, .publish_copy = publish_copy};
     auto begun = e->begin(r);
     REQUIRE_OK(begun);
     const auto id = begun->registration_id;
@@ -118,6 +118,12 @@ struct fixture {
         {"s1", region_entry("s1", region, m.storage("s1").bytes.size(), 512)},
     };
     REQUIRE_OK(e->feed(t::lip_feed(id, m, entries)));
+    return id;
+  }
+
+  // begin_and_feed(), then commit; returns the registration id.
+  std::string lease(bool in_place, result<commit_response>* out = nullptr, bool publish_copy = false) {
+    const auto id = begin_and_feed(in_place, publish_copy);
     auto committed = e->commit(id);
     if (out != nullptr) *out = committed;
     REQUIRE_OK(committed);
@@ -190,6 +196,69 @@ TEST_CASE("engine snapshot lease: device memory is snapshotted on the device and
   CHECK(f.e->stats().leases == 1);
   f.e->revoke(id, "test");
   CHECK(f.e->stats().leases == 0);
+}
+
+TEST_CASE("engine snapshot lease: publish_copy keeps the device copy as a GPU replica and no lease",
+          "[registration][engine_snapshot]") {
+  auto fake = std::make_shared<fake_device_memory>(1);
+  auto device = std::make_shared<snapshotting_device>(fake);
+  fixture f(fake, device);
+
+  result<commit_response> committed = fail(errc::unknown, "not committed");
+  const auto id = f.lease(false, &committed, /*publish_copy=*/true);
+  const auto artifact = committed->descriptor.artifact_id;
+  CHECK_FALSE(committed->existed);
+  CHECK_FALSE(f.e->revoke(id, "test"));  // it names no lease
+  CHECK(device->snapshots == 1);
+  // No lease, no region reference: the client may unregister its memory and reuse it.
+  CHECK(f.e->stats().leases == 0);
+  auto gone = f.e->unregister_region(f.region.id, me, false);
+  REQUIRE_OK(gone);
+  CHECK(*gone);
+  f.write(0, std::string(f.m.storage("s0").bytes.size(), '\x01'));
+  CHECK(f.read_artifact(artifact) == f.m.canonical());
+  // Served from the copy, as a coalesced put's buffer is.
+  auto layout = f.e->device_layout_of(artifact);
+  REQUIRE_OK(layout);
+  REQUIRE(layout->allocations.size() == 1);
+  CHECK(layout->allocations[0].cuda_ipc_handle == "snapshot-handle");
+  CHECK(layout->allocations[0].size_bytes == f.m.total_size());
+  const auto summary = f.e->get(artifact);
+  REQUIRE_OK(summary);
+  CHECK(summary->leases == 0);
+  CHECK(summary->vram_snapshots == 0);
+
+  // The same bytes again (a region registered anew) join the replica there.
+  auto registered = f.e->register_region(vram_region(0, f.handle, 1024));
+  REQUIRE_OK(registered);
+  f.region = *registered;
+  f.write(0, f.m.storage("s0").bytes);
+  result<commit_response> again = fail(errc::unknown, "not committed");
+  f.lease(false, &again, /*publish_copy=*/true);
+  CHECK(again->existed);
+  CHECK(again->descriptor.artifact_id == artifact);
+  CHECK(device->snapshots == 2);
+}
+
+TEST_CASE("engine snapshot lease: publish_copy needs a copy on the device and a snapshot lease",
+          "[registration][engine_snapshot]") {
+  fixture f;  // the plain fake device makes no device-side copies
+  const auto id = f.begin_and_feed(false, /*publish_copy=*/true);
+  CHECK_ERROR(f.e->commit(id), errc::failed_precondition,
+              "cannot commit " + id +
+                  " as a copy on its GPU: its bytes are not device memory of one GPU that this daemon reaches "
+                  "(publish_copy copies device to device; put host tensors through the stable_dram plan)");
+  // Nothing was kept: the region's reference went with the failed commit.
+  CHECK(f.e->stats().leases == 0);
+  auto gone = f.e->unregister_region(f.region.id, me, false);
+  REQUIRE_OK(gone);
+  CHECK(*gone);
+
+  auto r = t::lip_begin(f.m.total_size(), me);
+  r.plan = lease_options{.in_place = true, .publish_copy = true};
+  CHECK_ERROR(f.e->begin(r), errc::invalid_argument,
+              "cannot begin lease registration: publish_copy needs in_place = false (a lease in place makes no "
+              "copy to publish)");
 }
 
 TEST_CASE("engine snapshot lease: host storages are copied too, with the id of a lease in place",

@@ -41,6 +41,9 @@ struct lease_options {
   std::uint32_t max_tensor_count = 0;
   std::uint64_t lease_bytes_limit = 0;
   bool in_place = true;
+  /// With in_place false: the copy made at Commit becomes the artifact's GPU replica, as a
+  /// coalesced put's buffer does, and no lease is left (registration.md §5.5).
+  bool publish_copy = false;
   /// Not on the wire's LeaseOptions: set by engine::republish(). The registration id of a
   /// committed lease of the same owner whose memory and layout this lease takes at Commit; it
   /// takes no Feed.

@@ -1,5 +1,7 @@
 #include "registration/plans/coalesced.hpp"
 
+#include <utility>
+
 #include "memory/system_calls.hpp"
 
 namespace tensorreg::registration::detail {
@@ -34,6 +36,15 @@ result<commit_response> coalesced::commit(commit_context& ctx) {
     TENSORREG_TRY_ASSIGN(data, hash_canonical(normalized->view(), ctx.pool, ctx.devices, ctx.cancelled));
   }
   auto descriptor = describe(p, *index_, data);
+  auto buffer = std::exchange(buffer_, std::nullopt);
+  return publish_gpu_replica(ctx, descriptor, index_, p.device_id,
+                             device_buffer{std::move(normalized), std::move(buffer->ipc_handle), buffer->device_id});
+}
+
+result<commit_response> publish_gpu_replica(commit_context& ctx, const artifact_descriptor& descriptor,
+                                            std::shared_ptr<const index::canonical_index> idx, std::int32_t device_id,
+                                            device_buffer replica) {
+  const auto& p = ctx.facts;
   commit_response response;
   response.descriptor = descriptor;
   TENSORREG_TRY(ctx.with_catalogue([&](catalogue& cat) -> status {
@@ -41,14 +52,13 @@ result<commit_response> coalesced::commit(commit_context& ctx) {
       return fail(errc::failed_precondition,
                   "cannot commit " + descriptor.artifact_id + ": the artifact is being deregistered");
     }
-    auto& a = cat.add(descriptor, index_);
-    if (a.gpu_replicas.contains(p.device_id)) {
-      response.existed = true;
+    auto& a = cat.add(descriptor, idx);
+    if (a.gpu_replicas.contains(device_id)) {
+      response.existed = true;  // `replica` is dropped: the one there serves
       cat.add_join(a, join{p.id, p.owner_pid, ttl_deadline(ctx.time, ctx.ttl_ms())});
     } else {
-      a.gpu_replicas.emplace(p.device_id, device_buffer{std::move(normalized), buffer_->ipc_handle});
-      if (p.owner_uid) a.gpu_replica_uids[p.device_id] = *p.owner_uid;  // DECISIONS §8
-      buffer_.reset();
+      a.gpu_replicas.emplace(device_id, std::move(replica));
+      if (p.owner_uid) a.gpu_replica_uids[device_id] = *p.owner_uid;  // DECISIONS §8
     }
     return {};
   }));
@@ -62,8 +72,8 @@ result<commit_response> coalesced::commit(commit_context& ctx) {
         if (response.existed) {
           (void)cat.revoke(p.id);
         } else {
-          a->gpu_replicas.erase(p.device_id);
-          a->gpu_replica_uids.erase(p.device_id);
+          a->gpu_replicas.erase(device_id);
+          a->gpu_replica_uids.erase(device_id);
         }
         cat.erase_if_empty(descriptor.artifact_id);
       }

@@ -13,6 +13,16 @@
 
 namespace tensorreg::registration::detail {
 
+/// Commit steps 9–10 of a plan that ends with a daemon-owned device buffer: files `descriptor`
+/// with `idx` and keeps `replica` (the normalized canonical bytes, on `device_id`) as the
+/// artifact's GPU replica on that device, or joins the replica already there (then `replica`
+/// is dropped); then applies the local stable tier (§6.2).
+/// Errors: FAILED_PRECONDITION (the artifact is being deregistered), a "must" stable tier's
+/// failure (what the commit added is taken back).
+[[nodiscard]] result<commit_response> publish_gpu_replica(commit_context& ctx, const artifact_descriptor& descriptor,
+                                                          std::shared_ptr<const index::canonical_index> idx,
+                                                          std::int32_t device_id, device_buffer replica);
+
 class coalesced final : public plan {
  public:
   /// Errors: INVALID_ARGUMENT, NOT_FOUND (the index, as engine::begin), FAILED_PRECONDITION (no

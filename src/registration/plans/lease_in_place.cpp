@@ -9,9 +9,11 @@
 #include <utility>
 
 #include "registration/layout_cache.hpp"
+#include "registration/plans/coalesced.hpp"
 #include "registration/plans/snapshot.hpp"
 #include "tensorreg/index/byte_range_map.hpp"
 #include "tensorreg/index/dtype.hpp"
+#include "tensorreg/metrics/registry.hpp"
 
 namespace tensorreg::registration::detail {
 namespace {
@@ -483,10 +485,15 @@ result<commit_response> publish_lease(commit_context& ctx, const artifact_descri
 
 result<std::unique_ptr<lease_in_place>> lease_in_place::begin(const begin_request& /*request*/,
                                                               const lease_options& options, begin_response& response) {
+  if (options.publish_copy && options.in_place) {
+    return fail(errc::invalid_argument,
+                "cannot begin lease registration: publish_copy needs in_place = false (a lease in place makes no copy "
+                "to publish)");
+  }
   // §4.2.7: the lease plan checks neither index nor device at Begin; the index is rebuilt
   // from the fed metadata at Commit.
   response.handshake = lease_handshake{};
-  return std::unique_ptr<lease_in_place>(new lease_in_place(!options.in_place));
+  return std::unique_ptr<lease_in_place>(new lease_in_place(!options.in_place, options.publish_copy));
 }
 
 result<feed_work> lease_in_place::feed(feed_request& r, const registration_facts& facts,
@@ -542,6 +549,7 @@ result<commit_response> lease_in_place::commit(commit_context& ctx) {
     view.keep_alive.push_back(view.bytes);  // the normalized view reads through it
     view.bytes = std::make_shared<const memory::segmented_view>(std::move(normalized));
   }
+  if (publish_copy_) return commit_copy(ctx, *layout, std::move(view));
   if (snapshot_) {
     // §5.4: the copy, then the client's memory is the client's again (the trainer may write it
     // while the hash below reads the copy): its mappings go with the old view, and its region
@@ -559,6 +567,35 @@ result<commit_response> lease_in_place::commit(commit_context& ctx) {
   return publish_lease(ctx, descriptor, idx, std::move(view), tables_.region_ids(), snapshot_, 0, [&] {
     spent = std::exchange(tables_, lip_tables{});  // references now belong to the lease
   });
+}
+
+result<commit_response> lease_in_place::commit_copy(commit_context& ctx, const lease_layout& layout, lip_view leased) {
+  const auto& p = ctx.facts;
+  const std::string what = "cannot commit " + p.id + " as a copy on its GPU";
+  std::optional<result<device_buffer>> copied;
+  if (ctx.devices != nullptr) copied = ctx.devices->snapshot_to_device(*leased.bytes);
+  if (!copied) {
+    return fail(errc::failed_precondition,
+                what +
+                    ": its bytes are not device memory of one GPU that this daemon reaches (publish_copy copies "
+                    "device to device; put host tensors through the stable_dram plan)");
+  }
+  if (!*copied) return tl::unexpected(with_context(std::move(*copied).error(), what));
+  auto replica = std::move(**copied);
+  metrics::process_counters().bytes_copied.add(replica.bytes->size());
+  // The client's memory is the client's again: its mappings go with the view, its region
+  // references now.
+  leased = lip_view{};
+  if (ctx.regions != nullptr) release(*ctx.regions);
+  std::optional<hash::digest> data;
+  if (p.cgid.empty()) {
+    std::vector<memory::segment> whole{{0, replica.bytes->size(), replica.bytes.get(), 0}};
+    TENSORREG_TRY_ASSIGN(auto bytes, memory::segmented_view::create(replica.bytes->size(), std::move(whole)));
+    TENSORREG_TRY_ASSIGN(data, hash_canonical(bytes, ctx.pool, ctx.devices, ctx.cancelled));
+  }
+  const auto descriptor = describe(p, *layout.index, data, &layout.index_multihash);
+  const std::int32_t device = replica.device_id;
+  return publish_gpu_replica(ctx, descriptor, layout.index, device, std::move(replica));
 }
 
 void lease_in_place::release(regions::region_registry& regions) noexcept {

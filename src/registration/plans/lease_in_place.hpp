@@ -113,10 +113,12 @@ class lip_tables {
 /// registration's region references and mappings. A snapshot lease (in_place = false,
 /// registration.md §5.4) is fed and checked the same way, but its Commit copies the leased bytes
 /// into the daemon's own memory (plans/snapshot.hpp), gives the client's memory back (mappings
-/// and region references) and publishes a lease over the copy, hashed from the copy.
+/// and region references) and publishes a lease over the copy, hashed from the copy. With
+/// publish_copy (§5.5) the copy, which must be a device buffer, is published as the artifact's
+/// GPU replica instead, as a coalesced put's buffer is, and no lease is left.
 class lease_in_place final : public plan {
  public:
-  /// Errors: none today (kept for the plans' common shape).
+  /// Errors: INVALID_ARGUMENT (publish_copy of a lease in place).
   [[nodiscard]] static result<std::unique_ptr<lease_in_place>> begin(const begin_request& request,
                                                                      const lease_options& options,
                                                                      begin_response& response);
@@ -131,9 +133,13 @@ class lease_in_place final : public plan {
   [[nodiscard]] const lip_tables& tables() const noexcept { return tables_; }
 
  private:
-  explicit lease_in_place(bool snapshot) noexcept : snapshot_(snapshot) {}
+  lease_in_place(bool snapshot, bool publish_copy) noexcept : snapshot_(snapshot), publish_copy_(publish_copy) {}
+  // §5.5: the copy of the leased bytes, published as a GPU replica.
+  [[nodiscard]] result<commit_response> commit_copy(commit_context& ctx, const lease_layout& layout, lip_view leased);
+
   lip_tables tables_;
-  bool snapshot_ = false;  // in_place = false
+  bool snapshot_ = false;      // in_place = false
+  bool publish_copy_ = false;  // and the copy becomes a GPU replica
 };
 
 }  // namespace tensorreg::registration::detail
