@@ -111,17 +111,22 @@ class Registrar:
     ttl_ms: each lease's TTL (0 = no expiry and no keepalive thread); policy: a profile name or
     None; snapshot: ask for snapshot leases (LeaseOptions.in_place = false: the daemon copies the
     bytes into its own memory at commit, so the producer may change its tensors at once; a
-    daemon without them answers Unimplemented). Made by Store.registrar().
+    daemon without them answers Unimplemented). publish_copy (CUDA tensors; implies snapshot):
+    each registration is a put instead, whose copy the daemon makes on the GPU from the kept
+    regions and keeps as the artifact's GPU replica, with no lease left (docs/registration.md
+    §5.5): the artifact outlives the registrar, and the registration returns no Lease. Made by
+    Store.registrar().
     """
 
     def __init__(self, conn: Connection, ttl_ms: int = _requests.DEFAULT_TTL_MS, policy: str | None = None,
-                 snapshot: bool = False) -> None:
+                 snapshot: bool = False, publish_copy: bool = False) -> None:
         if not isinstance(ttl_ms, int) or not 0 <= ttl_ms < 2**32:
             raise InvalidArgument(f"cannot make a registrar: ttl_ms {ttl_ms!r} is not a uint32")
         self._conn = conn
         self._ttl_ms = ttl_ms
         self._profile = _requests.policy_profile(policy, WHAT)
-        self._snapshot = bool(snapshot)
+        self._publish_copy = bool(publish_copy)
+        self._snapshot = bool(snapshot) or self._publish_copy
         self._lock = threading.Lock()
         self._kept = _Kept()
         self._leases: weakref.WeakSet = weakref.WeakSet()
@@ -171,8 +176,9 @@ class Registrar:
                 raise
             self._forget()
             art = self._full(state_dict, sig, client_artifact_id, hash_in_background, started)
-        self._leases.add(art.lease)
-        self._kept.lease = weakref.ref(art.lease)
+        if art.lease is not None:  # a publish_copy registration leaves none
+            self._leases.add(art.lease)
+            self._kept.lease = weakref.ref(art.lease)
         return art
 
     def close(self) -> None:
@@ -194,6 +200,8 @@ class Registrar:
         begin = _requests.lease_begin(self._ttl_ms, client_artifact_id, self._profile)
         if self._snapshot:
             begin.begin_register_artifact.lease.in_place = False
+        if self._publish_copy:
+            begin.begin_register_artifact.lease.publish_copy = True
         return begin
 
     # ---- the fast path ----
@@ -446,7 +454,10 @@ class Registrar:
 
     def _leased(self, done, registration_id: str) -> RegisteredArtifact:
         """The artifact of a commit answer over the kept layout, owning its lease (which holds
-        the kept storages). The regions are the Registrar's: the lease does not unregister them."""
+        the kept storages). The regions are the Registrar's: the lease does not unregister them.
+        A publish_copy registration left no lease: its artifact is the daemon's GPU copy."""
+        if self._publish_copy:
+            return RegisteredArtifact(done, self._kept.layout, registration_id, "coalesced", None)
         lease = Lease(self._conn, registration_id, [], self._ttl_ms, keep=self._kept.storages)
         return RegisteredArtifact(done, self._kept.layout, registration_id, "lease_in_place", lease)
 

@@ -153,14 +153,16 @@ class Store:
         return art
 
     def registrar(self, *, ttl_ms: int = DEFAULT_TTL_MS, policy: str | None = None,
-                  snapshot: bool = False) -> Registrar:
+                  snapshot: bool = False, publish_copy: bool = False) -> Registrar:
         """A Registrar: register() of the same state dict again and again, where a registration
         whose tensors are in the same memory with the same layout as the last one's only sends
         Begin, the kept Feed and Commit (the exports, regions, layout and Feed are kept until
         the registrar's close(), or this Store's). _registrar.py has the rules. snapshot=True
-        asks for snapshot leases (the daemon copies the bytes at commit).
+        asks for snapshot leases (the daemon copies the bytes at commit). publish_copy=True (CUDA
+        tensors) makes each registration a put whose copy the daemon makes on the GPU from the
+        kept regions: a put of the same allocations again opens nothing (registration.md §5.5).
         Errors: InvalidArgument (ttl_ms, policy)."""
-        registrar = Registrar(self._conn, ttl_ms, policy, snapshot)
+        registrar = Registrar(self._conn, ttl_ms, policy, snapshot, publish_copy)
         self._registrars.add(registrar)
         return registrar
 

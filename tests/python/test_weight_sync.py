@@ -134,6 +134,21 @@ class CudaRegistrar(unittest.TestCase):
         self.assertEqual([b.lease.in_place for b in begins], [False, False])
         self.assertTrue(_registrar.Registrar(self.conn, 0)._lease_begin(None).begin_register_artifact.lease.in_place)
 
+    def test_a_publish_copy_registrar_puts_on_both_paths_and_leaves_no_lease(self):
+        self.reg = _registrar.Registrar(self.conn, 0, None, publish_copy=True)
+        arts = [self.full(), self.reg._fast(None, False, 0.0)]
+        with mock.patch.object(self.reg, "_full", lambda *args: arts[0]):  # register() keeps no lease of it
+            self.assertIs(self.reg._register({}, None, False, None), arts[0])
+        begins = [r.begin_register_artifact for name, r, _ in self.conn.sent if name == "begin_register_artifact"]
+        self.assertEqual([(b.lease.in_place, b.lease.publish_copy) for b in begins], [(False, True), (False, True)])
+        self.assertEqual([(a.registration_kind, a.lease) for a in arts], [("coalesced", None), ("coalesced", None)])
+        # The regions stay the registrar's: the second put sent no region, and nothing is revoked.
+        self.assertEqual(self.conn.bodies().count("register_region"), 3)
+        del self.conn.sent[:]
+        self.reg.close()
+        self.assertNotIn("revoke_registered_artifact", self.conn.bodies())
+        self.assertEqual(self.conn.bodies().count("unregister_region"), 3)
+
     def test_a_storage_in_another_allocation_drops_the_region_it_left(self):
         self.full().close()
         del self.conn.sent[:]
