@@ -13,9 +13,12 @@ are of bytes the daemon has not seen, then times:
 - register: Store.register(sd) until its mi2 id is answered; then the lease is closed;
 - put: Store.put(sd, policy=None) until its mi2 id is answered (the daemon allocates the
   buffer, the client copies every tensor into it on the GPU, the daemon hashes it); then the
-  artifact is deregistered, which frees the buffer.
+  artifact is deregistered, which frees the buffer;
+- registrar put: register() of a Registrar made with publish_copy=True (docs/registration.md
+  §5.5): the daemon copies the bytes on the GPU from the regions the registrar keeps and keeps
+  the copy as the artifact's GPU replica; then the artifact is deregistered.
 
-The two ids of one repeat must be equal (the same bytes). Medians of --repeats after one
+The three ids of one repeat must be equal (the same bytes). Medians of --repeats after one
 warm-up repeat, with the client's own split of each (artifact.timings) and their ratio.
 """
 
@@ -57,14 +60,15 @@ def main() -> int:
         return 77
     work = tempfile.mkdtemp(prefix="tensorreg-put-register-")
     daemon, socket_path, daemon_log = start_daemon(args.daemon, work)
-    rows: dict = {"register": [], "put": []}
-    splits: dict = {"register": [], "put": []}
+    rows: dict = {"register": [], "put": [], "registrar": []}
+    splits: dict = {"register": [], "put": [], "registrar": []}
     try:
         sd = model_state_dict(torch, args.shape, args.gib, "cuda")
         total = sum(t.numel() * t.element_size() for t in sd.values())
         print(f"{torch.cuda.get_device_name(0)}; torch {torch.__version__}; {args.shape}: {len(sd)} bf16 tensors, "
               f"{total / (1 << 30):.2f} GiB; expandable_segments {'on' if args.expandable != '0' else 'off'}")
         with tensorreg.Store(socket_path, timeout=300) as store:
+            putter = store.registrar(publish_copy=True)
             for k in range(args.repeats + 1):
                 with torch.no_grad():
                     for t in sd.values():
@@ -82,21 +86,32 @@ def main() -> int:
                 put_id = put.artifact_id
                 put_split = dict(put.timings)
                 store.deregister(put_id)
-                if put_id != registered_id or not put_id.startswith("mi2:"):
-                    raise RuntimeError(f"repeat {k}: put answered {put_id}, register {registered_id}")
+                started = time.perf_counter()
+                copied = putter.register(sd)
+                took_registrar = time.perf_counter() - started
+                copied_id = copied.artifact_id
+                registrar_split = dict(copied.timings)
+                store.deregister(copied_id)
+                if not (put_id == registered_id == copied_id) or not put_id.startswith("mi2:"):
+                    raise RuntimeError(f"repeat {k}: put answered {put_id}, register {registered_id}, registrar put "
+                                       f"{copied_id}")
                 print(f"repeat {k}{' (warm-up)' if k == 0 else ''}: register {took_register * 1e3:.1f} ms "
-                      f"{fmt_split(register_split)}; put {took_put * 1e3:.1f} ms {fmt_split(put_split)}", flush=True)
+                      f"{fmt_split(register_split)}; put {took_put * 1e3:.1f} ms {fmt_split(put_split)}; "
+                      f"registrar put {took_registrar * 1e3:.1f} ms {fmt_split(registrar_split)}", flush=True)
                 if k > 0:
-                    rows["register"].append(took_register)
-                    rows["put"].append(took_put)
-                    splits["register"].append(register_split)
-                    splits["put"].append(put_split)
-        register, put = statistics.median(rows["register"]), statistics.median(rows["put"])
+                    for key, took, split in (("register", took_register, register_split),
+                                             ("put", took_put, put_split),
+                                             ("registrar", took_registrar, registrar_split)):
+                        rows[key].append(took)
+                        splits[key].append(split)
+            putter.close()
+        medians = {key: statistics.median(values) for key, values in rows.items()}
         print("| what | ms (median) | split (medians, ms) |\n|---|---|---|")
-        for what, value in (("register -> mi2 id", register), ("put -> mi2 id", put)):
-            key = what.split()[0]
-            print(f"| {what} | {value * 1e3:.1f} | {fmt_split(median_split(splits[key]))} |")
-        print(f"put / register = {put / register:.2f} (goal <= 1.2); ids equal in every repeat")
+        for key, what in (("register", "register -> mi2 id"), ("put", "put -> mi2 id"),
+                          ("registrar", "registrar put (publish_copy) -> mi2 id")):
+            print(f"| {what} | {medians[key] * 1e3:.1f} | {fmt_split(median_split(splits[key]))} |")
+        print(f"put / register = {medians['put'] / medians['register']:.2f}, registrar put / register = "
+              f"{medians['registrar'] / medians['register']:.2f} (goal <= 1.2); ids equal in every repeat")
     finally:
         daemon.terminate()
         try:
