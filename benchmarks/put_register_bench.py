@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,7 +36,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "python"))
 sys.path.insert(0, HERE)
 
 from bench_state_dicts import model_state_dict  # noqa: E402
-from weight_sync_bench import start_daemon  # noqa: E402
+from weight_sync_bench import start_daemon, stop_daemon  # noqa: E402
 
 
 def main() -> int:
@@ -113,12 +111,7 @@ def main() -> int:
         print(f"put / register = {medians['put'] / medians['register']:.2f}, registrar put / register = "
               f"{medians['registrar'] / medians['register']:.2f} (goal <= 1.2); ids equal in every repeat")
     finally:
-        daemon.terminate()
-        try:
-            daemon.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-        shutil.rmtree(work, ignore_errors=True)
+        stop_daemon(daemon, daemon_log, work)
     return 0
 
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import shutil
 import statistics
 import subprocess
 import sys
@@ -46,6 +45,7 @@ sys.path.insert(0, os.path.join(REPO, "python"))
 sys.path.insert(0, HERE)
 
 from bench_state_dicts import checksum, rebuild_state_dict, reduce_state_dict, varied_state_dict  # noqa: E402
+from weight_sync_bench import stop_daemon  # noqa: E402
 
 
 def log(*parts) -> None:
@@ -339,15 +339,7 @@ def main() -> int:
                                 f"{n} tensors of 256 KiB") != 0:
                     return 1
     finally:
-        said = open(daemon_log.name).read().strip()
-        if said.count("\n") > 0:
-            log("tensorregd said:\n" + "\n".join(said.splitlines()[-20:]))
-        daemon.terminate()
-        try:
-            daemon.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-        shutil.rmtree(work, ignore_errors=True)
+        stop_daemon(daemon, daemon_log, work)
     return 0
 
 

@@ -273,6 +273,19 @@ def start_daemon(path: str, work: str):
     return daemon, socket_path, daemon_log
 
 
+def stop_daemon(daemon, daemon_log, work: str) -> None:
+    """Prints the tail of what the daemon said beyond its ready line, stops it and removes `work`."""
+    said = open(daemon_log.name).read().strip()
+    if said.count("\n") > 0:
+        log("tensorregd said:\n" + "\n".join(said.splitlines()[-20:]))
+    daemon.terminate()
+    try:
+        daemon.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        daemon.kill()
+    shutil.rmtree(work, ignore_errors=True)
+
+
 def metrics_url(daemon_log) -> str | None:
     for line in open(daemon_log.name):
         if "metrics on " in line:
@@ -692,15 +705,7 @@ def main() -> int:
     finally:
         if consumer is not None:
             consumer.close()
-        said = open(daemon_log.name).read().strip()
-        if said.count("\n") > 0:
-            log("tensorregd said:\n" + "\n".join(said.splitlines()[-20:]))
-        daemon.terminate()
-        try:
-            daemon.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-        shutil.rmtree(work, ignore_errors=True)
+        stop_daemon(daemon, daemon_log, work)
     return 0
 
 

@@ -131,6 +131,17 @@ struct fixture {
     return id;
   }
 
+  // Readers of `artifact` open one device allocation: the snapshotting device's copy of it all.
+  device_layout check_served_from_snapshot(const std::string& artifact) {
+    auto layout = e->device_layout_of(artifact);
+    REQUIRE_OK(layout);
+    REQUIRE(layout->allocations.size() == 1);
+    CHECK(layout->allocations[0].cuda_ipc_handle == "snapshot-handle");
+    CHECK(layout->allocations[0].device_id == 0);
+    CHECK(layout->allocations[0].size_bytes == m.total_size());
+    return std::move(*layout);
+  }
+
   std::string read_artifact(const std::string& artifact_id) {
     auto bytes = e->open_bytes(artifact_id);
     REQUIRE_OK(bytes);
@@ -180,15 +191,10 @@ TEST_CASE("engine snapshot lease: device memory is snapshotted on the device and
   CHECK(device->snapshots == 1);
   f.write(0, std::string(f.m.storage("s0").bytes.size(), '\x01'));
   CHECK(f.read_artifact(artifact) == f.m.canonical());
-  auto layout = f.e->device_layout_of(artifact);
-  REQUIRE_OK(layout);
-  REQUIRE(layout->allocations.size() == 1);
-  CHECK(layout->allocations[0].cuda_ipc_handle == "snapshot-handle");
-  CHECK(layout->allocations[0].device_id == 0);
-  CHECK(layout->allocations[0].size_bytes == f.m.total_size());
-  REQUIRE(layout->segments.size() == 1);
-  CHECK(layout->segments[0].artifact_offset == 0);
-  CHECK(layout->segments[0].length == f.m.total_size());
+  const auto layout = f.check_served_from_snapshot(artifact);
+  REQUIRE(layout.segments.size() == 1);  // the lease's one copy, PAD included
+  CHECK(layout.segments[0].artifact_offset == 0);
+  CHECK(layout.segments[0].length == f.m.total_size());
   const auto summary = f.e->get(artifact);
   REQUIRE_OK(summary);
   CHECK(summary->vram_snapshots == 1);
@@ -217,12 +223,9 @@ TEST_CASE("engine snapshot lease: publish_copy keeps the device copy as a GPU re
   CHECK(*gone);
   f.write(0, std::string(f.m.storage("s0").bytes.size(), '\x01'));
   CHECK(f.read_artifact(artifact) == f.m.canonical());
-  // Served from the copy, as a coalesced put's buffer is.
-  auto layout = f.e->device_layout_of(artifact);
-  REQUIRE_OK(layout);
-  REQUIRE(layout->allocations.size() == 1);
-  CHECK(layout->allocations[0].cuda_ipc_handle == "snapshot-handle");
-  CHECK(layout->allocations[0].size_bytes == f.m.total_size());
+  // As a coalesced put's buffer is: its DATA ranges at their canonical offsets ("b" at 0, and
+  // "w" with its view "v" at 24).
+  CHECK(f.check_served_from_snapshot(artifact).segments.size() == 2);
   const auto summary = f.e->get(artifact);
   REQUIRE_OK(summary);
   CHECK(summary->leases == 0);
