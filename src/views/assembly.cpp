@@ -127,15 +127,14 @@ result<assembly_snapshot> assembly::add_piece(const std::string& piece_id, const
   // The bytes the piece's stream wrote at Feed (only into this assembly's buffer: one made
   // again after an expiry has none of them) need no compare and no copy.
   const bool streamed = stream != nullptr && stream->of(*this) && !stream->claimed().empty();
-  // A model's split columns are millions of ranges a piece: a stream that claimed all of its
-  // bytes (the usual case) skips every pass over them that would find nothing.
-  const bool all_streamed = streamed && stream->claims_all();
+  // A model's split columns are millions of ranges a piece: for a stream that claimed all of
+  // its bytes (the usual case) the rest is empty, and every pass over it below costs nothing.
   std::vector<byte_range> rest_of_stream;
-  if (streamed && !all_streamed) rest_of_stream = subtract_ranges(plan.canonical_ranges(), stream->claimed());
+  if (streamed && !stream->claims_all()) rest_of_stream = subtract_ranges(plan.canonical_ranges(), stream->claimed());
   const std::span<const byte_range> rest =
       !streamed ? std::span<const byte_range>(plan.canonical_ranges()) : std::span<const byte_range>(rest_of_stream);
   for (const auto& [id, ranges] : claims_) {
-    if (id == piece_id || rest.empty()) continue;
+    if (id == piece_id) continue;
     if (const auto shared = intersect_ranges(rest, ranges); !shared.empty()) {
       if (retry_later != nullptr) *retry_later = true;
       return fail(errc::failed_precondition, what + ": its canonical bytes [" + std::to_string(shared.front().offset) +
@@ -145,7 +144,7 @@ result<assembly_snapshot> assembly::add_piece(const std::string& piece_id, const
     }
   }
   const auto canonical = buffer_->mutable_bytes();
-  const auto overlap = rest.empty() ? std::vector<byte_range>{} : intersect_ranges(rest, covered_);
+  const auto overlap = intersect_ranges(rest, covered_);
   if (!overlap.empty()) {
     TENSORREG_TRY_ASSIGN(const auto differs, compare(plan, 0, view_bytes, canonical, overlap));
     if (differs) {
@@ -168,7 +167,7 @@ result<assembly_snapshot> assembly::add_piece(const std::string& piece_id, const
   std::span<const byte_range> to_write = plan.canonical_ranges();
   std::vector<byte_range> left;
   if (streamed) {
-    if (!rest.empty()) left = subtract_ranges(rest, covered_);
+    left = subtract_ranges(rest, covered_);
     to_write = left;
   }
   if (!to_write.empty()) {
@@ -194,8 +193,7 @@ result<assembly_snapshot> assembly::add_piece(const std::string& piece_id, const
   // The required bytes covered for the first time. A stream's claim is among them whole: while
   // it is open, no other piece covers a byte of it (such a piece is told to commit again), and
   // the stream counted its bytes per leaf as it wrote them.
-  const auto fresh = subtract_ranges(
-      intersect_ranges(streamed ? rest : std::span<const byte_range>(plan.canonical_ranges()), required_), covered_);
+  const auto fresh = subtract_ranges(intersect_ranges(rest, required_), covered_);
   cover_leaves_locked(fresh);
   if (streamed) cover_leaf_counts_locked(stream->need_);
   covered_ = union_ranges(covered_, plan.canonical_ranges());
