@@ -13,7 +13,6 @@
 #include "registration/plans/snapshot.hpp"
 #include "tensorreg/index/byte_range_map.hpp"
 #include "tensorreg/index/dtype.hpp"
-#include "tensorreg/metrics/registry.hpp"
 
 namespace tensorreg::registration::detail {
 namespace {
@@ -572,8 +571,7 @@ result<commit_response> lease_in_place::commit(commit_context& ctx) {
 result<commit_response> lease_in_place::commit_copy(commit_context& ctx, const lease_layout& layout, lip_view leased) {
   const auto& p = ctx.facts;
   const std::string what = "cannot commit " + p.id + " as a copy on its GPU";
-  std::optional<result<device_buffer>> copied;
-  if (ctx.devices != nullptr) copied = ctx.devices->snapshot_to_device(*leased.bytes);
+  auto copied = snapshot_on_device(*leased.bytes, ctx.devices);
   if (!copied) {
     return fail(errc::failed_precondition,
                 what +
@@ -582,16 +580,14 @@ result<commit_response> lease_in_place::commit_copy(commit_context& ctx, const l
   }
   if (!*copied) return tl::unexpected(with_context(std::move(*copied).error(), what));
   auto replica = std::move(**copied);
-  metrics::process_counters().bytes_copied.add(replica.bytes->size());
   // The client's memory is the client's again: its mappings go with the view, its region
   // references now.
   leased = lip_view{};
   if (ctx.regions != nullptr) release(*ctx.regions);
   std::optional<hash::digest> data;
   if (p.cgid.empty()) {
-    std::vector<memory::segment> whole{{0, replica.bytes->size(), replica.bytes.get(), 0}};
-    TENSORREG_TRY_ASSIGN(auto bytes, memory::segmented_view::create(replica.bytes->size(), std::move(whole)));
-    TENSORREG_TRY_ASSIGN(data, hash_canonical(bytes, ctx.pool, ctx.devices, ctx.cancelled));
+    TENSORREG_TRY_ASSIGN(const auto copy, view_over(replica.bytes));
+    TENSORREG_TRY_ASSIGN(data, hash_canonical(*copy.bytes, ctx.pool, ctx.devices, ctx.cancelled));
   }
   const auto descriptor = describe(p, *layout.index, data, &layout.index_multihash);
   const std::int32_t device = replica.device_id;

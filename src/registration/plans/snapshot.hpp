@@ -6,11 +6,16 @@
 // lease then holds instead of the client's memory. Device memory of one device is copied
 // device-to-device into one new buffer on that device (device_memory::snapshot_to_device), which
 // readers open like the client's memory (OpenArtifactDevice, tier VRAM); anything else (HOST_SHARED
-// regions, host bytes, several devices) is copied into a new memfd, sealed against writes.
+// regions, host bytes, several devices) is copied into a new memfd, sealed against writes. Its
+// device half, `snapshot_on_device`, and `view_over` also serve a publish_copy lease
+// (lease_in_place.hpp), whose copy becomes a GPU replica instead.
 //
-// Private to the engine. Thread-safety: a free function; the copy reads `leased` while the
-// caller holds what it reads. Ownership: the returned view owns its copy.
+// Private to the engine. Thread-safety: free functions; a copy reads `leased` while the caller
+// holds what it reads. Ownership: a returned view owns its copy.
 #pragma once
+
+#include <memory>
+#include <optional>
 
 #include "registration/catalogue.hpp"
 #include "tensorreg/common/thread_pool.hpp"
@@ -18,6 +23,17 @@
 #include "tensorreg/registration/device_memory.hpp"
 
 namespace tensorreg::registration::detail {
+
+/// A lip_view of all of `copy`'s bytes that keeps `copy` alive.
+/// Errors: what building the view returns.
+[[nodiscard]] result<lip_view> view_over(std::shared_ptr<const memory::byte_source> copy);
+
+/// `leased` copied into one new buffer on its device (device_memory::snapshot_to_device), counted
+/// as bytes copied; nullopt when `devices` is null, `leased` is empty or not device memory of
+/// one device `devices` reaches. Once this returns nothing reads `leased` any more.
+/// Errors (inside the optional): as snapshot_to_device.
+[[nodiscard]] std::optional<result<device_buffer>> snapshot_on_device(const memory::segmented_view& leased,
+                                                                      device_memory* devices);
 
 /// A lip_view over a copy of `leased` (a lease's normalized canonical buffer): one device
 /// buffer (device_allocations names it, with its IPC handle) when `devices` can snapshot it on
