@@ -5,7 +5,9 @@
 #include <sys/stat.h>
 
 #include <cerrno>
+#include <chrono>
 #include <cstring>
+#include <thread>
 #include <utility>
 
 #include "memory/sigbus_guard.hpp"
@@ -81,7 +83,7 @@ result<shared_memory> shared_memory::adopt_sealed(unique_fd fd, std::uint64_t si
   return adopt(std::move(fd), size, /*writable=*/false);
 }
 
-status shared_memory::seal_read_only() {
+status shared_memory::seal_read_only(when_busy busy) {
   const auto reason = [&](std::string_view why) {
     return "cannot seal shared memory of " + std::to_string(bytes_.size()) + " bytes: " + std::string(why);
   };
@@ -102,12 +104,18 @@ status shared_memory::seal_read_only() {
   unmap();
   bytes_ = {static_cast<std::byte*>(base), size};
   writable_ = false;
-  if (::fcntl(fd_.get(), F_ADD_SEALS, final_seals) != 0) {
-    const bool busy = errno == EBUSY;
-    return fail(errc::failed_precondition, reason(busy ? "another writable shared mapping of it exists"
-                                                       : "it cannot carry seals: " + os_reason()));
+  // Each refused attempt with pinned pages has already waited ~150 ms in the kernel.
+  constexpr int busy_retries = 8;
+  for (int attempt = 0;; ++attempt) {
+    if (::fcntl(fd_.get(), F_ADD_SEALS, final_seals) == 0) return {};
+    const int e = errno;
+    if (e != EBUSY) return fail(errc::failed_precondition, reason("it cannot carry seals: " + os_reason(e)));
+    if (busy == when_busy::fail || attempt == busy_retries) {
+      return fail(errc::failed_precondition,
+                  reason("another writable shared mapping of it exists, or its pages stay referenced"));
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
-  return {};
 }
 
 status shared_memory::seal_against_writes() {

@@ -6,13 +6,16 @@
 
 #include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/uio.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <cerrno>
+#include <chrono>
 #include <csignal>
 #include <cstring>
 #include <string>
+#include <thread>
 
 #include "support/temp_dir.hpp"
 
@@ -190,10 +193,55 @@ TEST_CASE("shared_memory: seal_read_only makes the bytes final for every fd", "[
 TEST_CASE("shared_memory: seal_read_only fails while another writable mapping exists", "[memory][shared_memory]") {
   auto m = shared_memory::create(4096, "tensorreg-replica").value();
   auto writer = shared_memory::adopt(m.duplicate_fd().value(), 4096, true).value();
-  auto out = m.seal_read_only();
+  auto out = m.seal_read_only(shared_memory::when_busy::fail);
   REQUIRE_FALSE(out);
   CHECK(out.error().code == errc::failed_precondition);
-  CHECK(out.error().message == "cannot seal shared memory of 4096 bytes: another writable shared mapping of it exists");
+  CHECK(out.error().message ==
+        "cannot seal shared memory of 4096 bytes: another writable shared mapping of it "
+        "exists, or its pages stay referenced");
+}
+
+TEST_CASE("shared_memory: seal_read_only waits out page references that go away", "[memory][shared_memory]") {
+  // A page spliced into a pipe keeps a reference beyond its mappings until the pipe is read:
+  // the kernel refuses F_SEAL_WRITE (EBUSY, after its own wait) while it lasts, as it does for
+  // the short-lived references it takes itself.
+  const std::size_t page = static_cast<std::size_t>(::sysconf(_SC_PAGESIZE));
+  int ends[2];
+  REQUIRE(::pipe(ends) == 0);
+  unique_fd read_end(ends[0]);
+  unique_fd write_end(ends[1]);
+  const auto pin_first_page = [&](shared_memory& m) {
+    std::memset(m.mutable_bytes().data(), 0x3c, page);
+    iovec iov{m.mutable_bytes().data(), page};
+    REQUIRE(::vmsplice(write_end.get(), &iov, 1, 0) == static_cast<ssize_t>(page));
+  };
+  const auto drain = [&] {
+    std::string sink(page, '\0');
+    REQUIRE(::read(read_end.get(), sink.data(), page) == static_cast<ssize_t>(page));
+    CHECK(sink == std::string(page, '\x3c'));
+  };
+
+  SECTION("retry: sealed once the reference is gone") {
+    auto m = shared_memory::create(page, "tensorreg-replica").value();
+    pin_first_page(m);
+    std::thread reader([&] {
+      std::this_thread::sleep_for(std::chrono::milliseconds(400));
+      drain();
+    });
+    const auto out = m.seal_read_only();
+    reader.join();
+    REQUIRE(out);
+    CHECK(m.sealed_against_writes());
+  }
+  SECTION("fail: refused while the reference lasts, and sealable after") {
+    auto m = shared_memory::create(page, "tensorreg-replica").value();
+    pin_first_page(m);
+    const auto out = m.seal_read_only(shared_memory::when_busy::fail);
+    REQUIRE_FALSE(out);
+    CHECK(out.error().code == errc::failed_precondition);
+    drain();
+    CHECK(m.seal_read_only(shared_memory::when_busy::fail));
+  }
 }
 
 namespace {

@@ -64,9 +64,17 @@ class shared_memory final : public byte_source {
   /// it (duplicated, or reopened through /proc/self/fd) can change the bytes. Spans taken from
   /// bytes() or mutable_bytes() before the call are invalid after it.
   /// REQUIRES: no other user of this object while it runs (call it before sharing it).
-  /// Errors: FAILED_PRECONDITION (another writable shared mapping of the memfd exists, or it
-  /// cannot carry seals), RESOURCE_EXHAUSTED (the read-only mapping cannot be made).
-  [[nodiscard]] status seal_read_only();
+  /// `busy`: what an EBUSY from the kernel means. It answers EBUSY at once while another
+  /// writable mapping exists, and after waiting ~150 ms while pages carry references beyond
+  /// their mappings. A memfd that never left the daemon has no other mapping, so only the
+  /// kernel's own short-lived references (page migration, LRU batches on a loaded host) can be
+  /// in the way, and `retry` tries again for about two seconds; `fail` is for memory another
+  /// process may still map (a client's staging memfd), where waiting would gain nothing.
+  /// Errors: FAILED_PRECONDITION (another writable shared mapping of the memfd exists, its pages
+  /// stay referenced, or it cannot carry seals), RESOURCE_EXHAUSTED (the read-only mapping
+  /// cannot be made).
+  enum class when_busy { fail, retry };
+  [[nodiscard]] status seal_read_only(when_busy busy = when_busy::retry);
 
   /// Makes the bytes unchangeable through any fd of the memfd (duplicated, or reopened through
   /// /proc/self/fd), and its size fixed, while this object's own mapping stays writable: for

@@ -68,7 +68,7 @@ result<bool> pad_is_zero(const memory::byte_source& bytes, const index::byte_ran
 result<std::optional<materialized>> adopt_staging(const std::shared_ptr<memory::shared_memory>& staging,
                                                   const index::byte_range_map& map, bool want_digest, thread_pool& pool,
                                                   cancel_flag cancel, const std::vector<hash::digest>* verified) {
-  if (!staging->seal_read_only()) return std::nullopt;
+  if (!staging->seal_read_only(memory::shared_memory::when_busy::fail)) return std::nullopt;
   TENSORREG_TRY_ASSIGN(const bool clean, pad_is_zero(*staging, map));
   if (!clean) return std::nullopt;
   materialized out;
