@@ -136,7 +136,7 @@ class peak_sampler:
 
 
 class daemon:
-    def __init__(self, binary: str, workdir: str, stable_bytes: int) -> None:
+    def __init__(self, binary: str, workdir: str, stable_bytes: int, extra=()) -> None:
         # The daemon insists on a socket directory of its own, mode 0700.
         sockdir = os.path.join(workdir, "sock")
         os.makedirs(sockdir, mode=0o700, exist_ok=True)
@@ -145,7 +145,7 @@ class daemon:
         if os.path.exists(self.socket):
             os.unlink(self.socket)
         self.log = open(os.path.join(workdir, "tensorregd.log"), "ab")
-        self.proc = subprocess.Popen([binary, "--socket", self.socket, "--stable-bytes", str(stable_bytes)],
+        self.proc = subprocess.Popen([binary, "--socket", self.socket, "--stable-bytes", str(stable_bytes), *extra],
                                      stdout=self.log, stderr=self.log)
 
     def wait_ready(self, cli: str) -> None:
@@ -167,6 +167,29 @@ class daemon:
             self.proc.kill()
             self.proc.wait()
         self.log.close()
+
+
+def daemon_args(args, size: int) -> list:
+    """--reserve: the daemon keeps a populated memfd of the put's size ready."""
+    return ["--populated-reserve", str(size)] if args.reserve else []
+
+
+def wait_reserve(args, d: daemon, size: int) -> None:
+    """With --reserve, waits until the daemon holds a publish memfd with `size` bytes resident
+    (its spare, populated), so that a put meets a daemon that has been idle, as in service."""
+    if not args.reserve:
+        return
+    fds = f"/proc/{d.proc.pid}/fd"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        for name in os.listdir(fds):
+            try:
+                if "tensorreg-publish" in os.readlink(f"{fds}/{name}") and os.stat(f"{fds}/{name}").st_blocks * 512 >= size:
+                    return
+            except OSError:
+                pass  # closed meanwhile
+        time.sleep(0.1)
+    raise RuntimeError("the daemon's populated reserve was not ready after 120 s")
 
 
 def children_cpu() -> float:
@@ -233,10 +256,12 @@ def cli_round(args, cli: str, daemon_bin: str, path: str, work: str, results: di
     best(results, "digest_file_cpu_s", cpu)
     # "": the daemon reads the file it was handed; "copy_": `put --copy`, the client copies.
     for mode in ("", "copy_"):
-        d = daemon(daemon_bin, work, 4 * size)
+        d = daemon(daemon_bin, work, 4 * size, daemon_args(args, size))
         try:
             d.wait_ready(cli)
             for what in ("put_new", "put_held"):
+                if what == "put_new":
+                    wait_reserve(args, d, size)
                 base = meminfo_kib("Shmem")  # what the daemon holds already does not count
                 daemon_cpu = process_cpu(d.proc.pid)
                 cmd = [cli, "put", path, "--json", "--socket", d.socket] + (["--copy"] if mode else [])
@@ -277,9 +302,10 @@ def python_round(args, cli: str, daemon_bin: str, total: int, work: str, results
                 f.seek(storage.offset)
                 f.write((ctypes.c_ubyte * storage.nbytes).from_address(src.data_ptr()))
     page_cache(canonical)
-    d = daemon(daemon_bin, work, 4 * layout.total_size)
+    d = daemon(daemon_bin, work, 4 * layout.total_size, daemon_args(args, layout.total_size))
     try:
         d.wait_ready(cli)
+        wait_reserve(args, d, layout.total_size)
         with tensorreg.Store(d.socket) as store:
             ids = []
             for what in ("py_put_new", "py_put_held"):
@@ -318,6 +344,8 @@ def main() -> int:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--dir", default=None)
     p.add_argument("--no-python", action="store_true")
+    p.add_argument("--reserve", action="store_true",
+                   help="run the daemons with --populated-reserve of the put's size, populated before each put")
     p.add_argument("--python", default=os.path.join(REPO, "python"), help="the tensorreg package's parent dir")
     args = p.parse_args()
     sys.path.insert(0, args.python)

@@ -186,6 +186,10 @@ struct dispatcher::impl {
     snap("tensorreg_stable_bytes", "Bytes held in the stable DRAM cache", &es::stable_bytes);
     snap("tensorreg_stable_budget_bytes", "The stable DRAM cache's budget (0 = unlimited)", &es::stable_budget);
     snap("tensorreg_stable_reserved_bytes", "Stable budget held by uploads in progress", &es::stable_reserved_bytes);
+    snap("tensorreg_populated_reserve_bytes", "Shared memory faulted in ahead of the next host put",
+         &es::populated_reserve_bytes);
+    snap("tensorreg_populated_reserve_taken_total", "Host puts that took the populated reserve",
+         &es::populated_reserve_taken, true);
     snap("tensorreg_evictions_total", "Stable DRAM cache entries evicted to make room", &es::stable_evictions, true);
     snap("tensorreg_evicted_bytes_total", "Bytes of stable DRAM cache entries evicted", &es::stable_evicted_bytes,
          true);

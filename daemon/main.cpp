@@ -62,6 +62,8 @@ constexpr const char* kUsage =
     "                           memory (0 = unlimited; default 0)\n"
     "  --replica-pool-bytes N   idle page-locked replica memory kept for fast GPU puts, beyond\n"
     "                           the stable budget (0 = none; default min(16 GiB, RAM / 8))\n"
+    "  --populated-reserve N    shared memory kept faulted in for the next host put of N/2 to N\n"
+    "                           bytes or more, beyond the stable budget (0 = none; default 0)\n"
     "  --snapshot-spare-bytes N largest snapshot lease after which the next one's device buffer\n"
     "                           is allocated ahead (one spare per GPU; default 0 = none)\n"
     "  --socket-group GROUP     let the members of GROUP connect too: the socket's directory may\n"
@@ -121,6 +123,7 @@ struct options {
   std::optional<gid_t> socket_group;
   std::optional<std::uint64_t> replica_pool_bytes;  // unset: the provider's default
   std::uint64_t snapshot_spare_bytes = 0;
+  std::uint64_t populated_reserve_bytes = 0;
   std::uint32_t max_frame_bytes = 64u << 20;
   std::size_t max_sessions = 1024;
   std::size_t max_sessions_per_uid = 256;
@@ -252,12 +255,13 @@ int parse_options(const std::vector<std::string>& args, options& o) {
       if (!parse_number(*v, o.io_rt_priority) || o.io_rt_priority < 0 || o.io_rt_priority > 99) {
         return bad(a + " needs a number from 0 to 99, got '" + *v + "'");
       }
-    } else if (a == "--replica-pool-bytes" || a == "--snapshot-spare-bytes" || a == "--max-frame-bytes" ||
-               a == "--max-sessions" || a == "--workers" || a == "--max-in-flight") {
+    } else if (a == "--replica-pool-bytes" || a == "--snapshot-spare-bytes" || a == "--populated-reserve" ||
+               a == "--max-frame-bytes" || a == "--max-sessions" || a == "--workers" || a == "--max-in-flight") {
       const auto* v = value();
       if (v == nullptr) return bad(a + " needs a value");
       bool ok = a == "--replica-pool-bytes"     ? parse_number(*v, o.replica_pool_bytes.emplace())
                 : a == "--snapshot-spare-bytes" ? parse_number(*v, o.snapshot_spare_bytes)
+                : a == "--populated-reserve"    ? parse_number(*v, o.populated_reserve_bytes)
                 : a == "--max-frame-bytes"      ? parse_number(*v, o.max_frame_bytes) && o.max_frame_bytes > 0
                 : a == "--max-sessions"         ? parse_number(*v, o.max_sessions) && o.max_sessions > 0
                 : a == "--max-in-flight"        ? parse_number(*v, o.max_in_flight) && o.max_in_flight > 0
@@ -409,6 +413,7 @@ int serve(const options& o, tensorreg::logger& log) {
   eo.max_pending_per_owner = o.max_pending_per_pid;
   eo.region_capacity_per_uid = o.max_regions_per_uid;
   eo.max_stable_entries_per_uid = o.max_stable_entries_per_uid;
+  eo.populated_reserve_bytes = o.populated_reserve_bytes;
   if (!o.persist_dir.empty()) {
     auto durable = open_persist_dir(o, log);
     if (!durable) {

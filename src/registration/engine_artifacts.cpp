@@ -325,6 +325,10 @@ engine_stats engine::stats() const {
     out.shared_disk_artifacts = disk.artifacts;
     out.shared_disk_bytes = disk.bytes;
   }
+  if (s.publish_reserve) {
+    out.populated_reserve_bytes = s.publish_reserve->ready_bytes();
+    out.populated_reserve_taken = s.publish_reserve->taken();
+  }
   return out;
 }
 

@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "common/log.hpp"
+#include "memory/populated_reserve.hpp"
 #include "registration/catalogue.hpp"
 #include "registration/engine_lock.hpp"
 #include "registration/layout_cache.hpp"
@@ -119,8 +120,11 @@ struct engine::state {
                                                        e.size_bytes, detail::eviction_reason_name(e.reason));
                                       }},
                   options.max_stable_entries_per_uid),
-        persist_pool(options.durable ? std::make_unique<thread_pool>(std::max(1u, options.persist_threads)) : nullptr) {
-  }
+        persist_pool(options.durable ? std::make_unique<thread_pool>(std::max(1u, options.persist_threads)) : nullptr),
+        publish_reserve(options.populated_reserve_bytes != 0
+                            ? std::make_unique<memory::populated_reserve>(options.populated_reserve_bytes,
+                                                                          detail::publish_memfd_name, options.hash_nice)
+                            : nullptr) {}
 
   // The spill guard of the stable cache (registration.md §6.3): an entry may be spilled when
   // the persist directory holds it. Unset without one, so that spill stays blocked.
@@ -153,6 +157,7 @@ struct engine::state {
   std::set<std::string> checked_by_restore;  // guarded by restore_mutex
   // Declared last: destroyed first, while everything its jobs use is still there.
   std::unique_ptr<thread_pool> persist_pool;
+  std::unique_ptr<memory::populated_reserve> publish_reserve;  // null without populated_reserve_bytes
   // Re-hashes adopted entries (adopt_resident()); made on first use, destroyed before the rest.
   std::unique_ptr<thread_pool> adopt_pool;
   std::atomic<std::size_t> adopted_unverified{0};

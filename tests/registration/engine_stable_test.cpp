@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <chrono>
 #include <cstring>
 #include <thread>
 
@@ -318,6 +319,33 @@ TEST_CASE("engine stable commit: a memfd no client maps writable is sealed and k
   REQUIRE_OK(kept);
   CHECK(read_all(**kept) == m.canonical());
   CHECK(e->stats().stable_bytes == m.canonical().size());
+}
+
+TEST_CASE("engine stable commit: a put given the populated reserve keeps it as its replica, with the same id",
+          "[registration][engine_stable][populated_reserve]") {
+  fake_clock clock;
+  auto options = t::deterministic_options(clock);
+  const auto m = big_model();
+  options.populated_reserve_bytes = m.canonical().size() + (1u << 20);
+  auto e = t::make_engine(std::move(options));
+  for (int i = 0; i < 1000 && e->stats().populated_reserve_bytes == 0; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  REQUIRE(e->stats().populated_reserve_bytes == m.canonical().size() + (1u << 20));
+  auto begun = begin_stable(*e, m);
+  CHECK(e->stats().populated_reserve_taken == 1);
+  const auto& hs = std::get<stable_dram_handshake>(begun.handshake);
+  REQUIRE(hs.publish);
+  CHECK(hs.publish->memory->size() == m.canonical().size());
+  auto client = client_fd_written(begun, m.canonical());
+  REQUIRE_OK(e->feed(progress(begun.registration_id, {{0, m.canonical().size()}}, true)));
+  auto committed = e->commit(begun.registration_id);
+  REQUIRE_OK(committed);
+  CHECK(committed->descriptor.artifact_id == t::expected_mi2(m.index().json(), m.canonical()));
+  CHECK((::fcntl(client.get(), F_GET_SEALS) & F_SEAL_WRITE) != 0);  // kept, not copied
+  auto kept = e->open_bytes(committed->descriptor.artifact_id);
+  REQUIRE_OK(kept);
+  CHECK(read_all(**kept) == m.canonical());
 }
 
 TEST_CASE("engine stable commit: an unmapped memfd with garbage in PAD is copied with PAD zeroed",

@@ -91,6 +91,9 @@ struct engine_options {
   unsigned persist_threads = 2;
   /// Check every leaf of every persisted artifact in the background after create().
   bool verify_persisted_at_start = true;
+  /// Bytes of shared memory kept faulted in ahead of the next host put of about that size
+  /// (src/memory/populated_reserve.hpp), held outside the stable budget; 0 = none.
+  std::uint64_t populated_reserve_bytes = 0;
 };
 
 class engine {

@@ -384,6 +384,8 @@ struct engine_stats {
   std::size_t joined_refs = 0;            ///< idempotent-join references, over all artifacts
   std::size_t shared_disk_artifacts = 0;  ///< artifacts persisted under --persist-dir
   std::uint64_t shared_disk_bytes = 0;
+  std::uint64_t populated_reserve_bytes = 0;  ///< shared memory faulted in for the next host put
+  std::uint64_t populated_reserve_taken = 0;  ///< host puts that took it (cumulative)
 };
 
 /// One GPU allocation an artifact's bytes live in, as a reader in another process opens it

@@ -22,6 +22,7 @@
 #include <string>
 #include <string_view>
 
+#include "memory/populated_reserve.hpp"
 #include "registration/catalogue.hpp"
 #include "registration/engine_lock.hpp"
 #include "registration/layout_cache.hpp"
@@ -51,6 +52,9 @@ struct registration_facts {
   std::optional<std::uint32_t> owner_uid{};  ///< for the per-uid share of the stable cache
 };
 
+/// The name of a host upload's memfd, as /proc/PID/fd shows it.
+inline constexpr const char* publish_memfd_name = "tensorreg-publish";
+
 /// What a plan's begin may use.
 struct begin_context {
   std::string registration_id;       ///< the id the registration gets
@@ -59,6 +63,8 @@ struct begin_context {
   std::uint64_t stable_budget = 0;   ///< 0 = unlimited
   /// The stable DRAM cache, whose budget an upload reserves at Begin; null = none (tests).
   stable::stable_dram_cache* stable_cache = nullptr;
+  /// Where a host upload's memfd comes from before a fresh one is made; null = none.
+  memory::populated_reserve* publish_reserve = nullptr;
   /// The request's canonical index (inline or by key). Errors: as engine::begin.
   std::function<result<std::shared_ptr<const index::canonical_index>>(const begin_request&)> resolve_index;
   /// catalogue::assembly_for() under the engine mutex; empty = pieces stream nothing at Feed.

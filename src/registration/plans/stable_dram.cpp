@@ -216,8 +216,12 @@ result<std::unique_ptr<stable_dram>> stable_dram::begin(const begin_request& r, 
     hs.staging_cuda_ipc_handle = buffer.ipc_handle;
     p->device_staging_ = std::move(buffer);
   } else {
-    TENSORREG_TRY_ASSIGN(auto staging, memory::shared_memory::create(r.total_size, "tensorreg-publish"));
-    auto shared = std::make_shared<memory::shared_memory>(std::move(staging));
+    std::optional<memory::shared_memory> staging;
+    if (ctx.publish_reserve != nullptr) staging = ctx.publish_reserve->take(r.total_size);
+    if (!staging) {
+      TENSORREG_TRY_ASSIGN(staging, memory::shared_memory::create(r.total_size, publish_memfd_name));
+    }
+    auto shared = std::make_shared<memory::shared_memory>(std::move(*staging));
     p->upload_ = std::make_shared<stable_upload>(shared);
     if (p->files_) {
       // Nothing for the client to write: Feed is refused and Commit reads the files.

@@ -1,0 +1,131 @@
+#include "memory/populated_reserve.hpp"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/resource.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
+#include <utility>
+
+#include "memory/page_populator.hpp"
+#include "memory/system_calls.hpp"
+#include "tensorreg/common/error.hpp"
+
+namespace tensorreg::memory {
+namespace {
+
+// Populated a slice at a time, so that a daemon stopping mid-refill waits for one slice only.
+constexpr std::uint64_t refill_slice_bytes = std::uint64_t{64} << 20;
+// After a refill failed (the memory could not be had), the next try waits this long.
+constexpr auto refill_retry = std::chrono::seconds(10);
+// A refill starts once no put has taken a spare for this long: puts that come in a burst keep
+// the cores and the memory bandwidth to themselves.
+constexpr auto refill_quiet = std::chrono::milliseconds(500);
+
+}  // namespace
+
+populated_reserve::populated_reserve(std::uint64_t bytes, std::string name, int nice)
+    : bytes_(bytes), name_(std::move(name)) {
+  TENSORREG_ASSERT(bytes > 0);
+  refiller_ = std::thread([this, nice] { refill_loop(nice); });
+}
+
+populated_reserve::~populated_reserve() {
+  {
+    const std::lock_guard lock(mutex_);
+    stopping_ = true;
+  }
+  wake_.notify_all();
+  refiller_.join();
+}
+
+std::optional<shared_memory> populated_reserve::take(std::uint64_t size) {
+  unique_fd fd;
+  {
+    const std::lock_guard lock(mutex_);
+    if (!spare_ || size < bytes_ / 2 || size == 0) return std::nullopt;
+    fd = std::move(spare_);
+    ++taken_;
+    last_take_ = std::chrono::steady_clock::now();
+  }
+  wake_.notify_all();
+  if (!sys::check_allocation("shared memory '" + name_ + "'", size)) return std::nullopt;
+  if (sys::ftruncate(fd.get(), size) != 0) return std::nullopt;
+  // Sealed as shared_memory::create() seals: other processes map it, so its size is final.
+  if (::fcntl(fd.get(), F_ADD_SEALS, F_SEAL_GROW | F_SEAL_SHRINK) != 0) return std::nullopt;
+  auto memory = shared_memory::adopt(std::move(fd), size, /*writable=*/true);
+  if (!memory) return std::nullopt;
+  return std::move(*memory);
+}
+
+std::uint64_t populated_reserve::ready_bytes() const {
+  const std::lock_guard lock(mutex_);
+  return spare_ ? bytes_ : 0;
+}
+
+std::uint64_t populated_reserve::taken() const {
+  const std::lock_guard lock(mutex_);
+  return taken_;
+}
+
+void populated_reserve::refill_loop(int nice) {
+  if (nice != 0) {
+    errno = 0;
+    const int now = ::getpriority(PRIO_PROCESS, static_cast<id_t>(::gettid()));
+    if (errno == 0) (void)::setpriority(PRIO_PROCESS, static_cast<id_t>(::gettid()), now + nice);
+  }
+  std::unique_lock lock(mutex_);
+  while (!stopping_) {
+    if (spare_) {
+      wake_.wait(lock, [&] { return stopping_ || !spare_; });
+      continue;
+    }
+    const auto quiet_from = last_take_ + refill_quiet;
+    if (std::chrono::steady_clock::now() < quiet_from) {
+      wake_.wait_until(lock, quiet_from, [&] { return stopping_; });
+      continue;
+    }
+    lock.unlock();
+    unique_fd made = make_spare();
+    lock.lock();
+    if (made) {
+      spare_ = std::move(made);
+    } else if (!stopping_) {
+      wake_.wait_for(lock, refill_retry, [&] { return stopping_; });
+    }
+  }
+}
+
+unique_fd populated_reserve::make_spare() {
+  const auto stopping = [&] {
+    const std::lock_guard lock(mutex_);
+    return stopping_;
+  };
+  unique_fd fd(sys::memfd_create(name_.c_str(), MFD_CLOEXEC | MFD_ALLOW_SEALING));
+  if (!fd || sys::ftruncate(fd.get(), bytes_) != 0) return {};
+  void* base = sys::mmap(static_cast<std::size_t>(bytes_), PROT_READ | PROT_WRITE, MAP_SHARED, fd.get());
+  if (base == MAP_FAILED) return {};
+  auto* bytes = static_cast<std::byte*>(base);
+  bool complete = true;
+  for (std::uint64_t at = 0; at < bytes_; at += refill_slice_bytes) {
+    if (stopping()) {
+      complete = false;
+      break;
+    }
+    const std::uint64_t length = std::min(refill_slice_bytes, bytes_ - at);
+    // A kernel before 5.14, or memory that could not be had: no spare (touching the pages
+    // instead could end in SIGBUS where the memory is short).
+    if (!populate_for_write(bytes + at, length)) {
+      complete = false;
+      break;
+    }
+  }
+  ::munmap(base, static_cast<std::size_t>(bytes_));
+  if (!complete) return {};
+  return fd;
+}
+
+}  // namespace tensorreg::memory

@@ -1,0 +1,70 @@
+// src/memory/populated_reserve.hpp — one memfd whose pages are faulted in ahead of the next
+// host put that needs about its size, refilled on a thread of its own.
+//
+// A put from files or from CPU tensors writes every byte into a fresh memfd. Where the first
+// touch of a page is dear (a VM whose guest pages are handed out and zeroed on first write),
+// that first touch, not the copy or the hash, sets the put's time. The reserve pays it while
+// the daemon is idle: its thread makes a memfd of `bytes`, faults every page in
+// (MADV_POPULATE_WRITE, which zeroes them) and keeps it until a put takes it. The put shrinks
+// it, or grows it, to its own size; once no put has taken one for half a second, the reserve
+// makes the next.
+//
+// The memory was never written by anyone but the kernel's zeroing, so the put that takes it
+// gets exactly what a fresh memfd gives: zeros. It is held outside the stable cache's budget,
+// which is why the daemon makes one only when asked (--populated-reserve).
+//
+// Thread-safety: take() and the accessors may be called from any thread.
+// Ownership: owns its thread and the spare memfd; the destructor stops and joins the thread.
+#pragma once
+
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+
+#include "tensorreg/common/unique_fd.hpp"
+#include "tensorreg/memory/shared_memory.hpp"
+
+namespace tensorreg::memory {
+
+class populated_reserve {
+ public:
+  /// Starts the thread that keeps one populated memfd of `bytes` named `name` ready, at the
+  /// thread's nice value plus `nice` (as the hashing threads, so a refill yields the cores).
+  /// REQUIRES: bytes > 0.
+  populated_reserve(std::uint64_t bytes, std::string name, int nice);
+  populated_reserve(const populated_reserve&) = delete;
+  populated_reserve& operator=(const populated_reserve&) = delete;
+  ~populated_reserve();
+
+  /// The spare memfd sized to `size`, sealed against growing and shrinking and mapped
+  /// read-write, as shared_memory::create() gives; nullopt when none is ready, or when `size`
+  /// is under half of it (shrinking would free more than the put uses: a fresh memfd costs
+  /// such a put less than the refill). Taking it starts the next refill once puts pause.
+  [[nodiscard]] std::optional<shared_memory> take(std::uint64_t size);
+
+  /// The bytes of the spare that is ready now (0 while none is).
+  [[nodiscard]] std::uint64_t ready_bytes() const;
+  /// How many puts took a spare.
+  [[nodiscard]] std::uint64_t taken() const;
+
+ private:
+  void refill_loop(int nice);
+  // Makes and populates one spare; empty when stopping or when the memory could not be had.
+  [[nodiscard]] unique_fd make_spare();
+
+  const std::uint64_t bytes_;
+  const std::string name_;
+  mutable std::mutex mutex_;
+  std::condition_variable wake_;
+  unique_fd spare_;  // guarded by mutex_; empty while a refill runs or after one failed
+  std::uint64_t taken_ = 0;
+  std::chrono::steady_clock::time_point last_take_{};  // the refill waits for a quiet spell after it
+  bool stopping_ = false;
+  std::thread refiller_;
+};
+
+}  // namespace tensorreg::memory
