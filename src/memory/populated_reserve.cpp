@@ -1,6 +1,7 @@
 #include "memory/populated_reserve.hpp"
 
 #include <fcntl.h>
+#include <sched.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
 #include <unistd.h>
@@ -8,6 +9,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <chrono>
+#include <thread>
 #include <utility>
 
 #include "memory/page_populator.hpp"
@@ -17,20 +19,23 @@
 namespace tensorreg::memory {
 namespace {
 
-// Populated a slice at a time, so that a daemon stopping mid-refill waits for one slice only.
-constexpr std::uint64_t refill_slice_bytes = std::uint64_t{64} << 20;
+// Populated a slice at a time: a daemon stopping mid-refill waits for one slice only, and the
+// mmap lock that a populate holds is let go between slices.
+constexpr std::uint64_t refill_slice_bytes = std::uint64_t{8} << 20;
+// While the daemon is busy, the refill looks again this often.
+constexpr auto busy_poll = std::chrono::milliseconds(20);
 // After a refill failed (the memory could not be had), the next try waits this long.
 constexpr auto refill_retry = std::chrono::seconds(10);
 // A refill starts once no put has taken a spare for this long: puts that come in a burst keep
 // the cores and the memory bandwidth to themselves.
-constexpr auto refill_quiet = std::chrono::milliseconds(500);
+constexpr auto refill_quiet = std::chrono::seconds(2);
 
 }  // namespace
 
-populated_reserve::populated_reserve(std::uint64_t bytes, std::string name, int nice)
-    : bytes_(bytes), name_(std::move(name)) {
+populated_reserve::populated_reserve(std::uint64_t bytes, std::string name, std::function<bool()> busy)
+    : bytes_(bytes), name_(std::move(name)), busy_(std::move(busy)) {
   TENSORREG_ASSERT(bytes > 0);
-  refiller_ = std::thread([this, nice] { refill_loop(nice); });
+  refiller_ = std::thread([this] { refill_loop(); });
 }
 
 populated_reserve::~populated_reserve() {
@@ -71,11 +76,12 @@ std::uint64_t populated_reserve::taken() const {
   return taken_;
 }
 
-void populated_reserve::refill_loop(int nice) {
-  if (nice != 0) {
-    errno = 0;
-    const int now = ::getpriority(PRIO_PROCESS, static_cast<id_t>(::gettid()));
-    if (errno == 0) (void)::setpriority(PRIO_PROCESS, static_cast<id_t>(::gettid()), now + nice);
+void populated_reserve::refill_loop() {
+  // The refill runs only on cores nothing else wants (the kernel's zeroing too, which runs in
+  // this thread): it must never slow the puts and hashes it is there to speed up.
+  const sched_param idle{};
+  if (::sched_setscheduler(::gettid(), SCHED_IDLE, &idle) != 0) {
+    (void)::setpriority(PRIO_PROCESS, static_cast<id_t>(::gettid()), 19);
   }
   std::unique_lock lock(mutex_);
   while (!stopping_) {
@@ -111,6 +117,7 @@ unique_fd populated_reserve::make_spare() {
   auto* bytes = static_cast<std::byte*>(base);
   bool complete = true;
   for (std::uint64_t at = 0; at < bytes_; at += refill_slice_bytes) {
+    while (busy_ && busy_() && !stopping()) std::this_thread::sleep_for(busy_poll);
     if (stopping()) {
       complete = false;
       break;

@@ -5,8 +5,8 @@
 // touch of a page is dear (a VM whose guest pages are handed out and zeroed on first write),
 // that first touch, not the copy or the hash, sets the put's time. The reserve pays it while
 // the daemon is idle: its thread makes a memfd of `bytes`, faults every page in
-// (MADV_POPULATE_WRITE, which zeroes them) and keeps it until a put takes it. The put shrinks
-// it, or grows it, to its own size; once no put has taken one for half a second, the reserve
+// (MADV_POPULATE_WRITE, which zeroes them) on idle cores and keeps it until a put takes it. The put shrinks
+// it, or grows it, to its own size; once no put has taken one for two seconds, the reserve
 // makes the next.
 //
 // The memory was never written by anyone but the kernel's zeroing, so the put that takes it
@@ -20,6 +20,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
+#include <functional>
 #include <mutex>
 #include <optional>
 #include <string>
@@ -32,10 +33,13 @@ namespace tensorreg::memory {
 
 class populated_reserve {
  public:
-  /// Starts the thread that keeps one populated memfd of `bytes` named `name` ready, at the
-  /// thread's nice value plus `nice` (as the hashing threads, so a refill yields the cores).
+  /// Starts the thread that keeps one populated memfd of `bytes` named `name` ready. It runs
+  /// under SCHED_IDLE (nice 19 where that is refused): only on cores nothing else wants, and
+  /// pauses between slices while `busy()` (a registration open in the daemon: its hashing and
+  /// copying also want the memory bandwidth, and its mmap() and munmap() the lock that a
+  /// populate holds). `busy` may be empty; it must stay callable until the destructor returns.
   /// REQUIRES: bytes > 0.
-  populated_reserve(std::uint64_t bytes, std::string name, int nice);
+  populated_reserve(std::uint64_t bytes, std::string name, std::function<bool()> busy = {});
   populated_reserve(const populated_reserve&) = delete;
   populated_reserve& operator=(const populated_reserve&) = delete;
   ~populated_reserve();
@@ -52,12 +56,13 @@ class populated_reserve {
   [[nodiscard]] std::uint64_t taken() const;
 
  private:
-  void refill_loop(int nice);
+  void refill_loop();
   // Makes and populates one spare; empty when stopping or when the memory could not be had.
   [[nodiscard]] unique_fd make_spare();
 
   const std::uint64_t bytes_;
   const std::string name_;
+  const std::function<bool()> busy_;
   mutable std::mutex mutex_;
   std::condition_variable wake_;
   unique_fd spare_;  // guarded by mutex_; empty while a refill runs or after one failed

@@ -161,6 +161,10 @@ result<begin_response> engine::state::begin(begin_request r) {
   ctx.stable_budget = catalogue.cache().budget_bytes();
   ctx.stable_cache = &catalogue.cache();  // thread-safe on its own: used without the engine mutex
   ctx.publish_reserve = publish_reserve.get();
+  ctx.index_known = [this](const std::string& hex_key) {
+    const detail::engine_lock lock(mutex);
+    return catalogue.find_index(hex_key) != nullptr;
+  };
   ctx.resolve_index = [this](const begin_request& request) {
     return detail::resolve_index(request, [this](const std::string& hex_key) {
       const detail::engine_lock lock(mutex);

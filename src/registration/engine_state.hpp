@@ -123,7 +123,8 @@ struct engine::state {
         persist_pool(options.durable ? std::make_unique<thread_pool>(std::max(1u, options.persist_threads)) : nullptr),
         publish_reserve(options.populated_reserve_bytes != 0
                             ? std::make_unique<memory::populated_reserve>(options.populated_reserve_bytes,
-                                                                          detail::publish_memfd_name, options.hash_nice)
+                                                                          detail::publish_memfd_name,
+                                                                          [this] { return pending.open_now() != 0; })
                             : nullptr) {}
 
   // The spill guard of the stable cache (registration.md §6.3): an entry may be spilled when

@@ -148,6 +148,7 @@ void pending_table::insert(std::shared_ptr<pending_registration> p) {
   auto id = p->id();
   const auto owner = p->owner_pid();
   if (by_id_.emplace(std::move(id), std::move(p)).second) ++per_owner_[owner];
+  open_.store(by_id_.size(), std::memory_order_relaxed);
 }
 
 std::shared_ptr<pending_registration> pending_table::find(const std::string& id) const {
@@ -162,6 +163,7 @@ void pending_table::erase(const std::string& id) {
   TENSORREG_ASSERT(count != per_owner_.end() && count->second > 0);
   if (--count->second == 0) per_owner_.erase(count);
   by_id_.erase(it);
+  open_.store(by_id_.size(), std::memory_order_relaxed);
 }
 
 std::size_t pending_table::count_of(std::int32_t owner_pid) const {

@@ -130,7 +130,8 @@ class pending_registration {
   std::uint64_t epoch_ = 0;
 };
 
-/// The engine's pending registrations and tombstones. Not thread-safe (the engine mutex).
+/// The engine's pending registrations and tombstones. Not thread-safe (the engine mutex),
+/// except open_now().
 class pending_table {
  public:
   /// How long an expired registration's id keeps answering DEADLINE_EXCEEDED rather than
@@ -142,6 +143,8 @@ class pending_table {
   void erase(const std::string& id);
   [[nodiscard]] std::vector<std::shared_ptr<pending_registration>> all() const;
   [[nodiscard]] std::size_t size() const noexcept { return by_id_.size(); }
+  /// size() as of the last insert or erase, for threads without the engine mutex.
+  [[nodiscard]] std::size_t open_now() const noexcept { return open_.load(std::memory_order_relaxed); }
   /// Pending registrations of `owner_pid`.
   [[nodiscard]] std::size_t count_of(std::int32_t owner_pid) const;
 
@@ -157,6 +160,7 @@ class pending_table {
   std::unordered_map<std::string, std::shared_ptr<pending_registration>> by_id_;
   std::unordered_map<std::int32_t, std::size_t> per_owner_;  // entries of by_id_ by owner_pid
   std::unordered_map<std::string, clock::time_point> tombstones_;
+  std::atomic<std::size_t> open_{0};  // by_id_.size(), mirrored
 };
 
 }  // namespace tensorreg::registration::detail

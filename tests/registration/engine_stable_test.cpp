@@ -15,6 +15,8 @@
 #include <thread>
 
 #include "support/engine_helpers.hpp"
+#include "support/temp_dir.hpp"
+#include "tensorreg/index/byte_range_map.hpp"
 
 namespace {
 
@@ -346,6 +348,57 @@ TEST_CASE("engine stable commit: a put given the populated reserve keeps it as i
   auto kept = e->open_bytes(committed->descriptor.artifact_id);
   REQUIRE_OK(kept);
   CHECK(read_all(**kept) == m.canonical());
+}
+
+TEST_CASE("engine stable commit: a put from files takes the populated reserve for new content, not for held",
+          "[registration][engine_stable][populated_reserve]") {
+  fake_clock clock;
+  auto options = t::deterministic_options(clock);
+  const auto m = big_model();
+  options.populated_reserve_bytes = m.canonical().size();
+  auto e = t::make_engine(std::move(options));
+  testing::temp_dir dir;
+  const auto path = dir.path() / "model.bin";
+  {
+    unique_fd out(::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600));
+    REQUIRE(out);
+    REQUIRE(::pwrite(out.get(), m.canonical().data(), m.canonical().size(), 0) ==
+            static_cast<ssize_t>(m.canonical().size()));
+  }
+  const auto file = std::make_shared<const unique_fd>(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  REQUIRE(*file);
+  const auto put_from_file = [&] {
+    auto r = t::stable_begin(m, me);
+    stable_dram_options files;
+    files.files = {file};
+    const auto map = index::byte_range_map::from_index(m.index());
+    for (const auto& range : map.ranges()) {
+      if (range.kind == index::range_kind::data) {
+        files.file_segments.push_back({0, range.offset, range.offset, range.length});
+      }
+    }
+    r.plan = std::move(files);
+    auto begun = e->begin(std::move(r));
+    REQUIRE_OK(begun);
+    auto committed = e->commit(begun->registration_id);
+    REQUIRE_OK(committed);
+    CHECK(committed->descriptor.artifact_id == t::expected_mi2(m.index().json(), m.canonical()));
+    return committed->existed;
+  };
+  const auto wait_ready = [&] {
+    for (int i = 0; i < 1000 && e->stats().populated_reserve_bytes == 0; ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    REQUIRE(e->stats().populated_reserve_bytes == m.canonical().size());
+  };
+
+  wait_ready();
+  CHECK_FALSE(put_from_file());
+  CHECK(e->stats().populated_reserve_taken == 1);
+  wait_ready();
+  CHECK(put_from_file());  // its index is known: likely held, so it leaves the spare
+  CHECK(e->stats().populated_reserve_taken == 1);
+  CHECK(e->stats().populated_reserve_bytes == m.canonical().size());
 }
 
 TEST_CASE("engine stable commit: an unmapped memfd with garbage in PAD is copied with PAD zeroed",

@@ -24,6 +24,9 @@ std::string_view mode_name(stable_upload::mode m) {
   return "none";
 }
 
+// The catalogue's key of an index (catalogue::find_index()).
+std::string index_key(const index::canonical_index& idx) { return hash::to_hex(hash::sha256(idx.json())); }
+
 // Writes `bytes` at `offset` of the staging memfd of a put from files, through short writes.
 // Errors: RESOURCE_EXHAUSTED when the kernel has no memory for the pages (ENOSPC, ENOMEM: the
 // memory limit of the daemon's cgroup), INTERNAL otherwise.
@@ -217,7 +220,12 @@ result<std::unique_ptr<stable_dram>> stable_dram::begin(const begin_request& r, 
     p->device_staging_ = std::move(buffer);
   } else {
     std::optional<memory::shared_memory> staging;
-    if (ctx.publish_reserve != nullptr) staging = ctx.publish_reserve->take(r.total_size);
+    // A put from files whose index is known likely joins (commit_from_files hashes first and
+    // copies nothing then): the spare stays for a put that writes.
+    const auto likely_held = [&] {
+      return p->files_ && ctx.index_known && p->index_ && ctx.index_known(index_key(*p->index_));
+    };
+    if (ctx.publish_reserve != nullptr && !likely_held()) staging = ctx.publish_reserve->take(r.total_size);
     if (!staging) {
       TENSORREG_TRY_ASSIGN(staging, memory::shared_memory::create(r.total_size, publish_memfd_name));
     }
@@ -342,7 +350,7 @@ result<commit_response> stable_dram::commit_from_files(commit_context& ctx) {
   // small buffer per thread, and copy nothing when the id is known.
   bool hash_first = false;
   if (want_digest) {
-    const auto key = hash::to_hex(hash::sha256(index_->json()));
+    const auto key = index_key(*index_);
     hash_first = ctx.with_catalogue([&](catalogue& cat) { return cat.find_index(key) != nullptr; });
   }
   // Reads one leaf from the files a piece at a time into this worker's buffer (small enough to
