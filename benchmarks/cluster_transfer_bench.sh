@@ -5,6 +5,8 @@
 #
 #   cluster_transfer_bench.sh BUILD_DIR [SIZE_MIB (default 512)]
 #
+# TENSORREGD_ARGS: more options for both daemons (e.g. "--populated-reserve 536870912").
+#
 # The yardstick is a TCP stream of the same number of bytes from A to B (Python sockets, 64 MiB
 # sends), measured in the same run on the same link, received into one 64 MiB buffer over and
 # over ("tcp"). A second stream keeps the bytes, as a pull must: received into fresh memory of
@@ -43,7 +45,7 @@ netns_wait_etcd "${tag}e" "$subnet.10" || { echo "etcd did not start"; exit 1; }
 for n in 1 2; do
   ip netns exec "$tag$n" unshare --uts sh -c "hostname bench$n-$tag; exec '$build/daemon/tensorregd' \
     --socket '$tmp/d$n.sock' --no-warm-start --cluster etcd://$subnet.10:2379/bench \
-    --transfer-addr $subnet.$((20 + n)):7000 --host-id bench$n" >"$tmp/d$n.out" 2>"$tmp/d$n.log" &
+    --transfer-addr $subnet.$((20 + n)):7000 --host-id bench$n ${TENSORREGD_ARGS:-}" >"$tmp/d$n.out" 2>"$tmp/d$n.log" &
   pids+=($!)
 done
 for n in 1 2; do

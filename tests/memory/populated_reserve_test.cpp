@@ -32,7 +32,8 @@ std::uint64_t resident_bytes(int fd) {
 
 }  // namespace
 
-TEST_CASE("populated_reserve: a put of about its size takes memory already resident", "[memory][populated_reserve]") {
+TEST_CASE("populated_reserve: a put of about its size takes memory already resident",
+          "[memory][populated_reserve][concurrency]") {
   populated_reserve reserve(16 * mib, "tensorreg-publish");
   REQUIRE(wait_ready(reserve));
   CHECK(reserve.ready_bytes() == 16 * mib);
@@ -67,7 +68,7 @@ TEST_CASE("populated_reserve: a put of about its size takes memory already resid
 }
 
 TEST_CASE("populated_reserve: a put under half its size, or with none ready, makes its own",
-          "[memory][populated_reserve]") {
+          "[memory][populated_reserve][concurrency]") {
   populated_reserve reserve(16 * mib, "tensorreg-publish");
   REQUIRE(wait_ready(reserve));
   CHECK_FALSE(reserve.take(8 * mib - 1).has_value());
