@@ -971,6 +971,7 @@ int cmd_stats(connection& c, const options& o) {
                             {"stable_budget_bytes", s.stable_budget_bytes},
                             {"stable_free_bytes", s.stable_free_bytes},
                             {"stable_reserved_bytes", s.stable_reserved_bytes},
+                            {"populated_reserve_bytes", s.populated_reserve_bytes},
                             {"hits", s.hits},
                             {"misses", s.misses},
                             {"evictions", s.evictions},
@@ -1004,6 +1005,9 @@ int cmd_stats(connection& c, const options& o) {
                s.stable_reserved_bytes != 0
                    ? fmt::format(" ({} reserved by uploads)", human_bytes(s.stable_reserved_bytes))
                    : std::string());
+  }
+  if (s.populated_reserve_bytes != 0) {
+    fmt::print("reserve       {} faulted in for the next put\n", human_bytes(s.populated_reserve_bytes));
   }
   fmt::print(
       "hits          {}\nmisses        {}\nevictions     {} ({})\nuptime        {}\nrequests      {} ({} "

@@ -589,6 +589,7 @@ daemon_stats stats_of(const wire::Response& r) {
   out.stable_budget_bytes = s.stable_budget_bytes();
   out.stable_free_bytes = s.stable_free_bytes();
   out.stable_reserved_bytes = s.stable_reserved_bytes();
+  out.populated_reserve_bytes = s.populated_reserve_bytes();
   out.hits = s.hits();
   out.misses = s.misses();
   out.evictions = s.evictions();

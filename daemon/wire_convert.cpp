@@ -727,6 +727,7 @@ void fill_stats(wire::GetStatsResponse& out, const reg::engine_stats& in, std::s
   out.set_stable_reserved_bytes(in.stable_reserved_bytes);
   out.set_evictions(in.stable_evictions);
   out.set_evicted_bytes(in.stable_evicted_bytes);
+  out.set_populated_reserve_bytes(in.populated_reserve_bytes);
 }
 
 result<std::optional<policy::cache_policy>> to_persist_cache_policy(const v2::StartPersistenceRequest& in) {

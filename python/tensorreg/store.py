@@ -319,6 +319,8 @@ class Store:
             "artifacts": s.artifacts, "leases": s.leases, "regions": s.regions, "open_mappings": s.open_mappings,
             "pending_registrations": s.pending_registrations, "connections": s.connections,
             "vmm_reserved_bytes": s.vmm_reserved_bytes,
+            # Faulted in ahead of the next host put (tensorregd --populated-reserve), ready now.
+            "populated_reserve_bytes": s.populated_reserve_bytes,
             "tiers": {tier_name(t.tier): {"bytes": t.bytes, "artifacts": t.artifacts} for t in s.tiers},
             # Pulls from the cluster under way (docs/wire-format.md §14).
             "pulls": [{"artifact_id": p.artifact_id, "total_bytes": p.total_bytes,

@@ -11,9 +11,11 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <thread>
 
 #include "client/raw_connection.hpp"
 #include "client/wire_convert.hpp"
@@ -143,6 +145,37 @@ TEST_CASE("client connection put from files: the offline id, the daemon copies o
   REQUIRE(copied);
   CHECK(copied->existed);
   CHECK(copied->descriptor.artifact_id == put->descriptor.artifact_id);
+}
+
+TEST_CASE("client connection put from files: a daemon with a populated reserve puts into it and says so",
+          "[client][connection]") {
+  daemon_process d({"--populated-reserve", std::to_string(16 << 20)});
+  testing::temp_dir dir;
+  auto bundle = open_bundle(leafy_model(dir, 3));
+  auto c = connect(d);
+  const auto reserve_ready = [&] {
+    for (int i = 0; i < 1000; ++i) {
+      if (c.stats().value().populated_reserve_bytes != 0) return true;
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    return false;
+  };
+  REQUIRE(reserve_ready());
+  CHECK(c.stats().value().populated_reserve_bytes == 16u << 20);
+
+  auto put = c.put(*bundle);
+  REQUIRE(put);
+  CHECK_FALSE(put->existed);
+  CHECK(put->descriptor.artifact_id == offline_id(*bundle));
+  // Taken by the put (the next one is made two seconds after it at the earliest).
+  CHECK(c.stats().value().populated_reserve_bytes == 0);
+  auto replica = c.get(put->descriptor.artifact_id);
+  REQUIRE(replica);
+  std::vector<std::byte> expected(bundle->index().total_size());
+  REQUIRE(bundle->canonical().read(0, expected));
+  REQUIRE(replica->memory.size() == expected.size());
+  CHECK(std::memcmp(replica->memory.bytes().data(), expected.data(), expected.size()) == 0);
+  REQUIRE(reserve_ready());  // made again once puts paused
 }
 
 TEST_CASE("client connection put from files: held content is hashed and not copied, a new version of its layout is",

@@ -170,6 +170,7 @@ struct daemon_stats {
   std::uint64_t stable_budget_bytes = 0;  ///< 0 = unlimited
   std::uint64_t stable_free_bytes = 0;    ///< 0 when unlimited
   std::uint64_t stable_reserved_bytes = 0;
+  std::uint64_t populated_reserve_bytes = 0;  ///< faulted in for the next host put, ready now
   std::uint64_t hits = 0;
   std::uint64_t misses = 0;
   std::uint64_t evictions = 0;
