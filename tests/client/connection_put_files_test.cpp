@@ -58,6 +58,16 @@ std::uint64_t tensor_bytes(const index::safetensors_bundle& bundle) {
   return n;
 }
 
+// The daemon's replica of `artifact_id` holds exactly `bundle`'s canonical bytes.
+void check_replica(connection& c, const std::string& artifact_id, const index::safetensors_bundle& bundle) {
+  auto replica = c.get(artifact_id);
+  REQUIRE(replica);
+  std::vector<std::byte> expected(bundle.index().total_size());
+  REQUIRE(bundle.canonical().read(0, expected));
+  REQUIRE(replica->memory.size() == expected.size());
+  CHECK(std::memcmp(replica->memory.bytes().data(), expected.data(), expected.size()) == 0);
+}
+
 // Whether this process holds an fd of a daemon publish memfd (the memfd path hands one out).
 bool holds_publish_memfd() {
   for (const auto& entry : std::filesystem::directory_iterator("/proc/self/fd")) {
@@ -131,12 +141,7 @@ TEST_CASE("client connection put from files: the offline id, the daemon copies o
   CHECK(after.bytes_hashed - before.bytes_hashed == bundle->index().total_size());
   CHECK(after.pending_registrations == 0);
 
-  auto replica = c.get(put->descriptor.artifact_id);
-  REQUIRE(replica);
-  std::vector<std::byte> expected(bundle->index().total_size());
-  REQUIRE(bundle->canonical().read(0, expected));
-  REQUIRE(replica->memory.size() == expected.size());
-  CHECK(std::memcmp(replica->memory.bytes().data(), expected.data(), expected.size()) == 0);
+  check_replica(c, put->descriptor.artifact_id, *bundle);
 
   // The memfd path gives the same id.
   client::put_options copying;
@@ -169,12 +174,7 @@ TEST_CASE("client connection put from files: a daemon with a populated reserve p
   CHECK(put->descriptor.artifact_id == offline_id(*bundle));
   // Taken by the put (the next one is made two seconds after it at the earliest).
   CHECK(c.stats().value().populated_reserve_bytes == 0);
-  auto replica = c.get(put->descriptor.artifact_id);
-  REQUIRE(replica);
-  std::vector<std::byte> expected(bundle->index().total_size());
-  REQUIRE(bundle->canonical().read(0, expected));
-  REQUIRE(replica->memory.size() == expected.size());
-  CHECK(std::memcmp(replica->memory.bytes().data(), expected.data(), expected.size()) == 0);
+  check_replica(c, put->descriptor.artifact_id, *bundle);
   REQUIRE(reserve_ready());  // made again once puts paused
 }
 
@@ -203,11 +203,7 @@ TEST_CASE("client connection put from files: held content is hashed and not copi
   CHECK(fresh->descriptor.artifact_id == offline_id(*other));
   const auto after = c.stats().value();
   CHECK(after.bytes_copied - held.bytes_copied == tensor_bytes(*other));
-  auto replica = c.get(fresh->descriptor.artifact_id);
-  REQUIRE(replica);
-  std::vector<std::byte> expected(other->index().total_size());
-  REQUIRE(other->canonical().read(0, expected));
-  CHECK(std::memcmp(replica->memory.bytes().data(), expected.data(), expected.size()) == 0);
+  check_replica(c, fresh->descriptor.artifact_id, *other);
 }
 
 TEST_CASE("client connection put from files: a file cut short or grown during the put fails cleanly, nothing kept",

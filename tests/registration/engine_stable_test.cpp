@@ -76,6 +76,13 @@ std::string read_all(const memory::byte_source& src) {
   return out;
 }
 
+// The bytes of the replica the engine keeps for `artifact_id`.
+std::string kept_bytes(engine& e, const std::string& artifact_id) {
+  auto kept = e.open_bytes(artifact_id);
+  REQUIRE_OK(kept);
+  return read_all(**kept);
+}
+
 }  // namespace
 
 TEST_CASE("engine stable feed: a chunk or range outside the buffer is OUT_OF_RANGE", "[registration][engine_stable]") {
@@ -225,9 +232,7 @@ TEST_CASE("engine stable commit: garbage in PAD bytes changes neither the id nor
   auto b = e2->commit(dirty->registration_id);
   REQUIRE_OK(b);
   CHECK(a->descriptor.artifact_id == b->descriptor.artifact_id);
-  auto bytes = e2->open_bytes(b->descriptor.artifact_id);
-  REQUIRE_OK(bytes);
-  CHECK(read_all(**bytes) == m.canonical());
+  CHECK(kept_bytes(*e2, b->descriptor.artifact_id) == m.canonical());
 }
 
 TEST_CASE("engine stable commit: a second put of the same tensors joins with existed=true",
@@ -282,9 +287,7 @@ TEST_CASE("engine stable commit: memfd publish gives the same id as streamed chu
   CHECK(committed->descriptor.artifact_id == t::expected_mi2(t::small_model_json, m.canonical()));
   // The engine kept its own copy: the client scribbling afterwards changes nothing.
   std::memset(client.mutable_bytes().data(), 0x11, 40);
-  auto kept = e->open_bytes(committed->descriptor.artifact_id);
-  REQUIRE_OK(kept);
-  CHECK(read_all(**kept) == m.canonical());
+  CHECK(kept_bytes(*e, committed->descriptor.artifact_id) == m.canonical());
 }
 
 // What the C++ and Python clients do with the publish handle: pwrite into their own duplicate
@@ -317,9 +320,7 @@ TEST_CASE("engine stable commit: a memfd no client maps writable is sealed and k
   CHECK(::pwrite(client.get(), "evil", 4, 0) == -1);
   CHECK(errno == EPERM);
   CHECK(::ftruncate(client.get(), 0) == -1);
-  auto kept = e->open_bytes(committed->descriptor.artifact_id);
-  REQUIRE_OK(kept);
-  CHECK(read_all(**kept) == m.canonical());
+  CHECK(kept_bytes(*e, committed->descriptor.artifact_id) == m.canonical());
   CHECK(e->stats().stable_bytes == m.canonical().size());
 }
 
@@ -345,9 +346,7 @@ TEST_CASE("engine stable commit: a put given the populated reserve keeps it as i
   REQUIRE_OK(committed);
   CHECK(committed->descriptor.artifact_id == t::expected_mi2(m.index().json(), m.canonical()));
   CHECK((::fcntl(client.get(), F_GET_SEALS) & F_SEAL_WRITE) != 0);  // kept, not copied
-  auto kept = e->open_bytes(committed->descriptor.artifact_id);
-  REQUIRE_OK(kept);
-  CHECK(read_all(**kept) == m.canonical());
+  CHECK(kept_bytes(*e, committed->descriptor.artifact_id) == m.canonical());
 }
 
 TEST_CASE("engine stable commit: a put from files takes the populated reserve for new content, not for held",
@@ -412,9 +411,7 @@ TEST_CASE("engine stable commit: an unmapped memfd with garbage in PAD is copied
   auto committed = e->commit(begun.registration_id);
   REQUIRE_OK(committed);
   CHECK(committed->descriptor.artifact_id == t::expected_mi2(t::small_model_json, m.canonical()));
-  auto kept = e->open_bytes(committed->descriptor.artifact_id);
-  REQUIRE_OK(kept);
-  CHECK(read_all(**kept) == m.canonical());
+  CHECK(kept_bytes(*e, committed->descriptor.artifact_id) == m.canonical());
 }
 
 TEST_CASE("engine stable commit: a memfd the client still maps writable is copied, not kept",
@@ -433,9 +430,7 @@ TEST_CASE("engine stable commit: a memfd the client still maps writable is copie
   // Not sealed (the kernel refused while the mapping lives), so the daemon kept its own copy.
   CHECK((::fcntl(client.fd(), F_GET_SEALS) & F_SEAL_WRITE) == 0);
   std::memset(client.mutable_bytes().data(), 0x11, bytes.size());
-  auto kept = e->open_bytes(committed->descriptor.artifact_id);
-  REQUIRE_OK(kept);
-  CHECK(read_all(**kept) == m.canonical());
+  CHECK(kept_bytes(*e, committed->descriptor.artifact_id) == m.canonical());
 }
 
 TEST_CASE("engine stable commit: a read-only shared mapping of a writable fd also stops the memfd being kept",
@@ -456,9 +451,7 @@ TEST_CASE("engine stable commit: a read-only shared mapping of a writable fd als
   CHECK((::fcntl(client.get(), F_GET_SEALS) & F_SEAL_WRITE) == 0);
   REQUIRE(::mprotect(ro, m.canonical().size(), PROT_READ | PROT_WRITE) == 0);
   std::memset(ro, 0x11, m.canonical().size());
-  auto kept = e->open_bytes(committed->descriptor.artifact_id);
-  REQUIRE_OK(kept);
-  CHECK(read_all(**kept) == m.canonical());
+  CHECK(kept_bytes(*e, committed->descriptor.artifact_id) == m.canonical());
   ::munmap(ro, m.canonical().size());
 }
 
