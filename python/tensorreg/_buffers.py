@@ -1,8 +1,9 @@
 """The canonical bytes in and out of the daemon's memfds: shared mappings to write into (the
-HOST_SHARED region of a register), pwrite() into the publish memfd of a put (never mapped, so
-the daemon can seal it and keep it as its replica with no second copy; stores through a fresh
-shared mapping would also fault in and zero every page first), a private mapping to read a
-replica from (get), and the copy of a layout's storages to their canonical offsets.
+HOST_SHARED region of a register), the publish memfd of a put (pwrite() on a few cores; on
+more, stores through a shared mapping on every core, closed before the Commit: either way no
+writable mapping is left, so the daemon can seal the memfd and keep it as its replica with no
+second copy), a private mapping to read a replica from (get), and the copy of a layout's
+storages to their canonical offsets.
 
 Thread-safety: pure functions; a mapping belongs to the caller, who closes it with close_map().
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 from . import _layout
 from ._wire import _close_fds
@@ -92,6 +94,49 @@ def pwrite_storages(torch, fd: int, start: int, layout) -> None:
         view = (ctypes.c_ubyte * s.nbytes).from_address(src.data_ptr())
         pwrite_all(fd, view, start + s.offset)
         del view, src
+
+
+# The most cores on which the publish memfd is written with pwrite(): the memfd's inode lock
+# admits one writer at a time, while stores through a mapping fault its fresh pages in on every
+# core at once, which wins beyond this many (the daemon's memory::max_pwrite_fill_threads;
+# benchmarks/RESULTS.md, session 18).
+_PWRITE_UP_TO_THREADS = 4
+# Bytes one thread copies per job through the mapping.
+_MAPPED_PIECE = 4 << 20
+
+
+def write_publish_memfd(torch, fd: int, start: int, layout, threads: int | None = None) -> None:
+    """Writes every non-empty storage of `layout` (CPU tensors) into the publish memfd `fd` at
+    `start` + its canonical offset: pwrite_storages() on up to _PWRITE_UP_TO_THREADS threads,
+    else a copy through a shared mapping on `threads` (default: one per core), unmapped before
+    this returns."""
+    threads = threads or os.cpu_count() or 1
+    if threads <= _PWRITE_UP_TO_THREADS or layout.total_size == 0:
+        pwrite_storages(torch, fd, start, layout)
+        return
+    sources, jobs = [], []
+    for s in layout.storages:
+        if not s.nbytes:
+            continue
+        src = _layout.storage_bytes(torch, s.source)
+        if not src.is_contiguous():
+            src = src.contiguous()
+        sources.append(src)  # alive until every copy is done
+        jobs += [(s.offset + at, src.data_ptr() + at, min(_MAPPED_PIECE, s.nbytes - at))
+                 for at in range(0, s.nbytes, _MAPPED_PIECE)]
+    mm, at = map_shared(fd, start, layout.total_size)
+    anchor = None
+    try:
+        anchor = ctypes.c_char.from_buffer(mm)  # exports the mapping while it lives
+        base = ctypes.addressof(anchor) + at
+        # ctypes.memmove releases the GIL: the copies run on every thread at once.
+        with ThreadPoolExecutor(min(threads, len(jobs)), thread_name_prefix="tensorreg-put") as pool:
+            list(pool.map(lambda job: ctypes.memmove(base + job[0], job[1], job[2]), jobs))
+    finally:
+        # A writable mapping left open would keep the daemon from sealing the memfd (it then
+        # copies it): the export goes first, so that the mapping can close.
+        anchor = None
+        mm.close()
 
 
 def pwrite_file_range(fd: int, at: int, path_fd: int, offset: int, length: int, buffer: bytearray) -> None:

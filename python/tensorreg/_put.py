@@ -4,8 +4,9 @@
   daemon reads, copies and hashes them itself at Commit (docs/wire-format.md §18). Where it
   cannot (more files than a frame's fds, an older daemon), as CPU tensors:
 - CPU tensors and safetensors files: the stable_dram plan. Begin hands over the publish memfd;
-  the canonical bytes are written into it here with pwrite (each storage once, from the
-  tensor's memory, or the files' bytes read with pread), never through a mapping, so that the
+  the canonical bytes are written into it here, each storage once from the tensor's memory (with
+  pwrite on a few cores, through a mapping closed before the Feed on more: _buffers.py), or the
+  files' bytes read with pread and written with pwrite. No writable mapping is left, so that the
   daemon can seal the memfd and keep it as its replica; then one Feed says the upload is
   complete.
 - CUDA tensors: the coalesced plan. Begin hands over the CUDA IPC handle of a zeroed buffer on
@@ -60,7 +61,7 @@ def put(conn: Connection, state_dict, policy: str | None, view=None, reuse_held:
 
     def write(fd, start):
         with torch.no_grad():
-            _buffers.pwrite_storages(torch, fd, start, layout)
+            _buffers.write_publish_memfd(torch, fd, start, layout)
 
     return _put_stable_dram(conn, layout, profile, write, view, replica_timeout_ms)
 
@@ -190,7 +191,7 @@ def _put_stable_dram(conn: Connection, layout, profile, write, view=None,
         if handle.size_bytes < layout.total_size:
             raise DataLoss(f"cannot put {registration_id}: the publish memfd holds {handle.size_bytes} bytes, "
                            f"fewer than total_size {layout.total_size}")
-        # Written, never mapped: the daemon then keeps the memfd as it is (one copy in all).
+        # No writable mapping is left: the daemon then keeps the memfd as it is (one copy in all).
         try:
             write(fds[0], handle.offset_bytes)
         except OSError as e:

@@ -17,11 +17,12 @@ import _support  # noqa: E402  (exits 77 without torch / protobuf)
 
 # isort: split
 import unittest  # noqa: E402
+import unittest.mock  # noqa: E402
 
 import torch  # noqa: E402
 
 import tensorreg  # noqa: E402
-from tensorreg import _hash, _layout, _requests  # noqa: E402
+from tensorreg import _buffers, _hash, _layout, _requests  # noqa: E402
 
 
 def sample_state_dict(seed=0):
@@ -82,6 +83,28 @@ class StoreTest(_support.StoreTestCase):
         self.assertEqual(got["embed.weight"].data_ptr(), got["lm_head.weight"].data_ptr())
         self.assertEqual(got["transposed"].data_ptr(), got["embed.weight"].data_ptr())
         self.assertEqual(got["slice"].data_ptr() - got["strided"].data_ptr(), 10 * 8)
+
+    def test_a_put_on_many_cores_writes_through_a_mapping_the_daemon_can_still_keep(self):
+        sd = {"big": torch.randn(3 << 20), "odd": torch.arange(1001, dtype=torch.int16),
+              "strided": torch.arange(64, dtype=torch.float64).reshape(8, 8).t()}
+        copied = self.bytes_copied()
+        # More threads than _PWRITE_UP_TO_THREADS: the mapped copy, whatever this machine has.
+        threads = _buffers._PWRITE_UP_TO_THREADS + 4
+        with unittest.mock.patch.object(_buffers.os, "cpu_count", return_value=threads):
+            art = self.store.put(sd)
+        self.assertFalse(art.existed)
+        self.assert_same_tensors(self.store.get(art.artifact_id), sd)
+        # Kept as written: no writable mapping was left for the daemon to copy around.
+        self.assertEqual(self.bytes_copied(), copied)
+        # The same tensors put with pwrite() give the same id (and join it).
+        with unittest.mock.patch.object(_buffers.os, "cpu_count", return_value=1):
+            again = self.store.put({k: v.clone() for k, v in sd.items()})
+        self.assertEqual(again.artifact_id, art.artifact_id)
+        self.assertTrue(again.existed)
+
+    def bytes_copied(self) -> int:
+        answer, _ = self.store._conn.call(_requests.stats())
+        return answer.get_stats.bytes_copied
 
     def test_writes_to_gotten_tensors_stay_in_this_process(self):
         sd = {"w": torch.arange(16, dtype=torch.float32)}
