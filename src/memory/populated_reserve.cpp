@@ -8,7 +8,10 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <charconv>
 #include <chrono>
+#include <fstream>
+#include <sstream>
 #include <thread>
 #include <utility>
 
@@ -30,7 +33,29 @@ constexpr auto refill_retry = std::chrono::seconds(10);
 // the cores and the memory bandwidth to themselves.
 constexpr auto refill_quiet = std::chrono::seconds(2);
 
+// The host's MemAvailable now; nullopt when /proc/meminfo cannot be read.
+std::optional<std::uint64_t> host_mem_available() {
+  std::ifstream in("/proc/meminfo");
+  if (!in) return std::nullopt;
+  std::stringstream text;
+  text << in.rdbuf();
+  return mem_available_bytes(text.str());
+}
+
 }  // namespace
+
+std::optional<std::uint64_t> mem_available_bytes(std::string_view meminfo) {
+  constexpr std::string_view key = "MemAvailable:";
+  const auto at = meminfo.find(key);
+  if (at == std::string_view::npos) return std::nullopt;
+  std::uint64_t kib = 0;
+  const char* first = meminfo.data() + at + key.size();
+  const char* last = meminfo.data() + meminfo.size();
+  while (first != last && *first == ' ') ++first;
+  const auto [end, ec] = std::from_chars(first, last, kib);
+  if (ec != std::errc{} || end == first) return std::nullopt;
+  return kib * 1024;
+}
 
 populated_reserve::populated_reserve(std::uint64_t bytes, std::string name, std::function<bool()> busy)
     : bytes_(bytes), name_(std::move(name)), busy_(std::move(busy)) {
@@ -110,6 +135,8 @@ unique_fd populated_reserve::make_spare() {
     const std::lock_guard lock(mutex_);
     return stopping_;
   };
+  // Unknown (no /proc) counts as enough: the populate itself then finds out.
+  if (const auto available = host_mem_available(); available && *available / 2 < bytes_) return {};
   unique_fd fd(sys::memfd_create(name_.c_str(), MFD_CLOEXEC | MFD_ALLOW_SEALING));
   if (!fd || sys::ftruncate(fd.get(), bytes_) != 0) return {};
   void* base = sys::mmap(static_cast<std::size_t>(bytes_), PROT_READ | PROT_WRITE, MAP_SHARED, fd.get());

@@ -10,7 +10,9 @@
 // makes the next.
 //
 // The memory was never written by anyone but the kernel's zeroing, so the put that takes it
-// gets exactly what a fresh memfd gives: zeros. It is held outside the stable cache's budget,
+// gets exactly what a fresh memfd gives: zeros. A spare is made only while the host has at
+// least twice its size available (MemAvailable): held memory must never push the host into
+// reclaim or the OOM killer. It is held outside the stable cache's budget,
 // which is why the daemon makes one only when asked (--populated-reserve).
 //
 // Thread-safety: take() and the accessors may be called from any thread.
@@ -24,12 +26,16 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <thread>
 
 #include "tensorreg/common/unique_fd.hpp"
 #include "tensorreg/memory/shared_memory.hpp"
 
 namespace tensorreg::memory {
+
+/// MemAvailable of /proc/meminfo's text `meminfo`, in bytes; nullopt when it is not there.
+[[nodiscard]] std::optional<std::uint64_t> mem_available_bytes(std::string_view meminfo);
 
 class populated_reserve {
  public:

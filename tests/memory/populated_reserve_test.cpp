@@ -9,6 +9,8 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <fstream>
+#include <sstream>
 #include <thread>
 
 namespace {
@@ -77,4 +79,22 @@ TEST_CASE("populated_reserve: a put under half its size, or with none ready, mak
   REQUIRE(reserve.take(8 * mib).has_value());
   // Taken: until the refill is done, no spare (the caller creates a fresh memfd).
   CHECK(reserve.taken() == 1);
+}
+
+TEST_CASE("populated_reserve: the host's available memory is read from /proc/meminfo's text",
+          "[memory][populated_reserve]") {
+  using tensorreg::memory::mem_available_bytes;
+  CHECK(mem_available_bytes("MemTotal:       24576000 kB\nMemFree:         1000 kB\nMemAvailable:   20480000 kB\n") ==
+        std::uint64_t{20480000} * 1024);
+  CHECK(mem_available_bytes("MemAvailable: 7 kB") == std::uint64_t{7} * 1024);
+  CHECK_FALSE(mem_available_bytes("MemTotal: 1 kB\n").has_value());
+  CHECK_FALSE(mem_available_bytes("MemAvailable: kB\n").has_value());
+  // This host's own file parses, as the refill reads it.
+  std::ifstream in("/proc/meminfo");
+  REQUIRE(in);
+  std::stringstream text;
+  text << in.rdbuf();
+  const auto here = mem_available_bytes(text.str());
+  REQUIRE(here.has_value());
+  CHECK(*here > 0);
 }
