@@ -124,6 +124,8 @@ def write_publish_memfd(torch, fd: int, start: int, layout, threads: int | None 
         sources.append(src)  # alive until every copy is done
         jobs += [(s.offset + at, src.data_ptr() + at, min(_MAPPED_PIECE, s.nbytes - at))
                  for at in range(0, s.nbytes, _MAPPED_PIECE)]
+    if not jobs:
+        return  # no bytes to write: the memfd reads as zeros already
     mm, at = map_shared(fd, start, layout.total_size)
     anchor = None
     try:
