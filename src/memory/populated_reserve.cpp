@@ -27,6 +27,8 @@ namespace {
 constexpr std::uint64_t refill_slice_bytes = std::uint64_t{8} << 20;
 // While the daemon is busy, the refill looks again this often.
 constexpr auto busy_poll = std::chrono::milliseconds(20);
+// How late a refill may notice that the spare was taken (take() may not wake it).
+constexpr auto taken_poll = std::chrono::milliseconds(200);
 // After a refill failed (the memory could not be had), the next try waits this long.
 constexpr auto refill_retry = std::chrono::seconds(10);
 // A refill starts once no put has taken a spare for this long: puts that come in a burst keep
@@ -65,22 +67,20 @@ populated_reserve::populated_reserve(std::uint64_t bytes, std::string name, std:
 
 populated_reserve::~populated_reserve() {
   {
-    const std::lock_guard lock(mutex_);
+    const std::lock_guard lock(sleep_mutex_);
     stopping_ = true;
   }
   wake_.notify_all();
   refiller_.join();
+  const unique_fd spare(spare_fd_.exchange(-1));  // closes it
 }
 
 std::optional<shared_memory> populated_reserve::take(std::uint64_t size) {
-  unique_fd fd;
-  {
-    const std::lock_guard lock(mutex_);
-    if (!spare_ || size < bytes_ / 2 || size == 0) return std::nullopt;
-    fd = std::move(spare_);
-    ++taken_;
-    last_take_ = std::chrono::steady_clock::now();
-  }
+  if (size == 0 || size < bytes_ / 2) return std::nullopt;
+  unique_fd fd(spare_fd_.exchange(-1));
+  if (!fd) return std::nullopt;
+  ++taken_;
+  last_take_ = std::chrono::steady_clock::now().time_since_epoch().count();
   wake_.notify_all();
   if (!sys::check_allocation("shared memory '" + name_ + "'", size)) return std::nullopt;
   if (sys::ftruncate(fd.get(), size) != 0) return std::nullopt;
@@ -91,15 +91,9 @@ std::optional<shared_memory> populated_reserve::take(std::uint64_t size) {
   return std::move(*memory);
 }
 
-std::uint64_t populated_reserve::ready_bytes() const {
-  const std::lock_guard lock(mutex_);
-  return spare_ ? bytes_ : 0;
-}
+std::uint64_t populated_reserve::ready_bytes() const { return spare_fd_.load() >= 0 ? bytes_ : 0; }
 
-std::uint64_t populated_reserve::taken() const {
-  const std::lock_guard lock(mutex_);
-  return taken_;
-}
+std::uint64_t populated_reserve::taken() const { return taken_.load(); }
 
 void populated_reserve::refill_loop() {
   // The refill runs only on cores nothing else wants (the kernel's zeroing too, which runs in
@@ -108,33 +102,31 @@ void populated_reserve::refill_loop() {
   if (::sched_setscheduler(::gettid(), SCHED_IDLE, &idle) != 0) {
     (void)::setpriority(PRIO_PROCESS, static_cast<id_t>(::gettid()), 19);
   }
-  std::unique_lock lock(mutex_);
+  using clock = std::chrono::steady_clock;
+  std::unique_lock lock(sleep_mutex_);
   while (!stopping_) {
-    if (spare_) {
-      wake_.wait(lock, [&] { return stopping_ || !spare_; });
+    if (spare_fd_.load() >= 0) {
+      wake_.wait_for(lock, taken_poll, [&] { return stopping_ || spare_fd_.load() < 0; });
       continue;
     }
-    const auto quiet_from = last_take_ + refill_quiet;
-    if (std::chrono::steady_clock::now() < quiet_from) {
-      wake_.wait_until(lock, quiet_from, [&] { return stopping_; });
+    const auto quiet_from = clock::time_point(clock::duration(last_take_.load())) + refill_quiet;
+    if (clock::now() < quiet_from) {
+      wake_.wait_until(lock, quiet_from, [&] { return stopping_.load(); });
       continue;
     }
     lock.unlock();
     unique_fd made = make_spare();
     lock.lock();
     if (made) {
-      spare_ = std::move(made);
+      spare_fd_.store(made.release());
     } else if (!stopping_) {
-      wake_.wait_for(lock, refill_retry, [&] { return stopping_; });
+      wake_.wait_for(lock, refill_retry, [&] { return stopping_.load(); });
     }
   }
 }
 
 unique_fd populated_reserve::make_spare() {
-  const auto stopping = [&] {
-    const std::lock_guard lock(mutex_);
-    return stopping_;
-  };
+  const auto stopping = [&] { return stopping_.load(); };
   // Unknown (no /proc) counts as enough: the populate itself then finds out.
   if (const auto available = host_mem_available(); available && *available / 2 < bytes_) return {};
   unique_fd fd(sys::memfd_create(name_.c_str(), MFD_CLOEXEC | MFD_ALLOW_SEALING));

@@ -15,10 +15,12 @@
 // reclaim or the OOM killer. It is held outside the stable cache's budget,
 // which is why the daemon makes one only when asked (--populated-reserve).
 //
-// Thread-safety: take() and the accessors may be called from any thread.
+// Thread-safety: take() and the accessors may be called from any thread, and never wait for
+// the refill thread (which runs at idle priority): the spare is handed over through atomics.
 // Ownership: owns its thread and the spare memfd; the destructor stops and joins the thread.
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
@@ -69,12 +71,15 @@ class populated_reserve {
   const std::uint64_t bytes_;
   const std::string name_;
   const std::function<bool()> busy_;
-  mutable std::mutex mutex_;
+  std::atomic<int> spare_fd_{-1};  // the spare's fd, owned; -1 while a refill runs or after one failed
+  std::atomic<std::uint64_t> taken_{0};
+  // When a put last took the spare (steady_clock ticks): the refill waits for a quiet spell.
+  std::atomic<std::chrono::steady_clock::rep> last_take_{0};
+  std::atomic<bool> stopping_{false};
+  // Only to sleep the refill thread: take() does not lock it, so a wake-up may be missed, and
+  // the refill's waits are timed.
+  std::mutex sleep_mutex_;
   std::condition_variable wake_;
-  unique_fd spare_;  // guarded by mutex_; empty while a refill runs or after one failed
-  std::uint64_t taken_ = 0;
-  std::chrono::steady_clock::time_point last_take_{};  // the refill waits for a quiet spell after it
-  bool stopping_ = false;
   std::thread refiller_;
 };
 
