@@ -81,15 +81,23 @@ def pwrite_all(fd: int, data, offset: int) -> None:
             done += n
 
 
-def pwrite_storages(torch, fd: int, start: int, layout) -> None:
-    """Writes every non-empty storage of `layout` (CPU tensors) into `fd` at `start` + its
-    canonical offset: one copy, from the tensor's memory straight into the memfd."""
+def storage_sources(torch, layout):
+    """(storage, its bytes as a contiguous uint8 tensor) for every non-empty storage of `layout`
+    (CPU tensors); a tensor's data_ptr() stays valid while the caller holds it."""
     for s in layout.storages:
         if not s.nbytes:
             continue
         src = _layout.storage_bytes(torch, s.source)
         if not src.is_contiguous():
             src = src.contiguous()
+        yield s, src
+        del src  # a caller that let go of it frees a copy before the next one is made
+
+
+def pwrite_storages(torch, fd: int, start: int, layout) -> None:
+    """Writes every non-empty storage of `layout` (CPU tensors) into `fd` at `start` + its
+    canonical offset: one copy, from the tensor's memory straight into the memfd."""
+    for s, src in storage_sources(torch, layout):
         # The tensor's own memory, seen as bytes (no numpy needed); `src` keeps it alive.
         view = (ctypes.c_ubyte * s.nbytes).from_address(src.data_ptr())
         pwrite_all(fd, view, start + s.offset)
@@ -115,12 +123,7 @@ def write_publish_memfd(torch, fd: int, start: int, layout, threads: int | None 
         pwrite_storages(torch, fd, start, layout)
         return
     sources, jobs = [], []
-    for s in layout.storages:
-        if not s.nbytes:
-            continue
-        src = _layout.storage_bytes(torch, s.source)
-        if not src.is_contiguous():
-            src = src.contiguous()
+    for s, src in storage_sources(torch, layout):
         sources.append(src)  # alive until every copy is done
         jobs += [(s.offset + at, src.data_ptr() + at, min(_MAPPED_PIECE, s.nbytes - at))
                  for at in range(0, s.nbytes, _MAPPED_PIECE)]

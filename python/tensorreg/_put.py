@@ -154,12 +154,7 @@ def _held_replica(conn: Connection, torch, layout) -> RegisteredArtifact | None:
     started = time.perf_counter()
     keep, pieces = [], []
     with torch.no_grad():
-        for s in layout.storages:
-            if not s.nbytes:
-                continue
-            src = _layout.storage_bytes(torch, s.source)
-            if not src.is_contiguous():
-                src = src.contiguous()
+        for s, src in _buffers.storage_sources(torch, layout):
             keep.append(src)  # the bytes stay alive while they are hashed
             pieces.append((s.offset, memoryview((ctypes.c_ubyte * s.nbytes).from_address(src.data_ptr())).cast("B")))
         pieces.sort(key=lambda p: p[0])
