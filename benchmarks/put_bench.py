@@ -174,20 +174,17 @@ def daemon_args(args, size: int) -> list:
     return ["--populated-reserve", str(size)] if args.reserve else []
 
 
-def wait_reserve(args, d: daemon, size: int) -> None:
-    """With --reserve, waits until the daemon holds a publish memfd with `size` bytes resident
-    (its spare, populated), so that a put meets a daemon that has been idle, as in service."""
+def wait_reserve(args, d: daemon, cli: str) -> None:
+    """With --reserve, waits until the daemon's spare is populated and ready (its stats say so),
+    so that a put meets a daemon that has been idle, as in service."""
     if not args.reserve:
         return
-    fds = f"/proc/{d.proc.pid}/fd"
     deadline = time.time() + 120
     while time.time() < deadline:
-        for name in os.listdir(fds):
-            try:
-                if "tensorreg-publish" in os.readlink(f"{fds}/{name}") and os.stat(f"{fds}/{name}").st_blocks * 512 >= size:
-                    return
-            except OSError:
-                pass  # closed meanwhile
+        stats = subprocess.run([cli, "stats", "--json", "--socket", d.socket], capture_output=True, text=True,
+                               check=True).stdout
+        if json.loads(stats)["populated_reserve_bytes"] > 0:
+            return
         time.sleep(0.1)
     raise RuntimeError("the daemon's populated reserve was not ready after 120 s")
 
@@ -261,7 +258,7 @@ def cli_round(args, cli: str, daemon_bin: str, path: str, work: str, results: di
             d.wait_ready(cli)
             for what in ("put_new", "put_held"):
                 if what == "put_new":
-                    wait_reserve(args, d, size)
+                    wait_reserve(args, d, cli)
                 base = meminfo_kib("Shmem")  # what the daemon holds already does not count
                 daemon_cpu = process_cpu(d.proc.pid)
                 cmd = [cli, "put", path, "--json", "--socket", d.socket] + (["--copy"] if mode else [])
@@ -305,7 +302,7 @@ def python_round(args, cli: str, daemon_bin: str, total: int, work: str, results
     d = daemon(daemon_bin, work, 4 * layout.total_size, daemon_args(args, layout.total_size))
     try:
         d.wait_ready(cli)
-        wait_reserve(args, d, layout.total_size)
+        wait_reserve(args, d, cli)
         with tensorreg.Store(d.socket) as store:
             ids = []
             for what in ("py_put_new", "py_put_held"):
