@@ -161,15 +161,12 @@ result<begin_response> engine::state::begin(begin_request r) {
   ctx.stable_budget = catalogue.cache().budget_bytes();
   ctx.stable_cache = &catalogue.cache();  // thread-safe on its own: used without the engine mutex
   ctx.publish_reserve = publish_reserve.get();
-  ctx.index_known = [this](const std::string& hex_key) {
+  ctx.find_index = [this](const std::string& hex_key) {
     const detail::engine_lock lock(mutex);
-    return catalogue.find_index(hex_key) != nullptr;
+    return catalogue.find_index(hex_key);
   };
-  ctx.resolve_index = [this](const begin_request& request) {
-    return detail::resolve_index(request, [this](const std::string& hex_key) {
-      const detail::engine_lock lock(mutex);
-      return catalogue.find_index(hex_key);
-    });
+  ctx.resolve_index = [find = ctx.find_index](const begin_request& request) {
+    return detail::resolve_index(request, find);
   };
   // A piece's Begin moves its assembly's deadline, as its Commit does: one made here by a Begin
   // that then fails still expires.

@@ -65,9 +65,9 @@ struct begin_context {
   stable::stable_dram_cache* stable_cache = nullptr;
   /// Where a host upload's memfd comes from before a fresh one is made; null = none.
   memory::populated_reserve* publish_reserve = nullptr;
-  /// Whether a committed artifact has the index of this hex key (catalogue::find_index()
-  /// under the engine mutex); empty = never.
-  std::function<bool(const std::string& hex_key)> index_known;
+  /// The index store's entry for this hex key (catalogue::find_index() under the engine
+  /// mutex), null when no committed artifact has it; empty = none is known.
+  std::function<std::shared_ptr<const index::canonical_index>(const std::string& hex_key)> find_index;
   /// The request's canonical index (inline or by key). Errors: as engine::begin.
   std::function<result<std::shared_ptr<const index::canonical_index>>(const begin_request&)> resolve_index;
   /// catalogue::assembly_for() under the engine mutex; empty = pieces stream nothing at Feed.

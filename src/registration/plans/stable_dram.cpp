@@ -223,7 +223,7 @@ result<std::unique_ptr<stable_dram>> stable_dram::begin(const begin_request& r, 
     // A put from files whose index is known likely joins (commit_from_files hashes first and
     // copies nothing then): the spare stays for a put that writes.
     const auto likely_held = [&] {
-      return p->files_ && ctx.index_known && p->index_ && ctx.index_known(index_key(*p->index_));
+      return p->files_ && ctx.find_index && ctx.find_index(index_key(*p->index_)) != nullptr;
     };
     if (ctx.publish_reserve != nullptr && !likely_held()) staging = ctx.publish_reserve->take(r.total_size);
     if (!staging) {
