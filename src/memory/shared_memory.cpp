@@ -3,7 +3,9 @@
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <cstring>
@@ -116,6 +118,17 @@ status shared_memory::seal_read_only(when_busy busy) {
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
+}
+
+void shared_memory::discard(std::uint64_t offset, std::uint64_t length) const noexcept {
+  static const auto page = static_cast<std::uint64_t>(::sysconf(_SC_PAGESIZE));
+  if (offset >= bytes_.size()) return;
+  const std::uint64_t end = offset + std::min(length, bytes_.size() - offset);
+  const std::uint64_t first = (offset + page - 1) / page * page;
+  const std::uint64_t last = end / page * page;
+  if (first >= last) return;
+  static_cast<void>(::fallocate(fd_.get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(first),
+                                static_cast<off_t>(last - first)));
 }
 
 status shared_memory::seal_against_writes() {

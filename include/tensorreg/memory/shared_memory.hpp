@@ -109,6 +109,12 @@ class shared_memory final : public byte_source {
   /// REQUIRES: writable().
   [[nodiscard]] std::span<std::byte> mutable_bytes() const noexcept;
 
+  /// Gives back the pages that lie wholly inside [offset, offset + length) (a hole punched in
+  /// the memfd: they read as zero afterwards, and cost memory again only once written), for
+  /// staging bytes that were copied out. Best effort: bytes outside the memory are ignored, and
+  /// a kernel that refuses leaves the pages as they are.
+  void discard(std::uint64_t offset, std::uint64_t length) const noexcept;
+
   /// A new descriptor for the same memory, to hand to another process. Marks the memory
   /// exported (even if the dup then fails: the caller meant to share it).
   /// Errors: INTERNAL (dup failed).
