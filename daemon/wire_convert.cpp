@@ -183,6 +183,7 @@ views::view_request to_view(const v2::ViewRegistrationOptions& in) {
   out.canonical_size_bytes = in.canonical_size_bytes();
   for (const auto& r : in.ranges()) out.ranges.push_back({r.offset(), r.length()});
   out.kind = static_cast<views::registration_kind>(in.registration_kind());
+  out.staging_memfd = in.staging_memfd();
   return out;
 }
 

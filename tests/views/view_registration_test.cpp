@@ -4,6 +4,7 @@
 
 #include <catch2/catch.hpp>
 
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -138,6 +139,34 @@ tensorreg::result<commit_response> register_view(engine& e, const begin_request&
   return commit_piece(e, begun->registration_id);
 }
 
+// A SERVER upload whose view bytes go through the staging memfd (staging_memfd, stable_dram).
+begin_request staged_begin(const fixture& f, views::view_request v, std::uint64_t total_size, std::string cgid = "") {
+  v.staging_memfd = true;
+  auto r = view_begin(f, std::move(v), total_size, std::move(cgid));
+  r.plan = stable_dram_options{};
+  return r;
+}
+
+// The client's fd of the staging memfd a staged Begin handed out.
+tensorreg::unique_fd staging_fd(const begin_response& begun) {
+  const auto* hs = std::get_if<stable_dram_handshake>(&begun.handshake);
+  REQUIRE(hs != nullptr);
+  REQUIRE(hs->publish);
+  auto fd = hs->publish->memory->duplicate_fd();
+  REQUIRE(fd);
+  return std::move(*fd);
+}
+
+// Writes view bytes [at, at + n) into the staging memfd and reports them.
+tensorreg::status stage_view(engine& e, const std::string& id, int fd, const std::string& bytes, std::uint64_t at,
+                             std::uint64_t n) {
+  REQUIRE(::pwrite(fd, bytes.data() + at, n, static_cast<off_t>(at)) == static_cast<ssize_t>(n));
+  feed_request f;
+  f.registration_id = id;
+  f.payload = stable_write_progress{{{at, n}}, false};
+  return e.feed(std::move(f));
+}
+
 std::string multihash_of(const std::string& bytes) {
   return tensorreg::hash::encode_multihash(tensorreg::hash::sha256(std::string_view(bytes)));
 }
@@ -221,7 +250,8 @@ TEST_CASE("view registration: a commit before every view byte came is retryable"
   progress.payload = stable_write_progress{{{0, 8}}, false};
   CHECK_ERROR(e->feed(std::move(progress)), errc::failed_precondition,
               "cannot feed registration '" + id +
-                  "': stable_dram_write_progress needs a stable_dram registration, not a view registration");
+                  "': stable_dram_write_progress needs a view registration with staging_memfd; this one takes "
+                  "view_chunk messages");
   REQUIRE_OK(feed_view(*e, id, view, 5000, view.size() - 5000));
   auto done = e->commit(id);
   REQUIRE_OK(done);
@@ -560,4 +590,107 @@ TEST_CASE("view registration: a piece's PAD reads as zero in its view hash, what
   REQUIRE_OK(done);
   REQUIRE(done->view);
   CHECK(done->view->data_hash == multihash_of(zeroed));
+}
+
+TEST_CASE("view registration: view bytes through a staging memfd give what chunks give", "[views][view_registration]") {
+  fake_clock clock;
+  auto e = t::make_engine(clock);
+  const auto f = make_fixture();
+  const auto view = transposed_view(f);
+  auto chunks_engine = t::make_engine(clock);
+  auto chunked = register_view(*chunks_engine, view_begin(f, transpose_request(), f.index.total_size()), view, 1000);
+  REQUIRE_OK(chunked);
+
+  auto begun = e->begin(staged_begin(f, transpose_request(), f.index.total_size()));
+  REQUIRE_OK(begun);
+  const auto& id = begun->registration_id;
+  auto fd = staging_fd(*begun);
+  struct stat st {};
+  REQUIRE(::fstat(fd.get(), &st) == 0);
+  CHECK(static_cast<std::uint64_t>(st.st_size) == view.size());
+  // Ranges in any order, cut mid-element, bytes reported twice.
+  for (const auto& [at, n] : std::vector<std::pair<std::uint64_t, std::uint64_t>>{
+           {100, 50}, {8192, view.size() - 8192}, {0, 4096}, {4096, 4096}}) {
+    REQUIRE_OK(stage_view(*e, id, fd.get(), view, at, n));
+  }
+  // Copied out as reported: the client's pages wholly inside the ranges are given back; the
+  // view's last page, partly past its end, stays.
+  REQUIRE(::fstat(fd.get(), &st) == 0);
+  CHECK(st.st_blocks * 512 <= 4096);
+  auto done = e->commit(id);
+  REQUIRE_OK(done);
+  CHECK(done->descriptor.artifact_id == chunked->descriptor.artifact_id);
+  CHECK(done->descriptor.artifact_id == t::expected_mi2(f.index.json(), f.canonical));
+  REQUIRE(done->view);
+  CHECK(done->view->view_id == chunked->view->view_id);
+  CHECK(done->view->data_hash == multihash_of(view));
+  // Past the memfd's end nothing can be written; the registration is gone anyway.
+  CHECK(::pwrite(fd.get(), "x", 1, static_cast<off_t>(view.size())) == -1);
+}
+
+TEST_CASE("view registration: pieces through staging memfds assemble the whole id, whatever the client writes later",
+          "[views][view_registration]") {
+  fake_clock clock;
+  auto e = t::make_engine(clock);
+  const auto f = make_fixture();
+  const std::string cgid = "cgid:model-staged.tp4";
+  std::vector<std::string> ids;
+  std::vector<tensorreg::unique_fd> fds;
+  for (int k = 0; k < 4; ++k) {
+    const auto bytes = column_piece(f, k * 12, 12);
+    auto b = e->begin(staged_begin(f, piece_request(k * 12, 12), bytes.size(), cgid));
+    REQUIRE_OK(b);
+    ids.push_back(b->registration_id);
+    fds.push_back(staging_fd(*b));
+    REQUIRE_OK(stage_view(*e, ids.back(), fds.back().get(), bytes, 0, bytes.size() / 2));
+    REQUIRE_OK(stage_view(*e, ids.back(), fds.back().get(), bytes, bytes.size() / 2, bytes.size() - bytes.size() / 2));
+    // The daemon copied what was reported: what the client writes there now counts for nothing.
+    const std::string junk(bytes.size(), 'j');
+    REQUIRE(::pwrite(fds.back().get(), junk.data(), junk.size(), 0) == static_cast<ssize_t>(junk.size()));
+  }
+  tensorreg::result<commit_response> last = tl::unexpected(tensorreg::error{errc::internal, "no commit"});
+  for (const auto& id : ids) {
+    last = commit_piece(*e, id);
+    REQUIRE_OK(last);
+  }
+  REQUIRE(last->assembly);
+  CHECK(last->assembly->sealed);
+  CHECK(last->descriptor.artifact_id == t::expected_mi2(f.index.json(), f.canonical));
+}
+
+TEST_CASE("view registration: a staging memfd is for SERVER uploads of the stable_dram plan",
+          "[views][view_registration]") {
+  fake_clock clock;
+  auto e = t::make_engine(clock);
+  const auto f = make_fixture();
+  SECTION("CLIENT placement") {
+    auto v = transpose_request();
+    v.place = views::placement::client;
+    CHECK_ERROR(e->begin(staged_begin(f, v, f.index.total_size())), errc::invalid_argument,
+                "cannot register view: staging_memfd needs placement SERVER (with CLIENT placement the plan's own "
+                "buffer takes the canonical tensors)");
+  }
+  SECTION("another plan") {
+    auto r = staged_begin(f, transpose_request(), f.index.total_size());
+    r.plan = coalesced_options{};
+    CHECK_ERROR(e->begin(r), errc::invalid_argument,
+                "cannot register view: staging_memfd needs the stable_dram plan, whose handshake carries the memfd");
+  }
+  SECTION("ranges past the view") {
+    auto begun = e->begin(staged_begin(f, transpose_request(), f.index.total_size()));
+    REQUIRE_OK(begun);
+    const auto& id = begun->registration_id;
+    const std::uint64_t size = f.index.total_size();
+    for (const auto& [at, n] : std::vector<std::pair<std::uint64_t, std::uint64_t>>{
+             {size - 4, 8}, {~std::uint64_t{0}, 8}, {8, ~std::uint64_t{0}}}) {
+      feed_request progress;
+      progress.registration_id = id;
+      progress.payload = stable_write_progress{{{0, 8}, {at, n}}, false};
+      CHECK_ERROR(e->feed(std::move(progress)), errc::out_of_range,
+                  "cannot feed registration '" + id + "': view bytes [" + std::to_string(at) + ", +" +
+                      std::to_string(n) + ") run past the view size " + std::to_string(size));
+    }
+    REQUIRE_OK(e->abort(id));
+  }
+  CHECK(e->stats().pending_registrations == 0);
 }

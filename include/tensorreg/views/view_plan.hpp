@@ -64,6 +64,8 @@ struct view_request {
   std::uint64_t canonical_size_bytes = 0;  ///< 0 = the Begin's total_size (CANONICAL only)
   std::vector<byte_range> ranges;          ///< the client's coverage, checked when given
   registration_kind kind = registration_kind::unspecified;
+  /// SERVER: the view bytes come through a staging memfd the daemon hands out, not as chunks.
+  bool staging_memfd = false;
 };
 
 /// What the Begin that carries the view says besides it.

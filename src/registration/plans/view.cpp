@@ -5,6 +5,7 @@
 #include <utility>
 
 #include "memory/system_calls.hpp"
+#include "tensorreg/common/random.hpp"
 #include "tensorreg/hash/multihash.hpp"
 #include "tensorreg/hash/tree_hash.hpp"
 #include "tensorreg/metrics/registry.hpp"
@@ -221,6 +222,15 @@ result<std::unique_ptr<plan>> view_registration::begin(const begin_request& r, c
   p->index_ = std::move(idx);
   p->view_ = std::make_shared<const views::view_plan>(std::move(normalized));
 
+  if (request.staging_memfd && p->view_->place() != views::placement::server) {
+    return fail(errc::invalid_argument,
+                "cannot register view: staging_memfd needs placement SERVER (with CLIENT placement the plan's "
+                "own buffer takes the canonical tensors)");
+  }
+  if (request.staging_memfd && !std::holds_alternative<stable_dram_options>(r.plan)) {
+    return fail(errc::invalid_argument,
+                "cannot register view: staging_memfd needs the stable_dram plan, whose handshake carries the memfd");
+  }
   if (p->view_->place() == views::placement::client) {
     if (p->view_->kind() == views::registration_kind::piece) {
       return fail(errc::unimplemented,
@@ -253,24 +263,35 @@ result<std::unique_ptr<plan>> view_registration::begin(const begin_request& r, c
       p->reservation_ = std::move(*reserved);
     }
   }
-  p->written_ = std::make_shared<written_ranges>();
+  p->landing_.written = std::make_shared<written_ranges>();
   if (p->view_->kind() == views::registration_kind::piece) {
-    p->streamed_ = std::make_shared<streamed_view_hash>(size);
+    p->landing_.streamed = std::make_shared<streamed_view_hash>(size);
     if (ctx.assembly_for) {
       TENSORREG_TRY_ASSIGN(auto whole, ctx.assembly_for(r.client_artifact_id, p->index_, p->view_->required_ranges()));
-      p->stream_ = whole->claim(ctx.registration_id, p->view_, *p->index_, ctx.pool);
+      p->landing_.stream = whole->claim(ctx.registration_id, p->view_, *p->index_, ctx.pool);
     }
   }
   // A piece whose stream claims all of its bytes keeps no copy of them: they are in the
   // assembly's buffer, and its view hash reads them back from there.
-  if (!p->stream_ || !p->stream_->claims_all()) {
+  if (!p->landing_.stream || !p->landing_.stream->claims_all()) {
     TENSORREG_TRY_ASSIGN(auto memory, memory::shared_memory::create(size, "tensorreg-view"));
-    p->buffer_ = std::make_shared<memory::shared_memory>(std::move(memory));
+    p->landing_.buffer = std::make_shared<memory::shared_memory>(std::move(memory));
   }
   if (p->view_->kind() == views::registration_kind::canonical) {
-    p->populator_ = std::make_shared<memory::page_populator>(p->buffer_->mutable_bytes());
+    p->landing_.populator = std::make_shared<memory::page_populator>(p->landing_.buffer->mutable_bytes());
   }
-  if (std::holds_alternative<stable_dram_options>(r.plan)) {
+  p->landing_.view = p->view_;
+  p->landing_.scatters = p->view_->kind() == views::registration_kind::canonical;
+  if (request.staging_memfd) {
+    // The client's bytes land in daemon memory through this memfd; the Feed copies them out of
+    // it into the daemon's own buffers, so nothing later reads what the client can still change.
+    TENSORREG_TRY_ASSIGN(auto staging, memory::shared_memory::create(p->view_->view_size(), "tensorreg-view-staging"));
+    p->client_staging_ = std::make_shared<memory::shared_memory>(std::move(staging));
+    stable_dram_handshake hs;
+    hs.publish = publish_memfd{p->client_staging_, p->view_->view_size(), 0};
+    hs.publish_lease_token = "view-staging:" + random_hex(16);
+    response.handshake = std::move(hs);
+  } else if (std::holds_alternative<stable_dram_options>(r.plan)) {
     response.handshake = stable_dram_handshake{};
   } else if (std::holds_alternative<lease_options>(r.plan)) {
     response.handshake = lease_handshake{};
@@ -291,60 +312,79 @@ result<feed_work> view_registration::feed(feed_request& r, const registration_fa
     return inner_->feed(r, facts, regions, what);
   }
   TENSORREG_TRY(check_feed_shape(r, what, name(), false, true));
-  if (std::holds_alternative<stable_write_progress>(r.payload)) {
-    return fail(errc::failed_precondition,
-                what + ": stable_dram_write_progress needs a stable_dram registration, not a view registration");
+  const auto size = view_->view_size();
+  const auto in_view = [&](std::uint64_t offset, std::uint64_t length) -> status {
+    if (offset > size || length > size - offset) {
+      return fail(errc::out_of_range, what + ": view bytes [" + std::to_string(offset) + ", +" +
+                                          std::to_string(length) + ") run past the view size " + std::to_string(size));
+    }
+    return {};
+  };
+  if (auto* progress = std::get_if<stable_write_progress>(&r.payload)) {
+    if (!client_staging_) {
+      return fail(errc::failed_precondition,
+                  what +
+                      ": stable_dram_write_progress needs a view registration with staging_memfd; this one "
+                      "takes view_chunk messages");
+    }
+    for (const auto& range : progress->ranges) TENSORREG_TRY(in_view(range.canonical_offset, range.length));
+    return feed_work([landing = landing_, staging = client_staging_, ranges = std::move(progress->ranges)]() -> status {
+      for (const auto& range : ranges) {
+        TENSORREG_TRY(
+            landing.land(range.canonical_offset, staging->bytes().subspan(range.canonical_offset, range.length)));
+        // Copied out: the client's pages of them are not needed any more.
+        staging->discard(range.canonical_offset, range.length);
+      }
+      return {};
+    });
   }
   auto* chunk = std::get_if<view_chunk>(&r.payload);
   TENSORREG_ASSERT(chunk != nullptr);
   const auto offset = chunk->view_offset;
-  const auto length = static_cast<std::uint64_t>(chunk->data.size());
-  const auto size = view_->view_size();
-  if (offset > size || length > size - offset) {
-    return fail(errc::out_of_range, what + ": view bytes [" + std::to_string(offset) + ", +" + std::to_string(length) +
-                                        ") run past the view size " + std::to_string(size));
+  TENSORREG_TRY(in_view(offset, chunk->data.size()));
+  return feed_work([landing = landing_, offset, data = std::move(chunk->data)]() -> status {
+    return landing.land(offset, std::as_bytes(std::span(data.data(), data.size())));
+  });
+}
+
+status view_landing::land(std::uint64_t offset, std::span<const std::byte> bytes) const {
+  if (scatters) {
+    // Four times the chunk's size: what one client's bytes make resident stays in proportion
+    // to them, and the buffer is still faulted in over the first quarter of the upload.
+    populator->run(4 * bytes.size());
+    TENSORREG_TRY(views::scatter(*view, offset, bytes, buffer->mutable_bytes()));
+    written->add(offset, bytes.size());  // after the copy: Commit checks what has landed
+    return {};
   }
-  const bool scatters = view_->kind() == views::registration_kind::canonical;
-  return feed_work([view = view_, buffer = buffer_, written = written_, populator = populator_, streamed = streamed_,
-                    stream = stream_, scatters, offset, data = std::move(chunk->data)]() -> status {
-    const auto bytes = std::as_bytes(std::span(data.data(), data.size()));
-    if (scatters) {
-      // Four times the chunk's size: what one client's bytes make resident stays in proportion
-      // to them, and the buffer is still faulted in over the first quarter of the upload.
-      populator->run(4 * bytes.size());
-      TENSORREG_TRY(views::scatter(*view, offset, bytes, buffer->mutable_bytes()));
-      written->add(offset, bytes.size());  // after the copy: Commit checks what has landed
-      return {};
-    }
-    if (!buffer) {
-      // The stream holds every byte: written there first, then the view hash reads them back.
-      TENSORREG_TRY(stream->write(offset, bytes));
-      if (written->add(offset, bytes.size())) {
-        streamed->spoil();  // bytes hashed already may have changed
-        stream->spoil();
-      } else {
-        streamed->advance(from_stream(*stream), *written, offset, bytes.size());
-      }
-      return {};
-    }
-    const auto staging = buffer->mutable_bytes();
-    std::memcpy(staging.data() + offset, bytes.data(), bytes.size());
-    zero_pad(*view, staging, offset, bytes.size());  // PAD reads as zero in the view hash
+  if (!buffer) {
+    // The stream holds every byte: written there first, then the view hash reads them back.
+    TENSORREG_TRY(stream->write(offset, bytes));
     if (written->add(offset, bytes.size())) {
       streamed->spoil();  // bytes hashed already may have changed
-      if (stream) stream->spoil();
+      stream->spoil();
     } else {
-      streamed->advance(from_staging(staging), *written, offset, bytes.size());
+      streamed->advance(from_stream(*stream), *written, offset, bytes.size());
     }
-    return stream ? stream->write(offset, bytes) : status{};
-  });
+    return {};
+  }
+  const auto staging = buffer->mutable_bytes();
+  std::memcpy(staging.data() + offset, bytes.data(), bytes.size());
+  zero_pad(*view, staging, offset, bytes.size());  // PAD reads as zero in the view hash
+  if (written->add(offset, bytes.size())) {
+    streamed->spoil();  // bytes hashed already may have changed
+    if (stream) stream->spoil();
+  } else {
+    streamed->advance(from_staging(staging), *written, offset, bytes.size());
+  }
+  // From the daemon's copy, not `bytes`: a client's staging memfd may have changed since.
+  return stream ? stream->write(offset, staging.subspan(offset, bytes.size())) : status{};
 }
 
 status view_registration::check_complete(commit_context& ctx) const {
   std::vector<views::byte_range> required;
   for (const auto& t : view_->tensors()) required.push_back({t.view_offset, t.nbytes});
   required = views::merge_ranges(std::move(required));
-  if (auto gap = written_->first_missing(required)) {
+  if (auto gap = landing_.written->first_missing(required)) {
     ctx.retryable = true;  // the client can still send them
     return fail(errc::failed_precondition, "cannot commit view registration '" + ctx.facts.id +
                                                "': view bytes incomplete: view bytes [" + std::to_string(gap->offset) +
@@ -399,16 +439,16 @@ result<commit_response> view_registration::commit_client(commit_context& ctx) {
 result<commit_response> view_registration::commit_canonical(commit_context& ctx) {
   const auto& p = ctx.facts;
   // No Feed writes any more (Commit waited for them), and the memfd never left the daemon.
-  TENSORREG_TRY(buffer_->seal_read_only());
+  TENSORREG_TRY(landing_.buffer->seal_read_only());
   std::optional<hash::digest> data;
   if (p.cgid.empty()) {
-    TENSORREG_TRY_ASSIGN(data, hash::tree_hash(cancellable_source(*buffer_, ctx.cancelled), &ctx.pool));
-    metrics::process_counters().bytes_hashed.add(buffer_->size());
+    TENSORREG_TRY_ASSIGN(data, hash::tree_hash(cancellable_source(*landing_.buffer, ctx.cancelled), &ctx.pool));
+    metrics::process_counters().bytes_hashed.add(landing_.buffer->size());
   }
-  TENSORREG_TRY_ASSIGN(auto record, record_over(buffer_->bytes(), ctx.pool));
+  TENSORREG_TRY_ASSIGN(auto record, record_over(landing_.buffer->bytes(), ctx.pool));
   const auto descriptor = describe(p, *index_, data);
-  TENSORREG_TRY_ASSIGN(auto response, publish_stable(ctx, descriptor, p.total_size, buffer_, index_, &reservation_,
-                                                     one_view(record, view_)));
+  TENSORREG_TRY_ASSIGN(auto response, publish_stable(ctx, descriptor, p.total_size, landing_.buffer, index_,
+                                                     &reservation_, one_view(record, view_)));
   response.view = std::move(record);
   return response;
 }
@@ -417,19 +457,19 @@ result<commit_response> view_registration::commit_piece(commit_context& ctx) {
   const auto& p = ctx.facts;
   std::span<std::byte> staging;
   std::optional<hash::digest> view_hash;
-  if (buffer_) {
+  if (landing_.buffer) {
     // PAD between view tensors reads as zero in the view hash, whatever the client sent.
-    staging = buffer_->mutable_bytes();
+    staging = landing_.buffer->mutable_bytes();
     zero_pad(*view_, staging, 0, staging.size());
-    view_hash = streamed_->finish(from_staging(staging), ctx.pool);
+    view_hash = landing_.streamed->finish(from_staging(staging), ctx.pool);
     if (!view_hash) {
       TENSORREG_TRY_ASSIGN(view_hash, linear_hash(staging, ctx.pool));
     }
   } else {
-    view_hash = streamed_->finish(from_stream(*stream_), ctx.pool);
+    view_hash = landing_.streamed->finish(from_stream(*landing_.stream), ctx.pool);
     if (!view_hash) {
-      TENSORREG_TRY_ASSIGN(view_hash,
-                           views::view_data_hash(*view_, stream_->canonical(), views::view_hash_leaf_bytes, &ctx.pool));
+      TENSORREG_TRY_ASSIGN(view_hash, views::view_data_hash(*view_, landing_.stream->canonical(),
+                                                            views::view_hash_leaf_bytes, &ctx.pool));
     }
   }
   auto record = record_of(*view_, *view_hash);
@@ -442,15 +482,15 @@ result<commit_response> view_registration::commit_piece(commit_context& ctx) {
   }));
   whole->touch(deadline);
   std::vector<std::byte> gathered;
-  if (!buffer_ && !stream_->of(*whole)) {
+  if (!landing_.buffer && !landing_.stream->of(*whole)) {
     // Its bytes are in the buffer of an assembly that was dropped since (its seal failed):
     // this one needs them all.
     gathered.resize(view_->view_size());
-    TENSORREG_TRY(stream_->read_view(0, gathered));
+    TENSORREG_TRY(landing_.stream->read_view(0, gathered));
     staging = gathered;
   }
   bool retry_later = false;
-  auto added = whole->add_piece(p.id, *view_, staging, *index_, &ctx.pool, stream_.get(), &retry_later);
+  auto added = whole->add_piece(p.id, *view_, staging, *index_, &ctx.pool, landing_.stream.get(), &retry_later);
   if (!added) {
     ctx.retryable = retry_later;  // another piece's claim: this one stays open to commit again
     return tl::unexpected(std::move(added).error());
@@ -505,15 +545,16 @@ result<commit_response> view_registration::commit_piece(commit_context& ctx) {
   response.view = std::move(record);
   // The staging copy of the piece's view bytes is done with. Unmapping its pages (gigabytes for
   // a rank's share of a model) is left to a hashing thread rather than made part of the answer.
-  if (buffer_) ctx.pool.submit([staging = std::exchange(buffer_, nullptr)] {});
+  if (landing_.buffer) ctx.pool.submit([staging = std::exchange(landing_.buffer, nullptr)] {});
   return response;
 }
 
 void view_registration::release(regions::region_registry& regions) noexcept {
   if (inner_) inner_->release(regions);
-  buffer_.reset();
-  written_.reset();
-  stream_.reset();  // its claim goes back unless the piece was added
+  landing_.buffer.reset();
+  landing_.written.reset();
+  landing_.stream.reset();  // its claim goes back unless the piece was added
+  client_staging_.reset();
   reservation_ = stable::budget_reservation{};
 }
 

@@ -8,6 +8,8 @@
 //     fault the buffer in together before they scatter (page_populator); Commit checks that
 //     every view byte came, hashes the buffer (the id a whole registration of the same tensors
 //     gets) and keeps it as the artifact's stable DRAM replica.
+//   SERVER, either kind: the bytes come as view_chunk messages, or through a staging memfd the
+//     client writes and reports ranges of (staging_memfd), copied out by the Feed.
 //   SERVER, PIECE: Begin claims in the assembly of the cgid (views::assembly) the canonical
 //     bytes no other piece covers or claims, and each Feed writes its share of them into the
 //     assembly's buffer at once (views::assembly_stream). The view hash is taken as the bytes
@@ -90,6 +92,28 @@ class streamed_view_hash {
   std::atomic<bool> spoiled_{false};
 };
 
+/// Where a SERVER upload's view bytes go as they arrive (view_chunk messages, or ranges of the
+/// client's staging memfd): a Feed's copy runs on its own, outside the registration's lock, so
+/// it holds what it writes into.
+struct view_landing {
+  std::shared_ptr<const views::view_plan> view;
+  // CANONICAL: the canonical buffer; PIECE: the view bytes (none when the piece's stream claims
+  // all of its bytes: they are read back from the assembly's buffer)
+  std::shared_ptr<memory::shared_memory> buffer;
+  std::shared_ptr<written_ranges> written;
+  std::shared_ptr<streamed_view_hash> streamed;    // PIECE
+  std::shared_ptr<views::assembly_stream> stream;  // PIECE: its claim on the assembly
+  // CANONICAL: the first feeds fault the canonical buffer in, in slices, before they scatter
+  // into it (memory/page_populator.hpp).
+  std::shared_ptr<memory::page_populator> populator;
+  bool scatters = false;  // CANONICAL
+
+  /// View bytes [offset, offset + bytes.size()), inside the view: scattered into the canonical
+  /// buffer (CANONICAL), or written to the piece's staging copy and its claim on the assembly
+  /// (PIECE), the view hash carried on.
+  [[nodiscard]] status land(std::uint64_t offset, std::span<const std::byte> bytes) const;
+};
+
 class view_registration final : public plan {
  public:
   /// Errors: INVALID_ARGUMENT (every §7 rule, the index, device_id), NOT_FOUND (unknown index
@@ -122,15 +146,9 @@ class view_registration final : public plan {
   std::shared_ptr<const index::canonical_index> index_;
   std::shared_ptr<const views::view_plan> view_;
   std::unique_ptr<plan> inner_;  // CLIENT placement
-  // SERVER: canonical (CANONICAL) or view bytes (PIECE; none when the piece's stream claims all
-  // of its bytes: they are read back from the assembly's buffer)
-  std::shared_ptr<memory::shared_memory> buffer_;
-  std::shared_ptr<written_ranges> written_;         // SERVER
-  std::shared_ptr<streamed_view_hash> streamed_;    // SERVER, PIECE
-  std::shared_ptr<views::assembly_stream> stream_;  // SERVER, PIECE: its claim on the assembly
-  // SERVER, CANONICAL: the first feeds fault the canonical buffer in, in slices, before they
-  // scatter into it (memory/page_populator.hpp).
-  std::shared_ptr<memory::page_populator> populator_;
+  view_landing landing_;         // SERVER
+  // SERVER with staging_memfd: the memfd the client writes view bytes into
+  std::shared_ptr<memory::shared_memory> client_staging_;
   stable::budget_reservation reservation_;  // SERVER CANONICAL
 };
 
