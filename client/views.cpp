@@ -2,8 +2,8 @@
 //
 // Begin goes first, so that every rule of §7 is the daemon's check with its status; only then
 // are view bytes made (gathered from the replica by a local view_plan of the same request) and
-// sent, as 4 MiB view_chunk frames, a bounded number per Feed stream so that a view of many
-// GiB never sits in memory whole.
+// written into the staging memfd the Begin answer hands out, 4 MiB at a time, and reported, a
+// bounded number of reports per Feed stream so that the daemon copies them out as they come.
 #include <unistd.h>
 
 #include <algorithm>
@@ -24,22 +24,28 @@ namespace {
 
 namespace wc = wire_convert;
 
-// One view_chunk (registration.md §7.7), as the Python client sends them.
-constexpr std::uint64_t chunk_bytes = std::uint64_t{4} << 20;
-// Frames per Feed stream: 64 MiB of view bytes in memory at a time.
-constexpr std::size_t chunks_per_feed = 16;
+// View bytes written into the staging memfd between two progress reports, and reports per Feed
+// stream: 64 MiB of view bytes reported at a time.
+constexpr std::uint64_t staged_bytes = std::uint64_t{4} << 20;
+constexpr std::size_t reports_per_feed = 16;
 
 using fill_fn = std::function<status(std::uint64_t, std::span<std::byte>)>;
 
-// Sends view bytes [0, size), made by fill(view_offset, out), as view_chunk frames.
-status stream_view(raw::connection& raw, const std::string& registration_id, std::uint64_t size, const fill_fn& fill) {
+// Writes view bytes [0, size), made by fill(view_offset, out), into the staging memfd `fd` and
+// reports them (wire-format.md §16).
+status stage_view(raw::connection& raw, const std::string& registration_id, int fd, std::uint64_t size,
+                  const fill_fn& fill) {
   std::vector<std::byte> buffer;
   std::vector<wc::v2::FeedRegisterArtifactStreamRequest> frames;
-  for (std::uint64_t at = 0; at < size; at += chunk_bytes) {
-    buffer.resize(static_cast<std::size_t>(std::min(chunk_bytes, size - at)));
+  for (std::uint64_t at = 0; at < size; at += staged_bytes) {
+    buffer.resize(static_cast<std::size_t>(std::min(staged_bytes, size - at)));
     TENSORREG_TRY(fill(at, buffer));
-    frames.push_back(wc::view_chunk_frame(registration_id, at, buffer));
-    if (frames.size() == chunks_per_feed || at + buffer.size() >= size) {
+    TENSORREG_TRY(write_to_memfd(fd, buffer, at));
+    registration::feed_request progress;
+    progress.registration_id = registration_id;
+    progress.payload = registration::stable_write_progress{{{at, buffer.size()}}, false};
+    frames.push_back(wc::feed_frame(progress));
+    if (frames.size() == reports_per_feed || at + buffer.size() >= size) {
       TENSORREG_TRY(raw.feed(std::move(frames)));
       frames.clear();
     }
@@ -66,7 +72,8 @@ result<raw::connection::reply> commit_when_free(raw::connection& raw, const std:
   }
 }
 
-// Begin → (SERVER: view chunks from `fill`; CLIENT: the canonical bytes into the publish memfd)
+// Begin → (SERVER: view bytes from `fill` into the staging memfd; CLIENT: the canonical bytes
+// into the publish memfd)
 // → Commit, aborting on failure.
 // `view_size` runs once the daemon has accepted the Begin (so its status, not a local check's,
 // answers a bad request).
@@ -79,10 +86,10 @@ result<view_registered> run_view(raw::connection& raw, const wc::begin_args& beg
     static_cast<void>(raw.call(wc::abort_request(registration_id)));
     return tl::unexpected(std::move(e));
   };
+  if (begun.fds.empty()) {
+    return abort_on_error(error{errc::data_loss, "cannot register view: the daemon sent no memfd"});
+  }
   if (begin.view->place == views::placement::client) {
-    if (begun.fds.empty()) {
-      return abort_on_error(error{errc::data_loss, "cannot register view: the daemon sent no memfd"});
-    }
     if (auto written = write_to_memfd(begun.fds.front().get(), canonical, 0); !written) {
       return abort_on_error(written.error());
     }
@@ -96,7 +103,10 @@ result<view_registered> run_view(raw::connection& raw, const wc::begin_args& beg
   } else {
     auto size = view_size();
     if (!size) return abort_on_error(size.error());
-    if (auto sent = stream_view(raw, registration_id, *size, fill); !sent) return abort_on_error(sent.error());
+    if (auto sent = stage_view(raw, registration_id, begun.fds.front().get(), *size, fill); !sent) {
+      return abort_on_error(sent.error());
+    }
+    begun.fds.clear();
   }
   auto committed = commit_when_free(raw, registration_id, begin.ttl_ms);
   if (!committed) return abort_on_error(committed.error());
@@ -124,6 +134,7 @@ result<view_registered> connection::register_view(std::string_view artifact_id, 
   }
   request.place = options.place;
   request.kind = views::registration_kind::canonical;
+  request.staging_memfd = request.place == views::placement::server;
   wc::begin_args begin;
   begin.plan = wc::begin_plan::stable_dram;
   begin.total_size = canonical.total_size();
@@ -156,6 +167,7 @@ result<view_registered> connection::register_piece(const piece_options& options,
   request.tensor_names = options.tensor_names;
   request.place = views::placement::server;
   request.kind = views::registration_kind::piece;
+  request.staging_memfd = true;
   request.canonical_size_bytes = parsed->total_size();
   wc::begin_args begin;
   begin.plan = wc::begin_plan::stable_dram;

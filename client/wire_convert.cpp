@@ -52,6 +52,7 @@ void set_view(const views::view_request& v, v2::ViewRegistrationOptions& out) {
   }
   out.set_registration_kind(static_cast<v2::ViewRegistrationKind>(v.kind));
   for (const auto& name : v.tensor_names) out.add_tensor_names(name);
+  out.set_staging_memfd(v.staging_memfd);
 }
 
 void set_policy(const policy::store_policy& in, common::StorePolicy& out) {
@@ -340,15 +341,6 @@ wire::Request view_request(std::string_view artifact_id, std::string_view view_i
   auto r = index_request(artifact_id);
   r.mutable_get_artifact_index_by_id()->set_view_id(std::string(view_id));
   return r;
-}
-
-v2::FeedRegisterArtifactStreamRequest view_chunk_frame(std::string_view registration_id, std::uint64_t view_offset,
-                                                       std::span<const std::byte> data) {
-  v2::FeedRegisterArtifactStreamRequest f;
-  f.set_registration_id(std::string(registration_id));
-  f.mutable_view_chunk()->set_view_offset(view_offset);
-  f.mutable_view_chunk()->set_data(reinterpret_cast<const char*>(data.data()), data.size());
-  return f;
 }
 
 wire::Request memfd_request(std::string_view artifact_id) {

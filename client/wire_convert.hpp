@@ -110,10 +110,6 @@ struct republish_args {
 [[nodiscard]] wire::Request wait_persistence_request(std::string_view task_id, std::uint32_t timeout_ms);
 /// GetArtifactIndexById asking for a view too (wire-format.md §16).
 [[nodiscard]] wire::Request view_request(std::string_view artifact_id, std::string_view view_id);
-/// A Feed frame of one view_chunk.
-[[nodiscard]] v2::FeedRegisterArtifactStreamRequest view_chunk_frame(std::string_view registration_id,
-                                                                     std::uint64_t view_offset,
-                                                                     std::span<const std::byte> data);
 [[nodiscard]] wire::Request memfd_request(std::string_view artifact_id);
 [[nodiscard]] wire::Request open_device_request(std::string_view artifact_id, std::uint32_t first_allocation);
 [[nodiscard]] wire::Request list_request();

@@ -7,9 +7,10 @@ get(..., view=...).
 - **SERVER placement**: Begin carries the canonical index and the spec; the daemon checks every
   rule of §7.1–§7.6 there, and only then does this process build the view bytes (torch's
   narrow/transpose of the canonical tensors, made contiguous: the row-major linearization of
-  §7.3) and stream them as view_chunk messages of at most 4 MiB, packed by view offset (the PAD
-  between tensors travels as zeros, so small tensors share a chunk). CUDA tensors are made
-  contiguous on their GPU and copied to the host chunk by chunk.
+  §7.3) and write them into the staging memfd the Begin answer hands out, at their view
+  offsets, reporting each batch written (wire-format.md §16); the daemon copies them out as
+  they are reported. CUDA tensors are made contiguous on their GPU and copied to the host a
+  batch at a time.
 - **CLIENT placement**: the canonical tensors go up as put() sends them (stable_dram for CPU
   tensors, coalesced for CUDA ones) with the view options in the Begin; the daemon records the
   view over what it published.
@@ -28,6 +29,7 @@ serialises calls).
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import time
@@ -38,7 +40,9 @@ from ._torch import module as _torch
 from ._wire import Connection, _close_fds
 from .errors import DataLoss, FailedPrecondition, InvalidArgument
 
-CHUNK_BYTES = 4 << 20  # one view_chunk (registration.md §7.7; DECISIONS §5.22)
+# View bytes written into the staging memfd between two progress reports: the daemon copies
+# each batch out on its own thread while the next is written.
+STAGED_BYTES = 8 << 20
 _DAEMON = _messages.DAEMON
 _ALIGNMENT = _layout.ALIGNMENT
 
@@ -179,6 +183,8 @@ def view_options(ops: dict, tensor_names, placement: str, kind: str, canonical_s
     options.registration_kind = _messages.enum_value(_DAEMON + ".ViewRegistrationKind",
                                                      "VIEW_REGISTRATION_KIND_" + kind.upper())
     options.canonical_size_bytes = canonical_size
+    # A SERVER upload writes its view bytes into a staging memfd the daemon hands out.
+    options.staging_memfd = placement == "server"
     if view_id:
         options.view_id = view_id
     return options
@@ -207,52 +213,29 @@ def _view_bytes(torch, t):
     return flat.view(torch.uint8) if flat.numel() else torch.empty(0, dtype=torch.uint8, device=t.device)
 
 
-def chunk_frames(torch, tensors: list, registration_id: str, chunk_bytes: int):
-    """The Feed frames of a SERVER upload: the linearized view (§7.3) in view_chunk messages of
-    at most `chunk_bytes`, packed by view offset. A generator: one chunk is in memory at a time."""
-    buffer = bytearray()
-    start = 0  # view offset of buffer[0]
-    cursor = 0  # view offset of the next byte
-
-    def frame(at: int, data: bytes):
-        request = _messages.Request()
-        feed = request.feed_register_artifact_stream
-        feed.registration_id = registration_id
-        feed.view_chunk.view_offset = at
-        feed.view_chunk.data = data
-        return request
-
+def staged_frames(torch, tensors: list, registration_id: str, fd: int, batch_bytes: int):
+    """The Feed frames of a SERVER upload through the daemon's staging memfd `fd`
+    (wire-format.md §16): each view tensor's row-major bytes (§7.3) written at its view offset,
+    at most `batch_bytes` at a time, each write reported by a stable_dram_write_progress frame
+    once it is done, so that the daemon copies one batch out while the next is written. PAD is
+    not written (the memfd reads as zeros there). CUDA tensors are made contiguous on their GPU
+    and copied to the host a batch at a time. A generator: it writes as it is iterated."""
+    cursor = 0  # view offset past the last tensor
     with torch.no_grad():
         for _, t in tensors:
-            aligned = (cursor + _ALIGNMENT - 1) // _ALIGNMENT * _ALIGNMENT
             if t.numel() == 0:
                 continue
-            if buffer and aligned - start < chunk_bytes:
-                buffer.extend(bytes(aligned - cursor))  # PAD, as zeros
-            elif buffer:
-                yield frame(start, bytes(buffer))
-                buffer = bytearray()
-            if not buffer:
-                start = aligned
-            cursor = aligned
+            start = (cursor + _ALIGNMENT - 1) // _ALIGNMENT * _ALIGNMENT
             data = _view_bytes(torch, t)
             n = data.numel()
-            at = 0
-            while at < n:
-                room = chunk_bytes - len(buffer)
-                take = min(room, n - at)
-                piece = data[at:at + take]
+            for at in range(0, n, batch_bytes):
+                piece = data[at:at + batch_bytes]
                 if piece.device.type != "cpu":
                     piece = piece.cpu()
-                buffer.extend(piece.numpy().tobytes())
-                at += take
-                cursor += take
-                if len(buffer) == chunk_bytes:
-                    yield frame(start, bytes(buffer))
-                    buffer = bytearray()
-                    start = cursor
-        if buffer:
-            yield frame(start, bytes(buffer))
+                # The tensor's own memory, seen as bytes; `piece` keeps it alive.
+                _buffers.pwrite_all(fd, (ctypes.c_ubyte * piece.numel()).from_address(piece.data_ptr()), start + at)
+                yield _requests.write_progress(registration_id, start + at, piece.numel())
+            cursor = start + n
 
 
 # ---- register_view / register_piece --------------------------------------------------------
@@ -295,16 +278,20 @@ def _commit_when_free(conn: Connection, registration_id: str, ttl_ms: int):
 
 
 def _server_upload(conn: Connection, begin, make_tensors) -> ViewRegistration:
-    """Begin → view_chunks (built by make_tensors() once Begin has passed) → Commit; aborts on
-    failure."""
+    """Begin → the view bytes (built by make_tensors() once Begin has passed) written into the
+    staging memfd and reported → Commit; aborts on failure."""
     begun, fds = conn.call(begin)
-    _close_fds(fds)
     registration_id = begun.begin_register_artifact.registration_id
     try:
+        if not fds:
+            raise DataLoss(f"cannot upload view registration '{registration_id}': the daemon sent no staging memfd")
         torch = _torch()
-        conn.feed(chunk_frames(torch, make_tensors(), registration_id, CHUNK_BYTES))
+        conn.feed(staged_frames(torch, make_tensors(), registration_id, fds[0], STAGED_BYTES))
+        _close_fds(fds)
+        fds = ()
         done = _commit_when_free(conn, registration_id, begin.begin_register_artifact.ttl_ms)
     except BaseException:
+        _close_fds(fds)
         _put.abort(conn, registration_id)
         raise
     return ViewRegistration(done, registration_id)

@@ -240,28 +240,48 @@ class ViewsTest(_support.StoreTestCase):
             with self.subTest(message=message):
                 self.assert_fails(call, cls, cls.code, message)
 
-        # Feed and Commit of a SERVER upload: past the view, stable_dram progress, incomplete.
-        answer, _ = begin()()
+        # Feed and Commit of a SERVER upload: past the view, progress without a staging memfd,
+        # incomplete.
+        from tensorreg import _requests
+
+        def chunk(rid, at, n):
+            frame = _messages.Request()
+            frame.feed_register_artifact_stream.registration_id = rid
+            frame.feed_register_artifact_stream.view_chunk.view_offset = at
+            frame.feed_register_artifact_stream.view_chunk.data = bytes(n)
+            return frame
+
+        answer, fds = begin(edit=lambda o: setattr(o, "staging_memfd", False))()
+        self.assertEqual(fds, [])
         rid = answer.begin_register_artifact.registration_id
         try:
-            frames = lambda at, n: _views.chunk_frames(torch, [("x", torch.zeros(n, dtype=torch.uint8))], rid, n)
-
-            def shifted(at, n):
-                for f in frames(at, n):
-                    f.feed_register_artifact_stream.view_chunk.view_offset = at
-                    yield f
-
-            self.assert_fails(lambda: c.feed(list(shifted(5190, 20))), tensorreg.OutOfRange, 11,
+            self.assert_fails(lambda: c.feed([chunk(rid, 5190, 20)]), tensorreg.OutOfRange, 11,
                               f"cannot feed registration '{rid}': view bytes [5190, +20) run past the view size 5200")
-            from tensorreg import _requests
             self.assert_fails(lambda: c.feed([_requests.stable_dram_feed(rid, 5200)]), tensorreg.FailedPrecondition, 9,
-                              f"cannot feed registration '{rid}': stable_dram_write_progress needs a stable_dram "
-                              f"registration, not a view registration")
-            c.feed(list(shifted(0, 100)))
+                              f"cannot feed registration '{rid}': stable_dram_write_progress needs a view registration "
+                              f"with staging_memfd; this one takes view_chunk messages")
+            c.feed([chunk(rid, 0, 100)])
             self.assert_fails(lambda: _put.commit(c, rid), tensorreg.FailedPrecondition, 9,
                               f"cannot commit view registration '{rid}': view bytes incomplete: view bytes [100, 5200) "
                               f"were not written")
         finally:
+            _put.abort(c, rid)
+
+        # Through the staging memfd: ranges past the view, and the same incomplete commit.
+        answer, fds = begin()()
+        rid = answer.begin_register_artifact.registration_id
+        try:
+            self.assertEqual(len(fds), 1)
+            self.assertEqual(os.fstat(fds[0]).st_size, 5200)
+            self.assert_fails(lambda: c.feed([_requests.write_progress(rid, 5190, 20)]), tensorreg.OutOfRange, 11,
+                              f"cannot feed registration '{rid}': view bytes [5190, +20) run past the view size 5200")
+            c.feed([_requests.write_progress(rid, 0, 100)])
+            self.assert_fails(lambda: _put.commit(c, rid), tensorreg.FailedPrecondition, 9,
+                              f"cannot commit view registration '{rid}': view bytes incomplete: view bytes [100, 5200) "
+                              f"were not written")
+        finally:
+            for fd in fds:
+                os.close(fd)
             _put.abort(c, rid)
 
     # ---- what a view answers, and reading it back ----
@@ -301,24 +321,31 @@ class ViewsTest(_support.StoreTestCase):
                 got = s.get(whole.artifact_id, view=v.view_id)
                 self.assertTrue(torch.equal(got["w"], m["w"].t()))
 
-    def test_chunks_are_packed_by_view_offset_and_never_exceed_the_chunk_size(self):
+    def test_staged_view_bytes_land_at_their_view_offsets_in_batches_reported_as_written(self):
         g = torch.Generator().manual_seed(3)
         tensors = [("a", torch.randn(3, generator=g)), ("b", torch.randint(0, 255, (5,), generator=g,
                                                                             dtype=torch.uint8)),
                    ("c", torch.randn(7, 9, generator=g).t()), ("d", torch.randn(2, generator=g).to(torch.bfloat16))]
         expected = linearized(dict(tensors))
-        for chunk in (8, 13, 64, 1 << 22):
-            with self.subTest(chunk=chunk):
-                rebuilt = bytearray(len(expected))
-                for f in _views.chunk_frames(torch, tensors, "reg", chunk):
-                    vc = f.feed_register_artifact_stream.view_chunk
-                    self.assertLessEqual(len(vc.data), chunk)
-                    self.assertEqual(f.feed_register_artifact_stream.registration_id, "reg")
-                    rebuilt[vc.view_offset:vc.view_offset + len(vc.data)] = vc.data
-                self.assertEqual(bytes(rebuilt), expected)
-        big = [("w", torch.randn(1536, 1024, generator=g))]  # 6 MiB: two 4 MiB chunks
-        frames = list(_views.chunk_frames(torch, big, "reg", _views.CHUNK_BYTES))
-        self.assertEqual([len(f.feed_register_artifact_stream.view_chunk.data) for f in frames], [4 << 20, 2 << 20])
+        for batch in (8, 13, 64, 1 << 22):
+            with self.subTest(batch=batch):
+                fd = os.memfd_create("staging-test")
+                try:
+                    os.ftruncate(fd, len(expected))
+                    reported = []
+                    for f in _views.staged_frames(torch, tensors, "reg", fd, batch):
+                        feed = f.feed_register_artifact_stream
+                        self.assertEqual(feed.registration_id, "reg")
+                        (r,) = feed.stable_dram_write_progress.ranges
+                        self.assertLessEqual(r.length, batch)
+                        # Reported once written: the bytes are in the memfd when the frame comes.
+                        self.assertEqual(os.pread(fd, r.length, r.canonical_offset),
+                                         expected[r.canonical_offset:r.canonical_offset + r.length])
+                        reported.append((r.canonical_offset, r.length))
+                    self.assertEqual(os.pread(fd, len(expected), 0), expected)  # PAD reads as zero
+                    self.assertEqual(sum(n for _, n in reported), sum(t.numel() * t.element_size() for _, t in tensors))
+                finally:
+                    os.close(fd)
 
     def test_random_views_read_back_as_torch_narrow_and_transpose(self):
         """Property: for random tensors and specs, the transposed views read back (get(view=))
@@ -326,10 +353,10 @@ class ViewsTest(_support.StoreTestCase):
         rng = random.Random(20261202)
         dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int8, torch.uint8]
         s = self.store
-        saved = _views.CHUNK_BYTES
+        saved = _views.STAGED_BYTES
         try:
             for trial in range(12):
-                _views.CHUNK_BYTES = rng.choice([8, 40, 1000, 4 << 20])
+                _views.STAGED_BYTES = rng.choice([8, 40, 1000, 8 << 20])
                 g = torch.Generator().manual_seed(trial)
                 sd = {}
                 for k in range(rng.randint(1, 4)):
@@ -374,7 +401,7 @@ class ViewsTest(_support.StoreTestCase):
                     self.assertEqual(p.view_index[name][2], list(local[name].shape))
                     self.assertEqual(p.view_data_hash, multihash(linearized(local)))
         finally:
-            _views.CHUNK_BYTES = saved
+            _views.STAGED_BYTES = saved
 
     # ---- tensor-parallel assembly ----
 
