@@ -1,9 +1,13 @@
 #include "host_memory.hpp"
 
 #include <fmt/core.h>
+#include <malloc.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <charconv>
+#include <climits>
+#include <cstdlib>
 #include <fstream>
 #include <sstream>
 
@@ -75,6 +79,15 @@ result<stable_budget> parse_stable_budget(std::string_view text, std::optional<s
     out.bytes = *memory;
   }
   return out;
+}
+
+void keep_frame_buffers_on_heap(std::uint64_t largest_block, std::uint64_t retained_bytes) noexcept {
+  const char* tunables = std::getenv("GLIBC_TUNABLES");
+  if (tunables != nullptr && std::string_view(tunables).find("glibc.malloc.") != std::string_view::npos) return;
+  const auto clamp = [](std::uint64_t v) { return static_cast<int>(std::min<std::uint64_t>(v, INT_MAX)); };
+  // Either may be refused (a sanitizer's allocator ignores both): the daemon works as before.
+  static_cast<void>(::mallopt(M_MMAP_THRESHOLD, clamp(largest_block)));
+  static_cast<void>(::mallopt(M_TRIM_THRESHOLD, clamp(retained_bytes)));
 }
 
 }  // namespace tensorreg::daemon

@@ -37,4 +37,12 @@ struct stable_budget {
 /// percentage when the memory is unknown), naming the text.
 [[nodiscard]] result<stable_budget> parse_stable_budget(std::string_view text, std::optional<std::uint64_t> memory);
 
+/// Has malloc serve blocks up to `largest_block` from its heap, and keep up to `retained_bytes`
+/// of freed heap per arena, where glibc's defaults map each block above a few MiB afresh and give
+/// freed memory back at once. The daemon allocates and frees buffers of a whole frame (up to
+/// default_max_frame_bytes: a 4 MiB view_chunk, a large Feed) for every request; with the
+/// defaults each of them was faulted in and zeroed again. A GLIBC_TUNABLES that sets a
+/// glibc.malloc tunable wins. Call it before any thread starts.
+void keep_frame_buffers_on_heap(std::uint64_t largest_block, std::uint64_t retained_bytes) noexcept;
+
 }  // namespace tensorreg::daemon

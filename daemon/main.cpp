@@ -29,6 +29,7 @@
 
 #include "dispatcher.hpp"
 #include "fd_store.hpp"
+#include "framing.hpp"
 #include "host_memory.hpp"
 #include "metrics_http.hpp"
 #include "server.hpp"
@@ -640,6 +641,8 @@ int serve(const options& o, tensorreg::logger& log) {
 }  // namespace
 
 int main(int argc, char** argv) try {
+  // While this is the only thread: mallopt() is not safe beside allocating threads.
+  tensorreg::daemon::keep_frame_buffers_on_heap(tensorreg::daemon::default_max_frame_bytes, std::uint64_t{128} << 20);
   options o;
   if (int rc = parse_options(std::vector<std::string>(argv + 1, argv + argc), o); rc >= 0) return rc;
   if (!o.cluster.empty()) {
