@@ -1,7 +1,6 @@
 #include "memory/page_populator.hpp"
 
 #include <sys/mman.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
@@ -14,19 +13,6 @@ bool populate_for_write(std::byte* p, std::uint64_t length) noexcept {
   if (length == 0) return true;
   if (unsupported.load(std::memory_order_relaxed)) return false;
   if (::madvise(p, length, populate_write) == 0) return true;
-  if (errno == EINVAL) unsupported.store(true, std::memory_order_relaxed);
-  return false;
-}
-
-bool populate_for_read(const std::byte* p, std::uint64_t length) noexcept {
-  constexpr int populate_read = 22;  // MADV_POPULATE_READ, missing from older headers
-  static std::atomic<bool> unsupported{false};
-  static const auto page = static_cast<std::uintptr_t>(::sysconf(_SC_PAGESIZE));
-  if (length == 0) return true;
-  if (unsupported.load(std::memory_order_relaxed)) return false;
-  const auto start = reinterpret_cast<std::uintptr_t>(p) / page * page;  // madvise wants it aligned
-  const auto end = reinterpret_cast<std::uintptr_t>(p) + length;
-  if (::madvise(reinterpret_cast<void*>(start), end - start, populate_read) == 0) return true;
   if (errno == EINVAL) unsupported.store(true, std::memory_order_relaxed);
   return false;
 }

@@ -30,11 +30,6 @@ namespace tensorreg::memory {
 /// or a page could not be had (the write then faults it, or fails, itself).
 bool populate_for_write(std::byte* p, std::uint64_t length) noexcept;
 
-/// Maps the pages of [p, p + length) that the memory already has (MADV_POPULATE_READ), in one
-/// call rather than a fault per page when they are first read; false where the kernel cannot
-/// (the reads then fault them in themselves).
-bool populate_for_read(const std::byte* p, std::uint64_t length) noexcept;
-
 class page_populator {
  public:
   static constexpr std::uint64_t slice_bytes = std::uint64_t{4} << 20;
