@@ -125,3 +125,36 @@ TEST_CASE("streamed view hash: chunks landing on many threads give the hash of t
     CHECK(*got == whole(u.source));
   }
 }
+
+TEST_CASE("written ranges: merged as they come, against a byte map", "[registration][streamed_view_hash]") {
+  const auto seed = GENERATE(1u, 2u, 3u, 4u);
+  std::mt19937 rng(seed);
+  constexpr std::uint64_t universe = 300;
+  std::vector<bool> set(universe, false);
+  written_ranges written;
+  for (int k = 0; k < 200; ++k) {
+    const std::uint64_t at = rng() % universe;
+    const std::uint64_t n = rng() % 4 == 0 ? 0 : 1 + rng() % std::min<std::uint64_t>(20, universe - at);
+    bool before = false;
+    for (std::uint64_t i = at; i < at + n; ++i) before = before || set[i];
+    CHECK(written.add(at, n) == before);
+    for (std::uint64_t i = at; i < at + n; ++i) set[i] = true;
+    const std::uint64_t probe = rng() % universe;
+    std::uint64_t through = probe;
+    while (through < universe && set[through]) ++through;
+    CHECK(written.written_through(probe) == through);
+  }
+  // The first byte not written in a required range, as Commit asks.
+  const std::vector<tensorreg::views::byte_range> required{{10, 50}, {100, 150}};
+  std::optional<tensorreg::views::byte_range> gap;
+  for (const auto& r : required) {
+    for (std::uint64_t i = r.offset; i < r.end() && !gap; ++i) {
+      if (set[i]) continue;
+      std::uint64_t end = i;
+      while (end < r.end() && !set[end]) ++end;
+      gap = tensorreg::views::byte_range{i, end - i};
+    }
+    if (gap) break;
+  }
+  CHECK(written.first_missing(required) == gap);
+}

@@ -127,21 +127,37 @@ result<commit_response> publish_stable(commit_context& ctx, const artifact_descr
 }  // namespace
 
 bool written_ranges::add(std::uint64_t offset, std::uint64_t length) {
+  if (length == 0) return false;
+  std::uint64_t end = offset + length;
   std::lock_guard lock(mutex_);
-  const views::byte_range added{offset, length};
-  const bool again = !views::intersect_ranges(ranges_, std::span(&added, 1)).empty();
-  ranges_.push_back(added);
-  ranges_ = views::merge_ranges(std::move(ranges_));
+  bool again = false;
+  // Merge with the range before (touching or overlapping it) and every range that starts up
+  // to `end`: O(log n) plus the ranges merged, however many disjoint ranges came before.
+  auto it = ends_.upper_bound(offset);
+  if (it != ends_.begin()) {
+    const auto before = std::prev(it);
+    if (before->second >= offset) {
+      again = before->second > offset;
+      offset = before->first;
+      end = std::max(end, before->second);
+      ends_.erase(before);
+    }
+  }
+  while (it != ends_.end() && it->first <= end) {
+    again = again || it->first < end;
+    end = std::max(end, it->second);
+    it = ends_.erase(it);
+  }
+  ends_.emplace_hint(it, offset, end);
   return again;
 }
 
 std::uint64_t written_ranges::written_through(std::uint64_t offset) const {
   std::lock_guard lock(mutex_);
-  auto it = std::upper_bound(ranges_.begin(), ranges_.end(), offset,
-                             [](std::uint64_t at, const views::byte_range& r) { return at < r.offset; });
-  if (it == ranges_.begin()) return offset;
+  auto it = ends_.upper_bound(offset);
+  if (it == ends_.begin()) return offset;
   --it;
-  return it->end() > offset ? it->end() : offset;
+  return it->second > offset ? it->second : offset;
 }
 
 streamed_view_hash::streamed_view_hash(std::uint64_t view_size, std::uint64_t leaf_bytes)
@@ -197,8 +213,13 @@ std::optional<hash::digest> streamed_view_hash::finish(bytes_into read, thread_p
 }
 
 std::optional<views::byte_range> written_ranges::first_missing(std::span<const views::byte_range> required) const {
-  std::lock_guard lock(mutex_);
-  return views::first_gap(required, ranges_);
+  std::vector<views::byte_range> written;
+  {
+    std::lock_guard lock(mutex_);
+    written.reserve(ends_.size());
+    for (const auto& [offset, end] : ends_) written.push_back({offset, end - offset});
+  }
+  return views::first_gap(required, written);
 }
 
 result<std::unique_ptr<plan>> view_registration::begin(const begin_request& r, const begin_context& ctx,
@@ -330,6 +351,7 @@ result<feed_work> view_registration::feed(feed_request& r, const registration_fa
     for (const auto& range : progress->ranges) TENSORREG_TRY(in_view(range.canonical_offset, range.length));
     return feed_work([landing = landing_, staging = client_staging_, ranges = std::move(progress->ranges)]() -> status {
       for (const auto& range : ranges) {
+        if (range.length == 0) continue;
         TENSORREG_TRY(
             landing.land(range.canonical_offset, staging->bytes().subspan(range.canonical_offset, range.length)));
         // Copied out: the client's pages of them are not needed any more.

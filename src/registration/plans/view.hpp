@@ -28,6 +28,7 @@
 #pragma once
 
 #include <atomic>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <vector>
@@ -55,7 +56,7 @@ class written_ranges {
 
  private:
   mutable std::mutex mutex_;
-  std::vector<views::byte_range> ranges_;  // merged
+  std::map<std::uint64_t, std::uint64_t> ends_;  // merged: offset -> end, neither touching the next
 };
 
 /// A PIECE's view hash (views::view_data_hash: SHA-256 leaves of view_hash_leaf_bytes, then
