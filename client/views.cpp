@@ -29,23 +29,25 @@ namespace wc = wire_convert;
 constexpr std::uint64_t staged_bytes = std::uint64_t{4} << 20;
 constexpr std::size_t reports_per_feed = 16;
 
-using fill_fn = std::function<status(std::uint64_t, std::span<std::byte>)>;
+// View bytes [at, at + scratch.size()): gathered into `scratch`, or a span of bytes the caller
+// holds already.
+using fill_fn = std::function<result<std::span<const std::byte>>(std::uint64_t at, std::span<std::byte> scratch)>;
 
-// Writes view bytes [0, size), made by fill(view_offset, out), into the staging memfd `fd` and
-// reports them (wire-format.md §16).
+// Writes view bytes [0, size), made by fill(view_offset, scratch), into the staging memfd `fd`
+// and reports them (wire-format.md §16).
 status stage_view(raw::connection& raw, const std::string& registration_id, int fd, std::uint64_t size,
                   const fill_fn& fill) {
-  std::vector<std::byte> buffer;
+  std::vector<std::byte> scratch;
   std::vector<wc::v2::FeedRegisterArtifactStreamRequest> frames;
   for (std::uint64_t at = 0; at < size; at += staged_bytes) {
-    buffer.resize(static_cast<std::size_t>(std::min(staged_bytes, size - at)));
-    TENSORREG_TRY(fill(at, buffer));
-    TENSORREG_TRY(write_to_memfd(fd, buffer, at));
+    scratch.resize(static_cast<std::size_t>(std::min(staged_bytes, size - at)));
+    TENSORREG_TRY_ASSIGN(const auto bytes, fill(at, scratch));
+    TENSORREG_TRY(write_to_memfd(fd, bytes, at));
     registration::feed_request progress;
     progress.registration_id = registration_id;
-    progress.payload = registration::stable_write_progress{{{at, buffer.size()}}, false};
+    progress.payload = registration::stable_write_progress{{{at, bytes.size()}}, false};
     frames.push_back(wc::feed_frame(progress));
-    if (frames.size() == reports_per_feed || at + buffer.size() >= size) {
+    if (frames.size() == reports_per_feed || at + bytes.size() >= size) {
       TENSORREG_TRY(raw.feed(std::move(frames)));
       frames.clear();
     }
@@ -148,8 +150,9 @@ result<view_registered> connection::register_view(std::string_view artifact_id, 
     TENSORREG_TRY_ASSIGN(plan, views::view_plan::create(request, canonical, {canonical.total_size(), false}));
     return plan->view_size();
   };
-  const fill_fn fill = [&](std::uint64_t at, std::span<std::byte> out) -> status {
-    return views::gather(*plan, bytes, at, out);
+  const fill_fn fill = [&](std::uint64_t at, std::span<std::byte> scratch) -> result<std::span<const std::byte>> {
+    TENSORREG_TRY(views::gather(*plan, bytes, at, scratch));
+    return scratch;
   };
   return run_view(*raw_, begin, view_size, fill, bytes);
 }
@@ -177,9 +180,8 @@ result<view_registered> connection::register_piece(const piece_options& options,
   begin.index_json = parsed->json();
   begin.client_artifact_id = options.cgid;
   begin.view = &request;
-  const fill_fn fill = [&](std::uint64_t at, std::span<std::byte> out) -> status {
-    std::memcpy(out.data(), view_bytes.data() + at, out.size());
-    return {};
+  const fill_fn fill = [&](std::uint64_t at, std::span<std::byte> scratch) -> result<std::span<const std::byte>> {
+    return view_bytes.subspan(static_cast<std::size_t>(at), scratch.size());  // written from where they are
   };
   const auto view_size = [&]() -> result<std::uint64_t> { return view_bytes.size(); };
   return run_view(*raw_, begin, view_size, fill, {});
