@@ -133,19 +133,20 @@ def host_shared_region(size_bytes: int, pid: int):
 
 def stable_dram_feed(registration_id: str, total_size: int):
     """The one Feed frame of a stable_dram put: every canonical byte written, upload complete."""
-    return write_progress(registration_id, 0, total_size, complete=True)
+    return write_progress(registration_id, [(0, total_size)], complete=True)
 
 
-def write_progress(registration_id: str, offset: int, length: int, complete: bool = False):
-    """A stable_dram_write_progress Feed frame: bytes [offset, offset + length) of the memfd the
+def write_progress(registration_id: str, ranges, complete: bool = False):
+    """A stable_dram_write_progress Feed frame: the (offset, length) `ranges` of the memfd the
     Begin handed out are written."""
     frame = _messages.Request()
     feed = frame.feed_register_artifact_stream
     feed.registration_id = registration_id
     progress = feed.stable_dram_write_progress
-    r = progress.ranges.add()
-    r.canonical_offset = offset
-    r.length = length
+    for offset, length in ranges:
+        r = progress.ranges.add()
+        r.canonical_offset = offset
+        r.length = length
     progress.upload_complete = complete
     return frame
 

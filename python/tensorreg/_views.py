@@ -216,11 +216,13 @@ def _view_bytes(torch, t):
 def staged_frames(torch, tensors: list, registration_id: str, fd: int, batch_bytes: int):
     """The Feed frames of a SERVER upload through the daemon's staging memfd `fd`
     (wire-format.md §16): each view tensor's row-major bytes (§7.3) written at its view offset,
-    at most `batch_bytes` at a time, each write reported by a stable_dram_write_progress frame
-    once it is done, so that the daemon copies one batch out while the next is written. PAD is
-    not written (the memfd reads as zeros there). CUDA tensors are made contiguous on their GPU
-    and copied to the host a batch at a time. A generator: it writes as it is iterated."""
+    at most `batch_bytes` at a time, and reported by a stable_dram_write_progress frame once
+    `batch_bytes` have been written (small tensors share one), so that the daemon copies one
+    batch out while the next is written. PAD is not written (the memfd reads as zeros there).
+    CUDA tensors are made contiguous on their GPU and copied to the host a batch at a time. A
+    generator: it writes as it is iterated."""
     cursor = 0  # view offset past the last tensor
+    written, pending = [], 0  # ranges written and not reported yet, and their bytes
     with torch.no_grad():
         for _, t in tensors:
             if t.numel() == 0:
@@ -234,8 +236,14 @@ def staged_frames(torch, tensors: list, registration_id: str, fd: int, batch_byt
                     piece = piece.cpu()
                 # The tensor's own memory, seen as bytes; `piece` keeps it alive.
                 _buffers.pwrite_all(fd, (ctypes.c_ubyte * piece.numel()).from_address(piece.data_ptr()), start + at)
-                yield _requests.write_progress(registration_id, start + at, piece.numel())
+                written.append((start + at, piece.numel()))
+                pending += piece.numel()
+                if pending >= batch_bytes:
+                    yield _requests.write_progress(registration_id, written)
+                    written, pending = [], 0
             cursor = start + n
+    if written:
+        yield _requests.write_progress(registration_id, written)
 
 
 # ---- register_view / register_piece --------------------------------------------------------

@@ -273,9 +273,9 @@ class ViewsTest(_support.StoreTestCase):
         try:
             self.assertEqual(len(fds), 1)
             self.assertEqual(os.fstat(fds[0]).st_size, 5200)
-            self.assert_fails(lambda: c.feed([_requests.write_progress(rid, 5190, 20)]), tensorreg.OutOfRange, 11,
+            self.assert_fails(lambda: c.feed([_requests.write_progress(rid, [(5190, 20)])]), tensorreg.OutOfRange, 11,
                               f"cannot feed registration '{rid}': view bytes [5190, +20) run past the view size 5200")
-            c.feed([_requests.write_progress(rid, 0, 100)])
+            c.feed([_requests.write_progress(rid, [(0, 100)])])
             self.assert_fails(lambda: _put.commit(c, rid), tensorreg.FailedPrecondition, 9,
                               f"cannot commit view registration '{rid}': view bytes incomplete: view bytes [100, 5200) "
                               f"were not written")
@@ -333,17 +333,23 @@ class ViewsTest(_support.StoreTestCase):
                 try:
                     os.ftruncate(fd, len(expected))
                     reported = []
-                    for f in _views.staged_frames(torch, tensors, "reg", fd, batch):
+                    frames = list(_views.staged_frames(torch, tensors, "reg", fd, batch))
+                    for k, f in enumerate(frames):
                         feed = f.feed_register_artifact_stream
                         self.assertEqual(feed.registration_id, "reg")
-                        (r,) = feed.stable_dram_write_progress.ranges
-                        self.assertLessEqual(r.length, batch)
-                        # Reported once written: the bytes are in the memfd when the frame comes.
-                        self.assertEqual(os.pread(fd, r.length, r.canonical_offset),
-                                         expected[r.canonical_offset:r.canonical_offset + r.length])
-                        reported.append((r.canonical_offset, r.length))
+                        ranges = [(r.canonical_offset, r.length) for r in feed.stable_dram_write_progress.ranges]
+                        for at, n in ranges:
+                            self.assertLessEqual(n, batch)
+                            # Reported once written: the bytes are in the memfd when the frame comes.
+                            self.assertEqual(os.pread(fd, n, at), expected[at:at + n])
+                        # Small tensors share a report; every report but the last carries a batch.
+                        if k + 1 < len(frames):
+                            self.assertGreaterEqual(sum(n for _, n in ranges), batch)
+                        reported += ranges
                     self.assertEqual(os.pread(fd, len(expected), 0), expected)  # PAD reads as zero
                     self.assertEqual(sum(n for _, n in reported), sum(t.numel() * t.element_size() for _, t in tensors))
+                    if batch == 1 << 22:  # more than all the bytes: one report for the four tensors
+                        self.assertEqual(len(frames), 1)
                 finally:
                     os.close(fd)
 
