@@ -177,8 +177,10 @@ class Store:
         spec: {name: ("narrow", dim, start, length) | ("transpose", d0, d1) | [ops]}.
         tensor_names: canonical tensors taken whole; None = every tensor the spec does not name
         (a CANONICAL view must cover every canonical byte). placement "server": the view bytes
-        go up in 4 MiB view_chunk messages and the daemon writes them to canonical offsets;
-        "client": the canonical tensors go up as put() sends them. view_id: checked by the
+        (the spec applied to the tensors, made contiguous) are written into a staging memfd the
+        daemon hands out, and the daemon writes them to canonical offsets, so a transpose is
+        made twice, here and back in the daemon; "client": the canonical tensors go up as put()
+        sends them (the cheaper way when you hold them). view_id: checked by the
         daemon when given. Returns a ViewRegistration (view_id, canonical_ranges,
         view_index_json, view_data_hash, registration_kind, artifact_id).
         Errors: the daemon's status for every rule of registration.md §7 (InvalidArgument for a
