@@ -149,20 +149,37 @@ result<connection::reply> connection::call(wire::Request request, std::span<cons
 }
 
 result<connection::reply> connection::feed(std::vector<v2::FeedRegisterArtifactStreamRequest> frames) {
+  std::size_t k = 0;
+  return feed([&]() -> result<std::optional<v2::FeedRegisterArtifactStreamRequest>> {
+    if (k == frames.size()) return std::nullopt;
+    return std::move(frames[k++]);
+  });
+}
+
+result<connection::reply> connection::feed(const next_frame& next) {
   std::lock_guard lock(mutex_);
   TENSORREG_TRY(ensure_connected_locked());
   const auto id = next_request_id_++;
-  for (auto& f : frames) {
+  std::optional<error> failed;
+  for (;;) {
+    auto frame = next();
+    if (!frame) {
+      failed = std::move(frame).error();
+      break;
+    }
+    if (!*frame) break;
     wire::Request r;
     r.set_request_id(id);
-    *r.mutable_feed_register_artifact_stream() = std::move(f);
+    *r.mutable_feed_register_artifact_stream() = std::move(**frame);
     TENSORREG_TRY(send_locked(r, {}));
   }
   wire::Request end;
   end.set_request_id(id);
   end.set_end_of_stream(true);
   TENSORREG_TRY(send_locked(end, {}));
-  return receive_locked(id);
+  auto answer = receive_locked(id);
+  if (failed) return tl::unexpected(std::move(*failed));
+  return answer;
 }
 
 }  // namespace tensorreg::client::raw

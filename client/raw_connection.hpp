@@ -16,6 +16,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -50,6 +51,12 @@ class connection {
 
   /// Sends a whole Feed stream (the frames, then end-of-stream) and waits for its one answer.
   [[nodiscard]] result<reply> feed(std::vector<v2::FeedRegisterArtifactStreamRequest> frames);
+
+  /// The same, each frame sent as soon as `next` makes it (nullopt: the stream is done), so the
+  /// daemon applies one while the next is being made. When `next` fails the stream is ended
+  /// and answered first, then its error returned.
+  using next_frame = std::function<result<std::optional<v2::FeedRegisterArtifactStreamRequest>>()>;
+  [[nodiscard]] result<reply> feed(const next_frame& next);
 
   [[nodiscard]] const std::string& socket_path() const noexcept { return socket_path_; }
 

@@ -2,8 +2,8 @@
 //
 // Begin goes first, so that every rule of §7 is the daemon's check with its status; only then
 // are view bytes made (gathered from the replica by a local view_plan of the same request) and
-// written into the staging memfd the Begin answer hands out, 4 MiB at a time, and reported, a
-// bounded number of reports per Feed stream so that the daemon copies them out as they come.
+// written into the staging memfd the Begin answer hands out, 4 MiB at a time, each batch
+// reported in one Feed stream as it is written, so that the daemon copies them out as they come.
 #include <unistd.h>
 
 #include <algorithm>
@@ -24,34 +24,32 @@ namespace {
 
 namespace wc = wire_convert;
 
-// View bytes written into the staging memfd between two progress reports, and reports per Feed
-// stream: 64 MiB of view bytes reported at a time.
+// View bytes written into the staging memfd between two progress reports.
 constexpr std::uint64_t staged_bytes = std::uint64_t{4} << 20;
-constexpr std::size_t reports_per_feed = 16;
 
 // View bytes [at, at + scratch.size()): gathered into `scratch`, or a span of bytes the caller
 // holds already.
 using fill_fn = std::function<result<std::span<const std::byte>>(std::uint64_t at, std::span<std::byte> scratch)>;
 
-// Writes view bytes [0, size), made by fill(view_offset, scratch), into the staging memfd `fd`
-// and reports them (wire-format.md §16).
+// Writes view bytes [0, size), made by fill(view_offset, scratch), into the staging memfd `fd`,
+// reporting each batch in one Feed stream as soon as it is written (wire-format.md §16): the
+// daemon copies one batch out while the next is written.
 status stage_view(raw::connection& raw, const std::string& registration_id, int fd, std::uint64_t size,
                   const fill_fn& fill) {
   std::vector<std::byte> scratch;
-  std::vector<wc::v2::FeedRegisterArtifactStreamRequest> frames;
-  for (std::uint64_t at = 0; at < size; at += staged_bytes) {
+  std::uint64_t at = 0;
+  const auto next = [&]() -> result<std::optional<wc::v2::FeedRegisterArtifactStreamRequest>> {
+    if (at >= size) return std::nullopt;
     scratch.resize(static_cast<std::size_t>(std::min(staged_bytes, size - at)));
     TENSORREG_TRY_ASSIGN(const auto bytes, fill(at, scratch));
     TENSORREG_TRY(write_to_memfd(fd, bytes, at));
     registration::feed_request progress;
     progress.registration_id = registration_id;
     progress.payload = registration::stable_write_progress{{{at, bytes.size()}}, false};
-    frames.push_back(wc::feed_frame(progress));
-    if (frames.size() == reports_per_feed || at + bytes.size() >= size) {
-      TENSORREG_TRY(raw.feed(std::move(frames)));
-      frames.clear();
-    }
-  }
+    at += bytes.size();
+    return wc::feed_frame(progress);
+  };
+  TENSORREG_TRY(raw.feed(next));
   return {};
 }
 

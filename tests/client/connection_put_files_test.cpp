@@ -353,3 +353,33 @@ TEST_CASE("client connection put from files: segments must fit their files and c
   REQUIRE(committed);
   CHECK(wc::commit_of(committed->response).descriptor.artifact_id == offline_id(*bundle));
 }
+
+TEST_CASE("client raw feed: frames made as they are sent; a source that fails ends the stream first",
+          "[client][connection]") {
+  daemon_process d;
+  testing::temp_dir dir;
+  const auto path = leafy_model(dir, 2);
+  auto bundle = open_bundle(path);
+  auto raw = raw_connect(d);
+  auto fd = open_read_only(path);
+  const int fds[] = {fd.get()};
+  auto begun = raw->call(begin_from_files(*bundle, segments_of(*bundle)), fds);
+  REQUIRE(begun);
+  const auto registration_id = wc::registration_id_of(begun->response);
+  int made = 0;
+  auto fed = raw->feed([&]() -> result<std::optional<wc::v2::FeedRegisterArtifactStreamRequest>> {
+    if (++made == 3) return fail(errc::internal, "the source broke");
+    registration::feed_request progress;
+    progress.registration_id = registration_id;
+    progress.payload = registration::stable_write_progress{{{0, 16}}, false};
+    return wc::feed_frame(progress);
+  });
+  REQUIRE_FALSE(fed);
+  CHECK(fed.error().code == errc::internal);
+  CHECK(fed.error().message == "the source broke");
+  CHECK(made == 3);
+  // The stream was ended and answered: the connection goes on with the next request.
+  auto committed = raw->call(wc::commit_request(registration_id));
+  REQUIRE(committed);
+  CHECK(wc::commit_of(committed->response).descriptor.artifact_id == offline_id(*bundle));
+}
