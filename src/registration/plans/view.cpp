@@ -302,7 +302,6 @@ result<std::unique_ptr<plan>> view_registration::begin(const begin_request& r, c
     p->landing_.populator = std::make_shared<memory::page_populator>(p->landing_.buffer->mutable_bytes());
   }
   p->landing_.view = p->view_;
-  p->landing_.scatters = p->view_->kind() == views::registration_kind::canonical;
   if (request.staging_memfd) {
     // The client's bytes land in daemon memory through this memfd; the Feed copies them out of
     // it into the daemon's own buffers, so nothing later reads what the client can still change.
@@ -370,7 +369,7 @@ result<feed_work> view_registration::feed(feed_request& r, const registration_fa
 }
 
 status view_landing::land(std::uint64_t offset, std::span<const std::byte> bytes) const {
-  if (scatters) {
+  if (view->kind() == views::registration_kind::canonical) {
     // Four times the chunk's size: what one client's bytes make resident stays in proportion
     // to them, and the buffer is still faulted in over the first quarter of the upload.
     populator->run(4 * bytes.size());

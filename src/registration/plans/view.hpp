@@ -107,7 +107,6 @@ struct view_landing {
   // CANONICAL: the first feeds fault the canonical buffer in, in slices, before they scatter
   // into it (memory/page_populator.hpp).
   std::shared_ptr<memory::page_populator> populator;
-  bool scatters = false;  // CANONICAL
 
   /// View bytes [offset, offset + bytes.size()), inside the view: scattered into the canonical
   /// buffer (CANONICAL), or written to the piece's staging copy and its claim on the assembly
