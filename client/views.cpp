@@ -27,21 +27,19 @@ namespace wc = wire_convert;
 // View bytes written into the staging memfd between two progress reports.
 constexpr std::uint64_t staged_bytes = std::uint64_t{4} << 20;
 
-// View bytes [at, at + scratch.size()): gathered into `scratch`, or a span of bytes the caller
-// holds already.
-using fill_fn = std::function<result<std::span<const std::byte>>(std::uint64_t at, std::span<std::byte> scratch)>;
+// View bytes [at, at + n): gathered into a buffer of the caller's, or a span of bytes it holds
+// already.
+using fill_fn = std::function<result<std::span<const std::byte>>(std::uint64_t at, std::uint64_t n)>;
 
-// Writes view bytes [0, size), made by fill(view_offset, scratch), into the staging memfd `fd`,
+// Writes view bytes [0, size), made by fill(view_offset, n), into the staging memfd `fd`,
 // reporting each batch in one Feed stream as soon as it is written (wire-format.md §16): the
 // daemon copies one batch out while the next is written.
 status stage_view(raw::connection& raw, const std::string& registration_id, int fd, std::uint64_t size,
                   const fill_fn& fill) {
-  std::vector<std::byte> scratch;
   std::uint64_t at = 0;
   const auto next = [&]() -> result<std::optional<wc::v2::FeedRegisterArtifactStreamRequest>> {
     if (at >= size) return std::nullopt;
-    scratch.resize(static_cast<std::size_t>(std::min(staged_bytes, size - at)));
-    TENSORREG_TRY_ASSIGN(const auto bytes, fill(at, scratch));
+    TENSORREG_TRY_ASSIGN(const auto bytes, fill(at, std::min(staged_bytes, size - at)));
     TENSORREG_TRY(write_to_memfd(fd, bytes, at));
     registration::feed_request progress;
     progress.registration_id = registration_id;
@@ -148,7 +146,9 @@ result<view_registered> connection::register_view(std::string_view artifact_id, 
     TENSORREG_TRY_ASSIGN(plan, views::view_plan::create(request, canonical, {canonical.total_size(), false}));
     return plan->view_size();
   };
-  const fill_fn fill = [&](std::uint64_t at, std::span<std::byte> scratch) -> result<std::span<const std::byte>> {
+  std::vector<std::byte> scratch;
+  const fill_fn fill = [&](std::uint64_t at, std::uint64_t n) -> result<std::span<const std::byte>> {
+    scratch.resize(static_cast<std::size_t>(n));
     TENSORREG_TRY(views::gather(*plan, bytes, at, scratch));
     return scratch;
   };
@@ -178,8 +178,9 @@ result<view_registered> connection::register_piece(const piece_options& options,
   begin.index_json = parsed->json();
   begin.client_artifact_id = options.cgid;
   begin.view = &request;
-  const fill_fn fill = [&](std::uint64_t at, std::span<std::byte> scratch) -> result<std::span<const std::byte>> {
-    return view_bytes.subspan(static_cast<std::size_t>(at), scratch.size());  // written from where they are
+  const fill_fn fill = [&](std::uint64_t at, std::uint64_t n) -> result<std::span<const std::byte>> {
+    return view_bytes.subspan(static_cast<std::size_t>(at),
+                              static_cast<std::size_t>(n));  // written from where they are
   };
   const auto view_size = [&]() -> result<std::uint64_t> { return view_bytes.size(); };
   return run_view(*raw_, begin, view_size, fill, {});
