@@ -3,10 +3,11 @@ rank's narrow, and Store.register_view of a transposed copy, against a put of th
 measured side by side in one run.
 
     /usr/bin/python3 benchmarks/python_view_bench.py [--build build] [--gib 1] [--ranks 4]
-        [--repeat 3] [--python DIR]
+        [--repeat 3] [--python DIR] [--device cpu|cuda]
 
-(/usr/bin/python3: it sees Debian's torch.) A CPU state dict of --gib GiB (8 float32 matrices)
-goes to a fresh daemon each repeat, four ways, each timed alone:
+(/usr/bin/python3: it sees Debian's torch.) A state dict of --gib GiB (8 float32 matrices, on
+the CPU or, with --device cuda, on the GPU: the ranks' pieces then come from CUDA tensors) goes
+to a fresh daemon each repeat, four ways, each timed alone:
 
 - `Store.put(sd)` of new content: the yardstick, the same canonical bytes from the same
   process through the daemon's publish memfd;
@@ -35,12 +36,12 @@ sys.path.insert(0, HERE)
 from put_bench import best, daemon, load, log, process_cpu  # noqa: E402
 
 
-def state_dict(torch, total: int, seed: int) -> dict:
+def state_dict(torch, total: int, seed: int, device: str) -> dict:
     matrices = 8
     cols = 1024
     rows = total // matrices // cols // 4
     g = torch.Generator().manual_seed(seed)
-    return {f"layers.{i}.weight": torch.randn(rows, cols, generator=g) for i in range(matrices)}
+    return {f"layers.{i}.weight": torch.randn(rows, cols, generator=g).to(device) for i in range(matrices)}
 
 
 def pieces(sd: dict, ranks: int, dim: int) -> list:
@@ -71,7 +72,7 @@ def one_round(args, cli: str, daemon_bin: str, total: int, seed: int, work: str,
 
     import tensorreg
 
-    sd = state_dict(torch, total, seed)
+    sd = state_dict(torch, total, seed, args.device)
     size = sum(t.numel() * t.element_size() for t in sd.values())
     rounds = {"rows": pieces(sd, args.ranks, 0), "columns": pieces(sd, args.ranks, 1)}
     d = daemon(daemon_bin, work, 8 * size)
@@ -112,13 +113,14 @@ def main() -> int:
     p.add_argument("--ranks", type=int, default=4)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--python", default=os.path.join(REPO, "python"), help="the tensorreg package's parent dir")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     args = p.parse_args()
     sys.path.insert(0, args.python)
     cli = os.path.join(args.build, "cli", "tensorreg")
     daemon_bin = os.path.join(args.build, "daemon", "tensorregd")
     work = tempfile.mkdtemp(prefix="python_view_bench.")
     total = int(args.gib * (1 << 30))
-    log(f"{args.gib} GiB, {args.ranks} ranks, {os.cpu_count()} cores, package {args.python}, "
+    log(f"{args.gib} GiB on {args.device}, {args.ranks} ranks, {os.cpu_count()} cores, package {args.python}, "
         f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
     results: dict = {}
     for r in range(args.repeat):
