@@ -72,26 +72,44 @@ populated_reserve::~populated_reserve() {
   }
   wake_.notify_all();
   refiller_.join();
-  const unique_fd spare(spare_fd_.exchange(-1));  // closes it
+  delete spare_.exchange(nullptr);
+}
+
+populated_reserve::spare::~spare() {
+  if (!mapping.empty()) ::munmap(mapping.data(), mapping.size());
 }
 
 std::optional<shared_memory> populated_reserve::take(std::uint64_t size) {
   if (size == 0 || size < bytes_ / 2) return std::nullopt;
-  unique_fd fd(spare_fd_.exchange(-1));
-  if (!fd) return std::nullopt;
+  std::unique_ptr<spare> taken(spare_.exchange(nullptr));
+  if (!taken) return std::nullopt;
   ++taken_;
   last_take_ = std::chrono::steady_clock::now().time_since_epoch().count();
   wake_.notify_all();
   if (!sys::check_allocation("shared memory '" + name_ + "'", size)) return std::nullopt;
-  if (sys::ftruncate(fd.get(), size) != 0) return std::nullopt;
+  const int fd = taken->fd.get();
+  if (sys::ftruncate(fd, size) != 0) return std::nullopt;
   // Sealed as shared_memory::create() seals: other processes map it, so its size is final.
-  if (::fcntl(fd.get(), F_ADD_SEALS, F_SEAL_GROW | F_SEAL_SHRINK) != 0) return std::nullopt;
-  auto memory = shared_memory::adopt(std::move(fd), size, /*writable=*/true);
-  if (!memory) return std::nullopt;
-  return std::move(*memory);
+  if (::fcntl(fd, F_ADD_SEALS, F_SEAL_GROW | F_SEAL_SHRINK) != 0) return std::nullopt;
+  // The mapping is cut or grown to the new size, page tables kept: no page past the end stays
+  // mapped, and a grown tail is mapped (and faulted in) as a fresh memfd's would be.
+  const auto page = static_cast<std::uint64_t>(::sysconf(_SC_PAGESIZE));
+  const auto whole_pages = [&](std::uint64_t n) { return static_cast<std::size_t>((n + page - 1) / page * page); };
+  const std::size_t wanted = whole_pages(size);
+  std::span<std::byte> mapping = taken->mapping;  // whole pages
+  if (wanted < mapping.size()) {
+    ::munmap(mapping.data() + wanted, mapping.size() - wanted);
+    mapping = mapping.first(wanted);
+  } else if (wanted > mapping.size()) {
+    void* grown = ::mremap(mapping.data(), mapping.size(), wanted, MREMAP_MAYMOVE);
+    if (grown == MAP_FAILED) return std::nullopt;  // the spare's destructor unmaps the old one
+    mapping = {static_cast<std::byte*>(grown), wanted};
+  }
+  taken->mapping = {};
+  return shared_memory::adopt_mapping(std::move(taken->fd), mapping.first(static_cast<std::size_t>(size)));
 }
 
-std::uint64_t populated_reserve::ready_bytes() const { return spare_fd_.load() >= 0 ? bytes_ : 0; }
+std::uint64_t populated_reserve::ready_bytes() const { return spare_.load() != nullptr ? bytes_ : 0; }
 
 std::uint64_t populated_reserve::taken() const { return taken_.load(); }
 
@@ -105,8 +123,8 @@ void populated_reserve::refill_loop() {
   using clock = std::chrono::steady_clock;
   std::unique_lock lock(sleep_mutex_);
   while (!stopping_) {
-    if (spare_fd_.load() >= 0) {
-      wake_.wait_for(lock, taken_poll, [&] { return stopping_ || spare_fd_.load() < 0; });
+    if (spare_.load() != nullptr) {
+      wake_.wait_for(lock, taken_poll, [&] { return stopping_ || spare_.load() == nullptr; });
       continue;
     }
     const auto quiet_from = clock::time_point(clock::duration(last_take_.load())) + refill_quiet;
@@ -115,25 +133,28 @@ void populated_reserve::refill_loop() {
       continue;
     }
     lock.unlock();
-    unique_fd made = make_spare();
+    std::unique_ptr<spare> made = make_spare();
     lock.lock();
     if (made) {
-      spare_fd_.store(made.release());
+      spare_.store(made.release());
     } else if (!stopping_) {
       wake_.wait_for(lock, refill_retry, [&] { return stopping_.load(); });
     }
   }
 }
 
-unique_fd populated_reserve::make_spare() {
+std::unique_ptr<populated_reserve::spare> populated_reserve::make_spare() {
   const auto stopping = [&] { return stopping_.load(); };
   // Unknown (no /proc) counts as enough: the populate itself then finds out.
   if (const auto available = host_mem_available(); available && *available / 2 < bytes_) return {};
-  unique_fd fd(sys::memfd_create(name_.c_str(), MFD_CLOEXEC | MFD_ALLOW_SEALING));
-  if (!fd || sys::ftruncate(fd.get(), bytes_) != 0) return {};
-  void* base = sys::mmap(static_cast<std::size_t>(bytes_), PROT_READ | PROT_WRITE, MAP_SHARED, fd.get());
+  auto made = std::make_unique<spare>();
+  made->fd = unique_fd(sys::memfd_create(name_.c_str(), MFD_CLOEXEC | MFD_ALLOW_SEALING));
+  if (!made->fd || sys::ftruncate(made->fd.get(), bytes_) != 0) return {};
+  void* base = sys::mmap(static_cast<std::size_t>(bytes_), PROT_READ | PROT_WRITE, MAP_SHARED, made->fd.get());
   if (base == MAP_FAILED) return {};
   auto* bytes = static_cast<std::byte*>(base);
+  const auto page = static_cast<std::uint64_t>(::sysconf(_SC_PAGESIZE));
+  made->mapping = {bytes, static_cast<std::size_t>((bytes_ + page - 1) / page * page)};
   bool complete = true;
   for (std::uint64_t at = 0; at < bytes_; at += refill_slice_bytes) {
     while (busy_ && busy_() && !stopping()) std::this_thread::sleep_for(busy_poll);
@@ -149,9 +170,8 @@ unique_fd populated_reserve::make_spare() {
       break;
     }
   }
-  ::munmap(base, static_cast<std::size_t>(bytes_));
   if (!complete) return {};
-  return fd;
+  return made;
 }
 
 }  // namespace tensorreg::memory

@@ -5,9 +5,10 @@
 // touch of a page is dear (a VM whose guest pages are handed out and zeroed on first write),
 // that first touch, not the copy or the hash, sets the put's time. The reserve pays it while
 // the daemon is idle: its thread makes a memfd of `bytes`, faults every page in
-// (MADV_POPULATE_WRITE, which zeroes them) on idle cores and keeps it until a put takes it. The put shrinks
-// it, or grows it, to its own size; once no put has taken one for two seconds, the reserve
-// makes the next.
+// (MADV_POPULATE_WRITE, which zeroes them) on idle cores and keeps it, with the mapping whose
+// page tables the populate filled in, until a put takes both: the put then neither maps nor
+// faults. The put shrinks it, or grows it, to its own size; once no put has taken one for two
+// seconds, the reserve makes the next.
 //
 // The memory was never written by anyone but the kernel's zeroing, so the put that takes it
 // gets exactly what a fresh memfd gives: zeros. A spare is made only while the host has at
@@ -25,8 +26,10 @@
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <mutex>
 #include <optional>
+#include <span>
 #include <string>
 #include <string_view>
 #include <thread>
@@ -53,7 +56,7 @@ class populated_reserve {
   ~populated_reserve();
 
   /// The spare memfd sized to `size`, sealed against growing and shrinking and mapped
-  /// read-write, as shared_memory::create() gives; nullopt when none is ready, or when `size`
+  /// read-write (through the populated mapping), as shared_memory::create() gives; nullopt when none is ready, or when `size`
   /// is under half of it (shrinking would free more than the put uses: a fresh memfd costs
   /// such a put less than the refill). Taking it starts the next refill once puts pause.
   [[nodiscard]] std::optional<shared_memory> take(std::uint64_t size);
@@ -64,14 +67,21 @@ class populated_reserve {
   [[nodiscard]] std::uint64_t taken() const;
 
  private:
+  // A populated memfd and its read-write mapping of all its bytes.
+  struct spare {
+    unique_fd fd;
+    std::span<std::byte> mapping;
+    ~spare();
+  };
+
   void refill_loop();
-  // Makes and populates one spare; empty when stopping or when the memory could not be had.
-  [[nodiscard]] unique_fd make_spare();
+  // Makes and populates one spare; null when stopping or when the memory could not be had.
+  [[nodiscard]] std::unique_ptr<spare> make_spare();
 
   const std::uint64_t bytes_;
   const std::string name_;
   const std::function<bool()> busy_;
-  std::atomic<int> spare_fd_{-1};  // the spare's fd, owned; -1 while a refill runs or after one failed
+  std::atomic<spare*> spare_{nullptr};  // owned; null while a refill runs or after one failed
   std::atomic<std::uint64_t> taken_{0};
   // When a put last took the spare (steady_clock ticks): the refill waits for a quiet spell.
   std::atomic<std::chrono::steady_clock::rep> last_take_{0};

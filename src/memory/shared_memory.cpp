@@ -67,6 +67,12 @@ result<shared_memory> shared_memory::adopt(unique_fd fd, std::uint64_t size, boo
   return shared_memory(std::move(fd), {static_cast<std::byte*>(base), static_cast<std::size_t>(size)}, writable);
 }
 
+shared_memory shared_memory::adopt_mapping(unique_fd fd, std::span<std::byte> mapping) noexcept {
+  TENSORREG_ASSERT(fd && !mapping.empty());
+  detail::ensure_sigbus_handler();  // before any read of the mapping (visit() guards them)
+  return shared_memory(std::move(fd), mapping, /*writable=*/true);
+}
+
 result<shared_memory> shared_memory::adopt_sealed(unique_fd fd, std::uint64_t size) {
   if (!fd) return fail(errc::invalid_argument, "cannot map shared memory: no file descriptor");
   const int seals = ::fcntl(fd.get(), F_GET_SEALS);

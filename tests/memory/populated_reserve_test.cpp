@@ -1,5 +1,5 @@
-// The spare memfd a host put takes: resident before the put, zeros, sized and sealed as a
-// fresh memfd, and made again after each take.
+// The spare memfd a host put takes: resident and mapped before the put, zeros, sized and
+// sealed as a fresh memfd, and made again after each take.
 #include "memory/populated_reserve.hpp"
 
 #include <catch2/catch.hpp>
@@ -9,7 +9,9 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cstdint>
 #include <fstream>
+#include <span>
 #include <sstream>
 #include <thread>
 
@@ -32,6 +34,24 @@ std::uint64_t resident_bytes(int fd) {
   return static_cast<std::uint64_t>(st.st_blocks) * 512;
 }
 
+// Pages of `bytes` that this process's page tables map now (/proc/self/pagemap's present bit),
+// counted without touching them.
+std::uint64_t mapped_pages(std::span<const std::byte> bytes) {
+  const auto page = static_cast<std::uintptr_t>(::sysconf(_SC_PAGESIZE));
+  const int fd = ::open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+  REQUIRE(fd >= 0);
+  std::uint64_t present = 0;
+  const auto first = reinterpret_cast<std::uintptr_t>(bytes.data()) / page;
+  const auto last = (reinterpret_cast<std::uintptr_t>(bytes.data()) + bytes.size() + page - 1) / page;
+  for (auto p = first; p < last; ++p) {
+    std::uint64_t entry = 0;
+    REQUIRE(::pread(fd, &entry, sizeof entry, static_cast<off_t>(p * sizeof entry)) == sizeof entry);
+    present += (entry >> 63) & 1;
+  }
+  ::close(fd);
+  return present;
+}
+
 }  // namespace
 
 TEST_CASE("populated_reserve: a put of about its size takes memory already resident",
@@ -49,6 +69,9 @@ TEST_CASE("populated_reserve: a put of about its size takes memory already resid
   const std::uint64_t resident = resident_bytes(taken->fd());
   CHECK(resident >= 12 * mib);
   CHECK(resident <= 13 * mib);
+  // Handed over with the mapping the populate filled in: the put faults nothing in again.
+  const auto page = static_cast<std::uint64_t>(::sysconf(_SC_PAGESIZE));
+  CHECK(mapped_pages(taken->bytes()) == (12 * mib + 5 + page - 1) / page);
   // As a fresh memfd: zeros, its size fixed for the processes that will map it.
   const auto bytes = taken->bytes();
   bool zeros = true;
@@ -66,6 +89,10 @@ TEST_CASE("populated_reserve: a put of about its size takes memory already resid
   REQUIRE(bigger.has_value());
   CHECK(bigger->size() == 20 * mib);
   CHECK(resident_bytes(bigger->fd()) >= 16 * mib);
+  // Grown: the populated 16 MiB stay mapped, the new tail is mapped and writable.
+  CHECK(mapped_pages(bigger->bytes().first(16 * mib)) == 16 * mib / page);
+  bigger->mutable_bytes().back() = std::byte{7};
+  CHECK(bigger->bytes().back() == std::byte{7});
   CHECK(reserve.taken() == 2);
 }
 

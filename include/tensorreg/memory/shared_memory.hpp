@@ -59,6 +59,12 @@ class shared_memory final : public byte_source {
   /// adopt()'s.
   [[nodiscard]] static result<shared_memory> adopt_sealed(unique_fd fd, std::uint64_t size);
 
+  /// Takes ownership of `fd` and of `mapping`, a read-write MAP_SHARED mapping of its first
+  /// mapping.size() bytes that the caller made (a spare whose page tables are already filled in:
+  /// populated_reserve), so that nothing is mapped or faulted in again.
+  /// REQUIRES: `fd` valid, mapping non-empty, page-aligned and mapped as said.
+  [[nodiscard]] static shared_memory adopt_mapping(unique_fd fd, std::span<std::byte> mapping) noexcept;
+
   /// Makes the bytes final: the writable mapping is replaced by a read-only one and the memfd is
   /// sealed against writes, growing and shrinking, and against further seals. Afterwards no fd of
   /// it (duplicated, or reopened through /proc/self/fd) can change the bytes. Spans taken from
