@@ -4,6 +4,7 @@
 #include <mutex>
 #include <string>
 
+#include "hash/sha256_x2.hpp"
 #include "tensorreg/common/thread_pool.hpp"
 
 namespace tensorreg::hash {
@@ -33,6 +34,27 @@ result<digest> hash_leaf_with(const memory::byte_source& source, std::uint64_t l
   return hasher.finish();
 }
 
+// Two whole leaves, a and a + 1, hashed together on one core (two_lane_sha256): B's bytes are
+// visited inside A's visit, the same offsets apart, so each lane gets equal lengths.
+status hash_leaf_pair(const memory::byte_source& source, std::uint64_t a, two_lane_sha256& lanes,
+                      std::array<digest, 2>& out) {
+  const std::uint64_t first = a * leaf_bytes;
+  std::uint64_t at = 0;  // within the leaf
+  lanes.reset();
+  TENSORREG_TRY(source.visit(first, leaf_bytes, [&](std::span<const std::byte> piece_a) -> status {
+    std::uint64_t within = 0;
+    TENSORREG_TRY(source.visit(first + leaf_bytes + at, piece_a.size(), [&](std::span<const std::byte> piece_b) {
+      lanes.update(piece_a.subspan(static_cast<std::size_t>(within), piece_b.size()), piece_b);
+      within += piece_b.size();
+      return status{};
+    }));
+    at += piece_a.size();
+    return status{};
+  }));
+  out = lanes.finish();
+  return {};
+}
+
 }  // namespace
 
 digest tree_root(std::span<const digest> leaves) {
@@ -57,9 +79,50 @@ result<digest> hash_leaf(const memory::byte_source& source, std::uint64_t leaf_i
   return hash_leaf_with(source, leaf_index, hasher);
 }
 
+leaf_jobs plan_leaf_jobs(std::uint64_t size, std::size_t threads) noexcept {
+  const auto leaves = static_cast<std::size_t>(leaf_count(size));
+  const auto whole = static_cast<std::size_t>(size / leaf_bytes);
+  leaf_jobs jobs;
+  jobs.pairs = sha_ni_available() && whole >= 4 * std::max<std::size_t>(threads, 1) ? whole / 2 : 0;
+  jobs.count = leaves - jobs.pairs;
+  return jobs;
+}
+
+std::array<digest, 2> sha256_two(std::span<const std::byte> a, std::span<const std::byte> b) {
+  TENSORREG_ASSERT(a.size() == b.size());
+  if (!sha_ni_available()) return {sha256(a), sha256(b)};
+  two_lane_sha256 lanes;
+  lanes.update(a, b);
+  return lanes.finish();
+}
+
 result<std::vector<digest>> leaf_digests(const memory::byte_source& source, thread_pool* pool) {
   const std::uint64_t leaves = leaf_count(source.size());
   std::vector<digest> out(static_cast<std::size_t>(leaves));
+  const std::size_t threads = pool != nullptr ? pool->size() + (pool->callers_help() ? 1 : 0) : 1;
+  const auto jobs = plan_leaf_jobs(source.size(), threads);
+  if (jobs.pairs > 0) {
+    const auto job = [&](std::size_t j) -> status {
+      const std::size_t i = jobs.first_leaf(j);
+      if (j < jobs.pairs) {
+        two_lane_sha256 lanes;
+        std::array<digest, 2> two{};
+        TENSORREG_TRY(hash_leaf_pair(source, i, lanes, two));
+        out[i] = two[0];
+        out[i + 1] = two[1];
+        return {};
+      }
+      sha256_hasher hasher;
+      TENSORREG_TRY_ASSIGN(out[i], hash_leaf_with(source, i, hasher));
+      return {};
+    };
+    if (pool != nullptr) {
+      TENSORREG_TRY(pool->parallel_for(jobs.count, job));
+    } else {
+      for (std::size_t j = 0; j < jobs.count; ++j) TENSORREG_TRY(job(j));
+    }
+    return out;
+  }
   const auto one = [&](std::size_t i) -> status {
     // One context per leaf: its cost is noise next to hashing 4 MiB, and it keeps the
     // per-thread state out of the pool.

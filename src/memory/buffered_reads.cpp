@@ -1,6 +1,7 @@
 #include "memory/buffered_reads.hpp"
 
 #include <algorithm>
+#include <array>
 #include <cerrno>
 #include <cstring>
 #include <optional>
@@ -27,25 +28,25 @@ std::optional<short_read> pread_fully(int fd, std::span<std::byte> out, std::uin
 status visit_through_buffer(std::uint64_t offset, std::uint64_t length,
                             function_ref<status(std::uint64_t, std::span<std::byte>)> fill, piece_sink sink) {
   if (length == 0) return {};
-  // One buffer per thread, reused by every visit on it (pool threads hash leaves in parallel).
-  thread_local std::optional<page_aligned_buffer> reused;
-  thread_local bool reused_busy = false;
+  // Buffers per thread, reused by every visit on it (pool threads hash leaves in parallel):
+  // two, since a visit may run inside another (two leaves hashed together, tree_hash.cpp).
+  constexpr int reused_depth = 2;
+  thread_local std::array<std::optional<page_aligned_buffer>, reused_depth> reused;
+  thread_local int depth = 0;
   std::optional<page_aligned_buffer> own;
   std::byte* buffer = nullptr;
-  if (!reused_busy) {
-    if (!reused) reused.emplace(buffered_piece_bytes);
-    buffer = reused->data();
-    reused_busy = true;
+  if (depth < reused_depth) {
+    auto& mine = reused[static_cast<std::size_t>(depth)];
+    if (!mine) mine.emplace(buffered_piece_bytes);
+    buffer = mine->data();
   } else {
     own.emplace(buffered_piece_bytes);
     buffer = own->data();
   }
-  struct release_reused {
-    bool owned;
-    ~release_reused() {
-      if (owned) reused_busy = false;
-    }
-  } release{!own};
+  ++depth;
+  struct leave_depth {
+    ~leave_depth() { --depth; }
+  } leave;
   while (length > 0) {
     const auto want = static_cast<std::size_t>(std::min<std::uint64_t>(length, buffered_piece_bytes));
     TENSORREG_TRY(fill(offset, {buffer, want}));

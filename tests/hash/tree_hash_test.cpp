@@ -4,14 +4,18 @@
 
 #include <algorithm>
 #include <atomic>
+#include <fstream>
 #include <numeric>
 #include <random>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "hash/sha256_x2.hpp"
+#include "support/temp_dir.hpp"
 #include "tensorreg/common/thread_pool.hpp"
 #include "tensorreg/hash/multihash.hpp"
+#include "tensorreg/memory/mapped_file.hpp"
 
 namespace {
 
@@ -184,6 +188,52 @@ TEST_CASE("tree_hash: sources that hand out many pieces hash the same", "[hash][
   const auto root = tree_hash(choppy_view(data), &pool);
   REQUIRE(root.has_value());
   CHECK(encode_multihash(*root) == root_of(data));
+}
+
+TEST_CASE("tree_hash: leaves are split into pairs for SHA-NI only while every thread keeps two", "[hash][tree_hash]") {
+  using tensorreg::hash::plan_leaf_jobs;
+  const bool ni = tensorreg::hash::sha_ni_available();
+  const auto odd = plan_leaf_jobs(9 * leaf_bytes + 333, 1);  // 9 whole leaves and a short one
+  CHECK(odd.pairs == (ni ? 4U : 0U));
+  CHECK(odd.count == (ni ? 6U : 10U));
+  CHECK(odd.first_leaf(0) == 0);
+  CHECK(odd.first_leaf(odd.count - 1) == 9);
+  if (ni) CHECK(odd.first_leaf(4) == 8);
+  const auto even = plan_leaf_jobs(8 * leaf_bytes, 2);
+  CHECK(even.pairs == (ni ? 4U : 0U));
+  CHECK(even.count == (ni ? 4U : 8U));
+  // Seven whole leaves on two threads: pairs would leave a thread with one job.
+  CHECK(plan_leaf_jobs(7 * leaf_bytes, 2).pairs == 0);
+  CHECK(plan_leaf_jobs(0, 1).count == 0);
+}
+
+TEST_CASE("tree_hash: leaves hashed two at a time equal leaves hashed one by one", "[hash][tree_hash]") {
+  // hash_leaf() hashes one leaf alone; leaf_digests() pairs whole leaves where SHA-NI allows,
+  // visiting the second leaf inside the first's visit (a file reads both through buffers).
+  const auto data = pattern(9 * leaf_bytes + 333);
+  const tensorreg::testing::temp_dir dir;
+  const auto path = dir.path() / "leaves.bin";
+  std::ofstream(path, std::ios::binary)
+      .write(reinterpret_cast<const char*>(data.data()), static_cast<std::streamsize>(data.size()));
+  const auto file = tensorreg::memory::mapped_file::open(path.string()).value();
+  const host_bytes_view view(data);
+  const choppy_view choppy(data);
+  for (const tensorreg::memory::byte_source* source : {static_cast<const tensorreg::memory::byte_source*>(&view),
+                                                       static_cast<const tensorreg::memory::byte_source*>(&file),
+                                                       static_cast<const tensorreg::memory::byte_source*>(&choppy)}) {
+    const auto leaves = tensorreg::hash::leaf_digests(*source);
+    REQUIRE(leaves.has_value());
+    REQUIRE(leaves->size() == 10);
+    for (std::size_t i = 0; i < leaves->size(); ++i) {
+      INFO("leaf " << i);
+      CHECK((*leaves)[i] == tensorreg::hash::hash_leaf(*source, i).value());
+    }
+  }
+  const auto a = std::span(data).first(leaf_bytes);
+  const auto b = std::span(data).subspan(leaf_bytes, leaf_bytes);
+  const auto two = tensorreg::hash::sha256_two(a, b);
+  CHECK(two[0] == sha256(a));
+  CHECK(two[1] == sha256(b));
 }
 
 TEST_CASE("tree_hash: a read error is returned unchanged", "[hash][tree_hash]") {

@@ -20,6 +20,7 @@
 // Ownership: nothing here keeps a reference to a source or pool after returning.
 #pragma once
 
+#include <array>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -56,6 +57,23 @@ inline constexpr std::uint64_t leaf_bytes = std::uint64_t{4} << 20;
 /// pool means the calling thread alone). A source of size 0 has no leaves.
 /// Errors: the first error of source.visit() (OUT_OF_RANGE, DATA_LOSS, …).
 [[nodiscard]] result<std::vector<digest>> leaf_digests(const memory::byte_source& source, thread_pool* pool = nullptr);
+
+/// How leaf_digests() splits the leaves of a buffer of `size` bytes into jobs for `threads`
+/// threads. Where SHA-NI can hash two messages at once on one core (two_lane_sha256), job j <
+/// `pairs` is the two whole leaves 2j and 2j + 1, and the jobs after them are one leaf each,
+/// from leaf 2·pairs on (an odd whole leaf, a short last one). Pairs are made only while every
+/// thread still gets two or more: a pair keeps one core longer than one leaf does.
+struct leaf_jobs {
+  std::size_t pairs = 0;
+  std::size_t count = 0;  // jobs in all
+  /// The first leaf of job j.
+  [[nodiscard]] std::size_t first_leaf(std::size_t j) const noexcept { return j < pairs ? 2 * j : pairs + j; }
+};
+[[nodiscard]] leaf_jobs plan_leaf_jobs(std::uint64_t size, std::size_t threads) noexcept;
+
+/// The digests of two equal-length messages, hashed together (two_lane_sha256) where SHA-NI
+/// allows, one after the other where it does not. REQUIRES: a.size() == b.size().
+[[nodiscard]] std::array<digest, 2> sha256_two(std::span<const std::byte> a, std::span<const std::byte> b);
 
 /// tree_root(leaf_digests(source, pool)): the data hash of `source`. Size 0 gives 32 zero
 /// bytes (see above). Errors: as leaf_digests().
