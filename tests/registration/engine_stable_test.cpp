@@ -16,7 +16,10 @@
 
 #include "support/engine_helpers.hpp"
 #include "support/temp_dir.hpp"
+#include "tensorreg/hash/multihash.hpp"
+#include "tensorreg/hash/tree_hash.hpp"
 #include "tensorreg/index/byte_range_map.hpp"
+#include "tensorreg/memory/shared_memory.hpp"
 
 namespace {
 
@@ -398,6 +401,43 @@ TEST_CASE("engine stable commit: a put from files takes the populated reserve fo
   CHECK(put_from_file());  // its index is known: likely held, so it leaves the spare
   CHECK(e->stats().populated_reserve_taken == 1);
   CHECK(e->stats().populated_reserve_bytes == m.canonical().size());
+}
+
+TEST_CASE("engine stable commit: a put from files on many hashing threads hashes leaves in pairs, same id",
+          "[registration][engine_stable]") {
+  fake_clock clock;
+  auto options = t::deterministic_options(clock);
+  options.hash_threads = memory::max_pwrite_fill_threads + 1;  // the workers read into the mapping
+  auto e = t::make_engine(std::move(options));
+  // Enough whole leaves for every thread to get two pairs (hash::plan_leaf_jobs), an odd one
+  // and a short last leaf.
+  const std::size_t size = 29 * hash::leaf_bytes + 12345;
+  t::model m;
+  m.storages = {{"w", t::pattern(size, 21)}};
+  m.tensors = {{"w", "w", {static_cast<std::int64_t>(size)}, {1}, "torch.uint8", 0, size}};
+  const std::string bytes = m.canonical();
+  testing::temp_dir dir;
+  const auto path = dir.path() / "model.bin";
+  {
+    unique_fd out(::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600));
+    REQUIRE(out);
+    REQUIRE(::pwrite(out.get(), bytes.data(), bytes.size(), 0) == static_cast<ssize_t>(bytes.size()));
+  }
+  auto r = t::stable_begin(m, me);
+  stable_dram_options files;
+  files.files = {std::make_shared<const unique_fd>(::open(path.c_str(), O_RDONLY | O_CLOEXEC))};
+  files.file_segments.push_back({0, 0, 0, size});
+  r.plan = std::move(files);
+  auto begun = e->begin(std::move(r));
+  REQUIRE_OK(begun);
+  auto committed = e->commit(begun->registration_id);
+  REQUIRE_OK(committed);
+  // The root from each leaf hashed on its own, not through the code under test's pairs.
+  const memory::host_bytes_view canonical(std::as_bytes(std::span(bytes)));
+  std::vector<hash::digest> leaves;
+  for (std::uint64_t i = 0; i < hash::leaf_count(size); ++i) leaves.push_back(hash::hash_leaf(canonical, i).value());
+  CHECK(committed->descriptor.data_multihash == hash::encode_multihash(hash::tree_root(leaves)));
+  CHECK(kept_bytes(*e, committed->descriptor.artifact_id) == bytes);
 }
 
 TEST_CASE("engine stable commit: an unmapped memfd with garbage in PAD is copied with PAD zeroed",

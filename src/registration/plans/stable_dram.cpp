@@ -389,21 +389,35 @@ result<commit_response> stable_dram::commit_from_files(commit_context& ctx) {
     // New content after all (another version of a known layout): copy it and hash it again
     // from the copy, since the file may have changed in place since it was hashed.
   }
-  // The other way to fill the memfd: pread() the leaf straight into its mapping, where the
-  // kernel faults each fresh page in, then hash it there while it is hot.
-  const auto map_leaf = [&](std::size_t leaf) -> status {
+  // The other way to fill the memfd: pread() a leaf, or two that SHA-NI hashes together
+  // (hash::plan_leaf_jobs), straight into its mapping, then hash it there while it is hot.
+  const std::size_t threads = ctx.pool.size() + (ctx.pool.callers_help() ? 1 : 0);
+  const auto jobs = hash::plan_leaf_jobs(total, threads);
+  const auto map_job = [&](std::size_t j) -> status {
     TENSORREG_TRY(check_cancel(ctx.cancelled));
+    const std::size_t leaf = jobs.first_leaf(j);
+    const bool pair = j < jobs.pairs;
     const std::uint64_t begin = leaf * hash::leaf_bytes;
-    const auto bytes = staging->mutable_bytes().subspan(begin, std::min(hash::leaf_bytes, total - begin));
+    const auto bytes =
+        staging->mutable_bytes().subspan(begin, std::min((pair ? 2 : 1) * hash::leaf_bytes, total - begin));
     // Fresh memfd pages read as zero, so only the segments are written, the PAD left as it is.
     TENSORREG_TRY(files_->read(begin, bytes, false));
-    if (want_digest) digests[leaf] = hash::sha256(std::span<const std::byte>(bytes));
+    if (!want_digest) return {};
+    if (pair) {
+      const auto two = hash::sha256_two(bytes.first(hash::leaf_bytes), bytes.subspan(hash::leaf_bytes));
+      digests[leaf] = two[0];
+      digests[leaf + 1] = two[1];
+    } else {
+      digests[leaf] = hash::sha256(std::span<const std::byte>(bytes));
+    }
     return {};
   };
   // Few workers write, many map (memory::max_pwrite_fill_threads says why).
-  const bool through_pwrite = ctx.pool.size() + (ctx.pool.callers_help() ? 1 : 0) <= memory::max_pwrite_fill_threads;
-  TENSORREG_TRY(ctx.pool.parallel_for(
-      leaves, [&](std::size_t leaf) { return through_pwrite ? hash_leaf(leaf, staging.get()) : map_leaf(leaf); }));
+  if (threads <= memory::max_pwrite_fill_threads) {
+    TENSORREG_TRY(ctx.pool.parallel_for(leaves, [&](std::size_t leaf) { return hash_leaf(leaf, staging.get()); }));
+  } else {
+    TENSORREG_TRY(ctx.pool.parallel_for(jobs.count, map_job));
+  }
   if (want_digest) metrics::process_counters().bytes_hashed.add(total);
   TENSORREG_TRY(files_->check_unchanged());
   metrics::process_counters().bytes_copied.add(files_->data_bytes());
