@@ -34,27 +34,6 @@ result<digest> hash_leaf_with(const memory::byte_source& source, std::uint64_t l
   return hasher.finish();
 }
 
-// Two whole leaves, a and a + 1, hashed together on one core (two_lane_sha256): B's bytes are
-// visited inside A's visit, the same offsets apart, so each lane gets equal lengths.
-status hash_leaf_pair(const memory::byte_source& source, std::uint64_t a, two_lane_sha256& lanes,
-                      std::array<digest, 2>& out) {
-  const std::uint64_t first = a * leaf_bytes;
-  std::uint64_t at = 0;  // within the leaf
-  lanes.reset();
-  TENSORREG_TRY(source.visit(first, leaf_bytes, [&](std::span<const std::byte> piece_a) -> status {
-    std::uint64_t within = 0;
-    TENSORREG_TRY(source.visit(first + leaf_bytes + at, piece_a.size(), [&](std::span<const std::byte> piece_b) {
-      lanes.update(piece_a.subspan(static_cast<std::size_t>(within), piece_b.size()), piece_b);
-      within += piece_b.size();
-      return status{};
-    }));
-    at += piece_a.size();
-    return status{};
-  }));
-  out = lanes.finish();
-  return {};
-}
-
 }  // namespace
 
 digest tree_root(std::span<const digest> leaves) {
@@ -88,6 +67,43 @@ leaf_jobs plan_leaf_jobs(std::uint64_t size, std::size_t threads) noexcept {
   return jobs;
 }
 
+result<std::array<digest, 2>> hash_leaf_pair(const memory::byte_source& source, std::uint64_t first,
+                                             const piece_seen* seen) {
+  const std::uint64_t a = first * leaf_bytes;
+  const std::uint64_t b = a + leaf_bytes;
+  TENSORREG_ASSERT(b + leaf_bytes <= source.size());
+  if (!sha_ni_available()) {  // one leaf after the other: the portable two lanes are slower
+    std::array<digest, 2> out{};
+    sha256_hasher hasher;
+    for (std::size_t k = 0; k < 2; ++k) {
+      std::uint64_t at = k == 0 ? a : b;
+      TENSORREG_TRY(source.visit(at, leaf_bytes, [&](std::span<const std::byte> piece) -> status {
+        hasher.update(piece);
+        if (seen != nullptr) TENSORREG_TRY((*seen)(at, piece));
+        at += piece.size();
+        return {};
+      }));
+      out[k] = hasher.finish();
+    }
+    return out;
+  }
+  two_lane_sha256 lanes;
+  std::uint64_t at = 0;  // within the leaf
+  TENSORREG_TRY(source.visit(a, leaf_bytes, [&](std::span<const std::byte> piece_a) -> status {
+    std::uint64_t within = 0;
+    TENSORREG_TRY(source.visit(b + at, piece_a.size(), [&](std::span<const std::byte> piece_b) -> status {
+      lanes.update(piece_a.subspan(static_cast<std::size_t>(within), piece_b.size()), piece_b);
+      if (seen != nullptr) TENSORREG_TRY((*seen)(b + at + within, piece_b));
+      within += piece_b.size();
+      return {};
+    }));
+    if (seen != nullptr) TENSORREG_TRY((*seen)(a + at, piece_a));
+    at += piece_a.size();
+    return {};
+  }));
+  return lanes.finish();
+}
+
 std::array<digest, 2> sha256_two(std::span<const std::byte> a, std::span<const std::byte> b) {
   TENSORREG_ASSERT(a.size() == b.size());
   if (!sha_ni_available()) return {sha256(a), sha256(b)};
@@ -105,9 +121,7 @@ result<std::vector<digest>> leaf_digests(const memory::byte_source& source, thre
     const auto job = [&](std::size_t j) -> status {
       const std::size_t i = jobs.first_leaf(j);
       if (j < jobs.pairs) {
-        two_lane_sha256 lanes;
-        std::array<digest, 2> two{};
-        TENSORREG_TRY(hash_leaf_pair(source, i, lanes, two));
+        TENSORREG_TRY_ASSIGN(const auto two, hash_leaf_pair(source, i));
         out[i] = two[0];
         out[i + 1] = two[1];
         return {};

@@ -403,15 +403,18 @@ TEST_CASE("engine stable commit: a put from files takes the populated reserve fo
   CHECK(e->stats().populated_reserve_bytes == m.canonical().size());
 }
 
-TEST_CASE("engine stable commit: a put from files on many hashing threads hashes leaves in pairs, same id",
+TEST_CASE("engine stable commit: a put from files hashes its whole leaves in pairs, same id",
           "[registration][engine_stable]") {
+  // One worker writes through pwrite(); more than memory::max_pwrite_fill_threads read into
+  // the mapping. Either way a put of new content and a put of held content (hashed first).
+  const unsigned workers = GENERATE(1U, memory::max_pwrite_fill_threads + 1);
   fake_clock clock;
   auto options = t::deterministic_options(clock);
-  options.hash_threads = memory::max_pwrite_fill_threads + 1;  // the workers read into the mapping
+  options.hash_threads = workers;
   auto e = t::make_engine(std::move(options));
   // Enough whole leaves for every thread to get two pairs (hash::plan_leaf_jobs), an odd one
   // and a short last leaf.
-  const std::size_t size = 29 * hash::leaf_bytes + 12345;
+  const std::size_t size = 25 * hash::leaf_bytes + 12345;
   t::model m;
   m.storages = {{"w", t::pattern(size, 21)}};
   m.tensors = {{"w", "w", {static_cast<std::int64_t>(size)}, {1}, "torch.uint8", 0, size}};
@@ -423,21 +426,26 @@ TEST_CASE("engine stable commit: a put from files on many hashing threads hashes
     REQUIRE(out);
     REQUIRE(::pwrite(out.get(), bytes.data(), bytes.size(), 0) == static_cast<ssize_t>(bytes.size()));
   }
-  auto r = t::stable_begin(m, me);
-  stable_dram_options files;
-  files.files = {std::make_shared<const unique_fd>(::open(path.c_str(), O_RDONLY | O_CLOEXEC))};
-  files.file_segments.push_back({0, 0, 0, size});
-  r.plan = std::move(files);
-  auto begun = e->begin(std::move(r));
-  REQUIRE_OK(begun);
-  auto committed = e->commit(begun->registration_id);
-  REQUIRE_OK(committed);
   // The root from each leaf hashed on its own, not through the code under test's pairs.
   const memory::host_bytes_view canonical(std::as_bytes(std::span(bytes)));
   std::vector<hash::digest> leaves;
   for (std::uint64_t i = 0; i < hash::leaf_count(size); ++i) leaves.push_back(hash::hash_leaf(canonical, i).value());
-  CHECK(committed->descriptor.data_multihash == hash::encode_multihash(hash::tree_root(leaves)));
-  CHECK(kept_bytes(*e, committed->descriptor.artifact_id) == bytes);
+  const auto expected = hash::encode_multihash(hash::tree_root(leaves));
+  for (const bool held : {false, true}) {
+    INFO("workers " << workers << (held ? ", held content" : ", new content"));
+    auto r = t::stable_begin(m, me);
+    stable_dram_options files;
+    files.files = {std::make_shared<const unique_fd>(::open(path.c_str(), O_RDONLY | O_CLOEXEC))};
+    files.file_segments.push_back({0, 0, 0, size});
+    r.plan = std::move(files);
+    auto begun = e->begin(std::move(r));
+    REQUIRE_OK(begun);
+    auto committed = e->commit(begun->registration_id);
+    REQUIRE_OK(committed);
+    CHECK(committed->existed == held);
+    CHECK(committed->descriptor.data_multihash == expected);
+    CHECK(kept_bytes(*e, committed->descriptor.artifact_id) == bytes);
+  }
 }
 
 TEST_CASE("engine stable commit: an unmapped memfd with garbage in PAD is copied with PAD zeroed",

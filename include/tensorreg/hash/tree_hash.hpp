@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "tensorreg/common/error.hpp"
+#include "tensorreg/common/function_ref.hpp"
 #include "tensorreg/hash/sha256.hpp"
 #include "tensorreg/memory/byte_source.hpp"
 
@@ -70,6 +71,18 @@ struct leaf_jobs {
   [[nodiscard]] std::size_t first_leaf(std::size_t j) const noexcept { return j < pairs ? 2 * j : pairs + j; }
 };
 [[nodiscard]] leaf_jobs plan_leaf_jobs(std::uint64_t size, std::size_t threads) noexcept;
+
+/// Sees each piece a hash reads, with its offset in the source.
+using piece_seen = function_ref<status(std::uint64_t offset, std::span<const std::byte> piece)>;
+
+/// The digests of the whole leaves `first` and `first` + 1 of `source`, hashed together on
+/// this thread (two_lane_sha256; the second leaf is visited inside the first's visit, so that
+/// each lane gets equal lengths), or one after the other where SHA-NI is missing. `seen`, when given, gets every piece
+/// of both leaves as the hash reads it (to keep a copy of exactly the bytes hashed).
+/// REQUIRES: both leaves whole: (first + 2) · leaf_bytes <= source.size().
+/// Errors: whatever source.visit() or `seen` returns.
+[[nodiscard]] result<std::array<digest, 2>> hash_leaf_pair(const memory::byte_source& source, std::uint64_t first,
+                                                           const piece_seen* seen = nullptr);
 
 /// The digests of two equal-length messages, hashed together (two_lane_sha256) where SHA-NI
 /// allows, one after the other where it does not. REQUIRES: a.size() == b.size().

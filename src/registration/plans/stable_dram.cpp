@@ -27,6 +27,24 @@ std::string_view mode_name(stable_upload::mode m) {
 // The catalogue's key of an index (catalogue::find_index()).
 std::string index_key(const index::canonical_index& idx) { return hash::to_hex(hash::sha256(idx.json())); }
 
+// A put's files as the canonical buffer they make: pieces read with pread() into the
+// thread's buffers (memory::visit_through_buffer), PAD between segments zeroed.
+class files_source final : public memory::byte_source {
+ public:
+  files_source(const source_files& files, std::uint64_t size) noexcept : files_(files), size_(size) {}
+  [[nodiscard]] std::uint64_t size() const noexcept override { return size_; }
+  [[nodiscard]] status visit(std::uint64_t offset, std::uint64_t length, memory::piece_sink sink) const override {
+    TENSORREG_TRY(check_range(offset, length));
+    return memory::visit_through_buffer(
+        offset, length, [&](std::uint64_t at, std::span<std::byte> piece) { return files_.read(at, piece, true); },
+        sink);
+  }
+
+ private:
+  const source_files& files_;
+  std::uint64_t size_;
+};
+
 // Writes `bytes` at `offset` of the staging memfd of a put from files, through short writes.
 // Errors: RESOURCE_EXHAUSTED when the kernel has no memory for the pages (ENOSPC, ENOMEM: the
 // memory limit of the daemon's cgroup), INTERNAL otherwise.
@@ -358,21 +376,33 @@ result<commit_response> stable_dram::commit_from_files(commit_context& ctx) {
   // into that memfd: the id describes exactly the bytes kept, and the kernel fills the memfd's
   // pages without a page fault in the daemon. The memfd's inode lock admits one writer at a
   // time and its waiters spin, so the workers take turns on `writer`, where a waiter sleeps.
+  // Whole leaves two at a time where SHA-NI hashes them together (hash::plan_leaf_jobs).
+  const std::size_t threads = ctx.pool.size() + (ctx.pool.callers_help() ? 1 : 0);
+  const auto jobs = want_digest ? hash::plan_leaf_jobs(total, threads) : hash::leaf_jobs{0, leaves};
+  const files_source files(*files_, total);
   std::mutex writer;
-  const auto hash_leaf = [&](std::size_t leaf, const memory::shared_memory* into) -> status {
+  const auto hash_job = [&](std::size_t j, const memory::shared_memory* into) -> status {
     TENSORREG_TRY(check_cancel(ctx.cancelled));
+    const std::size_t leaf = jobs.first_leaf(j);
+    const auto keep = [&](std::uint64_t at, std::span<const std::byte> piece) -> status {
+      if (into == nullptr) return {};
+      const std::lock_guard turn(writer);
+      return write_staging(*into, piece, at);
+    };
+    const hash::piece_seen seen = keep;
+    if (j < jobs.pairs) {
+      TENSORREG_TRY_ASSIGN(const auto two, hash::hash_leaf_pair(files, leaf, &seen));
+      digests[leaf] = two[0];
+      digests[leaf + 1] = two[1];
+      return {};
+    }
     const std::uint64_t begin = leaf * hash::leaf_bytes;
     hash::sha256_hasher hasher;
     std::uint64_t at = begin;
-    TENSORREG_TRY(memory::visit_through_buffer(
-        begin, std::min(hash::leaf_bytes, total - begin),
-        [&](std::uint64_t offset, std::span<std::byte> piece) { return files_->read(offset, piece, true); },
-        [&](std::span<const std::byte> piece) -> status {
+    TENSORREG_TRY(
+        files.visit(begin, std::min(hash::leaf_bytes, total - begin), [&](std::span<const std::byte> piece) -> status {
           if (want_digest) hasher.update(piece);
-          if (into != nullptr) {
-            const std::lock_guard turn(writer);
-            TENSORREG_TRY(write_staging(*into, piece, at));
-          }
+          TENSORREG_TRY(keep(at, piece));
           at += piece.size();
           return {};
         }));
@@ -380,7 +410,7 @@ result<commit_response> stable_dram::commit_from_files(commit_context& ctx) {
     return {};
   };
   if (hash_first) {
-    TENSORREG_TRY(ctx.pool.parallel_for(leaves, [&](std::size_t leaf) { return hash_leaf(leaf, nullptr); }));
+    TENSORREG_TRY(ctx.pool.parallel_for(jobs.count, [&](std::size_t j) { return hash_job(j, nullptr); }));
     TENSORREG_TRY(files_->check_unchanged());
     metrics::process_counters().bytes_hashed.add(total);
     const materialized hashed{staging, hash::tree_root(digests)};
@@ -389,10 +419,8 @@ result<commit_response> stable_dram::commit_from_files(commit_context& ctx) {
     // New content after all (another version of a known layout): copy it and hash it again
     // from the copy, since the file may have changed in place since it was hashed.
   }
-  // The other way to fill the memfd: pread() a leaf, or two that SHA-NI hashes together
-  // (hash::plan_leaf_jobs), straight into its mapping, then hash it there while it is hot.
-  const std::size_t threads = ctx.pool.size() + (ctx.pool.callers_help() ? 1 : 0);
-  const auto jobs = hash::plan_leaf_jobs(total, threads);
+  // The other way to fill the memfd: pread() a job's leaves straight into its mapping, then
+  // hash them there while they are hot.
   const auto map_job = [&](std::size_t j) -> status {
     TENSORREG_TRY(check_cancel(ctx.cancelled));
     const std::size_t leaf = jobs.first_leaf(j);
@@ -414,7 +442,7 @@ result<commit_response> stable_dram::commit_from_files(commit_context& ctx) {
   };
   // Few workers write, many map (memory::max_pwrite_fill_threads says why).
   if (threads <= memory::max_pwrite_fill_threads) {
-    TENSORREG_TRY(ctx.pool.parallel_for(leaves, [&](std::size_t leaf) { return hash_leaf(leaf, staging.get()); }));
+    TENSORREG_TRY(ctx.pool.parallel_for(jobs.count, [&](std::size_t j) { return hash_job(j, staging.get()); }));
   } else {
     TENSORREG_TRY(ctx.pool.parallel_for(jobs.count, map_job));
   }
