@@ -13,7 +13,7 @@
 namespace tensorreg::hash {
 namespace {
 
-// FIPS 180-4 §4.2.2. Aligned so that the SHA-NI rounds load four at a time straight from here.
+// FIPS 180-4 section 4.2.2. Aligned so that the SHA-NI rounds load four at a time straight from here.
 alignas(16) constexpr std::uint32_t sha256_round_constants[64] = {
     0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
     0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174,
@@ -25,7 +25,7 @@ alignas(16) constexpr std::uint32_t sha256_round_constants[64] = {
     0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2,
 };
 
-// FIPS 180-4 §5.3.3.
+// FIPS 180-4 section 5.3.3.
 constexpr std::array<std::uint32_t, 8> sha256_initial_state = {0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a,
                                                                0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19};
 
@@ -42,7 +42,7 @@ constexpr void store_be32(std::uint32_t v, std::byte* p) noexcept {
 }
 
 // The portable compression, one block of one lane: only the fallback where SHA-NI is missing,
-// so it is the plain FIPS 180-4 §6.2.2 loop, written for clarity rather than speed.
+// so it is the plain FIPS 180-4 section 6.2.2 loop, written for clarity rather than speed.
 void compress_block(std::uint32_t* h, const std::byte* block) noexcept {
   std::array<std::uint32_t, 64> w{};
   for (std::size_t t = 0; t < 16; ++t) w[t] = load_be32(block + 4 * t);
@@ -262,7 +262,7 @@ void two_lane_sha256::update(std::span<const std::byte> a, std::span<const std::
 }
 
 std::array<digest, 2> two_lane_sha256::finish() noexcept {
-  // FIPS 180-4 §5.1.1: a 1 bit, zeros, and the length in bits as a big-endian 64-bit number
+  // FIPS 180-4 section 5.1.1: a 1 bit, zeros, and the length in bits as a big-endian 64-bit number
   // ending a block; a block of padding more when the length no longer fits behind the 1 bit.
   const std::size_t fill = length_ % block_bytes;
   constexpr std::size_t length_at = block_bytes - 8;
