@@ -181,6 +181,8 @@ unsigned thread_pool::size() const noexcept { return static_cast<unsigned>(impl_
 
 bool thread_pool::callers_help() const noexcept { return impl_->callers_help; }
 
+unsigned thread_pool::concurrency() const noexcept { return size() + (callers_help() ? 1 : 0); }
+
 std::size_t thread_pool::queued() const {
   std::lock_guard lock(impl_->mutex);
   return impl_->queued;

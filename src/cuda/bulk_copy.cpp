@@ -140,8 +140,7 @@ result<registration::host_copy> bulk_copier::copy(int device, std::span<const de
   // As many stripes as can run at once: a stripe more would only wait for a free worker.
   const std::uint64_t chunk = opts.chunk_bytes;
   const std::uint64_t chunks = (size + chunk - 1) / chunk;
-  const auto workers = static_cast<std::size_t>(
-      std::min<std::uint64_t>({opts.workers, std::uint64_t{pool.size()} + (pool.callers_help() ? 1 : 0), chunks}));
+  const auto workers = static_cast<std::size_t>(std::min<std::uint64_t>({opts.workers, pool.concurrency(), chunks}));
   const auto length_of = [&](std::uint64_t i) { return std::min(chunk, size - i * chunk); };
   // A worker's slot goes back for reuse only once no DMA into it is in flight; `out` is the
   // worker's result so far, and a failure to go idle is reported when nothing failed before.

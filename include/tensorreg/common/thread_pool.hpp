@@ -80,6 +80,10 @@ class thread_pool {
   /// many indices can run at once is size() plus one per such caller.
   [[nodiscard]] bool callers_help() const noexcept;
 
+  /// How many indices of one parallel_for can run at once: size(), plus the caller where
+  /// callers_help().
+  [[nodiscard]] unsigned concurrency() const noexcept;
+
   /// Jobs queued and not yet started, of every owner (each parallel_for queues up to size()
   /// helper turns). A snapshot, for tests and statistics.
   [[nodiscard]] std::size_t queued() const;

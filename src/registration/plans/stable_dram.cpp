@@ -377,7 +377,7 @@ result<commit_response> stable_dram::commit_from_files(commit_context& ctx) {
   // pages without a page fault in the daemon. The memfd's inode lock admits one writer at a
   // time and its waiters spin, so the workers take turns on `writer`, where a waiter sleeps.
   // Whole leaves two at a time where SHA-NI hashes them together (hash::plan_leaf_jobs).
-  const std::size_t threads = ctx.pool.size() + (ctx.pool.callers_help() ? 1 : 0);
+  const std::size_t threads = ctx.pool.concurrency();
   const auto jobs = want_digest ? hash::plan_leaf_jobs(total, threads) : hash::leaf_jobs{0, leaves};
   const files_source files(*files_, total);
   std::mutex writer;
