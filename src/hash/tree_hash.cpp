@@ -72,21 +72,6 @@ result<std::array<digest, 2>> hash_leaf_pair(const memory::byte_source& source, 
   const std::uint64_t a = first * leaf_bytes;
   const std::uint64_t b = a + leaf_bytes;
   TENSORREG_ASSERT(b + leaf_bytes <= source.size());
-  if (!sha_ni_available()) {  // one leaf after the other: the portable two lanes are slower
-    std::array<digest, 2> out{};
-    sha256_hasher hasher;
-    for (std::size_t k = 0; k < 2; ++k) {
-      std::uint64_t at = k == 0 ? a : b;
-      TENSORREG_TRY(source.visit(at, leaf_bytes, [&](std::span<const std::byte> piece) -> status {
-        hasher.update(piece);
-        if (seen != nullptr) TENSORREG_TRY((*seen)(at, piece));
-        at += piece.size();
-        return {};
-      }));
-      out[k] = hasher.finish();
-    }
-    return out;
-  }
   two_lane_sha256 lanes;
   std::uint64_t at = 0;  // within the leaf
   TENSORREG_TRY(source.visit(a, leaf_bytes, [&](std::span<const std::byte> piece_a) -> status {
@@ -106,7 +91,6 @@ result<std::array<digest, 2>> hash_leaf_pair(const memory::byte_source& source, 
 
 std::array<digest, 2> sha256_two(std::span<const std::byte> a, std::span<const std::byte> b) {
   TENSORREG_ASSERT(a.size() == b.size());
-  if (!sha_ni_available()) return {sha256(a), sha256(b)};
   two_lane_sha256 lanes;
   lanes.update(a, b);
   return lanes.finish();
@@ -115,29 +99,15 @@ std::array<digest, 2> sha256_two(std::span<const std::byte> a, std::span<const s
 result<std::vector<digest>> leaf_digests(const memory::byte_source& source, thread_pool* pool) {
   const std::uint64_t leaves = leaf_count(source.size());
   std::vector<digest> out(static_cast<std::size_t>(leaves));
-  const std::size_t threads = pool != nullptr ? pool->size() + (pool->callers_help() ? 1 : 0) : 1;
-  const auto jobs = plan_leaf_jobs(source.size(), threads);
-  if (jobs.pairs > 0) {
-    const auto job = [&](std::size_t j) -> status {
-      const std::size_t i = jobs.first_leaf(j);
-      if (j < jobs.pairs) {
-        TENSORREG_TRY_ASSIGN(const auto two, hash_leaf_pair(source, i));
-        out[i] = two[0];
-        out[i + 1] = two[1];
-        return {};
-      }
-      sha256_hasher hasher;
-      TENSORREG_TRY_ASSIGN(out[i], hash_leaf_with(source, i, hasher));
+  const auto jobs = plan_leaf_jobs(source.size(), pool != nullptr ? pool->concurrency() : 1);
+  const auto job = [&](std::size_t j) -> status {
+    const std::size_t i = jobs.first_leaf(j);
+    if (j < jobs.pairs) {
+      TENSORREG_TRY_ASSIGN(const auto two, hash_leaf_pair(source, i));
+      out[i] = two[0];
+      out[i + 1] = two[1];
       return {};
-    };
-    if (pool != nullptr) {
-      TENSORREG_TRY(pool->parallel_for(jobs.count, job));
-    } else {
-      for (std::size_t j = 0; j < jobs.count; ++j) TENSORREG_TRY(job(j));
     }
-    return out;
-  }
-  const auto one = [&](std::size_t i) -> status {
     // One context per leaf: its cost is noise next to hashing 4 MiB, and it keeps the
     // per-thread state out of the pool.
     sha256_hasher hasher;
@@ -145,12 +115,9 @@ result<std::vector<digest>> leaf_digests(const memory::byte_source& source, thre
     return {};
   };
   if (pool != nullptr) {
-    TENSORREG_TRY(pool->parallel_for(out.size(), one));
+    TENSORREG_TRY(pool->parallel_for(jobs.count, job));
   } else {
-    sha256_hasher hasher;
-    for (std::size_t i = 0; i < out.size(); ++i) {
-      TENSORREG_TRY_ASSIGN(out[i], hash_leaf_with(source, i, hasher));
-    }
+    for (std::size_t j = 0; j < jobs.count; ++j) TENSORREG_TRY(job(j));
   }
   return out;
 }

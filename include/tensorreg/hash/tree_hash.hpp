@@ -77,15 +77,17 @@ using piece_seen = function_ref<status(std::uint64_t offset, std::span<const std
 
 /// The digests of the whole leaves `first` and `first` + 1 of `source`, hashed together on
 /// this thread (two_lane_sha256; the second leaf is visited inside the first's visit, so that
-/// each lane gets equal lengths), or one after the other where SHA-NI is missing. `seen`, when given, gets every piece
-/// of both leaves as the hash reads it (to keep a copy of exactly the bytes hashed).
+/// each lane gets equal lengths). For the pairs of plan_leaf_jobs(), which makes them only
+/// where SHA-NI is (elsewhere the lanes run a slow portable compression). `seen`, when given,
+/// gets every piece of both leaves as the hash reads it (to keep a copy of exactly the bytes
+/// hashed).
 /// REQUIRES: both leaves whole: (first + 2) · leaf_bytes <= source.size().
 /// Errors: whatever source.visit() or `seen` returns.
 [[nodiscard]] result<std::array<digest, 2>> hash_leaf_pair(const memory::byte_source& source, std::uint64_t first,
                                                            const piece_seen* seen = nullptr);
 
-/// The digests of two equal-length messages, hashed together (two_lane_sha256) where SHA-NI
-/// allows, one after the other where it does not. REQUIRES: a.size() == b.size().
+/// The digests of two equal-length messages, hashed together (two_lane_sha256): for the pairs
+/// of plan_leaf_jobs(), as hash_leaf_pair(). REQUIRES: a.size() == b.size().
 [[nodiscard]] std::array<digest, 2> sha256_two(std::span<const std::byte> a, std::span<const std::byte> b);
 
 /// tree_root(leaf_digests(source, pool)): the data hash of `source`. Size 0 gives 32 zero
