@@ -113,6 +113,14 @@ unique_fd open_read_only(const std::filesystem::path& path) {
   return fd;
 }
 
+// A Feed frame reporting bytes [0, 16) written, which a put from files has no use for.
+wc::v2::FeedRegisterArtifactStreamRequest progress_frame(const std::string& registration_id) {
+  registration::feed_request progress;
+  progress.registration_id = registration_id;
+  progress.payload = registration::stable_write_progress{{{0, 16}}, false};
+  return wc::feed_frame(progress);
+}
+
 }  // namespace
 
 TEST_CASE("client connection put from files: the offline id, the daemon copies once and hashes once, no memfd here",
@@ -341,11 +349,8 @@ TEST_CASE("client connection put from files: segments must fit their files and c
   const auto registration_id = wc::registration_id_of(begun->response);
   CHECK_FALSE(begun->response.begin_register_artifact().stable_dram().has_publish_cpu_memfd());
   CHECK(begun->fds.empty());
-  registration::feed_request progress;
-  progress.registration_id = registration_id;
-  progress.payload = registration::stable_write_progress{{{0, 16}}, false};
   std::vector<wc::v2::FeedRegisterArtifactStreamRequest> frames;
-  frames.push_back(wc::feed_frame(progress));
+  frames.push_back(progress_frame(registration_id));
   auto fed = raw->feed(std::move(frames));
   REQUIRE_FALSE(fed);
   CHECK(fed.error().code == errc::failed_precondition);
@@ -369,10 +374,7 @@ TEST_CASE("client raw feed: frames made as they are sent; a source that fails en
   int made = 0;
   auto fed = raw->feed([&]() -> result<std::optional<wc::v2::FeedRegisterArtifactStreamRequest>> {
     if (++made == 3) return fail(errc::internal, "the source broke");
-    registration::feed_request progress;
-    progress.registration_id = registration_id;
-    progress.payload = registration::stable_write_progress{{{0, 16}}, false};
-    return wc::feed_frame(progress);
+    return progress_frame(registration_id);
   });
   REQUIRE_FALSE(fed);
   CHECK(fed.error().code == errc::internal);
